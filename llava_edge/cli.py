@@ -1,0 +1,181 @@
+"""The `llava-edge` command. Each sub-command parses its options and calls one public function;
+no logic lives here. Heavy libraries are imported inside the handlers, so `llava-edge run` on a
+Jetson never loads torch.
+
+Errors the user can fix (LlavaEdgeError) print one line and exit 1; Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+from llava_edge import __version__
+from llava_edge.errors import LlavaEdgeError
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {}
+
+
+def command(name: str):
+    def register(fn):
+        COMMANDS[name] = fn
+        return fn
+
+    return register
+
+
+# ---- init ------------------------------------------------------------------------------------
+
+
+@command("init")
+def _init(args: argparse.Namespace) -> None:
+    from llava_edge.training.checkpoint import init_checkpoint
+
+    path = init_checkpoint(args.out_dir, preset=args.preset, layers=args.layers, seed=args.seed, force=args.force)
+    print(f"wrote a random-weight '{args.preset}' LLaVA checkpoint to {path}")
+
+
+# ---- export ----------------------------------------------------------------------------------
+
+
+@command("export")
+def _export(args: argparse.Namespace) -> None:
+    from llava_edge.export.exporter import export_checkpoint
+
+    export_checkpoint(
+        args.checkpoint, args.out_dir, dtype=args.dtype, opset=args.opset,
+        max_context=args.max_context, force=args.force, verify=not args.no_verify,
+        trust_remote_code=args.trust_remote_code,
+    )
+
+
+# ---- run -------------------------------------------------------------------------------------
+
+
+@command("run")
+def _run(args: argparse.Namespace) -> None:
+    from llava_edge.runtime import Pipeline
+
+    options = _generation_options(args)
+    with Pipeline.load(args.model_dir, providers=args.provider, threads=args.threads) as pipe:
+        if args.json:
+            answer = pipe.answer(args.image, args.prompt, **options)
+            print(json.dumps({
+                "text": answer.text,
+                "prompt_token_ids": answer.prompt_token_ids,
+                "token_ids": answer.token_ids,
+                "finish_reason": answer.finish_reason,
+                "timings": answer.timings,
+            }))
+            return
+        for piece in pipe.stream(args.image, args.prompt, **options):
+            print(piece, end="", flush=True)
+        print()
+
+
+def _generation_options(args: argparse.Namespace) -> dict:
+    options = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+        "stop": args.stop or [],
+    }
+    if args.raw:
+        options["raw"] = True
+    return options
+
+
+# ---- data ------------------------------------------------------------------------------------
+
+
+@command("data")
+def _data(args: argparse.Namespace) -> None:
+    from llava_edge.training.synth import synthesize
+
+    paths = synthesize(args.out_dir, train=args.train, test=args.test, seed=args.seed)
+    print(f"wrote {args.train} training and {args.test} test pictures with their questions to {args.out_dir}")
+    for key, path in paths.items():
+        print(f"  {key:9s} {path}")
+
+
+# ---- the parser ------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llava-edge", description="Export, quantize and run LLaVA models at the edge."
+    )
+    parser.add_argument("--version", action="version", version=f"llava-edge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init", help="write a random-weight LLaVA checkpoint of a preset's shape")
+    p.add_argument("out_dir")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "small", "llava-1.5-7b"])
+    p.add_argument("--layers", type=int, help="keep only the first N layers of each tower")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty OUT_DIR")
+
+    p = sub.add_parser("export", help="export a LLaVA checkpoint to ONNX graphs + manifest")
+    p.add_argument("checkpoint", help="checkpoint dir, or a hub id where the network allows")
+    p.add_argument("out_dir")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17: TensorRT 10.3 parses it)")
+    p.add_argument("--max-context", type=int, help="longest sequence the runtime allows (default: the model's)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+    p.add_argument("--no-verify", action="store_true", help="skip the comparison with transformers")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code")
+
+    p = sub.add_parser("run", help="answer a question about an image")
+    p.add_argument("model_dir")
+    p.add_argument("--image", help="image file (omit for a text-only prompt)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--raw", action="store_true", help="send the prompt as written, without the chat template")
+    _add_generation_options(p)
+    _add_backend_options(p)
+
+    p = sub.add_parser("data", help="make training data")
+    data = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    p = data.add_parser("synth", help="pictures of coloured shapes with captions and questions")
+    p.add_argument("out_dir")
+    p.add_argument("--train", type=int, default=1000)
+    p.add_argument("--test", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+
+    return parser
+
+
+def _add_generation_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+
+
+def _add_backend_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--provider", action="append", help="onnxruntime provider: cpu, cuda, tensorrt (repeatable)")
+    p.add_argument("--threads", type=int, help="CPU threads for onnxruntime")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args) or 0
+    except LlavaEdgeError as e:
+        print(f"llava-edge {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"llava-edge {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,10 @@
+"""The one exception type users see.
+
+Every stage raises `LlavaEdgeError` for problems the user can fix (a missing file, a bad option,
+a checkpoint of the wrong kind). The CLI prints its message on one line and exits non-zero; any
+other exception is a bug in llava-edge and keeps its traceback.
+"""
+
+
+class LlavaEdgeError(Exception):
+    """A problem with the user's input, stated with what to do about it."""

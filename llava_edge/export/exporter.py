@@ -1,0 +1,443 @@
+"""`llava-edge export`: a LLaVA checkpoint -> a model dir of three ONNX graphs and a manifest.
+
+Everything is written to a temporary dir beside the output and moved into place only after it is
+complete (and verified), so an interrupted or failed export never leaves a dir that looks valid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llava_edge import __version__
+from llava_edge.errors import LlavaEdgeError
+from llava_edge.manifest import (
+    GraphSpec,
+    ImageSpec,
+    Manifest,
+    TemplateSpec,
+    TensorSpec,
+    TextSpec,
+    TokenSpec,
+)
+from llava_edge.runtime.template import TEMPLATES
+
+DEFAULT_OPSET = 17  # TensorRT 10.3 (JetPack 6) parses opsets 9-20; 17 has LayerNormalization
+MAX_PROTOBUF = 1_800_000_000  # graphs larger than this keep their weights in external data
+LLAVA_EDGE_FILE = "llava_edge.json"  # written by training next to a checkpoint: its template
+EMBEDDINGS_FILE = "embed_tokens.npy"
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: Any  # LlavaForConditionalGeneration
+    processor: Any  # LlavaProcessor
+    source: str
+    template: str
+
+
+def export_checkpoint(
+    checkpoint: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    dtype: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    max_context: int | None = None,
+    force: bool = False,
+    verify: bool = True,
+    trust_remote_code: bool = False,
+    log: Any = print,
+) -> dict[str, Any]:
+    """Export `checkpoint` into `out_dir`; returns the verification report (empty without it).
+
+    Raises LlavaEdgeError for bad input and VerificationError when the graphs disagree with
+    transformers (the output is then not installed).
+    """
+    import torch
+
+    if dtype not in ("fp32", "fp16"):
+        raise LlavaEdgeError(f"--dtype must be fp32 or fp16, got {dtype}")
+    if not 9 <= opset <= 20:
+        raise LlavaEdgeError(f"--opset {opset} is outside 9-20, what TensorRT 10.x's ONNX parser reads")
+    out = Path(out_dir)
+    _check_output(out, force)
+    start = time.perf_counter()
+    loaded = load_checkpoint(checkpoint, trust_remote_code=trust_remote_code)
+    config = loaded.model.config
+    max_context = _max_context(config.text_config, max_context)
+    tmp = _temp_dir(out)
+    try:
+        if dtype == "fp16":
+            loaded.model.half()
+        manifest = build_manifest(loaded, dtype, max_context)
+        manifest.source["opset"] = opset
+        _write_graphs(loaded.model, manifest, tmp, opset, log)
+        _write_text_files(loaded, manifest, tmp)
+        manifest.num_image_tokens = _num_image_tokens(tmp / manifest.graphs["vision_encoder"].file)
+        manifest.record_files(tmp)
+        manifest.save(tmp)
+        report: dict[str, Any] = {}
+        if verify:
+            from llava_edge.export.verify import verify_model_dir
+
+            if dtype == "fp16":  # the reference is always the checkpoint's weights in fp32
+                loaded = load_checkpoint(checkpoint, trust_remote_code=trust_remote_code)
+            report = verify_model_dir(loaded, tmp, log=log)
+        _install(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"exported {loaded.source} -> {out} in {time.perf_counter() - start:.1f} s")
+    return report
+
+
+def load_checkpoint(checkpoint: str | os.PathLike, trust_remote_code: bool = False) -> LoadedCheckpoint:
+    """Load a LLaVA checkpoint in fp32 with eager attention, or say clearly why not."""
+    import torch
+    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+
+    from llava_edge.export.graphs import SUPPORTED_TEXT_MODELS
+
+    source = str(checkpoint)
+    local = Path(source)
+    if not local.exists():
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+            raise LlavaEdgeError(f"checkpoint {source} does not exist")
+    elif not local.is_dir():
+        raise LlavaEdgeError(f"checkpoint {source} is a file; give the checkpoint's directory")
+    elif not (local / "config.json").is_file():
+        raise LlavaEdgeError(f"{source} has no config.json: it is not a Hugging Face checkpoint dir")
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise LlavaEdgeError(f"cannot load checkpoint {source}: {str(e).splitlines()[0]}") from None
+    except ValueError as e:
+        raise LlavaEdgeError(f"{source}: {str(e).splitlines()[0]}") from None
+    if config.model_type != "llava":
+        raise LlavaEdgeError(
+            f"{source} is a '{config.model_type}' checkpoint, not LLaVA "
+            "(LlavaForConditionalGeneration); export takes LLaVA checkpoints only"
+        )
+    text_type = config.text_config.model_type
+    if text_type not in SUPPORTED_TEXT_MODELS:
+        raise LlavaEdgeError(
+            f"{source}: text model '{text_type}' is not supported yet "
+            f"(supported: {', '.join(SUPPORTED_TEXT_MODELS)})"
+        )
+    with _quiet():
+        model = LlavaForConditionalGeneration.from_pretrained(
+            source, dtype=torch.float32, attn_implementation="eager",
+            trust_remote_code=trust_remote_code, use_safetensors=True,
+        ).eval()
+        processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+    return LoadedCheckpoint(model, processor, source, _template_name(local))
+
+
+def _template_name(checkpoint: Path) -> str:
+    path = checkpoint / LLAVA_EDGE_FILE
+    if path.is_file():
+        name = json.loads(path.read_text()).get("template", "llava_1_5")
+        if name in TEMPLATES:
+            return name
+    return "llava_1_5"  # the Hugging Face LLaVA-1.5 prompt
+
+
+def build_manifest(loaded: LoadedCheckpoint, dtype: str, max_context: int) -> Manifest:
+    """Every fact the runtime needs, read from the checkpoint's config and processor."""
+    import transformers
+
+    config = loaded.model.config
+    text = config.text_config
+    np_dtype = "float16" if dtype == "fp16" else "float32"
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_heads = text.num_key_value_heads or text.num_attention_heads
+    spec = TextSpec(
+        hidden_size=text.hidden_size,
+        num_layers=text.num_hidden_layers,
+        num_heads=text.num_attention_heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        vocab_size=text.vocab_size,
+        max_context=max_context,
+        dtype=np_dtype,
+    )
+    image = _image_spec(loaded.processor.image_processor, config.vision_config)
+    vision_dim = config.vision_config.hidden_size * (
+        1 if isinstance(config.vision_feature_layer, int) else len(config.vision_feature_layer)
+    )
+    graphs = {
+        "vision_encoder": GraphSpec(
+            file="vision_encoder.onnx",
+            inputs={"pixel_values": TensorSpec(np_dtype, ["batch", 3, image.height, image.width])},
+            outputs={"image_features": TensorSpec(np_dtype, ["batch", "image_tokens", vision_dim])},
+            precision=dtype,
+        ),
+        "projector": GraphSpec(
+            file="projector.onnx",
+            inputs={"image_features": TensorSpec(np_dtype, ["batch", "image_tokens", vision_dim])},
+            outputs={"image_embeds": TensorSpec(np_dtype, ["batch", "image_tokens", text.hidden_size])},
+            precision=dtype,
+        ),
+        "decoder": _decoder_spec(spec, dtype),
+    }
+    return Manifest(
+        graphs=graphs,
+        image=image,
+        num_image_tokens=0,  # measured from the exported vision graph
+        text=spec,
+        tokens=_token_spec(loaded),
+        template=TemplateSpec(**TEMPLATES[loaded.template].__dict__),
+        embeddings=EMBEDDINGS_FILE,
+        source={
+            "checkpoint": loaded.source,
+            "text_model_type": text.model_type,
+            "vision_model_type": config.vision_config.model_type,
+            "vision_feature_layer": config.vision_feature_layer,
+            "vision_feature_select_strategy": config.vision_feature_select_strategy,
+            "llava_edge": __version__,
+            "transformers": transformers.__version__,
+        },
+    )
+
+
+def _decoder_spec(text: TextSpec, precision: str) -> GraphSpec:
+    kv = ["batch", text.num_kv_heads, "past", text.head_dim]
+    new = ["batch", text.num_kv_heads, "seq", text.head_dim]
+    inputs = {
+        "inputs_embeds": TensorSpec(text.dtype, ["batch", "seq", text.hidden_size]),
+        "attention_mask": TensorSpec("int64", ["batch", "past+seq"]),
+        "position_ids": TensorSpec("int64", ["batch", "seq"]),
+    }
+    outputs = {"logits": TensorSpec("float32", ["batch", text.vocab_size])}
+    manifest_kv = Manifest.__dataclass_fields__["kv"].default_factory()
+    for i in range(text.num_layers):
+        inputs[manifest_kv.past_key.format(i=i)] = TensorSpec(text.dtype, kv)
+        inputs[manifest_kv.past_value.format(i=i)] = TensorSpec(text.dtype, kv)
+        outputs[manifest_kv.present_key.format(i=i)] = TensorSpec(text.dtype, new)
+        outputs[manifest_kv.present_value.format(i=i)] = TensorSpec(text.dtype, new)
+    return GraphSpec(file="decoder.onnx", inputs=inputs, outputs=outputs, precision=precision)
+
+
+def _image_spec(processor: Any, vision_config: Any) -> ImageSpec:
+    size = dict(processor.size) if processor.do_resize else None
+    size = {k: v for k, v in (size or {}).items() if v is not None} or None
+    if size and not ("shortest_edge" in size or {"height", "width"} <= set(size)):
+        raise LlavaEdgeError(f"unsupported image processor size {size}")
+    crop = dict(processor.crop_size) if processor.do_center_crop else None
+    if crop:
+        height, width = crop["height"], crop["width"]
+    elif size and "height" in size:
+        height, width = size["height"], size["width"]
+    else:
+        height = width = vision_config.image_size
+    mean = processor.image_mean if isinstance(processor.image_mean, (list, tuple)) else [processor.image_mean] * 3
+    std = processor.image_std if isinstance(processor.image_std, (list, tuple)) else [processor.image_std] * 3
+    return ImageSpec(
+        height=int(height),
+        width=int(width),
+        resize=size,
+        resample=int(processor.resample if processor.resample is not None else 3),
+        center_crop=bool(processor.do_center_crop),
+        rescale_factor=float(processor.rescale_factor) if processor.do_rescale else 1.0,
+        normalize=bool(processor.do_normalize),
+        mean=[float(m) for m in mean],
+        std=[float(s) for s in std],
+        pad_to_square=bool(getattr(processor, "do_pad", False)),
+    )
+
+
+def _token_spec(loaded: LoadedCheckpoint) -> TokenSpec:
+    tokenizer = loaded.processor.tokenizer
+    model = loaded.model
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    eos_ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
+    bos = tokenizer.bos_token_id
+    probe = tokenizer("a").input_ids
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = model.generation_config.pad_token_id
+    return TokenSpec(
+        image_token_id=int(model.config.image_token_id),
+        eos_token_ids=eos_ids,
+        bos_token_id=None if bos is None else int(bos),
+        pad_token_id=None if pad is None else int(pad),
+        add_bos=bool(bos is not None and probe and probe[0] == bos),
+    )
+
+
+def _max_context(text_config: Any, requested: int | None) -> int:
+    limit = int(getattr(text_config, "max_position_embeddings", 4096) or 4096)
+    window = getattr(text_config, "sliding_window", None)
+    if window and getattr(text_config, "use_sliding_window", True):
+        limit = min(limit, int(window))  # the graphs attend to everything: stay inside the window
+    if requested is None:
+        return limit
+    if requested < 1 or requested > limit:
+        raise LlavaEdgeError(f"--max-context must be between 1 and {limit} for this model, got {requested}")
+    return requested
+
+
+# ---- writing -----------------------------------------------------------------------------------
+
+
+def _write_graphs(model: Any, manifest: Manifest, out: Path, opset: int, log: Any) -> None:
+    import torch
+    from tqdm import tqdm
+
+    from llava_edge.export.graphs import Decoder, Projector, VisionEncoder
+
+    dtype = next(model.parameters()).dtype
+    image = manifest.image
+    pixel_values = torch.randn(2, 3, image.height, image.width, dtype=dtype)
+    with torch.no_grad():
+        features = VisionEncoder(model)(pixel_values)
+    text = manifest.text
+    batch, seq, past = 2, 3, 5
+    past_kv = [
+        torch.randn(batch, text.num_kv_heads, past, text.head_dim, dtype=dtype)
+        for _ in range(2 * text.num_layers)
+    ]
+    decoder_args = (
+        torch.randn(batch, seq, text.hidden_size, dtype=dtype),
+        torch.ones(batch, past + seq, dtype=torch.int64),
+        torch.arange(past, past + seq).repeat(batch, 1),
+        *past_kv,
+    )
+    jobs = [
+        ("vision_encoder", VisionEncoder(model), (pixel_values,)),
+        ("projector", Projector(model), (features,)),
+        ("decoder", Decoder(model), decoder_args),
+    ]
+    for name, module, args in jobs:
+        graph = manifest.graphs[name]
+        with tqdm(total=3, desc=f"export {name}", unit="step", leave=True) as bar:
+            scratch = out / f".{name}.scratch"
+            scratch.mkdir()
+            bar.set_postfix_str("tracing")
+            _torch_export(module, args, scratch / "graph.onnx", graph, opset)
+            bar.update()
+            bar.set_postfix_str("saving")
+            _save_single(scratch / "graph.onnx", out / graph.file)
+            shutil.rmtree(scratch)
+            bar.update()
+            graph.details["opset"] = opset
+            bar.update()
+
+
+def _torch_export(module: Any, args: tuple, path: Path, graph: GraphSpec, opset: int) -> None:
+    import torch
+
+    inputs, outputs = list(graph.inputs), list(graph.outputs)
+    dynamic = {
+        name: {axis: dim for axis, dim in enumerate(spec.shape) if isinstance(dim, str)}
+        for name, spec in {**graph.inputs, **graph.outputs}.items()
+    }
+    with torch.no_grad(), _quiet():
+        torch.onnx.export(
+            module.eval(), args, str(path), input_names=inputs, output_names=outputs,
+            dynamic_axes=dynamic, opset_version=opset, do_constant_folding=True, dynamo=False,
+        )
+
+
+def _save_single(src: Path, dst: Path) -> None:
+    """Re-save a graph as one .onnx file, with its weights in one `.data` file when over 2 GB."""
+    import onnx
+
+    model = onnx.load(str(src), load_external_data=True)
+    size = sum(len(t.raw_data) for t in model.graph.initializer)
+    if size > MAX_PROTOBUF:
+        onnx.save_model(
+            model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+            location=dst.name + ".data", size_threshold=1024,
+        )
+    else:
+        onnx.save_model(model, str(dst))
+
+
+def _write_text_files(loaded: LoadedCheckpoint, manifest: Manifest, out: Path) -> None:
+    """The tokenizer (tokenizers' JSON) and the text embedding table."""
+    tokenizer = loaded.processor.tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    if backend is None:
+        raise LlavaEdgeError("the checkpoint's tokenizer has no fast (tokenizers) version to export")
+    backend.save(str(out / manifest.tokenizer))
+    weights = loaded.model.get_input_embeddings().weight.detach().float().numpy()
+    np.save(out / manifest.embeddings, weights.astype(manifest.text.dtype))
+
+
+def _num_image_tokens(vision_graph: Path) -> int:
+    """Image tokens per image, as the exported graph produces them."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(vision_graph), providers=["CPUExecutionProvider"])
+    (shape,) = [i.shape for i in session.get_outputs()]
+    if isinstance(shape[1], int):
+        return shape[1]
+    spec = session.get_inputs()[0]
+    dtype = np.float16 if "float16" in spec.type else np.float32
+    dummy = np.zeros([1] + list(spec.shape[1:]), dtype=dtype)
+    return int(session.run(None, {spec.name: dummy})[0].shape[1])
+
+
+# ---- the output dir ----------------------------------------------------------------------------
+
+
+def _check_output(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise LlavaEdgeError(f"output {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise LlavaEdgeError(f"output dir {out} is not empty; pass --force to replace it")
+    parent = out.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise LlavaEdgeError(f"cannot write to {parent}: permission denied; choose another output dir")
+
+
+def _temp_dir(out: Path) -> Path:
+    """A fresh dir beside `out` (same filesystem, so the final move is a rename)."""
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.resolve().parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        raise LlavaEdgeError(f"cannot create {tmp}: {e.strerror}") from None
+    return tmp
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Replace `out` by `tmp` with renames: at every moment `out` is the old or the new dir."""
+    old = out.resolve().parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence tracer and loader chatter that says nothing to a user."""
+    import logging
+
+    import transformers
+
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        transformers.logging.set_verbosity(level)

@@ -1,0 +1,303 @@
+"""manifest.json: the on-disk contract between export, calib and runtime.
+
+Export writes every fact about a model dir here once (image geometry, chat template, special token
+ids, KV layout, graph IO names, each file's size and hash); calib and the runtime read it back and
+never look at the source checkpoint. It is plain JSON so that a C++ or Rust runtime could read it
+too. The format is versioned: a runtime refuses a manifest newer than it understands.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llava_edge.errors import LlavaEdgeError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_NAME = "llava-edge-model"
+FORMAT_VERSION = 1
+GRAPH_NAMES = ("vision_encoder", "projector", "decoder")
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+
+
+@dataclass
+class TensorSpec:
+    """dtype as numpy spells it; shape with a name for each dynamic dimension."""
+
+    dtype: str
+    shape: list[int | str]
+
+
+@dataclass
+class GraphSpec:
+    file: str
+    inputs: dict[str, TensorSpec]
+    outputs: dict[str, TensorSpec]
+    precision: str = "fp32"
+    # Free-form facts a stage records about how it made the graph (quantization settings, the
+    # int4 form, the opset); informative, never needed to run it.
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ImageSpec:
+    """What CLIPImageProcessor/LlavaImageProcessor do, as numbers the runtime replays."""
+
+    height: int  # of pixel_values fed to the vision encoder
+    width: int
+    resize: dict[str, int] | None  # {"shortest_edge": n} or {"height": h, "width": w}; None: no resize
+    resample: int  # PIL resampling filter code (3 = bicubic)
+    center_crop: bool
+    rescale_factor: float
+    normalize: bool
+    mean: list[float]
+    std: list[float]
+    pad_to_square: bool  # LLaVA-1.5's 'pad' aspect ratio: pad with the mean colour, then resize
+
+
+@dataclass
+class TextSpec:
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_context: int
+    dtype: str  # of inputs_embeds and the KV cache
+
+
+@dataclass
+class TokenSpec:
+    image_token_id: int
+    eos_token_ids: list[int]
+    bos_token_id: int | None = None
+    pad_token_id: int | None = None
+    add_bos: bool = True  # put bos_token_id before every prompt
+
+
+@dataclass
+class TemplateSpec:
+    """A chat template as plain strings (see llava_edge.runtime.template for how they join)."""
+
+    name: str
+    system: str = ""
+    user: str = "USER: "
+    assistant: str = " ASSISTANT:"
+    answer_prefix: str = " "
+    answer_end: str = "</s>"
+    image: str = "<image>\n"
+
+
+@dataclass
+class KVSpec:
+    """How the decoder's cache is named and shaped.
+
+    `past` inputs are [batch, kv_heads, past_len, head_dim] as in Hugging Face's convention;
+    `present` outputs hold only the keys/values of this call's tokens ([batch, kv_heads, seq,
+    head_dim]), not past+new: the runtime appends them to a cache it preallocated, so the graph
+    never copies the whole cache (see DESIGN.md and the export module for the measurement).
+    """
+
+    past_key: str = "past_key_values.{i}.key"
+    past_value: str = "past_key_values.{i}.value"
+    present_key: str = "present.{i}.key"
+    present_value: str = "present.{i}.value"
+    present_holds: str = "new"
+
+
+@dataclass
+class FileEntry:
+    size: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    graphs: dict[str, GraphSpec]
+    image: ImageSpec
+    num_image_tokens: int
+    text: TextSpec
+    tokens: TokenSpec
+    template: TemplateSpec
+    embeddings: str  # .npy file of the text embedding table [vocab, hidden], looked up by the runtime
+    tokenizer: str = "tokenizer.json"
+    kv: KVSpec = field(default_factory=KVSpec)
+    files: dict[str, FileEntry] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)  # checkpoint, model types, versions
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+
+    # ---- reading and writing -------------------------------------------------------------
+
+    @classmethod
+    def load(cls, model_dir: str | os.PathLike) -> Manifest:
+        path = Path(model_dir) / MANIFEST_NAME
+        if not Path(model_dir).is_dir():
+            raise LlavaEdgeError(f"model dir {model_dir} does not exist")
+        if not path.is_file():
+            raise LlavaEdgeError(
+                f"{model_dir} has no {MANIFEST_NAME}: it is not a llava-edge model dir "
+                "(make one with `llava-edge export CHECKPOINT OUT_DIR`)"
+            )
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise LlavaEdgeError(f"{path} is not valid JSON ({e}); re-export the model") from None
+        return cls.from_dict(data, where=str(path))
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = MANIFEST_NAME) -> Manifest:
+        if not isinstance(data, dict):
+            raise LlavaEdgeError(f"{where}: expected a JSON object")
+        if data.get("format") != FORMAT_NAME:
+            raise LlavaEdgeError(f"{where}: not a llava-edge manifest (format is missing or wrong)")
+        version = data.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise LlavaEdgeError(
+                f"{where}: format_version {version!r} is newer than this llava-edge understands "
+                f"({FORMAT_VERSION}); upgrade llava-edge"
+            )
+        manifest = _build(cls, data, where)
+        manifest.validate(where)
+        return manifest
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, model_dir: str | os.PathLike) -> None:
+        """Write atomically, so a reader never sees half a manifest."""
+        path = Path(model_dir) / MANIFEST_NAME
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+    def validate(self, where: str = MANIFEST_NAME) -> None:
+        missing = [g for g in GRAPH_NAMES if g not in self.graphs]
+        if missing:
+            raise LlavaEdgeError(f"{where}: graphs {missing} are missing; re-export the model")
+        for name, graph in self.graphs.items():
+            if graph.precision not in PRECISIONS:
+                raise LlavaEdgeError(f"{where}: graph {name} has unknown precision {graph.precision}")
+        t = self.text
+        if t.num_heads % t.num_kv_heads or min(t.num_layers, t.head_dim, t.max_context) <= 0:
+            raise LlavaEdgeError(f"{where}: the text model's shapes are inconsistent")
+        if self.num_image_tokens <= 0 or self.image.height <= 0 or self.image.width <= 0:
+            raise LlavaEdgeError(f"{where}: image geometry is invalid")
+
+    # ---- facts derived from the contract ---------------------------------------------------
+
+    def kv_names(self, layer: int) -> tuple[str, str, str, str]:
+        """(past key, past value, present key, present value) names of one layer."""
+        kv = self.kv
+        return (
+            kv.past_key.format(i=layer),
+            kv.past_value.format(i=layer),
+            kv.present_key.format(i=layer),
+            kv.present_value.format(i=layer),
+        )
+
+    # ---- integrity ---------------------------------------------------------------------------
+
+    def record_files(self, model_dir: str | os.PathLike) -> None:
+        """Record size and sha256 of every file the model dir needs."""
+        self.files = {
+            name: FileEntry(size=(Path(model_dir) / name).stat().st_size, sha256=sha256(Path(model_dir) / name))
+            for name in self.needed_files(model_dir)
+        }
+
+    def needed_files(self, model_dir: str | os.PathLike) -> list[str]:
+        names = [g.file for g in self.graphs.values()] + [self.embeddings, self.tokenizer]
+        # ONNX external data sits next to its graph under the graph's name + ".data".
+        names += [n + ".data" for n in list(names) if (Path(model_dir) / (n + ".data")).exists()]
+        return sorted(set(names))
+
+    def check_files(self, model_dir: str | os.PathLike, hashes: bool = False) -> None:
+        """Fail clearly if a file is missing, truncated or (with `hashes`) altered."""
+        for name, entry in self.files.items():
+            path = Path(model_dir) / name
+            if not path.is_file():
+                raise LlavaEdgeError(f"{path} is missing; copy the whole model dir or re-export it")
+            size = path.stat().st_size
+            if size != entry.size:
+                raise LlavaEdgeError(
+                    f"{path} is {size} bytes but the manifest says {entry.size}: the file is "
+                    "truncated or replaced; copy it again or re-export"
+                )
+            if hashes and sha256(path) != entry.sha256:
+                raise LlavaEdgeError(
+                    f"{path} does not match the checksum in the manifest: the file is corrupt or "
+                    "comes from another model; copy it again or re-export"
+                )
+
+
+def sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Build a dataclass tree from JSON, naming the first field that is missing or mistyped.
+
+    Hand-written because the runtime may import nothing beyond numpy, pillow, tokenizers and
+    onnxruntime (no pydantic); the manifest is small and flat enough for this.
+    """
+    if not isinstance(data, dict):
+        raise LlavaEdgeError(f"{where}: expected an object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise LlavaEdgeError(f"{where}: field '{f.name}' is missing; re-export the model")
+            continue
+        kwargs[f.name] = _convert(hints[f.name], data[f.name], f"{where}: {f.name}")
+    return cls(**kwargs)
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(option, value, where)
+            except LlavaEdgeError as e:
+                errors.append(str(e))
+        raise LlavaEdgeError(errors[0] if errors else f"{where}: unexpected value {value!r}")
+    if origin is dict:
+        _, value_type = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise LlavaEdgeError(f"{where}: expected an object")
+        return {k: _convert(value_type, v, f"{where}.{k}") for k, v in value.items()}
+    if origin is list:
+        (item_type,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise LlavaEdgeError(f"{where}: expected a list")
+        return [_convert(item_type, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool, float) and (
+        not isinstance(value, hint) or (hint is int and isinstance(value, bool))
+    ):
+        raise LlavaEdgeError(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value

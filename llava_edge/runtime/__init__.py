@@ -1,0 +1,11 @@
+"""llava-edge's runtime: run an exported model dir with numpy, pillow, tokenizers and onnxruntime.
+
+No torch and no transformers are imported here (tests hold this), so `pip install llava-edge`
+is all a robot app needs.
+"""
+
+from llava_edge.errors import LlavaEdgeError
+from llava_edge.runtime.pipeline import Answer, ChatSession, Pipeline
+from llava_edge.runtime.sampling import GenerationConfig
+
+__all__ = ["Answer", "ChatSession", "GenerationConfig", "LlavaEdgeError", "Pipeline"]

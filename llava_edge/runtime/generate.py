@@ -1,0 +1,113 @@
+"""The one generation loop: prefill a prompt, then decode token by token.
+
+Backend-neutral: a backend provides `decode(embeds, token_mask, positions, cache) -> logits` and
+the cache; this module turns ids into embeddings (image features put where the image tokens
+stand), picks tokens, and knows when to stop. Everything that runs a model runs through here:
+the CLI, the Python API, export's verification, calibration and evaluation.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from llava_edge.runtime.sampling import GenerationConfig, Sampler
+
+
+@dataclass
+class Step:
+    """One decoding step: the token each batch row got, and which rows are done."""
+
+    tokens: np.ndarray  # [B] int64
+    finished: np.ndarray  # [B] bool, True where this token ended the row (or it ended before)
+
+
+@dataclass
+class Timer:
+    """Wall-clock marks of one request, in seconds since it started."""
+
+    start: float = field(default_factory=time.perf_counter)
+    marks: dict[str, float] = field(default_factory=dict)
+
+    def mark(self, name: str) -> None:
+        self.marks[name] = time.perf_counter() - self.start
+
+
+def embed(
+    table: np.ndarray, ids: np.ndarray, image_token_id: int, features: list[np.ndarray | None]
+) -> np.ndarray:
+    """ids [B, S] -> embeddings [B, S, hidden], each row's image tokens replaced by its features."""
+    ids = np.asarray(ids)
+    safe = np.where(ids < table.shape[0], ids, 0)  # image ids may lie past the table
+    embeds = np.asarray(table[safe.reshape(-1)]).reshape(*ids.shape, table.shape[1])
+    for row, feats in enumerate(features):
+        if feats is None:
+            continue
+        slots = np.flatnonzero(ids[row] == image_token_id)
+        embeds[row, slots] = feats.astype(embeds.dtype, copy=False)
+    return embeds
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Batch rows of different length as transformers does: padding on the left, masked out."""
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = row
+        mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
+def positions_from_mask(mask: np.ndarray, start: np.ndarray | None = None) -> np.ndarray:
+    """Position of each token: count of real tokens before it (padding gets 1, as in transformers)."""
+    positions = np.cumsum(mask, axis=1) - 1
+    if start is not None:
+        positions = positions + start[:, None]
+    return np.where(mask == 1, positions, 1).astype(np.int64)
+
+
+def decode_loop(
+    backend,
+    cache,
+    table: np.ndarray,
+    embeds: np.ndarray,
+    token_mask: np.ndarray,
+    positions: np.ndarray,
+    config: GenerationConfig,
+    eos_ids: list[int],
+    pad_id: int,
+    seen: list[np.ndarray],
+    timer: Timer | None = None,
+) -> Iterator[Step]:
+    """Prefill `embeds`, then yield one Step per new token until every row is done.
+
+    `seen` holds each row's ids so far (for the repetition penalty); the last token yielded is
+    not fed back, so a caller continuing the sequence (chat) feeds it first.
+    """
+    sampler = Sampler(config)
+    batch = embeds.shape[0]
+    logits = backend.decode(embeds, token_mask, positions, cache)
+    if timer:
+        timer.mark("prefill")
+    next_pos = positions[:, -1] + 1
+    finished = np.zeros(batch, dtype=bool)
+    seen = [np.asarray(s, dtype=np.int64) for s in seen]
+    eos = np.asarray(eos_ids, dtype=np.int64)
+    ones = np.ones((batch, 1), dtype=np.int64)
+    for step in range(config.max_new_tokens):
+        tokens = np.where(finished, pad_id, sampler(logits, seen)).astype(np.int64)
+        if not config.ignore_eos:
+            done = finished | np.isin(tokens, eos)
+        else:
+            done = finished.copy()
+        yield Step(tokens=tokens, finished=done)
+        finished = done
+        if finished.all() or step == config.max_new_tokens - 1:
+            return
+        seen = [np.append(s, t) for s, t in zip(seen, tokens)]
+        logits = backend.decode(embed(table, tokens[:, None], -1, []), ones, next_pos[:, None], cache)
+        next_pos = next_pos + 1

@@ -1,0 +1,169 @@
+"""Image loading and preprocessing in numpy and PIL, equal to transformers' CLIPImageProcessor.
+
+The runtime cannot import transformers, so the processor's steps are replayed here from the
+numbers export wrote into the manifest: convert to RGB (transparency over white), optionally pad
+to a square with the mean colour (LLaVA-1.5 'pad'), resize the shortest edge with PIL, center
+crop, rescale, normalize. Tests hold this to transformers' output within 1e-5.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import warnings
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from llava_edge.errors import LlavaEdgeError
+from llava_edge.manifest import ImageSpec
+
+ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+
+
+def load_image(source: ImageInput, max_pixels: int | None = None) -> Image.Image:
+    """Open anything a robot app holds as an RGB PIL image.
+
+    Paths and bytes are decoded with PIL (first frame of an animation, EXIF rotation applied);
+    arrays are (H, W, 3) or (H, W, 4) uint8 as a camera gives them, or (H, W) grey.
+    """
+    if isinstance(source, np.ndarray):
+        return _from_array(source)
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        image = _open(source)
+    pixels = image.width * image.height
+    if max_pixels is not None and pixels > max_pixels:
+        raise LlavaEdgeError(
+            f"image is {image.width}x{image.height} = {pixels} pixels, over the limit of "
+            f"{max_pixels}; downscale it first"
+        )
+    if pixels == 0:
+        raise LlavaEdgeError("image has no pixels")
+    try:
+        image = ImageOps.exif_transpose(image) if not isinstance(source, Image.Image) else image
+        return to_rgb(image)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise LlavaEdgeError(f"cannot decode image: {e}") from None
+
+
+def _open(source: str | os.PathLike | bytes) -> Image.Image:
+    name = "image bytes" if isinstance(source, bytes) else str(source)
+    if not isinstance(source, bytes):
+        if not os.path.exists(source):
+            raise LlavaEdgeError(f"image {name} does not exist")
+        if os.path.getsize(source) == 0:
+            raise LlavaEdgeError(f"image {name} is an empty file")
+    elif not source:
+        raise LlavaEdgeError("image bytes are empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+            image.load()  # decode now, so truncation is found here and not later
+        return image
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise LlavaEdgeError(
+            f"image {name} has more pixels than PIL's safety limit ({Image.MAX_IMAGE_PIXELS}); "
+            "downscale it first"
+        ) from None
+    except UnidentifiedImageError:
+        raise LlavaEdgeError(f"{name} is not an image PIL can read") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise LlavaEdgeError(f"image {name} is corrupt or truncated ({e})") from None
+
+
+def _from_array(array: np.ndarray) -> Image.Image:
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise LlavaEdgeError(
+            f"image array has shape {array.shape}; expected (H, W, 3), (H, W, 4) or (H, W)"
+        )
+    if array.size == 0:
+        raise LlavaEdgeError("image array is empty")
+    if array.dtype != np.uint8:
+        if array.dtype == np.uint16:
+            array = (array >> 8).astype(np.uint8)
+        elif np.issubdtype(array.dtype, np.floating) and array.max(initial=0) <= 1.0:
+            array = np.round(np.clip(array, 0, 1) * 255).astype(np.uint8)
+        else:
+            array = np.clip(array, 0, 255).astype(np.uint8)
+    return to_rgb(Image.fromarray(np.ascontiguousarray(array)))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB the way transformers converts: transparency is composited over white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit and 32-bit grey: PIL's convert would clip at 255; scale to 8 bits instead.
+        array = np.asarray(image, dtype=np.int64)
+        shift = 8 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 0
+        image = Image.fromarray(np.clip(array >> shift, 0, 255).astype(np.uint8))
+    elif image.mode == "F":
+        array = np.asarray(image, dtype=np.float32)
+        scale = 255.0 if array.max(initial=0) <= 1.0 else 1.0
+        image = Image.fromarray(np.clip(array * scale, 0, 255).astype(np.uint8))
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def preprocess(image: Image.Image, spec: ImageSpec) -> np.ndarray:
+    """An RGB PIL image -> float32 pixel_values [3, H, W], as CLIPImageProcessor computes them."""
+    array = np.asarray(image, dtype=np.uint8)
+    if spec.pad_to_square:
+        array = _pad_to_square(array, tuple(int(m * 255) for m in spec.mean))
+    if spec.resize:
+        height, width = _resize_size(array.shape[0], array.shape[1], spec.resize)
+        resample = Image.Resampling(spec.resample)
+        array = np.asarray(Image.fromarray(array).resize((width, height), resample=resample))
+    if spec.center_crop:
+        array = _center_crop(array, spec.height, spec.width)
+    if array.shape[:2] != (spec.height, spec.width):
+        raise LlavaEdgeError(
+            f"preprocessed image is {array.shape[1]}x{array.shape[0]}, the vision encoder "
+            f"takes {spec.width}x{spec.height}: the manifest's image settings are inconsistent"
+        )
+    pixels = (array.astype(np.float64) * spec.rescale_factor).astype(np.float32)
+    if spec.normalize:
+        pixels = (pixels - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
+def _pad_to_square(array: np.ndarray, colour: tuple[int, ...]) -> np.ndarray:
+    height, width = array.shape[:2]
+    if height == width:
+        return array
+    side = max(height, width)
+    out = np.empty((side, side, 3), dtype=array.dtype)
+    out[:] = np.asarray(colour, dtype=array.dtype)
+    top, left = (side - height) // 2, (side - width) // 2
+    out[top : top + height, left : left + width] = array
+    return out
+
+
+def _resize_size(height: int, width: int, resize: dict[str, int]) -> tuple[int, int]:
+    if "shortest_edge" in resize:
+        size = resize["shortest_edge"]
+        short, long = (width, height) if width <= height else (height, width)
+        new_long = int(size * long / short)
+        return (new_long, size) if width <= height else (size, new_long)
+    return resize["height"], resize["width"]
+
+
+def _center_crop(array: np.ndarray, height: int, width: int) -> np.ndarray:
+    in_h, in_w = array.shape[:2]
+    if in_h < height or in_w < width:
+        # Smaller than the crop: zero-pad around it first, as transformers does.
+        new_h, new_w = max(height, in_h), max(width, in_w)
+        padded = np.zeros((new_h, new_w, array.shape[2]), dtype=array.dtype)
+        top, left = math.ceil((new_h - in_h) / 2), math.ceil((new_w - in_w) / 2)
+        padded[top : top + in_h, left : left + in_w] = array
+        array, in_h, in_w = padded, new_h, new_w
+    top, left = (in_h - height) // 2, (in_w - width) // 2
+    return array[top : top + height, left : left + width]

@@ -1,0 +1,113 @@
+"""The onnxruntime backend: three sessions (vision encoder, projector, decoder) on CPU, CUDA or
+TensorRT execution providers, and the decoder step that keeps the KV cache in place."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from llava_edge.errors import LlavaEdgeError
+from llava_edge.manifest import Manifest
+from llava_edge.runtime.kv_cache import KVCache
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+def provider_list(names: list[str] | None) -> list[str]:
+    """Execution providers by short name ('cpu', 'cuda', 'tensorrt'), with CPU always last."""
+    names = names or ["cpu"]
+    available = ort.get_available_providers()
+    chosen = []
+    for name in names:
+        provider = PROVIDERS.get(name.lower(), name)
+        if provider not in available:
+            raise LlavaEdgeError(
+                f"onnxruntime provider {provider} is not available here (available: "
+                f"{', '.join(available)}); install onnxruntime-gpu for 'cuda' and 'tensorrt'"
+            )
+        chosen.append(provider)
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+class OnnxBackend:
+    """Runs a model dir's graphs with onnxruntime. One backend serves one request at a time."""
+
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        manifest: Manifest,
+        providers: list[str] | None = None,
+        threads: int | None = None,
+    ):
+        self.manifest = manifest
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self.providers = provider_list(providers)
+        self.sessions = {
+            name: self._open(Path(model_dir) / graph.file, options)
+            for name, graph in manifest.graphs.items()
+        }
+        self.layer_names = [manifest.kv_names(i) for i in range(manifest.text.num_layers)]
+
+    def _open(self, path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
+        try:
+            return ort.InferenceSession(str(path), options, providers=self.providers)
+        except Exception as e:  # onnxruntime raises its own untyped errors on bad files
+            raise LlavaEdgeError(f"cannot load graph {path}: {str(e).splitlines()[0]}") from None
+
+    def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
+        """pixel_values [B, 3, H, W] -> image features in the LLM's space [B, N, hidden]."""
+        dtype = self.manifest.graphs["vision_encoder"].inputs["pixel_values"].dtype
+        pixel_values = pixel_values.astype(dtype, copy=False)
+        (features,) = self.sessions["vision_encoder"].run(None, {"pixel_values": pixel_values})
+        (embeds,) = self.sessions["projector"].run(None, {"image_features": features})
+        return embeds
+
+    def new_cache(self, batch: int) -> KVCache:
+        return KVCache(self.manifest.text, batch)
+
+    def decode(
+        self, embeds: np.ndarray, token_mask: np.ndarray, positions: np.ndarray, cache: KVCache
+    ) -> np.ndarray:
+        """One decoder call over `embeds` [B, S, hidden]; returns last-position logits [B, V].
+
+        Appends the call's keys/values to `cache`.
+        """
+        seq = embeds.shape[1]
+        cache.reserve(seq)
+        feeds = {
+            "inputs_embeds": embeds,
+            "attention_mask": cache.attention_mask(token_mask),
+            "position_ids": positions,
+        }
+        for layer, (past_k, past_v, _, _) in enumerate(self.layer_names):
+            feeds[past_k], feeds[past_v] = cache.past(layer)
+        outputs = self.sessions["decoder"].run(self._outputs, feeds)
+        for layer in range(len(self.layer_names)):
+            cache.append(layer, outputs[1 + 2 * layer], outputs[2 + 2 * layer])
+        cache.advance(token_mask)
+        return outputs[0]
+
+    @property
+    def _outputs(self) -> list[str]:
+        names = ["logits"]
+        for _, _, present_k, present_v in self.layer_names:
+            names += [present_k, present_v]
+        return names
+
+    def close(self) -> None:
+        self.sessions.clear()

@@ -1,0 +1,365 @@
+"""The public runtime API: load a model dir, ask questions about images.
+
+    from llava_edge.runtime import Pipeline
+
+    with Pipeline.load("model_dir") as pipe:
+        print(pipe.generate("photo.jpg", "What is on the table?"))
+        for piece in pipe.stream(camera_frame, "Is the door open?"):
+            print(piece, end="", flush=True)
+        chat = pipe.chat("photo.jpg")
+        chat.ask("What colour is the cup?")
+        chat.ask("And the plate?")          # reuses the first turn's KV cache
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llava_edge.errors import LlavaEdgeError
+from llava_edge.manifest import Manifest
+from llava_edge.runtime.generate import (
+    Timer,
+    decode_loop,
+    embed,
+    left_pad,
+    positions_from_mask,
+)
+from llava_edge.runtime.image import ImageInput, load_image, preprocess
+from llava_edge.runtime.sampling import GenerationConfig
+from llava_edge.runtime.template import IMAGE_PLACEHOLDER, user_turn
+from llava_edge.runtime.tokenizer import TextCodec
+
+FEATURE_CACHE_SIZE = 8
+
+
+@dataclass
+class Answer:
+    """Everything about one answer: its text, the ids in and out, why it stopped, and timings."""
+
+    text: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    finish_reason: str  # "eos", "length" or "stop"
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Pipeline:
+    """A loaded model that answers questions about images.
+
+    Threads: one Pipeline may be shared by any number of threads. Each request keeps its own KV
+    cache and random generator; the onnxruntime sessions run concurrent requests safely and the
+    image-feature cache is locked. A ChatSession belongs to one thread at a time.
+    """
+
+    def __init__(self, model_dir: Path, manifest: Manifest, backend: Any):
+        self.model_dir = model_dir
+        self.manifest = manifest
+        self.backend = backend
+        self.codec = TextCodec(
+            model_dir / manifest.tokenizer, manifest.tokens, manifest.num_image_tokens
+        )
+        self.table = np.load(model_dir / manifest.embeddings, mmap_mode="r", allow_pickle=False)
+        self._features: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+        self.stats = {"vision_runs": 0, "feature_cache_hits": 0}
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | os.PathLike,
+        backend: str = "onnxruntime",
+        providers: list[str] | None = None,
+        threads: int | None = None,
+        verify_files: bool = False,
+    ) -> Pipeline:
+        """Open a model dir written by `llava-edge export` (or quantize).
+
+        backend: 'onnxruntime' (providers 'cpu', 'cuda', 'tensorrt') or 'tensorrt' (native
+        engines from `llava-edge build`). verify_files: check every file's sha256 against the
+        manifest, not only its size.
+        """
+        model_dir = Path(model_dir)
+        manifest = Manifest.load(model_dir)
+        manifest.check_files(model_dir, hashes=verify_files)
+        if backend == "onnxruntime":
+            from llava_edge.runtime.onnx_backend import OnnxBackend
+
+            engine = OnnxBackend(model_dir, manifest, providers=providers, threads=threads)
+        else:
+            raise LlavaEdgeError(f"unknown backend {backend!r}; choose 'onnxruntime'")
+        return cls(model_dir, manifest, engine)
+
+    # ---- one-shot questions --------------------------------------------------------------
+
+    def generate(self, image: ImageInput | None, prompt: str, **options: Any) -> str:
+        """The answer's text. Options are GenerationConfig's fields, plus raw=True to send the
+        prompt as written (no chat template; it must then hold `<image>` iff an image is given)."""
+        return self.answer(image, prompt, **options).text
+
+    def answer(self, image: ImageInput | None, prompt: str, **options: Any) -> Answer:
+        """Like generate, with token ids, finish reason and timings."""
+        pieces = self._stream(image, prompt, options)
+        for _ in pieces:
+            pass
+        return pieces.answer
+
+    def stream(self, image: ImageInput | None, prompt: str, **options: Any) -> Iterator[str]:
+        """The answer as text pieces, each whole UTF-8 characters, as soon as they are decoded."""
+        yield from self._stream(image, prompt, options)
+
+    def generate_batch(
+        self, requests: list[tuple[ImageInput | None, str]], **options: Any
+    ) -> list[Answer]:
+        """Several (image, prompt) pairs in one batch (left-padded, as transformers batches)."""
+        if not requests:
+            return []
+        raw = options.pop("raw", False)
+        config = _config(options)
+        timer = Timer()
+        rows, features = [], []
+        for image, prompt in requests:
+            ids, feats = self._prepare(image, prompt, raw=raw, first=True)
+            rows.append(ids)
+            features.append(feats)
+        pad = self._pad_id
+        ids, mask = left_pad(rows, pad)
+        config = self._fit_context(config, ids.shape[1])
+        cache = self.backend.new_cache(len(rows))
+        embeds = embed(self.table, ids, self.manifest.tokens.image_token_id, features)
+        generated: list[list[int]] = [[] for _ in rows]
+        done_reason = ["length"] * len(rows)
+        steps = decode_loop(
+            self.backend, cache, self.table, embeds, mask, positions_from_mask(mask), config,
+            self.manifest.tokens.eos_token_ids, pad, [np.asarray(r) for r in rows], timer,
+        )
+        active = np.ones(len(rows), dtype=bool)
+        for step in steps:
+            for i in np.flatnonzero(active):
+                generated[i].append(int(step.tokens[i]))
+                if step.finished[i]:
+                    done_reason[i] = "eos"
+            active &= ~step.finished
+        answers = []
+        for i, row in enumerate(rows):
+            text, reason = _cut_at_stop(self.codec.decode(generated[i]), config.stop)
+            answers.append(Answer(text, row, generated[i], reason or done_reason[i], {}))
+        return answers
+
+    def chat(self, image: ImageInput | None = None, **options: Any) -> ChatSession:
+        """A multi-turn conversation about one image; each turn reuses the cache of the last."""
+        return ChatSession(self, image, options)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self.backend.close()
+        self._features.clear()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---- the steps of a request ------------------------------------------------------------
+
+    @property
+    def _pad_id(self) -> int:
+        tokens = self.manifest.tokens
+        return tokens.pad_token_id if tokens.pad_token_id is not None else tokens.eos_token_ids[0]
+
+    def _stream(self, image: ImageInput | None, prompt: str, options: dict) -> _TextStream:
+        raw = options.pop("raw", False)
+        config = _config(options)
+        timer = Timer()
+        ids, features = self._prepare(image, prompt, raw=raw, first=True)
+        timer.mark("vision")
+        config = self._fit_context(config, len(ids))
+        cache = self.backend.new_cache(1)
+        return _TextStream(self, cache, ids, ids, features, config, timer, start_position=0)
+
+    def _prepare(
+        self, image: ImageInput | None, prompt: str, raw: bool, first: bool
+    ) -> tuple[list[int], np.ndarray | None]:
+        """Check the prompt, apply the template, encode it; run the vision encoder if needed."""
+        if not isinstance(prompt, str):
+            raise LlavaEdgeError(f"prompt must be text, got {type(prompt).__name__}")
+        placeholders = prompt.count(IMAGE_PLACEHOLDER)
+        if placeholders > 1:
+            raise LlavaEdgeError(f"the prompt holds {placeholders} {IMAGE_PLACEHOLDER} placeholders; one image per prompt is supported")
+        if placeholders and image is None:
+            raise LlavaEdgeError(f"the prompt holds an {IMAGE_PLACEHOLDER} placeholder but no image was given")
+        if raw and image is not None and not placeholders:
+            raise LlavaEdgeError(f"an image was given but the raw prompt has no {IMAGE_PLACEHOLDER} placeholder to put it at")
+        text = prompt if raw else user_turn(self.manifest.template, prompt, image is not None, first)
+        features = self.image_features(image) if image is not None else None
+        return self.codec.encode(text, first=first), features
+
+    def image_features(self, image: ImageInput) -> np.ndarray:
+        """Projected image features [N, hidden]; a repeated image comes from the cache."""
+        pixels = preprocess(load_image(image), self.manifest.image)
+        key = hashlib.sha1(pixels.tobytes()).hexdigest()
+        with self._lock:
+            if key in self._features:
+                self._features.move_to_end(key)
+                self.stats["feature_cache_hits"] += 1
+                return self._features[key]
+        features = self.backend.encode_image(pixels[None])[0]
+        with self._lock:
+            self.stats["vision_runs"] += 1
+            self._features[key] = features
+            while len(self._features) > FEATURE_CACHE_SIZE:
+                self._features.popitem(last=False)
+        return features
+
+    def _fit_context(self, config: GenerationConfig, prompt_len: int, used: int = 0) -> GenerationConfig:
+        """Fail on a prompt that cannot fit; shorten max_new_tokens to what is left."""
+        room = self.manifest.text.max_context - used - prompt_len
+        if room < 1:
+            raise LlavaEdgeError(
+                f"the prompt is {prompt_len} tokens{' after ' + str(used) + ' earlier ones' if used else ''}, "
+                f"but the model's context is {self.manifest.text.max_context}; shorten it"
+            )
+        if config.max_new_tokens > room:
+            config = GenerationConfig(**{**config.__dict__, "max_new_tokens": room})
+        return config
+
+
+class ChatSession:
+    """A conversation about one image. Not thread-safe: use one session per thread."""
+
+    def __init__(self, pipeline: Pipeline, image: ImageInput | None, options: dict):
+        self.pipeline = pipeline
+        self.options = options
+        self.features = pipeline.image_features(image) if image is not None else None
+        self.cache = pipeline.backend.new_cache(1)
+        self.ids: list[int] = []  # every id in the conversation, the last answer's last one too
+        self.fed = 0  # how many of `ids` are in the cache
+
+    def ask(self, prompt: str, **options: Any) -> str:
+        stream = self._turn(prompt, {**self.options, **options})
+        for _ in stream:
+            pass
+        return stream.answer.text
+
+    def stream(self, prompt: str, **options: Any) -> Iterator[str]:
+        yield from self._turn(prompt, {**self.options, **options})
+
+    def _turn(self, prompt: str, options: dict) -> _TextStream:
+        pipe = self.pipeline
+        config = _config(options)
+        first = not self.ids
+        if IMAGE_PLACEHOLDER in prompt and (self.features is None or not first):
+            raise LlavaEdgeError(f"{IMAGE_PLACEHOLDER} may appear only in the first turn of a chat about an image")
+        text = user_turn(pipe.manifest.template, prompt, self.features is not None and first, first)
+        template = pipe.manifest.template
+        if not first and self.ids[-1] not in pipe.manifest.tokens.eos_token_ids:
+            text = template.answer_end + text  # the last answer was cut short: close it
+        new_ids = pipe.codec.encode(text, first=first)
+        pending = self.ids[self.fed :] + new_ids  # the last answer's final token was never fed
+        config = pipe._fit_context(config, len(pending), used=self.fed)
+        timer = Timer()
+        return _TextStream(
+            pipe, self.cache, pending, self.ids + new_ids, self.features if first else None,
+            config, timer, start_position=self.fed, session=self,
+        )
+
+
+class _TextStream:
+    """Iterates text pieces of one answer and leaves the finished Answer in `.answer`."""
+
+    def __init__(
+        self,
+        pipe: Pipeline,
+        cache: Any,
+        feed_ids: list[int],
+        all_ids: list[int],
+        features: np.ndarray | None,
+        config: GenerationConfig,
+        timer: Timer,
+        start_position: int,
+        session: ChatSession | None = None,
+    ):
+        self.pipe, self.cache, self.feed_ids, self.all_ids = pipe, cache, feed_ids, all_ids
+        self.features, self.config, self.timer = features, config, timer
+        self.start_position, self.session = start_position, session
+        self.answer: Answer | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        pipe, config = self.pipe, self.config
+        ids = np.asarray([self.feed_ids], dtype=np.int64)
+        mask = np.ones_like(ids)
+        positions = positions_from_mask(mask, np.asarray([self.start_position]))
+        embeds = embed(pipe.table, ids, pipe.manifest.tokens.image_token_id, [self.features])
+        decoder = pipe.codec.stream()
+        generated: list[int] = []
+        text, reason = "", "length"
+        hold = max((len(s) for s in config.stop), default=1) - 1
+        emitted = 0
+        steps = decode_loop(
+            pipe.backend, self.cache, pipe.table, embeds, mask, positions, config,
+            pipe.manifest.tokens.eos_token_ids, pipe._pad_id, [np.asarray(self.all_ids)], self.timer,
+        )
+        for step in steps:
+            token = int(step.tokens[0])
+            generated.append(token)
+            if len(generated) == 1:
+                self.timer.mark("first_token")
+            if step.finished[0]:
+                reason = "eos"
+                break
+            text += decoder.push(token)
+            cut, stopped = _cut_at_stop(text, config.stop)
+            if stopped:
+                text, reason = cut, "stop"
+                break
+            safe = len(text) - hold
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+        steps.close()
+        if reason != "stop":
+            text, stopped = _cut_at_stop(text + decoder.flush(), config.stop)
+            reason = stopped or reason
+        if len(text) > emitted:
+            yield text[emitted:]
+        self.timer.mark("done")
+        self.answer = Answer(text, list(self.all_ids), generated, reason, _timings(self.timer, len(generated)))
+        if self.session is not None:
+            self.session.ids = self.all_ids + generated
+            self.session.fed = self.cache.length
+
+
+def _config(options: dict) -> GenerationConfig:
+    known = {f.name for f in fields(GenerationConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise LlavaEdgeError(f"unknown generation option(s) {unknown}; known: {sorted(known)}")
+    config = GenerationConfig(**options)
+    if isinstance(config.stop, str):
+        config.stop = [config.stop]
+    config.validate()
+    return config
+
+
+def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, str | None]:
+    """Cut text at the earliest stop string; the reason is 'stop' when one was found."""
+    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return (text[: min(cuts)], "stop") if cuts else (text, None)
+
+
+def _timings(timer: Timer, tokens: int) -> dict[str, float]:
+    m = timer.marks
+    out = {k + "_ms": round(v * 1000, 3) for k, v in m.items()}
+    if "first_token" in m and "done" in m and tokens > 1:
+        out["decode_tokens_per_s"] = round((tokens - 1) / max(m["done"] - m["first_token"], 1e-9), 3)
+    return out

@@ -1,0 +1,73 @@
+"""Chat templates as plain strings, shared by training (which masks labels with them) and the
+runtime (which builds prompts with them), so both always agree.
+
+A conversation renders as
+
+    system + user + [image] + question + assistant + answer_prefix + answer + answer_end + user + ...
+
+which gives LLaVA's `vicuna_v1` (`SYSTEM USER: <image>\\nQ ASSISTANT: A</s>USER: ...`), the Hugging
+Face llava-1.5 prompt (`USER: <image>\\nQ ASSISTANT:`) and the stage-1 `plain` template (`<image>`
+then the caption). Only `answer_prefix + answer + answer_end` is ever supervised in training.
+"""
+
+from __future__ import annotations
+
+from llava_edge.manifest import TemplateSpec
+
+IMAGE_PLACEHOLDER = "<image>"
+SHORT_ANSWER = "Answer the question using a single word or phrase."
+
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions. "
+)
+
+TEMPLATES: dict[str, TemplateSpec] = {
+    # The Hugging Face port of LLaVA-1.5 (llava-hf/llava-1.5-*-hf): no system prompt.
+    "llava_1_5": TemplateSpec(name="llava_1_5"),
+    # LLaVA-1.5's stage-2 template (haotian-liu/LLaVA, conversation.py conv_vicuna_v1).
+    "vicuna_v1": TemplateSpec(name="vicuna_v1", system=VICUNA_SYSTEM),
+    # LLaVA's stage-1 template (conv_llava_plain): the image, then the caption.
+    "plain": TemplateSpec(
+        name="plain", user="", assistant="", answer_prefix="", answer_end="\n", image=IMAGE_PLACEHOLDER
+    ),
+}
+
+
+def get_template(name: str) -> TemplateSpec:
+    try:
+        return TEMPLATES[name]
+    except KeyError:
+        raise ValueError(f"unknown chat template {name!r}; choose from {sorted(TEMPLATES)}") from None
+
+
+def user_turn(template: TemplateSpec, question: str, image: bool, first: bool) -> str:
+    """The text of one user turn up to where the assistant starts answering.
+
+    A question that already holds the image placeholder keeps it where the user put it.
+    """
+    if image and IMAGE_PLACEHOLDER not in question:
+        question = template.image + question
+    head = template.system if first else ""
+    return head + template.user + question + template.assistant
+
+
+def answer_text(template: TemplateSpec, answer: str) -> str:
+    """What the assistant says in one turn, with the end marker that closes it."""
+    return template.answer_prefix + answer + template.answer_end
+
+
+def render(
+    template: TemplateSpec, turns: list[tuple[str, str | None]], image: bool
+) -> list[tuple[str, bool]]:
+    """Render (question, answer) turns as (text, supervised) segments.
+
+    The image goes with the first question. A final answer of None leaves the prompt open for
+    the model to answer (what inference wants).
+    """
+    segments: list[tuple[str, bool]] = []
+    for i, (question, answer) in enumerate(turns):
+        segments.append((user_turn(template, question, image=image and i == 0, first=i == 0), False))
+        if answer is not None:
+            segments.append((answer_text(template, answer), True))
+    return segments

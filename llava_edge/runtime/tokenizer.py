@@ -1,0 +1,86 @@
+"""Text <-> token ids with the `tokenizers` library, following the manifest's token facts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from llava_edge.errors import LlavaEdgeError
+from llava_edge.manifest import TokenSpec
+from llava_edge.runtime.template import IMAGE_PLACEHOLDER
+
+
+class TextCodec:
+    """Encodes prompts (expanding `<image>` to one id per image feature) and decodes answers."""
+
+    def __init__(self, path: str | Path, tokens: TokenSpec, num_image_tokens: int):
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise LlavaEdgeError(f"cannot read tokenizer {path}: {e}") from None
+        self.tokens = tokens
+        self.num_image_tokens = num_image_tokens
+        self._special = {tokens.image_token_id, *tokens.eos_token_ids}
+        for token_id in (tokens.bos_token_id, tokens.pad_token_id):
+            if token_id is not None:
+                self._special.add(token_id)
+
+    def encode(self, text: str, first: bool = True) -> list[int]:
+        """Token ids of `text`; `first` starts a new sequence (adds BOS where the model wants it).
+
+        Each `<image>` placeholder becomes `num_image_tokens` image ids, as transformers'
+        processor does, so the ids line up with the image features put in their place.
+        """
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        if first and self.tokens.add_bos and self.tokens.bos_token_id is not None:
+            ids = [self.tokens.bos_token_id, *ids]
+        image_id = self.tokens.image_token_id
+        if image_id not in ids:
+            return ids
+        expanded: list[int] = []
+        for token_id in ids:
+            expanded.extend([image_id] * self.num_image_tokens if token_id == image_id else [token_id])
+        return expanded
+
+    def count_images(self, text: str) -> int:
+        return text.count(IMAGE_PLACEHOLDER)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode([i for i in ids if i not in self._special], skip_special_tokens=True)
+
+    def stream(self) -> StreamDecoder:
+        return StreamDecoder(self)
+
+
+class StreamDecoder:
+    """Turns a growing list of token ids into text pieces that are whole UTF-8 characters.
+
+    Byte-fallback tokens can split one character over several tokens; a piece is released only
+    once it no longer ends in a replacement character. Decoding a short window (not the whole
+    answer) keeps the cost per token constant, the way text-generation-inference does it.
+    """
+
+    def __init__(self, codec: TextCodec):
+        self.codec = codec
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def push(self, token_id: int) -> str:
+        """Add one token and return the text it completes ('' while a character is unfinished)."""
+        self.ids.append(token_id)
+        decode = self.codec.decode
+        prefix = decode(self.ids[self.prefix_offset : self.read_offset])
+        text = decode(self.ids[self.prefix_offset :])
+        if len(text) > len(prefix) and not text.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return text[len(prefix) :]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is left at the end, even an unfinished character."""
+        prefix = self.codec.decode(self.ids[self.prefix_offset : self.read_offset])
+        text = self.codec.decode(self.ids[self.prefix_offset :])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return text[len(prefix) :]

@@ -1,0 +1,199 @@
+"""Make LLaVA checkpoints: seeded random weights from a preset (`llava-edge init --preset`).
+
+The checkpoint is an ordinary Hugging Face dir (config, safetensors, tokenizer, processor, chat
+template) that `LlavaForConditionalGeneration.from_pretrained` and `AutoProcessor.from_pretrained`
+load, plus `llava_edge.json`, which names the chat template the model was trained with so that
+export and runtime prompt it the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from llava_edge.errors import LlavaEdgeError
+from llava_edge.manifest import TemplateSpec
+from llava_edge.runtime.template import IMAGE_PLACEHOLDER, get_template
+
+LLAVA_EDGE_FILE = "llava_edge.json"
+
+OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+# Each preset: vision tower (CLIP), text model (Llama) and tokenizer sizes.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Well under 1M parameters: for tests and the demo.
+    "tiny": {
+        "vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, image_size=64, patch_size=8),
+        "text": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024),
+        "tokenizer_size": 512,
+        "vocab_size": 576,
+    },
+    # CLIP ViT-B/16 at 224 px, a 16-layer Llama of hidden 1024: the CPU benchmark model.
+    "small": {
+        "vision": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                       num_attention_heads=12, image_size=224, patch_size=16),
+        "text": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
+                     num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=4096),
+        "tokenizer_size": 2048,
+        "vocab_size": 32000,
+    },
+    # LLaVA-1.5-7B's exact dimensions: CLIP ViT-L/14-336 and Vicuna-7B.
+    "llava-1.5-7b": {
+        "vision": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                       num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768),
+        "text": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
+        "tokenizer_size": 2048,
+        "vocab_size": 32064,
+    },
+}
+
+
+def hf_chat_template(template: TemplateSpec) -> str:
+    """The template as Jinja for transformers' apply_chat_template (same strings as ours)."""
+    def lit(s: str) -> str:
+        return json.dumps(s)
+
+    return (
+        "{{ " + lit(template.system) + " }}"
+        "{% for m in messages %}"
+        "{% set texts = m['content'] if m['content'] is string else "
+        "(m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('')) %}"
+        "{% if m['role'] == 'user' %}{{ " + lit(template.user) + " }}"
+        "{% if m['content'] is not string %}"
+        "{% for c in m['content'] | selectattr('type', 'equalto', 'image') %}"
+        "{{ " + lit(template.image) + " }}{% endfor %}{% endif %}"
+        "{{ texts }}{% if not loop.last or add_generation_prompt %}{{ " + lit(template.assistant) + " }}"
+        "{% endif %}"
+        "{% elif m['role'] == 'assistant' %}"
+        "{{ " + lit(template.answer_prefix) + " }}{{ texts }}{{ " + lit(template.answer_end) + " }}"
+        "{% endif %}{% endfor %}"
+    )
+
+
+def write_llava_edge_file(out_dir: Path, template_name: str) -> None:
+    (out_dir / LLAVA_EDGE_FILE).write_text(json.dumps({"template": template_name}, indent=2) + "\n")
+
+
+def save_processor(out_dir: Path, hf_tokenizer: Any, config: Any, template_name: str) -> None:
+    """Save tokenizer, CLIP image processor, processor config and chat template."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    vision = config.vision_config
+    size = vision.image_size
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=hf_tokenizer,
+        patch_size=vision.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,  # CLIP's CLS token
+        chat_template=hf_chat_template(get_template(template_name)),
+    )
+    processor.save_pretrained(out_dir)
+    write_llava_edge_file(out_dir, template_name)
+
+
+def make_hf_tokenizer(tokenizer_size: int) -> Any:
+    from transformers import PreTrainedTokenizerFast
+
+    from llava_edge.training.tokenizer import BOS, EOS, PAD, UNK, build_tokenizer
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=build_tokenizer(tokenizer_size),
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        pad_token=PAD,
+        extra_special_tokens={"image_token": IMAGE_PLACEHOLDER},
+        padding_side="left",
+        add_bos_token=True,
+    )
+
+
+def make_config(preset: str, layers: int | None, tokenizer: Any, **overrides: Any) -> Any:
+    """A LlavaConfig for a preset; `overrides` set LlavaConfig fields (vision_feature_layer...)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, MistralConfig
+
+    if preset not in PRESETS:
+        raise LlavaEdgeError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    spec = PRESETS[preset]
+    vision = dict(spec["vision"])
+    text = dict(spec["text"])
+    if layers is not None:
+        if layers < 1:
+            raise LlavaEdgeError("--layers must be at least 1")
+        vision["num_hidden_layers"] = min(layers, vision["num_hidden_layers"])
+        text["num_hidden_layers"] = min(layers, text["num_hidden_layers"])
+    text.update(overrides.pop("text", {}))
+    text_cls = MistralConfig if overrides.pop("backbone", "llama") == "mistral" else LlamaConfig
+    image_tokens = (vision["image_size"] // vision["patch_size"]) ** 2
+    strategy = overrides.get("vision_feature_select_strategy", "default")
+    return LlavaConfig(
+        vision_config=CLIPVisionConfig(**vision),
+        text_config=text_cls(
+            vocab_size=spec["vocab_size"],
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            rms_norm_eps=1e-5,
+            **text,
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
+        image_seq_length=image_tokens + (1 if strategy == "full" else 0),
+        projector_hidden_act="gelu",
+        **overrides,
+    )
+
+
+def init_checkpoint(
+    out_dir: str | Path,
+    preset: str = "tiny",
+    layers: int | None = None,
+    seed: int = 0,
+    dtype: str = "float32",
+    template: str = "llava_1_5",
+    force: bool = False,
+    **overrides: Any,
+) -> Path:
+    """Write a seeded random-weight LLaVA checkpoint of a preset's shape.
+
+    `overrides` reach LlavaConfig (e.g. vision_feature_layer=[-2, -1]); `text={...}` changes the
+    text model (num_key_value_heads for GQA...), `backbone="mistral"` swaps Llama for Mistral.
+    """
+    import torch
+    from transformers import GenerationConfig, LlavaForConditionalGeneration
+
+    out = Path(out_dir)
+    _check_output_dir(out, force)
+    tokenizer = make_hf_tokenizer(PRESETS.get(preset, {}).get("tokenizer_size", 512))
+    config = make_config(preset, layers, tokenizer, **overrides)
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        model = LlavaForConditionalGeneration(config)
+    model = model.to(getattr(torch, dtype)).eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    save_processor(out, tokenizer, config, template)
+    return out
+
+
+def _check_output_dir(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise LlavaEdgeError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise LlavaEdgeError(f"{out} is not empty; pass --force to overwrite it")
