@@ -33,7 +33,9 @@ def command(name: str):
 def _init(args: argparse.Namespace) -> None:
     from llava_edge.training.checkpoint import init_checkpoint
 
-    path = init_checkpoint(args.out_dir, preset=args.preset, layers=args.layers, seed=args.seed, force=args.force)
+    path = init_checkpoint(
+        args.out_dir, preset=args.preset, layers=args.layers, seed=args.seed, force=args.force
+    )
     print(f"wrote a random-weight '{args.preset}' LLaVA checkpoint to {path}")
 
 
@@ -45,8 +47,13 @@ def _export(args: argparse.Namespace) -> None:
     from llava_edge.export.exporter import export_checkpoint
 
     export_checkpoint(
-        args.checkpoint, args.out_dir, dtype=args.dtype, opset=args.opset,
-        max_context=args.max_context, force=args.force, verify=not args.no_verify,
+        args.checkpoint,
+        args.out_dir,
+        dtype=args.dtype,
+        opset=args.opset,
+        max_context=args.max_context,
+        force=args.force,
+        verify=not args.no_verify,
         trust_remote_code=args.trust_remote_code,
     )
 
@@ -62,13 +69,17 @@ def _run(args: argparse.Namespace) -> None:
     with Pipeline.load(args.model_dir, providers=args.provider, threads=args.threads) as pipe:
         if args.json:
             answer = pipe.answer(args.image, args.prompt, **options)
-            print(json.dumps({
-                "text": answer.text,
-                "prompt_token_ids": answer.prompt_token_ids,
-                "token_ids": answer.token_ids,
-                "finish_reason": answer.finish_reason,
-                "timings": answer.timings,
-            }))
+            print(
+                json.dumps(
+                    {
+                        "text": answer.text,
+                        "prompt_token_ids": answer.prompt_token_ids,
+                        "token_ids": answer.token_ids,
+                        "finish_reason": answer.finish_reason,
+                        "timings": answer.timings,
+                    }
+                )
+            )
             return
         for piece in pipe.stream(args.image, args.prompt, **options):
             print(piece, end="", flush=True)
@@ -98,7 +109,9 @@ def _data(args: argparse.Namespace) -> None:
     from llava_edge.training.synth import synthesize
 
     paths = synthesize(args.out_dir, train=args.train, test=args.test, seed=args.seed)
-    print(f"wrote {args.train} training and {args.test} test pictures with their questions to {args.out_dir}")
+    print(
+        f"wrote {args.train} training and {args.test} test pictures with their questions to {args.out_dir}"
+    )
     for key, path in paths.items():
         print(f"  {key:9s} {path}")
 
@@ -124,18 +137,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint dir, or a hub id where the network allows")
     p.add_argument("out_dir")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17: TensorRT 10.3 parses it)")
-    p.add_argument("--max-context", type=int, help="longest sequence the runtime allows (default: the model's)")
+    p.add_argument(
+        "--opset", type=int, default=17, help="ONNX opset (default 17: TensorRT 10.3 parses it)"
+    )
+    p.add_argument(
+        "--max-context", type=int, help="longest sequence the runtime allows (default: the model's)"
+    )
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
     p.add_argument("--no-verify", action="store_true", help="skip the comparison with transformers")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code")
+    p.add_argument(
+        "--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code"
+    )
 
     p = sub.add_parser("run", help="answer a question about an image")
     p.add_argument("model_dir")
     p.add_argument("--image", help="image file (omit for a text-only prompt)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-    p.add_argument("--raw", action="store_true", help="send the prompt as written, without the chat template")
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON object instead of streaming text"
+    )
+    p.add_argument(
+        "--raw", action="store_true", help="send the prompt as written, without the chat template"
+    )
     _add_generation_options(p)
     _add_backend_options(p)
 
@@ -161,7 +184,9 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_backend_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--provider", action="append", help="onnxruntime provider: cpu, cuda, tensorrt (repeatable)")
+    p.add_argument(
+        "--provider", action="append", help="onnxruntime provider: cpu, cuda, tensorrt (repeatable)"
+    )
     p.add_argument("--threads", type=int, help="CPU threads for onnxruntime")
 
 

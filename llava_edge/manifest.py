@@ -21,6 +21,9 @@ from typing import Any
 from llava_edge.errors import LlavaEdgeError
 
 MANIFEST_NAME = "manifest.json"
+# Beside a checkpoint (not in a model dir): llava-edge's facts about it, e.g. the chat template it
+# was trained with, which export copies into the manifest.
+CHECKPOINT_INFO_FILE = "llava_edge.json"
 FORMAT_NAME = "llava-edge-model"
 FORMAT_VERSION = 1
 GRAPH_NAMES = ("vision_encoder", "projector", "decoder")
@@ -52,7 +55,9 @@ class ImageSpec:
 
     height: int  # of pixel_values fed to the vision encoder
     width: int
-    resize: dict[str, int] | None  # {"shortest_edge": n} or {"height": h, "width": w}; None: no resize
+    resize: (
+        dict[str, int] | None
+    )  # {"shortest_edge": n} or {"height": h, "width": w}; None: no resize
     resample: int  # PIL resampling filter code (3 = bicubic)
     center_crop: bool
     rescale_factor: float
@@ -127,7 +132,9 @@ class Manifest:
     text: TextSpec
     tokens: TokenSpec
     template: TemplateSpec
-    embeddings: str  # .npy file of the text embedding table [vocab, hidden], looked up by the runtime
+    embeddings: (
+        str  # .npy file of the text embedding table [vocab, hidden], looked up by the runtime
+    )
     tokenizer: str = "tokenizer.json"
     kv: KVSpec = field(default_factory=KVSpec)
     files: dict[str, FileEntry] = field(default_factory=dict)
@@ -185,7 +192,9 @@ class Manifest:
             raise LlavaEdgeError(f"{where}: graphs {missing} are missing; re-export the model")
         for name, graph in self.graphs.items():
             if graph.precision not in PRECISIONS:
-                raise LlavaEdgeError(f"{where}: graph {name} has unknown precision {graph.precision}")
+                raise LlavaEdgeError(
+                    f"{where}: graph {name} has unknown precision {graph.precision}"
+                )
         t = self.text
         if t.num_heads % t.num_kv_heads or min(t.num_layers, t.head_dim, t.max_context) <= 0:
             raise LlavaEdgeError(f"{where}: the text model's shapes are inconsistent")
@@ -209,7 +218,9 @@ class Manifest:
     def record_files(self, model_dir: str | os.PathLike) -> None:
         """Record size and sha256 of every file the model dir needs."""
         self.files = {
-            name: FileEntry(size=(Path(model_dir) / name).stat().st_size, sha256=sha256(Path(model_dir) / name))
+            name: FileEntry(
+                size=(Path(model_dir) / name).stat().st_size, sha256=sha256(Path(model_dir) / name)
+            )
             for name in self.needed_files(model_dir)
         }
 

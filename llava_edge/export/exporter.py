@@ -22,6 +22,7 @@ import numpy as np
 from llava_edge import __version__
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import (
+    CHECKPOINT_INFO_FILE,
     GraphSpec,
     ImageSpec,
     Manifest,
@@ -34,7 +35,6 @@ from llava_edge.runtime.template import TEMPLATES
 
 DEFAULT_OPSET = 17  # TensorRT 10.3 (JetPack 6) parses opsets 9-20; 17 has LayerNormalization
 MAX_PROTOBUF = 1_800_000_000  # graphs larger than this keep their weights in external data
-LLAVA_EDGE_FILE = "llava_edge.json"  # written by training next to a checkpoint: its template
 EMBEDDINGS_FILE = "embed_tokens.npy"
 
 
@@ -62,12 +62,13 @@ def export_checkpoint(
     Raises LlavaEdgeError for bad input and VerificationError when the graphs disagree with
     transformers (the output is then not installed).
     """
-    import torch
 
     if dtype not in ("fp32", "fp16"):
         raise LlavaEdgeError(f"--dtype must be fp32 or fp16, got {dtype}")
     if not 9 <= opset <= 20:
-        raise LlavaEdgeError(f"--opset {opset} is outside 9-20, what TensorRT 10.x's ONNX parser reads")
+        raise LlavaEdgeError(
+            f"--opset {opset} is outside 9-20, what TensorRT 10.x's ONNX parser reads"
+        )
     out = Path(out_dir)
     _check_output(out, force)
     start = time.perf_counter()
@@ -99,7 +100,9 @@ def export_checkpoint(
     return report
 
 
-def load_checkpoint(checkpoint: str | os.PathLike, trust_remote_code: bool = False) -> LoadedCheckpoint:
+def load_checkpoint(
+    checkpoint: str | os.PathLike, trust_remote_code: bool = False
+) -> LoadedCheckpoint:
     """Load a LLaVA checkpoint in fp32 with eager attention, or say clearly why not."""
     import torch
     from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
@@ -114,7 +117,9 @@ def load_checkpoint(checkpoint: str | os.PathLike, trust_remote_code: bool = Fal
     elif not local.is_dir():
         raise LlavaEdgeError(f"checkpoint {source} is a file; give the checkpoint's directory")
     elif not (local / "config.json").is_file():
-        raise LlavaEdgeError(f"{source} has no config.json: it is not a Hugging Face checkpoint dir")
+        raise LlavaEdgeError(
+            f"{source} has no config.json: it is not a Hugging Face checkpoint dir"
+        )
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as e:
@@ -134,15 +139,18 @@ def load_checkpoint(checkpoint: str | os.PathLike, trust_remote_code: bool = Fal
         )
     with _quiet():
         model = LlavaForConditionalGeneration.from_pretrained(
-            source, dtype=torch.float32, attn_implementation="eager",
-            trust_remote_code=trust_remote_code, use_safetensors=True,
+            source,
+            dtype=torch.float32,
+            attn_implementation="eager",
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
         ).eval()
         processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
     return LoadedCheckpoint(model, processor, source, _template_name(local))
 
 
 def _template_name(checkpoint: Path) -> str:
-    path = checkpoint / LLAVA_EDGE_FILE
+    path = checkpoint / CHECKPOINT_INFO_FILE
     if path.is_file():
         name = json.loads(path.read_text()).get("template", "llava_1_5")
         if name in TEMPLATES:
@@ -183,7 +191,9 @@ def build_manifest(loaded: LoadedCheckpoint, dtype: str, max_context: int) -> Ma
         "projector": GraphSpec(
             file="projector.onnx",
             inputs={"image_features": TensorSpec(np_dtype, ["batch", "image_tokens", vision_dim])},
-            outputs={"image_embeds": TensorSpec(np_dtype, ["batch", "image_tokens", text.hidden_size])},
+            outputs={
+                "image_embeds": TensorSpec(np_dtype, ["batch", "image_tokens", text.hidden_size])
+            },
             precision=dtype,
         ),
         "decoder": _decoder_spec(spec, dtype),
@@ -238,8 +248,16 @@ def _image_spec(processor: Any, vision_config: Any) -> ImageSpec:
         height, width = size["height"], size["width"]
     else:
         height = width = vision_config.image_size
-    mean = processor.image_mean if isinstance(processor.image_mean, (list, tuple)) else [processor.image_mean] * 3
-    std = processor.image_std if isinstance(processor.image_std, (list, tuple)) else [processor.image_std] * 3
+    mean = (
+        processor.image_mean
+        if isinstance(processor.image_mean, (list, tuple))
+        else [processor.image_mean] * 3
+    )
+    std = (
+        processor.image_std
+        if isinstance(processor.image_std, (list, tuple))
+        else [processor.image_std] * 3
+    )
     return ImageSpec(
         height=int(height),
         width=int(width),
@@ -283,7 +301,9 @@ def _max_context(text_config: Any, requested: int | None) -> int:
     if requested is None:
         return limit
     if requested < 1 or requested > limit:
-        raise LlavaEdgeError(f"--max-context must be between 1 and {limit} for this model, got {requested}")
+        raise LlavaEdgeError(
+            f"--max-context must be between 1 and {limit} for this model, got {requested}"
+        )
     return requested
 
 
@@ -344,8 +364,15 @@ def _torch_export(module: Any, args: tuple, path: Path, graph: GraphSpec, opset:
     }
     with torch.no_grad(), _quiet():
         torch.onnx.export(
-            module.eval(), args, str(path), input_names=inputs, output_names=outputs,
-            dynamic_axes=dynamic, opset_version=opset, do_constant_folding=True, dynamo=False,
+            module.eval(),
+            args,
+            str(path),
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=dynamic,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
         )
 
 
@@ -357,8 +384,12 @@ def _save_single(src: Path, dst: Path) -> None:
     size = sum(len(t.raw_data) for t in model.graph.initializer)
     if size > MAX_PROTOBUF:
         onnx.save_model(
-            model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-            location=dst.name + ".data", size_threshold=1024,
+            model,
+            str(dst),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=dst.name + ".data",
+            size_threshold=1024,
         )
     else:
         onnx.save_model(model, str(dst))
@@ -367,9 +398,13 @@ def _save_single(src: Path, dst: Path) -> None:
 def _write_text_files(loaded: LoadedCheckpoint, manifest: Manifest, out: Path) -> None:
     """The tokenizer (tokenizers' JSON) and the text embedding table."""
     tokenizer = loaded.processor.tokenizer
-    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(
+        tokenizer, "_tokenizer", None
+    )
     if backend is None:
-        raise LlavaEdgeError("the checkpoint's tokenizer has no fast (tokenizers) version to export")
+        raise LlavaEdgeError(
+            "the checkpoint's tokenizer has no fast (tokenizers) version to export"
+        )
     backend.save(str(out / manifest.tokenizer))
     weights = loaded.model.get_input_embeddings().weight.detach().float().numpy()
     np.save(out / manifest.embeddings, weights.astype(manifest.text.dtype))
@@ -401,7 +436,9 @@ def _check_output(out: Path, force: bool) -> None:
     while not parent.exists():
         parent = parent.parent
     if not os.access(parent, os.W_OK):
-        raise LlavaEdgeError(f"cannot write to {parent}: permission denied; choose another output dir")
+        raise LlavaEdgeError(
+            f"cannot write to {parent}: permission denied; choose another output dir"
+        )
 
 
 def _temp_dir(out: Path) -> Path:

@@ -73,7 +73,13 @@ class Decoder(nn.Module):
         for i, layer in enumerate(self.layers):
             residual = hidden
             hidden, key, value = self.attention(
-                layer, layer.input_layernorm(hidden), cos, sin, past[2 * i], past[2 * i + 1], allowed
+                layer,
+                layer.input_layernorm(hidden),
+                cos,
+                sin,
+                past[2 * i],
+                past[2 * i + 1],
+                allowed,
             )
             hidden = residual + hidden
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
@@ -109,15 +115,25 @@ class Decoder(nn.Module):
         # [B, H, S, D] -> [B, KV, G*S, D]: query head h = kv * G + g, as transformers' repeat_kv.
         q = q.reshape(batch, self.num_kv_heads, groups * seq, head_dim)
         past_len = past_key.shape[2]
-        scores = torch.cat(
-            [torch.matmul(q, past_key.transpose(2, 3)), torch.matmul(q, k.transpose(2, 3))], dim=-1
-        ).float() * attn.scaling
+        scores = (
+            torch.cat(
+                [torch.matmul(q, past_key.transpose(2, 3)), torch.matmul(q, k.transpose(2, 3))],
+                dim=-1,
+            ).float()
+            * attn.scaling
+        )
         # Masked scores get the dtype's lowest value through Where, never by addition, so fp16
         # cannot overflow to -inf and fully masked (padding) rows stay finite.
         scores = torch.where(allowed, scores, torch.finfo(torch.float32).min)
         probs = torch.softmax(scores, dim=-1).to(q.dtype)
-        out = torch.matmul(probs[..., :past_len], past_value) + torch.matmul(probs[..., past_len:], v)
-        out = out.reshape(batch, self.num_heads, seq, head_dim).transpose(1, 2).reshape(batch, seq, -1)
+        out = torch.matmul(probs[..., :past_len], past_value) + torch.matmul(
+            probs[..., past_len:], v
+        )
+        out = (
+            out.reshape(batch, self.num_heads, seq, head_dim)
+            .transpose(1, 2)
+            .reshape(batch, seq, -1)
+        )
         return attn.o_proj(out), k, v
 
 

@@ -52,18 +52,28 @@ def verify_model_dir(loaded: Any, model_dir: Path, log: Any = print) -> dict[str
         pixels = preprocess(image, manifest.image)
         ref_pixels = inputs["pixel_values"][0].numpy()
         # Feed transformers' pixels to both sides from here on, so each check tests one thing.
-        pixel_batch = inputs["pixel_values"].numpy().astype(manifest.graphs["vision_encoder"].inputs["pixel_values"].dtype)
-        features = pipe.backend.sessions["vision_encoder"].run(None, {"pixel_values": pixel_batch})[0]
+        pixel_batch = (
+            inputs["pixel_values"]
+            .numpy()
+            .astype(manifest.graphs["vision_encoder"].inputs["pixel_values"].dtype)
+        )
+        features = pipe.backend.sessions["vision_encoder"].run(None, {"pixel_values": pixel_batch})[
+            0
+        ]
         with torch.no_grad():
             ref_features = _reference_features(model, inputs["pixel_values"])
             ref_logits = model(**inputs).logits[0, -1].float().numpy()
-            ref_tokens = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(hf_ids) :].tolist()
+            ref_tokens = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)[
+                0, len(hf_ids) :
+            ].tolist()
         cache = pipe.backend.new_cache(1)
         ids = np.asarray([hf_ids])
         embeds = pipe.table[np.where(ids < pipe.table.shape[0], ids, 0)].copy()
         image_embeds = pipe.backend.encode_image(pixel_batch)[0]
         embeds[0, ids[0] == manifest.tokens.image_token_id] = image_embeds
-        logits = pipe.backend.decode(embeds, np.ones_like(ids), np.arange(ids.shape[1])[None], cache)[0]
+        logits = pipe.backend.decode(
+            embeds, np.ones_like(ids), np.arange(ids.shape[1])[None], cache
+        )[0]
         answer = pipe.answer(image, QUESTION, max_new_tokens=NEW_TOKENS)
     fp32 = manifest.text.dtype == "float32"
     matched = _common_prefix(answer.token_ids, ref_tokens)

@@ -109,5 +109,7 @@ def decode_loop(
         if finished.all() or step == config.max_new_tokens - 1:
             return
         seen = [np.append(s, t) for s, t in zip(seen, tokens)]
-        logits = backend.decode(embed(table, tokens[:, None], -1, []), ones, next_pos[:, None], cache)
+        logits = backend.decode(
+            embed(table, tokens[:, None], -1, []), ones, next_pos[:, None], cache
+        )
         next_pos = next_pos + 1

@@ -1,14 +1,14 @@
 """The public runtime API: load a model dir, ask questions about images.
 
-    from llava_edge.runtime import Pipeline
+from llava_edge.runtime import Pipeline
 
-    with Pipeline.load("model_dir") as pipe:
-        print(pipe.generate("photo.jpg", "What is on the table?"))
-        for piece in pipe.stream(camera_frame, "Is the door open?"):
-            print(piece, end="", flush=True)
-        chat = pipe.chat("photo.jpg")
-        chat.ask("What colour is the cup?")
-        chat.ask("And the plate?")          # reuses the first turn's KV cache
+with Pipeline.load("model_dir") as pipe:
+    print(pipe.generate("photo.jpg", "What is on the table?"))
+    for piece in pipe.stream(camera_frame, "Is the door open?"):
+        print(piece, end="", flush=True)
+    chat = pipe.chat("photo.jpg")
+    chat.ask("What colour is the cup?")
+    chat.ask("And the plate?")          # reuses the first turn's KV cache
 """
 
 from __future__ import annotations
@@ -138,8 +138,17 @@ class Pipeline:
         generated: list[list[int]] = [[] for _ in rows]
         done_reason = ["length"] * len(rows)
         steps = decode_loop(
-            self.backend, cache, self.table, embeds, mask, positions_from_mask(mask), config,
-            self.manifest.tokens.eos_token_ids, pad, [np.asarray(r) for r in rows], timer,
+            self.backend,
+            cache,
+            self.table,
+            embeds,
+            mask,
+            positions_from_mask(mask),
+            config,
+            self.manifest.tokens.eos_token_ids,
+            pad,
+            [np.asarray(r) for r in rows],
+            timer,
         )
         active = np.ones(len(rows), dtype=bool)
         for step in steps:
@@ -195,12 +204,20 @@ class Pipeline:
             raise LlavaEdgeError(f"prompt must be text, got {type(prompt).__name__}")
         placeholders = prompt.count(IMAGE_PLACEHOLDER)
         if placeholders > 1:
-            raise LlavaEdgeError(f"the prompt holds {placeholders} {IMAGE_PLACEHOLDER} placeholders; one image per prompt is supported")
+            raise LlavaEdgeError(
+                f"the prompt holds {placeholders} {IMAGE_PLACEHOLDER} placeholders; one image per prompt is supported"
+            )
         if placeholders and image is None:
-            raise LlavaEdgeError(f"the prompt holds an {IMAGE_PLACEHOLDER} placeholder but no image was given")
+            raise LlavaEdgeError(
+                f"the prompt holds an {IMAGE_PLACEHOLDER} placeholder but no image was given"
+            )
         if raw and image is not None and not placeholders:
-            raise LlavaEdgeError(f"an image was given but the raw prompt has no {IMAGE_PLACEHOLDER} placeholder to put it at")
-        text = prompt if raw else user_turn(self.manifest.template, prompt, image is not None, first)
+            raise LlavaEdgeError(
+                f"an image was given but the raw prompt has no {IMAGE_PLACEHOLDER} placeholder to put it at"
+            )
+        text = (
+            prompt if raw else user_turn(self.manifest.template, prompt, image is not None, first)
+        )
         features = self.image_features(image) if image is not None else None
         return self.codec.encode(text, first=first), features
 
@@ -221,7 +238,9 @@ class Pipeline:
                 self._features.popitem(last=False)
         return features
 
-    def _fit_context(self, config: GenerationConfig, prompt_len: int, used: int = 0) -> GenerationConfig:
+    def _fit_context(
+        self, config: GenerationConfig, prompt_len: int, used: int = 0
+    ) -> GenerationConfig:
         """Fail on a prompt that cannot fit; shorten max_new_tokens to what is left."""
         room = self.manifest.text.max_context - used - prompt_len
         if room < 1:
@@ -259,7 +278,9 @@ class ChatSession:
         config = _config(options)
         first = not self.ids
         if IMAGE_PLACEHOLDER in prompt and (self.features is None or not first):
-            raise LlavaEdgeError(f"{IMAGE_PLACEHOLDER} may appear only in the first turn of a chat about an image")
+            raise LlavaEdgeError(
+                f"{IMAGE_PLACEHOLDER} may appear only in the first turn of a chat about an image"
+            )
         text = user_turn(pipe.manifest.template, prompt, self.features is not None and first, first)
         template = pipe.manifest.template
         if not first and self.ids[-1] not in pipe.manifest.tokens.eos_token_ids:
@@ -269,8 +290,15 @@ class ChatSession:
         config = pipe._fit_context(config, len(pending), used=self.fed)
         timer = Timer()
         return _TextStream(
-            pipe, self.cache, pending, self.ids + new_ids, self.features if first else None,
-            config, timer, start_position=self.fed, session=self,
+            pipe,
+            self.cache,
+            pending,
+            self.ids + new_ids,
+            self.features if first else None,
+            config,
+            timer,
+            start_position=self.fed,
+            session=self,
         )
 
 
@@ -306,8 +334,17 @@ class _TextStream:
         hold = max((len(s) for s in config.stop), default=1) - 1
         emitted = 0
         steps = decode_loop(
-            pipe.backend, self.cache, pipe.table, embeds, mask, positions, config,
-            pipe.manifest.tokens.eos_token_ids, pipe._pad_id, [np.asarray(self.all_ids)], self.timer,
+            pipe.backend,
+            self.cache,
+            pipe.table,
+            embeds,
+            mask,
+            positions,
+            config,
+            pipe.manifest.tokens.eos_token_ids,
+            pipe._pad_id,
+            [np.asarray(self.all_ids)],
+            self.timer,
         )
         for step in steps:
             token = int(step.tokens[0])
@@ -333,7 +370,9 @@ class _TextStream:
         if len(text) > emitted:
             yield text[emitted:]
         self.timer.mark("done")
-        self.answer = Answer(text, list(self.all_ids), generated, reason, _timings(self.timer, len(generated)))
+        self.answer = Answer(
+            text, list(self.all_ids), generated, reason, _timings(self.timer, len(generated))
+        )
         if self.session is not None:
             self.session.ids = self.all_ids + generated
             self.session.fed = self.cache.length
@@ -361,5 +400,7 @@ def _timings(timer: Timer, tokens: int) -> dict[str, float]:
     m = timer.marks
     out = {k + "_ms": round(v * 1000, 3) for k, v in m.items()}
     if "first_token" in m and "done" in m and tokens > 1:
-        out["decode_tokens_per_s"] = round((tokens - 1) / max(m["done"] - m["first_token"], 1e-9), 3)
+        out["decode_tokens_per_s"] = round(
+            (tokens - 1) / max(m["done"] - m["first_token"], 1e-9), 3
+        )
     return out

@@ -27,7 +27,9 @@ class GenerationConfig:
 
     def validate(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise LlavaEdgeError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+            raise LlavaEdgeError(
+                f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}"
+            )
         if not 0 <= self.temperature <= 100:
             raise LlavaEdgeError(f"temperature must be in [0, 100], got {self.temperature}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
@@ -35,7 +37,9 @@ class GenerationConfig:
         if not 0 < self.top_p <= 1:
             raise LlavaEdgeError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 < self.repetition_penalty <= 100:
-            raise LlavaEdgeError(f"repetition_penalty must be in (0, 100], got {self.repetition_penalty}")
+            raise LlavaEdgeError(
+                f"repetition_penalty must be in (0, 100], got {self.repetition_penalty}"
+            )
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise LlavaEdgeError("stop strings must be non-empty strings")
 
@@ -59,7 +63,9 @@ class Sampler:
             for row, ids in zip(logits, seen):
                 ids = np.unique(ids[ids < row.shape[0]])
                 scores = row[ids]
-                row[ids] = np.where(scores < 0, scores * c.repetition_penalty, scores / c.repetition_penalty)
+                row[ids] = np.where(
+                    scores < 0, scores * c.repetition_penalty, scores / c.repetition_penalty
+                )
         if c.greedy:
             return logits.argmax(axis=-1)
         logits /= c.temperature

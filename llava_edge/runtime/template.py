@@ -29,7 +29,12 @@ TEMPLATES: dict[str, TemplateSpec] = {
     "vicuna_v1": TemplateSpec(name="vicuna_v1", system=VICUNA_SYSTEM),
     # LLaVA's stage-1 template (conv_llava_plain): the image, then the caption.
     "plain": TemplateSpec(
-        name="plain", user="", assistant="", answer_prefix="", answer_end="\n", image=IMAGE_PLACEHOLDER
+        name="plain",
+        user="",
+        assistant="",
+        answer_prefix="",
+        answer_end="\n",
+        image=IMAGE_PLACEHOLDER,
     ),
 }
 
@@ -38,7 +43,9 @@ def get_template(name: str) -> TemplateSpec:
     try:
         return TEMPLATES[name]
     except KeyError:
-        raise ValueError(f"unknown chat template {name!r}; choose from {sorted(TEMPLATES)}") from None
+        raise ValueError(
+            f"unknown chat template {name!r}; choose from {sorted(TEMPLATES)}"
+        ) from None
 
 
 def user_turn(template: TemplateSpec, question: str, image: bool, first: bool) -> str:
@@ -67,7 +74,9 @@ def render(
     """
     segments: list[tuple[str, bool]] = []
     for i, (question, answer) in enumerate(turns):
-        segments.append((user_turn(template, question, image=image and i == 0, first=i == 0), False))
+        segments.append(
+            (user_turn(template, question, image=image and i == 0, first=i == 0), False)
+        )
         if answer is not None:
             segments.append((answer_text(template, answer), True))
     return segments

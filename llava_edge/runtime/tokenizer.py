@@ -40,14 +40,18 @@ class TextCodec:
             return ids
         expanded: list[int] = []
         for token_id in ids:
-            expanded.extend([image_id] * self.num_image_tokens if token_id == image_id else [token_id])
+            expanded.extend(
+                [image_id] * self.num_image_tokens if token_id == image_id else [token_id]
+            )
         return expanded
 
     def count_images(self, text: str) -> int:
         return text.count(IMAGE_PLACEHOLDER)
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode([i for i in ids if i not in self._special], skip_special_tokens=True)
+        return self.tokenizer.decode(
+            [i for i in ids if i not in self._special], skip_special_tokens=True
+        )
 
     def stream(self) -> StreamDecoder:
         return StreamDecoder(self)

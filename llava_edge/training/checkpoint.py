@@ -13,10 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from llava_edge.errors import LlavaEdgeError
-from llava_edge.manifest import TemplateSpec
+from llava_edge.manifest import CHECKPOINT_INFO_FILE, TemplateSpec
 from llava_edge.runtime.template import IMAGE_PLACEHOLDER, get_template
-
-LLAVA_EDGE_FILE = "llava_edge.json"
 
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -25,28 +23,65 @@ OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 PRESETS: dict[str, dict[str, Any]] = {
     # Well under 1M parameters: for tests and the demo.
     "tiny": {
-        "vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=2, image_size=64, patch_size=8),
-        "text": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024),
+        "vision": dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=64,
+            patch_size=8,
+        ),
+        "text": dict(
+            hidden_size=64,
+            intermediate_size=172,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=1024,
+        ),
         "tokenizer_size": 512,
         "vocab_size": 576,
     },
     # CLIP ViT-B/16 at 224 px, a 16-layer Llama of hidden 1024: the CPU benchmark model.
     "small": {
-        "vision": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                       num_attention_heads=12, image_size=224, patch_size=16),
-        "text": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
-                     num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=4096),
+        "vision": dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            image_size=224,
+            patch_size=16,
+        ),
+        "text": dict(
+            hidden_size=1024,
+            intermediate_size=2816,
+            num_hidden_layers=16,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+            max_position_embeddings=4096,
+        ),
         "tokenizer_size": 2048,
         "vocab_size": 32000,
     },
     # LLaVA-1.5-7B's exact dimensions: CLIP ViT-L/14-336 and Vicuna-7B.
     "llava-1.5-7b": {
-        "vision": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                       num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768),
-        "text": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                     num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
+        "vision": dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
+            projection_dim=768,
+        ),
+        "text": dict(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            max_position_embeddings=4096,
+        ),
         "tokenizer_size": 2048,
         "vocab_size": 32064,
     },
@@ -55,6 +90,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def hf_chat_template(template: TemplateSpec) -> str:
     """The template as Jinja for transformers' apply_chat_template (same strings as ours)."""
+
     def lit(s: str) -> str:
         return json.dumps(s)
 
@@ -67,7 +103,9 @@ def hf_chat_template(template: TemplateSpec) -> str:
         "{% if m['content'] is not string %}"
         "{% for c in m['content'] | selectattr('type', 'equalto', 'image') %}"
         "{{ " + lit(template.image) + " }}{% endfor %}{% endif %}"
-        "{{ texts }}{% if not loop.last or add_generation_prompt %}{{ " + lit(template.assistant) + " }}"
+        "{{ texts }}{% if not loop.last or add_generation_prompt %}{{ "
+        + lit(template.assistant)
+        + " }}"
         "{% endif %}"
         "{% elif m['role'] == 'assistant' %}"
         "{{ " + lit(template.answer_prefix) + " }}{{ texts }}{{ " + lit(template.answer_end) + " }}"
@@ -76,7 +114,9 @@ def hf_chat_template(template: TemplateSpec) -> str:
 
 
 def write_llava_edge_file(out_dir: Path, template_name: str) -> None:
-    (out_dir / LLAVA_EDGE_FILE).write_text(json.dumps({"template": template_name}, indent=2) + "\n")
+    (out_dir / CHECKPOINT_INFO_FILE).write_text(
+        json.dumps({"template": template_name}, indent=2) + "\n"
+    )
 
 
 def save_processor(out_dir: Path, hf_tokenizer: Any, config: Any, template_name: str) -> None:

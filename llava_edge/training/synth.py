@@ -96,7 +96,10 @@ def draw(scene: Scene, rng: random.Random, size: int = CANVAS) -> Image.Image:
         elif scene.shape == "square":
             pen.rectangle((cx - radius, cy - radius, cx + radius, cy + radius), fill=fill)
         else:
-            pen.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)], fill=fill)
+            pen.polygon(
+                [(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)],
+                fill=fill,
+            )
     return image
 
 
@@ -145,7 +148,9 @@ def synthesize(out_dir: str | Path, train: int, test: int, seed: int = 0) -> dic
             sample_id = f"{split}-{i}"
             if split == "train":
                 captions.append(caption_sample(sample_id, name, scene))
-                questions.append(question_sample(sample_id, name, scene, rng.sample(kinds, len(kinds))))
+                questions.append(
+                    question_sample(sample_id, name, scene, rng.sample(kinds, len(kinds)))
+                )
             else:
                 tests.append(question_sample(sample_id, name, scene, [kinds[i % len(kinds)]]))
     paths = {

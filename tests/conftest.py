@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny LLaVA checkpoints built from config and their exported model dirs.
+
+Built once per test process (pytest-xdist runs one per core), in a temporary dir.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+def quiet(*_args, **_kwargs) -> None:
+    """A `log` for library calls whose output tests don't read."""
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from llava_edge.training.checkpoint import init_checkpoint
+
+    return init_checkpoint(tmp_path_factory.mktemp("tiny") / "checkpoint", preset="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from llava_edge.export.exporter import export_checkpoint
+
+    out = tmp_path_factory.mktemp("tiny_model") / "model"
+    export_checkpoint(tiny_checkpoint, out, verify=False, log=quiet)
+    return out
