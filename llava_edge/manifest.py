@@ -44,6 +44,9 @@ class GraphSpec:
     inputs: dict[str, TensorSpec]
     outputs: dict[str, TensorSpec]
     precision: str = "fp32"
+    # The graph TensorRT should build from, when it differs from `file` (int4: onnxruntime runs
+    # MatMulNBits, which TensorRT cannot parse; TensorRT takes INT4 Q/DQ weights instead).
+    tensorrt_file: str | None = None
     # Free-form facts a stage records about how it made the graph (quantization settings, the
     # int4 form, the opset); informative, never needed to run it.
     details: dict[str, Any] = field(default_factory=dict)
@@ -226,6 +229,7 @@ class Manifest:
 
     def needed_files(self, model_dir: str | os.PathLike) -> list[str]:
         names = [g.file for g in self.graphs.values()] + [self.embeddings, self.tokenizer]
+        names += [g.tensorrt_file for g in self.graphs.values() if g.tensorrt_file]
         # ONNX external data sits next to its graph under the graph's name + ".data".
         names += [n + ".data" for n in list(names) if (Path(model_dir) / (n + ".data")).exists()]
         return sorted(set(names))
