@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 
@@ -31,6 +32,16 @@ def command(name: str):
 
 @command("init")
 def _init(args: argparse.Namespace) -> None:
+    if args.vision or args.llm:
+        from llava_edge.training.checkpoint import compose_checkpoint
+
+        if not (args.vision and args.llm):
+            raise LlavaEdgeError("--vision and --llm go together: a CLIP model and a causal LM")
+        path = compose_checkpoint(
+            args.out_dir, vision=args.vision, llm=args.llm, seed=args.seed, force=args.force
+        )
+        print(f"wrote a LLaVA checkpoint of {args.vision} + {args.llm} (new projector) to {path}")
+        return
     from llava_edge.training.checkpoint import init_checkpoint
 
     path = init_checkpoint(
@@ -116,6 +127,53 @@ def _data(args: argparse.Namespace) -> None:
         print(f"  {key:9s} {path}")
 
 
+# ---- train, merge-lora, eval ----------------------------------------------------------------
+
+
+@command("train")
+def _train(args: argparse.Namespace) -> None:
+    from llava_edge.training.train import options_from, train
+
+    result = train(
+        args.stage, args.model, args.data, args.out, images=args.images, **options_from(args)
+    )
+    if int(os.environ.get("RANK", "0")) == 0:  # torchrun: one line, not one a process
+        loss = f", final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
+        skipped = f", {result.skipped} bad sample(s) skipped" if result.skipped else ""
+        print(
+            f"trained stage {args.stage} for {result.steps} steps{loss}{skipped}: {result.out_dir}"
+        )
+
+
+@command("merge-lora")
+def _merge_lora(args: argparse.Namespace) -> None:
+    from llava_edge.training.lora import merge_lora
+
+    path = merge_lora(args.adapter_dir, args.out_dir, base=args.base, force=args.force)
+    print(f"wrote the merged checkpoint to {path}")
+
+
+@command("eval")
+def _eval(args: argparse.Namespace) -> None:
+    from llava_edge.training.evaluate import evaluate
+
+    result = evaluate(
+        args.model_dir,
+        args.data,
+        images=args.images,
+        answers=args.answers,
+        max_new_tokens=args.max_new_tokens,
+        skip_bad=args.skip_bad,
+        providers=args.provider,
+        threads=args.threads,
+    )
+    skipped = f" ({result.skipped} bad sample(s) skipped)" if result.skipped else ""
+    print(
+        f"exact-match accuracy {100 * result.accuracy:.1f}% ({result.correct}/{result.total})"
+        f"{skipped}; answers in {result.answers}"
+    )
+
+
 # ---- the parser ------------------------------------------------------------------------------
 
 
@@ -130,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--preset", default="tiny", choices=["tiny", "small", "llava-1.5-7b"])
     p.add_argument("--layers", type=int, help="keep only the first N layers of each tower")
+    p.add_argument("--vision", help="CLIP checkpoint: build LLaVA from it and --llm instead")
+    p.add_argument("--llm", help="causal LM checkpoint to put behind the --vision tower")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="overwrite a non-empty OUT_DIR")
 
@@ -170,7 +230,87 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
 
+    _add_training_parsers(sub)
     return parser
+
+
+def _add_training_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train LLaVA: stage 1 (projector) or 2 (projector + LLM, full or LoRA)",
+        description="Defaults are LLaVA-1.5's for the stage (1: lr 1e-3, batch 256, 'plain'; "
+        "2: lr 2e-5, batch 128, 'vicuna_v1'; LoRA: lr 2e-4, projector 2e-5), 1 epoch, cosine "
+        "schedule with 3%% warmup, max length 2048, gradient checkpointing, bf16 on a GPU.",
+    )
+    p.add_argument("--stage", type=int, required=True, choices=[1, 2])
+    p.add_argument("--model", required=True, help="LLaVA checkpoint dir to start from")
+    p.add_argument("--data", required=True, help="LLaVA JSON or JSONL file")
+    p.add_argument("--images", help="dir the samples' image paths are relative to")
+    p.add_argument("--out", required=True, help="output checkpoint dir")
+    p.add_argument("--lora", action="store_true", default=None, help="stage 2 with LoRA adapters")
+    p.add_argument(
+        "--keep-adapters",
+        action="store_true",
+        default=None,
+        help="also save the LoRA adapters (OUT/adapter) beside the merged checkpoint",
+    )
+    p.add_argument("--lora-rank", type=int)
+    p.add_argument("--lora-alpha", type=int)
+    p.add_argument("--lora-dropout", type=float)
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--max-steps", type=int, help="stop after N optimizer steps")
+    p.add_argument("--lr", dest="learning_rate", type=float)
+    p.add_argument("--projector-lr", type=float, help="learning rate of the projector")
+    p.add_argument(
+        "--batch-size",
+        dest="global_batch_size",
+        type=int,
+        help="global batch (per-device batch x accumulation x processes)",
+    )
+    p.add_argument("--per-device-batch-size", type=int)
+    p.add_argument("--warmup-ratio", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--max-length", type=int, help="longest sample in tokens, image included")
+    p.add_argument("--template", help="chat template (default: plain for stage 1, vicuna_v1 for 2)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument(
+        "--no-gradient-checkpointing",
+        dest="gradient_checkpointing",
+        action="store_false",
+        default=None,
+    )
+    p.add_argument("--save-steps", type=int, help="save a resumable checkpoint every N steps")
+    p.add_argument("--save-total-limit", type=int)
+    p.add_argument("--logging-steps", type=int)
+    p.add_argument("--workers", type=int, help="data loader processes")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--deepspeed", help="DeepSpeed JSON config (llava_edge/training/configs/)")
+    p.add_argument("--fsdp", help="FSDP JSON config (llava_edge/training/configs/)")
+    p.add_argument("--report-to", help="trainer loggers: none, tensorboard, wandb...")
+    p.add_argument(
+        "--skip-bad", action="store_true", default=None, help="leave out bad samples, count them"
+    )
+    p.add_argument(
+        "--resume", action="store_true", default=None, help="go on from OUT's last checkpoint"
+    )
+    p.add_argument(
+        "--force", action="store_true", default=None, help="start over in a non-empty OUT"
+    )
+
+    p = sub.add_parser("merge-lora", help="fold saved LoRA adapters into a plain checkpoint")
+    p.add_argument("adapter_dir", help="OUT/adapter of `train --keep-adapters`, or a checkpoint")
+    p.add_argument("out_dir")
+    p.add_argument("--base", help="base checkpoint (default: the one the adapters name)")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty OUT_DIR")
+
+    p = sub.add_parser("eval", help="exact-match accuracy of short answers on LLaVA data")
+    p.add_argument("model_dir", help="model dir written by `llava-edge export`")
+    p.add_argument("--data", required=True, help="LLaVA JSON or JSONL with reference answers")
+    p.add_argument("--images", help="dir the samples' image paths are relative to")
+    p.add_argument("--answers", help="per-question JSONL (default: DATA.answers.jsonl)")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--skip-bad", action="store_true", help="leave out bad samples, count them")
+    _add_backend_options(p)
 
 
 def _add_generation_options(p: argparse.ArgumentParser) -> None:

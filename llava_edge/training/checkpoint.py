@@ -8,7 +8,9 @@ export and runtime prompt it the same way.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -237,3 +239,169 @@ def _check_output_dir(out: Path, force: bool) -> None:
         raise LlavaEdgeError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise LlavaEdgeError(f"{out} is not empty; pass --force to overwrite it")
+
+
+# ---- helpers for checkpoints that training writes --------------------------------------------
+
+
+def read_template_name(checkpoint: str | Path) -> str | None:
+    """The template a checkpoint was trained with (its llava_edge.json), None if it names none."""
+    path = Path(checkpoint) / CHECKPOINT_INFO_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()).get("template")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise LlavaEdgeError(f"{path} is not a JSON object naming a template") from None
+
+
+def saved_dtype(checkpoint: str | Path) -> str:
+    """The dtype a checkpoint's weights were saved in (config.json), float32 if it says none."""
+    try:
+        config = json.loads((Path(checkpoint) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return "float32"
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return name if name in ("float32", "float16", "bfloat16") else "float32"
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """No loader progress bars or notes (e.g. that torchvision is absent, which we don't need):
+    bad input must end in one line."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.enable_progress_bar()
+        logging.set_verbosity(level)
+
+
+def write_into(out_dir: str | Path, write: Any) -> Path:
+    """Call `write(tmp)` on a fresh temp dir beside `out_dir`, then move what it wrote into
+    `out_dir` entry by entry (each a rename), so a failure leaves nothing half-written there."""
+    import shutil
+    import tempfile
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write(tmp)
+        out.mkdir(exist_ok=True)
+        for entry in sorted(tmp.iterdir()):
+            target = out / entry.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            entry.replace(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# ---- a new LLaVA from a CLIP vision model and a causal LM (`llava-edge init --vision --llm`) ----
+
+
+def compose_checkpoint(
+    out_dir: str | Path,
+    vision: str | Path,
+    llm: str | Path,
+    seed: int = 0,
+    template: str = "llava_1_5",
+    force: bool = False,
+) -> Path:
+    """Build LLaVA the way LLaVA-1.5 starts: a pretrained CLIP tower, a pretrained causal LM, and
+    a fresh mlp2x_gelu projector between them (features from layer -2, CLS dropped).
+
+    The tokenizer gains `<image>` (and a padding token if it has none); the LM's embeddings grow
+    to cover them, padded to a multiple of 64 as the Hugging Face LLaVA-1.5 port does.
+    """
+    import torch
+    from tokenizers import AddedToken
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        CLIPImageProcessor,
+        CLIPVisionModel,
+        GenerationConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    out = Path(out_dir)
+    _check_output_dir(out, force)
+    for name, path in (("--vision", vision), ("--llm", llm)):
+        if not (Path(path) / "config.json").is_file():
+            raise LlavaEdgeError(f"{name} {path} is not a Hugging Face checkpoint dir")
+    try:
+        with quiet_loading():  # a full CLIP's text tower is "unexpected": we want the vision half
+            tower = CLIPVisionModel.from_pretrained(vision, dtype=torch.float32)
+            lm = AutoModelForCausalLM.from_pretrained(llm, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(llm)
+    except (OSError, ValueError, KeyError) as e:
+        raise LlavaEdgeError(f"cannot load --vision/--llm: {str(e).splitlines()[0]}") from None
+    if IMAGE_PLACEHOLDER not in tokenizer.get_vocab():
+        tokenizer.add_tokens(
+            [AddedToken(IMAGE_PLACEHOLDER, special=True, normalized=False)], special_tokens=True
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    with quiet_loading():  # the note on how new rows are initialised
+        lm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+    vision_config = tower.config
+    image_tokens = (vision_config.image_size // vision_config.patch_size) ** 2
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=lm.config,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
+        image_seq_length=image_tokens,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower.load_state_dict(tower.state_dict())
+    model.model.language_model.load_state_dict(lm.base_model.state_dict())
+    model.lm_head.load_state_dict(lm.get_output_embeddings().state_dict())
+    model.eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=(
+            tokenizer.eos_token_id
+            if lm.generation_config.eos_token_id is None
+            else lm.generation_config.eos_token_id
+        ),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if (Path(vision) / "preprocessor_config.json").is_file():
+        image_processor = CLIPImageProcessor.from_pretrained(vision)
+    else:  # a bare vision model: OpenAI CLIP's preprocessing at the tower's size
+        size = vision_config.image_size
+        image_processor = CLIPImageProcessor(
+            size={"shortest_edge": size},
+            crop_size={"height": size, "width": size},
+            image_mean=OPENAI_CLIP_MEAN,
+            image_std=OPENAI_CLIP_STD,
+        )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,  # CLIP's CLS token
+        chat_template=hf_chat_template(get_template(template)),
+    )
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        write_llava_edge_file(tmp, template)
+
+    return write_into(out, write)

@@ -1,0 +1,145 @@
+"""The torch side of the data: a checked, lazily read training set and its batch collator."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from llava_edge.errors import LlavaEdgeError
+from llava_edge.runtime.image import load_image
+from llava_edge.runtime.template import IMAGE_PLACEHOLDER
+from llava_edge.training.data import BadSample, Sample, SampleFile, parse_sample
+from llava_edge.training.labels import IGNORE, Labeler
+
+SKIP_HINT = "; fix it, or pass --skip-bad to leave such samples out"
+
+
+def count_image_tokens(processor: Any) -> int:
+    """How many ids the processor expands `<image>` to (one fact, asked of the processor)."""
+    crop = getattr(processor.image_processor, "crop_size", None) or {}
+    side = int(crop.get("height", 0) or 224)
+    out = processor(text=IMAGE_PLACEHOLDER, images=Image.new("RGB", (side, side)))
+    image_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    return sum(1 for t in out["input_ids"][0] if t == image_id)
+
+
+def stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class TrainingSet(torch.utils.data.Dataset):
+    """LLaVA samples as model inputs. Construction checks every sample once (shape, image file
+    and header, tokenization, truncation); a bad one raises BadSample, or with `skip_bad` is left
+    out and counted in `skipped`. Images are decoded when the trainer asks for a sample."""
+
+    def __init__(
+        self,
+        data: str | Path,
+        image_root: str | Path | None,
+        labeler: Labeler,
+        image_processor: Any,
+        skip_bad: bool = False,
+        progress: bool = True,
+        log: Callable[[str], None] = stderr,
+    ):
+        self.image_root = Path(image_root) if image_root is not None else None
+        if self.image_root is not None and not self.image_root.is_dir():
+            raise LlavaEdgeError(f"image dir {self.image_root} does not exist")
+        self.labeler = labeler
+        self.image_processor = image_processor
+        self.skip_bad = skip_bad
+        self.log = log
+        self.skipped: list[BadSample] = []
+        self.has_text_only = False
+        self.file = SampleFile(data, keep=self._check, progress=progress)
+        if not len(self.file):
+            raise LlavaEdgeError(f"{data} has no sample left to train on")
+
+    def _check(self, position: int, record: Any) -> bool:
+        try:
+            sample = parse_sample(record, position)
+            if sample.image is not None:
+                self._check_image(sample)
+            else:
+                self.has_text_only = True
+            self.labeler.encode(sample)
+            return True
+        except BadSample as e:
+            if not self.skip_bad:
+                raise BadSample(e.sample_id, e.problem + SKIP_HINT) from None
+            self.skipped.append(e)
+            return False
+
+    def image_path(self, sample: Sample) -> Path:
+        if self.image_root is None:
+            raise BadSample(sample.id, "has an image but no image dir was given (--images DIR)")
+        return self.image_root / sample.image
+
+    def _check_image(self, sample: Sample) -> None:
+        """Exists and has an image header; decoding every image up front would take hours on
+        LLaVA's 665k, so a file broken past its header is found when it is loaded."""
+        path = self.image_path(sample)
+        if not path.is_file():
+            raise BadSample(sample.id, f"image {path} does not exist")
+        try:
+            with Image.open(path) as image:
+                image.size  # noqa: B018 (reading the header is the check)
+        except Exception as e:  # PIL raises many types for unreadable files
+            raise BadSample(sample.id, f"image {path} cannot be read ({e})") from None
+
+    def __len__(self) -> int:
+        return len(self.file)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor] | None:
+        sample = parse_sample(self.file.record(index), int(self.file.positions[index]))
+        try:
+            encoded = self.labeler.encode(sample)
+            item = {
+                "input_ids": torch.tensor(encoded.input_ids),
+                "labels": torch.tensor(encoded.labels),
+            }
+            if sample.image is not None:
+                try:
+                    image = load_image(self.image_path(sample))
+                except LlavaEdgeError as e:
+                    raise BadSample(sample.id, str(e)) from None
+                pixels = self.image_processor(image, return_tensors="pt")["pixel_values"]
+                item["pixel_values"] = pixels[0]
+            return item
+        except BadSample as e:
+            if not self.skip_bad:
+                raise BadSample(e.sample_id, e.problem + SKIP_HINT) from None
+            self.log(f"skipped {e}")
+            return None
+
+
+class Collator:
+    """Right-pads a batch; images of the samples that have one are stacked in order (the model
+    puts them at the image tokens, row by row). Samples dropped by --skip-bad arrive as None."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items: list[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor]:
+        items = [item for item in items if item is not None]
+        if not items:
+            raise LlavaEdgeError("every sample of a batch was unreadable; check the images")
+        length = max(len(item["input_ids"]) for item in items)
+        input_ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(items), length), IGNORE, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), length), dtype=torch.long)
+        for row, item in enumerate(items):
+            n = len(item["input_ids"])
+            input_ids[row, :n] = item["input_ids"]
+            labels[row, :n] = item["labels"]
+            attention_mask[row, :n] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        pixels = [item["pixel_values"] for item in items if "pixel_values" in item]
+        if pixels:
+            batch["pixel_values"] = torch.stack(pixels)
+        return batch

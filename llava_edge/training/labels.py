@@ -1,0 +1,124 @@
+"""Token ids and labels of one sample: only the assistant's answers are supervised.
+
+The conversation is rendered with the same template strings the runtime prompts with
+(llava_edge.runtime.template.render) and tokenized in one piece with the checkpoint's tokenizer,
+exactly as the model will see it. Each token is labelled by where its characters fall: inside an
+answer segment (answer prefix, answer, end marker) it is supervised; anywhere else (system prompt,
+user turns, BOS, the image) it is IGNORE. A token that spans the border between a prompt and an
+answer means the tokenizer merged across the template: training would not match inference, so the
+sample is reported by id (LLaVA's "tokenization mismatch", which the original code silently masks).
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Any
+
+from llava_edge.manifest import TemplateSpec
+from llava_edge.runtime.template import render
+from llava_edge.training.data import BadSample, Sample
+
+IGNORE = -100
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    image_span: tuple[int, int] | None  # [start, end) of the image token ids
+
+
+class Labeler:
+    """Turns Samples into (input_ids, labels) for one tokenizer, template and image size."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        template: TemplateSpec,
+        image_token_id: int,
+        num_image_tokens: int,
+        max_length: int,
+    ):
+        self.tokenizer = tokenizer
+        self.template = template
+        self.image_token_id = image_token_id
+        self.num_image_tokens = num_image_tokens
+        self.max_length = max_length
+
+    def encode(self, sample: Sample) -> Encoded:
+        segments = render(self.template, sample.turns, image=sample.image is not None)
+        text = "".join(s for s, _ in segments)
+        bounds, supervised, end = [], [], 0  # segment i covers chars [bounds[i-1], bounds[i])
+        for segment, is_answer in segments:
+            end += len(segment)
+            bounds.append(end)
+            supervised.append(is_answer)
+        enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
+        ids: list[int] = []
+        labels: list[int] = []
+        image_span = None
+        for token_id, (start, stop) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
+            if token_id == self.image_token_id:
+                if image_span is not None or sample.image is None:
+                    raise BadSample(sample.id, "the image token appears more than once")
+                image_span = (len(ids), len(ids) + self.num_image_tokens)
+                ids += [token_id] * self.num_image_tokens
+                labels += [IGNORE] * self.num_image_tokens
+                continue
+            ids.append(token_id)
+            labels.append(
+                token_id
+                if self._supervised(sample, text, bounds, supervised, start, stop)
+                else IGNORE
+            )
+        if sample.image is not None and image_span is None:
+            raise BadSample(sample.id, "the tokenizer does not keep the image placeholder whole")
+        return self._truncate(sample, Encoded(ids, labels, image_span))
+
+    def _supervised(
+        self,
+        sample: Sample,
+        text: str,
+        bounds: list[int],
+        supervised: list[bool],
+        start: int,
+        stop: int,
+    ) -> bool:
+        if stop <= start:  # added special tokens (BOS) cover no text
+            return False
+        first = bisect.bisect_right(bounds, start)
+        last = bisect.bisect_right(bounds, stop - 1)
+        kinds = {
+            supervised[i]
+            for i in range(first, last + 1)
+            if bounds[i] > (bounds[i - 1] if i else 0)  # empty segments hold no characters
+        }
+        if len(kinds) > 1:
+            raise BadSample(
+                sample.id,
+                f"tokenization mismatch: the token {text[start:stop]!r} spans the border between "
+                "a prompt and an answer, so training would not see what inference sees; change "
+                "the text at that border or the tokenizer",
+            )
+        return kinds.pop()
+
+    def _truncate(self, sample: Sample, encoded: Encoded) -> Encoded:
+        """Cut to max_length, never through the image tokens, and keep at least one answer token."""
+        limit = self.max_length
+        if len(encoded.input_ids) <= limit:
+            if all(label == IGNORE for label in encoded.labels):
+                raise BadSample(sample.id, "has no answer tokens to learn from")
+            return encoded
+        if encoded.image_span is not None and encoded.image_span[1] > limit:
+            raise BadSample(
+                sample.id,
+                f"its image tokens end at position {encoded.image_span[1]}, past --max-length "
+                f"{limit}; raise --max-length",
+            )
+        labels = encoded.labels[:limit]
+        if all(label == IGNORE for label in labels):
+            raise BadSample(
+                sample.id, f"no answer token is left after truncation to --max-length {limit}"
+            )
+        return Encoded(encoded.input_ids[:limit], labels, encoded.image_span)

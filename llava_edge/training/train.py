@@ -1,0 +1,485 @@
+"""LLaVA's two training stages on transformers' Trainer (and so accelerate, DeepSpeed, FSDP).
+
+Stage 1 trains the projector alone on image-caption pairs (`plain` template); stage 2 trains the
+projector and the language model on conversations (`vicuna_v1`), fully or with LoRA. The vision
+tower never trains. Defaults are LLaVA-1.5's (scripts/v1_5): the same command runs on this CPU
+with a few flags changed and on 8 GPUs with none, since the global batch is fixed and gradient
+accumulation makes up for fewer devices.
+
+The output dir is a checkpoint that LlavaForConditionalGeneration.from_pretrained loads and
+`llava-edge export` exports, with llava_edge.json naming the template it was trained with. The
+trainer's own checkpoints (for --resume) live in its `checkpoints/` subdir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llava_edge.errors import LlavaEdgeError
+from llava_edge.runtime.template import TEMPLATES, get_template
+
+TRAINER_DIR = "checkpoints"
+LOSS_PLOT = "loss.png"
+
+
+@dataclass(frozen=True)
+class StageDefaults:
+    template: str
+    learning_rate: float
+    global_batch_size: int
+    per_device_batch_size: int
+
+
+# LLaVA-1.5: pretrain.sh (8 GPUs x 32) and finetune.sh (8 x 16); finetune_lora.sh for LoRA.
+STAGES = {
+    1: StageDefaults("plain", 1e-3, 256, 32),
+    2: StageDefaults("vicuna_v1", 2e-5, 128, 16),
+}
+LORA_LEARNING_RATE = 2e-4
+LORA_PROJECTOR_LR = 2e-5
+
+
+@dataclass
+class TrainOptions:
+    """Everything but the stage and the paths; None means the stage's LLaVA-1.5 default."""
+
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 stops after this many optimizer steps (overrides epochs)
+    learning_rate: float | None = None
+    projector_lr: float | None = None  # a separate rate for the projector (LoRA: 2e-5)
+    global_batch_size: int | None = None
+    per_device_batch_size: int | None = None
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_length: int = 2048
+    template: str | None = None
+    lora: bool = False
+    lora_rank: int = 128
+    lora_alpha: int = 256
+    lora_dropout: float = 0.05
+    keep_adapters: bool = False
+    precision: str = "auto"  # auto: bf16 (or fp16) on a GPU, fp32 on the CPU
+    gradient_checkpointing: bool = True
+    save_steps: int = 500
+    save_total_limit: int | None = 1
+    logging_steps: int = 1
+    workers: int | None = None  # data loader processes; None: 4 on a GPU, 0 on the CPU
+    seed: int = 42
+    deepspeed: str | None = None  # a DeepSpeed JSON config (see configs/)
+    fsdp: str | None = None  # an FSDP JSON config for Trainer (see configs/)
+    skip_bad: bool = False
+    resume: bool = False
+    force: bool = False
+    report_to: str = "none"
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    steps: int
+    final_loss: float | None  # the last logged training loss
+    losses: list[tuple[int, float]]  # (step, loss) as logged
+    skipped: int  # bad samples left out by skip_bad
+    model: Any = field(repr=False)  # the trained model (merged if LoRA), on this process
+
+
+def train(
+    stage: int,
+    model: str | os.PathLike,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    images: str | os.PathLike | None = None,
+    callbacks: Sequence[Any] = (),
+    **options: Any,
+) -> TrainResult:
+    """Train `model` (a LLaVA checkpoint dir) on `data` and write the result to `out`.
+
+    options: TrainOptions' fields. callbacks: extra transformers TrainerCallbacks.
+    """
+    try:
+        opts = TrainOptions(**options)
+    except TypeError as e:
+        raise LlavaEdgeError(f"train: {e}") from None
+    if stage not in STAGES:
+        raise LlavaEdgeError(f"--stage must be 1 or 2, not {stage}")
+    if opts.lora and stage == 1:
+        raise LlavaEdgeError("--lora is for stage 2; stage 1 trains only the projector")
+    if opts.template is not None and opts.template not in TEMPLATES:
+        raise LlavaEdgeError(f"unknown template {opts.template!r}; choose from {sorted(TEMPLATES)}")
+    out = Path(out)
+    resume_from = _prepare_out_dir(out, opts)
+    model_path = Path(model).resolve()
+    if not (model_path / "config.json").is_file():
+        raise LlavaEdgeError(f"--model {model}: not a checkpoint dir (no config.json)")
+
+    import torch
+    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+
+    from llava_edge.training.checkpoint import hf_chat_template, quiet_loading, saved_dtype
+    from llava_edge.training.dataset import TrainingSet, count_image_tokens, stderr
+    from llava_edge.training.labels import Labeler
+
+    defaults = STAGES[stage]
+    template_name = opts.template or defaults.template
+    template = get_template(template_name)
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    with quiet_loading():
+        processor = AutoProcessor.from_pretrained(model_path)
+        config = AutoConfig.from_pretrained(model_path)
+    processor.chat_template = hf_chat_template(template)
+    labeler = Labeler(
+        processor.tokenizer,
+        template,
+        image_token_id=config.image_token_id,
+        num_image_tokens=count_image_tokens(processor),
+        max_length=opts.max_length,
+    )
+    dataset = TrainingSet(
+        data,
+        images,
+        labeler,
+        processor.image_processor,
+        skip_bad=opts.skip_bad,
+        progress=opts.progress and main_process,
+    )
+    if dataset.skipped and main_process:
+        stderr(
+            f"skipped {len(dataset.skipped)} bad sample(s) of {data}; the first: {dataset.skipped[0]}"
+        )
+
+    with quiet_loading():
+        llava = LlavaForConditionalGeneration.from_pretrained(model_path, dtype=torch.float32)
+    freeze_for_stage(llava, stage)
+    trained = add_lora_if(llava, opts)
+    args = _training_args(out / TRAINER_DIR, stage, opts, defaults, dataset.has_text_only)
+    projector_lr = opts.projector_lr
+    if projector_lr is None and opts.lora:
+        projector_lr = LORA_PROJECTOR_LR
+    trainer = _make_trainer(
+        trained, args, dataset, processor, projector_lr, template_name, callbacks, opts.progress
+    )
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except BaseException as e:
+        _close_progress_bars(trainer)  # the error then starts on a line of its own
+        if isinstance(e, LlavaEdgeError):
+            raise LlavaEdgeError(_last_line(e)) from None
+        raise
+
+    final = _save(trainer, out, processor, template_name, opts, saved_dtype(model_path))
+    losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    if trainer.is_world_process_zero():
+        plot_losses(losses, out / LOSS_PLOT, f"stage {stage}{' LoRA' if opts.lora else ''}")
+    return TrainResult(
+        out_dir=out,
+        steps=trainer.state.global_step,
+        final_loss=losses[-1][1] if losses else None,
+        losses=losses,
+        skipped=len(dataset.skipped),
+        model=final,
+    )
+
+
+def freeze_for_stage(model: Any, stage: int) -> None:
+    """Stage 1: projector only. Stage 2: projector and the whole language model. Never the
+    vision tower."""
+    model.requires_grad_(False)
+    model.model.multi_modal_projector.requires_grad_(True)
+    if stage == 2:
+        model.model.language_model.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
+
+
+def add_lora_if(model: Any, opts: TrainOptions) -> Any:
+    if not opts.lora:
+        return model
+    from llava_edge.training.lora import add_lora
+
+    return add_lora(model, opts.lora_rank, opts.lora_alpha, opts.lora_dropout)
+
+
+def batch_plan(global_batch: int, per_device: int, processes: int) -> tuple[int, int]:
+    """(per-device batch, accumulation steps) that make up the global batch on `processes`."""
+    per_device = min(per_device, max(1, global_batch // processes))
+    if global_batch % (per_device * processes):
+        raise LlavaEdgeError(
+            f"the global batch {global_batch} is not a multiple of the per-device batch "
+            f"{per_device} x {processes} process(es); change --batch-size or --per-device-batch-size"
+        )
+    return per_device, global_batch // (per_device * processes)
+
+
+def _prepare_out_dir(out: Path, opts: TrainOptions) -> Path | None:
+    """The checkpoint to resume from, or None; refuses to train over an earlier result."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    trainer_dir = out / TRAINER_DIR
+    if opts.resume:
+        last = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
+        if last is None:
+            raise LlavaEdgeError(f"--resume: {trainer_dir} holds no checkpoint to resume from")
+        return Path(last)
+    if out.exists() and not out.is_dir():
+        raise LlavaEdgeError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not opts.force:
+            raise LlavaEdgeError(
+                f"{out} is not empty; pass --resume to go on from its checkpoints or --force to start over"
+            )
+        if int(os.environ.get("RANK", "0")) == 0:
+            shutil.rmtree(trainer_dir, ignore_errors=True)
+    return None
+
+
+def _precision(name: str) -> dict[str, bool]:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if name == "auto":
+        name = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+    if name not in ("fp32", "bf16", "fp16"):
+        raise LlavaEdgeError(f"--precision must be auto, fp32, bf16 or fp16, not {name!r}")
+    if name == "fp16" and not cuda:
+        raise LlavaEdgeError("--precision fp16 needs a GPU; use fp32 or bf16 on the CPU")
+    return {"bf16": name == "bf16", "fp16": name == "fp16"}
+
+
+def _training_args(
+    trainer_dir: Path,
+    stage: int,
+    opts: TrainOptions,
+    defaults: StageDefaults,
+    text_only_samples: bool,
+) -> Any:
+    import torch
+    from transformers import TrainingArguments
+
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    per_device, accumulation = batch_plan(
+        opts.global_batch_size or defaults.global_batch_size,
+        opts.per_device_batch_size or defaults.per_device_batch_size,
+        processes,
+    )
+    if opts.learning_rate is not None:
+        learning_rate = opts.learning_rate
+    else:
+        learning_rate = LORA_LEARNING_RATE if opts.lora else defaults.learning_rate
+    cuda = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(trainer_dir),
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=accumulation,
+        learning_rate=learning_rate,
+        num_train_epochs=opts.epochs,
+        max_steps=opts.max_steps,
+        lr_scheduler_type="cosine",
+        warmup_steps=opts.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        weight_decay=opts.weight_decay,
+        activation_checkpointing=opts.gradient_checkpointing,
+        # Non-reentrant checkpointing needs no input that requires grad (the embeddings are
+        # frozen in stage 1 and under LoRA).
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        logging_steps=opts.logging_steps,
+        save_strategy="steps",
+        save_steps=opts.save_steps,
+        save_total_limit=opts.save_total_limit,
+        report_to=opts.report_to,
+        seed=opts.seed,
+        remove_unused_columns=False,
+        dataloader_num_workers=opts.workers if opts.workers is not None else (4 if cuda else 0),
+        # A batch without images leaves the projector unused; DDP must be told to expect that.
+        ddp_find_unused_parameters=text_only_samples,
+        deepspeed=opts.deepspeed,
+        fsdp=bool(opts.fsdp),
+        fsdp_config=opts.fsdp,
+        disable_tqdm=not opts.progress,
+        use_cpu=not cuda,
+        **_precision(opts.precision),
+    )
+
+
+def _make_trainer(
+    model: Any,
+    args: Any,
+    dataset: Any,
+    processor: Any,
+    projector_lr: float | None,
+    template_name: str,
+    callbacks: Sequence[Any],
+    progress: bool,
+) -> Any:
+    from transformers import ProgressCallback, Trainer, TrainerCallback
+
+    from llava_edge.training.checkpoint import write_llava_edge_file
+    from llava_edge.training.dataset import Collator
+    from llava_edge.training.lora import PROJECTOR
+
+    class LlavaTrainer(Trainer):
+        """Trainer with an optional learning rate of its own for the projector (LLaVA's
+        mm_projector_lr, used with LoRA)."""
+
+        def create_optimizer(self, model: Any = None) -> Any:
+            if projector_lr is None or self.optimizer is not None:
+                return super().create_optimizer(model)
+            model = self.model if model is None else model
+            decay = set(self.get_decay_parameter_names(model))
+            groups: dict[tuple[bool, bool], list] = {}
+            for name, param in model.named_parameters():
+                if param.requires_grad:
+                    groups.setdefault((PROJECTOR in name, name in decay), []).append(param)
+            cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            self.optimizer = cls(
+                [
+                    {
+                        "params": params,
+                        "weight_decay": self.args.weight_decay if decayed else 0.0,
+                        **({"lr": projector_lr} if projector else {}),
+                    }
+                    for (projector, decayed), params in groups.items()
+                ],
+                **kwargs,
+            )
+            return self.optimizer
+
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+            # transformers 5 saves LLaVA in the llava-hf key layout, but Trainer reloads a
+            # checkpoint with a plain load_state_dict that matches none of those keys and only
+            # warns: the run would go on from the starting weights. from_pretrained knows the
+            # layout. (Adapters, FSDP and DeepSpeed checkpoints load their own way.)
+            target = self.model if model is None else model
+            plain = not hasattr(target, "peft_config") and not self.is_fsdp_enabled
+            if not plain or not (Path(resume_from_checkpoint) / "config.json").is_file():
+                return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            import torch
+
+            saved = type(target).from_pretrained(resume_from_checkpoint, dtype=torch.float32)
+            target.load_state_dict(saved.state_dict())
+
+    class TemplateFile(TrainerCallback):
+        """Each trainer checkpoint names its template too, so merge-lora can use it."""
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and path.is_dir():
+                write_llava_edge_file(path, template_name)
+
+    class Progress(ProgressCallback):
+        """The loss and learning rate on the progress bar instead of a printed line a step."""
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            if state.is_world_process_zero and self.training_bar is not None and logs:
+                shown = {k: f"{logs[k]:.4g}" for k in ("loss", "learning_rate") if k in logs}
+                if shown:
+                    self.training_bar.set_postfix(shown, refresh=False)
+
+    trainer = LlavaTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=Collator(processor.tokenizer.pad_token_id),
+        processing_class=processor,
+        callbacks=[TemplateFile(), *callbacks],
+    )
+    if progress:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(Progress())
+    return trainer
+
+
+def _save(
+    trainer: Any,
+    out: Path,
+    processor: Any,
+    template_name: str,
+    opts: TrainOptions,
+    dtype: str,
+) -> Any:
+    """Write the final checkpoint into `out` (via a temp dir, then renames); returns the model.
+
+    Plain training saves through the Trainer, which gathers sharded weights (DeepSpeed ZeRO-3,
+    FSDP) and must run on every process; LoRA adapters are merged on the main process.
+    """
+    import torch
+
+    from llava_edge.training.checkpoint import write_into, write_llava_edge_file
+    from llava_edge.training.lora import ADAPTER_DIR
+
+    model = trainer.model
+    main = trainer.is_world_process_zero()
+    staging = Path(trainer.args.output_dir) / "final-tmp"
+
+    def write(tmp: Path) -> None:
+        for entry in staging.iterdir():
+            entry.replace(tmp / entry.name)
+        processor.save_pretrained(tmp)
+        write_llava_edge_file(tmp, template_name)
+        (tmp / "training_args.bin").unlink(missing_ok=True)
+
+    if opts.lora:
+        if main:
+            if opts.keep_adapters:
+                model.save_pretrained(staging / ADAPTER_DIR)
+                processor.save_pretrained(staging / ADAPTER_DIR)
+                write_llava_edge_file(staging / ADAPTER_DIR, template_name)
+            model = model.merge_and_unload()
+            model.to(getattr(torch, dtype)).save_pretrained(staging)
+    else:
+        if dtype != "float32" and not (opts.deepspeed or opts.fsdp):
+            model.to(getattr(torch, dtype))
+        trainer.save_model(str(staging))
+    if main:
+        write_into(out, write)
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    return model
+
+
+def _close_progress_bars(trainer: Any) -> None:
+    for callback in trainer.callback_handler.callbacks:
+        bar = getattr(callback, "training_bar", None)
+        if bar is not None:
+            bar.close()
+            callback.training_bar = None
+
+
+def _last_line(error: Exception) -> str:
+    """A data loader worker re-raises our error with its traceback inside the message; keep the
+    original one-line message."""
+    line = str(error).strip().splitlines()[-1]
+    prefix = f"{type(error).__module__}.{type(error).__name__}: "
+    return line[len(prefix) :] if line.startswith(prefix) else line
+
+
+def plot_losses(losses: list[tuple[int, float]], path: Path, title: str) -> None:
+    """The training loss per logged step as a PNG (written to a temp name, then renamed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    if losses:
+        steps, values = zip(*losses, strict=True)
+        ax.plot(steps, values, linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def options_from(namespace: Any) -> dict[str, Any]:
+    """TrainOptions' fields present (not None) in an argparse namespace, for the CLI."""
+    names = {f.name for f in dataclasses.fields(TrainOptions)}
+    return {k: v for k, v in vars(namespace).items() if k in names and v is not None}

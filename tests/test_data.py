@@ -1,0 +1,120 @@
+"""Reading LLaVA data: the lazy JSON/JSONL index, sample checks, normalisation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llava_edge.errors import LlavaEdgeError
+from llava_edge.training import data as data_module
+from llava_edge.training.data import BadSample, SampleFile, parse_sample
+
+
+def sample(i: int, text: str = "hello", image: str | None = "a.png") -> dict:
+    record = {
+        "id": f"s{i}",
+        "conversations": [
+            {"from": "human", "value": ("<image>\n" if image else "") + f"{text} {i}?"},
+            {"from": "gpt", "value": f"answer {i} ünïcödé 🙂"},
+        ],
+    }
+    if image:
+        record["image"] = image
+    return record
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 1 << 22])
+def test_json_array_index_reads_every_record_back(tmp_path, monkeypatch, chunk):
+    # Small chunks put record, escape and multi-byte character borders at chunk borders.
+    monkeypatch.setattr(data_module, "_CHUNK", chunk)
+    records = [sample(i, text='q\\"[]{},' * (i % 3)) for i in range(40)]
+    path = tmp_path / "d.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(records, indent=1, ensure_ascii=False).encode())
+    f = SampleFile(path)
+    assert len(f) == 40
+    assert [f.record(i) for i in (39, 0, 17)] == [records[39], records[0], records[17]]
+    assert list(f.positions) == list(range(40))
+
+
+def test_jsonl_with_blank_lines_and_keep_filter(tmp_path):
+    records = [sample(i) for i in range(5)]
+    path = tmp_path / "d.jsonl"
+    path.write_text(
+        "\n".join(json.dumps(r) for r in records[:2])
+        + "\n\n"
+        + "\n".join(json.dumps(r) for r in records[2:])
+        + "\n"
+    )
+    f = SampleFile(path, keep=lambda position, record: position % 2 == 0)
+    assert [f.record(i)["id"] for i in range(len(f))] == ["s0", "s2", "s4"]
+    assert list(f.positions) == [0, 2, 4]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"data": [1, 2]}', "holds one JSON object"),
+        ('{\n "data": [1]\n}\n', "holds one JSON object"),
+        ('"text"', "neither a JSON list"),
+        ("", "is empty"),
+        ('[{"id": 1}, {"id": 2]', "not valid JSON"),
+        ('[{"id": 1} {"id": 2}]', "expected ',' or ']'"),
+        ('{"id": 1}\n{"id": 2\n', "line 2: not valid JSON"),
+    ],
+)
+def test_wrong_file_shapes_are_one_line_errors(tmp_path, content, message):
+    path = tmp_path / "d.json"
+    path.write_text(content)
+    with pytest.raises(LlavaEdgeError, match=message) as info:
+        SampleFile(path)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(LlavaEdgeError, match="does not exist"):
+        SampleFile(tmp_path / "nope.json")
+
+
+def test_parse_sample_normalises_the_image_placeholder():
+    record = sample(0)
+    record["conversations"] += [
+        {"from": "human", "value": "and then?"},
+        {"from": "gpt", "value": "done"},
+    ]
+    s = parse_sample(record, 0)
+    assert s.id == "s0" and s.image == "a.png"
+    assert s.turns == [("hello 0?", "answer 0 ünïcödé 🙂"), ("and then?", "done")]
+    trailing = sample(1)
+    trailing["conversations"][0]["value"] = "what is it?\n<image>"
+    assert parse_sample(trailing, 1).turns[0][0] == "what is it?"
+    text_only = parse_sample(sample(2, image=None), 2)
+    assert text_only.image is None and text_only.turns[0][0] == "hello 2?"
+
+
+def _broken(change) -> dict:
+    record = sample(7)
+    change(record)
+    return record
+
+
+@pytest.mark.parametrize(
+    "record, problem",
+    [
+        (["not", "an", "object"], "not an object"),
+        (_broken(lambda r: r.pop("conversations")), "no 'conversations' list"),
+        (_broken(lambda r: r.update(conversations=[])), "no 'conversations' list"),
+        (_broken(lambda r: r["conversations"][1].update({"from": "human"})), "does not alternate"),
+        (_broken(lambda r: r["conversations"].reverse()), "does not alternate"),
+        (_broken(lambda r: r["conversations"].pop()), "ends with a human turn"),
+        (_broken(lambda r: r["conversations"][1].update(value=3)), "text 'value'"),
+        (_broken(lambda r: r.pop("image")), "has no 'image'"),
+        (_broken(lambda r: r["conversations"][0].update(value="no placeholder")), "must hold"),
+        (_broken(lambda r: r.update(image=["a.png", "b.png"])), "one image per sample"),
+    ],
+)
+def test_bad_samples_are_named(record, problem):
+    with pytest.raises(BadSample, match=problem) as info:
+        parse_sample(record, 3)
+    expected_id = "#3" if not isinstance(record, dict) else "s7"
+    assert str(info.value).startswith(f"sample {expected_id}: ")

@@ -1,0 +1,143 @@
+"""`llava-edge init --vision CLIP --llm CAUSAL_LM`: a new LLaVA from two pretrained parts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from llava_edge.cli import main as cli
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    """A tiny CLIP (full model: text tower included, as openai/clip-* are) and a tiny Llama whose
+    tokenizer has neither `<image>` nor a padding token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import (
+        CLIPConfig,
+        CLIPModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+    )
+
+    root = tmp_path_factory.mktemp("parts")
+    torch.manual_seed(0)
+    clip = CLIPModel(
+        CLIPConfig(
+            vision_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                image_size=32,
+                patch_size=8,
+            ),
+            text_config=dict(
+                hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+            ),
+            projection_dim=16,
+        )
+    )
+    clip.save_pretrained(root / "clip")
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"])
+    bpe.train_from_iterator(["What color are the shapes? red green blue one two three"], trainer)
+    bpe.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", bpe.token_to_id("<s>"))]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    tokenizer.save_pretrained(root / "llm")
+    llm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
+    llm.save_pretrained(root / "llm")
+    return {"clip": clip, "llm": llm, "tokenizer": tokenizer, "root": root}
+
+
+def test_compose_builds_a_trainable_exportable_llava(parts, tmp_path, capsys):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    out = tmp_path / "llava"
+    argv = ["init", str(out), "--vision", str(parts["root"] / "clip")]
+    assert cli([*argv, "--llm", str(parts["root"] / "llm")]) == 0
+    model = LlavaForConditionalGeneration.from_pretrained(out)
+    processor = AutoProcessor.from_pretrained(out)
+    tokenizer = processor.tokenizer
+    old_vocab = len(parts["tokenizer"])
+
+    # <image> and <pad> were added; the embeddings grew to a multiple of 64 that covers them.
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    assert image_id == model.config.image_token_id == old_vocab
+    assert tokenizer.pad_token is not None and tokenizer.pad_token_id > old_vocab - 1
+    vocab = model.config.text_config.vocab_size
+    assert vocab % 64 == 0 and vocab >= len(tokenizer)
+    assert model.get_input_embeddings().weight.shape[0] == vocab
+
+    # The parts' weights are carried over unchanged.
+    tower = parts["clip"].vision_model.state_dict()
+    for key, tensor in model.model.vision_tower.state_dict().items():
+        torch.testing.assert_close(tensor, tower[key], atol=0, rtol=0)
+    lm = parts["llm"].state_dict()
+    language = model.model.language_model.state_dict()
+    for key, tensor in language.items():
+        if key == "embed_tokens.weight":
+            torch.testing.assert_close(tensor[:old_vocab], lm["model." + key], atol=0, rtol=0)
+        else:
+            torch.testing.assert_close(tensor, lm["model." + key], atol=0, rtol=0)
+    torch.testing.assert_close(model.lm_head.weight[:old_vocab], lm["lm_head.weight"])
+
+    # A fresh mlp2x_gelu projector from CLIP's width to the LM's; features from layer -2.
+    projector = model.model.multi_modal_projector
+    assert projector.linear_1.weight.shape == (48, 32) and projector.linear_2.weight.shape == (
+        48,
+        48,
+    )
+    assert model.config.vision_feature_layer == -2 and model.config.projector_hidden_act == "gelu"
+    assert json.loads((out / "llava_edge.json").read_text()) == {"template": "llava_1_5"}
+
+    # The processor expands <image> to one id per patch (CLS dropped), and a forward pass with
+    # labels gives a finite loss.
+    from PIL import Image
+
+    inputs = processor(
+        text="USER: <image>\nWhat color? ASSISTANT: red",
+        images=Image.new("RGB", (40, 30), (200, 30, 30)),
+        return_tensors="pt",
+    )
+    assert int((inputs["input_ids"] == image_id).sum()) == (32 // 8) ** 2
+    loss = model(**inputs, labels=inputs["input_ids"]).loss
+    assert torch.isfinite(loss)
+
+    # And it goes on through export, verified against transformers.
+    capsys.readouterr()
+    assert cli(["export", str(out), str(tmp_path / "model")]) == 0
+
+
+def test_vision_and_llm_go_together(parts, tmp_path, capsys):
+    assert cli(["init", str(tmp_path / "x"), "--vision", str(parts["root"] / "clip")]) == 1
+    assert "--vision and --llm go together" in capsys.readouterr().err
+    argv = [
+        "init",
+        str(tmp_path / "y"),
+        "--vision",
+        str(tmp_path),
+        "--llm",
+        str(parts["root"] / "llm"),
+    ]
+    assert cli(argv) == 1
+    assert "is not a Hugging Face checkpoint dir" in capsys.readouterr().err

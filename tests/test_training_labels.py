@@ -1,0 +1,117 @@
+"""Labels: exactly the assistant's answers (and their end marker) are supervised."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from llava_edge.runtime.template import get_template, render
+from llava_edge.training.data import BadSample, Sample
+from llava_edge.training.dataset import count_image_tokens
+from llava_edge.training.labels import IGNORE, Labeler
+
+TURNS = [
+    ("What color are the shapes?\nAnswer the question using a single word or phrase.", "red"),
+    ("How many shapes are there?", "two circles"),
+    ("Where are the shapes?", "on the left"),
+]
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_checkpoint):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny_checkpoint)
+
+
+def labeler(processor, template: str, max_length: int = 2048) -> Labeler:
+    tokenizer = processor.tokenizer
+    return Labeler(
+        tokenizer,
+        get_template(template),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        num_image_tokens=count_image_tokens(processor),
+        max_length=max_length,
+    )
+
+
+def spans(labels: list[int]) -> list[tuple[int, int]]:
+    """[start, end) runs of supervised positions."""
+    runs, start = [], None
+    for i, label in enumerate([*labels, IGNORE]):
+        if label != IGNORE and start is None:
+            start = i
+        elif label == IGNORE and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+@pytest.mark.parametrize("template", ["plain", "vicuna_v1"])
+@pytest.mark.parametrize("image", [True, False])
+def test_labels_cover_exactly_the_answers(processor, template, image):
+    spec = get_template(template)
+    sample = Sample("multi", "x.png" if image else None, TURNS)
+    encoded = labeler(processor, template).encode(sample)
+    text = "".join(s for s, _ in render(spec, TURNS, image=image))
+
+    # The ids are what transformers' processor makes of the rendered conversation (image
+    # placeholder expanded), i.e. what the model sees at inference.
+    if image:
+        expected = processor(text=text, images=Image.new("RGB", (64, 64)))["input_ids"][0]
+    else:
+        expected = processor.tokenizer(text)["input_ids"]
+    assert encoded.input_ids == list(expected)
+
+    # One supervised run per answer; each decodes to the answer and its end marker.
+    runs = spans(encoded.labels)
+    assert len(runs) == len(TURNS)
+    tokenizer = processor.tokenizer
+    for (start, end), (_, answer) in zip(runs, TURNS, strict=True):
+        assert encoded.labels[start:end] == encoded.input_ids[start:end]
+        decoded = tokenizer.decode(encoded.input_ids[start:end])
+        assert decoded.strip() == (spec.answer_prefix + answer + spec.answer_end).strip()
+        # The token before an answer belongs to the prompt.
+        assert not tokenizer.decode(encoded.input_ids[start - 1 : start]).strip().endswith(answer)
+    if template == "vicuna_v1":
+        eos = tokenizer.eos_token_id
+        assert [encoded.input_ids[end - 1] for _, end in runs] == [eos] * len(TURNS)
+
+    # BOS, system prompt, user turns and every image token are ignored.
+    assert encoded.labels[0] == IGNORE and encoded.input_ids[0] == tokenizer.bos_token_id
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    image_positions = [i for i, t in enumerate(encoded.input_ids) if t == image_id]
+    assert len(image_positions) == (count_image_tokens(processor) if image else 0)
+    assert all(encoded.labels[i] == IGNORE for i in image_positions)
+    if image:
+        assert encoded.image_span == (image_positions[0], image_positions[-1] + 1)
+    supervised = sum(end - start for start, end in runs)
+    prompt_only = sum(1 for label in encoded.labels if label == IGNORE)
+    assert supervised + prompt_only == len(encoded.input_ids)
+
+
+def test_a_token_across_prompt_and_answer_is_a_named_mismatch(processor):
+    # This tokenizer has one token for "shapes?\nAnswer": with the plain template the question
+    # ends at "shapes?" and the answer starts with "\nAnswer", so that token crosses the border.
+    assert "▁shapes?\nAnswer" in processor.tokenizer.get_vocab()
+    sample = Sample("crossing", None, [("Where are the shapes?", "\nAnswer the question")])
+    with pytest.raises(BadSample, match="sample crossing: tokenization mismatch"):
+        labeler(processor, "plain").encode(sample)
+
+
+def test_truncation_keeps_the_image_whole(processor):
+    n_image = count_image_tokens(processor)
+    full = labeler(processor, "vicuna_v1").encode(Sample("long", "x.png", TURNS))
+    cut_at = full.image_span[1] + 20
+    cut = labeler(processor, "vicuna_v1", max_length=cut_at).encode(Sample("long", "x.png", TURNS))
+    assert cut.input_ids == full.input_ids[:cut_at] and cut.labels == full.labels[:cut_at]
+    assert any(label != IGNORE for label in cut.labels)
+
+    with pytest.raises(BadSample, match="sample long: its image tokens end at position"):
+        labeler(processor, "vicuna_v1", max_length=full.image_span[0] + n_image // 2).encode(
+            Sample("long", "x.png", TURNS)
+        )
+    with pytest.raises(BadSample, match="sample long: no answer token is left"):
+        labeler(processor, "vicuna_v1", max_length=full.image_span[1] + 2).encode(
+            Sample("long", "x.png", TURNS)
+        )
