@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init", help="write a random-weight LLaVA checkpoint of a preset's shape")
     p.add_argument("out_dir")
-    p.add_argument("--preset", default="tiny", choices=["tiny", "small", "llava-1.5-7b"])
+    p.add_argument("--preset", default="tiny", choices=["tiny", "demo", "small", "llava-1.5-7b"])
     p.add_argument("--layers", type=int, help="keep only the first N layers of each tower")
     p.add_argument("--vision", help="CLIP checkpoint: build LLaVA from it and --llm instead")
     p.add_argument("--llm", help="causal LM checkpoint to put behind the --vision tower")

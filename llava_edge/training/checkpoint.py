@@ -44,6 +44,30 @@ PRESETS: dict[str, dict[str, Any]] = {
         "tokenizer_size": 512,
         "vocab_size": 576,
     },
+    # `make demo`: trained from scratch on synthetic pictures in a few CPU minutes (~0.3M
+    # parameters). The vision tower stays frozen and random, as LLaVA's stays pretrained, so it
+    # must pass the pixels on: one layer, whose layer -2 (LLaVA's choice) is the patch embedding
+    # itself. The larger tokenizer makes every word of the demo's data one token.
+    "demo": {
+        "vision": dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=64,
+            patch_size=8,
+        ),
+        "text": dict(
+            hidden_size=64,
+            intermediate_size=172,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=1024,
+        ),
+        "tokenizer_size": 1024,
+        "vocab_size": 704,
+    },
     # CLIP ViT-B/16 at 224 px, a 16-layer Llama of hidden 1024: the CPU benchmark model.
     "small": {
         "vision": dict(

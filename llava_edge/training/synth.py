@@ -82,7 +82,9 @@ def draw(scene: Scene, rng: random.Random, size: int = CANVAS) -> Image.Image:
     horizontal = (x1 - x0) >= (y1 - y0)
     cells = scene.count
     span = ((x1 - x0) if horizontal else (y1 - y0)) // cells
-    radius = max(4, min(span, (y1 - y0) if horizontal else (x1 - x0)) * 3 // 10)
+    # Shapes fill most of their cell, so that a circle, a square and a triangle still differ
+    # after the resize to a small vision tower's input (64 px for the demo model).
+    radius = max(4, min(span, (y1 - y0) if horizontal else (x1 - x0)) * 2 // 5)
     for i in range(cells):
         if horizontal:
             cx, cy = x0 + span * i + span // 2, (y0 + y1) // 2
