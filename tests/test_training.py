@@ -304,21 +304,17 @@ def test_skip_bad_leaves_bad_samples_out_and_counts_them(
     records = [_sample(f"good-{i}") for i in range(4)]
     records += [_sample("no-file", image="missing.png"), {"id": "no-talk"}, _alternation_broken()]
     records += [_sample("garbage", image="garbage.png"), _sample("text-only", image=None)]
+    # Its header reads, so only loading it in training finds it broken: dropped from its batch.
+    records += [_sample("truncated", image="truncated.png")]
     path = _write(tmp_path / "bad.json", records)
     argv = ["train", "--stage", "2", "--model", str(stage1.out_dir), "--data", str(path)]
     argv += ["--images", str(bad_images), "--out", str(tmp_path / "out"), "--max-steps", "1"]
-    argv += [
-        "--batch-size",
-        "5",
-        "--no-gradient-checkpointing",
-        "--skip-bad",
-        "--save-steps",
-        "1000",
-    ]
-    assert cli(argv) == 0
+    argv += ["--batch-size", "6", "--no-gradient-checkpointing", "--skip-bad"]
+    assert cli([*argv, "--save-steps", "1000"]) == 0
     captured = capsys.readouterr()
     assert "skipped 4 bad sample(s)" in captured.err
     assert "4 bad sample(s) skipped" in captured.out
+    assert "skipped sample truncated: image" in captured.err
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
@@ -337,3 +333,34 @@ def test_trained_checkpoint_exports_and_evaluates(stage2, data, tmp_path, capsys
     assert all(r["correct"] == (r["prediction"].strip().lower() == r["answer"]) for r in rows)
     correct = sum(r["correct"] for r in rows)
     assert f"({correct}/{len(rows)})" in out
+
+
+@pytest.mark.parametrize(
+    "global_batch, per_device, processes, plan",
+    [(128, 16, 1, (16, 8)), (128, 16, 8, (16, 1)), (256, 32, 2, (32, 4)), (4, 16, 2, (2, 1))],
+)
+def test_gradient_accumulation_makes_up_the_global_batch(global_batch, per_device, processes, plan):
+    from llava_edge.training.train import batch_plan
+
+    assert batch_plan(global_batch, per_device, processes) == plan
+
+
+def test_uneven_global_batch_is_refused():
+    from llava_edge.errors import LlavaEdgeError
+    from llava_edge.training.train import batch_plan
+
+    with pytest.raises(LlavaEdgeError, match="not a multiple"):
+        batch_plan(100, 16, 8)
+
+
+@pytest.mark.parametrize("stage, lora, lr", [(1, False, 1e-3), (2, False, 2e-5), (2, True, 2e-4)])
+def test_defaults_are_llava_1_5s(stage, lora, lr, tmp_path):
+    from llava_edge.training.train import STAGES, TrainOptions, _training_args
+
+    args = _training_args(tmp_path, stage, TrainOptions(lora=lora), STAGES[stage], False)
+    assert args.learning_rate == lr
+    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    assert global_batch == (256 if stage == 1 else 128)
+    assert args.lr_scheduler_type == "cosine" and args.warmup_steps == 0.03
+    assert args.num_train_epochs == 1 and args.weight_decay == 0.0
+    assert args.activation_checkpointing

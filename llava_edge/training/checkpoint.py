@@ -291,8 +291,8 @@ def saved_dtype(checkpoint: str | Path) -> str:
 
 @contextlib.contextmanager
 def quiet_loading() -> Iterator[None]:
-    """No loader progress bars or notes (e.g. that torchvision is absent, which we don't need):
-    bad input must end in one line."""
+    """No loader progress bars or notes (that torchvision is absent, which we don't need; that a
+    full CLIP checkpoint has a text tower we don't load): bad input must end in one line."""
     from transformers.utils import logging
 
     level = logging.get_verbosity()
@@ -365,8 +365,8 @@ def compose_checkpoint(
     try:
         with quiet_loading():  # a full CLIP's text tower is "unexpected": we want the vision half
             tower = CLIPVisionModel.from_pretrained(vision, dtype=torch.float32)
-            lm = AutoModelForCausalLM.from_pretrained(llm, dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(llm)
+        lm = AutoModelForCausalLM.from_pretrained(llm, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(llm)
     except (OSError, ValueError, KeyError) as e:
         raise LlavaEdgeError(f"cannot load --vision/--llm: {str(e).splitlines()[0]}") from None
     if IMAGE_PLACEHOLDER not in tokenizer.get_vocab():

@@ -154,8 +154,7 @@ def train(
             f"skipped {len(dataset.skipped)} bad sample(s) of {data}; the first: {dataset.skipped[0]}"
         )
 
-    with quiet_loading():
-        llava = LlavaForConditionalGeneration.from_pretrained(model_path, dtype=torch.float32)
+    llava = LlavaForConditionalGeneration.from_pretrained(model_path, dtype=torch.float32)
     freeze_for_stage(llava, stage)
     trained = add_lora_if(llava, opts)
     args = _training_args(out / TRAINER_DIR, stage, opts, defaults, dataset.has_text_only)
@@ -414,6 +413,9 @@ def _save(
     model = trainer.model
     main = trainer.is_world_process_zero()
     staging = Path(trainer.args.output_dir) / "final-tmp"
+    if main:
+        shutil.rmtree(staging, ignore_errors=True)  # left by a run that died while saving
+    trainer.accelerator.wait_for_everyone()
 
     def write(tmp: Path) -> None:
         for entry in staging.iterdir():
