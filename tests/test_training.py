@@ -298,6 +298,16 @@ def test_bad_samples_stop_training_with_their_id(
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
+def test_a_data_file_of_the_wrong_shape_is_named(stage1, data, tmp_path, capsys):
+    path = tmp_path / "wrapped.json"
+    path.write_text(json.dumps({"samples": [_sample("a")]}))
+    argv = ["train", "--stage", "2", "--model", str(stage1.out_dir), "--data", str(path)]
+    assert cli([*argv, "--images", str(data["images"]), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("llava-edge train: error: ") and "holds one JSON object" in err[-1]
+    assert str(path) in err[-1]
+
+
 def test_skip_bad_leaves_bad_samples_out_and_counts_them(
     stage1, data, bad_images, tmp_path, capsys
 ):
@@ -333,6 +343,15 @@ def test_trained_checkpoint_exports_and_evaluates(stage2, data, tmp_path, capsys
     assert all(r["correct"] == (r["prediction"].strip().lower() == r["answer"]) for r in rows)
     correct = sum(r["correct"] for r in rows)
     assert f"({correct}/{len(rows)})" in out
+
+    # A missing image names its sample; --skip-bad scores the rest.
+    bad = _write(tmp_path / "bad.json", [*tests, _sample("lost", image="lost.png")])
+    argv = ["eval", str(tmp_path / "model"), "--data", str(bad), "--images", str(data["images"])]
+    assert cli(argv) == 1
+    assert "sample lost: image" in capsys.readouterr().err
+    assert cli([*argv, "--skip-bad"]) == 0
+    assert f"/{len(rows)}) (1 bad sample(s) skipped)" in capsys.readouterr().out
+    assert (tmp_path / "bad.answers.jsonl").is_file()  # beside the data by default
 
 
 @pytest.mark.parametrize(
