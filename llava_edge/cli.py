@@ -58,6 +58,26 @@ def _export(args: argparse.Namespace) -> None:
     )
 
 
+# ---- quantize --------------------------------------------------------------------------------
+
+
+@command("quantize")
+def _quantize(args: argparse.Namespace) -> None:
+    from llava_edge.calib.quantize import quantize_model
+
+    quantize_model(
+        args.model_dir,
+        args.out_dir,
+        precision=args.precision,
+        calib=args.calib,
+        images=args.images,
+        method=args.method,
+        samples=args.samples,
+        report=args.report,
+        force=args.force,
+    )
+
+
 # ---- run -------------------------------------------------------------------------------------
 
 
@@ -148,6 +168,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code"
     )
+
+    p = sub.add_parser("quantize", help="write an int8, int4 or fp16 copy of an exported model dir")
+    p.add_argument("model_dir", help="fp32 model dir written by `llava-edge export`")
+    p.add_argument("out_dir")
+    p.add_argument("--precision", required=True, choices=["int8", "int4", "fp16"])
+    p.add_argument(
+        "--calib",
+        help="calibration data: a LLaVA JSON file, or a folder of images (int8 and int4 need it)",
+    )
+    p.add_argument(
+        "--images",
+        help="folder the LLaVA JSON's image paths start from, or alone a folder of images",
+    )
+    p.add_argument(
+        "--method",
+        default="minmax",
+        choices=["minmax", "entropy", "percentile"],
+        help="how activation ranges are chosen for the TensorRT graphs (default minmax)",
+    )
+    p.add_argument(
+        "--samples", type=int, default=32, help="calibration samples to use (default 32)"
+    )
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="compare with fp32 on held-out samples; print a table, save quantize_report.json",
+    )
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
 
     p = sub.add_parser("run", help="answer a question about an image")
     p.add_argument("model_dir")
