@@ -242,3 +242,29 @@ def test_force_replaces_an_existing_dir(tiny_model_dir: Path, tmp_path: Path) ->
     with Pipeline.load(out) as pipe:
         features = pipe.image_features(np.full((32, 32, 3), 128, dtype=np.uint8))
     assert features.dtype == np.float32 and np.isfinite(features).all()
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
+def test_every_calibration_method_gives_a_tensorrt_graph(
+    method: str, tiny_model_dir: Path, calib_json: Path, tmp_path: Path
+) -> None:
+    from llava_edge.calib.data import Activations, FeedReader, load_samples
+    from llava_edge.calib.quantize import int8_static_qdq
+
+    samples = load_samples(calib_json, None)[:2]
+    activations = Activations(tiny_model_dir, samples, decode_steps=1)
+    out = tmp_path / "decoder.qdq.onnx"
+    details = int8_static_qdq(
+        tiny_model_dir / "decoder.onnx", out, FeedReader(activations.captures("decoder")), method
+    )
+    assert details["method"] == method and check_graph(out) == []
+    reference = ort.InferenceSession(str(tiny_model_dir / "decoder.onnx"))
+    quantized = ort.InferenceSession(str(out))
+    for capture in activations.captures("decoder"):  # prompts of different lengths, then steps
+        want = reference.run(["logits"], capture.feeds)[0]
+        got = quantized.run(["logits"], capture.feeds)[0]
+        assert (
+            0.99
+            < float(want.ravel() @ got.ravel()) / np.linalg.norm(want) / np.linalg.norm(got)
+            < 1
+        )

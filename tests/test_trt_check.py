@@ -100,7 +100,10 @@ def test_block_wise_int4_weights_pass_at_opset_21() -> None:
         (lambda: _matmul(act_zero=np.array(3, np.int8)), "zero point is not 0"),
         (lambda: _matmul(act_zero=np.array(0, np.uint8)), "zero point type UINT8"),
         (lambda: _matmul(weight_zero=np.full(N, 1, np.int8)), "zero point is not 0"),
-        (lambda: _matmul(weight_scale=np.array(0.01, np.float32)), "quantize them per output channel"),
+        (
+            lambda: _matmul(weight_scale=np.array(0.01, np.float32)),
+            "quantize them per output channel",
+        ),
         (lambda: _matmul(weight_scale=np.full(K, 0.01, np.float32), weight_axis=0), "axis 1"),
         (lambda: _matmul(act_scale=np.full(K, 0.02, np.float32)), "one scale per tensor"),
         (lambda: _matmul(scale_is_input=True), "scale must be a constant"),

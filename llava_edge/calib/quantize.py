@@ -60,6 +60,9 @@ TENSORRT_QDQ_OPTIONS = {
     "AddQDQPairToWeight": False,
     "ForceQuantizeNoInputCheck": True,
     "QDQDisableWeightAdjustForInt32Bias": True,
+    # Q/DQ on the inputs of each GEMM/convolution only: TensorRT runs them in int8 and hands on
+    # float, so the next norm or activation never sees int8 rounding of its input.
+    "OpTypesToExcludeOutputQuantization": ["Conv", "Gemm", "MatMul"],
 }
 # Kept in float32 in fp16 graphs: x*x in norms and softmax's exponent overflow fp16's 65504, and
 # TensorRT warns that fp16 LayerNormalization after attention may overflow.
@@ -272,35 +275,29 @@ def int8_static_qdq(src: Path, dst: Path, reader: FeedReader, method: str) -> di
     only around the GEMMs and convolutions, which hold nearly all the weights.
     """
     import onnx
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     model = onnx.load(str(src), load_external_data=False)
     nodes = weight_nodes(model)
     op_types = sorted({n.op_type for n in nodes})
-    calibrate = {
-        "minmax": CalibrationMethod.MinMax,
-        "entropy": CalibrationMethod.Entropy,
-        "percentile": CalibrationMethod.Percentile,
-    }[method]
-    quantize_static(
-        str(src),
-        str(dst),
-        reader,
-        quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=op_types,
-        nodes_to_quantize=[n.name for n in nodes],
-        per_channel=True,
-        activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8,
-        calibrate_method=calibrate,
-        use_external_data_format=_is_large(src),
-        extra_options=dict(TENSORRT_QDQ_OPTIONS),
-    )
+    with tempfile.TemporaryDirectory(prefix="llava-edge-calib-") as scratch:
+        ranges = Path(scratch) / "ranges.json"
+        calibrate(src, nodes, reader, method, ranges)
+        quantize_static(
+            str(src),
+            str(dst),
+            None,
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=op_types,
+            nodes_to_quantize=[n.name for n in nodes],
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=_CALIBRATION[method](),
+            use_external_data_format=_is_large(src),
+            extra_options=dict(TENSORRT_QDQ_OPTIONS),
+            calibration_cache_path=ranges,
+        )
     return {
         "form": "static Q/DQ int8: symmetric, zero point 0, per-tensor activations, "
         "per-channel weights",
@@ -308,6 +305,60 @@ def int8_static_qdq(src: Path, dst: Path, reader: FeedReader, method: str) -> di
         "quantized_nodes": len(nodes),
         "op_types": op_types,
     }
+
+
+_CALIBRATION = {
+    "minmax": lambda: _method("MinMax"),
+    "entropy": lambda: _method("Entropy"),
+    "percentile": lambda: _method("Percentile"),
+}
+
+
+def _method(name: str) -> Any:
+    from onnxruntime.quantization import CalibrationMethod
+
+    return getattr(CalibrationMethod, name)
+
+
+def calibrate(src: Path, nodes: list[Any], reader: FeedReader, method: str, out: Path) -> None:
+    """Ranges of the activations entering `nodes` over the reader's feeds, for quantize_static.
+
+    onnxruntime's calibrators are handed one feed at a time: its histogram collector stacks a
+    batch's tensors into one array, which fails when prompts differ in length (and decode steps
+    always do), and merging histograms call by call keeps memory flat however many samples.
+    """
+    from onnxruntime.quantization import create_calibrator, save_tensors_data
+
+    with tempfile.TemporaryDirectory(prefix="llava-edge-calib-") as scratch:
+        calibrator = create_calibrator(
+            str(src),
+            sorted({n.op_type for n in nodes}),
+            augmented_model_path=str(Path(scratch) / "augmented.onnx"),
+            calibrate_method=_CALIBRATION[method](),
+            use_external_data_format=_is_large(src),
+            extra_options={"symmetric": True},  # TensorRT's ranges are symmetric about 0
+        )
+        if method != "minmax":
+            # Histograms only of what gets quantized: the same op types also take attention's
+            # cached keys, empty at prefill, which the percentile collector cannot take.
+            calibrator.tensors_to_calibrate &= {n.input[0] for n in nodes}
+        for feeds in reader:
+            calibrator.collect_data(_One(feeds))
+        if reader.count == 0:
+            raise LlavaEdgeError(f"no calibration input reached {src.name}")
+        save_tensors_data(calibrator.compute_data(), out)
+        del calibrator  # its session holds the augmented model open
+
+
+class _One:
+    """A CalibrationDataReader over a single feed."""
+
+    def __init__(self, feeds: dict[str, Any]):
+        self.feeds: dict[str, Any] | None = feeds
+
+    def get_next(self) -> dict[str, Any] | None:
+        feeds, self.feeds = self.feeds, None
+        return feeds
 
 
 def int4_matmulnbits(src: Path, dst: Path) -> dict[str, Any]:
