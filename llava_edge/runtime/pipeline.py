@@ -79,13 +79,13 @@ class Pipeline:
         backend: str = "onnxruntime",
         providers: list[str] | None = None,
         threads: int | None = None,
-        verify_files: bool = False,
+        verify_files: bool | None = None,
     ) -> Pipeline:
         """Open a model dir written by `llava-edge export` (or quantize).
 
         backend: 'onnxruntime' (providers 'cpu', 'cuda', 'tensorrt') or 'tensorrt' (native
-        engines from `llava-edge build`). verify_files: check every file's sha256 against the
-        manifest, not only its size.
+        engines from `llava-edge build`). verify_files: True checks every file's sha256 against
+        the manifest, False only sizes, None (default) hashes only files new to this machine.
         """
         model_dir = Path(model_dir)
         manifest = Manifest.load(model_dir)
