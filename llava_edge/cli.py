@@ -81,9 +81,58 @@ def _run(args: argparse.Namespace) -> None:
                 )
             )
             return
-        for piece in pipe.stream(args.image, args.prompt, **options):
+        stream = pipe.stream(args.image, args.prompt, **options)
+        for piece in stream:
             print(piece, end="", flush=True)
         print()
+        answer = stream.answer
+        speed = answer.timings.get("decode_tokens_per_s")
+        print(
+            f"[{len(answer.token_ids)} tokens, {speed or '-'} tokens/s, first token after "
+            f"{answer.timings.get('first_token_ms', 0):.0f} ms, stopped by {answer.finish_reason}]",
+            file=sys.stderr,
+        )
+
+
+# ---- chat ------------------------------------------------------------------------------------
+
+
+@command("chat")
+def _chat(args: argparse.Namespace) -> None:
+    from llava_edge.runtime import Pipeline
+    from llava_edge.runtime.interactive import chat_loop
+
+    with Pipeline.load(args.model_dir, providers=args.provider, threads=args.threads) as pipe:
+        chat_loop(pipe, args.image, _generation_options(args), read=input, out=sys.stdout)
+
+
+# ---- bench -----------------------------------------------------------------------------------
+
+
+@command("bench")
+def _bench(args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from llava_edge.runtime import bench
+
+    workload = bench.Workload(
+        question_tokens=args.question_tokens,
+        new_tokens=args.new_tokens,
+        context_tokens=args.context_tokens,
+        threads=args.threads,
+        runs=args.runs,
+    )
+    report = {"workload": asdict(workload), "machine": bench.machine()}
+    report["llava_edge"] = bench.bench_pipeline(args.model_dir, workload, providers=args.provider)
+    if args.baseline:  # transformers needs torch: imported only when asked for
+        from llava_edge.export.baseline import bench_transformers
+
+        _, prompt = bench.bench_prompt(args.model_dir, workload)
+        report["transformers"] = bench_transformers(args.baseline, workload, prompt)
+        report["ratios"] = bench.compare(report["llava_edge"], report["transformers"])
+    if args.plot:
+        bench.plot(report, args.plot)
+    print(json.dumps(report, indent=2) if args.json else bench.table(report))
 
 
 def _generation_options(args: argparse.Namespace) -> dict:
@@ -161,6 +210,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_generation_options(p)
     _add_backend_options(p)
+
+    p = sub.add_parser("chat", help="talk about an image, turn by turn (reuses the KV cache)")
+    p.add_argument("model_dir")
+    p.add_argument("--image", help="image file (omit for a text-only chat)")
+    _add_generation_options(p)
+    _add_backend_options(p)
+    p.set_defaults(raw=False)
+
+    p = sub.add_parser("bench", help="measure load time, TTFT, decode tokens/s, memory")
+    p.add_argument("model_dir")
+    p.add_argument(
+        "--baseline", metavar="CHECKPOINT", help="also run transformers' generate() on it"
+    )
+    p.add_argument("--runs", type=int, default=5, help="runs to take the median of")
+    p.add_argument("--question-tokens", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument(
+        "--context-tokens", type=int, default=0, help="extra prompt tokens (long context)"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--plot", metavar="FILE", help="write a PNG chart of the comparison")
+    p.add_argument("--provider", action="append", help="onnxruntime provider: cpu, cuda, tensorrt")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads, for both sides")
 
     p = sub.add_parser("data", help="make training data")
     data = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")

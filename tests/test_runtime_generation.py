@@ -19,7 +19,9 @@ NEW = 24
 def reference(tiny_checkpoint):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    model = LlavaForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+    model = LlavaForConditionalGeneration.from_pretrained(
+        tiny_checkpoint, dtype=torch.float32
+    ).eval()
     return model, AutoProcessor.from_pretrained(tiny_checkpoint)
 
 
@@ -32,7 +34,12 @@ def pipe(tiny_model_dir):
 def picture(seed: int, size: tuple[int, int] = (96, 80)) -> Image.Image:
     import random
 
-    scene = Scene(color=["red", "blue", "green"][seed % 3], shape="circle", count=1 + seed % 3, position="left")
+    scene = Scene(
+        color=["red", "blue", "green"][seed % 3],
+        shape="circle",
+        count=1 + seed % 3,
+        position="left",
+    )
     return draw(scene, random.Random(seed)).resize(size)
 
 
@@ -68,7 +75,9 @@ def test_text_only_prompt_equals_transformers(pipe, reference):
     prompt = user_turn(pipe.manifest.template, "Say something.", image=False, first=True)
     ids = processor.tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
-        ref = model.generate(**ids, max_new_tokens=NEW, do_sample=False)[0, ids["input_ids"].shape[1] :]
+        ref = model.generate(**ids, max_new_tokens=NEW, do_sample=False)[
+            0, ids["input_ids"].shape[1] :
+        ]
     assert pipe.answer(None, "Say something.", max_new_tokens=NEW).token_ids == until_eos(
         ref.tolist(), pipe.manifest.tokens.eos_token_ids
     )
@@ -83,7 +92,9 @@ def test_batch_equals_transformers_batch(pipe, reference):
     eos = pipe.manifest.tokens.eos_token_ids
     assert [a.token_ids for a in answers] == [until_eos(r, eos) for r in ref]
     # A row of the batch answers as it would alone.
-    assert answers[1].token_ids == pipe.answer(images[1], questions[1], max_new_tokens=NEW).token_ids
+    assert (
+        answers[1].token_ids == pipe.answer(images[1], questions[1], max_new_tokens=NEW).token_ids
+    )
 
 
 def test_multi_turn_chat_reuses_cache_and_equals_transformers(pipe, reference):
@@ -123,7 +134,14 @@ def test_cached_image_second_question_equals_transformers(pipe, reference):
 
 def test_sampling_is_reproducible_with_a_seed(pipe):
     image = picture(6)
-    options = dict(max_new_tokens=16, temperature=0.9, top_k=50, top_p=0.95, repetition_penalty=1.1, ignore_eos=True)
+    options = dict(
+        max_new_tokens=16,
+        temperature=0.9,
+        top_k=50,
+        top_p=0.95,
+        repetition_penalty=1.1,
+        ignore_eos=True,
+    )
     first = pipe.answer(image, "Describe it.", seed=123, **options).token_ids
     again = pipe.answer(image, "Describe it.", seed=123, **options).token_ids
     other = pipe.answer(image, "Describe it.", seed=7, **options).token_ids
@@ -157,7 +175,10 @@ def test_stop_strings_cut_the_answer(pipe):
     cut = pipe.answer(image, "Go on.", max_new_tokens=20, ignore_eos=True, stop=[stop])
     assert cut.finish_reason == "stop"
     assert cut.text == full.text[: full.text.find(stop)]
-    assert "".join(pipe.stream(image, "Go on.", max_new_tokens=20, ignore_eos=True, stop=[stop])) == cut.text
+    assert (
+        "".join(pipe.stream(image, "Go on.", max_new_tokens=20, ignore_eos=True, stop=[stop]))
+        == cut.text
+    )
 
 
 def test_max_new_tokens_and_finish_reason(pipe):

@@ -19,8 +19,16 @@ STD = [0.26862954, 0.26130258, 0.27577711]
 
 def spec(size: int = 56, pad: bool = False) -> ImageSpec:
     return ImageSpec(
-        height=size, width=size, resize={"shortest_edge": size}, resample=3, center_crop=True,
-        rescale_factor=1 / 255, normalize=True, mean=MEAN, std=STD, pad_to_square=pad,
+        height=size,
+        width=size,
+        resize={"shortest_edge": size},
+        resample=3,
+        center_crop=True,
+        rescale_factor=1 / 255,
+        normalize=True,
+        mean=MEAN,
+        std=STD,
+        pad_to_square=pad,
     )
 
 
@@ -28,8 +36,11 @@ def hf_processor(size: int = 56, pad: bool = False):
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
     return LlavaImageProcessorPil(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-        image_mean=MEAN, image_std=STD, do_pad=pad,
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=MEAN,
+        image_std=STD,
+        do_pad=pad,
     )
 
 
@@ -74,7 +85,9 @@ def test_camera_arrays_match_transformers():
     frame = noise(48, 64)
     assert np.abs(preprocess(load_image(frame), spec()) - reference(frame)).max() < 1e-5
     grey = frame[..., 0]
-    assert np.abs(preprocess(load_image(grey), spec()) - reference(Image.fromarray(grey))).max() < 1e-5
+    assert (
+        np.abs(preprocess(load_image(grey), spec()) - reference(Image.fromarray(grey))).max() < 1e-5
+    )
     bgra_like = np.dstack([frame, np.full(frame.shape[:2], 255, np.uint8)])
     assert np.abs(preprocess(load_image(bgra_like), spec()) - reference(frame)).max() < 1e-5
 

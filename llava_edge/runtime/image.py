@@ -97,6 +97,8 @@ def _from_array(array: np.ndarray) -> Image.Image:
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """RGB the way transformers converts: transparency is composited over white."""
+    if image.mode == "RGB":
+        return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         # 16-bit and 32-bit grey: PIL's convert would clip at 255; scale to 8 bits instead.
         array = np.asarray(image, dtype=np.int64)

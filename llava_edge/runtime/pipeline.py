@@ -112,9 +112,13 @@ class Pipeline:
             pass
         return pieces.answer
 
-    def stream(self, image: ImageInput | None, prompt: str, **options: Any) -> Iterator[str]:
-        """The answer as text pieces, each whole UTF-8 characters, as soon as they are decoded."""
-        yield from self._stream(image, prompt, options)
+    def stream(self, image: ImageInput | None, prompt: str, **options: Any) -> TextStream:
+        """The answer as text pieces, each whole UTF-8 characters, as soon as they are decoded.
+
+        Iterate it; afterwards its `.answer` holds ids, finish reason and timings. The image and
+        prompt are checked (and the image encoded) at once, so bad input fails here.
+        """
+        return self._stream(image, prompt, options)
 
     def generate_batch(
         self, requests: list[tuple[ImageInput | None, str]], **options: Any
@@ -186,7 +190,7 @@ class Pipeline:
         tokens = self.manifest.tokens
         return tokens.pad_token_id if tokens.pad_token_id is not None else tokens.eos_token_ids[0]
 
-    def _stream(self, image: ImageInput | None, prompt: str, options: dict) -> _TextStream:
+    def _stream(self, image: ImageInput | None, prompt: str, options: dict) -> TextStream:
         raw = options.pop("raw", False)
         config = _config(options)
         timer = Timer()
@@ -194,7 +198,7 @@ class Pipeline:
         timer.mark("vision")
         config = self._fit_context(config, len(ids))
         cache = self.backend.new_cache(1)
-        return _TextStream(self, cache, ids, ids, features, config, timer, start_position=0)
+        return TextStream(self, cache, ids, ids, features, config, timer, start_position=0)
 
     def _prepare(
         self, image: ImageInput | None, prompt: str, raw: bool, first: bool
@@ -270,10 +274,10 @@ class ChatSession:
             pass
         return stream.answer.text
 
-    def stream(self, prompt: str, **options: Any) -> Iterator[str]:
-        yield from self._turn(prompt, {**self.options, **options})
+    def stream(self, prompt: str, **options: Any) -> TextStream:
+        return self._turn(prompt, {**self.options, **options})
 
-    def _turn(self, prompt: str, options: dict) -> _TextStream:
+    def _turn(self, prompt: str, options: dict) -> TextStream:
         pipe = self.pipeline
         config = _config(options)
         first = not self.ids
@@ -289,7 +293,7 @@ class ChatSession:
         pending = self.ids[self.fed :] + new_ids  # the last answer's final token was never fed
         config = pipe._fit_context(config, len(pending), used=self.fed)
         timer = Timer()
-        return _TextStream(
+        return TextStream(
             pipe,
             self.cache,
             pending,
@@ -302,8 +306,8 @@ class ChatSession:
         )
 
 
-class _TextStream:
-    """Iterates text pieces of one answer and leaves the finished Answer in `.answer`."""
+class TextStream:
+    """Iterates the text pieces of one answer, then holds the finished Answer in `.answer`."""
 
     def __init__(
         self,

@@ -46,7 +46,9 @@ def build_tokenizer(vocab_size: int) -> Tokenizer:
         vocab.setdefault(token, len(vocab))
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
 
-    tokenizer = Tokenizer(models.BPE(vocab, merges, unk_token=UNK, byte_fallback=True, fuse_unk=True))
+    tokenizer = Tokenizer(
+        models.BPE(vocab, merges, unk_token=UNK, byte_fallback=True, fuse_unk=True)
+    )
     tokenizer.pre_tokenizer = _pre_tokenizer()
     tokenizer.decoder = decoders.Sequence(
         [
@@ -56,7 +58,9 @@ def build_tokenizer(vocab_size: int) -> Tokenizer:
             decoders.Strip(" ", 1, 0),
         ]
     )
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (UNK, BOS, EOS)])
+    tokenizer.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in (UNK, BOS, EOS)]
+    )
     tokenizer.add_special_tokens(
         [AddedToken(t, special=True, normalized=False) for t in (IMAGE_PLACEHOLDER, PAD)]
     )
