@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from llava_edge.export.baseline import bench_transformers
+from llava_edge.export.baseline import TransformersRunner
 from llava_edge.runtime import bench
 
 TARGETS = {"decode_speedup": 1.5, "ttft_speedup": 1.2, "long_context_ratio": 0.75}
@@ -46,8 +46,14 @@ def main() -> None:
         question_tokens=32, new_tokens=128, threads=args.threads, runs=args.runs
     )
     _, prompt = bench.bench_prompt(model, workload)
-    ours = bench.bench_pipeline(model, workload)
-    theirs = bench_transformers(checkpoint, workload, prompt)
+    runners = [
+        bench.PipelineRunner(model, workload),
+        TransformersRunner(checkpoint, workload, prompt),
+    ]
+    results = bench.measure(runners, args.runs)
+    ours, theirs = results["llava_edge"], results["transformers"]
+    for runner in runners:
+        runner.close()
 
     def decode_at(context: int) -> float:
         w = bench.Workload(

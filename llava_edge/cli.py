@@ -123,12 +123,14 @@ def _bench(args: argparse.Namespace) -> None:
         runs=args.runs,
     )
     report = {"workload": asdict(workload), "machine": bench.machine()}
-    report["llava_edge"] = bench.bench_pipeline(args.model_dir, workload, providers=args.provider)
+    runners = [bench.PipelineRunner(args.model_dir, workload, providers=args.provider)]
     if args.baseline:  # transformers needs torch: imported only when asked for
-        from llava_edge.export.baseline import bench_transformers
+        from llava_edge.export.baseline import TransformersRunner
 
         _, prompt = bench.bench_prompt(args.model_dir, workload)
-        report["transformers"] = bench_transformers(args.baseline, workload, prompt)
+        runners.append(TransformersRunner(args.baseline, workload, prompt))
+    report.update(bench.measure(runners, workload.runs))
+    if args.baseline:
         report["ratios"] = bench.compare(report["llava_edge"], report["transformers"])
     if args.plot:
         bench.plot(report, args.plot)

@@ -43,7 +43,6 @@ class Workload:
     image: bool = True  # False: a text-only prompt (to set the context length exactly)
     threads: int = 2
     runs: int = 5
-    warmup: int = 1
 
 
 def question(codec: Any, tokens: int, prefix_tokens: int = 0) -> str:
@@ -123,6 +122,75 @@ def bench_prompt(model_dir: str | os.PathLike, workload: Workload) -> tuple[str,
     return text, user_turn(manifest.template, text, image=workload.image, first=True)
 
 
+class PipelineRunner:
+    """The runtime side of a benchmark: loads once, then times one request per `run_once`."""
+
+    name = "llava_edge"
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        workload: Workload,
+        backend: str = "onnxruntime",
+        providers: list[str] | None = None,
+    ):
+        from llava_edge.runtime import Pipeline
+
+        self.workload = workload
+        self.text, _ = bench_prompt(model_dir, workload)
+        self.image = bench_image()
+        start = time.perf_counter()
+        with PeakMemory() as memory:
+            self.pipe = Pipeline.load(
+                model_dir, backend=backend, providers=providers, threads=workload.threads
+            )
+            self.load_s = time.perf_counter() - start
+            self.run_once()  # warm: the first run allocates the cache and pays one-off costs
+        self.memory_mb = memory.megabytes
+
+    def run_once(self) -> dict[str, float]:
+        from llava_edge.runtime.image import load_image, preprocess
+
+        pipe = self.pipe
+        start = time.perf_counter()
+        pixels = preprocess(load_image(self.image), pipe.manifest.image)
+        encode = time.perf_counter()
+        pipe.backend.encode_image(pixels[None])
+        done = time.perf_counter()
+        pipe._features.clear()  # the request below encodes the image again, as a new frame would
+        image = self.image if self.workload.image else None
+        answer = pipe.answer(
+            image, self.text, max_new_tokens=self.workload.new_tokens, ignore_eos=True
+        )
+        t = answer.timings
+        return {
+            "preprocess_ms": (encode - start) * 1000,
+            "vision_ms": (done - encode) * 1000,
+            "prefill_ms": t["prefill_ms"] - t["vision_ms"],
+            "ttft_ms": t["first_token_ms"],
+            "decode_tokens_per_s": t["decode_tokens_per_s"],
+            "prompt_tokens": len(answer.prompt_token_ids),
+        }
+
+    def close(self) -> None:
+        self.pipe.close()
+
+
+def measure(runners: list[Any], runs: int) -> dict[str, dict[str, Any]]:
+    """Medians of each runner's timings, the runners taking turns so drift hits all alike."""
+    results: dict[str, list[dict[str, float]]] = {r.name: [] for r in runners}
+    for _ in range(runs):
+        for runner in runners:
+            results[runner.name].append(runner.run_once())
+    reports = {}
+    for runner in runners:
+        report = medians(results[runner.name])
+        report.update(load_s=round(runner.load_s, 3), peak_memory_mb=runner.memory_mb)
+        report["prompt_tokens"] = results[runner.name][-1]["prompt_tokens"]
+        reports[runner.name] = report
+    return reports
+
+
 def bench_pipeline(
     model_dir: str | os.PathLike,
     workload: Workload,
@@ -130,46 +198,11 @@ def bench_pipeline(
     providers: list[str] | None = None,
 ) -> dict[str, Any]:
     """Medians of the runtime's timings on `workload`."""
-    from llava_edge.runtime import Pipeline
-
-    text, _ = bench_prompt(model_dir, workload)
-    start = time.perf_counter()
-    with PeakMemory() as memory:
-        pipe = Pipeline.load(
-            model_dir, backend=backend, providers=providers, threads=workload.threads
-        )
-        load_s = time.perf_counter() - start
-        image = bench_image()
-        runs = [
-            _run_once(pipe, image, text, workload) for _ in range(workload.warmup + workload.runs)
-        ]
-    pipe.close()
-    report = medians(runs[workload.warmup :])
-    report.update(load_s=round(load_s, 3), peak_memory_mb=memory.megabytes)
-    report["prompt_tokens"] = runs[-1]["prompt_tokens"]
-    return report
-
-
-def _run_once(pipe: Any, image: ImageInput, prompt: str, workload: Workload) -> dict[str, float]:
-    from llava_edge.runtime.image import load_image, preprocess
-
-    start = time.perf_counter()
-    pixels = preprocess(load_image(image), pipe.manifest.image)
-    encode = time.perf_counter()
-    pipe.backend.encode_image(pixels[None])
-    done = time.perf_counter()
-    pipe._features.clear()  # the request below encodes the image again, as a new frame would
-    image = image if workload.image else None
-    answer = pipe.answer(image, prompt, max_new_tokens=workload.new_tokens, ignore_eos=True)
-    t = answer.timings
-    return {
-        "preprocess_ms": (encode - start) * 1000,
-        "vision_ms": (done - encode) * 1000,
-        "prefill_ms": t["prefill_ms"] - t["vision_ms"],
-        "ttft_ms": t["first_token_ms"],
-        "decode_tokens_per_s": t["decode_tokens_per_s"],
-        "prompt_tokens": len(answer.prompt_token_ids),
-    }
+    runner = PipelineRunner(model_dir, workload, backend, providers)
+    try:
+        return measure([runner], workload.runs)[runner.name]
+    finally:
+        runner.close()
 
 
 def medians(runs: list[dict[str, float]]) -> dict[str, Any]:
