@@ -3,7 +3,6 @@ questions, batches, multi-turn chat and a cached image; sampling and streaming b
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -88,7 +87,7 @@ def test_batch_equals_transformers_batch(pipe, reference):
     questions = ["What colour?", "How many shapes are there in this picture, and where are they?"]
     prompts = [user_turn(pipe.manifest.template, q, image=True, first=True) for q in questions]
     _, ref = hf_generate(reference, images, prompts)
-    answers = pipe.generate_batch(list(zip(images, questions)), max_new_tokens=NEW)
+    answers = pipe.generate_batch(list(zip(images, questions, strict=True)), max_new_tokens=NEW)
     eos = pipe.manifest.tokens.eos_token_ids
     assert [a.token_ids for a in answers] == [until_eos(r, eos) for r in ref]
     # A row of the batch answers as it would alone.

@@ -30,7 +30,26 @@ METRICS = (
     "decode_tokens_per_s",
     "peak_memory_mb",
 )
-WORDS = "please look at the picture and tell me what the robot should pick up from the table next".split()
+WORDS = [
+    "please",
+    "look",
+    "at",
+    "the",
+    "picture",
+    "and",
+    "tell",
+    "me",
+    "what",
+    "the",
+    "robot",
+    "should",
+    "pick",
+    "up",
+    "from",
+    "the",
+    "table",
+    "next",
+]
 
 
 @dataclass

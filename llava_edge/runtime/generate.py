@@ -100,15 +100,12 @@ def decode_loop(
     ones = np.ones((batch, 1), dtype=np.int64)
     for step in range(config.max_new_tokens):
         tokens = np.where(finished, pad_id, sampler(logits, seen)).astype(np.int64)
-        if not config.ignore_eos:
-            done = finished | np.isin(tokens, eos)
-        else:
-            done = finished.copy()
+        done = finished.copy() if config.ignore_eos else finished | np.isin(tokens, eos)
         yield Step(tokens=tokens, finished=done)
         finished = done
         if finished.all() or step == config.max_new_tokens - 1:
             return
-        seen = [np.append(s, t) for s, t in zip(seen, tokens)]
+        seen = [np.append(s, t) for s, t in zip(seen, tokens, strict=True)]
         logits = backend.decode(
             embed(table, tokens[:, None], -1, []), ones, next_pos[:, None], cache
         )

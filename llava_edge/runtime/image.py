@@ -12,7 +12,6 @@ import io
 import math
 import os
 import warnings
-from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -20,7 +19,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import ImageSpec
 
-ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
 
 
 def load_image(source: ImageInput, max_pixels: int | None = None) -> Image.Image:
@@ -31,10 +30,7 @@ def load_image(source: ImageInput, max_pixels: int | None = None) -> Image.Image
     """
     if isinstance(source, np.ndarray):
         return _from_array(source)
-    if isinstance(source, Image.Image):
-        image = source
-    else:
-        image = _open(source)
+    image = source if isinstance(source, Image.Image) else _open(source)
     pixels = image.width * image.height
     if max_pixels is not None and pixels > max_pixels:
         raise LlavaEdgeError(
