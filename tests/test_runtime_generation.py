@@ -184,3 +184,22 @@ def test_max_new_tokens_and_finish_reason(pipe):
     answer = pipe.answer(picture(9), "Count.", max_new_tokens=5, ignore_eos=True)
     assert len(answer.token_ids) == 5 and answer.finish_reason == "length"
     assert answer.timings["first_token_ms"] > 0
+
+
+def test_threads_share_one_pipeline(pipe):
+    from concurrent.futures import ThreadPoolExecutor
+
+    requests = [(picture(i), f"Question number {i}?") for i in range(8)]
+    alone = [pipe.answer(image, q, max_new_tokens=12).token_ids for image, q in requests]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda r: pipe.answer(r[0], r[1], max_new_tokens=12).token_ids, requests * 2))
+    assert together == alone * 2
+
+
+def test_closed_pipeline_refuses_requests(tiny_model_dir):
+    from llava_edge.errors import LlavaEdgeError
+
+    with Pipeline.load(tiny_model_dir) as p:
+        p.generate(None, "Hi", max_new_tokens=2)
+    with pytest.raises(LlavaEdgeError, match="closed"):
+        p.generate(None, "Hi", max_new_tokens=2)

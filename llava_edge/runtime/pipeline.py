@@ -71,6 +71,7 @@ class Pipeline:
         self._features: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
         self.stats = {"vision_runs": 0, "feature_cache_hits": 0}
+        self.closed = False
 
     @classmethod
     def load(
@@ -174,6 +175,8 @@ class Pipeline:
     # ---- lifecycle -------------------------------------------------------------------------
 
     def close(self) -> None:
+        """Free the sessions; the pipeline refuses requests afterwards."""
+        self.closed = True
         self.backend.close()
         self._features.clear()
 
@@ -204,6 +207,8 @@ class Pipeline:
         self, image: ImageInput | None, prompt: str, raw: bool, first: bool
     ) -> tuple[list[int], np.ndarray | None]:
         """Check the prompt, apply the template, encode it; run the vision encoder if needed."""
+        if self.closed:
+            raise LlavaEdgeError("this pipeline is closed; load the model dir again")
         if not isinstance(prompt, str):
             raise LlavaEdgeError(f"prompt must be text, got {type(prompt).__name__}")
         placeholders = prompt.count(IMAGE_PLACEHOLDER)
