@@ -146,3 +146,20 @@ def test_runtime_imports_neither_torch_nor_transformers(tiny_model_dir, image):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_deployment_limits(tiny_model_dir, image):
+    from llava_edge.runtime import Limits
+
+    limits = Limits(max_image_pixels=100, max_prompt_tokens=100, max_new_tokens=8, timeout_s=1e-9)
+    with Pipeline.load(tiny_model_dir, limits=limits) as pipe:
+        with pytest.raises(LlavaEdgeError, match="over the limit of 100"):
+            pipe.generate(image, "What?")
+        with pytest.raises(LlavaEdgeError, match="over this deployment.s limit of 100"):
+            pipe.generate(None, "word " * 150)
+        with pytest.raises(LlavaEdgeError, match="limit of 8"):
+            pipe.generate(None, "What?", max_new_tokens=9)
+        with pytest.raises(LlavaEdgeError, match="time limit"):
+            pipe.generate(None, "What?", max_new_tokens=8, ignore_eos=True)
+        pipe.limits.timeout_s = None
+        assert len(pipe.answer(None, "What?", max_new_tokens=8, ignore_eos=True).token_ids) == 8

@@ -192,7 +192,9 @@ def test_threads_share_one_pipeline(pipe):
     requests = [(picture(i), f"Question number {i}?") for i in range(8)]
     alone = [pipe.answer(image, q, max_new_tokens=12).token_ids for image, q in requests]
     with ThreadPoolExecutor(8) as pool:
-        together = list(pool.map(lambda r: pipe.answer(r[0], r[1], max_new_tokens=12).token_ids, requests * 2))
+        together = list(
+            pool.map(lambda r: pipe.answer(r[0], r[1], max_new_tokens=12).token_ids, requests * 2)
+        )
     assert together == alone * 2
 
 

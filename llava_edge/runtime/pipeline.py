@@ -42,6 +42,29 @@ FEATURE_CACHE_SIZE = 8
 
 
 @dataclass
+class Limits:
+    """What a deployment allows one request; exceeding any is a clear error, never a hang."""
+
+    max_image_pixels: int | None = 50_000_000
+    max_prompt_tokens: int | None = None  # default: the model's context
+    max_new_tokens: int | None = None
+    timeout_s: float | None = None  # wall-clock time of one request
+
+    def check_options(self, config: GenerationConfig) -> None:
+        if self.max_new_tokens is not None and config.max_new_tokens > self.max_new_tokens:
+            raise LlavaEdgeError(
+                f"max_new_tokens {config.max_new_tokens} is over this deployment's limit of "
+                f"{self.max_new_tokens}"
+            )
+
+    def check_prompt(self, tokens: int) -> None:
+        if self.max_prompt_tokens is not None and tokens > self.max_prompt_tokens:
+            raise LlavaEdgeError(
+                f"the prompt is {tokens} tokens, over this deployment's limit of {self.max_prompt_tokens}"
+            )
+
+
+@dataclass
 class Answer:
     """Everything about one answer: its text, the ids in and out, why it stopped, and timings."""
 
@@ -60,8 +83,11 @@ class Pipeline:
     image-feature cache is locked. A ChatSession belongs to one thread at a time.
     """
 
-    def __init__(self, model_dir: Path, manifest: Manifest, backend: Any):
+    def __init__(
+        self, model_dir: Path, manifest: Manifest, backend: Any, limits: Limits | None = None
+    ):
         self.model_dir = model_dir
+        self.limits = limits or Limits()
         self.manifest = manifest
         self.backend = backend
         self.codec = TextCodec(
@@ -81,12 +107,14 @@ class Pipeline:
         providers: list[str] | None = None,
         threads: int | None = None,
         verify_files: bool | None = None,
+        limits: Limits | None = None,
     ) -> Pipeline:
         """Open a model dir written by `llava-edge export` (or quantize).
 
         backend: 'onnxruntime' (providers 'cpu', 'cuda', 'tensorrt') or 'tensorrt' (native
         engines from `llava-edge build`). verify_files: True checks every file's sha256 against
         the manifest, False only sizes, None (default) hashes only files new to this machine.
+        limits: what one request may ask for (image pixels, prompt tokens, new tokens, time).
         """
         model_dir = Path(model_dir)
         manifest = Manifest.load(model_dir)
@@ -97,7 +125,7 @@ class Pipeline:
             engine = OnnxBackend(model_dir, manifest, providers=providers, threads=threads)
         else:
             raise LlavaEdgeError(f"unknown backend {backend!r}; choose 'onnxruntime'")
-        return cls(model_dir, manifest, engine)
+        return cls(model_dir, manifest, engine, limits)
 
     # ---- one-shot questions --------------------------------------------------------------
 
@@ -128,7 +156,7 @@ class Pipeline:
         if not requests:
             return []
         raw = options.pop("raw", False)
-        config = _config(options)
+        config = self._config(options)
         timer = Timer()
         rows, features = [], []
         for image, prompt in requests:
@@ -195,7 +223,7 @@ class Pipeline:
 
     def _stream(self, image: ImageInput | None, prompt: str, options: dict) -> TextStream:
         raw = options.pop("raw", False)
-        config = _config(options)
+        config = self._config(options)
         timer = Timer()
         ids, features = self._prepare(image, prompt, raw=raw, first=True)
         timer.mark("vision")
@@ -227,12 +255,14 @@ class Pipeline:
         text = (
             prompt if raw else user_turn(self.manifest.template, prompt, image is not None, first)
         )
+        ids = self.codec.encode(text, first=first)
+        self.limits.check_prompt(len(ids))
         features = self.image_features(image) if image is not None else None
-        return self.codec.encode(text, first=first), features
+        return ids, features
 
     def image_features(self, image: ImageInput) -> np.ndarray:
         """Projected image features [N, hidden]; a repeated image comes from the cache."""
-        pixels = preprocess(load_image(image), self.manifest.image)
+        pixels = preprocess(load_image(image, self.limits.max_image_pixels), self.manifest.image)
         key = hashlib.sha1(pixels.tobytes()).hexdigest()
         with self._lock:
             if key in self._features:
@@ -246,6 +276,18 @@ class Pipeline:
             while len(self._features) > FEATURE_CACHE_SIZE:
                 self._features.popitem(last=False)
         return features
+
+    def _config(self, options: dict) -> GenerationConfig:
+        known = {f.name for f in fields(GenerationConfig)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise LlavaEdgeError(f"unknown generation option(s) {unknown}; known: {sorted(known)}")
+        config = GenerationConfig(**options)
+        if isinstance(config.stop, str):
+            config.stop = [config.stop]
+        config.validate()
+        self.limits.check_options(config)
+        return config
 
     def _fit_context(
         self, config: GenerationConfig, prompt_len: int, used: int = 0
@@ -284,7 +326,7 @@ class ChatSession:
 
     def _turn(self, prompt: str, options: dict) -> TextStream:
         pipe = self.pipeline
-        config = _config(options)
+        config = pipe._config(options)
         first = not self.ids
         if IMAGE_PLACEHOLDER in prompt and (self.features is None or not first):
             raise LlavaEdgeError(
@@ -385,18 +427,6 @@ class TextStream:
         if self.session is not None:
             self.session.ids = self.all_ids + generated
             self.session.fed = self.cache.length
-
-
-def _config(options: dict) -> GenerationConfig:
-    known = {f.name for f in fields(GenerationConfig)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise LlavaEdgeError(f"unknown generation option(s) {unknown}; known: {sorted(known)}")
-    config = GenerationConfig(**options)
-    if isinstance(config.stop, str):
-        config.stop = [config.stop]
-    config.validate()
-    return config
 
 
 def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, str | None]:
