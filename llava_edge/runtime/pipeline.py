@@ -283,6 +283,8 @@ class Pipeline:
         if unknown:
             raise LlavaEdgeError(f"unknown generation option(s) {unknown}; known: {sorted(known)}")
         config = GenerationConfig(**options)
+        if "max_new_tokens" not in options and self.limits.max_new_tokens:
+            config.max_new_tokens = min(config.max_new_tokens, self.limits.max_new_tokens)
         if isinstance(config.stop, str):
             config.stop = [config.stop]
         config.validate()
