@@ -182,6 +182,7 @@ class Pipeline:
             pad,
             [np.asarray(r) for r in rows],
             timer,
+            self.limits.timeout_s,
         )
         active = np.ones(len(rows), dtype=bool)
         for step in steps:
@@ -398,6 +399,7 @@ class TextStream:
             pipe._pad_id,
             [np.asarray(self.all_ids)],
             self.timer,
+            pipe.limits.timeout_s,
         )
         for step in steps:
             token = int(step.tokens[0])
