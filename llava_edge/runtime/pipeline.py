@@ -80,12 +80,16 @@ class Pipeline:
         providers: list[str] | None = None,
         threads: int | None = None,
         verify_files: bool = False,
+        engine_dir: str | os.PathLike | None = None,
+        cuda_graph: bool = False,
     ) -> Pipeline:
         """Open a model dir written by `llava-edge export` (or quantize).
 
         backend: 'onnxruntime' (providers 'cpu', 'cuda', 'tensorrt') or 'tensorrt' (native
         engines from `llava-edge build`). verify_files: check every file's sha256 against the
-        manifest, not only its size.
+        manifest, not only its size. engine_dir: the native engines to load (default: those
+        recorded for this GPU), or the onnxruntime TensorRT provider's engine cache.
+        cuda_graph: replay the native backend's decode step as a CUDA graph.
         """
         model_dir = Path(model_dir)
         manifest = Manifest.load(model_dir)
@@ -93,9 +97,21 @@ class Pipeline:
         if backend == "onnxruntime":
             from llava_edge.runtime.onnx_backend import OnnxBackend
 
-            engine = OnnxBackend(model_dir, manifest, providers=providers, threads=threads)
+            engine = OnnxBackend(
+                model_dir, manifest, providers=providers, threads=threads, engine_dir=engine_dir
+            )
+        elif backend == "tensorrt":
+            from llava_edge.runtime.tensorrt.backend import TensorRTBackend
+
+            engine = TensorRTBackend(
+                model_dir,
+                manifest,
+                engine_dir=engine_dir,
+                cuda_graph=cuda_graph,
+                verify_files=verify_files,
+            )
         else:
-            raise LlavaEdgeError(f"unknown backend {backend!r}; choose 'onnxruntime'")
+            raise LlavaEdgeError(f"unknown backend {backend!r}; choose 'onnxruntime' or 'tensorrt'")
         return cls(model_dir, manifest, engine)
 
     # ---- one-shot questions --------------------------------------------------------------
