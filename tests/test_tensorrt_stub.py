@@ -267,6 +267,17 @@ def test_cuda_graph_bookkeeping_captures_once_per_capacity_and_replays(stub, mod
     assert runs - len(replays) == 1 + 3  # the prefill and one eager step per capacity
 
 
+def test_engines_built_for_a_shorter_context_shorten_the_answer(stub, model: Path) -> None:
+    build_engines(model, max_context=40, kv_chunk=16, log=quiet)
+    reference = Pipeline.load(model)
+    trt = Pipeline(model, reference.manifest, backend(model))
+    answer = trt.answer(None, "Hello there", max_new_tokens=100, ignore_eos=True)
+    assert answer.finish_reason == "length"
+    assert len(answer.prompt_token_ids) + len(answer.token_ids) == 40
+    with pytest.raises(LlavaEdgeError, match="context is 40"):
+        trt.answer(None, "word " * 50)
+
+
 # ---- compatibility at load ---------------------------------------------------------------------
 
 

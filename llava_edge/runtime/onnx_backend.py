@@ -89,7 +89,13 @@ class OnnxBackend:
         self.providers = provider_list(providers)
         cache_dir = Path(engine_dir) if engine_dir else Path(model_dir) / ORT_TENSORRT_CACHE
         if "TensorrtExecutionProvider" in self.providers:
-            cache_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                cache_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise LlavaEdgeError(
+                    f"cannot make the TensorRT provider's engine cache {cache_dir} ({e.strerror}); "
+                    "give a writable engine_dir (--engine-dir)"
+                ) from None
         self.sessions = {
             name: self._open(
                 Path(model_dir) / graph.file,

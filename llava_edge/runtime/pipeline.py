@@ -258,11 +258,13 @@ class Pipeline:
         self, config: GenerationConfig, prompt_len: int, used: int = 0
     ) -> GenerationConfig:
         """Fail on a prompt that cannot fit; shorten max_new_tokens to what is left."""
-        room = self.manifest.text.max_context - used - prompt_len
+        # TensorRT engines may be built for less than the model's context
+        limit = getattr(self.backend, "max_context", self.manifest.text.max_context)
+        room = limit - used - prompt_len
         if room < 1:
             raise LlavaEdgeError(
                 f"the prompt is {prompt_len} tokens{' after ' + str(used) + ' earlier ones' if used else ''}, "
-                f"but the model's context is {self.manifest.text.max_context}; shorten it"
+                f"but the model's context is {limit}; shorten it"
             )
         if config.max_new_tokens > room:
             config = GenerationConfig(**{**config.__dict__, "max_new_tokens": room})

@@ -116,6 +116,11 @@ class TensorRTBackend:
 
     # ---- the backend interface -------------------------------------------------------------
 
+    @property
+    def max_context(self) -> int:
+        """The longest conversation the engines take (`--max-context` at build time)."""
+        return self.limits.max_context
+
     def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
         """pixel_values [B, 3, H, W] -> image features in the LLM's space [B, N, hidden]."""
         with self._lock, self._on_device():
@@ -154,6 +159,8 @@ class TensorRTBackend:
         Appends the new keys/values to `cache`. Prompts longer than the engines' prefill chunk
         run in several calls, each attending to the ones before through the cache.
         """
+        if embeds.shape[1] == 0:
+            raise LlavaEdgeError("decode needs at least one token")
         if embeds.shape[0] != cache.batch:
             raise LlavaEdgeError(f"{embeds.shape[0]} rows for a cache made for {cache.batch}")
         chunk = min(self.limits.prefill_chunk, self.limits.max_context)
