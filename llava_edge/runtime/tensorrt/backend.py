@@ -190,7 +190,7 @@ class TensorRTBackend:
         projector.feed_device(names.projector_input, features)
         embeds = projector.output(names.image_embeds, dims)
         projector.run(self._handle)
-        return np.array(embeds.cpu().numpy())  # a copy: the buffer is reused
+        return embeds.to("cpu", copy=True).numpy()  # a copy: the buffer is reused
 
     def _step(
         self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache: DeviceKVCache
@@ -225,7 +225,8 @@ class TensorRTBackend:
             work()
             self._epoch += 1
         cache.advance(mask)
-        return np.array(logits.cpu().numpy(), dtype=np.float32)  # a copy: the buffer is reused
+        # a copy (the buffer is reused); waits for the stream: the step's one synchronisation
+        return logits.to("cpu", copy=True).numpy().astype(np.float32, copy=False)
 
     def _decode_with_graph(self, work: Any, cache: DeviceKVCache, key: tuple) -> None:
         """Replay this cache's graph for `key`, or run eagerly once and capture on the next step."""
