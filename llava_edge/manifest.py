@@ -128,6 +128,33 @@ class FileEntry:
 
 
 @dataclass
+class EngineSpec:
+    """One TensorRT engine `llava-edge build` made from one graph."""
+
+    file: str  # in the engine dir
+    source: str  # the ONNX file (in the model dir) it was built from
+    source_sha256: str  # of that file when it was built: a re-quantized graph needs a rebuild
+    size: int
+    sha256: str
+    # profile name -> input name -> [min, opt, max] shapes, in the engine's profile order
+    profiles: dict[str, dict[str, list[list[int]]]] = field(default_factory=dict)
+
+
+@dataclass
+class EngineSet:
+    """The engines of one build: tied to the TensorRT version and GPU they were built for."""
+
+    tensorrt: str
+    gpu: str
+    compute_capability: str  # "8.7"
+    max_batch: int
+    max_context: int
+    prefill_chunk: int  # longest run of tokens one decoder call takes; longer prefills are split
+    kv_chunk: int  # the device KV cache grows by this many slots
+    engines: dict[str, EngineSpec] = field(default_factory=dict)  # graph name -> engine
+
+
+@dataclass
 class Manifest:
     graphs: dict[str, GraphSpec]
     image: ImageSpec
@@ -142,6 +169,8 @@ class Manifest:
     kv: KVSpec = field(default_factory=KVSpec)
     files: dict[str, FileEntry] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)  # checkpoint, model types, versions
+    # engine dir (relative to the model dir where it lies inside it) -> the engines built there
+    engines: dict[str, EngineSet] = field(default_factory=dict)
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 

@@ -152,6 +152,7 @@ class PipelineRunner:
         workload: Workload,
         backend: str = "onnxruntime",
         providers: list[str] | None = None,
+        engine_dir: str | os.PathLike | None = None,
     ):
         from llava_edge.runtime import Pipeline
 
@@ -161,7 +162,11 @@ class PipelineRunner:
         start = time.perf_counter()
         with PeakMemory() as memory:
             self.pipe = Pipeline.load(
-                model_dir, backend=backend, providers=providers, threads=workload.threads
+                model_dir,
+                backend=backend,
+                providers=providers,
+                threads=workload.threads,
+                engine_dir=engine_dir,
             )
             self.load_s = time.perf_counter() - start
             self.run_once()  # warm: the first run allocates the cache and pays one-off costs

@@ -108,6 +108,8 @@ class Pipeline:
         threads: int | None = None,
         verify_files: bool | None = None,
         limits: Limits | None = None,
+        engine_dir: str | os.PathLike | None = None,
+        cuda_graph: bool = False,
     ) -> Pipeline:
         """Open a model dir written by `llava-edge export` (or quantize).
 
@@ -115,6 +117,9 @@ class Pipeline:
         engines from `llava-edge build`). verify_files: True checks every file's sha256 against
         the manifest, False only sizes, None (default) hashes only files new to this machine.
         limits: what one request may ask for (image pixels, prompt tokens, new tokens, time).
+        engine_dir: the native engines to load (default: those recorded for this GPU), or the
+        onnxruntime TensorRT provider's engine cache. cuda_graph: replay the native backend's
+        decode step as a CUDA graph.
         """
         model_dir = Path(model_dir)
         manifest = Manifest.load(model_dir)
@@ -122,9 +127,21 @@ class Pipeline:
         if backend == "onnxruntime":
             from llava_edge.runtime.onnx_backend import OnnxBackend
 
-            engine = OnnxBackend(model_dir, manifest, providers=providers, threads=threads)
+            engine = OnnxBackend(
+                model_dir, manifest, providers=providers, threads=threads, engine_dir=engine_dir
+            )
+        elif backend == "tensorrt":
+            from llava_edge.runtime.tensorrt.backend import TensorRTBackend
+
+            engine = TensorRTBackend(
+                model_dir,
+                manifest,
+                engine_dir=engine_dir,
+                cuda_graph=cuda_graph,
+                verify_files=verify_files,
+            )
         else:
-            raise LlavaEdgeError(f"unknown backend {backend!r}; choose 'onnxruntime'")
+            raise LlavaEdgeError(f"unknown backend {backend!r}; choose 'onnxruntime' or 'tensorrt'")
         return cls(model_dir, manifest, engine, limits)
 
     # ---- one-shot questions --------------------------------------------------------------
@@ -296,11 +313,13 @@ class Pipeline:
         self, config: GenerationConfig, prompt_len: int, used: int = 0
     ) -> GenerationConfig:
         """Fail on a prompt that cannot fit; shorten max_new_tokens to what is left."""
-        room = self.manifest.text.max_context - used - prompt_len
+        # TensorRT engines may be built for less than the model's context
+        limit = getattr(self.backend, "max_context", self.manifest.text.max_context)
+        room = limit - used - prompt_len
         if room < 1:
             raise LlavaEdgeError(
                 f"the prompt is {prompt_len} tokens{' after ' + str(used) + ' earlier ones' if used else ''}, "
-                f"but the model's context is {self.manifest.text.max_context}; shorten it"
+                f"but the model's context is {limit}; shorten it"
             )
         if config.max_new_tokens > room:
             config = GenerationConfig(**{**config.__dict__, "max_new_tokens": room})
