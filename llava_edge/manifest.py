@@ -295,6 +295,10 @@ class Manifest:
                 )
         _remember_verified(fingerprint)
 
+    def mark_verified(self, model_dir: str | os.PathLike) -> None:
+        """Remember that `model_dir`'s files match (their writer just hashed them)."""
+        _remember_verified(self._fingerprint(Path(model_dir)))
+
     def _fingerprint(self, model_dir: Path) -> str:
         digest = hashlib.sha256(str(model_dir.resolve()).encode())
         digest.update(json.dumps(self.to_dict(), sort_keys=True).encode())

@@ -94,6 +94,7 @@ def export_checkpoint(
                 loaded = load_checkpoint(checkpoint, trust_remote_code=trust_remote_code)
             report = verify_model_dir(loaded, tmp, log=log)
         _install(tmp, out)
+        manifest.mark_verified(out)  # just hashed by record_files: no need to hash on first load
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"exported {loaded.source} -> {out} in {time.perf_counter() - start:.1f} s")
