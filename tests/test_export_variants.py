@@ -12,6 +12,7 @@ graphs' real inputs and outputs.
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -383,3 +384,26 @@ def _saved_dtypes(checkpoint: Path) -> set:
         with safe_open(str(path), framework="pt") as f:
             dtypes |= {f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
     return dtypes
+
+
+# ---- fp16 -------------------------------------------------------------------------------------
+
+
+def test_fp16_export_verifies_by_cosine(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    """`export --dtype fp16`: fp16 graphs and cache, float32 logits, verified by the cosine rule."""
+    from llava_edge.cli import main
+
+    out = tmp_path / "fp16"
+    assert main(["export", str(tiny_checkpoint), str(out), "--dtype", "fp16"]) == 0
+    printed = capsys.readouterr().out
+    assert "verify vs transformers: PASSED" in printed
+    cosine = float(re.search(r"cosine (\S+)", printed).group(1))
+    assert 0.99 <= cosine <= 1.0
+    manifest = Manifest.load(out)
+    assert manifest.text.dtype == "float16"
+    assert {g.precision for g in manifest.graphs.values()} == {"fp16"}
+    assert np.load(out / manifest.embeddings).dtype == np.float16
+    check_manifest_matches_graphs(out)  # logits float32, everything else float16
+    with Pipeline.load(out) as pipe:
+        answer = pipe.answer(_picture(0), QUESTION, max_new_tokens=8, ignore_eos=True)
+    assert len(answer.token_ids) == 8
