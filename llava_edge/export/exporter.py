@@ -73,9 +73,9 @@ def export_checkpoint(
     _check_output(out, force)
     _check_not_source(Path(checkpoint), out)
     start = time.perf_counter()
+    config = checkpoint_config(checkpoint, trust_remote_code=trust_remote_code)
+    max_context = _max_context(config.text_config, max_context)  # fail before loading weights
     loaded = load_checkpoint(checkpoint, trust_remote_code=trust_remote_code)
-    config = loaded.model.config
-    max_context = _max_context(config.text_config, max_context)
     tmp = _temp_dir(out)
     try:
         if dtype == "fp16":
@@ -106,7 +106,28 @@ def load_checkpoint(
 ) -> LoadedCheckpoint:
     """Load a LLaVA checkpoint in fp32 with eager attention, or say clearly why not."""
     import torch
-    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    checkpoint_config(checkpoint, trust_remote_code)
+    source = str(checkpoint)
+    try:
+        with _quiet():
+            model = LlavaForConditionalGeneration.from_pretrained(
+                source,
+                dtype=torch.float32,
+                attn_implementation="eager",
+                trust_remote_code=trust_remote_code,
+                use_safetensors=True,
+            ).eval()
+            processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:  # missing weights or tokenizer files, a broken config
+        raise LlavaEdgeError(f"cannot load checkpoint {source}: {_first_line(e)}") from None
+    return LoadedCheckpoint(model, processor, source, _template_name(Path(source)))
+
+
+def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = False) -> Any:
+    """The checkpoint's LlavaConfig, once it is known to be a LLaVA export takes (no weights)."""
+    from transformers import AutoConfig
 
     from llava_edge.export.graphs import SUPPORTED_TEXT_MODELS
 
@@ -140,19 +161,7 @@ def load_checkpoint(
             f"{source}: text model '{text_type}' is not supported yet "
             f"(supported: {', '.join(SUPPORTED_TEXT_MODELS)})"
         )
-    try:
-        with _quiet():
-            model = LlavaForConditionalGeneration.from_pretrained(
-                source,
-                dtype=torch.float32,
-                attn_implementation="eager",
-                trust_remote_code=trust_remote_code,
-                use_safetensors=True,
-            ).eval()
-            processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:  # missing weights or tokenizer files, a broken config
-        raise LlavaEdgeError(f"cannot load checkpoint {source}: {_first_line(e)}") from None
-    return LoadedCheckpoint(model, processor, source, _template_name(local))
+    return config
 
 
 def _first_line(error: Exception) -> str:
@@ -439,18 +448,23 @@ def _num_image_tokens(vision_graph: Path) -> int:
 
 def _check_output(out: Path, force: bool) -> None:
     """Fail before any work if `out` cannot become the model dir."""
-    if out.exists() and not out.is_dir():
+    try:
+        if out.exists() and not out.is_dir():
+            raise LlavaEdgeError(
+                f"output {out} exists and is not a directory; choose another output dir"
+            )
+        if out.is_dir() and any(out.iterdir()) and not force:
+            raise LlavaEdgeError(f"output dir {out} is not empty; pass --force to replace it")
+        # The model dir is built beside `out`, so its nearest existing ancestor must be a
+        # writable dir. (Under a regular file, `out` does not "exist" and mkdir would fail late,
+        # after the checkpoint was loaded.)
+        ancestor = out.resolve().parent
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+    except PermissionError:  # a dir on the way that we may not even look into
         raise LlavaEdgeError(
-            f"output {out} exists and is not a directory; choose another output dir"
-        )
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise LlavaEdgeError(f"output dir {out} is not empty; pass --force to replace it")
-    # The model dir is built beside `out`, so its nearest existing ancestor must be a writable
-    # dir. (Under a regular file, `out` does not "exist" and mkdir would fail late, after the
-    # checkpoint was loaded.)
-    ancestor = out.resolve().parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
+            f"cannot create output dir {out}: permission denied; choose another output dir"
+        ) from None
     if not ancestor.is_dir():
         raise LlavaEdgeError(
             f"cannot create output dir {out}: {ancestor} is a file, not a directory"
