@@ -106,7 +106,11 @@ def main() -> None:
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     report = {
-        "machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]},
+        "machine": {
+            "cores": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "load_average_before": [round(x, 2) for x in os.getloadavg()],  # shared machine
+        },
         "jobs": [run_job(name, JOBS[name], args.work, args.keep) for name in args.only or JOBS],
     }
     print(json.dumps(report, indent=2))

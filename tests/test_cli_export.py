@@ -4,7 +4,6 @@ would use and produce."""
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import subprocess
@@ -132,36 +131,44 @@ def test_export_not_a_llava_checkpoint_through_the_installed_command(
     assert list(tmp_path.iterdir()) == []
 
 
-def _without_dac_override() -> None:
-    """In the child: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding set, so
-    after exec even root obeys file permissions (PR_CAPBSET_DROP = 24)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    for capability in (1, 2):
-        if libc.prctl(24, capability, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+# Run as root, the command first drops CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from its bounding
+# set (prctl PR_CAPBSET_DROP = 24) and then execs: the new program keeps neither, so even root
+# obeys file permissions. A separate shim rather than preexec_fn, which is unsafe in a process
+# that has threads (onnxruntime's).
+DROP_DAC_THEN_EXEC = (
+    "import ctypes, os, sys\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "for cap in (1, 2):\n"
+    "    if libc.prctl(24, cap, 0, 0, 0):\n"
+    "        raise OSError(ctypes.get_errno(), 'prctl(PR_CAPBSET_DROP)')\n"
+    "os.execv(sys.argv[1], sys.argv[1:])\n"
+)
+
+
+def _unprivileged(argv: list[str]) -> list[str]:
+    if os.geteuid() != 0:
+        return argv
+    return [sys.executable, "-c", DROP_DAC_THEN_EXEC, *argv]
 
 
 def test_export_output_dir_not_writable(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    """A read-only parent dir. Tests may run as root, which permissions do not stop, so the
-    command runs in a child that has given up root's permission override."""
+    """A read-only parent dir. Tests may run as root, whom permissions do not stop, so the
+    command runs without root's permission override (see DROP_DAC_THEN_EXEC)."""
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o555)
-    as_root = os.geteuid() == 0
-    child = {"preexec_fn": _without_dac_override} if as_root else {}
     try:
         probe = subprocess.run(
-            [sys.executable, "-c", f"open({str(locked / 'probe')!r}, 'w')"],
+            _unprivileged([sys.executable, "-c", f"open({str(locked / 'probe')!r}, 'w')"]),
             capture_output=True,
-            **child,
+            text=True,
         )
-        assert probe.returncode != 0, "the locked dir is writable: the test would prove nothing"
+        assert "PermissionError" in probe.stderr, "the locked dir is writable: nothing to test"
         result = subprocess.run(
-            [CLI, "export", str(tiny_checkpoint), str(locked / "model")],
+            _unprivileged([CLI, "export", str(tiny_checkpoint), str(locked / "model")]),
             capture_output=True,
             text=True,
             timeout=300,
-            **child,
         )
         assert result.returncode == 1
         line = _one_error_line(result.stderr, "export")
