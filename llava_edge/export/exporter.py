@@ -71,10 +71,11 @@ def export_checkpoint(
         )
     out = Path(out_dir)
     _check_output(out, force)
+    _check_not_source(Path(checkpoint), out)
     start = time.perf_counter()
+    config = checkpoint_config(checkpoint, trust_remote_code=trust_remote_code)
+    max_context = _max_context(config.text_config, max_context)  # fail before loading weights
     loaded = load_checkpoint(checkpoint, trust_remote_code=trust_remote_code)
-    config = loaded.model.config
-    max_context = _max_context(config.text_config, max_context)
     tmp = _temp_dir(out)
     try:
         if dtype == "fp16":
@@ -94,6 +95,7 @@ def export_checkpoint(
                 loaded = load_checkpoint(checkpoint, trust_remote_code=trust_remote_code)
             report = verify_model_dir(loaded, tmp, log=log)
         _install(tmp, out)
+        manifest.mark_verified(out)  # just hashed by record_files: no need to hash on first load
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"exported {loaded.source} -> {out} in {time.perf_counter() - start:.1f} s")
@@ -105,14 +107,36 @@ def load_checkpoint(
 ) -> LoadedCheckpoint:
     """Load a LLaVA checkpoint in fp32 with eager attention, or say clearly why not."""
     import torch
-    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    checkpoint_config(checkpoint, trust_remote_code)
+    source = str(checkpoint)
+    try:
+        with _quiet():
+            model = LlavaForConditionalGeneration.from_pretrained(
+                source,
+                dtype=torch.float32,
+                attn_implementation="eager",
+                trust_remote_code=trust_remote_code,
+                use_safetensors=True,
+            ).eval()
+            processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:  # missing weights or tokenizer files, a broken config
+        raise LlavaEdgeError(f"cannot load checkpoint {source}: {_first_line(e)}") from None
+    return LoadedCheckpoint(model, processor, source, _template_name(Path(source)))
+
+
+def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = False) -> Any:
+    """The checkpoint's LlavaConfig, once it is known to be a LLaVA export takes (no weights)."""
+    from transformers import AutoConfig
 
     from llava_edge.export.graphs import SUPPORTED_TEXT_MODELS
 
     source = str(checkpoint)
     local = Path(source)
     if not local.exists():
-        if not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        # "org/name" may be a hub id, unless "org" is a local dir: then it is a mistyped path.
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", source) or local.parent.is_dir():
             raise LlavaEdgeError(f"checkpoint {source} does not exist")
     elif not local.is_dir():
         raise LlavaEdgeError(f"checkpoint {source} is a file; give the checkpoint's directory")
@@ -121,11 +145,12 @@ def load_checkpoint(
             f"{source} has no config.json: it is not a Hugging Face checkpoint dir"
         )
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        with _quiet():
+            config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as e:
-        raise LlavaEdgeError(f"cannot load checkpoint {source}: {str(e).splitlines()[0]}") from None
+        raise LlavaEdgeError(f"cannot load checkpoint {source}: {_first_line(e)}") from None
     except ValueError as e:
-        raise LlavaEdgeError(f"{source}: {str(e).splitlines()[0]}") from None
+        raise LlavaEdgeError(f"{source}: {_first_line(e)}") from None
     if config.model_type != "llava":
         raise LlavaEdgeError(
             f"{source} is a '{config.model_type}' checkpoint, not LLaVA "
@@ -137,16 +162,11 @@ def load_checkpoint(
             f"{source}: text model '{text_type}' is not supported yet "
             f"(supported: {', '.join(SUPPORTED_TEXT_MODELS)})"
         )
-    with _quiet():
-        model = LlavaForConditionalGeneration.from_pretrained(
-            source,
-            dtype=torch.float32,
-            attn_implementation="eager",
-            trust_remote_code=trust_remote_code,
-            use_safetensors=True,
-        ).eval()
-        processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
-    return LoadedCheckpoint(model, processor, source, _template_name(local))
+    return config
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _template_name(checkpoint: Path) -> str:
@@ -428,25 +448,52 @@ def _num_image_tokens(vision_graph: Path) -> int:
 
 
 def _check_output(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise LlavaEdgeError(f"output {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise LlavaEdgeError(f"output dir {out} is not empty; pass --force to replace it")
-    parent = out.resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
+    """Fail before any work if `out` cannot become the model dir."""
+    try:
+        if out.exists() and not out.is_dir():
+            raise LlavaEdgeError(
+                f"output {out} exists and is not a directory; choose another output dir"
+            )
+        if out.is_dir() and any(out.iterdir()) and not force:
+            raise LlavaEdgeError(f"output dir {out} is not empty; pass --force to replace it")
+        # The model dir is built beside `out`, so its nearest existing ancestor must be a
+        # writable dir. (Under a regular file, `out` does not "exist" and mkdir would fail late,
+        # after the checkpoint was loaded.)
+        ancestor = out.resolve().parent
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+    except PermissionError:  # a dir on the way that we may not even look into
         raise LlavaEdgeError(
-            f"cannot write to {parent}: permission denied; choose another output dir"
+            f"cannot create output dir {out}: permission denied; choose another output dir"
+        ) from None
+    if not ancestor.is_dir():
+        raise LlavaEdgeError(
+            f"cannot create output dir {out}: {ancestor} is a file, not a directory"
+        )
+    if not os.access(ancestor, os.W_OK | os.X_OK):  # also False on a read-only filesystem
+        raise LlavaEdgeError(
+            f"cannot create output dir {out}: {ancestor} is not writable; choose another output dir"
+        )
+
+
+def _check_not_source(checkpoint: Path, out: Path) -> None:
+    """With --force the old output dir is deleted: never when it is or holds the checkpoint."""
+    if not checkpoint.exists():
+        return
+    source, target = checkpoint.resolve(), out.resolve()
+    if source == target or target in source.parents:
+        raise LlavaEdgeError(
+            f"output dir {out} holds the checkpoint {checkpoint}, which replacing it would "
+            "delete; choose another output dir"
         )
 
 
 def _temp_dir(out: Path) -> Path:
     """A fresh dir beside `out` (same filesystem, so the final move is a rename)."""
-    out.resolve().parent.mkdir(parents=True, exist_ok=True)
     tmp = out.resolve().parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     except OSError as e:
         raise LlavaEdgeError(f"cannot create {tmp}: {e.strerror}") from None
@@ -458,7 +505,12 @@ def _install(tmp: Path, out: Path) -> None:
     old = out.resolve().parent / f".{out.name}.old-{os.getpid()}"
     if out.exists():
         os.replace(out, old)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old.exists():  # put the previous model dir back
+            os.replace(old, out)
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -468,9 +520,12 @@ def _quiet():
     import logging
 
     import transformers
+    from huggingface_hub.utils import logging as hub_logging
 
     level = transformers.logging.get_verbosity()
+    hub_level = hub_logging.get_verbosity()
     transformers.logging.set_verbosity_error()
+    hub_logging.set_verbosity_error()  # the hub client's "Retrying in 2s" lines, per attempt
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
@@ -478,3 +533,4 @@ def _quiet():
             yield
     finally:
         transformers.logging.set_verbosity(level)
+        hub_logging.set_verbosity(hub_level)

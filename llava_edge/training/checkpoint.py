@@ -9,6 +9,8 @@ export and runtime prompt it the same way.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -226,9 +228,18 @@ def init_checkpoint(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    save_processor(out, tokenizer, config, template)
+    # Written beside `out` and renamed into place: a failed init leaves no half checkpoint, and
+    # --force replaces the old one whole (no stale shards from it stay behind).
+    tmp = out.resolve().parent / f".{out.name}.partial-{os.getpid()}"
+    try:
+        tmp.mkdir(parents=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        save_processor(tmp, tokenizer, config, template)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -237,3 +248,10 @@ def _check_output_dir(out: Path, force: bool) -> None:
         raise LlavaEdgeError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise LlavaEdgeError(f"{out} is not empty; pass --force to overwrite it")
+    ancestor = out.resolve().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise LlavaEdgeError(f"cannot create {out}: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise LlavaEdgeError(f"cannot create {out}: {ancestor} is not writable")
