@@ -128,6 +128,7 @@ def quantize_model(
             write_report(result, tmp / REPORT_FILE)
             log(format_table(result))
         _install(tmp, out)
+        manifest.mark_verified(out)  # every file was hashed above: the first load need not again
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"quantized {source} -> {out} ({precision}) in {time.perf_counter() - start:.1f} s")
