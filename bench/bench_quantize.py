@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -34,10 +36,13 @@ def build(work: Path, preset: str) -> dict[str, Path]:
     from llava_edge.training.checkpoint import init_checkpoint
     from llava_edge.training.synth import synthesize
 
+    def log(*parts: object) -> None:  # stdout holds only the JSON result
+        print(*parts, file=sys.stderr)
+
     dirs = {p: work / p for p in PRECISIONS}
     if not (dirs["fp32"] / "manifest.json").exists():
         checkpoint = init_checkpoint(work / "checkpoint", preset=preset, force=True)
-        export_checkpoint(checkpoint, dirs["fp32"], verify=False, force=True)
+        export_checkpoint(checkpoint, dirs["fp32"], verify=False, force=True, log=log)
     data = work / "data"
     if not (data / "train.json").exists():
         synthesize(data, train=8, test=0)
@@ -50,6 +55,7 @@ def build(work: Path, preset: str) -> dict[str, Path]:
                 calib=data / "train.json",
                 samples=8,
                 force=True,
+                log=log,
             )
     return dirs
 
@@ -111,6 +117,7 @@ def main() -> None:
     given = {p: getattr(args, p) for p in PRECISIONS}
     dirs = given if all(given.values()) else build(args.work, args.preset)
     pipes = {p: Pipeline.load(dirs[p], threads=args.threads) for p in PRECISIONS}
+    load_before = os.getloadavg()[0]
     for p in PRECISIONS:  # warm up: first calls allocate and pre-pack weights
         measure(pipes[p].backend, pipes[p].table, min(args.context, 64), 2, seed=0)
     runs: dict[str, dict[str, list[float]]] = {
@@ -129,6 +136,8 @@ def main() -> None:
     result = {
         "bench": "quantize",
         "machine": f"{platform.machine()}, {args.threads} onnxruntime threads",
+        # other jobs on the machine skew the ratios: say how busy it was
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "context": args.context,
         "decode_tokens": args.decode,
         "runs": args.runs,
