@@ -96,9 +96,12 @@ class OnnxBackend:
                     f"cannot make the TensorRT provider's engine cache {cache_dir} ({e.strerror}); "
                     "give a writable engine_dir (--engine-dir)"
                 ) from None
+        # TensorRT (as a provider too) must build from the Q/DQ form where a dir has two.
+        tensorrt = "TensorrtExecutionProvider" in self.providers
         self.sessions = {
             name: self._open(
-                Path(model_dir) / graph.file,
+                Path(model_dir)
+                / (graph.tensorrt_file if tensorrt and graph.tensorrt_file else graph.file),
                 options,
                 [(p, provider_options(p, manifest, name, cache_dir)) for p in self.providers],
             )
