@@ -35,6 +35,7 @@ from typing import Any
 
 from llava_edge.calib.data import Activations, FeedReader, Sample, load_samples
 from llava_edge.errors import LlavaEdgeError
+from llava_edge.files import check_output_dir, replace_dir
 from llava_edge.manifest import GraphSpec, Manifest
 
 PRECISIONS = ("int8", "int4", "fp16")
@@ -101,12 +102,11 @@ def quantize_model(
         raise LlavaEdgeError(
             "OUT_DIR must differ from MODEL_DIR: the fp32 graphs are the reference"
         )
-    _check_output(out, force)
+    check_output_dir(out, force, keep=source, keep_name="the source model dir")
     calibration, held_out = _split(precision, calib, images, samples, report)
 
     start = time.perf_counter()
-    tmp = _temp_dir(out)
-    try:
+    with replace_dir(out) as tmp:
         for name in {manifest.tokenizer, manifest.embeddings}:
             shutil.copy2(source / name, tmp / name)
         activations = Activations(source, calibration)
@@ -118,6 +118,7 @@ def quantize_model(
             "model_dir": str(source.resolve()),
             "files": {n: e.sha256 for n, e in manifest.files.items()},
         }
+        manifest.engines = {}  # engines built for the source dir do not fit these graphs
         manifest.record_files(tmp)
         manifest.save(tmp)
         result: dict[str, Any] = {}
@@ -127,10 +128,7 @@ def quantize_model(
             result = build_report(source, tmp, held_out)
             write_report(result, tmp / REPORT_FILE)
             log(format_table(result))
-        _install(tmp, out)
-        manifest.mark_verified(out)  # every file was hashed above: the first load need not again
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    manifest.mark_verified(out)  # every file was hashed above: the first load need not again
     log(f"quantized {source} -> {out} ({precision}) in {time.perf_counter() - start:.1f} s")
     return result
 
@@ -509,36 +507,6 @@ def _save(model: Any, dst: Path) -> None:
         )
     else:
         onnx.save_model(model, str(dst))
-
-
-def _check_output(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise LlavaEdgeError(f"output {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise LlavaEdgeError(f"output dir {out} is not empty; pass --force to replace it")
-
-
-def _temp_dir(out: Path) -> Path:
-    """A fresh dir beside `out` (same filesystem, so installing it is a rename)."""
-    parent = out.resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
-    except OSError as e:
-        raise LlavaEdgeError(f"cannot write beside {out}: {e.strerror}") from None
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the model dir is an ordinary one
-    return tmp
-
-
-def _install(tmp: Path, out: Path) -> None:
-    """Replace `out` by `tmp` with renames: at every moment `out` is the old or the new dir."""
-    old = out.resolve().parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager

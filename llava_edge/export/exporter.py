@@ -21,6 +21,7 @@ import numpy as np
 
 from llava_edge import __version__
 from llava_edge.errors import LlavaEdgeError
+from llava_edge.files import check_output_dir, replace_dir
 from llava_edge.manifest import (
     CHECKPOINT_INFO_FILE,
     GraphSpec,
@@ -70,14 +71,12 @@ def export_checkpoint(
             f"--opset {opset} is outside 9-20, what TensorRT 10.x's ONNX parser reads"
         )
     out = Path(out_dir)
-    _check_output(out, force)
-    _check_not_source(Path(checkpoint), out)
+    check_output_dir(out, force, keep=Path(checkpoint), keep_name="the checkpoint")
     start = time.perf_counter()
     config = checkpoint_config(checkpoint, trust_remote_code=trust_remote_code)
     max_context = _max_context(config.text_config, max_context)  # fail before loading weights
     loaded = load_checkpoint(checkpoint, trust_remote_code=trust_remote_code)
-    tmp = _temp_dir(out)
-    try:
+    with replace_dir(out) as tmp:
         if dtype == "fp16":
             loaded.model.half()
         manifest = build_manifest(loaded, dtype, max_context)
@@ -94,10 +93,7 @@ def export_checkpoint(
             if dtype == "fp16":  # the reference is always the checkpoint's weights in fp32
                 loaded = load_checkpoint(checkpoint, trust_remote_code=trust_remote_code)
             report = verify_model_dir(loaded, tmp, log=log)
-        _install(tmp, out)
-        manifest.mark_verified(out)  # just hashed by record_files: no need to hash on first load
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    manifest.mark_verified(out)  # just hashed by record_files: no need to hash on first load
     log(f"exported {loaded.source} -> {out} in {time.perf_counter() - start:.1f} s")
     return report
 
@@ -445,73 +441,6 @@ def _num_image_tokens(vision_graph: Path) -> int:
 
 
 # ---- the output dir ----------------------------------------------------------------------------
-
-
-def _check_output(out: Path, force: bool) -> None:
-    """Fail before any work if `out` cannot become the model dir."""
-    try:
-        if out.exists() and not out.is_dir():
-            raise LlavaEdgeError(
-                f"output {out} exists and is not a directory; choose another output dir"
-            )
-        if out.is_dir() and any(out.iterdir()) and not force:
-            raise LlavaEdgeError(f"output dir {out} is not empty; pass --force to replace it")
-        # The model dir is built beside `out`, so its nearest existing ancestor must be a
-        # writable dir. (Under a regular file, `out` does not "exist" and mkdir would fail late,
-        # after the checkpoint was loaded.)
-        ancestor = out.resolve().parent
-        while not ancestor.exists():
-            ancestor = ancestor.parent
-    except PermissionError:  # a dir on the way that we may not even look into
-        raise LlavaEdgeError(
-            f"cannot create output dir {out}: permission denied; choose another output dir"
-        ) from None
-    if not ancestor.is_dir():
-        raise LlavaEdgeError(
-            f"cannot create output dir {out}: {ancestor} is a file, not a directory"
-        )
-    if not os.access(ancestor, os.W_OK | os.X_OK):  # also False on a read-only filesystem
-        raise LlavaEdgeError(
-            f"cannot create output dir {out}: {ancestor} is not writable; choose another output dir"
-        )
-
-
-def _check_not_source(checkpoint: Path, out: Path) -> None:
-    """With --force the old output dir is deleted: never when it is or holds the checkpoint."""
-    if not checkpoint.exists():
-        return
-    source, target = checkpoint.resolve(), out.resolve()
-    if source == target or target in source.parents:
-        raise LlavaEdgeError(
-            f"output dir {out} holds the checkpoint {checkpoint}, which replacing it would "
-            "delete; choose another output dir"
-        )
-
-
-def _temp_dir(out: Path) -> Path:
-    """A fresh dir beside `out` (same filesystem, so the final move is a rename)."""
-    tmp = out.resolve().parent / f".{out.name}.partial-{os.getpid()}"
-    try:
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    except OSError as e:
-        raise LlavaEdgeError(f"cannot create {tmp}: {e.strerror}") from None
-    return tmp
-
-
-def _install(tmp: Path, out: Path) -> None:
-    """Replace `out` by `tmp` with renames: at every moment `out` is the old or the new dir."""
-    old = out.resolve().parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old.exists():  # put the previous model dir back
-            os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager

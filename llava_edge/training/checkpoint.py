@@ -9,12 +9,11 @@ export and runtime prompt it the same way.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 from llava_edge.errors import LlavaEdgeError
+from llava_edge.files import check_output_dir, replace_dir
 from llava_edge.manifest import CHECKPOINT_INFO_FILE, TemplateSpec
 from llava_edge.runtime.template import IMAGE_PLACEHOLDER, get_template
 
@@ -216,7 +215,7 @@ def init_checkpoint(
     from transformers import GenerationConfig, LlavaForConditionalGeneration
 
     out = Path(out_dir)
-    _check_output_dir(out, force)
+    check_output_dir(out, force)
     tokenizer = make_hf_tokenizer(PRESETS.get(preset, {}).get("tokenizer_size", 512))
     config = make_config(preset, layers, tokenizer, **overrides)
     torch.manual_seed(seed)
@@ -230,28 +229,7 @@ def init_checkpoint(
     )
     # Written beside `out` and renamed into place: a failed init leaves no half checkpoint, and
     # --force replaces the old one whole (no stale shards from it stay behind).
-    tmp = out.resolve().parent / f".{out.name}.partial-{os.getpid()}"
-    try:
-        tmp.mkdir(parents=True)
+    with replace_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         save_processor(tmp, tokenizer, config, template)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def _check_output_dir(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise LlavaEdgeError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise LlavaEdgeError(f"{out} is not empty; pass --force to overwrite it")
-    ancestor = out.resolve().parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise LlavaEdgeError(f"cannot create {out}: {ancestor} is a file, not a directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise LlavaEdgeError(f"cannot create {out}: {ancestor} is not writable")
