@@ -52,6 +52,10 @@ def bad_requests(tmp_path, image):
         (dict(image=image, prompt="What?", top_p=0.0), "top_p"),
         (dict(image=image, prompt="What?", bogus=1), "unknown generation option"),
         (dict(image=image, prompt=b"\xff\xfe not text"), "prompt must be text"),
+        (
+            dict(image=image, prompt="\udcff\udcfe from bytes that were not UTF-8"),
+            "not valid UTF-8",
+        ),
     ]
 
 
@@ -133,6 +137,20 @@ def test_cli_reports_errors_in_one_line(tiny_model_dir, tmp_path, capsys):
     assert err.count("\n") == 1 and "empty file" in err and "Traceback" not in err
     assert main(["run", str(tmp_path), "--prompt", "What?"]) == 1
     assert "not a llava-edge model dir" in capsys.readouterr().err
+    not_utf8 = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llava_edge.cli",
+            "run",
+            str(tiny_model_dir),
+            "--prompt",
+            b"\xff\xfe hi",
+        ],
+        capture_output=True,
+    )
+    assert not_utf8.returncode == 1 and b"not valid UTF-8" in not_utf8.stderr
+    assert b"Traceback" not in not_utf8.stderr
 
 
 def test_runtime_imports_neither_torch_nor_transformers(tiny_model_dir, image):
@@ -163,3 +181,19 @@ def test_deployment_limits(tiny_model_dir, image):
             pipe.generate(None, "What?", max_new_tokens=8, ignore_eos=True)
         pipe.limits.timeout_s = None
         assert len(pipe.answer(None, "What?", max_new_tokens=8, ignore_eos=True).token_ids) == 8
+
+
+def test_graph_or_table_from_another_model(model_copy, tmp_path):
+    """Files swapped in from a model of another shape fail at load, naming the problem."""
+    manifest = json.loads((model_copy / "manifest.json").read_text())
+    manifest["graphs"]["projector"]["outputs"]["image_embeds"]["shape"][-1] = 128
+    (model_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(
+        LlavaEdgeError, match="image_embeds.*the graph and manifest come from different models"
+    ):
+        Pipeline.load(model_copy, verify_files=False)
+    manifest["graphs"]["projector"]["outputs"]["image_embeds"]["shape"][-1] = 64
+    manifest["text"]["hidden_size"] = 128
+    (model_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LlavaEdgeError, match="embedding table .* hidden size is 128"):
+        Pipeline.load(model_copy, verify_files=False)

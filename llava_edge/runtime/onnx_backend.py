@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from llava_edge.errors import LlavaEdgeError
-from llava_edge.manifest import Manifest
+from llava_edge.manifest import GraphSpec, Manifest
 from llava_edge.runtime.kv_cache import KVCache
 
 PROVIDERS = {
@@ -67,6 +67,32 @@ def provider_list(names: list[str] | None) -> list[str]:
     return chosen
 
 
+def check_io(name: str, graph: GraphSpec, session: ort.InferenceSession) -> None:
+    """The graph's inputs and outputs are the manifest's: same names, same fixed dimensions.
+
+    Catches a graph copied in from another model dir, or a manifest edited by hand, at load
+    time with a clear message instead of a shape error deep inside the first request.
+    """
+    actual = {i.name: i.shape for i in [*session.get_inputs(), *session.get_outputs()]}
+    for tensor, spec in {**graph.inputs, **graph.outputs}.items():
+        if tensor not in actual:
+            raise LlavaEdgeError(
+                f"graph {graph.file} has no tensor {tensor!r} that the manifest names: the graph "
+                "and manifest come from different models; re-export the model dir"
+            )
+        shape = actual[tensor]
+        fixed = [
+            (i, want, got)
+            for i, (want, got) in enumerate(zip(spec.shape, shape, strict=False))
+            if isinstance(want, int) and isinstance(got, int) and want != got
+        ]
+        if len(shape) != len(spec.shape) or fixed:
+            raise LlavaEdgeError(
+                f"{name} graph {graph.file}: {tensor!r} has shape {shape} but the manifest says "
+                f"{spec.shape}: the graph and manifest come from different models; re-export"
+            )
+
+
 class OnnxBackend:
     """Runs a model dir's graphs with onnxruntime. One backend serves one request at a time."""
 
@@ -107,6 +133,8 @@ class OnnxBackend:
             )
             for name, graph in manifest.graphs.items()
         }
+        for name, graph in manifest.graphs.items():
+            check_io(name, graph, self.sessions[name])
         self.layer_names = [manifest.kv_names(i) for i in range(manifest.text.num_layers)]
 
     def _open(

@@ -93,7 +93,7 @@ class Pipeline:
         self.codec = TextCodec(
             model_dir / manifest.tokenizer, manifest.tokens, manifest.num_image_tokens
         )
-        self.table = np.load(model_dir / manifest.embeddings, mmap_mode="r", allow_pickle=False)
+        self.table = _load_table(model_dir / manifest.embeddings, manifest)
         self._features: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
         self.stats = {"vision_runs": 0, "feature_cache_hits": 0}
@@ -255,8 +255,7 @@ class Pipeline:
         """Check the prompt, apply the template, encode it; run the vision encoder if needed."""
         if self.closed:
             raise LlavaEdgeError("this pipeline is closed; load the model dir again")
-        if not isinstance(prompt, str):
-            raise LlavaEdgeError(f"prompt must be text, got {type(prompt).__name__}")
+        _check_text(prompt)
         placeholders = prompt.count(IMAGE_PLACEHOLDER)
         if placeholders > 1:
             raise LlavaEdgeError(
@@ -348,6 +347,7 @@ class ChatSession:
 
     def _turn(self, prompt: str, options: dict) -> TextStream:
         pipe = self.pipeline
+        _check_text(prompt)
         config = pipe._config(options)
         first = not self.ids
         if IMAGE_PLACEHOLDER in prompt and (self.features is None or not first):
@@ -450,6 +450,33 @@ class TextStream:
         if self.session is not None:
             self.session.ids = self.all_ids + generated
             self.session.fed = self.cache.length
+
+
+def _load_table(path: Path, manifest: Manifest) -> np.ndarray:
+    """The text embedding table, memory-mapped; its shape must be the manifest's."""
+    try:
+        table = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise LlavaEdgeError(f"cannot read the embedding table {path}: {e}") from None
+    hidden = manifest.text.hidden_size
+    if table.ndim != 2 or table.shape[1] != hidden:
+        raise LlavaEdgeError(
+            f"embedding table {path} is {list(table.shape)}, but the model's hidden size is "
+            f"{hidden}: it comes from another model; re-export the model dir"
+        )
+    return table
+
+
+def _check_text(prompt: Any) -> None:
+    if not isinstance(prompt, str):
+        raise LlavaEdgeError(f"prompt must be text, got {type(prompt).__name__}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # lone surrogates: bytes that were not UTF-8 (argv, files)
+        raise LlavaEdgeError(
+            f"the prompt is not valid UTF-8 text (bad character at position {e.start}); "
+            "re-encode it as UTF-8"
+        ) from None
 
 
 def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, str | None]:
