@@ -159,7 +159,7 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _load_pipeline(args: argparse.Namespace):
-    from llava_edge.runtime import Pipeline
+    from llava_edge.runtime import Limits, Pipeline
 
     return Pipeline.load(
         args.model_dir,
@@ -167,6 +167,12 @@ def _load_pipeline(args: argparse.Namespace):
         providers=args.provider,
         threads=args.threads,
         engine_dir=args.engine_dir,
+        verify_files=True if args.verify_files else None,
+        limits=Limits(
+            max_image_pixels=args.max_image_pixels,
+            max_prompt_tokens=args.max_prompt_tokens,
+            timeout_s=args.timeout,
+        ),
     )
 
 
@@ -375,6 +381,16 @@ def _add_backend_options(p: argparse.ArgumentParser) -> None:
         "--provider", action="append", help="onnxruntime provider: cpu, cuda, tensorrt (repeatable)"
     )
     p.add_argument("--threads", type=int, help="CPU threads for onnxruntime")
+    p.add_argument(
+        "--verify-files",
+        action="store_true",
+        help="check every file's sha256 (default: once per machine)",
+    )
+    p.add_argument("--max-image-pixels", type=int, default=50_000_000, help="refuse larger images")
+    p.add_argument(
+        "--max-prompt-tokens", type=int, help="refuse longer prompts (default: the context)"
+    )
+    p.add_argument("--timeout", type=float, help="seconds one answer may take")
 
 
 def main(argv: list[str] | None = None) -> int:
