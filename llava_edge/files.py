@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from llava_edge.errors import LlavaEdgeError
 
@@ -113,3 +114,27 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# Protobuf caps one message at 2 GB: larger graphs keep their weights in `<file>.data` beside
+# them (one file, not one per tensor as torch.onnx writes them), which onnxruntime and TensorRT
+# both read.
+MAX_PROTOBUF = 1_800_000_000
+
+
+def save_graph(model: Any, path: Path) -> None:
+    """Save an onnx.ModelProto as one .onnx file, with a `.data` file when it is over 2 GB."""
+    import onnx
+
+    size = sum(len(t.raw_data) for t in model.graph.initializer)
+    if size > MAX_PROTOBUF:
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=path.name + ".data",
+            size_threshold=1024,
+        )
+    else:
+        onnx.save_model(model, str(path))

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
+from llava_edge import files
 from llava_edge.cli import main
 from llava_edge.export import exporter
 from llava_edge.manifest import MANIFEST_NAME, Manifest
@@ -37,7 +38,7 @@ def _picture():
 def external_model_dir(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model exported as if every graph were over 2 GB (verification on)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(exporter, "MAX_PROTOBUF", 0)
+        patch.setattr(files, "MAX_PROTOBUF", 0)
         out = tmp_path_factory.mktemp("external") / "model"
         report = exporter.export_checkpoint(tiny_checkpoint, out, log=quiet)
     assert report["passed"]

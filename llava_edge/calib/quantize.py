@@ -35,7 +35,7 @@ from typing import Any
 
 from llava_edge.calib.data import Activations, FeedReader, Sample, load_samples
 from llava_edge.errors import LlavaEdgeError
-from llava_edge.files import check_output_dir, replace_dir
+from llava_edge.files import MAX_PROTOBUF, check_output_dir, replace_dir, save_graph
 from llava_edge.manifest import GraphSpec, Manifest
 
 PRECISIONS = ("int8", "int4", "fp16")
@@ -46,7 +46,6 @@ INT4_BLOCK = 32  # weights per scale; 32 keeps random-init and trained Llamas us
 # MatMulNBits' accuracy_level 4 quantizes activations to int8 for the dot products: the fast CPU
 # path (REFERENCE.md measured it), at an accuracy cost far below the 4-bit weights' own.
 INT4_ACCURACY_LEVEL = 4
-MAX_PROTOBUF = 1_800_000_000  # larger graphs keep their weights in `<file>.data`
 INT4_OPSET = 21  # DequantizeLinear's INT4 type and block_size attribute start at opset 21
 QDQ_SUFFIX = ".qdq.onnx"
 REPORT_FILE = "quantize_report.json"
@@ -379,7 +378,7 @@ def int4_matmulnbits(src: Path, dst: Path) -> dict[str, Any]:
     )
     quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=skipped, algo_config=config)
     quantizer.process()
-    _save(quantizer.model.model, dst)
+    save_graph(quantizer.model.model, dst)
     return {
         "form": "MatMulNBits 4-bit symmetric blocks (com.microsoft), onnxruntime only",
         "block_size": INT4_BLOCK,
@@ -415,7 +414,7 @@ def int4_qdq(src: Path, dst: Path) -> dict[str, Any]:
     )
     quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=skipped, algo_config=config)
     quantizer.process()
-    _save(quantizer.model.model, dst)
+    save_graph(quantizer.model.model, dst)
     return {
         "form": "INT4 weight-only Q/DQ: block-wise symmetric DequantizeLinear, no zero point",
         "block_size": INT4_BLOCK,
@@ -450,7 +449,7 @@ def to_fp16(src: Path, dst: Path) -> dict[str, Any]:
         node_block_list=rotary,
         disable_shape_infer=_is_large(src),
     )
-    _save(model, dst)
+    save_graph(model, dst)
     return {
         "form": "fp16 weights and activations (onnxruntime.transformers.float16), fp32 graph IO",
         "kept_fp32_ops": FP16_KEEP_FP32_OPS,
@@ -489,24 +488,6 @@ def _load(path: Path) -> Any:
     import onnx
 
     return onnx.load(str(path), load_external_data=True)
-
-
-def _save(model: Any, dst: Path) -> None:
-    """One .onnx file, with its weights in `<name>.data` beside it when over protobuf's limit."""
-    import onnx
-
-    size = sum(len(t.raw_data) for t in model.graph.initializer)
-    if size > MAX_PROTOBUF:
-        onnx.save_model(
-            model,
-            str(dst),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=dst.name + ".data",
-            size_threshold=1024,
-        )
-    else:
-        onnx.save_model(model, str(dst))
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ import numpy as np
 
 from llava_edge import __version__
 from llava_edge.errors import LlavaEdgeError
-from llava_edge.files import check_output_dir, replace_dir
+from llava_edge.files import check_output_dir, replace_dir, save_graph
 from llava_edge.manifest import (
     CHECKPOINT_INFO_FILE,
     GraphSpec,
@@ -35,7 +35,6 @@ from llava_edge.manifest import (
 from llava_edge.runtime.template import TEMPLATES
 
 DEFAULT_OPSET = 17  # TensorRT 10.3 (JetPack 6) parses opsets 9-20; 17 has LayerNormalization
-MAX_PROTOBUF = 1_800_000_000  # graphs larger than this keep their weights in external data
 EMBEDDINGS_FILE = "embed_tokens.npy"
 
 
@@ -327,6 +326,7 @@ def _max_context(text_config: Any, requested: int | None) -> int:
 
 
 def _write_graphs(model: Any, manifest: Manifest, out: Path, opset: int, log: Any) -> None:
+    import onnx
     import torch
     from tqdm import tqdm
 
@@ -363,7 +363,7 @@ def _write_graphs(model: Any, manifest: Manifest, out: Path, opset: int, log: An
             _torch_export(module, args, scratch / "graph.onnx", graph, opset)
             bar.update()
             bar.set_postfix_str("saving")
-            _save_single(scratch / "graph.onnx", out / graph.file)
+            save_graph(onnx.load(str(scratch / "graph.onnx")), out / graph.file)
             shutil.rmtree(scratch)
             bar.update()
             graph.details["opset"] = opset
@@ -390,25 +390,6 @@ def _torch_export(module: Any, args: tuple, path: Path, graph: GraphSpec, opset:
             do_constant_folding=True,
             dynamo=False,
         )
-
-
-def _save_single(src: Path, dst: Path) -> None:
-    """Re-save a graph as one .onnx file, with its weights in one `.data` file when over 2 GB."""
-    import onnx
-
-    model = onnx.load(str(src), load_external_data=True)
-    size = sum(len(t.raw_data) for t in model.graph.initializer)
-    if size > MAX_PROTOBUF:
-        onnx.save_model(
-            model,
-            str(dst),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=dst.name + ".data",
-            size_threshold=1024,
-        )
-    else:
-        onnx.save_model(model, str(dst))
 
 
 def _write_text_files(loaded: LoadedCheckpoint, manifest: Manifest, out: Path) -> None:
