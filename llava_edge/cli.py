@@ -69,15 +69,33 @@ def _export(args: argparse.Namespace) -> None:
     )
 
 
+# ---- quantize --------------------------------------------------------------------------------
+
+
+@command("quantize")
+def _quantize(args: argparse.Namespace) -> None:
+    from llava_edge.calib.quantize import quantize_model
+
+    quantize_model(
+        args.model_dir,
+        args.out_dir,
+        precision=args.precision,
+        calib=args.calib,
+        images=args.images,
+        method=args.method,
+        samples=args.samples,
+        report=args.report,
+        force=args.force,
+    )
+
+
 # ---- run -------------------------------------------------------------------------------------
 
 
 @command("run")
 def _run(args: argparse.Namespace) -> None:
-    from llava_edge.runtime import Pipeline
-
     options = _generation_options(args)
-    with Pipeline.load(args.model_dir, providers=args.provider, threads=args.threads) as pipe:
+    with _load_pipeline(args) as pipe:
         if args.json:
             answer = pipe.answer(args.image, args.prompt, **options)
             print(
@@ -92,9 +110,81 @@ def _run(args: argparse.Namespace) -> None:
                 )
             )
             return
-        for piece in pipe.stream(args.image, args.prompt, **options):
+        stream = pipe.stream(args.image, args.prompt, **options)
+        for piece in stream:
             print(piece, end="", flush=True)
         print()
+        answer = stream.answer
+        speed = answer.timings.get("decode_tokens_per_s")
+        print(
+            f"[{len(answer.token_ids)} tokens, {speed or '-'} tokens/s, first token after "
+            f"{answer.timings.get('first_token_ms', 0):.0f} ms, stopped by {answer.finish_reason}]",
+            file=sys.stderr,
+        )
+
+
+# ---- chat ------------------------------------------------------------------------------------
+
+
+@command("chat")
+def _chat(args: argparse.Namespace) -> None:
+    from llava_edge.runtime.interactive import chat_loop
+
+    with _load_pipeline(args) as pipe:
+        chat_loop(pipe, args.image, _generation_options(args), read=input, out=sys.stdout)
+
+
+# ---- bench -----------------------------------------------------------------------------------
+
+
+@command("bench")
+def _bench(args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from llava_edge.runtime import bench
+
+    workload = bench.Workload(
+        question_tokens=args.question_tokens,
+        new_tokens=args.new_tokens,
+        context_tokens=args.context_tokens,
+        threads=args.threads,
+        runs=args.runs,
+    )
+    report = {"workload": asdict(workload), "machine": bench.machine()}
+    runners = [
+        bench.PipelineRunner(
+            args.model_dir, workload, args.backend, args.provider, engine_dir=args.engine_dir
+        )
+    ]
+    if args.baseline:  # transformers needs torch: imported only when asked for
+        from llava_edge.export.baseline import TransformersRunner
+
+        _, prompt = bench.bench_prompt(args.model_dir, workload)
+        runners.append(TransformersRunner(args.baseline, workload, prompt))
+    report.update(bench.measure(runners, workload.runs))
+    if args.baseline:
+        report["ratios"] = bench.compare(report["llava_edge"], report["transformers"])
+    if args.plot:
+        bench.plot(report, args.plot)
+    print(json.dumps(report, indent=2) if args.json else bench.table(report))
+
+
+def _load_pipeline(args: argparse.Namespace):
+    from llava_edge.runtime import Limits, Pipeline
+
+    return Pipeline.load(
+        args.model_dir,
+        backend=args.backend,
+        providers=args.provider,
+        threads=args.threads,
+        engine_dir=args.engine_dir,
+        verify_files=True if args.verify_files else None,
+        limits=Limits(
+            max_image_pixels=args.max_image_pixels,
+            max_prompt_tokens=args.max_prompt_tokens,
+            timeout_s=args.timeout,
+        ),
+    )
 
 
 def _generation_options(args: argparse.Namespace) -> dict:
@@ -110,6 +200,34 @@ def _generation_options(args: argparse.Namespace) -> dict:
     if args.raw:
         options["raw"] = True
     return options
+
+
+# ---- build -----------------------------------------------------------------------------------
+
+
+@command("build")
+def _build(args: argparse.Namespace) -> None:
+    from llava_edge.runtime.tensorrt.build import build_engines
+
+    build_engines(
+        args.model_dir,
+        args.out,
+        max_batch=args.max_batch,
+        max_context=args.max_context,
+        workspace_gb=args.workspace,
+        timing_cache=args.timing_cache,
+    )
+
+
+# ---- doctor ----------------------------------------------------------------------------------
+
+
+@command("doctor")
+def _doctor(args: argparse.Namespace) -> None:
+    from llava_edge.runtime.doctor import diagnose, format_report
+
+    report = diagnose()
+    print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
 
 
 # ---- data ------------------------------------------------------------------------------------
@@ -209,6 +327,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code"
     )
 
+    p = sub.add_parser("quantize", help="write an int8, int4 or fp16 copy of an exported model dir")
+    p.add_argument("model_dir", help="fp32 model dir written by `llava-edge export`")
+    p.add_argument("out_dir")
+    p.add_argument("--precision", required=True, choices=["int8", "int4", "fp16"])
+    p.add_argument(
+        "--calib",
+        help="calibration data: a LLaVA JSON file, or a folder of images (int8 and int4 need it)",
+    )
+    p.add_argument(
+        "--images",
+        help="folder the LLaVA JSON's image paths start from, or alone a folder of images",
+    )
+    p.add_argument(
+        "--method",
+        default="minmax",
+        choices=["minmax", "entropy", "percentile"],
+        help="how activation ranges are chosen for the TensorRT graphs (default minmax)",
+    )
+    p.add_argument(
+        "--samples", type=int, default=32, help="calibration samples to use (default 32)"
+    )
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="compare with fp32 on held-out samples; print a table, save quantize_report.json",
+    )
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+
     p = sub.add_parser("run", help="answer a question about an image")
     p.add_argument("model_dir")
     p.add_argument("--image", help="image file (omit for a text-only prompt)")
@@ -221,6 +367,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_generation_options(p)
     _add_backend_options(p)
+
+    p = sub.add_parser("chat", help="talk about an image, turn by turn (reuses the KV cache)")
+    p.add_argument("model_dir")
+    p.add_argument("--image", help="image file (omit for a text-only chat)")
+    _add_generation_options(p)
+    _add_backend_options(p)
+    p.set_defaults(raw=False)
+
+    p = sub.add_parser("bench", help="measure load time, TTFT, decode tokens/s, memory")
+    p.add_argument("model_dir")
+    p.add_argument(
+        "--baseline", metavar="CHECKPOINT", help="also run transformers' generate() on it"
+    )
+    p.add_argument("--runs", type=int, default=5, help="runs to take the median of")
+    p.add_argument("--question-tokens", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument(
+        "--context-tokens", type=int, default=0, help="extra prompt tokens (long context)"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--plot", metavar="FILE", help="write a PNG chart of the comparison")
+    _add_backend_options(p)
+    p.set_defaults(threads=2)
+
+    p = sub.add_parser("build", help="build TensorRT engines for a model dir (needs a GPU)")
+    p.add_argument("model_dir")
+    p.add_argument("--out", help="engine dir (default: MODEL_DIR/engines)")
+    p.add_argument("--max-batch", type=int, default=1, help="largest batch the engines take")
+    p.add_argument(
+        "--max-context", type=int, help="longest conversation in tokens (default: the model's)"
+    )
+    p.add_argument("--workspace", type=float, help="TensorRT scratch memory limit in GB")
+    p.add_argument(
+        "--timing-cache", help="timing cache file to reuse and update (default: in the engine dir)"
+    )
+
+    p = sub.add_parser("doctor", help="what this machine can run, and what is missing")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     p = sub.add_parser("data", help="make training data")
     data = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
@@ -326,9 +510,28 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
 
 def _add_backend_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
+        "--backend",
+        default="onnxruntime",
+        choices=["onnxruntime", "tensorrt"],
+        help="onnxruntime (default) or tensorrt: native engines from `llava-edge build`",
+    )
+    p.add_argument(
+        "--engine-dir", help="TensorRT engines to use (tensorrt), or the TensorRT provider's cache"
+    )
+    p.add_argument(
         "--provider", action="append", help="onnxruntime provider: cpu, cuda, tensorrt (repeatable)"
     )
     p.add_argument("--threads", type=int, help="CPU threads for onnxruntime")
+    p.add_argument(
+        "--verify-files",
+        action="store_true",
+        help="check every file's sha256 (default: once per machine)",
+    )
+    p.add_argument("--max-image-pixels", type=int, default=50_000_000, help="refuse larger images")
+    p.add_argument(
+        "--max-prompt-tokens", type=int, help="refuse longer prompts (default: the context)"
+    )
+    p.add_argument("--timeout", type=float, help="seconds one answer may take")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -128,6 +128,33 @@ class FileEntry:
 
 
 @dataclass
+class EngineSpec:
+    """One TensorRT engine `llava-edge build` made from one graph."""
+
+    file: str  # in the engine dir
+    source: str  # the ONNX file (in the model dir) it was built from
+    source_sha256: str  # of that file when it was built: a re-quantized graph needs a rebuild
+    size: int
+    sha256: str
+    # profile name -> input name -> [min, opt, max] shapes, in the engine's profile order
+    profiles: dict[str, dict[str, list[list[int]]]] = field(default_factory=dict)
+
+
+@dataclass
+class EngineSet:
+    """The engines of one build: tied to the TensorRT version and GPU they were built for."""
+
+    tensorrt: str
+    gpu: str
+    compute_capability: str  # "8.7"
+    max_batch: int
+    max_context: int
+    prefill_chunk: int  # longest run of tokens one decoder call takes; longer prefills are split
+    kv_chunk: int  # the device KV cache grows by this many slots
+    engines: dict[str, EngineSpec] = field(default_factory=dict)  # graph name -> engine
+
+
+@dataclass
 class Manifest:
     graphs: dict[str, GraphSpec]
     image: ImageSpec
@@ -142,6 +169,8 @@ class Manifest:
     kv: KVSpec = field(default_factory=KVSpec)
     files: dict[str, FileEntry] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)  # checkpoint, model types, versions
+    # engine dir (relative to the model dir where it lies inside it) -> the engines built there
+    engines: dict[str, EngineSet] = field(default_factory=dict)
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
@@ -234,10 +263,17 @@ class Manifest:
         names += [n + ".data" for n in list(names) if (Path(model_dir) / (n + ".data")).exists()]
         return sorted(set(names))
 
-    def check_files(self, model_dir: str | os.PathLike, hashes: bool = False) -> None:
-        """Fail clearly if a file is missing, truncated or (with `hashes`) altered."""
+    def check_files(self, model_dir: str | os.PathLike, hashes: bool | None = None) -> None:
+        """Fail clearly if a file is missing, truncated or altered.
+
+        Sizes are always checked. Hashes are checked when `hashes` is True, or, when it is None,
+        the first time this machine sees these files (a fingerprint of the manifest and each
+        file's size and mtime is remembered in the user cache dir), so a 7B model is hashed once
+        after it is copied, not on every start of a robot's app.
+        """
+        model_dir = Path(model_dir)
         for name, entry in self.files.items():
-            path = Path(model_dir) / name
+            path = model_dir / name
             if not path.is_file():
                 raise LlavaEdgeError(f"{path} is missing; copy the whole model dir or re-export it")
             size = path.stat().st_size
@@ -246,11 +282,56 @@ class Manifest:
                     f"{path} is {size} bytes but the manifest says {entry.size}: the file is "
                     "truncated or replaced; copy it again or re-export"
                 )
-            if hashes and sha256(path) != entry.sha256:
+        fingerprint = self._fingerprint(model_dir)
+        if hashes is None:
+            hashes = fingerprint not in _verified_fingerprints()
+        if not hashes:
+            return
+        for name, entry in self.files.items():
+            if sha256(model_dir / name) != entry.sha256:
                 raise LlavaEdgeError(
-                    f"{path} does not match the checksum in the manifest: the file is corrupt or "
-                    "comes from another model; copy it again or re-export"
+                    f"{model_dir / name} does not match the checksum in the manifest: the file is "
+                    "corrupt or comes from another model; copy it again or re-export"
                 )
+        _remember_verified(fingerprint)
+
+    def mark_verified(self, model_dir: str | os.PathLike) -> None:
+        """Remember that `model_dir`'s files match (their writer just hashed them)."""
+        _remember_verified(self._fingerprint(Path(model_dir)))
+
+    def _fingerprint(self, model_dir: Path) -> str:
+        digest = hashlib.sha256(str(model_dir.resolve()).encode())
+        digest.update(json.dumps(self.to_dict(), sort_keys=True).encode())
+        for name in sorted(self.files):
+            stat = (model_dir / name).stat()
+            digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        return digest.hexdigest()
+
+
+def cache_dir() -> Path:
+    """Where llava-edge remembers things between runs ($LLAVA_EDGE_CACHE or ~/.cache/llava-edge)."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llava-edge"
+    return Path(os.environ.get("LLAVA_EDGE_CACHE", default))
+
+
+def _verified_fingerprints() -> set[str]:
+    try:
+        return set((cache_dir() / "verified.txt").read_text().split())
+    except OSError:
+        return set()
+
+
+def _remember_verified(fingerprint: str) -> None:
+    """Best effort: a read-only home only means hashing again next time."""
+    try:
+        path = cache_dir() / "verified.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        known = sorted(_verified_fingerprints() | {fingerprint})[-1000:]
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text("\n".join(known) + "\n")
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def sha256(path: str | os.PathLike) -> str:

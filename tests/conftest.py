@@ -10,6 +10,14 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep llava-edge's cache (verified-file fingerprints) out of the user's home."""
+    import os
+
+    os.environ["LLAVA_EDGE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
 def quiet(*_args, **_kwargs) -> None:
     """A `log` for library calls whose output tests don't read."""
 

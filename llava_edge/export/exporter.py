@@ -21,6 +21,7 @@ import numpy as np
 
 from llava_edge import __version__
 from llava_edge.errors import LlavaEdgeError
+from llava_edge.files import check_output_dir, replace_dir, save_graph
 from llava_edge.manifest import (
     CHECKPOINT_INFO_FILE,
     GraphSpec,
@@ -34,7 +35,6 @@ from llava_edge.manifest import (
 from llava_edge.runtime.template import TEMPLATES
 
 DEFAULT_OPSET = 17  # TensorRT 10.3 (JetPack 6) parses opsets 9-20; 17 has LayerNormalization
-MAX_PROTOBUF = 1_800_000_000  # graphs larger than this keep their weights in external data
 EMBEDDINGS_FILE = "embed_tokens.npy"
 
 
@@ -70,13 +70,12 @@ def export_checkpoint(
             f"--opset {opset} is outside 9-20, what TensorRT 10.x's ONNX parser reads"
         )
     out = Path(out_dir)
-    _check_output(out, force)
+    check_output_dir(out, force, keep=Path(checkpoint), keep_name="the checkpoint")
     start = time.perf_counter()
+    config = checkpoint_config(checkpoint, trust_remote_code=trust_remote_code)
+    max_context = _max_context(config.text_config, max_context)  # fail before loading weights
     loaded = load_checkpoint(checkpoint, trust_remote_code=trust_remote_code)
-    config = loaded.model.config
-    max_context = _max_context(config.text_config, max_context)
-    tmp = _temp_dir(out)
-    try:
+    with replace_dir(out) as tmp:
         if dtype == "fp16":
             loaded.model.half()
         manifest = build_manifest(loaded, dtype, max_context)
@@ -93,9 +92,7 @@ def export_checkpoint(
             if dtype == "fp16":  # the reference is always the checkpoint's weights in fp32
                 loaded = load_checkpoint(checkpoint, trust_remote_code=trust_remote_code)
             report = verify_model_dir(loaded, tmp, log=log)
-        _install(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    manifest.mark_verified(out)  # just hashed by record_files: no need to hash on first load
     log(f"exported {loaded.source} -> {out} in {time.perf_counter() - start:.1f} s")
     return report
 
@@ -105,14 +102,36 @@ def load_checkpoint(
 ) -> LoadedCheckpoint:
     """Load a LLaVA checkpoint in fp32 with eager attention, or say clearly why not."""
     import torch
-    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    checkpoint_config(checkpoint, trust_remote_code)
+    source = str(checkpoint)
+    try:
+        with _quiet():
+            model = LlavaForConditionalGeneration.from_pretrained(
+                source,
+                dtype=torch.float32,
+                attn_implementation="eager",
+                trust_remote_code=trust_remote_code,
+                use_safetensors=True,
+            ).eval()
+            processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:  # missing weights or tokenizer files, a broken config
+        raise LlavaEdgeError(f"cannot load checkpoint {source}: {_first_line(e)}") from None
+    return LoadedCheckpoint(model, processor, source, _template_name(Path(source)))
+
+
+def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = False) -> Any:
+    """The checkpoint's LlavaConfig, once it is known to be a LLaVA export takes (no weights)."""
+    from transformers import AutoConfig
 
     from llava_edge.export.graphs import SUPPORTED_TEXT_MODELS
 
     source = str(checkpoint)
     local = Path(source)
     if not local.exists():
-        if not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        # "org/name" may be a hub id, unless "org" is a local dir: then it is a mistyped path.
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", source) or local.parent.is_dir():
             raise LlavaEdgeError(f"checkpoint {source} does not exist")
     elif not local.is_dir():
         raise LlavaEdgeError(f"checkpoint {source} is a file; give the checkpoint's directory")
@@ -121,11 +140,12 @@ def load_checkpoint(
             f"{source} has no config.json: it is not a Hugging Face checkpoint dir"
         )
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        with _quiet():
+            config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as e:
-        raise LlavaEdgeError(f"cannot load checkpoint {source}: {str(e).splitlines()[0]}") from None
+        raise LlavaEdgeError(f"cannot load checkpoint {source}: {_first_line(e)}") from None
     except ValueError as e:
-        raise LlavaEdgeError(f"{source}: {str(e).splitlines()[0]}") from None
+        raise LlavaEdgeError(f"{source}: {_first_line(e)}") from None
     if config.model_type != "llava":
         raise LlavaEdgeError(
             f"{source} is a '{config.model_type}' checkpoint, not LLaVA "
@@ -137,16 +157,11 @@ def load_checkpoint(
             f"{source}: text model '{text_type}' is not supported yet "
             f"(supported: {', '.join(SUPPORTED_TEXT_MODELS)})"
         )
-    with _quiet():
-        model = LlavaForConditionalGeneration.from_pretrained(
-            source,
-            dtype=torch.float32,
-            attn_implementation="eager",
-            trust_remote_code=trust_remote_code,
-            use_safetensors=True,
-        ).eval()
-        processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
-    return LoadedCheckpoint(model, processor, source, _template_name(local))
+    return config
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _template_name(checkpoint: Path) -> str:
@@ -311,6 +326,7 @@ def _max_context(text_config: Any, requested: int | None) -> int:
 
 
 def _write_graphs(model: Any, manifest: Manifest, out: Path, opset: int, log: Any) -> None:
+    import onnx
     import torch
     from tqdm import tqdm
 
@@ -347,7 +363,7 @@ def _write_graphs(model: Any, manifest: Manifest, out: Path, opset: int, log: An
             _torch_export(module, args, scratch / "graph.onnx", graph, opset)
             bar.update()
             bar.set_postfix_str("saving")
-            _save_single(scratch / "graph.onnx", out / graph.file)
+            save_graph(onnx.load(str(scratch / "graph.onnx")), out / graph.file)
             shutil.rmtree(scratch)
             bar.update()
             graph.details["opset"] = opset
@@ -374,25 +390,6 @@ def _torch_export(module: Any, args: tuple, path: Path, graph: GraphSpec, opset:
             do_constant_folding=True,
             dynamo=False,
         )
-
-
-def _save_single(src: Path, dst: Path) -> None:
-    """Re-save a graph as one .onnx file, with its weights in one `.data` file when over 2 GB."""
-    import onnx
-
-    model = onnx.load(str(src), load_external_data=True)
-    size = sum(len(t.raw_data) for t in model.graph.initializer)
-    if size > MAX_PROTOBUF:
-        onnx.save_model(
-            model,
-            str(dst),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=dst.name + ".data",
-            size_threshold=1024,
-        )
-    else:
-        onnx.save_model(model, str(dst))
 
 
 def _write_text_files(loaded: LoadedCheckpoint, manifest: Manifest, out: Path) -> None:
@@ -427,50 +424,18 @@ def _num_image_tokens(vision_graph: Path) -> int:
 # ---- the output dir ----------------------------------------------------------------------------
 
 
-def _check_output(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise LlavaEdgeError(f"output {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise LlavaEdgeError(f"output dir {out} is not empty; pass --force to replace it")
-    parent = out.resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise LlavaEdgeError(
-            f"cannot write to {parent}: permission denied; choose another output dir"
-        )
-
-
-def _temp_dir(out: Path) -> Path:
-    """A fresh dir beside `out` (same filesystem, so the final move is a rename)."""
-    out.resolve().parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.resolve().parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-    except OSError as e:
-        raise LlavaEdgeError(f"cannot create {tmp}: {e.strerror}") from None
-    return tmp
-
-
-def _install(tmp: Path, out: Path) -> None:
-    """Replace `out` by `tmp` with renames: at every moment `out` is the old or the new dir."""
-    old = out.resolve().parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 @contextlib.contextmanager
 def _quiet():
     """Silence tracer and loader chatter that says nothing to a user."""
     import logging
 
     import transformers
+    from huggingface_hub.utils import logging as hub_logging
 
     level = transformers.logging.get_verbosity()
+    hub_level = hub_logging.get_verbosity()
     transformers.logging.set_verbosity_error()
+    hub_logging.set_verbosity_error()  # the hub client's "Retrying in 2s" lines, per attempt
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
@@ -478,3 +443,4 @@ def _quiet():
             yield
     finally:
         transformers.logging.set_verbosity(level)
+        hub_logging.set_verbosity(hub_level)

@@ -85,7 +85,9 @@ class Decoder(nn.Module):
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
             present += [key, value]
         last = self.norm(hidden[:, -1, :])
-        return (self.lm_head(last), *present)
+        # Logits are float32 in every precision (the manifest says so): the sampler's softmax and
+        # argmax over a 32k vocabulary want the range, and the cast is one [B, V] op.
+        return (self.lm_head(last).float(), *present)
 
     def attention(
         self,

@@ -20,6 +20,8 @@ from llava_edge.runtime.template import user_turn
 
 QUESTION = "What is shown in this image?"
 NEW_TOKENS = 32
+# fp32 graphs differ from PyTorch only in summation order: max |diff| / max |reference|.
+FP32_REL_TOLERANCE = 1e-4
 
 
 class VerificationError(LlavaEdgeError):
@@ -81,7 +83,9 @@ def verify_model_dir(loaded: Any, model_dir: Path, log: Any = print) -> dict[str
         "prompt_ids_equal": ours_ids == hf_ids,
         "pixel_max_abs_diff": float(np.abs(pixels - ref_pixels).max()),
         "vision_max_abs_diff": float(np.abs(features.astype(np.float32) - ref_features).max()),
+        "vision_rel_diff": _relative(features, ref_features),
         "prefill_logits_max_abs_diff": float(np.abs(logits - ref_logits).max()),
+        "prefill_logits_rel_diff": _relative(logits, ref_logits),
         "prefill_logits_cosine": _cosine(logits, ref_logits),
         "greedy_tokens_matched": matched,
         "greedy_tokens_total": len(ref_tokens),
@@ -118,6 +122,14 @@ def _failures(report: dict, fp32: bool) -> list[str]:
     if report["pixel_max_abs_diff"] > 1e-4:
         failures.append(f"pixel values differ by {report['pixel_max_abs_diff']:.2g}")
     if fp32:
+        # Tokens alone are a weak test on random weights (argmax often survives a wrong graph,
+        # e.g. GQA heads paired with the wrong KV head): the numbers must agree too.
+        for key, what in (
+            ("vision_rel_diff", "vision features"),
+            ("prefill_logits_rel_diff", "prefill logits"),
+        ):
+            if report[key] > FP32_REL_TOLERANCE:
+                failures.append(f"{what} differ by {report[key]:.2g} of their range")
         if report["greedy_tokens_matched"] != report["greedy_tokens_total"]:
             failures.append(
                 f"greedy tokens diverge after {report['greedy_tokens_matched']} of {report['greedy_tokens_total']}"
@@ -142,11 +154,16 @@ def _format(report: dict) -> str:
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         n += 1
     return n
+
+
+def _relative(ours: np.ndarray, reference: np.ndarray) -> float:
+    ours, reference = ours.astype(np.float64), reference.astype(np.float64)
+    return float(np.abs(ours - reference).max() / (np.abs(reference).max() + 1e-30))
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -5,7 +5,15 @@ is all a robot app needs.
 """
 
 from llava_edge.errors import LlavaEdgeError
-from llava_edge.runtime.pipeline import Answer, ChatSession, Pipeline
+from llava_edge.runtime.pipeline import Answer, ChatSession, Limits, Pipeline, TextStream
 from llava_edge.runtime.sampling import GenerationConfig
 
-__all__ = ["Answer", "ChatSession", "GenerationConfig", "LlavaEdgeError", "Pipeline"]
+__all__ = [
+    "Answer",
+    "ChatSession",
+    "GenerationConfig",
+    "Limits",
+    "LlavaEdgeError",
+    "Pipeline",
+    "TextStream",
+]

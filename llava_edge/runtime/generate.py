@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from llava_edge.errors import LlavaEdgeError
 from llava_edge.runtime.sampling import GenerationConfig, Sampler
 
 
@@ -82,17 +83,20 @@ def decode_loop(
     pad_id: int,
     seen: list[np.ndarray],
     timer: Timer | None = None,
+    timeout_s: float | None = None,
 ) -> Iterator[Step]:
     """Prefill `embeds`, then yield one Step per new token until every row is done.
 
     `seen` holds each row's ids so far (for the repetition penalty); the last token yielded is
-    not fed back, so a caller continuing the sequence (chat) feeds it first.
+    not fed back, so a caller continuing the sequence (chat) feeds it first. Past `timeout_s`
+    (counted from the timer's start) the loop stops with an error.
     """
     sampler = Sampler(config)
+    timer = timer or Timer()
+    deadline = timer.start + timeout_s if timeout_s else None
     batch = embeds.shape[0]
     logits = backend.decode(embeds, token_mask, positions, cache)
-    if timer:
-        timer.mark("prefill")
+    timer.mark("prefill")
     next_pos = positions[:, -1] + 1
     finished = np.zeros(batch, dtype=bool)
     seen = [np.asarray(s, dtype=np.int64) for s in seen]
@@ -100,15 +104,14 @@ def decode_loop(
     ones = np.ones((batch, 1), dtype=np.int64)
     for step in range(config.max_new_tokens):
         tokens = np.where(finished, pad_id, sampler(logits, seen)).astype(np.int64)
-        if not config.ignore_eos:
-            done = finished | np.isin(tokens, eos)
-        else:
-            done = finished.copy()
+        done = finished.copy() if config.ignore_eos else finished | np.isin(tokens, eos)
         yield Step(tokens=tokens, finished=done)
         finished = done
         if finished.all() or step == config.max_new_tokens - 1:
             return
-        seen = [np.append(s, t) for s, t in zip(seen, tokens)]
+        if deadline is not None and time.perf_counter() > deadline:
+            raise LlavaEdgeError(f"the request ran past its time limit of {timeout_s} s")
+        seen = [np.append(s, t) for s, t in zip(seen, tokens, strict=True)]
         logits = backend.decode(
             embed(table, tokens[:, None], -1, []), ones, next_pos[:, None], cache
         )

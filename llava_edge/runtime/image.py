@@ -12,7 +12,6 @@ import io
 import math
 import os
 import warnings
-from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -20,7 +19,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import ImageSpec
 
-ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
 
 
 def load_image(source: ImageInput, max_pixels: int | None = None) -> Image.Image:
@@ -31,10 +30,7 @@ def load_image(source: ImageInput, max_pixels: int | None = None) -> Image.Image
     """
     if isinstance(source, np.ndarray):
         return _from_array(source)
-    if isinstance(source, Image.Image):
-        image = source
-    else:
-        image = _open(source)
+    image = source if isinstance(source, Image.Image) else _open(source)
     pixels = image.width * image.height
     if max_pixels is not None and pixels > max_pixels:
         raise LlavaEdgeError(
@@ -97,6 +93,8 @@ def _from_array(array: np.ndarray) -> Image.Image:
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """RGB the way transformers converts: transparency is composited over white."""
+    if image.mode == "RGB":
+        return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         # 16-bit and 32-bit grey: PIL's convert would clip at 255; scale to 8 bits instead.
         array = np.asarray(image, dtype=np.int64)

@@ -48,7 +48,7 @@ class KVCache:
         shape = (self.batch, t.num_kv_heads, capacity, t.head_dim)
         keys = [np.zeros(shape, self.dtype) for _ in range(t.num_layers)]
         values = [np.zeros(shape, self.dtype) for _ in range(t.num_layers)]
-        for old, new in zip(self.keys + self.values, keys + values):
+        for old, new in zip(self.keys + self.values, keys + values, strict=False):
             new[:, :, : self.length] = old[:, :, : self.length]
         valid = np.zeros((self.batch, capacity), dtype=np.int64)
         valid[:, : self.length] = self.valid[:, : self.length]

@@ -1,5 +1,13 @@
 """The onnxruntime backend: three sessions (vision encoder, projector, decoder) on CPU, CUDA or
-TensorRT execution providers, and the decoder step that keeps the KV cache in place."""
+TensorRT execution providers, and the decoder step that keeps the KV cache in place.
+
+The CUDA and TensorRT providers are the other way onto a GPU besides the native TensorRT backend
+(`backend='tensorrt'`): nothing to build ahead, the same model dir, but the KV cache stays on the
+host and crosses to the device every step. The TensorRT provider builds its engines on first use
+and keeps them (and its timing cache) in `engine_dir`, default MODEL_DIR/ort_tensorrt_cache; it is
+given explicit profiles from the manifest so that it does not rebuild as the context grows, and
+builds strongly typed networks from the explicit-precision graphs (its fp16/int8 flags stay off).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from llava_edge.errors import LlavaEdgeError
-from llava_edge.manifest import Manifest
+from llava_edge.manifest import GraphSpec, Manifest
 from llava_edge.runtime.kv_cache import KVCache
 
 PROVIDERS = {
@@ -18,6 +26,27 @@ PROVIDERS = {
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
+
+
+ORT_TENSORRT_CACHE = "ort_tensorrt_cache"
+
+
+def provider_options(
+    provider: str, manifest: Manifest, graph: str, cache_dir: Path
+) -> dict[str, object]:
+    """Options of one provider for one graph's session (the TensorRT provider's engine cache,
+    timing cache and explicit profiles; the others need none)."""
+    if provider != "TensorrtExecutionProvider":
+        return {}
+    from llava_edge.runtime.tensorrt.profiles import ort_tensorrt_profiles
+
+    return {
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(cache_dir),
+        "trt_timing_cache_enable": True,
+        "trt_timing_cache_path": str(cache_dir),
+        **ort_tensorrt_profiles(manifest, graph),
+    }
 
 
 def provider_list(names: list[str] | None) -> list[str]:
@@ -38,6 +67,32 @@ def provider_list(names: list[str] | None) -> list[str]:
     return chosen
 
 
+def check_io(name: str, graph: GraphSpec, session: ort.InferenceSession) -> None:
+    """The graph's inputs and outputs are the manifest's: same names, same fixed dimensions.
+
+    Catches a graph copied in from another model dir, or a manifest edited by hand, at load
+    time with a clear message instead of a shape error deep inside the first request.
+    """
+    actual = {i.name: i.shape for i in [*session.get_inputs(), *session.get_outputs()]}
+    for tensor, spec in {**graph.inputs, **graph.outputs}.items():
+        if tensor not in actual:
+            raise LlavaEdgeError(
+                f"graph {graph.file} has no tensor {tensor!r} that the manifest names: the graph "
+                "and manifest come from different models; re-export the model dir"
+            )
+        shape = actual[tensor]
+        fixed = [
+            (i, want, got)
+            for i, (want, got) in enumerate(zip(spec.shape, shape, strict=False))
+            if isinstance(want, int) and isinstance(got, int) and want != got
+        ]
+        if len(shape) != len(spec.shape) or fixed:
+            raise LlavaEdgeError(
+                f"{name} graph {graph.file}: {tensor!r} has shape {shape} but the manifest says "
+                f"{spec.shape}: the graph and manifest come from different models; re-export"
+            )
+
+
 class OnnxBackend:
     """Runs a model dir's graphs with onnxruntime. One backend serves one request at a time."""
 
@@ -49,6 +104,7 @@ class OnnxBackend:
         manifest: Manifest,
         providers: list[str] | None = None,
         threads: int | None = None,
+        engine_dir: str | os.PathLike | None = None,
     ):
         self.manifest = manifest
         options = ort.SessionOptions()
@@ -57,15 +113,35 @@ class OnnxBackend:
             options.inter_op_num_threads = 1
         options.log_severity_level = 3
         self.providers = provider_list(providers)
+        cache_dir = Path(engine_dir) if engine_dir else Path(model_dir) / ORT_TENSORRT_CACHE
+        if "TensorrtExecutionProvider" in self.providers:
+            try:
+                cache_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise LlavaEdgeError(
+                    f"cannot make the TensorRT provider's engine cache {cache_dir} ({e.strerror}); "
+                    "give a writable engine_dir (--engine-dir)"
+                ) from None
+        # TensorRT (as a provider too) must build from the Q/DQ form where a dir has two.
+        tensorrt = "TensorrtExecutionProvider" in self.providers
         self.sessions = {
-            name: self._open(Path(model_dir) / graph.file, options)
+            name: self._open(
+                Path(model_dir)
+                / (graph.tensorrt_file if tensorrt and graph.tensorrt_file else graph.file),
+                options,
+                [(p, provider_options(p, manifest, name, cache_dir)) for p in self.providers],
+            )
             for name, graph in manifest.graphs.items()
         }
+        for name, graph in manifest.graphs.items():
+            check_io(name, graph, self.sessions[name])
         self.layer_names = [manifest.kv_names(i) for i in range(manifest.text.num_layers)]
 
-    def _open(self, path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
+    def _open(
+        self, path: Path, options: ort.SessionOptions, providers: list[tuple[str, dict]]
+    ) -> ort.InferenceSession:
         try:
-            return ort.InferenceSession(str(path), options, providers=self.providers)
+            return ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:  # onnxruntime raises its own untyped errors on bad files
             raise LlavaEdgeError(f"cannot load graph {path}: {str(e).splitlines()[0]}") from None
 

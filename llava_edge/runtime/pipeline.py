@@ -42,6 +42,29 @@ FEATURE_CACHE_SIZE = 8
 
 
 @dataclass
+class Limits:
+    """What a deployment allows one request; exceeding any is a clear error, never a hang."""
+
+    max_image_pixels: int | None = 50_000_000
+    max_prompt_tokens: int | None = None  # default: the model's context
+    max_new_tokens: int | None = None
+    timeout_s: float | None = None  # wall-clock time of one request
+
+    def check_options(self, config: GenerationConfig) -> None:
+        if self.max_new_tokens is not None and config.max_new_tokens > self.max_new_tokens:
+            raise LlavaEdgeError(
+                f"max_new_tokens {config.max_new_tokens} is over this deployment's limit of "
+                f"{self.max_new_tokens}"
+            )
+
+    def check_prompt(self, tokens: int) -> None:
+        if self.max_prompt_tokens is not None and tokens > self.max_prompt_tokens:
+            raise LlavaEdgeError(
+                f"the prompt is {tokens} tokens, over this deployment's limit of {self.max_prompt_tokens}"
+            )
+
+
+@dataclass
 class Answer:
     """Everything about one answer: its text, the ids in and out, why it stopped, and timings."""
 
@@ -60,17 +83,21 @@ class Pipeline:
     image-feature cache is locked. A ChatSession belongs to one thread at a time.
     """
 
-    def __init__(self, model_dir: Path, manifest: Manifest, backend: Any):
+    def __init__(
+        self, model_dir: Path, manifest: Manifest, backend: Any, limits: Limits | None = None
+    ):
         self.model_dir = model_dir
+        self.limits = limits or Limits()
         self.manifest = manifest
         self.backend = backend
         self.codec = TextCodec(
             model_dir / manifest.tokenizer, manifest.tokens, manifest.num_image_tokens
         )
-        self.table = np.load(model_dir / manifest.embeddings, mmap_mode="r", allow_pickle=False)
+        self.table = _load_table(model_dir / manifest.embeddings, manifest)
         self._features: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
         self.stats = {"vision_runs": 0, "feature_cache_hits": 0}
+        self.closed = False
 
     @classmethod
     def load(
@@ -79,13 +106,20 @@ class Pipeline:
         backend: str = "onnxruntime",
         providers: list[str] | None = None,
         threads: int | None = None,
-        verify_files: bool = False,
+        verify_files: bool | None = None,
+        limits: Limits | None = None,
+        engine_dir: str | os.PathLike | None = None,
+        cuda_graph: bool = False,
     ) -> Pipeline:
         """Open a model dir written by `llava-edge export` (or quantize).
 
         backend: 'onnxruntime' (providers 'cpu', 'cuda', 'tensorrt') or 'tensorrt' (native
-        engines from `llava-edge build`). verify_files: check every file's sha256 against the
-        manifest, not only its size.
+        engines from `llava-edge build`). verify_files: True checks every file's sha256 against
+        the manifest, False only sizes, None (default) hashes only files new to this machine.
+        limits: what one request may ask for (image pixels, prompt tokens, new tokens, time).
+        engine_dir: the native engines to load (default: those recorded for this GPU), or the
+        onnxruntime TensorRT provider's engine cache. cuda_graph: replay the native backend's
+        decode step as a CUDA graph.
         """
         model_dir = Path(model_dir)
         manifest = Manifest.load(model_dir)
@@ -93,10 +127,22 @@ class Pipeline:
         if backend == "onnxruntime":
             from llava_edge.runtime.onnx_backend import OnnxBackend
 
-            engine = OnnxBackend(model_dir, manifest, providers=providers, threads=threads)
+            engine = OnnxBackend(
+                model_dir, manifest, providers=providers, threads=threads, engine_dir=engine_dir
+            )
+        elif backend == "tensorrt":
+            from llava_edge.runtime.tensorrt.backend import TensorRTBackend
+
+            engine = TensorRTBackend(
+                model_dir,
+                manifest,
+                engine_dir=engine_dir,
+                cuda_graph=cuda_graph,
+                verify_files=verify_files,
+            )
         else:
-            raise LlavaEdgeError(f"unknown backend {backend!r}; choose 'onnxruntime'")
-        return cls(model_dir, manifest, engine)
+            raise LlavaEdgeError(f"unknown backend {backend!r}; choose 'onnxruntime' or 'tensorrt'")
+        return cls(model_dir, manifest, engine, limits)
 
     # ---- one-shot questions --------------------------------------------------------------
 
@@ -112,9 +158,13 @@ class Pipeline:
             pass
         return pieces.answer
 
-    def stream(self, image: ImageInput | None, prompt: str, **options: Any) -> Iterator[str]:
-        """The answer as text pieces, each whole UTF-8 characters, as soon as they are decoded."""
-        yield from self._stream(image, prompt, options)
+    def stream(self, image: ImageInput | None, prompt: str, **options: Any) -> TextStream:
+        """The answer as text pieces, each whole UTF-8 characters, as soon as they are decoded.
+
+        Iterate it; afterwards its `.answer` holds ids, finish reason and timings. The image and
+        prompt are checked (and the image encoded) at once, so bad input fails here.
+        """
+        return self._stream(image, prompt, options)
 
     def generate_batch(
         self, requests: list[tuple[ImageInput | None, str]], **options: Any
@@ -123,7 +173,7 @@ class Pipeline:
         if not requests:
             return []
         raw = options.pop("raw", False)
-        config = _config(options)
+        config = self._config(options)
         timer = Timer()
         rows, features = [], []
         for image, prompt in requests:
@@ -149,6 +199,7 @@ class Pipeline:
             pad,
             [np.asarray(r) for r in rows],
             timer,
+            self.limits.timeout_s,
         )
         active = np.ones(len(rows), dtype=bool)
         for step in steps:
@@ -170,6 +221,8 @@ class Pipeline:
     # ---- lifecycle -------------------------------------------------------------------------
 
     def close(self) -> None:
+        """Free the sessions; the pipeline refuses requests afterwards."""
+        self.closed = True
         self.backend.close()
         self._features.clear()
 
@@ -186,22 +239,23 @@ class Pipeline:
         tokens = self.manifest.tokens
         return tokens.pad_token_id if tokens.pad_token_id is not None else tokens.eos_token_ids[0]
 
-    def _stream(self, image: ImageInput | None, prompt: str, options: dict) -> _TextStream:
+    def _stream(self, image: ImageInput | None, prompt: str, options: dict) -> TextStream:
         raw = options.pop("raw", False)
-        config = _config(options)
+        config = self._config(options)
         timer = Timer()
         ids, features = self._prepare(image, prompt, raw=raw, first=True)
         timer.mark("vision")
         config = self._fit_context(config, len(ids))
         cache = self.backend.new_cache(1)
-        return _TextStream(self, cache, ids, ids, features, config, timer, start_position=0)
+        return TextStream(self, cache, ids, ids, features, config, timer, start_position=0)
 
     def _prepare(
         self, image: ImageInput | None, prompt: str, raw: bool, first: bool
     ) -> tuple[list[int], np.ndarray | None]:
         """Check the prompt, apply the template, encode it; run the vision encoder if needed."""
-        if not isinstance(prompt, str):
-            raise LlavaEdgeError(f"prompt must be text, got {type(prompt).__name__}")
+        if self.closed:
+            raise LlavaEdgeError("this pipeline is closed; load the model dir again")
+        _check_text(prompt)
         placeholders = prompt.count(IMAGE_PLACEHOLDER)
         if placeholders > 1:
             raise LlavaEdgeError(
@@ -218,12 +272,14 @@ class Pipeline:
         text = (
             prompt if raw else user_turn(self.manifest.template, prompt, image is not None, first)
         )
+        ids = self.codec.encode(text, first=first)
+        self.limits.check_prompt(len(ids))
         features = self.image_features(image) if image is not None else None
-        return self.codec.encode(text, first=first), features
+        return ids, features
 
     def image_features(self, image: ImageInput) -> np.ndarray:
         """Projected image features [N, hidden]; a repeated image comes from the cache."""
-        pixels = preprocess(load_image(image), self.manifest.image)
+        pixels = preprocess(load_image(image, self.limits.max_image_pixels), self.manifest.image)
         key = hashlib.sha1(pixels.tobytes()).hexdigest()
         with self._lock:
             if key in self._features:
@@ -238,15 +294,31 @@ class Pipeline:
                 self._features.popitem(last=False)
         return features
 
+    def _config(self, options: dict) -> GenerationConfig:
+        known = {f.name for f in fields(GenerationConfig)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise LlavaEdgeError(f"unknown generation option(s) {unknown}; known: {sorted(known)}")
+        config = GenerationConfig(**options)
+        if "max_new_tokens" not in options and self.limits.max_new_tokens:
+            config.max_new_tokens = min(config.max_new_tokens, self.limits.max_new_tokens)
+        if isinstance(config.stop, str):
+            config.stop = [config.stop]
+        config.validate()
+        self.limits.check_options(config)
+        return config
+
     def _fit_context(
         self, config: GenerationConfig, prompt_len: int, used: int = 0
     ) -> GenerationConfig:
         """Fail on a prompt that cannot fit; shorten max_new_tokens to what is left."""
-        room = self.manifest.text.max_context - used - prompt_len
+        # TensorRT engines may be built for less than the model's context
+        limit = getattr(self.backend, "max_context", self.manifest.text.max_context)
+        room = limit - used - prompt_len
         if room < 1:
             raise LlavaEdgeError(
                 f"the prompt is {prompt_len} tokens{' after ' + str(used) + ' earlier ones' if used else ''}, "
-                f"but the model's context is {self.manifest.text.max_context}; shorten it"
+                f"but the model's context is {limit}; shorten it"
             )
         if config.max_new_tokens > room:
             config = GenerationConfig(**{**config.__dict__, "max_new_tokens": room})
@@ -270,12 +342,13 @@ class ChatSession:
             pass
         return stream.answer.text
 
-    def stream(self, prompt: str, **options: Any) -> Iterator[str]:
-        yield from self._turn(prompt, {**self.options, **options})
+    def stream(self, prompt: str, **options: Any) -> TextStream:
+        return self._turn(prompt, {**self.options, **options})
 
-    def _turn(self, prompt: str, options: dict) -> _TextStream:
+    def _turn(self, prompt: str, options: dict) -> TextStream:
         pipe = self.pipeline
-        config = _config(options)
+        _check_text(prompt)
+        config = pipe._config(options)
         first = not self.ids
         if IMAGE_PLACEHOLDER in prompt and (self.features is None or not first):
             raise LlavaEdgeError(
@@ -289,7 +362,7 @@ class ChatSession:
         pending = self.ids[self.fed :] + new_ids  # the last answer's final token was never fed
         config = pipe._fit_context(config, len(pending), used=self.fed)
         timer = Timer()
-        return _TextStream(
+        return TextStream(
             pipe,
             self.cache,
             pending,
@@ -302,8 +375,8 @@ class ChatSession:
         )
 
 
-class _TextStream:
-    """Iterates text pieces of one answer and leaves the finished Answer in `.answer`."""
+class TextStream:
+    """Iterates the text pieces of one answer, then holds the finished Answer in `.answer`."""
 
     def __init__(
         self,
@@ -345,6 +418,7 @@ class _TextStream:
             pipe._pad_id,
             [np.asarray(self.all_ids)],
             self.timer,
+            pipe.limits.timeout_s,
         )
         for step in steps:
             token = int(step.tokens[0])
@@ -378,16 +452,31 @@ class _TextStream:
             self.session.fed = self.cache.length
 
 
-def _config(options: dict) -> GenerationConfig:
-    known = {f.name for f in fields(GenerationConfig)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise LlavaEdgeError(f"unknown generation option(s) {unknown}; known: {sorted(known)}")
-    config = GenerationConfig(**options)
-    if isinstance(config.stop, str):
-        config.stop = [config.stop]
-    config.validate()
-    return config
+def _load_table(path: Path, manifest: Manifest) -> np.ndarray:
+    """The text embedding table, memory-mapped; its shape must be the manifest's."""
+    try:
+        table = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise LlavaEdgeError(f"cannot read the embedding table {path}: {e}") from None
+    hidden = manifest.text.hidden_size
+    if table.ndim != 2 or table.shape[1] != hidden:
+        raise LlavaEdgeError(
+            f"embedding table {path} is {list(table.shape)}, but the model's hidden size is "
+            f"{hidden}: it comes from another model; re-export the model dir"
+        )
+    return table
+
+
+def _check_text(prompt: Any) -> None:
+    if not isinstance(prompt, str):
+        raise LlavaEdgeError(f"prompt must be text, got {type(prompt).__name__}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # lone surrogates: bytes that were not UTF-8 (argv, files)
+        raise LlavaEdgeError(
+            f"the prompt is not valid UTF-8 text (bad character at position {e.start}); "
+            "re-encode it as UTF-8"
+        ) from None
 
 
 def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, str | None]:

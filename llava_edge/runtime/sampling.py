@@ -60,7 +60,7 @@ class Sampler:
         c = self.config
         logits = logits.astype(np.float32, copy=True)
         if c.repetition_penalty != 1.0:
-            for row, ids in zip(logits, seen):
+            for row, ids in zip(logits, seen, strict=True):
                 ids = np.unique(ids[ids < row.shape[0]])
                 scores = row[ids]
                 row[ids] = np.where(

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from llava_edge.errors import LlavaEdgeError
+from llava_edge.files import check_output_dir, replace_dir
 from llava_edge.manifest import CHECKPOINT_INFO_FILE, TemplateSpec
 from llava_edge.runtime.template import IMAGE_PLACEHOLDER, get_template
 
@@ -240,7 +241,7 @@ def init_checkpoint(
     from transformers import GenerationConfig, LlavaForConditionalGeneration
 
     out = Path(out_dir)
-    _check_output_dir(out, force)
+    check_output_dir(out, force)
     tokenizer = make_hf_tokenizer(PRESETS.get(preset, {}).get("tokenizer_size", 512))
     config = make_config(preset, layers, tokenizer, **overrides)
     torch.manual_seed(seed)
@@ -252,17 +253,12 @@ def init_checkpoint(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    save_processor(out, tokenizer, config, template)
+    # Written beside `out` and renamed into place: a failed init leaves no half checkpoint, and
+    # --force replaces the old one whole (no stale shards from it stay behind).
+    with replace_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        save_processor(tmp, tokenizer, config, template)
     return out
-
-
-def _check_output_dir(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise LlavaEdgeError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise LlavaEdgeError(f"{out} is not empty; pass --force to overwrite it")
 
 
 # ---- helpers for checkpoints that training writes --------------------------------------------
@@ -305,28 +301,6 @@ def quiet_loading() -> Iterator[None]:
         logging.set_verbosity(level)
 
 
-def write_into(out_dir: str | Path, write: Any) -> Path:
-    """Call `write(tmp)` on a fresh temp dir beside `out_dir`, then move what it wrote into
-    `out_dir` entry by entry (each a rename), so a failure leaves nothing half-written there."""
-    import shutil
-    import tempfile
-
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        write(tmp)
-        out.mkdir(exist_ok=True)
-        for entry in sorted(tmp.iterdir()):
-            target = out / entry.name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            entry.replace(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
 # ---- a new LLaVA from a CLIP vision model and a causal LM (`llava-edge init --vision --llm`) ----
 
 
@@ -358,7 +332,7 @@ def compose_checkpoint(
     )
 
     out = Path(out_dir)
-    _check_output_dir(out, force)
+    check_output_dir(out, force)
     for name, path in (("--vision", vision), ("--llm", llm)):
         if not (Path(path) / "config.json").is_file():
             raise LlavaEdgeError(f"{name} {path} is not a Hugging Face checkpoint dir")
@@ -423,9 +397,8 @@ def compose_checkpoint(
         chat_template=hf_chat_template(get_template(template)),
     )
 
-    def write(tmp: Path) -> None:
+    with replace_dir(out) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         write_llava_edge_file(tmp, template)
-
-    return write_into(out, write)
+    return out

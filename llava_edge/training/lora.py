@@ -65,11 +65,10 @@ def merge_lora(
     from peft import PeftModel
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+    from llava_edge.files import check_output_dir, replace_dir
     from llava_edge.training.checkpoint import (
-        _check_output_dir,
         read_template_name,
         saved_dtype,
-        write_into,
         write_llava_edge_file,
     )
 
@@ -85,16 +84,15 @@ def merge_lora(
     if not (base / "config.json").is_file():
         raise LlavaEdgeError(f"base checkpoint {base} does not exist; pass --base")
     out = Path(out_dir)
-    _check_output_dir(out, force)
+    check_output_dir(out, force, keep=adapter_dir, keep_name="the adapters")
     model = LlavaForConditionalGeneration.from_pretrained(base, dtype=torch.float32)
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     source = adapter_dir if (adapter_dir / "processor_config.json").is_file() else base
     processor = AutoProcessor.from_pretrained(source)
     template = read_template_name(source) or read_template_name(base)
 
-    def write(tmp: Path) -> None:
+    with replace_dir(out) as tmp:
         merged.to(getattr(torch, saved_dtype(base))).save_pretrained(tmp)
         processor.save_pretrained(tmp)
         write_llava_edge_file(tmp, template)
-
-    return write_into(out, write)
+    return out

@@ -7,6 +7,8 @@ and the chat templates, so the demo's words are single tokens and a tiny model l
 
 from __future__ import annotations
 
+import json
+
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from llava_edge.runtime.template import IMAGE_PLACEHOLDER, TEMPLATES
@@ -24,9 +26,30 @@ Answer with the option's letter from the given choices directly. Yes. No. The an
 
 
 def build_tokenizer(vocab_size: int) -> Tokenizer:
-    """Train a BPE of at most `vocab_size` entries, then add `<image>` and `<pad>` after them."""
-    tokenizer = Tokenizer(models.BPE(unk_token=UNK, byte_fallback=True, fuse_unk=True))
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    """Train a BPE of at most `vocab_size` entries, then add `<image>` and `<pad>` after them.
+
+    Byte tokens take ids 3-258 as in Llama's vocabulary. They must be ordinary vocabulary
+    entries, not special tokens (which decoding skips), so the trained model is rebuilt with
+    them in place rather than passed to the trainer as special tokens.
+    """
+    trainer = trainers.BpeTrainer(
+        vocab_size=max(vocab_size - len(BYTE_TOKENS), 64),
+        special_tokens=[UNK, BOS, EOS],
+        show_progress=False,
+    )
+    draft = Tokenizer(models.BPE(unk_token=UNK))
+    draft.pre_tokenizer = _pre_tokenizer()
+    draft.train_from_iterator(_corpus(), trainer)
+    trained = json.loads(draft.to_str())["model"]
+    vocab = {token: i for i, token in enumerate([UNK, BOS, EOS, *BYTE_TOKENS])}
+    for token, _ in sorted(trained["vocab"].items(), key=lambda item: item[1]):
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+
+    tokenizer = Tokenizer(
+        models.BPE(vocab, merges, unk_token=UNK, byte_fallback=True, fuse_unk=True)
+    )
+    tokenizer.pre_tokenizer = _pre_tokenizer()
     tokenizer.decoder = decoders.Sequence(
         [
             decoders.Replace("▁", " "),
@@ -35,20 +58,24 @@ def build_tokenizer(vocab_size: int) -> Tokenizer:
             decoders.Strip(" ", 1, 0),
         ]
     )
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[UNK, BOS, EOS, *BYTE_TOKENS],
-        show_progress=False,
+    tokenizer.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in (UNK, BOS, EOS)]
     )
-    lines = corpus() + GENERAL_TEXT.splitlines()
-    for template in TEMPLATES.values():
-        lines += [template.system, template.user, template.assistant]
-    tokenizer.train_from_iterator([line for line in lines if line.strip()], trainer)
     tokenizer.add_special_tokens(
         [AddedToken(t, special=True, normalized=False) for t in (IMAGE_PLACEHOLDER, PAD)]
     )
-    bos_id = tokenizer.token_to_id(BOS)
     tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, vocab[BOS])]
     )
     return tokenizer
+
+
+def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+
+
+def _corpus() -> list[str]:
+    lines = corpus() + GENERAL_TEXT.splitlines()
+    for template in TEMPLATES.values():
+        lines += [template.system, template.user, template.assistant]
+    return [line for line in lines if line.strip()]

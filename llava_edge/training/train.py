@@ -114,10 +114,10 @@ def train(
     if opts.template is not None and opts.template not in TEMPLATES:
         raise LlavaEdgeError(f"unknown template {opts.template!r}; choose from {sorted(TEMPLATES)}")
     out = Path(out)
-    resume_from = _prepare_out_dir(out, opts)
     model_path = Path(model).resolve()
     if not (model_path / "config.json").is_file():
         raise LlavaEdgeError(f"--model {model}: not a checkpoint dir (no config.json)")
+    resume_from = _prepare_out_dir(out, model_path, opts)
 
     import torch
     from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
@@ -215,9 +215,11 @@ def batch_plan(global_batch: int, per_device: int, processes: int) -> tuple[int,
     return per_device, global_batch // (per_device * processes)
 
 
-def _prepare_out_dir(out: Path, opts: TrainOptions) -> Path | None:
+def _prepare_out_dir(out: Path, model: Path, opts: TrainOptions) -> Path | None:
     """The checkpoint to resume from, or None; refuses to train over an earlier result."""
     from transformers.trainer_utils import get_last_checkpoint
+
+    from llava_edge.files import check_output_dir
 
     trainer_dir = out / TRAINER_DIR
     if opts.resume:
@@ -225,15 +227,13 @@ def _prepare_out_dir(out: Path, opts: TrainOptions) -> Path | None:
         if last is None:
             raise LlavaEdgeError(f"--resume: {trainer_dir} holds no checkpoint to resume from")
         return Path(last)
-    if out.exists() and not out.is_dir():
-        raise LlavaEdgeError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not opts.force:
-            raise LlavaEdgeError(
-                f"{out} is not empty; pass --resume to go on from its checkpoints or --force to start over"
-            )
-        if int(os.environ.get("RANK", "0")) == 0:
-            shutil.rmtree(trainer_dir, ignore_errors=True)
+    if out.is_dir() and any(out.iterdir()) and not opts.force:
+        raise LlavaEdgeError(
+            f"{out} is not empty; pass --resume to go on from its checkpoints or --force to start over"
+        )
+    check_output_dir(out, force=True, keep=model, keep_name="the --model checkpoint")
+    if int(os.environ.get("RANK", "0")) == 0:
+        shutil.rmtree(trainer_dir, ignore_errors=True)  # an earlier run's: not to be resumed
     return None
 
 
@@ -400,14 +400,16 @@ def _save(
     opts: TrainOptions,
     dtype: str,
 ) -> Any:
-    """Write the final checkpoint into `out` (via a temp dir, then renames); returns the model.
+    """Write the final checkpoint as `out`, whole (llava_edge.files.replace_dir); the trainer's
+    checkpoints move along into it. Returns the trained model (merged if LoRA).
 
     Plain training saves through the Trainer, which gathers sharded weights (DeepSpeed ZeRO-3,
     FSDP) and must run on every process; LoRA adapters are merged on the main process.
     """
     import torch
 
-    from llava_edge.training.checkpoint import write_into, write_llava_edge_file
+    from llava_edge.files import replace_dir
+    from llava_edge.training.checkpoint import write_llava_edge_file
     from llava_edge.training.lora import ADAPTER_DIR
 
     model = trainer.model
@@ -416,14 +418,6 @@ def _save(
     if main:
         shutil.rmtree(staging, ignore_errors=True)  # left by a run that died while saving
     trainer.accelerator.wait_for_everyone()
-
-    def write(tmp: Path) -> None:
-        for entry in staging.iterdir():
-            entry.replace(tmp / entry.name)
-        processor.save_pretrained(tmp)
-        write_llava_edge_file(tmp, template_name)
-        (tmp / "training_args.bin").unlink(missing_ok=True)
-
     if opts.lora:
         if main:
             if opts.keep_adapters:
@@ -437,8 +431,15 @@ def _save(
             model.to(getattr(torch, dtype))
         trainer.save_model(str(staging))
     if main:
-        write_into(out, write)
-        shutil.rmtree(staging, ignore_errors=True)
+        with replace_dir(out) as tmp:
+            for entry in staging.iterdir():
+                entry.replace(tmp / entry.name)
+            processor.save_pretrained(tmp)
+            write_llava_edge_file(tmp, template_name)
+            (tmp / "training_args.bin").unlink(missing_ok=True)
+            staging.rmdir()
+            if (out / TRAINER_DIR).is_dir():  # last, one rename: then the install
+                (out / TRAINER_DIR).replace(tmp / TRAINER_DIR)
     trainer.accelerator.wait_for_everyone()
     return model
 

@@ -1,0 +1,243 @@
+"""Calibration data: which (image, prompt) pairs to run, and what each graph is fed when the fp32
+model answers them.
+
+Quantizers need the tensors a graph really sees. Rather than synthesise them, the fp32 model dir
+is run through the runtime (the same preprocessing, template, KV cache and decode loop that serve
+users): the vision encoder gets preprocessed pixels, the projector the vision features, and the
+decoder the prefill embeddings (image features in place) followed by a few greedy decode steps.
+Every graph call is recorded as it happens, so the feeds are exactly what production feeds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llava_edge.errors import LlavaEdgeError
+from llava_edge.runtime.template import IMAGE_PLACEHOLDER
+
+# Asked about every picture of an image folder (no questions come with one).
+DEFAULT_PROMPT = "Describe the image."
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+# Greedy decode steps recorded after each prefill: decode-shaped calls (one token, a long past)
+# exercise the decoder differently from prefill, and TensorRT runs both with the same scales.
+DECODE_STEPS = 4
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One calibration or held-out input: an image (or none) and the user's prompt."""
+
+    image: Path | None
+    prompt: str
+
+
+def load_samples(calib: str | os.PathLike | None, images: str | os.PathLike | None) -> list[Sample]:
+    """Samples from a LLaVA JSON file (images under `images`, else beside the JSON), or from an
+    image folder (`calib` or `images` naming a dir) asked DEFAULT_PROMPT.
+
+    Raises LlavaEdgeError for a missing, empty or unreadable source.
+    """
+    if calib is None and images is None:
+        raise LlavaEdgeError(
+            "no calibration data: pass --calib LLAVA_JSON (with --images DIR) or --images DIR"
+        )
+    if calib is not None:
+        source = Path(calib)
+        if not source.exists():
+            raise LlavaEdgeError(f"calibration source {source} does not exist")
+        if source.is_dir():
+            if images is not None:
+                raise LlavaEdgeError(
+                    f"--calib {source} is a folder of images; --images only goes with a LLaVA JSON file"
+                )
+            return _image_folder(source)
+        return _llava_json(source, Path(images) if images is not None else None)
+    folder = Path(images)  # type: ignore[arg-type]
+    if not folder.is_dir():
+        raise LlavaEdgeError(f"--images {folder} is not a folder of images")
+    return _image_folder(folder)
+
+
+def _image_folder(folder: Path) -> list[Sample]:
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise LlavaEdgeError(
+            f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); give a folder of pictures "
+            "like the ones the model will see"
+        )
+    return [Sample(path, DEFAULT_PROMPT) for path in files]
+
+
+def _llava_json(path: Path, image_root: Path | None) -> list[Sample]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LlavaEdgeError(f"cannot read calibration file {path}: {e}") from None
+    if not isinstance(data, list) or not data:
+        raise LlavaEdgeError(
+            f"{path} holds no samples: expected a LLaVA JSON list of "
+            '{"image": ..., "conversations": [{"from": "human", "value": ...}, ...]}'
+        )
+    roots = [image_root] if image_root is not None else [path.parent, path.parent / "images"]
+    samples = []
+    for index, item in enumerate(data):
+        prompt = _first_question(item)
+        if prompt is None:
+            raise LlavaEdgeError(
+                f"{path}: sample {index} has no human turn in 'conversations'; "
+                "is this a LLaVA JSON file?"
+            )
+        image = None
+        if item.get("image"):
+            image = _find_image(str(item["image"]), roots)
+            if image is None:
+                where = " or ".join(str(r) for r in roots)
+                raise LlavaEdgeError(
+                    f"{path}: image {item['image']} of sample {index} is not under {where}; "
+                    "pass --images DIR naming the folder the JSON's image paths start from"
+                )
+        else:  # a text-only sample must not ask for an image
+            prompt = prompt.replace(IMAGE_PLACEHOLDER, "").strip()
+        samples.append(Sample(image, prompt))
+    return samples
+
+
+def _first_question(item: Any) -> str | None:
+    if not isinstance(item, dict) or not isinstance(item.get("conversations"), list):
+        return None
+    for turn in item["conversations"]:
+        if isinstance(turn, dict) and turn.get("from") == "human" and turn.get("value"):
+            return str(turn["value"])
+    return None
+
+
+def _find_image(name: str, roots: list[Path]) -> Path | None:
+    for root in roots:
+        if (root / name).is_file():
+            return root / name
+    return None
+
+
+@dataclass
+class Capture:
+    """One graph call: the inputs it was fed and the outputs the fp32 graph gave."""
+
+    graph: str
+    feeds: dict[str, np.ndarray]
+    outputs: list[np.ndarray]
+
+
+class _Recorder:
+    """Stands in for an onnxruntime session: runs it and keeps a copy of each call."""
+
+    def __init__(self, graph: str, session: Any, sink: list[Capture]):
+        self.graph, self.session, self.sink = graph, session, sink
+
+    def run(self, output_names: Any, feeds: dict[str, np.ndarray], *args: Any, **kw: Any) -> Any:
+        outputs = self.session.run(output_names, feeds, *args, **kw)
+        # The runtime's KV cache reuses its buffers: copy, and drop the unused slots at the end
+        # of the preallocated past (masked out, so they change nothing the graph computes).
+        self.sink.append(Capture(self.graph, _trim_past(feeds), [np.array(o) for o in outputs]))
+        return outputs
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.session, name)
+
+
+def _trim_past(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    if "attention_mask" not in feeds or "inputs_embeds" not in feeds:
+        return {k: np.array(v) for k, v in feeds.items()}
+    mask = feeds["attention_mask"]
+    seq = feeds["inputs_embeds"].shape[1]
+    past = mask.shape[1] - seq
+    used = np.flatnonzero(mask[:, :past].any(axis=0))
+    keep = int(used[-1]) + 1 if used.size else 0
+    out = {}
+    for name, value in feeds.items():
+        if name == "attention_mask":
+            value = np.concatenate([value[:, :keep], value[:, past:]], axis=1)
+        elif value.ndim == 4 and value.shape[2] == past and name not in ("inputs_embeds",):
+            value = value[:, :, :keep]
+        out[name] = np.array(value)
+    return out
+
+
+class Activations:
+    """Runs an fp32 model dir over samples and yields what each graph is fed, lazily.
+
+    Lazily because a decoder feed holds the whole past keys/values: only a few are alive at once.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        samples: list[Sample],
+        decode_steps: int = DECODE_STEPS,
+        threads: int | None = None,
+    ):
+        self.model_dir = Path(model_dir)
+        self.samples = samples
+        self.decode_steps = decode_steps
+        self.threads = threads
+
+    def captures(self, graph: str, desc: str | None = None) -> Iterator[Capture]:
+        """Every call of `graph` while the fp32 model handles the samples, with a progress bar."""
+        from tqdm import tqdm
+
+        from llava_edge.runtime import Pipeline
+
+        sink: list[Capture] = []
+        with Pipeline.load(self.model_dir, threads=self.threads) as pipe:
+            sessions = pipe.backend.sessions
+            sessions[graph] = _Recorder(graph, sessions[graph], sink)
+            bar = tqdm(self.samples, desc=desc or f"fp32 {graph}", unit="sample", leave=False)
+            for sample in bar:
+                if graph == "decoder":
+                    stream = pipe.stream(
+                        str(sample.image) if sample.image else None,
+                        sample.prompt,
+                        max_new_tokens=self.decode_steps + 1,
+                        ignore_eos=True,
+                    )
+                    for _ in stream:
+                        yield from _drain(sink)
+                elif sample.image is not None:  # a repeated picture comes from the cache
+                    pipe.image_features(str(sample.image))
+                yield from _drain(sink)
+            bar.close()
+
+
+def _drain(sink: list[Capture]) -> Iterator[Capture]:
+    while sink:
+        yield sink.pop(0)
+
+
+class FeedReader:
+    """An onnxruntime.quantization CalibrationDataReader over captured feeds."""
+
+    def __init__(self, captures: Iterator[Capture]):
+        self._captures = captures
+        self.count = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        capture = next(self._captures, None)
+        if capture is None:
+            return None
+        self.count += 1
+        return capture.feeds
+
+    def __iter__(self) -> FeedReader:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        feeds = self.get_next()
+        if feeds is None:
+            raise StopIteration
+        return feeds

@@ -1,0 +1,518 @@
+"""`llava-edge quantize`: an fp32 model dir -> a model dir of explicit-precision graphs.
+
+Precision lives in the ONNX itself (TensorRT 10 takes Q/DQ nodes and fp16 tensors as the truth;
+TensorRT 11 has no calibrators or precision flags left). Two consumers read the result and want
+different forms of the same precision:
+
+- onnxruntime on a CPU (the runtime's default backend, `GraphSpec.file`). Static weight Q/DQ is
+  constant-folded back to fp32 there, so it gains nothing; what ORT's CPU kernels accelerate is
+  dynamic int8 (MatMulInteger, activations quantized per call) and MatMulNBits (4-bit blocks).
+- TensorRT (`GraphSpec.tensorrt_file` where it differs): static symmetric Q/DQ with zero point 0,
+  per-channel int8 weights or block-wise INT4 weights, scales fixed at build time by calibration.
+
+| precision | graph              | file (onnxruntime)                    | tensorrt_file                   |
+|-----------|--------------------|---------------------------------------|---------------------------------|
+| int8      | all three          | dynamic int8 MatMul, per-channel      | static Q/DQ int8, calibrated    |
+| int4      | decoder            | MatMulNBits, 4-bit blocks of 32       | INT4 Q/DQ blocks of 32, opset 21|
+| int4      | vision, projector  | as int8                               | as int8                         |
+| fp16      | all three          | fp16 weights and math, fp32 IO        | (same file)                     |
+
+Graph inputs and outputs keep their names and dtypes, so the runtime loads the result unchanged.
+Everything is written to a temporary dir and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from llava_edge.calib.data import Activations, FeedReader, Sample, load_samples
+from llava_edge.errors import LlavaEdgeError
+from llava_edge.files import MAX_PROTOBUF, check_output_dir, replace_dir, save_graph
+from llava_edge.manifest import GraphSpec, Manifest
+
+PRECISIONS = ("int8", "int4", "fp16")
+METHODS = ("minmax", "entropy", "percentile")
+DEFAULT_SAMPLES = 32
+REPORT_SAMPLES = 8  # held out from calibration and compared against fp32 by --report
+INT4_BLOCK = 32  # weights per scale; 32 keeps random-init and trained Llamas usable at 4 bits
+# MatMulNBits' accuracy_level 4 quantizes activations to int8 for the dot products: the fast CPU
+# path (REFERENCE.md measured it), at an accuracy cost far below the 4-bit weights' own.
+INT4_ACCURACY_LEVEL = 4
+INT4_OPSET = 21  # DequantizeLinear's INT4 type and block_size attribute start at opset 21
+QDQ_SUFFIX = ".qdq.onnx"
+REPORT_FILE = "quantize_report.json"
+
+# onnxruntime.quantization options that give what TensorRT's explicit quantization accepts (the
+# settings NVIDIA's modelopt passes to the same quantizer): symmetric int8 with zero point 0,
+# weights stored as int8 with a DequantizeLinear, biases left in float.
+TENSORRT_QDQ_OPTIONS = {
+    "ActivationSymmetric": True,
+    "WeightSymmetric": True,
+    "QuantizeBias": False,
+    "AddQDQPairToWeight": False,
+    "ForceQuantizeNoInputCheck": True,
+    "QDQDisableWeightAdjustForInt32Bias": True,
+    # Q/DQ on the inputs of each GEMM/convolution only: TensorRT runs them in int8 and hands on
+    # float, so the next norm or activation never sees int8 rounding of its input.
+    "OpTypesToExcludeOutputQuantization": ["Conv", "Gemm", "MatMul"],
+}
+# Kept in float32 in fp16 graphs: x*x in norms and softmax's exponent overflow fp16's 65504, and
+# TensorRT warns that fp16 LayerNormalization after attention may overflow.
+FP16_KEEP_FP32_OPS = ["Pow", "ReduceMean", "Sqrt", "Softmax", "LayerNormalization"]
+
+
+def quantize_model(
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    precision: str,
+    calib: str | os.PathLike | None = None,
+    images: str | os.PathLike | None = None,
+    method: str = "minmax",
+    samples: int = DEFAULT_SAMPLES,
+    report: bool = False,
+    force: bool = False,
+    log: Any = print,
+) -> dict[str, Any]:
+    """Write a quantized copy of `model_dir` to `out_dir`; returns the report (empty without it).
+
+    int8 and int4 need calibration data (`calib`: a LLaVA JSON file or an image folder;
+    `images`: the JSON's image root, or alone an image folder) for the TensorRT graphs' static
+    activation scales; fp16 needs none unless a report is asked for.
+    """
+    if precision not in PRECISIONS:
+        raise LlavaEdgeError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision}")
+    if method not in METHODS:
+        raise LlavaEdgeError(f"--method must be one of {', '.join(METHODS)}, got {method}")
+    if not isinstance(samples, int) or samples < 1:
+        raise LlavaEdgeError(f"--samples must be at least 1, got {samples}")
+    source = Path(model_dir)
+    manifest = Manifest.load(source)
+    _check_source(manifest, source)
+    out = Path(out_dir)
+    if out.resolve() == source.resolve():
+        raise LlavaEdgeError(
+            "OUT_DIR must differ from MODEL_DIR: the fp32 graphs are the reference"
+        )
+    check_output_dir(out, force, keep=source, keep_name="the source model dir")
+    calibration, held_out = _split(precision, calib, images, samples, report)
+
+    start = time.perf_counter()
+    with replace_dir(out) as tmp:
+        for name in {manifest.tokenizer, manifest.embeddings}:
+            shutil.copy2(source / name, tmp / name)
+        activations = Activations(source, calibration)
+        plan = _plan(precision)
+        for name, kind in plan.items():
+            graph = manifest.graphs[name]
+            _quantize_graph(name, kind, graph, source, tmp, activations, method, log)
+        manifest.source["quantized_from"] = {
+            "model_dir": str(source.resolve()),
+            "files": {n: e.sha256 for n, e in manifest.files.items()},
+        }
+        manifest.engines = {}  # engines built for the source dir do not fit these graphs
+        manifest.record_files(tmp)
+        manifest.save(tmp)
+        result: dict[str, Any] = {}
+        if report:
+            from llava_edge.calib.report import build_report, format_table, write_report
+
+            result = build_report(source, tmp, held_out)
+            write_report(result, tmp / REPORT_FILE)
+            log(format_table(result))
+    manifest.mark_verified(out)  # every file was hashed above: the first load need not again
+    log(f"quantized {source} -> {out} ({precision}) in {time.perf_counter() - start:.1f} s")
+    return result
+
+
+def _check_source(manifest: Manifest, source: Path) -> None:
+    done = {n: g.precision for n, g in manifest.graphs.items() if g.precision != "fp32"}
+    if done:
+        kinds = ", ".join(sorted(set(done.values())))
+        raise LlavaEdgeError(
+            f"{source} is already {kinds} ({', '.join(sorted(done))}); quantize the fp32 model "
+            "dir that `llava-edge export` wrote"
+        )
+    manifest.check_files(source)
+
+
+def _split(
+    precision: str,
+    calib: str | os.PathLike | None,
+    images: str | os.PathLike | None,
+    samples: int,
+    report: bool,
+) -> tuple[list[Sample], list[Sample]]:
+    """Calibration samples, and the held-out ones the report compares on (never calibrated on)."""
+    if precision == "fp16" and not report:
+        return [], []
+    if precision == "fp16" and calib is None and images is None:
+        raise LlavaEdgeError("--report needs held-out data: pass --calib or --images")
+    everything = load_samples(calib, images)
+    if precision == "fp16":
+        return [], everything[:REPORT_SAMPLES]
+    held = 0
+    if report:
+        if len(everything) < 2:
+            raise LlavaEdgeError(
+                "--report needs samples beyond the calibration ones: give at least 2"
+            )
+        held = min(REPORT_SAMPLES, max(1, len(everything) - samples), len(everything) // 2)
+    calibration = everything[: len(everything) - held][:samples]
+    if not any(s.image for s in calibration):
+        raise LlavaEdgeError(
+            "no calibration sample has an image: the vision encoder and projector need pictures"
+        )
+    return calibration, everything[len(everything) - held :]
+
+
+def _plan(precision: str) -> dict[str, str]:
+    """What each graph becomes."""
+    if precision == "fp16":
+        return {"vision_encoder": "fp16", "projector": "fp16", "decoder": "fp16"}
+    decoder = "int4" if precision == "int4" else "int8"
+    return {"vision_encoder": "int8", "projector": "int8", "decoder": decoder}
+
+
+def _quantize_graph(
+    name: str,
+    kind: str,
+    graph: GraphSpec,
+    source: Path,
+    out: Path,
+    activations: Activations,
+    method: str,
+    log: Any,
+) -> None:
+    from tqdm import tqdm
+
+    src = source / graph.file
+    steps = {"fp16": 1, "int8": 2, "int4": 2}[kind]
+    with tqdm(total=steps, desc=f"{kind} {name}", unit="form", leave=True) as bar, _quiet():
+        if kind == "fp16":
+            bar.set_postfix_str("fp16")
+            graph.details = {**graph.details, **to_fp16(src, out / graph.file)}
+            bar.update()
+        elif kind == "int8":
+            bar.set_postfix_str("onnxruntime: dynamic int8")
+            ort_details = int8_dynamic(src, out / graph.file)
+            bar.update()
+            bar.set_postfix_str(f"tensorrt: calibrating ({method})")
+            trt_file = Path(graph.file).stem + QDQ_SUFFIX
+            reader = FeedReader(activations.captures(name, desc=f"calibrate {name}"))
+            trt_details = int8_static_qdq(src, out / trt_file, reader, method)
+            bar.update()
+            graph.tensorrt_file = trt_file
+            graph.details = {
+                **graph.details,
+                "onnxruntime": ort_details,
+                "tensorrt": {**trt_details, "calibration_feeds": reader.count},
+            }
+        else:
+            bar.set_postfix_str("onnxruntime: MatMulNBits")
+            ort_details = int4_matmulnbits(src, out / graph.file)
+            bar.update()
+            bar.set_postfix_str("tensorrt: INT4 Q/DQ")
+            trt_file = Path(graph.file).stem + QDQ_SUFFIX
+            trt_details = int4_qdq(src, out / trt_file)
+            bar.update()
+            graph.tensorrt_file = trt_file
+            graph.details = {**graph.details, "onnxruntime": ort_details, "tensorrt": trt_details}
+    graph.precision = kind
+    if kind != "fp16" and not graph.details["onnxruntime"]["quantized_nodes"]:
+        log(f"warning: {name} has no MatMul with constant weights; it stays fp32")
+
+
+# ---- the forms ---------------------------------------------------------------------------------
+
+
+def weight_nodes(model: Any, op_types: tuple[str, ...] = ("MatMul", "Gemm", "Conv")) -> list[Any]:
+    """Nodes whose weight (second input) is a stored tensor: the ones worth quantizing.
+
+    MatMuls between two activations (attention's scores and weighted values) are left alone:
+    they hold no weights to shrink, and quantizing them costs accuracy in every backend.
+    """
+    stored = {t.name for t in model.graph.initializer}
+    return [n for n in model.graph.node if n.op_type in op_types and n.input[1] in stored]
+
+
+def int8_dynamic(src: Path, dst: Path) -> dict[str, Any]:
+    """onnxruntime's CPU form: int8 per-channel weights, activations quantized on the fly."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = onnx.load(str(src), load_external_data=False)
+    nodes = [n.name for n in weight_nodes(model, ("MatMul",))]
+    quantize_dynamic(
+        str(src),
+        str(dst),
+        op_types_to_quantize=["MatMul"],
+        nodes_to_quantize=nodes,
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        use_external_data_format=_is_large(src),
+    )
+    return {
+        "form": "dynamic int8 (DynamicQuantizeLinear + MatMulInteger), per-channel weights",
+        "quantized_nodes": len(nodes),
+    }
+
+
+def int8_static_qdq(src: Path, dst: Path, reader: FeedReader, method: str) -> dict[str, Any]:
+    """TensorRT's form: static symmetric Q/DQ on the inputs of every weight MatMul/Gemm/Conv.
+
+    Activations get one calibrated scale per tensor, weights one per output channel. Norms,
+    softmax and attention's activation-by-activation MatMuls stay in float: TensorRT fuses Q/DQ
+    only around the GEMMs and convolutions, which hold nearly all the weights.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    model = onnx.load(str(src), load_external_data=False)
+    nodes = weight_nodes(model)
+    op_types = sorted({n.op_type for n in nodes})
+    with tempfile.TemporaryDirectory(prefix="llava-edge-calib-") as scratch:
+        ranges = Path(scratch) / "ranges.json"
+        calibrate(src, nodes, reader, method, ranges)
+        quantize_static(
+            str(src),
+            str(dst),
+            None,
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=op_types,
+            nodes_to_quantize=[n.name for n in nodes],
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=_CALIBRATION[method](),
+            use_external_data_format=_is_large(src),
+            extra_options=dict(TENSORRT_QDQ_OPTIONS),
+            calibration_cache_path=ranges,
+        )
+    return {
+        "form": "static Q/DQ int8: symmetric, zero point 0, per-tensor activations, "
+        "per-channel weights",
+        "method": method,
+        "quantized_nodes": len(nodes),
+        "op_types": op_types,
+    }
+
+
+_CALIBRATION = {
+    "minmax": lambda: _method("MinMax"),
+    "entropy": lambda: _method("Entropy"),
+    "percentile": lambda: _method("Percentile"),
+}
+
+
+def _method(name: str) -> Any:
+    from onnxruntime.quantization import CalibrationMethod
+
+    return getattr(CalibrationMethod, name)
+
+
+def calibrate(src: Path, nodes: list[Any], reader: FeedReader, method: str, out: Path) -> None:
+    """Ranges of the activations entering `nodes` over the reader's feeds, for quantize_static.
+
+    onnxruntime's calibrators are handed one feed at a time: its histogram collector stacks a
+    batch's tensors into one array, which fails when prompts differ in length (and decode steps
+    always do), and merging histograms call by call keeps memory flat however many samples.
+    """
+    from onnxruntime.quantization import create_calibrator, save_tensors_data
+
+    with tempfile.TemporaryDirectory(prefix="llava-edge-calib-") as scratch:
+        calibrator = create_calibrator(
+            str(src),
+            sorted({n.op_type for n in nodes}),
+            augmented_model_path=str(Path(scratch) / "augmented.onnx"),
+            calibrate_method=_CALIBRATION[method](),
+            use_external_data_format=_is_large(src),
+            extra_options={"symmetric": True},  # TensorRT's ranges are symmetric about 0
+        )
+        if method != "minmax":
+            # Histograms only of what gets quantized: the same op types also take attention's
+            # cached keys, empty at prefill, which the percentile collector cannot take.
+            calibrator.tensors_to_calibrate &= {n.input[0] for n in nodes}
+        for feeds in reader:
+            calibrator.collect_data(_One(feeds))
+        if reader.count == 0:
+            raise LlavaEdgeError(f"no calibration input reached {src.name}")
+        save_tensors_data(calibrator.compute_data(), out)
+        del calibrator  # its session holds the augmented model open
+
+
+class _One:
+    """A CalibrationDataReader over a single feed."""
+
+    def __init__(self, feeds: dict[str, Any]):
+        self.feeds: dict[str, Any] | None = feeds
+
+    def get_next(self) -> dict[str, Any] | None:
+        feeds, self.feeds = self.feeds, None
+        return feeds
+
+
+def int4_matmulnbits(src: Path, dst: Path) -> dict[str, Any]:
+    """onnxruntime's CPU form: MatMulNBits (com.microsoft), 4-bit symmetric blocks along K."""
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    model = _load(src)
+    nodes, skipped = _int4_nodes(model)
+    config = DefaultWeightOnlyQuantConfig(
+        block_size=INT4_BLOCK,
+        is_symmetric=True,
+        accuracy_level=INT4_ACCURACY_LEVEL,
+        quant_format=QuantFormat.QOperator,
+        op_types_to_quantize=("MatMul",),
+    )
+    quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=skipped, algo_config=config)
+    quantizer.process()
+    save_graph(quantizer.model.model, dst)
+    return {
+        "form": "MatMulNBits 4-bit symmetric blocks (com.microsoft), onnxruntime only",
+        "block_size": INT4_BLOCK,
+        "accuracy_level": INT4_ACCURACY_LEVEL,
+        "quantized_nodes": len(nodes),
+        "kept_float": skipped,
+    }
+
+
+def int4_qdq(src: Path, dst: Path) -> dict[str, Any]:
+    """TensorRT's form: INT4 weights with block-wise DequantizeLinear (axis 0, blocks along K)
+    into each MatMul; activations stay in float (weight-only, as TensorRT does INT4).
+
+    Block-wise DequantizeLinear needs opset 21, so the graph is converted first with ONNX's own
+    version converter (it rewrites ops whose form changed since the export's opset, e.g.
+    ReduceMean's axes).
+    """
+    from onnx import version_converter
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    model = _load(src)
+    nodes, skipped = _int4_nodes(model)
+    model = version_converter.convert_version(model, INT4_OPSET)
+    config = DefaultWeightOnlyQuantConfig(
+        block_size=INT4_BLOCK,
+        is_symmetric=True,
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=("MatMul",),
+    )
+    quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=skipped, algo_config=config)
+    quantizer.process()
+    save_graph(quantizer.model.model, dst)
+    return {
+        "form": "INT4 weight-only Q/DQ: block-wise symmetric DequantizeLinear, no zero point",
+        "block_size": INT4_BLOCK,
+        "opset": INT4_OPSET,
+        "quantized_nodes": len(nodes),
+        "kept_float": skipped,
+    }
+
+
+def _int4_nodes(model: Any) -> tuple[list[str], list[str]]:
+    """MatMuls to quantize, and those kept in float because K is not a whole number of blocks
+    (a partial last block is legal ONNX, but neither MatMulNBits' fast path nor TensorRT's
+    block quantization is documented for it)."""
+    stored = {t.name: t for t in model.graph.initializer}
+    nodes, skipped = [], []
+    for node in weight_nodes(model, ("MatMul",)):
+        k = stored[node.input[1]].dims[0]
+        (nodes if k % INT4_BLOCK == 0 else skipped).append(node.name)
+    return nodes, skipped
+
+
+def to_fp16(src: Path, dst: Path) -> dict[str, Any]:
+    """fp16 weights and math with onnxruntime's converter; graph IO stays as it was (fp32)."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    model = _load(src)
+    rotary = _rotary_nodes(model)
+    model = convert_float_to_float16(
+        model,
+        keep_io_types=True,
+        op_block_list=DEFAULT_OP_BLOCK_LIST + FP16_KEEP_FP32_OPS,
+        node_block_list=rotary,
+        disable_shape_infer=_is_large(src),
+    )
+    save_graph(model, dst)
+    return {
+        "form": "fp16 weights and activations (onnxruntime.transformers.float16), fp32 graph IO",
+        "kept_fp32_ops": FP16_KEEP_FP32_OPS,
+        "kept_fp32_nodes": len(rotary),
+    }
+
+
+def _rotary_nodes(model: Any) -> list[str]:
+    """Nodes computing rotary angles from position_ids: position x frequency reaches thousands of
+    radians, where fp16's spacing is several radians, so cos/sin would be noise."""
+    produced_by = {out: node for node in model.graph.node for out in node.output}
+    downstream = {"position_ids"}
+    for node in model.graph.node:  # nodes are topologically sorted in a valid graph
+        if any(i in downstream for i in node.input):
+            downstream.update(node.output)
+    chain: set[str] = set()
+    todo = [n for n in model.graph.node if n.op_type in ("Cos", "Sin")]
+    while todo:
+        node = todo.pop()
+        if node.name in chain or not any(o in downstream for o in node.output):
+            continue
+        chain.add(node.name)
+        todo += [produced_by[i] for i in node.input if i in produced_by]
+    return sorted(chain)
+
+
+# ---- files -------------------------------------------------------------------------------------
+
+
+def _is_large(path: Path) -> bool:
+    data = Path(str(path) + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0) > MAX_PROTOBUF
+
+
+def _load(path: Path) -> Any:
+    import onnx
+
+    return onnx.load(str(path), load_external_data=True)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """onnxruntime.quantization logs every node it touches and advises pre-processing we do not
+    need (the graphs come from our own exporter); keep the progress bar readable."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    loggers = [
+        logging.getLogger(n)
+        for n in (
+            "onnxruntime",
+            "onnxruntime.quantization",
+            "onnxruntime.quantization.matmul_nbits_quantizer",
+        )
+    ]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.setLevel(level)
+        for lg, lv in zip(loggers, levels, strict=True):
+            lg.setLevel(lv)

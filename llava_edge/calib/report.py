@@ -1,0 +1,196 @@
+"""How far a quantized model dir is from its fp32 source, on samples it was not calibrated on.
+
+Per graph and per form (the onnxruntime `file`, and the TensorRT `tensorrt_file` run here on the
+CPU, which is how its accuracy is checked without a GPU): cosine similarity and largest absolute
+error of the outputs, each graph fed exactly what the fp32 model fed it, so errors do not
+compound across graphs. End to end, through the runtime: greedy-token agreement over
+GREEDY_TOKENS tokens, both free-running (how long the two answers stay identical) and
+teacher-forced (how often the quantized model's next token is fp32's, given fp32's text so far).
+And the size of each file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llava_edge.calib.data import Activations, Sample
+from llava_edge.manifest import Manifest
+
+GREEDY_TOKENS = 64
+_OUTPUT = {"vision_encoder": "image_features", "projector": "image_embeds", "decoder": "logits"}
+
+
+def build_report(
+    fp32_dir: str | os.PathLike, quant_dir: str | os.PathLike, samples: list[Sample]
+) -> dict[str, Any]:
+    """The comparison as plain data (what `write_report` saves and `format_table` prints)."""
+    fp32_dir, quant_dir = Path(fp32_dir), Path(quant_dir)
+    reference = Manifest.load(fp32_dir)
+    quantized = Manifest.load(quant_dir)
+    activations = Activations(fp32_dir, samples)
+    graphs = []
+    for name, graph in quantized.graphs.items():
+        forms = {"onnxruntime": graph.file}
+        if graph.tensorrt_file:
+            forms["tensorrt"] = graph.tensorrt_file
+        for form, file in forms.items():
+            stats = compare_graph(activations, name, quant_dir / file)
+            graphs.append(
+                {
+                    "graph": name,
+                    "form": form,
+                    "file": file,
+                    "precision": graph.precision,
+                    **stats,
+                    "bytes": _size(quant_dir, file),
+                    "fp32_bytes": _size(fp32_dir, reference.graphs[name].file),
+                }
+            )
+    return {
+        "fp32_dir": str(fp32_dir),
+        "quantized_dir": str(quant_dir),
+        "held_out_samples": len(samples),
+        "graphs": graphs,
+        "greedy": greedy_agreement(fp32_dir, quant_dir, samples),
+        "sizes": _sizes(fp32_dir, reference, quant_dir, quantized),
+    }
+
+
+def compare_graph(activations: Activations, graph: str, path: Path) -> dict[str, Any]:
+    """Cosine and max error of `path`'s output against fp32's over every captured call."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    output = _OUTPUT[graph]
+    index = [o.name for o in session.get_outputs()].index(output)
+    cosines, errors = [], []
+    for capture in activations.captures(graph, desc=f"compare {path.name}"):
+        (got,) = session.run([output], capture.feeds)
+        want = capture.outputs[index]
+        cosines.append(cosine(want, got))
+        errors.append(float(np.max(np.abs(want.astype(np.float64) - got))))
+    if not cosines:
+        return {"calls": 0}
+    return {
+        "calls": len(cosines),
+        "cosine_min": min(cosines),
+        "cosine_mean": float(np.mean(cosines)),
+        "max_abs_error": max(errors),
+    }
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = np.asarray(a, dtype=np.float64).ravel()
+    b = np.asarray(b, dtype=np.float64).ravel()
+    norms = np.linalg.norm(a) * np.linalg.norm(b)
+    return float(a @ b / norms) if norms else float(np.array_equal(a, b))
+
+
+def greedy_agreement(
+    fp32_dir: Path, quant_dir: Path, samples: list[Sample], tokens: int = GREEDY_TOKENS
+) -> dict[str, Any]:
+    """Free-running and teacher-forced agreement of greedy tokens, through the runtime."""
+    from tqdm import tqdm
+
+    from llava_edge.runtime import Pipeline
+    from llava_edge.runtime.generate import embed
+    from llava_edge.runtime.template import user_turn
+
+    prefix, forced = [], []
+    options = {"max_new_tokens": tokens, "ignore_eos": True}
+    with Pipeline.load(fp32_dir) as ref, Pipeline.load(quant_dir) as pipe:
+        for sample in tqdm(samples, desc="greedy agreement", unit="sample", leave=False):
+            image = str(sample.image) if sample.image else None
+            want = ref.answer(image, sample.prompt, **options).token_ids
+            got = pipe.answer(image, sample.prompt, **options).token_ids
+            same = next(
+                (i for i, (a, b) in enumerate(zip(want, got, strict=False)) if a != b), len(want)
+            )
+            prefix.append(same / len(want))
+            # Teacher forcing: feed fp32's tokens, count where the quantized argmax agrees.
+            text = user_turn(pipe.manifest.template, sample.prompt, image is not None, True)
+            ids = np.asarray([pipe.codec.encode(text)], dtype=np.int64)
+            features = [pipe.image_features(image)] if image else []
+            cache = pipe.backend.new_cache(1)
+            positions = np.arange(ids.shape[1], dtype=np.int64)[None]
+            embeds = embed(pipe.table, ids, pipe.manifest.tokens.image_token_id, features)
+            logits = pipe.backend.decode(embeds, np.ones_like(ids), positions, cache)
+            hits = 0
+            for step, token in enumerate(want):
+                hits += int(np.argmax(logits[0]) == token)
+                if step + 1 == len(want):
+                    break
+                position = np.asarray([[ids.shape[1] + step]], dtype=np.int64)
+                step_embeds = embed(pipe.table, np.asarray([[token]]), -1, [])
+                logits = pipe.backend.decode(
+                    step_embeds, np.ones((1, 1), np.int64), position, cache
+                )
+            forced.append(hits / len(want))
+    return {
+        "tokens": tokens,
+        "samples": len(samples),
+        "free_running_prefix": float(np.mean(prefix)) if prefix else None,
+        "teacher_forced_top1": float(np.mean(forced)) if forced else None,
+    }
+
+
+def _size(model_dir: Path, file: str) -> int:
+    data = model_dir / (file + ".data")
+    return (model_dir / file).stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def _sizes(
+    fp32_dir: Path, reference: Manifest, quant_dir: Path, quantized: Manifest
+) -> dict[str, Any]:
+    fp32 = sum(_size(fp32_dir, g.file) for g in reference.graphs.values())
+    ort_form = sum(_size(quant_dir, g.file) for g in quantized.graphs.values())
+    trt_form = sum(_size(quant_dir, g.tensorrt_file or g.file) for g in quantized.graphs.values())
+    return {
+        "fp32_graph_bytes": fp32,
+        "onnxruntime_graph_bytes": ort_form,
+        "tensorrt_graph_bytes": trt_form,
+        "onnxruntime_ratio": round(fp32 / ort_form, 3),
+        "tensorrt_ratio": round(fp32 / trt_form, 3),
+    }
+
+
+def write_report(report: dict[str, Any], path: str | os.PathLike) -> None:
+    Path(path).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as a fixed-width table for a terminal."""
+    head = f"{'graph':15} {'form':12} {'precision':9} {'cos min':>9} {'cos mean':>9} "
+    head += f"{'max err':>10} {'MB':>9} {'x smaller':>9}"
+    lines = [head, "-" * len(head)]
+    for row in report["graphs"]:
+        if not row.get("calls"):
+            lines.append(f"{row['graph']:15} {row['form']:12} {row['precision']:9} (not run)")
+            continue
+        lines.append(
+            f"{row['graph']:15} {row['form']:12} {row['precision']:9} "
+            f"{row['cosine_min']:9.5f} {row['cosine_mean']:9.5f} {row['max_abs_error']:10.4g} "
+            f"{row['bytes'] / 1e6:9.1f} {row['fp32_bytes'] / row['bytes']:9.2f}"
+        )
+    greedy = report["greedy"]
+    if greedy["samples"]:
+        lines.append(
+            f"greedy tokens over {greedy['tokens']}: identical prefix "
+            f"{greedy['free_running_prefix']:.1%}, teacher-forced top-1 "
+            f"{greedy['teacher_forced_top1']:.1%} ({greedy['samples']} held-out samples)"
+        )
+    sizes = report["sizes"]
+    lines.append(
+        f"graphs: fp32 {sizes['fp32_graph_bytes'] / 1e6:.1f} MB, onnxruntime form "
+        f"{sizes['onnxruntime_graph_bytes'] / 1e6:.1f} MB (x{sizes['onnxruntime_ratio']}), "
+        f"TensorRT form {sizes['tensorrt_graph_bytes'] / 1e6:.1f} MB "
+        f"(x{sizes['tensorrt_ratio']})"
+    )
+    return "\n".join(lines)

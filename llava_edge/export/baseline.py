@@ -1,0 +1,84 @@
+"""The transformers baseline for `llava-edge bench --baseline CHECKPOINT`: the same workload
+through LlavaForConditionalGeneration.generate() on the source checkpoint, same threads.
+
+It lives with export because it needs torch and transformers, which the runtime never imports.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from llava_edge.runtime.bench import PeakMemory, Workload, bench_image
+
+
+class TransformersRunner:
+    """Times one request per `run_once`, as llava_edge.runtime.bench.PipelineRunner does."""
+
+    name = "transformers"
+
+    def __init__(self, checkpoint: str | os.PathLike, workload: Workload, prompt: str):
+        import torch
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        torch.set_num_threads(workload.threads)
+        self.workload, self.prompt, self.image = workload, prompt, bench_image()
+        start = time.perf_counter()
+        with PeakMemory() as memory:
+            self.model = LlavaForConditionalGeneration.from_pretrained(
+                checkpoint, dtype=torch.float32
+            ).eval()
+            self.processor = AutoProcessor.from_pretrained(checkpoint)
+            self.load_s = time.perf_counter() - start
+            self.run_once()
+        self.memory_mb = memory.megabytes
+
+    def run_once(self) -> dict[str, float]:
+        import torch
+        from transformers.generation.streamers import BaseStreamer
+
+        class Clock(BaseStreamer):
+            """Notes when generate() hands over each token (the first call carries the prompt)."""
+
+            def __init__(self) -> None:
+                self.times: list[float] = []
+
+            def put(self, value: Any) -> None:
+                self.times.append(time.perf_counter())
+
+            def end(self) -> None:
+                pass
+
+        start = time.perf_counter()
+        inputs = self.processor(
+            images=self.image if self.workload.image else None,
+            text=self.prompt,
+            return_tensors="pt",
+        )
+        with torch.no_grad():
+            vision_start = time.perf_counter()
+            if self.workload.image:
+                self.model.get_image_features(inputs["pixel_values"])
+            vision_end = time.perf_counter()
+            self.model(**inputs, logits_to_keep=1)
+            prefill_end = time.perf_counter()
+            clock = Clock()
+            generate_start = time.perf_counter()
+            new = self.workload.new_tokens
+            self.model.generate(
+                **inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False, streamer=clock
+            )
+        first, last = clock.times[1], clock.times[-1]
+        return {
+            "preprocess_ms": (vision_start - start) * 1000,
+            "vision_ms": (vision_end - vision_start) * 1000,
+            "prefill_ms": (prefill_end - vision_end) * 1000,
+            # as the runtime counts it: preprocessing, then generate() up to the first token
+            "ttft_ms": (vision_start - start + first - generate_start) * 1000,
+            "decode_tokens_per_s": (len(clock.times) - 2) / (last - first),
+            "prompt_tokens": int(inputs["input_ids"].shape[1]),
+        }
+
+    def close(self) -> None:
+        del self.model

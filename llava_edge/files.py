@@ -1,0 +1,140 @@
+"""Writing a whole directory so that, whatever happens (an error, Ctrl-C, SIGKILL, power loss),
+its path holds nothing, the previous complete dir, or the new complete dir.
+
+Every stage that produces a dir (init, export, quantize, training's output) writes through
+`replace_dir`: the work goes into a hidden temporary dir beside the output (same filesystem, so
+installing it is a rename), and leftovers of writers that were killed are cleaned up next time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from llava_edge.errors import LlavaEdgeError
+
+
+def check_output_dir(
+    out: Path, force: bool, keep: Path | None = None, keep_name: str = "the input"
+) -> None:
+    """Fail before any work if `out` cannot become the new dir.
+
+    keep: a path that must survive (the checkpoint being exported): --force never deletes it.
+    """
+    try:
+        if out.exists() and not out.is_dir():
+            raise LlavaEdgeError(
+                f"output {out} exists and is not a directory; choose another output dir"
+            )
+        if out.is_dir() and any(out.iterdir()) and not force:
+            raise LlavaEdgeError(f"output dir {out} is not empty; pass --force to replace it")
+        # The new dir is built beside `out`, so its nearest existing ancestor must be a writable
+        # dir. (Under a regular file `out` does not "exist", and mkdir would fail late.)
+        ancestor = out.resolve().parent
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+    except PermissionError:  # a dir on the way that we may not even look into
+        raise LlavaEdgeError(
+            f"cannot create output dir {out}: permission denied; choose another output dir"
+        ) from None
+    if not ancestor.is_dir():
+        raise LlavaEdgeError(
+            f"cannot create output dir {out}: {ancestor} is a file, not a directory"
+        )
+    if not os.access(ancestor, os.W_OK | os.X_OK):  # also False on a read-only filesystem
+        raise LlavaEdgeError(
+            f"cannot create output dir {out}: {ancestor} is not writable; choose another output dir"
+        )
+    if keep is not None and keep.exists():
+        source, target = keep.resolve(), out.resolve()
+        if source == target or target in source.parents:
+            raise LlavaEdgeError(
+                f"output dir {out} holds {keep_name} {keep}, which replacing it would delete; "
+                "choose another output dir"
+            )
+
+
+@contextlib.contextmanager
+def replace_dir(out: Path) -> Iterator[Path]:
+    """Yield an empty temporary dir; if the block finishes, it becomes `out` (replacing it)."""
+    parent = out.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        _clean_leftovers(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=parent))
+    except OSError as e:
+        raise LlavaEdgeError(f"cannot write beside {out}: {e.strerror}") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary dir
+    try:
+        yield tmp
+        _install(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Replace `out` by `tmp` with two renames; the old dir is put back if the second fails."""
+    old = out.resolve().parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old.exists():
+            os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _clean_leftovers(out: Path) -> None:
+    """Remove temporary dirs of killed writers; put back an old dir a killed install moved away."""
+    for path in out.resolve().parent.glob(f".{out.name}.*-*"):
+        kind, _, rest = path.name[len(out.name) + 2 :].partition("-")
+        pid = rest.split("-", 1)[0]
+        if kind not in ("partial", "old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if kind == "old" and not out.exists():
+            os.replace(path, out)  # killed between the two renames: the old dir was complete
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# Protobuf caps one message at 2 GB: larger graphs keep their weights in `<file>.data` beside
+# them (one file, not one per tensor as torch.onnx writes them), which onnxruntime and TensorRT
+# both read.
+MAX_PROTOBUF = 1_800_000_000
+
+
+def save_graph(model: Any, path: Path) -> None:
+    """Save an onnx.ModelProto as one .onnx file, with a `.data` file when it is over 2 GB."""
+    import onnx
+
+    size = sum(len(t.raw_data) for t in model.graph.initializer)
+    if size > MAX_PROTOBUF:
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=path.name + ".data",
+            size_threshold=1024,
+        )
+    else:
+        onnx.save_model(model, str(path))

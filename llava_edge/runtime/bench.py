@@ -1,0 +1,316 @@
+"""How fast a model dir runs: load time, vision, prefill, time to first token, decode tokens/s,
+peak memory, as medians over several runs of one workload (`llava-edge bench`).
+
+A transformers baseline of the same workload lives with the export stage (it needs torch);
+`compare` joins the two reports into ratios.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llava_edge.runtime.image import ImageInput
+
+METRICS = (
+    "load_s",
+    "preprocess_ms",
+    "vision_ms",
+    "prefill_ms",
+    "ttft_ms",
+    "decode_tokens_per_s",
+    "peak_memory_mb",
+)
+WORDS = [
+    "please",
+    "look",
+    "at",
+    "the",
+    "picture",
+    "and",
+    "tell",
+    "me",
+    "what",
+    "the",
+    "robot",
+    "should",
+    "pick",
+    "up",
+    "from",
+    "the",
+    "table",
+    "next",
+]
+
+
+@dataclass
+class Workload:
+    """One benchmark request: an image, a question of `question_tokens` tokens, fixed output length."""
+
+    question_tokens: int = 32
+    new_tokens: int = 128
+    context_tokens: int = 0  # extra text before the question, for long-context decode speed
+    image: bool = True  # False: a text-only prompt (to set the context length exactly)
+    threads: int = 2
+    runs: int = 5
+
+
+def question(codec: Any, tokens: int, prefix_tokens: int = 0) -> str:
+    """A question that encodes to exactly `tokens` (+ `prefix_tokens`) tokens with this tokenizer."""
+    target = tokens + prefix_tokens
+    words: list[str] = []
+    i = 0
+    while len(codec.encode(" ".join(words), first=False)) < target:
+        words.append(WORDS[i % len(WORDS)])
+        i += 1
+    text = " ".join(words)
+    while len(codec.encode(text, first=False)) > target and len(text) > 1:
+        text = text[:-1]
+    return text
+
+
+def bench_image() -> ImageInput:
+    """A fixed camera-like frame (H, W, 3) uint8, the same for every backend."""
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
+
+
+class PeakMemory:
+    """Peak resident memory above the level at start, sampled every few milliseconds.
+
+    Read from /proc (Linux; Jetson too) so the runtime needs no psutil.
+    """
+
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> PeakMemory:
+        self.base = rss_bytes()
+        self.peak = self.base
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+    @property
+    def megabytes(self) -> float:
+        return round((self.peak - self.base) / 2**20, 1)
+
+
+def rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def bench_prompt(model_dir: str | os.PathLike, workload: Workload) -> tuple[str, str]:
+    """The workload's question, and the full prompt the chat template makes of it (for baselines)."""
+    from llava_edge.manifest import Manifest
+    from llava_edge.runtime.template import user_turn
+    from llava_edge.runtime.tokenizer import TextCodec
+
+    manifest = Manifest.load(model_dir)
+    codec = TextCodec(
+        Path(model_dir) / manifest.tokenizer, manifest.tokens, manifest.num_image_tokens
+    )
+    text = question(codec, workload.question_tokens, workload.context_tokens)
+    return text, user_turn(manifest.template, text, image=workload.image, first=True)
+
+
+class PipelineRunner:
+    """The runtime side of a benchmark: loads once, then times one request per `run_once`."""
+
+    name = "llava_edge"
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        workload: Workload,
+        backend: str = "onnxruntime",
+        providers: list[str] | None = None,
+        engine_dir: str | os.PathLike | None = None,
+    ):
+        from llava_edge.runtime import Pipeline
+
+        self.workload = workload
+        self.text, _ = bench_prompt(model_dir, workload)
+        self.image = bench_image()
+        start = time.perf_counter()
+        with PeakMemory() as memory:
+            self.pipe = Pipeline.load(
+                model_dir,
+                backend=backend,
+                providers=providers,
+                threads=workload.threads,
+                engine_dir=engine_dir,
+            )
+            self.load_s = time.perf_counter() - start
+            self.run_once()  # warm: the first run allocates the cache and pays one-off costs
+        self.memory_mb = memory.megabytes
+
+    def run_once(self) -> dict[str, float]:
+        from llava_edge.runtime.image import load_image, preprocess
+
+        pipe = self.pipe
+        start = time.perf_counter()
+        pixels = preprocess(load_image(self.image), pipe.manifest.image)
+        encode = time.perf_counter()
+        pipe.backend.encode_image(pixels[None])
+        done = time.perf_counter()
+        pipe._features.clear()  # the request below encodes the image again, as a new frame would
+        image = self.image if self.workload.image else None
+        answer = pipe.answer(
+            image, self.text, max_new_tokens=self.workload.new_tokens, ignore_eos=True
+        )
+        t = answer.timings
+        return {
+            "preprocess_ms": (encode - start) * 1000,
+            "vision_ms": (done - encode) * 1000,
+            "prefill_ms": t["prefill_ms"] - t["vision_ms"],
+            "ttft_ms": t["first_token_ms"],
+            "decode_tokens_per_s": t["decode_tokens_per_s"],
+            "prompt_tokens": len(answer.prompt_token_ids),
+        }
+
+    def close(self) -> None:
+        self.pipe.close()
+
+
+def measure(runners: list[Any], runs: int) -> dict[str, dict[str, Any]]:
+    """Medians of each runner's timings, the runners taking turns so drift hits all alike."""
+    results: dict[str, list[dict[str, float]]] = {r.name: [] for r in runners}
+    for _ in range(runs):
+        for runner in runners:
+            results[runner.name].append(runner.run_once())
+    reports = {}
+    for runner in runners:
+        report = medians(results[runner.name])
+        report.update(load_s=round(runner.load_s, 3), peak_memory_mb=runner.memory_mb)
+        report["prompt_tokens"] = results[runner.name][-1]["prompt_tokens"]
+        reports[runner.name] = report
+    return reports
+
+
+def bench_pipeline(
+    model_dir: str | os.PathLike,
+    workload: Workload,
+    backend: str = "onnxruntime",
+    providers: list[str] | None = None,
+) -> dict[str, Any]:
+    """Medians of the runtime's timings on `workload`."""
+    runner = PipelineRunner(model_dir, workload, backend, providers)
+    try:
+        return measure([runner], workload.runs)[runner.name]
+    finally:
+        runner.close()
+
+
+def medians(runs: list[dict[str, float]]) -> dict[str, Any]:
+    keys = [k for k in runs[0] if k != "prompt_tokens"]
+    return {k: round(statistics.median(r[k] for r in runs), 3) for k in keys} | {"runs": len(runs)}
+
+
+def compare(ours: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float]:
+    """Speed-ups of ours over the baseline (above 1 means ours is faster or smaller)."""
+    ratios = {}
+    for key in ("preprocess_ms", "vision_ms", "prefill_ms", "ttft_ms", "load_s", "peak_memory_mb"):
+        if ours.get(key) and baseline.get(key):
+            ratios[
+                key.rsplit("_", 1)[0] + "_speedup" if key != "peak_memory_mb" else "memory_ratio"
+            ] = round(baseline[key] / ours[key], 3)
+    if ours.get("decode_tokens_per_s") and baseline.get("decode_tokens_per_s"):
+        ratios["decode_speedup"] = round(
+            ours["decode_tokens_per_s"] / baseline["decode_tokens_per_s"], 3
+        )
+    return ratios
+
+
+def read_bandwidth_gb_s(threads: int, size_bytes: int = 1 << 30, runs: int = 5) -> float:
+    """Streaming read bandwidth: a multi-threaded sum over a 1 GB buffer, median of `runs`.
+
+    The figure the decode loop's effective weight bandwidth is held against.
+    """
+    data = np.ones(size_bytes // 4, dtype=np.float32)
+    chunks = np.array_split(data, threads * 4)
+    with ThreadPoolExecutor(threads) as pool:
+        times = []
+        for _ in range(runs + 1):
+            start = time.perf_counter()
+            list(pool.map(np.sum, chunks))
+            times.append(time.perf_counter() - start)
+    return round(size_bytes / statistics.median(times[1:]) / 1e9, 2)
+
+
+def decoder_weight_bytes(model_dir: str | os.PathLike) -> int:
+    """Bytes of weights the decoder reads per token: its graph and external data files."""
+    from llava_edge.manifest import Manifest
+
+    model_dir = Path(model_dir)
+    graph = Manifest.load(model_dir).graphs["decoder"]
+    files = [model_dir / graph.file, model_dir / (graph.file + ".data")]
+    return sum(f.stat().st_size for f in files if f.exists())
+
+
+def machine() -> dict[str, Any]:
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+
+
+def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
+    """A PNG bar chart of ours against the baseline. Needs matplotlib (installed with [train])."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from llava_edge.errors import LlavaEdgeError
+
+        raise LlavaEdgeError("--plot needs matplotlib: pip install matplotlib") from None
+    metrics = ["ttft_ms", "prefill_ms", "vision_ms", "decode_tokens_per_s", "peak_memory_mb"]
+    sides = [k for k in ("llava_edge", "transformers") if k in report]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3 * len(metrics), 3.2))
+    for ax, metric in zip(axes, metrics, strict=True):
+        values = [report[s].get(metric, 0) for s in sides]
+        ax.bar(sides, values, color=["#4c8c4a", "#999999"][: len(sides)])
+        ax.set_title(metric.replace("_", " "), fontsize=9)
+        ax.tick_params(labelsize=8)
+    fig.suptitle("llava-edge vs transformers (higher tokens/s, lower ms/MB is better)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def table(report: dict[str, Any]) -> str:
+    """The report as an aligned text table, ours beside the baseline."""
+    ours, base = report["llava_edge"], report.get("transformers", {})
+    rows = [("metric", "llava-edge", "transformers" if base else "")]
+    for key in METRICS:
+        rows.append((key, str(ours.get(key, "-")), str(base.get(key, "-")) if base else ""))
+    lines = [f"{a:<22}{b:>14}{c:>16}" for a, b, c in rows]
+    for key, value in report.get("ratios", {}).items():
+        lines.append(f"{key:<22}{value:>14}")
+    return "\n".join(lines)

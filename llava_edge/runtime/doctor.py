@@ -1,0 +1,202 @@
+"""`llava-edge doctor`: what this machine can run, and what to install for the rest.
+
+Each probe imports what it looks at inside a try, so a missing or broken library is reported, not
+raised; nothing here needs a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import platform
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llava_edge import __version__
+from llava_edge.errors import LlavaEdgeError
+from llava_edge.runtime.tensorrt.requirements import TENSORRT_HINT, TORCH_HINT
+
+ORT_GPU_HINT = (
+    "replace onnxruntime with onnxruntime-gpu (`pip uninstall onnxruntime && pip install "
+    "onnxruntime-gpu`; on a Jetson, the JetPack 6 wheel from the Jetson AI Lab index, see "
+    "docs/jetson.md)"
+)
+
+
+@dataclass
+class BackendStatus:
+    name: str
+    ready: bool
+    missing: list[str] = field(default_factory=list)  # each: what, and how to get it
+
+
+@dataclass
+class Report:
+    llava_edge: str
+    python: str
+    machine: str
+    onnxruntime: str | None
+    providers: list[str]
+    tensorrt: str | None
+    tensorrt_error: str | None
+    torch: str | None
+    torch_cuda: str | None  # the CUDA torch was built for; None for a CPU build
+    torch_cuda_available: bool
+    gpus: list[dict[str, Any]]
+    gpu_error: str | None
+    jetson: str | None  # /etc/nv_tegra_release's first line on a Jetson
+    memory_available: int | None  # bytes the OS can still give (on a Jetson the GPU shares it)
+    backends: list[BackendStatus]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def diagnose() -> Report:
+    """Probe this machine."""
+    ort_version, providers = _onnxruntime()
+    trt_version, trt_error = _tensorrt()
+    torch_version, torch_cuda, torch_ok = _torch()
+    gpus, gpu_error = _gpus()
+    report = Report(
+        llava_edge=__version__,
+        python=sys.version.split()[0],
+        machine=f"{platform.system()} {platform.machine()}",
+        onnxruntime=ort_version,
+        providers=providers,
+        tensorrt=trt_version,
+        tensorrt_error=trt_error,
+        torch=torch_version,
+        torch_cuda=torch_cuda,
+        torch_cuda_available=torch_ok,
+        gpus=gpus,
+        gpu_error=gpu_error,
+        jetson=_jetson(),
+        memory_available=_memory_available(),
+        backends=[],
+    )
+    report.backends = backend_status(report)
+    return report
+
+
+def backend_status(report: Report) -> list[BackendStatus]:
+    """For each way to run a model, whether this machine can, and what is missing if not."""
+    gpu = [] if report.gpus else [report.gpu_error or "a CUDA GPU"]
+    ort = [] if report.onnxruntime else ["onnxruntime: `pip install onnxruntime`"]
+    statuses = [BackendStatus("onnxruntime cpu", not ort, ort)]
+    for provider, short in (
+        ("CUDAExecutionProvider", "cuda"),
+        ("TensorrtExecutionProvider", "tensorrt"),
+    ):
+        missing = ort + gpu
+        wanted = ["CUDAExecutionProvider"] + (
+            [provider] if provider != "CUDAExecutionProvider" else []
+        )
+        absent = [p for p in wanted if report.onnxruntime and p not in report.providers]
+        if absent:
+            missing.append(f"onnxruntime's {' and '.join(absent)}: {ORT_GPU_HINT}")
+        if short == "tensorrt" and not report.tensorrt:
+            missing.append(f"TensorRT's libraries: {TENSORRT_HINT}")
+        statuses.append(BackendStatus(f"onnxruntime {short}", not missing, missing))
+    native = list(gpu)
+    if not report.tensorrt:
+        detail = f" ({report.tensorrt_error})" if report.tensorrt_error else ""
+        native.append(f"TensorRT's Python package{detail}: {TENSORRT_HINT}")
+    if not report.torch_cuda_available:
+        have = f"torch {report.torch} without CUDA" if report.torch else "no torch"
+        native.append(f"torch with CUDA (found {have}): {TORCH_HINT}")
+    statuses.append(BackendStatus("tensorrt", not native, native))
+    return statuses
+
+
+def format_report(report: Report) -> str:
+    gib = 2**30
+    lines = [
+        f"llava-edge {report.llava_edge}, Python {report.python}, {report.machine}"
+        + (f", {report.jetson}" if report.jetson else ""),
+        f"onnxruntime: {report.onnxruntime or 'not installed'}"
+        + (f" (providers: {', '.join(report.providers)})" if report.onnxruntime else ""),
+        f"TensorRT: {report.tensorrt or 'not installed'}"
+        + (f" ({report.tensorrt_error})" if report.tensorrt_error else ""),
+        f"torch: {report.torch or 'not installed'}"
+        + (
+            f", CUDA {report.torch_cuda}"
+            if report.torch_cuda
+            else (", CPU only" if report.torch else "")
+        )
+        + ("" if report.torch_cuda_available or not report.torch_cuda else ", no usable GPU"),
+    ]
+    if report.gpus:
+        for g in report.gpus:
+            free = (
+                f", {g['free_memory'] / gib:.1f} GiB free" if g["free_memory"] is not None else ""
+            )
+            shared = " (shared with the CPU)" if g["integrated"] else ""
+            lines.append(
+                f"GPU {g['index']}: {g['name']}, compute capability {g['compute_capability']}, "
+                f"{g['total_memory'] / gib:.1f} GiB{shared}{free}; driver supports CUDA {g['driver_cuda']}"
+            )
+    else:
+        lines.append(f"GPU: none ({report.gpu_error})")
+    if report.memory_available is not None:
+        lines.append(f"memory available: {report.memory_available / gib:.1f} GiB")
+    lines.append("backends:")
+    for status in report.backends:
+        lines.append(f"  {status.name:22s} {'ready' if status.ready else 'missing:'}")
+        lines += [f"    - {item}" for item in status.missing]
+    return "\n".join(lines)
+
+
+def _onnxruntime() -> tuple[str | None, list[str]]:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None, []
+    return ort.__version__, list(ort.get_available_providers())
+
+
+def _tensorrt() -> tuple[str | None, str | None]:
+    if importlib.util.find_spec("tensorrt") is None:
+        return None, None
+    try:
+        return importlib.import_module("tensorrt").__version__, None
+    except Exception as e:  # a stub package without its libraries fails in many ways
+        return None, f"installed but does not import: {str(e).splitlines()[0]}"
+
+
+def _torch() -> tuple[str | None, str | None, bool]:
+    if importlib.util.find_spec("torch") is None:
+        return None, None, False
+    try:
+        torch = importlib.import_module("torch")
+        return torch.__version__, torch.version.cuda, bool(torch.cuda.is_available())
+    except Exception as e:  # a broken wheel (e.g. a desktop torch on a Jetson)
+        return f"broken ({str(e).splitlines()[0]})", None, False
+
+
+def _gpus() -> tuple[list[dict[str, Any]], str | None]:
+    from llava_edge.runtime.tensorrt.gpu import probe_gpus
+
+    try:
+        return [asdict(g) for g in probe_gpus()], None
+    except LlavaEdgeError as e:
+        return [], str(e)
+
+
+def _jetson() -> str | None:
+    path = Path("/etc/nv_tegra_release")
+    if not path.is_file():
+        return None
+    return "Jetson " + path.read_text(errors="replace").splitlines()[0].strip("# ").split(",")[0]
+
+
+def _memory_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

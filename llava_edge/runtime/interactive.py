@@ -1,0 +1,50 @@
+"""The interactive loop behind `llava-edge chat`: read a question, stream the answer, repeat.
+
+Commands: /image PATH starts a new conversation about another image, /reset starts over,
+/quit (or end of input) leaves. A bad question or image prints its error and the chat goes on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TextIO
+
+from llava_edge.errors import LlavaEdgeError
+
+HELP = "Ask about the image. /image PATH: another image, /reset: start over, /quit: leave."
+
+
+def chat_loop(
+    pipe: Any,
+    image: str | None,
+    options: dict[str, Any],
+    read: Callable[[str], str],
+    out: TextIO,
+) -> None:
+    out.write(HELP + "\n")
+    session = pipe.chat(image, **options)
+    while True:
+        try:
+            line = read("> ").strip()
+        except EOFError:
+            out.write("\n")
+            return
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return
+        try:
+            if line == "/reset":
+                session = pipe.chat(image, **options)
+                out.write("(new conversation)\n")
+            elif line.startswith("/image"):
+                image = line[len("/image") :].strip() or None
+                session = pipe.chat(image, **options)
+                out.write(f"(new conversation about {image or 'no image'})\n")
+            else:
+                for piece in session.stream(line):
+                    out.write(piece)
+                    out.flush()
+                out.write("\n")
+        except LlavaEdgeError as e:
+            out.write(f"error: {e}\n")

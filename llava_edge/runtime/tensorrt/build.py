@@ -1,0 +1,225 @@
+"""`llava-edge build`: one TensorRT engine per graph of a model dir, recorded in its manifest.
+
+Networks are strongly typed: the precision of every tensor comes from the ONNX itself (fp16
+tensors, Q/DQ nodes), never from builder flags. TensorRT 10.1 deprecated its INT8 calibrators and
+10.12 its FP16/INT8 flags; TensorRT 11 removed both and always builds strongly typed (the flag is
+kept there and ignored), so the same code builds on JetPack 6 (TensorRT 10.3) and on 11.x.
+
+Engines are written beside their final names and renamed into place only when every graph has
+built, and the manifest is updated last: an interrupted or failed build leaves the previous
+engines and record as they were. The timing cache is read before and saved after (also after a
+failure), so a rebuild skips the kernel timing it already did.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from llava_edge.errors import LlavaEdgeError
+from llava_edge.manifest import EngineSet, EngineSpec, Manifest
+from llava_edge.runtime.tensorrt import gpu
+from llava_edge.runtime.tensorrt.compat import engine_dir_key
+from llava_edge.runtime.tensorrt.profiles import (
+    DEFAULT_KV_CHUNK,
+    DEFAULT_PREFILL_CHUNK,
+    Limits,
+    graph_profiles,
+)
+from llava_edge.runtime.tensorrt.requirements import import_tensorrt
+
+ENGINE_DIR = "engines"  # default, inside the model dir
+TIMING_CACHE = "timing.cache"  # default, inside the engine dir
+
+
+def build_engines(
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
+    max_batch: int = 1,
+    max_context: int | None = None,
+    workspace_gb: float | None = None,
+    timing_cache: str | os.PathLike | None = None,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    kv_chunk: int = DEFAULT_KV_CHUNK,
+    log: Any = print,
+) -> Path:
+    """Build the engines of `model_dir` into `out_dir` (default MODEL_DIR/engines); returns it.
+
+    max_context: the longest conversation the engines take (default: the model's); the KV cache
+    is reserved for it, so a smaller value saves memory. workspace_gb caps TensorRT's scratch
+    memory while it builds and runs (default: TensorRT's, the whole GPU). prefill_chunk: most
+    tokens one decoder call takes (longer prompts run in pieces); kv_chunk: the step by which the
+    device KV cache grows.
+    """
+    model_dir = Path(model_dir)
+    manifest = Manifest.load(model_dir)
+    manifest.check_files(model_dir)
+    limits = _limits(manifest, max_batch, max_context, prefill_chunk, kv_chunk)
+    if workspace_gb is not None and workspace_gb <= 0:
+        raise LlavaEdgeError(f"--workspace must be a positive number of GB, got {workspace_gb}")
+    profiles = {name: graph_profiles(manifest, name, limits) for name in manifest.graphs}
+    trt = import_tensorrt()
+    device = gpu.probe_gpu(0)  # TensorRT builds for the current CUDA device, the first
+    out = Path(out_dir) if out_dir is not None else model_dir / ENGINE_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    cache_path = Path(timing_cache) if timing_cache is not None else out / TIMING_CACHE
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    timing = None
+    built: dict[str, tuple[Path, EngineSpec]] = {}
+    try:
+        with _progress(len(manifest.graphs), log) as bar:
+            for name, graph in manifest.graphs.items():
+                bar.set_postfix_str(name)
+                config = builder.create_builder_config()
+                if timing is None:
+                    # One cache object serves every graph of the build (TensorRT shares a timing
+                    # cache across builder configs); it starts from the file when there is one.
+                    timing = config.create_timing_cache(_read(cache_path))
+                config.set_timing_cache(timing, False)
+                if workspace_gb is not None:
+                    config.set_memory_pool_limit(
+                        trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30)
+                    )
+                source = graph.tensorrt_file or graph.file
+                network, parser = _parse(
+                    trt, builder, logger, model_dir / source, set(graph.inputs)
+                )
+                for profile in profiles[name]:
+                    shapes = builder.create_optimization_profile()
+                    for tensor, (low, opt, high) in profile.shapes(graph.inputs).items():
+                        shapes.set_shape(tensor, low, opt, high)
+                    config.add_optimization_profile(shapes)
+                start = time.perf_counter()
+                plan = builder.build_serialized_network(network, config)
+                if plan is None:
+                    raise LlavaEdgeError(
+                        f"TensorRT could not build the {name} engine from {source} (its log above "
+                        "says why); check that the graph passes the TensorRT compatibility check"
+                    )
+                tmp = out / f".{name}.engine.tmp"
+                size, digest = _write(tmp, plan)
+                built[name] = (
+                    tmp,
+                    EngineSpec(
+                        file=f"{name}.engine",
+                        source=source,
+                        source_sha256=manifest.files[source].sha256
+                        if source in manifest.files
+                        else "",
+                        size=size,
+                        sha256=digest,
+                        profiles={p.name: p.shapes(graph.inputs) for p in profiles[name]},
+                    ),
+                )
+                del network, parser, plan  # free the graph's weights before the next one
+                log(
+                    f"built {name}.engine ({size / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s"
+                )
+                bar.update()
+        for tmp, spec in built.values():
+            os.replace(tmp, out / spec.file)
+        manifest.engines[engine_dir_key(model_dir, out)] = EngineSet(
+            tensorrt=trt.__version__,
+            gpu=device.name,
+            compute_capability=device.compute_capability,
+            max_batch=limits.max_batch,
+            max_context=limits.max_context,
+            prefill_chunk=limits.prefill_chunk,
+            kv_chunk=limits.kv_chunk,
+            engines={name: spec for name, (_, spec) in built.items()},
+        )
+        manifest.save(model_dir)
+    finally:
+        for tmp, _ in built.values():
+            tmp.unlink(missing_ok=True)
+        if timing is not None:
+            _write(cache_path.with_name(cache_path.name + ".tmp"), timing.serialize())
+            os.replace(cache_path.with_name(cache_path.name + ".tmp"), cache_path)
+    log(f"engines for {device.name} (TensorRT {trt.__version__}) in {out}")
+    return out
+
+
+def _limits(
+    manifest: Manifest, max_batch: int, max_context: int | None, prefill_chunk: int, kv_chunk: int
+) -> Limits:
+    model_context = manifest.text.max_context
+    if max_context is not None and not 1 <= max_context <= model_context:
+        raise LlavaEdgeError(
+            f"--max-context must be between 1 and the model's context {model_context}, got {max_context}"
+        )
+    limits = Limits(max_batch, max_context or model_context, prefill_chunk, kv_chunk)
+    limits.validate()
+    return limits
+
+
+def network_flags(trt: Any) -> int:
+    """Strongly typed: opt-in on 10.x, the only mode on 11 (where the flag is accepted, ignored)."""
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return 0 if flag is None else 1 << int(flag)
+
+
+def _parse(trt: Any, builder: Any, logger: Any, path: Path, inputs: set[str]) -> tuple[Any, Any]:
+    """The network of one graph, and its parser (which must outlive the network's use)."""
+    network = builder.create_network(network_flags(trt))
+    parser = trt.OnnxParser(network, logger)
+    # parse_from_file (not parse(bytes)) so that weights in a .data file beside the graph load.
+    if not parser.parse_from_file(str(path)):
+        errors = [_error_text(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise LlavaEdgeError(
+            f"TensorRT's ONNX parser rejected {path.name}: {'; '.join(errors) or 'no detail'}"
+        )
+    found = {network.get_input(i).name for i in range(network.num_inputs)}
+    if found != inputs:
+        raise LlavaEdgeError(
+            f"{path.name} has inputs {sorted(found)} but the manifest says {sorted(inputs)}; re-export the model"
+        )
+    return network, parser
+
+
+def _error_text(error: Any) -> str:
+    desc = getattr(error, "desc", None)
+    return (desc() if callable(desc) else str(error)).strip()
+
+
+def _read(path: Path) -> bytes:
+    return path.read_bytes() if path.is_file() else b""
+
+
+def _write(path: Path, data: Any) -> tuple[int, str]:
+    view = memoryview(data).cast("B")
+    with open(path, "wb") as f:
+        f.write(view)
+    return view.nbytes, hashlib.sha256(view).hexdigest()
+
+
+class _Log:
+    """A progress report through `log` where tqdm is not installed (it is not a runtime need)."""
+
+    def __init__(self, total: int, log: Any):
+        self.total, self.done, self.log = total, 0, log
+
+    def set_postfix_str(self, text: str) -> None:
+        self.log(f"[{self.done + 1}/{self.total}] building {text}")
+
+    def update(self) -> None:
+        self.done += 1
+
+    def __enter__(self) -> _Log:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+
+def _progress(total: int, log: Any) -> Any:
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _Log(total, log)
+    return tqdm(total=total, desc="build", unit="engine")

@@ -1,0 +1,44 @@
+"""What the TensorRT backend needs, imported lazily, with one-line instructions when it is missing.
+
+`llava-edge doctor` reports the same facts, so the install hints live here once.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from llava_edge.errors import LlavaEdgeError
+
+TENSORRT_HINT = (
+    "on a Jetson (JetPack 6) it comes with JetPack: `sudo apt install nvidia-jetpack`, then make "
+    "the venv with `python3 -m venv --system-site-packages`; on an x86 or SBSA machine "
+    "`pip install tensorrt-cu12` (see docs/jetson.md)"
+)
+TORCH_HINT = (
+    "the TensorRT backend keeps its buffers in torch CUDA tensors: on a Jetson install NVIDIA's "
+    "torch wheel for JetPack 6 (docs/jetson.md), elsewhere `pip install torch` with CUDA"
+)
+
+
+def import_tensorrt() -> Any:
+    """The tensorrt module, or a LlavaEdgeError saying how to install it."""
+    try:
+        return importlib.import_module("tensorrt")
+    except ImportError as e:
+        detail = "" if e.name == "tensorrt" else f" ({str(e).splitlines()[0]})"
+        raise LlavaEdgeError(
+            f"TensorRT's Python package is not installed{detail}; {TENSORRT_HINT}"
+        ) from None
+
+
+def import_torch(cuda: bool = True) -> Any:
+    """torch, with CUDA unless `cuda` is False, or a LlavaEdgeError saying how to get it."""
+    try:
+        torch = importlib.import_module("torch")
+    except ImportError:
+        raise LlavaEdgeError(f"torch is not installed; {TORCH_HINT}") from None
+    if cuda and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else "no usable CUDA GPU"
+        raise LlavaEdgeError(f"torch {torch.__version__} has {build}; {TORCH_HINT}")
+    return torch

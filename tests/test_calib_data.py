@@ -1,0 +1,142 @@
+"""Calibration data: reading LLaVA JSON and image folders, and recording what the runtime feeds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+from llava_edge.calib.data import DEFAULT_PROMPT, Activations, Sample, load_samples
+from llava_edge.errors import LlavaEdgeError
+from llava_edge.manifest import Manifest
+
+
+def _picture(path: Path, colour: tuple[int, int, int]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (40, 30), colour).save(path)
+    return path
+
+
+def _llava_json(path: Path, items: list[dict]) -> Path:
+    path.write_text(json.dumps(items))
+    return path
+
+
+def _item(image: str | None, question: str) -> dict:
+    item = {"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": "x"}]}
+    if image:
+        item["image"] = image
+    return item
+
+
+def test_llava_json_finds_images_beside_it_or_under_images(tmp_path: Path) -> None:
+    a = _picture(tmp_path / "images" / "a.png", (255, 0, 0))
+    b = _picture(tmp_path / "b.png", (0, 255, 0))
+    path = _llava_json(
+        tmp_path / "data.json",
+        [
+            _item("a.png", "<image>\nWhat colour?"),
+            _item("b.png", "Is it green?"),
+            _item(None, "<image>\nNo picture here."),
+        ],
+    )
+    samples = load_samples(path, None)
+    assert samples == [
+        Sample(a, "<image>\nWhat colour?"),
+        Sample(b, "Is it green?"),
+        Sample(None, "No picture here."),  # a text-only sample must not ask for an image
+    ]
+    elsewhere = tmp_path / "elsewhere"
+    c = _picture(elsewhere / "sub" / "a.png", (0, 0, 255))
+    path = _llava_json(tmp_path / "other.json", [_item("sub/a.png", "<image>\nWhat colour?")])
+    assert load_samples(path, elsewhere) == [Sample(c, "<image>\nWhat colour?")]
+
+
+def test_image_folder_asks_the_default_prompt(tmp_path: Path) -> None:
+    first = _picture(tmp_path / "pics" / "1.jpg", (1, 2, 3))
+    second = _picture(tmp_path / "pics" / "2.png", (4, 5, 6))
+    (tmp_path / "pics" / "notes.txt").write_text("not a picture")
+    expected = [Sample(first, DEFAULT_PROMPT), Sample(second, DEFAULT_PROMPT)]
+    assert load_samples(tmp_path / "pics", None) == expected
+    assert load_samples(None, tmp_path / "pics") == expected
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "does not exist"),
+        ("empty_folder", "holds no images"),
+        ("bad_json", "cannot read calibration file"),
+        ("empty_list", "holds no samples"),
+        ("no_question", "has no human turn"),
+        ("missing_image", "is not under"),
+        ("nothing", "no calibration data"),
+    ],
+)
+def test_bad_sources_say_what_is_wrong(tmp_path: Path, case: str, message: str) -> None:
+    calib: Path | None = tmp_path / "data.json"
+    if case == "missing":
+        calib = tmp_path / "nope.json"
+    elif case == "empty_folder":
+        calib = tmp_path / "empty"
+        calib.mkdir()
+    elif case == "bad_json":
+        calib.write_text("{not json")
+    elif case == "empty_list":
+        calib.write_text("[]")
+    elif case == "no_question":
+        _llava_json(calib, [{"image": "a.png", "conversations": [{"from": "gpt", "value": "x"}]}])
+    elif case == "missing_image":
+        _llava_json(calib, [_item("gone.png", "<image>\nHi")])
+    else:
+        calib = None
+    with pytest.raises(LlavaEdgeError, match=message):
+        load_samples(calib, None)
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory: pytest.TempPathFactory) -> list[Sample]:
+    root = tmp_path_factory.mktemp("pictures")
+    return [
+        Sample(_picture(root / "red.png", (200, 30, 30)), "What colour is it?"),
+        Sample(_picture(root / "blue.png", (30, 30, 200)), "Describe it."),
+    ]
+
+
+def test_decoder_feeds_are_prefill_then_decode_steps(
+    tiny_model_dir: Path, pictures: list[Sample]
+) -> None:
+    manifest = Manifest.load(tiny_model_dir)
+    captures = list(Activations(tiny_model_dir, pictures, decode_steps=2).captures("decoder"))
+    assert len(captures) == len(pictures) * 3  # one prefill and two decode steps each
+    session = ort.InferenceSession(str(tiny_model_dir / "decoder.onnx"))
+    for i, capture in enumerate(captures):
+        feeds = capture.feeds
+        seq = feeds["inputs_embeds"].shape[1]
+        past = feeds["past_key_values.0.key"].shape[2]
+        if i % 3 == 0:  # prefill: the whole prompt, image features in place, nothing cached
+            assert seq > manifest.num_image_tokens and past == 0
+            prompt = seq
+        else:  # decode: one token over exactly the tokens so far (unused cache slots trimmed)
+            assert seq == 1 and past == prompt + i % 3 - 1
+        assert feeds["attention_mask"].shape == (1, past + seq)
+        assert feeds["position_ids"][0, -1] == past + seq - 1
+        # trimming the runtime's preallocated slots changes nothing the graph computes
+        logits = session.run(["logits"], feeds)[0]
+        np.testing.assert_allclose(logits, capture.outputs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_vision_and_projector_feeds_chain(tiny_model_dir: Path, pictures: list[Sample]) -> None:
+    manifest = Manifest.load(tiny_model_dir)
+    activations = Activations(tiny_model_dir, pictures)
+    vision = list(activations.captures("vision_encoder"))
+    projector = list(activations.captures("projector"))
+    assert len(vision) == len(projector) == len(pictures)
+    for v, p in zip(vision, projector, strict=True):
+        assert v.feeds["pixel_values"].shape == (1, 3, manifest.image.height, manifest.image.width)
+        np.testing.assert_array_equal(p.feeds["image_features"], v.outputs[0])
+    assert not np.allclose(vision[0].outputs[0], vision[1].outputs[0])  # two different pictures

@@ -1,0 +1,270 @@
+"""`llava-edge quantize` on the tiny model: int8, int4 and fp16 dirs the runtime loads unchanged,
+whose TensorRT forms pass the TensorRT 10.3 check, with a report that measures them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import quiet
+from PIL import Image
+
+from llava_edge.calib.data import Sample
+from llava_edge.calib.quantize import REPORT_FILE, quantize_model
+from llava_edge.calib.report import build_report
+from llava_edge.calib.trt_check import check_graph, check_model_dir
+from llava_edge.cli import main
+from llava_edge.manifest import Manifest
+from llava_edge.runtime import Pipeline
+
+COLOURS = [(220, 40, 40), (40, 170, 60), (40, 80, 220), (235, 205, 40), (140, 60, 180)]
+
+
+@pytest.fixture(scope="module")
+def calib_json(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Five pictures with a question each, as LLaVA JSON (images under images/)."""
+    root = tmp_path_factory.mktemp("calib")
+    (root / "images").mkdir()
+    items = []
+    for i, colour in enumerate(COLOURS):
+        image = Image.new("RGB", (48, 40), (245, 245, 240))
+        image.paste(colour, (4 * i, 6, 4 * i + 20, 30))
+        image.save(root / "images" / f"{i}.png")
+        question = "<image>\nWhat color is the shape?" if i % 2 else "<image>\nWhere is it?"
+        items.append(
+            {
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": question},
+                    {"from": "gpt", "value": "red"},
+                ],
+            }
+        )
+    path = root / "train.json"
+    path.write_text(json.dumps(items))
+    return path
+
+
+@pytest.fixture(scope="module")
+def quantized(
+    tiny_model_dir: Path, calib_json: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[Path, dict]]:
+    root = tmp_path_factory.mktemp("quantized")
+    out = {}
+    for precision, report in (("int8", True), ("int4", False), ("fp16", False)):
+        path = root / precision
+        result = quantize_model(
+            tiny_model_dir,
+            path,
+            precision,
+            calib=calib_json if precision != "fp16" else None,
+            samples=3,
+            report=report,
+            log=quiet,
+        )
+        out[precision] = (path, result)
+    return out
+
+
+def _io(path: Path) -> tuple[list, list]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return (
+        [(i.name, i.type) for i in session.get_inputs()],
+        [(o.name, o.type) for o in session.get_outputs()],
+    )
+
+
+def test_manifest_records_each_graphs_precision_and_forms(quantized: dict) -> None:
+    expected = {
+        "int8": {"vision_encoder": "int8", "projector": "int8", "decoder": "int8"},
+        "int4": {"vision_encoder": "int8", "projector": "int8", "decoder": "int4"},
+        "fp16": {"vision_encoder": "fp16", "projector": "fp16", "decoder": "fp16"},
+    }
+    for precision, (path, _) in quantized.items():
+        manifest = Manifest.load(path)
+        manifest.check_files(path, hashes=True)  # sizes and hashes re-recorded
+        assert {n: g.precision for n, g in manifest.graphs.items()} == expected[precision]
+        for name, graph in manifest.graphs.items():
+            if precision == "fp16":
+                assert graph.tensorrt_file is None
+            else:  # onnxruntime's CPU form and TensorRT's form differ for int8 and int4
+                assert graph.tensorrt_file == f"{name}.qdq.onnx"
+                assert {graph.file, graph.tensorrt_file} <= set(manifest.files)
+                assert graph.details["tensorrt"]["quantized_nodes"] > 0
+    decoder = Manifest.load(quantized["int4"][0]).graphs["decoder"].details
+    assert decoder["tensorrt"]["opset"] == 21 and decoder["onnxruntime"]["block_size"] == 32
+
+
+def test_graph_io_names_and_dtypes_are_unchanged(tiny_model_dir: Path, quantized: dict) -> None:
+    reference = Manifest.load(tiny_model_dir)
+    for path, _ in quantized.values():
+        manifest = Manifest.load(path)
+        for name, graph in manifest.graphs.items():
+            want = _io(tiny_model_dir / reference.graphs[name].file)
+            for file in {graph.file, graph.tensorrt_file} - {None}:
+                assert _io(path / file) == want, (path.name, file)
+
+
+def test_graphs_really_are_in_their_precision(quantized: dict) -> None:
+    def ops(path: Path) -> dict[str, int]:
+        model = onnx.load(str(path))
+        counts: dict[str, int] = {}
+        for node in model.graph.node:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+        return counts
+
+    int8, int4, fp16 = (quantized[p][0] for p in ("int8", "int4", "fp16"))
+    assert ops(int8 / "decoder.onnx").get("MatMulInteger", 0) + ops(int8 / "decoder.onnx").get(
+        "DynamicQuantizeMatMul", 0
+    )
+    assert ops(int8 / "decoder.qdq.onnx")["QuantizeLinear"] > 0
+    assert ops(int4 / "decoder.onnx")["MatMulNBits"] > 0
+    blocked = [
+        n
+        for n in onnx.load(str(int4 / "decoder.qdq.onnx")).graph.node
+        if n.op_type == "DequantizeLinear"
+    ]
+    assert blocked and all(any(a.name == "block_size" for a in n.attribute) for n in blocked)
+    weights = onnx.load(str(fp16 / "decoder.onnx")).graph.initializer
+    assert any(w.data_type == onnx.TensorProto.FLOAT16 for w in weights)
+    for precision in ("int8", "int4"):  # weights shrink: int4 below int8 below fp32
+        assert (quantized[precision][0] / "decoder.onnx").stat().st_size < (
+            fp16 / "decoder.onnx"
+        ).stat().st_size
+
+
+def test_every_tensorrt_graph_passes_the_static_check(quantized: dict) -> None:
+    for path, _ in quantized.values():
+        assert check_model_dir(path) == {"vision_encoder": [], "projector": [], "decoder": []}
+    # onnxruntime's CPU forms are not for TensorRT, and the check says so
+    assert any(
+        "DynamicQuantizeLinear" in p for p in check_graph(quantized["int8"][0] / "decoder.onnx")
+    )
+    assert any("MatMulNBits" in p for p in check_graph(quantized["int4"][0] / "decoder.onnx"))
+
+
+def test_the_runtime_loads_every_dir_unchanged(quantized: dict, calib_json: Path) -> None:
+    image = calib_json.parent / "images" / "0.png"
+    for path, _ in quantized.values():
+        with Pipeline.load(path) as pipe:
+            answer = pipe.answer(image, "What color is the shape?", max_new_tokens=4)
+            assert len(answer.token_ids) >= 1
+
+
+def test_report_measures_each_form_against_fp32(quantized: dict) -> None:
+    path, report = quantized["int8"]
+    assert json.loads((path / REPORT_FILE).read_text()) == report
+    rows = {(r["graph"], r["form"]): r for r in report["graphs"]}
+    assert set(rows) == {
+        (g, f)
+        for g in ("vision_encoder", "projector", "decoder")
+        for f in ("onnxruntime", "tensorrt")
+    }
+    for row in rows.values():
+        assert row["calls"] > 0 and 0.95 < row["cosine_min"] < 1.0 and row["max_abs_error"] > 0
+    assert rows[("decoder", "onnxruntime")]["calls"] == report["held_out_samples"] * 5
+    greedy = report["greedy"]
+    assert greedy["tokens"] == 64 and 0 <= greedy["free_running_prefix"] <= 1
+    assert 0.5 < greedy["teacher_forced_top1"] <= 1
+    assert report["sizes"]["onnxruntime_ratio"] > 1.5 and report["sizes"]["tensorrt_ratio"] > 1.5
+
+
+def test_report_of_a_dir_against_itself_is_exact(tiny_model_dir: Path, calib_json: Path) -> None:
+    sample = Sample(calib_json.parent / "images" / "1.png", "What color is the shape?")
+    report = build_report(tiny_model_dir, tiny_model_dir, [sample])
+    for row in report["graphs"]:
+        # the same graph in another session: equal up to float summation order
+        assert row["cosine_min"] == pytest.approx(1.0, abs=1e-9) and row["max_abs_error"] < 1e-5
+    assert report["greedy"]["free_running_prefix"] == 1.0
+    assert report["greedy"]["teacher_forced_top1"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("samples_0", "--samples must be at least 1"),
+        ("already_quantized", "is already int8"),
+        ("empty_folder", "holds no images"),
+        ("unreadable_json", "cannot read calibration file"),
+        ("no_calibration", "no calibration data"),
+        ("not_empty", "is not empty; pass --force"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(
+    case: str,
+    message: str,
+    tiny_model_dir: Path,
+    quantized: dict,
+    calib_json: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    source, out = tiny_model_dir, tmp_path / "out"
+    args = ["--precision", "int8", "--calib", str(calib_json)]
+    if case == "samples_0":
+        args += ["--samples", "0"]
+    elif case == "already_quantized":
+        source = quantized["int8"][0]
+    elif case == "empty_folder":
+        (tmp_path / "empty").mkdir()
+        args[3] = str(tmp_path / "empty")
+    elif case == "unreadable_json":
+        (tmp_path / "bad.json").write_bytes(b"\xff\xfe not json")
+        args[3] = str(tmp_path / "bad.json")
+    elif case == "no_calibration":
+        args = ["--precision", "int4"]
+    else:
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    assert main(["quantize", str(source), str(out), *args]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("llava-edge quantize: error:") and message in err
+    assert "\n" not in err
+    if case == "not_empty":
+        assert (out / "keep.txt").read_text() == "mine"
+    else:
+        assert not out.exists()
+    assert not list(tmp_path.glob(".out.*"))  # no half-written temp dir left behind
+
+
+def test_force_replaces_an_existing_dir(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "fp16"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    assert main(["quantize", str(tiny_model_dir), str(out), "--precision", "fp16", "--force"]) == 0
+    assert (
+        not (out / "old.txt").exists() and Manifest.load(out).graphs["decoder"].precision == "fp16"
+    )
+    with Pipeline.load(out) as pipe:
+        features = pipe.image_features(np.full((32, 32, 3), 128, dtype=np.uint8))
+    assert features.dtype == np.float32 and np.isfinite(features).all()
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
+def test_every_calibration_method_gives_a_tensorrt_graph(
+    method: str, tiny_model_dir: Path, calib_json: Path, tmp_path: Path
+) -> None:
+    from llava_edge.calib.data import Activations, FeedReader, load_samples
+    from llava_edge.calib.quantize import int8_static_qdq
+
+    samples = load_samples(calib_json, None)[:2]
+    activations = Activations(tiny_model_dir, samples, decode_steps=1)
+    out = tmp_path / "decoder.qdq.onnx"
+    details = int8_static_qdq(
+        tiny_model_dir / "decoder.onnx", out, FeedReader(activations.captures("decoder")), method
+    )
+    assert details["method"] == method and check_graph(out) == []
+    reference = ort.InferenceSession(str(tiny_model_dir / "decoder.onnx"))
+    quantized = ort.InferenceSession(str(out))
+    for capture in activations.captures("decoder"):  # prompts of different lengths, then steps
+        want = reference.run(["logits"], capture.feeds)[0]
+        got = quantized.run(["logits"], capture.feeds)[0]
+        assert (
+            0.99
+            < float(want.ravel() @ got.ravel()) / np.linalg.norm(want) / np.linalg.norm(got)
+            < 1
+        )

@@ -1,0 +1,268 @@
+"""The `init`, `export` and `run` commands as a user meets them: bad input gets one line on stderr,
+a non-zero exit, no traceback and nothing written; `run --json` reports the ids transformers
+would use and produce."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from llava_edge.cli import main
+
+CLI = str(Path(sys.executable).parent / "llava-edge")
+
+
+def _tree(root: Path) -> dict[str, int]:
+    """Every path under `root` with its size (dirs 0): what 'nothing written' compares."""
+    return {
+        str(p.relative_to(root)): (p.stat().st_size if p.is_file() else 0)
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def _one_error_line(err: str, command: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"llava-edge {command}: error: "), err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def plain_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Hugging Face checkpoint that is not LLaVA: a tiny LlamaForCausalLM."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+    )
+    out = tmp_path_factory.mktemp("llama") / "llama"
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+# ---- export: bad input --------------------------------------------------------------------------
+
+
+def _export_cases(tmp: Path, checkpoint: Path, plain_llama: Path) -> dict:
+    """name -> (checkpoint arg, output arg, extra args, text the error must hold)."""
+    (tmp / "a_file").write_text("not a dir\n")
+    (tmp / "full").mkdir()
+    (tmp / "full" / "keep.txt").write_text("precious\n")
+    (tmp / "empty_dir").mkdir()
+    (tmp / "sub").mkdir()
+    out = str(tmp / "out")
+    return {
+        "missing-checkpoint": (str(tmp / "nope" / "checkpoint"), out, [], "does not exist"),
+        # "sub/missing" has the shape of a hub id, but sub/ is a local dir: a mistyped path.
+        "missing-relative-checkpoint": ("sub/missing", out, [], "does not exist"),
+        "checkpoint-is-a-file": (str(tmp / "a_file"), out, [], "is a file"),
+        "no-config": (str(tmp / "empty_dir"), out, [], "no config.json"),
+        "not-llava": (str(plain_llama), out, [], "'llama' checkpoint, not LLaVA"),
+        "output-under-a-file": (
+            str(checkpoint),
+            str(tmp / "a_file" / "model"),
+            [],
+            "is a file, not a directory",
+        ),
+        "output-is-a-file": (str(checkpoint), str(tmp / "a_file"), [], "is not a directory"),
+        "output-not-empty": (str(checkpoint), str(tmp / "full"), [], "pass --force"),
+        "bad-max-context": (str(checkpoint), out, ["--max-context", "100000"], "--max-context"),
+        "bad-opset": (str(checkpoint), out, ["--opset", "30"], "--opset"),
+    }
+
+
+CASES = [
+    "missing-checkpoint",
+    "missing-relative-checkpoint",
+    "checkpoint-is-a-file",
+    "no-config",
+    "not-llava",
+    "output-under-a-file",
+    "output-is-a-file",
+    "output-not-empty",
+    "bad-max-context",
+    "bad-opset",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_export_bad_input(
+    case: str,
+    tiny_checkpoint: Path,
+    plain_llama: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    checkpoint, out, extra, message = _export_cases(tmp_path, tiny_checkpoint, plain_llama)[case]
+    before = _tree(tmp_path)
+    code = main(["export", checkpoint, out, *extra])
+    captured = capfd.readouterr()
+    assert code == 1
+    assert message in _one_error_line(captured.err, "export")
+    assert _tree(tmp_path) == before
+
+
+def test_export_not_a_llava_checkpoint_through_the_installed_command(
+    plain_llama: Path, tmp_path: Path
+) -> None:
+    """The real entry point: exit status 1, one line, no traceback, no output dir."""
+    result = subprocess.run(
+        [CLI, "export", str(plain_llama), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1
+    assert "not LLaVA" in _one_error_line(result.stderr, "export")
+    assert result.stdout == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+# Run as root, the command first drops CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from its bounding
+# set (prctl PR_CAPBSET_DROP = 24) and then execs: the new program keeps neither, so even root
+# obeys file permissions. A separate shim rather than preexec_fn, which is unsafe in a process
+# that has threads (onnxruntime's).
+DROP_DAC_THEN_EXEC = (
+    "import ctypes, os, sys\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "for cap in (1, 2):\n"
+    "    if libc.prctl(24, cap, 0, 0, 0):\n"
+    "        raise OSError(ctypes.get_errno(), 'prctl(PR_CAPBSET_DROP)')\n"
+    "os.execv(sys.argv[1], sys.argv[1:])\n"
+)
+
+
+def _unprivileged(argv: list[str]) -> list[str]:
+    if os.geteuid() != 0:
+        return argv
+    return [sys.executable, "-c", DROP_DAC_THEN_EXEC, *argv]
+
+
+def test_export_output_dir_not_writable(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """A read-only parent dir. Tests may run as root, whom permissions do not stop, so the
+    command runs without root's permission override (see DROP_DAC_THEN_EXEC)."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        probe = subprocess.run(
+            _unprivileged([sys.executable, "-c", f"open({str(locked / 'probe')!r}, 'w')"]),
+            capture_output=True,
+            text=True,
+        )
+        assert "PermissionError" in probe.stderr, "the locked dir is writable: nothing to test"
+        result = subprocess.run(
+            _unprivileged([CLI, "export", str(tiny_checkpoint), str(locked / "model")]),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 1
+        line = _one_error_line(result.stderr, "export")
+        assert f"{locked} is not writable" in line
+        assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o755)
+
+
+# ---- init and run: bad input --------------------------------------------------------------------
+
+
+def test_init_bad_input(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("precious\n")
+    before = _tree(tmp_path)
+    cases = [
+        ([str(tmp_path / "full")], "pass --force"),
+        ([str(tmp_path / "a_file" / "ckpt")], "is a file, not a directory"),
+        ([str(tmp_path / "a_file")], "is not a directory"),
+        ([str(tmp_path / "new"), "--layers", "0"], "--layers"),
+    ]
+    for args, message in cases:
+        assert main(["init", *args]) == 1
+        assert message in _one_error_line(capfd.readouterr().err, "init")
+    assert _tree(tmp_path) == before
+
+
+def test_init_force_replaces_a_checkpoint_whole(tmp_path: Path, capfd) -> None:
+    out = tmp_path / "checkpoint"
+    out.mkdir()
+    (out / "stale.safetensors").write_text("left from an older checkpoint")
+    assert main(["init", str(out), "--force"]) == 0
+    assert not (out / "stale.safetensors").exists()
+    assert (out / "config.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint"]  # no temp dir left
+
+
+def test_run_bad_model_dir(tmp_path: Path, tiny_checkpoint: Path, capfd) -> None:
+    for model_dir, message in (
+        (tmp_path / "missing", "does not exist"),
+        (tiny_checkpoint, "not a llava-edge model dir"),
+    ):
+        assert main(["run", str(model_dir), "--prompt", "hi"]) == 1
+        assert message in _one_error_line(capfd.readouterr().err, "run")
+
+
+# ---- run --json -----------------------------------------------------------------------------------
+
+
+def test_run_json_equals_transformers(
+    tiny_checkpoint: Path, tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from llava_edge.export.verify import sample_image
+
+    image_path = tmp_path / "picture.png"
+    sample_image(180).save(image_path)
+    question = "Which shapes are there?"
+    new_tokens = 24
+    code = main(
+        [
+            "run",
+            str(tiny_model_dir),
+            "--image",
+            str(image_path),
+            "--prompt",
+            question,
+            "--max-new-tokens",
+            str(new_tokens),
+            "--json",
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out.strip()
+    assert len(out.splitlines()) == 1
+    result = json.loads(out)
+
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32)
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+    ]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=Image.open(image_path), text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        generated = model.eval().generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
+    expected_ids = generated[0, inputs["input_ids"].shape[1] :].tolist()
+
+    prompt_ids = inputs["input_ids"][0].tolist()
+    assert result["prompt_token_ids"] == prompt_ids
+    image_id = model.config.image_token_id
+    assert prompt_ids.count(image_id) == model.config.image_seq_length  # image tokens included
+    assert result["token_ids"] == expected_ids
+    assert result["text"] == processor.decode(expected_ids, skip_special_tokens=True)

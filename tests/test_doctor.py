@@ -1,0 +1,118 @@
+"""`llava-edge doctor`: what the machine has, and per backend what is missing and how to get it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llava_edge import cli
+from llava_edge.runtime import doctor
+
+
+def machine(**changes) -> doctor.Report:
+    """A report of a Jetson that has everything, changed as a test needs."""
+    report = doctor.Report(
+        llava_edge="0.1.0",
+        python="3.10.12",
+        machine="Linux aarch64",
+        onnxruntime="1.20.0",
+        providers=["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+        tensorrt="10.3.0.30",
+        tensorrt_error=None,
+        torch="2.5.0a0+872d972e41.nv24.08",
+        torch_cuda="12.6",
+        torch_cuda_available=True,
+        gpus=[
+            dict(
+                index=0,
+                name="Orin",
+                compute_capability="8.7",
+                total_memory=64 << 30,
+                free_memory=50 << 30,
+                integrated=True,
+                driver_cuda="12.6",
+            )
+        ],
+        gpu_error=None,
+        jetson="Jetson R36 (release), REVISION: 4.3",
+        memory_available=48 << 30,
+        backends=[],
+    )
+    for key, value in changes.items():
+        setattr(report, key, value)
+    report.backends = doctor.backend_status(report)
+    return report
+
+
+def status(report: doctor.Report) -> dict[str, list[str]]:
+    return {s.name: s.missing for s in report.backends if not s.ready} | {
+        s.name: "ready" for s in report.backends if s.ready
+    }
+
+
+def test_a_complete_jetson_can_run_every_backend() -> None:
+    report = machine()
+    assert all(s.ready and not s.missing for s in report.backends)
+    text = doctor.format_report(report)
+    assert (
+        "GPU 0: Orin, compute capability 8.7, 64.0 GiB (shared with the CPU), 50.0 GiB free" in text
+    )
+    assert "TensorRT: 10.3.0.30" in text and "torch: 2.5.0a0+872d972e41.nv24.08, CUDA 12.6" in text
+
+
+def test_each_missing_piece_is_named_with_how_to_get_it() -> None:
+    s = status(machine(providers=["CPUExecutionProvider"], tensorrt=None))
+    assert s["onnxruntime cpu"] == "ready"
+    assert s["onnxruntime cuda"] == ["onnxruntime's CUDAExecutionProvider: " + doctor.ORT_GPU_HINT]
+    assert "pip install onnxruntime-gpu" in s["onnxruntime cuda"][0]
+    assert any("TensorrtExecutionProvider" in m for m in s["onnxruntime tensorrt"])
+    (native,) = s["tensorrt"]
+    assert (
+        native.startswith("TensorRT's Python package: ")
+        and "sudo apt install nvidia-jetpack" in native
+    )
+
+    s = status(machine(torch="2.13.0+cpu", torch_cuda=None, torch_cuda_available=False))
+    assert list(s.values()).count("ready") == 3
+    assert s["tensorrt"] == [
+        "torch with CUDA (found torch 2.13.0+cpu without CUDA): " + doctor.TORCH_HINT
+    ]
+
+    s = status(machine(gpus=[], gpu_error="no NVIDIA driver here"))
+    assert s["onnxruntime cpu"] == "ready"
+    assert all(
+        s[n][0] == "no NVIDIA driver here"
+        for n in ("onnxruntime cuda", "onnxruntime tensorrt", "tensorrt")
+    )
+
+    s = status(
+        machine(tensorrt=None, tensorrt_error="installed but does not import: libnvinfer.so.10")
+    )
+    assert "(installed but does not import: libnvinfer.so.10)" in s["tensorrt"][0]
+
+
+def test_this_machine_is_probed_without_raising() -> None:
+    report = doctor.diagnose()
+    import onnxruntime
+
+    assert report.onnxruntime == onnxruntime.__version__
+    assert "CPUExecutionProvider" in report.providers
+    assert status(report)["onnxruntime cpu"] == "ready"
+    assert bool(report.gpus) != bool(report.gpu_error)
+    native = next(s for s in report.backends if s.name == "tensorrt")
+    assert native.ready == bool(report.tensorrt and report.torch_cuda_available and report.gpus)
+
+
+def test_doctor_command_prints_text_or_json(capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["doctor"]) == 0
+    text = capsys.readouterr().out
+    assert "backends:" in text and "onnxruntime cpu" in text
+    assert cli.main(["doctor", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [b["name"] for b in data["backends"]] == [
+        "onnxruntime cpu",
+        "onnxruntime cuda",
+        "onnxruntime tensorrt",
+        "tensorrt",
+    ]

@@ -1,0 +1,201 @@
+"""What export writes to disk: ONNX external data for big graphs, and nothing that looks valid
+when an export fails (a previous good model dir survives a failed `--force`)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from llava_edge import files
+from llava_edge.cli import main
+from llava_edge.export import exporter
+from llava_edge.manifest import MANIFEST_NAME, Manifest
+from llava_edge.runtime import Pipeline
+from llava_edge.runtime.image import preprocess
+
+
+def quiet(*_args, **_kwargs) -> None:
+    """A `log` for export calls whose report these tests don't read."""
+
+
+QUESTION = "What is in the picture?"
+
+
+def _picture():
+    from llava_edge.export.verify import sample_image
+
+    return sample_image(200)
+
+
+# ---- external data ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def external_model_dir(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model exported as if every graph were over 2 GB (verification on)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(files, "MAX_PROTOBUF", 0)
+        out = tmp_path_factory.mktemp("external") / "model"
+        report = exporter.export_checkpoint(tiny_checkpoint, out, log=quiet)
+    assert report["passed"]
+    return out
+
+
+def test_external_data_is_one_data_file_per_graph(external_model_dir: Path) -> None:
+    manifest = Manifest.load(external_model_dir)
+    for spec in manifest.graphs.values():
+        data = spec.file + ".data"
+        graph = onnx.load(str(external_model_dir / spec.file), load_external_data=False)
+        external = [
+            t for t in graph.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+        ]
+        assert external, f"{spec.file} keeps all its weights inline"
+        locations = {e.value for t in external for e in t.external_data if e.key == "location"}
+        assert locations == {data}
+        assert (external_model_dir / data).stat().st_size > (
+            external_model_dir / spec.file
+        ).stat().st_size
+    # Nothing but what the manifest lists (one .data per graph, no file per tensor).
+    assert sorted(p.name for p in external_model_dir.iterdir()) == sorted(
+        [*manifest.files, MANIFEST_NAME]
+    )
+    assert {f"{g.file}.data" for g in manifest.graphs.values()} <= set(manifest.files)
+    manifest.check_files(external_model_dir, hashes=True)
+
+
+def test_external_data_outputs_equal_inline_export(
+    external_model_dir: Path, tiny_model_dir: Path
+) -> None:
+    """Same weights, same graphs: loaded from .data files they give the same numbers."""
+    assert not list(tiny_model_dir.glob("*.data"))  # the reference keeps weights inline
+    image = _picture()
+    results = []
+    for model_dir in (external_model_dir, tiny_model_dir):
+        with Pipeline.load(model_dir) as pipe:
+            features = pipe.backend.encode_image(preprocess(image, pipe.manifest.image)[None])
+            ids = np.asarray([pipe.codec.encode("USER: hello there ASSISTANT:")])
+            cache = pipe.backend.new_cache(1)
+            logits = pipe.backend.decode(
+                pipe.table[ids], np.ones_like(ids), np.arange(ids.shape[1])[None], cache
+            )
+            answer = pipe.answer(image, QUESTION, max_new_tokens=16, ignore_eos=True)
+        results.append((features, logits, answer.token_ids))
+    (f1, l1, t1), (f2, l2, t2) = results
+    np.testing.assert_allclose(f1, f2, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(l1, l2, rtol=1e-6, atol=1e-6)
+    assert t1 == t2
+
+
+# ---- failed exports -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def good_model_dir(tiny_model_dir: Path, tmp_path: Path) -> Path:
+    """A previous good export the next (failing) one tries to replace with --force."""
+    out = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, out)
+    return out
+
+
+def _snapshot(model_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(model_dir.iterdir())}
+
+
+def _leftovers(parent: Path, name: str) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}."))
+
+
+def _last_error_line(err: str) -> str:
+    """Progress bars (carriage returns) come first; the error is the last line, no traceback."""
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1].split("\r")[-1]
+
+
+def _corrupt_embeddings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real export fault: the embedding table written one row off."""
+    write = exporter._write_text_files
+
+    def faulty(loaded, manifest, out):
+        write(loaded, manifest, out)
+        table = np.load(out / manifest.embeddings)
+        np.save(out / manifest.embeddings, np.roll(table, 1, axis=0))
+
+    monkeypatch.setattr(exporter, "_write_text_files", faulty)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_failed_verification_keeps_previous_model_dir(
+    tiny_checkpoint: Path,
+    good_model_dir: Path,
+    dtype: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    _corrupt_embeddings(monkeypatch)
+    before = _snapshot(good_model_dir)
+    code = main(["export", str(tiny_checkpoint), str(good_model_dir), "--dtype", dtype, "--force"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "verify vs transformers: FAILED" in captured.out
+    line = _last_error_line(captured.err)
+    assert line.startswith("llava-edge export: error: verification failed")
+    assert ("greedy tokens diverge" if dtype == "fp32" else "cosine") in line
+    assert _snapshot(good_model_dir) == before
+    assert _leftovers(good_model_dir.parent, good_model_dir.name) == []
+    Manifest.load(good_model_dir).check_files(good_model_dir, hashes=True)
+
+
+def test_failed_verification_writes_no_model_dir(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    _corrupt_embeddings(monkeypatch)
+    out = tmp_path / "new"
+    assert main(["export", str(tiny_checkpoint), str(out)]) == 1
+    assert "verification failed" in capsys.readouterr().err
+    assert not out.exists()
+    assert _leftovers(tmp_path, "new") == []
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+def test_interrupted_export_keeps_previous_model_dir(
+    tiny_checkpoint: Path,
+    good_model_dir: Path,
+    error: type[BaseException],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys,
+) -> None:
+    """Ctrl-C (or a crash) while the decoder is being traced, after two graphs were written."""
+    trace = exporter._torch_export
+
+    def stop_at_decoder(module, args, path, graph, opset):
+        if graph.file == "decoder.onnx":
+            raise error("stopped mid-export")
+        trace(module, args, path, graph, opset)
+
+    monkeypatch.setattr(exporter, "_torch_export", stop_at_decoder)
+    before = _snapshot(good_model_dir)
+    argv = ["export", str(tiny_checkpoint), str(good_model_dir), "--force"]
+    if error is KeyboardInterrupt:
+        assert main(argv) == 130
+        assert _last_error_line(capsys.readouterr().err) == "llava-edge export: interrupted"
+    else:
+        with pytest.raises(RuntimeError):
+            main(argv)
+    assert _snapshot(good_model_dir) == before
+    assert _leftovers(good_model_dir.parent, good_model_dir.name) == []
+
+
+def test_force_never_deletes_the_checkpoint(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    """--force replaces the output dir: refused when that dir is or holds the checkpoint."""
+    checkpoint = tmp_path / "work" / "checkpoint"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    before = _snapshot(checkpoint)
+    for out in (checkpoint, checkpoint.parent):
+        assert main(["export", str(checkpoint), str(out), "--force"]) == 1
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert "holds the checkpoint" in line
+    assert _snapshot(checkpoint) == before

@@ -1,0 +1,243 @@
+"""`llava-edge init`: each preset has the shape the issue documents, and what it writes is an
+ordinary Hugging Face LLaVA checkpoint whose chat template agrees with the runtime's.
+
+Big presets are checked as configs and on torch's meta device: no weights are materialised.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from llava_edge.cli import main
+from llava_edge.errors import LlavaEdgeError
+from llava_edge.runtime.template import TEMPLATES, render
+from llava_edge.training.checkpoint import (
+    PRESETS,
+    hf_chat_template,
+    init_checkpoint,
+    make_config,
+    make_hf_tokenizer,
+)
+
+
+def _config(preset: str, layers: int | None = None):
+    return make_config(preset, layers, make_hf_tokenizer(PRESETS[preset]["tokenizer_size"]))
+
+
+def _meta_model(config):
+    from transformers import LlavaForConditionalGeneration
+
+    with torch.device("meta"):
+        return LlavaForConditionalGeneration(config)
+
+
+def _parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _check_llava_1_5_layout(config) -> None:
+    """What every preset shares with LLaVA-1.5: CLIP features of layer -2 without CLS, an
+    mlp2x_gelu projector (Linear, GELU, Linear) and a Llama text model."""
+    assert config.vision_config.model_type == "clip_vision_model"
+    assert config.vision_feature_layer == -2
+    assert config.vision_feature_select_strategy == "default"
+    assert config.projector_hidden_act == "gelu"
+    assert config.text_config.model_type == "llama"
+    vision = config.vision_config
+    assert config.image_seq_length == (vision.image_size // vision.patch_size) ** 2
+    projector = _meta_model(config).model.multi_modal_projector
+    assert [type(m).__name__ for m in projector.children()] == [
+        "Linear",
+        "GELUActivation",
+        "Linear",
+    ]
+    assert projector.linear_1.in_features == vision.hidden_size
+    assert projector.linear_1.out_features == config.text_config.hidden_size
+    assert projector.linear_2.out_features == config.text_config.hidden_size
+
+
+def _dims(config) -> dict:
+    v, t = config.vision_config, config.text_config
+    return {
+        "vision": (
+            v.hidden_size,
+            v.intermediate_size,
+            v.num_hidden_layers,
+            v.num_attention_heads,
+            v.image_size,
+            v.patch_size,
+        ),
+        "text": (
+            t.hidden_size,
+            t.intermediate_size,
+            t.num_hidden_layers,
+            t.num_attention_heads,
+            t.num_key_value_heads,
+            t.vocab_size,
+        ),
+    }
+
+
+def test_tiny_preset_is_well_under_a_million_parameters(tiny_checkpoint: Path) -> None:
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    assert _parameters(model) < 300_000
+    _check_llava_1_5_layout(model.config)
+
+
+def test_small_preset_shape() -> None:
+    """CLIP ViT-B/16 at 224 px, mlp2x_gelu, 16-layer Llama 1024 wide, 16 heads without GQA."""
+    config = _config("small")
+    _check_llava_1_5_layout(config)
+    assert _dims(config) == {
+        "vision": (768, 3072, 12, 12, 224, 16),
+        "text": (1024, 2816, 16, 16, 16, 32000),
+    }
+    assert config.image_seq_length == 196
+
+
+def test_llava_1_5_7b_preset_shape() -> None:
+    """LLaVA-1.5-7B as published (llava-hf/llava-1.5-7b-hf): CLIP ViT-L/14-336 and Vicuna-7B."""
+    config = _config("llava-1.5-7b")
+    _check_llava_1_5_layout(config)
+    assert _dims(config) == {
+        "vision": (1024, 4096, 24, 16, 336, 14),
+        "text": (4096, 11008, 32, 32, 32, 32064),
+    }
+    assert config.vision_config.hidden_act == "quick_gelu"
+    text = config.text_config
+    assert text.max_position_embeddings == 4096
+    assert text.rms_norm_eps == 1e-5
+    assert not text.tie_word_embeddings
+    assert config.image_seq_length == 576
+    # The published model has 7.06B parameters.
+    assert 7.05e9 < _parameters(_meta_model(config)) < 7.07e9
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_layers_keeps_the_first_n_of_each_tower(layers: int) -> None:
+    full, cut = _config("llava-1.5-7b"), _config("llava-1.5-7b", layers)
+    assert cut.vision_config.num_hidden_layers == layers
+    assert cut.text_config.num_hidden_layers == layers
+    for dims_full, dims_cut in zip(_dims(full).values(), _dims(cut).values(), strict=True):
+        assert dims_full[:2] == dims_cut[:2] and dims_full[3:] == dims_cut[3:]
+    _check_llava_1_5_layout(cut)
+
+
+def test_layers_must_be_positive() -> None:
+    with pytest.raises(LlavaEdgeError, match="--layers"):
+        _config("tiny", 0)
+
+
+def test_init_cli_writes_a_seeded_checkpoint(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """The command's options reach the checkpoint; the same seed gives the same weights."""
+    from safetensors.torch import load_file
+
+    assert main(["init", str(tmp_path / "one"), "--layers", "1", "--seed", "0"]) == 0
+    assert main(["init", str(tmp_path / "two"), "--seed", "0"]) == 0
+    assert main(["init", str(tmp_path / "three"), "--seed", "1"]) == 0
+
+    def weights(path: Path) -> dict[str, torch.Tensor]:
+        return load_file(str(path / "model.safetensors"))
+
+    one = weights(tmp_path / "one")
+    assert not any(".layers.1." in name for name in one)
+    assert any(".layers.0." in name for name in one)
+    reference, two, three = (
+        weights(tiny_checkpoint),
+        weights(tmp_path / "two"),
+        weights(tmp_path / "three"),
+    )
+    assert reference.keys() == two.keys() == three.keys()
+    assert all(torch.equal(reference[k], two[k]) for k in reference)
+    assert not all(torch.equal(reference[k], three[k]) for k in reference)
+
+
+# ---- what transformers sees ----------------------------------------------------------------------
+
+
+def test_checkpoint_loads_in_transformers(tiny_checkpoint: Path) -> None:
+    from transformers import AutoProcessor, LlavaForConditionalGeneration, PreTrainedTokenizerFast
+
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    assert type(processor).__name__ == "LlavaProcessor"
+    tokenizer = processor.tokenizer
+    assert isinstance(tokenizer, PreTrainedTokenizerFast)
+    assert tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_id
+    for token in (
+        tokenizer.bos_token,
+        tokenizer.eos_token,
+        tokenizer.pad_token,
+        tokenizer.unk_token,
+    ):
+        assert (
+            token is not None
+            and tokenizer.convert_tokens_to_ids(token) < model.config.text_config.vocab_size
+        )
+    assert tokenizer("hello").input_ids[0] == tokenizer.bos_token_id
+    image = processor.image_processor
+    size = model.config.vision_config.image_size
+    assert (image.crop_size["height"], image.crop_size["width"]) == (size, size)
+    assert list(image.image_mean) == pytest.approx([0.48145466, 0.4578275, 0.40821073])
+    assert list(image.image_std) == pytest.approx([0.26862954, 0.26130258, 0.27577711])
+    assert (tiny_checkpoint / "model.safetensors").is_file()
+
+
+def test_saved_chat_template_renders_the_runtime_prompt(tiny_checkpoint: Path) -> None:
+    """The checkpoint's own template (what transformers users call) == runtime.template."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    turns = [("What is this?", "A red circle."), ("And its colour?", None)]
+    expected = "".join(text for text, _ in render(TEMPLATES["llava_1_5"], turns, image=True))
+    assert processor.apply_chat_template(_messages(turns), add_generation_prompt=True) == expected
+    assert expected.startswith("USER: <image>\nWhat is this? ASSISTANT:")
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+@pytest.mark.parametrize("turns", [1, 2])
+def test_every_template_renders_like_the_runtime(
+    tiny_checkpoint: Path, name: str, turns: int
+) -> None:
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    dialogue = [("What is this?", "A red circle."), ("And its colour?", None)][-turns:]
+    template = TEMPLATES[name]
+    expected = "".join(text for text, _ in render(template, dialogue, image=True))
+    rendered = processor.apply_chat_template(
+        _messages(dialogue), chat_template=hf_chat_template(template), add_generation_prompt=True
+    )
+    assert rendered == expected
+
+
+def test_init_template_is_recorded(tmp_path: Path) -> None:
+    """A checkpoint made with another template says so, for export to copy into the manifest."""
+    import json
+
+    from llava_edge.manifest import CHECKPOINT_INFO_FILE
+
+    out = init_checkpoint(tmp_path / "vicuna", preset="tiny", template="vicuna_v1")
+    assert json.loads((out / CHECKPOINT_INFO_FILE).read_text())["template"] == "vicuna_v1"
+    from transformers import AutoProcessor
+
+    rendered = AutoProcessor.from_pretrained(out).apply_chat_template(
+        _messages([("Hi?", None)]), add_generation_prompt=True
+    )
+    assert rendered == "".join(t for t, _ in render(TEMPLATES["vicuna_v1"], [("Hi?", None)], True))
+
+
+def _messages(turns: list[tuple[str, str | None]]) -> list[dict]:
+    """(question, answer) turns as transformers' chat messages, the image in the first."""
+    messages = []
+    for i, (question, answer) in enumerate(turns):
+        content = [{"type": "image"}] if i == 0 else []
+        messages.append({"role": "user", "content": [*content, {"type": "text", "text": question}]})
+        if answer is not None:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return messages

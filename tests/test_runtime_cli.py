@@ -1,0 +1,88 @@
+"""`llava-edge run`, `chat` and `bench` as a user drives them."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+from PIL import Image
+
+from llava_edge.cli import main
+from llava_edge.runtime import Pipeline
+from llava_edge.runtime.interactive import chat_loop
+
+
+def write_image(path):
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (50, 60, 3), np.uint8)).save(path)
+    return path
+
+
+def test_run_streams_then_reports_speed(tiny_model_dir, tmp_path, capsys):
+    image = write_image(tmp_path / "a.png")
+    assert (
+        main(
+            [
+                "run",
+                str(tiny_model_dir),
+                "--image",
+                str(image),
+                "--prompt",
+                "Hi?",
+                "--max-new-tokens",
+                "5",
+            ]
+        )
+        == 0
+    )
+    out, err = capsys.readouterr()
+    with Pipeline.load(tiny_model_dir) as pipe:
+        assert out == pipe.generate(str(image), "Hi?", max_new_tokens=5) + "\n"
+    assert "tokens/s" in err
+
+
+def test_chat_loop_keeps_going_after_errors(tiny_model_dir, tmp_path):
+    image = write_image(tmp_path / "a.png")
+    lines = iter(
+        [
+            "What is it?",
+            "/image /no/such.png",
+            "/image " + str(image),
+            "And now?",
+            "/reset",
+            "/quit",
+        ]
+    )
+    out = io.StringIO()
+    with Pipeline.load(tiny_model_dir) as pipe:
+        chat_loop(pipe, str(image), {"max_new_tokens": 4}, read=lambda _: next(lines), out=out)
+        first = pipe.generate(str(image), "What is it?", max_new_tokens=4)
+    text = out.getvalue().splitlines()
+    assert text[1] == first
+    assert text[2].startswith("error:") and "does not exist" in text[2]
+    assert text[3].startswith("(new conversation about")
+    assert text[-1] == "(new conversation)"
+
+
+def test_bench_json_with_baseline_and_plot(tiny_model_dir, tiny_checkpoint, tmp_path, capsys):
+    plot = tmp_path / "chart.png"
+    args = [
+        "bench",
+        str(tiny_model_dir),
+        "--baseline",
+        str(tiny_checkpoint),
+        "--runs",
+        "2",
+        "--new-tokens",
+        "4",
+    ]
+    assert main([*args, "--json", "--plot", str(plot)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    for side in ("llava_edge", "transformers"):
+        assert report[side]["runs"] == 2 and report[side]["decode_tokens_per_s"] > 0
+    assert report["llava_edge"]["prompt_tokens"] == report["transformers"]["prompt_tokens"]
+    assert report["ratios"]["decode_speedup"] == round(
+        report["llava_edge"]["decode_tokens_per_s"] / report["transformers"]["decode_tokens_per_s"],
+        3,
+    )
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,199 @@
+"""Bad requests and broken model dirs get clear errors; the pipeline keeps answering after them;
+`import llava_edge.runtime` stays free of torch and transformers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from llava_edge.cli import main
+from llava_edge.errors import LlavaEdgeError
+from llava_edge.runtime import Pipeline
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir):
+    with Pipeline.load(tiny_model_dir) as p:
+        yield p
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "ok.png"
+    Image.fromarray(np.full((40, 50, 3), 120, np.uint8)).save(path)
+    return path
+
+
+def bad_requests(tmp_path, image):
+    zero = tmp_path / "zero.png"
+    zero.write_bytes(b"")
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(image.read_bytes()[:50])
+    garbage = tmp_path / "garbage.jpg"
+    garbage.write_bytes(b"\x00" * 100)
+    return [
+        (dict(image=zero, prompt="What?"), "empty file"),
+        (dict(image=truncated, prompt="What?"), "corrupt or truncated"),
+        (dict(image=garbage, prompt="What?"), "not an image"),
+        (dict(image=tmp_path / "missing.png", prompt="What?"), "does not exist"),
+        (dict(image=None, prompt="<image>\nWhat?"), "no image was given"),
+        (dict(image=image, prompt="What?", raw=True), "no <image> placeholder"),
+        (dict(image=image, prompt="<image> and <image>"), "placeholders"),
+        (dict(image=image, prompt="word " * 2000), "context"),
+        (dict(image=image, prompt="What?", max_new_tokens=0), "max_new_tokens"),
+        (dict(image=image, prompt="What?", max_new_tokens=-3), "max_new_tokens"),
+        (dict(image=image, prompt="What?", temperature=-1.0), "temperature"),
+        (dict(image=image, prompt="What?", top_p=0.0), "top_p"),
+        (dict(image=image, prompt="What?", bogus=1), "unknown generation option"),
+        (dict(image=image, prompt=b"\xff\xfe not text"), "prompt must be text"),
+        (
+            dict(image=image, prompt="\udcff\udcfe from bytes that were not UTF-8"),
+            "not valid UTF-8",
+        ),
+    ]
+
+
+def test_bad_requests_fail_clearly_and_the_pipeline_keeps_answering(pipe, tmp_path, image):
+    expected = pipe.answer(image, "What?", max_new_tokens=6).token_ids
+    for request, message in bad_requests(tmp_path, image):
+        request = dict(request)
+        with pytest.raises(LlavaEdgeError, match=message):
+            pipe.answer(request.pop("image"), request.pop("prompt"), **request)
+        assert pipe.answer(image, "What?", max_new_tokens=6).token_ids == expected
+
+
+def test_image_over_pil_limit(pipe, tmp_path, monkeypatch):
+    path = tmp_path / "huge.png"
+    Image.fromarray(np.zeros((100, 100, 3), np.uint8)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)
+    with pytest.raises(LlavaEdgeError, match="safety limit"):
+        pipe.generate(path, "What?")
+
+
+def test_long_answers_stop_at_the_context(pipe, image):
+    """A prompt that fits but leaves little room ends with finish_reason 'length', not an error."""
+    room = pipe.manifest.text.max_context
+    prompt_len = len(pipe.answer(image, "word " * 100, max_new_tokens=1).prompt_token_ids)
+    answer = pipe.answer(image, "word " * 100, max_new_tokens=room, ignore_eos=True)
+    assert len(answer.token_ids) == room - prompt_len and answer.finish_reason == "length"
+
+
+@pytest.fixture
+def model_copy(tiny_model_dir, tmp_path):
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, copy)
+    return copy
+
+
+def test_missing_graph(model_copy):
+    (model_copy / "projector.onnx").unlink()
+    with pytest.raises(LlavaEdgeError, match="projector.onnx is missing"):
+        Pipeline.load(model_copy)
+
+
+def test_truncated_graph(model_copy):
+    path = model_copy / "decoder.onnx"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(LlavaEdgeError, match="truncated or replaced"):
+        Pipeline.load(model_copy)
+
+
+def test_altered_graph_fails_its_checksum(model_copy):
+    path = model_copy / "vision_encoder.onnx"
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF  # same size, different content
+    path.write_bytes(bytes(data))
+    with pytest.raises(LlavaEdgeError, match="checksum"):
+        Pipeline.load(model_copy, verify_files=True)
+    with pytest.raises(LlavaEdgeError, match="checksum"):  # new to this machine: hashed anyway
+        Pipeline.load(model_copy)
+
+
+def test_manifest_problems(model_copy):
+    manifest = json.loads((model_copy / "manifest.json").read_text())
+    (model_copy / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    with pytest.raises(LlavaEdgeError, match="newer than this llava-edge"):
+        Pipeline.load(model_copy)
+    del manifest["text"]
+    (model_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LlavaEdgeError, match="'text' is missing"):
+        Pipeline.load(model_copy)
+    (model_copy / "manifest.json").write_text("{not json")
+    with pytest.raises(LlavaEdgeError, match="not valid JSON"):
+        Pipeline.load(model_copy)
+
+
+def test_cli_reports_errors_in_one_line(tiny_model_dir, tmp_path, capsys):
+    zero = tmp_path / "zero.png"
+    zero.write_bytes(b"")
+    assert main(["run", str(tiny_model_dir), "--image", str(zero), "--prompt", "What?"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "empty file" in err and "Traceback" not in err
+    assert main(["run", str(tmp_path), "--prompt", "What?"]) == 1
+    assert "not a llava-edge model dir" in capsys.readouterr().err
+    not_utf8 = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llava_edge.cli",
+            "run",
+            str(tiny_model_dir),
+            "--prompt",
+            b"\xff\xfe hi",
+        ],
+        capture_output=True,
+    )
+    assert not_utf8.returncode == 1 and b"not valid UTF-8" in not_utf8.stderr
+    assert b"Traceback" not in not_utf8.stderr
+
+
+def test_runtime_imports_neither_torch_nor_transformers(tiny_model_dir, image):
+    code = (
+        "import sys\n"
+        "from llava_edge.runtime import Pipeline\n"
+        f"with Pipeline.load({str(tiny_model_dir)!r}) as p:\n"
+        f"    p.generate({str(image)!r}, 'What?', max_new_tokens=3)\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'optimum', 'peft') if m in sys.modules)\n"
+        "print(','.join(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_deployment_limits(tiny_model_dir, image):
+    from llava_edge.runtime import Limits
+
+    limits = Limits(max_image_pixels=100, max_prompt_tokens=100, max_new_tokens=8, timeout_s=1e-9)
+    with Pipeline.load(tiny_model_dir, limits=limits) as pipe:
+        with pytest.raises(LlavaEdgeError, match="over the limit of 100"):
+            pipe.generate(image, "What?")
+        with pytest.raises(LlavaEdgeError, match="over this deployment.s limit of 100"):
+            pipe.generate(None, "word " * 150)
+        with pytest.raises(LlavaEdgeError, match="limit of 8"):
+            pipe.generate(None, "What?", max_new_tokens=9)
+        with pytest.raises(LlavaEdgeError, match="time limit"):
+            pipe.generate(None, "What?", max_new_tokens=8, ignore_eos=True)
+        pipe.limits.timeout_s = None
+        assert len(pipe.answer(None, "What?", max_new_tokens=8, ignore_eos=True).token_ids) == 8
+
+
+def test_graph_or_table_from_another_model(model_copy, tmp_path):
+    """Files swapped in from a model of another shape fail at load, naming the problem."""
+    manifest = json.loads((model_copy / "manifest.json").read_text())
+    manifest["graphs"]["projector"]["outputs"]["image_embeds"]["shape"][-1] = 128
+    (model_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(
+        LlavaEdgeError, match="image_embeds.*the graph and manifest come from different models"
+    ):
+        Pipeline.load(model_copy, verify_files=False)
+    manifest["graphs"]["projector"]["outputs"]["image_embeds"]["shape"][-1] = 64
+    manifest["text"]["hidden_size"] = 128
+    (model_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LlavaEdgeError, match="embedding table .* hidden size is 128"):
+        Pipeline.load(model_copy, verify_files=False)

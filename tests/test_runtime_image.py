@@ -1,0 +1,167 @@
+"""Image loading and preprocessing equal transformers' CLIP/LLaVA image processors within 1e-5,
+for every kind of image a robot app may hold."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from llava_edge.errors import LlavaEdgeError
+from llava_edge.manifest import ImageSpec
+from llava_edge.runtime.image import load_image, preprocess
+
+MEAN = [0.48145466, 0.4578275, 0.40821073]
+STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def spec(size: int = 56, pad: bool = False) -> ImageSpec:
+    return ImageSpec(
+        height=size,
+        width=size,
+        resize={"shortest_edge": size},
+        resample=3,
+        center_crop=True,
+        rescale_factor=1 / 255,
+        normalize=True,
+        mean=MEAN,
+        std=STD,
+        pad_to_square=pad,
+    )
+
+
+def hf_processor(size: int = 56, pad: bool = False):
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    return LlavaImageProcessorPil(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=MEAN,
+        image_std=STD,
+        do_pad=pad,
+    )
+
+
+def reference(image, size: int = 56, pad: bool = False) -> np.ndarray:
+    return np.asarray(hf_processor(size, pad)(images=image, return_tensors="np")["pixel_values"][0])
+
+
+def noise(h: int, w: int, channels: int = 3, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, channels), dtype=np.uint8)
+
+
+def photo(mode: str, h: int = 45, w: int = 70) -> Image.Image:
+    base = Image.fromarray(noise(h, w))
+    if mode == "RGBA":
+        rgba = np.dstack([noise(h, w), np.linspace(0, 255, w, dtype=np.uint8)[None].repeat(h, 0)])
+        return Image.fromarray(rgba, "RGBA")
+    if mode == "P":
+        return base.quantize(64)
+    if mode == "P_transparent":
+        image = base.quantize(64)
+        image.info["transparency"] = 3
+        return image
+    return base.convert(mode)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "P_transparent", "CMYK", "I", "1"])
+def test_modes_match_transformers(mode):
+    image = photo(mode)
+    assert np.abs(preprocess(load_image(image), spec()) - reference(image)).max() < 1e-5
+
+
+@pytest.mark.parametrize("size", [(45, 70), (70, 45), (20, 30), (56, 56), (301, 97)])
+@pytest.mark.parametrize("pad", [False, True])
+def test_geometry_and_pad_to_square_match_transformers(size, pad):
+    image = Image.fromarray(noise(*size, seed=size[0]))
+    ours = preprocess(load_image(image), spec(pad=pad))
+    assert ours.shape == (3, 56, 56) and ours.dtype == np.float32
+    assert np.abs(ours - reference(image, pad=pad)).max() < 1e-5
+
+
+def test_camera_arrays_match_transformers():
+    frame = noise(48, 64)
+    assert np.abs(preprocess(load_image(frame), spec()) - reference(frame)).max() < 1e-5
+    grey = frame[..., 0]
+    assert (
+        np.abs(preprocess(load_image(grey), spec()) - reference(Image.fromarray(grey))).max() < 1e-5
+    )
+    bgra_like = np.dstack([frame, np.full(frame.shape[:2], 255, np.uint8)])
+    assert np.abs(preprocess(load_image(bgra_like), spec()) - reference(frame)).max() < 1e-5
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    image = Image.fromarray(noise(40, 60))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees clockwise
+    path = tmp_path / "rotated.jpg"
+    image.save(path, exif=exif, quality=95)
+    loaded = load_image(path)
+    assert loaded.size == (40, 60)  # width and height swapped by the EXIF orientation
+    from PIL import ImageOps
+
+    expected = reference(ImageOps.exif_transpose(Image.open(path)))
+    assert np.abs(preprocess(loaded, spec()) - expected).max() < 1e-5
+
+
+def test_sixteen_bit_images_keep_their_contrast(tmp_path):
+    """16-bit grey (depth cameras, machine vision) is scaled to 8 bits, not clipped to white."""
+    wide = (np.linspace(0, 65535, 64 * 48).reshape(48, 64)).astype(np.uint16)
+    path = tmp_path / "depth.png"
+    Image.fromarray(wide).save(path)
+    assert Image.open(path).mode.startswith("I")
+    eight_bit = Image.fromarray((wide >> 8).astype(np.uint8))
+    for source in (path, wide):
+        ours = preprocess(load_image(source), spec())
+        assert np.abs(ours - reference(eight_bit)).max() < 1e-5
+
+
+def test_encoded_bytes_and_first_frame_of_animation(tmp_path):
+    frames = [Image.fromarray(noise(30, 30, seed=i)) for i in range(3)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    gif = buffer.getvalue()
+    first = Image.open(io.BytesIO(gif)).convert("RGB")
+    assert np.abs(preprocess(load_image(gif), spec()) - reference(first)).max() < 1e-5
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p.write_bytes(b""), "empty"),
+        (lambda p: p.write_bytes(b"this is not an image at all"), "not an image"),
+        (lambda p: p.write_bytes(_png_bytes()[:60]), "corrupt or truncated"),
+    ],
+)
+def test_bad_image_files_get_clear_errors(tmp_path, make, message):
+    path = tmp_path / "bad.png"
+    make(path)
+    with pytest.raises(LlavaEdgeError, match=message):
+        load_image(path)
+
+
+def test_missing_file_and_pixel_limits(tmp_path, monkeypatch):
+    with pytest.raises(LlavaEdgeError, match="does not exist"):
+        load_image(tmp_path / "nope.jpg")
+    path = tmp_path / "big.png"
+    Image.fromarray(noise(64, 64)).save(path)
+    with pytest.raises(LlavaEdgeError, match="over the limit"):
+        load_image(path, max_pixels=1000)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(LlavaEdgeError, match="safety limit"):
+        load_image(path)
+
+
+def test_bad_arrays_get_clear_errors():
+    with pytest.raises(LlavaEdgeError, match="shape"):
+        load_image(np.zeros((4, 4, 5), np.uint8))
+    with pytest.raises(LlavaEdgeError, match="empty"):
+        load_image(np.zeros((0, 4, 3), np.uint8))
+
+
+def _png_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(noise(64, 64)).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -1,0 +1,130 @@
+"""Choosing the backend, and what `build` and `--backend tensorrt` say where TensorRT, torch with
+CUDA or a GPU is missing: one line naming it and how to install it, exit 1, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llava_edge import cli
+from llava_edge.errors import LlavaEdgeError
+from llava_edge.runtime import Pipeline
+from llava_edge.runtime.onnx_backend import OnnxBackend
+from llava_edge.runtime.tensorrt import backend as trt_backend
+from llava_edge.runtime.tensorrt import gpu
+
+
+@pytest.fixture
+def no_tensorrt(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` raises ImportError
+
+
+def one_line_error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+def test_build_without_tensorrt_names_it_and_how_to_install(
+    no_tensorrt, capsys, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    err = one_line_error(capsys, ["build", str(tiny_model_dir), "--out", str(tmp_path / "engines")])
+    assert err.startswith("llava-edge build: error: TensorRT's Python package is not installed")
+    assert (
+        "JetPack" in err and "--system-site-packages" in err and "pip install tensorrt-cu12" in err
+    )
+    assert not (tmp_path / "engines").exists()
+
+
+def test_run_with_the_tensorrt_backend_without_tensorrt(
+    no_tensorrt, capsys, tiny_model_dir: Path
+) -> None:
+    err = one_line_error(
+        capsys, ["run", str(tiny_model_dir), "--prompt", "hi", "--backend", "tensorrt"]
+    )
+    assert (
+        "TensorRT's Python package is not installed" in err and "pip install tensorrt-cu12" in err
+    )
+
+
+def test_the_installed_command_exits_1_without_a_traceback(tiny_model_dir: Path) -> None:
+    code = (
+        "import sys; sys.modules['tensorrt'] = None; from llava_edge.cli import main; "
+        f"sys.exit(main(['build', {str(tiny_model_dir)!r}]))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("llava-edge build: error: TensorRT's Python package is not installed")
+    assert done.stdout == ""
+
+
+def test_tensorrt_backend_without_cuda_torch_or_a_gpu(
+    monkeypatch, capsys, tiny_model_dir: Path
+) -> None:
+    import tensorrt_stub
+    import torch
+
+    monkeypatch.setitem(sys.modules, "tensorrt", tensorrt_stub)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    err = one_line_error(
+        capsys, ["run", str(tiny_model_dir), "--prompt", "hi", "--backend", "tensorrt"]
+    )
+    assert f"torch {torch.__version__} has" in err and "NVIDIA's torch wheel for JetPack 6" in err
+
+    def no_driver(name, *args, **kwargs):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(gpu.ctypes, "CDLL", no_driver)
+    err = one_line_error(capsys, ["build", str(tiny_model_dir)])
+    assert "no NVIDIA driver here (libcuda.so.1 not found)" in err
+
+
+def test_pipeline_load_chooses_the_backend(monkeypatch, tiny_model_dir: Path) -> None:
+    with pytest.raises(
+        LlavaEdgeError, match="unknown backend 'tensorrtx'; choose 'onnxruntime' or 'tensorrt'"
+    ):
+        Pipeline.load(tiny_model_dir, backend="tensorrtx")
+    with Pipeline.load(tiny_model_dir) as pipe:
+        assert isinstance(pipe.backend, OnnxBackend)
+    made = []
+
+    class Recorder:
+        def __init__(self, model_dir, manifest, **options):
+            made.append(options)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(trt_backend, "TensorRTBackend", Recorder)
+    with Pipeline.load(tiny_model_dir, backend="tensorrt", engine_dir="e", cuda_graph=True) as pipe:
+        assert isinstance(pipe.backend, Recorder)
+    assert made == [{"engine_dir": "e", "cuda_graph": True, "verify_files": None}]
+
+
+def test_run_passes_backend_options(monkeypatch, tiny_model_dir: Path) -> None:
+    seen = {}
+
+    def load(model_dir, **options):
+        seen.update(options)
+        raise LlavaEdgeError("stop here")
+
+    monkeypatch.setattr(Pipeline, "load", load)
+    argv = [
+        "run",
+        str(tiny_model_dir),
+        "--prompt",
+        "hi",
+        "--backend",
+        "tensorrt",
+        "--engine-dir",
+        "x",
+    ]
+    assert cli.main(argv) == 1
+    assert seen["backend"] == "tensorrt" and seen["engine_dir"] == "x"
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["run", "m", "--prompt", "p", "--backend", "tvm"])

@@ -1,0 +1,369 @@
+"""The TensorRT backend's pure logic: profiles, buffer plans, the device KV cache, compatibility
+checks and IO names. Runs everywhere (the device cache on CPU torch tensors)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llava_edge.errors import LlavaEdgeError
+from llava_edge.manifest import MANIFEST_NAME, EngineSet, EngineSpec, Manifest, sha256
+from llava_edge.runtime.tensorrt import buffers, profiles
+from llava_edge.runtime.tensorrt.compat import (
+    Platform,
+    check_engines,
+    check_io,
+    engine_dir_key,
+    numpy_dtype,
+    same_tensorrt,
+    select_engines,
+)
+from llava_edge.runtime.tensorrt.device_cache import DeviceKVCache
+from llava_edge.runtime.tensorrt.names import io_names
+from llava_edge.runtime.tensorrt.profiles import DECODE, PREFILL, Limits, graph_profiles
+
+ORIN = Platform("10.3.0.30", "Orin", "8.7")
+
+
+@pytest.fixture(scope="module")
+def manifest(tiny_model_dir: Path) -> Manifest:
+    return Manifest.load(tiny_model_dir)
+
+
+def llava_7b(manifest: Manifest) -> Manifest:
+    """The tiny manifest with LLaVA-1.5-7B's text shapes in fp16 (for sizes only)."""
+    text = dataclasses.replace(
+        manifest.text,
+        hidden_size=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=32,
+        head_dim=128,
+        vocab_size=32064,
+        max_context=4096,
+        dtype="float16",
+    )
+    return dataclasses.replace(manifest, text=text, num_image_tokens=576)
+
+
+# ---- profiles ------------------------------------------------------------------------------
+
+
+def test_decoder_profiles_keep_the_mask_as_long_as_past_plus_seq(manifest: Manifest) -> None:
+    limits = Limits(max_batch=4, max_context=1024, prefill_chunk=128, kv_chunk=256)
+    prefill, decode = graph_profiles(manifest, "decoder", limits)
+    assert (prefill.name, decode.name) == (PREFILL, DECODE)
+    decoder = manifest.graphs["decoder"]
+    for profile in (prefill, decode):
+        shapes = profile.shapes(decoder.inputs)
+        assert set(shapes) == set(decoder.inputs)
+        for point in range(3):
+            batch, seq, _ = shapes["inputs_embeds"][point]
+            past = shapes["past_key_values.0.key"][point][2]
+            assert shapes["attention_mask"][point] == [batch, past + seq]
+            assert shapes["position_ids"][point] == [batch, seq]
+            assert shapes["past_key_values.1.value"][point] == [batch, 4, past, 16]
+        for low, opt, high in shapes.values():
+            assert all(a <= b <= c for a, b, c in zip(low, opt, high, strict=True))
+    assert prefill.dims["seq"] == (1, 64 + profiles.PROMPT_TEXT_TOKENS, 128)
+    assert decode.dims["seq"] == (1, 1, 1)
+    assert prefill.dims["past"][::2] == decode.dims["past"][::2] == (256, 1024)
+    assert prefill.dims["batch"] == (1, 1, 4)
+    # opt past is a cache capacity: whole chunks holding a typical prompt (and answer)
+    assert prefill.dims["past"][1] == 256 and decode.dims["past"][1] == 256
+
+
+def test_profiles_shrink_to_a_context_shorter_than_one_chunk(manifest: Manifest) -> None:
+    prefill, decode = graph_profiles(manifest, "decoder", Limits(1, 100, 512, 256))
+    assert prefill.dims["past"] == decode.dims["past"] == (100, 100, 100)
+    assert prefill.dims["seq"] == (1, 100, 100)
+
+
+def test_vision_profiles_vary_the_batch_only(manifest: Manifest) -> None:
+    (vision,) = graph_profiles(manifest, "vision_encoder", Limits(max_batch=3))
+    assert vision.shapes(manifest.graphs["vision_encoder"].inputs) == {
+        "pixel_values": [[1, 3, 64, 64], [1, 3, 64, 64], [3, 3, 64, 64]]
+    }
+    (projector,) = graph_profiles(manifest, "projector", Limits(max_batch=3))
+    assert projector.shapes(manifest.graphs["projector"].inputs)["image_features"][2] == [3, 64, 32]
+
+
+def test_bad_limits_and_unknown_dims_say_what_is_wrong(manifest: Manifest) -> None:
+    with pytest.raises(LlavaEdgeError, match="max-batch"):
+        graph_profiles(manifest, "decoder", Limits(max_batch=0))
+    assert profiles.resolve(["batch", 7, "past+seq"], {"batch": 2, "past": 5, "seq": 3}) == [
+        2,
+        7,
+        8,
+    ]
+    with pytest.raises(LlavaEdgeError, match="'frames'"):
+        profiles.resolve(["frames"], {"batch": 1}, "video")
+
+
+def test_capacity_is_whole_chunks_up_to_the_context() -> None:
+    assert [profiles.capacity(n, 256, 1000) for n in (1, 256, 257, 999)] == [256, 256, 512, 1000]
+
+
+def test_onnxruntime_tensorrt_provider_gets_explicit_profiles(manifest: Manifest) -> None:
+    from llava_edge.runtime.onnx_backend import provider_options
+
+    options = provider_options("TensorrtExecutionProvider", manifest, "decoder", Path("/c"))
+    assert options["trt_engine_cache_enable"] and options["trt_engine_cache_path"] == "/c"
+    assert options["trt_timing_cache_path"] == "/c"
+    low = dict(item.split(":") for item in options["trt_profile_min_shapes"].split(","))
+    high = dict(item.split(":") for item in options["trt_profile_max_shapes"].split(","))
+    assert set(low) == set(manifest.graphs["decoder"].inputs)
+    # the onnxruntime backend starts from an empty cache and prefills in one call
+    assert low["past_key_values.0.key"] == "1x4x0x16" and low["attention_mask"] == "1x1"
+    assert high["inputs_embeds"] == "1x1024x64" and high["attention_mask"] == "1x2048"
+    vision = provider_options("TensorrtExecutionProvider", manifest, "vision_encoder", Path("/c"))
+    assert vision["trt_profile_opt_shapes"] == "pixel_values:1x3x64x64"
+    assert provider_options("CUDAExecutionProvider", manifest, "decoder", Path("/c")) == {}
+
+
+# ---- buffer plans ----------------------------------------------------------------------------
+
+
+def test_buffer_plan_aligns_every_tensor_and_sizes_it_for_the_largest_shape() -> None:
+    plan = buffers.plan(
+        {
+            "a": ((3, 5), "float16"),
+            "b": ((7,), "int64"),
+            "c": ((1, 300), "float32"),
+            "d": ((0,), "float32"),
+        }
+    )
+    slots = list(plan.slots.values())
+    assert [s.nbytes for s in slots] == [30, 56, 1200, 0]
+    assert all(s.offset % buffers.ALIGNMENT == 0 for s in slots)
+    for before, after in zip(slots, slots[1:], strict=False):
+        assert after.offset >= before.offset + before.nbytes
+    assert plan.nbytes % buffers.ALIGNMENT == 0 and plan.nbytes >= slots[-1].offset
+
+
+def test_kv_plan_reserves_the_max_context_for_every_layer(manifest: Manifest) -> None:
+    plan = buffers.kv_plan(llava_7b(manifest).text, batch=1, max_context=4096)
+    assert len(plan.slots) == 64
+    assert plan.nbytes == 2 * 32 * 32 * 4096 * 128 * 2  # 2 GiB: what docs/jetson.md budgets
+
+
+def test_arena_views_are_aligned_and_disjoint() -> None:
+    plan = buffers.plan({"x": ((3,), "float32"), "y": ((10,), "int64"), "z": ((5,), "float16")})
+    arena = buffers.Arena(plan, "cpu")
+    assert all(arena.address(name) % 256 == 0 for name in plan.slots)
+    arena.view("x", (3,)).fill_(1.5)
+    arena.view("y", (2, 5)).fill_(-1)
+    assert arena.view("z", (5,)).tolist() == [0.0] * 5
+    assert arena.view("x", (3,)).tolist() == [1.5] * 3
+    with pytest.raises(ValueError, match="does not fit"):
+        arena.view("x", (4,))
+
+
+# ---- the device KV cache ---------------------------------------------------------------------
+
+
+def test_device_cache_grows_in_place_and_keeps_what_was_appended(manifest: Manifest) -> None:
+    import torch
+
+    text = manifest.text
+    cache = DeviceKVCache(text, batch=2, max_context=20, kv_chunk=4, device="cpu")
+    rng = np.random.default_rng(0)
+    keys, values, masks, capacities = [], [], [], []
+    for seq in (3, 1, 1, 5, 1, 6):
+        cache.reserve(seq)
+        capacities.append(cache.capacity)
+        slots = torch.arange(cache.length, cache.length + seq)
+        mask = np.ones((2, seq), dtype=np.int64)
+        mask[1, 0] = 0
+        masks.append(mask)
+        assert cache.attention_mask(mask).shape == (2, cache.capacity + seq)
+        for layer in range(text.num_layers):
+            k = rng.standard_normal((2, text.num_kv_heads, seq, text.head_dim)).astype(np.float32)
+            v = rng.standard_normal(k.shape).astype(np.float32)
+            cache.append(layer, torch.from_numpy(k), torch.from_numpy(v), slots)
+            if layer == 1:
+                keys.append(k)
+                values.append(v)
+        cache.advance(mask)
+    assert capacities == [4, 4, 8, 12, 12, 20]
+    past_k, past_v = cache.past(1)
+    assert tuple(past_k.shape) == (2, text.num_kv_heads, 20, text.head_dim)
+    np.testing.assert_array_equal(past_k[:, :, :17].numpy(), np.concatenate(keys, axis=2))
+    np.testing.assert_array_equal(past_v[:, :, :17].numpy(), np.concatenate(values, axis=2))
+    assert not past_k[:, :, 17:].any()  # unused slots hold zeros (masked, never NaN)
+    expected = np.concatenate(masks + [np.zeros((2, 3), dtype=np.int64)], axis=1)
+    np.testing.assert_array_equal(cache.valid, expected)
+    with pytest.raises(LlavaEdgeError, match="--max-context"):
+        cache.reserve(4)
+
+
+# ---- engine compatibility ----------------------------------------------------------------------
+
+
+def engine_set(manifest: Manifest, engine_dir: Path, **changes) -> EngineSet:
+    """A record of engines written to `engine_dir` for the tiny model."""
+    engines = {}
+    for name, graph in manifest.graphs.items():
+        path = engine_dir / f"{name}.engine"
+        path.write_bytes(name.encode() * 10)
+        engines[name] = EngineSpec(
+            f"{name}.engine",
+            graph.file,
+            manifest.files[graph.file].sha256,
+            path.stat().st_size,
+            sha256(path),
+        )
+    record = EngineSet("10.3.0.30", "Orin", "8.7", 1, 1024, 512, 256, engines)
+    return dataclasses.replace(record, **changes)
+
+
+@pytest.fixture
+def model_copy(tiny_model_dir: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, out, ignore=shutil.ignore_patterns("engines*"))
+    return out
+
+
+def test_engines_load_only_where_they_were_built(manifest: Manifest, model_copy: Path) -> None:
+    engine_dir = model_copy / "engines"
+    engine_dir.mkdir()
+    record = engine_set(manifest, engine_dir)
+    assert check_engines(record, engine_dir, manifest, model_copy, ORIN) == []
+    assert same_tensorrt("10.3.0.30", "10.3.0.26") and not same_tensorrt("10.3.0", "10.4.0")
+    with pytest.raises(
+        LlavaEdgeError, match=r"TensorRT 10\.3\.0\.30.*TensorRT 10\.7\.0.*llava-edge build"
+    ):
+        check_engines(record, engine_dir, manifest, model_copy, Platform("10.7.0", "Orin", "8.7"))
+    with pytest.raises(LlavaEdgeError, match=r"compute capability 8\.7.*is 8\.6; rebuild"):
+        check_engines(
+            record, engine_dir, manifest, model_copy, Platform("10.3.0.30", "RTX A4000", "8.6")
+        )
+    (warning,) = check_engines(
+        record, engine_dir, manifest, model_copy, Platform("10.3.0.30", "Orin NX", "8.7")
+    )
+    assert "Orin NX" in warning and "rebuild" in warning
+
+
+def test_a_changed_graph_or_damaged_engine_asks_for_a_rebuild(
+    manifest: Manifest, model_copy: Path
+) -> None:
+    engine_dir = model_copy / "engines"
+    engine_dir.mkdir()
+    record = engine_set(manifest, engine_dir)
+    stale = dataclasses.replace(
+        record,
+        engines={
+            **record.engines,
+            "decoder": dataclasses.replace(record.engines["decoder"], source_sha256="0" * 64),
+        },
+    )
+    with pytest.raises(LlavaEdgeError, match="decoder.onnx changed.*rebuild"):
+        check_engines(stale, engine_dir, manifest, model_copy, ORIN)
+    (engine_dir / "projector.engine").write_bytes(b"x")
+    with pytest.raises(LlavaEdgeError, match="projector.engine is truncated.*rebuild"):
+        check_engines(record, engine_dir, manifest, model_copy, ORIN)
+    (engine_dir / "projector.engine").unlink()
+    with pytest.raises(LlavaEdgeError, match="projector.engine is missing"):
+        check_engines(record, engine_dir, manifest, model_copy, ORIN)
+
+
+def test_engine_sets_are_chosen_by_dir_or_by_platform(
+    manifest: Manifest, model_copy: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(LlavaEdgeError, match="no TensorRT engines yet.*llava-edge build"):
+        select_engines(manifest, model_copy, None, ORIN)
+    outside = tmp_path / "x86"
+    outside.mkdir()
+    (model_copy / "engines").mkdir()
+    manifest = dataclasses.replace(
+        manifest,
+        engines={
+            "engines": engine_set(manifest, model_copy / "engines"),
+            engine_dir_key(model_copy, outside): engine_set(
+                manifest, outside, gpu="L4", compute_capability="8.9"
+            ),
+        },
+    )
+    assert engine_dir_key(model_copy, model_copy / "engines") == "engines"
+    assert select_engines(manifest, model_copy, None, ORIN)[0] == model_copy / "engines"
+    l4 = Platform("10.3.0.30", "L4", "8.9")
+    assert select_engines(manifest, model_copy, None, l4)[0] == outside.resolve()
+    assert select_engines(manifest, model_copy, outside, ORIN)[1].gpu == "L4"
+    with pytest.raises(LlavaEdgeError, match="holds no engines built for.*--out"):
+        select_engines(manifest, model_copy, tmp_path / "elsewhere", ORIN)
+
+
+def test_engine_records_round_trip_and_old_manifests_still_load(
+    manifest: Manifest, model_copy: Path
+) -> None:
+    data = json.loads((model_copy / MANIFEST_NAME).read_text())
+    assert "engines" in data  # written by this version, empty
+    data.pop("engines")
+    (model_copy / MANIFEST_NAME).write_text(json.dumps(data))
+    assert Manifest.load(model_copy).engines == {}
+    (model_copy / "engines").mkdir()
+    with_engines = dataclasses.replace(
+        manifest, engines={"engines": engine_set(manifest, model_copy / "engines")}
+    )
+    with_engines.save(model_copy)
+    assert Manifest.load(model_copy).engines == with_engines.engines
+
+
+# ---- IO names and types -------------------------------------------------------------------------
+
+
+def test_io_names_come_from_the_manifest(manifest: Manifest) -> None:
+    names = io_names(manifest)
+    assert (names.pixel_values, names.vision_features, names.image_embeds) == (
+        "pixel_values",
+        "image_features",
+        "image_embeds",
+    )
+    assert names.layers[1] == (
+        "past_key_values.1.key",
+        "past_key_values.1.value",
+        "present.1.key",
+        "present.1.value",
+    )
+    assert names.past == {f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")}
+    graphs = dict(manifest.graphs)
+    decoder = graphs["decoder"]
+    graphs["decoder"] = dataclasses.replace(
+        decoder, inputs={k: v for k, v in decoder.inputs.items() if k != "position_ids"}
+    )
+    with pytest.raises(LlavaEdgeError, match="position_ids"):
+        io_names(dataclasses.replace(manifest, graphs=graphs))
+
+
+def test_engine_io_must_match_the_manifest(manifest: Manifest) -> None:
+    spec = manifest.graphs["projector"]
+    good = {"image_features": ("input", "float32"), "image_embeds": ("output", "float32")}
+    check_io("projector", spec, good, "rebuild")
+    with pytest.raises(
+        LlavaEdgeError, match=r"image_embeds is output float16, manifest says output float32"
+    ):
+        check_io("projector", spec, {**good, "image_embeds": ("output", "float16")}, "rebuild")
+    with pytest.raises(LlavaEdgeError, match=r"missing \['image_embeds'\].*unexpected \['x'\]"):
+        check_io(
+            "projector",
+            spec,
+            {"image_features": good["image_features"], "x": ("output", "float32")},
+            "rebuild",
+        )
+
+    class DataType:  # TensorRT's enum members carry a name
+        def __init__(self, name):
+            self.name = name
+
+    assert [numpy_dtype(DataType(n)) for n in ("FLOAT", "HALF", "INT64")] == [
+        "float32",
+        "float16",
+        "int64",
+    ]
+    with pytest.raises(LlavaEdgeError, match="FP8"):
+        numpy_dtype(DataType("FP8"))

@@ -1,0 +1,301 @@
+"""The TensorRT builder and backend driven through tests/tensorrt_stub.py on a CPU.
+
+The stub checks what TensorRT checks (strong typing, no precision flags, consistent profiles,
+aligned and complete bindings) and runs each engine's ONNX graph with onnxruntime at the addresses
+it was given. So these tests verify the control flow (calls, flags, profile shapes, which buffers
+are bound, the device KV cache and its growth, chunked prefill, CUDA graph bookkeeping) against the
+onnxruntime backend's tokens and logits. They verify nothing about real TensorRT engines: that is
+test_tensorrt_gpu.py, which needs a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorrt_stub
+
+from llava_edge.errors import LlavaEdgeError
+from llava_edge.manifest import MANIFEST_NAME, Manifest
+from llava_edge.runtime import Pipeline
+from llava_edge.runtime.tensorrt import gpu
+from llava_edge.runtime.tensorrt.backend import TensorRTBackend
+from llava_edge.runtime.tensorrt.build import build_engines
+
+STUB_GPU = gpu.GpuInfo(0, "Stub Orin", "8.7", 8 << 30, 6 << 30, True, "12.6")
+
+
+@pytest.fixture
+def stub(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", tensorrt_stub)
+    monkeypatch.setattr(gpu, "probe_gpu", lambda index=0: STUB_GPU)
+    tensorrt_stub.calls.clear()
+    return tensorrt_stub
+
+
+@pytest.fixture
+def model(tiny_model_dir: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, out, ignore=shutil.ignore_patterns("engines*", "ort_*"))
+    return out
+
+
+def quiet(*_: object) -> None:
+    pass
+
+
+def backend(model: Path, **options) -> TensorRTBackend:
+    return TensorRTBackend(model, Manifest.load(model), device="cpu", **options)
+
+
+def image() -> np.ndarray:
+    return (np.random.default_rng(1).random((70, 90, 3)) * 255).astype(np.uint8)
+
+
+# ---- build -------------------------------------------------------------------------------------
+
+
+def test_build_makes_strongly_typed_engines_and_records_them(stub, model: Path) -> None:
+    out = build_engines(model, max_batch=2, workspace_gb=0.5, log=quiet)
+    assert out == model / "engines"
+    builds = [c for c in stub.calls if c[0] == "build"]
+    strongly_typed = 1 << int(stub.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    assert [Path(c[1]).name for c in builds] == [
+        "vision_encoder.onnx",
+        "projector.onnx",
+        "decoder.onnx",
+    ]
+    for _, _, flags, builder_flags, pools in builds:
+        assert flags == strongly_typed and builder_flags == []
+        assert pools == {stub.MemoryPoolType.WORKSPACE: 2**29}
+    record = Manifest.load(model).engines["engines"]
+    assert (record.tensorrt, record.gpu, record.compute_capability) == (
+        "10.3.0.30",
+        "Stub Orin",
+        "8.7",
+    )
+    assert (record.max_batch, record.max_context) == (2, 1024)
+    decoder = record.engines["decoder"]
+    assert (out / decoder.file).stat().st_size == decoder.size
+    assert list(decoder.profiles) == ["prefill", "decode"]
+    assert decoder.profiles["decode"]["attention_mask"] == [[1, 257], [1, 257], [2, 1025]]
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_the_timing_cache_is_reused_between_builds(stub, model: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "shared" / "timing.cache"
+    build_engines(model, timing_cache=cache, log=quiet)
+    first = cache.read_bytes()
+    assert len(json.loads(first)) == 3  # one entry per engine built
+    build_engines(model, out_dir=tmp_path / "again", timing_cache=cache, log=quiet)
+    loaded = [c[1] for c in stub.calls if c[0] == "create_timing_cache"]
+    assert loaded == [b"", first]  # the second build started from the first one's timings
+    assert len(json.loads(cache.read_bytes())) == 6
+    assert set(Manifest.load(model).engines) == {"engines", str((tmp_path / "again").resolve())}
+
+
+def test_int4_builds_from_the_tensorrt_graph_and_a_failed_build_changes_nothing(
+    stub, model: Path
+) -> None:
+    import onnx
+    from onnx import helper
+
+    # an onnxruntime-only decoder (a contrib op TensorRT cannot parse), as int4 dirs hold
+    graph = onnx.load(model / "decoder.onnx")
+    graph.graph.node.append(
+        helper.make_node("MatMulNBits", ["inputs_embeds"], ["unused"], domain="com.microsoft")
+    )
+    onnx.save(graph, model / "decoder_nbits.onnx")
+    manifest = Manifest.load(model)
+    manifest.graphs["decoder"].file = "decoder_nbits.onnx"
+    manifest.graphs["decoder"].tensorrt_file = "decoder.onnx"
+    manifest.record_files(model)
+    manifest.save(model)
+    build_engines(model, log=quiet)
+    parsed = [Path(c[1]).name for c in stub.calls if c[0] == "parse_from_file"]
+    assert parsed[-1] == "decoder.onnx"
+    assert Manifest.load(model).engines["engines"].engines["decoder"].source == "decoder.onnx"
+
+    before = (
+        (model / MANIFEST_NAME).read_bytes(),
+        (model / "engines" / "decoder.engine").read_bytes(),
+    )
+    manifest.graphs["decoder"].tensorrt_file = None  # now TensorRT would have to parse MatMulNBits
+    manifest.save(model)
+    saved = (model / MANIFEST_NAME).read_bytes()
+    with pytest.raises(
+        LlavaEdgeError, match="parser rejected decoder_nbits.onnx: No importer.*MatMulNBits"
+    ):
+        build_engines(model, log=quiet)
+    assert (model / MANIFEST_NAME).read_bytes() == saved
+    assert (model / "engines" / "decoder.engine").read_bytes() == before[1]
+    assert not list((model / "engines").glob(".*.tmp"))
+
+
+def test_a_build_that_tensorrt_refuses_leaves_the_old_engines(
+    stub, model: Path, monkeypatch
+) -> None:
+    build_engines(model, log=quiet)
+    saved = (model / MANIFEST_NAME).read_bytes()
+    engines = {p.name: p.read_bytes() for p in (model / "engines").glob("*.engine")}
+    real = stub.Builder.build_serialized_network
+    monkeypatch.setattr(
+        stub.Builder,
+        "build_serialized_network",
+        lambda self, network, config: (
+            None if "decoder" in network.path else real(self, network, config)
+        ),
+    )
+    with pytest.raises(LlavaEdgeError, match="could not build the decoder engine"):
+        build_engines(model, max_batch=2, log=quiet)
+    assert (model / MANIFEST_NAME).read_bytes() == saved
+    assert {p.name: p.read_bytes() for p in (model / "engines").glob("*.engine")} == engines
+    assert not list((model / "engines").glob(".*.tmp"))
+
+
+def test_build_options_are_checked_before_anything_is_written(stub, model: Path) -> None:
+    with pytest.raises(
+        LlavaEdgeError, match="--max-context must be between 1 and the model's context 1024"
+    ):
+        build_engines(model, max_context=4096, log=quiet)
+    with pytest.raises(LlavaEdgeError, match="--workspace"):
+        build_engines(model, workspace_gb=0, log=quiet)
+    assert not (model / "engines").exists()
+
+
+# ---- the backend ---------------------------------------------------------------------------
+
+
+def test_backend_matches_onnxruntime_through_chunked_prefill_and_cache_growth(
+    stub, model: Path
+) -> None:
+    # prefill in pieces of 32 tokens, the cache grows every 32: a 75-token prompt and 60 new
+    # tokens cross both many times
+    build_engines(model, prefill_chunk=32, kv_chunk=32, log=quiet)
+    reference = Pipeline.load(model)
+    trt = Pipeline(model, reference.manifest, backend(model))
+    options = dict(max_new_tokens=60, ignore_eos=True)
+    expected = reference.answer(image(), "What is in the picture?", **options)
+    got = trt.answer(image(), "What is in the picture?", **options)
+    assert len(expected.prompt_token_ids) > 64
+    assert got.token_ids == expected.token_ids
+
+    pixels = np.random.default_rng(2).standard_normal((1, 3, 64, 64)).astype(np.float32)
+    np.testing.assert_allclose(
+        trt.backend.encode_image(pixels),
+        reference.backend.encode_image(pixels),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    embeds = np.random.default_rng(3).standard_normal((1, 40, 64)).astype(np.float32)
+    mask, positions = np.ones((1, 40), np.int64), np.arange(40)[None]
+    logits = trt.backend.decode(embeds, mask, positions, trt.backend.new_cache(1))
+    assert logits.dtype == np.float32 and logits.shape == (1, 576)
+    ref = reference.backend.decode(embeds, mask, positions, reference.backend.new_cache(1))
+    np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_batches_and_chats_match_onnxruntime(stub, model: Path) -> None:
+    build_engines(model, max_batch=2, prefill_chunk=48, kv_chunk=64, log=quiet)
+    reference = Pipeline.load(model)
+    trt = Pipeline(model, reference.manifest, backend(model))
+    requests = [
+        (image(), "Describe it."),
+        (None, "Say something much longer than the first one, please."),
+    ]
+    expected = reference.generate_batch(requests, max_new_tokens=12, ignore_eos=True)
+    got = trt.generate_batch(requests, max_new_tokens=12, ignore_eos=True)
+    assert [a.token_ids for a in got] == [a.token_ids for a in expected]
+    chats = [p.chat(image(), max_new_tokens=8) for p in (reference, trt)]
+    for question in ("What colour?", "And the shape?"):
+        answers = [c.ask(question) for c in chats]
+        assert answers[0] == answers[1]
+    assert chats[1].cache.length == chats[0].cache.length
+    with pytest.raises(LlavaEdgeError, match="batch of 3.*--max-batch"):
+        trt.backend.new_cache(3)
+
+
+def test_the_engine_reads_the_kv_cache_where_it_lives(stub, model: Path) -> None:
+    build_engines(model, log=quiet)
+    be = backend(model)
+    cache = be.new_cache(1)
+    embeds = np.zeros((1, 5, 64), np.float32)
+    be.decode(embeds, np.ones((1, 5), np.int64), np.arange(5)[None], cache)
+    be.decode(embeds[:, :1], np.ones((1, 1), np.int64), np.array([[5]]), cache)
+    context = be.engines["decoder"].context
+    for layer, (past_k, past_v, present_k, _) in enumerate(be.names.layers):
+        key, value = cache.past(layer)
+        assert context.addresses[past_k] == key.data_ptr()  # the cache itself, no copy
+        assert context.addresses[past_v] == value.data_ptr()
+        assert context.addresses[present_k] == be.engines["decoder"].arena.address(present_k)
+    assert context.shapes["past_key_values.0.key"] == (1, 4, 256, 16)
+    assert context.shapes["attention_mask"] == (1, 257)
+    profiles = [c[1] for c in stub.calls if c[0] == "set_optimization_profile_async"]
+    assert profiles == [1]  # the new context starts on prefill (0); one switch to decode
+
+
+def test_cuda_graph_bookkeeping_captures_once_per_capacity_and_replays(stub, model: Path) -> None:
+    build_engines(model, kv_chunk=16, log=quiet)
+    reference = Pipeline.load(model)
+    be = backend(model)
+    be.cuda_graph = True  # on a CPU, stand in a recorder for torch's CUDA graph
+    captured, replays = [], []
+
+    class Graph:
+        def __init__(self, work):
+            self.work = work
+
+        def replay(self):
+            replays.append(1)
+            self.work()  # buffers are fixed: replaying the recorded work sees this step's inputs
+
+    be._capture = lambda work: captured.append(1) or Graph(work)
+    trt = Pipeline(model, reference.manifest, be)
+    options = dict(max_new_tokens=40, ignore_eos=True)
+    assert (
+        trt.answer(None, "Hello there", **options).token_ids
+        == reference.answer(None, "Hello there", **options).token_ids
+    )
+    runs = sum(1 for c in stub.calls if c[0] == "execute_async_v3" and "decoder" in c[1])
+    # a prompt of ~10 tokens, then 39 decode steps over capacities 16, 32 and 48: at each
+    # capacity one eager step, then a capture, then replays (each replay runs the recorded work)
+    assert len(captured) == 3 and len(replays) == 39 - 3
+    assert runs - len(replays) == 1 + 3  # the prefill and one eager step per capacity
+
+
+def test_engines_built_for_a_shorter_context_shorten_the_answer(stub, model: Path) -> None:
+    build_engines(model, max_context=40, kv_chunk=16, log=quiet)
+    reference = Pipeline.load(model)
+    trt = Pipeline(model, reference.manifest, backend(model))
+    answer = trt.answer(None, "Hello there", max_new_tokens=100, ignore_eos=True)
+    assert answer.finish_reason == "length"
+    assert len(answer.prompt_token_ids) + len(answer.token_ids) == 40
+    with pytest.raises(LlavaEdgeError, match="context is 40"):
+        trt.answer(None, "word " * 50)
+
+
+# ---- compatibility at load ---------------------------------------------------------------------
+
+
+def test_loading_elsewhere_says_to_rebuild(stub, model: Path, monkeypatch) -> None:
+    build_engines(model, log=quiet)
+    monkeypatch.setattr(stub, "__version__", "10.7.0.23")
+    with pytest.raises(
+        LlavaEdgeError,
+        match=r"TensorRT 10\.3\.0\.30.*10\.7\.0\.23; rebuild them with `llava-edge build",
+    ):
+        backend(model)
+    monkeypatch.setattr(stub, "__version__", "10.3.0.30")
+    monkeypatch.setattr(
+        gpu, "probe_gpu", lambda index=0: gpu.GpuInfo(0, "RTX 3090", "8.6", 1, 1, False, "12.6")
+    )
+    with pytest.raises(LlavaEdgeError, match="compute capability 8.7 .* is 8.6; rebuild"):
+        backend(model)
+    monkeypatch.setattr(gpu, "probe_gpu", lambda index=0: STUB_GPU)
+    (model / "engines" / "decoder.engine").write_bytes(b"not an engine")
+    with pytest.raises(LlavaEdgeError, match="decoder.engine is truncated or altered"):
+        backend(model)

@@ -1,0 +1,158 @@
+"""The TensorRT 10.3 static check: on a plain fp32 export, and on small graphs that break one rule
+each (a check that never fails would pass them all)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from llava_edge.calib.trt_check import SUPPORTED_OPS, check_graph, check_model_dir
+from llava_edge.manifest import Manifest
+
+K, N = 64, 8
+
+
+def test_a_plain_fp32_export_passes_at_its_opset(tiny_model_dir: Path) -> None:
+    manifest = Manifest.load(tiny_model_dir)
+    assert check_model_dir(tiny_model_dir) == {"vision_encoder": [], "projector": [], "decoder": []}
+    for graph in manifest.graphs.values():
+        model = onnx.load(str(tiny_model_dir / graph.file), load_external_data=False)
+        opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+        assert opset == graph.details["opset"] == manifest.source["opset"]
+
+
+def _matmul(
+    weight_scale: np.ndarray | None = None,
+    weight_axis: int = 1,
+    weight_zero: np.ndarray | None = None,
+    act_scale: np.ndarray | None = None,
+    act_zero: np.ndarray | None = None,
+    opset: int = 17,
+    block: int = 0,
+    weight_type: int = TensorProto.INT8,
+    extra: list | None = None,
+    scale_is_input: bool = False,
+) -> onnx.ModelProto:
+    """x [1, K] -> Q/DQ -> MatMul with DQ'd weights [K, N]: the pattern quantize writes."""
+    weight_scale = np.full(N, 0.01, np.float32) if weight_scale is None else weight_scale
+    act_scale = np.array(0.02, np.float32) if act_scale is None else act_scale
+    act_zero = np.array(0, np.int8) if act_zero is None else act_zero
+    initializers = [
+        numpy_helper.from_array(act_scale, "a_scale"),
+        numpy_helper.from_array(act_zero, "a_zero"),
+        numpy_helper.from_array(weight_scale, "w_scale"),
+        helper.make_tensor("w", weight_type, [K, N], np.zeros(K * N, np.int8).tolist()),
+    ]
+    dq_inputs = ["w", "w_scale"]
+    if weight_zero is not None:
+        initializers.append(numpy_helper.from_array(weight_zero, "w_zero"))
+        dq_inputs.append("w_zero")
+    dq_attrs = {"axis": weight_axis, **({"block_size": block} if block else {})}
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, K])]
+    if scale_is_input:
+        initializers = [i for i in initializers if i.name != "a_scale"]
+        inputs.append(helper.make_tensor_value_info("a_scale", TensorProto.FLOAT, []))
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "a_scale", "a_zero"], ["xq"], name="q"),
+        helper.make_node("DequantizeLinear", ["xq", "a_scale", "a_zero"], ["xd"], name="dq"),
+        helper.make_node("DequantizeLinear", dq_inputs, ["wd"], name="w_dq", **dq_attrs),
+        helper.make_node("MatMul", ["xd", "wd"], ["y"], name="mm"),
+        *(extra or []),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        inputs,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, N])],
+        initializers,
+    )
+    imports = [helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=imports)
+
+
+def test_the_pattern_quantize_writes_passes() -> None:
+    assert check_graph(_matmul()) == []
+
+
+def _int4(**kw) -> onnx.ModelProto:
+    blocks = K // 32
+    return _matmul(
+        weight_scale=np.full((blocks, N), 0.01, np.float32),
+        block=32,
+        weight_axis=0,
+        weight_type=TensorProto.INT4,
+        opset=21,
+        **kw,
+    )
+
+
+def test_block_wise_int4_weights_pass_at_opset_21() -> None:
+    assert check_graph(_int4()) == []
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        (lambda: _matmul(act_zero=np.array(3, np.int8)), "zero point is not 0"),
+        (lambda: _matmul(act_zero=np.array(0, np.uint8)), "zero point type UINT8"),
+        (lambda: _matmul(weight_zero=np.full(N, 1, np.int8)), "zero point is not 0"),
+        (
+            lambda: _matmul(weight_scale=np.array(0.01, np.float32)),
+            "quantize them per output channel",
+        ),
+        (lambda: _matmul(weight_scale=np.full(K, 0.01, np.float32), weight_axis=0), "axis 1"),
+        (lambda: _matmul(act_scale=np.full(K, 0.02, np.float32)), "one scale per tensor"),
+        (lambda: _matmul(scale_is_input=True), "scale must be a constant"),
+        (lambda: _matmul(opset=21), "opset 21"),
+        (lambda: _matmul(opset=8), "opset 8"),
+        (
+            lambda: _matmul(
+                extra=[helper.make_node("DynamicQuantizeLinear", ["x"], ["a", "b", "c"])]
+            ),
+            "does not import DynamicQuantizeLinear",
+        ),
+        (
+            lambda: _matmul(
+                extra=[helper.make_node("MatMulNBits", ["x"], ["m"], domain="com.microsoft")]
+            ),
+            "com.microsoft.MatMulNBits is not a standard",
+        ),
+        (lambda: _matmul(extra=[helper.make_node("STFT", ["x"], ["s"])]), "does not import STFT"),
+        (
+            lambda: _int4(extra=[helper.make_node("Relu", ["wd"], ["r"])]),
+            "not one MatMul/Gemm/Conv",
+        ),
+        (
+            lambda: _matmul(
+                weight_scale=np.full((2, N), 0.01, np.float32), block=32, weight_axis=0, opset=21
+            ),
+            "INT4-only",
+        ),
+    ],
+)
+def test_each_broken_rule_is_reported(model, message: str) -> None:
+    problems = check_graph(model())
+    assert any(message in p for p in problems), problems
+
+
+def test_int4_blocks_must_run_along_k() -> None:
+    model = _matmul(
+        weight_scale=np.full((K, N // 4), 0.01, np.float32),
+        block=4,
+        weight_axis=1,
+        weight_type=TensorProto.INT4,
+        opset=21,
+    )
+    assert any("block along K" in p for p in check_graph(model))
+
+
+def test_the_operator_list_is_the_103_parser() -> None:
+    # present in 10.3 (DeformConv came in 10.1) and absent (added in 10.4-10.15 or never)
+    assert {"DeformConv", "LayerNormalization", "QuantizeLinear", "Einsum"} <= SUPPORTED_OPS
+    absent = {"STFT", "HannWindow", "Attention", "RMSNormalization", "RotaryEmbedding"}
+    absent |= {"TensorScatter", "MatMulInteger", "QLinearMatMul", "DynamicQuantizeLinear"}
+    assert not absent & SUPPORTED_OPS
