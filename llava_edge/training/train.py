@@ -172,10 +172,11 @@ def train(
             raise LlavaEdgeError(_last_line(e)) from None
         raise
 
-    final = _save(trainer, out, processor, template_name, opts, saved_dtype(model_path))
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
-    if trainer.is_world_process_zero():
-        plot_losses(losses, out / LOSS_PLOT, f"stage {stage}{' LoRA' if opts.lora else ''}")
+    title = f"stage {stage}{' LoRA' if opts.lora else ''}"
+    final = _save(
+        trainer, out, processor, template_name, opts, saved_dtype(model_path), (losses, title)
+    )
     return TrainResult(
         out_dir=out,
         steps=trainer.state.global_step,
@@ -399,6 +400,7 @@ def _save(
     template_name: str,
     opts: TrainOptions,
     dtype: str,
+    curve: tuple[list[tuple[int, float]], str],
 ) -> Any:
     """Write the final checkpoint as `out`, whole (llava_edge.files.replace_dir); the trainer's
     checkpoints move along into it. Returns the trained model (merged if LoRA).
@@ -437,6 +439,7 @@ def _save(
             processor.save_pretrained(tmp)
             write_llava_edge_file(tmp, template_name)
             (tmp / "training_args.bin").unlink(missing_ok=True)
+            plot_losses(*curve, tmp / LOSS_PLOT)
             staging.rmdir()
             if (out / TRAINER_DIR).is_dir():  # last, one rename: then the install
                 (out / TRAINER_DIR).replace(tmp / TRAINER_DIR)
@@ -460,8 +463,8 @@ def _last_line(error: Exception) -> str:
     return line[len(prefix) :] if line.startswith(prefix) else line
 
 
-def plot_losses(losses: list[tuple[int, float]], path: Path, title: str) -> None:
-    """The training loss per logged step as a PNG (written to a temp name, then renamed)."""
+def plot_losses(losses: list[tuple[int, float]], title: str, path: Path) -> None:
+    """The training loss per logged step as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -476,10 +479,8 @@ def plot_losses(losses: list[tuple[int, float]], path: Path, title: str) -> None
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
+    fig.savefig(path, format="png")
     plt.close(fig)
-    tmp.replace(path)
 
 
 def options_from(namespace: Any) -> dict[str, Any]:
