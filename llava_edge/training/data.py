@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import codecs
 import json
+from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,7 +108,7 @@ class SampleFile:
             raise LlavaEdgeError(f"data file {self.path} does not exist")
         self._handle = None
         self._pid = None
-        offsets, lengths, positions = [], [], []
+        offsets, lengths, positions = array("q"), array("q"), array("q")  # 8 bytes a sample
         done = 0
         with tqdm(
             total=self.path.stat().st_size,
@@ -124,9 +125,9 @@ class SampleFile:
                     lengths.append(length)
                     positions.append(position)
             bar.update(bar.total - done)  # the closing bracket and blank lines
-        self.offsets = np.asarray(offsets, dtype=np.int64)
-        self.lengths = np.asarray(lengths, dtype=np.int64)
-        self.positions = np.asarray(positions, dtype=np.int64)  # where each kept record was
+        self.offsets = np.frombuffer(offsets, dtype=np.int64)
+        self.lengths = np.frombuffer(lengths, dtype=np.int64)
+        self.positions = np.frombuffer(positions, dtype=np.int64)  # where each kept record was
 
     def __len__(self) -> int:
         return len(self.offsets)
