@@ -288,6 +288,8 @@ def test_bad_samples_stop_training_with_their_id(
     argv = ["train", "--stage", "2", "--model", str(stage1.out_dir), "--data", str(path)]
     argv += ["--images", str(bad_images), "--out", str(tmp_path / "out"), "--max-steps", "1"]
     argv += ["--batch-size", "4", "--no-gradient-checkpointing", "--save-steps", "1000"]
+    # A loader worker: an image broken past its header fails there, in another process.
+    argv += ["--workers", "1"]
     assert cli(argv) == 1
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if "error" in line.lower()]

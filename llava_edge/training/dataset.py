@@ -113,7 +113,9 @@ class TrainingSet(torch.utils.data.Dataset):
             return item
         except BadSample as e:
             if not self.skip_bad:
-                raise BadSample(e.sample_id, e.problem + SKIP_HINT) from None
+                # A plain LlavaEdgeError: a loader worker can re-raise it in the main process
+                # (torch rebuilds exceptions from their message alone).
+                raise LlavaEdgeError(f"{e}{SKIP_HINT}") from None
             self.log(f"skipped {e}")
             return None
 
