@@ -3,6 +3,7 @@ previous complete one, or complete; the next run cleans up after it."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -106,3 +107,95 @@ def _dead_pid() -> int:
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait()
     return process.pid
+
+
+def is_complete_trainer_checkpoint(path: Path) -> bool:
+    needed = ("model.safetensors", "trainer_state.json", "optimizer.pt", "llava_edge.json")
+    return all((path / name).is_file() for name in needed)
+
+
+def test_training_killed_at_random_moments_resumes_from_its_last_checkpoint(
+    tiny_checkpoint, tmp_path
+):
+    from llava_edge.training.synth import synthesize
+
+    data = synthesize(tmp_path / "data", train=6, test=0)
+    out = tmp_path / "trained"
+    argv = [*CLI, "train", "--stage", "2", "--model", str(tiny_checkpoint), "--data", str(data["train"]),
+            "--images", str(data["images"]), "--out", str(out), "--max-steps", "24", "--batch-size", "2",
+            "--save-steps", "3", "--save-total-limit", "2", "--no-gradient-checkpointing",
+            "--logging-steps", "1"]  # fmt: skip
+    rng = random.Random(int(time.time()))
+    process = subprocess.Popen(
+        [*argv, "--force"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    for _ in range(2):
+        # wait for a first checkpoint, then kill at a random moment of the saves that follow
+        while not list((out / "checkpoints").glob("checkpoint-*")) and process.poll() is None:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.5))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        checkpoints = list((out / "checkpoints").glob("checkpoint-*"))
+        assert checkpoints and all(is_complete_trainer_checkpoint(c) for c in checkpoints)
+        assert not (out / "model.safetensors").exists()  # the final checkpoint is not there yet
+        process = subprocess.Popen(
+            [*argv, "--resume"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+    _, err = process.communicate()
+    assert process.returncode == 0, err.decode()[-2000:]
+    state = json.loads((out / "checkpoints" / "checkpoint-24" / "trainer_state.json").read_text())
+    assert state["global_step"] == 24
+    assert (out / "model.safetensors").is_file() and not list(
+        out.glob("checkpoints/tmp-checkpoint-*")
+    )
+
+
+BUILD_WITH_STUB = """
+import sys
+sys.path.insert(0, {tests!r})
+import tensorrt_stub
+sys.modules["tensorrt"] = tensorrt_stub
+from llava_edge.runtime.tensorrt import gpu
+gpu.probe_gpu = lambda index=0: gpu.GpuInfo(0, "Stub Orin", "8.7", 8 << 30, 6 << 30, True, "12.6")
+from llava_edge.runtime.tensorrt.build import build_engines
+build_engines({model!r}, max_batch={batch}, log=lambda *a: None)
+"""
+
+
+def recorded_engines_are_whole(model: Path) -> bool:
+    from llava_edge.manifest import sha256
+
+    for key, record in Manifest.load(model).engines.items():
+        for spec in record.engines.values():
+            path = model / key / spec.file
+            if not path.is_file() or sha256(path) != spec.sha256:
+                return False
+    return True
+
+
+def test_engine_build_killed_at_random_moments(tiny_model_dir, tmp_path):
+    """With the TensorRT stand-in (tests/tensorrt_stub.py): the manifest always points at whole
+    engines, old or new, and the next build removes what a killed one left."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    tests = str(Path(__file__).parent)
+    first = [sys.executable, "-c", BUILD_WITH_STUB.format(tests=tests, model=str(model), batch=1)]
+    subprocess.run(first, check=True, capture_output=True)
+    old = Manifest.load(model).engines["engines"]
+    rng = random.Random(int(time.time()))
+    argv = [sys.executable, "-c", BUILD_WITH_STUB.format(tests=tests, model=str(model), batch=2)]
+    start = time.perf_counter()
+    subprocess.run(argv, check=True, capture_output=True)
+    duration = time.perf_counter() - start
+    for _ in range(3):
+        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.1, duration))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        assert recorded_engines_are_whole(model)
+        assert Manifest.load(model).engines["engines"].max_batch in (old.max_batch, 2)
+    subprocess.run(argv, check=True, capture_output=True)
+    assert recorded_engines_are_whole(model)
+    recorded = {s.file for s in Manifest.load(model).engines["engines"].engines.values()}
+    assert {p.name for p in (model / "engines").glob("*.engine")} == recorded

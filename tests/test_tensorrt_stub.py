@@ -44,6 +44,11 @@ def model(tiny_model_dir: Path, tmp_path: Path) -> Path:
     return out
 
 
+def engine_file(model: Path, name: str) -> Path:
+    """Where the manifest says the engine of graph `name` is (engine files are content-named)."""
+    return model / "engines" / Manifest.load(model).engines["engines"].engines[name].file
+
+
 def quiet(*_: object) -> None:
     pass
 
@@ -120,10 +125,8 @@ def test_int4_builds_from_the_tensorrt_graph_and_a_failed_build_changes_nothing(
     assert parsed[-1] == "decoder.onnx"
     assert Manifest.load(model).engines["engines"].engines["decoder"].source == "decoder.onnx"
 
-    before = (
-        (model / MANIFEST_NAME).read_bytes(),
-        (model / "engines" / "decoder.engine").read_bytes(),
-    )
+    decoder_engine = engine_file(model, "decoder")
+    before = ((model / MANIFEST_NAME).read_bytes(), decoder_engine.read_bytes())
     manifest.graphs["decoder"].tensorrt_file = None  # now TensorRT would have to parse MatMulNBits
     manifest.save(model)
     saved = (model / MANIFEST_NAME).read_bytes()
@@ -132,7 +135,7 @@ def test_int4_builds_from_the_tensorrt_graph_and_a_failed_build_changes_nothing(
     ):
         build_engines(model, log=quiet)
     assert (model / MANIFEST_NAME).read_bytes() == saved
-    assert (model / "engines" / "decoder.engine").read_bytes() == before[1]
+    assert decoder_engine.read_bytes() == before[1]
     assert not list((model / "engines").glob(".*.tmp"))
 
 
@@ -296,6 +299,6 @@ def test_loading_elsewhere_says_to_rebuild(stub, model: Path, monkeypatch) -> No
     with pytest.raises(LlavaEdgeError, match="compute capability 8.7 .* is 8.6; rebuild"):
         backend(model)
     monkeypatch.setattr(gpu, "probe_gpu", lambda index=0: STUB_GPU)
-    (model / "engines" / "decoder.engine").write_bytes(b"not an engine")
-    with pytest.raises(LlavaEdgeError, match="decoder.engine is truncated or altered"):
+    engine_file(model, "decoder").write_bytes(b"not an engine")
+    with pytest.raises(LlavaEdgeError, match=r"decoder\.\w+\.engine is truncated or altered"):
         backend(model)

@@ -25,6 +25,7 @@ from llava_edge.errors import LlavaEdgeError
 from llava_edge.runtime.template import TEMPLATES, get_template
 
 TRAINER_DIR = "checkpoints"
+STAGING_PREFIX = "tmp-checkpoint"  # a trainer checkpoint while it is being written
 LOSS_PLOT = "loss.png"
 
 
@@ -223,6 +224,8 @@ def _prepare_out_dir(out: Path, model: Path, opts: TrainOptions) -> Path | None:
     from llava_edge.files import check_output_dir
 
     trainer_dir = out / TRAINER_DIR
+    for partial in trainer_dir.glob(f"{STAGING_PREFIX}-*"):  # a save that was killed
+        shutil.rmtree(partial, ignore_errors=True)
     if opts.resume:
         last = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
         if last is None:
@@ -315,7 +318,7 @@ def _make_trainer(
     callbacks: Sequence[Any],
     progress: bool,
 ) -> Any:
-    from transformers import ProgressCallback, Trainer, TrainerCallback
+    from transformers import ProgressCallback, Trainer
 
     from llava_edge.training.checkpoint import write_llava_edge_file
     from llava_edge.training.dataset import Collator
@@ -348,6 +351,30 @@ def _make_trainer(
             )
             return self.optimizer
 
+        def _save_checkpoint(self, model: Any, trial: Any) -> None:
+            # Trainer writes checkpoint-N in place: killed half-way, it leaves a checkpoint that
+            # --resume would pick and fail on (or silently half-load). Have it write
+            # tmp-checkpoint-N instead (its folder prefix is a module constant), name the
+            # template there too, then rename: checkpoint-N exists only when it is whole.
+            import transformers.trainer as hf_trainer
+
+            run_dir = Path(self._get_output_dir(trial=trial))
+            step = self.state.global_step
+            staging = run_dir / f"{STAGING_PREFIX}-{step}"
+            prefix = hf_trainer.PREFIX_CHECKPOINT_DIR
+            hf_trainer.PREFIX_CHECKPOINT_DIR = STAGING_PREFIX
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                hf_trainer.PREFIX_CHECKPOINT_DIR = prefix
+            self.accelerator.wait_for_everyone()
+            if self.is_world_process_zero():
+                write_llava_edge_file(staging, template_name)
+                final = run_dir / f"{prefix}-{step}"
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(staging, final)
+            self.accelerator.wait_for_everyone()
+
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
             # transformers 5 saves LLaVA in the llava-hf key layout, but Trainer reloads a
             # checkpoint with a plain load_state_dict that matches none of those keys and only
@@ -361,14 +388,6 @@ def _make_trainer(
 
             saved = type(target).from_pretrained(resume_from_checkpoint, dtype=torch.float32)
             target.load_state_dict(saved.state_dict())
-
-    class TemplateFile(TrainerCallback):
-        """Each trainer checkpoint names its template too, so merge-lora can use it."""
-
-        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if state.is_world_process_zero and path.is_dir():
-                write_llava_edge_file(path, template_name)
 
     class Progress(ProgressCallback):
         """The loss and learning rate on the progress bar instead of a printed line a step."""
@@ -385,7 +404,7 @@ def _make_trainer(
         train_dataset=dataset,
         data_collator=Collator(processor.tokenizer.pad_token_id),
         processing_class=processor,
-        callbacks=[TemplateFile(), *callbacks],
+        callbacks=list(callbacks),
     )
     if progress:
         trainer.remove_callback(ProgressCallback)

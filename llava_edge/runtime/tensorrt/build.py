@@ -5,9 +5,11 @@ tensors, Q/DQ nodes), never from builder flags. TensorRT 10.1 deprecated its INT
 10.12 its FP16/INT8 flags; TensorRT 11 removed both and always builds strongly typed (the flag is
 kept there and ignored), so the same code builds on JetPack 6 (TensorRT 10.3) and on 11.x.
 
-Engines are written beside their final names and renamed into place only when every graph has
-built, and the manifest is updated last: an interrupted or failed build leaves the previous
-engines and record as they were. The timing cache is read before and saved after (also after a
+Engine files are named by their content (`decoder.<sha256 prefix>.engine`), so a build never
+overwrites the engines the manifest records: it writes new files, then saves the manifest (one
+atomic rename, the build's only commit point), then deletes the engines no record names any
+more. Killed or failed at any moment, a build leaves the manifest pointing at engines that are
+all there, old or new. The timing cache is read before and saved after (also after a
 failure), so a rebuild skips the kernel timing it already did.
 """
 
@@ -107,7 +109,7 @@ def build_engines(
                 built[name] = (
                     tmp,
                     EngineSpec(
-                        file=f"{name}.engine",
+                        file=f"{name}.{digest[:12]}.engine",
                         source=source,
                         source_sha256=manifest.files[source].sha256
                         if source in manifest.files
@@ -124,7 +126,8 @@ def build_engines(
                 bar.update()
         for tmp, spec in built.values():
             os.replace(tmp, out / spec.file)
-        manifest.engines[engine_dir_key(model_dir, out)] = EngineSet(
+        key = engine_dir_key(model_dir, out)
+        manifest.engines[key] = EngineSet(
             tensorrt=trt.__version__,
             gpu=device.name,
             compute_capability=device.compute_capability,
@@ -135,6 +138,7 @@ def build_engines(
             engines={name: spec for name, (_, spec) in built.items()},
         )
         manifest.save(model_dir)
+        _remove_unrecorded(out, manifest.engines[key])
     finally:
         for tmp, _ in built.values():
             tmp.unlink(missing_ok=True)
@@ -189,6 +193,14 @@ def _error_text(error: Any) -> str:
 
 def _read(path: Path) -> bytes:
     return path.read_bytes() if path.is_file() else b""
+
+
+def _remove_unrecorded(out: Path, record: EngineSet) -> None:
+    """Engines of earlier builds into `out` that the manifest no longer names."""
+    keep = {spec.file for spec in record.engines.values()}
+    for path in out.glob("*.engine"):
+        if path.name not in keep:
+            path.unlink(missing_ok=True)
 
 
 def _write(path: Path, data: Any) -> tuple[int, str]:
