@@ -122,7 +122,7 @@ def test_training_killed_at_random_moments_resumes_from_its_last_checkpoint(
     data = synthesize(tmp_path / "data", train=6, test=0)
     out = tmp_path / "trained"
     argv = [*CLI, "train", "--stage", "2", "--model", str(tiny_checkpoint), "--data", str(data["train"]),
-            "--images", str(data["images"]), "--out", str(out), "--max-steps", "24", "--batch-size", "2",
+            "--images", str(data["images"]), "--out", str(out), "--max-steps", "120", "--batch-size", "2",
             "--save-steps", "3", "--save-total-limit", "2", "--no-gradient-checkpointing",
             "--logging-steps", "1"]  # fmt: skip
     rng = random.Random(int(time.time()))
@@ -144,8 +144,8 @@ def test_training_killed_at_random_moments_resumes_from_its_last_checkpoint(
         )
     _, err = process.communicate()
     assert process.returncode == 0, err.decode()[-2000:]
-    state = json.loads((out / "checkpoints" / "checkpoint-24" / "trainer_state.json").read_text())
-    assert state["global_step"] == 24
+    state = json.loads((out / "checkpoints" / "checkpoint-120" / "trainer_state.json").read_text())
+    assert state["global_step"] == 120
     assert (out / "model.safetensors").is_file() and not list(
         out.glob("checkpoints/tmp-checkpoint-*")
     )
