@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -266,3 +267,19 @@ def test_run_json_equals_transformers(
     assert prompt_ids.count(image_id) == model.config.image_seq_length  # image tokens included
     assert result["token_ids"] == expected_ids
     assert result["text"] == processor.decode(expected_ids, skip_special_tokens=True)
+
+
+def test_pickled_weights_are_refused(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    """Weights load from safetensors only: a pickle (pytorch_model.bin) could run code."""
+    import torch
+    from safetensors.torch import load_file
+
+    checkpoint = tmp_path / "pickled"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    weights = load_file(checkpoint / "model.safetensors")
+    (checkpoint / "model.safetensors").unlink()
+    torch.save(weights, checkpoint / "pytorch_model.bin")
+    assert main(["export", str(checkpoint), str(tmp_path / "out"), "--no-verify"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "cannot load checkpoint" in line and "safetensors" in line
+    assert not (tmp_path / "out").exists()

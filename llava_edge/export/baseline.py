@@ -27,7 +27,7 @@ class TransformersRunner:
         start = time.perf_counter()
         with PeakMemory() as memory:
             self.model = LlavaForConditionalGeneration.from_pretrained(
-                checkpoint, dtype=torch.float32
+                checkpoint, dtype=torch.float32, use_safetensors=True
             ).eval()
             self.processor = AutoProcessor.from_pretrained(checkpoint)
             self.load_s = time.perf_counter() - start

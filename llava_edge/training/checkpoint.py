@@ -338,8 +338,10 @@ def compose_checkpoint(
             raise LlavaEdgeError(f"{name} {path} is not a Hugging Face checkpoint dir")
     try:
         with quiet_loading():  # a full CLIP's text tower is "unexpected": we want the vision half
-            tower = CLIPVisionModel.from_pretrained(vision, dtype=torch.float32)
-        lm = AutoModelForCausalLM.from_pretrained(llm, dtype=torch.float32)
+            tower = CLIPVisionModel.from_pretrained(
+                vision, dtype=torch.float32, use_safetensors=True
+            )
+        lm = AutoModelForCausalLM.from_pretrained(llm, dtype=torch.float32, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(llm)
     except (OSError, ValueError, KeyError) as e:
         raise LlavaEdgeError(f"cannot load --vision/--llm: {str(e).splitlines()[0]}") from None

@@ -85,7 +85,9 @@ def merge_lora(
         raise LlavaEdgeError(f"base checkpoint {base} does not exist; pass --base")
     out = Path(out_dir)
     check_output_dir(out, force, keep=adapter_dir, keep_name="the adapters")
-    model = LlavaForConditionalGeneration.from_pretrained(base, dtype=torch.float32)
+    model = LlavaForConditionalGeneration.from_pretrained(
+        base, dtype=torch.float32, use_safetensors=True
+    )
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     source = adapter_dir if (adapter_dir / "processor_config.json").is_file() else base
     processor = AutoProcessor.from_pretrained(source)

@@ -155,7 +155,9 @@ def train(
             f"skipped {len(dataset.skipped)} bad sample(s) of {data}; the first: {dataset.skipped[0]}"
         )
 
-    llava = LlavaForConditionalGeneration.from_pretrained(model_path, dtype=torch.float32)
+    llava = LlavaForConditionalGeneration.from_pretrained(
+        model_path, dtype=torch.float32, use_safetensors=True
+    )
     freeze_for_stage(llava, stage)
     trained = add_lora_if(llava, opts)
     args = _training_args(out / TRAINER_DIR, stage, opts, defaults, dataset.has_text_only)
@@ -386,7 +388,9 @@ def _make_trainer(
                 return super()._load_from_checkpoint(resume_from_checkpoint, model)
             import torch
 
-            saved = type(target).from_pretrained(resume_from_checkpoint, dtype=torch.float32)
+            saved = type(target).from_pretrained(
+                resume_from_checkpoint, dtype=torch.float32, use_safetensors=True
+            )
             target.load_state_dict(saved.state_dict())
 
     class Progress(ProgressCallback):
