@@ -111,7 +111,8 @@ def decode_loop(
             return
         if deadline is not None and time.perf_counter() > deadline:
             raise LlavaEdgeError(f"the request ran past its time limit of {timeout_s} s")
-        seen = [np.append(s, t) for s, t in zip(seen, tokens, strict=True)]
+        if config.repetition_penalty != 1.0:  # the only reader of `seen`
+            seen = [np.append(s, t) for s, t in zip(seen, tokens, strict=True)]
         logits = backend.decode(
             embed(table, tokens[:, None], -1, []), ones, next_pos[:, None], cache
         )

@@ -13,7 +13,7 @@ import numpy as np
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import TextSpec
 
-CHUNK = 256  # slots added at a time; attention spans at most this many unused slots
+CHUNK = 64  # slots added at a time; attention spans at most this many unused slots
 
 
 class KVCache:
@@ -43,16 +43,29 @@ class KVCache:
             )
         if needed <= self.capacity:
             return
-        capacity = min(self.max_context, -(-needed // self.chunk) * self.chunk)
+        # The first reservation (a prompt) adds a chunk of headroom, so the answer's first
+        # tokens do not grow the cache at once: growing copies it, the one copy it ever makes.
+        headroom = self.chunk if self.length == 0 else 0
+        capacity = min(self.max_context, -(-(needed + headroom) // self.chunk) * self.chunk)
         t = self.text
         shape = (self.batch, t.num_kv_heads, capacity, t.head_dim)
-        keys = [np.zeros(shape, self.dtype) for _ in range(t.num_layers)]
-        values = [np.zeros(shape, self.dtype) for _ in range(t.num_layers)]
-        for old, new in zip(self.keys + self.values, keys + values, strict=False):
-            new[:, :, : self.length] = old[:, :, : self.length]
+        keys = [self._grown(old, shape) for old in self.keys] or [
+            np.zeros(shape, self.dtype) for _ in range(t.num_layers)
+        ]
+        values = [self._grown(old, shape) for old in self.values] or [
+            np.zeros(shape, self.dtype) for _ in range(t.num_layers)
+        ]
         valid = np.zeros((self.batch, capacity), dtype=np.int64)
         valid[:, : self.length] = self.valid[:, : self.length]
         self.keys, self.values, self.valid, self.capacity = keys, values, valid, capacity
+
+    def _grown(self, old: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """`old` in a larger buffer. Unused slots must be zeros, not garbage: masked attention
+        weights are exactly 0, and 0 x NaN would still be NaN."""
+        new = np.empty(shape, self.dtype)
+        new[:, :, : self.length] = old[:, :, : self.length]
+        new[:, :, self.length :] = 0
+        return new
 
     def past(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """The past fed to the decoder: every allocated slot (unused ones are masked)."""
