@@ -361,30 +361,10 @@ class _One:
 
 def int4_matmulnbits(src: Path, dst: Path) -> dict[str, Any]:
     """onnxruntime's CPU form: MatMulNBits (com.microsoft), 4-bit symmetric blocks along K."""
-    from onnxruntime.quantization import QuantFormat
-    from onnxruntime.quantization.matmul_nbits_quantizer import (
-        DefaultWeightOnlyQuantConfig,
-        MatMulNBitsQuantizer,
-    )
-
-    model = _load(src)
-    nodes, skipped = _int4_nodes(model)
-    config = DefaultWeightOnlyQuantConfig(
-        block_size=INT4_BLOCK,
-        is_symmetric=True,
-        accuracy_level=INT4_ACCURACY_LEVEL,
-        quant_format=QuantFormat.QOperator,
-        op_types_to_quantize=("MatMul",),
-    )
-    quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=skipped, algo_config=config)
-    quantizer.process()
-    save_graph(quantizer.model.model, dst)
+    details = _int4(src, dst, qdq=False)
     return {
         "form": "MatMulNBits 4-bit symmetric blocks (com.microsoft), onnxruntime only",
-        "block_size": INT4_BLOCK,
-        "accuracy_level": INT4_ACCURACY_LEVEL,
-        "quantized_nodes": len(nodes),
-        "kept_float": skipped,
+        **details,
     }
 
 
@@ -396,6 +376,16 @@ def int4_qdq(src: Path, dst: Path) -> dict[str, Any]:
     version converter (it rewrites ops whose form changed since the export's opset, e.g.
     ReduceMean's axes).
     """
+    details = _int4(src, dst, qdq=True)
+    return {
+        "form": "INT4 weight-only Q/DQ: block-wise symmetric DequantizeLinear, no zero point",
+        **details,
+    }
+
+
+def _int4(src: Path, dst: Path, qdq: bool) -> dict[str, Any]:
+    """Both int4 forms come from onnxruntime's MatMulNBitsQuantizer; only the output format (and,
+    for Q/DQ, the opset) differs."""
     from onnx import version_converter
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import (
@@ -405,20 +395,22 @@ def int4_qdq(src: Path, dst: Path) -> dict[str, Any]:
 
     model = _load(src)
     nodes, skipped = _int4_nodes(model)
-    model = version_converter.convert_version(model, INT4_OPSET)
+    if qdq:
+        model = version_converter.convert_version(model, INT4_OPSET)
     config = DefaultWeightOnlyQuantConfig(
         block_size=INT4_BLOCK,
         is_symmetric=True,
-        quant_format=QuantFormat.QDQ,
+        quant_format=QuantFormat.QDQ if qdq else QuantFormat.QOperator,
         op_types_to_quantize=("MatMul",),
+        **({} if qdq else {"accuracy_level": INT4_ACCURACY_LEVEL}),
     )
     quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=skipped, algo_config=config)
     quantizer.process()
     save_graph(quantizer.model.model, dst)
+    settings = {"opset": INT4_OPSET} if qdq else {"accuracy_level": INT4_ACCURACY_LEVEL}
     return {
-        "form": "INT4 weight-only Q/DQ: block-wise symmetric DequantizeLinear, no zero point",
         "block_size": INT4_BLOCK,
-        "opset": INT4_OPSET,
+        **settings,
         "quantized_nodes": len(nodes),
         "kept_float": skipped,
     }

@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.runtime import Pipeline
+from llava_edge.runtime.generate import embed
 from llava_edge.runtime.image import preprocess
 from llava_edge.runtime.template import user_turn
 
@@ -70,9 +71,8 @@ def verify_model_dir(loaded: Any, model_dir: Path, log: Any = print) -> dict[str
             ].tolist()
         cache = pipe.backend.new_cache(1)
         ids = np.asarray([hf_ids])
-        embeds = pipe.table[np.where(ids < pipe.table.shape[0], ids, 0)].copy()
         image_embeds = pipe.backend.encode_image(pixel_batch)[0]
-        embeds[0, ids[0] == manifest.tokens.image_token_id] = image_embeds
+        embeds = embed(pipe.table, ids, manifest.tokens.image_token_id, [image_embeds])
         logits = pipe.backend.decode(
             embeds, np.ones_like(ids), np.arange(ids.shape[1])[None], cache
         )[0]
