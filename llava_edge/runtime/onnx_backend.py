@@ -94,9 +94,11 @@ def check_io(name: str, graph: GraphSpec, session: ort.InferenceSession) -> None
 
 
 class OnnxBackend:
-    """Runs a model dir's graphs with onnxruntime. One backend serves one request at a time."""
+    """Runs a model dir's graphs with onnxruntime; concurrent calls each bring their own cache."""
 
     name = "onnxruntime"
+    # Its KVCache keeps a length per row, so rows may join and leave a batch (batching.py).
+    continuous_batching = True
 
     def __init__(
         self,
