@@ -59,6 +59,10 @@ class Cancelled(LlavaEdgeError):
     """The request was cancelled before it finished."""
 
 
+class TimedOut(LlavaEdgeError):
+    """The request ran past its time limit (waiting included)."""
+
+
 @dataclass
 class Event:
     """What a request reports: a piece of text, its finished Answer, or the error that ended it."""
@@ -405,10 +409,10 @@ class BatchEngine:
 
         Returns whether any request is still waiting or running.
         """
-        admitted = self._take_waiting()
         for request in self.running[:]:
             if request.cancelled:
                 self._leave(request, Cancelled("the request was cancelled"))
+        admitted = self._take_waiting()
         for request in admitted:
             self._admit(request)
         if self.running:
@@ -574,5 +578,5 @@ class BatchEngine:
         return request.deadline is not None and time.perf_counter() > request.deadline
 
     @staticmethod
-    def _timeout_error(request: Request) -> LlavaEdgeError:
-        return LlavaEdgeError(f"the request ran past its time limit of {request.timeout_s} s")
+    def _timeout_error(request: Request) -> TimedOut:
+        return TimedOut(f"the request ran past its time limit of {request.timeout_s} s")

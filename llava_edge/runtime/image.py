@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from llava_edge.errors import LlavaEdgeError
+from llava_edge.errors import LlavaEdgeError, TooLarge
 from llava_edge.manifest import ImageSpec
 
 ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
@@ -30,14 +30,9 @@ def load_image(source: ImageInput, max_pixels: int | None = None) -> Image.Image
     """
     if isinstance(source, np.ndarray):
         return _from_array(source)
-    image = source if isinstance(source, Image.Image) else _open(source)
-    pixels = image.width * image.height
-    if max_pixels is not None and pixels > max_pixels:
-        raise LlavaEdgeError(
-            f"image is {image.width}x{image.height} = {pixels} pixels, over the limit of "
-            f"{max_pixels}; downscale it first"
-        )
-    if pixels == 0:
+    image = source if isinstance(source, Image.Image) else _open(source, max_pixels)
+    _check_pixels(image, max_pixels)
+    if image.width * image.height == 0:
         raise LlavaEdgeError("image has no pixels")
     try:
         image = ImageOps.exif_transpose(image) if not isinstance(source, Image.Image) else image
@@ -46,7 +41,16 @@ def load_image(source: ImageInput, max_pixels: int | None = None) -> Image.Image
         raise LlavaEdgeError(f"cannot decode image: {e}") from None
 
 
-def _open(source: str | os.PathLike | bytes) -> Image.Image:
+def _check_pixels(image: Image.Image, max_pixels: int | None) -> None:
+    pixels = image.width * image.height
+    if max_pixels is not None and pixels > max_pixels:
+        raise TooLarge(
+            f"image is {image.width}x{image.height} = {pixels} pixels, over the limit of "
+            f"{max_pixels}; downscale it first"
+        )
+
+
+def _open(source: str | os.PathLike | bytes, max_pixels: int | None) -> Image.Image:
     name = "image bytes" if isinstance(source, bytes) else str(source)
     if not isinstance(source, bytes):
         if not os.path.exists(source):
@@ -59,10 +63,11 @@ def _open(source: str | os.PathLike | bytes) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+            _check_pixels(image, max_pixels)  # from the header: an oversized image is not decoded
             image.load()  # decode now, so truncation is found here and not later
         return image
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise LlavaEdgeError(
+        raise TooLarge(
             f"image {name} has more pixels than PIL's safety limit ({Image.MAX_IMAGE_PIXELS}); "
             "downscale it first"
         ) from None

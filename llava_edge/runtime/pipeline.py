@@ -392,12 +392,17 @@ class Pipeline:
         self.limits.check_options(config)
         return config
 
+    @property
+    def max_context(self) -> int:
+        """The longest conversation (prompt and answer) this pipeline runs."""
+        # TensorRT engines may be built for less than the model's context
+        return getattr(self.backend, "max_context", self.manifest.text.max_context)
+
     def _fit_context(
         self, config: GenerationConfig, prompt_len: int, used: int = 0
     ) -> GenerationConfig:
         """Fail on a prompt that cannot fit; shorten max_new_tokens to what is left."""
-        # TensorRT engines may be built for less than the model's context
-        limit = getattr(self.backend, "max_context", self.manifest.text.max_context)
+        limit = self.max_context
         room = limit - used - prompt_len
         if room < 1:
             raise LlavaEdgeError(
