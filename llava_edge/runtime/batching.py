@@ -45,6 +45,7 @@ from llava_edge.runtime.image import ImageInput
 from llava_edge.runtime.sampling import GenerationConfig, Sampler
 
 MIN_PREFIX = 16  # tokens: shorter shared prefixes are recomputed, not copied or stored
+MAX_PREFIXES = 64  # finished requests kept for reuse (recent conversations), within the budget
 
 
 class QueueFull(LlavaEdgeError):
@@ -200,7 +201,9 @@ class PrefixStore:
             if covered and _same(stored_features, features):
                 del self.entries[key]  # the new entry answers every prompt the old one did
                 self.used -= stored_size
-        while self.entries and self.used + size > self.budget:
+        while self.entries and (
+            self.used + size > self.budget or len(self.entries) >= MAX_PREFIXES
+        ):
             *_, old_size = self.entries.popitem(last=False)[1]
             self.used -= old_size
         self.entries[next(self._keys)] = (ids, features, kv, size)
@@ -258,6 +261,9 @@ class BatchEngine:
             "prefix_tokens_reused": 0,
             "generated_tokens": 0,
             "decode_steps": 0,
+            "decode_tokens": 0,  # tokens of batched decode steps (first tokens come from prefill)
+            "decode_seconds": 0.0,
+            "prefill_seconds": 0.0,  # admissions: image features and prefill
         }
         self._lock = threading.Condition()
         self._closing = False
@@ -275,8 +281,9 @@ class BatchEngine:
         listener: Callable[[Event], None] | None = None,
         **options: Any,
     ) -> Request:
-        """One question, as Pipeline.stream takes it (options: GenerationConfig's fields)."""
-        ids = self.pipe.prompt_ids(prompt, image is not None)
+        """One question, as Pipeline.stream takes it (options: GenerationConfig's fields, and
+        raw=True for a prompt sent as written)."""
+        ids = self.pipe.prompt_ids(prompt, image is not None, options.pop("raw", False))
         return self.submit_ids(ids, image, options, listener)
 
     def submit_ids(
@@ -343,7 +350,7 @@ class BatchEngine:
 
     # ---- state -------------------------------------------------------------------------------
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, float]:
         """Rows in use, requests waiting, and running totals (for metrics and tests)."""
         with self._lock:
             return {
@@ -443,6 +450,7 @@ class BatchEngine:
         pipe, row = self.pipe, len(self.running)
         with self._lock:
             self.running.append(request)
+        start = time.perf_counter()
         try:
             self._check_deadline(request)
             if request.pixels is not None:
@@ -454,6 +462,8 @@ class BatchEngine:
         except Exception as e:  # the request's own failure; the others go on
             self._leave(request, e)
             return
+        finally:
+            self.counters["prefill_seconds"] += time.perf_counter() - start
         self.counters["prompt_tokens"] += len(request.ids)
         self._take(request, logits)
 
@@ -487,6 +497,7 @@ class BatchEngine:
         pipe, n = self.pipe, len(self.running)
         tokens = np.asarray([[r.generated[-1]] for r in self.running], dtype=np.int64)
         positions = self.cache.lengths[:n, None].copy()
+        start = time.perf_counter()
         try:
             logits = pipe.backend.decode(
                 embed(pipe.table, tokens, -1, []),
@@ -499,6 +510,8 @@ class BatchEngine:
                 self._leave(request, e)
             return
         self.counters["decode_steps"] += 1
+        self.counters["decode_tokens"] += n
+        self.counters["decode_seconds"] += time.perf_counter() - start
         for request, row_logits in zip(self.running[:], logits, strict=True):
             if request.cancelled:
                 self._leave(request, Cancelled("the request was cancelled"))

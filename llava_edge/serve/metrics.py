@@ -16,7 +16,7 @@ PREFIX = "llava_edge"
 class ServerMetrics:
     """One registry per app, so several apps in one process (tests) do not collide."""
 
-    def __init__(self, engine_stats: Callable[[], dict[str, int] | None]):
+    def __init__(self, engine_stats: Callable[[], dict[str, float] | None]):
         self.registry = CollectorRegistry()
         self.requests = Counter(
             f"{PREFIX}_http_requests",
@@ -74,10 +74,13 @@ class _EngineCollector(Collector):
     COUNTERS = {
         "prefix_tokens_reused": "Prompt tokens whose keys/values were copied, not computed",
         "decode_steps": "Batched decoder steps",
+        "decode_tokens": "Tokens of batched decoder steps (a request's first comes from prefill)",
+        "decode_seconds": "Time in batched decoder steps",
+        "prefill_seconds": "Time admitting requests (image features and prefill)",
         "cancelled": "Requests cancelled (client gone) before they finished",
     }
 
-    def __init__(self, stats: Callable[[], dict[str, int] | None]):
+    def __init__(self, stats: Callable[[], dict[str, float] | None]):
         self.stats = stats
 
     def collect(self) -> Iterator:
