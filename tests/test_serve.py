@@ -58,10 +58,10 @@ class Server:
     def client(self, key: str = KEY) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0)
 
-    def post(self, body, key: str = KEY, **kwargs) -> httpx.Response:
+    def post(self, body, key: str = KEY, timeout: float = 30) -> httpx.Response:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         return httpx.post(
-            self.url + "/v1/chat/completions", json=body, headers=headers, timeout=30, **kwargs
+            self.url + "/v1/chat/completions", json=body, headers=headers, timeout=timeout
         )
 
     def metric(self, name: str) -> float:
@@ -409,12 +409,24 @@ def test_a_client_leaving_mid_stream_frees_its_row_and_a_full_queue_gets_429(ser
         # both clients left mid-answer (800 tokens take longer than this)
         queued.join(30)
     assert results[0].status_code == 200  # the queued request got a freed row
+    with pytest.raises(httpx.TimeoutException):  # a client that gives up on a whole answer
+        server.post(body, timeout=0.3)
     deadline = time.time() + 10
     while server.metric("llava_edge_engine_running") and time.time() < deadline:
         time.sleep(0.02)
     assert server.metric("llava_edge_engine_running") == 0
-    assert server.metric("llava_edge_engine_cancelled_total") == cancelled + 2
-    assert server.metric("llava_edge_client_disconnects_total") >= 2
+    assert server.metric("llava_edge_engine_cancelled_total") == cancelled + 3
+    assert server.metric("llava_edge_client_disconnects_total") >= 3
+
+
+def test_a_request_past_the_time_limit_gets_504(tiny_model_dir):
+    options = ServeOptions(tiny_model_dir, model_name=MODEL, limits=Limits(timeout_s=1e-9))
+    with TestClient(create_app(options)) as client:  # the ASGI client, lifespan and all
+        deadline = time.time() + 30
+        while client.get("/health").status_code != 200 and time.time() < deadline:
+            time.sleep(0.05)
+        late = client.post("/v1/chat/completions", json={"model": MODEL, "messages": GOOD})
+    assert late.status_code == 504 and "time limit" in error_of(late)["message"]
 
 
 def test_loading_gives_503_before_the_model_is_ready(tiny_model_dir):
@@ -427,38 +439,32 @@ def test_loading_gives_503_before_the_model_is_ready(tiny_model_dir):
     assert response.headers["retry-after"] == "1"
 
 
-def test_sigterm_drains_the_answer_in_flight_then_exits(tiny_model_dir, tmp_path):
+def start_cli_server(model_dir: Path, *options: str) -> tuple[subprocess.Popen, str]:
+    """`llava-edge serve` in a subprocess (its decoder slowed), once it is ready."""
     sock = bind("127.0.0.1", 0)
     port = sock.getsockname()[1]
     sock.close()
-    env = {**os.environ, "LLAVA_EDGE_API_KEY": KEY}
+    command = ["serve", str(model_dir), "--port", str(port), "--model-name", MODEL, *options]
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            SLOW_DECODE,
-            "serve",
-            str(tiny_model_dir),
-            "--port",
-            str(port),
-            "--model-name",
-            MODEL,
-            "--threads",
-            "1",
-        ],
-        env=env,
+        [sys.executable, "-c", SLOW_DECODE, *command, "--threads", "1"],
+        env={**os.environ, "LLAVA_EDGE_API_KEY": KEY},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline and process.poll() is None:
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.1)
+    return process, url
+
+
+def test_sigterm_drains_the_answer_in_flight_then_exits(tiny_model_dir):
+    process, url = start_cli_server(tiny_model_dir)
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
         client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
         stream = client.chat.completions.create(
             model=MODEL,
@@ -484,3 +490,43 @@ def test_sigterm_drains_the_answer_in_flight_then_exits(tiny_model_dir, tmp_path
             process.kill()
         log = process.stdout.read().decode()
     assert "Traceback" not in log and "Finished server process" in log
+
+
+def test_drain_timeout_caps_the_wait(tiny_model_dir):
+    process, url = start_cli_server(tiny_model_dir, "--drain-timeout", "0.5")
+    try:
+        body = {"model": MODEL, "messages": GOOD, "max_tokens": 900, "ignore_eos": True}
+        headers = {"Authorization": f"Bearer {KEY}"}
+        with httpx.stream(
+            "POST", url + "/v1/chat/completions", json={**body, "stream": True}, headers=headers
+        ) as response:
+            lines = response.iter_lines()
+            next(lines)
+            process.send_signal(signal.SIGTERM)
+            start = time.time()
+            with pytest.raises(httpx.TransportError):  # cut off after the drain timeout
+                for _ in lines:
+                    pass
+        assert process.wait(30) in (0, -signal.SIGTERM)
+        assert time.time() - start < 4  # 900 slowed tokens would take over 4.5 s
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.stdout.close()
+
+
+def test_cli_errors_are_one_line(tiny_model_dir):
+    def serve(*args: str, prelude: str = "") -> subprocess.CompletedProcess:
+        code = f"{prelude}import sys; from llava_edge.cli import main; sys.exit(main(sys.argv[1:]))"
+        return subprocess.run(
+            [sys.executable, "-c", code, "serve", *args], capture_output=True, text=True
+        )
+
+    missing = serve(str(tiny_model_dir), prelude="import sys; sys.modules['uvicorn'] = None; ")
+    assert missing.returncode == 1 and "pip install 'llava-edge[serve]'" in missing.stderr
+    no_model = serve("/nonexistent/model")
+    assert no_model.returncode == 1 and "does not exist" in no_model.stderr
+    bad_batch = serve(str(tiny_model_dir), "--port", "0", "--max-batch", "0")
+    assert bad_batch.returncode == 1 and "max_batch must be a positive integer" in bad_batch.stderr
+    for result in (missing, no_model, bad_batch):
+        assert "Traceback" not in result.stderr

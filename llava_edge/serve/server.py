@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import socket
 
+import uvicorn
+
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import Manifest
 from llava_edge.serve.app import ServeOptions, create_app
@@ -23,8 +25,6 @@ def serve(
     log_level: str = "info",
 ) -> None:
     """Serve until SIGTERM/SIGINT. A model that fails to load stops the server with its error."""
-    import uvicorn
-
     Manifest.load(options.model_dir)  # a wrong dir fails here, before the port is taken
     sock = bind(host, port)  # a port in use fails here, before the model loads
     failure: list[BaseException] = []
