@@ -149,6 +149,9 @@ def test_a_cancelled_request_frees_its_row_at_the_next_step(pipe):
     with pytest.raises(QueueFull, match="waiting"):
         engine.submit(None, "One too many.")
     engine.step()
+    assert engine.stats()["running"] == 1  # one admission between two decode steps
+    engine.step()
+    assert engine.stats()["running"] == 2 and engine.stats()["waiting"] == 1
     long.cancel()
     engine.step()
     stats = engine.stats()

@@ -4,11 +4,11 @@ A robot app asking several questions at once, or a server with several clients, 
 one `BatchEngine`; its scheduler thread runs every decoder call. Each step it
 
 1. drops cancelled requests (a cancelled request's row is free before the next decode step),
-2. admits waiting requests into free rows of one shared KV cache: each is prefilled alone
-   (batch 1, no padding, so its first logits are its own last position's), its image features
-   coming from the pipeline's cache and the start of its prompt, where it equals a finished
-   request's prompt and answer (a conversation's next turn, another question about the same
-   image), copied from the prefix store instead of computed,
+2. admits a waiting request (by default one a step) into a free row of one shared KV cache:
+   it is prefilled alone (batch 1, no padding, so its first logits are its own last
+   position's), its image features come from the pipeline's cache, and the start of its prompt,
+   where it equals a finished request's prompt and answer (a conversation's next turn, another
+   question about the same image), is copied from the prefix store instead of computed,
 3. decodes one token for every running request in one batched decoder call, each row at its
    own position (runtime/kv_cache.py keeps a length per row),
 4. lets finished requests leave: the last running row moves into the freed one, so the rows
@@ -27,6 +27,7 @@ on a CPU four rows take well under twice the time of one (bench/bench_serve.py).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import queue
 import threading
@@ -104,6 +105,8 @@ class Request:
         self.generated: list[int] = []
         self.seen = np.asarray(ids, dtype=np.int64)  # kept only when repetition is penalised
         self.features: np.ndarray | None = None
+        # which picture the image tokens stand for: prefix reuse needs the same one
+        self.image_key = hashlib.sha1(pixels.tobytes()).hexdigest() if pixels is not None else None
         self.reused = 0  # prompt tokens whose keys/values came from the prefix store
         self.answer: Answer | None = None
         self.error: Exception | None = None
@@ -166,24 +169,21 @@ class PrefixStore:
 
     def __init__(self, budget_bytes: int):
         self.budget = budget_bytes
-        self.entries: OrderedDict[int, tuple[np.ndarray, np.ndarray | None, list, int]] = (
-            OrderedDict()
-        )
+        # key -> (ids, image key, keys/values per layer, bytes)
+        self.entries: OrderedDict[int, tuple[np.ndarray, str | None, list, int]] = OrderedDict()
         self.used = 0
         self._keys = itertools.count()
 
-    def match(
-        self, ids: np.ndarray, features: np.ndarray | None, image_id: int
-    ) -> tuple[list, int] | None:
+    def match(self, ids: np.ndarray, image: str | None, image_id: int) -> tuple[list, int] | None:
         """The stored keys/values sharing the longest prefix with `ids`, and its usable length
         (at most len(ids) - 1: the last prompt token is always fed, for its logits)."""
         best, best_len, best_key = None, 0, None
-        for key, (stored, stored_features, kv, _) in self.entries.items():
+        for key, (stored, stored_image, kv, _) in self.entries.items():
             n = min(len(stored), len(ids) - 1)
             diff = np.flatnonzero(stored[:n] != ids[:n])
             length = int(diff[0]) if len(diff) else n
             images = np.flatnonzero(ids[:length] == image_id)
-            if len(images) and not _same(stored_features, features):
+            if len(images) and stored_image != image:
                 length = int(images[0])  # same tokens, another image: only the text before it
             if length > best_len:
                 best, best_len, best_key = kv, length, key
@@ -192,13 +192,13 @@ class PrefixStore:
         self.entries.move_to_end(best_key)
         return best, best_len
 
-    def add(self, ids: np.ndarray, features: np.ndarray | None, kv: list) -> None:
+    def add(self, ids: np.ndarray, image: str | None, kv: list) -> None:
         size = sum(k.nbytes + v.nbytes for k, v in kv)
         if len(ids) < MIN_PREFIX or size > self.budget:
             return
-        for key, (stored, stored_features, _, stored_size) in list(self.entries.items()):
+        for key, (stored, stored_image, _, stored_size) in list(self.entries.items()):
             covered = len(stored) <= len(ids) and np.array_equal(ids[: len(stored)], stored)
-            if covered and _same(stored_features, features):
+            if covered and stored_image == image:
                 del self.entries[key]  # the new entry answers every prompt the old one did
                 self.used -= stored_size
         while self.entries and (
@@ -206,14 +206,8 @@ class PrefixStore:
         ):
             *_, old_size = self.entries.popitem(last=False)[1]
             self.used -= old_size
-        self.entries[next(self._keys)] = (ids, features, kv, size)
+        self.entries[next(self._keys)] = (ids, image, kv, size)
         self.used += size
-
-
-def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
-    if a is None or b is None:
-        return a is b
-    return a is b or (a.shape == b.shape and np.array_equal(a, b))
 
 
 class BatchEngine:
@@ -221,8 +215,11 @@ class BatchEngine:
 
     max_batch: rows of the shared KV cache (requests decoded at once); max_queue: requests that
     may wait for a row before `submit` raises QueueFull; prefix_cache_mb: memory for the keys and
-    values of finished requests (0: no prefix reuse). The pipeline's Limits apply to every
-    request. `start=False` leaves the scheduling to the caller (`run_until_idle`), which is how
+    values of finished requests (0: no prefix reuse); admit_per_step: requests prefilled between
+    two decode steps. One (the default) keeps the running answers flowing while a burst of
+    requests arrives (each waits at most one prefill a token) and spreads the burst's requests
+    apart, so they finish, and their clients come back, at different steps instead of all at
+    once. The pipeline's Limits apply to every request. `start=False` leaves the scheduling to the caller (`run_until_idle`), which is how
     Pipeline.generate_batch runs a batch without a thread.
     """
 
@@ -232,6 +229,7 @@ class BatchEngine:
         max_batch: int = 4,
         max_queue: int = 64,
         prefix_cache_mb: float = 256,
+        admit_per_step: int = 1,
         start: bool = True,
     ):
         backend = pipeline.backend
@@ -245,6 +243,9 @@ class BatchEngine:
             raise LlavaEdgeError(f"max_batch must be a positive integer, got {max_batch!r}")
         if not isinstance(max_queue, int) or max_queue < 0:
             raise LlavaEdgeError(f"max_queue must be 0 or more, got {max_queue!r}")
+        if not isinstance(admit_per_step, int) or admit_per_step < 1:
+            raise LlavaEdgeError(f"admit_per_step must be at least 1, got {admit_per_step!r}")
+        self.admit_per_step = admit_per_step
         self.pipe = pipeline
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -435,7 +436,10 @@ class BatchEngine:
             for request in self.waiting:
                 if request.cancelled:
                     dropped.append(request)
-                elif len(self.running) + len(taken) < self.max_batch:
+                elif (
+                    len(self.running) + len(taken) < self.max_batch
+                    and len(taken) < self.admit_per_step
+                ):
                     taken.append(request)
                 else:
                     kept.append(request)
@@ -473,7 +477,7 @@ class BatchEngine:
         ids = np.asarray(request.ids, dtype=np.int64)
         start = 0
         self.cache.truncate(0, row)
-        hit = self.prefixes.match(ids, request.features, image_id)
+        hit = self.prefixes.match(ids, request.image_key, image_id)
         if hit is not None:
             kv, start = hit
             images = np.flatnonzero(ids == image_id)
@@ -552,7 +556,7 @@ class BatchEngine:
         fed = request.fed_ids
         if self.prefixes.budget and len(fed) >= MIN_PREFIX:
             kv = self.cache.read_row(row, len(fed))
-            self.prefixes.add(np.asarray(fed, dtype=np.int64), request.features, kv)
+            self.prefixes.add(np.asarray(fed, dtype=np.int64), request.image_key, kv)
         answer = Answer(
             request.text.text,
             list(request.ids),

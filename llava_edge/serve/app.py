@@ -98,7 +98,7 @@ class ServerState:
                 engine_dir=o.engine_dir,
             )
             try:
-                self.engine = BatchEngine(
+                engine = BatchEngine(
                     pipe,
                     max_batch=o.max_batch,
                     max_queue=o.max_queue,
@@ -107,7 +107,7 @@ class ServerState:
             except Exception:
                 pipe.close()
                 raise
-            self.pipe = pipe
+            self.pipe, self.engine = pipe, engine  # ready from here on
             log.info("llava-edge serve: %s loaded; ready", o.name)
         except Exception as e:  # reported by the runner, which stops the server
             self.load_error = e
