@@ -226,34 +226,15 @@ async def _chat_completions(request: Request) -> Response:
         )
     except Exception as e:
         return _count(state, _error_response(_api_error(e)))
-    watcher = asyncio.ensure_future(_disconnected(request))
-    try:
-        first = await _next(events, watcher)
-    except _ClientGone:
-        handle.cancel()
-        state.metrics.disconnects.inc()
+    event = await _wait(request, state, handle, events, whole=not chat.stream)
+    if event is None:  # the client left; nobody reads this
         return _count(state, Response(status_code=499))
-    finally:
-        watcher.cancel()
-    if first.kind == "error":
-        return _count(state, _error_response(_api_error(first.error)))
-    request_id = protocol.completion_id()
-    if chat.stream:
-        stream = _sse(state, chat, handle, events, first, request_id)
-        return _count(state, StreamingResponse(stream, media_type="text/event-stream"))
-    watcher = asyncio.ensure_future(_disconnected(request))
-    try:
-        event = first
-        while event.kind == "text":
-            event = await _next(events, watcher)
-    except _ClientGone:
-        handle.cancel()
-        state.metrics.disconnects.inc()
-        return _count(state, Response(status_code=499))
-    finally:
-        watcher.cancel()
     if event.kind == "error":
         return _count(state, _error_response(_api_error(event.error)))
+    request_id = protocol.completion_id()
+    if chat.stream:
+        stream = _sse(state, chat, handle, events, event, request_id)
+        return _count(state, StreamingResponse(stream, media_type="text/event-stream"))
     answer = event.answer
     state.metrics.observe_answer(
         len(answer.prompt_token_ids), len(answer.token_ids), answer.timings
@@ -307,24 +288,33 @@ def _listener(loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> Any:
     return deliver
 
 
-class _ClientGone(Exception):
-    pass
+async def _wait(
+    request: Request, state: ServerState, handle: Any, events: asyncio.Queue, whole: bool
+) -> Event | None:
+    """The request's first event (or, `whole`, its last), before any response is sent, so that
+    an error still gets its status. None if the client left first: its request is cancelled."""
+    watcher = asyncio.ensure_future(_disconnected(request))
+    event = None
+    try:
+        while event is None or (whole and event.kind == "text"):
+            getter = asyncio.ensure_future(events.get())
+            await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                state.metrics.disconnects.inc()
+                return None
+            event = getter.result()
+        return event
+    finally:
+        watcher.cancel()
+        if event is None or (whole and event.kind == "text"):  # left, or the server stops
+            handle.cancel()
 
 
 async def _disconnected(request: Request) -> None:
     """Returns when the client disconnects (the body has been read: nothing else arrives)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-async def _next(events: asyncio.Queue, watcher: asyncio.Future) -> Event:
-    """The request's next event, or _ClientGone if the client leaves first."""
-    getter = asyncio.ensure_future(events.get())
-    await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    if getter.done():
-        return getter.result()
-    getter.cancel()
-    raise _ClientGone
 
 
 async def _sse(
