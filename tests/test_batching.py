@@ -67,6 +67,16 @@ def test_rows_keep_their_own_lengths(tiny_model_dir):
     np.testing.assert_array_equal(cache.past(1)[1][2, :, :7], saved[1][1][:, :7])
     with pytest.raises(ValueError, match="no padding"):
         cache.rows(0, 1).advance(np.array([[0, 1]]))
+    long = KVCache(text, batch=2)
+    long.rows(0, 1).reserve(300)  # a long conversation's row
+    long.lengths[:] = [300, 5]
+    assert long.capacity >= 300
+    long.truncate(0, row=0)  # it leaves: the buffers shrink to the short row
+    long.shrink()
+    assert long.capacity == 2 * long.chunk and long.lengths.tolist() == [0, 5]  # 5 + headroom
+    long.truncate(0)
+    long.shrink()
+    assert long.capacity == 0 and long.keys == []
 
 
 def test_a_cache_past_the_context_fails_clearly(tiny_model_dir):

@@ -585,6 +585,7 @@ class BatchEngine:
             else:
                 self.cache.truncate(0, row)
             self.running.pop()
+        self.cache.shrink()
 
     def _check_deadline(self, request: Request) -> None:
         if self._deadline_passed(request):

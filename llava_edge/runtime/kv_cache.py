@@ -127,9 +127,22 @@ class KVCache:
         ]
         self.capacity = capacity
 
+    def shrink(self) -> None:
+        """Give memory back once the longest row fits in half the buffers (a long conversation
+        has left): every step reads every allocated slot of every row, masked or not."""
+        used = int(self.lengths.max(initial=0))
+        capacity = -(-(used + self.chunk) // self.chunk) * self.chunk if used else 0
+        if 2 * capacity > self.capacity:
+            return
+        t = self.text
+        shape = (self.batch, t.num_kv_heads, capacity, t.head_dim)
+        self.keys = [self._grown(old, shape, used) for old in self.keys] if capacity else []
+        self.values = [self._grown(old, shape, used) for old in self.values] if capacity else []
+        self.capacity = capacity
+
     def _grown(self, old: np.ndarray, shape: tuple[int, ...], used: int) -> np.ndarray:
-        """`old` in a larger buffer. Unused slots must be zeros, not garbage: masked attention
-        weights are exactly 0, and 0 x NaN would still be NaN."""
+        """`old`'s first `used` slots in a buffer of another size. Unused slots must be zeros,
+        not garbage: masked attention weights are exactly 0, and 0 x NaN would still be NaN."""
         new = np.empty(shape, self.dtype)
         new[:, :, :used] = old[:, :, :used]
         new[:, :, used:] = 0
