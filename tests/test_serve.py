@@ -96,7 +96,7 @@ def server(tiny_model_dir, media_dir):
             max_image_bytes=100_000,
             allowed_media_dir=media_dir,
             allow_remote_images=True,
-            remote_timeout_s=5,
+            remote_timeout_s=2,
             limits=Limits(max_image_pixels=40_000, max_new_tokens=900),
         )
     )
@@ -232,6 +232,14 @@ def test_images_from_allowed_files_and_remote_urls(server, media_dir, tmp_path):
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
+            if self.path == "/drip.png":  # a byte every half second: each read is quick
+                self.send_response(200)
+                self.end_headers()
+                for _ in range(10):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.5)
+                return
             body = files.get(self.path)
             self.send_response(200 if body else 404)
             self.end_headers()
@@ -250,6 +258,8 @@ def test_images_from_allowed_files_and_remote_urls(server, media_dir, tmp_path):
         assert remote.json()["choices"][0]["message"]["content"] == want
         big = server.post({"model": MODEL, "messages": [ask("What?", base + "/big.png")]})
         assert big.status_code == 413 and error_of(big)["code"] == "image_too_large"
+        slow = server.post({"model": MODEL, "messages": [ask("What?", base + "/drip.png")]})
+        assert slow.status_code == 400 and "took over 2" in error_of(slow)["message"]
         gone = server.post({"model": MODEL, "messages": [ask("What?", base + "/none.png")]})
         assert gone.status_code == 400 and "HTTP 404" in error_of(gone)["message"]
     finally:

@@ -5,6 +5,7 @@ and time capped). Each way yields the image's bytes, which the runtime then deco
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import os
@@ -95,34 +96,35 @@ async def _remote(url: str, policy: MediaPolicy) -> bytes:
         )
     import httpx
 
-    limit = policy.max_image_bytes
-    try:
-        async with (
-            httpx.AsyncClient(
-                timeout=policy.remote_timeout_s, follow_redirects=True, max_redirects=3
-            ) as client,
-            client.stream("GET", url) as response,
-        ):
-            if response.status_code != 200:
-                raise ApiError(
-                    400, f"fetching the image gave HTTP {response.status_code}", "image_url"
-                )
-            declared = response.headers.get("content-length", "")
-            declared = int(declared) if declared.isdigit() else 0
-            if declared > limit:
-                raise _too_large(declared, limit)
-            data = bytearray()
-            async for piece in response.aiter_bytes():
-                data += piece
-                if len(data) > limit:
-                    raise _too_large(len(data), limit)
-            return bytes(data)
-    except httpx.TimeoutException:
+    try:  # one deadline for the whole download: a server sending a byte at a time gains nothing
+        return await asyncio.wait_for(_download(url, policy), policy.remote_timeout_s)
+    except (asyncio.TimeoutError, httpx.TimeoutException):
         raise ApiError(
             400, f"fetching the image took over {policy.remote_timeout_s} s", "image_url"
         ) from None
     except httpx.HTTPError as e:
         raise ApiError(400, f"cannot fetch the image: {e}", "image_url") from None
+
+
+async def _download(url: str, policy: MediaPolicy) -> bytes:
+    import httpx
+
+    limit = policy.max_image_bytes
+    async with (
+        httpx.AsyncClient(follow_redirects=True, max_redirects=3) as client,
+        client.stream("GET", url) as response,
+    ):
+        if response.status_code != 200:
+            raise ApiError(400, f"fetching the image gave HTTP {response.status_code}", "image_url")
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise _too_large(int(declared), limit)
+        data = bytearray()
+        async for piece in response.aiter_bytes():
+            data += piece
+            if len(data) > limit:
+                raise _too_large(len(data), limit)
+        return bytes(data)
 
 
 def _too_large(size: int, limit: int) -> ApiError:
