@@ -89,3 +89,17 @@ class KVCache:
         seq = new_mask.shape[1]
         self.valid[:, self.length : self.length + seq] = new_mask
         self.length += seq
+
+    def truncate(self, length: int) -> None:
+        """Forget every slot from `length` on, as if they had never been appended.
+
+        A chat turn that does not finish is rolled back with this. Forgotten slots are zeroed
+        again: unused slots must hold zeros (see `_grown`).
+        """
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} slots to {length}")
+        for buffers in (self.keys, self.values):
+            for buffer in buffers:
+                buffer[:, :, length : self.length] = 0
+        self.valid[:, length : self.length] = 0
+        self.length = length

@@ -94,7 +94,11 @@ def check_io(name: str, graph: GraphSpec, session: ort.InferenceSession) -> None
 
 
 class OnnxBackend:
-    """Runs a model dir's graphs with onnxruntime. One backend serves one request at a time."""
+    """Runs a model dir's graphs with onnxruntime.
+
+    Any number of threads may share one backend: onnxruntime's `run` is thread-safe, and each
+    request brings its own KV cache.
+    """
 
     name = "onnxruntime"
 
@@ -149,8 +153,8 @@ class OnnxBackend:
         """pixel_values [B, 3, H, W] -> image features in the LLM's space [B, N, hidden]."""
         dtype = self.manifest.graphs["vision_encoder"].inputs["pixel_values"].dtype
         pixel_values = pixel_values.astype(dtype, copy=False)
-        (features,) = self.sessions["vision_encoder"].run(None, {"pixel_values": pixel_values})
-        (embeds,) = self.sessions["projector"].run(None, {"image_features": features})
+        (features,) = self._session("vision_encoder").run(None, {"pixel_values": pixel_values})
+        (embeds,) = self._session("projector").run(None, {"image_features": features})
         return embeds
 
     def new_cache(self, batch: int) -> KVCache:
@@ -172,11 +176,17 @@ class OnnxBackend:
         }
         for layer, (past_k, past_v, _, _) in enumerate(self.layer_names):
             feeds[past_k], feeds[past_v] = cache.past(layer)
-        outputs = self.sessions["decoder"].run(self._outputs, feeds)
+        outputs = self._session("decoder").run(self._outputs, feeds)
         for layer in range(len(self.layer_names)):
             cache.append(layer, outputs[1 + 2 * layer], outputs[2 + 2 * layer])
         cache.advance(token_mask)
         return outputs[0]
+
+    def _session(self, name: str) -> ort.InferenceSession:
+        session = self.sessions.get(name)
+        if session is None:  # close() emptied them, perhaps while a request was running
+            raise LlavaEdgeError("this model's sessions are closed; load the model dir again")
+        return session
 
     @property
     def _outputs(self) -> list[str]:

@@ -124,6 +124,7 @@ class TensorRTBackend:
     def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
         """pixel_values [B, 3, H, W] -> image features in the LLM's space [B, N, hidden]."""
         with self._lock, self._on_device():
+            self._check_open()
             step = self.limits.max_batch
             return np.concatenate(
                 [
@@ -145,6 +146,7 @@ class TensorRTBackend:
                 self.limits.max_context,
                 self.limits.kv_chunk,
                 self.device,
+                self.stream,
             )
 
     def decode(
@@ -165,6 +167,7 @@ class TensorRTBackend:
             raise LlavaEdgeError(f"{embeds.shape[0]} rows for a cache made for {cache.batch}")
         chunk = min(self.limits.prefill_chunk, self.limits.max_context)
         with self._lock, self._on_device():
+            self._check_open()
             for start in range(0, embeds.shape[1], chunk):
                 end = start + chunk
                 logits = self._step(
@@ -177,6 +180,10 @@ class TensorRTBackend:
             if self.cuda:
                 self.stream.synchronize()
             self.engines.clear()  # contexts and engines go before the runtime
+
+    def _check_open(self) -> None:
+        if not self.engines:  # close() dropped them, perhaps while a request was running
+            raise LlavaEdgeError("this model's TensorRT engines are closed; load the model again")
 
     # ---- the steps ---------------------------------------------------------------------------
 

@@ -27,8 +27,19 @@ from llava_edge.runtime.tensorrt.profiles import capacity
 
 
 class DeviceKVCache:
-    def __init__(self, text: TextSpec, batch: int, max_context: int, kv_chunk: int, device: Any):
+    def __init__(
+        self,
+        text: TextSpec,
+        batch: int,
+        max_context: int,
+        kv_chunk: int,
+        device: Any,
+        stream: Any = None,
+    ):
+        """stream: the CUDA stream the backend runs on, where the cache's own device work
+        (zeroing slots it forgets) must go too; None on a CPU."""
         self.text = text
+        self.stream = stream
         self.batch = batch
         self.max_context = max_context
         self.kv_chunk = kv_chunk
@@ -94,3 +105,18 @@ class DeviceKVCache:
         seq = new_mask.shape[1]
         self.valid[:, self.length : self.length + seq] = new_mask
         self.length += seq
+
+    def truncate(self, length: int) -> None:
+        """Forget every slot from `length` on, as if they had never been appended (a chat turn
+        that does not finish is rolled back with this). The capacity, and with it the CUDA
+        graphs captured for it, stays; forgotten slots are zeroed on the device again."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} slots to {length}")
+        if length < self.length:
+            import torch
+
+            with torch.cuda.stream(self.stream):  # None (a CPU): no stream to enter
+                for name in self.arena.flat:
+                    self.view(name)[:, :, length : self.length].zero_()
+        self.valid[:, length : self.length] = 0
+        self.length = length
