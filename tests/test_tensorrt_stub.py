@@ -321,6 +321,10 @@ def test_loading_elsewhere_says_to_rebuild(stub, model: Path, monkeypatch) -> No
     with pytest.raises(LlavaEdgeError, match="compute capability 8.7 .* is 8.6; rebuild"):
         backend(model)
     monkeypatch.setattr(gpu, "probe_gpu", lambda index=0: STUB_GPU)
+    manifest = Manifest.load(model)
+    manifest.kv.present_holds = "past+new"
+    with pytest.raises(LlavaEdgeError, match="only the new tokens"):
+        TensorRTBackend(model, manifest, device="cpu")
     engine_file(model, "decoder").write_bytes(b"not an engine")
     with pytest.raises(LlavaEdgeError, match=r"decoder\.\w+\.engine is truncated or altered"):
         backend(model)

@@ -19,7 +19,7 @@ import onnxruntime as ort
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import GraphSpec, Manifest
-from llava_edge.runtime.kv_cache import KVCache
+from llava_edge.runtime.kv_cache import KVCache, check_kv_layout
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -67,7 +67,7 @@ def provider_list(names: list[str] | None) -> list[str]:
     return chosen
 
 
-def check_io(name: str, graph: GraphSpec, session: ort.InferenceSession) -> None:
+def check_graph_io(name: str, graph: GraphSpec, session: ort.InferenceSession) -> None:
     """The graph's inputs and outputs are the manifest's: same names, same fixed dimensions.
 
     Catches a graph copied in from another model dir, or a manifest edited by hand, at load
@@ -110,6 +110,7 @@ class OnnxBackend:
         threads: int | None = None,
         engine_dir: str | os.PathLike | None = None,
     ):
+        check_kv_layout(manifest.kv)
         self.manifest = manifest
         options = ort.SessionOptions()
         if threads:
@@ -138,7 +139,7 @@ class OnnxBackend:
             for name, graph in manifest.graphs.items()
         }
         for name, graph in manifest.graphs.items():
-            check_io(name, graph, self.sessions[name])
+            check_graph_io(name, graph, self.sessions[name])
         self.layer_names = [manifest.kv_names(i) for i in range(manifest.text.num_layers)]
 
     def _open(
