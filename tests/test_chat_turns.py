@@ -138,7 +138,6 @@ def test_a_session_that_kept_the_unfinished_turn_would_answer_otherwise(pipe, mo
 
     # the session as it was without the rollback: the turn's keys/values stay in the cache
     monkeypatch.setattr(_Turn, "rollback", lambda self: None)
-    monkeypatch.setattr(_Turn, "begin", lambda self: None)
     stale = pipe.chat(frame(), **OPTIONS)
     stale.ask(FIRST)
     for _ in stale.stream(UNFINISHED):

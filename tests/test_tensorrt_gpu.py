@@ -150,6 +150,19 @@ def test_greedy_tokens_match_onnxruntime(model_dirs, reference, precision) -> No
         ).ask(PROMPT)
 
 
+def test_an_abandoned_chat_turn_is_rolled_back_on_the_device(model_dirs, reference) -> None:
+    """The device cache forgets the turn (zeroed on the backend's stream, CUDA graphs kept)."""
+    options = dict(max_new_tokens=TOKENS, ignore_eos=True)
+    want = reference.chat(picture(), **options)
+    with load(model_dirs["fp32"], cuda_graph=True) as pipe:
+        chat = pipe.chat(picture(), **options)
+        assert chat.ask(PROMPT) == want.ask(PROMPT)
+        for _ in chat.stream("Where is it?"):
+            break
+        assert chat.cache.length == want.cache.length
+        assert chat.ask("And then?") == want.ask("And then?")
+
+
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_quantized_engines_keep_the_logits(model_dirs, reference, precision) -> None:
     with load(model_dirs[precision]) as pipe:

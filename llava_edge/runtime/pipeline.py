@@ -426,12 +426,6 @@ class _Turn:
         self.session = session
         self.fed = session.fed  # where the cache stood before the turn
 
-    def begin(self) -> None:
-        if self.session.fed != self.fed or self.session.cache.length != self.fed:
-            raise LlavaEdgeError(
-                "this chat turn is stale: the conversation moved on after it was asked; ask again"
-            )
-
     def commit(self, ids: list[int]) -> None:
         self.session.ids = ids
         self.session.fed = self.session.cache.length
@@ -511,8 +505,6 @@ def _pieces(
 ) -> Iterator[str]:
     """Decode one answer, yielding its text; on every exit that is not the end, roll back."""
     pipe._check_open()
-    if turn is not None:
-        turn.begin()
     finished = False
     steps = None
     try:
