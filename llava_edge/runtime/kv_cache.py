@@ -19,9 +19,20 @@ from __future__ import annotations
 import numpy as np
 
 from llava_edge.errors import LlavaEdgeError
-from llava_edge.manifest import TextSpec
+from llava_edge.manifest import KVSpec, TextSpec
 
 CHUNK = 64  # slots added at a time; attention spans at most this many unused slots
+PRESENT_HOLDS = "new"  # the layout both KV caches implement: `present` holds this call's tokens
+
+
+def check_kv_layout(kv: KVSpec) -> None:
+    """Refuse a decoder whose `present` outputs hold something else than the runtime appends."""
+    if kv.present_holds != PRESENT_HOLDS:
+        raise LlavaEdgeError(
+            f"the model's decoder returns present keys/values holding {kv.present_holds!r}, but "
+            f"this llava-edge runs decoders whose present outputs hold only the new tokens "
+            f"({PRESENT_HOLDS!r}); re-export the model with this llava-edge"
+        )
 
 
 class KVCache:
@@ -74,19 +85,33 @@ class KVCache:
     # ---- rows as a scheduler moves them ----------------------------------------------------------
 
     def truncate(self, length: int, row: int | None = None) -> None:
-        """Forget everything past `length` slots, in one row or in all (a shorter length is kept).
-
-        The forgotten slots keep their old values: masked out, they weigh exactly 0."""
-        rows = slice(None) if row is None else slice(row, row + 1)
-        self.lengths[rows] = np.minimum(self.lengths[rows], max(length, 0))
+        """Forget every slot from `length` on, in one row or in all, as if they had never been
+        appended (a chat turn that does not finish is rolled back with this; a finished request
+        leaves its row with length 0). Forgotten slots are zeroed again: unused slots must hold
+        zeros (see `_grown`)."""
+        rows = range(self.batch) if row is None else [row]
+        for r in rows:
+            if not 0 <= length <= self.lengths[r]:
+                raise ValueError(f"cannot truncate row {r} of {self.lengths[r]} slots to {length}")
+        for r in rows:
+            self._zero(r, length, int(self.lengths[r]))
+            self.lengths[r] = length
 
     def move_row(self, src: int, dst: int) -> None:
         """Put row `src`'s tokens in row `dst` (whose own are dropped) and empty row `src`."""
-        n = int(self.lengths[src])
+        n, old = int(self.lengths[src]), int(self.lengths[dst])
         for buffers in (self.keys, self.values):
             for buffer in buffers:
                 buffer[dst, :, :n] = buffer[src, :, :n]
+        self._zero(dst, n, old)
+        self._zero(src, 0, n)
         self.lengths[dst], self.lengths[src] = n, 0
+
+    def _zero(self, row: int, start: int, stop: int) -> None:
+        if stop > start:
+            for buffers in (self.keys, self.values):
+                for buffer in buffers:
+                    buffer[row, :, start:stop] = 0
 
     def read_row(self, row: int, length: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """Copies of row `row`'s first `length` slots, per layer ([kv_heads, length, head_dim])."""
@@ -96,8 +121,9 @@ class KVCache:
         ]
 
     def write_row(self, row: int, kv: list[tuple[np.ndarray, np.ndarray]], length: int) -> None:
-        """Fill row `row` with the first `length` slots of `kv` (from read_row, maybe longer)."""
-        self.lengths[row] = 0
+        """Fill the empty row `row` with the first `length` slots of `kv` (from read_row)."""
+        if self.lengths[row]:
+            raise ValueError(f"row {row} holds {self.lengths[row]} slots; empty it first")
         self.rows(row, row + 1).reserve(length)
         for (k, v), keys, values in zip(kv, self.keys, self.values, strict=True):
             keys[row, :, :length] = k[:, :length]

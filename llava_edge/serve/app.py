@@ -49,8 +49,8 @@ class ServeOptions:
     api_key: str | None = None
     max_batch: int = 4
     max_queue: int = 16
-    max_body_bytes: int = 32 * 2**20
-    max_image_bytes: int = 20 * 2**20
+    max_body_mb: float = 32
+    max_image_mb: float = 20
     allowed_media_dir: Path | None = None
     allow_remote_images: bool = False
     remote_timeout_s: float = 10.0
@@ -61,6 +61,14 @@ class ServeOptions:
     threads: int | None = None
     engine_dir: str | None = None
     verify_files: bool | None = None
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 2**20)
+
+    @property
+    def max_image_bytes(self) -> int:
+        return int(self.max_image_mb * 2**20)
 
     @property
     def name(self) -> str:
