@@ -7,7 +7,8 @@ subprocess (--max-batch 8) and runs N clients at once, each streaming `--rounds`
 after the other, each about a new picture of its own (so every request runs the vision encoder)
 for exactly 64 new tokens. Per N: aggregate tokens/s (all tokens over the wall time), the
 engine's decode throughput (tokens of batched decode steps per second spent in them, from
-/metrics), time to first token p50/p95 as clients see it, and each client's tokens/s. Ratios to
+/metrics), time to first token p50/p95 as clients see it (the first event of the stream, which
+the server sends with the first token), and each client's tokens/s. Ratios to
 one client are taken within one repeat (the machine's drift cancels), then the median is shown.
 Also measured in-process: a conversation's second turn with and without the prefix store.
 
@@ -121,11 +122,10 @@ def one_request(url: str, image: str, new_tokens: int) -> dict[str, float]:
         for line in response.iter_lines():
             if not line.startswith("data: {"):
                 continue
-            chunk = json.loads(line[6:])
+            first = first or time.perf_counter()  # the server sends its first chunk at the
+            chunk = json.loads(line[6:])  # first token (a random model's may show no text)
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            elif first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                first = time.perf_counter()
     end = time.perf_counter()
     return {"start": start, "end": end, "ttft": first - start, "tokens": tokens}
 

@@ -37,6 +37,7 @@ def batched(pipe: Pipeline, image, question: str, **options) -> str:
     engine.run_until_idle()
     return request.result().text
 
+
 FORMS = ["path", "bytes", "pil", "array"]
 SMALL = dict(max_new_tokens=2)
 

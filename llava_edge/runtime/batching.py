@@ -67,9 +67,10 @@ class TimedOut(LlavaEdgeError):
 
 @dataclass
 class Event:
-    """What a request reports: a piece of text, its finished Answer, or the error that ended it."""
+    """What a request reports: that its first token is out, a piece of text, its finished
+    Answer, or the error that ended it."""
 
-    kind: str  # "text", "done" or "error"
+    kind: str  # "started", "text", "done" or "error"
     text: str = ""
     answer: Answer | None = None
     error: Exception | None = None
@@ -127,7 +128,7 @@ class Request:
                 yield event.text
             elif event.kind == "error":
                 raise event.error
-            else:
+            elif event.kind == "done":
                 return
 
     def result(self, timeout: float | None = None) -> Answer:
@@ -150,7 +151,7 @@ class Request:
         elif event.kind == "error":
             self.error = event.error
         (self._listener or self._events.put)(event)
-        if event.kind != "text":
+        if event.kind in ("done", "error"):
             self.done.set()
 
     def fail(self, error: Exception) -> None:
@@ -532,6 +533,7 @@ class BatchEngine:
         self.counters["generated_tokens"] += 1
         if len(request.generated) == 1:
             request.timer.mark("first_token")
+            request.emit(Event("started"))  # its text may come later (a character, a stop)
         if config.repetition_penalty != 1.0:  # the only reader of `seen`
             request.seen = np.append(request.seen, token)
         eos = not config.ignore_eos and token in self.pipe.manifest.tokens.eos_token_ids

@@ -299,12 +299,13 @@ def _listener(loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> Any:
 async def _wait(
     request: Request, state: ServerState, handle: Any, events: asyncio.Queue, whole: bool
 ) -> Event | None:
-    """The request's first event (or, `whole`, its last), before any response is sent, so that
-    an error still gets its status. None if the client left first: its request is cancelled."""
+    """The request's first event (its first token is out, or an error) or, `whole`, its last,
+    before any response is sent, so that an error still gets its status. None if the client
+    left first: its request is cancelled."""
     watcher = asyncio.ensure_future(_disconnected(request))
     event = None
     try:
-        while event is None or (whole and event.kind == "text"):
+        while event is None or (whole and event.kind in ("started", "text")):
             getter = asyncio.ensure_future(events.get())
             await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if not getter.done():
@@ -315,7 +316,7 @@ async def _wait(
         return event
     finally:
         watcher.cancel()
-        if event is None or (whole and event.kind == "text"):  # left, or the server stops
+        if event is None or (whole and event.kind in ("started", "text")):  # left, or stopping
             handle.cancel()
 
 
@@ -355,7 +356,7 @@ async def _sse(
                 yield data(_api_error(event.error).body())
                 yield "data: [DONE]\n\n"
                 return
-            else:
+            elif event.kind == "done":
                 finished = True
                 answer = event.answer
                 reason = protocol.FINISH_REASONS[answer.finish_reason]
