@@ -349,6 +349,10 @@ def test_keys_models_and_sizes_get_their_statuses(server):
     body = {"model": MODEL, "messages": GOOD, "max_tokens": 2}
     assert error_of(server.post(body, key=""))["code"] == "invalid_api_key"
     assert server.post(body, key="wrong").status_code == 401
+    odd_key = httpx.post(
+        server.url + "/v1/chat/completions", json=body, headers={"Authorization": b"Bearer \xff"}
+    )
+    assert odd_key.status_code == 401
     with pytest.raises(openai.AuthenticationError):
         server.client(key="wrong").chat.completions.create(model=MODEL, messages=GOOD)
     assert httpx.get(server.url + "/metrics").status_code == 401

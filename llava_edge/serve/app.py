@@ -140,7 +140,8 @@ class ServerState:
             return
         given = request.headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), key):
+        matches = hmac.compare_digest(token.strip().encode(), key.encode())  # bytes: any text
+        if scheme.lower() != "bearer" or not matches:
             raise ApiError(
                 401,
                 "missing or wrong API key: send 'Authorization: Bearer KEY'",
