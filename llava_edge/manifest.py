@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from llava_edge.errors import LlavaEdgeError
+from llava_edge.files import write_text_atomic
 
 MANIFEST_NAME = "manifest.json"
 # Beside a checkpoint (not in a model dir): llava-edge's facts about it, e.g. the chat template it
@@ -213,10 +214,9 @@ class Manifest:
 
     def save(self, model_dir: str | os.PathLike) -> None:
         """Write atomically, so a reader never sees half a manifest."""
-        path = Path(model_dir) / MANIFEST_NAME
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(
+            Path(model_dir) / MANIFEST_NAME, json.dumps(self.to_dict(), indent=2) + "\n"
+        )
 
     def validate(self, where: str = MANIFEST_NAME) -> None:
         missing = [g for g in GRAPH_NAMES if g not in self.graphs]

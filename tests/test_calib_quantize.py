@@ -268,3 +268,94 @@ def test_every_calibration_method_gives_a_tensorrt_graph(
             < float(want.ravel() @ got.ravel()) / np.linalg.norm(want) / np.linalg.norm(got)
             < 1
         )
+
+
+# ---- models whose weights live in external data, and results that must not be installed -------
+
+
+@pytest.fixture(scope="module")
+def external_quantized(
+    tiny_checkpoint: Path, calib_json: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """The tiny model exported, and quantized to each precision, as if every graph were over
+    2 GB: weights in .data files, read and written the way a 7B model's are."""
+    from llava_edge import files
+    from llava_edge.export.exporter import export_checkpoint
+
+    root = tmp_path_factory.mktemp("external")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(files, "MAX_PROTOBUF", 0)
+        export_checkpoint(tiny_checkpoint, root / "fp32", verify=False, log=quiet)
+        for precision in ("fp16", "int8", "int4"):
+            quantize_model(
+                root / "fp32", root / precision, precision, calib=calib_json, samples=3, log=quiet
+            )
+    return {p: root / p for p in ("fp32", "fp16", "int8", "int4")}
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8", "int4"])
+def test_external_weights_quantize_to_what_inline_weights_do(
+    precision: str, external_quantized: dict, quantized: dict, calib_json: Path
+) -> None:
+    path = external_quantized[precision]
+    manifest = Manifest.load(path)
+    assert any(name.endswith(".data") for name in manifest.files)  # still external
+    image = calib_json.parent / "images" / "3.png"
+    answers = []
+    for model_dir in (path, quantized[precision][0]):
+        with Pipeline.load(model_dir) as pipe:
+            answer = pipe.answer(image, "What color is the shape?", max_new_tokens=8)
+            ids = np.asarray([pipe.codec.encode("USER: where is it? ASSISTANT:")])
+            logits = pipe.backend.decode(
+                np.asarray(pipe.table[ids[0]])[None], np.ones_like(ids), np.arange(ids.size)[None],
+                pipe.backend.new_cache(1),
+            )  # fmt: skip
+            answers.append((answer.token_ids, logits))
+    assert answers[0][0] == answers[1][0]
+    np.testing.assert_allclose(answers[0][1], answers[1][1], rtol=1e-5, atol=1e-5)
+
+
+def _convert_without_types(original):
+    """onnxruntime's fp16 converter as it behaves when shape inference could not run."""
+
+    def convert(model, *args, **kwargs):
+        del model.graph.value_info[:]
+        return original(model, *args, **{**kwargs, "disable_shape_infer": True})
+
+    return convert
+
+
+def _int4_qdq_left_at_the_source_opset(model, opset):
+    return model  # block-wise DequantizeLinear in an opset-17 graph: onnxruntime refuses it
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int4"])
+def test_a_dir_that_does_not_load_is_never_installed(
+    precision: str,
+    tiny_model_dir: Path,
+    calib_json: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    if precision == "fp16":
+        import onnxruntime.transformers.float16 as float16
+
+        converter = _convert_without_types(float16.convert_float_to_float16)
+        monkeypatch.setattr(float16, "convert_float_to_float16", converter)
+    else:
+        from onnx import version_converter
+
+        monkeypatch.setattr(
+            version_converter, "convert_version", _int4_qdq_left_at_the_source_opset
+        )
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("the previous dir")
+    args = ["--precision", precision, "--calib", str(calib_json), "--samples", "2", "--force"]
+    assert main(["quantize", str(tiny_model_dir), str(out), *args]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
+    assert error.startswith("llava-edge quantize: error:")
+    assert "does not load" in error and "nothing was installed" in error
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]  # the old dir, untouched
+    assert not list(tmp_path.glob(".out.*"))

@@ -6,13 +6,11 @@ complete (and verified), so an interrupted or failed export never leaves a dir t
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ import numpy as np
 from llava_edge import __version__
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.files import check_output_dir, replace_dir, save_graph
+from llava_edge.logs import quiet
 from llava_edge.manifest import (
     CHECKPOINT_INFO_FILE,
     GraphSpec,
@@ -36,6 +35,9 @@ from llava_edge.runtime.template import TEMPLATES
 
 DEFAULT_OPSET = 17  # TensorRT 10.3 (JetPack 6) parses opsets 9-20; 17 has LayerNormalization
 EMBEDDINGS_FILE = "embed_tokens.npy"
+# Loader and tracer chatter that says nothing to a user: transformers' notes, the hub client's
+# "Retrying in 2s" per attempt, torch.onnx's tracer warnings.
+LOADER_LOGGERS = ("transformers", "huggingface_hub", "torch.onnx")
 
 
 @dataclass
@@ -107,7 +109,7 @@ def load_checkpoint(
     checkpoint_config(checkpoint, trust_remote_code)
     source = str(checkpoint)
     try:
-        with _quiet():
+        with quiet(*LOADER_LOGGERS):
             model = LlavaForConditionalGeneration.from_pretrained(
                 source,
                 dtype=torch.float32,
@@ -140,7 +142,7 @@ def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = F
             f"{source} has no config.json: it is not a Hugging Face checkpoint dir"
         )
     try:
-        with _quiet():
+        with quiet(*LOADER_LOGGERS):
             config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise LlavaEdgeError(f"cannot load checkpoint {source}: {_first_line(e)}") from None
@@ -378,7 +380,7 @@ def _torch_export(module: Any, args: tuple, path: Path, graph: GraphSpec, opset:
         name: {axis: dim for axis, dim in enumerate(spec.shape) if isinstance(dim, str)}
         for name, spec in {**graph.inputs, **graph.outputs}.items()
     }
-    with torch.no_grad(), _quiet():
+    with torch.no_grad(), quiet(*LOADER_LOGGERS):
         torch.onnx.export(
             module.eval(),
             args,
@@ -419,28 +421,3 @@ def _num_image_tokens(vision_graph: Path) -> int:
     dtype = np.float16 if "float16" in spec.type else np.float32
     dummy = np.zeros([1] + list(spec.shape[1:]), dtype=dtype)
     return int(session.run(None, {spec.name: dummy})[0].shape[1])
-
-
-# ---- the output dir ----------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Silence tracer and loader chatter that says nothing to a user."""
-    import logging
-
-    import transformers
-    from huggingface_hub.utils import logging as hub_logging
-
-    level = transformers.logging.get_verbosity()
-    hub_level = hub_logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    hub_logging.set_verbosity_error()  # the hub client's "Retrying in 2s" lines, per attempt
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        transformers.logging.set_verbosity(level)
-        hub_logging.set_verbosity(hub_level)
