@@ -308,6 +308,17 @@ class Manifest:
         return digest.hexdigest()
 
 
+def read_checkpoint_template(checkpoint: str | os.PathLike) -> str | None:
+    """The template a checkpoint names in its llava_edge.json (training writes it), or None."""
+    path = Path(checkpoint) / CHECKPOINT_INFO_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("template")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise LlavaEdgeError(f"{path} is not a JSON object naming a template") from None
+
+
 def cache_dir() -> Path:
     """Where llava-edge remembers things between runs ($LLAVA_EDGE_CACHE or ~/.cache/llava-edge)."""
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llava-edge"

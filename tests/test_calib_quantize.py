@@ -359,3 +359,15 @@ def test_a_dir_that_does_not_load_is_never_installed(
     assert "does not load" in error and "nothing was installed" in error
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]  # the old dir, untouched
     assert not list(tmp_path.glob(".out.*"))
+
+
+def test_an_onnxruntime_too_old_for_the_quantizers_is_named(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.setattr(ort, "__version__", "1.26.0")
+    assert (
+        main(["quantize", str(tiny_model_dir), str(tmp_path / "out"), "--precision", "fp16"]) == 1
+    )
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "onnxruntime 1.27 or later" in line and "found 1.26.0" in line
+    assert not (tmp_path / "out").exists()

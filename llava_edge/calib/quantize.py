@@ -31,6 +31,7 @@ and write external data past 2 GB.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -47,6 +48,9 @@ from llava_edge.logs import quiet
 from llava_edge.manifest import GraphSpec, Manifest
 
 TARGETS = ("int8", "int4", "fp16")  # what `quantize --precision` makes of an fp32 model dir
+# onnxruntime.quantization's calibration cache (quantize_static's calibration_cache_path,
+# save_tensors_data) first shipped in 1.27; the [calib] extra asks for it.
+MIN_ONNXRUNTIME = (1, 27)
 METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_SAMPLES = 32
 REPORT_SAMPLES = 8  # held out from calibration and compared against fp32 by --report
@@ -97,6 +101,7 @@ def quantize_model(
     `images`: the JSON's image root, or alone an image folder) for the TensorRT graphs' static
     activation scales; fp16 needs none unless a report is asked for.
     """
+    _check_onnxruntime()
     if precision not in TARGETS:
         raise LlavaEdgeError(f"--precision must be one of {', '.join(TARGETS)}, got {precision}")
     if method not in METHODS:
@@ -141,6 +146,19 @@ def quantize_model(
     manifest.mark_verified(out)  # every file was hashed above: the first load need not again
     log(f"quantized {source} -> {out} ({precision}) in {time.perf_counter() - start:.1f} s")
     return result
+
+
+def _check_onnxruntime() -> None:
+    import onnxruntime
+
+    found = onnxruntime.__version__
+    numbers = tuple(int(part) for part in re.findall(r"\d+", found)[:2])
+    if numbers < MIN_ONNXRUNTIME:
+        need = ".".join(map(str, MIN_ONNXRUNTIME))
+        raise LlavaEdgeError(
+            f"quantize needs onnxruntime {need} or later (its quantizers' calibration cache), "
+            f"found {found}; pip install 'onnxruntime>={need}' (or 'llava-edge[calib]')"
+        )
 
 
 def _check_source(manifest: Manifest, source: Path) -> None:
