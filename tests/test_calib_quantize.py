@@ -78,25 +78,45 @@ def _io(path: Path) -> tuple[list, list]:
     )
 
 
-def test_manifest_records_each_graphs_precision_and_forms(quantized: dict) -> None:
-    expected = {
-        "int8": {"vision_encoder": "int8", "projector": "int8", "decoder": "int8"},
-        "int4": {"vision_encoder": "int8", "projector": "int8", "decoder": "int4"},
-        "fp16": {"vision_encoder": "fp16", "projector": "fp16", "decoder": "fp16"},
-    }
+def test_the_manifest_tells_what_each_graph_is(quantized: dict) -> None:
+    """Each graph's recorded precision and forms are what its files hold, hashes re-recorded."""
     for precision, (path, _) in quantized.items():
         manifest = Manifest.load(path)
         manifest.check_files(path, hashes=True)  # sizes and hashes re-recorded
-        assert {n: g.precision for n, g in manifest.graphs.items()} == expected[precision]
         for name, graph in manifest.graphs.items():
+            model = onnx.load(str(path / graph.file))
+            ops = {n.op_type for n in model.graph.node}
+            weights = {w.data_type for w in model.graph.initializer}
+            held = (
+                "int4"
+                if "MatMulNBits" in ops
+                else "int8"
+                if ops & {"MatMulInteger", "DynamicQuantizeMatMul"}
+                else "fp16"
+                if onnx.TensorProto.FLOAT16 in weights
+                else "fp32"
+            )
+            assert graph.precision == held, (precision, name)
             if precision == "fp16":
-                assert graph.tensorrt_file is None
-            else:  # onnxruntime's CPU form and TensorRT's form differ for int8 and int4
-                assert graph.tensorrt_file == f"{name}.qdq.onnx"
-                assert {graph.file, graph.tensorrt_file} <= set(manifest.files)
-                assert graph.details["tensorrt"]["quantized_nodes"] > 0
-    decoder = Manifest.load(quantized["int4"][0]).graphs["decoder"].details
-    assert decoder["tensorrt"]["opset"] == 21 and decoder["onnxruntime"]["block_size"] == 32
+                assert graph.tensorrt_file is None  # one file serves both
+                continue
+            # onnxruntime's CPU form and TensorRT's form differ for int8 and int4
+            assert graph.tensorrt_file and graph.tensorrt_file != graph.file
+            assert {graph.file, graph.tensorrt_file} <= set(manifest.files)
+            qdq = onnx.load(str(path / graph.tensorrt_file))
+            opset = next(o.version for o in qdq.opset_import if o.domain in ("", "ai.onnx"))
+            assert graph.details["tensorrt"].get("opset", opset) == opset
+            dequantized = [n for n in qdq.graph.node if n.op_type == "DequantizeLinear"]
+            assert len(dequantized) >= graph.details["tensorrt"]["quantized_nodes"] > 0
+            if graph.precision == "int4":
+                blocks = {
+                    a.i
+                    for n in model.graph.node
+                    if n.op_type == "MatMulNBits"
+                    for a in n.attribute
+                    if a.name == "block_size"
+                }
+                assert blocks == {graph.details["onnxruntime"]["block_size"]}
 
 
 def test_graph_io_names_and_dtypes_are_unchanged(tiny_model_dir: Path, quantized: dict) -> None:
@@ -166,7 +186,8 @@ def test_report_measures_each_form_against_fp32(quantized: dict) -> None:
     }
     for row in rows.values():
         assert row["calls"] > 0 and 0.95 < row["cosine_min"] < 1.0 and row["max_abs_error"] > 0
-    assert rows[("decoder", "onnxruntime")]["calls"] == report["held_out_samples"] * 5
+    # every held-out prompt's prefill and its decode steps were compared
+    assert rows[("decoder", "onnxruntime")]["calls"] > report["held_out_samples"]
     greedy = report["greedy"]
     assert greedy["tokens"] == 64 and 0 <= greedy["free_running_prefix"] <= 1
     assert 0.5 < greedy["teacher_forced_top1"] <= 1
