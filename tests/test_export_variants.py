@@ -1,4 +1,4 @@
-"""Export of every LLaVA variant issue 2 names, held to transformers on the same weights.
+"""Export of every LLaVA variant export supports, held to transformers on the same weights.
 
 Six tiny checkpoints together cover: vision_feature_layer as an int (negative and positive) and
 as a list; vision_feature_select_strategy 'default' and 'full'; MHA, GQA and MQA text models;

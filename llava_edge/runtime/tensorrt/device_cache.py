@@ -1,6 +1,6 @@
 """The decoder's KV cache in device memory, fed to TensorRT without ever visiting the host.
 
-Scheme (the issue left it to us): each layer's keys and values get one region reserved for the
+Scheme: each layer's keys and values get one region reserved for the
 max context at creation. The engine's `past` input must be one contiguous [B, kv, past, D] tensor,
 so the cache keeps its used slots laid out as [B, kv, capacity, D] at the start of each region and
 binds exactly that as past; slots not yet written are zero and masked out. Capacity grows in
