@@ -77,6 +77,7 @@ def replace_dir(out: Path) -> Iterator[Path]:
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary dir
     try:
         yield tmp
+        _readable(tmp, 0o666 & ~umask)
         sync_tree(tmp)
         _install(tmp, out)
     finally:
@@ -97,6 +98,19 @@ def _install(tmp: Path, out: Path) -> None:
         raise
     fsync_path(parent)  # the renames themselves
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _readable(root: Path, mode: int) -> None:
+    """Give files the umask's permissions where their writer made them private (onnx writes
+    external data files 0600), so a model dir copied to a device or served to another user
+    reads like any other dir."""
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                current = os.stat(path).st_mode & 0o7777
+                if current | mode != current:
+                    os.chmod(path, current | mode)
 
 
 def sync_tree(root: Path) -> None:

@@ -141,6 +141,18 @@ def test_a_new_dir_is_on_disk_before_its_name_is(tmp_path, monkeypatch):
     assert ("fsync", str(tmp_path)) in events[installed:]
 
 
+def test_files_written_private_are_installed_readable(tmp_path):
+    """onnx writes external data 0600: the installed dir follows the umask like any other."""
+    umask = os.umask(0o022)
+    try:
+        with replace_dir(tmp_path / "out") as tmp:
+            (tmp / "weights.data").write_bytes(b"w")
+            (tmp / "weights.data").chmod(0o600)
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "out" / "weights.data").stat().st_mode & 0o777 == 0o644
+
+
 def test_a_manifest_is_on_disk_before_its_name_is(tiny_model_dir, tmp_path, monkeypatch):
     manifest = Manifest.load(tiny_model_dir)
     events = _record_syncs_and_renames(monkeypatch)
