@@ -96,10 +96,12 @@ def read_annotations(
         file = image_dir / draft.image
         if not file.is_file():
             skipped.append((draft.image, f"no file {file}"))
-        elif not draft.captions and not draft.boxes:
-            skipped.append((draft.image, "no caption and no box to describe"))
         else:
-            notes.append(_finish(draft, file))
+            finished = _finish(draft, file)
+            if finished.captions or finished.boxes:
+                notes.append(finished)
+            else:
+                skipped.append((draft.image, "no caption and no box to describe"))
     if not notes:
         raise LlavaEdgeError(
             f"none of the {len(drafts)} annotated images is usable "

@@ -100,7 +100,7 @@ class ChatClient:
         self.max_backoff = max_backoff
         self.budget = budget or Budget(None)
         self.stopping = threading.Event()
-        self._sleep = sleep or self.stopping.wait  # Ctrl-C ends a pause at once
+        self._sleep = sleep if sleep is not None else self.stopping.wait  # Ctrl-C: no waiting
         self._rng = rng or random.Random()
         self._lock = threading.Lock()
         self._reached = False  # any answer from the server at all, so far

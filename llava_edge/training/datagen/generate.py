@@ -87,8 +87,6 @@ def generate(
     journal: default OUT's name with `.journal.jsonl`. sleep: how retries wait (tests pass a
     recorder). dry_run: log the first image's prompts and send nothing.
     """
-    from llava_edge.training.datagen.client import Budget, ChatClient
-
     if isinstance(annotations, str | Path):
         annotations = [annotations]
     kinds = _check_options(kinds, per_image, concurrency, max_images, temperature, max_tokens)
@@ -116,6 +114,12 @@ def generate(
     if endpoint is None:
         raise LlavaEdgeError("no --endpoint given: the URL of an OpenAI-compatible API")
     api_key = _api_key(api_key_env)
+    try:
+        from llava_edge.training.datagen.client import Budget, ChatClient
+    except ImportError as e:
+        raise LlavaEdgeError(
+            f"`data generate` needs an HTTP client ({e}): pip install 'llava-edge[data]'"
+        ) from None
 
     budget = Budget(max_requests)
     client = ChatClient(

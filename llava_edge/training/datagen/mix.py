@@ -119,7 +119,7 @@ def _checker(path: Path):
 
 def format_table(result: MixResult) -> str:
     """Samples, images, turns and mean answer length per source, and for the whole mix."""
-    header = ("source", "weight", "samples", "of", "images", "turns", "answer words")
+    header = ("source", "weight", "samples", "in file", "images", "turns", "words/answer")
     rows = [
         (
             str(s.source.path),

@@ -19,7 +19,7 @@ from llava_edge.training.datagen.prompts import detail_question
 # A run of 2-4 comma-separated numbers between 0 and 1, at least the first with decimals:
 # "[0.412, 0.388, 0.705, 0.912]", "(0.41, 0.39)". Box coordinates, not prose numbers.
 _COORDINATE_RUN = re.compile(
-    r"(?<![\d.])(?:0?\.\d+|1\.0+)(?:\s*,\s*(?:0?\.\d+|1\.0+|[01])(?![\d.])){1,3}"
+    r"(?<![\d.])(?:0?\.\d+|1\.0+)(?:\s*,\s*(?:0?\.\d+|1\.0+|[01])(?!\.?\d)){1,3}"
 )
 _FENCE = re.compile(r"^```[a-zA-Z]*\s*\n?(.*?)\n?```$", re.DOTALL)
 
@@ -83,7 +83,7 @@ def leaked_coordinates(text: str, coordinates: set[str]) -> str | None:
     run = _COORDINATE_RUN.search(text)
     if run:
         return run.group(0)
-    for number in re.findall(r"(?<![\d.])\d*\.\d+(?![\d.])", text):
+    for number in re.findall(r"(?<![\d.])\d*\.\d+(?!\.?\d)", text):
         if number in coordinates or f"0{number}" in coordinates:
             return number
     return None

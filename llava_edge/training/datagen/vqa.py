@@ -152,10 +152,10 @@ def read_vqav2(path: Path, annotations: str | Path | None) -> list[Question]:
     if not isinstance(document, dict) or not isinstance(document.get("questions"), list):
         raise _not(path, "vqav2", "a questions file is an object with a 'questions' list")
     answers_path = Path(annotations) if annotations else _vqav2_annotations(path)
-    if not answers_path.is_file():
+    if answers_path is None or not answers_path.is_file():
+        looked = f"{answers_path} does not exist" if answers_path else "none was given"
         raise LlavaEdgeError(
-            f"vqav2 keeps its answers in an annotations file; {answers_path} does not exist "
-            "(pass --annotations FILE)"
+            f"vqav2 keeps its answers in an annotations file; {looked} (pass --annotations FILE)"
         )
     answer_doc = _load(answers_path, "vqav2")
     if not isinstance(answer_doc, dict) or not isinstance(answer_doc.get("annotations"), list):
@@ -186,10 +186,10 @@ def read_vqav2(path: Path, annotations: str | Path | None) -> list[Question]:
     return questions
 
 
-def _vqav2_annotations(questions: Path) -> Path:
+def _vqav2_annotations(questions: Path) -> Path | None:
     """v2_OpenEnded_mscoco_train2014_questions.json -> v2_mscoco_train2014_annotations.json"""
     name = questions.name.replace("OpenEnded_", "").replace("_questions", "_annotations")
-    return questions.with_name(name)
+    return questions.with_name(name) if name != questions.name else None
 
 
 def read_gqa(path: Path) -> list[Question]:
