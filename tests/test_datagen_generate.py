@@ -25,6 +25,7 @@ from PIL import Image
 from llava_edge.cli import main as cli
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.training.data import SampleFile, parse_sample
+from llava_edge.training.datagen.client import backoff_delay
 from llava_edge.training.datagen.generate import generate
 from llava_edge.training.datagen.journal import Journal
 from llava_edge.training.datagen.prompts import (
@@ -159,7 +160,7 @@ def scene(tmp_path):
 class Sleeps(list):
     """Records how long retries would have waited, without waiting."""
 
-    def __call__(self, seconds: float) -> None:
+    async def __call__(self, seconds: float) -> None:
         self.append(seconds)
 
 
@@ -267,14 +268,9 @@ def test_retries_back_off_exponentially_and_honour_retry_after(tmp_path):
 
 
 def test_backoff_is_capped():
-    from llava_edge.training.datagen.client import ChatClient
-
-    client = ChatClient("http://127.0.0.1:9/v1", backoff=1.0, max_backoff=60.0)
-    try:
-        assert 30.0 <= client.delay(10) <= 60.0
-        assert client.delay(0, retry_after=3600) == 60.0
-    finally:
-        client.close()
+    rng = random.Random(0)
+    assert 30.0 <= backoff_delay(10, 1.0, 60.0, rng) <= 60.0
+    assert backoff_delay(0, 1.0, 60.0, rng, retry_after=3600) == 60.0
 
 
 def test_requests_in_flight_never_exceed_the_concurrency(scene):
@@ -549,3 +545,46 @@ def test_missing_http_client_is_a_one_line_error(scene, monkeypatch):
     monkeypatch.delitem(sys.modules, "llava_edge.training.datagen.client", raising=False)
     with pytest.raises(LlavaEdgeError, match=r"pip install 'llava-edge\[data\]'"):
         generate(annotations, images, root / "out.json", endpoint="http://127.0.0.1:9/v1")
+
+
+def test_generate_runs_where_an_event_loop_already_runs(scene):
+    """From a notebook (whose thread runs an event loop) the Python API works as anywhere."""
+    import asyncio
+
+    root, images, annotations, names = scene
+
+    async def notebook_cell(url):
+        return generate(annotations, images, root / "out.json", endpoint=url, max_images=1,
+                        progress=False)  # fmt: skip
+
+    with ChatServer(Table(names)) as server:
+        result = asyncio.run(notebook_cell(server.url))
+    assert sum(result.samples.values()) == 3
+
+
+def test_ctrl_c_stops_at_once_and_keeps_the_journal(scene):
+    root, images, annotations, names = scene
+    table = Table(names)
+    table.scripts[("img_0.png", "detail", 0)] = [Reply(json.dumps(good("detail", "img_0.png")),
+                                                       delay=30)]  # fmt: skip
+    out = root / "out.json"
+    command = [sys.executable, "-m", "llava_edge.cli", "data", "generate", "--annotations",
+               str(annotations[0]), "--annotations", str(annotations[1]), "--images", str(images),
+               "--out", str(out), "--max-images", "1"]  # fmt: skip
+    with ChatServer(table) as server:
+        process = subprocess.Popen([*command, "--endpoint", server.url], stderr=subprocess.PIPE)
+        journal = root / "out.journal.jsonl"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (
+            not journal.exists() or journal.read_bytes().count(b"\n") < 3
+        ):
+            time.sleep(0.01)  # the two quick samples are in; the slow one is in flight
+        interrupted = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=20)
+        took = time.monotonic() - interrupted
+    assert process.returncode == 130, err.decode()
+    assert err.decode().strip().endswith("llava-edge data: interrupted")
+    assert took < 10  # not held up by the reply still 30 s away
+    entries = [json.loads(line) for line in journal.read_text().splitlines()[1:]]
+    assert sorted(e["kind"] for e in entries) == ["conversation", "reasoning"]

@@ -1,20 +1,21 @@
-"""A client for any OpenAI-compatible chat-completions endpoint (llama-server, vLLM, a hosted
-API), shared by the threads of a `generate` run.
+"""An asyncio client for any OpenAI-compatible chat-completions endpoint (llama-server, vLLM, a
+hosted API), shared by the concurrent requests of a `generate` run.
 
 What it adds to httpx: retries with exponential backoff (and the server's Retry-After) on 429,
 5xx, timeouts and dropped connections; a request budget that every attempt, retries included,
 draws from; counts of requests, retries and tokens. The retry loop is written here rather than
 taken from the openai client or tenacity because every attempt must be charged to the shared
 budget before it is sent, errors must be sorted into "retry", "give up on this sample" and "stop
-the run", and the sleep must be injectable (tests) and interruptible (Ctrl-C).
+the run", and the sleep must be injectable (tests). asyncio rather than threads: Ctrl-C cancels
+requests in flight at once, where a thread blocked in a read would hold the exit up to --timeout.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
-import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import httpx
@@ -37,7 +38,7 @@ class RequestFailed(Exception):
 
 
 class NotSent(Exception):
-    """Not sent: the request budget ran out, or the run is stopping."""
+    """Not sent: the request budget ran out."""
 
 
 class EndpointError(LlavaEdgeError):
@@ -45,21 +46,19 @@ class EndpointError(LlavaEdgeError):
 
 
 class Budget:
-    """How many HTTP requests a run may still send (None: no limit); thread-safe."""
+    """How many HTTP requests a run may still send (None: no limit)."""
 
     def __init__(self, limit: int | None):
         if limit is not None and limit < 0:
             raise LlavaEdgeError("--max-requests must be 0 or more")
         self.limit = limit
         self.spent = 0
-        self._lock = threading.Lock()
 
     def take(self) -> bool:
-        with self._lock:
-            if self.limit is not None and self.spent >= self.limit:
-                return False
-            self.spent += 1
-            return True
+        if self.exhausted:
+            return False
+        self.spent += 1
+        return True
 
     @property
     def exhausted(self) -> bool:
@@ -78,6 +77,23 @@ def endpoint_urls(endpoint: str) -> tuple[str, str]:
     return url, url + "/chat/completions"
 
 
+def backoff_delay(
+    attempt: int,
+    backoff: float,
+    max_backoff: float,
+    rng: random.Random,
+    retry_after: float | None = None,
+) -> float:
+    """Seconds to wait before retry `attempt` + 1: backoff x 2^attempt, the upper half of it at
+    random (so that requests that failed together do not retry together), at least what the
+    server asked for, at most max_backoff."""
+    ceiling = min(max_backoff, backoff * 2**attempt)
+    wait = ceiling / 2 + rng.random() * ceiling / 2
+    if retry_after is not None:
+        wait = max(wait, min(retry_after, max_backoff))
+    return wait
+
+
 class ChatClient:
     def __init__(
         self,
@@ -89,7 +105,7 @@ class ChatClient:
         max_backoff: float = 60.0,
         budget: Budget | None = None,
         concurrency: int = 4,
-        sleep: Callable[[float], object] | None = None,
+        sleep: Callable[[float], Awaitable[object]] | None = None,
         rng: random.Random | None = None,
     ):
         if timeout <= 0 or retries < 0 or backoff < 0:
@@ -99,13 +115,11 @@ class ChatClient:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.budget = budget or Budget(None)
-        self.stopping = threading.Event()
-        self._sleep = sleep if sleep is not None else self.stopping.wait  # Ctrl-C: no waiting
+        self._sleep = sleep if sleep is not None else asyncio.sleep
         self._rng = rng or random.Random()
-        self._lock = threading.Lock()
         self._reached = False  # any answer from the server at all, so far
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(
+        self.http = httpx.AsyncClient(
             headers=headers,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
@@ -115,14 +129,16 @@ class ChatClient:
         self.prompt_tokens = 0
         self.completion_tokens = 0
 
-    def close(self) -> None:
-        self.stopping.set()
-        self.http.close()
+    async def __aenter__(self) -> ChatClient:
+        return self
 
-    def models(self) -> list[str]:
+    async def __aexit__(self, *exc: object) -> None:
+        await self.http.aclose()
+
+    async def models(self) -> list[str]:
         """The model names the endpoint serves (GET /models)."""
         try:
-            response = self.http.get(self.base_url + "/models")
+            response = await self.http.get(self.base_url + "/models")
         except httpx.TransportError as e:
             raise EndpointError(self._unreachable(self.base_url + "/models", e)) from None
         if response.status_code != 200:
@@ -137,18 +153,15 @@ class ChatClient:
                 f"GET {self.base_url}/models did not list models; name the model with --model"
             ) from None
 
-    def complete(self, body: dict) -> Reply:
+    async def complete(self, body: dict) -> Reply:
         """POST one chat completion, retrying what is worth retrying."""
         for attempt in range(self.retries + 1):
-            if self.stopping.is_set():
-                raise NotSent()
             if not self.budget.take():
                 raise NotSent()
-            with self._lock:
-                self.requests += 1
+            self.requests += 1
             retry_after = None
             try:
-                response = self.http.post(self.url, json=body)
+                response = await self.http.post(self.url, json=body)
             except (httpx.ConnectError, httpx.ConnectTimeout) as e:
                 if not self._reached:  # nothing ever answered: a wrong URL or a stopped server
                     raise EndpointError(self._unreachable(self.url, e)) from None
@@ -182,20 +195,11 @@ class ChatClient:
                     raise RequestFailed(f"HTTP {status}: {_message(response)}")
             if attempt == self.retries:
                 raise RequestFailed(f"{cause} ({attempt + 1} tries)")
-            with self._lock:
-                self.retried[cause] += 1
-            self._sleep(self.delay(attempt, retry_after))
+            self.retried[cause] += 1
+            await self._sleep(
+                backoff_delay(attempt, self.backoff, self.max_backoff, self._rng, retry_after)
+            )
         raise AssertionError("unreachable")
-
-    def delay(self, attempt: int, retry_after: float | None = None) -> float:
-        """Seconds to wait before retry `attempt` + 1: backoff x 2^attempt, the upper half of it
-        at random (so that threads that failed together do not retry together), at least what
-        the server asked for, at most max_backoff."""
-        ceiling = min(self.max_backoff, self.backoff * 2**attempt)
-        wait = ceiling / 2 + self._rng.random() * ceiling / 2
-        if retry_after is not None:
-            wait = max(wait, min(retry_after, self.max_backoff))
-        return wait
 
     def _reply(self, response: httpx.Response) -> Reply | None:
         try:
@@ -211,9 +215,8 @@ class ChatClient:
             )
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             return None
-        with self._lock:
-            self.prompt_tokens += reply.prompt_tokens
-            self.completion_tokens += reply.completion_tokens
+        self.prompt_tokens += reply.prompt_tokens
+        self.completion_tokens += reply.completion_tokens
         return reply
 
     @staticmethod

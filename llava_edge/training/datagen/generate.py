@@ -2,20 +2,23 @@
 
 For every annotated image, every kind asked for and every index up to `per_image`, one request:
 the kind's system prompt and worked examples, then the image's captions and boxes as text. The
-JSON reply becomes a LLaVA sample or is dropped with its reason. Requests run on a bounded pool
-of threads; each settled sample is appended to the journal as soon as it is known, so a killed
-run, run again, asks only what is missing, and the final LLaVA JSON (written whole from the
-journal, in annotation order) is the same as an uninterrupted run's.
+JSON reply becomes a LLaVA sample or is dropped with its reason. At most `concurrency` requests
+are in flight (asyncio); each settled sample is appended to the journal as soon as it is known,
+so a killed run, run again, asks only what is missing, and the final LLaVA JSON (written whole
+from the journal, in annotation order) is the same as an uninterrupted run's.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
 from collections import Counter
-from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.training.datagen.annotations import ImageNotes, read_annotations
@@ -80,7 +83,7 @@ def generate(
     dry_run: bool = False,
     progress: bool = True,
     log: Callable[[str], object] = print,
-    sleep: Callable[[float], object] | None = None,
+    sleep: Callable[[float], Awaitable[object]] | None = None,
 ) -> GenerateResult:
     """Generate instruction data for the annotated images; see the module docstring.
 
@@ -121,42 +124,54 @@ def generate(
             f"`data generate` needs an HTTP client ({e}): pip install 'llava-edge[data]'"
         ) from None
 
-    budget = Budget(max_requests)
-    client = ChatClient(
-        endpoint,
+    client_options = dict(
         api_key=api_key,
         timeout=timeout,
         retries=retries,
         backoff=backoff,
-        budget=budget,
+        budget=Budget(max_requests),
         concurrency=concurrency,
         sleep=sleep,
     )
+
+    async def session() -> GenerateResult:
+        async with ChatClient(endpoint, **client_options) as client:
+            chosen = model or await _only_model(client)
+            settings = {
+                "model": chosen,
+                "prompts": prompts_version(),
+                "temperature": temperature,
+                "seed": seed,
+                "max_tokens": max_tokens,
+            }
+            result = GenerateResult(out, journal_path, chosen, skipped_images=skipped)
+            with Journal(journal_path, settings) as book:
+                todo = [job for job in jobs if job.key not in book]
+                result.dropped_earlier = sum(
+                    book.entries[j.key]["status"] == "dropped" for j in jobs if j.key in book
+                )
+                with _progress_bar(len(jobs), len(jobs) - len(todo), progress) as bar:
+                    request = functools.partial(body, model=chosen)
+                    await _run(client, todo, request, book, result, concurrency, bar)
+                _write_final(out, jobs, book, result)
+            result.requests = client.requests
+            result.retries = client.retried
+            result.prompt_tokens = client.prompt_tokens
+            result.completion_tokens = client.completion_tokens
+            return result
+
+    return _run_to_completion(session)
+
+
+def _run_to_completion(session: Callable[[], Coroutine[Any, Any, GenerateResult]]):
+    """asyncio.run(session()), also where the caller's thread already runs an event loop (a
+    notebook), by running it on a thread of its own."""
     try:
-        model = model or _only_model(client)
-        settings = {
-            "model": model,
-            "prompts": prompts_version(),
-            "temperature": temperature,
-            "seed": seed,
-            "max_tokens": max_tokens,
-        }
-        result = GenerateResult(out, journal_path, model, skipped_images=skipped)
-        with Journal(journal_path, settings) as book:
-            todo = [job for job in jobs if job.key not in book]
-            result.dropped_earlier = sum(
-                book.entries[j.key]["status"] == "dropped" for j in jobs if j.key in book
-            )
-            bar = _progress_bar(len(jobs), len(jobs) - len(todo), progress)
-            _run(client, todo, lambda job: body(job, model), book, result, concurrency, bar)
-            _write_final(out, jobs, book, result)
-    finally:
-        client.close()
-    result.requests = client.requests
-    result.retries = client.retried
-    result.prompt_tokens = client.prompt_tokens
-    result.completion_tokens = client.completion_tokens
-    return result
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(session())
+    with ThreadPoolExecutor(1) as thread:
+        return thread.submit(asyncio.run, session()).result()
 
 
 def _progress_bar(total: int, done: int, progress: bool):
@@ -171,47 +186,44 @@ def _progress_bar(total: int, done: int, progress: bool):
     )
 
 
-def _run(client, todo, body, book: Journal, result: GenerateResult, concurrency: int, bar):
-    """Ask for every job on `concurrency` threads; the caller's thread alone writes the journal."""
+async def _run(client, todo, body, book: Journal, result: GenerateResult, concurrency: int, bar):
+    """Ask for every job, `concurrency` requests at a time. Outcomes are recorded between
+    awaits, so a journal line is never cut by a cancellation (Ctrl-C)."""
     waiting = iter(todo)
-    running: dict[Future, Job] = {}
-    pool = ThreadPoolExecutor(concurrency, thread_name_prefix="generate")
+
+    async def worker() -> None:
+        while not client.budget.exhausted:
+            job = next(waiting, None)
+            if job is None:
+                return
+            outcome = await _ask(client, job, body(job))
+            if outcome is None:
+                result.unsent += 1
+            elif isinstance(outcome, str):
+                result.failed.append((job.key, outcome))
+            else:
+                book.append(outcome)
+                if outcome["status"] == "dropped":
+                    result.dropped.append((job.key, outcome["reason"], outcome["detail"]))
+                bar.update()
+            bar.set_postfix(dropped=len(result.dropped), failed=len(result.failed))
+
+    workers = [asyncio.ensure_future(worker()) for _ in range(concurrency)]
     try:
-        while True:
-            while len(running) < 2 * concurrency and not client.budget.exhausted:
-                job = next(waiting, None)
-                if job is None:
-                    break
-                running[pool.submit(_ask, client, job, body(job))] = job
-            if not running:
-                break
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                job = running.pop(future)
-                outcome = future.result()  # EndpointError ends the run here
-                if outcome is None:
-                    result.unsent += 1
-                elif isinstance(outcome, str):
-                    result.failed.append((job.key, outcome))
-                else:
-                    book.append(outcome)
-                    if outcome["status"] == "dropped":
-                        result.dropped.append((job.key, outcome["reason"], outcome["detail"]))
-                    bar.update()
-                bar.set_postfix(dropped=len(result.dropped), failed=len(result.failed))
-        result.unsent += sum(1 for _ in waiting)  # never submitted: the budget ran out
+        await asyncio.gather(*workers)  # EndpointError in one ends the run here
     finally:
-        bar.close()
-        client.stopping.set()  # pending retries give up at once
-        pool.shutdown(wait=False, cancel_futures=True)
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+    result.unsent += sum(1 for _ in waiting)  # never asked: the budget ran out
 
 
-def _ask(client, job: Job, body: dict) -> dict | str | None:
+async def _ask(client, job: Job, body: dict) -> dict | str | None:
     """The journal entry of one job, a failure message, or None if it was not sent."""
     from llava_edge.training.datagen.client import NotSent, RequestFailed
 
     try:
-        reply = client.complete(body)
+        reply = await client.complete(body)
     except RequestFailed as e:
         return str(e)
     except NotSent:
@@ -253,8 +265,8 @@ def _write_final(out: Path, jobs: list[Job], book: Journal, result: GenerateResu
     write_samples(out, samples)
 
 
-def _only_model(client) -> str:
-    names = client.models()
+async def _only_model(client) -> str:
+    names = await client.models()
     if len(names) != 1:
         listed = ", ".join(names[:5]) or "none"
         raise LlavaEdgeError(
