@@ -425,11 +425,12 @@ def test_options_take_effect(scene):
         result = generate(
             annotations, images, root / "out.json", endpoint=server.url + "/chat/completions",
             kinds=["reasoning", "conversation"], per_image=2, max_images=2, seed=7,
-            temperature=0.2, max_tokens=300, progress=False,
+            temperature=0.2, max_tokens=300, journal=root / "elsewhere.jsonl", progress=False,
         )  # fmt: skip
         bodies = server.bodies
     assert table.problems == []
     assert result.model == "only-model" and {b["model"] for b in bodies} == {"only-model"}
+    assert (root / "elsewhere.jsonl").is_file() and not (root / "out.journal.jsonl").exists()
     assert {(b["temperature"], b["max_tokens"]) for b in bodies} == {(0.2, 300)}
     asked = sorted(table.keys[b["seed"]] for b in bodies)
     assert asked == sorted(
@@ -483,6 +484,7 @@ def run_cli(capsys, *args: str) -> tuple[int, str]:
         ("two models", r"serves 2 models \(a, b\); name one with --model"),
         ("other settings", "journal .* was written with temperature 0.7, not 0.1"),
         ("not an url", "is not an http\\(s\\) URL"),
+        ("wrong path", r"answered HTTP 404 \(no route /chat/completions\); check --endpoint"),
     ],
 )
 def test_bad_input_is_a_one_line_error(scene, capsys, monkeypatch, case, message):
@@ -515,6 +517,8 @@ def test_bad_input_is_a_one_line_error(scene, capsys, monkeypatch, case, message
             args += ["--model", "m", "--temperature", "0.1"]
         elif case == "not an url":
             endpoint = ["--endpoint", "localhost:8080"]
+        elif case == "wrong path":
+            endpoint = ["--endpoint", server.url.removesuffix("/v1"), "--model", "m"]
         code, err = run_cli(capsys, *ann, *args, *endpoint)
         assert server.bodies == []
     assert code == 1
