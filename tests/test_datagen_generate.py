@@ -484,6 +484,7 @@ def run_cli(capsys, *args: str) -> tuple[int, str]:
         ("two models", r"serves 2 models \(a, b\); name one with --model"),
         ("other settings", "journal .* was written with temperature 0.7, not 0.1"),
         ("not an url", "is not an http\\(s\\) URL"),
+        ("journal is out", "--journal and --out are both"),
         ("wrong path", r"answered HTTP 404 \(no route /chat/completions\); check --endpoint"),
     ],
 )
@@ -517,6 +518,8 @@ def test_bad_input_is_a_one_line_error(scene, capsys, monkeypatch, case, message
             args += ["--model", "m", "--temperature", "0.1"]
         elif case == "not an url":
             endpoint = ["--endpoint", "localhost:8080"]
+        elif case == "journal is out":
+            args += ["--journal", str(root / "out.json")]
         elif case == "wrong path":
             endpoint = ["--endpoint", server.url.removesuffix("/v1"), "--model", "m"]
         code, err = run_cli(capsys, *ann, *args, *endpoint)
@@ -592,3 +595,13 @@ def test_ctrl_c_stops_at_once_and_keeps_the_journal(scene):
     assert took < 10  # not held up by the reply still 30 s away
     entries = [json.loads(line) for line in journal.read_text().splitlines()[1:]]
     assert sorted(e["kind"] for e in entries) == ["conversation", "reasoning"]
+
+
+def test_a_file_that_is_not_a_journal_is_left_alone(scene):
+    root, images, annotations, names = scene
+    notes = root / "notes.txt"
+    notes.write_text("my own notes, no newline at the end")
+    with pytest.raises(LlavaEdgeError, match="is not a journal of `llava-edge data generate`"):
+        generate(annotations, images, root / "out.json", endpoint="http://127.0.0.1:9/v1",
+                 model="m", journal=notes)  # fmt: skip
+    assert notes.read_text() == "my own notes, no newline at the end"

@@ -97,6 +97,8 @@ def generate(
     if out.is_dir():
         raise LlavaEdgeError(f"--out {out} is a directory; name the JSON file to write")
     journal_path = Path(journal) if journal else out.with_name(out.stem + ".journal.jsonl")
+    if journal_path.resolve() == out.resolve():
+        raise LlavaEdgeError(f"--journal and --out are both {out}; give the journal its own file")
     notes, skipped = read_annotations(list(annotations), images)
     notes = notes[:max_images] if max_images else notes
     jobs = [Job(n, kind, i) for n in notes for kind in kinds for i in range(per_image)]

@@ -64,15 +64,17 @@ class Journal:
             _lock(self._file, self.path)
             self._file.seek(0)
             text = self._file.read()
+            lines = text.splitlines()
+            if lines and ("\n" in text or not text.startswith('{"journal"')):
+                self._check_header(lines[0], settings)  # before anything is cut off
             if text and not text.endswith("\n"):  # killed mid-line: that sample is asked again
                 text = text[: text.rfind("\n") + 1]
                 self._file.truncate(len(text.encode("utf-8")))
-            lines = text.splitlines()
+                lines = text.splitlines()
             if not lines:
                 self._file.write(json.dumps({"journal": _HEADER, "settings": settings}) + "\n")
                 self._file.flush()
                 return
-            self._check_header(lines[0], settings)
             for number, line in enumerate(lines[1:], 2):
                 try:
                     entry = json.loads(line)
