@@ -512,7 +512,7 @@ def _add_datagen_parsers(data: argparse._SubParsersAction) -> None:
         "--max-requests", type=int, help="send at most N HTTP requests (retries count), then stop"
     )
     p.add_argument("--journal", help="resumable record of the run (default: OUT.journal.jsonl)")
-    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
     p.add_argument("--max-tokens", type=int, default=1024, help="longest reply in tokens")
     p.add_argument("--seed", type=int, default=0, help="base of each request's sampling seed")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds one request may take")

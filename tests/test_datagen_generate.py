@@ -406,7 +406,8 @@ def test_dry_run_prints_the_prompts_and_sends_nothing(scene, capsys):
     with ChatServer(Table(names)) as server:
         code = cli(["data", "generate", "--annotations", str(annotations[0]), "--annotations",
                     str(annotations[1]), "--images", str(images), "--out", str(root / "o.json"),
-                    "--endpoint", server.url, "--kinds", "detail,reasoning", "--dry-run"])  # fmt: skip
+                    "--endpoint", server.url, "--kinds", "detail,reasoning", "--per-image", "2",
+                    "--dry-run"])  # fmt: skip
         assert server.bodies == []
     printed = capsys.readouterr().out
     assert code == 0
@@ -414,7 +415,8 @@ def test_dry_run_prints_the_prompts_and_sends_nothing(scene, capsys):
     assert SYSTEM["conversation"] not in printed
     assert "- A pallet in a room.\n- One pallet." in printed
     assert "- pallet: [0.250, 0.250, 0.750, 0.750]" in printed
-    assert "12 requests for 6 images" in printed
+    assert printed.count("[system]") == 2  # the first image's first prompt of each kind
+    assert "24 requests for 6 images" in printed
     assert not (root / "o.json").exists() and not (root / "o.journal.jsonl").exists()
 
 

@@ -114,7 +114,8 @@ def generate(
         return {"model": model, **request} if model else request
 
     if dry_run:
-        _show_prompts([body(j, model) for j in jobs[: len(kinds)]], jobs, log)
+        first = [next(j for j in jobs if j.kind == kind) for kind in kinds]
+        _show_prompts([(j, body(j, model)) for j in first], jobs, log)
         return GenerateResult(None, journal_path, model, skipped_images=skipped)
     if endpoint is None:
         raise LlavaEdgeError("no --endpoint given: the URL of an OpenAI-compatible API")
@@ -300,8 +301,10 @@ def _check_options(kinds, per_image, concurrency, max_images, temperature, max_t
     return kinds
 
 
-def _show_prompts(bodies: list[dict], jobs: list[Job], log: Callable[[str], object]) -> None:
-    for body, job in zip(bodies, jobs, strict=False):
+def _show_prompts(
+    first: list[tuple[Job, dict]], jobs: list[Job], log: Callable[[str], object]
+) -> None:
+    for job, body in first:
         log(f"===== {job.notes.image} · {job.kind} #{job.index} (seed {body['seed']}) =====")
         for message in body["messages"]:
             log(f"[{message['role']}]\n{message['content']}\n")
@@ -348,7 +351,10 @@ def format_report(result: GenerateResult, limit: int = 20) -> str:
     )
     hidden = max(0, len(result.dropped) - limit) + max(0, len(result.failed) - limit)
     if hidden:
-        lines.append(f"({hidden} more not shown; the journal holds every dropped reply)")
+        lines.append(
+            f"({hidden} more not shown: the journal holds every dropped reply; the next run asks "
+            "the failed requests again)"
+        )
     return "\n".join(lines)
 
 

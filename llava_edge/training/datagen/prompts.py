@@ -227,7 +227,7 @@ def detail_question(image: str, index: int) -> str:
 def prompts_version() -> str:
     """A digest of every prompt and example: a journal written with other prompts is not
     resumed with these."""
-    text = json.dumps([SYSTEM, DETAIL_QUESTIONS, [messages(k, "") for k in KINDS]])
+    text = json.dumps([DETAIL_QUESTIONS, [messages(kind, "") for kind in KINDS]])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
