@@ -176,7 +176,7 @@ def test_good_samples_land_once_and_bad_ones_are_reported(scene):
         ("img_0.png", "detail", 0): [Status(500), Status(503),
                                      Reply(json.dumps(good("detail", "img_0.png")))],
         ("img_1.png", "conversation", 0): [Reply(json.dumps(good("conversation", "img_1.png")),
-                                                 delay=2.5),
+                                                 delay=6.0),
                                            Reply(json.dumps(good("conversation", "img_1.png")))],
         ("img_1.png", "detail", 0): [Drop(), Reply(json.dumps(good("detail", "img_1.png")))],
         ("img_1.png", "reasoning", 0): [Cut(), Reply(json.dumps(good("reasoning", "img_1.png")))],
@@ -198,7 +198,7 @@ def test_good_samples_land_once_and_bad_ones_are_reported(scene):
     out = root / "out.json"
     with ChatServer(table) as server:
         result = generate(
-            annotations, images, out, endpoint=server.url, concurrency=3, timeout=1.0,
+            annotations, images, out, endpoint=server.url, concurrency=3, timeout=2.0,
             retries=3, backoff=0.01, progress=False, sleep=sleeps,
         )  # fmt: skip
     assert table.problems == []
