@@ -211,7 +211,7 @@ async def _run(client, todo, body, book: Journal, result: GenerateResult, concur
                 bar.update()
             bar.set_postfix(dropped=len(result.dropped), failed=len(result.failed))
 
-    workers = [asyncio.ensure_future(worker()) for _ in range(concurrency)]
+    workers = [asyncio.create_task(worker()) for _ in range(concurrency)]
     try:
         await asyncio.gather(*workers)  # EndpointError in one ends the run here
     finally:
