@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from llava_edge.errors import LlavaEdgeError
-from llava_edge.files import write_text_atomic
+from llava_edge.files import replace_file
 
 MANIFEST_NAME = "manifest.json"
 # Beside a checkpoint (not in a model dir): llava-edge's facts about it, e.g. the chat template it
@@ -213,10 +213,9 @@ class Manifest:
         return dataclasses.asdict(self)
 
     def save(self, model_dir: str | os.PathLike) -> None:
-        """Write atomically, so a reader never sees half a manifest."""
-        write_text_atomic(
-            Path(model_dir) / MANIFEST_NAME, json.dumps(self.to_dict(), indent=2) + "\n"
-        )
+        """Write atomically, so a reader never sees half a manifest (nor a power cut)."""
+        with replace_file(Path(model_dir) / MANIFEST_NAME) as f:
+            f.write(json.dumps(self.to_dict(), indent=2) + "\n")
 
     def validate(self, where: str = MANIFEST_NAME) -> None:
         missing = [g for g in GRAPH_NAMES if g not in self.graphs]
