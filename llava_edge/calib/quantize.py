@@ -24,8 +24,8 @@ with it, and onnxruntime opens each TensorRT form), and renamed into place only 
 
 Models of any size: what needs the whole graph (shape inference, opset conversion) runs on the
 graph without its weights, fp16 weights are converted a chunk at a time (calib/fp16.py), and
-onnxruntime's int8 and int4 quantizers take the fp32 weights once (they need them in memory)
-and write external data past 2 GB.
+onnxruntime's int8 and int4 quantizers, which need the fp32 weights in memory (its calibrators
+a few copies of them), write external data past 2 GB.
 """
 
 from __future__ import annotations
