@@ -352,6 +352,8 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from llava_edge.calib.quantize import METHODS, TARGETS
+
     parser = argparse.ArgumentParser(
         prog="llava-edge", description="Export, quantize and run LLaVA models at the edge."
     )
@@ -386,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="write an int8, int4 or fp16 copy of an exported model dir")
     p.add_argument("model_dir", help="fp32 model dir written by `llava-edge export`")
     p.add_argument("out_dir")
-    p.add_argument("--precision", required=True, choices=["int8", "int4", "fp16"])
+    p.add_argument("--precision", required=True, choices=TARGETS)
     p.add_argument(
         "--calib",
         help="calibration data: a LLaVA JSON file, or a folder of images (int8 and int4 need it)",
@@ -398,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--method",
         default="minmax",
-        choices=["minmax", "entropy", "percentile"],
+        choices=METHODS,
         help="how activation ranges are chosen for the TensorRT graphs (default minmax)",
     )
     p.add_argument(
