@@ -123,6 +123,35 @@ def _run(args: argparse.Namespace) -> None:
         )
 
 
+# ---- watch -----------------------------------------------------------------------------------
+
+
+@command("watch")
+def _watch(args: argparse.Namespace) -> None:
+    with _load_pipeline(args) as pipe:
+        answers = pipe.watch(
+            args.source,
+            args.prompt,
+            every_s=args.every,
+            frames=args.frames,
+            changes_only=args.changes_only,
+            max_frames=args.max_frames,
+            live=True if args.live else None,
+            timeout_s=args.source_timeout,
+            folder_fps=args.folder_fps,
+            **_generation_options(args),
+        )
+        for answer in answers:
+            if args.jsonl:
+                print(json.dumps(answer.to_dict()), flush=True)
+            else:
+                skipped = f" (skipped {answer.skipped})" if answer.skipped else ""
+                print(
+                    f"{answer.timestamp:9.2f}s  frame {answer.index}{skipped}: {answer.text}",
+                    flush=True,
+                )
+
+
 # ---- chat ------------------------------------------------------------------------------------
 
 
@@ -367,6 +396,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_generation_options(p)
     _add_backend_options(p)
+
+    p = sub.add_parser(
+        "watch", help="answer a question about a video, camera or stream, frame after frame"
+    )
+    p.add_argument("model_dir")
+    p.add_argument(
+        "--source",
+        required=True,
+        help="video file, camera (/dev/video0), rtsp:// or http:// stream, or image folder",
+    )
+    p.add_argument("--prompt", required=True)
+    p.add_argument(
+        "--every", type=float, default=1.0, help="seconds between answered frames (default 1)"
+    )
+    p.add_argument("--jsonl", action="store_true", help="print one JSON object per answer")
+    p.add_argument("--max-frames", type=int, help="stop after answering N frames")
+    p.add_argument(
+        "--changes-only", action="store_true", help="print an answer only when it changes"
+    )
+    p.add_argument("--frames", type=int, default=1, help="last K frames in each prompt")
+    p.add_argument(
+        "--live", action="store_true", help="replay a file at its own pace, as a camera would"
+    )
+    p.add_argument(
+        "--source-timeout",
+        type=float,
+        default=10.0,
+        help="seconds to wait for a stream to open or send its next frame (default 10)",
+    )
+    p.add_argument(
+        "--folder-fps", type=float, default=1.0, help="an image folder's images per second"
+    )
+    _add_generation_options(p)
+    _add_backend_options(p)
+    p.set_defaults(raw=False)
 
     p = sub.add_parser("chat", help="talk about an image, turn by turn (reuses the KV cache)")
     p.add_argument("model_dir")
