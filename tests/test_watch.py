@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-import av  # noqa: E402  (the video extra, in dev)
+import av  # the video extra, in dev
 import numpy as np
 import pytest
 from PIL import Image
