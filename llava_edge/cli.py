@@ -245,7 +245,27 @@ def _build(args: argparse.Namespace) -> None:
         max_context=args.max_context,
         workspace_gb=args.workspace,
         timing_cache=args.timing_cache,
+        check_memory=not args.skip_memory_check,
     )
+
+
+# ---- plan ------------------------------------------------------------------------------------
+
+
+@command("plan")
+def _plan(args: argparse.Namespace) -> int:
+    from llava_edge.runtime.plan import format_plan, parse_device, plan
+
+    result = plan(
+        args.model_dir,
+        parse_device(args.device, args.reserve),
+        backend=args.backend,
+        max_context=args.max_context,
+        max_batch=args.max_batch,
+        bandwidth=args.bandwidth * 1e9 if args.bandwidth else None,
+    )
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_plan(result))
+    return 0 if result.fits else 2
 
 
 # ---- doctor ----------------------------------------------------------------------------------
@@ -466,6 +486,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--timing-cache", help="timing cache file to reuse and update (default: in the engine dir)"
     )
+
+    p.add_argument(
+        "--skip-memory-check",
+        action="store_true",
+        help="build even where `llava-edge plan` says the engines cannot fit in the GPU's memory",
+    )
+
+    p = sub.add_parser(
+        "plan",
+        help="memory a deployment needs (weights, KV cache, activations) and whether it fits",
+        description="Exit status 0 when the plan fits the device, 2 when it does not.",
+    )
+    p.add_argument("model_dir")
+    p.add_argument(
+        "--device",
+        help="orin-nano-4gb, orin-nano-8gb, orin-nano-8gb-super, orin-nx-8gb, orin-nx-16gb, "
+        "agx-orin-32gb, agx-orin-64gb, or a memory size (8GB, 7.5GiB, bytes); default: this machine",
+    )
+    p.add_argument(
+        "--max-context", type=int, help="longest conversation in tokens (default: the model's)"
+    )
+    p.add_argument("--max-batch", type=int, default=1, help="requests decoded together")
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    p.add_argument("--bandwidth", type=float, help="memory bandwidth in GB/s (for a custom device)")
+    p.add_argument("--reserve", type=float, help="GB the OS keeps from applications")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     p = sub.add_parser("doctor", help="what this machine can run, and what is missing")
     p.add_argument("--json", action="store_true", help="print the report as JSON")

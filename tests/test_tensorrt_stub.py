@@ -302,3 +302,16 @@ def test_loading_elsewhere_says_to_rebuild(stub, model: Path, monkeypatch) -> No
     engine_file(model, "decoder").write_bytes(b"not an engine")
     with pytest.raises(LlavaEdgeError, match=r"decoder\.\w+\.engine is truncated or altered"):
         backend(model)
+
+
+def test_build_refuses_engines_that_cannot_fit(stub, model: Path, monkeypatch) -> None:
+    small_gpu = gpu.GpuInfo(0, "Stub Orin Nano", "8.7", 8 << 30, 300 << 20, True, "12.6")
+    monkeypatch.setattr(gpu, "probe_gpu", lambda index=0: small_gpu)
+    with pytest.raises(
+        LlavaEdgeError,
+        match=r"would need \d+\.\d+ GB .* has 0\.31 GB free; .*--skip-memory-check",
+    ):
+        build_engines(model, log=quiet)
+    assert not [c for c in stub.calls if c[0] == "build"] and not (model / "engines").exists()
+    build_engines(model, log=quiet, check_memory=False)  # the override builds anyway
+    assert len([c for c in stub.calls if c[0] == "build"]) == 3

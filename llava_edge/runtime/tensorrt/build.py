@@ -47,6 +47,7 @@ def build_engines(
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     kv_chunk: int = DEFAULT_KV_CHUNK,
     log: Any = print,
+    check_memory: bool = True,
 ) -> Path:
     """Build the engines of `model_dir` into `out_dir` (default MODEL_DIR/engines); returns it.
 
@@ -54,7 +55,8 @@ def build_engines(
     is reserved for it, so a smaller value saves memory. workspace_gb caps TensorRT's scratch
     memory while it builds and runs (default: TensorRT's, the whole GPU). prefill_chunk: most
     tokens one decoder call takes (longer prompts run in pieces); kv_chunk: the step by which the
-    device KV cache grows.
+    device KV cache grows. check_memory: refuse engines that `llava-edge plan` says cannot fit in
+    the GPU's free memory.
     """
     model_dir = Path(model_dir)
     manifest = Manifest.load(model_dir)
@@ -65,6 +67,8 @@ def build_engines(
     profiles = {name: graph_profiles(manifest, name, limits) for name in manifest.graphs}
     trt = import_tensorrt()
     device = gpu.probe_gpu(0)  # TensorRT builds for the current CUDA device, the first
+    if check_memory:
+        _check_memory(model_dir, device, limits)
     out = Path(out_dir) if out_dir is not None else model_dir / ENGINE_DIR
     out.mkdir(parents=True, exist_ok=True)
     cache_path = Path(timing_cache) if timing_cache is not None else out / TIMING_CACHE
@@ -147,6 +151,36 @@ def build_engines(
             os.replace(cache_path.with_name(cache_path.name + ".tmp"), cache_path)
     log(f"engines for {device.name} (TensorRT {trt.__version__}) in {out}")
     return out
+
+
+def _check_memory(model_dir: Path, info: gpu.GpuInfo, limits: Limits) -> None:
+    """Refuse engines whose weights, KV cache and activations cannot fit in the free memory."""
+    from llava_edge.runtime.plan import Device, plan
+
+    free = info.free_memory if info.free_memory is not None else info.total_memory
+    device = Device(info.name, info.total_memory, info.total_memory - free, None)
+    needed = plan(
+        model_dir,
+        device,
+        backend="tensorrt",
+        max_context=limits.max_context,
+        max_batch=limits.max_batch,
+        prefill_chunk=limits.prefill_chunk,
+    )
+    if needed.fits:
+        return
+    advice = (
+        f"lower --max-context (at most {needed.largest_context} fits at --max-batch "
+        f"{limits.max_batch})"
+        if needed.largest_context
+        else "quantize the model (int4) or use a device with more memory"
+    )
+    raise LlavaEdgeError(
+        f"these engines would need {needed.total / 1e9:.2f} GB (weights, KV cache for "
+        f"{limits.max_context} tokens x {limits.max_batch}, activations, CUDA) but the GPU has "
+        f"{free / 1e9:.2f} GB free; {advice}, or build anyway with --skip-memory-check "
+        f"(details: `llava-edge plan {model_dir} --backend tensorrt`)"
+    )
 
 
 def _limits(
