@@ -95,12 +95,115 @@ def test_the_timing_cache_is_reused_between_builds(stub, model: Path, tmp_path: 
     cache = tmp_path / "shared" / "timing.cache"
     build_engines(model, timing_cache=cache, log=quiet)
     first = cache.read_bytes()
-    assert len(json.loads(first)) == 3  # one entry per engine built
+    assert len(timing_entries(cache)) == 3  # one entry per engine built
     build_engines(model, out_dir=tmp_path / "again", timing_cache=cache, log=quiet)
     loaded = [c[1] for c in stub.calls if c[0] == "create_timing_cache"]
     assert loaded == [b"", first]  # the second build started from the first one's timings
-    assert len(json.loads(cache.read_bytes())) == 6
+    assert len(timing_entries(cache)) == 6
     assert set(Manifest.load(model).engines) == {"engines", str((tmp_path / "again").resolve())}
+    # by default the engine dir keeps one cache per TensorRT version
+    build_engines(model, log=quiet)
+    assert (model / "engines" / "timing-10.3.0.30.cache").is_file()
+
+
+def timing_entries(path: Path) -> list:
+    return json.loads(path.read_bytes().partition(b"\n")[2])
+
+
+def test_a_stale_timing_cache_falls_back_to_an_empty_one(stub, model: Path, tmp_path) -> None:
+    cache = tmp_path / "timing.cache"
+    stale = b"written by TensorRT 8.6 on another GPU"
+    cache.write_bytes(stale)
+    said = []
+    build_engines(model, timing_cache=cache, log=said.append)
+    assert [c[1] for c in stub.calls if c[0] == "create_timing_cache"] == [stale, b""]
+    assert any("stale or from another TensorRT" in line for line in said)
+    assert len(timing_entries(cache)) == 3  # replaced by a good one
+
+
+def test_tensorrt_before_10_is_refused_with_the_jetpack_to_use(stub, model, monkeypatch) -> None:
+    monkeypatch.setattr(stub, "__version__", "8.6.2.3")
+    with pytest.raises(
+        LlavaEdgeError, match=r"TensorRT 8\.6\.2\.3 is too old.*JetPack 6\.1 or later.*8\.6"
+    ):
+        build_engines(model, log=quiet)
+    with pytest.raises(LlavaEdgeError, match="too old"):
+        backend(model)
+
+
+def test_tensorrt_11_builds_strongly_typed_without_precision_flags(stub, model: Path) -> None:
+    stub.use_version("11.1.0.1")
+    try:
+        build_engines(model, log=quiet)
+        builds = [c for c in stub.calls if c[0] == "build"]
+        assert len(builds) == 3 and all(c[2] == 1 for c in builds)  # bit 0 on 11, not bit 1
+        trt = Pipeline(model, Manifest.load(model), backend(model))
+        assert len(trt.answer(None, "Hi", max_new_tokens=3, ignore_eos=True).token_ids) == 3
+    finally:
+        stub.use_version("10.3.0.30")
+
+
+def test_tensorrt_failure_signals_reach_the_user(stub, model: Path, monkeypatch) -> None:
+    # a graph whose external weights were not copied: the parser fails, naming the file
+    import onnx
+
+    graph = onnx.load(model / "decoder.onnx")
+    onnx.save(
+        graph, model / "decoder.onnx", save_as_external_data=True, location="decoder.onnx.data"
+    )
+    (model / "decoder.onnx.data").unlink()
+    manifest = Manifest.load(model)
+    manifest.files.pop("decoder.onnx.data", None)
+    manifest.record_files(model)
+    manifest.save(model)
+    with pytest.raises(
+        LlavaEdgeError,
+        match="parser rejected decoder.onnx: .*Failed to open file: decoder.onnx.data",
+    ):
+        build_engines(model, log=quiet)
+
+
+REAL_SET_ADDRESS = tensorrt_stub._Context.set_tensor_address
+
+
+def test_refused_addresses_and_profiles_are_errors(stub, model: Path, monkeypatch) -> None:
+    build_engines(model, log=quiet)
+    be = backend(model)
+    cache = be.new_cache(1)
+    embeds = np.zeros((1, 3, 64), np.float32)
+    monkeypatch.setattr(stub._Context, "set_tensor_address", lambda self, name, address: False)
+    with pytest.raises(LlavaEdgeError, match="refused the address of .* for the decoder engine"):
+        be.decode(embeds, np.ones((1, 3), np.int64), np.arange(3)[None], cache)
+    monkeypatch.setattr(stub._Context, "set_tensor_address", REAL_SET_ADDRESS)
+
+    def refuse(self, index, stream):
+        raise RuntimeError("Cannot set optimization profile: the context is in use")
+
+    be = backend(model)
+    cache = be.new_cache(1)
+    be.decode(embeds, np.ones((1, 3), np.int64), np.arange(3)[None], cache)
+    monkeypatch.setattr(stub._Context, "set_optimization_profile_async", refuse)
+    with pytest.raises(
+        LlavaEdgeError, match="refused profile decode of the decoder engine .*context is in use"
+    ):
+        be.decode(embeds[:, :1], np.ones((1, 1), np.int64), np.array([[3]]), cache)
+
+
+def test_engines_load_from_a_memory_map_and_unchanged_bindings_are_not_repeated(
+    stub, model: Path
+) -> None:
+    build_engines(model, log=quiet)
+    be = backend(model)
+    assert [c for c in stub.calls if c[0] == "deserialize_cuda_engine"]
+    cache = be.new_cache(1)
+    embeds = np.zeros((1, 1, 64), np.float32)
+    be.decode(
+        np.zeros((1, 4, 64), np.float32), np.ones((1, 4), np.int64), np.arange(4)[None], cache
+    )
+    be.decode(embeds, np.ones((1, 1), np.int64), np.array([[4]]), cache)
+    stub.calls.clear()
+    be.decode(embeds, np.ones((1, 1), np.int64), np.array([[5]]), cache)  # same shapes, buffers
+    assert not [c for c in stub.calls if c[0] in ("set_input_shape", "set_tensor_address")]
 
 
 def test_int4_builds_from_the_tensorrt_graph_and_a_failed_build_changes_nothing(
@@ -131,7 +234,8 @@ def test_int4_builds_from_the_tensorrt_graph_and_a_failed_build_changes_nothing(
     manifest.save(model)
     saved = (model / MANIFEST_NAME).read_bytes()
     with pytest.raises(
-        LlavaEdgeError, match="parser rejected decoder_nbits.onnx: No importer.*MatMulNBits"
+        LlavaEdgeError,
+        match=r"parser rejected decoder_nbits.onnx: In node \d+ with operator MatMulNBits: No importer",
     ):
         build_engines(model, log=quiet)
     assert (model / MANIFEST_NAME).read_bytes() == saved

@@ -19,6 +19,7 @@ how the control flow is tested without a GPU (against a stand-in for tensorrt).
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import threading
 import warnings
@@ -245,10 +246,13 @@ class TensorRTBackend:
         self._warm = (id(cache), key, self._epoch)
 
     def _capture(self, work: Any) -> Any:
+        """Capture as trtexec does: the step has just run eagerly; wait for it to finish, then
+        capture at once, in thread-local mode (other threads' CUDA calls do not break it)."""
         torch = self._torch
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, stream=self.stream):
+            self.stream.synchronize()
+            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
                 work()
         except Exception as e:  # TensorRT or CUDA refused the capture: keep decoding without
             warnings.warn(
@@ -266,6 +270,11 @@ class TensorRTBackend:
             stack.enter_context(self._torch.cuda.device(self.device))
             stack.enter_context(self._torch.cuda.stream(self.stream))
         return stack
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 class _Engine:
@@ -287,7 +296,10 @@ class _Engine:
 
         self._torch = torch
         self.name, self.spec, self.rebuild = name, spec, rebuild
-        self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        # From a memory map: the engine's bytes are not held a second time in the process while
+        # TensorRT copies the weights out (on a Jetson both copies would share the one memory).
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            self.engine = runtime.deserialize_cuda_engine(data)
         if self.engine is None:
             raise LlavaEdgeError(
                 f"TensorRT could not load {path} (its log above says why: usually another "
@@ -304,6 +316,10 @@ class _Engine:
         if self.context is None:
             raise LlavaEdgeError(f"TensorRT could not create a context for {path} (out of memory?)")
         self.active = 0  # a new context uses profile 0
+        # what is bound now: calls that would change nothing are skipped (they would also reset
+        # shape state TensorRT keeps, and cannot happen during CUDA graph capture)
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.addresses: dict[str, int] = {}
         largest = max_dims(profiles)
         tensors = {
             tensor: (resolve(s.shape, largest, tensor), s.dtype)
@@ -317,11 +333,19 @@ class _Engine:
     def select(self, profile: str, stream: int) -> None:
         index = self.profile_index[profile]
         if index != self.active:
-            if not self.context.set_optimization_profile_async(index, stream):
+            try:  # TensorRT raises on failure (older releases returned False)
+                ok = self.context.set_optimization_profile_async(index, stream)
+            except Exception as e:
                 raise LlavaEdgeError(
-                    f"TensorRT refused profile {profile} of the {self.name} engine"
+                    f"TensorRT refused profile {profile} of the {self.name} engine "
+                    f"({_first_line(e)}); {self.rebuild}"
+                ) from None
+            if ok is False:
+                raise LlavaEdgeError(
+                    f"TensorRT refused profile {profile} of the {self.name} engine; {self.rebuild}"
                 )
             self.active = index
+            self.shapes.clear()  # a profile switch forgets the input shapes
 
     def feed(self, tensor: str, array: np.ndarray) -> Any:
         """Copy a host array into the tensor's buffer and bind it; returns the device tensor."""
@@ -336,12 +360,24 @@ class _Engine:
 
     def feed_device(self, tensor: str, buffer: Any) -> None:
         """Bind a device tensor someone else owns (a cache region, another engine's output)."""
-        if not self.context.set_input_shape(tensor, tuple(buffer.shape)):
+        shape = tuple(buffer.shape)
+        if self.shapes.get(tensor) != shape:
+            if not self.context.set_input_shape(tensor, shape):
+                raise LlavaEdgeError(
+                    f"shape {shape} of {tensor} is outside the {self.name} engine's profiles; "
+                    f"{self.rebuild}"
+                )
+            self.shapes[tensor] = shape
+        self._bind(tensor, buffer.data_ptr())
+
+    def _bind(self, tensor: str, address: int) -> None:
+        if self.addresses.get(tensor) == address:
+            return
+        if not self.context.set_tensor_address(tensor, address):  # False, not an exception
             raise LlavaEdgeError(
-                f"shape {tuple(buffer.shape)} of {tensor} is outside the {self.name} engine's "
-                f"profiles; {self.rebuild}"
+                f"TensorRT refused the address of {tensor} for the {self.name} engine (see its log)"
             )
-        self.context.set_tensor_address(tensor, buffer.data_ptr())
+        self.addresses[tensor] = address
 
     def output(self, tensor: str, dims: dict[str, int]) -> Any:
         """Bind the output's buffer for the shape the current inputs give; returns it."""
@@ -353,7 +389,7 @@ class _Engine:
                 f"{shape}; {self.rebuild}"
             )
         buffer = self.arena.view(tensor, shape)
-        self.context.set_tensor_address(tensor, buffer.data_ptr())
+        self._bind(tensor, buffer.data_ptr())
         return buffer
 
     def run(self, stream: int) -> None:
