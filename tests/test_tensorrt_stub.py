@@ -15,6 +15,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import cudart_stub
 import numpy as np
 import pytest
 import tensorrt_stub
@@ -22,7 +23,7 @@ import tensorrt_stub
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import MANIFEST_NAME, Manifest
 from llava_edge.runtime import Pipeline
-from llava_edge.runtime.tensorrt import gpu
+from llava_edge.runtime.tensorrt import cuda, gpu
 from llava_edge.runtime.tensorrt.backend import TensorRTBackend
 from llava_edge.runtime.tensorrt.build import build_engines
 
@@ -33,7 +34,9 @@ STUB_GPU = gpu.GpuInfo(0, "Stub Orin", "8.7", 8 << 30, 6 << 30, True, "12.6")
 def stub(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setitem(sys.modules, "tensorrt", tensorrt_stub)
     monkeypatch.setattr(gpu, "probe_gpu", lambda index=0: STUB_GPU)
+    monkeypatch.setattr(cuda, "import_cudart", lambda: cudart_stub)
     tensorrt_stub.calls.clear()
+    cudart_stub.reset()
     return tensorrt_stub
 
 
@@ -54,7 +57,7 @@ def quiet(*_: object) -> None:
 
 
 def backend(model: Path, **options) -> TensorRTBackend:
-    return TensorRTBackend(model, Manifest.load(model), device="cpu", **options)
+    return TensorRTBackend(model, Manifest.load(model), **options)
 
 
 def image() -> np.ndarray:
@@ -336,8 +339,8 @@ def test_the_engine_reads_the_kv_cache_where_it_lives(stub, model: Path) -> None
     context = be.engines["decoder"].context
     for layer, (past_k, past_v, present_k, _) in enumerate(be.names.layers):
         key, value = cache.past(layer)
-        assert context.addresses[past_k] == key.data_ptr()  # the cache itself, no copy
-        assert context.addresses[past_v] == value.data_ptr()
+        assert context.addresses[past_k] == key.ptr  # the cache itself, no copy
+        assert context.addresses[past_v] == value.ptr
         assert context.addresses[present_k] == be.engines["decoder"].arena.address(present_k)
     assert context.shapes["past_key_values.0.key"] == (1, 4, 256, 16)
     assert context.shapes["attention_mask"] == (1, 257)
@@ -345,33 +348,27 @@ def test_the_engine_reads_the_kv_cache_where_it_lives(stub, model: Path) -> None
     assert profiles == [1]  # the new context starts on prefill (0); one switch to decode
 
 
-def test_cuda_graph_bookkeeping_captures_once_per_capacity_and_replays(stub, model: Path) -> None:
+def test_cuda_graphs_are_captured_once_per_capacity_and_replayed(stub, model: Path) -> None:
     build_engines(model, kv_chunk=16, log=quiet)
     reference = Pipeline.load(model)
-    be = backend(model)
-    be.cuda_graph = True  # on a CPU, stand in a recorder for torch's CUDA graph
-    captured, replays = [], []
-
-    class Graph:
-        def __init__(self, work):
-            self.work = work
-
-        def replay(self):
-            replays.append(1)
-            self.work()  # buffers are fixed: replaying the recorded work sees this step's inputs
-
-    be._capture = lambda work: captured.append(1) or Graph(work)
+    be = backend(model, cuda_graph=True)
     trt = Pipeline(model, reference.manifest, be)
     options = dict(max_new_tokens=40, ignore_eos=True)
     assert (
         trt.answer(None, "Hello there", **options).token_ids
         == reference.answer(None, "Hello there", **options).token_ids
     )
-    runs = sum(1 for c in stub.calls if c[0] == "execute_async_v3" and "decoder" in c[1])
+    captures = [c for c in cudart_stub.calls if c[0] == "cudaStreamBeginCapture"]
+    launches = [c for c in cudart_stub.calls if c[0] == "cudaGraphLaunch"]
+    runs = [c for c in stub.calls if c[0] == "execute_async_v3" and "decoder" in c[1]]
     # a prompt of ~10 tokens, then 39 decode steps over capacities 16, 32 and 48: at each
-    # capacity one eager step, then a capture, then replays (each replay runs the recorded work)
-    assert len(captured) == 3 and len(replays) == 39 - 3
-    assert runs - len(replays) == 1 + 3  # the prefill and one eager step per capacity
+    # capacity one eager step, then a capture (in thread-local mode), then replays
+    assert [c[1] for c in captures] == [
+        cudart_stub.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+    ] * 3
+    assert len(launches) == 39 - 3
+    assert len(runs) == 1 + 3 + 3  # the prefill, one eager step per capacity, each capture
+    assert be.cuda_graph  # nothing refused the capture
 
 
 def test_engines_built_for_a_shorter_context_shorten_the_answer(stub, model: Path) -> None:
@@ -419,3 +416,52 @@ def test_build_refuses_engines_that_cannot_fit(stub, model: Path, monkeypatch) -
     assert not [c for c in stub.calls if c[0] == "build"] and not (model / "engines").exists()
     build_engines(model, log=quiet, check_memory=False)  # the override builds anyway
     assert len([c for c in stub.calls if c[0] == "build"]) == 3
+
+
+def test_the_cuda_calls_exist_in_cuda_python_as_used(stub, model: Path, monkeypatch) -> None:
+    """Every CUDA runtime name the backend used on the stand-in exists in the real bindings."""
+    from cuda.bindings import runtime
+
+    used = set()
+
+    class Recording:
+        def __getattr__(self, name):
+            used.add(name)
+            return getattr(cudart_stub, name)
+
+    monkeypatch.setattr(cuda, "import_cudart", lambda: Recording())
+    build_engines(model, kv_chunk=16, log=quiet)
+    be = backend(model, cuda_graph=True)
+    trt = Pipeline(model, Manifest.load(model), be)
+    trt.answer(image(), "Hi", max_new_tokens=40, ignore_eos=True)
+    chat = trt.chat(None, max_new_tokens=2)
+    chat.ask("Hello")
+    chat.cache.truncate(0)  # zeroes the forgotten slots
+    be.close()
+    assert {
+        "cudaMalloc",
+        "cudaMemcpy2DAsync",
+        "cudaMemset2DAsync",
+        "cudaStreamBeginCapture",
+        "cudaGraphLaunch",
+    } <= used
+    missing = sorted(n for n in used if not hasattr(runtime, n))
+    assert not missing
+    mode = runtime.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+    assert int(mode) == int(cudart_stub.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)
+    for kind in cudart_stub.cudaMemcpyKind:
+        assert int(getattr(runtime.cudaMemcpyKind, kind.name)) == int(kind)
+    assert runtime.cudaStreamNonBlocking == cudart_stub.cudaStreamNonBlocking
+
+
+def test_the_runtime_and_the_tensorrt_backend_import_no_torch() -> None:
+    import subprocess
+
+    code = (
+        "import sys\n"
+        "import llava_edge.runtime, llava_edge.runtime.tensorrt.backend\n"
+        "import llava_edge.runtime.tensorrt.build, llava_edge.runtime.plan\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'av') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -15,10 +15,6 @@ TENSORRT_HINT = (
     "the venv with `python3 -m venv --system-site-packages`; on an x86 or SBSA machine "
     "`pip install tensorrt-cu12` (see docs/jetson.md)"
 )
-TORCH_HINT = (
-    "the TensorRT backend keeps its buffers in torch CUDA tensors: on a Jetson install NVIDIA's "
-    "torch wheel for JetPack 6 (docs/jetson.md), elsewhere `pip install torch` with CUDA"
-)
 
 
 MIN_TENSORRT = 10  # strongly typed networks; older releases silently ignore the flag
@@ -50,15 +46,3 @@ def check_version(version: str) -> None:
             "engines). On a Jetson, flash JetPack 6.1 or later, which ships TensorRT 10.3 "
             "(JetPack 6.0 ships 8.6); elsewhere `pip install tensorrt-cu12`"
         )
-
-
-def import_torch(cuda: bool = True) -> Any:
-    """torch, with CUDA unless `cuda` is False, or a LlavaEdgeError saying how to get it."""
-    try:
-        torch = importlib.import_module("torch")
-    except ImportError:
-        raise LlavaEdgeError(f"torch is not installed; {TORCH_HINT}") from None
-    if cuda and not torch.cuda.is_available():
-        build = "a CPU-only build" if torch.version.cuda is None else "no usable CUDA GPU"
-        raise LlavaEdgeError(f"torch {torch.__version__} has {build}; {TORCH_HINT}")
-    return torch
