@@ -23,6 +23,7 @@ import tensorrt_stub
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import MANIFEST_NAME, Manifest
 from llava_edge.runtime import Pipeline
+from llava_edge.runtime.onnx_backend import OnnxBackend
 from llava_edge.runtime.tensorrt import cuda, gpu
 from llava_edge.runtime.tensorrt.backend import TensorRTBackend
 from llava_edge.runtime.tensorrt.build import build_engines
@@ -465,3 +466,30 @@ def test_the_runtime_and_the_tensorrt_backend_import_no_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_int4_engines_keep_an_fp16_kv_cache(stub, model: Path, tmp_path: Path) -> None:
+    """The int4 TensorRT form computes in fp16: its engines take and give the KV cache in fp16,
+    and the device cache holds half the bytes; answers equal onnxruntime running that form."""
+    from llava_edge.calib.quantize import quantize_model
+    from llava_edge.training.synth import synthesize
+
+    images = synthesize(tmp_path / "calib", train=4, test=0)["images"]
+    int4 = tmp_path / "int4"
+    quantize_model(model, int4, "int4", calib=images, samples=2, log=quiet)
+    build_engines(int4, kv_chunk=32, log=quiet)
+    be = backend(int4)
+    assert be.kv_dtype == "float16"
+    cache = be.new_cache(1)
+    cache.reserve(1)
+    fp32 = 2 * 2 * 4 * 32 * 16 * 4  # keys and values, 2 layers, 4 heads, 32 slots, head_dim 16
+    assert cache.block_bytes(32) == fp32 // 2
+    # onnxruntime running the same TensorRT form (its cache follows the graph: fp16 too)
+    manifest = Manifest.load(int4)
+    manifest.graphs["decoder"].file = manifest.graphs["decoder"].tensorrt_file
+    reference = Pipeline(int4, manifest, OnnxBackend(int4, manifest))
+    assert reference.backend.new_cache(1).dtype == np.float16
+    trt = Pipeline(int4, manifest, be)
+    options = dict(max_new_tokens=12, ignore_eos=True)
+    want = reference.answer(image(), "What is it?", **options).token_ids
+    assert trt.answer(image(), "What is it?", **options).token_ids == want

@@ -13,11 +13,14 @@ different forms of the same precision:
 | precision | graph              | file (onnxruntime)                    | tensorrt_file                   |
 |-----------|--------------------|---------------------------------------|---------------------------------|
 | int8      | all three          | dynamic int8 MatMul, per-channel      | static Q/DQ int8, calibrated    |
-| int4      | decoder            | MatMulNBits, 4-bit blocks of 32       | INT4 Q/DQ blocks of 32, opset 21|
+| int4      | decoder            | MatMulNBits, 4-bit blocks of 32       | INT4 Q/DQ blocks of 32, opset 21,|
+|           |                    |                                       | fp16 activations and KV cache   |
 | int4      | vision, projector  | as int8                               | as int8                         |
 | fp16      | all three          | fp16 weights and math, fp32 IO        | (same file)                     |
 
-Graph inputs and outputs keep their names and dtypes, so the runtime loads the result unchanged.
+Graph inputs and outputs keep their names and dtypes, so the runtime loads the result unchanged;
+the one exception is the int4 TensorRT form, whose KV cache inputs and outputs are fp16 (the
+backends size their caches by the graph's own types).
 Everything is written to a temporary dir and renamed into place at the end.
 """
 
@@ -368,9 +371,16 @@ def int4_matmulnbits(src: Path, dst: Path) -> dict[str, Any]:
     }
 
 
+# The TensorRT int4 form's graph IO kept in fp32: what the runtime exchanges with the host. The KV
+# cache (past and present) goes fp16 with the activations, so the device holds half the bytes.
+INT4_FP32_IO = ("inputs_embeds", "logits")
+
+
 def int4_qdq(src: Path, dst: Path) -> dict[str, Any]:
     """TensorRT's form: INT4 weights with block-wise DequantizeLinear (axis 0, blocks along K)
-    into each MatMul; activations stay in float (weight-only, as TensorRT does INT4).
+    into each MatMul, from fp16 activations with fp16 scales: weight-only INT4 as NVIDIA's tools
+    make it for TensorRT (its INT4 weight-only GEMM kernels take fp16 activations; with fp32
+    ones there may be no fast kernel at all). The KV cache IO is fp16 too.
 
     Block-wise DequantizeLinear needs opset 21, so the graph is converted first with ONNX's own
     version converter (it rewrites ops whose form changed since the export's opset, e.g.
@@ -378,7 +388,9 @@ def int4_qdq(src: Path, dst: Path) -> dict[str, Any]:
     """
     details = _int4(src, dst, qdq=True)
     return {
-        "form": "INT4 weight-only Q/DQ: block-wise symmetric DequantizeLinear, no zero point",
+        "form": "INT4 weight-only Q/DQ: block-wise symmetric DequantizeLinear, no zero point, "
+        "fp16 activations and scales, fp16 KV cache",
+        "fp32_io": list(INT4_FP32_IO),
         **details,
     }
 
@@ -396,6 +408,7 @@ def _int4(src: Path, dst: Path, qdq: bool) -> dict[str, Any]:
     model = _load(src)
     nodes, skipped = _int4_nodes(model)
     if qdq:
+        model = _fp16(model, keep_io=list(INT4_FP32_IO), large=_is_large(src))
         model = version_converter.convert_version(model, INT4_OPSET)
     config = DefaultWeightOnlyQuantConfig(
         block_size=INT4_BLOCK,
@@ -430,23 +443,28 @@ def _int4_nodes(model: Any) -> tuple[list[str], list[str]]:
 
 def to_fp16(src: Path, dst: Path) -> dict[str, Any]:
     """fp16 weights and math with onnxruntime's converter; graph IO stays as it was (fp32)."""
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-
     model = _load(src)
     rotary = _rotary_nodes(model)
-    model = convert_float_to_float16(
-        model,
-        keep_io_types=True,
-        op_block_list=DEFAULT_OP_BLOCK_LIST + FP16_KEEP_FP32_OPS,
-        node_block_list=rotary,
-        disable_shape_infer=_is_large(src),
-    )
-    save_graph(model, dst)
+    save_graph(_fp16(model, keep_io=True, large=_is_large(src)), dst)
     return {
         "form": "fp16 weights and activations (onnxruntime.transformers.float16), fp32 graph IO",
         "kept_fp32_ops": FP16_KEEP_FP32_OPS,
         "kept_fp32_nodes": len(rotary),
     }
+
+
+def _fp16(model: Any, keep_io: bool | list[str], large: bool) -> Any:
+    """onnxruntime's fp16 conversion with llava-edge's fp32 islands (norms' squares, softmax,
+    the rotary angles); keep_io: True, or the names of the graph IO that stays fp32."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    return convert_float_to_float16(
+        model,
+        keep_io_types=keep_io,
+        op_block_list=DEFAULT_OP_BLOCK_LIST + FP16_KEEP_FP32_OPS,
+        node_block_list=_rotary_nodes(model),
+        disable_shape_infer=large,
+    )
 
 
 def _rotary_nodes(model: Any) -> list[str]:
