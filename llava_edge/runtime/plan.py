@@ -109,8 +109,8 @@ class Plan:
 
 
 @dataclass(frozen=True)
-class _Shapes:
-    """What the arithmetic needs from the model dir, read once."""
+class ModelShapes:
+    """What the arithmetic needs from a model dir, read once (`read_shapes`)."""
 
     manifest: Manifest
     sizes: dict[str, GraphSizes]
@@ -187,12 +187,20 @@ def plan(
         )
     if max_batch < 1:
         raise LlavaEdgeError(f"--max-batch must be at least 1, got {max_batch}")
-    shapes = _read(Path(model_dir), manifest, backend, prefill_chunk)
+    shapes = read_shapes(Path(model_dir), manifest, backend, prefill_chunk)
+    return plan_for(shapes, device, backend, context, max_batch, str(model_dir))
+
+
+def plan_for(
+    shapes: ModelShapes, device: Device, backend: str, context: int, max_batch: int, name: str
+) -> Plan:
+    """The plan of a model whose shapes are known (`plan` reads them from a model dir)."""
+    manifest = shapes.manifest
     parts = _parts(shapes, backend, context, max_batch)
     total = sum(parts["weights"].values()) + parts["kv"] + sum(parts["act"].values())
     total += parts["overhead"]
     return Plan(
-        model_dir=str(model_dir),
+        model_dir=name,
         backend=backend,
         device={**asdict(device), "available": device.available},
         max_context=context,
@@ -221,7 +229,10 @@ def plan(
     )
 
 
-def _read(model_dir: Path, manifest: Manifest, backend: str, prefill_chunk: int) -> _Shapes:
+def read_shapes(
+    model_dir: Path, manifest: Manifest, backend: str, prefill_chunk: int = TRT_PREFILL_CHUNK
+) -> ModelShapes:
+    """Weights and input types of the graphs `backend` runs, and the model's other sizes."""
     sizes = {}
     for name, graph in manifest.graphs.items():
         file = graph.tensorrt_file if backend == "tensorrt" and graph.tensorrt_file else graph.file
@@ -240,7 +251,7 @@ def _read(model_dir: Path, manifest: Manifest, backend: str, prefill_chunk: int)
         table_bytes = int(table.nbytes)
     except (OSError, ValueError):
         table_bytes = 0
-    return _Shapes(
+    return ModelShapes(
         manifest=manifest,
         sizes=sizes,
         kv_itemsize=kv_itemsize,
@@ -258,7 +269,7 @@ def _mlp_width(sizes: GraphSizes, vocab: int, default: int) -> int:
     return max(widths, default=default)
 
 
-def _parts(shapes: _Shapes, backend: str, context: int, batch: int) -> dict[str, Any]:
+def _parts(shapes: ModelShapes, backend: str, context: int, batch: int) -> dict[str, Any]:
     text = shapes.manifest.text
     weights = {name: s.weight_bytes for name, s in shapes.sizes.items()}
     kv_one = 2 * text.num_layers * text.num_kv_heads * text.head_dim * shapes.kv_itemsize
@@ -284,7 +295,7 @@ def _parts(shapes: _Shapes, backend: str, context: int, batch: int) -> dict[str,
     }
 
 
-def _decoder_activations(shapes: _Shapes, batch: int, seq: int, past: int) -> int:
+def _decoder_activations(shapes: ModelShapes, batch: int, seq: int, past: int) -> int:
     """One decoder call of `seq` new tokens after `past`: hidden states and MLP, attention
     scores (fp32: scores, masked, softmax), every layer's new keys/values, last logits."""
     text = shapes.manifest.text
@@ -296,7 +307,7 @@ def _decoder_activations(shapes: _Shapes, batch: int, seq: int, past: int) -> in
     return states + scores + presents * shapes.kv_itemsize + logits
 
 
-def _vision_activations(shapes: _Shapes, batch: int) -> int:
+def _vision_activations(shapes: ModelShapes, batch: int) -> int:
     tokens = shapes.manifest.num_image_tokens + 1  # and the class token
     hidden, act = shapes.vision_hidden, shapes.act_itemsize
     heads = max(1, hidden // VISION_HEAD_DIM)
@@ -305,7 +316,7 @@ def _vision_activations(shapes: _Shapes, batch: int) -> int:
     return states + scores
 
 
-def _total(shapes: _Shapes, backend: str, context: int, batch: int) -> int:
+def _total(shapes: ModelShapes, backend: str, context: int, batch: int) -> int:
     parts = _parts(shapes, backend, context, batch)
     return (
         sum(parts["weights"].values())
@@ -326,7 +337,7 @@ def _largest(fits: Any, high: int) -> int:
     return low
 
 
-def _speed(shapes: _Shapes, device: Device, context: int) -> dict[str, float]:
+def _speed(shapes: ModelShapes, device: Device, context: int) -> dict[str, float]:
     """Decode tokens/s of one sequence at most: bandwidth / bytes read per token."""
     if not device.bandwidth:
         return {}
