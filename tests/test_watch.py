@@ -236,3 +236,30 @@ def test_the_runtime_does_not_import_the_decoder() -> None:
     code = "import sys, llava_edge.runtime, llava_edge.runtime.watch; print('av' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_an_http_stream_is_live(pipe, recorder, tmp_path) -> None:
+    """A stream served on this machine's loopback: read by the reader thread, through FFmpeg's
+    network code with its timeouts; a stream that ends, ends the watch cleanly."""
+    import functools
+    import http.server
+
+    make_video(tmp_path / "cam.mkv", frames=20, fps=10)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/cam.mkv"
+        answers = list(pipe.watch(url, "Anyone?", every_s=0.0, timeout_s=5))
+        indices = [a.index for a in answers]
+        assert indices and indices == sorted(indices) and indices[-1] == 19
+        assert sum(a.skipped for a in answers) + len(answers) == 20
+        assert recorder.seen == [[i] for i in indices]
+        missing = f"http://127.0.0.1:{server.server_address[1]}/nothing.mkv"
+        with pytest.raises(LlavaEdgeError, match="cannot open stream .*nothing.mkv"):
+            list(pipe.watch(missing, "?", timeout_s=5))
+    finally:
+        server.shutdown()
+        server.server_close()
