@@ -142,7 +142,7 @@ def _watch(args: argparse.Namespace) -> None:
             **_generation_options(args),
         )
         for answer in answers:
-            if args.jsonl:
+            if args.json:
                 print(json.dumps(answer.to_dict()), flush=True)
             else:
                 skipped = f" (skipped {answer.skipped})" if answer.skipped else ""
@@ -168,10 +168,15 @@ def _chat(args: argparse.Namespace) -> None:
 
 @command("bench")
 def _bench(args: argparse.Namespace) -> None:
-    from dataclasses import asdict
+    from functools import partial
 
     from llava_edge.runtime import bench
 
+    baseline = None
+    if args.baseline:  # transformers needs torch: imported only when asked for
+        from llava_edge.export.baseline import TransformersRunner
+
+        baseline = partial(TransformersRunner, args.baseline)
     workload = bench.Workload(
         question_tokens=args.question_tokens,
         new_tokens=args.new_tokens,
@@ -179,33 +184,26 @@ def _bench(args: argparse.Namespace) -> None:
         threads=args.threads,
         runs=args.runs,
     )
-    report = {"workload": asdict(workload), "machine": bench.machine()}
-    runners = [
-        bench.PipelineRunner(
-            args.model_dir, workload, args.backend, args.provider, engine_dir=args.engine_dir
-        )
-    ]
-    if args.baseline:  # transformers needs torch: imported only when asked for
-        from llava_edge.export.baseline import TransformersRunner
-
-        _, prompt = bench.bench_prompt(args.model_dir, workload)
-        runners.append(TransformersRunner(args.baseline, workload, prompt))
-    report.update(bench.measure(runners, workload.runs))
-    if args.baseline:
-        report["ratios"] = bench.compare(report["llava_edge"], report["transformers"])
+    report = bench.benchmark(args.model_dir, workload, baseline, **_load_options(args))
     if args.plot:
         bench.plot(report, args.plot)
     print(json.dumps(report, indent=2) if args.json else bench.table(report))
 
 
 def _load_pipeline(args: argparse.Namespace):
-    from llava_edge.runtime import Limits, Pipeline
+    from llava_edge.runtime import Pipeline
 
-    return Pipeline.load(
-        args.model_dir,
+    return Pipeline.load(args.model_dir, threads=args.threads, **_load_options(args))
+
+
+def _load_options(args: argparse.Namespace) -> dict:
+    """Pipeline.load's options from the backend options every model-running command offers
+    (threads aside: bench puts them in its workload)."""
+    from llava_edge.runtime import Limits
+
+    return dict(
         backend=args.backend,
         providers=args.provider,
-        threads=args.threads,
         engine_dir=args.engine_dir,
         verify_files=True if args.verify_files else None,
         limits=Limits(
@@ -262,7 +260,7 @@ def _plan(args: argparse.Namespace) -> int:
         backend=args.backend,
         max_context=args.max_context,
         max_batch=args.max_batch,
-        bandwidth=args.bandwidth * 1e9 if args.bandwidth else None,
+        bandwidth_gbs=args.bandwidth,
     )
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_plan(result))
     return 0 if result.fits else 2
@@ -331,8 +329,8 @@ def _eval(args: argparse.Namespace) -> None:
         answers=args.answers,
         max_new_tokens=args.max_new_tokens,
         skip_bad=args.skip_bad,
-        providers=args.provider,
         threads=args.threads,
+        **_load_options(args),
     )
     skipped = f" ({result.skipped} bad sample(s) skipped)" if result.skipped else ""
     print(
@@ -430,7 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--every", type=float, default=1.0, help="seconds between answered frames (default 1)"
     )
-    p.add_argument("--jsonl", action="store_true", help="print one JSON object per answer")
+    p.add_argument(
+        "--jsonl", dest="json", action="store_true", help="print one JSON object per answer"
+    )
     p.add_argument("--max-frames", type=int, help="stop after answering N frames")
     p.add_argument(
         "--changes-only", action="store_true", help="print an answer only when it changes"

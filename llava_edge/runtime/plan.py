@@ -166,18 +166,20 @@ def plan(
     max_context: int | None = None,
     max_batch: int = 1,
     prefill_chunk: int = TRT_PREFILL_CHUNK,
-    bandwidth: float | None = None,
+    bandwidth_gbs: float | None = None,
 ) -> Plan:
     """What running `model_dir` with `backend` needs, on `device` (a Device, a name, a size).
 
     max_context: the longest conversation to plan for (default: the model's); max_batch: the
-    most requests decoded together; bandwidth: bytes/s, for a device the table does not know.
+    most requests decoded together; bandwidth_gbs: GB/s, for a device the table does not know.
     """
     if backend not in ("onnxruntime", "tensorrt"):
         raise LlavaEdgeError(f"unknown backend {backend!r}; choose 'onnxruntime' or 'tensorrt'")
     device = device if isinstance(device, Device) else parse_device(device)
-    if bandwidth is not None:
-        device = replace(device, bandwidth=bandwidth)
+    if bandwidth_gbs is not None:
+        if bandwidth_gbs <= 0:
+            raise LlavaEdgeError(f"--bandwidth must be positive GB/s, got {bandwidth_gbs}")
+        device = replace(device, bandwidth=bandwidth_gbs * 1e9)
     manifest = Manifest.load(model_dir)
     context = manifest.text.max_context if max_context is None else max_context
     if not 1 <= context <= manifest.text.max_context:

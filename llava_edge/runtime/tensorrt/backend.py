@@ -32,12 +32,13 @@ import numpy as np
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import GraphSpec, Manifest
+from llava_edge.runtime.kv_cache import check_kv_layout
 from llava_edge.runtime.tensorrt import gpu
 from llava_edge.runtime.tensorrt.buffers import Arena, plan
 from llava_edge.runtime.tensorrt.compat import (
     Platform,
+    check_engine_io,
     check_engines,
-    check_io,
     engine_io,
     select_engines,
 )
@@ -47,7 +48,7 @@ from llava_edge.runtime.tensorrt.names import io_names
 from llava_edge.runtime.tensorrt.profiles import (
     DECODE,
     PREFILL,
-    Limits,
+    EngineLimits,
     Profile,
     graph_profiles,
     max_dims,
@@ -73,6 +74,7 @@ class TensorRTBackend:
     ):
         """engine_dir: where `llava-edge build` put the engines (default: the one recorded in the
         manifest for this GPU). device: the GPU's index (or 'cuda:N')."""
+        check_kv_layout(manifest.kv)
         trt = import_tensorrt()
         index = device if isinstance(device, int) else int(str(device).partition(":")[2] or 0)
         info = gpu.probe_gpu(index)  # first: it says clearly when there is no driver or GPU
@@ -86,7 +88,7 @@ class TensorRTBackend:
             warnings.warn(message, stacklevel=2)
         self.manifest = manifest
         self.names = io_names(manifest)
-        self.limits = Limits(
+        self.limits = EngineLimits(
             record.max_batch, record.max_context, record.prefill_chunk, record.kv_chunk
         )
         self.cuda_graph = cuda_graph
@@ -195,6 +197,10 @@ class TensorRTBackend:
             self.engines.clear()  # contexts and engines go before the runtime
             self.pool.close()
             self.cuda.destroy_stream(self.stream)
+
+    def _check_open(self) -> None:
+        if not self.engines:  # close() dropped them, perhaps while a request was running
+            raise LlavaEdgeError("this model's TensorRT engines are closed; load the model again")
 
     def _check_open(self) -> None:
         if not self.engines:  # close() dropped them, perhaps while a request was running
@@ -329,7 +335,7 @@ class _Engine:
                 f"TensorRT version or GPU built it); {rebuild}"
             )
         self.io = engine_io(self.engine, trt)
-        check_io(name, spec, self.io, rebuild, float_may_be_half=tensorrt_form)
+        check_engine_io(name, spec, self.io, rebuild, float_may_be_half=tensorrt_form)
         if self.engine.num_optimization_profiles != len(profiles):
             raise LlavaEdgeError(
                 f"{path} has {self.engine.num_optimization_profiles} optimization profiles, this "

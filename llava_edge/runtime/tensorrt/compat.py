@@ -153,7 +153,7 @@ def numpy_dtype(trt_dtype: Any) -> str:
 FLOATS = ("float32", "float16")
 
 
-def check_io(
+def check_engine_io(
     graph: str,
     spec: GraphSpec,
     io: dict[str, tuple[str, str]],
