@@ -47,13 +47,16 @@ def test_tensorrt_section_builds_compares_and_times_each_precision(
     assert report["onnxruntime_cpu_speed"]["first_token_ms"] > 0
 
 
-def test_training_section_and_the_cpu_baseline(gpu_check, tmp_path) -> None:
-    report = gpu_check.check_training(tmp_path, quick=True, lora=(True,))
-    assert set(report) == {"cpu_bf16_lora", "cpu_fp32_full"}  # no CUDA here: named for the CPU
-    for run in report.values():
-        assert run["exported_and_verified"] and run["stage1"]["steps"] == 2
-        assert run["stage2"]["step_ms_median"] > 0 and 0 <= run["test_accuracy"] <= 1
-    assert 0 <= report["cpu_bf16_lora"]["answers_equal_cpu"] <= 1
+def test_training_section_through_its_cpu_baseline(gpu_check, tmp_path) -> None:
+    """One run, the CPU baseline: the subprocess that cannot see CUDA trains stage 1 and 2 (two
+    steps each), exports with verification, answers the test questions and reports back. The
+    GPU runs are the same function in this process (in bf16, stage 2 also with LoRA)."""
+    report = gpu_check.check_training(tmp_path, quick=True, lora=())
+    run = report["cpu_fp32_full"]
+    assert set(report) == {"cpu_fp32_full"} and "answers" not in run
+    assert run["exported_and_verified"] and run["stage1"]["steps"] == run["stage2"]["steps"] == 2
+    assert run["stage2"]["step_ms_median"] > 0 and 0 <= run["test_accuracy"] <= 1
+    assert {"loss_first", "loss_last", "loss_falls"} <= set(run["stage1"])
 
 
 def test_the_report_says_why_a_section_was_skipped(gpu_check, tmp_path, capsys) -> None:
