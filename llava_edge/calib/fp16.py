@@ -30,9 +30,29 @@ DATA_ALIGNMENT = 4096  # each tensor starts on a page, so onnxruntime can map it
 def to_fp16(src: Path, dst: Path) -> dict[str, Any]:
     """fp16 weights and math with onnxruntime's converter; graph IO stays as it was (fp32)."""
     import onnx
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     model = onnx.load(str(src), load_external_data=False)  # external weights stay on disk
+    model, halved = fp16_graph(model, keep_io_types=True)
+    stream_weights(model, src.parent, dst, halved)
+    save_graph(model, dst)
+    return {
+        "form": "fp16 weights and activations (onnxruntime.transformers.float16), fp32 graph IO",
+        "kept_fp32_ops": FP16_KEEP_FP32_OPS,
+        "kept_fp32_nodes": len(_rotary_nodes(model)),
+    }
+
+
+def fp16_graph(model: Any, keep_io_types: bool | list[str]) -> tuple[Any, set[str]]:
+    """The converter's fp16 form of `model`, loaded without its external weights.
+
+    keep_io_types: True keeps every graph input and output as it was, or the names of those that
+    stay fp32. Returns the converted graph, whose external weights still point at their fp32
+    bytes on disk, and the names of those the converter relabelled fp16: `stream_weights` or
+    `load_weights` convert their data.
+    """
+    import onnx
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
     model = onnx.shape_inference.infer_shapes(model)
     stored = _stand_in_external_weights(model)
     rotary = _rotary_nodes(model)
@@ -40,7 +60,7 @@ def to_fp16(src: Path, dst: Path) -> dict[str, Any]:
     _keep_fp32_between_kept_nodes(model, set(kept_ops), set(rotary))
     model = convert_float_to_float16(
         model,
-        keep_io_types=True,
+        keep_io_types=keep_io_types,
         op_block_list=kept_ops,
         node_block_list=rotary,
         disable_shape_infer=True,  # inferred above, with the weights' real shapes
@@ -55,13 +75,7 @@ def to_fp16(src: Path, dst: Path) -> dict[str, Any]:
                 halved.add(tensor.name)
     # Shapes the converter noted for its casts came from the stand-ins; consumers infer them.
     del model.graph.value_info[:]
-    stream_weights(model, src.parent, dst, halved)
-    save_graph(model, dst)
-    return {
-        "form": "fp16 weights and activations (onnxruntime.transformers.float16), fp32 graph IO",
-        "kept_fp32_ops": FP16_KEEP_FP32_OPS,
-        "kept_fp32_nodes": len(rotary),
-    }
+    return model, halved
 
 
 def _keep_fp32_between_kept_nodes(model: Any, ops: set[str], names: set[str]) -> None:
@@ -162,6 +176,30 @@ def stream_weights(model: Any, src_dir: Path, dst: Path, halved: set[str]) -> No
             ):
                 entry = tensor.external_data.add()
                 entry.key, entry.value = key, str(value)
+
+
+def load_weights(model: Any, src_dir: Path, halved: set[str]) -> None:
+    """Read every external initializer of `model` from `src_dir` into memory, converting those
+    named in `halved` from float32 to float16 (for tools that need the weights in memory)."""
+    import onnx
+
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        count = int(np.prod(tensor.dims, dtype=np.int64))
+        stored = np.float32 if tensor.name in halved else None
+        dtype = stored or onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        with open(src_dir / info["location"], "rb") as source:
+            source.seek(int(info.get("offset", 0)))
+            values = np.fromfile(source, dtype=dtype, count=count)
+        if values.size != count:
+            raise OSError(f"{src_dir / info['location']} ends before {tensor.name}'s data does")
+        if stored is not None:
+            values = to_float16(values)
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        tensor.raw_data = values.tobytes()
 
 
 def to_float16(values: np.ndarray) -> np.ndarray:

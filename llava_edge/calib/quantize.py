@@ -13,11 +13,14 @@ different forms of the same precision:
 | precision | graph              | file (onnxruntime)                    | tensorrt_file                   |
 |-----------|--------------------|---------------------------------------|---------------------------------|
 | int8      | all three          | dynamic int8 MatMul, per-channel      | static Q/DQ int8, calibrated    |
-| int4      | decoder            | MatMulNBits, 4-bit blocks of 32       | INT4 Q/DQ blocks of 32, opset 21|
+| int4      | decoder            | MatMulNBits, 4-bit blocks of 32       | INT4 Q/DQ blocks of 32, opset 21,|
+|           |                    |                                       | fp16 activations and KV cache   |
 | int4      | vision, projector  | as int8                               | as int8                         |
 | fp16      | all three          | fp16 weights and math, fp32 IO        | (same file)                     |
 
-Graph inputs and outputs keep their names and dtypes, so the runtime loads the result unchanged.
+Graph inputs and outputs keep their names and dtypes, so the runtime loads the result unchanged;
+the one exception is the int4 TensorRT form, whose KV cache inputs and outputs are fp16 (the
+backends size their caches by the graph's own types).
 Everything is written to a temporary dir, loaded by the runtime (which answers one question
 with it, and onnxruntime opens each TensorRT form), and renamed into place only then: a dir that
 `quantize` installs always loads.
@@ -41,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from llava_edge.calib.data import Activations, FeedReader, Sample, load_samples
-from llava_edge.calib.fp16 import to_fp16
+from llava_edge.calib.fp16 import fp16_graph, load_weights, to_fp16
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.files import check_output_dir, is_large, replace_dir, save_graph
 from llava_edge.logs import quiet
@@ -400,9 +403,16 @@ def int4_matmulnbits(src: Path, dst: Path) -> dict[str, Any]:
     }
 
 
+# The TensorRT int4 form's graph IO kept in fp32: what the runtime exchanges with the host. The KV
+# cache (past and present) goes fp16 with the activations, so the device holds half the bytes.
+INT4_FP32_IO = ("inputs_embeds", "logits")
+
+
 def int4_qdq(src: Path, dst: Path) -> dict[str, Any]:
     """TensorRT's form: INT4 weights with block-wise DequantizeLinear (axis 0, blocks along K)
-    into each MatMul; activations stay in float (weight-only, as TensorRT does INT4).
+    into each MatMul, from fp16 activations with fp16 scales: weight-only INT4 as NVIDIA's tools
+    make it for TensorRT (its INT4 weight-only GEMM kernels take fp16 activations; with fp32
+    ones there may be no fast kernel at all). The KV cache IO is fp16 too.
 
     Block-wise DequantizeLinear needs opset 21, so the graph is converted first with ONNX's own
     version converter (it rewrites ops whose form changed since the export's opset, e.g.
@@ -410,7 +420,9 @@ def int4_qdq(src: Path, dst: Path) -> dict[str, Any]:
     """
     details = _int4(src, dst, qdq=True)
     return {
-        "form": "INT4 weight-only Q/DQ: block-wise symmetric DequantizeLinear, no zero point",
+        "form": "INT4 weight-only Q/DQ: block-wise symmetric DequantizeLinear, no zero point, "
+        "fp16 activations and scales, fp16 KV cache",
+        "fp32_io": list(INT4_FP32_IO),
         **details,
     }
 
@@ -429,9 +441,12 @@ def _int4(src: Path, dst: Path, qdq: bool) -> dict[str, Any]:
 
     model = onnx.load(str(src), load_external_data=False)
     nodes, skipped = _int4_nodes(model)
-    if qdq:  # on the graph without its weights: the converter serializes it (2 GiB at most)
+    if qdq:  # on the graph without its weights: the converters serialize it (2 GiB at most)
+        model, halved = fp16_graph(model, keep_io_types=list(INT4_FP32_IO))
         model = version_converter.convert_version(model, INT4_OPSET)
-    load_external_data_for_model(model, str(src.parent))  # the quantizer reads every weight
+        load_weights(model, src.parent, halved)  # the quantizer reads every weight
+    else:
+        load_external_data_for_model(model, str(src.parent))
     config = DefaultWeightOnlyQuantConfig(
         block_size=INT4_BLOCK,
         is_symmetric=True,
