@@ -156,10 +156,12 @@ def server_rss_mb(pid: int) -> float:
 
 
 def engine_state(url: str) -> dict[str, float]:
+    """Rows in use, requests waiting, and how many requests were cancelled (clients gone)."""
+    names = ("running", "waiting", "cancelled_total")
     out = {}
     for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith(("llava_edge_engine_running ", "llava_edge_engine_waiting ")):
-            name, value = line.split()
+        name, _, value = line.partition(" ")
+        if name.removeprefix("llava_edge_engine_") in names:
             out[name.removeprefix("llava_edge_engine_")] = float(value)
     return out
 
@@ -238,7 +240,7 @@ def soak(url: str, pid: int, args: argparse.Namespace) -> dict:
     state = {}
     for _ in range(50):  # a dropped request leaves at the engine's next step
         state = engine_state(url)
-        if not any(state.values()):
+        if not state["running"] and not state["waiting"]:
             break
         time.sleep(0.1)
     warm = next(s for s in samples if s["requests"] >= args.requests // 10)
@@ -259,7 +261,8 @@ def soak(url: str, pid: int, args: argparse.Namespace) -> dict:
         not run.failures
         and report["rss_growth_after_warmup"] < 0.10
         and report["open_files_growth_after_warmup"] <= 0
-        and not any(state.values())
+        and not state["running"]
+        and not state["waiting"]
     )
     return report
 
