@@ -2,7 +2,7 @@
 
 uvicorn handles SIGTERM and SIGINT: it stops accepting connections, lets the requests in flight
 finish (their streams included; at most `drain_timeout_s` when given), then runs the app's
-shutdown, which closes the engine. A second signal stops at once.
+shutdown, which closes the engine.
 """
 
 from __future__ import annotations
