@@ -542,5 +542,11 @@ def test_cli_errors_are_one_line(tiny_model_dir):
     assert no_model.returncode == 1 and "does not exist" in no_model.stderr
     bad_batch = serve(str(tiny_model_dir), "--port", "0", "--max-batch", "0")
     assert bad_batch.returncode == 1 and "max_batch must be a positive integer" in bad_batch.stderr
-    for result in (missing, no_model, bad_batch):
+    taken = bind("127.0.0.1", 0)
+    try:
+        busy = serve(str(tiny_model_dir), "--port", str(taken.getsockname()[1]))
+    finally:
+        taken.close()
+    assert busy.returncode == 1 and "cannot listen on 127.0.0.1" in busy.stderr
+    for result in (missing, no_model, bad_batch, busy):
         assert "Traceback" not in result.stderr
