@@ -113,6 +113,8 @@ def quantize_model(
         for name, kind in plan.items():
             graph = manifest.graphs[name]
             _quantize_graph(name, kind, graph, source, tmp, activations, method, log)
+            if graph.fused:
+                graph.fused = quantize_fused(kind, graph.fused, source, tmp)
         manifest.source["quantized_from"] = {
             "model_dir": str(source.resolve()),
             "files": {n: e.sha256 for n, e in manifest.files.items()},
@@ -230,6 +232,19 @@ def _quantize_graph(
         log(f"warning: {name} has no MatMul with constant weights; it stays fp32")
 
 
+def quantize_fused(kind: str, fused: GraphSpec, source: Path, out: Path) -> GraphSpec | None:
+    """The fused decoder form (onnxruntime only) in the onnxruntime form of `kind`; fp16 dirs
+    keep none (`export --dtype fp16` writes an fp16 fused form)."""
+    if kind == "fp16":
+        return None
+    quantize = int8_dynamic if kind == "int8" else int4_matmulnbits
+    with _quiet():
+        details = quantize(source / fused.file, out / fused.file)
+    fused.precision = kind
+    fused.details = {**fused.details, "onnxruntime": details}
+    return fused
+
+
 # ---- the forms ---------------------------------------------------------------------------------
 
 
@@ -258,6 +273,8 @@ def int8_dynamic(src: Path, dst: Path) -> dict[str, Any]:
         per_channel=True,
         weight_type=QuantType.QInt8,
         use_external_data_format=_is_large(src),
+        # Shape inference cannot type the outputs of contrib ops (the fused decoder's)
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
     )
     return {
         "form": "dynamic int8 (DynamicQuantizeLinear + MatMulInteger), per-channel weights",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -20,6 +21,8 @@ import onnxruntime as ort
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import GraphSpec, Manifest
 from llava_edge.runtime.kv_cache import KVCache
+
+DECODER_FORMS = ("auto", "fused", "standard")
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -105,6 +108,7 @@ class OnnxBackend:
         providers: list[str] | None = None,
         threads: int | None = None,
         engine_dir: str | os.PathLike | None = None,
+        decoder_form: str = "auto",
     ):
         self.manifest = manifest
         options = ort.SessionOptions()
@@ -124,6 +128,10 @@ class OnnxBackend:
                 ) from None
         # TensorRT (as a provider too) must build from the Q/DQ form where a dir has two.
         tensorrt = "TensorrtExecutionProvider" in self.providers
+        graphs = dict(manifest.graphs)
+        self.form = self._pick_form(decoder_form)
+        if self.form == "fused":
+            graphs["decoder"] = manifest.graphs["decoder"].fused
         self.sessions = {
             name: self._open(
                 Path(model_dir)
@@ -131,11 +139,33 @@ class OnnxBackend:
                 options,
                 [(p, provider_options(p, manifest, name, cache_dir)) for p in self.providers],
             )
-            for name, graph in manifest.graphs.items()
+            for name, graph in graphs.items()
         }
-        for name, graph in manifest.graphs.items():
+        for name, graph in graphs.items():
             check_io(name, graph, self.sessions[name])
         self.layer_names = [manifest.kv_names(i) for i in range(manifest.text.num_layers)]
+        self.fused = None
+        if self.form == "fused":
+            from llava_edge.runtime.fused_backend import FusedDecoder
+
+            self.fused = FusedDecoder(self.sessions["decoder"], manifest.text, self.layer_names)
+
+    def _pick_form(self, requested: str) -> str:
+        """The decoder form to run: the fused one on the CPU where the model dir has it (its
+        contrib ops run on onnxruntime's CPU kernels; GPU providers take the standard form)."""
+        if requested not in DECODER_FORMS:
+            raise LlavaEdgeError(
+                f"unknown decoder form {requested!r}; choose from {', '.join(DECODER_FORMS)}"
+            )
+        has_fused = self.manifest.graphs["decoder"].fused is not None
+        if requested == "fused" and not has_fused:
+            raise LlavaEdgeError(
+                "this model dir has no fused decoder form; re-export it with this llava-edge"
+            )
+        if requested == "auto":
+            cpu_only = self.providers == ["CPUExecutionProvider"]
+            return "fused" if has_fused and cpu_only else "standard"
+        return requested
 
     def _open(
         self, path: Path, options: ort.SessionOptions, providers: list[tuple[str, dict]]
@@ -153,7 +183,9 @@ class OnnxBackend:
         (embeds,) = self.sessions["projector"].run(None, {"image_features": features})
         return embeds
 
-    def new_cache(self, batch: int) -> KVCache:
+    def new_cache(self, batch: int) -> Any:
+        if self.fused is not None:
+            return self.fused.new_cache(batch)
         return KVCache(self.manifest.text, batch)
 
     def decode(
@@ -163,6 +195,8 @@ class OnnxBackend:
 
         Appends the call's keys/values to `cache`.
         """
+        if self.fused is not None:
+            return self.fused.decode(embeds, token_mask, positions, cache)
         seq = embeds.shape[1]
         cache.reserve(seq)
         feeds = {

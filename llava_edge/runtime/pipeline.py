@@ -110,6 +110,7 @@ class Pipeline:
         limits: Limits | None = None,
         engine_dir: str | os.PathLike | None = None,
         cuda_graph: bool = False,
+        decoder_form: str = "auto",
     ) -> Pipeline:
         """Open a model dir written by `llava-edge export` (or quantize).
 
@@ -119,7 +120,8 @@ class Pipeline:
         limits: what one request may ask for (image pixels, prompt tokens, new tokens, time).
         engine_dir: the native engines to load (default: those recorded for this GPU), or the
         onnxruntime TensorRT provider's engine cache. cuda_graph: replay the native backend's
-        decode step as a CUDA graph.
+        decode step as a CUDA graph. decoder_form: onnxruntime's decoder form, 'auto' (the fused
+        form on the CPU where the model dir has one), 'fused' or 'standard'.
         """
         model_dir = Path(model_dir)
         manifest = Manifest.load(model_dir)
@@ -128,7 +130,12 @@ class Pipeline:
             from llava_edge.runtime.onnx_backend import OnnxBackend
 
             engine = OnnxBackend(
-                model_dir, manifest, providers=providers, threads=threads, engine_dir=engine_dir
+                model_dir,
+                manifest,
+                providers=providers,
+                threads=threads,
+                engine_dir=engine_dir,
+                decoder_form=decoder_form,
             )
         elif backend == "tensorrt":
             from llava_edge.runtime.tensorrt.backend import TensorRTBackend
