@@ -163,7 +163,7 @@ def test_greedy_tokens_equal_transformers_generate(exported: Exported, form: str
         reference = exported.model.generate(
             **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None
         )[0, inputs["input_ids"].shape[1] :].tolist()
-    with Pipeline.load(exported.model_dir, decoder_form=form) as pipe:
+    with Pipeline.load(exported.model_dir, graph_form=form) as pipe:
         assert pipe.backend.form == form
         answer = pipe.answer(image, QUESTION, max_new_tokens=NEW_TOKENS, ignore_eos=True)
     assert answer.prompt_token_ids == inputs["input_ids"][0].tolist()
@@ -287,7 +287,7 @@ def test_fused_batch_rows_of_different_lengths(exported: Exported) -> None:
     prompt = decoder.embeds(batch=2, seq=LONG_PAST, seed=11)
     mask = np.ones((2, LONG_PAST), dtype=np.int64)
     mask[1, : LONG_PAST - lengths[1]] = 0
-    with Pipeline.load(exported.model_dir, decoder_form="fused") as pipe:
+    with Pipeline.load(exported.model_dir, graph_form="fused") as pipe:
         backend = pipe.backend
         cache = backend.new_cache(2)
         logits = backend.decode(prompt, mask, np.where(mask == 1, np.cumsum(mask, 1) - 1, 1), cache)
@@ -469,8 +469,8 @@ def test_fp16_export_verifies_by_cosine(tiny_checkpoint: Path, tmp_path: Path, c
     out = tmp_path / "fp16"
     assert main(["export", str(tiny_checkpoint), str(out), "--dtype", "fp16"]) == 0
     printed = capsys.readouterr().out
-    assert "verify vs transformers (standard decoder): PASSED" in printed
-    assert "verify vs transformers (fused decoder): PASSED" in printed
+    assert "verify vs transformers (standard form): PASSED" in printed
+    assert "verify vs transformers (fused form): PASSED" in printed
     cosine = float(re.search(r"cosine (\S+)", printed).group(1))
     assert 0.99 <= cosine <= 1.0
     manifest = Manifest.load(out)

@@ -377,8 +377,17 @@ def _write_graphs(model: Any, manifest: Manifest, out: Path, opset: int, log: An
 
 
 def _write_fused(model: Any, manifest: Manifest, out: Path, log: Any) -> None:
-    from llava_edge.export.fused import can_fuse, fused_spec, write_fused_decoder
+    """onnxruntime's fused forms beside the standard graphs: the decoder's and the vision
+    encoder's (where their shapes allow; see llava_edge.export.fused)."""
+    from llava_edge.export.fused import (
+        can_fuse,
+        fused_spec,
+        write_fused_decoder,
+        write_fused_vision,
+    )
 
+    vision = manifest.graphs["vision_encoder"]
+    vision.fused = write_fused_vision(out / vision.file, vision, model.config.vision_config, out)
     reason = can_fuse(model.config.text_config)
     if reason:
         log(f"no fused decoder form: {reason}; onnxruntime runs the standard form")

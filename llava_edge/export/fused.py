@@ -281,3 +281,49 @@ class _Graph:
             epsilon=eps,
         )
         return out, total
+
+
+# ---- the vision encoder ------------------------------------------------------------------------
+
+VISION_FUSED_FILE = "vision_encoder_fused.onnx"
+
+
+def write_fused_vision(
+    standard: Path, spec: GraphSpec, vision_config: Any, out: Path
+) -> GraphSpec | None:
+    """The vision encoder with onnxruntime's CLIP fusions (Attention, SkipLayerNormalization,
+    QuickGelu) from onnxruntime.transformers' optimizer, or None when it fuses no attention (a
+    tower it does not know) or the graph is fp16 (the CPU Attention kernel is float32)."""
+    import dataclasses
+    import logging
+
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from llava_edge.files import save_graph
+
+    if spec.precision != "fp32" or getattr(vision_config, "model_type", "") != "clip_vision_model":
+        return None
+    logger = logging.getLogger("onnxruntime.transformers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        optimized = optimize_model(
+            str(standard),
+            model_type="clip",
+            num_heads=vision_config.num_attention_heads,
+            hidden_size=vision_config.hidden_size,
+            opt_level=0,  # the Python fusions only; onnxruntime optimizes the rest at load
+        )
+    finally:
+        logger.setLevel(level)
+    ops = {n.op_type for n in optimized.model.graph.node}
+    if "Attention" not in ops:
+        return None
+    save_graph(optimized.model, out / VISION_FUSED_FILE)
+    return dataclasses.replace(
+        spec,
+        file=VISION_FUSED_FILE,
+        fused=None,
+        tensorrt_file=None,
+        details={"form": "fused: Attention, SkipLayerNormalization, QuickGelu (CLIP fusions)"},
+    )

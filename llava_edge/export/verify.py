@@ -73,7 +73,7 @@ def verify_model_dir(loaded: Any, model_dir: Path, log: Any = print) -> dict[str
     fp32 = manifest.text.dtype == "float32"
     reports: dict[str, dict[str, Any]] = {}
     for form in forms:
-        with Pipeline.load(model_dir, decoder_form=form) as pipe:
+        with Pipeline.load(model_dir, graph_form=form) as pipe:
             ours_ids = pipe.codec.encode(prompt)
             pixels = preprocess(image, manifest.image)
             features = pipe.backend.sessions["vision_encoder"].run(
@@ -105,7 +105,7 @@ def verify_model_dir(loaded: Any, model_dir: Path, log: Any = print) -> dict[str
     result = {**worst, "forms": reports}
     if not all(r["passed"] for r in reports.values()):
         failures = [
-            f"{form} decoder: {f}"
+            f"{form} form: {f}"
             for form, r in reports.items()
             for f in _failures(r, fp32) or ["greedy tokens differ"]
             if not r["passed"]
@@ -159,7 +159,7 @@ def _failures(report: dict, fp32: bool) -> list[str]:
 def _format(report: dict, form: str | None = None) -> str:
     status = "PASSED" if report["passed"] else "FAILED"
     return (
-        f"verify vs transformers{f' ({form} decoder)' if form else ''}: {status}\n"
+        f"verify vs transformers{f' ({form} form)' if form else ''}: {status}\n"
         f"  prompt ids equal       {report['prompt_ids_equal']}\n"
         f"  pixel values           max |diff| {report['pixel_max_abs_diff']:.2e}\n"
         f"  vision features        max |diff| {report['vision_max_abs_diff']:.2e}\n"
