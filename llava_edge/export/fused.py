@@ -297,6 +297,7 @@ def write_fused_vision(
     import dataclasses
     import logging
 
+    from onnx import helper
     from onnxruntime.transformers.optimizer import optimize_model
 
     from llava_edge.files import save_graph
@@ -319,7 +320,10 @@ def write_fused_vision(
     ops = {n.op_type for n in optimized.model.graph.node}
     if "Attention" not in ops:
         return None
-    save_graph(optimized.model, out / VISION_FUSED_FILE)
+    model = optimized.model
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):  # the optimizer omits it
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    save_graph(model, out / VISION_FUSED_FILE)
     return dataclasses.replace(
         spec,
         file=VISION_FUSED_FILE,
