@@ -72,6 +72,14 @@ class FusedKVCache:
         self.buffers, self.capacity = grown, capacity
 
 
+    def truncate(self, length: int) -> None:
+        """Forget every slot from `length` on (a chat turn rolled back). Slots past a row's
+        length are never read, so nothing needs clearing."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} slots to {length}")
+        self.lengths = np.minimum(self.lengths, length)
+
+
 class FusedDecoder:
     """Runs the fused decoder graph for OnnxBackend."""
 

@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import GraphSpec, Manifest
-from llava_edge.runtime.kv_cache import KVCache
+from llava_edge.runtime.kv_cache import KVCache, check_kv_layout
 from llava_edge.runtime.session_cache import enabled as cache_enabled
 from llava_edge.runtime.session_cache import open_cached, session_options
 
@@ -72,7 +72,7 @@ def provider_list(names: list[str] | None) -> list[str]:
     return chosen
 
 
-def check_io(name: str, graph: GraphSpec, session: ort.InferenceSession) -> None:
+def check_graph_io(name: str, graph: GraphSpec, session: ort.InferenceSession) -> None:
     """The graph's inputs and outputs are the manifest's: same names, same fixed dimensions.
 
     Catches a graph copied in from another model dir, or a manifest edited by hand, at load
@@ -99,7 +99,11 @@ def check_io(name: str, graph: GraphSpec, session: ort.InferenceSession) -> None
 
 
 class OnnxBackend:
-    """Runs a model dir's graphs with onnxruntime. One backend serves one request at a time."""
+    """Runs a model dir's graphs with onnxruntime.
+
+    Any number of threads may share one backend: onnxruntime's `run` is thread-safe, and each
+    request brings its own KV cache.
+    """
 
     name = "onnxruntime"
 
@@ -113,6 +117,7 @@ class OnnxBackend:
         graph_form: str = "auto",
         session_cache: bool = True,
     ):
+        check_kv_layout(manifest.kv)
         self.manifest = manifest
         self.model_dir = Path(model_dir)
         self.threads = threads
@@ -145,7 +150,7 @@ class OnnxBackend:
             for name, graph in graphs.items()
         }
         for name, graph in graphs.items():
-            check_io(name, graph, self.sessions[name])
+            check_graph_io(name, graph, self.sessions[name])
         self.layer_names = [manifest.kv_names(i) for i in range(manifest.text.num_layers)]
         self.fused = None
         if self.form == "fused" and manifest.graphs["decoder"].fused:
@@ -194,8 +199,8 @@ class OnnxBackend:
         """pixel_values [B, 3, H, W] -> image features in the LLM's space [B, N, hidden]."""
         dtype = self.manifest.graphs["vision_encoder"].inputs["pixel_values"].dtype
         pixel_values = pixel_values.astype(dtype, copy=False)
-        (features,) = self.sessions["vision_encoder"].run(None, {"pixel_values": pixel_values})
-        (embeds,) = self.sessions["projector"].run(None, {"image_features": features})
+        (features,) = self._session("vision_encoder").run(None, {"pixel_values": pixel_values})
+        (embeds,) = self._session("projector").run(None, {"image_features": features})
         return embeds
 
     def new_cache(self, batch: int) -> Any:
@@ -221,11 +226,17 @@ class OnnxBackend:
         }
         for layer, (past_k, past_v, _, _) in enumerate(self.layer_names):
             feeds[past_k], feeds[past_v] = cache.past(layer)
-        outputs = self.sessions["decoder"].run(self._outputs, feeds)
+        outputs = self._session("decoder").run(self._outputs, feeds)
         for layer in range(len(self.layer_names)):
             cache.append(layer, outputs[1 + 2 * layer], outputs[2 + 2 * layer])
         cache.advance(token_mask)
         return outputs[0]
+
+    def _session(self, name: str) -> ort.InferenceSession:
+        session = self.sessions.get(name)
+        if session is None:  # close() emptied them, perhaps while a request was running
+            raise LlavaEdgeError("this model's sessions are closed; load the model dir again")
+        return session
 
     @property
     def _outputs(self) -> list[str]:
