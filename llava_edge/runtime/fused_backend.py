@@ -71,7 +71,6 @@ class FusedKVCache:
             grown.append(new)
         self.buffers, self.capacity = grown, capacity
 
-
     def truncate(self, length: int) -> None:
         """Forget every slot from `length` on (a chat turn rolled back). Slots past a row's
         length are never read, so nothing needs clearing."""
