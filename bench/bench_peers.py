@@ -155,7 +155,9 @@ def text_checkpoint(llava_checkpoint: Path, out: Path) -> Path:
 def _pad_tokenizer(path: Path, rows: int) -> None:
     data = json.loads(path.read_text())
     vocab = data["model"]["vocab"]
-    used = set(vocab.values()) | {t["id"] for t in data.get("added_tokens", [])}
+    for token in data.get("added_tokens", []):  # the converter reads every id from the vocab
+        vocab.setdefault(token["content"], token["id"])
+    used = set(vocab.values())
     for i in range(rows):
         if i not in used:
             vocab[f"<unused{i}>"] = i
@@ -181,6 +183,8 @@ def gguf_files(tools: dict[str, Path], text_dir: Path, work: Path) -> dict[str, 
         os.replace(tmp, files["f32"])
     for kind in ("q8_0", "q4_0"):
         if not files[kind].exists():
+            if not tools["quantize"].exists():
+                raise Skip(f"{tools['quantize']} does not exist")
             tmp = files[kind].with_suffix(".tmp")
             done = subprocess.run(
                 [str(tools["quantize"]), str(files["f32"]), str(tmp), kind],
