@@ -1,4 +1,5 @@
-"""The decoder in onnxruntime's fused form, built node by node from the checkpoint's weights.
+"""onnxruntime's fused forms: the decoder built node by node from the checkpoint's weights, and the
+CLIP vision encoder through onnxruntime.transformers' optimizer (`write_fused_vision`, below).
 
 The TorchScript decoder (graphs.py) is made of standard ops so that TensorRT parses it; onnxruntime
 runs it as ~1,100 small operators a step. This second form of the same weights is what
@@ -71,6 +72,13 @@ def can_fuse(text_config: Any) -> str | None:
     act = getattr(text_config, "hidden_act", "silu")
     if act not in ACTIVATIONS:
         return f"activation {act!r} (the fused form has {', '.join(ACTIVATIONS)})"
+    if getattr(text_config, "partial_rotary_factor", 1.0) != 1.0:
+        return "rotary over part of each head"
+    rope = getattr(text_config, "rope_parameters", None) or getattr(
+        text_config, "rope_scaling", None
+    )
+    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) == "dynamic":
+        return "dynamic rope scaling (its tables change with the sequence length)"
     return None
 
 

@@ -86,7 +86,7 @@ class FusedDecoder:
         self.session = session
         self.text = text
         self.dtype = np.dtype(text.dtype)
-        self.names = [(pk, pv, qk, qv) for pk, pv, qk, qv in layer_names]
+        self.names = list(layer_names)  # (past key, past value, present key, present value)
 
     def new_cache(self, batch: int) -> FusedKVCache:
         return FusedKVCache(self.text, batch)
