@@ -280,8 +280,9 @@ def test_decoder_left_padded_batch(exported: Exported) -> None:
 
 def test_fused_batch_rows_of_different_lengths(exported: Exported) -> None:
     """A left-padded prompt batch (packed to the right by the backend), then decode steps where
-    each row writes at its own length, then a 3-token turn per row (run row by row): every row's
-    logits equal transformers' on that row alone."""
+    each row writes at its own length, then a 3-token turn per row (run row by row), then a new
+    request prefilled alone into a freed row: every row's logits equal transformers' on that row
+    alone."""
     decoder = _Decoder(exported)
     lengths = [LONG_PAST, 7]
     prompt = decoder.embeds(batch=2, seq=LONG_PAST, seed=11)
@@ -316,6 +317,25 @@ def test_fused_batch_rows_of_different_lengths(exported: Exported) -> None:
                 )
                 _close(logits[row : row + 1], ref)
         assert cache.lengths.tolist() == [n + 5 for n in lengths]
+        # Continuous batching: row 1 is freed and a new request prefilled into it alone, then
+        # both rows decode together (row 0 continuing its own sequence).
+        cache.free_row(1)
+        fresh = decoder.embeds(batch=1, seq=9, seed=30)
+        logits = backend.fused.prefill_row(fresh, cache, row=1)
+        ref, refs[1] = decoder.reference(fresh, np.ones((1, 9), np.int64), np.arange(9)[None])
+        _close(logits, ref)
+        step = decoder.embeds(batch=2, seq=1, seed=31)
+        before = cache.lengths.copy()
+        logits = backend.decode(step, np.ones((2, 1), np.int64), before[:, None], cache)
+        for row in range(2):
+            total = int(before[row]) + 1
+            ref, _ = decoder.reference(
+                step[row : row + 1],
+                np.ones((1, total), np.int64),
+                before[row : row + 1, None],
+                refs[row],
+            )
+            _close(logits[row : row + 1], ref)
 
 
 # ---- the manifest is the contract -------------------------------------------------------------

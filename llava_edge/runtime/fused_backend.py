@@ -71,6 +71,10 @@ class FusedKVCache:
             grown.append(new)
         self.buffers, self.capacity = grown, capacity
 
+    def free_row(self, row: int) -> None:
+        """Empty one row for a new request (continuous batching); the others keep theirs."""
+        self.lengths[row] = 0
+
     def truncate(self, length: int) -> None:
         """Forget every slot from `length` on (a chat turn rolled back). Slots past a row's
         length are never read, so nothing needs clearing."""
@@ -120,6 +124,18 @@ class FusedDecoder:
                 self._run(
                     embeds[rows, :count], cache, rows, after[rows], int(after[row]), logits[rows]
                 )
+        cache.lengths = after
+        return logits
+
+    def prefill_row(self, embeds: np.ndarray, cache: FusedKVCache, row: int) -> np.ndarray:
+        """Append `embeds` [1, S, hidden] to one row alone (a new request joining a running
+        batch: it is prefilled by itself, then decodes with the others); its logits [1, V]."""
+        after = cache.lengths.copy()
+        after[row] += embeds.shape[1]
+        cache.reserve(int(after.max()))
+        logits = np.zeros((1, self.text.vocab_size), dtype=np.float32)
+        rows = slice(row, row + 1)
+        self._run(embeds, cache, rows, after[rows], int(after[row]), logits)
         cache.lengths = after
         return logits
 
