@@ -54,7 +54,7 @@ def time_request(pipe, image: np.ndarray, ids: list[int]) -> dict[str, float]:
     marks.append(time.perf_counter())
     int(np.argmax(logits[0]))
     marks.append(time.perf_counter())
-    stages = {k: (b - a) * 1000 for k, a, b in zip(STAGES, marks, marks[1:], strict=True)}
+    stages = {k: (b - a) * 1000 for k, a, b in zip(STAGES, marks[:-1], marks[1:], strict=True)}
     stages["ttft_ms"] = (marks[-1] - marks[0]) * 1000
     return stages
 
@@ -69,20 +69,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--question-tokens", type=int, default=32)
+    parser.add_argument("--precisions", default=",".join(PRECISIONS), help="which dirs to time")
     args = parser.parse_args()
+    precisions = [p for p in PRECISIONS if p in args.precisions.split(",")]
 
     from llava_edge.runtime import Pipeline
     from llava_edge.runtime.bench import bench_image, question
     from llava_edge.runtime.template import user_turn
 
-    given = {p: getattr(args, p) for p in PRECISIONS}
+    given = {p: getattr(args, p) for p in precisions}
     dirs = given if all(given.values()) else build_model_dirs(args.work, args.preset)
     pipes = {
         (p, f): Pipeline.load(dirs[p], threads=args.threads, graph_form=f)
-        for p in PRECISIONS
+        for p in precisions
         for f in FORMS
     }
-    first = pipes[("fp32", "standard")]
+    first = pipes[(precisions[0], "standard")]
     text = question(first.codec, args.question_tokens)
     prompt = user_turn(first.manifest.template, text, image=True, first=True)
     ids = first.codec.encode(prompt)
@@ -118,7 +120,7 @@ def main() -> None:
                 ),
                 3,
             )
-            for p in PRECISIONS
+            for p in precisions
         },
     }
     for pipe in pipes.values():
