@@ -15,6 +15,7 @@ from llava_edge.runtime import Pipeline
 def test_can_fuse_says_why_not() -> None:
     assert can_fuse(LlamaConfig()) is None
     assert "activation" in can_fuse(LlamaConfig(hidden_act="gelu"))
+    assert "head size 24" in can_fuse(LlamaConfig(hidden_size=96, num_attention_heads=4))
     dynamic = LlamaConfig(rope_scaling={"rope_type": "dynamic", "factor": 2.0})
     assert "dynamic rope" in can_fuse(dynamic)
 

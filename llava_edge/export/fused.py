@@ -72,6 +72,10 @@ def can_fuse(text_config: Any) -> str | None:
     act = getattr(text_config, "hidden_act", "silu")
     if act not in ACTIVATIONS:
         return f"activation {act!r} (the fused form has {', '.join(ACTIVATIONS)})"
+    heads = text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+    if head_dim % 16:
+        return f"head size {head_dim} (GroupQueryAttention takes multiples of 16)"
     if getattr(text_config, "partial_rotary_factor", 1.0) != 1.0:
         return "rotary over part of each head"
     rope = getattr(text_config, "rope_parameters", None) or getattr(
