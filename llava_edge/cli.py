@@ -124,6 +124,35 @@ def _run(args: argparse.Namespace) -> None:
         )
 
 
+# ---- watch -----------------------------------------------------------------------------------
+
+
+@command("watch")
+def _watch(args: argparse.Namespace) -> None:
+    with _load_pipeline(args) as pipe:
+        answers = pipe.watch(
+            args.source,
+            args.prompt,
+            every_s=args.every,
+            frames=args.frames,
+            changes_only=args.changes_only,
+            max_frames=args.max_frames,
+            live=True if args.live else None,
+            timeout_s=args.source_timeout,
+            folder_fps=args.folder_fps,
+            **_generation_options(args),
+        )
+        for answer in answers:
+            if args.json:
+                print(json.dumps(answer.to_dict()), flush=True)
+            else:
+                skipped = f" (skipped {answer.skipped})" if answer.skipped else ""
+                print(
+                    f"{answer.timestamp:9.2f}s  frame {answer.index}{skipped}: {answer.text}",
+                    flush=True,
+                )
+
+
 # ---- chat ------------------------------------------------------------------------------------
 
 
@@ -215,7 +244,27 @@ def _build(args: argparse.Namespace) -> None:
         max_context=args.max_context,
         workspace_gb=args.workspace,
         timing_cache=args.timing_cache,
+        check_memory=not args.skip_memory_check,
     )
+
+
+# ---- plan ------------------------------------------------------------------------------------
+
+
+@command("plan")
+def _plan(args: argparse.Namespace) -> int:
+    from llava_edge.runtime.plan import format_plan, parse_device, plan
+
+    result = plan(
+        args.model_dir,
+        parse_device(args.device, args.reserve),
+        backend=args.backend,
+        max_context=args.max_context,
+        max_batch=args.max_batch,
+        bandwidth_gbs=args.bandwidth,
+    )
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_plan(result))
+    return 0 if result.fits else 2
 
 
 # ---- doctor ----------------------------------------------------------------------------------
@@ -233,7 +282,11 @@ def _doctor(args: argparse.Namespace) -> None:
 
 
 @command("data")
-def _data(args: argparse.Namespace) -> None:
+def _data(args: argparse.Namespace) -> int | None:
+    return DATA_COMMANDS[args.data_command](args)
+
+
+def _data_synth(args: argparse.Namespace) -> None:
     from llava_edge.training.synth import synthesize
 
     paths = synthesize(args.out_dir, train=args.train, test=args.test, seed=args.seed)
@@ -242,6 +295,60 @@ def _data(args: argparse.Namespace) -> None:
     )
     for key, path in paths.items():
         print(f"  {key:9s} {path}")
+
+
+def _data_generate(args: argparse.Namespace) -> int:
+    from llava_edge.training.datagen.generate import format_report, generate
+
+    result = generate(
+        args.annotations,
+        args.images,
+        args.out,
+        endpoint=args.endpoint,
+        model=args.model,
+        api_key_env=args.api_key_env,
+        kinds=[k.strip() for k in args.kinds.split(",") if k.strip()],
+        per_image=args.per_image,
+        concurrency=args.concurrency,
+        max_images=args.max_images,
+        max_requests=args.max_requests,
+        journal=args.journal,
+        temperature=args.temperature,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+        timeout=args.timeout,
+        retries=args.retries,
+        backoff=args.backoff,
+        dry_run=args.dry_run,
+    )
+    if args.dry_run:
+        return 0
+    print(format_report(result))
+    return 1 if result.failed else 0  # some samples still missing: a script should notice
+
+
+def _data_vqa(args: argparse.Namespace) -> None:
+    from llava_edge.training.datagen.vqa import convert_vqa
+
+    result = convert_vqa(
+        args.file, args.format, args.images, args.out, annotations=args.annotations
+    )
+    print(result.summary())
+
+
+def _data_mix(args: argparse.Namespace) -> None:
+    from llava_edge.training.datagen.mix import format_table, mix
+
+    result = mix(args.sources, args.out, seed=args.seed)
+    print(format_table(result))
+
+
+DATA_COMMANDS = {
+    "synth": _data_synth,
+    "generate": _data_generate,
+    "vqa": _data_vqa,
+    "mix": _data_mix,
+}
 
 
 # ---- train, merge-lora, eval ----------------------------------------------------------------
@@ -295,6 +402,8 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from llava_edge.calib.quantize import METHODS, TARGETS
+
     parser = argparse.ArgumentParser(
         prog="llava-edge", description="Export, quantize and run LLaVA models at the edge."
     )
@@ -334,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="write an int8, int4 or fp16 copy of an exported model dir")
     p.add_argument("model_dir", help="fp32 model dir written by `llava-edge export`")
     p.add_argument("out_dir")
-    p.add_argument("--precision", required=True, choices=["int8", "int4", "fp16"])
+    p.add_argument("--precision", required=True, choices=TARGETS)
     p.add_argument(
         "--calib",
         help="calibration data: a LLaVA JSON file, or a folder of images (int8 and int4 need it)",
@@ -346,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--method",
         default="minmax",
-        choices=["minmax", "entropy", "percentile"],
+        choices=METHODS,
         help="how activation ranges are chosen for the TensorRT graphs (default minmax)",
     )
     p.add_argument(
@@ -371,6 +480,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_generation_options(p)
     _add_backend_options(p)
+
+    p = sub.add_parser(
+        "watch", help="answer a question about a video, camera or stream, frame after frame"
+    )
+    p.add_argument("model_dir")
+    p.add_argument(
+        "--source",
+        required=True,
+        help="video file, camera (/dev/video0), rtsp:// or http:// stream, or image folder",
+    )
+    p.add_argument("--prompt", required=True)
+    p.add_argument(
+        "--every", type=float, default=1.0, help="seconds between answered frames (default 1)"
+    )
+    p.add_argument(
+        "--jsonl", dest="json", action="store_true", help="print one JSON object per answer"
+    )
+    p.add_argument("--max-frames", type=int, help="stop after answering N frames")
+    p.add_argument(
+        "--changes-only", action="store_true", help="print an answer only when it changes"
+    )
+    p.add_argument("--frames", type=int, default=1, help="last K frames in each prompt")
+    p.add_argument(
+        "--live", action="store_true", help="replay a file at its own pace, as a camera would"
+    )
+    p.add_argument(
+        "--source-timeout",
+        type=float,
+        default=10.0,
+        help="seconds to wait for a stream to open or send its next frame (default 10)",
+    )
+    p.add_argument(
+        "--folder-fps", type=float, default=1.0, help="an image folder's images per second"
+    )
+    _add_generation_options(p)
+    _add_backend_options(p)
+    p.set_defaults(raw=False)
 
     p = sub.add_parser("chat", help="talk about an image, turn by turn (reuses the KV cache)")
     p.add_argument("model_dir")
@@ -407,6 +553,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--timing-cache", help="timing cache file to reuse and update (default: in the engine dir)"
     )
 
+    p.add_argument(
+        "--skip-memory-check",
+        action="store_true",
+        help="build even where `llava-edge plan` says the engines cannot fit in the GPU's memory",
+    )
+
+    p = sub.add_parser(
+        "plan",
+        help="memory a deployment needs (weights, KV cache, activations) and whether it fits",
+        description="Exit status 0 when the plan fits the device, 2 when it does not.",
+    )
+    p.add_argument("model_dir")
+    p.add_argument(
+        "--device",
+        help="orin-nano-4gb, orin-nano-8gb, orin-nano-8gb-super, orin-nx-8gb, orin-nx-16gb, "
+        "agx-orin-32gb, agx-orin-64gb, or a memory size (8GB, 7.5GiB, bytes); default: this machine",
+    )
+    p.add_argument(
+        "--max-context", type=int, help="longest conversation in tokens (default: the model's)"
+    )
+    p.add_argument("--max-batch", type=int, default=1, help="requests decoded together")
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    p.add_argument("--bandwidth", type=float, help="memory bandwidth in GB/s (for a custom device)")
+    p.add_argument("--reserve", type=float, help="GB the OS keeps from applications")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
     p = sub.add_parser("doctor", help="what this machine can run, and what is missing")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -417,9 +589,82 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", type=int, default=1000)
     p.add_argument("--test", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
+    _add_datagen_parsers(data)
 
     _add_training_parsers(sub)
     return parser
+
+
+def _add_datagen_parsers(data: argparse._SubParsersAction) -> None:
+    p = data.add_parser(
+        "generate",
+        help="instruction data from captions and boxes, written by an LLM (LLaVA's pipeline)",
+        description="Ask an OpenAI-compatible chat endpoint to write conversations, detailed "
+        "descriptions and reasoning questions about each annotated image, from its captions and "
+        "boxes. Run the same command again to resume: the journal keeps every settled sample.",
+    )
+    p.add_argument(
+        "--annotations",
+        action="append",
+        required=True,
+        metavar="FILE",
+        help="COCO-style JSON (captions and/or boxes) or JSONL of {image, captions, boxes}; "
+        "repeatable (merged by image file name)",
+    )
+    p.add_argument("--images", required=True, help="dir the annotated image names are in")
+    p.add_argument("--out", required=True, help="LLaVA JSON file to write")
+    p.add_argument(
+        "--endpoint", help="API root of an OpenAI-compatible server, e.g. http://localhost:8080/v1"
+    )
+    p.add_argument("--model", help="model name (default: the only one the endpoint serves)")
+    p.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the API key")
+    p.add_argument(
+        "--kinds",
+        default="conversation,detail,reasoning",
+        help="comma-separated kinds to generate (default: all three)",
+    )
+    p.add_argument("--per-image", type=int, default=1, help="samples of each kind per image")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight at once")
+    p.add_argument("--max-images", type=int, help="use only the first N usable images")
+    p.add_argument(
+        "--max-requests", type=int, help="send at most N HTTP requests (retries count), then stop"
+    )
+    p.add_argument("--journal", help="resumable record of the run (default: OUT.journal.jsonl)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
+    p.add_argument("--max-tokens", type=int, default=1024, help="longest reply in tokens")
+    p.add_argument("--seed", type=int, default=0, help="base of each request's sampling seed")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds one request may take")
+    p.add_argument("--retries", type=int, default=5, help="retries of a request on 429/5xx/timeout")
+    p.add_argument(
+        "--backoff", type=float, default=1.0, help="seconds before the first retry (then x2)"
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the first image's prompts; send nothing"
+    )
+
+    p = data.add_parser(
+        "vqa",
+        help="short-answer VQA data as LLaVA-1.5 mixes it in (response-format prompts)",
+    )
+    p.add_argument("file", help="the questions file (for jsonl: one question a line)")
+    p.add_argument("--format", required=True, choices=["vqav2", "gqa", "textvqa", "jsonl"])
+    p.add_argument("--images", required=True, help="dir the images are in")
+    p.add_argument("--out", required=True, help="LLaVA JSON file to write")
+    p.add_argument(
+        "--annotations",
+        help="vqav2: the annotations file with the answers (default: found beside FILE)",
+    )
+
+    p = data.add_parser("mix", help="mix LLaVA files with weights (LLaVA-1.5's recipe)")
+    p.add_argument(
+        "sources",
+        nargs="+",
+        metavar="FILE[:WEIGHT]",
+        help="LLaVA JSON/JSONL and how many times its samples go in (default 1; 0.5: a random "
+        "half; 2: twice)",
+    )
+    p.add_argument("--out", required=True, help="LLaVA JSON file to write")
+    p.add_argument("--seed", type=int, default=0)
 
 
 def _add_training_parsers(sub: argparse._SubParsersAction) -> None:

@@ -131,8 +131,12 @@ def record(world, monkeypatch) -> Calls:
     import llava_edge.runtime.bench as bench
     import llava_edge.runtime.doctor as doctor
     import llava_edge.runtime.interactive as interactive
+    import llava_edge.runtime.plan as plan
     import llava_edge.runtime.tensorrt.build as build
     import llava_edge.training.checkpoint as checkpoint
+    import llava_edge.training.datagen.generate as datagen_generate
+    import llava_edge.training.datagen.mix as datagen_mix
+    import llava_edge.training.datagen.vqa as datagen_vqa
     import llava_edge.training.evaluate as evaluate
     import llava_edge.training.lora as lora
     import llava_edge.training.synth as synth
@@ -148,6 +152,9 @@ def record(world, monkeypatch) -> Calls:
         (synth, "synthesize", {}),
         (train, "train", trained),
         (lora, "merge_lora", "merged"),
+        (datagen_generate, "generate", datagen_generate.GenerateResult(Path("o"), Path("j"), "m")),
+        (datagen_vqa, "convert_vqa", datagen_vqa.VqaResult(Path("o"))),
+        (datagen_mix, "mix", datagen_mix.MixResult(Path("o"), 0, [])),
         (bench, "plot", None),
     ]:
         monkeypatch.setattr(module, name, fake(f"{module.__name__}.{name}", result))
@@ -156,6 +163,8 @@ def record(world, monkeypatch) -> Calls:
         (bench, "benchmark"),
         (interactive, "chat_loop"),
         (doctor, "diagnose"),
+        (plan, "plan"),
+        (plan, "parse_device"),
     ]:
         monkeypatch.setattr(
             module, name, through(f"{module.__name__}.{name}", getattr(module, name))
@@ -164,6 +173,7 @@ def record(world, monkeypatch) -> Calls:
         (Pipeline, "answer"),
         (Pipeline, "stream"),
         (Pipeline, "chat"),
+        (Pipeline, "watch"),
         (ChatSession, "stream"),
     ]:
         monkeypatch.setattr(cls, name, through(f"{cls.__name__}.{name}", getattr(cls, name)))
@@ -212,6 +222,15 @@ def base_arguments(cmd: tuple[str, ...], sub: argparse.ArgumentParser, world) ->
     runtime = {
         "run": {"model_dir": model, "prompt": "Hi", "max_new_tokens": "2"},
         "chat": {"model_dir": model, "max_new_tokens": "2"},
+        # a folder of images is a source without a video decoder; one frame, one line of JSON
+        "watch": {
+            "model_dir": model,
+            "source": str(world["root"]),
+            "prompt": "Hi",
+            "max_new_tokens": "2",
+            "max_frames": "1",
+        },
+        "plan": {"model_dir": model},
         "bench": {"model_dir": model, "runs": "1", "new_tokens": "2", "question_tokens": "4"},
         "eval": {
             "model_dir": model,

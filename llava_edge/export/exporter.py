@@ -6,13 +6,11 @@ complete (and verified), so an interrupted or failed export never leaves a dir t
 
 from __future__ import annotations
 
-import contextlib
-import json
+import dataclasses
 import os
 import re
 import shutil
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +20,8 @@ import numpy as np
 from llava_edge import __version__
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.files import check_output_dir, replace_dir, save_graph
+from llava_edge.logs import quiet
 from llava_edge.manifest import (
-    CHECKPOINT_INFO_FILE,
     GraphSpec,
     ImageSpec,
     Manifest,
@@ -32,10 +30,12 @@ from llava_edge.manifest import (
     TextSpec,
     TokenSpec,
 )
-from llava_edge.runtime.template import TEMPLATES
 
 DEFAULT_OPSET = 17  # TensorRT 10.3 (JetPack 6) parses opsets 9-20; 17 has LayerNormalization
 EMBEDDINGS_FILE = "embed_tokens.npy"
+# Loader and tracer chatter that says nothing to a user: transformers' notes, the hub client's
+# "Retrying in 2s" per attempt, torch.onnx's tracer warnings.
+LOADER_LOGGERS = ("transformers", "huggingface_hub", "torch.onnx")
 
 
 @dataclass
@@ -43,7 +43,7 @@ class LoadedCheckpoint:
     model: Any  # LlavaForConditionalGeneration
     processor: Any  # LlavaProcessor
     source: str
-    template: str
+    template: TemplateSpec  # the prompt format (llava_edge.export.chat_template)
 
 
 def export_checkpoint(
@@ -106,14 +106,28 @@ def export_checkpoint(
 def load_checkpoint(
     checkpoint: str | os.PathLike, trust_remote_code: bool = False
 ) -> LoadedCheckpoint:
-    """Load a LLaVA checkpoint in fp32 with eager attention, or say clearly why not."""
-    import torch
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    """Load a LLaVA checkpoint in fp32 with eager attention, or say clearly why not.
 
-    checkpoint_config(checkpoint, trust_remote_code)
+    The prompt format is settled before the weights load: a template export cannot use fails
+    in seconds, not after minutes of loading a 7B model.
+    """
+    import torch
+    from transformers import AutoProcessor, GenerationConfig, LlavaForConditionalGeneration
+
+    from llava_edge.export.chat_template import choose_template
+
+    config = checkpoint_config(checkpoint, trust_remote_code)
     source = str(checkpoint)
     try:
-        with _quiet():
+        with quiet(*LOADER_LOGGERS):
+            processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+            try:
+                generation = GenerationConfig.from_pretrained(source)
+            except OSError:  # no generation_config.json: what from_pretrained derives then
+                generation = GenerationConfig.from_model_config(config)
+            eos = _eos_ids(generation, processor.tokenizer)
+            eos_texts = [processor.tokenizer.decode([i], skip_special_tokens=False) for i in eos]
+            template = choose_template(Path(source), processor, eos_texts)
             model = LlavaForConditionalGeneration.from_pretrained(
                 source,
                 dtype=torch.float32,
@@ -121,10 +135,9 @@ def load_checkpoint(
                 trust_remote_code=trust_remote_code,
                 use_safetensors=True,
             ).eval()
-            processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:  # missing weights or tokenizer files, a broken config
         raise LlavaEdgeError(f"cannot load checkpoint {source}: {_first_line(e)}") from None
-    return LoadedCheckpoint(model, processor, source, _template_name(Path(source)))
+    return LoadedCheckpoint(model, processor, source, template)
 
 
 def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = False) -> Any:
@@ -146,7 +159,7 @@ def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = F
             f"{source} has no config.json: it is not a Hugging Face checkpoint dir"
         )
     try:
-        with _quiet():
+        with quiet(*LOADER_LOGGERS):
             config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise LlavaEdgeError(f"cannot load checkpoint {source}: {_first_line(e)}") from None
@@ -170,15 +183,6 @@ def _first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
-def _template_name(checkpoint: Path) -> str:
-    path = checkpoint / CHECKPOINT_INFO_FILE
-    if path.is_file():
-        name = json.loads(path.read_text()).get("template", "llava_1_5")
-        if name in TEMPLATES:
-            return name
-    return "llava_1_5"  # the Hugging Face LLaVA-1.5 prompt
-
-
 def build_manifest(loaded: LoadedCheckpoint, dtype: str, max_context: int) -> Manifest:
     """Every fact the runtime needs, read from the checkpoint's config and processor."""
     import transformers
@@ -199,6 +203,10 @@ def build_manifest(loaded: LoadedCheckpoint, dtype: str, max_context: int) -> Ma
         dtype=np_dtype,
     )
     image = _image_spec(loaded.processor.image_processor, config.vision_config)
+    tokens = _token_spec(loaded)
+    bos = loaded.processor.tokenizer.bos_token
+    if bos and loaded.template.system.startswith(bos):
+        tokens.add_bos = False  # the template writes it (see choose_template)
     vision_dim = config.vision_config.hidden_size * (
         1 if isinstance(config.vision_feature_layer, int) else len(config.vision_feature_layer)
     )
@@ -224,8 +232,8 @@ def build_manifest(loaded: LoadedCheckpoint, dtype: str, max_context: int) -> Ma
         image=image,
         num_image_tokens=0,  # measured from the exported vision graph
         text=spec,
-        tokens=_token_spec(loaded),
-        template=TemplateSpec(**TEMPLATES[loaded.template].__dict__),
+        tokens=tokens,
+        template=TemplateSpec(**dataclasses.asdict(loaded.template)),  # the manifest's own copy
         embeddings=EMBEDDINGS_FILE,
         source={
             "checkpoint": loaded.source,
@@ -296,10 +304,7 @@ def _image_spec(processor: Any, vision_config: Any) -> ImageSpec:
 def _token_spec(loaded: LoadedCheckpoint) -> TokenSpec:
     tokenizer = loaded.processor.tokenizer
     model = loaded.model
-    eos = model.generation_config.eos_token_id
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    eos_ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
+    eos_ids = _eos_ids(model.generation_config, tokenizer)
     bos = tokenizer.bos_token_id
     probe = tokenizer("a").input_ids
     pad = tokenizer.pad_token_id
@@ -312,6 +317,13 @@ def _token_spec(loaded: LoadedCheckpoint) -> TokenSpec:
         pad_token_id=None if pad is None else int(pad),
         add_bos=bool(bos is not None and probe and probe[0] == bos),
     )
+
+
+def _eos_ids(generation_config: Any, tokenizer: Any) -> list[int]:
+    eos = generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
 
 
 def _max_context(text_config: Any, requested: int | None) -> int:
@@ -406,7 +418,7 @@ def _torch_export(module: Any, args: tuple, path: Path, graph: GraphSpec, opset:
         name: {axis: dim for axis, dim in enumerate(spec.shape) if isinstance(dim, str)}
         for name, spec in {**graph.inputs, **graph.outputs}.items()
     }
-    with torch.no_grad(), _quiet():
+    with torch.no_grad(), quiet(*LOADER_LOGGERS):
         torch.onnx.export(
             module.eval(),
             args,
@@ -447,28 +459,3 @@ def _num_image_tokens(vision_graph: Path) -> int:
     dtype = np.float16 if "float16" in spec.type else np.float32
     dummy = np.zeros([1] + list(spec.shape[1:]), dtype=dtype)
     return int(session.run(None, {spec.name: dummy})[0].shape[1])
-
-
-# ---- the output dir ----------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Silence tracer and loader chatter that says nothing to a user."""
-    import logging
-
-    import transformers
-    from huggingface_hub.utils import logging as hub_logging
-
-    level = transformers.logging.get_verbosity()
-    hub_level = hub_logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    hub_logging.set_verbosity_error()  # the hub client's "Retrying in 2s" lines, per attempt
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        transformers.logging.set_verbosity(level)
-        hub_logging.set_verbosity(hub_level)

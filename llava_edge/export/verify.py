@@ -1,8 +1,11 @@
 """Check an exported model dir against transformers on the same weights.
 
-The runtime (onnxruntime on the CPU) and LlavaForConditionalGeneration see the same image and
-prompt; compared are the prompt ids, pixel values, vision features, prefill logits and 32 greedy
-tokens, which must be identical in fp32.
+The runtime (onnxruntime on the CPU) and LlavaForConditionalGeneration answer the same question
+about the same image. The reference side is transformers' own code throughout: its processor
+(prompt ids from the checkpoint's own chat template, pixel values), `get_image_features` and
+`generate`. Compared are the prompt ids of one question and of a three-turn chat, the pixel
+values, the image features, the prefill logits and 32 greedy tokens, which must be identical in
+fp32.
 """
 
 from __future__ import annotations
@@ -18,9 +21,14 @@ from llava_edge.manifest import Manifest
 from llava_edge.runtime import Pipeline
 from llava_edge.runtime.generate import embed
 from llava_edge.runtime.image import preprocess
-from llava_edge.runtime.template import user_turn
+from llava_edge.runtime.template import render, user_turn
 
 QUESTION = "What is shown in this image?"
+CHAT = [
+    ("What is in the picture?", "A red circle and a blue box."),
+    ("Which one is bigger?", "The box."),
+    ("What colour is the background?", None),
+]
 NEW_TOKENS = 32
 # fp32 graphs differ from PyTorch only in summation order: max |diff| / max |reference|.
 FP32_REL_TOLERANCE = 1e-4
@@ -44,88 +52,96 @@ def sample_image(size: int = 320) -> Image.Image:
 def verify_model_dir(loaded: Any, model_dir: Path, log: Any = print) -> dict[str, Any]:
     """Compare; log a short report; raise VerificationError on a mismatch.
 
-    Every decoder form the model dir holds is checked (the standard form TensorRT builds from,
-    and onnxruntime's fused form where export wrote one); the report's top-level figures are the
-    worst of them, and `forms` holds each form's own.
+    Every graph form the model dir holds is checked (the standard form TensorRT builds from, and
+    onnxruntime's fused forms where export wrote them); the report's figures are the worse form's,
+    and `forms` holds each form's own.
     """
-    import torch
-
-    model, processor = loaded.model, loaded.processor
-    image = sample_image()
-    manifest = Manifest.load(model_dir)
-    prompt = user_turn(manifest.template, QUESTION, image=True, first=True)
-    inputs = processor(images=image, text=prompt, return_tensors="pt")
-    hf_ids = inputs["input_ids"][0].tolist()
-    ref_pixels = inputs["pixel_values"][0].numpy()
-    # Feed transformers' pixels to both sides from here on, so each check tests one thing.
-    pixel_batch = (
-        inputs["pixel_values"]
-        .numpy()
-        .astype(manifest.graphs["vision_encoder"].inputs["pixel_values"].dtype)
-    )
-    with torch.no_grad():
-        ref_features = _reference_features(model, inputs["pixel_values"])
-        ref_logits = model(**inputs).logits[0, -1].float().numpy()
-        ref_tokens = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)[
-            0, len(hf_ids) :
-        ].tolist()
-    forms = ["standard"] + (["fused"] if manifest.graphs["decoder"].fused else [])
-    fp32 = manifest.text.dtype == "float32"
-    reports: dict[str, dict[str, Any]] = {}
+    forms = ["standard"]
+    if any(g.fused for g in Manifest.load(model_dir).graphs.values()):
+        forms.append("fused")
+    reports = {}
     for form in forms:
-        with Pipeline.load(model_dir, graph_form=form) as pipe:
-            ours_ids = pipe.codec.encode(prompt)
-            pixels = preprocess(image, manifest.image)
-            features = pipe.backend.sessions["vision_encoder"].run(
-                None, {"pixel_values": pixel_batch}
-            )[0]
-            cache = pipe.backend.new_cache(1)
-            ids = np.asarray([hf_ids])
-            image_embeds = pipe.backend.encode_image(pixel_batch)[0]
-            embeds = embed(pipe.table, ids, manifest.tokens.image_token_id, [image_embeds])
-            logits = pipe.backend.decode(
-                embeds, np.ones_like(ids), np.arange(ids.shape[1])[None], cache
-            )[0]
-            answer = pipe.answer(image, QUESTION, max_new_tokens=NEW_TOKENS)
-        report = {
-            "prompt_ids_equal": ours_ids == hf_ids,
-            "pixel_max_abs_diff": float(np.abs(pixels - ref_pixels).max()),
-            "vision_max_abs_diff": float(np.abs(features.astype(np.float32) - ref_features).max()),
-            "vision_rel_diff": _relative(features, ref_features),
-            "prefill_logits_max_abs_diff": float(np.abs(logits - ref_logits).max()),
-            "prefill_logits_rel_diff": _relative(logits, ref_logits),
-            "prefill_logits_cosine": _cosine(logits, ref_logits),
-            "greedy_tokens_matched": _common_prefix(answer.token_ids, ref_tokens),
-            "greedy_tokens_total": len(ref_tokens),
-        }
-        report["passed"] = _passed(report, fp32, answer.token_ids, ref_tokens)
-        log(_format(report, form if len(forms) > 1 else None))
-        reports[form] = report
+        reports[form] = _verify_form(loaded, model_dir, form)
+        log(_format(reports[form], form if len(forms) > 1 else None))
     worst = min(reports.values(), key=lambda r: (r["passed"], r["greedy_tokens_matched"]))
-    result = {**worst, "forms": reports}
+    fp32 = Manifest.load(model_dir).text.dtype == "float32"
     if not all(r["passed"] for r in reports.values()):
         failures = [
-            f"{form} form: {f}"
+            (f"{form} form: " if len(forms) > 1 else "") + failure
             for form, r in reports.items()
-            for f in _failures(r, fp32) or ["greedy tokens differ"]
             if not r["passed"]
+            for failure in _failures(r, fp32) or ["greedy tokens differ"]
         ]
         raise VerificationError(
             "verification failed: the exported graphs do not reproduce transformers "
             f"({'; '.join(failures)}); the output was not written"
         )
-    return result
+    return {**worst, "forms": reports}
 
 
-def _reference_features(model: Any, pixel_values: Any) -> np.ndarray:
-    """What LlavaModel feeds its projector: the selected layer(s), CLS dropped for 'default'."""
-    config = model.config
-    hidden = model.model.vision_tower(pixel_values.float(), output_hidden_states=True).hidden_states
-    layers = config.vision_feature_layer
-    layers = [layers] if isinstance(layers, int) else layers
-    drop = config.vision_feature_select_strategy == "default"
-    selected = [hidden[i][:, 1:] if drop else hidden[i] for i in layers]
-    return np.concatenate([s[0].numpy() for s in selected], axis=-1)
+def _verify_form(loaded: Any, model_dir: Path, form: str) -> dict[str, Any]:
+    """One graph form's report against transformers."""
+    import torch
+
+    from llava_edge.export.chat_template import CheckpointChat
+
+    model, processor = loaded.model, loaded.processor
+    image = sample_image()
+    chat = CheckpointChat.of(processor)
+    with Pipeline.load(model_dir, graph_form=form) as pipe:
+        manifest = pipe.manifest
+        if chat is not None:  # the prompt as the checkpoint's users build it
+            inputs = chat.inputs([(QUESTION, None)], image)
+            chat_ids = chat.inputs(CHAT, image)["input_ids"][0].tolist()
+        else:  # no template of its own: llava-edge's default is all there is to follow
+            prompt = user_turn(manifest.template, QUESTION, image=True, first=True)
+            inputs = processor(images=image, text=prompt, return_tensors="pt")
+            chat_ids = None
+        hf_ids = inputs["input_ids"][0].tolist()
+        ours_ids = pipe.codec.encode(user_turn(manifest.template, QUESTION, image=True, first=True))
+        ours_chat = pipe.codec.encode("".join(t for t, _ in render(manifest.template, CHAT, True)))
+        pixels = preprocess(image, manifest.image)
+        ref_pixels = inputs["pixel_values"][0].numpy()
+        # Feed transformers' pixels to both sides from here on, so each check tests one thing.
+        pixel_batch = (
+            inputs["pixel_values"]
+            .numpy()
+            .astype(manifest.graphs["vision_encoder"].inputs["pixel_values"].dtype)
+        )
+        image_embeds = pipe.backend.encode_image(pixel_batch)[0]
+        with torch.no_grad():
+            ref_features = model.get_image_features(pixel_values=inputs["pixel_values"])
+            ref_features = ref_features.pooler_output[0].float().numpy()
+            ref_logits = model(**inputs).logits[0, -1].float().numpy()
+            ref_tokens = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)[
+                0, len(hf_ids) :
+            ].tolist()
+        cache = pipe.backend.new_cache(1)
+        ids = np.asarray([hf_ids])
+        embeds = embed(pipe.table, ids, manifest.tokens.image_token_id, [image_embeds])
+        logits = pipe.backend.decode(
+            embeds, np.ones_like(ids), np.arange(ids.shape[1])[None], cache
+        )[0]
+        answer = pipe.answer(image, QUESTION, max_new_tokens=NEW_TOKENS)
+    fp32 = manifest.text.dtype == "float32"
+    matched = _common_prefix(answer.token_ids, ref_tokens)
+    image_embeds = image_embeds.astype(np.float32)
+    report = {
+        "template": manifest.template.name,
+        "template_source": "the checkpoint's chat template" if chat else "llava-edge's default",
+        "prompt_ids_equal": ours_ids == hf_ids,
+        "chat_ids_equal": None if chat_ids is None else ours_chat == chat_ids,
+        "pixel_max_abs_diff": float(np.abs(pixels - ref_pixels).max()),
+        "image_features_max_abs_diff": float(np.abs(image_embeds - ref_features).max()),
+        "image_features_rel_diff": _relative(image_embeds, ref_features),
+        "prefill_logits_max_abs_diff": float(np.abs(logits - ref_logits).max()),
+        "prefill_logits_rel_diff": _relative(logits, ref_logits),
+        "prefill_logits_cosine": _cosine(logits, ref_logits),
+        "greedy_tokens_matched": matched,
+        "greedy_tokens_total": len(ref_tokens),
+    }
+    report["passed"] = _passed(report, fp32, answer.token_ids, ref_tokens)
+    return report
 
 
 def _passed(report: dict, fp32: bool, ours: list[int], ref: list[int]) -> bool:
@@ -135,14 +151,16 @@ def _passed(report: dict, fp32: bool, ours: list[int], ref: list[int]) -> bool:
 def _failures(report: dict, fp32: bool) -> list[str]:
     failures = []
     if not report["prompt_ids_equal"]:
-        failures.append("prompt token ids differ")
+        failures.append("prompt token ids differ from the checkpoint's chat template")
+    if report["chat_ids_equal"] is False:
+        failures.append("a three-turn chat's token ids differ from the checkpoint's chat template")
     if report["pixel_max_abs_diff"] > 1e-4:
         failures.append(f"pixel values differ by {report['pixel_max_abs_diff']:.2g}")
     if fp32:
         # Tokens alone are a weak test on random weights (argmax often survives a wrong graph,
         # e.g. GQA heads paired with the wrong KV head): the numbers must agree too.
         for key, what in (
-            ("vision_rel_diff", "vision features"),
+            ("image_features_rel_diff", "image features"),
             ("prefill_logits_rel_diff", "prefill logits"),
         ):
             if report[key] > FP32_REL_TOLERANCE:
@@ -160,9 +178,11 @@ def _format(report: dict, form: str | None = None) -> str:
     status = "PASSED" if report["passed"] else "FAILED"
     return (
         f"verify vs transformers{f' ({form} form)' if form else ''}: {status}\n"
+        f"  template               {report['template']} (from {report['template_source']})\n"
         f"  prompt ids equal       {report['prompt_ids_equal']}\n"
+        f"  chat ids equal         {report['chat_ids_equal']}\n"
         f"  pixel values           max |diff| {report['pixel_max_abs_diff']:.2e}\n"
-        f"  vision features        max |diff| {report['vision_max_abs_diff']:.2e}\n"
+        f"  image features         max |diff| {report['image_features_max_abs_diff']:.2e}\n"
         f"  prefill logits         max |diff| {report['prefill_logits_max_abs_diff']:.2e}, "
         f"cosine {report['prefill_logits_cosine']:.6f}\n"
         f"  greedy tokens          {report['greedy_tokens_matched']}/{report['greedy_tokens_total']} identical"

@@ -12,6 +12,7 @@ builds strongly typed networks from the explicit-precision graphs (its fp16/int8
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +153,10 @@ class OnnxBackend:
         for name, graph in graphs.items():
             check_graph_io(name, graph, self.sessions[name])
         self.layer_names = [manifest.kv_names(i) for i in range(manifest.text.num_layers)]
+        # The cache takes the decoder's own past dtype: the int4 TensorRT form keeps it in fp16.
+        past = {i.name: i.type for i in self.sessions["decoder"].get_inputs()}
+        fp16 = past.get(self.layer_names[0][0]) == "tensor(float16)"
+        self.kv_text = replace(manifest.text, dtype="float16") if fp16 else manifest.text
         self.fused = None
         if self.form == "fused" and manifest.graphs["decoder"].fused:
             from llava_edge.runtime.fused_backend import FusedDecoder
@@ -206,7 +211,7 @@ class OnnxBackend:
     def new_cache(self, batch: int) -> Any:
         if self.fused is not None:
             return self.fused.new_cache(batch)
-        return KVCache(self.manifest.text, batch)
+        return KVCache(self.kv_text, batch)
 
     def decode(
         self, embeds: np.ndarray, token_mask: np.ndarray, positions: np.ndarray, cache: KVCache

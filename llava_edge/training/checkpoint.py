@@ -269,17 +269,6 @@ def init_checkpoint(
 # ---- helpers for checkpoints that training writes --------------------------------------------
 
 
-def read_template_name(checkpoint: str | Path) -> str | None:
-    """The template a checkpoint was trained with (its llava_edge.json), None if it names none."""
-    path = Path(checkpoint) / CHECKPOINT_INFO_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text()).get("template")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        raise LlavaEdgeError(f"{path} is not a JSON object naming a template") from None
-
-
 def saved_dtype(checkpoint: str | Path) -> str:
     """The dtype a checkpoint's weights were saved in (config.json), float32 if it says none."""
     try:
