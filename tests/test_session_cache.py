@@ -86,3 +86,12 @@ def test_cache_can_be_turned_off(
     monkeypatch.setenv("LLAVA_EDGE_SESSION_CACHE", "0")
     _, status = answer(tiny_model_dir, cache)
     assert set(status.values()) == {"none"} and not cache.exists()
+
+
+def test_no_entry_written_without_memory_to_spare(
+    tiny_model_dir: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(session_cache, "_room_to_save", lambda path: False)
+    reference, status = answer(tiny_model_dir, cache)
+    assert set(status.values()) == {"off"} and not entries(cache)
+    assert answer(tiny_model_dir, cache, session_cache=False)[0] == reference

@@ -15,7 +15,9 @@ rebuilt; an entry for the same graph path under another key (an older onnxruntim
 graph) is deleted when its replacement is written. Only CPU sessions are cached: GPU providers
 keep their own caches (the TensorRT provider's engines).
 
-The cache costs disk: about twice the graph's weights (the weights and their pre-packed copies).
+The cache costs disk: about twice the graph's weights (the weights and their pre-packed copies);
+and the load that writes an entry holds a second copy of the weights in memory meanwhile, so it
+is only written when twice the graph fits in free memory (else the load is a plain one).
 `LLAVA_EDGE_SESSION_CACHE=0` turns it off, as does `session_cache=False` on the backend.
 """
 
@@ -77,6 +79,9 @@ def open_cached(
     providers = ["CPUExecutionProvider"]
     root = root or cache_dir() / "onnxruntime"
     entry = root / cache_key(graph_sha256, providers)
+    if not _complete(entry) and not _room_to_save(path):
+        options = session_options(threads)
+        return ort.InferenceSession(str(path), options, providers=providers), "off"
     if _complete(entry):
         options = session_options(threads)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -95,6 +100,18 @@ def open_cached(
         return ort.InferenceSession(str(path), options, providers=providers), "off"
     _drop_stale(root, entry, str(path.resolve()))
     return session, "miss"
+
+
+def _room_to_save(path: Path) -> bool:
+    """Saving holds a second copy of the weights in memory while it writes them (measured on
+    `small`: peak 2.8 GB against 1.6 GB for a plain load): only when that fits in free memory."""
+    data = Path(str(path) + ".data")
+    size = path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return True
+    return 2 * size < free
 
 
 def _saving(threads: int | None, out: Path) -> ort.SessionOptions:
