@@ -1,5 +1,6 @@
 """Continuous batching in the runtime: the KV cache's per-row lengths, and BatchEngine's requests
-joining and leaving a running batch while each answers exactly as it would alone."""
+joining and leaving a running batch while each answers exactly as it would alone, on both
+decoder forms."""
 
 from __future__ import annotations
 
@@ -16,9 +17,12 @@ from llava_edge.runtime.batching import Cancelled, QueueFull, TimedOut
 from llava_edge.runtime.kv_cache import KVCache
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_model_dir):
-    with Pipeline.load(tiny_model_dir, threads=1) as p:
+@pytest.fixture(scope="module", params=["fused", "standard"])
+def pipe(context_model_dir, request):
+    """Both decoder forms (they share the KV cache), on the model whose answers depend on their
+    whole context: a row reading another row's keys would change its tokens."""
+    with Pipeline.load(context_model_dir, threads=1, graph_form=request.param) as p:
+        assert p.backend.form == request.param
         yield p
 
 

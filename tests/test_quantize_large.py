@@ -9,7 +9,6 @@ because x*x overflows fp16).
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +28,10 @@ import sys
 from pathlib import Path
 from llava_edge.calib.quantize import to_fp16
 to_fp16(Path(sys.argv[1]), Path(sys.argv[2]))
+# VmHWM, not the parent's ru_maxrss from wait4: on Linux a child's ru_maxrss starts from its
+# parent's at fork, so a pytest worker that ran a big test before would show through
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+print(int(status["VmHWM"].split()[0]) * 1024)
 """
 
 
@@ -119,11 +122,15 @@ def test_fp16_of_a_graph_over_2gib_loads_computes_and_streams(tmp_path: Path) ->
     (tmp_path / "out").mkdir()
     dst = tmp_path / "out" / "graph.onnx"
     with open(tmp_path / "stderr", "w+") as err:
-        child = subprocess.Popen([sys.executable, "-c", CONVERT, str(src), str(dst)], stderr=err)
-        _, status, usage = os.wait4(child.pid, 0)
+        child = subprocess.run(
+            [sys.executable, "-c", CONVERT, str(src), str(dst)],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
         err.seek(0)
-        assert os.waitstatus_to_exitcode(status) == 0, err.read()[-2000:]
-    peak = usage.ru_maxrss * 1024  # KiB on Linux
+        assert child.returncode == 0, err.read()[-2000:]
+    peak = int(child.stdout.strip().splitlines()[-1])
     source_bytes = BIG_ROWS * BIG_WIDTH * 4
     # Weights streamed a chunk at a time: not even the fp16 table (half the source) was ever
     # held, let alone the fp32 one.

@@ -1,6 +1,9 @@
 """`llava-edge serve`: the real server (uvicorn on a free port) called with the official `openai`
 client and with raw HTTP: answers equal the library's, every malformed or over-limit request gets
-OpenAI's error JSON with the right status, a client that leaves frees its row, SIGTERM drains."""
+OpenAI's error JSON with the right status, a client that leaves frees its row, SIGTERM drains.
+
+The model is the tiny one whose answers depend on their whole context (conftest), so a server
+that rendered a conversation differently from the library would answer differently."""
 
 from __future__ import annotations
 
@@ -84,10 +87,10 @@ def media_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir, media_dir):
+def server(context_model_dir, media_dir):
     s = Server(
         ServeOptions(
-            tiny_model_dir,
+            context_model_dir,
             model_name=MODEL,
             api_key=KEY,
             max_batch=2,
@@ -433,8 +436,8 @@ def test_a_client_leaving_mid_stream_frees_its_row_and_a_full_queue_gets_429(ser
     assert server.metric("llava_edge_client_disconnects_total") >= 3
 
 
-def test_a_request_past_the_time_limit_gets_504(tiny_model_dir):
-    options = ServeOptions(tiny_model_dir, model_name=MODEL, limits=Limits(timeout_s=1e-9))
+def test_a_request_past_the_time_limit_gets_504(context_model_dir):
+    options = ServeOptions(context_model_dir, model_name=MODEL, limits=Limits(timeout_s=1e-9))
     with TestClient(create_app(options)) as client:  # the ASGI client, lifespan and all
         deadline = time.time() + 30
         while client.get("/health").status_code != 200 and time.time() < deadline:
@@ -443,8 +446,8 @@ def test_a_request_past_the_time_limit_gets_504(tiny_model_dir):
     assert late.status_code == 504 and "time limit" in error_of(late)["message"]
 
 
-def test_loading_gives_503_before_the_model_is_ready(tiny_model_dir):
-    app = create_app(ServeOptions(tiny_model_dir, model_name=MODEL))
+def test_loading_gives_503_before_the_model_is_ready(context_model_dir):
+    app = create_app(ServeOptions(context_model_dir, model_name=MODEL))
     client = TestClient(app)  # no lifespan: the model never starts loading
     health = client.get("/health")
     assert health.status_code == 503 and health.json()["status"] == "loading"
@@ -476,8 +479,8 @@ def start_cli_server(model_dir: Path, *options: str) -> tuple[subprocess.Popen, 
     return process, url
 
 
-def test_sigterm_drains_the_answer_in_flight_then_exits(tiny_model_dir):
-    process, url = start_cli_server(tiny_model_dir)
+def test_sigterm_drains_the_answer_in_flight_then_exits(context_model_dir):
+    process, url = start_cli_server(context_model_dir)
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
         stream = client.chat.completions.create(
@@ -506,8 +509,8 @@ def test_sigterm_drains_the_answer_in_flight_then_exits(tiny_model_dir):
     assert "Traceback" not in log and "Finished server process" in log
 
 
-def test_drain_timeout_caps_the_wait(tiny_model_dir):
-    process, url = start_cli_server(tiny_model_dir, "--drain-timeout", "0.5")
+def test_drain_timeout_caps_the_wait(context_model_dir):
+    process, url = start_cli_server(context_model_dir, "--drain-timeout", "0.5")
     try:
         body = {"model": MODEL, "messages": GOOD, "max_tokens": 900, "ignore_eos": True}
         headers = {"Authorization": f"Bearer {KEY}"}
@@ -529,22 +532,22 @@ def test_drain_timeout_caps_the_wait(tiny_model_dir):
         process.stdout.close()
 
 
-def test_cli_errors_are_one_line(tiny_model_dir):
+def test_cli_errors_are_one_line(context_model_dir):
     def serve(*args: str, prelude: str = "") -> subprocess.CompletedProcess:
         code = f"{prelude}import sys; from llava_edge.cli import main; sys.exit(main(sys.argv[1:]))"
         return subprocess.run(
             [sys.executable, "-c", code, "serve", *args], capture_output=True, text=True
         )
 
-    missing = serve(str(tiny_model_dir), prelude="import sys; sys.modules['uvicorn'] = None; ")
+    missing = serve(str(context_model_dir), prelude="import sys; sys.modules['uvicorn'] = None; ")
     assert missing.returncode == 1 and "pip install 'llava-edge[serve]'" in missing.stderr
     no_model = serve("/nonexistent/model")
     assert no_model.returncode == 1 and "does not exist" in no_model.stderr
-    bad_batch = serve(str(tiny_model_dir), "--port", "0", "--max-batch", "0")
+    bad_batch = serve(str(context_model_dir), "--port", "0", "--max-batch", "0")
     assert bad_batch.returncode == 1 and "max_batch must be a positive integer" in bad_batch.stderr
     taken = bind("127.0.0.1", 0)
     try:
-        busy = serve(str(tiny_model_dir), "--port", str(taken.getsockname()[1]))
+        busy = serve(str(context_model_dir), "--port", str(taken.getsockname()[1]))
     finally:
         taken.close()
     assert busy.returncode == 1 and "cannot listen on 127.0.0.1" in busy.stderr
