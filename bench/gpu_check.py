@@ -118,7 +118,7 @@ def parity(engines: Any, reference: Any, picture: Path) -> dict[str, Any]:
     from llava_edge.runtime.generate import embed
 
     def logits(pipe: Any) -> np.ndarray:
-        ids, features = pipe._prepare(str(picture), QUESTION, raw=False, first=True)
+        ids, features = pipe.prompt_ids(QUESTION, True), pipe.image_features(str(picture))
         ids = np.asarray([ids])
         embeds = embed(pipe.table, ids, pipe.manifest.tokens.image_token_id, [features])
         mask = np.ones_like(ids)

@@ -230,6 +230,52 @@ def _generation_options(args: argparse.Namespace) -> dict:
     return options
 
 
+# ---- serve -----------------------------------------------------------------------------------
+
+
+@command("serve")
+def _serve(args: argparse.Namespace) -> None:
+    try:
+        from llava_edge.serve import ServeOptions, serve
+    except ImportError as e:
+        raise LlavaEdgeError(
+            f"`llava-edge serve` needs the serve extra ({e.name} is missing): "
+            "pip install 'llava-edge[serve]'"
+        ) from None
+    from llava_edge.runtime import Limits
+
+    options = ServeOptions(
+        model_dir=args.model_dir,
+        model_name=args.model_name,
+        api_key=args.api_key or os.environ.get("LLAVA_EDGE_API_KEY") or None,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_body_mb=args.max_body_mb,
+        max_image_mb=args.max_image_mb,
+        allowed_media_dir=args.allowed_media_dir,
+        allow_remote_images=args.allow_remote_images,
+        prefix_cache_mb=args.prefix_cache_mb,
+        limits=Limits(
+            max_image_pixels=args.max_image_pixels,
+            max_prompt_tokens=args.max_prompt_tokens,
+            max_new_tokens=args.max_new_tokens,
+            timeout_s=args.timeout,
+        ),
+        backend=args.backend,
+        providers=args.provider,
+        threads=args.threads,
+        engine_dir=args.engine_dir,
+        verify_files=True if args.verify_files else None,
+    )
+    serve(
+        options,
+        host=args.host,
+        port=args.port,
+        drain_timeout_s=args.drain_timeout,
+        log_level=args.log_level,
+    )
+
+
 # ---- build -----------------------------------------------------------------------------------
 
 
@@ -540,6 +586,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="FILE", help="write a PNG chart of the comparison")
     _add_backend_options(p)
     p.set_defaults(threads=2)
+
+    p = sub.add_parser(
+        "serve", help="an OpenAI-compatible server (/v1/chat/completions) that batches clients"
+    )
+    p.add_argument("model_dir")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--api-key", help="require 'Authorization: Bearer KEY' (or set LLAVA_EDGE_API_KEY)"
+    )
+    p.add_argument("--model-name", help="the model id clients send (default: the dir's name)")
+    p.add_argument("--max-batch", type=int, default=4, help="requests decoded together")
+    p.add_argument(
+        "--max-queue", type=int, default=16, help="requests that may wait for a row (then 429)"
+    )
+    p.add_argument("--max-new-tokens", type=int, help="refuse requests asking for more")
+    p.add_argument("--max-body-mb", type=float, default=32, help="refuse larger bodies (413)")
+    p.add_argument("--max-image-mb", type=float, default=20, help="refuse larger images (413)")
+    p.add_argument(
+        "--allowed-media-dir", help="allow file:// images under this dir (default: none)"
+    )
+    p.add_argument(
+        "--allow-remote-images",
+        action="store_true",
+        help="allow http(s) image URLs (size- and time-capped)",
+    )
+    p.add_argument(
+        "--prefix-cache-mb",
+        type=float,
+        default=256,
+        help="memory for finished conversations' KV, reused by their next turn (0: off)",
+    )
+    p.add_argument(
+        "--drain-timeout", type=float, help="on SIGTERM, wait at most this long for requests"
+    )
+    p.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    _add_backend_options(p)
 
     p = sub.add_parser("build", help="build TensorRT engines for a model dir (needs a GPU)")
     p.add_argument("model_dir")

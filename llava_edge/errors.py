@@ -8,3 +8,7 @@ other exception is a bug in llava-edge and keeps its traceback.
 
 class LlavaEdgeError(Exception):
     """A problem with the user's input, stated with what to do about it."""
+
+
+class TooLarge(LlavaEdgeError):
+    """An input over a size limit (an image's pixels): refused whole, never cut down silently."""

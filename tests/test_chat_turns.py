@@ -223,7 +223,7 @@ def check_truncate(backend, hidden: int) -> None:
 
 
 def test_onnxruntime_cache_truncate(context_model_dir):
-    """The standard form's cache (masked slots): forgotten slots are masked and zero again."""
+    """The standard form (masked slots): forgotten slots are masked and zero again."""
     with Pipeline.load(context_model_dir, threads=1, graph_form="standard") as pipe:
         check_truncate(pipe.backend, pipe.manifest.text.hidden_size)
         cache = pipe.backend.new_cache(1)
@@ -231,11 +231,12 @@ def test_onnxruntime_cache_truncate(context_model_dir):
         embeds = np.ones((1, 4, pipe.manifest.text.hidden_size), np.float32)
         pipe.backend.decode(embeds, mask, np.arange(4)[None], cache)
         cache.truncate(1)
-        assert not cache.valid[:, 1:].any()
+        assert not cache.attention_mask(np.ones((1, 1), np.int64))[:, 1:-1].any()  # masked
         assert not any(k[:, :, 1:].any() for k in cache.keys)  # forgotten slots are zeros again
 
 
 def test_fused_cache_truncate(pipe):
-    """The fused form's cache (per-row lengths): a truncated row continues as if never longer."""
+    """The fused form (no mask, GroupQueryAttention reads each row's length): a truncated row
+    continues as if it had never been longer."""
     assert pipe.backend.form == "fused"
     check_truncate(pipe.backend, pipe.manifest.text.hidden_size)

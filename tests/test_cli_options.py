@@ -106,7 +106,8 @@ def world(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
 
 @pytest.fixture
 def record(world, monkeypatch) -> Calls:
-    """Record the calls; offline stages return stand-ins, the runtime runs the tiny model."""
+    """Record the calls; offline stages (and the server) return stand-ins, the runtime runs
+    the tiny model."""
     calls: Calls = []
 
     def fake(name: str, result: Any = None):
@@ -133,6 +134,7 @@ def record(world, monkeypatch) -> Calls:
     import llava_edge.runtime.interactive as interactive
     import llava_edge.runtime.plan as plan
     import llava_edge.runtime.tensorrt.build as build
+    import llava_edge.serve as serve
     import llava_edge.training.checkpoint as checkpoint
     import llava_edge.training.datagen.generate as datagen_generate
     import llava_edge.training.datagen.mix as datagen_mix
@@ -156,6 +158,7 @@ def record(world, monkeypatch) -> Calls:
         (datagen_vqa, "convert_vqa", datagen_vqa.VqaResult(Path("o"))),
         (datagen_mix, "mix", datagen_mix.MixResult(Path("o"), 0, [])),
         (bench, "plot", None),
+        (serve, "serve", None),  # the server would run until stopped: its options are the call
     ]:
         monkeypatch.setattr(module, name, fake(f"{module.__name__}.{name}", result))
     for module, name in [

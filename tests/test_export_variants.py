@@ -320,9 +320,10 @@ def test_fused_batch_rows_of_different_lengths(exported: Exported) -> None:
         assert cache.lengths.tolist() == [n + 5 for n in lengths]
         # Continuous batching: row 1 is freed and a new request prefilled into it alone, then
         # both rows decode together (row 0 continuing its own sequence).
-        cache.free_row(1)
+        cache.truncate(0, row=1)
         fresh = decoder.embeds(batch=1, seq=9, seed=30)
-        logits = backend.fused.prefill_row(fresh, cache, row=1)
+        ones = np.ones((1, 9), np.int64)
+        logits = backend.decode(fresh, ones, np.arange(9)[None], cache.rows(1, 2))
         ref, refs[1] = decoder.reference(fresh, np.ones((1, 9), np.int64), np.arange(9)[None])
         _close(logits, ref)
         step = decoder.embeds(batch=2, seq=1, seed=31)

@@ -163,12 +163,15 @@ def test_cli_reports_errors_in_one_line(tiny_model_dir, tmp_path, capsys):
 
 
 def test_runtime_imports_neither_torch_nor_transformers(tiny_model_dir, image):
+    heavy = ("torch", "transformers", "optimum", "peft", "starlette", "uvicorn", "httpx")
     code = (
         "import sys\n"
-        "from llava_edge.runtime import Pipeline\n"
+        "from llava_edge.runtime import BatchEngine, Pipeline\n"
         f"with Pipeline.load({str(tiny_model_dir)!r}) as p:\n"
         f"    p.generate({str(image)!r}, 'What?', max_new_tokens=3)\n"
-        "heavy = sorted(m for m in ('torch', 'transformers', 'optimum', 'peft') if m in sys.modules)\n"
+        f"    with BatchEngine(p) as engine:\n"
+        f"        engine.submit({str(image)!r}, 'What?', max_new_tokens=3).result()\n"
+        f"heavy = sorted(m for m in {heavy!r} if m in sys.modules)\n"
         "print(','.join(heavy))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -17,7 +17,7 @@ from PIL import Image
 
 from llava_edge.cli import main
 from llava_edge.errors import LlavaEdgeError
-from llava_edge.runtime import Limits, Pipeline
+from llava_edge.runtime import BatchEngine, Limits, Pipeline
 
 # Each entry point, run to the end: (pipeline, image, question, options) -> the answer's text.
 ENTRIES: dict[str, Callable[..., str]] = {
@@ -27,7 +27,17 @@ ENTRIES: dict[str, Callable[..., str]] = {
     "generate_batch": lambda p, image, q, **o: p.generate_batch([(image, q)], **o)[0].text,
     "chat.ask": lambda p, image, q, **o: p.chat(image, **o).ask(q),
     "chat.stream": lambda p, image, q, **o: "".join(p.chat(image).stream(q, **o)),
+    "BatchEngine.submit": lambda p, image, q, **o: batched(p, image, q, **o),
 }
+
+
+def batched(pipe: Pipeline, image, question: str, **options) -> str:
+    engine = BatchEngine(pipe, max_batch=1, start=False)
+    request = engine.submit(image, question, **options)
+    engine.run_until_idle()
+    return request.result().text
+
+
 FORMS = ["path", "bytes", "pil", "array"]
 SMALL = dict(max_new_tokens=2)
 

@@ -110,7 +110,7 @@ def prompt_logits(pipe: Pipeline) -> np.ndarray:
     """Last-position logits of the prefill of an image prompt."""
     from llava_edge.runtime.generate import embed
 
-    ids, features = pipe._prepare(picture(), PROMPT, raw=False, first=True)
+    ids, features = pipe.prompt_ids(PROMPT, True), pipe.image_features(picture())
     ids = np.asarray([ids])
     embeds = embed(pipe.table, ids, pipe.manifest.tokens.image_token_id, [features])
     mask = np.ones_like(ids)

@@ -328,6 +328,12 @@ def test_batches_and_chats_match_onnxruntime(stub, model: Path) -> None:
     assert chats[1].cache.length == chats[0].cache.length
     with pytest.raises(LlavaEdgeError, match="batch of 3.*--max-batch"):
         trt.backend.new_cache(3)
+    # Requests that join and leave a batch need a length per cache row, which the device
+    # cache does not keep: continuous batching (and so `serve`) refuses this backend clearly.
+    from llava_edge.runtime import BatchEngine
+
+    with pytest.raises(LlavaEdgeError, match="tensorrt backend cannot batch.*onnxruntime"):
+        BatchEngine(trt, max_batch=1)
 
 
 def test_the_engine_reads_the_kv_cache_where_it_lives(stub, model: Path) -> None:

@@ -5,15 +5,19 @@ is all a robot app needs.
 """
 
 from llava_edge.errors import LlavaEdgeError
-from llava_edge.runtime.pipeline import Answer, ChatSession, Limits, Pipeline, TextStream
+from llava_edge.runtime.answer import Answer
+from llava_edge.runtime.batching import BatchEngine, Request
+from llava_edge.runtime.pipeline import ChatSession, Limits, Pipeline, TextStream
 from llava_edge.runtime.sampling import GenerationConfig
 
 __all__ = [
     "Answer",
+    "BatchEngine",
     "ChatSession",
     "GenerationConfig",
     "Limits",
     "LlavaEdgeError",
     "Pipeline",
+    "Request",
     "TextStream",
 ]

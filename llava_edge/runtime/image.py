@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from llava_edge.errors import LlavaEdgeError
+from llava_edge.errors import LlavaEdgeError, TooLarge
 from llava_edge.manifest import ImageSpec
 
 ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
@@ -48,7 +48,7 @@ def load_image(source: ImageInput, max_pixels: int | None = None) -> Image.Image
 def _check_pixels(width: int, height: int, max_pixels: int | None) -> None:
     pixels = width * height
     if max_pixels is not None and pixels > max_pixels:
-        raise LlavaEdgeError(
+        raise TooLarge(
             f"image is {width}x{height} = {pixels} pixels, over the limit of {max_pixels}; "
             "downscale it first"
         )
@@ -77,7 +77,7 @@ def _open(source: str | os.PathLike | bytes, max_pixels: int | None) -> Image.Im
             image.load()  # decode now, so truncation is found here and not later
         return image
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise LlavaEdgeError(
+        raise TooLarge(
             f"image {name} has more pixels than PIL's safety limit ({Image.MAX_IMAGE_PIXELS}); "
             "downscale it first"
         ) from None

@@ -19,7 +19,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +27,7 @@ import numpy as np
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import Manifest
+from llava_edge.runtime.answer import Answer, AnswerText, cut_at_stop, timings
 from llava_edge.runtime.generate import (
     Timer,
     decode_loop,
@@ -76,17 +77,6 @@ class Limits:
                 f"{what} {tokens} tokens, over this deployment's limit of "
                 f"{self.max_prompt_tokens}{fix}"
             )
-
-
-@dataclass
-class Answer:
-    """Everything about one answer: its text, the ids in and out, why it stopped, and timings."""
-
-    text: str
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    finish_reason: str  # "eos", "length" or "stop"
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 class Pipeline:
@@ -198,16 +188,38 @@ class Pipeline:
     def generate_batch(
         self, requests: list[tuple[ImageInput | None, str]], **options: Any
     ) -> list[Answer]:
-        """Several (image, prompt) pairs in one batch (left-padded, as transformers batches)."""
+        """Several (image, prompt) pairs decoded together; each answers as it would alone.
+
+        On the onnxruntime backend each prompt is prefilled alone into a row of one KV cache and
+        the rows decode together (runtime/batching.py, on this thread); the TensorRT backend's
+        device cache batches them left-padded, as transformers does.
+        """
         self._check_open()
         if not requests:
             return []
         raw = options.pop("raw", False)
+        if getattr(self.backend, "continuous_batching", False):
+            from llava_edge.runtime.batching import BatchEngine
+
+            engine = BatchEngine(
+                self, max_batch=len(requests), max_queue=0, prefix_cache_mb=0, start=False
+            )
+            handles = [
+                engine.submit_ids(self.prompt_ids(prompt, image is not None, raw), image, options)
+                for image, prompt in requests
+            ]
+            engine.run_until_idle()
+            return [handle.result() for handle in handles]
+        return self._generate_left_padded(requests, raw, options)
+
+    def _generate_left_padded(
+        self, requests: list[tuple[ImageInput | None, str]], raw: bool, options: dict
+    ) -> list[Answer]:
         config = self._config(options)
         timer = Timer()
         rows, features = [], []
         for image, prompt in requests:
-            ids, feats = self._prepare(image, prompt, raw=raw, first=True)
+            ids, feats = self._prepare(image, prompt, raw=raw)
             rows.append(ids)
             features.append(feats)
         pad = self._pad_id
@@ -240,7 +252,7 @@ class Pipeline:
             active &= ~step.finished
         answers = []
         for i, row in enumerate(rows):
-            text, reason = _cut_at_stop(self.codec.decode(generated[i]), config.stop)
+            text, reason = cut_at_stop(self.codec.decode(generated[i]), config.stop)
             answers.append(Answer(text, row, generated[i], reason or done_reason[i], {}))
         return answers
 
@@ -258,12 +270,19 @@ class Pipeline:
 
         return watch(self, source, prompt, every_s=every_s, **options)
 
-    def chat(self, image: ImageInput | None = None, **options: Any) -> ChatSession:
+    def chat(
+        self,
+        image: ImageInput | None = None,
+        history: list[tuple[str, str]] | None = None,
+        **options: Any,
+    ) -> ChatSession:
         """A multi-turn conversation about one image; each turn reuses the cache of the last.
 
         `options` (GenerationConfig's fields) apply to every turn; a turn may override them.
+        history: earlier (question, answer) turns to go on from, rendered as if this session had
+        asked them and the model had given those answers (each closed by its end of sequence).
         """
-        return ChatSession(self, image, options)
+        return ChatSession(self, image, options, history or [])
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -290,7 +309,7 @@ class Pipeline:
         raw = options.pop("raw", False)
         config = self._config(options)
         timer = Timer()
-        ids, features = self._prepare(image, prompt, raw=raw, first=True)
+        ids, features = self._prepare(image, prompt, raw=raw)
         timer.mark("vision")
         config = self._fit_context(config, len(ids))
         cache = self.backend.new_cache(1)
@@ -301,9 +320,16 @@ class Pipeline:
             raise LlavaEdgeError("this pipeline is closed; load the model dir again")
 
     def _prepare(
-        self, image: ImageInput | None, prompt: str, raw: bool, first: bool
+        self, image: ImageInput | None, prompt: str, raw: bool
     ) -> tuple[list[int], np.ndarray | None]:
         """Check the prompt, apply the template, encode it; run the vision encoder if needed."""
+        ids = self.prompt_ids(prompt, image is not None, raw)
+        features = self.image_features(image) if image is not None else None
+        return ids, features
+
+    def prompt_ids(self, prompt: str, image: bool, raw: bool = False) -> list[int]:
+        """One question's ids: the chat template applied (unless raw), `<image>` expanded to the
+        image's tokens, checked against the prompt limit."""
         self._check_open()
         _check_text(prompt)
         placeholders = prompt.count(IMAGE_PLACEHOLDER)
@@ -311,26 +337,81 @@ class Pipeline:
             raise LlavaEdgeError(
                 f"the prompt holds {placeholders} {IMAGE_PLACEHOLDER} placeholders; one image per prompt is supported"
             )
-        if placeholders and image is None:
+        if placeholders and not image:
             raise LlavaEdgeError(
                 f"the prompt holds an {IMAGE_PLACEHOLDER} placeholder but no image was given"
             )
-        if raw and image is not None and not placeholders:
+        if raw and image and not placeholders:
             raise LlavaEdgeError(
                 f"an image was given but the raw prompt has no {IMAGE_PLACEHOLDER} placeholder to put it at"
             )
-        text = (
-            prompt if raw else user_turn(self.manifest.template, prompt, image is not None, first)
-        )
-        ids = self.codec.encode(text, first=first)
+        text = prompt if raw else user_turn(self.manifest.template, prompt, image, True)
+        ids = self.codec.encode(text, first=True)
         self.limits.check_prompt(len(ids))
-        features = self.image_features(image) if image is not None else None
-        return ids, features
+        return ids
+
+    def conversation_ids(
+        self,
+        turns: list[tuple[str, str | None]],
+        image_turn: int | None = None,
+        system: str | None = None,
+    ) -> list[int]:
+        """A whole conversation's ids, as a ChatSession that had asked these questions and got
+        these answers would hold them.
+
+        turns: (question, answer) pairs; the last answer is None to leave the prompt open for
+        the model. Each turn is encoded on its own and each answer closed by the end-of-sequence
+        token, as a session encodes its turns and the model ends its answers. image_turn: the
+        turn whose question the image goes with. system: replaces the template's system prompt.
+        """
+        self._check_open()
+        template = self.manifest.template
+        if system is not None:
+            _check_text(system)
+            if IMAGE_PLACEHOLDER in system:
+                raise LlavaEdgeError(f"the system prompt holds an {IMAGE_PLACEHOLDER} placeholder")
+            if system and not system[-1].isspace():
+                system += " "
+            template = replace(template, system=system)
+        eos = self.manifest.tokens.eos_token_ids[0]
+        ids: list[int] = []
+        for i, (question, answer) in enumerate(turns):
+            _check_text(question)
+            allowed = 1 if i == image_turn else 0
+            if question.count(IMAGE_PLACEHOLDER) > allowed:
+                raise LlavaEdgeError(
+                    f"turn {i + 1}'s question holds an {IMAGE_PLACEHOLDER} placeholder without "
+                    "an image of its own; one image per conversation is supported"
+                )
+            ids += self.codec.encode(
+                user_turn(template, question, image=i == image_turn, first=i == 0), first=i == 0
+            )
+            if answer is None:
+                if i != len(turns) - 1:
+                    raise LlavaEdgeError(f"turn {i + 1} has no answer but is not the last")
+                continue
+            _check_text(answer)
+            if IMAGE_PLACEHOLDER in answer:
+                raise LlavaEdgeError(
+                    f"turn {i + 1}'s answer holds an {IMAGE_PLACEHOLDER} placeholder"
+                )
+            ids += [*self.codec.encode(answer, first=False), eos]
+        if not turns:
+            raise LlavaEdgeError("the conversation has no turns")
+        self.limits.check_prompt(len(ids))
+        return ids
+
+    def image_pixels(self, image: ImageInput) -> np.ndarray:
+        """The image loaded (within the pixel limit) and preprocessed: [3, H, W] float32."""
+        return preprocess(load_image(image, self.limits.max_image_pixels), self.manifest.image)
 
     def image_features(self, image: ImageInput) -> np.ndarray:
         """Projected image features [N, hidden]; a repeated image comes from the cache."""
+        return self.pixel_features(self.image_pixels(image))
+
+    def pixel_features(self, pixels: np.ndarray) -> np.ndarray:
+        """Features of preprocessed pixels, from the cache when the same pixels came before."""
         self._check_open()
-        pixels = preprocess(load_image(image, self.limits.max_image_pixels), self.manifest.image)
         key = hashlib.sha1(pixels.tobytes()).hexdigest()
         with self._lock:
             if key in self._features:
@@ -359,12 +440,17 @@ class Pipeline:
         self.limits.check_options(config)
         return config
 
+    @property
+    def max_context(self) -> int:
+        """The longest conversation (prompt and answer) this pipeline runs."""
+        # TensorRT engines may be built for less than the model's context
+        return getattr(self.backend, "max_context", self.manifest.text.max_context)
+
     def _fit_context(
         self, config: GenerationConfig, prompt_len: int, used: int = 0
     ) -> GenerationConfig:
         """Fail on a prompt that cannot fit; shorten max_new_tokens to what is left."""
-        # TensorRT engines may be built for less than the model's context
-        limit = getattr(self.backend, "max_context", self.manifest.text.max_context)
+        limit = self.max_context
         room = limit - used - prompt_len
         if room < 1:
             raise LlavaEdgeError(
@@ -390,13 +476,24 @@ class ChatSession:
     Not thread-safe: use one session per thread.
     """
 
-    def __init__(self, pipeline: Pipeline, image: ImageInput | None, options: dict):
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        image: ImageInput | None,
+        options: dict,
+        history: list[tuple[str, str]],
+    ):
         pipeline._config(dict(options))  # bad options fail here, not at the first turn
         self.pipeline = pipeline
         self.options = options
         self.features = pipeline.image_features(image) if image is not None else None
         self.cache = pipeline.backend.new_cache(1)
-        self.ids: list[int] = []  # every id in the conversation, the last answer's last one too
+        # every id in the conversation, the last answer's last one too
+        self.ids: list[int] = (
+            pipeline.conversation_ids(history, image_turn=0 if image is not None else None)
+            if history
+            else []
+        )
         self.fed = 0  # how many of `ids` are in the cache
         self._open: weakref.ref[TextStream] | None = None  # the latest turn's stream
 
@@ -437,7 +534,7 @@ class ChatSession:
             self.cache,
             pending,
             self.ids + new_ids,
-            self.features if first else None,
+            self.features if self.fed == 0 else None,  # the image's tokens are still to feed
             config,
             Timer(),
             start_position=self.fed,
@@ -544,11 +641,9 @@ def _pieces(
         mask = np.ones_like(ids)
         positions = positions_from_mask(mask, np.asarray([start_position]))
         embeds = embed(pipe.table, ids, pipe.manifest.tokens.image_token_id, [features])
-        decoder = pipe.codec.stream()
+        answer = AnswerText(pipe.codec, config.stop)
         generated: list[int] = []
-        text, reason = "", "length"
-        hold = max((len(s) for s in config.stop), default=1) - 1
-        emitted = 0
+        reason = "length"
         steps = decode_loop(
             pipe.backend,
             cache,
@@ -571,24 +666,24 @@ def _pieces(
             if step.finished[0]:
                 reason = "eos"
                 break
-            text += decoder.push(token)
-            cut, stopped = _cut_at_stop(text, config.stop)
-            if stopped:
-                text, reason = cut, "stop"
+            piece = answer.push(token)
+            if piece:
+                yield piece
+            if answer.stopped:
                 break
-            safe = len(text) - hold
-            if safe > emitted:
-                yield text[emitted:safe]
-                emitted = safe
         steps.close()
-        if reason != "stop":
-            text, stopped = _cut_at_stop(text + decoder.flush(), config.stop)
-            reason = stopped or reason
-        if len(text) > emitted:
-            yield text[emitted:]
+        piece = answer.finish()
+        if piece:
+            yield piece
         timer.mark("done")
         result.append(
-            Answer(text, list(all_ids), generated, reason, _timings(timer, len(generated)))
+            Answer(
+                answer.text,
+                list(all_ids),
+                generated,
+                "stop" if answer.stopped else reason,
+                timings(timer, len(generated)),
+            )
         )
         if turn is not None:
             turn.commit(all_ids + generated)
@@ -625,19 +720,3 @@ def _check_text(prompt: Any) -> None:
             f"the prompt is not valid UTF-8 text (bad character at position {e.start}); "
             "re-encode it as UTF-8"
         ) from None
-
-
-def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, str | None]:
-    """Cut text at the earliest stop string; the reason is 'stop' when one was found."""
-    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return (text[: min(cuts)], "stop") if cuts else (text, None)
-
-
-def _timings(timer: Timer, tokens: int) -> dict[str, float]:
-    m = timer.marks
-    out = {k + "_ms": round(v * 1000, 3) for k, v in m.items()}
-    if "first_token" in m and "done" in m and tokens > 1:
-        out["decode_tokens_per_s"] = round(
-            (tokens - 1) / max(m["done"] - m["first_token"], 1e-9), 3
-        )
-    return out

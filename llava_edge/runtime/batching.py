@@ -1,0 +1,603 @@
+"""Continuous batching: requests decoded together, joining and leaving between decode steps.
+
+A robot app asking several questions at once, or a server with several clients, submits them to
+one `BatchEngine`; its scheduler thread runs every decoder call. Each step it
+
+1. drops cancelled requests (a cancelled request's row is free before the next decode step),
+2. admits a waiting request (by default one a step) into a free row of one shared KV cache:
+   it is prefilled alone (batch 1, no padding, so its first logits are its own last
+   position's), its image features come from the pipeline's cache, and the start of its prompt,
+   where it equals a finished request's prompt and answer (a conversation's next turn, another
+   question about the same image), is copied from the prefix store instead of computed,
+3. decodes one token for every running request in one batched decoder call, each row at its
+   own position (runtime/kv_cache.py keeps a length per row),
+4. lets finished requests leave: the last running row moves into the freed one, so the rows
+   decoded are always [0, n) and a step never computes for an empty row.
+
+Every request keeps its own sampler and seed, stop strings, limits, deadline and stream of text.
+
+    engine = BatchEngine(pipe, max_batch=4)
+    requests = [engine.submit(frame, q, max_new_tokens=32) for q in questions]
+    answers = [r.result() for r in requests]
+    engine.close()
+
+Decode is bound by reading the weights, and a batched step reads them once for all its rows,
+so rows decoded together cost far less than the same rows one after another (bench/bench_serve.py
+measures the engine's decode throughput at 1 to 8 clients).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import queue
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from llava_edge.errors import LlavaEdgeError
+from llava_edge.runtime.answer import Answer, AnswerText, timings
+from llava_edge.runtime.generate import Timer, embed
+from llava_edge.runtime.image import ImageInput
+from llava_edge.runtime.sampling import GenerationConfig, Sampler
+
+MIN_PREFIX = 16  # tokens: shorter shared prefixes are recomputed, not copied or stored
+MAX_PREFIXES = 64  # finished requests kept for reuse (recent conversations), within the budget
+
+
+class QueueFull(LlavaEdgeError):
+    """Too many requests are waiting for a row; try again later."""
+
+
+class EngineClosed(LlavaEdgeError):
+    """The engine is closed (or closing) and takes no new requests."""
+
+
+class Cancelled(LlavaEdgeError):
+    """The request was cancelled before it finished."""
+
+
+class TimedOut(LlavaEdgeError):
+    """The request ran past its time limit (waiting included)."""
+
+
+@dataclass
+class Event:
+    """What a request reports: that its first token is out, a piece of text, its finished
+    Answer, or the error that ended it."""
+
+    kind: str  # "started", "text", "done" or "error"
+    text: str = ""
+    answer: Answer | None = None
+    error: Exception | None = None
+
+
+class Request:
+    """One submitted request: iterate it for text pieces (or call `result()`), `cancel()` it.
+
+    A `listener`, if given, receives every Event instead (called from the scheduler thread; it
+    must not block), which is how an asyncio server bridges to its event loop.
+    """
+
+    _ids = itertools.count()
+
+    def __init__(
+        self,
+        ids: list[int],
+        pixels: np.ndarray | None,
+        config: GenerationConfig,
+        answer_text: AnswerText,
+        timeout_s: float | None,
+        listener: Callable[[Event], None] | None,
+    ):
+        self.id = next(Request._ids)
+        self.ids = ids
+        self.pixels = pixels
+        self.config = config
+        self.text = answer_text
+        self.timer = Timer()
+        self.deadline = self.timer.start + timeout_s if timeout_s else None
+        self.timeout_s = timeout_s
+        self.sampler = Sampler(config)
+        self.generated: list[int] = []
+        self.seen = np.asarray(ids, dtype=np.int64)  # kept only when repetition is penalised
+        self.features: np.ndarray | None = None
+        # which picture the image tokens stand for: prefix reuse needs the same one
+        self.image_key = hashlib.sha1(pixels.tobytes()).hexdigest() if pixels is not None else None
+        self.reused = 0  # prompt tokens whose keys/values came from the prefix store
+        self.answer: Answer | None = None
+        self.error: Exception | None = None
+        self.cancelled = False
+        self.done = threading.Event()
+        self._listener = listener
+        self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+
+    # ---- the caller's side -----------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[str]:
+        """Text pieces as they are decoded; raises the request's error, if it ends in one."""
+        if self._listener is not None:
+            raise RuntimeError("a request with a listener is read through its listener")
+        while True:
+            event = self._events.get()
+            if event.kind == "text":
+                yield event.text
+            elif event.kind == "error":
+                raise event.error
+            elif event.kind == "done":
+                return
+
+    def result(self, timeout: float | None = None) -> Answer:
+        """Wait for the whole answer."""
+        if not self.done.wait(timeout):
+            raise TimeoutError(f"request {self.id} did not finish in {timeout} s")
+        if self.error is not None:
+            raise self.error
+        return self.answer
+
+    def cancel(self) -> None:
+        """Stop generating; the row is free before the scheduler's next step."""
+        self.cancelled = True
+
+    # ---- the scheduler's side --------------------------------------------------------------
+
+    def emit(self, event: Event) -> None:
+        if event.kind == "done":
+            self.answer = event.answer
+        elif event.kind == "error":
+            self.error = event.error
+        (self._listener or self._events.put)(event)
+        if event.kind in ("done", "error"):
+            self.done.set()
+
+    def fail(self, error: Exception) -> None:
+        self.emit(Event("error", error=error))
+
+    @property
+    def fed_ids(self) -> list[int]:
+        """The ids in this request's cache row: the prompt and all but the last answer token."""
+        return self.ids + self.generated[:-1]
+
+
+class PrefixStore:
+    """Keys/values of finished requests' rows, so that a later prompt starting the same way (a
+    conversation's next turn, a new question about the same image) copies them instead of
+    computing them. Least recently used entries go first once the budget is spent."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget = budget_bytes
+        # key -> (ids, image key, keys/values per layer, bytes)
+        self.entries: OrderedDict[int, tuple[np.ndarray, str | None, list, int]] = OrderedDict()
+        self.used = 0
+        self._keys = itertools.count()
+
+    def match(self, ids: np.ndarray, image: str | None, image_id: int) -> tuple[list, int] | None:
+        """The stored keys/values sharing the longest prefix with `ids`, and its usable length
+        (at most len(ids) - 1: the last prompt token is always fed, for its logits)."""
+        best, best_len, best_key = None, 0, None
+        for key, (stored, stored_image, kv, _) in self.entries.items():
+            n = min(len(stored), len(ids) - 1)
+            diff = np.flatnonzero(stored[:n] != ids[:n])
+            length = int(diff[0]) if len(diff) else n
+            images = np.flatnonzero(ids[:length] == image_id)
+            if len(images) and stored_image != image:
+                length = int(images[0])  # same tokens, another image: only the text before it
+            if length > best_len:
+                best, best_len, best_key = kv, length, key
+        if best is None or best_len < MIN_PREFIX:
+            return None
+        self.entries.move_to_end(best_key)
+        return best, best_len
+
+    def add(self, ids: np.ndarray, image: str | None, kv: list) -> None:
+        size = sum(k.nbytes + v.nbytes for k, v in kv)
+        if len(ids) < MIN_PREFIX or size > self.budget:
+            return
+        for key, (stored, stored_image, _, stored_size) in list(self.entries.items()):
+            covered = len(stored) <= len(ids) and np.array_equal(ids[: len(stored)], stored)
+            if covered and stored_image == image:
+                del self.entries[key]  # the new entry answers every prompt the old one did
+                self.used -= stored_size
+        while self.entries and (
+            self.used + size > self.budget or len(self.entries) >= MAX_PREFIXES
+        ):
+            *_, old_size = self.entries.popitem(last=False)[1]
+            self.used -= old_size
+        self.entries[next(self._keys)] = (ids, image, kv, size)
+        self.used += size
+
+
+class BatchEngine:
+    """Decodes the requests submitted to it together, on a scheduler thread of its own.
+
+    max_batch: rows of the shared KV cache (requests decoded at once); max_queue: requests that
+    may wait for a row before `submit` raises QueueFull; prefix_cache_mb: memory for the keys and
+    values of finished requests (0: no prefix reuse); admit_per_step: requests prefilled between
+    two decode steps. One (the default) keeps the running answers flowing while a burst of
+    requests arrives (each waits at most one prefill a token) and spreads the burst's requests
+    apart, so they finish, and their clients come back, at different steps instead of all at
+    once. The pipeline's Limits apply to every request. `start=False` leaves the scheduling to the caller (`run_until_idle`), which is how
+    Pipeline.generate_batch runs a batch without a thread.
+    """
+
+    def __init__(
+        self,
+        pipeline: Any,
+        max_batch: int = 4,
+        max_queue: int = 64,
+        prefix_cache_mb: float = 256,
+        admit_per_step: int = 1,
+        start: bool = True,
+    ):
+        backend = pipeline.backend
+        if not getattr(backend, "continuous_batching", False):
+            raise LlavaEdgeError(
+                f"the {backend.name} backend cannot batch requests that join and leave at "
+                "different times (its device KV cache keeps one length for the whole batch); "
+                "use backend='onnxruntime' (its 'cuda' and 'tensorrt' providers run on a GPU)"
+            )
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise LlavaEdgeError(f"max_batch must be a positive integer, got {max_batch!r}")
+        if not isinstance(max_queue, int) or max_queue < 0:
+            raise LlavaEdgeError(f"max_queue must be 0 or more, got {max_queue!r}")
+        if not isinstance(admit_per_step, int) or admit_per_step < 1:
+            raise LlavaEdgeError(f"admit_per_step must be at least 1, got {admit_per_step!r}")
+        self.admit_per_step = admit_per_step
+        self.pipe = pipeline
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.cache = backend.new_cache(max_batch)
+        self.prefixes = PrefixStore(int(prefix_cache_mb * 2**20))
+        self.running: list[Request] = []  # running[i] decodes in cache row i
+        self.waiting: deque[Request] = deque()
+        self.counters = {
+            "requests": 0,
+            "finished": 0,
+            "failed": 0,
+            "cancelled": 0,
+            "prompt_tokens": 0,
+            "prefix_tokens_reused": 0,
+            "generated_tokens": 0,
+            "decode_steps": 0,
+            "decode_tokens": 0,  # tokens of batched decode steps (first tokens come from prefill)
+            "decode_seconds": 0.0,
+            "prefill_seconds": 0.0,  # admissions: image features and prefill
+        }
+        self._lock = threading.Condition()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        if start:
+            self._thread = threading.Thread(target=self._run, name="llava-edge-batch", daemon=True)
+            self._thread.start()
+
+    # ---- submitting ------------------------------------------------------------------------
+
+    def submit(
+        self,
+        image: ImageInput | None,
+        prompt: str,
+        listener: Callable[[Event], None] | None = None,
+        **options: Any,
+    ) -> Request:
+        """One question, as Pipeline.stream takes it (options: GenerationConfig's fields, and
+        raw=True for a prompt sent as written)."""
+        ids = self.pipe.prompt_ids(prompt, image is not None, options.pop("raw", False))
+        return self.submit_ids(ids, image, options, listener)
+
+    def submit_ids(
+        self,
+        ids: list[int],
+        image: ImageInput | None,
+        options: dict[str, Any] | GenerationConfig,
+        listener: Callable[[Event], None] | None = None,
+        timeout_s: float | None = None,
+    ) -> Request:
+        """A prompt already rendered (Pipeline.prompt_ids, Pipeline.conversation_ids).
+
+        Checks it against the limits and loads the image here, in the caller's thread, so bad
+        input fails at once; the image is encoded (or found in the feature cache) on admission.
+        timeout_s: a per-request time limit under the pipeline's own.
+        """
+        request = self._request(ids, image, options, listener, timeout_s)
+        with self._lock:
+            if self._closing:
+                raise EngineClosed("the engine is shutting down and takes no new requests")
+            free_rows = self.max_batch - len(self.running)
+            if len(self.waiting) >= self.max_queue + free_rows:
+                raise QueueFull(
+                    f"{len(self.waiting)} requests are already waiting for one of "
+                    f"{self.max_batch} rows; try again later"
+                )
+            self.waiting.append(request)
+            self.counters["requests"] += 1
+            self._lock.notify_all()
+        return request
+
+    def _request(
+        self,
+        ids: list[int],
+        image: ImageInput | None,
+        options: dict[str, Any] | GenerationConfig,
+        listener: Callable[[Event], None] | None,
+        timeout_s: float | None,
+    ) -> Request:
+        pipe = self.pipe
+        if pipe.closed:
+            raise EngineClosed("the pipeline is closed; load the model dir again")
+        if isinstance(options, GenerationConfig):
+            options = dict(vars(options))
+        config = pipe._config(dict(options))
+        pipe.limits.check_prompt(len(ids))
+        config = pipe._fit_context(config, len(ids))
+        image_tokens = ids.count(pipe.manifest.tokens.image_token_id)
+        if (image is None) != (image_tokens == 0):
+            raise LlavaEdgeError(
+                "the prompt's image tokens and the image given do not go together: give an "
+                "image exactly when the prompt holds its placeholder"
+            )
+        pixels = pipe.image_pixels(image) if image is not None else None
+        limits = [t for t in (pipe.limits.timeout_s, timeout_s) if t]
+        return Request(
+            list(ids),
+            pixels,
+            config,
+            AnswerText(pipe.codec, config.stop),
+            min(limits) if limits else None,
+            listener,
+        )
+
+    # ---- state -------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, float]:
+        """Rows in use, requests waiting, and running totals (for metrics and tests)."""
+        with self._lock:
+            return {
+                "running": len(self.running),
+                "waiting": len(self.waiting),
+                "max_batch": self.max_batch,
+                "prefix_entries": len(self.prefixes.entries),
+                "prefix_bytes": self.prefixes.used,
+                **self.counters,
+            }
+
+    @property
+    def idle(self) -> bool:
+        with self._lock:
+            return not self.running and not self.waiting
+
+    def close(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop taking requests; finish those in hand (drain) or cancel them, then stop."""
+        with self._lock:
+            self._closing = True
+            if not drain:
+                for request in [*self.waiting, *self.running]:
+                    request.cancel()
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def __enter__(self) -> BatchEngine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---- scheduling ----------------------------------------------------------------------
+
+    def run_until_idle(self) -> None:
+        """Schedule on the caller's thread until every submitted request has finished."""
+        while self.step():
+            pass
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self.running and not self.waiting and not self._closing:
+                    self._lock.wait()
+                if self._closing and not self.running and not self.waiting:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # a bug must not leave callers waiting forever
+                self._fail_all(e)
+
+    def _fail_all(self, error: Exception) -> None:
+        with self._lock:
+            waiting, self.waiting = list(self.waiting), deque()
+        for request in self.running[:]:
+            self._leave(request, error)
+        for request in waiting:
+            request.fail(error)
+
+    def step(self) -> bool:
+        """One round: drop cancelled requests, admit waiting ones, decode one token for all.
+
+        Returns whether any request is still waiting or running.
+        """
+        for request in self.running[:]:
+            if request.cancelled:
+                self._leave(request, Cancelled("the request was cancelled"))
+        admitted = self._take_waiting()
+        for request in admitted:
+            self._admit(request)
+        if self.running:
+            self._decode()
+        with self._lock:
+            return bool(self.running or self.waiting)
+
+    def _take_waiting(self) -> list[Request]:
+        """Requests that get a row this round (cancelled ones leave the queue at once)."""
+        taken, dropped = [], []
+        with self._lock:
+            kept: deque[Request] = deque()
+            for request in self.waiting:
+                if request.cancelled:
+                    dropped.append(request)
+                elif (
+                    len(self.running) + len(taken) < self.max_batch
+                    and len(taken) < self.admit_per_step
+                ):
+                    taken.append(request)
+                else:
+                    kept.append(request)
+            self.waiting = kept
+            self.counters["cancelled"] += len(dropped)
+        for request in dropped:
+            request.fail(Cancelled("the request was cancelled"))
+        return taken
+
+    def _admit(self, request: Request) -> None:
+        """Prefill `request` alone into the next free row and pick its first token."""
+        pipe, row = self.pipe, len(self.running)
+        with self._lock:
+            self.running.append(request)
+        start = time.perf_counter()
+        try:
+            self._check_deadline(request)
+            if request.pixels is not None:
+                request.features = pipe.pixel_features(request.pixels)
+                request.pixels = None
+            request.timer.mark("vision")
+            logits = self._prefill(request, row)
+            request.timer.mark("prefill")
+        except Exception as e:  # the request's own failure; the others go on
+            self._leave(request, e)
+            return
+        finally:
+            self.counters["prefill_seconds"] += time.perf_counter() - start
+        self.counters["prompt_tokens"] += len(request.ids)
+        self._take(request, logits)
+
+    def _prefill(self, request: Request, row: int) -> np.ndarray:
+        pipe = self.pipe
+        image_id = pipe.manifest.tokens.image_token_id
+        ids = np.asarray(request.ids, dtype=np.int64)
+        start = 0
+        self.cache.truncate(0, row)
+        hit = self.prefixes.match(ids, request.image_key, image_id)
+        if hit is not None:
+            kv, start = hit
+            images = np.flatnonzero(ids == image_id)
+            if len(images) and images[0] < start < images[-1] + 1:
+                start = int(images[0])  # never split the image: its features go in whole
+            if start >= MIN_PREFIX:
+                self.cache.write_row(row, kv, start)
+                request.reused = start
+                self.counters["prefix_tokens_reused"] += start
+            else:
+                start = 0
+        feed = ids[None, start:]
+        has_image = bool((feed == image_id).any())
+        embeds = embed(pipe.table, feed, image_id, [request.features if has_image else None])
+        positions = np.arange(start, len(ids), dtype=np.int64)[None]
+        rows = self.cache.rows(row, row + 1)
+        return pipe.backend.decode(embeds, np.ones_like(feed), positions, rows)
+
+    def _decode(self) -> None:
+        """One token for every running request, in one decoder call over rows [0, n)."""
+        pipe, n = self.pipe, len(self.running)
+        tokens = np.asarray([[r.generated[-1]] for r in self.running], dtype=np.int64)
+        positions = self.cache.lengths[:n, None].copy()
+        start = time.perf_counter()
+        try:
+            logits = pipe.backend.decode(
+                embed(pipe.table, tokens, -1, []),
+                np.ones_like(tokens),
+                positions,
+                self.cache.rows(0, n),
+            )
+        except Exception as e:  # a failed step fails every request in it
+            for request in self.running[:]:
+                self._leave(request, e)
+            return
+        self.counters["decode_steps"] += 1
+        self.counters["decode_tokens"] += n
+        self.counters["decode_seconds"] += time.perf_counter() - start
+        for request, row_logits in zip(self.running[:], logits, strict=True):
+            if request.cancelled:
+                self._leave(request, Cancelled("the request was cancelled"))
+            elif self._deadline_passed(request):
+                self._leave(request, self._timeout_error(request))
+            else:
+                self._take(request, row_logits[None])
+
+    def _take(self, request: Request, logits: np.ndarray) -> None:
+        """Sample `request`'s next token from its logits [1, V]; finish it if it is done."""
+        config = request.config
+        token = int(request.sampler(logits, [request.seen])[0])
+        request.generated.append(token)
+        self.counters["generated_tokens"] += 1
+        if len(request.generated) == 1:
+            request.timer.mark("first_token")
+            request.emit(Event("started"))  # its text may come later (a character, a stop)
+        if config.repetition_penalty != 1.0:  # the only reader of `seen`
+            request.seen = np.append(request.seen, token)
+        eos = not config.ignore_eos and token in self.pipe.manifest.tokens.eos_token_ids
+        if eos:
+            self._finish(request, "eos")
+            return
+        piece = request.text.push(token)
+        if piece:
+            request.emit(Event("text", text=piece))
+        if request.text.stopped:
+            self._finish(request, "stop")
+        elif len(request.generated) >= config.max_new_tokens:
+            self._finish(request, "length")
+
+    def _finish(self, request: Request, reason: str) -> None:
+        piece = request.text.finish()
+        if piece:
+            request.emit(Event("text", text=piece))
+        reason = "stop" if request.text.stopped else reason
+        request.timer.mark("done")
+        row = self.running.index(request)
+        fed = request.fed_ids
+        if self.prefixes.budget and len(fed) >= MIN_PREFIX:
+            kv = self.cache.read_row(row, len(fed))
+            self.prefixes.add(np.asarray(fed, dtype=np.int64), request.image_key, kv)
+        answer = Answer(
+            request.text.text,
+            list(request.ids),
+            list(request.generated),
+            reason,
+            {**timings(request.timer, len(request.generated)), "prefix_reused": request.reused},
+        )
+        self._release(request)
+        self.counters["finished"] += 1
+        request.emit(Event("done", answer=answer))
+
+    def _leave(self, request: Request, error: Exception) -> None:
+        """End `request` with `error` and free its row."""
+        self._release(request)
+        self.counters["cancelled" if isinstance(error, Cancelled) else "failed"] += 1
+        request.fail(error)
+
+    def _release(self, request: Request) -> None:
+        """Free `request`'s row: the last running row moves into it, so rows stay [0, n)."""
+        row = self.running.index(request)
+        last = len(self.running) - 1
+        with self._lock:
+            if row != last:
+                self.cache.move_row(last, row)
+                self.running[row] = self.running[last]
+            else:
+                self.cache.truncate(0, row)
+            self.running.pop()
+        self.cache.shrink()
+
+    def _check_deadline(self, request: Request) -> None:
+        if self._deadline_passed(request):
+            raise self._timeout_error(request)
+
+    @staticmethod
+    def _deadline_passed(request: Request) -> bool:
+        return request.deadline is not None and time.perf_counter() > request.deadline
+
+    @staticmethod
+    def _timeout_error(request: Request) -> TimedOut:
+        return TimedOut(f"the request ran past its time limit of {request.timeout_s} s")

@@ -1,0 +1,471 @@
+"""The ASGI app: OpenAI's chat completions over a BatchEngine, plus models, health and metrics.
+
+Every request is checked (key, size, body, fields, model, image) before it reaches the engine;
+every refusal is OpenAI's error JSON with the status that says why. The model loads on a thread
+after the server starts, so /health answers 503 until it is ready. The engine's scheduler runs
+on its own thread; its events reach the event loop through `call_soon_threadsafe`. A client that
+goes away (mid-stream, or while waiting for a whole answer) cancels its request, which frees its
+row before the engine's next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import threading
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from llava_edge.errors import LlavaEdgeError, TooLarge
+from llava_edge.runtime import BatchEngine, Limits, Pipeline
+from llava_edge.runtime.batching import Cancelled, EngineClosed, Event, QueueFull, TimedOut
+from llava_edge.serve import protocol
+from llava_edge.serve.media import MediaPolicy, fetch_image
+from llava_edge.serve.metrics import ServerMetrics
+from llava_edge.serve.protocol import ApiError, ChatRequest
+
+log = logging.getLogger("llava_edge.serve")
+
+
+@dataclass
+class ServeOptions:
+    """Everything `llava-edge serve` takes besides host and port."""
+
+    model_dir: Path
+    model_name: str | None = None  # the id clients send as 'model' (default: the dir's name)
+    api_key: str | None = None
+    max_batch: int = 4
+    max_queue: int = 16
+    max_body_mb: float = 32
+    max_image_mb: float = 20
+    allowed_media_dir: Path | None = None
+    allow_remote_images: bool = False
+    remote_timeout_s: float = 10.0
+    prefix_cache_mb: float = 256
+    limits: Limits = field(default_factory=Limits)
+    backend: str = "onnxruntime"
+    providers: list[str] | None = None
+    threads: int | None = None
+    engine_dir: str | None = None
+    verify_files: bool | None = None
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 2**20)
+
+    @property
+    def max_image_bytes(self) -> int:
+        return int(self.max_image_mb * 2**20)
+
+    @property
+    def name(self) -> str:
+        return self.model_name or Path(self.model_dir).resolve().name
+
+
+class ServerState:
+    """The loaded model and engine (None while loading), and what the handlers share."""
+
+    def __init__(self, options: ServeOptions, on_load_error: Any = None):
+        self.options = options
+        self.pipe: Pipeline | None = None
+        self.engine: BatchEngine | None = None
+        self.load_error: Exception | None = None
+        self.on_load_error = on_load_error
+        self.started = int(time.time())
+        self.media = MediaPolicy(
+            options.max_image_bytes,
+            Path(options.allowed_media_dir) if options.allowed_media_dir else None,
+            options.allow_remote_images,
+            options.remote_timeout_s,
+        )
+        self.metrics = ServerMetrics(lambda: self.engine.stats() if self.engine else None)
+
+    def load(self) -> None:
+        o = self.options
+        try:
+            pipe = Pipeline.load(
+                o.model_dir,
+                backend=o.backend,
+                providers=o.providers,
+                threads=o.threads,
+                verify_files=o.verify_files,
+                limits=o.limits,
+                engine_dir=o.engine_dir,
+            )
+            try:
+                engine = BatchEngine(
+                    pipe,
+                    max_batch=o.max_batch,
+                    max_queue=o.max_queue,
+                    prefix_cache_mb=o.prefix_cache_mb,
+                )
+            except Exception:
+                pipe.close()
+                raise
+            self.pipe, self.engine = pipe, engine  # ready from here on
+            log.info("llava-edge serve: %s loaded; ready", o.name)
+        except Exception as e:  # reported by the runner, which stops the server
+            self.load_error = e
+            if not isinstance(e, LlavaEdgeError):
+                log.exception("loading the model failed")
+            if self.on_load_error is not None:
+                self.on_load_error(e)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close(drain=True)
+        if self.pipe is not None:
+            self.pipe.close()
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None
+
+    def check_key(self, request: Request) -> None:
+        key = self.options.api_key
+        if key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        matches = hmac.compare_digest(token.strip().encode(), key.encode())  # bytes: any text
+        if scheme.lower() != "bearer" or not matches:
+            raise ApiError(
+                401,
+                "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                code="invalid_api_key",
+            )
+
+    def require_ready(self) -> tuple[Pipeline, BatchEngine]:
+        if self.engine is None or self.pipe is None:
+            message = "the model is still loading; retry shortly"
+            if self.load_error is not None:
+                message = f"the model failed to load: {self.load_error}"
+            raise ApiError(503, message, code="model_loading")
+        return self.pipe, self.engine
+
+
+def create_app(options: ServeOptions, on_load_error: Any = None) -> Starlette:
+    """The app; `on_load_error(exc)` is called (from the loading thread) if the model fails."""
+    state = ServerState(options, on_load_error)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette):
+        threading.Thread(target=state.load, name="llava-edge-load", daemon=True).start()
+        yield
+        await run_in_threadpool(state.close)
+
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", _chat_completions, methods=["POST"]),
+            Route("/v1/models", _models, methods=["GET"]),
+            Route("/v1/models/{model:path}", _model, methods=["GET"]),
+            Route("/health", _health, methods=["GET"]),
+            Route("/metrics", _metrics, methods=["GET"]),
+        ],
+        exception_handlers={HTTPException: _http_error, Exception: _internal_error},
+        lifespan=lifespan,
+    )
+    app.state.serve = state
+    return app
+
+
+# ---- routes ---------------------------------------------------------------------------------
+
+
+async def _health(request: Request) -> Response:
+    state: ServerState = request.app.state.serve
+    if state.ready:
+        return JSONResponse({"status": "ok", "model": state.options.name})
+    status = "failed" if state.load_error is not None else "loading"
+    return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": "1"})
+
+
+async def _metrics(request: Request) -> Response:
+    state: ServerState = request.app.state.serve
+    try:
+        state.check_key(request)
+    except ApiError as e:
+        return _error_response(e)
+    return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+async def _models(request: Request) -> Response:
+    state: ServerState = request.app.state.serve
+    try:
+        state.check_key(request)
+    except ApiError as e:
+        return _error_response(e)
+    return JSONResponse({"object": "list", "data": [_model_card(state)]})
+
+
+async def _model(request: Request) -> Response:
+    state: ServerState = request.app.state.serve
+    try:
+        state.check_key(request)
+        _check_model(state, request.path_params["model"])
+    except ApiError as e:
+        return _error_response(e)
+    return JSONResponse(_model_card(state))
+
+
+async def _chat_completions(request: Request) -> Response:
+    state: ServerState = request.app.state.serve
+    try:
+        state.check_key(request)
+        pipe, engine = state.require_ready()
+        chat = protocol.parse_chat_request(await _read_json(request, state.options.max_body_bytes))
+        _check_model(state, chat.model)
+        image = await fetch_image(chat.image_url, state.media) if chat.image_url else None
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        handle = await run_in_threadpool(
+            _submit, state, pipe, engine, chat, image, _listener(asyncio.get_running_loop(), events)
+        )
+    except Exception as e:
+        return _count(state, _error_response(_api_error(e)))
+    event = await _wait(request, state, handle, events, whole=not chat.stream)
+    if event is None:  # the client left; nobody reads this
+        return _count(state, Response(status_code=499))
+    if event.kind == "error":
+        return _count(state, _error_response(_api_error(event.error)))
+    request_id = protocol.completion_id()
+    if chat.stream:
+        stream = _sse(state, chat, handle, events, event, request_id)
+        return _count(state, StreamingResponse(stream, media_type="text/event-stream"))
+    answer = event.answer
+    state.metrics.observe_answer(
+        len(answer.prompt_token_ids), len(answer.token_ids), answer.timings
+    )
+    return _count(state, JSONResponse(protocol.completion(request_id, chat.model, answer)))
+
+
+# ---- the steps of a chat completion -------------------------------------------------------------
+
+
+def _submit(
+    state: ServerState,
+    pipe: Pipeline,
+    engine: BatchEngine,
+    chat: ChatRequest,
+    image: bytes | None,
+    listener: Any,
+) -> Any:
+    """Render the conversation as a ChatSession would, check it fits, hand it to the engine."""
+    ids = pipe.conversation_ids(chat.turns, chat.image_turn, chat.system)
+    options = dict(chat.options)
+    room = pipe.max_context - len(ids)
+    if room < 1:
+        raise ApiError(
+            400,
+            f"the conversation is {len(ids)} tokens; the model's context is {pipe.max_context}",
+            "messages",
+            "context_length_exceeded",
+        )
+    if chat.max_tokens_given and options["max_new_tokens"] > room:
+        raise ApiError(
+            400,
+            f"the conversation is {len(ids)} tokens and max_tokens asks for "
+            f"{options['max_new_tokens']} more, over the model's context of {pipe.max_context}; "
+            "lower max_tokens",
+            "max_tokens",
+            "context_length_exceeded",
+        )
+    if not chat.max_tokens_given:
+        limit = pipe.limits.max_new_tokens
+        options["max_new_tokens"] = min(room, limit) if limit else room
+    return engine.submit_ids(ids, image, options, listener)
+
+
+def _listener(loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> Any:
+    def deliver(event: Event) -> None:
+        # RuntimeError: the loop is gone (the server stopped), so nobody is listening
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+    return deliver
+
+
+async def _wait(
+    request: Request, state: ServerState, handle: Any, events: asyncio.Queue, whole: bool
+) -> Event | None:
+    """The request's first event (its first token is out, or an error) or, `whole`, its last,
+    before any response is sent, so that an error still gets its status. None if the client
+    left first: its request is cancelled."""
+    watcher = asyncio.ensure_future(_disconnected(request))
+    event = None
+    try:
+        while event is None or (whole and event.kind in ("started", "text")):
+            getter = asyncio.ensure_future(events.get())
+            await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                state.metrics.disconnects.inc()
+                return None
+            event = getter.result()
+        return event
+    finally:
+        watcher.cancel()
+        if event is None or (whole and event.kind in ("started", "text")):  # left, or stopping
+            handle.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read: nothing else arrives)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _sse(
+    state: ServerState,
+    chat: ChatRequest,
+    handle: Any,
+    events: asyncio.Queue,
+    first: Event,
+    request_id: str,
+):
+    """The answer as server-sent events; cancelling it (the client left) cancels the request."""
+    model, finished = chat.model, False
+
+    def data(payload: Any) -> str:
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+    usage_field = {"usage": None} if chat.include_usage else {}
+    try:
+        yield data(
+            protocol.chunk(request_id, model, {"role": "assistant", "content": ""}, **usage_field)
+        )
+        event = first
+        while True:
+            if event.kind == "text":
+                yield data(
+                    protocol.chunk(request_id, model, {"content": event.text}, **usage_field)
+                )
+            elif event.kind == "error":
+                finished = True
+                yield data(_api_error(event.error).body())
+                yield "data: [DONE]\n\n"
+                return
+            elif event.kind == "done":
+                finished = True
+                answer = event.answer
+                reason = protocol.FINISH_REASONS[answer.finish_reason]
+                yield data(
+                    protocol.chunk(
+                        request_id, model, {}, reason, timings=answer.timings, **usage_field
+                    )
+                )
+                if chat.include_usage:
+                    usage = protocol.usage(len(answer.prompt_token_ids), len(answer.token_ids))
+                    yield data(protocol.chunk(request_id, model, None, usage=usage))
+                yield "data: [DONE]\n\n"
+                state.metrics.observe_answer(
+                    len(answer.prompt_token_ids), len(answer.token_ids), answer.timings
+                )
+                return
+            event = await events.get()
+    finally:
+        if not finished:  # the client left mid-stream (or the server is stopping)
+            handle.cancel()
+            state.metrics.disconnects.inc()
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _body_too_large(int(declared), limit)
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > limit:
+            raise _body_too_large(len(body), limit)
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+
+
+def _body_too_large(size: int, limit: int) -> ApiError:
+    return ApiError(
+        413,
+        f"the request body is {size} bytes, over this server's limit of {limit} "
+        "(--max-body-mb); send a smaller image",
+        code="request_too_large",
+    )
+
+
+def _check_model(state: ServerState, model: str) -> None:
+    if model != state.options.name:
+        raise ApiError(
+            404,
+            f"the model {model!r} does not exist here; this server serves {state.options.name!r}",
+            "model",
+            "model_not_found",
+        )
+
+
+def _model_card(state: ServerState) -> dict[str, Any]:
+    return {
+        "id": state.options.name,
+        "object": "model",
+        "created": state.started,
+        "owned_by": "llava-edge",
+    }
+
+
+# ---- errors -----------------------------------------------------------------------------------
+
+
+def _api_error(error: BaseException) -> ApiError:
+    """The status and message a failure gets. LlavaEdgeError messages are meant for users."""
+    if isinstance(error, ApiError):
+        return error
+    if isinstance(error, TooLarge):
+        return ApiError(413, str(error), "image_url", "image_too_large")
+    if isinstance(error, QueueFull):
+        return ApiError(429, str(error), code="queue_full")
+    if isinstance(error, EngineClosed):
+        return ApiError(503, str(error), code="shutting_down")
+    if isinstance(error, TimedOut):
+        return ApiError(504, str(error), code="timeout")
+    if isinstance(error, Cancelled):
+        return ApiError(499, str(error), code="cancelled")
+    if isinstance(error, LlavaEdgeError):
+        return ApiError(400, str(error))
+    log.error("internal error", exc_info=error)
+    return ApiError(500, f"internal error ({type(error).__name__}); see the server's log")
+
+
+def _error_response(error: ApiError) -> JSONResponse:
+    headers = {"Retry-After": "1"} if error.status in (429, 503) else None
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+def _count(state: ServerState, response: Response) -> Response:
+    state.metrics.requests.labels(str(response.status_code)).inc()
+    return response
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    if exc.status_code == 404:
+        return _error_response(ApiError(404, f"no route {request.url.path}", code="not_found"))
+    if exc.status_code == 405:
+        return _error_response(
+            ApiError(405, f"{request.method} is not allowed on {request.url.path}")
+        )
+    return _error_response(ApiError(exc.status_code, str(exc.detail)))
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    return _error_response(_api_error(exc))

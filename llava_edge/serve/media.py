@@ -1,0 +1,136 @@
+"""Where a request's image comes from: a `data:` URI (always), a local file under the allowed
+media dir (only when one is given), or an http(s) URL (only with remote images allowed, its size
+and time capped). Each way yields the image's bytes, which the runtime then decodes and checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from llava_edge.serve.protocol import ApiError
+
+
+@dataclass
+class MediaPolicy:
+    max_image_bytes: int
+    allowed_media_dir: Path | None = None
+    allow_remote: bool = False
+    remote_timeout_s: float = 10.0
+
+
+async def fetch_image(url: str, policy: MediaPolicy) -> bytes:
+    """The bytes of the image at `url`, or an ApiError saying why not."""
+    if url.startswith("data:"):
+        return _data_uri(url, policy.max_image_bytes)
+    scheme = urlparse(url).scheme.lower()
+    if scheme == "file" or (not scheme and url.startswith("/")):
+        return _local_file(url, policy)
+    if scheme in ("http", "https"):
+        return await _remote(url, policy)
+    raise ApiError(
+        400,
+        "image_url must be a data: URI (base64), a file:// URL under the server's "
+        "--allowed-media-dir, or an http(s) URL with --allow-remote-images",
+        "image_url",
+    )
+
+
+def _data_uri(url: str, limit: int) -> bytes:
+    header, sep, payload = url.partition(",")
+    if not sep or ";base64" not in header:
+        raise ApiError(
+            400, "a data: image URL must be base64: data:image/png;base64,...", "image_url"
+        )
+    # base64 takes 4 characters for 3 bytes: refuse an oversized image before decoding it
+    if len(payload) * 3 // 4 > limit + 3:
+        raise _too_large(len(payload) * 3 // 4, limit)
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "the data: image URL is not valid base64", "image_url") from None
+    if len(data) > limit:
+        raise _too_large(len(data), limit)
+    return data
+
+
+def _local_file(url: str, policy: MediaPolicy) -> bytes:
+    if policy.allowed_media_dir is None:
+        raise ApiError(
+            400,
+            "local image files are off; start the server with --allowed-media-dir DIR to allow "
+            "files under DIR",
+            "image_url",
+        )
+    parsed = urlparse(url)
+    if parsed.scheme and parsed.netloc not in ("", "localhost"):
+        raise ApiError(400, f"file URL {url!r} names a host; use file:///path", "image_url")
+    path = Path(unquote(parsed.path if parsed.scheme else url))
+    root = policy.allowed_media_dir.resolve()
+    try:
+        resolved = path.resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise ApiError(400, f"image file {path} does not exist", "image_url") from None
+    if not resolved.is_relative_to(root) or not resolved.is_file():
+        raise ApiError(
+            400, f"image file {path} is not a file under the allowed media dir", "image_url"
+        )
+    size = os.path.getsize(resolved)
+    if size > policy.max_image_bytes:
+        raise _too_large(size, policy.max_image_bytes)
+    return resolved.read_bytes()
+
+
+async def _remote(url: str, policy: MediaPolicy) -> bytes:
+    if not policy.allow_remote:
+        raise ApiError(
+            400,
+            "remote images are off; start the server with --allow-remote-images, or send the "
+            "image as a data: URI",
+            "image_url",
+        )
+    import httpx
+
+    try:  # one deadline for the whole download: a server sending a byte at a time gains nothing
+        return await asyncio.wait_for(_download(url, policy), policy.remote_timeout_s)
+    except (asyncio.TimeoutError, httpx.TimeoutException):
+        raise ApiError(
+            400, f"fetching the image took over {policy.remote_timeout_s} s", "image_url"
+        ) from None
+    except httpx.HTTPError as e:
+        raise ApiError(400, f"cannot fetch the image: {e}", "image_url") from None
+
+
+async def _download(url: str, policy: MediaPolicy) -> bytes:
+    import httpx
+
+    limit = policy.max_image_bytes
+    async with (
+        httpx.AsyncClient(follow_redirects=True, max_redirects=3) as client,
+        client.stream("GET", url) as response,
+    ):
+        if response.status_code != 200:
+            raise ApiError(400, f"fetching the image gave HTTP {response.status_code}", "image_url")
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise _too_large(int(declared), limit)
+        data = bytearray()
+        async for piece in response.aiter_bytes():
+            data += piece
+            if len(data) > limit:
+                raise _too_large(len(data), limit)
+        return bytes(data)
+
+
+def _too_large(size: int, limit: int) -> ApiError:
+    return ApiError(
+        413,
+        f"the image is {size} bytes, over this server's limit of {limit}; downscale it",
+        "image_url",
+        "image_too_large",
+    )

@@ -1,0 +1,368 @@
+"""OpenAI's chat completions API, as the server reads and writes it: request bodies checked field
+by field into a `ChatRequest`, and the response, chunk and error JSON.
+
+Checked by hand, not by a schema library: every refusal names the field and what to send
+instead, as OpenAI's own errors do, and the few shapes involved fit in one page.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from llava_edge.runtime.template import IMAGE_PLACEHOLDER
+
+# Fields with a meaning the server cannot honour: refused unless they ask for the default.
+UNSUPPORTED_DEFAULTS = {
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "functions": (None, []),
+    "function_call": (None, "none", "auto"),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+}
+HINTS = {
+    "frequency_penalty": "; use repetition_penalty (multiplicative, as transformers applies it)",
+    "presence_penalty": "; use repetition_penalty (multiplicative, as transformers applies it)",
+}
+
+
+class ApiError(Exception):
+    """A refusal with its HTTP status, rendered as OpenAI's error JSON."""
+
+    TYPES = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        404: "not_found_error",
+        413: "invalid_request_error",
+        429: "rate_limit_error",
+        500: "server_error",
+        503: "service_unavailable",
+        504: "timeout_error",
+    }
+
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None
+    ):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.TYPES.get(self.status, "invalid_request_error"),
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+@dataclass
+class ChatRequest:
+    """A checked chat completion request."""
+
+    model: str
+    turns: list[tuple[str, str | None]]  # (question, answer); the last answer is None
+    image_url: str | None  # the one image, if any
+    image_turn: int | None  # which turn's question it goes with
+    system: str | None
+    options: dict[str, Any] = field(default_factory=dict)  # GenerationConfig's fields
+    max_tokens_given: bool = False
+    stream: bool = False
+    include_usage: bool = False
+
+
+def parse_chat_request(body: Any) -> ChatRequest:
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "'model' is required: the id GET /v1/models lists", "model")
+    for name, defaults in UNSUPPORTED_DEFAULTS.items():
+        if name in body and not any(_equal(body[name], d) for d in defaults):
+            raise ApiError(
+                400, f"'{name}' is not supported by this server{HINTS.get(name, '')}", name
+            )
+    n = body.get("n", 1)
+    if n is not None and (not _is_int(n) or n != 1):
+        raise ApiError(400, f"'n' must be 1 (one answer per request), got {n!r}", "n")
+    response_format = body.get("response_format")
+    if response_format is not None and (
+        not isinstance(response_format, dict) or response_format.get("type") != "text"
+    ):
+        raise ApiError(400, "only response_format {'type': 'text'} is supported", "response_format")
+    turns, image_url, image_turn, system = _parse_messages(body.get("messages"))
+    options, max_tokens_given = _parse_options(body)
+    stream = _optional(body, "stream", bool, False)
+    stream_options = body.get("stream_options")
+    include_usage = False
+    if stream_options is not None:
+        if not isinstance(stream_options, dict):
+            raise ApiError(400, "'stream_options' must be an object", "stream_options")
+        if not stream:
+            raise ApiError(400, "'stream_options' is only allowed with 'stream': true", "stream")
+        include_usage = _optional(stream_options, "include_usage", bool, False, "stream_options.")
+    return ChatRequest(
+        model,
+        turns,
+        image_url,
+        image_turn,
+        system,
+        options,
+        max_tokens_given,
+        stream,
+        include_usage,
+    )
+
+
+def _parse_messages(
+    messages: Any,
+) -> tuple[list[tuple[str, str | None]], str | None, int | None, str | None]:
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list of messages", "messages")
+    system = None
+    turns: list[list[Any]] = []  # [question, answer]
+    image_url, image_turn = None, None
+    for i, message in enumerate(messages):
+        param = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise ApiError(400, f"{param} must be an object with 'role' and 'content'", param)
+        role = message.get("role")
+        if role in ("system", "developer"):
+            if turns or system is not None:
+                raise ApiError(
+                    400, "one system message is allowed, before the first user message", param
+                )
+            system, _ = _content(message.get("content"), param, images=False)
+        elif role == "user":
+            if turns and turns[-1][1] is None:
+                raise ApiError(
+                    400,
+                    "user and assistant messages must alternate; join consecutive user "
+                    "messages into one",
+                    param,
+                )
+            text, url = _content(message.get("content"), param, images=True)
+            if url is not None:
+                if image_url is not None:
+                    raise ApiError(
+                        400, "one image per conversation is supported; send the others apart", param
+                    )
+                image_url, image_turn = url, len(turns)
+            turns.append([text, None])
+        elif role == "assistant":
+            if not turns or turns[-1][1] is not None:
+                raise ApiError(400, "an assistant message must answer a user message", param)
+            if message.get("tool_calls"):
+                raise ApiError(400, "tool calls are not supported", f"{param}.tool_calls")
+            turns[-1][1], _ = _content(message.get("content"), param, images=False)
+        elif role in ("tool", "function"):
+            raise ApiError(400, f"'{role}' messages are not supported (no tool use)", param)
+        else:
+            raise ApiError(
+                400,
+                f"{param} has role {role!r}; use 'system', 'user' or 'assistant'",
+                f"{param}.role",
+            )
+    if not turns:
+        raise ApiError(400, "the conversation has no user message", "messages")
+    if turns[-1][1] is not None:
+        raise ApiError(
+            400, "the last message must be the user's, for the model to answer", "messages"
+        )
+    return [(q, a) for q, a in turns], image_url, image_turn, system
+
+
+def _content(content: Any, param: str, images: bool) -> tuple[str, str | None]:
+    """A message's text (its text parts joined) and its image URL, if it has one."""
+    if isinstance(content, str):
+        return _text(content, f"{param}.content"), None
+    if not isinstance(content, list):
+        raise ApiError(
+            400, f"{param}.content must be a string or a list of parts", f"{param}.content"
+        )
+    texts, url = [], None
+    for j, part in enumerate(content):
+        where = f"{param}.content[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise ApiError(400, f"{where}.text must be a string", f"{where}.text")
+            texts.append(_text(part["text"], f"{where}.text"))
+        elif kind == "image_url" and images:
+            image = part.get("image_url")
+            candidate = image.get("url") if isinstance(image, dict) else image
+            if not isinstance(candidate, str) or not candidate:
+                raise ApiError(
+                    400, f"{where}.image_url must hold a 'url' string", f"{where}.image_url"
+                )
+            if url is not None:
+                raise ApiError(400, "one image per conversation is supported", where)
+            url = candidate
+        elif kind == "image_url":
+            raise ApiError(400, f"{where}: only user messages may hold images", where)
+        else:
+            raise ApiError(
+                400, f"{where} has type {kind!r}; parts are 'text' or 'image_url'", f"{where}.type"
+            )
+    return "".join(texts), url
+
+
+def _text(text: str, param: str) -> str:
+    if IMAGE_PLACEHOLDER in text:
+        raise ApiError(
+            400,
+            f"{param} holds the text {IMAGE_PLACEHOLDER!r}; send images as image_url parts",
+            param,
+        )
+    return text
+
+
+def _parse_options(body: dict) -> tuple[dict[str, Any], bool]:
+    options: dict[str, Any] = {}
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    if max_tokens is not None:
+        if not _is_int(max_tokens) or max_tokens < 1:
+            raise ApiError(400, f"'{name}' must be a positive integer, got {max_tokens!r}", name)
+        options["max_new_tokens"] = max_tokens
+    temperature = _number(body, "temperature", 0, 2)
+    if temperature is not None:
+        options["temperature"] = float(temperature)
+    top_p = _number(body, "top_p", 0, 1)
+    if top_p is not None:
+        if top_p == 0:
+            raise ApiError(400, "'top_p' must be above 0", "top_p")
+        options["top_p"] = float(top_p)
+    top_k = body.get("top_k")
+    if top_k is not None:
+        if not _is_int(top_k) or top_k < 0:
+            raise ApiError(
+                400, f"'top_k' must be 0 (off) or a positive integer, got {top_k!r}", "top_k"
+            )
+        options["top_k"] = top_k
+    penalty = _number(body, "repetition_penalty", 0, 100)
+    if penalty is not None:
+        if penalty == 0:
+            raise ApiError(400, "'repetition_penalty' must be above 0", "repetition_penalty")
+        options["repetition_penalty"] = float(penalty)
+    seed = body.get("seed")
+    if seed is not None:
+        if not _is_int(seed) or seed < 0:
+            raise ApiError(400, f"'seed' must be a non-negative integer, got {seed!r}", "seed")
+        options["seed"] = seed
+    stop = body.get("stop")
+    if stop is not None:
+        stops = [stop] if isinstance(stop, str) else stop
+        if (
+            not isinstance(stops, list)
+            or not 1 <= len(stops) <= 4
+            or not all(isinstance(s, str) and s for s in stops)
+        ):
+            raise ApiError(
+                400, "'stop' must be a non-empty string or a list of 1 to 4 of them", "stop"
+            )
+        options["stop"] = stops
+    ignore_eos = _optional(body, "ignore_eos", bool, None)
+    if ignore_eos is not None:
+        options["ignore_eos"] = ignore_eos
+    return options, max_tokens is not None
+
+
+def _number(body: dict, name: str, low: float, high: float) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise ApiError(400, f"'{name}' must be a number in [{low}, {high}], got {value!r}", name)
+    return value
+
+
+def _optional(body: dict, name: str, kind: type, default: Any, prefix: str = "") -> Any:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, kind):
+        raise ApiError(
+            400, f"'{prefix}{name}' must be a {kind.__name__}, got {value!r}", prefix + name
+        )
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _equal(value: Any, default: Any) -> bool:
+    return (
+        type(value) is type(default) and value == default if default is not None else value is None
+    )
+
+
+# ---- responses -----------------------------------------------------------------------------
+
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
+
+
+def completion_id() -> str:
+    return "chatcmpl-" + uuid.uuid4().hex
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def completion(request_id: str, model: str, answer: Any) -> dict[str, Any]:
+    """A whole answer as a `chat.completion`, with timings as an extension field."""
+    return {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": answer.text},
+                "logprobs": None,
+                "finish_reason": FINISH_REASONS[answer.finish_reason],
+            }
+        ],
+        "usage": usage(len(answer.prompt_token_ids), len(answer.token_ids)),
+        "timings": answer.timings,
+    }
+
+
+def chunk(
+    request_id: str,
+    model: str,
+    delta: dict[str, Any] | None,
+    finish_reason: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """One `chat.completion.chunk`; delta None gives the usage chunk (no choices)."""
+    choices = (
+        []
+        if delta is None
+        else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+    )
+    return {
+        "id": request_id,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        **extra,
+    }

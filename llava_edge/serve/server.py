@@ -1,0 +1,74 @@
+"""Running the app under uvicorn: bind, load the model in the background, drain on SIGTERM.
+
+uvicorn handles SIGTERM and SIGINT: it stops accepting connections, lets the requests in flight
+finish (their streams included; at most `drain_timeout_s` when given), then runs the app's
+shutdown, which closes the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+import uvicorn
+
+from llava_edge.errors import LlavaEdgeError
+from llava_edge.manifest import Manifest
+from llava_edge.serve.app import ServeOptions, create_app
+
+
+def serve(
+    options: ServeOptions,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    drain_timeout_s: float | None = None,
+    log_level: str = "info",
+) -> None:
+    """Serve until SIGTERM/SIGINT. A model that fails to load stops the server with its error."""
+    Manifest.load(options.model_dir)  # a wrong dir fails here, before the port is taken
+    sock = bind(host, port)  # a port in use fails here, before the model loads
+    failure: list[BaseException] = []
+    server: uvicorn.Server | None = None
+
+    def stop_on_load_error(error: BaseException) -> None:
+        failure.append(error)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(options, on_load_error=stop_on_load_error)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=drain_timeout_s,
+        lifespan="on",
+    )
+    logging.getLogger("llava_edge.serve").setLevel(log_level.upper())
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock])
+    if failure:
+        error = failure[0]
+        if isinstance(error, LlavaEdgeError):
+            raise error
+        raise LlavaEdgeError(f"the model failed to load: {error}") from error
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (port 0: a free one), or a clear error."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise LlavaEdgeError(f"cannot listen on {host!r}: {e.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise LlavaEdgeError(
+            f"cannot listen on {host}:{port} ({e.strerror}); choose another --port"
+        ) from None
+    sock.listen(2048)
+    return sock

@@ -1,0 +1,266 @@
+"""Continuous batching in the runtime: the KV cache's per-row lengths, and BatchEngine's requests
+joining and leaving a running batch while each answers exactly as it would alone, on both
+decoder forms."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from llava_edge.errors import LlavaEdgeError
+from llava_edge.manifest import Manifest
+from llava_edge.runtime import BatchEngine, Pipeline
+from llava_edge.runtime.batching import Cancelled, QueueFull, TimedOut
+from llava_edge.runtime.kv_cache import KVCache
+
+
+@pytest.fixture(scope="module", params=["fused", "standard"])
+def pipe(context_model_dir, request):
+    """Both decoder forms (they share the KV cache), on the model whose answers depend on their
+    whole context: a row reading another row's keys would change its tokens."""
+    with Pipeline.load(context_model_dir, threads=1, graph_form=request.param) as p:
+        assert p.backend.form == request.param
+        yield p
+
+
+def picture(seed: int, size=(72, 64)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
+# ---- the KV cache ----------------------------------------------------------------------------
+
+
+def test_rows_keep_their_own_lengths(tiny_model_dir):
+    text = Manifest.load(tiny_model_dir).text
+    cache = KVCache(text, batch=3)
+    heads, dim = text.num_kv_heads, text.head_dim
+    rng = np.random.default_rng(0)
+    prompts = [rng.standard_normal((1, heads, n, dim)).astype(np.float32) for n in (5, 2, 9)]
+    for row, kv in enumerate(prompts):  # each row prefilled alone, as the engine does
+        rows = cache.rows(row, row + 1)
+        rows.reserve(kv.shape[2])
+        for layer in range(text.num_layers):
+            rows.append(layer, kv, -kv)
+        rows.advance(np.ones((1, kv.shape[2]), dtype=np.int64))
+    assert cache.lengths.tolist() == [5, 2, 9]
+    step = rng.standard_normal((3, heads, 1, dim)).astype(np.float32)
+    mask = cache.attention_mask(np.ones((3, 1), dtype=np.int64))
+    assert mask.shape == (3, cache.capacity + 1)
+    assert mask[:, :-1].sum(axis=1).tolist() == [5, 2, 9] and mask[:, -1].tolist() == [1, 1, 1]
+    assert (mask[1, :2] == 1).all() and (mask[1, 2:-1] == 0).all()  # slot < length: no holes
+    cache.reserve(1)
+    for layer in range(text.num_layers):
+        cache.append(layer, step, -step)
+    cache.advance(np.ones((3, 1), dtype=np.int64))
+    keys = cache.past(0)[0]
+    for row, (kv, at) in enumerate(zip(prompts, (5, 2, 9), strict=True)):
+        np.testing.assert_array_equal(keys[row, :, :at], kv[0])  # each row's new key went
+        np.testing.assert_array_equal(keys[row, :, at], step[row, :, 0])  # to its own length
+    saved = cache.read_row(2, 10)
+    cache.move_row(2, 0)  # the last row fills a freed one
+    assert cache.lengths.tolist() == [10, 3, 0]
+    np.testing.assert_array_equal(cache.past(0)[0][0, :, :10], saved[0][0])
+    cache.truncate(4, row=0)
+    assert cache.lengths.tolist() == [4, 3, 0]
+    cache.write_row(2, saved, 7)
+    assert cache.lengths.tolist() == [4, 3, 7]
+    np.testing.assert_array_equal(cache.past(1)[1][2, :, :7], saved[1][1][:, :7])
+    with pytest.raises(ValueError, match="no padding"):
+        cache.rows(0, 1).advance(np.array([[0, 1]]))
+    long = KVCache(text, batch=2)
+    long.rows(0, 1).reserve(300)  # a long conversation's row
+    long.lengths[:] = [300, 5]
+    assert long.capacity >= 300
+    long.truncate(0, row=0)  # it leaves: the buffers shrink to the short row
+    long.shrink()
+    assert long.capacity == 2 * long.chunk and long.lengths.tolist() == [0, 5]  # 5 + headroom
+    long.truncate(0)
+    long.shrink()
+    assert long.capacity == 0 and long.keys == []
+
+
+def test_a_cache_past_the_context_fails_clearly(tiny_model_dir):
+    text = Manifest.load(tiny_model_dir).text
+    cache = KVCache(text, batch=2)
+    with pytest.raises(LlavaEdgeError, match="over the model's context"):
+        cache.rows(1, 2).reserve(text.max_context + 1)
+
+
+# ---- the engine ------------------------------------------------------------------------------
+
+
+def test_requests_joining_a_running_batch_answer_as_alone(pipe):
+    images = [picture(i) for i in range(5)]
+    asks = [
+        (images[0], "What is it?", 30),
+        (None, "Say something long, please.", 41),
+        (images[2], "Colour?", 9),
+        (images[3], "How many shapes are in the picture?", 26),
+        (None, "Where?", 35),
+    ]
+    alone = [pipe.answer(im, q, max_new_tokens=n, ignore_eos=True) for im, q, n in asks]
+    engine = BatchEngine(pipe, max_batch=3, start=False)
+    requests = [engine.submit(im, q, max_new_tokens=n, ignore_eos=True) for im, q, n in asks[:2]]
+    for _ in range(4):  # the first two are decoding when the others arrive
+        engine.step()
+    requests += [engine.submit(im, q, max_new_tokens=n, ignore_eos=True) for im, q, n in asks[2:]]
+    engine.step()
+    assert engine.stats()["running"] == 3 and engine.stats()["waiting"] == 2  # one row each
+    engine.run_until_idle()
+    for want, request in zip(alone, requests, strict=True):
+        got = request.result()
+        assert got.token_ids == want.token_ids and got.text == want.text
+        assert got.prompt_token_ids == want.prompt_token_ids
+        assert got.finish_reason == want.finish_reason == "length"
+    stats = engine.stats()
+    assert stats["running"] == 0 and stats["finished"] == 5
+    assert stats["generated_tokens"] == sum(n for *_, n in asks)
+
+
+def test_each_request_keeps_its_own_sampler_stops_and_stream(pipe):
+    image = picture(7)
+    seeded = {"temperature": 0.9, "top_k": 40, "seed": 3, "max_new_tokens": 20}
+    text = pipe.generate(image, "Stop somewhere.", max_new_tokens=20, ignore_eos=True)
+    assert len(text) >= 10
+    stop = text[8:10]
+    engine = BatchEngine(pipe, max_batch=4, start=False)
+    first = engine.submit(image, "A sampled answer?", **seeded)
+    second = engine.submit(image, "A sampled answer?", **{**seeded, "seed": 4})
+    third = engine.submit(image, "A sampled answer?", **seeded)
+    stopped = engine.submit(image, "Stop somewhere.", max_new_tokens=20, ignore_eos=True, stop=stop)
+    engine.run_until_idle()
+    assert first.result().token_ids == third.result().token_ids  # same seed, same tokens
+    assert first.result().token_ids != second.result().token_ids
+    assert stopped.result().finish_reason == "stop"
+    assert stopped.result().text == text[: text.find(stop)]
+    assert pipe.answer(image, "A sampled answer?", **seeded).token_ids == first.result().token_ids
+
+
+def test_streamed_pieces_join_to_the_answer_from_another_thread(pipe):
+    engine = BatchEngine(pipe, max_batch=2)
+    try:
+        pieces: list[str] = []
+        request = engine.submit(picture(8), "Describe it.", max_new_tokens=25)
+        reader = threading.Thread(target=lambda: pieces.extend(request))
+        reader.start()
+        reader.join(30)
+        assert "".join(pieces) == request.result().text
+    finally:
+        engine.close()
+    with pytest.raises(LlavaEdgeError, match="shutting down"):
+        engine.submit(None, "After close?")
+
+
+def test_a_cancelled_request_frees_its_row_at_the_next_step(pipe):
+    engine = BatchEngine(pipe, max_batch=2, max_queue=1, start=False)
+    long = engine.submit(None, "Go on and on.", max_new_tokens=200, ignore_eos=True)
+    other = engine.submit(picture(9), "And you?", max_new_tokens=200, ignore_eos=True)
+    waiting = engine.submit(None, "Me next.", max_new_tokens=5)
+    with pytest.raises(QueueFull, match="waiting"):
+        engine.submit(None, "One too many.")
+    engine.step()
+    assert engine.stats()["running"] == 1  # one admission between two decode steps
+    engine.step()
+    assert engine.stats()["running"] == 2 and engine.stats()["waiting"] == 1
+    long.cancel()
+    engine.step()
+    stats = engine.stats()
+    assert stats["cancelled"] == 1 and stats["running"] == 2  # `waiting` took the row
+    with pytest.raises(Cancelled):
+        long.result()
+    engine.run_until_idle()
+    assert len(other.result().token_ids) == 200  # it moved rows and went on unharmed
+    assert (
+        other.result().token_ids
+        == pipe.answer(picture(9), "And you?", max_new_tokens=200, ignore_eos=True).token_ids
+    )
+    assert waiting.result().finish_reason in ("eos", "length")
+    queued = engine.submit(None, "Cancelled while queued.")
+    queued.cancel()
+    assert not engine.step() and engine.stats()["cancelled"] == 2
+
+
+def test_time_limit_ends_a_request_not_the_engine(pipe):
+    engine = BatchEngine(pipe, max_batch=2, start=False)
+    slow = engine.submit_ids(
+        pipe.prompt_ids("Slow?", False), None, {"max_new_tokens": 50}, timeout_s=1e-9
+    )
+    fine = engine.submit(None, "Fine?", max_new_tokens=5)
+    engine.run_until_idle()
+    with pytest.raises(TimedOut, match="time limit"):
+        slow.result()
+    assert fine.result().token_ids
+
+
+def test_a_conversations_next_turn_reuses_its_prefix_and_answers_the_same(pipe):
+    image = picture(10)
+    engine = BatchEngine(pipe, max_batch=2, start=False)
+    first = engine.submit(image, "What is in the picture?", max_new_tokens=12)
+    engine.run_until_idle()
+    answer = first.result().text
+    turns = [("What is in the picture?", answer), ("And its colour?", None)]
+    ids = pipe.conversation_ids(turns, image_turn=0)
+    second = engine.submit_ids(ids, image, {"max_new_tokens": 12})
+    engine.run_until_idle()
+    reused = second.result().timings["prefix_reused"]
+    assert reused >= len(first.result().prompt_token_ids)  # the whole first prompt was copied
+    fresh = BatchEngine(pipe, max_batch=1, prefix_cache_mb=0, start=False)
+    again = fresh.submit_ids(ids, image, {"max_new_tokens": 12})
+    fresh.run_until_idle()
+    assert again.result().timings["prefix_reused"] == 0
+    assert second.result().token_ids == again.result().token_ids
+    chat = pipe.chat(image, history=turns[:1])
+    stream = chat.stream("And its colour?", max_new_tokens=12)
+    assert "".join(stream) == second.result().text
+    assert stream.answer.token_ids == second.result().token_ids
+    # Another image with the same question shares only the text before the image.
+    other = engine.submit(picture(11), "What is in the picture?", max_new_tokens=4)
+    engine.run_until_idle()
+    image_start = ids.index(pipe.manifest.tokens.image_token_id)
+    assert other.result().timings["prefix_reused"] in (0, image_start)
+
+
+def test_conversation_ids_render_turns_as_a_chat_session(pipe):
+    template = pipe.manifest.template
+    eos = pipe.manifest.tokens.eos_token_ids[0]
+    ids = pipe.conversation_ids([("Q1", "A1"), ("Q2", None)], image_turn=0, system="Be brief.")
+    from llava_edge.runtime.template import user_turn
+
+    first = user_turn(template, "Q1", image=True, first=True)
+    if template.system:
+        first = first.replace(template.system, "Be brief. ", 1)
+    else:
+        first = "Be brief. " + first
+    want = (
+        pipe.codec.encode(first, first=True)
+        + pipe.codec.encode("A1", first=False)
+        + [eos]
+        + pipe.codec.encode(user_turn(template, "Q2", image=False, first=False), first=False)
+    )
+    assert ids == want
+    with pytest.raises(LlavaEdgeError, match="not the last"):
+        pipe.conversation_ids([("Q1", None), ("Q2", None)])
+    with pytest.raises(LlavaEdgeError, match="placeholder"):
+        pipe.conversation_ids([("<image> Q1", None)])
+
+
+def test_bad_requests_fail_at_submit_and_leave_the_engine_working(pipe):
+    engine = BatchEngine(pipe, max_batch=2, start=False)
+    with pytest.raises(LlavaEdgeError, match="max_new_tokens"):
+        engine.submit(None, "Q", max_new_tokens=0)
+    with pytest.raises(LlavaEdgeError, match="placeholder"):
+        engine.submit(None, "<image> Q")
+    with pytest.raises(LlavaEdgeError, match="not an image"):
+        engine.submit(b"not an image", "Q")
+    with pytest.raises(LlavaEdgeError, match="image tokens"):
+        engine.submit_ids(pipe.prompt_ids("Q", True), None, {})
+    assert engine.stats()["requests"] == 0
+    request = engine.submit(None, "Still fine?", max_new_tokens=3)
+    engine.run_until_idle()
+    assert request.result().token_ids
+    with pytest.raises(LlavaEdgeError, match="max_batch"):
+        BatchEngine(pipe, max_batch=0)

@@ -1,0 +1,555 @@
+"""`llava-edge serve`: the real server (uvicorn on a free port) called with the official `openai`
+client and with raw HTTP: answers equal the library's, every malformed or over-limit request gets
+OpenAI's error JSON with the right status, a client that leaves frees its row, SIGTERM drains.
+
+The model is the tiny one whose answers depend on their whole context (conftest), so a server
+that rendered a conversation differently from the library would answer differently."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import uvicorn
+from PIL import Image
+from starlette.testclient import TestClient
+
+from llava_edge.runtime import Limits
+from llava_edge.serve import ServeOptions, create_app
+from llava_edge.serve.server import bind
+
+KEY = "test-key"
+MODEL = "tiny"
+
+
+class Server:
+    """The app under uvicorn on a thread, on a free port; stopped like SIGTERM stops it."""
+
+    def __init__(self, options: ServeOptions):
+        self.app = create_app(options)
+        sock = bind("127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]})
+        self.thread.start()
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(self.url + "/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("the server did not become ready")
+
+    @property
+    def state(self):
+        return self.app.state.serve
+
+    def client(self, key: str = KEY) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0)
+
+    def post(self, body, key: str = KEY, timeout: float = 30) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.post(
+            self.url + "/v1/chat/completions", json=body, headers=headers, timeout=timeout
+        )
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(self.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+        for line in text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise KeyError(name)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def media_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("media")
+    picture(1).save(path / "one.png")
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(context_model_dir, media_dir):
+    s = Server(
+        ServeOptions(
+            context_model_dir,
+            model_name=MODEL,
+            api_key=KEY,
+            max_batch=2,
+            max_queue=1,
+            max_body_mb=0.3,
+            max_image_mb=0.1,
+            allowed_media_dir=media_dir,
+            allow_remote_images=True,
+            remote_timeout_s=2,
+            limits=Limits(max_image_pixels=40_000, max_new_tokens=900),
+        )
+    )
+    yield s
+    s.stop()
+
+
+def picture(seed: int, size=(96, 80)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def data_uri(image: Image.Image, fmt: str = "PNG") -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def ask(question: str, url: str | None = None) -> dict:
+    content = [{"type": "text", "text": question}]
+    if url:
+        content.insert(0, {"type": "image_url", "image_url": {"url": url}})
+    return {"role": "user", "content": content}
+
+
+def error_of(response: httpx.Response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"} and {"message", "type", "param", "code"} <= set(body["error"])
+    return body["error"]
+
+
+# ---- answers ----------------------------------------------------------------------------------
+
+
+def test_health_models_and_routes(server):
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    assert [m.id for m in server.client().models.list()] == [MODEL]
+    assert server.client().models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        server.client().models.retrieve("other")
+    missing = httpx.get(server.url + "/v2/anything", headers={"Authorization": f"Bearer {KEY}"})
+    assert missing.status_code == 404 and error_of(missing)["code"] == "not_found"
+
+
+def test_greedy_answers_equal_the_pipeline_streamed_or_not(server):
+    pipe, image = server.state.pipe, picture(2)
+    want = pipe.answer(image, "What is in the picture?", max_new_tokens=24)
+    messages = [ask("What is in the picture?", data_uri(image))]
+    client = server.client()
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24)
+    assert whole.choices[0].message.content == want.text
+    assert whole.usage.completion_tokens == len(want.token_ids)
+    assert whole.usage.prompt_tokens == len(want.prompt_token_ids)
+    assert whole.choices[0].finish_reason == {"eos": "stop", "length": "length"}[want.finish_reason]
+    pieces, usage, reasons = [], None, []
+    for chunk in client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_completion_tokens=24,
+        stream=True,
+        stream_options={"include_usage": True},
+    ):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            reasons.append(choice.finish_reason)
+    assert "".join(pieces) == want.text
+    assert usage.completion_tokens == len(want.token_ids)
+    assert reasons[-1] == whole.choices[0].finish_reason and set(reasons[:-1]) == {None}
+
+
+def test_multi_turn_with_the_image_in_the_first_turn_equals_a_chat_session(server):
+    pipe, image = server.state.pipe, picture(3)
+    first = server.client().chat.completions.create(
+        model=MODEL, messages=[ask("What is this?", data_uri(image))], max_tokens=10
+    )
+    answer = first.choices[0].message.content
+    messages = [
+        ask("What is this?", data_uri(image)),
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": "And what colour is it?"},
+    ]
+    reply = server.client().chat.completions.create(model=MODEL, messages=messages, max_tokens=12)
+    chat = pipe.chat(image, history=[("What is this?", answer)])
+    stream = chat.stream("And what colour is it?", max_new_tokens=12)
+    assert reply.choices[0].message.content == "".join(stream)
+    assert reply.usage.completion_tokens == len(stream.answer.token_ids)
+    assert reply.usage.prompt_tokens == len(stream.answer.prompt_token_ids)
+
+
+def test_text_only_and_system_prompt(server):
+    pipe = server.state.pipe
+    reply = server.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Say something."}], max_tokens=16
+    )
+    want = pipe.answer(None, "Say something.", max_new_tokens=16)
+    assert reply.choices[0].message.content == want.text
+    system = server.client().chat.completions.create(
+        model=MODEL,
+        messages=[
+            {"role": "system", "content": "You are a robot."},
+            {"role": "user", "content": "Say something."},
+        ],
+        max_tokens=4,
+    )
+    ids = pipe.conversation_ids([("Say something.", None)], system="You are a robot.")
+    assert system.usage.prompt_tokens == len(ids) != len(want.prompt_token_ids)
+
+
+def test_images_from_allowed_files_and_remote_urls(server, media_dir, tmp_path):
+    pipe = server.state.pipe
+    want = pipe.answer(media_dir / "one.png", "What?", max_new_tokens=6).text
+    local = server.post(
+        {
+            "model": MODEL,
+            "messages": [ask("What?", (media_dir / "one.png").as_uri())],
+            "max_tokens": 6,
+        }
+    )
+    assert local.status_code == 200 and local.json()["choices"][0]["message"]["content"] == want
+    outside = tmp_path / "secret.png"
+    picture(1).save(outside)
+    (media_dir / "link.png").symlink_to(outside)
+    for url in (
+        outside.as_uri(),
+        (media_dir / "link.png").as_uri(),
+        f"file://{media_dir}/../{tmp_path.name}/secret.png",
+    ):
+        refused = server.post({"model": MODEL, "messages": [ask("What?", url)]})
+        assert refused.status_code == 400 and "allowed media dir" in error_of(refused)["message"]
+    files = {"/one.png": (media_dir / "one.png").read_bytes(), "/big.png": b"x" * 200_000}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/drip.png":  # a byte every half second: each read is quick
+                self.send_response(200)
+                self.end_headers()
+                for _ in range(10):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.5)
+                return
+            body = files.get(self.path)
+            self.send_response(200 if body else 404)
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        remote = server.post(
+            {"model": MODEL, "messages": [ask("What?", base + "/one.png")], "max_tokens": 6}
+        )
+        assert remote.json()["choices"][0]["message"]["content"] == want
+        big = server.post({"model": MODEL, "messages": [ask("What?", base + "/big.png")]})
+        assert big.status_code == 413 and error_of(big)["code"] == "image_too_large"
+        slow = server.post({"model": MODEL, "messages": [ask("What?", base + "/drip.png")]})
+        assert slow.status_code == 400 and "took over 2" in error_of(slow)["message"]
+        gone = server.post({"model": MODEL, "messages": [ask("What?", base + "/none.png")]})
+        assert gone.status_code == 400 and "HTTP 404" in error_of(gone)["message"]
+    finally:
+        httpd.shutdown()
+
+
+# ---- refusals ---------------------------------------------------------------------------------
+
+GOOD = [ask("What?")]
+MALFORMED = {
+    "not json": b"{not json",
+    "not an object": [1, 2],
+    "no model": {"messages": GOOD},
+    "no messages": {"model": MODEL},
+    "empty messages": {"model": MODEL, "messages": []},
+    "bad role": {"model": MODEL, "messages": [{"role": "robot", "content": "hi"}]},
+    "ends with assistant": {
+        "model": MODEL,
+        "messages": [*GOOD, {"role": "assistant", "content": "A"}],
+    },
+    "two users in a row": {"model": MODEL, "messages": [*GOOD, *GOOD]},
+    "content a number": {"model": MODEL, "messages": [{"role": "user", "content": 3}]},
+    "bad part type": {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": [{"type": "audio", "audio": "x"}]}],
+    },
+    "image placeholder text": {"model": MODEL, "messages": [ask("<image> what?")]},
+    "two images": {
+        "model": MODEL,
+        "messages": [
+            ask("A?", data_uri(picture(1))),
+            {"role": "assistant", "content": "a"},
+            ask("B?", data_uri(picture(2))),
+        ],
+    },
+    "image in system": {
+        "model": MODEL,
+        "messages": [
+            {"role": "system", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]},
+            *GOOD,
+        ],
+    },
+    "bad base64": {"model": MODEL, "messages": [ask("What?", "data:image/png;base64,@@@@")]},
+    "not an image": {
+        "model": MODEL,
+        "messages": [ask("What?", "data:image/png;base64," + base64.b64encode(b"hello").decode())],
+    },
+    "ftp url": {"model": MODEL, "messages": [ask("What?", "ftp://host/x.png")]},
+    "n=2": {"model": MODEL, "messages": GOOD, "n": 2},
+    "negative max_tokens": {"model": MODEL, "messages": GOOD, "max_tokens": -1},
+    "string max_tokens": {"model": MODEL, "messages": GOOD, "max_tokens": "10"},
+    "temperature 3": {"model": MODEL, "messages": GOOD, "temperature": 3},
+    "top_p 0": {"model": MODEL, "messages": GOOD, "top_p": 0},
+    "five stops": {"model": MODEL, "messages": GOOD, "stop": ["a", "b", "c", "d", "e"]},
+    "stream a string": {"model": MODEL, "messages": GOOD, "stream": "yes"},
+    "stream_options without stream": {
+        "model": MODEL,
+        "messages": GOOD,
+        "stream_options": {"include_usage": True},
+    },
+    "frequency_penalty": {"model": MODEL, "messages": GOOD, "frequency_penalty": 0.5},
+    "logprobs": {"model": MODEL, "messages": GOOD, "logprobs": True},
+    "tools": {"model": MODEL, "messages": GOOD, "tools": [{"type": "function"}]},
+    "over the token limit": {"model": MODEL, "messages": GOOD, "max_tokens": 901},
+    "over the context": {"model": MODEL, "messages": GOOD, "max_tokens": 1000},
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_requests_get_400_and_the_server_goes_on(server, case):
+    body = MALFORMED[case]
+    if isinstance(body, bytes):
+        response = httpx.post(
+            server.url + "/v1/chat/completions",
+            content=body,
+            headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+        )
+    else:
+        response = server.post(body)
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert error["type"] == "invalid_request_error" and len(error["message"]) > 10
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_keys_models_and_sizes_get_their_statuses(server):
+    body = {"model": MODEL, "messages": GOOD, "max_tokens": 2}
+    assert error_of(server.post(body, key=""))["code"] == "invalid_api_key"
+    assert server.post(body, key="wrong").status_code == 401
+    odd_key = httpx.post(
+        server.url + "/v1/chat/completions", json=body, headers={"Authorization": b"Bearer \xff"}
+    )
+    assert odd_key.status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        server.client(key="wrong").chat.completions.create(model=MODEL, messages=GOOD)
+    assert httpx.get(server.url + "/metrics").status_code == 401
+    unknown = server.post({**body, "model": "gpt-4o"})
+    assert unknown.status_code == 404 and error_of(unknown)["code"] == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        server.client().chat.completions.create(model="gpt-4o", messages=GOOD)
+    huge_body = server.post({**body, "padding": "x" * 400_000})
+    assert huge_body.status_code == 413 and error_of(huge_body)["code"] == "request_too_large"
+    big_file = server.post(
+        {**body, "messages": [ask("What?", "data:image/png;base64," + "A" * 200_000)]}
+    )
+    assert big_file.status_code == 413
+    many_pixels = server.post(
+        {**body, "messages": [ask("What?", data_uri(Image.new("RGB", (300, 200)), "JPEG"))]}
+    )
+    assert many_pixels.status_code == 413 and "pixels" in error_of(many_pixels)["message"]
+    assert server.metric('llava_edge_http_requests_total{status="413"}') >= 3
+
+
+@pytest.fixture
+def slow_steps(server, monkeypatch):
+    """Decoder calls slowed to ~200 a second: the tiny model answers 800 tokens in well under a
+    second, too fast for a client to leave mid-answer on purpose."""
+    backend = server.state.pipe.backend
+    decode = backend.decode
+
+    def slow(*args):
+        time.sleep(STEP_S)
+        return decode(*args)
+
+    monkeypatch.setattr(backend, "decode", slow)
+
+
+STEP_S = 0.005
+SLOW_DECODE = (
+    "import sys, time\n"
+    "from llava_edge.runtime.onnx_backend import OnnxBackend\n"
+    "decode = OnnxBackend.decode\n"
+    f"OnnxBackend.decode = lambda self, *a: (time.sleep({STEP_S}), decode(self, *a))[1]\n"
+    "from llava_edge.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def test_a_client_leaving_mid_stream_frees_its_row_and_a_full_queue_gets_429(server, slow_steps):
+    body = {"model": MODEL, "messages": GOOD, "max_tokens": 800, "ignore_eos": True}
+    url, headers = server.url + "/v1/chat/completions", {"Authorization": f"Bearer {KEY}"}
+    cancelled = server.metric("llava_edge_engine_cancelled_total")
+    results: list[httpx.Response] = []
+    queued = threading.Thread(target=lambda: results.append(server.post({**body, "max_tokens": 2})))
+    with httpx.Client(timeout=30) as a, httpx.Client(timeout=30) as b:
+        stream = {**body, "stream": True}
+        with a.stream("POST", url, json=stream, headers=headers) as one:
+            lines_one = one.iter_lines()  # (dropping an iterator closes the connection)
+            assert next(lines_one).startswith("data: ")  # streaming: it holds a row
+            with b.stream("POST", url, json=stream, headers=headers) as two:
+                lines_two = two.iter_lines()
+                assert next(lines_two).startswith("data: ")  # the other row
+                assert server.metric("llava_edge_engine_running") == 2
+                queued.start()  # waits for a row: the queue (of one) is full
+                deadline = time.time() + 10
+                while server.metric("llava_edge_engine_waiting") < 1 and time.time() < deadline:
+                    time.sleep(0.01)
+                full = server.post(body)
+                assert full.status_code == 429 and error_of(full)["code"] == "queue_full"
+                assert full.headers["retry-after"]
+        # both clients left mid-answer (800 tokens take longer than this)
+        queued.join(30)
+    assert results[0].status_code == 200  # the queued request got a freed row
+    with pytest.raises(httpx.TimeoutException):  # a client that gives up on a whole answer
+        server.post(body, timeout=0.3)
+    deadline = time.time() + 10
+    while server.metric("llava_edge_engine_running") and time.time() < deadline:
+        time.sleep(0.02)
+    assert server.metric("llava_edge_engine_running") == 0
+    assert server.metric("llava_edge_engine_cancelled_total") == cancelled + 3
+    assert server.metric("llava_edge_client_disconnects_total") >= 3
+
+
+def test_a_request_past_the_time_limit_gets_504(context_model_dir):
+    options = ServeOptions(context_model_dir, model_name=MODEL, limits=Limits(timeout_s=1e-9))
+    with TestClient(create_app(options)) as client:  # the ASGI client, lifespan and all
+        deadline = time.time() + 30
+        while client.get("/health").status_code != 200 and time.time() < deadline:
+            time.sleep(0.05)
+        late = client.post("/v1/chat/completions", json={"model": MODEL, "messages": GOOD})
+    assert late.status_code == 504 and "time limit" in error_of(late)["message"]
+
+
+def test_loading_gives_503_before_the_model_is_ready(context_model_dir):
+    app = create_app(ServeOptions(context_model_dir, model_name=MODEL))
+    client = TestClient(app)  # no lifespan: the model never starts loading
+    health = client.get("/health")
+    assert health.status_code == 503 and health.json()["status"] == "loading"
+    response = client.post("/v1/chat/completions", json={"model": MODEL, "messages": GOOD})
+    assert response.status_code == 503 and error_of(response)["code"] == "model_loading"
+    assert response.headers["retry-after"] == "1"
+
+
+def start_cli_server(model_dir: Path, *options: str) -> tuple[subprocess.Popen, str]:
+    """`llava-edge serve` in a subprocess (its decoder slowed), once it is ready."""
+    sock = bind("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    sock.close()
+    command = ["serve", str(model_dir), "--port", str(port), "--model-name", MODEL, *options]
+    process = subprocess.Popen(
+        [sys.executable, "-c", SLOW_DECODE, *command, "--threads", "1"],
+        env={**os.environ, "LLAVA_EDGE_API_KEY": KEY},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline and process.poll() is None:
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.1)
+    return process, url
+
+
+def test_sigterm_drains_the_answer_in_flight_then_exits(context_model_dir):
+    process, url = start_cli_server(context_model_dir)
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+        stream = client.chat.completions.create(
+            model=MODEL,
+            messages=GOOD,
+            max_tokens=300,
+            stream=True,
+            extra_body={"ignore_eos": True},
+            stream_options={"include_usage": True},
+        )
+        chunks = iter(stream)
+        next(chunks)
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)  # the answer takes over a second more (slowed decoder)
+        with pytest.raises(httpx.TransportError):  # draining: no new connections
+            httpx.get(url + "/health")
+        rest = list(chunks)
+        assert rest[-2].choices[0].finish_reason == "length"  # the whole answer came
+        assert rest[-1].usage.completion_tokens == 300
+        # uvicorn re-raises the signal once it has shut down, so the parent sees why it ended
+        assert process.wait(30) in (0, -signal.SIGTERM)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        log = process.stdout.read().decode()
+    assert "Traceback" not in log and "Finished server process" in log
+
+
+def test_drain_timeout_caps_the_wait(context_model_dir):
+    process, url = start_cli_server(context_model_dir, "--drain-timeout", "0.5")
+    try:
+        body = {"model": MODEL, "messages": GOOD, "max_tokens": 900, "ignore_eos": True}
+        headers = {"Authorization": f"Bearer {KEY}"}
+        with httpx.stream(
+            "POST", url + "/v1/chat/completions", json={**body, "stream": True}, headers=headers
+        ) as response:
+            lines = response.iter_lines()
+            next(lines)
+            process.send_signal(signal.SIGTERM)
+            start = time.time()
+            with pytest.raises(httpx.TransportError):  # cut off after the drain timeout
+                for _ in lines:
+                    pass
+        assert process.wait(30) in (0, -signal.SIGTERM)
+        assert time.time() - start < 4  # 900 slowed tokens would take over 4.5 s
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.stdout.close()
+
+
+def test_cli_errors_are_one_line(context_model_dir):
+    def serve(*args: str, prelude: str = "") -> subprocess.CompletedProcess:
+        code = f"{prelude}import sys; from llava_edge.cli import main; sys.exit(main(sys.argv[1:]))"
+        return subprocess.run(
+            [sys.executable, "-c", code, "serve", *args], capture_output=True, text=True
+        )
+
+    missing = serve(str(context_model_dir), prelude="import sys; sys.modules['uvicorn'] = None; ")
+    assert missing.returncode == 1 and "pip install 'llava-edge[serve]'" in missing.stderr
+    no_model = serve("/nonexistent/model")
+    assert no_model.returncode == 1 and "does not exist" in no_model.stderr
+    bad_batch = serve(str(context_model_dir), "--port", "0", "--max-batch", "0")
+    assert bad_batch.returncode == 1 and "max_batch must be a positive integer" in bad_batch.stderr
+    taken = bind("127.0.0.1", 0)
+    try:
+        busy = serve(str(context_model_dir), "--port", str(taken.getsockname()[1]))
+    finally:
+        taken.close()
+    assert busy.returncode == 1 and "cannot listen on 127.0.0.1" in busy.stderr
+    for result in (missing, no_model, bad_batch, busy):
+        assert "Traceback" not in result.stderr
