@@ -308,6 +308,12 @@ class Manifest:
         return digest.hexdigest()
 
 
+def write_checkpoint_info(checkpoint: str | os.PathLike, template: str) -> None:
+    """Write a checkpoint's llava_edge.json: the chat template it was trained with."""
+    path = Path(checkpoint) / CHECKPOINT_INFO_FILE
+    path.write_text(json.dumps({"template": template}, indent=2) + "\n", encoding="utf-8")
+
+
 def cache_dir() -> Path:
     """Where llava-edge remembers things between runs ($LLAVA_EDGE_CACHE or ~/.cache/llava-edge)."""
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llava-edge"

@@ -32,7 +32,7 @@ from llava_edge.manifest import (
     TextSpec,
     TokenSpec,
 )
-from llava_edge.runtime.template import TEMPLATES
+from llava_edge.runtime.template import TEMPLATES, with_image_markers
 
 DEFAULT_OPSET = 17  # TensorRT 10.3 (JetPack 6) parses opsets 9-20; 17 has LayerNormalization
 EMBEDDINGS_FILE = "embed_tokens.npy"
@@ -102,14 +102,17 @@ def load_checkpoint(
 ) -> LoadedCheckpoint:
     """Load a LLaVA checkpoint in fp32 with eager attention, or say clearly why not."""
     import torch
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoProcessor
 
-    checkpoint_config(checkpoint, trust_remote_code)
+    from llava_edge.modeling import load_model
+
+    config = checkpoint_config(checkpoint, trust_remote_code)
     source = str(checkpoint)
     try:
         with _quiet():
-            model = LlavaForConditionalGeneration.from_pretrained(
+            model = load_model(
                 source,
+                config=config,
                 dtype=torch.float32,
                 attn_implementation="eager",
                 trust_remote_code=trust_remote_code,
@@ -177,6 +180,8 @@ def build_manifest(loaded: LoadedCheckpoint, dtype: str, max_context: int) -> Ma
     """Every fact the runtime needs, read from the checkpoint's config and processor."""
     import transformers
 
+    from llava_edge.modeling import projector_type
+
     config = loaded.model.config
     text = config.text_config
     np_dtype = "float16" if dtype == "fp16" else "float32"
@@ -219,7 +224,7 @@ def build_manifest(loaded: LoadedCheckpoint, dtype: str, max_context: int) -> Ma
         num_image_tokens=0,  # measured from the exported vision graph
         text=spec,
         tokens=_token_spec(loaded),
-        template=TemplateSpec(**TEMPLATES[loaded.template].__dict__),
+        template=_template(loaded.template, config),
         embeddings=EMBEDDINGS_FILE,
         source={
             "checkpoint": loaded.source,
@@ -227,10 +232,20 @@ def build_manifest(loaded: LoadedCheckpoint, dtype: str, max_context: int) -> Ma
             "vision_model_type": config.vision_config.model_type,
             "vision_feature_layer": config.vision_feature_layer,
             "vision_feature_select_strategy": config.vision_feature_select_strategy,
+            "projector": projector_type(config),
             "llava_edge": __version__,
             "transformers": transformers.__version__,
         },
     )
+
+
+def _template(name: str, config: Any) -> TemplateSpec:
+    """The checkpoint's template; LLaVA v1's `<im_start>`/`<im_end>` round the image where the
+    config says so (`mm_use_im_start_end`, the original's key)."""
+    template = TEMPLATES[name]
+    if getattr(config, "mm_use_im_start_end", False):
+        template = with_image_markers(template)
+    return TemplateSpec(**template.__dict__)
 
 
 def _decoder_spec(text: TextSpec, precision: str) -> GraphSpec:

@@ -16,8 +16,8 @@ from typing import Any
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.files import check_output_dir, replace_dir
-from llava_edge.manifest import CHECKPOINT_INFO_FILE, TemplateSpec
-from llava_edge.runtime.template import IMAGE_PLACEHOLDER, get_template
+from llava_edge.manifest import CHECKPOINT_INFO_FILE, write_checkpoint_info
+from llava_edge.runtime.template import IMAGE_PLACEHOLDER, get_template, hf_chat_template
 
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -115,35 +115,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def hf_chat_template(template: TemplateSpec) -> str:
-    """The template as Jinja for transformers' apply_chat_template (same strings as ours)."""
-
-    def lit(s: str) -> str:
-        return json.dumps(s)
-
-    return (
-        "{{ " + lit(template.system) + " }}"
-        "{% for m in messages %}"
-        "{% set texts = m['content'] if m['content'] is string else "
-        "(m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('')) %}"
-        "{% if m['role'] == 'user' %}{{ " + lit(template.user) + " }}"
-        "{% if m['content'] is not string %}"
-        "{% for c in m['content'] | selectattr('type', 'equalto', 'image') %}"
-        "{{ " + lit(template.image) + " }}{% endfor %}{% endif %}"
-        "{{ texts }}{% if not loop.last or add_generation_prompt %}{{ "
-        + lit(template.assistant)
-        + " }}"
-        "{% endif %}"
-        "{% elif m['role'] == 'assistant' %}"
-        "{{ " + lit(template.answer_prefix) + " }}{{ texts }}{{ " + lit(template.answer_end) + " }}"
-        "{% endif %}{% endfor %}"
-    )
-
-
 def write_llava_edge_file(out_dir: Path, template_name: str) -> None:
-    (out_dir / CHECKPOINT_INFO_FILE).write_text(
-        json.dumps({"template": template_name}, indent=2) + "\n"
-    )
+    write_checkpoint_info(out_dir, template_name)
 
 
 def save_processor(out_dir: Path, hf_tokenizer: Any, config: Any, template_name: str) -> None:
