@@ -38,16 +38,29 @@ def _init(args: argparse.Namespace) -> None:
         if not (args.vision and args.llm):
             raise LlavaEdgeError("--vision and --llm go together: a CLIP model and a causal LM")
         path = compose_checkpoint(
-            args.out_dir, vision=args.vision, llm=args.llm, seed=args.seed, force=args.force
+            args.out_dir,
+            vision=args.vision,
+            llm=args.llm,
+            seed=args.seed,
+            force=args.force,
+            projector=args.projector,
         )
         print(f"wrote a LLaVA checkpoint of {args.vision} + {args.llm} (new projector) to {path}")
         return
     from llava_edge.training.checkpoint import init_checkpoint
 
     path = init_checkpoint(
-        args.out_dir, preset=args.preset, layers=args.layers, seed=args.seed, force=args.force
+        args.out_dir,
+        preset=args.preset,
+        layers=args.layers,
+        seed=args.seed,
+        force=args.force,
+        projector=args.projector,
     )
-    print(f"wrote a random-weight '{args.preset}' LLaVA checkpoint to {path}")
+    print(
+        f"wrote a random-weight '{args.preset}' LLaVA checkpoint ({args.projector} projector) "
+        f"to {path}"
+    )
 
 
 # ---- convert ---------------------------------------------------------------------------------
@@ -325,6 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, help="keep only the first N layers of each tower")
     p.add_argument("--vision", help="CLIP checkpoint: build LLaVA from it and --llm instead")
     p.add_argument("--llm", help="causal LM checkpoint to put behind the --vision tower")
+    p.add_argument(
+        "--projector",
+        default="mlp2x_gelu",
+        help="mlp2x_gelu (LLaVA-1.5, default), linear (LLaVA v1) or mlpNx_gelu",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="overwrite a non-empty OUT_DIR")
 
