@@ -2,11 +2,11 @@
 models by the inverse of the conversion, convert, export and reproduce the source model's greedy
 tokens exactly in fp32.
 
-Five cases cover: safetensors and pickled .bin weights, one file and shards; MLP (2 and 3 layers)
+Six cases cover: safetensors and pickled .bin weights, one file and shards; MLP (2 and 3 layers)
 and LLaVA v1's linear projector (named, and implied by an absent mm_projector_type); v1's
 <im_start>/<im_end>; the tower from --vision, from a local dir named like mm_vision_tower, and
 from the checkpoint's own weights (with and without a config dir); Llama and Mistral (GQA);
-CLS dropped and kept; 'pad' and centre-crop preprocessing; a LoRA output over --base; a stage-1
+CLS dropped and kept; 'pad', centre-crop and AnyRes (LLaVA-1.6) preprocessing; a LoRA output over --base; a stage-1
 projector over --base and --vision.
 """
 
@@ -85,6 +85,12 @@ CASES: dict[str, Case] = {
         ),
         Layout(weights="bin", vision_weights=True),
         vision="local",
+    ),
+    # LLaVA-1.6 (AnyRes, spatial_unpad, image_newline) with its fine-tuned tower inside; the
+    # pinpoints have no transposes, so the original's [width, height] order must be honoured.
+    "v1.6-anyres": Case(
+        Source(aspect_ratio="anyres", pinpoints=[[32, 64], [96, 32]], template="llava_v1", seed=6),
+        Layout(vision_weights=True),
     ),
     "lora": Case(Source(seed=4), Layout(), kind="lora"),
     "stage1": Case(Source(template="plain", seed=5), Layout(), kind="stage1"),
@@ -218,6 +224,7 @@ def test_conversion_records_what_the_original_used(converted: Converted) -> None
     assert config.get("mm_projector_type", "mlp2x_gelu") == spec.projector
     assert manifest.source["projector"] == spec.projector
     assert manifest.image.pad_to_square == (spec.aspect_ratio == "pad")
+    assert (manifest.image.anyres is not None) == (spec.aspect_ratio == "anyres")
     assert ("<im_start><image><im_end>" in manifest.template.image) == spec.im_start_end
     assert config["text_config"]["vocab_size"] % 64 == 0
 

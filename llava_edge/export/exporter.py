@@ -23,7 +23,9 @@ from llava_edge import __version__
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.files import check_output_dir, replace_dir, save_graph
 from llava_edge.manifest import (
+    ANYRES_FORMAT_VERSION,
     CHECKPOINT_INFO_FILE,
+    AnyResSpec,
     GraphSpec,
     ImageSpec,
     Manifest,
@@ -32,10 +34,11 @@ from llava_edge.manifest import (
     TextSpec,
     TokenSpec,
 )
-from llava_edge.runtime.template import TEMPLATES, with_image_markers
+from llava_edge.runtime.template import TEMPLATES, user_turn, with_image_markers
 
 DEFAULT_OPSET = 17  # TensorRT 10.3 (JetPack 6) parses opsets 9-20; 17 has LayerNormalization
 EMBEDDINGS_FILE = "embed_tokens.npy"
+NEWLINE_FILE = "image_newline.npy"  # LLaVA-NeXT's image_newline, for the runtime's AnyRes
 
 
 @dataclass
@@ -121,7 +124,7 @@ def load_checkpoint(
             processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:  # missing weights or tokenizer files, a broken config
         raise LlavaEdgeError(f"cannot load checkpoint {source}: {_first_line(e)}") from None
-    return LoadedCheckpoint(model, processor, source, _template_name(Path(source)))
+    return LoadedCheckpoint(model, processor, source, _template_name(Path(source), processor))
 
 
 def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = False) -> Any:
@@ -142,6 +145,11 @@ def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = F
         raise LlavaEdgeError(
             f"{source} has no config.json: it is not a Hugging Face checkpoint dir"
         )
+    elif _original_format(local / "config.json"):
+        raise LlavaEdgeError(
+            f"{source} is a checkpoint of the original LLaVA code; convert it first: "
+            f"`llava-edge convert {source} CONVERTED_DIR`"
+        )
     try:
         with _quiet():
             config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
@@ -149,10 +157,17 @@ def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = F
         raise LlavaEdgeError(f"cannot load checkpoint {source}: {_first_line(e)}") from None
     except ValueError as e:
         raise LlavaEdgeError(f"{source}: {_first_line(e)}") from None
-    if config.model_type != "llava":
+    if config.model_type not in ("llava", "llava_next"):
         raise LlavaEdgeError(
             f"{source} is a '{config.model_type}' checkpoint, not LLaVA "
-            "(LlavaForConditionalGeneration); export takes LLaVA checkpoints only"
+            "(LlavaForConditionalGeneration or LlavaNextForConditionalGeneration); export takes "
+            "LLaVA checkpoints only"
+        )
+    if config.model_type == "llava_next" and config.vision_feature_select_strategy != "default":
+        raise LlavaEdgeError(
+            f"{source}: LLaVA-NeXT with vision_feature_select_strategy "
+            f"'{config.vision_feature_select_strategy}' is not supported (its tiles' feature "
+            "grids need the CLS token dropped)"
         )
     text_type = config.text_config.model_type
     if text_type not in SUPPORTED_TEXT_MODELS:
@@ -163,17 +178,38 @@ def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = F
     return config
 
 
+def _original_format(config_file: Path) -> bool:
+    """A config of the original LLaVA code (which `llava-edge convert` takes)?"""
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False  # AutoConfig says what is wrong with it
+    return isinstance(config, dict) and "mm_vision_tower" in config and "text_config" not in config
+
+
 def _first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
-def _template_name(checkpoint: Path) -> str:
+def _template_name(checkpoint: Path, processor: Any) -> str:
+    """The template the checkpoint names in llava_edge.json; else the one its processor's chat
+    template renders a first question as (llava-hf's LLaVA-NeXT checkpoints: Vicuna, Mistral,
+    ChatML); else the Hugging Face LLaVA-1.5 prompt."""
     path = checkpoint / CHECKPOINT_INFO_FILE
     if path.is_file():
         name = json.loads(path.read_text()).get("template", "llava_1_5")
         if name in TEMPLATES:
             return name
-    return "llava_1_5"  # the Hugging Face LLaVA-1.5 prompt
+    if getattr(processor, "chat_template", None):
+        probe = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi?"}]}]
+        try:
+            theirs = processor.apply_chat_template(probe, add_generation_prompt=True)
+        except Exception:  # a template that wants other messages: no match
+            theirs = None
+        for name, template in TEMPLATES.items():
+            if theirs == user_turn(template, "Hi?", image=True, first=True):
+                return name
+    return "llava_1_5"
 
 
 def build_manifest(loaded: LoadedCheckpoint, dtype: str, max_context: int) -> Manifest:
@@ -197,7 +233,7 @@ def build_manifest(loaded: LoadedCheckpoint, dtype: str, max_context: int) -> Ma
         max_context=max_context,
         dtype=np_dtype,
     )
-    image = _image_spec(loaded.processor.image_processor, config.vision_config)
+    image = _image_spec(loaded.processor.image_processor, config)
     vision_dim = config.vision_config.hidden_size * (
         1 if isinstance(config.vision_feature_layer, int) else len(config.vision_feature_layer)
     )
@@ -218,7 +254,7 @@ def build_manifest(loaded: LoadedCheckpoint, dtype: str, max_context: int) -> Ma
         ),
         "decoder": _decoder_spec(spec, dtype),
     }
-    return Manifest(
+    manifest = Manifest(
         graphs=graphs,
         image=image,
         num_image_tokens=0,  # measured from the exported vision graph
@@ -237,6 +273,9 @@ def build_manifest(loaded: LoadedCheckpoint, dtype: str, max_context: int) -> Ma
             "transformers": transformers.__version__,
         },
     )
+    if image.anyres is not None:
+        manifest.format_version = ANYRES_FORMAT_VERSION
+    return manifest
 
 
 def _template(name: str, config: Any) -> TemplateSpec:
@@ -266,7 +305,8 @@ def _decoder_spec(text: TextSpec, precision: str) -> GraphSpec:
     return GraphSpec(file="decoder.onnx", inputs=inputs, outputs=outputs, precision=precision)
 
 
-def _image_spec(processor: Any, vision_config: Any) -> ImageSpec:
+def _image_spec(processor: Any, config: Any) -> ImageSpec:
+    vision_config = config.vision_config
     size = dict(processor.size) if processor.do_resize else None
     size = {k: v for k, v in (size or {}).items() if v is not None} or None
     if size and not ("shortest_edge" in size or {"height", "width"} <= set(size)):
@@ -278,6 +318,7 @@ def _image_spec(processor: Any, vision_config: Any) -> ImageSpec:
         height, width = size["height"], size["width"]
     else:
         height = width = vision_config.image_size
+    anyres = config.model_type == "llava_next"
     mean = (
         processor.image_mean
         if isinstance(processor.image_mean, (list, tuple))
@@ -298,7 +339,33 @@ def _image_spec(processor: Any, vision_config: Any) -> ImageSpec:
         normalize=bool(processor.do_normalize),
         mean=[float(m) for m in mean],
         std=[float(s) for s in std],
-        pad_to_square=bool(getattr(processor, "do_pad", False)),
+        # LlavaNextImageProcessor's do_pad pads a batch's tile counts, not the image
+        pad_to_square=bool(getattr(processor, "do_pad", False)) and not anyres,
+        anyres=_anyres_spec(processor, config, int(height)) if anyres else None,
+    )
+
+
+def _anyres_spec(processor: Any, config: Any, height: int) -> AnyResSpec:
+    """LlavaNextImageProcessor's tiling, as numbers (what LlavaNextModel assumes is checked)."""
+    size = {k: v for k, v in dict(processor.size).items() if v is not None}
+    crop = {k: v for k, v in dict(processor.crop_size or {}).items() if v is not None}
+    if "height" in size and "width" in size:
+        base = [int(size["height"]), int(size["width"])]
+    else:
+        base = [int(size["shortest_edge"])] * 2
+    tile = int(crop.get("height") or size.get("height") or size["shortest_edge"])
+    vision = config.vision_config
+    if not tile == height == vision.image_size:
+        raise LlavaEdgeError(
+            f"this LLaVA-NeXT checkpoint's tiles are {tile} px, its processor's output {height} px "
+            f"and its vision tower's input {vision.image_size} px; they must be one size"
+        )
+    return AnyResSpec(
+        grid_pinpoints=[[int(h), int(w)] for h, w in config.image_grid_pinpoints],
+        tile_size=tile,
+        base_size=base,
+        tile_features=vision.image_size // vision.patch_size,
+        newline=NEWLINE_FILE,
     )
 
 
@@ -420,6 +487,10 @@ def _write_text_files(loaded: LoadedCheckpoint, manifest: Manifest, out: Path) -
     backend.save(str(out / manifest.tokenizer))
     weights = loaded.model.get_input_embeddings().weight.detach().float().numpy()
     np.save(out / manifest.embeddings, weights.astype(manifest.text.dtype))
+    anyres = manifest.image.anyres
+    if anyres is not None and anyres.newline:
+        newline = loaded.model.model.image_newline.detach().float().numpy()
+        np.save(out / anyres.newline, newline.astype(manifest.text.dtype))
 
 
 def _num_image_tokens(vision_graph: Path) -> int:

@@ -15,8 +15,8 @@ from PIL import Image, ImageDraw
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.runtime import Pipeline
+from llava_edge.runtime.anyres import image_embeds, pixel_batch
 from llava_edge.runtime.generate import embed
-from llava_edge.runtime.image import preprocess
 from llava_edge.runtime.template import user_turn
 
 QUESTION = "What is shown in this image?"
@@ -51,37 +51,41 @@ def verify_model_dir(loaded: Any, model_dir: Path, log: Any = print) -> dict[str
         prompt = user_turn(manifest.template, QUESTION, image=True, first=True)
         inputs = processor(images=image, text=prompt, return_tensors="pt")
         hf_ids = inputs["input_ids"][0].tolist()
-        ours_ids = pipe.codec.encode(prompt)
-        pixels = preprocess(image, manifest.image)
-        ref_pixels = inputs["pixel_values"][0].numpy()
+        pixels = pixel_batch(image, manifest.image)
+        # One image: [1, 3, H, W], or LLaVA-NeXT's [1, tiles, 3, H, W] -> [tiles, 3, H, W]
+        ref_pixels = inputs["pixel_values"].reshape(-1, *pixels.shape[1:])
         # Feed transformers' pixels to both sides from here on, so each check tests one thing.
-        pixel_batch = (
-            inputs["pixel_values"]
-            .numpy()
-            .astype(manifest.graphs["vision_encoder"].inputs["pixel_values"].dtype)
+        hf_pixels = ref_pixels.numpy().astype(
+            manifest.graphs["vision_encoder"].inputs["pixel_values"].dtype
         )
-        features = pipe.backend.sessions["vision_encoder"].run(None, {"pixel_values": pixel_batch})[
-            0
-        ]
+        features = pipe.backend.sessions["vision_encoder"].run(None, {"pixel_values": hf_pixels})[0]
         with torch.no_grad():
-            ref_features = _reference_features(model, inputs["pixel_values"])
+            ref_features = _reference_features(model, ref_pixels)
             ref_logits = model(**inputs).logits[0, -1].float().numpy()
             ref_tokens = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)[
                 0, len(hf_ids) :
             ].tolist()
         cache = pipe.backend.new_cache(1)
         ids = np.asarray([hf_ids])
-        image_embeds = pipe.backend.encode_image(pixel_batch)[0]
-        embeds = embed(pipe.table, ids, manifest.tokens.image_token_id, [image_embeds])
+        projected = image_embeds(
+            pipe.backend.encode_image(hf_pixels), image.size, manifest.image, pipe.newline
+        )
+        ours_ids = pipe.codec.encode(prompt, image_tokens=len(projected))
+        embeds = embed(pipe.table, ids, manifest.tokens.image_token_id, [projected])
         logits = pipe.backend.decode(
             embeds, np.ones_like(ids), np.arange(ids.shape[1])[None], cache
         )[0]
         answer = pipe.answer(image, QUESTION, max_new_tokens=NEW_TOKENS)
+        ref_pixels = ref_pixels.numpy()
     fp32 = manifest.text.dtype == "float32"
     matched = _common_prefix(answer.token_ids, ref_tokens)
     report = {
         "prompt_ids_equal": ours_ids == hf_ids,
-        "pixel_max_abs_diff": float(np.abs(pixels - ref_pixels).max()),
+        "pixel_max_abs_diff": (
+            float(np.abs(pixels - ref_pixels).max())
+            if pixels.shape == ref_pixels.shape
+            else float("inf")  # another number of AnyRes tiles
+        ),
         "vision_max_abs_diff": float(np.abs(features.astype(np.float32) - ref_features).max()),
         "vision_rel_diff": _relative(features, ref_features),
         "prefill_logits_max_abs_diff": float(np.abs(logits - ref_logits).max()),
@@ -101,14 +105,15 @@ def verify_model_dir(loaded: Any, model_dir: Path, log: Any = print) -> dict[str
 
 
 def _reference_features(model: Any, pixel_values: Any) -> np.ndarray:
-    """What LlavaModel feeds its projector: the selected layer(s), CLS dropped for 'default'."""
+    """What LlavaModel feeds its projector: the selected layer(s), CLS dropped for 'default',
+    for each image of the batch (LLaVA-NeXT: the base image and each tile)."""
     config = model.config
     hidden = model.model.vision_tower(pixel_values.float(), output_hidden_states=True).hidden_states
     layers = config.vision_feature_layer
     layers = [layers] if isinstance(layers, int) else layers
     drop = config.vision_feature_select_strategy == "default"
     selected = [hidden[i][:, 1:] if drop else hidden[i] for i in layers]
-    return np.concatenate([s[0].numpy() for s in selected], axis=-1)
+    return np.concatenate([s.numpy() for s in selected], axis=-1)
 
 
 def _passed(report: dict, fp32: bool, ours: list[int], ref: list[int]) -> bool:

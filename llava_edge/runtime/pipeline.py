@@ -26,6 +26,7 @@ import numpy as np
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import Manifest
+from llava_edge.runtime.anyres import image_embeds, load_newline, pixel_batch
 from llava_edge.runtime.generate import (
     Timer,
     decode_loop,
@@ -33,7 +34,7 @@ from llava_edge.runtime.generate import (
     left_pad,
     positions_from_mask,
 )
-from llava_edge.runtime.image import ImageInput, load_image, preprocess
+from llava_edge.runtime.image import ImageInput, load_image
 from llava_edge.runtime.sampling import GenerationConfig
 from llava_edge.runtime.template import IMAGE_PLACEHOLDER, user_turn
 from llava_edge.runtime.tokenizer import TextCodec
@@ -94,6 +95,7 @@ class Pipeline:
             model_dir / manifest.tokenizer, manifest.tokens, manifest.num_image_tokens
         )
         self.table = _load_table(model_dir / manifest.embeddings, manifest)
+        self.newline = load_newline(model_dir, manifest)  # AnyRes models only
         self._features: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
         self.stats = {"vision_runs": 0, "feature_cache_hits": 0}
@@ -272,21 +274,27 @@ class Pipeline:
         text = (
             prompt if raw else user_turn(self.manifest.template, prompt, image is not None, first)
         )
-        ids = self.codec.encode(text, first=first)
-        self.limits.check_prompt(len(ids))
+        # First the image: how many image tokens the prompt holds depends on it (AnyRes).
         features = self.image_features(image) if image is not None else None
+        ids = self.codec.encode(text, first=first, image_tokens=_count(features))
+        self.limits.check_prompt(len(ids))
         return ids, features
 
     def image_features(self, image: ImageInput) -> np.ndarray:
-        """Projected image features [N, hidden]; a repeated image comes from the cache."""
-        pixels = preprocess(load_image(image, self.limits.max_image_pixels), self.manifest.image)
-        key = hashlib.sha1(pixels.tobytes()).hexdigest()
+        """Projected image features [N, hidden], one per image token; a repeated image comes
+        from the cache. With AnyRes, N depends on the image's size (see runtime/anyres.py)."""
+        picture = load_image(image, self.limits.max_image_pixels)
+        pixels = pixel_batch(picture, self.manifest.image)
+        digest = hashlib.sha1(pixels.tobytes())
+        digest.update(f"{picture.width}x{picture.height}".encode())  # AnyRes unpads by size
+        key = digest.hexdigest()
         with self._lock:
             if key in self._features:
                 self._features.move_to_end(key)
                 self.stats["feature_cache_hits"] += 1
                 return self._features[key]
-        features = self.backend.encode_image(pixels[None])[0]
+        encoded = self.backend.encode_image(pixels)
+        features = image_embeds(encoded, picture.size, self.manifest.image, self.newline)
         with self._lock:
             self.stats["vision_runs"] += 1
             self._features[key] = features
@@ -358,7 +366,8 @@ class ChatSession:
         template = pipe.manifest.template
         if not first and self.ids[-1] not in pipe.manifest.tokens.eos_token_ids:
             text = template.answer_end + text  # the last answer was cut short: close it
-        new_ids = pipe.codec.encode(text, first=first)
+        image_tokens = _count(self.features) if first else None
+        new_ids = pipe.codec.encode(text, first=first, image_tokens=image_tokens)
         pending = self.ids[self.fed :] + new_ids  # the last answer's final token was never fed
         config = pipe._fit_context(config, len(pending), used=self.fed)
         timer = Timer()
@@ -465,6 +474,10 @@ def _load_table(path: Path, manifest: Manifest) -> np.ndarray:
             f"{hidden}: it comes from another model; re-export the model dir"
         )
     return table
+
+
+def _count(features: np.ndarray | None) -> int | None:
+    return None if features is None else len(features)
 
 
 def _check_text(prompt: Any) -> None:
