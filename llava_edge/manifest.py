@@ -279,10 +279,15 @@ class Manifest:
             for name in self.needed_files(model_dir)
         }
 
-    def needed_files(self, model_dir: str | os.PathLike) -> list[str]:
-        names = [g.file for g in self.graphs.values()] + [self.embeddings, self.tokenizer]
+    def data_files(self) -> list[str]:
+        """The files besides the graphs: tokenizer, embedding table, AnyRes' image_newline."""
+        names = [self.embeddings, self.tokenizer]
         if self.image.anyres is not None and self.image.anyres.newline:
             names.append(self.image.anyres.newline)
+        return names
+
+    def needed_files(self, model_dir: str | os.PathLike) -> list[str]:
+        names = [g.file for g in self.graphs.values()] + self.data_files()
         names += [g.tensorrt_file for g in self.graphs.values() if g.tensorrt_file]
         # ONNX external data sits next to its graph under the graph's name + ".data".
         names += [n + ".data" for n in list(names) if (Path(model_dir) / (n + ".data")).exists()]

@@ -94,6 +94,17 @@ def model_class(config: Any) -> type:
     return LlavaEdgeForConditionalGeneration
 
 
+def prompt_template(name: str, config: Any) -> Any:
+    """The named chat template as this checkpoint is prompted: LLaVA v1's `<im_start>`/`<im_end>`
+    round the image where the config sets `mm_use_im_start_end` (the original's key)."""
+    from llava_edge.runtime.template import get_template, with_image_markers
+
+    template = get_template(name)
+    return (
+        with_image_markers(template) if getattr(config, "mm_use_im_start_end", False) else template
+    )
+
+
 def load_model(checkpoint: str | os.PathLike, config: Any = None, **kwargs: Any) -> Any:
     """from_pretrained on the class `model_class` picks (kwargs go to from_pretrained)."""
     from transformers import AutoConfig

@@ -288,3 +288,14 @@ def test_template_comes_from_the_chat_template(exported: Exported, tmp_path) -> 
         assert _template_name(tmp_path, processor) == name
     processor.chat_template = "{{ 'Q: ' }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
     assert _template_name(tmp_path, processor) == "llava_1_5"  # unknown: the llava-hf 1.5 prompt
+
+
+def test_quantized_copy_keeps_the_anyres_files(exported: Exported, tmp_path) -> None:
+    from llava_edge.calib.quantize import quantize_model
+
+    out = tmp_path / "fp16"
+    quantize_model(exported.model_dir, out, precision="fp16", log=quiet)
+    with Pipeline.load(out) as pipe:
+        answer = pipe.answer(picture(30, 100), QUESTION, max_new_tokens=4, ignore_eos=True)
+    assert answer.prompt_token_ids.count(pipe.manifest.tokens.image_token_id) > 16
+    assert (out / Manifest.load(out).image.anyres.newline).is_file()

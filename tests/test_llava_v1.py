@@ -141,3 +141,22 @@ def test_an_unknown_projector_is_refused(tmp_path, capsys) -> None:
     assert cli(["init", str(tmp_path / "x"), "--projector", "mlp2x_relu"]) == 1
     assert "unknown projector type 'mlp2x_relu'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_image_markers_reach_training_and_export(trained, tmp_path, capsys) -> None:
+    """A checkpoint with mm_use_im_start_end trains and exports with <im_start><image><im_end>."""
+    import shutil
+
+    marked = Path(shutil.copytree(trained["stage1"], tmp_path / "marked"))
+    config = json.loads((marked / "config.json").read_text())
+    (marked / "config.json").write_text(json.dumps({**config, "mm_use_im_start_end": True}))
+    data = trained["data"].parent / "train.json"
+    out = tmp_path / "stage2"
+    argv = ["train", "--stage", "2", "--model", str(marked), "--data", str(data), "--out", str(out)]
+    assert cli([*argv, "--images", str(trained["data"]), *TRAIN]) == 0
+    assert "<im_start><image><im_end>" in (out / "chat_template.jinja").read_text()
+    assert json.loads((out / "config.json").read_text())["mm_use_im_start_end"] is True
+    assert cli(["export", str(out), str(tmp_path / "model")]) == 0
+    assert "verify vs transformers: PASSED" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "model" / "manifest.json").read_text())
+    assert manifest["template"]["image"] == "<im_start><image><im_end>\n"

@@ -34,7 +34,7 @@ from llava_edge.manifest import (
     TextSpec,
     TokenSpec,
 )
-from llava_edge.runtime.template import TEMPLATES, user_turn, with_image_markers
+from llava_edge.runtime.template import TEMPLATES, user_turn
 
 DEFAULT_OPSET = 17  # TensorRT 10.3 (JetPack 6) parses opsets 9-20; 17 has LayerNormalization
 EMBEDDINGS_FILE = "embed_tokens.npy"
@@ -279,12 +279,9 @@ def build_manifest(loaded: LoadedCheckpoint, dtype: str, max_context: int) -> Ma
 
 
 def _template(name: str, config: Any) -> TemplateSpec:
-    """The checkpoint's template; LLaVA v1's `<im_start>`/`<im_end>` round the image where the
-    config says so (`mm_use_im_start_end`, the original's key)."""
-    template = TEMPLATES[name]
-    if getattr(config, "mm_use_im_start_end", False):
-        template = with_image_markers(template)
-    return TemplateSpec(**template.__dict__)
+    from llava_edge.modeling import prompt_template
+
+    return TemplateSpec(**prompt_template(name, config).__dict__)
 
 
 def _decoder_spec(text: TextSpec, precision: str) -> GraphSpec:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from llava_edge.errors import LlavaEdgeError
-from llava_edge.runtime.template import TEMPLATES, get_template, with_image_markers
+from llava_edge.runtime.template import TEMPLATES
 
 TRAINER_DIR = "checkpoints"
 STAGING_PREFIX = "tmp-checkpoint"  # a trainer checkpoint while it is being written
@@ -123,7 +123,7 @@ def train(
     import torch
     from transformers import AutoConfig, AutoProcessor
 
-    from llava_edge.modeling import load_model
+    from llava_edge.modeling import load_model, prompt_template
     from llava_edge.training.checkpoint import hf_chat_template, quiet_loading, saved_dtype
     from llava_edge.training.dataset import TrainingSet, count_image_tokens, stderr
     from llava_edge.training.labels import Labeler
@@ -134,9 +134,7 @@ def train(
     with quiet_loading():
         processor = AutoProcessor.from_pretrained(model_path)
         config = AutoConfig.from_pretrained(model_path)
-    template = get_template(template_name)
-    if getattr(config, "mm_use_im_start_end", False):  # LLaVA v1: <im_start> image <im_end>
-        template = with_image_markers(template)
+    template = prompt_template(template_name, config)  # LLaVA v1: <im_start> image <im_end>
     processor.chat_template = hf_chat_template(template)
     labeler = Labeler(
         processor.tokenizer,
