@@ -287,13 +287,23 @@ def write_state(out: Path, state: dict[str, Any], layout: Layout, stem: str = "m
         (out / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
-def save_tower(model: Any, out: Path) -> Path:
-    """The CLIP tower as a Hugging Face CLIPVisionModel dir (what `--vision` takes)."""
-    from transformers import CLIPImageProcessor, CLIPVisionModel
+def save_tower(model: Any, out: Path, full: bool = False) -> Path:
+    """The CLIP tower as a Hugging Face CLIPVisionModel dir (what `--vision` takes), or with
+    `full` as a whole CLIPModel (a text tower beside it, as openai/clip-* are)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionModel
 
-    tower = CLIPVisionModel(model.config.vision_config)
-    tower.load_state_dict(model.model.vision_tower.state_dict())
-    tower.save_pretrained(out)
+    vision = model.config.vision_config
+    if full:
+        text = dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+        )
+        clip = CLIPModel(CLIPConfig(vision_config=vision.to_dict(), text_config=text))
+        clip.vision_model.load_state_dict(model.model.vision_tower.state_dict())
+        clip.save_pretrained(out)
+    else:
+        tower = CLIPVisionModel(vision)
+        tower.load_state_dict(model.model.vision_tower.state_dict())
+        tower.save_pretrained(out)
     size = model.config.vision_config.image_size
     CLIPImageProcessor(
         size={"shortest_edge": size},

@@ -123,6 +123,10 @@ def test_manifest_holds_the_tiling_and_the_template(exported: Exported) -> None:
     assert manifest.template.name == spec.template  # read off the chat template
     newline = np.load(exported.model_dir / anyres.newline)
     np.testing.assert_array_equal(newline, exported.model.model.image_newline.detach().numpy())
+    # A runtime that predates AnyRes (format 1) must never be handed one as format 1.
+    data = manifest.to_dict()
+    with pytest.raises(LlavaEdgeError, match="AnyRes settings are inconsistent"):
+        Manifest.from_dict({**data, "format_version": 1})
 
 
 def test_chat_cache_and_limits_take_the_variable_image_tokens(exported: Exported) -> None:
@@ -147,11 +151,19 @@ def test_chat_cache_and_limits_take_the_variable_image_tokens(exported: Exported
 
 
 def test_bench_runs_the_tiles(exported: Exported) -> None:
-    from llava_edge.runtime.bench import Workload, bench_pipeline
+    """bench's runtime side and its transformers baseline see the same prompt, image tokens
+    included."""
+    from llava_edge.export.baseline import TransformersRunner
+    from llava_edge.runtime.bench import Workload, bench_pipeline, bench_prompt
 
-    report = bench_pipeline(exported.model_dir, Workload(question_tokens=4, new_tokens=3, runs=1))
+    workload = Workload(question_tokens=4, new_tokens=3, runs=1)
+    report = bench_pipeline(exported.model_dir, workload)
     assert report["prompt_tokens"] > Manifest.load(exported.model_dir).num_image_tokens * 2
     assert report["vision_ms"] > 0
+    _, prompt = bench_prompt(exported.model_dir, workload)
+    baseline = TransformersRunner(exported.checkpoint, workload, prompt)
+    assert baseline.run_once()["prompt_tokens"] == report["prompt_tokens"]
+    baseline.close()
 
 
 def test_tensorrt_engines_take_the_tile_batch(exported: Exported, tmp_path, monkeypatch) -> None:

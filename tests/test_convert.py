@@ -53,6 +53,7 @@ class Case:
     layout: Layout
     kind: str = "full"  # full, lora, stage1
     vision: str = "flag"  # flag: --vision; local: a dir named like the tower; none
+    full_clip: bool = False  # the --vision dir is a whole CLIPModel, text tower included
 
 
 CASES: dict[str, Case] = {
@@ -93,7 +94,7 @@ CASES: dict[str, Case] = {
         Layout(vision_weights=True),
     ),
     "lora": Case(Source(seed=4), Layout(), kind="lora"),
-    "stage1": Case(Source(template="plain", seed=5), Layout(), kind="stage1"),
+    "stage1": Case(Source(template="plain", seed=5), Layout(), kind="stage1", full_clip=True),
 }
 
 
@@ -114,7 +115,7 @@ def converted(request: pytest.FixtureRequest, tmp_path_factory) -> Converted:
     case = CASES[request.param]
     root = tmp_path_factory.mktemp(request.param)
     source = make_source(root / "source", case.spec)
-    tower = save_tower(load_model(source), root / "clip")
+    tower = save_tower(load_model(source), root / "clip", full=case.full_clip)
     original, base = root / "original", None
     if case.kind == "full":
         state = to_original(source, original, case.spec, case.layout)
@@ -386,6 +387,16 @@ def test_a_pickled_object_is_refused_and_never_run(plain_original, tmp_path, cap
     assert "pickled Python objects besides tensors" in err and shard.name in err
     assert "weights_only=True" in err and len(err.strip().splitlines()) == 1
     assert not marker.exists() and not out.exists()
+
+
+def test_training_args_beside_the_weights_are_never_opened(plain_original, tmp_path) -> None:
+    """The original's output dirs hold training_args.bin, a pickled Python object."""
+    original = _copy(plain_original, tmp_path)
+    marker = tmp_path / "payload-ran"
+    torch.save(Payload(marker), original / "training_args.bin")
+    out = tmp_path / "out"
+    assert cli(["convert", str(original), str(out), "--vision", str(plain_original["clip"])]) == 0
+    assert not marker.exists() and (out / "model.safetensors").is_file()
 
 
 def test_a_pickled_file_with_non_tensors_is_refused(plain_original, tmp_path, capsys) -> None:

@@ -55,6 +55,7 @@ def convert_checkpoint(
     template: the conversation template, when the one read off the checkpoint is not it.
     """
     import torch
+    from transformers import CLIPVisionModel
 
     source, out = Path(original), Path(out_dir)
     check_output_dir(out, force, keep=source, keep_name="the original checkpoint")
@@ -70,7 +71,7 @@ def convert_checkpoint(
         dtype = _dtype(parts.text)
         tokenizer = _tokenizer(parts)
         language_model = _language_model(parts, dtype)
-        clip = _load(_clip_class(), tower.config, tower.weights, dtype, "vision tower")
+        clip = _load(CLIPVisionModel, tower.config, tower.weights, dtype, "vision tower")
         config = _llava_config(parts, tower, language_model.config, tokenizer)
         model = _llava_model(config, language_model, clip, parts, dtype)
         del language_model, clip
@@ -201,12 +202,6 @@ def _merge_lora(model: Any, parts: Original) -> Any:
             f"({len(result.unexpected_keys)} unexpected, e.g. {sorted(result.unexpected_keys)[:2]})"
         )
     return wrapped.merge_and_unload()
-
-
-def _clip_class() -> type:
-    from transformers import CLIPVisionModel
-
-    return CLIPVisionModel
 
 
 def _load(cls: type, config: Any, state: dict[str, Any], dtype: Any, what: str) -> Any:
