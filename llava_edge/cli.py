@@ -169,10 +169,15 @@ def _chat(args: argparse.Namespace) -> None:
 
 @command("bench")
 def _bench(args: argparse.Namespace) -> None:
-    from dataclasses import asdict
+    from functools import partial
 
     from llava_edge.runtime import bench
 
+    baseline = None
+    if args.baseline:  # transformers needs torch: imported only when asked for
+        from llava_edge.export.baseline import TransformersRunner
+
+        baseline = partial(TransformersRunner, args.baseline)
     workload = bench.Workload(
         question_tokens=args.question_tokens,
         new_tokens=args.new_tokens,
@@ -180,33 +185,26 @@ def _bench(args: argparse.Namespace) -> None:
         threads=args.threads,
         runs=args.runs,
     )
-    report = {"workload": asdict(workload), "machine": bench.machine()}
-    runners = [
-        bench.PipelineRunner(
-            args.model_dir, workload, args.backend, args.provider, engine_dir=args.engine_dir
-        )
-    ]
-    if args.baseline:  # transformers needs torch: imported only when asked for
-        from llava_edge.export.baseline import TransformersRunner
-
-        _, prompt = bench.bench_prompt(args.model_dir, workload)
-        runners.append(TransformersRunner(args.baseline, workload, prompt))
-    report.update(bench.measure(runners, workload.runs))
-    if args.baseline:
-        report["ratios"] = bench.compare(report["llava_edge"], report["transformers"])
+    report = bench.benchmark(args.model_dir, workload, baseline, **_load_options(args))
     if args.plot:
         bench.plot(report, args.plot)
     print(json.dumps(report, indent=2) if args.json else bench.table(report))
 
 
 def _load_pipeline(args: argparse.Namespace):
-    from llava_edge.runtime import Limits, Pipeline
+    from llava_edge.runtime import Pipeline
 
-    return Pipeline.load(
-        args.model_dir,
+    return Pipeline.load(args.model_dir, threads=args.threads, **_load_options(args))
+
+
+def _load_options(args: argparse.Namespace) -> dict:
+    """Pipeline.load's options from the backend options every model-running command offers
+    (threads aside: bench puts them in its workload)."""
+    from llava_edge.runtime import Limits
+
+    return dict(
         backend=args.backend,
         providers=args.provider,
-        threads=args.threads,
         engine_dir=args.engine_dir,
         verify_files=True if args.verify_files else None,
         limits=Limits(
@@ -312,8 +310,8 @@ def _eval(args: argparse.Namespace) -> None:
         answers=args.answers,
         max_new_tokens=args.max_new_tokens,
         skip_bad=args.skip_bad,
-        providers=args.provider,
         threads=args.threads,
+        **_load_options(args),
     )
     skipped = f" ({result.skipped} bad sample(s) skipped)" if result.skipped else ""
     print(

@@ -36,3 +36,19 @@ def tiny_model_dir(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFacto
     out = tmp_path_factory.mktemp("tiny_model") / "model"
     export_checkpoint(tiny_checkpoint, out, verify=False, log=quiet)
     return out
+
+
+@pytest.fixture(scope="session")
+def context_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny shape with weights drawn 15x wider than the default (std 0.3, not 0.02), so that
+    its greedy answers depend on the whole conversation: with the default init, a random model's
+    next token follows almost only from the last one, and a test of context could not fail."""
+    from llava_edge.export.exporter import export_checkpoint
+    from llava_edge.training.checkpoint import init_checkpoint
+
+    root = tmp_path_factory.mktemp("context")
+    checkpoint = init_checkpoint(
+        root / "checkpoint", preset="tiny", seed=0, text={"initializer_range": 0.3}
+    )
+    export_checkpoint(checkpoint, root / "model", verify=False, log=quiet)
+    return root / "model"

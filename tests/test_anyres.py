@@ -173,8 +173,11 @@ def test_tensorrt_engines_take_the_tile_batch(exported: Exported, tmp_path, monk
     from llava_edge.runtime.tensorrt import gpu
     from llava_edge.runtime.tensorrt.backend import TensorRTBackend
     from llava_edge.runtime.tensorrt.build import build_engines
-    from llava_edge.runtime.tensorrt.profiles import Limits as EngineLimits
-    from llava_edge.runtime.tensorrt.profiles import graph_profiles, ort_tensorrt_profiles
+    from llava_edge.runtime.tensorrt.profiles import (
+        EngineLimits,
+        graph_profiles,
+        ort_tensorrt_profiles,
+    )
 
     model = Path(shutil.copytree(exported.model_dir, tmp_path / "model"))
     manifest = Manifest.load(model)

@@ -93,15 +93,23 @@ def test_each_missing_piece_is_named_with_how_to_get_it() -> None:
 
 
 def test_this_machine_is_probed_without_raising() -> None:
-    report = doctor.diagnose()
-    import onnxruntime
+    import importlib.util
 
+    import onnxruntime
+    import torch
+
+    report = doctor.diagnose()
     assert report.onnxruntime == onnxruntime.__version__
     assert "CPUExecutionProvider" in report.providers
     assert status(report)["onnxruntime cpu"] == "ready"
     assert bool(report.gpus) != bool(report.gpu_error)
+    assert all(s.ready == (not s.missing) for s in report.backends)
+    # what this machine lacks, found without the doctor, is what the doctor says is missing
     native = next(s for s in report.backends if s.name == "tensorrt")
-    assert native.ready == bool(report.tensorrt and report.torch_cuda_available and report.gpus)
+    if importlib.util.find_spec("tensorrt") is None:
+        assert not native.ready and any("TensorRT" in m for m in native.missing)
+    if not torch.cuda.is_available():
+        assert not native.ready and any("CUDA" in m for m in native.missing)
 
 
 def test_doctor_command_prints_text_or_json(capsys: pytest.CaptureFixture) -> None:

@@ -129,6 +129,15 @@ def test_manifest_problems(model_copy):
         Pipeline.load(model_copy)
 
 
+def test_a_kv_layout_the_runtime_does_not_implement_is_refused(model_copy):
+    """A decoder whose `present` holds past + new (Hugging Face's layout) cannot be appended."""
+    manifest = json.loads((model_copy / "manifest.json").read_text())
+    manifest["kv"]["present_holds"] = "past+new"
+    (model_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LlavaEdgeError, match="holding 'past\\+new'.*only the new tokens"):
+        Pipeline.load(model_copy, verify_files=False)
+
+
 def test_cli_reports_errors_in_one_line(tiny_model_dir, tmp_path, capsys):
     zero = tmp_path / "zero.png"
     zero.write_bytes(b"")

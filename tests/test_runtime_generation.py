@@ -156,15 +156,6 @@ def test_stream_joins_to_generate(pipe):
     assert "".join(streamed) == pipe.generate(image, "Tell me about it.", max_new_tokens=20)
 
 
-def test_stream_decoder_never_splits_a_character(pipe):
-    text = "héllo wörld 🤖 naïve ✓"
-    ids = pipe.codec.encode(text, first=False)
-    decoder = pipe.codec.stream()
-    pieces = [decoder.push(i) for i in ids] + [decoder.flush()]
-    assert all("\ufffd" not in p for p in pieces)
-    assert "".join(pieces) == pipe.codec.decode(ids) == text
-
-
 def test_stop_strings_cut_the_answer(pipe):
     image = picture(8)
     full = pipe.answer(image, "Go on.", max_new_tokens=20, ignore_eos=True)

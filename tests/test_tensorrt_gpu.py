@@ -69,7 +69,7 @@ def reference(tiny_model_dir: Path) -> Pipeline:
 
 @pytest.fixture(scope="module")
 def model_dirs(tiny_checkpoint: Path, tiny_model_dir: Path, tmp_path_factory) -> dict[str, Path]:
-    """fp32 and fp16 model dirs (and int8/int4 where `llava-edge quantize` exists), with engines."""
+    """fp32, fp16, int8 and int4 model dirs, with engines."""
     from llava_edge.export.exporter import export_checkpoint
 
     root = tmp_path_factory.mktemp("trt_gpu")
@@ -79,23 +79,22 @@ def model_dirs(tiny_checkpoint: Path, tiny_model_dir: Path, tmp_path_factory) ->
     )
     dirs["fp16"] = root / "fp16"
     export_checkpoint(tiny_checkpoint, dirs["fp16"], dtype="fp16", verify=False, log=quiet)
-    if "quantize" in cli.COMMANDS:
-        from llava_edge.training.synth import synthesize
+    from llava_edge.training.synth import synthesize
 
-        images = synthesize(root / "calib", train=4, test=0)["images"]
-        for precision in ("int8", "int4"):
-            out = root / precision
-            argv = [
-                "quantize",
-                str(dirs["fp32"]),
-                str(out),
-                "--precision",
-                precision,
-                "--images",
-                str(images),
-            ]
-            assert cli.main(argv) == 0
-            dirs[precision] = out
+    images = synthesize(root / "calib", train=4, test=0)["images"]
+    for precision in ("int8", "int4"):
+        out = root / precision
+        argv = [
+            "quantize",
+            str(dirs["fp32"]),
+            str(out),
+            "--precision",
+            precision,
+            "--images",
+            str(images),
+        ]
+        assert cli.main(argv) == 0
+        dirs[precision] = out
     from llava_edge.runtime.tensorrt.build import build_engines
 
     for path in dirs.values():
@@ -151,10 +150,21 @@ def test_greedy_tokens_match_onnxruntime(model_dirs, reference, precision) -> No
         ).ask(PROMPT)
 
 
+def test_an_abandoned_chat_turn_is_rolled_back_on_the_device(model_dirs, reference) -> None:
+    """The device cache forgets the turn (zeroed on the backend's stream, CUDA graphs kept)."""
+    options = dict(max_new_tokens=TOKENS, ignore_eos=True)
+    want = reference.chat(picture(), **options)
+    with load(model_dirs["fp32"], cuda_graph=True) as pipe:
+        chat = pipe.chat(picture(), **options)
+        assert chat.ask(PROMPT) == want.ask(PROMPT)
+        for _ in chat.stream("Where is it?"):
+            break
+        assert chat.cache.length == want.cache.length
+        assert chat.ask("And then?") == want.ask("And then?")
+
+
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_quantized_engines_keep_the_logits(model_dirs, reference, precision) -> None:
-    if precision not in model_dirs:
-        pytest.skip("`llava-edge quantize` is not in this build (the calibration issue)")
     with load(model_dirs[precision]) as pipe:
         assert cosine(prompt_logits(pipe), prompt_logits(reference)) >= 0.99
 

@@ -16,8 +16,8 @@ from llava_edge.manifest import MANIFEST_NAME, EngineSet, EngineSpec, Manifest, 
 from llava_edge.runtime.tensorrt import buffers, profiles
 from llava_edge.runtime.tensorrt.compat import (
     Platform,
+    check_engine_io,
     check_engines,
-    check_io,
     engine_dir_key,
     numpy_dtype,
     same_tensorrt,
@@ -25,7 +25,7 @@ from llava_edge.runtime.tensorrt.compat import (
 )
 from llava_edge.runtime.tensorrt.device_cache import DeviceKVCache
 from llava_edge.runtime.tensorrt.names import io_names
-from llava_edge.runtime.tensorrt.profiles import DECODE, PREFILL, Limits, graph_profiles
+from llava_edge.runtime.tensorrt.profiles import DECODE, PREFILL, EngineLimits, graph_profiles
 
 ORIN = Platform("10.3.0.30", "Orin", "8.7")
 
@@ -55,7 +55,7 @@ def llava_7b(manifest: Manifest) -> Manifest:
 
 
 def test_decoder_profiles_keep_the_mask_as_long_as_past_plus_seq(manifest: Manifest) -> None:
-    limits = Limits(max_batch=4, max_context=1024, prefill_chunk=128, kv_chunk=256)
+    limits = EngineLimits(max_batch=4, max_context=1024, prefill_chunk=128, kv_chunk=256)
     prefill, decode = graph_profiles(manifest, "decoder", limits)
     assert (prefill.name, decode.name) == (PREFILL, DECODE)
     decoder = manifest.graphs["decoder"]
@@ -79,23 +79,23 @@ def test_decoder_profiles_keep_the_mask_as_long_as_past_plus_seq(manifest: Manif
 
 
 def test_profiles_shrink_to_a_context_shorter_than_one_chunk(manifest: Manifest) -> None:
-    prefill, decode = graph_profiles(manifest, "decoder", Limits(1, 100, 512, 256))
+    prefill, decode = graph_profiles(manifest, "decoder", EngineLimits(1, 100, 512, 256))
     assert prefill.dims["past"] == decode.dims["past"] == (100, 100, 100)
     assert prefill.dims["seq"] == (1, 100, 100)
 
 
 def test_vision_profiles_vary_the_batch_only(manifest: Manifest) -> None:
-    (vision,) = graph_profiles(manifest, "vision_encoder", Limits(max_batch=3))
+    (vision,) = graph_profiles(manifest, "vision_encoder", EngineLimits(max_batch=3))
     assert vision.shapes(manifest.graphs["vision_encoder"].inputs) == {
         "pixel_values": [[1, 3, 64, 64], [1, 3, 64, 64], [3, 3, 64, 64]]
     }
-    (projector,) = graph_profiles(manifest, "projector", Limits(max_batch=3))
+    (projector,) = graph_profiles(manifest, "projector", EngineLimits(max_batch=3))
     assert projector.shapes(manifest.graphs["projector"].inputs)["image_features"][2] == [3, 64, 32]
 
 
 def test_bad_limits_and_unknown_dims_say_what_is_wrong(manifest: Manifest) -> None:
     with pytest.raises(LlavaEdgeError, match="max-batch"):
-        graph_profiles(manifest, "decoder", Limits(max_batch=0))
+        graph_profiles(manifest, "decoder", EngineLimits(max_batch=0))
     assert profiles.resolve(["batch", 7, "past+seq"], {"batch": 2, "past": 5, "seq": 3}) == [
         2,
         7,
@@ -121,6 +121,13 @@ def test_onnxruntime_tensorrt_provider_gets_explicit_profiles(manifest: Manifest
     # the onnxruntime backend starts from an empty cache and prefills in one call
     assert low["past_key_values.0.key"] == "1x4x0x16" and low["attention_mask"] == "1x1"
     assert high["inputs_embeds"] == "1x1024x64" and high["attention_mask"] == "1x2048"
+    # tuned for the past the host cache really feeds after a typical prompt
+    from llava_edge.runtime.kv_cache import KVCache
+
+    opt = dict(item.split(":") for item in options["trt_profile_opt_shapes"].split(","))
+    cache = KVCache(manifest.text, 1)
+    cache.reserve(manifest.num_image_tokens + profiles.PROMPT_TEXT_TOKENS)
+    assert opt["past_key_values.0.key"] == f"1x4x{cache.capacity}x16"
     vision = provider_options("TensorrtExecutionProvider", manifest, "vision_encoder", Path("/c"))
     assert vision["trt_profile_opt_shapes"] == "pixel_values:1x3x64x64"
     assert provider_options("CUDAExecutionProvider", manifest, "decoder", Path("/c")) == {}
@@ -318,38 +325,59 @@ def test_engine_records_round_trip_and_old_manifests_still_load(
 
 
 def test_io_names_come_from_the_manifest(manifest: Manifest) -> None:
-    names = io_names(manifest)
-    assert (names.pixel_values, names.vision_features, names.image_embeds) == (
-        "pixel_values",
-        "image_features",
-        "image_embeds",
+    """A manifest that names its tensors otherwise gets those names bound, nothing assumed."""
+    kv = dataclasses.replace(
+        manifest.kv,
+        past_key="cache.{i}.k",
+        past_value="cache.{i}.v",
+        present_key="new.{i}.k",
+        present_value="new.{i}.v",
     )
-    assert names.layers[1] == (
-        "past_key_values.1.key",
-        "past_key_values.1.value",
-        "present.1.key",
-        "present.1.value",
-    )
-    assert names.past == {f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")}
-    graphs = dict(manifest.graphs)
-    decoder = graphs["decoder"]
+    renames = {
+        old: new
+        for layer in range(manifest.text.num_layers)
+        for old, new in zip(
+            manifest.kv_names(layer),
+            dataclasses.replace(manifest, kv=kv).kv_names(layer),
+            strict=True,
+        )
+    }
+    renames |= {"pixel_values": "frames", "image_embeds": "projected"}
+    graphs = {
+        name: dataclasses.replace(
+            graph,
+            inputs={renames.get(k, k): v for k, v in graph.inputs.items()},
+            outputs={renames.get(k, k): v for k, v in graph.outputs.items()},
+        )
+        for name, graph in manifest.graphs.items()
+    }
+    renamed = dataclasses.replace(manifest, kv=kv, graphs=graphs)
+    names = io_names(renamed)
+    assert (names.pixel_values, names.image_embeds) == ("frames", "projected")
+    assert names.layers[1] == ("cache.1.k", "cache.1.v", "new.1.k", "new.1.v")
+    # the past the backend binds from its cache: every decoder input that spans past slots
+    decoder = renamed.graphs["decoder"]
+    assert names.past == {n for n, spec in decoder.inputs.items() if "past" in spec.shape}
+    assert names.past.isdisjoint(io_names(manifest).past)
     graphs["decoder"] = dataclasses.replace(
         decoder, inputs={k: v for k, v in decoder.inputs.items() if k != "position_ids"}
     )
     with pytest.raises(LlavaEdgeError, match="position_ids"):
-        io_names(dataclasses.replace(manifest, graphs=graphs))
+        io_names(dataclasses.replace(renamed, graphs=graphs))
 
 
 def test_engine_io_must_match_the_manifest(manifest: Manifest) -> None:
     spec = manifest.graphs["projector"]
     good = {"image_features": ("input", "float32"), "image_embeds": ("output", "float32")}
-    check_io("projector", spec, good, "rebuild")
+    check_engine_io("projector", spec, good, "rebuild")
     with pytest.raises(
         LlavaEdgeError, match=r"image_embeds is output float16, manifest says output float32"
     ):
-        check_io("projector", spec, {**good, "image_embeds": ("output", "float16")}, "rebuild")
+        check_engine_io(
+            "projector", spec, {**good, "image_embeds": ("output", "float16")}, "rebuild"
+        )
     with pytest.raises(LlavaEdgeError, match=r"missing \['image_embeds'\].*unexpected \['x'\]"):
-        check_io(
+        check_engine_io(
             "projector",
             spec,
             {"image_features": good["image_features"], "x": ("output", "float32")},

@@ -270,6 +270,28 @@ def test_cuda_graph_bookkeeping_captures_once_per_capacity_and_replays(stub, mod
     assert runs - len(replays) == 1 + 3  # the prefill and one eager step per capacity
 
 
+def test_the_device_cache_truncates_and_a_chat_turn_rolls_back(stub, model: Path) -> None:
+    from test_chat_turns import check_truncate
+
+    build_engines(model, kv_chunk=4, log=quiet)  # the cut slots cross chunk boundaries
+    be = backend(model)
+    check_truncate(be, 64)
+    cache = be.new_cache(1)
+    be.decode(np.ones((1, 6, 64), np.float32), np.ones((1, 6), np.int64), np.arange(6)[None], cache)
+    cache.truncate(2)
+    assert not any(cache.view(name)[:, :, 2:].any() for name in cache.arena.flat)
+
+    reference = Pipeline.load(model)
+    trt = Pipeline(model, reference.manifest, be)
+    chats = [p.chat(image(), max_new_tokens=6, ignore_eos=True) for p in (reference, trt)]
+    chats[0].ask("What colour?")
+    chats[1].ask("What colour?")
+    for _ in chats[1].stream("And the shape?"):
+        break  # abandoned: rolled back
+    assert chats[1].cache.length == chats[0].cache.length
+    assert chats[1].ask("Where is it?") == chats[0].ask("Where is it?")
+
+
 def test_engines_built_for_a_shorter_context_shorten_the_answer(stub, model: Path) -> None:
     build_engines(model, max_context=40, kv_chunk=16, log=quiet)
     reference = Pipeline.load(model)
@@ -299,6 +321,10 @@ def test_loading_elsewhere_says_to_rebuild(stub, model: Path, monkeypatch) -> No
     with pytest.raises(LlavaEdgeError, match="compute capability 8.7 .* is 8.6; rebuild"):
         backend(model)
     monkeypatch.setattr(gpu, "probe_gpu", lambda index=0: STUB_GPU)
+    manifest = Manifest.load(model)
+    manifest.kv.present_holds = "past+new"
+    with pytest.raises(LlavaEdgeError, match="only the new tokens"):
+        TensorRTBackend(model, manifest, device="cpu")
     engine_file(model, "decoder").write_bytes(b"not an engine")
     with pytest.raises(LlavaEdgeError, match=r"decoder\.\w+\.engine is truncated or altered"):
         backend(model)

@@ -1,8 +1,10 @@
 """How fast a model dir runs: load time, vision, prefill, time to first token, decode tokens/s,
-peak memory, as medians over several runs of one workload (`llava-edge bench`).
+peak memory, as medians over several runs of one workload (`benchmark`, behind `llava-edge
+bench`).
 
-A transformers baseline of the same workload lives with the export stage (it needs torch);
-`compare` joins the two reports into ratios.
+A transformers baseline of the same workload lives with the export stage (it needs torch, which
+the runtime never imports): `benchmark` takes it as a factory of runners and `compare` joins the
+two reports into ratios.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import platform
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -146,14 +149,9 @@ class PipelineRunner:
 
     name = "llava_edge"
 
-    def __init__(
-        self,
-        model_dir: str | os.PathLike,
-        workload: Workload,
-        backend: str = "onnxruntime",
-        providers: list[str] | None = None,
-        engine_dir: str | os.PathLike | None = None,
-    ):
+    def __init__(self, model_dir: str | os.PathLike, workload: Workload, **load: Any):
+        """load: Pipeline.load's options (backend, providers, engine_dir, verify_files, limits);
+        its threads are the workload's."""
         from llava_edge.runtime import Pipeline
 
         self.workload = workload
@@ -161,13 +159,7 @@ class PipelineRunner:
         self.image = bench_image()
         start = time.perf_counter()
         with PeakMemory() as memory:
-            self.pipe = Pipeline.load(
-                model_dir,
-                backend=backend,
-                providers=providers,
-                threads=workload.threads,
-                engine_dir=engine_dir,
-            )
+            self.pipe = Pipeline.load(model_dir, threads=workload.threads, **load)
             self.load_s = time.perf_counter() - start
             self.run_once()  # warm: the first run allocates the cache and pays one-off costs
         self.memory_mb = memory.megabytes
@@ -178,7 +170,10 @@ class PipelineRunner:
 
         pipe = self.pipe
         start = time.perf_counter()
-        pixels = pixel_batch(load_image(self.image), pipe.manifest.image)  # AnyRes: + tiles
+        # AnyRes: the base image and the tiles
+        pixels = pixel_batch(
+            load_image(self.image, pipe.limits.max_image_pixels), pipe.manifest.image
+        )
         encode = time.perf_counter()
         pipe.backend.encode_image(pixels)
         done = time.perf_counter()
@@ -216,18 +211,30 @@ def measure(runners: list[Any], runs: int) -> dict[str, dict[str, Any]]:
     return reports
 
 
-def bench_pipeline(
+def benchmark(
     model_dir: str | os.PathLike,
     workload: Workload,
-    backend: str = "onnxruntime",
-    providers: list[str] | None = None,
+    baseline: Callable[[Workload, str], Any] | None = None,
+    **load: Any,
 ) -> dict[str, Any]:
-    """Medians of the runtime's timings on `workload`."""
-    runner = PipelineRunner(model_dir, workload, backend, providers)
+    """The report `llava-edge bench` prints: the workload, the machine, the runtime's medians and,
+    with a baseline, its medians and the ratios between the two.
+
+    baseline: makes a runner from (workload, full prompt), e.g. a partial of
+    llava_edge.export.baseline.TransformersRunner. load: Pipeline.load's options.
+    """
+    report: dict[str, Any] = {"workload": asdict(workload), "machine": machine()}
+    runners = [PipelineRunner(model_dir, workload, **load)]
+    if baseline is not None:
+        _, prompt = bench_prompt(model_dir, workload)
+        runners.append(baseline(workload, prompt))
     try:
-        return measure([runner], workload.runs)[runner.name]
+        report.update(measure(runners, workload.runs))
     finally:
-        runner.close()
+        runners[0].close()
+    if baseline is not None:
+        report["ratios"] = compare(report[runners[0].name], report[runners[1].name])
+    return report
 
 
 def medians(runs: list[dict[str, float]]) -> dict[str, Any]:

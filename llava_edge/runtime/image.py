@@ -26,19 +26,18 @@ def load_image(source: ImageInput, max_pixels: int | None = None) -> Image.Image
     """Open anything a robot app holds as an RGB PIL image.
 
     Paths and bytes are decoded with PIL (first frame of an animation, EXIF rotation applied);
-    arrays are (H, W, 3) or (H, W, 4) uint8 as a camera gives them, or (H, W) grey.
+    arrays are (H, W, 3) or (H, W, 4) uint8 as a camera gives them, or (H, W) grey. An image of
+    more than `max_pixels` pixels is refused whatever its form, a file before it is decoded.
     """
     if isinstance(source, np.ndarray):
+        if source.ndim >= 2 and source.size:  # the shape and emptiness are checked next
+            _check_pixels(source.shape[1], source.shape[0], max_pixels)
         return _from_array(source)
-    image = source if isinstance(source, Image.Image) else _open(source)
-    pixels = image.width * image.height
-    if max_pixels is not None and pixels > max_pixels:
-        raise LlavaEdgeError(
-            f"image is {image.width}x{image.height} = {pixels} pixels, over the limit of "
-            f"{max_pixels}; downscale it first"
-        )
-    if pixels == 0:
-        raise LlavaEdgeError("image has no pixels")
+    if isinstance(source, Image.Image):
+        _check_pixels(source.width, source.height, max_pixels)
+        image = source
+    else:
+        image = _open(source, max_pixels)
     try:
         image = ImageOps.exif_transpose(image) if not isinstance(source, Image.Image) else image
         return to_rgb(image)
@@ -46,7 +45,18 @@ def load_image(source: ImageInput, max_pixels: int | None = None) -> Image.Image
         raise LlavaEdgeError(f"cannot decode image: {e}") from None
 
 
-def _open(source: str | os.PathLike | bytes) -> Image.Image:
+def _check_pixels(width: int, height: int, max_pixels: int | None) -> None:
+    pixels = width * height
+    if max_pixels is not None and pixels > max_pixels:
+        raise LlavaEdgeError(
+            f"image is {width}x{height} = {pixels} pixels, over the limit of {max_pixels}; "
+            "downscale it first"
+        )
+    if pixels == 0:
+        raise LlavaEdgeError("image has no pixels")
+
+
+def _open(source: str | os.PathLike | bytes, max_pixels: int | None) -> Image.Image:
     name = "image bytes" if isinstance(source, bytes) else str(source)
     if not isinstance(source, bytes):
         if not os.path.exists(source):
@@ -59,6 +69,11 @@ def _open(source: str | os.PathLike | bytes) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+            try:
+                _check_pixels(image.width, image.height, max_pixels)  # from the header alone
+            except LlavaEdgeError:
+                image.close()
+                raise
             image.load()  # decode now, so truncation is found here and not later
         return image
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

@@ -1,7 +1,8 @@
 """The interactive loop behind `llava-edge chat`: read a question, stream the answer, repeat.
 
 Commands: /image PATH starts a new conversation about another image, /reset starts over,
-/quit (or end of input) leaves. A bad question or image prints its error and the chat goes on.
+/quit (or end of input) leaves. A bad question or image prints its error and the chat goes on;
+a question whose answer failed halfway (a timeout) is forgotten, as ChatSession rolls it back.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def chat_loop(
             continue
         if line in ("/quit", "/exit"):
             return
+        partial = False
         try:
             if line == "/reset":
                 session = pipe.chat(image, **options)
@@ -45,6 +47,7 @@ def chat_loop(
                 for piece in session.stream(line):
                     out.write(piece)
                     out.flush()
+                    partial = True
                 out.write("\n")
         except LlavaEdgeError as e:
-            out.write(f"error: {e}\n")
+            out.write(("\n" if partial else "") + f"error: {e}\n")

@@ -11,9 +11,20 @@ from __future__ import annotations
 import numpy as np
 
 from llava_edge.errors import LlavaEdgeError
-from llava_edge.manifest import TextSpec
+from llava_edge.manifest import KVSpec, TextSpec
 
 CHUNK = 64  # slots added at a time; attention spans at most this many unused slots
+PRESENT_HOLDS = "new"  # the layout both KV caches implement: `present` holds this call's tokens
+
+
+def check_kv_layout(kv: KVSpec) -> None:
+    """Refuse a decoder whose `present` outputs hold something else than the runtime appends."""
+    if kv.present_holds != PRESENT_HOLDS:
+        raise LlavaEdgeError(
+            f"the model's decoder returns present keys/values holding {kv.present_holds!r}, but "
+            f"this llava-edge runs decoders whose present outputs hold only the new tokens "
+            f"({PRESENT_HOLDS!r}); re-export the model with this llava-edge"
+        )
 
 
 class KVCache:
@@ -89,3 +100,17 @@ class KVCache:
         seq = new_mask.shape[1]
         self.valid[:, self.length : self.length + seq] = new_mask
         self.length += seq
+
+    def truncate(self, length: int) -> None:
+        """Forget every slot from `length` on, as if they had never been appended.
+
+        A chat turn that does not finish is rolled back with this. Forgotten slots are zeroed
+        again: unused slots must hold zeros (see `_grown`).
+        """
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} slots to {length}")
+        for buffers in (self.keys, self.values):
+            for buffer in buffers:
+                buffer[:, :, length : self.length] = 0
+        self.valid[:, length : self.length] = 0
+        self.length = length

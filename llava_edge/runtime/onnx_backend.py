@@ -19,7 +19,7 @@ import onnxruntime as ort
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import GraphSpec, Manifest
-from llava_edge.runtime.kv_cache import KVCache
+from llava_edge.runtime.kv_cache import KVCache, check_kv_layout
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -67,7 +67,7 @@ def provider_list(names: list[str] | None) -> list[str]:
     return chosen
 
 
-def check_io(name: str, graph: GraphSpec, session: ort.InferenceSession) -> None:
+def check_graph_io(name: str, graph: GraphSpec, session: ort.InferenceSession) -> None:
     """The graph's inputs and outputs are the manifest's: same names, same fixed dimensions.
 
     Catches a graph copied in from another model dir, or a manifest edited by hand, at load
@@ -94,7 +94,11 @@ def check_io(name: str, graph: GraphSpec, session: ort.InferenceSession) -> None
 
 
 class OnnxBackend:
-    """Runs a model dir's graphs with onnxruntime. One backend serves one request at a time."""
+    """Runs a model dir's graphs with onnxruntime.
+
+    Any number of threads may share one backend: onnxruntime's `run` is thread-safe, and each
+    request brings its own KV cache.
+    """
 
     name = "onnxruntime"
 
@@ -106,6 +110,7 @@ class OnnxBackend:
         threads: int | None = None,
         engine_dir: str | os.PathLike | None = None,
     ):
+        check_kv_layout(manifest.kv)
         self.manifest = manifest
         options = ort.SessionOptions()
         if threads:
@@ -134,7 +139,7 @@ class OnnxBackend:
             for name, graph in manifest.graphs.items()
         }
         for name, graph in manifest.graphs.items():
-            check_io(name, graph, self.sessions[name])
+            check_graph_io(name, graph, self.sessions[name])
         self.layer_names = [manifest.kv_names(i) for i in range(manifest.text.num_layers)]
 
     def _open(
@@ -149,8 +154,8 @@ class OnnxBackend:
         """pixel_values [B, 3, H, W] -> image features in the LLM's space [B, N, hidden]."""
         dtype = self.manifest.graphs["vision_encoder"].inputs["pixel_values"].dtype
         pixel_values = pixel_values.astype(dtype, copy=False)
-        (features,) = self.sessions["vision_encoder"].run(None, {"pixel_values": pixel_values})
-        (embeds,) = self.sessions["projector"].run(None, {"image_features": features})
+        (features,) = self._session("vision_encoder").run(None, {"pixel_values": pixel_values})
+        (embeds,) = self._session("projector").run(None, {"image_features": features})
         return embeds
 
     def new_cache(self, batch: int) -> KVCache:
@@ -172,11 +177,17 @@ class OnnxBackend:
         }
         for layer, (past_k, past_v, _, _) in enumerate(self.layer_names):
             feeds[past_k], feeds[past_v] = cache.past(layer)
-        outputs = self.sessions["decoder"].run(self._outputs, feeds)
+        outputs = self._session("decoder").run(self._outputs, feeds)
         for layer in range(len(self.layer_names)):
             cache.append(layer, outputs[1 + 2 * layer], outputs[2 + 2 * layer])
         cache.advance(token_mask)
         return outputs[0]
+
+    def _session(self, name: str) -> ort.InferenceSession:
+        session = self.sessions.get(name)
+        if session is None:  # close() emptied them, perhaps while a request was running
+            raise LlavaEdgeError("this model's sessions are closed; load the model dir again")
+        return session
 
     @property
     def _outputs(self) -> list[str]:

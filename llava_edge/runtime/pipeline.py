@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
@@ -44,7 +45,14 @@ FEATURE_CACHE_SIZE = 8
 
 @dataclass
 class Limits:
-    """What a deployment allows one request; exceeding any is a clear error, never a hang."""
+    """What a deployment allows one request; exceeding any is a clear error, never a hang.
+
+    Every entry point holds to them: generate, answer, stream, generate_batch and each chat
+    turn, whatever form the image comes in. `max_prompt_tokens` bounds the prompt an answer is
+    conditioned on: for a chat turn that is the whole conversation so far plus the new question
+    (what a single request replaying the chat would send), so a chat cannot outgrow it.
+    `timeout_s` counts from the start of the request (for a chat turn, of the turn).
+    """
 
     max_image_pixels: int | None = 50_000_000
     max_prompt_tokens: int | None = None  # default: the model's context
@@ -58,10 +66,13 @@ class Limits:
                 f"{self.max_new_tokens}"
             )
 
-    def check_prompt(self, tokens: int) -> None:
+    def check_prompt(self, tokens: int, chat: bool = False) -> None:
         if self.max_prompt_tokens is not None and tokens > self.max_prompt_tokens:
+            what = "the conversation with this question is" if chat else "the prompt is"
+            fix = "; start a new chat" if chat else ""
             raise LlavaEdgeError(
-                f"the prompt is {tokens} tokens, over this deployment's limit of {self.max_prompt_tokens}"
+                f"{what} {tokens} tokens, over this deployment's limit of "
+                f"{self.max_prompt_tokens}{fix}"
             )
 
 
@@ -172,6 +183,7 @@ class Pipeline:
         self, requests: list[tuple[ImageInput | None, str]], **options: Any
     ) -> list[Answer]:
         """Several (image, prompt) pairs in one batch (left-padded, as transformers batches)."""
+        self._check_open()
         if not requests:
             return []
         raw = options.pop("raw", False)
@@ -217,7 +229,10 @@ class Pipeline:
         return answers
 
     def chat(self, image: ImageInput | None = None, **options: Any) -> ChatSession:
-        """A multi-turn conversation about one image; each turn reuses the cache of the last."""
+        """A multi-turn conversation about one image; each turn reuses the cache of the last.
+
+        `options` (GenerationConfig's fields) apply to every turn; a turn may override them.
+        """
         return ChatSession(self, image, options)
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -251,12 +266,15 @@ class Pipeline:
         cache = self.backend.new_cache(1)
         return TextStream(self, cache, ids, ids, features, config, timer, start_position=0)
 
+    def _check_open(self) -> None:
+        if self.closed:
+            raise LlavaEdgeError("this pipeline is closed; load the model dir again")
+
     def _prepare(
         self, image: ImageInput | None, prompt: str, raw: bool, first: bool
     ) -> tuple[list[int], np.ndarray | None]:
         """Check the prompt, apply the template, encode it; run the vision encoder if needed."""
-        if self.closed:
-            raise LlavaEdgeError("this pipeline is closed; load the model dir again")
+        self._check_open()
         _check_text(prompt)
         placeholders = prompt.count(IMAGE_PLACEHOLDER)
         if placeholders > 1:
@@ -283,6 +301,7 @@ class Pipeline:
     def image_features(self, image: ImageInput) -> np.ndarray:
         """Projected image features [N, hidden], one per image token; a repeated image comes
         from the cache. With AnyRes, N depends on the image's size (see runtime/anyres.py)."""
+        self._check_open()
         picture = load_image(image, self.limits.max_image_pixels)
         pixels = pixel_batch(picture, self.manifest.image)
         digest = hashlib.sha1(pixels.tobytes())
@@ -334,27 +353,46 @@ class Pipeline:
 
 
 class ChatSession:
-    """A conversation about one image. Not thread-safe: use one session per thread."""
+    """A conversation about one image, each turn reusing the KV cache of the turns before.
+
+    A turn counts once it finishes: its stream was iterated to the end (the answer ended with
+    eos, a stop string or its length limit; `ask` always finishes). A turn that does not finish
+    (its stream closed or dropped before the end, a timeout, an error while decoding) is rolled
+    back whole: the KV cache is cut back to where it stood and the session is exactly as if the
+    question had never been asked, so the next question may follow at once. Starting a turn
+    while an earlier turn's stream is still open rolls the earlier one back first; iterating that
+    stream afterwards is an error.
+
+    Not thread-safe: use one session per thread.
+    """
 
     def __init__(self, pipeline: Pipeline, image: ImageInput | None, options: dict):
+        pipeline._config(dict(options))  # bad options fail here, not at the first turn
         self.pipeline = pipeline
         self.options = options
         self.features = pipeline.image_features(image) if image is not None else None
         self.cache = pipeline.backend.new_cache(1)
         self.ids: list[int] = []  # every id in the conversation, the last answer's last one too
         self.fed = 0  # how many of `ids` are in the cache
+        self._open: weakref.ref[TextStream] | None = None  # the latest turn's stream
 
     def ask(self, prompt: str, **options: Any) -> str:
+        """The answer to one more question (the turn counts: it always finishes)."""
         stream = self._turn(prompt, {**self.options, **options})
         for _ in stream:
             pass
         return stream.answer.text
 
     def stream(self, prompt: str, **options: Any) -> TextStream:
+        """One more question, its answer as text pieces; the turn counts once it is exhausted."""
         return self._turn(prompt, {**self.options, **options})
 
     def _turn(self, prompt: str, options: dict) -> TextStream:
         pipe = self.pipeline
+        pipe._check_open()
+        earlier = self._open() if self._open is not None else None
+        if earlier is not None:
+            earlier.close()  # an unfinished earlier turn is rolled back before this one starts
         _check_text(prompt)
         config = pipe._config(options)
         first = not self.ids
@@ -368,24 +406,49 @@ class ChatSession:
             text = template.answer_end + text  # the last answer was cut short: close it
         image_tokens = _count(self.features) if first else None
         new_ids = pipe.codec.encode(text, first=first, image_tokens=image_tokens)
+        pipe.limits.check_prompt(len(self.ids) + len(new_ids), chat=True)
         pending = self.ids[self.fed :] + new_ids  # the last answer's final token was never fed
         config = pipe._fit_context(config, len(pending), used=self.fed)
-        timer = Timer()
-        return TextStream(
+        stream = TextStream(
             pipe,
             self.cache,
             pending,
             self.ids + new_ids,
             self.features if first else None,
             config,
-            timer,
+            Timer(),
             start_position=self.fed,
-            session=self,
+            turn=_Turn(self),
         )
+        self._open = weakref.ref(stream)
+        return stream
+
+
+class _Turn:
+    """What a chat turn's stream does to its session: commit when it finishes, else roll back.
+
+    The stream's generator holds this, not the session's stream, so that dropping a stream frees
+    it at once (and rolls it back) instead of waiting for the cycle collector.
+    """
+
+    def __init__(self, session: ChatSession):
+        self.session = session
+        self.fed = session.fed  # where the cache stood before the turn
+
+    def commit(self, ids: list[int]) -> None:
+        self.session.ids = ids
+        self.session.fed = self.session.cache.length
+
+    def rollback(self) -> None:
+        self.session.cache.truncate(self.fed)
 
 
 class TextStream:
-    """Iterates the text pieces of one answer, then holds the finished Answer in `.answer`."""
+    """The text pieces of one answer, each whole UTF-8 characters, as soon as they are decoded.
+
+    Iterate it once; afterwards `.answer` holds the finished Answer. `close()` abandons it (as
+    dropping it does); a chat turn abandoned so is rolled back (see ChatSession).
+    """
 
     def __init__(
         self,
@@ -397,19 +460,67 @@ class TextStream:
         config: GenerationConfig,
         timer: Timer,
         start_position: int,
-        session: ChatSession | None = None,
+        turn: _Turn | None = None,
     ):
-        self.pipe, self.cache, self.feed_ids, self.all_ids = pipe, cache, feed_ids, all_ids
-        self.features, self.config, self.timer = features, config, timer
-        self.start_position, self.session = start_position, session
-        self.answer: Answer | None = None
+        self._result: list[Answer] = []  # shared with the generator, which holds no TextStream
+        self._pieces = _pieces(
+            pipe,
+            cache,
+            feed_ids,
+            all_ids,
+            features,
+            config,
+            timer,
+            start_position,
+            turn,
+            self._result,
+        )
+        self._abandoned = False
 
-    def __iter__(self) -> Iterator[str]:
-        pipe, config = self.pipe, self.config
-        ids = np.asarray([self.feed_ids], dtype=np.int64)
+    @property
+    def answer(self) -> Answer | None:
+        """The finished answer; None until the stream has been iterated to its end."""
+        return self._result[0] if self._result else None
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        if self._abandoned:
+            raise LlavaEdgeError(
+                "this answer was abandoned (closed, or a later turn of its chat was started); "
+                "ask again"
+            )
+        return next(self._pieces)
+
+    def close(self) -> None:
+        """Stop decoding; an unfinished chat turn is rolled back."""
+        if not self._result:
+            self._abandoned = True
+        self._pieces.close()
+
+
+def _pieces(
+    pipe: Pipeline,
+    cache: Any,
+    feed_ids: list[int],
+    all_ids: list[int],
+    features: np.ndarray | None,
+    config: GenerationConfig,
+    timer: Timer,
+    start_position: int,
+    turn: _Turn | None,
+    result: list[Answer],
+) -> Iterator[str]:
+    """Decode one answer, yielding its text; on every exit that is not the end, roll back."""
+    pipe._check_open()
+    finished = False
+    steps = None
+    try:
+        ids = np.asarray([feed_ids], dtype=np.int64)
         mask = np.ones_like(ids)
-        positions = positions_from_mask(mask, np.asarray([self.start_position]))
-        embeds = embed(pipe.table, ids, pipe.manifest.tokens.image_token_id, [self.features])
+        positions = positions_from_mask(mask, np.asarray([start_position]))
+        embeds = embed(pipe.table, ids, pipe.manifest.tokens.image_token_id, [features])
         decoder = pipe.codec.stream()
         generated: list[int] = []
         text, reason = "", "length"
@@ -417,7 +528,7 @@ class TextStream:
         emitted = 0
         steps = decode_loop(
             pipe.backend,
-            self.cache,
+            cache,
             pipe.table,
             embeds,
             mask,
@@ -425,15 +536,15 @@ class TextStream:
             config,
             pipe.manifest.tokens.eos_token_ids,
             pipe._pad_id,
-            [np.asarray(self.all_ids)],
-            self.timer,
+            [np.asarray(all_ids)],
+            timer,
             pipe.limits.timeout_s,
         )
         for step in steps:
             token = int(step.tokens[0])
             generated.append(token)
             if len(generated) == 1:
-                self.timer.mark("first_token")
+                timer.mark("first_token")
             if step.finished[0]:
                 reason = "eos"
                 break
@@ -452,13 +563,18 @@ class TextStream:
             reason = stopped or reason
         if len(text) > emitted:
             yield text[emitted:]
-        self.timer.mark("done")
-        self.answer = Answer(
-            text, list(self.all_ids), generated, reason, _timings(self.timer, len(generated))
+        timer.mark("done")
+        result.append(
+            Answer(text, list(all_ids), generated, reason, _timings(timer, len(generated)))
         )
-        if self.session is not None:
-            self.session.ids = self.all_ids + generated
-            self.session.fed = self.cache.length
+        if turn is not None:
+            turn.commit(all_ids + generated)
+        finished = True
+    finally:
+        if steps is not None:
+            steps.close()
+        if turn is not None and not finished:
+            turn.rollback()
 
 
 def _load_table(path: Path, manifest: Manifest) -> np.ndarray:

@@ -49,7 +49,16 @@ class GenerationConfig:
 
 
 class Sampler:
-    """Picks one token per batch row; owns the random generator so a seed reproduces a run."""
+    """Picks one token per batch row; owns the random generator so a seed reproduces a run.
+
+    The distribution sampled from is transformers' on the same logits: its
+    RepetitionPenaltyLogitsProcessor, then TemperatureLogitsWarper, TopKLogitsWarper and
+    TopPLogitsWarper, in the order generate() applies them (tests compare the kept tokens and
+    their probabilities with those classes). Top-k keeps every token tied with the k-th, as
+    TopKLogitsWarper does; of tokens tied at the top-p boundary the lower ids go first, as
+    TopPLogitsWarper drops them on a stable sort (its default sort leaves the order of ties to
+    torch). Hand-written in numpy because the runtime does not import torch.
+    """
 
     def __init__(self, config: GenerationConfig):
         self.config = config
@@ -57,26 +66,35 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray, seen: list[np.ndarray]) -> np.ndarray:
         """logits [B, V]; seen: per row, the ids so far (for the repetition penalty)."""
-        c = self.config
+        if self.config.greedy:
+            return self.penalized(logits, seen).argmax(axis=-1)
+        probs = self.probabilities(logits, seen)
+        return np.array([self.rng.choice(len(p), p=p) for p in probs])
+
+    def penalized(self, logits: np.ndarray, seen: list[np.ndarray]) -> np.ndarray:
+        """float32 logits with the repetition penalty applied to every id seen."""
+        penalty = self.config.repetition_penalty
         logits = logits.astype(np.float32, copy=True)
-        if c.repetition_penalty != 1.0:
+        if penalty != 1.0:
             for row, ids in zip(logits, seen, strict=True):
                 ids = np.unique(ids[ids < row.shape[0]])
                 scores = row[ids]
-                row[ids] = np.where(
-                    scores < 0, scores * c.repetition_penalty, scores / c.repetition_penalty
-                )
+                row[ids] = np.where(scores < 0, scores * penalty, scores / penalty)
+        return logits
+
+    def probabilities(self, logits: np.ndarray, seen: list[np.ndarray]) -> np.ndarray:
+        """[B, V]: the distribution a sampled token is drawn from (0 where filtered out)."""
+        c = self.config
         if c.greedy:
-            return logits.argmax(axis=-1)
-        logits /= c.temperature
+            raise ValueError("greedy decoding picks the largest logit; it has no distribution")
+        logits = self.penalized(logits, seen) / np.float32(c.temperature)
         if c.top_k:
             k = min(c.top_k, logits.shape[-1])
             kth = np.partition(logits, -k, axis=-1)[:, -k][:, None]
-            logits = np.where(logits < kth, -np.inf, logits)
-        probs = _softmax(logits)
+            logits = np.where(logits < kth, -np.inf, logits)  # ties with the k-th stay
         if c.top_p < 1.0:
-            probs = _top_p(probs, c.top_p)
-        return np.array([self.rng.choice(len(p), p=p) for p in probs])
+            logits = _top_p(logits, c.top_p)
+        return _softmax(logits)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -84,13 +102,14 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
-def _top_p(probs: np.ndarray, top_p: float) -> np.ndarray:
-    """Keep the smallest set of most likely tokens whose probability reaches top_p."""
-    order = np.argsort(-probs, axis=-1, kind="stable")
-    sorted_probs = np.take_along_axis(probs, order, axis=-1)
-    cumulative = np.cumsum(sorted_probs, axis=-1)
-    drop_sorted = cumulative - sorted_probs >= top_p  # always keeps the first token
+def _top_p(logits: np.ndarray, top_p: float) -> np.ndarray:
+    """Drop the least likely tokens whose probabilities sum to at most 1 - top_p, keeping at
+    least the most likely one: TopPLogitsWarper's rule, on an ascending (stable) sort as it
+    sorts, so that ties at the boundary fall the same way."""
+    order = np.argsort(logits, axis=-1, kind="stable")
+    cumulative = np.cumsum(_softmax(np.take_along_axis(logits, order, axis=-1)), axis=-1)
+    drop_sorted = cumulative <= np.float32(1 - top_p)
+    drop_sorted[:, -1] = False
     drop = np.zeros_like(drop_sorted)
     np.put_along_axis(drop, order, drop_sorted, axis=-1)
-    kept = np.where(drop, 0.0, probs)
-    return kept / kept.sum(axis=-1, keepdims=True)
+    return np.where(drop, -np.inf, logits)

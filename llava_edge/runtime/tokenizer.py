@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import TokenSpec
-from llava_edge.runtime.template import IMAGE_PLACEHOLDER
+
+BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 class TextCodec:
@@ -21,10 +23,18 @@ class TextCodec:
             raise LlavaEdgeError(f"cannot read tokenizer {path}: {e}") from None
         self.tokens = tokens
         self.num_image_tokens = num_image_tokens
-        self._special = {tokens.image_token_id, *tokens.eos_token_ids}
+        self.special = {tokens.image_token_id, *tokens.eos_token_ids}
         for token_id in (tokens.bos_token_id, tokens.pad_token_id):
             if token_id is not None:
-                self._special.add(token_id)
+                self.special.add(token_id)
+        # what decode leaves out: these and the tokenizer's own special tokens
+        self.silent = self.special | {
+            i for i, token in self.tokenizer.get_added_tokens_decoder().items() if token.special
+        }
+        # byte-fallback tokens, as the ByteFallback decoder recognises them
+        self.byte_tokens = {
+            i for token, i in self.tokenizer.get_vocab().items() if BYTE_TOKEN.fullmatch(token)
+        }
 
     def encode(self, text: str, first: bool = True, image_tokens: int | None = None) -> list[int]:
         """Token ids of `text`; `first` starts a new sequence (adds BOS where the model wants it).
@@ -45,12 +55,9 @@ class TextCodec:
             expanded.extend([image_id] * count if token_id == image_id else [token_id])
         return expanded
 
-    def count_images(self, text: str) -> int:
-        return text.count(IMAGE_PLACEHOLDER)
-
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(
-            [i for i in ids if i not in self._special], skip_special_tokens=True
+            [i for i in ids if i not in self.special], skip_special_tokens=True
         )
 
     def stream(self) -> StreamDecoder:
@@ -58,22 +65,32 @@ class TextCodec:
 
 
 class StreamDecoder:
-    """Turns a growing list of token ids into text pieces that are whole UTF-8 characters.
+    """Turns a growing list of token ids into text pieces that are whole UTF-8 characters and
+    that, joined, equal the decode of all the ids.
 
-    Byte-fallback tokens can split one character over several tokens; a piece is released only
-    once it no longer ends in a replacement character. Decoding a short window (not the whole
-    answer) keeps the cost per token constant, the way text-generation-inference does it.
+    A piece is released once it no longer ends in a replacement character; decoding a short
+    window of ids (not the whole answer) keeps the cost per token constant, the way
+    text-generation-inference does it. A byte-fallback token (`<0xE5>`) is held until the run of
+    byte tokens it belongs to ends: the ByteFallback decoder turns a whole run that is not valid
+    UTF-8 into replacement characters, so a byte that reads as a character alone ('+') may read
+    as '\ufffd' once the next byte arrives. Hand-written because tokenizers' DecodeStream, the
+    same algorithm, releases such a byte at once and then raises ("Invalid prefix encountered")
+    when the run goes on, which a model's output can make it do.
     """
 
     def __init__(self, codec: TextCodec):
         self.codec = codec
         self.ids: list[int] = []
-        self.prefix_offset = 0
-        self.read_offset = 0
+        self.prefix_offset = 0  # window start: always just after a released, complete token
+        self.read_offset = 0  # ids up to here are released
 
     def push(self, token_id: int) -> str:
         """Add one token and return the text it completes ('' while a character is unfinished)."""
+        if token_id in self.codec.silent or self.codec.tokenizer.id_to_token(token_id) is None:
+            return ""  # decodes to nothing, so a byte run goes on across it
         self.ids.append(token_id)
+        if token_id in self.codec.byte_tokens:
+            return ""  # the run may go on and change how its bytes read
         decode = self.codec.decode
         prefix = decode(self.ids[self.prefix_offset : self.read_offset])
         text = decode(self.ids[self.prefix_offset :])

@@ -12,6 +12,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.training.data import BadSample, SampleFile, parse_sample
@@ -37,12 +38,15 @@ def evaluate(
     answers: str | os.PathLike | None = None,
     max_new_tokens: int = 16,
     skip_bad: bool = False,
-    providers: list[str] | None = None,
-    threads: int | None = None,
     progress: bool = True,
+    **load: Any,
 ) -> EvalResult:
     """Score `model_dir` on the LLaVA-format `data`; answers go to `answers` (default: beside
-    the data file, `<name>.answers.jsonl`)."""
+    the data file, `<name>.answers.jsonl`).
+
+    load: Pipeline.load's options (backend, providers, threads, engine_dir, verify_files,
+    limits), so a model is scored on the backend and under the limits it is deployed with.
+    """
     from tqdm.auto import tqdm
 
     from llava_edge.runtime import Pipeline
@@ -75,7 +79,7 @@ def evaluate(
     tmp = out.with_name(f".{out.name}.tmp")
     try:
         with (
-            Pipeline.load(model_dir, providers=providers, threads=threads) as pipe,
+            Pipeline.load(model_dir, **load) as pipe,
             open(tmp, "w", encoding="utf-8") as f,
         ):
             for index in tqdm(range(len(samples)), desc="evaluating", disable=not progress):

@@ -9,7 +9,7 @@ feeds the projector from device memory.
 With `cuda_graph=True`, a decode step (one token per row) is captured once per cache capacity and
 replayed: the engine call and the KV appends become one graph launch. A graph is only replayed
 while nothing else has run on the decoder since it was captured (TensorRT keeps shape state in
-its execution context), so each answer captures about one graph per 256 tokens.
+its execution context), so each answer captures about one graph per chunk of the KV cache.
 
 torch holds the device memory: its CUDA tensors give addresses TensorRT takes directly, a stream,
 device-side index copies and CUDA graph capture, and the same code runs on CPU tensors, which is
@@ -29,12 +29,13 @@ import numpy as np
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import GraphSpec, Manifest
+from llava_edge.runtime.kv_cache import check_kv_layout
 from llava_edge.runtime.tensorrt import gpu
 from llava_edge.runtime.tensorrt.buffers import Arena, plan
 from llava_edge.runtime.tensorrt.compat import (
     Platform,
+    check_engine_io,
     check_engines,
-    check_io,
     engine_io,
     select_engines,
 )
@@ -43,7 +44,7 @@ from llava_edge.runtime.tensorrt.names import io_names
 from llava_edge.runtime.tensorrt.profiles import (
     DECODE,
     PREFILL,
-    Limits,
+    EngineLimits,
     Profile,
     graph_profiles,
     image_batch,
@@ -73,6 +74,7 @@ class TensorRTBackend:
         """engine_dir: where `llava-edge build` put the engines (default: the one recorded in the
         manifest for this GPU). device: 'cuda' or 'cuda:N'; 'cpu' only works with a stand-in for
         tensorrt (the tests use one)."""
+        check_kv_layout(manifest.kv)
         trt = import_tensorrt()
         torch = import_torch(cuda=device.startswith("cuda"))
         self._torch = torch
@@ -87,7 +89,7 @@ class TensorRTBackend:
             warnings.warn(message, stacklevel=2)
         self.manifest = manifest
         self.names = io_names(manifest)
-        self.limits = Limits(
+        self.limits = EngineLimits(
             record.max_batch, record.max_context, record.prefill_chunk, record.kv_chunk
         )
         self.cuda_graph = cuda_graph and self.cuda
@@ -128,6 +130,7 @@ class TensorRTBackend:
         B may exceed what the engines take in one run (several AnyRes images): it runs in parts.
         """
         with self._lock, self._on_device():
+            self._check_open()
             step = image_batch(self.manifest, self.limits.max_batch)[2]
             return np.concatenate(
                 [
@@ -149,6 +152,7 @@ class TensorRTBackend:
                 self.limits.max_context,
                 self.limits.kv_chunk,
                 self.device,
+                self.stream,
             )
 
     def decode(
@@ -169,6 +173,7 @@ class TensorRTBackend:
             raise LlavaEdgeError(f"{embeds.shape[0]} rows for a cache made for {cache.batch}")
         chunk = min(self.limits.prefill_chunk, self.limits.max_context)
         with self._lock, self._on_device():
+            self._check_open()
             for start in range(0, embeds.shape[1], chunk):
                 end = start + chunk
                 logits = self._step(
@@ -181,6 +186,10 @@ class TensorRTBackend:
             if self.cuda:
                 self.stream.synchronize()
             self.engines.clear()  # contexts and engines go before the runtime
+
+    def _check_open(self) -> None:
+        if not self.engines:  # close() dropped them, perhaps while a request was running
+            raise LlavaEdgeError("this model's TensorRT engines are closed; load the model again")
 
     # ---- the steps ---------------------------------------------------------------------------
 
@@ -297,7 +306,7 @@ class _Engine:
                 f"TensorRT could not load {path} (its log above says why: usually another "
                 f"TensorRT version or GPU built it); {rebuild}"
             )
-        check_io(name, spec, engine_io(self.engine, trt), rebuild)
+        check_engine_io(name, spec, engine_io(self.engine, trt), rebuild)
         if self.engine.num_optimization_profiles != len(profiles):
             raise LlavaEdgeError(
                 f"{path} has {self.engine.num_optimization_profiles} optimization profiles, this "

@@ -28,7 +28,7 @@ from llava_edge.runtime.tensorrt.compat import engine_dir_key
 from llava_edge.runtime.tensorrt.profiles import (
     DEFAULT_KV_CHUNK,
     DEFAULT_PREFILL_CHUNK,
-    Limits,
+    EngineLimits,
     graph_profiles,
 )
 from llava_edge.runtime.tensorrt.requirements import import_tensorrt
@@ -151,13 +151,13 @@ def build_engines(
 
 def _limits(
     manifest: Manifest, max_batch: int, max_context: int | None, prefill_chunk: int, kv_chunk: int
-) -> Limits:
+) -> EngineLimits:
     model_context = manifest.text.max_context
     if max_context is not None and not 1 <= max_context <= model_context:
         raise LlavaEdgeError(
             f"--max-context must be between 1 and the model's context {model_context}, got {max_context}"
         )
-    limits = Limits(max_batch, max_context or model_context, prefill_chunk, kv_chunk)
+    limits = EngineLimits(max_batch, max_context or model_context, prefill_chunk, kv_chunk)
     limits.validate()
     return limits
 

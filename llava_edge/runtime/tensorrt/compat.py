@@ -150,7 +150,9 @@ def numpy_dtype(trt_dtype: Any) -> str:
     return TRT_DTYPES[name]
 
 
-def check_io(graph: str, spec: GraphSpec, io: dict[str, tuple[str, str]], rebuild: str) -> None:
+def check_engine_io(
+    graph: str, spec: GraphSpec, io: dict[str, tuple[str, str]], rebuild: str
+) -> None:
     """The engine's IO names, directions and types must be the manifest's: it is how buffers are
     bound by name."""
     expected = {n: ("input", s.dtype) for n, s in spec.inputs.items()}

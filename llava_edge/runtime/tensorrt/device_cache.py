@@ -1,14 +1,15 @@
 """The decoder's KV cache in device memory, fed to TensorRT without ever visiting the host.
 
-Scheme (the issue left it to us): each layer's keys and values get one region reserved for the
-max context at creation. The engine's `past` input must be one contiguous [B, kv, past, D] tensor,
-so the cache keeps its used slots laid out as [B, kv, capacity, D] at the start of each region and
-binds exactly that as past; slots not yet written are zero and masked out. Capacity grows in
-chunks (256 slots) and each growth re-lays the region for the new stride with device-to-device
-copies: a handful of copies per 256 tokens. We chose this over binding the whole max-context
-region every step because decode is bandwidth-bound: attention would then read the full
-max-context cache for every token (for a 7B model at 4096 tokens, 2 GiB a token, more than its
-int4 weights), while with chunks it reads at most 255 unused slots per sequence.
+Scheme: each layer's keys and values get one region reserved for the max context at creation.
+The engine's `past` input must be one contiguous [B, kv, past, D] tensor, so the cache keeps its
+used slots laid out as [B, kv, capacity, D] at the start of each region and binds exactly that as
+past; slots not yet written are zero and masked out. Capacity grows in chunks of `kv_chunk` slots
+(256 unless `build` was told otherwise) and each growth re-lays the region for the new stride
+with device-to-device copies: a handful of copies per chunk of tokens. This beats binding the
+whole max-context region every step because decode is bandwidth-bound: attention would then read
+the full max-context cache for every token (for a 7B model at 4096 tokens, 2 GiB a token, more
+than its int4 weights), while with chunks it reads at most kv_chunk - 1 unused slots per
+sequence.
 
 A call writes only the new positions: the engine's `present` outputs land in staging buffers and
 `index_copy_` puts them at the cache's current length, on the device, on the backend's stream.
@@ -27,8 +28,19 @@ from llava_edge.runtime.tensorrt.profiles import capacity
 
 
 class DeviceKVCache:
-    def __init__(self, text: TextSpec, batch: int, max_context: int, kv_chunk: int, device: Any):
+    def __init__(
+        self,
+        text: TextSpec,
+        batch: int,
+        max_context: int,
+        kv_chunk: int,
+        device: Any,
+        stream: Any = None,
+    ):
+        """stream: the CUDA stream the backend runs on, where the cache's own device work
+        (zeroing slots it forgets) must go too; None on a CPU."""
         self.text = text
+        self.stream = stream
         self.batch = batch
         self.max_context = max_context
         self.kv_chunk = kv_chunk
@@ -94,3 +106,18 @@ class DeviceKVCache:
         seq = new_mask.shape[1]
         self.valid[:, self.length : self.length + seq] = new_mask
         self.length += seq
+
+    def truncate(self, length: int) -> None:
+        """Forget every slot from `length` on, as if they had never been appended (a chat turn
+        that does not finish is rolled back with this). The capacity, and with it the CUDA
+        graphs captured for it, stays; forgotten slots are zeroed on the device again."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} slots to {length}")
+        if length < self.length:
+            import torch
+
+            with torch.cuda.stream(self.stream):  # None (a CPU): no stream to enter
+                for name in self.arena.flat:
+                    self.view(name)[:, :, length : self.length].zero_()
+        self.valid[:, length : self.length] = 0
+        self.length = length

@@ -23,14 +23,18 @@ from llava_edge.runtime.anyres import max_tiles
 PREFILL = "prefill"
 DECODE = "decode"
 DEFAULT_PREFILL_CHUNK = 512  # bounds the present-KV staging and activation memory of one call
-DEFAULT_KV_CHUNK = 256  # the same step as the onnxruntime backend's host cache
+# The device KV cache's growth step. Larger than the host cache's (kv_cache.CHUNK, 64): each
+# growth re-lays the device cache and costs a new CUDA graph capture, against at most
+# kv_chunk - 1 unused slots that attention reads.
+DEFAULT_KV_CHUNK = 256
 PROMPT_TEXT_TOKENS = 64  # text around the image in a typical prompt: sets the 'opt' shapes
 ANSWER_TOKENS = 128  # typical answer length: sets the decode profile's 'opt' past
 
 
 @dataclass(frozen=True)
-class Limits:
-    """What an engine set is built to take."""
+class EngineLimits:
+    """What an engine set is built to take (`llava-edge build`'s options); not to be mixed up
+    with a deployment's request limits (llava_edge.runtime.Limits)."""
 
     max_batch: int = 1
     max_context: int = 4096
@@ -79,7 +83,7 @@ def resolve(shape: list[int | str], dims: dict[str, int], tensor: str = "") -> l
     return out
 
 
-def graph_profiles(manifest: Manifest, graph: str, limits: Limits) -> list[Profile]:
+def graph_profiles(manifest: Manifest, graph: str, limits: EngineLimits) -> list[Profile]:
     """The optimization profiles of one graph's engine, in the order the engine holds them."""
     limits.validate()
     batch = (1, 1, limits.max_batch)
@@ -141,8 +145,11 @@ def ort_tensorrt_profiles(manifest: Manifest, graph: str, max_batch: int = 1) ->
     Without them the provider rebuilds its engine whenever a shape leaves the range it has seen.
     The onnxruntime backend feeds its whole host cache as past (0 slots before the first call, then
     multiples of its chunk) and does not split prefills, so the range differs from the native
-    backend's: past from 0, seq up to the max context.
+    backend's: past from 0, seq up to the max context, and the 'opt' past is what the host cache
+    holds after a typical prompt (it keeps a chunk of headroom after the prompt).
     """
+    from llava_edge.runtime.kv_cache import CHUNK
+
     max_context = manifest.text.max_context
     n = manifest.num_image_tokens
     prompt = typical_image_tokens(manifest) + PROMPT_TEXT_TOKENS
@@ -150,7 +157,7 @@ def ort_tensorrt_profiles(manifest: Manifest, graph: str, max_batch: int = 1) ->
         "batch": (1, 1, max_batch) if graph == "decoder" else image_batch(manifest, max_batch),
         "image_tokens": (n, n, n),
         "seq": (1, 1, max_context),
-        "past": (0, capacity(prompt, DEFAULT_KV_CHUNK, max_context), max_context),
+        "past": (0, capacity(prompt + CHUNK, CHUNK, max_context), max_context),
     }
     specs = manifest.graphs[graph].inputs
     used = {

@@ -1,0 +1,232 @@
+"""A chat turn that does not finish leaves no trace: the session answers the next question with
+the very tokens of a fresh session that replays the finished turns.
+
+Run on `context_model_dir`, whose greedy answers depend on the whole conversation; each test also
+shows that a session keeping the unfinished turn's keys/values would answer differently, so it
+can fail.
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from llava_edge.errors import LlavaEdgeError
+from llava_edge.runtime import Pipeline, TextStream
+from llava_edge.runtime.interactive import chat_loop
+
+FIRST, UNFINISHED, NEXT = "What is in the picture?", "Where is the red thing?", "And then?"
+OPTIONS = dict(max_new_tokens=8, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def pipe(context_model_dir):
+    with Pipeline.load(context_model_dir, threads=1) as p:
+        yield p
+
+
+def frame() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (50, 60, 3), np.uint8)
+
+
+class Faulty:
+    """The pipeline's backend, with `hook(call)` run after each of its decoder calls."""
+
+    def __init__(self, backend, hook: Callable[[int], None]):
+        self.backend, self.hook, self.calls = backend, hook, 0
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def decode(self, *args):
+        logits = self.backend.decode(*args)  # the cache has advanced: then the fault
+        self.calls += 1
+        self.hook(self.calls)
+        return logits
+
+
+def fail_at(call: int) -> Callable[[int], None]:
+    def hook(n: int) -> None:
+        if n == call:
+            raise RuntimeError("the accelerator fell over")
+
+    return hook
+
+
+def stall_at(call: int, seconds: float) -> Callable[[int], None]:
+    def hook(n: int) -> None:
+        if n == call:
+            time.sleep(seconds)
+
+    return hook
+
+
+def unfinished(pipe: Pipeline, chat, how: str, monkeypatch) -> TextStream | None:
+    """Ask UNFINISHED in `chat` and leave the turn unfinished in the way `how` names; return the
+    stream where it is left open."""
+    if how == "break":
+        for _ in chat.stream(UNFINISHED):
+            break  # the stream is dropped with the loop
+    elif how == "dropped":
+        stream = chat.stream(UNFINISHED)
+        next(stream)
+        del stream  # garbage: its generator is closed by the collector
+        gc.collect()
+    elif how == "close":
+        stream = chat.stream(UNFINISHED)
+        next(stream)
+        stream.close()
+        with pytest.raises(LlavaEdgeError, match="abandoned"):
+            next(stream)
+    elif how == "raised":
+        monkeypatch.setattr(pipe, "backend", Faulty(pipe.backend, fail_at(4)))
+        with pytest.raises(RuntimeError, match="fell over"):
+            chat.ask(UNFINISHED)
+        monkeypatch.undo()
+    elif how == "timed out":
+        monkeypatch.setattr(pipe, "backend", Faulty(pipe.backend, stall_at(4, 1.2)))
+        monkeypatch.setattr(pipe.limits, "timeout_s", 1.0)
+        with pytest.raises(LlavaEdgeError, match="time limit"):
+            "".join(chat.stream(UNFINISHED))
+        monkeypatch.undo()
+    elif how == "superseded":
+        stream = chat.stream(UNFINISHED)
+        next(stream)
+        return stream  # still open when the next turn starts
+    else:  # pragma: no cover
+        raise AssertionError(how)
+    return None
+
+
+HOWS = ["break", "dropped", "close", "raised", "timed out", "superseded"]
+
+
+@pytest.mark.parametrize("how", HOWS)
+def test_an_unfinished_turn_is_rolled_back_whole(pipe, how, monkeypatch):
+    fresh = pipe.chat(frame(), **OPTIONS)
+    fresh.ask(FIRST)
+    want = fresh.stream(NEXT)
+    want_text = "".join(want)
+
+    chat = pipe.chat(frame(), **OPTIONS)
+    chat.ask(FIRST)
+    before = (list(chat.ids), chat.fed, chat.cache.length)
+    left_open = unfinished(pipe, chat, how, monkeypatch)
+    if left_open is None:  # rolled back at once; an open one when the next turn starts
+        assert (chat.ids, chat.fed, chat.cache.length) == before
+    got = chat.stream(NEXT)
+    assert "".join(got) == want_text
+    assert got.answer.token_ids == want.answer.token_ids
+    assert chat.ids == fresh.ids and chat.fed == fresh.fed == chat.cache.length
+    if left_open is not None:
+        with pytest.raises(LlavaEdgeError, match="abandoned"):
+            next(left_open)
+
+
+def test_a_session_that_kept_the_unfinished_turn_would_answer_otherwise(pipe, monkeypatch):
+    """Without the rollback the next answer changes: the model reads the whole conversation."""
+    fresh = pipe.chat(frame(), **OPTIONS)
+    fresh.ask(FIRST)
+    want = fresh.stream(NEXT)
+    "".join(want)
+    from llava_edge.runtime.pipeline import _Turn
+
+    # the session as it was without the rollback: the turn's keys/values stay in the cache
+    monkeypatch.setattr(_Turn, "rollback", lambda self: None)
+    stale = pipe.chat(frame(), **OPTIONS)
+    stale.ask(FIRST)
+    for _ in stale.stream(UNFINISHED):
+        break
+    got = stale.stream(NEXT)
+    "".join(got)
+    assert got.answer.token_ids != want.answer.token_ids
+
+
+def test_a_first_turn_rolled_back_asks_about_the_image_again(pipe):
+    chat = pipe.chat(frame(), **OPTIONS)
+    for _ in chat.stream(UNFINISHED):
+        break
+    assert (chat.ids, chat.fed, chat.cache.length) == ([], 0, 0)
+    assert chat.ask(FIRST) == pipe.chat(frame(), **OPTIONS).ask(FIRST)
+
+
+def test_a_turn_never_iterated_changes_nothing(pipe):
+    chat = pipe.chat(frame(), **OPTIONS)
+    chat.ask(FIRST)
+    before = (list(chat.ids), chat.fed, chat.cache.length)
+    chat.stream(UNFINISHED)  # created, never read, dropped
+    stream = chat.stream(UNFINISHED)
+    stream.close()
+    assert (chat.ids, chat.fed, chat.cache.length) == before
+    with pytest.raises(LlavaEdgeError, match="abandoned"):
+        next(stream)
+
+
+def test_chat_command_loop_keeps_a_usable_session_after_a_timeout(pipe, monkeypatch):
+    """`llava-edge chat --timeout`: the question that timed out is forgotten, the chat goes on."""
+    fresh = pipe.chat(frame(), **OPTIONS)
+    fresh.ask(FIRST)
+    want = fresh.ask(NEXT)
+
+    faulty = Faulty(pipe.backend, lambda n: None)
+    monkeypatch.setattr(pipe, "backend", faulty)
+    monkeypatch.setattr(pipe.limits, "timeout_s", 1.0)
+    lines = iter([FIRST, UNFINISHED, NEXT, "/quit"])
+
+    def read(_prompt: str) -> str:
+        line = next(lines)
+        # only the second question stalls, on its fourth decoder call
+        faulty.hook = stall_at(faulty.calls + 4, 1.2) if line == UNFINISHED else (lambda n: None)
+        return line
+
+    out = io.StringIO()
+    chat_loop(pipe, frame(), OPTIONS, read=read, out=out)
+    text = out.getvalue()
+    assert text.endswith("\n" + want + "\n")
+    assert "\nerror: the request ran past its time limit" in text  # on a line of its own
+
+
+# ---- the caches' truncate, which the rollback is made of ----------------------------------------
+
+
+def prompt(rng: np.random.Generator, tokens: int, hidden: int) -> np.ndarray:
+    return rng.standard_normal((1, tokens, hidden)).astype(np.float32)
+
+
+def check_truncate(backend, hidden: int) -> None:
+    """Decoding after a truncate equals decoding on a cache that never held the cut slots."""
+    rng = np.random.default_rng(0)
+    first, cut, second = prompt(rng, 5, hidden), prompt(rng, 7, hidden), prompt(rng, 3, hidden)
+
+    def run(cache, embeds, start):
+        mask = np.ones(embeds.shape[:2], np.int64)
+        return backend.decode(embeds, mask, start + np.arange(embeds.shape[1])[None], cache)
+
+    clean = backend.new_cache(1)
+    run(clean, first, 0)
+    want = run(clean, second, 5)
+
+    cache = backend.new_cache(1)
+    run(cache, first, 0)
+    run(cache, cut, 5)
+    cache.truncate(5)
+    assert cache.length == 5 and not cache.valid[:, 5:].any()
+    # equal up to float rounding: the two caches may span different capacities of masked slots
+    np.testing.assert_allclose(run(cache, second, 5), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="cannot truncate"):
+        cache.truncate(cache.length + 1)
+
+
+def test_onnxruntime_cache_truncate(pipe):
+    check_truncate(pipe.backend, pipe.manifest.text.hidden_size)
+    cache = pipe.backend.new_cache(1)
+    mask = np.ones((1, 4), np.int64)
+    embeds = np.ones((1, 4, pipe.manifest.text.hidden_size), np.float32)
+    pipe.backend.decode(embeds, mask, np.arange(4)[None], cache)
+    cache.truncate(1)
+    assert not any(k[:, :, 1:].any() for k in cache.keys)  # forgotten slots are zeros again

@@ -1,0 +1,183 @@
+"""A deployment's limits hold for every input form and every entry point, and a closed pipeline
+refuses every request with a clear error.
+
+Each refusal is paired with the same request under the limit succeeding, so a limit that refused
+everything would fail too.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from llava_edge.cli import main
+from llava_edge.errors import LlavaEdgeError
+from llava_edge.runtime import Limits, Pipeline
+
+# Each entry point, run to the end: (pipeline, image, question, options) -> the answer's text.
+ENTRIES: dict[str, Callable[..., str]] = {
+    "generate": lambda p, image, q, **o: p.generate(image, q, **o),
+    "answer": lambda p, image, q, **o: p.answer(image, q, **o).text,
+    "stream": lambda p, image, q, **o: "".join(p.stream(image, q, **o)),
+    "generate_batch": lambda p, image, q, **o: p.generate_batch([(image, q)], **o)[0].text,
+    "chat.ask": lambda p, image, q, **o: p.chat(image, **o).ask(q),
+    "chat.stream": lambda p, image, q, **o: "".join(p.chat(image).stream(q, **o)),
+}
+FORMS = ["path", "bytes", "pil", "array"]
+SMALL = dict(max_new_tokens=2)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir):
+    with Pipeline.load(tiny_model_dir, threads=1) as p:
+        yield p
+
+
+def image_as(form: str, width: int, height: int, tmp_path: Path):
+    array = np.random.default_rng(width).integers(0, 256, (height, width, 3), np.uint8)
+    if form == "array":
+        return array
+    if form == "pil":
+        return Image.fromarray(array)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    if form == "bytes":
+        return buffer.getvalue()
+    path = tmp_path / f"{width}x{height}.png"
+    path.write_bytes(buffer.getvalue())
+    return path
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("form", FORMS)
+def test_image_pixel_limit_holds_for_every_form_and_entry(pipe, form, entry, tmp_path, monkeypatch):
+    monkeypatch.setattr(pipe, "limits", Limits(max_image_pixels=1000))
+    ask = ENTRIES[entry]
+    with pytest.raises(LlavaEdgeError, match=r"40x30 = 1200 pixels, over the limit of 1000"):
+        ask(pipe, image_as(form, 40, 30, tmp_path), "What is it?", **SMALL)
+    assert ask(pipe, image_as(form, 25, 40, tmp_path), "What is it?", **SMALL) is not None
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_prompt_token_limit_holds_for_every_entry(pipe, entry, monkeypatch):
+    short = len(pipe.answer(None, "Hi", max_new_tokens=1).prompt_token_ids)
+    monkeypatch.setattr(pipe, "limits", Limits(max_prompt_tokens=short + 10))
+    ask = ENTRIES[entry]
+    with pytest.raises(LlavaEdgeError, match=f"over this deployment's limit of {short + 10}"):
+        ask(pipe, None, "Hi " + "word " * 20, **SMALL)
+    assert ask(pipe, None, "Hi", **SMALL) is not None
+
+
+def test_a_chat_may_not_outgrow_the_prompt_limit(pipe, monkeypatch):
+    """The limit bounds what an answer is conditioned on: in a chat, the whole conversation."""
+    question = "Tell me more"
+    one_turn = len(pipe.answer(None, question, max_new_tokens=1).prompt_token_ids)
+    monkeypatch.setattr(pipe, "limits", Limits(max_prompt_tokens=one_turn + 4))
+    chat = pipe.chat(None, max_new_tokens=4, ignore_eos=True)
+    chat.ask(question)
+    with pytest.raises(LlavaEdgeError, match="the conversation with this question is .* new chat"):
+        chat.ask(question)
+    assert pipe.generate(None, question, max_new_tokens=2) is not None  # alone it fits
+    assert chat.fed == len(chat.ids) - 1  # the refused turn left the session as it was
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_new_token_limit_holds_for_every_entry(pipe, entry, monkeypatch):
+    ask = ENTRIES[entry]
+    want = pipe.generate(None, "Count.", max_new_tokens=3, ignore_eos=True)
+    monkeypatch.setattr(pipe, "limits", Limits(max_new_tokens=3))
+    with pytest.raises(
+        LlavaEdgeError, match="max_new_tokens 4 is over this deployment's limit of 3"
+    ):
+        ask(pipe, None, "Count.", max_new_tokens=4)
+    assert ask(pipe, None, "Count.", ignore_eos=True) == want  # asked for nothing: capped at 3
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_timeout_holds_for_every_entry(pipe, entry, monkeypatch):
+    ask = ENTRIES[entry]
+    monkeypatch.setattr(pipe, "limits", Limits(timeout_s=1e-9))
+    with pytest.raises(LlavaEdgeError, match="time limit of 1e-09 s"):
+        ask(pipe, None, "Count.", max_new_tokens=4, ignore_eos=True)
+    monkeypatch.setattr(pipe, "limits", Limits(timeout_s=60))
+    assert ask(pipe, None, "Count.", max_new_tokens=4, ignore_eos=True) is not None
+
+
+@pytest.mark.parametrize("entry", [*ENTRIES, "chat made before", "stream made before"])
+def test_a_closed_pipeline_refuses_every_entry(tiny_model_dir, entry):
+    p = Pipeline.load(tiny_model_dir)
+    chat, stream = p.chat(None, **SMALL), p.stream(None, "Hi", **SMALL)
+    p.close()
+    with pytest.raises(LlavaEdgeError, match="closed; load the model dir again"):
+        if entry == "chat made before":
+            chat.ask("Hi")
+        elif entry == "stream made before":
+            "".join(stream)
+        else:
+            ENTRIES[entry](p, np.zeros((8, 8, 3), np.uint8), "Hi", **SMALL)
+
+
+# ---- the commands that run a model --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    import json
+
+    root = tmp_path_factory.mktemp("limits_cli")
+    Image.fromarray(np.full((40, 50, 3), 90, np.uint8)).save(root / "picture.png")
+    record = {
+        "id": "a",
+        "image": "picture.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is the picture?"},
+            {"from": "gpt", "value": "grey"},
+        ],
+    }
+    (root / "data.json").write_text(json.dumps([record]))
+    return {"root": root, "image": root / "picture.png", "data": root / "data.json"}
+
+
+LIMITS = {
+    "--max-image-pixels": ("100", "over the limit of 100"),
+    "--max-prompt-tokens": ("5", "over this deployment's limit of 5"),
+    "--timeout": ("1e-9", "time limit"),
+}
+
+
+@pytest.mark.parametrize("command", ["run", "chat", "bench", "eval"])
+def test_every_command_that_runs_a_model_holds_the_limits(
+    tiny_model_dir, files, command, capsys, monkeypatch
+):
+    model, image = str(tiny_model_dir), str(files["image"])
+    argv = {
+        "run": ["run", model, "--image", image, "--prompt", "What colour?"],
+        "chat": ["chat", model, "--image", image],
+        "bench": ["bench", model, "--runs", "1", "--new-tokens", "4"],
+        "eval": ["eval", model, "--data", str(files["data"]), "--images", str(files["root"])],
+    }[command]
+    argv += ["--max-new-tokens", "4"] if command != "bench" else []
+    asked = []
+
+    def one_question(_prompt: str = "") -> str:  # `chat` asks one question, then leaves
+        if asked:
+            asked.clear()
+            raise EOFError
+        asked.append(1)
+        return "What colour?"
+
+    monkeypatch.setattr("builtins.input", one_question)
+    assert main(argv) == 0
+    capsys.readouterr()
+    for limit, (value, message) in LIMITS.items():
+        code = main([*argv, limit, value])
+        out, err = capsys.readouterr()
+        if command == "chat":  # the chat reports the error and goes on; its image fails at once
+            assert message in (out + err), limit
+        else:
+            assert code == 1 and message in err and "Traceback" not in err, limit
