@@ -10,6 +10,7 @@ conversion: it writes that model the way the original LLaVA code saves it.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ class Source:
     vision: dict[str, Any] = field(default_factory=dict)  # CLIPVisionConfig overrides
     text: dict[str, Any] = field(default_factory=dict)  # text config overrides
     template: str = "vicuna_v1"
+    sentencepiece: bool = False  # the original ships tokenizer.model only, as LLaVA's releases do
     seed: int = 0
 
 
@@ -60,18 +62,71 @@ TEXT = dict(
 )
 
 
-def original_tokenizer(im_start_end: bool) -> Any:
+@functools.cache
+def sentencepiece_model() -> bytes:
+    """A small SentencePiece BPE (Llama's kind: byte fallback, <unk> <s> </s> at 0 1 2)."""
+    import io
+
+    import sentencepiece
+
+    from llava_edge.training.synth import corpus
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus() * 3),
+        model_writer=model,
+        vocab_size=320,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
+SENTENCEPIECE_CONFIG = {
+    "tokenizer_class": "LlamaTokenizer",
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+    "pad_token": None,
+    "add_bos_token": True,
+    "add_eos_token": False,
+    "legacy": False,
+}
+
+
+def _sentencepiece_backend() -> Any:
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "tokenizer.model").write_bytes(sentencepiece_model())
+        (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(SENTENCEPIECE_CONFIG))
+        return AutoTokenizer.from_pretrained(tmp).backend_tokenizer
+
+
+def original_tokenizer(spec: Source) -> Any:
     """The tokenizer an original checkpoint ships: no `<image>`, no `<pad>`."""
     from tokenizers import AddedToken, Tokenizer
 
     from llava_edge.training.tokenizer import build_tokenizer
 
-    data = json.loads(build_tokenizer(512).to_str())
-    data["added_tokens"] = [
-        t for t in data["added_tokens"] if t["content"] not in ("<image>", "<pad>")
-    ]
-    tokenizer = Tokenizer.from_str(json.dumps(data))
-    if im_start_end:
+    if spec.sentencepiece:
+        tokenizer = _sentencepiece_backend()
+    else:
+        data = json.loads(build_tokenizer(512).to_str())
+        data["added_tokens"] = [
+            t for t in data["added_tokens"] if t["content"] not in ("<image>", "<pad>")
+        ]
+        tokenizer = Tokenizer.from_str(json.dumps(data))
+    if spec.im_start_end:
         tokenizer.add_special_tokens(
             [AddedToken(t, special=True, normalized=False) for t in ("<im_start>", "<im_end>")]
         )
@@ -110,7 +165,7 @@ def make_source(out: Path, spec: Source) -> Path:
 
     from llava_edge.modeling import model_class
 
-    backend = original_tokenizer(spec.im_start_end)
+    backend = original_tokenizer(spec)
     original_vocab = backend.get_vocab_size()
     backend.add_special_tokens(
         [AddedToken(t, special=True, normalized=False) for t in ("<image>", "<pad>")]
@@ -196,14 +251,22 @@ def to_original(source: Path, out: Path, spec: Source, layout: Layout) -> dict[s
     from llava_edge.modeling import load_model
 
     model = load_model(source, dtype=torch.float32)
-    vocab = original_tokenizer(spec.im_start_end).get_vocab_size()
+    vocab = original_tokenizer(spec).get_vocab_size()
     state = original_state(model, spec, vocab, layout.vision_weights)
     out.mkdir(parents=True)
     write_state(out, state, layout)
     (out / "config.json").write_text(json.dumps(original_config(model.config, spec, vocab, layout)))
-    tokenizer = hf_tokenizer(original_tokenizer(spec.im_start_end), "<unk>")
-    tokenizer.save_pretrained(out)
+    save_original_tokenizer(spec, out)
     return state
+
+
+def save_original_tokenizer(spec: Source, out: Path) -> None:
+    """As the original saves it: tokenizers' JSON, or SentencePiece's tokenizer.model alone."""
+    if spec.sentencepiece and not spec.im_start_end:
+        (out / "tokenizer.model").write_bytes(sentencepiece_model())
+        (out / "tokenizer_config.json").write_text(json.dumps(SENTENCEPIECE_CONFIG))
+    else:
+        hf_tokenizer(original_tokenizer(spec), "<unk>").save_pretrained(out)
 
 
 def original_state(model: Any, spec: Source, vocab: int, vision: bool) -> dict[str, Any]:

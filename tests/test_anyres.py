@@ -153,17 +153,19 @@ def test_chat_cache_and_limits_take_the_variable_image_tokens(exported: Exported
 def test_bench_runs_the_tiles(exported: Exported) -> None:
     """bench's runtime side and its transformers baseline see the same prompt, image tokens
     included."""
+    from functools import partial
+
     from llava_edge.export.baseline import TransformersRunner
-    from llava_edge.runtime.bench import Workload, bench_pipeline, bench_prompt
+    from llava_edge.runtime.bench import Workload, benchmark
 
     workload = Workload(question_tokens=4, new_tokens=3, runs=1)
-    report = bench_pipeline(exported.model_dir, workload)
-    assert report["prompt_tokens"] > Manifest.load(exported.model_dir).num_image_tokens * 2
-    assert report["vision_ms"] > 0
-    _, prompt = bench_prompt(exported.model_dir, workload)
-    baseline = TransformersRunner(exported.checkpoint, workload, prompt)
-    assert baseline.run_once()["prompt_tokens"] == report["prompt_tokens"]
-    baseline.close()
+    report = benchmark(
+        exported.model_dir, workload, baseline=partial(TransformersRunner, exported.checkpoint)
+    )
+    ours, theirs = report["llava_edge"], report["transformers"]
+    assert ours["prompt_tokens"] > Manifest.load(exported.model_dir).num_image_tokens * 2
+    assert ours["prompt_tokens"] == theirs["prompt_tokens"]
+    assert ours["vision_ms"] > 0
 
 
 def test_tensorrt_engines_take_the_tile_batch(exported: Exported, tmp_path, monkeypatch) -> None:
@@ -267,7 +269,7 @@ def test_packing_equals_pack_image_features(pinpoints: str) -> None:
     spec = _image_spec(processor, config)
     counter = LlavaNextProcessor(
         image_processor=processor,
-        tokenizer=hf_tokenizer(original_tokenizer(False), "<unk>"),
+        tokenizer=hf_tokenizer(original_tokenizer(Source()), "<unk>"),
         patch_size=8,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,

@@ -28,6 +28,7 @@ from original_format import (
     make_source,
     original_state,
     original_tokenizer,
+    save_original_tokenizer,
     save_tower,
     to_original,
     write_state,
@@ -73,10 +74,12 @@ CASES: dict[str, Case] = {
         Layout(weights="bin", shards=3, vision_weights=True, projector_key=False),
         vision="none",
     ),
-    # Mistral with GQA, a 3-layer MLP, CLS kept; one .bin; the tower's weights in the checkpoint
-    # and its config from a local dir named like mm_vision_tower (whose weights differ).
+    # Mistral with GQA, a 3-layer MLP, CLS kept; one .bin; a SentencePiece tokenizer.model alone;
+    # the tower's weights in the checkpoint and its config from a local dir named like
+    # mm_vision_tower (whose weights differ).
     "mistral-mlp3x-cls-bin": Case(
         Source(
+            sentencepiece=True,
             backbone="mistral",
             projector="mlp3x_gelu",
             select_feature="cls_patch",
@@ -168,7 +171,7 @@ def test_weights_are_the_source_models(converted: Converted) -> None:
     source = load_model(converted.source, dtype=torch.float32).state_dict()
     ours = load_model(converted.checkpoint, dtype=torch.float32).state_dict()
     assert source.keys() == ours.keys()
-    vocab = original_tokenizer(converted.case.spec.im_start_end).get_vocab_size()
+    vocab = original_tokenizer(converted.case.spec).get_vocab_size()
     for key, value in source.items():
         if key in ("lm_head.weight", "model.language_model.embed_tokens.weight"):
             assert ours[key].shape == value.shape
@@ -242,7 +245,7 @@ def make_lora_output(source: Path, out: Path, root: Path, spec: Source) -> tuple
     from safetensors.torch import save_file
 
     model = load_model(source, dtype=torch.float32)
-    vocab = original_tokenizer(spec.im_start_end).get_vocab_size()
+    vocab = original_tokenizer(spec).get_vocab_size()
     base_state = original_state(model, spec, vocab, vision=False)
     rank, alpha = 4, 8
     generator = torch.Generator().manual_seed(spec.seed)
@@ -268,7 +271,9 @@ def make_lora_output(source: Path, out: Path, root: Path, spec: Source) -> tuple
         "llava_edge.json",
     ):
         shutil.copy(source / name, merged / name)
-    base = write_base_model(model, base_state, root / "vicuna", Layout(weights="bin", shards=2))
+    base = write_base_model(
+        model, base_state, root / "vicuna", Layout(weights="bin", shards=2), spec
+    )
     out.mkdir()
     save_file(adapters, str(out / "adapter_model.safetensors"))
     projector = {
@@ -306,9 +311,9 @@ def make_stage1_output(source: Path, out: Path, root: Path, spec: Source) -> tup
     from original_format import original_config
 
     model = load_model(source, dtype=torch.float32)
-    vocab = original_tokenizer(spec.im_start_end).get_vocab_size()
+    vocab = original_tokenizer(spec).get_vocab_size()
     state = original_state(model, spec, vocab, vision=False)
-    base = write_base_model(model, state, root / "vicuna", Layout())
+    base = write_base_model(model, state, root / "vicuna", Layout(), spec)
     out.mkdir()
     torch.save({k: v for k, v in state.items() if "mm_projector" in k}, out / "mm_projector.bin")
     config = original_config(model.config, spec, vocab, Layout())
@@ -316,7 +321,7 @@ def make_stage1_output(source: Path, out: Path, root: Path, spec: Source) -> tup
     return base, state
 
 
-def write_base_model(model: Any, state: dict, out: Path, layout: Layout) -> Path:
+def write_base_model(model: Any, state: dict, out: Path, layout: Layout, spec: Source) -> Path:
     """The language model alone, as a Hugging Face causal LM dir (what --base takes)."""
     out.mkdir()
     text = {k: v for k, v in state.items() if "mm_projector" not in k and "vision_tower" not in k}
@@ -325,9 +330,7 @@ def write_base_model(model: Any, state: dict, out: Path, layout: Layout) -> Path
     config.update(vocab_size=text["model.embed_tokens.weight"].shape[0], pad_token_id=0)
     config.pop("dtype", None)
     (out / "config.json").write_text(json.dumps(config))
-    from original_format import hf_tokenizer
-
-    hf_tokenizer(original_tokenizer(False), "<unk>").save_pretrained(out)
+    save_original_tokenizer(spec, out)
     return out
 
 
@@ -462,3 +465,35 @@ def test_a_full_output_dir_is_kept_without_force(plain_original, tmp_path, capsy
     assert cli([*args, "--force", "--template", "llava_v1"]) == 0
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
     assert json.loads((out / "llava_edge.json").read_text())["template"] == "llava_v1"
+
+
+def test_missing_extras_are_named(plain_original, tmp_path, monkeypatch, capsys) -> None:
+    """A SentencePiece-only tokenizer without sentencepiece, a LoRA output without peft."""
+    from original_format import SENTENCEPIECE_CONFIG, sentencepiece_model
+
+    import llava_edge.convert.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "_has", lambda module: False)
+    original = _copy(plain_original, tmp_path)
+    (original / "tokenizer.json").unlink()
+    (original / "tokenizer.model").write_bytes(sentencepiece_model())
+    (original / "tokenizer_config.json").write_text(json.dumps(SENTENCEPIECE_CONFIG))
+    args = [
+        "convert",
+        str(original),
+        str(tmp_path / "out"),
+        "--vision",
+        str(plain_original["clip"]),
+    ]
+    assert cli(args) == 1
+    assert "pip install 'llava-edge[convert]' (sentencepiece)" in capsys.readouterr().err
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    shutil.copy(plain_original["original"] / "config.json", lora)
+    (lora / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
+    torch.save(
+        {"base_model.model.model.mm_projector.0.weight": torch.zeros(1)}, lora / "adapter_model.bin"
+    )
+    args = ["convert", str(lora), str(tmp_path / "out2"), "--base", str(plain_original["original"])]
+    assert cli([*args, "--vision", str(plain_original["clip"])]) == 1
+    assert "merging a LoRA output needs peft" in capsys.readouterr().err

@@ -14,6 +14,7 @@ takes the dir like any other; it never sees the original format.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import warnings
 from collections.abc import Iterator
@@ -117,6 +118,13 @@ def _tokenizer(parts: Original) -> Any:
     from tokenizers import AddedToken
     from transformers import AutoTokenizer
 
+    directory = parts.tokenizer_dir
+    slow_only = not (directory / "tokenizer.json").is_file()
+    if slow_only and (directory / "tokenizer.model").is_file() and not _has("sentencepiece"):
+        raise LlavaEdgeError(
+            f"the tokenizer in {parts.tokenizer_dir} is SentencePiece's (tokenizer.model): "
+            "pip install 'llava-edge[convert]' (sentencepiece)"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(parts.tokenizer_dir)
     except (OSError, ValueError) as e:
@@ -184,6 +192,8 @@ def _merge_lora(model: Any, parts: Original) -> Any:
     modules have the causal LM's names (`model.layers.N.self_attn.q_proj`), so peft wraps the
     causal LM alone and finds every one of them.
     """
+    if not _has("peft"):
+        raise LlavaEdgeError("merging a LoRA output needs peft: pip install 'llava-edge[convert]'")
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
     if not parts.lora:
@@ -362,6 +372,10 @@ def _processor(parts: Original, tower: Tower, config: Any, tokenizer: Any, chat:
         num_additional_image_tokens=1,  # CLIP's CLS token
         chat_template=chat,
     )
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
 
 
 @contextlib.contextmanager
