@@ -262,7 +262,11 @@ def _doctor(args: argparse.Namespace) -> None:
 
 
 @command("data")
-def _data(args: argparse.Namespace) -> None:
+def _data(args: argparse.Namespace) -> int | None:
+    return DATA_COMMANDS[args.data_command](args)
+
+
+def _data_synth(args: argparse.Namespace) -> None:
     from llava_edge.training.synth import synthesize
 
     paths = synthesize(args.out_dir, train=args.train, test=args.test, seed=args.seed)
@@ -271,6 +275,60 @@ def _data(args: argparse.Namespace) -> None:
     )
     for key, path in paths.items():
         print(f"  {key:9s} {path}")
+
+
+def _data_generate(args: argparse.Namespace) -> int:
+    from llava_edge.training.datagen.generate import format_report, generate
+
+    result = generate(
+        args.annotations,
+        args.images,
+        args.out,
+        endpoint=args.endpoint,
+        model=args.model,
+        api_key_env=args.api_key_env,
+        kinds=[k.strip() for k in args.kinds.split(",") if k.strip()],
+        per_image=args.per_image,
+        concurrency=args.concurrency,
+        max_images=args.max_images,
+        max_requests=args.max_requests,
+        journal=args.journal,
+        temperature=args.temperature,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+        timeout=args.timeout,
+        retries=args.retries,
+        backoff=args.backoff,
+        dry_run=args.dry_run,
+    )
+    if args.dry_run:
+        return 0
+    print(format_report(result))
+    return 1 if result.failed else 0  # some samples still missing: a script should notice
+
+
+def _data_vqa(args: argparse.Namespace) -> None:
+    from llava_edge.training.datagen.vqa import convert_vqa
+
+    result = convert_vqa(
+        args.file, args.format, args.images, args.out, annotations=args.annotations
+    )
+    print(result.summary())
+
+
+def _data_mix(args: argparse.Namespace) -> None:
+    from llava_edge.training.datagen.mix import format_table, mix
+
+    result = mix(args.sources, args.out, seed=args.seed)
+    print(format_table(result))
+
+
+DATA_COMMANDS = {
+    "synth": _data_synth,
+    "generate": _data_generate,
+    "vqa": _data_vqa,
+    "mix": _data_mix,
+}
 
 
 # ---- train, merge-lora, eval ----------------------------------------------------------------
@@ -460,9 +518,82 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", type=int, default=1000)
     p.add_argument("--test", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
+    _add_datagen_parsers(data)
 
     _add_training_parsers(sub)
     return parser
+
+
+def _add_datagen_parsers(data: argparse._SubParsersAction) -> None:
+    p = data.add_parser(
+        "generate",
+        help="instruction data from captions and boxes, written by an LLM (LLaVA's pipeline)",
+        description="Ask an OpenAI-compatible chat endpoint to write conversations, detailed "
+        "descriptions and reasoning questions about each annotated image, from its captions and "
+        "boxes. Run the same command again to resume: the journal keeps every settled sample.",
+    )
+    p.add_argument(
+        "--annotations",
+        action="append",
+        required=True,
+        metavar="FILE",
+        help="COCO-style JSON (captions and/or boxes) or JSONL of {image, captions, boxes}; "
+        "repeatable (merged by image file name)",
+    )
+    p.add_argument("--images", required=True, help="dir the annotated image names are in")
+    p.add_argument("--out", required=True, help="LLaVA JSON file to write")
+    p.add_argument(
+        "--endpoint", help="API root of an OpenAI-compatible server, e.g. http://localhost:8080/v1"
+    )
+    p.add_argument("--model", help="model name (default: the only one the endpoint serves)")
+    p.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the API key")
+    p.add_argument(
+        "--kinds",
+        default="conversation,detail,reasoning",
+        help="comma-separated kinds to generate (default: all three)",
+    )
+    p.add_argument("--per-image", type=int, default=1, help="samples of each kind per image")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight at once")
+    p.add_argument("--max-images", type=int, help="use only the first N usable images")
+    p.add_argument(
+        "--max-requests", type=int, help="send at most N HTTP requests (retries count), then stop"
+    )
+    p.add_argument("--journal", help="resumable record of the run (default: OUT.journal.jsonl)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
+    p.add_argument("--max-tokens", type=int, default=1024, help="longest reply in tokens")
+    p.add_argument("--seed", type=int, default=0, help="base of each request's sampling seed")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds one request may take")
+    p.add_argument("--retries", type=int, default=5, help="retries of a request on 429/5xx/timeout")
+    p.add_argument(
+        "--backoff", type=float, default=1.0, help="seconds before the first retry (then x2)"
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the first image's prompts; send nothing"
+    )
+
+    p = data.add_parser(
+        "vqa",
+        help="short-answer VQA data as LLaVA-1.5 mixes it in (response-format prompts)",
+    )
+    p.add_argument("file", help="the questions file (for jsonl: one question a line)")
+    p.add_argument("--format", required=True, choices=["vqav2", "gqa", "textvqa", "jsonl"])
+    p.add_argument("--images", required=True, help="dir the images are in")
+    p.add_argument("--out", required=True, help="LLaVA JSON file to write")
+    p.add_argument(
+        "--annotations",
+        help="vqav2: the annotations file with the answers (default: found beside FILE)",
+    )
+
+    p = data.add_parser("mix", help="mix LLaVA files with weights (LLaVA-1.5's recipe)")
+    p.add_argument(
+        "sources",
+        nargs="+",
+        metavar="FILE[:WEIGHT]",
+        help="LLaVA JSON/JSONL and how many times its samples go in (default 1; 0.5: a random "
+        "half; 2: twice)",
+    )
+    p.add_argument("--out", required=True, help="LLaVA JSON file to write")
+    p.add_argument("--seed", type=int, default=0)
 
 
 def _add_training_parsers(sub: argparse._SubParsersAction) -> None:

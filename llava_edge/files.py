@@ -1,9 +1,10 @@
-"""Writing a whole directory so that, whatever happens (an error, Ctrl-C, SIGKILL, power loss),
-its path holds nothing, the previous complete dir, or the new complete dir.
+"""Writing a whole directory (or file) so that, whatever happens (an error, Ctrl-C, SIGKILL,
+power loss), its path holds nothing, the previous complete one, or the new complete one.
 
 Every stage that produces a dir (init, export, quantize, training's output) writes through
-`replace_dir`: the work goes into a hidden temporary dir beside the output (same filesystem, so
-installing it is a rename), and leftovers of writers that were killed are cleaned up next time.
+`replace_dir`, and every data file (`llava-edge data ...`) through `replace_file`: the work goes
+into a hidden temporary beside the output (same filesystem, so installing it is a rename), and
+leftovers of writers that were killed are cleaned up next time.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from llava_edge.errors import LlavaEdgeError
 
@@ -79,6 +80,31 @@ def replace_dir(out: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def replace_file(out: Path, encoding: str = "utf-8") -> Iterator[IO[str]]:
+    """Yield a text file open for writing; if the block finishes, it is flushed to disk and
+    renamed to `out` (replacing it)."""
+    out = Path(out)
+    try:
+        out.resolve().parent.mkdir(parents=True, exist_ok=True)
+        _clean_leftovers(out)
+        fd, name = tempfile.mkstemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent)
+    except OSError as e:
+        raise LlavaEdgeError(f"cannot write {out}: {e.strerror}") from None
+    tmp = Path(name)
+    try:
+        with open(fd, "w", encoding=encoding) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)  # mkstemp makes it private; the output is an ordinary file
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _install(tmp: Path, out: Path) -> None:
     """Replace `out` by `tmp` with two renames; the old dir is put back if the second fails."""
     old = out.resolve().parent / f".{out.name}.old-{os.getpid()}"
@@ -102,8 +128,10 @@ def _clean_leftovers(out: Path) -> None:
             continue
         if kind == "old" and not out.exists():
             os.replace(path, out)  # killed between the two renames: the old dir was complete
-        else:
+        elif path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:

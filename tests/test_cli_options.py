@@ -134,6 +134,9 @@ def record(world, monkeypatch) -> Calls:
     import llava_edge.runtime.interactive as interactive
     import llava_edge.runtime.tensorrt.build as build
     import llava_edge.training.checkpoint as checkpoint
+    import llava_edge.training.datagen.generate as datagen_generate
+    import llava_edge.training.datagen.mix as datagen_mix
+    import llava_edge.training.datagen.vqa as datagen_vqa
     import llava_edge.training.evaluate as evaluate
     import llava_edge.training.lora as lora
     import llava_edge.training.synth as synth
@@ -150,6 +153,9 @@ def record(world, monkeypatch) -> Calls:
         (synth, "synthesize", {}),
         (train, "train", trained),
         (lora, "merge_lora", "merged"),
+        (datagen_generate, "generate", datagen_generate.GenerateResult(Path("o"), Path("j"), "m")),
+        (datagen_vqa, "convert_vqa", datagen_vqa.VqaResult(Path("o"))),
+        (datagen_mix, "mix", datagen_mix.MixResult(Path("o"), 0, [])),
         (bench, "plot", None),
     ]:
         monkeypatch.setattr(module, name, fake(f"{module.__name__}.{name}", result))

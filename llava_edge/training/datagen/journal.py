@@ -1,0 +1,122 @@
+"""The record of a `generate` run that makes it resumable.
+
+One JSON line per settled sample, keyed by (image, kind, index): its LLaVA sample, or why its
+reply was dropped, and the tokens it cost. A line is written whole and synced before the next
+one; a run killed in the middle of a line leaves a torn last line, which the next run cuts off
+(that sample is asked again). The first line holds the settings that change what the LLM
+writes (model, prompts, temperature, seed, token limit): a journal is only resumed with the same.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import IO, Any
+
+from llava_edge.errors import LlavaEdgeError
+
+Key = tuple[str, str, int]  # image, kind, index
+_HEADER = "llava-edge data generate journal"
+
+
+def key_of(entry: dict) -> Key:
+    return entry["image"], entry["kind"], int(entry["index"])
+
+
+class Journal:
+    """Settled samples by key; `append` adds one for good."""
+
+    def __init__(self, path: Path, settings: dict[str, Any]):
+        self.path = Path(path)
+        self.entries: dict[Key, dict] = {}
+        self._file: IO[str] | None = None
+        self._open(settings)
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self.entries
+
+    def append(self, entry: dict) -> None:
+        assert self._file is not None
+        self._file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.entries[key_of(entry)] = entry
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _open(self, settings: dict[str, Any]) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (kept open)
+        except OSError as e:
+            raise LlavaEdgeError(f"cannot write the journal {self.path}: {e.strerror}") from None
+        try:
+            _lock(self._file, self.path)
+            self._file.seek(0)
+            text = self._file.read()
+            lines = text.splitlines()
+            if lines and ("\n" in text or not text.startswith('{"journal"')):
+                self._check_header(lines[0], settings)  # before anything is cut off
+            if text and not text.endswith("\n"):  # killed mid-line: that sample is asked again
+                text = text[: text.rfind("\n") + 1]
+                self._file.truncate(len(text.encode("utf-8")))
+                lines = text.splitlines()
+            if not lines:
+                self._file.write(json.dumps({"journal": _HEADER, "settings": settings}) + "\n")
+                self._file.flush()
+                return
+            for number, line in enumerate(lines[1:], 2):
+                try:
+                    entry = json.loads(line)
+                    self.entries[key_of(entry)] = entry
+                except (ValueError, KeyError, TypeError):
+                    raise LlavaEdgeError(
+                        f"journal {self.path} line {number} is damaged; delete the journal to "
+                        "start over"
+                    ) from None
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_header(self, line: str, settings: dict[str, Any]) -> None:
+        try:
+            header = json.loads(line)
+            ok = header.get("journal") == _HEADER
+        except (ValueError, AttributeError):
+            ok = False
+        if not ok:
+            raise LlavaEdgeError(
+                f"{self.path} is not a journal of `llava-edge data generate`; choose another "
+                "--journal (or --out)"
+            )
+        old = header.get("settings", {})
+        for name, value in settings.items():
+            if old.get(name) != value:
+                raise LlavaEdgeError(
+                    f"journal {self.path} was written with {name} {old.get(name)!r}, not "
+                    f"{value!r}; resume with the same settings, or delete the journal to start over"
+                )
+
+
+def _lock(file: IO[str], path: Path) -> None:
+    """One run per journal: two appending at once would ask and write samples twice."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; one run at a time is up to the user
+        return
+    try:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise LlavaEdgeError(
+            f"another `llava-edge data generate` is writing {path}; wait for it or stop it"
+        ) from None

@@ -1,0 +1,102 @@
+"""The LLM's JSON replies, one schema per kind, turned into (question, answer) rounds.
+
+    conversation  {"turns": [{"question": "...", "answer": "..."}, ...]}
+    detail        {"description": "..."}
+    reasoning     {"question": "...", "answer": "..."}
+
+Other keys are ignored. A reply that does not fit its schema, was cut off at the token limit,
+or copies raw coordinates into an answer is dropped (`Dropped`, with a short reason that reports
+count by and a detail that says where).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from llava_edge.training.datagen.prompts import detail_question
+
+# A run of 2-4 comma-separated numbers between 0 and 1, at least the first with decimals:
+# "[0.412, 0.388, 0.705, 0.912]", "(0.41, 0.39)". Box coordinates, not prose numbers.
+_COORDINATE_RUN = re.compile(
+    r"(?<![\d.])(?:0?\.\d+|1\.0+)(?:\s*,\s*(?:0?\.\d+|1\.0+|[01])(?!\.?\d)){1,3}"
+)
+_FENCE = re.compile(r"^```[a-zA-Z]*\s*\n?(.*?)\n?```$", re.DOTALL)
+
+
+class Dropped(Exception):
+    """A reply that gives no sample; `reason` is its category, `detail` the specifics."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def parse_reply(
+    kind: str,
+    content: str | None,
+    finish_reason: str | None,
+    coordinates: set[str],
+    image: str,
+    index: int,
+) -> list[tuple[str, str]]:
+    """The reply's (question, answer) rounds, or Dropped.
+
+    coordinates: the numbers the image's boxes were shown with; any of them in an answer, or a
+    run of box-like numbers, means the LLM leaked the boxes instead of describing the image.
+    """
+    if finish_reason == "length":
+        raise Dropped("cut off at the token limit", "raise --max-tokens")
+    if content is None or not content.strip():
+        raise Dropped("empty reply")
+    text = content.strip()
+    fenced = _FENCE.match(text)  # some servers wrap JSON in a Markdown block despite json mode
+    if fenced:
+        text = fenced.group(1).strip()
+    try:
+        reply = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise Dropped("not JSON", f"{e.msg} at character {e.pos}") from None
+    if not isinstance(reply, dict):
+        raise Dropped("wrong schema", f"a JSON {type(reply).__name__}, not an object")
+    if kind == "conversation":
+        turns = reply.get("turns")
+        if not isinstance(turns, list) or not turns:
+            raise Dropped("wrong schema", "no 'turns' list")
+        rounds = [_pair(turn, f"turn {i}") for i, turn in enumerate(turns)]
+    elif kind == "detail":
+        rounds = [(detail_question(image, index), _text(reply, "description", "the reply"))]
+    elif kind == "reasoning":
+        rounds = [_pair(reply, "the reply")]
+    else:
+        raise ValueError(f"unknown kind {kind!r}")
+    for i, (_, answer) in enumerate(rounds):
+        leak = leaked_coordinates(answer, coordinates)
+        if leak:
+            raise Dropped("raw coordinates in an answer", f"answer {i}: {leak!r}")
+    return rounds
+
+
+def leaked_coordinates(text: str, coordinates: set[str]) -> str | None:
+    """The first box coordinate the text shows, or None."""
+    run = _COORDINATE_RUN.search(text)
+    if run:
+        return run.group(0)
+    for number in re.findall(r"(?<![\d.])\d*\.\d+(?!\.?\d)", text):
+        if number in coordinates or f"0{number}" in coordinates:
+            return number
+    return None
+
+
+def _pair(value: object, where: str) -> tuple[str, str]:
+    if not isinstance(value, dict):
+        raise Dropped("wrong schema", f"{where} is not an object")
+    return _text(value, "question", where), _text(value, "answer", where)
+
+
+def _text(value: dict, key: str, where: str) -> str:
+    text = value.get(key)
+    if not isinstance(text, str) or not text.strip():
+        raise Dropped("wrong schema", f"{where} has no text '{key}'")
+    return text.strip()

@@ -1,0 +1,339 @@
+"""Short-answer VQA data as LLaVA-1.5 mixes it into its training data.
+
+Each question gets the response-format prompt LLaVA-1.5 uses for its kind, so that a model
+trained on long generated answers still answers short when asked to:
+
+    open question     "{question}\\nAnswer the question using a single word or phrase."
+    multiple choice   "{question}\\nA. ...\\nB. ...\\nAnswer with the option's letter from the
+                      given choices directly."   (answer: the letter)
+
+Answers are normalised as the format's own evaluation normalises predictions (VQAv2: the VQA
+evaluation's punctuation, number-word, article and contraction rules; TextVQA: the same after
+EvalAI's tokenising; GQA: lower case without a final full stop, as LLaVA scores GQA; JSONL: as
+`llava-edge eval` compares answers), so the model learns the form it is scored on. All the
+questions about one image become one conversation, in file order, `<image>` in the first turn.
+
+Formats (as published):
+- vqav2: the questions file (`{"data_subtype": "train2014", "questions": [{"image_id",
+  "question", "question_id"}]}`) and the annotations file with the answers (`{"annotations":
+  [{"question_id", "multiple_choice_answer", "answers"}]}`); images `COCO_train2014_<id:012>.jpg`
+  or COCO 2017's `<id:012>.jpg`.
+- gqa: `{question_id: {"imageId", "question", "answer", ...}}`; images `<imageId>.jpg`.
+- textvqa: `{"data": [{"image_id", "question", "answers": [10 answers]}]}`; images
+  `<image_id>.jpg`; the answer is the most common of the ten after normalising.
+- jsonl: `{"image", "question", "answer"}` a line, with `"choices": [...]` for multiple choice
+  (the answer may be the letter, the choice's text or its 0-based index).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llava_edge.errors import LlavaEdgeError
+from llava_edge.runtime.template import SHORT_ANSWER
+from llava_edge.training.datagen.llava_json import conversation, write_samples
+from llava_edge.training.evaluate import normalize as normalize_short
+
+MULTIPLE_CHOICE = "Answer with the option's letter from the given choices directly."
+FORMATS = ("vqav2", "gqa", "textvqa", "jsonl")
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+@dataclass(frozen=True)
+class Question:
+    images: tuple[str, ...]  # file names the image may have (relative to the image dir)
+    question: str
+    answer: str  # normalised; for multiple choice, the letter
+    choices: tuple[str, ...] = ()
+
+    def prompt(self) -> str:
+        if not self.choices:
+            return f"{self.question}\n{SHORT_ANSWER}"
+        options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(self.choices))
+        return f"{self.question}\n{options}\n{MULTIPLE_CHOICE}"
+
+
+@dataclass
+class VqaResult:
+    out: Path
+    samples: int = 0
+    questions: int = 0
+    missing_image: list[str] = field(default_factory=list)  # image names not found
+    missing_questions: int = 0  # questions left out with them
+    no_answer: int = 0  # questions whose answer normalises to nothing
+
+    def summary(self) -> str:
+        lines = [
+            f"wrote {self.samples} conversations ({self.questions} questions, one conversation "
+            f"per image) to {self.out}"
+        ]
+        if self.missing_questions:
+            lines.append(
+                f"left out {self.missing_questions} questions about {len(self.missing_image)} "
+                f"images not in the image dir (e.g. {self.missing_image[0]})"
+            )
+        if self.no_answer:
+            lines.append(f"left out {self.no_answer} questions with an empty answer")
+        return "\n".join(lines)
+
+
+def convert_vqa(
+    path: str | Path,
+    format: str,
+    images: str | Path,
+    out: str | Path,
+    annotations: str | Path | None = None,
+) -> VqaResult:
+    """Write the VQA file's questions as LLaVA JSON conversations, one per image."""
+    path, image_dir, out = Path(path), Path(images), Path(out)
+    if format not in FORMATS:
+        raise LlavaEdgeError(f"unknown VQA format {format!r}; choose from {', '.join(FORMATS)}")
+    if not path.is_file():
+        raise LlavaEdgeError(f"{format} file {path} does not exist")
+    if not image_dir.is_dir():
+        raise LlavaEdgeError(f"image dir {image_dir} does not exist")
+    if out.is_dir():
+        raise LlavaEdgeError(f"--out {out} is a directory; name the JSON file to write")
+    if format == "vqav2":
+        questions = read_vqav2(path, annotations)
+    elif format == "gqa":
+        questions = read_gqa(path)
+    elif format == "textvqa":
+        questions = read_textvqa(path)
+    else:
+        questions = read_jsonl(path)
+
+    result = VqaResult(out)
+    groups: dict[str, list[Question]] = {}
+    found: dict[tuple[str, ...], str | None] = {}
+    for question in questions:
+        if question.images not in found:
+            found[question.images] = next(
+                (name for name in question.images if (image_dir / name).is_file()), None
+            )
+            if found[question.images] is None:
+                result.missing_image.append(question.images[0])
+        image = found[question.images]
+        if image is None:
+            result.missing_questions += 1
+        elif not question.answer:
+            result.no_answer += 1
+        else:
+            groups.setdefault(image, []).append(question)
+    if not groups:
+        raise LlavaEdgeError(
+            f"no question of {path} has its image in {image_dir}"
+            + (f" (looked for {result.missing_image[0]})" if result.missing_image else "")
+            + "; check --images"
+        )
+    samples = [
+        {
+            "id": f"{format}-{Path(image).stem}",
+            "image": image,
+            "conversations": conversation([(q.prompt(), q.answer) for q in group]),
+        }
+        for image, group in groups.items()
+    ]
+    result.samples = write_samples(out, samples)
+    result.questions = sum(len(g) for g in groups.values())
+    return result
+
+
+# ---- the formats -----------------------------------------------------------------------------
+
+
+def read_vqav2(path: Path, annotations: str | Path | None) -> list[Question]:
+    document = _load(path, "vqav2")
+    if not isinstance(document, dict) or not isinstance(document.get("questions"), list):
+        raise _not(path, "vqav2", "a questions file is an object with a 'questions' list")
+    answers_path = Path(annotations) if annotations else _vqav2_annotations(path)
+    if answers_path is None or not answers_path.is_file():
+        looked = f"{answers_path} does not exist" if answers_path else "none was given"
+        raise LlavaEdgeError(
+            f"vqav2 keeps its answers in an annotations file; {looked} (pass --annotations FILE)"
+        )
+    answer_doc = _load(answers_path, "vqav2")
+    if not isinstance(answer_doc, dict) or not isinstance(answer_doc.get("annotations"), list):
+        raise _not(answers_path, "vqav2", "an annotations file has an 'annotations' list")
+    answers = {}
+    for entry in answer_doc["annotations"]:
+        answer = _get(entry, "multiple_choice_answer", str, answers_path, "vqav2")
+        answers[entry.get("question_id")] = normalize_vqa(answer)
+    subtype = document.get("data_subtype")
+    questions = []
+    for entry in document["questions"]:
+        image_id = _get(entry, "image_id", int, path, "vqav2")
+        if entry.get("question_id") not in answers:
+            raise LlavaEdgeError(
+                f"{answers_path} has no answer to question {entry.get('question_id')} of {path}; "
+                "pass the annotations file of the same split"
+            )
+        names = [f"{image_id:012d}.jpg"]
+        if isinstance(subtype, str):
+            names.insert(0, f"COCO_{subtype}_{image_id:012d}.jpg")
+        questions.append(
+            Question(
+                tuple(names),
+                _get(entry, "question", str, path, "vqav2").strip(),
+                answers[entry["question_id"]],
+            )
+        )
+    return questions
+
+
+def _vqav2_annotations(questions: Path) -> Path | None:
+    """v2_OpenEnded_mscoco_train2014_questions.json -> v2_mscoco_train2014_annotations.json"""
+    name = questions.name.replace("OpenEnded_", "").replace("_questions", "_annotations")
+    return questions.with_name(name) if name != questions.name else None
+
+
+def read_gqa(path: Path) -> list[Question]:
+    document = _load(path, "gqa")
+    if not isinstance(document, dict) or not all(isinstance(v, dict) for v in document.values()):
+        raise _not(path, "gqa", "an object mapping question ids to {imageId, question, answer}")
+    return [
+        Question(
+            (f"{_get(entry, 'imageId', str, path, 'gqa')}.jpg",),
+            _get(entry, "question", str, path, "gqa").strip(),
+            normalize_short(_get(entry, "answer", str, path, "gqa")),
+        )
+        for entry in document.values()
+    ]
+
+
+def read_textvqa(path: Path) -> list[Question]:
+    document = _load(path, "textvqa")
+    if not isinstance(document, dict) or not isinstance(document.get("data"), list):
+        raise _not(path, "textvqa", "an object with a 'data' list")
+    questions = []
+    for entry in document["data"]:
+        answers = _get(entry, "answers", list, path, "textvqa")
+        normalised = [normalize_vqa(a, evalai=True) for a in answers if isinstance(a, str)]
+        normalised = [a for a in normalised if a]
+        # The most common answer; among equally common ones, the first given.
+        answer = Counter(normalised).most_common(1)[0][0] if normalised else ""
+        questions.append(
+            Question(
+                (f"{_get(entry, 'image_id', str, path, 'textvqa')}.jpg",),
+                _get(entry, "question", str, path, "textvqa").strip(),
+                answer,
+            )
+        )
+    return questions
+
+
+def read_jsonl(path: Path) -> list[Question]:
+    questions = []
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LlavaEdgeError(f"{where}: not valid JSON ({e.msg})") from None
+        image = _get(entry, "image", str, where, "jsonl")
+        question = _get(entry, "question", str, where, "jsonl").strip()
+        answer = entry.get("answer") if isinstance(entry, dict) else None
+        choices = entry.get("choices")
+        if choices is None:
+            if not isinstance(answer, str | int | float) or isinstance(answer, bool):
+                raise LlavaEdgeError(f"{where}: 'answer' must be text")
+            questions.append(Question((image,), question, normalize_short(str(answer))))
+            continue
+        if (
+            not isinstance(choices, list)
+            or not 2 <= len(choices) <= len(LETTERS)
+            or not all(isinstance(c, str) and c.strip() for c in choices)
+        ):
+            raise LlavaEdgeError(f"{where}: 'choices' must be a list of 2 to 26 texts")
+        choices = tuple(c.strip() for c in choices)
+        questions.append(Question((image,), question, _letter(answer, choices, where), choices))
+    return questions
+
+
+def _letter(answer: Any, choices: tuple[str, ...], where: str) -> str:
+    """The letter of the right choice, given as the letter, the choice's text or its index."""
+    if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices):
+        return LETTERS[answer]
+    if isinstance(answer, str):
+        text = answer.strip()
+        if len(text) == 1 and text.upper() in LETTERS[: len(choices)]:
+            return text.upper()
+        for i, choice in enumerate(choices):
+            if normalize_short(choice) == normalize_short(text):
+                return LETTERS[i]
+    raise LlavaEdgeError(
+        f"{where}: answer {answer!r} is none of the choices (give a letter, a choice or its index)"
+    )
+
+
+def _load(path: Path, format: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as e:
+        raise _not(path, format, f"not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def _get(entry: Any, key: str, kind: type, where: Path | str, format: str) -> Any:
+    value = entry.get(key) if isinstance(entry, dict) else None
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise _not(where, format, f"an entry has no {kind.__name__} '{key}'")
+    return value
+
+
+def _not(where: Path | str, format: str, why: str) -> LlavaEdgeError:
+    return LlavaEdgeError(f"{where} is not a {format} file: {why}; check --format")
+
+
+# ---- the VQA evaluation's answer normalisation -----------------------------------------------
+# Written out here because the VQA evaluation ships as a script, not a library: punctuation is
+# removed (or, inside words, turned into spaces), full stops that do not start a decimal go,
+# number words become digits, articles go, and contractions written without their apostrophe
+# get it back.
+
+_PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<",
+                "@", "`", ",", "?", "!"]  # fmt: skip
+_COMMA_IN_NUMBER = re.compile(r"(\d)(,)(\d)")
+_FULL_STOP = re.compile(r"\.(?!\d)")
+_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
+            "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}  # fmt: skip
+_ARTICLES = {"a", "an", "the"}
+# Contractions, keyed by their spelling without apostrophes; left out are those whose bare
+# spelling is a word of its own (he'll/hell, we're/were, it's/its, I'd/id, she'd/shed...).
+_CONTRACTED = (
+    "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't "
+    "hadn't've hasn't haven't he'd he'd've he's how'd how'll how's isn't it'd it'd've it'll "
+    "ma'am mightn't mightn't've might've mustn't must've needn't not've o'clock oughtn't "
+    "shan't she'd've should've shouldn't shouldn't've somebody'd've somebody'll somebody's "
+    "someone'd someone'd've someone'll someone's something'd something'd've something'll "
+    "that's there'd there'd've there're there's they'd they'd've they'll they're they've "
+    "'twas wasn't we'd've we've weren't what'll what're what's what've when's where'd "
+    "where's where've who'd who'd've who'll who's who've why'll why're why's won't would've "
+    "wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll you're you've"
+)
+_CONTRACTIONS = {form.replace("'", ""): form for form in _CONTRACTED.split()}
+
+
+def normalize_vqa(answer: str, evalai: bool = False) -> str:
+    """An answer as the VQA evaluation compares it; `evalai`: with EvalAI's tokenising first
+    (lower case, no commas or question marks, "'s" split off), as TextVQA is scored."""
+    text = answer
+    if evalai:
+        text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    spaced = text
+    for mark in _PUNCTUATION:
+        if f"{mark} " in spaced or f" {mark}" in spaced or _COMMA_IN_NUMBER.search(spaced):
+            text = text.replace(mark, "")
+        else:
+            text = text.replace(mark, " ")
+    text = _FULL_STOP.sub("", text)
+    words = [_NUMBERS.get(word, word) for word in text.lower().split()]
+    words = [_CONTRACTIONS.get(word, word) for word in words if word not in _ARTICLES]
+    return " ".join(words)

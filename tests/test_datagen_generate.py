@@ -1,0 +1,609 @@
+"""`llava-edge data generate` against a real HTTP server that speaks the OpenAI chat-completions
+protocol (tests/chat_server.py) and answers from a table of replies: good ones, malformed ones,
+429s, 5xx, slow replies, dropped and cut connections. What must hold: every good sample lands
+once, every bad one is reported, retries wait with backoff, the budget and the concurrency bound
+hold, a run killed with SIGKILL and resumed writes the same file as an uninterrupted run, and the
+file trains with `llava-edge train --stage 2` as it is."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from chat_server import ChatServer, Cut, Drop, Garbage, Reply, Status
+from PIL import Image
+
+from llava_edge.cli import main as cli
+from llava_edge.errors import LlavaEdgeError
+from llava_edge.training.data import SampleFile, parse_sample
+from llava_edge.training.datagen.client import backoff_delay
+from llava_edge.training.datagen.generate import generate
+from llava_edge.training.datagen.journal import Journal
+from llava_edge.training.datagen.prompts import (
+    DETAIL_QUESTIONS,
+    KINDS,
+    SYSTEM,
+    prompts_version,
+    request_seed,
+)
+
+OBJECTS = ["pallet", "crate", "drone", "forklift", "robot", "ladder", "bin", "cart"]
+WIDTH, HEIGHT = 48, 32
+
+
+def make_images(root: Path, count: int) -> tuple[Path, Path, Path]:
+    """`count` images with COCO captions and instances in two files (merged by file name).
+
+    Image i shows OBJECTS[i]; its one box is the middle half of the picture, which renders as
+    [0.250, 0.250, 0.750, 0.750]."""
+    images = root / "images"
+    images.mkdir(parents=True)
+    entries, captions, boxes = [], [], []
+    for i in range(count):
+        name = f"img_{i}.png"
+        Image.new("RGB", (WIDTH, HEIGHT), (30 * i, 100, 200)).save(images / name)
+        entries.append({"id": 100 + i, "file_name": name, "width": WIDTH, "height": HEIGHT})
+        captions.append({"id": i, "image_id": 100 + i, "caption": f"A {OBJECTS[i]} in a room."})
+        captions.append({"id": 50 + i, "image_id": 100 + i, "caption": f"One {OBJECTS[i]}."})
+        bbox = [WIDTH / 4, HEIGHT / 4, WIDTH / 2, HEIGHT / 2]
+        boxes.append({"id": i, "image_id": 100 + i, "bbox": bbox, "category_id": i + 1})
+    categories = [{"id": i + 1, "name": name} for i, name in enumerate(OBJECTS)]
+    caption_file, instance_file = root / "captions.json", root / "instances.json"
+    caption_file.write_text(json.dumps({"images": entries, "annotations": captions}))
+    instance_file.write_text(
+        json.dumps({"images": entries, "annotations": boxes, "categories": categories})
+    )
+    return images, caption_file, instance_file
+
+
+def good(kind: str, image: str, index: int = 0) -> dict:
+    """A realistic reply of each kind (with a key the schema does not have, to be ignored)."""
+    thing = OBJECTS[int(image.split("_")[1].split(".")[0])]
+    if kind == "conversation":
+        return {
+            "turns": [
+                {"question": f"What is in the middle of the room? ({index})",
+                 "answer": f"A {thing} stands in the middle of the room."},
+                {"question": "How many are there?", "answer": f"There is one {thing}."},
+            ],
+            "notes": "two turns",
+        }  # fmt: skip
+    if kind == "detail":
+        return {"description": f"A single {thing} fills the center of a plain room. ({index})"}
+    return {
+        "question": f"Why might someone put a {thing} there? ({index})",
+        "answer": f"The {thing} is in the middle, where it is easy to reach from every side.",
+        "difficulty": "medium",
+    }
+
+
+def rounds_of(kind: str, reply: dict) -> list[tuple[str, str]]:
+    if kind == "conversation":
+        return [(t["question"], t["answer"]) for t in reply["turns"]]
+    if kind == "detail":
+        return [(None, reply["description"])]
+    return [(reply["question"], reply["answer"])]
+
+
+class Table:
+    """Scripted replies per sample key, attempt by attempt (the last one repeats); every key
+    without a script gets its good reply."""
+
+    def __init__(self, images: list[str], per_image: int = 1, seed: int = 0, delay: float = 0.0):
+        self.scripts: dict[tuple, list] = {}
+        self.delay = delay
+        self.keys = {
+            request_seed(seed, image, kind, i): (image, kind, i)
+            for image in images
+            for kind in KINDS
+            for i in range(per_image)
+        }
+        self.problems: list[str] = []  # requests the server could not place
+
+    def __call__(self, body: dict, attempt: int):
+        key = self.keys.get(body.get("seed"))
+        if key is None:
+            self.problems.append(f"unknown seed {body.get('seed')}")
+            return Status(400, "unknown seed")
+        image, kind, index = key
+        thing = OBJECTS[int(image.split("_")[1].split(".")[0])]
+        context = body["messages"][-1]["content"]
+        if (
+            body["messages"][0]["content"] != SYSTEM[kind]
+            or f"A {thing} in a room." not in context
+            or f"- {thing}: [0.250, 0.250, 0.750, 0.750]" not in context
+            or body.get("response_format") != {"type": "json_object"}
+        ):
+            self.problems.append(f"request for {key} does not carry its prompt and context")
+            return Status(400, "bad request")
+        script = self.scripts.get(key, [Reply(json.dumps(good(kind, image, index)))])
+        action = script[min(attempt, len(script) - 1)]
+        if isinstance(action, Reply) and self.delay and not action.delay:
+            action = Reply(action.content, action.finish_reason, action.usage, self.delay)
+        return action
+
+
+def expected_sample(key: tuple, reply: dict) -> dict:
+    image, kind, index = key
+    return {"id": f"{image}-{kind}-{index}", "image": image, "rounds": rounds_of(kind, reply)}
+
+
+def check_samples(out: Path, expected: list[dict]) -> None:
+    """The output is valid LLaVA data holding exactly the expected samples, in order."""
+    records = json.loads(out.read_text())
+    assert [r["id"] for r in records] == [e["id"] for e in expected]
+    for position, (record, want) in enumerate(zip(records, expected, strict=True)):
+        sample = parse_sample(record, position)  # what training checks
+        assert sample.image == want["image"]
+        assert record["conversations"][0]["value"].startswith("<image>\n")
+        for (question, answer), (want_q, want_a) in zip(sample.turns, want["rounds"], strict=True):
+            assert answer == want_a
+            assert question == want_q or (want_q is None and question in DETAIL_QUESTIONS)
+
+
+@pytest.fixture
+def scene(tmp_path):
+    images, captions, instances = make_images(tmp_path, 6)
+    names = [f"img_{i}.png" for i in range(6)]
+    return tmp_path, images, [captions, instances], names
+
+
+class Sleeps(list):
+    """Records how long retries would have waited, without waiting."""
+
+    async def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+
+
+def test_good_samples_land_once_and_bad_ones_are_reported(scene):
+    root, images, annotations, names = scene
+    table = Table(names)
+    bad_json = "Sure! Here is a conversation about the image: Q: what is it? A: a pallet."
+    leak = {"question": "Where is it?", "answer": "It spans [0.250, 0.250, 0.750, 0.750]."}
+    copied = {"description": "The crate's left edge is at 0.250 of the width."}
+    table.scripts = {
+        ("img_0.png", "conversation", 0): [Status(429, "rate limited", {"Retry-After": "3"}),
+                                           Reply(json.dumps(good("conversation", "img_0.png")))],
+        ("img_0.png", "detail", 0): [Status(500), Status(503),
+                                     Reply(json.dumps(good("detail", "img_0.png")))],
+        ("img_1.png", "conversation", 0): [Reply(json.dumps(good("conversation", "img_1.png")),
+                                                 delay=6.0),
+                                           Reply(json.dumps(good("conversation", "img_1.png")))],
+        ("img_1.png", "detail", 0): [Drop(), Reply(json.dumps(good("detail", "img_1.png")))],
+        ("img_1.png", "reasoning", 0): [Cut(), Reply(json.dumps(good("reasoning", "img_1.png")))],
+        ("img_2.png", "conversation", 0): [Garbage(),
+                                           Reply(json.dumps(good("conversation", "img_2.png")))],
+        ("img_2.png", "detail", 0): [Reply(bad_json)],
+        ("img_2.png", "reasoning", 0): [Reply(json.dumps(leak))],
+        ("img_3.png", "conversation", 0): [Reply(json.dumps({"turns": "What is shown?"}))],
+        ("img_3.png", "detail", 0): [Reply(json.dumps(copied))],
+        ("img_3.png", "reasoning", 0): [Reply('{"question": "Why is the', finish_reason="length")],
+        ("img_4.png", "conversation", 0): [
+            Reply("```json\n" + json.dumps(good("conversation", "img_4.png")) + "\n```")],
+        ("img_4.png", "detail", 0): [Status(400, "This model's maximum context length is 4096")],
+        ("img_4.png", "reasoning", 0): [Status(500, "internal error")],
+        ("img_5.png", "conversation", 0): [Reply(None)],
+        ("img_5.png", "detail", 0): [Reply("[1, 2]")],
+    }  # fmt: skip
+    sleeps = Sleeps()
+    out = root / "out.json"
+    with ChatServer(table) as server:
+        result = generate(
+            annotations, images, out, endpoint=server.url, concurrency=3, timeout=2.0,
+            retries=3, backoff=0.01, progress=False, sleep=sleeps,
+        )  # fmt: skip
+    assert table.problems == []
+
+    dropped = {key: reason for key, reason, _ in result.dropped}
+    assert dropped == {
+        ("img_2.png", "detail", 0): "not JSON",
+        ("img_2.png", "reasoning", 0): "raw coordinates in an answer",
+        ("img_3.png", "conversation", 0): "wrong schema",
+        ("img_3.png", "detail", 0): "raw coordinates in an answer",
+        ("img_3.png", "reasoning", 0): "cut off at the token limit",
+        ("img_5.png", "conversation", 0): "empty reply",
+        ("img_5.png", "detail", 0): "wrong schema",
+    }
+    failed = dict(result.failed)
+    assert set(failed) == {("img_4.png", "detail", 0), ("img_4.png", "reasoning", 0)}
+    assert failed[("img_4.png", "detail", 0)].startswith("HTTP 400: This model's maximum")
+    assert failed[("img_4.png", "reasoning", 0)] == "HTTP 500 (4 tries)"
+
+    bad = set(dropped) | set(failed)
+    settled = [(n, k, 0) for n in names for k in KINDS if (n, k, 0) not in bad]
+    check_samples(out, [expected_sample(key, good(key[1], key[0])) for key in settled])
+    assert result.samples == {"conversation": 4, "detail": 2, "reasoning": 3}
+
+    # Attempts: one per good reply, plus every retry; the rejected request (400) is not retried.
+    seeds = {key: request_seed(0, *key) for key in table.keys.values()}
+    attempts = {key: server.attempts[seed] for key, seed in seeds.items()}
+    assert attempts[("img_0.png", "conversation", 0)] == 2
+    assert attempts[("img_0.png", "detail", 0)] == 3
+    assert attempts[("img_4.png", "detail", 0)] == 1
+    assert attempts[("img_4.png", "reasoning", 0)] == 4
+    for key in ("conversation", "detail", "reasoning"):
+        assert attempts[("img_1.png", key, 0)] == 2  # slow, dropped, cut: retried once
+    assert result.requests == len(server.bodies) == sum(attempts.values())
+    assert result.retries == {
+        "HTTP 429": 1, "HTTP 500": 4, "HTTP 503": 1, "timed out": 1,
+        "connection dropped": 2, "malformed response": 1,
+    }  # fmt: skip
+    assert len(sleeps) == sum(result.retries.values())
+    assert 3.0 in sleeps  # the server's Retry-After
+    assert all(0.005 <= s <= 0.08 for s in sleeps if s != 3.0)  # 0.01 x 2^attempt, jittered
+    # Token accounting: every reply the server sent, and the journal agrees.
+    assert [result.prompt_tokens, result.completion_tokens] == server.usage
+    assert [result.journal_prompt_tokens, result.journal_completion_tokens] == server.usage
+
+
+def test_retries_back_off_exponentially_and_honour_retry_after(tmp_path):
+    images, captions, instances = make_images(tmp_path, 1)
+    table = Table(["img_0.png"])
+    key = ("img_0.png", "detail", 0)
+    table.scripts[key] = [
+        Status(500), Status(502), Status(429, headers={"Retry-After": "7"}), Status(503),
+        Status(504), Reply(json.dumps(good("detail", "img_0.png"))),
+    ]  # fmt: skip
+    sleeps = Sleeps()
+    with ChatServer(table) as server:
+        result = generate(
+            [captions, instances], images, tmp_path / "out.json", endpoint=server.url,
+            kinds=["detail"],
+            retries=5, backoff=0.4, progress=False, sleep=sleeps,
+        )  # fmt: skip
+    assert result.samples == {"detail": 1} and server.attempts[request_seed(0, *key)] == 6
+    assert len(sleeps) == 5
+    for attempt in (0, 1, 3, 4):  # the upper half of 0.4 s x 2^attempt
+        assert 0.2 * 2**attempt <= sleeps[attempt] <= 0.4 * 2**attempt
+    assert sleeps[2] == 7.0
+
+
+def test_backoff_is_capped():
+    rng = random.Random(0)
+    assert 30.0 <= backoff_delay(10, 1.0, 60.0, rng) <= 60.0
+    assert backoff_delay(0, 1.0, 60.0, rng, retry_after=3600) == 60.0
+
+
+def test_requests_in_flight_never_exceed_the_concurrency(scene):
+    root, images, annotations, names = scene
+    table = Table(names, delay=0.05)
+    with ChatServer(table) as server:
+        generate(
+            annotations, images, root / "out.json", endpoint=server.url, concurrency=3,
+            progress=False,
+        )  # fmt: skip
+    assert len(server.bodies) == 18
+    assert 2 <= server.most_in_flight <= 3
+
+
+def uninterrupted(tmp_path: Path, images: Path, annotations, names, scripts=None) -> bytes:
+    table = Table(names)
+    table.scripts = dict(scripts or {})
+    with ChatServer(table) as server:
+        out = tmp_path / "whole" / "out.json"
+        generate(annotations, images, out, endpoint=server.url, progress=False, sleep=Sleeps())
+    return out.read_bytes()
+
+
+def test_the_request_budget_stops_the_run_and_a_rerun_completes_it(scene):
+    root, images, annotations, names = scene
+    table = Table(names)
+    first = ("img_0.png", "conversation", 0)
+    table.scripts[first] = [Status(500), Reply(json.dumps(good("conversation", "img_0.png")))]
+    out = root / "out.json"
+    with ChatServer(table) as server:
+        result = generate(
+            annotations, images, out, endpoint=server.url, concurrency=1, max_requests=4,
+            progress=False, sleep=Sleeps(),
+        )  # fmt: skip
+        assert len(server.bodies) == result.requests == 4  # the retry counted
+        assert result.unsent == 18 - 3 and not result.failed
+        assert len(json.loads(out.read_text())) == 3
+        assert cli(["data", "generate", "--annotations", str(annotations[0]), "--annotations",
+                    str(annotations[1]), "--images", str(images), "--out", str(out),
+                    "--endpoint", server.url, "--backoff", "0"]) == 0  # fmt: skip
+        assert len(server.bodies) == 4 + 15  # only what was missing
+    assert out.read_bytes() == uninterrupted(root, images, annotations, names, table.scripts)
+
+
+def test_a_torn_journal_line_is_asked_again(scene):
+    root, images, annotations, names = scene
+    out = root / "out.json"
+    table = Table(names)
+    with ChatServer(table) as server:
+        generate(annotations, images, out, endpoint=server.url, progress=False)
+        journal = root / "out.journal.jsonl"
+        lines = journal.read_text().splitlines(keepends=True)
+        journal.write_text("".join(lines[:-1]) + lines[-1][:25])  # killed mid-line
+        torn = json.loads(lines[-1])
+        out.unlink()
+        generate(annotations, images, out, endpoint=server.url, progress=False)
+        assert len(server.bodies) == 19
+        assert server.bodies[-1]["seed"] == request_seed(0, torn["image"], torn["kind"], 0)
+    assert out.read_bytes() == uninterrupted(root, images, annotations, names)
+    assert len(journal.read_text().splitlines()) == 1 + 18
+
+
+KILL_AFTER = "LLAVA_EDGE_TEST_KILL_AFTER"
+
+
+def test_sigkill_then_resume_writes_the_same_file_as_an_uninterrupted_run(tmp_path):
+    images, captions, instances = make_images(tmp_path, 8)
+    names = [f"img_{i}.png" for i in range(8)]
+    scripts = {
+        ("img_1.png", "detail", 0): [Status(429), Reply(json.dumps(good("detail", "img_1.png")))],
+        ("img_2.png", "reasoning", 0): [Reply("not json")],
+        ("img_5.png", "conversation", 0): [Drop(), Reply(
+            json.dumps(good("conversation", "img_5.png")))],
+    }  # fmt: skip
+    expected = uninterrupted(tmp_path, images, [captions, instances], names, scripts)
+    settled = 8 * 3  # the dropped reply is settled too: it is journaled, not asked again
+    kill_after = int(os.environ.get(KILL_AFTER) or random.randint(1, settled - 1))
+    print(f"SIGKILL after {kill_after} journal entries; replay with {KILL_AFTER}={kill_after}")
+
+    out = tmp_path / "resumed" / "out.json"
+    journal = out.with_name("out.journal.jsonl")
+    table = Table(names, delay=0.02)
+    table.scripts = scripts
+    command = [
+        sys.executable, "-m", "llava_edge.cli", "data", "generate", "--annotations",
+        str(captions), "--annotations", str(instances), "--images", str(images), "--out",
+        str(out), "--concurrency", "3", "--backoff", "0.01",
+    ]  # fmt: skip
+    with ChatServer(table) as server:
+        command += ["--endpoint", server.url]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while process.poll() is None and time.monotonic() < deadline:
+            lines = journal.read_bytes().count(b"\n") if journal.exists() else 0
+            if lines - 1 >= kill_after:  # the first line is the journal's header
+                process.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.002)
+        _, stderr = process.communicate(timeout=30)
+        assert process.returncode == -signal.SIGKILL, stderr.decode()
+        assert not out.exists()
+
+        resumed = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert resumed.returncode == 0, resumed.stderr
+    assert out.read_bytes() == expected
+    keys = [json.loads(line) for line in journal.read_text().splitlines()[1:]]
+    keys = [(k["image"], k["kind"], k["index"]) for k in keys]
+    assert len(keys) == len(set(keys)) == settled  # nothing asked twice, nothing lost
+    assert not [p for p in out.parent.iterdir() if ".partial-" in p.name]
+
+
+def test_generated_data_trains_with_stage_2_unchanged(tiny_checkpoint, tmp_path, capsys):
+    images, captions, instances = make_images(tmp_path, 3)
+    names = [f"img_{i}.png" for i in range(3)]
+    out = tmp_path / "generated.json"
+    with ChatServer(Table(names)) as server:
+        generate([captions, instances], images, out, endpoint=server.url, progress=False)
+    code = cli([
+        "train", "--stage", "2", "--model", str(tiny_checkpoint), "--data", str(out),
+        "--images", str(images), "--out", str(tmp_path / "trained"), "--max-steps", "1",
+        "--batch-size", "3", "--per-device-batch-size", "3", "--no-gradient-checkpointing",
+        "--save-steps", "1000", "--max-length", "1024",
+    ])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "trained stage 2 for 1 steps" in printed and "skipped" not in printed
+    assert (tmp_path / "trained" / "model.safetensors").is_file()
+    assert len(SampleFile(out)) == 9
+
+
+def test_dry_run_prints_the_prompts_and_sends_nothing(scene, capsys):
+    root, images, annotations, names = scene
+    with ChatServer(Table(names)) as server:
+        code = cli(["data", "generate", "--annotations", str(annotations[0]), "--annotations",
+                    str(annotations[1]), "--images", str(images), "--out", str(root / "o.json"),
+                    "--endpoint", server.url, "--kinds", "detail,reasoning", "--per-image", "2",
+                    "--dry-run"])  # fmt: skip
+        assert server.bodies == []
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert SYSTEM["detail"] in printed and SYSTEM["reasoning"] in printed
+    assert SYSTEM["conversation"] not in printed
+    assert "- A pallet in a room.\n- One pallet." in printed
+    assert "- pallet: [0.250, 0.250, 0.750, 0.750]" in printed
+    assert printed.count("[system]") == 2  # the first image's first prompt of each kind
+    assert "24 requests for 6 images" in printed
+    assert not (root / "o.json").exists() and not (root / "o.journal.jsonl").exists()
+
+
+def test_options_take_effect(scene):
+    root, images, annotations, names = scene
+    table = Table(names, per_image=2, seed=7)
+    with ChatServer(table, models=("only-model",)) as server:
+        result = generate(
+            annotations, images, root / "out.json", endpoint=server.url + "/chat/completions",
+            kinds=["reasoning", "conversation"], per_image=2, max_images=2, seed=7,
+            temperature=0.2, max_tokens=300, journal=root / "elsewhere.jsonl", progress=False,
+        )  # fmt: skip
+        bodies = server.bodies
+    assert table.problems == []
+    assert result.model == "only-model" and {b["model"] for b in bodies} == {"only-model"}
+    assert (root / "elsewhere.jsonl").is_file() and not (root / "out.journal.jsonl").exists()
+    assert {(b["temperature"], b["max_tokens"]) for b in bodies} == {(0.2, 300)}
+    asked = sorted(table.keys[b["seed"]] for b in bodies)
+    assert asked == sorted(
+        (n, k, i) for n in names[:2] for k in ("reasoning", "conversation") for i in range(2)
+    )
+    ids = [r["id"] for r in json.loads((root / "out.json").read_text())]
+    assert ids == [f"{n}-{k}-{i}" for n in names[:2] for k in ("reasoning", "conversation")
+                   for i in range(2)]  # fmt: skip
+
+
+def test_the_api_key_is_sent(scene, monkeypatch):
+    root, images, annotations, names = scene
+    monkeypatch.setenv("TEST_LLM_KEY", "sk-right")
+    with ChatServer(Table(names), api_key="sk-right") as server:
+        result = generate(
+            annotations, images, root / "out.json", endpoint=server.url, model="m",
+            api_key_env="TEST_LLM_KEY", max_images=1, progress=False,
+        )  # fmt: skip
+    assert sum(result.samples.values()) == 3
+
+
+def test_a_second_run_on_the_same_journal_is_refused(scene):
+    root, images, annotations, names = scene
+    with Journal(root / "out.journal.jsonl", {}), ChatServer(Table(names)) as server:
+        with pytest.raises(LlavaEdgeError, match="another `llava-edge data generate` is writing"):
+            generate(annotations, images, root / "out.json", endpoint=server.url, model="m")
+        assert server.bodies == []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str]:
+    code = cli(["data", "generate", *args])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing annotations", "annotation file .* does not exist"),
+        ("missing images", "image dir .* does not exist"),
+        ("llava json as annotations", "is neither COCO annotations .* nor JSONL"),
+        ("unknown kind", "--kinds 'detail,story': give each of"),
+        ("unreachable endpoint", r"cannot reach http://127\.0\.0\.1:\d+/v1/chat/completions"),
+        ("wrong key", r"refused the request: HTTP 401 \(Incorrect API key provided\)"),
+        ("unset key variable", "--api-key-env NO_SUCH_VARIABLE_X: that environment variable"),
+        ("two models", r"serves 2 models \(a, b\); name one with --model"),
+        ("other settings", "journal .* was written with temperature 0.7, not 0.1"),
+        ("not an url", "is not an http\\(s\\) URL"),
+        ("journal is out", "--journal and --out are both"),
+        ("wrong path", r"answered HTTP 404 \(no route /chat/completions\); check --endpoint"),
+    ],
+)
+def test_bad_input_is_a_one_line_error(scene, capsys, monkeypatch, case, message):
+    root, images, annotations, names = scene
+    monkeypatch.setenv("TEST_LLM_KEY", "sk-wrong")
+    args = ["--images", str(images), "--out", str(root / "out.json")]
+    ann = ["--annotations", str(annotations[0]), "--annotations", str(annotations[1])]
+    models = ("a", "b") if case == "two models" else ("m",)
+    with ChatServer(Table(names), models=models, api_key="sk-right") as server:
+        endpoint = ["--endpoint", server.url]
+        if case == "missing annotations":
+            ann = ["--annotations", str(root / "nope.json")]
+        elif case == "missing images":
+            args[1] = str(root / "no-images")
+        elif case == "llava json as annotations":
+            (root / "llava.json").write_text(json.dumps([{"id": "a", "conversations": []}]))
+            ann = ["--annotations", str(root / "llava.json")]
+        elif case == "unknown kind":
+            args += ["--kinds", "detail,story"]
+        elif case == "unreachable endpoint":
+            endpoint = ["--endpoint", f"http://127.0.0.1:{free_port()}/v1", "--model", "m"]
+        elif case == "wrong key":
+            args += ["--api-key-env", "TEST_LLM_KEY", "--model", "m"]
+        elif case == "unset key variable":
+            args += ["--api-key-env", "NO_SUCH_VARIABLE_X"]
+        elif case == "other settings":
+            settings = {"model": "m", "prompts": prompts_version(), "temperature": 0.7,
+                        "seed": 0, "max_tokens": 1024}  # fmt: skip
+            Journal(root / "out.journal.jsonl", settings).close()
+            args += ["--model", "m", "--temperature", "0.1"]
+        elif case == "not an url":
+            endpoint = ["--endpoint", "localhost:8080"]
+        elif case == "journal is out":
+            args += ["--journal", str(root / "out.json")]
+        elif case == "wrong path":
+            endpoint = ["--endpoint", server.url.removesuffix("/v1"), "--model", "m"]
+        code, err = run_cli(capsys, *ann, *args, *endpoint)
+        assert server.bodies == []
+    assert code == 1
+    assert err.count("\n") == 1 and err.startswith("llava-edge data: error: "), err
+    assert re.search(message, err), err
+    assert not (root / "out.json").exists()
+
+
+def test_failed_requests_make_the_exit_status_non_zero(scene, capsys):
+    root, images, annotations, names = scene
+    table = Table(names)
+    table.scripts[("img_0.png", "detail", 0)] = [Status(503, "overloaded")]
+    with ChatServer(table) as server:
+        code = cli(["data", "generate", "--annotations", str(annotations[0]), "--annotations",
+                    str(annotations[1]), "--images", str(images), "--out", str(root / "out.json"),
+                    "--endpoint", server.url, "--retries", "1", "--backoff", "0",
+                    "--max-images", "1"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code == 1
+    assert "1 requests failed (run again to retry them):" in printed
+    assert "img_0.png detail #0: HTTP 503 (2 tries)" in printed
+    assert "wrote 2 samples (conversation 1, reasoning 1) about 1 images" in printed
+
+
+def test_missing_http_client_is_a_one_line_error(scene, monkeypatch):
+    root, images, annotations, names = scene
+    monkeypatch.setitem(sys.modules, "httpx", None)
+    monkeypatch.delitem(sys.modules, "llava_edge.training.datagen.client", raising=False)
+    with pytest.raises(LlavaEdgeError, match=r"pip install 'llava-edge\[data\]'"):
+        generate(annotations, images, root / "out.json", endpoint="http://127.0.0.1:9/v1")
+
+
+def test_generate_runs_where_an_event_loop_already_runs(scene):
+    """From a notebook (whose thread runs an event loop) the Python API works as anywhere."""
+    import asyncio
+
+    root, images, annotations, names = scene
+
+    async def notebook_cell(url):
+        return generate(annotations, images, root / "out.json", endpoint=url, max_images=1,
+                        progress=False)  # fmt: skip
+
+    with ChatServer(Table(names)) as server:
+        result = asyncio.run(notebook_cell(server.url))
+    assert sum(result.samples.values()) == 3
+
+
+def test_ctrl_c_stops_at_once_and_keeps_the_journal(scene):
+    root, images, annotations, names = scene
+    table = Table(names)
+    table.scripts[("img_0.png", "detail", 0)] = [Reply(json.dumps(good("detail", "img_0.png")),
+                                                       delay=30)]  # fmt: skip
+    out = root / "out.json"
+    command = [sys.executable, "-m", "llava_edge.cli", "data", "generate", "--annotations",
+               str(annotations[0]), "--annotations", str(annotations[1]), "--images", str(images),
+               "--out", str(out), "--max-images", "1"]  # fmt: skip
+    with ChatServer(table) as server:
+        process = subprocess.Popen([*command, "--endpoint", server.url], stderr=subprocess.PIPE)
+        journal = root / "out.journal.jsonl"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (
+            not journal.exists() or journal.read_bytes().count(b"\n") < 3
+        ):
+            time.sleep(0.01)  # the two quick samples are in; the slow one is in flight
+        interrupted = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=20)
+        took = time.monotonic() - interrupted
+    assert process.returncode == 130, err.decode()
+    assert err.decode().strip().endswith("llava-edge data: interrupted")
+    assert took < 10  # not held up by the reply still 30 s away
+    entries = [json.loads(line) for line in journal.read_text().splitlines()[1:]]
+    assert sorted(e["kind"] for e in entries) == ["conversation", "reasoning"]
+
+
+def test_a_file_that_is_not_a_journal_is_left_alone(scene):
+    root, images, annotations, names = scene
+    notes = root / "notes.txt"
+    notes.write_text("my own notes, no newline at the end")
+    with pytest.raises(LlavaEdgeError, match="is not a journal of `llava-edge data generate`"):
+        generate(annotations, images, root / "out.json", endpoint="http://127.0.0.1:9/v1",
+                 model="m", journal=notes)  # fmt: skip
+    assert notes.read_text() == "my own notes, no newline at the end"

@@ -1,0 +1,126 @@
+"""`llava-edge data mix`: weights, reproducibility with a seed, the summary table, bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+
+import pytest
+
+from llava_edge.cli import main as cli
+from llava_edge.training.datagen.mix import format_table, mix, parse_source
+
+
+def write(path, samples, jsonl=False):
+    if jsonl:
+        path.write_text("".join(json.dumps(s) + "\n" for s in samples))
+    else:
+        path.write_text(json.dumps(samples))
+    return path
+
+
+def long_sample(i):
+    return {
+        "id": f"gen-{i}",
+        "image": f"img_{i % 5}.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nDescribe the scene."},
+            {"from": "gpt", "value": "A forklift moves pallets down a long aisle."},  # 8 words
+            {"from": "human", "value": "Is anyone there?"},
+            {"from": "gpt", "value": "Yes, one worker."},  # 3 words
+        ],
+    }
+
+
+def short_sample(i):
+    return {
+        "id": f"vqa-{i}",
+        "image": f"vqa_{i}.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat color?\nAnswer the question using a "
+             "single word or phrase."},
+            {"from": "gpt", "value": "red"},
+        ],
+    }  # fmt: skip
+
+
+@pytest.fixture
+def sources(tmp_path):
+    generated = write(tmp_path / "generated.json", [long_sample(i) for i in range(10)])
+    vqa = write(tmp_path / "vqa.jsonl", [short_sample(i) for i in range(8)], jsonl=True)
+    return generated, vqa
+
+
+def test_weights_seed_and_table(tmp_path, sources, capsys):
+    generated, vqa = sources
+    out = tmp_path / "mix.json"
+    code = cli(["data", "mix", f"{generated}:0.5", f"{vqa}:2.25", "--out", str(out),
+                "--seed", "3"])  # fmt: skip
+    assert code == 0
+    records = json.loads(out.read_text())
+    ids = Counter(r["id"] for r in records)
+    generated_ids = [i for i in ids if i.startswith("gen-")]
+    assert len(generated_ids) == 5 and all(ids[i] == 1 for i in generated_ids)  # a random half
+    vqa_counts = sorted(ids[f"vqa-{i}"] for i in range(8))
+    assert vqa_counts == [2] * 6 + [3] * 2  # twice each, and a quarter a third time
+    originals = {s["id"]: s for s in [*map(long_sample, range(10)), *map(short_sample, range(8))]}
+    assert all(r == originals[r["id"]] for r in records)  # copied unchanged
+    assert [r["id"] for r in records] != sorted(r["id"] for r in records)  # shuffled
+
+    table = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split()[1:] for line in table if not line.startswith("-")}
+    assert rows[str(generated)] == ["0.5", "5", "10", str(len({f"img_{int(i[4:]) % 5}.png"
+                                                               for i in generated_ids})),
+                                    "10", "5.5"]  # fmt: skip
+    assert rows[str(vqa)] == ["2.25", "18", "8", "8", "18", "1.0"]
+    assert rows["mix"][0:2] == ["23", "18"]
+    assert rows["mix"][3:] == ["28", f"{(10 * 5.5 + 18) / 28:.1f}"]
+
+    again = tmp_path / "again.json"
+    assert cli(["data", "mix", f"{generated}:0.5", f"{vqa}:2.25", "--out", str(again),
+                "--seed", "3"]) == 0  # fmt: skip
+    assert again.read_bytes() == out.read_bytes()
+    other = tmp_path / "other.json"
+    assert cli(["data", "mix", f"{generated}:0.5", f"{vqa}:2.25", "--out", str(other),
+                "--seed", "4"]) == 0  # fmt: skip
+    assert other.read_bytes() != out.read_bytes()
+
+
+def test_weight_defaults_to_one_and_paths_may_hold_colons(tmp_path, sources):
+    generated, _ = sources
+    odd = write(tmp_path / "a:b.json", [short_sample(i) for i in range(3)])
+    assert parse_source(str(generated)).weight == 1.0
+    assert parse_source(f"{odd}:2").path == odd
+    result = mix([str(generated), f"{odd}:1"], tmp_path / "mix.json")
+    assert [s.samples for s in result.sources] == [10, 3]
+    assert "mix" in format_table(result)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{g}:abc"], "weight 'abc' is not a number"),
+        (["{g}:-1"], "weight -1.0 must be a number 0 or more"),
+        (["{g}:nan"], "weight nan must be a number 0 or more"),
+        (["{g}:0"], "the mix is empty"),
+        (["{d}/nope.json"], "data file .* does not exist"),
+        (["{d}/bad.json"], r"bad.json: sample s1: the conversation does not alternate"),
+        (["{d}/object.json"], "holds one JSON object"),
+        (["{g}", "--out", "{g}"], "is one of the sources"),
+    ],
+)
+def test_bad_input_is_a_one_line_error(tmp_path, sources, capsys, args, message):
+    generated, _ = sources
+    bad = [{"id": "s1", "image": "a.png", "conversations": [{"from": "gpt", "value": "x"}]}]
+    write(tmp_path / "bad.json", bad)
+    (tmp_path / "object.json").write_text('{"id": "x"}')
+    args = [a.format(g=generated, d=tmp_path) for a in args]
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "mix.json")]
+    before = generated.read_bytes()
+    code = cli(["data", "mix", *args])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and re.search(message, err), err
+    assert not (tmp_path / "mix.json").exists()
+    assert generated.read_bytes() == before

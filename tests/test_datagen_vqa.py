@@ -1,0 +1,216 @@
+"""`llava-edge data vqa`: small files in each format, written from the formats' published
+layouts, become LLaVA-1.5-style conversations (response-format prompts, answers normalised as
+each format is scored, one conversation per image)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from llava_edge.cli import main as cli
+from llava_edge.training.data import parse_sample
+from llava_edge.training.datagen.vqa import convert_vqa, normalize_vqa
+
+SHORT = "Answer the question using a single word or phrase."
+LETTER = "Answer with the option's letter from the given choices directly."
+
+
+def images(root, *names):
+    folder = root / "images"
+    folder.mkdir(exist_ok=True)
+    for name in names:
+        Image.new("RGB", (8, 8)).save(folder / name)
+    return folder
+
+
+def conversations(path):
+    records = json.loads(path.read_text())
+    for position, record in enumerate(records):
+        parse_sample(record, position)  # trainable as written
+    return {r["image"]: [t["value"] for t in r["conversations"]] for r in records}, records
+
+
+def test_vqav2_questions_and_annotations(tmp_path, capsys):
+    folder = images(tmp_path, "COCO_train2014_000000000009.jpg", "000000000025.jpg")
+    questions = {
+        "info": {}, "task_type": "Open-Ended", "data_type": "mscoco",
+        "data_subtype": "train2014", "license": {},
+        "questions": [
+            {"image_id": 9, "question": "How many dogs are there?", "question_id": 90},
+            {"image_id": 25, "question": "What is the giraffe eating?", "question_id": 250},
+            {"image_id": 9, "question": "Is it sunny?", "question_id": 91},
+            {"image_id": 30, "question": "What color is the bus?", "question_id": 300},
+        ],
+    }  # fmt: skip
+
+    def annotation(qid, image_id, answer):
+        return {"question_id": qid, "image_id": image_id, "question_type": "what",
+                "answer_type": "other", "multiple_choice_answer": answer,
+                "answers": [{"answer": answer, "answer_confidence": "yes", "answer_id": i}
+                            for i in range(1, 11)]}  # fmt: skip
+
+    annotations = {
+        "info": {}, "license": {}, "data_subtype": "train2014",
+        "annotations": [annotation(90, 9, "two"), annotation(250, 25, "The leaves."),
+                        annotation(91, 9, "Yes!"), annotation(300, 30, "red")],
+    }  # fmt: skip
+    questions_file = tmp_path / "v2_OpenEnded_mscoco_train2014_questions.json"
+    questions_file.write_text(json.dumps(questions))
+    (tmp_path / "answers.json").write_text(json.dumps(annotations))
+    out = tmp_path / "vqav2.json"
+    command = ["data", "vqa", str(questions_file), "--format", "vqav2", "--images", str(folder),
+               "--out", str(out)]  # fmt: skip
+    assert cli(command) == 1  # the annotations file is looked for beside, by its published name
+    assert "v2_mscoco_train2014_annotations.json does not exist" in capsys.readouterr().err
+    assert cli([*command, "--annotations", str(tmp_path / "answers.json")]) == 0
+    first = out.read_bytes()
+    (tmp_path / "answers.json").rename(tmp_path / "v2_mscoco_train2014_annotations.json")
+    assert cli(command) == 0 and out.read_bytes() == first
+    by_image, records = conversations(out)
+    assert by_image == {
+        "COCO_train2014_000000000009.jpg": [
+            f"<image>\nHow many dogs are there?\n{SHORT}", "2", f"Is it sunny?\n{SHORT}", "yes",
+        ],
+        "000000000025.jpg": [f"<image>\nWhat is the giraffe eating?\n{SHORT}", "leaves"],
+    }  # fmt: skip
+    assert [r["id"] for r in records] == ["vqav2-COCO_train2014_000000000009", "vqav2-000000000025"]
+    printed = capsys.readouterr().out
+    assert "wrote 2 conversations (3 questions" in printed
+    assert "left out 1 questions about 1 images not in the image dir" in printed
+
+
+def test_gqa(tmp_path):
+    folder = images(tmp_path, "2375429.jpg", "2417468.jpg")
+    questions = {
+        "02930152": {"semantic": [], "entailed": [], "equivalent": ["02930152"],
+                     "question": "Is the sky dark?", "imageId": "2375429", "isBalanced": True,
+                     "groups": {"global": None, "local": "06-sky_dark"},
+                     "answer": "yes", "semanticStr": "select: sky->verify color: dark",
+                     "annotations": {"answer": {}, "question": {"2": "486349"}, "fullAnswer": {}},
+                     "types": {"detailed": "verifyAttr", "semantic": "attr",
+                               "structural": "verify"},
+                     "fullAnswer": "Yes, the sky is dark."},
+        "07333408": {"question": "What is on the white wall?", "imageId": "2417468",
+                     "answer": "Pipe.", "fullAnswer": "The pipe is on the wall."},
+        "07333409": {"question": "Which side is the car on?", "imageId": "2375429",
+                     "answer": "left"},
+    }  # fmt: skip
+    (tmp_path / "train_balanced_questions.json").write_text(json.dumps(questions))
+    out = tmp_path / "gqa.json"
+    result = convert_vqa(tmp_path / "train_balanced_questions.json", "gqa", folder, out)
+    by_image, _ = conversations(out)
+    assert by_image == {
+        "2375429.jpg": [f"<image>\nIs the sky dark?\n{SHORT}", "yes",
+                        f"Which side is the car on?\n{SHORT}", "left"],
+        "2417468.jpg": [f"<image>\nWhat is on the white wall?\n{SHORT}", "pipe"],
+    }  # fmt: skip
+    assert (result.samples, result.questions) == (2, 3)
+
+
+def test_textvqa_takes_the_most_common_normalised_answer(tmp_path):
+    folder = images(tmp_path, "0054c91397f2fe05.jpg", "011e7e629fb9ae7b.jpg")
+    data = {
+        "dataset_type": "train", "dataset_name": "textvqa", "dataset_version": "0.5.1",
+        "data": [
+            {"question": "what is the brand of this camera?", "image_id": "0054c91397f2fe05",
+             "image_classes": ["Camera"], "flickr_original_url": "", "flickr_300k_url": "",
+             "image_width": 1024, "image_height": 664, "question_tokens": [],
+             "question_id": 34602, "set_name": "train",
+             "answers": ["nous les gosses", "dakota", "clos culombu", "dakota digital",
+                         "dakota", "dakota", "Dakota.", "dakota digital", "dakota", "dakota"]},
+            {"question": "what does the sign say?", "image_id": "011e7e629fb9ae7b",
+             "question_id": 34603, "set_name": "train",
+             "answers": ["Stop", "STOP", "stop!", "stop sign", "stop", "the stop", "go", "go",
+                         "go", "stop"]},
+        ],
+    }  # fmt: skip
+    (tmp_path / "TextVQA_0.5.1_train.json").write_text(json.dumps(data))
+    out = tmp_path / "textvqa.json"
+    convert_vqa(tmp_path / "TextVQA_0.5.1_train.json", "textvqa", folder, out)
+    by_image, _ = conversations(out)
+    assert by_image == {
+        "0054c91397f2fe05.jpg": [f"<image>\nwhat is the brand of this camera?\n{SHORT}", "dakota"],
+        "011e7e629fb9ae7b.jpg": [f"<image>\nwhat does the sign say?\n{SHORT}", "stop"],
+    }
+
+
+def test_jsonl_with_short_answers_and_multiple_choice(tmp_path):
+    folder = images(tmp_path, "bay.png", "dock.png")
+    lines = [
+        {"image": "bay.png", "question": "How many robots are charging?", "answer": 3},
+        {"image": "dock.png", "question": "Which tool is on the bench?",
+         "choices": ["wrench", "hammer", "saw"], "answer": "Hammer"},
+        {"image": "bay.png", "question": "Is the door open?", "answer": "Yes."},
+        {"image": "dock.png", "question": "What is the floor made of?",
+         "choices": ["wood", "concrete"], "answer": "b"},
+        {"image": "dock.png", "question": "Which light is on?",
+         "choices": ["red", "green"], "answer": 0},
+    ]  # fmt: skip
+    (tmp_path / "qa.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    out = tmp_path / "qa.json"
+    convert_vqa(tmp_path / "qa.jsonl", "jsonl", folder, out)
+    by_image, records = conversations(out)
+    assert by_image == {
+        "bay.png": [f"<image>\nHow many robots are charging?\n{SHORT}", "3",
+                    f"Is the door open?\n{SHORT}", "yes"],
+        "dock.png": [f"<image>\nWhich tool is on the bench?\nA. wrench\nB. hammer\nC. saw\n{LETTER}",
+                     "B",
+                     f"What is the floor made of?\nA. wood\nB. concrete\n{LETTER}", "B",
+                     f"Which light is on?\nA. red\nB. green\n{LETTER}", "A"],
+    }  # fmt: skip
+    assert [r["id"] for r in records] == ["jsonl-bay", "jsonl-dock"]
+
+
+@pytest.mark.parametrize(
+    "answer, evalai, expected",
+    [
+        ("Two", False, "2"),
+        ("The dog.", False, "dog"),
+        ("an apple", False, "apple"),
+        ("dont know", False, "don't know"),
+        ("yes, it is", False, "yes it is"),
+        ("1,000", False, "1000"),
+        ("3.5", False, "3.5"),
+        ("black/white", False, "black white"),
+        ("t-shirt", False, "t shirt"),
+        ("well", False, "well"),  # not "we'll"
+        ("Hes RUNNING\n", False, "he's running"),
+        ("Man's hat?", True, "man 's hat"),
+        ("1,000", True, "1000"),
+    ],
+)
+def test_vqa_answer_normalisation(answer, evalai, expected):
+    assert normalize_vqa(answer, evalai=evalai) == expected
+
+
+@pytest.mark.parametrize(
+    "format, content, message",
+    [
+        ("gqa", '{"data": [1]}', "is not a gqa file"),
+        ("textvqa", '{"questions": []}', "is not a textvqa file: an object with a 'data' list"),
+        ("vqav2", '{"02930152": {"imageId": "1"}}', "is not a vqav2 file"),
+        ("vqav2", '{"questions": []', "is not a vqav2 file: not valid JSON"),
+        ("jsonl", '{"image": "a.png", "question": "q"}', "'answer' must be text"),
+        ("jsonl", '{"image": "a.png", "question": "q", "choices": ["x"], "answer": "A"}',
+         "'choices' must be a list of 2 to 26 texts"),
+        ("jsonl", '{"image": "a.png", "question": "q", "choices": ["x", "y"], "answer": "z"}',
+         "answer 'z' is none of the choices"),
+        ("jsonl", '{"image": "b.png", "question": "q", "answer": "x"}',
+         "no question of .* has its image in"),
+        ("vqav2", '{"data_subtype": "val2014", "questions": []}',
+         "keeps its answers in an annotations file; none was given"),
+    ],
+)  # fmt: skip
+def test_bad_vqa_files_are_one_line_errors(tmp_path, capsys, format, content, message):
+    import re
+
+    folder = images(tmp_path, "a.png")
+    path = tmp_path / "questions.json"
+    path.write_text(content)
+    code = cli(["data", "vqa", str(path), "--format", format, "--images", str(folder),
+                "--out", str(tmp_path / "out.json")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and re.search(message, err), err
+    assert not (tmp_path / "out.json").exists()

@@ -1,0 +1,48 @@
+"""files.replace_file: a data file is the old one or the new one, never half of either."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from llava_edge.files import replace_file
+
+
+def test_the_file_appears_whole_and_ordinary(tmp_path):
+    out = tmp_path / "sub" / "data.json"
+    with replace_file(out) as f:
+        f.write("[1, 2]\n")
+        assert not out.exists()  # nothing at the path until the block finishes
+    assert out.read_text() == "[1, 2]\n"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask
+    assert os.listdir(out.parent) == ["data.json"]
+
+
+def test_an_error_keeps_the_old_file_and_leaves_nothing_behind(tmp_path):
+    out = tmp_path / "data.json"
+    out.write_text("old")
+    with pytest.raises(RuntimeError), replace_file(out) as f:
+        f.write("half of the new")
+        raise RuntimeError("writer failed")
+    assert out.read_text() == "old"
+    assert os.listdir(tmp_path) == ["data.json"]
+
+
+def test_a_killed_writers_temporary_file_is_cleaned_up(tmp_path):
+    out = tmp_path / "data.json"
+    killed = subprocess.run(  # a writer that dies (os._exit: no cleanup) inside the block
+        [sys.executable, "-c", "import os, sys; from llava_edge.files import replace_file\n"
+         f"with replace_file(__import__('pathlib').Path({str(out)!r})) as f:\n"
+         "    f.write('partial'); f.flush(); os._exit(9)"],
+    )  # fmt: skip
+    assert killed.returncode == 9
+    assert [p.name for p in tmp_path.iterdir() if ".partial-" in p.name]
+    with replace_file(out) as f:
+        f.write("new")
+    assert os.listdir(tmp_path) == ["data.json"] and out.read_text() == "new"
