@@ -72,7 +72,9 @@ def convert_checkpoint(
         dtype = _dtype(parts.text)
         tokenizer = _tokenizer(parts)
         language_model = _language_model(parts, dtype)
+        parts.text.clear()  # loaded: no second copy of the weights held from here on
         clip = _load(CLIPVisionModel, tower.config, tower.weights, dtype, "vision tower")
+        tower.weights.clear()
         config = _llava_config(parts, tower, language_model.config, tokenizer)
         model = _llava_model(config, language_model, clip, parts, dtype)
         del language_model, clip
