@@ -1,7 +1,7 @@
 # `make demo` and `make test` set everything up on a fresh machine (Python 3.10+ with venv).
-# TORCH picks the torch wheel: the default is the CPU build that CI uses; on a machine with
-# PyPI's default index, `make TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"`
-# keeps it CPU-only.
+# TORCH picks the torch wheel. This project's CI machines resolve the default to a local CPU
+# wheel; from PyPI's default index torch==2.13.0 is the CUDA build (Linux x86), so there
+# `make TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"` keeps it CPU-only.
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv

@@ -56,7 +56,7 @@ def verification(stdout: str) -> dict:
     """The numbers of the report export prints (see llava_edge.export.verify)."""
     found = {
         "passed": "verify vs transformers: PASSED" in stdout,
-        "vision_max_abs_diff": _number(r"vision features\s+max \|diff\| (\S+)", stdout),
+        "image_features_max_abs_diff": _number(r"image features\s+max \|diff\| (\S+)", stdout),
         "prefill_logits_max_abs_diff": _number(r"prefill logits\s+max \|diff\| ([^,]+)", stdout),
         "prefill_logits_cosine": _number(r"cosine (\S+)", stdout),
     }

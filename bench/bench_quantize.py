@@ -3,7 +3,7 @@
 Each run prefills CONTEXT tokens, then decodes DECODE tokens greedily, for every precision in turn
 (the order rotates between runs, so drift of a shared VM's speed hits all alike). Printed as JSON:
 medians over runs of prefill and decode tokens/s, the median of each run's ratio to fp32, and the
-size of each dir's graphs. Targets (issue 5): int8 decode >= 2x fp32, int4 >= 2.5x, prefill no
+size of each dir's graphs. The aims on a CPU: int8 decode >= 2x fp32, int4 >= 2.5x, prefill no
 slower than fp32.
 
     python bench/bench_quantize.py                       # builds the `small` preset under .bench/
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-PRECISIONS = ("fp32", "int8", "int4")
+COMPARED = ("fp32", "int8", "int4")  # the model dirs measured side by side
 
 
 def build(work: Path, preset: str) -> dict[str, Path]:
@@ -39,7 +39,7 @@ def build(work: Path, preset: str) -> dict[str, Path]:
     def log(*parts: object) -> None:  # stdout holds only the JSON result
         print(*parts, file=sys.stderr)
 
-    dirs = {p: work / p for p in PRECISIONS}
+    dirs = {p: work / p for p in COMPARED}
     if not (dirs["fp32"] / "manifest.json").exists():
         checkpoint = init_checkpoint(work / "checkpoint", preset=preset, force=True)
         export_checkpoint(checkpoint, dirs["fp32"], verify=False, force=True, log=log)
@@ -114,17 +114,17 @@ def main() -> None:
 
     from llava_edge.runtime import Pipeline
 
-    given = {p: getattr(args, p) for p in PRECISIONS}
+    given = {p: getattr(args, p) for p in COMPARED}
     dirs = given if all(given.values()) else build(args.work, args.preset)
-    pipes = {p: Pipeline.load(dirs[p], threads=args.threads) for p in PRECISIONS}
+    pipes = {p: Pipeline.load(dirs[p], threads=args.threads) for p in COMPARED}
     load_before = os.getloadavg()[0]
-    for p in PRECISIONS:  # warm up: first calls allocate and pre-pack weights
+    for p in COMPARED:  # warm up: first calls allocate and pre-pack weights
         measure(pipes[p].backend, pipes[p].table, min(args.context, 64), 2, seed=0)
     runs: dict[str, dict[str, list[float]]] = {
-        p: {"prefill": [], "decode": [], "decode_wall": []} for p in PRECISIONS
+        p: {"prefill": [], "decode": [], "decode_wall": []} for p in COMPARED
     }
     for run in range(args.runs):
-        order = PRECISIONS[run % 3 :] + PRECISIONS[: run % 3]
+        order = COMPARED[run % 3 :] + COMPARED[: run % 3]
         for p in order:
             prefill, decode, wall = measure(
                 pipes[p].backend, pipes[p].table, args.context, args.decode, seed=run
@@ -132,7 +132,7 @@ def main() -> None:
             runs[p]["prefill"].append(prefill)
             runs[p]["decode"].append(decode)
             runs[p]["decode_wall"].append(wall)
-    sizes = {p: graph_bytes(dirs[p]) for p in PRECISIONS}
+    sizes = {p: graph_bytes(dirs[p]) for p in COMPARED}
     result = {
         "bench": "quantize",
         "machine": f"{platform.machine()}, {args.threads} onnxruntime threads",
@@ -141,20 +141,20 @@ def main() -> None:
         "context": args.context,
         "decode_tokens": args.decode,
         "runs": args.runs,
-        "dirs": {p: str(dirs[p]) for p in PRECISIONS},
+        "dirs": {p: str(dirs[p]) for p in COMPARED},
         "decode_tokens_per_s": {
-            p: round(statistics.median(runs[p]["decode"]), 2) for p in PRECISIONS
+            p: round(statistics.median(runs[p]["decode"]), 2) for p in COMPARED
         },
         "decode_wall_tokens_per_s": {
-            p: round(statistics.median(runs[p]["decode_wall"]), 2) for p in PRECISIONS
+            p: round(statistics.median(runs[p]["decode_wall"]), 2) for p in COMPARED
         },
         "prefill_tokens_per_s": {
-            p: round(statistics.median(runs[p]["prefill"]), 1) for p in PRECISIONS
+            p: round(statistics.median(runs[p]["prefill"]), 1) for p in COMPARED
         },
         "decode_speedup": {},
         "decode_wall_speedup": {},
         "prefill_speedup": {},
-        "graph_bytes": {p: sizes[p]["graphs"] for p in PRECISIONS},
+        "graph_bytes": {p: sizes[p]["graphs"] for p in COMPARED},
         "size_ratio": {},
         "decoder_size_ratio": {},
         "tensorrt_size_ratio": {},

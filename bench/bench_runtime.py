@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_runtime.py [--work DIR] [--runs 5] [--threads 2]
 
 Builds (once, cached in --work) a `small` checkpoint and its fp32 export, then measures in one
-run: the issue's workload (one image, 32-token question, 128 new tokens, batch 1) through
+run: a robot's typical request (one image, 32-token question, 128 new tokens, batch 1) through
 llava-edge and through transformers' generate() with the same threads; decode tokens/s with
 1,500 tokens of context against 100; and the decode loop's effective weight-read bandwidth next
 to the machine's streaming read bandwidth (a multi-threaded sum over 1 GB).

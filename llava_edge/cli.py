@@ -153,6 +153,35 @@ def _run(args: argparse.Namespace) -> None:
         )
 
 
+# ---- watch -----------------------------------------------------------------------------------
+
+
+@command("watch")
+def _watch(args: argparse.Namespace) -> None:
+    with _load_pipeline(args) as pipe:
+        answers = pipe.watch(
+            args.source,
+            args.prompt,
+            every_s=args.every,
+            frames=args.frames,
+            changes_only=args.changes_only,
+            max_frames=args.max_frames,
+            live=True if args.live else None,
+            timeout_s=args.source_timeout,
+            folder_fps=args.folder_fps,
+            **_generation_options(args),
+        )
+        for answer in answers:
+            if args.json:
+                print(json.dumps(answer.to_dict()), flush=True)
+            else:
+                skipped = f" (skipped {answer.skipped})" if answer.skipped else ""
+                print(
+                    f"{answer.timestamp:9.2f}s  frame {answer.index}{skipped}: {answer.text}",
+                    flush=True,
+                )
+
+
 # ---- chat ------------------------------------------------------------------------------------
 
 
@@ -244,7 +273,27 @@ def _build(args: argparse.Namespace) -> None:
         max_context=args.max_context,
         workspace_gb=args.workspace,
         timing_cache=args.timing_cache,
+        check_memory=not args.skip_memory_check,
     )
+
+
+# ---- plan ------------------------------------------------------------------------------------
+
+
+@command("plan")
+def _plan(args: argparse.Namespace) -> int:
+    from llava_edge.runtime.plan import format_plan, parse_device, plan
+
+    result = plan(
+        args.model_dir,
+        parse_device(args.device, args.reserve),
+        backend=args.backend,
+        max_context=args.max_context,
+        max_batch=args.max_batch,
+        bandwidth_gbs=args.bandwidth,
+    )
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_plan(result))
+    return 0 if result.fits else 2
 
 
 # ---- doctor ----------------------------------------------------------------------------------
@@ -382,6 +431,8 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from llava_edge.calib.quantize import METHODS, TARGETS
+
     parser = argparse.ArgumentParser(
         prog="llava-edge", description="Export, quantize and run LLaVA models at the edge."
     )
@@ -435,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="write an int8, int4 or fp16 copy of an exported model dir")
     p.add_argument("model_dir", help="fp32 model dir written by `llava-edge export`")
     p.add_argument("out_dir")
-    p.add_argument("--precision", required=True, choices=["int8", "int4", "fp16"])
+    p.add_argument("--precision", required=True, choices=TARGETS)
     p.add_argument(
         "--calib",
         help="calibration data: a LLaVA JSON file, or a folder of images (int8 and int4 need it)",
@@ -447,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--method",
         default="minmax",
-        choices=["minmax", "entropy", "percentile"],
+        choices=METHODS,
         help="how activation ranges are chosen for the TensorRT graphs (default minmax)",
     )
     p.add_argument(
@@ -472,6 +523,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_generation_options(p)
     _add_backend_options(p)
+
+    p = sub.add_parser(
+        "watch", help="answer a question about a video, camera or stream, frame after frame"
+    )
+    p.add_argument("model_dir")
+    p.add_argument(
+        "--source",
+        required=True,
+        help="video file, camera (/dev/video0), rtsp:// or http:// stream, or image folder",
+    )
+    p.add_argument("--prompt", required=True)
+    p.add_argument(
+        "--every", type=float, default=1.0, help="seconds between answered frames (default 1)"
+    )
+    p.add_argument(
+        "--jsonl", dest="json", action="store_true", help="print one JSON object per answer"
+    )
+    p.add_argument("--max-frames", type=int, help="stop after answering N frames")
+    p.add_argument(
+        "--changes-only", action="store_true", help="print an answer only when it changes"
+    )
+    p.add_argument("--frames", type=int, default=1, help="last K frames in each prompt")
+    p.add_argument(
+        "--live", action="store_true", help="replay a file at its own pace, as a camera would"
+    )
+    p.add_argument(
+        "--source-timeout",
+        type=float,
+        default=10.0,
+        help="seconds to wait for a stream to open or send its next frame (default 10)",
+    )
+    p.add_argument(
+        "--folder-fps", type=float, default=1.0, help="an image folder's images per second"
+    )
+    _add_generation_options(p)
+    _add_backend_options(p)
+    p.set_defaults(raw=False)
 
     p = sub.add_parser("chat", help="talk about an image, turn by turn (reuses the KV cache)")
     p.add_argument("model_dir")
@@ -507,6 +595,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--timing-cache", help="timing cache file to reuse and update (default: in the engine dir)"
     )
+
+    p.add_argument(
+        "--skip-memory-check",
+        action="store_true",
+        help="build even where `llava-edge plan` says the engines cannot fit in the GPU's memory",
+    )
+
+    p = sub.add_parser(
+        "plan",
+        help="memory a deployment needs (weights, KV cache, activations) and whether it fits",
+        description="Exit status 0 when the plan fits the device, 2 when it does not.",
+    )
+    p.add_argument("model_dir")
+    p.add_argument(
+        "--device",
+        help="orin-nano-4gb, orin-nano-8gb, orin-nano-8gb-super, orin-nx-8gb, orin-nx-16gb, "
+        "agx-orin-32gb, agx-orin-64gb, or a memory size (8GB, 7.5GiB, bytes); default: this machine",
+    )
+    p.add_argument(
+        "--max-context", type=int, help="longest conversation in tokens (default: the model's)"
+    )
+    p.add_argument("--max-batch", type=int, default=1, help="requests decoded together")
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    p.add_argument("--bandwidth", type=float, help="memory bandwidth in GB/s (for a custom device)")
+    p.add_argument("--reserve", type=float, help="GB the OS keeps from applications")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     p = sub.add_parser("doctor", help="what this machine can run, and what is missing")
     p.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -4,7 +4,10 @@ power loss), its path holds nothing, the previous complete one, or the new compl
 Every stage that produces a dir (init, export, quantize, training's output) writes through
 `replace_dir`, and every data file (`llava-edge data ...`) through `replace_file`: the work goes
 into a hidden temporary beside the output (same filesystem, so installing it is a rename), and
-leftovers of writers that were killed are cleaned up next time.
+leftovers of writers that were killed are cleaned up next time. Before the rename everything new
+is flushed to disk (fsync: each file, and each dir of a new tree), and after it the parent dir:
+a rename is durable only once its dir is, and without the flush a power cut could leave the new
+name pointing at data that never reached the disk.
 """
 
 from __future__ import annotations
@@ -75,6 +78,8 @@ def replace_dir(out: Path) -> Iterator[Path]:
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary dir
     try:
         yield tmp
+        _readable(tmp, 0o666 & ~umask)
+        sync_tree(tmp)
         _install(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -101,13 +106,15 @@ def replace_file(out: Path, encoding: str = "utf-8") -> Iterator[IO[str]]:
         os.umask(umask)
         tmp.chmod(0o666 & ~umask)  # mkstemp makes it private; the output is an ordinary file
         os.replace(tmp, out)
+        fsync_path(out.resolve().parent)  # the rename itself
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def _install(tmp: Path, out: Path) -> None:
     """Replace `out` by `tmp` with two renames; the old dir is put back if the second fails."""
-    old = out.resolve().parent / f".{out.name}.old-{os.getpid()}"
+    parent = out.resolve().parent
+    old = parent / f".{out.name}.old-{os.getpid()}"
     if out.exists():
         os.replace(out, old)
     try:
@@ -116,7 +123,40 @@ def _install(tmp: Path, out: Path) -> None:
         if old.exists():
             os.replace(old, out)
         raise
+    fsync_path(parent)  # the renames themselves
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _readable(root: Path, mode: int) -> None:
+    """Give files the umask's permissions where their writer made them private (onnx writes
+    external data files 0600), so a model dir copied to a device or served to another user
+    reads like any other dir."""
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                current = os.stat(path).st_mode & 0o7777
+                if current | mode != current:
+                    os.chmod(path, current | mode)
+
+
+def sync_tree(root: Path) -> None:
+    """fsync every file and dir under `root` (the dirs for their entries), deepest first."""
+    for dirpath, _dirs, names in os.walk(root, topdown=False):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                fsync_path(path)
+        fsync_path(dirpath)
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush one file's data, or one dir's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _clean_leftovers(out: Path) -> None:
@@ -144,14 +184,27 @@ def _alive(pid: int) -> bool:
     return True
 
 
-# Protobuf caps one message at 2 GB: larger graphs keep their weights in `<file>.data` beside
-# them (one file, not one per tensor as torch.onnx writes them), which onnxruntime and TensorRT
-# both read.
+# Protobuf caps one message at 2 GiB (2,147,483,648 bytes). A graph whose weights exceed
+# MAX_PROTOBUF bytes keeps them in `<file>.data` beside it (one file, not one per tensor as
+# torch.onnx writes them), which onnxruntime and TensorRT both read; the margin below 2 GiB leaves
+# room for the graph itself and whatever a later stage adds to it.
 MAX_PROTOBUF = 1_800_000_000
 
 
+def graph_bytes(path: Path) -> int:
+    """Bytes of an ONNX file and its external data."""
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def is_large(path: Path) -> bool:
+    """Whether a graph's weights are too big to live in its .onnx file."""
+    return graph_bytes(path) > MAX_PROTOBUF
+
+
 def save_graph(model: Any, path: Path) -> None:
-    """Save an onnx.ModelProto as one .onnx file, with a `.data` file when it is over 2 GB."""
+    """Save an onnx.ModelProto as one .onnx file, with a `.data` file when its weights exceed
+    MAX_PROTOBUF. Tensors already in external data (written by `stream_weights`) stay there."""
     import onnx
 
     size = sum(len(t.raw_data) for t in model.graph.initializer)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from llava_edge.errors import LlavaEdgeError
+from llava_edge.files import replace_file
 
 MANIFEST_NAME = "manifest.json"
 # Beside a checkpoint (not in a model dir): llava-edge's facts about it, e.g. the chat template it
@@ -227,11 +228,9 @@ class Manifest:
         return dataclasses.asdict(self)
 
     def save(self, model_dir: str | os.PathLike) -> None:
-        """Write atomically, so a reader never sees half a manifest."""
-        path = Path(model_dir) / MANIFEST_NAME
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        """Write atomically, so a reader never sees half a manifest (nor a power cut)."""
+        with replace_file(Path(model_dir) / MANIFEST_NAME) as f:
+            f.write(json.dumps(self.to_dict(), indent=2) + "\n")
 
     def validate(self, where: str = MANIFEST_NAME) -> None:
         missing = [g for g in GRAPH_NAMES if g not in self.graphs]
@@ -342,6 +341,17 @@ def write_checkpoint_info(checkpoint: str | os.PathLike, template: str) -> None:
     """Write a checkpoint's llava_edge.json: the chat template it was trained with."""
     path = Path(checkpoint) / CHECKPOINT_INFO_FILE
     path.write_text(json.dumps({"template": template}, indent=2) + "\n", encoding="utf-8")
+
+
+def read_checkpoint_template(checkpoint: str | os.PathLike) -> str | None:
+    """The template a checkpoint names in its llava_edge.json (training writes it), or None."""
+    path = Path(checkpoint) / CHECKPOINT_INFO_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("template")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise LlavaEdgeError(f"{path} is not a JSON object naming a template") from None
 
 
 def cache_dir() -> Path:

@@ -4,7 +4,12 @@ It implements the part of TensorRT's Python API that llava-edge uses and is stri
 TensorRT is: networks must be strongly typed, precision builder flags and calibrators are refused,
 every input needs a profile whose shapes agree on each named dimension (the mask's 'past+seq' must
 equal past + seq), shapes outside the active profile are rejected, addresses must be 256-byte
-aligned, and every IO tensor must be bound before a run. Its "engines" remember the ONNX graph
+aligned, and every IO tensor must be bound before a run. It fails the way TensorRT does: a
+failed build returns None, a refused address or input shape returns False, a bad profile index
+raises, a profile with min > opt raises at `set_shape`, `create_timing_cache` returns None for
+bytes it cannot read (and `set_timing_cache(None)` raises TypeError), and the parser needs a
+graph's external `.data` file. `use_version("11.1.0.1")` switches to TensorRT 11's enums (no
+FP16/INT8 builder flags, no calibrator, STRONGLY_TYPED at bit 0 and another flag at bit 1). Its "engines" remember the ONNX graph
 they were built from and run it with onnxruntime, reading inputs from and writing outputs to the
 addresses they were given, so the backend's buffers, KV cache and IO binding are exercised for
 real. It is not TensorRT: nothing here says anything about real engines' numerics or speed.
@@ -16,22 +21,65 @@ import ctypes
 import enum
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 
 __version__ = "10.3.0.30"
 
 calls: list[tuple] = []  # every builder/runtime call worth asserting on, in order
+errors: list[str] = []  # what the real TensorRT would print through its logger
 
 
 class NetworkDefinitionCreationFlag(enum.IntEnum):
     EXPLICIT_BATCH = 0
     STRONGLY_TYPED = 1
+    PREFER_JIT_PYTHON_PLUGINS = 2
+    PREFER_AOT_PYTHON_PLUGINS = 3
 
 
 class BuilderFlag(enum.IntEnum):
     FP16 = 0
     INT8 = 1
+
+
+class _Flags11(enum.IntEnum):  # TensorRT 11: strongly typed always; the flag kept, at bit 0
+    STRONGLY_TYPED = 0
+    PREFER_AOT_PYTHON_PLUGINS = 1
+    PREFER_JIT_PYTHON_PLUGINS = 2
+
+
+class _BuilderFlag11(enum.IntEnum):  # FP16, INT8 and the precision constraints are gone
+    DEBUG = 1
+    GPU_FALLBACK = 2
+    REFIT = 3
+
+
+_VERSION_10 = (__version__, NetworkDefinitionCreationFlag, BuilderFlag)
+
+
+def use_version(version: str) -> None:
+    """Behave as TensorRT `version` (10.x or 11.x) does."""
+    global __version__, NetworkDefinitionCreationFlag, BuilderFlag
+    if version.startswith("11."):
+        __version__, NetworkDefinitionCreationFlag, BuilderFlag = version, _Flags11, _BuilderFlag11
+    else:
+        _, NetworkDefinitionCreationFlag, BuilderFlag = _VERSION_10
+        __version__ = version
+
+
+def _major() -> int:
+    return int(__version__.split(".")[0])
+
+
+def _strongly_typed(flags: int) -> bool:
+    """What the network's creation flags mean to this version."""
+    if _major() >= 11:
+        known = sum(1 << int(f) for f in _Flags11)
+        if flags & ~known or flags & (1 << int(_Flags11.PREFER_AOT_PYTHON_PLUGINS)):
+            raise AssertionError(f"creation flags {flags:#b} set a flag other than STRONGLY_TYPED")
+        return True
+    return bool(flags & (1 << int(_VERSION_10[1].STRONGLY_TYPED)))
 
 
 class MemoryPoolType(enum.IntEnum):
@@ -91,11 +139,16 @@ class _Network:
 
 
 class _ParserError:
-    def __init__(self, text: str):
-        self.text = text
+    """str() names the node and operator, as TensorRT's ParserError does; desc() only says what."""
+
+    def __init__(self, text: str, node: int = -1, op: str = ""):
+        self.text, self.node, self.op = text, node, op
 
     def desc(self) -> str:
         return self.text
+
+    def __str__(self) -> str:
+        return f"In node {self.node} with operator {self.op}: {self.text}"
 
 
 class OnnxParser:
@@ -107,12 +160,20 @@ class OnnxParser:
 
         calls.append(("parse_from_file", path))
         model = onnx.load(path, load_external_data=False)
-        unsupported = sorted(
-            {n.op_type for n in model.graph.node if n.domain not in ("", "ai.onnx")}
-        )
-        if unsupported:  # e.g. onnxruntime's MatMulNBits, which TensorRT's parser does not know
-            self.errors.append(_ParserError(f"No importer registered for op: {unsupported[0]}"))
-            return False
+        for tensor in model.graph.initializer:  # weights in a .data file beside the graph
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                location = {e.key: e.value for e in tensor.external_data}["location"]
+                if not (Path(path).parent / location).is_file():
+                    self.errors.append(_ParserError(f"Failed to open file: {location}"))
+                    return False
+        for index, node in enumerate(model.graph.node):
+            if node.domain not in ("", "ai.onnx"):  # e.g. onnxruntime's MatMulNBits
+                self.errors.append(
+                    _ParserError(
+                        f"No importer registered for op: {node.op_type}", index, node.op_type
+                    )
+                )
+                return False
         initializers = {i.name for i in model.graph.initializer}
 
         def tensors(values):
@@ -139,11 +200,22 @@ class OnnxParser:
 
 
 class _TimingCache:
-    def __init__(self, data: bytes):
-        self.entries = json.loads(data) if data else []
+    def __init__(self, entries: list):
+        self.entries = entries
 
     def serialize(self) -> bytes:
-        return json.dumps(self.entries).encode()
+        return (f"STUB-TIMING {__version__}\n" + json.dumps(self.entries)).encode()
+
+
+def _read_timing(data: bytes) -> _TimingCache | None:
+    """None for bytes another version (or anything else) wrote, as TensorRT does."""
+    if not data:
+        return _TimingCache([])
+    head, _, body = bytes(data).partition(b"\n")
+    if head != f"STUB-TIMING {__version__}".encode():
+        errors.append("timing cache: incompatible or corrupt data")
+        return None
+    return _TimingCache(json.loads(body))
 
 
 class _Profile:
@@ -151,7 +223,12 @@ class _Profile:
         self.shapes: dict[str, tuple] = {}
 
     def set_shape(self, name: str, min, opt, max) -> None:  # noqa: A002 (TensorRT's names)
-        self.shapes[name] = (tuple(min), tuple(opt), tuple(max))
+        low, mid, high = tuple(min), tuple(opt), tuple(max)
+        if not (len(low) == len(mid) == len(high)) or not all(
+            a <= b <= c for a, b, c in zip(low, mid, high, strict=True)
+        ):
+            raise ValueError(f"{name}: min {low} opt {mid} max {high} are not ordered")
+        self.shapes[name] = (low, mid, high)
 
 
 class _Config:
@@ -162,17 +239,24 @@ class _Config:
         self.timing: _TimingCache | None = None
         self.int8_calibrator = None
 
-    def set_flag(self, flag: BuilderFlag) -> None:
+    def set_flag(self, flag) -> None:
         self.flags.add(flag)
+
+    def __setattr__(self, name, value) -> None:
+        if name == "int8_calibrator" and value is not None and _major() >= 11:
+            raise AttributeError("'IBuilderConfig' object has no attribute 'int8_calibrator'")
+        object.__setattr__(self, name, value)
 
     def set_memory_pool_limit(self, pool: MemoryPoolType, size: int) -> None:
         self.pools[pool] = size
 
-    def create_timing_cache(self, data: bytes) -> _TimingCache:
+    def create_timing_cache(self, data: bytes) -> _TimingCache | None:
         calls.append(("create_timing_cache", bytes(data)))
-        return _TimingCache(bytes(data))
+        return _read_timing(bytes(data))
 
     def set_timing_cache(self, cache: _TimingCache, ignore_mismatch: bool) -> bool:
+        if not isinstance(cache, _TimingCache):  # pybind11 refuses None
+            raise TypeError("set_timing_cache(): incompatible function arguments")
         self.timing = cache
         return True
 
@@ -198,16 +282,21 @@ class Builder:
         calls.append(
             ("build", network.path, network.flags, sorted(config.flags), dict(config.pools))
         )
-        if not network.flags & (1 << int(NetworkDefinitionCreationFlag.STRONGLY_TYPED)):
+        if not _strongly_typed(network.flags):
             raise AssertionError("the network is not strongly typed")
         if config.flags or config.int8_calibrator is not None:
             raise AssertionError(
                 "precision flags or a calibrator were set on a strongly typed build"
             )
         if not config.profiles:
-            raise AssertionError("no optimization profile")
-        for profile in config.profiles:
-            _check_profile(network, profile)
+            errors.append("Network has dynamic or shape inputs, but no optimization profile")
+            return None
+        try:
+            for profile in config.profiles:
+                _check_profile(network, profile)
+        except AssertionError as e:  # TensorRT logs why and returns None
+            errors.append(str(e))
+            return None
         if config.timing is not None:
             config.timing.entries.append(network.path)
         io = {t.name: ["input", int(t.dtype)] for t in network.inputs}
@@ -261,7 +350,9 @@ class Runtime:
     def __init__(self, logger: Logger):
         self.logger = logger
 
-    def deserialize_cuda_engine(self, data: bytes) -> _Engine | None:
+    def deserialize_cuda_engine(self, data) -> _Engine | None:
+        data = bytes(memoryview(data))  # any buffer: bytes, or a memory map of the file
+        calls.append(("deserialize_cuda_engine", len(data)))
         if not data.startswith(b"STUB-ENGINE"):
             return None
         return _Engine(json.loads(data[len(b"STUB-ENGINE") :]))
@@ -315,11 +406,12 @@ class _Context:
     def set_optimization_profile_async(self, index: int, stream: int) -> bool:
         calls.append(("set_optimization_profile_async", index))
         if not 0 <= index < self.engine.num_optimization_profiles:
-            return False
+            raise RuntimeError(f"profile index {index} is out of range")
         self.profile, self.shapes = index, {}
         return True
 
     def set_input_shape(self, name: str, shape: tuple) -> bool:
+        calls.append(("set_input_shape", name))
         low, _, high = self.engine.spec["profiles"][self.profile][name]
         if len(shape) != len(low) or not all(
             a <= s <= b for a, s, b in zip(low, shape, high, strict=True)
@@ -355,29 +447,45 @@ class _Context:
         return self._measured[key]
 
     def set_tensor_address(self, name: str, address: int) -> bool:
-        if address % 256:
-            raise AssertionError(f"{name} bound at {address:#x}, not 256-byte aligned")
+        calls.append(("set_tensor_address", name))
+        if address % 256 or name not in self.engine.spec["io"]:
+            errors.append(f"{name} bound at {address:#x}: unknown or not 256-byte aligned")
+            return False
         self.addresses[name] = address
         return True
 
     def execute_async_v3(self, stream: int) -> bool:
+        """Checks now; runs the graph now, or when the CUDA graph it is captured into replays."""
+        import cudart_stub
+
         io = self.engine.spec["io"]
         unbound = sorted(set(io) - set(self.addresses))
         if unbound or set(self.shapes) != {n for n in io if io[n][0] == "input"}:
             raise AssertionError(f"run with unbound tensors {unbound} or unset input shapes")
-        path = self.engine.spec["path"]
-        feeds = {
-            n: _memory(self.addresses[n], self.shapes[n], NUMPY[DataType(io[n][1])]).copy()
-            for n in self.shapes
-        }
-        outputs = [n for n in io if io[n][0] == "output"]
-        for name, value in zip(outputs, _session(path).run(outputs, feeds), strict=True):
-            shape = self.get_tensor_shape(name)
-            if tuple(value.shape) != shape:
-                raise AssertionError(f"{name}: graph made {value.shape}, shapes say {shape}")
-            _memory(self.addresses[name], shape, NUMPY[DataType(io[name][1])])[...] = value
-        calls.append(("execute_async_v3", path, stream))
+        if not isinstance(stream, int) or stream == 0:
+            raise AssertionError(
+                f"execute_async_v3 wants a non-default stream handle, got {stream!r}"
+            )
+        shapes, addresses = dict(self.shapes), dict(self.addresses)
+        outputs = {n: self.get_tensor_shape(n) for n in io if io[n][0] == "output"}
+        cudart_stub.enqueue(stream, lambda: self._execute(shapes, addresses, outputs))
+        calls.append(("execute_async_v3", self.engine.spec["path"], stream))
         return True
+
+    def _execute(self, shapes: dict, addresses: dict, outputs: dict) -> None:
+        io = self.engine.spec["io"]
+        feeds = {
+            n: _memory(addresses[n], shapes[n], NUMPY[DataType(io[n][1])]).copy() for n in shapes
+        }
+        names = list(outputs)
+        for name, value in zip(
+            names, _session(self.engine.spec["path"]).run(names, feeds), strict=True
+        ):
+            if tuple(value.shape) != outputs[name]:
+                raise AssertionError(
+                    f"{name}: graph made {value.shape}, shapes say {outputs[name]}"
+                )
+            _memory(addresses[name], outputs[name], NUMPY[DataType(io[name][1])])[...] = value
 
 
 def _memory(address: int, shape: tuple, dtype: type) -> np.ndarray:

@@ -1,8 +1,8 @@
 """AnyRes (LLaVA-NeXT): LlavaNextForConditionalGeneration checkpoints built from config export
 and reproduce transformers' greedy tokens exactly in fp32 on square, wide, tall and tiny images;
 the runtime's tiling equals LlavaNextImageProcessor within 1e-5 and its feature packing equals
-LlavaNextModel.pack_image_features; the template comes from the checkpoint's chat template; the
-feature cache, limits, chat, bench and the TensorRT profiles (through the stand-in) take the
+LlavaNextModel.pack_image_features; the template comes from the checkpoint's chat template (no
+llava_edge.json, as llava-hf's); the feature cache, limits, chat, bench and the TensorRT profiles (through the stand-in) take the
 variable number of image tokens and the tile batch.
 """
 
@@ -169,10 +169,12 @@ def test_bench_runs_the_tiles(exported: Exported) -> None:
 
 
 def test_tensorrt_engines_take_the_tile_batch(exported: Exported, tmp_path, monkeypatch) -> None:
-    """Through the TensorRT stand-in: profiles cover base image + tiles of max_batch images."""
+    """Through the TensorRT and CUDA stand-ins: profiles cover base image + tiles of max_batch
+    images, and a wide image's tiles reach the same answer as onnxruntime's."""
+    import cudart_stub
     import tensorrt_stub
 
-    from llava_edge.runtime.tensorrt import gpu
+    from llava_edge.runtime.tensorrt import cuda, gpu
     from llava_edge.runtime.tensorrt.backend import TensorRTBackend
     from llava_edge.runtime.tensorrt.build import build_engines
     from llava_edge.runtime.tensorrt.profiles import (
@@ -190,22 +192,17 @@ def test_tensorrt_engines_take_the_tile_batch(exported: Exported, tmp_path, monk
     ort = ort_tensorrt_profiles(manifest, "projector", max_batch=2)
     assert ort["trt_profile_max_shapes"] == f"image_features:{2 * tiles}x16x32"
     monkeypatch.setitem(sys.modules, "tensorrt", tensorrt_stub)
-    monkeypatch.setattr(
-        gpu,
-        "probe_gpu",
-        lambda index=0: gpu.GpuInfo(0, "Stub", "8.7", 8 << 30, 6 << 30, True, "12.6"),
-    )
+    stub_gpu = gpu.GpuInfo(0, "Stub Orin", "8.7", 8 << 30, 6 << 30, True, "12.6")
+    monkeypatch.setattr(gpu, "probe_gpu", lambda index=0: stub_gpu)
+    monkeypatch.setattr(cuda, "import_cudart", lambda: cudart_stub)
+    cudart_stub.reset()
     build_engines(model, log=quiet)
     reference = Pipeline.load(model)
-    trt = Pipeline(
-        model, reference.manifest, TensorRTBackend(model, Manifest.load(model), device="cpu")
-    )
+    trt = Pipeline(model, reference.manifest, TensorRTBackend(model, Manifest.load(model)))
     image = picture(30, 100)
     expected = reference.answer(image, QUESTION, max_new_tokens=8, ignore_eos=True)
-    assert (
-        trt.answer(image, QUESTION, max_new_tokens=8, ignore_eos=True).token_ids
-        == expected.token_ids
-    )
+    got = trt.answer(image, QUESTION, max_new_tokens=8, ignore_eos=True)
+    assert got.token_ids == expected.token_ids
     reference.close()
     trt.close()
 
@@ -290,21 +287,6 @@ def test_packing_equals_pack_image_features(pinpoints: str) -> None:
         np.testing.assert_array_equal(ours, theirs.numpy())
         count = counter._get_number_of_features(height, width, 32, 32) - 1
         assert len(ours) == count, (height, width)
-
-
-def test_template_comes_from_the_chat_template(exported: Exported, tmp_path) -> None:
-    """A checkpoint without llava_edge.json gets the template its chat template renders."""
-    from transformers import AutoProcessor
-
-    from llava_edge.export.exporter import _template_name
-    from llava_edge.runtime.template import TEMPLATES, hf_chat_template
-
-    processor = AutoProcessor.from_pretrained(exported.checkpoint)
-    for name in ("llava_v1", "mistral_instruct", "chatml_direct", "vicuna_v1", "llava_1_5"):
-        processor.chat_template = hf_chat_template(TEMPLATES[name])
-        assert _template_name(tmp_path, processor) == name
-    processor.chat_template = "{{ 'Q: ' }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    assert _template_name(tmp_path, processor) == "llava_1_5"  # unknown: the llava-hf 1.5 prompt
 
 
 def test_quantized_copy_keeps_the_anyres_files(exported: Exported, tmp_path) -> None:

@@ -132,6 +132,7 @@ def record(world, monkeypatch) -> Calls:
     import llava_edge.runtime.bench as bench
     import llava_edge.runtime.doctor as doctor
     import llava_edge.runtime.interactive as interactive
+    import llava_edge.runtime.plan as plan
     import llava_edge.runtime.tensorrt.build as build
     import llava_edge.training.checkpoint as checkpoint
     import llava_edge.training.datagen.generate as datagen_generate
@@ -164,6 +165,8 @@ def record(world, monkeypatch) -> Calls:
         (bench, "benchmark"),
         (interactive, "chat_loop"),
         (doctor, "diagnose"),
+        (plan, "plan"),
+        (plan, "parse_device"),
     ]:
         monkeypatch.setattr(
             module, name, through(f"{module.__name__}.{name}", getattr(module, name))
@@ -172,6 +175,7 @@ def record(world, monkeypatch) -> Calls:
         (Pipeline, "answer"),
         (Pipeline, "stream"),
         (Pipeline, "chat"),
+        (Pipeline, "watch"),
         (ChatSession, "stream"),
     ]:
         monkeypatch.setattr(cls, name, through(f"{cls.__name__}.{name}", getattr(cls, name)))
@@ -220,6 +224,15 @@ def base_arguments(cmd: tuple[str, ...], sub: argparse.ArgumentParser, world) ->
     runtime = {
         "run": {"model_dir": model, "prompt": "Hi", "max_new_tokens": "2"},
         "chat": {"model_dir": model, "max_new_tokens": "2"},
+        # a folder of images is a source without a video decoder; one frame, one line of JSON
+        "watch": {
+            "model_dir": model,
+            "source": str(world["root"]),
+            "prompt": "Hi",
+            "max_new_tokens": "2",
+            "max_frames": "1",
+        },
+        "plan": {"model_dir": model},
         "bench": {"model_dir": model, "runs": "1", "new_tokens": "2", "question_tokens": "4"},
         "eval": {
             "model_dir": model,

@@ -38,6 +38,7 @@ def machine(**changes) -> doctor.Report:
         jetson="Jetson R36 (release), REVISION: 4.3",
         memory_available=48 << 30,
         backends=[],
+        cuda_python="12.6.2",
     )
     for key, value in changes.items():
         setattr(report, key, value)
@@ -73,11 +74,12 @@ def test_each_missing_piece_is_named_with_how_to_get_it() -> None:
         and "sudo apt install nvidia-jetpack" in native
     )
 
-    s = status(machine(torch="2.13.0+cpu", torch_cuda=None, torch_cuda_available=False))
+    # torch is no concern of the runtime's: the TensorRT backend needs cuda-python
+    s = status(machine(torch=None, torch_cuda=None, torch_cuda_available=False))
+    assert list(s.values()).count("ready") == 4
+    s = status(machine(cuda_python=None))
     assert list(s.values()).count("ready") == 3
-    assert s["tensorrt"] == [
-        "torch with CUDA (found torch 2.13.0+cpu without CUDA): " + doctor.TORCH_HINT
-    ]
+    assert s["tensorrt"] == ["cuda-python: " + doctor.CUDA_HINT]
 
     s = status(machine(gpus=[], gpu_error="no NVIDIA driver here"))
     assert s["onnxruntime cpu"] == "ready"

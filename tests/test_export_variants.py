@@ -1,4 +1,4 @@
-"""Export of every LLaVA variant issue 2 names, held to transformers on the same weights.
+"""Export of every LLaVA variant export supports, held to transformers on the same weights.
 
 Six tiny checkpoints together cover: vision_feature_layer as an int (negative and positive) and
 as a list; vision_feature_select_strategy 'default' and 'full'; MHA, GQA and MQA text models;
@@ -86,27 +86,28 @@ class Exported:
     manifest: Manifest
 
 
-def test_configs_cover_every_variant() -> None:
-    """The table above really spans issue 2's point 3 (guards against editing a variant away)."""
-    seen = {
-        "layer": set(),
-        "strategy": set(),
-        "attention": set(),
-        "backbone": set(),
-        "dtype": set(),
-    }
-    for overrides in CONFIGS.values():
-        layer = overrides.get("vision_feature_layer", -2)
-        seen["layer"].add(type(layer).__name__)
-        seen["strategy"].add(overrides.get("vision_feature_select_strategy", "default"))
-        kv = overrides.get("text", {}).get("num_key_value_heads", 4)
-        seen["attention"].add("mha" if kv == 4 else "gqa")
-        seen["backbone"].add(overrides.get("backbone", "llama"))
-        seen["dtype"].add(overrides.get("dtype", "float32"))
+def test_the_checkpoints_cover_every_variant(tmp_path: Path) -> None:
+    """What the six checkpoints really are (read back from what init wrote) spans every variant:
+    guards against a table edit, or an init that ignores an override, leaving one untested."""
+    from transformers import AutoConfig
+
+    from llava_edge.training.checkpoint import init_checkpoint
+
+    seen: dict[str, set] = {k: set() for k in ("layer", "strategy", "kv", "backbone", "dtype")}
+    for name, overrides in CONFIGS.items():
+        checkpoint = init_checkpoint(tmp_path / name, preset="tiny", **overrides)
+        config = AutoConfig.from_pretrained(checkpoint)
+        text = config.text_config
+        seen["layer"].add(type(config.vision_feature_layer).__name__)
+        seen["strategy"].add(config.vision_feature_select_strategy)
+        kv, heads = text.num_key_value_heads, text.num_attention_heads
+        seen["kv"].add("mha" if kv == heads else "mqa" if kv == 1 else "gqa")
+        seen["backbone"].add(text.model_type)
+        seen["dtype"] |= {str(d).removeprefix("torch.") for d in _saved_dtypes(checkpoint)}
     assert seen == {
         "layer": {"int", "list"},
         "strategy": {"default", "full"},
-        "attention": {"mha", "gqa"},
+        "kv": {"mha", "gqa", "mqa"},
         "backbone": {"llama", "mistral"},
         "dtype": {"float32", "float16", "bfloat16"},
     }

@@ -1,4 +1,4 @@
-"""`llava-edge init`: each preset has the shape the issue documents, and what it writes is an
+"""`llava-edge init`: each preset has the shape its comment documents, and what it writes is an
 ordinary Hugging Face LLaVA checkpoint whose chat template agrees with the runtime's.
 
 Big presets are checked as configs and on torch's meta device: no weights are materialised.

@@ -1,5 +1,9 @@
 """Work killed at random moments (SIGKILL: no cleanup runs) leaves its output absent, the
-previous complete one, or complete; the next run cleans up after it."""
+previous complete one, or complete; the next run cleans up after it.
+
+The moments are drawn afresh each run from a seed the test prints; LLAVA_EDGE_KILL_SEED=<seed>
+draws the same moments again (how far the work has got at a moment still depends on the
+machine's speed, so a replay aims at the same phase rather than the same instruction)."""
 
 from __future__ import annotations
 
@@ -36,11 +40,27 @@ def is_complete_model_dir(path: Path) -> bool:
         return False
 
 
+def kill_moments() -> random.Random:
+    """The random source of kill moments, seeded from LLAVA_EDGE_KILL_SEED or the clock."""
+    seed = int(os.environ.get("LLAVA_EDGE_KILL_SEED") or time.time_ns() % 2**32)
+    print(f"kill moments from seed {seed}: replay with LLAVA_EDGE_KILL_SEED={seed}")
+    return random.Random(seed)
+
+
+def test_kill_moments_replay_from_the_printed_seed(monkeypatch, capsys):
+    monkeypatch.delenv("LLAVA_EDGE_KILL_SEED", raising=False)
+    drawn = [kill_moments().random() for _ in range(2)]
+    seeds = [int(line.rsplit("=", 1)[1]) for line in capsys.readouterr().out.splitlines()]
+    monkeypatch.setenv("LLAVA_EDGE_KILL_SEED", str(seeds[1]))
+    assert kill_moments().random() == drawn[1]
+    assert f"LLAVA_EDGE_KILL_SEED={seeds[1]}" in capsys.readouterr().out
+
+
 def kill_at_random_moments(
     argv: list[str], out: Path, previous: dict[str, bytes], kills: int
 ) -> None:
     """Run `argv` `kills` times, SIGKILL each at a random moment, check `out` after each."""
-    rng = random.Random(int(time.time()))  # a different set of moments every run
+    rng = kill_moments()
     start = time.perf_counter()
     subprocess.run(argv, check=True, capture_output=True)  # how long one whole run takes
     duration = time.perf_counter() - start
@@ -87,6 +107,63 @@ def test_replace_dir_keeps_the_old_dir_until_the_new_one_is_whole(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def _record_syncs_and_renames(monkeypatch) -> list[tuple[str, str]]:
+    """("fsync", path) and ("rename", target) in the order they happen."""
+    events: list[tuple[str, str]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def recording_replace(src, dst) -> None:
+        replace(src, dst)
+        events.append(("rename", str(dst)))
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    return events
+
+
+def test_a_new_dir_is_on_disk_before_its_name_is(tmp_path, monkeypatch):
+    """Power loss: every file and dir of the new tree is flushed before the rename that makes
+    it `out`, and the parent dir (holding the rename) after it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    events = _record_syncs_and_renames(monkeypatch)
+    with replace_dir(out) as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "a").write_text("a")
+        (tmp / "b").write_text("b")
+        made = {str(tmp), str(tmp / "sub"), str(tmp / "sub" / "a"), str(tmp / "b")}
+    installed = events.index(("rename", str(out)))
+    assert made <= {path for kind, path in events[:installed] if kind == "fsync"}
+    assert ("fsync", str(tmp_path)) in events[installed:]
+
+
+def test_files_written_private_are_installed_readable(tmp_path):
+    """onnx writes external data 0600: the installed dir follows the umask like any other."""
+    umask = os.umask(0o022)
+    try:
+        with replace_dir(tmp_path / "out") as tmp:
+            (tmp / "weights.data").write_bytes(b"w")
+            (tmp / "weights.data").chmod(0o600)
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "out" / "weights.data").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_manifest_is_on_disk_before_its_name_is(tiny_model_dir, tmp_path, monkeypatch):
+    manifest = Manifest.load(tiny_model_dir)
+    events = _record_syncs_and_renames(monkeypatch)
+    manifest.save(tmp_path)
+    saved = events.index(("rename", str(tmp_path / "manifest.json")))
+    temporary = [path for kind, path in events[:saved] if kind == "fsync"]
+    assert len(temporary) == 1 and Path(temporary[0]).parent == tmp_path
+    assert ("fsync", str(tmp_path)) in events[saved:]
+    assert Manifest.load(tmp_path) == manifest
+
+
 def test_leftovers_of_killed_writers_are_cleaned(tmp_path):
     dead = _dead_pid()
     out = tmp_path / "out"
@@ -125,7 +202,7 @@ def test_training_killed_at_random_moments_resumes_from_its_last_checkpoint(
             "--images", str(data["images"]), "--out", str(out), "--max-steps", "120", "--batch-size", "2",
             "--save-steps", "3", "--save-total-limit", "2", "--no-gradient-checkpointing",
             "--logging-steps", "1"]  # fmt: skip
-    rng = random.Random(int(time.time()))
+    rng = kill_moments()
     process = subprocess.Popen(
         [*argv, "--force"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -183,7 +260,7 @@ def test_engine_build_killed_at_random_moments(tiny_model_dir, tmp_path):
     first = [sys.executable, "-c", BUILD_WITH_STUB.format(tests=tests, model=str(model), batch=1)]
     subprocess.run(first, check=True, capture_output=True)
     old = Manifest.load(model).engines["engines"]
-    rng = random.Random(int(time.time()))
+    rng = kill_moments()
     argv = [sys.executable, "-c", BUILD_WITH_STUB.format(tests=tests, model=str(model), batch=2)]
     start = time.perf_counter()
     subprocess.run(argv, check=True, capture_output=True)

@@ -63,25 +63,29 @@ def test_the_installed_command_exits_1_without_a_traceback(tiny_model_dir: Path)
     assert done.stdout == ""
 
 
-def test_tensorrt_backend_without_cuda_torch_or_a_gpu(
+def test_tensorrt_backend_without_cuda_python_or_a_gpu(
     monkeypatch, capsys, tiny_model_dir: Path
 ) -> None:
     import tensorrt_stub
-    import torch
 
     monkeypatch.setitem(sys.modules, "tensorrt", tensorrt_stub)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    err = one_line_error(
-        capsys, ["run", str(tiny_model_dir), "--prompt", "hi", "--backend", "tensorrt"]
-    )
-    assert f"torch {torch.__version__} has" in err and "NVIDIA's torch wheel for JetPack 6" in err
+    run = ["run", str(tiny_model_dir), "--prompt", "hi", "--backend", "tensorrt"]
 
     def no_driver(name, *args, **kwargs):
         raise OSError(f"{name}: cannot open shared object file")
 
     monkeypatch.setattr(gpu.ctypes, "CDLL", no_driver)
-    err = one_line_error(capsys, ["build", str(tiny_model_dir)])
-    assert "no NVIDIA driver here (libcuda.so.1 not found)" in err
+    for argv in (run, ["build", str(tiny_model_dir)]):
+        assert "no NVIDIA driver here (libcuda.so.1 not found)" in one_line_error(capsys, argv)
+    monkeypatch.setattr(
+        gpu,
+        "probe_gpu",
+        lambda index=0: gpu.GpuInfo(0, "Orin", "8.7", 8 << 30, 6 << 30, True, "12.6"),
+    )
+    for name in ("cuda.bindings.runtime", "cuda.cudart"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import` raises ImportError
+    err = one_line_error(capsys, run)
+    assert "cuda-python is not installed" in err and "pip install 'llava-edge[trt]'" in err
 
 
 def test_pipeline_load_chooses_the_backend(monkeypatch, tiny_model_dir: Path) -> None:

@@ -1,6 +1,6 @@
 """Real TensorRT engines against onnxruntime fp32 on the CPU, on a GPU.
 
-Skipped, with the reason, where TensorRT, torch with CUDA or a GPU is missing (every machine this
+Skipped, with the reason, where TensorRT, cuda-python or a GPU is missing (every machine this
 project is developed on). What they hold: fp32 and fp16 engines give the vision features and
 prefill logits of onnxruntime fp32 within tolerance and the same greedy tokens; int8 and int4
 engines give logits with cosine similarity >= 0.99 to fp32.
@@ -28,11 +28,11 @@ def _missing() -> str | None:
         return "TensorRT is not installed"
     try:
         importlib.import_module("tensorrt")
-        torch = importlib.import_module("torch")
+        from llava_edge.runtime.tensorrt.cuda import import_cudart
+
+        import_cudart()
     except Exception as e:
-        return f"tensorrt or torch does not import ({str(e).splitlines()[0]})"
-    if not torch.cuda.is_available():
-        return "torch has no CUDA GPU"
+        return f"tensorrt or cuda-python does not import ({str(e).splitlines()[0]})"
     from llava_edge.runtime.tensorrt.gpu import probe_gpu
 
     try:
@@ -171,14 +171,25 @@ def test_quantized_engines_keep_the_logits(model_dirs, reference, precision) -> 
 
 def test_engines_are_recorded_for_this_gpu_and_the_cache_stays_on_it(model_dirs) -> None:
     import tensorrt
-    import torch
+
+    from llava_edge.runtime.tensorrt.gpu import probe_gpu
 
     record = Manifest.load(model_dirs["fp32"]).engines["engines"]
+    gpu = probe_gpu(0)
     assert record.tensorrt == tensorrt.__version__
-    assert record.gpu == torch.cuda.get_device_name(0)
-    major, minor = torch.cuda.get_device_capability(0)
-    assert record.compute_capability == f"{major}.{minor}"
+    assert (record.gpu, record.compute_capability) == (gpu.name, gpu.compute_capability)
     with load(model_dirs["fp32"]) as pipe:
+        cuda = pipe.backend.cuda
         cache = pipe.backend.new_cache(1)
-        assert all(t.is_cuda for t in cache.arena.flat.values())
-        assert pipe.backend.stream != torch.cuda.default_stream()
+        cache.reserve(3)
+        attributes = cuda.call("cudaPointerGetAttributes", cache.past(0)[0].ptr)
+        assert int(attributes.type) == int(cuda.rt.cudaMemoryType.cudaMemoryTypeDevice)
+        assert int(pipe.backend.stream) != 0  # not the legacy default stream
+        assert pipe.backend.kv_dtype == "float32"
+
+
+def test_a_pool_serves_repeated_requests_without_new_device_memory(model_dirs, reference) -> None:
+    with load(model_dirs["fp16"]) as pipe:
+        for _ in range(3):
+            pipe.answer(picture(), PROMPT, max_new_tokens=TOKENS, ignore_eos=True)
+        assert pipe.backend.pool.allocated <= 2

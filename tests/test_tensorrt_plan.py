@@ -1,5 +1,6 @@
 """The TensorRT backend's pure logic: profiles, buffer plans, the device KV cache, compatibility
-checks and IO names. Runs everywhere (the device cache on CPU torch tensors)."""
+checks and IO names. Runs everywhere (the device memory through tests/cudart_stub.py, on the
+host)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from llava_edge.runtime.tensorrt.compat import (
     same_tensorrt,
     select_engines,
 )
-from llava_edge.runtime.tensorrt.device_cache import DeviceKVCache
+from llava_edge.runtime.tensorrt.cuda import Allocation, Cuda, DeviceArray
+from llava_edge.runtime.tensorrt.device_cache import DeviceKVCache, KVPool
 from llava_edge.runtime.tensorrt.names import io_names
 from llava_edge.runtime.tensorrt.profiles import DECODE, PREFILL, EngineLimits, graph_profiles
 
@@ -153,38 +155,58 @@ def test_buffer_plan_aligns_every_tensor_and_sizes_it_for_the_largest_shape() ->
     assert plan.nbytes % buffers.ALIGNMENT == 0 and plan.nbytes >= slots[-1].offset
 
 
-def test_kv_plan_reserves_the_max_context_for_every_layer(manifest: Manifest) -> None:
-    plan = buffers.kv_plan(llava_7b(manifest).text, batch=1, max_context=4096)
-    assert len(plan.slots) == 64
-    assert plan.nbytes == 2 * 32 * 32 * 4096 * 128 * 2  # 2 GiB: what docs/jetson.md budgets
+@pytest.fixture
+def device() -> Cuda:
+    import cudart_stub
+
+    cudart_stub.reset()
+    return Cuda(cudart_stub)
 
 
-def test_arena_views_are_aligned_and_disjoint() -> None:
+def test_arena_views_are_aligned_and_disjoint(device: Cuda) -> None:
     plan = buffers.plan({"x": ((3,), "float32"), "y": ((10,), "int64"), "z": ((5,), "float16")})
-    arena = buffers.Arena(plan, "cpu")
+    arena = buffers.Arena(plan, device)
+    stream = device.stream()
     assert all(arena.address(name) % 256 == 0 for name in plan.slots)
-    arena.view("x", (3,)).fill_(1.5)
-    arena.view("y", (2, 5)).fill_(-1)
-    assert arena.view("z", (5,)).tolist() == [0.0] * 5
-    assert arena.view("x", (3,)).tolist() == [1.5] * 3
+    device.to_device(arena.view("x", (3,)), np.full(3, 1.5), stream)
+    device.to_device(arena.view("y", (2, 5)), np.full((2, 5), -1), stream)
+    device.to_device(arena.view("z", (5,)), np.zeros(5), stream)
+    assert device.to_host(arena.view("x", (3,)), stream).tolist() == [1.5] * 3
+    assert device.to_host(arena.view("y", (2, 5)), stream).tolist() == [[-1] * 5] * 2
     with pytest.raises(ValueError, match="does not fit"):
         arena.view("x", (4,))
+    arena.free()
 
 
 # ---- the device KV cache ---------------------------------------------------------------------
 
 
-def test_device_cache_grows_in_place_and_keeps_what_was_appended(manifest: Manifest) -> None:
-    import torch
+def test_a_7b_cache_at_full_context_is_what_the_docs_budget(manifest: Manifest, device) -> None:
+    text = llava_7b(manifest).text
+    cache = DeviceKVCache(text, 1, 4096, 256, device, device.stream(), KVPool(device, 0))
+    assert cache.block_bytes(4096) == 2 * 32 * 32 * 4096 * 128 * 2  # 2 GiB at fp16
+    assert cache.capacity == 0  # nothing is taken before the conversation needs it
 
+
+def upload(device: Cuda, array: np.ndarray, stream) -> DeviceArray:
+    memory = Allocation(device, array.nbytes)
+    target = DeviceArray(memory.ptr, array.shape, array.dtype)
+    device.to_device(target, array, stream)
+    return target
+
+
+def test_device_cache_grows_by_chunks_and_keeps_what_was_appended(
+    manifest: Manifest, device: Cuda
+) -> None:
     text = manifest.text
-    cache = DeviceKVCache(text, batch=2, max_context=20, kv_chunk=4, device="cpu")
+    stream = device.stream()
+    pool = KVPool(device, keep_bytes=10**9)
+    cache = DeviceKVCache(text, 2, 20, 4, device, stream, pool)
     rng = np.random.default_rng(0)
     keys, values, masks, capacities = [], [], [], []
     for seq in (3, 1, 1, 5, 1, 6):
         cache.reserve(seq)
         capacities.append(cache.capacity)
-        slots = torch.arange(cache.length, cache.length + seq)
         mask = np.ones((2, seq), dtype=np.int64)
         mask[1, 0] = 0
         masks.append(mask)
@@ -192,21 +214,61 @@ def test_device_cache_grows_in_place_and_keeps_what_was_appended(manifest: Manif
         for layer in range(text.num_layers):
             k = rng.standard_normal((2, text.num_kv_heads, seq, text.head_dim)).astype(np.float32)
             v = rng.standard_normal(k.shape).astype(np.float32)
-            cache.append(layer, torch.from_numpy(k), torch.from_numpy(v), slots)
+            cache.append(layer, upload(device, k, stream), upload(device, v, stream))
             if layer == 1:
                 keys.append(k)
                 values.append(v)
         cache.advance(mask)
     assert capacities == [4, 4, 8, 12, 12, 20]
-    past_k, past_v = cache.past(1)
-    assert tuple(past_k.shape) == (2, text.num_kv_heads, 20, text.head_dim)
-    np.testing.assert_array_equal(past_k[:, :, :17].numpy(), np.concatenate(keys, axis=2))
-    np.testing.assert_array_equal(past_v[:, :, :17].numpy(), np.concatenate(values, axis=2))
-    assert not past_k[:, :, 17:].any()  # unused slots hold zeros (masked, never NaN)
+    past_k, past_v = (device.to_host(t, stream) for t in cache.past(1))
+    assert past_k.shape == (2, text.num_kv_heads, 20, text.head_dim)
+    np.testing.assert_array_equal(past_k[:, :, :17], np.concatenate(keys, axis=2))
+    np.testing.assert_array_equal(past_v[:, :, :17], np.concatenate(values, axis=2))
+    assert not past_k[:, :, 17:].any()  # unused slots hold zeros (masked, never NaN garbage)
     expected = np.concatenate(masks + [np.zeros((2, 3), dtype=np.int64)], axis=1)
     np.testing.assert_array_equal(cache.valid, expected)
     with pytest.raises(LlavaEdgeError, match="--max-context"):
         cache.reserve(4)
+    # a rolled-back turn: the slots after 10 are zero again and free to be written
+    cache.truncate(10)
+    past_k = device.to_host(cache.past(1)[0], stream)
+    np.testing.assert_array_equal(past_k[:, :, :10], np.concatenate(keys, axis=2)[:, :, :10])
+    assert cache.length == 10 and not past_k[:, :, 10:].any() and not cache.valid[:, 10:].any()
+    with pytest.raises(ValueError, match="cannot truncate"):
+        cache.truncate(11)
+
+
+def test_cache_memory_comes_from_a_pool_reused_across_requests(
+    manifest: Manifest, device: Cuda
+) -> None:
+    import cudart_stub
+
+    stream = device.stream()
+    pool = KVPool(device, keep_bytes=10**9)
+
+    def request() -> int:
+        cache = DeviceKVCache(manifest.text, 1, 64, 16, device, stream, pool)
+        cache.reserve(20)  # 32 slots
+        cache.advance(np.ones((1, 20), np.int64))
+        cache.reserve(20)  # grows to 48: a second block; the first goes back to the pool
+        return cache.capacity
+
+    before = cudart_stub.in_use()
+    assert request() == 48
+    allocated = pool.allocated
+    assert allocated == 2 and pool.kept == 2  # the cache is gone: both blocks wait in the pool
+    for _ in range(5):
+        request()
+    assert pool.allocated == allocated  # the same two blocks served every request
+    assert cudart_stub.in_use() - before > 0
+    small = KVPool(device, keep_bytes=0)  # keeps nothing: blocks are freed on the next take
+    for _ in range(3):
+        cache = DeviceKVCache(manifest.text, 1, 64, 16, device, stream, small)
+        cache.reserve(20)
+        del cache
+    assert small.kept <= 1
+    pool.close()
+    small.close()
 
 
 # ---- engine compatibility ----------------------------------------------------------------------

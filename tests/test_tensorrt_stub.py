@@ -15,6 +15,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import cudart_stub
 import numpy as np
 import pytest
 import tensorrt_stub
@@ -22,7 +23,8 @@ import tensorrt_stub
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import MANIFEST_NAME, Manifest
 from llava_edge.runtime import Pipeline
-from llava_edge.runtime.tensorrt import gpu
+from llava_edge.runtime.onnx_backend import OnnxBackend
+from llava_edge.runtime.tensorrt import cuda, gpu
 from llava_edge.runtime.tensorrt.backend import TensorRTBackend
 from llava_edge.runtime.tensorrt.build import build_engines
 
@@ -33,7 +35,9 @@ STUB_GPU = gpu.GpuInfo(0, "Stub Orin", "8.7", 8 << 30, 6 << 30, True, "12.6")
 def stub(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setitem(sys.modules, "tensorrt", tensorrt_stub)
     monkeypatch.setattr(gpu, "probe_gpu", lambda index=0: STUB_GPU)
+    monkeypatch.setattr(cuda, "import_cudart", lambda: cudart_stub)
     tensorrt_stub.calls.clear()
+    cudart_stub.reset()
     return tensorrt_stub
 
 
@@ -54,7 +58,7 @@ def quiet(*_: object) -> None:
 
 
 def backend(model: Path, **options) -> TensorRTBackend:
-    return TensorRTBackend(model, Manifest.load(model), device="cpu", **options)
+    return TensorRTBackend(model, Manifest.load(model), **options)
 
 
 def image() -> np.ndarray:
@@ -95,12 +99,115 @@ def test_the_timing_cache_is_reused_between_builds(stub, model: Path, tmp_path: 
     cache = tmp_path / "shared" / "timing.cache"
     build_engines(model, timing_cache=cache, log=quiet)
     first = cache.read_bytes()
-    assert len(json.loads(first)) == 3  # one entry per engine built
+    assert len(timing_entries(cache)) == 3  # one entry per engine built
     build_engines(model, out_dir=tmp_path / "again", timing_cache=cache, log=quiet)
     loaded = [c[1] for c in stub.calls if c[0] == "create_timing_cache"]
     assert loaded == [b"", first]  # the second build started from the first one's timings
-    assert len(json.loads(cache.read_bytes())) == 6
+    assert len(timing_entries(cache)) == 6
     assert set(Manifest.load(model).engines) == {"engines", str((tmp_path / "again").resolve())}
+    # by default the engine dir keeps one cache per TensorRT version
+    build_engines(model, log=quiet)
+    assert (model / "engines" / "timing-10.3.0.30.cache").is_file()
+
+
+def timing_entries(path: Path) -> list:
+    return json.loads(path.read_bytes().partition(b"\n")[2])
+
+
+def test_a_stale_timing_cache_falls_back_to_an_empty_one(stub, model: Path, tmp_path) -> None:
+    cache = tmp_path / "timing.cache"
+    stale = b"written by TensorRT 8.6 on another GPU"
+    cache.write_bytes(stale)
+    said = []
+    build_engines(model, timing_cache=cache, log=said.append)
+    assert [c[1] for c in stub.calls if c[0] == "create_timing_cache"] == [stale, b""]
+    assert any("stale or from another TensorRT" in line for line in said)
+    assert len(timing_entries(cache)) == 3  # replaced by a good one
+
+
+def test_tensorrt_before_10_is_refused_with_the_jetpack_to_use(stub, model, monkeypatch) -> None:
+    monkeypatch.setattr(stub, "__version__", "8.6.2.3")
+    with pytest.raises(
+        LlavaEdgeError, match=r"TensorRT 8\.6\.2\.3 is too old.*JetPack 6\.1 or later.*8\.6"
+    ):
+        build_engines(model, log=quiet)
+    with pytest.raises(LlavaEdgeError, match="too old"):
+        backend(model)
+
+
+def test_tensorrt_11_builds_strongly_typed_without_precision_flags(stub, model: Path) -> None:
+    stub.use_version("11.1.0.1")
+    try:
+        build_engines(model, log=quiet)
+        builds = [c for c in stub.calls if c[0] == "build"]
+        assert len(builds) == 3 and all(c[2] == 1 for c in builds)  # bit 0 on 11, not bit 1
+        trt = Pipeline(model, Manifest.load(model), backend(model))
+        assert len(trt.answer(None, "Hi", max_new_tokens=3, ignore_eos=True).token_ids) == 3
+    finally:
+        stub.use_version("10.3.0.30")
+
+
+def test_tensorrt_failure_signals_reach_the_user(stub, model: Path, monkeypatch) -> None:
+    # a graph whose external weights were not copied: the parser fails, naming the file
+    import onnx
+
+    graph = onnx.load(model / "decoder.onnx")
+    onnx.save(
+        graph, model / "decoder.onnx", save_as_external_data=True, location="decoder.onnx.data"
+    )
+    (model / "decoder.onnx.data").unlink()
+    manifest = Manifest.load(model)
+    manifest.files.pop("decoder.onnx.data", None)
+    manifest.record_files(model)
+    manifest.save(model)
+    with pytest.raises(
+        LlavaEdgeError,
+        match="parser rejected decoder.onnx: .*Failed to open file: decoder.onnx.data",
+    ):
+        build_engines(model, log=quiet)
+
+
+REAL_SET_ADDRESS = tensorrt_stub._Context.set_tensor_address
+
+
+def test_refused_addresses_and_profiles_are_errors(stub, model: Path, monkeypatch) -> None:
+    build_engines(model, log=quiet)
+    be = backend(model)
+    cache = be.new_cache(1)
+    embeds = np.zeros((1, 3, 64), np.float32)
+    monkeypatch.setattr(stub._Context, "set_tensor_address", lambda self, name, address: False)
+    with pytest.raises(LlavaEdgeError, match="refused the address of .* for the decoder engine"):
+        be.decode(embeds, np.ones((1, 3), np.int64), np.arange(3)[None], cache)
+    monkeypatch.setattr(stub._Context, "set_tensor_address", REAL_SET_ADDRESS)
+
+    def refuse(self, index, stream):
+        raise RuntimeError("Cannot set optimization profile: the context is in use")
+
+    be = backend(model)
+    cache = be.new_cache(1)
+    be.decode(embeds, np.ones((1, 3), np.int64), np.arange(3)[None], cache)
+    monkeypatch.setattr(stub._Context, "set_optimization_profile_async", refuse)
+    with pytest.raises(
+        LlavaEdgeError, match="refused profile decode of the decoder engine .*context is in use"
+    ):
+        be.decode(embeds[:, :1], np.ones((1, 1), np.int64), np.array([[3]]), cache)
+
+
+def test_engines_load_from_a_memory_map_and_unchanged_bindings_are_not_repeated(
+    stub, model: Path
+) -> None:
+    build_engines(model, log=quiet)
+    be = backend(model)
+    assert [c for c in stub.calls if c[0] == "deserialize_cuda_engine"]
+    cache = be.new_cache(1)
+    embeds = np.zeros((1, 1, 64), np.float32)
+    be.decode(
+        np.zeros((1, 4, 64), np.float32), np.ones((1, 4), np.int64), np.arange(4)[None], cache
+    )
+    be.decode(embeds, np.ones((1, 1), np.int64), np.array([[4]]), cache)
+    stub.calls.clear()
+    be.decode(embeds, np.ones((1, 1), np.int64), np.array([[5]]), cache)  # same shapes, buffers
+    assert not [c for c in stub.calls if c[0] in ("set_input_shape", "set_tensor_address")]
 
 
 def test_int4_builds_from_the_tensorrt_graph_and_a_failed_build_changes_nothing(
@@ -131,7 +238,8 @@ def test_int4_builds_from_the_tensorrt_graph_and_a_failed_build_changes_nothing(
     manifest.save(model)
     saved = (model / MANIFEST_NAME).read_bytes()
     with pytest.raises(
-        LlavaEdgeError, match="parser rejected decoder_nbits.onnx: No importer.*MatMulNBits"
+        LlavaEdgeError,
+        match=r"parser rejected decoder_nbits.onnx: In node \d+ with operator MatMulNBits: No importer",
     ):
         build_engines(model, log=quiet)
     assert (model / MANIFEST_NAME).read_bytes() == saved
@@ -232,8 +340,8 @@ def test_the_engine_reads_the_kv_cache_where_it_lives(stub, model: Path) -> None
     context = be.engines["decoder"].context
     for layer, (past_k, past_v, present_k, _) in enumerate(be.names.layers):
         key, value = cache.past(layer)
-        assert context.addresses[past_k] == key.data_ptr()  # the cache itself, no copy
-        assert context.addresses[past_v] == value.data_ptr()
+        assert context.addresses[past_k] == key.ptr  # the cache itself, no copy
+        assert context.addresses[past_v] == value.ptr
         assert context.addresses[present_k] == be.engines["decoder"].arena.address(present_k)
     assert context.shapes["past_key_values.0.key"] == (1, 4, 256, 16)
     assert context.shapes["attention_mask"] == (1, 257)
@@ -241,33 +349,27 @@ def test_the_engine_reads_the_kv_cache_where_it_lives(stub, model: Path) -> None
     assert profiles == [1]  # the new context starts on prefill (0); one switch to decode
 
 
-def test_cuda_graph_bookkeeping_captures_once_per_capacity_and_replays(stub, model: Path) -> None:
+def test_cuda_graphs_are_captured_once_per_capacity_and_replayed(stub, model: Path) -> None:
     build_engines(model, kv_chunk=16, log=quiet)
     reference = Pipeline.load(model)
-    be = backend(model)
-    be.cuda_graph = True  # on a CPU, stand in a recorder for torch's CUDA graph
-    captured, replays = [], []
-
-    class Graph:
-        def __init__(self, work):
-            self.work = work
-
-        def replay(self):
-            replays.append(1)
-            self.work()  # buffers are fixed: replaying the recorded work sees this step's inputs
-
-    be._capture = lambda work: captured.append(1) or Graph(work)
+    be = backend(model, cuda_graph=True)
     trt = Pipeline(model, reference.manifest, be)
     options = dict(max_new_tokens=40, ignore_eos=True)
     assert (
         trt.answer(None, "Hello there", **options).token_ids
         == reference.answer(None, "Hello there", **options).token_ids
     )
-    runs = sum(1 for c in stub.calls if c[0] == "execute_async_v3" and "decoder" in c[1])
+    captures = [c for c in cudart_stub.calls if c[0] == "cudaStreamBeginCapture"]
+    launches = [c for c in cudart_stub.calls if c[0] == "cudaGraphLaunch"]
+    runs = [c for c in stub.calls if c[0] == "execute_async_v3" and "decoder" in c[1]]
     # a prompt of ~10 tokens, then 39 decode steps over capacities 16, 32 and 48: at each
-    # capacity one eager step, then a capture, then replays (each replay runs the recorded work)
-    assert len(captured) == 3 and len(replays) == 39 - 3
-    assert runs - len(replays) == 1 + 3  # the prefill and one eager step per capacity
+    # capacity one eager step, then a capture (in thread-local mode), then replays
+    assert [c[1] for c in captures] == [
+        cudart_stub.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+    ] * 3
+    assert len(launches) == 39 - 3
+    assert len(runs) == 1 + 3 + 3  # the prefill, one eager step per capacity, each capture
+    assert be.cuda_graph  # nothing refused the capture
 
 
 def test_the_device_cache_truncates_and_a_chat_turn_rolls_back(stub, model: Path) -> None:
@@ -279,7 +381,9 @@ def test_the_device_cache_truncates_and_a_chat_turn_rolls_back(stub, model: Path
     cache = be.new_cache(1)
     be.decode(np.ones((1, 6, 64), np.float32), np.ones((1, 6), np.int64), np.arange(6)[None], cache)
     cache.truncate(2)
-    assert not any(cache.view(name)[:, :, 2:].any() for name in cache.arena.flat)
+    for layer in range(len(be.names.layers)):
+        for region in cache.past(layer):
+            assert not be.cuda.to_host(region, be.stream)[:, :, 2:].any()
 
     reference = Pipeline.load(model)
     trt = Pipeline(model, reference.manifest, be)
@@ -324,7 +428,96 @@ def test_loading_elsewhere_says_to_rebuild(stub, model: Path, monkeypatch) -> No
     manifest = Manifest.load(model)
     manifest.kv.present_holds = "past+new"
     with pytest.raises(LlavaEdgeError, match="only the new tokens"):
-        TensorRTBackend(model, manifest, device="cpu")
+        TensorRTBackend(model, manifest)
     engine_file(model, "decoder").write_bytes(b"not an engine")
     with pytest.raises(LlavaEdgeError, match=r"decoder\.\w+\.engine is truncated or altered"):
         backend(model)
+
+
+def test_build_refuses_engines_that_cannot_fit(stub, model: Path, monkeypatch) -> None:
+    small_gpu = gpu.GpuInfo(0, "Stub Orin Nano", "8.7", 8 << 30, 300 << 20, True, "12.6")
+    monkeypatch.setattr(gpu, "probe_gpu", lambda index=0: small_gpu)
+    with pytest.raises(
+        LlavaEdgeError,
+        match=r"would need \d+\.\d+ GB .* has 0\.31 GB free; .*--skip-memory-check",
+    ):
+        build_engines(model, log=quiet)
+    assert not [c for c in stub.calls if c[0] == "build"] and not (model / "engines").exists()
+    build_engines(model, log=quiet, check_memory=False)  # the override builds anyway
+    assert len([c for c in stub.calls if c[0] == "build"]) == 3
+
+
+def test_the_cuda_calls_exist_in_cuda_python_as_used(stub, model: Path, monkeypatch) -> None:
+    """Every CUDA runtime name the backend used on the stand-in exists in the real bindings."""
+    from cuda.bindings import runtime
+
+    used = set()
+
+    class Recording:
+        def __getattr__(self, name):
+            used.add(name)
+            return getattr(cudart_stub, name)
+
+    monkeypatch.setattr(cuda, "import_cudart", lambda: Recording())
+    build_engines(model, kv_chunk=16, log=quiet)
+    be = backend(model, cuda_graph=True)
+    trt = Pipeline(model, Manifest.load(model), be)
+    trt.answer(image(), "Hi", max_new_tokens=40, ignore_eos=True)
+    chat = trt.chat(None, max_new_tokens=2)
+    chat.ask("Hello")
+    chat.cache.truncate(0)  # zeroes the forgotten slots
+    be.close()
+    assert {
+        "cudaMalloc",
+        "cudaMemcpy2DAsync",
+        "cudaMemset2DAsync",
+        "cudaStreamBeginCapture",
+        "cudaGraphLaunch",
+    } <= used
+    missing = sorted(n for n in used if not hasattr(runtime, n))
+    assert not missing
+    mode = runtime.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+    assert int(mode) == int(cudart_stub.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)
+    for kind in cudart_stub.cudaMemcpyKind:
+        assert int(getattr(runtime.cudaMemcpyKind, kind.name)) == int(kind)
+    assert runtime.cudaStreamNonBlocking == cudart_stub.cudaStreamNonBlocking
+
+
+def test_the_runtime_and_the_tensorrt_backend_import_no_torch() -> None:
+    import subprocess
+
+    code = (
+        "import sys\n"
+        "import llava_edge.runtime, llava_edge.runtime.tensorrt.backend\n"
+        "import llava_edge.runtime.tensorrt.build, llava_edge.runtime.plan\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'av') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_int4_engines_keep_an_fp16_kv_cache(stub, model: Path, tmp_path: Path) -> None:
+    """The int4 TensorRT form computes in fp16: its engines take and give the KV cache in fp16,
+    and the device cache holds half the bytes; answers equal onnxruntime running that form."""
+    from llava_edge.calib.quantize import quantize_model
+    from llava_edge.training.synth import synthesize
+
+    images = synthesize(tmp_path / "calib", train=4, test=0)["images"]
+    int4 = tmp_path / "int4"
+    quantize_model(model, int4, "int4", calib=images, samples=2, log=quiet)
+    build_engines(int4, kv_chunk=32, log=quiet)
+    be = backend(int4)
+    assert be.kv_dtype == "float16"
+    cache = be.new_cache(1)
+    cache.reserve(1)
+    fp32 = 2 * 2 * 4 * 32 * 16 * 4  # keys and values, 2 layers, 4 heads, 32 slots, head_dim 16
+    assert cache.block_bytes(32) == fp32 // 2
+    # onnxruntime running the same TensorRT form (its cache follows the graph: fp16 too)
+    manifest = Manifest.load(int4)
+    manifest.graphs["decoder"].file = manifest.graphs["decoder"].tensorrt_file
+    reference = Pipeline(int4, manifest, OnnxBackend(int4, manifest))
+    assert reference.backend.new_cache(1).dtype == np.float16
+    trt = Pipeline(int4, manifest, be)
+    options = dict(max_new_tokens=12, ignore_eos=True)
+    want = reference.answer(image(), "What is it?", **options).token_ids
+    assert trt.answer(image(), "What is it?", **options).token_ids == want

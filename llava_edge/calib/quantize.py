@@ -13,38 +13,54 @@ different forms of the same precision:
 | precision | graph              | file (onnxruntime)                    | tensorrt_file                   |
 |-----------|--------------------|---------------------------------------|---------------------------------|
 | int8      | all three          | dynamic int8 MatMul, per-channel      | static Q/DQ int8, calibrated    |
-| int4      | decoder            | MatMulNBits, 4-bit blocks of 32       | INT4 Q/DQ blocks of 32, opset 21|
+| int4      | decoder            | MatMulNBits, 4-bit blocks of 32       | INT4 Q/DQ blocks of 32, opset 21,|
+|           |                    |                                       | fp16 activations and KV cache   |
 | int4      | vision, projector  | as int8                               | as int8                         |
 | fp16      | all three          | fp16 weights and math, fp32 IO        | (same file)                     |
 
-Graph inputs and outputs keep their names and dtypes, so the runtime loads the result unchanged.
-Everything is written to a temporary dir and renamed into place at the end.
+Graph inputs and outputs keep their names and dtypes, so the runtime loads the result unchanged;
+the one exception is the int4 TensorRT form, whose KV cache inputs and outputs are fp16 (the
+backends size their caches by the graph's own types).
+Everything is written to a temporary dir, loaded by the runtime (which answers one question
+with it, and onnxruntime opens each TensorRT form), and renamed into place only then: a dir that
+`quantize` installs always loads.
+
+Models of any size: what needs the whole graph (shape inference, opset conversion) runs on the
+graph without its weights, fp16 weights are converted a chunk at a time (calib/fp16.py), and
+onnxruntime's int8 and int4 quantizers, which need the fp32 weights in memory (its calibrators
+a few copies of them), write external data past 2 GB.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
+import re
 import shutil
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from llava_edge.calib.data import Activations, FeedReader, Sample, load_samples
+from llava_edge.calib.fp16 import fp16_graph, load_weights, to_fp16
 from llava_edge.errors import LlavaEdgeError
-from llava_edge.files import MAX_PROTOBUF, check_output_dir, replace_dir, save_graph
+from llava_edge.files import check_output_dir, is_large, replace_dir, save_graph
+from llava_edge.logs import quiet
 from llava_edge.manifest import GraphSpec, Manifest
 
-PRECISIONS = ("int8", "int4", "fp16")
+TARGETS = ("int8", "int4", "fp16")  # what `quantize --precision` makes of an fp32 model dir
+# onnxruntime.quantization's calibration cache (quantize_static's calibration_cache_path,
+# save_tensors_data) first shipped in 1.27; the [calib] extra asks for it.
+MIN_ONNXRUNTIME = (1, 27)
 METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_SAMPLES = 32
 REPORT_SAMPLES = 8  # held out from calibration and compared against fp32 by --report
 INT4_BLOCK = 32  # weights per scale; 32 keeps random-init and trained Llamas usable at 4 bits
-# MatMulNBits' accuracy_level 4 quantizes activations to int8 for the dot products: the fast CPU
-# path (REFERENCE.md measured it), at an accuracy cost far below the 4-bit weights' own.
+# MatMulNBits' accuracy_level 4 quantizes activations to int8 for the dot products: onnxruntime's
+# fast CPU path for 4-bit weights (bench/bench_quantize.py measures it), at an accuracy cost far
+# below the 4-bit weights' own.
 INT4_ACCURACY_LEVEL = 4
 INT4_OPSET = 21  # DequantizeLinear's INT4 type and block_size attribute start at opset 21
 QDQ_SUFFIX = ".qdq.onnx"
@@ -64,9 +80,10 @@ TENSORRT_QDQ_OPTIONS = {
     # float, so the next norm or activation never sees int8 rounding of its input.
     "OpTypesToExcludeOutputQuantization": ["Conv", "Gemm", "MatMul"],
 }
-# Kept in float32 in fp16 graphs: x*x in norms and softmax's exponent overflow fp16's 65504, and
-# TensorRT warns that fp16 LayerNormalization after attention may overflow.
-FP16_KEEP_FP32_OPS = ["Pow", "ReduceMean", "Sqrt", "Softmax", "LayerNormalization"]
+# onnxruntime.quantization logs every node it touches (some of it on the root logger) and
+# advises pre-processing that graphs from our own exporter do not need.
+QUANTIZER_LOGGERS = ("", "onnxruntime")
+PROBE_QUESTION = "What is in the picture?"
 
 
 def quantize_model(
@@ -87,8 +104,9 @@ def quantize_model(
     `images`: the JSON's image root, or alone an image folder) for the TensorRT graphs' static
     activation scales; fp16 needs none unless a report is asked for.
     """
-    if precision not in PRECISIONS:
-        raise LlavaEdgeError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision}")
+    _check_onnxruntime()
+    if precision not in TARGETS:
+        raise LlavaEdgeError(f"--precision must be one of {', '.join(TARGETS)}, got {precision}")
     if method not in METHODS:
         raise LlavaEdgeError(f"--method must be one of {', '.join(METHODS)}, got {method}")
     if not isinstance(samples, int) or samples < 1:
@@ -120,6 +138,7 @@ def quantize_model(
         manifest.engines = {}  # engines built for the source dir do not fit these graphs
         manifest.record_files(tmp)
         manifest.save(tmp)
+        check_loads(tmp, precision)
         result: dict[str, Any] = {}
         if report:
             from llava_edge.calib.report import build_report, format_table, write_report
@@ -130,6 +149,19 @@ def quantize_model(
     manifest.mark_verified(out)  # every file was hashed above: the first load need not again
     log(f"quantized {source} -> {out} ({precision}) in {time.perf_counter() - start:.1f} s")
     return result
+
+
+def _check_onnxruntime() -> None:
+    import onnxruntime
+
+    found = onnxruntime.__version__
+    numbers = tuple(int(part) for part in re.findall(r"\d+", found)[:2])
+    if numbers < MIN_ONNXRUNTIME:
+        need = ".".join(map(str, MIN_ONNXRUNTIME))
+        raise LlavaEdgeError(
+            f"quantize needs onnxruntime {need} or later (its quantizers' calibration cache), "
+            f"found {found}; pip install 'onnxruntime>={need}' (or 'llava-edge[calib]')"
+        )
 
 
 def _check_source(manifest: Manifest, source: Path) -> None:
@@ -195,7 +227,10 @@ def _quantize_graph(
 
     src = source / graph.file
     steps = {"fp16": 1, "int8": 2, "int4": 2}[kind]
-    with tqdm(total=steps, desc=f"{kind} {name}", unit="form", leave=True) as bar, _quiet():
+    with (
+        tqdm(total=steps, desc=f"{kind} {name}", unit="form", leave=True) as bar,
+        quiet(*QUANTIZER_LOGGERS),
+    ):
         if kind == "fp16":
             bar.set_postfix_str("fp16")
             graph.details = {**graph.details, **to_fp16(src, out / graph.file)}
@@ -257,7 +292,7 @@ def int8_dynamic(src: Path, dst: Path) -> dict[str, Any]:
         nodes_to_quantize=nodes,
         per_channel=True,
         weight_type=QuantType.QInt8,
-        use_external_data_format=_is_large(src),
+        use_external_data_format=is_large(src),
     )
     return {
         "form": "dynamic int8 (DynamicQuantizeLinear + MatMulInteger), per-channel weights",
@@ -292,7 +327,7 @@ def int8_static_qdq(src: Path, dst: Path, reader: FeedReader, method: str) -> di
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=_CALIBRATION[method](),
-            use_external_data_format=_is_large(src),
+            use_external_data_format=is_large(src),
             extra_options=dict(TENSORRT_QDQ_OPTIONS),
             calibration_cache_path=ranges,
         )
@@ -333,7 +368,7 @@ def calibrate(src: Path, nodes: list[Any], reader: FeedReader, method: str, out:
             sorted({n.op_type for n in nodes}),
             augmented_model_path=str(Path(scratch) / "augmented.onnx"),
             calibrate_method=_CALIBRATION[method](),
-            use_external_data_format=_is_large(src),
+            use_external_data_format=is_large(src),
             extra_options={"symmetric": True},  # TensorRT's ranges are symmetric about 0
         )
         if method != "minmax":
@@ -368,9 +403,16 @@ def int4_matmulnbits(src: Path, dst: Path) -> dict[str, Any]:
     }
 
 
+# The TensorRT int4 form's graph IO kept in fp32: what the runtime exchanges with the host. The KV
+# cache (past and present) goes fp16 with the activations, so the device holds half the bytes.
+INT4_FP32_IO = ("inputs_embeds", "logits")
+
+
 def int4_qdq(src: Path, dst: Path) -> dict[str, Any]:
     """TensorRT's form: INT4 weights with block-wise DequantizeLinear (axis 0, blocks along K)
-    into each MatMul; activations stay in float (weight-only, as TensorRT does INT4).
+    into each MatMul, from fp16 activations with fp16 scales: weight-only INT4 as NVIDIA's tools
+    make it for TensorRT (its INT4 weight-only GEMM kernels take fp16 activations; with fp32
+    ones there may be no fast kernel at all). The KV cache IO is fp16 too.
 
     Block-wise DequantizeLinear needs opset 21, so the graph is converted first with ONNX's own
     version converter (it rewrites ops whose form changed since the export's opset, e.g.
@@ -378,7 +420,9 @@ def int4_qdq(src: Path, dst: Path) -> dict[str, Any]:
     """
     details = _int4(src, dst, qdq=True)
     return {
-        "form": "INT4 weight-only Q/DQ: block-wise symmetric DequantizeLinear, no zero point",
+        "form": "INT4 weight-only Q/DQ: block-wise symmetric DequantizeLinear, no zero point, "
+        "fp16 activations and scales, fp16 KV cache",
+        "fp32_io": list(INT4_FP32_IO),
         **details,
     }
 
@@ -386,17 +430,23 @@ def int4_qdq(src: Path, dst: Path) -> dict[str, Any]:
 def _int4(src: Path, dst: Path, qdq: bool) -> dict[str, Any]:
     """Both int4 forms come from onnxruntime's MatMulNBitsQuantizer; only the output format (and,
     for Q/DQ, the opset) differs."""
+    import onnx
     from onnx import version_converter
+    from onnx.external_data_helper import load_external_data_for_model
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         MatMulNBitsQuantizer,
     )
 
-    model = _load(src)
+    model = onnx.load(str(src), load_external_data=False)
     nodes, skipped = _int4_nodes(model)
-    if qdq:
+    if qdq:  # on the graph without its weights: the converters serialize it (2 GiB at most)
+        model, halved = fp16_graph(model, keep_io_types=list(INT4_FP32_IO))
         model = version_converter.convert_version(model, INT4_OPSET)
+        load_weights(model, src.parent, halved)  # the quantizer reads every weight
+    else:
+        load_external_data_for_model(model, str(src.parent))
     config = DefaultWeightOnlyQuantConfig(
         block_size=INT4_BLOCK,
         is_symmetric=True,
@@ -428,83 +478,43 @@ def _int4_nodes(model: Any) -> tuple[list[str], list[str]]:
     return nodes, skipped
 
 
-def to_fp16(src: Path, dst: Path) -> dict[str, Any]:
-    """fp16 weights and math with onnxruntime's converter; graph IO stays as it was (fp32)."""
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-
-    model = _load(src)
-    rotary = _rotary_nodes(model)
-    model = convert_float_to_float16(
-        model,
-        keep_io_types=True,
-        op_block_list=DEFAULT_OP_BLOCK_LIST + FP16_KEEP_FP32_OPS,
-        node_block_list=rotary,
-        disable_shape_infer=_is_large(src),
-    )
-    save_graph(model, dst)
-    return {
-        "form": "fp16 weights and activations (onnxruntime.transformers.float16), fp32 graph IO",
-        "kept_fp32_ops": FP16_KEEP_FP32_OPS,
-        "kept_fp32_nodes": len(rotary),
-    }
+# ---- the check before installing --------------------------------------------------------------
 
 
-def _rotary_nodes(model: Any) -> list[str]:
-    """Nodes computing rotary angles from position_ids: position x frequency reaches thousands of
-    radians, where fp16's spacing is several radians, so cos/sin would be noise."""
-    produced_by = {out: node for node in model.graph.node for out in node.output}
-    downstream = {"position_ids"}
-    for node in model.graph.node:  # nodes are topologically sorted in a valid graph
-        if any(i in downstream for i in node.input):
-            downstream.update(node.output)
-    chain: set[str] = set()
-    todo = [n for n in model.graph.node if n.op_type in ("Cos", "Sin")]
-    while todo:
-        node = todo.pop()
-        if node.name in chain or not any(o in downstream for o in node.output):
-            continue
-        chain.add(node.name)
-        todo += [produced_by[i] for i in node.input if i in produced_by]
-    return sorted(chain)
+def check_loads(model_dir: Path, precision: str) -> None:
+    """Fail unless the runtime loads `model_dir` and answers a question with it, and onnxruntime
+    opens each TensorRT form (the graphs `llava-edge build` will hand to TensorRT)."""
+    import onnxruntime as ort
 
+    from llava_edge.runtime import Pipeline
 
-# ---- files -------------------------------------------------------------------------------------
-
-
-def _is_large(path: Path) -> bool:
-    data = Path(str(path) + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0) > MAX_PROTOBUF
-
-
-def _load(path: Path) -> Any:
-    import onnx
-
-    return onnx.load(str(path), load_external_data=True)
-
-
-@contextlib.contextmanager
-def _quiet():
-    """onnxruntime.quantization logs every node it touches and advises pre-processing we do not
-    need (the graphs come from our own exporter); keep the progress bar readable."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    loggers = [
-        logging.getLogger(n)
-        for n in (
-            "onnxruntime",
-            "onnxruntime.quantization",
-            "onnxruntime.quantization.matmul_nbits_quantizer",
+    def fail(reason: str) -> LlavaEdgeError:
+        return LlavaEdgeError(
+            f"the {precision} model dir quantize wrote does not load ({reason}); nothing was "
+            "installed. Please report this with the source dir's manifest.json"
         )
-    ]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    # Loading is what is checked: type errors surface when onnxruntime resolves the graph, and
+    # without graph optimizations each weight is held once, in its stored precision.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    manifest = Manifest.load(model_dir)
+    for graph in manifest.graphs.values():
+        if graph.tensorrt_file:
+            path = model_dir / graph.tensorrt_file
+            try:
+                ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            except Exception as e:  # onnxruntime raises its own untyped errors on bad graphs
+                raise fail(f"{path.name}: {str(e).strip().splitlines()[0]}") from None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        root.setLevel(level)
-        for lg, lv in zip(loggers, levels, strict=True):
-            lg.setLevel(lv)
+        with Pipeline.load(model_dir, verify_files=False) as pipe:
+            pipe.answer(_probe_image(), PROBE_QUESTION, max_new_tokens=2)
+    except LlavaEdgeError as e:
+        raise fail(str(e)) from None
+
+
+def _probe_image() -> np.ndarray:
+    """A small picture with edges and colour, as a camera would hand it over."""
+    y, x = np.mgrid[0:48, 0:64]
+    return np.stack([x * 4, y * 5, (x + y) * 2], axis=-1).astype(np.uint8)

@@ -16,11 +16,11 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from llava_edge import logs
 from llava_edge.convert.original import Original, read_original, text_config_dict
 from llava_edge.convert.vision import Tower, find_vision_dir, load_tower
 from llava_edge.errors import LlavaEdgeError
@@ -382,16 +382,12 @@ def _has(module: str) -> bool:
 
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
-    """No loader reports or notes: a conversion prints its own one line."""
-    from transformers.utils import logging
+    """No loader reports, notes or progress bars: a conversion prints its own one line."""
+    from transformers.utils import logging as hf_logging
 
-    level = logging.get_verbosity()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with logs.quiet("transformers", "huggingface_hub"):
             yield
     finally:
-        logging.enable_progress_bar()
-        logging.set_verbosity(level)
+        hf_logging.enable_progress_bar()

@@ -6,13 +6,12 @@ complete (and verified), so an interrupted or failed export never leaves a dir t
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
 import os
 import re
 import shutil
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +21,9 @@ import numpy as np
 from llava_edge import __version__
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.files import check_output_dir, replace_dir, save_graph
+from llava_edge.logs import quiet
 from llava_edge.manifest import (
     ANYRES_FORMAT_VERSION,
-    CHECKPOINT_INFO_FILE,
     AnyResSpec,
     GraphSpec,
     ImageSpec,
@@ -34,11 +33,13 @@ from llava_edge.manifest import (
     TextSpec,
     TokenSpec,
 )
-from llava_edge.runtime.template import TEMPLATES, user_turn
 
 DEFAULT_OPSET = 17  # TensorRT 10.3 (JetPack 6) parses opsets 9-20; 17 has LayerNormalization
 EMBEDDINGS_FILE = "embed_tokens.npy"
 NEWLINE_FILE = "image_newline.npy"  # LLaVA-NeXT's image_newline, for the runtime's AnyRes
+# Loader and tracer chatter that says nothing to a user: transformers' notes, the hub client's
+# "Retrying in 2s" per attempt, torch.onnx's tracer warnings.
+LOADER_LOGGERS = ("transformers", "huggingface_hub", "torch.onnx")
 
 
 @dataclass
@@ -46,7 +47,7 @@ class LoadedCheckpoint:
     model: Any  # LlavaForConditionalGeneration
     processor: Any  # LlavaProcessor
     source: str
-    template: str
+    template: TemplateSpec  # the prompt format (llava_edge.export.chat_template)
 
 
 def export_checkpoint(
@@ -103,16 +104,34 @@ def export_checkpoint(
 def load_checkpoint(
     checkpoint: str | os.PathLike, trust_remote_code: bool = False
 ) -> LoadedCheckpoint:
-    """Load a LLaVA checkpoint in fp32 with eager attention, or say clearly why not."""
-    import torch
-    from transformers import AutoProcessor
+    """Load a LLaVA checkpoint in fp32 with eager attention, or say clearly why not.
 
+    The prompt format is settled before the weights load: a template export cannot use fails
+    in seconds, not after minutes of loading a 7B model.
+    """
+    import torch
+    from transformers import AutoProcessor, GenerationConfig
+
+    from llava_edge.export.chat_template import choose_template
     from llava_edge.modeling import load_model
 
     config = checkpoint_config(checkpoint, trust_remote_code)
     source = str(checkpoint)
     try:
-        with _quiet():
+        with quiet(*LOADER_LOGGERS):
+            processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+            try:
+                generation = GenerationConfig.from_pretrained(source)
+            except OSError:  # no generation_config.json: what from_pretrained derives then
+                generation = GenerationConfig.from_model_config(config)
+            eos = _eos_ids(generation, processor.tokenizer)
+            eos_texts = [processor.tokenizer.decode([i], skip_special_tokens=False) for i in eos]
+            template = choose_template(
+                Path(source),
+                processor,
+                eos_texts,
+                image_markers=bool(getattr(config, "mm_use_im_start_end", False)),
+            )
             model = load_model(
                 source,
                 config=config,
@@ -121,10 +140,9 @@ def load_checkpoint(
                 trust_remote_code=trust_remote_code,
                 use_safetensors=True,
             ).eval()
-            processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:  # missing weights or tokenizer files, a broken config
         raise LlavaEdgeError(f"cannot load checkpoint {source}: {_first_line(e)}") from None
-    return LoadedCheckpoint(model, processor, source, _template_name(Path(source), processor))
+    return LoadedCheckpoint(model, processor, source, template)
 
 
 def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = False) -> Any:
@@ -151,7 +169,7 @@ def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = F
             f"`llava-edge convert {source} CONVERTED_DIR`"
         )
     try:
-        with _quiet():
+        with quiet(*LOADER_LOGGERS):
             config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise LlavaEdgeError(f"cannot load checkpoint {source}: {_first_line(e)}") from None
@@ -191,27 +209,6 @@ def _first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
-def _template_name(checkpoint: Path, processor: Any) -> str:
-    """The template the checkpoint names in llava_edge.json; else the one its processor's chat
-    template renders a first question as (llava-hf's LLaVA-NeXT checkpoints: Vicuna, Mistral,
-    ChatML); else the Hugging Face LLaVA-1.5 prompt."""
-    path = checkpoint / CHECKPOINT_INFO_FILE
-    if path.is_file():
-        name = json.loads(path.read_text()).get("template", "llava_1_5")
-        if name in TEMPLATES:
-            return name
-    if getattr(processor, "chat_template", None):
-        probe = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi?"}]}]
-        try:
-            theirs = processor.apply_chat_template(probe, add_generation_prompt=True)
-        except Exception:  # a template that wants other messages: no match
-            theirs = None
-        for name, template in TEMPLATES.items():
-            if theirs == user_turn(template, "Hi?", image=True, first=True):
-                return name
-    return "llava_1_5"
-
-
 def build_manifest(loaded: LoadedCheckpoint, dtype: str, max_context: int) -> Manifest:
     """Every fact the runtime needs, read from the checkpoint's config and processor."""
     import transformers
@@ -234,6 +231,10 @@ def build_manifest(loaded: LoadedCheckpoint, dtype: str, max_context: int) -> Ma
         dtype=np_dtype,
     )
     image = _image_spec(loaded.processor.image_processor, config)
+    tokens = _token_spec(loaded)
+    bos = loaded.processor.tokenizer.bos_token
+    if bos and loaded.template.system.startswith(bos):
+        tokens.add_bos = False  # the template writes it (see choose_template)
     vision_dim = config.vision_config.hidden_size * (
         1 if isinstance(config.vision_feature_layer, int) else len(config.vision_feature_layer)
     )
@@ -259,8 +260,8 @@ def build_manifest(loaded: LoadedCheckpoint, dtype: str, max_context: int) -> Ma
         image=image,
         num_image_tokens=0,  # measured from the exported vision graph
         text=spec,
-        tokens=_token_spec(loaded),
-        template=_template(loaded.template, config),
+        tokens=tokens,
+        template=TemplateSpec(**dataclasses.asdict(loaded.template)),  # the manifest's own copy
         embeddings=EMBEDDINGS_FILE,
         source={
             "checkpoint": loaded.source,
@@ -276,12 +277,6 @@ def build_manifest(loaded: LoadedCheckpoint, dtype: str, max_context: int) -> Ma
     if image.anyres is not None:
         manifest.format_version = ANYRES_FORMAT_VERSION
     return manifest
-
-
-def _template(name: str, config: Any) -> TemplateSpec:
-    from llava_edge.modeling import prompt_template
-
-    return TemplateSpec(**prompt_template(name, config).__dict__)
 
 
 def _decoder_spec(text: TextSpec, precision: str) -> GraphSpec:
@@ -369,10 +364,7 @@ def _anyres_spec(processor: Any, config: Any, height: int) -> AnyResSpec:
 def _token_spec(loaded: LoadedCheckpoint) -> TokenSpec:
     tokenizer = loaded.processor.tokenizer
     model = loaded.model
-    eos = model.generation_config.eos_token_id
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    eos_ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
+    eos_ids = _eos_ids(model.generation_config, tokenizer)
     bos = tokenizer.bos_token_id
     probe = tokenizer("a").input_ids
     pad = tokenizer.pad_token_id
@@ -385,6 +377,13 @@ def _token_spec(loaded: LoadedCheckpoint) -> TokenSpec:
         pad_token_id=None if pad is None else int(pad),
         add_bos=bool(bos is not None and probe and probe[0] == bos),
     )
+
+
+def _eos_ids(generation_config: Any, tokenizer: Any) -> list[int]:
+    eos = generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
 
 
 def _max_context(text_config: Any, requested: int | None) -> int:
@@ -457,7 +456,7 @@ def _torch_export(module: Any, args: tuple, path: Path, graph: GraphSpec, opset:
         name: {axis: dim for axis, dim in enumerate(spec.shape) if isinstance(dim, str)}
         for name, spec in {**graph.inputs, **graph.outputs}.items()
     }
-    with torch.no_grad(), _quiet():
+    with torch.no_grad(), quiet(*LOADER_LOGGERS):
         torch.onnx.export(
             module.eval(),
             args,
@@ -502,28 +501,3 @@ def _num_image_tokens(vision_graph: Path) -> int:
     dtype = np.float16 if "float16" in spec.type else np.float32
     dummy = np.zeros([1] + list(spec.shape[1:]), dtype=dtype)
     return int(session.run(None, {spec.name: dummy})[0].shape[1])
-
-
-# ---- the output dir ----------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Silence tracer and loader chatter that says nothing to a user."""
-    import logging
-
-    import transformers
-    from huggingface_hub.utils import logging as hub_logging
-
-    level = transformers.logging.get_verbosity()
-    hub_level = hub_logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    hub_logging.set_verbosity_error()  # the hub client's "Retrying in 2s" lines, per attempt
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        transformers.logging.set_verbosity(level)
-        hub_logging.set_verbosity(hub_level)

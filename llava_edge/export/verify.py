@@ -1,8 +1,11 @@
 """Check an exported model dir against transformers on the same weights.
 
-The runtime (onnxruntime on the CPU) and LlavaForConditionalGeneration see the same image and
-prompt; compared are the prompt ids, pixel values, vision features, prefill logits and 32 greedy
-tokens, which must be identical in fp32.
+The runtime (onnxruntime on the CPU) and LlavaForConditionalGeneration answer the same question
+about the same image. The reference side is transformers' own code throughout: its processor
+(prompt ids from the checkpoint's own chat template, pixel values), `get_image_features` and
+`generate`. Compared are the prompt ids of one question and of a three-turn chat, the pixel
+values, the image features, the prefill logits and 32 greedy tokens, which must be identical in
+fp32.
 """
 
 from __future__ import annotations
@@ -17,9 +20,14 @@ from llava_edge.errors import LlavaEdgeError
 from llava_edge.runtime import Pipeline
 from llava_edge.runtime.anyres import image_embeds, pixel_batch
 from llava_edge.runtime.generate import embed
-from llava_edge.runtime.template import user_turn
+from llava_edge.runtime.template import render, user_turn
 
 QUESTION = "What is shown in this image?"
+CHAT = [
+    ("What is in the picture?", "A red circle and a blue box."),
+    ("Which one is bigger?", "The box."),
+    ("What colour is the background?", None),
+]
 NEW_TOKENS = 32
 # fp32 graphs differ from PyTorch only in summation order: max |diff| / max |reference|.
 FP32_REL_TOLERANCE = 1e-4
@@ -44,12 +52,20 @@ def verify_model_dir(loaded: Any, model_dir: Path, log: Any = print) -> dict[str
     """Compare; log a short report; raise VerificationError on a mismatch."""
     import torch
 
+    from llava_edge.export.chat_template import CheckpointChat
+
     model, processor = loaded.model, loaded.processor
     image = sample_image()
+    chat = CheckpointChat.of(processor)
     with Pipeline.load(model_dir) as pipe:
         manifest = pipe.manifest
-        prompt = user_turn(manifest.template, QUESTION, image=True, first=True)
-        inputs = processor(images=image, text=prompt, return_tensors="pt")
+        if chat is not None:  # the prompt as the checkpoint's users build it
+            inputs = chat.inputs([(QUESTION, None)], image)
+            chat_ids = chat.inputs(CHAT, image)["input_ids"][0].tolist()
+        else:  # no template of its own: llava-edge's default is all there is to follow
+            prompt = user_turn(manifest.template, QUESTION, image=True, first=True)
+            inputs = processor(images=image, text=prompt, return_tensors="pt")
+            chat_ids = None
         hf_ids = inputs["input_ids"][0].tolist()
         pixels = pixel_batch(image, manifest.image)
         # One image: [1, 3, H, W], or LLaVA-NeXT's [1, tiles, 3, H, W] -> [tiles, 3, H, W]
@@ -58,19 +74,26 @@ def verify_model_dir(loaded: Any, model_dir: Path, log: Any = print) -> dict[str
         hf_pixels = ref_pixels.numpy().astype(
             manifest.graphs["vision_encoder"].inputs["pixel_values"].dtype
         )
-        features = pipe.backend.sessions["vision_encoder"].run(None, {"pixel_values": hf_pixels})[0]
+        projected = image_embeds(
+            pipe.backend.encode_image(hf_pixels), image.size, manifest.image, pipe.newline
+        )
+        count = len(projected)  # AnyRes: as many image tokens as the image's size gives
+        ours_ids = pipe.codec.encode(
+            user_turn(manifest.template, QUESTION, image=True, first=True), image_tokens=count
+        )
+        ours_chat = pipe.codec.encode(
+            "".join(t for t, _ in render(manifest.template, CHAT, True)), image_tokens=count
+        )
         with torch.no_grad():
-            ref_features = _reference_features(model, ref_pixels)
+            sizes = {"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}
+            ref_features = model.get_image_features(pixel_values=inputs["pixel_values"], **sizes)
+            ref_features = ref_features.pooler_output[0].float().numpy()
             ref_logits = model(**inputs).logits[0, -1].float().numpy()
             ref_tokens = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)[
                 0, len(hf_ids) :
             ].tolist()
         cache = pipe.backend.new_cache(1)
         ids = np.asarray([hf_ids])
-        projected = image_embeds(
-            pipe.backend.encode_image(hf_pixels), image.size, manifest.image, pipe.newline
-        )
-        ours_ids = pipe.codec.encode(prompt, image_tokens=len(projected))
         embeds = embed(pipe.table, ids, manifest.tokens.image_token_id, [projected])
         logits = pipe.backend.decode(
             embeds, np.ones_like(ids), np.arange(ids.shape[1])[None], cache
@@ -79,15 +102,19 @@ def verify_model_dir(loaded: Any, model_dir: Path, log: Any = print) -> dict[str
         ref_pixels = ref_pixels.numpy()
     fp32 = manifest.text.dtype == "float32"
     matched = _common_prefix(answer.token_ids, ref_tokens)
+    projected = projected.astype(np.float32)
     report = {
+        "template": manifest.template.name,
+        "template_source": "the checkpoint's chat template" if chat else "llava-edge's default",
         "prompt_ids_equal": ours_ids == hf_ids,
+        "chat_ids_equal": None if chat_ids is None else ours_chat == chat_ids,
         "pixel_max_abs_diff": (
             float(np.abs(pixels - ref_pixels).max())
             if pixels.shape == ref_pixels.shape
             else float("inf")  # another number of AnyRes tiles
         ),
-        "vision_max_abs_diff": float(np.abs(features.astype(np.float32) - ref_features).max()),
-        "vision_rel_diff": _relative(features, ref_features),
+        "image_features_max_abs_diff": float(np.abs(projected - ref_features).max()),
+        "image_features_rel_diff": _relative(projected, ref_features),
         "prefill_logits_max_abs_diff": float(np.abs(logits - ref_logits).max()),
         "prefill_logits_rel_diff": _relative(logits, ref_logits),
         "prefill_logits_cosine": _cosine(logits, ref_logits),
@@ -104,18 +131,6 @@ def verify_model_dir(loaded: Any, model_dir: Path, log: Any = print) -> dict[str
     return report
 
 
-def _reference_features(model: Any, pixel_values: Any) -> np.ndarray:
-    """What LlavaModel feeds its projector: the selected layer(s), CLS dropped for 'default',
-    for each image of the batch (LLaVA-NeXT: the base image and each tile)."""
-    config = model.config
-    hidden = model.model.vision_tower(pixel_values.float(), output_hidden_states=True).hidden_states
-    layers = config.vision_feature_layer
-    layers = [layers] if isinstance(layers, int) else layers
-    drop = config.vision_feature_select_strategy == "default"
-    selected = [hidden[i][:, 1:] if drop else hidden[i] for i in layers]
-    return np.concatenate([s.numpy() for s in selected], axis=-1)
-
-
 def _passed(report: dict, fp32: bool, ours: list[int], ref: list[int]) -> bool:
     return not _failures(report, fp32) and (ours == ref or not fp32)
 
@@ -123,14 +138,16 @@ def _passed(report: dict, fp32: bool, ours: list[int], ref: list[int]) -> bool:
 def _failures(report: dict, fp32: bool) -> list[str]:
     failures = []
     if not report["prompt_ids_equal"]:
-        failures.append("prompt token ids differ")
+        failures.append("prompt token ids differ from the checkpoint's chat template")
+    if report["chat_ids_equal"] is False:
+        failures.append("a three-turn chat's token ids differ from the checkpoint's chat template")
     if report["pixel_max_abs_diff"] > 1e-4:
         failures.append(f"pixel values differ by {report['pixel_max_abs_diff']:.2g}")
     if fp32:
         # Tokens alone are a weak test on random weights (argmax often survives a wrong graph,
         # e.g. GQA heads paired with the wrong KV head): the numbers must agree too.
         for key, what in (
-            ("vision_rel_diff", "vision features"),
+            ("image_features_rel_diff", "image features"),
             ("prefill_logits_rel_diff", "prefill logits"),
         ):
             if report[key] > FP32_REL_TOLERANCE:
@@ -148,9 +165,11 @@ def _format(report: dict) -> str:
     status = "PASSED" if report["passed"] else "FAILED"
     return (
         f"verify vs transformers: {status}\n"
+        f"  template               {report['template']} (from {report['template_source']})\n"
         f"  prompt ids equal       {report['prompt_ids_equal']}\n"
+        f"  chat ids equal         {report['chat_ids_equal']}\n"
         f"  pixel values           max |diff| {report['pixel_max_abs_diff']:.2e}\n"
-        f"  vision features        max |diff| {report['vision_max_abs_diff']:.2e}\n"
+        f"  image features         max |diff| {report['image_features_max_abs_diff']:.2e}\n"
         f"  prefill logits         max |diff| {report['prefill_logits_max_abs_diff']:.2e}, "
         f"cosine {report['prefill_logits_cosine']:.6f}\n"
         f"  greedy tokens          {report['greedy_tokens_matched']}/{report['greedy_tokens_total']} identical"

@@ -16,7 +16,8 @@ from typing import Any
 
 from llava_edge import __version__
 from llava_edge.errors import LlavaEdgeError
-from llava_edge.runtime.tensorrt.requirements import TENSORRT_HINT, TORCH_HINT
+from llava_edge.runtime.tensorrt.cuda import CUDA_HINT
+from llava_edge.runtime.tensorrt.requirements import TENSORRT_HINT
 
 ORT_GPU_HINT = (
     "replace onnxruntime with onnxruntime-gpu (`pip uninstall onnxruntime && pip install "
@@ -49,6 +50,7 @@ class Report:
     jetson: str | None  # /etc/nv_tegra_release's first line on a Jetson
     memory_available: int | None  # bytes the OS can still give (on a Jetson the GPU shares it)
     backends: list[BackendStatus]
+    cuda_python: str | None = None  # the TensorRT backend's device memory, streams and graphs
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,6 +78,7 @@ def diagnose() -> Report:
         jetson=_jetson(),
         memory_available=_memory_available(),
         backends=[],
+        cuda_python=_cuda_python(),
     )
     report.backends = backend_status(report)
     return report
@@ -104,9 +107,8 @@ def backend_status(report: Report) -> list[BackendStatus]:
     if not report.tensorrt:
         detail = f" ({report.tensorrt_error})" if report.tensorrt_error else ""
         native.append(f"TensorRT's Python package{detail}: {TENSORRT_HINT}")
-    if not report.torch_cuda_available:
-        have = f"torch {report.torch} without CUDA" if report.torch else "no torch"
-        native.append(f"torch with CUDA (found {have}): {TORCH_HINT}")
+    if not report.cuda_python:
+        native.append(f"cuda-python: {CUDA_HINT}")
     statuses.append(BackendStatus("tensorrt", not native, native))
     return statuses
 
@@ -127,6 +129,7 @@ def format_report(report: Report) -> str:
             else (", CPU only" if report.torch else "")
         )
         + ("" if report.torch_cuda_available or not report.torch_cuda else ", no usable GPU"),
+        f"cuda-python: {report.cuda_python or 'not installed'}",
     ]
     if report.gpus:
         for g in report.gpus:
@@ -174,6 +177,16 @@ def _torch() -> tuple[str | None, str | None, bool]:
         return torch.__version__, torch.version.cuda, bool(torch.cuda.is_available())
     except Exception as e:  # a broken wheel (e.g. a desktop torch on a Jetson)
         return f"broken ({str(e).splitlines()[0]})", None, False
+
+
+def _cuda_python() -> str | None:
+    for name in ("cuda.bindings", "cuda"):
+        try:
+            module = importlib.import_module(name)
+        except Exception:
+            continue
+        return getattr(module, "__version__", "installed")
+    return None
 
 
 def _gpus() -> tuple[list[dict[str, Any]], str | None]:

@@ -12,6 +12,7 @@ builds strongly typed networks from the explicit-precision graphs (its fp16/int8
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +142,10 @@ class OnnxBackend:
         for name, graph in manifest.graphs.items():
             check_graph_io(name, graph, self.sessions[name])
         self.layer_names = [manifest.kv_names(i) for i in range(manifest.text.num_layers)]
+        # The cache takes the decoder's own past dtype: the int4 TensorRT form keeps it in fp16.
+        past = {i.name: i.type for i in self.sessions["decoder"].get_inputs()}
+        fp16 = past.get(self.layer_names[0][0]) == "tensor(float16)"
+        self.kv_text = replace(manifest.text, dtype="float16") if fp16 else manifest.text
 
     def _open(
         self, path: Path, options: ort.SessionOptions, providers: list[tuple[str, dict]]
@@ -159,7 +164,7 @@ class OnnxBackend:
         return embeds
 
     def new_cache(self, batch: int) -> KVCache:
-        return KVCache(self.manifest.text, batch)
+        return KVCache(self.kv_text, batch)
 
     def decode(
         self, embeds: np.ndarray, token_mask: np.ndarray, positions: np.ndarray, cache: KVCache

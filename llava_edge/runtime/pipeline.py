@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -39,6 +39,9 @@ from llava_edge.runtime.image import ImageInput, load_image
 from llava_edge.runtime.sampling import GenerationConfig
 from llava_edge.runtime.template import IMAGE_PLACEHOLDER, user_turn
 from llava_edge.runtime.tokenizer import TextCodec
+
+if TYPE_CHECKING:
+    from llava_edge.runtime.watch import WatchAnswer
 
 FEATURE_CACHE_SIZE = 8
 
@@ -94,6 +97,10 @@ class Pipeline:
     cache and random generator; the onnxruntime sessions run concurrent requests safely and the
     image-feature cache is locked. A ChatSession belongs to one thread at a time.
     """
+
+    # Images one prompt may hold. LLaVA-1.5 models were trained with one, and the prompt builder
+    # puts one image's features in place; multi-frame questions (`watch(frames=K)`) need more.
+    max_images_per_prompt = 1
 
     def __init__(
         self, model_dir: Path, manifest: Manifest, backend: Any, limits: Limits | None = None
@@ -227,6 +234,20 @@ class Pipeline:
             text, reason = _cut_at_stop(self.codec.decode(generated[i]), config.stop)
             answers.append(Answer(text, row, generated[i], reason or done_reason[i], {}))
         return answers
+
+    def watch(
+        self, source: str | os.PathLike, prompt: str, every_s: float = 1.0, **options: Any
+    ) -> Iterator[WatchAnswer]:
+        """One answer per sampled frame of a video file, camera (/dev/videoN), RTSP/HTTP stream
+        or image folder, every `every_s` seconds; live sources never queue stale frames.
+
+        Options: frames (last K frames per prompt), changes_only, max_frames, live, timeout_s,
+        folder_fps (see llava_edge.runtime.watch), and the generation options of `answer`.
+        Video needs PyAV (`pip install 'llava-edge[video]'`).
+        """
+        from llava_edge.runtime.watch import watch
+
+        return watch(self, source, prompt, every_s=every_s, **options)
 
     def chat(self, image: ImageInput | None = None, **options: Any) -> ChatSession:
         """A multi-turn conversation about one image; each turn reuses the cache of the last.

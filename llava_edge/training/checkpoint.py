@@ -16,7 +16,7 @@ from typing import Any
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.files import check_output_dir, replace_dir
-from llava_edge.manifest import CHECKPOINT_INFO_FILE, write_checkpoint_info
+from llava_edge.manifest import write_checkpoint_info
 from llava_edge.runtime.template import IMAGE_PLACEHOLDER, get_template, hf_chat_template
 
 DEFAULT_PROJECTOR = "mlp2x_gelu"
@@ -243,17 +243,6 @@ def init_checkpoint(
 
 
 # ---- helpers for checkpoints that training writes --------------------------------------------
-
-
-def read_template_name(checkpoint: str | Path) -> str | None:
-    """The template a checkpoint was trained with (its llava_edge.json), None if it names none."""
-    path = Path(checkpoint) / CHECKPOINT_INFO_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text()).get("template")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        raise LlavaEdgeError(f"{path} is not a JSON object naming a template") from None
 
 
 def saved_dtype(checkpoint: str | Path) -> str:

@@ -66,12 +66,9 @@ def merge_lora(
     from transformers import AutoProcessor
 
     from llava_edge.files import check_output_dir, replace_dir
+    from llava_edge.manifest import read_checkpoint_template
     from llava_edge.modeling import load_model
-    from llava_edge.training.checkpoint import (
-        read_template_name,
-        saved_dtype,
-        write_llava_edge_file,
-    )
+    from llava_edge.training.checkpoint import saved_dtype, write_llava_edge_file
 
     adapter_dir = Path(adapter_dir)
     config_path = adapter_dir / "adapter_config.json"
@@ -90,7 +87,7 @@ def merge_lora(
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     source = adapter_dir if (adapter_dir / "processor_config.json").is_file() else base
     processor = AutoProcessor.from_pretrained(source)
-    template = read_template_name(source) or read_template_name(base)
+    template = read_checkpoint_template(source) or read_checkpoint_template(base)
 
     with replace_dir(out) as tmp:
         merged.to(getattr(torch, saved_dtype(base))).save_pretrained(tmp)

@@ -321,6 +321,7 @@ def _make_trainer(
 ) -> Any:
     from transformers import ProgressCallback, Trainer
 
+    from llava_edge.files import fsync_path, sync_tree
     from llava_edge.training.checkpoint import write_llava_edge_file
     from llava_edge.training.dataset import Collator
     from llava_edge.training.lora import PROJECTOR
@@ -373,7 +374,9 @@ def _make_trainer(
                 write_llava_edge_file(staging, template_name)
                 final = run_dir / f"{prefix}-{step}"
                 shutil.rmtree(final, ignore_errors=True)
+                sync_tree(staging)  # on disk before its name says it is whole
                 os.replace(staging, final)
+                fsync_path(run_dir)
             self.accelerator.wait_for_everyone()
 
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:

@@ -1,27 +1,30 @@
 """The native TensorRT backend: the onnxruntime backend's interface, on engines from `build`.
 
-Everything runs on one non-default CUDA stream, in order: inputs are copied into fixed device
+Everything runs on one non-blocking CUDA stream, in order: inputs are copied into fixed device
 buffers (one 256-byte aligned arena per engine), the engine runs with `execute_async_v3`, the new
 keys/values are copied on the device into the KV cache (see device_cache.py), and only the logits
 come back to the host, which is the one synchronisation of a step. The vision encoder's output
 feeds the projector from device memory.
 
-With `cuda_graph=True`, a decode step (one token per row) is captured once per cache capacity and
-replayed: the engine call and the KV appends become one graph launch. A graph is only replayed
-while nothing else has run on the decoder since it was captured (TensorRT keeps shape state in
-its execution context), so each answer captures about one graph per chunk of the KV cache.
+Device memory, copies, the stream and CUDA graphs go through cuda-python (cuda.py): no torch. On a
+Jetson that is the difference between a few MB of bindings and NVIDIA's own torch wheel. Tests run
+the same code against stand-ins for tensorrt and the CUDA runtime that keep "device" memory on the
+host (tests/tensorrt_stub.py, tests/cudart_stub.py).
 
-torch holds the device memory: its CUDA tensors give addresses TensorRT takes directly, a stream,
-device-side index copies and CUDA graph capture, and the same code runs on CPU tensors, which is
-how the control flow is tested without a GPU (against a stand-in for tensorrt).
+With `cuda_graph=True`, the decoder engine's run for a decode step (one token per row) is
+captured once per cache capacity, as trtexec captures (run once, synchronize, capture in
+thread-local mode), and replayed; the KV appends, whose destination moves every step, are two
+small copies per layer after it. A graph is only replayed while nothing else has run on the
+decoder since it was captured (TensorRT keeps shape state in its execution context).
 """
 
 from __future__ import annotations
 
-import contextlib
+import mmap
 import os
 import threading
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +42,8 @@ from llava_edge.runtime.tensorrt.compat import (
     engine_io,
     select_engines,
 )
-from llava_edge.runtime.tensorrt.device_cache import DeviceKVCache
+from llava_edge.runtime.tensorrt.cuda import Cuda, DeviceArray
+from llava_edge.runtime.tensorrt.device_cache import DeviceKVCache, KVPool
 from llava_edge.runtime.tensorrt.names import io_names
 from llava_edge.runtime.tensorrt.profiles import (
     DECODE,
@@ -51,9 +55,7 @@ from llava_edge.runtime.tensorrt.profiles import (
     max_dims,
     resolve,
 )
-from llava_edge.runtime.tensorrt.requirements import import_tensorrt, import_torch
-
-SLOTS = "llava_edge.slots"  # the decoder arena's extra buffer: cache positions of the new tokens
+from llava_edge.runtime.tensorrt.requirements import import_tensorrt
 
 
 class TensorRTBackend:
@@ -68,19 +70,17 @@ class TensorRTBackend:
         manifest: Manifest,
         engine_dir: str | os.PathLike | None = None,
         cuda_graph: bool = False,
-        device: str = "cuda",
+        device: int | str = 0,
         verify_files: bool = False,
     ):
         """engine_dir: where `llava-edge build` put the engines (default: the one recorded in the
-        manifest for this GPU). device: 'cuda' or 'cuda:N'; 'cpu' only works with a stand-in for
-        tensorrt (the tests use one)."""
+        manifest for this GPU). device: the GPU's index (or 'cuda:N')."""
         check_kv_layout(manifest.kv)
         trt = import_tensorrt()
-        torch = import_torch(cuda=device.startswith("cuda"))
-        self._torch = torch
-        self.device = torch.device(device)
-        self.cuda = self.device.type == "cuda"
-        info = gpu.probe_gpu(self.device.index or 0)
+        index = device if isinstance(device, int) else int(str(device).partition(":")[2] or 0)
+        info = gpu.probe_gpu(index)  # first: it says clearly when there is no driver or GPU
+        self.cuda = Cuda()
+        self.cuda.set_device(index)
         platform = Platform(trt.__version__, info.name, info.compute_capability)
         engine_dir, record = select_engines(manifest, model_dir, engine_dir, platform)
         for message in check_engines(
@@ -92,30 +92,34 @@ class TensorRTBackend:
         self.limits = EngineLimits(
             record.max_batch, record.max_context, record.prefill_chunk, record.kv_chunk
         )
-        self.cuda_graph = cuda_graph and self.cuda
-        self.stream = torch.cuda.Stream(device=self.device) if self.cuda else None
-        self._handle = self.stream.cuda_stream if self.cuda else 0
+        self.cuda_graph = cuda_graph
+        self.stream = self.cuda.stream()
+        self._handle = int(self.stream)  # what TensorRT takes
         self._lock = threading.Lock()
         self._epoch = 0  # eager decoder runs so far: a CUDA graph is valid while it is unchanged
         self._warm: tuple | None = None  # the decode step that ran eagerly last, to capture next
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))  # outlives the engines
         rebuild = f"rebuild with `llava-edge build {model_dir} --out {engine_dir}`"
         skip = {"projector": {self.names.projector_input}, "decoder": self.names.past}
-        with self._on_device():
-            self.engines = {
-                name: _Engine(
-                    trt,
-                    self._runtime,
-                    engine_dir / record.engines[name].file,
-                    name,
-                    graph,
-                    graph_profiles(manifest, name, self.limits),
-                    self.device,
-                    skip.get(name, set()),
-                    rebuild,
-                )
-                for name, graph in manifest.graphs.items()
-            }
+        self.engines = {
+            name: _Engine(
+                trt,
+                self._runtime,
+                engine_dir / record.engines[name].file,
+                name,
+                graph,
+                graph_profiles(manifest, name, self.limits),
+                self.cuda,
+                skip.get(name, set()),
+                rebuild,
+                tensorrt_form=graph.tensorrt_file is not None,
+            )
+            for name, graph in manifest.graphs.items()
+        }
+        self.kv_dtype = self.engines["decoder"].io[self.names.layers[0][0]][1]
+        # Keep freed caches for reuse, up to one max-context cache of the largest batch.
+        largest = self._cache(self.limits.max_batch)
+        self.pool = KVPool(self.cuda, largest.block_bytes(self.limits.max_context))
 
     # ---- the backend interface -------------------------------------------------------------
 
@@ -129,7 +133,7 @@ class TensorRTBackend:
 
         B may exceed what the engines take in one run (several AnyRes images): it runs in parts.
         """
-        with self._lock, self._on_device():
+        with self._lock:
             self._check_open()
             step = image_batch(self.manifest, self.limits.max_batch)[2]
             return np.concatenate(
@@ -140,20 +144,25 @@ class TensorRTBackend:
             )
 
     def new_cache(self, batch: int) -> DeviceKVCache:
+        """A cache that takes device memory only as the conversation grows (from a pool)."""
         if not 1 <= batch <= self.limits.max_batch:
             raise LlavaEdgeError(
                 f"a batch of {batch} is over the {self.limits.max_batch} the TensorRT engines were "
                 "built for; rebuild them with a larger --max-batch"
             )
-        with self._on_device():
-            return DeviceKVCache(
-                self.manifest.text,
-                batch,
-                self.limits.max_context,
-                self.limits.kv_chunk,
-                self.device,
-                self.stream,
-            )
+        return self._cache(batch, getattr(self, "pool", None))
+
+    def _cache(self, batch: int, pool: KVPool | None = None) -> DeviceKVCache:
+        return DeviceKVCache(
+            self.manifest.text,
+            batch,
+            self.limits.max_context,
+            self.limits.kv_chunk,
+            self.cuda,
+            self.stream,
+            pool,
+            dtype=self.kv_dtype,
+        )
 
     def decode(
         self,
@@ -172,7 +181,7 @@ class TensorRTBackend:
         if embeds.shape[0] != cache.batch:
             raise LlavaEdgeError(f"{embeds.shape[0]} rows for a cache made for {cache.batch}")
         chunk = min(self.limits.prefill_chunk, self.limits.max_context)
-        with self._lock, self._on_device():
+        with self._lock:
             self._check_open()
             for start in range(0, embeds.shape[1], chunk):
                 end = start + chunk
@@ -182,10 +191,20 @@ class TensorRTBackend:
             return logits
 
     def close(self) -> None:
+        """Free the engines, their buffers, the pooled caches and the stream."""
         with self._lock:
-            if self.cuda:
-                self.stream.synchronize()
+            if not self.engines:
+                return
+            self.cuda.synchronize(self.stream)
+            for engine in self.engines.values():
+                engine.close()
             self.engines.clear()  # contexts and engines go before the runtime
+            self.pool.close()
+            self.cuda.destroy_stream(self.stream)
+
+    def _check_open(self) -> None:
+        if not self.engines:  # close() dropped them, perhaps while a request was running
+            raise LlavaEdgeError("this model's TensorRT engines are closed; load the model again")
 
     def _check_open(self) -> None:
         if not self.engines:  # close() dropped them, perhaps while a request was running
@@ -197,13 +216,13 @@ class TensorRTBackend:
         names = self.names
         vision, projector = self.engines["vision_encoder"], self.engines["projector"]
         dims = {"batch": len(pixels), "image_tokens": self.manifest.num_image_tokens}
-        vision.feed(names.pixel_values, pixels)
+        vision.feed(names.pixel_values, pixels, self.stream)
         features = vision.output(names.vision_features, dims)
         vision.run(self._handle)
         projector.feed_device(names.projector_input, features)
         embeds = projector.output(names.image_embeds, dims)
         projector.run(self._handle)
-        return embeds.to("cpu", copy=True).numpy()  # a copy: the buffer is reused
+        return self.cuda.to_host(embeds, self.stream)  # a new array: the buffer is reused
 
     def _step(
         self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache: DeviceKVCache
@@ -212,10 +231,9 @@ class TensorRTBackend:
         batch, seq = mask.shape
         cache.reserve(seq)
         decoder.select(DECODE if seq == 1 else PREFILL, self._handle)
-        decoder.feed(names.inputs_embeds, embeds)
-        decoder.feed(names.attention_mask, cache.attention_mask(mask))
-        decoder.feed(names.position_ids, positions)
-        slots = decoder.feed(SLOTS, np.arange(cache.length, cache.length + seq, dtype=np.int64))
+        decoder.feed(names.inputs_embeds, embeds, self.stream)
+        decoder.feed(names.attention_mask, cache.attention_mask(mask), self.stream)
+        decoder.feed(names.position_ids, positions, self.stream)
         for layer, (past_k, past_v, _, _) in enumerate(names.layers):
             key, value = cache.past(layer)
             decoder.feed_device(past_k, key)
@@ -226,44 +244,46 @@ class TensorRTBackend:
             for _, _, present_k, present_v in names.layers
         ]
         logits = decoder.output(names.logits, dims)
-
-        def work() -> None:
-            decoder.run(self._handle)
-            for layer, (key, value) in enumerate(presents):
-                cache.append(layer, key, value, slots)
-
         if self.cuda_graph and seq == 1:
-            self._decode_with_graph(work, cache, (batch, cache.capacity))
+            self._decode_with_graph(decoder, cache, (batch, cache.capacity))
         else:
-            work()
+            decoder.run(self._handle)
             self._epoch += 1
+        for layer, (key, value) in enumerate(presents):
+            cache.append(layer, key, value)
         cache.advance(mask)
-        # a copy (the buffer is reused); waits for the stream: the step's one synchronisation
-        return logits.to("cpu", copy=True).numpy().astype(np.float32, copy=False)
+        # waits for the stream: the step's one synchronisation
+        return self.cuda.to_host(logits, self.stream).astype(np.float32, copy=False)
 
-    def _decode_with_graph(self, work: Any, cache: DeviceKVCache, key: tuple) -> None:
+    def _decode_with_graph(self, decoder: _Engine, cache: DeviceKVCache, key: tuple) -> None:
         """Replay this cache's graph for `key`, or run eagerly once and capture on the next step."""
         entry = cache.graphs.get(key)
         if entry is not None and entry[1] == self._epoch:
-            entry[0].replay()
+            entry[0].replay(self.stream)
             return
         if self._warm == (id(cache), key, self._epoch):
-            graph = self._capture(work)
+            graph = self._capture(decoder)
             if graph is not None:
                 cache.graphs[key] = (graph, self._epoch)
-                graph.replay()
+                graph.replay(self.stream)
                 return
-        work()
+        decoder.run(self._handle)
         self._epoch += 1
         self._warm = (id(cache), key, self._epoch)
 
-    def _capture(self, work: Any) -> Any:
-        torch = self._torch
-        graph = torch.cuda.CUDAGraph()
+    def _capture(self, decoder: _Engine) -> _Graph | None:
+        """Capture as trtexec does: the step has just run eagerly with these very bindings; wait
+        for it to finish, then capture at once, in thread-local mode."""
+        cuda = self.cuda
         try:
-            with torch.cuda.graph(graph, stream=self.stream):
-                work()
-        except Exception as e:  # TensorRT or CUDA refused the capture: keep decoding without
+            cuda.synchronize(self.stream)
+            cuda.begin_capture(self.stream)
+            try:
+                decoder.run(self._handle)
+            finally:
+                graph = cuda.end_capture(self.stream)  # always leave capture mode
+            return _Graph(cuda, graph, cuda.instantiate(graph))
+        except LlavaEdgeError as e:  # TensorRT or CUDA refused the capture: decode without
             warnings.warn(
                 f"CUDA graph capture of the decode step failed ({str(e).splitlines()[0]}); "
                 "continuing without CUDA graphs",
@@ -271,14 +291,23 @@ class TensorRTBackend:
             )
             self.cuda_graph = False
             return None
-        return graph
 
-    def _on_device(self) -> contextlib.AbstractContextManager:
-        stack = contextlib.ExitStack()
-        if self.cuda:
-            stack.enter_context(self._torch.cuda.device(self.device))
-            stack.enter_context(self._torch.cuda.stream(self.stream))
-        return stack
+
+class _Graph:
+    """An instantiated CUDA graph, destroyed when dropped."""
+
+    def __init__(self, cuda: Cuda, graph: Any, graph_exec: Any):
+        self.graph_exec = graph_exec
+        weakref.finalize(self, cuda.destroy_graph, graph, graph_exec)
+        self._cuda = cuda
+
+    def replay(self, stream: Any) -> None:
+        self._cuda.launch(self.graph_exec, stream)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 class _Engine:
@@ -292,21 +321,25 @@ class _Engine:
         name: str,
         spec: GraphSpec,
         profiles: list[Profile],
-        device: Any,
+        cuda: Cuda,
         external: set[str],
         rebuild: str,
+        tensorrt_form: bool = False,
     ):
-        import torch
-
-        self._torch = torch
-        self.name, self.spec, self.rebuild = name, spec, rebuild
-        self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        """tensorrt_form: built from the graph's TensorRT form, whose float tensors may be fp16
+        where the manifest's graph has fp32 (the int4 form computes in fp16)."""
+        self.name, self.spec, self.rebuild, self.cuda = name, spec, rebuild, cuda
+        # From a memory map: the engine's bytes are not held a second time in the process while
+        # TensorRT copies the weights out (on a Jetson both copies would share the one memory).
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            self.engine = runtime.deserialize_cuda_engine(data)
         if self.engine is None:
             raise LlavaEdgeError(
                 f"TensorRT could not load {path} (its log above says why: usually another "
                 f"TensorRT version or GPU built it); {rebuild}"
             )
-        check_engine_io(name, spec, engine_io(self.engine, trt), rebuild)
+        self.io = engine_io(self.engine, trt)
+        check_engine_io(name, spec, self.io, rebuild, float_may_be_half=tensorrt_form)
         if self.engine.num_optimization_profiles != len(profiles):
             raise LlavaEdgeError(
                 f"{path} has {self.engine.num_optimization_profiles} optimization profiles, this "
@@ -317,46 +350,64 @@ class _Engine:
         if self.context is None:
             raise LlavaEdgeError(f"TensorRT could not create a context for {path} (out of memory?)")
         self.active = 0  # a new context uses profile 0
+        # what is bound now: calls that would change nothing are skipped (they would also reset
+        # shape state TensorRT keeps, and cannot happen during CUDA graph capture)
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.addresses: dict[str, int] = {}
         largest = max_dims(profiles)
         tensors = {
-            tensor: (resolve(s.shape, largest, tensor), s.dtype)
+            tensor: (resolve(s.shape, largest, tensor), self.io[tensor][1])
             for tensor, s in {**spec.inputs, **spec.outputs}.items()
             if tensor not in external  # bound to buffers others own (the KV cache, vision output)
         }
-        if name == "decoder":
-            tensors[SLOTS] = ((largest["seq"],), "int64")
-        self.arena = Arena(plan(tensors), device)
+        self.arena = Arena(plan(tensors), cuda)
 
     def select(self, profile: str, stream: int) -> None:
         index = self.profile_index[profile]
         if index != self.active:
-            if not self.context.set_optimization_profile_async(index, stream):
+            try:  # TensorRT raises on failure (older releases returned False)
+                ok = self.context.set_optimization_profile_async(index, stream)
+            except Exception as e:
                 raise LlavaEdgeError(
-                    f"TensorRT refused profile {profile} of the {self.name} engine"
+                    f"TensorRT refused profile {profile} of the {self.name} engine "
+                    f"({_first_line(e)}); {self.rebuild}"
+                ) from None
+            if ok is False:
+                raise LlavaEdgeError(
+                    f"TensorRT refused profile {profile} of the {self.name} engine; {self.rebuild}"
                 )
             self.active = index
+            self.shapes.clear()  # a profile switch forgets the input shapes
 
-    def feed(self, tensor: str, array: np.ndarray) -> Any:
-        """Copy a host array into the tensor's buffer and bind it; returns the device tensor."""
-        array = np.ascontiguousarray(array, dtype=self.arena.plan.slots[tensor].dtype)
-        if not array.flags.writeable:  # torch.from_numpy wants a writable array
-            array = array.copy()
-        buffer = self.arena.view(tensor, array.shape)
-        buffer.copy_(self._torch.from_numpy(array), non_blocking=True)
-        if tensor != SLOTS:
-            self.feed_device(tensor, buffer)
+    def feed(self, tensor: str, array: np.ndarray, stream: Any) -> DeviceArray:
+        """Copy a host array (cast to the engine's dtype) into the tensor's buffer and bind it."""
+        buffer = self.arena.view(tensor, np.shape(array))
+        self.cuda.to_device(buffer, array, stream)
+        self.feed_device(tensor, buffer)
         return buffer
 
-    def feed_device(self, tensor: str, buffer: Any) -> None:
-        """Bind a device tensor someone else owns (a cache region, another engine's output)."""
-        if not self.context.set_input_shape(tensor, tuple(buffer.shape)):
-            raise LlavaEdgeError(
-                f"shape {tuple(buffer.shape)} of {tensor} is outside the {self.name} engine's "
-                f"profiles; {self.rebuild}"
-            )
-        self.context.set_tensor_address(tensor, buffer.data_ptr())
+    def feed_device(self, tensor: str, buffer: DeviceArray) -> None:
+        """Bind device memory someone else owns (a cache region, another engine's output)."""
+        shape = tuple(buffer.shape)
+        if self.shapes.get(tensor) != shape:
+            if not self.context.set_input_shape(tensor, shape):
+                raise LlavaEdgeError(
+                    f"shape {shape} of {tensor} is outside the {self.name} engine's profiles; "
+                    f"{self.rebuild}"
+                )
+            self.shapes[tensor] = shape
+        self._bind(tensor, buffer.ptr)
 
-    def output(self, tensor: str, dims: dict[str, int]) -> Any:
+    def _bind(self, tensor: str, address: int) -> None:
+        if self.addresses.get(tensor) == address:
+            return
+        if not self.context.set_tensor_address(tensor, address):  # False, not an exception
+            raise LlavaEdgeError(
+                f"TensorRT refused the address of {tensor} for the {self.name} engine (see its log)"
+            )
+        self.addresses[tensor] = address
+
+    def output(self, tensor: str, dims: dict[str, int]) -> DeviceArray:
         """Bind the output's buffer for the shape the current inputs give; returns it."""
         shape = tuple(resolve(self.spec.outputs[tensor].shape, dims, tensor))
         engine_shape = tuple(self.context.get_tensor_shape(tensor))
@@ -366,9 +417,13 @@ class _Engine:
                 f"{shape}; {self.rebuild}"
             )
         buffer = self.arena.view(tensor, shape)
-        self.context.set_tensor_address(tensor, buffer.data_ptr())
+        self._bind(tensor, buffer.ptr)
         return buffer
 
     def run(self, stream: int) -> None:
         if not self.context.execute_async_v3(stream):
             raise LlavaEdgeError(f"TensorRT failed to run the {self.name} engine (see its log)")
+
+    def close(self) -> None:
+        self.context = self.engine = None  # before their memory goes
+        self.arena.free()

@@ -6,18 +6,17 @@ tensor, sized for its largest shape over the engine's profiles, at an aligned of
 arena itself starts at the first aligned byte of an allocation 255 bytes larger. A call then uses
 a prefix of each slot, so addresses never change between calls (which CUDA graphs need).
 
-The planning is pure arithmetic; `Arena` turns a plan into torch tensors (CUDA ones on a GPU).
+The planning is pure arithmetic; `Arena` turns a plan into device memory (see cuda.py).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from llava_edge.manifest import TextSpec
+from llava_edge.runtime.tensorrt.cuda import Allocation, Cuda, DeviceArray
 
 ALIGNMENT = 256
 
@@ -56,57 +55,23 @@ def plan(tensors: dict[str, tuple[tuple[int, ...], str]]) -> BufferPlan:
     return BufferPlan(slots, offset)
 
 
-def kv_plan(text: TextSpec, batch: int, max_context: int) -> BufferPlan:
-    """The device KV cache: keys and values of every layer, each with room for the max context.
-
-    Reserving everything up front means a conversation can never run out of memory halfway (on a
-    Jetson the GPU shares its memory with everything else on the board).
-    """
-    shape = (batch, text.num_kv_heads, max_context, text.head_dim)
-    tensors = {}
-    for layer in range(text.num_layers):
-        tensors[f"key.{layer}"] = (shape, text.dtype)
-        tensors[f"value.{layer}"] = (shape, text.dtype)
-    return plan(tensors)
-
-
 class Arena:
-    """A plan made real: one zeroed torch allocation and a flat typed view per slot."""
+    """A plan made real: one aligned device allocation and a typed view per slot."""
 
-    def __init__(self, buffer_plan: BufferPlan, device: Any):
-        import torch
-
+    def __init__(self, buffer_plan: BufferPlan, cuda: Cuda):
         self.plan = buffer_plan
-        raw = torch.zeros(buffer_plan.nbytes + ALIGNMENT - 1, dtype=torch.uint8, device=device)
-        start = (-raw.data_ptr()) % ALIGNMENT
-        self._raw = raw  # keeps the memory alive
-        self.flat = {}
-        for name, slot in buffer_plan.slots.items():
-            dtype = torch_dtype(slot.dtype)
-            begin = start + slot.offset
-            self.flat[name] = raw[begin : begin + slot.nbytes].view(dtype)
+        self.memory = Allocation(cuda, buffer_plan.nbytes)
 
-    def view(self, name: str, shape: tuple[int, ...]) -> Any:
-        """The slot's first prod(shape) elements as a contiguous tensor of that shape."""
-        flat = self.flat[name]
-        count = math.prod(shape)
-        if count > flat.numel():
-            raise ValueError(f"{name}: shape {shape} does not fit its slot of {flat.numel()}")
-        return flat[:count].view(shape)
+    def view(self, name: str, shape: tuple[int, ...]) -> DeviceArray:
+        """The slot's first prod(shape) elements, as an array of that shape."""
+        slot = self.plan.slots[name]
+        dtype = np.dtype(slot.dtype)
+        if math.prod(shape) * dtype.itemsize > slot.nbytes:
+            raise ValueError(f"{name}: shape {shape} does not fit its slot of {slot.shape}")
+        return DeviceArray(self.memory.ptr + slot.offset, tuple(int(d) for d in shape), dtype)
 
     def address(self, name: str) -> int:
-        return self.flat[name].data_ptr()
+        return self.memory.ptr + self.plan.slots[name].offset
 
-
-def torch_dtype(name: str) -> Any:
-    import torch
-
-    return {
-        "float32": torch.float32,
-        "float16": torch.float16,
-        "int64": torch.int64,
-        "int32": torch.int32,
-        "int8": torch.int8,
-        "uint8": torch.uint8,
-        "bool": torch.bool,
-    }[name]
+    def free(self) -> None:
+        self.memory.free()

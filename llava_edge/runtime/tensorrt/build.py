@@ -34,7 +34,14 @@ from llava_edge.runtime.tensorrt.profiles import (
 from llava_edge.runtime.tensorrt.requirements import import_tensorrt
 
 ENGINE_DIR = "engines"  # default, inside the model dir
-TIMING_CACHE = "timing.cache"  # default, inside the engine dir
+# Integrated GPUs (Jetson) share the board's memory: TensorRT's default scratch limit is all of it
+INTEGRATED_WORKSPACE = 2 << 30
+
+
+def timing_cache_name(version: str) -> str:
+    """The default timing cache file in an engine dir: one per TensorRT version, since another
+    version cannot read it."""
+    return f"timing-{version}.cache"
 
 
 def build_engines(
@@ -47,6 +54,7 @@ def build_engines(
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     kv_chunk: int = DEFAULT_KV_CHUNK,
     log: Any = print,
+    check_memory: bool = True,
 ) -> Path:
     """Build the engines of `model_dir` into `out_dir` (default MODEL_DIR/engines); returns it.
 
@@ -54,7 +62,8 @@ def build_engines(
     is reserved for it, so a smaller value saves memory. workspace_gb caps TensorRT's scratch
     memory while it builds and runs (default: TensorRT's, the whole GPU). prefill_chunk: most
     tokens one decoder call takes (longer prompts run in pieces); kv_chunk: the step by which the
-    device KV cache grows.
+    device KV cache grows. check_memory: refuse engines that `llava-edge plan` says cannot fit in
+    the GPU's free memory.
     """
     model_dir = Path(model_dir)
     manifest = Manifest.load(model_dir)
@@ -65,10 +74,18 @@ def build_engines(
     profiles = {name: graph_profiles(manifest, name, limits) for name in manifest.graphs}
     trt = import_tensorrt()
     device = gpu.probe_gpu(0)  # TensorRT builds for the current CUDA device, the first
+    if check_memory:
+        _check_memory(model_dir, device, limits)
     out = Path(out_dir) if out_dir is not None else model_dir / ENGINE_DIR
     out.mkdir(parents=True, exist_ok=True)
-    cache_path = Path(timing_cache) if timing_cache is not None else out / TIMING_CACHE
+    cache_path = (
+        Path(timing_cache) if timing_cache is not None else out / timing_cache_name(trt.__version__)
+    )
     cache_path.parent.mkdir(parents=True, exist_ok=True)
+    workspace = int(workspace_gb * 2**30) if workspace_gb is not None else None
+    if workspace is None and device.integrated:
+        free = device.free_memory or device.total_memory
+        workspace = min(INTEGRATED_WORKSPACE, free // 4)
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -82,12 +99,13 @@ def build_engines(
                 if timing is None:
                     # One cache object serves every graph of the build (TensorRT shares a timing
                     # cache across builder configs); it starts from the file when there is one.
-                    timing = config.create_timing_cache(_read(cache_path))
-                config.set_timing_cache(timing, False)
-                if workspace_gb is not None:
-                    config.set_memory_pool_limit(
-                        trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30)
+                    timing = _timing_cache(config, cache_path, log)
+                if not config.set_timing_cache(timing, False):
+                    raise LlavaEdgeError(
+                        "TensorRT refused the timing cache; delete " + str(cache_path)
                     )
+                if workspace is not None:
+                    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
                 source = graph.tensorrt_file or graph.file
                 network, parser = _parse(
                     trt, builder, logger, model_dir / source, set(graph.inputs)
@@ -99,6 +117,7 @@ def build_engines(
                     config.add_optimization_profile(shapes)
                 start = time.perf_counter()
                 plan = builder.build_serialized_network(network, config)
+                del network, parser  # the parsed weights: free them before the plan is written
                 if plan is None:
                     raise LlavaEdgeError(
                         f"TensorRT could not build the {name} engine from {source} (its log above "
@@ -119,7 +138,7 @@ def build_engines(
                         profiles={p.name: p.shapes(graph.inputs) for p in profiles[name]},
                     ),
                 )
-                del network, parser, plan  # free the graph's weights before the next one
+                del plan, config
                 log(
                     f"built {name}.engine ({size / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s"
                 )
@@ -147,6 +166,36 @@ def build_engines(
             os.replace(cache_path.with_name(cache_path.name + ".tmp"), cache_path)
     log(f"engines for {device.name} (TensorRT {trt.__version__}) in {out}")
     return out
+
+
+def _check_memory(model_dir: Path, info: gpu.GpuInfo, limits: EngineLimits) -> None:
+    """Refuse engines whose weights, KV cache and activations cannot fit in the free memory."""
+    from llava_edge.runtime.plan import Device, plan
+
+    free = info.free_memory if info.free_memory is not None else info.total_memory
+    device = Device(info.name, info.total_memory, info.total_memory - free, None)
+    needed = plan(
+        model_dir,
+        device,
+        backend="tensorrt",
+        max_context=limits.max_context,
+        max_batch=limits.max_batch,
+        prefill_chunk=limits.prefill_chunk,
+    )
+    if needed.fits:
+        return
+    advice = (
+        f"lower --max-context (at most {needed.largest_context} fits at --max-batch "
+        f"{limits.max_batch})"
+        if needed.largest_context
+        else "quantize the model (int4) or use a device with more memory"
+    )
+    raise LlavaEdgeError(
+        f"these engines would need {needed.total / 1e9:.2f} GB (weights, KV cache for "
+        f"{limits.max_context} tokens x {limits.max_batch}, activations, CUDA) but the GPU has "
+        f"{free / 1e9:.2f} GB free; {advice}, or build anyway with --skip-memory-check "
+        f"(details: `llava-edge plan {model_dir} --backend tensorrt`)"
+    )
 
 
 def _limits(
@@ -186,9 +235,26 @@ def _parse(trt: Any, builder: Any, logger: Any, path: Path, inputs: set[str]) ->
     return network, parser
 
 
+def _timing_cache(config: Any, path: Path, log: Any) -> Any:
+    """The timing cache from `path`, or an empty one where TensorRT cannot read the file (another
+    TensorRT version or GPU wrote it, or it is damaged): create_timing_cache returns None then."""
+    data = _read(path)
+    cache = config.create_timing_cache(data)
+    if cache is None and data:
+        log(f"timing cache {path} is stale or from another TensorRT or GPU; starting an empty one")
+        cache = config.create_timing_cache(b"")
+    if cache is None:
+        raise LlavaEdgeError("TensorRT could not create a timing cache (its log above says why)")
+    return cache
+
+
 def _error_text(error: Any) -> str:
-    desc = getattr(error, "desc", None)
-    return (desc() if callable(desc) else str(error)).strip()
+    """TensorRT's parser error as str() gives it (node, operator and description)."""
+    text = str(error).strip()
+    if not text or text.startswith("<"):  # an object without a useful str(): its description
+        desc = getattr(error, "desc", None)
+        text = (desc() if callable(desc) else text).strip()
+    return text
 
 
 def _read(path: Path) -> bytes:

@@ -150,13 +150,29 @@ def numpy_dtype(trt_dtype: Any) -> str:
     return TRT_DTYPES[name]
 
 
+FLOATS = ("float32", "float16")
+
+
 def check_engine_io(
-    graph: str, spec: GraphSpec, io: dict[str, tuple[str, str]], rebuild: str
+    graph: str,
+    spec: GraphSpec,
+    io: dict[str, tuple[str, str]],
+    rebuild: str,
+    float_may_be_half: bool = False,
 ) -> None:
     """The engine's IO names, directions and types must be the manifest's: it is how buffers are
-    bound by name."""
+    bound by name. float_may_be_half: the engine was built from the graph's TensorRT form, which
+    may compute (and so take and give) in fp16 where the manifest's graph uses fp32; the backend
+    sizes its buffers by the engine's types."""
     expected = {n: ("input", s.dtype) for n, s in spec.inputs.items()}
     expected |= {n: ("output", s.dtype) for n, s in spec.outputs.items()}
+    if float_may_be_half:
+        io = {
+            n: (mode, expected[n][1])
+            if n in expected and dtype in FLOATS and expected[n][1] in FLOATS
+            else (mode, dtype)
+            for n, (mode, dtype) in io.items()
+        }
     if io == expected:
         return
     missing = sorted(set(expected) - set(io))

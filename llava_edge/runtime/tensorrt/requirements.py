@@ -11,34 +11,38 @@ from typing import Any
 from llava_edge.errors import LlavaEdgeError
 
 TENSORRT_HINT = (
-    "on a Jetson (JetPack 6) it comes with JetPack: `sudo apt install nvidia-jetpack`, then make "
+    "on a Jetson (JetPack 6.1 or later) it comes with JetPack: `sudo apt install nvidia-jetpack`, then make "
     "the venv with `python3 -m venv --system-site-packages`; on an x86 or SBSA machine "
     "`pip install tensorrt-cu12` (see docs/jetson.md)"
 )
-TORCH_HINT = (
-    "the TensorRT backend keeps its buffers in torch CUDA tensors: on a Jetson install NVIDIA's "
-    "torch wheel for JetPack 6 (docs/jetson.md), elsewhere `pip install torch` with CUDA"
-)
+
+
+MIN_TENSORRT = 10  # strongly typed networks; older releases silently ignore the flag
 
 
 def import_tensorrt() -> Any:
-    """The tensorrt module, or a LlavaEdgeError saying how to install it."""
+    """The tensorrt module (10 or later), or a LlavaEdgeError saying how to get it."""
     try:
-        return importlib.import_module("tensorrt")
+        trt = importlib.import_module("tensorrt")
     except ImportError as e:
         detail = "" if e.name == "tensorrt" else f" ({str(e).splitlines()[0]})"
         raise LlavaEdgeError(
             f"TensorRT's Python package is not installed{detail}; {TENSORRT_HINT}"
         ) from None
+    check_version(trt.__version__)
+    return trt
 
 
-def import_torch(cuda: bool = True) -> Any:
-    """torch, with CUDA unless `cuda` is False, or a LlavaEdgeError saying how to get it."""
+def check_version(version: str) -> None:
+    """TensorRT before 10 has no strongly typed networks: the flag would become 0 and engines
+    would be built weakly typed, with precisions the graph never asked for."""
     try:
-        torch = importlib.import_module("torch")
-    except ImportError:
-        raise LlavaEdgeError(f"torch is not installed; {TORCH_HINT}") from None
-    if cuda and not torch.cuda.is_available():
-        build = "a CPU-only build" if torch.version.cuda is None else "no usable CUDA GPU"
-        raise LlavaEdgeError(f"torch {torch.__version__} has {build}; {TORCH_HINT}")
-    return torch
+        major = int(version.split(".")[0])
+    except ValueError:
+        raise LlavaEdgeError(f"cannot read TensorRT's version {version!r}") from None
+    if major < MIN_TENSORRT:
+        raise LlavaEdgeError(
+            f"TensorRT {version} is too old: llava-edge needs TensorRT 10 or later (strongly typed "
+            "engines). On a Jetson, flash JetPack 6.1 or later, which ships TensorRT 10.3 "
+            "(JetPack 6.0 ships 8.6); elsewhere `pip install tensorrt-cu12`"
+        )

@@ -1,0 +1,231 @@
+"""A checkpoint's own chat template, as the manifest's plain strings.
+
+A checkpoint carries its prompt format as a Jinja chat template (its processor's, else its
+tokenizer's). The runtime holds no Jinja: the manifest keeps strings (system, user, image,
+assistant, answer_prefix, answer_end) joined in one fixed order (llava_edge.runtime.template).
+They are read off the template by rendering probe conversations whose texts are sentinels, and
+then checked by rendering a three-turn conversation with an image both ways. A template the
+strings cannot express (an image after the question, a header that changes from turn to turn, a
+system prompt that moves) is refused with a clear message rather than approximated.
+
+Which template a model dir gets:
+- `llava_edge.json` names one (training writes it): that one, after checking that the
+  checkpoint's chat template, if any, renders the same prompts;
+- else the checkpoint's chat template, read as above;
+- else (no template at all) the Hugging Face LLaVA-1.5 prompt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from llava_edge.errors import LlavaEdgeError
+from llava_edge.manifest import CHECKPOINT_INFO_FILE, TemplateSpec, read_checkpoint_template
+from llava_edge.runtime.template import IMAGE_PLACEHOLDER, TEMPLATES, render, with_image_markers
+
+DEFAULT = "llava_1_5"  # for checkpoints that carry no chat template
+# Texts no template writes itself, so each one's place in a rendered prompt is unambiguous.
+Q1, Q2, Q3 = "QUESTION_ONE", "QUESTION_TWO", "QUESTION_THREE"
+A1, A2 = "ANSWER_ONE", "ANSWER_TWO"
+PROBE = [(Q1, A1), (Q2, A2), (Q3, None)]
+
+Turns = list[tuple[str, str | None]]
+
+
+class CheckpointChat:
+    """Renders conversations with a checkpoint's own chat template, as transformers does."""
+
+    def __init__(self, processor: Any, jinja: str, string_content: bool):
+        self.processor, self.jinja, self.string_content = processor, jinja, string_content
+        self.bos = processor.tokenizer.bos_token
+
+    @classmethod
+    def of(cls, processor: Any) -> CheckpointChat | None:
+        """The checkpoint's chat template, or None if it has none.
+
+        Multimodal templates take message contents as lists of {"type": "image"} and
+        {"type": "text"} parts; a language model's template (ChatML, Mistral's [INST]) takes a
+        string, where LLaVA's convention puts the image as `<image>\\n` before the question.
+        """
+        jinja = getattr(processor, "chat_template", None) or getattr(
+            processor.tokenizer, "chat_template", None
+        )
+        if isinstance(jinja, dict):
+            jinja = jinja.get("default")
+        if not jinja:
+            return None
+        errors = []
+        for string_content in (False, True):
+            chat = cls(processor, jinja, string_content)
+            try:
+                text = chat.text([(Q1, None)], image=True)
+            except Exception as e:  # Jinja and the template's own raise_exception
+                errors.append(f"{type(e).__name__}: {e}")
+                continue
+            if text.count(Q1) == 1 and "{'type'" not in text:
+                return chat
+        raise LlavaEdgeError(
+            "the checkpoint's chat template cannot render a question about an image "
+            f"({errors[-1] if errors else 'the question does not appear in the prompt'}); "
+            f"name a template in {CHECKPOINT_INFO_FILE} or fix the chat template"
+        )
+
+    def messages(self, turns: Turns, image: bool) -> list[dict[str, Any]]:
+        """Chat messages for `turns`; the image goes with the first question."""
+        messages = []
+        for i, (question, answer) in enumerate(turns):
+            with_image = image and i == 0
+            if self.string_content:
+                content: Any = (IMAGE_PLACEHOLDER + "\n" if with_image else "") + question
+            else:
+                content = [{"type": "image"}] if with_image else []
+                content.append({"type": "text", "text": question})
+            messages.append({"role": "user", "content": content})
+            if answer is not None:
+                text = answer if self.string_content else [{"type": "text", "text": answer}]
+                messages.append({"role": "assistant", "content": text})
+        return messages
+
+    def text(self, turns: Turns, image: bool) -> str:
+        """The prompt text; open for an answer when the last turn has none."""
+        return self.processor.apply_chat_template(
+            self.messages(turns, image),
+            chat_template=self.jinja,
+            add_generation_prompt=turns[-1][1] is None,
+            tokenize=False,
+        )
+
+    def inputs(self, turns: Turns, image: Any) -> Any:
+        """Token ids (and pixel values) as `processor.apply_chat_template(tokenize=True)` makes
+        them: no second BOS where the template writes one itself."""
+        text = self.text(turns, image is not None)
+        add_special = not (self.bos and text.startswith(self.bos))
+        return self.processor(
+            text=text,
+            images=image,
+            add_special_tokens=add_special,
+            return_tensors="pt",
+        )
+
+
+def choose_template(
+    checkpoint: Path, processor: Any, eos_texts: list[str], image_markers: bool = False
+) -> TemplateSpec:
+    """The template a model dir of this checkpoint gets (see the module docstring).
+
+    image_markers: the checkpoint's config sets `mm_use_im_start_end` (LLaVA v1): a named
+    template writes its image as `<im_start><image><im_end>`.
+
+    A template that writes the BOS token itself keeps it in `system`: transformers' processor
+    then tokenizes the prompt without adding one, and so must the runtime (the manifest's
+    `add_bos`), since BOS as text and BOS as an id can tokenize what follows differently.
+    """
+    named = _named_template(checkpoint)
+    chat = CheckpointChat.of(processor)
+    if chat is None:
+        return _marked(TEMPLATES[named or DEFAULT], image_markers)
+    if named:
+        template = _marked(TEMPLATES[named], image_markers)
+        expected, got = chat.text(PROBE, image=True), _render(template, PROBE)
+        if expected != got:
+            raise LlavaEdgeError(
+                f"{checkpoint / CHECKPOINT_INFO_FILE} names template '{named}', but the "
+                f"checkpoint's chat template renders prompts differently ({_difference(expected, got)}); "
+                "make them agree, or delete the file to use the chat template"
+            )
+        return template
+    return derive_template(chat, eos_texts)
+
+
+def _marked(template: TemplateSpec, image_markers: bool) -> TemplateSpec:
+    return with_image_markers(template) if image_markers else template
+
+
+def derive_template(chat: CheckpointChat, eos_texts: list[str]) -> TemplateSpec:
+    """Read the strings off the checkpoint's template; refuse one they cannot express."""
+
+    def split(text: str, sentinel: str) -> tuple[str, str]:
+        head, _, tail = text.partition(sentinel)
+        return head, tail
+
+    def refuse(what: str) -> LlavaEdgeError:
+        return LlavaEdgeError(
+            f"the checkpoint's chat template cannot be written as llava-edge's template strings: "
+            f"{what}; name a template in {CHECKPOINT_INFO_FILE} (see llava_edge/runtime/template.py)"
+        )
+
+    text_only = chat.text([(Q1, None)], image=False)
+    with_image = chat.text([(Q1, None)], image=True)
+    two_turns = chat.text([(Q1, A1), (Q2, None)], image=True)
+    if not all(two_turns.count(s) == 1 for s in (Q1, A1, Q2)) or text_only.count(Q1) != 1:
+        raise refuse("a question or answer does not appear exactly once in the prompt")
+    first_head, assistant = split(text_only, Q1)  # system + user, assistant
+    image_head, image_tail = split(with_image, Q1)
+    if not image_head.startswith(first_head) or image_tail != assistant:
+        raise refuse("the image is not placed just before the question")
+    image = image_head[len(first_head) :]
+    if not two_turns.startswith(with_image):
+        raise refuse("the first turn renders differently once the conversation goes on")
+    answer_prefix, rest = split(two_turns[len(with_image) :], A1)
+    between, tail = split(rest, Q2)  # answer_end + user
+    if tail != assistant:
+        raise refuse("the second question is followed by something other than the first's header")
+    user = _user_header(between, first_head, eos_texts)
+    template = TemplateSpec(
+        name="checkpoint",
+        system=first_head[: len(first_head) - len(user)],
+        user=user,
+        assistant=assistant,
+        answer_prefix=answer_prefix,
+        answer_end=between[: len(between) - len(user)],
+        image=image,
+    )
+    expected, got = chat.text(PROBE, image=True), _render(template, PROBE)
+    if expected != got:
+        raise refuse(_difference(expected, got))
+    for known in TEMPLATES.values():  # say so when it is a template llava-edge knows
+        if dataclasses.replace(known, name="checkpoint") == template:
+            return known
+    return template
+
+
+def _user_header(between: str, first_head: str, eos_texts: list[str]) -> str:
+    """Split what comes between an answer and the next question into answer_end + user.
+
+    The user header must end both that and the first turn's head (system + user). Where an
+    end-of-sequence token closes the answer, answer_end ends with it: the model writes it and
+    training supervises it, and what follows belongs to the next user turn. Otherwise the user
+    header is the longest text the two share.
+    """
+    for eos in eos_texts:
+        at = between.rfind(eos) if eos else -1
+        if at >= 0 and first_head.endswith(between[at + len(eos) :]):
+            return between[at + len(eos) :]
+    shared = 0
+    while shared < min(len(between), len(first_head)) and (
+        between[len(between) - shared - 1] == first_head[len(first_head) - shared - 1]
+    ):
+        shared += 1
+    return between[len(between) - shared :]
+
+
+def _named_template(checkpoint: Path) -> str | None:
+    name = read_checkpoint_template(checkpoint)
+    if name is not None and name not in TEMPLATES:
+        raise LlavaEdgeError(
+            f"{checkpoint / CHECKPOINT_INFO_FILE} names template {name!r}, which this llava-edge "
+            f"does not know (known: {', '.join(sorted(TEMPLATES))})"
+        )
+    return name
+
+
+def _render(template: TemplateSpec, turns: Turns) -> str:
+    return "".join(text for text, _ in render(template, turns, image=True))
+
+
+def _difference(expected: str, got: str) -> str:
+    at = next((i for i, (a, b) in enumerate(zip(expected, got, strict=False)) if a != b), None)
+    at = min(len(expected), len(got)) if at is None else at
+    return f"from character {at}: the chat template gives {expected[at : at + 30]!r}, the strings give {got[at : at + 30]!r}"

@@ -1,0 +1,26 @@
+"""Keeping library chatter off the terminal: what llava-edge prints is its own progress and, on
+bad input, one line that says what to fix."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def quiet(*loggers: str) -> Iterator[None]:
+    """Within the block, the named loggers ("" is the root) show errors only and Python warnings
+    are ignored; both are restored after it."""
+    named = [logging.getLogger(name or None) for name in loggers]
+    levels = [logger.level for logger in named]
+    for logger in named:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(named, levels, strict=True):
+            logger.setLevel(level)

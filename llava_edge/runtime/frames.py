@@ -1,0 +1,332 @@
+"""Frame sources: video files, V4L2 cameras, RTSP/HTTP streams and image folders, as RGB frames.
+
+Video is decoded with PyAV (FFmpeg's libraries in a wheel, `pip install 'llava-edge[video]'`),
+imported only when a video source is opened, so `import llava_edge.runtime` never loads it. We
+chose PyAV over OpenCV's headless build because it gives each frame's presentation timestamp
+exactly (OpenCV only estimates positions), takes open and read timeouts for network streams (an
+OpenCV capture can block forever on a dead RTSP server), and reads V4L2 devices and files with the
+same calls. An image folder needs only Pillow.
+
+Two ways to read a source:
+
+- *Offline* (files, folders): every frame is decoded in order and sampled by its timestamp, one
+  every `every_s` seconds of media time. Nothing is dropped: a slow answerer just takes longer.
+- *Live* (cameras, streams, or a file replayed at its own pace with `live=True`): a reader thread
+  decodes continuously and keeps only the newest frame due for an answer. While an answer is being
+  generated, newer frames replace the waiting one (counted in `Frame.skipped`), so the next answer
+  is about what the camera sees now, never a queue of stale frames.
+
+Every way a source can go wrong ends in a `LlavaEdgeError` of one line or a clean end: a missing
+file or device, a file that is not video, one that breaks mid-way, a stream that stalls longer
+than `timeout_s` (while opening or between frames).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llava_edge.errors import LlavaEdgeError
+
+VIDEO_HINT = "install the video extra: pip install 'llava-edge[video]' (PyAV)"
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+NETWORK_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://")
+DEFAULT_TIMEOUT_S = 10.0
+
+
+@dataclass
+class Frame:
+    """One decoded frame: RGB pixels, where it sits in the source, and what was dropped before."""
+
+    image: np.ndarray  # (H, W, 3) uint8
+    index: int  # position in the source, counting from 0
+    timestamp: float  # seconds since the source's first frame
+    skipped: int = 0  # frames due for an answer that a newer one replaced (live sources)
+    received: float = field(default_factory=time.monotonic)  # when it was decoded
+
+
+def source_kind(source: str | os.PathLike) -> str:
+    """'folder', 'device', 'stream' or 'file', from the source's name."""
+    text = os.fspath(source)
+    if text.startswith(NETWORK_SCHEMES):
+        return "stream"
+    if text.startswith("/dev/"):
+        return "device"
+    return "folder" if Path(text).is_dir() else "file"
+
+
+def open_frames(
+    source: str | os.PathLike,
+    every_s: float = 1.0,
+    live: bool | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    folder_fps: float = 1.0,
+) -> Iterator[Frame]:
+    """The frames of `source` due for an answer, one per `every_s` seconds.
+
+    live: None decides from the source (cameras and streams are live, files and folders not);
+    True replays a file at its own pace, as a camera would deliver it. timeout_s: how long to wait
+    for a stream to open or for its next frame before giving up. folder_fps: an image folder is a
+    slideshow at this rate, its images in name order.
+    Closing the iterator (or leaving a `for` loop) stops the reader and closes the source.
+    """
+    if every_s < 0:
+        raise LlavaEdgeError(f"every_s must be 0 or more seconds, got {every_s}")
+    if timeout_s <= 0:
+        raise LlavaEdgeError(f"timeout_s must be positive, got {timeout_s}")
+    kind = source_kind(source)
+    if kind == "folder":
+        if folder_fps <= 0:
+            raise LlavaEdgeError(f"folder_fps must be positive, got {folder_fps}")
+        decoded = _folder_frames(Path(source), folder_fps)
+    else:
+        decoded = _video_frames(os.fspath(source), kind, timeout_s, paced=bool(live))
+    if live is None:
+        live = kind in ("device", "stream")
+    if live:
+        return live_frames(decoded, every_s, timeout_s, os.fspath(source))
+    return _sampled(decoded, every_s)
+
+
+# ---- sampling ------------------------------------------------------------------------------
+
+
+def _sampled(frames: Iterator[Frame], every_s: float) -> Iterator[Frame]:
+    """Offline: the first frame at or after each due time, in order."""
+    due = 0.0
+    try:
+        for frame in frames:
+            if frame.timestamp + 1e-9 >= due:
+                due = frame.timestamp + every_s
+                yield frame
+    finally:
+        frames.close()
+
+
+def live_frames(
+    frames: Iterator[Frame], every_s: float, timeout_s: float, name: str
+) -> Iterator[Frame]:
+    """Live: a reader thread keeps the newest due frame of `frames`; each `next` takes it."""
+    latest = LatestFrame(frames, every_s)
+    latest.start()
+    try:
+        while True:
+            frame = latest.take(timeout_s, name)
+            if frame is None:
+                return
+            yield frame
+    finally:
+        latest.stop()
+
+
+class LatestFrame:
+    """A one-frame mailbox between a reader thread and the answerer.
+
+    The reader puts every frame due for an answer (at least `every_s` after the last one taken)
+    into the box, replacing one that is still waiting; `take` empties it. Nothing ever queues.
+    """
+
+    def __init__(self, frames: Iterator[Frame], every_s: float):
+        self.frames = frames
+        self.every_s = every_s
+        self.decoded = 0  # frames the reader has decoded so far
+        self._box: Frame | None = None
+        self._skipped = 0
+        self._due = 0.0
+        self._done = False
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._read, name="llava-edge-frames", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for frame in self.frames:
+                with self._changed:
+                    self.decoded += 1
+                    if frame.timestamp + 1e-9 >= self._due:
+                        if self._box is not None:
+                            self._skipped += 1
+                        self._box = frame
+                    self._changed.notify_all()
+                if self._stop.is_set():
+                    break
+        except BaseException as e:  # handed to the answerer's thread, which raises it
+            with self._changed:
+                self._error = e
+        finally:
+            self.frames.close()
+            with self._changed:
+                self._done = True
+                self._changed.notify_all()
+
+    def take(self, timeout_s: float, name: str) -> Frame | None:
+        """The newest due frame; None once the source has ended and nothing waits."""
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while self._box is None and not self._done:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise LlavaEdgeError(
+                        f"no frame from {name} for {timeout_s:g} s: the source stalled (check "
+                        "the camera or stream, or raise the timeout)"
+                    )
+                self._changed.wait(left)
+            if self._box is None:
+                if self._error is not None:
+                    raise _as_error(self._error, name)
+                return None
+            frame, self._box = self._box, None
+            frame.skipped, self._skipped = self._skipped, 0
+            self._due = frame.timestamp + self.every_s
+            return frame
+
+    def stop(self) -> None:
+        """Ask the reader to finish; it is a daemon, so a read blocked in FFmpeg cannot hang exit."""
+        self._stop.set()
+        self._thread.join(timeout=1.0)
+
+
+def _as_error(error: BaseException, name: str) -> LlavaEdgeError:
+    if isinstance(error, LlavaEdgeError):
+        return error
+    return LlavaEdgeError(f"reading {name} failed: {_first_line(error)}")
+
+
+# ---- image folders -------------------------------------------------------------------------
+
+
+def _folder_frames(folder: Path, fps: float) -> Iterator[Frame]:
+    from llava_edge.runtime.image import load_image
+
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise LlavaEdgeError(
+            f"image folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
+
+    def frames() -> Iterator[Frame]:
+        for index, path in enumerate(paths):
+            yield Frame(np.asarray(load_image(path)), index, index / fps)
+
+    return frames()
+
+
+# ---- video through PyAV ----------------------------------------------------------------------
+
+
+def import_av() -> Any:
+    """PyAV, or a LlavaEdgeError saying how to install it."""
+    try:
+        return importlib.import_module("av")
+    except ImportError:
+        raise LlavaEdgeError(f"reading video needs PyAV; {VIDEO_HINT}") from None
+
+
+def _check_local(path: str, kind: str) -> None:
+    """Clear errors for local sources before FFmpeg sees them."""
+    if kind == "device":
+        if not os.path.exists(path):
+            raise LlavaEdgeError(
+                f"camera {path} does not exist (no such V4L2 device); list cameras with "
+                "`ls /dev/video*` or `v4l2-ctl --list-devices`"
+            )
+        if not stat.S_ISCHR(os.stat(path).st_mode):
+            raise LlavaEdgeError(f"{path} is not a camera device (not a character device)")
+        if not os.access(path, os.R_OK):
+            raise LlavaEdgeError(
+                f"no permission to read camera {path}; add your user to the 'video' group"
+            )
+    elif kind == "file":
+        if not os.path.exists(path):
+            raise LlavaEdgeError(f"video file {path} does not exist")
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            raise LlavaEdgeError(f"video file {path} is empty")
+
+
+def _video_frames(source: str, kind: str, timeout_s: float, paced: bool) -> Iterator[Frame]:
+    """Decode the first video stream of a file, camera or network stream.
+
+    The container is opened on first `next`, so that for live sources the open (which can block
+    on a network) happens in the reader thread, under the answerer's timeout.
+    """
+    av = import_av()
+    _check_local(source, kind)
+
+    def frames() -> Iterator[Frame]:
+        container = _open_container(av, source, kind, timeout_s)
+        try:
+            if not container.streams.video:
+                raise LlavaEdgeError(f"{source} has no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            first: float | None = None
+            start = time.monotonic()
+            rate = float(stream.average_rate) if stream.average_rate else 0.0
+            for index, frame in enumerate(_decode(av, container, stream, source)):
+                media = frame.time if frame.time is not None else (index / rate if rate else 0.0)
+                first = media if first is None else first
+                timestamp = media - first
+                if paced:  # a file replayed as a camera: no frame before its time
+                    delay = start + timestamp - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                yield Frame(frame.to_ndarray(format="rgb24"), index, timestamp)
+        finally:
+            container.close()
+
+    return frames()
+
+
+def _open_container(av: Any, source: str, kind: str, timeout_s: float) -> Any:
+    options: dict[str, str] = {}
+    if source.startswith(("rtsp://", "rtsps://")):
+        options["rtsp_transport"] = "tcp"  # UDP loses packets on Wi-Fi; TCP is what most want
+    try:
+        return av.open(
+            source,
+            format="v4l2" if kind == "device" else None,
+            options=options,
+            timeout=(timeout_s, timeout_s) if kind == "stream" else None,
+        )
+    except av.error.FFmpegError as e:
+        what = {"device": "camera", "stream": "stream", "file": "video file"}[kind]
+        raise LlavaEdgeError(f"cannot open {what} {source}: {_ffmpeg_reason(e)}") from None
+
+
+def _decode(av: Any, container: Any, stream: Any, source: str) -> Iterator[Any]:
+    index = 0
+    try:
+        for frame in container.decode(stream):
+            yield frame
+            index += 1
+    except av.error.EOFError:
+        return
+    except av.error.FFmpegError as e:
+        raise LlavaEdgeError(
+            f"{source} broke after {index} frames ({_ffmpeg_reason(e)}): the file is truncated "
+            "or corrupt, or the stream failed"
+        ) from None
+
+
+def _ffmpeg_reason(error: Exception) -> str:
+    """FFmpeg's message without the errno prefix PyAV adds."""
+    text = getattr(error, "strerror", None) or _first_line(error)
+    return str(text).rstrip(".")
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

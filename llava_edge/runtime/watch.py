@@ -1,0 +1,122 @@
+"""Ask a question about a video, a camera or a stream, again and again: `Pipeline.watch`.
+
+    for answer in pipe.watch("/dev/video0", "Is the door open?", every_s=2.0):
+        print(f"{answer.timestamp:.1f}s {answer.text} (skipped {answer.skipped})")
+
+One answer per sampled frame (see llava_edge.runtime.frames for how live sources drop stale
+frames). `changes_only=True` yields an answer only when its text differs from the previous one,
+an alert stream; `frames=K` asks about the last K sampled frames at once, for models whose
+prompts take several images.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from llava_edge.errors import LlavaEdgeError
+from llava_edge.runtime.frames import DEFAULT_TIMEOUT_S, Frame, open_frames
+
+WATCH_OPTIONS = ("frames", "changes_only", "max_frames", "live", "timeout_s", "folder_fps")
+
+
+@dataclass
+class WatchAnswer:
+    """The answer about one sampled frame."""
+
+    index: int  # the frame's position in the source
+    timestamp: float  # seconds since the source's first frame
+    text: str
+    skipped: int  # frames due for an answer that were dropped while the last answer ran
+    frames: list[int] = field(default_factory=list)  # indices of every frame in the prompt
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "timestamp": round(self.timestamp, 6),
+            "text": self.text,
+            "skipped": self.skipped,
+            "frames": self.frames,
+            "timings": self.timings,
+        }
+
+
+def watch(
+    pipe: Any,
+    source: str | os.PathLike,
+    prompt: str,
+    every_s: float = 1.0,
+    frames: int = 1,
+    changes_only: bool = False,
+    max_frames: int | None = None,
+    live: bool | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    folder_fps: float = 1.0,
+    **options: Any,
+) -> Iterator[WatchAnswer]:
+    """Answers about `source`'s frames; the arguments are checked and the source opened at once.
+
+    frames: how many of the last sampled frames go into each prompt (1 unless the model takes
+    several images). max_frames: stop after answering this many frames. The remaining options are
+    the generation options of `Pipeline.answer`.
+    """
+    if frames < 1:
+        raise LlavaEdgeError(f"frames must be at least 1, got {frames}")
+    limit = getattr(pipe, "max_images_per_prompt", 1)
+    if frames > limit:
+        raise LlavaEdgeError(
+            f"this model takes {limit} image{'s' if limit > 1 else ''} per prompt, so it cannot "
+            f"be asked about {frames} frames at once; use frames=1 (--frames 1)"
+        )
+    if max_frames is not None and max_frames < 1:
+        raise LlavaEdgeError(f"max_frames must be at least 1, got {max_frames}")
+    pipe._config({k: v for k, v in options.items() if k != "raw"})  # bad options fail now
+    stream = open_frames(source, every_s, live=live, timeout_s=timeout_s, folder_fps=folder_fps)
+    return _answers(pipe, stream, prompt, frames, changes_only, max_frames, options)
+
+
+def _answers(
+    pipe: Any,
+    stream: Iterator[Frame],
+    prompt: str,
+    frames: int,
+    changes_only: bool,
+    max_frames: int | None,
+    options: dict[str, Any],
+) -> Iterator[WatchAnswer]:
+    window: deque[Frame] = deque(maxlen=frames)
+    last_text: str | None = None
+    answered = 0
+    try:
+        for frame in stream:
+            window.append(frame)
+            started = time.monotonic()
+            images = [f.image for f in window]
+            answer = pipe.answer(images[0] if frames == 1 else images, prompt, **options)
+            answered += 1
+            timings = {**answer.timings, "frame_age_ms": round((started - frame.received) * 1e3, 3)}
+            result = WatchAnswer(
+                frame.index,
+                frame.timestamp,
+                answer.text,
+                frame.skipped,
+                [f.index for f in window],
+                timings,
+            )
+            if not changes_only or _normal(answer.text) != last_text:
+                yield result
+            last_text = _normal(answer.text)
+            if max_frames is not None and answered >= max_frames:
+                return
+    finally:
+        stream.close()
+
+
+def _normal(text: str) -> str:
+    """Answers that differ only in case, spacing or a final full stop are the same answer."""
+    return " ".join(text.split()).rstrip(".").lower()

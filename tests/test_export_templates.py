@@ -1,0 +1,181 @@
+"""Checkpoints that bring their own chat template: export reads the manifest's template strings
+off it, and the runtime's prompts are then token for token what transformers' processor makes
+with that template. Templates the strings cannot express, or that contradict llava_edge.json,
+are refused with one line.
+
+The templates are real ones (as published with the checkpoints named), put on the tiny model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import quiet
+
+from llava_edge.cli import main
+from llava_edge.export.exporter import export_checkpoint
+from llava_edge.manifest import CHECKPOINT_INFO_FILE, Manifest
+from llava_edge.runtime import Pipeline
+from llava_edge.runtime.template import render
+
+# llava-hf/llava-1.5-7b-hf: multimodal message parts, no system prompt, answers end in a space.
+LLAVA_HF = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}"
+    "{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}"
+    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+# mistralai/Mistral-7B-Instruct-v0.2: string contents, BOS written by the template, EOS after
+# each answer.
+MISTRAL = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}"
+    "{% endfor %}"
+)
+# Qwen2-style ChatML with its default system prompt, images as `<image>\n` before the text.
+CHATML = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<image>\n' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# llava-hf/llava-onevision-qwen2-0.5b-ov-hf: the newline before the question is there with or
+# without an image, which no `image` string can express.
+ONEVISION = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ '\n' + content['text'] }}{% endfor %}"
+    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ '\n' + content['text'] }}{% endgeneration %}{% endfor %}{% endif %}"
+    "{{'<|im_end|>\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CHAT = [
+    ("What is in the picture?", "A red circle."),
+    ("Where is it?", "Top left."),
+    ("And what colour is the background?", None),
+]
+
+
+def with_template(tiny_checkpoint: Path, out: Path, template: str, chatml: bool = False) -> Path:
+    """The tiny checkpoint with another chat template and no llava_edge.json; for ChatML, its
+    special tokens too, <|im_end|> ending answers (the model's end-of-sequence token)."""
+    from transformers import AutoProcessor
+
+    shutil.copytree(tiny_checkpoint, out)
+    (out / CHECKPOINT_INFO_FILE).unlink()
+    processor = AutoProcessor.from_pretrained(out)
+    processor.chat_template = template
+    if chatml:
+        tokenizer = processor.tokenizer
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+        tokenizer.eos_token = "<|im_end|>"
+        generation = json.loads((out / "generation_config.json").read_text())
+        generation["eos_token_id"] = tokenizer.eos_token_id
+        (out / "generation_config.json").write_text(json.dumps(generation))
+    processor.save_pretrained(out)
+    return out
+
+
+def hf_ids(checkpoint: Path, turns: list, image) -> list[int]:
+    """The ids transformers' processor makes for `turns` with the checkpoint's template."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    strings = "message['content'] +" in processor.chat_template
+    messages = []
+    for i, (question, answer) in enumerate(turns):
+        if strings:
+            content = ("<image>\n" if i == 0 else "") + question
+        else:
+            content = ([{"type": "image"}] if i == 0 else []) + [{"type": "text", "text": question}]
+        messages.append({"role": "user", "content": content})
+        if answer is not None:
+            text = answer if strings else [{"type": "text", "text": answer}]
+            messages.append({"role": "assistant", "content": text})
+    inputs = processor.apply_chat_template(
+        messages,
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        processor_kwargs={"images": [image]},
+    )
+    return list(inputs["input_ids"][0])
+
+
+@pytest.mark.parametrize("name", ["llava-1.5-hf", "mistral-instruct", "chatml"])
+def test_the_runtime_prompts_as_the_checkpoints_own_template(
+    name: str, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    from llava_edge.export.verify import sample_image
+
+    template = {"llava-1.5-hf": LLAVA_HF, "mistral-instruct": MISTRAL, "chatml": CHATML}[name]
+    checkpoint = with_template(tiny_checkpoint, tmp_path / "ckpt", template, name == "chatml")
+    report = export_checkpoint(checkpoint, tmp_path / "model", log=quiet)  # verification on
+    image = sample_image(120)
+    with Pipeline.load(tmp_path / "model") as pipe:
+        answer = pipe.answer(image, CHAT[0][0], max_new_tokens=1)
+        assert answer.prompt_token_ids == hf_ids(checkpoint, [(CHAT[0][0], None)], image)
+        text = "".join(t for t, _ in render(pipe.manifest.template, CHAT, image=True))
+        assert pipe.codec.encode(text) == hf_ids(checkpoint, CHAT, image)
+        template = pipe.manifest.template
+    # verification compared the same with the checkpoint's own template, and said so
+    assert report["passed"] and report["chat_ids_equal"] and report["prompt_ids_equal"]
+    if name == "chatml":  # the model's end token closes an answer; training supervises it
+        assert template.answer_end == "<|im_end|>" and template.user.endswith("<|im_start|>user\n")
+    if name == "mistral-instruct":  # BOS written by the template, as text, never twice
+        assert template.system == "<s>" and template.answer_end == "</s>"
+
+
+def test_a_template_the_strings_cannot_express_is_refused(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    checkpoint = with_template(tiny_checkpoint, tmp_path / "ckpt", ONEVISION)
+    assert main(["export", str(checkpoint), str(tmp_path / "model"), "--no-verify"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "chat template cannot be written as llava-edge's template strings" in line
+    assert "image" in line and CHECKPOINT_INFO_FILE in line
+    assert not (tmp_path / "model").exists() and not list(tmp_path.glob(".model.*"))
+
+
+@pytest.mark.parametrize("named", ["vicuna_v1", "no_such_template"])
+def test_a_named_template_must_exist_and_agree_with_the_chat_template(
+    named: str, tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    checkpoint = with_template(tiny_checkpoint, tmp_path / "ckpt", LLAVA_HF)
+    (checkpoint / CHECKPOINT_INFO_FILE).write_text(json.dumps({"template": named}))
+    assert main(["export", str(checkpoint), str(tmp_path / "model"), "--no-verify"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert named in line
+    assert ("renders prompts differently" if named == "vicuna_v1" else "does not know") in line
+    assert not (tmp_path / "model").exists()
+
+
+def test_templates_llava_edge_knows_keep_their_name(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """A checkpoint from `llava-edge init` whose llava_edge.json was lost: its chat template is
+    recognised as the llava_1_5 template it was written from, split as that one is."""
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    (checkpoint / CHECKPOINT_INFO_FILE).unlink()
+    export_checkpoint(checkpoint, tmp_path / "model", verify=False, log=quiet)
+    assert Manifest.load(tmp_path / "model").template.name == "llava_1_5"

@@ -1,0 +1,206 @@
+"""`llava-edge plan`: weight sizes read from the graphs, KV cache and activation arithmetic
+against hand-computed sizes, the onnxruntime backend's measured peak memory, and `build`'s refusal
+of engines that cannot fit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from llava_edge import cli
+from llava_edge.errors import LlavaEdgeError
+from llava_edge.runtime.onnx_sizes import graph_sizes
+from llava_edge.runtime.plan import DEVICES, Device, GiB, parse_device, plan
+from llava_edge.training.checkpoint import PRESETS
+
+BIG = Device("big", 64 * GiB, 0, 100e9)
+
+
+def quiet(*_: object) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def demo_model_dir(tmp_path_factory) -> Path:
+    from llava_edge.export.exporter import export_checkpoint
+    from llava_edge.training.checkpoint import init_checkpoint
+
+    root = tmp_path_factory.mktemp("demo")
+    checkpoint = init_checkpoint(root / "checkpoint", preset="demo", seed=0)
+    export_checkpoint(checkpoint, root / "model", verify=False, log=quiet)
+    return root / "model"
+
+
+# ---- reading weight sizes ----------------------------------------------------------------------
+
+
+def onnx_bytes(path: Path) -> int:
+    """What the onnx package says the graph's initializers and Constant tensors hold."""
+    model = onnx.load(path, load_external_data=False)
+    tensors = list(model.graph.initializer)
+    tensors += [a.t for n in model.graph.node for a in n.attribute if a.type == a.TENSOR]
+    total = 0.0
+    for t in tensors:
+        bits = (
+            4
+            if t.data_type in (TensorProto.INT4, TensorProto.UINT4)
+            else 8 * (helper.tensor_dtype_to_np_dtype(t.data_type).itemsize)
+        )
+        total += np.prod(t.dims, dtype=np.int64) * bits / 8
+    return int(total)
+
+
+def test_weight_sizes_match_the_onnx_package(tiny_model_dir: Path, tmp_path: Path) -> None:
+    for name in ("vision_encoder", "projector", "decoder"):
+        path = tiny_model_dir / f"{name}.onnx"
+        assert graph_sizes(path).weight_bytes == onnx_bytes(path) > 0
+    # every stored precision, a Constant node, and weights in an external .data file
+    int4 = helper.make_tensor("w4", TensorProto.INT4, [64, 32], np.zeros(64 * 32, np.int8))
+    half = numpy_helper.from_array(np.ones((10, 3), np.float16), "w16")
+    big = numpy_helper.from_array(np.ones((300, 300), np.float32), "w32")
+    constant = helper.make_node(
+        "Constant", [], ["c"], value=numpy_helper.from_array(np.ones(5, np.float32))
+    )
+    graph = helper.make_graph(
+        [constant, helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, "seq"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, "seq"])],
+        [int4, half, big],
+    )
+    path = tmp_path / "mixed.onnx"
+    onnx.save(
+        helper.make_model(graph),
+        path,
+        save_as_external_data=True,
+        location="mixed.onnx.data",
+        size_threshold=1000,
+    )
+    assert (tmp_path / "mixed.onnx.data").stat().st_size >= 300 * 300 * 4
+    sizes = graph_sizes(path)
+    assert sizes.weights == {TensorProto.INT4: 1024, TensorProto.FLOAT16: 60, 1: 360020}
+    assert sizes.weight_bytes == onnx_bytes(path)
+    assert sizes.input_dtype("x") == "float16" and sizes.largest == 360000
+    assert {64, 32, 10, 3, 300} <= sizes.matrix_dims
+
+
+# ---- sizes against hand arithmetic -------------------------------------------------------------
+
+
+def llama_params(text: dict, vocab: int) -> int:
+    """A freshly initialised Llama decoder's stored parameters: each layer's projections and
+    MLP, the LM head (not the embedding table, which the runtime holds), and one RMSNorm weight:
+    all 2L+1 norms start as ones and the ONNX exporter stores identical tensors once."""
+    h, i, heads, kv = (
+        text[k]
+        for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+    )
+    d = h // heads
+    per_layer = 2 * h * h + 2 * h * kv * d + 3 * h * i
+    return text["num_hidden_layers"] * per_layer + h + h * vocab
+
+
+@pytest.mark.parametrize("preset", ["tiny", "demo"])
+def test_plan_against_hand_computed_sizes(preset, tiny_model_dir, demo_model_dir) -> None:
+    model = {"tiny": tiny_model_dir, "demo": demo_model_dir}[preset]
+    text, vocab = PRESETS[preset]["text"], PRESETS[preset]["vocab_size"]
+    layers, kv_heads = text["num_hidden_layers"], text["num_key_value_heads"]
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    p = plan(model, BIG, max_context=100, max_batch=3)
+    # fp32 weights: 4 bytes a parameter, plus RoPE's inverse frequencies (head_dim / 2 floats)
+    # and a few scalar constants; the rest are the graph's small int64 shape constants
+    fp32 = p.weight_dtypes["decoder"]["float32"]
+    assert 0 <= fp32 - 4 * llama_params(text, vocab) - 4 * head_dim // 2 <= 4 * 32
+    assert p.weights["decoder"] - fp32 < 2048
+    # KV: keys and values, every layer, 3 rows of 100 tokens, fp32; the host cache holds the old
+    # and the grown buffers for a moment, so onnxruntime plans twice that
+    kv = 2 * layers * kv_heads * head_dim * 4 * 100 * 3
+    assert p.kv_dtype == "float32" and p.kv_cache == 2 * kv
+    trt = plan(model, BIG, backend="tensorrt", max_context=100, max_batch=3)
+    assert trt.kv_cache == kv and trt.weights == p.weights
+    assert (
+        trt.total == sum(trt.weights.values()) + kv + sum(trt.activations.values()) + trt.overhead
+    )
+    # tokens/s bound: bandwidth over the decoder's weights (and the KV cache read so far)
+    assert p.decode_tokens_per_s["weights_only"] == round(100e9 / p.weights["decoder"], 1)
+    assert p.decode_tokens_per_s["at_100_tokens"] == round(
+        100e9 / (p.weights["decoder"] + kv / 3), 1
+    )
+
+
+def test_largest_context_and_batch_are_the_edges_of_what_fits(tiny_model_dir) -> None:
+    first = plan(tiny_model_dir, BIG, backend="tensorrt", max_context=512)
+    # a device just big enough for context 512 and batch 1 (plus the runtime's fixed share)
+    device = Device("edge", first.total + 1000, 0, None)
+    p = plan(tiny_model_dir, device, backend="tensorrt", max_context=512)
+    assert p.fits and p.largest_batch == 1 and 512 <= p.largest_context < 1024
+    over = plan(tiny_model_dir, device, backend="tensorrt", max_context=p.largest_context + 1)
+    assert not over.fits
+    at = plan(tiny_model_dir, device, backend="tensorrt", max_context=p.largest_context)
+    assert at.fits
+    none = plan(tiny_model_dir, Device("too small", 1000, 0, None))
+    assert not none.fits and none.largest_context == 0 and none.largest_batch == 0
+
+
+def test_devices_and_the_cli(tiny_model_dir, capsys) -> None:
+    assert DEVICES["agx-orin-64gb"].bandwidth == 204.8e9
+    assert DEVICES["orin-nano-8gb"].memory == 8 * GiB
+    assert parse_device("7.5GiB").memory == int(7.5 * GiB)
+    assert parse_device("8e9").memory == 8_000_000_000
+    assert parse_device("orin-nx-16gb", reserve_gb=1).reserve == 10**9
+    with pytest.raises(LlavaEdgeError, match="unknown device 'orin-mega'"):
+        parse_device("orin-mega")
+    args = ["plan", str(tiny_model_dir), "--device", "orin-nano-8gb", "--max-context", "512"]
+    assert cli.main([*args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["fits"] and report["device"]["name"] == "Jetson Orin Nano 8GB"
+    assert report["decode_tokens_per_s"]["weights_only"] > 0
+    assert cli.main([*args[:2], "--device", "1MB"]) == 2  # does not fit: exit status 2
+    assert "DOES NOT FIT" in capsys.readouterr().out
+    assert cli.main([*args[:2], "--max-context", "99999"]) == 1
+    assert "--max-context must be between 1 and the model's context" in capsys.readouterr().err
+
+
+# ---- against what onnxruntime really holds ---------------------------------------------------
+
+MEASURE = """
+import json, sys
+import numpy as np
+from llava_edge.runtime import Pipeline
+with Pipeline.load(sys.argv[1], threads=2) as pipe:
+    image = (np.random.default_rng(0).random((300, 400, 3)) * 255).astype(np.uint8)
+    answer = pipe.answer(image, "What is in the picture? Describe it.", max_new_tokens=32,
+                         ignore_eos=True)
+# VmHWM, not ru_maxrss: on Linux a child's ru_maxrss starts from its parent's at fork
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+peak = int(status["VmHWM"].split()[0]) * 1024
+print(json.dumps({"peak": peak, "tokens": len(answer.prompt_token_ids) + len(answer.token_ids)}))
+"""
+
+
+def test_plan_is_within_15_percent_of_onnxruntime_peak_memory(tmp_path_factory) -> None:
+    """`small`'s shapes (ViT-B/16, hidden 1024, 32k vocabulary) with 4 of its layers, so the
+    suite stays fast: weights 0.43 GB, where the fixed overheads weigh more than on all 16."""
+    from llava_edge.export.exporter import export_checkpoint
+    from llava_edge.training.checkpoint import init_checkpoint
+
+    root = tmp_path_factory.mktemp("small4")
+    checkpoint = init_checkpoint(root / "checkpoint", preset="small", layers=4, seed=0)
+    model = root / "model"
+    export_checkpoint(checkpoint, model, verify=False, log=quiet)
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(model)], capture_output=True, text=True, check=True
+    )
+    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    planned = plan(model, BIG, max_context=measured["tokens"])
+    assert abs(planned.total - measured["peak"]) <= 0.15 * measured["peak"], (
+        planned.total,
+        measured,
+    )

@@ -1,0 +1,265 @@
+"""`Pipeline.watch` and `llava-edge watch` on video files made here with PyAV, image folders,
+live (paced) replays with a slow answerer, and sources that are missing, broken or stalled.
+
+Each generated frame is grey at level 6 x its index (up to 42 frames), so the frame an answer was given can be read
+back from its pixels."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import av  # the video extra, in dev
+import numpy as np
+import pytest
+from PIL import Image
+
+from llava_edge import cli
+from llava_edge.errors import LlavaEdgeError
+from llava_edge.runtime import Answer, Pipeline
+from llava_edge.runtime.frames import Frame, LatestFrame, live_frames
+
+STEP = 6
+
+
+def make_video(path: Path, frames: int, fps: int, codec: str = "ffv1") -> Path:
+    """`frames` grey frames at `fps`; frame i has level STEP * i and timestamp i / fps."""
+    pix_fmt = {"ffv1": "yuv420p", "mjpeg": "yuvj420p", "mpeg4": "yuv420p"}[codec]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, pix_fmt
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), STEP * i, np.uint8), "rgb24")
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
+def level(image: np.ndarray) -> int:
+    """Which generated frame this is."""
+    return round(float(np.asarray(image).mean()) / STEP)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir: Path):
+    with Pipeline.load(tiny_model_dir) as p:
+        yield p
+
+
+class Recorder:
+    """Stands in for `pipe.answer`: records which frames each prompt got; answers from them."""
+
+    def __init__(self, delay_s: float = 0.0, text=lambda levels: f"frame {levels[-1]}"):
+        self.delay_s, self.text = delay_s, text
+        self.seen: list[list[int]] = []
+
+    def __call__(self, image, prompt: str, **options) -> Answer:
+        images = image if isinstance(image, list) else [image]
+        levels = [level(i) for i in images]
+        self.seen.append(levels)
+        time.sleep(self.delay_s)
+        return Answer(self.text(levels), [], [], "eos", {"total_ms": 1.0})
+
+
+@pytest.fixture
+def recorder(pipe, monkeypatch) -> Recorder:
+    rec = Recorder()
+    monkeypatch.setattr(pipe, "answer", rec)
+    return rec
+
+
+def test_a_file_is_sampled_by_its_timestamps(pipe, recorder, tmp_path) -> None:
+    video = make_video(tmp_path / "clip.mkv", frames=30, fps=10)
+    answers = list(pipe.watch(video, "What is there?", every_s=0.5))
+    assert [a.index for a in answers] == [0, 5, 10, 15, 20, 25]
+    assert [a.timestamp for a in answers] == pytest.approx([0.0, 0.5, 1.0, 1.5, 2.0, 2.5])
+    assert recorder.seen == [[0], [5], [10], [15], [20], [25]]  # the frame at that time
+    assert [a.text for a in answers] == [f"frame {i}" for i in (0, 5, 10, 15, 20, 25)]
+    assert all(a.skipped == 0 for a in answers)  # offline: nothing is dropped
+    two = list(pipe.watch(video, "What?", every_s=0.25, max_frames=2))
+    assert [a.timestamp for a in two] == pytest.approx([0.0, 0.3])  # first frame at or after
+
+
+def test_an_image_folder_is_a_slideshow(pipe, recorder, tmp_path) -> None:
+    folder = tmp_path / "shots"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((20, 30, 3), STEP * i, np.uint8)).save(folder / f"{i:03d}.png")
+    (folder / "notes.txt").write_text("not an image")
+    answers = list(pipe.watch(folder, "Anything new?", every_s=1.0, folder_fps=2.0))
+    assert [(a.index, a.timestamp) for a in answers] == [(0, 0.0), (2, 1.0)]
+    assert recorder.seen == [[0], [2]]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(LlavaEdgeError, match="holds no images"):
+        pipe.watch(empty, "?")
+
+
+def test_a_slow_answerer_skips_stale_frames_instead_of_queueing(pipe, monkeypatch, tmp_path):
+    video = make_video(tmp_path / "live.mkv", frames=40, fps=20)  # 2 s, replayed in real time
+    slow = Recorder(delay_s=0.2)  # four frames arrive during each answer
+    monkeypatch.setattr(pipe, "answer", slow)
+    answers = list(pipe.watch(video, "Now?", every_s=0.0, live=True))
+    indices = [a.index for a in answers]
+    assert slow.seen == [[i] for i in indices]  # each answer got the frame it reports
+    assert indices == sorted(indices) and len(answers) < 20
+    assert any(a.skipped > 0 for a in answers)
+    # every frame was either answered or counted as skipped: none waits in a queue
+    assert sum(a.skipped for a in answers) + len(answers) == 40
+    for before, after in zip(answers, answers[1:], strict=False):
+        assert after.skipped == after.index - before.index - 1
+    assert indices[-1] == 39  # the source's last frame is answered, then the watch ends
+
+
+def test_live_sampling_keeps_the_interval(pipe, recorder, tmp_path) -> None:
+    video = make_video(tmp_path / "live.mkv", frames=20, fps=20)
+    answers = list(pipe.watch(video, "Now?", every_s=0.3, live=True))
+    times = [a.timestamp for a in answers]
+    assert all(b - a >= 0.3 - 1e-6 for a, b in zip(times, times[1:], strict=False))
+    assert 3 <= len(answers) <= 4  # 0.0, 0.3, 0.6, 0.9 (if the answerer kept up)
+
+
+def test_changes_only_reports_when_the_answer_changes(pipe, monkeypatch, tmp_path) -> None:
+    video = make_video(tmp_path / "door.mkv", frames=30, fps=10)
+    rec = Recorder(text=lambda levels: "The door is closed." if levels[0] < 15 else "Door open")
+    monkeypatch.setattr(pipe, "answer", rec)
+    answers = list(pipe.watch(video, "Is the door open?", every_s=0.1, changes_only=True))
+    assert [(a.index, a.text) for a in answers] == [(0, "The door is closed."), (15, "Door open")]
+    assert len(rec.seen) == 30  # every frame was asked about, two answers reported
+
+
+def test_several_frames_per_prompt(pipe, monkeypatch, tmp_path) -> None:
+    video = make_video(tmp_path / "clip.mkv", frames=20, fps=10)
+    with pytest.raises(LlavaEdgeError, match="takes 1 image per prompt.*frames=1"):
+        pipe.watch(video, "What changed?", frames=3)
+    rec = Recorder()
+    monkeypatch.setattr(pipe, "answer", rec)
+    monkeypatch.setattr(pipe, "max_images_per_prompt", 3)  # a model that takes several images
+    answers = list(pipe.watch(video, "What changed?", every_s=0.5, frames=3))
+    assert rec.seen == [[0], [0, 5], [0, 5, 10], [5, 10, 15]]
+    assert answers[-1].frames == [5, 10, 15]
+
+
+def test_real_answers_through_the_cli(tiny_model_dir, tmp_path, capsys) -> None:
+    video = make_video(tmp_path / "clip.mkv", frames=10, fps=10)
+    argv = ["watch", str(tiny_model_dir), "--source", str(video), "--prompt", "What is it?"]
+    argv += ["--every", "0.5", "--max-new-tokens", "3"]
+    assert cli.main([*argv, "--jsonl"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(x["index"], x["timestamp"], x["frames"]) for x in lines] == [
+        (0, 0.0, [0]),
+        (5, 0.5, [5]),
+    ]
+    assert all(isinstance(x["text"], str) and "frame_age_ms" in x["timings"] for x in lines)
+    assert cli.main([*argv, "--max-frames", "1"]) == 0
+    text = capsys.readouterr().out.splitlines()
+    assert len(text) == 1 and text[0].strip().startswith("0.00s  frame 0:")
+
+
+# ---- sources that go wrong -------------------------------------------------------------------
+
+
+def test_missing_broken_and_truncated_sources_give_one_line_errors(pipe, tmp_path, capsys):
+    with pytest.raises(LlavaEdgeError, match=r"camera /dev/video97 does not exist.*ls /dev/video"):
+        pipe.watch("/dev/video97", "?")
+    with pytest.raises(LlavaEdgeError, match="video file .*nowhere.mp4 does not exist"):
+        pipe.watch(tmp_path / "nowhere.mp4", "?")
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"not a video " * 100)
+    with pytest.raises(LlavaEdgeError, match="cannot open video file .*junk.mp4: Invalid data"):
+        list(pipe.watch(junk, "?"))
+    mp4 = make_video(tmp_path / "clip.mp4", frames=20, fps=10, codec="mpeg4")
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(mp4.read_bytes()[: mp4.stat().st_size // 2])  # its index is at the end
+    with pytest.raises(LlavaEdgeError, match="cannot open video file .*cut.mp4"):
+        list(pipe.watch(cut, "?"))
+    avi = make_video(tmp_path / "clip.avi", frames=20, fps=10, codec="mjpeg")
+    broken = tmp_path / "broken.avi"
+    broken.write_bytes(avi.read_bytes()[: avi.stat().st_size // 2])
+    with pytest.raises(LlavaEdgeError, match=r"broken.avi broke after \d+ frames"):
+        list(pipe.watch(broken, "?", every_s=0.0, max_new_tokens=1))
+    for argv in (["--source", "/dev/video97"], ["--source", str(broken), "--every", "0"]):
+        code = cli.main(["watch", str(Path(pipe.model_dir)), "--prompt", "?", *argv])
+        err = capsys.readouterr().err
+        assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_a_stream_that_never_delivers_times_out(pipe, tmp_path) -> None:
+    fifo = tmp_path / "stream.ts"
+    os.mkfifo(fifo)  # nobody writes: opening it for reading blocks, as a dead server would
+    start = time.monotonic()
+    try:
+        with pytest.raises(LlavaEdgeError, match="no frame from .* for 0.5 s: the source stalled"):
+            list(pipe.watch(fifo, "?", live=True, timeout_s=0.5))
+        assert time.monotonic() - start < 5
+    finally:
+        with open(fifo, "wb"):  # unblock the reader thread: it sees an empty stream and ends
+            pass
+
+
+def test_a_source_that_stalls_mid_way_times_out_and_a_clean_end_is_not_an_error() -> None:
+    release = threading.Event()
+
+    def frames():
+        for i in range(2):
+            yield Frame(np.zeros((2, 2, 3), np.uint8), i, i * 0.1)
+        release.wait()  # the camera stops sending
+
+    latest = LatestFrame(frames(), every_s=0.0)
+    latest.start()
+    time.sleep(0.2)
+    assert latest.take(1.0, "cam").index == 1
+    with pytest.raises(LlavaEdgeError, match="no frame from cam for 0.3 s"):
+        latest.take(0.3, "cam")
+    release.set()  # the generator ends: a clean end
+    assert latest.take(1.0, "cam") is None
+    latest.stop()
+
+    def broken():
+        yield Frame(np.zeros((2, 2, 3), np.uint8), 0, 0.0)
+        raise OSError("connection reset by peer")
+
+    stream = live_frames(broken(), 0.0, 1.0, "rtsp://cam")
+    got = [next(stream).index]
+    with pytest.raises(LlavaEdgeError, match="reading rtsp://cam failed: connection reset"):
+        next(stream)
+    assert got == [0]
+
+
+def test_the_runtime_does_not_import_the_decoder() -> None:
+    code = "import sys, llava_edge.runtime, llava_edge.runtime.watch; print('av' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_an_http_stream_is_live(pipe, recorder, tmp_path) -> None:
+    """A stream served on this machine's loopback: read by the reader thread, through FFmpeg's
+    network code with its timeouts; a stream that ends, ends the watch cleanly."""
+    import functools
+    import http.server
+
+    make_video(tmp_path / "cam.mkv", frames=20, fps=10)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/cam.mkv"
+        answers = list(pipe.watch(url, "Anyone?", every_s=0.0, timeout_s=5))
+        indices = [a.index for a in answers]
+        assert indices and indices == sorted(indices) and indices[-1] == 19
+        assert sum(a.skipped for a in answers) + len(answers) == 20
+        assert recorder.seen == [[i] for i in indices]
+        missing = f"http://127.0.0.1:{server.server_address[1]}/nothing.mkv"
+        with pytest.raises(LlavaEdgeError, match="cannot open stream .*nothing.mkv"):
+            list(pipe.watch(missing, "?", timeout_s=5))
+    finally:
+        server.shutdown()
+        server.server_close()
