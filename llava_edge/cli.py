@@ -96,6 +96,7 @@ def _export(args: argparse.Namespace) -> None:
         force=args.force,
         verify=not args.no_verify,
         trust_remote_code=args.trust_remote_code,
+        fused=not args.no_fused,
     )
 
 
@@ -479,6 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
     p.add_argument("--no-verify", action="store_true", help="skip the comparison with transformers")
+    p.add_argument(
+        "--no-fused",
+        action="store_true",
+        help="write no fused onnxruntime decoder form (halves the decoder's size on disk)",
+    )
     p.add_argument(
         "--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code"
     )

@@ -51,6 +51,11 @@ class GraphSpec:
     # The graph TensorRT should build from, when it differs from `file` (int4: onnxruntime runs
     # MatMulNBits, which TensorRT cannot parse; TensorRT takes INT4 Q/DQ weights instead).
     tensorrt_file: str | None = None
+    # The same graph in onnxruntime's fused form (decoder only: GroupQueryAttention over KV
+    # buffers shared in place, packed QKV, skip norms; see llava_edge.export.fused). Its IO
+    # differs from the standard form's. The onnxruntime backend runs it on the CPU; TensorRT
+    # parses none of its contrib ops and builds from the standard form.
+    fused: GraphSpec | None = None
     # Free-form facts a stage records about how it made the graph (quantization settings, the
     # int4 form, the opset); informative, never needed to run it.
     details: dict[str, Any] = field(default_factory=dict)
@@ -237,10 +242,11 @@ class Manifest:
         if missing:
             raise LlavaEdgeError(f"{where}: graphs {missing} are missing; re-export the model")
         for name, graph in self.graphs.items():
-            if graph.precision not in PRECISIONS:
-                raise LlavaEdgeError(
-                    f"{where}: graph {name} has unknown precision {graph.precision}"
-                )
+            for spec in (graph, graph.fused) if graph.fused else (graph,):
+                if spec.precision not in PRECISIONS:
+                    raise LlavaEdgeError(
+                        f"{where}: graph {name} has unknown precision {spec.precision}"
+                    )
         t = self.text
         if t.num_heads % t.num_kv_heads or min(t.num_layers, t.head_dim, t.max_context) <= 0:
             raise LlavaEdgeError(f"{where}: the text model's shapes are inconsistent")
@@ -288,6 +294,7 @@ class Manifest:
     def needed_files(self, model_dir: str | os.PathLike) -> list[str]:
         names = [g.file for g in self.graphs.values()] + self.data_files()
         names += [g.tensorrt_file for g in self.graphs.values() if g.tensorrt_file]
+        names += [g.fused.file for g in self.graphs.values() if g.fused]
         # ONNX external data sits next to its graph under the graph's name + ".data".
         names += [n + ".data" for n in list(names) if (Path(model_dir) / (n + ".data")).exists()]
         return sorted(set(names))

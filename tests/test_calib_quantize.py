@@ -299,6 +299,38 @@ def test_every_calibration_method_gives_a_tensorrt_graph(
         )
 
 
+def test_fused_forms_are_quantized_and_agree(tiny_model_dir: Path, quantized: dict) -> None:
+    """int8/int4 dirs carry the fused forms in their precision's onnxruntime form (MatMulNBits,
+    MatMulInteger, QAttention); fp16 dirs none. Both forms answer alike."""
+    fp32 = Manifest.load(tiny_model_dir).graphs
+    assert fp32["decoder"].fused and fp32["vision_encoder"].fused
+    want_ops = {
+        "int8": ("MatMulInteger", "MatMulInteger"),
+        "int4": ("MatMulNBits", "MatMulInteger"),
+    }
+    image = np.full((40, 60, 3), 90, dtype=np.uint8)
+    for precision, (path, _) in quantized.items():
+        graphs = Manifest.load(path).graphs
+        if precision == "fp16":
+            assert all(g.fused is None for g in graphs.values())
+            continue
+        for name, op in zip(("decoder", "vision_encoder"), want_ops[precision], strict=True):
+            fused = graphs[name].fused
+            assert fused.precision == graphs[name].precision
+            assert op in {n.op_type for n in onnx.load(str(path / fused.file)).graph.node}
+        attention = {
+            n.op_type for n in onnx.load(str(path / graphs["vision_encoder"].fused.file)).graph.node
+        }
+        assert "QAttention" in attention
+        answers = []
+        for form in ("standard", "fused"):
+            with Pipeline.load(path, graph_form=form) as pipe:
+                answers.append(
+                    pipe.answer(image, "What?", max_new_tokens=8, ignore_eos=True).token_ids
+                )
+        assert answers[0] == answers[1], precision
+
+
 # ---- models whose weights live in external data, and results that must not be installed -------
 
 

@@ -140,7 +140,8 @@ def test_failed_verification_keeps_previous_model_dir(
     code = main(["export", str(tiny_checkpoint), str(good_model_dir), "--dtype", dtype, "--force"])
     captured = capsys.readouterr()
     assert code == 1
-    assert "verify vs transformers: FAILED" in captured.out
+    assert "verify vs transformers (standard form): FAILED" in captured.out
+    assert "verify vs transformers (fused form): FAILED" in captured.out
     line = _last_error_line(captured.err)
     assert line.startswith("llava-edge export: error: verification failed")
     assert ("greedy tokens diverge" if dtype == "fp32" else "cosine") in line

@@ -70,6 +70,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
         vision_feature_layer=[-2, -1],
         text={"num_key_value_heads": 2},
     ),
+    # Qwen2 (q/k/v biases, made non-zero below), GQA; fp32.
+    "qwen2-gqa-int-default-fp32": dict(seed=7, backbone="qwen2", text={"num_key_value_heads": 2}),
 }
 
 
@@ -108,7 +110,7 @@ def test_the_checkpoints_cover_every_variant(tmp_path: Path) -> None:
         "layer": {"int", "list"},
         "strategy": {"default", "full"},
         "kv": {"mha", "gqa", "mqa"},
-        "backbone": {"llama", "mistral"},
+        "backbone": {"llama", "mistral", "qwen2"},
         "dtype": {"float32", "float16", "bfloat16"},
     }
 
@@ -122,6 +124,7 @@ def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
 
     root = tmp_path_factory.mktemp(request.param)
     checkpoint = init_checkpoint(root / "checkpoint", preset="tiny", **CONFIGS[request.param])
+    _random_biases(checkpoint)
     model_dir = root / "model"
     export_checkpoint(checkpoint, model_dir, verify=False, log=quiet)
     model = LlavaForConditionalGeneration.from_pretrained(
@@ -151,15 +154,18 @@ def test_checkpoint_is_the_variant_asked_for(exported: Exported, request) -> Non
     assert exported.manifest.num_image_tokens == patches + full
 
 
-def test_greedy_tokens_equal_transformers_generate(exported: Exported) -> None:
-    """Runtime over the exported graphs == generate(), id for id, prompt and 32 new tokens."""
+@pytest.mark.parametrize("form", ["standard", "fused"])
+def test_greedy_tokens_equal_transformers_generate(exported: Exported, form: str) -> None:
+    """Runtime over the exported graphs == generate(), id for id, prompt and 32 new tokens, with
+    either decoder form (TensorRT's standard one, onnxruntime's fused one)."""
     image = _picture(exported.model.config.text_config.num_key_value_heads)
     inputs = _hf_inputs(exported.processor, image, QUESTION)
     with torch.no_grad():
         reference = exported.model.generate(
             **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None
         )[0, inputs["input_ids"].shape[1] :].tolist()
-    with Pipeline.load(exported.model_dir) as pipe:
+    with Pipeline.load(exported.model_dir, graph_form=form) as pipe:
+        assert pipe.backend.form == form
         answer = pipe.answer(image, QUESTION, max_new_tokens=NEW_TOKENS, ignore_eos=True)
     assert answer.prompt_token_ids == inputs["input_ids"][0].tolist()
     assert len(reference) == NEW_TOKENS
@@ -270,6 +276,69 @@ def test_decoder_left_padded_batch(exported: Exported) -> None:
     _close(logits, ref)
 
 
+# ---- the fused form: right-padded rows of their own lengths ----------------------------------
+
+
+def test_fused_batch_rows_of_different_lengths(exported: Exported) -> None:
+    """A left-padded prompt batch (packed to the right by the backend), then decode steps where
+    each row writes at its own length, then a 3-token turn per row (run row by row), then a new
+    request prefilled alone into a freed row: every row's logits equal transformers' on that row
+    alone."""
+    decoder = _Decoder(exported)
+    lengths = [LONG_PAST, 7]
+    prompt = decoder.embeds(batch=2, seq=LONG_PAST, seed=11)
+    mask = np.ones((2, LONG_PAST), dtype=np.int64)
+    mask[1, : LONG_PAST - lengths[1]] = 0
+    with Pipeline.load(exported.model_dir, graph_form="fused") as pipe:
+        backend = pipe.backend
+        cache = backend.new_cache(2)
+        logits = backend.decode(prompt, mask, np.where(mask == 1, np.cumsum(mask, 1) - 1, 1), cache)
+        refs = []
+        for row, n in enumerate(lengths):
+            ref, hf_cache = decoder.reference(
+                prompt[row : row + 1, LONG_PAST - n :],
+                np.ones((1, n), np.int64),
+                np.arange(n)[None],
+            )
+            _close(logits[row : row + 1], ref)
+            refs.append(hf_cache)
+        assert cache.lengths.tolist() == lengths
+        for step, seq in enumerate([1, 1, 3]):
+            new = decoder.embeds(batch=2, seq=seq, seed=20 + step)
+            before = cache.lengths.copy()
+            positions = before[:, None] + np.arange(seq)[None]
+            logits = backend.decode(new, np.ones((2, seq), np.int64), positions, cache)
+            for row in range(2):
+                total = int(before[row]) + seq
+                ref, refs[row] = decoder.reference(
+                    new[row : row + 1],
+                    np.ones((1, total), np.int64),
+                    positions[row : row + 1],
+                    refs[row],
+                )
+                _close(logits[row : row + 1], ref)
+        assert cache.lengths.tolist() == [n + 5 for n in lengths]
+        # Continuous batching: row 1 is freed and a new request prefilled into it alone, then
+        # both rows decode together (row 0 continuing its own sequence).
+        cache.free_row(1)
+        fresh = decoder.embeds(batch=1, seq=9, seed=30)
+        logits = backend.fused.prefill_row(fresh, cache, row=1)
+        ref, refs[1] = decoder.reference(fresh, np.ones((1, 9), np.int64), np.arange(9)[None])
+        _close(logits, ref)
+        step = decoder.embeds(batch=2, seq=1, seed=31)
+        before = cache.lengths.copy()
+        logits = backend.decode(step, np.ones((2, 1), np.int64), before[:, None], cache)
+        for row in range(2):
+            total = int(before[row]) + 1
+            ref, _ = decoder.reference(
+                step[row : row + 1],
+                np.ones((1, total), np.int64),
+                before[row : row + 1, None],
+                refs[row],
+            )
+            _close(logits[row : row + 1], ref)
+
+
 # ---- the manifest is the contract -------------------------------------------------------------
 
 
@@ -280,7 +349,9 @@ def test_manifest_describes_the_graphs(exported: Exported) -> None:
 def check_manifest_matches_graphs(model_dir: Path) -> None:
     """Every graph's IO names, dtypes, ranks and fixed dims are what manifest.json says."""
     manifest = Manifest.load(model_dir)
-    for name, spec in manifest.graphs.items():
+    specs = [(name, spec) for name, spec in manifest.graphs.items()]
+    specs += [(name + " (fused)", g.fused) for name, g in manifest.graphs.items() if g.fused]
+    for name, spec in specs:
         session = ort.InferenceSession(
             str(model_dir / spec.file), providers=["CPUExecutionProvider"]
         )
@@ -298,7 +369,12 @@ def check_manifest_matches_graphs(model_dir: Path) -> None:
                         assert dim == want, (name, a.name, a.shape, tensor.shape)
 
 
-ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}
+ORT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+}
 
 
 # ---- helpers ----------------------------------------------------------------------------------
@@ -377,6 +453,23 @@ def _hf_inputs(processor: Any, image: Image.Image, question: str) -> dict:
     return processor(images=image, text=text, return_tensors="pt")
 
 
+def _random_biases(checkpoint: Path) -> None:
+    """Give a checkpoint's attention biases (Qwen2's q/k/v) random values: transformers initialises
+    them to zero, which would hide a bias put in the wrong place."""
+    from safetensors.torch import load_file, save_file
+
+    for path in checkpoint.glob("*.safetensors"):
+        tensors = load_file(path)
+        biased = {k for k in tensors if k.endswith("_proj.bias") and "language_model" in k}
+        if not biased:
+            continue
+        generator = torch.Generator().manual_seed(0)
+        for key in biased:
+            t = tensors[key]
+            tensors[key] = (torch.randn(t.shape, generator=generator) * 0.5).to(t.dtype)
+        save_file(tensors, path, metadata={"format": "pt"})
+
+
 def _saved_dtypes(checkpoint: Path) -> set:
     from safetensors import safe_open
 
@@ -397,7 +490,8 @@ def test_fp16_export_verifies_by_cosine(tiny_checkpoint: Path, tmp_path: Path, c
     out = tmp_path / "fp16"
     assert main(["export", str(tiny_checkpoint), str(out), "--dtype", "fp16"]) == 0
     printed = capsys.readouterr().out
-    assert "verify vs transformers: PASSED" in printed
+    assert "verify vs transformers (standard form): PASSED" in printed
+    assert "verify vs transformers (fused form): PASSED" in printed
     cosine = float(re.search(r"cosine (\S+)", printed).group(1))
     assert 0.99 <= cosine <= 1.0
     manifest = Manifest.load(out)

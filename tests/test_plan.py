@@ -174,7 +174,8 @@ MEASURE = """
 import json, sys
 import numpy as np
 from llava_edge.runtime import Pipeline
-with Pipeline.load(sys.argv[1], threads=2) as pipe:
+# the plan models the standard graphs, loaded without the optimized-graph cache
+with Pipeline.load(sys.argv[1], threads=2, graph_form="standard", session_cache=False) as pipe:
     image = (np.random.default_rng(0).random((300, 400, 3)) * 255).astype(np.uint8)
     answer = pipe.answer(image, "What is in the picture? Describe it.", max_new_tokens=32,
                          ignore_eos=True)

@@ -28,8 +28,10 @@ import sys
 from pathlib import Path
 from llava_edge.calib.quantize import to_fp16
 to_fp16(Path(sys.argv[1]), Path(sys.argv[2]))
-# VmHWM is this process's own peak; its rusage also counts the parent's peak from before exec
-print(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1])
+# VmHWM, not the parent's ru_maxrss from wait4: on Linux a child's ru_maxrss starts from its
+# parent's at fork, so a pytest worker that ran a big test before would show through
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+print(int(status["VmHWM"].split()[0]) * 1024)
 """
 
 
@@ -128,7 +130,7 @@ def test_fp16_of_a_graph_over_2gib_loads_computes_and_streams(tmp_path: Path) ->
         )
         err.seek(0)
         assert child.returncode == 0, err.read()[-2000:]
-    peak = int(child.stdout.split()[-1]) * 1024  # VmHWM is in KiB
+    peak = int(child.stdout.strip().splitlines()[-1])
     source_bytes = BIG_ROWS * BIG_WIDTH * 4
     # Weights streamed a chunk at a time: not even the fp16 table (half the source) was ever
     # held, let alone the fp32 one.

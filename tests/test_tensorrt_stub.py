@@ -515,7 +515,7 @@ def test_int4_engines_keep_an_fp16_kv_cache(stub, model: Path, tmp_path: Path) -
     # onnxruntime running the same TensorRT form (its cache follows the graph: fp16 too)
     manifest = Manifest.load(int4)
     manifest.graphs["decoder"].file = manifest.graphs["decoder"].tensorrt_file
-    reference = Pipeline(int4, manifest, OnnxBackend(int4, manifest))
+    reference = Pipeline(int4, manifest, OnnxBackend(int4, manifest, graph_form="standard"))
     assert reference.backend.new_cache(1).dtype == np.float16
     trt = Pipeline(int4, manifest, be)
     options = dict(max_new_tokens=12, ignore_eos=True)

@@ -194,7 +194,8 @@ class Activations:
         from llava_edge.runtime import Pipeline
 
         sink: list[Capture] = []
-        with Pipeline.load(self.model_dir, threads=self.threads) as pipe:
+        # The standard decoder form: its feeds are what the quantized standard graphs take.
+        with Pipeline.load(self.model_dir, threads=self.threads, graph_form="standard") as pipe:
             sessions = pipe.backend.sessions
             sessions[graph] = _Recorder(graph, sessions[graph], sink)
             bar = tqdm(self.samples, desc=desc or f"fp32 {graph}", unit="sample", leave=False)

@@ -131,6 +131,8 @@ def quantize_model(
         for name, kind in plan.items():
             graph = manifest.graphs[name]
             _quantize_graph(name, kind, graph, source, tmp, activations, method, log)
+            if graph.fused:
+                graph.fused = quantize_fused(kind, graph.fused, source, tmp)
         manifest.source["quantized_from"] = {
             "model_dir": str(source.resolve()),
             "files": {n: e.sha256 for n, e in manifest.files.items()},
@@ -265,6 +267,21 @@ def _quantize_graph(
         log(f"warning: {name} has no MatMul with constant weights; it stays fp32")
 
 
+def quantize_fused(kind: str, fused: GraphSpec, source: Path, out: Path) -> GraphSpec | None:
+    """A graph's fused form (onnxruntime only) in the onnxruntime form of `kind`; fp16 dirs
+    keep none (`export --dtype fp16` writes an fp16 fused decoder)."""
+    if kind == "fp16":
+        return None
+    with quiet(*QUANTIZER_LOGGERS):
+        if kind == "int8":
+            details = int8_dynamic(source / fused.file, out / fused.file, ("MatMul", "Attention"))
+        else:
+            details = int4_matmulnbits(source / fused.file, out / fused.file)
+    fused.precision = kind
+    fused.details = {**fused.details, "onnxruntime": details}
+    return fused
+
+
 # ---- the forms ---------------------------------------------------------------------------------
 
 
@@ -278,21 +295,24 @@ def weight_nodes(model: Any, op_types: tuple[str, ...] = ("MatMul", "Gemm", "Con
     return [n for n in model.graph.node if n.op_type in op_types and n.input[1] in stored]
 
 
-def int8_dynamic(src: Path, dst: Path) -> dict[str, Any]:
-    """onnxruntime's CPU form: int8 per-channel weights, activations quantized on the fly."""
+def int8_dynamic(src: Path, dst: Path, op_types: tuple[str, ...] = ("MatMul",)) -> dict[str, Any]:
+    """onnxruntime's CPU form: int8 per-channel weights, activations quantized on the fly.
+    (A fused vision encoder's Attention nodes, `op_types` with "Attention", become QAttention.)"""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = onnx.load(str(src), load_external_data=False)
-    nodes = [n.name for n in weight_nodes(model, ("MatMul",))]
+    nodes = [n.name for n in weight_nodes(model, op_types)]
     quantize_dynamic(
         str(src),
         str(dst),
-        op_types_to_quantize=["MatMul"],
+        op_types_to_quantize=list(op_types),
         nodes_to_quantize=nodes,
         per_channel=True,
         weight_type=QuantType.QInt8,
         use_external_data_format=is_large(src),
+        # Shape inference cannot type the outputs of contrib ops (the fused decoder's)
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
     )
     return {
         "form": "dynamic int8 (DynamicQuantizeLinear + MatMulInteger), per-channel weights",

@@ -59,9 +59,13 @@ def export_checkpoint(
     force: bool = False,
     verify: bool = True,
     trust_remote_code: bool = False,
+    fused: bool = True,
     log: Any = print,
 ) -> dict[str, Any]:
     """Export `checkpoint` into `out_dir`; returns the verification report (empty without it).
+
+    fused: also write the decoder in onnxruntime's fused form (llava_edge.export.fused), which
+    the onnxruntime backend runs on the CPU; it doubles the decoder's size on disk.
 
     Raises LlavaEdgeError for bad input and VerificationError when the graphs disagree with
     transformers (the output is then not installed).
@@ -85,6 +89,8 @@ def export_checkpoint(
         manifest = build_manifest(loaded, dtype, max_context)
         manifest.source["opset"] = opset
         _write_graphs(loaded.model, manifest, tmp, opset, log)
+        if fused:
+            _write_fused(loaded.model, manifest, tmp, log)
         _write_text_files(loaded, manifest, tmp)
         manifest.num_image_tokens = _num_image_tokens(tmp / manifest.graphs["vision_encoder"].file)
         manifest.record_files(tmp)
@@ -446,6 +452,28 @@ def _write_graphs(model: Any, manifest: Manifest, out: Path, opset: int, log: An
             bar.update()
             graph.details["opset"] = opset
             bar.update()
+
+
+def _write_fused(model: Any, manifest: Manifest, out: Path, log: Any) -> None:
+    """onnxruntime's fused forms beside the standard graphs: the decoder's and the vision
+    encoder's (where their shapes allow; see llava_edge.export.fused)."""
+    from llava_edge.export.fused import (
+        can_fuse,
+        fused_spec,
+        write_fused_decoder,
+        write_fused_vision,
+    )
+
+    vision = manifest.graphs["vision_encoder"]
+    vision.fused = write_fused_vision(out / vision.file, vision, model.config.vision_config, out)
+    reason = can_fuse(model.config.text_config)
+    if reason:
+        log(f"no fused decoder form: {reason}; onnxruntime runs the standard form")
+        return
+    graph = manifest.graphs["decoder"]
+    spec = fused_spec(manifest.text, graph.precision)
+    write_fused_decoder(model, manifest.text, out / spec.file)
+    graph.fused = spec
 
 
 def _torch_export(module: Any, args: tuple, path: Path, graph: GraphSpec, opset: int) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -21,6 +22,10 @@ import onnxruntime as ort
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import GraphSpec, Manifest
 from llava_edge.runtime.kv_cache import KVCache, check_kv_layout
+from llava_edge.runtime.session_cache import enabled as cache_enabled
+from llava_edge.runtime.session_cache import open_cached, session_options
+
+GRAPH_FORMS = ("auto", "fused", "standard")
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -110,14 +115,16 @@ class OnnxBackend:
         providers: list[str] | None = None,
         threads: int | None = None,
         engine_dir: str | os.PathLike | None = None,
+        graph_form: str = "auto",
+        session_cache: bool = True,
     ):
         check_kv_layout(manifest.kv)
         self.manifest = manifest
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        options.log_severity_level = 3
+        self.model_dir = Path(model_dir)
+        self.threads = threads
+        self.session_cache = session_cache and cache_enabled()
+        self.cache_status: dict[str, str] = {}  # graph -> 'hit', 'miss', 'off' or 'none'
+        options = session_options(threads)
         self.providers = provider_list(providers)
         cache_dir = Path(engine_dir) if engine_dir else Path(model_dir) / ORT_TENSORRT_CACHE
         if "TensorrtExecutionProvider" in self.providers:
@@ -130,27 +137,65 @@ class OnnxBackend:
                 ) from None
         # TensorRT (as a provider too) must build from the Q/DQ form where a dir has two.
         tensorrt = "TensorrtExecutionProvider" in self.providers
+        graphs = dict(manifest.graphs)
+        self.form = self._pick_form(graph_form)
+        if self.form == "fused":
+            graphs = {name: g.fused or g for name, g in graphs.items()}
         self.sessions = {
             name: self._open(
-                Path(model_dir)
-                / (graph.tensorrt_file if tensorrt and graph.tensorrt_file else graph.file),
+                name,
+                graph.tensorrt_file if tensorrt and graph.tensorrt_file else graph.file,
                 options,
                 [(p, provider_options(p, manifest, name, cache_dir)) for p in self.providers],
             )
-            for name, graph in manifest.graphs.items()
+            for name, graph in graphs.items()
         }
-        for name, graph in manifest.graphs.items():
+        for name, graph in graphs.items():
             check_graph_io(name, graph, self.sessions[name])
         self.layer_names = [manifest.kv_names(i) for i in range(manifest.text.num_layers)]
         # The cache takes the decoder's own past dtype: the int4 TensorRT form keeps it in fp16.
         past = {i.name: i.type for i in self.sessions["decoder"].get_inputs()}
         fp16 = past.get(self.layer_names[0][0]) == "tensor(float16)"
         self.kv_text = replace(manifest.text, dtype="float16") if fp16 else manifest.text
+        self.fused = None
+        if self.form == "fused" and manifest.graphs["decoder"].fused:
+            from llava_edge.runtime.fused_backend import FusedDecoder
+
+            self.fused = FusedDecoder(self.sessions["decoder"], manifest.text, self.layer_names)
+
+    def _pick_form(self, requested: str) -> str:
+        """The graph form to run: the fused graphs on the CPU where the model dir has them (their
+        contrib ops run on onnxruntime's CPU kernels; GPU providers take the standard form)."""
+        if requested not in GRAPH_FORMS:
+            raise LlavaEdgeError(
+                f"unknown graph form {requested!r}; choose from {', '.join(GRAPH_FORMS)}"
+            )
+        has_fused = any(g.fused is not None for g in self.manifest.graphs.values())
+        if requested == "fused" and not has_fused:
+            raise LlavaEdgeError(
+                "this model dir has no fused graph form; re-export it with this llava-edge"
+            )
+        if requested == "auto":
+            cpu_only = self.providers == ["CPUExecutionProvider"]
+            return "fused" if has_fused and cpu_only else "standard"
+        return requested
 
     def _open(
-        self, path: Path, options: ort.SessionOptions, providers: list[tuple[str, dict]]
+        self,
+        name: str,
+        file: str,
+        options: ort.SessionOptions,
+        providers: list[tuple[str, dict]],
     ) -> ort.InferenceSession:
+        """A session of one graph: CPU sessions through the optimized-graph cache."""
+        path = self.model_dir / file
+        entry = self.manifest.files.get(file)
+        cached = self.session_cache and entry and self.providers == ["CPUExecutionProvider"]
         try:
+            if cached:
+                session, self.cache_status[name] = open_cached(path, entry.sha256, self.threads)
+                return session
+            self.cache_status[name] = "none"
             return ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:  # onnxruntime raises its own untyped errors on bad files
             raise LlavaEdgeError(f"cannot load graph {path}: {str(e).splitlines()[0]}") from None
@@ -163,7 +208,9 @@ class OnnxBackend:
         (embeds,) = self._session("projector").run(None, {"image_features": features})
         return embeds
 
-    def new_cache(self, batch: int) -> KVCache:
+    def new_cache(self, batch: int) -> Any:
+        if self.fused is not None:
+            return self.fused.new_cache(batch)
         return KVCache(self.kv_text, batch)
 
     def decode(
@@ -173,6 +220,8 @@ class OnnxBackend:
 
         Appends the call's keys/values to `cache`.
         """
+        if self.fused is not None:
+            return self.fused.decode(embeds, token_mask, positions, cache)
         seq = embeds.shape[1]
         cache.reserve(seq)
         feeds = {

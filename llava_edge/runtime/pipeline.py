@@ -130,6 +130,8 @@ class Pipeline:
         limits: Limits | None = None,
         engine_dir: str | os.PathLike | None = None,
         cuda_graph: bool = False,
+        graph_form: str = "auto",
+        session_cache: bool = True,
     ) -> Pipeline:
         """Open a model dir written by `llava-edge export` (or quantize).
 
@@ -139,7 +141,10 @@ class Pipeline:
         limits: what one request may ask for (image pixels, prompt tokens, new tokens, time).
         engine_dir: the native engines to load (default: those recorded for this GPU), or the
         onnxruntime TensorRT provider's engine cache. cuda_graph: replay the native backend's
-        decode step as a CUDA graph.
+        decode step as a CUDA graph. graph_form: which form of the graphs onnxruntime runs,
+        'auto' (the fused forms on the CPU where the model dir has them), 'fused' or 'standard'. session_cache: keep
+        onnxruntime's optimized CPU graphs in the user cache dir, so later loads skip that work
+        (llava_edge.runtime.session_cache).
         """
         model_dir = Path(model_dir)
         manifest = Manifest.load(model_dir)
@@ -148,7 +153,13 @@ class Pipeline:
             from llava_edge.runtime.onnx_backend import OnnxBackend
 
             engine = OnnxBackend(
-                model_dir, manifest, providers=providers, threads=threads, engine_dir=engine_dir
+                model_dir,
+                manifest,
+                providers=providers,
+                threads=threads,
+                engine_dir=engine_dir,
+                graph_form=graph_form,
+                session_cache=session_cache,
             )
         elif backend == "tensorrt":
             from llava_edge.runtime.tensorrt.backend import TensorRTBackend

@@ -163,7 +163,7 @@ def make_hf_tokenizer(tokenizer_size: int) -> Any:
 
 def make_config(preset: str, layers: int | None, tokenizer: Any, **overrides: Any) -> Any:
     """A LlavaConfig for a preset; `overrides` set LlavaConfig fields (vision_feature_layer...)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, MistralConfig
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, MistralConfig, Qwen2Config
 
     if preset not in PRESETS:
         raise LlavaEdgeError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
@@ -176,7 +176,11 @@ def make_config(preset: str, layers: int | None, tokenizer: Any, **overrides: An
         vision["num_hidden_layers"] = min(layers, vision["num_hidden_layers"])
         text["num_hidden_layers"] = min(layers, text["num_hidden_layers"])
     text.update(overrides.pop("text", {}))
-    text_cls = MistralConfig if overrides.pop("backbone", "llama") == "mistral" else LlamaConfig
+    backbones = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
+    backbone = overrides.pop("backbone", "llama")
+    if backbone not in backbones:
+        raise LlavaEdgeError(f"unknown backbone {backbone!r}; choose from {', '.join(backbones)}")
+    text_cls = backbones[backbone]
     image_tokens = (vision["image_size"] // vision["patch_size"]) ** 2
     strategy = overrides.get("vision_feature_select_strategy", "default")
     return LlavaConfig(
@@ -210,8 +214,9 @@ def init_checkpoint(
     """Write a seeded random-weight LLaVA checkpoint of a preset's shape.
 
     `overrides` reach LlavaConfig (e.g. vision_feature_layer=[-2, -1]); `text={...}` changes the
-    text model (num_key_value_heads for GQA...), `backbone="mistral"` swaps Llama for Mistral.
-    projector: 'mlp2x_gelu' (LLaVA-1.5), 'linear' (LLaVA v1) or 'mlpNx_gelu'.
+    text model (num_key_value_heads for GQA...), `backbone="mistral"` or `"qwen2"` (q/k/v biases)
+    swaps Llama for that model. projector: 'mlp2x_gelu' (LLaVA-1.5), 'linear' (LLaVA v1) or
+    'mlpNx_gelu'.
     """
     import torch
     from transformers import GenerationConfig

@@ -1,0 +1,345 @@
+"""onnxruntime's fused forms: the decoder built node by node from the checkpoint's weights, and the
+CLIP vision encoder through onnxruntime.transformers' optimizer (`write_fused_vision`, below).
+
+The TorchScript decoder (graphs.py) is made of standard ops so that TensorRT parses it; onnxruntime
+runs it as ~1,100 small operators a step. This second form of the same weights is what
+onnxruntime's own generative runtime emits for Llama-family models, and what its CPU kernels run
+fastest:
+
+    SimplifiedLayerNormalization (layer 0) / SkipSimplifiedLayerNormalization (residual + norm)
+    one packed QKV MatMul (+ one packed bias Add for Qwen2)
+    GroupQueryAttention: rotary inside (cos/sin tables from the checkpoint's own rotary module),
+        causal attention over a preallocated KV buffer that past and present share in place
+    o_proj MatMul, SkipSimplifiedLayerNormalization, gate/up MatMuls, SiLU, down MatMul
+    logits of each row's last token only
+
+It is written by hand with onnx.helper because no exporter emits it: torch.onnx produces the
+unfused ops, onnxruntime.transformers' fusions find nothing to fuse in the TorchScript decoder,
+and onnxruntime-genai's builder writes its own model dir (token ids in, genai_config.json, all
+positions' logits) rather than a graph of this model dir's contract.
+
+IO (all names in the manifest):
+    inputs_embeds [batch, seq, hidden]; seqlens_k int32 [batch]: each row's tokens after this call
+    minus one; total_sequence_length int32 scalar: the longest row's tokens after this call;
+    past_key_values.{i}.key/value [batch, kv_heads, capacity, head_dim]
+    -> logits float32 [batch, vocab]; present.{i}.key/value: the same buffers as past (bound to
+    the same memory, GroupQueryAttention writes the call's keys/values in place).
+Row r holds its tokens in slots [0, len_r) (right padding); a token's position is its slot.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llava_edge.errors import LlavaEdgeError
+from llava_edge.manifest import GraphSpec, KVSpec, TensorSpec, TextSpec
+
+FUSED_FILE = "decoder_fused.onnx"
+MS_DOMAIN = "com.microsoft"
+FUSED_OPSET = 17
+ACTIVATIONS = ("silu",)
+
+
+def fused_spec(text: TextSpec, precision: str, file: str = FUSED_FILE) -> GraphSpec:
+    """The fused decoder's manifest entry (its IO differs from the standard form's)."""
+    kv = KVSpec()
+    buffer = ["batch", text.num_kv_heads, "capacity", text.head_dim]
+    inputs = {
+        "inputs_embeds": TensorSpec(text.dtype, ["batch", "seq", text.hidden_size]),
+        "seqlens_k": TensorSpec("int32", ["batch"]),
+        "total_sequence_length": TensorSpec("int32", []),
+    }
+    outputs = {"logits": TensorSpec("float32", ["batch", text.vocab_size])}
+    for i in range(text.num_layers):
+        inputs[kv.past_key.format(i=i)] = TensorSpec(text.dtype, buffer)
+        inputs[kv.past_value.format(i=i)] = TensorSpec(text.dtype, buffer)
+        outputs[kv.present_key.format(i=i)] = TensorSpec(text.dtype, buffer)
+        outputs[kv.present_value.format(i=i)] = TensorSpec(text.dtype, buffer)
+    return GraphSpec(
+        file=file,
+        inputs=inputs,
+        outputs=outputs,
+        precision=precision,
+        details={"form": "fused: GroupQueryAttention, packed QKV, SkipSimplifiedLayerNorm"},
+    )
+
+
+def can_fuse(text_config: Any) -> str | None:
+    """Why this text model has no fused form, or None when it has one."""
+    act = getattr(text_config, "hidden_act", "silu")
+    if act not in ACTIVATIONS:
+        return f"activation {act!r} (the fused form has {', '.join(ACTIVATIONS)})"
+    heads = text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+    if head_dim % 16:
+        return f"head size {head_dim} (GroupQueryAttention takes multiples of 16)"
+    if getattr(text_config, "partial_rotary_factor", 1.0) != 1.0:
+        return "rotary over part of each head"
+    rope = getattr(text_config, "rope_parameters", None) or getattr(
+        text_config, "rope_scaling", None
+    )
+    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) == "dynamic":
+        return "dynamic rope scaling (its tables change with the sequence length)"
+    return None
+
+
+def build_fused_decoder(llava: Any, text: TextSpec) -> Any:
+    """An onnx.ModelProto of the fused decoder from a loaded LlavaForConditionalGeneration."""
+    import torch
+    from onnx import TensorProto, helper
+
+    language = llava.model.language_model
+    config = llava.config.text_config
+    dtype = np.dtype(text.dtype)
+    onnx_dtype = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
+    g = _Graph(dtype)
+    eps = float(config.rms_norm_eps)
+    hidden, heads, kv_heads, head_dim = (
+        text.hidden_size,
+        text.num_heads,
+        text.num_kv_heads,
+        text.head_dim,
+    )
+    cos, sin = _rotary_tables(language, text.max_context, head_dim)
+    g.constant("cos_cache", cos.astype(dtype))
+    g.constant("sin_cache", sin.astype(dtype))
+    kv = KVSpec()
+
+    residual, x = "inputs_embeds", None
+    mlp_out = None
+    for i, layer in enumerate(language.layers):
+        attn = layer.self_attn
+        if i == 0:
+            x = g.node(
+                "SimplifiedLayerNormalization",
+                [residual, g.weight(f"l{i}.ln1", layer.input_layernorm.weight)],
+                axis=-1,
+                epsilon=eps,
+            )
+        else:
+            x, residual = g.skip_norm(mlp_out, residual, layer.input_layernorm.weight, eps, f"l{i}")
+        projections = [attn.q_proj, attn.k_proj, attn.v_proj]
+        weight = torch.cat([p.weight for p in projections], dim=0)
+        bias = None
+        if any(p.bias is not None for p in projections):
+            bias = torch.cat(
+                [p.bias if p.bias is not None else torch.zeros(p.out_features) for p in projections]
+            )
+        qkv = g.linear(x, weight, bias, f"l{i}.qkv")
+        past_k, past_v = kv.past_key.format(i=i), kv.past_value.format(i=i)
+        present_k, present_v = kv.present_key.format(i=i), kv.present_value.format(i=i)
+        attended = g.node(
+            "GroupQueryAttention",
+            [
+                qkv,
+                "",
+                "",
+                past_k,
+                past_v,
+                "seqlens_k",
+                "total_sequence_length",
+                "cos_cache",
+                "sin_cache",
+            ],
+            outputs=[g.fresh("attn"), present_k, present_v],
+            domain=MS_DOMAIN,
+            num_heads=heads,
+            kv_num_heads=kv_heads,
+            scale=float(attn.scaling),
+            do_rotary=1,
+            rotary_interleaved=0,
+            local_window_size=-1,
+        )
+        o = g.linear(attended, attn.o_proj.weight, attn.o_proj.bias, f"l{i}.o")
+        h, residual = g.skip_norm(o, residual, layer.post_attention_layernorm.weight, eps, f"l{i}p")
+        mlp = layer.mlp
+        gate = g.linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias, f"l{i}.gate")
+        up = g.linear(h, mlp.up_proj.weight, mlp.up_proj.bias, f"l{i}.up")
+        silu = g.node("Mul", [gate, g.node("Sigmoid", [gate])])
+        mlp_out = g.linear(
+            g.node("Mul", [silu, up]), mlp.down_proj.weight, mlp.down_proj.bias, f"l{i}.down"
+        )
+
+    # Each row's last token: slot min(seqlens_k, seq - 1) of this call (right padding; a decode
+    # step or a batch-1 prompt takes its last slot). Only those rows reach the norm and lm_head.
+    last_hidden = g.node("Add", [mlp_out, residual])
+    shape = g.node("Shape", ["inputs_embeds"])
+    batch = g.node("Gather", [shape, g.constant("i0", np.asarray(0, np.int64))], axis=0)
+    seq = g.node("Gather", [shape, g.constant("i1", np.asarray(1, np.int64))], axis=0)
+    one = g.constant("one", np.asarray(1, np.int64))
+    last = g.node(
+        "Min", [g.node("Cast", ["seqlens_k"], to=TensorProto.INT64), g.node("Sub", [seq, one])]
+    )
+    rows = g.node("Range", [g.constant("zero", np.asarray(0, np.int64)), batch, one])
+    flat_index = g.node("Add", [g.node("Mul", [rows, seq]), last])
+    flat = g.node("Reshape", [last_hidden, g.constant("flat", np.asarray([-1, hidden], np.int64))])
+    picked = g.node("Gather", [flat, flat_index], axis=0)
+    normed = g.node(
+        "SimplifiedLayerNormalization",
+        [picked, g.weight("final_norm", language.norm.weight)],
+        axis=-1,
+        epsilon=eps,
+    )
+    logits = g.linear(normed, llava.lm_head.weight, llava.lm_head.bias, "lm_head")
+    if dtype != np.float32:
+        logits = g.node("Cast", [logits], to=TensorProto.FLOAT)
+    g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits"))
+
+    buffer = ["batch", kv_heads, "capacity", head_dim]
+    inputs = [
+        helper.make_tensor_value_info("inputs_embeds", onnx_dtype, ["batch", "seq", hidden]),
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
+        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", text.vocab_size])
+    ]
+    for i in range(text.num_layers):
+        for name in (kv.past_key.format(i=i), kv.past_value.format(i=i)):
+            inputs.append(helper.make_tensor_value_info(name, onnx_dtype, buffer))
+        for name in (kv.present_key.format(i=i), kv.present_value.format(i=i)):
+            outputs.append(helper.make_tensor_value_info(name, onnx_dtype, buffer))
+    graph = helper.make_graph(g.nodes, "decoder_fused", inputs, outputs, g.initializers)
+    return helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", FUSED_OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
+        producer_name="llava-edge",
+    )
+
+
+def write_fused_decoder(llava: Any, text: TextSpec, path: Path) -> None:
+    from llava_edge.files import save_graph
+
+    save_graph(build_fused_decoder(llava, text), path)
+
+
+def _rotary_tables(language: Any, max_context: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [max_context, rotary_dim / 2] from the checkpoint's own rotary module, so every
+    rope variant it implements (scaling types, attention factor) comes out as transformers has it."""
+    import torch
+
+    positions = torch.arange(max_context)[None]
+    probe = torch.zeros(1, 1, head_dim, dtype=torch.float32)
+    with torch.no_grad():
+        cos, sin = language.rotary_emb(probe, positions)
+    half = cos.shape[-1] // 2
+    cos, sin = cos[0, :, :half].float().numpy(), sin[0, :, :half].float().numpy()
+    if cos.shape[1] * 2 != head_dim:
+        raise LlavaEdgeError(
+            f"rotary over {cos.shape[1] * 2} of {head_dim} head dims is not supported by the fused form"
+        )
+    return cos, sin
+
+
+class _Graph:
+    """Nodes and initializers with fresh names."""
+
+    def __init__(self, dtype: np.dtype):
+        self.dtype = dtype
+        self.nodes: list[Any] = []
+        self.initializers: list[Any] = []
+        self.count = 0
+
+    def fresh(self, stem: str) -> str:
+        self.count += 1
+        return f"{stem}_{self.count}"
+
+    def constant(self, name: str, array: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def weight(self, name: str, tensor: Any) -> str:
+        return self.constant(name, tensor.detach().float().numpy().astype(self.dtype))
+
+    def node(
+        self,
+        op: str,
+        inputs: list[str],
+        outputs: list[str] | None = None,
+        domain: str = "",
+        **attrs: Any,
+    ) -> str:
+        from onnx import helper
+
+        outputs = outputs or [self.fresh(op.lower())]
+        self.nodes.append(
+            helper.make_node(
+                op, inputs, outputs, name=self.fresh(op), domain=domain or None, **attrs
+            )
+        )
+        return outputs[0]
+
+    def linear(self, x: str, weight: Any, bias: Any, name: str) -> str:
+        """x @ weight.T (+ bias): weights stored [in, out] as MatMul and the quantizers want."""
+        w = self.constant(f"{name}.weight", weight.detach().float().numpy().T.astype(self.dtype))
+        y = self.node("MatMul", [x, w])
+        if bias is not None:
+            y = self.node("Add", [y, self.weight(f"{name}.bias", bias)])
+        return y
+
+    def skip_norm(self, x: str, skip: str, weight: Any, eps: float, name: str) -> tuple[str, str]:
+        """(norm(x + skip), x + skip): one SkipSimplifiedLayerNormalization."""
+        out, total = self.fresh("normed"), self.fresh("residual")
+        self.node(
+            "SkipSimplifiedLayerNormalization",
+            [x, skip, self.weight(f"{name}.norm", weight)],
+            outputs=[out, "", "", total],
+            domain=MS_DOMAIN,
+            epsilon=eps,
+        )
+        return out, total
+
+
+# ---- the vision encoder ------------------------------------------------------------------------
+
+VISION_FUSED_FILE = "vision_encoder_fused.onnx"
+
+
+def write_fused_vision(
+    standard: Path, spec: GraphSpec, vision_config: Any, out: Path
+) -> GraphSpec | None:
+    """The vision encoder with onnxruntime's CLIP fusions (Attention, SkipLayerNormalization,
+    QuickGelu) from onnxruntime.transformers' optimizer, or None when it fuses no attention (a
+    tower it does not know) or the graph is fp16 (the CPU Attention kernel is float32)."""
+    import dataclasses
+    import logging
+
+    from onnx import helper
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from llava_edge.files import save_graph
+
+    if spec.precision != "fp32" or getattr(vision_config, "model_type", "") != "clip_vision_model":
+        return None
+    logger = logging.getLogger("onnxruntime.transformers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        optimized = optimize_model(
+            str(standard),
+            model_type="clip",
+            num_heads=vision_config.num_attention_heads,
+            hidden_size=vision_config.hidden_size,
+            opt_level=0,  # the Python fusions only; onnxruntime optimizes the rest at load
+        )
+    finally:
+        logger.setLevel(level)
+    ops = {n.op_type for n in optimized.model.graph.node}
+    if "Attention" not in ops:
+        return None
+    model = optimized.model
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):  # the optimizer omits it
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    save_graph(model, out / VISION_FUSED_FILE)
+    return dataclasses.replace(
+        spec,
+        file=VISION_FUSED_FILE,
+        fused=None,
+        tensorrt_file=None,
+        details={"form": "fused: Attention, SkipLayerNormalization, QuickGelu (CLIP fusions)"},
+    )

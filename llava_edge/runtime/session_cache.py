@@ -1,0 +1,162 @@
+"""Load graphs fast the second time: onnxruntime's optimized graphs, weights pre-packed, on disk.
+
+Opening a session does the same work on every start: parse the graph, optimize it, copy every
+weight out of the protobuf and re-pack the MatMul weights into the CPU kernels' layout. The first
+load of a graph on a machine saves what comes out (the optimized graph, with its weights and the
+pre-packed copies in an external data file that later loads memory-map) under the user cache dir;
+later loads open that with optimizations off.
+
+An entry is keyed by everything that shapes it: the graph's sha256 (from the manifest), the
+onnxruntime version, the execution providers and the session options that change the result,
+and the CPU (pre-packed layouts depend on its instruction set). It is written beside its final
+place and renamed in (llava_edge.files.replace_dir), so a reader never sees half an entry; an
+entry whose files are missing, of the wrong size or unreadable by onnxruntime is deleted and
+rebuilt; an entry for the same graph path under another key (an older onnxruntime, a re-exported
+graph) is deleted when its replacement is written. Only CPU sessions are cached: GPU providers
+keep their own caches (the TensorRT provider's engines).
+
+The cache costs disk: about twice the graph's weights (the weights and their pre-packed copies);
+and the load that writes an entry holds a second copy of the weights in memory meanwhile, so it
+is only written when twice the graph fits in free memory (else the load is a plain one).
+`LLAVA_EDGE_SESSION_CACHE=0` turns it off, as does `session_cache=False` on the backend.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+from pathlib import Path
+
+import onnxruntime as ort
+
+from llava_edge.files import replace_dir
+from llava_edge.manifest import cache_dir
+
+CACHE_FORMAT = 1
+MODEL = "model.onnx"
+DATA = "model.onnx.data"
+META = "entry.json"
+
+
+def enabled() -> bool:
+    return os.environ.get("LLAVA_EDGE_SESSION_CACHE", "1") not in ("0", "false", "no", "")
+
+
+def session_options(threads: int | None) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return options
+
+
+def cache_key(graph_sha256: str, providers: list[str]) -> str:
+    """What the optimized graph depends on, hashed."""
+    facts = {
+        "format": CACHE_FORMAT,
+        "graph": graph_sha256,
+        "onnxruntime": ort.__version__,
+        "providers": providers,
+        "optimization": "ORT_ENABLE_ALL",
+        "machine": platform.machine(),
+        "cpu_flags": _cpu_flags(),
+    }
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def open_cached(
+    path: Path,
+    graph_sha256: str,
+    threads: int | None,
+    root: Path | None = None,
+) -> tuple[ort.InferenceSession, str]:
+    """A CPU session of `path`, through the cache; and how: 'hit', 'miss' (written) or 'off'
+    (the cache dir cannot be written: a plain load)."""
+    providers = ["CPUExecutionProvider"]
+    root = root or cache_dir() / "onnxruntime"
+    entry = root / cache_key(graph_sha256, providers)
+    if not _complete(entry) and not _room_to_save(path):
+        options = session_options(threads)
+        return ort.InferenceSession(str(path), options, providers=providers), "off"
+    if _complete(entry):
+        options = session_options(threads)
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:
+            return ort.InferenceSession(str(entry / MODEL), options, providers=providers), "hit"
+        except Exception:  # onnxruntime's own untyped errors: a corrupt entry is rebuilt
+            shutil.rmtree(entry, ignore_errors=True)
+    try:
+        with replace_dir(entry) as tmp:
+            session = ort.InferenceSession(str(path), _saving(threads, tmp), providers=providers)
+            files = {name: (tmp / name).stat().st_size for name in (MODEL, DATA)}
+            meta = {"source": str(path.resolve()), "files": files}
+            (tmp / META).write_text(json.dumps(meta))
+    except Exception:  # no room, a read-only home: the session still loads, uncached
+        options = session_options(threads)
+        return ort.InferenceSession(str(path), options, providers=providers), "off"
+    _drop_stale(root, entry, str(path.resolve()))
+    return session, "miss"
+
+
+def _room_to_save(path: Path) -> bool:
+    """Saving holds a second copy of the weights in memory while it writes them (measured on
+    `small`: peak 2.8 GB against 1.6 GB for a plain load): only when that fits in free memory."""
+    data = Path(str(path) + ".data")
+    size = path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return True
+    return 2 * size < free
+
+
+def _saving(threads: int | None, out: Path) -> ort.SessionOptions:
+    options = session_options(threads)
+    options.optimized_model_filepath = str(out / MODEL)
+    options.add_session_config_entry(
+        "session.optimized_model_external_initializers_file_name", DATA
+    )
+    options.add_session_config_entry(
+        "session.optimized_model_external_initializers_min_size_in_bytes", "1024"
+    )
+    # The pre-packed weights go into the data file too: loading them is what the cache saves.
+    options.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
+    return options
+
+
+def _complete(entry: Path) -> bool:
+    """Every file there, of the size written: a truncated or half-deleted entry is not used."""
+    try:
+        meta = json.loads((entry / META).read_text())
+        return all((entry / n).stat().st_size == size for n, size in meta["files"].items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        if entry.exists():
+            shutil.rmtree(entry, ignore_errors=True)
+        return False
+
+
+def _drop_stale(root: Path, keep: Path, source: str) -> None:
+    """Entries of the same graph path under other keys can never be used again."""
+    for meta in root.glob(f"*/{META}"):
+        if meta.parent == keep:
+            continue
+        try:
+            if json.loads(meta.read_text()).get("source") == source:
+                shutil.rmtree(meta.parent, ignore_errors=True)
+        except (OSError, ValueError, AttributeError):
+            continue
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return hashlib.sha256(line.encode()).hexdigest()[:16]
+    except OSError:
+        pass
+    return platform.processor()

@@ -1,0 +1,97 @@
+"""The optimized-graph cache: a second load opens what the first saved; a damaged or stale entry
+is rebuilt, never used; answers are the same with and without it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llava_edge.runtime import Pipeline, session_cache
+
+PROMPT = "What is in the picture?"
+
+
+def answer(model_dir: Path, cache: Path, **load: object) -> tuple[list[int], dict[str, str]]:
+    image = np.full((40, 60, 3), 120, dtype=np.uint8)
+    with Pipeline.load(model_dir, **load) as pipe:
+        ids = pipe.answer(image, PROMPT, max_new_tokens=6, ignore_eos=True).token_ids
+        return ids, dict(pipe.backend.cache_status)
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("LLAVA_EDGE_CACHE", str(tmp_path))
+    return tmp_path / "onnxruntime"
+
+
+def entries(cache: Path) -> list[Path]:
+    return sorted(p.parent for p in cache.glob(f"*/{session_cache.META}"))
+
+
+def test_second_load_hits_and_answers_the_same(tiny_model_dir: Path, cache: Path) -> None:
+    reference, status = answer(tiny_model_dir, cache, session_cache=False)
+    assert set(status.values()) == {"none"} and not cache.exists()
+    first, status = answer(tiny_model_dir, cache)
+    assert set(status.values()) == {"miss"}
+    assert len(entries(cache)) == 3  # vision encoder, projector, decoder
+    second, status = answer(tiny_model_dir, cache)
+    assert set(status.values()) == {"hit"}
+    assert first == second == reference
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "meta"])
+def test_damaged_entry_is_rebuilt(tiny_model_dir: Path, cache: Path, damage: str) -> None:
+    reference, _ = answer(tiny_model_dir, cache)
+    decoder = next(
+        e
+        for e in entries(cache)
+        if "decoder" in json.loads((e / "entry.json").read_text())["source"]
+    )
+    model = decoder / session_cache.MODEL
+    if damage == "truncate":
+        data = decoder / session_cache.DATA
+        data.write_bytes(data.read_bytes()[:100])
+    elif damage == "garbage":  # the size the entry records, but not a graph
+        model.write_bytes(
+            b"\x00junk" * (model.stat().st_size // 5) + b"\x00" * (model.stat().st_size % 5)
+        )
+    else:
+        (decoder / session_cache.META).write_text("{not json")
+    ids, status = answer(tiny_model_dir, cache)
+    assert status["decoder"] == "miss" and status["projector"] == "hit"
+    assert ids == reference
+    assert session_cache._complete(decoder)  # rewritten whole
+    assert answer(tiny_model_dir, cache)[1]["decoder"] == "hit"
+
+
+def test_stale_entry_is_replaced(
+    tiny_model_dir: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another onnxruntime version is another key; the old entry of the same graph goes."""
+    answer(tiny_model_dir, cache)
+    before = entries(cache)
+    monkeypatch.setattr(session_cache.ort, "__version__", "0.0.0-other")
+    _, status = answer(tiny_model_dir, cache)
+    assert set(status.values()) == {"miss"}
+    after = entries(cache)
+    assert len(after) == 3 and not set(before) & set(after)
+
+
+def test_cache_can_be_turned_off(
+    tiny_model_dir: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LLAVA_EDGE_SESSION_CACHE", "0")
+    _, status = answer(tiny_model_dir, cache)
+    assert set(status.values()) == {"none"} and not cache.exists()
+
+
+def test_no_entry_written_without_memory_to_spare(
+    tiny_model_dir: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(session_cache, "_room_to_save", lambda path: False)
+    reference, status = answer(tiny_model_dir, cache)
+    assert set(status.values()) == {"off"} and not entries(cache)
+    assert answer(tiny_model_dir, cache, session_cache=False)[0] == reference
