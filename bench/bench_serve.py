@@ -200,8 +200,9 @@ def prefix_reuse(model: Path, threads: int, runs: int) -> dict:
                 with BatchEngine(pipe, max_batch=1, prefix_cache_mb=budget) as engine:
                     first = engine.submit(image, QUESTION, max_new_tokens=64, ignore_eos=True)
                     turns = [(QUESTION, first.result().text), ("And what else?", None)]
-                    ids = pipe.conversation_ids(turns, image_turn=0)
-                    second = engine.submit_ids(ids, image, {"max_new_tokens": 1}).result()
+                    pixels = pipe.image_pixels(image)
+                    ids = pipe.conversation_ids(turns, pixels, image_turn=0)
+                    second = engine.submit_ids(ids, pixels, {"max_new_tokens": 1}).result()
                 if run:
                     times[name].append(second.timings["first_token_ms"])
                     reused = max(reused, second.timings["prefix_reused"])

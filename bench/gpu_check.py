@@ -118,7 +118,8 @@ def parity(engines: Any, reference: Any, picture: Path) -> dict[str, Any]:
     from llava_edge.runtime.generate import embed
 
     def logits(pipe: Any) -> np.ndarray:
-        ids, features = pipe.prompt_ids(QUESTION, True), pipe.image_features(str(picture))
+        image = pipe.image_pixels(str(picture))
+        ids, features = pipe.prompt_ids(QUESTION, image), pipe.pixel_features(image)
         ids = np.asarray([ids])
         embeds = embed(pipe.table, ids, pipe.manifest.tokens.image_token_id, [features])
         mask = np.ones_like(ids)

@@ -38,16 +38,46 @@ def _init(args: argparse.Namespace) -> None:
         if not (args.vision and args.llm):
             raise LlavaEdgeError("--vision and --llm go together: a CLIP model and a causal LM")
         path = compose_checkpoint(
-            args.out_dir, vision=args.vision, llm=args.llm, seed=args.seed, force=args.force
+            args.out_dir,
+            vision=args.vision,
+            llm=args.llm,
+            seed=args.seed,
+            force=args.force,
+            projector=args.projector,
         )
         print(f"wrote a LLaVA checkpoint of {args.vision} + {args.llm} (new projector) to {path}")
         return
     from llava_edge.training.checkpoint import init_checkpoint
 
     path = init_checkpoint(
-        args.out_dir, preset=args.preset, layers=args.layers, seed=args.seed, force=args.force
+        args.out_dir,
+        preset=args.preset,
+        layers=args.layers,
+        seed=args.seed,
+        force=args.force,
+        projector=args.projector,
     )
-    print(f"wrote a random-weight '{args.preset}' LLaVA checkpoint to {path}")
+    print(
+        f"wrote a random-weight '{args.preset}' LLaVA checkpoint ({args.projector} projector) "
+        f"to {path}"
+    )
+
+
+# ---- convert ---------------------------------------------------------------------------------
+
+
+@command("convert")
+def _convert(args: argparse.Namespace) -> None:
+    from llava_edge.convert import convert_checkpoint
+
+    convert_checkpoint(
+        args.original_dir,
+        args.out_dir,
+        vision=args.vision,
+        base=args.base,
+        template=args.template,
+        force=args.force,
+    )
 
 
 # ---- export ----------------------------------------------------------------------------------
@@ -462,8 +492,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, help="keep only the first N layers of each tower")
     p.add_argument("--vision", help="CLIP checkpoint: build LLaVA from it and --llm instead")
     p.add_argument("--llm", help="causal LM checkpoint to put behind the --vision tower")
+    p.add_argument(
+        "--projector",
+        default="mlp2x_gelu",
+        help="mlp2x_gelu (LLaVA-1.5, default), linear (LLaVA v1) or mlpNx_gelu",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="overwrite a non-empty OUT_DIR")
+
+    p = sub.add_parser(
+        "convert", help="convert an original-format LLaVA checkpoint into one export takes"
+    )
+    p.add_argument(
+        "original_dir", help="checkpoint of the original LLaVA code (or its LoRA/stage-1 output)"
+    )
+    p.add_argument("out_dir")
+    p.add_argument("--vision", help="the CLIP checkpoint dir its mm_vision_tower names")
+    p.add_argument("--base", help="the language model a LoRA or stage-1 output was trained on")
+    p.add_argument(
+        "--template", help="conversation template (default: the one the original uses for it)"
+    )
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
 
     p = sub.add_parser("export", help="export a LLaVA checkpoint to ONNX graphs + manifest")
     p.add_argument("checkpoint", help="checkpoint dir, or a hub id where the network allows")

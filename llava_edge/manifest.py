@@ -26,7 +26,10 @@ MANIFEST_NAME = "manifest.json"
 # was trained with, which export copies into the manifest.
 CHECKPOINT_INFO_FILE = "llava_edge.json"
 FORMAT_NAME = "llava-edge-model"
-FORMAT_VERSION = 1
+# The newest format this llava-edge reads. A manifest carries the oldest version that describes
+# it (1; 2 with AnyRes), so runtimes that predate a feature refuse only the dirs that use it.
+FORMAT_VERSION = 2
+ANYRES_FORMAT_VERSION = 2
 GRAPH_NAMES = ("vision_encoder", "projector", "decoder")
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 
@@ -59,6 +62,17 @@ class GraphSpec:
 
 
 @dataclass
+class AnyResSpec:
+    """LLaVA-NeXT's AnyRes: an image becomes a base image and tiles (see runtime/anyres.py)."""
+
+    grid_pinpoints: list[list[int]]  # [height, width] resolutions the image may be tiled at
+    tile_size: int  # pixels on a side of one tile
+    base_size: list[int]  # [height, width] the whole image is squashed to for the base image
+    tile_features: int  # features on a side of one tile's feature grid
+    newline: str | None  # .npy file of image_newline [hidden], closing each feature row
+
+
+@dataclass
 class ImageSpec:
     """What CLIPImageProcessor/LlavaImageProcessor do, as numbers the runtime replays."""
 
@@ -74,6 +88,7 @@ class ImageSpec:
     mean: list[float]
     std: list[float]
     pad_to_square: bool  # LLaVA-1.5's 'pad' aspect ratio: pad with the mean colour, then resize
+    anyres: AnyResSpec | None = None  # set: each image is a base image and tiles (LLaVA-NeXT)
 
 
 @dataclass
@@ -178,7 +193,7 @@ class Manifest:
     # engine dir (relative to the model dir where it lies inside it) -> the engines built there
     engines: dict[str, EngineSet] = field(default_factory=dict)
     format: str = FORMAT_NAME
-    format_version: int = FORMAT_VERSION
+    format_version: int = 1
 
     # ---- reading and writing -------------------------------------------------------------
 
@@ -237,6 +252,14 @@ class Manifest:
             raise LlavaEdgeError(f"{where}: the text model's shapes are inconsistent")
         if self.num_image_tokens <= 0 or self.image.height <= 0 or self.image.width <= 0:
             raise LlavaEdgeError(f"{where}: image geometry is invalid")
+        anyres = self.image.anyres
+        if anyres is not None and (
+            self.format_version < ANYRES_FORMAT_VERSION
+            or not anyres.grid_pinpoints
+            or anyres.tile_size <= 0
+            or anyres.tile_features**2 != self.num_image_tokens
+        ):
+            raise LlavaEdgeError(f"{where}: the AnyRes settings are inconsistent; re-export")
 
     # ---- facts derived from the contract ---------------------------------------------------
 
@@ -261,8 +284,15 @@ class Manifest:
             for name in self.needed_files(model_dir)
         }
 
+    def data_files(self) -> list[str]:
+        """The files besides the graphs: tokenizer, embedding table, AnyRes' image_newline."""
+        names = [self.embeddings, self.tokenizer]
+        if self.image.anyres is not None and self.image.anyres.newline:
+            names.append(self.image.anyres.newline)
+        return names
+
     def needed_files(self, model_dir: str | os.PathLike) -> list[str]:
-        names = [g.file for g in self.graphs.values()] + [self.embeddings, self.tokenizer]
+        names = [g.file for g in self.graphs.values()] + self.data_files()
         names += [g.tensorrt_file for g in self.graphs.values() if g.tensorrt_file]
         names += [g.fused.file for g in self.graphs.values() if g.fused]
         # ONNX external data sits next to its graph under the graph's name + ".data".
@@ -312,6 +342,12 @@ class Manifest:
             stat = (model_dir / name).stat()
             digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
         return digest.hexdigest()
+
+
+def write_checkpoint_info(checkpoint: str | os.PathLike, template: str) -> None:
+    """Write a checkpoint's llava_edge.json: the chat template it was trained with."""
+    path = Path(checkpoint) / CHECKPOINT_INFO_FILE
+    path.write_text(json.dumps({"template": template}, indent=2) + "\n", encoding="utf-8")
 
 
 def read_checkpoint_template(checkpoint: str | os.PathLike) -> str | None:

@@ -187,7 +187,7 @@ def test_a_cancelled_request_frees_its_row_at_the_next_step(pipe):
 def test_time_limit_ends_a_request_not_the_engine(pipe):
     engine = BatchEngine(pipe, max_batch=2, start=False)
     slow = engine.submit_ids(
-        pipe.prompt_ids("Slow?", False), None, {"max_new_tokens": 50}, timeout_s=1e-9
+        pipe.prompt_ids("Slow?", None), None, {"max_new_tokens": 50}, timeout_s=1e-9
     )
     fine = engine.submit(None, "Fine?", max_new_tokens=5)
     engine.run_until_idle()
@@ -203,13 +203,14 @@ def test_a_conversations_next_turn_reuses_its_prefix_and_answers_the_same(pipe):
     engine.run_until_idle()
     answer = first.result().text
     turns = [("What is in the picture?", answer), ("And its colour?", None)]
-    ids = pipe.conversation_ids(turns, image_turn=0)
-    second = engine.submit_ids(ids, image, {"max_new_tokens": 12})
+    pixels = pipe.image_pixels(image)
+    ids = pipe.conversation_ids(turns, pixels, image_turn=0)
+    second = engine.submit_ids(ids, pixels, {"max_new_tokens": 12})
     engine.run_until_idle()
     reused = second.result().timings["prefix_reused"]
     assert reused >= len(first.result().prompt_token_ids)  # the whole first prompt was copied
     fresh = BatchEngine(pipe, max_batch=1, prefix_cache_mb=0, start=False)
-    again = fresh.submit_ids(ids, image, {"max_new_tokens": 12})
+    again = fresh.submit_ids(ids, pixels, {"max_new_tokens": 12})
     fresh.run_until_idle()
     assert again.result().timings["prefix_reused"] == 0
     assert second.result().token_ids == again.result().token_ids
@@ -224,30 +225,6 @@ def test_a_conversations_next_turn_reuses_its_prefix_and_answers_the_same(pipe):
     assert other.result().timings["prefix_reused"] in (0, image_start)
 
 
-def test_conversation_ids_render_turns_as_a_chat_session(pipe):
-    template = pipe.manifest.template
-    eos = pipe.manifest.tokens.eos_token_ids[0]
-    ids = pipe.conversation_ids([("Q1", "A1"), ("Q2", None)], image_turn=0, system="Be brief.")
-    from llava_edge.runtime.template import user_turn
-
-    first = user_turn(template, "Q1", image=True, first=True)
-    if template.system:
-        first = first.replace(template.system, "Be brief. ", 1)
-    else:
-        first = "Be brief. " + first
-    want = (
-        pipe.codec.encode(first, first=True)
-        + pipe.codec.encode("A1", first=False)
-        + [eos]
-        + pipe.codec.encode(user_turn(template, "Q2", image=False, first=False), first=False)
-    )
-    assert ids == want
-    with pytest.raises(LlavaEdgeError, match="not the last"):
-        pipe.conversation_ids([("Q1", None), ("Q2", None)])
-    with pytest.raises(LlavaEdgeError, match="placeholder"):
-        pipe.conversation_ids([("<image> Q1", None)])
-
-
 def test_bad_requests_fail_at_submit_and_leave_the_engine_working(pipe):
     engine = BatchEngine(pipe, max_batch=2, start=False)
     with pytest.raises(LlavaEdgeError, match="max_new_tokens"):
@@ -257,7 +234,7 @@ def test_bad_requests_fail_at_submit_and_leave_the_engine_working(pipe):
     with pytest.raises(LlavaEdgeError, match="not an image"):
         engine.submit(b"not an image", "Q")
     with pytest.raises(LlavaEdgeError, match="image tokens"):
-        engine.submit_ids(pipe.prompt_ids("Q", True), None, {})
+        engine.submit_ids(pipe.prompt_ids("Q", pipe.image_pixels(picture(1))), None, {})
     assert engine.stats()["requests"] == 0
     request = engine.submit(None, "Still fine?", max_new_tokens=3)
     engine.run_until_idle()

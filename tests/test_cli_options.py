@@ -127,6 +127,7 @@ def record(world, monkeypatch) -> Calls:
         return call
 
     import llava_edge.calib.quantize as quantize
+    import llava_edge.convert as convert
     import llava_edge.export.baseline as baseline
     import llava_edge.export.exporter as exporter
     import llava_edge.runtime.bench as bench
@@ -148,6 +149,7 @@ def record(world, monkeypatch) -> Calls:
     for module, name, result in [
         (checkpoint, "init_checkpoint", "ckpt"),
         (checkpoint, "compose_checkpoint", "ckpt"),
+        (convert, "convert_checkpoint", "ckpt"),
         (exporter, "export_checkpoint", None),
         (quantize, "quantize_model", None),
         (build, "build_engines", None),

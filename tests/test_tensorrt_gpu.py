@@ -110,7 +110,8 @@ def prompt_logits(pipe: Pipeline) -> np.ndarray:
     """Last-position logits of the prefill of an image prompt."""
     from llava_edge.runtime.generate import embed
 
-    ids, features = pipe.prompt_ids(PROMPT, True), pipe.image_features(picture())
+    image = pipe.image_pixels(picture())
+    ids, features = pipe.prompt_ids(PROMPT, image), pipe.pixel_features(image)
     ids = np.asarray([ids])
     embeds = embed(pipe.table, ids, pipe.manifest.tokens.image_token_id, [features])
     mask = np.ones_like(ids)

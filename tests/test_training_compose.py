@@ -141,3 +141,15 @@ def test_vision_and_llm_go_together(parts, tmp_path, capsys):
     ]
     assert cli(argv) == 1
     assert "is not a Hugging Face checkpoint dir" in capsys.readouterr().err
+
+
+def test_compose_takes_the_projector_asked_for(parts, tmp_path):
+    """--projector linear builds LLaVA v1's projector over the two parts."""
+    from llava_edge.modeling import load_model
+
+    out = tmp_path / "v1"
+    argv = ["init", str(out), "--vision", str(parts["root"] / "clip")]
+    assert cli([*argv, "--llm", str(parts["root"] / "llm"), "--projector", "linear"]) == 0
+    model = load_model(out)
+    assert json.loads((out / "config.json").read_text())["mm_projector_type"] == "linear"
+    assert [n for n, _ in model.model.multi_modal_projector.named_children()] == ["linear_1", "act"]

@@ -124,7 +124,7 @@ def quantize_model(
 
     start = time.perf_counter()
     with replace_dir(out) as tmp:
-        for name in {manifest.tokenizer, manifest.embeddings}:
+        for name in manifest.data_files():
             shutil.copy2(source / name, tmp / name)
         activations = Activations(source, calibration)
         plan = _plan(precision)

@@ -1,5 +1,6 @@
 """The transformers baseline for `llava-edge bench --baseline CHECKPOINT`: the same workload
-through LlavaForConditionalGeneration.generate() on the source checkpoint, same threads.
+through the checkpoint's transformers class's generate() (LlavaForConditionalGeneration or
+LlavaNextForConditionalGeneration), same threads.
 
 It lives with export because it needs torch and transformers, which the runtime never imports.
 """
@@ -20,15 +21,15 @@ class TransformersRunner:
 
     def __init__(self, checkpoint: str | os.PathLike, workload: Workload, prompt: str):
         import torch
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
+        from transformers import AutoProcessor
+
+        from llava_edge.modeling import load_model
 
         torch.set_num_threads(workload.threads)
         self.workload, self.prompt, self.image = workload, prompt, bench_image()
         start = time.perf_counter()
         with PeakMemory() as memory:
-            self.model = LlavaForConditionalGeneration.from_pretrained(
-                checkpoint, dtype=torch.float32, use_safetensors=True
-            ).eval()
+            self.model = load_model(checkpoint, dtype=torch.float32, use_safetensors=True).eval()
             self.processor = AutoProcessor.from_pretrained(checkpoint)
             self.load_s = time.perf_counter() - start
             self.run_once()
@@ -58,8 +59,9 @@ class TransformersRunner:
         )
         with torch.no_grad():
             vision_start = time.perf_counter()
-            if self.workload.image:
-                self.model.get_image_features(inputs["pixel_values"])
+            if self.workload.image:  # LLaVA-NeXT also takes the image's size
+                pixels = {k: inputs[k] for k in ("pixel_values", "image_sizes") if k in inputs}
+                self.model.get_image_features(**pixels)
             vision_end = time.perf_counter()
             self.model(**inputs, logits_to_keep=1)
             prefill_end = time.perf_counter()

@@ -23,7 +23,7 @@ from typing import Any
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import CHECKPOINT_INFO_FILE, TemplateSpec, read_checkpoint_template
-from llava_edge.runtime.template import IMAGE_PLACEHOLDER, TEMPLATES, render
+from llava_edge.runtime.template import IMAGE_PLACEHOLDER, TEMPLATES, render, with_image_markers
 
 DEFAULT = "llava_1_5"  # for checkpoints that carry no chat template
 # Texts no template writes itself, so each one's place in a rendered prompt is unambiguous.
@@ -110,8 +110,13 @@ class CheckpointChat:
         )
 
 
-def choose_template(checkpoint: Path, processor: Any, eos_texts: list[str]) -> TemplateSpec:
+def choose_template(
+    checkpoint: Path, processor: Any, eos_texts: list[str], image_markers: bool = False
+) -> TemplateSpec:
     """The template a model dir of this checkpoint gets (see the module docstring).
+
+    image_markers: the checkpoint's config sets `mm_use_im_start_end` (LLaVA v1): a named
+    template writes its image as `<im_start><image><im_end>`.
 
     A template that writes the BOS token itself keeps it in `system`: transformers' processor
     then tokenizes the prompt without adding one, and so must the runtime (the manifest's
@@ -120,9 +125,9 @@ def choose_template(checkpoint: Path, processor: Any, eos_texts: list[str]) -> T
     named = _named_template(checkpoint)
     chat = CheckpointChat.of(processor)
     if chat is None:
-        return TEMPLATES[named or DEFAULT]
+        return _marked(TEMPLATES[named or DEFAULT], image_markers)
     if named:
-        template = TEMPLATES[named]
+        template = _marked(TEMPLATES[named], image_markers)
         expected, got = chat.text(PROBE, image=True), _render(template, PROBE)
         if expected != got:
             raise LlavaEdgeError(
@@ -132,6 +137,10 @@ def choose_template(checkpoint: Path, processor: Any, eos_texts: list[str]) -> T
             )
         return template
     return derive_template(chat, eos_texts)
+
+
+def _marked(template: TemplateSpec, image_markers: bool) -> TemplateSpec:
+    return with_image_markers(template) if image_markers else template
 
 
 def derive_template(chat: CheckpointChat, eos_texts: list[str]) -> TemplateSpec:

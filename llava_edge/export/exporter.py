@@ -7,6 +7,7 @@ complete (and verified), so an interrupted or failed export never leaves a dir t
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -22,6 +23,8 @@ from llava_edge.errors import LlavaEdgeError
 from llava_edge.files import check_output_dir, replace_dir, save_graph
 from llava_edge.logs import quiet
 from llava_edge.manifest import (
+    ANYRES_FORMAT_VERSION,
+    AnyResSpec,
     GraphSpec,
     ImageSpec,
     Manifest,
@@ -33,6 +36,7 @@ from llava_edge.manifest import (
 
 DEFAULT_OPSET = 17  # TensorRT 10.3 (JetPack 6) parses opsets 9-20; 17 has LayerNormalization
 EMBEDDINGS_FILE = "embed_tokens.npy"
+NEWLINE_FILE = "image_newline.npy"  # LLaVA-NeXT's image_newline, for the runtime's AnyRes
 # Loader and tracer chatter that says nothing to a user: transformers' notes, the hub client's
 # "Retrying in 2s" per attempt, torch.onnx's tracer warnings.
 LOADER_LOGGERS = ("transformers", "huggingface_hub", "torch.onnx")
@@ -112,9 +116,10 @@ def load_checkpoint(
     in seconds, not after minutes of loading a 7B model.
     """
     import torch
-    from transformers import AutoProcessor, GenerationConfig, LlavaForConditionalGeneration
+    from transformers import AutoProcessor, GenerationConfig
 
     from llava_edge.export.chat_template import choose_template
+    from llava_edge.modeling import load_model
 
     config = checkpoint_config(checkpoint, trust_remote_code)
     source = str(checkpoint)
@@ -127,9 +132,15 @@ def load_checkpoint(
                 generation = GenerationConfig.from_model_config(config)
             eos = _eos_ids(generation, processor.tokenizer)
             eos_texts = [processor.tokenizer.decode([i], skip_special_tokens=False) for i in eos]
-            template = choose_template(Path(source), processor, eos_texts)
-            model = LlavaForConditionalGeneration.from_pretrained(
+            template = choose_template(
+                Path(source),
+                processor,
+                eos_texts,
+                image_markers=bool(getattr(config, "mm_use_im_start_end", False)),
+            )
+            model = load_model(
                 source,
+                config=config,
                 dtype=torch.float32,
                 attn_implementation="eager",
                 trust_remote_code=trust_remote_code,
@@ -158,6 +169,11 @@ def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = F
         raise LlavaEdgeError(
             f"{source} has no config.json: it is not a Hugging Face checkpoint dir"
         )
+    elif _original_format(local / "config.json"):
+        raise LlavaEdgeError(
+            f"{source} is a checkpoint of the original LLaVA code; convert it first: "
+            f"`llava-edge convert {source} CONVERTED_DIR`"
+        )
     try:
         with quiet(*LOADER_LOGGERS):
             config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
@@ -165,10 +181,17 @@ def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = F
         raise LlavaEdgeError(f"cannot load checkpoint {source}: {_first_line(e)}") from None
     except ValueError as e:
         raise LlavaEdgeError(f"{source}: {_first_line(e)}") from None
-    if config.model_type != "llava":
+    if config.model_type not in ("llava", "llava_next"):
         raise LlavaEdgeError(
             f"{source} is a '{config.model_type}' checkpoint, not LLaVA "
-            "(LlavaForConditionalGeneration); export takes LLaVA checkpoints only"
+            "(LlavaForConditionalGeneration or LlavaNextForConditionalGeneration); export takes "
+            "LLaVA checkpoints only"
+        )
+    if config.model_type == "llava_next" and config.vision_feature_select_strategy != "default":
+        raise LlavaEdgeError(
+            f"{source}: LLaVA-NeXT with vision_feature_select_strategy "
+            f"'{config.vision_feature_select_strategy}' is not supported (its tiles' feature "
+            "grids need the CLS token dropped)"
         )
     text_type = config.text_config.model_type
     if text_type not in SUPPORTED_TEXT_MODELS:
@@ -179,6 +202,15 @@ def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = F
     return config
 
 
+def _original_format(config_file: Path) -> bool:
+    """A config of the original LLaVA code (which `llava-edge convert` takes)?"""
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False  # AutoConfig says what is wrong with it
+    return isinstance(config, dict) and "mm_vision_tower" in config and "text_config" not in config
+
+
 def _first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
@@ -186,6 +218,8 @@ def _first_line(error: Exception) -> str:
 def build_manifest(loaded: LoadedCheckpoint, dtype: str, max_context: int) -> Manifest:
     """Every fact the runtime needs, read from the checkpoint's config and processor."""
     import transformers
+
+    from llava_edge.modeling import projector_type
 
     config = loaded.model.config
     text = config.text_config
@@ -202,7 +236,7 @@ def build_manifest(loaded: LoadedCheckpoint, dtype: str, max_context: int) -> Ma
         max_context=max_context,
         dtype=np_dtype,
     )
-    image = _image_spec(loaded.processor.image_processor, config.vision_config)
+    image = _image_spec(loaded.processor.image_processor, config)
     tokens = _token_spec(loaded)
     bos = loaded.processor.tokenizer.bos_token
     if bos and loaded.template.system.startswith(bos):
@@ -227,7 +261,7 @@ def build_manifest(loaded: LoadedCheckpoint, dtype: str, max_context: int) -> Ma
         ),
         "decoder": _decoder_spec(spec, dtype),
     }
-    return Manifest(
+    manifest = Manifest(
         graphs=graphs,
         image=image,
         num_image_tokens=0,  # measured from the exported vision graph
@@ -241,10 +275,14 @@ def build_manifest(loaded: LoadedCheckpoint, dtype: str, max_context: int) -> Ma
             "vision_model_type": config.vision_config.model_type,
             "vision_feature_layer": config.vision_feature_layer,
             "vision_feature_select_strategy": config.vision_feature_select_strategy,
+            "projector": projector_type(config),
             "llava_edge": __version__,
             "transformers": transformers.__version__,
         },
     )
+    if image.anyres is not None:
+        manifest.format_version = ANYRES_FORMAT_VERSION
+    return manifest
 
 
 def _decoder_spec(text: TextSpec, precision: str) -> GraphSpec:
@@ -265,7 +303,8 @@ def _decoder_spec(text: TextSpec, precision: str) -> GraphSpec:
     return GraphSpec(file="decoder.onnx", inputs=inputs, outputs=outputs, precision=precision)
 
 
-def _image_spec(processor: Any, vision_config: Any) -> ImageSpec:
+def _image_spec(processor: Any, config: Any) -> ImageSpec:
+    vision_config = config.vision_config
     size = dict(processor.size) if processor.do_resize else None
     size = {k: v for k, v in (size or {}).items() if v is not None} or None
     if size and not ("shortest_edge" in size or {"height", "width"} <= set(size)):
@@ -277,6 +316,7 @@ def _image_spec(processor: Any, vision_config: Any) -> ImageSpec:
         height, width = size["height"], size["width"]
     else:
         height = width = vision_config.image_size
+    anyres = config.model_type == "llava_next"
     mean = (
         processor.image_mean
         if isinstance(processor.image_mean, (list, tuple))
@@ -297,7 +337,33 @@ def _image_spec(processor: Any, vision_config: Any) -> ImageSpec:
         normalize=bool(processor.do_normalize),
         mean=[float(m) for m in mean],
         std=[float(s) for s in std],
-        pad_to_square=bool(getattr(processor, "do_pad", False)),
+        # LlavaNextImageProcessor's do_pad pads a batch's tile counts, not the image
+        pad_to_square=bool(getattr(processor, "do_pad", False)) and not anyres,
+        anyres=_anyres_spec(processor, config, int(height)) if anyres else None,
+    )
+
+
+def _anyres_spec(processor: Any, config: Any, height: int) -> AnyResSpec:
+    """LlavaNextImageProcessor's tiling, as numbers (what LlavaNextModel assumes is checked)."""
+    size = {k: v for k, v in dict(processor.size).items() if v is not None}
+    crop = {k: v for k, v in dict(processor.crop_size or {}).items() if v is not None}
+    if "height" in size and "width" in size:
+        base = [int(size["height"]), int(size["width"])]
+    else:
+        base = [int(size["shortest_edge"])] * 2
+    tile = int(crop.get("height") or size.get("height") or size["shortest_edge"])
+    vision = config.vision_config
+    if not tile == height == vision.image_size:
+        raise LlavaEdgeError(
+            f"this LLaVA-NeXT checkpoint's tiles are {tile} px, its processor's output {height} px "
+            f"and its vision tower's input {vision.image_size} px; they must be one size"
+        )
+    return AnyResSpec(
+        grid_pinpoints=[[int(h), int(w)] for h, w in config.image_grid_pinpoints],
+        tile_size=tile,
+        base_size=base,
+        tile_features=vision.image_size // vision.patch_size,
+        newline=NEWLINE_FILE,
     )
 
 
@@ -445,6 +511,10 @@ def _write_text_files(loaded: LoadedCheckpoint, manifest: Manifest, out: Path) -
     backend.save(str(out / manifest.tokenizer))
     weights = loaded.model.get_input_embeddings().weight.detach().float().numpy()
     np.save(out / manifest.embeddings, weights.astype(manifest.text.dtype))
+    anyres = manifest.image.anyres
+    if anyres is not None and anyres.newline:
+        newline = loaded.model.model.image_newline.detach().float().numpy()
+        np.save(out / anyres.newline, newline.astype(manifest.text.dtype))
 
 
 def _num_image_tokens(vision_graph: Path) -> int:

@@ -19,8 +19,8 @@ from PIL import Image, ImageDraw
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import Manifest
 from llava_edge.runtime import Pipeline
+from llava_edge.runtime.anyres import image_embeds, pixel_batch
 from llava_edge.runtime.generate import embed
-from llava_edge.runtime.image import preprocess
 from llava_edge.runtime.template import render, user_turn
 
 QUESTION = "What is shown in this image?"
@@ -98,19 +98,26 @@ def _verify_form(loaded: Any, model_dir: Path, form: str) -> dict[str, Any]:
             inputs = processor(images=image, text=prompt, return_tensors="pt")
             chat_ids = None
         hf_ids = inputs["input_ids"][0].tolist()
-        ours_ids = pipe.codec.encode(user_turn(manifest.template, QUESTION, image=True, first=True))
-        ours_chat = pipe.codec.encode("".join(t for t, _ in render(manifest.template, CHAT, True)))
-        pixels = preprocess(image, manifest.image)
-        ref_pixels = inputs["pixel_values"][0].numpy()
+        pixels = pixel_batch(image, manifest.image)
+        # One image: [1, 3, H, W], or LLaVA-NeXT's [1, tiles, 3, H, W] -> [tiles, 3, H, W]
+        ref_pixels = inputs["pixel_values"].reshape(-1, *pixels.shape[1:])
         # Feed transformers' pixels to both sides from here on, so each check tests one thing.
-        pixel_batch = (
-            inputs["pixel_values"]
-            .numpy()
-            .astype(manifest.graphs["vision_encoder"].inputs["pixel_values"].dtype)
+        hf_pixels = ref_pixels.numpy().astype(
+            manifest.graphs["vision_encoder"].inputs["pixel_values"].dtype
         )
-        image_embeds = pipe.backend.encode_image(pixel_batch)[0]
+        projected = image_embeds(
+            pipe.backend.encode_image(hf_pixels), image.size, manifest.image, pipe.newline
+        )
+        count = len(projected)  # AnyRes: as many image tokens as the image's size gives
+        ours_ids = pipe.codec.encode(
+            user_turn(manifest.template, QUESTION, image=True, first=True), image_tokens=count
+        )
+        ours_chat = pipe.codec.encode(
+            "".join(t for t, _ in render(manifest.template, CHAT, True)), image_tokens=count
+        )
         with torch.no_grad():
-            ref_features = model.get_image_features(pixel_values=inputs["pixel_values"])
+            sizes = {"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}
+            ref_features = model.get_image_features(pixel_values=inputs["pixel_values"], **sizes)
             ref_features = ref_features.pooler_output[0].float().numpy()
             ref_logits = model(**inputs).logits[0, -1].float().numpy()
             ref_tokens = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)[
@@ -118,22 +125,27 @@ def _verify_form(loaded: Any, model_dir: Path, form: str) -> dict[str, Any]:
             ].tolist()
         cache = pipe.backend.new_cache(1)
         ids = np.asarray([hf_ids])
-        embeds = embed(pipe.table, ids, manifest.tokens.image_token_id, [image_embeds])
+        embeds = embed(pipe.table, ids, manifest.tokens.image_token_id, [projected])
         logits = pipe.backend.decode(
             embeds, np.ones_like(ids), np.arange(ids.shape[1])[None], cache
         )[0]
         answer = pipe.answer(image, QUESTION, max_new_tokens=NEW_TOKENS)
+        ref_pixels = ref_pixels.numpy()
     fp32 = manifest.text.dtype == "float32"
     matched = _common_prefix(answer.token_ids, ref_tokens)
-    image_embeds = image_embeds.astype(np.float32)
+    projected = projected.astype(np.float32)
     report = {
         "template": manifest.template.name,
         "template_source": "the checkpoint's chat template" if chat else "llava-edge's default",
         "prompt_ids_equal": ours_ids == hf_ids,
         "chat_ids_equal": None if chat_ids is None else ours_chat == chat_ids,
-        "pixel_max_abs_diff": float(np.abs(pixels - ref_pixels).max()),
-        "image_features_max_abs_diff": float(np.abs(image_embeds - ref_features).max()),
-        "image_features_rel_diff": _relative(image_embeds, ref_features),
+        "pixel_max_abs_diff": (
+            float(np.abs(pixels - ref_pixels).max())
+            if pixels.shape == ref_pixels.shape
+            else float("inf")  # another number of AnyRes tiles
+        ),
+        "image_features_max_abs_diff": float(np.abs(projected - ref_features).max()),
+        "image_features_rel_diff": _relative(projected, ref_features),
         "prefill_logits_max_abs_diff": float(np.abs(logits - ref_logits).max()),
         "prefill_logits_rel_diff": _relative(logits, ref_logits),
         "prefill_logits_cosine": _cosine(logits, ref_logits),

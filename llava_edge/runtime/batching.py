@@ -28,7 +28,6 @@ measures the engine's decode throughput at 1 to 8 clients).
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import queue
 import threading
@@ -42,6 +41,7 @@ import numpy as np
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.runtime.answer import Answer, AnswerText, timings
+from llava_edge.runtime.anyres import ImagePixels
 from llava_edge.runtime.generate import Timer, embed
 from llava_edge.runtime.image import ImageInput
 from llava_edge.runtime.sampling import GenerationConfig, Sampler
@@ -89,7 +89,7 @@ class Request:
     def __init__(
         self,
         ids: list[int],
-        pixels: np.ndarray | None,
+        pixels: ImagePixels | None,
         config: GenerationConfig,
         answer_text: AnswerText,
         timeout_s: float | None,
@@ -108,7 +108,7 @@ class Request:
         self.seen = np.asarray(ids, dtype=np.int64)  # kept only when repetition is penalised
         self.features: np.ndarray | None = None
         # which picture the image tokens stand for: prefix reuse needs the same one
-        self.image_key = hashlib.sha1(pixels.tobytes()).hexdigest() if pixels is not None else None
+        self.image_key = pixels.key() if pixels is not None else None
         self.reused = 0  # prompt tokens whose keys/values came from the prefix store
         self.answer: Answer | None = None
         self.error: Exception | None = None
@@ -286,21 +286,23 @@ class BatchEngine:
     ) -> Request:
         """One question, as Pipeline.stream takes it (options: GenerationConfig's fields, and
         raw=True for a prompt sent as written)."""
-        ids = self.pipe.prompt_ids(prompt, image is not None, options.pop("raw", False))
-        return self.submit_ids(ids, image, options, listener)
+        pixels = self.pipe.image_pixels(image) if image is not None else None
+        ids = self.pipe.prompt_ids(prompt, pixels, options.pop("raw", False))
+        return self.submit_ids(ids, pixels, options, listener)
 
     def submit_ids(
         self,
         ids: list[int],
-        image: ImageInput | None,
+        image: ImagePixels | None,
         options: dict[str, Any] | GenerationConfig,
         listener: Callable[[Event], None] | None = None,
         timeout_s: float | None = None,
     ) -> Request:
-        """A prompt already rendered (Pipeline.prompt_ids, Pipeline.conversation_ids).
+        """A prompt already rendered (Pipeline.prompt_ids, Pipeline.conversation_ids) with the
+        image it was rendered for (Pipeline.image_pixels).
 
-        Checks it against the limits and loads the image here, in the caller's thread, so bad
-        input fails at once; the image is encoded (or found in the feature cache) on admission.
+        Checks it against the limits here, in the caller's thread, so bad input fails at once;
+        the image is encoded (or found in the feature cache) on admission.
         timeout_s: a per-request time limit under the pipeline's own.
         """
         request = self._request(ids, image, options, listener, timeout_s)
@@ -321,7 +323,7 @@ class BatchEngine:
     def _request(
         self,
         ids: list[int],
-        image: ImageInput | None,
+        image: ImagePixels | None,
         options: dict[str, Any] | GenerationConfig,
         listener: Callable[[Event], None] | None,
         timeout_s: float | None,
@@ -335,16 +337,15 @@ class BatchEngine:
         pipe.limits.check_prompt(len(ids))
         config = pipe._fit_context(config, len(ids))
         image_tokens = ids.count(pipe.manifest.tokens.image_token_id)
-        if (image is None) != (image_tokens == 0):
+        if image_tokens != (pipe.image_tokens(image) or 0):
             raise LlavaEdgeError(
-                "the prompt's image tokens and the image given do not go together: give an "
-                "image exactly when the prompt holds its placeholder"
+                f"the prompt holds {image_tokens} image tokens where the image given takes "
+                f"{pipe.image_tokens(image) or 0}: render the prompt for the image it is sent with"
             )
-        pixels = pipe.image_pixels(image) if image is not None else None
         limits = [t for t in (pipe.limits.timeout_s, timeout_s) if t]
         return Request(
             list(ids),
-            pixels,
+            image,
             config,
             AnswerText(pipe.codec, config.stop),
             min(limits) if limits else None,

@@ -165,15 +165,12 @@ class PipelineRunner:
         self.memory_mb = memory.megabytes
 
     def run_once(self) -> dict[str, float]:
-        from llava_edge.runtime.image import load_image, preprocess
-
         pipe = self.pipe
         start = time.perf_counter()
-        pixels = preprocess(
-            load_image(self.image, pipe.limits.max_image_pixels), pipe.manifest.image
-        )
+        # AnyRes: the base image and the tiles
+        pixels = pipe.image_pixels(self.image).pixels
         encode = time.perf_counter()
-        pipe.backend.encode_image(pixels[None])
+        pipe.backend.encode_image(pixels)
         done = time.perf_counter()
         pipe._features.clear()  # the request below encodes the image again, as a new frame would
         image = self.image if self.workload.image else None

@@ -13,7 +13,6 @@ with Pipeline.load("model_dir") as pipe:
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import weakref
@@ -28,6 +27,13 @@ import numpy as np
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import Manifest
 from llava_edge.runtime.answer import Answer, AnswerText, cut_at_stop, timings
+from llava_edge.runtime.anyres import (
+    ImagePixels,
+    feature_count,
+    image_embeds,
+    image_pixels,
+    load_newline,
+)
 from llava_edge.runtime.generate import (
     Timer,
     decode_loop,
@@ -35,9 +41,9 @@ from llava_edge.runtime.generate import (
     left_pad,
     positions_from_mask,
 )
-from llava_edge.runtime.image import ImageInput, load_image, preprocess
+from llava_edge.runtime.image import ImageInput, load_image
 from llava_edge.runtime.sampling import GenerationConfig
-from llava_edge.runtime.template import IMAGE_PLACEHOLDER, user_turn
+from llava_edge.runtime.template import IMAGE_PLACEHOLDER, answer_text, user_turn
 from llava_edge.runtime.tokenizer import TextCodec
 
 if TYPE_CHECKING:
@@ -102,6 +108,7 @@ class Pipeline:
             model_dir / manifest.tokenizer, manifest.tokens, manifest.num_image_tokens
         )
         self.table = _load_table(model_dir / manifest.embeddings, manifest)
+        self.newline = load_newline(model_dir, manifest)  # AnyRes models only
         self._features: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
         self.stats = {"vision_runs": 0, "feature_cache_hits": 0}
@@ -205,8 +212,7 @@ class Pipeline:
                 self, max_batch=len(requests), max_queue=0, prefix_cache_mb=0, start=False
             )
             handles = [
-                engine.submit_ids(self.prompt_ids(prompt, image is not None, raw), image, options)
-                for image, prompt in requests
+                engine.submit(image, prompt, raw=raw, **options) for image, prompt in requests
             ]
             engine.run_until_idle()
             return [handle.result() for handle in handles]
@@ -323,11 +329,13 @@ class Pipeline:
         self, image: ImageInput | None, prompt: str, raw: bool
     ) -> tuple[list[int], np.ndarray | None]:
         """Check the prompt, apply the template, encode it; run the vision encoder if needed."""
-        ids = self.prompt_ids(prompt, image is not None, raw)
-        features = self.image_features(image) if image is not None else None
+        self._check_open()
+        pixels = self.image_pixels(image) if image is not None else None
+        ids = self.prompt_ids(prompt, pixels, raw)
+        features = self.pixel_features(pixels) if pixels is not None else None
         return ids, features
 
-    def prompt_ids(self, prompt: str, image: bool, raw: bool = False) -> list[int]:
+    def prompt_ids(self, prompt: str, image: ImagePixels | None, raw: bool = False) -> list[int]:
         """One question's ids: the chat template applied (unless raw), `<image>` expanded to the
         image's tokens, checked against the prompt limit."""
         self._check_open()
@@ -337,34 +345,38 @@ class Pipeline:
             raise LlavaEdgeError(
                 f"the prompt holds {placeholders} {IMAGE_PLACEHOLDER} placeholders; one image per prompt is supported"
             )
-        if placeholders and not image:
+        if placeholders and image is None:
             raise LlavaEdgeError(
                 f"the prompt holds an {IMAGE_PLACEHOLDER} placeholder but no image was given"
             )
-        if raw and image and not placeholders:
+        if raw and image is not None and not placeholders:
             raise LlavaEdgeError(
                 f"an image was given but the raw prompt has no {IMAGE_PLACEHOLDER} placeholder to put it at"
             )
-        text = prompt if raw else user_turn(self.manifest.template, prompt, image, True)
-        ids = self.codec.encode(text, first=True)
+        text = prompt if raw else user_turn(self.manifest.template, prompt, image is not None, True)
+        ids = self.codec.encode(text, first=True, image_tokens=self.image_tokens(image))
         self.limits.check_prompt(len(ids))
         return ids
 
     def conversation_ids(
         self,
         turns: list[tuple[str, str | None]],
+        image: ImagePixels | None = None,
         image_turn: int | None = None,
         system: str | None = None,
     ) -> list[int]:
-        """A whole conversation's ids, as a ChatSession that had asked these questions and got
-        these answers would hold them.
+        """A whole conversation's ids: the rendered conversation encoded as one text, as
+        training encodes it and as a ChatSession that had asked these questions holds them.
 
         turns: (question, answer) pairs; the last answer is None to leave the prompt open for
-        the model. Each turn is encoded on its own and each answer closed by the end-of-sequence
-        token, as a session encodes its turns and the model ends its answers. image_turn: the
-        turn whose question the image goes with. system: replaces the template's system prompt.
+        the model. image: goes with the question of turn `image_turn`. system: replaces the
+        template's system prompt.
         """
         self._check_open()
+        if not turns:
+            raise LlavaEdgeError("the conversation has no turns")
+        if (image is None) != (image_turn is None):
+            raise LlavaEdgeError("give the conversation's image and the turn it goes with together")
         template = self.manifest.template
         if system is not None:
             _check_text(system)
@@ -373,8 +385,7 @@ class Pipeline:
             if system and not system[-1].isspace():
                 system += " "
             template = replace(template, system=system)
-        eos = self.manifest.tokens.eos_token_ids[0]
-        ids: list[int] = []
+        text = ""
         for i, (question, answer) in enumerate(turns):
             _check_text(question)
             allowed = 1 if i == image_turn else 0
@@ -383,9 +394,7 @@ class Pipeline:
                     f"turn {i + 1}'s question holds an {IMAGE_PLACEHOLDER} placeholder without "
                     "an image of its own; one image per conversation is supported"
                 )
-            ids += self.codec.encode(
-                user_turn(template, question, image=i == image_turn, first=i == 0), first=i == 0
-            )
+            text += user_turn(template, question, image=i == image_turn, first=i == 0)
             if answer is None:
                 if i != len(turns) - 1:
                     raise LlavaEdgeError(f"turn {i + 1} has no answer but is not the last")
@@ -395,30 +404,44 @@ class Pipeline:
                 raise LlavaEdgeError(
                     f"turn {i + 1}'s answer holds an {IMAGE_PLACEHOLDER} placeholder"
                 )
-            ids += [*self.codec.encode(answer, first=False), eos]
-        if not turns:
-            raise LlavaEdgeError("the conversation has no turns")
+            text += answer_text(template, answer)
+        ids = self.codec.encode(text, first=True, image_tokens=self.image_tokens(image))
         self.limits.check_prompt(len(ids))
         return ids
 
-    def image_pixels(self, image: ImageInput) -> np.ndarray:
-        """The image loaded (within the pixel limit) and preprocessed: [3, H, W] float32."""
-        return preprocess(load_image(image, self.limits.max_image_pixels), self.manifest.image)
+    def image_pixels(self, image: ImageInput) -> ImagePixels:
+        """The image loaded (within the pixel limit) and preprocessed for the vision encoder."""
+        self._check_open()
+        return image_pixels(load_image(image, self.limits.max_image_pixels), self.manifest.image)
+
+    def image_tokens(self, image: ImagePixels | None) -> int | None:
+        """How many image tokens `image` takes in a prompt (None without an image)."""
+        if image is None:
+            return None
+        return feature_count(image.size, self.manifest.image, self.manifest.num_image_tokens)
 
     def image_features(self, image: ImageInput) -> np.ndarray:
-        """Projected image features [N, hidden]; a repeated image comes from the cache."""
+        """Projected image features [N, hidden], one per image token; a repeated image comes
+        from the cache. With AnyRes, N depends on the image's size (see runtime/anyres.py)."""
         return self.pixel_features(self.image_pixels(image))
 
-    def pixel_features(self, pixels: np.ndarray) -> np.ndarray:
-        """Features of preprocessed pixels, from the cache when the same pixels came before."""
+    def pixel_features(self, image: ImagePixels) -> np.ndarray:
+        """Features of a preprocessed image, from the cache when the same image came before."""
         self._check_open()
-        key = hashlib.sha1(pixels.tobytes()).hexdigest()
+        key = image.key()
         with self._lock:
             if key in self._features:
                 self._features.move_to_end(key)
                 self.stats["feature_cache_hits"] += 1
                 return self._features[key]
-        features = self.backend.encode_image(pixels[None])[0]
+        encoded = self.backend.encode_image(image.pixels)
+        features = image_embeds(encoded, image.size, self.manifest.image, self.newline)
+        if len(features) != self.image_tokens(image):
+            raise LlavaEdgeError(
+                f"the vision encoder gave {len(features)} image features where the prompt holds "
+                f"{self.image_tokens(image)} image tokens: the manifest does not match the "
+                "graphs; re-export the model"
+            )
         with self._lock:
             self.stats["vision_runs"] += 1
             self._features[key] = features
@@ -486,15 +509,19 @@ class ChatSession:
         pipeline._config(dict(options))  # bad options fail here, not at the first turn
         self.pipeline = pipeline
         self.options = options
-        self.features = pipeline.image_features(image) if image is not None else None
+        self.pixels = pipeline.image_pixels(image) if image is not None else None
+        self.features = pipeline.pixel_features(self.pixels) if self.pixels is not None else None
         self.cache = pipeline.backend.new_cache(1)
         # every id in the conversation, the last answer's last one too
         self.ids: list[int] = (
-            pipeline.conversation_ids(history, image_turn=0 if image is not None else None)
+            pipeline.conversation_ids(
+                history, self.pixels, image_turn=0 if image is not None else None
+            )
             if history
             else []
         )
         self.fed = 0  # how many of `ids` are in the cache
+        self.history_closed = bool(history)  # `ids` end with a history answer's whole end marker
         self._open: weakref.ref[TextStream] | None = None  # the latest turn's stream
 
     def ask(self, prompt: str, **options: Any) -> str:
@@ -522,10 +549,12 @@ class ChatSession:
                 f"{IMAGE_PLACEHOLDER} may appear only in the first turn of a chat about an image"
             )
         text = user_turn(pipe.manifest.template, prompt, self.features is not None and first, first)
-        template = pipe.manifest.template
-        if not first and self.ids[-1] not in pipe.manifest.tokens.eos_token_ids:
-            text = template.answer_end + text  # the last answer was cut short: close it
-        new_ids = pipe.codec.encode(text, first=first)
+        if first:
+            new_ids = pipe.codec.encode(
+                text, first=True, image_tokens=pipe.image_tokens(self.pixels)
+            )
+        else:
+            new_ids = self._later_turn_ids(text)
         pipe.limits.check_prompt(len(self.ids) + len(new_ids), chat=True)
         pending = self.ids[self.fed :] + new_ids  # the last answer's final token was never fed
         config = pipe._fit_context(config, len(pending), used=self.fed)
@@ -543,6 +572,27 @@ class ChatSession:
         self._open = weakref.ref(stream)
         return stream
 
+    def _later_turn_ids(self, text: str) -> list[int]:
+        """The ids a later turn adds, as encoding the whole conversation as one text gives them
+        (what training saw): the last answer's end marker and this turn are encoded together,
+        since a tokenizer reads a turn's first word differently at the start of a text (the
+        Llama tokenizer's "▁USER" there, "USER" after "</s>"). What the conversation already
+        holds of the end marker is not fed twice: all of it after a history, which was rendered
+        with it; up to the model's end-of-sequence token after an answer that ended with one;
+        none after an answer cut short."""
+        pipe = self.pipeline
+        end = pipe.manifest.template.answer_end
+        ids = pipe.codec.encode(end + text, first=False)
+        head = ids[: len(pipe.codec.encode(end, first=False))]
+        last = self.ids[-1]
+        if self.history_closed:
+            held = len(head)
+        elif last in pipe.manifest.tokens.eos_token_ids:
+            held = head.index(last) + 1 if last in head else len(head)
+        else:
+            held = 0
+        return ids[held:]
+
 
 class _Turn:
     """What a chat turn's stream does to its session: commit when it finishes, else roll back.
@@ -558,6 +608,7 @@ class _Turn:
     def commit(self, ids: list[int]) -> None:
         self.session.ids = ids
         self.session.fed = self.session.cache.length
+        self.session.history_closed = False
 
     def rollback(self) -> None:
         self.session.cache.truncate(self.fed)

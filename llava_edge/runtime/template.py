@@ -12,6 +12,8 @@ then the caption). Only `answer_prefix + answer + answer_end` is ever supervised
 
 from __future__ import annotations
 
+import json
+
 from llava_edge.manifest import TemplateSpec
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -21,6 +23,12 @@ VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions. "
 )
+LLAVA_V1_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions. "
+)
+# LLaVA v1's image markers around the image features (`mm_use_im_start_end` in a config).
+IMAGE_START, IMAGE_END = "<im_start>", "<im_end>"
 
 TEMPLATES: dict[str, TemplateSpec] = {
     # The Hugging Face port of LLaVA-1.5 (llava-hf/llava-1.5-*-hf): no system prompt.
@@ -36,6 +44,25 @@ TEMPLATES: dict[str, TemplateSpec] = {
         answer_end="\n",
         image=IMAGE_PLACEHOLDER,
     ),
+    # The templates of the original LLaVA's conversation.py that its v1.5 and v1.6 checkpoints
+    # were trained with: conv_llava_v1 (v1.6 Vicuna), conv_mistral_instruct (v1.6 Mistral,
+    # `[INST] ... [/INST]`) and conv_chatml_direct (v1.6 Yi-34B).
+    "llava_v1": TemplateSpec(name="llava_v1", system=LLAVA_V1_SYSTEM),
+    "mistral_instruct": TemplateSpec(
+        name="mistral_instruct",
+        user="[INST] ",
+        assistant=" [/INST]",
+        answer_prefix=" ",
+        answer_end=" </s>",
+    ),
+    "chatml_direct": TemplateSpec(
+        name="chatml_direct",
+        system="<|im_start|>system\nAnswer the questions.<|im_end|>",
+        user="<|im_start|>user\n",
+        assistant="<|im_end|><|im_start|>assistant\n",
+        answer_prefix="",
+        answer_end="<|im_end|>",
+    ),
 }
 
 
@@ -46,6 +73,37 @@ def get_template(name: str) -> TemplateSpec:
         raise ValueError(
             f"unknown chat template {name!r}; choose from {sorted(TEMPLATES)}"
         ) from None
+
+
+def with_image_markers(template: TemplateSpec) -> TemplateSpec:
+    """The template with LLaVA v1's `<im_start>`/`<im_end>` around the image."""
+    image = template.image.replace(IMAGE_PLACEHOLDER, IMAGE_START + IMAGE_PLACEHOLDER + IMAGE_END)
+    return TemplateSpec(**{**template.__dict__, "image": image})
+
+
+def hf_chat_template(template: TemplateSpec) -> str:
+    """The template as Jinja for transformers' apply_chat_template (same strings as ours)."""
+
+    def lit(s: str) -> str:
+        return json.dumps(s)
+
+    return (
+        "{{ " + lit(template.system) + " }}"
+        "{% for m in messages %}"
+        "{% set texts = m['content'] if m['content'] is string else "
+        "(m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('')) %}"
+        "{% if m['role'] == 'user' %}{{ " + lit(template.user) + " }}"
+        "{% if m['content'] is not string %}"
+        "{% for c in m['content'] | selectattr('type', 'equalto', 'image') %}"
+        "{{ " + lit(template.image) + " }}{% endfor %}{% endif %}"
+        "{{ texts }}{% if not loop.last or add_generation_prompt %}{{ "
+        + lit(template.assistant)
+        + " }}"
+        "{% endif %}"
+        "{% elif m['role'] == 'assistant' %}"
+        "{{ " + lit(template.answer_prefix) + " }}{{ texts }}{{ " + lit(template.answer_end) + " }}"
+        "{% endif %}{% endfor %}"
+    )
 
 
 def user_turn(template: TemplateSpec, question: str, image: bool, first: bool) -> str:

@@ -36,12 +36,14 @@ class TextCodec:
             i for token, i in self.tokenizer.get_vocab().items() if BYTE_TOKEN.fullmatch(token)
         }
 
-    def encode(self, text: str, first: bool = True) -> list[int]:
+    def encode(self, text: str, first: bool = True, image_tokens: int | None = None) -> list[int]:
         """Token ids of `text`; `first` starts a new sequence (adds BOS where the model wants it).
 
-        Each `<image>` placeholder becomes `num_image_tokens` image ids, as transformers'
+        Each `<image>` placeholder becomes `image_tokens` image ids (default: the model's
+        `num_image_tokens`; an AnyRes image has as many as its features), as transformers'
         processor does, so the ids line up with the image features put in their place.
         """
+        count = self.num_image_tokens if image_tokens is None else image_tokens
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         if first and self.tokens.add_bos and self.tokens.bos_token_id is not None:
             ids = [self.tokens.bos_token_id, *ids]
@@ -50,9 +52,7 @@ class TextCodec:
             return ids
         expanded: list[int] = []
         for token_id in ids:
-            expanded.extend(
-                [image_id] * self.num_image_tokens if token_id == image_id else [token_id]
-            )
+            expanded.extend([image_id] * count if token_id == image_id else [token_id])
         return expanded
 
     def decode(self, ids: list[int]) -> str:

@@ -262,8 +262,9 @@ def _submit(
     image: bytes | None,
     listener: Any,
 ) -> Any:
-    """Render the conversation as a ChatSession would, check it fits, hand it to the engine."""
-    ids = pipe.conversation_ids(chat.turns, chat.image_turn, chat.system)
+    """Render the conversation as a ChatSession holds it, check it fits, hand it to the engine."""
+    pixels = pipe.image_pixels(image) if image is not None else None
+    ids = pipe.conversation_ids(chat.turns, pixels, chat.image_turn, chat.system)
     options = dict(chat.options)
     room = pipe.max_context - len(ids)
     if room < 1:
@@ -285,7 +286,7 @@ def _submit(
     if not chat.max_tokens_given:
         limit = pipe.limits.max_new_tokens
         options["max_new_tokens"] = min(room, limit) if limit else room
-    return engine.submit_ids(ids, image, options, listener)
+    return engine.submit_ids(ids, pixels, options, listener)
 
 
 def _listener(loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> Any:

@@ -1,8 +1,8 @@
 """Make LLaVA checkpoints: seeded random weights from a preset (`llava-edge init --preset`).
 
 The checkpoint is an ordinary Hugging Face dir (config, safetensors, tokenizer, processor, chat
-template) that `LlavaForConditionalGeneration.from_pretrained` and `AutoProcessor.from_pretrained`
-load, plus `llava_edge.json`, which names the chat template the model was trained with so that
+template) that `LlavaForConditionalGeneration.from_pretrained` (llava_edge.modeling's subclass for a
+projector other than LLaVA-1.5's) and `AutoProcessor.from_pretrained` load, plus `llava_edge.json`, which names the chat template the model was trained with so that
 export and runtime prompt it the same way.
 """
 
@@ -16,9 +16,10 @@ from typing import Any
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.files import check_output_dir, replace_dir
-from llava_edge.manifest import CHECKPOINT_INFO_FILE, TemplateSpec
-from llava_edge.runtime.template import IMAGE_PLACEHOLDER, get_template
+from llava_edge.manifest import write_checkpoint_info
+from llava_edge.runtime.template import IMAGE_PLACEHOLDER, get_template, hf_chat_template
 
+DEFAULT_PROJECTOR = "mlp2x_gelu"
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
@@ -115,35 +116,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def hf_chat_template(template: TemplateSpec) -> str:
-    """The template as Jinja for transformers' apply_chat_template (same strings as ours)."""
-
-    def lit(s: str) -> str:
-        return json.dumps(s)
-
-    return (
-        "{{ " + lit(template.system) + " }}"
-        "{% for m in messages %}"
-        "{% set texts = m['content'] if m['content'] is string else "
-        "(m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('')) %}"
-        "{% if m['role'] == 'user' %}{{ " + lit(template.user) + " }}"
-        "{% if m['content'] is not string %}"
-        "{% for c in m['content'] | selectattr('type', 'equalto', 'image') %}"
-        "{{ " + lit(template.image) + " }}{% endfor %}{% endif %}"
-        "{{ texts }}{% if not loop.last or add_generation_prompt %}{{ "
-        + lit(template.assistant)
-        + " }}"
-        "{% endif %}"
-        "{% elif m['role'] == 'assistant' %}"
-        "{{ " + lit(template.answer_prefix) + " }}{{ texts }}{{ " + lit(template.answer_end) + " }}"
-        "{% endif %}{% endfor %}"
-    )
-
-
 def write_llava_edge_file(out_dir: Path, template_name: str) -> None:
-    (out_dir / CHECKPOINT_INFO_FILE).write_text(
-        json.dumps({"template": template_name}, indent=2) + "\n"
-    )
+    write_checkpoint_info(out_dir, template_name)
 
 
 def save_processor(out_dir: Path, hf_tokenizer: Any, config: Any, template_name: str) -> None:
@@ -234,24 +208,31 @@ def init_checkpoint(
     dtype: str = "float32",
     template: str = "llava_1_5",
     force: bool = False,
+    projector: str = DEFAULT_PROJECTOR,
     **overrides: Any,
 ) -> Path:
     """Write a seeded random-weight LLaVA checkpoint of a preset's shape.
 
     `overrides` reach LlavaConfig (e.g. vision_feature_layer=[-2, -1]); `text={...}` changes the
     text model (num_key_value_heads for GQA...), `backbone="mistral"` or `"qwen2"` (q/k/v biases)
-    swaps Llama for that model.
+    swaps Llama for that model. projector: 'mlp2x_gelu' (LLaVA-1.5), 'linear' (LLaVA v1) or
+    'mlpNx_gelu'.
     """
     import torch
-    from transformers import GenerationConfig, LlavaForConditionalGeneration
+    from transformers import GenerationConfig
+
+    from llava_edge.modeling import PROJECTOR_KEY, model_class, projector_depth
 
     out = Path(out_dir)
     check_output_dir(out, force)
+    projector_depth(projector)  # an unknown type fails before any work
     tokenizer = make_hf_tokenizer(PRESETS.get(preset, {}).get("tokenizer_size", 512))
     config = make_config(preset, layers, tokenizer, **overrides)
+    if projector != DEFAULT_PROJECTOR:
+        setattr(config, PROJECTOR_KEY, projector)
     torch.manual_seed(seed)
     with torch.device("cpu"):
-        model = LlavaForConditionalGeneration(config)
+        model = model_class(config)(config)
     model = model.to(getattr(torch, dtype)).eval()
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
@@ -305,6 +286,7 @@ def compose_checkpoint(
     seed: int = 0,
     template: str = "llava_1_5",
     force: bool = False,
+    projector: str = DEFAULT_PROJECTOR,
 ) -> Path:
     """Build LLaVA the way LLaVA-1.5 starts: a pretrained CLIP tower, a pretrained causal LM, and
     a fresh mlp2x_gelu projector between them (features from layer -2, CLS dropped).
@@ -321,12 +303,14 @@ def compose_checkpoint(
         CLIPVisionModel,
         GenerationConfig,
         LlavaConfig,
-        LlavaForConditionalGeneration,
         LlavaProcessor,
     )
 
+    from llava_edge.modeling import PROJECTOR_KEY, model_class, projector_depth
+
     out = Path(out_dir)
     check_output_dir(out, force)
+    projector_depth(projector)
     for name, path in (("--vision", vision), ("--llm", llm)):
         if not (Path(path) / "config.json").is_file():
             raise LlavaEdgeError(f"{name} {path} is not a Hugging Face checkpoint dir")
@@ -358,9 +342,11 @@ def compose_checkpoint(
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     )
+    if projector != DEFAULT_PROJECTOR:
+        setattr(config, PROJECTOR_KEY, projector)
     torch.manual_seed(seed)
     with torch.device("cpu"):
-        model = LlavaForConditionalGeneration(config)
+        model = model_class(config)(config)
     model.model.vision_tower.load_state_dict(tower.state_dict())
     model.model.language_model.load_state_dict(lm.base_model.state_dict())
     model.lm_head.load_state_dict(lm.get_output_embeddings().state_dict())

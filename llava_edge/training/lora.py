@@ -63,10 +63,11 @@ def merge_lora(
     """
     import torch
     from peft import PeftModel
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoProcessor
 
     from llava_edge.files import check_output_dir, replace_dir
     from llava_edge.manifest import read_checkpoint_template
+    from llava_edge.modeling import load_model
     from llava_edge.training.checkpoint import saved_dtype, write_llava_edge_file
 
     adapter_dir = Path(adapter_dir)
@@ -82,9 +83,7 @@ def merge_lora(
         raise LlavaEdgeError(f"base checkpoint {base} does not exist; pass --base")
     out = Path(out_dir)
     check_output_dir(out, force, keep=adapter_dir, keep_name="the adapters")
-    model = LlavaForConditionalGeneration.from_pretrained(
-        base, dtype=torch.float32, use_safetensors=True
-    )
+    model = load_model(base, dtype=torch.float32, use_safetensors=True)
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     source = adapter_dir if (adapter_dir / "processor_config.json").is_file() else base
     processor = AutoProcessor.from_pretrained(source)

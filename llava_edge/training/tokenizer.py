@@ -14,6 +14,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from llava_edge.runtime.template import IMAGE_PLACEHOLDER, TEMPLATES
 from llava_edge.training.synth import corpus
 
+CORPUS_TEMPLATES = ("llava_1_5", "vicuna_v1", "plain")
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
 
@@ -76,6 +77,7 @@ def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
 
 def _corpus() -> list[str]:
     lines = corpus() + GENERAL_TEXT.splitlines()
-    for template in TEMPLATES.values():
+    for name in CORPUS_TEMPLATES:  # fixed, so that new templates leave the vocabulary alone
+        template = TEMPLATES[name]
         lines += [template.system, template.user, template.assistant]
     return [line for line in lines if line.strip()]

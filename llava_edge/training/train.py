@@ -6,7 +6,7 @@ tower never trains. Defaults are LLaVA-1.5's (scripts/v1_5): the same command ru
 with a few flags changed and on 8 GPUs with none, since the global batch is fixed and gradient
 accumulation makes up for fewer devices.
 
-The output dir is a checkpoint that LlavaForConditionalGeneration.from_pretrained loads and
+The output dir is a checkpoint that llava_edge.modeling.load_model loads and
 `llava-edge export` exports, with llava_edge.json naming the template it was trained with. The
 trainer's own checkpoints (for --resume) live in its `checkpoints/` subdir.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from llava_edge.errors import LlavaEdgeError
-from llava_edge.runtime.template import TEMPLATES, get_template
+from llava_edge.runtime.template import TEMPLATES
 
 TRAINER_DIR = "checkpoints"
 STAGING_PREFIX = "tmp-checkpoint"  # a trainer checkpoint while it is being written
@@ -121,19 +121,20 @@ def train(
     resume_from = _prepare_out_dir(out, model_path, opts)
 
     import torch
-    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoConfig, AutoProcessor
 
+    from llava_edge.modeling import load_model, prompt_template
     from llava_edge.training.checkpoint import hf_chat_template, quiet_loading, saved_dtype
     from llava_edge.training.dataset import TrainingSet, count_image_tokens, stderr
     from llava_edge.training.labels import Labeler
 
     defaults = STAGES[stage]
     template_name = opts.template or defaults.template
-    template = get_template(template_name)
     main_process = int(os.environ.get("RANK", "0")) == 0
     with quiet_loading():
         processor = AutoProcessor.from_pretrained(model_path)
         config = AutoConfig.from_pretrained(model_path)
+    template = prompt_template(template_name, config)  # LLaVA v1: <im_start> image <im_end>
     processor.chat_template = hf_chat_template(template)
     labeler = Labeler(
         processor.tokenizer,
@@ -155,9 +156,7 @@ def train(
             f"skipped {len(dataset.skipped)} bad sample(s) of {data}; the first: {dataset.skipped[0]}"
         )
 
-    llava = LlavaForConditionalGeneration.from_pretrained(
-        model_path, dtype=torch.float32, use_safetensors=True
-    )
+    llava = load_model(model_path, dtype=torch.float32, use_safetensors=True)
     freeze_for_stage(llava, stage)
     trained = add_lora_if(llava, opts)
     args = _training_args(out / TRAINER_DIR, stage, opts, defaults, dataset.has_text_only)

@@ -51,6 +51,7 @@ from llava_edge.runtime.tensorrt.profiles import (
     EngineLimits,
     Profile,
     graph_profiles,
+    image_batch,
     max_dims,
     resolve,
 )
@@ -128,10 +129,13 @@ class TensorRTBackend:
         return self.limits.max_context
 
     def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
-        """pixel_values [B, 3, H, W] -> image features in the LLM's space [B, N, hidden]."""
+        """pixel_values [B, 3, H, W] -> image features in the LLM's space [B, N, hidden].
+
+        B may exceed what the engines take in one run (several AnyRes images): it runs in parts.
+        """
         with self._lock:
             self._check_open()
-            step = self.limits.max_batch
+            step = image_batch(self.manifest, self.limits.max_batch)[2]
             return np.concatenate(
                 [
                     self._encode(pixel_values[i : i + step])

@@ -6,7 +6,8 @@ The manifest names every dynamic dimension of every graph input ('batch', 'seq',
 same values, so the mask's length equals past + seq at min, opt and max by construction, which is
 what TensorRT needs to build the decoder.
 
-The decoder gets two profiles: 'prefill' (seq 1..prefill_chunk, tuned for a LLaVA prompt) and
+The vision encoder and projector take a batch of images, or with AnyRes of each image's base
+image and tiles. The decoder gets two profiles: 'prefill' (seq 1..prefill_chunk, tuned for a LLaVA prompt) and
 'decode' (seq = 1, tuned for generating). The past length is the capacity of the device KV cache,
 which grows in steps of `kv_chunk` up to the max context, so it is never below one chunk.
 """
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import Manifest, TensorSpec
+from llava_edge.runtime.anyres import max_tiles
 
 PREFILL = "prefill"
 DECODE = "decode"
@@ -87,11 +89,12 @@ def graph_profiles(manifest: Manifest, graph: str, limits: EngineLimits) -> list
     batch = (1, 1, limits.max_batch)
     if graph != "decoder":
         n = manifest.num_image_tokens
-        return [Profile("default", {"batch": batch, "image_tokens": (n, n, n)})]
+        images = image_batch(manifest, limits.max_batch)
+        return [Profile("default", {"batch": images, "image_tokens": (n, n, n)})]
     max_context = limits.max_context
     chunk = min(limits.prefill_chunk, max_context)
     past_min = min(limits.kv_chunk, max_context)
-    opt_seq = min(chunk, manifest.num_image_tokens + PROMPT_TEXT_TOKENS)
+    opt_seq = min(chunk, typical_image_tokens(manifest) + PROMPT_TEXT_TOKENS)
     prefill_past = capacity(opt_seq, limits.kv_chunk, max_context)
     decode_past = capacity(opt_seq + ANSWER_TOKENS, limits.kv_chunk, max_context)
     return [
@@ -108,6 +111,18 @@ def graph_profiles(manifest: Manifest, graph: str, limits: EngineLimits) -> list
             {"batch": batch, "seq": (1, 1, 1), "past": (past_min, decode_past, max_context)},
         ),
     ]
+
+
+def image_batch(manifest: Manifest, max_batch: int) -> tuple[int, int, int]:
+    """(min, opt, max) batch of the vision encoder and projector: one input per image, or with
+    AnyRes a base image and up to the most tiles any grid resolution gives, per image."""
+    per_image = 1 if manifest.image.anyres is None else max_tiles(manifest.image.anyres)
+    return (1, per_image, max_batch * per_image)
+
+
+def typical_image_tokens(manifest: Manifest) -> int:
+    """Image tokens of a prompt, to tune for: fixed, or with AnyRes those of the most tiles."""
+    return manifest.num_image_tokens * image_batch(manifest, 1)[1]
 
 
 def capacity(tokens: int, kv_chunk: int, max_context: int) -> int:
@@ -137,11 +152,12 @@ def ort_tensorrt_profiles(manifest: Manifest, graph: str, max_batch: int = 1) ->
 
     max_context = manifest.text.max_context
     n = manifest.num_image_tokens
+    prompt = typical_image_tokens(manifest) + PROMPT_TEXT_TOKENS
     dims = {
-        "batch": (1, 1, max_batch),
+        "batch": (1, 1, max_batch) if graph == "decoder" else image_batch(manifest, max_batch),
         "image_tokens": (n, n, n),
         "seq": (1, 1, max_context),
-        "past": (0, capacity(n + PROMPT_TEXT_TOKENS + CHUNK, CHUNK, max_context), max_context),
+        "past": (0, capacity(prompt + CHUNK, CHUNK, max_context), max_context),
     }
     specs = manifest.graphs[graph].inputs
     used = {

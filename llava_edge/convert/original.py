@@ -1,0 +1,259 @@
+"""What an original-format LLaVA checkpoint holds, read without the original code.
+
+The original LLaVA code (haotian-liu/LLaVA) saves a LLaVA model as its language model's checkpoint
+with extra weights and config keys: `model.mm_projector.*` (a Linear, or an nn.Sequential of
+Linear/GELU), `model.image_newline` (v1.6), sometimes the CLIP tower as
+`model.vision_tower.vision_tower.*`, and `mm_*` keys in config.json. Its training leaves three
+kinds of dir, all read here into one `Original`:
+
+- a full checkpoint: config.json, safetensors or `pytorch_model-*.bin` shards;
+- a LoRA output: `adapter_model.*` and `non_lora_trainables.bin` (the projector), over `--base`;
+- a stage-1 output: `mm_projector.bin` alone, over `--base` (the language model).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llava_edge.convert.weights import StateDict, read_sharded, read_weights
+from llava_edge.errors import LlavaEdgeError
+
+# model_type of the original's classes -> the text model behind them
+TEXT_MODELS = {"llava_llama": "llama", "llava": "llama", "llava_mistral": "mistral"}
+ARCHITECTURES = {
+    "LlavaLlamaForCausalLM": "llama",
+    "LlavaForCausalLM": "llama",
+    "LlavaMistralForCausalLM": "mistral",
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+VISION_PREFIX = "model.vision_tower.vision_tower."
+# Config keys of the original that are LLaVA's, not the language model's.
+LLAVA_KEY_PREFIXES = ("mm_", "image_", "tune_", "freeze_", "unfreeze_", "tokenizer_", "use_mm")
+LLAVA_KEYS = {"_name_or_path", "architectures", "model_type", "auto_map", "vision_tower", "s2"}
+
+
+@dataclass
+class Settings:
+    """The original's `mm_*` config keys, with the defaults its code applies when one is absent."""
+
+    text_model: str  # llama, mistral
+    vision_tower: str  # a hub name or a path (mm_vision_tower)
+    projector: str  # linear, mlp2x_gelu, mlpNx_gelu
+    select_layer: int
+    select_feature: str  # patch (CLS dropped) or cls_patch
+    im_start_end: bool
+    im_patch_token: bool
+    aspect_ratio: str  # pad, anyres; anything else: CLIP's resize and center crop
+    grid_pinpoints: list[list[int]]  # as the original writes them: [width, height]
+    patch_merge: str  # flat, spatial_unpad...
+    max_length: int | None  # tokenizer_model_max_length
+
+    @property
+    def anyres(self) -> bool:
+        return self.aspect_ratio.startswith("anyres")
+
+
+@dataclass
+class Original:
+    """An original-format checkpoint, split by part. Text weights keep the original's names
+    (`model.layers.*`, `lm_head.*`: transformers' causal LM names); projector weights are named
+    as in the original's nn.Sequential ("0.weight", "2.bias"; "weight" for a linear one)."""
+
+    directory: Path
+    kind: str  # full, lora, stage1
+    config: dict[str, Any]
+    settings: Settings
+    text: StateDict
+    projector: StateDict
+    vision: StateDict = field(
+        default_factory=dict
+    )  # CLIP's own names, when it is in the checkpoint
+    newline: Any = None  # model.image_newline [hidden]
+    lora: StateDict = field(default_factory=dict)  # the adapter's weights (kind lora)
+    tokenizer_dir: Path | None = None
+
+
+def read_original(directory: Path, base: Path | None = None) -> Original:
+    """Read config and weights of an original-format dir (and of `base` where it needs one)."""
+    if not directory.is_dir():
+        raise LlavaEdgeError(f"{directory} is not a directory")
+    config = read_config(directory)
+    settings = read_settings(config, directory)
+    kind = _kind(directory)
+    original = Original(directory, kind, config, settings, {}, {})
+    if kind == "full":
+        _split(read_sharded(directory) or {}, original)
+    else:
+        if base is None:
+            raise LlavaEdgeError(
+                f"{directory} is a {'LoRA' if kind == 'lora' else 'stage-1 projector'} output: "
+                f"pass --base, the language model it was trained on ({_base_name(directory)})"
+            )
+        base_state = read_sharded(base) if (base / "config.json").is_file() else None
+        if base_state is None:
+            raise LlavaEdgeError(f"--base {base} is not a checkpoint dir with weights")
+        _split(base_state, original)
+        if kind == "lora":
+            original.lora = read_sharded(directory, stem="adapter_model") or {}
+            extra = directory / "non_lora_trainables.bin"
+            if extra.is_file():
+                _split(_strip_peft_prefix(read_weights(extra)), original)
+        else:
+            _split(_projector_file(directory), original)
+    if not original.text:
+        raise LlavaEdgeError(f"{directory}: no language model weights found")
+    if not original.projector:
+        raise LlavaEdgeError(f"{directory}: no projector weights (model.mm_projector.*) found")
+    for candidate in (directory, base):
+        if candidate is not None and any((candidate / f).is_file() for f in TOKENIZER_FILES):
+            original.tokenizer_dir = candidate
+            break
+    else:
+        raise LlavaEdgeError(f"{directory} has no tokenizer files; pass --base with the tokenizer")
+    return original
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise LlavaEdgeError(f"{directory} has no config.json: it is not a LLaVA checkpoint dir")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LlavaEdgeError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise LlavaEdgeError(f"{path} is not a JSON object")
+    return config
+
+
+def read_settings(config: dict[str, Any], directory: Path) -> Settings:
+    model_type = config.get("model_type")
+    text = TEXT_MODELS.get(model_type) or next(
+        (ARCHITECTURES[a] for a in config.get("architectures") or [] if a in ARCHITECTURES), None
+    )
+    if model_type in ("llava", "llava_next") and "text_config" in config:
+        raise LlavaEdgeError(
+            f"{directory} is already a Hugging Face LLaVA checkpoint; export it directly "
+            "(`llava-edge export`)"
+        )
+    if text is None:
+        raise LlavaEdgeError(
+            f"{directory}: model_type {model_type!r} is not an original LLaVA checkpoint "
+            f"(convert takes {', '.join(TEXT_MODELS)})"
+        )
+    tower = config.get("mm_vision_tower") or config.get("vision_tower")
+    if not tower:
+        raise LlavaEdgeError(f"{directory}/config.json names no vision tower (mm_vision_tower)")
+    pinpoints = config.get("image_grid_pinpoints") or []
+    if isinstance(pinpoints, str):  # some releases write the list as Python source
+        try:
+            pinpoints = ast.literal_eval(pinpoints)
+        except (ValueError, SyntaxError):
+            raise LlavaEdgeError(
+                f"{directory}: image_grid_pinpoints {pinpoints!r} is not a list"
+            ) from None
+    settings = Settings(
+        text_model=text,
+        vision_tower=str(tower),
+        projector=config.get("mm_projector_type") or "linear",  # absent in LLaVA v1: linear
+        select_layer=int(config.get("mm_vision_select_layer", -1)),
+        select_feature=config.get("mm_vision_select_feature") or "patch",
+        im_start_end=bool(config.get("mm_use_im_start_end", False)),
+        im_patch_token=bool(config.get("mm_use_im_patch_token", True)),
+        aspect_ratio=str(config.get("image_aspect_ratio") or "square"),
+        grid_pinpoints=[list(map(int, p)) for p in pinpoints],
+        patch_merge=str(config.get("mm_patch_merge_type") or "flat"),
+        max_length=config.get("tokenizer_model_max_length"),
+    )
+    if settings.select_feature not in ("patch", "cls_patch"):
+        raise LlavaEdgeError(
+            f"{directory}: mm_vision_select_feature {settings.select_feature!r} is not supported "
+            "(patch or cls_patch)"
+        )
+    if settings.anyres:
+        if settings.aspect_ratio != "anyres":
+            raise LlavaEdgeError(
+                f"{directory}: image_aspect_ratio {settings.aspect_ratio!r} is not supported; "
+                "anyres converts"
+            )
+        if settings.patch_merge != "spatial_unpad":
+            raise LlavaEdgeError(
+                f"{directory}: anyres with mm_patch_merge_type {settings.patch_merge!r} has no "
+                "Hugging Face class; only spatial_unpad (LLaVA-NeXT) converts"
+            )
+        if not settings.grid_pinpoints:
+            raise LlavaEdgeError(f"{directory}: anyres needs image_grid_pinpoints")
+    return settings
+
+
+def text_config_dict(config: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """The language model's own config keys (the original keeps them at the top level)."""
+    kept = {
+        k: v
+        for k, v in config.items()
+        if k not in LLAVA_KEYS and not k.startswith(LLAVA_KEY_PREFIXES)
+    }
+    kept["model_type"] = settings.text_model
+    return kept
+
+
+def _kind(directory: Path) -> str:
+    if (directory / "adapter_config.json").is_file():
+        return "lora"
+    if any(directory.glob("model*.safetensors")) or any(directory.glob("pytorch_model*.bin")):
+        return "full"
+    if any(directory.glob("mm_projector.*")):
+        return "stage1"
+    raise LlavaEdgeError(
+        f"{directory} holds no weights the original LLaVA writes (model*.safetensors, "
+        "pytorch_model*.bin, adapter_model.* or mm_projector.bin)"
+    )
+
+
+def _base_name(directory: Path) -> str:
+    for name in ("adapter_config.json", "config.json"):
+        try:
+            value = json.loads((directory / name).read_text()).get(
+                "base_model_name_or_path" if name.startswith("adapter") else "_name_or_path"
+            )
+        except (OSError, ValueError, AttributeError):
+            continue
+        if value:
+            return str(value)
+    return "its base model"
+
+
+def _projector_file(directory: Path) -> StateDict:
+    for name in ("mm_projector.safetensors", "mm_projector.bin"):
+        if (directory / name).is_file():
+            return read_weights(directory / name)
+    raise LlavaEdgeError(f"{directory} has no mm_projector.bin")
+
+
+def _strip_peft_prefix(state: StateDict) -> StateDict:
+    """non_lora_trainables.bin names its tensors as peft wraps the model; undo it as the
+    original's loader does ('base_model.model.model.mm_projector' -> 'model.mm_projector')."""
+    out = {}
+    for key, value in state.items():
+        key = key[len("base_model.") :] if key.startswith("base_model.") else key
+        out[key[len("model.") :] if key.startswith("model.model.") else key] = value
+    return out
+
+
+def _split(state: StateDict, original: Original) -> None:
+    """Sort weights by part, replacing what an earlier source gave for the same names."""
+    for key, value in state.items():
+        if key.endswith(".inv_freq") or key.startswith("model.vision_resampler."):
+            continue  # rotary caches of old checkpoints; an unused (identity) resampler
+        if "mm_projector." in key:
+            original.projector[key.split("mm_projector.", 1)[1]] = value
+        elif key.startswith(VISION_PREFIX):
+            original.vision[key[len(VISION_PREFIX) :]] = value
+        elif key == "model.image_newline":
+            original.newline = value
+        else:
+            original.text[key] = value

@@ -1,0 +1,123 @@
+"""The CLIP vision tower of an original-format checkpoint.
+
+The original code loads its tower by name (`mm_vision_tower`, e.g. openai/clip-vit-large-patch14-336)
+and usually saves none of it. Its config and preprocessing come from `--vision` or a local dir of
+that name; its weights from the checkpoint where the checkpoint holds them (LLaVA-NeXT trains the
+tower), else from that dir. A checkpoint that holds the tower but comes with no dir gets a config
+read off the weights' shapes, with the conventions of the OpenAI CLIP ViTs that every LLaVA
+release uses (64-wide attention heads, quick GELU, OpenAI CLIP's mean and std).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llava_edge.convert.weights import StateDict, read_sharded
+from llava_edge.errors import LlavaEdgeError
+
+CLIP_HEAD_DIM = 64
+
+
+@dataclass
+class Tower:
+    config: Any  # CLIPVisionConfig
+    weights: StateDict
+    image_processor: Any  # CLIPImageProcessor: size, crop, mean, std, resample
+    source: str  # where config and weights came from, for the log
+
+
+def find_vision_dir(name: str, original: Path, given: Path | None) -> Path | None:
+    """--vision, else a local dir named like `mm_vision_tower` (as given, or beside the
+    checkpoint under its full or last name), else None."""
+    if given is not None:
+        if not (given / "config.json").is_file():
+            raise LlavaEdgeError(f"--vision {given} is not a CLIP checkpoint dir (no config.json)")
+        return given
+    candidates = [Path(name), original.parent / name, original.parent / Path(name).name]
+    return next((c for c in candidates if (c / "config.json").is_file()), None)
+
+
+def load_tower(name: str, directory: Path | None, in_checkpoint: StateDict, log: Any) -> Tower:
+    from transformers import CLIPImageProcessor, CLIPVisionConfig
+
+    if directory is None and not in_checkpoint:
+        raise LlavaEdgeError(
+            f"the checkpoint does not hold its vision tower {name} (the original loads it by "
+            f"name): download it, e.g. `hf download {name} --local-dir clip`, and pass "
+            "--vision clip"
+        )
+    if directory is None:
+        config = config_from_weights(in_checkpoint)
+        log(
+            f"vision tower: the checkpoint's own weights; config read off their shapes "
+            f"(OpenAI CLIP conventions; pass --vision with {name} to use its config)"
+        )
+        return Tower(config, in_checkpoint, _openai_processor(config), "the checkpoint")
+    try:
+        config = CLIPVisionConfig.from_pretrained(directory)
+    except (OSError, ValueError) as e:
+        raise LlavaEdgeError(f"cannot read the CLIP config in {directory}: {e}") from None
+    if config.model_type != "clip_vision_model":
+        raise LlavaEdgeError(
+            f"{directory} is a '{config.model_type}' model; LLaVA's vision tower is CLIP"
+        )
+    if (directory / "preprocessor_config.json").is_file():
+        processor = CLIPImageProcessor.from_pretrained(directory)
+    else:
+        processor = _openai_processor(config)
+    if in_checkpoint:
+        return Tower(config, in_checkpoint, processor, f"the checkpoint (config from {directory})")
+    weights = read_sharded(directory)
+    if weights is None:
+        raise LlavaEdgeError(f"{directory} holds no CLIP weights")
+    weights = {k: v for k, v in weights.items() if not k.startswith("text_model.")}
+    return Tower(config, weights, processor, str(directory))
+
+
+def config_from_weights(state: StateDict) -> Any:
+    from transformers import CLIPVisionConfig
+
+    def find(suffix: str) -> Any:
+        for key, value in state.items():
+            if key.endswith(suffix):
+                return value
+        raise LlavaEdgeError(f"the checkpoint's vision tower has no {suffix} weight")
+
+    patch = find("embeddings.patch_embedding.weight")
+    hidden, _, patch_size, _ = patch.shape
+    positions = find("embeddings.position_embedding.weight").shape[0]
+    side = math.isqrt(positions - 1)
+    layers = {int(m.group(1)) for k in state if (m := re.search(r"encoder\.layers\.(\d+)\.", k))}
+    if side * side != positions - 1 or not layers or hidden % CLIP_HEAD_DIM:
+        raise LlavaEdgeError(
+            "the checkpoint's vision tower does not look like a CLIP ViT; pass --vision with "
+            "the CLIP checkpoint it was trained with"
+        )
+    return CLIPVisionConfig(
+        hidden_size=hidden,
+        intermediate_size=find("layers.0.mlp.fc1.weight").shape[0],
+        num_hidden_layers=max(layers) + 1,
+        num_attention_heads=hidden // CLIP_HEAD_DIM,
+        image_size=side * patch_size,
+        patch_size=patch_size,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+    )
+
+
+def _openai_processor(config: Any) -> Any:
+    """OpenAI CLIP's preprocessing at the tower's size (what its preprocessor_config.json says)."""
+    from transformers import CLIPImageProcessor
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    size = config.image_size
+    return CLIPImageProcessor(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=list(OPENAI_CLIP_MEAN),
+        image_std=list(OPENAI_CLIP_STD),
+    )

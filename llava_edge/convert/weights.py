@@ -1,0 +1,105 @@
+"""Reading weights of checkpoints in the wild without running their code.
+
+safetensors files are read with safetensors. PyTorch's pickled `.bin` files (the original LLaVA's
+`pytorch_model-*.bin` shards, `mm_projector.bin`, `non_lora_trainables.bin`) are read with
+`torch.load(weights_only=True)` only, which unpickles nothing but tensors and plain containers, and
+then held to be a flat dict of tensors: a file that holds anything else is refused, never run.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from llava_edge.errors import LlavaEdgeError
+
+StateDict = dict[str, Any]  # name -> torch.Tensor
+
+
+def read_weights(path: Path) -> StateDict:
+    """One weights file: safetensors, or a pickled state dict of tensors."""
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    return _read_pickled(path)
+
+
+def read_sharded(directory: Path, stem: str = "model") -> StateDict | None:
+    """A whole sharded or single-file checkpoint in `directory`, None if it has none.
+
+    Safetensors are preferred where both forms are present (they are the same weights).
+    stem: "model" reads model*.safetensors / pytorch_model*.bin.
+    """
+    prefix = "pytorch_model" if stem == "model" else stem
+    for index_name, pattern, single in (
+        (f"{stem}.safetensors.index.json", f"{stem}*.safetensors", f"{stem}.safetensors"),
+        (f"{prefix}.bin.index.json", f"{prefix}*.bin", f"{prefix}.bin"),
+    ):
+        index = directory / index_name
+        if index.is_file():
+            files = sorted(set(_index_files(index)))
+        elif (directory / single).is_file():
+            files = [single]
+        else:
+            files = sorted(p.name for p in directory.glob(pattern) if _is_shard(p.name, stem))
+        if files:
+            state: StateDict = {}
+            for name in files:
+                if not (directory / name).is_file():
+                    raise LlavaEdgeError(f"{directory / name} is missing (named in {index.name})")
+                state.update(read_weights(directory / name))
+            return state
+    return None
+
+
+def _is_shard(name: str, stem: str) -> bool:
+    # model-00001-of-00003.safetensors, pytorch_model-00001-of-00002.bin; not training_args.bin
+    return name.split(".")[0].split("-")[0] in (stem, "pytorch_model")
+
+
+def _index_files(index: Path) -> list[str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return list(weight_map.values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise LlavaEdgeError(f"{index} is not a weights index (no weight_map)") from None
+
+
+def _read_safetensors(path: Path) -> StateDict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LlavaEdgeError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+
+
+def _read_pickled(path: Path) -> StateDict:
+    import torch
+
+    try:
+        # mmap needs the zip form torch.save has written since 1.6; older files load whole.
+        state = torch.load(
+            path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
+        )
+    except pickle.UnpicklingError:
+        raise LlavaEdgeError(
+            f"{path} holds pickled Python objects besides tensors; llava-edge reads .bin files "
+            "with torch.load(weights_only=True) only and will not unpickle them. If you trust "
+            "the file, re-save its tensors as safetensors"
+        ) from None
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        raise LlavaEdgeError(
+            f"cannot read {path} as PyTorch weights: {str(e).splitlines()[0]}"
+        ) from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise LlavaEdgeError(
+            f"{path} holds something other than a dict of named tensors; llava-edge takes "
+            "weights files with tensors only"
+        )
+    return dict(state)

@@ -1,0 +1,116 @@
+"""The models a checkpoint dir holds: transformers' LLaVA classes, and LLaVA with a projector
+transformers has no class for.
+
+LLaVA-1.5's projector (`mlp2x_gelu`: Linear, GELU, Linear) is transformers' own. LLaVA v1 used one
+Linear layer (`linear`), and the original code also builds deeper MLPs (`mlp3x_gelu`...). A
+checkpoint says which in config.json's `mm_projector_type`, the original LLaVA's own key;
+`LlavaEdgeForConditionalGeneration` is transformers' LlavaForConditionalGeneration with that
+projector in place, so loading, training, generate() and export all work unchanged. Only the
+offline stages import this module (it needs torch).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+from transformers.activations import ACT2FN
+
+from llava_edge.errors import LlavaEdgeError
+
+PROJECTOR_KEY = "mm_projector_type"
+DEFAULT_PROJECTOR = "mlp2x_gelu"  # transformers' LlavaMultiModalProjector
+
+
+def projector_depth(kind: str) -> int:
+    """Linear layers of a projector type: 'linear' 1, 'mlp{N}x_gelu' N."""
+    if kind == "linear":
+        return 1
+    match = re.fullmatch(r"mlp(\d+)x_gelu", kind)
+    if not match or int(match.group(1)) < 1:
+        raise LlavaEdgeError(
+            f"unknown projector type {kind!r}; llava-edge knows 'linear' and 'mlpNx_gelu'"
+        )
+    return int(match.group(1))
+
+
+def projector_type(config: Any) -> str:
+    return getattr(config, PROJECTOR_KEY, None) or DEFAULT_PROJECTOR
+
+
+class LlavaProjector(nn.Module):
+    """LLaVA's projector of any depth: linear_1, then (activation, linear_i) for i = 2..N.
+
+    The same math as the original's nn.Sequential (Linear, GELU, Linear, ...); layers are named
+    as transformers names the two of mlp2x_gelu, so its weights load unchanged.
+    """
+
+    def __init__(self, config: Any):
+        super().__init__()
+        depth = projector_depth(projector_type(config))
+        layers = (
+            1 if isinstance(config.vision_feature_layer, int) else len(config.vision_feature_layer)
+        )
+        width = config.text_config.hidden_size
+        bias = getattr(config, "multimodal_projector_bias", True)
+        self.linear_1 = nn.Linear(config.vision_config.hidden_size * layers, width, bias=bias)
+        for i in range(2, depth + 1):
+            setattr(self, f"linear_{i}", nn.Linear(width, width, bias=bias))
+        self.depth = depth
+        self.act = ACT2FN[config.projector_hidden_act]
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        hidden = self.linear_1(image_features)
+        for i in range(2, self.depth + 1):
+            hidden = getattr(self, f"linear_{i}")(self.act(hidden))
+        return hidden
+
+
+class LlavaEdgeForConditionalGeneration(LlavaForConditionalGeneration):
+    """LlavaForConditionalGeneration whose projector is the one `mm_projector_type` names."""
+
+    def __init__(self, config: Any):
+        super().__init__(config)
+        self.model.multi_modal_projector = LlavaProjector(config)
+        self.post_init()
+
+
+def model_class(config: Any) -> type:
+    """The class that holds a checkpoint of this config."""
+    if config.model_type == "llava_next":
+        if projector_type(config) != DEFAULT_PROJECTOR:
+            raise LlavaEdgeError(
+                f"a LLaVA-NeXT checkpoint with a '{projector_type(config)}' projector is not "
+                "supported; LLaVA-NeXT uses mlp2x_gelu"
+            )
+        return LlavaNextForConditionalGeneration
+    if projector_type(config) == DEFAULT_PROJECTOR:
+        return LlavaForConditionalGeneration
+    projector_depth(projector_type(config))  # a clear error for an unknown type
+    return LlavaEdgeForConditionalGeneration
+
+
+def prompt_template(name: str, config: Any) -> Any:
+    """The named chat template as this checkpoint is prompted: LLaVA v1's `<im_start>`/`<im_end>`
+    round the image where the config sets `mm_use_im_start_end` (the original's key)."""
+    from llava_edge.runtime.template import get_template, with_image_markers
+
+    template = get_template(name)
+    return (
+        with_image_markers(template) if getattr(config, "mm_use_im_start_end", False) else template
+    )
+
+
+def load_model(checkpoint: str | os.PathLike, config: Any = None, **kwargs: Any) -> Any:
+    """from_pretrained on the class `model_class` picks (kwargs go to from_pretrained)."""
+    from transformers import AutoConfig
+
+    if config is None:
+        config = AutoConfig.from_pretrained(
+            checkpoint, trust_remote_code=kwargs.get("trust_remote_code", False)
+        )
+    return model_class(config).from_pretrained(checkpoint, **kwargs)

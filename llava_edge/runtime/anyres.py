@@ -1,0 +1,186 @@
+"""AnyRes (LLaVA-NeXT / LLaVA-1.6, the successor of LLaVA-1.5-HD): an image of any size as
+several vision-encoder inputs, and their features as one variable-length run of image tokens.
+
+Pixels, as transformers' LlavaNextImageProcessor computes them (tests hold them equal within
+1e-5): the resolution of `grid_pinpoints` that keeps most of the image with least waste is chosen,
+the image is resized into it keeping its aspect ratio, padded with black to fill it and cut into
+tiles the vision encoder's size; a base image (the whole picture squashed to that size) goes first.
+All of them run through the vision encoder and projector as one batch.
+
+Features, as LlavaNextModel.pack_image_features arranges them: the base image's, then the tiles'
+feature maps joined into one grid, cut back to the image's own aspect ratio (the padding
+removed), with `image_newline` closing every row. How many image tokens that is depends on the
+image's size, so the prompt gets as many placeholders as there are features.
+
+Written in numpy and PIL because the runtime may not import transformers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image
+
+from llava_edge.errors import LlavaEdgeError
+from llava_edge.manifest import AnyResSpec, ImageSpec, Manifest
+from llava_edge.runtime.image import preprocess
+
+
+class ImagePixels(NamedTuple):
+    """One image ready for the vision encoder. The size travels with the pixels because the
+    number of image tokens, and how AnyRes features are unpadded, depend on it."""
+
+    pixels: np.ndarray  # [1 + tiles, 3, H, W] float32
+    size: tuple[int, int]  # (width, height) of the image as given
+
+    def key(self) -> str:
+        """Names the image's features: the same pixels from an image of the same size."""
+        digest = hashlib.sha1(self.pixels.tobytes())
+        digest.update(f"{self.size[0]}x{self.size[1]}".encode())  # AnyRes unpads by size
+        return digest.hexdigest()
+
+
+def select_resolution(height: int, width: int, pinpoints: list[list[int]]) -> tuple[int, int]:
+    """The [height, width] of `pinpoints` that shows most of the image, then wastes least."""
+    best, most, least = None, 0, math.inf
+    for target_h, target_w in pinpoints:
+        scale = min(target_w / width, target_h / height)
+        shown = min(int(width * scale) * int(height * scale), width * height)
+        wasted = target_w * target_h - shown
+        if shown > most or (shown == most and wasted < least):
+            best, most, least = (target_h, target_w), shown, wasted
+    if best is None:
+        raise LlavaEdgeError("the manifest's AnyRes grid_pinpoints are empty; re-export the model")
+    return best
+
+
+def max_tiles(anyres: AnyResSpec) -> int:
+    """The most vision-encoder inputs one image can take (base image included)."""
+    tile = anyres.tile_size
+    return 1 + max((h // tile) * (w // tile) for h, w in anyres.grid_pinpoints)
+
+
+def image_pixels(image: Image.Image, spec: ImageSpec) -> ImagePixels:
+    return ImagePixels(pixel_batch(image, spec), image.size)
+
+
+def feature_count(size: tuple[int, int], spec: ImageSpec, num_image_tokens: int) -> int:
+    """How many image tokens an image of `size` (width, height) becomes, from its size alone,
+    so that a prompt can be rendered before the vision encoder runs. num_image_tokens: the
+    model's count for a non-AnyRes image."""
+    if spec.anyres is None:
+        return num_image_tokens
+    anyres = spec.anyres
+    width, height = size
+    target_h, target_w = select_resolution(height, width, anyres.grid_pinpoints)
+    side = anyres.tile_features
+    rows, cols = target_h // anyres.tile_size * side, target_w // anyres.tile_size * side
+    top, bottom, left, right = _unpadded(rows, cols, height, width)
+    newline = 1 if anyres.newline is not None else 0
+    return side * side + (bottom - top) * (right - left + newline)
+
+
+def pixel_batch(image: Image.Image, spec: ImageSpec) -> np.ndarray:
+    """pixel_values for one image: [1, 3, H, W], or with AnyRes [1 + tiles, 3, H, W]."""
+    if spec.anyres is None:
+        return preprocess(image, spec)[None]
+    anyres = spec.anyres
+    array = np.asarray(image, dtype=np.uint8)
+    height, width = array.shape[:2]
+    target_h, target_w = select_resolution(height, width, anyres.grid_pinpoints)
+    fitted = _fit(image, target_h, target_w, spec.resample)
+    tile = anyres.tile_size
+    tiles = [
+        fitted[top : top + tile, left : left + tile]
+        for top in range(0, target_h, tile)
+        for left in range(0, target_w, tile)
+    ]
+    base_h, base_w = anyres.base_size
+    base = np.asarray(image.resize((base_w, base_h), resample=Image.Resampling(spec.resample)))
+    flat = ImageSpec(**{**spec.__dict__, "anyres": None, "pad_to_square": False})
+    return np.stack([preprocess(Image.fromarray(p), flat) for p in [base, *tiles]])
+
+
+def _fit(image: Image.Image, target_h: int, target_w: int, resample: int) -> np.ndarray:
+    """Resize into target_h x target_w keeping the aspect ratio, centred on black padding."""
+    scale_w, scale_h = target_w / image.width, target_h / image.height
+    if scale_w < scale_h:
+        new_w, new_h = target_w, min(math.ceil(image.height * scale_w), target_h)
+    else:
+        new_h, new_w = target_h, min(math.ceil(image.width * scale_h), target_w)
+    resized = np.asarray(image.resize((new_w, new_h), resample=Image.Resampling(resample)))
+    out = np.zeros((target_h, target_w, 3), dtype=np.uint8)
+    top, left = (target_h - new_h) // 2, (target_w - new_w) // 2
+    out[top : top + new_h, left : left + new_w] = resized
+    return out
+
+
+def image_embeds(
+    embeds: np.ndarray, size: tuple[int, int], spec: ImageSpec, newline: np.ndarray | None
+) -> np.ndarray:
+    """Projected features of one image's batch [B, N, hidden] -> its image tokens [T, hidden].
+
+    size: the image's (width, height), as PIL gives it. Without AnyRes, B is 1 and T is N.
+    """
+    if spec.anyres is None:
+        return embeds[0]
+    anyres = spec.anyres
+    width, height = size
+    target_h, target_w = select_resolution(height, width, anyres.grid_pinpoints)
+    rows, cols = target_h // anyres.tile_size, target_w // anyres.tile_size
+    side = anyres.tile_features
+    if embeds.shape[0] != 1 + rows * cols or embeds.shape[1] != side * side:
+        raise LlavaEdgeError(
+            f"the vision encoder gave {embeds.shape[0]} x {embeds.shape[1]} features for an "
+            f"AnyRes grid of {rows} x {cols} tiles of {side} x {side}: the manifest does not "
+            "match the graphs; re-export the model"
+        )
+    hidden = embeds.shape[2]
+    grid = embeds[1:].reshape(rows, cols, side, side, hidden)
+    grid = grid.transpose(4, 0, 2, 1, 3).reshape(hidden, rows * side, cols * side)
+    grid = _unpad(grid, height, width)
+    if newline is not None:
+        column = np.broadcast_to(
+            newline.astype(grid.dtype)[:, None, None], (hidden, grid.shape[1], 1)
+        )
+        grid = np.concatenate([grid, column], axis=2)
+    return np.concatenate([embeds[0], grid.reshape(hidden, -1).T])
+
+
+def _unpad(grid: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Cut the feature grid [hidden, H', W'] back to the image's aspect ratio (the padding off)."""
+    top, bottom, left, right = _unpadded(grid.shape[1], grid.shape[2], height, width)
+    return grid[:, top:bottom, left:right]
+
+
+def _unpadded(current_h: int, current_w: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """The (top, bottom, left, right) bounds of a current_h x current_w feature grid that hold
+    an image of height x width, as LlavaNextModel's unpad_image cuts them."""
+    if width / height > current_w / current_h:
+        new_h = int(round(height * (current_w / width), 7))
+        pad = (current_h - new_h) // 2
+        return pad, current_h - pad, 0, current_w
+    new_w = int(round(width * (current_h / height), 7))
+    pad = (current_w - new_w) // 2
+    return 0, current_h, pad, current_w - pad
+
+
+def load_newline(model_dir: Path, manifest: Manifest) -> np.ndarray | None:
+    """The image_newline vector of an AnyRes model dir ([hidden]), None without one."""
+    anyres = manifest.image.anyres
+    if anyres is None or anyres.newline is None:
+        return None
+    try:
+        newline = np.load(model_dir / anyres.newline, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise LlavaEdgeError(f"cannot read {model_dir / anyres.newline}: {e}") from None
+    if newline.shape != (manifest.text.hidden_size,):
+        raise LlavaEdgeError(
+            f"{model_dir / anyres.newline} is {list(newline.shape)}, not [{manifest.text.hidden_size}]:"
+            " it comes from another model; re-export the model dir"
+        )
+    return newline

@@ -1,0 +1,499 @@
+"""`llava-edge convert`: original-format LLaVA checkpoints, built here from random Hugging Face
+models by the inverse of the conversion, convert, export and reproduce the source model's greedy
+tokens exactly in fp32.
+
+Six cases cover: safetensors and pickled .bin weights, one file and shards; MLP (2 and 3 layers)
+and LLaVA v1's linear projector (named, and implied by an absent mm_projector_type); v1's
+<im_start>/<im_end>; the tower from --vision, from a local dir named like mm_vision_tower, and
+from the checkpoint's own weights (with and without a config dir); Llama and Mistral (GQA);
+CLS dropped and kept; 'pad', centre-crop and AnyRes (LLaVA-1.6) preprocessing; a LoRA output over --base; a stage-1
+projector over --base and --vision.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from original_format import (
+    TOWER_NAME,
+    Layout,
+    Source,
+    make_source,
+    original_state,
+    original_tokenizer,
+    save_original_tokenizer,
+    save_tower,
+    to_original,
+    write_state,
+)
+from PIL import Image
+
+from llava_edge.cli import main as cli
+from llava_edge.convert import convert_checkpoint
+from llava_edge.modeling import load_model
+from llava_edge.runtime import Pipeline
+
+QUESTION = "What is in the picture?"
+NEW_TOKENS = 24
+
+
+def quiet(*_args, **_kwargs) -> None:
+    pass
+
+
+@dataclass
+class Case:
+    spec: Source
+    layout: Layout
+    kind: str = "full"  # full, lora, stage1
+    vision: str = "flag"  # flag: --vision; local: a dir named like the tower; none
+    full_clip: bool = False  # the --vision dir is a whole CLIPModel, text tower included
+
+
+CASES: dict[str, Case] = {
+    # LLaVA-1.5 as released: mlp2x_gelu, pad to square, safetensors shards, tower by --vision.
+    "v1.5-safetensors-shards": Case(Source(seed=1), Layout(shards=2)),
+    # LLaVA v1: no mm_projector_type (linear), <im_start>/<im_end>, centre crop, .bin shards,
+    # the tower only in the checkpoint (its config read off the weights: 64-wide heads).
+    "v1-linear-bin-shards-tower-inside": Case(
+        Source(
+            projector="linear",
+            im_start_end=True,
+            aspect_ratio="square",
+            select_layer=-1,
+            vision=dict(hidden_size=64, num_attention_heads=1, intermediate_size=96),
+            seed=2,
+        ),
+        Layout(weights="bin", shards=3, vision_weights=True, projector_key=False),
+        vision="none",
+    ),
+    # Mistral with GQA, a 3-layer MLP, CLS kept; one .bin; a SentencePiece tokenizer.model alone;
+    # the tower's weights in the checkpoint and its config from a local dir named like
+    # mm_vision_tower (whose weights differ).
+    "mistral-mlp3x-cls-bin": Case(
+        Source(
+            sentencepiece=True,
+            backbone="mistral",
+            projector="mlp3x_gelu",
+            select_feature="cls_patch",
+            text={"num_key_value_heads": 2},
+            template="mistral_instruct",
+            seed=3,
+        ),
+        Layout(weights="bin", vision_weights=True),
+        vision="local",
+    ),
+    # LLaVA-1.6 (AnyRes, spatial_unpad, image_newline) with its fine-tuned tower inside; the
+    # pinpoints have no transposes, so the original's [width, height] order must be honoured.
+    "v1.6-anyres": Case(
+        Source(aspect_ratio="anyres", pinpoints=[[32, 64], [96, 32]], template="llava_v1", seed=6),
+        Layout(vision_weights=True),
+    ),
+    "lora": Case(Source(seed=4), Layout(), kind="lora"),
+    "stage1": Case(Source(template="plain", seed=5), Layout(), kind="stage1", full_clip=True),
+}
+
+
+@dataclass
+class Converted:
+    case: Case
+    source: Path  # the Hugging Face model the original was made from: the reference
+    original: Path
+    checkpoint: Path  # what convert wrote
+    model_dir: Path  # what export made of it
+    state: dict[str, Any]  # the original's weights
+
+
+@pytest.fixture(scope="module", params=list(CASES), ids=list(CASES))
+def converted(request: pytest.FixtureRequest, tmp_path_factory) -> Converted:
+    from llava_edge.export.exporter import export_checkpoint
+
+    case = CASES[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    source = make_source(root / "source", case.spec)
+    tower = save_tower(load_model(source), root / "clip", full=case.full_clip)
+    original, base = root / "original", None
+    if case.kind == "full":
+        state = to_original(source, original, case.spec, case.layout)
+    elif case.kind == "lora":
+        source, base, state = make_lora_output(source, original, root, case.spec)
+    else:
+        base, state = make_stage1_output(source, original, root, case.spec)
+    if case.vision == "local":  # beside the checkpoint, under the tower's last name
+        local = original.parent / TOWER_NAME.split("/")[-1]
+        shutil.copytree(tower, local)
+        _scramble_weights(local)  # the checkpoint's own tower weights must win
+    checkpoint = root / "converted"
+    convert_checkpoint(
+        original,
+        checkpoint,
+        vision=tower if case.vision == "flag" else None,
+        base=base,
+        log=quiet,
+    )
+    model_dir = root / "model"
+    export_checkpoint(checkpoint, model_dir, verify=False, log=quiet)
+    return Converted(case, source, original, checkpoint, model_dir, state)
+
+
+def test_greedy_tokens_equal_the_source_model(converted: Converted) -> None:
+    """Runtime over the exported conversion == the source model's generate(), id for id."""
+    from transformers import AutoProcessor
+
+    model = load_model(converted.source, dtype=torch.float32, attn_implementation="eager").eval()
+    processor = AutoProcessor.from_pretrained(converted.source)
+    image = picture(converted.case.spec.seed)
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}
+    ]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=image, text=text, return_tensors="pt")
+    with torch.no_grad():
+        reference = model.generate(
+            **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None
+        )[0, inputs["input_ids"].shape[1] :].tolist()
+    with Pipeline.load(converted.model_dir) as pipe:
+        answer = pipe.answer(image, QUESTION, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    assert answer.prompt_token_ids == inputs["input_ids"][0].tolist()
+    assert len(reference) == NEW_TOKENS
+    assert answer.token_ids == reference
+
+
+def test_weights_are_the_source_models(converted: Converted) -> None:
+    """Every tensor is the source's, but the rows the conversion adds to the vocabulary."""
+    source = load_model(converted.source, dtype=torch.float32).state_dict()
+    ours = load_model(converted.checkpoint, dtype=torch.float32).state_dict()
+    assert source.keys() == ours.keys()
+    vocab = original_tokenizer(converted.case.spec).get_vocab_size()
+    for key, value in source.items():
+        if key in ("lm_head.weight", "model.language_model.embed_tokens.weight"):
+            assert ours[key].shape == value.shape
+            value, mine = value[:vocab], ours[key][:vocab]
+        else:
+            mine = ours[key]
+        assert torch.equal(mine, value), key
+
+
+def test_projector_is_the_originals_math(converted: Converted) -> None:
+    """The converted projector, and the exported projector graph, compute what the original's
+    nn.Linear / nn.Sequential(Linear, GELU, Linear, ...) computes from its own weights."""
+    import onnxruntime as ort
+
+    state = converted.state
+    names = sorted(
+        {k.split("mm_projector.")[1].split(".")[0] for k in state if "mm_projector." in k}
+    )
+    model = load_model(converted.checkpoint, dtype=torch.float32)
+    width = model.config.vision_config.hidden_size
+    features = torch.randn(2, 5, width, generator=torch.Generator().manual_seed(0))
+    if names == ["bias", "weight"]:  # nn.Linear
+        expected = torch.nn.functional.linear(
+            features, state["model.mm_projector.weight"], state["model.mm_projector.bias"]
+        )
+    else:  # nn.Sequential: Linear at even indices, GELU between
+        hidden = features
+        for i, index in enumerate(sorted(int(n) for n in names)):
+            if i:
+                hidden = torch.nn.functional.gelu(hidden)
+            weight = state[f"model.mm_projector.{index}.weight"]
+            hidden = torch.nn.functional.linear(
+                hidden, weight, state[f"model.mm_projector.{index}.bias"]
+            )
+        expected = hidden
+    with torch.no_grad():
+        ours = model.model.multi_modal_projector(features)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+    session = ort.InferenceSession(
+        str(converted.model_dir / "projector.onnx"), providers=["CPUExecutionProvider"]
+    )
+    (graph,) = session.run(None, {"image_features": features.numpy()})
+    np.testing.assert_allclose(graph, expected.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_conversion_records_what_the_original_used(converted: Converted) -> None:
+    from llava_edge.manifest import Manifest
+
+    spec = converted.case.spec
+    config = json.loads((converted.checkpoint / "config.json").read_text())
+    info = json.loads((converted.checkpoint / "llava_edge.json").read_text())
+    manifest = Manifest.load(converted.model_dir)
+    assert info["template"] == spec.template  # inferred from the checkpoint
+    assert config.get("mm_projector_type", "mlp2x_gelu") == spec.projector
+    assert manifest.source["projector"] == spec.projector
+    assert manifest.image.pad_to_square == (spec.aspect_ratio == "pad")
+    assert (manifest.image.anyres is not None) == (spec.aspect_ratio == "anyres")
+    assert ("<im_start><image><im_end>" in manifest.template.image) == spec.im_start_end
+    assert config["text_config"]["vocab_size"] % 64 == 0
+
+
+# ---- the other outputs of the original's training ----------------------------------------------
+
+
+def make_lora_output(source: Path, out: Path, root: Path, spec: Source) -> tuple:
+    """A LoRA output (adapter_model + non_lora_trainables.bin) and its base language model.
+
+    The source's language model becomes base + B @ A * alpha / r (as peft merges it), so the
+    source is exactly what merging the adapters into the base gives.
+    """
+    from safetensors.torch import save_file
+
+    model = load_model(source, dtype=torch.float32)
+    vocab = original_tokenizer(spec).get_vocab_size()
+    base_state = original_state(model, spec, vocab, vision=False)
+    rank, alpha = 4, 8
+    generator = torch.Generator().manual_seed(spec.seed)
+    adapters = {}
+    layers = model.model.language_model.layers
+    for i, layer in enumerate(layers):
+        for group, name in (("self_attn", "q_proj"), ("self_attn", "v_proj"), ("mlp", "down_proj")):
+            linear = getattr(getattr(layer, group), name)
+            out_features, in_features = linear.weight.shape
+            a = torch.randn(rank, in_features, generator=generator) * 0.3
+            b = torch.randn(out_features, rank, generator=generator) * 0.3
+            key = f"base_model.model.model.layers.{i}.{group}.{name}"
+            adapters[f"{key}.lora_A.weight"], adapters[f"{key}.lora_B.weight"] = a, b
+            with torch.no_grad():
+                linear.weight += (b @ a) * (alpha / rank)
+    merged = root / "source-merged"
+    model.save_pretrained(merged)
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "processor_config.json",
+        "chat_template.jinja",
+        "llava_edge.json",
+    ):
+        shutil.copy(source / name, merged / name)
+    base = write_base_model(
+        model, base_state, root / "vicuna", Layout(weights="bin", shards=2), spec
+    )
+    out.mkdir()
+    save_file(adapters, str(out / "adapter_model.safetensors"))
+    projector = {
+        k: v for k, v in original_state(model, spec, vocab, False).items() if "mm_projector" in k
+    }
+    torch.save(
+        {f"base_model.model.{k}": v for k, v in projector.items()}, out / "non_lora_trainables.bin"
+    )
+    (out / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "r": rank,
+                "lora_alpha": alpha,
+                "lora_dropout": 0.05,
+                "bias": "none",
+                "target_modules": ["q_proj", "v_proj", "down_proj"],
+                "base_model_name_or_path": "lmsys/vicuna-7b-v1.5",
+                "fan_in_fan_out": False,
+                "inference_mode": True,
+            }
+        )
+    )
+    from original_format import original_config
+
+    (out / "config.json").write_text(
+        json.dumps(original_config(model.config, spec, vocab, Layout()))
+    )
+    return merged, base, {**base_state, **projector}
+
+
+def make_stage1_output(source: Path, out: Path, root: Path, spec: Source) -> tuple:
+    """mm_projector.bin and the config, as pretraining (tune_mm_mlp_adapter) leaves them."""
+    from original_format import original_config
+
+    model = load_model(source, dtype=torch.float32)
+    vocab = original_tokenizer(spec).get_vocab_size()
+    state = original_state(model, spec, vocab, vision=False)
+    base = write_base_model(model, state, root / "vicuna", Layout(), spec)
+    out.mkdir()
+    torch.save({k: v for k, v in state.items() if "mm_projector" in k}, out / "mm_projector.bin")
+    config = original_config(model.config, spec, vocab, Layout())
+    (out / "config.json").write_text(json.dumps({**config, "tune_mm_mlp_adapter": True}))
+    return base, state
+
+
+def write_base_model(model: Any, state: dict, out: Path, layout: Layout, spec: Source) -> Path:
+    """The language model alone, as a Hugging Face causal LM dir (what --base takes)."""
+    out.mkdir()
+    text = {k: v for k, v in state.items() if "mm_projector" not in k and "vision_tower" not in k}
+    write_state(out, text, layout)
+    config = model.config.text_config.to_dict()
+    config.update(vocab_size=text["model.embed_tokens.weight"].shape[0], pad_token_id=0)
+    config.pop("dtype", None)
+    (out / "config.json").write_text(json.dumps(config))
+    save_original_tokenizer(spec, out)
+    return out
+
+
+def picture(seed: int) -> Image.Image:
+    """Noise with a bright block, wider than tall (padding and cropping both act)."""
+    rng = np.random.default_rng(seed)
+    array = rng.integers(0, 256, (45, 70, 3), dtype=np.uint8)
+    array[10:30, 20:50] = (230, 40, 40)
+    return Image.fromarray(array)
+
+
+def _scramble_weights(directory: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = directory / "model.safetensors"
+    state = load_file(str(path))
+    save_file({k: torch.randn_like(v) for k, v in state.items()}, str(path))
+
+
+# ---- what convert refuses ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def plain_original(tmp_path_factory) -> dict[str, Path]:
+    """A small original checkpoint in .bin shards, with its tower beside it as --vision."""
+    root = tmp_path_factory.mktemp("plain")
+    spec = Source(seed=7)
+    source = make_source(root / "source", spec)
+    to_original(source, root / "original", spec, Layout(weights="bin", shards=2))
+    return {"original": root / "original", "clip": save_tower(load_model(source), root / "clip")}
+
+
+def _copy(plain: dict[str, Path], tmp_path: Path) -> Path:
+    return Path(shutil.copytree(plain["original"], tmp_path / "original"))
+
+
+class Payload:
+    """Unpickling this runs code: it would create the file named."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_a_pickled_object_is_refused_and_never_run(plain_original, tmp_path, capsys) -> None:
+    original = _copy(plain_original, tmp_path)
+    shard = sorted(original.glob("pytorch_model-*.bin"))[0]
+    state = torch.load(shard, weights_only=True)
+    marker = tmp_path / "payload-ran"
+    torch.save({**state, "model.evil": Payload(marker)}, shard)
+    out = tmp_path / "out"
+    code = cli(["convert", str(original), str(out), "--vision", str(plain_original["clip"])])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "pickled Python objects besides tensors" in err and shard.name in err
+    assert "weights_only=True" in err and len(err.strip().splitlines()) == 1
+    assert not marker.exists() and not out.exists()
+
+
+def test_training_args_beside_the_weights_are_never_opened(plain_original, tmp_path) -> None:
+    """The original's output dirs hold training_args.bin, a pickled Python object."""
+    original = _copy(plain_original, tmp_path)
+    marker = tmp_path / "payload-ran"
+    torch.save(Payload(marker), original / "training_args.bin")
+    out = tmp_path / "out"
+    assert cli(["convert", str(original), str(out), "--vision", str(plain_original["clip"])]) == 0
+    assert not marker.exists() and (out / "model.safetensors").is_file()
+
+
+def test_a_pickled_file_with_non_tensors_is_refused(plain_original, tmp_path, capsys) -> None:
+    original = _copy(plain_original, tmp_path)
+    shard = sorted(original.glob("pytorch_model-*.bin"))[0]
+    torch.save({**torch.load(shard, weights_only=True), "step": 100}, shard)
+    code = cli(
+        ["convert", str(original), str(tmp_path / "out"), "--vision", str(plain_original["clip"])]
+    )
+    assert code == 1
+    assert "something other than a dict of named tensors" in capsys.readouterr().err
+
+
+def test_a_missing_vision_tower_names_what_to_fetch(plain_original, tmp_path, capsys) -> None:
+    code = cli(["convert", str(plain_original["original"]), str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"does not hold its vision tower {TOWER_NAME}" in err and "--vision" in err
+
+
+def test_lora_and_stage1_outputs_need_base(plain_original, tmp_path, capsys) -> None:
+    stage1 = tmp_path / "stage1"
+    stage1.mkdir()
+    shutil.copy(plain_original["original"] / "config.json", stage1)
+    torch.save({"model.mm_projector.0.weight": torch.zeros(2, 2)}, stage1 / "mm_projector.bin")
+    code = cli(
+        ["convert", str(stage1), str(tmp_path / "out"), "--vision", str(plain_original["clip"])]
+    )
+    assert code == 1
+    assert "stage-1 projector output: pass --base" in capsys.readouterr().err
+
+
+def test_a_hugging_face_checkpoint_is_sent_to_export(tiny_checkpoint, tmp_path, capsys) -> None:
+    assert cli(["convert", str(tiny_checkpoint), str(tmp_path / "out")]) == 1
+    assert "already a Hugging Face LLaVA checkpoint" in capsys.readouterr().err
+
+
+def test_projector_weights_must_match_the_projector_type(plain_original, tmp_path, capsys) -> None:
+    original = _copy(plain_original, tmp_path)
+    config = json.loads((original / "config.json").read_text())
+    (original / "config.json").write_text(json.dumps({**config, "mm_projector_type": "linear"}))
+    code = cli(
+        ["convert", str(original), str(tmp_path / "out"), "--vision", str(plain_original["clip"])]
+    )
+    assert code == 1
+    assert "do not match its mm_projector_type 'linear'" in capsys.readouterr().err
+
+
+def test_a_full_output_dir_is_kept_without_force(plain_original, tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    args = [
+        "convert",
+        str(plain_original["original"]),
+        str(out),
+        "--vision",
+        str(plain_original["clip"]),
+    ]
+    assert cli(args) == 1
+    assert "pass --force" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    assert cli([*args, "--force", "--template", "llava_v1"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert json.loads((out / "llava_edge.json").read_text())["template"] == "llava_v1"
+
+
+def test_missing_extras_are_named(plain_original, tmp_path, monkeypatch, capsys) -> None:
+    """A SentencePiece-only tokenizer without sentencepiece, a LoRA output without peft."""
+    from original_format import SENTENCEPIECE_CONFIG, sentencepiece_model
+
+    import llava_edge.convert.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "_has", lambda module: False)
+    original = _copy(plain_original, tmp_path)
+    (original / "tokenizer.json").unlink()
+    (original / "tokenizer.model").write_bytes(sentencepiece_model())
+    (original / "tokenizer_config.json").write_text(json.dumps(SENTENCEPIECE_CONFIG))
+    args = [
+        "convert",
+        str(original),
+        str(tmp_path / "out"),
+        "--vision",
+        str(plain_original["clip"]),
+    ]
+    assert cli(args) == 1
+    assert "pip install 'llava-edge[convert]' (sentencepiece)" in capsys.readouterr().err
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    shutil.copy(plain_original["original"] / "config.json", lora)
+    (lora / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
+    torch.save(
+        {"base_model.model.model.mm_projector.0.weight": torch.zeros(1)}, lora / "adapter_model.bin"
+    )
+    args = ["convert", str(lora), str(tmp_path / "out2"), "--base", str(plain_original["original"])]
+    assert cli([*args, "--vision", str(plain_original["clip"])]) == 1
+    assert "merging a LoRA output needs peft" in capsys.readouterr().err
