@@ -6,8 +6,8 @@
 Every load runs in a fresh Python process (imports done before the clock starts), the two sides
 taking turns, so each pays what a robot app's start pays and the OS file cache is warm for both.
 llava-edge: `Pipeline.load` (manifest, file checks, sessions, tokenizer, embedding table) with an
-empty optimized-graph cache (the first load on a machine, which writes it; timed once) and then
-with it;
+empty optimized-graph cache (the first load on a machine, which writes it; timed once), then
+with it, and with the cache off (LLAVA_EDGE_SESSION_CACHE=0: what the cache saves);
 transformers: `LlavaForConditionalGeneration.from_pretrained` and `AutoProcessor.from_pretrained`.
 Medians over runs, printed as JSON with the machine's load average.
 """
@@ -72,17 +72,22 @@ def main() -> None:
         model, checkpoint = build(args.work, args.preset)["fp32"], args.work / "checkpoint"
 
     load_before = os.getloadavg()[0]
-    later, theirs = [], []
+    later, uncached, theirs = [], [], []
     with tempfile.TemporaryDirectory(prefix="llava-edge-load-") as scratch:
         env = {**os.environ, "LLAVA_EDGE_CACHE": scratch}
         first, status = timed(OURS, model, args.threads, env)
         assert status == "miss", status  # an empty cache: the first load on a machine
         for run in range(args.runs):
-            for side in ("ours", "theirs")[:: 1 if run % 2 else -1]:
+            for side in ("ours", "uncached", "theirs")[:: 1 if run % 2 else -1]:
                 if side == "ours":
                     seconds, status = timed(OURS, model, args.threads, env)
                     assert status == "hit", status
                     later.append(seconds)
+                elif side == "uncached":
+                    off = {**env, "LLAVA_EDGE_SESSION_CACHE": "0"}
+                    seconds, status = timed(OURS, model, args.threads, off)
+                    assert status == "none", status
+                    uncached.append(seconds)
                 else:
                     theirs.append(timed(THEIRS, checkpoint, args.threads, dict(os.environ))[0])
     ratio = statistics.median(t / o for t, o in zip(theirs, later, strict=True))
@@ -96,6 +101,7 @@ def main() -> None:
                 "runs": args.runs,
                 "llava_edge_first_load_s": round(first, 3),  # once: it writes the cache
                 "llava_edge_second_load_s": round(statistics.median(later), 3),
+                "llava_edge_uncached_load_s": round(statistics.median(uncached), 3),
                 "transformers_load_s": round(statistics.median(theirs), 3),
                 "second_load_speedup_vs_transformers": round(ratio, 3),
             },

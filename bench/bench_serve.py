@@ -35,6 +35,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from bench_runtime import prepare  # bench/ is on the path of a script run from it
 from PIL import Image
 
 from llava_edge.runtime import bench
@@ -42,16 +43,6 @@ from llava_edge.serve.server import bind
 
 TARGETS = {"decode_throughput_8_vs_1": 3.0, "ttft_p95_8_vs_1_under": 4.0}
 QUESTION = "What is in the picture? Describe it."
-
-
-def prepare(work: Path) -> Path:
-    checkpoint, model = work / "small-checkpoint", work / "small-model"
-    cli = [sys.executable, "-m", "llava_edge.cli"]
-    if not (checkpoint / "config.json").exists():
-        subprocess.run([*cli, "init", str(checkpoint), "--preset", "small", "--force"], check=True)
-    if not (model / "manifest.json").exists():
-        subprocess.run([*cli, "export", str(checkpoint), str(model), "--force"], check=True)
-    return model
 
 
 def picture(seed: int) -> str:
@@ -225,7 +216,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prefix-runs", type=int, default=3)
     args = parser.parse_args()
-    model = args.model or prepare(args.work)
+    model = args.model or prepare(args.work)[1]
     load_before = os.getloadavg()
     server = Server(model, args.threads, max(args.clients))
     runs: list[dict[int, dict]] = []

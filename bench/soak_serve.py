@@ -30,6 +30,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 from PIL import Image
+from soak import build_tiny  # bench/ is on the path of a script run from it
 
 from llava_edge.serve.server import bind
 
@@ -265,19 +266,6 @@ def soak(url: str, pid: int, args: argparse.Namespace) -> dict:
         and not state["waiting"]
     )
     return report
-
-
-def build_tiny(work: Path) -> Path:
-    cli = [sys.executable, "-m", "llava_edge.cli"]
-    subprocess.run(
-        [*cli, "init", str(work / "ckpt"), "--preset", "tiny"], check=True, capture_output=True
-    )
-    subprocess.run(
-        [*cli, "export", str(work / "ckpt"), str(work / "model"), "--no-verify"],
-        check=True,
-        capture_output=True,
-    )
-    return work / "model"
 
 
 if __name__ == "__main__":
