@@ -44,7 +44,7 @@ def bad_requests(tmp_path, image):
         (dict(image=tmp_path / "missing.png", prompt="What?"), "does not exist"),
         (dict(image=None, prompt="<image>\nWhat?"), "no image was given"),
         (dict(image=image, prompt="What?", raw=True), "no <image> placeholder"),
-        (dict(image=image, prompt="<image> and <image>"), "placeholders"),
+        (dict(image=image, prompt="<image> and <image>"), "2 <image> placeholder.*1 image"),
         (dict(image=image, prompt="word " * 2000), "context"),
         (dict(image=image, prompt="What?", max_new_tokens=0), "max_new_tokens"),
         (dict(image=image, prompt="What?", max_new_tokens=-3), "max_new_tokens"),

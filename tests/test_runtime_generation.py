@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_edge.runtime import Pipeline
+from llava_edge.errors import LlavaEdgeError
+from llava_edge.runtime import Limits, Pipeline
 from llava_edge.runtime.template import user_turn
 from llava_edge.training.synth import Scene, draw
 
@@ -80,6 +81,66 @@ def test_text_only_prompt_equals_transformers(pipe, reference):
     assert pipe.answer(None, "Say something.", max_new_tokens=NEW).token_ids == until_eos(
         ref.tolist(), pipe.manifest.tokens.eos_token_ids
     )
+
+
+def prefill_logits(pipe, images, prompt: str):
+    """The last position's logits of our prefill of `prompt` about `images`."""
+    import numpy as np
+
+    from llava_edge.runtime.generate import embed
+
+    pixels = [pipe.image_pixels(image) for image in images]
+    ids = np.asarray([pipe.prompt_ids(prompt, pixels)])
+    features = [pipe.pixel_features(pixels)]
+    embeds = embed(pipe.table, ids, pipe.manifest.tokens.image_token_id, features)
+    mask = np.ones_like(ids)
+    logits = pipe.backend.decode(embeds, mask, np.cumsum(mask, 1) - 1, pipe.backend.new_cache(1))
+    return logits[0]
+
+
+def test_several_images_in_one_prompt_equal_transformers(pipe, reference):
+    """Each placeholder gets its own image's features, in order, as LlavaForConditionalGeneration
+    fills them; the chat template puts one image text per image, as the checkpoint's does."""
+    model, processor = reference
+    images = [picture(5), picture(6, size=(64, 120)), picture(7, size=(50, 50))]
+    question = "What changed between the pictures?"
+    chat = [
+        {"role": "user", "content": [{"type": "image"}] * 3 + [{"type": "text", "text": question}]}
+    ]
+    prompt = processor.apply_chat_template(chat, add_generation_prompt=True)
+    assert prompt == user_turn(pipe.manifest.template, question, image=3, first=True)
+    inputs, (ref,) = hf_generate(reference, images, prompt)
+    answer = pipe.answer(images, question, max_new_tokens=NEW)
+    assert answer.prompt_token_ids == inputs["input_ids"][0].tolist()
+    assert answer.token_ids == until_eos(ref, pipe.manifest.tokens.eos_token_ids)
+    with torch.no_grad():
+        theirs = model(**inputs).logits[0, -1].numpy()
+    ours = prefill_logits(pipe, images, question)
+    swapped = prefill_logits(pipe, images[::-1], question)
+    gap = abs(ours - theirs).max()
+    assert gap < 1e-4 and abs(swapped - theirs).max() > 10 * gap  # the order of features counts
+    # Placeholders where the user puts them; every entry point takes the list.
+    raw = "USER: First <image> then <image>\nand last <image>\nWhat changed? ASSISTANT:"
+    inputs, (ref,) = hf_generate(reference, images, raw)
+    eos = pipe.manifest.tokens.eos_token_ids
+    assert pipe.answer(images, raw, raw=True, max_new_tokens=NEW).token_ids == until_eos(ref, eos)
+    (batched, _) = pipe.generate_batch([(images, question), (None, "Hi")], max_new_tokens=NEW)
+    assert batched.token_ids == answer.token_ids
+    chat = pipe.chat(images)
+    assert chat.ask(question, max_new_tokens=NEW) == answer.text
+
+
+def test_images_and_placeholders_must_agree(pipe):
+    images = [picture(5), picture(6)]
+    with pytest.raises(LlavaEdgeError, match="2 image.*1 <image> placeholder"):
+        pipe.answer(images, "<image> What changed?")
+    with pytest.raises(LlavaEdgeError, match="2 <image> placeholder.*1 image"):
+        pipe.answer(images[:1], "<image> and <image>?")
+    with pytest.raises(LlavaEdgeError, match="2 image.*no <image> placeholder"):
+        pipe.answer(images, "USER: What? ASSISTANT:", raw=True)
+    with Pipeline.load(pipe.model_dir, limits=Limits(max_image_pixels=100)) as limited:
+        with pytest.raises(LlavaEdgeError, match="pixels"):  # each image is held to the limit
+            limited.answer([picture(8, size=(4, 4)), images[0]], "What?")
 
 
 def test_batch_equals_transformers_batch(pipe, reference):

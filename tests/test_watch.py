@@ -136,11 +136,14 @@ def test_changes_only_reports_when_the_answer_changes(pipe, monkeypatch, tmp_pat
 
 def test_several_frames_per_prompt(pipe, monkeypatch, tmp_path) -> None:
     video = make_video(tmp_path / "clip.mkv", frames=20, fps=10)
-    with pytest.raises(LlavaEdgeError, match="takes 1 image per prompt.*frames=1"):
-        pipe.watch(video, "What changed?", frames=3)
+    limit = pipe.max_images_per_prompt
+    assert limit >= 3
+    with pytest.raises(LlavaEdgeError, match=f"holds {limit} images per prompt.*--frames {limit}"):
+        pipe.watch(video, "What changed?", frames=limit + 1)
+    real = list(pipe.watch(video, "What changed?", every_s=0.5, frames=2, max_new_tokens=2))
+    assert [a.frames for a in real] == [[0], [0, 5], [5, 10], [10, 15]]
     rec = Recorder()
     monkeypatch.setattr(pipe, "answer", rec)
-    monkeypatch.setattr(pipe, "max_images_per_prompt", 3)  # a model that takes several images
     answers = list(pipe.watch(video, "What changed?", every_s=0.5, frames=3))
     assert rec.seen == [[0], [0, 5], [0, 5, 10], [5, 10, 15]]
     assert answers[-1].frames == [5, 10, 15]

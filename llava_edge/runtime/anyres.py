@@ -44,6 +44,13 @@ class ImagePixels(NamedTuple):
         return digest.hexdigest()
 
 
+def pixels_list(images: ImagePixels | list[ImagePixels] | None) -> list[ImagePixels]:
+    """No image, one, or several, as a list (an ImagePixels is itself a tuple)."""
+    if images is None:
+        return []
+    return [images] if isinstance(images, ImagePixels) else list(images)
+
+
 def select_resolution(height: int, width: int, pinpoints: list[list[int]]) -> tuple[int, int]:
     """The [height, width] of `pinpoints` that shows most of the image, then wastes least."""
     best, most, least = None, 0, math.inf
@@ -82,6 +89,17 @@ def feature_count(size: tuple[int, int], spec: ImageSpec, num_image_tokens: int)
     top, bottom, left, right = _unpadded(rows, cols, height, width)
     newline = 1 if anyres.newline is not None else 0
     return side * side + (bottom - top) * (right - left + newline)
+
+
+def max_feature_count(manifest: Manifest) -> int:
+    """The most image tokens one image can take (an AnyRes grid before unpadding)."""
+    anyres = manifest.image.anyres
+    if anyres is None:
+        return manifest.num_image_tokens
+    side, tile = anyres.tile_features, anyres.tile_size
+    newline = 1 if anyres.newline is not None else 0
+    grids = ((h // tile * side) * (w // tile * side + newline) for h, w in anyres.grid_pinpoints)
+    return side * side + max(grids)
 
 
 def pixel_batch(image: Image.Image, spec: ImageSpec) -> np.ndarray:

@@ -41,9 +41,9 @@ import numpy as np
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.runtime.answer import Answer, AnswerText, timings
-from llava_edge.runtime.anyres import ImagePixels
+from llava_edge.runtime.anyres import ImagePixels, pixels_list
 from llava_edge.runtime.generate import Timer, embed
-from llava_edge.runtime.image import ImageInput
+from llava_edge.runtime.image import Images, image_list
 from llava_edge.runtime.sampling import GenerationConfig, Sampler
 
 MIN_PREFIX = 16  # tokens: shorter shared prefixes are recomputed, not copied or stored
@@ -89,7 +89,7 @@ class Request:
     def __init__(
         self,
         ids: list[int],
-        pixels: ImagePixels | None,
+        pixels: list[ImagePixels],
         config: GenerationConfig,
         answer_text: AnswerText,
         timeout_s: float | None,
@@ -108,7 +108,7 @@ class Request:
         self.seen = np.asarray(ids, dtype=np.int64)  # kept only when repetition is penalised
         self.features: np.ndarray | None = None
         # which picture the image tokens stand for: prefix reuse needs the same one
-        self.image_key = pixels.key() if pixels is not None else None
+        self.image_key = "+".join(one.key() for one in pixels) if pixels else None
         self.reused = 0  # prompt tokens whose keys/values came from the prefix store
         self.answer: Answer | None = None
         self.error: Exception | None = None
@@ -279,21 +279,21 @@ class BatchEngine:
 
     def submit(
         self,
-        image: ImageInput | None,
+        image: Images,
         prompt: str,
         listener: Callable[[Event], None] | None = None,
         **options: Any,
     ) -> Request:
         """One question, as Pipeline.stream takes it (options: GenerationConfig's fields, and
         raw=True for a prompt sent as written)."""
-        pixels = self.pipe.image_pixels(image) if image is not None else None
+        pixels = [self.pipe.image_pixels(one) for one in image_list(image)]
         ids = self.pipe.prompt_ids(prompt, pixels, options.pop("raw", False))
         return self.submit_ids(ids, pixels, options, listener)
 
     def submit_ids(
         self,
         ids: list[int],
-        image: ImagePixels | None,
+        image: ImagePixels | list[ImagePixels] | None,
         options: dict[str, Any] | GenerationConfig,
         listener: Callable[[Event], None] | None = None,
         timeout_s: float | None = None,
@@ -323,7 +323,7 @@ class BatchEngine:
     def _request(
         self,
         ids: list[int],
-        image: ImagePixels | None,
+        image: ImagePixels | list[ImagePixels] | None,
         options: dict[str, Any] | GenerationConfig,
         listener: Callable[[Event], None] | None,
         timeout_s: float | None,
@@ -336,16 +336,18 @@ class BatchEngine:
         config = pipe._config(dict(options))
         pipe.limits.check_prompt(len(ids))
         config = pipe._fit_context(config, len(ids))
+        pixels = pixels_list(image)
         image_tokens = ids.count(pipe.manifest.tokens.image_token_id)
-        if image_tokens != (pipe.image_tokens(image) or 0):
+        wanted = sum(pipe.image_tokens(pixels) or [])
+        if image_tokens != wanted:
             raise LlavaEdgeError(
-                f"the prompt holds {image_tokens} image tokens where the image given takes "
-                f"{pipe.image_tokens(image) or 0}: render the prompt for the image it is sent with"
+                f"the prompt holds {image_tokens} image tokens where the images given take "
+                f"{wanted}: render the prompt for the images it is sent with"
             )
         limits = [t for t in (pipe.limits.timeout_s, timeout_s) if t]
         return Request(
             list(ids),
-            image,
+            pixels,
             config,
             AnswerText(pipe.codec, config.stop),
             min(limits) if limits else None,
@@ -460,9 +462,9 @@ class BatchEngine:
         start = time.perf_counter()
         try:
             self._check_deadline(request)
-            if request.pixels is not None:
+            if request.pixels:
                 request.features = pipe.pixel_features(request.pixels)
-                request.pixels = None
+                request.pixels = []
             request.timer.mark("vision")
             logits = self._prefill(request, row)
             request.timer.mark("prefill")

@@ -20,6 +20,15 @@ from llava_edge.errors import LlavaEdgeError, TooLarge
 from llava_edge.manifest import ImageSpec
 
 ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
+# No image, one, or several for one prompt (in the order of their placeholders).
+Images = ImageInput | list[ImageInput] | tuple[ImageInput, ...] | None
+
+
+def image_list(images: Images) -> list[ImageInput]:
+    """No image, one, or several, as a list."""
+    if images is None:
+        return []
+    return list(images) if isinstance(images, (list, tuple)) else [images]
 
 
 def load_image(source: ImageInput, max_pixels: int | None = None) -> Image.Image:

@@ -33,6 +33,8 @@ from llava_edge.runtime.anyres import (
     image_embeds,
     image_pixels,
     load_newline,
+    max_feature_count,
+    pixels_list,
 )
 from llava_edge.runtime.generate import (
     Timer,
@@ -41,7 +43,7 @@ from llava_edge.runtime.generate import (
     left_pad,
     positions_from_mask,
 )
-from llava_edge.runtime.image import ImageInput, load_image
+from llava_edge.runtime.image import ImageInput, Images, image_list, load_image
 from llava_edge.runtime.sampling import GenerationConfig
 from llava_edge.runtime.template import IMAGE_PLACEHOLDER, answer_text, user_turn
 from llava_edge.runtime.tokenizer import TextCodec
@@ -92,10 +94,6 @@ class Pipeline:
     cache and random generator; the onnxruntime sessions run concurrent requests safely and the
     image-feature cache is locked. A ChatSession belongs to one thread at a time.
     """
-
-    # Images one prompt may hold. LLaVA-1.5 models were trained with one, and the prompt builder
-    # puts one image's features in place; multi-frame questions (`watch(frames=K)`) need more.
-    max_images_per_prompt = 1
 
     def __init__(
         self, model_dir: Path, manifest: Manifest, backend: Any, limits: Limits | None = None
@@ -170,21 +168,30 @@ class Pipeline:
             raise LlavaEdgeError(f"unknown backend {backend!r}; choose 'onnxruntime' or 'tensorrt'")
         return cls(model_dir, manifest, engine, limits)
 
+    @property
+    def max_images_per_prompt(self) -> int:
+        """How many images' tokens fit in the context at once (at least one). A prompt may hold
+        several images as transformers' LLaVA models take them (each placeholder filled with its
+        image's features, in order); LLaVA-1.5 itself was trained with one per conversation."""
+        return max(1, self.max_context // max_feature_count(self.manifest))
+
     # ---- one-shot questions --------------------------------------------------------------
 
-    def generate(self, image: ImageInput | None, prompt: str, **options: Any) -> str:
-        """The answer's text. Options are GenerationConfig's fields, plus raw=True to send the
-        prompt as written (no chat template; it must then hold `<image>` iff an image is given)."""
+    def generate(self, image: Images, prompt: str, **options: Any) -> str:
+        """The answer's text. `image` may be a list of images (in the order of their `<image>`
+        placeholders, or put before the question). Options are GenerationConfig's fields, plus
+        raw=True to send the prompt as written (no chat template; it must then hold one `<image>`
+        per image given)."""
         return self.answer(image, prompt, **options).text
 
-    def answer(self, image: ImageInput | None, prompt: str, **options: Any) -> Answer:
+    def answer(self, image: Images, prompt: str, **options: Any) -> Answer:
         """Like generate, with token ids, finish reason and timings."""
         pieces = self._stream(image, prompt, options)
         for _ in pieces:
             pass
         return pieces.answer
 
-    def stream(self, image: ImageInput | None, prompt: str, **options: Any) -> TextStream:
+    def stream(self, image: Images, prompt: str, **options: Any) -> TextStream:
         """The answer as text pieces, each whole UTF-8 characters, as soon as they are decoded.
 
         Iterate it; afterwards its `.answer` holds ids, finish reason and timings. The image and
@@ -192,9 +199,7 @@ class Pipeline:
         """
         return self._stream(image, prompt, options)
 
-    def generate_batch(
-        self, requests: list[tuple[ImageInput | None, str]], **options: Any
-    ) -> list[Answer]:
+    def generate_batch(self, requests: list[tuple[Images, str]], **options: Any) -> list[Answer]:
         """Several (image, prompt) pairs decoded together; each answers as it would alone.
 
         On the onnxruntime backend each prompt is prefilled alone into a row of one KV cache and
@@ -219,7 +224,7 @@ class Pipeline:
         return self._generate_left_padded(requests, raw, options)
 
     def _generate_left_padded(
-        self, requests: list[tuple[ImageInput | None, str]], raw: bool, options: dict
+        self, requests: list[tuple[Images, str]], raw: bool, options: dict
     ) -> list[Answer]:
         config = self._config(options)
         timer = Timer()
@@ -278,7 +283,7 @@ class Pipeline:
 
     def chat(
         self,
-        image: ImageInput | None = None,
+        image: Images = None,
         history: list[tuple[str, str]] | None = None,
         **options: Any,
     ) -> ChatSession:
@@ -311,7 +316,7 @@ class Pipeline:
         tokens = self.manifest.tokens
         return tokens.pad_token_id if tokens.pad_token_id is not None else tokens.eos_token_ids[0]
 
-    def _stream(self, image: ImageInput | None, prompt: str, options: dict) -> TextStream:
+    def _stream(self, image: Images, prompt: str, options: dict) -> TextStream:
         raw = options.pop("raw", False)
         config = self._config(options)
         timer = Timer()
@@ -326,42 +331,44 @@ class Pipeline:
             raise LlavaEdgeError("this pipeline is closed; load the model dir again")
 
     def _prepare(
-        self, image: ImageInput | None, prompt: str, raw: bool
+        self, image: Images, prompt: str, raw: bool
     ) -> tuple[list[int], np.ndarray | None]:
         """Check the prompt, apply the template, encode it; run the vision encoder if needed."""
         self._check_open()
-        pixels = self.image_pixels(image) if image is not None else None
+        pixels = [self.image_pixels(one) for one in image_list(image)]
         ids = self.prompt_ids(prompt, pixels, raw)
-        features = self.pixel_features(pixels) if pixels is not None else None
-        return ids, features
+        return ids, self.pixel_features(pixels) if pixels else None
 
-    def prompt_ids(self, prompt: str, image: ImagePixels | None, raw: bool = False) -> list[int]:
-        """One question's ids: the chat template applied (unless raw), `<image>` expanded to the
-        image's tokens, checked against the prompt limit."""
+    def prompt_ids(
+        self, prompt: str, image: ImagePixels | list[ImagePixels] | None, raw: bool = False
+    ) -> list[int]:
+        """One question's ids: the chat template applied (unless raw), each `<image>` expanded
+        to its image's tokens, checked against the prompt limit."""
         self._check_open()
         _check_text(prompt)
+        images = pixels_list(image)
         placeholders = prompt.count(IMAGE_PLACEHOLDER)
-        if placeholders > 1:
+        if placeholders > len(images):
             raise LlavaEdgeError(
-                f"the prompt holds {placeholders} {IMAGE_PLACEHOLDER} placeholders; one image per prompt is supported"
+                f"the prompt holds {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but "
+                + (f"{len(images)} image(s) were given" if images else "no image was given")
+                + ": give one image per placeholder"
             )
-        if placeholders and image is None:
+        if (raw or placeholders) and placeholders < len(images):
             raise LlavaEdgeError(
-                f"the prompt holds an {IMAGE_PLACEHOLDER} placeholder but no image was given"
+                f"{len(images)} image(s) were given but the prompt has "
+                f"{placeholders or 'no'} {IMAGE_PLACEHOLDER} placeholder(s) to put them at: "
+                "one per image"
             )
-        if raw and image is not None and not placeholders:
-            raise LlavaEdgeError(
-                f"an image was given but the raw prompt has no {IMAGE_PLACEHOLDER} placeholder to put it at"
-            )
-        text = prompt if raw else user_turn(self.manifest.template, prompt, image is not None, True)
-        ids = self.codec.encode(text, first=True, image_tokens=self.image_tokens(image))
+        text = prompt if raw else user_turn(self.manifest.template, prompt, len(images), True)
+        ids = self.codec.encode(text, first=True, image_tokens=self.image_tokens(images))
         self.limits.check_prompt(len(ids))
         return ids
 
     def conversation_ids(
         self,
         turns: list[tuple[str, str | None]],
-        image: ImagePixels | None = None,
+        image: ImagePixels | list[ImagePixels] | None = None,
         image_turn: int | None = None,
         system: str | None = None,
     ) -> list[int]:
@@ -369,13 +376,14 @@ class Pipeline:
         training encodes it and as a ChatSession that had asked these questions holds them.
 
         turns: (question, answer) pairs; the last answer is None to leave the prompt open for
-        the model. image: goes with the question of turn `image_turn`. system: replaces the
+        the model. image: the image, or images, of turn `image_turn`'s question. system: replaces the
         template's system prompt.
         """
         self._check_open()
         if not turns:
             raise LlavaEdgeError("the conversation has no turns")
-        if (image is None) != (image_turn is None):
+        images = pixels_list(image)
+        if bool(images) != (image_turn is not None):
             raise LlavaEdgeError("give the conversation's image and the turn it goes with together")
         template = self.manifest.template
         if system is not None:
@@ -388,13 +396,15 @@ class Pipeline:
         text = ""
         for i, (question, answer) in enumerate(turns):
             _check_text(question)
-            allowed = 1 if i == image_turn else 0
-            if question.count(IMAGE_PLACEHOLDER) > allowed:
+            given = len(images) if i == image_turn else 0
+            placeholders = question.count(IMAGE_PLACEHOLDER)
+            if placeholders not in (0, given):
                 raise LlavaEdgeError(
-                    f"turn {i + 1}'s question holds an {IMAGE_PLACEHOLDER} placeholder without "
-                    "an image of its own; one image per conversation is supported"
+                    f"turn {i + 1}'s question holds {placeholders} {IMAGE_PLACEHOLDER} "
+                    f"placeholder(s) for {given} image(s): images go with one turn, one "
+                    "placeholder each"
                 )
-            text += user_turn(template, question, image=i == image_turn, first=i == 0)
+            text += user_turn(template, question, image=given, first=i == 0)
             if answer is None:
                 if i != len(turns) - 1:
                     raise LlavaEdgeError(f"turn {i + 1} has no answer but is not the last")
@@ -405,7 +415,7 @@ class Pipeline:
                     f"turn {i + 1}'s answer holds an {IMAGE_PLACEHOLDER} placeholder"
                 )
             text += answer_text(template, answer)
-        ids = self.codec.encode(text, first=True, image_tokens=self.image_tokens(image))
+        ids = self.codec.encode(text, first=True, image_tokens=self.image_tokens(images))
         self.limits.check_prompt(len(ids))
         return ids
 
@@ -414,19 +424,27 @@ class Pipeline:
         self._check_open()
         return image_pixels(load_image(image, self.limits.max_image_pixels), self.manifest.image)
 
-    def image_tokens(self, image: ImagePixels | None) -> int | None:
-        """How many image tokens `image` takes in a prompt (None without an image)."""
-        if image is None:
+    def image_tokens(self, image: ImagePixels | list[ImagePixels] | None) -> list[int] | None:
+        """How many image tokens each image takes in a prompt (None without an image)."""
+        images = pixels_list(image)
+        if not images:
             return None
-        return feature_count(image.size, self.manifest.image, self.manifest.num_image_tokens)
+        spec, count = self.manifest.image, self.manifest.num_image_tokens
+        return [feature_count(one.size, spec, count) for one in images]
 
     def image_features(self, image: ImageInput) -> np.ndarray:
         """Projected image features [N, hidden], one per image token; a repeated image comes
         from the cache. With AnyRes, N depends on the image's size (see runtime/anyres.py)."""
         return self.pixel_features(self.image_pixels(image))
 
-    def pixel_features(self, image: ImagePixels) -> np.ndarray:
-        """Features of a preprocessed image, from the cache when the same image came before."""
+    def pixel_features(self, image: ImagePixels | list[ImagePixels]) -> np.ndarray:
+        """Features of preprocessed images, in order, each from the cache when it came before."""
+        images = pixels_list(image)
+        if len(images) == 1:
+            return self._features_of(images[0])
+        return np.concatenate([self._features_of(one) for one in images])
+
+    def _features_of(self, image: ImagePixels) -> np.ndarray:
         self._check_open()
         key = image.key()
         with self._lock:
@@ -436,11 +454,12 @@ class Pipeline:
                 return self._features[key]
         encoded = self.backend.encode_image(image.pixels)
         features = image_embeds(encoded, image.size, self.manifest.image, self.newline)
-        if len(features) != self.image_tokens(image):
+        (expected,) = self.image_tokens(image)
+        if len(features) != expected:
             raise LlavaEdgeError(
                 f"the vision encoder gave {len(features)} image features where the prompt holds "
-                f"{self.image_tokens(image)} image tokens: the manifest does not match the "
-                "graphs; re-export the model"
+                f"{expected} image tokens: the manifest does not match the graphs; re-export the "
+                "model"
             )
         with self._lock:
             self.stats["vision_runs"] += 1
@@ -502,21 +521,19 @@ class ChatSession:
     def __init__(
         self,
         pipeline: Pipeline,
-        image: ImageInput | None,
+        image: Images,
         options: dict,
         history: list[tuple[str, str]],
     ):
         pipeline._config(dict(options))  # bad options fail here, not at the first turn
         self.pipeline = pipeline
         self.options = options
-        self.pixels = pipeline.image_pixels(image) if image is not None else None
-        self.features = pipeline.pixel_features(self.pixels) if self.pixels is not None else None
+        self.pixels = [pipeline.image_pixels(one) for one in image_list(image)]
+        self.features = pipeline.pixel_features(self.pixels) if self.pixels else None
         self.cache = pipeline.backend.new_cache(1)
         # every id in the conversation, the last answer's last one too
         self.ids: list[int] = (
-            pipeline.conversation_ids(
-                history, self.pixels, image_turn=0 if image is not None else None
-            )
+            pipeline.conversation_ids(history, self.pixels, image_turn=0 if self.pixels else None)
             if history
             else []
         )
@@ -544,15 +561,15 @@ class ChatSession:
         _check_text(prompt)
         config = pipe._config(options)
         first = not self.ids
-        if IMAGE_PLACEHOLDER in prompt and (self.features is None or not first):
+        placeholders = prompt.count(IMAGE_PLACEHOLDER)
+        if placeholders and (placeholders != len(self.pixels) or not first):
             raise LlavaEdgeError(
-                f"{IMAGE_PLACEHOLDER} may appear only in the first turn of a chat about an image"
+                f"{IMAGE_PLACEHOLDER} may appear only in the first turn of a chat about an image, "
+                "once per image"
             )
-        text = user_turn(pipe.manifest.template, prompt, self.features is not None and first, first)
+        text = user_turn(pipe.manifest.template, prompt, len(self.pixels) if first else 0, first)
         if first:
-            new_ids = pipe.codec.encode(
-                text, first=True, image_tokens=pipe.image_tokens(self.pixels)
-            )
+            new_ids = pipe.prompt_ids(text, self.pixels, raw=True)
         else:
             new_ids = self._later_turn_ids(text)
         pipe.limits.check_prompt(len(self.ids) + len(new_ids), chat=True)

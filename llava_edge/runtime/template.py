@@ -106,13 +106,15 @@ def hf_chat_template(template: TemplateSpec) -> str:
     )
 
 
-def user_turn(template: TemplateSpec, question: str, image: bool, first: bool) -> str:
+def user_turn(template: TemplateSpec, question: str, image: bool | int, first: bool) -> str:
     """The text of one user turn up to where the assistant starts answering.
 
-    A question that already holds the image placeholder keeps it where the user put it.
+    image: whether the turn has an image, or how many. A question that already holds image
+    placeholders keeps them where the user put them; else the template's image text goes first,
+    once per image (as transformers' LLaVA chat templates render several images).
     """
     if image and IMAGE_PLACEHOLDER not in question:
-        question = template.image + question
+        question = template.image * int(image) + question
     head = template.system if first else ""
     return head + template.user + question + template.assistant
 

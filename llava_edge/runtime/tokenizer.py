@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -36,23 +38,29 @@ class TextCodec:
             i for token, i in self.tokenizer.get_vocab().items() if BYTE_TOKEN.fullmatch(token)
         }
 
-    def encode(self, text: str, first: bool = True, image_tokens: int | None = None) -> list[int]:
+    def encode(
+        self, text: str, first: bool = True, image_tokens: int | Sequence[int] | None = None
+    ) -> list[int]:
         """Token ids of `text`; `first` starts a new sequence (adds BOS where the model wants it).
 
-        Each `<image>` placeholder becomes `image_tokens` image ids (default: the model's
-        `num_image_tokens`; an AnyRes image has as many as its features), as transformers'
-        processor does, so the ids line up with the image features put in their place.
+        Each `<image>` placeholder becomes as many image ids as its image has features (default:
+        the model's `num_image_tokens`; an AnyRes image's count depends on its size; a sequence
+        gives each placeholder its own, in order), as transformers' processor does, so the ids
+        line up with the image features put in their place.
         """
-        count = self.num_image_tokens if image_tokens is None else image_tokens
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         if first and self.tokens.add_bos and self.tokens.bos_token_id is not None:
             ids = [self.tokens.bos_token_id, *ids]
         image_id = self.tokens.image_token_id
         if image_id not in ids:
             return ids
+        if image_tokens is None or isinstance(image_tokens, int):
+            counts = itertools.repeat(image_tokens or self.num_image_tokens)
+        else:
+            counts = iter(image_tokens)
         expanded: list[int] = []
         for token_id in ids:
-            expanded.extend([image_id] * count if token_id == image_id else [token_id])
+            expanded.extend([image_id] * next(counts) if token_id == image_id else [token_id])
         return expanded
 
     def decode(self, ids: list[int]) -> str:

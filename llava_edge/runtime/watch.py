@@ -5,8 +5,9 @@
 
 One answer per sampled frame (see llava_edge.runtime.frames for how live sources drop stale
 frames). `changes_only=True` yields an answer only when its text differs from the previous one,
-an alert stream; `frames=K` asks about the last K sampled frames at once, for models whose
-prompts take several images.
+an alert stream; `frames=K` asks about the last K sampled frames at once, as K images in one
+prompt (each `<image>` placeholder filled with one frame's features, as transformers' LLaVA
+models take several images).
 """
 
 from __future__ import annotations
@@ -61,17 +62,17 @@ def watch(
 ) -> Iterator[WatchAnswer]:
     """Answers about `source`'s frames; the arguments are checked and the source opened at once.
 
-    frames: how many of the last sampled frames go into each prompt (1 unless the model takes
-    several images). max_frames: stop after answering this many frames. The remaining options are
+    frames: how many of the last sampled frames go into each prompt, as several images (at most
+    pipe.max_images_per_prompt: as many as the context holds). max_frames: stop after answering this many frames. The remaining options are
     the generation options of `Pipeline.answer`.
     """
     if frames < 1:
         raise LlavaEdgeError(f"frames must be at least 1, got {frames}")
-    limit = getattr(pipe, "max_images_per_prompt", 1)
+    limit = pipe.max_images_per_prompt
     if frames > limit:
         raise LlavaEdgeError(
-            f"this model takes {limit} image{'s' if limit > 1 else ''} per prompt, so it cannot "
-            f"be asked about {frames} frames at once; use frames=1 (--frames 1)"
+            f"this model's context holds {limit} image{'s' if limit > 1 else ''} per prompt, so "
+            f"it cannot be asked about {frames} frames at once; use --frames {limit} or fewer"
         )
     if max_frames is not None and max_frames < 1:
         raise LlavaEdgeError(f"max_frames must be at least 1, got {max_frames}")
