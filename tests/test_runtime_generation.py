@@ -138,9 +138,12 @@ def test_images_and_placeholders_must_agree(pipe):
         pipe.answer(images[:1], "<image> and <image>?")
     with pytest.raises(LlavaEdgeError, match="2 image.*no <image> placeholder"):
         pipe.answer(images, "USER: What? ASSISTANT:", raw=True)
-    with Pipeline.load(pipe.model_dir, limits=Limits(max_image_pixels=100)) as limited:
-        with pytest.raises(LlavaEdgeError, match="pixels"):  # each image is held to the limit
-            limited.answer([picture(8, size=(4, 4)), images[0]], "What?")
+    limits = Limits(max_image_pixels=100)  # each image is held to the limit
+    with (
+        Pipeline.load(pipe.model_dir, limits=limits) as limited,
+        pytest.raises(LlavaEdgeError, match="pixels"),
+    ):
+        limited.answer([picture(8, size=(4, 4)), images[0]], "What?")
 
 
 def test_batch_equals_transformers_batch(pipe, reference):
