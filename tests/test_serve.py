@@ -191,6 +191,37 @@ def test_multi_turn_with_the_image_in_the_first_turn_equals_a_chat_session(serve
     assert reply.usage.prompt_tokens == len(stream.answer.prompt_token_ids)
 
 
+def test_images_in_several_turns_equal_the_library(server):
+    """Every image_url part is an image of its turn, in order, as conversation_ids renders them;
+    more images than the context holds are refused before any is fetched."""
+    from llava_edge.runtime import BatchEngine
+
+    pipe = server.state.pipe
+    images = [picture(21), picture(22, size=(50, 70)), picture(23)]
+    two = {"role": "user", "content": [*ask("Compare them.", data_uri(images[1]))["content"]]}
+    two["content"].insert(1, {"type": "image_url", "image_url": {"url": data_uri(images[2])}})
+    messages = [
+        ask("What is this?", data_uri(images[0])),
+        {"role": "assistant", "content": "A picture."},
+        two,
+    ]
+    reply = server.client().chat.completions.create(model=MODEL, messages=messages, max_tokens=10)
+    turns = [("What is this?", "A picture."), ("Compare them.", None)]
+    pixels = [pipe.image_pixels(image) for image in images]
+    ids = pipe.conversation_ids(turns, pixels, [0, 1, 1])
+    with BatchEngine(pipe, max_batch=1, prefix_cache_mb=0) as engine:
+        want = engine.submit_ids(ids, pixels, {"max_new_tokens": 10}).result()
+    assert reply.usage.prompt_tokens == len(ids)
+    assert reply.choices[0].message.content == want.text
+    single = server.client().chat.completions.create(model=MODEL, messages=[two], max_tokens=10)
+    alone = pipe.answer(images[1:], "Compare them.", max_new_tokens=10)
+    assert single.choices[0].message.content == alone.text
+    many = [{"type": "image_url", "image_url": {"url": "https://example.invalid/x.png"}}]
+    crowded = {"role": "user", "content": many * (pipe.max_images_per_prompt + 1)}
+    response = server.post({"model": MODEL, "messages": [crowded]})
+    assert response.status_code == 400 and "context holds" in error_of(response)["message"]
+
+
 def test_text_only_and_system_prompt(server):
     pipe = server.state.pipe
     reply = server.client().chat.completions.create(
@@ -290,12 +321,12 @@ MALFORMED = {
         "messages": [{"role": "user", "content": [{"type": "audio", "audio": "x"}]}],
     },
     "image placeholder text": {"model": MODEL, "messages": [ask("<image> what?")]},
-    "two images": {
+    "image in an answer": {
         "model": MODEL,
         "messages": [
             ask("A?", data_uri(picture(1))),
-            {"role": "assistant", "content": "a"},
-            ask("B?", data_uri(picture(2))),
+            {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+            ask("B?"),
         ],
     },
     "image in system": {

@@ -287,7 +287,8 @@ class Pipeline:
         history: list[tuple[str, str]] | None = None,
         **options: Any,
     ) -> ChatSession:
-        """A multi-turn conversation about one image; each turn reuses the cache of the last.
+        """A multi-turn conversation about an image (or a list of them, all with the first
+        question); each turn reuses the cache of the last.
 
         `options` (GenerationConfig's fields) apply to every turn; a turn may override them.
         history: earlier (question, answer) turns to go on from, rendered as if this session had
@@ -369,22 +370,33 @@ class Pipeline:
         self,
         turns: list[tuple[str, str | None]],
         image: ImagePixels | list[ImagePixels] | None = None,
-        image_turn: int | None = None,
+        image_turn: int | list[int] | None = None,
         system: str | None = None,
     ) -> list[int]:
         """A whole conversation's ids: the rendered conversation encoded as one text, as
         training encodes it and as a ChatSession that had asked these questions holds them.
 
         turns: (question, answer) pairs; the last answer is None to leave the prompt open for
-        the model. image: the image, or images, of turn `image_turn`'s question. system: replaces the
-        template's system prompt.
+        the model. image: the conversation's images, in order; image_turn: the turn each goes
+        with (one index for all of them, or one per image, never decreasing). system: replaces
+        the template's system prompt.
         """
         self._check_open()
         if not turns:
             raise LlavaEdgeError("the conversation has no turns")
         images = pixels_list(image)
-        if bool(images) != (image_turn is not None):
-            raise LlavaEdgeError("give the conversation's image and the turn it goes with together")
+        if image_turn is None or isinstance(image_turn, int):
+            image_turns = [] if image_turn is None else [image_turn] * len(images)
+        else:
+            image_turns = list(image_turn)
+        if isinstance(image_turn, int) and not images or len(image_turns) != len(images):
+            raise LlavaEdgeError(
+                "give the conversation's images and the turns they go with together"
+            )
+        if image_turns != sorted(image_turns) or not all(0 <= t < len(turns) for t in image_turns):
+            raise LlavaEdgeError(
+                f"image turns {image_turns} must be turns of the conversation, in order"
+            )
         template = self.manifest.template
         if system is not None:
             _check_text(system)
@@ -396,13 +408,12 @@ class Pipeline:
         text = ""
         for i, (question, answer) in enumerate(turns):
             _check_text(question)
-            given = len(images) if i == image_turn else 0
+            given = image_turns.count(i)
             placeholders = question.count(IMAGE_PLACEHOLDER)
             if placeholders not in (0, given):
                 raise LlavaEdgeError(
                     f"turn {i + 1}'s question holds {placeholders} {IMAGE_PLACEHOLDER} "
-                    f"placeholder(s) for {given} image(s): images go with one turn, one "
-                    "placeholder each"
+                    f"placeholder(s) for {given} image(s): one placeholder per image, or none"
                 )
             text += user_turn(template, question, image=given, first=i == 0)
             if answer is None:
@@ -505,7 +516,7 @@ class Pipeline:
 
 
 class ChatSession:
-    """A conversation about one image, each turn reusing the KV cache of the turns before.
+    """A conversation about an image (or several), each turn reusing the turns' KV cache.
 
     A turn counts once it finishes: its stream was iterated to the end (the answer ended with
     eos, a stop string or its length limit; `ask` always finishes). A turn that does not finish

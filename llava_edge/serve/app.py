@@ -228,10 +228,23 @@ async def _chat_completions(request: Request) -> Response:
         pipe, engine = state.require_ready()
         chat = protocol.parse_chat_request(await _read_json(request, state.options.max_body_bytes))
         _check_model(state, chat.model)
-        image = await fetch_image(chat.image_url, state.media) if chat.image_url else None
+        if len(chat.image_urls) > pipe.max_images_per_prompt:
+            raise ApiError(
+                400,
+                f"the conversation holds {len(chat.image_urls)} images; the model's context holds "
+                f"{pipe.max_images_per_prompt}",
+                "messages",
+            )
+        images = [await fetch_image(url, state.media) for url in chat.image_urls]
         events: asyncio.Queue[Event] = asyncio.Queue()
         handle = await run_in_threadpool(
-            _submit, state, pipe, engine, chat, image, _listener(asyncio.get_running_loop(), events)
+            _submit,
+            state,
+            pipe,
+            engine,
+            chat,
+            images,
+            _listener(asyncio.get_running_loop(), events),
         )
     except Exception as e:
         return _count(state, _error_response(_api_error(e)))
@@ -259,12 +272,12 @@ def _submit(
     pipe: Pipeline,
     engine: BatchEngine,
     chat: ChatRequest,
-    image: bytes | None,
+    images: list[bytes],
     listener: Any,
 ) -> Any:
     """Render the conversation as a ChatSession holds it, check it fits, hand it to the engine."""
-    pixels = pipe.image_pixels(image) if image is not None else None
-    ids = pipe.conversation_ids(chat.turns, pixels, chat.image_turn, chat.system)
+    pixels = [pipe.image_pixels(image) for image in images]
+    ids = pipe.conversation_ids(chat.turns, pixels, chat.image_turns, chat.system)
     options = dict(chat.options)
     room = pipe.max_context - len(ids)
     if room < 1:

@@ -72,8 +72,8 @@ class ChatRequest:
 
     model: str
     turns: list[tuple[str, str | None]]  # (question, answer); the last answer is None
-    image_url: str | None  # the one image, if any
-    image_turn: int | None  # which turn's question it goes with
+    image_urls: list[str]  # the conversation's images, in order
+    image_turns: list[int]  # the turn whose question each goes with
     system: str | None
     options: dict[str, Any] = field(default_factory=dict)  # GenerationConfig's fields
     max_tokens_given: bool = False
@@ -100,7 +100,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
         not isinstance(response_format, dict) or response_format.get("type") != "text"
     ):
         raise ApiError(400, "only response_format {'type': 'text'} is supported", "response_format")
-    turns, image_url, image_turn, system = _parse_messages(body.get("messages"))
+    turns, image_urls, image_turns, system = _parse_messages(body.get("messages"))
     options, max_tokens_given = _parse_options(body)
     stream = _optional(body, "stream", bool, False)
     stream_options = body.get("stream_options")
@@ -114,8 +114,8 @@ def parse_chat_request(body: Any) -> ChatRequest:
     return ChatRequest(
         model,
         turns,
-        image_url,
-        image_turn,
+        image_urls,
+        image_turns,
         system,
         options,
         max_tokens_given,
@@ -126,12 +126,13 @@ def parse_chat_request(body: Any) -> ChatRequest:
 
 def _parse_messages(
     messages: Any,
-) -> tuple[list[tuple[str, str | None]], str | None, int | None, str | None]:
+) -> tuple[list[tuple[str, str | None]], list[str], list[int], str | None]:
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list of messages", "messages")
     system = None
     turns: list[list[Any]] = []  # [question, answer]
-    image_url, image_turn = None, None
+    image_urls: list[str] = []
+    image_turns: list[int] = []
     for i, message in enumerate(messages):
         param = f"messages[{i}]"
         if not isinstance(message, dict):
@@ -151,13 +152,9 @@ def _parse_messages(
                     "messages into one",
                     param,
                 )
-            text, url = _content(message.get("content"), param, images=True)
-            if url is not None:
-                if image_url is not None:
-                    raise ApiError(
-                        400, "one image per conversation is supported; send the others apart", param
-                    )
-                image_url, image_turn = url, len(turns)
+            text, urls = _content(message.get("content"), param, images=True)
+            image_urls += urls
+            image_turns += [len(turns)] * len(urls)
             turns.append([text, None])
         elif role == "assistant":
             if not turns or turns[-1][1] is not None:
@@ -179,18 +176,19 @@ def _parse_messages(
         raise ApiError(
             400, "the last message must be the user's, for the model to answer", "messages"
         )
-    return [(q, a) for q, a in turns], image_url, image_turn, system
+    return [(q, a) for q, a in turns], image_urls, image_turns, system
 
 
-def _content(content: Any, param: str, images: bool) -> tuple[str, str | None]:
-    """A message's text (its text parts joined) and its image URL, if it has one."""
+def _content(content: Any, param: str, images: bool) -> tuple[str, list[str]]:
+    """A message's text (its text parts joined) and its image URLs. The images go before the
+    text, one image text each, as transformers' LLaVA chat templates place them."""
     if isinstance(content, str):
-        return _text(content, f"{param}.content"), None
+        return _text(content, f"{param}.content"), []
     if not isinstance(content, list):
         raise ApiError(
             400, f"{param}.content must be a string or a list of parts", f"{param}.content"
         )
-    texts, url = [], None
+    texts, urls = [], []
     for j, part in enumerate(content):
         where = f"{param}.content[{j}]"
         kind = part.get("type") if isinstance(part, dict) else None
@@ -205,16 +203,14 @@ def _content(content: Any, param: str, images: bool) -> tuple[str, str | None]:
                 raise ApiError(
                     400, f"{where}.image_url must hold a 'url' string", f"{where}.image_url"
                 )
-            if url is not None:
-                raise ApiError(400, "one image per conversation is supported", where)
-            url = candidate
+            urls.append(candidate)
         elif kind == "image_url":
             raise ApiError(400, f"{where}: only user messages may hold images", where)
         else:
             raise ApiError(
                 400, f"{where} has type {kind!r}; parts are 'text' or 'image_url'", f"{where}.type"
             )
-    return "".join(texts), url
+    return "".join(texts), urls
 
 
 def _text(text: str, param: str) -> str:
