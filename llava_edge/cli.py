@@ -123,12 +123,19 @@ def _quantize(args: argparse.Namespace) -> None:
 # ---- run -------------------------------------------------------------------------------------
 
 
+def _images(files: list[str] | None) -> str | list[str] | None:
+    """--image given once, several times, or not at all."""
+    if not files:
+        return None
+    return files[0] if len(files) == 1 else files
+
+
 @command("run")
 def _run(args: argparse.Namespace) -> None:
     options = _generation_options(args)
     with _load_pipeline(args) as pipe:
         if args.json:
-            answer = pipe.answer(args.image, args.prompt, **options)
+            answer = pipe.answer(_images(args.image), args.prompt, **options)
             print(
                 json.dumps(
                     {
@@ -141,7 +148,7 @@ def _run(args: argparse.Namespace) -> None:
                 )
             )
             return
-        stream = pipe.stream(args.image, args.prompt, **options)
+        stream = pipe.stream(_images(args.image), args.prompt, **options)
         for piece in stream:
             print(piece, end="", flush=True)
         print()
@@ -191,7 +198,7 @@ def _chat(args: argparse.Namespace) -> None:
     from llava_edge.runtime.interactive import chat_loop
 
     with _load_pipeline(args) as pipe:
-        chat_loop(pipe, args.image, _generation_options(args), read=input, out=sys.stdout)
+        chat_loop(pipe, _images(args.image), _generation_options(args), read=input, out=sys.stdout)
 
 
 # ---- bench -----------------------------------------------------------------------------------
@@ -565,7 +572,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="answer a question about an image")
     p.add_argument("model_dir")
-    p.add_argument("--image", help="image file (omit for a text-only prompt)")
+    p.add_argument(
+        "--image",
+        action="append",
+        help="image file; repeat for several images in one prompt (omit for a text-only prompt)",
+    )
     p.add_argument("--prompt", required=True)
     p.add_argument(
         "--json", action="store_true", help="print one JSON object instead of streaming text"
@@ -615,7 +626,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="talk about an image, turn by turn (reuses the KV cache)")
     p.add_argument("model_dir")
-    p.add_argument("--image", help="image file (omit for a text-only chat)")
+    p.add_argument(
+        "--image",
+        action="append",
+        help="image file; repeat for several images (omit for a text-only chat)",
+    )
     _add_generation_options(p)
     _add_backend_options(p)
     p.set_defaults(raw=False)

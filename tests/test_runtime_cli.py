@@ -41,6 +41,23 @@ def test_run_streams_then_reports_speed(tiny_model_dir, tmp_path, capsys):
     assert "tokens/s" in err
 
 
+def test_run_takes_several_images(tiny_model_dir, tmp_path, capsys):
+    first = write_image(tmp_path / "a.png")
+    second = tmp_path / "b.png"
+    Image.fromarray(np.full((40, 30, 3), 90, np.uint8)).save(second)
+    argv = ["run", str(tiny_model_dir), "--image", str(first), "--image", str(second)]
+    assert main([*argv, "--prompt", "What changed?", "--max-new-tokens", "4", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    with Pipeline.load(tiny_model_dir) as pipe:
+        want = pipe.answer([str(first), str(second)], "What changed?", max_new_tokens=4)
+        image_id = pipe.manifest.tokens.image_token_id
+        assert got["prompt_token_ids"].count(image_id) == 2 * pipe.manifest.num_image_tokens
+    assert got["prompt_token_ids"] == want.prompt_token_ids
+    assert got["token_ids"] == want.token_ids
+    assert main([*argv, "--prompt", "<image> only one?"]) == 1
+    assert "2 image(s) were given" in capsys.readouterr().err
+
+
 def test_chat_loop_keeps_going_after_errors(tiny_model_dir, tmp_path):
     image = write_image(tmp_path / "a.png")
     lines = iter(

@@ -17,7 +17,7 @@ HELP = "Ask about the image. /image PATH: another image, /reset: start over, /qu
 
 def chat_loop(
     pipe: Any,
-    image: str | None,
+    image: str | list[str] | None,
     options: dict[str, Any],
     read: Callable[[str], str],
     out: TextIO,
