@@ -206,10 +206,6 @@ class TensorRTBackend:
         if not self.engines:  # close() dropped them, perhaps while a request was running
             raise LlavaEdgeError("this model's TensorRT engines are closed; load the model again")
 
-    def _check_open(self) -> None:
-        if not self.engines:  # close() dropped them, perhaps while a request was running
-            raise LlavaEdgeError("this model's TensorRT engines are closed; load the model again")
-
     # ---- the steps ---------------------------------------------------------------------------
 
     def _encode(self, pixels: np.ndarray) -> np.ndarray:
