@@ -305,6 +305,8 @@ def test_images_from_allowed_files_and_remote_urls(server, media_dir, tmp_path):
 GOOD = [ask("What?")]
 MALFORMED = {
     "not json": b"{not json",
+    "nested too deeply": b'{"model": "tiny", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    "an integer too long to read": b'{"model": "tiny", "max_tokens": ' + b"9" * 5000 + b"}",
     "not an object": [1, 2],
     "no model": {"messages": GOOD},
     "no messages": {"model": MODEL},

@@ -406,7 +406,9 @@ async def _read_json(request: Request, limit: int) -> Any:
             raise _body_too_large(len(body), limit)
     try:
         return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except RecursionError:
+        raise ApiError(400, "the request body nests JSON too deeply") from None
+    except ValueError as e:  # bad JSON or UTF-8, or an integer too long to convert
         raise ApiError(400, f"the request body is not valid JSON ({e})") from None
 
 
