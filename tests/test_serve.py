@@ -7,9 +7,11 @@ that rendered a conversation differently from the library would answer different
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import http.server
 import io
+import json
 import os
 import signal
 import subprocess
@@ -467,6 +469,62 @@ def test_a_client_leaving_mid_stream_frees_its_row_and_a_full_queue_gets_429(ser
     assert server.metric("llava_edge_engine_running") == 0
     assert server.metric("llava_edge_engine_cancelled_total") == cancelled + 3
     assert server.metric("llava_edge_client_disconnects_total") >= 3
+
+
+def test_a_client_leaving_before_the_first_chunk_frees_its_row(server, slow_steps):
+    """The client leaves after the response has started and before its body's first chunk is
+    asked for, so the body's generator never starts. Raw ASGI, which fixes that order."""
+    engine = server.state.engine
+    before = engine.stats()
+    disconnects = server.metric("llava_edge_client_disconnects_total")
+    body = {"model": MODEL, "messages": GOOD, "max_tokens": 800, "ignore_eos": True}
+
+    async def leave_at_the_start() -> list[str]:
+        gone, sent = asyncio.Event(), []
+        messages = [{"type": "http.request", "body": json.dumps({**body, "stream": True}).encode()}]
+
+        async def receive() -> dict:
+            if messages:
+                return messages.pop(0)
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message["type"])
+            if message["type"] == "http.response.start":
+                gone.set()
+                await asyncio.sleep(0.05)  # the disconnect is seen before the body is asked for
+
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"authorization", b"Bearer " + KEY.encode()),
+        ]
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/chat/completions",
+            "raw_path": b"/v1/chat/completions",
+            "query_string": b"",
+            "root_path": "",
+            "headers": headers,
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 80),
+            "app": server.app,
+        }
+        await server.app(scope, receive, send)
+        return sent
+
+    assert asyncio.run(leave_at_the_start()) == ["http.response.start"]
+    deadline = time.time() + 10  # 800 slowed tokens take over 4 s
+    while engine.stats()["running"] and time.time() < deadline:
+        time.sleep(0.02)
+    after = engine.stats()
+    assert after["cancelled"] == before["cancelled"] + 1
+    assert after["finished"] == before["finished"]
+    assert server.metric("llava_edge_client_disconnects_total") == disconnects + 1
 
 
 def test_a_request_past_the_time_limit_gets_504(context_model_dir):

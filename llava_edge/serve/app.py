@@ -255,8 +255,7 @@ async def _chat_completions(request: Request) -> Response:
         return _count(state, _error_response(_api_error(event.error)))
     request_id = protocol.completion_id()
     if chat.stream:
-        stream = _sse(state, chat, handle, events, event, request_id)
-        return _count(state, StreamingResponse(stream, media_type="text/event-stream"))
+        return _count(state, _AnswerStream(state, chat, handle, events, event, request_id))
     answer = event.answer
     state.metrics.observe_answer(
         len(answer.prompt_token_ids), len(answer.token_ids), answer.timings
@@ -341,22 +340,43 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _sse(
-    state: ServerState,
-    chat: ChatRequest,
-    handle: Any,
-    events: asyncio.Queue,
-    first: Event,
-    request_id: str,
-):
-    """The answer as server-sent events; cancelling it (the client left) cancels the request."""
-    model, finished = chat.model, False
+class _AnswerStream(StreamingResponse):
+    """The answer as server-sent events. A response that ends before the answer did (the client
+    left, the server is stopping) cancels the request. The response does it, not its body's
+    generator: a client that leaves before the first chunk is asked for ends the response
+    before the generator starts, and a generator never started never runs its `finally`."""
 
-    def data(payload: Any) -> str:
-        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+    def __init__(
+        self,
+        state: ServerState,
+        chat: ChatRequest,
+        handle: Any,
+        events: asyncio.Queue,
+        first: Event,
+        request_id: str,
+    ):
+        self.serve, self.handle, self.finished = state, handle, False
+        super().__init__(
+            self._events(chat, events, first, request_id), media_type="text/event-stream"
+        )
 
-    usage_field = {"usage": None} if chat.include_usage else {}
-    try:
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self.finished:
+                self.handle.cancel()
+                self.serve.metrics.disconnects.inc()
+
+    async def _events(
+        self, chat: ChatRequest, events: asyncio.Queue, first: Event, request_id: str
+    ):
+        model = chat.model
+
+        def data(payload: Any) -> str:
+            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+        usage_field = {"usage": None} if chat.include_usage else {}
         yield data(
             protocol.chunk(request_id, model, {"role": "assistant", "content": ""}, **usage_field)
         )
@@ -367,12 +387,12 @@ async def _sse(
                     protocol.chunk(request_id, model, {"content": event.text}, **usage_field)
                 )
             elif event.kind == "error":
-                finished = True
+                self.finished = True
                 yield data(_api_error(event.error).body())
                 yield "data: [DONE]\n\n"
                 return
             elif event.kind == "done":
-                finished = True
+                self.finished = True
                 answer = event.answer
                 reason = protocol.FINISH_REASONS[answer.finish_reason]
                 yield data(
@@ -384,15 +404,11 @@ async def _sse(
                     usage = protocol.usage(len(answer.prompt_token_ids), len(answer.token_ids))
                     yield data(protocol.chunk(request_id, model, None, usage=usage))
                 yield "data: [DONE]\n\n"
-                state.metrics.observe_answer(
+                self.serve.metrics.observe_answer(
                     len(answer.prompt_token_ids), len(answer.token_ids), answer.timings
                 )
                 return
             event = await events.get()
-    finally:
-        if not finished:  # the client left mid-stream (or the server is stopping)
-            handle.cancel()
-            state.metrics.disconnects.inc()
 
 
 async def _read_json(request: Request, limit: int) -> Any:
