@@ -351,6 +351,7 @@ MALFORMED = {
     "string max_tokens": {"model": MODEL, "messages": GOOD, "max_tokens": "10"},
     "temperature 3": {"model": MODEL, "messages": GOOD, "temperature": 3},
     "top_p 0": {"model": MODEL, "messages": GOOD, "top_p": 0},
+    "temperature too small to sample": {"model": MODEL, "messages": GOOD, "temperature": 1e-40},
     "five stops": {"model": MODEL, "messages": GOOD, "stop": ["a", "b", "c", "d", "e"]},
     "stream a string": {"model": MODEL, "messages": GOOD, "stream": "yes"},
     "stream_options without stream": {

@@ -538,7 +538,11 @@ class BatchEngine:
     def _take(self, request: Request, logits: np.ndarray) -> None:
         """Sample `request`'s next token from its logits [1, V]; finish it if it is done."""
         config = request.config
-        token = int(request.sampler(logits, [request.seen])[0])
+        try:
+            token = int(request.sampler(logits, [request.seen])[0])
+        except Exception as e:  # this request's own settings: it fails, the batch goes on
+            self._leave(request, e)
+            return
         request.generated.append(token)
         self.counters["generated_tokens"] += 1
         if len(request.generated) == 1:
