@@ -602,26 +602,39 @@ def test_sigterm_drains_the_answer_in_flight_then_exits(context_model_dir):
 
 
 def test_drain_timeout_caps_the_wait(context_model_dir):
-    process, url = start_cli_server(context_model_dir, "--drain-timeout", "0.5")
+    """The answer in flight is cut off, its stream ended by an error event; a request still
+    waiting for a row gets a 503 to retry elsewhere (OpenAI's error JSON, no traceback)."""
+    process, url = start_cli_server(context_model_dir, "--drain-timeout", "0.5", "--max-batch", "1")
     try:
         body = {"model": MODEL, "messages": GOOD, "max_tokens": 900, "ignore_eos": True}
         headers = {"Authorization": f"Bearer {KEY}"}
+        queued: list[httpx.Response] = []
+        waiter = threading.Thread(
+            target=lambda: queued.append(
+                httpx.post(url + "/v1/chat/completions", json=body, headers=headers, timeout=30)
+            )
+        )
         with httpx.stream(
             "POST", url + "/v1/chat/completions", json={**body, "stream": True}, headers=headers
         ) as response:
             lines = response.iter_lines()
             next(lines)
+            waiter.start()
+            time.sleep(0.3)  # it waits for the only row
             process.send_signal(signal.SIGTERM)
             start = time.time()
-            with pytest.raises(httpx.TransportError):  # cut off after the drain timeout
-                for _ in lines:
-                    pass
+            rest = [line for line in lines if line]  # cut off after the drain timeout
+        waiter.join(30)
+        assert rest[-1] == "data: [DONE]" and '"code": "shutting_down"' in rest[-2]
         assert process.wait(30) in (0, -signal.SIGTERM)
         assert time.time() - start < 4  # 900 slowed tokens would take over 4.5 s
+        assert queued[0].status_code == 503 and error_of(queued[0])["code"] == "shutting_down"
     finally:
         if process.poll() is None:
             process.kill()
+        log = process.stdout.read().decode()
         process.stdout.close()
+    assert "Traceback" not in log
 
 
 def test_cli_errors_are_one_line(context_model_dir):

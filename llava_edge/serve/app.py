@@ -224,6 +224,16 @@ async def _model(request: Request) -> Response:
 async def _chat_completions(request: Request) -> Response:
     state: ServerState = request.app.state.serve
     try:
+        return await _chat_completion(request, state)
+    except asyncio.CancelledError:
+        # uvicorn cancels what still runs once SIGTERM's drain timeout has passed: the client
+        # gets OpenAI's error JSON and a status to retry on, not a bare 500 and a traceback
+        asyncio.current_task().uncancel()
+        return _count(state, _error_response(_shutting_down()))
+
+
+async def _chat_completion(request: Request, state: ServerState) -> Response:
+    try:
         state.check_key(request)
         pipe, engine = state.require_ready()
         chat = protocol.parse_chat_request(await _read_json(request, state.options.max_body_bytes))
@@ -361,8 +371,23 @@ class _AnswerStream(StreamingResponse):
         )
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        started = False
+
+        async def sending(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, sending)
+        except asyncio.CancelledError:  # SIGTERM's drain timeout passed: end the stream cleanly
+            asyncio.current_task().uncancel()
+            stopping = _shutting_down()
+            if not started:
+                await _error_response(stopping)(scope, receive, send)
+                return
+            end = _sse_data(stopping.body()) + "data: [DONE]\n\n"
+            await send({"type": "http.response.body", "body": end.encode(), "more_body": False})
         finally:
             if not self.finished:
                 self.handle.cancel()
@@ -371,11 +396,7 @@ class _AnswerStream(StreamingResponse):
     async def _events(
         self, chat: ChatRequest, events: asyncio.Queue, first: Event, request_id: str
     ):
-        model = chat.model
-
-        def data(payload: Any) -> str:
-            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
+        model, data = chat.model, _sse_data
         usage_field = {"usage": None} if chat.include_usage else {}
         yield data(
             protocol.chunk(request_id, model, {"role": "assistant", "content": ""}, **usage_field)
@@ -409,6 +430,10 @@ class _AnswerStream(StreamingResponse):
                 )
                 return
             event = await events.get()
+
+
+def _sse_data(payload: Any) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
 async def _read_json(request: Request, limit: int) -> Any:
@@ -477,6 +502,10 @@ def _api_error(error: BaseException) -> ApiError:
         return ApiError(400, str(error))
     log.error("internal error", exc_info=error)
     return ApiError(500, f"internal error ({type(error).__name__}); see the server's log")
+
+
+def _shutting_down() -> ApiError:
+    return ApiError(503, "the server is shutting down; retry", code="shutting_down")
 
 
 def _error_response(error: ApiError) -> JSONResponse:
