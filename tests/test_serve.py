@@ -231,6 +231,10 @@ def test_text_only_and_system_prompt(server):
     )
     want = pipe.answer(None, "Say something.", max_new_tokens=16)
     assert reply.choices[0].message.content == want.text
+    null_newer_name = server.post(
+        {"model": MODEL, "messages": GOOD, "max_tokens": 3, "max_completion_tokens": None}
+    )
+    assert null_newer_name.json()["usage"]["completion_tokens"] <= 3
     system = server.client().chat.completions.create(
         model=MODEL,
         messages=[
