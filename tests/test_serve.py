@@ -29,6 +29,7 @@ from PIL import Image
 from starlette.testclient import TestClient
 
 from llava_edge.runtime import Limits
+from llava_edge.runtime.batching import Cancelled
 from llava_edge.serve import ServeOptions, create_app
 from llava_edge.serve.server import bind
 
@@ -530,6 +531,29 @@ def test_a_client_leaving_before_the_first_chunk_frees_its_row(server, slow_step
     assert after["cancelled"] == before["cancelled"] + 1
     assert after["finished"] == before["finished"]
     assert server.metric("llava_edge_client_disconnects_total") == disconnects + 1
+
+
+def test_shutdown_cancels_what_no_client_waits_for(context_model_dir, monkeypatch):
+    """By the app's shutdown every client has had its answer or been cut off (SIGTERM's drain
+    timeout), so a request still in the engine (one whose handler was cancelled while
+    submitting it) is cancelled, not decoded to its end while the process waits."""
+    from llava_edge.runtime.onnx_backend import OnnxBackend
+
+    decode = OnnxBackend.decode
+    monkeypatch.setattr(
+        OnnxBackend, "decode", lambda self, *a: (time.sleep(STEP_S), decode(self, *a))[1]
+    )
+    app = create_app(ServeOptions(context_model_dir, model_name=MODEL))
+    with TestClient(app):
+        deadline = time.time() + 30
+        while not app.state.serve.ready and time.time() < deadline:
+            time.sleep(0.05)
+        engine = app.state.serve.engine
+        orphan = engine.submit(None, "Go on.", max_new_tokens=900, ignore_eos=True)
+        start = time.time()
+    assert time.time() - start < 2  # 900 slowed tokens take over 4.5 s
+    with pytest.raises(Cancelled):
+        orphan.result(timeout=0)
 
 
 def test_a_request_past_the_time_limit_gets_504(context_model_dir):

@@ -125,8 +125,10 @@ class ServerState:
                 self.on_load_error(e)
 
     def close(self) -> None:
+        """The app's shutdown: by now uvicorn has drained the connections (or, past the drain
+        timeout, cancelled them), so what the engine still holds, no client waits for."""
         if self.engine is not None:
-            self.engine.close(drain=True)
+            self.engine.close(drain=False)
         if self.pipe is not None:
             self.pipe.close()
 
