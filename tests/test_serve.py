@@ -269,6 +269,8 @@ def test_images_from_allowed_files_and_remote_urls(server, media_dir, tmp_path):
     ):
         refused = server.post({"model": MODEL, "messages": [ask("What?", url)]})
         assert refused.status_code == 400 and "allowed media dir" in error_of(refused)["message"]
+    nul = server.post({"model": MODEL, "messages": [ask("What?", f"file://{media_dir}/a%00.png")]})
+    assert nul.status_code == 400 and "does not exist" in error_of(nul)["message"]
     files = {"/one.png": (media_dir / "one.png").read_bytes(), "/big.png": b"x" * 200_000}
 
     class Handler(http.server.BaseHTTPRequestHandler):
