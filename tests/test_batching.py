@@ -5,6 +5,7 @@ decoder forms."""
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -194,6 +195,38 @@ def test_time_limit_ends_a_request_not_the_engine(pipe):
     with pytest.raises(TimedOut, match="time limit"):
         slow.result()
     assert fine.result().token_ids
+
+
+def test_a_request_that_cannot_be_sampled_fails_alone(pipe):
+    """A temperature so small that the scaled logits overflow float32 fails its own request
+    with a clear error, on admission or in a decode step; the requests beside it go on."""
+    with BatchEngine(pipe, max_batch=3) as engine:
+        fine = engine.submit(None, "Fine?", max_new_tokens=40, ignore_eos=True)
+        bad = engine.submit(None, "Hot?", max_new_tokens=40, temperature=1e-40, seed=0)
+        waiting = engine.submit(picture(3), "Next?", max_new_tokens=8)
+        with pytest.raises(LlavaEdgeError, match="temperature"):
+            bad.result(timeout=30)
+        want = pipe.answer(None, "Fine?", max_new_tokens=40, ignore_eos=True).token_ids
+        assert fine.result(timeout=30).token_ids == want
+        assert waiting.result(timeout=30).token_ids
+        assert engine.stats()["failed"] == 1
+
+
+def test_a_request_past_its_time_limit_while_waiting_ends_before_a_row_frees(pipe):
+    engine = BatchEngine(pipe, max_batch=1, start=False)
+    long = engine.submit(None, "Go on and on.", max_new_tokens=200, ignore_eos=True)
+    engine.step()  # `long` holds the only row for 200 steps
+    queued = engine.submit_ids(
+        pipe.prompt_ids("Quick?", None), None, {"max_new_tokens": 5}, timeout_s=0.05
+    )
+    time.sleep(0.1)
+    engine.step()
+    with pytest.raises(TimedOut, match="time limit"):
+        queued.result(timeout=0)
+    stats = engine.stats()
+    assert stats["waiting"] == 0 and stats["running"] == 1 and stats["failed"] == 1
+    engine.run_until_idle()
+    assert len(long.result().token_ids) == 200
 
 
 def test_a_conversations_next_turn_reuses_its_prefix_and_answers_the_same(pipe):

@@ -7,9 +7,11 @@ that rendered a conversation differently from the library would answer different
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import http.server
 import io
+import json
 import os
 import signal
 import subprocess
@@ -27,6 +29,7 @@ from PIL import Image
 from starlette.testclient import TestClient
 
 from llava_edge.runtime import Limits
+from llava_edge.runtime.batching import Cancelled
 from llava_edge.serve import ServeOptions, create_app
 from llava_edge.serve.server import bind
 
@@ -229,6 +232,10 @@ def test_text_only_and_system_prompt(server):
     )
     want = pipe.answer(None, "Say something.", max_new_tokens=16)
     assert reply.choices[0].message.content == want.text
+    null_newer_name = server.post(
+        {"model": MODEL, "messages": GOOD, "max_tokens": 3, "max_completion_tokens": None}
+    )
+    assert null_newer_name.json()["usage"]["completion_tokens"] <= 3
     system = server.client().chat.completions.create(
         model=MODEL,
         messages=[
@@ -262,6 +269,8 @@ def test_images_from_allowed_files_and_remote_urls(server, media_dir, tmp_path):
     ):
         refused = server.post({"model": MODEL, "messages": [ask("What?", url)]})
         assert refused.status_code == 400 and "allowed media dir" in error_of(refused)["message"]
+    nul = server.post({"model": MODEL, "messages": [ask("What?", f"file://{media_dir}/a%00.png")]})
+    assert nul.status_code == 400 and "does not exist" in error_of(nul)["message"]
     files = {"/one.png": (media_dir / "one.png").read_bytes(), "/big.png": b"x" * 200_000}
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -305,6 +314,8 @@ def test_images_from_allowed_files_and_remote_urls(server, media_dir, tmp_path):
 GOOD = [ask("What?")]
 MALFORMED = {
     "not json": b"{not json",
+    "nested too deeply": b'{"model": "tiny", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    "an integer too long to read": b'{"model": "tiny", "max_tokens": ' + b"9" * 5000 + b"}",
     "not an object": [1, 2],
     "no model": {"messages": GOOD},
     "no messages": {"model": MODEL},
@@ -347,6 +358,7 @@ MALFORMED = {
     "string max_tokens": {"model": MODEL, "messages": GOOD, "max_tokens": "10"},
     "temperature 3": {"model": MODEL, "messages": GOOD, "temperature": 3},
     "top_p 0": {"model": MODEL, "messages": GOOD, "top_p": 0},
+    "temperature too small to sample": {"model": MODEL, "messages": GOOD, "temperature": 1e-40},
     "five stops": {"model": MODEL, "messages": GOOD, "stop": ["a", "b", "c", "d", "e"]},
     "stream a string": {"model": MODEL, "messages": GOOD, "stream": "yes"},
     "stream_options without stream": {
@@ -467,6 +479,85 @@ def test_a_client_leaving_mid_stream_frees_its_row_and_a_full_queue_gets_429(ser
     assert server.metric("llava_edge_client_disconnects_total") >= 3
 
 
+def test_a_client_leaving_before_the_first_chunk_frees_its_row(server, slow_steps):
+    """The client leaves after the response has started and before its body's first chunk is
+    asked for, so the body's generator never starts. Raw ASGI, which fixes that order."""
+    engine = server.state.engine
+    before = engine.stats()
+    disconnects = server.metric("llava_edge_client_disconnects_total")
+    body = {"model": MODEL, "messages": GOOD, "max_tokens": 800, "ignore_eos": True}
+
+    async def leave_at_the_start() -> list[str]:
+        gone, sent = asyncio.Event(), []
+        messages = [{"type": "http.request", "body": json.dumps({**body, "stream": True}).encode()}]
+
+        async def receive() -> dict:
+            if messages:
+                return messages.pop(0)
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message["type"])
+            if message["type"] == "http.response.start":
+                gone.set()
+                await asyncio.sleep(0.05)  # the disconnect is seen before the body is asked for
+
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"authorization", b"Bearer " + KEY.encode()),
+        ]
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/chat/completions",
+            "raw_path": b"/v1/chat/completions",
+            "query_string": b"",
+            "root_path": "",
+            "headers": headers,
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 80),
+            "app": server.app,
+        }
+        await server.app(scope, receive, send)
+        return sent
+
+    assert asyncio.run(leave_at_the_start()) == ["http.response.start"]
+    deadline = time.time() + 10  # 800 slowed tokens take over 4 s
+    while engine.stats()["running"] and time.time() < deadline:
+        time.sleep(0.02)
+    after = engine.stats()
+    assert after["cancelled"] == before["cancelled"] + 1
+    assert after["finished"] == before["finished"]
+    assert server.metric("llava_edge_client_disconnects_total") == disconnects + 1
+
+
+def test_shutdown_cancels_what_no_client_waits_for(context_model_dir, monkeypatch):
+    """By the app's shutdown every client has had its answer or been cut off (SIGTERM's drain
+    timeout), so a request still in the engine (one whose handler was cancelled while
+    submitting it) is cancelled, not decoded to its end while the process waits."""
+    from llava_edge.runtime.onnx_backend import OnnxBackend
+
+    decode = OnnxBackend.decode
+    monkeypatch.setattr(
+        OnnxBackend, "decode", lambda self, *a: (time.sleep(STEP_S), decode(self, *a))[1]
+    )
+    app = create_app(ServeOptions(context_model_dir, model_name=MODEL))
+    with TestClient(app):
+        deadline = time.time() + 30
+        while not app.state.serve.ready and time.time() < deadline:
+            time.sleep(0.05)
+        engine = app.state.serve.engine
+        orphan = engine.submit(None, "Go on.", max_new_tokens=900, ignore_eos=True)
+        start = time.time()
+    assert time.time() - start < 2  # 900 slowed tokens take over 4.5 s
+    with pytest.raises(Cancelled):
+        orphan.result(timeout=0)
+
+
 def test_a_request_past_the_time_limit_gets_504(context_model_dir):
     options = ServeOptions(context_model_dir, model_name=MODEL, limits=Limits(timeout_s=1e-9))
     with TestClient(create_app(options)) as client:  # the ASGI client, lifespan and all
@@ -541,26 +632,39 @@ def test_sigterm_drains_the_answer_in_flight_then_exits(context_model_dir):
 
 
 def test_drain_timeout_caps_the_wait(context_model_dir):
-    process, url = start_cli_server(context_model_dir, "--drain-timeout", "0.5")
+    """The answer in flight is cut off, its stream ended by an error event; a request still
+    waiting for a row gets a 503 to retry elsewhere (OpenAI's error JSON, no traceback)."""
+    process, url = start_cli_server(context_model_dir, "--drain-timeout", "0.5", "--max-batch", "1")
     try:
         body = {"model": MODEL, "messages": GOOD, "max_tokens": 900, "ignore_eos": True}
         headers = {"Authorization": f"Bearer {KEY}"}
+        queued: list[httpx.Response] = []
+        waiter = threading.Thread(
+            target=lambda: queued.append(
+                httpx.post(url + "/v1/chat/completions", json=body, headers=headers, timeout=30)
+            )
+        )
         with httpx.stream(
             "POST", url + "/v1/chat/completions", json={**body, "stream": True}, headers=headers
         ) as response:
             lines = response.iter_lines()
             next(lines)
+            waiter.start()
+            time.sleep(0.3)  # it waits for the only row
             process.send_signal(signal.SIGTERM)
             start = time.time()
-            with pytest.raises(httpx.TransportError):  # cut off after the drain timeout
-                for _ in lines:
-                    pass
+            rest = [line for line in lines if line]  # cut off after the drain timeout
+        waiter.join(30)
+        assert rest[-1] == "data: [DONE]" and '"code": "shutting_down"' in rest[-2]
         assert process.wait(30) in (0, -signal.SIGTERM)
         assert time.time() - start < 4  # 900 slowed tokens would take over 4.5 s
+        assert queued[0].status_code == 503 and error_of(queued[0])["code"] == "shutting_down"
     finally:
         if process.poll() is None:
             process.kill()
+        log = process.stdout.read().decode()
         process.stdout.close()
+    assert "Traceback" not in log
 
 
 def test_cli_errors_are_one_line(context_model_dir):

@@ -434,13 +434,16 @@ class BatchEngine:
             return bool(self.running or self.waiting)
 
     def _take_waiting(self) -> list[Request]:
-        """Requests that get a row this round (cancelled ones leave the queue at once)."""
-        taken, dropped = [], []
+        """Requests that get a row this round. Cancelled ones, and ones past their time limit
+        (which counts the wait), leave the queue at once instead of when a row frees."""
+        taken, dropped, late = [], [], []
         with self._lock:
             kept: deque[Request] = deque()
             for request in self.waiting:
                 if request.cancelled:
                     dropped.append(request)
+                elif self._deadline_passed(request):
+                    late.append(request)
                 elif (
                     len(self.running) + len(taken) < self.max_batch
                     and len(taken) < self.admit_per_step
@@ -450,8 +453,11 @@ class BatchEngine:
                     kept.append(request)
             self.waiting = kept
             self.counters["cancelled"] += len(dropped)
+            self.counters["failed"] += len(late)
         for request in dropped:
             request.fail(Cancelled("the request was cancelled"))
+        for request in late:
+            request.fail(self._timeout_error(request))
         return taken
 
     def _admit(self, request: Request) -> None:
@@ -532,7 +538,11 @@ class BatchEngine:
     def _take(self, request: Request, logits: np.ndarray) -> None:
         """Sample `request`'s next token from its logits [1, V]; finish it if it is done."""
         config = request.config
-        token = int(request.sampler(logits, [request.seen])[0])
+        try:
+            token = int(request.sampler(logits, [request.seen])[0])
+        except Exception as e:  # this request's own settings: it fails, the batch goes on
+            self._leave(request, e)
+            return
         request.generated.append(token)
         self.counters["generated_tokens"] += 1
         if len(request.generated) == 1:

@@ -87,14 +87,21 @@ class Sampler:
         c = self.config
         if c.greedy:
             raise ValueError("greedy decoding picks the largest logit; it has no distribution")
-        logits = self.penalized(logits, seen) / np.float32(c.temperature)
-        if c.top_k:
-            k = min(c.top_k, logits.shape[-1])
-            kth = np.partition(logits, -k, axis=-1)[:, -k][:, None]
-            logits = np.where(logits < kth, -np.inf, logits)  # ties with the k-th stay
-        if c.top_p < 1.0:
-            logits = _top_p(logits, c.top_p)
-        return _softmax(logits)
+        with np.errstate(all="ignore"):  # overflow shows as non-finite probabilities, below
+            logits = self.penalized(logits, seen) / np.float32(c.temperature)
+            if c.top_k:
+                k = min(c.top_k, logits.shape[-1])
+                kth = np.partition(logits, -k, axis=-1)[:, -k][:, None]
+                logits = np.where(logits < kth, -np.inf, logits)  # ties with the k-th stay
+            if c.top_p < 1.0:
+                logits = _top_p(logits, c.top_p)
+            probs = _softmax(logits)
+        if not np.isfinite(probs).all():
+            raise LlavaEdgeError(
+                f"temperature {c.temperature} with repetition_penalty {c.repetition_penalty} "
+                "scales the logits past float32's range; raise the temperature (0 is greedy)"
+            )
+        return probs
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

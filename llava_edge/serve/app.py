@@ -125,8 +125,10 @@ class ServerState:
                 self.on_load_error(e)
 
     def close(self) -> None:
+        """The app's shutdown: by now uvicorn has drained the connections (or, past the drain
+        timeout, cancelled them), so what the engine still holds, no client waits for."""
         if self.engine is not None:
-            self.engine.close(drain=True)
+            self.engine.close(drain=False)
         if self.pipe is not None:
             self.pipe.close()
 
@@ -224,6 +226,16 @@ async def _model(request: Request) -> Response:
 async def _chat_completions(request: Request) -> Response:
     state: ServerState = request.app.state.serve
     try:
+        return await _chat_completion(request, state)
+    except asyncio.CancelledError:
+        # uvicorn cancels what still runs once SIGTERM's drain timeout has passed: the client
+        # gets OpenAI's error JSON and a status to retry on, not a bare 500 and a traceback
+        asyncio.current_task().uncancel()
+        return _count(state, _error_response(_shutting_down()))
+
+
+async def _chat_completion(request: Request, state: ServerState) -> Response:
+    try:
         state.check_key(request)
         pipe, engine = state.require_ready()
         chat = protocol.parse_chat_request(await _read_json(request, state.options.max_body_bytes))
@@ -255,8 +267,7 @@ async def _chat_completions(request: Request) -> Response:
         return _count(state, _error_response(_api_error(event.error)))
     request_id = protocol.completion_id()
     if chat.stream:
-        stream = _sse(state, chat, handle, events, event, request_id)
-        return _count(state, StreamingResponse(stream, media_type="text/event-stream"))
+        return _count(state, _AnswerStream(state, chat, handle, events, event, request_id))
     answer = event.answer
     state.metrics.observe_answer(
         len(answer.prompt_token_ids), len(answer.token_ids), answer.timings
@@ -341,22 +352,54 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _sse(
-    state: ServerState,
-    chat: ChatRequest,
-    handle: Any,
-    events: asyncio.Queue,
-    first: Event,
-    request_id: str,
-):
-    """The answer as server-sent events; cancelling it (the client left) cancels the request."""
-    model, finished = chat.model, False
+class _AnswerStream(StreamingResponse):
+    """The answer as server-sent events. A response that ends before the answer did (the client
+    left, the server is stopping) cancels the request. The response does it, not its body's
+    generator: a client that leaves before the first chunk is asked for ends the response
+    before the generator starts, and a generator never started never runs its `finally`."""
 
-    def data(payload: Any) -> str:
-        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+    def __init__(
+        self,
+        state: ServerState,
+        chat: ChatRequest,
+        handle: Any,
+        events: asyncio.Queue,
+        first: Event,
+        request_id: str,
+    ):
+        self.serve, self.handle, self.finished = state, handle, False
+        super().__init__(
+            self._events(chat, events, first, request_id), media_type="text/event-stream"
+        )
 
-    usage_field = {"usage": None} if chat.include_usage else {}
-    try:
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        started = False
+
+        async def sending(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await super().__call__(scope, receive, sending)
+        except asyncio.CancelledError:  # SIGTERM's drain timeout passed: end the stream cleanly
+            asyncio.current_task().uncancel()
+            stopping = _shutting_down()
+            if not started:
+                await _error_response(stopping)(scope, receive, send)
+                return
+            end = _sse_data(stopping.body()) + "data: [DONE]\n\n"
+            await send({"type": "http.response.body", "body": end.encode(), "more_body": False})
+        finally:
+            if not self.finished:
+                self.handle.cancel()
+                self.serve.metrics.disconnects.inc()
+
+    async def _events(
+        self, chat: ChatRequest, events: asyncio.Queue, first: Event, request_id: str
+    ):
+        model, data = chat.model, _sse_data
+        usage_field = {"usage": None} if chat.include_usage else {}
         yield data(
             protocol.chunk(request_id, model, {"role": "assistant", "content": ""}, **usage_field)
         )
@@ -367,12 +410,12 @@ async def _sse(
                     protocol.chunk(request_id, model, {"content": event.text}, **usage_field)
                 )
             elif event.kind == "error":
-                finished = True
+                self.finished = True
                 yield data(_api_error(event.error).body())
                 yield "data: [DONE]\n\n"
                 return
             elif event.kind == "done":
-                finished = True
+                self.finished = True
                 answer = event.answer
                 reason = protocol.FINISH_REASONS[answer.finish_reason]
                 yield data(
@@ -384,15 +427,15 @@ async def _sse(
                     usage = protocol.usage(len(answer.prompt_token_ids), len(answer.token_ids))
                     yield data(protocol.chunk(request_id, model, None, usage=usage))
                 yield "data: [DONE]\n\n"
-                state.metrics.observe_answer(
+                self.serve.metrics.observe_answer(
                     len(answer.prompt_token_ids), len(answer.token_ids), answer.timings
                 )
                 return
             event = await events.get()
-    finally:
-        if not finished:  # the client left mid-stream (or the server is stopping)
-            handle.cancel()
-            state.metrics.disconnects.inc()
+
+
+def _sse_data(payload: Any) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
 async def _read_json(request: Request, limit: int) -> Any:
@@ -406,7 +449,9 @@ async def _read_json(request: Request, limit: int) -> Any:
             raise _body_too_large(len(body), limit)
     try:
         return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except RecursionError:
+        raise ApiError(400, "the request body nests JSON too deeply") from None
+    except ValueError as e:  # bad JSON or UTF-8, or an integer too long to convert
         raise ApiError(400, f"the request body is not valid JSON ({e})") from None
 
 
@@ -459,6 +504,10 @@ def _api_error(error: BaseException) -> ApiError:
         return ApiError(400, str(error))
     log.error("internal error", exc_info=error)
     return ApiError(500, f"internal error ({type(error).__name__}); see the server's log")
+
+
+def _shutting_down() -> ApiError:
+    return ApiError(503, "the server is shutting down; retry", code="shutting_down")
 
 
 def _error_response(error: ApiError) -> JSONResponse:

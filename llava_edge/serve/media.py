@@ -74,7 +74,7 @@ def _local_file(url: str, policy: MediaPolicy) -> bytes:
     root = policy.allowed_media_dir.resolve()
     try:
         resolved = path.resolve(strict=True)
-    except (OSError, RuntimeError):
+    except (OSError, RuntimeError, ValueError):  # ValueError: a NUL byte in the path
         raise ApiError(400, f"image file {path} does not exist", "image_url") from None
     if not resolved.is_relative_to(root) or not resolved.is_file():
         raise ApiError(

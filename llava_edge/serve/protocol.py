@@ -225,8 +225,11 @@ def _text(text: str, param: str) -> str:
 
 def _parse_options(body: dict) -> tuple[dict[str, Any], bool]:
     options: dict[str, Any] = {}
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    # the newer name wins; a null counts as not given, as for every other field
+    name = (
+        "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    )
+    max_tokens = body.get(name)
     if max_tokens is not None:
         if not _is_int(max_tokens) or max_tokens < 1:
             raise ApiError(400, f"'{name}' must be a positive integer, got {max_tokens!r}", name)
