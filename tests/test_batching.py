@@ -258,6 +258,33 @@ def test_a_conversations_next_turn_reuses_its_prefix_and_answers_the_same(pipe):
     assert other.result().timings["prefix_reused"] in (0, image_start)
 
 
+def test_a_turn_that_adds_a_picture_reuses_the_conversation_before_it(pipe):
+    """Each image of a prompt keys its own tokens: a next turn with a new picture copies the
+    turns before it (first picture included) and computes only from the new picture on."""
+    first_picture = picture(30)
+    engine = BatchEngine(pipe, max_batch=1, start=False)
+    first = engine.submit(first_picture, "What is in the picture?", max_new_tokens=6)
+    engine.run_until_idle()
+    turns = [("What is in the picture?", first.result().text), ("And in this one?", None)]
+    pixels = [pipe.image_pixels(first_picture), pipe.image_pixels(picture(31))]
+    ids = pipe.conversation_ids(turns, pixels, [0, 1])
+    image_id = pipe.manifest.tokens.image_token_id
+    new_picture_at = [i for i, t in enumerate(ids) if t == image_id][pipe.image_tokens(pixels)[0]]
+    second = engine.submit_ids(ids, pixels, {"max_new_tokens": 8})
+    engine.run_until_idle()
+    reused = second.result().timings["prefix_reused"]
+    assert len(first.result().prompt_token_ids) <= reused <= new_picture_at
+    fresh = BatchEngine(pipe, max_batch=1, prefix_cache_mb=0, start=False)
+    again = fresh.submit_ids(ids, pixels, {"max_new_tokens": 8})
+    fresh.run_until_idle()
+    assert second.result().token_ids == again.result().token_ids
+    # Another first picture under the same tokens: only the text before it is shared.
+    other = [pipe.image_pixels(picture(32)), pixels[1]]
+    third = engine.submit_ids(pipe.conversation_ids(turns, other, [0, 1]), other, {})
+    engine.run_until_idle()
+    assert third.result().timings["prefix_reused"] in (0, ids.index(image_id))
+
+
 def test_bad_requests_fail_at_submit_and_leave_the_engine_working(pipe):
     engine = BatchEngine(pipe, max_batch=2, start=False)
     with pytest.raises(LlavaEdgeError, match="max_new_tokens"):

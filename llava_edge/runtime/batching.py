@@ -90,6 +90,7 @@ class Request:
         self,
         ids: list[int],
         pixels: list[ImagePixels],
+        image_tokens: list[int],
         config: GenerationConfig,
         answer_text: AnswerText,
         timeout_s: float | None,
@@ -107,8 +108,8 @@ class Request:
         self.generated: list[int] = []
         self.seen = np.asarray(ids, dtype=np.int64)  # kept only when repetition is penalised
         self.features: np.ndarray | None = None
-        # which picture the image tokens stand for: prefix reuse needs the same one
-        self.image_key = "+".join(one.key() for one in pixels) if pixels else None
+        # which picture each image's tokens stand for (and how many): prefix reuse needs the same
+        self.images = [(one.key(), n) for one, n in zip(pixels, image_tokens, strict=True)]
         self.reused = 0  # prompt tokens whose keys/values came from the prefix store
         self.answer: Answer | None = None
         self.error: Exception | None = None
@@ -164,6 +165,10 @@ class Request:
         return self.ids + self.generated[:-1]
 
 
+# Each image of a prompt, in order: the key of its picture and how many image tokens it takes.
+Pictures = list[tuple[str, int]]
+
+
 class PrefixStore:
     """Keys/values of finished requests' rows, so that a later prompt starting the same way (a
     conversation's next turn, a new question about the same image) copies them instead of
@@ -171,22 +176,22 @@ class PrefixStore:
 
     def __init__(self, budget_bytes: int):
         self.budget = budget_bytes
-        # key -> (ids, image key, keys/values per layer, bytes)
-        self.entries: OrderedDict[int, tuple[np.ndarray, str | None, list, int]] = OrderedDict()
+        # key -> (ids, (image key, image tokens) per image, keys/values per layer, bytes)
+        self.entries: OrderedDict[int, tuple[np.ndarray, Pictures, list, int]] = OrderedDict()
         self.used = 0
         self._keys = itertools.count()
 
-    def match(self, ids: np.ndarray, image: str | None, image_id: int) -> tuple[list, int] | None:
+    def match(self, ids: np.ndarray, images: Pictures, image_id: int) -> tuple[list, int] | None:
         """The stored keys/values sharing the longest prefix with `ids`, and its usable length
-        (at most len(ids) - 1: the last prompt token is always fed, for its logits)."""
+        (at most len(ids) - 1: the last prompt token is always fed, for its logits). Image
+        tokens match only where they stand for the same picture."""
         best, best_len, best_key = None, 0, None
-        for key, (stored, stored_image, kv, _) in self.entries.items():
+        image_at = np.flatnonzero(ids == image_id)
+        for key, (stored, stored_images, kv, _) in self.entries.items():
             n = min(len(stored), len(ids) - 1)
             diff = np.flatnonzero(stored[:n] != ids[:n])
             length = int(diff[0]) if len(diff) else n
-            images = np.flatnonzero(ids[:length] == image_id)
-            if len(images) and stored_image != image:
-                length = int(images[0])  # same tokens, another image: only the text before it
+            length = _same_pictures(length, image_at, images, stored_images)
             if length > best_len:
                 best, best_len, best_key = kv, length, key
         if best is None or best_len < MIN_PREFIX:
@@ -194,13 +199,13 @@ class PrefixStore:
         self.entries.move_to_end(best_key)
         return best, best_len
 
-    def add(self, ids: np.ndarray, image: str | None, kv: list) -> None:
+    def add(self, ids: np.ndarray, images: Pictures, kv: list) -> None:
         size = sum(k.nbytes + v.nbytes for k, v in kv)
         if len(ids) < MIN_PREFIX or size > self.budget:
             return
-        for key, (stored, stored_image, _, stored_size) in list(self.entries.items()):
+        for key, (stored, stored_images, _, stored_size) in list(self.entries.items()):
             covered = len(stored) <= len(ids) and np.array_equal(ids[: len(stored)], stored)
-            if covered and stored_image == image:
+            if covered and images[: len(stored_images)] == stored_images:
                 del self.entries[key]  # the new entry answers every prompt the old one did
                 self.used -= stored_size
         while self.entries and (
@@ -208,8 +213,21 @@ class PrefixStore:
         ):
             *_, old_size = self.entries.popitem(last=False)[1]
             self.used -= old_size
-        self.entries[next(self._keys)] = (ids, image, kv, size)
+        self.entries[next(self._keys)] = (ids, images, kv, size)
         self.used += size
+
+
+def _same_pictures(length: int, image_at: np.ndarray, images: Pictures, stored: Pictures) -> int:
+    """How much of a `length`-token common prefix holds the same pictures: up to the first
+    image whose tokens start in it but which stands for another picture (or none stored)."""
+    taken = 0  # image tokens of the images before image i
+    for i, image in enumerate(images):
+        if taken >= len(image_at) or image_at[taken] >= length:
+            break
+        if i >= len(stored) or stored[i] != image:
+            return int(image_at[taken])
+        taken += image[1]
+    return length
 
 
 class BatchEngine:
@@ -338,7 +356,8 @@ class BatchEngine:
         config = pipe._fit_context(config, len(ids))
         pixels = pixels_list(image)
         image_tokens = ids.count(pipe.manifest.tokens.image_token_id)
-        wanted = sum(pipe.image_tokens(pixels) or [])
+        counts = pipe.image_tokens(pixels) or []
+        wanted = sum(counts)
         if image_tokens != wanted:
             raise LlavaEdgeError(
                 f"the prompt holds {image_tokens} image tokens where the images given take "
@@ -348,6 +367,7 @@ class BatchEngine:
         return Request(
             list(ids),
             pixels,
+            counts,
             config,
             AnswerText(pipe.codec, config.stop),
             min(limits) if limits else None,
@@ -488,12 +508,9 @@ class BatchEngine:
         ids = np.asarray(request.ids, dtype=np.int64)
         start = 0
         self.cache.truncate(0, row)
-        hit = self.prefixes.match(ids, request.image_key, image_id)
+        hit = self.prefixes.match(ids, request.images, image_id)
         if hit is not None:
             kv, start = hit
-            images = np.flatnonzero(ids == image_id)
-            if len(images) and images[0] < start < images[-1] + 1:
-                start = int(images[0])  # never split the image: its features go in whole
             if start >= MIN_PREFIX:
                 self.cache.write_row(row, kv, start)
                 request.reused = start
@@ -501,8 +518,10 @@ class BatchEngine:
             else:
                 start = 0
         feed = ids[None, start:]
-        has_image = bool((feed == image_id).any())
-        embeds = embed(pipe.table, feed, image_id, [request.features if has_image else None])
+        features = None
+        if (feed == image_id).any():  # the features of the image tokens still to feed
+            features = request.features[int((ids[:start] == image_id).sum()) :]
+        embeds = embed(pipe.table, feed, image_id, [features])
         positions = np.arange(start, len(ids), dtype=np.int64)[None]
         rows = self.cache.rows(row, row + 1)
         return pipe.backend.decode(embeds, np.ones_like(feed), positions, rows)
@@ -572,7 +591,7 @@ class BatchEngine:
         fed = request.fed_ids
         if self.prefixes.budget and len(fed) >= MIN_PREFIX:
             kv = self.cache.read_row(row, len(fed))
-            self.prefixes.add(np.asarray(fed, dtype=np.int64), request.image_key, kv)
+            self.prefixes.add(np.asarray(fed, dtype=np.int64), request.images, kv)
         answer = Answer(
             request.text.text,
             list(request.ids),
