@@ -170,15 +170,18 @@ def _rows(parts: Original) -> int:
 
 def _language_model(parts: Original, dtype: Any) -> Any:
     """The causal LM with the original's text weights (a LoRA output's adapters merged in)."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     settings = parts.settings
     try:
-        config = AutoConfig.for_model(**text_config_dict(parts.config, settings))
-    except (ValueError, TypeError) as e:
-        raise LlavaEdgeError(f"{parts.directory}/config.json: {e}") from None
-    config.vocab_size = _rows(parts)
+        config = AutoConfig.for_model(
+            **text_config_dict(parts.config, settings), vocab_size=_rows(parts)
+        )
+    except (ValueError, TypeError, StrictDataclassError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise LlavaEdgeError(f"{parts.directory}/config.json: {first}") from None
     model = _load(
         MODEL_FOR_CAUSAL_LM_MAPPING[type(config)], config, parts.text, dtype, "language model"
     )
@@ -220,17 +223,27 @@ def _load(cls: type, config: Any, state: dict[str, Any], dtype: Any, what: str) 
     """from_pretrained on in-memory weights; every parameter must come from them."""
     try:
         model, info = cls.from_pretrained(
-            None, config=config, state_dict=state, dtype=dtype, output_loading_info=True
+            None,
+            config=config,
+            state_dict=state,
+            dtype=dtype,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,  # reported below, naming the tensor
         )
     except (RuntimeError, ValueError) as e:
         raise LlavaEdgeError(f"the {what} weights do not fit its config: {e}") from None
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     missing = sorted(set(info["missing_keys"]) - tied)
-    if missing or info["mismatched_keys"]:
-        problem = missing or sorted(info["mismatched_keys"])
+    if missing:
         raise LlavaEdgeError(
-            f"the {what} weights do not fit its config ({len(problem)} missing or mismatched, "
-            f"e.g. {problem[0]})"
+            f"the {what} weights do not fit its config ({len(missing)} missing, e.g. {missing[0]})"
+        )
+    if info["mismatched_keys"]:
+        name, saved, wanted = sorted(info["mismatched_keys"])[0]
+        raise LlavaEdgeError(
+            f"the {what} weights do not fit its config ({len(info['mismatched_keys'])} of "
+            f"another shape, e.g. {name}: {list(saved)} in the weights, {list(wanted)} by the "
+            "config)"
         )
     return model.eval()
 
@@ -241,6 +254,12 @@ def _llava_config(parts: Original, tower: Tower, text_config: Any, tokenizer: An
     from llava_edge.modeling import DEFAULT_PROJECTOR, PROJECTOR_KEY
 
     settings = parts.settings
+    layers = tower.config.num_hidden_layers
+    if not -(layers + 1) <= settings.select_layer <= layers:
+        raise LlavaEdgeError(
+            f"{parts.directory}: mm_vision_select_layer {settings.select_layer} is outside the "
+            f"vision tower's {layers} layers (from {-(layers + 1)} to {layers})"
+        )
     strategy = "default" if settings.select_feature == "patch" else "full"
     common = dict(
         vision_config=tower.config,
