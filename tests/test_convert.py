@@ -536,6 +536,26 @@ def test_a_full_output_dir_is_kept_without_force(plain_original, tmp_path, capsy
     assert json.loads((out / "llava_edge.json").read_text())["template"] == "llava_v1"
 
 
+def test_force_never_replaces_an_input(plain_original, tmp_path, capsys) -> None:
+    """--force replaces the output dir; an output that is --base, --vision or the tower found
+    beside the original is an input, and refused before anything is written."""
+    original = _copy(plain_original, tmp_path)
+    clip = Path(shutil.copytree(plain_original["clip"], tmp_path / "clip"))
+    local = Path(shutil.copytree(plain_original["clip"], tmp_path / TOWER_NAME.split("/")[-1]))
+    base = Path(shutil.copytree(plain_original["original"], tmp_path / "base"))
+    runs = {
+        "the --base model": [str(base), "--base", str(base), "--vision", str(clip)],
+        "the --vision tower": [str(clip), "--vision", str(clip)],
+        "the vision tower": [str(local)],  # found by mm_vision_tower's name
+    }
+    for name, args in runs.items():
+        before = sorted(p.name for p in Path(args[0]).iterdir())
+        assert cli(["convert", str(original), *args, "--force"]) == 1
+        err = capsys.readouterr().err
+        assert f"holds {name} " in err and "choose another output dir" in err, err
+        assert sorted(p.name for p in Path(args[0]).iterdir()) == before
+
+
 def test_missing_extras_are_named(plain_original, tmp_path, monkeypatch, capsys) -> None:
     """A SentencePiece-only tokenizer without sentencepiece, a LoRA output without peft."""
     from original_format import SENTENCEPIECE_CONFIG, sentencepiece_model

@@ -59,7 +59,14 @@ def convert_checkpoint(
     from transformers import CLIPVisionModel
 
     source, out = Path(original), Path(out_dir)
-    check_output_dir(out, force, keep=source, keep_name="the original checkpoint")
+    inputs = {
+        "the original checkpoint": source,
+        "the --base model": base,
+        "the --vision tower": vision,
+    }
+    for name, path in inputs.items():  # --force replaces the output, never an input
+        if path is not None:
+            check_output_dir(out, force, keep=Path(path), keep_name=name)
     if template is not None and template not in TEMPLATES:
         raise LlavaEdgeError(f"unknown template {template!r}; choose from {sorted(TEMPLATES)}")
     with quiet():
@@ -68,6 +75,8 @@ def convert_checkpoint(
         vision_dir = find_vision_dir(
             settings.vision_tower, source, Path(vision) if vision is not None else None
         )
+        if vision_dir is not None and vision is None:
+            check_output_dir(out, force, keep=vision_dir, keep_name="the vision tower")
         tower = load_tower(settings.vision_tower, vision_dir, parts.vision, log)
         dtype = _dtype(parts.text)
         tokenizer = _tokenizer(parts)
