@@ -471,6 +471,11 @@ BAD_CONFIGS = {
         {**ANYRES, "image_grid_pinpoints": [[32, 64]], "mm_vision_select_feature": "cls_patch"},
         "anyres with mm_vision_select_feature 'cls_patch' has no feature grid",
     ),
+    "a Qwen2 LLaVA-NeXT": (
+        {"model_type": "llava_qwen", "architectures": ["LlavaQwenForCausalLM"]},
+        "model_type 'llava_qwen' is not one convert takes (the original LLaVA's Llama and "
+        "Mistral models",
+    ),
     "select layer past the tower": (
         {"mm_vision_select_layer": -7},
         "mm_vision_select_layer -7 is outside the vision tower's 2 layers (from -3 to 2)",

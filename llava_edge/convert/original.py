@@ -142,8 +142,8 @@ def read_settings(config: dict[str, Any], directory: Path) -> Settings:
         )
     if text is None:
         raise LlavaEdgeError(
-            f"{directory}: model_type {model_type!r} is not an original LLaVA checkpoint "
-            f"(convert takes {', '.join(TEXT_MODELS)})"
+            f"{directory}: model_type {model_type!r} is not one convert takes (the original "
+            f"LLaVA's Llama and Mistral models: {', '.join(TEXT_MODELS)})"
         )
     tower = config.get("mm_vision_tower") or config.get("vision_tower")
     if not tower:
