@@ -166,7 +166,7 @@ def _tokenizer(parts: Original) -> Any:
     else:
         tokenizer.pad_token = PAD
     if settings.max_length:
-        tokenizer.model_max_length = int(settings.max_length)
+        tokenizer.model_max_length = settings.max_length
     return tokenizer
 
 

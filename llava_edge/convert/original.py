@@ -48,7 +48,7 @@ class Settings:
     im_start_end: bool
     im_patch_token: bool
     aspect_ratio: str  # pad, anyres; anything else: CLIP's resize and center crop
-    grid_pinpoints: list[list[int]]  # as the original writes them: [width, height]
+    grid_pinpoints: list[list[int]]  # anyres only; as the original writes them: [width, height]
     patch_merge: str  # flat, spatial_unpad...
     max_length: int | None  # tokenizer_model_max_length
 
