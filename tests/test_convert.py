@@ -467,6 +467,10 @@ BAD_CONFIGS = {
         {**ANYRES, "image_grid_pinpoints": "(1x1),...,(3x3)"},
         "anyres needs image_grid_pinpoints as [width, height] pairs",
     ),
+    "pinpoints that cut partial tiles": (
+        {**ANYRES, "image_grid_pinpoints": "[(32, 64), (64, 50)]"},
+        "image_grid_pinpoints [64, 50] is not a whole number of the vision tower's 32-pixel tiles",
+    ),
     "anyres with the CLS token": (
         {**ANYRES, "image_grid_pinpoints": [[32, 64]], "mm_vision_select_feature": "cls_patch"},
         "anyres with mm_vision_select_feature 'cls_patch' has no feature grid",

@@ -281,6 +281,13 @@ def _llava_config(parts: Original, tower: Tower, text_config: Any, tokenizer: An
         tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
     )
     if settings.anyres:
+        tile = tower.config.image_size  # both the original and transformers cut whole tiles
+        for width, height in settings.grid_pinpoints:
+            if width % tile or height % tile:
+                raise LlavaEdgeError(
+                    f"{parts.directory}: image_grid_pinpoints [{width}, {height}] is not a whole "
+                    f"number of the vision tower's {tile}-pixel tiles"
+                )
         # The original lists [width, height] pairs; transformers [height, width].
         pinpoints = [[height, width] for width, height in settings.grid_pinpoints]
         config = LlavaNextConfig(**common, image_grid_pinpoints=pinpoints)
