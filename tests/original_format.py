@@ -244,6 +244,7 @@ class Layout:
     shards: int = 1
     vision_weights: bool = False  # the tower inside the checkpoint
     projector_key: bool = True  # write mm_projector_type (LLaVA v1 did not: linear then)
+    pinpoints_as_text: bool = False  # image_grid_pinpoints as Python source: "[(336, 672), ...]"
 
 
 def to_original(source: Path, out: Path, spec: Source, layout: Layout) -> dict[str, Any]:
@@ -312,7 +313,10 @@ def original_config(config: Any, spec: Source, vocab: int, layout: Layout) -> di
     if layout.projector_key:
         llava["mm_projector_type"] = spec.projector
     if spec.aspect_ratio == "anyres":  # the original lists [width, height]
-        llava["image_grid_pinpoints"] = [[w, h] for h, w in spec.pinpoints]
+        pinpoints = [[w, h] for h, w in spec.pinpoints]
+        llava["image_grid_pinpoints"] = (
+            str([tuple(p) for p in pinpoints]) if layout.pinpoints_as_text else pinpoints
+        )
         llava["mm_patch_merge_type"] = "spatial_unpad"
     return {**text, **llava}
 

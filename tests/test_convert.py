@@ -91,12 +91,15 @@ CASES: dict[str, Case] = {
         vision="local",
     ),
     # LLaVA-1.6 (AnyRes, spatial_unpad, image_newline) with its fine-tuned tower inside; the
-    # pinpoints have no transposes, so the original's [width, height] order must be honoured.
+    # pinpoints have no transposes, so the original's [width, height] order must be honoured;
+    # they are written as Python source, as some releases write them.
     "v1.6-anyres": Case(
         Source(aspect_ratio="anyres", pinpoints=[[32, 64], [96, 32]], template="llava_v1", seed=6),
-        Layout(vision_weights=True),
+        Layout(vision_weights=True, pinpoints_as_text=True),
     ),
-    "lora": Case(Source(seed=4), Layout(), kind="lora"),
+    # A LoRA output whose non_lora_trainables.bin also holds a trained lm_head and the tower
+    # (the local dir named like mm_vision_tower has other weights: the checkpoint's must win).
+    "lora": Case(Source(seed=4), Layout(), kind="lora", vision="local"),
     "stage1": Case(Source(template="plain", seed=5), Layout(), kind="stage1", full_clip=True),
 }
 
@@ -261,6 +264,10 @@ def make_lora_output(source: Path, out: Path, root: Path, spec: Source) -> tuple
             adapters[f"{key}.lora_A.weight"], adapters[f"{key}.lora_B.weight"] = a, b
             with torch.no_grad():
                 linear.weight += (b @ a) * (alpha / rank)
+    with torch.no_grad():  # a trained lm_head, saved beside the projector (original vocab)
+        head = model.lm_head.weight
+        head[:vocab] += torch.randn(head[:vocab].shape, generator=generator) * 0.3
+        head[vocab:] = head[:vocab].mean(0)
     merged = root / "source-merged"
     model.save_pretrained(merged)
     for name in (
@@ -276,11 +283,13 @@ def make_lora_output(source: Path, out: Path, root: Path, spec: Source) -> tuple
     )
     out.mkdir()
     save_file(adapters, str(out / "adapter_model.safetensors"))
-    projector = {
-        k: v for k, v in original_state(model, spec, vocab, False).items() if "mm_projector" in k
+    trained = {
+        k: v
+        for k, v in original_state(model, spec, vocab, vision=True).items()
+        if "mm_projector" in k or "vision_tower" in k or k == "lm_head.weight"
     }
     torch.save(
-        {f"base_model.model.{k}": v for k, v in projector.items()}, out / "non_lora_trainables.bin"
+        {f"base_model.model.{k}": v for k, v in trained.items()}, out / "non_lora_trainables.bin"
     )
     (out / "adapter_config.json").write_text(
         json.dumps(
@@ -303,7 +312,7 @@ def make_lora_output(source: Path, out: Path, root: Path, spec: Source) -> tuple
     (out / "config.json").write_text(
         json.dumps(original_config(model.config, spec, vocab, Layout()))
     )
-    return merged, base, {**base_state, **projector}
+    return merged, base, {**base_state, **trained}
 
 
 def make_stage1_output(source: Path, out: Path, root: Path, spec: Source) -> tuple:
@@ -448,6 +457,75 @@ def test_projector_weights_must_match_the_projector_type(plain_original, tmp_pat
     assert "do not match its mm_projector_type 'linear'" in capsys.readouterr().err
 
 
+ANYRES = {"image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial_unpad"}
+BAD_CONFIGS = {
+    "flat pinpoints": (
+        {**ANYRES, "image_grid_pinpoints": [336, 672]},
+        "anyres needs image_grid_pinpoints as [width, height] pairs, got [336, 672]",
+    ),
+    "pinpoints as text": (
+        {**ANYRES, "image_grid_pinpoints": "(1x1),...,(3x3)"},
+        "anyres needs image_grid_pinpoints as [width, height] pairs",
+    ),
+    "pinpoints that cut partial tiles": (
+        {**ANYRES, "image_grid_pinpoints": "[(32, 64), (64, 50)]"},
+        "image_grid_pinpoints [64, 50] is not a whole number of the vision tower's 32-pixel tiles",
+    ),
+    "anyres with the CLS token": (
+        {**ANYRES, "image_grid_pinpoints": [[32, 64]], "mm_vision_select_feature": "cls_patch"},
+        "anyres with mm_vision_select_feature 'cls_patch' has no feature grid",
+    ),
+    "a Qwen2 LLaVA-NeXT": (
+        {"model_type": "llava_qwen", "architectures": ["LlavaQwenForCausalLM"]},
+        "model_type 'llava_qwen' is not one convert takes (the original LLaVA's Llama and "
+        "Mistral models",
+    ),
+    "select layer past the tower": (
+        {"mm_vision_select_layer": -7},
+        "mm_vision_select_layer -7 is outside the vision tower's 2 layers (from -3 to 2)",
+    ),
+    "max length not a number": (
+        {"tokenizer_model_max_length": "2k"},
+        "tokenizer_model_max_length '2k' is not an integer",
+    ),
+    "text config against its weights": (
+        {"intermediate_size": 200},
+        "language model weights do not fit its config (6 of another shape, e.g. "
+        "model.layers.0.mlp.down_proj.weight: [48, 96] in the weights, [48, 200] by the config)",
+    ),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_CONFIGS))
+def test_a_config_convert_cannot_honour_is_one_line(plain_original, tmp_path, capsys, bad) -> None:
+    """Refused before anything is written, in one line naming the key; never a traceback, and
+    never a checkpoint that export or the runtime would then fail on."""
+    edit, message = BAD_CONFIGS[bad]
+    original = _copy(plain_original, tmp_path)
+    config = json.loads((original / "config.json").read_text())
+    (original / "config.json").write_text(json.dumps({**config, **edit}))
+    out = tmp_path / "out"
+    assert cli(["convert", str(original), str(out), "--vision", str(plain_original["clip"])]) == 1
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_optional_keys_may_be_absent_or_null(plain_original, tmp_path) -> None:
+    """The original's defaults apply where its config leaves a key out or writes null."""
+    original = _copy(plain_original, tmp_path)
+    config = json.loads((original / "config.json").read_text())
+    for key in ("mm_vision_select_feature", "mm_use_im_start_end", "image_aspect_ratio"):
+        del config[key]
+    config.update(mm_vision_select_layer=None, tokenizer_model_max_length=None, vocab_size=None)
+    (original / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    assert cli(["convert", str(original), str(out), "--vision", str(plain_original["clip"])]) == 0
+    converted = json.loads((out / "config.json").read_text())
+    assert converted["vision_feature_layer"] == -1  # the original's default
+    assert converted["vision_feature_select_strategy"] == "default"
+
+
 def test_a_full_output_dir_is_kept_without_force(plain_original, tmp_path, capsys) -> None:
     out = tmp_path / "out"
     out.mkdir()
@@ -465,6 +543,26 @@ def test_a_full_output_dir_is_kept_without_force(plain_original, tmp_path, capsy
     assert cli([*args, "--force", "--template", "llava_v1"]) == 0
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
     assert json.loads((out / "llava_edge.json").read_text())["template"] == "llava_v1"
+
+
+def test_force_never_replaces_an_input(plain_original, tmp_path, capsys) -> None:
+    """--force replaces the output dir; an output that is --base, --vision or the tower found
+    beside the original is an input, and refused before anything is written."""
+    original = _copy(plain_original, tmp_path)
+    clip = Path(shutil.copytree(plain_original["clip"], tmp_path / "clip"))
+    local = Path(shutil.copytree(plain_original["clip"], tmp_path / TOWER_NAME.split("/")[-1]))
+    base = Path(shutil.copytree(plain_original["original"], tmp_path / "base"))
+    runs = {
+        "the --base model": [str(base), "--base", str(base), "--vision", str(clip)],
+        "the --vision tower": [str(clip), "--vision", str(clip)],
+        "the vision tower": [str(local)],  # found by mm_vision_tower's name
+    }
+    for name, args in runs.items():
+        before = sorted(p.name for p in Path(args[0]).iterdir())
+        assert cli(["convert", str(original), *args, "--force"]) == 1
+        err = capsys.readouterr().err
+        assert f"holds {name} " in err and "choose another output dir" in err, err
+        assert sorted(p.name for p in Path(args[0]).iterdir()) == before
 
 
 def test_missing_extras_are_named(plain_original, tmp_path, monkeypatch, capsys) -> None:

@@ -59,7 +59,14 @@ def convert_checkpoint(
     from transformers import CLIPVisionModel
 
     source, out = Path(original), Path(out_dir)
-    check_output_dir(out, force, keep=source, keep_name="the original checkpoint")
+    inputs = {
+        "the original checkpoint": source,
+        "the --base model": base,
+        "the --vision tower": vision,
+    }
+    for name, path in inputs.items():  # --force replaces the output, never an input
+        if path is not None:
+            check_output_dir(out, force, keep=Path(path), keep_name=name)
     if template is not None and template not in TEMPLATES:
         raise LlavaEdgeError(f"unknown template {template!r}; choose from {sorted(TEMPLATES)}")
     with quiet():
@@ -68,6 +75,8 @@ def convert_checkpoint(
         vision_dir = find_vision_dir(
             settings.vision_tower, source, Path(vision) if vision is not None else None
         )
+        if vision_dir is not None and vision is None:
+            check_output_dir(out, force, keep=vision_dir, keep_name="the vision tower")
         tower = load_tower(settings.vision_tower, vision_dir, parts.vision, log)
         dtype = _dtype(parts.text)
         tokenizer = _tokenizer(parts)
@@ -157,7 +166,7 @@ def _tokenizer(parts: Original) -> Any:
     else:
         tokenizer.pad_token = PAD
     if settings.max_length:
-        tokenizer.model_max_length = int(settings.max_length)
+        tokenizer.model_max_length = settings.max_length
     return tokenizer
 
 
@@ -170,15 +179,18 @@ def _rows(parts: Original) -> int:
 
 def _language_model(parts: Original, dtype: Any) -> Any:
     """The causal LM with the original's text weights (a LoRA output's adapters merged in)."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     settings = parts.settings
     try:
-        config = AutoConfig.for_model(**text_config_dict(parts.config, settings))
-    except (ValueError, TypeError) as e:
-        raise LlavaEdgeError(f"{parts.directory}/config.json: {e}") from None
-    config.vocab_size = _rows(parts)
+        config = AutoConfig.for_model(
+            **text_config_dict(parts.config, settings), vocab_size=_rows(parts)
+        )
+    except (ValueError, TypeError, StrictDataclassError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise LlavaEdgeError(f"{parts.directory}/config.json: {first}") from None
     model = _load(
         MODEL_FOR_CAUSAL_LM_MAPPING[type(config)], config, parts.text, dtype, "language model"
     )
@@ -220,17 +232,27 @@ def _load(cls: type, config: Any, state: dict[str, Any], dtype: Any, what: str) 
     """from_pretrained on in-memory weights; every parameter must come from them."""
     try:
         model, info = cls.from_pretrained(
-            None, config=config, state_dict=state, dtype=dtype, output_loading_info=True
+            None,
+            config=config,
+            state_dict=state,
+            dtype=dtype,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,  # reported below, naming the tensor
         )
     except (RuntimeError, ValueError) as e:
         raise LlavaEdgeError(f"the {what} weights do not fit its config: {e}") from None
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     missing = sorted(set(info["missing_keys"]) - tied)
-    if missing or info["mismatched_keys"]:
-        problem = missing or sorted(info["mismatched_keys"])
+    if missing:
         raise LlavaEdgeError(
-            f"the {what} weights do not fit its config ({len(problem)} missing or mismatched, "
-            f"e.g. {problem[0]})"
+            f"the {what} weights do not fit its config ({len(missing)} missing, e.g. {missing[0]})"
+        )
+    if info["mismatched_keys"]:
+        name, saved, wanted = sorted(info["mismatched_keys"])[0]
+        raise LlavaEdgeError(
+            f"the {what} weights do not fit its config ({len(info['mismatched_keys'])} of "
+            f"another shape, e.g. {name}: {list(saved)} in the weights, {list(wanted)} by the "
+            "config)"
         )
     return model.eval()
 
@@ -241,6 +263,12 @@ def _llava_config(parts: Original, tower: Tower, text_config: Any, tokenizer: An
     from llava_edge.modeling import DEFAULT_PROJECTOR, PROJECTOR_KEY
 
     settings = parts.settings
+    layers = tower.config.num_hidden_layers
+    if not -(layers + 1) <= settings.select_layer <= layers:
+        raise LlavaEdgeError(
+            f"{parts.directory}: mm_vision_select_layer {settings.select_layer} is outside the "
+            f"vision tower's {layers} layers (from {-(layers + 1)} to {layers})"
+        )
     strategy = "default" if settings.select_feature == "patch" else "full"
     common = dict(
         vision_config=tower.config,
@@ -253,6 +281,13 @@ def _llava_config(parts: Original, tower: Tower, text_config: Any, tokenizer: An
         tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
     )
     if settings.anyres:
+        tile = tower.config.image_size  # both the original and transformers cut whole tiles
+        for width, height in settings.grid_pinpoints:
+            if width % tile or height % tile:
+                raise LlavaEdgeError(
+                    f"{parts.directory}: image_grid_pinpoints [{width}, {height}] is not a whole "
+                    f"number of the vision tower's {tile}-pixel tiles"
+                )
         # The original lists [width, height] pairs; transformers [height, width].
         pinpoints = [[height, width] for width, height in settings.grid_pinpoints]
         config = LlavaNextConfig(**common, image_grid_pinpoints=pinpoints)

@@ -48,7 +48,7 @@ class Settings:
     im_start_end: bool
     im_patch_token: bool
     aspect_ratio: str  # pad, anyres; anything else: CLIP's resize and center crop
-    grid_pinpoints: list[list[int]]  # as the original writes them: [width, height]
+    grid_pinpoints: list[list[int]]  # anyres only; as the original writes them: [width, height]
     patch_merge: str  # flat, spatial_unpad...
     max_length: int | None  # tokenizer_model_max_length
 
@@ -142,32 +142,24 @@ def read_settings(config: dict[str, Any], directory: Path) -> Settings:
         )
     if text is None:
         raise LlavaEdgeError(
-            f"{directory}: model_type {model_type!r} is not an original LLaVA checkpoint "
-            f"(convert takes {', '.join(TEXT_MODELS)})"
+            f"{directory}: model_type {model_type!r} is not one convert takes (the original "
+            f"LLaVA's Llama and Mistral models: {', '.join(TEXT_MODELS)})"
         )
     tower = config.get("mm_vision_tower") or config.get("vision_tower")
     if not tower:
         raise LlavaEdgeError(f"{directory}/config.json names no vision tower (mm_vision_tower)")
-    pinpoints = config.get("image_grid_pinpoints") or []
-    if isinstance(pinpoints, str):  # some releases write the list as Python source
-        try:
-            pinpoints = ast.literal_eval(pinpoints)
-        except (ValueError, SyntaxError):
-            raise LlavaEdgeError(
-                f"{directory}: image_grid_pinpoints {pinpoints!r} is not a list"
-            ) from None
     settings = Settings(
         text_model=text,
         vision_tower=str(tower),
         projector=config.get("mm_projector_type") or "linear",  # absent in LLaVA v1: linear
-        select_layer=int(config.get("mm_vision_select_layer", -1)),
+        select_layer=_integer(config, "mm_vision_select_layer", -1, directory),
         select_feature=config.get("mm_vision_select_feature") or "patch",
         im_start_end=bool(config.get("mm_use_im_start_end", False)),
         im_patch_token=bool(config.get("mm_use_im_patch_token", True)),
         aspect_ratio=str(config.get("image_aspect_ratio") or "square"),
-        grid_pinpoints=[list(map(int, p)) for p in pinpoints],
+        grid_pinpoints=[],
         patch_merge=str(config.get("mm_patch_merge_type") or "flat"),
-        max_length=config.get("tokenizer_model_max_length"),
+        max_length=_integer(config, "tokenizer_model_max_length", None, directory),
     )
     if settings.select_feature not in ("patch", "cls_patch"):
         raise LlavaEdgeError(
@@ -185,9 +177,44 @@ def read_settings(config: dict[str, Any], directory: Path) -> Settings:
                 f"{directory}: anyres with mm_patch_merge_type {settings.patch_merge!r} has no "
                 "Hugging Face class; only spatial_unpad (LLaVA-NeXT) converts"
             )
-        if not settings.grid_pinpoints:
-            raise LlavaEdgeError(f"{directory}: anyres needs image_grid_pinpoints")
+        settings.grid_pinpoints = _pinpoints(config.get("image_grid_pinpoints"), directory)
+        if settings.select_feature != "patch":
+            # The original and LlavaNextModel both lay each tile's features out on a square grid.
+            raise LlavaEdgeError(
+                f"{directory}: anyres with mm_vision_select_feature "
+                f"{settings.select_feature!r} has no feature grid; only 'patch' converts"
+            )
     return settings
+
+
+def _integer(config: dict[str, Any], key: str, default: int | None, directory: Path) -> int | None:
+    value = config.get(key)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise LlavaEdgeError(f"{directory}: {key} {value!r} is not an integer") from None
+
+
+def _pinpoints(value: Any, directory: Path) -> list[list[int]]:
+    """image_grid_pinpoints: [width, height] pairs, as a list or as Python source (some
+    releases write "[(336, 672), ...]"), as the original's ast.literal_eval reads it."""
+    if isinstance(value, str):
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            value = None
+    try:
+        pairs = [[int(w), int(h)] for w, h in value]
+    except (TypeError, ValueError):
+        pairs = []
+    if not pairs or any(w <= 0 or h <= 0 for w, h in pairs):
+        raise LlavaEdgeError(
+            f"{directory}: anyres needs image_grid_pinpoints as [width, height] pairs, "
+            f"got {value!r}"
+        )
+    return pairs
 
 
 def text_config_dict(config: dict[str, Any], settings: Settings) -> dict[str, Any]:
@@ -198,6 +225,7 @@ def text_config_dict(config: dict[str, Any], settings: Settings) -> dict[str, An
         if k not in LLAVA_KEYS and not k.startswith(LLAVA_KEY_PREFIXES)
     }
     kept["model_type"] = settings.text_model
+    kept.pop("vocab_size", None)  # the embeddings' rows say it
     return kept
 
 
@@ -236,12 +264,15 @@ def _projector_file(directory: Path) -> StateDict:
 
 def _strip_peft_prefix(state: StateDict) -> StateDict:
     """non_lora_trainables.bin names its tensors as peft wraps the model; undo it as the
-    original's loader does ('base_model.model.model.mm_projector' -> 'model.mm_projector')."""
-    out = {}
-    for key, value in state.items():
-        key = key[len("base_model.") :] if key.startswith("base_model.") else key
-        out[key[len("model.") :] if key.startswith("model.model.") else key] = value
-    return out
+    original's loader does: 'base_model.' off every name, then, where any name starts with
+    'model.model.', 'model.' off every name that starts with it ('base_model.model.lm_head'
+    -> 'lm_head', 'base_model.model.model.mm_projector' -> 'model.mm_projector')."""
+    state = {
+        k[len("base_model.") :] if k.startswith("base_model.") else k: v for k, v in state.items()
+    }
+    if any(k.startswith("model.model.") for k in state):
+        state = {k[len("model.") :] if k.startswith("model.") else k: v for k, v in state.items()}
+    return state
 
 
 def _split(state: StateDict, original: Original) -> None:
