@@ -480,6 +480,7 @@ BAD_CONFIGS = {
         "model_type 'llava_qwen' is not one convert takes (the original LLaVA's Llama and "
         "Mistral models",
     ),
+    "an S2 multi-scale tower": ({"s2": True, "s2_scales": "336,672"}, "S2 multi-scale"),
     "select layer past the tower": (
         {"mm_vision_select_layer": -7},
         "mm_vision_select_layer -7 is outside the vision tower's 2 layers (from -3 to 2)",

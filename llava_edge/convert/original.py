@@ -145,6 +145,11 @@ def read_settings(config: dict[str, Any], directory: Path) -> Settings:
             f"{directory}: model_type {model_type!r} is not one convert takes (the original "
             f"LLaVA's Llama and Mistral models: {', '.join(TEXT_MODELS)})"
         )
+    if config.get("s2"):
+        raise LlavaEdgeError(
+            f"{directory}: the vision tower is an S2 multi-scale one (s2: true), which convert "
+            "cannot carry into the graphs; convert a checkpoint with a plain CLIP tower"
+        )
     tower = config.get("mm_vision_tower") or config.get("vision_tower")
     if not tower:
         raise LlavaEdgeError(f"{directory}/config.json names no vision tower (mm_vision_tower)")
