@@ -316,3 +316,11 @@ def test_quantized_copy_keeps_the_anyres_files(exported: Exported, tmp_path) -> 
         answer = pipe.answer(picture(30, 100), QUESTION, max_new_tokens=4, ignore_eos=True)
     assert answer.prompt_token_ids.count(pipe.manifest.tokens.image_token_id) > 16
     assert (out / Manifest.load(out).image.anyres.newline).is_file()
+    # The quality report runs the copy against the original on AnyRes prompts too.
+    from llava_edge.calib.data import Sample
+    from llava_edge.calib.report import greedy_agreement
+
+    image = tmp_path / "wide.png"
+    picture(30, 100).save(image)
+    agreement = greedy_agreement(exported.model_dir, out, [Sample(image, QUESTION)], tokens=4)
+    assert agreement["teacher_forced_top1"] >= 0.75, agreement

@@ -104,7 +104,6 @@ def greedy_agreement(
 
     from llava_edge.runtime import Pipeline
     from llava_edge.runtime.generate import embed
-    from llava_edge.runtime.template import user_turn
 
     prefix, forced = [], []
     options = {"max_new_tokens": tokens, "ignore_eos": True}
@@ -118,9 +117,9 @@ def greedy_agreement(
             )
             prefix.append(same / len(want))
             # Teacher forcing: feed fp32's tokens, count where the quantized argmax agrees.
-            text = user_turn(pipe.manifest.template, sample.prompt, image is not None, True)
-            ids = np.asarray([pipe.codec.encode(text)], dtype=np.int64)
-            features = [pipe.image_features(image)] if image else []
+            pixels = [pipe.image_pixels(image)] if image else []
+            ids = np.asarray([pipe.prompt_ids(sample.prompt, pixels)], dtype=np.int64)
+            features = [pipe.pixel_features(pixels)] if image else []
             cache = pipe.backend.new_cache(1)
             positions = np.arange(ids.shape[1], dtype=np.int64)[None]
             embeds = embed(pipe.table, ids, pipe.manifest.tokens.image_token_id, features)
