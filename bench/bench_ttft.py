@@ -75,7 +75,6 @@ def main() -> None:
 
     from llava_edge.runtime import Pipeline
     from llava_edge.runtime.bench import bench_image, question
-    from llava_edge.runtime.template import user_turn
 
     given = {p: getattr(args, p) for p in precisions}
     dirs = given if all(given.values()) else build_model_dirs(args.work, args.preset)
@@ -86,9 +85,8 @@ def main() -> None:
     }
     first = pipes[(precisions[0], "standard")]
     text = question(first.codec, args.question_tokens)
-    prompt = user_turn(first.manifest.template, text, image=True, first=True)
-    ids = first.codec.encode(prompt)
     image = bench_image()
+    ids = first.prompt_ids(text, first.image_pixels(image))  # AnyRes: the image's own count
     for pipe in pipes.values():  # warm-up: first calls allocate and pre-pack
         time_request(pipe, image, ids)
     load_before = os.getloadavg()[0]
