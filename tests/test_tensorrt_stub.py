@@ -328,12 +328,46 @@ def test_batches_and_chats_match_onnxruntime(stub, model: Path) -> None:
     assert chats[1].cache.length == chats[0].cache.length
     with pytest.raises(LlavaEdgeError, match="batch of 3.*--max-batch"):
         trt.backend.new_cache(3)
-    # Requests that join and leave a batch need a length per cache row, which the device
-    # cache does not keep: continuous batching (and so `serve`) refuses this backend clearly.
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_requests_join_and_leave_a_batch_on_the_device_cache(
+    stub, model: Path, cuda_graph: bool
+) -> None:
+    """Each row of the device cache keeps its own length: a request prefilled alone into a free
+    row decodes with the others, a finished row is refilled by moving the last one, and a next
+    turn copies its conversation from the prefix store; each answers as it would alone."""
     from llava_edge.runtime import BatchEngine
 
-    with pytest.raises(LlavaEdgeError, match="tensorrt backend cannot batch.*onnxruntime"):
-        BatchEngine(trt, max_batch=1)
+    build_engines(model, max_batch=2, prefill_chunk=48, kv_chunk=16, log=quiet)
+    reference = Pipeline.load(model)
+    trt = Pipeline(model, reference.manifest, backend(model, cuda_graph=cuda_graph))
+    asks = [(image(), "Describe it.", 3), (None, "Say something longer, please.", 20)]
+    asks.append((image(), "And now?", 9))  # joins while the second still runs
+    engine = BatchEngine(trt, max_batch=2, start=False)
+    handles = [engine.submit(i, q, max_new_tokens=n, ignore_eos=True) for i, q, n in asks[:2]]
+    while not handles[0].done.is_set():
+        engine.step()
+    assert engine.cache.lengths[1] == 0 and engine.cache.lengths[0] > 0  # the last row moved up
+    handles.append(engine.submit(asks[2][0], asks[2][1], max_new_tokens=9, ignore_eos=True))
+    engine.run_until_idle()
+    for (picture, question, n), handle in zip(asks, handles, strict=True):
+        alone = reference.answer(picture, question, max_new_tokens=n, ignore_eos=True)
+        assert handle.result().token_ids == alone.token_ids
+    turns = [("Describe it.", handles[0].result().text), ("And its colour?", None)]
+    pixels = trt.image_pixels(image())
+    ids = trt.conversation_ids(turns, pixels, image_turn=0)
+    second = engine.submit_ids(ids, pixels, {"max_new_tokens": 6, "ignore_eos": True})
+    engine.run_until_idle()
+    assert second.result().timings["prefix_reused"] > 0
+    assert trt.backend.cuda_graph == cuda_graph  # no capture was refused
+    launches = [c for c in cudart_stub.calls if c[0] == "cudaGraphLaunch"]
+    assert bool(launches) == cuda_graph  # batched decode steps replay their graphs
+    fresh = BatchEngine(reference, max_batch=1, prefix_cache_mb=0, start=False)
+    options = {"max_new_tokens": 6, "ignore_eos": True}
+    want = fresh.submit_ids(ids, reference.image_pixels(image()), options)
+    fresh.run_until_idle()
+    assert second.result().token_ids == want.result().token_ids
 
 
 def test_the_engine_reads_the_kv_cache_where_it_lives(stub, model: Path) -> None:

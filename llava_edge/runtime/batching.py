@@ -252,13 +252,6 @@ class BatchEngine:
         admit_per_step: int = 1,
         start: bool = True,
     ):
-        backend = pipeline.backend
-        if not getattr(backend, "continuous_batching", False):
-            raise LlavaEdgeError(
-                f"the {backend.name} backend cannot batch requests that join and leave at "
-                "different times (its device KV cache keeps one length for the whole batch); "
-                "use backend='onnxruntime' (its 'cuda' and 'tensorrt' providers run on a GPU)"
-            )
         if not isinstance(max_batch, int) or max_batch < 1:
             raise LlavaEdgeError(f"max_batch must be a positive integer, got {max_batch!r}")
         if not isinstance(max_queue, int) or max_queue < 0:
@@ -269,7 +262,7 @@ class BatchEngine:
         self.pipe = pipeline
         self.max_batch = max_batch
         self.max_queue = max_queue
-        self.cache = backend.new_cache(max_batch)
+        self.cache = pipeline.backend.new_cache(max_batch)
         self.prefixes = PrefixStore(int(prefix_cache_mb * 2**20))
         self.running: list[Request] = []  # running[i] decodes in cache row i
         self.waiting: deque[Request] = deque()

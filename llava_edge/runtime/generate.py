@@ -52,17 +52,6 @@ def embed(
     return embeds
 
 
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Batch rows of different length as transformers does: padding on the left, masked out."""
-    width = max(len(r) for r in rows)
-    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(rows), width), dtype=np.int64)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = row
-        mask[i, width - len(row) :] = 1
-    return ids, mask
-
-
 def positions_from_mask(mask: np.ndarray, start: np.ndarray | None = None) -> np.ndarray:
     """Position of each token: count of real tokens before it (padding gets 1, as in transformers)."""
     positions = np.cumsum(mask, axis=1) - 1

@@ -107,8 +107,6 @@ class OnnxBackend:
     """
 
     name = "onnxruntime"
-    # Its KVCache keeps a length per row, so rows may join and leave a batch (batching.py).
-    continuous_batching = True
 
     def __init__(
         self,

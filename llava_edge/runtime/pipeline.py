@@ -26,7 +26,7 @@ import numpy as np
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import Manifest
-from llava_edge.runtime.answer import Answer, AnswerText, cut_at_stop, timings
+from llava_edge.runtime.answer import Answer, AnswerText, timings
 from llava_edge.runtime.anyres import (
     ImagePixels,
     feature_count,
@@ -40,7 +40,6 @@ from llava_edge.runtime.generate import (
     Timer,
     decode_loop,
     embed,
-    left_pad,
     positions_from_mask,
 )
 from llava_edge.runtime.image import ImageInput, Images, image_list, load_image
@@ -202,70 +201,21 @@ class Pipeline:
     def generate_batch(self, requests: list[tuple[Images, str]], **options: Any) -> list[Answer]:
         """Several (image, prompt) pairs decoded together; each answers as it would alone.
 
-        On the onnxruntime backend each prompt is prefilled alone into a row of one KV cache and
-        the rows decode together (runtime/batching.py, on this thread); the TensorRT backend's
-        device cache batches them left-padded, as transformers does.
+        Each prompt is prefilled alone into a row of one KV cache and the rows decode together
+        (runtime/batching.py, on this thread), on either backend.
         """
+        from llava_edge.runtime.batching import BatchEngine
+
         self._check_open()
         if not requests:
             return []
         raw = options.pop("raw", False)
-        if getattr(self.backend, "continuous_batching", False):
-            from llava_edge.runtime.batching import BatchEngine
-
-            engine = BatchEngine(
-                self, max_batch=len(requests), max_queue=0, prefix_cache_mb=0, start=False
-            )
-            handles = [
-                engine.submit(image, prompt, raw=raw, **options) for image, prompt in requests
-            ]
-            engine.run_until_idle()
-            return [handle.result() for handle in handles]
-        return self._generate_left_padded(requests, raw, options)
-
-    def _generate_left_padded(
-        self, requests: list[tuple[Images, str]], raw: bool, options: dict
-    ) -> list[Answer]:
-        config = self._config(options)
-        timer = Timer()
-        rows, features = [], []
-        for image, prompt in requests:
-            ids, feats = self._prepare(image, prompt, raw=raw)
-            rows.append(ids)
-            features.append(feats)
-        pad = self._pad_id
-        ids, mask = left_pad(rows, pad)
-        config = self._fit_context(config, ids.shape[1])
-        cache = self.backend.new_cache(len(rows))
-        embeds = embed(self.table, ids, self.manifest.tokens.image_token_id, features)
-        generated: list[list[int]] = [[] for _ in rows]
-        done_reason = ["length"] * len(rows)
-        steps = decode_loop(
-            self.backend,
-            cache,
-            self.table,
-            embeds,
-            mask,
-            positions_from_mask(mask),
-            config,
-            self.manifest.tokens.eos_token_ids,
-            pad,
-            [np.asarray(r) for r in rows],
-            timer,
-            self.limits.timeout_s,
+        engine = BatchEngine(
+            self, max_batch=len(requests), max_queue=0, prefix_cache_mb=0, start=False
         )
-        active = np.ones(len(rows), dtype=bool)
-        for step in steps:
-            for i in np.flatnonzero(active):
-                generated[i].append(int(step.tokens[i]))
-                if step.finished[i]:
-                    done_reason[i] = "eos"
-            active &= ~step.finished
-        answers = []
-        for i, row in enumerate(rows):
-            text, reason = cut_at_stop(self.codec.decode(generated[i]), config.stop)
-            answers.append(Answer(text, row, generated[i], reason or done_reason[i], {}))
-        return answers
+        handles = [engine.submit(image, prompt, raw=raw, **options) for image, prompt in requests]
+        engine.run_until_idle()
+        return [handle.result() for handle in handles]
 
     def watch(
         self, source: str | os.PathLike, prompt: str, every_s: float = 1.0, **options: Any

@@ -241,7 +241,7 @@ class TensorRTBackend:
         ]
         logits = decoder.output(names.logits, dims)
         if self.cuda_graph and seq == 1:
-            self._decode_with_graph(decoder, cache, (batch, cache.capacity))
+            self._decode_with_graph(decoder, cache, (cache.start, batch, cache.capacity))
         else:
             decoder.run(self._handle)
             self._epoch += 1
@@ -257,7 +257,7 @@ class TensorRTBackend:
         if entry is not None and entry[1] == self._epoch:
             entry[0].replay(self.stream)
             return
-        if self._warm == (id(cache), key, self._epoch):
+        if self._warm == (id(cache.graphs), key, self._epoch):
             graph = self._capture(decoder)
             if graph is not None:
                 cache.graphs[key] = (graph, self._epoch)
@@ -265,7 +265,7 @@ class TensorRTBackend:
                 return
         decoder.run(self._handle)
         self._epoch += 1
-        self._warm = (id(cache), key, self._epoch)
+        self._warm = (id(cache.graphs), key, self._epoch)
 
     def _capture(self, decoder: _Engine) -> _Graph | None:
         """Capture as trtexec does: the step has just run eagerly with these very bindings; wait

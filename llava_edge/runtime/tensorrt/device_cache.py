@@ -17,7 +17,9 @@ The cache's dtype is the engine's: fp16 where the graph TensorRT built computes 
 form), half the memory and bandwidth of fp32.
 
 A call writes only the new positions: the engine's `present` outputs land in staging buffers and
-a 2-D copy per layer puts them at the cache's current length, on the backend's stream.
+a 2-D copy per layer puts them at each row's length, on the backend's stream. Every row keeps its
+own length, as the onnxruntime KVCache's rows do, so requests join and leave a batch
+(runtime/batching.py).
 """
 
 from __future__ import annotations
@@ -85,6 +87,12 @@ class KVPool:
 
 
 class DeviceKVCache:
+    """Keys/values of `batch` rows on the device, each layer's as one [batch, kv_heads, capacity,
+    head_dim] region. Each row has its own length, as the onnxruntime KVCache's rows do, so rows
+    may hold different conversations (continuous batching, runtime/batching.py): a call writes
+    each row's new keys/values at that row's length, and `rows()` hands the engine a run of rows
+    (batch is the outermost axis, so a run is one contiguous region, never a copy)."""
+
     def __init__(
         self,
         text: TextSpec,
@@ -99,11 +107,12 @@ class DeviceKVCache:
         """dtype: of the keys and values, the decoder engine's (default: the manifest's)."""
         self.text = text
         self.batch = batch
+        self.start = 0  # the first row this cache hands the engine (a DeviceKVRows moves it)
         self.max_context = max_context
         self.kv_chunk = kv_chunk
         self.cuda, self.stream, self.pool = cuda, stream, pool
         self.dtype = np.dtype(dtype or text.dtype)
-        self.length = 0  # slots in use (padding slots of left-padded rows included)
+        self.lengths = np.zeros(batch, dtype=np.int64)  # row r uses slots [0, lengths[r])
         self.capacity = 0
         self.valid = np.zeros((batch, 0), dtype=np.int64)  # 1 where a slot holds a real token
         # CUDA graphs captured against this cache's buffers (the backend manages them).
@@ -112,9 +121,19 @@ class DeviceKVCache:
         weakref.finalize(self, _give_back, pool, self._block)
 
     @property
+    def length(self) -> int:
+        """Slots in use by the longest row."""
+        return int(self.lengths.max(initial=0))
+
+    @property
     def row_bytes(self) -> int:
         """One slot of one (batch row, head): head_dim values."""
         return self.text.head_dim * self.dtype.itemsize
+
+    @property
+    def row_block(self) -> int:
+        """One batch row of one layer's keys (or values): every head's slots."""
+        return self.text.num_kv_heads * self.capacity * self.row_bytes
 
     def region_bytes(self, slots: int) -> int:
         """One layer's keys (or values) at `slots` capacity."""
@@ -123,9 +142,103 @@ class DeviceKVCache:
     def block_bytes(self, slots: int) -> int:
         return 2 * self.text.num_layers * self.region_bytes(slots)
 
+    def rows(self, start: int, stop: int) -> DeviceKVRows:
+        """Rows [start, stop) as a cache the engine can run on (a view: writes land here)."""
+        if not 0 <= start < stop <= self.batch:
+            raise ValueError(f"rows [{start}, {stop}) of a cache of {self.batch}")
+        return DeviceKVRows(self, start, stop)
+
+    # ---- the engine's interface, over all rows ---------------------------------------------
+
+    def _every_row(self) -> DeviceKVRows:
+        # Made per call, not kept: a view kept here would make a reference cycle, and the cache
+        # must go back to the pool as soon as it is dropped, not when the cycle collector runs.
+        return DeviceKVRows(self, 0, self.batch)
+
     def reserve(self, extra: int) -> None:
-        """Make room for `extra` more slots, growing by whole chunks, or fail past the context."""
-        needed = self.length + extra
+        self._every_row().reserve(extra)
+
+    def past(self, layer: int) -> tuple[DeviceArray, DeviceArray]:
+        return self._every_row().past(layer)
+
+    def attention_mask(self, new_mask: np.ndarray) -> np.ndarray:
+        return self._every_row().attention_mask(new_mask)
+
+    def append(self, layer: int, key: DeviceArray, value: DeviceArray) -> None:
+        self._every_row().append(layer, key, value)
+
+    def advance(self, new_mask: np.ndarray) -> None:
+        self._every_row().advance(new_mask)
+
+    # ---- rows as a scheduler moves them ------------------------------------------------------
+
+    def truncate(self, length: int, row: int | None = None) -> None:
+        """Forget every slot from `length` on, in one row or in all, as if they had never been
+        appended (a chat turn that does not finish is rolled back with this; a finished request
+        leaves its row with length 0). The capacity, and with it the CUDA graphs captured for
+        it, stays; forgotten slots are zeroed on the device again."""
+        rows = range(self.batch) if row is None else [row]
+        for r in rows:
+            if not 0 <= length <= self.lengths[r]:
+                raise ValueError(f"cannot truncate row {r} of {self.lengths[r]} slots to {length}")
+        for r in rows:
+            self._zero(r, length, int(self.lengths[r]))
+            self.valid[r, length:] = 0
+            self.lengths[r] = length
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Put row `src`'s tokens in row `dst` (whose own are dropped) and empty row `src`."""
+        n, old = int(self.lengths[src]), int(self.lengths[dst])
+        if n:
+            pitch = self.capacity * self.row_bytes
+            for region in range(2 * self.text.num_layers):
+                base = self._region(region).ptr
+                self.cuda.copy_rows(
+                    base + dst * self.row_block,
+                    pitch,
+                    base + src * self.row_block,
+                    pitch,
+                    n * self.row_bytes,
+                    self.text.num_kv_heads,
+                    self.stream,
+                )
+        self._zero(dst, n, old)
+        self._zero(src, 0, n)
+        self.valid[dst], self.valid[src] = self.valid[src], 0
+        self.lengths[dst], self.lengths[src] = n, 0
+
+    def read_row(self, row: int, length: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Host copies of row `row`'s first `length` slots, per layer ([kv_heads, length, D])."""
+        out = []
+        for layer in range(self.text.num_layers):
+            pair = (self._row(2 * layer, row), self._row(2 * layer + 1, row))
+            out.append(tuple(self.cuda.to_host(a, self.stream)[:, :length].copy() for a in pair))
+        return out
+
+    def write_row(self, row: int, kv: list[tuple[np.ndarray, np.ndarray]], length: int) -> None:
+        """Fill the empty row `row` with the first `length` slots of `kv` (from read_row)."""
+        if self.lengths[row]:
+            raise ValueError(f"row {row} holds {self.lengths[row]} slots; empty it first")
+        self.rows(row, row + 1).reserve(length)
+        t = self.text
+        for layer, pair in enumerate(kv):
+            for index, array in zip((2 * layer, 2 * layer + 1), pair, strict=True):
+                host = np.zeros((t.num_kv_heads, self.capacity, t.head_dim), self.dtype)
+                host[:, :length] = array[:, :length]
+                self.cuda.to_device(self._row(index, row), host, self.stream)
+        self.valid[row, :length] = 1
+        self.lengths[row] = length
+
+    def shrink(self) -> None:
+        """Give the device block back to the pool once every row is empty."""
+        if not self.lengths.any():
+            self.release()
+
+    # ---- storage ---------------------------------------------------------------------------
+
+    def grow(self, needed: int) -> None:
+        """Make room for `needed` slots in every row, growing by whole chunks, or fail past the
+        context."""
         if needed > self.max_context:
             raise LlavaEdgeError(
                 f"the conversation needs {needed} tokens, over the {self.max_context} the "
@@ -137,8 +250,8 @@ class DeviceKVCache:
         new = capacity(needed, self.kv_chunk, self.max_context)
         block = self.pool.take(self.block_bytes(new))
         self.cuda.zero(block.ptr, self.block_bytes(new), self.stream)
-        old = self._block[0]
-        if old is not None:
+        old, used = self._block[0], self.length
+        if old is not None and used:
             rows = self.batch * self.text.num_kv_heads
             for region in range(2 * self.text.num_layers):
                 self.cuda.copy_rows(
@@ -146,76 +259,123 @@ class DeviceKVCache:
                     new * self.row_bytes,
                     old.ptr + region * self.region_bytes(self.capacity),
                     self.capacity * self.row_bytes,
-                    self.length * self.row_bytes,
+                    used * self.row_bytes,
                     rows,
                     self.stream,
                 )
+        if old is not None:
             self.pool.give(old)
         self._block[0] = block
         valid = np.zeros((self.batch, new), dtype=np.int64)
-        valid[:, : self.length] = self.valid[:, : self.length]
+        valid[:, :used] = self.valid[:, :used]
         self.valid, self.capacity = valid, new
         self.graphs.clear()  # they bound the old block
 
-    def _region(self, index: int) -> DeviceArray:
-        t = self.text
+    def _region(self, index: int, start: int = 0, stop: int | None = None) -> DeviceArray:
+        """Layer region `index` (keys of layer i at 2i, values at 2i + 1), rows [start, stop)."""
+        t, stop = self.text, self.batch if stop is None else stop
         ptr = self._block[0].ptr + index * self.region_bytes(self.capacity)
-        return DeviceArray(ptr, (self.batch, t.num_kv_heads, self.capacity, t.head_dim), self.dtype)
+        shape = (stop - start, t.num_kv_heads, self.capacity, t.head_dim)
+        return DeviceArray(ptr + start * self.row_block, shape, self.dtype)
 
-    def past(self, layer: int) -> tuple[DeviceArray, DeviceArray]:
-        """What the engine reads as this layer's past: every slot of the current capacity."""
-        return self._region(2 * layer), self._region(2 * layer + 1)
+    def _row(self, index: int, row: int) -> DeviceArray:
+        t = self.text
+        ptr = self._region(index).ptr + row * self.row_block
+        return DeviceArray(ptr, (t.num_kv_heads, self.capacity, t.head_dim), self.dtype)
 
-    def attention_mask(self, new_mask: np.ndarray) -> np.ndarray:
-        """[batch, capacity + new tokens]: the cache's valid slots, then the new tokens' mask."""
-        return np.concatenate([self.valid, new_mask.astype(np.int64)], axis=1)
-
-    def append(self, layer: int, key: DeviceArray, value: DeviceArray) -> None:
-        """Write one call's keys/values ([B, kv, S, D], on the device) at the current length."""
-        seq = key.shape[2]
-        rows = self.batch * self.text.num_kv_heads
-        for past, new in zip(self.past(layer), (key, value), strict=True):
-            self.cuda.copy_rows(
-                past.ptr + self.length * self.row_bytes,
-                self.capacity * self.row_bytes,
-                new.ptr,
-                seq * self.row_bytes,
-                seq * self.row_bytes,
-                rows,
-                self.stream,
-            )
-
-    def advance(self, new_mask: np.ndarray) -> None:
-        """Mark the slots just appended as used."""
-        seq = new_mask.shape[1]
-        self.valid[:, self.length : self.length + seq] = new_mask
-        self.length += seq
-
-    def truncate(self, length: int) -> None:
-        """Forget every slot from `length` on, as if they had never been appended (a chat turn
-        that does not finish is rolled back with this). The capacity, and with it the CUDA
-        graphs captured for it, stays; forgotten slots are zeroed on the device again."""
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot truncate a cache of {self.length} slots to {length}")
-        if length < self.length:
-            rows = self.batch * self.text.num_kv_heads
+    def _zero(self, row: int, start: int, stop: int) -> None:
+        if stop > start:
             for region in range(2 * self.text.num_layers):
                 self.cuda.zero_rows(
-                    self._region(region).ptr + length * self.row_bytes,
+                    self._row(region, row).ptr + start * self.row_bytes,
                     self.capacity * self.row_bytes,
-                    (self.length - length) * self.row_bytes,
-                    rows,
+                    (stop - start) * self.row_bytes,
+                    self.text.num_kv_heads,
                     self.stream,
                 )
-        self.valid[:, length : self.length] = 0
-        self.length = length
 
     def release(self) -> None:
         """Give the device block back to the pool now (the cache is empty afterwards)."""
         _give_back(self.pool, self._block)
-        self.length = self.capacity = 0
+        self.lengths[:] = 0
+        self.capacity = 0
         self.valid = np.zeros((self.batch, 0), dtype=np.int64)
         self.graphs.clear()
+
+
+class DeviceKVRows:
+    """Rows [start, stop) of a DeviceKVCache: what the engine reads and writes for a batch made
+    of those rows."""
+
+    def __init__(self, cache: DeviceKVCache, start: int, stop: int):
+        self.cache = cache
+        self.start, self.stop = start, stop
+        self.batch = stop - start
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.cache.lengths[self.start : self.stop]
+
+    @property
+    def length(self) -> int:
+        return int(self.lengths.max(initial=0))
+
+    @property
+    def capacity(self) -> int:
+        return self.cache.capacity
+
+    @property
+    def graphs(self) -> dict[Any, Any]:
+        return self.cache.graphs
+
+    @property
+    def max_context(self) -> int:
+        return self.cache.max_context
+
+    def reserve(self, extra: int) -> None:
+        """Make room for `extra` more slots in every row of the run (the capacity is shared)."""
+        self.cache.grow(self.length + extra)
+
+    def past(self, layer: int) -> tuple[DeviceArray, DeviceArray]:
+        """What the engine reads as this layer's past: every slot of the current capacity."""
+        c = self.cache
+        return (
+            c._region(2 * layer, self.start, self.stop),
+            c._region(2 * layer + 1, self.start, self.stop),
+        )
+
+    def attention_mask(self, new_mask: np.ndarray) -> np.ndarray:
+        """[rows, capacity + new tokens]: the rows' valid slots, then the new tokens' mask."""
+        valid = self.cache.valid[self.start : self.stop]
+        return np.concatenate([valid, new_mask.astype(np.int64)], axis=1)
+
+    def append(self, layer: int, key: DeviceArray, value: DeviceArray) -> None:
+        """Write one call's keys/values ([rows, kv, S, D], on the device) at each row's length:
+        one 2-D copy when the rows are level (a single request), a copy per
+        row otherwise."""
+        c, seq = self.cache, key.shape[2]
+        heads, lengths = c.text.num_kv_heads, self.lengths
+        pitch, width = c.capacity * c.row_bytes, seq * c.row_bytes
+        level = (lengths == lengths[0]).all()
+        runs = [(0, self.batch)] if level else [(i, i + 1) for i in range(self.batch)]
+        for past, new in zip(self.past(layer), (key, value), strict=True):
+            for first, last in runs:
+                c.cuda.copy_rows(
+                    past.ptr + first * c.row_block + int(lengths[first]) * c.row_bytes,
+                    pitch,
+                    new.ptr + first * heads * width,
+                    width,
+                    width,
+                    (last - first) * heads,
+                    c.stream,
+                )
+
+    def advance(self, new_mask: np.ndarray) -> None:
+        """Mark the slots just appended as used (where the new tokens' mask says so)."""
+        seq = new_mask.shape[1]
+        for i, at in enumerate(self.lengths.tolist()):
+            self.cache.valid[self.start + i, at : at + seq] = new_mask[i]
+        self.lengths[:] += seq
 
 
 def _give_back(pool: KVPool, holder: list[Allocation | None]) -> None:
