@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import cudart_stub
@@ -368,6 +369,37 @@ def test_requests_join_and_leave_a_batch_on_the_device_cache(
     want = fresh.submit_ids(ids, reference.image_pixels(image()), options)
     fresh.run_until_idle()
     assert second.result().token_ids == want.result().token_ids
+
+
+def test_serve_runs_on_the_tensorrt_backend(stub, model: Path) -> None:
+    """`llava-edge serve --backend tensorrt`: two concurrent answers from the engines, each the
+    library's own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from starlette.testclient import TestClient
+
+    from llava_edge.serve import ServeOptions, create_app
+
+    build_engines(model, max_batch=2, log=quiet)
+    reference = Pipeline.load(model)
+    options = ServeOptions(model, model_name="m", max_batch=2, backend="tensorrt")
+    questions = ["Say something.", "Say something else, at more length."]
+    with TestClient(create_app(options)) as client:
+        deadline = time.time() + 60
+        while client.get("/health").status_code != 200 and time.time() < deadline:
+            time.sleep(0.05)  # the model loads in the background
+        assert client.app.state.serve.pipe.backend.name == "tensorrt"
+
+        def ask(question: str) -> dict:
+            body = {"model": "m", "max_tokens": 8, "ignore_eos": True}
+            body["messages"] = [{"role": "user", "content": question}]
+            return client.post("/v1/chat/completions", json=body).json()
+
+        with ThreadPoolExecutor(2) as pool:
+            replies = list(pool.map(ask, questions))
+    for question, reply in zip(questions, replies, strict=True):
+        want = reference.answer(None, question, max_new_tokens=8, ignore_eos=True)
+        assert reply["choices"][0]["message"]["content"] == want.text
 
 
 def test_the_engine_reads_the_kv_cache_where_it_lives(stub, model: Path) -> None:
