@@ -16,6 +16,8 @@ run of rows (batch is the outermost axis, so a run is a view, never a copy).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from llava_edge.errors import LlavaEdgeError
@@ -175,11 +177,12 @@ class KVCache:
         return new
 
 
-class KVRows:
-    """Rows [start, stop) of a KVCache: what the backend's decode reads and writes for a batch
-    made of those rows."""
+class RowRun:
+    """Rows [start, stop) of a cache whose rows keep their own lengths (this KVCache, and the
+    TensorRT backend's device cache): what a decoder call reads and writes for a batch made of
+    those rows."""
 
-    def __init__(self, cache: KVCache, start: int, stop: int):
+    def __init__(self, cache: Any, start: int, stop: int):
         self.cache = cache
         self.start, self.stop = start, stop
         self.batch = stop - start
@@ -195,6 +198,10 @@ class KVRows:
     @property
     def max_context(self) -> int:
         return self.cache.max_context
+
+
+class KVRows(RowRun):
+    """Rows of a KVCache (see RowRun)."""
 
     def reserve(self, extra: int) -> None:
         """Make room for `extra` more slots in every row, or fail clearly past the context."""

@@ -32,6 +32,7 @@ import numpy as np
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import TextSpec
+from llava_edge.runtime.kv_cache import RowRun
 from llava_edge.runtime.tensorrt.cuda import Allocation, Cuda, DeviceArray
 from llava_edge.runtime.tensorrt.profiles import capacity
 
@@ -303,22 +304,8 @@ class DeviceKVCache:
         self.graphs.clear()
 
 
-class DeviceKVRows:
-    """Rows [start, stop) of a DeviceKVCache: what the engine reads and writes for a batch made
-    of those rows."""
-
-    def __init__(self, cache: DeviceKVCache, start: int, stop: int):
-        self.cache = cache
-        self.start, self.stop = start, stop
-        self.batch = stop - start
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return self.cache.lengths[self.start : self.stop]
-
-    @property
-    def length(self) -> int:
-        return int(self.lengths.max(initial=0))
+class DeviceKVRows(RowRun):
+    """Rows of a DeviceKVCache (see RowRun)."""
 
     @property
     def capacity(self) -> int:
@@ -327,10 +314,6 @@ class DeviceKVRows:
     @property
     def graphs(self) -> dict[Any, Any]:
         return self.cache.graphs
-
-    @property
-    def max_context(self) -> int:
-        return self.cache.max_context
 
     def reserve(self, extra: int) -> None:
         """Make room for `extra` more slots in every row of the run (the capacity is shared)."""
