@@ -329,6 +329,11 @@ def test_batches_and_chats_match_onnxruntime(stub, model: Path) -> None:
     assert chats[1].cache.length == chats[0].cache.length
     with pytest.raises(LlavaEdgeError, match="batch of 3.*--max-batch"):
         trt.backend.new_cache(3)
+    # More requests than the engines' rows: the third waits for a free row.
+    three = [*requests, (image(), "A third question.")]
+    expected = reference.generate_batch(three, max_new_tokens=5, ignore_eos=True)
+    got = trt.generate_batch(three, max_new_tokens=5, ignore_eos=True)
+    assert [a.token_ids for a in got] == [a.token_ids for a in expected]
 
 
 @pytest.mark.parametrize("cuda_graph", [False, True])

@@ -107,6 +107,7 @@ class OnnxBackend:
     """
 
     name = "onnxruntime"
+    max_batch = None  # rows one KV cache may have: no limit but memory
 
     def __init__(
         self,

@@ -202,7 +202,8 @@ class Pipeline:
         """Several (image, prompt) pairs decoded together; each answers as it would alone.
 
         Each prompt is prefilled alone into a row of one KV cache and the rows decode together
-        (runtime/batching.py, on this thread), on either backend.
+        (runtime/batching.py, on this thread), on either backend; past the rows the backend
+        takes (TensorRT engines' --max-batch), requests wait for a free row.
         """
         from llava_edge.runtime.batching import BatchEngine
 
@@ -210,8 +211,9 @@ class Pipeline:
         if not requests:
             return []
         raw = options.pop("raw", False)
+        rows = min(len(requests), self.backend.max_batch or len(requests))  # the rest wait
         engine = BatchEngine(
-            self, max_batch=len(requests), max_queue=0, prefix_cache_mb=0, start=False
+            self, max_batch=rows, max_queue=len(requests), prefix_cache_mb=0, start=False
         )
         handles = [engine.submit(image, prompt, raw=raw, **options) for image, prompt in requests]
         engine.run_until_idle()

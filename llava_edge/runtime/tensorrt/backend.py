@@ -128,6 +128,11 @@ class TensorRTBackend:
         """The longest conversation the engines take (`--max-context` at build time)."""
         return self.limits.max_context
 
+    @property
+    def max_batch(self) -> int:
+        """The most rows one KV cache may have (`--max-batch` at build time)."""
+        return self.limits.max_batch
+
     def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
         """pixel_values [B, 3, H, W] -> image features in the LLM's space [B, N, hidden].
 
