@@ -37,9 +37,124 @@ def check_kv_layout(kv: KVSpec) -> None:
         )
 
 
-class KVCache:
+class RowRun:
+    """Rows [start, stop) of a cache whose rows keep their own lengths (this KVCache, and the
+    TensorRT backend's device cache): what a decoder call reads and writes for a batch made of
+    those rows."""
+
+    def __init__(self, cache: Any, start: int, stop: int):
+        self.cache = cache
+        self.start, self.stop = start, stop
+        self.batch = stop - start
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.cache.lengths[self.start : self.stop]
+
+    @property
+    def length(self) -> int:
+        return int(self.lengths.max(initial=0))
+
+    @property
+    def max_context(self) -> int:
+        return self.cache.max_context
+
+
+class KVRows(RowRun):
+    """Rows of a KVCache (see RowRun)."""
+
+    cache: KVCache
+
+    def reserve(self, extra: int) -> None:
+        """Make room for `extra` more slots in every row, or fail clearly past the context."""
+        length = self.length
+        # A prompt (a row's first call) reserves a chunk of headroom, so the answer's first
+        # tokens do not grow the cache at once: growing copies it, the one copy it ever makes.
+        self.cache.grow(length + extra, self.cache.chunk if length == 0 else 0)
+
+    def past(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """The past fed to the decoder: every allocated slot of these rows (unused ones masked),
+        or none while the rows are empty (a fresh prompt attends to nothing before it)."""
+        c = self.cache
+        if self.length == 0:
+            t = c.text
+            empty = np.zeros((self.batch, t.num_kv_heads, 0, t.head_dim), dtype=c.dtype)
+            return empty, empty
+        return c.keys[layer][self.start : self.stop], c.values[layer][self.start : self.stop]
+
+    def attention_mask(self, new_mask: np.ndarray) -> np.ndarray:
+        """[batch, past slots + new tokens]: 1 for slot < the row's length, then the new tokens."""
+        width = self.cache.capacity if self.length else 0
+        past = (np.arange(width)[None, :] < self.lengths[:, None]).astype(np.int64)
+        return np.concatenate([past, new_mask.astype(np.int64)], axis=1)
+
+    def append(self, layer: int, key: np.ndarray, value: np.ndarray) -> None:
+        """Write this call's keys/values ([batch, kv_heads, seq, head_dim]), each row's at its own
+        length (one slice when the rows are level, as a single request's always are)."""
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        seq, lengths = key.shape[2], self.lengths
+        first = int(lengths[0])
+        if (lengths == first).all():
+            rows = slice(self.start, self.stop)
+            keys[rows, :, first : first + seq] = key
+            values[rows, :, first : first + seq] = value
+            return
+        for i, at in enumerate(lengths.tolist()):
+            keys[self.start + i, :, at : at + seq] = key[i]
+            values[self.start + i, :, at : at + seq] = value[i]
+
+    def advance(self, new_mask: np.ndarray) -> None:
+        """Count the slots just appended. Rows hold no padding: every new token is real."""
+        if not new_mask.all():
+            raise ValueError("the onnxruntime KV cache takes no padding; prefill rows apart")
+        self.lengths[:] += new_mask.shape[1]
+
+
+class RowCache:
+    """What both KV caches (this one, and the TensorRT backend's device cache) share: a length
+    per row, runs of rows handed to the decoder, and the decoder's interface over all rows.
+    A subclass sets `batch`, `lengths` and `view` (its RowRun class)."""
+
+    batch: int
+    lengths: np.ndarray
+    view: type[RowRun]
+
+    @property
+    def length(self) -> int:
+        """Slots in use by the longest row (of a one-row cache: its conversation so far)."""
+        return int(self.lengths.max(initial=0))
+
+    def rows(self, start: int, stop: int) -> Any:
+        """Rows [start, stop) as a cache the decoder can run on (a view: writes land here)."""
+        if not 0 <= start < stop <= self.batch:
+            raise ValueError(f"rows [{start}, {stop}) of a cache of {self.batch}")
+        return self.view(self, start, stop)
+
+    # ---- the decoder's interface, over all rows ------------------------------------------------
+    # Through a view made per call: one kept on the cache would be a reference cycle, and a
+    # dropped cache must give its memory back at once, not when the cycle collector runs.
+
+    def reserve(self, extra: int) -> None:
+        self.rows(0, self.batch).reserve(extra)
+
+    def past(self, layer: int) -> Any:
+        return self.rows(0, self.batch).past(layer)
+
+    def attention_mask(self, new_mask: np.ndarray) -> np.ndarray:
+        return self.rows(0, self.batch).attention_mask(new_mask)
+
+    def append(self, layer: int, key: Any, value: Any) -> None:
+        self.rows(0, self.batch).append(layer, key, value)
+
+    def advance(self, new_mask: np.ndarray) -> None:
+        self.rows(0, self.batch).advance(new_mask)
+
+
+class KVCache(RowCache):
     """Keys/values of `batch` rows, each layer's as one [batch, kv_heads, capacity, head_dim]
     buffer. The cache itself reads and writes all its rows; `rows()` gives a run of them."""
+
+    view = KVRows
 
     def __init__(self, text: TextSpec, batch: int, chunk: int = CHUNK):
         self.text = text
@@ -50,39 +165,10 @@ class KVCache:
         self.capacity = 0
         self.keys: list[np.ndarray] = []
         self.values: list[np.ndarray] = []
-        self._all = KVRows(self, 0, batch)
 
     @property
     def max_context(self) -> int:
         return self.text.max_context
-
-    @property
-    def length(self) -> int:
-        """Slots in use by the longest row (of a one-row cache: its conversation so far)."""
-        return self._all.length
-
-    def rows(self, start: int, stop: int) -> KVRows:
-        """Rows [start, stop) as a cache the decoder can run on (a view: writes land here)."""
-        if not 0 <= start < stop <= self.batch:
-            raise ValueError(f"rows [{start}, {stop}) of a cache of {self.batch}")
-        return KVRows(self, start, stop)
-
-    # ---- the decoder's interface, over all rows ------------------------------------------------
-
-    def reserve(self, extra: int) -> None:
-        self._all.reserve(extra)
-
-    def past(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        return self._all.past(layer)
-
-    def attention_mask(self, new_mask: np.ndarray) -> np.ndarray:
-        return self._all.attention_mask(new_mask)
-
-    def append(self, layer: int, key: np.ndarray, value: np.ndarray) -> None:
-        self._all.append(layer, key, value)
-
-    def advance(self, new_mask: np.ndarray) -> None:
-        self._all.advance(new_mask)
 
     # ---- rows as a scheduler moves them ----------------------------------------------------------
 
@@ -175,74 +261,3 @@ class KVCache:
         new[:, :, :used] = old[:, :, :used]
         new[:, :, used:] = 0
         return new
-
-
-class RowRun:
-    """Rows [start, stop) of a cache whose rows keep their own lengths (this KVCache, and the
-    TensorRT backend's device cache): what a decoder call reads and writes for a batch made of
-    those rows."""
-
-    def __init__(self, cache: Any, start: int, stop: int):
-        self.cache = cache
-        self.start, self.stop = start, stop
-        self.batch = stop - start
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return self.cache.lengths[self.start : self.stop]
-
-    @property
-    def length(self) -> int:
-        return int(self.lengths.max(initial=0))
-
-    @property
-    def max_context(self) -> int:
-        return self.cache.max_context
-
-
-class KVRows(RowRun):
-    """Rows of a KVCache (see RowRun)."""
-
-    def reserve(self, extra: int) -> None:
-        """Make room for `extra` more slots in every row, or fail clearly past the context."""
-        length = self.length
-        # A prompt (a row's first call) reserves a chunk of headroom, so the answer's first
-        # tokens do not grow the cache at once: growing copies it, the one copy it ever makes.
-        self.cache.grow(length + extra, self.cache.chunk if length == 0 else 0)
-
-    def past(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        """The past fed to the decoder: every allocated slot of these rows (unused ones masked),
-        or none while the rows are empty (a fresh prompt attends to nothing before it)."""
-        c = self.cache
-        if self.length == 0:
-            t = c.text
-            empty = np.zeros((self.batch, t.num_kv_heads, 0, t.head_dim), dtype=c.dtype)
-            return empty, empty
-        return c.keys[layer][self.start : self.stop], c.values[layer][self.start : self.stop]
-
-    def attention_mask(self, new_mask: np.ndarray) -> np.ndarray:
-        """[batch, past slots + new tokens]: 1 for slot < the row's length, then the new tokens."""
-        width = self.cache.capacity if self.length else 0
-        past = (np.arange(width)[None, :] < self.lengths[:, None]).astype(np.int64)
-        return np.concatenate([past, new_mask.astype(np.int64)], axis=1)
-
-    def append(self, layer: int, key: np.ndarray, value: np.ndarray) -> None:
-        """Write this call's keys/values ([batch, kv_heads, seq, head_dim]), each row's at its own
-        length (one slice when the rows are level, as a single request's always are)."""
-        keys, values = self.cache.keys[layer], self.cache.values[layer]
-        seq, lengths = key.shape[2], self.lengths
-        first = int(lengths[0])
-        if (lengths == first).all():
-            rows = slice(self.start, self.stop)
-            keys[rows, :, first : first + seq] = key
-            values[rows, :, first : first + seq] = value
-            return
-        for i, at in enumerate(lengths.tolist()):
-            keys[self.start + i, :, at : at + seq] = key[i]
-            values[self.start + i, :, at : at + seq] = value[i]
-
-    def advance(self, new_mask: np.ndarray) -> None:
-        """Count the slots just appended. Rows hold no padding: every new token is real."""
-        if not new_mask.all():
-            raise ValueError("the onnxruntime KV cache takes no padding; prefill rows apart")
-        self.lengths[:] += new_mask.shape[1]

@@ -32,7 +32,7 @@ import numpy as np
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import TextSpec
-from llava_edge.runtime.kv_cache import RowRun
+from llava_edge.runtime.kv_cache import RowCache, RowRun
 from llava_edge.runtime.tensorrt.cuda import Allocation, Cuda, DeviceArray
 from llava_edge.runtime.tensorrt.profiles import capacity
 
@@ -87,12 +87,71 @@ class KVPool:
             block.free()
 
 
-class DeviceKVCache:
+class DeviceKVRows(RowRun):
+    """Rows of a DeviceKVCache (see RowRun)."""
+
+    @property
+    def capacity(self) -> int:
+        return self.cache.capacity
+
+    @property
+    def graphs(self) -> dict[Any, Any]:
+        return self.cache.graphs
+
+    def reserve(self, extra: int) -> None:
+        """Make room for `extra` more slots in every row of the run (the capacity is shared)."""
+        self.cache.grow(self.length + extra)
+
+    def past(self, layer: int) -> tuple[DeviceArray, DeviceArray]:
+        """What the engine reads as this layer's past: every slot of the current capacity."""
+        c = self.cache
+        return (
+            c._region(2 * layer, self.start, self.stop),
+            c._region(2 * layer + 1, self.start, self.stop),
+        )
+
+    def attention_mask(self, new_mask: np.ndarray) -> np.ndarray:
+        """[rows, capacity + new tokens]: the rows' valid slots, then the new tokens' mask."""
+        valid = self.cache.valid[self.start : self.stop]
+        return np.concatenate([valid, new_mask.astype(np.int64)], axis=1)
+
+    def append(self, layer: int, key: DeviceArray, value: DeviceArray) -> None:
+        """Write one call's keys/values ([rows, kv, S, D], on the device) at each row's length:
+        one 2-D copy when the rows are level (a single request), a copy per
+        row otherwise."""
+        c, seq = self.cache, key.shape[2]
+        heads, lengths = c.text.num_kv_heads, self.lengths
+        pitch, width = c.capacity * c.row_bytes, seq * c.row_bytes
+        level = (lengths == lengths[0]).all()
+        runs = [(0, self.batch)] if level else [(i, i + 1) for i in range(self.batch)]
+        for past, new in zip(self.past(layer), (key, value), strict=True):
+            for first, last in runs:
+                c.cuda.copy_rows(
+                    past.ptr + first * c.row_block + int(lengths[first]) * c.row_bytes,
+                    pitch,
+                    new.ptr + first * heads * width,
+                    width,
+                    width,
+                    (last - first) * heads,
+                    c.stream,
+                )
+
+    def advance(self, new_mask: np.ndarray) -> None:
+        """Mark the slots just appended as used (where the new tokens' mask says so)."""
+        seq = new_mask.shape[1]
+        for i, at in enumerate(self.lengths.tolist()):
+            self.cache.valid[self.start + i, at : at + seq] = new_mask[i]
+        self.lengths[:] += seq
+
+
+class DeviceKVCache(RowCache):
     """Keys/values of `batch` rows on the device, each layer's as one [batch, kv_heads, capacity,
     head_dim] region. Each row has its own length, as the onnxruntime KVCache's rows do, so rows
     may hold different conversations (continuous batching, runtime/batching.py): a call writes
     each row's new keys/values at that row's length, and `rows()` hands the engine a run of rows
     (batch is the outermost axis, so a run is one contiguous region, never a copy)."""
+
+    view = DeviceKVRows
 
     def __init__(
         self,
@@ -122,11 +181,6 @@ class DeviceKVCache:
         weakref.finalize(self, _give_back, pool, self._block)
 
     @property
-    def length(self) -> int:
-        """Slots in use by the longest row."""
-        return int(self.lengths.max(initial=0))
-
-    @property
     def row_bytes(self) -> int:
         """One slot of one (batch row, head): head_dim values."""
         return self.text.head_dim * self.dtype.itemsize
@@ -142,34 +196,6 @@ class DeviceKVCache:
 
     def block_bytes(self, slots: int) -> int:
         return 2 * self.text.num_layers * self.region_bytes(slots)
-
-    def rows(self, start: int, stop: int) -> DeviceKVRows:
-        """Rows [start, stop) as a cache the engine can run on (a view: writes land here)."""
-        if not 0 <= start < stop <= self.batch:
-            raise ValueError(f"rows [{start}, {stop}) of a cache of {self.batch}")
-        return DeviceKVRows(self, start, stop)
-
-    # ---- the engine's interface, over all rows ---------------------------------------------
-
-    def _every_row(self) -> DeviceKVRows:
-        # Made per call, not kept: a view kept here would make a reference cycle, and the cache
-        # must go back to the pool as soon as it is dropped, not when the cycle collector runs.
-        return DeviceKVRows(self, 0, self.batch)
-
-    def reserve(self, extra: int) -> None:
-        self._every_row().reserve(extra)
-
-    def past(self, layer: int) -> tuple[DeviceArray, DeviceArray]:
-        return self._every_row().past(layer)
-
-    def attention_mask(self, new_mask: np.ndarray) -> np.ndarray:
-        return self._every_row().attention_mask(new_mask)
-
-    def append(self, layer: int, key: DeviceArray, value: DeviceArray) -> None:
-        self._every_row().append(layer, key, value)
-
-    def advance(self, new_mask: np.ndarray) -> None:
-        self._every_row().advance(new_mask)
 
     # ---- rows as a scheduler moves them ------------------------------------------------------
 
@@ -302,63 +328,6 @@ class DeviceKVCache:
         self.capacity = 0
         self.valid = np.zeros((self.batch, 0), dtype=np.int64)
         self.graphs.clear()
-
-
-class DeviceKVRows(RowRun):
-    """Rows of a DeviceKVCache (see RowRun)."""
-
-    @property
-    def capacity(self) -> int:
-        return self.cache.capacity
-
-    @property
-    def graphs(self) -> dict[Any, Any]:
-        return self.cache.graphs
-
-    def reserve(self, extra: int) -> None:
-        """Make room for `extra` more slots in every row of the run (the capacity is shared)."""
-        self.cache.grow(self.length + extra)
-
-    def past(self, layer: int) -> tuple[DeviceArray, DeviceArray]:
-        """What the engine reads as this layer's past: every slot of the current capacity."""
-        c = self.cache
-        return (
-            c._region(2 * layer, self.start, self.stop),
-            c._region(2 * layer + 1, self.start, self.stop),
-        )
-
-    def attention_mask(self, new_mask: np.ndarray) -> np.ndarray:
-        """[rows, capacity + new tokens]: the rows' valid slots, then the new tokens' mask."""
-        valid = self.cache.valid[self.start : self.stop]
-        return np.concatenate([valid, new_mask.astype(np.int64)], axis=1)
-
-    def append(self, layer: int, key: DeviceArray, value: DeviceArray) -> None:
-        """Write one call's keys/values ([rows, kv, S, D], on the device) at each row's length:
-        one 2-D copy when the rows are level (a single request), a copy per
-        row otherwise."""
-        c, seq = self.cache, key.shape[2]
-        heads, lengths = c.text.num_kv_heads, self.lengths
-        pitch, width = c.capacity * c.row_bytes, seq * c.row_bytes
-        level = (lengths == lengths[0]).all()
-        runs = [(0, self.batch)] if level else [(i, i + 1) for i in range(self.batch)]
-        for past, new in zip(self.past(layer), (key, value), strict=True):
-            for first, last in runs:
-                c.cuda.copy_rows(
-                    past.ptr + first * c.row_block + int(lengths[first]) * c.row_bytes,
-                    pitch,
-                    new.ptr + first * heads * width,
-                    width,
-                    width,
-                    (last - first) * heads,
-                    c.stream,
-                )
-
-    def advance(self, new_mask: np.ndarray) -> None:
-        """Mark the slots just appended as used (where the new tokens' mask says so)."""
-        seq = new_mask.shape[1]
-        for i, at in enumerate(self.lengths.tolist()):
-            self.cache.valid[self.start + i, at : at + seq] = new_mask[i]
-        self.lengths[:] += seq
 
 
 def _give_back(pool: KVPool, holder: list[Allocation | None]) -> None:
