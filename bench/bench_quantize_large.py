@@ -17,34 +17,12 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-CLI = [sys.executable, "-m", "llava_edge.cli"]
+from bench_export import CLI, timed  # bench/ is on the path of a script run from it
+
 TARGETS = ("fp16", "int8", "int4")
-
-
-def timed(argv: list[str]) -> dict:
-    """Run one command; its wall time, peak RSS (its own process) and output."""
-    start = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        process = subprocess.Popen(argv, stdout=out, stderr=err, text=True)
-        _, status, usage = os.wait4(process.pid, 0)
-        wall = time.perf_counter() - start
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    return {
-        "command": " ".join(["llava-edge", *argv[len(CLI) :]]),
-        "exit_code": os.waitstatus_to_exitcode(status),
-        "wall_s": round(wall, 1),
-        "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2),  # ru_maxrss is in KiB on Linux
-        "stdout": stdout,
-        "stderr_tail": stderr.replace("\r", "\n").strip().splitlines()[-2:],
-    }
 
 
 def dir_gib(path: Path) -> float:
