@@ -381,11 +381,6 @@ class BatchEngine:
                 **self.counters,
             }
 
-    @property
-    def idle(self) -> bool:
-        with self._lock:
-            return not self.running and not self.waiting
-
     def close(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop taking requests; finish those in hand (drain) or cancel them, then stop."""
         with self._lock:

@@ -22,8 +22,6 @@ from typing import Any
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.runtime.frames import DEFAULT_TIMEOUT_S, Frame, open_frames
 
-WATCH_OPTIONS = ("frames", "changes_only", "max_frames", "live", "timeout_s", "folder_fps")
-
 
 @dataclass
 class WatchAnswer:

@@ -50,9 +50,6 @@ class DeviceArray:
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
 
-    def data_ptr(self) -> int:
-        return self.ptr
-
 
 class Cuda:
     """The calls the backend needs, each checked. One instance per backend."""
