@@ -109,14 +109,55 @@ def test_the_manifest_tells_what_each_graph_is(quantized: dict) -> None:
             dequantized = [n for n in qdq.graph.node if n.op_type == "DequantizeLinear"]
             assert len(dequantized) >= graph.details["tensorrt"]["quantized_nodes"] > 0
             if graph.precision == "int4":
-                blocks = {
-                    a.i
-                    for n in model.graph.node
-                    if n.op_type == "MatMulNBits"
-                    for a in n.attribute
-                    if a.name == "block_size"
-                }
-                assert blocks == {graph.details["onnxruntime"]["block_size"]}
+                assert _blocks(model, "MatMulNBits") == {graph.details["onnxruntime"]["block_size"]}
+
+
+def _blocks(model: onnx.ModelProto, op_type: str) -> set[int]:
+    return {
+        a.i
+        for n in model.graph.node
+        if n.op_type == op_type
+        for a in n.attribute
+        if a.name == "block_size"
+    }
+
+
+def test_int4_block_size_takes_effect_node_by_node(
+    tiny_model_dir: Path, calib_json: Path, tmp_path: Path
+) -> None:
+    """--block-size 128 on the tiny decoder, whose K are 64 (hidden) and 172 (the MLP's): K=64
+    takes the largest block that divides it, 172 (a multiple of no block) stays float; in both
+    onnxruntime forms and in TensorRT's, and the dir still answers."""
+    out = tmp_path / "int4"
+    assert (
+        main(
+            [
+                "quantize",
+                str(tiny_model_dir),
+                str(out),
+                "--precision",
+                "int4",
+                "--calib",
+                str(calib_json),
+                "--samples",
+                "2",
+                "--block-size",
+                "128",
+            ]
+        )
+        == 0
+    )
+    manifest = Manifest.load(out)
+    decoder = manifest.graphs["decoder"]
+    details = decoder.details["onnxruntime"]
+    assert details["block_size"] == 128
+    assert details["nodes_per_block"] == {"64": details["quantized_nodes"]}
+    assert details["kept_float"]  # down_proj: K = 172
+    for file in (decoder.file, decoder.fused.file):
+        assert _blocks(onnx.load(str(out / file)), "MatMulNBits") == {64}, file
+    qdq = onnx.load(str(out / decoder.tensorrt_file))
+    assert _blocks(qdq, "DequantizeLinear") == {64}
+    assert Pipeline.load(out).answer(Image.new("RGB", (40, 40)), "Where?", max_new_tokens=2)
 
 
 def test_graph_io_names_and_dtypes_are_unchanged(tiny_model_dir: Path, quantized: dict) -> None:
@@ -220,6 +261,7 @@ def test_report_of_a_dir_against_itself_is_exact(tiny_model_dir: Path, calib_jso
         ("empty_folder", "holds no images"),
         ("unreadable_json", "cannot read calibration file"),
         ("no_calibration", "no calibration data"),
+        ("block_size_for_int8", "--block-size applies to int4 only"),
         ("not_empty", "is not empty; pass --force"),
     ],
 )
@@ -246,6 +288,8 @@ def test_bad_input_is_one_line_and_writes_nothing(
         args[3] = str(tmp_path / "bad.json")
     elif case == "no_calibration":
         args = ["--precision", "int4"]
+    elif case == "block_size_for_int8":
+        args += ["--block-size", "64"]
     else:
         out.mkdir()
         (out / "keep.txt").write_text("mine")

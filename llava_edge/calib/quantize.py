@@ -58,6 +58,10 @@ METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_SAMPLES = 32
 REPORT_SAMPLES = 8  # held out from calibration and compared against fp32 by --report
 INT4_BLOCK = 32  # weights per scale; 32 keeps random-init and trained Llamas usable at 4 bits
+# The block sizes `quantize --block-size` offers (MatMulNBits takes powers of two from 16; 32 is
+# the smallest the TensorRT form is known to build with). A MatMul whose K the asked-for block
+# does not divide takes the largest smaller one that does.
+INT4_BLOCKS = (32, 64, 128, 256)
 # MatMulNBits' accuracy_level 4 quantizes activations to int8 for the dot products: onnxruntime's
 # fast CPU path for 4-bit weights (bench/bench_quantize.py measures it), at an accuracy cost far
 # below the 4-bit weights' own.
@@ -96,17 +100,21 @@ def quantize_model(
     samples: int = DEFAULT_SAMPLES,
     report: bool = False,
     force: bool = False,
+    block_size: int | None = None,
     log: Any = print,
 ) -> dict[str, Any]:
     """Write a quantized copy of `model_dir` to `out_dir`; returns the report (empty without it).
 
     int8 and int4 need calibration data (`calib`: a LLaVA JSON file or an image folder;
     `images`: the JSON's image root, or alone an image folder) for the TensorRT graphs' static
-    activation scales; fp16 needs none unless a report is asked for.
+    activation scales; fp16 needs none unless a report is asked for. `block_size` (int4 only,
+    default 32) is how many weights share a scale: 128 prefills and decodes faster on the CPU
+    and costs accuracy (docs/quantization.md measures both).
     """
     _check_onnxruntime()
     if precision not in TARGETS:
         raise LlavaEdgeError(f"--precision must be one of {', '.join(TARGETS)}, got {precision}")
+    block = _check_block(precision, block_size)
     if method not in METHODS:
         raise LlavaEdgeError(f"--method must be one of {', '.join(METHODS)}, got {method}")
     if not isinstance(samples, int) or samples < 1:
@@ -130,9 +138,9 @@ def quantize_model(
         plan = _plan(precision)
         for name, kind in plan.items():
             graph = manifest.graphs[name]
-            _quantize_graph(name, kind, graph, source, tmp, activations, method, log)
+            _quantize_graph(name, kind, graph, source, tmp, activations, method, block, log)
             if graph.fused:
-                graph.fused = quantize_fused(kind, graph.fused, source, tmp)
+                graph.fused = quantize_fused(kind, graph.fused, source, tmp, block)
         manifest.source["quantized_from"] = {
             "model_dir": str(source.resolve()),
             "files": {n: e.sha256 for n, e in manifest.files.items()},
@@ -151,6 +159,21 @@ def quantize_model(
     manifest.mark_verified(out)  # every file was hashed above: the first load need not again
     log(f"quantized {source} -> {out} ({precision}) in {time.perf_counter() - start:.1f} s")
     return result
+
+
+def _check_block(precision: str, block_size: int | None) -> int:
+    if block_size is None:
+        return INT4_BLOCK
+    if precision != "int4":
+        raise LlavaEdgeError(
+            f"--block-size applies to int4 only (its weights share a scale per block); "
+            f"drop it for {precision}"
+        )
+    if block_size not in INT4_BLOCKS:
+        raise LlavaEdgeError(
+            f"--block-size must be one of {', '.join(map(str, INT4_BLOCKS))}, got {block_size}"
+        )
+    return block_size
 
 
 def _check_onnxruntime() -> None:
@@ -223,6 +246,7 @@ def _quantize_graph(
     out: Path,
     activations: Activations,
     method: str,
+    block: int,
     log: Any,
 ) -> None:
     from tqdm import tqdm
@@ -254,11 +278,11 @@ def _quantize_graph(
             }
         else:
             bar.set_postfix_str("onnxruntime: MatMulNBits")
-            ort_details = int4_matmulnbits(src, out / graph.file)
+            ort_details = int4_matmulnbits(src, out / graph.file, block)
             bar.update()
             bar.set_postfix_str("tensorrt: INT4 Q/DQ")
             trt_file = Path(graph.file).stem + QDQ_SUFFIX
-            trt_details = int4_qdq(src, out / trt_file)
+            trt_details = int4_qdq(src, out / trt_file, block)
             bar.update()
             graph.tensorrt_file = trt_file
             graph.details = {**graph.details, "onnxruntime": ort_details, "tensorrt": trt_details}
@@ -267,7 +291,9 @@ def _quantize_graph(
         log(f"warning: {name} has no MatMul with constant weights; it stays fp32")
 
 
-def quantize_fused(kind: str, fused: GraphSpec, source: Path, out: Path) -> GraphSpec | None:
+def quantize_fused(
+    kind: str, fused: GraphSpec, source: Path, out: Path, block: int = INT4_BLOCK
+) -> GraphSpec | None:
     """A graph's fused form (onnxruntime only) in the onnxruntime form of `kind`; fp16 dirs
     keep none (`export --dtype fp16` writes an fp16 fused decoder)."""
     if kind == "fp16":
@@ -276,7 +302,7 @@ def quantize_fused(kind: str, fused: GraphSpec, source: Path, out: Path) -> Grap
         if kind == "int8":
             details = int8_dynamic(source / fused.file, out / fused.file, ("MatMul", "Attention"))
         else:
-            details = int4_matmulnbits(source / fused.file, out / fused.file)
+            details = int4_matmulnbits(source / fused.file, out / fused.file, block)
     fused.precision = kind
     fused.details = {**fused.details, "onnxruntime": details}
     return fused
@@ -414,9 +440,9 @@ class _One:
         return feeds
 
 
-def int4_matmulnbits(src: Path, dst: Path) -> dict[str, Any]:
+def int4_matmulnbits(src: Path, dst: Path, block: int = INT4_BLOCK) -> dict[str, Any]:
     """onnxruntime's CPU form: MatMulNBits (com.microsoft), 4-bit symmetric blocks along K."""
-    details = _int4(src, dst, qdq=False)
+    details = _int4(src, dst, block, qdq=False)
     return {
         "form": "MatMulNBits 4-bit symmetric blocks (com.microsoft), onnxruntime only",
         **details,
@@ -428,7 +454,7 @@ def int4_matmulnbits(src: Path, dst: Path) -> dict[str, Any]:
 INT4_FP32_IO = ("inputs_embeds", "logits")
 
 
-def int4_qdq(src: Path, dst: Path) -> dict[str, Any]:
+def int4_qdq(src: Path, dst: Path, block: int = INT4_BLOCK) -> dict[str, Any]:
     """TensorRT's form: INT4 weights with block-wise DequantizeLinear (axis 0, blocks along K)
     into each MatMul, from fp16 activations with fp16 scales: weight-only INT4 as NVIDIA's tools
     make it for TensorRT (its INT4 weight-only GEMM kernels take fp16 activations; with fp32
@@ -438,7 +464,7 @@ def int4_qdq(src: Path, dst: Path) -> dict[str, Any]:
     version converter (it rewrites ops whose form changed since the export's opset, e.g.
     ReduceMean's axes).
     """
-    details = _int4(src, dst, qdq=True)
+    details = _int4(src, dst, block, qdq=True)
     return {
         "form": "INT4 weight-only Q/DQ: block-wise symmetric DequantizeLinear, no zero point, "
         "fp16 activations and scales, fp16 KV cache",
@@ -447,9 +473,10 @@ def int4_qdq(src: Path, dst: Path) -> dict[str, Any]:
     }
 
 
-def _int4(src: Path, dst: Path, qdq: bool) -> dict[str, Any]:
+def _int4(src: Path, dst: Path, block: int, qdq: bool) -> dict[str, Any]:
     """Both int4 forms come from onnxruntime's MatMulNBitsQuantizer; only the output format (and,
-    for Q/DQ, the opset) differs."""
+    for Q/DQ, the opset) differs. The quantizer takes one block size a pass, so nodes whose K
+    needs a smaller block than `block` get a pass of their own."""
     import onnx
     from onnx import version_converter
     from onnx.external_data_helper import load_external_data_for_model
@@ -460,42 +487,54 @@ def _int4(src: Path, dst: Path, qdq: bool) -> dict[str, Any]:
     )
 
     model = onnx.load(str(src), load_external_data=False)
-    nodes, skipped = _int4_nodes(model)
+    blocks, skipped = _int4_blocks(model, block)
     if qdq:  # on the graph without its weights: the converters serialize it (2 GiB at most)
         model, halved = fp16_graph(model, keep_io_types=list(INT4_FP32_IO))
         model = version_converter.convert_version(model, INT4_OPSET)
         load_weights(model, src.parent, halved)  # the quantizer reads every weight
     else:
         load_external_data_for_model(model, str(src.parent))
-    config = DefaultWeightOnlyQuantConfig(
-        block_size=INT4_BLOCK,
-        is_symmetric=True,
-        quant_format=QuantFormat.QDQ if qdq else QuantFormat.QOperator,
-        op_types_to_quantize=("MatMul",),
-        **({} if qdq else {"accuracy_level": INT4_ACCURACY_LEVEL}),
-    )
-    quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=skipped, algo_config=config)
-    quantizer.process()
-    save_graph(quantizer.model.model, dst)
+    for size in sorted(set(blocks.values()), reverse=True):
+        config = DefaultWeightOnlyQuantConfig(
+            block_size=size,
+            is_symmetric=True,
+            quant_format=QuantFormat.QDQ if qdq else QuantFormat.QOperator,
+            op_types_to_quantize=("MatMul",),
+            **({} if qdq else {"accuracy_level": INT4_ACCURACY_LEVEL}),
+        )
+        others = [name for name, b in blocks.items() if b != size]
+        quantizer = MatMulNBitsQuantizer(
+            model, nodes_to_exclude=skipped + others, algo_config=config
+        )
+        quantizer.process()
+        model = quantizer.model.model
+    save_graph(model, dst)
     settings = {"opset": INT4_OPSET} if qdq else {"accuracy_level": INT4_ACCURACY_LEVEL}
+    counts = {size: list(blocks.values()).count(size) for size in sorted(set(blocks.values()))}
     return {
-        "block_size": INT4_BLOCK,
+        "block_size": block,
+        "nodes_per_block": {str(size): count for size, count in counts.items()},
         **settings,
-        "quantized_nodes": len(nodes),
+        "quantized_nodes": len(blocks),
         "kept_float": skipped,
     }
 
 
-def _int4_nodes(model: Any) -> tuple[list[str], list[str]]:
-    """MatMuls to quantize, and those kept in float because K is not a whole number of blocks
-    (a partial last block is legal ONNX, but neither MatMulNBits' fast path nor TensorRT's
-    block quantization is documented for it)."""
+def _int4_blocks(model: Any, block: int) -> tuple[dict[str, int], list[str]]:
+    """Each MatMul to quantize with its block (the largest up to `block` that divides its K),
+    and those kept in float because no block of INT4_BLOCKS divides K (a partial last block is
+    legal ONNX, but neither MatMulNBits' fast path nor TensorRT's block quantization is
+    documented for it)."""
     stored = {t.name: t for t in model.graph.initializer}
-    nodes, skipped = [], []
+    blocks, skipped = {}, []
     for node in weight_nodes(model, ("MatMul",)):
         k = stored[node.input[1]].dims[0]
-        (nodes if k % INT4_BLOCK == 0 else skipped).append(node.name)
-    return nodes, skipped
+        fits = [b for b in INT4_BLOCKS if b <= block and k % b == 0]
+        if fits:
+            blocks[node.name] = max(fits)
+        else:
+            skipped.append(node.name)
+    return blocks, skipped
 
 
 # ---- the check before installing --------------------------------------------------------------
