@@ -85,6 +85,17 @@ def replace_dir(out: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def final_path(path: Path) -> Path:
+    """Where `path` will be once the replace_dir it is written in is installed: a dir named
+    `.NAME.partial-PID-XXXX` becomes NAME (the path itself where no such dir holds it)."""
+    parts = list(Path(path).parts)
+    for i, part in enumerate(parts):
+        name, dot, rest = part[1:].partition(".partial-")
+        if part.startswith(".") and dot and rest.split("-", 1)[0].isdigit():
+            parts[i] = name
+    return Path(*parts)
+
+
 @contextlib.contextmanager
 def replace_file(out: Path, encoding: str = "utf-8") -> Iterator[IO[str]]:
     """Yield a text file open for writing; if the block finishes, it is flushed to disk and

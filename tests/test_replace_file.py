@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from llava_edge.files import replace_file
+from llava_edge.files import final_path, replace_dir, replace_file
 
 
 def test_the_file_appears_whole_and_ordinary(tmp_path):
@@ -46,3 +46,12 @@ def test_a_killed_writers_temporary_file_is_cleaned_up(tmp_path):
     with replace_file(out) as f:
         f.write("new")
     assert os.listdir(tmp_path) == ["data.json"] and out.read_text() == "new"
+
+
+def test_final_path_names_where_a_temporary_dir_is_installed(tmp_path):
+    out = tmp_path / "model"
+    with replace_dir(out) as tmp:
+        inside = tmp / "sub" / "decoder.onnx"
+        assert final_path(inside) == out.resolve() / "sub" / "decoder.onnx"
+    assert final_path(out / "decoder.onnx") == out / "decoder.onnx"  # not in a temporary dir
+    assert final_path(tmp_path / ".cache.partial-x" / "f") == tmp_path / ".cache.partial-x" / "f"

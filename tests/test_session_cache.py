@@ -4,6 +4,7 @@ is rebuilt, never used; answers are the same with and without it."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -95,3 +96,36 @@ def test_no_entry_written_without_memory_to_spare(
     reference, status = answer(tiny_model_dir, cache)
     assert set(status.values()) == {"off"} and not entries(cache)
     assert answer(tiny_model_dir, cache, session_cache=False)[0] == reference
+
+
+def test_entry_written_in_a_temporary_dir_belongs_to_the_installed_dir(
+    tiny_model_dir: Path, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`quantize` and `export` load a dir in its temporary place before installing it: the
+    entries are the installed dir's, so replacing that dir's graphs later drops them."""
+    partial = tmp_path / ".model.partial-123-abcd"
+    shutil.copytree(tiny_model_dir, partial)
+    answer(partial, cache)
+    written = entries(cache)
+    sources = {json.loads((e / session_cache.META).read_text())["source"] for e in written}
+    assert all(Path(s).parent == tmp_path / "model" for s in sources)
+    partial.rename(tmp_path / "model")
+    _, status = answer(tmp_path / "model", cache)
+    assert set(status.values()) == {"hit"}
+    monkeypatch.setattr(session_cache.ort, "__version__", "0.0.0-other")  # new keys
+    answer(tmp_path / "model", cache)
+    assert not set(written) & set(entries(cache))
+
+
+def test_entries_of_a_deleted_dir_are_dropped(
+    tiny_model_dir: Path, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    answer(copy, cache)
+    written = entries(cache)
+    shutil.rmtree(copy)
+    monkeypatch.setattr(session_cache.ort, "__version__", "0.0.0-other")  # a write happens
+    _, status = answer(tiny_model_dir, cache)
+    assert set(status.values()) == {"miss"}
+    assert not set(written) & set(entries(cache)) and len(entries(cache)) == 3

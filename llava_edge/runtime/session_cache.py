@@ -12,8 +12,11 @@ and the CPU (pre-packed layouts depend on its instruction set). It is written be
 place and renamed in (llava_edge.files.replace_dir), so a reader never sees half an entry; an
 entry whose files are missing, of the wrong size or unreadable by onnxruntime is deleted and
 rebuilt; an entry for the same graph path under another key (an older onnxruntime, a re-exported
-graph) is deleted when its replacement is written. Only CPU sessions are cached: GPU providers
-keep their own caches (the TensorRT provider's engines).
+graph) is deleted when its replacement is written, and so is an entry whose graph is gone (a
+deleted model dir). An entry records the graph's final path beside the one it was opened from:
+one written while `quantize` or `export` checks a dir in its temporary place belongs to the dir
+once it is installed. Only CPU
+sessions are cached: GPU providers keep their own caches (the TensorRT provider's engines).
 
 The cache costs disk: about twice the graph's weights (the weights and their pre-packed copies);
 and the load that writes an entry holds a second copy of the weights in memory meanwhile, so it
@@ -32,7 +35,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from llava_edge.files import replace_dir
+from llava_edge.files import final_path, replace_dir
 from llava_edge.manifest import cache_dir
 
 CACHE_FORMAT = 1
@@ -63,9 +66,15 @@ def cache_key(graph_sha256: str, providers: list[str]) -> str:
         "providers": providers,
         "optimization": "ORT_ENABLE_ALL",
         "machine": platform.machine(),
-        "cpu_flags": _cpu_flags(),
+        "cpu_flags": cpu_flags(),
     }
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def is_cached(graph_sha256: str, root: Path | None = None) -> bool:
+    """Whether a CPU session of this graph would load from a complete entry (writing none)."""
+    root = root or cache_dir() / "onnxruntime"
+    return _complete(root / cache_key(graph_sha256, ["CPUExecutionProvider"]))
 
 
 def open_cached(
@@ -93,12 +102,13 @@ def open_cached(
         with replace_dir(entry) as tmp:
             session = ort.InferenceSession(str(path), _saving(threads, tmp), providers=providers)
             files = {name: (tmp / name).stat().st_size for name in (MODEL, DATA)}
-            meta = {"source": str(path.resolve()), "files": files}
+            opened = str(path.resolve())
+            meta = {"source": str(final_path(Path(opened))), "opened": opened, "files": files}
             (tmp / META).write_text(json.dumps(meta))
     except Exception:  # no room, a read-only home: the session still loads, uncached
         options = session_options(threads)
         return ort.InferenceSession(str(path), options, providers=providers), "off"
-    _drop_stale(root, entry, str(path.resolve()))
+    _drop_stale(root, entry, str(final_path(path.resolve())))
     return session, "miss"
 
 
@@ -140,18 +150,25 @@ def _complete(entry: Path) -> bool:
 
 
 def _drop_stale(root: Path, keep: Path, source: str) -> None:
-    """Entries of the same graph path under other keys can never be used again."""
+    """Entries of the same graph path under other keys can never be used again; entries whose
+    graph is gone (neither path recorded exists) are dropped too, or deleted model dirs would
+    leave their entries on disk for ever."""
     for meta in root.glob(f"*/{META}"):
         if meta.parent == keep:
             continue
         try:
-            if json.loads(meta.read_text()).get("source") == source:
-                shutil.rmtree(meta.parent, ignore_errors=True)
+            facts = json.loads(meta.read_text())
+            recorded = [facts.get("source"), facts.get("opened")]
         except (OSError, ValueError, AttributeError):
             continue
+        paths = [Path(p) for p in recorded if isinstance(p, str)]
+        if recorded[0] == source or not any(p.exists() for p in paths):
+            shutil.rmtree(meta.parent, ignore_errors=True)
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
+    """A short hash of this CPU's feature flags: what is packed or compiled for one CPU may not
+    run, or not run as fast, on another."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
