@@ -12,6 +12,7 @@ builds strongly typed networks from the explicit-precision graphs (its fp16/int8
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import GraphSpec, Manifest
 from llava_edge.runtime.kv_cache import KVCache, check_kv_layout
 from llava_edge.runtime.session_cache import enabled as cache_enabled
-from llava_edge.runtime.session_cache import open_cached, session_options
+from llava_edge.runtime.session_cache import is_cached, open_cached, session_options
 
 GRAPH_FORMS = ("auto", "fused", "standard")
 
@@ -142,15 +143,23 @@ class OnnxBackend:
         self.form = self._pick_form(graph_form)
         if self.form == "fused":
             graphs = {name: g.fused or g for name, g in graphs.items()}
-        self.sessions = {
-            name: self._open(
-                name,
-                graph.tensorrt_file if tensorrt and graph.tensorrt_file else graph.file,
-                options,
-                [(p, provider_options(p, manifest, name, cache_dir)) for p in self.providers],
-            )
+        files = {
+            name: graph.tensorrt_file if tensorrt and graph.tensorrt_file else graph.file
             for name, graph in graphs.items()
         }
+
+        def open_one(name: str) -> ort.InferenceSession:
+            providers = [
+                (p, provider_options(p, manifest, name, cache_dir)) for p in self.providers
+            ]
+            return self._open(name, files[name], options, providers)
+
+        # Loads from the session cache run side by side (onnxruntime releases the GIL while it
+        # opens a session, and most of a cached load is touching the mapped weights); a load that
+        # writes an entry holds a second copy of its weights, so those run one at a time.
+        together = self._all_cached(files.values())
+        with ThreadPoolExecutor(len(files) if together else 1) as pool:
+            self.sessions = dict(zip(files, pool.map(open_one, files), strict=True))
         for name, graph in graphs.items():
             check_graph_io(name, graph, self.sessions[name])
         self.layer_names = [manifest.kv_names(i) for i in range(manifest.text.num_layers)]
@@ -180,6 +189,13 @@ class OnnxBackend:
             cpu_only = self.providers == ["CPUExecutionProvider"]
             return "fused" if has_fused and cpu_only else "standard"
         return requested
+
+    def _all_cached(self, files: Any) -> bool:
+        """Whether every graph would open from a complete session-cache entry."""
+        if not self.session_cache or self.providers != ["CPUExecutionProvider"]:
+            return False
+        entries = [self.manifest.files.get(f) for f in files]
+        return all(e is not None and is_cached(e.sha256) for e in entries)
 
     def _open(
         self,
