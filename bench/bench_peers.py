@@ -4,9 +4,12 @@
     .venv/bin/python bench/bench_peers.py --llama-bench PATH --convert PATH/convert_hf_to_gguf.py
 
 What is measured, 2 threads by default: prefill of 512 tokens from an empty context and decode of
-64 tokens at a depth of 512, for llava-edge's fp32, int8 and int4 decoders against llama.cpp's
-f32, q8_0 and q4_0 GGUF of the same text model (`llama-bench -p 512 -n 0` and
-`-p 0 -n 64 -d 512`), and transformers' fp32 forward on it. Runs are interleaved (every engine and
+64 tokens at a depth of 512, for llava-edge's fp32, int8 and int4 decoders (int4 twice: blocks of
+32, the default, and `quantize --block-size 128`) against llama.cpp's f32, q8_0 and q4_0 GGUF of
+the same text model (`llama-bench -p 512 -n 0` and `-p 0 -n 64 -d 512`), and transformers' fp32
+forward on it. `decode_ceiling` says what memory allows: a decode step reads every decoder weight
+and the KV cache once, so the machine's read bandwidth (measured) over those bytes bounds every
+engine's decode rate. Runs are interleaved (every engine and
 precision once per round, the order rotating) so the drift of a shared machine hits all alike;
 medians over rounds, ratios from the same run.
 
@@ -19,7 +22,7 @@ JSON and on stderr, and the rest is measured.
 
 The checkpoint and the llava-edge model dirs come from bench_quantize.py's builder (a `small`
 preset checkpoint under --work, its fp32 export and int8/int4 copies), or from --checkpoint and
---fp32/--int8/--int4.
+--fp32/--int8/--int4/--int4-b128.
 """
 
 from __future__ import annotations
@@ -45,7 +48,9 @@ from bench_quantize import build as build_model_dirs  # noqa: E402
 from bench_quantize import measure as measure_runtime  # noqa: E402
 
 LLAMA_CPP_PYTHON = "0.3.36"
-PRECISIONS = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0"}  # llava-edge -> llama.cpp
+# llava-edge's dirs -> the llama.cpp type each is measured against. int4_b128 is `quantize
+# --block-size 128`: bench_quantize.QUANTIZED says how each dir is made.
+PRECISIONS = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0", "int4_b128": "q4_0"}
 PREFILL, DECODE, DEPTH = 512, 64, 512  # llava-edge's prefill is its depth: keep them equal
 
 
@@ -62,11 +67,13 @@ def log(*parts: object) -> None:
 
 def llama_cpp_tools(cache: Path, version: str) -> dict[str, Path]:
     """llama-bench, llama-quantize and convert_hf_to_gguf.py, built into `cache` on first use."""
+    from llava_edge.runtime.session_cache import cpu_flags
+
     root = cache / version
-    tools = {
-        "bench": root / "build" / "bin" / "llama-bench",
-        "quantize": root / "build" / "bin" / "llama-quantize",
-    }
+    # GGML_NATIVE builds for this CPU's features: a build from another CPU could crash here, or
+    # run slower than llama.cpp can, so each CPU gets its own build dir
+    build = root / f"build-{cpu_flags()}"
+    tools = {"bench": build / "bin" / "llama-bench", "quantize": build / "bin" / "llama-quantize"}
     source = next(root.glob("llama_cpp_python-*/vendor/llama.cpp"), None) if root.is_dir() else None
     if source is None:
         source = _fetch_source(root, version)
@@ -82,7 +89,7 @@ def llama_cpp_tools(cache: Path, version: str) -> dict[str, Path]:
         "-S",
         str(source),
         "-B",
-        str(root / "build"),
+        str(build),
         "-DCMAKE_BUILD_TYPE=Release",
         "-DGGML_NATIVE=ON",  # the same CPU features onnxruntime's kernels pick at run time
         "-DLLAMA_CURL=OFF",
@@ -90,8 +97,8 @@ def llama_cpp_tools(cache: Path, version: str) -> dict[str, Path]:
         "-DLLAMA_BUILD_TESTS=OFF",
         "-DLLAMA_BUILD_SERVER=OFF",
     ]
-    build = ["cmake", "--build", str(root / "build"), "--target", "llama-bench", "llama-quantize"]
-    for command in (configure, [*build, "-j", str(os.cpu_count() or 2)]):
+    make = ["cmake", "--build", str(build), "--target", "llama-bench", "llama-quantize"]
+    for command in (configure, [*make, "-j", str(os.cpu_count() or 2)]):
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
             (root / "build.log").write_text(done.stdout + done.stderr)
@@ -166,7 +173,7 @@ def _pad_tokenizer(path: Path, rows: int) -> None:
 
 def gguf_files(tools: dict[str, Path], text_dir: Path, work: Path) -> dict[str, Path]:
     """f32 GGUF from the converter; q8_0 and q4_0 from llama-quantize, as llama.cpp users do."""
-    files = {t: work / f"text-{t}.gguf" for t in PRECISIONS.values()}
+    files = {t: work / f"text-{t}.gguf" for t in dict.fromkeys(PRECISIONS.values())}
     if not files["f32"].exists():
         env = {**os.environ, "PYTHONPATH": str(tools["convert"].parent / "gguf-py")}
         tmp = files["f32"].with_suffix(".tmp")
@@ -206,6 +213,66 @@ def llama_bench(binary: Path, gguf: Path, threads: int) -> tuple[float, float]:
         (row,) = json.loads(done.stdout)
         rates.append(float(row["avg_ts"]))
     return rates[0], rates[1]
+
+
+# ---- what the memory allows ---------------------------------------------------------------------
+
+
+def read_bandwidth(threads: int, size: int = 1 << 30, runs: int = 5) -> float:
+    """Bytes/s onnxruntime streams through a decode-shaped fp32 MatMul ([1, K] x [K, N], a 1 GiB
+    weight fed as an input, so nothing is pre-packed or cached): the read rate a decode step's
+    own access pattern gets on this machine."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    k = 4096
+    n = size // (4 * k)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "gemv",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k]),
+            helper.make_tensor_value_info("w", TensorProto.FLOAT, [k, n]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, ["CPUExecutionProvider"])
+    feeds = {"x": np.ones((1, k), np.float32), "w": np.ones((k, n), np.float32)}
+    session.run(None, feeds)  # first touch of the pages
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - start)
+    return feeds["w"].nbytes / statistics.median(times)
+
+
+def decode_ceiling(pipes: dict[str, Any], measured: dict[str, float], threads: int) -> dict:
+    """A decode step reads every decoder weight and the KV cache once: no engine decodes faster
+    than the bandwidth over those bytes. Per llava-edge dir: the bytes of a step at DEPTH, that
+    ceiling in tokens/s, and the share of it measured."""
+    bandwidth = read_bandwidth(threads)
+    out: dict[str, Any] = {"read_bandwidth_gb_per_s": round(bandwidth / 1e9, 2)}
+    for p, pipe in pipes.items():
+        graph = pipe.manifest.graphs["decoder"]
+        graph = graph.fused or graph
+        weights = sum(
+            f.stat().st_size for f in pipe.model_dir.glob(graph.file + "*") if f.is_file()
+        )
+        text = pipe.backend.kv_text
+        kv = 2 * text.num_layers * text.num_kv_heads * DEPTH * text.head_dim
+        kv *= np.dtype(text.dtype).itemsize
+        ceiling = bandwidth / (weights + kv)
+        out[f"llava_edge.{p}"] = {
+            "step_mb": round((weights + kv) / 1e6, 1),
+            "ceiling_tokens_per_s": round(ceiling, 1),
+            "share_measured": round(measured[f"llava_edge.{p}"] / ceiling, 3),
+        }
+    return out
 
 
 # ---- transformers ------------------------------------------------------------------------------
@@ -251,6 +318,7 @@ def main() -> None:
     parser.add_argument("--fp32", type=Path)
     parser.add_argument("--int8", type=Path)
     parser.add_argument("--int4", type=Path)
+    parser.add_argument("--int4-b128", type=Path, help="an int4 dir quantized with block 128")
     parser.add_argument("--llama-bench", type=Path, help="a llama-bench binary (else built)")
     parser.add_argument("--llama-quantize", type=Path, help="default: beside --llama-bench")
     parser.add_argument("--convert", type=Path, help="llama.cpp's convert_hf_to_gguf.py")
@@ -269,7 +337,8 @@ def main() -> None:
     if all(given.values()) and args.checkpoint:
         dirs, checkpoint = given, args.checkpoint
     else:
-        dirs, checkpoint = build_model_dirs(args.work, args.preset), args.work / "checkpoint"
+        dirs = build_model_dirs(args.work, args.preset, tuple(PRECISIONS))
+        checkpoint = args.work / "checkpoint"
     text_dir = text_checkpoint(checkpoint, args.work / "text-checkpoint")
 
     llama: dict[str, Any] = {}
@@ -346,10 +415,12 @@ def main() -> None:
         for peer in peers:
             for kind in ("prefill", "decode"):
                 result["ratios"][f"{kind}.{p}_vs_{peer}"] = ratio(ours, peer, kind)
-    for p in ("int8", "int4"):
-        result["ratios"][f"prefill.{p}_vs_fp32"] = ratio(
-            f"llava_edge.{p}", "llava_edge.fp32", "prefill"
-        )
+    for p in PRECISIONS:
+        if p != "fp32":
+            result["ratios"][f"prefill.{p}_vs_fp32"] = ratio(
+                f"llava_edge.{p}", "llava_edge.fp32", "prefill"
+            )
+    result["decode_ceiling"] = decode_ceiling(pipes, result["decode_tokens_per_s"], args.threads)
     for pipe in pipes.values():
         pipe.close()
     print(json.dumps(result, indent=2))

@@ -27,10 +27,13 @@ from pathlib import Path
 import numpy as np
 
 COMPARED = ("fp32", "int8", "int4")  # the model dirs measured side by side
+# How each quantized dir is made from fp32: `quantize --precision P [--block-size B]`.
+QUANTIZED = {"int8": ("int8", None), "int4": ("int4", None), "int4_b128": ("int4", 128)}
 
 
-def build(work: Path, preset: str) -> dict[str, Path]:
-    """The three model dirs, made under `work` where missing (reused when present)."""
+def build(work: Path, preset: str, names: tuple[str, ...] = COMPARED) -> dict[str, Path]:
+    """The model dirs `names` (fp32 and keys of QUANTIZED), made under `work` where missing
+    (reused when present)."""
     from llava_edge.calib.quantize import quantize_model
     from llava_edge.export.exporter import export_checkpoint
     from llava_edge.training.checkpoint import init_checkpoint
@@ -39,25 +42,27 @@ def build(work: Path, preset: str) -> dict[str, Path]:
     def log(*parts: object) -> None:  # stdout holds only the JSON result
         print(*parts, file=sys.stderr)
 
-    dirs = {p: work / p for p in COMPARED}
+    dirs = {p: work / p for p in ("fp32", *names)}
     if not (dirs["fp32"] / "manifest.json").exists():
         checkpoint = init_checkpoint(work / "checkpoint", preset=preset, force=True)
         export_checkpoint(checkpoint, dirs["fp32"], verify=False, force=True, log=log)
     data = work / "data"
     if not (data / "train.json").exists():
         synthesize(data, train=8, test=0)
-    for precision in ("int8", "int4"):
-        if not (dirs[precision] / "manifest.json").exists():
+    for name in names:
+        if name != "fp32" and not (dirs[name] / "manifest.json").exists():
+            precision, block = QUANTIZED[name]
             quantize_model(
                 dirs["fp32"],
-                dirs[precision],
+                dirs[name],
                 precision,
                 calib=data / "train.json",
                 samples=8,
                 force=True,
+                block_size=block,
                 log=log,
             )
-    return dirs
+    return {name: dirs[name] for name in names}
 
 
 def measure(

@@ -1,15 +1,16 @@
 """Time to first token with one image and a 32-token question, split into its stages, as JSON.
 
     .venv/bin/python bench/bench_ttft.py [--runs 7] [--threads 2]
-    .venv/bin/python bench/bench_ttft.py --fp32 DIR --int8 DIR --int4 DIR
+    .venv/bin/python bench/bench_ttft.py --fp32 DIR --int8 DIR --int4 DIR --int4-b128 DIR
 
-For each precision's model dir (bench_quantize.py's `small` dirs by default) and each graph form
+For each precision's model dir (bench_quantize.py's `small` dirs by default; int4 twice, in blocks
+of 32, the default, and of 128, `quantize --block-size 128`) and each graph form
 (`standard`: the TorchScript graphs, as before the fused forms existed; `fused`: onnxruntime's
 fused CLIP and decoder forms), one request is timed stage by stage: preprocessing, the vision
 encoder, the projector, the prompt's prefill (image features put in place, one decoder call) and
 picking the first token. Forms and precisions take turns within each run so a shared machine's
 drift hits all alike; medians over runs, and each precision's fused/standard TTFT ratio from the
-same runs.
+same runs (and int4 in blocks of 128 fused against the default int4's standard graphs).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quantize import build as build_model_dirs  # noqa: E402
 
-PRECISIONS = ("fp32", "int8", "int4")
+PRECISIONS = ("fp32", "int8", "int4", "int4_b128")  # int4_b128: `quantize --block-size 128`
 FORMS = ("standard", "fused")
 STAGES = ("preprocess_ms", "vision_ms", "projector_ms", "prefill_ms", "first_token_ms")
 
@@ -64,6 +65,7 @@ def main() -> None:
     parser.add_argument("--fp32", type=Path)
     parser.add_argument("--int8", type=Path)
     parser.add_argument("--int4", type=Path)
+    parser.add_argument("--int4-b128", type=Path, help="an int4 dir quantized with block 128")
     parser.add_argument("--work", type=Path, default=Path(".bench/quantize"))
     parser.add_argument("--preset", default="small")
     parser.add_argument("--threads", type=int, default=2)
@@ -77,7 +79,7 @@ def main() -> None:
     from llava_edge.runtime.bench import bench_image, question
 
     given = {p: getattr(args, p) for p in precisions}
-    dirs = given if all(given.values()) else build_model_dirs(args.work, args.preset)
+    dirs = given if all(given.values()) else build_model_dirs(args.work, args.preset, precisions)
     pipes = {
         (p, f): Pipeline.load(dirs[p], threads=args.threads, graph_form=f)
         for p in precisions
@@ -121,6 +123,16 @@ def main() -> None:
             for p in precisions
         },
     }
+    if {"int4", "int4_b128"} <= set(precisions):  # blocks of 128 against the default int4's graphs
+        result["ttft_speedup_int4_b128_fused_vs_int4_standard"] = round(
+            statistics.median(
+                s["ttft_ms"] / f["ttft_ms"]
+                for s, f in zip(
+                    runs[("int4", "standard")], runs[("int4_b128", "fused")], strict=True
+                )
+            ),
+            3,
+        )
     for pipe in pipes.values():
         pipe.close()
     print(json.dumps(result, indent=2))
