@@ -20,6 +20,7 @@ from llava_edge.calib.trt_check import check_graph, check_model_dir
 from llava_edge.cli import main
 from llava_edge.manifest import Manifest
 from llava_edge.runtime import Pipeline
+from llava_edge.runtime.plan import plan
 
 COLOURS = [(220, 40, 40), (40, 170, 60), (40, 80, 220), (235, 205, 40), (140, 60, 180)]
 
@@ -160,6 +161,48 @@ def test_int4_block_size_takes_effect_node_by_node(
     assert Pipeline.load(out).answer(Image.new("RGB", (40, 40)), "Where?", max_new_tokens=2)
 
 
+def test_int4_with_int8_prefill_runs_prompts_in_int8_and_steps_in_int4(
+    tiny_model_dir: Path, calib_json: Path, quantized: dict, tmp_path: Path
+) -> None:
+    """`--prefill int8`: a prompt's logits are the int8 dir's, bit for bit, and a step after it
+    is the int4 dir's decoder on that same cache."""
+    out = tmp_path / "int4_prefill"
+    args = ["--precision", "int4", "--calib", str(calib_json), "--samples", "2"]
+    assert main(["quantize", str(tiny_model_dir), str(out), *args, "--prefill", "int8"]) == 0
+    manifest = Manifest.load(out)
+    manifest.check_files(out, hashes=True)
+    fused = manifest.graphs["decoder"].fused
+    assert (fused.precision, fused.prefill.precision) == ("int4", "int8")
+    assert fused.prefill.file in manifest.files
+    # a runtime that predates a field skips it (so one without `prefill` runs int4 throughout)
+    data = manifest.to_dict()
+    data["graphs"]["decoder"]["fused"]["a_later_field"] = {"file": "x.onnx"}
+    assert Manifest.from_dict(data).graphs["decoder"].fused.prefill == fused.prefill
+    # `plan` counts the prompt decoder's weights, which onnxruntime holds beside the int4 ones
+    weights = plan(out).weights
+    assert weights["decoder_prefill"] > 0 and weights["decoder"] > 0
+    assert "decoder_prefill" not in plan(out, backend="tensorrt").weights
+
+    rng = np.random.default_rng(0)
+    prompt = rng.standard_normal((1, 9, manifest.text.hidden_size)).astype(np.float32)
+    step = rng.standard_normal((1, 1, manifest.text.hidden_size)).astype(np.float32)
+
+    def run(pipe: Pipeline, cache: object, embeds: np.ndarray) -> np.ndarray:
+        seq = embeds.shape[1]
+        return pipe.backend.decode(embeds, np.ones((1, seq), np.int64), None, cache)
+
+    with (
+        Pipeline.load(out) as hybrid,
+        Pipeline.load(quantized["int8"][0]) as int8,
+        Pipeline.load(quantized["int4"][0]) as int4,
+    ):
+        mixed, reference = hybrid.backend.new_cache(1), int8.backend.new_cache(1)
+        np.testing.assert_array_equal(run(hybrid, mixed, prompt), run(int8, reference, prompt))
+        int4_prompt = run(int4, int4.backend.new_cache(1), prompt)
+        assert not np.array_equal(run(hybrid, hybrid.backend.new_cache(1), prompt), int4_prompt)
+        np.testing.assert_array_equal(run(hybrid, mixed, step), run(int4, reference, step))
+
+
 def test_graph_io_names_and_dtypes_are_unchanged(tiny_model_dir: Path, quantized: dict) -> None:
     """Except the int4 TensorRT form's KV cache, which is fp16 like its activations."""
     reference = Manifest.load(tiny_model_dir)
@@ -262,6 +305,7 @@ def test_report_of_a_dir_against_itself_is_exact(tiny_model_dir: Path, calib_jso
         ("unreadable_json", "cannot read calibration file"),
         ("no_calibration", "no calibration data"),
         ("block_size_for_int8", "--block-size applies to int4 only"),
+        ("prefill_for_int8", "--prefill int8 is for int4 dirs"),
         ("not_empty", "is not empty; pass --force"),
     ],
 )
@@ -290,6 +334,8 @@ def test_bad_input_is_one_line_and_writes_nothing(
         args = ["--precision", "int4"]
     elif case == "block_size_for_int8":
         args += ["--block-size", "64"]
+    elif case == "prefill_for_int8":
+        args += ["--prefill", "int8"]
     else:
         out.mkdir()
         (out / "keep.txt").write_text("mine")

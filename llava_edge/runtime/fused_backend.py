@@ -12,6 +12,10 @@ GroupQueryAttention takes a batch of rows in one call when the call is everyone'
 right-padded prompt batch) or a decode step (one token a row, rows of any length); a call that
 appends several tokens to rows that already hold some (a chat's next turn, a prompt after a
 reused prefix) runs row by row, each through a batch-1 view of its slice of the buffers.
+
+An int4 dir quantized with `--prefill int8` has a second graph of the same IO (manifest
+`GraphSpec.prefill`): calls of more than one token run it, single-token steps the int4 one, on the
+same cache.
 """
 
 from __future__ import annotations
@@ -26,8 +30,17 @@ from llava_edge.runtime.kv_cache import KVCache, KVRows
 class FusedDecoder:
     """Runs the fused decoder graph for OnnxBackend."""
 
-    def __init__(self, session: ort.InferenceSession, text: TextSpec, layer_names: list):
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        text: TextSpec,
+        layer_names: list,
+        prefill: ort.InferenceSession | None = None,
+    ):
         self.session = session
+        # Calls of more than one token (prompts, a chat's next turn) run this one where the model
+        # dir has it (int4 steps, int8 prompts: manifest GraphSpec.prefill); its IO is the same.
+        self.prefill = prefill
         self.text = text
         self.dtype = np.dtype(text.dtype)
         self.names = list(layer_names)  # (past key, past value, present key, present value)
@@ -80,7 +93,8 @@ class FusedDecoder:
         logits: np.ndarray,
     ) -> None:
         """One graph run over cache rows `rows`, which hold `after` tokens each once it is done."""
-        io = self.session.io_binding()
+        session = self.prefill if self.prefill and embeds.shape[1] > 1 else self.session
+        io = session.io_binding()
         io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, dtype=self.dtype))
         io.bind_cpu_input("seqlens_k", (after - 1).astype(np.int32))
         io.bind_cpu_input("total_sequence_length", np.asarray(after.max(), dtype=np.int32))
@@ -92,7 +106,7 @@ class FusedDecoder:
                 io.bind_input(past, "cpu", 0, self.dtype, shape, view.ctypes.data)
                 io.bind_output(present, "cpu", 0, self.dtype, shape, view.ctypes.data)
         io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
-        self.session.run_with_iobinding(io)
+        session.run_with_iobinding(io)
 
 
 def _pack_left(embeds: np.ndarray, token_mask: np.ndarray, new: np.ndarray) -> np.ndarray:

@@ -27,6 +27,7 @@ from llava_edge.runtime.session_cache import enabled as cache_enabled
 from llava_edge.runtime.session_cache import is_cached, open_cached, session_options
 
 GRAPH_FORMS = ("auto", "fused", "standard")
+PREFILL = "decoder_prefill"  # the session of the fused decoder's prompt form, where a dir has one
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -143,6 +144,8 @@ class OnnxBackend:
         self.form = self._pick_form(graph_form)
         if self.form == "fused":
             graphs = {name: g.fused or g for name, g in graphs.items()}
+            if graphs["decoder"].prefill:  # int4 dirs with int8 prompts
+                graphs[PREFILL] = graphs["decoder"].prefill
         files = {
             name: graph.tensorrt_file if tensorrt and graph.tensorrt_file else graph.file
             for name, graph in graphs.items()
@@ -171,7 +174,12 @@ class OnnxBackend:
         if self.form == "fused" and manifest.graphs["decoder"].fused:
             from llava_edge.runtime.fused_backend import FusedDecoder
 
-            self.fused = FusedDecoder(self.sessions["decoder"], manifest.text, self.layer_names)
+            self.fused = FusedDecoder(
+                self.sessions["decoder"],
+                manifest.text,
+                self.layer_names,
+                prefill=self.sessions.get(PREFILL),
+            )
 
     def _pick_form(self, requested: str) -> str:
         """The graph form to run: the fused graphs on the CPU where the model dir has them (their

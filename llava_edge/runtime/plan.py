@@ -6,7 +6,8 @@ running, `plan` adds up what the backend will hold:
 
 - weights of each graph at their stored precision, read from the ONNX files themselves (fp32,
   fp16, int8 Q/DQ, int4 blocks and their scales), the graph the backend runs (TensorRT builds from
-  `tensorrt_file` where there is one);
+  `tensorrt_file` where there is one; onnxruntime also holds an int4 dir's int8 prompt decoder,
+  `quantize --prefill int8`);
 - the KV cache at the planned context, batch and the cache's dtype (fp16 where the TensorRT graph
   computes in fp16);
 - activations: the vision encoder on a batch of images, and one decoder call (a whole prompt for
@@ -242,6 +243,9 @@ def read_shapes(
             sizes[name] = graph_sizes(model_dir / file)
         except (OSError, ValueError, IndexError) as e:
             raise LlavaEdgeError(f"cannot read graph {model_dir / file}: {e}") from None
+    fused = manifest.graphs["decoder"].fused
+    if backend == "onnxruntime" and fused and fused.prefill:  # held beside it for prompts
+        sizes["decoder_prefill"] = graph_sizes(model_dir / fused.prefill.file)
     text = manifest.text
     past = manifest.kv_names(0)[0]
     kv_dtype = sizes["decoder"].input_dtype(past) or text.dtype
