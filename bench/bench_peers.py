@@ -4,8 +4,9 @@
     .venv/bin/python bench/bench_peers.py --llama-bench PATH --convert PATH/convert_hf_to_gguf.py
 
 What is measured, 2 threads by default: prefill of 512 tokens from an empty context and decode of
-64 tokens at a depth of 512, for llava-edge's fp32, int8 and int4 decoders (int4 twice: blocks of
-32, the default, and `quantize --block-size 128`) against llama.cpp's f32, q8_0 and q4_0 GGUF of
+64 tokens at a depth of 512, for llava-edge's fp32, int8 and int4 decoders (int4 three times: blocks
+of 32, the default; `quantize --block-size 128`; and that with `--prefill int8`, whose prompts run
+through int8 weights held beside the int4 ones) against llama.cpp's f32, q8_0 and q4_0 GGUF of
 the same text model (`llama-bench -p 512 -n 0` and `-p 0 -n 64 -d 512`), and transformers' fp32
 forward on it. `decode_ceiling` says what memory allows: a decode step reads every decoder weight
 and the KV cache once, so the machine's read bandwidth (measured) over those bytes bounds every
@@ -22,7 +23,7 @@ JSON and on stderr, and the rest is measured.
 
 The checkpoint and the llava-edge model dirs come from bench_quantize.py's builder (a `small`
 preset checkpoint under --work, its fp32 export and int8/int4 copies), or from --checkpoint and
---fp32/--int8/--int4/--int4-b128.
+--fp32/--int8/--int4/--int4-b128/--int4-b128-prefill-int8.
 """
 
 from __future__ import annotations
@@ -49,8 +50,15 @@ from bench_quantize import measure as measure_runtime  # noqa: E402
 
 LLAMA_CPP_PYTHON = "0.3.36"
 # llava-edge's dirs -> the llama.cpp type each is measured against. int4_b128 is `quantize
-# --block-size 128`: bench_quantize.QUANTIZED says how each dir is made.
-PRECISIONS = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0", "int4_b128": "q4_0"}
+# --block-size 128`, int4_b128_prefill_int8 adds `--prefill int8` (prompts through int8 weights,
+# held beside the int4 ones): bench_quantize.QUANTIZED says how each dir is made.
+PRECISIONS = {
+    "fp32": "f32",
+    "int8": "q8_0",
+    "int4": "q4_0",
+    "int4_b128": "q4_0",
+    "int4_b128_prefill_int8": "q4_0",
+}
 PREFILL, DECODE, DEPTH = 512, 64, 512  # llava-edge's prefill is its depth: keep them equal
 
 
@@ -319,6 +327,7 @@ def main() -> None:
     parser.add_argument("--int8", type=Path)
     parser.add_argument("--int4", type=Path)
     parser.add_argument("--int4-b128", type=Path, help="an int4 dir quantized with block 128")
+    parser.add_argument("--int4-b128-prefill-int8", type=Path, help="the same with --prefill int8")
     parser.add_argument("--llama-bench", type=Path, help="a llama-bench binary (else built)")
     parser.add_argument("--llama-quantize", type=Path, help="default: beside --llama-bench")
     parser.add_argument("--convert", type=Path, help="llama.cpp's convert_hf_to_gguf.py")

@@ -27,8 +27,14 @@ from pathlib import Path
 import numpy as np
 
 COMPARED = ("fp32", "int8", "int4")  # the model dirs measured side by side
-# How each quantized dir is made from fp32: `quantize --precision P [--block-size B]`.
-QUANTIZED = {"int8": ("int8", None), "int4": ("int4", None), "int4_b128": ("int4", 128)}
+# How each quantized dir is made from fp32: quantize_model's options (`quantize --precision P
+# [--block-size B] [--prefill int8]`).
+QUANTIZED = {
+    "int8": {"precision": "int8"},
+    "int4": {"precision": "int4"},
+    "int4_b128": {"precision": "int4", "block_size": 128},
+    "int4_b128_prefill_int8": {"precision": "int4", "block_size": 128, "prefill": "int8"},
+}
 
 
 def build(work: Path, preset: str, names: tuple[str, ...] = COMPARED) -> dict[str, Path]:
@@ -51,16 +57,14 @@ def build(work: Path, preset: str, names: tuple[str, ...] = COMPARED) -> dict[st
         synthesize(data, train=8, test=0)
     for name in names:
         if name != "fp32" and not (dirs[name] / "manifest.json").exists():
-            precision, block = QUANTIZED[name]
             quantize_model(
                 dirs["fp32"],
                 dirs[name],
-                precision,
                 calib=data / "train.json",
                 samples=8,
                 force=True,
-                block_size=block,
                 log=log,
+                **QUANTIZED[name],
             )
     return {name: dirs[name] for name in names}
 

@@ -1,16 +1,19 @@
 """Time to first token with one image and a 32-token question, split into its stages, as JSON.
 
     .venv/bin/python bench/bench_ttft.py [--runs 7] [--threads 2]
-    .venv/bin/python bench/bench_ttft.py --fp32 DIR --int8 DIR --int4 DIR --int4-b128 DIR
+    .venv/bin/python bench/bench_ttft.py --fp32 DIR --int8 DIR --int4 DIR --int4-b128 DIR \
+        --int4-b128-prefill-int8 DIR
 
-For each precision's model dir (bench_quantize.py's `small` dirs by default; int4 twice, in blocks
-of 32, the default, and of 128, `quantize --block-size 128`) and each graph form
-(`standard`: the TorchScript graphs, as before the fused forms existed; `fused`: onnxruntime's
-fused CLIP and decoder forms), one request is timed stage by stage: preprocessing, the vision
-encoder, the projector, the prompt's prefill (image features put in place, one decoder call) and
-picking the first token. Forms and precisions take turns within each run so a shared machine's
-drift hits all alike; medians over runs, and each precision's fused/standard TTFT ratio from the
-same runs (and int4 in blocks of 128 fused against the default int4's standard graphs).
+For each precision's model dir (bench_quantize.py's `small` dirs by default; int4 three times: in
+blocks of 32, the default; of 128, `quantize --block-size 128`; and that with `--prefill int8`)
+and each graph form (`standard`: the TorchScript graphs, as before the fused forms existed;
+`fused`: onnxruntime's fused CLIP and decoder forms), one request is timed stage by stage:
+preprocessing, the vision encoder, the projector, the prompt's prefill (image features put in
+place, one decoder call) and picking the first token. A precision's two forms are loaded together
+and take turns within each run, so a shared machine's drift hits both alike (the other dirs stay
+unloaded: with every form in memory at once, timings moved by 10-15% with where they sat in it);
+medians over runs, and each precision's fused/standard TTFT ratio from the same runs (and, timed
+the same way, the int4 variants' fused forms against the default int4's standard graphs).
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quantize import build as build_model_dirs  # noqa: E402
 
-PRECISIONS = ("fp32", "int8", "int4", "int4_b128")  # int4_b128: `quantize --block-size 128`
+# int4_b128: `quantize --block-size 128`; int4_b128_prefill_int8: that with `--prefill int8`
+PRECISIONS = ("fp32", "int8", "int4", "int4_b128", "int4_b128_prefill_int8")
+INT4_VARIANTS = ("int4_b128", "int4_b128_prefill_int8")
 FORMS = ("standard", "fused")
 STAGES = ("preprocess_ms", "vision_ms", "projector_ms", "prefill_ms", "first_token_ms")
 
@@ -66,6 +71,7 @@ def main() -> None:
     parser.add_argument("--int8", type=Path)
     parser.add_argument("--int4", type=Path)
     parser.add_argument("--int4-b128", type=Path, help="an int4 dir quantized with block 128")
+    parser.add_argument("--int4-b128-prefill-int8", type=Path, help="the same with --prefill int8")
     parser.add_argument("--work", type=Path, default=Path(".bench/quantize"))
     parser.add_argument("--preset", default="small")
     parser.add_argument("--threads", type=int, default=2)
@@ -80,30 +86,40 @@ def main() -> None:
 
     given = {p: getattr(args, p) for p in precisions}
     dirs = given if all(given.values()) else build_model_dirs(args.work, args.preset, precisions)
-    pipes = {
-        (p, f): Pipeline.load(dirs[p], threads=args.threads, graph_form=f)
-        for p in precisions
-        for f in FORMS
-    }
-    first = pipes[(precisions[0], "standard")]
-    text = question(first.codec, args.question_tokens)
-    image = bench_image()
-    ids = first.prompt_ids(text, first.image_pixels(image))  # AnyRes: the image's own count
-    for pipe in pipes.values():  # warm-up: first calls allocate and pre-pack
-        time_request(pipe, image, ids)
+    with Pipeline.load(dirs[precisions[0]], threads=args.threads) as first:
+        text = question(first.codec, args.question_tokens)
+        image = bench_image()
+        ids = first.prompt_ids(text, first.image_pixels(image))  # AnyRes: the image's own count
+        image_tokens = first.manifest.num_image_tokens
+
+    def group(keys: list[tuple[str, str]]) -> dict[tuple[str, str], list[dict[str, float]]]:
+        """`keys` (dir, form) loaded together and timed in turns; the rest stay unloaded, so a
+        form's speed does not depend on how many others share the machine's memory."""
+        pipes = {
+            (p, f): Pipeline.load(dirs[p], threads=args.threads, graph_form=f) for p, f in keys
+        }
+        for pipe in pipes.values():  # warm-up: first calls allocate and pre-pack
+            time_request(pipe, image, ids)
+        timed: dict[tuple[str, str], list[dict[str, float]]] = {k: [] for k in keys}
+        for run in range(args.runs):
+            shift = run % len(keys)
+            for key in keys[shift:] + keys[:shift]:
+                timed[key].append(time_request(pipes[key], image, ids))
+        for pipe in pipes.values():
+            pipe.close()
+        return timed
+
     load_before = os.getloadavg()[0]
-    runs: dict[tuple[str, str], list[dict[str, float]]] = {k: [] for k in pipes}
-    keys = list(pipes)
-    for run in range(args.runs):
-        shift = run % len(keys)
-        for key in keys[shift:] + keys[:shift]:
-            runs[key].append(time_request(pipes[key], image, ids))
+    runs = {}
+    for p in precisions:
+        runs.update(group([(p, f) for f in FORMS]))
+    keys = [(p, f) for p in precisions for f in FORMS]
     result = {
         "bench": "ttft",
         "threads": args.threads,
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "prompt_tokens": len(ids),
-        "image_tokens": first.manifest.num_image_tokens,
+        "image_tokens": image_tokens,
         "runs": args.runs,
         "medians_ms": {
             f"{p}.{f}": {
@@ -123,18 +139,20 @@ def main() -> None:
             for p in precisions
         },
     }
-    if {"int4", "int4_b128"} <= set(precisions):  # blocks of 128 against the default int4's graphs
-        result["ttft_speedup_int4_b128_fused_vs_int4_standard"] = round(
-            statistics.median(
-                s["ttft_ms"] / f["ttft_ms"]
-                for s, f in zip(
-                    runs[("int4", "standard")], runs[("int4_b128", "fused")], strict=True
-                )
-            ),
-            3,
-        )
-    for pipe in pipes.values():
-        pipe.close()
+    variants = [v for v in INT4_VARIANTS if v in precisions]
+    if "int4" in precisions and variants:  # against the default int4's standard graphs
+        today = ("int4", "standard")
+        timed = group([today] + [(v, "fused") for v in variants])
+        result["ttft_speedup_vs_int4_standard"] = {
+            v: round(
+                statistics.median(
+                    s["ttft_ms"] / f["ttft_ms"]
+                    for s, f in zip(timed[today], timed[(v, "fused")], strict=True)
+                ),
+                3,
+            )
+            for v in variants
+        }
     print(json.dumps(result, indent=2))
 
 
