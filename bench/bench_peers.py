@@ -259,6 +259,11 @@ def read_bandwidth(threads: int, size: int = 1 << 30, runs: int = 5) -> float:
     return feeds["w"].nbytes / statistics.median(times)
 
 
+def _graph_bytes(model_dir: Path, file: str) -> int:
+    """A graph's file and its external data."""
+    return sum(f.stat().st_size for f in model_dir.glob(file + "*") if f.is_file())
+
+
 def decode_ceiling(pipes: dict[str, Any], measured: dict[str, float], threads: int) -> dict:
     """A decode step reads every decoder weight and the KV cache once: no engine decodes faster
     than the bandwidth over those bytes. Per llava-edge dir: the bytes of a step at DEPTH, that
@@ -268,14 +273,14 @@ def decode_ceiling(pipes: dict[str, Any], measured: dict[str, float], threads: i
     for p, pipe in pipes.items():
         graph = pipe.manifest.graphs["decoder"]
         graph = graph.fused or graph
-        weights = sum(
-            f.stat().st_size for f in pipe.model_dir.glob(graph.file + "*") if f.is_file()
-        )
+        weights = _graph_bytes(pipe.model_dir, graph.file)
+        held = weights + (_graph_bytes(pipe.model_dir, graph.prefill.file) if graph.prefill else 0)
         text = pipe.backend.kv_text
         kv = 2 * text.num_layers * text.num_kv_heads * DEPTH * text.head_dim
         kv *= np.dtype(text.dtype).itemsize
         ceiling = bandwidth / (weights + kv)
         out[f"llava_edge.{p}"] = {
+            "decoder_graphs_mb": round(held / 1e6, 1),  # with --prefill int8: both decoders
             "step_mb": round((weights + kv) / 1e6, 1),
             "ceiling_tokens_per_s": round(ceiling, 1),
             "share_measured": round(measured[f"llava_edge.{p}"] / ceiling, 3),

@@ -201,6 +201,11 @@ def test_int4_with_int8_prefill_runs_prompts_in_int8_and_steps_in_int4(
         int4_prompt = run(int4, int4.backend.new_cache(1), prompt)
         assert not np.array_equal(run(hybrid, hybrid.backend.new_cache(1), prompt), int4_prompt)
         np.testing.assert_array_equal(run(hybrid, mixed, step), run(int4, reference, step))
+        # a batch (continuous batching: prompts alone, steps together) answers as one at a time
+        requests = [(Image.new("RGB", (40, 30), c), "Where is it?") for c in COLOURS[:3]]
+        alone = [hybrid.answer(i, p, max_new_tokens=5, ignore_eos=True) for i, p in requests]
+        together = hybrid.generate_batch(requests, max_new_tokens=5, ignore_eos=True)
+        assert [a.token_ids for a in together] == [a.token_ids for a in alone]
 
 
 def test_graph_io_names_and_dtypes_are_unchanged(tiny_model_dir: Path, quantized: dict) -> None:
