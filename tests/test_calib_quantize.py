@@ -4,6 +4,7 @@ whose TensorRT forms pass the TensorRT 10.3 check, with a report that measures t
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -206,6 +207,21 @@ def test_int4_with_int8_prefill_runs_prompts_in_int8_and_steps_in_int4(
         alone = [hybrid.answer(i, p, max_new_tokens=5, ignore_eos=True) for i, p in requests]
         together = hybrid.generate_batch(requests, max_new_tokens=5, ignore_eos=True)
         assert [a.token_ids for a in together] == [a.token_ids for a in alone]
+
+
+def test_prefill_needs_the_fused_decoder(
+    tiny_model_dir: Path, calib_json: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    unfused = tmp_path / "unfused"
+    shutil.copytree(tiny_model_dir, unfused)
+    manifest = Manifest.load(unfused)
+    manifest.graphs["decoder"].fused = None  # as `export --no-fused` writes it
+    manifest.save(unfused)
+    args = ["--precision", "int4", "--calib", str(calib_json), "--prefill", "int8"]
+    assert main(["quantize", str(unfused), str(tmp_path / "out"), *args]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "--prefill needs the fused decoder form" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_graph_io_names_and_dtypes_are_unchanged(tiny_model_dir: Path, quantized: dict) -> None:
