@@ -7,7 +7,9 @@ everything would fail too.
 
 from __future__ import annotations
 
+import gc
 import io
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -130,6 +132,17 @@ def test_a_closed_pipeline_refuses_every_entry(tiny_model_dir, entry):
             "".join(stream)
         else:
             ENTRIES[entry](p, np.zeros((8, 8, 3), np.uint8), "Hi", **SMALL)
+
+
+def test_close_gives_the_sessions_back(tiny_model_dir):
+    """A robot app that swaps models closes the old one: its sessions (the weights' memory) must
+    go then, not when the pipeline object is dropped."""
+    p = Pipeline.load(tiny_model_dir)
+    p.answer(None, "Hi", **SMALL)
+    sessions = [weakref.ref(s) for s in p.backend.sessions.values()]
+    p.close()
+    gc.collect()
+    assert all(ref() is None for ref in sessions)
 
 
 # ---- the commands that run a model --------------------------------------------------------------

@@ -276,4 +276,6 @@ class OnnxBackend:
         return names
 
     def close(self) -> None:
+        """Let go of every session (their weights' memory goes with the last reference)."""
         self.sessions.clear()
+        self.fused = None
