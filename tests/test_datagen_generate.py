@@ -571,17 +571,30 @@ def test_generate_runs_where_an_event_loop_already_runs(scene):
     assert sum(result.samples.values()) == 3
 
 
+# The CLI run as Ctrl-C finds it in a terminal. A process started in the background by a shell
+# (`make test &`, nohup) inherits SIGINT ignored, and Python keeps an inherited SIG_IGN, so the
+# child would never see the test's Ctrl-C.
+INTERACTIVE_CLI = (
+    "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "runpy.run_module('llava_edge.cli', run_name='__main__')"
+)
+
+
 def test_ctrl_c_stops_at_once_and_keeps_the_journal(scene):
     root, images, annotations, names = scene
     table = Table(names)
     table.scripts[("img_0.png", "detail", 0)] = [Reply(json.dumps(good("detail", "img_0.png")),
                                                        delay=30)]  # fmt: skip
     out = root / "out.json"
-    command = [sys.executable, "-m", "llava_edge.cli", "data", "generate", "--annotations",
+    command = [sys.executable, "-c", INTERACTIVE_CLI, "data", "generate", "--annotations",
                str(annotations[0]), "--annotations", str(annotations[1]), "--images", str(images),
                "--out", str(out), "--max-images", "1"]  # fmt: skip
     with ChatServer(table) as server:
-        process = subprocess.Popen([*command, "--endpoint", server.url], stderr=subprocess.PIPE)
+        # PYTHONFAULTHANDLER: a child that does not stop is made to print where it is stuck
+        env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+        process = subprocess.Popen(
+            [*command, "--endpoint", server.url], stderr=subprocess.PIPE, env=env
+        )
         journal = root / "out.journal.jsonl"
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and (
@@ -590,7 +603,12 @@ def test_ctrl_c_stops_at_once_and_keeps_the_journal(scene):
             time.sleep(0.01)  # the two quick samples are in; the slow one is in flight
         interrupted = time.monotonic()
         process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=20)
+        try:
+            _, err = process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGABRT)
+            _, err = process.communicate()
+            pytest.fail(f"still running 20 s after Ctrl-C:\n{err.decode()}")
         took = time.monotonic() - interrupted
     assert process.returncode == 130, err.decode()
     assert err.decode().strip().endswith("llava-edge data: interrupted")
