@@ -159,6 +159,7 @@ def test_int4_block_size_takes_effect_node_by_node(
         assert _blocks(onnx.load(str(out / file)), "MatMulNBits") == {64}, file
     qdq = onnx.load(str(out / decoder.tensorrt_file))
     assert _blocks(qdq, "DequantizeLinear") == {64}
+    assert check_model_dir(out) == {"vision_encoder": [], "projector": [], "decoder": []}
     assert Pipeline.load(out).answer(Image.new("RGB", (40, 40)), "Where?", max_new_tokens=2)
 
 
