@@ -130,6 +130,22 @@ class RowCache:
             raise ValueError(f"rows [{start}, {stop}) of a cache of {self.batch}")
         return self.view(self, start, stop)
 
+    def truncate(self, length: int, row: int | None = None) -> None:
+        """Forget every slot from `length` on, in one row or in all, as if they had never been
+        appended (a chat turn that does not finish is rolled back with this; a finished request
+        leaves its row with length 0)."""
+        rows = range(self.batch) if row is None else [row]
+        for r in rows:
+            if not 0 <= length <= self.lengths[r]:
+                raise ValueError(f"cannot truncate row {r} of {self.lengths[r]} slots to {length}")
+        for r in rows:
+            self._forget(r, length)
+            self.lengths[r] = length
+
+    def _forget(self, row: int, length: int) -> None:
+        """Clear row `row`'s slots from `length` on (before its length drops to `length`)."""
+        raise NotImplementedError
+
     # ---- the decoder's interface, over all rows ------------------------------------------------
     # Through a view made per call: one kept on the cache would be a reference cycle, and a
     # dropped cache must give its memory back at once, not when the cycle collector runs.
@@ -172,18 +188,9 @@ class KVCache(RowCache):
 
     # ---- rows as a scheduler moves them ----------------------------------------------------------
 
-    def truncate(self, length: int, row: int | None = None) -> None:
-        """Forget every slot from `length` on, in one row or in all, as if they had never been
-        appended (a chat turn that does not finish is rolled back with this; a finished request
-        leaves its row with length 0). Forgotten slots are zeroed again: unused slots must hold
-        zeros (see `_grown`)."""
-        rows = range(self.batch) if row is None else [row]
-        for r in rows:
-            if not 0 <= length <= self.lengths[r]:
-                raise ValueError(f"cannot truncate row {r} of {self.lengths[r]} slots to {length}")
-        for r in rows:
-            self._zero(r, length, int(self.lengths[r]))
-            self.lengths[r] = length
+    def _forget(self, row: int, length: int) -> None:
+        """Forgotten slots are zeroed again: unused slots must hold zeros (see `_grown`)."""
+        self._zero(row, length, int(self.lengths[row]))
 
     def move_row(self, src: int, dst: int) -> None:
         """Put row `src`'s tokens in row `dst` (whose own are dropped) and empty row `src`."""

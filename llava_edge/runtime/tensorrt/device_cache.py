@@ -199,19 +199,11 @@ class DeviceKVCache(RowCache):
 
     # ---- rows as a scheduler moves them ------------------------------------------------------
 
-    def truncate(self, length: int, row: int | None = None) -> None:
-        """Forget every slot from `length` on, in one row or in all, as if they had never been
-        appended (a chat turn that does not finish is rolled back with this; a finished request
-        leaves its row with length 0). The capacity, and with it the CUDA graphs captured for
-        it, stays; forgotten slots are zeroed on the device again."""
-        rows = range(self.batch) if row is None else [row]
-        for r in rows:
-            if not 0 <= length <= self.lengths[r]:
-                raise ValueError(f"cannot truncate row {r} of {self.lengths[r]} slots to {length}")
-        for r in rows:
-            self._zero(r, length, int(self.lengths[r]))
-            self.valid[r, length:] = 0
-            self.lengths[r] = length
+    def _forget(self, row: int, length: int) -> None:
+        """Forgotten slots are zeroed on the device again and masked; the capacity, and with it
+        the CUDA graphs captured for it, stays."""
+        self._zero(row, length, int(self.lengths[row]))
+        self.valid[row, length:] = 0
 
     def move_row(self, src: int, dst: int) -> None:
         """Put row `src`'s tokens in row `dst` (whose own are dropped) and empty row `src`."""
