@@ -538,7 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-fused",
         action="store_true",
-        help="write no fused onnxruntime decoder form (halves the decoder's size on disk)",
+        help="write no fused onnxruntime forms of the decoder and vision encoder (halves the "
+        "graphs' size on disk)",
     )
     p.add_argument(
         "--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code"

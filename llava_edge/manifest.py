@@ -51,10 +51,11 @@ class GraphSpec:
     # The graph TensorRT should build from, when it differs from `file` (int4: onnxruntime runs
     # MatMulNBits, which TensorRT cannot parse; TensorRT takes INT4 Q/DQ weights instead).
     tensorrt_file: str | None = None
-    # The same graph in onnxruntime's fused form (decoder only: GroupQueryAttention over KV
-    # buffers shared in place, packed QKV, skip norms; see llava_edge.export.fused). Its IO
-    # differs from the standard form's. The onnxruntime backend runs it on the CPU; TensorRT
-    # parses none of its contrib ops and builds from the standard form.
+    # The same graph in onnxruntime's fused form (the decoder: GroupQueryAttention over KV
+    # buffers shared in place, packed QKV, skip norms; the CLIP vision encoder: its attention
+    # fusions; see llava_edge.export.fused). The decoder's IO differs from the standard form's.
+    # The onnxruntime backend runs it on the CPU; TensorRT parses none of its contrib ops and
+    # builds from the standard form.
     fused: GraphSpec | None = None
     # On a fused decoder: the same graph in another precision, which the onnxruntime backend runs
     # for calls of more than one token (prompts) on the same KV cache; single-token steps run
@@ -64,6 +65,11 @@ class GraphSpec:
     # Free-form facts a stage records about how it made the graph (quantization settings, the
     # int4 form, the opset); informative, never needed to run it.
     details: dict[str, Any] = field(default_factory=dict)
+
+    def forms(self) -> list[GraphSpec]:
+        """This graph and the other forms it holds (fused, and the fused one's prompt form)."""
+        fused = self.fused
+        return [s for s in (self, fused, fused and fused.prefill) if s is not None]
 
 
 @dataclass
@@ -247,8 +253,7 @@ class Manifest:
         if missing:
             raise LlavaEdgeError(f"{where}: graphs {missing} are missing; re-export the model")
         for name, graph in self.graphs.items():
-            specs = [graph, *([graph.fused, graph.fused.prefill] if graph.fused else [])]
-            for spec in filter(None, specs):
+            for spec in graph.forms():
                 if spec.precision not in PRECISIONS:
                     raise LlavaEdgeError(
                         f"{where}: graph {name} has unknown precision {spec.precision}"
@@ -298,10 +303,8 @@ class Manifest:
         return names
 
     def needed_files(self, model_dir: str | os.PathLike) -> list[str]:
-        names = [g.file for g in self.graphs.values()] + self.data_files()
+        names = [f.file for g in self.graphs.values() for f in g.forms()] + self.data_files()
         names += [g.tensorrt_file for g in self.graphs.values() if g.tensorrt_file]
-        names += [g.fused.file for g in self.graphs.values() if g.fused]
-        names += [g.fused.prefill.file for g in self.graphs.values() if g.fused and g.fused.prefill]
         # ONNX external data sits next to its graph under the graph's name + ".data".
         names += [n + ".data" for n in list(names) if (Path(model_dir) / (n + ".data")).exists()]
         return sorted(set(names))

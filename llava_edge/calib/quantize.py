@@ -150,10 +150,9 @@ def quantize_model(
             graph = manifest.graphs[name]
             _quantize_graph(name, kind, graph, source, tmp, activations, method, block, log)
             if graph.fused:
-                fp32_fused = graph.fused.file
                 graph.fused = quantize_fused(kind, graph.fused, source, tmp, block)
-                if prefill and name == "decoder":
-                    graph.fused.prefill = prefill_form(graph.fused, source / fp32_fused, tmp)
+                if prefill and name == "decoder":  # from the fp32 fused decoder of that name
+                    graph.fused.prefill = prefill_form(graph.fused, source / graph.fused.file, tmp)
         manifest.source["quantized_from"] = {
             "model_dir": str(source.resolve()),
             "files": {n: e.sha256 for n, e in manifest.files.items()},
@@ -315,7 +314,7 @@ def _quantize_graph(
 
 
 def quantize_fused(
-    kind: str, fused: GraphSpec, source: Path, out: Path, block: int = INT4_BLOCK
+    kind: str, fused: GraphSpec, source: Path, out: Path, block: int
 ) -> GraphSpec | None:
     """A graph's fused form (onnxruntime only) in the onnxruntime form of `kind`; fp16 dirs
     keep none (`export --dtype fp16` writes an fp16 fused decoder)."""

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from llava_edge.calib.data import Activations, Sample
+from llava_edge.files import graph_bytes
 from llava_edge.manifest import Manifest
 
 GREEDY_TOKENS = 64
@@ -47,8 +48,8 @@ def build_report(
                     "file": file,
                     "precision": graph.precision,
                     **stats,
-                    "bytes": _size(quant_dir, file),
-                    "fp32_bytes": _size(fp32_dir, reference.graphs[name].file),
+                    "bytes": graph_bytes(quant_dir / file),
+                    "fp32_bytes": graph_bytes(fp32_dir / reference.graphs[name].file),
                 }
             )
     return {
@@ -143,17 +144,14 @@ def greedy_agreement(
     }
 
 
-def _size(model_dir: Path, file: str) -> int:
-    data = model_dir / (file + ".data")
-    return (model_dir / file).stat().st_size + (data.stat().st_size if data.exists() else 0)
-
-
 def _sizes(
     fp32_dir: Path, reference: Manifest, quant_dir: Path, quantized: Manifest
 ) -> dict[str, Any]:
-    fp32 = sum(_size(fp32_dir, g.file) for g in reference.graphs.values())
-    ort_form = sum(_size(quant_dir, g.file) for g in quantized.graphs.values())
-    trt_form = sum(_size(quant_dir, g.tensorrt_file or g.file) for g in quantized.graphs.values())
+    fp32 = sum(graph_bytes(fp32_dir / g.file) for g in reference.graphs.values())
+    ort_form = sum(graph_bytes(quant_dir / g.file) for g in quantized.graphs.values())
+    trt_form = sum(
+        graph_bytes(quant_dir / (g.tensorrt_file or g.file)) for g in quantized.graphs.values()
+    )
     return {
         "fp32_graph_bytes": fp32,
         "onnxruntime_graph_bytes": ort_form,

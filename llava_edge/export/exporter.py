@@ -64,8 +64,9 @@ def export_checkpoint(
 ) -> dict[str, Any]:
     """Export `checkpoint` into `out_dir`; returns the verification report (empty without it).
 
-    fused: also write the decoder in onnxruntime's fused form (llava_edge.export.fused), which
-    the onnxruntime backend runs on the CPU; it doubles the decoder's size on disk.
+    fused: also write onnxruntime's fused forms of the decoder and the vision encoder
+    (llava_edge.export.fused), which the onnxruntime backend runs on the CPU; they double the
+    graphs' size on disk.
 
     Raises LlavaEdgeError for bad input and VerificationError when the graphs disagree with
     transformers (the output is then not installed).

@@ -43,7 +43,7 @@ FUSED_OPSET = 17
 ACTIVATIONS = ("silu",)
 
 
-def fused_spec(text: TextSpec, precision: str, file: str = FUSED_FILE) -> GraphSpec:
+def fused_spec(text: TextSpec, precision: str) -> GraphSpec:
     """The fused decoder's manifest entry (its IO differs from the standard form's)."""
     kv = KVSpec()
     buffer = ["batch", text.num_kv_heads, "capacity", text.head_dim]
@@ -59,7 +59,7 @@ def fused_spec(text: TextSpec, precision: str, file: str = FUSED_FILE) -> GraphS
         outputs[kv.present_key.format(i=i)] = TensorSpec(text.dtype, buffer)
         outputs[kv.present_value.format(i=i)] = TensorSpec(text.dtype, buffer)
     return GraphSpec(
-        file=file,
+        file=FUSED_FILE,
         inputs=inputs,
         outputs=outputs,
         precision=precision,
@@ -94,7 +94,6 @@ def build_fused_decoder(llava: Any, text: TextSpec) -> Any:
     language = llava.model.language_model
     config = llava.config.text_config
     dtype = np.dtype(text.dtype)
-    onnx_dtype = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
     g = _Graph(dtype)
     eps = float(config.rms_norm_eps)
     hidden, heads, kv_heads, head_dim = (
@@ -188,20 +187,17 @@ def build_fused_decoder(llava: Any, text: TextSpec) -> Any:
         logits = g.node("Cast", [logits], to=TensorProto.FLOAT)
     g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits"))
 
-    buffer = ["batch", kv_heads, "capacity", head_dim]
-    inputs = [
-        helper.make_tensor_value_info("inputs_embeds", onnx_dtype, ["batch", "seq", hidden]),
-        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
-        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
-    ]
-    outputs = [
-        helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", text.vocab_size])
-    ]
-    for i in range(text.num_layers):
-        for name in (kv.past_key.format(i=i), kv.past_value.format(i=i)):
-            inputs.append(helper.make_tensor_value_info(name, onnx_dtype, buffer))
-        for name in (kv.present_key.format(i=i), kv.present_value.format(i=i)):
-            outputs.append(helper.make_tensor_value_info(name, onnx_dtype, buffer))
+    io = fused_spec(text, text.dtype)  # the IO the manifest records, declared there once
+
+    def value_infos(tensors: dict[str, TensorSpec]) -> list[Any]:
+        return [
+            helper.make_tensor_value_info(
+                name, helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype)), t.shape
+            )
+            for name, t in tensors.items()
+        ]
+
+    inputs, outputs = value_infos(io.inputs), value_infos(io.outputs)
     graph = helper.make_graph(g.nodes, "decoder_fused", inputs, outputs, g.initializers)
     return helper.make_model(
         graph,
@@ -307,19 +303,16 @@ def write_fused_vision(
     QuickGelu) from onnxruntime.transformers' optimizer, or None when it fuses no attention (a
     tower it does not know) or the graph is fp16 (the CPU Attention kernel is float32)."""
     import dataclasses
-    import logging
 
     from onnx import helper
     from onnxruntime.transformers.optimizer import optimize_model
 
     from llava_edge.files import save_graph
+    from llava_edge.logs import quiet
 
     if spec.precision != "fp32" or getattr(vision_config, "model_type", "") != "clip_vision_model":
         return None
-    logger = logging.getLogger("onnxruntime.transformers")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
+    with quiet("onnxruntime.transformers"):
         optimized = optimize_model(
             str(standard),
             model_type="clip",
@@ -327,8 +320,6 @@ def write_fused_vision(
             hidden_size=vision_config.hidden_size,
             opt_level=0,  # the Python fusions only; onnxruntime optimizes the rest at load
         )
-    finally:
-        logger.setLevel(level)
     ops = {n.op_type for n in optimized.model.graph.node}
     if "Attention" not in ops:
         return None

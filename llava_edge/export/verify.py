@@ -53,18 +53,20 @@ def verify_model_dir(loaded: Any, model_dir: Path, log: Any = print) -> dict[str
     """Compare; log a short report; raise VerificationError on a mismatch.
 
     Every graph form the model dir holds is checked (the standard form TensorRT builds from, and
-    onnxruntime's fused forms where export wrote them); the report's figures are the worse form's,
-    and `forms` holds each form's own.
+    onnxruntime's fused forms where export wrote them); the report's figures are the worse form's
+    (the one with fewer matching greedy tokens, the standard form on a tie), and `forms` holds
+    each form's own.
     """
+    manifest = Manifest.load(model_dir)
     forms = ["standard"]
-    if any(g.fused for g in Manifest.load(model_dir).graphs.values()):
+    if any(g.fused for g in manifest.graphs.values()):
         forms.append("fused")
     reports = {}
     for form in forms:
         reports[form] = _verify_form(loaded, model_dir, form)
         log(_format(reports[form], form if len(forms) > 1 else None))
     worst = min(reports.values(), key=lambda r: (r["passed"], r["greedy_tokens_matched"]))
-    fp32 = Manifest.load(model_dir).text.dtype == "float32"
+    fp32 = manifest.text.dtype == "float32"
     if not all(r["passed"] for r in reports.values()):
         failures = [
             (f"{form} form: " if len(forms) > 1 else "") + failure
