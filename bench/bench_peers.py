@@ -9,8 +9,8 @@ of 32, the default; `quantize --block-size 128`; and that with `--prefill int8`,
 through int8 weights held beside the int4 ones) against llama.cpp's f32, q8_0 and q4_0 GGUF of
 the same text model (`llama-bench -p 512 -n 0` and `-p 0 -n 64 -d 512`), and transformers' fp32
 forward on it. `decode_ceiling` says what memory allows: a decode step reads every decoder weight
-and the KV cache once, so the machine's read bandwidth (measured) over those bytes bounds every
-engine's decode rate. Runs are interleaved (every engine and
+and the KV cache once, so the machine's read bandwidth (measured as `llava-edge bench` and
+bench_runtime.py measure it) over those bytes bounds every engine's decode rate. Runs are interleaved (every engine and
 precision once per round, the order rotating) so the drift of a shared machine hits all alike;
 medians over rounds, ratios from the same run.
 
@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -43,6 +42,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from llava_edge.files import graph_bytes
+from llava_edge.runtime import bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quantize import build as build_model_dirs  # noqa: E402
@@ -226,55 +228,18 @@ def llama_bench(binary: Path, gguf: Path, threads: int) -> tuple[float, float]:
 # ---- what the memory allows ---------------------------------------------------------------------
 
 
-def read_bandwidth(threads: int, size: int = 1 << 30, runs: int = 5) -> float:
-    """Bytes/s onnxruntime streams through a decode-shaped fp32 MatMul ([1, K] x [K, N], a 1 GiB
-    weight fed as an input, so nothing is pre-packed or cached): the read rate a decode step's
-    own access pattern gets on this machine."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    k = 4096
-    n = size // (4 * k)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])],
-        "gemv",
-        [
-            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k]),
-            helper.make_tensor_value_info("w", TensorProto.FLOAT, [k, n]),
-        ],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, ["CPUExecutionProvider"])
-    feeds = {"x": np.ones((1, k), np.float32), "w": np.ones((k, n), np.float32)}
-    session.run(None, feeds)  # first touch of the pages
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feeds)
-        times.append(time.perf_counter() - start)
-    return feeds["w"].nbytes / statistics.median(times)
-
-
-def _graph_bytes(model_dir: Path, file: str) -> int:
-    """A graph's file and its external data."""
-    return sum(f.stat().st_size for f in model_dir.glob(file + "*") if f.is_file())
-
-
 def decode_ceiling(pipes: dict[str, Any], measured: dict[str, float], threads: int) -> dict:
     """A decode step reads every decoder weight and the KV cache once: no engine decodes faster
     than the bandwidth over those bytes. Per llava-edge dir: the bytes of a step at DEPTH, that
     ceiling in tokens/s, and the share of it measured."""
-    bandwidth = read_bandwidth(threads)
-    out: dict[str, Any] = {"read_bandwidth_gb_per_s": round(bandwidth / 1e9, 2)}
+    gb_s = bench.read_bandwidth_gb_s(threads)  # the figure bench_runtime.py reports too
+    bandwidth = gb_s * 1e9
+    out: dict[str, Any] = {"read_bandwidth_gb_per_s": gb_s}
     for p, pipe in pipes.items():
         graph = pipe.manifest.graphs["decoder"]
         graph = graph.fused or graph
-        weights = _graph_bytes(pipe.model_dir, graph.file)
-        held = weights + (_graph_bytes(pipe.model_dir, graph.prefill.file) if graph.prefill else 0)
+        weights = graph_bytes(pipe.model_dir / graph.file)
+        held = weights + (graph_bytes(pipe.model_dir / graph.prefill.file) if graph.prefill else 0)
         text = pipe.backend.kv_text
         kv = 2 * text.num_layers * text.num_kv_heads * DEPTH * text.head_dim
         kv *= np.dtype(text.dtype).itemsize
@@ -412,7 +377,7 @@ def main() -> None:
 
     result: dict[str, Any] = {
         "bench": "peers",
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        "machine": bench.machine(),
         "threads": args.threads,
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "workload": {"prefill_tokens": PREFILL, "decode_tokens": DECODE, "decode_depth": DEPTH},

@@ -93,13 +93,13 @@ def measure(
 
 
 def graph_bytes(model_dir: Path) -> dict[str, int]:
+    from llava_edge import files
     from llava_edge.manifest import Manifest
 
     manifest = Manifest.load(model_dir)
 
     def size(name: str) -> int:
-        data = model_dir / (name + ".data")
-        return (model_dir / name).stat().st_size + (data.stat().st_size if data.exists() else 0)
+        return files.graph_bytes(model_dir / name)
 
     return {
         "graphs": sum(size(g.file) for g in manifest.graphs.values()),

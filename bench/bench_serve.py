@@ -56,16 +56,18 @@ def picture(seed: int) -> str:
 
 
 class Server:
-    def __init__(self, model: Path, threads: int, max_batch: int):
+    """`llava-edge serve MODEL OPTIONS...` on a free local port, once its /health says ready
+    (soak_serve.py runs its server through this too)."""
+
+    def __init__(self, model: Path, *options: str):
         sock = bind("127.0.0.1", 0)
         port = sock.getsockname()[1]
         sock.close()
         self.url = f"http://127.0.0.1:{port}"
         self.process = subprocess.Popen(
             [
-                *(sys.executable, "-m", "llava_edge.cli", "serve", str(model)),
-                *("--port", str(port), "--threads", str(threads), "--model-name", "small"),
-                *("--max-batch", str(max_batch), "--max-queue", "64", "--log-level", "warning"),
+                *(sys.executable, "-m", "llava_edge.cli", "serve", str(model), "--port", str(port)),
+                *("--log-level", "warning", *options),
             ]
         )
         deadline = time.time() + 300
@@ -218,7 +220,11 @@ def main() -> None:
     args = parser.parse_args()
     model = args.model or prepare(args.work)[1]
     load_before = os.getloadavg()
-    server = Server(model, args.threads, max(args.clients))
+    server = Server(
+        model,
+        *("--threads", str(args.threads), "--model-name", "small"),
+        *("--max-batch", str(max(args.clients)), "--max-queue", "64"),
+    )
     runs: list[dict[int, dict]] = []
     try:
         one_request(server.url, picture(0), args.new_tokens)  # warm-up

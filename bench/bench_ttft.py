@@ -40,20 +40,21 @@ STAGES = ("preprocess_ms", "vision_ms", "projector_ms", "prefill_ms", "first_tok
 
 def time_request(pipe, image: np.ndarray, ids: list[int]) -> dict[str, float]:
     """One request's stages, in ms, through the pipeline's own pieces."""
+    from llava_edge.runtime.anyres import image_embeds
     from llava_edge.runtime.generate import embed
-    from llava_edge.runtime.image import load_image, preprocess
 
     backend, manifest = pipe.backend, pipe.manifest
     marks = [time.perf_counter()]
-    pixels = preprocess(load_image(image), manifest.image)[None]
-    pixels = pixels.astype(manifest.graphs["vision_encoder"].inputs["pixel_values"].dtype)
+    loaded = pipe.image_pixels(image)  # AnyRes: the base image and its tiles
+    pixels = loaded.pixels.astype(manifest.graphs["vision_encoder"].inputs["pixel_values"].dtype)
     marks.append(time.perf_counter())
     (features,) = backend.sessions["vision_encoder"].run(None, {"pixel_values": pixels})
     marks.append(time.perf_counter())
-    (image_embeds,) = backend.sessions["projector"].run(None, {"image_features": features})
+    (projected,) = backend.sessions["projector"].run(None, {"image_features": features})
+    placed = image_embeds(projected, loaded.size, manifest.image, pipe.newline)
     marks.append(time.perf_counter())
     batch = np.asarray([ids], dtype=np.int64)
-    embeds = embed(pipe.table, batch, manifest.tokens.image_token_id, [image_embeds[0]])
+    embeds = embed(pipe.table, batch, manifest.tokens.image_token_id, [placed])
     cache = backend.new_cache(1)
     positions = np.arange(batch.shape[1])[None]
     logits = backend.decode(embeds, np.ones_like(batch), positions, cache)

@@ -20,8 +20,6 @@ import contextlib
 import io
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -29,10 +27,9 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from bench_serve import Server  # bench/ is on the path of a script run from it
 from PIL import Image
-from soak import build_tiny  # bench/ is on the path of a script run from it
-
-from llava_edge.serve.server import bind
+from soak import build_tiny
 
 KINDS = [
     "image",
@@ -176,33 +173,19 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or build_tiny(Path(tmp))
-        sock = bind("127.0.0.1", 0)
-        port = sock.getsockname()[1]
-        sock.close()
-        url = f"http://127.0.0.1:{port}"
-        server = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "llava_edge.cli", "serve", str(model), "--port", str(port)),
-                *("--model-name", "soak", "--max-batch", "4", "--max-queue", "64"),
-                *("--max-body-mb", "1", "--threads", "2", "--log-level", "warning"),
-            ]
+        server = Server(
+            model,
+            *("--model-name", "soak", "--max-batch", "4", "--max-queue", "64"),
+            *("--max-body-mb", "1", "--threads", "2"),
         )
         try:
-            report = soak(url, server.pid, args)
+            report = soak(server.url, server.process.pid, args)
         finally:
-            server.terminate()
-            server.wait(60)
+            server.close()
     print(json.dumps(report, indent=2))
 
 
 def soak(url: str, pid: int, args: argparse.Namespace) -> dict:
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.2)
     run = Soak(url)
     numbers = iter(range(args.requests))
     lock = threading.Lock()

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from llava_edge.files import graph_bytes
 from llava_edge.runtime.image import ImageInput
 
 METRICS = (
@@ -273,9 +274,7 @@ def decoder_weight_bytes(model_dir: str | os.PathLike) -> int:
     from llava_edge.manifest import Manifest
 
     model_dir = Path(model_dir)
-    graph = Manifest.load(model_dir).graphs["decoder"]
-    files = [model_dir / graph.file, model_dir / (graph.file + ".data")]
-    return sum(f.stat().st_size for f in files if f.exists())
+    return graph_bytes(model_dir / Manifest.load(model_dir).graphs["decoder"].file)
 
 
 def machine() -> dict[str, Any]:
