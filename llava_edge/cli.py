@@ -8,6 +8,7 @@ Errors the user can fix (LlavaEdgeError) print one line and exit 1; Ctrl-C exits
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -125,19 +126,12 @@ def _quantize(args: argparse.Namespace) -> None:
 # ---- run -------------------------------------------------------------------------------------
 
 
-def _images(files: list[str] | None) -> str | list[str] | None:
-    """--image given once, several times, or not at all."""
-    if not files:
-        return None
-    return files[0] if len(files) == 1 else files
-
-
 @command("run")
 def _run(args: argparse.Namespace) -> None:
     options = _generation_options(args)
     with _load_pipeline(args) as pipe:
         if args.json:
-            answer = pipe.answer(_images(args.image), args.prompt, **options)
+            answer = pipe.answer(args.image, args.prompt, **options)
             print(
                 json.dumps(
                     {
@@ -150,7 +144,7 @@ def _run(args: argparse.Namespace) -> None:
                 )
             )
             return
-        stream = pipe.stream(_images(args.image), args.prompt, **options)
+        stream = pipe.stream(args.image, args.prompt, **options)
         for piece in stream:
             print(piece, end="", flush=True)
         print()
@@ -200,7 +194,7 @@ def _chat(args: argparse.Namespace) -> None:
     from llava_edge.runtime.interactive import chat_loop
 
     with _load_pipeline(args) as pipe:
-        chat_loop(pipe, _images(args.image), _generation_options(args), read=input, out=sys.stdout)
+        chat_loop(pipe, args.image, _generation_options(args), read=input, out=sys.stdout)
 
 
 # ---- bench -----------------------------------------------------------------------------------
@@ -281,8 +275,8 @@ def _serve(args: argparse.Namespace) -> None:
             f"`llava-edge serve` needs the serve extra ({e.name} is missing): "
             "pip install 'llava-edge[serve]'"
         ) from None
-    from llava_edge.runtime import Limits
-
+    load = _load_options(args)
+    load["limits"] = dataclasses.replace(load["limits"], max_new_tokens=args.max_new_tokens)
     options = ServeOptions(
         model_dir=args.model_dir,
         model_name=args.model_name,
@@ -294,17 +288,8 @@ def _serve(args: argparse.Namespace) -> None:
         allowed_media_dir=args.allowed_media_dir,
         allow_remote_images=args.allow_remote_images,
         prefix_cache_mb=args.prefix_cache_mb,
-        limits=Limits(
-            max_image_pixels=args.max_image_pixels,
-            max_prompt_tokens=args.max_prompt_tokens,
-            max_new_tokens=args.max_new_tokens,
-            timeout_s=args.timeout,
-        ),
-        backend=args.backend,
-        providers=args.provider,
         threads=args.threads,
-        engine_dir=args.engine_dir,
-        verify_files=True if args.verify_files else None,
+        **load,
     )
     serve(
         options,

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import httpx
@@ -173,6 +174,18 @@ def test_greedy_answers_equal_the_pipeline_streamed_or_not(server):
     assert "".join(pieces) == want.text
     assert usage.completion_tokens == len(want.token_ids)
     assert reasons[-1] == whole.choices[0].finish_reason and set(reasons[:-1]) == {None}
+
+
+def test_a_streams_chunks_share_one_id_and_creation_time(server, monkeypatch):
+    """As OpenAI's do, though the clock moves between tokens (here on every reading of it)."""
+    from llava_edge.serve import protocol
+
+    ticks = iter(range(1_800_000_000, 1_900_000_000))
+    monkeypatch.setattr(protocol, "time", types.SimpleNamespace(time=lambda: next(ticks)))
+    stream = server.client().chat.completions.create(
+        model=MODEL, messages=[ask("Count.")], max_tokens=6, stream=True
+    )
+    assert len({(chunk.id, chunk.created) for chunk in stream}) == 1
 
 
 def test_multi_turn_with_the_image_in_the_first_turn_equals_a_chat_session(server):

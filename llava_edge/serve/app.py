@@ -226,12 +226,14 @@ async def _model(request: Request) -> Response:
 async def _chat_completions(request: Request) -> Response:
     state: ServerState = request.app.state.serve
     try:
-        return await _chat_completion(request, state)
+        response = await _chat_completion(request, state)
     except asyncio.CancelledError:
         # uvicorn cancels what still runs once SIGTERM's drain timeout has passed: the client
         # gets OpenAI's error JSON and a status to retry on, not a bare 500 and a traceback
-        asyncio.current_task().uncancel()
-        return _count(state, _error_response(_shutting_down()))
+        _carry_on()
+        response = _error_response(_shutting_down())
+    state.metrics.requests.labels(str(response.status_code)).inc()
+    return response
 
 
 async def _chat_completion(request: Request, state: ServerState) -> Response:
@@ -259,20 +261,20 @@ async def _chat_completion(request: Request, state: ServerState) -> Response:
             _listener(asyncio.get_running_loop(), events),
         )
     except Exception as e:
-        return _count(state, _error_response(_api_error(e)))
+        return _error_response(_api_error(e))
     event = await _wait(request, state, handle, events, whole=not chat.stream)
     if event is None:  # the client left; nobody reads this
-        return _count(state, Response(status_code=499))
+        return Response(status_code=499)
     if event.kind == "error":
-        return _count(state, _error_response(_api_error(event.error)))
-    request_id = protocol.completion_id()
+        return _error_response(_api_error(event.error))
+    head = protocol.new_head(chat.model)
     if chat.stream:
-        return _count(state, _AnswerStream(state, chat, handle, events, event, request_id))
+        return _AnswerStream(state, chat, handle, events, event, head)
     answer = event.answer
     state.metrics.observe_answer(
         len(answer.prompt_token_ids), len(answer.token_ids), answer.timings
     )
-    return _count(state, JSONResponse(protocol.completion(request_id, chat.model, answer)))
+    return JSONResponse(protocol.completion(head, answer))
 
 
 # ---- the steps of a chat completion -------------------------------------------------------------
@@ -365,12 +367,10 @@ class _AnswerStream(StreamingResponse):
         handle: Any,
         events: asyncio.Queue,
         first: Event,
-        request_id: str,
+        head: protocol.Head,
     ):
         self.serve, self.handle, self.finished = state, handle, False
-        super().__init__(
-            self._events(chat, events, first, request_id), media_type="text/event-stream"
-        )
+        super().__init__(self._events(chat, events, first, head), media_type="text/event-stream")
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         started = False
@@ -383,7 +383,7 @@ class _AnswerStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, sending)
         except asyncio.CancelledError:  # SIGTERM's drain timeout passed: end the stream cleanly
-            asyncio.current_task().uncancel()
+            _carry_on()
             stopping = _shutting_down()
             if not started:
                 await _error_response(stopping)(scope, receive, send)
@@ -396,19 +396,15 @@ class _AnswerStream(StreamingResponse):
                 self.serve.metrics.disconnects.inc()
 
     async def _events(
-        self, chat: ChatRequest, events: asyncio.Queue, first: Event, request_id: str
+        self, chat: ChatRequest, events: asyncio.Queue, first: Event, head: protocol.Head
     ):
-        model, data = chat.model, _sse_data
+        data = _sse_data
         usage_field = {"usage": None} if chat.include_usage else {}
-        yield data(
-            protocol.chunk(request_id, model, {"role": "assistant", "content": ""}, **usage_field)
-        )
+        yield data(protocol.chunk(head, {"role": "assistant", "content": ""}, **usage_field))
         event = first
         while True:
             if event.kind == "text":
-                yield data(
-                    protocol.chunk(request_id, model, {"content": event.text}, **usage_field)
-                )
+                yield data(protocol.chunk(head, {"content": event.text}, **usage_field))
             elif event.kind == "error":
                 self.finished = True
                 yield data(_api_error(event.error).body())
@@ -417,19 +413,16 @@ class _AnswerStream(StreamingResponse):
             elif event.kind == "done":
                 self.finished = True
                 answer = event.answer
-                reason = protocol.FINISH_REASONS[answer.finish_reason]
-                yield data(
-                    protocol.chunk(
-                        request_id, model, {}, reason, timings=answer.timings, **usage_field
-                    )
-                )
-                if chat.include_usage:
-                    usage = protocol.usage(len(answer.prompt_token_ids), len(answer.token_ids))
-                    yield data(protocol.chunk(request_id, model, None, usage=usage))
-                yield "data: [DONE]\n\n"
+                # counted before the last chunks: a client may leave as soon as it reads [DONE]
                 self.serve.metrics.observe_answer(
                     len(answer.prompt_token_ids), len(answer.token_ids), answer.timings
                 )
+                reason = protocol.FINISH_REASONS[answer.finish_reason]
+                yield data(protocol.chunk(head, {}, reason, timings=answer.timings, **usage_field))
+                if chat.include_usage:
+                    usage = protocol.usage(len(answer.prompt_token_ids), len(answer.token_ids))
+                    yield data(protocol.chunk(head, None, usage=usage))
+                yield "data: [DONE]\n\n"
                 return
             event = await events.get()
 
@@ -515,9 +508,12 @@ def _error_response(error: ApiError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
-def _count(state: ServerState, response: Response) -> Response:
-    state.metrics.requests.labels(str(response.status_code)).inc()
-    return response
+def _carry_on() -> None:
+    """Let the current task run on after a cancellation it handles (Task.uncancel, Python 3.11
+    on; on 3.10 catching the CancelledError is all there is)."""
+    task = asyncio.current_task()
+    if task is not None and hasattr(task, "uncancel"):
+        task.uncancel()
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:

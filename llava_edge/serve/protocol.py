@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from llava_edge.runtime.template import IMAGE_PLACEHOLDER
 
@@ -237,10 +237,8 @@ def _parse_options(body: dict) -> tuple[dict[str, Any], bool]:
     temperature = _number(body, "temperature", 0, 2)
     if temperature is not None:
         options["temperature"] = float(temperature)
-    top_p = _number(body, "top_p", 0, 1)
+    top_p = _number(body, "top_p", 0, 1, above=True)
     if top_p is not None:
-        if top_p == 0:
-            raise ApiError(400, "'top_p' must be above 0", "top_p")
         options["top_p"] = float(top_p)
     top_k = body.get("top_k")
     if top_k is not None:
@@ -249,10 +247,8 @@ def _parse_options(body: dict) -> tuple[dict[str, Any], bool]:
                 400, f"'top_k' must be 0 (off) or a positive integer, got {top_k!r}", "top_k"
             )
         options["top_k"] = top_k
-    penalty = _number(body, "repetition_penalty", 0, 100)
+    penalty = _number(body, "repetition_penalty", 0, 100, above=True)
     if penalty is not None:
-        if penalty == 0:
-            raise ApiError(400, "'repetition_penalty' must be above 0", "repetition_penalty")
         options["repetition_penalty"] = float(penalty)
     seed = body.get("seed")
     if seed is not None:
@@ -277,12 +273,15 @@ def _parse_options(body: dict) -> tuple[dict[str, Any], bool]:
     return options, max_tokens is not None
 
 
-def _number(body: dict, name: str, low: float, high: float) -> float | None:
+def _number(body: dict, name: str, low: float, high: float, above: bool = False) -> float | None:
+    """The field as a number in [low, high] (in (low, high] with `above`), or None if absent."""
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-        raise ApiError(400, f"'{name}' must be a number in [{low}, {high}], got {value!r}", name)
+    number = not isinstance(value, bool) and isinstance(value, int | float)
+    if not number or not (low < value if above else low <= value) or not value <= high:
+        interval = f"{'(' if above else '['}{low}, {high}]"
+        raise ApiError(400, f"'{name}' must be a number in {interval}, got {value!r}", name)
     return value
 
 
@@ -312,8 +311,17 @@ def _equal(value: Any, default: Any) -> bool:
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 
 
-def completion_id() -> str:
-    return "chatcmpl-" + uuid.uuid4().hex
+class Head(NamedTuple):
+    """What every object of one completion carries alike: OpenAI gives all the chunks of a
+    stream one id and one creation time."""
+
+    id: str
+    created: int
+    model: str
+
+
+def new_head(model: str) -> Head:
+    return Head("chatcmpl-" + uuid.uuid4().hex, int(time.time()), model)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -324,13 +332,13 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def completion(request_id: str, model: str, answer: Any) -> dict[str, Any]:
+def completion(head: Head, answer: Any) -> dict[str, Any]:
     """A whole answer as a `chat.completion`, with timings as an extension field."""
     return {
-        "id": request_id,
+        "id": head.id,
         "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
+        "created": head.created,
+        "model": head.model,
         "choices": [
             {
                 "index": 0,
@@ -345,8 +353,7 @@ def completion(request_id: str, model: str, answer: Any) -> dict[str, Any]:
 
 
 def chunk(
-    request_id: str,
-    model: str,
+    head: Head,
     delta: dict[str, Any] | None,
     finish_reason: str | None = None,
     **extra: Any,
@@ -358,10 +365,10 @@ def chunk(
         else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
     )
     return {
-        "id": request_id,
+        "id": head.id,
         "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": model,
+        "created": head.created,
+        "model": head.model,
         "choices": choices,
         **extra,
     }
