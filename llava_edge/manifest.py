@@ -31,6 +31,7 @@ FORMAT_NAME = "llava-edge-model"
 FORMAT_VERSION = 2
 ANYRES_FORMAT_VERSION = 2
 GRAPH_NAMES = ("vision_encoder", "projector", "decoder")
+PREFILL = "decoder_prefill"  # what the runtime and `plan` call the fused decoder's prompt form
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 
 

@@ -36,12 +36,7 @@ class ImagePixels(NamedTuple):
 
     pixels: np.ndarray  # [1 + tiles, 3, H, W] float32
     size: tuple[int, int]  # (width, height) of the image as given
-
-    def key(self) -> str:
-        """Names the image's features: the same pixels from an image of the same size."""
-        digest = hashlib.sha1(self.pixels.tobytes())
-        digest.update(f"{self.size[0]}x{self.size[1]}".encode())  # AnyRes unpads by size
-        return digest.hexdigest()
+    key: str  # names the image's features (the feature cache's and prefix reuse's key)
 
 
 def pixels_list(images: ImagePixels | list[ImagePixels] | None) -> list[ImagePixels]:
@@ -72,7 +67,11 @@ def max_tiles(anyres: AnyResSpec) -> int:
 
 
 def image_pixels(image: Image.Image, spec: ImageSpec) -> ImagePixels:
-    return ImagePixels(pixel_batch(image, spec), image.size)
+    pixels = pixel_batch(image, spec)
+    # the same pixels from an image of the same size (AnyRes unpads by size): hashed once here
+    digest = hashlib.sha1(pixels.tobytes())
+    digest.update(f"{image.size[0]}x{image.size[1]}".encode())
+    return ImagePixels(pixels, image.size, digest.hexdigest())
 
 
 def feature_count(size: tuple[int, int], spec: ImageSpec, num_image_tokens: int) -> int:

@@ -109,7 +109,7 @@ class Request:
         self.seen = np.asarray(ids, dtype=np.int64)  # kept only when repetition is penalised
         self.features: np.ndarray | None = None
         # which picture each image's tokens stand for (and how many): prefix reuse needs the same
-        self.images = [(one.key(), n) for one, n in zip(pixels, image_tokens, strict=True)]
+        self.images = [(one.key, n) for one, n in zip(pixels, image_tokens, strict=True)]
         self.reused = 0  # prompt tokens whose keys/values came from the prefix store
         self.answer: Answer | None = None
         self.error: Exception | None = None
@@ -496,15 +496,12 @@ class BatchEngine:
         ids = np.asarray(request.ids, dtype=np.int64)
         start = 0
         self.cache.truncate(0, row)
-        hit = self.prefixes.match(ids, request.images, image_id)
+        hit = self.prefixes.match(ids, request.images, image_id)  # None below MIN_PREFIX tokens
         if hit is not None:
             kv, start = hit
-            if start >= MIN_PREFIX:
-                self.cache.write_row(row, kv, start)
-                request.reused = start
-                self.counters["prefix_tokens_reused"] += start
-            else:
-                start = 0
+            self.cache.write_row(row, kv, start)
+            request.reused = start
+            self.counters["prefix_tokens_reused"] += start
         feed = ids[None, start:]
         features = None
         if (feed == image_id).any():  # the features of the image tokens still to feed
@@ -601,12 +598,14 @@ class BatchEngine:
         """Free `request`'s row: the last running row moves into it, so rows stay [0, n)."""
         row = self.running.index(request)
         last = len(self.running) - 1
+        # the cache is this (the scheduler's) thread's alone: only the list needs the lock, and
+        # a row's copy must not hold up submissions
+        if row != last:
+            self.cache.move_row(last, row)
+        else:
+            self.cache.truncate(0, row)
         with self._lock:
-            if row != last:
-                self.cache.move_row(last, row)
-                self.running[row] = self.running[last]
-            else:
-                self.cache.truncate(0, row)
+            self.running[row] = self.running[last]
             self.running.pop()
         self.cache.shrink()
 

@@ -45,9 +45,6 @@ class FusedDecoder:
         self.dtype = np.dtype(text.dtype)
         self.names = list(layer_names)  # (past key, past value, present key, present value)
 
-    def new_cache(self, batch: int) -> KVCache:
-        return KVCache(self.text, batch)
-
     def decode(
         self,
         embeds: np.ndarray,

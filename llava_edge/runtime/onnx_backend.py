@@ -21,13 +21,12 @@ import numpy as np
 import onnxruntime as ort
 
 from llava_edge.errors import LlavaEdgeError
-from llava_edge.manifest import GraphSpec, Manifest
+from llava_edge.manifest import PREFILL, GraphSpec, Manifest
 from llava_edge.runtime.kv_cache import KVCache, check_kv_layout
 from llava_edge.runtime.session_cache import enabled as cache_enabled
 from llava_edge.runtime.session_cache import is_cached, open_cached, session_options
 
 GRAPH_FORMS = ("auto", "fused", "standard")
-PREFILL = "decoder_prefill"  # the session of the fused decoder's prompt form, where a dir has one
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -176,7 +175,7 @@ class OnnxBackend:
 
             self.fused = FusedDecoder(
                 self.sessions["decoder"],
-                manifest.text,
+                self.kv_text,
                 self.layer_names,
                 prefill=self.sessions.get(PREFILL),
             )
@@ -233,9 +232,7 @@ class OnnxBackend:
         (embeds,) = self._session("projector").run(None, {"image_features": features})
         return embeds
 
-    def new_cache(self, batch: int) -> Any:
-        if self.fused is not None:
-            return self.fused.new_cache(batch)
+    def new_cache(self, batch: int) -> KVCache:
         return KVCache(self.kv_text, batch)
 
     def decode(

@@ -409,7 +409,7 @@ class Pipeline:
 
     def _features_of(self, image: ImagePixels) -> np.ndarray:
         self._check_open()
-        key = image.key()
+        key = image.key
         with self._lock:
             if key in self._features:
                 self._features.move_to_end(key)

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from llava_edge.errors import LlavaEdgeError
-from llava_edge.manifest import Manifest
+from llava_edge.manifest import PREFILL, Manifest
 from llava_edge.runtime.onnx_sizes import GraphSizes, graph_sizes
 
 GiB = 1 << 30
@@ -236,16 +236,19 @@ def read_shapes(
     model_dir: Path, manifest: Manifest, backend: str, prefill_chunk: int = TRT_PREFILL_CHUNK
 ) -> ModelShapes:
     """Weights and input types of the graphs `backend` runs, and the model's other sizes."""
+    files = {
+        name: graph.tensorrt_file if backend == "tensorrt" and graph.tensorrt_file else graph.file
+        for name, graph in manifest.graphs.items()
+    }
+    fused = manifest.graphs["decoder"].fused
+    if backend == "onnxruntime" and fused and fused.prefill:  # held beside it for prompts
+        files[PREFILL] = fused.prefill.file
     sizes = {}
-    for name, graph in manifest.graphs.items():
-        file = graph.tensorrt_file if backend == "tensorrt" and graph.tensorrt_file else graph.file
+    for name, file in files.items():
         try:
             sizes[name] = graph_sizes(model_dir / file)
         except (OSError, ValueError, IndexError) as e:
             raise LlavaEdgeError(f"cannot read graph {model_dir / file}: {e}") from None
-    fused = manifest.graphs["decoder"].fused
-    if backend == "onnxruntime" and fused and fused.prefill:  # held beside it for prompts
-        sizes["decoder_prefill"] = graph_sizes(model_dir / fused.prefill.file)
     text = manifest.text
     past = manifest.kv_names(0)[0]
     kv_dtype = sizes["decoder"].input_dtype(past) or text.dtype

@@ -88,9 +88,6 @@ def open_cached(
     providers = ["CPUExecutionProvider"]
     root = root or cache_dir() / "onnxruntime"
     entry = root / cache_key(graph_sha256, providers)
-    if not _complete(entry) and not _room_to_save(path):
-        options = session_options(threads)
-        return ort.InferenceSession(str(path), options, providers=providers), "off"
     if _complete(entry):
         options = session_options(threads)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -98,18 +95,27 @@ def open_cached(
             return ort.InferenceSession(str(entry / MODEL), options, providers=providers), "hit"
         except Exception:  # onnxruntime's own untyped errors: a corrupt entry is rebuilt
             shutil.rmtree(entry, ignore_errors=True)
+    if not _room_to_save(path):
+        return _plain(path, threads), "off"
+    opened = path.resolve()
+    source = str(final_path(opened))
     try:
         with replace_dir(entry) as tmp:
             session = ort.InferenceSession(str(path), _saving(threads, tmp), providers=providers)
             files = {name: (tmp / name).stat().st_size for name in (MODEL, DATA)}
-            opened = str(path.resolve())
-            meta = {"source": str(final_path(Path(opened))), "opened": opened, "files": files}
+            meta = {"source": source, "opened": str(opened), "files": files}
             (tmp / META).write_text(json.dumps(meta))
     except Exception:  # no room, a read-only home: the session still loads, uncached
-        options = session_options(threads)
-        return ort.InferenceSession(str(path), options, providers=providers), "off"
-    _drop_stale(root, entry, str(final_path(path.resolve())))
+        return _plain(path, threads), "off"
+    _drop_stale(root, entry, source)
     return session, "miss"
+
+
+def _plain(path: Path, threads: int | None) -> ort.InferenceSession:
+    """A session opened as if there were no cache."""
+    return ort.InferenceSession(
+        str(path), session_options(threads), providers=["CPUExecutionProvider"]
+    )
 
 
 def _room_to_save(path: Path) -> bool:
