@@ -24,7 +24,7 @@ import numpy as np
 import onnxruntime as ort
 
 from llava_edge.manifest import TextSpec
-from llava_edge.runtime.kv_cache import KVCache, KVRows
+from llava_edge.runtime.kv_cache import KVCache, KVRows, as_rows
 
 
 class FusedDecoder:
@@ -57,7 +57,7 @@ class FusedDecoder:
         `token_mask` marks each row's real tokens (a left-padded batch is packed to the left
         here); positions are the slots the tokens land in, so `positions` is not read.
         """
-        rows = cache if isinstance(cache, KVRows) else cache.rows(0, cache.batch)
+        rows = as_rows(cache)
         new = token_mask.sum(axis=1).astype(np.int64)
         embeds = _pack_left(embeds, token_mask, new)
         after = rows.lengths + new

@@ -166,6 +166,12 @@ class RowCache:
         self.rows(0, self.batch).advance(new_mask)
 
 
+def as_rows(cache: RowCache | RowRun) -> Any:
+    """The run of rows a decoder call works on: a run as given, a whole cache as the run of all
+    its rows (one view a call, not one a layer)."""
+    return cache if isinstance(cache, RowRun) else cache.rows(0, cache.batch)
+
+
 class KVCache(RowCache):
     """Keys/values of `batch` rows, each layer's as one [batch, kv_heads, capacity, head_dim]
     buffer. The cache itself reads and writes all its rows; `rows()` gives a run of them."""

@@ -22,7 +22,7 @@ import onnxruntime as ort
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import PREFILL, GraphSpec, Manifest
-from llava_edge.runtime.kv_cache import KVCache, check_kv_layout
+from llava_edge.runtime.kv_cache import KVCache, as_rows, check_kv_layout
 from llava_edge.runtime.session_cache import enabled as cache_enabled
 from llava_edge.runtime.session_cache import is_cached, open_cached, session_options
 
@@ -244,19 +244,19 @@ class OnnxBackend:
         """
         if self.fused is not None:
             return self.fused.decode(embeds, token_mask, positions, cache)
-        seq = embeds.shape[1]
-        cache.reserve(seq)
+        rows = as_rows(cache)
+        rows.reserve(embeds.shape[1])
         feeds = {
             "inputs_embeds": embeds,
-            "attention_mask": cache.attention_mask(token_mask),
+            "attention_mask": rows.attention_mask(token_mask),
             "position_ids": positions,
         }
         for layer, (past_k, past_v, _, _) in enumerate(self.layer_names):
-            feeds[past_k], feeds[past_v] = cache.past(layer)
+            feeds[past_k], feeds[past_v] = rows.past(layer)
         outputs = self._session("decoder").run(self._outputs, feeds)
         for layer in range(len(self.layer_names)):
-            cache.append(layer, outputs[1 + 2 * layer], outputs[2 + 2 * layer])
-        cache.advance(token_mask)
+            rows.append(layer, outputs[1 + 2 * layer], outputs[2 + 2 * layer])
+        rows.advance(token_mask)
         return outputs[0]
 
     def _session(self, name: str) -> ort.InferenceSession:

@@ -32,7 +32,7 @@ import numpy as np
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import GraphSpec, Manifest
-from llava_edge.runtime.kv_cache import check_kv_layout
+from llava_edge.runtime.kv_cache import as_rows, check_kv_layout
 from llava_edge.runtime.tensorrt import gpu
 from llava_edge.runtime.tensorrt.buffers import Arena, plan
 from llava_edge.runtime.tensorrt.compat import (
@@ -43,7 +43,7 @@ from llava_edge.runtime.tensorrt.compat import (
     select_engines,
 )
 from llava_edge.runtime.tensorrt.cuda import Cuda, DeviceArray
-from llava_edge.runtime.tensorrt.device_cache import DeviceKVCache, KVPool
+from llava_edge.runtime.tensorrt.device_cache import DeviceKVCache, DeviceKVRows, KVPool
 from llava_edge.runtime.tensorrt.names import io_names
 from llava_edge.runtime.tensorrt.profiles import (
     DECODE,
@@ -230,13 +230,14 @@ class TensorRTBackend:
     ) -> np.ndarray:
         names, decoder = self.names, self.engines["decoder"]
         batch, seq = mask.shape
-        cache.reserve(seq)
+        rows = as_rows(cache)
+        rows.reserve(seq)
         decoder.select(DECODE if seq == 1 else PREFILL, self._handle)
         decoder.feed(names.inputs_embeds, embeds, self.stream)
-        decoder.feed(names.attention_mask, cache.attention_mask(mask), self.stream)
+        decoder.feed(names.attention_mask, rows.attention_mask(mask), self.stream)
         decoder.feed(names.position_ids, positions, self.stream)
         for layer, (past_k, past_v, _, _) in enumerate(names.layers):
-            key, value = cache.past(layer)
+            key, value = rows.past(layer)
             decoder.feed_device(past_k, key)
             decoder.feed_device(past_v, value)
         dims = {"batch": batch, "seq": seq}  # every input shape is set: outputs can be sized
@@ -246,31 +247,31 @@ class TensorRTBackend:
         ]
         logits = decoder.output(names.logits, dims)
         if self.cuda_graph and seq == 1:
-            self._decode_with_graph(decoder, cache, (cache.start, batch, cache.capacity))
+            self._decode_with_graph(decoder, rows, (rows.start, batch, rows.capacity))
         else:
             decoder.run(self._handle)
             self._epoch += 1
         for layer, (key, value) in enumerate(presents):
-            cache.append(layer, key, value)
-        cache.advance(mask)
+            rows.append(layer, key, value)
+        rows.advance(mask)
         # waits for the stream: the step's one synchronisation
         return self.cuda.to_host(logits, self.stream).astype(np.float32, copy=False)
 
-    def _decode_with_graph(self, decoder: _Engine, cache: DeviceKVCache, key: tuple) -> None:
+    def _decode_with_graph(self, decoder: _Engine, rows: DeviceKVRows, key: tuple) -> None:
         """Replay this cache's graph for `key`, or run eagerly once and capture on the next step."""
-        entry = cache.graphs.get(key)
+        entry = rows.graphs.get(key)
         if entry is not None and entry[1] == self._epoch:
             entry[0].replay(self.stream)
             return
-        if self._warm == (id(cache.graphs), key, self._epoch):
+        if self._warm == (id(rows.graphs), key, self._epoch):
             graph = self._capture(decoder)
             if graph is not None:
-                cache.graphs[key] = (graph, self._epoch)
+                rows.graphs[key] = (graph, self._epoch)
                 graph.replay(self.stream)
                 return
         decoder.run(self._handle)
         self._epoch += 1
-        self._warm = (id(cache.graphs), key, self._epoch)
+        self._warm = (id(rows.graphs), key, self._epoch)
 
     def _capture(self, decoder: _Engine) -> _Graph | None:
         """Capture as trtexec does: the step has just run eagerly with these very bindings; wait

@@ -167,7 +167,6 @@ class DeviceKVCache(RowCache):
         """dtype: of the keys and values, the decoder engine's (default: the manifest's)."""
         self.text = text
         self.batch = batch
-        self.start = 0  # the first row this cache hands the engine (a DeviceKVRows moves it)
         self.max_context = max_context
         self.kv_chunk = kv_chunk
         self.cuda, self.stream, self.pool = cuda, stream, pool
