@@ -142,8 +142,39 @@ class RowCache:
             self._forget(r, length)
             self.lengths[r] = length
 
+    def move_row(self, src: int, dst: int) -> None:
+        """Put row `src`'s tokens in row `dst` (whose own are dropped) and empty row `src`."""
+        n, old = int(self.lengths[src]), int(self.lengths[dst])
+        self._copy_row(src, dst, n)
+        self._zero(dst, n, old)
+        self._zero(src, 0, n)
+        self.lengths[dst], self.lengths[src] = n, 0
+
+    def write_row(self, row: int, kv: list[tuple[np.ndarray, np.ndarray]], length: int) -> None:
+        """Fill the empty row `row` with the first `length` slots of `kv` (from read_row)."""
+        if self.lengths[row]:
+            raise ValueError(f"row {row} holds {self.lengths[row]} slots; empty it first")
+        self.rows(row, row + 1).reserve(length)
+        self._write_row(row, kv, length)
+        self.lengths[row] = length
+
+    # What each cache does its own way, on its own memory:
+
     def _forget(self, row: int, length: int) -> None:
         """Clear row `row`'s slots from `length` on (before its length drops to `length`)."""
+        raise NotImplementedError
+
+    def _copy_row(self, src: int, dst: int, n: int) -> None:
+        """Copy row `src`'s first `n` slots over row `dst`'s."""
+        raise NotImplementedError
+
+    def _zero(self, row: int, start: int, stop: int) -> None:
+        """Zero row `row`'s slots [start, stop)."""
+        raise NotImplementedError
+
+    def _write_row(self, row: int, kv: list[tuple[np.ndarray, np.ndarray]], length: int) -> None:
+        """Write the first `length` slots of `kv` (per layer, [kv_heads, slots, head_dim]) into
+        the empty row `row`."""
         raise NotImplementedError
 
     # ---- the decoder's interface, over all rows ------------------------------------------------
@@ -198,15 +229,10 @@ class KVCache(RowCache):
         """Forgotten slots are zeroed again: unused slots must hold zeros (see `_grown`)."""
         self._zero(row, length, int(self.lengths[row]))
 
-    def move_row(self, src: int, dst: int) -> None:
-        """Put row `src`'s tokens in row `dst` (whose own are dropped) and empty row `src`."""
-        n, old = int(self.lengths[src]), int(self.lengths[dst])
+    def _copy_row(self, src: int, dst: int, n: int) -> None:
         for buffers in (self.keys, self.values):
             for buffer in buffers:
                 buffer[dst, :, :n] = buffer[src, :, :n]
-        self._zero(dst, n, old)
-        self._zero(src, 0, n)
-        self.lengths[dst], self.lengths[src] = n, 0
 
     def _zero(self, row: int, start: int, stop: int) -> None:
         if stop > start:
@@ -221,15 +247,10 @@ class KVCache(RowCache):
             for k, v in zip(self.keys, self.values, strict=True)
         ]
 
-    def write_row(self, row: int, kv: list[tuple[np.ndarray, np.ndarray]], length: int) -> None:
-        """Fill the empty row `row` with the first `length` slots of `kv` (from read_row)."""
-        if self.lengths[row]:
-            raise ValueError(f"row {row} holds {self.lengths[row]} slots; empty it first")
-        self.rows(row, row + 1).reserve(length)
+    def _write_row(self, row: int, kv: list[tuple[np.ndarray, np.ndarray]], length: int) -> None:
         for (k, v), keys, values in zip(kv, self.keys, self.values, strict=True):
             keys[row, :, :length] = k[:, :length]
             values[row, :, :length] = v[:, :length]
-        self.lengths[row] = length
 
     # ---- storage ---------------------------------------------------------------------------------
 

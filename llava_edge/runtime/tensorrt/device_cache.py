@@ -204,9 +204,7 @@ class DeviceKVCache(RowCache):
         self._zero(row, length, int(self.lengths[row]))
         self.valid[row, length:] = 0
 
-    def move_row(self, src: int, dst: int) -> None:
-        """Put row `src`'s tokens in row `dst` (whose own are dropped) and empty row `src`."""
-        n, old = int(self.lengths[src]), int(self.lengths[dst])
+    def _copy_row(self, src: int, dst: int, n: int) -> None:
         if n:
             pitch = self.capacity * self.row_bytes
             for region in range(2 * self.text.num_layers):
@@ -220,10 +218,7 @@ class DeviceKVCache(RowCache):
                     self.text.num_kv_heads,
                     self.stream,
                 )
-        self._zero(dst, n, old)
-        self._zero(src, 0, n)
         self.valid[dst], self.valid[src] = self.valid[src], 0
-        self.lengths[dst], self.lengths[src] = n, 0
 
     def read_row(self, row: int, length: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """Host copies of row `row`'s first `length` slots, per layer ([kv_heads, length, D])."""
@@ -233,11 +228,7 @@ class DeviceKVCache(RowCache):
             out.append(tuple(self.cuda.to_host(a, self.stream)[:, :length].copy() for a in pair))
         return out
 
-    def write_row(self, row: int, kv: list[tuple[np.ndarray, np.ndarray]], length: int) -> None:
-        """Fill the empty row `row` with the first `length` slots of `kv` (from read_row)."""
-        if self.lengths[row]:
-            raise ValueError(f"row {row} holds {self.lengths[row]} slots; empty it first")
-        self.rows(row, row + 1).reserve(length)
+    def _write_row(self, row: int, kv: list[tuple[np.ndarray, np.ndarray]], length: int) -> None:
         t = self.text
         for layer, pair in enumerate(kv):
             for index, array in zip((2 * layer, 2 * layer + 1), pair, strict=True):
@@ -245,7 +236,6 @@ class DeviceKVCache(RowCache):
                 host[:, :length] = array[:, :length]
                 self.cuda.to_device(self._row(index, row), host, self.stream)
         self.valid[row, :length] = 1
-        self.lengths[row] = length
 
     def shrink(self) -> None:
         """Give the device block back to the pool once every row is empty."""
