@@ -177,7 +177,13 @@ def create_app(options: ServeOptions, on_load_error: Any = None) -> Starlette:
             Route("/health", _health, methods=["GET"]),
             Route("/metrics", _metrics, methods=["GET"]),
         ],
-        exception_handlers={HTTPException: _http_error, Exception: _internal_error},
+        # ApiError here, not in the catch-all: Starlette hands Exception to its error middleware,
+        # which logs a traceback after responding; a 401 is no server fault
+        exception_handlers={
+            ApiError: _api_error_response,
+            HTTPException: _http_error,
+            Exception: _internal_error,
+        },
         lifespan=lifespan,
     )
     app.state.serve = state
@@ -197,29 +203,20 @@ async def _health(request: Request) -> Response:
 
 async def _metrics(request: Request) -> Response:
     state: ServerState = request.app.state.serve
-    try:
-        state.check_key(request)
-    except ApiError as e:
-        return _error_response(e)
+    state.check_key(request)
     return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
 
 async def _models(request: Request) -> Response:
     state: ServerState = request.app.state.serve
-    try:
-        state.check_key(request)
-    except ApiError as e:
-        return _error_response(e)
+    state.check_key(request)
     return JSONResponse({"object": "list", "data": [_model_card(state)]})
 
 
 async def _model(request: Request) -> Response:
     state: ServerState = request.app.state.serve
-    try:
-        state.check_key(request)
-        _check_model(state, request.path_params["model"])
-    except ApiError as e:
-        return _error_response(e)
+    state.check_key(request)
+    _check_model(state, request.path_params["model"])
     return JSONResponse(_model_card(state))
 
 
@@ -514,6 +511,10 @@ def _carry_on() -> None:
     task = asyncio.current_task()
     if task is not None and hasattr(task, "uncancel"):
         task.uncancel()
+
+
+async def _api_error_response(request: Request, exc: ApiError) -> Response:
+    return _error_response(exc)
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
