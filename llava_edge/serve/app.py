@@ -255,11 +255,11 @@ async def _chat_completion(request: Request, state: ServerState) -> Response:
             engine,
             chat,
             images,
-            _listener(asyncio.get_running_loop(), events),
+            _listener(asyncio.get_running_loop(), events, whole=not chat.stream),
         )
     except Exception as e:
         return _error_response(_api_error(e))
-    event = await _wait(request, state, handle, events, whole=not chat.stream)
+    event = await _wait(request, state, handle, events)
     if event is None:  # the client left; nobody reads this
         return Response(status_code=499)
     if event.kind == "error":
@@ -312,8 +312,13 @@ def _submit(
     return engine.submit_ids(ids, pixels, options, listener)
 
 
-def _listener(loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> Any:
+def _listener(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, whole: bool) -> Any:
+    """Hands the engine's events to the event loop; `whole` (a reply sent in one piece): only
+    the last, so a token does not wake the loop for nothing."""
+
     def deliver(event: Event) -> None:
+        if whole and event.kind in ("started", "text"):
+            return
         # RuntimeError: the loop is gone (the server stopped), so nobody is listening
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(events.put_nowait, event)
@@ -322,26 +327,25 @@ def _listener(loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> Any:
 
 
 async def _wait(
-    request: Request, state: ServerState, handle: Any, events: asyncio.Queue, whole: bool
+    request: Request, state: ServerState, handle: Any, events: asyncio.Queue
 ) -> Event | None:
-    """The request's first event (its first token is out, or an error) or, `whole`, its last,
-    before any response is sent, so that an error still gets its status. None if the client
-    left first: its request is cancelled."""
+    """The request's first event delivered (a stream's first token, or a whole reply's end; or
+    an error) before any response is sent, so that an error still gets its status. None if the
+    client left first: its request is cancelled."""
     watcher = asyncio.ensure_future(_disconnected(request))
+    getter = asyncio.ensure_future(events.get())
     event = None
     try:
-        while event is None or (whole and event.kind in ("started", "text")):
-            getter = asyncio.ensure_future(events.get())
-            await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():
-                getter.cancel()
-                state.metrics.disconnects.inc()
-                return None
-            event = getter.result()
+        await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not getter.done():
+            state.metrics.disconnects.inc()
+            return None
+        event = getter.result()
         return event
     finally:
         watcher.cancel()
-        if event is None or (whole and event.kind in ("started", "text")):  # left, or stopping
+        if event is None:  # the client left, or the server is stopping
+            getter.cancel()
             handle.cancel()
 
 
