@@ -25,12 +25,13 @@ class MediaPolicy:
 
 
 async def fetch_image(url: str, policy: MediaPolicy) -> bytes:
-    """The bytes of the image at `url`, or an ApiError saying why not."""
+    """The bytes of the image at `url`, or an ApiError saying why not. Decoding base64 and
+    reading files (megabytes) run off the event loop, which other clients' streams share."""
     if url.startswith("data:"):
-        return _data_uri(url, policy.max_image_bytes)
+        return await asyncio.to_thread(_data_uri, url, policy.max_image_bytes)
     scheme = urlparse(url).scheme.lower()
     if scheme == "file" or (not scheme and url.startswith("/")):
-        return _local_file(url, policy)
+        return await asyncio.to_thread(_local_file, url, policy)
     if scheme in ("http", "https"):
         return await _remote(url, policy)
     raise ApiError(
