@@ -85,6 +85,30 @@ def replace_dir(out: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def scratch_beside(out: Path) -> Iterator[Path]:
+    """For the block, Python's temporary files (the tempfile module, which onnxruntime's
+    quantizer writes its graph-sized copies through) go to a hidden dir beside `out`.
+
+    They then land on the disk that takes the output rather than in /tmp (a RAM-backed tmpfs on
+    many Jetson images, a small partition on others), and what a killed run leaves there is
+    removed by the next write of `out` with its other leftovers (`_clean_leftovers`). The
+    setting is process-wide while the block runs: the stages that use it are batch jobs.
+    """
+    parent = out.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=parent))
+    except OSError as e:
+        raise LlavaEdgeError(f"cannot write beside {out}: {e.strerror}") from None
+    previous, tempfile.tempdir = tempfile.tempdir, str(scratch)
+    try:
+        yield scratch
+    finally:
+        tempfile.tempdir = previous
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def final_path(path: Path) -> Path:
     """Where `path` will be once the replace_dir it is written in is installed: a dir named
     `.NAME.partial-PID-XXXX` becomes NAME (the path itself where no such dir holds it)."""

@@ -57,30 +57,39 @@ def test_kill_moments_replay_from_the_printed_seed(monkeypatch, capsys):
 
 
 def kill_at_random_moments(
-    argv: list[str], out: Path, previous: dict[str, bytes], kills: int
+    argv: list[str], out: Path, previous: dict[str, bytes], kills: int, tmp: Path
 ) -> None:
-    """Run `argv` `kills` times, SIGKILL each at a random moment, check `out` after each."""
+    """Run `argv` `kills` times, SIGKILL each at a random moment, check `out` after each.
+
+    The runs' TMPDIR is `tmp`, which must stay empty: a killed run's scratch files belong
+    beside `out`, where the next run removes them, not in /tmp for ever."""
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp)}
     rng = kill_moments()
     start = time.perf_counter()
-    subprocess.run(argv, check=True, capture_output=True)  # how long one whole run takes
+    subprocess.run(argv, check=True, capture_output=True, env=env)  # how long one run takes
     duration = time.perf_counter() - start
     previous_or_new = [previous, snapshot(out)]
     for _ in range(kills):
-        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+        )
         time.sleep(rng.uniform(0.2, duration))
         process.send_signal(signal.SIGKILL)
         process.wait()
         assert not out.exists() or snapshot(out) in previous_or_new or is_complete_model_dir(out)
-    subprocess.run(argv, check=True, capture_output=True)
+    subprocess.run(argv, check=True, capture_output=True, env=env)
     assert is_complete_model_dir(out)
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")] == []
+    # onnxruntime keeps one small session-id file (.ses) in the temporary dir, whatever happens
+    assert [p.name for p in tmp.iterdir() if p.name != ".ses"] == []
 
 
 def test_export_killed_at_random_moments(tiny_checkpoint, tiny_model_dir, tmp_path):
     out = tmp_path / "model"
     shutil.copytree(tiny_model_dir, out)
     argv = [*CLI, "export", str(tiny_checkpoint), str(out), "--force", "--no-verify"]
-    kill_at_random_moments(argv, out, snapshot(out), kills=3)
+    kill_at_random_moments(argv, out, snapshot(out), kills=3, tmp=tmp_path / "tmp")
 
 
 def test_quantize_killed_at_random_moments(tiny_model_dir, tmp_path):
@@ -90,7 +99,7 @@ def test_quantize_killed_at_random_moments(tiny_model_dir, tmp_path):
     out = tmp_path / "int8"
     argv = [*CLI, "quantize", str(tiny_model_dir), str(out), "--precision", "int8",
             "--calib", str(data["train"]), "--samples", "2", "--force"]  # fmt: skip
-    kill_at_random_moments(argv, out, {}, kills=3)
+    kill_at_random_moments(argv, out, {}, kills=3, tmp=tmp_path / "tmp")
 
 
 def test_replace_dir_keeps_the_old_dir_until_the_new_one_is_whole(tmp_path):

@@ -6,10 +6,12 @@ import os
 import stat
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
-from llava_edge.files import final_path, replace_dir, replace_file
+from llava_edge.files import final_path, replace_dir, replace_file, scratch_beside
 
 
 def test_the_file_appears_whole_and_ordinary(tmp_path):
@@ -55,3 +57,21 @@ def test_final_path_names_where_a_temporary_dir_is_installed(tmp_path):
         assert final_path(inside) == out.resolve() / "sub" / "decoder.onnx"
     assert final_path(out / "decoder.onnx") == out / "decoder.onnx"  # not in a temporary dir
     assert final_path(tmp_path / ".cache.partial-x" / "f") == tmp_path / ".cache.partial-x" / "f"
+
+
+def test_scratch_files_go_beside_the_output_and_a_killed_runs_go_with_its_leftovers(tmp_path):
+    out = tmp_path / "int8"
+    before = tempfile.gettempdir()
+    with pytest.raises(RuntimeError), scratch_beside(out) as scratch:
+        assert Path(tempfile.mkdtemp()).parent == scratch and scratch.parent == tmp_path
+        raise RuntimeError("failed half-way")
+    assert tempfile.gettempdir() == before and os.listdir(tmp_path) == []
+    killed = subprocess.run(  # a run that dies (os._exit: no cleanup) with scratch files out
+        [sys.executable, "-c", "import os, tempfile; from llava_edge.files import scratch_beside\n"
+         f"with scratch_beside(__import__('pathlib').Path({str(out)!r})):\n"
+         "    tempfile.mkstemp(); os._exit(9)"],
+    )  # fmt: skip
+    assert killed.returncode == 9 and len(os.listdir(tmp_path)) == 1
+    with replace_dir(out) as tmp:
+        (tmp / "a").write_text("new")
+    assert os.listdir(tmp_path) == ["int8"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -89,10 +90,16 @@ def test_cache_can_be_turned_off(
     assert set(status.values()) == {"none"} and not cache.exists()
 
 
-def test_no_entry_written_without_memory_to_spare(
-    tiny_model_dir: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("short_of", ["memory", "disk"])
+def test_no_entry_written_without_room_to_spare(
+    tiny_model_dir: Path, cache: Path, monkeypatch: pytest.MonkeyPatch, short_of: str
 ) -> None:
-    monkeypatch.setattr(session_cache, "_room_to_save", lambda path: False)
+    if short_of == "memory":
+        monkeypatch.setattr(session_cache, "_free_memory", lambda: 0)
+    else:  # plenty free in bytes, but writing the entry would leave under a tenth of the disk
+        total = 100 * sum(p.stat().st_size for p in tiny_model_dir.glob("*.onnx*"))
+        usage = SimpleNamespace(total=total, used=0, free=total // 10 + 1)
+        monkeypatch.setattr(session_cache.shutil, "disk_usage", lambda path: usage)
     reference, status = answer(tiny_model_dir, cache)
     assert set(status.values()) == {"off"} and not entries(cache)
     assert answer(tiny_model_dir, cache, session_cache=False)[0] == reference

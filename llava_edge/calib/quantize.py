@@ -47,7 +47,7 @@ import numpy as np
 from llava_edge.calib.data import Activations, FeedReader, Sample, load_samples
 from llava_edge.calib.fp16 import fp16_graph, load_weights, to_fp16
 from llava_edge.errors import LlavaEdgeError
-from llava_edge.files import check_output_dir, is_large, replace_dir, save_graph
+from llava_edge.files import check_output_dir, is_large, replace_dir, save_graph, scratch_beside
 from llava_edge.logs import quiet
 from llava_edge.manifest import GraphSpec, Manifest
 
@@ -141,7 +141,7 @@ def quantize_model(
     calibration, held_out = _split(precision, calib, images, samples, report)
 
     start = time.perf_counter()
-    with replace_dir(out) as tmp:
+    with scratch_beside(out), replace_dir(out) as tmp:
         for name in manifest.data_files():
             shutil.copy2(source / name, tmp / name)
         activations = Activations(source, calibration)
@@ -398,7 +398,7 @@ def int8_static_qdq(src: Path, dst: Path, reader: FeedReader, method: str) -> di
     model = onnx.load(str(src), load_external_data=False)
     nodes = weight_nodes(model)
     op_types = sorted({n.op_type for n in nodes})
-    with tempfile.TemporaryDirectory(prefix="llava-edge-calib-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="calib-") as scratch:
         ranges = Path(scratch) / "ranges.json"
         calibrate(src, nodes, reader, method, ranges)
         quantize_static(
@@ -447,7 +447,7 @@ def calibrate(src: Path, nodes: list[Any], reader: FeedReader, method: str, out:
     """
     from onnxruntime.quantization import create_calibrator, save_tensors_data
 
-    with tempfile.TemporaryDirectory(prefix="llava-edge-calib-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="calib-") as scratch:
         calibrator = create_calibrator(
             str(src),
             sorted({n.op_type for n in nodes}),

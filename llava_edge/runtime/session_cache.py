@@ -20,7 +20,8 @@ sessions are cached: GPU providers keep their own caches (the TensorRT provider'
 
 The cache costs disk: about twice the graph's weights (the weights and their pre-packed copies);
 and the load that writes an entry holds a second copy of the weights in memory meanwhile, so it
-is only written when twice the graph fits in free memory (else the load is a plain one).
+is only written when twice the graph fits in free memory and on the disk with a tenth of it left
+free (else the load is a plain one).
 `LLAVA_EDGE_SESSION_CACHE=0` turns it off, as does `session_cache=False` on the backend.
 """
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -95,7 +97,7 @@ def open_cached(
             return ort.InferenceSession(str(entry / MODEL), options, providers=providers), "hit"
         except Exception:  # onnxruntime's own untyped errors: a corrupt entry is rebuilt
             shutil.rmtree(entry, ignore_errors=True)
-    if not _room_to_save(path):
+    if not _room_to_save(path, root):
         return _plain(path, threads), "off"
     opened = path.resolve()
     source = str(final_path(opened))
@@ -118,16 +120,33 @@ def _plain(path: Path, threads: int | None) -> ort.InferenceSession:
     )
 
 
-def _room_to_save(path: Path) -> bool:
+def _room_to_save(path: Path, root: Path) -> bool:
     """Saving holds a second copy of the weights in memory while it writes them (measured on
-    `small`: peak 2.8 GB against 1.6 GB for a plain load): only when that fits in free memory."""
+    `small`: peak 2.8 GB against 1.6 GB for a plain load): only when that fits in free memory.
+    The entry (about twice the weights) must also leave a tenth of the cache's disk free: a
+    cache is not worth a full disk under the robot's logs and recordings."""
     data = Path(str(path) + ".data")
     size = path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    return 2 * size < _free_memory() and 2 * size < _free_disk(root)
+
+
+def _free_memory() -> float:
     try:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
-        return True
-    return 2 * size < free
+        return math.inf
+
+
+def _free_disk(root: Path) -> float:
+    """Bytes the cache may take on its disk: what is free beyond a tenth of the disk."""
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        usage = shutil.disk_usage(existing)
+    except OSError:
+        return 0
+    return usage.free - usage.total / 10
 
 
 def _saving(threads: int | None, out: Path) -> ort.SessionOptions:
