@@ -201,7 +201,8 @@ def test_resume_after_an_interruption_reaches_the_same_loss(stage1, data, tmp_pa
 def test_two_processes_end_with_identical_weights(stage1, data, tmp_path):
     reports = tmp_path / "reports"
     reports.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    (tmp_path / "tmp").mkdir()  # torchrun leaves a dir of its own in the temporary dir
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path / "tmp")}
     command = [
         shutil.which("torchrun", path=str(Path(sys.executable).parent)),
         "--standalone",  # a free local port for the rendezvous
