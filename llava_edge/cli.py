@@ -943,6 +943,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"llava-edge {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `llava-edge watch --jsonl | head -1`: the reader has what it wanted
+        # Python's own advice: point stdout at devnull so the flush at exit does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a tool killed by the closed pipe would return
 
 
 if __name__ == "__main__":

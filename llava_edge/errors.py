@@ -12,3 +12,7 @@ class LlavaEdgeError(Exception):
 
 class TooLarge(LlavaEdgeError):
     """An input over a size limit (an image's pixels): refused whole, never cut down silently."""
+
+
+class ChatFull(LlavaEdgeError):
+    """A chat turn that no longer fits the model's context: the conversation must start over."""

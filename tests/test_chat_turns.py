@@ -15,8 +15,9 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from llava_edge.errors import LlavaEdgeError
+from llava_edge.errors import ChatFull, LlavaEdgeError
 from llava_edge.runtime import Pipeline, TextStream
 from llava_edge.runtime.interactive import chat_loop
 
@@ -189,6 +190,29 @@ def test_chat_command_loop_keeps_a_usable_session_after_a_timeout(pipe, monkeypa
     text = out.getvalue()
     assert text.endswith("\n" + want + "\n")
     assert "\nerror: the request ran past its time limit" in text  # on a line of its own
+
+
+def test_chat_command_loop_resets_to_the_last_image_that_opened(pipe, tmp_path):
+    good = tmp_path / "good.png"
+    Image.fromarray(frame()).save(good)
+    lines = iter([f"/image {good}", f"/image {tmp_path / 'missing.png'}", "/reset", FIRST, "/quit"])
+    out = io.StringIO()
+    chat_loop(pipe, None, OPTIONS, read=lambda _prompt: next(lines), out=out)
+    text = out.getvalue()
+    assert text.count("does not exist") == 1  # the bad image, not the /reset after it
+    assert text.endswith("(new conversation)\n" + pipe.chat(good, **OPTIONS).ask(FIRST) + "\n")
+
+
+def test_a_full_chat_says_to_start_a_new_one(pipe):
+    chat = pipe.chat(None, ignore_eos=True)
+    chat.ask(FIRST, max_new_tokens=pipe.max_context)  # cut short at the context's end
+    with pytest.raises(ChatFull, match="start a new chat"):
+        chat.ask(NEXT)
+    lines = iter([FIRST, NEXT, "/quit"])
+    out = io.StringIO()
+    loop_options = dict(OPTIONS, max_new_tokens=pipe.max_context)
+    chat_loop(pipe, None, loop_options, read=lambda _prompt: next(lines), out=out)
+    assert out.getvalue().rstrip().endswith("start a new chat (/reset)")
 
 
 # ---- the caches' truncate, which the rollback is made of ----------------------------------------

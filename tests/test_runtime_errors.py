@@ -51,6 +51,22 @@ def bad_requests(tmp_path, image):
         (dict(image=image, prompt="What?", temperature=-1.0), "temperature"),
         (dict(image=image, prompt="What?", top_p=0.0), "top_p"),
         (dict(image=image, prompt="What?", bogus=1), "unknown generation option"),
+        (dict(image=image, prompt="What?", temperature=1.0, seed=-1), "seed must be"),
+        (dict(image=image, prompt="What?", seed="abc"), "seed must be"),
+        (dict(image=image, prompt="What?", seed=1.5), "seed must be"),
+        (dict(image=image, prompt="What?", temperature="0.5"), "temperature must be a number"),
+        (dict(image=image, prompt="What?", temperature=float("nan")), "temperature must be in"),
+        (dict(image=image, prompt="What?", top_p=None), "top_p must be a number"),
+        (dict(image=image, prompt="What?", repetition_penalty="1.1"), "repetition_penalty"),
+        (dict(image=image, prompt="What?", max_new_tokens=True), "max_new_tokens"),
+        (dict(image=image, prompt="What?", stop=5), "stop must be"),
+        (dict(image=image, prompt="What?", stop=[""]), "stop must be"),
+        (dict(image=image, prompt="What?", ignore_eos="no"), "ignore_eos must be"),
+        (dict(image=None, prompt="  "), "prompt is empty"),
+        (dict(image=5, prompt="What?"), "an image is a path, bytes.*got int"),
+        (dict(image={}, prompt="What?"), "an image is a path, bytes.*got dict"),
+        (dict(image=[None], prompt="What?"), "got NoneType"),
+        (dict(image=np.array([[None]]), prompt="What?"), "not numbers"),
         (dict(image=image, prompt=b"\xff\xfe not text"), "prompt must be text"),
         (
             dict(image=image, prompt="\udcff\udcfe from bytes that were not UTF-8"),
@@ -209,3 +225,76 @@ def test_graph_or_table_from_another_model(model_copy, tmp_path):
     (model_copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(LlavaEdgeError, match="embedding table .* hidden size is 128"):
         Pipeline.load(model_copy, verify_files=False)
+
+
+def test_numbers_of_any_numeric_type_are_taken(pipe, image):
+    """Robot code often holds numpy numbers; they mean what Python's do."""
+    want = pipe.answer(image, "What?", max_new_tokens=3, temperature=0.7, seed=4, stop=None)
+    got = pipe.answer(
+        image, "What?", max_new_tokens=np.int64(3), temperature=np.float32(0.7), seed=np.uint8(4)
+    )
+    assert got.token_ids == want.token_ids
+
+
+def test_image_bytes_in_any_buffer_are_taken(pipe, image):
+    data = image.read_bytes()
+    want = pipe.answer(data, "What?", max_new_tokens=3).token_ids
+    for buffer in (bytearray(data), memoryview(data)):
+        assert pipe.answer(buffer, "What?", max_new_tokens=3).token_ids == want
+
+
+def test_an_image_with_no_question_is_still_a_request(pipe, image):
+    """An OpenAI message may hold only an image: the template's turn is the question."""
+    assert pipe.answer(image, "", max_new_tokens=2).token_ids
+
+
+@pytest.mark.parametrize(
+    "history",
+    [[("a", None)], ["ab"], [("a",)], [{"q": "a"}], "ab", [("a", "b", "c")]],
+    ids=["no answer", "a string", "one part", "a dict", "not a list", "three parts"],
+)
+def test_a_malformed_chat_history_is_refused(pipe, image, history):
+    with pytest.raises(LlavaEdgeError, match="history is a list of \\(question, answer\\) pairs"):
+        pipe.chat(image, history=history)
+
+
+def test_later_chat_questions_may_not_be_empty(pipe, image):
+    chat = pipe.chat(image, max_new_tokens=2)
+    chat.ask("")  # the first turn may be the image alone
+    with pytest.raises(LlavaEdgeError, match="question is empty"):
+        chat.ask(" ")
+
+
+@pytest.mark.parametrize(
+    "limit",
+    [dict(timeout_s=-1), dict(timeout_s=0), dict(max_prompt_tokens=-5), dict(max_new_tokens=2.5),
+     dict(max_image_pixels=True)],
+    ids=str,
+)  # fmt: skip
+def test_limits_are_checked_when_made(limit):
+    from llava_edge.runtime import Limits
+
+    with pytest.raises(LlavaEdgeError, match=f"the limit {next(iter(limit))} must be a positive"):
+        Limits(**limit)
+
+
+def test_cli_refuses_bad_limits_and_seeds_in_one_line(tiny_model_dir, image, capsys):
+    base = ["run", str(tiny_model_dir), "--image", str(image), "--prompt", "hi"]
+    for extra, message in [
+        (["--timeout", "-1"], "timeout_s must be a positive"),
+        (["--temperature", "1", "--seed", "-1"], "seed must be"),
+    ]:
+        assert main([*base, *extra]) == 1
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_closed_reader_ends_the_command_quietly(tiny_model_dir, image, tmp_path):
+    """`llava-edge watch ... --jsonl | head -1`: no traceback once the reader has gone."""
+    for i in range(30):
+        shutil.copy(image, tmp_path / f"{i:03d}.png")
+    command = f"{sys.executable} -m llava_edge.cli watch {tiny_model_dir} --source {tmp_path} "
+    command += "--prompt hi --every 0 --max-new-tokens 1 --jsonl | head -1"
+    done = subprocess.run(["bash", "-c", f"set -o pipefail; {command}"], capture_output=True)
+    assert done.returncode == 141 and done.stderr == b"", done.stderr.decode()[-2000:]
+    assert json.loads(done.stdout)["index"] == 0

@@ -134,6 +134,16 @@ def test_a_closed_pipeline_refuses_every_entry(tiny_model_dir, entry):
             ENTRIES[entry](p, np.zeros((8, 8, 3), np.uint8), "Hi", **SMALL)
 
 
+def test_a_closed_pipeline_refuses_a_chat_or_a_watch_when_asked(tiny_model_dir, tmp_path):
+    """Not at the first question or frame: the call itself fails."""
+    p = Pipeline.load(tiny_model_dir)
+    p.close()
+    with pytest.raises(LlavaEdgeError, match="closed; load the model dir again"):
+        p.chat(None)
+    with pytest.raises(LlavaEdgeError, match="closed; load the model dir again"):
+        p.watch(tmp_path, "What?")
+
+
 def test_close_gives_the_sessions_back(tiny_model_dir):
     """A robot app that swaps models closes the old one: its sessions (the weights' memory) must
     go then, not when the pipeline object is dropped."""

@@ -101,6 +101,37 @@ def test_an_image_folder_is_a_slideshow(pipe, recorder, tmp_path) -> None:
         pipe.watch(empty, "?")
 
 
+def shots(folder: Path, count: int) -> Path:
+    folder.mkdir()
+    for i in range(count):
+        Image.fromarray(np.full((20, 30, 3), STEP * i, np.uint8)).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def test_a_live_folder_is_replayed_at_its_rate(pipe, recorder, tmp_path) -> None:
+    folder = shots(tmp_path / "shots", 8)  # 0.8 s at 10 images a second
+    start = time.monotonic()
+    answers = list(pipe.watch(folder, "Now?", every_s=0.2, live=True, folder_fps=10))
+    assert time.monotonic() - start >= 0.7 - 0.05  # paced: not read all at once
+    assert [a.index for a in answers] == [0, 2, 4, 6]  # each due frame in its time, none lost
+    assert all(a.skipped == 0 for a in answers)
+
+
+def test_every_frame_of_the_largest_window_that_fits_is_answered(pipe, tmp_path) -> None:
+    question = "What changed?"
+    fit = pipe.images_that_fit(question)
+    folder = shots(tmp_path / "shots", fit + 2)
+    runs = pipe.stats["vision_runs"]
+    answers = list(pipe.watch(folder, question, every_s=0, frames=fit, max_new_tokens=1))
+    assert [a.index for a in answers] == list(range(fit + 2))
+    assert answers[-1].frames == list(range(2, fit + 2))
+    assert pipe.stats["vision_runs"] - runs <= fit + 2  # each frame encoded once: none evicted
+    long_question = question + " Look closely." * 40  # longer: fewer frames fit
+    assert pipe.images_that_fit(long_question) < fit
+    with pytest.raises(LlavaEdgeError, match="--frames"):
+        pipe.watch(folder, long_question, frames=fit)
+
+
 def test_a_slow_answerer_skips_stale_frames_instead_of_queueing(pipe, monkeypatch, tmp_path):
     video = make_video(tmp_path / "live.mkv", frames=40, fps=20)  # 2 s, replayed in real time
     slow = Recorder(delay_s=0.2)  # four frames arrive during each answer
@@ -136,9 +167,11 @@ def test_changes_only_reports_when_the_answer_changes(pipe, monkeypatch, tmp_pat
 
 def test_several_frames_per_prompt(pipe, monkeypatch, tmp_path) -> None:
     video = make_video(tmp_path / "clip.mkv", frames=20, fps=10)
-    limit = pipe.max_images_per_prompt
-    assert limit >= 3
-    with pytest.raises(LlavaEdgeError, match=f"holds {limit} images per prompt.*--frames {limit}"):
+    limit = pipe.images_that_fit("What changed?")
+    assert 3 <= limit <= pipe.max_images_per_prompt
+    with pytest.raises(
+        LlavaEdgeError, match=f"holds {limit} frames and an answer.*--frames {limit}"
+    ):
         pipe.watch(video, "What changed?", frames=limit + 1)
     real = list(pipe.watch(video, "What changed?", every_s=0.5, frames=2, max_new_tokens=2))
     assert [a.frames for a in real] == [[0], [0, 5], [5, 10], [10, 15]]

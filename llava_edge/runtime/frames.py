@@ -79,6 +79,12 @@ def open_frames(
     slideshow at this rate, its images in name order.
     Closing the iterator (or leaving a `for` loop) stops the reader and closes the source.
     """
+    if not isinstance(source, str | os.PathLike):
+        hint = f" (a camera is a device path: /dev/video{source})" if type(source) is int else ""
+        raise LlavaEdgeError(
+            "a source is a video file, an image folder, a camera or a stream URL, got "
+            f"{type(source).__name__}{hint}"
+        )
     if every_s < 0:
         raise LlavaEdgeError(f"every_s must be 0 or more seconds, got {every_s}")
     if timeout_s <= 0:
@@ -89,10 +95,12 @@ def open_frames(
             raise LlavaEdgeError(f"folder_fps must be positive, got {folder_fps}")
         decoded = _folder_frames(Path(source), folder_fps)
     else:
-        decoded = _video_frames(os.fspath(source), kind, timeout_s, paced=bool(live))
+        decoded = _video_frames(os.fspath(source), kind, timeout_s)
     if live is None:
         live = kind in ("device", "stream")
     if live:
+        if kind in ("file", "folder"):
+            decoded = _paced(decoded)
         return live_frames(decoded, every_s, timeout_s, os.fspath(source))
     return _sampled(decoded, every_s)
 
@@ -108,6 +116,21 @@ def _sampled(frames: Iterator[Frame], every_s: float) -> Iterator[Frame]:
             if frame.timestamp + 1e-9 >= due:
                 due = frame.timestamp + every_s
                 yield frame
+    finally:
+        frames.close()
+
+
+def _paced(frames: Iterator[Frame]) -> Iterator[Frame]:
+    """A file or folder replayed as a camera delivers it: no frame before its time."""
+    start: float | None = None
+    try:
+        for frame in frames:
+            if start is None:
+                start = time.monotonic() - frame.timestamp
+            delay = start + frame.timestamp - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            yield frame
     finally:
         frames.close()
 
@@ -256,7 +279,7 @@ def _check_local(path: str, kind: str) -> None:
             raise LlavaEdgeError(f"video file {path} is empty")
 
 
-def _video_frames(source: str, kind: str, timeout_s: float, paced: bool) -> Iterator[Frame]:
+def _video_frames(source: str, kind: str, timeout_s: float) -> Iterator[Frame]:
     """Decode the first video stream of a file, camera or network stream.
 
     The container is opened on first `next`, so that for live sources the open (which can block
@@ -273,17 +296,11 @@ def _video_frames(source: str, kind: str, timeout_s: float, paced: bool) -> Iter
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             first: float | None = None
-            start = time.monotonic()
             rate = float(stream.average_rate) if stream.average_rate else 0.0
             for index, frame in enumerate(_decode(av, container, stream, source)):
                 media = frame.time if frame.time is not None else (index / rate if rate else 0.0)
                 first = media if first is None else first
-                timestamp = media - first
-                if paced:  # a file replayed as a camera: no frame before its time
-                    delay = start + timestamp - time.monotonic()
-                    if delay > 0:
-                        time.sleep(delay)
-                yield Frame(frame.to_ndarray(format="rgb24"), index, timestamp)
+                yield Frame(frame.to_ndarray(format="rgb24"), index, media - first)
         finally:
             container.close()
 

@@ -45,8 +45,15 @@ def load_image(source: ImageInput, max_pixels: int | None = None) -> Image.Image
     if isinstance(source, Image.Image):
         _check_pixels(source.width, source.height, max_pixels)
         image = source
-    else:
+    elif isinstance(source, bytearray | memoryview):
+        image = _open(bytes(source), max_pixels)
+    elif isinstance(source, str | os.PathLike | bytes):
         image = _open(source, max_pixels)
+    else:
+        raise LlavaEdgeError(
+            "an image is a path, bytes, a PIL image or an (H, W[, C]) array, got "
+            f"{type(source).__name__}"
+        )
     try:
         image = ImageOps.exif_transpose(image) if not isinstance(source, Image.Image) else image
         return to_rgb(image)
@@ -105,6 +112,8 @@ def _from_array(array: np.ndarray) -> Image.Image:
         )
     if array.size == 0:
         raise LlavaEdgeError("image array is empty")
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+        raise LlavaEdgeError(f"image array holds {array.dtype}, not numbers; give pixel values")
     if array.dtype != np.uint8:
         if array.dtype == np.uint16:
             array = (array >> 8).astype(np.uint8)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from llava_edge.errors import LlavaEdgeError
+from llava_edge.errors import ChatFull, LlavaEdgeError
 
 HELP = "Ask about the image. /image PATH: another image, /reset: start over, /quit: leave."
 
@@ -40,8 +40,9 @@ def chat_loop(
                 session = pipe.chat(image, **options)
                 out.write("(new conversation)\n")
             elif line.startswith("/image"):
-                image = line[len("/image") :].strip() or None
-                session = pipe.chat(image, **options)
+                new = line[len("/image") :].strip() or None
+                session = pipe.chat(new, **options)
+                image = new  # only once it opened: /reset goes on with a good image
                 out.write(f"(new conversation about {image or 'no image'})\n")
             else:
                 for piece in session.stream(line):
@@ -50,4 +51,5 @@ def chat_loop(
                     partial = True
                 out.write("\n")
         except LlavaEdgeError as e:
-            out.write(("\n" if partial else "") + f"error: {e}\n")
+            hint = " (/reset)" if isinstance(e, ChatFull) else ""
+            out.write(("\n" if partial else "") + f"error: {e}{hint}\n")

@@ -242,8 +242,9 @@ class OnnxBackend:
 
         Appends the call's keys/values to `cache`.
         """
-        if self.fused is not None:
-            return self.fused.decode(embeds, token_mask, positions, cache)
+        fused = self.fused  # read once: close() may drop it while a request runs
+        if fused is not None:
+            return fused.decode(embeds, token_mask, positions, cache)
         rows = as_rows(cache)
         rows.reserve(embeds.shape[1])
         feeds = {

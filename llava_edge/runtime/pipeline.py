@@ -13,6 +13,7 @@ with Pipeline.load("model_dir") as pipe:
 
 from __future__ import annotations
 
+import numbers
 import os
 import threading
 import weakref
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from llava_edge.errors import LlavaEdgeError
+from llava_edge.errors import ChatFull, LlavaEdgeError
 from llava_edge.manifest import Manifest
 from llava_edge.runtime.answer import Answer, AnswerText, timings
 from llava_edge.runtime.anyres import (
@@ -68,6 +69,19 @@ class Limits:
     max_prompt_tokens: int | None = None  # default: the model's context
     max_new_tokens: int | None = None
     timeout_s: float | None = None  # wall-clock time of one request
+
+    def __post_init__(self) -> None:
+        for name in ("max_image_pixels", "max_prompt_tokens", "max_new_tokens", "timeout_s"):
+            value = getattr(self, name)
+            whole = name != "timeout_s"
+            kind = numbers.Integral if whole else numbers.Real
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:
+                raise LlavaEdgeError(
+                    f"the limit {name} must be a positive {'integer' if whole else 'number'} "
+                    f"(or None: no limit), got {value!r}"
+                )
 
     def check_options(self, config: GenerationConfig) -> None:
         if self.max_new_tokens is not None and config.max_new_tokens > self.max_new_tokens:
@@ -174,6 +188,26 @@ class Pipeline:
         image's features, in order); LLaVA-1.5 itself was trained with one per conversation."""
         return max(1, self.max_context // max_feature_count(self.manifest))
 
+    def images_that_fit(self, prompt: str, raw: bool = False) -> int:
+        """How many images of the largest size this question can hold and leave room for an
+        answer within the context and the prompt limit (0: not even one)."""
+        self._check_open()
+        _check_text(prompt)
+        most = max_feature_count(self.manifest)
+        room = self.max_context - 1
+        if self.limits.max_prompt_tokens is not None:
+            room = min(room, self.limits.max_prompt_tokens)
+        fit = 0
+        counts = (
+            [prompt.count(IMAGE_PLACEHOLDER)] if raw else range(1, self.max_images_per_prompt + 1)
+        )
+        for count in counts:
+            text = prompt if raw else user_turn(self.manifest.template, prompt, count, True)
+            if len(self.codec.encode(text, first=True, image_tokens=[most] * count)) > room:
+                break
+            fit = count
+        return fit
+
     # ---- one-shot questions --------------------------------------------------------------
 
     def generate(self, image: Images, prompt: str, **options: Any) -> str:
@@ -254,7 +288,8 @@ class Pipeline:
         """Free the sessions; the pipeline refuses requests afterwards."""
         self.closed = True
         self.backend.close()
-        self._features.clear()
+        with self._lock:
+            self._features.clear()
 
     def __enter__(self) -> Pipeline:
         return self
@@ -313,8 +348,12 @@ class Pipeline:
                 f"{placeholders or 'no'} {IMAGE_PLACEHOLDER} placeholder(s) to put them at: "
                 "one per image"
             )
+        if not images and not prompt.strip():
+            raise LlavaEdgeError("the prompt is empty and there is no image: ask a question")
         text = prompt if raw else user_turn(self.manifest.template, prompt, len(images), True)
         ids = self.codec.encode(text, first=True, image_tokens=self.image_tokens(images))
+        if not ids:  # a raw empty prompt on a model with no BOS token
+            raise LlavaEdgeError("the prompt is empty: ask a question")
         self.limits.check_prompt(len(ids))
         return ids
 
@@ -334,6 +373,10 @@ class Pipeline:
         the template's system prompt.
         """
         self._check_open()
+        if not isinstance(turns, list | tuple) or any(
+            not isinstance(turn, list | tuple) or len(turn) != 2 for turn in turns
+        ):
+            raise LlavaEdgeError("a conversation is a list of (question, answer) pairs")
         if not turns:
             raise LlavaEdgeError("the conversation has no turns")
         images = pixels_list(image)
@@ -427,7 +470,8 @@ class Pipeline:
         with self._lock:
             self.stats["vision_runs"] += 1
             self._features[key] = features
-            while len(self._features) > FEATURE_CACHE_SIZE:
+            # at least one prompt's worth: a watch over its last K frames re-encodes none
+            while len(self._features) > max(FEATURE_CACHE_SIZE, self.max_images_per_prompt):
                 self._features.popitem(last=False)
         return features
 
@@ -439,8 +483,6 @@ class Pipeline:
         config = GenerationConfig(**options)
         if "max_new_tokens" not in options and self.limits.max_new_tokens:
             config.max_new_tokens = min(config.max_new_tokens, self.limits.max_new_tokens)
-        if isinstance(config.stop, str):
-            config.stop = [config.stop]
         config.validate()
         self.limits.check_options(config)
         return config
@@ -457,10 +499,14 @@ class Pipeline:
         """Fail on a prompt that cannot fit; shorten max_new_tokens to what is left."""
         limit = self.max_context
         room = limit - used - prompt_len
+        if room < 1 and used:
+            raise ChatFull(
+                f"this question ({prompt_len} tokens) does not fit after the conversation's "
+                f"{used}: the model's context is {limit}; start a new chat"
+            )
         if room < 1:
             raise LlavaEdgeError(
-                f"the prompt is {prompt_len} tokens{' after ' + str(used) + ' earlier ones' if used else ''}, "
-                f"but the model's context is {limit}; shorten it"
+                f"the prompt is {prompt_len} tokens, but the model's context is {limit}; shorten it"
             )
         if config.max_new_tokens > room:
             config = GenerationConfig(**{**config.__dict__, "max_new_tokens": room})
@@ -488,7 +534,13 @@ class ChatSession:
         options: dict,
         history: list[tuple[str, str]],
     ):
+        pipeline._check_open()
         pipeline._config(dict(options))  # bad options fail here, not at the first turn
+        if not isinstance(history, list | tuple) or any(
+            not isinstance(turn, list | tuple) or len(turn) != 2 or turn[1] is None
+            for turn in history
+        ):
+            raise LlavaEdgeError("a chat's history is a list of (question, answer) pairs")
         self.pipeline = pipeline
         self.options = options
         self.pixels = [pipeline.image_pixels(one) for one in image_list(image)]
@@ -524,6 +576,8 @@ class ChatSession:
         _check_text(prompt)
         config = pipe._config(options)
         first = not self.ids
+        if not prompt.strip() and not (first and self.pixels):
+            raise LlavaEdgeError("the question is empty: ask something")
         placeholders = prompt.count(IMAGE_PLACEHOLDER)
         if placeholders and (placeholders != len(self.pixels) or not first):
             raise LlavaEdgeError(

@@ -5,6 +5,7 @@ Order as in transformers' generate(): repetition penalty, then temperature, top-
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,26 +27,56 @@ class GenerationConfig:
     ignore_eos: bool = False
 
     def validate(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        """Refuse what generation cannot take, in one line naming the option; numbers of any
+        numeric type (numpy's included: robot code often holds them) become Python's own."""
+        self.max_new_tokens = _integer("max_new_tokens", self.max_new_tokens, "a positive", 1)
+        self.top_k = _integer("top_k", self.top_k, "0 (off) or a positive", 0)
+        if self.seed is not None:
+            self.seed = _integer("seed", self.seed, "None or a non-negative", 0)
+        self.temperature = _number("temperature", self.temperature, 0, 100, "[0, 100]")
+        self.top_p = _number("top_p", self.top_p, 0, 1, "(0, 1]", above=True)
+        self.repetition_penalty = _number(
+            "repetition_penalty", self.repetition_penalty, 0, 100, "(0, 100]", above=True
+        )
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not isinstance(self.stop, list | tuple) or any(
+            not isinstance(s, str) or not s for s in self.stop
+        ):
             raise LlavaEdgeError(
-                f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}"
+                f"stop must be a string or a list of non-empty strings, got {self.stop!r}"
             )
-        if not 0 <= self.temperature <= 100:
-            raise LlavaEdgeError(f"temperature must be in [0, 100], got {self.temperature}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise LlavaEdgeError(f"top_k must be 0 (off) or a positive integer, got {self.top_k!r}")
-        if not 0 < self.top_p <= 1:
-            raise LlavaEdgeError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 < self.repetition_penalty <= 100:
-            raise LlavaEdgeError(
-                f"repetition_penalty must be in (0, 100], got {self.repetition_penalty}"
-            )
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise LlavaEdgeError("stop strings must be non-empty strings")
+        self.stop = list(self.stop)
+        if not isinstance(self.ignore_eos, bool | np.bool_):
+            raise LlavaEdgeError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+        self.ignore_eos = bool(self.ignore_eos)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _integer(name: str, value: object, kind: str, least: int) -> int:
+    if (
+        isinstance(value, bool | np.bool_)
+        or not isinstance(value, numbers.Integral)
+        or value < least
+    ):
+        raise LlavaEdgeError(f"{name} must be {kind} integer, got {value!r}")
+    return int(value)
+
+
+def _number(
+    name: str, value: object, low: float, high: float, span: str, above: bool = False
+) -> float:
+    """A real number in [low, high] (in (low, high] where `above`)."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+        raise LlavaEdgeError(f"{name} must be a number in {span}, got {value!r}")
+    if not (low < value if above else low <= value) or not value <= high:
+        raise LlavaEdgeError(f"{name} must be in {span}, got {value}")
+    return float(value)
 
 
 class Sampler:

@@ -61,20 +61,28 @@ def watch(
     """Answers about `source`'s frames; the arguments are checked and the source opened at once.
 
     frames: how many of the last sampled frames go into each prompt, as several images (at most
-    pipe.max_images_per_prompt: as many as the context holds). max_frames: stop after answering this many frames. The remaining options are
-    the generation options of `Pipeline.answer`.
+    `pipe.images_that_fit(prompt)`: as many as the context holds with the question and an
+    answer). max_frames: stop after answering this many frames. The remaining options are the
+    generation options of `Pipeline.answer`.
     """
-    if frames < 1:
-        raise LlavaEdgeError(f"frames must be at least 1, got {frames}")
-    limit = pipe.max_images_per_prompt
-    if frames > limit:
-        raise LlavaEdgeError(
-            f"this model's context holds {limit} image{'s' if limit > 1 else ''} per prompt, so "
-            f"it cannot be asked about {frames} frames at once; use --frames {limit} or fewer"
-        )
+    pipe._check_open()
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+        raise LlavaEdgeError(f"frames must be at least 1, got {frames!r}")
     if max_frames is not None and max_frames < 1:
         raise LlavaEdgeError(f"max_frames must be at least 1, got {max_frames}")
     pipe._config({k: v for k, v in options.items() if k != "raw"})  # bad options fail now
+    fit = pipe.images_that_fit(prompt, raw=bool(options.get("raw")))
+    if fit == 0:
+        raise LlavaEdgeError(
+            "the question leaves no room for a frame and an answer in the model's context; "
+            "shorten it"
+        )
+    if frames > fit:
+        raise LlavaEdgeError(
+            f"with this question the model's context holds {fit} frame{'s' if fit > 1 else ''} "
+            f"and an answer, so it cannot be asked about {frames} at once; use --frames {fit} "
+            "or fewer"
+        )
     stream = open_frames(source, every_s, live=live, timeout_s=timeout_s, folder_fps=folder_fps)
     return _answers(pipe, stream, prompt, frames, changes_only, max_frames, options)
 
