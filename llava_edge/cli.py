@@ -287,6 +287,7 @@ def _serve(args: argparse.Namespace) -> None:
         max_image_mb=args.max_image_mb,
         allowed_media_dir=args.allowed_media_dir,
         allow_remote_images=args.allow_remote_images,
+        remote_timeout_s=args.remote_timeout,
         prefix_cache_mb=args.prefix_cache_mb,
         threads=args.threads,
         **load,
@@ -676,6 +677,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-remote-images",
         action="store_true",
         help="allow http(s) image URLs (size- and time-capped)",
+    )
+    p.add_argument(
+        "--remote-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a remote image may take to fetch (also within --timeout)",
     )
     p.add_argument(
         "--prefix-cache-mb",

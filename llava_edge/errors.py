@@ -14,5 +14,10 @@ class TooLarge(LlavaEdgeError):
     """An input over a size limit (an image's pixels): refused whole, never cut down silently."""
 
 
+class PromptTooLong(LlavaEdgeError):
+    """A prompt over the deployment's prompt-token limit (`Limits.max_prompt_tokens`)."""
+
+
 class ChatFull(LlavaEdgeError):
-    """A chat turn that no longer fits the model's context: the conversation must start over."""
+    """A chat turn that no longer fits the model's context or the prompt limit: the
+    conversation must start over."""

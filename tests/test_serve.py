@@ -366,6 +366,11 @@ MALFORMED = {
         "messages": [ask("What?", "data:image/png;base64," + base64.b64encode(b"hello").decode())],
     },
     "ftp url": {"model": MODEL, "messages": [ask("What?", "ftp://host/x.png")]},
+    "unclosed ipv6 url": {"model": MODEL, "messages": [ask("What?", "http://[::1/x.png")]},
+    "unclosed ipv6 file url": {"model": MODEL, "messages": [ask("What?", "file://[x/y.png")]},
+    "port out of range": {"model": MODEL, "messages": [ask("What?", "http://127.0.0.1:99999/x")]},
+    "nul host": {"model": MODEL, "messages": [ask("What?", "http://\u0000/x.png")]},
+    "bad idna host": {"model": MODEL, "messages": [ask("What?", "http://xn--/x.png")]},
     "n=2": {"model": MODEL, "messages": GOOD, "n": 2},
     "negative max_tokens": {"model": MODEL, "messages": GOOD, "max_tokens": -1},
     "string max_tokens": {"model": MODEL, "messages": GOOD, "max_tokens": "10"},
@@ -402,6 +407,39 @@ def test_malformed_requests_get_400_and_the_server_goes_on(server, case):
     error = error_of(response)
     assert error["type"] == "invalid_request_error" and len(error["message"]) > 10
     assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_image_and_limit_refusals_name_what_to_change(server, monkeypatch):
+    corrupt = data_uri(picture(1))[:-200]
+    bad = server.post({"model": MODEL, "messages": [ask("What?", corrupt)]})
+    assert bad.status_code == 400 and error_of(bad)["param"] == "image_url"
+    assert "image image" not in error_of(bad)["message"]
+    over = server.post({"model": MODEL, "messages": GOOD, "max_tokens": 901})
+    assert (
+        error_of(over)["param"] == "max_tokens" and "lower max_tokens" in error_of(over)["message"]
+    )
+    huge = server.post({"model": MODEL, "messages": [ask("word " * 50_000)], "max_tokens": 2})
+    assert huge.status_code == 400 and error_of(huge)["code"] == "context_length_exceeded"
+    monkeypatch.setattr(server.state.pipe.limits, "max_prompt_tokens", 3)
+    limited = server.post({"model": MODEL, "messages": GOOD, "max_tokens": 2})
+    assert error_of(limited)["code"] == "context_length_exceeded"
+    assert error_of(limited)["param"] == "messages"
+
+
+def test_line_wrapped_base64_is_taken(server):
+    url = data_uri(picture(1))
+    header, payload = url.split(",", 1)
+    wrapped = header + "," + "\n".join(payload[i : i + 76] for i in range(0, len(payload), 76))
+    body = {"model": MODEL, "max_tokens": 4}
+    want = server.post({**body, "messages": [ask("What?", url)]}).json()
+    got = server.post({**body, "messages": [ask("What?", wrapped)]})
+    assert got.status_code == 200
+    assert got.json()["choices"][0]["message"] == want["choices"][0]["message"]
+
+
+def test_405_says_which_methods_are_allowed(server):
+    response = httpx.get(server.url + "/v1/chat/completions")
+    assert response.status_code == 405 and response.headers["allow"] == "POST"
 
 
 def test_keys_models_and_sizes_get_their_statuses(server):
@@ -579,6 +617,63 @@ def test_a_request_past_the_time_limit_gets_504(context_model_dir):
             time.sleep(0.05)
         late = client.post("/v1/chat/completions", json={"model": MODEL, "messages": GOOD})
     assert late.status_code == 504 and "time limit" in error_of(late)["message"]
+
+
+def test_the_time_limit_counts_from_the_request_not_from_its_image(context_model_dir):
+    """A slow image server cannot stretch --timeout: fetching is part of the request."""
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            time.sleep(3)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    options = ServeOptions(
+        context_model_dir, model_name=MODEL, allow_remote_images=True, limits=Limits(timeout_s=1)
+    )
+    try:
+        with TestClient(create_app(options)) as client:
+            deadline = time.time() + 30
+            while client.get("/health").status_code != 200 and time.time() < deadline:
+                time.sleep(0.05)
+            url = f"http://127.0.0.1:{httpd.server_address[1]}/x.png"
+            start = time.monotonic()
+            late = client.post(
+                "/v1/chat/completions", json={"model": MODEL, "messages": [ask("What?", url)]}
+            )
+            took = time.monotonic() - start
+    finally:
+        httpd.shutdown()
+    assert late.status_code == 504 and error_of(late)["code"] == "timeout"
+    assert took < 2.5
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--port", "70000"], "--port must be 0 to 65535"),
+        (["--max-new-tokens", "0"], "max_new_tokens must be a positive"),
+        (["--max-body-mb", "-1"], "--max-body-mb must be positive"),
+        (["--timeout", "-1"], "timeout_s must be a positive"),
+        (["--remote-timeout", "0"], "--remote-timeout must be positive"),
+        (["--allowed-media-dir", "/nonexistent"], "is not a directory"),
+    ],
+)
+def test_settings_that_would_refuse_every_request_fail_at_startup(
+    context_model_dir, flags, message
+):
+    done = subprocess.run(
+        [sys.executable, "-m", "llava_edge.cli", "serve", str(context_model_dir), *flags],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr
 
 
 def test_loading_gives_503_before_the_model_is_ready(context_model_dir):

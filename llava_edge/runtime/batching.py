@@ -95,13 +95,14 @@ class Request:
         answer_text: AnswerText,
         timeout_s: float | None,
         listener: Callable[[Event], None] | None,
+        started: float | None = None,
     ):
         self.id = next(Request._ids)
         self.ids = ids
         self.pixels = pixels
         self.config = config
         self.text = answer_text
-        self.timer = Timer()
+        self.timer = Timer() if started is None else Timer(start=started)
         self.deadline = self.timer.start + timeout_s if timeout_s else None
         self.timeout_s = timeout_s
         self.sampler = Sampler(config)
@@ -308,15 +309,18 @@ class BatchEngine:
         options: dict[str, Any] | GenerationConfig,
         listener: Callable[[Event], None] | None = None,
         timeout_s: float | None = None,
+        started: float | None = None,
     ) -> Request:
         """A prompt already rendered (Pipeline.prompt_ids, Pipeline.conversation_ids) with the
         image it was rendered for (Pipeline.image_pixels).
 
         Checks it against the limits here, in the caller's thread, so bad input fails at once;
         the image is encoded (or found in the feature cache) on admission.
-        timeout_s: a per-request time limit under the pipeline's own.
+        timeout_s: a per-request time limit under the pipeline's own. started: when the request
+        began (time.perf_counter), if before this call: its time limit and timings count from
+        there (a server's request arrives before its image is fetched and its prompt rendered).
         """
-        request = self._request(ids, image, options, listener, timeout_s)
+        request = self._request(ids, image, options, listener, timeout_s, started)
         with self._lock:
             if self._closing:
                 raise EngineClosed("the engine is shutting down and takes no new requests")
@@ -338,6 +342,7 @@ class BatchEngine:
         options: dict[str, Any] | GenerationConfig,
         listener: Callable[[Event], None] | None,
         timeout_s: float | None,
+        started: float | None = None,
     ) -> Request:
         pipe = self.pipe
         if pipe.closed:
@@ -365,6 +370,7 @@ class BatchEngine:
             AnswerText(pipe.codec, config.stop),
             min(limits) if limits else None,
             listener,
+            started,
         )
 
     # ---- state -------------------------------------------------------------------------------

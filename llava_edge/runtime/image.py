@@ -73,18 +73,20 @@ def _check_pixels(width: int, height: int, max_pixels: int | None) -> None:
 
 
 def _open(source: str | os.PathLike | bytes, max_pixels: int | None) -> Image.Image:
-    name = "image bytes" if isinstance(source, bytes) else str(source)
-    if not isinstance(source, bytes):
+    given = isinstance(source, bytes)
+    name = "the image data" if given else str(source)
+    what = name if given else f"image {name}"
+    if not given:
         if not os.path.exists(source):
-            raise LlavaEdgeError(f"image {name} does not exist")
+            raise LlavaEdgeError(f"{what} does not exist")
         if os.path.getsize(source) == 0:
-            raise LlavaEdgeError(f"image {name} is an empty file")
+            raise LlavaEdgeError(f"{what} is an empty file")
     elif not source:
-        raise LlavaEdgeError("image bytes are empty")
+        raise LlavaEdgeError("the image data is empty")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+            image = Image.open(io.BytesIO(source) if given else source)
             try:
                 _check_pixels(image.width, image.height, max_pixels)  # from the header alone
             except LlavaEdgeError:
@@ -94,13 +96,13 @@ def _open(source: str | os.PathLike | bytes, max_pixels: int | None) -> Image.Im
         return image
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise TooLarge(
-            f"image {name} has more pixels than PIL's safety limit ({Image.MAX_IMAGE_PIXELS}); "
+            f"{what} has more pixels than PIL's safety limit ({Image.MAX_IMAGE_PIXELS}); "
             "downscale it first"
         ) from None
     except UnidentifiedImageError:
         raise LlavaEdgeError(f"{name} is not an image PIL can read") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise LlavaEdgeError(f"image {name} is corrupt or truncated ({e})") from None
+        raise LlavaEdgeError(f"{what} is corrupt or truncated ({e})") from None
 
 
 def _from_array(array: np.ndarray) -> Image.Image:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from llava_edge.errors import ChatFull, LlavaEdgeError
+from llava_edge.errors import ChatFull, LlavaEdgeError, PromptTooLong
 from llava_edge.manifest import Manifest
 from llava_edge.runtime.answer import Answer, AnswerText, timings
 from llava_edge.runtime.anyres import (
@@ -94,7 +94,7 @@ class Limits:
         if self.max_prompt_tokens is not None and tokens > self.max_prompt_tokens:
             what = "the conversation with this question is" if chat else "the prompt is"
             fix = "; start a new chat" if chat else ""
-            raise LlavaEdgeError(
+            raise (ChatFull if chat else PromptTooLong)(
                 f"{what} {tokens} tokens, over this deployment's limit of "
                 f"{self.max_prompt_tokens}{fix}"
             )
@@ -120,6 +120,7 @@ class Pipeline:
         )
         self.table = _load_table(model_dir / manifest.embeddings, manifest)
         self.newline = load_newline(model_dir, manifest)  # AnyRes models only
+        self.codec.max_tokens = self.max_context
         self._features: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
         self.stats = {"vision_runs": 0, "feature_cache_hits": 0}

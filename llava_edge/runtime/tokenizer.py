@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from llava_edge.errors import LlavaEdgeError
+from llava_edge.errors import LlavaEdgeError, PromptTooLong
 from llava_edge.manifest import TokenSpec
 
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
@@ -33,10 +33,13 @@ class TextCodec:
         self.silent = self.special | {
             i for i, token in self.tokenizer.get_added_tokens_decoder().items() if token.special
         }
+        vocab = self.tokenizer.get_vocab()
         # byte-fallback tokens, as the ByteFallback decoder recognises them
-        self.byte_tokens = {
-            i for token, i in self.tokenizer.get_vocab().items() if BYTE_TOKEN.fullmatch(token)
-        }
+        self.byte_tokens = {i for token, i in vocab.items() if BYTE_TOKEN.fullmatch(token)}
+        # No token spans more characters than its vocabulary entry (byte-level entries spell a
+        # byte a character), so a text over `max_tokens` times that is over the limit unread.
+        self.longest_token = max((len(token) for token in vocab), default=1)
+        self.max_tokens: int | None = None  # set by the pipeline: its context
 
     def encode(
         self, text: str, first: bool = True, image_tokens: int | Sequence[int] | None = None
@@ -48,6 +51,13 @@ class TextCodec:
         gives each placeholder its own, in order), as transformers' processor does, so the ids
         line up with the image features put in their place.
         """
+        # Encoding holds the GIL (seconds for megabytes): every thread of the process would wait
+        # on a text that cannot fit anyway. Twice the bound, for normalizers that drop text.
+        if self.max_tokens is not None and len(text) > 2 * self.longest_token * self.max_tokens:
+            raise PromptTooLong(
+                f"the prompt is {len(text)} characters, far more than the {self.max_tokens} "
+                "tokens this model takes; shorten it"
+            )
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         if first and self.tokens.add_bos and self.tokens.bos_token_id is not None:
             ids = [self.tokens.bos_token_id, *ids]

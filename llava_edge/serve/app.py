@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from llava_edge.errors import LlavaEdgeError, TooLarge
+from llava_edge.errors import LlavaEdgeError, PromptTooLong, TooLarge
 from llava_edge.runtime import BatchEngine, Limits, Pipeline
 from llava_edge.runtime.batching import Cancelled, EngineClosed, Event, QueueFull, TimedOut
 from llava_edge.serve import protocol
@@ -61,6 +61,23 @@ class ServeOptions:
     threads: int | None = None
     engine_dir: str | None = None
     verify_files: bool | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse settings that would refuse every request, at startup and in one line."""
+        for flag, value in [
+            ("--max-body-mb", self.max_body_mb),
+            ("--max-image-mb", self.max_image_mb),
+            ("--remote-timeout", self.remote_timeout_s),
+        ]:
+            if not value > 0:
+                raise LlavaEdgeError(f"{flag} must be positive, got {value:g}")
+        if not self.prefix_cache_mb >= 0:
+            raise LlavaEdgeError(
+                f"--prefix-cache-mb must be 0 (off) or more, got {self.prefix_cache_mb:g}"
+            )
+        media = self.allowed_media_dir
+        if media is not None and not Path(media).is_dir():
+            raise LlavaEdgeError(f"--allowed-media-dir {media} is not a directory")
 
     @property
     def max_body_bytes(self) -> int:
@@ -234,6 +251,7 @@ async def _chat_completions(request: Request) -> Response:
 
 
 async def _chat_completion(request: Request, state: ServerState) -> Response:
+    arrived = time.perf_counter()  # --timeout counts from here: fetching and rendering too
     try:
         state.check_key(request)
         pipe, engine = state.require_ready()
@@ -246,16 +264,20 @@ async def _chat_completion(request: Request, state: ServerState) -> Response:
                 f"{pipe.max_images_per_prompt}",
                 "messages",
             )
-        images = [await fetch_image(url, state.media) for url in chat.image_urls]
+        limit = pipe.limits.timeout_s
+        images = []
+        for url in chat.image_urls:
+            left = None if limit is None else limit - (time.perf_counter() - arrived)
+            images.append(await fetch_image(url, state.media, left))
         events: asyncio.Queue[Event] = asyncio.Queue()
         handle = await run_in_threadpool(
             _submit,
-            state,
             pipe,
             engine,
             chat,
             images,
             _listener(asyncio.get_running_loop(), events, whole=not chat.stream),
+            arrived,
         )
     except Exception as e:
         return _error_response(_api_error(e))
@@ -278,16 +300,27 @@ async def _chat_completion(request: Request, state: ServerState) -> Response:
 
 
 def _submit(
-    state: ServerState,
     pipe: Pipeline,
     engine: BatchEngine,
     chat: ChatRequest,
     images: list[bytes],
     listener: Any,
+    arrived: float,
 ) -> Any:
     """Render the conversation as a ChatSession holds it, check it fits, hand it to the engine."""
-    pixels = [pipe.image_pixels(image) for image in images]
-    ids = pipe.conversation_ids(chat.turns, pixels, chat.image_turns, chat.system)
+    limit = pipe.limits.max_new_tokens
+    if chat.max_tokens_given and limit and chat.options["max_new_tokens"] > limit:
+        raise ApiError(
+            400,
+            f"max_tokens {chat.options['max_new_tokens']} is over this server's limit of {limit} "
+            "(--max-new-tokens); lower max_tokens",
+            "max_tokens",
+        )
+    pixels = [_image_pixels(pipe, image) for image in images]
+    try:
+        ids = pipe.conversation_ids(chat.turns, pixels, chat.image_turns, chat.system)
+    except PromptTooLong as e:
+        raise ApiError(400, str(e), "messages", "context_length_exceeded") from None
     options = dict(chat.options)
     room = pipe.max_context - len(ids)
     if room < 1:
@@ -307,9 +340,18 @@ def _submit(
             "context_length_exceeded",
         )
     if not chat.max_tokens_given:
-        limit = pipe.limits.max_new_tokens
         options["max_new_tokens"] = min(room, limit) if limit else room
-    return engine.submit_ids(ids, pixels, options, listener)
+    return engine.submit_ids(ids, pixels, options, listener, started=arrived)
+
+
+def _image_pixels(pipe: Pipeline, image: bytes) -> Any:
+    """The image decoded and checked; a problem with it is the image_url's."""
+    try:
+        return pipe.image_pixels(image)
+    except TooLarge:
+        raise  # 413, with its own code
+    except LlavaEdgeError as e:
+        raise ApiError(400, str(e), "image_url") from None
 
 
 def _listener(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, whole: bool) -> Any:
@@ -525,9 +567,11 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
     if exc.status_code == 404:
         return _error_response(ApiError(404, f"no route {request.url.path}", code="not_found"))
     if exc.status_code == 405:
-        return _error_response(
+        response = _error_response(
             ApiError(405, f"{request.method} is not allowed on {request.url.path}")
         )
+        response.headers.update(exc.headers or {})  # Allow: the methods the route takes
+        return response
     return _error_response(ApiError(exc.status_code, str(exc.detail)))
 
 

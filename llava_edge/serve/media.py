@@ -11,7 +11,7 @@ import binascii
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import ParseResult, unquote, urlparse
 
 from llava_edge.serve.protocol import ApiError
 
@@ -24,16 +24,17 @@ class MediaPolicy:
     remote_timeout_s: float = 10.0
 
 
-async def fetch_image(url: str, policy: MediaPolicy) -> bytes:
+async def fetch_image(url: str, policy: MediaPolicy, time_left: float | None = None) -> bytes:
     """The bytes of the image at `url`, or an ApiError saying why not. Decoding base64 and
-    reading files (megabytes) run off the event loop, which other clients' streams share."""
+    reading files (megabytes) run off the event loop, which other clients' streams share.
+    time_left: what remains of the request's time limit; a download may not take longer."""
     if url.startswith("data:"):
         return await asyncio.to_thread(_data_uri, url, policy.max_image_bytes)
-    scheme = urlparse(url).scheme.lower()
+    scheme = _parse(url).scheme.lower()
     if scheme == "file" or (not scheme and url.startswith("/")):
         return await asyncio.to_thread(_local_file, url, policy)
     if scheme in ("http", "https"):
-        return await _remote(url, policy)
+        return await _remote(url, policy, time_left)
     raise ApiError(
         400,
         "image_url must be a data: URI (base64), a file:// URL under the server's "
@@ -42,19 +43,33 @@ async def fetch_image(url: str, policy: MediaPolicy) -> bytes:
     )
 
 
+def _parse(url: str) -> ParseResult:
+    try:
+        return urlparse(url)
+    except ValueError as e:  # an unclosed IPv6 bracket, say
+        raise ApiError(400, f"image_url is not a valid URL ({e})", "image_url") from None
+
+
 def _data_uri(url: str, limit: int) -> bytes:
     header, sep, payload = url.partition(",")
     if not sep or ";base64" not in header:
         raise ApiError(
             400, "a data: image URL must be base64: data:image/png;base64,...", "image_url"
         )
+    if any(c in payload for c in "\r\n \t"):
+        payload = "".join(payload.split())  # line-wrapped base64 (MIME, `base64` without -w0)
     # base64 takes 4 characters for 3 bytes: refuse an oversized image before decoding it
     if len(payload) * 3 // 4 > limit + 3:
         raise _too_large(len(payload) * 3 // 4, limit)
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
-        raise ApiError(400, "the data: image URL is not valid base64", "image_url") from None
+        raise ApiError(
+            400,
+            "the data: image URL is not valid base64 (the standard alphabet A-Z a-z 0-9 + /, "
+            "padded with =)",
+            "image_url",
+        ) from None
     if len(data) > limit:
         raise _too_large(len(data), limit)
     return data
@@ -68,7 +83,7 @@ def _local_file(url: str, policy: MediaPolicy) -> bytes:
             "files under DIR",
             "image_url",
         )
-    parsed = urlparse(url)
+    parsed = _parse(url)
     if parsed.scheme and parsed.netloc not in ("", "localhost"):
         raise ApiError(400, f"file URL {url!r} names a host; use file:///path", "image_url")
     path = Path(unquote(parsed.path if parsed.scheme else url))
@@ -87,7 +102,7 @@ def _local_file(url: str, policy: MediaPolicy) -> bytes:
     return resolved.read_bytes()
 
 
-async def _remote(url: str, policy: MediaPolicy) -> bytes:
+async def _remote(url: str, policy: MediaPolicy, time_left: float | None) -> bytes:
     if not policy.allow_remote:
         raise ApiError(
             400,
@@ -97,14 +112,29 @@ async def _remote(url: str, policy: MediaPolicy) -> bytes:
         )
     import httpx
 
+    budget = policy.remote_timeout_s
+    late = time_left is not None and time_left < budget  # the request's limit comes first
+    if late:
+        budget = max(time_left, 0.0)
     try:  # one deadline for the whole download: a server sending a byte at a time gains nothing
-        return await asyncio.wait_for(_download(url, policy), policy.remote_timeout_s)
+        return await asyncio.wait_for(_download(url, policy), budget)
+    except ApiError:
+        raise
     except (asyncio.TimeoutError, httpx.TimeoutException):
+        if late:
+            raise ApiError(
+                504,
+                "the request ran past its time limit fetching its image",
+                "image_url",
+                "timeout",
+            ) from None
         raise ApiError(
             400, f"fetching the image took over {policy.remote_timeout_s} s", "image_url"
         ) from None
-    except httpx.HTTPError as e:
-        raise ApiError(400, f"cannot fetch the image: {e}", "image_url") from None
+    except Exception as e:  # httpx's errors, and the URLs it cannot even try (a bad host name
+        # or port surfaces as InvalidURL, IDNA's ValueError, or an ExceptionGroup from anyio)
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ApiError(400, f"cannot fetch the image: {reason}", "image_url") from None
 
 
 async def _download(url: str, policy: MediaPolicy) -> bytes:

@@ -56,6 +56,8 @@ def serve(
 
 def bind(host: str, port: int) -> socket.socket:
     """A listening TCP socket on host:port (port 0: a free one), or a clear error."""
+    if not 0 <= port <= 65535:
+        raise LlavaEdgeError(f"--port must be 0 to 65535, got {port}")
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
