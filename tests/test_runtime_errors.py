@@ -298,3 +298,27 @@ def test_a_closed_reader_ends_the_command_quietly(tiny_model_dir, image, tmp_pat
     done = subprocess.run(["bash", "-c", f"set -o pipefail; {command}"], capture_output=True)
     assert done.returncode == 141 and done.stderr == b"", done.stderr.decode()[-2000:]
     assert json.loads(done.stdout)["index"] == 0
+
+
+class CountingTokenizer:
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls = tokenizer, 0
+
+    def encode(self, *args, **kwargs):
+        self.calls += 1
+        return self.tokenizer.encode(*args, **kwargs)
+
+
+def test_a_text_far_over_the_context_is_refused_unread(pipe, monkeypatch):
+    """Tokenizing holds the GIL for seconds on megabytes: every other thread would wait."""
+    from llava_edge.errors import PromptTooLong
+
+    counting = CountingTokenizer(pipe.codec.tokenizer)
+    monkeypatch.setattr(pipe.codec, "tokenizer", counting)
+    bound = 2 * pipe.codec.longest_token * pipe.max_context
+    with pytest.raises(PromptTooLong, match="far more than the"):
+        pipe.answer(None, "w" * (bound + 1))
+    assert counting.calls == 0
+    with pytest.raises(LlavaEdgeError, match="context"):  # under the bound: read, then refused
+        pipe.answer(None, "w " * (bound // 4))
+    assert counting.calls == 1
