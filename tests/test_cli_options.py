@@ -258,6 +258,10 @@ def own_value(action: argparse.Action, base: dict[str, str], world) -> str | Non
         return "3" if "3" not in taken else "4"
     if action.type is float:
         return "0.5" if "0.5" not in taken else "0.25"
+    if action.dest.endswith("media_dir"):  # must be a dir that exists
+        folder = world["root"] / f"own-{action.dest}"
+        folder.mkdir(exist_ok=True)
+        return str(folder)
     path = world["root"] / f"own-{action.dest}.png"  # text that is also a readable image
     Image.fromarray(np.full((30, 30, 3), 200, np.uint8)).save(path)
     return str(path)
