@@ -107,10 +107,22 @@ def prompt_template(name: str, config: Any) -> Any:
 
 def load_model(checkpoint: str | os.PathLike, config: Any = None, **kwargs: Any) -> Any:
     """from_pretrained on the class `model_class` picks (kwargs go to from_pretrained)."""
+    from safetensors import SafetensorError
     from transformers import AutoConfig
 
     if config is None:
         config = AutoConfig.from_pretrained(
             checkpoint, trust_remote_code=kwargs.get("trust_remote_code", False)
         )
-    return model_class(config).from_pretrained(checkpoint, **kwargs)
+    try:
+        return model_class(config).from_pretrained(checkpoint, **kwargs)
+    except SafetensorError as e:  # a truncated or corrupt weights file
+        raise unreadable_weights(checkpoint, e) from None
+
+
+def unreadable_weights(checkpoint: str | os.PathLike, error: Exception) -> LlavaEdgeError:
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return LlavaEdgeError(
+        f"cannot read the weights in {checkpoint} ({reason}); the file is truncated or corrupt: "
+        "copy or save the checkpoint again"
+    )

@@ -62,6 +62,10 @@ def _export_cases(tmp: Path, checkpoint: Path, plain_llama: Path) -> dict:
     (tmp / "full" / "keep.txt").write_text("precious\n")
     (tmp / "empty_dir").mkdir()
     (tmp / "sub").mkdir()
+    truncated = tmp / "truncated"
+    shutil.copytree(checkpoint, truncated)
+    with open(truncated / "model.safetensors", "r+b") as weights:
+        weights.truncate(5000)
     out = str(tmp / "out")
     return {
         "missing-checkpoint": (str(tmp / "nope" / "checkpoint"), out, [], "does not exist"),
@@ -80,6 +84,7 @@ def _export_cases(tmp: Path, checkpoint: Path, plain_llama: Path) -> dict:
         "output-not-empty": (str(checkpoint), str(tmp / "full"), [], "pass --force"),
         "bad-max-context": (str(checkpoint), out, ["--max-context", "100000"], "--max-context"),
         "bad-opset": (str(checkpoint), out, ["--opset", "30"], "--opset"),
+        "truncated-weights": (str(truncated), out, [], "truncated or corrupt"),
     }
 
 
@@ -94,6 +99,7 @@ CASES = [
     "output-not-empty",
     "bad-max-context",
     "bad-opset",
+    "truncated-weights",
 ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -141,6 +142,18 @@ def test_vision_and_llm_go_together(parts, tmp_path, capsys):
     ]
     assert cli(argv) == 1
     assert "is not a Hugging Face checkpoint dir" in capsys.readouterr().err
+
+
+def test_a_truncated_tower_is_named_in_one_line(parts, tmp_path, capsys):
+    llm = tmp_path / "llm"
+    shutil.copytree(parts["root"] / "llm", llm)
+    with open(llm / "model.safetensors", "r+b") as weights:
+        weights.truncate(2000)
+    argv = ["init", str(tmp_path / "out"), "--vision", str(parts["root"] / "clip")]
+    assert cli([*argv, "--llm", str(llm)]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot read the weights in {llm}" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_compose_takes_the_projector_asked_for(parts, tmp_path):

@@ -295,6 +295,7 @@ def compose_checkpoint(
     to cover them, padded to a multiple of 64 as the Hugging Face LLaVA-1.5 port does.
     """
     import torch
+    from safetensors import SafetensorError
     from tokenizers import AddedToken
     from transformers import (
         AutoModelForCausalLM,
@@ -306,7 +307,7 @@ def compose_checkpoint(
         LlavaProcessor,
     )
 
-    from llava_edge.modeling import PROJECTOR_KEY, model_class, projector_depth
+    from llava_edge.modeling import PROJECTOR_KEY, model_class, projector_depth, unreadable_weights
 
     out = Path(out_dir)
     check_output_dir(out, force)
@@ -314,13 +315,17 @@ def compose_checkpoint(
     for name, path in (("--vision", vision), ("--llm", llm)):
         if not (Path(path) / "config.json").is_file():
             raise LlavaEdgeError(f"{name} {path} is not a Hugging Face checkpoint dir")
+    loading = vision
     try:
         with quiet_loading():  # a full CLIP's text tower is "unexpected": we want the vision half
             tower = CLIPVisionModel.from_pretrained(
                 vision, dtype=torch.float32, use_safetensors=True
             )
+        loading = llm
         lm = AutoModelForCausalLM.from_pretrained(llm, dtype=torch.float32, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(llm)
+    except SafetensorError as e:
+        raise unreadable_weights(loading, e) from None
     except (OSError, ValueError, KeyError) as e:
         raise LlavaEdgeError(f"cannot load --vision/--llm: {str(e).splitlines()[0]}") from None
     if IMAGE_PLACEHOLDER not in tokenizer.get_vocab():
