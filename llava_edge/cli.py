@@ -38,6 +38,11 @@ def _init(args: argparse.Namespace) -> None:
 
         if not (args.vision and args.llm):
             raise LlavaEdgeError("--vision and --llm go together: a CLIP model and a causal LM")
+        if args.preset != "tiny" or args.layers is not None:  # a preset other than the default
+            raise LlavaEdgeError(
+                "--preset and --layers shape a random checkpoint; --vision and --llm take their "
+                "shapes from those checkpoints: drop one or the other"
+            )
         path = compose_checkpoint(
             args.out_dir,
             vision=args.vision,
@@ -59,8 +64,7 @@ def _init(args: argparse.Namespace) -> None:
         projector=args.projector,
     )
     print(
-        f"wrote a random-weight '{args.preset}' LLaVA checkpoint ({args.projector} projector) "
-        f"to {path}"
+        f"wrote a random-weight '{args.preset}' LLaVA checkpoint ({args.projector} projector) to {path}"
     )
 
 
@@ -204,8 +208,11 @@ def _chat(args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace) -> None:
     from functools import partial
 
+    from llava_edge.files import check_output_file
     from llava_edge.runtime import bench
 
+    if args.plot:
+        check_output_file(args.plot, "--plot")
     baseline = None
     if args.baseline:  # transformers needs torch: imported only when asked for
         from llava_edge.export.baseline import TransformersRunner
@@ -219,9 +226,9 @@ def _bench(args: argparse.Namespace) -> None:
         runs=args.runs,
     )
     report = bench.benchmark(args.model_dir, workload, baseline, **_load_options(args))
+    print(json.dumps(report, indent=2) if args.json else bench.table(report), flush=True)
     if args.plot:
         bench.plot(report, args.plot)
-    print(json.dumps(report, indent=2) if args.json else bench.table(report))
 
 
 def _load_pipeline(args: argparse.Namespace):

@@ -61,6 +61,24 @@ def check_output_dir(
                 f"output dir {out} holds {keep_name} {keep}, which replacing it would delete; "
                 "choose another output dir"
             )
+        if source.is_dir() and source in target.parents:
+            raise LlavaEdgeError(
+                f"output dir {out} is inside {keep_name} {keep}, which would then hold it; "
+                "choose a dir outside it"
+            )
+
+
+def check_output_file(out: str | os.PathLike, flag: str) -> None:
+    """Fail before any work if `out` cannot be written as a file (a result computed for
+    minutes must not be lost to a typo in its path)."""
+    out = Path(out)
+    if out.is_dir():
+        raise LlavaEdgeError(f"{flag} {out} is a directory; give a file name")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise LlavaEdgeError(f"{flag} {out}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise LlavaEdgeError(f"{flag} {out}: the folder {parent} is not writable")
 
 
 @contextlib.contextmanager

@@ -212,6 +212,10 @@ class Manifest:
     @classmethod
     def load(cls, model_dir: str | os.PathLike) -> Manifest:
         path = Path(model_dir) / MANIFEST_NAME
+        if Path(model_dir).exists() and not Path(model_dir).is_dir():
+            raise LlavaEdgeError(
+                f"{model_dir} is a file; give the model dir `llava-edge export` wrote"
+            )
         if not Path(model_dir).is_dir():
             raise LlavaEdgeError(f"model dir {model_dir} does not exist")
         if not path.is_file():

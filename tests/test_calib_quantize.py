@@ -63,9 +63,8 @@ def quantized(
             tiny_model_dir,
             path,
             precision,
-            calib=calib_json if precision != "fp16" else None,
-            samples=3,
             report=report,
+            **({} if precision == "fp16" else dict(calib=calib_json, samples=3)),  # fp16 takes none
             log=quiet,
         )
         out[precision] = (path, result)
@@ -461,7 +460,11 @@ def external_quantized(
         export_checkpoint(tiny_checkpoint, root / "fp32", verify=False, log=quiet)
         for precision in ("fp16", "int8", "int4"):
             quantize_model(
-                root / "fp32", root / precision, precision, calib=calib_json, samples=3, log=quiet
+                root / "fp32",
+                root / precision,
+                precision,
+                log=quiet,
+                **({} if precision == "fp16" else dict(calib=calib_json, samples=3)),
             )
     return {p: root / p for p in ("fp32", "fp16", "int8", "int4")}
 
@@ -525,7 +528,9 @@ def test_a_dir_that_does_not_load_is_never_installed(
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("the previous dir")
-    args = ["--precision", precision, "--calib", str(calib_json), "--samples", "2", "--force"]
+    args = ["--precision", precision, "--force"]
+    if precision != "fp16":  # fp16 takes no calibration options
+        args += ["--calib", str(calib_json), "--samples", "2"]
     assert main(["quantize", str(tiny_model_dir), str(out), *args]) == 1
     error = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
     assert error.startswith("llava-edge quantize: error:")

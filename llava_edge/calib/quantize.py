@@ -124,6 +124,7 @@ def quantize_model(
         raise LlavaEdgeError(f"--method must be one of {', '.join(METHODS)}, got {method}")
     if not isinstance(samples, int) or samples < 1:
         raise LlavaEdgeError(f"--samples must be at least 1, got {samples}")
+    _check_fp16_options(precision, calib, images, method, samples, report)
     source = Path(model_dir)
     manifest = Manifest.load(source)
     _check_source(manifest, source)
@@ -195,6 +196,29 @@ def _check_prefill(precision: str, prefill: str | None) -> None:
         raise LlavaEdgeError(
             f"--prefill int8 is for int4 dirs (int8 prompts, int4 steps); got --precision "
             f"{precision} --prefill {prefill}"
+        )
+
+
+def _check_fp16_options(
+    precision: str,
+    calib: str | os.PathLike | None,
+    images: str | os.PathLike | None,
+    method: str,
+    samples: int,
+    report: bool,
+) -> None:
+    """fp16 casts weights: nothing is calibrated, so calibration options would do nothing."""
+    if precision != "fp16":
+        return
+    if method != "minmax" or samples != DEFAULT_SAMPLES:
+        raise LlavaEdgeError(
+            "--method and --samples set int8 and int4 calibration; fp16 calibrates nothing: "
+            "drop them"
+        )
+    if (calib is not None or images is not None) and not report:
+        raise LlavaEdgeError(
+            "fp16 needs no calibration data: drop --calib/--images, or add --report to compare "
+            "the fp16 dir with the fp32 one on them"
         )
 
 

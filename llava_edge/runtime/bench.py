@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from llava_edge.errors import LlavaEdgeError
 from llava_edge.files import graph_bytes
 from llava_edge.runtime.image import ImageInput
 
@@ -67,19 +68,41 @@ class Workload:
     threads: int = 2
     runs: int = 5
 
+    def __post_init__(self) -> None:
+        for name, least in [
+            ("question_tokens", 1),
+            ("new_tokens", 1),
+            ("context_tokens", 0),
+            ("threads", 1),
+            ("runs", 1),
+        ]:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                flag = "--" + name.replace("_", "-")
+                raise LlavaEdgeError(f"{flag} must be at least {least}, got {value!r}")
+
 
 def question(codec: Any, tokens: int, prefix_tokens: int = 0) -> str:
     """A question that encodes to exactly `tokens` (+ `prefix_tokens`) tokens with this tokenizer."""
     target = tokens + prefix_tokens
-    words: list[str] = []
-    i = 0
-    while len(codec.encode(" ".join(words), first=False)) < target:
-        words.append(WORDS[i % len(WORDS)])
-        i += 1
-    text = " ".join(words)
-    while len(codec.encode(text, first=False)) > target and len(text) > 1:
-        text = text[:-1]
-    return text
+
+    def text(words: int) -> str:
+        return " ".join(WORDS[i % len(WORDS)] for i in range(words))
+
+    def length(words: int) -> int:
+        return len(codec.encode(text(words), first=False))
+
+    # the fewest words that reach the target (tokens grow with words): double, then bisect
+    low, high = 0, 1
+    while length(high) < target:
+        low, high = high, high * 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if length(middle) < target else (low, middle)
+    question = text(high)
+    while len(codec.encode(question, first=False)) > target and len(question) > 1:
+        question = question[:-1]
+    return question
 
 
 def bench_image() -> ImageInput:
@@ -138,6 +161,12 @@ def bench_prompt(model_dir: str | os.PathLike, workload: Workload) -> tuple[str,
     from llava_edge.runtime.tokenizer import TextCodec
 
     manifest = Manifest.load(model_dir)
+    wanted = workload.question_tokens + workload.context_tokens + workload.new_tokens
+    if wanted > manifest.text.max_context:
+        raise LlavaEdgeError(
+            f"the workload takes {wanted} tokens before the image's (question, context and new "
+            f"tokens), over the model's context of {manifest.text.max_context}; ask for fewer"
+        )
     codec = TextCodec(
         Path(model_dir) / manifest.tokenizer, manifest.tokens, manifest.num_image_tokens
     )
@@ -289,8 +318,6 @@ def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        from llava_edge.errors import LlavaEdgeError
-
         raise LlavaEdgeError("--plot needs matplotlib: pip install matplotlib") from None
     metrics = ["ttft_ms", "prefill_ms", "vision_ms", "decode_tokens_per_s", "peak_memory_mb"]
     sides = [k for k in ("llava_edge", "transformers") if k in report]
@@ -302,7 +329,10 @@ def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
         ax.tick_params(labelsize=8)
     fig.suptitle("llava-edge vs transformers (higher tokens/s, lower ms/MB is better)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as e:
+        raise LlavaEdgeError(f"cannot write --plot {path}: {e.strerror or e}") from None
     plt.close(fig)
 
 

@@ -131,18 +131,24 @@ def parse_device(spec: str | None, reserve_gb: float | None = None) -> Device:
     elif spec in DEVICES:
         device = DEVICES[spec]
     else:
-        match = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*(gib|gb|mib|mb)?\s*", spec.lower())
-        if not match:
+        number = r"(\d+(?:\.\d*)?|\.\d+)(?:e\d+)?"
+        match = re.fullmatch(rf"\s*({number})\s*(gib|gb|mib|mb)?\s*", spec.lower())
+        if not match or float(match.group(1)) <= 0:
             raise LlavaEdgeError(
                 f"unknown device {spec!r}: give one of {', '.join(DEVICES)} or a memory size "
                 "in bytes (or with GB / GiB)"
             )
-        scale = {None: 1, "gb": 1e9, "gib": GiB, "mb": 1e6, "mib": 1 << 20}[match.group(2)]
+        scale = {None: 1, "gb": 1e9, "gib": GiB, "mb": 1e6, "mib": 1 << 20}[match.group(3)]
         device = Device(f"{spec} of memory", int(float(match.group(1)) * scale), 0, None)
     if reserve_gb is not None:
         if reserve_gb < 0:
             raise LlavaEdgeError(f"--reserve must be 0 or more GB, got {reserve_gb}")
         device = replace(device, reserve=int(reserve_gb * 1e9))
+        if device.reserve >= device.memory:
+            raise LlavaEdgeError(
+                f"--reserve {reserve_gb:g} GB leaves nothing of {device.name}'s "
+                f"{device.memory / 1e9:.1f} GB; reserve less"
+            )
     return device
 
 

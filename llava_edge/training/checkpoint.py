@@ -171,8 +171,11 @@ def make_config(preset: str, layers: int | None, tokenizer: Any, **overrides: An
     vision = dict(spec["vision"])
     text = dict(spec["text"])
     if layers is not None:
-        if layers < 1:
-            raise LlavaEdgeError("--layers must be at least 1")
+        deepest = max(vision["num_hidden_layers"], text["num_hidden_layers"])
+        if not 1 <= layers <= deepest:
+            raise LlavaEdgeError(
+                f"--layers must be 1 to {deepest} (the {preset} preset's deepest tower), got {layers}"
+            )
         vision["num_hidden_layers"] = min(layers, vision["num_hidden_layers"])
         text["num_hidden_layers"] = min(layers, text["num_hidden_layers"])
     text.update(overrides.pop("text", {}))

@@ -1,0 +1,82 @@
+"""Options that cannot work are refused before any work, in one line, writing nothing: the
+benchmark's counts and plot path, plan's device sizes, outputs inside their inputs, options that
+would do nothing (fp16 calibration, --layers past the preset, a preset beside --vision/--llm)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from llava_edge.cli import main
+
+
+def cases(model: Path, checkpoint: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
+    bench = ["bench", str(model), "--runs", "1", "--new-tokens", "2", "--question-tokens", "4"]
+    return {
+        "bench no runs": (["bench", str(model), "--runs", "0"], "--runs must be at least 1"),
+        "bench negative context": (
+            [*bench, "--context-tokens", "-1"],
+            "--context-tokens must be at least 0",
+        ),
+        "bench context far past the model's": (
+            [*bench, "--context-tokens", "100000"],
+            "over the model's context",
+        ),
+        "bench plot in a missing folder": (
+            [*bench, "--plot", str(tmp / "nowhere" / "p.png")],
+            "does not exist",
+        ),
+        "plan malformed size": (["plan", str(model), "--device", "1.2.3GB"], "unknown device"),
+        "plan a dot": (["plan", str(model), "--device", "."], "unknown device"),
+        "plan no memory": (["plan", str(model), "--device", "0GB"], "unknown device"),
+        "plan reserve all": (
+            ["plan", str(model), "--device", "8GB", "--reserve", "10"],
+            "leaves nothing",
+        ),
+        "plan a file": (["plan", str(tmp / "a_file")], "is a file"),
+        "export inside the checkpoint": (
+            ["export", str(checkpoint), str(checkpoint / "sub")],
+            "is inside the checkpoint",
+        ),
+        "quantize inside the source": (
+            ["quantize", str(model), str(model / "sub"), "--precision", "fp16"],
+            "is inside the source model dir",
+        ),
+        "fp16 with calibration data": (
+            ["quantize", str(model), str(tmp / "q"), "--precision", "fp16", "--calib", str(tmp)],
+            "fp16 needs no calibration data",
+        ),
+        "fp16 with a method": (
+            ["quantize", str(model), str(tmp / "q"), "--precision", "fp16", "--method", "entropy"],
+            "fp16 calibrates nothing",
+        ),
+        "init more layers than the preset": (
+            ["init", str(tmp / "i"), "--layers", "100"],
+            "--layers must be 1 to 2",
+        ),
+        "init a preset beside --vision": (
+            ["init", str(tmp / "i"), "--vision", str(tmp), "--llm", str(tmp), "--preset", "small"],
+            "drop one or the other",
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "case", list(cases(Path("m"), Path("c"), Path("t"))), ids=lambda case: case.replace(" ", "-")
+)
+def test_refused_in_one_line_before_any_work(
+    case, tiny_model_dir, tiny_checkpoint, tmp_path, capsys
+):
+    (tmp_path / "a_file").write_text("not a model dir")
+    argv, message = cases(tiny_model_dir, tiny_checkpoint, tmp_path)[case]
+    before = {
+        p for p in (*tmp_path.rglob("*"), *tiny_model_dir.rglob("*"), *tiny_checkpoint.rglob("*"))
+    }
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    after = {
+        p for p in (*tmp_path.rglob("*"), *tiny_model_dir.rglob("*"), *tiny_checkpoint.rglob("*"))
+    }
+    assert after == before
