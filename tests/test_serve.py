@@ -495,6 +495,18 @@ SLOW_DECODE = (
 )
 
 
+def test_a_stream_cut_off_by_the_time_limit_is_counted(server, slow_steps, monkeypatch):
+    """Its status went out as 200 with the first chunk: the metrics still tell it failed."""
+    monkeypatch.setattr(server.state.pipe.limits, "timeout_s", 0.5)
+    errors = server.metric("llava_edge_stream_errors_total")
+    body = {"model": MODEL, "messages": GOOD, "max_tokens": 800, "ignore_eos": True, "stream": True}
+    response = server.post(body)
+    assert response.status_code == 200
+    events = [line for line in response.text.splitlines() if line.startswith("data: {")]
+    assert json.loads(events[-1][len("data: ") :])["error"]["code"] == "timeout"
+    assert server.metric("llava_edge_stream_errors_total") == errors + 1
+
+
 def test_a_client_leaving_mid_stream_frees_its_row_and_a_full_queue_gets_429(server, slow_steps):
     body = {"model": MODEL, "messages": GOOD, "max_tokens": 800, "ignore_eos": True}
     url, headers = server.url + "/v1/chat/completions", {"Authorization": f"Bearer {KEY}"}

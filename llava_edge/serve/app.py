@@ -450,6 +450,7 @@ class _AnswerStream(StreamingResponse):
                 yield data(protocol.chunk(head, {"content": event.text}, **usage_field))
             elif event.kind == "error":
                 self.finished = True
+                self.serve.metrics.stream_errors.inc()
                 yield data(_api_error(event.error).body())
                 yield "data: [DONE]\n\n"
                 return

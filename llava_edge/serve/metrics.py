@@ -20,7 +20,7 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             f"{PREFIX}_http_requests",
-            "Chat completion requests by HTTP status",
+            "Chat completion requests by HTTP status (a stream's is sent with its first chunk)",
             ["status"],
             registry=self.registry,
         )
@@ -29,6 +29,11 @@ class ServerMetrics:
         )
         self.completion_tokens = Counter(
             f"{PREFIX}_completion_tokens", "Tokens generated", registry=self.registry
+        )
+        self.stream_errors = Counter(
+            f"{PREFIX}_stream_errors",
+            "Streams that began (status 200) and ended in an error event (a timeout, say)",
+            registry=self.registry,
         )
         self.disconnects = Counter(
             f"{PREFIX}_client_disconnects",
