@@ -322,3 +322,18 @@ def test_a_text_far_over_the_context_is_refused_unread(pipe, monkeypatch):
     with pytest.raises(LlavaEdgeError, match="context"):  # under the bound: read, then refused
         pipe.answer(None, "w " * (bound // 4))
     assert counting.calls == 1
+
+
+def test_each_way_a_prompt_is_too_long_has_its_own_type(pipe, image, monkeypatch):
+    from llava_edge.runtime import ChatFull, Limits, PromptTooLong
+
+    with pytest.raises(PromptTooLong, match="context"):  # over the context
+        pipe.answer(image, "word " * 2000)
+    monkeypatch.setattr(pipe, "limits", Limits(max_prompt_tokens=5))
+    with pytest.raises(PromptTooLong, match="over this deployment's limit"):
+        pipe.answer(image, "What?")
+    monkeypatch.setattr(pipe, "limits", Limits(max_prompt_tokens=pipe.max_context - 100))
+    chat = pipe.chat(None, ignore_eos=True)
+    chat.ask("Hi", max_new_tokens=60)
+    with pytest.raises(ChatFull, match="start a new chat"):  # over the limit, in a chat
+        chat.ask("word " * 880)

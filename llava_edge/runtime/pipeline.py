@@ -506,7 +506,7 @@ class Pipeline:
                 f"{used}: the model's context is {limit}; start a new chat"
             )
         if room < 1:
-            raise LlavaEdgeError(
+            raise PromptTooLong(
                 f"the prompt is {prompt_len} tokens, but the model's context is {limit}; shorten it"
             )
         if config.max_new_tokens > room:
