@@ -110,8 +110,11 @@ def _export(args: argparse.Namespace) -> None:
 
 @command("quantize")
 def _quantize(args: argparse.Namespace) -> None:
-    from llava_edge.calib.quantize import quantize_model
+    from llava_edge.calib.quantize import check_fp16_options, quantize_model
 
+    check_fp16_options(
+        args.precision, args.calib, args.images, args.method, args.samples, args.report
+    )
     quantize_model(
         args.model_dir,
         args.out_dir,

@@ -124,7 +124,6 @@ def quantize_model(
         raise LlavaEdgeError(f"--method must be one of {', '.join(METHODS)}, got {method}")
     if not isinstance(samples, int) or samples < 1:
         raise LlavaEdgeError(f"--samples must be at least 1, got {samples}")
-    _check_fp16_options(precision, calib, images, method, samples, report)
     source = Path(model_dir)
     manifest = Manifest.load(source)
     _check_source(manifest, source)
@@ -199,7 +198,7 @@ def _check_prefill(precision: str, prefill: str | None) -> None:
         )
 
 
-def _check_fp16_options(
+def check_fp16_options(
     precision: str,
     calib: str | os.PathLike | None,
     images: str | os.PathLike | None,
@@ -207,7 +206,8 @@ def _check_fp16_options(
     samples: int,
     report: bool,
 ) -> None:
-    """fp16 casts weights: nothing is calibrated, so calibration options would do nothing."""
+    """The command's check: fp16 casts weights and calibrates nothing, so calibration options
+    would do nothing (quantize_model itself ignores them, so one call can serve every precision)."""
     if precision != "fp16":
         return
     if method != "minmax" or samples != DEFAULT_SAMPLES:
