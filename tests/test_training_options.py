@@ -1,0 +1,137 @@
+"""train's options checked before any work, an earlier run's checkpoints kept until training
+starts."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from llava_edge.cli import main as cli
+from llava_edge.training.synth import synthesize
+
+EARLIER = "checkpoint-99"  # an earlier run's checkpoint, numbered past any of the new run's
+
+
+def earlier_run(out: Path) -> Path:
+    """`out` as an earlier run left it: a resumable checkpoint in its trainer dir."""
+    checkpoint = out / "checkpoints" / EARLIER
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text('{"global_step": 99}')
+    return checkpoint
+
+
+def one_line_error(err: str) -> str:
+    """The error, alone on the last line of stderr (progress bars may come before it)."""
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert "Traceback" not in err and len(errors) == 1, err
+    assert err.strip().endswith(errors[0]) and errors[0].startswith("llava-edge "), err
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    return synthesize(tmp_path_factory.mktemp("data"), train=4, test=0, seed=1)
+
+
+# ---- train: option values --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--lr", "-1"], "--lr must be 0 or more, not -1.0"),
+        (["--projector-lr", "nan"], "--projector-lr must be 0 or more"),
+        (["--workers", "-1"], "--workers must be at least 0, not -1"),
+        (["--batch-size", "0"], "--batch-size must be at least 1, not 0"),
+        (["--per-device-batch-size", "0"], "--per-device-batch-size must be at least 1, not 0"),
+        (["--epochs", "0"], "--epochs must be above 0, not 0.0"),
+        (["--max-steps", "0"], "--max-steps must be at least 1, not 0"),
+        (["--save-steps", "0"], "--save-steps must be at least 1"),
+        (["--save-total-limit", "-1"], "--save-total-limit must be at least 0"),
+        (["--logging-steps", "0"], "--logging-steps must be at least 1"),
+        (["--max-length", "0"], "--max-length must be at least 1"),
+        (["--warmup-ratio", "1"], "--warmup-ratio must be at least 0 and below 1, not 1.0"),
+        (["--weight-decay", "-0.1"], "--weight-decay must be 0 or more"),
+        (["--report-to", "foo"], "--report-to: 'foo' is not a logger.*; choose from none, all, "),
+        (["--report-to", "none,wandb"], "--report-to: 'none' is not a logger, or not one to list"),
+        (["--fsdp", "{tmp}/missing.json"], "--fsdp .*missing.json: no such file"),
+        (["--fsdp", "{tmp}/list.json"], "--fsdp .*list.json holds no JSON object"),
+        (["--deepspeed", "{tmp}/broken.json"], "--deepspeed .*broken.json: not a readable JSON"),
+        (["--deepspeed", "{tmp}/ds.json", "--fsdp", "{tmp}/ds.json"], "choose one"),
+        (["--stage", "2", "--lora", "--lora-rank", "0"], "--lora-rank must be at least 1, not 0"),
+        (["--stage", "2", "--lora", "--lora-dropout", "1"], "--lora-dropout must be at least 0"),
+        (["--stage", "2", "--keep-adapters"], "--keep-adapters: LoRA options, for stage 2 with"),
+        (
+            ["--stage", "2", "--lora-rank", "4", "--lora-alpha", "8", "--lora-dropout", "0.1"],
+            "--lora-rank, --lora-alpha, --lora-dropout: LoRA options, for stage 2 with --lora",
+        ),
+        (["--precision", "fp16"], "--precision fp16 needs a GPU"),
+    ],
+)
+def test_an_option_out_of_range_is_refused_before_any_work(options, message, tmp_path, capsys):
+    import re
+
+    import torch
+
+    if options == ["--precision", "fp16"] and torch.cuda.is_available():
+        pytest.skip("fp16 is valid on this machine's GPU")
+    (tmp_path / "list.json").write_text("[]")
+    (tmp_path / "broken.json").write_text("{")
+    (tmp_path / "ds.json").write_text("{}")
+    checkpoint = earlier_run(tmp_path / "out")
+    # The model and data do not exist: the option must be refused before either is looked at.
+    argv = ["train", "--stage", "1", "--model", str(tmp_path / "no-model"), "--force"]
+    argv += ["--data", str(tmp_path / "no-data.json"), "--out", str(tmp_path / "out")]
+    argv += [option.format(tmp=tmp_path) for option in options]
+    assert cli(argv) == 1
+    line = one_line_error(capsys.readouterr().err)
+    assert line.startswith("llava-edge train: error: ")
+    assert re.search(message, line), line
+    assert checkpoint.is_dir()
+
+
+def test_deepspeed_without_its_package_is_refused(tmp_path, monkeypatch, capsys):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "deepspeed" else find_spec(name, *a),
+    )
+    (tmp_path / "zero2.json").write_text("{}")
+    argv = ["train", "--stage", "1", "--model", str(tmp_path), "--data", str(tmp_path / "d.json")]
+    argv += ["--out", str(tmp_path / "out"), "--deepspeed", str(tmp_path / "zero2.json")]
+    assert cli(argv) == 1
+    assert one_line_error(capsys.readouterr().err).endswith(
+        "--deepspeed needs the deepspeed package; pip install deepspeed"
+    )
+
+
+def test_a_logger_that_is_not_installed_is_refused(tmp_path, monkeypatch, capsys):
+    import transformers.integrations.integration_utils as integrations
+
+    monkeypatch.setattr(integrations, "get_available_reporting_integrations", lambda: [])
+    argv = ["train", "--stage", "1", "--model", str(tmp_path), "--data", str(tmp_path / "d.json")]
+    assert cli([*argv, "--out", str(tmp_path / "out"), "--report-to", "tensorboard"]) == 1
+    assert one_line_error(capsys.readouterr().err).endswith(
+        "--report-to tensorboard: the tensorboard package is not installed"
+    )
+
+
+# ---- train: the earlier run's checkpoints -----------------------------------------------------
+
+
+def test_a_failing_force_run_keeps_the_earlier_checkpoints(tiny_checkpoint, data, tmp_path, capsys):
+    out = tmp_path / "out"
+    checkpoint = earlier_run(out)
+    argv = ["train", "--stage", "1", "--model", str(tiny_checkpoint), "--out", str(out)]
+    argv += ["--images", str(data["images"]), "--max-steps", "1", "--force"]
+    # Fails on its data file; then, with the model loaded, on a batch plan that cannot be made.
+    assert cli([*argv, "--data", str(tmp_path / "typo.json")]) == 1
+    assert "typo.json does not exist" in capsys.readouterr().err
+    assert checkpoint.is_dir()
+    plan = ["--batch-size", "3", "--per-device-batch-size", "2"]
+    assert cli([*argv, "--data", str(data["captions"]), *plan]) == 1
+    assert "not a multiple" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert (checkpoint / "trainer_state.json").read_text() == '{"global_step": 99}'
