@@ -1,15 +1,17 @@
 """train's options checked before any work, an earlier run's checkpoints kept until training
-starts."""
+starts, and checkpoint rotation."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
 
 from llava_edge.cli import main as cli
 from llava_edge.training.synth import synthesize
+from llava_edge.training.train import train
 
 EARLIER = "checkpoint-99"  # an earlier run's checkpoint, numbered past any of the new run's
 
@@ -135,3 +137,20 @@ def test_a_failing_force_run_keeps_the_earlier_checkpoints(tiny_checkpoint, data
     assert cli([*argv, "--data", str(data["captions"]), *plan]) == 1
     assert "not a multiple" in capsys.readouterr().err.strip().splitlines()[-1]
     assert (checkpoint / "trainer_state.json").read_text() == '{"global_step": 99}'
+
+
+@pytest.mark.parametrize("limit", [None, 2])
+def test_save_total_limit_keeps_exactly_that_many_checkpoints(
+    limit, tiny_checkpoint, data, tmp_path
+):
+    out = tmp_path / "out"
+    earlier_run(out)  # --force: an earlier run's checkpoints go once training starts
+    options = dict(max_steps=4, global_batch_size=2, save_steps=1, warmup_ratio=0.0)
+    options |= dict(gradient_checkpointing=False, progress=False, force=True)
+    if limit is not None:
+        options["save_total_limit"] = limit
+    train(1, tiny_checkpoint, data["captions"], out, images=data["images"], **options)
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert kept == (["checkpoint-4"] if limit is None else ["checkpoint-3", "checkpoint-4"])
+    state = json.loads((out / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4

@@ -437,6 +437,7 @@ def _make_trainer(
     progress: bool,
 ) -> Any:
     from transformers import ProgressCallback, Trainer
+    from transformers.trainer_utils import rotate_checkpoints
 
     from llava_edge.files import fsync_path, sync_tree
     from llava_edge.training.checkpoint import write_llava_edge_file
@@ -494,6 +495,11 @@ def _make_trainer(
                 sync_tree(staging)  # on disk before its name says it is whole
                 os.replace(staging, final)
                 fsync_path(run_dir)
+                # Trainer rotated while this one was still tmp-checkpoint-N and so uncounted:
+                # rotate again, now that it is whole, to keep exactly save_total_limit.
+                rotate_checkpoints(
+                    str(run_dir), self.args.save_total_limit, self.state.best_model_checkpoint
+                )
             self.accelerator.wait_for_everyone()
 
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
