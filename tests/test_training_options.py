@@ -1,10 +1,12 @@
 """train's options checked before any work, an earlier run's checkpoints kept until training
-starts, and checkpoint rotation."""
+starts, checkpoint rotation, and merge-lora refusing adapters that do not fit their base."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -154,3 +156,102 @@ def test_save_total_limit_keeps_exactly_that_many_checkpoints(
     assert kept == (["checkpoint-4"] if limit is None else ["checkpoint-3", "checkpoint-4"])
     state = json.loads((out / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4
+
+
+# ---- merge-lora: adapters that do not fit their base ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_checkpoint, tmp_path_factory) -> Path:
+    """Adapters of every language-model Linear of the tiny checkpoint, with non-zero B (so that
+    merging them changes the weights), saved as `train --keep-adapters` saves them."""
+    import torch
+
+    from llava_edge.modeling import load_model
+    from llava_edge.training.lora import add_lora
+
+    model = add_lora(load_model(tiny_checkpoint, dtype=torch.float32), 2, 4, 0.0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1)
+    out = tmp_path_factory.mktemp("adapters") / "adapter"
+    model.save_pretrained(out)
+    return out
+
+
+def merge(argv: list[str], capsys) -> tuple[int, str]:
+    code = cli(["merge-lora", *argv])
+    return code, capsys.readouterr().err
+
+
+def test_adapters_merge_into_their_base(adapters, tiny_checkpoint, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, err = merge([str(adapters), str(tmp_path / "merged")], capsys)
+    assert code == 0, err
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]  # peft's noise
+    before = load_file(str(tiny_checkpoint / "model.safetensors"))
+    after = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    assert set(before) == set(after)
+    assert not all(before[k].equal(after[k]) for k in before if k.endswith("q_proj.weight"))
+
+
+def test_a_base_of_other_widths_is_refused(adapters, tmp_path, capsys):
+    from llava_edge.training.checkpoint import init_checkpoint
+
+    wide = init_checkpoint(tmp_path / "wide", preset="tiny", text={"intermediate_size": 96})
+    code, err = merge([str(adapters), str(tmp_path / "m"), "--base", str(wide)], capsys)
+    line = one_line_error(err)
+    assert code == 1 and "do not fit the base checkpoint" in line and "size mismatch" in line
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_base_with_fewer_layers_is_refused(adapters, tmp_path, capsys):
+    from llava_edge.training.checkpoint import init_checkpoint
+
+    shallow = init_checkpoint(tmp_path / "shallow", preset="tiny", layers=1)
+    code, err = merge([str(adapters), str(tmp_path / "m"), "--base", str(shallow)], capsys)
+    line = one_line_error(err)
+    assert code == 1 and "do not fit the base checkpoint" in line
+    assert "have no module to go into, e.g. " in line and "layers.1." in line
+    assert not (tmp_path / "m").exists()
+
+
+def test_adapters_missing_a_layer_are_refused(adapters, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    partial = tmp_path / "partial"
+    shutil.copytree(adapters, partial)
+    weights = load_file(str(adapters / "adapter_model.safetensors"))
+    kept = {k: v for k, v in weights.items() if ".layers.1." not in k}
+    assert len(kept) < len(weights)
+    save_file(kept, str(partial / "adapter_model.safetensors"))
+    code, err = merge([str(partial), str(tmp_path / "m")], capsys)
+    line = one_line_error(err)
+    assert code == 1 and "they lack" in line and "layers.1." in line
+
+
+@pytest.mark.parametrize(
+    "file, damage, message",
+    [
+        ("adapter_config.json", "{", "cannot read .*adapter_config.json: Expecting"),
+        ("adapter_config.json", '{"peft_type": "NOPE"}', "cannot read .*adapter_config.json"),
+        ("adapter_model.safetensors", None, "cannot read the adapter weights in "),
+    ],
+)
+def test_broken_adapter_files_are_named(adapters, file, damage, message, tmp_path, capsys):
+    import re
+
+    broken = tmp_path / "broken"
+    shutil.copytree(adapters, broken)
+    if damage is None:  # truncated
+        (broken / file).write_bytes((adapters / file).read_bytes()[:5000])
+    else:
+        (broken / file).write_text(damage)
+    code, err = merge([str(broken), str(tmp_path / "m")], capsys)
+    line = one_line_error(err)
+    assert code == 1 and re.search(message, line), line
+    assert not (tmp_path / "m").exists()
