@@ -881,7 +881,9 @@ def _add_training_parsers(sub: argparse._SubParsersAction) -> None:
         default=None,
     )
     p.add_argument("--save-steps", type=int, help="save a resumable checkpoint every N steps")
-    p.add_argument("--save-total-limit", type=int)
+    p.add_argument(
+        "--save-total-limit", type=int, metavar="N", help="keep the last N checkpoints (0: all)"
+    )
     p.add_argument("--logging-steps", type=int)
     p.add_argument("--workers", type=int, help="data loader processes")
     p.add_argument("--seed", type=int)

@@ -8,8 +8,10 @@ tower and lm_head stay frozen.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import re
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from llava_edge.errors import LlavaEdgeError
 
 PROJECTOR = "multi_modal_projector"
 ADAPTER_DIR = "adapter"
+CONFIG_NAME = "adapter_config.json"  # peft's
 
 
 def language_model_targets(model: Any) -> str:
@@ -47,7 +50,8 @@ def add_lora(model: Any, rank: int, alpha: int, dropout: float) -> Any:
         target_modules=language_model_targets(model),
         modules_to_save=[PROJECTOR],
     )
-    return get_peft_model(model, config)
+    with _no_deprecation_noise():
+        return get_peft_model(model, config)
 
 
 def merge_lora(
@@ -60,9 +64,10 @@ def merge_lora(
 
     `base` defaults to the checkpoint the adapters were trained from (adapter_config.json).
     The processor and template come from the adapter dir when it has them, else from the base.
+    Adapters that do not fit the base (other widths, other layers) are refused, never merged in
+    part.
     """
     import torch
-    from peft import PeftModel
     from transformers import AutoProcessor
 
     from llava_edge.files import check_output_dir, replace_dir
@@ -71,20 +76,20 @@ def merge_lora(
     from llava_edge.training.checkpoint import saved_dtype, write_llava_edge_file
 
     adapter_dir = Path(adapter_dir)
-    config_path = adapter_dir / "adapter_config.json"
-    if not config_path.is_file():
-        raise LlavaEdgeError(f"{adapter_dir} has no adapter_config.json: it holds no LoRA adapters")
+    config = read_adapter_config(adapter_dir)
     if base is None:
-        base = json.loads(config_path.read_text()).get("base_model_name_or_path")
+        base = config.base_model_name_or_path
         if not base:
-            raise LlavaEdgeError(f"{config_path} does not name its base model; pass --base")
+            raise LlavaEdgeError(
+                f"{adapter_dir}/{CONFIG_NAME} does not name its base model; pass --base"
+            )
     base = Path(base)
     if not (base / "config.json").is_file():
         raise LlavaEdgeError(f"base checkpoint {base} does not exist; pass --base")
     out = Path(out_dir)
     check_output_dir(out, force, keep=adapter_dir, keep_name="the adapters")
     model = load_model(base, dtype=torch.float32, use_safetensors=True)
-    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    merged = load_adapters(model, adapter_dir, config, base).merge_and_unload()
     source = adapter_dir if (adapter_dir / "processor_config.json").is_file() else base
     processor = AutoProcessor.from_pretrained(source)
     template = read_checkpoint_template(source) or read_checkpoint_template(base)
@@ -94,3 +99,69 @@ def merge_lora(
         processor.save_pretrained(tmp)
         write_llava_edge_file(tmp, template)
     return out
+
+
+def read_adapter_config(adapter_dir: Path) -> Any:
+    """The adapters' peft config, or a one-line error naming what is wrong with it."""
+    from peft import PeftConfig
+
+    path = adapter_dir / CONFIG_NAME
+    if not path.is_file():
+        raise LlavaEdgeError(f"{adapter_dir} has no {CONFIG_NAME}: it holds no LoRA adapters")
+    try:
+        return PeftConfig.from_pretrained(adapter_dir)
+    except (OSError, ValueError, TypeError, KeyError) as e:  # JSONDecodeError is a ValueError
+        raise LlavaEdgeError(f"cannot read {path}: {_one_line(e)}; re-save the adapters") from None
+
+
+def load_adapters(model: Any, adapter_dir: Path, config: Any, base: Path) -> Any:
+    """`model` wrapped in the saved adapters, each of their weights loaded into it.
+
+    PeftModel.from_pretrained loads what matches and drops the rest unsaid (an adapter of a
+    layer the base lacks); its load_adapter returns the keys left over, so the check is here.
+    """
+    from peft import PeftModel
+    from safetensors import SafetensorError
+
+    mismatch = (
+        f"the adapters in {adapter_dir} do not fit the base checkpoint {base} "
+        f"(they were trained on {config.base_model_name_or_path or 'another'})"
+    )
+    config.inference_mode = True
+    with _no_deprecation_noise():
+        model = PeftModel(model, config)
+    try:
+        loaded = model.load_adapter(adapter_dir, "default")
+    except RuntimeError as e:  # load_state_dict: "size mismatch for ..."
+        detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), "")
+        raise LlavaEdgeError(f"{mismatch}: {detail or _one_line(e)}") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LlavaEdgeError(
+            f"cannot read the adapter weights in {adapter_dir}: {_one_line(e)}; re-save the adapters"
+        ) from None
+    if loaded.unexpected_keys:
+        keys = loaded.unexpected_keys
+        raise LlavaEdgeError(
+            f"{mismatch}: {len(keys)} adapter weight(s) have no module to go into, e.g. {keys[0]}"
+        )
+    if loaded.missing_keys:
+        keys = loaded.missing_keys
+        raise LlavaEdgeError(
+            f"{mismatch}: they lack {len(keys)} weight(s) their config puts on the base, "
+            f"e.g. {keys[0]}"
+        )
+    return model
+
+
+@contextlib.contextmanager
+def _no_deprecation_noise() -> Iterator[None]:
+    """peft reads transformers' deprecated `is_gradient_checkpointing`, a FutureWarning on every
+    run that is no concern of the user's."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
+        yield
+
+
+def _one_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

@@ -14,9 +14,11 @@ trainer's own checkpoints (for --resume) live in its `checkpoints/` subdir.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,17 +110,12 @@ def train(
         opts = TrainOptions(**options)
     except TypeError as e:
         raise LlavaEdgeError(f"train: {e}") from None
-    if stage not in STAGES:
-        raise LlavaEdgeError(f"--stage must be 1 or 2, not {stage}")
-    if opts.lora and stage == 1:
-        raise LlavaEdgeError("--lora is for stage 2; stage 1 trains only the projector")
-    if opts.template is not None and opts.template not in TEMPLATES:
-        raise LlavaEdgeError(f"unknown template {opts.template!r}; choose from {sorted(TEMPLATES)}")
+    check_options(stage, opts, given=options)
     out = Path(out)
     model_path = Path(model).resolve()
     if not (model_path / "config.json").is_file():
         raise LlavaEdgeError(f"--model {model}: not a checkpoint dir (no config.json)")
-    resume_from = _prepare_out_dir(out, model_path, opts)
+    resume_from = _check_out_dir(out, model_path, opts)
 
     import torch
     from transformers import AutoConfig, AutoProcessor
@@ -166,6 +163,10 @@ def train(
     trainer = _make_trainer(
         trained, args, dataset, processor, projector_lr, template_name, callbacks, opts.progress
     )
+    # Only now, with every input read and the model loaded, may an earlier run's checkpoints go.
+    if trainer.is_world_process_zero():
+        _clear_trainer_dir(out / TRAINER_DIR, keep_checkpoints=resume_from is not None)
+    trainer.accelerator.wait_for_everyone()
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except BaseException as e:
@@ -187,6 +188,108 @@ def train(
         skipped=len(dataset.skipped),
         model=final,
     )
+
+
+LORA_ONLY = {
+    "lora_rank": "--lora-rank",
+    "lora_alpha": "--lora-alpha",
+    "lora_dropout": "--lora-dropout",
+    "keep_adapters": "--keep-adapters",
+}
+
+
+def check_options(stage: int, opts: TrainOptions, given: Mapping[str, Any] | None = None) -> None:
+    """Refuse, in one line and before any work, an option value that would fail late (after the
+    model has loaded) or train something other than what was asked. `given`: the options passed
+    explicitly, for those that only mean something with others."""
+    if stage not in STAGES:
+        raise LlavaEdgeError(f"--stage must be 1 or 2, not {stage}")
+    if opts.lora and stage == 1:
+        raise LlavaEdgeError("--lora is for stage 2; stage 1 trains only the projector")
+    lora_only = [
+        flag for name, flag in LORA_ONLY.items() if (given or {}).get(name) not in (None, False)
+    ]
+    if lora_only and not opts.lora:
+        raise LlavaEdgeError(f"{', '.join(lora_only)}: LoRA options, for stage 2 with --lora")
+    if opts.template is not None and opts.template not in TEMPLATES:
+        raise LlavaEdgeError(f"unknown template {opts.template!r}; choose from {sorted(TEMPLATES)}")
+    at_least = {
+        "--batch-size": (opts.global_batch_size, 1),
+        "--per-device-batch-size": (opts.per_device_batch_size, 1),
+        "--workers": (opts.workers, 0),
+        "--max-length": (opts.max_length, 1),
+        "--save-steps": (opts.save_steps, 1),
+        "--save-total-limit": (opts.save_total_limit, 0),
+        "--logging-steps": (opts.logging_steps, 1),
+        "--seed": (opts.seed, 0),
+        "--lora-rank": (opts.lora_rank, 1),
+        "--lora-alpha": (opts.lora_alpha, 1),
+    }
+    for flag, (value, low) in at_least.items():
+        if value is not None and value < low:
+            raise LlavaEdgeError(f"{flag} must be at least {low}, not {value}")
+    if opts.max_steps != -1 and opts.max_steps < 1:  # -1: no limit, train for --epochs
+        raise LlavaEdgeError(f"--max-steps must be at least 1, not {opts.max_steps}")
+    if not opts.epochs > 0:
+        raise LlavaEdgeError(f"--epochs must be above 0, not {opts.epochs}")
+    for flag, value in (("--lr", opts.learning_rate), ("--projector-lr", opts.projector_lr)):
+        if value is not None and not value >= 0:
+            raise LlavaEdgeError(f"{flag} must be 0 or more, not {value}")
+    if not opts.weight_decay >= 0:
+        raise LlavaEdgeError(f"--weight-decay must be 0 or more, not {opts.weight_decay}")
+    for flag, value in (
+        ("--warmup-ratio", opts.warmup_ratio),
+        ("--lora-dropout", opts.lora_dropout),
+    ):
+        if not 0 <= value < 1:
+            raise LlavaEdgeError(f"{flag} must be at least 0 and below 1, not {value}")
+    _precision(opts.precision)
+    _check_report_to(opts.report_to)
+    _check_parallel_configs(opts.deepspeed, opts.fsdp)
+
+
+def _check_report_to(report_to: str) -> None:
+    """Each of the comma-separated trainer loggers is one transformers knows and is installed."""
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
+    names = [name.strip() for name in report_to.split(",")]
+    if names in (["none"], ["all"]):
+        return
+    choices = ", ".join(["none", "all", *INTEGRATION_TO_CALLBACK])
+    for name in names:
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise LlavaEdgeError(
+                f"--report-to: {name!r} is not a logger, or not one to list with others; "
+                f"choose from {choices}"
+            )
+    installed = get_available_reporting_integrations()
+    for name in names:
+        if name not in installed:
+            raise LlavaEdgeError(f"--report-to {name}: the {name} package is not installed")
+
+
+def _check_parallel_configs(deepspeed: str | None, fsdp: str | None) -> None:
+    if deepspeed and fsdp:
+        raise LlavaEdgeError("--deepspeed and --fsdp are two ways to shard; choose one")
+    for flag, path in (("--deepspeed", deepspeed), ("--fsdp", fsdp)):
+        if not path:
+            continue
+        try:
+            config = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise LlavaEdgeError(f"{flag} {path}: no such file") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise LlavaEdgeError(f"{flag} {path}: not a readable JSON config: {e}") from None
+        if not isinstance(config, dict):
+            raise LlavaEdgeError(
+                f"{flag} {path} holds no JSON object; give a config like those in "
+                "llava_edge/training/configs/"
+            )
+    if deepspeed and importlib.util.find_spec("deepspeed") is None:
+        raise LlavaEdgeError("--deepspeed needs the deepspeed package; pip install deepspeed")
 
 
 def freeze_for_stage(model: Any, stage: int) -> None:
@@ -218,15 +321,16 @@ def batch_plan(global_batch: int, per_device: int, processes: int) -> tuple[int,
     return per_device, global_batch // (per_device * processes)
 
 
-def _prepare_out_dir(out: Path, model: Path, opts: TrainOptions) -> Path | None:
-    """The checkpoint to resume from, or None; refuses to train over an earlier result."""
+def _check_out_dir(out: Path, model: Path, opts: TrainOptions) -> Path | None:
+    """The checkpoint to resume from, or None; refuses to train over an earlier result.
+
+    Deletes nothing: an earlier run's checkpoints stay until training starts
+    (_clear_trainer_dir), so a run that fails on its inputs leaves them resumable."""
     from transformers.trainer_utils import get_last_checkpoint
 
     from llava_edge.files import check_output_dir
 
     trainer_dir = out / TRAINER_DIR
-    for partial in trainer_dir.glob(f"{STAGING_PREFIX}-*"):  # a save that was killed
-        shutil.rmtree(partial, ignore_errors=True)
     if opts.resume:
         last = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
         if last is None:
@@ -237,9 +341,17 @@ def _prepare_out_dir(out: Path, model: Path, opts: TrainOptions) -> Path | None:
             f"{out} is not empty; pass --resume to go on from its checkpoints or --force to start over"
         )
     check_output_dir(out, force=True, keep=model, keep_name="the --model checkpoint")
-    if int(os.environ.get("RANK", "0")) == 0:
-        shutil.rmtree(trainer_dir, ignore_errors=True)  # an earlier run's: not to be resumed
     return None
+
+
+def _clear_trainer_dir(trainer_dir: Path, keep_checkpoints: bool) -> None:
+    """Remove the checkpoints a killed save left half-written and, unless resuming, the earlier
+    run's whole trainer dir (its checkpoints are not to be resumed)."""
+    if not keep_checkpoints:
+        shutil.rmtree(trainer_dir, ignore_errors=True)
+        return
+    for partial in trainer_dir.glob(f"{STAGING_PREFIX}-*"):
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def _precision(name: str) -> dict[str, bool]:
@@ -266,9 +378,10 @@ def _training_args(
     from transformers import TrainingArguments
 
     processes = int(os.environ.get("WORLD_SIZE", "1"))
+    global_batch, per_device = opts.global_batch_size, opts.per_device_batch_size
     per_device, accumulation = batch_plan(
-        opts.global_batch_size or defaults.global_batch_size,
-        opts.per_device_batch_size or defaults.per_device_batch_size,
+        defaults.global_batch_size if global_batch is None else global_batch,
+        defaults.per_device_batch_size if per_device is None else per_device,
         processes,
     )
     if opts.learning_rate is not None:
@@ -276,7 +389,7 @@ def _training_args(
     else:
         learning_rate = LORA_LEARNING_RATE if opts.lora else defaults.learning_rate
     cuda = torch.cuda.is_available()
-    return TrainingArguments(
+    arguments = dict(
         output_dir=str(trainer_dir),
         per_device_train_batch_size=per_device,
         gradient_accumulation_steps=accumulation,
@@ -294,7 +407,7 @@ def _training_args(
         save_strategy="steps",
         save_steps=opts.save_steps,
         save_total_limit=opts.save_total_limit,
-        report_to=opts.report_to,
+        report_to=[name.strip() for name in opts.report_to.split(",")],
         seed=opts.seed,
         remove_unused_columns=False,
         dataloader_num_workers=opts.workers if opts.workers is not None else (4 if cuda else 0),
@@ -307,6 +420,10 @@ def _training_args(
         use_cpu=not cuda,
         **_precision(opts.precision),
     )
+    try:
+        return TrainingArguments(**arguments)
+    except ValueError as e:  # a combination check_options does not know of
+        raise LlavaEdgeError(f"train: {str(e).strip().splitlines()[0]}") from None
 
 
 def _make_trainer(
@@ -320,6 +437,7 @@ def _make_trainer(
     progress: bool,
 ) -> Any:
     from transformers import ProgressCallback, Trainer
+    from transformers.trainer_utils import rotate_checkpoints
 
     from llava_edge.files import fsync_path, sync_tree
     from llava_edge.training.checkpoint import write_llava_edge_file
@@ -377,6 +495,11 @@ def _make_trainer(
                 sync_tree(staging)  # on disk before its name says it is whole
                 os.replace(staging, final)
                 fsync_path(run_dir)
+                # Trainer rotated while this one was still tmp-checkpoint-N and so uncounted:
+                # rotate again, now that it is whole, to keep exactly save_total_limit.
+                rotate_checkpoints(
+                    str(run_dir), self.args.save_total_limit, self.state.best_model_checkpoint
+                )
             self.accelerator.wait_for_everyone()
 
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
