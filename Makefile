@@ -28,7 +28,7 @@ DEMO_TRAIN := --images $(DEMO)/data/images --force --no-gradient-checkpointing \
 DEMO_QUESTION := What kind of shape is shown?\nAnswer the question using a single word or phrase.
 
 demo: setup
-	$(BIN)/llava-edge data synth $(DEMO)/data --train 1000 --test 200
+	$(BIN)/llava-edge data synth $(DEMO)/data --train 1000 --test 200 --force
 	$(BIN)/llava-edge init $(DEMO)/init --preset demo --force
 	$(BIN)/llava-edge train --stage 1 --model $(DEMO)/init --data $(DEMO)/data/captions.json \
 		--out $(DEMO)/stage1 $(DEMO_TRAIN) --batch-size 32

@@ -86,7 +86,7 @@ def check_tensorrt(work: Path, preset: str, precisions: list[str], quiet: bool) 
         init_checkpoint(checkpoint, preset=preset, seed=0, force=True)
     if not (fp32 / "manifest.json").exists():
         export_checkpoint(checkpoint, fp32, verify=False, force=True, log=say)
-    images = synthesize(work / "calib", train=16, test=0)["images"]
+    images = synthesize(work / "calib", train=16, test=0, force=True)["images"]
     picture = sorted(Path(images).iterdir())[0]
     out: dict[str, Any] = {"preset": preset, "precisions": {}}
     with Pipeline.load(fp32) as reference:
@@ -163,7 +163,9 @@ def check_training(
 
     from llava_edge.training.synth import synthesize
 
-    data = synthesize(work / "data", train=16 if quick else 1000, test=8 if quick else 200)
+    data = synthesize(
+        work / "data", train=16 if quick else 1000, test=8 if quick else 200, force=True
+    )
     device = "gpu" if torch.cuda.is_available() else "cpu"
     out: dict[str, Any] = {}
     runs = [(f"{device}_bf16_{'lora' if x else 'full'}", x) for x in lora]

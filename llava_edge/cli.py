@@ -370,7 +370,9 @@ def _data(args: argparse.Namespace) -> int | None:
 def _data_synth(args: argparse.Namespace) -> None:
     from llava_edge.training.synth import synthesize
 
-    paths = synthesize(args.out_dir, train=args.train, test=args.test, seed=args.seed)
+    paths = synthesize(
+        args.out_dir, train=args.train, test=args.test, seed=args.seed, force=args.force
+    )
     print(
         f"wrote {args.train} training and {args.test} test pictures with their questions to {args.out_dir}"
     )
@@ -756,6 +758,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", type=int, default=1000)
     p.add_argument("--test", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
     _add_datagen_parsers(data)
 
     _add_training_parsers(sub)

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from llava_edge.errors import LlavaEdgeError
-from llava_edge.training.data import BadSample, SampleFile, parse_sample
+from llava_edge.files import check_output_file, replace_file
+from llava_edge.training.data import BadSample, Sample, SampleFile, parse_sample
 
 
 @dataclass
@@ -42,7 +43,10 @@ def evaluate(
     **load: Any,
 ) -> EvalResult:
     """Score `model_dir` on the LLaVA-format `data`; answers go to `answers` (default: beside
-    the data file, `<name>.answers.jsonl`).
+    the data file, `<name>.answers.jsonl`), written whole when the run finishes.
+
+    skip_bad: leave out, and count, the samples that cannot be asked (a missing image, or one
+    the runtime refuses: unreadable, over a limit) instead of stopping at the first.
 
     load: Pipeline.load's options (backend, providers, threads, engine_dir, verify_files,
     limits), so a model is scored on the backend and under the limits it is deployed with.
@@ -50,67 +54,100 @@ def evaluate(
     from tqdm.auto import tqdm
 
     from llava_edge.runtime import Pipeline
+    from llava_edge.runtime.sampling import GenerationConfig
 
+    # Checked here, or --skip-bad would take a bad value for every sample's fault.
+    GenerationConfig(max_new_tokens=max_new_tokens).validate()
     data = Path(data)
     image_root = Path(images) if images is not None else None
     if image_root is not None and not image_root.is_dir():
         raise LlavaEdgeError(f"image dir {image_root} does not exist")
     out = Path(answers) if answers is not None else data.with_name(f"{data.stem}.answers.jsonl")
+    check_output_file(out, "--answers")
+    if _same_file(out, data):
+        raise LlavaEdgeError(f"--answers {out} is the --data file; write the answers elsewhere")
+    replaces = out.exists()  # only a file already there can be one of the inputs
     skipped: list[BadSample] = []
 
     def keep(position: int, record: object) -> bool:
         try:
             sample = parse_sample(record, position)
-            if sample.image is not None and not _image_path(sample, image_root).is_file():
-                raise BadSample(
-                    sample.id, f"image {_image_path(sample, image_root)} does not exist"
-                )
+            if sample.image is not None:
+                image = _image_path(sample, image_root)
+                if not image.is_file():
+                    raise BadSample(sample.id, f"image {image} does not exist")
+                if replaces and _same_file(out, image):
+                    raise LlavaEdgeError(
+                        f"--answers {out} is sample {sample.id}'s image; "
+                        "write the answers elsewhere"
+                    )
             return True
         except BadSample as e:
-            if not skip_bad:
-                raise BadSample(
-                    e.sample_id, e.problem + "; fix it, or pass --skip-bad to leave it out"
-                ) from None
-            skipped.append(e)
-            return False
+            return skip(e)
+
+    def skip(e: BadSample) -> bool:
+        if not skip_bad:
+            raise BadSample(
+                e.sample_id, e.problem + "; fix it, or pass --skip-bad to leave it out"
+            ) from None
+        skipped.append(e)
+        return False
 
     samples = SampleFile(data, keep=keep)
     total = correct = 0
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        with (
-            Pipeline.load(model_dir, **load) as pipe,
-            open(tmp, "w", encoding="utf-8") as f,
-        ):
-            for index in tqdm(range(len(samples)), desc="evaluating", disable=not progress):
-                sample = parse_sample(samples.record(index), int(samples.positions[index]))
-                image = _image_path(sample, image_root) if sample.image is not None else None
-                for turn, (question, reference) in enumerate(sample.turns):
-                    try:
-                        prediction = pipe.generate(image, question, max_new_tokens=max_new_tokens)
-                    except LlavaEdgeError as e:
-                        raise BadSample(sample.id, str(e)) from None
-                    match = normalize(prediction) == normalize(reference)
-                    total += 1
-                    correct += match
-                    row = {
-                        "id": sample.id,
-                        "turn": turn,
-                        "question": question,
-                        "answer": reference,
-                        "prediction": prediction,
-                        "correct": match,
-                    }
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    with Pipeline.load(model_dir, **load) as pipe, replace_file(out) as f:
+        for index in tqdm(range(len(samples)), desc="evaluating", disable=not progress):
+            sample = parse_sample(samples.record(index), int(samples.positions[index]))
+            image = _image_path(sample, image_root) if sample.image is not None else None
+            try:
+                rows = _ask(pipe, sample, image, max_new_tokens)
+            except BadSample as e:  # an unreadable image, a prompt over the limit...
+                skip(e)
+                continue
+            for row in rows:
+                total += 1
+                correct += row["correct"]
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        if not total and skipped:
+            raise LlavaEdgeError(
+                f"every sample of {data} was left out as bad; the first: {skipped[0]}"
+            )
         if not total:
             raise LlavaEdgeError(f"{data} has no question to evaluate")
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return EvalResult(correct / total, correct, total, out, len(skipped))
 
 
-def _image_path(sample, root: Path | None) -> Path:
+def _ask(pipe, sample: Sample, image: Path | None, max_new_tokens: int) -> list[dict]:
+    """Each round of the sample asked on its own, as rows of the answers file; BadSample when
+    the runtime refuses one (the sample then counts not at all)."""
+    rows = []
+    for turn, (question, reference) in enumerate(sample.turns):
+        try:
+            prediction = pipe.generate(image, question, max_new_tokens=max_new_tokens)
+        except LlavaEdgeError as e:
+            raise BadSample(sample.id, str(e)) from None
+        rows.append(
+            {
+                "id": sample.id,
+                "turn": turn,
+                "question": question,
+                "answer": reference,
+                "prediction": prediction,
+                "correct": normalize(prediction) == normalize(reference),
+            }
+        )
+    return rows
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether the two paths name one file (by device and inode, however each is spelled)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
+
+
+def _image_path(sample: Sample, root: Path | None) -> Path:
     if root is None:
         raise BadSample(sample.id, "has an image but no image dir was given (--images DIR)")
     return root / sample.image

@@ -8,12 +8,15 @@ placed in one part of the canvas; every fact a question asks about is visible in
 from __future__ import annotations
 
 import json
+import numbers
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from llava_edge.errors import LlavaEdgeError
+from llava_edge.files import check_output_dir, replace_dir
 from llava_edge.runtime.template import IMAGE_PLACEHOLDER, SHORT_ANSWER
 
 COLORS = {
@@ -129,16 +132,34 @@ def question_sample(sample_id: str, image: str, scene: Scene, kinds: list[str]) 
     return {"id": sample_id, "image": image, "conversations": conversations}
 
 
-def synthesize(out_dir: str | Path, train: int, test: int, seed: int = 0) -> dict[str, Path]:
+def synthesize(
+    out_dir: str | Path, train: int, test: int, seed: int = 0, force: bool = False
+) -> dict[str, Path]:
     """Write images/ and the LLaVA JSON files; returns the paths written.
 
     captions.json (stage 1) and train.json (stage 2) describe the training pictures; test.json
-    asks one question per held-out picture, with the answer to score against.
+    asks one question per held-out picture, with the answer to score against. The dir is
+    written whole or not at all (files.replace_dir); force: replace a non-empty `out_dir`.
     """
-    if train < 1 or test < 0:
-        raise ValueError("--train must be at least 1 and --test at least 0")
+    for name, count, least in (("train", train, 1), ("test", test, 0)):
+        if not isinstance(count, numbers.Integral) or count < least:
+            raise LlavaEdgeError(
+                f"--{name} must be a whole number of at least {least}, got {count!r}"
+            )
     out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    check_output_dir(out, force)
+    with replace_dir(out) as tmp:
+        _write(tmp, train, test, seed)
+    return {
+        "captions": out / "captions.json",
+        "train": out / "train.json",
+        "test": out / "test.json",
+        "images": out / "images",
+    }
+
+
+def _write(out: Path, train: int, test: int, seed: int) -> None:
+    (out / "images").mkdir()
     rng = random.Random(seed)
     captions, questions, tests = [], [], []
     kinds = list(QUESTIONS)
@@ -155,15 +176,8 @@ def synthesize(out_dir: str | Path, train: int, test: int, seed: int = 0) -> dic
                 )
             else:
                 tests.append(question_sample(sample_id, name, scene, [kinds[i % len(kinds)]]))
-    paths = {
-        "captions": out / "captions.json",
-        "train": out / "train.json",
-        "test": out / "test.json",
-        "images": out / "images",
-    }
-    for key, data in (("captions", captions), ("train", questions), ("test", tests)):
-        paths[key].write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    return paths
+    for name, data in (("captions", captions), ("train", questions), ("test", tests)):
+        (out / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
 
 
 def corpus() -> list[str]:
