@@ -44,10 +44,12 @@ def _eval(model: Path, data: Path, images: Path, *extra: str) -> int:
 
 def test_answers_never_replace_the_data_or_an_image(tiny_model_dir, world, capsys):
     data, images = world["data"], world["images"]
-    before = {p: p.read_bytes() for p in (data, images / "a.png", images / "b.png")}
+    manifest = tiny_model_dir / "manifest.json"
+    before = {p: p.read_bytes() for p in (data, images / "a.png", images / "b.png", manifest)}
     spellings = [
         data,
         world["root"] / "images" / ".." / "data.json",
+        manifest,
         images / "b.png",
     ]
     for answers in spellings:

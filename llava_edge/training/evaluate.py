@@ -66,6 +66,11 @@ def evaluate(
     check_output_file(out, "--answers")
     if _same_file(out, data):
         raise LlavaEdgeError(f"--answers {out} is the --data file; write the answers elsewhere")
+    if Path(model_dir).resolve() in out.resolve().parents:
+        raise LlavaEdgeError(
+            f"--answers {out} is inside the model dir, whose files the manifest checks; "
+            "write the answers elsewhere"
+        )
     replaces = out.exists()  # only a file already there can be one of the inputs
     skipped: list[BadSample] = []
 
