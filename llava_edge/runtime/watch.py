@@ -58,7 +58,9 @@ def watch(
     folder_fps: float = 1.0,
     **options: Any,
 ) -> Iterator[WatchAnswer]:
-    """Answers about `source`'s frames; the arguments are checked and the source opened at once.
+    """Answers about `source`'s frames. The arguments are checked at once (an image folder is
+    listed, a local file or camera must exist); a video is opened at the first frame asked for,
+    so that a live stream opens under the frame timeout.
 
     frames: how many of the last sampled frames go into each prompt, as several images (at most
     `pipe.images_that_fit(prompt)`: as many as the context holds with the question and an
