@@ -84,13 +84,7 @@ def check_output_file(out: str | os.PathLike, flag: str) -> None:
 @contextlib.contextmanager
 def replace_dir(out: Path) -> Iterator[Path]:
     """Yield an empty temporary dir; if the block finishes, it becomes `out` (replacing it)."""
-    parent = out.resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        _clean_leftovers(out)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=parent))
-    except OSError as e:
-        raise LlavaEdgeError(f"cannot write beside {out}: {e.strerror}") from None
+    tmp = _partial_dir(out, clean=True)
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary dir
@@ -113,18 +107,26 @@ def scratch_beside(out: Path) -> Iterator[Path]:
     removed by the next write of `out` with its other leftovers (`_clean_leftovers`). The
     setting is process-wide while the block runs: the stages that use it are batch jobs.
     """
-    parent = out.resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=parent))
-    except OSError as e:
-        raise LlavaEdgeError(f"cannot write beside {out}: {e.strerror}") from None
+    scratch = _partial_dir(out)
     previous, tempfile.tempdir = tempfile.tempdir, str(scratch)
     try:
         yield scratch
     finally:
         tempfile.tempdir = previous
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _partial_dir(out: Path, clean: bool = False) -> Path:
+    """A new hidden dir beside `out`, named as _clean_leftovers finds it once its writer is
+    gone (`.NAME.partial-PID-XXXX`); `clean`: clean up after killed writers first."""
+    parent = out.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        if clean:
+            _clean_leftovers(out)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=parent))
+    except OSError as e:
+        raise LlavaEdgeError(f"cannot write beside {out}: {e.strerror}") from None
 
 
 def final_path(path: Path) -> Path:
