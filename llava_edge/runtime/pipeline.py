@@ -116,11 +116,13 @@ class Pipeline:
         self.manifest = manifest
         self.backend = backend
         self.codec = TextCodec(
-            model_dir / manifest.tokenizer, manifest.tokens, manifest.num_image_tokens
+            model_dir / manifest.tokenizer,
+            manifest.tokens,
+            manifest.num_image_tokens,
+            max_tokens=self.max_context,
         )
         self.table = _load_table(model_dir / manifest.embeddings, manifest)
         self.newline = load_newline(model_dir, manifest)  # AnyRes models only
-        self.codec.max_tokens = self.max_context
         self._features: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
         self.stats = {"vision_runs": 0, "feature_cache_hits": 0}

@@ -18,7 +18,15 @@ BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 class TextCodec:
     """Encodes prompts (expanding `<image>` to one id per image feature) and decodes answers."""
 
-    def __init__(self, path: str | Path, tokens: TokenSpec, num_image_tokens: int):
+    def __init__(
+        self,
+        path: str | Path,
+        tokens: TokenSpec,
+        num_image_tokens: int,
+        max_tokens: int | None = None,
+    ):
+        """max_tokens: the longest prompt there is room for (the context); a text far too long
+        to encode to that many is refused unread (None: every text is read)."""
         try:
             self.tokenizer = Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
@@ -39,7 +47,7 @@ class TextCodec:
         # No token spans more characters than its vocabulary entry (byte-level entries spell a
         # byte a character), so a text over `max_tokens` times that is over the limit unread.
         self.longest_token = max((len(token) for token in vocab), default=1)
-        self.max_tokens: int | None = None  # set by the pipeline: its context
+        self.max_tokens = max_tokens
 
     def encode(
         self, text: str, first: bool = True, image_tokens: int | Sequence[int] | None = None
