@@ -21,3 +21,10 @@ class PromptTooLong(LlavaEdgeError):
 class ChatFull(LlavaEdgeError):
     """A chat turn that no longer fits the model's context or the prompt limit: the
     conversation must start over."""
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to its first line (libraries' messages run to tracebacks and
+    tables), or its type's name where it has none: what a one-line error quotes."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

@@ -20,7 +20,7 @@ from torch import nn
 from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 from transformers.activations import ACT2FN
 
-from llava_edge.errors import LlavaEdgeError
+from llava_edge.errors import LlavaEdgeError, first_line
 
 PROJECTOR_KEY = "mm_projector_type"
 DEFAULT_PROJECTOR = "mlp2x_gelu"  # transformers' LlavaMultiModalProjector
@@ -121,8 +121,7 @@ def load_model(checkpoint: str | os.PathLike, config: Any = None, **kwargs: Any)
 
 
 def unreadable_weights(checkpoint: str | os.PathLike, error: Exception) -> LlavaEdgeError:
-    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
     return LlavaEdgeError(
-        f"cannot read the weights in {checkpoint} ({reason}); the file is truncated or corrupt: "
+        f"cannot read the weights in {checkpoint} ({first_line(error)}); the file is truncated or corrupt: "
         "copy or save the checkpoint again"
     )

@@ -46,7 +46,7 @@ import numpy as np
 
 from llava_edge.calib.data import Activations, FeedReader, Sample, load_samples
 from llava_edge.calib.fp16 import fp16_graph, load_weights, to_fp16
-from llava_edge.errors import LlavaEdgeError
+from llava_edge.errors import LlavaEdgeError, first_line
 from llava_edge.files import check_output_dir, is_large, replace_dir, save_graph, scratch_beside
 from llava_edge.logs import quiet
 from llava_edge.manifest import GraphSpec, Manifest
@@ -628,7 +628,7 @@ def check_loads(model_dir: Path, precision: str) -> None:
             try:
                 ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             except Exception as e:  # onnxruntime raises its own untyped errors on bad graphs
-                raise fail(f"{path.name}: {str(e).strip().splitlines()[0]}") from None
+                raise fail(f"{path.name}: {first_line(e)}") from None
     try:
         with Pipeline.load(model_dir, verify_files=False) as pipe:
             pipe.answer(_probe_image(), PROBE_QUESTION, max_new_tokens=2)

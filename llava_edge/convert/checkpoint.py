@@ -23,7 +23,7 @@ from typing import Any
 from llava_edge import logs
 from llava_edge.convert.original import Original, read_original, text_config_dict
 from llava_edge.convert.vision import Tower, find_vision_dir, load_tower
-from llava_edge.errors import LlavaEdgeError
+from llava_edge.errors import LlavaEdgeError, first_line
 from llava_edge.files import check_output_dir, replace_dir
 from llava_edge.manifest import write_checkpoint_info
 from llava_edge.runtime.template import (
@@ -189,7 +189,7 @@ def _language_model(parts: Original, dtype: Any) -> Any:
             **text_config_dict(parts.config, settings), vocab_size=_rows(parts)
         )
     except (ValueError, TypeError, StrictDataclassError) as e:
-        first = str(e).strip().splitlines()[0]
+        first = first_line(e)
         raise LlavaEdgeError(f"{parts.directory}/config.json: {first}") from None
     model = _load(
         MODEL_FOR_CAUSAL_LM_MAPPING[type(config)], config, parts.text, dtype, "language model"

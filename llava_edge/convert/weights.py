@@ -14,7 +14,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from llava_edge.errors import LlavaEdgeError
+from llava_edge.errors import LlavaEdgeError, first_line
 
 StateDict = dict[str, Any]  # name -> torch.Tensor
 
@@ -74,7 +74,7 @@ def _read_safetensors(path: Path) -> StateDict:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise LlavaEdgeError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+        raise LlavaEdgeError(f"cannot read {path}: {first_line(e)}") from None
 
 
 def _read_pickled(path: Path) -> StateDict:
@@ -92,9 +92,7 @@ def _read_pickled(path: Path) -> StateDict:
             "the file, re-save its tensors as safetensors"
         ) from None
     except (OSError, RuntimeError, EOFError, ValueError) as e:
-        raise LlavaEdgeError(
-            f"cannot read {path} as PyTorch weights: {str(e).splitlines()[0]}"
-        ) from None
+        raise LlavaEdgeError(f"cannot read {path} as PyTorch weights: {first_line(e)}") from None
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):

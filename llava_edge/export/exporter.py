@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from llava_edge import __version__
-from llava_edge.errors import LlavaEdgeError
+from llava_edge.errors import LlavaEdgeError, first_line
 from llava_edge.files import check_output_dir, replace_dir, save_graph
 from llava_edge.logs import quiet
 from llava_edge.manifest import (
@@ -148,7 +148,7 @@ def load_checkpoint(
                 use_safetensors=True,
             ).eval()
     except (OSError, ValueError) as e:  # missing weights or tokenizer files, a broken config
-        raise LlavaEdgeError(f"cannot load checkpoint {source}: {_first_line(e)}") from None
+        raise LlavaEdgeError(f"cannot load checkpoint {source}: {first_line(e)}") from None
     return LoadedCheckpoint(model, processor, source, template)
 
 
@@ -179,9 +179,9 @@ def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = F
         with quiet(*LOADER_LOGGERS):
             config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as e:
-        raise LlavaEdgeError(f"cannot load checkpoint {source}: {_first_line(e)}") from None
+        raise LlavaEdgeError(f"cannot load checkpoint {source}: {first_line(e)}") from None
     except ValueError as e:
-        raise LlavaEdgeError(f"{source}: {_first_line(e)}") from None
+        raise LlavaEdgeError(f"{source}: {first_line(e)}") from None
     if config.model_type not in ("llava", "llava_next"):
         raise LlavaEdgeError(
             f"{source} is a '{config.model_type}' checkpoint, not LLaVA "
@@ -210,10 +210,6 @@ def _original_format(config_file: Path) -> bool:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False  # AutoConfig says what is wrong with it
     return isinstance(config, dict) and "mm_vision_tower" in config and "text_config" not in config
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def build_manifest(loaded: LoadedCheckpoint, dtype: str, max_context: int) -> Manifest:

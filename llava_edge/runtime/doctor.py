@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from llava_edge import __version__
-from llava_edge.errors import LlavaEdgeError
+from llava_edge.errors import LlavaEdgeError, first_line
 from llava_edge.runtime.tensorrt.cuda import CUDA_HINT
 from llava_edge.runtime.tensorrt.requirements import TENSORRT_HINT
 
@@ -166,7 +166,7 @@ def _tensorrt() -> tuple[str | None, str | None]:
     try:
         return importlib.import_module("tensorrt").__version__, None
     except Exception as e:  # a stub package without its libraries fails in many ways
-        return None, f"installed but does not import: {str(e).splitlines()[0]}"
+        return None, f"installed but does not import: {first_line(e)}"
 
 
 def _torch() -> tuple[str | None, str | None, bool]:
@@ -176,7 +176,7 @@ def _torch() -> tuple[str | None, str | None, bool]:
         torch = importlib.import_module("torch")
         return torch.__version__, torch.version.cuda, bool(torch.cuda.is_available())
     except Exception as e:  # a broken wheel (e.g. a desktop torch on a Jetson)
-        return f"broken ({str(e).splitlines()[0]})", None, False
+        return f"broken ({first_line(e)})", None, False
 
 
 def _cuda_python() -> str | None:

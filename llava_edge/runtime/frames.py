@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from llava_edge.errors import LlavaEdgeError
+from llava_edge.errors import LlavaEdgeError, first_line
 
 VIDEO_HINT = "install the video extra: pip install 'llava-edge[video]' (PyAV)"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
@@ -225,7 +225,7 @@ class LatestFrame:
 def _as_error(error: BaseException, name: str) -> LlavaEdgeError:
     if isinstance(error, LlavaEdgeError):
         return error
-    return LlavaEdgeError(f"reading {name} failed: {_first_line(error)}")
+    return LlavaEdgeError(f"reading {name} failed: {first_line(error)}")
 
 
 # ---- image folders -------------------------------------------------------------------------
@@ -340,10 +340,5 @@ def _decode(av: Any, container: Any, stream: Any, source: str) -> Iterator[Any]:
 
 def _ffmpeg_reason(error: Exception) -> str:
     """FFmpeg's message without the errno prefix PyAV adds."""
-    text = getattr(error, "strerror", None) or _first_line(error)
+    text = getattr(error, "strerror", None) or first_line(error)
     return str(text).rstrip(".")
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__

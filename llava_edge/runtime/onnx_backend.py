@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from llava_edge.errors import LlavaEdgeError
+from llava_edge.errors import LlavaEdgeError, first_line
 from llava_edge.manifest import PREFILL, GraphSpec, Manifest
 from llava_edge.runtime.kv_cache import KVCache, as_rows, check_kv_layout
 from llava_edge.runtime.session_cache import enabled as cache_enabled
@@ -222,7 +222,7 @@ class OnnxBackend:
             self.cache_status[name] = "none"
             return ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:  # onnxruntime raises its own untyped errors on bad files
-            raise LlavaEdgeError(f"cannot load graph {path}: {str(e).splitlines()[0]}") from None
+            raise LlavaEdgeError(f"cannot load graph {path}: {first_line(e)}") from None
 
     def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
         """pixel_values [B, 3, H, W] -> image features in the LLM's space [B, N, hidden]."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import ParseResult, unquote, urlparse
 
+from llava_edge.errors import first_line
 from llava_edge.serve.protocol import ApiError
 
 
@@ -133,8 +134,7 @@ async def _remote(url: str, policy: MediaPolicy, time_left: float | None) -> byt
         ) from None
     except Exception as e:  # httpx's errors, and the URLs it cannot even try (a bad host name
         # or port surfaces as InvalidURL, IDNA's ValueError, or an ExceptionGroup from anyio)
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ApiError(400, f"cannot fetch the image: {reason}", "image_url") from None
+        raise ApiError(400, f"cannot fetch the image: {first_line(e)}", "image_url") from None
 
 
 async def _download(url: str, policy: MediaPolicy) -> bytes:

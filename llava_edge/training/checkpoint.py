@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from llava_edge.errors import LlavaEdgeError
+from llava_edge.errors import LlavaEdgeError, first_line
 from llava_edge.files import check_output_dir, replace_dir
 from llava_edge.manifest import write_checkpoint_info
 from llava_edge.runtime.template import IMAGE_PLACEHOLDER, get_template, hf_chat_template
@@ -330,7 +330,7 @@ def compose_checkpoint(
     except SafetensorError as e:
         raise unreadable_weights(loading, e) from None
     except (OSError, ValueError, KeyError) as e:
-        raise LlavaEdgeError(f"cannot load --vision/--llm: {str(e).splitlines()[0]}") from None
+        raise LlavaEdgeError(f"cannot load --vision/--llm: {first_line(e)}") from None
     if IMAGE_PLACEHOLDER not in tokenizer.get_vocab():
         tokenizer.add_tokens(
             [AddedToken(IMAGE_PLACEHOLDER, special=True, normalized=False)], special_tokens=True

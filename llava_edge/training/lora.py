@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from llava_edge.errors import LlavaEdgeError
+from llava_edge.errors import LlavaEdgeError, first_line
 
 PROJECTOR = "multi_modal_projector"
 ADAPTER_DIR = "adapter"
@@ -111,7 +111,7 @@ def read_adapter_config(adapter_dir: Path) -> Any:
     try:
         return PeftConfig.from_pretrained(adapter_dir)
     except (OSError, ValueError, TypeError, KeyError) as e:  # JSONDecodeError is a ValueError
-        raise LlavaEdgeError(f"cannot read {path}: {_one_line(e)}; re-save the adapters") from None
+        raise LlavaEdgeError(f"cannot read {path}: {first_line(e)}; re-save the adapters") from None
 
 
 def load_adapters(model: Any, adapter_dir: Path, config: Any, base: Path) -> Any:
@@ -134,10 +134,10 @@ def load_adapters(model: Any, adapter_dir: Path, config: Any, base: Path) -> Any
         loaded = model.load_adapter(adapter_dir, "default")
     except RuntimeError as e:  # load_state_dict: "size mismatch for ..."
         detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), "")
-        raise LlavaEdgeError(f"{mismatch}: {detail or _one_line(e)}") from None
+        raise LlavaEdgeError(f"{mismatch}: {detail or first_line(e)}") from None
     except (SafetensorError, OSError, ValueError) as e:
         raise LlavaEdgeError(
-            f"cannot read the adapter weights in {adapter_dir}: {_one_line(e)}; re-save the adapters"
+            f"cannot read the adapter weights in {adapter_dir}: {first_line(e)}; re-save the adapters"
         ) from None
     if loaded.unexpected_keys:
         keys = loaded.unexpected_keys
@@ -160,8 +160,3 @@ def _no_deprecation_noise() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
         yield
-
-
-def _one_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__

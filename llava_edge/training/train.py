@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llava_edge.errors import LlavaEdgeError
+from llava_edge.errors import LlavaEdgeError, first_line
 from llava_edge.runtime.template import TEMPLATES
 
 TRAINER_DIR = "checkpoints"
@@ -423,7 +423,7 @@ def _training_args(
     try:
         return TrainingArguments(**arguments)
     except ValueError as e:  # a combination check_options does not know of
-        raise LlavaEdgeError(f"train: {str(e).strip().splitlines()[0]}") from None
+        raise LlavaEdgeError(f"train: {first_line(e)}") from None
 
 
 def _make_trainer(

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from llava_edge.errors import LlavaEdgeError
+from llava_edge.errors import LlavaEdgeError, first_line
 from llava_edge.manifest import GraphSpec, Manifest
 from llava_edge.runtime.kv_cache import as_rows, check_kv_layout
 from llava_edge.runtime.tensorrt import gpu
@@ -287,7 +287,7 @@ class TensorRTBackend:
             return _Graph(cuda, graph, cuda.instantiate(graph))
         except LlavaEdgeError as e:  # TensorRT or CUDA refused the capture: decode without
             warnings.warn(
-                f"CUDA graph capture of the decode step failed ({str(e).splitlines()[0]}); "
+                f"CUDA graph capture of the decode step failed ({first_line(e)}); "
                 "continuing without CUDA graphs",
                 stacklevel=3,
             )
@@ -305,11 +305,6 @@ class _Graph:
 
     def replay(self, stream: Any) -> None:
         self._cuda.launch(self.graph_exec, stream)
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 class _Engine:
@@ -372,7 +367,7 @@ class _Engine:
             except Exception as e:
                 raise LlavaEdgeError(
                     f"TensorRT refused profile {profile} of the {self.name} engine "
-                    f"({_first_line(e)}); {self.rebuild}"
+                    f"({first_line(e)}); {self.rebuild}"
                 ) from None
             if ok is False:
                 raise LlavaEdgeError(

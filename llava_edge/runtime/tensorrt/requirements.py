@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from llava_edge.errors import LlavaEdgeError
+from llava_edge.errors import LlavaEdgeError, first_line
 
 TENSORRT_HINT = (
     "on a Jetson (JetPack 6.1 or later) it comes with JetPack: `sudo apt install nvidia-jetpack`, then make "
@@ -25,7 +25,7 @@ def import_tensorrt() -> Any:
     try:
         trt = importlib.import_module("tensorrt")
     except ImportError as e:
-        detail = "" if e.name == "tensorrt" else f" ({str(e).splitlines()[0]})"
+        detail = "" if e.name == "tensorrt" else f" ({first_line(e)})"
         raise LlavaEdgeError(
             f"TensorRT's Python package is not installed{detail}; {TENSORRT_HINT}"
         ) from None
