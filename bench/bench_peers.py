@@ -8,7 +8,8 @@ What is measured, 2 threads by default: prefill of 512 tokens from an empty cont
 of 32, the default; `quantize --block-size 128`; and that with `--prefill int8`, whose prompts run
 through int8 weights held beside the int4 ones) against llama.cpp's f32, q8_0 and q4_0 GGUF of
 the same text model (`llama-bench -p 512 -n 0` and `-p 0 -n 64 -d 512`), and transformers' fp32
-forward on it. `decode_ceiling` says what memory allows: a decode step reads every decoder weight
+forward on it. Dirs with an int8 KV cache (`quantize --kv-cache int8`: int8, and int4 in blocks of
+128 with `--prefill int8`) meet llama.cpp with its KV cache in q8_0 (`-ctk q8_0 -ctv q8_0 -fa 1`). `decode_ceiling` says what memory allows: a decode step reads every decoder weight
 and the KV cache once, so the machine's read bandwidth (measured as `llava-edge bench` and
 bench_runtime.py measure it) over those bytes bounds every engine's decode rate. Runs are interleaved (every engine and
 precision once per round, the order rotating) so the drift of a shared machine hits all alike;
@@ -23,7 +24,8 @@ JSON and on stderr, and the rest is measured.
 
 The checkpoint and the llava-edge model dirs come from bench_quantize.py's builder (a `small`
 preset checkpoint under --work, its fp32 export and int8/int4 copies), or from --checkpoint and
---fp32/--int8/--int4/--int4-b128/--int4-b128-prefill-int8.
+--fp32/--int8/--int4/--int4-b128/--int4-b128-prefill-int8/--int8-kv-int8/
+--int4-b128-prefill-int8-kv-int8.
 """
 
 from __future__ import annotations
@@ -60,7 +62,12 @@ PRECISIONS = {
     "int4": "q4_0",
     "int4_b128": "q4_0",
     "int4_b128_prefill_int8": "q4_0",
+    "int8_kv_int8": "q8_0+kv_q8_0",
+    "int4_b128_prefill_int8_kv_int8": "q4_0+kv_q8_0",
 }
+# A dir with an int8 KV cache (`quantize --kv-cache int8`) is measured against llama.cpp with its
+# KV cache in q8_0 too (`-ctk q8_0 -ctv q8_0`, which needs flash attention: `-fa 1`).
+KV_Q8_0 = "+kv_q8_0"
 PREFILL, DECODE, DEPTH = 512, 64, 512  # llava-edge's prefill is its depth: keep them equal
 
 
@@ -183,7 +190,8 @@ def _pad_tokenizer(path: Path, rows: int) -> None:
 
 def gguf_files(tools: dict[str, Path], text_dir: Path, work: Path) -> dict[str, Path]:
     """f32 GGUF from the converter; q8_0 and q4_0 from llama-quantize, as llama.cpp users do."""
-    files = {t: work / f"text-{t}.gguf" for t in dict.fromkeys(PRECISIONS.values())}
+    types = dict.fromkeys(p.removesuffix(KV_Q8_0) for p in PRECISIONS.values())
+    files = {t: work / f"text-{t}.gguf" for t in types}
     if not files["f32"].exists():
         env = {**os.environ, "PYTHONPATH": str(tools["convert"].parent / "gguf-py")}
         tmp = files["f32"].with_suffix(".tmp")
@@ -214,9 +222,11 @@ def gguf_files(tools: dict[str, Path], text_dir: Path, work: Path) -> dict[str, 
     return files
 
 
-def llama_bench(binary: Path, gguf: Path, threads: int) -> tuple[float, float]:
+def llama_bench(binary: Path, gguf: Path, threads: int, kv_q8_0: bool) -> tuple[float, float]:
     """(prefill tokens/s, decode tokens/s) from one llama-bench repetition of each test."""
     common = [str(binary), "-m", str(gguf), "-t", str(threads), "-r", "1", "-o", "json"]
+    if kv_q8_0:
+        common += ["-ctk", "q8_0", "-ctv", "q8_0", "-fa", "1"]
     rates = []
     for test in (["-p", str(PREFILL), "-n", "0"], ["-p", "0", "-n", str(DECODE), "-d", str(DEPTH)]):
         done = subprocess.run([*common, *test], capture_output=True, text=True, check=True)
@@ -298,6 +308,12 @@ def main() -> None:
     parser.add_argument("--int4", type=Path)
     parser.add_argument("--int4-b128", type=Path, help="an int4 dir quantized with block 128")
     parser.add_argument("--int4-b128-prefill-int8", type=Path, help="the same with --prefill int8")
+    parser.add_argument("--int8-kv-int8", type=Path, help="an int8 dir with --kv-cache int8")
+    parser.add_argument(
+        "--int4-b128-prefill-int8-kv-int8",
+        type=Path,
+        help="int4 b128, --prefill int8, --kv-cache int8",
+    )
     parser.add_argument("--llama-bench", type=Path, help="a llama-bench binary (else built)")
     parser.add_argument("--llama-quantize", type=Path, help="default: beside --llama-bench")
     parser.add_argument("--convert", type=Path, help="llama.cpp's convert_hf_to_gguf.py")
@@ -349,7 +365,8 @@ def main() -> None:
     hf.measure(seed=0)
 
     jobs: list[tuple[str, Any]] = [(f"llava_edge.{p}", p) for p in PRECISIONS]
-    jobs += [(f"llama_cpp.{q}", q) for q in ggufs]
+    peers = dict.fromkeys(PRECISIONS.values()) if ggufs else {}
+    jobs += [(f"llama_cpp.{q}", q) for q in peers]
     jobs.append(("transformers.fp32", None))
     rates: dict[str, dict[str, list[float]]] = {n: {"prefill": [], "decode": []} for n, _ in jobs}
     load_before = os.getloadavg()[0]
@@ -361,7 +378,8 @@ def main() -> None:
                 # prefill of PREFILL tokens from empty, then DECODE tokens at that depth
                 prefill, _, decode = measure_runtime(pipe.backend, pipe.table, DEPTH, DECODE, run)
             elif name.startswith("llama_cpp"):
-                prefill, decode = llama_bench(bench_binary, ggufs[key], args.threads)
+                gguf = ggufs[key.removesuffix(KV_Q8_0)]
+                prefill, decode = llama_bench(bench_binary, gguf, args.threads, KV_Q8_0 in key)
             else:
                 prefill, decode = hf.measure(seed=run)
             rates[name]["prefill"].append(prefill)
@@ -390,8 +408,8 @@ def main() -> None:
     }
     for p, q in PRECISIONS.items():
         ours = f"llava_edge.{p}"
-        peers = ([f"llama_cpp.{q}"] if q in ggufs else []) + ["transformers.fp32"]
-        for peer in peers:
+        compared = ([f"llama_cpp.{q}"] if ggufs else []) + ["transformers.fp32"]
+        for peer in compared:
             for kind in ("prefill", "decode"):
                 result["ratios"][f"{kind}.{p}_vs_{peer}"] = ratio(ours, peer, kind)
     for p in PRECISIONS:

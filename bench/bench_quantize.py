@@ -34,6 +34,13 @@ QUANTIZED = {
     "int4": {"precision": "int4"},
     "int4_b128": {"precision": "int4", "block_size": 128},
     "int4_b128_prefill_int8": {"precision": "int4", "block_size": 128, "prefill": "int8"},
+    "int8_kv_int8": {"precision": "int8", "kv_cache": "int8"},
+    "int4_b128_prefill_int8_kv_int8": {
+        "precision": "int4",
+        "block_size": 128,
+        "prefill": "int8",
+        "kv_cache": "int8",
+    },
 }
 
 

@@ -127,6 +127,7 @@ def _quantize(args: argparse.Namespace) -> None:
         force=args.force,
         block_size=args.block_size,
         prefill=args.prefill,
+        kv_cache=args.kv_cache,
     )
 
 
@@ -581,6 +582,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["int8"],
         help="int4: add the decoder in int8 for prompts (about twice as fast to prefill on the "
         "CPU, for the int8 weights' memory on top)",
+    )
+    p.add_argument(
+        "--kv-cache",
+        choices=["int8"],
+        help="int8, int4: keep the fused decoder's KV cache in int8, scales calibrated per "
+        "channel (faster decoding at depth, a quarter of the cache's memory; see "
+        "docs/quantization.md)",
     )
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
 

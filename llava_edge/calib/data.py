@@ -132,6 +132,7 @@ class Capture:
     graph: str
     feeds: dict[str, np.ndarray]
     outputs: list[np.ndarray]
+    output_names: list[str]
 
 
 class _Recorder:
@@ -144,7 +145,9 @@ class _Recorder:
         outputs = self.session.run(output_names, feeds, *args, **kw)
         # The runtime's KV cache reuses its buffers: copy, and drop the unused slots at the end
         # of the preallocated past (masked out, so they change nothing the graph computes).
-        self.sink.append(Capture(self.graph, _trim_past(feeds), [np.array(o) for o in outputs]))
+        names = list(output_names or [o.name for o in self.session.get_outputs()])
+        copies = [np.array(o) for o in outputs]
+        self.sink.append(Capture(self.graph, _trim_past(feeds), copies, names))
         return outputs
 
     def __getattr__(self, name: str) -> Any:

@@ -42,7 +42,7 @@ class FusedDecoder:
         # dir has it (int4 steps, int8 prompts: manifest GraphSpec.prefill); its IO is the same.
         self.prefill = prefill
         self.text = text
-        self.dtype = np.dtype(text.dtype)
+        self.dtype = np.dtype(text.dtype)  # of the embeddings; the KV cache may be int8
         self.names = list(layer_names)  # (past key, past value, present key, present value)
 
     def decode(
@@ -100,8 +100,9 @@ class FusedDecoder:
             for past, present, buffers in pairs:
                 view = buffers[layer][rows]  # rows of a C-ordered buffer: contiguous
                 shape = list(view.shape)
-                io.bind_input(past, "cpu", 0, self.dtype, shape, view.ctypes.data)
-                io.bind_output(present, "cpu", 0, self.dtype, shape, view.ctypes.data)
+                # The cache's own dtype: the model's, or int8 (`quantize --kv-cache int8`).
+                io.bind_input(past, "cpu", 0, view.dtype, shape, view.ctypes.data)
+                io.bind_output(present, "cpu", 0, view.dtype, shape, view.ctypes.data)
         io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         session.run_with_iobinding(io)
 

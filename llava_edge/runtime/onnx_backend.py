@@ -12,6 +12,7 @@ builds strongly typed networks from the explicit-precision graphs (its fp16/int8
 from __future__ import annotations
 
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -21,12 +22,15 @@ import numpy as np
 import onnxruntime as ort
 
 from llava_edge.errors import LlavaEdgeError, first_line
-from llava_edge.manifest import PREFILL, GraphSpec, Manifest
+from llava_edge.manifest import PREFILL, GraphSpec, KVSpec, Manifest
 from llava_edge.runtime.kv_cache import KVCache, as_rows, check_kv_layout
 from llava_edge.runtime.session_cache import enabled as cache_enabled
 from llava_edge.runtime.session_cache import is_cached, open_cached, session_options
 
 GRAPH_FORMS = ("auto", "fused", "standard")
+INT8_KV_ONNXRUNTIME = (1, 27)  # the first whose CPU GroupQueryAttention runs an int8 cache
+# onnxruntime's names of the KV cache dtypes a decoder's past inputs may have.
+PAST_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int8)": "int8"}
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -100,6 +104,21 @@ def check_graph_io(name: str, graph: GraphSpec, session: ort.InferenceSession) -
             )
 
 
+def check_int8_kv_cache(decoder: GraphSpec) -> None:
+    """A fused decoder with an int8 KV cache (`quantize --kv-cache int8`) needs an onnxruntime
+    whose CPU GroupQueryAttention runs one: 1.25 and 1.26 accept the graph, then fail at its
+    first run."""
+    past = decoder.inputs.get(KVSpec().past_key.format(i=0))
+    installed = tuple(int(x) for x in re.findall(r"\d+", ort.__version__)[:2])
+    if past is not None and past.dtype == "int8" and installed < INT8_KV_ONNXRUNTIME:
+        need = ".".join(map(str, INT8_KV_ONNXRUNTIME))
+        raise LlavaEdgeError(
+            f"this model dir keeps its KV cache in int8 (quantize --kv-cache int8), which needs "
+            f"onnxruntime {need} or later, not {ort.__version__}: upgrade onnxruntime, or "
+            "quantize the model without --kv-cache"
+        )
+
+
 class OnnxBackend:
     """Runs a model dir's graphs with onnxruntime.
 
@@ -143,6 +162,7 @@ class OnnxBackend:
         self.form = self._pick_form(graph_form)
         if self.form == "fused":
             graphs = {name: g.fused or g for name, g in graphs.items()}
+            check_int8_kv_cache(graphs["decoder"])
             if graphs["decoder"].prefill:  # int4 dirs with int8 prompts
                 graphs[PREFILL] = graphs["decoder"].prefill
         files = {
@@ -165,17 +185,18 @@ class OnnxBackend:
         for name, graph in graphs.items():
             check_graph_io(name, graph, self.sessions[name])
         self.layer_names = [manifest.kv_names(i) for i in range(manifest.text.num_layers)]
-        # The cache takes the decoder's own past dtype: the int4 TensorRT form keeps it in fp16.
+        # The cache takes the decoder's own past dtype: the int4 TensorRT form keeps it in fp16,
+        # a fused decoder quantized with an int8 KV cache (`quantize --kv-cache int8`) in int8.
         past = {i.name: i.type for i in self.sessions["decoder"].get_inputs()}
-        fp16 = past.get(self.layer_names[0][0]) == "tensor(float16)"
-        self.kv_text = replace(manifest.text, dtype="float16") if fp16 else manifest.text
+        kv_dtype = PAST_DTYPES.get(past.get(self.layer_names[0][0]), manifest.text.dtype)
+        self.kv_text = replace(manifest.text, dtype=kv_dtype)
         self.fused = None
         if self.form == "fused" and manifest.graphs["decoder"].fused:
             from llava_edge.runtime.fused_backend import FusedDecoder
 
             self.fused = FusedDecoder(
                 self.sessions["decoder"],
-                self.kv_text,
+                manifest.text,
                 self.layer_names,
                 prefill=self.sessions.get(PREFILL),
             )

@@ -257,7 +257,10 @@ def read_shapes(
             raise LlavaEdgeError(f"cannot read graph {model_dir / file}: {e}") from None
     text = manifest.text
     past = manifest.kv_names(0)[0]
-    kv_dtype = sizes["decoder"].input_dtype(past) or text.dtype
+    act_dtype = sizes["decoder"].input_dtype(past) or text.dtype  # it computes in its KV's dtype
+    kv_dtype = act_dtype
+    if backend == "onnxruntime" and fused and past in fused.inputs:
+        kv_dtype = fused.inputs[past].dtype  # int8 after `quantize --kv-cache int8`
     kv_itemsize = np.dtype(kv_dtype).itemsize
     vision_out = next(iter(manifest.graphs["vision_encoder"].outputs.values())).shape
     vision_hidden = vision_out[-1] if isinstance(vision_out[-1], int) else text.hidden_size
@@ -270,7 +273,7 @@ def read_shapes(
         manifest=manifest,
         sizes=sizes,
         kv_itemsize=kv_itemsize,
-        act_itemsize=kv_itemsize,  # graphs compute in their KV cache's dtype
+        act_itemsize=np.dtype(act_dtype).itemsize,
         mlp_width=_mlp_width(sizes["decoder"], text.vocab_size, 4 * text.hidden_size),
         vision_hidden=vision_hidden,
         vision_mlp=_mlp_width(sizes["vision_encoder"], 0, 4 * vision_hidden),
@@ -368,7 +371,7 @@ def _speed(shapes: ModelShapes, device: Device, context: int) -> dict[str, float
 
 
 def _dtype_name(itemsize: int) -> str:
-    return {2: "float16", 4: "float32"}.get(itemsize, f"{itemsize}-byte")
+    return {1: "int8", 2: "float16", 4: "float32"}.get(itemsize, f"{itemsize}-byte")
 
 
 def _onnx_dtype(code: int) -> str:

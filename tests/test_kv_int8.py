@@ -1,0 +1,209 @@
+"""`quantize --kv-cache int8`: the fused decoder keeps its KV cache in int8, with per-channel scales
+that hold every key at every position, and answers as the same dir with an fp32 cache does."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import quiet
+from PIL import Image
+
+from llava_edge.calib.data import Capture
+from llava_edge.calib.kv_int8 import KVRanges
+from llava_edge.calib.quantize import quantize_model
+from llava_edge.cli import main
+from llava_edge.errors import LlavaEdgeError
+from llava_edge.manifest import KVSpec, Manifest, TextSpec
+from llava_edge.runtime import Pipeline
+from llava_edge.runtime.plan import plan
+
+KV = KVSpec()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("kv_images")
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        pixels = rng.integers(0, 256, (40 + 8 * i, 48, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def dirs(
+    tiny_model_dir: Path, images: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """int4 with int8 prompts, with its KV cache in fp32 and in int8: the same weights."""
+    root = tmp_path_factory.mktemp("kv_dirs")
+    out = {}
+    for name, kv_cache in (("fp32_cache", None), ("int8_cache", "int8")):
+        out[name] = root / name
+        quantize_model(
+            tiny_model_dir,
+            out[name],
+            "int4",
+            images=images,
+            samples=3,
+            prefill="int8",
+            kv_cache=kv_cache,
+            log=quiet,
+        )
+    return out
+
+
+def _scales(path: Path, layer: int) -> tuple[np.ndarray, np.ndarray]:
+    weights = {t.name: t for t in onnx.load(str(path)).graph.initializer}
+    key, value = (f"kv_int8.{layer}.key_scale", f"kv_int8.{layer}.value_scale")
+    return onnx.numpy_helper.to_array(weights[key]), onnx.numpy_helper.to_array(weights[value])
+
+
+def test_the_manifest_and_the_graphs_say_int8_only_for_the_fused_forms(dirs: dict) -> None:
+    manifest = Manifest.load(dirs["int8_cache"])
+    manifest.check_files(dirs["int8_cache"], hashes=True)
+    decoder = manifest.graphs["decoder"]
+    past = KV.past_key.format(i=0)
+    assert decoder.fused.inputs[past].dtype == "int8"
+    assert decoder.fused.prefill.inputs[past].dtype == "int8"  # they share one cache
+    assert decoder.fused.outputs[KV.present_value.format(i=0)].dtype == "int8"
+    # the standard graphs (TensorRT's) keep the model's dtype
+    assert decoder.inputs[past].dtype == "float32"
+    for graph in (decoder.fused, decoder.fused.prefill):
+        model = onnx.load(str(dirs["int8_cache"] / graph.file), load_external_data=False)
+        types = {v.name: v.type.tensor_type.elem_type for v in model.graph.input}
+        assert types[past] == onnx.TensorProto.INT8
+    # `plan` counts a quarter of the fp32 cache's bytes
+    int8_plan, fp32_plan = plan(dirs["int8_cache"]), plan(dirs["fp32_cache"])
+    assert int8_plan.kv_dtype == "int8" and fp32_plan.kv_dtype == "float32"
+    assert int8_plan.kv_cache * 4 == fp32_plan.kv_cache
+    assert plan(dirs["int8_cache"], backend="tensorrt").kv_dtype != "int8"
+
+
+def test_the_int8_cache_holds_the_fp32_keys_and_values_rounded(dirs: dict) -> None:
+    """The same prompt through both dirs: each int8 slot is its fp32 value over the channel's
+    scale, rounded and clipped; the logits stay close, step after step."""
+    with Pipeline.load(dirs["int8_cache"]) as int8, Pipeline.load(dirs["fp32_cache"]) as fp32:
+        text = int8.manifest.text
+        rng = np.random.default_rng(1)
+        prompt = rng.standard_normal((1, 9, text.hidden_size)).astype(np.float32)
+        caches = int8.backend.new_cache(1), fp32.backend.new_cache(1)
+        pipes = int8, fp32
+
+        def call(embeds: np.ndarray) -> list[np.ndarray]:
+            mask = np.ones(embeds.shape[:2], np.int64)
+            return [
+                p.backend.decode(embeds, mask, None, c) for p, c in zip(pipes, caches, strict=True)
+            ]
+
+        logits = [call(prompt)]
+        for _ in range(6):
+            logits.append(call(rng.standard_normal((1, 1, text.hidden_size)).astype(np.float32)))
+        quantized, reference = caches
+        assert quantized.keys[0].dtype == np.int8 and reference.keys[0].dtype == np.float32
+        fused = int8.manifest.graphs["decoder"].fused
+        n = int(quantized.lengths[0])
+        for layer in range(text.num_layers):
+            key_scale, value_scale = _scales(dirs["int8_cache"] / fused.file, layer)
+            for stored, exact, scale in (
+                (quantized.keys[layer], reference.keys[layer], key_scale),
+                (quantized.values[layer], reference.values[layer], value_scale),
+            ):
+                expected = np.clip(np.round(exact[0, :, :n] / scale), -128, 127)
+                assert np.abs(stored[0, :, :n].astype(np.float32) - expected).max() <= 1
+                assert not stored[0, :, n:].any()  # slots past the row stay zero
+        for ours, theirs in logits:
+            cosine = float((ours * theirs).sum() / np.linalg.norm(ours) / np.linalg.norm(theirs))
+            assert cosine > 0.999
+
+
+def test_batches_answer_as_one_request_at_a_time(dirs: dict) -> None:
+    colours = [(220, 40, 40), (40, 170, 60), (40, 80, 220)]
+    requests = [(Image.new("RGB", (40, 30), c), "Where is it?") for c in colours]
+    with Pipeline.load(dirs["int8_cache"]) as pipe:
+        alone = [pipe.answer(i, p, max_new_tokens=6, ignore_eos=True) for i, p in requests]
+        together = pipe.generate_batch(requests, max_new_tokens=6, ignore_eos=True)
+        assert [a.token_ids for a in together] == [a.token_ids for a in alone]
+
+
+def test_key_scales_hold_keys_at_positions_calibration_never_saw() -> None:
+    """Rotary turns each pair of key channels (i, i + head_dim/2) by a position's angle: a scale
+    from the channels' own maxima would clip a key turned another way; the pair's length does
+    not."""
+    text = TextSpec(
+        hidden_size=64,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=2,
+        head_dim=32,
+        vocab_size=10,
+        max_context=64,
+        dtype="float32",
+    )
+    rng = np.random.default_rng(0)
+    keys = rng.standard_normal((1, 2, 20, 32)).astype(np.float32) * rng.uniform(
+        0.1, 5, (1, 2, 1, 32)
+    )
+    values = rng.standard_normal((1, 2, 20, 32)).astype(np.float32)
+    names = ["logits", KV.present_key.format(i=0), KV.present_value.format(i=0)]
+    ranges = KVRanges(text)
+    ranges.observe(Capture("decoder", {}, [np.zeros((1, 10)), keys, values], names))
+    key_scale, value_scale = (s[0] for s in ranges.scales())
+    assert np.abs(values).max(axis=(0, 2))[:, None, :] == pytest.approx(value_scale * 127)
+    half = 16
+    for angle in np.linspace(0, 2 * np.pi, 17):
+        first, second = keys[..., :half], keys[..., half:]
+        cos, sin = np.cos(angle), np.sin(angle)
+        turned = np.concatenate([first * cos - second * sin, second * cos + first * sin], -1)
+        assert (np.abs(turned) <= key_scale * 127 * (1 + 1e-5)).all()
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("fp16", "--kv-cache int8 is for int8 and int4 dirs"),
+        ("unfused", "--kv-cache needs the fused decoder form"),
+    ],
+)
+def test_refusals_are_one_line_and_write_nothing(
+    case: str,
+    message: str,
+    tiny_model_dir: Path,
+    images: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    source = tiny_model_dir
+    precision = "int4"
+    if case == "fp16":
+        precision = "fp16"
+    else:
+        source = tmp_path / "unfused"
+        shutil.copytree(tiny_model_dir, source)
+        manifest = Manifest.load(source)
+        manifest.graphs["decoder"].fused = None  # as `export --no-fused` writes it
+        manifest.save(source)
+    out = tmp_path / "out"
+    args = ["--precision", precision, "--kv-cache", "int8"]
+    if precision != "fp16":
+        args += ["--images", str(images)]
+    assert main(["quantize", str(source), str(out), *args]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("llava-edge quantize: error:") and message in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_an_onnxruntime_that_cannot_run_the_int8_cache_is_named(
+    dirs: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """onnxruntime 1.25 and 1.26 load the graph, then fail at its first run: refuse at load."""
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "__version__", "1.26.2")
+    with pytest.raises(LlavaEdgeError, match="needs onnxruntime 1.27 or later, not 1.26.2"):
+        Pipeline.load(dirs["int8_cache"])
+    Pipeline.load(dirs["fp32_cache"]).close()  # an fp32 cache runs on it
+    Pipeline.load(dirs["int8_cache"], graph_form="standard").close()  # so does the standard form
