@@ -462,15 +462,25 @@ def _write_fused(model: Any, manifest: Manifest, out: Path, log: Any) -> None:
     )
 
     vision = manifest.graphs["vision_encoder"]
-    vision.fused = write_fused_vision(out / vision.file, vision, model.config.vision_config, out)
+    vision.fused, reason = write_fused_vision(
+        out / vision.file, vision, model.config.vision_config, out
+    )
+    if reason:
+        _no_fused_form(vision, "vision encoder", reason, log)
+    graph = manifest.graphs["decoder"]
     reason = can_fuse(model.config.text_config)
     if reason:
-        log(f"no fused decoder form: {reason}; onnxruntime runs the standard form")
+        _no_fused_form(graph, "decoder", reason, log)
         return
-    graph = manifest.graphs["decoder"]
     spec = fused_spec(manifest.text, graph.precision)
     write_fused_decoder(model, manifest.text, out / spec.file)
     graph.fused = spec
+
+
+def _no_fused_form(graph: GraphSpec, name: str, reason: str, log: Any) -> None:
+    """Say why a graph has no fused form, in the log and in the manifest (`details`)."""
+    graph.details["no_fused_form"] = reason
+    log(f"no fused {name} form: {reason}; onnxruntime runs the standard form")
 
 
 def _torch_export(module: Any, args: tuple, path: Path, graph: GraphSpec, opset: int) -> None:
