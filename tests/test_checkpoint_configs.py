@@ -1,0 +1,152 @@
+"""Published checkpoints' configurations, built tiny from their config.json (tests/hf_checkpoints.py).
+
+llava-interleave-qwen-0.5b-hf (a SigLIP tower with every patch kept, Qwen2 with tied embeddings
+and q/k/v biases, a ChatML-like template without BOS) exports, verifies in both graph forms, runs
+through the runtime token for token as transformers' generate(), and quantizes to int8 and int4.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import quiet
+from hf_checkpoints import interleave_qwen, write_checkpoint
+from PIL import Image
+
+from llava_edge.manifest import Manifest
+from llava_edge.runtime import Pipeline
+
+QUESTION = "What is shown in this image?"
+NEW_TOKENS = 24
+
+
+@dataclass
+class Exported:
+    checkpoint: Path
+    model_dir: Path
+    report: dict[str, Any]
+    model: Any  # LlavaForConditionalGeneration, fp32
+    processor: Any
+
+
+def export_tiny(root: Path, config: dict[str, Any], verify: bool = True) -> Exported:
+    """Write `config`'s checkpoint under root, export it (verified against transformers)."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from llava_edge.export.exporter import export_checkpoint
+
+    checkpoint = write_checkpoint(root / "checkpoint", config)
+    report = export_checkpoint(checkpoint, root / "model", verify=verify, log=quiet)
+    model = LlavaForConditionalGeneration.from_pretrained(
+        checkpoint, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    return Exported(
+        checkpoint, root / "model", report, model, AutoProcessor.from_pretrained(checkpoint)
+    )
+
+
+@pytest.fixture(scope="module")
+def interleave(tmp_path_factory: pytest.TempPathFactory) -> Exported:
+    return export_tiny(tmp_path_factory.mktemp("interleave"), interleave_qwen())
+
+
+def picture() -> Image.Image:
+    """Noise with a block, wider than tall: SigLIP's square resize squeezes it."""
+    array = np.random.default_rng(3).integers(0, 256, (75, 100, 3), dtype=np.uint8)
+    array[10:40, 20:60] = (230, 40, 40)
+    return Image.fromarray(array)
+
+
+def test_interleave_exports_verified_in_both_forms(interleave: Exported) -> None:
+    forms = interleave.report["forms"]
+    assert set(forms) == {"standard", "fused"}
+    for report in forms.values():
+        assert report["passed"] and report["prompt_ids_equal"] and report["chat_ids_equal"]
+        assert report["greedy_tokens_matched"] == report["greedy_tokens_total"] == 32
+    manifest = Manifest.load(interleave.model_dir)
+    assert manifest.source["vision_model_type"] == "siglip_vision_model"
+    assert manifest.num_image_tokens == (60 // 14) ** 2  # every patch, no CLS token
+    image = manifest.image
+    assert (image.height, image.width, image.center_crop) == (60, 60, False)
+    assert manifest.tokens.add_bos is False and manifest.tokens.bos_token_id is None
+    assert manifest.template.user == "<|im_start|>user "
+    # The SigLIP tower has its fused form: onnxruntime's Attention and SigLIP's tanh GELU.
+    vision = manifest.graphs["vision_encoder"].fused
+    assert vision is not None and "FastGelu" in vision.details["form"]
+    ops = {n.op_type for n in onnx.load(str(interleave.model_dir / vision.file)).graph.node}
+    assert {"Attention", "FastGelu", "SkipLayerNormalization"} <= ops
+
+
+@pytest.mark.parametrize("form", ["standard", "fused"])
+def test_interleave_runtime_generates_transformers_tokens(interleave: Exported, form: str) -> None:
+    image = picture()
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}
+    ]
+    text = interleave.processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = interleave.processor(images=image, text=text, return_tensors="pt")
+    with torch.no_grad():
+        reference = interleave.model.generate(
+            **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None
+        )[0, inputs["input_ids"].shape[1] :].tolist()
+    with Pipeline.load(interleave.model_dir, graph_form=form) as pipe:
+        assert pipe.backend.form == form
+        answer = pipe.answer(image, QUESTION, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        generated = pipe.generate(image, QUESTION, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    assert answer.prompt_token_ids == inputs["input_ids"][0].tolist()
+    assert answer.token_ids == reference and len(reference) == NEW_TOKENS
+    assert generated == answer.text
+
+
+def test_tied_lm_head_is_the_embedding_table(interleave: Exported) -> None:
+    """With tie_word_embeddings the decoder's output projection is the table the runtime embeds
+    with, in both forms (the checkpoint stores it once)."""
+    model = interleave.model
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    manifest = Manifest.load(interleave.model_dir)
+    table = np.load(interleave.model_dir / manifest.embeddings)
+    decoder = manifest.graphs["decoder"]
+    for file in (decoder.file, decoder.fused.file):
+        graph = onnx.load(str(interleave.model_dir / file)).graph
+        projections = [
+            onnx.numpy_helper.to_array(w)
+            for w in graph.initializer
+            if tuple(w.dims) == (table.shape[1], table.shape[0])
+        ]
+        assert len(projections) == 1, file
+        np.testing.assert_array_equal(projections[0], table.T)
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_interleave_quantizes(interleave: Exported, tmp_path: Path, precision: str) -> None:
+    """The tied lm_head is quantized with the other MatMuls; the embedding table stays float."""
+    from llava_edge.calib.quantize import quantize_model
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        Image.new("RGB", (50 + 10 * i, 40), (60 * i, 120, 200)).save(images / f"{i}.png")
+    out = tmp_path / precision
+    quantize_model(interleave.model_dir, out, precision, images=images, samples=2, log=quiet)
+    manifest = Manifest.load(out)
+    vocab = manifest.text.vocab_size
+    quantized = {"int8": "MatMulInteger", "int4": "MatMulNBits"}[precision]
+    for graph in (manifest.graphs["decoder"], manifest.graphs["decoder"].fused):
+        nodes = onnx.load(str(out / graph.file)).graph
+        shapes = {w.name: tuple(w.dims) for w in nodes.initializer}
+        heads = [
+            n
+            for n in nodes.node
+            if n.op_type == quantized and any(vocab in shapes.get(i, ()) for i in n.input)
+        ]
+        assert len(heads) == 1, graph.file
+    assert np.load(out / manifest.embeddings).dtype == np.float32
+    with Pipeline.load(out) as pipe:
+        answer = pipe.answer(picture(), QUESTION, max_new_tokens=4, ignore_eos=True)
+    assert len(answer.token_ids) == 4
