@@ -150,3 +150,130 @@ def test_interleave_quantizes(interleave: Exported, tmp_path: Path, precision: s
     with Pipeline.load(out) as pipe:
         answer = pipe.answer(picture(), QUESTION, max_new_tokens=4, ignore_eos=True)
     assert len(answer.token_ids) == 4
+
+
+# ---- text-config keys of other published checkpoints, on the tiny CLIP checkpoint -------------
+
+WINDOW = 160  # holds the verification's prompt (about 80 tokens) and its 32 new tokens
+TEXT_VARIANTS: dict[str, dict[str, Any]] = {
+    # Llama 3.1's rope (llama3-llava-next-8b's family): low frequencies scaled. The original
+    # length is small so that the tiny heads' frequencies are among those scaled.
+    "llama3-rope": dict(
+        text={
+            "rope_theta": 500000.0,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        }
+    ),
+    # An explicit head_dim unlike hidden / heads (as Mistral-Nemo's 128 of 5120 / 32), with GQA.
+    "head-dim": dict(backbone="mistral", text={"head_dim": 32, "num_key_value_heads": 2}),
+    # Mistral v0.1's sliding window (bakLlava, llava-v1.6-mistral): the context stops at it.
+    "sliding-window": dict(backbone="mistral", text={"sliding_window": WINDOW}),
+}
+
+
+@dataclass
+class Variant:
+    checkpoint: Path
+    model_dir: Path
+    report: dict[str, Any]
+    model: Any
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """name -> the variant's checkpoint exported (and verified), each made once when first asked."""
+    from transformers import LlavaForConditionalGeneration
+
+    from llava_edge.export.exporter import export_checkpoint
+    from llava_edge.training.checkpoint import init_checkpoint
+
+    made: dict[str, Variant] = {}
+
+    def get(name: str) -> Variant:
+        if name not in made:
+            root = tmp_path_factory.mktemp(name)
+            checkpoint = init_checkpoint(root / "checkpoint", seed=11, **TEXT_VARIANTS[name])
+            report = export_checkpoint(checkpoint, root / "model", log=quiet)
+            model = LlavaForConditionalGeneration.from_pretrained(
+                checkpoint, dtype=torch.float32, attn_implementation="eager"
+            ).eval()
+            made[name] = Variant(checkpoint, root / "model", report, model)
+        return made[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", list(TEXT_VARIANTS))
+def test_text_variant_exports_token_exact(variants: Any, name: str) -> None:
+    """Verified against transformers in both forms (prompt ids, logits, greedy tokens to EOS or
+    32), and the config key really shapes the model (else the check would prove nothing)."""
+    variant = variants(name)
+    model = variant.model
+    assert set(variant.report["forms"]) == {"standard", "fused"}
+    for form in variant.report["forms"].values():
+        assert form["passed"] and form["greedy_tokens_matched"] == form["greedy_tokens_total"] > 0
+    manifest = Manifest.load(variant.model_dir)
+    assert manifest.graphs["decoder"].fused is not None  # the fused decoder holds it too
+    text = model.config.text_config
+    if name == "llama3-rope":
+        rotary = model.model.language_model.rotary_emb
+        dim = manifest.text.head_dim
+        plain = 1.0 / 500000.0 ** (torch.arange(0, dim, 2).float() / dim)
+        assert rotary.rope_type == "llama3"
+        assert not torch.allclose(rotary.inv_freq, plain)
+    elif name == "head-dim":
+        assert manifest.text.head_dim == text.head_dim == 32
+        assert text.hidden_size // text.num_attention_heads != 32
+    else:
+        assert manifest.text.max_context == WINDOW < text.max_position_embeddings
+
+
+def test_sliding_window_caps_the_context(variants: Any, tmp_path: Path) -> None:
+    """Inside the window full attention is sliding attention: a prompt of exactly the window
+    gives transformers' logits in both forms; a longer context is refused."""
+    from llava_edge.errors import LlavaEdgeError
+    from llava_edge.export.exporter import export_checkpoint
+
+    variant = variants("sliding-window")
+    checkpoint, model_dir, model = variant.checkpoint, variant.model_dir, variant.model
+    with pytest.raises(LlavaEdgeError, match=f"--max-context must be between 1 and {WINDOW}"):
+        export_checkpoint(checkpoint, tmp_path / "out", max_context=WINDOW + 1, log=quiet)
+    assert not (tmp_path / "out").exists()
+    table = np.load(model_dir / Manifest.load(model_dir).embeddings)
+    ids = np.random.default_rng(0).integers(0, table.shape[0], (1, WINDOW))
+    with torch.no_grad():
+        reference = model(input_ids=torch.from_numpy(ids)).logits[0, -1].numpy()
+    for form in ("standard", "fused"):
+        with Pipeline.load(model_dir, graph_form=form) as pipe:
+            cache = pipe.backend.new_cache(1)
+            logits = pipe.backend.decode(
+                table[ids], np.ones_like(ids), np.arange(WINDOW)[None], cache
+            )
+        np.testing.assert_allclose(logits[0], reference, rtol=1e-4, atol=1e-5)
+
+
+def test_longrope_is_refused_before_loading(tmp_path: Path, capsys) -> None:
+    """A rope whose frequencies switch with the sequence length: one line naming it, before the
+    weights are read (here there are none), and no output dir."""
+    from llava_edge.cli import main
+    from llava_edge.training.checkpoint import init_checkpoint
+
+    rope = {
+        "rope_type": "longrope",
+        "short_factor": [1.0] * 8,
+        "long_factor": [2.0] * 8,
+        "original_max_position_embeddings": 64,
+    }
+    checkpoint = init_checkpoint(tmp_path / "checkpoint", text={"rope_scaling": rope})
+    (checkpoint / "model.safetensors").unlink()
+    capsys.readouterr()  # what init said
+    assert main(["export", str(checkpoint), str(tmp_path / "out")]) != 0
+    error = capsys.readouterr().err.strip()
+    assert "rope type 'longrope' is not supported" in error and len(error.splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -79,10 +79,9 @@ def can_fuse(text_config: Any) -> str | None:
         return f"head size {head_dim} (GroupQueryAttention takes multiples of 16)"
     if getattr(text_config, "partial_rotary_factor", 1.0) != 1.0:
         return "rotary over part of each head"
-    rope = getattr(text_config, "rope_parameters", None) or getattr(
-        text_config, "rope_scaling", None
-    )
-    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) == "dynamic":
+    from llava_edge.export.exporter import rope_type
+
+    if rope_type(text_config) == "dynamic":
         return "dynamic rope scaling (its tables change with the sequence length)"
     return None
 
