@@ -3,6 +3,9 @@
 llava-interleave-qwen-0.5b-hf (a SigLIP tower with every patch kept, Qwen2 with tied embeddings
 and q/k/v biases, a ChatML-like template without BOS) exports, verifies in both graph forms, runs
 through the runtime token for token as transformers' generate(), and quantizes to int8 and int4.
+Text-config keys of other published checkpoints (Llama 3.2's llama3 rope with tied embeddings,
+Qwen2.5's YaRN, an explicit head_dim, Mistral's sliding window) export token-exact in both forms;
+longrope is refused before loading.
 """
 
 from __future__ import annotations
@@ -156,10 +159,11 @@ def test_interleave_quantizes(interleave: Exported, tmp_path: Path, precision: s
 
 WINDOW = 160  # holds the verification's prompt (about 80 tokens) and its 32 new tokens
 TEXT_VARIANTS: dict[str, dict[str, Any]] = {
-    # Llama 3.1's rope (llama3-llava-next-8b's family): low frequencies scaled. The original
-    # length is small so that the tiny heads' frequencies are among those scaled.
+    # Llama 3.2 1B/3B's text config: the llama3 rope (low frequencies scaled; the original length
+    # is small so that the tiny heads' frequencies are among those scaled) and tied embeddings.
     "llama3-rope": dict(
         text={
+            "tie_word_embeddings": True,
             "rope_theta": 500000.0,
             "rope_scaling": {
                 "rope_type": "llama3",
@@ -169,6 +173,17 @@ TEXT_VARIANTS: dict[str, dict[str, Any]] = {
                 "original_max_position_embeddings": 64,
             },
         }
+    ),
+    # YaRN (Qwen2.5's long-context rope): scaled frequencies and an attention factor on cos/sin.
+    "yarn-rope": dict(
+        backbone="qwen2",
+        text={
+            "rope_scaling": {
+                "rope_type": "yarn",
+                "factor": 16.0,
+                "original_max_position_embeddings": 64,
+            }
+        },
     ),
     # An explicit head_dim unlike hidden / heads (as Mistral-Nemo's 128 of 5120 / 32), with GQA.
     "head-dim": dict(backbone="mistral", text={"head_dim": 32, "num_key_value_heads": 2}),
@@ -227,6 +242,11 @@ def test_text_variant_exports_token_exact(variants: Any, name: str) -> None:
         plain = 1.0 / 500000.0 ** (torch.arange(0, dim, 2).float() / dim)
         assert rotary.rope_type == "llama3"
         assert not torch.allclose(rotary.inv_freq, plain)
+        tied = model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+        assert tied
+    elif name == "yarn-rope":
+        rotary = model.model.language_model.rotary_emb
+        assert rotary.rope_type == "yarn" and rotary.attention_scaling != 1.0
     elif name == "head-dim":
         assert manifest.text.head_dim == text.head_dim == 32
         assert text.hidden_size // text.num_attention_heads != 32
