@@ -71,7 +71,8 @@ SIGLIP_PROCESSOR = {
     "image_mean": [0.5, 0.5, 0.5],
     "image_std": [0.5, 0.5, 0.5],
 }
-# Its chat template: ChatML with a space after the role, images before the text.
+# Its prompt format as the model card writes it (`<|im_start|>user <image>\nQ<|im_end|>
+# <|im_start|>assistant`): ChatML with a space after the role, images before the text.
 INTERLEAVE_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}"
     "{# Render all images first #}"
@@ -81,6 +82,20 @@ INTERLEAVE_TEMPLATE = (
     "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
     "{{ content['text'] }}{% endfor %}{{'<|im_end|>'}}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant' }}{% endif %}"
+)
+# The template of llava-hf's OneVision family: the newline before the question is written only
+# with an image, and a past answer follows "assistant \n" where a new one follows "assistant\n".
+ONEVISION_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ '\n' + content['text'] }}{% endfor %}"
+    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ '\n' + content['text'] }}{% endgeneration %}{% endfor %}{% endif %}"
+    "{{'<|im_end|>'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 IMAGE = "<image>"
