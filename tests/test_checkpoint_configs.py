@@ -5,7 +5,7 @@ and q/k/v biases, a ChatML-like template without BOS) exports, verifies in both 
 through the runtime token for token as transformers' generate(), and quantizes to int8 and int4.
 Text-config keys of other published checkpoints (Llama 3.2's llama3 rope with tied embeddings,
 Qwen2.5's YaRN, an explicit head_dim, Mistral's sliding window) export token-exact in both forms;
-longrope is refused before loading.
+longrope, and a chat template the manifest's strings cannot hold, are refused before loading.
 """
 
 from __future__ import annotations
@@ -38,14 +38,14 @@ class Exported:
     processor: Any
 
 
-def export_tiny(root: Path, config: dict[str, Any], verify: bool = True) -> Exported:
+def export_tiny(root: Path, config: dict[str, Any]) -> Exported:
     """Write `config`'s checkpoint under root, export it (verified against transformers)."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from llava_edge.export.exporter import export_checkpoint
 
     checkpoint = write_checkpoint(root / "checkpoint", config)
-    report = export_checkpoint(checkpoint, root / "model", verify=verify, log=quiet)
+    report = export_checkpoint(checkpoint, root / "model", log=quiet)
     model = LlavaForConditionalGeneration.from_pretrained(
         checkpoint, dtype=torch.float32, attn_implementation="eager"
     ).eval()
