@@ -165,3 +165,50 @@ def _png_bytes() -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(noise(64, 64)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+# ---- SigLIP (llava-interleave, LLaVA-OneVision): a square resize, no crop, mean and std 0.5 ----
+
+
+def siglip_processor(size: int = 384):
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    return SiglipImageProcessorPil(
+        size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+
+
+def siglip_spec(size: int = 384) -> ImageSpec:
+    """The spec export writes for this processor, read by export's own code."""
+    from types import SimpleNamespace
+
+    from llava_edge.export.exporter import _image_spec
+
+    config = SimpleNamespace(
+        model_type="llava",
+        vision_config=SimpleNamespace(image_size=size, patch_size=14),
+    )
+    return _image_spec(siglip_processor(size), config)
+
+
+def test_siglip_spec_is_a_square_resize_without_crop():
+    image = siglip_spec()
+    assert (image.height, image.width, image.resize) == (384, 384, {"height": 384, "width": 384})
+    assert not image.center_crop and not image.pad_to_square
+    assert image.mean == image.std == [0.5] * 3 and image.resample == 3
+
+
+@pytest.mark.parametrize("size", [(45, 70), (70, 45), (20, 30), (384, 384), (480, 640), (301, 97)])
+def test_siglip_geometry_matches_transformers(size):
+    image = Image.fromarray(noise(*size, seed=size[1]))
+    ours = preprocess(load_image(image), siglip_spec())
+    theirs = np.asarray(siglip_processor()(images=image, return_tensors="np")["pixel_values"][0])
+    assert ours.shape == theirs.shape == (3, 384, 384) and ours.dtype == np.float32
+    assert np.abs(ours - theirs).max() < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "L", "P", "CMYK"])
+def test_siglip_modes_match_transformers(mode):
+    image = photo(mode)
+    theirs = siglip_processor(56)(images=image, return_tensors="np")["pixel_values"][0]
+    assert np.abs(preprocess(load_image(image), siglip_spec(56)) - theirs).max() < 1e-5

@@ -200,7 +200,31 @@ def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = F
             f"{source}: text model '{text_type}' is not supported yet "
             f"(supported: {', '.join(SUPPORTED_TEXT_MODELS)})"
         )
+    rope = rope_type(config.text_config)
+    if rope in UNSUPPORTED_ROPE:
+        raise LlavaEdgeError(
+            f"{source}: text_config rope type '{rope}' is not supported ({UNSUPPORTED_ROPE[rope]}); "
+            "export takes the default, linear, dynamic, yarn and llama3 rope types"
+        )
     return config
+
+
+# Rope types the graphs cannot hold, and why.
+UNSUPPORTED_ROPE = {
+    "longrope": "its frequencies switch from short to long factors with the sequence length, "
+    "inside the traced graph",
+}
+
+
+def rope_type(text_config: Any) -> str:
+    """The text model's rope type ('default' without scaling), from transformers' rope_parameters
+    (or the rope_scaling of configs older transformers wrote)."""
+    rope = getattr(text_config, "rope_parameters", None) or getattr(
+        text_config, "rope_scaling", None
+    )
+    if not isinstance(rope, dict):
+        return "default"
+    return str(rope.get("rope_type", rope.get("type", "default")))
 
 
 def _original_format(config_file: Path) -> bool:
@@ -462,15 +486,25 @@ def _write_fused(model: Any, manifest: Manifest, out: Path, log: Any) -> None:
     )
 
     vision = manifest.graphs["vision_encoder"]
-    vision.fused = write_fused_vision(out / vision.file, vision, model.config.vision_config, out)
+    vision.fused, reason = write_fused_vision(
+        out / vision.file, vision, model.config.vision_config, out
+    )
+    if reason:
+        _no_fused_form(vision, "vision encoder", reason, log)
+    graph = manifest.graphs["decoder"]
     reason = can_fuse(model.config.text_config)
     if reason:
-        log(f"no fused decoder form: {reason}; onnxruntime runs the standard form")
+        _no_fused_form(graph, "decoder", reason, log)
         return
-    graph = manifest.graphs["decoder"]
     spec = fused_spec(manifest.text, graph.precision)
     write_fused_decoder(model, manifest.text, out / spec.file)
     graph.fused = spec
+
+
+def _no_fused_form(graph: GraphSpec, name: str, reason: str, log: Any) -> None:
+    """Say why a graph has no fused form, in the log and in the manifest (`details`)."""
+    graph.details["no_fused_form"] = reason
+    log(f"no fused {name} form: {reason}; onnxruntime runs the standard form")
 
 
 def _torch_export(module: Any, args: tuple, path: Path, graph: GraphSpec, opset: int) -> None:

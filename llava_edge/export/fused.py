@@ -1,5 +1,6 @@
 """onnxruntime's fused forms: the decoder built node by node from the checkpoint's weights, and the
-CLIP vision encoder through onnxruntime.transformers' optimizer (`write_fused_vision`, below).
+CLIP or SigLIP vision encoder through onnxruntime.transformers' optimizer (`write_fused_vision`,
+below).
 
 The TorchScript decoder (graphs.py) is made of standard ops so that TensorRT parses it; onnxruntime
 runs it as ~1,100 small operators a step. This second form of the same weights is what
@@ -78,10 +79,9 @@ def can_fuse(text_config: Any) -> str | None:
         return f"head size {head_dim} (GroupQueryAttention takes multiples of 16)"
     if getattr(text_config, "partial_rotary_factor", 1.0) != 1.0:
         return "rotary over part of each head"
-    rope = getattr(text_config, "rope_parameters", None) or getattr(
-        text_config, "rope_scaling", None
-    )
-    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) == "dynamic":
+    from llava_edge.export.exporter import rope_type
+
+    if rope_type(text_config) == "dynamic":
         return "dynamic rope scaling (its tables change with the sequence length)"
     return None
 
@@ -294,14 +294,24 @@ class _Graph:
 # ---- the vision encoder ------------------------------------------------------------------------
 
 VISION_FUSED_FILE = "vision_encoder_fused.onnx"
+# Towers whose encoder layers are CLIP's shape (pre-norm, q/k/v/out projections with biases, a
+# two-layer MLP): onnxruntime's CLIP fusions apply to both. SigLIP's tanh GELU becomes FastGelu.
+FUSABLE_TOWERS = {
+    "clip_vision_model": "QuickGelu",
+    "siglip_vision_model": "FastGelu",
+}
+# The fused graph must equal the standard one on a random input this closely (relative to the
+# features' range); the fusions only reorder sums, so a larger gap means a wrong graph.
+VISION_FUSED_TOLERANCE = 1e-4
 
 
 def write_fused_vision(
     standard: Path, spec: GraphSpec, vision_config: Any, out: Path
-) -> GraphSpec | None:
-    """The vision encoder with onnxruntime's CLIP fusions (Attention, SkipLayerNormalization,
-    QuickGelu) from onnxruntime.transformers' optimizer, or None when it fuses no attention (a
-    tower it does not know) or the graph is fp16 (the CPU Attention kernel is float32)."""
+) -> tuple[GraphSpec | None, str | None]:
+    """The vision encoder with onnxruntime's CLIP fusions (Attention, SkipLayerNormalization, the
+    tower's GELU) from onnxruntime.transformers' optimizer: (its spec, None), or (None, why there
+    is none): an fp16 graph (the CPU Attention kernel is float32), a tower the fusions do not
+    know, no attention fused, or a fused graph whose features differ from the standard graph's."""
     import dataclasses
 
     from onnx import helper
@@ -310,8 +320,11 @@ def write_fused_vision(
     from llava_edge.files import save_graph
     from llava_edge.logs import quiet
 
-    if spec.precision != "fp32" or getattr(vision_config, "model_type", "") != "clip_vision_model":
-        return None
+    tower = getattr(vision_config, "model_type", "")
+    if spec.precision != "fp32":
+        return None, f"{spec.precision} (the CPU Attention kernel is float32)"
+    if tower not in FUSABLE_TOWERS:
+        return None, f"vision tower {tower!r} (the fusions know {', '.join(FUSABLE_TOWERS)})"
     with quiet("onnxruntime.transformers"):
         optimized = optimize_model(
             str(standard),
@@ -320,17 +333,41 @@ def write_fused_vision(
             hidden_size=vision_config.hidden_size,
             opt_level=0,  # the Python fusions only; onnxruntime optimizes the rest at load
         )
-    ops = {n.op_type for n in optimized.model.graph.node}
-    if "Attention" not in ops:
-        return None
     model = optimized.model
+    if "Attention" not in {n.op_type for n in model.graph.node}:
+        return None, f"onnxruntime's optimizer fused no attention in this {tower}"
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):  # the optimizer omits it
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    save_graph(model, out / VISION_FUSED_FILE)
-    return dataclasses.replace(
+    path = out / VISION_FUSED_FILE
+    save_graph(model, path)  # saved first: a tower past 2 GiB runs from its file only
+    gap = _vision_gap(standard, path, spec)
+    if gap > VISION_FUSED_TOLERANCE:
+        for written in (path, path.with_name(path.name + ".data")):
+            written.unlink(missing_ok=True)
+        return None, f"the fused graph's features differ from the standard graph's by {gap:.2g}"
+    fused = dataclasses.replace(
         spec,
         file=VISION_FUSED_FILE,
         fused=None,
         tensorrt_file=None,
-        details={"form": "fused: Attention, SkipLayerNormalization, QuickGelu (CLIP fusions)"},
+        details={
+            "form": "fused: Attention, SkipLayerNormalization, "
+            f"{FUSABLE_TOWERS[tower]} (onnxruntime's CLIP fusions)"
+        },
     )
+    return fused, None
+
+
+def _vision_gap(standard: Path, fused: Path, spec: GraphSpec) -> float:
+    """max |fused - standard| / max |standard| of the features of two random images."""
+    import onnxruntime as ort
+
+    (name, tensor) = next(iter(spec.inputs.items()))
+    shape = [2 if isinstance(d, str) else d for d in tensor.shape]
+    pixels = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    results = []
+    for graph in (standard, fused):
+        session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+        results.append(session.run(None, {name: pixels})[0].astype(np.float64))
+    reference, ours = results
+    return float(np.abs(ours - reference).max() / (np.abs(reference).max() + 1e-30))

@@ -1,9 +1,11 @@
-"""Image loading and preprocessing in numpy and PIL, equal to transformers' CLIPImageProcessor.
+"""Image loading and preprocessing in numpy and PIL, equal to transformers' CLIPImageProcessor
+and SiglipImageProcessor.
 
 The runtime cannot import transformers, so the processor's steps are replayed here from the
 numbers export wrote into the manifest: convert to RGB (transparency over white), optionally pad
-to a square with the mean colour (LLaVA-1.5 'pad'), resize the shortest edge with PIL, center
-crop, rescale, normalize. Tests hold this to transformers' output within 1e-5.
+to a square with the mean colour (LLaVA-1.5 'pad'), resize with PIL (CLIP: the shortest edge,
+then a center crop; SigLIP: straight to the square, no crop), rescale, normalize. Tests hold this
+to transformers' output within 1e-5.
 """
 
 from __future__ import annotations
@@ -147,7 +149,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def preprocess(image: Image.Image, spec: ImageSpec) -> np.ndarray:
-    """An RGB PIL image -> float32 pixel_values [3, H, W], as CLIPImageProcessor computes them."""
+    """An RGB PIL image -> float32 pixel_values [3, H, W], as the checkpoint's processor computes
+    them."""
     array = np.asarray(image, dtype=np.uint8)
     if spec.pad_to_square:
         array = _pad_to_square(array, tuple(int(m * 255) for m in spec.mean))

@@ -1,0 +1,314 @@
+"""Published checkpoints' configurations, built tiny from their config.json (tests/hf_checkpoints.py).
+
+llava-interleave-qwen-0.5b-hf (a SigLIP tower with every patch kept, Qwen2 with tied embeddings
+and q/k/v biases, a ChatML-like template without BOS) exports, verifies in both graph forms, runs
+through the runtime token for token as transformers' generate(), and quantizes to int8 and int4.
+Text-config keys of other published checkpoints (Llama 3.2's llama3 rope with tied embeddings,
+Qwen2.5's YaRN, an explicit head_dim, Mistral's sliding window) export token-exact in both forms;
+longrope, and a chat template the manifest's strings cannot hold, are refused before loading.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import quiet
+from hf_checkpoints import ONEVISION_TEMPLATE, interleave_qwen, write_checkpoint
+from PIL import Image
+
+from llava_edge.manifest import Manifest
+from llava_edge.runtime import Pipeline
+
+QUESTION = "What is shown in this image?"
+NEW_TOKENS = 24
+
+
+@dataclass
+class Exported:
+    checkpoint: Path
+    model_dir: Path
+    report: dict[str, Any]
+    model: Any  # LlavaForConditionalGeneration, fp32
+    processor: Any
+
+
+def export_tiny(root: Path, config: dict[str, Any]) -> Exported:
+    """Write `config`'s checkpoint under root, export it (verified against transformers)."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from llava_edge.export.exporter import export_checkpoint
+
+    checkpoint = write_checkpoint(root / "checkpoint", config)
+    report = export_checkpoint(checkpoint, root / "model", log=quiet)
+    model = LlavaForConditionalGeneration.from_pretrained(
+        checkpoint, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    return Exported(
+        checkpoint, root / "model", report, model, AutoProcessor.from_pretrained(checkpoint)
+    )
+
+
+@pytest.fixture(scope="module")
+def interleave(tmp_path_factory: pytest.TempPathFactory) -> Exported:
+    return export_tiny(tmp_path_factory.mktemp("interleave"), interleave_qwen())
+
+
+def picture() -> Image.Image:
+    """Noise with a block, wider than tall: SigLIP's square resize squeezes it."""
+    array = np.random.default_rng(3).integers(0, 256, (75, 100, 3), dtype=np.uint8)
+    array[10:40, 20:60] = (230, 40, 40)
+    return Image.fromarray(array)
+
+
+def test_interleave_exports_verified_in_both_forms(interleave: Exported) -> None:
+    forms = interleave.report["forms"]
+    assert set(forms) == {"standard", "fused"}
+    for report in forms.values():
+        assert report["passed"] and report["prompt_ids_equal"] and report["chat_ids_equal"]
+        assert report["greedy_tokens_matched"] == report["greedy_tokens_total"] == 32
+    manifest = Manifest.load(interleave.model_dir)
+    assert manifest.source["vision_model_type"] == "siglip_vision_model"
+    assert manifest.num_image_tokens == (60 // 14) ** 2  # every patch, no CLS token
+    image = manifest.image
+    assert (image.height, image.width, image.center_crop) == (60, 60, False)
+    assert manifest.tokens.add_bos is False and manifest.tokens.bos_token_id is None
+    assert manifest.template.user == "<|im_start|>user "
+    # The SigLIP tower has its fused form: onnxruntime's Attention and SigLIP's tanh GELU.
+    vision = manifest.graphs["vision_encoder"].fused
+    assert vision is not None and "FastGelu" in vision.details["form"]
+    ops = {n.op_type for n in onnx.load(str(interleave.model_dir / vision.file)).graph.node}
+    assert {"Attention", "FastGelu", "SkipLayerNormalization"} <= ops
+
+
+@pytest.mark.parametrize("form", ["standard", "fused"])
+def test_interleave_runtime_generates_transformers_tokens(interleave: Exported, form: str) -> None:
+    image = picture()
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}
+    ]
+    text = interleave.processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = interleave.processor(images=image, text=text, return_tensors="pt")
+    with torch.no_grad():
+        reference = interleave.model.generate(
+            **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None
+        )[0, inputs["input_ids"].shape[1] :].tolist()
+    with Pipeline.load(interleave.model_dir, graph_form=form) as pipe:
+        assert pipe.backend.form == form
+        answer = pipe.answer(image, QUESTION, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        generated = pipe.generate(image, QUESTION, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    assert answer.prompt_token_ids == inputs["input_ids"][0].tolist()
+    assert answer.token_ids == reference and len(reference) == NEW_TOKENS
+    assert generated == answer.text
+
+
+def test_tied_lm_head_is_the_embedding_table(interleave: Exported) -> None:
+    """With tie_word_embeddings the decoder's output projection is the table the runtime embeds
+    with, in both forms (the checkpoint stores it once)."""
+    model = interleave.model
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    manifest = Manifest.load(interleave.model_dir)
+    table = np.load(interleave.model_dir / manifest.embeddings)
+    decoder = manifest.graphs["decoder"]
+    for file in (decoder.file, decoder.fused.file):
+        graph = onnx.load(str(interleave.model_dir / file)).graph
+        projections = [
+            onnx.numpy_helper.to_array(w)
+            for w in graph.initializer
+            if tuple(w.dims) == (table.shape[1], table.shape[0])
+        ]
+        assert len(projections) == 1, file
+        np.testing.assert_array_equal(projections[0], table.T)
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_interleave_quantizes(interleave: Exported, tmp_path: Path, precision: str) -> None:
+    """The tied lm_head is quantized with the other MatMuls; the embedding table stays float."""
+    from llava_edge.calib.quantize import quantize_model
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        Image.new("RGB", (50 + 10 * i, 40), (60 * i, 120, 200)).save(images / f"{i}.png")
+    out = tmp_path / precision
+    quantize_model(interleave.model_dir, out, precision, images=images, samples=2, log=quiet)
+    manifest = Manifest.load(out)
+    vocab = manifest.text.vocab_size
+    quantized = {"int8": "MatMulInteger", "int4": "MatMulNBits"}[precision]
+    for graph in (manifest.graphs["decoder"], manifest.graphs["decoder"].fused):
+        nodes = onnx.load(str(out / graph.file)).graph
+        shapes = {w.name: tuple(w.dims) for w in nodes.initializer}
+        heads = [
+            n
+            for n in nodes.node
+            if n.op_type == quantized and any(vocab in shapes.get(i, ()) for i in n.input)
+        ]
+        assert len(heads) == 1, graph.file
+    assert np.load(out / manifest.embeddings).dtype == np.float32
+    with Pipeline.load(out) as pipe:
+        answer = pipe.answer(picture(), QUESTION, max_new_tokens=4, ignore_eos=True)
+    assert len(answer.token_ids) == 4
+
+
+# ---- text-config keys of other published checkpoints, on the tiny CLIP checkpoint -------------
+
+WINDOW = 160  # holds the verification's prompt (about 80 tokens) and its 32 new tokens
+TEXT_VARIANTS: dict[str, dict[str, Any]] = {
+    # Llama 3.2 1B/3B's text config: the llama3 rope (low frequencies scaled; the original length
+    # is small so that the tiny heads' frequencies are among those scaled) and tied embeddings.
+    "llama3-rope": dict(
+        text={
+            "tie_word_embeddings": True,
+            "rope_theta": 500000.0,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        }
+    ),
+    # YaRN (Qwen2.5's long-context rope): scaled frequencies and an attention factor on cos/sin.
+    "yarn-rope": dict(
+        backbone="qwen2",
+        text={
+            "rope_scaling": {
+                "rope_type": "yarn",
+                "factor": 16.0,
+                "original_max_position_embeddings": 64,
+            }
+        },
+    ),
+    # An explicit head_dim unlike hidden / heads (as Mistral-Nemo's 128 of 5120 / 32), with GQA.
+    "head-dim": dict(backbone="mistral", text={"head_dim": 32, "num_key_value_heads": 2}),
+    # Mistral v0.1's sliding window (bakLlava, llava-v1.6-mistral): the context stops at it.
+    "sliding-window": dict(backbone="mistral", text={"sliding_window": WINDOW}),
+}
+
+
+@dataclass
+class Variant:
+    checkpoint: Path
+    model_dir: Path
+    report: dict[str, Any]
+    model: Any
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """name -> the variant's checkpoint exported (and verified), each made once when first asked."""
+    from transformers import LlavaForConditionalGeneration
+
+    from llava_edge.export.exporter import export_checkpoint
+    from llava_edge.training.checkpoint import init_checkpoint
+
+    made: dict[str, Variant] = {}
+
+    def get(name: str) -> Variant:
+        if name not in made:
+            root = tmp_path_factory.mktemp(name)
+            checkpoint = init_checkpoint(root / "checkpoint", seed=11, **TEXT_VARIANTS[name])
+            report = export_checkpoint(checkpoint, root / "model", log=quiet)
+            model = LlavaForConditionalGeneration.from_pretrained(
+                checkpoint, dtype=torch.float32, attn_implementation="eager"
+            ).eval()
+            made[name] = Variant(checkpoint, root / "model", report, model)
+        return made[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", list(TEXT_VARIANTS))
+def test_text_variant_exports_token_exact(variants: Any, name: str) -> None:
+    """Verified against transformers in both forms (prompt ids, logits, greedy tokens to EOS or
+    32), and the config key really shapes the model (else the check would prove nothing)."""
+    variant = variants(name)
+    model = variant.model
+    assert set(variant.report["forms"]) == {"standard", "fused"}
+    for form in variant.report["forms"].values():
+        assert form["passed"] and form["greedy_tokens_matched"] == form["greedy_tokens_total"] > 0
+    manifest = Manifest.load(variant.model_dir)
+    assert manifest.graphs["decoder"].fused is not None  # the fused decoder holds it too
+    text = model.config.text_config
+    if name == "llama3-rope":
+        rotary = model.model.language_model.rotary_emb
+        dim = manifest.text.head_dim
+        plain = 1.0 / 500000.0 ** (torch.arange(0, dim, 2).float() / dim)
+        assert rotary.rope_type == "llama3"
+        assert not torch.allclose(rotary.inv_freq, plain)
+        tied = model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+        assert tied
+    elif name == "yarn-rope":
+        rotary = model.model.language_model.rotary_emb
+        assert rotary.rope_type == "yarn" and rotary.attention_scaling != 1.0
+    elif name == "head-dim":
+        assert manifest.text.head_dim == text.head_dim == 32
+        assert text.hidden_size // text.num_attention_heads != 32
+    else:
+        assert manifest.text.max_context == WINDOW < text.max_position_embeddings
+
+
+def test_sliding_window_caps_the_context(variants: Any, tmp_path: Path) -> None:
+    """Inside the window full attention is sliding attention: a prompt of exactly the window
+    gives transformers' logits in both forms; a longer context is refused."""
+    from llava_edge.errors import LlavaEdgeError
+    from llava_edge.export.exporter import export_checkpoint
+
+    variant = variants("sliding-window")
+    checkpoint, model_dir, model = variant.checkpoint, variant.model_dir, variant.model
+    with pytest.raises(LlavaEdgeError, match=f"--max-context must be between 1 and {WINDOW}"):
+        export_checkpoint(checkpoint, tmp_path / "out", max_context=WINDOW + 1, log=quiet)
+    assert not (tmp_path / "out").exists()
+    table = np.load(model_dir / Manifest.load(model_dir).embeddings)
+    ids = np.random.default_rng(0).integers(0, table.shape[0], (1, WINDOW))
+    with torch.no_grad():
+        reference = model(input_ids=torch.from_numpy(ids)).logits[0, -1].numpy()
+    for form in ("standard", "fused"):
+        with Pipeline.load(model_dir, graph_form=form) as pipe:
+            cache = pipe.backend.new_cache(1)
+            logits = pipe.backend.decode(
+                table[ids], np.ones_like(ids), np.arange(WINDOW)[None], cache
+            )
+        np.testing.assert_allclose(logits[0], reference, rtol=1e-4, atol=1e-5)
+
+
+def test_longrope_is_refused_before_loading(tmp_path: Path, capsys) -> None:
+    """A rope whose frequencies switch with the sequence length: one line naming it, before the
+    weights are read (here there are none), and no output dir."""
+    from llava_edge.cli import main
+    from llava_edge.training.checkpoint import init_checkpoint
+
+    rope = {
+        "rope_type": "longrope",
+        "short_factor": [1.0] * 8,
+        "long_factor": [2.0] * 8,
+        "original_max_position_embeddings": 64,
+    }
+    checkpoint = init_checkpoint(tmp_path / "checkpoint", text={"rope_scaling": rope})
+    (checkpoint / "model.safetensors").unlink()
+    capsys.readouterr()  # what init said
+    assert main(["export", str(checkpoint), str(tmp_path / "out")]) != 0
+    error = capsys.readouterr().err.strip()
+    assert "rope type 'longrope' is not supported" in error and len(error.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_template_the_strings_cannot_hold_is_refused(tmp_path: Path, capsys) -> None:
+    """llava-hf's OneVision-family template (the question's newline moves with the image; a past
+    answer follows another header than a new one): one line saying so, no output dir."""
+    from llava_edge.cli import main
+
+    checkpoint = write_checkpoint(
+        tmp_path / "checkpoint", interleave_qwen(), chat_template=ONEVISION_TEMPLATE
+    )
+    capsys.readouterr()
+    assert main(["export", str(checkpoint), str(tmp_path / "out")]) != 0
+    error = capsys.readouterr().err.strip()
+    assert "chat template cannot be written as llava-edge's template strings" in error
+    assert len(error.splitlines()) == 1 and not (tmp_path / "out").exists()
