@@ -304,6 +304,11 @@ def test_report_measures_each_form_against_fp32(quantized: dict) -> None:
     greedy = report["greedy"]
     assert greedy["tokens"] == 64 and 0 <= greedy["free_running_prefix"] <= 1
     assert 0.5 < greedy["teacher_forced_top1"] <= 1
+    cosines = (
+        greedy["teacher_forced_logits_cosine_min"],
+        greedy["teacher_forced_logits_cosine_mean"],
+    )
+    assert 0.9 < cosines[0] <= cosines[1] < 1
     assert report["sizes"]["onnxruntime_ratio"] > 1.5 and report["sizes"]["tensorrt_ratio"] > 1.5
 
 
@@ -315,6 +320,7 @@ def test_report_of_a_dir_against_itself_is_exact(tiny_model_dir: Path, calib_jso
         assert row["cosine_min"] == pytest.approx(1.0, abs=1e-9) and row["max_abs_error"] < 1e-5
     assert report["greedy"]["free_running_prefix"] == 1.0
     assert report["greedy"]["teacher_forced_top1"] == 1.0
+    assert report["greedy"]["teacher_forced_logits_cosine_min"] == pytest.approx(1.0, abs=1e-9)
 
 
 @pytest.mark.parametrize(

@@ -12,9 +12,10 @@ import pytest
 from conftest import quiet
 from PIL import Image
 
-from llava_edge.calib.data import Capture
+from llava_edge.calib.data import Capture, Sample
 from llava_edge.calib.kv_int8 import KVRanges
 from llava_edge.calib.quantize import quantize_model
+from llava_edge.calib.report import greedy_agreement
 from llava_edge.cli import main
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import KVSpec, Manifest, TextSpec
@@ -118,6 +119,15 @@ def test_the_int8_cache_holds_the_fp32_keys_and_values_rounded(dirs: dict) -> No
         for ours, theirs in logits:
             cosine = float((ours * theirs).sum() / np.linalg.norm(ours) / np.linalg.norm(theirs))
             assert cosine > 0.999
+
+
+def test_the_report_measures_what_the_int8_cache_costs(dirs: dict, images: Path) -> None:
+    """`--report`'s teacher-forced pass runs the graphs the runtime runs, the int8 cache too."""
+    samples = [Sample(path, "Describe the image.") for path in sorted(images.iterdir())[:2]]
+    same = greedy_agreement(dirs["fp32_cache"], dirs["fp32_cache"], samples, tokens=8)
+    cached = greedy_agreement(dirs["fp32_cache"], dirs["int8_cache"], samples, tokens=8)
+    assert same["teacher_forced_logits_cosine_min"] == pytest.approx(1.0, abs=1e-9)
+    assert 0.999 < cached["teacher_forced_logits_cosine_min"] < 1.0
 
 
 def test_batches_answer_as_one_request_at_a_time(dirs: dict) -> None:

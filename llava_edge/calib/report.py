@@ -100,13 +100,14 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 def greedy_agreement(
     fp32_dir: Path, quant_dir: Path, samples: list[Sample], tokens: int = GREEDY_TOKENS
 ) -> dict[str, Any]:
-    """Free-running and teacher-forced agreement of greedy tokens, through the runtime."""
+    """Free-running and teacher-forced agreement of greedy tokens, through the runtime (the
+    graphs it runs: the fused forms and their KV cache on the CPU), and the cosine of the two
+    dirs' logits at each teacher-forced step."""
     from tqdm import tqdm
 
     from llava_edge.runtime import Pipeline
-    from llava_edge.runtime.generate import embed
 
-    prefix, forced = [], []
+    prefix, forced, cosines = [], [], []
     options = {"max_new_tokens": tokens, "ignore_eos": True}
     with Pipeline.load(fp32_dir) as ref, Pipeline.load(quant_dir) as pipe:
         for sample in tqdm(samples, desc="greedy agreement", unit="sample", leave=False):
@@ -117,31 +118,40 @@ def greedy_agreement(
                 (i for i, (a, b) in enumerate(zip(want, got, strict=False)) if a != b), len(want)
             )
             prefix.append(same / len(want))
-            # Teacher forcing: feed fp32's tokens, count where the quantized argmax agrees.
-            pixels = [pipe.image_pixels(image)] if image else []
-            ids = np.asarray([pipe.prompt_ids(sample.prompt, pixels)], dtype=np.int64)
-            features = [pipe.pixel_features(pixels)] if image else []
-            cache = pipe.backend.new_cache(1)
-            positions = np.arange(ids.shape[1], dtype=np.int64)[None]
-            embeds = embed(pipe.table, ids, pipe.manifest.tokens.image_token_id, features)
-            logits = pipe.backend.decode(embeds, np.ones_like(ids), positions, cache)
-            hits = 0
-            for step, token in enumerate(want):
-                hits += int(np.argmax(logits[0]) == token)
-                if step + 1 == len(want):
-                    break
-                position = np.asarray([[ids.shape[1] + step]], dtype=np.int64)
-                step_embeds = embed(pipe.table, np.asarray([[token]]), -1, [])
-                logits = pipe.backend.decode(
-                    step_embeds, np.ones((1, 1), np.int64), position, cache
-                )
+            # Teacher forcing: feed fp32's tokens to both, compare each step's logits.
+            theirs = _forced_logits(ref, image, sample.prompt, want)
+            ours = _forced_logits(pipe, image, sample.prompt, want)
+            hits = sum(int(np.argmax(o) == t) for o, t in zip(ours, want, strict=True))
             forced.append(hits / len(want))
+            cosines += [cosine(o, t) for o, t in zip(ours, theirs, strict=True)]
     return {
         "tokens": tokens,
         "samples": len(samples),
         "free_running_prefix": float(np.mean(prefix)) if prefix else None,
         "teacher_forced_top1": float(np.mean(forced)) if forced else None,
+        "teacher_forced_logits_cosine_min": float(np.min(cosines)) if cosines else None,
+        "teacher_forced_logits_cosine_mean": float(np.mean(cosines)) if cosines else None,
     }
+
+
+def _forced_logits(pipe: Any, image: str | None, prompt: str, tokens: list[int]) -> list[Any]:
+    """The logits before each of `tokens`, with the tokens before it fed in."""
+    from llava_edge.runtime.generate import embed
+
+    pixels = [pipe.image_pixels(image)] if image else []
+    ids = np.asarray([pipe.prompt_ids(prompt, pixels)], dtype=np.int64)
+    features = [pipe.pixel_features(pixels)] if image else []
+    cache = pipe.backend.new_cache(1)
+    positions = np.arange(ids.shape[1], dtype=np.int64)[None]
+    embeds = embed(pipe.table, ids, pipe.manifest.tokens.image_token_id, features)
+    logits = [pipe.backend.decode(embeds, np.ones_like(ids), positions, cache)[0]]
+    for step, token in enumerate(tokens[:-1]):
+        position = np.asarray([[ids.shape[1] + step]], dtype=np.int64)
+        step_embeds = embed(pipe.table, np.asarray([[token]]), -1, [])
+        logits.append(
+            pipe.backend.decode(step_embeds, np.ones((1, 1), np.int64), position, cache)[0]
+        )
+    return logits
 
 
 def _sizes(
@@ -184,7 +194,10 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(
             f"greedy tokens over {greedy['tokens']}: identical prefix "
             f"{greedy['free_running_prefix']:.1%}, teacher-forced top-1 "
-            f"{greedy['teacher_forced_top1']:.1%} ({greedy['samples']} held-out samples)"
+            f"{greedy['teacher_forced_top1']:.1%}, logits cosine min "
+            f"{greedy['teacher_forced_logits_cosine_min']:.5f} mean "
+            f"{greedy['teacher_forced_logits_cosine_mean']:.5f} ({greedy['samples']} held-out "
+            "samples, the graphs the runtime runs)"
         )
     sizes = report["sizes"]
     lines.append(
