@@ -376,23 +376,38 @@ def read_checkpoint_template(checkpoint: str | os.PathLike) -> str | None:
         raise LlavaEdgeError(f"{path} is not a JSON object naming a template") from None
 
 
-def cache_dir() -> Path:
-    """Where llava-edge remembers things between runs ($LLAVA_EDGE_CACHE or ~/.cache/llava-edge)."""
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llava-edge"
-    return Path(os.environ.get("LLAVA_EDGE_CACHE", default))
+def cache_dir() -> Path | None:
+    """Where llava-edge remembers things between runs ($LLAVA_EDGE_CACHE, else
+    $XDG_CACHE_HOME/llava-edge, else ~/.cache/llava-edge); None where there is nowhere (no home
+    directory, as for a service run under a user id without one): then nothing is remembered.
+
+    An empty variable counts as unset, and so does a relative XDG_CACHE_HOME (as the XDG spec
+    says), or the cache would land in whatever directory the process started in.
+    """
+    if os.environ.get("LLAVA_EDGE_CACHE"):
+        return Path(os.environ["LLAVA_EDGE_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    if os.path.isabs(xdg):
+        return Path(xdg) / "llava-edge"
+    home = os.path.expanduser("~")
+    return Path(home) / ".cache" / "llava-edge" if os.path.isabs(home) else None
 
 
 def _verified_fingerprints() -> set[str]:
+    root = cache_dir()
     try:
-        return set((cache_dir() / "verified.txt").read_text().split())
+        return set((root / "verified.txt").read_text().split()) if root else set()
     except OSError:
         return set()
 
 
 def _remember_verified(fingerprint: str) -> None:
     """Best effort: a read-only home only means hashing again next time."""
+    root = cache_dir()
+    if root is None:
+        return
     try:
-        path = cache_dir() / "verified.txt"
+        path = root / "verified.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
         known = sorted(_verified_fingerprints() | {fingerprint})[-1000:]
         tmp = path.with_suffix(f".tmp{os.getpid()}")
