@@ -65,6 +65,25 @@ def load_samples(calib: str | os.PathLike | None, images: str | os.PathLike | No
     return _image_folder(folder)
 
 
+def check_images(samples: list[Sample]) -> None:
+    """Fail before any work, naming the file, if a sample's picture is one the runtime would
+    refuse (unreadable, corrupt, over its pixel limit) when calibration reaches it."""
+    from llava_edge.runtime.image import load_image
+    from llava_edge.runtime.pipeline import Limits
+
+    limit = Limits().max_image_pixels
+    for sample in samples:
+        if sample.image is None:
+            continue
+        try:
+            load_image(sample.image, limit).close()
+        except LlavaEdgeError as e:
+            message = str(e)
+            if str(sample.image) not in message:
+                message = f"{sample.image}: {message}"
+            raise LlavaEdgeError(f"calibration data: {message}") from None
+
+
 def _image_folder(folder: Path) -> list[Sample]:
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:

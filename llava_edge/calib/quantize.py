@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from llava_edge.calib.data import Activations, FeedReader, Sample, load_samples
+from llava_edge.calib.data import Activations, FeedReader, Sample, check_images, load_samples
 from llava_edge.calib.fp16 import fp16_graph, load_weights, to_fp16
 from llava_edge.errors import LlavaEdgeError, first_line
 from llava_edge.files import check_output_dir, is_large, replace_dir, save_graph, scratch_beside
@@ -260,6 +260,7 @@ def _split(
         raise LlavaEdgeError("--report needs held-out data: pass --calib or --images")
     everything = load_samples(calib, images)
     if precision == "fp16":
+        check_images(everything[:REPORT_SAMPLES])
         return [], everything[:REPORT_SAMPLES]
     held = 0
     if report:
@@ -273,7 +274,9 @@ def _split(
         raise LlavaEdgeError(
             "no calibration sample has an image: the vision encoder and projector need pictures"
         )
-    return calibration, everything[len(everything) - held :]
+    held_out = everything[len(everything) - held :]
+    check_images(calibration + held_out)
+    return calibration, held_out
 
 
 def _plan(precision: str) -> dict[str, str]:

@@ -1,0 +1,57 @@
+"""`llava-edge quantize` on calibration data that cannot be used: one line naming the file,
+before any graph is quantized, and no output dir."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import llava_edge.calib.quantize as quantize
+from llava_edge.cli import main
+
+
+def _pictures(folder: Path, count: int) -> None:
+    folder.mkdir()
+    for i in range(count):
+        Image.new("RGB", (40, 32), (30 * i, 120, 200)).save(folder / f"{i}.png")
+
+
+@pytest.mark.parametrize(
+    ("bad", "where", "message"),
+    [
+        ("huge", "calibration", "over the limit"),
+        ("huge", "held_out", "over the limit"),
+        ("corrupt", "calibration", "is corrupt or truncated"),
+    ],
+)
+def test_a_bad_picture_is_named_before_any_work(
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    bad: str,
+    where: str,
+    message: str,
+) -> None:
+    folder = tmp_path / "pictures"
+    _pictures(folder, 4)
+    # Sorted by name: 0.png is calibrated on first; with --report the last one is held out.
+    picture = folder / ("0.png" if where == "calibration" else "9.png")
+    if bad == "huge":  # 63 Mpx, over the runtime's 50 Mpx (a small file: one colour)
+        Image.new("RGB", (9000, 7000), (10, 200, 30)).save(picture)
+    else:
+        picture.write_bytes((folder / "1.png").read_bytes()[:60])
+
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a graph was quantized before the data was checked")
+
+    monkeypatch.setattr(quantize, "int8_dynamic", no_work)
+    args = ["--precision", "int8", "--images", str(folder), "--samples", "3", "--report"]
+    out = tmp_path / "out"
+    assert main(["quantize", str(tiny_model_dir), str(out), *args]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("llava-edge quantize: error:") and "\n" not in err
+    assert str(picture) in err and message in err
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
