@@ -129,8 +129,9 @@ def quantize_model(
     _check_source(manifest, source)
     if prefill and manifest.graphs["decoder"].fused is None:
         raise LlavaEdgeError(
-            "--prefill needs the fused decoder form, which this model dir lacks; re-export it "
-            "with this llava-edge"
+            "--prefill needs the fused decoder form, which this model dir lacks (exported with "
+            "--no-fused, by an older llava-edge, or a decoder the form does not take); "
+            "re-export it without --no-fused, or drop --prefill"
         )
     out = Path(out_dir)
     if out.resolve() == source.resolve():
