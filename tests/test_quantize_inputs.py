@@ -1,8 +1,9 @@
-"""`llava-edge quantize` on calibration data that cannot be used: one line naming the file,
-before any graph is quantized, and no output dir."""
+"""`llava-edge quantize` on calibration data the runtime would refuse: one line naming the
+sample, before any graph is quantized, and no output dir."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -24,9 +25,11 @@ def _pictures(folder: Path, count: int) -> None:
         ("huge", "calibration", "over the limit"),
         ("huge", "held_out", "over the limit"),
         ("corrupt", "calibration", "is corrupt or truncated"),
+        ("long_prompt", "calibration", "leaves no room"),
+        ("long_prompt", "held_out", "leaves no room"),
     ],
 )
-def test_a_bad_picture_is_named_before_any_work(
+def test_unusable_calibration_data_is_named_before_any_work(
     tiny_model_dir: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -39,16 +42,31 @@ def test_a_bad_picture_is_named_before_any_work(
     _pictures(folder, 4)
     # Sorted by name: 0.png is calibrated on first; with --report the last one is held out.
     picture = folder / ("0.png" if where == "calibration" else "9.png")
+    source = ["--images", str(folder)]
     if bad == "huge":  # 63 Mpx, over the runtime's 50 Mpx (a small file: one colour)
         Image.new("RGB", (9000, 7000), (10, 200, 30)).save(picture)
-    else:
+    elif bad == "corrupt":
         picture.write_bytes((folder / "1.png").read_bytes()[:60])
+    else:  # a LLaVA JSON whose one question is longer than the tiny model's context
+        Image.new("RGB", (40, 32)).save(picture)
+        items = [
+            {
+                "image": path.name,
+                "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}],
+            }
+            for path in sorted(folder.iterdir())
+        ]
+        long = items[0 if where == "calibration" else -1]["conversations"][0]
+        long["value"] += " word" * 3000
+        (tmp_path / "calib.json").write_text(json.dumps(items))
+        source = ["--calib", str(tmp_path / "calib.json"), "--images", str(folder)]
+        picture = tmp_path / "calib.json"  # the sample is named by the file and its index
 
     def no_work(*args: object, **kwargs: object) -> None:
         raise AssertionError("a graph was quantized before the data was checked")
 
     monkeypatch.setattr(quantize, "int8_dynamic", no_work)
-    args = ["--precision", "int8", "--images", str(folder), "--samples", "3", "--report"]
+    args = ["--precision", "int8", *source, "--samples", "3", "--report"]
     out = tmp_path / "out"
     assert main(["quantize", str(tiny_model_dir), str(out), *args]) == 1
     err = capsys.readouterr().err.strip()

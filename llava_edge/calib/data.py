@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,8 @@ class Sample:
 
     image: Path | None
     prompt: str
+    # Where it comes from, for messages ("FILE sample N", or the image file); not part of it.
+    origin: str = field(default="", compare=False)
 
 
 def load_samples(calib: str | os.PathLike | None, images: str | os.PathLike | None) -> list[Sample]:
@@ -65,23 +67,36 @@ def load_samples(calib: str | os.PathLike | None, images: str | os.PathLike | No
     return _image_folder(folder)
 
 
-def check_images(samples: list[Sample]) -> None:
-    """Fail before any work, naming the file, if a sample's picture is one the runtime would
-    refuse (unreadable, corrupt, over its pixel limit) when calibration reaches it."""
-    from llava_edge.runtime.image import load_image
-    from llava_edge.runtime.pipeline import Limits
+def check_samples(
+    model_dir: str | os.PathLike, samples: list[Sample], decode_steps: int = DECODE_STEPS
+) -> None:
+    """Fail before any work, naming the sample, where the runtime would refuse one when
+    calibration or the report reaches it: a picture it cannot read or over its pixel limit, a
+    prompt that does not fit the context with `decode_steps` tokens after it.
 
-    limit = Limits().max_image_pixels
+    A Pipeline without a backend does this: it preprocesses and tokenizes as the loaded one
+    does, and loads no graph.
+    """
+    from llava_edge.manifest import Manifest
+    from llava_edge.runtime import Pipeline
+
+    model_dir = Path(model_dir)
+    pipe = Pipeline(model_dir, Manifest.load(model_dir), backend=None)
     for sample in samples:
-        if sample.image is None:
-            continue
         try:
-            load_image(sample.image, limit).close()
+            pixels = [pipe.image_pixels(sample.image)] if sample.image else []
+            tokens = len(pipe.prompt_ids(sample.prompt, pixels))
         except LlavaEdgeError as e:
-            message = str(e)
-            if str(sample.image) not in message:
-                message = f"{sample.image}: {message}"
-            raise LlavaEdgeError(f"calibration data: {message}") from None
+            named = sample.origin and sample.origin not in str(e)
+            raise LlavaEdgeError(
+                f"calibration data{f', {sample.origin}' if named else ''}: {e}"
+            ) from None
+        if tokens + decode_steps > pipe.max_context:
+            raise LlavaEdgeError(
+                f"calibration data, {sample.origin or 'a sample'}: its prompt is {tokens} tokens, which leaves no "
+                f"room for {decode_steps} more in the model's context of {pipe.max_context}; "
+                "shorten it or leave it out"
+            )
 
 
 def _image_folder(folder: Path) -> list[Sample]:
@@ -91,7 +106,7 @@ def _image_folder(folder: Path) -> list[Sample]:
             f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); give a folder of pictures "
             "like the ones the model will see"
         )
-    return [Sample(path, DEFAULT_PROMPT) for path in files]
+    return [Sample(path, DEFAULT_PROMPT, str(path)) for path in files]
 
 
 def _llava_json(path: Path, image_root: Path | None) -> list[Sample]:
@@ -124,7 +139,7 @@ def _llava_json(path: Path, image_root: Path | None) -> list[Sample]:
                 )
         else:  # a text-only sample must not ask for an image
             prompt = prompt.replace(IMAGE_PLACEHOLDER, "").strip()
-        samples.append(Sample(image, prompt))
+        samples.append(Sample(image, prompt, f"{path} sample {index}"))
     return samples
 
 

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from llava_edge.calib.data import Activations, FeedReader, Sample, check_images, load_samples
+from llava_edge.calib.data import Activations, FeedReader, Sample, check_samples, load_samples
 from llava_edge.calib.fp16 import fp16_graph, load_weights, to_fp16
 from llava_edge.errors import LlavaEdgeError, first_line
 from llava_edge.files import check_output_dir, is_large, replace_dir, save_graph, scratch_beside
@@ -140,6 +140,7 @@ def quantize_model(
         )
     check_output_dir(out, force, keep=source, keep_name="the source model dir")
     calibration, held_out = _split(precision, calib, images, samples, report)
+    check_samples(source, calibration + held_out)
 
     start = time.perf_counter()
     with scratch_beside(out), replace_dir(out) as tmp:
@@ -261,7 +262,6 @@ def _split(
         raise LlavaEdgeError("--report needs held-out data: pass --calib or --images")
     everything = load_samples(calib, images)
     if precision == "fp16":
-        check_images(everything[:REPORT_SAMPLES])
         return [], everything[:REPORT_SAMPLES]
     held = 0
     if report:
@@ -275,9 +275,7 @@ def _split(
         raise LlavaEdgeError(
             "no calibration sample has an image: the vision encoder and projector need pictures"
         )
-    held_out = everything[len(everything) - held :]
-    check_images(calibration + held_out)
-    return calibration, held_out
+    return calibration, everything[len(everything) - held :]
 
 
 def _plan(precision: str) -> dict[str, str]:
