@@ -14,7 +14,7 @@ from llava_edge.cli import main
 
 
 def _pictures(folder: Path, count: int) -> None:
-    folder.mkdir()
+    folder.mkdir(parents=True)
     for i in range(count):
         Image.new("RGB", (40, 32), (30 * i, 120, 200)).save(folder / f"{i}.png")
 
@@ -73,3 +73,16 @@ def test_unusable_calibration_data_is_named_before_any_work(
     assert err.startswith("llava-edge quantize: error:") and "\n" not in err
     assert str(picture) in err and message in err
     assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+@pytest.mark.parametrize("given", ["--calib", "--images"])
+def test_force_never_deletes_the_calibration_data(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, given: str
+) -> None:
+    out = tmp_path / "work"
+    _pictures(out / "pictures", 3)  # the calibration data lives in the dir to replace
+    args = ["--precision", "int8", given, str(out / "pictures"), "--samples", "2", "--force"]
+    assert main(["quantize", str(tiny_model_dir), str(out), *args]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "holds the calibration data" in err and "\n" not in err
+    assert len(list((out / "pictures").iterdir())) == 3

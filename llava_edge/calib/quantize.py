@@ -139,6 +139,9 @@ def quantize_model(
             "OUT_DIR must differ from MODEL_DIR: the fp32 graphs are the reference"
         )
     check_output_dir(out, force, keep=source, keep_name="the source model dir")
+    for data in (calib, images):  # --force must not delete the calibration data either
+        if data is not None:
+            check_output_dir(out, force, keep=Path(data), keep_name="the calibration data")
     calibration, held_out = _split(precision, calib, images, samples, report)
     check_samples(source, calibration + held_out)
 
