@@ -86,3 +86,15 @@ def test_force_never_deletes_the_calibration_data(
     err = capsys.readouterr().err.strip()
     assert "holds the calibration data" in err and "\n" not in err
     assert len(list((out / "pictures").iterdir())) == 3
+
+
+def test_fewer_samples_than_asked_are_said(tiny_model_dir: Path, tmp_path: Path) -> None:
+    _pictures(tmp_path / "pictures", 3)
+    said: list[str] = []
+    result = quantize.quantize_model(
+        tiny_model_dir, tmp_path / "out", "int8", images=tmp_path / "pictures", log=said.append
+    )
+    assert result == {}
+    assert any("calibrating on 3 samples, fewer than --samples 32" in line for line in said)
+    details = quantize.Manifest.load(tmp_path / "out").graphs["vision_encoder"].details
+    assert details["tensorrt"]["calibration_feeds"] == 3

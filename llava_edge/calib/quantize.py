@@ -144,6 +144,12 @@ def quantize_model(
             check_output_dir(out, force, keep=Path(data), keep_name="the calibration data")
     calibration, held_out = _split(precision, calib, images, samples, report)
     check_samples(source, calibration + held_out)
+    if precision != "fp16" and len(calibration) < samples:
+        kept = f", {len(held_out)} more held out for --report" if report else ""
+        log(
+            f"note: calibrating on {len(calibration)} samples, fewer than --samples {samples} "
+            f"asks: the data holds no more{kept}"
+        )
 
     start = time.perf_counter()
     with scratch_beside(out), replace_dir(out) as tmp:
