@@ -225,6 +225,8 @@ class Manifest:
             )
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as e:  # a model dir copied with another user's permissions
+            raise LlavaEdgeError(f"cannot read {path}: {e.strerror}") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise LlavaEdgeError(f"{path} is not valid JSON ({e}); re-export the model") from None
         return cls.from_dict(data, where=str(path))
@@ -339,7 +341,11 @@ class Manifest:
         if not hashes:
             return
         for name, entry in self.files.items():
-            if sha256(model_dir / name) != entry.sha256:
+            try:
+                digest = sha256(model_dir / name)
+            except OSError as e:  # a model dir copied with another user's permissions
+                raise LlavaEdgeError(f"cannot read {model_dir / name}: {e.strerror}") from None
+            if digest != entry.sha256:
                 raise LlavaEdgeError(
                     f"{model_dir / name} does not match the checksum in the manifest: the file is "
                     "corrupt or comes from another model; copy it again or re-export"

@@ -1,0 +1,52 @@
+"""Loading a model dir as a robot's app meets it: files it may not read give one clear line,
+never a traceback."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from llava_edge import manifest as manifest_module
+from llava_edge.cli import main
+
+
+@pytest.fixture
+def model_copy(tiny_model_dir: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, copy)
+    return copy
+
+
+def _unreadable(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Reading `name` fails as it does for a file copied with another user's permissions (the
+    tests may run as root, for whom chmod takes nothing away)."""
+
+    def refuse(path: os.PathLike) -> None:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    real_sha256, real_read_text = manifest_module.sha256, Path.read_text
+    monkeypatch.setattr(
+        manifest_module,
+        "sha256",
+        lambda path: refuse(path) if Path(path).name == name else real_sha256(path),
+    )
+    monkeypatch.setattr(
+        Path,
+        "read_text",
+        lambda self, *a, **k: refuse(self) if self.name == name else real_read_text(self, *a, **k),
+    )
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "decoder.onnx", "tokenizer.json"])
+def test_an_unreadable_file_is_one_line(
+    model_copy: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, name: str
+) -> None:
+    _unreadable(monkeypatch, name)
+    argv = ["run", str(model_copy), "--prompt", "hi", "--max-new-tokens", "1", "--verify-files"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"llava-edge run: error: cannot read {model_copy / name}: Permission denied"
