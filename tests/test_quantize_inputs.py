@@ -98,3 +98,26 @@ def test_fewer_samples_than_asked_are_said(tiny_model_dir: Path, tmp_path: Path)
     assert any("calibrating on 3 samples, fewer than --samples 32" in line for line in said)
     details = quantize.Manifest.load(tmp_path / "out").graphs["vision_encoder"].details
     assert details["tensorrt"]["calibration_feeds"] == 3
+
+
+def test_a_standard_form_that_does_not_load_is_never_installed(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """The runtime's CPU load runs the fused forms; the standard ones (GPU providers run them)
+    are checked too."""
+    real = quantize.int8_dynamic
+
+    def broken_standard_decoder(src: Path, dst: Path, *args: object) -> dict:
+        details = real(src, dst, *args)
+        if dst.name == "decoder.onnx":
+            dst.write_bytes(dst.read_bytes()[: dst.stat().st_size // 2])
+        return details
+
+    monkeypatch.setattr(quantize, "int8_dynamic", broken_standard_decoder)
+    _pictures(tmp_path / "pictures", 2)
+    out = tmp_path / "out"
+    args = ["--precision", "int8", "--images", str(tmp_path / "pictures")]
+    assert main(["quantize", str(tiny_model_dir), str(out), *args]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "does not load (decoder.onnx:" in error and "nothing was installed" in error
+    assert not out.exists()

@@ -22,8 +22,9 @@ Graph inputs and outputs keep their names and dtypes, so the runtime loads the r
 the one exception is the int4 TensorRT form, whose KV cache inputs and outputs are fp16 (the
 backends size their caches by the graph's own types).
 Everything is written to a temporary dir, loaded by the runtime (which answers one question
-with it, and onnxruntime opens each TensorRT form), and renamed into place only then: a dir that
-`quantize` installs always loads.
+with it, and onnxruntime opens each form that load does not run: the TensorRT forms, and the
+standard ones beside fused ones), and renamed into place only then: a dir that `quantize`
+installs always loads.
 
 Models of any size: what needs the whole graph (shape inference, opset conversion) runs on the
 graph without its weights, fp16 weights are converted a chunk at a time (calib/fp16.py), and
@@ -616,7 +617,9 @@ def _int4_blocks(model: Any, block: int) -> tuple[dict[str, int], list[str]]:
 
 def check_loads(model_dir: Path, precision: str) -> None:
     """Fail unless the runtime loads `model_dir` and answers a question with it, and onnxruntime
-    opens each TensorRT form (the graphs `llava-edge build` will hand to TensorRT)."""
+    opens each form that load does not run: the TensorRT forms (the graphs `llava-edge build`
+    will hand to TensorRT), and the standard forms where there are fused ones (what GPU
+    providers and `graph_form="standard"` run)."""
     import onnxruntime as ort
 
     from llava_edge.runtime import Pipeline
@@ -633,13 +636,13 @@ def check_loads(model_dir: Path, precision: str) -> None:
     # without graph optimizations each weight is held once, in its stored precision.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     manifest = Manifest.load(model_dir)
-    for graph in manifest.graphs.values():
-        if graph.tensorrt_file:
-            path = model_dir / graph.tensorrt_file
-            try:
-                ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            except Exception as e:  # onnxruntime raises its own untyped errors on bad graphs
-                raise fail(f"{path.name}: {first_line(e)}") from None
+    unloaded = [(g.tensorrt_file, g.file if g.fused else None) for g in manifest.graphs.values()]
+    for file in [f for pair in unloaded for f in pair if f]:
+        path = model_dir / file
+        try:
+            ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own untyped errors on bad graphs
+            raise fail(f"{path.name}: {first_line(e)}") from None
     try:
         with Pipeline.load(model_dir, verify_files=False) as pipe:
             pipe.answer(_probe_image(), PROBE_QUESTION, max_new_tokens=2)
