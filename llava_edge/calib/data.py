@@ -129,8 +129,13 @@ def _llava_json(path: Path, image_root: Path | None) -> list[Sample]:
                 "is this a LLaVA JSON file?"
             )
         image = None
+        if item.get("image") and not isinstance(item["image"], str):
+            raise LlavaEdgeError(
+                f"{path}: sample {index}'s image is {item['image']!r}; give one file name "
+                "(a sample with several pictures is not supported for calibration)"
+            )
         if item.get("image"):
-            image = _find_image(str(item["image"]), roots)
+            image = _find_image(item["image"], roots)
             if image is None:
                 where = " or ".join(str(r) for r in roots)
                 raise LlavaEdgeError(
