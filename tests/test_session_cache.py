@@ -178,3 +178,30 @@ def test_empty_or_relative_cache_variable_is_ignored(
     assert cache_dir() == tmp_path / ".cache" / "llava-edge"
     monkeypatch.setenv("XDG_CACHE_HOME", "relative")
     assert cache_dir() == tmp_path / ".cache" / "llava-edge"
+
+
+def test_a_failed_save_keeps_the_session_it_opened(
+    tiny_model_dir: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes loading a dir for the first time both write its entries; the one whose
+    install loses the race (or finds the disk full) answers with the session it opened, not a
+    second load of the graph."""
+    import llava_edge.files as files
+
+    reference, _ = answer(tiny_model_dir, cache, session_cache=False)
+
+    def lost_the_race(tmp: Path, out: Path) -> None:
+        raise OSError(39, "Directory not empty")
+
+    opened: list[str] = []
+    real = session_cache.ort.InferenceSession
+
+    def counted(path: str, *args: object, **kwargs: object) -> object:
+        opened.append(Path(path).name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(files, "_install", lost_the_race)
+    monkeypatch.setattr(session_cache.ort, "InferenceSession", counted)
+    ids, status = answer(tiny_model_dir, cache)
+    assert set(status.values()) == {"off"} and not entries(cache)
+    assert len(opened) == len(set(opened)) == 3 and ids == reference  # each graph opened once

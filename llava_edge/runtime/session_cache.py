@@ -103,6 +103,7 @@ def open_cached(
         return _plain(path, threads), "off"
     opened = path.resolve()
     source = str(final_path(opened))
+    session = None
     try:
         with replace_dir(entry) as tmp:
             session = ort.InferenceSession(str(path), _saving(threads, tmp), providers=providers)
@@ -110,7 +111,9 @@ def open_cached(
             meta = {"source": source, "opened": str(opened), "files": files}
             (tmp / META).write_text(json.dumps(meta))
     except Exception:  # no room, a read-only home: the session still loads, uncached
-        return _plain(path, threads), "off"
+        # Where only saving failed (the disk filled, another process installed the same entry
+        # first) the session is whole: a second load would hold the weights twice meanwhile.
+        return session or _plain(path, threads), "off"
     _drop_stale(root, entry, source)
     return session, "miss"
 
