@@ -121,3 +121,32 @@ def test_a_standard_form_that_does_not_load_is_never_installed(
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert "does not load (decoder.onnx:" in error and "nothing was installed" in error
     assert not out.exists()
+
+
+def test_nothing_is_written_into_the_source_dir(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """onnxruntime's quantizers write a shape-inferred copy beside the graph they are handed: not
+    in the source dir, which may be read-only (a robot's image, a shared mount)."""
+    import onnx
+
+    written: list[Path] = []
+    real = onnx.shape_inference.infer_shapes_path
+
+    def recorded(model_path: str, output_path: str = "", *args: object, **kwargs: object) -> None:
+        written.append(Path(output_path or model_path).resolve())
+        real(model_path, output_path, *args, **kwargs)
+
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes_path", recorded)
+    _pictures(tmp_path / "pictures", 2)
+    quantize.quantize_model(
+        tiny_model_dir,
+        tmp_path / "out",
+        "int4",
+        images=tmp_path / "pictures",
+        method="entropy",
+        prefill="int8",
+        log=lambda *_: None,
+    )
+    assert written  # the quantizers did write their copies
+    assert not [p for p in written if p.parent == tiny_model_dir.resolve()]

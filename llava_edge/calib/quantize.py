@@ -34,12 +34,14 @@ a few copies of them), write external data past 2 GB.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -404,17 +406,18 @@ def int8_dynamic(src: Path, dst: Path, op_types: tuple[str, ...] = ("MatMul",)) 
 
     model = onnx.load(str(src), load_external_data=False)
     nodes = [n.name for n in weight_nodes(model, op_types)]
-    quantize_dynamic(
-        str(src),
-        str(dst),
-        op_types_to_quantize=list(op_types),
-        nodes_to_quantize=nodes,
-        per_channel=True,
-        weight_type=QuantType.QInt8,
-        use_external_data_format=is_large(src),
-        # Shape inference cannot type the outputs of contrib ops (the fused decoder's)
-        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-    )
+    with _linked_apart(src) as linked:
+        quantize_dynamic(
+            str(linked),
+            str(dst),
+            op_types_to_quantize=list(op_types),
+            nodes_to_quantize=nodes,
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            use_external_data_format=is_large(src),
+            # Shape inference cannot type the outputs of contrib ops (the fused decoder's)
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
     return {
         "form": "dynamic int8 (DynamicQuantizeLinear + MatMulInteger), per-channel weights",
         "quantized_nodes": len(nodes),
@@ -434,11 +437,11 @@ def int8_static_qdq(src: Path, dst: Path, reader: FeedReader, method: str) -> di
     model = onnx.load(str(src), load_external_data=False)
     nodes = weight_nodes(model)
     op_types = sorted({n.op_type for n in nodes})
-    with tempfile.TemporaryDirectory(prefix="calib-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="calib-") as scratch, _linked_apart(src) as linked:
         ranges = Path(scratch) / "ranges.json"
-        calibrate(src, nodes, reader, method, ranges)
+        calibrate(linked, nodes, reader, method, ranges)
         quantize_static(
-            str(src),
+            str(linked),
             str(dst),
             None,
             quant_format=QuantFormat.QDQ,
@@ -459,6 +462,19 @@ def int8_static_qdq(src: Path, dst: Path, reader: FeedReader, method: str) -> di
         "quantized_nodes": len(nodes),
         "op_types": op_types,
     }
+
+
+@contextlib.contextmanager
+def _linked_apart(src: Path) -> Iterator[Path]:
+    """`src` (and its external data) symlinked into a temporary dir, to hand to onnxruntime's
+    quantizers and calibrators in place of `src`: they write a shape-inferred copy of the graph
+    beside the path they are given, which must not land in the source model dir (it may be
+    read-only; a killed run would leave the copy there)."""
+    with tempfile.TemporaryDirectory(prefix="source-") as scratch:
+        for path in (src, src.with_name(src.name + ".data")):
+            if path.exists():
+                (Path(scratch) / path.name).symlink_to(path.resolve())
+        yield Path(scratch) / src.name
 
 
 _CALIBRATION = {
