@@ -123,13 +123,33 @@ def test_a_standard_form_that_does_not_load_is_never_installed(
     assert not out.exists()
 
 
+@pytest.mark.parametrize("weights", ["inline", "external_read_only"])
 def test_nothing_is_written_into_the_source_dir(
-    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_model_dir: Path,
+    tiny_checkpoint: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    weights: str,
 ) -> None:
     """onnxruntime's quantizers write a shape-inferred copy beside the graph they are handed: not
-    in the source dir, which may be read-only (a robot's image, a shared mount)."""
+    in the source dir where it is read-only (a robot's image, a shared mount), nor where the
+    graphs hold their weights, read-only or not."""
+    import os
+
     import onnx
 
+    from llava_edge import files
+    from llava_edge.export.exporter import export_checkpoint
+
+    source = tiny_model_dir
+    if weights == "external_read_only":  # weights in .data files, as a 7B model's are
+        source = tmp_path / "external"
+        monkeypatch.setattr(files, "MAX_PROTOBUF", 0)
+        export_checkpoint(tiny_checkpoint, source, verify=False, log=lambda *_: None)
+        real_access = os.access
+        monkeypatch.setattr(  # root may write anywhere: a read-only mount, as far as asked
+            os, "access", lambda p, mode: real_access(p, mode) and Path(p) != source
+        )
     written: list[Path] = []
     real = onnx.shape_inference.infer_shapes_path
 
@@ -140,7 +160,7 @@ def test_nothing_is_written_into_the_source_dir(
     monkeypatch.setattr(onnx.shape_inference, "infer_shapes_path", recorded)
     _pictures(tmp_path / "pictures", 2)
     quantize.quantize_model(
-        tiny_model_dir,
+        source,
         tmp_path / "out",
         "int4",
         images=tmp_path / "pictures",
@@ -149,4 +169,4 @@ def test_nothing_is_written_into_the_source_dir(
         log=lambda *_: None,
     )
     assert written  # the quantizers did write their copies
-    assert not [p for p in written if p.parent == tiny_model_dir.resolve()]
+    assert not [p for p in written if p.parent == source.resolve()]

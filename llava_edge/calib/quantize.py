@@ -466,15 +466,29 @@ def int8_static_qdq(src: Path, dst: Path, reader: FeedReader, method: str) -> di
 
 @contextlib.contextmanager
 def _linked_apart(src: Path) -> Iterator[Path]:
-    """`src` (and its external data) symlinked into a temporary dir, to hand to onnxruntime's
-    quantizers and calibrators in place of `src`: they write a shape-inferred copy of the graph
-    beside the path they are given, which must not land in the source model dir (it may be
-    read-only; a killed run would leave the copy there)."""
+    """A path to `src` in a temporary dir, to hand to onnxruntime's quantizers and calibrators
+    in its place: they write a shape-inferred copy of the graph beside the path they are given,
+    which must not land in the source model dir (it may be read-only; a killed run would leave
+    the copy there).
+
+    A symlink where the weights are inside the graph. onnx refuses external data behind a
+    symlink or a hard link, so a graph with a `.data` file is handed over as it is where its dir
+    is writable (the copy onnxruntime writes refers to the same `.data`, a few MB), and copied,
+    weights and all, only where it is not: the scratch space the docs count on, one fp32 graph
+    at a time.
+    """
+    data = src.with_name(src.name + ".data")
+    if data.exists() and os.access(src.parent, os.W_OK):
+        yield src
+        return
     with tempfile.TemporaryDirectory(prefix="source-") as scratch:
-        for path in (src, src.with_name(src.name + ".data")):
-            if path.exists():
-                (Path(scratch) / path.name).symlink_to(path.resolve())
-        yield Path(scratch) / src.name
+        linked = Path(scratch) / src.name
+        if data.exists():
+            shutil.copyfile(src, linked)
+            shutil.copyfile(data, Path(scratch) / data.name)
+        else:
+            linked.symlink_to(src.resolve())
+        yield linked
 
 
 _CALIBRATION = {
