@@ -265,6 +265,19 @@ class Manifest:
                     raise LlavaEdgeError(
                         f"{where}: graph {name} has unknown precision {spec.precision}"
                     )
+        # Files are named relative to the model dir and stay in it: quantize copies them into a
+        # new dir, where a name like ../x would write outside it.
+        names = [
+            f for g in self.graphs.values() for s in g.forms() for f in (s.file, s.tensorrt_file)
+        ]
+        names += [*self.data_files(), *self.files]
+        for name in names:
+            if name is not None and (
+                not name or Path(name).is_absolute() or ".." in Path(name).parts
+            ):
+                raise LlavaEdgeError(
+                    f"{where}: file name {name!r} is not inside the model dir; re-export the model"
+                )
         t = self.text
         if t.num_heads % t.num_kv_heads or min(t.num_layers, t.head_dim, t.max_context) <= 0:
             raise LlavaEdgeError(f"{where}: the text model's shapes are inconsistent")

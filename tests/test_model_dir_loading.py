@@ -50,3 +50,23 @@ def test_an_unreadable_file_is_one_line(
     assert main(argv) == 1
     err = capsys.readouterr().err.strip()
     assert err == f"llava-edge run: error: cannot read {model_copy / name}: Permission denied"
+
+
+def test_file_names_that_leave_the_model_dir_are_refused(
+    model_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A model dir from elsewhere whose manifest names ../table.npy: quantize would copy it to
+    ../table.npy of its new dir, outside the output."""
+    import json
+
+    manifest = json.loads((model_copy / "manifest.json").read_text())
+    (model_copy / "embed_tokens.npy").rename(tmp_path / "table.npy")
+    manifest["embeddings"] = "../table.npy"
+    manifest["files"]["../table.npy"] = manifest["files"].pop("embed_tokens.npy")
+    (model_copy / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "quantized").mkdir()
+    out = tmp_path / "quantized" / "fp16"
+    assert main(["quantize", str(model_copy), str(out), "--precision", "fp16"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "file name '../table.npy' is not inside the model dir" in err and "\n" not in err
+    assert not list((tmp_path / "quantized").iterdir())  # nothing written, inside or beside
