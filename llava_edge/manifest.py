@@ -412,12 +412,16 @@ def cache_dir() -> Path | None:
     return Path(home) / ".cache" / "llava-edge" if os.path.isabs(home) else None
 
 
-def _verified_fingerprints() -> set[str]:
+VERIFIED_KEPT = 1000  # fingerprints remembered: the most recently verified ones
+
+
+def _verified_fingerprints() -> list[str]:
+    """Fingerprints of verified dirs, oldest first."""
     root = cache_dir()
     try:
-        return set((root / "verified.txt").read_text().split()) if root else set()
+        return (root / "verified.txt").read_text().split() if root else []
     except OSError:
-        return set()
+        return []
 
 
 def _remember_verified(fingerprint: str) -> None:
@@ -428,9 +432,9 @@ def _remember_verified(fingerprint: str) -> None:
     try:
         path = root / "verified.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
-        known = sorted(_verified_fingerprints() | {fingerprint})[-1000:]
+        known = [f for f in _verified_fingerprints() if f != fingerprint] + [fingerprint]
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text("\n".join(known) + "\n")
+        tmp.write_text("\n".join(known[-VERIFIED_KEPT:]) + "\n")
         os.replace(tmp, path)
     except OSError:
         pass

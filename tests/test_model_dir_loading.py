@@ -70,3 +70,26 @@ def test_file_names_that_leave_the_model_dir_are_refused(
     err = capsys.readouterr().err.strip()
     assert "file name '../table.npy' is not inside the model dir" in err and "\n" not in err
     assert not list((tmp_path / "quantized").iterdir())  # nothing written, inside or beside
+
+
+def test_a_machine_that_verified_many_dirs_still_remembers_the_latest(
+    model_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files are hashed the first time a machine sees them, then remembered among the last
+    VERIFIED_KEPT; with the list full, the newest must not be the one forgotten."""
+    from llava_edge.manifest import VERIFIED_KEPT, Manifest
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("LLAVA_EDGE_CACHE", str(cache))
+    earlier = [f"{'f' * 56}{i:08x}" for i in range(VERIFIED_KEPT)]  # older, of high hash value
+    (cache / "verified.txt").write_text("\n".join(earlier) + "\n")
+    manifest = Manifest.load(model_copy)
+    manifest.check_files(model_copy)  # hashes, and remembers
+    hashed: list[str] = []
+    real = manifest_module.sha256
+    monkeypatch.setattr(manifest_module, "sha256", lambda p: hashed.append(p) or real(p))
+    manifest.check_files(model_copy)
+    assert not hashed
+    remembered = (cache / "verified.txt").read_text().split()
+    assert len(remembered) == VERIFIED_KEPT and earlier[0] not in remembered  # the oldest went
