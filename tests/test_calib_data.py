@@ -60,6 +60,7 @@ def test_image_folder_asks_the_default_prompt(tmp_path: Path) -> None:
     first = _picture(tmp_path / "pics" / "1.jpg", (1, 2, 3))
     second = _picture(tmp_path / "pics" / "2.png", (4, 5, 6))
     (tmp_path / "pics" / "notes.txt").write_text("not a picture")
+    (tmp_path / "pics" / "._2.png").write_bytes(b"\x00\x05\x16\x07")  # a Mac's AppleDouble
     expected = [Sample(first, DEFAULT_PROMPT), Sample(second, DEFAULT_PROMPT)]
     assert load_samples(tmp_path / "pics", None) == expected
     assert load_samples(None, tmp_path / "pics") == expected

@@ -100,7 +100,13 @@ def check_samples(
 
 
 def _image_folder(folder: Path) -> list[Sample]:
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    # Hidden files are not pictures: "._x.png" is the AppleDouble metadata a copy from a Mac
+    # leaves beside x.png.
+    files = sorted(
+        p
+        for p in folder.iterdir()
+        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    )
     if not files:
         raise LlavaEdgeError(
             f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); give a folder of pictures "
