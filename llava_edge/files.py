@@ -170,7 +170,7 @@ def _install(tmp: Path, out: Path) -> None:
     """Replace `out` by `tmp` with two renames; the old dir is put back if the second fails."""
     parent = _beside(out)
     old = parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
+    if os.path.lexists(out):  # a dangling symlink too
         os.replace(out, old)
     try:
         os.replace(tmp, out)

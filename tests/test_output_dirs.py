@@ -41,3 +41,11 @@ def test_a_symlinked_output_is_replaced_not_written_through(
     assert (app / "current" / "model.onnx").read_text() == "v2"
     assert (versions / "v1" / "model.onnx").read_text() == "v1"  # the old version, untouched
     assert os.listdir(app) == ["current"] and os.listdir(versions) == ["v1"]
+
+
+def test_a_dangling_symlinked_output_is_replaced(tmp_path: Path) -> None:
+    (tmp_path / "current").symlink_to(tmp_path / "gone")
+    with replace_dir(tmp_path / "current") as tmp:
+        (tmp / "model.onnx").write_text("v2")
+    assert (tmp_path / "current" / "model.onnx").read_text() == "v2"
+    assert os.listdir(tmp_path) == ["current"]
