@@ -170,3 +170,37 @@ def test_nothing_is_written_into_the_source_dir(
     )
     assert written  # the quantizers did write their copies
     assert not [p for p in written if p.parent == source.resolve()]
+
+
+@pytest.mark.parametrize("free", [100_000, 10**12])
+def test_a_full_disk_is_named(
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    free: int,
+) -> None:
+    """A write to a full disk fails inside onnx as a protobuf DecodeError of a copy it truncated:
+    named as what it is where the disk is full, left alone where it is not."""
+    import shutil
+    from types import SimpleNamespace
+
+    def truncated_copy(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("Error parsing message with type 'onnx.ModelProto'")
+
+    monkeypatch.setattr(quantize, "int8_dynamic", truncated_copy)
+    monkeypatch.setattr(
+        shutil, "disk_usage", lambda path: SimpleNamespace(total=10**12, used=0, free=free)
+    )
+    _pictures(tmp_path / "pictures", 2)
+    out = tmp_path / "out"
+    args = ["--precision", "int8", "--images", str(tmp_path / "pictures")]
+    if free > 10**9:  # room enough: the error is another's, and not hidden
+        with pytest.raises(RuntimeError, match="Error parsing"):
+            main(["quantize", str(tiny_model_dir), str(out), *args])
+    else:
+        assert main(["quantize", str(tiny_model_dir), str(out), *args]) == 1
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("llava-edge quantize: error: the disk holding")
+        assert "is full (0.1 MB free" in err and "nothing was installed" in err
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))

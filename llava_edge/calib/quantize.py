@@ -50,7 +50,14 @@ import numpy as np
 from llava_edge.calib.data import Activations, FeedReader, Sample, check_samples, load_samples
 from llava_edge.calib.fp16 import fp16_graph, load_weights, to_fp16
 from llava_edge.errors import LlavaEdgeError, first_line
-from llava_edge.files import check_output_dir, is_large, replace_dir, save_graph, scratch_beside
+from llava_edge.files import (
+    check_output_dir,
+    graph_bytes,
+    is_large,
+    replace_dir,
+    save_graph,
+    scratch_beside,
+)
 from llava_edge.logs import quiet
 from llava_edge.manifest import GraphSpec, Manifest
 
@@ -155,7 +162,8 @@ def quantize_model(
         )
 
     start = time.perf_counter()
-    with scratch_beside(out), replace_dir(out) as tmp:
+    largest = max(graph_bytes(source / s.file) for g in manifest.graphs.values() for s in g.forms())
+    with scratch_beside(out), replace_dir(out) as tmp, _full_disk_named(out, 2 * largest):
         for name in manifest.data_files():
             shutil.copy2(source / name, tmp / name)
         activations = Activations(source, calibration)
@@ -185,6 +193,32 @@ def quantize_model(
     manifest.mark_verified(out)  # every file was hashed above: the first load need not again
     log(f"quantized {source} -> {out} ({precision}) in {time.perf_counter() - start:.1f} s")
     return result
+
+
+@contextlib.contextmanager
+def _full_disk_named(out: Path, needed: int) -> Iterator[None]:
+    """Name a full disk: a write to it fails in onnx and onnxruntime as anything (an OSError, or
+    a protobuf DecodeError of a truncated copy they wrote and read back). Where the disk holding
+    `out` has less free than `needed` (a step's copies of the largest graph), that is the cause."""
+    try:
+        yield
+    except LlavaEdgeError:
+        raise
+    except Exception:
+        free = shutil.disk_usage(_existing(out)).free
+        if free >= needed:
+            raise
+        raise LlavaEdgeError(
+            f"the disk holding {out} is full ({free / 1e6:.1f} MB free; quantize needs about "
+            f"{needed / 1e6:.1f} MB beyond its output); nothing was installed. Free some space "
+            "or choose another OUT_DIR"
+        ) from None
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def _check_block(precision: str, block_size: int | None) -> int:
