@@ -238,7 +238,11 @@ class Manifest:
         if data.get("format") != FORMAT_NAME:
             raise LlavaEdgeError(f"{where}: not a llava-edge manifest (format is missing or wrong)")
         version = data.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise LlavaEdgeError(
+                f"{where}: format_version {version!r} is not a version number; re-export the model"
+            )
+        if version > FORMAT_VERSION:
             raise LlavaEdgeError(
                 f"{where}: format_version {version!r} is newer than this llava-edge understands "
                 f"({FORMAT_VERSION}); upgrade llava-edge"

@@ -93,3 +93,26 @@ def test_a_machine_that_verified_many_dirs_still_remembers_the_latest(
     assert not hashed
     remembered = (cache / "verified.txt").read_text().split()
     assert len(remembered) == VERIFIED_KEPT and earlier[0] not in remembered  # the oldest went
+
+
+@pytest.mark.parametrize(
+    ("version", "message"),
+    [
+        (9, "format_version 9 is newer than this llava-edge understands (2); upgrade"),
+        ("2", "format_version '2' is not a version number"),
+        (0, "format_version 0 is not a version number"),
+        (None, "format_version None is not a version number"),
+    ],
+)
+def test_format_versions_it_cannot_read_are_named(
+    tiny_model_dir: Path, version: object, message: str
+) -> None:
+    import json
+
+    from llava_edge.errors import LlavaEdgeError
+    from llava_edge.manifest import Manifest
+
+    data = json.loads((tiny_model_dir / "manifest.json").read_text())
+    data["format_version"] = version
+    with pytest.raises(LlavaEdgeError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Manifest.from_dict(data)
