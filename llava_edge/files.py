@@ -39,7 +39,7 @@ def check_output_dir(
             raise LlavaEdgeError(f"output dir {out} is not empty; pass --force to replace it")
         # The new dir is built beside `out`, so its nearest existing ancestor must be a writable
         # dir. (Under a regular file `out` does not "exist", and mkdir would fail late.)
-        ancestor = out.resolve().parent
+        ancestor = _beside(out)
         while not ancestor.exists():
             ancestor = ancestor.parent
     except PermissionError:  # a dir on the way that we may not even look into
@@ -74,7 +74,7 @@ def check_output_file(out: str | os.PathLike, flag: str) -> None:
     out = Path(out)
     if out.is_dir():
         raise LlavaEdgeError(f"{flag} {out} is a directory; give a file name")
-    parent = out.resolve().parent
+    parent = _beside(out)
     if not parent.is_dir():
         raise LlavaEdgeError(f"{flag} {out}: the folder {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
@@ -119,7 +119,7 @@ def scratch_beside(out: Path) -> Iterator[Path]:
 def _partial_dir(out: Path, clean: bool = False) -> Path:
     """A new hidden dir beside `out`, named as _clean_leftovers finds it once its writer is
     gone (`.NAME.partial-PID-XXXX`); `clean`: clean up after killed writers first."""
-    parent = out.resolve().parent
+    parent = _beside(out)
     try:
         parent.mkdir(parents=True, exist_ok=True)
         if clean:
@@ -146,7 +146,7 @@ def replace_file(out: Path, encoding: str = "utf-8") -> Iterator[IO[str]]:
     renamed to `out` (replacing it)."""
     out = Path(out)
     try:
-        out.resolve().parent.mkdir(parents=True, exist_ok=True)
+        _beside(out).mkdir(parents=True, exist_ok=True)
         _clean_leftovers(out)
         fd, name = tempfile.mkstemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent)
     except OSError as e:
@@ -161,16 +161,16 @@ def replace_file(out: Path, encoding: str = "utf-8") -> Iterator[IO[str]]:
         os.umask(umask)
         tmp.chmod(0o666 & ~umask)  # mkstemp makes it private; the output is an ordinary file
         os.replace(tmp, out)
-        fsync_path(out.resolve().parent)  # the rename itself
+        fsync_path(_beside(out))  # the rename itself
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def _install(tmp: Path, out: Path) -> None:
     """Replace `out` by `tmp` with two renames; the old dir is put back if the second fails."""
-    parent = out.resolve().parent
+    parent = _beside(out)
     old = parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
+    if os.path.lexists(out):  # a dangling symlink too
         os.replace(out, old)
     try:
         os.replace(tmp, out)
@@ -179,7 +179,22 @@ def _install(tmp: Path, out: Path) -> None:
             os.replace(old, out)
         raise
     fsync_path(parent)  # the renames themselves
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
+
+
+def _beside(out: Path) -> Path:
+    """The dir `out` itself lies in, where its temporary and old dirs go. Not through a symlink
+    at `out`: the link is replaced like any other entry (written through, the work would move to
+    its target's filesystem, where no rename can reach the link)."""
+    return Path(os.path.abspath(out)).parent
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, a dir tree, or a symlink (not what it points at)."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _readable(root: Path, mode: int) -> None:
@@ -216,17 +231,15 @@ def fsync_path(path: str | os.PathLike) -> None:
 
 def _clean_leftovers(out: Path) -> None:
     """Remove temporary dirs of killed writers; put back an old dir a killed install moved away."""
-    for path in out.resolve().parent.glob(f".{out.name}.*-*"):
+    for path in _beside(out).glob(f".{out.name}.*-*"):
         kind, _, rest = path.name[len(out.name) + 2 :].partition("-")
         pid = rest.split("-", 1)[0]
         if kind not in ("partial", "old") or not pid.isdigit() or _alive(int(pid)):
             continue
         if kind == "old" and not out.exists():
             os.replace(path, out)  # killed between the two renames: the old dir was complete
-        elif path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
         else:
-            path.unlink(missing_ok=True)
+            _remove(path)
 
 
 def _alive(pid: int) -> bool:

@@ -225,6 +225,8 @@ class Manifest:
             )
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as e:  # a model dir copied with another user's permissions
+            raise LlavaEdgeError(f"cannot read {path}: {e.strerror}") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise LlavaEdgeError(f"{path} is not valid JSON ({e}); re-export the model") from None
         return cls.from_dict(data, where=str(path))
@@ -236,7 +238,11 @@ class Manifest:
         if data.get("format") != FORMAT_NAME:
             raise LlavaEdgeError(f"{where}: not a llava-edge manifest (format is missing or wrong)")
         version = data.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise LlavaEdgeError(
+                f"{where}: format_version {version!r} is not a version number; re-export the model"
+            )
+        if version > FORMAT_VERSION:
             raise LlavaEdgeError(
                 f"{where}: format_version {version!r} is newer than this llava-edge understands "
                 f"({FORMAT_VERSION}); upgrade llava-edge"
@@ -263,6 +269,19 @@ class Manifest:
                     raise LlavaEdgeError(
                         f"{where}: graph {name} has unknown precision {spec.precision}"
                     )
+        # Files are named relative to the model dir and stay in it: quantize copies them into a
+        # new dir, where a name like ../x would write outside it.
+        names = [
+            f for g in self.graphs.values() for s in g.forms() for f in (s.file, s.tensorrt_file)
+        ]
+        names += [*self.data_files(), *self.files]
+        for name in names:
+            if name is not None and (
+                not name or Path(name).is_absolute() or ".." in Path(name).parts
+            ):
+                raise LlavaEdgeError(
+                    f"{where}: file name {name!r} is not inside the model dir; re-export the model"
+                )
         t = self.text
         if t.num_heads % t.num_kv_heads or min(t.num_layers, t.head_dim, t.max_context) <= 0:
             raise LlavaEdgeError(f"{where}: the text model's shapes are inconsistent")
@@ -339,7 +358,11 @@ class Manifest:
         if not hashes:
             return
         for name, entry in self.files.items():
-            if sha256(model_dir / name) != entry.sha256:
+            try:
+                digest = sha256(model_dir / name)
+            except OSError as e:  # a model dir copied with another user's permissions
+                raise LlavaEdgeError(f"cannot read {model_dir / name}: {e.strerror}") from None
+            if digest != entry.sha256:
                 raise LlavaEdgeError(
                     f"{model_dir / name} does not match the checksum in the manifest: the file is "
                     "corrupt or comes from another model; copy it again or re-export"
@@ -376,27 +399,46 @@ def read_checkpoint_template(checkpoint: str | os.PathLike) -> str | None:
         raise LlavaEdgeError(f"{path} is not a JSON object naming a template") from None
 
 
-def cache_dir() -> Path:
-    """Where llava-edge remembers things between runs ($LLAVA_EDGE_CACHE or ~/.cache/llava-edge)."""
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llava-edge"
-    return Path(os.environ.get("LLAVA_EDGE_CACHE", default))
+def cache_dir() -> Path | None:
+    """Where llava-edge remembers things between runs ($LLAVA_EDGE_CACHE, else
+    $XDG_CACHE_HOME/llava-edge, else ~/.cache/llava-edge); None where there is nowhere (no home
+    directory, as for a service run under a user id without one): then nothing is remembered.
+
+    An empty variable counts as unset, and so does a relative XDG_CACHE_HOME (as the XDG spec
+    says), or the cache would land in whatever directory the process started in.
+    """
+    if os.environ.get("LLAVA_EDGE_CACHE"):
+        return Path(os.environ["LLAVA_EDGE_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    if os.path.isabs(xdg):
+        return Path(xdg) / "llava-edge"
+    home = os.path.expanduser("~")
+    return Path(home) / ".cache" / "llava-edge" if os.path.isabs(home) else None
 
 
-def _verified_fingerprints() -> set[str]:
+VERIFIED_KEPT = 1000  # fingerprints remembered: the most recently verified ones
+
+
+def _verified_fingerprints() -> list[str]:
+    """Fingerprints of verified dirs, oldest first."""
+    root = cache_dir()
     try:
-        return set((cache_dir() / "verified.txt").read_text().split())
+        return (root / "verified.txt").read_text().split() if root else []
     except OSError:
-        return set()
+        return []
 
 
 def _remember_verified(fingerprint: str) -> None:
     """Best effort: a read-only home only means hashing again next time."""
+    root = cache_dir()
+    if root is None:
+        return
     try:
-        path = cache_dir() / "verified.txt"
+        path = root / "verified.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
-        known = sorted(_verified_fingerprints() | {fingerprint})[-1000:]
+        known = [f for f in _verified_fingerprints() if f != fingerprint] + [fingerprint]
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text("\n".join(known) + "\n")
+        tmp.write_text("\n".join(known[-VERIFIED_KEPT:]) + "\n")
         os.replace(tmp, path)
     except OSError:
         pass

@@ -26,7 +26,7 @@ def _llava_json(path: Path, items: list[dict]) -> Path:
     return path
 
 
-def _item(image: str | None, question: str) -> dict:
+def _item(image: str | list[str] | None, question: str) -> dict:
     item = {"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": "x"}]}
     if image:
         item["image"] = image
@@ -60,6 +60,7 @@ def test_image_folder_asks_the_default_prompt(tmp_path: Path) -> None:
     first = _picture(tmp_path / "pics" / "1.jpg", (1, 2, 3))
     second = _picture(tmp_path / "pics" / "2.png", (4, 5, 6))
     (tmp_path / "pics" / "notes.txt").write_text("not a picture")
+    (tmp_path / "pics" / "._2.png").write_bytes(b"\x00\x05\x16\x07")  # a Mac's AppleDouble
     expected = [Sample(first, DEFAULT_PROMPT), Sample(second, DEFAULT_PROMPT)]
     assert load_samples(tmp_path / "pics", None) == expected
     assert load_samples(None, tmp_path / "pics") == expected
@@ -74,6 +75,7 @@ def test_image_folder_asks_the_default_prompt(tmp_path: Path) -> None:
         ("empty_list", "holds no samples"),
         ("no_question", "has no human turn"),
         ("missing_image", "is not under"),
+        ("several_images", "give one file name"),
         ("nothing", "no calibration data"),
     ],
 )
@@ -92,6 +94,8 @@ def test_bad_sources_say_what_is_wrong(tmp_path: Path, case: str, message: str) 
         _llava_json(calib, [{"image": "a.png", "conversations": [{"from": "gpt", "value": "x"}]}])
     elif case == "missing_image":
         _llava_json(calib, [_item("gone.png", "<image>\nHi")])
+    elif case == "several_images":
+        _llava_json(calib, [_item(["a.png", "b.png"], "<image>\n<image>\nHi")])
     else:
         calib = None
     with pytest.raises(LlavaEdgeError, match=message):

@@ -221,6 +221,7 @@ def test_prefill_needs_the_fused_decoder(
     assert main(["quantize", str(unfused), str(tmp_path / "out"), *args]) == 1
     err = capsys.readouterr().err.strip()
     assert "--prefill needs the fused decoder form" in err and "\n" not in err
+    assert "without --no-fused, or drop --prefill" in err  # re-exporting alike would not help
     assert not (tmp_path / "out").exists()
 
 

@@ -137,3 +137,25 @@ def test_fp16_of_a_graph_over_2gib_loads_computes_and_streams(tmp_path: Path) ->
     assert peak < source_bytes / 2, f"peak {peak / 2**30:.2f} GiB"
     assert (tmp_path / "out" / "graph.onnx.data").stat().st_size >= source_bytes // 2
     check_outputs(dst, filled, inv_freq)
+
+
+def test_weights_round_to_fp16_as_onnxruntime_rounds_them() -> None:
+    """to_float16 is onnxruntime's convert_np_to_float16, bit for bit, faster and quiet: extremes
+    clamp to +-65504, tiny non-zero values to +-2**-24, NaN, infinities and zeros stay."""
+    import warnings
+
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    from llava_edge.calib.fp16 import to_float16
+
+    edges = [0.0, -0.0, 1e-9, -3e-8, 6e-8, 0.1, 1.0, 65504, 65520, 1e5, -1e5, np.inf, -np.inf]
+    rng = np.random.default_rng(0)
+    spread = rng.standard_normal(100_000) * np.exp(rng.uniform(-40, 15, 100_000))
+    values = np.concatenate([edges, [np.nan], spread]).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow warning in the user's terminal
+        ours = to_float16(values)
+    theirs = convert_np_to_float16(values)
+    assert ours.dtype == np.float16
+    np.testing.assert_array_equal(ours.view(np.uint16), theirs.view(np.uint16))
+    assert np.isfinite(ours[np.isfinite(values)]).all() and (ours[values != 0] != 0).all()

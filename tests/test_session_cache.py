@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from llava_edge.manifest import cache_dir
 from llava_edge.runtime import Pipeline, session_cache
 
 PROMPT = "What is in the picture?"
@@ -136,3 +137,71 @@ def test_entries_of_a_deleted_dir_are_dropped(
     _, status = answer(tiny_model_dir, cache)
     assert set(status.values()) == {"miss"}
     assert not set(written) & set(entries(cache)) and len(entries(cache)) == 3
+
+
+@pytest.fixture
+def homeless(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A service run under a user id with no home: HOME unset and no passwd entry."""
+    for name in ("HOME", "XDG_CACHE_HOME", "LLAVA_EDGE_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+
+    def no_entry(uid: int) -> None:
+        raise KeyError(uid)
+
+    monkeypatch.setattr("pwd.getpwuid", no_entry)
+
+
+def test_no_home_loads_without_a_cache(
+    tiny_model_dir: Path, homeless: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    ids, status = answer(tiny_model_dir, tmp_path)
+    assert set(status.values()) == {"off"} and ids
+    assert not list(tmp_path.iterdir())  # nothing cached in the working dir instead
+
+
+def test_cache_env_is_enough_without_a_home(
+    tiny_model_dir: Path, homeless: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LLAVA_EDGE_CACHE", str(tmp_path))
+    assert set(answer(tiny_model_dir, tmp_path)[1].values()) == {"miss"}
+    assert len(entries(tmp_path / "onnxruntime")) == 3
+
+
+@pytest.mark.parametrize("variable", ["LLAVA_EDGE_CACHE", "XDG_CACHE_HOME"])
+def test_empty_or_relative_cache_variable_is_ignored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    monkeypatch.delenv("LLAVA_EDGE_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv(variable, "")
+    assert cache_dir() == tmp_path / ".cache" / "llava-edge"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative")
+    assert cache_dir() == tmp_path / ".cache" / "llava-edge"
+
+
+def test_a_failed_save_keeps_the_session_it_opened(
+    tiny_model_dir: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes loading a dir for the first time both write its entries; the one whose
+    install loses the race (or finds the disk full) answers with the session it opened, not a
+    second load of the graph."""
+    import llava_edge.files as files
+
+    reference, _ = answer(tiny_model_dir, cache, session_cache=False)
+
+    def lost_the_race(tmp: Path, out: Path) -> None:
+        raise OSError(39, "Directory not empty")
+
+    opened: list[str] = []
+    real = session_cache.ort.InferenceSession
+
+    def counted(path: str, *args: object, **kwargs: object) -> object:
+        opened.append(Path(path).name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(files, "_install", lost_the_race)
+    monkeypatch.setattr(session_cache.ort, "InferenceSession", counted)
+    ids, status = answer(tiny_model_dir, cache)
+    assert set(status.values()) == {"off"} and not entries(cache)
+    assert len(opened) == len(set(opened)) == 3 and ids == reference  # each graph opened once

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,8 @@ class Sample:
 
     image: Path | None
     prompt: str
+    # Where it comes from, for messages ("FILE sample N", or the image file); not part of it.
+    origin: str = field(default="", compare=False)
 
 
 def load_samples(calib: str | os.PathLike | None, images: str | os.PathLike | None) -> list[Sample]:
@@ -65,14 +67,52 @@ def load_samples(calib: str | os.PathLike | None, images: str | os.PathLike | No
     return _image_folder(folder)
 
 
+def check_samples(
+    model_dir: str | os.PathLike, samples: list[Sample], decode_steps: int = DECODE_STEPS
+) -> None:
+    """Fail before any work, naming the sample, where the runtime would refuse one when
+    calibration or the report reaches it: a picture it cannot read or over its pixel limit, a
+    prompt that does not fit the context with `decode_steps` tokens after it.
+
+    A Pipeline without a backend does this: it preprocesses and tokenizes as the loaded one
+    does, and loads no graph.
+    """
+    from llava_edge.manifest import Manifest
+    from llava_edge.runtime import Pipeline
+
+    model_dir = Path(model_dir)
+    pipe = Pipeline(model_dir, Manifest.load(model_dir), backend=None)
+    for sample in samples:
+        try:
+            pixels = [pipe.image_pixels(sample.image)] if sample.image else []
+            tokens = len(pipe.prompt_ids(sample.prompt, pixels))
+        except LlavaEdgeError as e:
+            named = sample.origin and sample.origin not in str(e)
+            raise LlavaEdgeError(
+                f"calibration data{f', {sample.origin}' if named else ''}: {e}"
+            ) from None
+        if tokens + decode_steps > pipe.max_context:
+            raise LlavaEdgeError(
+                f"calibration data, {sample.origin or 'a sample'}: its prompt is {tokens} tokens, which leaves no "
+                f"room for {decode_steps} more in the model's context of {pipe.max_context}; "
+                "shorten it or leave it out"
+            )
+
+
 def _image_folder(folder: Path) -> list[Sample]:
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    # Hidden files are not pictures: "._x.png" is the AppleDouble metadata a copy from a Mac
+    # leaves beside x.png.
+    files = sorted(
+        p
+        for p in folder.iterdir()
+        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    )
     if not files:
         raise LlavaEdgeError(
             f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); give a folder of pictures "
             "like the ones the model will see"
         )
-    return [Sample(path, DEFAULT_PROMPT) for path in files]
+    return [Sample(path, DEFAULT_PROMPT, str(path)) for path in files]
 
 
 def _llava_json(path: Path, image_root: Path | None) -> list[Sample]:
@@ -95,8 +135,13 @@ def _llava_json(path: Path, image_root: Path | None) -> list[Sample]:
                 "is this a LLaVA JSON file?"
             )
         image = None
+        if item.get("image") and not isinstance(item["image"], str):
+            raise LlavaEdgeError(
+                f"{path}: sample {index}'s image is {item['image']!r}; give one file name "
+                "(a sample with several pictures is not supported for calibration)"
+            )
         if item.get("image"):
-            image = _find_image(str(item["image"]), roots)
+            image = _find_image(item["image"], roots)
             if image is None:
                 where = " or ".join(str(r) for r in roots)
                 raise LlavaEdgeError(
@@ -105,7 +150,7 @@ def _llava_json(path: Path, image_root: Path | None) -> list[Sample]:
                 )
         else:  # a text-only sample must not ask for an image
             prompt = prompt.replace(IMAGE_PLACEHOLDER, "").strip()
-        samples.append(Sample(image, prompt))
+        samples.append(Sample(image, prompt, f"{path} sample {index}"))
     return samples
 
 

@@ -210,7 +210,8 @@ def to_float16(values: np.ndarray) -> np.ndarray:
     Written here because onnxruntime's version makes a dozen passes over the array (some only to
     log its extremes): 3-4x slower, which is minutes on a 7B model.
     """
-    half = values.astype(np.float16)
+    with np.errstate(over="ignore"):  # overflow is what the next line mends
+        half = values.astype(np.float16)
     overflowed = np.isinf(half) & np.isfinite(values)
     half[overflowed] = np.copysign(np.float16(65504), values[overflowed])
     vanished = (half == 0) & (values != 0)

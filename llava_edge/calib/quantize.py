@@ -22,8 +22,9 @@ Graph inputs and outputs keep their names and dtypes, so the runtime loads the r
 the one exception is the int4 TensorRT form, whose KV cache inputs and outputs are fp16 (the
 backends size their caches by the graph's own types).
 Everything is written to a temporary dir, loaded by the runtime (which answers one question
-with it, and onnxruntime opens each TensorRT form), and renamed into place only then: a dir that
-`quantize` installs always loads.
+with it, and onnxruntime opens each form that load does not run: the TensorRT forms, and the
+standard ones beside fused ones), and renamed into place only then: a dir that `quantize`
+installs always loads.
 
 Models of any size: what needs the whole graph (shape inference, opset conversion) runs on the
 graph without its weights, fp16 weights are converted a chunk at a time (calib/fp16.py), and
@@ -33,22 +34,31 @@ a few copies of them), write external data past 2 GB.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from llava_edge.calib.data import Activations, FeedReader, Sample, load_samples
+from llava_edge.calib.data import Activations, FeedReader, Sample, check_samples, load_samples
 from llava_edge.calib.fp16 import fp16_graph, load_weights, to_fp16
 from llava_edge.calib.kv_int8 import KV_CACHE_CHOICES, KVRanges, int8_kv_cache
 from llava_edge.errors import LlavaEdgeError, first_line
-from llava_edge.files import check_output_dir, is_large, replace_dir, save_graph, scratch_beside
+from llava_edge.files import (
+    check_output_dir,
+    graph_bytes,
+    is_large,
+    replace_dir,
+    save_graph,
+    scratch_beside,
+)
 from llava_edge.logs import quiet
 from llava_edge.manifest import GraphSpec, Manifest
 
@@ -134,8 +144,9 @@ def quantize_model(
     _check_source(manifest, source)
     if prefill and manifest.graphs["decoder"].fused is None:
         raise LlavaEdgeError(
-            "--prefill needs the fused decoder form, which this model dir lacks; re-export it "
-            "with this llava-edge"
+            "--prefill needs the fused decoder form, which this model dir lacks (exported with "
+            "--no-fused, by an older llava-edge, or a decoder the form does not take); "
+            "re-export it without --no-fused, or drop --prefill"
         )
     if kv_cache and manifest.graphs["decoder"].fused is None:
         raise LlavaEdgeError(
@@ -148,10 +159,21 @@ def quantize_model(
             "OUT_DIR must differ from MODEL_DIR: the fp32 graphs are the reference"
         )
     check_output_dir(out, force, keep=source, keep_name="the source model dir")
+    for data in (calib, images):  # --force must not delete the calibration data either
+        if data is not None:
+            check_output_dir(out, force, keep=Path(data), keep_name="the calibration data")
     calibration, held_out = _split(precision, calib, images, samples, report)
+    check_samples(source, calibration + held_out)
+    if precision != "fp16" and len(calibration) < samples:
+        kept = f", {len(held_out)} more held out for --report" if report else ""
+        log(
+            f"note: calibrating on {len(calibration)} samples, fewer than --samples {samples} "
+            f"asks: the data holds no more{kept}"
+        )
 
     start = time.perf_counter()
-    with scratch_beside(out), replace_dir(out) as tmp:
+    largest = max(graph_bytes(source / s.file) for g in manifest.graphs.values() for s in g.forms())
+    with scratch_beside(out), replace_dir(out) as tmp, _full_disk_named(out, 2 * largest):
         for name in manifest.data_files():
             shutil.copy2(source / name, tmp / name)
         activations = Activations(source, calibration)
@@ -183,6 +205,32 @@ def quantize_model(
     manifest.mark_verified(out)  # every file was hashed above: the first load need not again
     log(f"quantized {source} -> {out} ({precision}) in {time.perf_counter() - start:.1f} s")
     return result
+
+
+@contextlib.contextmanager
+def _full_disk_named(out: Path, needed: int) -> Iterator[None]:
+    """Name a full disk: a write to it fails in onnx and onnxruntime as anything (an OSError, or
+    a protobuf DecodeError of a truncated copy they wrote and read back). Where the disk holding
+    `out` has less free than `needed` (a step's copies of the largest graph), that is the cause."""
+    try:
+        yield
+    except LlavaEdgeError:
+        raise
+    except Exception:
+        free = shutil.disk_usage(_existing(out)).free
+        if free >= needed:
+            raise
+        raise LlavaEdgeError(
+            f"the disk holding {out} is full ({free / 1e6:.1f} MB free; quantize needs about "
+            f"{needed / 1e6:.1f} MB beyond its output); nothing was installed. Free some space "
+            "or choose another OUT_DIR"
+        ) from None
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def _check_block(precision: str, block_size: int | None) -> int:
@@ -429,17 +477,18 @@ def int8_dynamic(src: Path, dst: Path, op_types: tuple[str, ...] = ("MatMul",)) 
 
     model = onnx.load(str(src), load_external_data=False)
     nodes = [n.name for n in weight_nodes(model, op_types)]
-    quantize_dynamic(
-        str(src),
-        str(dst),
-        op_types_to_quantize=list(op_types),
-        nodes_to_quantize=nodes,
-        per_channel=True,
-        weight_type=QuantType.QInt8,
-        use_external_data_format=is_large(src),
-        # Shape inference cannot type the outputs of contrib ops (the fused decoder's)
-        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-    )
+    with _linked_apart(src) as linked:
+        quantize_dynamic(
+            str(linked),
+            str(dst),
+            op_types_to_quantize=list(op_types),
+            nodes_to_quantize=nodes,
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            use_external_data_format=is_large(src),
+            # Shape inference cannot type the outputs of contrib ops (the fused decoder's)
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
     return {
         "form": "dynamic int8 (DynamicQuantizeLinear + MatMulInteger), per-channel weights",
         "quantized_nodes": len(nodes),
@@ -459,11 +508,11 @@ def int8_static_qdq(src: Path, dst: Path, reader: FeedReader, method: str) -> di
     model = onnx.load(str(src), load_external_data=False)
     nodes = weight_nodes(model)
     op_types = sorted({n.op_type for n in nodes})
-    with tempfile.TemporaryDirectory(prefix="calib-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="calib-") as scratch, _linked_apart(src) as linked:
         ranges = Path(scratch) / "ranges.json"
-        calibrate(src, nodes, reader, method, ranges)
+        calibrate(linked, nodes, reader, method, ranges)
         quantize_static(
-            str(src),
+            str(linked),
             str(dst),
             None,
             quant_format=QuantFormat.QDQ,
@@ -484,6 +533,33 @@ def int8_static_qdq(src: Path, dst: Path, reader: FeedReader, method: str) -> di
         "quantized_nodes": len(nodes),
         "op_types": op_types,
     }
+
+
+@contextlib.contextmanager
+def _linked_apart(src: Path) -> Iterator[Path]:
+    """A path to `src` in a temporary dir, to hand to onnxruntime's quantizers and calibrators
+    in its place: they write a shape-inferred copy of the graph beside the path they are given,
+    which must not land in the source model dir (it may be read-only; a killed run would leave
+    the copy there).
+
+    A symlink where the weights are inside the graph. onnx refuses external data behind a
+    symlink or a hard link, so a graph with a `.data` file is handed over as it is where its dir
+    is writable (the copy onnxruntime writes refers to the same `.data`, a few MB), and copied,
+    weights and all, only where it is not: the scratch space the docs count on, one fp32 graph
+    at a time.
+    """
+    data = src.with_name(src.name + ".data")
+    if data.exists() and os.access(src.parent, os.W_OK):
+        yield src
+        return
+    with tempfile.TemporaryDirectory(prefix="source-") as scratch:
+        linked = Path(scratch) / src.name
+        if data.exists():
+            shutil.copyfile(src, linked)
+            shutil.copyfile(data, Path(scratch) / data.name)
+        else:
+            linked.symlink_to(src.resolve())
+        yield linked
 
 
 _CALIBRATION = {
@@ -642,7 +718,9 @@ def _int4_blocks(model: Any, block: int) -> tuple[dict[str, int], list[str]]:
 
 def check_loads(model_dir: Path, precision: str) -> None:
     """Fail unless the runtime loads `model_dir` and answers a question with it, and onnxruntime
-    opens each TensorRT form (the graphs `llava-edge build` will hand to TensorRT)."""
+    opens each form that load does not run: the TensorRT forms (the graphs `llava-edge build`
+    will hand to TensorRT), and the standard forms where there are fused ones (what GPU
+    providers and `graph_form="standard"` run)."""
     import onnxruntime as ort
 
     from llava_edge.runtime import Pipeline
@@ -659,13 +737,13 @@ def check_loads(model_dir: Path, precision: str) -> None:
     # without graph optimizations each weight is held once, in its stored precision.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     manifest = Manifest.load(model_dir)
-    for graph in manifest.graphs.values():
-        if graph.tensorrt_file:
-            path = model_dir / graph.tensorrt_file
-            try:
-                ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            except Exception as e:  # onnxruntime raises its own untyped errors on bad graphs
-                raise fail(f"{path.name}: {first_line(e)}") from None
+    unloaded = [(g.tensorrt_file, g.file if g.fused else None) for g in manifest.graphs.values()]
+    for file in [f for pair in unloaded for f in pair if f]:
+        path = model_dir / file
+        try:
+            ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own untyped errors on bad graphs
+            raise fail(f"{path.name}: {first_line(e)}") from None
     try:
         with Pipeline.load(model_dir, verify_files=False) as pipe:
             pipe.answer(_probe_image(), PROBE_QUESTION, max_new_tokens=2)

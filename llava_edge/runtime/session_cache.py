@@ -75,8 +75,8 @@ def cache_key(graph_sha256: str, providers: list[str]) -> str:
 
 def is_cached(graph_sha256: str, root: Path | None = None) -> bool:
     """Whether a CPU session of this graph would load from a complete entry (writing none)."""
-    root = root or cache_dir() / "onnxruntime"
-    return _complete(root / cache_key(graph_sha256, ["CPUExecutionProvider"]))
+    root = root or _root()
+    return root is not None and _complete(root / cache_key(graph_sha256, ["CPUExecutionProvider"]))
 
 
 def open_cached(
@@ -88,7 +88,9 @@ def open_cached(
     """A CPU session of `path`, through the cache; and how: 'hit', 'miss' (written) or 'off'
     (the cache dir cannot be written: a plain load)."""
     providers = ["CPUExecutionProvider"]
-    root = root or cache_dir() / "onnxruntime"
+    root = root or _root()
+    if root is None:  # no cache dir on this machine (no home directory)
+        return _plain(path, threads), "off"
     entry = root / cache_key(graph_sha256, providers)
     if _complete(entry):
         options = session_options(threads)
@@ -101,6 +103,7 @@ def open_cached(
         return _plain(path, threads), "off"
     opened = path.resolve()
     source = str(final_path(opened))
+    session = None
     try:
         with replace_dir(entry) as tmp:
             session = ort.InferenceSession(str(path), _saving(threads, tmp), providers=providers)
@@ -108,9 +111,16 @@ def open_cached(
             meta = {"source": source, "opened": str(opened), "files": files}
             (tmp / META).write_text(json.dumps(meta))
     except Exception:  # no room, a read-only home: the session still loads, uncached
-        return _plain(path, threads), "off"
+        # Where only saving failed (the disk filled, another process installed the same entry
+        # first) the session is whole: a second load would hold the weights twice meanwhile.
+        return session or _plain(path, threads), "off"
     _drop_stale(root, entry, source)
     return session, "miss"
+
+
+def _root() -> Path | None:
+    found = cache_dir()
+    return found / "onnxruntime" if found else None
 
 
 def _plain(path: Path, threads: int | None) -> ort.InferenceSession:

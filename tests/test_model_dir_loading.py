@@ -1,0 +1,118 @@
+"""Loading a model dir as a robot's app meets it: files it may not read give one clear line,
+never a traceback."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from llava_edge import manifest as manifest_module
+from llava_edge.cli import main
+
+
+@pytest.fixture
+def model_copy(tiny_model_dir: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, copy)
+    return copy
+
+
+def _unreadable(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Reading `name` fails as it does for a file copied with another user's permissions (the
+    tests may run as root, for whom chmod takes nothing away)."""
+
+    def refuse(path: os.PathLike) -> None:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    real_sha256, real_read_text = manifest_module.sha256, Path.read_text
+    monkeypatch.setattr(
+        manifest_module,
+        "sha256",
+        lambda path: refuse(path) if Path(path).name == name else real_sha256(path),
+    )
+    monkeypatch.setattr(
+        Path,
+        "read_text",
+        lambda self, *a, **k: refuse(self) if self.name == name else real_read_text(self, *a, **k),
+    )
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "decoder.onnx", "tokenizer.json"])
+def test_an_unreadable_file_is_one_line(
+    model_copy: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, name: str
+) -> None:
+    _unreadable(monkeypatch, name)
+    argv = ["run", str(model_copy), "--prompt", "hi", "--max-new-tokens", "1", "--verify-files"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"llava-edge run: error: cannot read {model_copy / name}: Permission denied"
+
+
+def test_file_names_that_leave_the_model_dir_are_refused(
+    model_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A model dir from elsewhere whose manifest names ../table.npy: quantize would copy it to
+    ../table.npy of its new dir, outside the output."""
+    import json
+
+    manifest = json.loads((model_copy / "manifest.json").read_text())
+    (model_copy / "embed_tokens.npy").rename(tmp_path / "table.npy")
+    manifest["embeddings"] = "../table.npy"
+    manifest["files"]["../table.npy"] = manifest["files"].pop("embed_tokens.npy")
+    (model_copy / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "quantized").mkdir()
+    out = tmp_path / "quantized" / "fp16"
+    assert main(["quantize", str(model_copy), str(out), "--precision", "fp16"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "file name '../table.npy' is not inside the model dir" in err and "\n" not in err
+    assert not list((tmp_path / "quantized").iterdir())  # nothing written, inside or beside
+
+
+def test_a_machine_that_verified_many_dirs_still_remembers_the_latest(
+    model_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files are hashed the first time a machine sees them, then remembered among the last
+    VERIFIED_KEPT; with the list full, the newest must not be the one forgotten."""
+    from llava_edge.manifest import VERIFIED_KEPT, Manifest
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("LLAVA_EDGE_CACHE", str(cache))
+    earlier = [f"{'f' * 56}{i:08x}" for i in range(VERIFIED_KEPT)]  # older, of high hash value
+    (cache / "verified.txt").write_text("\n".join(earlier) + "\n")
+    manifest = Manifest.load(model_copy)
+    manifest.check_files(model_copy)  # hashes, and remembers
+    hashed: list[str] = []
+    real = manifest_module.sha256
+    monkeypatch.setattr(manifest_module, "sha256", lambda p: hashed.append(p) or real(p))
+    manifest.check_files(model_copy)
+    assert not hashed
+    remembered = (cache / "verified.txt").read_text().split()
+    assert len(remembered) == VERIFIED_KEPT and earlier[0] not in remembered  # the oldest went
+
+
+@pytest.mark.parametrize(
+    ("version", "message"),
+    [
+        (9, "format_version 9 is newer than this llava-edge understands (2); upgrade"),
+        ("2", "format_version '2' is not a version number"),
+        (0, "format_version 0 is not a version number"),
+        (None, "format_version None is not a version number"),
+    ],
+)
+def test_format_versions_it_cannot_read_are_named(
+    tiny_model_dir: Path, version: object, message: str
+) -> None:
+    import json
+
+    from llava_edge.errors import LlavaEdgeError
+    from llava_edge.manifest import Manifest
+
+    data = json.loads((tiny_model_dir / "manifest.json").read_text())
+    data["format_version"] = version
+    with pytest.raises(LlavaEdgeError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Manifest.from_dict(data)

@@ -1,0 +1,51 @@
+"""files.replace_dir at a path that is a symlink (a robot's `models/current` pointing at a
+versioned dir, perhaps on another disk): the link is replaced by the new dir, what it pointed at
+is left alone, and nothing is left behind beside either."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from llava_edge.files import replace_dir
+
+
+@pytest.fixture
+def elsewhere(tmp_path: Path) -> Iterator[Path]:
+    """A dir on another filesystem than tmp_path where there is one (/dev/shm is tmpfs)."""
+    shm = Path("/dev/shm")
+    other = shm.is_dir() and os.access(shm, os.W_OK) and shm.stat().st_dev != tmp_path.stat().st_dev
+    path = Path(tempfile.mkdtemp(dir=shm if other else tmp_path))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.parametrize("target", ["same_disk", "other_disk"])
+def test_a_symlinked_output_is_replaced_not_written_through(
+    tmp_path: Path, elsewhere: Path, target: str
+) -> None:
+    versions = tmp_path / "versions" if target == "same_disk" else elsewhere
+    (versions / "v1").mkdir(parents=True, exist_ok=True)
+    (versions / "v1" / "model.onnx").write_text("v1")
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "current").symlink_to(versions / "v1")
+    with replace_dir(app / "current") as tmp:
+        (tmp / "model.onnx").write_text("v2")
+    assert not (app / "current").is_symlink()
+    assert (app / "current" / "model.onnx").read_text() == "v2"
+    assert (versions / "v1" / "model.onnx").read_text() == "v1"  # the old version, untouched
+    assert os.listdir(app) == ["current"] and os.listdir(versions) == ["v1"]
+
+
+def test_a_dangling_symlinked_output_is_replaced(tmp_path: Path) -> None:
+    (tmp_path / "current").symlink_to(tmp_path / "gone")
+    with replace_dir(tmp_path / "current") as tmp:
+        (tmp / "model.onnx").write_text("v2")
+    assert (tmp_path / "current" / "model.onnx").read_text() == "v2"
+    assert os.listdir(tmp_path) == ["current"]

@@ -1,0 +1,206 @@
+"""`llava-edge quantize` on calibration data the runtime would refuse: one line naming the
+sample, before any graph is quantized, and no output dir."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import llava_edge.calib.quantize as quantize
+from llava_edge.cli import main
+
+
+def _pictures(folder: Path, count: int) -> None:
+    folder.mkdir(parents=True)
+    for i in range(count):
+        Image.new("RGB", (40, 32), (30 * i, 120, 200)).save(folder / f"{i}.png")
+
+
+@pytest.mark.parametrize(
+    ("bad", "where", "message"),
+    [
+        ("huge", "calibration", "over the limit"),
+        ("huge", "held_out", "over the limit"),
+        ("corrupt", "calibration", "is corrupt or truncated"),
+        ("long_prompt", "calibration", "leaves no room"),
+        ("long_prompt", "held_out", "leaves no room"),
+    ],
+)
+def test_unusable_calibration_data_is_named_before_any_work(
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    bad: str,
+    where: str,
+    message: str,
+) -> None:
+    folder = tmp_path / "pictures"
+    _pictures(folder, 4)
+    # Sorted by name: 0.png is calibrated on first; with --report the last one is held out.
+    picture = folder / ("0.png" if where == "calibration" else "9.png")
+    source = ["--images", str(folder)]
+    if bad == "huge":  # 63 Mpx, over the runtime's 50 Mpx (a small file: one colour)
+        Image.new("RGB", (9000, 7000), (10, 200, 30)).save(picture)
+    elif bad == "corrupt":
+        picture.write_bytes((folder / "1.png").read_bytes()[:60])
+    else:  # a LLaVA JSON whose one question is longer than the tiny model's context
+        Image.new("RGB", (40, 32)).save(picture)
+        items = [
+            {
+                "image": path.name,
+                "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}],
+            }
+            for path in sorted(folder.iterdir())
+        ]
+        long = items[0 if where == "calibration" else -1]["conversations"][0]
+        long["value"] += " word" * 3000
+        (tmp_path / "calib.json").write_text(json.dumps(items))
+        source = ["--calib", str(tmp_path / "calib.json"), "--images", str(folder)]
+        picture = tmp_path / "calib.json"  # the sample is named by the file and its index
+
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a graph was quantized before the data was checked")
+
+    monkeypatch.setattr(quantize, "int8_dynamic", no_work)
+    args = ["--precision", "int8", *source, "--samples", "3", "--report"]
+    out = tmp_path / "out"
+    assert main(["quantize", str(tiny_model_dir), str(out), *args]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("llava-edge quantize: error:") and "\n" not in err
+    assert str(picture) in err and message in err
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+@pytest.mark.parametrize("given", ["--calib", "--images"])
+def test_force_never_deletes_the_calibration_data(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, given: str
+) -> None:
+    out = tmp_path / "work"
+    _pictures(out / "pictures", 3)  # the calibration data lives in the dir to replace
+    args = ["--precision", "int8", given, str(out / "pictures"), "--samples", "2", "--force"]
+    assert main(["quantize", str(tiny_model_dir), str(out), *args]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "holds the calibration data" in err and "\n" not in err
+    assert len(list((out / "pictures").iterdir())) == 3
+
+
+def test_fewer_samples_than_asked_are_said(tiny_model_dir: Path, tmp_path: Path) -> None:
+    _pictures(tmp_path / "pictures", 3)
+    said: list[str] = []
+    result = quantize.quantize_model(
+        tiny_model_dir, tmp_path / "out", "int8", images=tmp_path / "pictures", log=said.append
+    )
+    assert result == {}
+    assert any("calibrating on 3 samples, fewer than --samples 32" in line for line in said)
+    details = quantize.Manifest.load(tmp_path / "out").graphs["vision_encoder"].details
+    assert details["tensorrt"]["calibration_feeds"] == 3
+
+
+def test_a_standard_form_that_does_not_load_is_never_installed(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """The runtime's CPU load runs the fused forms; the standard ones (GPU providers run them)
+    are checked too."""
+    real = quantize.int8_dynamic
+
+    def broken_standard_decoder(src: Path, dst: Path, *args: object) -> dict:
+        details = real(src, dst, *args)
+        if dst.name == "decoder.onnx":
+            dst.write_bytes(dst.read_bytes()[: dst.stat().st_size // 2])
+        return details
+
+    monkeypatch.setattr(quantize, "int8_dynamic", broken_standard_decoder)
+    _pictures(tmp_path / "pictures", 2)
+    out = tmp_path / "out"
+    args = ["--precision", "int8", "--images", str(tmp_path / "pictures")]
+    assert main(["quantize", str(tiny_model_dir), str(out), *args]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "does not load (decoder.onnx:" in error and "nothing was installed" in error
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("weights", ["inline", "external_read_only"])
+def test_nothing_is_written_into_the_source_dir(
+    tiny_model_dir: Path,
+    tiny_checkpoint: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    weights: str,
+) -> None:
+    """onnxruntime's quantizers write a shape-inferred copy beside the graph they are handed: not
+    in the source dir where it is read-only (a robot's image, a shared mount), nor where the
+    graphs hold their weights, read-only or not."""
+    import os
+
+    import onnx
+
+    from llava_edge import files
+    from llava_edge.export.exporter import export_checkpoint
+
+    source = tiny_model_dir
+    if weights == "external_read_only":  # weights in .data files, as a 7B model's are
+        source = tmp_path / "external"
+        monkeypatch.setattr(files, "MAX_PROTOBUF", 0)
+        export_checkpoint(tiny_checkpoint, source, verify=False, log=lambda *_: None)
+        real_access = os.access
+        monkeypatch.setattr(  # root may write anywhere: a read-only mount, as far as asked
+            os, "access", lambda p, mode: real_access(p, mode) and Path(p) != source
+        )
+    written: list[Path] = []
+    real = onnx.shape_inference.infer_shapes_path
+
+    def recorded(model_path: str, output_path: str = "", *args: object, **kwargs: object) -> None:
+        written.append(Path(output_path or model_path).resolve())
+        real(model_path, output_path, *args, **kwargs)
+
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes_path", recorded)
+    _pictures(tmp_path / "pictures", 2)
+    quantize.quantize_model(
+        source,
+        tmp_path / "out",
+        "int4",
+        images=tmp_path / "pictures",
+        method="entropy",
+        prefill="int8",
+        log=lambda *_: None,
+    )
+    assert written  # the quantizers did write their copies
+    assert not [p for p in written if p.parent == source.resolve()]
+
+
+@pytest.mark.parametrize("free", [100_000, 10**12])
+def test_a_full_disk_is_named(
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    free: int,
+) -> None:
+    """A write to a full disk fails inside onnx as a protobuf DecodeError of a copy it truncated:
+    named as what it is where the disk is full, left alone where it is not."""
+    import shutil
+    from types import SimpleNamespace
+
+    def truncated_copy(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("Error parsing message with type 'onnx.ModelProto'")
+
+    monkeypatch.setattr(quantize, "int8_dynamic", truncated_copy)
+    monkeypatch.setattr(
+        shutil, "disk_usage", lambda path: SimpleNamespace(total=10**12, used=0, free=free)
+    )
+    _pictures(tmp_path / "pictures", 2)
+    out = tmp_path / "out"
+    args = ["--precision", "int8", "--images", str(tmp_path / "pictures")]
+    if free > 10**9:  # room enough: the error is another's, and not hidden
+        with pytest.raises(RuntimeError, match="Error parsing"):
+            main(["quantize", str(tiny_model_dir), str(out), *args])
+    else:
+        assert main(["quantize", str(tiny_model_dir), str(out), *args]) == 1
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("llava-edge quantize: error: the disk holding")
+        assert "is full (0.1 MB free" in err and "nothing was installed" in err
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
