@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import os
 import sys
@@ -977,6 +978,17 @@ def main(argv: list[str] | None = None) -> int:
         # Python's own advice: point stdout at devnull so the flush at exit does not fail again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a tool killed by the closed pipe would return
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        # Every dir is written whole or not at all (files.replace_dir): only the disk needs care.
+        where = f" writing {e.filename}" if e.filename else ""
+        print(
+            f"llava-edge {args.command}: error: no space left on the device{where}; free some "
+            "space or write to another disk",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

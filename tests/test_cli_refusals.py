@@ -4,6 +4,7 @@ would do nothing (fp16 calibration, --layers past the preset, a preset beside --
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,22 @@ def test_refused_in_one_line_before_any_work(
         p for p in (*tmp_path.rglob("*"), *tiny_model_dir.rglob("*"), *tiny_checkpoint.rglob("*"))
     }
     assert after == before
+
+
+def test_a_full_disk_is_one_line_and_installs_nothing(
+    tiny_checkpoint, tmp_path, capsys, monkeypatch
+):
+    """A write that runs out of space, anywhere in any command, ends in one line naming the
+    disk; the half-made output dir goes with it."""
+    from llava_edge.export import exporter
+
+    def full(model, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(exporter, "save_graph", full)
+    out = tmp_path / "model"
+    assert main(["export", str(tiny_checkpoint), str(out), "--no-verify", "--no-fused"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
+    assert err.startswith("llava-edge export: error: no space left on the device writing ")
+    assert "vision_encoder.onnx" in err and "Traceback" not in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # neither the dir nor its hidden partial one
