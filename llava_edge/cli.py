@@ -559,13 +559,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--method",
-        default="minmax",
         choices=METHODS,
         help="how activation ranges are chosen for the TensorRT graphs (default minmax)",
     )
-    p.add_argument(
-        "--samples", type=int, default=32, help="calibration samples to use (default 32)"
-    )
+    p.add_argument("--samples", type=int, help="calibration samples to use (default 32)")
     p.add_argument(
         "--report",
         action="store_true",

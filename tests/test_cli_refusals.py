@@ -52,6 +52,14 @@ def cases(model: Path, checkpoint: Path, tmp: Path) -> dict[str, tuple[list[str]
             ["quantize", str(model), str(tmp / "q"), "--precision", "fp16", "--method", "entropy"],
             "fp16 calibrates nothing",
         ),
+        "fp16 with the default method written out": (
+            ["quantize", str(model), str(tmp / "q"), "--precision", "fp16", "--method", "minmax"],
+            "fp16 calibrates nothing",
+        ),
+        "fp16 with the default sample count written out": (
+            ["quantize", str(model), str(tmp / "q"), "--precision", "fp16", "--samples", "32"],
+            "fp16 calibrates nothing",
+        ),
         "init more layers than the preset": (
             ["init", str(tmp / "i"), "--layers", "100"],
             "--layers must be 1 to 2",

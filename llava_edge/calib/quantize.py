@@ -68,6 +68,7 @@ TARGETS = ("int8", "int4", "fp16")  # what `quantize --precision` makes of an fp
 MIN_ONNXRUNTIME = (1, 27)
 METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_SAMPLES = 32
+DEFAULT_METHOD = "minmax"
 REPORT_SAMPLES = 8  # held out from calibration and compared against fp32 by --report
 INT4_BLOCK = 32  # weights per scale; 32 keeps random-init and trained Llamas usable at 4 bits
 # The block sizes `quantize --block-size` offers (MatMulNBits takes powers of two from 16; 32 is
@@ -108,8 +109,8 @@ def quantize_model(
     precision: str,
     calib: str | os.PathLike | None = None,
     images: str | os.PathLike | None = None,
-    method: str = "minmax",
-    samples: int = DEFAULT_SAMPLES,
+    method: str | None = None,
+    samples: int | None = None,
     report: bool = False,
     force: bool = False,
     block_size: int | None = None,
@@ -127,9 +128,12 @@ def quantize_model(
     the fused decoder in int8 for prompts: int8 prefills about twice as fast as int4 on the CPU,
     for the int8 weights' memory on top of the int4 ones. `kv_cache="int8"` (int8 and int4) keeps
     the fused decoder's KV cache in int8, scales calibrated per channel (calib/kv_int8.py): a
-    decode step at depth reads a quarter of the cache's bytes.
+    decode step at depth reads a quarter of the cache's bytes. `method` (default "minmax") and
+    `samples` (default 32) set int8 and int4 calibration.
     """
     _check_onnxruntime()
+    method = DEFAULT_METHOD if method is None else method
+    samples = DEFAULT_SAMPLES if samples is None else samples
     if precision not in TARGETS:
         raise LlavaEdgeError(f"--precision must be one of {', '.join(TARGETS)}, got {precision}")
     block = _check_block(precision, block_size)
@@ -287,15 +291,15 @@ def check_fp16_options(
     precision: str,
     calib: str | os.PathLike | None,
     images: str | os.PathLike | None,
-    method: str,
-    samples: int,
+    method: str | None,
+    samples: int | None,
     report: bool,
 ) -> None:
     """The command's check: fp16 casts weights and calibrates nothing, so calibration options
     would do nothing (quantize_model itself ignores them, so one call can serve every precision)."""
     if precision != "fp16":
         return
-    if method != "minmax" or samples != DEFAULT_SAMPLES:
+    if method is not None or samples is not None:
         raise LlavaEdgeError(
             "--method and --samples set int8 and int4 calibration; fp16 calibrates nothing: "
             "drop them"
