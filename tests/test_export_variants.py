@@ -12,6 +12,7 @@ graphs' real inputs and outputs.
 from __future__ import annotations
 
 import copy
+import inspect
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -416,13 +417,16 @@ class _Decoder:
 
     def reference(self, embeds, mask, positions, cache=None) -> tuple[np.ndarray, Any]:
         """transformers' last-position logits; its cache (a copy of `cache`, grown)."""
+        # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name goes in 5.40)
+        params = inspect.signature(self.model.forward).parameters
+        name = "cache" if "cache" in params else "past_key_values"
         with torch.no_grad():
             out = self.model(
                 inputs_embeds=torch.from_numpy(embeds),
                 attention_mask=torch.from_numpy(mask),
                 position_ids=torch.from_numpy(positions),
-                past_key_values=copy.deepcopy(cache),
                 use_cache=True,
+                **{name: copy.deepcopy(cache)},
             )
         return out.logits[:, -1].numpy(), out.past_key_values
 
