@@ -212,3 +212,77 @@ def test_siglip_modes_match_transformers(mode):
     image = photo(mode)
     theirs = siglip_processor(56)(images=image, return_tensors="np")["pixel_values"][0]
     assert np.abs(preprocess(load_image(image), siglip_spec(56)) - theirs).max() < 1e-5
+
+
+# ---- inputs a user's camera or app may hand over ---------------------------------------------
+
+
+def test_a_lazily_opened_image_that_fails_to_decode_is_one_error(tmp_path):
+    """Image.open decodes at first use: a truncated file given as a PIL image fails inside
+    load_image with LlavaEdgeError, as it does given as a path."""
+    path = tmp_path / "cut.png"
+    path.write_bytes(_png_bytes()[:300])
+    with pytest.raises(LlavaEdgeError, match="cannot decode image"):
+        load_image(Image.open(path))
+    closed = Image.open(io.BytesIO(_png_bytes()))
+    closed.close()
+    with pytest.raises(LlavaEdgeError, match="cannot decode image"):
+        load_image(closed)
+
+
+def test_a_directory_is_named_as_one(tmp_path):
+    with pytest.raises(LlavaEdgeError, match="is a directory, not an image file"):
+        load_image(tmp_path)
+
+
+def test_an_rgb_png_with_a_transparent_colour_is_composited_as_transformers_does(tmp_path):
+    pixels = noise(40, 50)
+    pixels[:10, :10] = (10, 20, 30)
+    path = tmp_path / "trns.png"
+    Image.fromarray(pixels).save(path, transparency=(10, 20, 30))
+    image = Image.open(path)
+    assert image.mode == "RGB" and image.info.get("transparency") == (10, 20, 30)
+    ours = preprocess(load_image(path), spec())
+    assert np.abs(ours - reference(Image.open(path))).max() < 1e-5
+    white = preprocess(load_image(Image.fromarray(np.full((40, 50, 3), 255, np.uint8))), spec())
+    assert np.abs(ours[:, :5, :5] - white[:, :5, :5]).max() < 1e-5  # the keyed corner is white
+
+
+@pytest.mark.parametrize(
+    "array, message",
+    [
+        (
+            np.full((8, 8, 3), 0.5, np.float32) + np.eye(8, dtype=np.float32)[..., None] * 0.6,
+            "[0, 1]",
+        ),
+        (np.where(np.eye(8)[..., None] > 0, np.nan, 0.5).repeat(3, -1), "[0, 1]"),
+        (np.full((8, 8, 3), 200.0), "[0, 1]"),
+        (np.ones((8, 8), bool), "not pixel values"),
+        (np.ones((8, 8, 3), np.complex64), "not pixel values"),
+    ],
+    ids=["above_one", "nan", "zero_to_255", "bool", "complex"],
+)
+def test_arrays_whose_scale_would_be_a_guess_are_refused(array, message):
+    """A float frame's scale is not guessed from its values: one pixel at 1.0001 turned a [0, 1]
+    frame black, and a dark 0-255 frame came out 255 times brighter."""
+    with pytest.raises(LlavaEdgeError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_image(array)
+
+
+def test_float_arrays_in_zero_to_one_are_pixels_over_255():
+    frame = noise(30, 40)
+    ours = preprocess(load_image(frame.astype(np.float32) / 255), spec())
+    assert np.abs(ours - preprocess(load_image(frame), spec())).max() < 1e-5
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_an_extreme_aspect_ratio_is_refused_before_it_is_blown_up(pad):
+    """A 1x200000 strip passes the pixel limit (200,000 pixels) but resizing it to a 56-pixel
+    shortest edge makes 56 x 11 million pixels, and padding it to a square 40 billion."""
+    from llava_edge.errors import TooLarge
+
+    strip = load_image(np.zeros((1, 200_000, 3), np.uint8))
+    with pytest.raises(TooLarge, match="aspect ratio"):
+        preprocess(strip, spec(pad=pad))
+    wide = Image.fromarray(noise(20, 400))  # 20:1 still works, as transformers computes it
+    assert np.abs(preprocess(wide, spec(pad=pad)) - reference(wide, pad=pad)).max() < 1e-5

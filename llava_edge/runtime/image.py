@@ -21,6 +21,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from llava_edge.errors import LlavaEdgeError, TooLarge
 from llava_edge.manifest import ImageSpec
 
+# The most pixels padding or resizing may make of an image (beyond twice its own): 192 MB in uint8.
+STEP_PIXELS = 64_000_000
 ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
 # No image, one, or several for one prompt (in the order of their placeholders).
 Images = ImageInput | list[ImageInput] | tuple[ImageInput, ...] | None
@@ -37,8 +39,9 @@ def load_image(source: ImageInput, max_pixels: int | None = None) -> Image.Image
     """Open anything a robot app holds as an RGB PIL image.
 
     Paths and bytes are decoded with PIL (first frame of an animation, EXIF rotation applied);
-    arrays are (H, W, 3) or (H, W, 4) uint8 as a camera gives them, or (H, W) grey. An image of
-    more than `max_pixels` pixels is refused whatever its form, a file before it is decoded.
+    arrays are (H, W, 3) or (H, W, 4) as a camera gives them, or (H, W) grey: uint8 (or other
+    integers, 0-255), uint16 (scaled to 8 bits) or floats in [0, 1]. An image of more than
+    `max_pixels` pixels is refused whatever its form, a file before it is decoded.
     """
     if isinstance(source, np.ndarray):
         if source.ndim >= 2 and source.size:  # the shape and emptiness are checked next
@@ -57,7 +60,10 @@ def load_image(source: ImageInput, max_pixels: int | None = None) -> Image.Image
             f"{type(source).__name__}"
         )
     try:
-        image = ImageOps.exif_transpose(image) if not isinstance(source, Image.Image) else image
+        if isinstance(source, Image.Image):
+            image.load()  # a lazily opened file decodes here, not later outside this check
+        else:
+            image = ImageOps.exif_transpose(image)
         return to_rgb(image)
     except (OSError, ValueError, SyntaxError) as e:
         raise LlavaEdgeError(f"cannot decode image: {e}") from None
@@ -81,6 +87,8 @@ def _open(source: str | os.PathLike | bytes, max_pixels: int | None) -> Image.Im
     if not given:
         if not os.path.exists(source):
             raise LlavaEdgeError(f"{what} does not exist")
+        if os.path.isdir(source):
+            raise LlavaEdgeError(f"{what} is a directory, not an image file")
         if os.path.getsize(source) == 0:
             raise LlavaEdgeError(f"{what} is an empty file")
     elif not source:
@@ -116,21 +124,33 @@ def _from_array(array: np.ndarray) -> Image.Image:
         )
     if array.size == 0:
         raise LlavaEdgeError("image array is empty")
-    if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
-        raise LlavaEdgeError(f"image array holds {array.dtype}, not numbers; give pixel values")
+    if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
+        raise LlavaEdgeError(f"image array holds {array.dtype}, not pixel values; give uint8")
     if array.dtype != np.uint8:
-        if array.dtype == np.uint16:
-            array = (array >> 8).astype(np.uint8)
-        elif np.issubdtype(array.dtype, np.floating) and array.max(initial=0) <= 1.0:
-            array = np.round(np.clip(array, 0, 1) * 255).astype(np.uint8)
-        else:
-            array = np.clip(array, 0, 255).astype(np.uint8)
+        array = _to_uint8(array)
     return to_rgb(Image.fromarray(np.ascontiguousarray(array)))
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    """uint16 (depth and machine-vision cameras) keeps its contrast in 8 bits; floats are read as
+    [0, 1], as transformers reads them; integers as 0-255. Floats outside [0, 1] are refused
+    rather than guessed at: a scale read off the values would change with one bright pixel."""
+    if array.dtype == np.uint16:
+        return (array >> 8).astype(np.uint8)
+    if np.issubdtype(array.dtype, np.floating):
+        low, high = float(np.min(array)), float(np.max(array))
+        if not (low >= 0.0 and high <= 1.0):  # NaN fails both
+            raise LlavaEdgeError(
+                f"a float image array must hold values in [0, 1], got {low:g} to {high:g}; "
+                "scale it, or give uint8 pixels 0-255"
+            )
+        return np.round(array * 255).astype(np.uint8)
+    return np.clip(array, 0, 255).astype(np.uint8)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """RGB the way transformers converts: transparency is composited over white."""
-    if image.mode == "RGB":
+    if image.mode == "RGB" and image.info.get("transparency") is None:
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         # 16-bit and 32-bit grey: PIL's convert would clip at 255; scale to 8 bits instead.
@@ -151,6 +171,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def preprocess(image: Image.Image, spec: ImageSpec) -> np.ndarray:
     """An RGB PIL image -> float32 pixel_values [3, H, W], as the checkpoint's processor computes
     them."""
+    _check_steps(image.height, image.width, spec)
     array = np.asarray(image, dtype=np.uint8)
     if spec.pad_to_square:
         array = _pad_to_square(array, tuple(int(m * 255) for m in spec.mean))
@@ -169,6 +190,23 @@ def preprocess(image: Image.Image, spec: ImageSpec) -> np.ndarray:
     if spec.normalize:
         pixels = (pixels - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
+def _check_steps(height: int, width: int, spec: ImageSpec) -> None:
+    """Refuse an image whose aspect ratio would blow up padding or resizing: the processor pads a
+    1x60000 strip to 60000x60000 and resizes a 1x200000 one to 336x67 million pixels, gigabytes
+    from a file of a few hundred bytes that the pixel limit lets through."""
+    side = max(height, width) if spec.pad_to_square else 0
+    steps = [(side, side)] if side else []
+    if spec.resize:
+        steps.append(_resize_size(side or height, side or width, spec.resize))
+    allowed = max(STEP_PIXELS, 2 * height * width)
+    for h, w in steps:
+        if h * w > allowed:
+            raise TooLarge(
+                f"image is {width}x{height}: its aspect ratio would make a {w}x{h} image on the "
+                "way to the vision encoder's input; crop it closer to a square"
+            )
 
 
 def _pad_to_square(array: np.ndarray, colour: tuple[int, ...]) -> np.ndarray:
