@@ -262,7 +262,7 @@ def test_sliding_window_caps_the_context(variants: Any, tmp_path: Path) -> None:
 
     variant = variants("sliding-window")
     checkpoint, model_dir, model = variant.checkpoint, variant.model_dir, variant.model
-    with pytest.raises(LlavaEdgeError, match=f"--max-context must be between 1 and {WINDOW}"):
+    with pytest.raises(LlavaEdgeError, match=f"--max-context must be between .* and {WINDOW}"):
         export_checkpoint(checkpoint, tmp_path / "out", max_context=WINDOW + 1, log=quiet)
     assert not (tmp_path / "out").exists()
     table = np.load(model_dir / Manifest.load(model_dir).embeddings)

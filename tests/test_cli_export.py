@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,18 @@ def _export_cases(tmp: Path, checkpoint: Path, plain_llama: Path) -> dict:
     shutil.copytree(checkpoint, truncated)
     with open(truncated / "model.safetensors", "r+b") as weights:
         weights.truncate(5000)
+    no_eos = tmp / "no_eos"  # no EOS anywhere: no answer could end
+    shutil.copytree(checkpoint, no_eos)
+    (no_eos / "generation_config.json").unlink(missing_ok=True)
+    _edit_json(no_eos / "config.json", lambda c: c["text_config"].update(eos_token_id=None))
+    _edit_json(no_eos / "tokenizer_config.json", lambda c: c.update(eos_token=None))
+    image_token = tmp / "image_token"  # the image token spelled '<img>'
+    shutil.copytree(checkpoint, image_token)
+    (image_token / "llava_edge.json").unlink(missing_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json"):
+        path = image_token / name
+        if path.exists():
+            path.write_text(path.read_text().replace("<image>", "<img>"))
     out = str(tmp / "out")
     return {
         "missing-checkpoint": (str(tmp / "nope" / "checkpoint"), out, [], "does not exist"),
@@ -83,6 +96,14 @@ def _export_cases(tmp: Path, checkpoint: Path, plain_llama: Path) -> dict:
         "output-is-a-file": (str(checkpoint), str(tmp / "a_file"), [], "is not a directory"),
         "output-not-empty": (str(checkpoint), str(tmp / "full"), [], "pass --force"),
         "bad-max-context": (str(checkpoint), out, ["--max-context", "100000"], "--max-context"),
+        "max-context-below-one-image": (
+            str(checkpoint),
+            out,
+            ["--max-context", "5"],
+            "tokens of question and answer",
+        ),
+        "no-eos": (str(no_eos), out, [], "no end-of-sequence token"),
+        "image-token-spelled-otherwise": (str(image_token), out, [], "image token is '<img>'"),
         "bad-opset": (str(checkpoint), out, ["--opset", "30"], "--opset"),
         "truncated-weights": (str(truncated), out, [], "truncated or corrupt"),
     }
@@ -98,6 +119,9 @@ CASES = [
     "output-is-a-file",
     "output-not-empty",
     "bad-max-context",
+    "max-context-below-one-image",
+    "no-eos",
+    "image-token-spelled-otherwise",
     "bad-opset",
     "truncated-weights",
 ]
@@ -289,3 +313,9 @@ def test_pickled_weights_are_refused(tiny_checkpoint: Path, tmp_path: Path, caps
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "cannot load checkpoint" in line and "safetensors" in line
     assert not (tmp_path / "out").exists()
+
+
+def _edit_json(path: Path, edit: Callable[[dict], object]) -> None:
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))

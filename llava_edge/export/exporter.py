@@ -33,10 +33,13 @@ from llava_edge.manifest import (
     TextSpec,
     TokenSpec,
 )
+from llava_edge.runtime.template import IMAGE_PLACEHOLDER
 
 DEFAULT_OPSET = 17  # TensorRT 10.3 (JetPack 6) parses opsets 9-20; 17 has LayerNormalization
 EMBEDDINGS_FILE = "embed_tokens.npy"
-NEWLINE_FILE = "image_newline.npy"  # LLaVA-NeXT's image_newline, for the runtime's AnyRes
+NEWLINE_FILE = "image_newline.npy"
+# --max-context must hold one image and this many tokens of question and answer.
+MIN_TEXT_ROOM = 64  # LLaVA-NeXT's image_newline, for the runtime's AnyRes
 # Loader and tracer chatter that says nothing to a user: transformers' notes, the hub client's
 # "Retrying in 2s" per attempt, torch.onnx's tracer warnings.
 LOADER_LOGGERS = ("transformers", "huggingface_hub", "torch.onnx")
@@ -82,7 +85,7 @@ def export_checkpoint(
     check_output_dir(out, force, keep=Path(checkpoint), keep_name="the checkpoint")
     start = time.perf_counter()
     config = checkpoint_config(checkpoint, trust_remote_code=trust_remote_code)
-    max_context = _max_context(config.text_config, max_context)  # fail before loading weights
+    max_context = _max_context(config, max_context)  # fail before loading weights
     loaded = load_checkpoint(checkpoint, trust_remote_code=trust_remote_code)
     with replace_dir(out) as tmp:
         if dtype == "fp16":
@@ -132,6 +135,7 @@ def load_checkpoint(
             except OSError:  # no generation_config.json: what from_pretrained derives then
                 generation = GenerationConfig.from_model_config(config)
             eos = _eos_ids(generation, processor.tokenizer)
+            _check_tokens(config, processor.tokenizer, eos)
             eos_texts = [processor.tokenizer.decode([i], skip_special_tokens=False) for i in eos]
             template = choose_template(
                 Path(source),
@@ -150,6 +154,21 @@ def load_checkpoint(
     except (OSError, ValueError) as e:  # missing weights or tokenizer files, a broken config
         raise LlavaEdgeError(f"cannot load checkpoint {source}: {first_line(e)}") from None
     return LoadedCheckpoint(model, processor, source, template)
+
+
+def _check_tokens(config: Any, tokenizer: Any, eos_ids: list[int]) -> None:
+    """Tokens the runtime relies on, checked before the weights load."""
+    if not eos_ids:
+        raise LlavaEdgeError(
+            "the checkpoint names no end-of-sequence token (generation_config.json's "
+            "eos_token_id, or the tokenizer's eos_token), so no answer could end; set one"
+        )
+    image_token = tokenizer.convert_ids_to_tokens(int(config.image_token_id))
+    if image_token != IMAGE_PLACEHOLDER:
+        raise LlavaEdgeError(
+            f"the checkpoint's image token is {image_token!r}; llava-edge's prompts mark images "
+            f"with {IMAGE_PLACEHOLDER!r}, as every llava-hf checkpoint does"
+        )
 
 
 def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = False) -> Any:
@@ -413,18 +432,27 @@ def _eos_ids(generation_config: Any, tokenizer: Any) -> list[int]:
     return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
 
 
-def _max_context(text_config: Any, requested: int | None) -> int:
+def _max_context(config: Any, requested: int | None) -> int:
+    text_config = config.text_config
     limit = int(getattr(text_config, "max_position_embeddings", 4096) or 4096)
     window = getattr(text_config, "sliding_window", None)
     if window and getattr(text_config, "use_sliding_window", True):
         limit = min(limit, int(window))  # the graphs attend to everything: stay inside the window
     if requested is None:
         return limit
-    if requested < 1 or requested > limit:
+    least = _image_tokens_at_least(config) + MIN_TEXT_ROOM
+    if requested < least or requested > limit:
         raise LlavaEdgeError(
-            f"--max-context must be between 1 and {limit} for this model, got {requested}"
+            f"--max-context must be between {least} (one image and {MIN_TEXT_ROOM} tokens of "
+            f"question and answer) and {limit} for this model, got {requested}"
         )
     return requested
+
+
+def _image_tokens_at_least(config: Any) -> int:
+    """The fewest tokens one image takes: its patch grid (AnyRes adds tiles to that)."""
+    vision = config.vision_config
+    return (int(vision.image_size) // int(vision.patch_size)) ** 2
 
 
 # ---- writing -----------------------------------------------------------------------------------

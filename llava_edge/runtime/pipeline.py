@@ -305,7 +305,9 @@ class Pipeline:
     @property
     def _pad_id(self) -> int:
         tokens = self.manifest.tokens
-        return tokens.pad_token_id if tokens.pad_token_id is not None else tokens.eos_token_ids[0]
+        if tokens.pad_token_id is not None:
+            return tokens.pad_token_id
+        return tokens.eos_token_ids[0] if tokens.eos_token_ids else 0  # fills finished rows only
 
     def _stream(self, image: Images, prompt: str, options: dict) -> TextStream:
         raw = options.pop("raw", False)
