@@ -264,3 +264,23 @@ def test_fused_cache_truncate(pipe):
     continues as if it had never been longer."""
     assert pipe.backend.form == "fused"
     check_truncate(pipe.backend, pipe.manifest.text.hidden_size)
+
+
+def test_a_turn_cut_by_a_stop_string_is_held_as_it_was_shown(pipe):
+    """The session goes on from the answer the user saw (the stop string and what came with it
+    dropped), as a server does when its client sends the conversation back: the next turn is a
+    fresh session's whose history holds the shown answer, token for token."""
+    image = frame()
+    full = pipe.answer(image, FIRST, **OPTIONS).text
+    stop = next(full[i : i + 2] for i in range(2, len(full) - 2) if full[i : i + 2].strip())
+    chat = pipe.chat(image, **OPTIONS)
+    shown = chat.ask(FIRST, stop=[stop])
+    assert shown == full[: full.index(stop)]  # the stop string cut it
+    pixels = pipe.image_pixels(image)
+    assert chat.ids == pipe.conversation_ids([(FIRST, shown)], pixels, image_turn=0)
+    stream = chat.stream(NEXT)
+    "".join(stream)
+    replay = pipe.chat(image, history=[(FIRST, shown)], **OPTIONS).stream(NEXT)
+    "".join(replay)
+    assert stream.answer.token_ids == replay.answer.token_ids
+    assert stream.answer.prompt_token_ids == replay.answer.prompt_token_ids

@@ -559,6 +559,7 @@ class ChatSession:
         )
         self.fed = 0  # how many of `ids` are in the cache
         self.history_closed = bool(history)  # `ids` end with a history answer's whole end marker
+        self.turns: list[tuple[str, str]] = [tuple(turn) for turn in history]  # as shown
         self._open: weakref.ref[TextStream] | None = None  # the latest turn's stream
 
     def ask(self, prompt: str, **options: Any) -> str:
@@ -606,7 +607,7 @@ class ChatSession:
             config,
             Timer(),
             start_position=self.fed,
-            turn=_Turn(self),
+            turn=_Turn(self, prompt),
         )
         self._open = weakref.ref(stream)
         return stream
@@ -640,14 +641,32 @@ class _Turn:
     it at once (and rolls it back) instead of waiting for the cycle collector.
     """
 
-    def __init__(self, session: ChatSession):
+    def __init__(self, session: ChatSession, prompt: str):
         self.session = session
+        self.prompt = prompt
         self.fed = session.fed  # where the cache stood before the turn
 
-    def commit(self, ids: list[int]) -> None:
-        self.session.ids = ids
-        self.session.fed = self.session.cache.length
-        self.session.history_closed = False
+    def commit(self, ids: list[int], text: str, stopped: bool) -> None:
+        """The turn counts. An answer cut by a stop string is held as it is shown, not as it was
+        generated (the stop string and what came with it in its last token): the conversation
+        is re-rendered from the shown turns, as a server re-renders what its client sends back,
+        and the cache is kept up to where the two agree."""
+        session = self.session
+        session.turns.append((self.prompt, text))
+        if not stopped:
+            session.ids, session.fed, session.history_closed = ids, session.cache.length, False
+            return
+        pipe = session.pipeline
+        shown = pipe.conversation_ids(
+            session.turns, session.pixels, image_turn=0 if session.pixels else None
+        )
+        held = ids[: session.cache.length]
+        agree = next(
+            (i for i, (a, b) in enumerate(zip(held, shown, strict=False)) if a != b),
+            min(len(held), len(shown)),
+        )
+        session.cache.truncate(agree)
+        session.ids, session.fed, session.history_closed = shown, agree, True
 
     def rollback(self) -> None:
         self.session.cache.truncate(self.fed)
@@ -776,7 +795,7 @@ def _pieces(
             )
         )
         if turn is not None:
-            turn.commit(all_ids + generated)
+            turn.commit(all_ids + generated, answer.text, answer.stopped)
         finished = True
     finally:
         if steps is not None:
