@@ -66,7 +66,7 @@ def bad_requests(tmp_path, image):
         (dict(image=5, prompt="What?"), "an image is a path, bytes.*got int"),
         (dict(image={}, prompt="What?"), "an image is a path, bytes.*got dict"),
         (dict(image=[None], prompt="What?"), "got NoneType"),
-        (dict(image=np.array([[None]]), prompt="What?"), "not numbers"),
+        (dict(image=np.array([[None]]), prompt="What?"), "not pixel values"),
         (dict(image=image, prompt=b"\xff\xfe not text"), "prompt must be text"),
         (
             dict(image=image, prompt="\udcff\udcfe from bytes that were not UTF-8"),
