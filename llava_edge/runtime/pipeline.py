@@ -648,7 +648,9 @@ class _Turn:
         self.session.history_closed = False
 
     def rollback(self) -> None:
-        self.session.cache.truncate(self.fed)
+        cache = self.session.cache
+        cache.truncate(self.fed)
+        cache.shrink()  # a long abandoned answer must not keep its buffers for the whole chat
 
 
 class TextStream:
