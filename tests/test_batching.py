@@ -301,3 +301,75 @@ def test_bad_requests_fail_at_submit_and_leave_the_engine_working(pipe):
     assert request.result().token_ids
     with pytest.raises(LlavaEdgeError, match="max_batch"):
         BatchEngine(pipe, max_batch=0)
+
+
+# ---- the app's side: listeners and readers ---------------------------------------------------
+
+
+def test_a_listener_that_raises_fails_only_its_own_request(pipe):
+    engine = BatchEngine(pipe, max_batch=2, start=False)
+    innocent = engine.submit(None, "Innocent?", max_new_tokens=30, ignore_eos=True)
+    kinds: list[str] = []
+
+    def buggy(event):
+        kinds.append(event.kind)
+        if event.kind == "text":
+            raise ValueError("a bug in the app's listener")
+
+    bad = engine.submit(picture(4), "Buggy?", listener=buggy, max_new_tokens=30, ignore_eos=True)
+    engine.run_until_idle()
+    with pytest.raises(ValueError, match="listener"):
+        bad.result(timeout=0)
+    assert kinds[-1] == "error" and kinds.count("text") == 1  # no text after the one it broke on
+    want = pipe.answer(None, "Innocent?", max_new_tokens=30, ignore_eos=True).token_ids
+    assert innocent.result(timeout=0).token_ids == want
+    stats = engine.stats()
+    assert (stats["finished"], stats["failed"], stats["running"]) == (1, 1, 0)
+
+
+def test_a_listener_that_always_raises_leaves_the_scheduler_running(pipe):
+    def broken(event):
+        raise ValueError(f"a bug in the app's listener ({event.kind})")
+
+    with BatchEngine(pipe, max_batch=2) as engine:
+        innocent = engine.submit(None, "Innocent?", max_new_tokens=30, ignore_eos=True)
+        bad = engine.submit(None, "Buggy?", listener=broken, max_new_tokens=30, ignore_eos=True)
+        with pytest.raises(ValueError, match="started"):
+            bad.result(timeout=30)
+        want = pipe.answer(None, "Innocent?", max_new_tokens=30, ignore_eos=True).token_ids
+        assert innocent.result(timeout=30).token_ids == want
+        later = engine.submit(None, "Later?", max_new_tokens=3)
+        assert later.result(timeout=30).token_ids
+        assert engine._thread.is_alive()
+
+
+def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(pipe, monkeypatch):
+    """A step that raises (a scheduler bug), with a cache that cannot even be cleared after it:
+    the requests in hand, running and waiting, fail with its error (a listener that raises too
+    changes nothing), and the next request is served from a fresh cache."""
+    with BatchEngine(pipe, max_batch=2) as engine:
+        decode, shrink = engine._decode, engine.cache.shrink
+
+        def bug() -> None:
+            monkeypatch.setattr(engine, "_decode", decode)
+            raise RuntimeError("a scheduler bug")
+
+        def broken_shrink() -> None:
+            monkeypatch.setattr(engine.cache, "shrink", shrink)
+            raise RuntimeError("the cache is gone too")
+
+        def broken(event):
+            raise ValueError("a bug in the app's listener")
+
+        monkeypatch.setattr(engine.cache, "shrink", broken_shrink)
+        monkeypatch.setattr(engine, "_decode", bug)
+        with engine._lock:  # both in the queue before the first step: one is admitted
+            running = engine.submit(None, "First?", max_new_tokens=5)
+            waiting = engine.submit(None, "Second?", listener=broken, max_new_tokens=5)
+        for request in (running, waiting):
+            with pytest.raises(RuntimeError, match="scheduler bug"):
+                request.result(timeout=30)
+        later = engine.submit(None, "Later?", max_new_tokens=5, ignore_eos=True)
+        want = pipe.answer(None, "Later?", max_new_tokens=5, ignore_eos=True).token_ids
+        assert later.result(timeout=30).token_ids == want
+        assert engine._thread.is_alive() and engine.stats()["failed"] == 2
