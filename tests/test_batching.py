@@ -373,3 +373,36 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(pipe, monkeypat
         want = pipe.answer(None, "Later?", max_new_tokens=5, ignore_eos=True).token_ids
         assert later.result(timeout=30).token_ids == want
         assert engine._thread.is_alive() and engine.stats()["failed"] == 2
+
+
+def read_in_thread(request) -> list[str]:
+    """`request`'s text pieces, read by another thread; fails instead of waiting forever."""
+    pieces: list[str] = []
+    errors: list[Exception] = []
+
+    def read() -> None:
+        try:
+            pieces.extend(request)
+        except Exception as e:
+            errors.append(e)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(10)
+    assert not reader.is_alive(), "reading the request blocked"
+    if errors:
+        raise errors[0]
+    return pieces
+
+
+def test_a_requests_text_is_read_once(pipe):
+    """As a TextStream's: a second read (after the text, or after its error) yields nothing."""
+    engine = BatchEngine(pipe, max_batch=2, start=False)
+    request = engine.submit(None, "Read me.", max_new_tokens=6, ignore_eos=True)
+    bad = engine.submit(None, "Hot?", max_new_tokens=6, temperature=1e-40, seed=0)
+    engine.run_until_idle()
+    assert "".join(read_in_thread(request)) == request.result().text
+    assert read_in_thread(request) == []
+    with pytest.raises(LlavaEdgeError, match="temperature"):
+        read_in_thread(bad)
+    assert read_in_thread(bad) == []

@@ -120,21 +120,27 @@ class Request:
         self._listener = listener
         self.listener_error: Exception | None = None  # what the listener raised, if it did
         self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self._read = False  # the text has been read to its end (or its error)
 
     # ---- the caller's side -----------------------------------------------------------------
 
     def __iter__(self) -> Iterator[str]:
-        """Text pieces as they are decoded; raises the request's error, if it ends in one."""
+        """Text pieces as they are decoded; raises the request's error, if it ends in one.
+
+        The text is read once, as a TextStream's: iterating again afterwards yields nothing
+        (`result()` still holds the answer or the error).
+        """
         if self._listener is not None:
             raise RuntimeError("a request with a listener is read through its listener")
-        while True:
+        while not self._read:
             event = self._events.get()
             if event.kind == "text":
                 yield event.text
             elif event.kind == "error":
+                self._read = True
                 raise event.error
             elif event.kind == "done":
-                return
+                self._read = True
 
     def result(self, timeout: float | None = None) -> Answer:
         """Wait for the whole answer."""
