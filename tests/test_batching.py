@@ -9,8 +9,10 @@ import time
 
 import numpy as np
 import pytest
+from conftest import quiet
 from PIL import Image
 
+from llava_edge.calib.quantize import quantize_model
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import Manifest
 from llava_edge.runtime import BatchEngine, Pipeline
@@ -406,3 +408,80 @@ def test_a_requests_text_is_read_once(pipe):
     with pytest.raises(LlavaEdgeError, match="temperature"):
         read_in_thread(bad)
     assert read_in_thread(bad) == []
+
+
+# ---- quantized model dirs --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quantized(context_model_dir, tmp_path_factory) -> dict[str, Pipeline]:
+    """int8; int4 whose prompts run the int8 fused decoder (`--prefill int8`); plain int4."""
+    root = tmp_path_factory.mktemp("batch_quantized")
+    images = root / "images"
+    images.mkdir()
+    for i in range(3):
+        picture(40 + i).save(images / f"{i}.png")
+    forms = {"int8": ("int8", None), "int4 prefill int8": ("int4", "int8"), "int4": ("int4", None)}
+    pipes = {}
+    for name, (precision, prefill) in forms.items():
+        path = root / name.replace(" ", "_")
+        quantize_model(
+            context_model_dir, path, precision, images=images, samples=3, prefill=prefill, log=quiet
+        )
+        pipes[name] = Pipeline.load(path, threads=1, graph_form="fused")
+    yield pipes
+    for p in pipes.values():
+        p.close()
+
+
+def next_turn(engine, pipe, image):
+    """A first question, then its conversation's next turn; the next turn's Answer."""
+    first = engine.submit(image, "What is in the picture?", max_new_tokens=12, ignore_eos=True)
+    engine.run_until_idle()
+    turns = [("What is in the picture?", first.result().text), ("And its colour?", None)]
+    pixels = pipe.image_pixels(image)
+    second = engine.submit_ids(
+        pipe.conversation_ids(turns, pixels, image_turn=0), pixels, {"max_new_tokens": 12}
+    )
+    engine.run_until_idle()
+    return second.result()
+
+
+@pytest.mark.parametrize("name", ["int8", "int4 prefill int8"])
+def test_prompts_quantized_per_call_reuse_no_prefix(quantized, name):
+    """A prompt graph that scales its activations per call would answer otherwise from a stored
+    prefix: the engine computes every prompt whole, and answers as without a prefix store."""
+    pipe = quantized[name]
+    assert pipe.backend.prompt_scales_per_call
+    engine = BatchEngine(pipe, max_batch=1, start=False)
+    got = next_turn(engine, pipe, picture(12))
+    assert got.timings["prefix_reused"] == 0
+    stats = engine.stats()
+    assert stats["prefix_tokens_reused"] == stats["prefix_entries"] == stats["prefix_bytes"] == 0
+    want = next_turn(
+        BatchEngine(pipe, max_batch=1, prefix_cache_mb=0, start=False), pipe, picture(12)
+    )
+    assert got.token_ids == want.token_ids
+
+
+def test_int4_keeps_prefix_reuse_and_answers_as_alone(quantized):
+    pipe = quantized["int4"]
+    assert not pipe.backend.prompt_scales_per_call
+    engine = BatchEngine(pipe, max_batch=1, start=False)
+    got = next_turn(engine, pipe, picture(12))
+    assert got.timings["prefix_reused"] > 0
+    want = next_turn(
+        BatchEngine(pipe, max_batch=1, prefix_cache_mb=0, start=False), pipe, picture(12)
+    )
+    assert got.token_ids == want.token_ids
+    # and requests decoded together answer as alone
+    asks = [
+        (picture(13), "What is it?", 20),
+        (None, "Say something.", 27),
+        (picture(14), "Why?", 9),
+    ]
+    alone = [pipe.answer(im, q, max_new_tokens=n, ignore_eos=True).token_ids for im, q, n in asks]
+    batch = BatchEngine(pipe, max_batch=3, start=False)
+    requests = [batch.submit(im, q, max_new_tokens=n, ignore_eos=True) for im, q, n in asks]
+    batch.run_until_idle()
+    assert [r.result().token_ids for r in requests] == alone

@@ -254,8 +254,16 @@ class BatchEngine:
     two decode steps. One (the default) keeps the running answers flowing while a burst of
     requests arrives (each waits at most one prefill a token) and spreads the burst's requests
     apart, so they finish, and their clients come back, at different steps instead of all at
-    once. The pipeline's Limits apply to every request. `start=False` leaves the scheduling to the caller (`run_until_idle`), which is how
-    Pipeline.generate_batch runs a batch without a thread.
+    once. The pipeline's Limits apply to every request. `start=False` leaves the scheduling to
+    the caller (`run_until_idle`), which is how Pipeline.generate_batch runs a batch without a
+    thread.
+
+    Prefixes are never reused where the graph that runs prompts is onnxruntime's dynamic int8
+    form (int8 model dirs, and int4 ones quantized with `--prefill int8`): it quantizes
+    activations with one scale per call, so a prompt fed as a stored prefix plus the rest would
+    get other keys, values and tokens than fed whole. An int8 dir's decode step shares that
+    scale among its rows too, so there a batched answer can differ from the answer alone where
+    two tokens nearly tie; fp32 and int4 (MatMulNBits) dirs answer exactly as alone.
     """
 
     def __init__(
@@ -278,7 +286,8 @@ class BatchEngine:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.cache = pipeline.backend.new_cache(max_batch)
-        self.prefixes = PrefixStore(int(prefix_cache_mb * 2**20))
+        exact = not pipeline.backend.prompt_scales_per_call
+        self.prefixes = PrefixStore(int(prefix_cache_mb * 2**20) if exact else 0)
         self.running: list[Request] = []  # running[i] decodes in cache row i
         self.waiting: deque[Request] = deque()
         self.counters = {
