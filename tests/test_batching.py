@@ -9,8 +9,10 @@ import time
 
 import numpy as np
 import pytest
+from conftest import quiet
 from PIL import Image
 
+from llava_edge.calib.quantize import quantize_model
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import Manifest
 from llava_edge.runtime import BatchEngine, Pipeline
@@ -301,3 +303,185 @@ def test_bad_requests_fail_at_submit_and_leave_the_engine_working(pipe):
     assert request.result().token_ids
     with pytest.raises(LlavaEdgeError, match="max_batch"):
         BatchEngine(pipe, max_batch=0)
+
+
+# ---- the app's side: listeners and readers ---------------------------------------------------
+
+
+def test_a_listener_that_raises_fails_only_its_own_request(pipe):
+    engine = BatchEngine(pipe, max_batch=2, start=False)
+    innocent = engine.submit(None, "Innocent?", max_new_tokens=30, ignore_eos=True)
+    kinds: list[str] = []
+
+    def buggy(event):
+        kinds.append(event.kind)
+        if event.kind == "text":
+            raise ValueError("a bug in the app's listener")
+
+    bad = engine.submit(picture(4), "Buggy?", listener=buggy, max_new_tokens=30, ignore_eos=True)
+    engine.run_until_idle()
+    with pytest.raises(ValueError, match="listener"):
+        bad.result(timeout=0)
+    assert kinds[-1] == "error" and kinds.count("text") == 1  # no text after the one it broke on
+    want = pipe.answer(None, "Innocent?", max_new_tokens=30, ignore_eos=True).token_ids
+    assert innocent.result(timeout=0).token_ids == want
+    stats = engine.stats()
+    assert (stats["finished"], stats["failed"], stats["running"]) == (1, 1, 0)
+
+
+def test_a_listener_that_always_raises_leaves_the_scheduler_running(pipe):
+    def broken(event):
+        raise ValueError(f"a bug in the app's listener ({event.kind})")
+
+    with BatchEngine(pipe, max_batch=2) as engine:
+        innocent = engine.submit(None, "Innocent?", max_new_tokens=30, ignore_eos=True)
+        bad = engine.submit(None, "Buggy?", listener=broken, max_new_tokens=30, ignore_eos=True)
+        with pytest.raises(ValueError, match="started"):
+            bad.result(timeout=30)
+        want = pipe.answer(None, "Innocent?", max_new_tokens=30, ignore_eos=True).token_ids
+        assert innocent.result(timeout=30).token_ids == want
+        later = engine.submit(None, "Later?", max_new_tokens=3)
+        assert later.result(timeout=30).token_ids
+        assert engine._thread.is_alive()
+
+
+def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(pipe, monkeypatch):
+    """A step that raises (a scheduler bug), with a cache that cannot even be cleared after it:
+    the requests in hand, running and waiting, fail with its error (a listener that raises too
+    changes nothing), and the next request is served from a fresh cache."""
+    with BatchEngine(pipe, max_batch=2) as engine:
+        decode, shrink = engine._decode, engine.cache.shrink
+
+        def bug() -> None:
+            monkeypatch.setattr(engine, "_decode", decode)
+            raise RuntimeError("a scheduler bug")
+
+        def broken_shrink() -> None:
+            monkeypatch.setattr(engine.cache, "shrink", shrink)
+            raise RuntimeError("the cache is gone too")
+
+        def broken(event):
+            raise ValueError("a bug in the app's listener")
+
+        monkeypatch.setattr(engine.cache, "shrink", broken_shrink)
+        monkeypatch.setattr(engine, "_decode", bug)
+        with engine._lock:  # both in the queue before the first step: one is admitted
+            running = engine.submit(None, "First?", max_new_tokens=5)
+            waiting = engine.submit(None, "Second?", listener=broken, max_new_tokens=5)
+        for request in (running, waiting):
+            with pytest.raises(RuntimeError, match="scheduler bug"):
+                request.result(timeout=30)
+        later = engine.submit(None, "Later?", max_new_tokens=5, ignore_eos=True)
+        want = pipe.answer(None, "Later?", max_new_tokens=5, ignore_eos=True).token_ids
+        assert later.result(timeout=30).token_ids == want
+        assert engine._thread.is_alive() and engine.stats()["failed"] == 2
+
+
+def read_in_thread(request) -> list[str]:
+    """`request`'s text pieces, read by another thread; fails instead of waiting forever."""
+    pieces: list[str] = []
+    errors: list[Exception] = []
+
+    def read() -> None:
+        try:
+            pieces.extend(request)
+        except Exception as e:
+            errors.append(e)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(10)
+    assert not reader.is_alive(), "reading the request blocked"
+    if errors:
+        raise errors[0]
+    return pieces
+
+
+def test_a_requests_text_is_read_once(pipe):
+    """As a TextStream's: a second read (after the text, or after its error) yields nothing."""
+    engine = BatchEngine(pipe, max_batch=2, start=False)
+    request = engine.submit(None, "Read me.", max_new_tokens=6, ignore_eos=True)
+    bad = engine.submit(None, "Hot?", max_new_tokens=6, temperature=1e-40, seed=0)
+    engine.run_until_idle()
+    assert "".join(read_in_thread(request)) == request.result().text
+    assert read_in_thread(request) == []
+    with pytest.raises(LlavaEdgeError, match="temperature"):
+        read_in_thread(bad)
+    assert read_in_thread(bad) == []
+
+
+# ---- quantized model dirs --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quantized(context_model_dir, tmp_path_factory) -> dict[str, Pipeline]:
+    """int8; int4 whose prompts run the int8 fused decoder (`--prefill int8`); plain int4."""
+    root = tmp_path_factory.mktemp("batch_quantized")
+    images = root / "images"
+    images.mkdir()
+    for i in range(3):
+        picture(40 + i).save(images / f"{i}.png")
+    forms = {"int8": ("int8", None), "int4 prefill int8": ("int4", "int8"), "int4": ("int4", None)}
+    pipes = {}
+    for name, (precision, prefill) in forms.items():
+        path = root / name.replace(" ", "_")
+        quantize_model(
+            context_model_dir, path, precision, images=images, samples=3, prefill=prefill, log=quiet
+        )
+        pipes[name] = Pipeline.load(path, threads=1, graph_form="fused")
+    yield pipes
+    for p in pipes.values():
+        p.close()
+
+
+def next_turn(engine, pipe, image):
+    """A first question, then its conversation's next turn; the next turn's Answer."""
+    first = engine.submit(image, "What is in the picture?", max_new_tokens=12, ignore_eos=True)
+    engine.run_until_idle()
+    turns = [("What is in the picture?", first.result().text), ("And its colour?", None)]
+    pixels = pipe.image_pixels(image)
+    second = engine.submit_ids(
+        pipe.conversation_ids(turns, pixels, image_turn=0), pixels, {"max_new_tokens": 12}
+    )
+    engine.run_until_idle()
+    return second.result()
+
+
+@pytest.mark.parametrize("name", ["int8", "int4 prefill int8"])
+def test_prompts_quantized_per_call_reuse_no_prefix(quantized, name):
+    """A prompt graph that scales its activations per call would answer otherwise from a stored
+    prefix: the engine computes every prompt whole, and answers as without a prefix store."""
+    pipe = quantized[name]
+    assert pipe.backend.prompt_scales_per_call
+    engine = BatchEngine(pipe, max_batch=1, start=False)
+    got = next_turn(engine, pipe, picture(12))
+    assert got.timings["prefix_reused"] == 0
+    stats = engine.stats()
+    assert stats["prefix_tokens_reused"] == stats["prefix_entries"] == stats["prefix_bytes"] == 0
+    want = next_turn(
+        BatchEngine(pipe, max_batch=1, prefix_cache_mb=0, start=False), pipe, picture(12)
+    )
+    assert got.token_ids == want.token_ids
+
+
+def test_int4_keeps_prefix_reuse_and_answers_as_alone(quantized):
+    pipe = quantized["int4"]
+    assert not pipe.backend.prompt_scales_per_call
+    engine = BatchEngine(pipe, max_batch=1, start=False)
+    got = next_turn(engine, pipe, picture(12))
+    assert got.timings["prefix_reused"] > 0
+    want = next_turn(
+        BatchEngine(pipe, max_batch=1, prefix_cache_mb=0, start=False), pipe, picture(12)
+    )
+    assert got.token_ids == want.token_ids
+    # and requests decoded together answer as alone
+    asks = [
+        (picture(13), "What is it?", 20),
+        (None, "Say something.", 27),
+        (picture(14), "Why?", 9),
+    ]
+    alone = [pipe.answer(im, q, max_new_tokens=n, ignore_eos=True).token_ids for im, q, n in asks]
+    batch = BatchEngine(pipe, max_batch=3, start=False)
+    requests = [batch.submit(im, q, max_new_tokens=n, ignore_eos=True) for im, q, n in asks]
+    batch.run_until_idle()
+    assert [r.result().token_ids for r in requests] == alone

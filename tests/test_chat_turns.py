@@ -156,6 +156,23 @@ def test_a_first_turn_rolled_back_asks_about_the_image_again(pipe):
     assert chat.ask(FIRST) == pipe.chat(frame(), **OPTIONS).ask(FIRST)
 
 
+def test_a_long_turn_rolled_back_gives_its_memory_back(pipe):
+    """The buffers a long abandoned answer grew shrink back to what the finished turns need."""
+    chat = pipe.chat(frame(), **OPTIONS)
+    chat.ask(FIRST)
+    capacity = chat.cache.capacity
+    stream = chat.stream(UNFINISHED, max_new_tokens=pipe.max_context, ignore_eos=True)
+    for _ in stream:
+        if chat.cache.capacity >= 2 * capacity + chat.cache.chunk:
+            break
+    assert chat.cache.capacity >= 2 * capacity + chat.cache.chunk  # the turn did grow them
+    stream.close()
+    assert chat.cache.capacity == capacity
+    fresh = pipe.chat(frame(), **OPTIONS)
+    fresh.ask(FIRST)
+    assert chat.ask(NEXT) == fresh.ask(NEXT)  # the smaller buffers kept the finished turn
+
+
 def test_a_turn_never_iterated_changes_nothing(pipe):
     chat = pipe.chat(frame(), **OPTIONS)
     chat.ask(FIRST)

@@ -81,7 +81,8 @@ class Request:
     """One submitted request: iterate it for text pieces (or call `result()`), `cancel()` it.
 
     A `listener`, if given, receives every Event instead (called from the scheduler thread; it
-    must not block), which is how an asyncio server bridges to its event loop.
+    must not block), which is how an asyncio server bridges to its event loop. A listener that
+    raises ends its own request with that error; the other requests go on.
     """
 
     _ids = itertools.count()
@@ -117,22 +118,29 @@ class Request:
         self.cancelled = False
         self.done = threading.Event()
         self._listener = listener
+        self.listener_error: Exception | None = None  # what the listener raised, if it did
         self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self._read = False  # the text has been read to its end (or its error)
 
     # ---- the caller's side -----------------------------------------------------------------
 
     def __iter__(self) -> Iterator[str]:
-        """Text pieces as they are decoded; raises the request's error, if it ends in one."""
+        """Text pieces as they are decoded; raises the request's error, if it ends in one.
+
+        The text is read once, as a TextStream's: iterating again afterwards yields nothing
+        (`result()` still holds the answer or the error).
+        """
         if self._listener is not None:
             raise RuntimeError("a request with a listener is read through its listener")
-        while True:
+        while not self._read:
             event = self._events.get()
             if event.kind == "text":
                 yield event.text
             elif event.kind == "error":
+                self._read = True
                 raise event.error
             elif event.kind == "done":
-                return
+                self._read = True
 
     def result(self, timeout: float | None = None) -> Answer:
         """Wait for the whole answer."""
@@ -149,11 +157,17 @@ class Request:
     # ---- the scheduler's side --------------------------------------------------------------
 
     def emit(self, event: Event) -> None:
+        if self.done.is_set():  # a request ends once (a failure while it leaves is too late)
+            return
         if event.kind == "done":
             self.answer = event.answer
         elif event.kind == "error":
             self.error = event.error
-        (self._listener or self._events.put)(event)
+        try:
+            (self._listener or self._events.put)(event)
+        except Exception as e:  # the app's listener: it ends this request only (`_leave`)
+            if self.listener_error is None:
+                self.listener_error = e
         if event.kind in ("done", "error"):
             self.done.set()
 
@@ -240,8 +254,16 @@ class BatchEngine:
     two decode steps. One (the default) keeps the running answers flowing while a burst of
     requests arrives (each waits at most one prefill a token) and spreads the burst's requests
     apart, so they finish, and their clients come back, at different steps instead of all at
-    once. The pipeline's Limits apply to every request. `start=False` leaves the scheduling to the caller (`run_until_idle`), which is how
-    Pipeline.generate_batch runs a batch without a thread.
+    once. The pipeline's Limits apply to every request. `start=False` leaves the scheduling to
+    the caller (`run_until_idle`), which is how Pipeline.generate_batch runs a batch without a
+    thread.
+
+    Prefixes are never reused where the graph that runs prompts is onnxruntime's dynamic int8
+    form (int8 model dirs, and int4 ones quantized with `--prefill int8`): it quantizes
+    activations with one scale per call, so a prompt fed as a stored prefix plus the rest would
+    get other keys, values and tokens than fed whole. An int8 dir's decode step shares that
+    scale among its rows too, so there a batched answer can differ from the answer alone where
+    two tokens nearly tie; fp32 and int4 (MatMulNBits) dirs answer exactly as alone.
     """
 
     def __init__(
@@ -264,7 +286,8 @@ class BatchEngine:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.cache = pipeline.backend.new_cache(max_batch)
-        self.prefixes = PrefixStore(int(prefix_cache_mb * 2**20))
+        exact = not pipeline.backend.prompt_scales_per_call
+        self.prefixes = PrefixStore(int(prefix_cache_mb * 2**20) if exact else 0)
         self.running: list[Request] = []  # running[i] decodes in cache row i
         self.waiting: deque[Request] = deque()
         self.counters = {
@@ -424,12 +447,20 @@ class BatchEngine:
                 self._fail_all(e)
 
     def _fail_all(self, error: Exception) -> None:
+        """End every request with `error` and start again from an empty cache. Raises nothing:
+        the scheduler thread must outlive any one step's failure."""
         with self._lock:
             waiting, self.waiting = list(self.waiting), deque()
-        for request in self.running[:]:
-            self._leave(request, error)
-        for request in waiting:
-            request.fail(error)
+            running, self.running = list(self.running), []
+        try:
+            for row in range(len(running)):
+                self.cache.truncate(0, row)
+            self.cache.shrink()
+        except Exception:  # a cache the failure left unusable is replaced
+            self.cache = self.pipe.backend.new_cache(self.max_batch)
+        self.counters["failed"] += len(running) + len(waiting)
+        for request in running + waiting:
+            request.fail(error)  # emit catches what a listener raises
 
     def step(self) -> bool:
         """One round: drop cancelled requests, admit waiting ones, decode one token for all.
@@ -558,6 +589,9 @@ class BatchEngine:
         if len(request.generated) == 1:
             request.timer.mark("first_token")
             request.emit(Event("started"))  # its text may come later (a character, a stop)
+            if request.listener_error is not None:
+                self._leave(request, request.listener_error)
+                return
         if config.repetition_penalty != 1.0:  # the only reader of `seen`
             request.seen = np.append(request.seen, token)
         eos = not config.ignore_eos and token in self.pipe.manifest.tokens.eos_token_ids
@@ -567,6 +601,9 @@ class BatchEngine:
         piece = request.text.push(token)
         if piece:
             request.emit(Event("text", text=piece))
+            if request.listener_error is not None:
+                self._leave(request, request.listener_error)
+                return
         if request.text.stopped:
             self._finish(request, "stop")
         elif len(request.generated) >= config.max_new_tokens:
@@ -576,6 +613,9 @@ class BatchEngine:
         piece = request.text.finish()
         if piece:
             request.emit(Event("text", text=piece))
+            if request.listener_error is not None:
+                self._leave(request, request.listener_error)
+                return
         reason = "stop" if request.text.stopped else reason
         request.timer.mark("done")
         row = self.running.index(request)
@@ -590,15 +630,19 @@ class BatchEngine:
             reason,
             {**timings(request.timer, len(request.generated)), "prefix_reused": request.reused},
         )
-        self._release(request)
-        self.counters["finished"] += 1
-        request.emit(Event("done", answer=answer))
+        try:
+            self._release(request)
+        finally:  # its answer is whole even if freeing its row failed
+            self.counters["finished"] += 1
+            request.emit(Event("done", answer=answer))
 
     def _leave(self, request: Request, error: Exception) -> None:
         """End `request` with `error` and free its row."""
-        self._release(request)
-        self.counters["cancelled" if isinstance(error, Cancelled) else "failed"] += 1
-        request.fail(error)
+        try:
+            self._release(request)
+        finally:  # it ends even if freeing its row failed
+            self.counters["cancelled" if isinstance(error, Cancelled) else "failed"] += 1
+            request.fail(error)
 
     def _release(self, request: Request) -> None:
         """Free `request`'s row: the last running row moves into it, so rows stay [0, n)."""

@@ -169,6 +169,13 @@ class OnnxBackend:
             name: graph.tensorrt_file if tensorrt and graph.tensorrt_file else graph.file
             for name, graph in graphs.items()
         }
+        # onnxruntime's dynamic int8 form quantizes activations with one scale per call, so a
+        # prompt fed in two parts (a reused prefix, then the rest) computes other keys, values
+        # and logits than the whole prompt fed at once; MatMulNBits and float graphs do not.
+        prompts = PREFILL if PREFILL in graphs else "decoder"
+        self.prompt_scales_per_call = (
+            graphs[prompts].precision == "int8" and files[prompts] == graphs[prompts].file
+        )
 
         def open_one(name: str) -> ort.InferenceSession:
             providers = [

@@ -669,7 +669,9 @@ class _Turn:
         session.ids, session.fed, session.history_closed = shown, agree, True
 
     def rollback(self) -> None:
-        self.session.cache.truncate(self.fed)
+        cache = self.session.cache
+        cache.truncate(self.fed)
+        cache.shrink()  # a long abandoned answer must not keep its buffers for the whole chat
 
 
 class TextStream:

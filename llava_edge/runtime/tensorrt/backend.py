@@ -63,6 +63,7 @@ class TensorRTBackend:
     step by step, each with its own device KV cache."""
 
     name = "tensorrt"
+    prompt_scales_per_call = False  # int8 engines quantize with calibrated (static) scales
 
     def __init__(
         self,
