@@ -129,8 +129,3 @@ def _with_int8_cache(fused: GraphSpec, cache_names: set[str]) -> GraphSpec:
     fused.inputs, fused.outputs = retype(fused.inputs), retype(fused.outputs)
     fused.details = {**fused.details, "kv_cache": "int8, a scale per channel from calibration"}
     return fused
-
-
-def kv_cache_dtype(graph: GraphSpec) -> str:
-    """The dtype a decoder graph keeps its KV cache in (its first past input's)."""
-    return graph.inputs[KVSpec().past_key.format(i=0)].dtype
