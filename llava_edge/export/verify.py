@@ -22,6 +22,7 @@ from llava_edge.runtime import Pipeline
 from llava_edge.runtime.anyres import image_embeds, pixel_batch
 from llava_edge.runtime.generate import embed
 from llava_edge.runtime.template import render, user_turn
+from llava_edge.runtime.tokenizer import common_prefix
 
 QUESTION = "What is shown in this image?"
 CHAT = [
@@ -134,7 +135,7 @@ def _verify_form(loaded: Any, model_dir: Path, form: str) -> dict[str, Any]:
         answer = pipe.answer(image, QUESTION, max_new_tokens=NEW_TOKENS)
         ref_pixels = ref_pixels.numpy()
     fp32 = manifest.text.dtype == "float32"
-    matched = _common_prefix(answer.token_ids, ref_tokens)
+    matched = common_prefix(answer.token_ids, ref_tokens)
     projected = projected.astype(np.float32)
     report = {
         "template": manifest.template.name,
@@ -201,15 +202,6 @@ def _format(report: dict, form: str | None = None) -> str:
         f"cosine {report['prefill_logits_cosine']:.6f}\n"
         f"  greedy tokens          {report['greedy_tokens_matched']}/{report['greedy_tokens_total']} identical"
     )
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _relative(ours: np.ndarray, reference: np.ndarray) -> float:

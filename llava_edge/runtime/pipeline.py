@@ -46,7 +46,7 @@ from llava_edge.runtime.generate import (
 from llava_edge.runtime.image import ImageInput, Images, image_list, load_image
 from llava_edge.runtime.sampling import GenerationConfig
 from llava_edge.runtime.template import IMAGE_PLACEHOLDER, answer_text, user_turn
-from llava_edge.runtime.tokenizer import TextCodec
+from llava_edge.runtime.tokenizer import TextCodec, common_prefix
 
 if TYPE_CHECKING:
     from llava_edge.runtime.watch import WatchAnswer
@@ -660,11 +660,7 @@ class _Turn:
         shown = pipe.conversation_ids(
             session.turns, session.pixels, image_turn=0 if session.pixels else None
         )
-        held = ids[: session.cache.length]
-        agree = next(
-            (i for i, (a, b) in enumerate(zip(held, shown, strict=False)) if a != b),
-            min(len(held), len(shown)),
-        )
+        agree = common_prefix(ids[: session.cache.length], shown)
         session.cache.truncate(agree)
         session.ids, session.fed, session.history_closed = shown, agree, True
 

@@ -15,6 +15,13 @@ from llava_edge.manifest import TokenSpec
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading token ids two sequences share."""
+    return next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
+
+
 class TextCodec:
     """Encodes prompts (expanding `<image>` to one id per image feature) and decodes answers."""
 
