@@ -588,9 +588,8 @@ class BatchEngine:
         self.counters["generated_tokens"] += 1
         if len(request.generated) == 1:
             request.timer.mark("first_token")
-            request.emit(Event("started"))  # its text may come later (a character, a stop)
-            if request.listener_error is not None:
-                self._leave(request, request.listener_error)
+            # its text may come later (a character, a stop)
+            if not self._tell(request, Event("started")):
                 return
         if config.repetition_penalty != 1.0:  # the only reader of `seen`
             request.seen = np.append(request.seen, token)
@@ -599,11 +598,8 @@ class BatchEngine:
             self._finish(request, "eos")
             return
         piece = request.text.push(token)
-        if piece:
-            request.emit(Event("text", text=piece))
-            if request.listener_error is not None:
-                self._leave(request, request.listener_error)
-                return
+        if piece and not self._tell(request, Event("text", text=piece)):
+            return
         if request.text.stopped:
             self._finish(request, "stop")
         elif len(request.generated) >= config.max_new_tokens:
@@ -611,11 +607,8 @@ class BatchEngine:
 
     def _finish(self, request: Request, reason: str) -> None:
         piece = request.text.finish()
-        if piece:
-            request.emit(Event("text", text=piece))
-            if request.listener_error is not None:
-                self._leave(request, request.listener_error)
-                return
+        if piece and not self._tell(request, Event("text", text=piece)):
+            return
         reason = "stop" if request.text.stopped else reason
         request.timer.mark("done")
         row = self.running.index(request)
@@ -635,6 +628,14 @@ class BatchEngine:
         finally:  # its answer is whole even if freeing its row failed
             self.counters["finished"] += 1
             request.emit(Event("done", answer=answer))
+
+    def _tell(self, request: Request, event: Event) -> bool:
+        """Send a running request an event; False when its listener raised, which ends it."""
+        request.emit(event)
+        if request.listener_error is None:
+            return True
+        self._leave(request, request.listener_error)
+        return False
 
     def _leave(self, request: Request, error: Exception) -> None:
         """End `request` with `error` and free its row."""
