@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -314,9 +313,10 @@ def check_fp16_options(
 def _check_onnxruntime() -> None:
     import onnxruntime
 
+    from llava_edge.runtime.onnx_backend import onnxruntime_version
+
     found = onnxruntime.__version__
-    numbers = tuple(int(part) for part in re.findall(r"\d+", found)[:2])
-    if numbers < MIN_ONNXRUNTIME:
+    if onnxruntime_version() < MIN_ONNXRUNTIME:
         need = ".".join(map(str, MIN_ONNXRUNTIME))
         raise LlavaEdgeError(
             f"quantize needs onnxruntime {need} or later (its quantizers' calibration cache), "

@@ -104,13 +104,18 @@ def check_graph_io(name: str, graph: GraphSpec, session: ort.InferenceSession) -
             )
 
 
+def onnxruntime_version() -> tuple[int, int]:
+    """The installed onnxruntime's (major, minor)."""
+    major, minor = (int(x) for x in re.findall(r"\d+", ort.__version__)[:2])
+    return major, minor
+
+
 def check_int8_kv_cache(decoder: GraphSpec) -> None:
     """A fused decoder with an int8 KV cache (`quantize --kv-cache int8`) needs an onnxruntime
     whose CPU GroupQueryAttention runs one: 1.25 and 1.26 accept the graph, then fail at its
     first run."""
     past = decoder.inputs.get(KVSpec().past_key.format(i=0))
-    installed = tuple(int(x) for x in re.findall(r"\d+", ort.__version__)[:2])
-    if past is not None and past.dtype == "int8" and installed < INT8_KV_ONNXRUNTIME:
+    if past is not None and past.dtype == "int8" and onnxruntime_version() < INT8_KV_ONNXRUNTIME:
         need = ".".join(map(str, INT8_KV_ONNXRUNTIME))
         raise LlavaEdgeError(
             f"this model dir keeps its KV cache in int8 (quantize --kv-cache int8), which needs "
