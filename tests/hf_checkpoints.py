@@ -83,8 +83,9 @@ INTERLEAVE_TEMPLATE = (
     "{{ content['text'] }}{% endfor %}{{'<|im_end|>'}}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant' }}{% endif %}"
 )
-# The template of llava-hf's OneVision family: the newline before the question is written only
-# with an image, and a past answer follows "assistant \n" where a new one follows "assistant\n".
+# llava-hf's OneVision-family template (llava-hf/llava-onevision-qwen2-0.5b-ov-hf): the newline
+# before the question is written only with an image, and a past answer follows "assistant \n"
+# where a new one follows "assistant\n", which no `image` string can express.
 ONEVISION_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}"
     "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
@@ -94,7 +95,7 @@ ONEVISION_TEMPLATE = (
     "{{ '\n' + content['text'] }}{% endfor %}"
     "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
     "{% generation %}{{ '\n' + content['text'] }}{% endgeneration %}{% endfor %}{% endif %}"
-    "{{'<|im_end|>'}}{% endfor %}"
+    "{{'<|im_end|>\n'}}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")

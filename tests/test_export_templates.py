@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import quiet
+from hf_checkpoints import ONEVISION_TEMPLATE as ONEVISION
 
 from llava_edge.cli import main
 from llava_edge.export.exporter import export_checkpoint
@@ -54,20 +55,6 @@ CHATML = (
     "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<image>\n' }}"
     "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
     "{{ '<|im_end|>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-# llava-hf/llava-onevision-qwen2-0.5b-ov-hf: the newline before the question is there with or
-# without an image, which no `image` string can express.
-ONEVISION = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
-    "{{ '<image>' }}{% endfor %}"
-    "{% if message['role'] != 'assistant' %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{{ '\n' + content['text'] }}{% endfor %}"
-    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{% generation %}{{ '\n' + content['text'] }}{% endgeneration %}{% endfor %}{% endif %}"
-    "{{'<|im_end|>\n'}}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 CHAT = [
