@@ -138,7 +138,7 @@ def _quantize(args: argparse.Namespace) -> None:
 @command("run")
 def _run(args: argparse.Namespace) -> None:
     options = _generation_options(args)
-    with _load_pipeline(args) as pipe:
+    with _load_pipeline(args, background=True) as pipe:
         if args.json:
             answer = pipe.answer(args.image, args.prompt, **options)
             print(
@@ -171,7 +171,7 @@ def _run(args: argparse.Namespace) -> None:
 
 @command("watch")
 def _watch(args: argparse.Namespace) -> None:
-    with _load_pipeline(args) as pipe:
+    with _load_pipeline(args, background=True) as pipe:
         answers = pipe.watch(
             args.source,
             args.prompt,
@@ -236,10 +236,15 @@ def _bench(args: argparse.Namespace) -> None:
         bench.plot(report, args.plot)
 
 
-def _load_pipeline(args: argparse.Namespace):
+def _load_pipeline(args: argparse.Namespace, background: bool = False):
+    """background: the graphs open while the command reads its image (or opens its camera) and
+    runs it through the vision encoder (onnxruntime); a broken graph then fails the first answer
+    instead of the load, with the same message."""
     from llava_edge.runtime import Pipeline
 
-    return Pipeline.load(args.model_dir, threads=args.threads, **_load_options(args))
+    background = background and args.backend == "onnxruntime"
+    options = _load_options(args)
+    return Pipeline.load(args.model_dir, threads=args.threads, background=background, **options)
 
 
 def _load_options(args: argparse.Namespace) -> dict:

@@ -244,8 +244,8 @@ class Activations:
         sink: list[Capture] = []
         # The standard decoder form: its feeds are what the quantized standard graphs take.
         with Pipeline.load(self.model_dir, threads=self.threads, graph_form="standard") as pipe:
-            sessions = pipe.backend.sessions
-            sessions[graph] = _Recorder(graph, sessions[graph], sink)
+            backend = pipe.backend
+            backend.swap_session(graph, _Recorder(graph, backend.sessions[graph], sink))
             bar = tqdm(self.samples, desc=desc or f"fp32 {graph}", unit="sample", leave=False)
             for sample in bar:
                 if graph == "decoder":

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,8 @@ import numpy as np
 import onnxruntime as ort
 
 from llava_edge.errors import LlavaEdgeError, first_line
-from llava_edge.manifest import PREFILL, GraphSpec, KVSpec, Manifest
+from llava_edge.manifest import PREFILL, GraphSpec, KVSpec, Manifest, TextSpec
+from llava_edge.runtime.fused_backend import FusedDecoder
 from llava_edge.runtime.kv_cache import KVCache, as_rows, check_kv_layout
 from llava_edge.runtime.session_cache import enabled as cache_enabled
 from llava_edge.runtime.session_cache import is_cached, open_cached, session_options
@@ -143,6 +145,7 @@ class OnnxBackend:
         engine_dir: str | os.PathLike | None = None,
         graph_form: str = "auto",
         session_cache: bool = True,
+        background: bool = False,
     ):
         check_kv_layout(manifest.kv)
         self.manifest = manifest
@@ -182,36 +185,86 @@ class OnnxBackend:
             graphs[prompts].precision == "int8" and files[prompts] == graphs[prompts].file
         )
 
+        self.layer_names = [manifest.kv_names(i) for i in range(manifest.text.num_layers)]
+        self._closed = False
+        self._state_lock = threading.Lock()
+        self._state: tuple[TextSpec, FusedDecoder | None] | None = None
+
         def open_one(name: str) -> ort.InferenceSession:
             providers = [
                 (p, provider_options(p, manifest, name, cache_dir)) for p in self.providers
             ]
-            return self._open(name, files[name], options, providers)
+            session = self._open(name, files[name], options, providers)
+            check_graph_io(name, graphs[name], session)
+            return session
 
         # Loads from the session cache run side by side (onnxruntime releases the GIL while it
         # opens a session, and most of a cached load is touching the mapped weights); a load that
-        # writes an entry holds a second copy of its weights, so those run one at a time.
+        # writes an entry holds a second copy of its weights, so those run one at a time. The
+        # image graphs open first: in a background load a request's image runs while the
+        # decoder still opens.
         together = self._all_cached(files.values())
-        with ThreadPoolExecutor(len(files) if together else 1) as pool:
-            self.sessions = dict(zip(files, pool.map(open_one, files), strict=True))
-        for name, graph in graphs.items():
-            check_graph_io(name, graph, self.sessions[name])
-        self.layer_names = [manifest.kv_names(i) for i in range(manifest.text.num_layers)]
-        # The cache takes the decoder's own past dtype: the int4 TensorRT form keeps it in fp16,
-        # a fused decoder quantized with an int8 KV cache (`quantize --kv-cache int8`) in int8.
-        past = {i.name: i.type for i in self.sessions["decoder"].get_inputs()}
-        kv_dtype = PAST_DTYPES.get(past.get(self.layer_names[0][0]), manifest.text.dtype)
-        self.kv_text = replace(manifest.text, dtype=kv_dtype)
-        self.fused = None
-        if self.form == "fused" and manifest.graphs["decoder"].fused:
-            from llava_edge.runtime.fused_backend import FusedDecoder
+        order = sorted(files, key=lambda name: name in ("decoder", PREFILL))
+        pool = ThreadPoolExecutor(len(files) if together else 1, "llava-edge-load")
+        self._opening = {name: pool.submit(open_one, name) for name in order}
+        pool.shutdown(wait=False)  # its threads end when the last graph is open
+        self._pool = pool
+        if not background:
+            try:
+                self.wait_loaded()
+            except BaseException:
+                self.close()  # the other graphs stop opening: nothing outlives a failed load
+                raise
 
-            self.fused = FusedDecoder(
-                self.sessions["decoder"],
-                manifest.text,
-                self.layer_names,
-                prefill=self.sessions.get(PREFILL),
-            )
+    def wait_loaded(self) -> None:
+        """Block until every graph is open; a graph that failed to load raises its error here (and
+        at every call that needs it)."""
+        for name in self._opening:
+            self._session(name)
+        self._decoder_state()
+
+    @property
+    def sessions(self) -> dict[str, ort.InferenceSession]:
+        """Every graph's session, once all are open (none once closed)."""
+        if self._closed:
+            return {}
+        return {name: self._session(name) for name in self._opening}
+
+    def swap_session(self, name: str, session: Any) -> None:
+        """Run `session` (anything with onnxruntime's `run`) in place of a graph's own: a
+        recorder of its feeds, in calibration. The standard form's graphs only: the fused decoder
+        holds its session."""
+        self._session(name)  # opened, or its error
+        swapped: Future = Future()
+        swapped.set_result(session)
+        self._opening[name] = swapped
+
+    @property
+    def kv_text(self) -> TextSpec:
+        """The text config with the KV cache's dtype: the decoder's own past dtype (the int4
+        TensorRT form keeps it in fp16, a fused decoder quantized with `--kv-cache int8` in
+        int8)."""
+        return self._decoder_state()[0]
+
+    @property
+    def fused(self) -> FusedDecoder | None:
+        """The fused decoder's runner, where this backend runs the fused form."""
+        return self._decoder_state()[1]
+
+    def _decoder_state(self) -> tuple[TextSpec, FusedDecoder | None]:
+        """What depends on the decoder's session, built once it is open."""
+        with self._state_lock:
+            if self._state is None:
+                decoder = self._session("decoder")
+                past = {i.name: i.type for i in decoder.get_inputs()}
+                text = self.manifest.text
+                kv_dtype = PAST_DTYPES.get(past.get(self.layer_names[0][0]), text.dtype)
+                fused = None
+                if self.form == "fused" and self.manifest.graphs["decoder"].fused:
+                    prefill = self._session(PREFILL) if PREFILL in self._opening else None
+                    fused = FusedDecoder(decoder, text, self.layer_names, prefill=prefill)
+                self._state = (replace(text, dtype=kv_dtype), fused)
+            return self._state
 
     def _pick_form(self, requested: str) -> str:
         """The graph form to run: the fused graphs on the CPU where the model dir has them (their
@@ -275,7 +328,7 @@ class OnnxBackend:
 
         Appends the call's keys/values to `cache`.
         """
-        fused = self.fused  # read once: close() may drop it while a request runs
+        fused = self.fused
         if fused is not None:
             return fused.decode(embeds, token_mask, positions, cache)
         rows = as_rows(cache)
@@ -294,10 +347,10 @@ class OnnxBackend:
         return outputs[0]
 
     def _session(self, name: str) -> ort.InferenceSession:
-        session = self.sessions.get(name)
-        if session is None:  # close() emptied them, perhaps while a request was running
+        """One graph's session, waiting while it opens (a background load)."""
+        if self._closed:  # perhaps while a request was running
             raise LlavaEdgeError("this model's sessions are closed; load the model dir again")
-        return session
+        return self._opening[name].result()
 
     @property
     def _outputs(self) -> list[str]:
@@ -307,6 +360,10 @@ class OnnxBackend:
         return names
 
     def close(self) -> None:
-        """Let go of every session (their weights' memory goes with the last reference)."""
-        self.sessions.clear()
-        self.fused = None
+        """Let go of every session (their weights' memory goes with the last reference); a graph
+        still opening is waited for, so none outlives the backend."""
+        self._closed = True
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._opening = {}
+        with self._state_lock:
+            self._state = None

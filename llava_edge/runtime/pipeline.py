@@ -141,6 +141,7 @@ class Pipeline:
         cuda_graph: bool = False,
         graph_form: str = "auto",
         session_cache: bool = True,
+        background: bool = False,
     ) -> Pipeline:
         """Open a model dir written by `llava-edge export` (or quantize).
 
@@ -153,7 +154,11 @@ class Pipeline:
         decode step as a CUDA graph. graph_form: which form of the graphs onnxruntime runs,
         'auto' (the fused forms on the CPU where the model dir has them), 'fused' or 'standard'. session_cache: keep
         onnxruntime's optimized CPU graphs in the user cache dir, so later loads skip that work
-        (llava_edge.runtime.session_cache).
+        (llava_edge.runtime.session_cache). background: return once the manifest, files,
+        tokenizer and embedding table are checked and the graphs have started to open (the
+        onnxruntime backend): the app goes on with its own start while they load, the first call
+        that needs a graph waits for it (a request's image runs while the decoder still opens),
+        and a graph that fails to load raises at that call or at `wait_loaded()`.
         """
         model_dir = Path(model_dir)
         manifest = Manifest.load(model_dir)
@@ -169,8 +174,14 @@ class Pipeline:
                 engine_dir=engine_dir,
                 graph_form=graph_form,
                 session_cache=session_cache,
+                background=background,
             )
         elif backend == "tensorrt":
+            if background:
+                raise LlavaEdgeError(
+                    "background loading is for the onnxruntime backend; load the TensorRT "
+                    "backend without it"
+                )
             from llava_edge.runtime.tensorrt.backend import TensorRTBackend
 
             engine = TensorRTBackend(
@@ -182,7 +193,19 @@ class Pipeline:
             )
         else:
             raise LlavaEdgeError(f"unknown backend {backend!r}; choose 'onnxruntime' or 'tensorrt'")
-        return cls(model_dir, manifest, engine, limits)
+        try:
+            return cls(model_dir, manifest, engine, limits)
+        except BaseException:
+            engine.close()  # graphs still opening in the background stop there
+            raise
+
+    def wait_loaded(self) -> None:
+        """Block until every graph is open (after `load(..., background=True)`); raises the
+        error of a graph that failed to load."""
+        self._check_open()
+        wait = getattr(self.backend, "wait_loaded", None)
+        if wait is not None:  # the TensorRT backend loads its engines in load()
+            wait()
 
     @property
     def max_images_per_prompt(self) -> int:
