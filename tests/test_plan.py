@@ -168,6 +168,24 @@ def test_devices_and_the_cli(tiny_model_dir, capsys) -> None:
     assert "--max-context must be between 1 and the model's context" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--device", "1e400"], "unknown device '1e400'"),
+        (["--device", "8GB", "--bandwidth", "nan"], "--bandwidth must be a positive number"),
+        (["--device", "8GB", "--bandwidth", "inf"], "--bandwidth must be a positive number"),
+        (["--reserve", "nan"], "--reserve must be a number of GB, 0 or more"),
+        (["--reserve", "inf"], "--reserve must be a number of GB, 0 or more"),
+    ],
+)
+def test_numbers_that_are_not_finite_are_refused(
+    tiny_model_dir, capsys, option: list[str], message: str
+) -> None:
+    assert cli.main(["plan", str(tiny_model_dir), *option]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
 # ---- against what onnxruntime really holds ---------------------------------------------------
 
 MEASURE = """

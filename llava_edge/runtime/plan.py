@@ -21,6 +21,7 @@ and only the rows of the tokens used are ever read, so it is shown but not count
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field, replace
@@ -133,7 +134,7 @@ def parse_device(spec: str | None, reserve_gb: float | None = None) -> Device:
     else:
         number = r"(\d+(?:\.\d*)?|\.\d+)(?:e\d+)?"
         match = re.fullmatch(rf"\s*({number})\s*(gib|gb|mib|mb)?\s*", spec.lower())
-        if not match or float(match.group(1)) <= 0:
+        if not match or not 0 < float(match.group(1)) < math.inf:
             raise LlavaEdgeError(
                 f"unknown device {spec!r}: give one of {', '.join(DEVICES)} or a memory size "
                 "in bytes (or with GB / GiB)"
@@ -141,8 +142,8 @@ def parse_device(spec: str | None, reserve_gb: float | None = None) -> Device:
         scale = {None: 1, "gb": 1e9, "gib": GiB, "mb": 1e6, "mib": 1 << 20}[match.group(3)]
         device = Device(f"{spec} of memory", int(float(match.group(1)) * scale), 0, None)
     if reserve_gb is not None:
-        if reserve_gb < 0:
-            raise LlavaEdgeError(f"--reserve must be 0 or more GB, got {reserve_gb}")
+        if not 0 <= reserve_gb < math.inf:  # nan too
+            raise LlavaEdgeError(f"--reserve must be a number of GB, 0 or more, got {reserve_gb}")
         device = replace(device, reserve=int(reserve_gb * 1e9))
         if device.reserve >= device.memory:
             raise LlavaEdgeError(
@@ -184,8 +185,10 @@ def plan(
         raise LlavaEdgeError(f"unknown backend {backend!r}; choose 'onnxruntime' or 'tensorrt'")
     device = device if isinstance(device, Device) else parse_device(device)
     if bandwidth_gbs is not None:
-        if bandwidth_gbs <= 0:
-            raise LlavaEdgeError(f"--bandwidth must be positive GB/s, got {bandwidth_gbs}")
+        if not 0 < bandwidth_gbs < math.inf:  # nan too
+            raise LlavaEdgeError(
+                f"--bandwidth must be a positive number of GB/s, got {bandwidth_gbs}"
+            )
         device = replace(device, bandwidth=bandwidth_gbs * 1e9)
     manifest = Manifest.load(model_dir)
     context = manifest.text.max_context if max_context is None else max_context
