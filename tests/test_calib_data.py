@@ -134,6 +134,15 @@ def test_decoder_feeds_are_prefill_then_decode_steps(
         np.testing.assert_allclose(logits, capture.outputs[0], rtol=1e-5, atol=1e-5)
 
 
+def test_calibration_leaves_no_session_cache_entries(
+    tiny_model_dir: Path, pictures: list[Sample], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fp32 standard graphs calibration runs are not what the CPU runs later."""
+    monkeypatch.setenv("LLAVA_EDGE_CACHE", str(tmp_path / "cache"))
+    assert list(Activations(tiny_model_dir, pictures[:1], decode_steps=1).captures("decoder"))
+    assert not list((tmp_path / "cache").glob("onnxruntime/*"))
+
+
 def test_vision_and_projector_feeds_chain(tiny_model_dir: Path, pictures: list[Sample]) -> None:
     manifest = Manifest.load(tiny_model_dir)
     activations = Activations(tiny_model_dir, pictures)

@@ -242,8 +242,12 @@ class Activations:
         from llava_edge.runtime import Pipeline
 
         sink: list[Capture] = []
-        # The standard decoder form: its feeds are what the quantized standard graphs take.
-        with Pipeline.load(self.model_dir, threads=self.threads, graph_form="standard") as pipe:
+        # The standard decoder form: its feeds are what the quantized standard graphs take. No
+        # session-cache entries: the CPU runs the fused forms, so an entry of these would cost
+        # twice the fp32 weights on disk (and a second copy in memory while written) for nothing.
+        with Pipeline.load(
+            self.model_dir, threads=self.threads, graph_form="standard", session_cache=False
+        ) as pipe:
             backend = pipe.backend
             backend.swap_session(graph, _Recorder(graph, backend.sessions[graph], sink))
             bar = tqdm(self.samples, desc=desc or f"fp32 {graph}", unit="sample", leave=False)
