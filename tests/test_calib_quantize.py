@@ -556,3 +556,37 @@ def test_an_onnxruntime_too_old_for_the_quantizers_is_named(
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "onnxruntime 1.27 or later" in line and "found 1.26.0" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_int4_warning_names_why_a_graph_stays_float(tmp_path: Path) -> None:
+    """A graph whose MatMuls all have a K no block divides stays float, and says so (not that it
+    has no MatMul)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from llava_edge.calib.quantize import _quantize_graph
+    from llava_edge.manifest import GraphSpec
+
+    weight = numpy_helper.from_array(np.ones((20, 8), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 20])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+        [weight],
+    )
+    (tmp_path / "src").mkdir()
+    (tmp_path / "out").mkdir()
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+        str(tmp_path / "src" / "g.onnx"),
+    )
+    spec = GraphSpec("g.onnx", {}, {})
+    said: list[str] = []
+    _quantize_graph(
+        "g", "int4", spec, tmp_path / "src", tmp_path / "out", None, "minmax", 32, said.append
+    )
+    assert spec.details["onnxruntime"]["kept_float"]
+    assert said == [
+        "warning: g stays fp32: none of its 1 weight MatMuls has an input size (K) that a block "
+        "of 32 divides"
+    ]

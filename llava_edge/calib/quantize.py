@@ -423,7 +423,14 @@ def _quantize_graph(
             graph.details = {**graph.details, "onnxruntime": ort_details, "tensorrt": trt_details}
     graph.precision = kind
     if kind != "fp16" and not graph.details["onnxruntime"]["quantized_nodes"]:
-        log(f"warning: {name} has no MatMul with constant weights; it stays fp32")
+        kept = graph.details["onnxruntime"].get("kept_float")
+        why = (
+            f"none of its {len(kept)} weight MatMuls has an input size (K) that a block of 32 "
+            "divides"
+            if kept
+            else "it has no MatMul with constant weights"
+        )
+        log(f"warning: {name} stays fp32: {why}")
 
 
 def quantize_fused(
