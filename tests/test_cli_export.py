@@ -105,6 +105,8 @@ def _export_cases(tmp: Path, checkpoint: Path, plain_llama: Path) -> dict:
         "no-eos": (str(no_eos), out, [], "no end-of-sequence token"),
         "image-token-spelled-otherwise": (str(image_token), out, [], "image token is '<img>'"),
         "bad-opset": (str(checkpoint), out, ["--opset", "30"], "--opset"),
+        # the decoder needs opset 10 (dynamic Slice), quantize's per-channel Q/DQ 13
+        "opset-below-quantize": (str(checkpoint), out, ["--opset", "9"], "outside 13-20"),
         "truncated-weights": (str(truncated), out, [], "truncated or corrupt"),
     }
 
@@ -123,6 +125,7 @@ CASES = [
     "no-eos",
     "image-token-spelled-otherwise",
     "bad-opset",
+    "opset-below-quantize",
     "truncated-weights",
 ]
 

@@ -204,3 +204,24 @@ def test_a_full_disk_is_named(
         assert err.startswith("llava-edge quantize: error: the disk holding")
         assert "is full (0.1 MB free" in err and "nothing was installed" in err
     assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_a_dir_exported_below_opset_13_is_refused_for_int8_and_int4(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Older exports allowed opsets 10-12, where the TensorRT forms' per-channel Q/DQ does not
+    exist: the written dir used to fail its own load check after all the work."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_model_dir, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["source"]["opset"] = 11
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    _pictures(tmp_path / "pictures", 2)
+    args = ["--images", str(tmp_path / "pictures"), "--samples", "2"]
+    for precision in ("int8", "int4"):
+        out = tmp_path / precision
+        assert main(["quantize", str(old), str(out), "--precision", precision, *args]) == 1
+        err = capsys.readouterr().err
+        assert "exported at opset 11" in err and "--opset 13" in err and not out.exists()

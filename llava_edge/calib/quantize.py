@@ -78,6 +78,7 @@ INT4_BLOCKS = (32, 64, 128, 256)
 # fast CPU path for 4-bit weights (bench/bench_quantize.py measures it), at an accuracy cost far
 # below the 4-bit weights' own.
 INT4_ACCURACY_LEVEL = 4
+QDQ_MIN_OPSET = 13  # per-channel (axis) QuantizeLinear/DequantizeLinear start at opset 13
 INT4_OPSET = 21  # DequantizeLinear's INT4 type and block_size attribute start at opset 21
 QDQ_SUFFIX = ".qdq.onnx"
 REPORT_FILE = "quantize_report.json"
@@ -150,6 +151,13 @@ def quantize_model(
             "--prefill needs the fused decoder form, which this model dir lacks (exported with "
             "--no-fused, by an older llava-edge, or a decoder the form does not take); "
             "re-export it without --no-fused, or drop --prefill"
+        )
+    opset = manifest.source.get("opset")
+    if precision != "fp16" and isinstance(opset, int) and opset < QDQ_MIN_OPSET:
+        raise LlavaEdgeError(
+            f"{source} was exported at opset {opset}; the int8 and int4 TensorRT forms need "
+            f"per-channel Q/DQ, opset {QDQ_MIN_OPSET} or later: re-export it with "
+            f"--opset {QDQ_MIN_OPSET} or more"
         )
     if kv_cache and manifest.graphs["decoder"].fused is None:
         raise LlavaEdgeError(

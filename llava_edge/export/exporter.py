@@ -36,6 +36,8 @@ from llava_edge.manifest import (
 from llava_edge.runtime.template import IMAGE_PLACEHOLDER
 
 DEFAULT_OPSET = 17  # TensorRT 10.3 (JetPack 6) parses opsets 9-20; 17 has LayerNormalization
+# The decoder's dynamic Slice needs opset 10, quantize's per-channel Q/DQ (its TensorRT forms) 13.
+MIN_OPSET = 13
 EMBEDDINGS_FILE = "embed_tokens.npy"
 NEWLINE_FILE = "image_newline.npy"
 # --max-context must hold one image and this many tokens of question and answer.
@@ -77,9 +79,10 @@ def export_checkpoint(
 
     if dtype not in ("fp32", "fp16"):
         raise LlavaEdgeError(f"--dtype must be fp32 or fp16, got {dtype}")
-    if not 9 <= opset <= 20:
+    if not MIN_OPSET <= opset <= 20:
         raise LlavaEdgeError(
-            f"--opset {opset} is outside 9-20, what TensorRT 10.x's ONNX parser reads"
+            f"--opset {opset} is outside {MIN_OPSET}-20: {MIN_OPSET} is the first with the "
+            "per-channel Q/DQ that quantize writes, 20 the last TensorRT 10.x's ONNX parser reads"
         )
     out = Path(out_dir)
     check_output_dir(out, force, keep=Path(checkpoint), keep_name="the checkpoint")
