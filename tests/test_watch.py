@@ -299,3 +299,31 @@ def test_an_http_stream_is_live(pipe, recorder, tmp_path) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("timeout_s", float("inf")),
+        ("timeout_s", float("nan")),
+        ("timeout_s", 0),
+        ("every_s", float("nan")),
+        ("every_s", float("inf")),
+        ("every_s", -1.0),
+        ("every_s", "2"),
+        ("folder_fps", float("nan")),
+        ("folder_fps", 0),
+    ],
+)
+def test_intervals_and_timeouts_must_be_finite_numbers(pipe, tmp_path, option, value) -> None:
+    folder = shots(tmp_path / "shots", 2)
+    with pytest.raises(LlavaEdgeError, match=f"{option} must be"):
+        pipe.watch(folder, "?", **{option: value})
+
+
+def test_an_infinite_source_timeout_is_refused_by_the_cli(tiny_model_dir, tmp_path, capsys):
+    video = make_video(tmp_path / "clip.mkv", frames=4, fps=10)
+    argv = ["watch", str(tiny_model_dir), "--source", str(video), "--prompt", "?", "--live"]
+    assert cli.main([*argv, "--source-timeout", "inf"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "timeout_s must be a positive number of seconds" in err

@@ -24,6 +24,7 @@ than `timeout_s` (while opening or between frames).
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import stat
 import threading
@@ -85,14 +86,11 @@ def open_frames(
             "a source is a video file, an image folder, a camera or a stream URL, got "
             f"{type(source).__name__}{hint}"
         )
-    if every_s < 0:
-        raise LlavaEdgeError(f"every_s must be 0 or more seconds, got {every_s}")
-    if timeout_s <= 0:
-        raise LlavaEdgeError(f"timeout_s must be positive, got {timeout_s}")
+    _check_number("every_s", every_s, "0 or more seconds", minimum=0.0)
+    _check_number("timeout_s", timeout_s, "a positive number of seconds")
     kind = source_kind(source)
     if kind == "folder":
-        if folder_fps <= 0:
-            raise LlavaEdgeError(f"folder_fps must be positive, got {folder_fps}")
+        _check_number("folder_fps", folder_fps, "a positive number of images a second")
         decoded = _folder_frames(Path(source), folder_fps)
     else:
         decoded = _video_frames(os.fspath(source), kind, timeout_s)
@@ -103,6 +101,18 @@ def open_frames(
             decoded = _paced(decoded)
         return live_frames(decoded, every_s, timeout_s, os.fspath(source))
     return _sampled(decoded, every_s)
+
+
+def _check_number(name: str, value: object, what: str, minimum: float | None = None) -> None:
+    """A finite number, at least `minimum` (above 0 without one): an infinite timeout would
+    overflow the wait and a NaN one never expire, a NaN interval would answer one frame only."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if (
+        not number
+        or not math.isfinite(value)
+        or (value < minimum if minimum is not None else value <= 0)
+    ):
+        raise LlavaEdgeError(f"{name} must be {what}, got {value!r}")
 
 
 # ---- sampling ------------------------------------------------------------------------------
