@@ -327,3 +327,27 @@ def test_an_infinite_source_timeout_is_refused_by_the_cli(tiny_model_dir, tmp_pa
     assert cli.main([*argv, "--source-timeout", "inf"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "timeout_s must be a positive number of seconds" in err
+
+
+def readers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "llava-edge-frames" and t.is_alive()]
+
+
+def test_leaving_a_watch_stops_its_reader_at_once(pipe, recorder, tmp_path) -> None:
+    """A robot's handler that raises, or an app that closes its watch, stops the camera's reader
+    there and then, though the answers are still bound to a name (the camera must be free for
+    the next watch)."""
+    video = make_video(tmp_path / "live.mkv", frames=40, fps=4)  # 10 s, replayed live
+    before = len(readers())
+    answers = pipe.watch(video, "Now?", every_s=0.0, live=True)
+    with pytest.raises(RuntimeError, match="the handler failed"), answers:
+        for _answer in answers:
+            assert len(readers()) == before + 1
+            raise RuntimeError("the handler failed")
+    assert len(readers()) == before
+    with pytest.raises(StopIteration):
+        next(answers)
+    answers = pipe.watch(video, "Now?", every_s=0.0, live=True)
+    assert next(answers).index == 0 and len(readers()) == before + 1
+    answers.close()
+    assert len(readers()) == before

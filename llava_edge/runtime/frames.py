@@ -78,7 +78,7 @@ def open_frames(
     True replays a file at its own pace, as a camera would deliver it. timeout_s: how long to wait
     for a stream to open or for its next frame before giving up. folder_fps: an image folder is a
     slideshow at this rate, its images in name order.
-    Closing the iterator (or leaving a `for` loop) stops the reader and closes the source.
+    Closing the iterator stops the reader and closes the source.
     """
     if not isinstance(source, str | os.PathLike):
         hint = f" (a camera is a device path: /dev/video{source})" if type(source) is int else ""

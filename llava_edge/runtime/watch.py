@@ -8,6 +8,12 @@ frames). `changes_only=True` yields an answer only when its text differs from th
 an alert stream; `frames=K` asks about the last K sampled frames at once, as K images in one
 prompt (each `<image>` placeholder filled with one frame's features, as transformers' LLaVA
 models take several images).
+
+Leaving the answers before their end (break, an exception) should stop the camera at once, so
+`watch` returns a `Watch`: used in a `with` block, or closed, it stops the source's reader and
+closes the source there and then, even while the iterator is still bound to a name (a generator
+would keep the camera open until it was garbage-collected, and a second watch of the same
+camera would find it busy).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +51,27 @@ class WatchAnswer:
         }
 
 
+class Watch(Iterator[WatchAnswer]):
+    """The answers about a source's frames; `with pipe.watch(...) as answers:` closes the source
+    when the block ends, however it ends."""
+
+    def __init__(self, answers: Generator[WatchAnswer, None, None]):
+        self._answers = answers
+
+    def __next__(self) -> WatchAnswer:
+        return next(self._answers)
+
+    def close(self) -> None:
+        """Stop the source's reader and close the source; the answers end here."""
+        self._answers.close()
+
+    def __enter__(self) -> Watch:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
 def watch(
     pipe: Any,
     source: str | os.PathLike,
@@ -57,7 +84,7 @@ def watch(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     folder_fps: float = 1.0,
     **options: Any,
-) -> Iterator[WatchAnswer]:
+) -> Watch:
     """Answers about `source`'s frames. The arguments are checked at once (an image folder is
     listed, a local file or camera must exist); a video is opened at the first frame asked for,
     so that a live stream opens under the frame timeout.
@@ -86,7 +113,7 @@ def watch(
             "or fewer"
         )
     stream = open_frames(source, every_s, live=live, timeout_s=timeout_s, folder_fps=folder_fps)
-    return _answers(pipe, stream, prompt, frames, changes_only, max_frames, options)
+    return Watch(_answers(pipe, stream, prompt, frames, changes_only, max_frames, options))
 
 
 def _answers(
@@ -97,7 +124,7 @@ def _answers(
     changes_only: bool,
     max_frames: int | None,
     options: dict[str, Any],
-) -> Iterator[WatchAnswer]:
+) -> Generator[WatchAnswer, None, None]:
     window: deque[Frame] = deque(maxlen=frames)
     last_text: str | None = None
     answered = 0
