@@ -14,7 +14,10 @@ Two ways to read a source:
 - *Live* (cameras, streams, or a file replayed at its own pace with `live=True`): a reader thread
   decodes continuously and keeps only the newest frame due for an answer. While an answer is being
   generated, newer frames replace the waiting one (counted in `Frame.skipped`), so the next answer
-  is about what the camera sees now, never a queue of stale frames.
+  is about what the camera sees now, never a queue of stale frames. A frame is due `every_s`
+  seconds after the last one taken by this machine's clock, as frames arrive: a stream's own
+  timestamps may be made up (MJPEG over HTTP counts 25 a second whatever the camera's rate),
+  missing, or jump back when the sender restarts.
 
 Every way a source can go wrong ends in a `LlavaEdgeError` of one line or a clean end: a missing
 file or device, a file that is not video, one that breaks mid-way, a stream that stalls longer
@@ -52,7 +55,7 @@ class Frame:
     index: int  # position in the source, counting from 0
     timestamp: float  # seconds since the source's first frame
     skipped: int = 0  # frames due for an answer that a newer one replaced (live sources)
-    received: float = field(default_factory=time.monotonic)  # when it was decoded
+    received: float = field(default_factory=time.monotonic)  # when it arrived (time.monotonic)
 
 
 def source_kind(source: str | os.PathLike) -> str:
@@ -140,6 +143,7 @@ def _paced(frames: Iterator[Frame]) -> Iterator[Frame]:
             delay = start + frame.timestamp - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
+            frame.received = time.monotonic()  # it arrives now, as from a camera
             yield frame
     finally:
         frames.close()
@@ -164,17 +168,17 @@ def live_frames(
 class LatestFrame:
     """A one-frame mailbox between a reader thread and the answerer.
 
-    The reader puts every frame due for an answer (at least `every_s` after the last one taken)
-    into the box, replacing one that is still waiting; `take` empties it. Nothing ever queues.
+    The reader puts every frame due for an answer (one that arrived at least `every_s` after the
+    last one taken) into the box, replacing one that is still waiting; `take` empties it. Nothing
+    ever queues.
     """
 
     def __init__(self, frames: Iterator[Frame], every_s: float):
         self.frames = frames
         self.every_s = every_s
-        self.decoded = 0  # frames the reader has decoded so far
         self._box: Frame | None = None
         self._skipped = 0
-        self._due = 0.0
+        self._due = -math.inf  # when the next frame due arrives, on time.monotonic's clock
         self._done = False
         self._error: BaseException | None = None
         self._stop = threading.Event()
@@ -188,8 +192,7 @@ class LatestFrame:
         try:
             for frame in self.frames:
                 with self._changed:
-                    self.decoded += 1
-                    if frame.timestamp + 1e-9 >= self._due:
+                    if frame.received >= self._due:
                         if self._box is not None:
                             self._skipped += 1
                         self._box = frame
@@ -223,7 +226,7 @@ class LatestFrame:
                 return None
             frame, self._box = self._box, None
             frame.skipped, self._skipped = self._skipped, 0
-            self._due = frame.timestamp + self.every_s
+            self._due = frame.received + self.every_s
             return frame
 
     def stop(self) -> None:
