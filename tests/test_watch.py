@@ -86,6 +86,26 @@ def test_a_file_is_sampled_by_its_timestamps(pipe, recorder, tmp_path) -> None:
     assert [a.timestamp for a in two] == pytest.approx([0.0, 0.3])  # first frame at or after
 
 
+def test_recordings_joined_end_to_end_are_sampled_to_the_end(pipe, recorder, tmp_path) -> None:
+    """MPEG-TS segments joined with `cat` (as dashcams and recorders split them): the second
+    segment's timestamps start again from 0, and its frames are sampled as the first's."""
+    segment = tmp_path / "segment.ts"
+    with av.open(str(segment), "w", format="mpegts") as container:
+        stream = container.add_stream("mpeg2video", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(20):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), STEP * i, np.uint8), "rgb24")
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes(segment.read_bytes() * 2)
+    answers = list(pipe.watch(joined, "What is there?", every_s=0.5))
+    assert [a.index for a in answers] == [0, 5, 10, 15, 20, 25, 30, 35]
+    assert [a.timestamp for a in answers] == pytest.approx([0, 0.5, 1, 1.5] * 2)
+    assert recorder.seen == [[0], [5], [10], [15]] * 2
+
+
 def test_an_image_folder_is_a_slideshow(pipe, recorder, tmp_path) -> None:
     folder = tmp_path / "shots"
     folder.mkdir()

@@ -10,7 +10,8 @@ same calls. An image folder needs only Pillow.
 Two ways to read a source:
 
 - *Offline* (files, folders): every frame is decoded in order and sampled by its timestamp, one
-  every `every_s` seconds of media time. Nothing is dropped: a slow answerer just takes longer.
+  every `every_s` seconds of media time (from the start again where the timestamps jump back, as
+  in recordings joined end to end). Nothing is dropped: a slow answerer just takes longer.
 - *Live* (cameras, streams, or a file replayed at its own pace with `live=True`): a reader thread
   decodes continuously and keeps only the newest frame due for an answer. While an answer is being
   generated, newer frames replace the waiting one (counted in `Frame.skipped`), so the next answer
@@ -122,12 +123,14 @@ def _check_number(name: str, value: object, what: str, minimum: float | None = N
 
 
 def _sampled(frames: Iterator[Frame], every_s: float) -> Iterator[Frame]:
-    """Offline: the first frame at or after each due time, in order."""
-    due = 0.0
+    """Offline: the first frame at or after each due time, in order. A timestamp before the last
+    sampled frame's starts the count again: recordings joined end to end (`cat a.ts b.ts`) each
+    count from their own start."""
+    last: float | None = None
     try:
         for frame in frames:
-            if frame.timestamp + 1e-9 >= due:
-                due = frame.timestamp + every_s
+            if last is None or frame.timestamp < last or frame.timestamp + 1e-9 >= last + every_s:
+                last = frame.timestamp
                 yield frame
     finally:
         frames.close()
