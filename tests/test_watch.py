@@ -89,21 +89,35 @@ def test_a_file_is_sampled_by_its_timestamps(pipe, recorder, tmp_path) -> None:
 def test_recordings_joined_end_to_end_are_sampled_to_the_end(pipe, recorder, tmp_path) -> None:
     """MPEG-TS segments joined with `cat` (as dashcams and recorders split them): the second
     segment's timestamps start again from 0, and its frames are sampled as the first's."""
+    joined = joined_segments(tmp_path, frames=20, fps=10)
+    answers = list(pipe.watch(joined, "What is there?", every_s=0.5))
+    assert [a.index for a in answers] == [0, 5, 10, 15, 20, 25, 30, 35]
+    assert [a.timestamp for a in answers] == pytest.approx([0, 0.5, 1, 1.5] * 2)
+    assert recorder.seen == [[0], [5], [10], [15]] * 2
+
+
+def test_a_live_replay_of_joined_recordings_paces_each(pipe, recorder, tmp_path) -> None:
+    joined = joined_segments(tmp_path, frames=10, fps=20)  # 2 x 0.5 s
+    start = time.monotonic()
+    answers = list(pipe.watch(joined, "Now?", every_s=0.0, live=True))
+    assert time.monotonic() - start >= 0.9  # the second segment is not read all at once
+    assert answers[-1].index == 19 and sum(a.skipped for a in answers) + len(answers) == 20
+
+
+def joined_segments(tmp_path: Path, frames: int, fps: int) -> Path:
+    """Two identical MPEG-TS segments joined with `cat`: the second's timestamps start again."""
     segment = tmp_path / "segment.ts"
     with av.open(str(segment), "w", format="mpegts") as container:
-        stream = container.add_stream("mpeg2video", rate=10)
+        stream = container.add_stream("mpeg2video", rate=fps)
         stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for i in range(20):
+        for i in range(frames):
             frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), STEP * i, np.uint8), "rgb24")
             frame.pts = i
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
     joined = tmp_path / "joined.ts"
     joined.write_bytes(segment.read_bytes() * 2)
-    answers = list(pipe.watch(joined, "What is there?", every_s=0.5))
-    assert [a.index for a in answers] == [0, 5, 10, 15, 20, 25, 30, 35]
-    assert [a.timestamp for a in answers] == pytest.approx([0, 0.5, 1, 1.5] * 2)
-    assert recorder.seen == [[0], [5], [10], [15]] * 2
+    return joined
 
 
 def test_an_image_folder_is_a_slideshow(pipe, recorder, tmp_path) -> None:

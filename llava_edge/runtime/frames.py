@@ -137,12 +137,15 @@ def _sampled(frames: Iterator[Frame], every_s: float) -> Iterator[Frame]:
 
 
 def _paced(frames: Iterator[Frame]) -> Iterator[Frame]:
-    """A file or folder replayed as a camera delivers it: no frame before its time."""
+    """A file or folder replayed as a camera delivers it: no frame before its time (a timestamp
+    that jumps back starts the clock again, as `_sampled` counts)."""
     start: float | None = None
+    last = -math.inf
     try:
         for frame in frames:
-            if start is None:
+            if start is None or frame.timestamp < last:
                 start = time.monotonic() - frame.timestamp
+            last = frame.timestamp
             delay = start + frame.timestamp - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
