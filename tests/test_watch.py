@@ -240,6 +240,8 @@ def test_missing_broken_and_truncated_sources_give_one_line_errors(pipe, tmp_pat
         pipe.watch("/dev/video97", "?")
     with pytest.raises(LlavaEdgeError, match="video file .*nowhere.mp4 does not exist"):
         pipe.watch(tmp_path / "nowhere.mp4", "?")
+    with pytest.raises(LlavaEdgeError, match="a camera is a device path: /dev/video0"):
+        pipe.watch("0", "?")  # a camera index, as OpenCV takes one
     junk = tmp_path / "junk.mp4"
     junk.write_bytes(b"not a video " * 100)
     with pytest.raises(LlavaEdgeError, match="cannot open video file .*junk.mp4: Invalid data"):

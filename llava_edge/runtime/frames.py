@@ -293,7 +293,9 @@ def _check_local(path: str, kind: str) -> None:
             )
     elif kind == "file":
         if not os.path.exists(path):
-            raise LlavaEdgeError(f"video file {path} does not exist")
+            # OpenCV names cameras by index: say what this one takes
+            hint = f"; a camera is a device path: /dev/video{path}" if path.isdigit() else ""
+            raise LlavaEdgeError(f"video file {path} does not exist{hint}")
         if os.path.isfile(path) and os.path.getsize(path) == 0:
             raise LlavaEdgeError(f"video file {path} is empty")
 
