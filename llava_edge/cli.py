@@ -615,7 +615,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--source",
         required=True,
-        help="video file, camera (/dev/video0), rtsp:// or http:// stream, or image folder",
+        help="video file, camera (/dev/video0), rtsp:// or http:// stream, named pipe or "
+        "/dev/stdin, or image folder",
     )
     p.add_argument("--prompt", required=True)
     p.add_argument(

@@ -263,16 +263,43 @@ def test_missing_broken_and_truncated_sources_give_one_line_errors(pipe, tmp_pat
 
 
 def test_a_stream_that_never_delivers_times_out(pipe, tmp_path) -> None:
+    """A named pipe is a stream whether or not `live` is asked for: one that nobody feeds times
+    out (an offline read of it would block for ever)."""
     fifo = tmp_path / "stream.ts"
     os.mkfifo(fifo)  # nobody writes: opening it for reading blocks, as a dead server would
-    start = time.monotonic()
-    try:
-        with pytest.raises(LlavaEdgeError, match="no frame from .* for 0.5 s: the source stalled"):
-            list(pipe.watch(fifo, "?", live=True, timeout_s=0.5))
-        assert time.monotonic() - start < 5
-    finally:
-        with open(fifo, "wb"):  # unblock the reader thread: it sees an empty stream and ends
+    for live in (True, None):
+        outcome: list[BaseException | None] = []
+
+        def watch(live=live, outcome=outcome) -> None:
+            try:
+                list(pipe.watch(fifo, "?", live=live, timeout_s=0.5))
+                outcome.append(None)
+            except BaseException as e:
+                outcome.append(e)
+
+        worker = threading.Thread(target=watch, daemon=True)
+        worker.start()
+        worker.join(timeout=5)
+        with open(fifo, "wb"):  # unblock the reader: it sees an empty stream and ends
             pass
+        worker.join(timeout=5)
+        assert len(outcome) == 1 and isinstance(outcome[0], LlavaEdgeError), (live, outcome)
+        assert "no frame from" in str(outcome[0]) and "for 0.5 s: the source stalled" in str(
+            outcome[0]
+        )
+
+
+def test_video_piped_into_the_cli_is_a_live_stream(tiny_model_dir, tmp_path) -> None:
+    """`ffmpeg ... | llava-edge watch --source /dev/stdin`: standard input fed by a pipe."""
+    video = make_video(tmp_path / "clip.mkv", frames=10, fps=10)
+    argv = [sys.executable, "-m", "llava_edge.cli", "watch", str(tiny_model_dir)]
+    argv += ["--source", "/dev/stdin", "--prompt", "?", "--every", "0", "--jsonl"]
+    argv += ["--max-new-tokens", "1"]
+    run = subprocess.run(argv, input=video.read_bytes(), capture_output=True, timeout=120)
+    assert run.returncode == 0, run.stderr.decode()
+    answers = [json.loads(line) for line in run.stdout.splitlines()]
+    assert answers and answers[-1]["index"] == 9
+    assert sum(a["skipped"] for a in answers) + len(answers) == 10  # live: stale frames dropped
 
 
 def test_a_source_that_stalls_mid_way_times_out_and_a_clean_end_is_not_an_error() -> None:

@@ -1,4 +1,5 @@
-"""Frame sources: video files, V4L2 cameras, RTSP/HTTP streams and image folders, as RGB frames.
+"""Frame sources: video files, V4L2 cameras, RTSP/HTTP streams, pipes and image folders, as RGB
+frames.
 
 Video is decoded with PyAV (FFmpeg's libraries in a wheel, `pip install 'llava-edge[video]'`),
 imported only when a video source is opened, so `import llava_edge.runtime` never loads it. We
@@ -12,7 +13,7 @@ Two ways to read a source:
 - *Offline* (files, folders): every frame is decoded in order and sampled by its timestamp, one
   every `every_s` seconds of media time (from the start again where the timestamps jump back, as
   in recordings joined end to end). Nothing is dropped: a slow answerer just takes longer.
-- *Live* (cameras, streams, or a file replayed at its own pace with `live=True`): a reader thread
+- *Live* (cameras, streams, pipes, or a file replayed at its own pace with `live=True`): a reader thread
   decodes continuously and keeps only the newest frame due for an answer. While an answer is being
   generated, newer frames replace the waiting one (counted in `Frame.skipped`), so the next answer
   is about what the camera sees now, never a queue of stale frames. A frame is due `every_s`
@@ -60,13 +61,22 @@ class Frame:
 
 
 def source_kind(source: str | os.PathLike) -> str:
-    """'folder', 'device', 'stream' or 'file', from the source's name."""
+    """'folder', 'device', 'stream' or 'file', from the source's name. A named pipe (or
+    /dev/stdin fed by one) is a stream: its frames come as they are made, and can stop coming."""
     text = os.fspath(source)
-    if text.startswith(NETWORK_SCHEMES):
+    if text.startswith(NETWORK_SCHEMES) or _is_pipe(text):
         return "stream"
     if text.startswith("/dev/"):
         return "device"
     return "folder" if Path(text).is_dir() else "file"
+
+
+def _is_pipe(path: str) -> bool:
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
 
 
 def open_frames(
@@ -78,7 +88,8 @@ def open_frames(
 ) -> Iterator[Frame]:
     """The frames of `source` due for an answer, one per `every_s` seconds.
 
-    live: None decides from the source (cameras and streams are live, files and folders not);
+    live: None decides from the source (cameras, streams and pipes are live, files and folders
+    not);
     True replays a file at its own pace, as a camera would deliver it. timeout_s: how long to wait
     for a stream to open or for its next frame before giving up. folder_fps: an image folder is a
     slideshow at this rate, its images in name order.
