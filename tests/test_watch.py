@@ -289,6 +289,45 @@ def test_a_stream_that_never_delivers_times_out(pipe, tmp_path) -> None:
         )
 
 
+def test_a_live_stream_is_decoded_without_frame_delay(tmp_path) -> None:
+    """H.264 decoded with frame threads gives each frame out one thread late (several frames on
+    a board with many cores): for a camera or a stream the newest frame decoded must be the
+    newest sent. A pipe fed one packet every 25 ms; raw H.264 is delimited by the next packet's
+    start, so a frame comes out when the packet after it is in."""
+    from fractions import Fraction
+
+    from llava_edge.runtime.frames import _video_frames
+
+    encoder = av.CodecContext.create("libx264", "w")
+    encoder.width, encoder.height, encoder.pix_fmt = 64, 48, "yuv420p"
+    encoder.time_base, encoder.framerate = Fraction(1, 40), Fraction(40)
+    encoder.options = {"tune": "zerolatency", "preset": "ultrafast"}
+    packets = []
+    for i in range(110):
+        frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i, np.uint8), "rgb24")
+        frame.pts = i
+        packets += [bytes(p) for p in encoder.encode(frame)]
+    packets += [bytes(p) for p in encoder.encode(None)]
+    fifo = tmp_path / "camera.h264"
+    os.mkfifo(fifo)
+    written, sent = [0], threading.Event()
+
+    def send() -> None:
+        with open(fifo, "wb", buffering=0) as pipe:
+            for packet in packets:
+                pipe.write(packet)
+                written[0] += 1
+                time.sleep(0.025)
+        sent.set()
+
+    threading.Thread(target=send, daemon=True).start()
+    lags = []  # packets sent beyond the frame just decoded, while the sender still sends
+    for frame in _video_frames(str(fifo), "stream", timeout_s=10.0):
+        if not sent.is_set() and frame.index >= 60:  # past the packets FFmpeg probes at open
+            lags.append(written[0] - frame.index - 1)
+    assert lags and min(lags) <= 1, lags
+
+
 def test_video_piped_into_the_cli_is_a_live_stream(tiny_model_dir, tmp_path) -> None:
     """`ffmpeg ... | llava-edge watch --source /dev/stdin`: standard input fed by a pipe."""
     video = make_video(tmp_path / "clip.mkv", frames=10, fps=10)

@@ -326,7 +326,9 @@ def _video_frames(source: str, kind: str, timeout_s: float) -> Iterator[Frame]:
             if not container.streams.video:
                 raise LlavaEdgeError(f"{source} has no video stream")
             stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
+            # Frame threads decode several frames at once, each frame out one per thread late:
+            # a camera's or stream's newest frame would trail it. Slice threads add no delay.
+            stream.thread_type = "SLICE" if kind in ("device", "stream") else "AUTO"
             first: float | None = None
             rate = float(stream.average_rate) if stream.average_rate else 0.0
             for index, frame in enumerate(_decode(av, container, stream, source)):
