@@ -479,3 +479,33 @@ def test_leaving_a_watch_stops_its_reader_at_once(pipe, recorder, tmp_path) -> N
     assert next(answers).index == 0 and len(readers()) == before + 1
     answers.close()
     assert len(readers()) == before
+
+
+@pytest.mark.parametrize(
+    "prompt, options, problem",
+    [
+        ("<image>\n<image>\nWhat changed?", {"frames": 2}, "leave the placeholders out"),
+        ("<image>\nWhat changed?", {"frames": 2}, "each answer is about 1 to 2 frames"),
+        ("<image>\n<image>\nWhat is it?", {}, "each answer is about one frame"),
+        ("USER: What is it? ASSISTANT:", {"raw": True}, "this one holds 0"),
+        ("USER: <image>\n<image>\nWhat? ASSISTANT:", {"raw": True, "frames": 2}, "frames=1"),
+    ],
+)
+def test_placeholders_that_the_frames_cannot_fill_are_refused_at_once(
+    pipe, tmp_path, prompt, options, problem
+) -> None:
+    """While the last K frames fill up, the first answers have fewer than K: a question with
+    placeholders for K frames (or a raw prompt without its one) is refused before the source
+    opens, not after the first answer."""
+    video = make_video(tmp_path / "clip.mkv", frames=10, fps=10)
+    with pytest.raises(LlavaEdgeError, match=problem):
+        pipe.watch(video, prompt, every_s=0.5, max_new_tokens=2, **options)
+    assert len(list(pipe.watch(video, "<image>\nWhat is it?", max_new_tokens=2))) == 1
+
+
+def test_the_cli_refuses_placeholders_for_several_frames(tiny_model_dir, tmp_path, capsys):
+    video = make_video(tmp_path / "clip.mkv", frames=10, fps=10)
+    argv = ["watch", str(tiny_model_dir), "--source", str(video), "--frames", "2"]
+    assert cli.main([*argv, "--prompt", "<image>\n<image>\nWhat changed?"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "leave the placeholders out" in err

@@ -27,6 +27,7 @@ from typing import Any
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.runtime.frames import DEFAULT_TIMEOUT_S, Frame, open_frames
+from llava_edge.runtime.template import IMAGE_PLACEHOLDER
 
 
 @dataclass
@@ -91,8 +92,10 @@ def watch(
 
     frames: how many of the last sampled frames go into each prompt, as several images (at most
     `pipe.images_that_fit(prompt)`: as many as the context holds with the question and an
-    answer). max_frames: stop after answering this many frames. The remaining options are the
-    generation options of `Pipeline.answer`.
+    answer); while they fill up, the first answers have fewer, so the question holds no `<image>`
+    placeholder unless frames is 1 (a raw prompt then holds exactly one). max_frames: stop after
+    answering this many frames. The remaining options are the generation options of
+    `Pipeline.answer`.
     """
     pipe._check_open()
     if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
@@ -100,6 +103,7 @@ def watch(
     if max_frames is not None and max_frames < 1:
         raise LlavaEdgeError(f"max_frames must be at least 1, got {max_frames}")
     pipe._config({k: v for k, v in options.items() if k != "raw"})  # bad options fail now
+    _check_placeholders(prompt, frames, raw=bool(options.get("raw")))
     fit = pipe.images_that_fit(prompt, raw=bool(options.get("raw")))
     if fit == 0:
         raise LlavaEdgeError(
@@ -114,6 +118,28 @@ def watch(
         )
     stream = open_frames(source, every_s, live=live, timeout_s=timeout_s, folder_fps=folder_fps)
     return Watch(_answers(pipe, stream, prompt, frames, changes_only, max_frames, options))
+
+
+def _check_placeholders(prompt: str, frames: int, raw: bool) -> None:
+    """Each prompt holds one image per frame, and while the last `frames` frames fill up the first
+    answers have fewer: only a single frame can have a placeholder of its own."""
+    held = prompt.count(IMAGE_PLACEHOLDER) if isinstance(prompt, str) else 0
+    if raw and frames > 1:
+        raise LlavaEdgeError(
+            f"a raw prompt holds one {IMAGE_PLACEHOLDER} per image, but the first answers about "
+            f"the last {frames} frames have fewer; use frames=1, or the chat template"
+        )
+    if raw and held != 1:
+        raise LlavaEdgeError(
+            f"a raw prompt holds one {IMAGE_PLACEHOLDER} placeholder for the frame; this one "
+            f"holds {held}"
+        )
+    if not raw and held > (1 if frames == 1 else 0):
+        each = "one frame" if frames == 1 else f"1 to {frames} frames"
+        raise LlavaEdgeError(
+            f"the question holds {held} {IMAGE_PLACEHOLDER} placeholder(s), but each answer is "
+            f"about {each}, put before the question: leave the placeholders out"
+        )
 
 
 def _answers(
