@@ -509,3 +509,116 @@ def test_the_cli_refuses_placeholders_for_several_frames(tiny_model_dir, tmp_pat
     assert cli.main([*argv, "--prompt", "<image>\n<image>\nWhat changed?"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "leave the placeholders out" in err
+
+
+# ---- an app's own frames ---------------------------------------------------------------------
+
+
+def test_an_apps_fast_camera_is_answered_about_its_newest_frame(pipe, monkeypatch) -> None:
+    """A driver filling one buffer 100 times a second, an answerer taking 0.1 s: stale frames
+    are dropped, never queued, and each answer is about the pixels of the frame it reports."""
+    released = threading.Event()
+
+    def driver():
+        buffer = np.zeros((24, 32, 3), np.uint8)
+        try:
+            for i in range(40):
+                buffer[:] = STEP * i  # the same buffer, refilled
+                yield buffer
+                time.sleep(0.01)
+        finally:
+            released.set()
+
+    slow = Recorder(delay_s=0.1)
+    monkeypatch.setattr(pipe, "answer", slow)
+    answers = list(pipe.watch(driver(), "Now?", every_s=0.0))
+    indices = [a.index for a in answers]
+    assert slow.seen == [[i] for i in indices]  # not the buffer's later contents
+    assert len(answers) < 40 and indices[-1] == 39
+    assert sum(a.skipped for a in answers) + len(answers) == 40
+    assert released.is_set()
+
+
+def test_an_apps_camera_that_gives_none_raises_or_stops(pipe, recorder) -> None:
+    released = threading.Event()
+
+    def flaky():
+        try:
+            for _ in range(5):
+                time.sleep(0.01)
+                yield None  # no frame yet
+            yield np.full((8, 8, 3), STEP * 3, np.uint8)
+            time.sleep(0.05)
+            raise OSError("camera unplugged")
+        finally:
+            released.set()
+
+    answers = pipe.watch(flaky(), "?", every_s=0.0)
+    assert next(answers).index == 0 and recorder.seen == [[3]]  # None is not a frame
+    with pytest.raises(LlavaEdgeError, match="reading the app's frames failed: camera unplugged"):
+        next(answers)
+    assert released.is_set()
+
+    def silent():
+        while True:
+            time.sleep(0.01)
+            yield None
+
+    before = len(readers())
+    with pytest.raises(LlavaEdgeError, match="no frame from the app's frames for 0.3 s"):
+        list(pipe.watch(silent(), "?", timeout_s=0.3))
+    time.sleep(0.1)
+    assert len(readers()) == before  # the reader stopped between two Nones
+
+
+def test_an_apps_frames_of_any_size_dtype_and_mode_answer_as_alone(pipe, monkeypatch) -> None:
+    """Frames as drivers give them (grey, RGBA, float, 16-bit, PIL, changing size): each answer
+    equals the answer to that frame alone. The driver waits for each answer (nothing dropped);
+    a frame that is no image ends the watch with a one-line error and releases the driver."""
+    rng = np.random.default_rng(0)
+    frames = [
+        rng.integers(0, 256, (20, 30, 3), dtype=np.uint8),
+        rng.integers(0, 256, (40, 10), dtype=np.uint8),
+        rng.integers(0, 256, (16, 16, 4), dtype=np.uint8),
+        rng.random((12, 18, 3), dtype=np.float32),
+        rng.integers(0, 65536, (8, 8, 3), dtype=np.uint16),
+        Image.fromarray(rng.integers(0, 256, (10, 20), dtype=np.uint8), "L"),
+    ]
+    options = dict(max_new_tokens=3, ignore_eos=True)
+    alone = [pipe.answer(frame, "What is it?", **options).text for frame in frames]
+    real, answered, released = pipe.answer, threading.Event(), threading.Event()
+
+    def answer(*args, **kwargs):
+        try:
+            return real(*args, **kwargs)
+        finally:
+            answered.set()
+
+    def driver(frames):
+        try:
+            for frame in frames:
+                answered.clear()
+                yield frame
+                answered.wait(10)
+        finally:
+            released.set()
+
+    monkeypatch.setattr(pipe, "answer", answer)
+    answers = list(pipe.watch(driver(frames), "What is it?", every_s=0.0, **options))
+    assert [a.text for a in answers] == alone
+    assert [a.index for a in answers] == list(range(len(frames)))
+    released.clear()
+    bad = [frames[0], np.zeros((10, 10, 5), np.uint8)]
+    with pytest.raises(LlavaEdgeError) as error:
+        list(pipe.watch(driver(bad), "What is it?", every_s=0.0, **options))
+    assert "\n" not in str(error.value) and released.wait(2)
+
+
+def test_an_apps_frames_are_refused_where_they_cannot_be_watched(pipe) -> None:
+    with pytest.raises(LlavaEdgeError, match="an iterable of frames, got ndarray"):
+        pipe.watch(np.zeros((8, 8, 3), np.uint8), "?")  # one image: ask pipe.answer
+    with pytest.raises(LlavaEdgeError, match=r"camera is a device path: /dev/video0\)"):
+        pipe.watch(0, "?")
+    with pytest.raises(LlavaEdgeError, match="an app's frames are live"):
+        pipe.watch(iter([]), "?", live=False)
+    assert list(pipe.watch(iter([]), "?")) == []  # a driver with nothing to give: a clean end

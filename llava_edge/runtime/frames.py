@@ -1,5 +1,5 @@
 """Frame sources: video files, V4L2 cameras, RTSP/HTTP streams, pipes and image folders, as RGB
-frames.
+frames, and the frames an app's own camera driver hands over.
 
 Video is decoded with PyAV (FFmpeg's libraries in a wheel, `pip install 'llava-edge[video]'`),
 imported only when a video source is opened, so `import llava_edge.runtime` never loads it. We
@@ -13,7 +13,7 @@ Two ways to read a source:
 - *Offline* (files, folders): every frame is decoded in order and sampled by its timestamp, one
   every `every_s` seconds of media time (from the start again where the timestamps jump back, as
   in recordings joined end to end). Nothing is dropped: a slow answerer just takes longer.
-- *Live* (cameras, streams, pipes, or a file replayed at its own pace with `live=True`): a reader thread
+- *Live* (cameras, streams, pipes, an app's frames, or a file replayed at its own pace with `live=True`): a reader thread
   decodes continuously and keeps only the newest frame due for an answer. While an answer is being
   generated, newer frames replace the waiting one (counted in `Frame.skipped`), so the next answer
   is about what the camera sees now, never a queue of stale frames. A frame is due `every_s`
@@ -34,7 +34,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,13 +47,14 @@ VIDEO_HINT = "install the video extra: pip install 'llava-edge[video]' (PyAV)"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 NETWORK_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://")
 DEFAULT_TIMEOUT_S = 10.0
+APP_SOURCE = "the app's frames"  # how errors name an iterable source
 
 
 @dataclass
 class Frame:
     """One decoded frame: RGB pixels, where it sits in the source, and what was dropped before."""
 
-    image: np.ndarray  # (H, W, 3) uint8
+    image: Any  # (H, W, 3) uint8 from a decoder; an app's frame as it gave it (see load_image)
     index: int  # position in the source, counting from 0
     timestamp: float  # seconds since the source's first frame
     skipped: int = 0  # frames due for an answer that a newer one replaced (live sources)
@@ -80,7 +81,7 @@ def _is_pipe(path: str) -> bool:
 
 
 def open_frames(
-    source: str | os.PathLike,
+    source: str | os.PathLike | Iterable[Any],
     every_s: float = 1.0,
     live: bool | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
@@ -88,21 +89,21 @@ def open_frames(
 ) -> Iterator[Frame]:
     """The frames of `source` due for an answer, one per `every_s` seconds.
 
-    live: None decides from the source (cameras, streams and pipes are live, files and folders
-    not);
-    True replays a file at its own pace, as a camera would deliver it. timeout_s: how long to wait
-    for a stream to open or for its next frame before giving up. folder_fps: an image folder is a
-    slideshow at this rate, its images in name order.
-    Closing the iterator stops the reader and closes the source.
+    source: a path or URL, or an iterable of images (what `load_image` takes: arrays of any size,
+    dtype or channels, PIL images) that an app's camera driver yields, read in a thread as a
+    camera is; a None from it means no new frame yet. live: None decides from the source
+    (cameras, streams, pipes and an app's frames are live, files and folders not); True replays a
+    file at its own pace, as a camera would deliver it. timeout_s: how long to wait for a stream
+    to open or for its next frame before giving up. folder_fps: an image folder is a slideshow at
+    this rate, its images in name order.
+    Closing the iterator stops the reader and closes the source (an app's iterator too).
     """
-    if not isinstance(source, str | os.PathLike):
-        hint = f" (a camera is a device path: /dev/video{source})" if type(source) is int else ""
-        raise LlavaEdgeError(
-            "a source is a video file, an image folder, a camera or a stream URL, got "
-            f"{type(source).__name__}{hint}"
-        )
     _check_number("every_s", every_s, "0 or more seconds", minimum=0.0)
     _check_number("timeout_s", timeout_s, "a positive number of seconds")
+    if not isinstance(source, str | os.PathLike):
+        if live is False:
+            raise LlavaEdgeError("an app's frames are live: they cannot be read with live=False")
+        return live_frames(_app_frames(_app_source(source)), every_s, timeout_s, APP_SOURCE)
     kind = source_kind(source)
     if kind == "folder":
         _check_number("folder_fps", folder_fps, "a positive number of images a second")
@@ -116,6 +117,41 @@ def open_frames(
             decoded = _paced(decoded)
         return live_frames(decoded, every_s, timeout_s, os.fspath(source))
     return _sampled(decoded, every_s)
+
+
+def _app_source(source: object) -> Iterator[Any]:
+    if isinstance(source, np.ndarray | bytes | bytearray | memoryview) or not isinstance(
+        source, Iterable
+    ):
+        hint = f" (a camera is a device path: /dev/video{source})" if type(source) is int else ""
+        raise LlavaEdgeError(
+            "a source is a video file, an image folder, a camera, a stream URL or an iterable of "
+            f"frames, got {type(source).__name__}{hint}"
+        )
+    return iter(source)
+
+
+def _app_frames(images: Iterator[Any]) -> Iterator[Frame | None]:
+    """An app's frames, timed as they arrive. A None passes through as 'nothing new', so that
+    the reader can stop while a driver has no frame, and a driver that gives only None stalls
+    under the timeout as a silent camera does."""
+    start: float | None = None
+    index = 0
+    try:
+        for image in images:
+            if image is None:
+                yield None
+                continue
+            now = time.monotonic()
+            start = now if start is None else start
+            if isinstance(image, np.ndarray):
+                image = image.copy()  # a driver may fill the same buffer with its next frame
+            yield Frame(image, index, now - start, received=now)
+            index += 1
+    finally:
+        close = getattr(images, "close", None)
+        if close is not None:
+            close()  # the app's generator releases its camera
 
 
 def _check_number(name: str, value: object, what: str, minimum: float | None = None) -> None:
@@ -167,7 +203,7 @@ def _paced(frames: Iterator[Frame]) -> Iterator[Frame]:
 
 
 def live_frames(
-    frames: Iterator[Frame], every_s: float, timeout_s: float, name: str
+    frames: Iterator[Frame | None], every_s: float, timeout_s: float, name: str
 ) -> Iterator[Frame]:
     """Live: a reader thread keeps the newest due frame of `frames`; each `next` takes it."""
     latest = LatestFrame(frames, every_s)
@@ -187,10 +223,10 @@ class LatestFrame:
 
     The reader puts every frame due for an answer (one that arrived at least `every_s` after the
     last one taken) into the box, replacing one that is still waiting; `take` empties it. Nothing
-    ever queues.
+    ever queues. A None from `frames` is nothing new.
     """
 
-    def __init__(self, frames: Iterator[Frame], every_s: float):
+    def __init__(self, frames: Iterator[Frame | None], every_s: float):
         self.frames = frames
         self.every_s = every_s
         self._box: Frame | None = None
@@ -208,12 +244,13 @@ class LatestFrame:
     def _read(self) -> None:
         try:
             for frame in self.frames:
-                with self._changed:
-                    if frame.received >= self._due:
-                        if self._box is not None:
-                            self._skipped += 1
-                        self._box = frame
-                    self._changed.notify_all()
+                if frame is not None:
+                    with self._changed:
+                        if frame.received >= self._due:
+                            if self._box is not None:
+                                self._skipped += 1
+                            self._box = frame
+                        self._changed.notify_all()
                 if self._stop.is_set():
                     break
         except BaseException as e:  # handed to the answerer's thread, which raises it

@@ -3,6 +3,9 @@
     for answer in pipe.watch("/dev/video0", "Is the door open?", every_s=2.0):
         print(f"{answer.timestamp:.1f}s {answer.text} (skipped {answer.skipped})")
 
+The source may also be an app's own frames, any iterable of images (a camera driver's
+generator of arrays): it is read in a thread, as a camera is.
+
 One answer per sampled frame (see llava_edge.runtime.frames for how live sources drop stale
 frames). `changes_only=True` yields an answer only when its text differs from the previous one,
 an alert stream; `frames=K` asks about the last K sampled frames at once, as K images in one
@@ -21,7 +24,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,7 +78,7 @@ class Watch(Iterator[WatchAnswer]):
 
 def watch(
     pipe: Any,
-    source: str | os.PathLike,
+    source: str | os.PathLike | Iterable[Any],
     prompt: str,
     every_s: float = 1.0,
     frames: int = 1,
