@@ -13,13 +13,13 @@ Two ways to read a source:
 - *Offline* (files, folders): every frame is decoded in order and sampled by its timestamp, one
   every `every_s` seconds of media time (from the start again where the timestamps jump back, as
   in recordings joined end to end). Nothing is dropped: a slow answerer just takes longer.
-- *Live* (cameras, streams, pipes, an app's frames, or a file replayed at its own pace with `live=True`): a reader thread
-  decodes continuously and keeps only the newest frame due for an answer. While an answer is being
-  generated, newer frames replace the waiting one (counted in `Frame.skipped`), so the next answer
-  is about what the camera sees now, never a queue of stale frames. A frame is due `every_s`
-  seconds after the last one taken by this machine's clock, as frames arrive: a stream's own
-  timestamps may be made up (MJPEG over HTTP counts 25 a second whatever the camera's rate),
-  missing, or jump back when the sender restarts.
+- *Live* (cameras, streams, pipes, an app's frames, or a file replayed at its own pace with
+  `live=True`): a reader thread decodes continuously and keeps only the newest frame due for an
+  answer. While an answer is being generated, newer frames replace the waiting one (counted in
+  `Frame.skipped`), so the next answer is about what the camera sees now, never a queue of stale
+  frames. Frames are due every `every_s` seconds of this machine's clock, as they arrive: a
+  stream's own timestamps may be made up (MJPEG over HTTP counts 25 a second whatever the camera's
+  rate), missing, or jump back when the sender restarts.
 
 Every way a source can go wrong ends in a `LlavaEdgeError` of one line or a clean end: a missing
 file or device, a file that is not video, one that breaks mid-way, a stream that stalls longer
@@ -190,13 +190,14 @@ def _paced(frames: Iterator[Frame]) -> Iterator[Frame]:
     last = -math.inf
     try:
         for frame in frames:
+            now = time.monotonic()
             if start is None or frame.timestamp < last:
-                start = time.monotonic() - frame.timestamp
+                start = now - frame.timestamp
             last = frame.timestamp
-            delay = start + frame.timestamp - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            frame.received = time.monotonic()  # it arrives now, as from a camera
+            due = start + frame.timestamp
+            if due > now:
+                time.sleep(due - now)
+            frame.received = max(due, now)  # it arrives on time, or as late as it was decoded
             yield frame
     finally:
         frames.close()
@@ -221,9 +222,11 @@ def live_frames(
 class LatestFrame:
     """A one-frame mailbox between a reader thread and the answerer.
 
-    The reader puts every frame due for an answer (one that arrived at least `every_s` after the
-    last one taken) into the box, replacing one that is still waiting; `take` empties it. Nothing
-    ever queues. A None from `frames` is nothing new.
+    The reader puts every frame due for an answer into the box, replacing one that is still
+    waiting; `take` empties it. Nothing ever queues. A None from `frames` is nothing new. Frames
+    are due on a grid of `every_s` from the first one taken's arrival: the first to arrive at or
+    after the grid's next tick past the last one taken (so that the jitter of each arrival does
+    not push the next tick later).
     """
 
     def __init__(self, frames: Iterator[Frame | None], every_s: float):
@@ -231,7 +234,8 @@ class LatestFrame:
         self.every_s = every_s
         self._box: Frame | None = None
         self._skipped = 0
-        self._due = -math.inf  # when the next frame due arrives, on time.monotonic's clock
+        self._due = -math.inf  # the grid's next tick, on time.monotonic's clock
+        self._origin: float | None = None  # the grid's first tick
         self._done = False
         self._error: BaseException | None = None
         self._stop = threading.Event()
@@ -246,7 +250,7 @@ class LatestFrame:
             for frame in self.frames:
                 if frame is not None:
                     with self._changed:
-                        if frame.received >= self._due:
+                        if frame.received >= self._due - 1e-9:
                             if self._box is not None:
                                 self._skipped += 1
                             self._box = frame
@@ -280,7 +284,10 @@ class LatestFrame:
                 return None
             frame, self._box = self._box, None
             frame.skipped, self._skipped = self._skipped, 0
-            self._due = frame.received + self.every_s
+            if self.every_s > 0:
+                origin = self._origin = frame.received if self._origin is None else self._origin
+                ticks = math.floor((frame.received - origin) / self.every_s + 1e-6) + 1
+                self._due = origin + ticks * self.every_s
             return frame
 
     def stop(self) -> None:
