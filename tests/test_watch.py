@@ -23,7 +23,8 @@ from PIL import Image
 from llava_edge import cli
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.runtime import Answer, Pipeline
-from llava_edge.runtime.frames import Frame, LatestFrame, live_frames
+from llava_edge.runtime.frames import Frame, LatestFrame, VideoPixels, live_frames
+from llava_edge.runtime.image import load_image
 
 STEP = 6
 
@@ -42,9 +43,9 @@ def make_video(path: Path, frames: int, fps: int, codec: str = "ffv1") -> Path:
     return path
 
 
-def level(image: np.ndarray) -> int:
-    """Which generated frame this is."""
-    return round(float(np.asarray(image).mean()) / STEP)
+def level(image) -> int:
+    """Which generated frame this is (an array, or a folder's image file)."""
+    return round(float(np.asarray(load_image(image)).mean()) / STEP)
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +182,21 @@ def test_a_slow_answerer_skips_stale_frames_instead_of_queueing(pipe, monkeypatc
     for before, after in zip(answers, answers[1:], strict=False):
         assert after.skipped == after.index - before.index - 1
     assert indices[-1] == 39  # the source's last frame is answered, then the watch ends
+
+
+def test_only_the_frames_answered_are_converted_to_rgb(pipe, monkeypatch, tmp_path) -> None:
+    """Most of a camera's frames are dropped: converting each from the decoder's YUV as it
+    arrives would spend the reader's CPU on pixels nobody looks at."""
+    converted = []
+    convert = VideoPixels.rgb
+    monkeypatch.setattr(VideoPixels, "rgb", lambda self: converted.append(self) or convert(self))
+    monkeypatch.setattr(pipe, "answer", Recorder(delay_s=0.2))
+    video = make_video(tmp_path / "clip.mkv", frames=30, fps=20)
+    answers = list(pipe.watch(video, "Now?", every_s=0.5))  # offline: 3 of 30
+    assert len(converted) == len(answers) == 3
+    converted.clear()
+    answers = list(pipe.watch(video, "Now?", every_s=0.0, live=True))  # 1.5 s, 0.2 s answers
+    assert len(converted) == len(answers) < 30
 
 
 def test_live_sampling_keeps_the_interval(pipe, recorder, tmp_path) -> None:

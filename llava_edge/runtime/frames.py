@@ -52,13 +52,37 @@ APP_SOURCE = "the app's frames"  # how errors name an iterable source
 
 @dataclass
 class Frame:
-    """One decoded frame: RGB pixels, where it sits in the source, and what was dropped before."""
+    """One frame: its image, where it sits in the source, and what was dropped before."""
 
-    image: Any  # (H, W, 3) uint8 from a decoder; an app's frame as it gave it (see load_image)
+    pixels: Any  # what `image` gives, or a video frame that `image` converts
     index: int  # position in the source, counting from 0
     timestamp: float  # seconds since the source's first frame
     skipped: int = 0  # frames due for an answer that a newer one replaced (live sources)
     received: float = field(default_factory=time.monotonic)  # when it arrived (time.monotonic)
+
+    @property
+    def image(self) -> Any:
+        """What `load_image` takes: (H, W, 3) uint8 RGB from a video, the file of a folder's
+        image, an app's frame as it gave it. Video is converted to RGB (and an image file read)
+        only for the frames answered, not as they arrive: most of a camera's are dropped."""
+        if isinstance(self.pixels, VideoPixels):
+            self.pixels = self.pixels.rgb()
+        return self.pixels
+
+
+class VideoPixels:
+    """A decoded video frame in the decoder's own pixel format (YUV, mostly)."""
+
+    def __init__(self, frame: Any, source: str):
+        self.frame, self.source = frame, source
+
+    def rgb(self) -> np.ndarray:
+        try:
+            return self.frame.to_ndarray(format="rgb24")
+        except Exception as e:  # PyAV's errors, and ValueError for a format it cannot convert
+            raise LlavaEdgeError(
+                f"cannot convert a frame of {self.source} to RGB: {first_line(e)}"
+            ) from None
 
 
 def source_kind(source: str | os.PathLike) -> str:
@@ -306,19 +330,12 @@ def _as_error(error: BaseException, name: str) -> LlavaEdgeError:
 
 
 def _folder_frames(folder: Path, fps: float) -> Iterator[Frame]:
-    from llava_edge.runtime.image import load_image
-
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise LlavaEdgeError(
             f"image folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
         )
-
-    def frames() -> Iterator[Frame]:
-        for index, path in enumerate(paths):
-            yield Frame(np.asarray(load_image(path)), index, index / fps)
-
-    return frames()
+    return (Frame(path, index, index / fps) for index, path in enumerate(paths))
 
 
 # ---- video through PyAV ----------------------------------------------------------------------
@@ -378,7 +395,7 @@ def _video_frames(source: str, kind: str, timeout_s: float) -> Iterator[Frame]:
             for index, frame in enumerate(_decode(av, container, stream, source)):
                 media = frame.time if frame.time is not None else (index / rate if rate else 0.0)
                 first = media if first is None else first
-                yield Frame(frame.to_ndarray(format="rgb24"), index, media - first)
+                yield Frame(VideoPixels(frame, source), index, media - first)
         finally:
             container.close()
 
