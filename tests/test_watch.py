@@ -413,6 +413,14 @@ def test_a_live_source_is_sampled_as_its_frames_arrive(timestamps) -> None:
     assert ticks == sorted(set(ticks))  # at most one frame each 0.2 s of arrival
 
 
+def test_an_interval_longer_than_the_timeout_is_not_a_stall() -> None:
+    """`--every 30` on a camera that sends all the while: only a source that sends nothing for
+    the timeout has stalled."""
+    sending = camera([i * 0.05 for i in range(24)])  # 20 frames a second for 1.2 s
+    taken = list(live_frames(sending, every_s=0.5, timeout_s=0.2, name="cam"))
+    assert 2 <= len(taken) <= 3  # 1.2 s of frames, one due every 0.5 s
+
+
 def test_the_runtime_does_not_import_the_decoder() -> None:
     code = "import sys, llava_edge.runtime, llava_edge.runtime.watch; print('av' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

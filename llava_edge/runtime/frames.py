@@ -260,6 +260,7 @@ class LatestFrame:
         self._skipped = 0
         self._due = -math.inf  # the grid's next tick, on time.monotonic's clock
         self._origin: float | None = None  # the grid's first tick
+        self._arrived = -math.inf  # when the last frame arrived, due or not
         self._done = False
         self._error: BaseException | None = None
         self._stop = threading.Event()
@@ -274,6 +275,7 @@ class LatestFrame:
             for frame in self.frames:
                 if frame is not None:
                     with self._changed:
+                        self._arrived = frame.received
                         if frame.received >= self._due - 1e-9:
                             if self._box is not None:
                                 self._skipped += 1
@@ -291,11 +293,13 @@ class LatestFrame:
                 self._changed.notify_all()
 
     def take(self, timeout_s: float, name: str) -> Frame | None:
-        """The newest due frame; None once the source has ended and nothing waits."""
-        deadline = time.monotonic() + timeout_s
+        """The newest due frame; None once the source has ended and nothing waits. The source
+        has stalled when no frame at all (due or not) has arrived for `timeout_s`: a frame may
+        be due far later than that (every_s longer than the timeout)."""
+        asked = time.monotonic()
         with self._changed:
             while self._box is None and not self._done:
-                left = deadline - time.monotonic()
+                left = max(asked, self._arrived) + timeout_s - time.monotonic()
                 if left <= 0:
                     raise LlavaEdgeError(
                         f"no frame from {name} for {timeout_s:g} s: the source stalled (check "
