@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import av  # the video extra, in dev
 import numpy as np
@@ -25,6 +26,7 @@ from llava_edge.errors import LlavaEdgeError
 from llava_edge.runtime import Answer, Pipeline
 from llava_edge.runtime.frames import Frame, LatestFrame, VideoPixels, live_frames
 from llava_edge.runtime.image import load_image
+from llava_edge.runtime.watch import WatchAnswer
 
 STEP = 6
 
@@ -647,3 +649,34 @@ def test_an_apps_frames_are_refused_where_they_cannot_be_watched(pipe) -> None:
     with pytest.raises(LlavaEdgeError, match="an app's frames are live"):
         pipe.watch(iter([]), "?", live=False)
     assert list(pipe.watch(iter([]), "?")) == []  # a driver with nothing to give: a clean end
+
+
+def test_a_watch_closed_from_another_thread_ends_there(pipe, monkeypatch, tmp_path) -> None:
+    """A robot's shutdown handler closes the watch while its worker thread is in an answer, or
+    waits for a camera that sends nothing: close returns at once, the worker's loop ends without
+    an error and the reader stops."""
+    monkeypatch.setattr(pipe, "answer", Recorder(delay_s=0.3))
+    before = len(readers())
+    quiet = threading.Event()
+
+    def silent_camera():
+        yield np.zeros((8, 8, 3), np.uint8)
+        quiet.wait(10)  # then nothing, for longer than the test waits
+
+    video = make_video(tmp_path / "live.mkv", frames=40, fps=10)
+    for source in (video, silent_camera()):
+        answers = pipe.watch(source, "Now?", every_s=0.0, live=True, timeout_s=5)
+        got: list[Any] = []
+        worker = threading.Thread(target=lambda answers=answers, got=got: got.extend(answers))
+        worker.start()
+        time.sleep(0.5)  # in the second answer (video), or waiting for a frame (camera)
+        start = time.monotonic()
+        answers.close()
+        assert time.monotonic() - start < 0.1  # it does not wait for the worker
+        worker.join(timeout=2)
+        assert not worker.is_alive()  # ended, without an error
+        assert 1 <= len(got) <= (3 if source == video else 1)  # 13 had it run to the end
+        assert all(isinstance(answer, WatchAnswer) for answer in got)
+    quiet.set()
+    time.sleep(0.1)
+    assert len(readers()) == before

@@ -48,6 +48,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".g
 NETWORK_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://")
 DEFAULT_TIMEOUT_S = 10.0
 APP_SOURCE = "the app's frames"  # how errors name an iterable source
+CANCEL_POLL_S = 0.05  # how soon a wait for a frame sees a cancel
 
 
 @dataclass
@@ -110,6 +111,7 @@ def open_frames(
     live: bool | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     folder_fps: float = 1.0,
+    cancel: threading.Event | None = None,
 ) -> Iterator[Frame]:
     """The frames of `source` due for an answer, one per `every_s` seconds.
 
@@ -119,7 +121,8 @@ def open_frames(
     (cameras, streams, pipes and an app's frames are live, files and folders not); True replays a
     file at its own pace, as a camera would deliver it. timeout_s: how long to wait for a stream
     to open or for its next frame before giving up. folder_fps: an image folder is a slideshow at
-    this rate, its images in name order.
+    this rate, its images in name order. cancel: set from another thread, a live source's
+    iterator stops waiting for a frame and ends.
     Closing the iterator stops the reader and closes the source (an app's iterator too).
     """
     _check_number("every_s", every_s, "0 or more seconds", minimum=0.0)
@@ -127,7 +130,8 @@ def open_frames(
     if not isinstance(source, str | os.PathLike):
         if live is False:
             raise LlavaEdgeError("an app's frames are live: they cannot be read with live=False")
-        return live_frames(_app_frames(_app_source(source)), every_s, timeout_s, APP_SOURCE)
+        frames = _app_frames(_app_source(source))
+        return live_frames(frames, every_s, timeout_s, APP_SOURCE, cancel)
     kind = source_kind(source)
     if kind == "folder":
         _check_number("folder_fps", folder_fps, "a positive number of images a second")
@@ -139,7 +143,7 @@ def open_frames(
     if live:
         if kind in ("file", "folder"):
             decoded = _paced(decoded)
-        return live_frames(decoded, every_s, timeout_s, os.fspath(source))
+        return live_frames(decoded, every_s, timeout_s, os.fspath(source), cancel)
     return _sampled(decoded, every_s)
 
 
@@ -228,14 +232,18 @@ def _paced(frames: Iterator[Frame]) -> Iterator[Frame]:
 
 
 def live_frames(
-    frames: Iterator[Frame | None], every_s: float, timeout_s: float, name: str
+    frames: Iterator[Frame | None],
+    every_s: float,
+    timeout_s: float,
+    name: str,
+    cancel: threading.Event | None = None,
 ) -> Iterator[Frame]:
     """Live: a reader thread keeps the newest due frame of `frames`; each `next` takes it."""
     latest = LatestFrame(frames, every_s)
     latest.start()
     try:
         while True:
-            frame = latest.take(timeout_s, name)
+            frame = latest.take(timeout_s, name, cancel)
             if frame is None:
                 return
             yield frame
@@ -292,20 +300,26 @@ class LatestFrame:
                 self._done = True
                 self._changed.notify_all()
 
-    def take(self, timeout_s: float, name: str) -> Frame | None:
-        """The newest due frame; None once the source has ended and nothing waits. The source
-        has stalled when no frame at all (due or not) has arrived for `timeout_s`: a frame may
-        be due far later than that (every_s longer than the timeout)."""
+    def take(
+        self, timeout_s: float, name: str, cancel: threading.Event | None = None
+    ) -> Frame | None:
+        """The newest due frame; None once the source has ended and nothing waits, or once
+        `cancel` is set. The source has stalled when no frame at all (due or not) has arrived
+        for `timeout_s`: a frame may be due far later than that (every_s longer than the
+        timeout)."""
         asked = time.monotonic()
         with self._changed:
             while self._box is None and not self._done:
+                if cancel is not None and cancel.is_set():
+                    return None
                 left = max(asked, self._arrived) + timeout_s - time.monotonic()
                 if left <= 0:
                     raise LlavaEdgeError(
                         f"no frame from {name} for {timeout_s:g} s: the source stalled (check "
                         "the camera or stream, or raise the timeout)"
                     )
-                self._changed.wait(left)
+                # a cancel is set from another thread, without the condition: look at it often
+                self._changed.wait(left if cancel is None else min(left, CANCEL_POLL_S))
             if self._box is None:
                 if self._error is not None:
                     raise _as_error(self._error, name)

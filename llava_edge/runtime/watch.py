@@ -22,6 +22,7 @@ camera would find it busy).
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Generator, Iterable, Iterator
@@ -59,15 +60,23 @@ class Watch(Iterator[WatchAnswer]):
     """The answers about a source's frames; `with pipe.watch(...) as answers:` closes the source
     when the block ends, however it ends."""
 
-    def __init__(self, answers: Generator[WatchAnswer, None, None]):
-        self._answers = answers
+    def __init__(self, answers: Generator[WatchAnswer, None, None], cancel: threading.Event):
+        self._answers, self._cancel = answers, cancel
 
     def __next__(self) -> WatchAnswer:
         return next(self._answers)
 
     def close(self) -> None:
-        """Stop the source's reader and close the source; the answers end here."""
-        self._answers.close()
+        """Stop the source's reader and close the source; the answers end here. From another
+        thread (a robot's shutdown handler) while the iterating one waits for a frame or an
+        answer, it returns at once; that thread's wait then ends with the answers (after the
+        answer in progress, which is dropped), and the source is closed there."""
+        self._cancel.set()
+        try:
+            self._answers.close()
+        except ValueError:  # running in another thread, which ends it once it sees the cancel
+            if not self._answers.gi_running:
+                raise
 
     def __enter__(self) -> Watch:
         return self
@@ -119,8 +128,12 @@ def watch(
             f"and an answer, so it cannot be asked about {frames} at once; use --frames {fit} "
             "or fewer"
         )
-    stream = open_frames(source, every_s, live=live, timeout_s=timeout_s, folder_fps=folder_fps)
-    return Watch(_answers(pipe, stream, prompt, frames, changes_only, max_frames, options))
+    cancel = threading.Event()
+    stream = open_frames(
+        source, every_s, live=live, timeout_s=timeout_s, folder_fps=folder_fps, cancel=cancel
+    )
+    answers = _answers(pipe, stream, prompt, frames, changes_only, max_frames, options, cancel)
+    return Watch(answers, cancel)
 
 
 def _check_placeholders(prompt: str, frames: int, raw: bool) -> None:
@@ -153,16 +166,21 @@ def _answers(
     changes_only: bool,
     max_frames: int | None,
     options: dict[str, Any],
+    cancel: threading.Event,
 ) -> Generator[WatchAnswer, None, None]:
     window: deque[Frame] = deque(maxlen=frames)
     last_text: str | None = None
     answered = 0
     try:
         for frame in stream:
+            if cancel.is_set():
+                return
             window.append(frame)
             started = time.monotonic()
             images = [f.image for f in window]
             answer = pipe.answer(images[0] if frames == 1 else images, prompt, **options)
+            if cancel.is_set():  # closed from another thread during the answer
+                return
             answered += 1
             timings = {**answer.timings, "frame_age_ms": round((started - frame.received) * 1e3, 3)}
             result = WatchAnswer(
