@@ -201,6 +201,13 @@ def test_only_the_frames_answered_are_converted_to_rgb(pipe, monkeypatch, tmp_pa
     assert len(converted) == len(answers) < 30
 
 
+def test_a_folders_images_are_read_only_when_answered(pipe, recorder, tmp_path) -> None:
+    folder = shots(tmp_path / "shots", 4)
+    (folder / "001.png").write_bytes(b"not a png")  # never sampled: never read
+    answers = list(pipe.watch(folder, "Now?", every_s=1.0, folder_fps=2.0))
+    assert [a.index for a in answers] == [0, 2] and recorder.seen == [[0], [2]]
+
+
 def test_live_sampling_keeps_the_interval(pipe, recorder, tmp_path) -> None:
     video = make_video(tmp_path / "live.mkv", frames=20, fps=20)
     answers = list(pipe.watch(video, "Now?", every_s=0.3, live=True))
