@@ -687,3 +687,26 @@ def test_a_watch_closed_from_another_thread_ends_there(pipe, monkeypatch, tmp_pa
     quiet.set()
     time.sleep(0.1)
     assert len(readers()) == before
+
+
+def test_an_answer_interrupted_mid_way_leaves_the_next_watch_right(
+    pipe, monkeypatch, tmp_path
+) -> None:
+    """Ctrl-C in the middle of an answer's tokens: the watch ends with the KeyboardInterrupt, its
+    reader stops, and the next watch answers as the first would have."""
+    video = make_video(tmp_path / "clip.mkv", frames=10, fps=10)
+    options = dict(every_s=0.5, max_new_tokens=8, ignore_eos=True)
+    expected = [a.text for a in pipe.watch(video, "What is it?", **options)]
+
+    def interrupted(image, prompt, **kwargs):
+        pieces = pipe.stream(image, prompt, **kwargs)
+        next(pieces), next(pieces)
+        raise KeyboardInterrupt
+
+    before = len(readers())
+    monkeypatch.setattr(pipe, "answer", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        list(pipe.watch(video, "What is it?", live=True, **options))
+    monkeypatch.undo()
+    assert len(readers()) == before
+    assert [a.text for a in pipe.watch(video, "What is it?", **options)] == expected
