@@ -354,8 +354,9 @@ def test_a_live_stream_is_decoded_without_frame_delay(tmp_path) -> None:
     assert lags and min(lags) <= 1, lags
 
 
-def test_video_piped_into_the_cli_is_a_live_stream(tiny_model_dir, tmp_path) -> None:
-    """`ffmpeg ... | llava-edge watch --source /dev/stdin`: standard input fed by a pipe."""
+def test_video_on_standard_input_is_watched(tiny_model_dir, tmp_path) -> None:
+    """`ffmpeg ... | llava-edge watch --source /dev/stdin`: standard input fed by a pipe, or
+    redirected from a file."""
     video = make_video(tmp_path / "clip.mkv", frames=10, fps=10)
     argv = [sys.executable, "-m", "llava_edge.cli", "watch", str(tiny_model_dir)]
     argv += ["--source", "/dev/stdin", "--prompt", "?", "--every", "0", "--jsonl"]
@@ -365,6 +366,11 @@ def test_video_piped_into_the_cli_is_a_live_stream(tiny_model_dir, tmp_path) -> 
     answers = [json.loads(line) for line in run.stdout.splitlines()]
     assert answers and answers[-1]["index"] == 9
     assert sum(a["skipped"] for a in answers) + len(answers) == 10  # live: stale frames dropped
+    with open(video, "rb") as file:  # `< clip.mkv`: standard input is the file itself
+        run = subprocess.run(argv, stdin=file, capture_output=True, timeout=120)
+    assert run.returncode == 0, run.stderr.decode()
+    answers = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [a["index"] for a in answers] == list(range(10))  # a file: every frame, in order
 
 
 def test_a_source_that_stalls_mid_way_times_out_and_a_clean_end_is_not_an_error() -> None:

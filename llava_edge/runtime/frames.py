@@ -92,7 +92,7 @@ def source_kind(source: str | os.PathLike) -> str:
     text = os.fspath(source)
     if text.startswith(NETWORK_SCHEMES) or _is_pipe(text):
         return "stream"
-    if text.startswith("/dev/"):
+    if text.startswith("/dev/") and not os.path.isfile(text):  # /dev/stdin may be a file
         return "device"
     return "folder" if Path(text).is_dir() else "file"
 
