@@ -421,11 +421,12 @@ def camera(timestamps: list[float], fps: float = 20.0):
 def test_a_live_source_is_sampled_as_its_frames_arrive(timestamps) -> None:
     """MJPEG over HTTP stamps 25 frames a second whatever the camera's rate; other streams
     carry none, or start again from 0 when the sender restarts. A live watch still answers a
-    frame every `every_s` seconds of this machine's clock."""
+    frame every `every_s` seconds of this machine's clock, and says when it arrived."""
     taken = list(live_frames(camera(timestamps), every_s=0.2, timeout_s=2.0, name="cam"))
     ticks = [math.floor((f.received - taken[0].received) / 0.2 + 1e-6) for f in taken]
     assert len(taken) >= 4  # 1.2 s of frames, one due every 0.2 s
     assert ticks == sorted(set(ticks))  # at most one frame each 0.2 s of arrival
+    assert taken[-1].timestamp >= 1.0 - 1e-6  # seconds since the first frame, as they arrived
 
 
 def test_an_interval_longer_than_the_timeout_is_not_a_stall() -> None:

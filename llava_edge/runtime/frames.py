@@ -17,9 +17,10 @@ Two ways to read a source:
   `live=True`): a reader thread decodes continuously and keeps only the newest frame due for an
   answer. While an answer is being generated, newer frames replace the waiting one (counted in
   `Frame.skipped`), so the next answer is about what the camera sees now, never a queue of stale
-  frames. Frames are due every `every_s` seconds of this machine's clock, as they arrive: a
-  stream's own timestamps may be made up (MJPEG over HTTP counts 25 a second whatever the camera's
-  rate), missing, or jump back when the sender restarts.
+  frames. Frames are due every `every_s` seconds of this machine's clock, as they arrive, and
+  their timestamps are their arrival since the first frame's: a stream's own may be made up (MJPEG
+  over HTTP counts 25 a second whatever the camera's rate), missing, or jump back when the sender
+  restarts.
 
 Every way a source can go wrong ends in a `LlavaEdgeError` of one line or a clean end: a missing
 file or device, a file that is not video, one that breaks mid-way, a stream that stalls longer
@@ -269,6 +270,7 @@ class LatestFrame:
         self._due = -math.inf  # the grid's next tick, on time.monotonic's clock
         self._origin: float | None = None  # the grid's first tick
         self._arrived = -math.inf  # when the last frame arrived, due or not
+        self._first: float | None = None  # when the first frame arrived
         self._done = False
         self._error: BaseException | None = None
         self._stop = threading.Event()
@@ -284,6 +286,8 @@ class LatestFrame:
                 if frame is not None:
                     with self._changed:
                         self._arrived = frame.received
+                        self._first = frame.received if self._first is None else self._first
+                        frame.timestamp = frame.received - self._first
                         if frame.received >= self._due - 1e-9:
                             if self._box is not None:
                                 self._skipped += 1
