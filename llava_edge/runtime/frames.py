@@ -161,21 +161,18 @@ def _app_source(source: object) -> Iterator[Any]:
 
 
 def _app_frames(images: Iterator[Any]) -> Iterator[Frame | None]:
-    """An app's frames, timed as they arrive. A None passes through as 'nothing new', so that
-    the reader can stop while a driver has no frame, and a driver that gives only None stalls
-    under the timeout as a silent camera does."""
-    start: float | None = None
+    """An app's frames (timed by the reader as they arrive, as every live frame is). A None
+    passes through as 'nothing new', so that the reader can stop while a driver has no frame,
+    and a driver that gives only None stalls under the timeout as a silent camera does."""
     index = 0
     try:
         for image in images:
             if image is None:
                 yield None
                 continue
-            now = time.monotonic()
-            start = now if start is None else start
             if isinstance(image, np.ndarray):
                 image = image.copy()  # a driver may fill the same buffer with its next frame
-            yield Frame(image, index, now - start, received=now)
+            yield Frame(image, index, 0.0)
             index += 1
     finally:
         close = getattr(images, "close", None)
