@@ -490,6 +490,13 @@ def test_intervals_and_timeouts_must_be_finite_numbers(pipe, tmp_path, option, v
         pipe.watch(folder, "?", **{option: value})
 
 
+@pytest.mark.parametrize("max_frames", [0, 1.5, "3", True])
+def test_max_frames_must_be_a_whole_number(pipe, tmp_path, max_frames) -> None:
+    folder = shots(tmp_path / "shots", 2)
+    with pytest.raises(LlavaEdgeError, match="max_frames must be a whole number, at least 1"):
+        pipe.watch(folder, "?", max_frames=max_frames)
+
+
 def test_an_infinite_source_timeout_is_refused_by_the_cli(tiny_model_dir, tmp_path, capsys):
     video = make_video(tmp_path / "clip.mkv", frames=4, fps=10)
     argv = ["watch", str(tiny_model_dir), "--source", str(video), "--prompt", "?", "--live"]

@@ -112,8 +112,10 @@ def watch(
     pipe._check_open()
     if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
         raise LlavaEdgeError(f"frames must be at least 1, got {frames!r}")
-    if max_frames is not None and max_frames < 1:
-        raise LlavaEdgeError(f"max_frames must be at least 1, got {max_frames}")
+    if max_frames is not None and (
+        isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1
+    ):
+        raise LlavaEdgeError(f"max_frames must be a whole number, at least 1, got {max_frames!r}")
     pipe._config({k: v for k, v in options.items() if k != "raw"})  # bad options fail now
     _check_placeholders(prompt, frames, raw=bool(options.get("raw")))
     fit = pipe.images_that_fit(prompt, raw=bool(options.get("raw")))
