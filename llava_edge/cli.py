@@ -184,15 +184,16 @@ def _watch(args: argparse.Namespace) -> None:
             folder_fps=args.folder_fps,
             **_generation_options(args),
         )
-        for answer in answers:
-            if args.json:
-                print(json.dumps(answer.to_dict()), flush=True)
-            else:
-                skipped = f" (skipped {answer.skipped})" if answer.skipped else ""
-                print(
-                    f"{answer.timestamp:9.2f}s  frame {answer.index}{skipped}: {answer.text}",
-                    flush=True,
-                )
+        with answers:  # the source closes before the model does, however the loop ends
+            for answer in answers:
+                if args.json:
+                    print(json.dumps(answer.to_dict()), flush=True)
+                else:
+                    skipped = f" (skipped {answer.skipped})" if answer.skipped else ""
+                    print(
+                        f"{answer.timestamp:9.2f}s  frame {answer.index}{skipped}: {answer.text}",
+                        flush=True,
+                    )
 
 
 # ---- chat ------------------------------------------------------------------------------------
@@ -619,7 +620,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--source",
         required=True,
-        help="video file, camera (/dev/video0), rtsp:// or http:// stream, or image folder",
+        help="video file, camera (/dev/video0), rtsp:// or http:// stream, named pipe or "
+        "/dev/stdin, or image folder",
     )
     p.add_argument("--prompt", required=True)
     p.add_argument(

@@ -106,8 +106,7 @@ def pixel_batch(image: Image.Image, spec: ImageSpec) -> np.ndarray:
     if spec.anyres is None:
         return preprocess(image, spec)[None]
     anyres = spec.anyres
-    array = np.asarray(image, dtype=np.uint8)
-    height, width = array.shape[:2]
+    width, height = image.size
     target_h, target_w = select_resolution(height, width, anyres.grid_pinpoints)
     fitted = _fit(image, target_h, target_w, spec.resample)
     tile = anyres.tile_size

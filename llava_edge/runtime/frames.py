@@ -1,4 +1,5 @@
-"""Frame sources: video files, V4L2 cameras, RTSP/HTTP streams and image folders, as RGB frames.
+"""Frame sources: video files, V4L2 cameras, RTSP/HTTP streams, pipes and image folders, as RGB
+frames, and the frames an app's own camera driver hands over.
 
 Video is decoded with PyAV (FFmpeg's libraries in a wheel, `pip install 'llava-edge[video]'`),
 imported only when a video source is opened, so `import llava_edge.runtime` never loads it. We
@@ -10,11 +11,16 @@ same calls. An image folder needs only Pillow.
 Two ways to read a source:
 
 - *Offline* (files, folders): every frame is decoded in order and sampled by its timestamp, one
-  every `every_s` seconds of media time. Nothing is dropped: a slow answerer just takes longer.
-- *Live* (cameras, streams, or a file replayed at its own pace with `live=True`): a reader thread
-  decodes continuously and keeps only the newest frame due for an answer. While an answer is being
-  generated, newer frames replace the waiting one (counted in `Frame.skipped`), so the next answer
-  is about what the camera sees now, never a queue of stale frames.
+  every `every_s` seconds of media time (from the start again where the timestamps jump back, as
+  in recordings joined end to end). Nothing is dropped: a slow answerer just takes longer.
+- *Live* (cameras, streams, pipes, an app's frames, or a file replayed at its own pace with
+  `live=True`): a reader thread decodes continuously and keeps only the newest frame due for an
+  answer. While an answer is being generated, newer frames replace the waiting one (counted in
+  `Frame.skipped`), so the next answer is about what the camera sees now, never a queue of stale
+  frames. Frames are due every `every_s` seconds of this machine's clock, as they arrive, and
+  their timestamps are their arrival since the first frame's: a stream's own may be made up (MJPEG
+  over HTTP counts 25 a second whatever the camera's rate), missing, or jump back when the sender
+  restarts.
 
 Every way a source can go wrong ends in a `LlavaEdgeError` of one line or a clean end: a missing
 file or device, a file that is not video, one that breaks mid-way, a stream that stalls longer
@@ -24,11 +30,12 @@ than `timeout_s` (while opening or between frames).
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,58 +48,94 @@ VIDEO_HINT = "install the video extra: pip install 'llava-edge[video]' (PyAV)"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 NETWORK_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://")
 DEFAULT_TIMEOUT_S = 10.0
+APP_SOURCE = "the app's frames"  # how errors name an iterable source
+CANCEL_POLL_S = 0.05  # how soon a wait for a frame sees a cancel
 
 
 @dataclass
 class Frame:
-    """One decoded frame: RGB pixels, where it sits in the source, and what was dropped before."""
+    """One frame: its image, where it sits in the source, and what was dropped before."""
 
-    image: np.ndarray  # (H, W, 3) uint8
+    pixels: Any  # what `image` gives, or a video frame that `image` converts
     index: int  # position in the source, counting from 0
     timestamp: float  # seconds since the source's first frame
     skipped: int = 0  # frames due for an answer that a newer one replaced (live sources)
-    received: float = field(default_factory=time.monotonic)  # when it was decoded
+    received: float = field(default_factory=time.monotonic)  # when it arrived (time.monotonic)
+
+    @property
+    def image(self) -> Any:
+        """What `load_image` takes: (H, W, 3) uint8 RGB from a video, the file of a folder's
+        image, an app's frame as it gave it. Video is converted to RGB (and an image file read)
+        only for the frames answered, not as they arrive: most of a camera's are dropped."""
+        if isinstance(self.pixels, VideoPixels):
+            self.pixels = self.pixels.rgb()
+        return self.pixels
+
+
+class VideoPixels:
+    """A decoded video frame in the decoder's own pixel format (YUV, mostly)."""
+
+    def __init__(self, frame: Any, source: str):
+        self.frame, self.source = frame, source
+
+    def rgb(self) -> np.ndarray:
+        try:
+            return self.frame.to_ndarray(format="rgb24")
+        except Exception as e:  # PyAV's errors, and ValueError for a format it cannot convert
+            raise LlavaEdgeError(
+                f"cannot convert a frame of {self.source} to RGB: {first_line(e)}"
+            ) from None
 
 
 def source_kind(source: str | os.PathLike) -> str:
-    """'folder', 'device', 'stream' or 'file', from the source's name."""
+    """'folder', 'device', 'stream' or 'file', from the source's name. A named pipe (or
+    /dev/stdin fed by one) is a stream: its frames come as they are made, and can stop coming."""
     text = os.fspath(source)
-    if text.startswith(NETWORK_SCHEMES):
+    if text.startswith(NETWORK_SCHEMES) or _is_pipe(text):
         return "stream"
-    if text.startswith("/dev/"):
+    if text.startswith("/dev/") and not os.path.isfile(text):  # /dev/stdin may be a file
         return "device"
     return "folder" if Path(text).is_dir() else "file"
 
 
+def _is_pipe(path: str) -> bool:
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
 def open_frames(
-    source: str | os.PathLike,
+    source: str | os.PathLike | Iterable[Any],
     every_s: float = 1.0,
     live: bool | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     folder_fps: float = 1.0,
+    cancel: threading.Event | None = None,
 ) -> Iterator[Frame]:
     """The frames of `source` due for an answer, one per `every_s` seconds.
 
-    live: None decides from the source (cameras and streams are live, files and folders not);
-    True replays a file at its own pace, as a camera would deliver it. timeout_s: how long to wait
-    for a stream to open or for its next frame before giving up. folder_fps: an image folder is a
-    slideshow at this rate, its images in name order.
-    Closing the iterator (or leaving a `for` loop) stops the reader and closes the source.
+    source: a path or URL, or an iterable of images (what `load_image` takes: arrays of any size,
+    dtype or channels, PIL images) that an app's camera driver yields, read in a thread as a
+    camera is; a None from it means no new frame yet. live: None decides from the source
+    (cameras, streams, pipes and an app's frames are live, files and folders not); True replays a
+    file at its own pace, as a camera would deliver it. timeout_s: how long to wait for a stream
+    to open or for its next frame before giving up. folder_fps: an image folder is a slideshow at
+    this rate, its images in name order. cancel: set from another thread, a live source's
+    iterator stops waiting for a frame and ends.
+    Closing the iterator stops the reader and closes the source (an app's iterator too).
     """
+    _check_number("every_s", every_s, "0 or more seconds", minimum=0.0)
+    _check_number("timeout_s", timeout_s, "a positive number of seconds")
     if not isinstance(source, str | os.PathLike):
-        hint = f" (a camera is a device path: /dev/video{source})" if type(source) is int else ""
-        raise LlavaEdgeError(
-            "a source is a video file, an image folder, a camera or a stream URL, got "
-            f"{type(source).__name__}{hint}"
-        )
-    if every_s < 0:
-        raise LlavaEdgeError(f"every_s must be 0 or more seconds, got {every_s}")
-    if timeout_s <= 0:
-        raise LlavaEdgeError(f"timeout_s must be positive, got {timeout_s}")
+        if live is False:
+            raise LlavaEdgeError("an app's frames are live: they cannot be read with live=False")
+        frames = _app_frames(_app_source(source))
+        return live_frames(frames, every_s, timeout_s, APP_SOURCE, cancel)
     kind = source_kind(source)
     if kind == "folder":
-        if folder_fps <= 0:
-            raise LlavaEdgeError(f"folder_fps must be positive, got {folder_fps}")
+        _check_number("folder_fps", folder_fps, "a positive number of images a second")
         decoded = _folder_frames(Path(source), folder_fps)
     else:
         decoded = _video_frames(os.fspath(source), kind, timeout_s)
@@ -101,49 +144,104 @@ def open_frames(
     if live:
         if kind in ("file", "folder"):
             decoded = _paced(decoded)
-        return live_frames(decoded, every_s, timeout_s, os.fspath(source))
+        return live_frames(decoded, every_s, timeout_s, os.fspath(source), cancel)
     return _sampled(decoded, every_s)
+
+
+def _app_source(source: object) -> Iterator[Any]:
+    if isinstance(source, np.ndarray | bytes | bytearray | memoryview) or not isinstance(
+        source, Iterable
+    ):
+        hint = f" (a camera is a device path: /dev/video{source})" if type(source) is int else ""
+        raise LlavaEdgeError(
+            "a source is a video file, an image folder, a camera, a stream URL or an iterable of "
+            f"frames, got {type(source).__name__}{hint}"
+        )
+    return iter(source)
+
+
+def _app_frames(images: Iterator[Any]) -> Iterator[Frame | None]:
+    """An app's frames (timed by the reader as they arrive, as every live frame is). A None
+    passes through as 'nothing new', so that the reader can stop while a driver has no frame,
+    and a driver that gives only None stalls under the timeout as a silent camera does."""
+    index = 0
+    try:
+        for image in images:
+            if image is None:
+                yield None
+                continue
+            if isinstance(image, np.ndarray):
+                image = image.copy()  # a driver may fill the same buffer with its next frame
+            yield Frame(image, index, 0.0)
+            index += 1
+    finally:
+        close = getattr(images, "close", None)
+        if close is not None:
+            close()  # the app's generator releases its camera
+
+
+def _check_number(name: str, value: object, what: str, minimum: float | None = None) -> None:
+    """A finite number, at least `minimum` (above 0 without one): an infinite timeout would
+    overflow the wait and a NaN one never expire, a NaN interval would answer one frame only."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if (
+        not number
+        or not math.isfinite(value)
+        or (value < minimum if minimum is not None else value <= 0)
+    ):
+        raise LlavaEdgeError(f"{name} must be {what}, got {value!r}")
 
 
 # ---- sampling ------------------------------------------------------------------------------
 
 
 def _sampled(frames: Iterator[Frame], every_s: float) -> Iterator[Frame]:
-    """Offline: the first frame at or after each due time, in order."""
-    due = 0.0
+    """Offline: the first frame at or after each due time, in order. A timestamp before the last
+    sampled frame's starts the count again: recordings joined end to end (`cat a.ts b.ts`) each
+    count from their own start."""
+    last: float | None = None
     try:
         for frame in frames:
-            if frame.timestamp + 1e-9 >= due:
-                due = frame.timestamp + every_s
+            if last is None or frame.timestamp < last or frame.timestamp + 1e-9 >= last + every_s:
+                last = frame.timestamp
                 yield frame
     finally:
         frames.close()
 
 
 def _paced(frames: Iterator[Frame]) -> Iterator[Frame]:
-    """A file or folder replayed as a camera delivers it: no frame before its time."""
+    """A file or folder replayed as a camera delivers it: no frame before its time (a timestamp
+    that jumps back starts the clock again, as `_sampled` counts)."""
     start: float | None = None
+    last = -math.inf
     try:
         for frame in frames:
-            if start is None:
-                start = time.monotonic() - frame.timestamp
-            delay = start + frame.timestamp - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
+            now = time.monotonic()
+            if start is None or frame.timestamp < last:
+                start = now - frame.timestamp
+            last = frame.timestamp
+            due = start + frame.timestamp
+            if due > now:
+                time.sleep(due - now)
+            frame.received = max(due, now)  # it arrives on time, or as late as it was decoded
             yield frame
     finally:
         frames.close()
 
 
 def live_frames(
-    frames: Iterator[Frame], every_s: float, timeout_s: float, name: str
+    frames: Iterator[Frame | None],
+    every_s: float,
+    timeout_s: float,
+    name: str,
+    cancel: threading.Event | None = None,
 ) -> Iterator[Frame]:
     """Live: a reader thread keeps the newest due frame of `frames`; each `next` takes it."""
     latest = LatestFrame(frames, every_s)
     latest.start()
     try:
         while True:
-            frame = latest.take(timeout_s, name)
+            frame = latest.take(timeout_s, name, cancel)
             if frame is None:
                 return
             yield frame
@@ -154,17 +252,22 @@ def live_frames(
 class LatestFrame:
     """A one-frame mailbox between a reader thread and the answerer.
 
-    The reader puts every frame due for an answer (at least `every_s` after the last one taken)
-    into the box, replacing one that is still waiting; `take` empties it. Nothing ever queues.
+    The reader puts every frame due for an answer into the box, replacing one that is still
+    waiting; `take` empties it. Nothing ever queues. A None from `frames` is nothing new. Frames
+    are due on a grid of `every_s` from the first one taken's arrival: the first to arrive at or
+    after the grid's next tick past the last one taken (so that the jitter of each arrival does
+    not push the next tick later).
     """
 
-    def __init__(self, frames: Iterator[Frame], every_s: float):
+    def __init__(self, frames: Iterator[Frame | None], every_s: float):
         self.frames = frames
         self.every_s = every_s
-        self.decoded = 0  # frames the reader has decoded so far
         self._box: Frame | None = None
         self._skipped = 0
-        self._due = 0.0
+        self._due = -math.inf  # the grid's next tick, on time.monotonic's clock
+        self._origin: float | None = None  # the grid's first tick
+        self._arrived = -math.inf  # when the last frame arrived, due or not
+        self._first: float | None = None  # when the first frame arrived
         self._done = False
         self._error: BaseException | None = None
         self._stop = threading.Event()
@@ -177,13 +280,16 @@ class LatestFrame:
     def _read(self) -> None:
         try:
             for frame in self.frames:
-                with self._changed:
-                    self.decoded += 1
-                    if frame.timestamp + 1e-9 >= self._due:
-                        if self._box is not None:
-                            self._skipped += 1
-                        self._box = frame
-                    self._changed.notify_all()
+                if frame is not None:
+                    with self._changed:
+                        self._arrived = frame.received
+                        self._first = frame.received if self._first is None else self._first
+                        frame.timestamp = frame.received - self._first
+                        if frame.received >= self._due - 1e-9:
+                            if self._box is not None:
+                                self._skipped += 1
+                            self._box = frame
+                        self._changed.notify_all()
                 if self._stop.is_set():
                     break
         except BaseException as e:  # handed to the answerer's thread, which raises it
@@ -195,25 +301,36 @@ class LatestFrame:
                 self._done = True
                 self._changed.notify_all()
 
-    def take(self, timeout_s: float, name: str) -> Frame | None:
-        """The newest due frame; None once the source has ended and nothing waits."""
-        deadline = time.monotonic() + timeout_s
+    def take(
+        self, timeout_s: float, name: str, cancel: threading.Event | None = None
+    ) -> Frame | None:
+        """The newest due frame; None once the source has ended and nothing waits, or once
+        `cancel` is set. The source has stalled when no frame at all (due or not) has arrived
+        for `timeout_s`: a frame may be due far later than that (every_s longer than the
+        timeout)."""
+        asked = time.monotonic()
         with self._changed:
             while self._box is None and not self._done:
-                left = deadline - time.monotonic()
+                if cancel is not None and cancel.is_set():
+                    return None
+                left = max(asked, self._arrived) + timeout_s - time.monotonic()
                 if left <= 0:
                     raise LlavaEdgeError(
                         f"no frame from {name} for {timeout_s:g} s: the source stalled (check "
                         "the camera or stream, or raise the timeout)"
                     )
-                self._changed.wait(left)
+                # a cancel is set from another thread, without the condition: look at it often
+                self._changed.wait(left if cancel is None else min(left, CANCEL_POLL_S))
             if self._box is None:
                 if self._error is not None:
                     raise _as_error(self._error, name)
                 return None
             frame, self._box = self._box, None
             frame.skipped, self._skipped = self._skipped, 0
-            self._due = frame.timestamp + self.every_s
+            if self.every_s > 0:
+                origin = self._origin = frame.received if self._origin is None else self._origin
+                ticks = math.floor((frame.received - origin) / self.every_s + 1e-6) + 1
+                self._due = origin + ticks * self.every_s
             return frame
 
     def stop(self) -> None:
@@ -232,19 +349,12 @@ def _as_error(error: BaseException, name: str) -> LlavaEdgeError:
 
 
 def _folder_frames(folder: Path, fps: float) -> Iterator[Frame]:
-    from llava_edge.runtime.image import load_image
-
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise LlavaEdgeError(
             f"image folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
         )
-
-    def frames() -> Iterator[Frame]:
-        for index, path in enumerate(paths):
-            yield Frame(np.asarray(load_image(path)), index, index / fps)
-
-    return frames()
+    return (Frame(path, index, index / fps) for index, path in enumerate(paths))
 
 
 # ---- video through PyAV ----------------------------------------------------------------------
@@ -274,7 +384,9 @@ def _check_local(path: str, kind: str) -> None:
             )
     elif kind == "file":
         if not os.path.exists(path):
-            raise LlavaEdgeError(f"video file {path} does not exist")
+            # OpenCV names cameras by index: say what this one takes
+            hint = f"; a camera is a device path: /dev/video{path}" if path.isdigit() else ""
+            raise LlavaEdgeError(f"video file {path} does not exist{hint}")
         if os.path.isfile(path) and os.path.getsize(path) == 0:
             raise LlavaEdgeError(f"video file {path} is empty")
 
@@ -294,13 +406,15 @@ def _video_frames(source: str, kind: str, timeout_s: float) -> Iterator[Frame]:
             if not container.streams.video:
                 raise LlavaEdgeError(f"{source} has no video stream")
             stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
+            # Frame threads decode several frames at once, each frame out one per thread late:
+            # a camera's or stream's newest frame would trail it. Slice threads add no delay.
+            stream.thread_type = "SLICE" if kind in ("device", "stream") else "AUTO"
             first: float | None = None
             rate = float(stream.average_rate) if stream.average_rate else 0.0
             for index, frame in enumerate(_decode(av, container, stream, source)):
                 media = frame.time if frame.time is not None else (index / rate if rate else 0.0)
                 first = media if first is None else first
-                yield Frame(frame.to_ndarray(format="rgb24"), index, media - first)
+                yield Frame(VideoPixels(frame, source), index, media - first)
         finally:
             container.close()
 

@@ -3,24 +3,35 @@
     for answer in pipe.watch("/dev/video0", "Is the door open?", every_s=2.0):
         print(f"{answer.timestamp:.1f}s {answer.text} (skipped {answer.skipped})")
 
+The source may also be an app's own frames, any iterable of images (a camera driver's
+generator of arrays): it is read in a thread, as a camera is.
+
 One answer per sampled frame (see llava_edge.runtime.frames for how live sources drop stale
 frames). `changes_only=True` yields an answer only when its text differs from the previous one,
 an alert stream; `frames=K` asks about the last K sampled frames at once, as K images in one
 prompt (each `<image>` placeholder filled with one frame's features, as transformers' LLaVA
 models take several images).
+
+Leaving the answers before their end (break, an exception) should stop the camera at once, so
+`watch` returns a `Watch`: used in a `with` block, or closed, it stops the source's reader and
+closes the source there and then, even while the iterator is still bound to a name (a generator
+would keep the camera open until it was garbage-collected, and a second watch of the same
+camera would find it busy).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.runtime.frames import DEFAULT_TIMEOUT_S, Frame, open_frames
+from llava_edge.runtime.template import IMAGE_PLACEHOLDER
 
 
 @dataclass
@@ -45,9 +56,38 @@ class WatchAnswer:
         }
 
 
+class Watch(Iterator[WatchAnswer]):
+    """The answers about a source's frames; `with pipe.watch(...) as answers:` closes the source
+    when the block ends, however it ends."""
+
+    def __init__(self, answers: Generator[WatchAnswer, None, None], cancel: threading.Event):
+        self._answers, self._cancel = answers, cancel
+
+    def __next__(self) -> WatchAnswer:
+        return next(self._answers)
+
+    def close(self) -> None:
+        """Stop the source's reader and close the source; the answers end here. From another
+        thread (a robot's shutdown handler) while the iterating one waits for a frame or an
+        answer, it returns at once; that thread's wait then ends with the answers (after the
+        answer in progress, which is dropped), and the source is closed there."""
+        self._cancel.set()
+        try:
+            self._answers.close()
+        except ValueError:  # running in another thread, which ends it once it sees the cancel
+            if not self._answers.gi_running:
+                raise
+
+    def __enter__(self) -> Watch:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
 def watch(
     pipe: Any,
-    source: str | os.PathLike,
+    source: str | os.PathLike | Iterable[Any],
     prompt: str,
     every_s: float = 1.0,
     frames: int = 1,
@@ -57,22 +97,27 @@ def watch(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     folder_fps: float = 1.0,
     **options: Any,
-) -> Iterator[WatchAnswer]:
+) -> Watch:
     """Answers about `source`'s frames. The arguments are checked at once (an image folder is
     listed, a local file or camera must exist); a video is opened at the first frame asked for,
     so that a live stream opens under the frame timeout.
 
     frames: how many of the last sampled frames go into each prompt, as several images (at most
     `pipe.images_that_fit(prompt)`: as many as the context holds with the question and an
-    answer). max_frames: stop after answering this many frames. The remaining options are the
-    generation options of `Pipeline.answer`.
+    answer); while they fill up, the first answers have fewer, so the question holds no `<image>`
+    placeholder unless frames is 1 (a raw prompt then holds exactly one). max_frames: stop after
+    answering this many frames. The remaining options are the generation options of
+    `Pipeline.answer`.
     """
     pipe._check_open()
     if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
         raise LlavaEdgeError(f"frames must be at least 1, got {frames!r}")
-    if max_frames is not None and max_frames < 1:
-        raise LlavaEdgeError(f"max_frames must be at least 1, got {max_frames}")
+    if max_frames is not None and (
+        isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1
+    ):
+        raise LlavaEdgeError(f"max_frames must be a whole number, at least 1, got {max_frames!r}")
     pipe._config({k: v for k, v in options.items() if k != "raw"})  # bad options fail now
+    _check_placeholders(prompt, frames, raw=bool(options.get("raw")))
     fit = pipe.images_that_fit(prompt, raw=bool(options.get("raw")))
     if fit == 0:
         raise LlavaEdgeError(
@@ -85,8 +130,34 @@ def watch(
             f"and an answer, so it cannot be asked about {frames} at once; use --frames {fit} "
             "or fewer"
         )
-    stream = open_frames(source, every_s, live=live, timeout_s=timeout_s, folder_fps=folder_fps)
-    return _answers(pipe, stream, prompt, frames, changes_only, max_frames, options)
+    cancel = threading.Event()
+    stream = open_frames(
+        source, every_s, live=live, timeout_s=timeout_s, folder_fps=folder_fps, cancel=cancel
+    )
+    answers = _answers(pipe, stream, prompt, frames, changes_only, max_frames, options, cancel)
+    return Watch(answers, cancel)
+
+
+def _check_placeholders(prompt: str, frames: int, raw: bool) -> None:
+    """Each prompt holds one image per frame, and while the last `frames` frames fill up the first
+    answers have fewer: only a single frame can have a placeholder of its own."""
+    held = prompt.count(IMAGE_PLACEHOLDER) if isinstance(prompt, str) else 0
+    if raw and frames > 1:
+        raise LlavaEdgeError(
+            f"a raw prompt holds one {IMAGE_PLACEHOLDER} per image, but the first answers about "
+            f"the last {frames} frames have fewer; use frames=1, or the chat template"
+        )
+    if raw and held != 1:
+        raise LlavaEdgeError(
+            f"a raw prompt holds one {IMAGE_PLACEHOLDER} placeholder for the frame; this one "
+            f"holds {held}"
+        )
+    if not raw and held > (1 if frames == 1 else 0):
+        each = "one frame" if frames == 1 else f"1 to {frames} frames"
+        raise LlavaEdgeError(
+            f"the question holds {held} {IMAGE_PLACEHOLDER} placeholder(s), but each answer is "
+            f"about {each}, put before the question: leave the placeholders out"
+        )
 
 
 def _answers(
@@ -97,16 +168,21 @@ def _answers(
     changes_only: bool,
     max_frames: int | None,
     options: dict[str, Any],
-) -> Iterator[WatchAnswer]:
+    cancel: threading.Event,
+) -> Generator[WatchAnswer, None, None]:
     window: deque[Frame] = deque(maxlen=frames)
     last_text: str | None = None
     answered = 0
     try:
         for frame in stream:
+            if cancel.is_set():
+                return
             window.append(frame)
             started = time.monotonic()
             images = [f.image for f in window]
             answer = pipe.answer(images[0] if frames == 1 else images, prompt, **options)
+            if cancel.is_set():  # closed from another thread during the answer
+                return
             answered += 1
             timings = {**answer.timings, "frame_age_ms": round((started - frame.received) * 1e3, 3)}
             result = WatchAnswer(
