@@ -337,3 +337,12 @@ def test_each_way_a_prompt_is_too_long_has_its_own_type(pipe, image, monkeypatch
     chat.ask("Hi", max_new_tokens=60)
     with pytest.raises(ChatFull, match="start a new chat"):  # over the limit, in a chat
         chat.ask("word " * 880)
+
+
+def test_a_prompt_that_places_its_own_images_fits_that_many(pipe) -> None:
+    """images_that_fit counts a prompt's own placeholders (it raised StopIteration at the second),
+    and encoding more placeholders than images is one clear error."""
+    placed = "Compare <image> with <image>."
+    assert pipe.images_that_fit(placed) == 2 <= pipe.images_that_fit("Compare them.")
+    with pytest.raises(LlavaEdgeError, match="more <image> placeholders than images"):
+        pipe.codec.encode(placed, image_tokens=[3])

@@ -18,7 +18,7 @@ import os
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,7 +49,7 @@ from llava_edge.runtime.template import IMAGE_PLACEHOLDER, answer_text, user_tur
 from llava_edge.runtime.tokenizer import TextCodec, common_prefix
 
 if TYPE_CHECKING:
-    from llava_edge.runtime.watch import WatchAnswer
+    from llava_edge.runtime.watch import Watch
 
 FEATURE_CACHE_SIZE = 8
 
@@ -224,8 +224,12 @@ class Pipeline:
         if self.limits.max_prompt_tokens is not None:
             room = min(room, self.limits.max_prompt_tokens)
         fit = 0
+        # A prompt that places its own images holds as many as it has placeholders, or none.
+        placed = raw or IMAGE_PLACEHOLDER in prompt
         counts = (
-            [prompt.count(IMAGE_PLACEHOLDER)] if raw else range(1, self.max_images_per_prompt + 1)
+            [prompt.count(IMAGE_PLACEHOLDER)]
+            if placed
+            else range(1, self.max_images_per_prompt + 1)
         )
         for count in counts:
             text = prompt if raw else user_turn(self.manifest.template, prompt, count, True)
@@ -280,10 +284,16 @@ class Pipeline:
         return [handle.result() for handle in handles]
 
     def watch(
-        self, source: str | os.PathLike, prompt: str, every_s: float = 1.0, **options: Any
-    ) -> Iterator[WatchAnswer]:
-        """One answer per sampled frame of a video file, camera (/dev/videoN), RTSP/HTTP stream
-        or image folder, every `every_s` seconds; live sources never queue stale frames.
+        self,
+        source: str | os.PathLike | Iterable[Any],
+        prompt: str,
+        every_s: float = 1.0,
+        **options: Any,
+    ) -> Watch:
+        """One answer per sampled frame of a video file, camera (/dev/videoN), RTSP/HTTP stream,
+        pipe (/dev/stdin), image folder, or an app's own frames (any iterable of images, as a
+        camera driver yields them), every `every_s` seconds; live sources never queue stale
+        frames. Use it in a `with` block (or close() it): the source's reader stops when it ends.
 
         Options: frames (last K frames per prompt), changes_only, max_frames, live, timeout_s,
         folder_fps (see llava_edge.runtime.watch), and the generation options of `answer`.

@@ -85,7 +85,16 @@ class TextCodec:
             counts = iter(image_tokens)
         expanded: list[int] = []
         for token_id in ids:
-            expanded.extend([image_id] * next(counts) if token_id == image_id else [token_id])
+            if token_id != image_id:
+                expanded.append(token_id)
+                continue
+            count = next(counts, None)
+            if count is None:
+                raise LlavaEdgeError(
+                    "the prompt holds more <image> placeholders than images given: give one "
+                    "image for each"
+                )
+            expanded.extend([image_id] * count)
         return expanded
 
     def decode(self, ids: list[int]) -> str:
