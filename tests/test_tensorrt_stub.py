@@ -598,3 +598,25 @@ def test_int4_engines_keep_an_fp16_kv_cache(stub, model: Path, tmp_path: Path) -
     options = dict(max_new_tokens=12, ignore_eos=True)
     want = reference.answer(image(), "What is it?", **options).token_ids
     assert trt.answer(image(), "What is it?", **options).token_ids == want
+
+
+def test_a_build_removes_only_the_engines_it_replaces(stub, model: Path, tmp_path: Path) -> None:
+    shared = tmp_path / "engines"  # one engine dir for a robot's models
+    shared.mkdir()
+    (shared / "detector.engine").write_bytes(b"another program's engine")
+    other = tmp_path / "other"
+    shutil.copytree(model, other)
+    build_engines(model, out_dir=shared, log=quiet)
+    first = set(p.name for p in shared.glob("*.engine"))
+    build_engines(other, out_dir=shared, max_batch=2, log=quiet)  # other engines, same dir
+    assert first <= set(p.name for p in shared.glob("*.engine"))
+    assert (shared / "detector.engine").read_bytes() == b"another program's engine"
+    key = str(shared.resolve())
+    for path in (model, other):
+        backend(path, engine_dir=shared).close()  # both models' engines are all there
+    # a rebuild of the first model replaces its own old engines, and only those
+    build_engines(model, out_dir=shared, max_context=512, log=quiet)
+    names = set(p.name for p in shared.glob("*.engine"))
+    recorded = {e.file for e in Manifest.load(model).engines[key].engines.values()}
+    kept = {e.file for e in Manifest.load(other).engines[key].engines.values()}
+    assert names == recorded | kept | {"detector.engine"}

@@ -7,8 +7,9 @@ kept there and ignored), so the same code builds on JetPack 6 (TensorRT 10.3) an
 
 Engine files are named by their content (`decoder.<sha256 prefix>.engine`), so a build never
 overwrites the engines the manifest records: it writes new files, then saves the manifest (one
-atomic rename, the build's only commit point), then deletes the engines no record names any
-more. Killed or failed at any moment, a build leaves the manifest pointing at engines that are
+atomic rename, the build's only commit point), then deletes the engines that this model's
+previous build into the same dir made and no record names any more (never other files: an engine
+dir may be shared by several models, or with other programs). Killed or failed at any moment, a build leaves the manifest pointing at engines that are
 all there, old or new. The timing cache is read before and saved after (also after a
 failure), so a rebuild skips the kernel timing it already did.
 """
@@ -146,6 +147,7 @@ def build_engines(
         for tmp, spec in built.values():
             os.replace(tmp, out / spec.file)
         key = engine_dir_key(model_dir, out)
+        replaced = manifest.engines.get(key)
         manifest.engines[key] = EngineSet(
             tensorrt=trt.__version__,
             gpu=device.name,
@@ -157,7 +159,8 @@ def build_engines(
             engines={name: spec for name, (_, spec) in built.items()},
         )
         manifest.save(model_dir)
-        _remove_unrecorded(out, manifest.engines[key])
+        if replaced is not None:
+            _remove_replaced(out, replaced, manifest.engines[key])
     finally:
         for tmp, _ in built.values():
             tmp.unlink(missing_ok=True)
@@ -261,12 +264,13 @@ def _read(path: Path) -> bytes:
     return path.read_bytes() if path.is_file() else b""
 
 
-def _remove_unrecorded(out: Path, record: EngineSet) -> None:
-    """Engines of earlier builds into `out` that the manifest no longer names."""
-    keep = {spec.file for spec in record.engines.values()}
-    for path in out.glob("*.engine"):
-        if path.name not in keep:
-            path.unlink(missing_ok=True)
+def _remove_replaced(out: Path, old: EngineSet, new: EngineSet) -> None:
+    """The engines this model's previous build into `out` made and this one does not use. Only
+    those: an engine dir may also hold other models' engines, or other programs'."""
+    keep = {spec.file for spec in new.engines.values()}
+    for spec in old.engines.values():
+        if spec.file not in keep:
+            (out / spec.file).unlink(missing_ok=True)
 
 
 def _write(path: Path, data: Any) -> tuple[int, str]:
