@@ -620,3 +620,29 @@ def test_a_build_removes_only_the_engines_it_replaces(stub, model: Path, tmp_pat
     recorded = {e.file for e in Manifest.load(model).engines[key].engines.values()}
     kept = {e.file for e in Manifest.load(other).engines[key].engines.values()}
     assert names == recorded | kept | {"detector.engine"}
+
+
+def test_engines_reach_the_disk_before_the_manifest_names_them(
+    stub, model: Path, monkeypatch
+) -> None:
+    import os
+
+    from llava_edge.runtime.tensorrt import build
+
+    events: list[str] = []
+    real_fsync, real_save = os.fsync, Manifest.save
+
+    def fsync(fd: int) -> None:
+        events.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
+        real_fsync(fd)
+
+    def save(self: Manifest, model_dir) -> None:
+        events.append("manifest")
+        real_save(self, model_dir)
+
+    monkeypatch.setattr(build.os, "fsync", fsync)
+    monkeypatch.setattr(Manifest, "save", save)
+    build_engines(model, log=quiet)
+    before = set(events[: events.index("manifest")])
+    assert {f".{name}.engine.tmp" for name in ("vision_encoder", "projector", "decoder")} <= before
+    assert "engines" in before  # the dir, for the renames

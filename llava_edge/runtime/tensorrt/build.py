@@ -9,8 +9,9 @@ Engine files are named by their content (`decoder.<sha256 prefix>.engine`), so a
 overwrites the engines the manifest records: it writes new files, then saves the manifest (one
 atomic rename, the build's only commit point), then deletes the engines that this model's
 previous build into the same dir made and no record names any more (never other files: an engine
-dir may be shared by several models, or with other programs). Killed or failed at any moment, a build leaves the manifest pointing at engines that are
-all there, old or new. The timing cache is read before and saved after (also after a
+dir may be shared by several models, or with other programs). Engines are flushed to disk before
+the manifest names them, so killed, failed or cut off from power at any moment, a build leaves
+the manifest pointing at engines that are all there, old or new. The timing cache is read before and saved after (also after a
 failure), so a rebuild skips the kernel timing it already did.
 """
 
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from llava_edge.errors import LlavaEdgeError
+from llava_edge.files import fsync_path
 from llava_edge.manifest import EngineSet, EngineSpec, Manifest
 from llava_edge.runtime.tensorrt import gpu
 from llava_edge.runtime.tensorrt.compat import engine_dir_key
@@ -146,6 +148,7 @@ def build_engines(
                 bar.update()
         for tmp, spec in built.values():
             os.replace(tmp, out / spec.file)
+        fsync_path(out)  # the renames: durable before the manifest names the files
         key = engine_dir_key(model_dir, out)
         replaced = manifest.engines.get(key)
         manifest.engines[key] = EngineSet(
@@ -274,9 +277,13 @@ def _remove_replaced(out: Path, old: EngineSet, new: EngineSet) -> None:
 
 
 def _write(path: Path, data: Any) -> tuple[int, str]:
+    """Write and flush to disk: the manifest must never name an engine that a power cut could
+    leave empty (the manifest's own save is atomic and flushed too)."""
     view = memoryview(data).cast("B")
     with open(path, "wb") as f:
         f.write(view)
+        f.flush()
+        os.fsync(f.fileno())
     return view.nbytes, hashlib.sha256(view).hexdigest()
 
 
