@@ -20,21 +20,29 @@ from typing import Any
 
 import numpy as np
 
-from llava_edge.errors import LlavaEdgeError
+from llava_edge.errors import LlavaEdgeError, first_line
 
+# The release of CUDA 12 (JetPack 6's): the unpinned `cuda-python` is a CUDA 13 release, which a
+# CUDA 12 driver cannot run. The same range as pyproject.toml's `trt` extra.
+CUDA_BINDINGS = "cuda-bindings>=12.6,<13"
 CUDA_HINT = (
-    "the TensorRT backend reaches the GPU through cuda-python: `pip install 'llava-edge[trt]'` "
-    "(or `pip install cuda-python`; on a Jetson, the version of JetPack's CUDA: 12.x)"
+    f"the TensorRT backend reaches the GPU through cuda-python: `pip install '{CUDA_BINDINGS}'` "
+    "(on an x86 or SBSA server `pip install 'llava-edge[trt]'` installs it with TensorRT)"
 )
 
 
 def import_cudart() -> Any:
     """cuda-python's runtime module (the 12.6+ name, or the older `cuda.cudart`)."""
+    failure = None
     for name in ("cuda.bindings.runtime", "cuda.cudart"):
         try:
             return importlib.import_module(name)
-        except ImportError:
+        except ModuleNotFoundError:
             continue
+        except ImportError as e:  # installed, but a library it loads is missing
+            failure = failure or e
+    if failure is not None:
+        raise LlavaEdgeError(f"cuda-python does not load ({first_line(failure)}); {CUDA_HINT}")
     raise LlavaEdgeError(f"cuda-python is not installed; {CUDA_HINT}")
 
 
