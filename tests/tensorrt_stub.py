@@ -4,7 +4,8 @@ It implements the part of TensorRT's Python API that llava-edge uses and is stri
 TensorRT is: networks must be strongly typed, precision builder flags and calibrators are refused,
 every input needs a profile whose shapes agree on each named dimension (the mask's 'past+seq' must
 equal past + seq), shapes outside the active profile are rejected, addresses must be 256-byte
-aligned, and every IO tensor must be bound before a run. It fails the way TensorRT does: a
+aligned, every IO tensor must be bound before a run, and a run launches on the calling thread's
+current CUDA device, with the stream and every tensor on it. It fails the way TensorRT does: a
 failed build returns None, a refused address or input shape returns False, a bad profile index
 raises, a profile with min > opt raises at `set_shape`, `create_timing_cache` returns None for
 bytes it cannot read (and `set_timing_cache(None)` raises TypeError), and the parser needs a
@@ -466,6 +467,17 @@ class _Context:
             raise AssertionError(
                 f"execute_async_v3 wants a non-default stream handle, got {stream!r}"
             )
+        device = cudart_stub.stream_device(stream)
+        elsewhere = sorted(
+            n for n, a in self.addresses.items() if cudart_stub.device_of(a) not in (None, device)
+        )
+        if cudart_stub.current_device() != device or elsewhere:
+            # CUDA launches no kernel on a stream of another device than the thread's current one
+            errors.append(
+                f"enqueueV3 on device {device}'s stream from a thread on device "
+                f"{cudart_stub.current_device()}, tensors {elsewhere} on another device"
+            )
+            return False
         shapes, addresses = dict(self.shapes), dict(self.addresses)
         outputs = {n: self.get_tensor_shape(n) for n in io if io[n][0] == "output"}
         cudart_stub.enqueue(stream, lambda: self._execute(shapes, addresses, outputs))

@@ -646,3 +646,33 @@ def test_engines_reach_the_disk_before_the_manifest_names_them(
     before = set(events[: events.index("manifest")])
     assert {f".{name}.engine.tmp" for name in ("vision_encoder", "projector", "decoder")} <= before
     assert "engines" in before  # the dir, for the renames
+
+
+def test_a_backend_on_a_second_gpu_runs_from_any_thread(stub, model: Path) -> None:
+    import threading
+
+    build_engines(model, log=quiet)
+    be = backend(model, device="cuda:1")  # the current device is per thread in CUDA
+    stub.errors.clear()
+    embeds = np.zeros((1, 5, 64), np.float32)
+    size = (be.manifest.image.height, be.manifest.image.width)
+    results: list = []
+
+    def request() -> None:  # as the batching thread or a server's worker runs it
+        try:
+            cache = be.new_cache(1)
+            be.decode(embeds, np.ones((1, 5), np.int64), np.arange(5)[None], cache)
+            results.append(
+                be.decode(embeds[:, :1], np.ones((1, 1), np.int64), np.array([[5]]), cache)
+            )
+            results.append(be.encode_image(np.zeros((1, 3, *size), np.float32)))
+        except Exception as e:  # noqa: BLE001 (reported below)
+            results.append(e)
+
+    worker = threading.Thread(target=request)
+    worker.start()
+    worker.join()
+    assert [type(r) for r in results] == [np.ndarray, np.ndarray], results
+    assert not stub.errors
+    assert {cudart_stub.device_of(a) for a in be.engines["decoder"].addresses.values()} == {1}
+    be.close()

@@ -141,6 +141,7 @@ class TensorRTBackend:
         """
         with self._lock:
             self._check_open()
+            self.cuda.use()
             step = image_batch(self.manifest, self.limits.max_batch)[2]
             return np.concatenate(
                 [
@@ -189,6 +190,7 @@ class TensorRTBackend:
         chunk = min(self.limits.prefill_chunk, self.limits.max_context)
         with self._lock:
             self._check_open()
+            self.cuda.use()
             for start in range(0, embeds.shape[1], chunk):
                 end = start + chunk
                 logits = self._step(

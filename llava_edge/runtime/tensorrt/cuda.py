@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +65,8 @@ class Cuda:
 
     def __init__(self, runtime: Any | None = None):
         self.rt = runtime if runtime is not None else import_cudart()
+        self.device: int | None = None  # set_device's: made current on each calling thread
+        self._thread = threading.local()
         self._success = int(self.rt.cudaError_t.cudaSuccess)
         kinds = self.rt.cudaMemcpyKind
         self.host_to_device = kinds.cudaMemcpyHostToDevice
@@ -72,7 +75,11 @@ class Cuda:
 
     def call(self, name: str, *args: Any) -> Any:
         """Run `name(*args)`; its results after the error code (one, several, or None)."""
-        result = getattr(self.rt, name)(*args)
+        if self.device is not None and getattr(self._thread, "device", None) != self.device:
+            self.use()
+        return self._checked(name, getattr(self.rt, name)(*args))
+
+    def _checked(self, name: str, result: tuple) -> Any:
         error, rest = result[0], result[1:]
         if int(error) != self._success:
             raise LlavaEdgeError(f"CUDA {name} failed: {self.error_name(error)}")
@@ -90,7 +97,18 @@ class Cuda:
     # ---- devices, memory, streams --------------------------------------------------------------
 
     def set_device(self, index: int) -> None:
-        self.call("cudaSetDevice", index)
+        """Use GPU `index` from now on, on every thread. CUDA's current device is per host
+        thread, and memory is allocated and TensorRT launches on the calling thread's: a backend
+        made on one thread and run on another (a batching thread, a server's worker) would
+        otherwise allocate its KV cache on GPU 0 and launch on it."""
+        self.device = index
+        self.use()
+
+    def use(self) -> None:
+        """Make the device current on this thread (again: other code may have changed it)."""
+        if self.device is not None:
+            self._checked("cudaSetDevice", self.rt.cudaSetDevice(self.device))
+            self._thread.device = self.device
 
     def malloc(self, nbytes: int) -> int:
         try:
