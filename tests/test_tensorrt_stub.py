@@ -126,6 +126,19 @@ def test_a_stale_timing_cache_falls_back_to_an_empty_one(stub, model: Path, tmp_
     assert len(timing_entries(cache)) == 3  # replaced by a good one
 
 
+def test_a_timing_cache_from_another_gpu_falls_back_to_an_empty_one(
+    stub, model: Path, tmp_path, monkeypatch
+) -> None:
+    cache = tmp_path / "timing.cache"  # one --timing-cache for two boards
+    build_engines(model, timing_cache=cache, log=quiet)
+    monkeypatch.setattr(stub, "device_properties", "Stub Orin NX, SM 8.7")
+    said = []
+    build_engines(model, out_dir=tmp_path / "nx", timing_cache=cache, log=said.append)
+    assert any("stale or from another TensorRT or GPU" in line for line in said)
+    assert b"Stub Orin NX" in cache.read_bytes().partition(b"\n")[0]  # now this GPU's
+    assert len(timing_entries(cache)) == 3
+
+
 def test_tensorrt_before_10_is_refused_with_the_jetpack_to_use(stub, model, monkeypatch) -> None:
     monkeypatch.setattr(stub, "__version__", "8.6.2.3")
     with pytest.raises(

@@ -103,7 +103,7 @@ def build_engines(
                     # One cache object serves every graph of the build (TensorRT shares a timing
                     # cache across builder configs); it starts from the file when there is one.
                     timing = _timing_cache(config, cache_path, log)
-                if not config.set_timing_cache(timing, False):
+                elif not config.set_timing_cache(timing, False):
                     raise LlavaEdgeError(
                         "TensorRT refused the timing cache; delete " + str(cache_path)
                     )
@@ -242,14 +242,16 @@ def _parse(trt: Any, builder: Any, logger: Any, path: Path, inputs: set[str]) ->
 
 
 def _timing_cache(config: Any, path: Path, log: Any) -> Any:
-    """The timing cache from `path`, or an empty one where TensorRT cannot read the file (another
-    TensorRT version or GPU wrote it, or it is damaged): create_timing_cache returns None then."""
+    """The timing cache from `path`, attached to `config`; or an empty one where TensorRT cannot
+    use the file: another TensorRT version wrote it or it is damaged (create_timing_cache returns
+    None), or another GPU did (set_timing_cache refuses a cache of other device properties,
+    returning False; its timings would not hold here)."""
     data = _read(path)
     cache = config.create_timing_cache(data)
-    if cache is None and data:
+    if data and (cache is None or not config.set_timing_cache(cache, False)):
         log(f"timing cache {path} is stale or from another TensorRT or GPU; starting an empty one")
-        cache = config.create_timing_cache(b"")
-    if cache is None:
+        data, cache = b"", config.create_timing_cache(b"")
+    if cache is None or (not data and not config.set_timing_cache(cache, False)):
         raise LlavaEdgeError("TensorRT could not create a timing cache (its log above says why)")
     return cache
 
