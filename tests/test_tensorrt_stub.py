@@ -181,6 +181,20 @@ def test_tensorrt_failure_signals_reach_the_user(stub, model: Path, monkeypatch)
         build_engines(model, log=quiet)
 
 
+def test_a_profile_tensorrt_does_not_add_fails_the_build(stub, model: Path, monkeypatch) -> None:
+    # add_optimization_profile returns -1 for a profile it finds invalid and builds without it:
+    # the engine would lack a profile the backend selects, and rebuilding would not help
+    real = stub._Config.add_optimization_profile
+    monkeypatch.setattr(  # the decoder's second profile, 'decode', is refused
+        stub._Config,
+        "add_optimization_profile",
+        lambda self, profile: -1 if self.profiles else real(self, profile),
+    )
+    with pytest.raises(LlavaEdgeError, match="refused the decode optimization profile of the dec"):
+        build_engines(model, log=quiet)
+    assert not list((model / "engines").glob("*.engine")) and not Manifest.load(model).engines
+
+
 REAL_SET_ADDRESS = tensorrt_stub._Context.set_tensor_address
 
 

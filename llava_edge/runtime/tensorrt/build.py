@@ -117,7 +117,11 @@ def build_engines(
                     shapes = builder.create_optimization_profile()
                     for tensor, (low, opt, high) in profile.shapes(graph.inputs).items():
                         shapes.set_shape(tensor, low, opt, high)
-                    config.add_optimization_profile(shapes)
+                    if config.add_optimization_profile(shapes) < 0:  # -1: not valid, not added
+                        raise LlavaEdgeError(
+                            f"TensorRT refused the {profile.name} optimization profile of the "
+                            f"{name} engine (its log above says why)"
+                        )
                 start = time.perf_counter()
                 plan = builder.build_serialized_network(network, config)
                 del network, parser  # the parsed weights: free them before the plan is written
