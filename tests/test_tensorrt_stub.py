@@ -703,3 +703,19 @@ def test_a_backend_on_a_second_gpu_runs_from_any_thread(stub, model: Path) -> No
     assert not stub.errors
     assert {cudart_stub.device_of(a) for a in be.engines["decoder"].addresses.values()} == {1}
     be.close()
+
+
+def test_close_frees_the_device_memory_of_caches_still_held(stub, model: Path) -> None:
+    build_engines(model, log=quiet)
+    before = cudart_stub.in_use()
+    be = backend(model)
+    cache = be.new_cache(1)  # e.g. a chat kept past the pipeline's `with` block
+    be.decode(
+        np.zeros((1, 5, 64), np.float32), np.ones((1, 5), np.int64), np.arange(5)[None], cache
+    )
+    be.close()
+    assert cudart_stub.in_use() == before  # a model unloaded gives all its GPU memory back
+    with pytest.raises(LlavaEdgeError, match="engines are closed"):
+        be.decode(np.zeros((1, 1, 64), np.float32), np.ones((1, 1), np.int64), [[5]], cache)
+    del cache  # dropping it later frees nothing twice
+    assert cudart_stub.in_use() == before

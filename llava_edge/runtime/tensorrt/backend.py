@@ -121,6 +121,7 @@ class TensorRTBackend:
         # Keep freed caches for reuse, up to one max-context cache of the largest batch.
         largest = self._cache(self.limits.max_batch)
         self.pool = KVPool(self.cuda, largest.block_bytes(self.limits.max_context))
+        self._caches: weakref.WeakSet[DeviceKVCache] = weakref.WeakSet()  # freed by close()
 
     # ---- the backend interface -------------------------------------------------------------
 
@@ -157,7 +158,9 @@ class TensorRTBackend:
                 f"a batch of {batch} is over the {self.limits.max_batch} the TensorRT engines were "
                 "built for; rebuild them with a larger --max-batch"
             )
-        return self._cache(batch, getattr(self, "pool", None))
+        cache = self._cache(batch, getattr(self, "pool", None))
+        self._caches.add(cache)
+        return cache
 
     def _cache(self, batch: int, pool: KVPool | None = None) -> DeviceKVCache:
         return DeviceKVCache(
@@ -199,14 +202,19 @@ class TensorRTBackend:
             return logits
 
     def close(self) -> None:
-        """Free the engines, their buffers, the pooled caches and the stream."""
+        """Free the engines, their buffers, every cache's device memory (caches still held, by a
+        chat kept after the model, are emptied: a model unloaded gives back all its GPU memory)
+        and the stream."""
         with self._lock:
             if not self.engines:
                 return
+            self.cuda.use()
             self.cuda.synchronize(self.stream)
             for engine in self.engines.values():
                 engine.close()
             self.engines.clear()  # contexts and engines go before the runtime
+            for cache in list(self._caches):
+                cache.release()
             self.pool.close()
             self.cuda.destroy_stream(self.stream)
 
