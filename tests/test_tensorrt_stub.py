@@ -719,3 +719,24 @@ def test_close_frees_the_device_memory_of_caches_still_held(stub, model: Path) -
         be.decode(np.zeros((1, 1, 64), np.float32), np.ones((1, 1), np.int64), [[5]], cache)
     del cache  # dropping it later frees nothing twice
     assert cudart_stub.in_use() == before
+
+
+def test_a_load_that_fails_gives_back_what_it_took(stub, model: Path, monkeypatch) -> None:
+    from llava_edge.runtime.tensorrt import backend as trt_backend
+
+    build_engines(model, log=quiet)
+    before = cudart_stub.in_use()
+    real = trt_backend.check_engine_io
+
+    def decoder_differs(name, *args, **kwargs):  # the vision and projector engines loaded
+        if name == "decoder":
+            raise LlavaEdgeError("the decoder engine's inputs/outputs differ from the manifest")
+        real(name, *args, **kwargs)
+
+    monkeypatch.setattr(trt_backend, "check_engine_io", decoder_differs)
+    for _ in range(2):  # a robot that retries, or falls back to onnxruntime, leaks nothing
+        with pytest.raises(LlavaEdgeError, match="differ from the manifest"):
+            backend(model)
+    assert cudart_stub.in_use() == before
+    created = [c for c in cudart_stub.calls if c[0] == "cudaStreamCreateWithFlags"]
+    assert len([c for c in cudart_stub.calls if c[0] == "cudaStreamDestroy"]) == len(created)

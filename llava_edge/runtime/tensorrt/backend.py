@@ -102,21 +102,27 @@ class TensorRTBackend:
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))  # outlives the engines
         rebuild = f"rebuild with `llava-edge build {model_dir} --out {engine_dir}`"
         skip = {"projector": {self.names.projector_input}, "decoder": self.names.past}
-        self.engines = {
-            name: _Engine(
-                trt,
-                self._runtime,
-                engine_dir / record.engines[name].file,
-                name,
-                graph,
-                graph_profiles(manifest, name, self.limits),
-                self.cuda,
-                skip.get(name, set()),
-                rebuild,
-                tensorrt_form=graph.tensorrt_file is not None,
-            )
-            for name, graph in manifest.graphs.items()
-        }
+        self.engines: dict[str, _Engine] = {}
+        try:
+            for name, graph in manifest.graphs.items():
+                self.engines[name] = _Engine(
+                    trt,
+                    self._runtime,
+                    engine_dir / record.engines[name].file,
+                    name,
+                    graph,
+                    graph_profiles(manifest, name, self.limits),
+                    self.cuda,
+                    skip.get(name, set()),
+                    rebuild,
+                    tensorrt_form=graph.tensorrt_file is not None,
+                )
+        except BaseException:  # give back the engines loaded so far, their memory and the stream
+            for engine in self.engines.values():
+                engine.close()
+            self.engines.clear()
+            self.cuda.destroy_stream(self.stream)
+            raise
         self.kv_dtype = self.engines["decoder"].io[self.names.layers[0][0]][1]
         # Keep freed caches for reuse, up to one max-context cache of the largest batch.
         largest = self._cache(self.limits.max_batch)
