@@ -107,6 +107,20 @@ def test_tensorrt_backend_without_cuda_python_or_a_gpu(
     assert "cuda-python does not load (libcudart.so.12: cannot open shared object file)" in err
 
 
+def test_the_trt_extra_installs_tensorrt_and_cuda_python_for_one_cuda() -> None:
+    # The `tensorrt` metapackage installs its newest CUDA's build (tensorrt_cu13 for 11.4), which
+    # a CUDA 12 driver cannot run and the CUDA 12 cuda-bindings beside it do not match.
+    from llava_edge.runtime.tensorrt.cuda import CUDA_BINDINGS
+    from llava_edge.runtime.tensorrt.requirements import TENSORRT_HINT
+
+    extra = re.search(r"^trt = \[(.*)\]", PYPROJECT.read_text(), re.M)[1]
+    requirements = re.findall(r'"([^"]+)"', extra)
+    assert CUDA_BINDINGS in requirements and "<13" in CUDA_BINDINGS
+    (tensorrt,) = [r for r in requirements if r.startswith("tensorrt")]
+    assert re.match(r"tensorrt-cu12\b", tensorrt), tensorrt
+    assert "pip install tensorrt-cu12" in TENSORRT_HINT
+
+
 def test_pipeline_load_chooses_the_backend(monkeypatch, tiny_model_dir: Path) -> None:
     with pytest.raises(
         LlavaEdgeError, match="unknown backend 'tensorrtx'; choose 'onnxruntime' or 'tensorrt'"
