@@ -303,7 +303,12 @@ def test_engines_load_only_where_they_were_built(manifest: Manifest, model_copy:
     engine_dir.mkdir()
     record = engine_set(manifest, engine_dir)
     assert check_engines(record, engine_dir, manifest, model_copy, ORIN) == []
-    assert same_tensorrt("10.3.0.30", "10.3.0.26") and not same_tensorrt("10.3.0", "10.4.0")
+    assert same_tensorrt("10.3.0.30", "10.3.0.30") and not same_tensorrt("10.3.0", "10.4.0")
+    # the build number too (a JetPack update within TensorRT 10.3)
+    with pytest.raises(LlavaEdgeError, match=r"TensorRT 10\.3\.0\.30.*TensorRT 10\.3\.0\.26"):
+        check_engines(
+            record, engine_dir, manifest, model_copy, Platform("10.3.0.26", "Orin", "8.7")
+        )
     with pytest.raises(
         LlavaEdgeError, match=r"TensorRT 10\.3\.0\.30.*TensorRT 10\.7\.0.*llava-edge build"
     ):
