@@ -740,3 +740,19 @@ def test_a_load_that_fails_gives_back_what_it_took(stub, model: Path, monkeypatc
     assert cudart_stub.in_use() == before
     created = [c for c in cudart_stub.calls if c[0] == "cudaStreamCreateWithFlags"]
     assert len([c for c in cudart_stub.calls if c[0] == "cudaStreamDestroy"]) == len(created)
+
+
+def test_a_build_whose_manifest_cannot_be_saved_leaves_no_new_engines(
+    stub, model: Path, monkeypatch
+) -> None:
+    build_engines(model, log=quiet)
+    before = sorted(p.name for p in (model / "engines").glob("*.engine"))
+
+    def disk_full(self, model_dir) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Manifest, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        build_engines(model, max_batch=2, log=quiet)  # other engines, renamed into place
+    # the manifest still names the old engines, and nothing names the new ones: gone again
+    assert sorted(p.name for p in (model / "engines").glob("*.engine")) == before

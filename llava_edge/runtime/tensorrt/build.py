@@ -9,7 +9,8 @@ Engine files are named by their content (`decoder.<sha256 prefix>.engine`), so a
 overwrites the engines the manifest records: it writes new files, then saves the manifest (one
 atomic rename, the build's only commit point), then deletes the engines that this model's
 previous build into the same dir made and no record names any more (never other files: an engine
-dir may be shared by several models, or with other programs). Engines are flushed to disk before
+dir may be shared by several models, or with other programs); a build that fails before its
+commit removes the new engines it wrote, which no manifest names. Engines are flushed to disk before
 the manifest names them, so killed, failed or cut off from power at any moment, a build leaves
 the manifest pointing at engines that are all there, old or new. The timing cache is read before and saved after (also after a
 failure), so a rebuild skips the kernel timing it already did.
@@ -94,6 +95,7 @@ def build_engines(
     builder = trt.Builder(logger)
     timing = None
     built: dict[str, tuple[Path, EngineSpec]] = {}
+    installed: list[Path] = []  # new engine files renamed into `out`, not yet in the manifest
     try:
         with _progress(len(manifest.graphs), log) as bar:
             for name, graph in manifest.graphs.items():
@@ -150,11 +152,14 @@ def build_engines(
                     f"built {name}.engine ({size / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s"
                 )
                 bar.update()
-        for tmp, spec in built.values():
-            os.replace(tmp, out / spec.file)
-        fsync_path(out)  # the renames: durable before the manifest names the files
         key = engine_dir_key(model_dir, out)
         replaced = manifest.engines.get(key)
+        kept = {spec.file for spec in replaced.engines.values()} if replaced else set()
+        for tmp, spec in built.values():
+            if spec.file not in kept:  # the same content under the same name otherwise
+                installed.append(out / spec.file)
+            os.replace(tmp, out / spec.file)
+        fsync_path(out)  # the renames: durable before the manifest names the files
         manifest.engines[key] = EngineSet(
             tensorrt=trt.__version__,
             gpu=device.name,
@@ -166,11 +171,12 @@ def build_engines(
             engines={name: spec for name, (_, spec) in built.items()},
         )
         manifest.save(model_dir)
+        installed.clear()  # committed: the manifest names them
         if replaced is not None:
             _remove_replaced(out, replaced, manifest.engines[key])
     finally:
-        for tmp, _ in built.values():
-            tmp.unlink(missing_ok=True)
+        for path in [tmp for tmp, _ in built.values()] + installed:
+            path.unlink(missing_ok=True)  # what no manifest names
         if timing is not None:
             _write(cache_path.with_name(cache_path.name + ".tmp"), timing.serialize())
             os.replace(cache_path.with_name(cache_path.name + ".tmp"), cache_path)
