@@ -7,13 +7,13 @@ kept there and ignored), so the same code builds on JetPack 6 (TensorRT 10.3) an
 
 Engine files are named by their content (`decoder.<sha256 prefix>.engine`), so a build never
 overwrites the engines the manifest records: it writes new files, then saves the manifest (one
-atomic rename, the build's only commit point), then deletes the engines that this model's
-previous build into the same dir made and no record names any more (never other files: an engine
-dir may be shared by several models, or with other programs); a build that fails before its
-commit removes the new engines it wrote, which no manifest names. Engines are flushed to disk before
-the manifest names them, so killed, failed or cut off from power at any moment, a build leaves
-the manifest pointing at engines that are all there, old or new. The timing cache is read before and saved after (also after a
-failure), so a rebuild skips the kernel timing it already did.
+atomic rename, the build's only commit point), then deletes the engines that this model's previous
+build into the same dir made and no record names any more (never other files: an engine dir may be
+shared by several models, or with other programs); a build that fails before its commit removes the
+new engines it wrote, which no manifest names. Engines are flushed to disk before the manifest
+names them, so killed, failed or cut off from power at any moment, a build leaves the manifest
+pointing at engines that are all there, old or new. The timing cache is read before and saved after
+(also after a failure), so a rebuild skips the kernel timing it already did.
 """
 
 from __future__ import annotations
