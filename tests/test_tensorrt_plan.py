@@ -462,3 +462,19 @@ def test_engine_io_must_match_the_manifest(manifest: Manifest) -> None:
     ]
     with pytest.raises(LlavaEdgeError, match="FP8"):
         numpy_dtype(DataType("FP8"))
+
+
+def test_the_device_is_read_as_torch_and_cuda_name_it() -> None:
+    from llava_edge.runtime.tensorrt.backend import device_index
+
+    assert [device_index(d) for d in (0, 2, "1", "cuda", "cuda:1", " cuda:3 ")] == [
+        0,
+        2,
+        1,
+        0,
+        1,
+        3,
+    ]
+    for bad in ("cuda:x", "cpu", "gpu:1", "-1", "cuda:"):
+        with pytest.raises(LlavaEdgeError, match="is not a CUDA GPU"):
+            device_index(bad)

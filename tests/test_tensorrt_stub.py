@@ -703,6 +703,9 @@ def test_a_backend_on_a_second_gpu_runs_from_any_thread(stub, model: Path) -> No
     assert not stub.errors
     assert {cudart_stub.device_of(a) for a in be.engines["decoder"].addresses.values()} == {1}
     be.close()
+    cudart_stub.calls.clear()
+    backend(model, device="2").close()  # an index as text is that GPU, not GPU 0
+    assert ("cudaSetDevice", 2) in cudart_stub.calls
 
 
 def test_close_frees_the_device_memory_of_caches_still_held(stub, model: Path) -> None:

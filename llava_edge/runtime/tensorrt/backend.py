@@ -78,7 +78,7 @@ class TensorRTBackend:
         manifest for this GPU). device: the GPU's index (or 'cuda:N')."""
         check_kv_layout(manifest.kv)
         trt = import_tensorrt()
-        index = device if isinstance(device, int) else int(str(device).partition(":")[2] or 0)
+        index = device_index(device)
         info = gpu.probe_gpu(index)  # first: it says clearly when there is no driver or GPU
         self.cuda = Cuda()
         self.cuda.set_device(index)
@@ -310,6 +310,15 @@ class TensorRTBackend:
             )
             self.cuda_graph = False
             return None
+
+
+def device_index(device: int | str) -> int:
+    """The GPU index of 0, "1", "cuda" or "cuda:1"."""
+    text = str(device).strip()
+    number = "0" if text == "cuda" else text.removeprefix("cuda:")
+    if number.isdigit():
+        return int(number)
+    raise LlavaEdgeError(f"device {device!r} is not a CUDA GPU; give its index: 0, 1, or 'cuda:1'")
 
 
 class _Graph:
