@@ -759,3 +759,39 @@ def test_a_build_whose_manifest_cannot_be_saved_leaves_no_new_engines(
         build_engines(model, max_batch=2, log=quiet)  # other engines, renamed into place
     # the manifest still names the old engines, and nothing names the new ones: gone again
     assert sorted(p.name for p in (model / "engines").glob("*.engine")) == before
+
+
+KILLED_BEFORE_THE_MANIFEST = """
+import os, sys
+sys.path.insert(0, {tests!r})
+import tensorrt_stub
+sys.modules["tensorrt"] = tensorrt_stub
+from llava_edge.manifest import Manifest
+from llava_edge.runtime.tensorrt import gpu
+gpu.probe_gpu = lambda index=0: gpu.GpuInfo(0, "Stub Orin", "8.7", 8 << 30, 6 << 30, True, "12.6")
+Manifest.save = lambda self, model_dir: os._exit(9)  # killed between the renames and the commit
+from llava_edge.runtime.tensorrt.build import build_engines
+build_engines({model!r}, out_dir={out!r}, max_batch=2, log=lambda *a: None)
+"""
+
+
+def test_the_next_build_removes_engines_a_killed_build_left(
+    stub, model: Path, tmp_path: Path
+) -> None:
+    import subprocess
+
+    shared = tmp_path / "engines"  # shared: only what the killed build wrote may go
+    shared.mkdir()
+    (shared / "detector.engine").write_bytes(b"another program's engine")
+    build_engines(model, out_dir=shared, log=quiet)
+    script = KILLED_BEFORE_THE_MANIFEST.format(
+        tests=str(Path(__file__).parent), model=str(model), out=str(shared)
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert done.returncode == 9, done.stderr.decode()[-2000:]
+    assert len(list(shared.glob("*.engine"))) == 1 + 3 + 3  # new engines no manifest names
+    build_engines(model, out_dir=shared, log=quiet)
+    recorded = {
+        e.file for e in Manifest.load(model).engines[str(shared.resolve())].engines.values()
+    }
+    assert {p.name for p in shared.glob("*.engine")} == recorded | {"detector.engine"}

@@ -10,25 +10,27 @@ overwrites the engines the manifest records: it writes new files, then saves the
 atomic rename, the build's only commit point), then deletes the engines that this model's previous
 build into the same dir made and no record names any more (never other files: an engine dir may be
 shared by several models, or with other programs); a build that fails before its commit removes the
-new engines it wrote, which no manifest names. Engines are flushed to disk before the manifest
-names them, so killed, failed or cut off from power at any moment, a build leaves the manifest
-pointing at engines that are all there, old or new. The timing cache is read before and saved after
-(also after a failure), so a rebuild skips the kernel timing it already did.
+new engines it wrote, which no manifest names, and one killed before it leaves a note of them in
+the model dir for the next build to remove. Engines are flushed to disk before the manifest names
+them, so killed, failed or cut off from power at any moment, a build leaves the manifest pointing
+at engines that are all there, old or new. The timing cache is read before and saved after (also
+after a failure), so a rebuild skips the kernel timing it already did.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 from llava_edge.errors import LlavaEdgeError
-from llava_edge.files import fsync_path
+from llava_edge.files import fsync_path, replace_file
 from llava_edge.manifest import EngineSet, EngineSpec, Manifest
 from llava_edge.runtime.tensorrt import gpu
-from llava_edge.runtime.tensorrt.compat import engine_dir_key
+from llava_edge.runtime.tensorrt.compat import engine_dir_key, engine_dir_path
 from llava_edge.runtime.tensorrt.profiles import (
     DEFAULT_KV_CHUNK,
     DEFAULT_PREFILL_CHUNK,
@@ -38,6 +40,9 @@ from llava_edge.runtime.tensorrt.profiles import (
 from llava_edge.runtime.tensorrt.requirements import import_tensorrt
 
 ENGINE_DIR = "engines"  # default, inside the model dir
+# In the model dir while a build renames its engines into place and has not yet saved the manifest:
+# the files that a build killed then would leave, for the next one to remove.
+UNCOMMITTED = ".engines-uncommitted.json"
 # Integrated GPUs (Jetson) share the board's memory: TensorRT's default scratch limit is all of it
 INTEGRATED_WORKSPACE = 2 << 30
 
@@ -82,6 +87,7 @@ def build_engines(
         _check_memory(model_dir, device, limits)
     out = Path(out_dir) if out_dir is not None else model_dir / ENGINE_DIR
     out.mkdir(parents=True, exist_ok=True)
+    _remove_uncommitted(model_dir, manifest)
     cache_path = (
         Path(timing_cache) if timing_cache is not None else out / timing_cache_name(trt.__version__)
     )
@@ -155,9 +161,10 @@ def build_engines(
         key = engine_dir_key(model_dir, out)
         replaced = manifest.engines.get(key)
         kept = {spec.file for spec in replaced.engines.values()} if replaced else set()
+        # the same content under the same name where kept
+        installed = [out / spec.file for _, spec in built.values() if spec.file not in kept]
+        _note_uncommitted(model_dir, installed)  # for the next build, should this one be killed
         for tmp, spec in built.values():
-            if spec.file not in kept:  # the same content under the same name otherwise
-                installed.append(out / spec.file)
             os.replace(tmp, out / spec.file)
         fsync_path(out)  # the renames: durable before the manifest names the files
         manifest.engines[key] = EngineSet(
@@ -172,11 +179,14 @@ def build_engines(
         )
         manifest.save(model_dir)
         installed.clear()  # committed: the manifest names them
+        (model_dir / UNCOMMITTED).unlink(missing_ok=True)
         if replaced is not None:
             _remove_replaced(out, replaced, manifest.engines[key])
     finally:
         for path in [tmp for tmp, _ in built.values()] + installed:
             path.unlink(missing_ok=True)  # what no manifest names
+        if installed:
+            (model_dir / UNCOMMITTED).unlink(missing_ok=True)
         if timing is not None:
             _write(cache_path.with_name(cache_path.name + ".tmp"), timing.serialize())
             os.replace(cache_path.with_name(cache_path.name + ".tmp"), cache_path)
@@ -277,6 +287,33 @@ def _error_text(error: Any) -> str:
 
 def _read(path: Path) -> bytes:
     return path.read_bytes() if path.is_file() else b""
+
+
+def _note_uncommitted(model_dir: Path, paths: list[Path]) -> None:
+    """Record the engine files about to be renamed into place, before the manifest names them."""
+    with replace_file(model_dir / UNCOMMITTED) as f:
+        json.dump([str(p.resolve()) for p in paths], f)
+
+
+def _remove_uncommitted(model_dir: Path, manifest: Manifest) -> None:
+    """The engines a build killed between its renames and its commit left: listed in the note it
+    wrote, named by no record of the manifest."""
+    note = model_dir / UNCOMMITTED
+    if not note.is_file():
+        return
+    recorded = {
+        (engine_dir_path(model_dir, key) / spec.file).resolve()
+        for key, record in manifest.engines.items()
+        for spec in record.engines.values()
+    }
+    try:
+        paths = [Path(p) for p in json.loads(note.read_text())]
+    except (OSError, ValueError):
+        paths = []  # a note cut short: its renames had not begun
+    for path in paths:
+        if path.suffix == ".engine" and path.resolve() not in recorded:
+            path.unlink(missing_ok=True)
+    note.unlink(missing_ok=True)
 
 
 def _remove_replaced(out: Path, old: EngineSet, new: EngineSet) -> None:
