@@ -795,3 +795,24 @@ def test_the_next_build_removes_engines_a_killed_build_left(
         e.file for e in Manifest.load(model).engines[str(shared.resolve())].engines.values()
     }
     assert {p.name for p in shared.glob("*.engine")} == recorded | {"detector.engine"}
+
+
+def test_a_timing_cache_that_cannot_be_saved_does_not_fail_a_finished_build(
+    stub, model: Path, tmp_path: Path, monkeypatch
+) -> None:
+    from llava_edge.runtime.tensorrt import build
+
+    cache = tmp_path / "shared" / "timing.cache"  # e.g. on a full or read-only share
+    real = build._write
+
+    def full(path: Path, data) -> tuple[int, str]:
+        if path.name.startswith("timing.cache"):
+            raise OSError(28, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(build, "_write", full)
+    said: list[str] = []
+    assert build_engines(model, timing_cache=cache, log=said.append) == model / "engines"
+    assert set(Manifest.load(model).engines["engines"].engines) == set(Manifest.load(model).graphs)
+    assert any("could not save the timing cache" in line for line in said)
+    assert not list(cache.parent.glob("*.tmp"))

@@ -188,8 +188,7 @@ def build_engines(
         if installed:
             (model_dir / UNCOMMITTED).unlink(missing_ok=True)
         if timing is not None:
-            _write(cache_path.with_name(cache_path.name + ".tmp"), timing.serialize())
-            os.replace(cache_path.with_name(cache_path.name + ".tmp"), cache_path)
+            _save_timing_cache(timing, cache_path, log)
     log(f"engines for {device.name} (TensorRT {trt.__version__}) in {out}")
     return out
 
@@ -274,6 +273,21 @@ def _timing_cache(config: Any, path: Path, log: Any) -> Any:
     if cache is None or (not data and not config.set_timing_cache(cache, False)):
         raise LlavaEdgeError("TensorRT could not create a timing cache (its log above says why)")
     return cache
+
+
+def _save_timing_cache(timing: Any, path: Path, log: Any) -> None:
+    """Save the kernel timings for the next build. A cache that cannot be written (a full disk, a
+    read-only share) only costs the next build its timing: it neither fails a build whose engines
+    are committed nor hides why a failed one failed."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        _write(tmp, timing.serialize())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        log(
+            f"could not save the timing cache {path} ({e.strerror or e}); the next build times again"
+        )
 
 
 def _error_text(error: Any) -> str:
