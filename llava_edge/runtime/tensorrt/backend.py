@@ -165,7 +165,8 @@ class TensorRTBackend:
                 "built for; rebuild them with a larger --max-batch"
             )
         cache = self._cache(batch, getattr(self, "pool", None))
-        self._caches.add(cache)
+        with self._lock:  # close() goes through them
+            self._caches.add(cache)
         return cache
 
     def _cache(self, batch: int, pool: KVPool | None = None) -> DeviceKVCache:
