@@ -541,6 +541,7 @@ def test_loading_elsewhere_says_to_rebuild(stub, model: Path, monkeypatch) -> No
 def test_build_refuses_engines_that_cannot_fit(stub, model: Path, monkeypatch) -> None:
     small_gpu = gpu.GpuInfo(0, "Stub Orin Nano", "8.7", 8 << 30, 300 << 20, True, "12.6")
     monkeypatch.setattr(gpu, "probe_gpu", lambda index=0: small_gpu)
+    monkeypatch.setattr(gpu, "host_available_memory", lambda: 200 << 20)
     with pytest.raises(
         LlavaEdgeError,
         match=r"would need \d+\.\d+ GB .* has 0\.31 GB free; .*--skip-memory-check",
@@ -549,6 +550,21 @@ def test_build_refuses_engines_that_cannot_fit(stub, model: Path, monkeypatch) -
     assert not [c for c in stub.calls if c[0] == "build"] and not (model / "engines").exists()
     build_engines(model, log=quiet, check_memory=False)  # the override builds anyway
     assert len([c for c in stub.calls if c[0] == "build"]) == 3
+
+
+def test_a_jetson_counts_the_memory_linux_can_give_back(stub, model: Path, monkeypatch) -> None:
+    # On an integrated GPU, CUDA's free memory leaves out what the OS would give back (page cache
+    # after copying a model dir, swap): Linux's MemAvailable says more, and the engines fit.
+    orin = gpu.GpuInfo(0, "Stub Orin Nano", "8.7", 8 << 30, 300 << 20, True, "12.6")
+    monkeypatch.setattr(gpu, "probe_gpu", lambda index=0: orin)
+    monkeypatch.setattr(gpu, "host_available_memory", lambda: 6 << 30)
+    build_engines(model, log=quiet)
+    assert len([c for c in stub.calls if c[0] == "build"]) == 3
+    # a discrete GPU's own memory is what CUDA says, whatever the host has
+    card = gpu.GpuInfo(0, "Stub L4", "8.9", 24 << 30, 300 << 20, False, "12.6")
+    monkeypatch.setattr(gpu, "probe_gpu", lambda index=0: card)
+    with pytest.raises(LlavaEdgeError, match=r"has 0\.31 GB free"):
+        build_engines(model, out_dir=model / "l4", log=quiet)
 
 
 def test_the_cuda_calls_exist_in_cuda_python_as_used(stub, model: Path, monkeypatch) -> None:

@@ -94,8 +94,7 @@ def build_engines(
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     workspace = int(workspace_gb * 2**30) if workspace_gb is not None else None
     if workspace is None and device.integrated:
-        free = device.free_memory or device.total_memory
-        workspace = min(INTEGRATED_WORKSPACE, free // 4)
+        workspace = min(INTEGRATED_WORKSPACE, free_memory(device) // 4)
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -193,11 +192,21 @@ def build_engines(
     return out
 
 
+def free_memory(info: gpu.GpuInfo) -> int:
+    """The memory the engines can have. An integrated GPU (Jetson) allocates from the board's
+    memory, and CUDA's free count there leaves out what the OS would give back (CUDA for Tegra:
+    swap; the page cache, after copying a model dir): Linux's MemAvailable is the nearer one."""
+    free = info.free_memory if info.free_memory is not None else info.total_memory
+    if info.integrated:
+        free = min(info.total_memory, max(free, gpu.host_available_memory() or 0))
+    return free
+
+
 def _check_memory(model_dir: Path, info: gpu.GpuInfo, limits: EngineLimits) -> None:
     """Refuse engines whose weights, KV cache and activations cannot fit in the free memory."""
     from llava_edge.runtime.plan import Device, plan
 
-    free = info.free_memory if info.free_memory is not None else info.total_memory
+    free = free_memory(info)
     device = Device(info.name, info.total_memory, info.total_memory - free, None)
     needed = plan(
         model_dir,
