@@ -553,8 +553,8 @@ def test_build_refuses_engines_that_cannot_fit(stub, model: Path, monkeypatch) -
 
 
 def test_a_jetson_counts_the_memory_linux_can_give_back(stub, model: Path, monkeypatch) -> None:
-    # On an integrated GPU, CUDA's free memory leaves out what the OS would give back (page cache
-    # after copying a model dir, swap): Linux's MemAvailable says more, and the engines fit.
+    # On an integrated GPU, CUDA's free memory can be less than what the board can allocate:
+    # where Linux's MemAvailable says more, the engines fit.
     orin = gpu.GpuInfo(0, "Stub Orin Nano", "8.7", 8 << 30, 300 << 20, True, "12.6")
     monkeypatch.setattr(gpu, "probe_gpu", lambda index=0: orin)
     monkeypatch.setattr(gpu, "host_available_memory", lambda: 6 << 30)

@@ -194,8 +194,9 @@ def build_engines(
 
 def free_memory(info: gpu.GpuInfo) -> int:
     """The memory the engines can have. An integrated GPU (Jetson) allocates from the board's
-    memory, and CUDA's free count there leaves out what the OS would give back (CUDA for Tegra:
-    swap; the page cache, after copying a model dir): Linux's MemAvailable is the nearer one."""
+    memory, where CUDA's free count can be less than what can be allocated (CUDA for Tegra: it
+    leaves out what the OS can free by swapping): Linux's MemAvailable, which also counts the page
+    cache the kernel would drop, is taken where it says more."""
     free = info.free_memory if info.free_memory is not None else info.total_memory
     if info.integrated:
         free = min(info.total_memory, max(free, gpu.host_available_memory() or 0))
