@@ -832,3 +832,23 @@ def test_a_timing_cache_that_cannot_be_saved_does_not_fail_a_finished_build(
     assert set(Manifest.load(model).engines["engines"].engines) == set(Manifest.load(model).graphs)
     assert any("could not save the timing cache" in line for line in said)
     assert not list(cache.parent.glob("*.tmp"))
+
+
+def test_a_decoder_whose_past_and_present_differ_in_type_is_refused(
+    stub, model: Path, monkeypatch
+) -> None:
+    # The device cache copies present into past byte for byte: one type for both, or garbage
+    manifest = Manifest.load(model)
+    manifest.graphs["decoder"].tensorrt_file = "decoder.onnx"  # a TensorRT form: fp16 allowed
+    manifest.save(model)
+    build_engines(model, log=quiet)
+    real = stub._Engine.get_tensor_dtype
+    monkeypatch.setattr(
+        stub._Engine,
+        "get_tensor_dtype",
+        lambda self, name: stub.DataType.HALF if name.startswith("present") else real(self, name),
+    )
+    before = cudart_stub.in_use()
+    with pytest.raises(LlavaEdgeError, match="past keys/values are float32 and its present"):
+        backend(model)
+    assert cudart_stub.in_use() == before

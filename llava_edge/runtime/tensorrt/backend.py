@@ -44,7 +44,7 @@ from llava_edge.runtime.tensorrt.compat import (
 )
 from llava_edge.runtime.tensorrt.cuda import Cuda, DeviceArray
 from llava_edge.runtime.tensorrt.device_cache import DeviceKVCache, DeviceKVRows, KVPool
-from llava_edge.runtime.tensorrt.names import io_names
+from llava_edge.runtime.tensorrt.names import IONames, io_names
 from llava_edge.runtime.tensorrt.profiles import (
     DECODE,
     PREFILL,
@@ -117,13 +117,13 @@ class TensorRTBackend:
                     rebuild,
                     tensorrt_form=graph.tensorrt_file is not None,
                 )
+            self.kv_dtype = _kv_dtype(self.engines["decoder"], self.names, rebuild)
         except BaseException:  # give back the engines loaded so far, their memory and the stream
             for engine in self.engines.values():
                 engine.close()
             self.engines.clear()
             self.cuda.destroy_stream(self.stream)
             raise
-        self.kv_dtype = self.engines["decoder"].io[self.names.layers[0][0]][1]
         # Keep freed caches for reuse, up to one max-context cache of the largest batch.
         largest = self._cache(self.limits.max_batch)
         self.pool = KVPool(self.cuda, largest.block_bytes(self.limits.max_context))
@@ -311,6 +311,20 @@ class TensorRTBackend:
             )
             self.cuda_graph = False
             return None
+
+
+def _kv_dtype(decoder: _Engine, names: IONames, rebuild: str) -> str:
+    """The device cache's dtype: the decoder's past keys/values', which its present ones must
+    share (the cache copies present into past byte for byte)."""
+    past = {decoder.io[n][1] for layer in names.layers for n in layer[:2]}
+    present = {decoder.io[n][1] for layer in names.layers for n in layer[2:]}
+    if len(past | present) != 1:
+        raise LlavaEdgeError(
+            f"the decoder engine's past keys/values are {'/'.join(sorted(past))} and its present "
+            f"ones {'/'.join(sorted(present))}: the KV cache needs one type; re-quantize the "
+            f"model or {rebuild}"
+        )
+    return past.pop()
 
 
 def device_index(device: int | str) -> int:
