@@ -6,7 +6,10 @@ whose first item is a cudaError_t) and is strict where CUDA is: fresh allocation
 (0xFF bytes, NaN as floats), not zeros; every device access must lie inside a live allocation;
 pitches must hold their rows; a stream being captured takes no synchronize and no copy to or from
 the host; only work on the capturing stream is recorded into the graph, then replayed by
-`cudaGraphLaunch`. `limit` makes cudaMalloc fail past that many bytes in use.
+`cudaGraphLaunch`. `limit` makes cudaMalloc fail past that many bytes in use. The current device
+is per host thread (0 until `cudaSetDevice`), as CUDA's is: memory is allocated on the calling
+thread's device and a stream belongs to the device it was made on (`device_of`,
+`stream_device`), so the TensorRT stand-in can refuse to launch work across devices.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import enum
 import itertools
+import threading
 
 
 class cudaError_t(enum.IntEnum):  # noqa: N801 (CUDA's names)
@@ -43,13 +47,18 @@ OK = cudaError_t.cudaSuccess
 calls: list[tuple] = []  # (name, ...) of the calls worth asserting on
 limit: int | None = None  # bytes of device memory; cudaMalloc fails past it
 _memory: dict[int, ctypes.Array] = {}  # live allocations by address
+_allocated_on: dict[int, int] = {}  # live allocation's address -> device
+_thread = threading.local()  # .device: the calling thread's current device
 _capturing: dict[int, list] = {}  # stream handle -> work recorded so far
 _handles = itertools.count(0x1000)
+_streams: dict[int, int] = {}  # stream handle -> device
 
 
 class cudaStream_t:  # noqa: N801
     def __init__(self) -> None:
         self.handle = next(_handles)
+        self.device = current_device()
+        _streams[self.handle] = self.device
 
     def __int__(self) -> int:
         return self.handle
@@ -80,6 +89,22 @@ def capturing(stream: int) -> bool:
     return int(stream) in _capturing
 
 
+def current_device() -> int:
+    return getattr(_thread, "device", 0)
+
+
+def stream_device(stream: int) -> int:
+    return _streams[int(stream)]
+
+
+def device_of(ptr: int) -> int | None:
+    """The device of the allocation holding `ptr` (None: not device memory)."""
+    for address, buffer in _memory.items():
+        if address <= ptr < address + ctypes.sizeof(buffer):
+            return _allocated_on[address]
+    return None
+
+
 def enqueue(stream, work) -> None:
     """Run `work` now, or record it when the stream is being captured (TensorRT's enqueue too)."""
     recorded = _capturing.get(int(stream))
@@ -103,6 +128,7 @@ def _check(ptr: int, nbytes: int, device: bool) -> None:
 
 def cudaSetDevice(index: int):  # noqa: N802
     calls.append(("cudaSetDevice", index))
+    _thread.device = index
     return (OK,)
 
 
@@ -113,6 +139,7 @@ def cudaMalloc(nbytes: int):  # noqa: N802
     ctypes.memset(buffer, 0xFF, nbytes)  # real device memory is not zeroed
     address = ctypes.addressof(buffer)
     _memory[address] = buffer
+    _allocated_on[address] = current_device()
     calls.append(("cudaMalloc", nbytes))
     return (OK, address)
 
@@ -120,7 +147,7 @@ def cudaMalloc(nbytes: int):  # noqa: N802
 def cudaFree(ptr: int):  # noqa: N802
     if ptr not in _memory:
         return (cudaError_t.cudaErrorInvalidValue,)
-    del _memory[ptr]
+    del _memory[ptr], _allocated_on[ptr]
     calls.append(("cudaFree", ptr))
     return (OK,)
 

@@ -4,10 +4,12 @@ It implements the part of TensorRT's Python API that llava-edge uses and is stri
 TensorRT is: networks must be strongly typed, precision builder flags and calibrators are refused,
 every input needs a profile whose shapes agree on each named dimension (the mask's 'past+seq' must
 equal past + seq), shapes outside the active profile are rejected, addresses must be 256-byte
-aligned, and every IO tensor must be bound before a run. It fails the way TensorRT does: a
+aligned, every IO tensor must be bound before a run, and a run launches on the calling thread's
+current CUDA device, with the stream and every tensor on it. It fails the way TensorRT does: a
 failed build returns None, a refused address or input shape returns False, a bad profile index
 raises, a profile with min > opt raises at `set_shape`, `create_timing_cache` returns None for
-bytes it cannot read (and `set_timing_cache(None)` raises TypeError), and the parser needs a
+bytes it cannot read (and `set_timing_cache(None)` raises TypeError), `set_timing_cache` returns
+False for a cache another GPU wrote (`device_properties`), and the parser needs a
 graph's external `.data` file. `use_version("11.1.0.1")` switches to TensorRT 11's enums (no
 FP16/INT8 builder flags, no calibrator, STRONGLY_TYPED at bit 0 and another flag at bit 1). Its "engines" remember the ONNX graph
 they were built from and run it with onnxruntime, reading inputs from and writing outputs to the
@@ -199,23 +201,30 @@ class OnnxParser:
         return self.errors[i]
 
 
+# The CUDA device properties a timing cache's header records (TensorRT verifies them when the
+# cache is attached to a builder config); a test changes it to play another GPU.
+device_properties = "Stub Orin, SM 8.7"
+
+
 class _TimingCache:
-    def __init__(self, entries: list):
-        self.entries = entries
+    def __init__(self, entries: list, device: str | None):
+        self.entries, self.device = entries, device  # None: empty, fits any device
 
     def serialize(self) -> bytes:
-        return (f"STUB-TIMING {__version__}\n" + json.dumps(self.entries)).encode()
+        head = f"STUB-TIMING {__version__}\t{self.device or device_properties}\n"
+        return (head + json.dumps(self.entries)).encode()
 
 
 def _read_timing(data: bytes) -> _TimingCache | None:
     """None for bytes another version (or anything else) wrote, as TensorRT does."""
     if not data:
-        return _TimingCache([])
+        return _TimingCache([], None)
     head, _, body = bytes(data).partition(b"\n")
-    if head != f"STUB-TIMING {__version__}".encode():
+    version, _, device = head.decode(errors="replace").partition("\t")
+    if version != f"STUB-TIMING {__version__}":
         errors.append("timing cache: incompatible or corrupt data")
         return None
-    return _TimingCache(json.loads(body))
+    return _TimingCache(json.loads(body), device)
 
 
 class _Profile:
@@ -255,8 +264,12 @@ class _Config:
         return _read_timing(bytes(data))
 
     def set_timing_cache(self, cache: _TimingCache, ignore_mismatch: bool) -> bool:
+        """False for a cache of another device, unless told to ignore the mismatch."""
         if not isinstance(cache, _TimingCache):  # pybind11 refuses None
             raise TypeError("set_timing_cache(): incompatible function arguments")
+        if cache.device not in (None, device_properties) and not ignore_mismatch:
+            errors.append("timing cache: CUDA device properties differ from the current device")
+            return False
         self.timing = cache
         return True
 
@@ -466,6 +479,17 @@ class _Context:
             raise AssertionError(
                 f"execute_async_v3 wants a non-default stream handle, got {stream!r}"
             )
+        device = cudart_stub.stream_device(stream)
+        elsewhere = sorted(
+            n for n, a in self.addresses.items() if cudart_stub.device_of(a) not in (None, device)
+        )
+        if cudart_stub.current_device() != device or elsewhere:
+            # CUDA launches no kernel on a stream of another device than the thread's current one
+            errors.append(
+                f"enqueueV3 on device {device}'s stream from a thread on device "
+                f"{cudart_stub.current_device()}, tensors {elsewhere} on another device"
+            )
+            return False
         shapes, addresses = dict(self.shapes), dict(self.addresses)
         outputs = {n: self.get_tensor_shape(n) for n in io if io[n][0] == "output"}
         cudart_stub.enqueue(stream, lambda: self._execute(shapes, addresses, outputs))

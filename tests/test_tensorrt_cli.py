@@ -3,6 +3,8 @@ CUDA or a GPU is missing: one line naming it and how to install it, exit 1, no t
 
 from __future__ import annotations
 
+import importlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +17,8 @@ from llava_edge.runtime import Pipeline
 from llava_edge.runtime.onnx_backend import OnnxBackend
 from llava_edge.runtime.tensorrt import backend as trt_backend
 from llava_edge.runtime.tensorrt import gpu
+
+PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
 
 @pytest.fixture
@@ -85,7 +89,36 @@ def test_tensorrt_backend_without_cuda_python_or_a_gpu(
     for name in ("cuda.bindings.runtime", "cuda.cudart"):
         monkeypatch.setitem(sys.modules, name, None)  # `import` raises ImportError
     err = one_line_error(capsys, run)
-    assert "cuda-python is not installed" in err and "pip install 'llava-edge[trt]'" in err
+    # the CUDA 12 release, as the `trt` extra pins it: an unpinned install takes CUDA 13's,
+    # which JetPack 6's driver cannot run
+    extra = re.search(r'^trt = \[.*"(cuda-bindings[^"]*)"', PYPROJECT.read_text(), re.M)
+    assert "cuda-python is not installed" in err and f"pip install '{extra[1]}'" in err
+    assert "pip install cuda-python" not in err
+
+    real = importlib.import_module
+
+    def broken(name: str):
+        if name == "cuda.bindings.runtime":
+            raise ImportError("libcudart.so.12: cannot open shared object file")
+        return real(name)
+
+    monkeypatch.setattr(importlib, "import_module", broken)
+    err = one_line_error(capsys, run)
+    assert "cuda-python does not load (libcudart.so.12: cannot open shared object file)" in err
+
+
+def test_the_trt_extra_installs_tensorrt_and_cuda_python_for_one_cuda() -> None:
+    # The `tensorrt` metapackage installs its newest CUDA's build (tensorrt_cu13 for 11.4), which
+    # a CUDA 12 driver cannot run and the CUDA 12 cuda-bindings beside it do not match.
+    from llava_edge.runtime.tensorrt.cuda import CUDA_BINDINGS
+    from llava_edge.runtime.tensorrt.requirements import TENSORRT_HINT
+
+    extra = re.search(r"^trt = \[(.*)\]", PYPROJECT.read_text(), re.M)[1]
+    requirements = re.findall(r'"([^"]+)"', extra)
+    assert CUDA_BINDINGS in requirements and "<13" in CUDA_BINDINGS
+    (tensorrt,) = [r for r in requirements if r.startswith("tensorrt")]
+    assert re.match(r"tensorrt-cu12\b", tensorrt), tensorrt
+    assert "pip install tensorrt-cu12" in TENSORRT_HINT
 
 
 def test_pipeline_load_chooses_the_backend(monkeypatch, tiny_model_dir: Path) -> None:

@@ -303,7 +303,12 @@ def test_engines_load_only_where_they_were_built(manifest: Manifest, model_copy:
     engine_dir.mkdir()
     record = engine_set(manifest, engine_dir)
     assert check_engines(record, engine_dir, manifest, model_copy, ORIN) == []
-    assert same_tensorrt("10.3.0.30", "10.3.0.26") and not same_tensorrt("10.3.0", "10.4.0")
+    assert same_tensorrt("10.3.0.30", "10.3.0.30") and not same_tensorrt("10.3.0", "10.4.0")
+    # the build number too (a JetPack update within TensorRT 10.3)
+    with pytest.raises(LlavaEdgeError, match=r"TensorRT 10\.3\.0\.30.*TensorRT 10\.3\.0\.26"):
+        check_engines(
+            record, engine_dir, manifest, model_copy, Platform("10.3.0.26", "Orin", "8.7")
+        )
     with pytest.raises(
         LlavaEdgeError, match=r"TensorRT 10\.3\.0\.30.*TensorRT 10\.7\.0.*llava-edge build"
     ):
@@ -457,3 +462,19 @@ def test_engine_io_must_match_the_manifest(manifest: Manifest) -> None:
     ]
     with pytest.raises(LlavaEdgeError, match="FP8"):
         numpy_dtype(DataType("FP8"))
+
+
+def test_the_device_is_read_as_torch_and_cuda_name_it() -> None:
+    from llava_edge.runtime.tensorrt.backend import device_index
+
+    assert [device_index(d) for d in (0, 2, "1", "cuda", "cuda:1", " cuda:3 ")] == [
+        0,
+        2,
+        1,
+        0,
+        1,
+        3,
+    ]
+    for bad in ("cuda:x", "cpu", "gpu:1", "-1", "cuda:"):
+        with pytest.raises(LlavaEdgeError, match="is not a CUDA GPU"):
+            device_index(bad)

@@ -126,6 +126,19 @@ def test_a_stale_timing_cache_falls_back_to_an_empty_one(stub, model: Path, tmp_
     assert len(timing_entries(cache)) == 3  # replaced by a good one
 
 
+def test_a_timing_cache_from_another_gpu_falls_back_to_an_empty_one(
+    stub, model: Path, tmp_path, monkeypatch
+) -> None:
+    cache = tmp_path / "timing.cache"  # one --timing-cache for two boards
+    build_engines(model, timing_cache=cache, log=quiet)
+    monkeypatch.setattr(stub, "device_properties", "Stub Orin NX, SM 8.7")
+    said = []
+    build_engines(model, out_dir=tmp_path / "nx", timing_cache=cache, log=said.append)
+    assert any("stale or from another TensorRT or GPU" in line for line in said)
+    assert b"Stub Orin NX" in cache.read_bytes().partition(b"\n")[0]  # now this GPU's
+    assert len(timing_entries(cache)) == 3
+
+
 def test_tensorrt_before_10_is_refused_with_the_jetpack_to_use(stub, model, monkeypatch) -> None:
     monkeypatch.setattr(stub, "__version__", "8.6.2.3")
     with pytest.raises(
@@ -166,6 +179,20 @@ def test_tensorrt_failure_signals_reach_the_user(stub, model: Path, monkeypatch)
         match="parser rejected decoder.onnx: .*Failed to open file: decoder.onnx.data",
     ):
         build_engines(model, log=quiet)
+
+
+def test_a_profile_tensorrt_does_not_add_fails_the_build(stub, model: Path, monkeypatch) -> None:
+    # add_optimization_profile returns -1 for a profile it finds invalid and builds without it:
+    # the engine would lack a profile the backend selects, and rebuilding would not help
+    real = stub._Config.add_optimization_profile
+    monkeypatch.setattr(  # the decoder's second profile, 'decode', is refused
+        stub._Config,
+        "add_optimization_profile",
+        lambda self, profile: -1 if self.profiles else real(self, profile),
+    )
+    with pytest.raises(LlavaEdgeError, match="refused the decode optimization profile of the dec"):
+        build_engines(model, log=quiet)
+    assert not list((model / "engines").glob("*.engine")) and not Manifest.load(model).engines
 
 
 REAL_SET_ADDRESS = tensorrt_stub._Context.set_tensor_address
@@ -514,6 +541,7 @@ def test_loading_elsewhere_says_to_rebuild(stub, model: Path, monkeypatch) -> No
 def test_build_refuses_engines_that_cannot_fit(stub, model: Path, monkeypatch) -> None:
     small_gpu = gpu.GpuInfo(0, "Stub Orin Nano", "8.7", 8 << 30, 300 << 20, True, "12.6")
     monkeypatch.setattr(gpu, "probe_gpu", lambda index=0: small_gpu)
+    monkeypatch.setattr(gpu, "host_available_memory", lambda: 200 << 20)
     with pytest.raises(
         LlavaEdgeError,
         match=r"would need \d+\.\d+ GB .* has 0\.31 GB free; .*--skip-memory-check",
@@ -522,6 +550,21 @@ def test_build_refuses_engines_that_cannot_fit(stub, model: Path, monkeypatch) -
     assert not [c for c in stub.calls if c[0] == "build"] and not (model / "engines").exists()
     build_engines(model, log=quiet, check_memory=False)  # the override builds anyway
     assert len([c for c in stub.calls if c[0] == "build"]) == 3
+
+
+def test_a_jetson_counts_the_memory_linux_can_give_back(stub, model: Path, monkeypatch) -> None:
+    # On an integrated GPU, CUDA's free memory can be less than what the board can allocate:
+    # where Linux's MemAvailable says more, the engines fit.
+    orin = gpu.GpuInfo(0, "Stub Orin Nano", "8.7", 8 << 30, 300 << 20, True, "12.6")
+    monkeypatch.setattr(gpu, "probe_gpu", lambda index=0: orin)
+    monkeypatch.setattr(gpu, "host_available_memory", lambda: 6 << 30)
+    build_engines(model, log=quiet)
+    assert len([c for c in stub.calls if c[0] == "build"]) == 3
+    # a discrete GPU's own memory is what CUDA says, whatever the host has
+    card = gpu.GpuInfo(0, "Stub L4", "8.9", 24 << 30, 300 << 20, False, "12.6")
+    monkeypatch.setattr(gpu, "probe_gpu", lambda index=0: card)
+    with pytest.raises(LlavaEdgeError, match=r"has 0\.31 GB free"):
+        build_engines(model, out_dir=model / "l4", log=quiet)
 
 
 def test_the_cuda_calls_exist_in_cuda_python_as_used(stub, model: Path, monkeypatch) -> None:
@@ -598,3 +641,214 @@ def test_int4_engines_keep_an_fp16_kv_cache(stub, model: Path, tmp_path: Path) -
     options = dict(max_new_tokens=12, ignore_eos=True)
     want = reference.answer(image(), "What is it?", **options).token_ids
     assert trt.answer(image(), "What is it?", **options).token_ids == want
+
+
+def test_a_build_removes_only_the_engines_it_replaces(stub, model: Path, tmp_path: Path) -> None:
+    shared = tmp_path / "engines"  # one engine dir for a robot's models
+    shared.mkdir()
+    (shared / "detector.engine").write_bytes(b"another program's engine")
+    other = tmp_path / "other"
+    shutil.copytree(model, other)
+    build_engines(model, out_dir=shared, log=quiet)
+    first = set(p.name for p in shared.glob("*.engine"))
+    build_engines(other, out_dir=shared, max_batch=2, log=quiet)  # other engines, same dir
+    assert first <= set(p.name for p in shared.glob("*.engine"))
+    assert (shared / "detector.engine").read_bytes() == b"another program's engine"
+    key = str(shared.resolve())
+    for path in (model, other):
+        backend(path, engine_dir=shared).close()  # both models' engines are all there
+    # a rebuild of the first model replaces its own old engines, and only those
+    build_engines(model, out_dir=shared, max_context=512, log=quiet)
+    names = set(p.name for p in shared.glob("*.engine"))
+    recorded = {e.file for e in Manifest.load(model).engines[key].engines.values()}
+    kept = {e.file for e in Manifest.load(other).engines[key].engines.values()}
+    assert names == recorded | kept | {"detector.engine"}
+
+
+def test_engines_reach_the_disk_before_the_manifest_names_them(
+    stub, model: Path, monkeypatch
+) -> None:
+    import os
+
+    from llava_edge.runtime.tensorrt import build
+
+    events: list[str] = []
+    real_fsync, real_save = os.fsync, Manifest.save
+
+    def fsync(fd: int) -> None:
+        events.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
+        real_fsync(fd)
+
+    def save(self: Manifest, model_dir) -> None:
+        events.append("manifest")
+        real_save(self, model_dir)
+
+    monkeypatch.setattr(build.os, "fsync", fsync)
+    monkeypatch.setattr(Manifest, "save", save)
+    build_engines(model, log=quiet)
+    before = set(events[: events.index("manifest")])
+    assert {f".{name}.engine.tmp" for name in ("vision_encoder", "projector", "decoder")} <= before
+    assert "engines" in before  # the dir, for the renames
+
+
+def test_a_backend_on_a_second_gpu_runs_from_any_thread(stub, model: Path) -> None:
+    import threading
+
+    build_engines(model, log=quiet)
+    be = backend(model, device="cuda:1")  # the current device is per thread in CUDA
+    stub.errors.clear()
+    embeds = np.zeros((1, 5, 64), np.float32)
+    size = (be.manifest.image.height, be.manifest.image.width)
+    results: list = []
+
+    def request() -> None:  # as the batching thread or a server's worker runs it
+        try:
+            cache = be.new_cache(1)
+            be.decode(embeds, np.ones((1, 5), np.int64), np.arange(5)[None], cache)
+            results.append(
+                be.decode(embeds[:, :1], np.ones((1, 1), np.int64), np.array([[5]]), cache)
+            )
+            results.append(be.encode_image(np.zeros((1, 3, *size), np.float32)))
+        except Exception as e:  # noqa: BLE001 (reported below)
+            results.append(e)
+
+    worker = threading.Thread(target=request)
+    worker.start()
+    worker.join()
+    assert [type(r) for r in results] == [np.ndarray, np.ndarray], results
+    assert not stub.errors
+    assert {cudart_stub.device_of(a) for a in be.engines["decoder"].addresses.values()} == {1}
+    be.close()
+    cudart_stub.calls.clear()
+    backend(model, device="2").close()  # an index as text is that GPU, not GPU 0
+    assert ("cudaSetDevice", 2) in cudart_stub.calls
+
+
+def test_close_frees_the_device_memory_of_caches_still_held(stub, model: Path) -> None:
+    build_engines(model, log=quiet)
+    before = cudart_stub.in_use()
+    be = backend(model)
+    cache = be.new_cache(1)  # e.g. a chat kept past the pipeline's `with` block
+    be.decode(
+        np.zeros((1, 5, 64), np.float32), np.ones((1, 5), np.int64), np.arange(5)[None], cache
+    )
+    be.close()
+    assert cudart_stub.in_use() == before  # a model unloaded gives all its GPU memory back
+    with pytest.raises(LlavaEdgeError, match="engines are closed"):
+        be.decode(np.zeros((1, 1, 64), np.float32), np.ones((1, 1), np.int64), [[5]], cache)
+    del cache  # dropping it later frees nothing twice
+    assert cudart_stub.in_use() == before
+
+
+def test_a_load_that_fails_gives_back_what_it_took(stub, model: Path, monkeypatch) -> None:
+    from llava_edge.runtime.tensorrt import backend as trt_backend
+
+    build_engines(model, log=quiet)
+    before = cudart_stub.in_use()
+    real = trt_backend.check_engine_io
+
+    def decoder_differs(name, *args, **kwargs):  # the vision and projector engines loaded
+        if name == "decoder":
+            raise LlavaEdgeError("the decoder engine's inputs/outputs differ from the manifest")
+        real(name, *args, **kwargs)
+
+    monkeypatch.setattr(trt_backend, "check_engine_io", decoder_differs)
+    for _ in range(2):  # a robot that retries, or falls back to onnxruntime, leaks nothing
+        with pytest.raises(LlavaEdgeError, match="differ from the manifest"):
+            backend(model)
+    assert cudart_stub.in_use() == before
+    created = [c for c in cudart_stub.calls if c[0] == "cudaStreamCreateWithFlags"]
+    assert len([c for c in cudart_stub.calls if c[0] == "cudaStreamDestroy"]) == len(created)
+
+
+def test_a_build_whose_manifest_cannot_be_saved_leaves_no_new_engines(
+    stub, model: Path, monkeypatch
+) -> None:
+    build_engines(model, log=quiet)
+    before = sorted(p.name for p in (model / "engines").glob("*.engine"))
+
+    def disk_full(self, model_dir) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Manifest, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        build_engines(model, max_batch=2, log=quiet)  # other engines, renamed into place
+    # the manifest still names the old engines, and nothing names the new ones: gone again
+    assert sorted(p.name for p in (model / "engines").glob("*.engine")) == before
+
+
+KILLED_BEFORE_THE_MANIFEST = """
+import os, sys
+sys.path.insert(0, {tests!r})
+import tensorrt_stub
+sys.modules["tensorrt"] = tensorrt_stub
+from llava_edge.manifest import Manifest
+from llava_edge.runtime.tensorrt import gpu
+gpu.probe_gpu = lambda index=0: gpu.GpuInfo(0, "Stub Orin", "8.7", 8 << 30, 6 << 30, True, "12.6")
+Manifest.save = lambda self, model_dir: os._exit(9)  # killed between the renames and the commit
+from llava_edge.runtime.tensorrt.build import build_engines
+build_engines({model!r}, out_dir={out!r}, max_batch=2, log=lambda *a: None)
+"""
+
+
+def test_the_next_build_removes_engines_a_killed_build_left(
+    stub, model: Path, tmp_path: Path
+) -> None:
+    import subprocess
+
+    shared = tmp_path / "engines"  # shared: only what the killed build wrote may go
+    shared.mkdir()
+    (shared / "detector.engine").write_bytes(b"another program's engine")
+    build_engines(model, out_dir=shared, log=quiet)
+    script = KILLED_BEFORE_THE_MANIFEST.format(
+        tests=str(Path(__file__).parent), model=str(model), out=str(shared)
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert done.returncode == 9, done.stderr.decode()[-2000:]
+    assert len(list(shared.glob("*.engine"))) == 1 + 3 + 3  # new engines no manifest names
+    build_engines(model, out_dir=shared, log=quiet)
+    recorded = {
+        e.file for e in Manifest.load(model).engines[str(shared.resolve())].engines.values()
+    }
+    assert {p.name for p in shared.glob("*.engine")} == recorded | {"detector.engine"}
+
+
+def test_a_timing_cache_that_cannot_be_saved_does_not_fail_a_finished_build(
+    stub, model: Path, tmp_path: Path, monkeypatch
+) -> None:
+    from llava_edge.runtime.tensorrt import build
+
+    cache = tmp_path / "shared" / "timing.cache"  # e.g. on a full or read-only share
+    real = build._write
+
+    def full(path: Path, data) -> tuple[int, str]:
+        if path.name.startswith("timing.cache"):
+            raise OSError(28, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(build, "_write", full)
+    said: list[str] = []
+    assert build_engines(model, timing_cache=cache, log=said.append) == model / "engines"
+    assert set(Manifest.load(model).engines["engines"].engines) == set(Manifest.load(model).graphs)
+    assert any("could not save the timing cache" in line for line in said)
+    assert not list(cache.parent.glob("*.tmp"))
+
+
+def test_a_decoder_whose_past_and_present_differ_in_type_is_refused(
+    stub, model: Path, monkeypatch
+) -> None:
+    # The device cache copies present into past byte for byte: one type for both, or garbage
+    manifest = Manifest.load(model)
+    manifest.graphs["decoder"].tensorrt_file = "decoder.onnx"  # a TensorRT form: fp16 allowed
+    manifest.save(model)
+    build_engines(model, log=quiet)
+    real = stub._Engine.get_tensor_dtype
+    monkeypatch.setattr(
+        stub._Engine,
+        "get_tensor_dtype",
+        lambda self, name: stub.DataType.HALF if name.startswith("present") else real(self, name),
+    )
+    before = cudart_stub.in_use()
+    with pytest.raises(LlavaEdgeError, match="past keys/values are float32 and its present"):
+        backend(model)
+    assert cudart_stub.in_use() == before

@@ -44,7 +44,7 @@ from llava_edge.runtime.tensorrt.compat import (
 )
 from llava_edge.runtime.tensorrt.cuda import Cuda, DeviceArray
 from llava_edge.runtime.tensorrt.device_cache import DeviceKVCache, DeviceKVRows, KVPool
-from llava_edge.runtime.tensorrt.names import io_names
+from llava_edge.runtime.tensorrt.names import IONames, io_names
 from llava_edge.runtime.tensorrt.profiles import (
     DECODE,
     PREFILL,
@@ -78,7 +78,7 @@ class TensorRTBackend:
         manifest for this GPU). device: the GPU's index (or 'cuda:N')."""
         check_kv_layout(manifest.kv)
         trt = import_tensorrt()
-        index = device if isinstance(device, int) else int(str(device).partition(":")[2] or 0)
+        index = device_index(device)
         info = gpu.probe_gpu(index)  # first: it says clearly when there is no driver or GPU
         self.cuda = Cuda()
         self.cuda.set_device(index)
@@ -102,25 +102,32 @@ class TensorRTBackend:
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))  # outlives the engines
         rebuild = f"rebuild with `llava-edge build {model_dir} --out {engine_dir}`"
         skip = {"projector": {self.names.projector_input}, "decoder": self.names.past}
-        self.engines = {
-            name: _Engine(
-                trt,
-                self._runtime,
-                engine_dir / record.engines[name].file,
-                name,
-                graph,
-                graph_profiles(manifest, name, self.limits),
-                self.cuda,
-                skip.get(name, set()),
-                rebuild,
-                tensorrt_form=graph.tensorrt_file is not None,
-            )
-            for name, graph in manifest.graphs.items()
-        }
-        self.kv_dtype = self.engines["decoder"].io[self.names.layers[0][0]][1]
+        self.engines: dict[str, _Engine] = {}
+        try:
+            for name, graph in manifest.graphs.items():
+                self.engines[name] = _Engine(
+                    trt,
+                    self._runtime,
+                    engine_dir / record.engines[name].file,
+                    name,
+                    graph,
+                    graph_profiles(manifest, name, self.limits),
+                    self.cuda,
+                    skip.get(name, set()),
+                    rebuild,
+                    tensorrt_form=graph.tensorrt_file is not None,
+                )
+            self.kv_dtype = _kv_dtype(self.engines["decoder"], self.names, rebuild)
+        except BaseException:  # give back the engines loaded so far, their memory and the stream
+            for engine in self.engines.values():
+                engine.close()
+            self.engines.clear()
+            self.cuda.destroy_stream(self.stream)
+            raise
         # Keep freed caches for reuse, up to one max-context cache of the largest batch.
         largest = self._cache(self.limits.max_batch)
         self.pool = KVPool(self.cuda, largest.block_bytes(self.limits.max_context))
+        self._caches: weakref.WeakSet[DeviceKVCache] = weakref.WeakSet()  # freed by close()
 
     # ---- the backend interface -------------------------------------------------------------
 
@@ -141,6 +148,7 @@ class TensorRTBackend:
         """
         with self._lock:
             self._check_open()
+            self.cuda.use()
             step = image_batch(self.manifest, self.limits.max_batch)[2]
             return np.concatenate(
                 [
@@ -156,7 +164,10 @@ class TensorRTBackend:
                 f"a batch of {batch} is over the {self.limits.max_batch} the TensorRT engines were "
                 "built for; rebuild them with a larger --max-batch"
             )
-        return self._cache(batch, getattr(self, "pool", None))
+        cache = self._cache(batch, getattr(self, "pool", None))
+        with self._lock:  # close() goes through them
+            self._caches.add(cache)
+        return cache
 
     def _cache(self, batch: int, pool: KVPool | None = None) -> DeviceKVCache:
         return DeviceKVCache(
@@ -189,6 +200,7 @@ class TensorRTBackend:
         chunk = min(self.limits.prefill_chunk, self.limits.max_context)
         with self._lock:
             self._check_open()
+            self.cuda.use()
             for start in range(0, embeds.shape[1], chunk):
                 end = start + chunk
                 logits = self._step(
@@ -197,14 +209,19 @@ class TensorRTBackend:
             return logits
 
     def close(self) -> None:
-        """Free the engines, their buffers, the pooled caches and the stream."""
+        """Free the engines, their buffers, every cache's device memory (caches still held, by a
+        chat kept after the model, are emptied: a model unloaded gives back all its GPU memory)
+        and the stream."""
         with self._lock:
             if not self.engines:
                 return
+            self.cuda.use()
             self.cuda.synchronize(self.stream)
             for engine in self.engines.values():
                 engine.close()
             self.engines.clear()  # contexts and engines go before the runtime
+            for cache in list(self._caches):
+                cache.release()
             self.pool.close()
             self.cuda.destroy_stream(self.stream)
 
@@ -294,6 +311,29 @@ class TensorRTBackend:
             )
             self.cuda_graph = False
             return None
+
+
+def _kv_dtype(decoder: _Engine, names: IONames, rebuild: str) -> str:
+    """The device cache's dtype: the decoder's past keys/values', which its present ones must
+    share (the cache copies present into past byte for byte)."""
+    past = {decoder.io[n][1] for layer in names.layers for n in layer[:2]}
+    present = {decoder.io[n][1] for layer in names.layers for n in layer[2:]}
+    if len(past | present) != 1:
+        raise LlavaEdgeError(
+            f"the decoder engine's past keys/values are {'/'.join(sorted(past))} and its present "
+            f"ones {'/'.join(sorted(present))}: the KV cache needs one type; re-quantize the "
+            f"model or {rebuild}"
+        )
+    return past.pop()
+
+
+def device_index(device: int | str) -> int:
+    """The GPU index of 0, "1", "cuda" or "cuda:1"."""
+    text = str(device).strip()
+    number = "0" if text == "cuda" else text.removeprefix("cuda:")
+    if number.isdigit():
+        return int(number)
+    raise LlavaEdgeError(f"device {device!r} is not a CUDA GPU; give its index: 0, 1, or 'cuda:1'")
 
 
 class _Graph:

@@ -7,24 +7,30 @@ kept there and ignored), so the same code builds on JetPack 6 (TensorRT 10.3) an
 
 Engine files are named by their content (`decoder.<sha256 prefix>.engine`), so a build never
 overwrites the engines the manifest records: it writes new files, then saves the manifest (one
-atomic rename, the build's only commit point), then deletes the engines no record names any
-more. Killed or failed at any moment, a build leaves the manifest pointing at engines that are
-all there, old or new. The timing cache is read before and saved after (also after a
-failure), so a rebuild skips the kernel timing it already did.
+atomic rename, the build's only commit point), then deletes the engines that this model's previous
+build into the same dir made and no record names any more (never other files: an engine dir may be
+shared by several models, or with other programs); a build that fails before its commit removes the
+new engines it wrote, which no manifest names, and one killed before it leaves a note of them in
+the model dir for the next build to remove. Engines are flushed to disk before the manifest names
+them, so killed, failed or cut off from power at any moment, a build leaves the manifest pointing
+at engines that are all there, old or new. The timing cache is read before and saved after (also
+after a failure), so a rebuild skips the kernel timing it already did.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 from llava_edge.errors import LlavaEdgeError
+from llava_edge.files import fsync_path, replace_file
 from llava_edge.manifest import EngineSet, EngineSpec, Manifest
 from llava_edge.runtime.tensorrt import gpu
-from llava_edge.runtime.tensorrt.compat import engine_dir_key
+from llava_edge.runtime.tensorrt.compat import engine_dir_key, engine_dir_path
 from llava_edge.runtime.tensorrt.profiles import (
     DEFAULT_KV_CHUNK,
     DEFAULT_PREFILL_CHUNK,
@@ -34,6 +40,9 @@ from llava_edge.runtime.tensorrt.profiles import (
 from llava_edge.runtime.tensorrt.requirements import import_tensorrt
 
 ENGINE_DIR = "engines"  # default, inside the model dir
+# In the model dir while a build renames its engines into place and has not yet saved the manifest:
+# the files that a build killed then would leave, for the next one to remove.
+UNCOMMITTED = ".engines-uncommitted.json"
 # Integrated GPUs (Jetson) share the board's memory: TensorRT's default scratch limit is all of it
 INTEGRATED_WORKSPACE = 2 << 30
 
@@ -78,19 +87,20 @@ def build_engines(
         _check_memory(model_dir, device, limits)
     out = Path(out_dir) if out_dir is not None else model_dir / ENGINE_DIR
     out.mkdir(parents=True, exist_ok=True)
+    _remove_uncommitted(model_dir, manifest)
     cache_path = (
         Path(timing_cache) if timing_cache is not None else out / timing_cache_name(trt.__version__)
     )
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     workspace = int(workspace_gb * 2**30) if workspace_gb is not None else None
     if workspace is None and device.integrated:
-        free = device.free_memory or device.total_memory
-        workspace = min(INTEGRATED_WORKSPACE, free // 4)
+        workspace = min(INTEGRATED_WORKSPACE, free_memory(device) // 4)
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     timing = None
     built: dict[str, tuple[Path, EngineSpec]] = {}
+    installed: list[Path] = []  # new engine files renamed into `out`, not yet in the manifest
     try:
         with _progress(len(manifest.graphs), log) as bar:
             for name, graph in manifest.graphs.items():
@@ -100,7 +110,7 @@ def build_engines(
                     # One cache object serves every graph of the build (TensorRT shares a timing
                     # cache across builder configs); it starts from the file when there is one.
                     timing = _timing_cache(config, cache_path, log)
-                if not config.set_timing_cache(timing, False):
+                elif not config.set_timing_cache(timing, False):
                     raise LlavaEdgeError(
                         "TensorRT refused the timing cache; delete " + str(cache_path)
                     )
@@ -114,7 +124,11 @@ def build_engines(
                     shapes = builder.create_optimization_profile()
                     for tensor, (low, opt, high) in profile.shapes(graph.inputs).items():
                         shapes.set_shape(tensor, low, opt, high)
-                    config.add_optimization_profile(shapes)
+                    if config.add_optimization_profile(shapes) < 0:  # -1: not valid, not added
+                        raise LlavaEdgeError(
+                            f"TensorRT refused the {profile.name} optimization profile of the "
+                            f"{name} engine (its log above says why)"
+                        )
                 start = time.perf_counter()
                 plan = builder.build_serialized_network(network, config)
                 del network, parser  # the parsed weights: free them before the plan is written
@@ -143,9 +157,15 @@ def build_engines(
                     f"built {name}.engine ({size / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s"
                 )
                 bar.update()
+        key = engine_dir_key(model_dir, out)
+        replaced = manifest.engines.get(key)
+        kept = {spec.file for spec in replaced.engines.values()} if replaced else set()
+        # the same content under the same name where kept
+        installed = [out / spec.file for _, spec in built.values() if spec.file not in kept]
+        _note_uncommitted(model_dir, installed)  # for the next build, should this one be killed
         for tmp, spec in built.values():
             os.replace(tmp, out / spec.file)
-        key = engine_dir_key(model_dir, out)
+        fsync_path(out)  # the renames: durable before the manifest names the files
         manifest.engines[key] = EngineSet(
             tensorrt=trt.__version__,
             gpu=device.name,
@@ -157,22 +177,37 @@ def build_engines(
             engines={name: spec for name, (_, spec) in built.items()},
         )
         manifest.save(model_dir)
-        _remove_unrecorded(out, manifest.engines[key])
+        installed.clear()  # committed: the manifest names them
+        (model_dir / UNCOMMITTED).unlink(missing_ok=True)
+        if replaced is not None:
+            _remove_replaced(out, replaced, manifest.engines[key])
     finally:
-        for tmp, _ in built.values():
-            tmp.unlink(missing_ok=True)
+        for path in [tmp for tmp, _ in built.values()] + installed:
+            path.unlink(missing_ok=True)  # what no manifest names
+        if installed:
+            (model_dir / UNCOMMITTED).unlink(missing_ok=True)
         if timing is not None:
-            _write(cache_path.with_name(cache_path.name + ".tmp"), timing.serialize())
-            os.replace(cache_path.with_name(cache_path.name + ".tmp"), cache_path)
+            _save_timing_cache(timing, cache_path, log)
     log(f"engines for {device.name} (TensorRT {trt.__version__}) in {out}")
     return out
+
+
+def free_memory(info: gpu.GpuInfo) -> int:
+    """The memory the engines can have. An integrated GPU (Jetson) allocates from the board's
+    memory, where CUDA's free count can be less than what can be allocated (CUDA for Tegra: it
+    leaves out what the OS can free by swapping): Linux's MemAvailable, which also counts the page
+    cache the kernel would drop, is taken where it says more."""
+    free = info.free_memory if info.free_memory is not None else info.total_memory
+    if info.integrated:
+        free = min(info.total_memory, max(free, gpu.host_available_memory() or 0))
+    return free
 
 
 def _check_memory(model_dir: Path, info: gpu.GpuInfo, limits: EngineLimits) -> None:
     """Refuse engines whose weights, KV cache and activations cannot fit in the free memory."""
     from llava_edge.runtime.plan import Device, plan
 
-    free = info.free_memory if info.free_memory is not None else info.total_memory
+    free = free_memory(info)
     device = Device(info.name, info.total_memory, info.total_memory - free, None)
     needed = plan(
         model_dir,
@@ -236,16 +271,33 @@ def _parse(trt: Any, builder: Any, logger: Any, path: Path, inputs: set[str]) ->
 
 
 def _timing_cache(config: Any, path: Path, log: Any) -> Any:
-    """The timing cache from `path`, or an empty one where TensorRT cannot read the file (another
-    TensorRT version or GPU wrote it, or it is damaged): create_timing_cache returns None then."""
+    """The timing cache from `path`, attached to `config`; or an empty one where TensorRT cannot
+    use the file: another TensorRT version wrote it or it is damaged (create_timing_cache returns
+    None), or another GPU did (set_timing_cache refuses a cache of other device properties,
+    returning False; its timings would not hold here)."""
     data = _read(path)
     cache = config.create_timing_cache(data)
-    if cache is None and data:
+    if data and (cache is None or not config.set_timing_cache(cache, False)):
         log(f"timing cache {path} is stale or from another TensorRT or GPU; starting an empty one")
-        cache = config.create_timing_cache(b"")
-    if cache is None:
+        data, cache = b"", config.create_timing_cache(b"")
+    if cache is None or (not data and not config.set_timing_cache(cache, False)):
         raise LlavaEdgeError("TensorRT could not create a timing cache (its log above says why)")
     return cache
+
+
+def _save_timing_cache(timing: Any, path: Path, log: Any) -> None:
+    """Save the kernel timings for the next build. A cache that cannot be written (a full disk, a
+    read-only share) only costs the next build its timing: it neither fails a build whose engines
+    are committed nor hides why a failed one failed."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        _write(tmp, timing.serialize())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        log(
+            f"could not save the timing cache {path} ({e.strerror or e}); the next build times again"
+        )
 
 
 def _error_text(error: Any) -> str:
@@ -261,18 +313,50 @@ def _read(path: Path) -> bytes:
     return path.read_bytes() if path.is_file() else b""
 
 
-def _remove_unrecorded(out: Path, record: EngineSet) -> None:
-    """Engines of earlier builds into `out` that the manifest no longer names."""
-    keep = {spec.file for spec in record.engines.values()}
-    for path in out.glob("*.engine"):
-        if path.name not in keep:
+def _note_uncommitted(model_dir: Path, paths: list[Path]) -> None:
+    """Record the engine files about to be renamed into place, before the manifest names them."""
+    with replace_file(model_dir / UNCOMMITTED) as f:
+        json.dump([str(p.resolve()) for p in paths], f)
+
+
+def _remove_uncommitted(model_dir: Path, manifest: Manifest) -> None:
+    """The engines a build killed between its renames and its commit left: listed in the note it
+    wrote, named by no record of the manifest."""
+    note = model_dir / UNCOMMITTED
+    if not note.is_file():
+        return
+    recorded = {
+        (engine_dir_path(model_dir, key) / spec.file).resolve()
+        for key, record in manifest.engines.items()
+        for spec in record.engines.values()
+    }
+    try:
+        paths = [Path(p) for p in json.loads(note.read_text())]
+    except (OSError, ValueError):
+        paths = []  # a note cut short: its renames had not begun
+    for path in paths:
+        if path.suffix == ".engine" and path.resolve() not in recorded:
             path.unlink(missing_ok=True)
+    note.unlink(missing_ok=True)
+
+
+def _remove_replaced(out: Path, old: EngineSet, new: EngineSet) -> None:
+    """The engines this model's previous build into `out` made and this one does not use. Only
+    those: an engine dir may also hold other models' engines, or other programs'."""
+    keep = {spec.file for spec in new.engines.values()}
+    for spec in old.engines.values():
+        if spec.file not in keep:
+            (out / spec.file).unlink(missing_ok=True)
 
 
 def _write(path: Path, data: Any) -> tuple[int, str]:
+    """Write and flush to disk: the manifest must never name an engine that a power cut could
+    leave empty (the manifest's own save is atomic and flushed too)."""
     view = memoryview(data).cast("B")
     with open(path, "wb") as f:
         f.write(view)
+        f.flush()
+        os.fsync(f.fileno())
     return view.nbytes, hashlib.sha256(view).hexdigest()
 
 

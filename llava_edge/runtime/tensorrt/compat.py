@@ -82,8 +82,10 @@ def _fits(engines: EngineSet, platform: Platform) -> bool:
 
 
 def same_tensorrt(a: str, b: str) -> bool:
-    """Engines load only in the TensorRT release that built them (major.minor.patch)."""
-    return a.split(".")[:3] == b.split(".")[:3]
+    """Engines load only in the TensorRT release that built them: TensorRT's support policy asks
+    plan files (and timing caches) to match in major, minor, patch and build version (10.3.0.26
+    does not load 10.3.0.30's engines)."""
+    return a.strip().split(".") == b.strip().split(".")
 
 
 def check_engines(

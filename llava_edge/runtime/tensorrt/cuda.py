@@ -15,26 +15,35 @@ from __future__ import annotations
 
 import importlib
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from llava_edge.errors import LlavaEdgeError
+from llava_edge.errors import LlavaEdgeError, first_line
 
+# The release of CUDA 12 (JetPack 6's): the unpinned `cuda-python` is a CUDA 13 release, which a
+# CUDA 12 driver cannot run. The same range as pyproject.toml's `trt` extra.
+CUDA_BINDINGS = "cuda-bindings>=12.6,<13"
 CUDA_HINT = (
-    "the TensorRT backend reaches the GPU through cuda-python: `pip install 'llava-edge[trt]'` "
-    "(or `pip install cuda-python`; on a Jetson, the version of JetPack's CUDA: 12.x)"
+    f"the TensorRT backend reaches the GPU through cuda-python: `pip install '{CUDA_BINDINGS}'` "
+    "(on an x86 or SBSA server `pip install 'llava-edge[trt]'` installs it with TensorRT)"
 )
 
 
 def import_cudart() -> Any:
     """cuda-python's runtime module (the 12.6+ name, or the older `cuda.cudart`)."""
+    failure = None
     for name in ("cuda.bindings.runtime", "cuda.cudart"):
         try:
             return importlib.import_module(name)
-        except ImportError:
+        except ModuleNotFoundError:
             continue
+        except ImportError as e:  # installed, but a library it loads is missing
+            failure = failure or e
+    if failure is not None:
+        raise LlavaEdgeError(f"cuda-python does not load ({first_line(failure)}); {CUDA_HINT}")
     raise LlavaEdgeError(f"cuda-python is not installed; {CUDA_HINT}")
 
 
@@ -56,6 +65,8 @@ class Cuda:
 
     def __init__(self, runtime: Any | None = None):
         self.rt = runtime if runtime is not None else import_cudart()
+        self.device: int | None = None  # set_device's: made current on each calling thread
+        self._thread = threading.local()
         self._success = int(self.rt.cudaError_t.cudaSuccess)
         kinds = self.rt.cudaMemcpyKind
         self.host_to_device = kinds.cudaMemcpyHostToDevice
@@ -64,7 +75,11 @@ class Cuda:
 
     def call(self, name: str, *args: Any) -> Any:
         """Run `name(*args)`; its results after the error code (one, several, or None)."""
-        result = getattr(self.rt, name)(*args)
+        if self.device is not None and getattr(self._thread, "device", None) != self.device:
+            self.use()
+        return self._checked(name, getattr(self.rt, name)(*args))
+
+    def _checked(self, name: str, result: tuple) -> Any:
         error, rest = result[0], result[1:]
         if int(error) != self._success:
             raise LlavaEdgeError(f"CUDA {name} failed: {self.error_name(error)}")
@@ -82,7 +97,18 @@ class Cuda:
     # ---- devices, memory, streams --------------------------------------------------------------
 
     def set_device(self, index: int) -> None:
-        self.call("cudaSetDevice", index)
+        """Use GPU `index` from now on, on every thread. CUDA's current device is per host
+        thread, and memory is allocated and TensorRT launches on the calling thread's: a backend
+        made on one thread and run on another (a batching thread, a server's worker) would
+        otherwise allocate its KV cache on GPU 0 and launch on it."""
+        self.device = index
+        self.use()
+
+    def use(self) -> None:
+        """Make the device current on this thread (again: other code may have changed it)."""
+        if self.device is not None:
+            self._checked("cudaSetDevice", self.rt.cudaSetDevice(self.device))
+            self._thread.device = self.device
 
     def malloc(self, nbytes: int) -> int:
         try:

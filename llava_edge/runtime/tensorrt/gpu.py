@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 from dataclasses import dataclass
+from pathlib import Path
 
 from llava_edge.errors import LlavaEdgeError
 
@@ -113,6 +114,18 @@ def _free_memory(cuda: ctypes.CDLL, dev: ctypes.c_int) -> int | None:
         return free.value if ok else None
     finally:
         cuda.cuDevicePrimaryCtxRelease_v2(dev)
+
+
+def host_available_memory() -> int | None:
+    """What Linux can still give programs (MemAvailable: free memory, and the page cache it would
+    drop), or None where it cannot say."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 CUDA_ERROR_NO_DEVICE = 100
