@@ -64,7 +64,11 @@ def kill_at_random_moments(
     The runs' TMPDIR is `tmp`, which must stay empty: a killed run's scratch files belong
     beside `out`, where the next run removes them, not in /tmp for ever."""
     tmp.mkdir()
-    env = {**os.environ, "TMPDIR": str(tmp)}
+    # torch makes its compiler's cache dir, shared by every torch program, under the temporary
+    # dir unless told otherwise (a pytest process that imported torch's compiler has told it,
+    # through the environment its children inherit): not a leftover of the run.
+    inductor = tmp.parent / "torchinductor"
+    env = {**os.environ, "TMPDIR": str(tmp), "TORCHINDUCTOR_CACHE_DIR": str(inductor)}
     rng = kill_moments()
     start = time.perf_counter()
     subprocess.run(argv, check=True, capture_output=True, env=env)  # how long one run takes
