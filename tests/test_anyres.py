@@ -324,3 +324,22 @@ def test_quantized_copy_keeps_the_anyres_files(exported: Exported, tmp_path) -> 
     picture(30, 100).save(image)
     agreement = greedy_agreement(exported.model_dir, out, [Sample(image, QUESTION)], tokens=4)
     assert agreement["teacher_forced_top1"] >= 0.75, agreement
+
+
+def test_pinpoints_that_are_not_whole_tiles_are_refused_before_loading(
+    exported: Exported, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A grid the tiles do not fill exported, then failed at the first image."""
+    import json
+
+    from llava_edge.cli import main
+
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(exported.checkpoint, checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["image_grid_pinpoints"] = [[32, 64], [48, 64]]
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    assert main(["export", str(checkpoint), str(tmp_path / "model"), "--no-verify"]) == 1
+    err = capsys.readouterr().err
+    assert "image_grid_pinpoints [48, 64] is not a whole number of 32 px tiles" in err
+    assert not (tmp_path / "model").exists()

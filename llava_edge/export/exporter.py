@@ -216,6 +216,8 @@ def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = F
             f"'{config.vision_feature_select_strategy}' is not supported (its tiles' feature "
             "grids need the CLS token dropped)"
         )
+    if config.model_type == "llava_next":
+        _check_pinpoints(source, config)
     text_type = config.text_config.model_type
     if text_type not in SUPPORTED_TEXT_MODELS:
         raise LlavaEdgeError(
@@ -229,6 +231,20 @@ def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = F
             "export takes the default, linear, dynamic, yarn and llama3 rope types"
         )
     return config
+
+
+def _check_pinpoints(source: str, config: Any) -> None:
+    """AnyRes grids are whole tiles of the vision tower's input: LlavaNextImageProcessor and
+    LlavaNextModel disagree on the feature grid of any other size, so such a model dir would
+    fail at its first image."""
+    tile = config.vision_config.image_size
+    for pinpoint in config.image_grid_pinpoints or []:
+        if len(pinpoint) != 2 or any(int(side) <= 0 or int(side) % tile for side in pinpoint):
+            raise LlavaEdgeError(
+                f"{source}: image_grid_pinpoints {list(pinpoint)} is not a whole number of "
+                f"{tile} px tiles (the vision tower's input) on each side; fix the config's "
+                "image_grid_pinpoints"
+            )
 
 
 # Rope types the graphs cannot hold, and why.
