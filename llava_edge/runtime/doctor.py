@@ -17,6 +17,7 @@ from typing import Any
 from llava_edge import __version__
 from llava_edge.errors import LlavaEdgeError, first_line
 from llava_edge.runtime.tensorrt.cuda import CUDA_HINT
+from llava_edge.runtime.tensorrt.gpu import host_available_memory
 from llava_edge.runtime.tensorrt.requirements import TENSORRT_HINT
 
 ORT_GPU_HINT = (
@@ -76,7 +77,7 @@ def diagnose() -> Report:
         gpus=gpus,
         gpu_error=gpu_error,
         jetson=_jetson(),
-        memory_available=_memory_available(),
+        memory_available=host_available_memory(),
         backends=[],
         cuda_python=_cuda_python(),
     )
@@ -203,13 +204,3 @@ def _jetson() -> str | None:
     if not path.is_file():
         return None
     return "Jetson " + path.read_text(errors="replace").splitlines()[0].strip("# ").split(",")[0]
-
-
-def _memory_available() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
