@@ -115,6 +115,9 @@ def train(
     model_path = Path(model).resolve()
     if not (model_path / "config.json").is_file():
         raise LlavaEdgeError(f"--model {model}: not a checkpoint dir (no config.json)")
+    inputs = {"--data file": data, "--images dir": images}
+    inputs |= {"--deepspeed config": opts.deepspeed, "--fsdp config": opts.fsdp}
+    _check_out_spares_inputs(out, inputs)
     resume_from = _check_out_dir(out, model_path, opts)
 
     import torch
@@ -342,6 +345,21 @@ def _check_out_dir(out: Path, model: Path, opts: TrainOptions) -> Path | None:
         )
     check_output_dir(out, force=True, keep=model, keep_name="the --model checkpoint")
     return None
+
+
+def _check_out_spares_inputs(out: Path, inputs: Mapping[str, Any]) -> None:
+    """Refuse an OUT that is, or holds, one of the run's inputs: the trained checkpoint replaces
+    OUT whole at the end (and --force clears it), which would delete them."""
+    target = out.resolve()
+    for name, path in inputs.items():
+        if path is None:
+            continue
+        source = Path(path).resolve()
+        if source == target or target in source.parents:
+            raise LlavaEdgeError(
+                f"--out {out} holds the {name} {path}, which the trained checkpoint would "
+                "replace; choose another output dir"
+            )
 
 
 def _clear_trainer_dir(trainer_dir: Path, keep_checkpoints: bool) -> None:
