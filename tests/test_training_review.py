@@ -32,3 +32,40 @@ def test_out_holding_the_data_or_images_is_refused(out, tiny_checkpoint, data, t
     assert "--data file" in err or "--images dir" in err
     assert "Traceback" not in err and len(err.splitlines()) == 1
     assert snapshot(tmp_path / "data") == before
+
+
+FAST = dict(
+    global_batch_size=2,
+    warmup_ratio=0.0,
+    gradient_checkpointing=False,
+    progress=False,
+    force=True,
+)
+
+
+def test_an_interrupted_final_save_keeps_the_checkpoints(
+    tiny_checkpoint, data, tmp_path, monkeypatch
+):
+    import llava_edge.files as files
+    from llava_edge.training.train import train
+
+    out = tmp_path / "out"
+    sync_tree = files.sync_tree
+
+    def interrupted(root: Path) -> None:  # Ctrl-C while the new OUT goes to disk
+        if Path(root).name.startswith(f".{out.name}.partial-"):
+            raise KeyboardInterrupt
+        sync_tree(root)
+
+    monkeypatch.setattr(files, "sync_tree", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(1, tiny_checkpoint, data["captions"], out, images=data["images"], max_steps=2, **FAST)
+    checkpoint = out / "checkpoints" / "checkpoint-2"
+    assert (checkpoint / "optimizer.pt").is_file() and (checkpoint / "model.safetensors").is_file()
+    monkeypatch.setattr(files, "sync_tree", sync_tree)
+    options = {**FAST, "force": False, "resume": True}
+    result = train(
+        1, tiny_checkpoint, data["captions"], out, images=data["images"], max_steps=2, **options
+    )
+    assert result.steps == 2 and (out / "model.safetensors").is_file()
+    assert (out / "checkpoints" / "checkpoint-2" / "optimizer.pt").is_file()

@@ -569,7 +569,7 @@ def _save(
     curve: tuple[list[tuple[int, float]], str],
 ) -> Any:
     """Write the final checkpoint as `out`, whole (llava_edge.files.replace_dir); the trainer's
-    checkpoints move along into it. Returns the trained model (merged if LoRA).
+    checkpoints go along (_link_tree). Returns the trained model (merged if LoRA).
 
     Plain training saves through the Trainer, which gathers sharded weights (DeepSpeed ZeRO-3,
     FSDP) and must run on every process; LoRA adapters are merged on the main process.
@@ -607,10 +607,21 @@ def _save(
             (tmp / "training_args.bin").unlink(missing_ok=True)
             plot_losses(*curve, tmp / LOSS_PLOT)
             staging.rmdir()
-            if (out / TRAINER_DIR).is_dir():  # last, one rename: then the install
-                (out / TRAINER_DIR).replace(tmp / TRAINER_DIR)
+            if (out / TRAINER_DIR).is_dir():
+                _link_tree(out / TRAINER_DIR, tmp / TRAINER_DIR)
     trainer.accelerator.wait_for_everyone()
     return model
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """`source` again at `target`, as hard links: no data is copied, and the checkpoints stay in
+    OUT until the new OUT is installed (moved into the new dir instead, an interrupted install
+    would delete them with it). Where the filesystem has no hard links (FAT), a move."""
+    try:
+        shutil.copytree(source, target, copy_function=os.link)
+    except OSError:
+        shutil.rmtree(target, ignore_errors=True)
+        source.replace(target)
 
 
 def _close_progress_bars(trainer: Any) -> None:
