@@ -69,3 +69,48 @@ def test_an_interrupted_final_save_keeps_the_checkpoints(
     )
     assert result.steps == 2 and (out / "model.safetensors").is_file()
     assert (out / "checkpoints" / "checkpoint-2" / "optimizer.pt").is_file()
+
+
+@pytest.fixture(scope="module")
+def saved_runs(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
+    """OUT dirs of a stage-1 run and a stage-2 LoRA run, each with a trainer checkpoint."""
+    from llava_edge.training.train import train
+
+    root = tmp_path_factory.mktemp("runs")
+    data = synthesize(root / "data", train=2, test=0, seed=1)
+    runs = {"data": data["train"], "images": data["images"]}
+    for name, stage, extra in [
+        ("stage1", 1, {}),
+        ("lora", 2, dict(lora=True, lora_rank=2, lora_alpha=4)),
+    ]:
+        runs[name] = root / name
+        train(stage, tiny_checkpoint, data["train"], runs[name], images=data["images"],
+              max_steps=1, save_steps=1, **FAST, **extra)  # fmt: skip
+    return runs
+
+
+@pytest.mark.parametrize(
+    "run, options, message",
+    [
+        ("lora", ["--stage", "2"], "was saved by a run with --lora; resume with the options"),
+        ("stage1", ["--stage", "2", "--lora"], "was saved by a run without --lora; resume with"),
+        (
+            "lora",
+            ["--stage", "2", "--lora", "--lora-rank", "4"],
+            "adapters of --lora-rank 2, not 4",
+        ),
+        ("stage1", ["--stage", "2"], "holds the optimizer of a run that trained other parameters"),
+    ],
+)
+def test_resuming_with_other_options_is_refused_in_one_line(
+    run, options, message, saved_runs, tiny_checkpoint, capsys
+):
+    out = saved_runs[run]
+    before = snapshot(out)
+    argv = ["train", *options, "--model", str(tiny_checkpoint), "--out", str(out), "--resume"]
+    argv += ["--data", str(saved_runs["data"]), "--images", str(saved_runs["images"])]
+    assert cli([*argv, "--max-steps", "2", "--no-gradient-checkpointing"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and message in err.strip().splitlines()[-1], err[-2000:]
+    assert "pass --force to start over" in err
+    assert snapshot(out) == before

@@ -338,6 +338,7 @@ def _check_out_dir(out: Path, model: Path, opts: TrainOptions) -> Path | None:
         last = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
         if last is None:
             raise LlavaEdgeError(f"--resume: {trainer_dir} holds no checkpoint to resume from")
+        _check_resumable(Path(last), opts)
         return Path(last)
     if out.is_dir() and any(out.iterdir()) and not opts.force:
         raise LlavaEdgeError(
@@ -345,6 +346,40 @@ def _check_out_dir(out: Path, model: Path, opts: TrainOptions) -> Path | None:
         )
     check_output_dir(out, force=True, keep=model, keep_name="the --model checkpoint")
     return None
+
+
+RESUME_HINT = "resume with the options its run was started with, or pass --force to start over"
+
+
+def _check_resumable(checkpoint: Path, opts: TrainOptions) -> None:
+    """Refuse a checkpoint of another kind of run (LoRA or not, other adapter sizes) before any
+    work: Trainer would load it only to fail with a traceback. Other trained parameters (another
+    stage) are found when the optimizer's state loads (LlavaTrainer)."""
+    from llava_edge.training.lora import CONFIG_NAME
+
+    config = checkpoint / CONFIG_NAME
+    if config.is_file() != opts.lora:
+        kind = "with" if config.is_file() else "without"
+        raise LlavaEdgeError(
+            f"--resume: {checkpoint} was saved by a run {kind} --lora; {RESUME_HINT}"
+        )
+    if not opts.lora:
+        return
+    try:
+        saved = json.loads(config.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LlavaEdgeError(
+            f"--resume: cannot read {config} ({e}); pass --force to start over"
+        ) from None
+    for key, flag, value in (
+        ("r", "--lora-rank", opts.lora_rank),
+        ("lora_alpha", "--lora-alpha", opts.lora_alpha),
+    ):
+        if saved.get(key) != value:
+            raise LlavaEdgeError(
+                f"--resume: {checkpoint} holds adapters of {flag} {saved.get(key)}, not {value}; "
+                + RESUME_HINT
+            )
 
 
 def _check_out_spares_inputs(out: Path, inputs: Mapping[str, Any]) -> None:
@@ -488,6 +523,16 @@ def _make_trainer(
                 **kwargs,
             )
             return self.optimizer
+
+        def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+            try:
+                super()._load_optimizer_and_scheduler(checkpoint)
+            except ValueError as e:  # torch: the saved parameter groups are not these
+                raise LlavaEdgeError(
+                    f"--resume: {checkpoint} holds the optimizer of a run that trained other "
+                    f"parameters (another --stage or --projector-lr: {first_line(e)}); "
+                    + RESUME_HINT
+                ) from None
 
         def _save_checkpoint(self, model: Any, trial: Any) -> None:
             # Trainer writes checkpoint-N in place: killed half-way, it leaves a checkpoint that
