@@ -880,7 +880,11 @@ def _add_training_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--per-device-batch-size", type=int)
     p.add_argument("--warmup-ratio", type=float)
     p.add_argument("--weight-decay", type=float)
-    p.add_argument("--max-length", type=int, help="longest sample in tokens, image included")
+    p.add_argument(
+        "--max-length",
+        type=int,
+        help="longest sample in tokens, image included (default 2048, or the model's context)",
+    )
     p.add_argument("--template", help="chat template (default: plain for stage 1, vicuna_v1 for 2)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument(

@@ -4,6 +4,7 @@ model's context as the longest sample."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,30 @@ def test_resuming_with_other_options_is_refused_in_one_line(
     assert "Traceback" not in err and message in err.strip().splitlines()[-1], err[-2000:]
     assert "pass --force to start over" in err
     assert snapshot(out) == before
+
+
+def test_samples_stay_within_the_models_context(tiny_checkpoint, tmp_path, capsys):
+    # The tiny preset's context is 1024 tokens; LLaVA-1.5's default --max-length is 2048.
+    long = {"id": "long", "conversations": [
+        {"from": "human", "value": "the " * 1100},
+        {"from": "gpt", "value": "yes"},
+    ]}  # fmt: skip
+    (tmp_path / "long.json").write_text(json.dumps([long]))
+    argv = [
+        "train",
+        "--stage",
+        "2",
+        "--model",
+        str(tiny_checkpoint),
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    argv += ["--data", str(tmp_path / "long.json"), "--max-steps", "1"]
+    assert cli(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "sample long: no answer token is left after truncation to --max-length 1024" in err
+    assert cli([*argv, "--max-length", "2048"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith("--max-length 2048 is past the language model's context of 1024 tokens "
+                        "(max_position_embeddings); give at most 1024")  # fmt: skip
+    assert not (tmp_path / "out").exists()

@@ -141,7 +141,7 @@ def train(
         template,
         image_token_id=config.image_token_id,
         num_image_tokens=count_image_tokens(processor),
-        max_length=opts.max_length,
+        max_length=longest_sample(opts.max_length, "max_length" in options, config),
     )
     dataset = TrainingSet(
         data,
@@ -293,6 +293,22 @@ def _check_parallel_configs(deepspeed: str | None, fsdp: str | None) -> None:
             )
     if deepspeed and importlib.util.find_spec("deepspeed") is None:
         raise LlavaEdgeError("--deepspeed needs the deepspeed package; pip install deepspeed")
+
+
+def longest_sample(requested: int, given: bool, config: Any) -> int:
+    """The longest sample, within the language model's context (max_position_embeddings): past
+    it, a model with learned positions fails mid-run, and one with rotary positions learns
+    positions that no export of it reaches. The default (LLaVA-1.5's 2048) shrinks to fit; a
+    value given past it is refused."""
+    context = int(getattr(config.text_config, "max_position_embeddings", 0) or 0)
+    if not context or requested <= context:
+        return requested
+    if given:
+        raise LlavaEdgeError(
+            f"--max-length {requested} is past the language model's context of {context} tokens "
+            f"(max_position_embeddings); give at most {context}"
+        )
+    return context
 
 
 def freeze_for_stage(model: Any, stage: int) -> None:
