@@ -142,3 +142,21 @@ def test_samples_stay_within_the_models_context(tiny_checkpoint, tmp_path, capsy
     assert err.endswith("--max-length 2048 is past the language model's context of 1024 tokens "
                         "(max_position_embeddings); give at most 1024")  # fmt: skip
     assert not (tmp_path / "out").exists()
+
+
+def test_absolute_image_paths_need_no_image_dir(
+    tiny_checkpoint, tiny_model_dir, data, tmp_path, capsys
+):
+    from llava_edge.training.evaluate import evaluate
+
+    samples = json.loads(data["train"].read_text())
+    for sample in samples:
+        sample["image"] = str((data["images"] / sample["image"]).resolve())
+    absolute = tmp_path / "absolute.json"
+    absolute.write_text(json.dumps(samples))
+    out = tmp_path / "out"
+    argv = ["train", "--stage", "2", "--model", str(tiny_checkpoint), "--data", str(absolute)]
+    assert cli([*argv, "--out", str(out), "--max-steps", "1", "--no-gradient-checkpointing"]) == 0
+    assert (out / "model.safetensors").is_file()
+    result = evaluate(tiny_model_dir, absolute, answers=tmp_path / "answers.jsonl", progress=False)
+    assert result.total == sum(len(s["conversations"]) // 2 for s in samples)

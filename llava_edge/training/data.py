@@ -86,6 +86,16 @@ def parse_sample(record: Any, position: int) -> Sample:
     return Sample(sample_id, image, list(zip(questions, values[1::2], strict=True)))
 
 
+def image_path(sample: Sample, root: Path | None) -> Path:
+    """Where a sample's image is: an absolute path as it is, else under the image dir."""
+    path = Path(sample.image)
+    if path.is_absolute():
+        return path
+    if root is None:
+        raise BadSample(sample.id, "has an image but no image dir was given (--images DIR)")
+    return root / path
+
+
 class SampleFile:
     """Random access to the records of a LLaVA JSON or JSONL file without holding them.
 

@@ -13,7 +13,7 @@ from PIL import Image
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.runtime.image import load_image
 from llava_edge.runtime.template import IMAGE_PLACEHOLDER
-from llava_edge.training.data import BadSample, Sample, SampleFile, parse_sample
+from llava_edge.training.data import BadSample, Sample, SampleFile, image_path, parse_sample
 from llava_edge.training.labels import IGNORE, Labeler
 
 SKIP_HINT = "; fix it, or pass --skip-bad to leave such samples out"
@@ -75,15 +75,10 @@ class TrainingSet(torch.utils.data.Dataset):
             self.skipped.append(e)
             return False
 
-    def image_path(self, sample: Sample) -> Path:
-        if self.image_root is None:
-            raise BadSample(sample.id, "has an image but no image dir was given (--images DIR)")
-        return self.image_root / sample.image
-
     def _check_image(self, sample: Sample) -> None:
         """Exists and has an image header; decoding every image up front would take hours on
         LLaVA's 665k, so a file broken past its header is found when it is loaded."""
-        path = self.image_path(sample)
+        path = image_path(sample, self.image_root)
         if not path.is_file():
             raise BadSample(sample.id, f"image {path} does not exist")
         try:
@@ -105,7 +100,7 @@ class TrainingSet(torch.utils.data.Dataset):
             }
             if sample.image is not None:
                 try:
-                    image = load_image(self.image_path(sample))
+                    image = load_image(image_path(sample, self.image_root))
                 except LlavaEdgeError as e:
                     raise BadSample(sample.id, str(e)) from None
                 pixels = self.image_processor(image, return_tensors="pt")["pixel_values"]
