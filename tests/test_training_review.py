@@ -160,3 +160,21 @@ def test_absolute_image_paths_need_no_image_dir(
     assert (out / "model.safetensors").is_file()
     result = evaluate(tiny_model_dir, absolute, answers=tmp_path / "answers.jsonl", progress=False)
     assert result.total == sum(len(s["conversations"]) // 2 for s in samples)
+
+
+@pytest.mark.parametrize(
+    "swap, message",
+    [
+        ("data", "data file {images} is a directory; give a LLaVA JSON or JSONL file"),
+        ("images", "image dir {data} is a file; give the dir the images are in"),
+    ],
+)
+def test_a_dir_for_a_file_and_a_file_for_a_dir_are_named(
+    swap, message, tiny_checkpoint, data, tmp_path, capsys
+):
+    paths = {"data": data["train"], "images": data["images"]}
+    given = {**paths, swap: paths["images" if swap == "data" else "data"]}
+    argv = ["train", "--stage", "2", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "o")]
+    assert cli([*argv, "--data", str(given["data"]), "--images", str(given["images"])]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith(message.format(**{k: str(v) for k, v in paths.items()}))

@@ -86,6 +86,14 @@ def parse_sample(record: Any, position: int) -> Sample:
     return Sample(sample_id, image, list(zip(questions, values[1::2], strict=True)))
 
 
+def check_image_dir(root: Path | None) -> None:
+    if root is None or root.is_dir():
+        return
+    if root.exists():
+        raise LlavaEdgeError(f"image dir {root} is a file; give the dir the images are in")
+    raise LlavaEdgeError(f"image dir {root} does not exist")
+
+
 def image_path(sample: Sample, root: Path | None) -> Path:
     """Where a sample's image is: an absolute path as it is, else under the image dir."""
     path = Path(sample.image)
@@ -114,6 +122,10 @@ class SampleFile:
         from tqdm.auto import tqdm
 
         self.path = Path(path)
+        if self.path.is_dir():
+            raise LlavaEdgeError(
+                f"data file {self.path} is a directory; give a LLaVA JSON or JSONL file"
+            )
         if not self.path.is_file():
             raise LlavaEdgeError(f"data file {self.path} does not exist")
         self._handle = None

@@ -13,7 +13,14 @@ from PIL import Image
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.runtime.image import load_image
 from llava_edge.runtime.template import IMAGE_PLACEHOLDER
-from llava_edge.training.data import BadSample, Sample, SampleFile, image_path, parse_sample
+from llava_edge.training.data import (
+    BadSample,
+    Sample,
+    SampleFile,
+    check_image_dir,
+    image_path,
+    parse_sample,
+)
 from llava_edge.training.labels import IGNORE, Labeler
 
 SKIP_HINT = "; fix it, or pass --skip-bad to leave such samples out"
@@ -48,8 +55,7 @@ class TrainingSet(torch.utils.data.Dataset):
         log: Callable[[str], None] = stderr,
     ):
         self.image_root = Path(image_root) if image_root is not None else None
-        if self.image_root is not None and not self.image_root.is_dir():
-            raise LlavaEdgeError(f"image dir {self.image_root} does not exist")
+        check_image_dir(self.image_root)
         self.labeler = labeler
         self.image_processor = image_processor
         self.skip_bad = skip_bad

@@ -16,7 +16,14 @@ from typing import Any
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.files import check_output_file, replace_file
-from llava_edge.training.data import BadSample, Sample, SampleFile, image_path, parse_sample
+from llava_edge.training.data import (
+    BadSample,
+    Sample,
+    SampleFile,
+    check_image_dir,
+    image_path,
+    parse_sample,
+)
 
 
 @dataclass
@@ -60,8 +67,7 @@ def evaluate(
     GenerationConfig(max_new_tokens=max_new_tokens).validate()
     data = Path(data)
     image_root = Path(images) if images is not None else None
-    if image_root is not None and not image_root.is_dir():
-        raise LlavaEdgeError(f"image dir {image_root} does not exist")
+    check_image_dir(image_root)
     out = Path(answers) if answers is not None else data.with_name(f"{data.stem}.answers.jsonl")
     check_output_file(out, "--answers")
     if _same_file(out, data):
