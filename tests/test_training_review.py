@@ -5,6 +5,8 @@ model's context as the longest sample."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -178,3 +180,40 @@ def test_a_dir_for_a_file_and_a_file_for_a_dir_are_named(
     assert cli([*argv, "--data", str(given["data"]), "--images", str(given["images"])]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.endswith(message.format(**{k: str(v) for k, v in paths.items()}))
+
+
+def broken_model(kind: str, tiny_checkpoint: Path, path: Path) -> Path:
+    if kind == "llama":
+        from transformers import LlamaConfig
+
+        LlamaConfig(num_hidden_layers=1).save_pretrained(path)
+        return path
+    shutil.copytree(tiny_checkpoint, path)
+    if kind == "broken config":
+        (path / "config.json").write_text("{")
+    elif kind == "no weights":
+        (path / "model.safetensors").unlink()
+    else:  # no processor
+        for name in ("processor_config.json", "tokenizer.json", "tokenizer_config.json"):
+            (path / name).unlink()
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("broken config", "cannot load --model .*: It looks like the config file"),
+        ("no weights", "cannot load --model .*: .*no file named model.safetensors"),
+        ("no processor", "cannot load --model .*: Can't load image processor"),
+        ("llama", "--model .* is a 'llama' checkpoint; train takes LLaVA"),
+    ],
+)
+def test_a_model_dir_train_cannot_load_is_named_in_one_line(
+    kind, message, tiny_checkpoint, data, tmp_path, capsys
+):
+    model = broken_model(kind, tiny_checkpoint, tmp_path / "model")
+    argv = ["train", "--stage", "2", "--model", str(model), "--out", str(tmp_path / "out")]
+    argv += ["--data", str(data["train"]), "--images", str(data["images"]), "--max-steps", "1"]
+    assert cli(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and re.search(message, err.strip().splitlines()[-1]), err[-1500:]

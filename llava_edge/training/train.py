@@ -121,19 +121,16 @@ def train(
     resume_from = _check_out_dir(out, model_path, opts)
 
     import torch
-    from transformers import AutoConfig, AutoProcessor
 
     from llava_edge.modeling import load_model, prompt_template
-    from llava_edge.training.checkpoint import hf_chat_template, quiet_loading, saved_dtype
+    from llava_edge.training.checkpoint import hf_chat_template, saved_dtype
     from llava_edge.training.dataset import TrainingSet, count_image_tokens, stderr
     from llava_edge.training.labels import Labeler
 
     defaults = STAGES[stage]
     template_name = opts.template or defaults.template
     main_process = int(os.environ.get("RANK", "0")) == 0
-    with quiet_loading():
-        processor = AutoProcessor.from_pretrained(model_path)
-        config = AutoConfig.from_pretrained(model_path)
+    processor, config = _load_processor_and_config(model, model_path)
     template = prompt_template(template_name, config)  # LLaVA v1: <im_start> image <im_end>
     processor.chat_template = hf_chat_template(template)
     labeler = Labeler(
@@ -156,7 +153,10 @@ def train(
             f"skipped {len(dataset.skipped)} bad sample(s) of {data}; the first: {dataset.skipped[0]}"
         )
 
-    llava = load_model(model_path, dtype=torch.float32, use_safetensors=True)
+    try:
+        llava = load_model(model_path, dtype=torch.float32, use_safetensors=True)
+    except OSError as e:  # no weights file
+        raise LlavaEdgeError(f"cannot load --model {model}: {first_line(e)}") from None
     freeze_for_stage(llava, stage)
     trained = add_lora_if(llava, opts)
     args = _training_args(out / TRAINER_DIR, stage, opts, defaults, dataset.has_text_only)
@@ -191,6 +191,27 @@ def train(
         skipped=len(dataset.skipped),
         model=final,
     )
+
+
+def _load_processor_and_config(model: str | os.PathLike, path: Path) -> tuple[Any, Any]:
+    """The checkpoint's processor and config, once it is known to be a LLaVA checkpoint (LLaVA-NeXT's
+    tiles would need labels and batches of their own)."""
+    from transformers import AutoConfig, AutoProcessor
+
+    from llava_edge.training.checkpoint import quiet_loading
+
+    try:
+        with quiet_loading():
+            config = AutoConfig.from_pretrained(path)
+            if config.model_type != "llava":
+                raise LlavaEdgeError(
+                    f"--model {model} is a '{config.model_type}' checkpoint; train takes LLaVA "
+                    "(LlavaForConditionalGeneration): `llava-edge convert` an original LLaVA one, "
+                    "or `llava-edge init --vision CLIP --llm LM` one from parts"
+                )
+            return AutoProcessor.from_pretrained(path), config
+    except (OSError, ValueError) as e:  # a broken config.json, missing processor files
+        raise LlavaEdgeError(f"cannot load --model {model}: {first_line(e)}") from None
 
 
 LORA_ONLY = {
