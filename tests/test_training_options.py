@@ -200,6 +200,18 @@ def test_adapters_merge_into_their_base(adapters, tiny_checkpoint, tmp_path, cap
     assert not all(before[k].equal(after[k]) for k in before if k.endswith("q_proj.weight"))
 
 
+@pytest.mark.parametrize("out", [".", "inside"])
+def test_the_merged_checkpoint_goes_outside_its_base(
+    out, adapters, tiny_checkpoint, tmp_path, capsys
+):
+    base = Path(shutil.copytree(tiny_checkpoint, tmp_path / "base"))
+    before = (base / "model.safetensors").read_bytes()
+    code, err = merge([str(adapters), str(base / out), "--base", str(base), "--force"], capsys)
+    assert code == 1
+    assert "the base checkpoint" in one_line_error(err)
+    assert (base / "model.safetensors").read_bytes() == before
+
+
 def test_a_base_of_other_widths_is_refused(adapters, tmp_path, capsys):
     from llava_edge.training.checkpoint import init_checkpoint
 
