@@ -217,3 +217,23 @@ def test_a_model_dir_train_cannot_load_is_named_in_one_line(
     assert cli(argv) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err and re.search(message, err.strip().splitlines()[-1]), err[-1500:]
+
+
+def test_out_holding_the_working_directory_is_refused(
+    tiny_checkpoint, data, tmp_path, monkeypatch, capsys
+):
+    # Replaced whole at the end, the working directory cannot be renamed: a traceback after all
+    # the training, and the result lost.
+    work = tmp_path / "run" / "work"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    argv = ["train", "--stage", "2", "--model", str(tiny_checkpoint), "--data", str(data["train"])]
+    for out in (".", ".."):
+        assert cli([*argv, "--images", str(data["images"]), "--out", out, "--force"]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.endswith(
+            f"--out {out} holds the working directory {work}, which the trained checkpoint would "
+            "replace; choose another output dir"
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "run"]
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["work"] and not any(work.iterdir())

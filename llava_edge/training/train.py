@@ -115,7 +115,7 @@ def train(
     model_path = Path(model).resolve()
     if not (model_path / "config.json").is_file():
         raise LlavaEdgeError(f"--model {model}: not a checkpoint dir (no config.json)")
-    inputs = {"--data file": data, "--images dir": images}
+    inputs = {"--data file": data, "--images dir": images, "working directory": os.getcwd()}
     inputs |= {"--deepspeed config": opts.deepspeed, "--fsdp config": opts.fsdp}
     _check_out_spares_inputs(out, inputs)
     resume_from = _check_out_dir(out, model_path, opts)
