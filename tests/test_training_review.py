@@ -82,12 +82,12 @@ def saved_runs(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("runs")
     data = synthesize(root / "data", train=2, test=0, seed=1)
     runs = {"data": data["train"], "images": data["images"]}
-    for name, stage, extra in [
-        ("stage1", 1, {}),
-        ("lora", 2, dict(lora=True, lora_rank=2, lora_alpha=4)),
+    for name, stage, samples, extra in [
+        ("stage1", 1, data["captions"], {}),
+        ("lora", 2, data["train"], dict(lora=True, lora_rank=2, lora_alpha=4)),
     ]:
         runs[name] = root / name
-        train(stage, tiny_checkpoint, data["train"], runs[name], images=data["images"],
+        train(stage, tiny_checkpoint, samples, runs[name], images=data["images"],
               max_steps=1, save_steps=1, **FAST, **extra)  # fmt: skip
     return runs
 
