@@ -237,3 +237,32 @@ def test_out_holding_the_working_directory_is_refused(
         )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "run"]
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["work"] and not any(work.iterdir())
+
+
+def test_the_logged_loss_is_transformers_loss_of_the_global_batch(tiny_checkpoint, data, tmp_path):
+    """Over gradient accumulation (2 x 2 samples) the logged loss of a step is the mean over
+    every supervised token of the global batch, as LlavaForConditionalGeneration computes it on
+    the whole batch at once (transformers' semantics; lr 0 leaves the weights as they were)."""
+    import torch
+    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+
+    from llava_edge.modeling import prompt_template
+    from llava_edge.training.dataset import Collator, TrainingSet, count_image_tokens
+    from llava_edge.training.labels import Labeler
+    from llava_edge.training.train import train
+
+    options = {**FAST, "global_batch_size": 4, "per_device_batch_size": 2, "learning_rate": 0.0}
+    result = train(2, tiny_checkpoint, data["train"], tmp_path / "out", images=data["images"],
+                   max_steps=1, **options)  # fmt: skip
+
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    config = AutoConfig.from_pretrained(tiny_checkpoint)
+    labeler = Labeler(processor.tokenizer, prompt_template("vicuna_v1", config),
+                      config.image_token_id, count_image_tokens(processor), 1024)  # fmt: skip
+    samples = TrainingSet(data["train"], data["images"], labeler, processor.image_processor,
+                          progress=False)  # fmt: skip
+    batch = Collator(processor.tokenizer.pad_token_id)([samples[i] for i in range(4)])
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32)
+    with torch.no_grad():
+        expected = model(**batch).loss.item()
+    assert result.losses == [(1, pytest.approx(expected, rel=1e-5))]
