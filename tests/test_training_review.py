@@ -191,6 +191,10 @@ def broken_model(kind: str, tiny_checkpoint: Path, path: Path) -> Path:
     shutil.copytree(tiny_checkpoint, path)
     if kind == "broken config":
         (path / "config.json").write_text("{")
+    elif kind == "no patch size":
+        processor = json.loads((path / "processor_config.json").read_text())
+        del processor["patch_size"]
+        (path / "processor_config.json").write_text(json.dumps(processor))
     elif kind == "no weights":
         (path / "model.safetensors").unlink()
     else:  # no processor
@@ -206,6 +210,7 @@ def broken_model(kind: str, tiny_checkpoint: Path, path: Path) -> Path:
         ("no weights", "cannot load --model .*: .*no file named model.safetensors"),
         ("no processor", "cannot load --model .*: Can't load image processor"),
         ("llama", "--model .* is a 'llama' checkpoint; train takes LLaVA"),
+        ("no patch size", 'has no patch_size\\); add "patch_size": 8 to it'),
     ],
 )
 def test_a_model_dir_train_cannot_load_is_named_in_one_line(

@@ -209,9 +209,16 @@ def _load_processor_and_config(model: str | os.PathLike, path: Path) -> tuple[An
                     "(LlavaForConditionalGeneration): `llava-edge convert` an original LLaVA one, "
                     "or `llava-edge init --vision CLIP --llm LM` one from parts"
                 )
-            return AutoProcessor.from_pretrained(path), config
+            processor = AutoProcessor.from_pretrained(path)
     except (OSError, ValueError) as e:  # a broken config.json, missing processor files
         raise LlavaEdgeError(f"cannot load --model {model}: {first_line(e)}") from None
+    if getattr(processor, "patch_size", 0) is None:  # an older llava-hf processor_config.json
+        raise LlavaEdgeError(
+            f"the processor of --model {model} cannot expand <image> into image tokens (its "
+            f'processor_config.json has no patch_size); add "patch_size": '
+            f"{config.vision_config.patch_size} to it"
+        )
+    return processor, config
 
 
 LORA_ONLY = {
