@@ -60,6 +60,8 @@ def test_jsonl_with_blank_lines_and_keep_filter(tmp_path):
         ("", "is empty"),
         ('[{"id": 1}, {"id": 2]', "not valid JSON"),
         ('[{"id": 1} {"id": 2}]', "expected ',' or ']'"),
+        ('[{"id": 1}]\n[{"id": 2}]\n', "more data after the list's closing ']' at byte 12; two"),
+        ("[] x", "more data after the list's closing ']' at byte 3"),
         ('{"id": 1}\n{"id": 2\n', "line 2: not valid JSON"),
     ],
 )

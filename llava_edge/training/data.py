@@ -261,12 +261,23 @@ class SampleFile:
                     f"{self.path}: {what} at byte {at}; the file is not valid JSON"
                 )
 
+            def close() -> None:
+                nonlocal pos, at
+                pos += 1
+                at += 1
+                if skip_space():  # json.load refuses it too ("Extra data")
+                    raise LlavaEdgeError(
+                        f"{self.path}: more data after the list's closing ']' at byte {at}; two "
+                        "lists one after another? `llava-edge data mix` joins LLaVA files"
+                    )
+
             more()
             if skip_space() != "[":
                 raise fail("expected '['")
             pos += 1
             at += 1
             if skip_space() == "]":
+                close()
                 return
             while True:
                 skip_space()
@@ -285,6 +296,7 @@ class SampleFile:
                 pos, at = end, at + length
                 sep = skip_space()
                 if sep == "]":
+                    close()
                     return
                 if sep != ",":
                     raise fail("expected ',' or ']' after a sample")
