@@ -81,12 +81,12 @@ def saved_runs(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("runs")
     data = synthesize(root / "data", train=2, test=0, seed=1)
-    runs = {"data": data["train"], "images": data["images"]}
+    runs = {"images": data["images"]}
     for name, stage, samples, extra in [
         ("stage1", 1, data["captions"], {}),
         ("lora", 2, data["train"], dict(lora=True, lora_rank=2, lora_alpha=4)),
     ]:
-        runs[name] = root / name
+        runs[name], runs[f"{name} data"] = root / name, samples
         train(stage, tiny_checkpoint, samples, runs[name], images=data["images"],
               max_steps=1, save_steps=1, **FAST, **extra)  # fmt: skip
     return runs
@@ -102,7 +102,12 @@ def saved_runs(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
             ["--stage", "2", "--lora", "--lora-rank", "4"],
             "adapters of --lora-rank 2, not 4",
         ),
-        ("stage1", ["--stage", "2"], "holds the optimizer of a run that trained other parameters"),
+        ("stage1", ["--stage", "2"], "was trained with the plain template, not vicuna_v1; resume"),
+        (
+            "stage1",
+            ["--stage", "2", "--template", "plain"],
+            "holds the optimizer of a run that trained other parameters",
+        ),
     ],
 )
 def test_resuming_with_other_options_is_refused_in_one_line(
@@ -111,7 +116,7 @@ def test_resuming_with_other_options_is_refused_in_one_line(
     out = saved_runs[run]
     before = snapshot(out)
     argv = ["train", *options, "--model", str(tiny_checkpoint), "--out", str(out), "--resume"]
-    argv += ["--data", str(saved_runs["data"]), "--images", str(saved_runs["images"])]
+    argv += ["--data", str(saved_runs[f"{run} data"]), "--images", str(saved_runs["images"])]
     assert cli([*argv, "--max-steps", "2", "--no-gradient-checkpointing"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err and message in err.strip().splitlines()[-1], err[-2000:]

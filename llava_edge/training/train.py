@@ -118,7 +118,8 @@ def train(
     inputs = {"--data file": data, "--images dir": images, "working directory": os.getcwd()}
     inputs |= {"--deepspeed config": opts.deepspeed, "--fsdp config": opts.fsdp}
     _check_out_spares_inputs(out, inputs)
-    resume_from = _check_out_dir(out, model_path, opts)
+    template_name = opts.template or STAGES[stage].template
+    resume_from = _check_out_dir(out, model_path, opts, template_name)
 
     import torch
 
@@ -128,7 +129,6 @@ def train(
     from llava_edge.training.labels import Labeler
 
     defaults = STAGES[stage]
-    template_name = opts.template or defaults.template
     main_process = int(os.environ.get("RANK", "0")) == 0
     processor, config = _load_processor_and_config(model, model_path)
     template = prompt_template(template_name, config)  # LLaVA v1: <im_start> image <im_end>
@@ -368,7 +368,7 @@ def batch_plan(global_batch: int, per_device: int, processes: int) -> tuple[int,
     return per_device, global_batch // (per_device * processes)
 
 
-def _check_out_dir(out: Path, model: Path, opts: TrainOptions) -> Path | None:
+def _check_out_dir(out: Path, model: Path, opts: TrainOptions, template: str) -> Path | None:
     """The checkpoint to resume from, or None; refuses to train over an earlier result.
 
     Deletes nothing: an earlier run's checkpoints stay until training starts
@@ -382,7 +382,7 @@ def _check_out_dir(out: Path, model: Path, opts: TrainOptions) -> Path | None:
         last = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
         if last is None:
             raise LlavaEdgeError(f"--resume: {trainer_dir} holds no checkpoint to resume from")
-        _check_resumable(Path(last), opts)
+        _check_resumable(Path(last), opts, template)
         return Path(last)
     if out.is_dir() and any(out.iterdir()) and not opts.force:
         raise LlavaEdgeError(
@@ -395,10 +395,12 @@ def _check_out_dir(out: Path, model: Path, opts: TrainOptions) -> Path | None:
 RESUME_HINT = "resume with the options its run was started with, or pass --force to start over"
 
 
-def _check_resumable(checkpoint: Path, opts: TrainOptions) -> None:
-    """Refuse a checkpoint of another kind of run (LoRA or not, other adapter sizes) before any
-    work: Trainer would load it only to fail with a traceback. Other trained parameters (another
-    stage) are found when the optimizer's state loads (LlavaTrainer)."""
+def _check_resumable(checkpoint: Path, opts: TrainOptions, template: str) -> None:
+    """Refuse a checkpoint of another kind of run (LoRA or not, other adapter sizes, another
+    template) before any work: Trainer would load it only to fail with a traceback, or train on
+    with prompts other than those of the steps before. Other trained parameters (another stage)
+    are found when the optimizer's state loads (LlavaTrainer)."""
+    from llava_edge.manifest import read_checkpoint_template
     from llava_edge.training.lora import CONFIG_NAME
 
     config = checkpoint / CONFIG_NAME
@@ -406,6 +408,12 @@ def _check_resumable(checkpoint: Path, opts: TrainOptions) -> None:
         kind = "with" if config.is_file() else "without"
         raise LlavaEdgeError(
             f"--resume: {checkpoint} was saved by a run {kind} --lora; {RESUME_HINT}"
+        )
+    saved_template = read_checkpoint_template(checkpoint)
+    if saved_template is not None and saved_template != template:
+        raise LlavaEdgeError(
+            f"--resume: {checkpoint} was trained with the {saved_template} template, not "
+            f"{template}; {RESUME_HINT}"
         )
     if not opts.lora:
         return
