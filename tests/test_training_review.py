@@ -276,3 +276,28 @@ def test_the_logged_loss_is_transformers_loss_of_the_global_batch(tiny_checkpoin
     with torch.no_grad():
         expected = model(**batch).loss.item()
     assert result.losses == [(1, pytest.approx(expected, rel=1e-5))]
+
+
+@pytest.mark.parametrize("links", [True, False])
+def test_checkpoints_join_the_new_out_as_links_or_else_moved(links, tmp_path, monkeypatch):
+    import os
+
+    from llava_edge.training.train import _link_tree
+
+    source, target = tmp_path / "out" / "checkpoints", tmp_path / "new" / "checkpoints"
+    (source / "checkpoint-2").mkdir(parents=True)
+    (source / "checkpoint-2" / "optimizer.pt").write_bytes(b"state")
+    target.parent.mkdir()
+    if not links:  # FAT, exFAT: no hard links
+
+        def no_link(*_args, **_kwargs):
+            raise PermissionError(1, "Operation not permitted")
+
+        monkeypatch.setattr(os, "link", no_link)
+    _link_tree(source, target)
+    assert (target / "checkpoint-2" / "optimizer.pt").read_bytes() == b"state"
+    assert source.exists() == links
+    if links:
+        assert os.path.samefile(
+            source / "checkpoint-2" / "optimizer.pt", target / "checkpoint-2" / "optimizer.pt"
+        )
