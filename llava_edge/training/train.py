@@ -89,7 +89,7 @@ class TrainResult:
     steps: int
     final_loss: float | None  # the last logged training loss
     losses: list[tuple[int, float]]  # (step, loss) as logged
-    skipped: int  # bad samples left out by skip_bad
+    skipped: int  # bad samples skip_bad left out before training (not those found while loading)
     model: Any = field(repr=False)  # the trained model (merged if LoRA), on this process
 
 
