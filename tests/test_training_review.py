@@ -301,3 +301,27 @@ def test_checkpoints_join_the_new_out_as_links_or_else_moved(links, tmp_path, mo
         assert os.path.samefile(
             source / "checkpoint-2" / "optimizer.pt", target / "checkpoint-2" / "optimizer.pt"
         )
+
+
+@pytest.mark.parametrize(
+    "damaged, message",
+    [
+        ("adapter_model.safetensors", "cannot read .*adapter_model.safetensors \\(Error while"),
+        ("trainer_state.json", "cannot read .*trainer_state.json \\(Expecting"),
+    ],
+)
+def test_a_damaged_checkpoint_is_named_before_resuming(
+    damaged, message, saved_runs, tiny_checkpoint, tmp_path, capsys
+):
+    out = Path(shutil.copytree(saved_runs["lora"], tmp_path / "out"))
+    path = out / "checkpoints" / "checkpoint-1" / damaged
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])  # a copy cut short
+    argv = ["train", "--stage", "2", "--lora", "--lora-rank", "2", "--lora-alpha", "4", "--resume"]
+    argv += ["--model", str(tiny_checkpoint), "--out", str(out), "--max-steps", "2"]
+    argv += ["--data", str(saved_runs["lora data"]), "--images", str(saved_runs["images"])]
+    assert cli(argv) == 1
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and re.search(message, last), err[-1500:]
+    assert last.endswith("the checkpoint is damaged: delete it to resume from an earlier one, "
+                         "or pass --force to start over")  # fmt: skip

@@ -403,6 +403,7 @@ def _check_resumable(checkpoint: Path, opts: TrainOptions, template: str) -> Non
     from llava_edge.manifest import read_checkpoint_template
     from llava_edge.training.lora import CONFIG_NAME
 
+    _check_whole(checkpoint)
     config = checkpoint / CONFIG_NAME
     if config.is_file() != opts.lora:
         kind = "with" if config.is_file() else "without"
@@ -432,6 +433,31 @@ def _check_resumable(checkpoint: Path, opts: TrainOptions, template: str) -> Non
                 f"--resume: {checkpoint} holds adapters of {flag} {saved.get(key)}, not {value}; "
                 + RESUME_HINT
             )
+
+
+def _check_whole(checkpoint: Path) -> None:
+    """A checkpoint whose state or weights cannot be read (truncated by a copy that did not
+    finish, damaged on disk) is named before any work; Trainer would fail on it with a
+    traceback once the model had loaded."""
+    from safetensors import SafetensorError, safe_open
+
+    damaged = (
+        "; the checkpoint is damaged: delete it to resume from an earlier one, or pass --force "
+        "to start over"
+    )
+    state = checkpoint / "trainer_state.json"
+    try:
+        json.loads(state.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LlavaEdgeError(f"--resume: cannot read {state} ({first_line(e)}){damaged}") from None
+    for weights in sorted(checkpoint.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), "pt"):  # the header, checked against the file's size
+                pass
+        except (SafetensorError, OSError) as e:
+            raise LlavaEdgeError(
+                f"--resume: cannot read {weights} ({first_line(e)}){damaged}"
+            ) from None
 
 
 def _check_out_spares_inputs(out: Path, inputs: Mapping[str, Any]) -> None:
