@@ -849,7 +849,8 @@ def _add_training_parsers(sub: argparse._SubParsersAction) -> None:
         help="train LLaVA: stage 1 (projector) or 2 (projector + LLM, full or LoRA)",
         description="Defaults are LLaVA-1.5's for the stage (1: lr 1e-3, batch 256, 'plain'; "
         "2: lr 2e-5, batch 128, 'vicuna_v1'; LoRA: lr 2e-4, projector 2e-5), 1 epoch, cosine "
-        "schedule with 3% warmup, max length 2048, gradient checkpointing, bf16 on a GPU.",
+        "schedule with 3% warmup, max length 2048 (at most the model's context), gradient "
+        "checkpointing, bf16 on a GPU.",
     )
     p.add_argument("--stage", type=int, required=True, choices=[1, 2])
     p.add_argument("--model", required=True, help="LLaVA checkpoint dir to start from")
