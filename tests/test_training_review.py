@@ -325,3 +325,13 @@ def test_a_damaged_checkpoint_is_named_before_resuming(
     assert "Traceback" not in err and re.search(message, last), err[-1500:]
     assert last.endswith("the checkpoint is damaged: delete it to resume from an earlier one, "
                          "or pass --force to start over")  # fmt: skip
+
+
+def test_skip_bad_leaving_nothing_says_why(tiny_checkpoint, data, tmp_path, capsys):
+    argv = ["train", "--stage", "2", "--model", str(tiny_checkpoint), "--data", str(data["train"])]
+    assert cli([*argv, "--out", str(tmp_path / "out"), "--skip-bad"]) == 1  # no --images
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith(
+        f"every sample of {data['train']} was left out as bad; the first: sample train-0: has an "
+        "image but no image dir was given (--images DIR)"
+    )

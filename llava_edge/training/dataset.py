@@ -63,6 +63,10 @@ class TrainingSet(torch.utils.data.Dataset):
         self.skipped: list[BadSample] = []
         self.has_text_only = False
         self.file = SampleFile(data, keep=self._check, progress=progress)
+        if not len(self.file) and self.skipped:
+            raise LlavaEdgeError(
+                f"every sample of {data} was left out as bad; the first: {self.skipped[0]}"
+            )
         if not len(self.file):
             raise LlavaEdgeError(f"{data} has no sample left to train on")
 
