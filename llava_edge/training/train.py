@@ -422,7 +422,7 @@ def _check_resumable(checkpoint: Path, opts: TrainOptions, template: str) -> Non
         saved = json.loads(config.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise LlavaEdgeError(
-            f"--resume: cannot read {config} ({e}); pass --force to start over"
+            f"--resume: cannot read {config} ({first_line(e)}); pass --force to start over"
         ) from None
     for key, flag, value in (
         ("r", "--lora-rank", opts.lora_rank),
