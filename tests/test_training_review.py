@@ -335,3 +335,19 @@ def test_skip_bad_leaving_nothing_says_why(tiny_checkpoint, data, tmp_path, caps
         f"every sample of {data['train']} was left out as bad; the first: sample train-0: has an "
         "image but no image dir was given (--images DIR)"
     )
+
+
+def test_a_tokenizer_without_a_padding_token_trains(tiny_checkpoint, data, tmp_path):
+    # Llama's tokenizer names no padding token; padding is masked out, so any id does.
+    from transformers import AutoTokenizer
+
+    from llava_edge.training.train import train
+
+    model = Path(shutil.copytree(tiny_checkpoint, tmp_path / "model"))
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    del config["pad_token"]
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    assert AutoTokenizer.from_pretrained(model).pad_token_id is None
+    result = train(2, model, data["train"], tmp_path / "out", images=data["images"],
+                   max_steps=1, **FAST)  # fmt: skip
+    assert result.steps == 1 and (tmp_path / "out" / "model.safetensors").is_file()

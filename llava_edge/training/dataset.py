@@ -127,10 +127,13 @@ class TrainingSet(torch.utils.data.Dataset):
 
 class Collator:
     """Right-pads a batch; images of the samples that have one are stacked in order (the model
-    puts them at the image tokens, row by row). Samples dropped by --skip-bad arrive as None."""
+    puts them at the image tokens, row by row). Samples dropped by --skip-bad arrive as None.
 
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
+    Padding is masked out (attention 0, label IGNORE), so where the tokenizer names no padding
+    token (Llama's has none) any id does: its EOS, as transformers falls back, else 0."""
+
+    def __init__(self, pad_token_id: int | None, eos_token_id: int | None = None):
+        self.pad_token_id = next((i for i in (pad_token_id, eos_token_id) if i is not None), 0)
 
     def __call__(self, items: list[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor]:
         items = [item for item in items if item is not None]

@@ -672,7 +672,7 @@ def _make_trainer(
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=Collator(processor.tokenizer.pad_token_id),
+        data_collator=Collator(processor.tokenizer.pad_token_id, processor.tokenizer.eos_token_id),
         processing_class=processor,
         callbacks=list(callbacks),
     )
