@@ -72,6 +72,7 @@ def data(tmp_path_factory) -> dict[str, Path]:
             "--lora-rank, --lora-alpha, --lora-dropout: LoRA options, for stage 2 with --lora",
         ),
         (["--precision", "fp16"], "--precision fp16 needs a GPU"),
+        (["--resume"], "--resume goes on from OUT's checkpoints and --force starts over; choose"),
     ],
 )
 def test_an_option_out_of_range_is_refused_before_any_work(

@@ -242,6 +242,10 @@ def check_options(stage: int, opts: TrainOptions, given: Mapping[str, Any] | Non
     ]
     if lora_only and not opts.lora:
         raise LlavaEdgeError(f"{', '.join(lora_only)}: LoRA options, for stage 2 with --lora")
+    if opts.resume and opts.force:
+        raise LlavaEdgeError(
+            "--resume goes on from OUT's checkpoints and --force starts over; choose one"
+        )
     if opts.template is not None and opts.template not in TEMPLATES:
         raise LlavaEdgeError(f"unknown template {opts.template!r}; choose from {sorted(TEMPLATES)}")
     at_least = {
