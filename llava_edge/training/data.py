@@ -242,7 +242,13 @@ class SampleFile:
                 eof = not data
                 if pos > _CHUNK:  # drop what was consumed
                     text, pos = text[pos:], 0
-                text += utf8.decode(data, final=eof)
+                try:
+                    text += utf8.decode(data, final=eof)
+                except UnicodeDecodeError as e:
+                    raise LlavaEdgeError(
+                        f"{self.path} is not UTF-8 text (byte 0x{e.object[e.start]:02x}: "
+                        f"{e.reason}); JSON is UTF-8: save it as UTF-8"
+                    ) from None
                 return True
 
             def skip_space() -> str:
