@@ -856,7 +856,8 @@ def _add_training_parsers(sub: argparse._SubParsersAction) -> None:
         help="train LLaVA: stage 1 (projector) or 2 (projector + LLM, full or LoRA)",
         description="Defaults are LLaVA-1.5's for the stage (1: lr 1e-3, batch 256, 'plain'; "
         "2: lr 2e-5, batch 128, 'vicuna_v1'; LoRA: lr 2e-4, projector 2e-5), 1 epoch, cosine "
-        "schedule with 3% warmup, max length 2048, gradient checkpointing, bf16 on a GPU.",
+        "schedule with 3% warmup, max length 2048 (at most the model's context), gradient "
+        "checkpointing, bf16 on a GPU.",
     )
     p.add_argument("--stage", type=int, required=True, choices=[1, 2])
     p.add_argument("--model", required=True, help="LLaVA checkpoint dir to start from")
@@ -887,7 +888,11 @@ def _add_training_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--per-device-batch-size", type=int)
     p.add_argument("--warmup-ratio", type=float)
     p.add_argument("--weight-decay", type=float)
-    p.add_argument("--max-length", type=int, help="longest sample in tokens, image included")
+    p.add_argument(
+        "--max-length",
+        type=int,
+        help="longest sample in tokens, image included (default 2048, or the model's context)",
+    )
     p.add_argument("--template", help="chat template (default: plain for stage 1, vicuna_v1 for 2)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument(

@@ -60,12 +60,15 @@ def test_jsonl_with_blank_lines_and_keep_filter(tmp_path):
         ("", "is empty"),
         ('[{"id": 1}, {"id": 2]', "not valid JSON"),
         ('[{"id": 1} {"id": 2}]', "expected ',' or ']'"),
+        ('[{"id": 1}]\n[{"id": 2}]\n', "more data after the list's closing ']' at byte 12; two"),
+        ("[] x", "more data after the list's closing ']' at byte 3"),
+        (b'[{"id": "caf\xe9"}]', r"is not UTF-8 text \(byte 0xe9: invalid continuation byte\)"),
         ('{"id": 1}\n{"id": 2\n', "line 2: not valid JSON"),
     ],
 )
 def test_wrong_file_shapes_are_one_line_errors(tmp_path, content, message):
     path = tmp_path / "d.json"
-    path.write_text(content)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(LlavaEdgeError, match=message) as info:
         SampleFile(path)
     assert "\n" not in str(info.value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
+from llava_edge.manifest import TemplateSpec
 from llava_edge.runtime.template import get_template, render
 from llava_edge.training.data import BadSample, Sample
 from llava_edge.training.dataset import count_image_tokens
@@ -24,11 +25,11 @@ def processor(tiny_checkpoint):
     return AutoProcessor.from_pretrained(tiny_checkpoint)
 
 
-def labeler(processor, template: str, max_length: int = 2048) -> Labeler:
+def labeler(processor, template: str | TemplateSpec, max_length: int = 2048) -> Labeler:
     tokenizer = processor.tokenizer
     return Labeler(
         tokenizer,
-        get_template(template),
+        get_template(template) if isinstance(template, str) else template,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         num_image_tokens=count_image_tokens(processor),
         max_length=max_length,
@@ -47,13 +48,19 @@ def spans(labels: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-@pytest.mark.parametrize("template", ["plain", "vicuna_v1"])
-@pytest.mark.parametrize("image", [True, False])
-def test_labels_cover_exactly_the_answers(processor, template, image):
+# plain (stage 1) takes one image and its caption, and drops the human turn's text.
+CAPTION = [("", "two red circles on the left.")]
+
+
+@pytest.mark.parametrize(
+    "template, image, turns",
+    [("plain", True, CAPTION), ("vicuna_v1", True, TURNS), ("vicuna_v1", False, TURNS)],
+)
+def test_labels_cover_exactly_the_answers(processor, template, image, turns):
     spec = get_template(template)
-    sample = Sample("multi", "x.png" if image else None, TURNS)
+    sample = Sample("multi", "x.png" if image else None, turns)
     encoded = labeler(processor, template).encode(sample)
-    text = "".join(s for s, _ in render(spec, TURNS, image=image))
+    text = "".join(s for s, _ in render(spec, turns, image=image))
 
     # The ids are what transformers' processor makes of the rendered conversation (image
     # placeholder expanded), i.e. what the model sees at inference.
@@ -65,9 +72,9 @@ def test_labels_cover_exactly_the_answers(processor, template, image):
 
     # One supervised run per answer; each decodes to the answer and its end marker.
     runs = spans(encoded.labels)
-    assert len(runs) == len(TURNS)
+    assert len(runs) == len(turns)
     tokenizer = processor.tokenizer
-    for (start, end), (_, answer) in zip(runs, TURNS, strict=True):
+    for (start, end), (_, answer) in zip(runs, turns, strict=True):
         assert encoded.labels[start:end] == encoded.input_ids[start:end]
         decoded = tokenizer.decode(encoded.input_ids[start:end])
         assert decoded.strip() == (spec.answer_prefix + answer + spec.answer_end).strip()
@@ -91,12 +98,34 @@ def test_labels_cover_exactly_the_answers(processor, template, image):
 
 
 def test_a_token_across_prompt_and_answer_is_a_named_mismatch(processor):
-    # This tokenizer has one token for "shapes?\nAnswer": with the plain template the question
-    # ends at "shapes?" and the answer starts with "\nAnswer", so that token crosses the border.
+    # This tokenizer has one token for "shapes?\nAnswer": with a template of no role strings the
+    # question ends at "shapes?" and the answer starts with "\nAnswer", so that token crosses the
+    # border.
     assert "▁shapes?\nAnswer" in processor.tokenizer.get_vocab()
+    bare = TemplateSpec("bare", user="", assistant="", answer_prefix="", answer_end="\n")
     sample = Sample("crossing", None, [("Where are the shapes?", "\nAnswer the question")])
     with pytest.raises(BadSample, match="sample crossing: tokenization mismatch"):
-        labeler(processor, "plain").encode(sample)
+        labeler(processor, bare).encode(sample)
+
+
+def test_plain_is_the_image_then_the_caption_as_in_llava_stage_1(processor):
+    # LLaVA-1.5's caption data holds an instruction in the human turn; stage 1 drops it.
+    question = "Render a clear and concise summary of the photo."
+    sample = Sample("558k", "x.png", [(question, "two red circles on the left.")])
+    encoded = labeler(processor, "plain").encode(sample)
+    assert encoded == labeler(processor, "plain").encode(Sample("558k", "x.png", CAPTION))
+    tokenizer = processor.tokenizer
+    start, end = encoded.image_span
+    assert encoded.input_ids[:start] == [tokenizer.bos_token_id]
+    assert tokenizer.decode(encoded.input_ids[end:]) == "two red circles on the left.\n"
+    assert encoded.labels[end:] == encoded.input_ids[end:]
+
+    for bad, found in [
+        (Sample("qa", "x.png", TURNS), "has 3 rounds"),
+        (Sample("text", None, CAPTION), "has no image"),
+    ]:
+        with pytest.raises(BadSample, match=f"sample {bad.id}: {found}; the plain template"):
+            labeler(processor, "plain").encode(bad)
 
 
 def test_truncation_keeps_the_image_whole(processor):

@@ -72,6 +72,7 @@ def data(tmp_path_factory) -> dict[str, Path]:
             "--lora-rank, --lora-alpha, --lora-dropout: LoRA options, for stage 2 with --lora",
         ),
         (["--precision", "fp16"], "--precision fp16 needs a GPU"),
+        (["--resume"], "--resume goes on from OUT's checkpoints and --force starts over; choose"),
     ],
 )
 def test_an_option_out_of_range_is_refused_before_any_work(
@@ -198,6 +199,18 @@ def test_adapters_merge_into_their_base(adapters, tiny_checkpoint, tmp_path, cap
     after = load_file(str(tmp_path / "merged" / "model.safetensors"))
     assert set(before) == set(after)
     assert not all(before[k].equal(after[k]) for k in before if k.endswith("q_proj.weight"))
+
+
+@pytest.mark.parametrize("out", [".", "inside"])
+def test_the_merged_checkpoint_goes_outside_its_base(
+    out, adapters, tiny_checkpoint, tmp_path, capsys
+):
+    base = Path(shutil.copytree(tiny_checkpoint, tmp_path / "base"))
+    before = (base / "model.safetensors").read_bytes()
+    code, err = merge([str(adapters), str(base / out), "--base", str(base), "--force"], capsys)
+    assert code == 1
+    assert "the base checkpoint" in one_line_error(err)
+    assert (base / "model.safetensors").read_bytes() == before
 
 
 def test_a_base_of_other_widths_is_refused(adapters, tmp_path, capsys):

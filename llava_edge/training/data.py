@@ -86,6 +86,24 @@ def parse_sample(record: Any, position: int) -> Sample:
     return Sample(sample_id, image, list(zip(questions, values[1::2], strict=True)))
 
 
+def check_image_dir(root: Path | None) -> None:
+    if root is None or root.is_dir():
+        return
+    if root.exists():
+        raise LlavaEdgeError(f"image dir {root} is a file; give the dir the images are in")
+    raise LlavaEdgeError(f"image dir {root} does not exist")
+
+
+def image_path(sample: Sample, root: Path | None) -> Path:
+    """Where a sample's image is: an absolute path as it is, else under the image dir."""
+    path = Path(sample.image)
+    if path.is_absolute():
+        return path
+    if root is None:
+        raise BadSample(sample.id, "has an image but no image dir was given (--images DIR)")
+    return root / path
+
+
 class SampleFile:
     """Random access to the records of a LLaVA JSON or JSONL file without holding them.
 
@@ -104,6 +122,10 @@ class SampleFile:
         from tqdm.auto import tqdm
 
         self.path = Path(path)
+        if self.path.is_dir():
+            raise LlavaEdgeError(
+                f"data file {self.path} is a directory; give a LLaVA JSON or JSONL file"
+            )
         if not self.path.is_file():
             raise LlavaEdgeError(f"data file {self.path} does not exist")
         self._handle = None
@@ -220,7 +242,13 @@ class SampleFile:
                 eof = not data
                 if pos > _CHUNK:  # drop what was consumed
                     text, pos = text[pos:], 0
-                text += utf8.decode(data, final=eof)
+                try:
+                    text += utf8.decode(data, final=eof)
+                except UnicodeDecodeError as e:
+                    raise LlavaEdgeError(
+                        f"{self.path} is not UTF-8 text (byte 0x{e.object[e.start]:02x}: "
+                        f"{e.reason}); JSON is UTF-8: save it as UTF-8"
+                    ) from None
                 return True
 
             def skip_space() -> str:
@@ -239,12 +267,23 @@ class SampleFile:
                     f"{self.path}: {what} at byte {at}; the file is not valid JSON"
                 )
 
+            def close() -> None:
+                nonlocal pos, at
+                pos += 1
+                at += 1
+                if skip_space():  # json.load refuses it too ("Extra data")
+                    raise LlavaEdgeError(
+                        f"{self.path}: more data after the list's closing ']' at byte {at}; two "
+                        "lists one after another? `llava-edge data mix` joins LLaVA files"
+                    )
+
             more()
             if skip_space() != "[":
                 raise fail("expected '['")
             pos += 1
             at += 1
             if skip_space() == "]":
+                close()
                 return
             while True:
                 skip_space()
@@ -263,6 +302,7 @@ class SampleFile:
                 pos, at = end, at + length
                 sep = skip_space()
                 if sep == "]":
+                    close()
                     return
                 if sep != ",":
                     raise fail("expected ',' or ']' after a sample")

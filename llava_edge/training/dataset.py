@@ -13,7 +13,14 @@ from PIL import Image
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.runtime.image import load_image
 from llava_edge.runtime.template import IMAGE_PLACEHOLDER
-from llava_edge.training.data import BadSample, Sample, SampleFile, parse_sample
+from llava_edge.training.data import (
+    BadSample,
+    Sample,
+    SampleFile,
+    check_image_dir,
+    image_path,
+    parse_sample,
+)
 from llava_edge.training.labels import IGNORE, Labeler
 
 SKIP_HINT = "; fix it, or pass --skip-bad to leave such samples out"
@@ -48,8 +55,7 @@ class TrainingSet(torch.utils.data.Dataset):
         log: Callable[[str], None] = stderr,
     ):
         self.image_root = Path(image_root) if image_root is not None else None
-        if self.image_root is not None and not self.image_root.is_dir():
-            raise LlavaEdgeError(f"image dir {self.image_root} does not exist")
+        check_image_dir(self.image_root)
         self.labeler = labeler
         self.image_processor = image_processor
         self.skip_bad = skip_bad
@@ -57,6 +63,10 @@ class TrainingSet(torch.utils.data.Dataset):
         self.skipped: list[BadSample] = []
         self.has_text_only = False
         self.file = SampleFile(data, keep=self._check, progress=progress)
+        if not len(self.file) and self.skipped:
+            raise LlavaEdgeError(
+                f"every sample of {data} was left out as bad; the first: {self.skipped[0]}"
+            )
         if not len(self.file):
             raise LlavaEdgeError(f"{data} has no sample left to train on")
 
@@ -75,15 +85,10 @@ class TrainingSet(torch.utils.data.Dataset):
             self.skipped.append(e)
             return False
 
-    def image_path(self, sample: Sample) -> Path:
-        if self.image_root is None:
-            raise BadSample(sample.id, "has an image but no image dir was given (--images DIR)")
-        return self.image_root / sample.image
-
     def _check_image(self, sample: Sample) -> None:
         """Exists and has an image header; decoding every image up front would take hours on
         LLaVA's 665k, so a file broken past its header is found when it is loaded."""
-        path = self.image_path(sample)
+        path = image_path(sample, self.image_root)
         if not path.is_file():
             raise BadSample(sample.id, f"image {path} does not exist")
         try:
@@ -105,7 +110,7 @@ class TrainingSet(torch.utils.data.Dataset):
             }
             if sample.image is not None:
                 try:
-                    image = load_image(self.image_path(sample))
+                    image = load_image(image_path(sample, self.image_root))
                 except LlavaEdgeError as e:
                     raise BadSample(sample.id, str(e)) from None
                 pixels = self.image_processor(image, return_tensors="pt")["pixel_values"]
@@ -122,10 +127,13 @@ class TrainingSet(torch.utils.data.Dataset):
 
 class Collator:
     """Right-pads a batch; images of the samples that have one are stacked in order (the model
-    puts them at the image tokens, row by row). Samples dropped by --skip-bad arrive as None."""
+    puts them at the image tokens, row by row). Samples dropped by --skip-bad arrive as None.
 
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
+    Padding is masked out (attention 0, label IGNORE), so where the tokenizer names no padding
+    token (Llama's has none) any id does: its EOS, as transformers falls back, else 0."""
+
+    def __init__(self, pad_token_id: int | None, eos_token_id: int | None = None):
+        self.pad_token_id = next((i for i in (pad_token_id, eos_token_id) if i is not None), 0)
 
     def __call__(self, items: list[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor]:
         items = [item for item in items if item is not None]

@@ -16,7 +16,14 @@ from typing import Any
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.files import check_output_file, replace_file
-from llava_edge.training.data import BadSample, Sample, SampleFile, parse_sample
+from llava_edge.training.data import (
+    BadSample,
+    Sample,
+    SampleFile,
+    check_image_dir,
+    image_path,
+    parse_sample,
+)
 
 
 @dataclass
@@ -60,8 +67,7 @@ def evaluate(
     GenerationConfig(max_new_tokens=max_new_tokens).validate()
     data = Path(data)
     image_root = Path(images) if images is not None else None
-    if image_root is not None and not image_root.is_dir():
-        raise LlavaEdgeError(f"image dir {image_root} does not exist")
+    check_image_dir(image_root)
     out = Path(answers) if answers is not None else data.with_name(f"{data.stem}.answers.jsonl")
     check_output_file(out, "--answers")
     if _same_file(out, data):
@@ -78,7 +84,7 @@ def evaluate(
         try:
             sample = parse_sample(record, position)
             if sample.image is not None:
-                image = _image_path(sample, image_root)
+                image = image_path(sample, image_root)
                 if not image.is_file():
                     raise BadSample(sample.id, f"image {image} does not exist")
                 if replaces and _same_file(out, image):
@@ -103,7 +109,7 @@ def evaluate(
     with Pipeline.load(model_dir, **load) as pipe, replace_file(out) as f:
         for index in tqdm(range(len(samples)), desc="evaluating", disable=not progress):
             sample = parse_sample(samples.record(index), int(samples.positions[index]))
-            image = _image_path(sample, image_root) if sample.image is not None else None
+            image = image_path(sample, image_root) if sample.image is not None else None
             try:
                 rows = _ask(pipe, sample, image, max_new_tokens)
             except BadSample as e:  # an unreadable image, a prompt over the limit...
@@ -150,9 +156,3 @@ def _same_file(a: Path, b: Path) -> bool:
         return os.path.samefile(a, b)
     except OSError:  # one of them does not exist
         return False
-
-
-def _image_path(sample: Sample, root: Path | None) -> Path:
-    if root is None:
-        raise BadSample(sample.id, "has an image but no image dir was given (--images DIR)")
-    return root / sample.image

@@ -2,11 +2,12 @@
 
 The conversation is rendered with the same template strings the runtime prompts with
 (llava_edge.runtime.template.render) and tokenized in one piece with the checkpoint's tokenizer,
-exactly as the model will see it. Each token is labelled by where its characters fall: inside an
-answer segment (answer prefix, answer, end marker) it is supervised; anywhere else (system prompt,
-user turns, BOS, the image) it is IGNORE. A token that spans the border between a prompt and an
-answer means the tokenizer merged across the template: training would not match inference, so the
-sample is reported by id (LLaVA's "tokenization mismatch", which the original code silently masks).
+exactly as the model will see it (with `plain`, LLaVA's stage 1: the image and the caption
+only). Each token is labelled by where its characters fall: inside an answer segment (answer
+prefix, answer, end marker) it is supervised; anywhere else (system prompt, user turns, BOS, the
+image) it is IGNORE. A token that spans the border between a prompt and an answer means the
+tokenizer merged across the template: training would not match inference, so the sample is
+reported by id (LLaVA's "tokenization mismatch", which the original code silently masks).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from llava_edge.runtime.template import render
 from llava_edge.training.data import BadSample, Sample
 
 IGNORE = -100
+PLAIN = "plain"  # the stage-1 template: image, caption
 
 
 @dataclass
@@ -27,6 +29,21 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     image_span: tuple[int, int] | None  # [start, end) of the image token ids
+
+
+def caption_only(sample: Sample) -> list[tuple[str, str]]:
+    """The `plain` template's one round, as LLaVA's stage 1 builds it (preprocess_plain): the
+    image, then the caption. The human turn's text is dropped (LLaVA-1.5's caption data asks
+    "<image>\nRender a clear and concise summary of the photo." and the like): with no role
+    strings around it, it would run into the caption."""
+    if sample.image is None or len(sample.turns) != 1:
+        found = "no image" if sample.image is None else f"{len(sample.turns)} rounds"
+        raise BadSample(
+            sample.id,
+            f"has {found}; the plain template (stage 1) takes an image and its caption (one "
+            "human turn with <image>, one gpt turn): train on caption data, or pass --template",
+        )
+    return [("", sample.turns[0][1])]
 
 
 class Labeler:
@@ -47,7 +64,8 @@ class Labeler:
         self.max_length = max_length
 
     def encode(self, sample: Sample) -> Encoded:
-        segments = render(self.template, sample.turns, image=sample.image is not None)
+        turns = caption_only(sample) if self.template.name == PLAIN else sample.turns
+        segments = render(self.template, turns, image=sample.image is not None)
         text = "".join(s for s, _ in segments)
         bounds, supervised, end = [], [], 0  # segment i covers chars [bounds[i-1], bounds[i])
         for segment, is_answer in segments:

@@ -88,6 +88,7 @@ def merge_lora(
         raise LlavaEdgeError(f"base checkpoint {base} does not exist; pass --base")
     out = Path(out_dir)
     check_output_dir(out, force, keep=adapter_dir, keep_name="the adapters")
+    check_output_dir(out, force, keep=base, keep_name="the base checkpoint")
     model = load_model(base, dtype=torch.float32, use_safetensors=True)
     merged = load_adapters(model, adapter_dir, config, base).merge_and_unload()
     source = adapter_dir if (adapter_dir / "processor_config.json").is_file() else base

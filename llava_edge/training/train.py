@@ -89,7 +89,7 @@ class TrainResult:
     steps: int
     final_loss: float | None  # the last logged training loss
     losses: list[tuple[int, float]]  # (step, loss) as logged
-    skipped: int  # bad samples left out by skip_bad
+    skipped: int  # bad samples skip_bad left out before training (not those found while loading)
     model: Any = field(repr=False)  # the trained model (merged if LoRA), on this process
 
 
@@ -115,22 +115,22 @@ def train(
     model_path = Path(model).resolve()
     if not (model_path / "config.json").is_file():
         raise LlavaEdgeError(f"--model {model}: not a checkpoint dir (no config.json)")
-    resume_from = _check_out_dir(out, model_path, opts)
+    inputs = {"--data file": data, "--images dir": images, "working directory": os.getcwd()}
+    inputs |= {"--deepspeed config": opts.deepspeed, "--fsdp config": opts.fsdp}
+    _check_out_spares_inputs(out, inputs)
+    template_name = opts.template or STAGES[stage].template
+    resume_from = _check_out_dir(out, model_path, opts, template_name)
 
     import torch
-    from transformers import AutoConfig, AutoProcessor
 
     from llava_edge.modeling import load_model, prompt_template
-    from llava_edge.training.checkpoint import hf_chat_template, quiet_loading, saved_dtype
+    from llava_edge.training.checkpoint import hf_chat_template, saved_dtype
     from llava_edge.training.dataset import TrainingSet, count_image_tokens, stderr
     from llava_edge.training.labels import Labeler
 
     defaults = STAGES[stage]
-    template_name = opts.template or defaults.template
     main_process = int(os.environ.get("RANK", "0")) == 0
-    with quiet_loading():
-        processor = AutoProcessor.from_pretrained(model_path)
-        config = AutoConfig.from_pretrained(model_path)
+    processor, config = _load_processor_and_config(model, model_path)
     template = prompt_template(template_name, config)  # LLaVA v1: <im_start> image <im_end>
     processor.chat_template = hf_chat_template(template)
     labeler = Labeler(
@@ -138,7 +138,7 @@ def train(
         template,
         image_token_id=config.image_token_id,
         num_image_tokens=count_image_tokens(processor),
-        max_length=opts.max_length,
+        max_length=longest_sample(opts.max_length, "max_length" in options, config),
     )
     dataset = TrainingSet(
         data,
@@ -153,7 +153,10 @@ def train(
             f"skipped {len(dataset.skipped)} bad sample(s) of {data}; the first: {dataset.skipped[0]}"
         )
 
-    llava = load_model(model_path, dtype=torch.float32, use_safetensors=True)
+    try:
+        llava = load_model(model_path, dtype=torch.float32, use_safetensors=True)
+    except OSError as e:  # no weights file
+        raise LlavaEdgeError(f"cannot load --model {model}: {first_line(e)}") from None
     freeze_for_stage(llava, stage)
     trained = add_lora_if(llava, opts)
     args = _training_args(out / TRAINER_DIR, stage, opts, defaults, dataset.has_text_only)
@@ -190,6 +193,34 @@ def train(
     )
 
 
+def _load_processor_and_config(model: str | os.PathLike, path: Path) -> tuple[Any, Any]:
+    """The checkpoint's processor and config, once it is known to be a LLaVA checkpoint (LLaVA-NeXT's
+    tiles would need labels and batches of their own)."""
+    from transformers import AutoConfig, AutoProcessor
+
+    from llava_edge.training.checkpoint import quiet_loading
+
+    try:
+        with quiet_loading():
+            config = AutoConfig.from_pretrained(path)
+            if config.model_type != "llava":
+                raise LlavaEdgeError(
+                    f"--model {model} is a '{config.model_type}' checkpoint; train takes LLaVA "
+                    "(LlavaForConditionalGeneration): `llava-edge convert` an original LLaVA one, "
+                    "or `llava-edge init --vision CLIP --llm LM` one from parts"
+                )
+            processor = AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError) as e:  # a broken config.json, missing processor files
+        raise LlavaEdgeError(f"cannot load --model {model}: {first_line(e)}") from None
+    if getattr(processor, "patch_size", 0) is None:  # an older llava-hf processor_config.json
+        raise LlavaEdgeError(
+            f"the processor of --model {model} cannot expand <image> into image tokens (its "
+            f'processor_config.json has no patch_size); add "patch_size": '
+            f"{config.vision_config.patch_size} to it"
+        )
+    return processor, config
+
+
 LORA_ONLY = {
     "lora_rank": "--lora-rank",
     "lora_alpha": "--lora-alpha",
@@ -211,6 +242,10 @@ def check_options(stage: int, opts: TrainOptions, given: Mapping[str, Any] | Non
     ]
     if lora_only and not opts.lora:
         raise LlavaEdgeError(f"{', '.join(lora_only)}: LoRA options, for stage 2 with --lora")
+    if opts.resume and opts.force:
+        raise LlavaEdgeError(
+            "--resume goes on from OUT's checkpoints and --force starts over; choose one"
+        )
     if opts.template is not None and opts.template not in TEMPLATES:
         raise LlavaEdgeError(f"unknown template {opts.template!r}; choose from {sorted(TEMPLATES)}")
     at_least = {
@@ -292,6 +327,22 @@ def _check_parallel_configs(deepspeed: str | None, fsdp: str | None) -> None:
         raise LlavaEdgeError("--deepspeed needs the deepspeed package; pip install deepspeed")
 
 
+def longest_sample(requested: int, given: bool, config: Any) -> int:
+    """The longest sample, within the language model's context (max_position_embeddings): past
+    it, a model with learned positions fails mid-run, and one with rotary positions learns
+    positions that no export of it reaches. The default (LLaVA-1.5's 2048) shrinks to fit; a
+    value given past it is refused."""
+    context = int(getattr(config.text_config, "max_position_embeddings", 0) or 0)
+    if not context or requested <= context:
+        return requested
+    if given:
+        raise LlavaEdgeError(
+            f"--max-length {requested} is past the language model's context of {context} tokens "
+            f"(max_position_embeddings); give at most {context}"
+        )
+    return context
+
+
 def freeze_for_stage(model: Any, stage: int) -> None:
     """Stage 1: projector only. Stage 2: projector and the whole language model. Never the
     vision tower."""
@@ -321,7 +372,7 @@ def batch_plan(global_batch: int, per_device: int, processes: int) -> tuple[int,
     return per_device, global_batch // (per_device * processes)
 
 
-def _check_out_dir(out: Path, model: Path, opts: TrainOptions) -> Path | None:
+def _check_out_dir(out: Path, model: Path, opts: TrainOptions, template: str) -> Path | None:
     """The checkpoint to resume from, or None; refuses to train over an earlier result.
 
     Deletes nothing: an earlier run's checkpoints stay until training starts
@@ -335,6 +386,7 @@ def _check_out_dir(out: Path, model: Path, opts: TrainOptions) -> Path | None:
         last = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
         if last is None:
             raise LlavaEdgeError(f"--resume: {trainer_dir} holds no checkpoint to resume from")
+        _check_resumable(Path(last), opts, template)
         return Path(last)
     if out.is_dir() and any(out.iterdir()) and not opts.force:
         raise LlavaEdgeError(
@@ -342,6 +394,89 @@ def _check_out_dir(out: Path, model: Path, opts: TrainOptions) -> Path | None:
         )
     check_output_dir(out, force=True, keep=model, keep_name="the --model checkpoint")
     return None
+
+
+RESUME_HINT = "resume with the options its run was started with, or pass --force to start over"
+
+
+def _check_resumable(checkpoint: Path, opts: TrainOptions, template: str) -> None:
+    """Refuse a checkpoint of another kind of run (LoRA or not, other adapter sizes, another
+    template) before any work: Trainer would load it only to fail with a traceback, or train on
+    with prompts other than those of the steps before. Other trained parameters (another stage)
+    are found when the optimizer's state loads (LlavaTrainer)."""
+    from llava_edge.manifest import read_checkpoint_template
+    from llava_edge.training.lora import CONFIG_NAME
+
+    _check_whole(checkpoint)
+    config = checkpoint / CONFIG_NAME
+    if config.is_file() != opts.lora:
+        kind = "with" if config.is_file() else "without"
+        raise LlavaEdgeError(
+            f"--resume: {checkpoint} was saved by a run {kind} --lora; {RESUME_HINT}"
+        )
+    saved_template = read_checkpoint_template(checkpoint)
+    if saved_template is not None and saved_template != template:
+        raise LlavaEdgeError(
+            f"--resume: {checkpoint} was trained with the {saved_template} template, not "
+            f"{template}; {RESUME_HINT}"
+        )
+    if not opts.lora:
+        return
+    try:
+        saved = json.loads(config.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LlavaEdgeError(
+            f"--resume: cannot read {config} ({first_line(e)}); pass --force to start over"
+        ) from None
+    for key, flag, value in (
+        ("r", "--lora-rank", opts.lora_rank),
+        ("lora_alpha", "--lora-alpha", opts.lora_alpha),
+    ):
+        if saved.get(key) != value:
+            raise LlavaEdgeError(
+                f"--resume: {checkpoint} holds adapters of {flag} {saved.get(key)}, not {value}; "
+                + RESUME_HINT
+            )
+
+
+def _check_whole(checkpoint: Path) -> None:
+    """A checkpoint whose state or weights cannot be read (truncated by a copy that did not
+    finish, damaged on disk) is named before any work; Trainer would fail on it with a
+    traceback once the model had loaded."""
+    from safetensors import SafetensorError, safe_open
+
+    damaged = (
+        "; the checkpoint is damaged: delete it to resume from an earlier one, or pass --force "
+        "to start over"
+    )
+    state = checkpoint / "trainer_state.json"
+    try:
+        json.loads(state.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LlavaEdgeError(f"--resume: cannot read {state} ({first_line(e)}){damaged}") from None
+    for weights in sorted(checkpoint.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), "pt"):  # the header, checked against the file's size
+                pass
+        except (SafetensorError, OSError) as e:
+            raise LlavaEdgeError(
+                f"--resume: cannot read {weights} ({first_line(e)}){damaged}"
+            ) from None
+
+
+def _check_out_spares_inputs(out: Path, inputs: Mapping[str, Any]) -> None:
+    """Refuse an OUT that is, or holds, one of the run's inputs: the trained checkpoint replaces
+    OUT whole at the end (and --force clears it), which would delete them."""
+    target = out.resolve()
+    for name, path in inputs.items():
+        if path is None:
+            continue
+        source = Path(path).resolve()
+        if source == target or target in source.parents:
+            raise LlavaEdgeError(
+                f"--out {out} holds the {name} {path}, which the trained checkpoint would "
+                "replace; choose another output dir"
+            )
 
 
 def _clear_trainer_dir(trainer_dir: Path, keep_checkpoints: bool) -> None:
@@ -471,6 +606,16 @@ def _make_trainer(
             )
             return self.optimizer
 
+        def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+            try:
+                super()._load_optimizer_and_scheduler(checkpoint)
+            except ValueError as e:  # torch: the saved parameter groups are not these
+                raise LlavaEdgeError(
+                    f"--resume: {checkpoint} holds the optimizer of a run that trained other "
+                    f"parameters (another --stage or --projector-lr: {first_line(e)}); "
+                    + RESUME_HINT
+                ) from None
+
         def _save_checkpoint(self, model: Any, trial: Any) -> None:
             # Trainer writes checkpoint-N in place: killed half-way, it leaves a checkpoint that
             # --resume would pick and fail on (or silently half-load). Have it write
@@ -531,7 +676,7 @@ def _make_trainer(
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=Collator(processor.tokenizer.pad_token_id),
+        data_collator=Collator(processor.tokenizer.pad_token_id, processor.tokenizer.eos_token_id),
         processing_class=processor,
         callbacks=list(callbacks),
     )
@@ -551,7 +696,7 @@ def _save(
     curve: tuple[list[tuple[int, float]], str],
 ) -> Any:
     """Write the final checkpoint as `out`, whole (llava_edge.files.replace_dir); the trainer's
-    checkpoints move along into it. Returns the trained model (merged if LoRA).
+    checkpoints go along (_link_tree). Returns the trained model (merged if LoRA).
 
     Plain training saves through the Trainer, which gathers sharded weights (DeepSpeed ZeRO-3,
     FSDP) and must run on every process; LoRA adapters are merged on the main process.
@@ -589,10 +734,21 @@ def _save(
             (tmp / "training_args.bin").unlink(missing_ok=True)
             plot_losses(*curve, tmp / LOSS_PLOT)
             staging.rmdir()
-            if (out / TRAINER_DIR).is_dir():  # last, one rename: then the install
-                (out / TRAINER_DIR).replace(tmp / TRAINER_DIR)
+            if (out / TRAINER_DIR).is_dir():
+                _link_tree(out / TRAINER_DIR, tmp / TRAINER_DIR)
     trainer.accelerator.wait_for_everyone()
     return model
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """`source` again at `target`, as hard links: no data is copied, and the checkpoints stay in
+    OUT until the new OUT is installed (moved into the new dir instead, an interrupted install
+    would delete them with it). Where the filesystem has no hard links (FAT), a move."""
+    try:
+        shutil.copytree(source, target, copy_function=os.link)
+    except OSError:
+        shutil.rmtree(target, ignore_errors=True)
+        source.replace(target)
 
 
 def _close_progress_bars(trainer: Any) -> None:

@@ -1,0 +1,353 @@
+"""train and eval used as a robotics engineer would: inputs an output dir must not swallow,
+resuming a run with other options, an interrupted final save, LLaVA's stage-1 input, the
+model's context as the longest sample."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from llava_edge.cli import main as cli
+from llava_edge.training.synth import synthesize
+
+
+@pytest.fixture
+def data(tmp_path) -> dict[str, Path]:
+    return synthesize(tmp_path / "data", train=4, test=0, seed=1)
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("out", ["data", "data/images"])
+def test_out_holding_the_data_or_images_is_refused(out, tiny_checkpoint, data, tmp_path, capsys):
+    before = snapshot(tmp_path / "data")
+    argv = ["train", "--stage", "1", "--model", str(tiny_checkpoint), "--out", str(tmp_path / out)]
+    argv += ["--data", str(data["captions"]), "--images", str(data["images"]), "--force"]
+    assert cli([*argv, "--max-steps", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("which the trained checkpoint would replace; choose another output dir")
+    assert "--data file" in err or "--images dir" in err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert snapshot(tmp_path / "data") == before
+
+
+FAST = dict(
+    global_batch_size=2,
+    warmup_ratio=0.0,
+    gradient_checkpointing=False,
+    progress=False,
+    force=True,
+)
+
+
+def test_an_interrupted_final_save_keeps_the_checkpoints(
+    tiny_checkpoint, data, tmp_path, monkeypatch
+):
+    import llava_edge.files as files
+    from llava_edge.training.train import train
+
+    out = tmp_path / "out"
+    sync_tree = files.sync_tree
+
+    def interrupted(root: Path) -> None:  # Ctrl-C while the new OUT goes to disk
+        if Path(root).name.startswith(f".{out.name}.partial-"):
+            raise KeyboardInterrupt
+        sync_tree(root)
+
+    monkeypatch.setattr(files, "sync_tree", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(1, tiny_checkpoint, data["captions"], out, images=data["images"], max_steps=2, **FAST)
+    checkpoint = out / "checkpoints" / "checkpoint-2"
+    assert (checkpoint / "optimizer.pt").is_file() and (checkpoint / "model.safetensors").is_file()
+    monkeypatch.setattr(files, "sync_tree", sync_tree)
+    options = {**FAST, "force": False, "resume": True}
+    result = train(
+        1, tiny_checkpoint, data["captions"], out, images=data["images"], max_steps=2, **options
+    )
+    assert result.steps == 2 and (out / "model.safetensors").is_file()
+    assert (out / "checkpoints" / "checkpoint-2" / "optimizer.pt").is_file()
+
+
+@pytest.fixture(scope="module")
+def saved_runs(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
+    """OUT dirs of a stage-1 run and a stage-2 LoRA run, each with a trainer checkpoint."""
+    from llava_edge.training.train import train
+
+    root = tmp_path_factory.mktemp("runs")
+    data = synthesize(root / "data", train=2, test=0, seed=1)
+    runs = {"images": data["images"]}
+    for name, stage, samples, extra in [
+        ("stage1", 1, data["captions"], {}),
+        ("lora", 2, data["train"], dict(lora=True, lora_rank=2, lora_alpha=4)),
+    ]:
+        runs[name], runs[f"{name} data"] = root / name, samples
+        train(stage, tiny_checkpoint, samples, runs[name], images=data["images"],
+              max_steps=1, save_steps=1, **FAST, **extra)  # fmt: skip
+    return runs
+
+
+@pytest.mark.parametrize(
+    "run, options, message",
+    [
+        ("lora", ["--stage", "2"], "was saved by a run with --lora; resume with the options"),
+        ("stage1", ["--stage", "2", "--lora"], "was saved by a run without --lora; resume with"),
+        (
+            "lora",
+            ["--stage", "2", "--lora", "--lora-rank", "4"],
+            "adapters of --lora-rank 2, not 4",
+        ),
+        ("stage1", ["--stage", "2"], "was trained with the plain template, not vicuna_v1; resume"),
+        (
+            "stage1",
+            ["--stage", "2", "--template", "plain"],
+            "holds the optimizer of a run that trained other parameters",
+        ),
+    ],
+)
+def test_resuming_with_other_options_is_refused_in_one_line(
+    run, options, message, saved_runs, tiny_checkpoint, capsys
+):
+    out = saved_runs[run]
+    before = snapshot(out)
+    argv = ["train", *options, "--model", str(tiny_checkpoint), "--out", str(out), "--resume"]
+    argv += ["--data", str(saved_runs[f"{run} data"]), "--images", str(saved_runs["images"])]
+    assert cli([*argv, "--max-steps", "2", "--no-gradient-checkpointing"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and message in err.strip().splitlines()[-1], err[-2000:]
+    assert "pass --force to start over" in err
+    assert snapshot(out) == before
+
+
+def test_samples_stay_within_the_models_context(tiny_checkpoint, tmp_path, capsys):
+    # The tiny preset's context is 1024 tokens; LLaVA-1.5's default --max-length is 2048.
+    long = {"id": "long", "conversations": [
+        {"from": "human", "value": "the " * 1100},
+        {"from": "gpt", "value": "yes"},
+    ]}  # fmt: skip
+    (tmp_path / "long.json").write_text(json.dumps([long]))
+    argv = [
+        "train",
+        "--stage",
+        "2",
+        "--model",
+        str(tiny_checkpoint),
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    argv += ["--data", str(tmp_path / "long.json"), "--max-steps", "1"]
+    assert cli(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "sample long: no answer token is left after truncation to --max-length 1024" in err
+    assert cli([*argv, "--max-length", "2048"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith("--max-length 2048 is past the language model's context of 1024 tokens "
+                        "(max_position_embeddings); give at most 1024")  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
+def test_absolute_image_paths_need_no_image_dir(
+    tiny_checkpoint, tiny_model_dir, data, tmp_path, capsys
+):
+    from llava_edge.training.evaluate import evaluate
+
+    samples = json.loads(data["train"].read_text())
+    for sample in samples:
+        sample["image"] = str((data["images"] / sample["image"]).resolve())
+    absolute = tmp_path / "absolute.json"
+    absolute.write_text(json.dumps(samples))
+    out = tmp_path / "out"
+    argv = ["train", "--stage", "2", "--model", str(tiny_checkpoint), "--data", str(absolute)]
+    assert cli([*argv, "--out", str(out), "--max-steps", "1", "--no-gradient-checkpointing"]) == 0
+    assert (out / "model.safetensors").is_file()
+    result = evaluate(tiny_model_dir, absolute, answers=tmp_path / "answers.jsonl", progress=False)
+    assert result.total == sum(len(s["conversations"]) // 2 for s in samples)
+
+
+@pytest.mark.parametrize(
+    "swap, message",
+    [
+        ("data", "data file {images} is a directory; give a LLaVA JSON or JSONL file"),
+        ("images", "image dir {data} is a file; give the dir the images are in"),
+    ],
+)
+def test_a_dir_for_a_file_and_a_file_for_a_dir_are_named(
+    swap, message, tiny_checkpoint, data, tmp_path, capsys
+):
+    paths = {"data": data["train"], "images": data["images"]}
+    given = {**paths, swap: paths["images" if swap == "data" else "data"]}
+    argv = ["train", "--stage", "2", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "o")]
+    assert cli([*argv, "--data", str(given["data"]), "--images", str(given["images"])]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith(message.format(**{k: str(v) for k, v in paths.items()}))
+
+
+def broken_model(kind: str, tiny_checkpoint: Path, path: Path) -> Path:
+    if kind == "llama":
+        from transformers import LlamaConfig
+
+        LlamaConfig(num_hidden_layers=1).save_pretrained(path)
+        return path
+    shutil.copytree(tiny_checkpoint, path)
+    if kind == "broken config":
+        (path / "config.json").write_text("{")
+    elif kind == "no patch size":
+        processor = json.loads((path / "processor_config.json").read_text())
+        del processor["patch_size"]
+        (path / "processor_config.json").write_text(json.dumps(processor))
+    elif kind == "no weights":
+        (path / "model.safetensors").unlink()
+    else:  # no processor
+        for name in ("processor_config.json", "tokenizer.json", "tokenizer_config.json"):
+            (path / name).unlink()
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("broken config", "cannot load --model .*: It looks like the config file"),
+        ("no weights", "cannot load --model .*: .*no file named model.safetensors"),
+        ("no processor", "cannot load --model .*: Can't load image processor"),
+        ("llama", "--model .* is a 'llama' checkpoint; train takes LLaVA"),
+        ("no patch size", 'has no patch_size\\); add "patch_size": 8 to it'),
+    ],
+)
+def test_a_model_dir_train_cannot_load_is_named_in_one_line(
+    kind, message, tiny_checkpoint, data, tmp_path, capsys
+):
+    model = broken_model(kind, tiny_checkpoint, tmp_path / "model")
+    argv = ["train", "--stage", "2", "--model", str(model), "--out", str(tmp_path / "out")]
+    argv += ["--data", str(data["train"]), "--images", str(data["images"]), "--max-steps", "1"]
+    assert cli(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and re.search(message, err.strip().splitlines()[-1]), err[-1500:]
+
+
+def test_out_holding_the_working_directory_is_refused(
+    tiny_checkpoint, data, tmp_path, monkeypatch, capsys
+):
+    # Replaced whole at the end, the working directory cannot be renamed: a traceback after all
+    # the training, and the result lost.
+    work = tmp_path / "run" / "work"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    argv = ["train", "--stage", "2", "--model", str(tiny_checkpoint), "--data", str(data["train"])]
+    for out in (".", ".."):
+        assert cli([*argv, "--images", str(data["images"]), "--out", out, "--force"]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.endswith(
+            f"--out {out} holds the working directory {work}, which the trained checkpoint would "
+            "replace; choose another output dir"
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "run"]
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["work"] and not any(work.iterdir())
+
+
+def test_the_logged_loss_is_transformers_loss_of_the_global_batch(tiny_checkpoint, data, tmp_path):
+    """Over gradient accumulation (2 x 2 samples) the logged loss of a step is the mean over
+    every supervised token of the global batch, as LlavaForConditionalGeneration computes it on
+    the whole batch at once (transformers' semantics; lr 0 leaves the weights as they were)."""
+    import torch
+    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+
+    from llava_edge.modeling import prompt_template
+    from llava_edge.training.dataset import Collator, TrainingSet, count_image_tokens
+    from llava_edge.training.labels import Labeler
+    from llava_edge.training.train import train
+
+    options = {**FAST, "global_batch_size": 4, "per_device_batch_size": 2, "learning_rate": 0.0}
+    result = train(2, tiny_checkpoint, data["train"], tmp_path / "out", images=data["images"],
+                   max_steps=1, **options)  # fmt: skip
+
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    config = AutoConfig.from_pretrained(tiny_checkpoint)
+    labeler = Labeler(processor.tokenizer, prompt_template("vicuna_v1", config),
+                      config.image_token_id, count_image_tokens(processor), 1024)  # fmt: skip
+    samples = TrainingSet(data["train"], data["images"], labeler, processor.image_processor,
+                          progress=False)  # fmt: skip
+    batch = Collator(processor.tokenizer.pad_token_id)([samples[i] for i in range(4)])
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32)
+    with torch.no_grad():
+        expected = model(**batch).loss.item()
+    assert result.losses == [(1, pytest.approx(expected, rel=1e-5))]
+
+
+@pytest.mark.parametrize("links", [True, False])
+def test_checkpoints_join_the_new_out_as_links_or_else_moved(links, tmp_path, monkeypatch):
+    import os
+
+    from llava_edge.training.train import _link_tree
+
+    source, target = tmp_path / "out" / "checkpoints", tmp_path / "new" / "checkpoints"
+    (source / "checkpoint-2").mkdir(parents=True)
+    (source / "checkpoint-2" / "optimizer.pt").write_bytes(b"state")
+    target.parent.mkdir()
+    if not links:  # FAT, exFAT: no hard links
+
+        def no_link(*_args, **_kwargs):
+            raise PermissionError(1, "Operation not permitted")
+
+        monkeypatch.setattr(os, "link", no_link)
+    _link_tree(source, target)
+    assert (target / "checkpoint-2" / "optimizer.pt").read_bytes() == b"state"
+    assert source.exists() == links
+    if links:
+        assert os.path.samefile(
+            source / "checkpoint-2" / "optimizer.pt", target / "checkpoint-2" / "optimizer.pt"
+        )
+
+
+@pytest.mark.parametrize(
+    "damaged, message",
+    [
+        ("adapter_model.safetensors", "cannot read .*adapter_model.safetensors \\(Error while"),
+        ("trainer_state.json", "cannot read .*trainer_state.json \\(Expecting"),
+    ],
+)
+def test_a_damaged_checkpoint_is_named_before_resuming(
+    damaged, message, saved_runs, tiny_checkpoint, tmp_path, capsys
+):
+    out = Path(shutil.copytree(saved_runs["lora"], tmp_path / "out"))
+    path = out / "checkpoints" / "checkpoint-1" / damaged
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])  # a copy cut short
+    argv = ["train", "--stage", "2", "--lora", "--lora-rank", "2", "--lora-alpha", "4", "--resume"]
+    argv += ["--model", str(tiny_checkpoint), "--out", str(out), "--max-steps", "2"]
+    argv += ["--data", str(saved_runs["lora data"]), "--images", str(saved_runs["images"])]
+    assert cli(argv) == 1
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and re.search(message, last), err[-1500:]
+    assert last.endswith("the checkpoint is damaged: delete it to resume from an earlier one, "
+                         "or pass --force to start over")  # fmt: skip
+
+
+def test_skip_bad_leaving_nothing_says_why(tiny_checkpoint, data, tmp_path, capsys):
+    argv = ["train", "--stage", "2", "--model", str(tiny_checkpoint), "--data", str(data["train"])]
+    assert cli([*argv, "--out", str(tmp_path / "out"), "--skip-bad"]) == 1  # no --images
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith(
+        f"every sample of {data['train']} was left out as bad; the first: sample train-0: has an "
+        "image but no image dir was given (--images DIR)"
+    )
+
+
+def test_a_tokenizer_without_a_padding_token_trains(tiny_checkpoint, data, tmp_path):
+    # Llama's tokenizer names no padding token; padding is masked out, so any id does.
+    from transformers import AutoTokenizer
+
+    from llava_edge.training.train import train
+
+    model = Path(shutil.copytree(tiny_checkpoint, tmp_path / "model"))
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    del config["pad_token"]
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    assert AutoTokenizer.from_pretrained(model).pad_token_id is None
+    result = train(2, model, data["train"], tmp_path / "out", images=data["images"],
+                   max_steps=1, **FAST)  # fmt: skip
+    assert result.steps == 1 and (tmp_path / "out" / "model.safetensors").is_file()
