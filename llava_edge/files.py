@@ -54,6 +54,15 @@ def check_output_dir(
         raise LlavaEdgeError(
             f"cannot create output dir {out}: {ancestor} is not writable; choose another output dir"
         )
+    try:
+        working = Path.cwd()
+    except FileNotFoundError:  # the working directory was deleted: nothing there to spare
+        working = None
+    if working is not None and (out.resolve() == working or out.resolve() in working.parents):
+        raise LlavaEdgeError(
+            f"output dir {out} holds the working directory, which replacing it would pull out "
+            "from under this command; choose another output dir, or run from outside it"
+        )
     if keep is not None and keep.exists():
         source, target = keep.resolve(), out.resolve()
         if source == target or target in source.parents:

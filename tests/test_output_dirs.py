@@ -49,3 +49,25 @@ def test_a_dangling_symlinked_output_is_replaced(tmp_path: Path) -> None:
         (tmp / "model.onnx").write_text("v2")
     assert (tmp_path / "current" / "model.onnx").read_text() == "v2"
     assert os.listdir(tmp_path) == ["current"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["init", "{out}", "--preset", "tiny", "--force"], ["data", "synth", "{out}", "--force"]],
+    ids=["init", "data-synth"],
+)
+@pytest.mark.parametrize("out", [".", ".."])
+def test_an_output_holding_the_working_directory_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, argv, out
+) -> None:
+    """`--out .` ran the whole job, then failed to install it with an EBUSY traceback."""
+    from llava_edge.cli import main
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("the robot's logs")
+    monkeypatch.chdir(work)
+    assert main([a.format(out=out) for a in argv]) == 1
+    err = capsys.readouterr().err
+    assert "holds the working directory" in err and err.count("\n") == 1
+    assert (work / "notes.txt").read_text() == "the robot's logs"
