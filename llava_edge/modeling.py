@@ -105,6 +105,17 @@ def prompt_template(name: str, config: Any) -> Any:
     )
 
 
+def check_processor(processor: Any, config: Any, what: str) -> None:
+    """A LlavaProcessor without patch_size (an older llava-hf processor_config.json) cannot expand
+    <image> into image tokens: transformers fails with a TypeError at the first prompt."""
+    if getattr(processor, "patch_size", 0) is None:
+        raise LlavaEdgeError(
+            f"the processor of {what} cannot expand <image> into image tokens (its "
+            f'processor_config.json has no patch_size); add "patch_size": '
+            f"{config.vision_config.patch_size} to it"
+        )
+
+
 def load_model(checkpoint: str | os.PathLike, config: Any = None, **kwargs: Any) -> Any:
     """from_pretrained on the class `model_class` picks (kwargs go to from_pretrained)."""
     from safetensors import SafetensorError

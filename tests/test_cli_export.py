@@ -79,6 +79,9 @@ def _export_cases(tmp: Path, checkpoint: Path, plain_llama: Path) -> dict:
         path = image_token / name
         if path.exists():
             path.write_text(path.read_text().replace("<image>", "<img>"))
+    no_patch = tmp / "no_patch"  # an older llava-hf processor_config.json
+    shutil.copytree(checkpoint, no_patch)
+    _edit_json(no_patch / "processor_config.json", lambda c: c.pop("patch_size"))
     out = str(tmp / "out")
     return {
         "missing-checkpoint": (str(tmp / "nope" / "checkpoint"), out, [], "does not exist"),
@@ -108,6 +111,7 @@ def _export_cases(tmp: Path, checkpoint: Path, plain_llama: Path) -> dict:
         # the decoder needs opset 10 (dynamic Slice), quantize's per-channel Q/DQ 13
         "opset-below-quantize": (str(checkpoint), out, ["--opset", "9"], "outside 13-20"),
         "truncated-weights": (str(truncated), out, [], "truncated or corrupt"),
+        "processor-without-patch-size": (str(no_patch), out, [], 'add "patch_size": '),
     }
 
 
@@ -127,6 +131,7 @@ CASES = [
     "bad-opset",
     "opset-below-quantize",
     "truncated-weights",
+    "processor-without-patch-size",
 ]
 
 

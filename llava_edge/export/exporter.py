@@ -126,7 +126,7 @@ def load_checkpoint(
     from transformers import AutoProcessor, GenerationConfig
 
     from llava_edge.export.chat_template import choose_template
-    from llava_edge.modeling import load_model
+    from llava_edge.modeling import check_processor, load_model
 
     config = checkpoint_config(checkpoint, trust_remote_code)
     source = str(checkpoint)
@@ -137,6 +137,7 @@ def load_checkpoint(
                 generation = GenerationConfig.from_pretrained(source)
             except OSError:  # no generation_config.json: what from_pretrained derives then
                 generation = GenerationConfig.from_model_config(config)
+            check_processor(processor, config, source)
             eos = _eos_ids(generation, processor.tokenizer)
             _check_tokens(config, processor.tokenizer, eos)
             eos_texts = [processor.tokenizer.decode([i], skip_special_tokens=False) for i in eos]

@@ -198,6 +198,7 @@ def _load_processor_and_config(model: str | os.PathLike, path: Path) -> tuple[An
     tiles would need labels and batches of their own)."""
     from transformers import AutoConfig, AutoProcessor
 
+    from llava_edge.modeling import check_processor
     from llava_edge.training.checkpoint import quiet_loading
 
     try:
@@ -212,12 +213,7 @@ def _load_processor_and_config(model: str | os.PathLike, path: Path) -> tuple[An
             processor = AutoProcessor.from_pretrained(path)
     except (OSError, ValueError) as e:  # a broken config.json, missing processor files
         raise LlavaEdgeError(f"cannot load --model {model}: {first_line(e)}") from None
-    if getattr(processor, "patch_size", 0) is None:  # an older llava-hf processor_config.json
-        raise LlavaEdgeError(
-            f"the processor of --model {model} cannot expand <image> into image tokens (its "
-            f'processor_config.json has no patch_size); add "patch_size": '
-            f"{config.vision_config.patch_size} to it"
-        )
+    check_processor(processor, config, f"--model {model}")
     return processor, config
 
 
