@@ -62,7 +62,7 @@ class Workload:
     """One benchmark request: an image, a question of `question_tokens` tokens, fixed output length."""
 
     question_tokens: int = 32
-    new_tokens: int = 128
+    new_tokens: int = 128  # at least 2: decode speed is timed from the first token to the last
     context_tokens: int = 0  # extra text before the question, for long-context decode speed
     image: bool = True  # False: a text-only prompt (to set the context length exactly)
     threads: int = 2
@@ -71,7 +71,7 @@ class Workload:
     def __post_init__(self) -> None:
         for name, least in [
             ("question_tokens", 1),
-            ("new_tokens", 1),
+            ("new_tokens", 2),
             ("context_tokens", 0),
             ("threads", 1),
             ("runs", 1),
@@ -79,7 +79,8 @@ class Workload:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 flag = "--" + name.replace("_", "-")
-                raise LlavaEdgeError(f"{flag} must be at least {least}, got {value!r}")
+                why = " (decode speed is timed from the first new token)" * (name == "new_tokens")
+                raise LlavaEdgeError(f"{flag} must be at least {least}{why}, got {value!r}")
 
 
 def question(codec: Any, tokens: int, prefix_tokens: int = 0) -> str:
