@@ -483,9 +483,15 @@ def _eval(args: argparse.Namespace) -> None:
         **_load_options(args),
     )
     skipped = f" ({result.skipped} bad sample(s) skipped)" if result.skipped else ""
+    cut = (
+        f"; {result.cut} prediction(s) cut at --max-new-tokens {args.max_new_tokens}: "
+        "a longer reference cannot match, raise it"
+        if result.cut
+        else ""
+    )
     print(
         f"exact-match accuracy {100 * result.accuracy:.1f}% ({result.correct}/{result.total})"
-        f"{skipped}; answers in {result.answers}"
+        f"{skipped}; answers in {result.answers}{cut}"
     )
 
 

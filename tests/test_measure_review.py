@@ -3,9 +3,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from llava_edge.cli import main as cli
+from llava_edge.runtime import Pipeline
 
 
 def _bench(model: Path, *extra: str) -> list[str]:
@@ -18,3 +23,45 @@ def test_bench_one_new_token_is_refused_in_one_line(tiny_model_dir, capsys):
     err = capsys.readouterr().err
     assert "--new-tokens must be at least 2" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def _eval_world(root: Path, references: list[str]) -> tuple[Path, Path]:
+    """A data file asking one question of a grey picture per reference."""
+    images = root / "images"
+    images.mkdir(exist_ok=True)
+    Image.fromarray(np.full((40, 50, 3), 90, np.uint8)).save(images / "a.png")
+    samples = [
+        {
+            "id": f"s{i}",
+            "image": "a.png",
+            "conversations": [
+                {"from": "human", "value": f"<image>\nQuestion {i}?"},
+                {"from": "gpt", "value": reference},
+            ],
+        }
+        for i, reference in enumerate(references)
+    ]
+    data = root / "data.json"
+    data.write_text(json.dumps(samples))
+    return data, images
+
+
+def test_eval_scores_exact_matches_and_counts_cut_predictions(tiny_model_dir, tmp_path, capsys):
+    data, images = _eval_world(tmp_path, ["?", "?", "?"])
+    with Pipeline.load(tiny_model_dir) as pipe:
+        own = pipe.answer(images / "a.png", "Question 0?", max_new_tokens=3)
+    assert own.finish_reason == "length"  # the tiny model rambles: every answer is cut
+    samples = json.loads(data.read_text())
+    # its own answer, shouted with a full stop, matches; others do not
+    samples[0]["conversations"][1]["value"] = f"  {own.text.upper()}. "
+    data.write_text(json.dumps(samples))
+    answers = tmp_path / "answers.jsonl"
+    argv = ["eval", str(tiny_model_dir), "--data", str(data), "--images", str(images)]
+    assert cli([*argv, "--answers", str(answers), "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "exact-match accuracy 33.3% (1/3)" in out
+    assert "3 prediction(s) cut at --max-new-tokens 3" in out
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert [r["correct"] for r in rows] == [True, False, False]
+    assert rows[0]["prediction"] == own.text
+    assert {r["finish"] for r in rows} == {"length"}
