@@ -671,7 +671,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measure load time, TTFT, decode tokens/s, memory")
     p.add_argument("model_dir")
     p.add_argument(
-        "--baseline", metavar="CHECKPOINT", help="also run transformers' generate() on it"
+        "--baseline",
+        metavar="CHECKPOINT",
+        help="also run transformers' generate() on the checkpoint the dir was exported from",
     )
     p.add_argument("--runs", type=int, default=5, help="runs to take the median of")
     p.add_argument("--question-tokens", type=int, default=32)

@@ -65,3 +65,17 @@ def test_eval_scores_exact_matches_and_counts_cut_predictions(tiny_model_dir, tm
     assert [r["correct"] for r in rows] == [True, False, False]
     assert rows[0]["prediction"] == own.text
     assert {r["finish"] for r in rows} == {"length"}
+
+
+def test_bench_refuses_a_baseline_of_another_model(
+    tiny_model_dir, tiny_checkpoint, tmp_path, capsys
+):
+    assert cli(_bench(tiny_model_dir, "--new-tokens", "2", "--baseline", str(tiny_checkpoint))) == 0
+    assert "decode_speedup" in capsys.readouterr().out
+    other = tmp_path / "other"
+    assert cli(["init", str(other), "--preset", "tiny", "--layers", "1"]) == 0
+    capsys.readouterr()
+    assert cli(_bench(tiny_model_dir, "--new-tokens", "2", "--baseline", str(other))) == 1
+    err = capsys.readouterr().err
+    assert "--baseline is another model than the model dir" in err and "Traceback" not in err
+    assert "(1, " in err and "(2, " in err

@@ -251,16 +251,35 @@ def benchmark(
     """
     report: dict[str, Any] = {"workload": asdict(workload), "machine": machine()}
     runners = [PipelineRunner(model_dir, workload, **load)]
-    if baseline is not None:
-        _, prompt = bench_prompt(model_dir, workload)
-        runners.append(baseline(workload, prompt))
     try:
+        if baseline is not None:
+            _, prompt = bench_prompt(model_dir, workload)
+            runners.append(baseline(workload, prompt))
+            check_baseline(runners[0].pipe.manifest, runners[1])
         report.update(measure(runners, workload.runs))
     finally:
-        runners[0].close()
+        for runner in runners:
+            runner.close()
     if baseline is not None:
         report["ratios"] = compare(report[runners[0].name], report[runners[1].name])
     return report
+
+
+def check_baseline(manifest: Any, runner: Any) -> None:
+    """Refuse a baseline whose language model is not the dir's (its layers, width or vocabulary
+    differ): its timings would be of other work, and the ratios meaningless."""
+    config = getattr(getattr(runner, "model", None), "config", None)
+    text = getattr(config, "text_config", None)
+    if text is None:  # a runner that is not a transformers model: nothing to hold it to
+        return
+    theirs = (text.num_hidden_layers, text.hidden_size, text.vocab_size)
+    ours = (manifest.text.num_layers, manifest.text.hidden_size, manifest.text.vocab_size)
+    if theirs != ours:
+        raise LlavaEdgeError(
+            f"--baseline is another model than the model dir: its decoder has (layers, width, "
+            f"vocabulary) {theirs}, the dir's {ours}; pass the checkpoint the dir was exported "
+            "from"
+        )
 
 
 def medians(runs: list[dict[str, float]]) -> dict[str, Any]:
