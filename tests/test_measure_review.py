@@ -79,3 +79,29 @@ def test_bench_refuses_a_baseline_of_another_model(
     err = capsys.readouterr().err
     assert "--baseline is another model than the model dir" in err and "Traceback" not in err
     assert "(1, " in err and "(2, " in err
+
+
+def test_report_shows_a_nan_call_whatever_its_order(tiny_model_dir):
+    """A quantized graph that overflows on one held-out call reads NaN, not the other calls'."""
+    import onnxruntime as ort
+
+    from llava_edge.calib.data import Capture
+    from llava_edge.calib.report import compare_graph
+
+    path = tiny_model_dir / "projector.onnx"
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (feed,) = session.get_inputs()
+    shape = [2 if isinstance(d, str) else d for d in feed.shape]
+    good = {feed.name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
+    overflowed = {feed.name: np.full(shape, np.nan, np.float32)}
+    names = [o.name for o in session.get_outputs()]
+
+    class Activations:
+        def captures(self, graph, desc=None):
+            for feeds in (good, overflowed):
+                outputs = session.run(None, good)  # fp32 gave finite numbers both times
+                yield Capture(graph, feeds, outputs, names)
+
+    stats = compare_graph(Activations(), "projector", path)
+    assert stats["calls"] == 2
+    assert np.isnan(stats["cosine_min"]) and np.isnan(stats["max_abs_error"])
