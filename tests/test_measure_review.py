@@ -105,3 +105,17 @@ def test_report_shows_a_nan_call_whatever_its_order(tiny_model_dir):
     stats = compare_graph(Activations(), "projector", path)
     assert stats["calls"] == 2
     assert np.isnan(stats["cosine_min"]) and np.isnan(stats["max_abs_error"])
+
+
+def test_bench_refuses_a_workload_the_context_cannot_hold_whole(tiny_model_dir, capsys):
+    """The text alone fits, the image's tokens push it over: every new token must still be timed."""
+    from llava_edge.manifest import Manifest
+
+    context = Manifest.load(tiny_model_dir).text.max_context
+    new = 8
+    argv = _bench(tiny_model_dir, "--new-tokens", str(new))
+    argv += ["--context-tokens", str(context - new - 4 - 2)]  # 4 question tokens, 2 to spare
+    assert cli(argv) == 1
+    err = capsys.readouterr().err
+    assert f"over the model's context of {context}" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1

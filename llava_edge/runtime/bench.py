@@ -192,8 +192,23 @@ class PipelineRunner:
         with PeakMemory() as memory:
             self.pipe = Pipeline.load(model_dir, threads=workload.threads, **load)
             self.load_s = time.perf_counter() - start
+            self._check_context()
             self.run_once()  # warm: the first run allocates the cache and pays one-off costs
         self.memory_mb = memory.megabytes
+
+    def _check_context(self) -> None:
+        """The whole prompt (template and image tokens too) and every new token must fit, or the
+        runtime would end each answer early and time fewer tokens than the workload says."""
+        pipe = self.pipe
+        pixels = [pipe.image_pixels(self.image)] if self.workload.image else []
+        prompt = len(pipe.prompt_ids(self.text, pixels))
+        if prompt + self.workload.new_tokens > pipe.max_context:
+            self.pipe.close()
+            raise LlavaEdgeError(
+                f"the workload's prompt is {prompt} tokens (template and image included) and it "
+                f"asks for {self.workload.new_tokens} new ones, over the model's context of "
+                f"{pipe.max_context}; ask for fewer --context-tokens or --new-tokens"
+            )
 
     def run_once(self) -> dict[str, float]:
         pipe = self.pipe
