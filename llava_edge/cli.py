@@ -219,6 +219,7 @@ def _bench(args: argparse.Namespace) -> None:
 
     if args.plot:
         check_output_file(args.plot, "--plot")
+        bench.pyplot()
     baseline = None
     if args.baseline:  # transformers needs torch: imported only when asked for
         from llava_edge.export.baseline import TransformersRunner

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -119,3 +120,16 @@ def test_bench_refuses_a_workload_the_context_cannot_hold_whole(tiny_model_dir, 
     err = capsys.readouterr().err
     assert f"over the model's context of {context}" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_bench_plot_without_matplotlib_is_refused_before_the_runs(
+    tiny_model_dir, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib: ImportError
+    loaded = []
+    monkeypatch.setattr(Pipeline, "load", staticmethod(lambda *a, **k: loaded.append(1)))
+    plot = tmp_path / "bench.png"
+    assert cli(_bench(tiny_model_dir, "--new-tokens", "2", "--plot", str(plot))) == 1
+    captured = capsys.readouterr()
+    assert "--plot needs matplotlib" in captured.err and "Traceback" not in captured.err
+    assert not loaded and not captured.out and not plot.exists()

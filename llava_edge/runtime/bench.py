@@ -345,8 +345,9 @@ def machine() -> dict[str, Any]:
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
 
 
-def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
-    """A PNG bar chart of ours against the baseline. Needs matplotlib (installed with [train])."""
+def pyplot() -> Any:
+    """matplotlib's pyplot, drawing to files; `bench` asks for it before the runs, so that a
+    missing matplotlib is said at once, not after minutes of timing."""
     try:
         import matplotlib
 
@@ -354,6 +355,12 @@ def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise LlavaEdgeError("--plot needs matplotlib: pip install matplotlib") from None
+    return plt
+
+
+def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
+    """A PNG bar chart of ours against the baseline. Needs matplotlib (installed with [train])."""
+    plt = pyplot()
     metrics = ["ttft_ms", "prefill_ms", "vision_ms", "decode_tokens_per_s", "peak_memory_mb"]
     sides = [k for k in ("llava_edge", "transformers") if k in report]
     fig, axes = plt.subplots(1, len(metrics), figsize=(3 * len(metrics), 3.2))
