@@ -133,3 +133,15 @@ def test_bench_plot_without_matplotlib_is_refused_before_the_runs(
     captured = capsys.readouterr()
     assert "--plot needs matplotlib" in captured.err and "Traceback" not in captured.err
     assert not loaded and not captured.out and not plot.exists()
+
+
+def test_report_file_is_strict_json_where_a_figure_is_nan(tmp_path):
+    from llava_edge.calib.report import write_report
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    path = tmp_path / "quantize_report.json"
+    write_report({"graphs": [{"cosine_min": float("nan"), "max_abs_error": float("inf")}]}, path)
+    read = json.loads(path.read_text(), parse_constant=refuse)
+    assert read == {"graphs": [{"cosine_min": None, "max_abs_error": None}]}

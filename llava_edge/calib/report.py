@@ -173,7 +173,19 @@ def _sizes(
 
 
 def write_report(report: dict[str, Any], path: str | os.PathLike) -> None:
-    Path(path).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    """Strict JSON, which jq and JavaScript read: a NaN or infinite figure is written as null."""
+    text = json.dumps(_finite(report), indent=2, allow_nan=False)
+    Path(path).write_text(text + "\n", encoding="utf-8")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def format_table(report: dict[str, Any]) -> str:
