@@ -273,8 +273,7 @@ def benchmark(
             check_baseline(runners[0].pipe.manifest, runners[1])
         report.update(measure(runners, workload.runs))
     finally:
-        for runner in runners:
-            runner.close()
+        runners[0].close()
     if baseline is not None:
         report["ratios"] = compare(report[runners[0].name], report[runners[1].name])
     return report
