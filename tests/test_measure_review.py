@@ -145,3 +145,18 @@ def test_report_file_is_strict_json_where_a_figure_is_nan(tmp_path):
     write_report({"graphs": [{"cosine_min": float("nan"), "max_abs_error": float("inf")}]}, path)
     read = json.loads(path.read_text(), parse_constant=refuse)
     assert read == {"graphs": [{"cosine_min": None, "max_abs_error": None}]}
+
+
+def test_report_greedy_tokens_are_those_compared_where_the_context_runs_out(tiny_model_dir):
+    from llava_edge.calib.data import Sample
+    from llava_edge.calib.report import greedy_agreement
+    from llava_edge.runtime.bench import question
+
+    with Pipeline.load(tiny_model_dir) as pipe:
+        room = 10
+        template = len(pipe.prompt_ids(question(pipe.codec, 1), None)) - 1
+        prompt = question(pipe.codec, pipe.max_context - room - template)
+        assert len(pipe.prompt_ids(prompt, None)) == pipe.max_context - room
+    greedy = greedy_agreement(tiny_model_dir, tiny_model_dir, [Sample(None, prompt)])
+    assert greedy["tokens"] == room
+    assert greedy["free_running_prefix"] == greedy["teacher_forced_top1"] == 1.0

@@ -108,13 +108,14 @@ def greedy_agreement(
 
     from llava_edge.runtime import Pipeline
 
-    prefix, forced, cosines = [], [], []
+    prefix, forced, cosines, compared = [], [], [], []
     options = {"max_new_tokens": tokens, "ignore_eos": True}
     with Pipeline.load(fp32_dir) as ref, Pipeline.load(quant_dir) as pipe:
         for sample in tqdm(samples, desc="greedy agreement", unit="sample", leave=False):
             image = str(sample.image) if sample.image else None
             want = ref.answer(image, sample.prompt, **options).token_ids
             got = pipe.answer(image, sample.prompt, **options).token_ids
+            compared.append(len(want))  # fewer than `tokens` where the context runs out
             same = next(
                 (i for i, (a, b) in enumerate(zip(want, got, strict=False)) if a != b), len(want)
             )
@@ -126,7 +127,7 @@ def greedy_agreement(
             forced.append(hits / len(want))
             cosines += [cosine(o, t) for o, t in zip(ours, theirs, strict=True)]
     return {
-        "tokens": tokens,
+        "tokens": min(compared, default=tokens),  # on the sample with the least room
         "samples": len(samples),
         "free_running_prefix": float(np.mean(prefix)) if prefix else None,
         "teacher_forced_top1": float(np.mean(forced)) if forced else None,
