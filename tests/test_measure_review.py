@@ -160,3 +160,24 @@ def test_report_greedy_tokens_are_those_compared_where_the_context_runs_out(tiny
     greedy = greedy_agreement(tiny_model_dir, tiny_model_dir, [Sample(None, prompt)])
     assert greedy["tokens"] == room
     assert greedy["free_running_prefix"] == greedy["teacher_forced_top1"] == 1.0
+
+
+def test_eval_without_images_dir_is_the_runs_fault_not_the_samples(
+    tiny_model_dir, tmp_path, capsys
+):
+    """--skip-bad must not score only the text-only samples when --images was forgotten."""
+    data, _ = _eval_world(tmp_path, ["grey", "grey"])
+    samples = json.loads(data.read_text())
+    samples.append(
+        {
+            "id": "text",
+            "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "hello"}],
+        }
+    )
+    data.write_text(json.dumps(samples))
+    answers = tmp_path / "answers.jsonl"
+    argv = ["eval", str(tiny_model_dir), "--data", str(data), "--answers", str(answers)]
+    assert cli([*argv, "--max-new-tokens", "2", "--skip-bad"]) == 1
+    err = capsys.readouterr().err
+    assert "is relative: pass --images DIR" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and not answers.exists()

@@ -84,6 +84,16 @@ def evaluate(
     def keep(position: int, record: object) -> bool:
         try:
             sample = parse_sample(record, position)
+            if (
+                sample.image is not None
+                and image_root is None
+                and not Path(sample.image).is_absolute()
+            ):
+                # the run's fault, not the sample's: --skip-bad must not leave them all out
+                raise LlavaEdgeError(
+                    f"sample {sample.id}'s image {sample.image} is relative: pass --images DIR, "
+                    "the dir it is under"
+                )
             if sample.image is not None:
                 image = image_path(sample, image_root)
                 if not image.is_file():
