@@ -223,7 +223,9 @@ def _bench(args: argparse.Namespace) -> None:
     baseline = None
     if args.baseline:  # transformers needs torch: imported only when asked for
         from llava_edge.export.baseline import TransformersRunner
+        from llava_edge.export.exporter import checkpoint_config
 
+        bench.check_baseline(args.model_dir, checkpoint_config(args.baseline))
         baseline = partial(TransformersRunner, args.baseline)
     workload = bench.Workload(
         question_tokens=args.question_tokens,

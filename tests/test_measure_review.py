@@ -181,3 +181,11 @@ def test_eval_without_images_dir_is_the_runs_fault_not_the_samples(
     err = capsys.readouterr().err
     assert "is relative: pass --images DIR" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and not answers.exists()
+
+
+def test_bench_baseline_that_is_no_checkpoint_is_one_line(tiny_model_dir, tmp_path, capsys):
+    missing = tmp_path / "nowhere" / "ckpt"  # never looked up on the hub
+    assert cli(_bench(tiny_model_dir, "--new-tokens", "2", "--baseline", str(missing))) == 1
+    err = capsys.readouterr().err
+    assert f"checkpoint {missing} does not exist" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1

@@ -270,7 +270,6 @@ def benchmark(
         if baseline is not None:
             _, prompt = bench_prompt(model_dir, workload)
             runners.append(baseline(workload, prompt))
-            check_baseline(runners[0].pipe.manifest, runners[1])
         report.update(measure(runners, workload.runs))
     finally:
         runners[0].close()
@@ -279,15 +278,15 @@ def benchmark(
     return report
 
 
-def check_baseline(manifest: Any, runner: Any) -> None:
-    """Refuse a baseline whose language model is not the dir's (its layers, width or vocabulary
-    differ): its timings would be of other work, and the ratios meaningless."""
-    config = getattr(getattr(runner, "model", None), "config", None)
-    text = getattr(config, "text_config", None)
-    if text is None:  # a runner that is not a transformers model: nothing to hold it to
-        return
+def check_baseline(model_dir: str | os.PathLike, config: Any) -> None:
+    """Refuse a baseline checkpoint (its transformers config) whose language model is not the
+    dir's (its layers, width or vocabulary differ): its timings would be of other work, and the
+    ratios meaningless. Checked before anything loads."""
+    from llava_edge.manifest import Manifest
+
+    text, spec = config.text_config, Manifest.load(model_dir).text
     theirs = (text.num_hidden_layers, text.hidden_size, text.vocab_size)
-    ours = (manifest.text.num_layers, manifest.text.hidden_size, manifest.text.vocab_size)
+    ours = (spec.num_layers, spec.hidden_size, spec.vocab_size)
     if theirs != ours:
         raise LlavaEdgeError(
             f"--baseline is another model than the model dir: its decoder has (layers, width, "
