@@ -189,3 +189,14 @@ def test_bench_baseline_that_is_no_checkpoint_is_one_line(tiny_model_dir, tmp_pa
     err = capsys.readouterr().err
     assert f"checkpoint {missing} does not exist" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_bench_plot_is_a_png_at_exactly_the_path_given(tmp_path):
+    from llava_edge.runtime.bench import plot
+
+    side = {"ttft_ms": 2.0, "prefill_ms": 1.0, "vision_ms": 1.0, "decode_tokens_per_s": 9.0}
+    report = {"llava_edge": side | {"peak_memory_mb": 3.0}}
+    for name in ("chart", "chart.txt", "chart.png"):
+        plot(report, tmp_path / name)
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chart", "chart.png", "chart.txt"]

@@ -9,6 +9,7 @@ two reports into ratios.
 
 from __future__ import annotations
 
+import io
 import os
 import platform
 import statistics
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from llava_edge.errors import LlavaEdgeError
-from llava_edge.files import graph_bytes
+from llava_edge.files import graph_bytes, replace_file
 from llava_edge.runtime.image import ImageInput
 
 METRICS = (
@@ -369,11 +370,16 @@ def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
         ax.tick_params(labelsize=8)
     fig.suptitle("llava-edge vs transformers (higher tokens/s, lower ms/MB is better)", fontsize=10)
     fig.tight_layout()
+    png = io.BytesIO()
+    # PNG whatever the name: matplotlib would pick the format from the extension (refusing
+    # .txt, adding .png to a name without one)
+    fig.savefig(png, dpi=120, format="png")
+    plt.close(fig)
     try:
-        fig.savefig(path, dpi=120)
+        with replace_file(Path(path)) as f:  # whole or not at all
+            f.buffer.write(png.getvalue())
     except OSError as e:
         raise LlavaEdgeError(f"cannot write --plot {path}: {e.strerror or e}") from None
-    plt.close(fig)
 
 
 def table(report: dict[str, Any]) -> str:
