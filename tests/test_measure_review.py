@@ -1,5 +1,6 @@
 """The measuring commands on the tiny model, as a user deciding what to deploy runs them:
-`bench`'s smallest workloads and its baseline, and `eval`'s answers that cannot match."""
+`bench`'s workloads, baseline and plot, `eval`'s scoring and the answers that cannot match,
+and `quantize --report`'s figures where a call gives NaN or the context runs out."""
 
 from __future__ import annotations
 
