@@ -219,10 +219,13 @@ def _bench(args: argparse.Namespace) -> None:
 
     if args.plot:
         check_output_file(args.plot, "--plot")
+        bench.pyplot()
     baseline = None
     if args.baseline:  # transformers needs torch: imported only when asked for
         from llava_edge.export.baseline import TransformersRunner
+        from llava_edge.export.exporter import checkpoint_config
 
+        bench.check_baseline(args.model_dir, checkpoint_config(args.baseline))
         baseline = partial(TransformersRunner, args.baseline)
     workload = bench.Workload(
         question_tokens=args.question_tokens,
@@ -483,9 +486,15 @@ def _eval(args: argparse.Namespace) -> None:
         **_load_options(args),
     )
     skipped = f" ({result.skipped} bad sample(s) skipped)" if result.skipped else ""
+    cut = (
+        f"; {result.cut} prediction(s) cut at --max-new-tokens {args.max_new_tokens}: "
+        "a longer reference cannot match, raise it"
+        if result.cut
+        else ""
+    )
     print(
         f"exact-match accuracy {100 * result.accuracy:.1f}% ({result.correct}/{result.total})"
-        f"{skipped}; answers in {result.answers}"
+        f"{skipped}; answers in {result.answers}{cut}"
     )
 
 
@@ -665,7 +674,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measure load time, TTFT, decode tokens/s, memory")
     p.add_argument("model_dir")
     p.add_argument(
-        "--baseline", metavar="CHECKPOINT", help="also run transformers' generate() on it"
+        "--baseline",
+        metavar="CHECKPOINT",
+        help="also run transformers' generate() on the checkpoint the dir was exported from",
     )
     p.add_argument("--runs", type=int, default=5, help="runs to take the median of")
     p.add_argument("--question-tokens", type=int, default=32)

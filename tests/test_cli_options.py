@@ -151,6 +151,8 @@ def record(world, monkeypatch) -> Calls:
         (checkpoint, "compose_checkpoint", "ckpt"),
         (convert, "convert_checkpoint", "ckpt"),
         (exporter, "export_checkpoint", None),
+        (exporter, "checkpoint_config", None),  # bench --baseline reads it first
+        (bench, "check_baseline", None),
         (quantize, "quantize_model", None),
         (build, "build_engines", None),
         (synth, "synthesize", {}),

@@ -82,11 +82,12 @@ def compare_graph(activations: Activations, graph: str, path: Path) -> dict[str,
         errors.append(float(np.max(np.abs(want.astype(np.float64) - got))))
     if not cosines:
         return {"calls": 0}
+    # numpy's min and max, not Python's: a NaN (an overflowed call) must show, not hide by order
     return {
         "calls": len(cosines),
-        "cosine_min": min(cosines),
+        "cosine_min": float(np.min(cosines)),
         "cosine_mean": float(np.mean(cosines)),
-        "max_abs_error": max(errors),
+        "max_abs_error": float(np.max(errors)),
     }
 
 
@@ -107,13 +108,14 @@ def greedy_agreement(
 
     from llava_edge.runtime import Pipeline
 
-    prefix, forced, cosines = [], [], []
+    prefix, forced, cosines, compared = [], [], [], []
     options = {"max_new_tokens": tokens, "ignore_eos": True}
     with Pipeline.load(fp32_dir) as ref, Pipeline.load(quant_dir) as pipe:
         for sample in tqdm(samples, desc="greedy agreement", unit="sample", leave=False):
             image = str(sample.image) if sample.image else None
             want = ref.answer(image, sample.prompt, **options).token_ids
             got = pipe.answer(image, sample.prompt, **options).token_ids
+            compared.append(len(want))  # fewer than `tokens` where the context runs out
             same = next(
                 (i for i, (a, b) in enumerate(zip(want, got, strict=False)) if a != b), len(want)
             )
@@ -125,7 +127,7 @@ def greedy_agreement(
             forced.append(hits / len(want))
             cosines += [cosine(o, t) for o, t in zip(ours, theirs, strict=True)]
     return {
-        "tokens": tokens,
+        "tokens": min(compared, default=tokens),  # on the sample with the least room
         "samples": len(samples),
         "free_running_prefix": float(np.mean(prefix)) if prefix else None,
         "teacher_forced_top1": float(np.mean(forced)) if forced else None,
@@ -172,7 +174,19 @@ def _sizes(
 
 
 def write_report(report: dict[str, Any], path: str | os.PathLike) -> None:
-    Path(path).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    """Strict JSON, which jq and JavaScript read: a NaN or infinite figure is written as null."""
+    text = json.dumps(_finite(report), indent=2, allow_nan=False)
+    Path(path).write_text(text + "\n", encoding="utf-8")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def format_table(report: dict[str, Any]) -> str:

@@ -9,6 +9,7 @@ two reports into ratios.
 
 from __future__ import annotations
 
+import io
 import os
 import platform
 import statistics
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from llava_edge.errors import LlavaEdgeError
-from llava_edge.files import graph_bytes
+from llava_edge.files import graph_bytes, replace_file
 from llava_edge.runtime.image import ImageInput
 
 METRICS = (
@@ -62,7 +63,7 @@ class Workload:
     """One benchmark request: an image, a question of `question_tokens` tokens, fixed output length."""
 
     question_tokens: int = 32
-    new_tokens: int = 128
+    new_tokens: int = 128  # at least 2: decode speed is timed from the first token to the last
     context_tokens: int = 0  # extra text before the question, for long-context decode speed
     image: bool = True  # False: a text-only prompt (to set the context length exactly)
     threads: int = 2
@@ -71,7 +72,7 @@ class Workload:
     def __post_init__(self) -> None:
         for name, least in [
             ("question_tokens", 1),
-            ("new_tokens", 1),
+            ("new_tokens", 2),
             ("context_tokens", 0),
             ("threads", 1),
             ("runs", 1),
@@ -79,7 +80,8 @@ class Workload:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 flag = "--" + name.replace("_", "-")
-                raise LlavaEdgeError(f"{flag} must be at least {least}, got {value!r}")
+                why = " (decode speed is timed from the first new token)" * (name == "new_tokens")
+                raise LlavaEdgeError(f"{flag} must be at least {least}{why}, got {value!r}")
 
 
 def question(codec: Any, tokens: int, prefix_tokens: int = 0) -> str:
@@ -191,8 +193,23 @@ class PipelineRunner:
         with PeakMemory() as memory:
             self.pipe = Pipeline.load(model_dir, threads=workload.threads, **load)
             self.load_s = time.perf_counter() - start
+            self._check_context()
             self.run_once()  # warm: the first run allocates the cache and pays one-off costs
         self.memory_mb = memory.megabytes
+
+    def _check_context(self) -> None:
+        """The whole prompt (template and image tokens too) and every new token must fit, or the
+        runtime would end each answer early and time fewer tokens than the workload says."""
+        pipe = self.pipe
+        pixels = [pipe.image_pixels(self.image)] if self.workload.image else []
+        prompt = len(pipe.prompt_ids(self.text, pixels))
+        if prompt + self.workload.new_tokens > pipe.max_context:
+            self.pipe.close()
+            raise LlavaEdgeError(
+                f"the workload's prompt is {prompt} tokens (template and image included) and it "
+                f"asks for {self.workload.new_tokens} new ones, over the model's context of "
+                f"{pipe.max_context}; ask for fewer --context-tokens or --new-tokens"
+            )
 
     def run_once(self) -> dict[str, float]:
         pipe = self.pipe
@@ -250,16 +267,33 @@ def benchmark(
     """
     report: dict[str, Any] = {"workload": asdict(workload), "machine": machine()}
     runners = [PipelineRunner(model_dir, workload, **load)]
-    if baseline is not None:
-        _, prompt = bench_prompt(model_dir, workload)
-        runners.append(baseline(workload, prompt))
     try:
+        if baseline is not None:
+            _, prompt = bench_prompt(model_dir, workload)
+            runners.append(baseline(workload, prompt))
         report.update(measure(runners, workload.runs))
     finally:
         runners[0].close()
     if baseline is not None:
         report["ratios"] = compare(report[runners[0].name], report[runners[1].name])
     return report
+
+
+def check_baseline(model_dir: str | os.PathLike, config: Any) -> None:
+    """Refuse a baseline checkpoint (its transformers config) whose language model is not the
+    dir's (its layers, width or vocabulary differ): its timings would be of other work, and the
+    ratios meaningless. Checked before anything loads."""
+    from llava_edge.manifest import Manifest
+
+    text, spec = config.text_config, Manifest.load(model_dir).text
+    theirs = (text.num_hidden_layers, text.hidden_size, text.vocab_size)
+    ours = (spec.num_layers, spec.hidden_size, spec.vocab_size)
+    if theirs != ours:
+        raise LlavaEdgeError(
+            f"--baseline is another model than the model dir: its decoder has (layers, width, "
+            f"vocabulary) {theirs}, the dir's {ours}; pass the checkpoint the dir was exported "
+            "from"
+        )
 
 
 def medians(runs: list[dict[str, float]]) -> dict[str, Any]:
@@ -310,8 +344,9 @@ def machine() -> dict[str, Any]:
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
 
 
-def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
-    """A PNG bar chart of ours against the baseline. Needs matplotlib (installed with [train])."""
+def pyplot() -> Any:
+    """matplotlib's pyplot, drawing to files; `bench` asks for it before the runs, so that a
+    missing matplotlib is said at once, not after minutes of timing."""
     try:
         import matplotlib
 
@@ -319,6 +354,12 @@ def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise LlavaEdgeError("--plot needs matplotlib: pip install matplotlib") from None
+    return plt
+
+
+def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
+    """A PNG bar chart of ours against the baseline. Needs matplotlib (installed with [train])."""
+    plt = pyplot()
     metrics = ["ttft_ms", "prefill_ms", "vision_ms", "decode_tokens_per_s", "peak_memory_mb"]
     sides = [k for k in ("llava_edge", "transformers") if k in report]
     fig, axes = plt.subplots(1, len(metrics), figsize=(3 * len(metrics), 3.2))
@@ -329,11 +370,16 @@ def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
         ax.tick_params(labelsize=8)
     fig.suptitle("llava-edge vs transformers (higher tokens/s, lower ms/MB is better)", fontsize=10)
     fig.tight_layout()
+    png = io.BytesIO()
+    # PNG whatever the name: matplotlib would pick the format from the extension (refusing
+    # .txt, adding .png to a name without one)
+    fig.savefig(png, dpi=120, format="png")
+    plt.close(fig)
     try:
-        fig.savefig(path, dpi=120)
+        with replace_file(Path(path)) as f:  # whole or not at all
+            f.buffer.write(png.getvalue())
     except OSError as e:
         raise LlavaEdgeError(f"cannot write --plot {path}: {e.strerror or e}") from None
-    plt.close(fig)
 
 
 def table(report: dict[str, Any]) -> str:

@@ -33,6 +33,7 @@ class EvalResult:
     total: int
     answers: Path  # the per-question JSONL
     skipped: int  # bad samples left out by skip_bad
+    cut: int = 0  # predictions stopped by max_new_tokens: a longer reference cannot match
 
 
 def normalize(answer: str) -> str:
@@ -83,6 +84,16 @@ def evaluate(
     def keep(position: int, record: object) -> bool:
         try:
             sample = parse_sample(record, position)
+            if (
+                sample.image is not None
+                and image_root is None
+                and not Path(sample.image).is_absolute()
+            ):
+                # the run's fault, not the sample's: --skip-bad must not leave them all out
+                raise LlavaEdgeError(
+                    f"sample {sample.id}'s image {sample.image} is relative: pass --images DIR, "
+                    "the dir it is under"
+                )
             if sample.image is not None:
                 image = image_path(sample, image_root)
                 if not image.is_file():
@@ -105,7 +116,7 @@ def evaluate(
         return False
 
     samples = SampleFile(data, keep=keep)
-    total = correct = 0
+    total = correct = cut = 0
     with Pipeline.load(model_dir, **load) as pipe, replace_file(out) as f:
         for index in tqdm(range(len(samples)), desc="evaluating", disable=not progress):
             sample = parse_sample(samples.record(index), int(samples.positions[index]))
@@ -118,6 +129,7 @@ def evaluate(
             for row in rows:
                 total += 1
                 correct += row["correct"]
+                cut += row["finish"] == "length"
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         if not total and skipped:
             raise LlavaEdgeError(
@@ -125,7 +137,7 @@ def evaluate(
             )
         if not total:
             raise LlavaEdgeError(f"{data} has no question to evaluate")
-    return EvalResult(correct / total, correct, total, out, len(skipped))
+    return EvalResult(correct / total, correct, total, out, len(skipped), cut)
 
 
 def _ask(pipe, sample: Sample, image: Path | None, max_new_tokens: int) -> list[dict]:
@@ -134,7 +146,7 @@ def _ask(pipe, sample: Sample, image: Path | None, max_new_tokens: int) -> list[
     rows = []
     for turn, (question, reference) in enumerate(sample.turns):
         try:
-            prediction = pipe.generate(image, question, max_new_tokens=max_new_tokens)
+            prediction = pipe.answer(image, question, max_new_tokens=max_new_tokens)
         except LlavaEdgeError as e:
             raise BadSample(sample.id, str(e)) from None
         rows.append(
@@ -143,8 +155,9 @@ def _ask(pipe, sample: Sample, image: Path | None, max_new_tokens: int) -> list[
                 "turn": turn,
                 "question": question,
                 "answer": reference,
-                "prediction": prediction,
-                "correct": normalize(prediction) == normalize(reference),
+                "prediction": prediction.text,
+                "correct": normalize(prediction.text) == normalize(reference),
+                "finish": prediction.finish_reason,  # "length": cut at max_new_tokens
             }
         )
     return rows
