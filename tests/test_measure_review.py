@@ -201,3 +201,24 @@ def test_bench_plot_is_a_png_at_exactly_the_path_given(tmp_path):
         plot(report, tmp_path / name)
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chart", "chart.png", "chart.txt"]
+
+
+def test_the_baselines_prefill_leaves_out_its_vision_tower(tiny_checkpoint, monkeypatch) -> None:
+    """transformers' forward runs the vision tower again: timed whole, its 'prefill' held the
+    vision encoder too, and bench's prefill speedup came out inflated."""
+    import time
+
+    from llava_edge.export.baseline import TransformersRunner
+    from llava_edge.runtime.bench import Workload
+
+    runner = TransformersRunner(tiny_checkpoint, Workload(new_tokens=2, runs=1), "<image>\nHi?")
+    tower = runner.model.model.vision_tower
+    real = tower.forward
+
+    def slow(*args, **kwargs):
+        time.sleep(0.3)  # a vision tower far slower than the tiny language model
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tower, "forward", slow)
+    timings = runner.run_once()
+    assert timings["vision_ms"] >= 300 and timings["prefill_ms"] < 150
