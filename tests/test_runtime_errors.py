@@ -346,3 +346,16 @@ def test_a_prompt_that_places_its_own_images_fits_that_many(pipe) -> None:
     assert pipe.images_that_fit(placed) == 2 <= pipe.images_that_fit("Compare them.")
     with pytest.raises(LlavaEdgeError, match="more <image> placeholders than images"):
         pipe.codec.encode(placed, image_tokens=[3])
+
+
+@pytest.mark.parametrize("threads", [0, -1, 1.5, True])
+def test_threads_must_be_a_positive_whole_number(tiny_model_dir, threads) -> None:
+    """onnxruntime took 0 and negatives silently, as its own default (every core)."""
+    with pytest.raises(LlavaEdgeError, match="threads must be a whole number, 1 or more"):
+        Pipeline.load(tiny_model_dir, threads=threads)
+
+
+def test_the_cli_refuses_zero_threads(tiny_model_dir, capsys) -> None:
+    argv = ["run", str(tiny_model_dir), "--prompt", "hi", "--threads", "0"]
+    assert main(argv) == 1
+    assert "threads must be a whole number, 1 or more, got 0" in capsys.readouterr().err

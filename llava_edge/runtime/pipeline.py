@@ -160,6 +160,10 @@ class Pipeline:
         that needs a graph waits for it (a request's image runs while the decoder still opens),
         and a graph that fails to load raises at that call or at `wait_loaded()`.
         """
+        if threads is not None and (
+            isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+        ):  # onnxruntime takes 0 and negatives silently, as its own default
+            raise LlavaEdgeError(f"threads must be a whole number, 1 or more, got {threads!r}")
         model_dir = Path(model_dir)
         manifest = Manifest.load(model_dir)
         manifest.check_files(model_dir, hashes=verify_files)
