@@ -596,3 +596,53 @@ def test_missing_extras_are_named(plain_original, tmp_path, monkeypatch, capsys)
     args = ["convert", str(lora), str(tmp_path / "out2"), "--base", str(plain_original["original"])]
     assert cli([*args, "--vision", str(plain_original["clip"])]) == 1
     assert "merging a LoRA output needs peft" in capsys.readouterr().err
+
+
+LFS_POINTER = (
+    "version https://git-lfs.github.com/spec/v1\n"
+    "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\n"
+    "size 9976576152\n"
+)
+DAMAGED_SHARDS = {
+    # A clone made without Git LFS: its .bin text used to be read as a pickle of Python objects.
+    "a Git LFS pointer": (LFS_POINTER, "is a Git LFS pointer, not the weights: fetch them"),
+    # Not a pickle at all: torch's weights-only unpickler raised a KeyError traceback.
+    "a text file": ("hello\n", "as PyTorch weights: not a file torch.save wrote, or a damaged one"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGED_SHARDS))
+def test_a_shard_that_is_not_weights_is_named(plain_original, tmp_path, capsys, damage) -> None:
+    text, message = DAMAGED_SHARDS[damage]
+    original = _copy(plain_original, tmp_path)
+    shard = sorted(original.glob("pytorch_model-*.bin"))[0]
+    shard.write_text(text)
+    out = tmp_path / "out"
+    assert cli(["convert", str(original), str(out), "--vision", str(plain_original["clip"])]) == 1
+    err = capsys.readouterr().err
+    assert f"{shard}" in err and message in err and len(err.strip().splitlines()) == 1, err
+    assert "pickled Python objects" not in err and not out.exists()
+
+
+def test_an_lfs_pointer_for_safetensors_is_named(tmp_path) -> None:
+    from llava_edge.convert.weights import read_weights
+    from llava_edge.errors import LlavaEdgeError
+
+    path = tmp_path / "model.safetensors"
+    path.write_text(LFS_POINTER)
+    with pytest.raises(LlavaEdgeError, match="is a Git LFS pointer"):
+        read_weights(path)
+
+
+@pytest.mark.parametrize("name", [3, "../elsewhere.bin", "/abs/model.bin"])
+def test_an_index_names_only_files_beside_it(tmp_path, name) -> None:
+    """A weight_map value that is not a file name in the index's dir is refused by name (a
+    number raised a TypeError traceback; '../x' was read from outside the checkpoint)."""
+    from llava_edge.convert.weights import read_sharded
+    from llava_edge.errors import LlavaEdgeError
+
+    (tmp_path / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"weight_map": {"lm_head.weight": name}})
+    )
+    with pytest.raises(LlavaEdgeError, match="an index names files beside it"):
+        read_sharded(tmp_path)

@@ -19,8 +19,12 @@ from llava_edge.errors import LlavaEdgeError, first_line
 StateDict = dict[str, Any]  # name -> torch.Tensor
 
 
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
 def read_weights(path: Path) -> StateDict:
     """One weights file: safetensors, or a pickled state dict of tensors."""
+    _refuse_lfs_pointer(path)
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
     return _read_pickled(path)
@@ -61,10 +65,29 @@ def _is_shard(name: str, stem: str) -> bool:
 
 def _index_files(index: Path) -> list[str]:
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return list(weight_map.values())
+        files = list(json.loads(index.read_text())["weight_map"].values())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise LlavaEdgeError(f"{index} is not a weights index (no weight_map)") from None
+    for name in files:  # file names in the index's own dir, nothing else
+        if not isinstance(name, str) or Path(name).name != name:
+            raise LlavaEdgeError(
+                f"{index} names {name!r} as a weights file; an index names files beside it"
+            )
+    return files
+
+
+def _refuse_lfs_pointer(path: Path) -> None:
+    """A repository cloned without Git LFS holds small text pointers where the weights belong."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(LFS_POINTER))
+    except OSError as e:
+        raise LlavaEdgeError(f"cannot read {path}: {e.strerror or e}") from None
+    if head == LFS_POINTER:
+        raise LlavaEdgeError(
+            f"{path} is a Git LFS pointer, not the weights: fetch them (`git lfs pull` in the "
+            "clone, or `hf download`)"
+        )
 
 
 def _read_safetensors(path: Path) -> StateDict:
@@ -85,14 +108,16 @@ def _read_pickled(path: Path) -> StateDict:
         state = torch.load(
             path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
         )
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" not in str(e):  # what torch's weights-only unpickler says of any object
+            raise LlavaEdgeError(f"cannot read {path} as PyTorch weights: {_reason(e)}") from None
         raise LlavaEdgeError(
             f"{path} holds pickled Python objects besides tensors; llava-edge reads .bin files "
             "with torch.load(weights_only=True) only and will not unpickle them. If you trust "
             "the file, re-save its tensors as safetensors"
         ) from None
-    except (OSError, RuntimeError, EOFError, ValueError) as e:
-        raise LlavaEdgeError(f"cannot read {path} as PyTorch weights: {first_line(e)}") from None
+    except Exception as e:  # torch's weights-only unpickler fails on junk with any error
+        raise LlavaEdgeError(f"cannot read {path} as PyTorch weights: {_reason(e)}") from None
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
@@ -101,3 +126,10 @@ def _read_pickled(path: Path) -> StateDict:
             "weights files with tensors only"
         )
     return dict(state)
+
+
+def _reason(error: BaseException) -> str:
+    """torch.load's message, or a plain word where it is a bare type or an unpickler's detail."""
+    if isinstance(error, OSError | RuntimeError | EOFError | ValueError) and str(error).strip():
+        return first_line(error)
+    return "not a file torch.save wrote, or a damaged one"
