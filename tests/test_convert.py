@@ -646,3 +646,72 @@ def test_an_index_names_only_files_beside_it(tmp_path, name) -> None:
     )
     with pytest.raises(LlavaEdgeError, match="an index names files beside it"):
         read_sharded(tmp_path)
+
+
+def _clip(out: Path, **overrides: Any) -> Path:
+    from original_format import VISION
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    CLIPVisionModel(CLIPVisionConfig(**{**VISION, **overrides})).save_pretrained(out)
+    return out
+
+
+WRONG_TOWERS = {
+    # Wider than the projector's input: the error blamed "the LLaVA weights" and its own config.
+    "another hidden size": (
+        {},
+        {"hidden_size": 64},
+        "has hidden size 64; the checkpoint's projector takes 32 (mm_hidden_size)",
+    ),
+    # A 48-pixel CLIP for a model trained on a 32-pixel one converted, and then answered from
+    # 36 image features where it was trained on 16.
+    "another image size": (
+        {"mm_vision_tower": "openai/clip-vit-tiny-patch8-32"},
+        {"image_size": 48},
+        "takes 48-pixel images in 8-pixel patches; openai/clip-vit-tiny-patch8-32 takes "
+        "32-pixel images in 8-pixel patches",
+    ),
+    # OpenAI's names without a size are 224-pixel towers (LLaVA v1's clip-vit-large-patch14).
+    "an OpenAI name without a size": (
+        {"mm_vision_tower": "openai/clip-vit-large-patch8"},
+        {},
+        "takes 32-pixel images in 8-pixel patches; openai/clip-vit-large-patch8 takes "
+        "224-pixel images",
+    ),
+}
+
+
+@pytest.mark.parametrize("wrong", list(WRONG_TOWERS))
+def test_a_vision_tower_it_was_not_trained_with_is_refused(
+    plain_original, tmp_path, capsys, wrong
+) -> None:
+    edit, tower, message = WRONG_TOWERS[wrong]
+    original = _copy(plain_original, tmp_path)
+    config = json.loads((original / "config.json").read_text())
+    (original / "config.json").write_text(json.dumps({**config, **edit}))
+    clip = _clip(tmp_path / "clip", **tower)
+    capsys.readouterr()  # saving it reports progress
+    out = tmp_path / "out"
+    assert cli(["convert", str(original), str(out), "--vision", str(clip)]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "pass --vision with the CLIP checkpoint" in err, err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_a_tower_whose_name_states_its_size_converts(plain_original, tmp_path) -> None:
+    original = _copy(plain_original, tmp_path)
+    config = json.loads((original / "config.json").read_text())
+    tower = "./checkpoints/clip-vit-tiny-patch8-32"  # a local path, as the original allows
+    (original / "config.json").write_text(json.dumps({**config, "mm_vision_tower": tower}))
+    out = tmp_path / "out"
+    assert cli(["convert", str(original), str(out), "--vision", str(plain_original["clip"])]) == 0
+
+
+def test_a_llava_checkpoint_as_vision_is_refused(plain_original, tiny_checkpoint, tmp_path, capsys):
+    """CLIPVisionConfig reads a LLaVA dir's vision_config; its weights then did not fit (39
+    missing): the dir is named for what it is."""
+    out = tmp_path / "out"
+    args = ["convert", str(plain_original["original"]), str(out), "--vision", str(tiny_checkpoint)]
+    assert cli(args) == 1
+    err = capsys.readouterr().err
+    assert "is a 'llava' model; LLaVA's vision tower is CLIP" in err and not out.exists()

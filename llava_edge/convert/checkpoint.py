@@ -22,7 +22,7 @@ from typing import Any
 
 from llava_edge import logs
 from llava_edge.convert.original import Original, read_original, text_config_dict
-from llava_edge.convert.vision import Tower, find_vision_dir, load_tower
+from llava_edge.convert.vision import Tower, check_tower, find_vision_dir, load_tower
 from llava_edge.errors import LlavaEdgeError, first_line
 from llava_edge.files import check_output_dir, replace_dir
 from llava_edge.manifest import write_checkpoint_info
@@ -78,6 +78,7 @@ def convert_checkpoint(
         if vision_dir is not None and vision is None:
             check_output_dir(out, force, keep=vision_dir, keep_name="the vision tower")
         tower = load_tower(settings.vision_tower, vision_dir, parts.vision, log)
+        check_tower(tower, settings.vision_tower, settings.vision_width)
         dtype = _dtype(parts.text)
         tokenizer = _tokenizer(parts)
         language_model = _language_model(parts, dtype)

@@ -42,6 +42,7 @@ class Settings:
 
     text_model: str  # llama, mistral
     vision_tower: str  # a hub name or a path (mm_vision_tower)
+    vision_width: int | None  # mm_hidden_size: the tower's hidden size the projector takes
     projector: str  # linear, mlp2x_gelu, mlpNx_gelu
     select_layer: int
     select_feature: str  # patch (CLS dropped) or cls_patch
@@ -156,6 +157,7 @@ def read_settings(config: dict[str, Any], directory: Path) -> Settings:
     settings = Settings(
         text_model=text,
         vision_tower=str(tower),
+        vision_width=_integer(config, "mm_hidden_size", None, directory),
         projector=config.get("mm_projector_type") or "linear",  # absent in LLaVA v1: linear
         select_layer=_integer(config, "mm_vision_select_layer", -1, directory),
         select_feature=config.get("mm_vision_select_feature") or "patch",

@@ -10,6 +10,7 @@ release uses (64-wide attention heads, quick GELU, OpenAI CLIP's mean and std).
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -20,6 +21,10 @@ from llava_edge.convert.weights import StateDict, read_sharded
 from llava_edge.errors import LlavaEdgeError
 
 CLIP_HEAD_DIM = 64
+CLIP_MODEL_TYPES = ("clip", "clip_vision_model")  # CLIPModel, CLIPVisionModel
+# OpenAI's CLIP names say the patch size and, past 224 pixels, the image size:
+# clip-vit-large-patch14 (224), clip-vit-large-patch14-336.
+OPENAI_CLIP_NAME = re.compile(r"clip-vit-[a-z]+-patch(\d+)(?:-(\d+))?")
 
 
 @dataclass
@@ -57,14 +62,13 @@ def load_tower(name: str, directory: Path | None, in_checkpoint: StateDict, log:
             f"(OpenAI CLIP conventions; pass --vision with {name} to use its config)"
         )
         return Tower(config, in_checkpoint, _openai_processor(config), "the checkpoint")
+    model_type = _model_type(directory)
+    if model_type not in CLIP_MODEL_TYPES:  # read from a LLaVA dir's vision_config, else
+        raise LlavaEdgeError(f"{directory} is a '{model_type}' model; LLaVA's vision tower is CLIP")
     try:
         config = CLIPVisionConfig.from_pretrained(directory)
     except (OSError, ValueError) as e:
         raise LlavaEdgeError(f"cannot read the CLIP config in {directory}: {e}") from None
-    if config.model_type != "clip_vision_model":
-        raise LlavaEdgeError(
-            f"{directory} is a '{config.model_type}' model; LLaVA's vision tower is CLIP"
-        )
     if (directory / "preprocessor_config.json").is_file():
         processor = CLIPImageProcessor.from_pretrained(directory)
     else:
@@ -76,6 +80,37 @@ def load_tower(name: str, directory: Path | None, in_checkpoint: StateDict, log:
         raise LlavaEdgeError(f"{directory} holds no CLIP weights")
     weights = {k: v for k, v in weights.items() if not k.startswith("text_model.")}
     return Tower(config, weights, processor, str(directory))
+
+
+def check_tower(tower: Tower, name: str, width: int | None) -> None:
+    """The tower must be the one the original was trained with: as wide as its projector's
+    input (mm_hidden_size), and of the patch and image size its name says where it is an OpenAI
+    CLIP name. Another tower converts into a model that runs and answers wrong."""
+    config = tower.config
+    fix = f"pass --vision with the CLIP checkpoint it was trained with, {name}"
+    if width is not None and config.hidden_size != width:
+        raise LlavaEdgeError(
+            f"the vision tower from {tower.source} has hidden size {config.hidden_size}; the "
+            f"checkpoint's projector takes {width} (mm_hidden_size): {fix}"
+        )
+    match = OPENAI_CLIP_NAME.fullmatch(Path(name).name)
+    if match is None or tower.source == "the checkpoint":  # its own weights say its shape
+        return
+    patch, size = int(match.group(1)), int(match.group(2) or 224)
+    if (config.patch_size, config.image_size) != (patch, size):
+        raise LlavaEdgeError(
+            f"the vision tower from {tower.source} takes {config.image_size}-pixel images in "
+            f"{config.patch_size}-pixel patches; {name} takes {size}-pixel images in "
+            f"{patch}-pixel patches: {fix}"
+        )
+
+
+def _model_type(directory: Path) -> str | None:
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise LlavaEdgeError(f"cannot read the CLIP config in {directory}: {e}") from None
+    return config.get("model_type") if isinstance(config, dict) else None
 
 
 def config_from_weights(state: StateDict) -> Any:
