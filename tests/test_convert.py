@@ -715,3 +715,27 @@ def test_a_llava_checkpoint_as_vision_is_refused(plain_original, tiny_checkpoint
     assert cli(args) == 1
     err = capsys.readouterr().err
     assert "is a 'llava' model; LLaVA's vision tower is CLIP" in err and not out.exists()
+
+
+def test_a_base_it_was_not_trained_on_is_refused(plain_original, tmp_path, capsys) -> None:
+    """A CLIP dir as --base was 'has no tokenizer files; pass --base with the tokenizer'; a
+    base of another width blamed the output's own config for 20 tensors of another shape."""
+    stage1 = tmp_path / "stage1"
+    stage1.mkdir()
+    config = json.loads((plain_original["original"] / "config.json").read_text())
+    (stage1 / "config.json").write_text(json.dumps(config))
+    torch.save({"model.mm_projector.0.weight": torch.zeros(2, 2)}, stage1 / "mm_projector.bin")
+    wider = Path(shutil.copytree(plain_original["original"], tmp_path / "wider"))
+    (wider / "config.json").write_text(json.dumps({**config, "hidden_size": 64}))
+    bases = {
+        plain_original["clip"]: "is a 'clip_vision_model' model, not a Llama or Mistral language "
+        "model: pass the language model it was trained on",
+        wider: f"--base {wider} has hidden_size 64; {stage1} was trained on one of 48",
+    }
+    for base, message in bases.items():
+        out = tmp_path / "out"
+        args = ["convert", str(stage1), str(out), "--base", str(base)]
+        assert cli([*args, "--vision", str(plain_original["clip"])]) == 1
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()

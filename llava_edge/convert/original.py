@@ -94,7 +94,10 @@ def read_original(directory: Path, base: Path | None = None) -> Original:
                 f"{directory} is a {'LoRA' if kind == 'lora' else 'stage-1 projector'} output: "
                 f"pass --base, the language model it was trained on ({_base_name(directory)})"
             )
-        base_state = read_sharded(base) if (base / "config.json").is_file() else None
+        if not (base / "config.json").is_file():
+            raise LlavaEdgeError(f"--base {base} is not a checkpoint dir with weights")
+        _check_base(base, config, directory)
+        base_state = read_sharded(base)
         if base_state is None:
             raise LlavaEdgeError(f"--base {base} is not a checkpoint dir with weights")
         _split(base_state, original)
@@ -260,6 +263,27 @@ def _base_name(directory: Path) -> str:
         if value:
             return str(value)
     return "its base model"
+
+
+def _check_base(base: Path, config: dict[str, Any], directory: Path) -> None:
+    """--base must be a language model of the shape the output's config.json was trained on: its
+    weights are read under that config."""
+    base_config = read_config(base)
+    model_type = base_config.get("model_type")
+    text_models = (*TEXT_MODELS, *TEXT_MODELS.values())
+    trained_on = f"pass the language model it was trained on ({_base_name(directory)})"
+    if model_type not in text_models or "text_config" in base_config:
+        raise LlavaEdgeError(
+            f"--base {base} is a '{model_type}' model, not a Llama or Mistral language model: "
+            f"{trained_on}"
+        )
+    for key in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads"):
+        ours, theirs = config.get(key), base_config.get(key)
+        if ours is not None and theirs is not None and ours != theirs:
+            raise LlavaEdgeError(
+                f"--base {base} has {key} {theirs}; {directory} was trained on one of {ours}: "
+                f"{trained_on}"
+            )
 
 
 def _projector_file(directory: Path) -> StateDict:
