@@ -489,6 +489,20 @@ BAD_CONFIGS = {
         {"tokenizer_model_max_length": "2k"},
         "tokenizer_model_max_length '2k' is not an integer",
     ),
+    # These were rounded, or taken as 1, or kept as a negative length: never a number the
+    # original's config could mean.
+    "select layer not whole": (
+        {"mm_vision_select_layer": -2.5},
+        "mm_vision_select_layer -2.5 is not an integer",
+    ),
+    "select layer a boolean": (
+        {"mm_vision_select_layer": True},
+        "mm_vision_select_layer True is not an integer",
+    ),
+    "max length not positive": (
+        {"tokenizer_model_max_length": -5},
+        "tokenizer_model_max_length -5 is not a positive integer",
+    ),
     "text config against its weights": (
         {"intermediate_size": 200},
         "language model weights do not fit its config (6 of another shape, e.g. "
@@ -519,6 +533,7 @@ def test_optional_keys_may_be_absent_or_null(plain_original, tmp_path) -> None:
     for key in ("mm_vision_select_feature", "mm_use_im_start_end", "image_aspect_ratio"):
         del config[key]
     config.update(mm_vision_select_layer=None, tokenizer_model_max_length=None, vocab_size=None)
+    config.update(mm_hidden_size=32.0)  # a whole float is an integer
     (original / "config.json").write_text(json.dumps(config))
     out = tmp_path / "out"
     assert cli(["convert", str(original), str(out), "--vision", str(plain_original["clip"])]) == 0

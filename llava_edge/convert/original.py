@@ -14,6 +14,7 @@ kinds of dir, all read here into one `Original`:
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,7 +161,7 @@ def read_settings(config: dict[str, Any], directory: Path) -> Settings:
     settings = Settings(
         text_model=text,
         vision_tower=str(tower),
-        vision_width=_integer(config, "mm_hidden_size", None, directory),
+        vision_width=_integer(config, "mm_hidden_size", None, directory, positive=True),
         projector=config.get("mm_projector_type") or "linear",  # absent in LLaVA v1: linear
         select_layer=_integer(config, "mm_vision_select_layer", -1, directory),
         select_feature=config.get("mm_vision_select_feature") or "patch",
@@ -169,7 +170,7 @@ def read_settings(config: dict[str, Any], directory: Path) -> Settings:
         aspect_ratio=str(config.get("image_aspect_ratio") or "square"),
         grid_pinpoints=[],
         patch_merge=str(config.get("mm_patch_merge_type") or "flat"),
-        max_length=_integer(config, "tokenizer_model_max_length", None, directory),
+        max_length=_integer(config, "tokenizer_model_max_length", None, directory, positive=True),
     )
     if settings.select_feature not in ("patch", "cls_patch"):
         raise LlavaEdgeError(
@@ -197,14 +198,24 @@ def read_settings(config: dict[str, Any], directory: Path) -> Settings:
     return settings
 
 
-def _integer(config: dict[str, Any], key: str, default: int | None, directory: Path) -> int | None:
+def _integer(
+    config: dict[str, Any], key: str, default: int | None, directory: Path, positive: bool = False
+) -> int | None:
+    """An integer key: a JSON number or a numeral; -2.5 or true is refused, not rounded."""
     value = config.get(key)
     if value is None:
         return default
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise LlavaEdgeError(f"{directory}: {key} {value!r} is not an integer") from None
+    number = None
+    if isinstance(value, int | str) and not isinstance(value, bool):
+        with contextlib.suppress(ValueError):
+            number = int(value)
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    if number is None:
+        raise LlavaEdgeError(f"{directory}: {key} {value!r} is not an integer")
+    if positive and number <= 0:
+        raise LlavaEdgeError(f"{directory}: {key} {value!r} is not a positive integer")
+    return number
 
 
 def _pinpoints(value: Any, directory: Path) -> list[list[int]]:
