@@ -446,15 +446,20 @@ def test_a_hugging_face_checkpoint_is_sent_to_export(tiny_checkpoint, tmp_path, 
     assert "already a Hugging Face LLaVA checkpoint" in capsys.readouterr().err
 
 
-def test_projector_weights_must_match_the_projector_type(plain_original, tmp_path, capsys) -> None:
+@pytest.mark.parametrize("kind", ["linear", "mlp3x_gelu"])
+def test_projector_weights_must_match_the_projector_type(
+    plain_original, tmp_path, capsys, kind
+) -> None:
+    """Weights of two layers under a type of one, or of three (which blamed 'the LLaVA weights'
+    for missing linear_3)."""
     original = _copy(plain_original, tmp_path)
     config = json.loads((original / "config.json").read_text())
-    (original / "config.json").write_text(json.dumps({**config, "mm_projector_type": "linear"}))
+    (original / "config.json").write_text(json.dumps({**config, "mm_projector_type": kind}))
     code = cli(
         ["convert", str(original), str(tmp_path / "out"), "--vision", str(plain_original["clip"])]
     )
     assert code == 1
-    assert "do not match its mm_projector_type 'linear'" in capsys.readouterr().err
+    assert f"do not match its mm_projector_type '{kind}'" in capsys.readouterr().err
 
 
 ANYRES = {"image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial_unpad"}

@@ -314,9 +314,8 @@ def _projector_weights(parts: Original) -> dict[str, Any]:
         names = {
             f"{2 * i}.{p}": f"linear_{i + 1}.{p}" for i in range(depth) for p in ("weight", "bias")
         }
-    if not set(parts.projector) <= set(names) or not any(
-        k.endswith("weight") for k in parts.projector
-    ):
+    weights = {k for k in names if k.endswith("weight")}  # every layer's; biases all or none
+    if not set(parts.projector) <= set(names) or not weights <= set(parts.projector):
         raise LlavaEdgeError(
             f"{parts.directory}: projector weights {sorted(parts.projector)} do not match its "
             f"mm_projector_type '{kind}'"
