@@ -759,3 +759,21 @@ def test_a_base_it_was_not_trained_on_is_refused(plain_original, tmp_path, capsy
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
         assert not out.exists()
+
+
+def test_base_for_a_full_checkpoint_is_refused_or_its_tokenizer(plain_original, tmp_path, capsys):
+    """--base was ignored without a word where the checkpoint holds everything; where it lacks
+    a tokenizer, --base gives it."""
+    original = _copy(plain_original, tmp_path)
+    vision = ["--vision", str(plain_original["clip"])]
+    base = Path(shutil.copytree(original, tmp_path / "base"))
+    out = tmp_path / "out"
+    assert cli(["convert", str(original), str(out), "--base", str(base), *vision]) == 1
+    assert "is a full checkpoint with its own language model and tokenizer: drop --base" in (
+        capsys.readouterr().err
+    )
+    assert not out.exists()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (original / name).unlink()
+    assert cli(["convert", str(original), str(out), "--base", str(base), *vision]) == 0
+    assert (out / "tokenizer.json").is_file()

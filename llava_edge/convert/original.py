@@ -88,6 +88,11 @@ def read_original(directory: Path, base: Path | None = None) -> Original:
     kind = _kind(directory)
     original = Original(directory, kind, config, settings, {}, {})
     if kind == "full":
+        if base is not None and _has_tokenizer(directory):  # an option that does nothing
+            raise LlavaEdgeError(
+                f"{directory} is a full checkpoint with its own language model and tokenizer: "
+                "drop --base (it is for LoRA and stage-1 outputs)"
+            )
         _split(read_sharded(directory) or {}, original)
     else:
         if base is None:
@@ -114,12 +119,16 @@ def read_original(directory: Path, base: Path | None = None) -> Original:
     if not original.projector:
         raise LlavaEdgeError(f"{directory}: no projector weights (model.mm_projector.*) found")
     for candidate in (directory, base):
-        if candidate is not None and any((candidate / f).is_file() for f in TOKENIZER_FILES):
+        if candidate is not None and _has_tokenizer(candidate):
             original.tokenizer_dir = candidate
             break
     else:
         raise LlavaEdgeError(f"{directory} has no tokenizer files; pass --base with the tokenizer")
     return original
+
+
+def _has_tokenizer(directory: Path) -> bool:
+    return any((directory / f).is_file() for f in TOKENIZER_FILES)
 
 
 def read_config(directory: Path) -> dict[str, Any]:
