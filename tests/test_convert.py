@@ -422,11 +422,33 @@ def test_a_pickled_file_with_non_tensors_is_refused(plain_original, tmp_path, ca
     assert "something other than a dict of named tensors" in capsys.readouterr().err
 
 
-def test_a_missing_vision_tower_names_what_to_fetch(plain_original, tmp_path, capsys) -> None:
-    code = cli(["convert", str(plain_original["original"]), str(tmp_path / "out")])
+@pytest.mark.parametrize("weights", ["bin shards with an index", "safetensors"])
+def test_a_missing_vision_tower_names_what_to_fetch(
+    plain_original, tmp_path, capsys, monkeypatch, weights
+) -> None:
+    """Said before a weight is read: the names in the index or in the safetensors' headers
+    show there is no tower (it used to come after reading every shard, gigabytes)."""
+    from safetensors.torch import save_file
+
+    import llava_edge.convert.original as original_module
+
+    original = _copy(plain_original, tmp_path)
+    if weights == "safetensors":
+        state = {}
+        for shard in original.glob("pytorch_model*"):
+            if shard.suffix == ".bin":
+                state.update(torch.load(shard, weights_only=True))
+            shard.unlink()
+        save_file(state, str(original / "model.safetensors"))
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr(original_module, "read_sharded", never)
+    code = cli(["convert", str(original), str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 1
-    assert f"does not hold its vision tower {TOWER_NAME}" in err and "--vision" in err
+    assert f"does not hold its vision tower {TOWER_NAME}" in err and "--vision" in err, err
 
 
 def test_lora_and_stage1_outputs_need_base(plain_original, tmp_path, capsys) -> None:

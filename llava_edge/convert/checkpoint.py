@@ -21,8 +21,22 @@ from pathlib import Path
 from typing import Any
 
 from llava_edge import logs
-from llava_edge.convert.original import Original, read_original, text_config_dict
-from llava_edge.convert.vision import Tower, check_tower, find_vision_dir, load_tower
+from llava_edge.convert.original import (
+    VISION_PREFIX,
+    Original,
+    read_config,
+    read_original,
+    read_settings,
+    text_config_dict,
+)
+from llava_edge.convert.vision import (
+    Tower,
+    check_tower,
+    find_vision_dir,
+    load_tower,
+    missing_tower,
+)
+from llava_edge.convert.weights import weight_names
 from llava_edge.errors import LlavaEdgeError, first_line
 from llava_edge.files import check_output_dir, replace_dir
 from llava_edge.manifest import write_checkpoint_info
@@ -70,6 +84,7 @@ def convert_checkpoint(
     if template is not None and template not in TEMPLATES:
         raise LlavaEdgeError(f"unknown template {template!r}; choose from {sorted(TEMPLATES)}")
     with quiet():
+        _check_tower_at_hand(source, base, vision)
         parts = read_original(source, Path(base) if base is not None else None)
         settings = parts.settings
         vision_dir = find_vision_dir(
@@ -105,6 +120,21 @@ def convert_checkpoint(
         f"-> {out} ({type(model).__name__}, template {name})"
     )
     return out
+
+
+def _check_tower_at_hand(source: Path, base: Any, vision: Any) -> None:
+    """A full checkpoint with no tower in its weights and none on disk fails before its weights
+    are read (gigabytes), where their names can be read without them."""
+    if base is not None or vision is not None or not source.is_dir():
+        return  # read_original and load_tower say what is wrong
+    if not (source / "config.json").is_file():
+        return
+    name = read_settings(read_config(source), source).vision_tower
+    if find_vision_dir(name, source, None) is not None:
+        return
+    names = weight_names(source)
+    if names is not None and not any(n.startswith(VISION_PREFIX) for n in names):
+        raise missing_tower(name)
 
 
 def infer_template(parts: Original, tokenizer: Any) -> str:

@@ -46,15 +46,18 @@ def find_vision_dir(name: str, original: Path, given: Path | None) -> Path | Non
     return next((c for c in candidates if (c / "config.json").is_file()), None)
 
 
+def missing_tower(name: str) -> LlavaEdgeError:
+    return LlavaEdgeError(
+        f"the checkpoint does not hold its vision tower {name} (the original loads it by "
+        f"name): download it, e.g. `hf download {name} --local-dir clip`, and pass --vision clip"
+    )
+
+
 def load_tower(name: str, directory: Path | None, in_checkpoint: StateDict, log: Any) -> Tower:
     from transformers import CLIPImageProcessor, CLIPVisionConfig
 
     if directory is None and not in_checkpoint:
-        raise LlavaEdgeError(
-            f"the checkpoint does not hold its vision tower {name} (the original loads it by "
-            f"name): download it, e.g. `hf download {name} --local-dir clip`, and pass "
-            "--vision clip"
-        )
+        raise missing_tower(name)
     if directory is None:
         config = config_from_weights(in_checkpoint)
         log(

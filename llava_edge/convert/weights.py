@@ -58,6 +58,29 @@ def read_sharded(directory: Path, stem: str = "model") -> StateDict | None:
     return None
 
 
+def weight_names(directory: Path) -> set[str] | None:
+    """The names of a checkpoint's weights, read off its index or its safetensors' headers
+    without reading a tensor; None where only loading the files would tell (.bin shards without
+    an index) or they cannot be read (read_sharded then says why)."""
+    from safetensors import safe_open
+
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (directory / index).is_file():
+            try:
+                return set(json.loads((directory / index).read_text())["weight_map"])
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+    files = [p for p in directory.glob("model*.safetensors") if _is_shard(p.name, "model")]
+    names: set[str] = set()
+    try:
+        for path in files:
+            with safe_open(str(path), "pt") as f:
+                names.update(f.keys())
+    except Exception:  # an LFS pointer, a damaged file...: read_sharded names it
+        return None
+    return names if files else None
+
+
 def _is_shard(name: str, stem: str) -> bool:
     # model-00001-of-00003.safetensors, pytorch_model-00001-of-00002.bin; not training_args.bin
     return name.split(".")[0].split("-")[0] in (stem, "pytorch_model")
