@@ -799,3 +799,19 @@ def test_base_for_a_full_checkpoint_is_refused_or_its_tokenizer(plain_original, 
         (original / name).unlink()
     assert cli(["convert", str(original), str(out), "--base", str(base), *vision]) == 0
     assert (out / "tokenizer.json").is_file()
+
+
+def test_a_wrong_tower_is_refused_before_the_weights_are_read(
+    plain_original, tmp_path, capsys, monkeypatch
+) -> None:
+    import llava_edge.convert.original as original_module
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("the weights were read")
+
+    clip = _clip(tmp_path / "clip", hidden_size=64)
+    capsys.readouterr()
+    monkeypatch.setattr(original_module, "read_sharded", never)
+    args = ["convert", str(plain_original["original"]), str(tmp_path / "out")]
+    assert cli([*args, "--vision", str(clip)]) == 1
+    assert "has hidden size 64; the checkpoint's projector takes 32" in capsys.readouterr().err

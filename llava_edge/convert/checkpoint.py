@@ -32,6 +32,7 @@ from llava_edge.convert.original import (
 from llava_edge.convert.vision import (
     Tower,
     check_tower,
+    clip_config,
     find_vision_dir,
     load_tower,
     missing_tower,
@@ -123,16 +124,19 @@ def convert_checkpoint(
 
 
 def _check_tower_at_hand(source: Path, base: Any, vision: Any) -> None:
-    """A full checkpoint with no tower in its weights and none on disk fails before its weights
-    are read (gigabytes), where their names can be read without them."""
-    if base is not None or vision is not None or not source.is_dir():
-        return  # read_original and load_tower say what is wrong
+    """A tower dir that is not the one the original was trained with, or a full checkpoint with
+    no tower in its weights and none on disk, fails before the weights are read (gigabytes)."""
     if not (source / "config.json").is_file():
+        return  # read_original says what is wrong
+    settings = read_settings(read_config(source), source)
+    name = settings.vision_tower
+    directory = find_vision_dir(name, source, Path(vision) if vision is not None else None)
+    if directory is not None:
+        check_tower(
+            Tower(clip_config(directory), {}, None, str(directory)), name, settings.vision_width
+        )
         return
-    name = read_settings(read_config(source), source).vision_tower
-    if find_vision_dir(name, source, None) is not None:
-        return
-    names = weight_names(source)
+    names = weight_names(source) if base is None else None  # where their names say it
     if names is not None and not any(n.startswith(VISION_PREFIX) for n in names):
         raise missing_tower(name)
 

@@ -54,7 +54,7 @@ def missing_tower(name: str) -> LlavaEdgeError:
 
 
 def load_tower(name: str, directory: Path | None, in_checkpoint: StateDict, log: Any) -> Tower:
-    from transformers import CLIPImageProcessor, CLIPVisionConfig
+    from transformers import CLIPImageProcessor
 
     if directory is None and not in_checkpoint:
         raise missing_tower(name)
@@ -65,13 +65,7 @@ def load_tower(name: str, directory: Path | None, in_checkpoint: StateDict, log:
             f"(OpenAI CLIP conventions; pass --vision with {name} to use its config)"
         )
         return Tower(config, in_checkpoint, _openai_processor(config), "the checkpoint")
-    model_type = _model_type(directory)
-    if model_type not in CLIP_MODEL_TYPES:  # read from a LLaVA dir's vision_config, else
-        raise LlavaEdgeError(f"{directory} is a '{model_type}' model; LLaVA's vision tower is CLIP")
-    try:
-        config = CLIPVisionConfig.from_pretrained(directory)
-    except (OSError, ValueError) as e:
-        raise LlavaEdgeError(f"cannot read the CLIP config in {directory}: {e}") from None
+    config = clip_config(directory)
     if (directory / "preprocessor_config.json").is_file():
         processor = CLIPImageProcessor.from_pretrained(directory)
     else:
@@ -83,6 +77,19 @@ def load_tower(name: str, directory: Path | None, in_checkpoint: StateDict, log:
         raise LlavaEdgeError(f"{directory} holds no CLIP weights")
     weights = {k: v for k, v in weights.items() if not k.startswith("text_model.")}
     return Tower(config, weights, processor, str(directory))
+
+
+def clip_config(directory: Path) -> Any:
+    """The CLIPVisionConfig of a CLIP dir (CLIPModel or CLIPVisionModel), nothing else."""
+    from transformers import CLIPVisionConfig
+
+    model_type = _model_type(directory)
+    if model_type not in CLIP_MODEL_TYPES:  # read from a LLaVA dir's vision_config, else
+        raise LlavaEdgeError(f"{directory} is a '{model_type}' model; LLaVA's vision tower is CLIP")
+    try:
+        return CLIPVisionConfig.from_pretrained(directory)
+    except (OSError, ValueError) as e:
+        raise LlavaEdgeError(f"cannot read the CLIP config in {directory}: {e}") from None
 
 
 def check_tower(tower: Tower, name: str, width: int | None) -> None:
