@@ -647,7 +647,7 @@ LFS_POINTER = (
 )
 DAMAGED_SHARDS = {
     # A clone made without Git LFS: its .bin text used to be read as a pickle of Python objects.
-    "a Git LFS pointer": (LFS_POINTER, "is a Git LFS pointer, not the weights: fetch them"),
+    "a Git LFS pointer": (LFS_POINTER, "is a Git LFS pointer, not the file: fetch the files"),
     # Not a pickle at all: torch's weights-only unpickler raised a KeyError traceback.
     "a text file": ("hello\n", "as PyTorch weights: not a file torch.save wrote, or a damaged one"),
 }
@@ -815,3 +815,33 @@ def test_a_wrong_tower_is_refused_before_the_weights_are_read(
     args = ["convert", str(plain_original["original"]), str(tmp_path / "out")]
     assert cli([*args, "--vision", str(clip)]) == 1
     assert "has hidden size 64; the checkpoint's projector takes 32" in capsys.readouterr().err
+
+
+BROKEN_TOKENIZERS = {
+    # Was a ten-line ValueError from transformers; now --base's tokenizer would be used.
+    "tokenizer_config.json alone": ({}, "has no tokenizer files; pass --base with the tokenizer"),
+    # Was a KeyError traceback from transformers.
+    "a tokenizer.json without its parts": (
+        {"tokenizer.json": '{"version": "1.0"}'},
+        "cannot load the tokenizer in",
+    ),
+    # Was "`tiktoken` is required to read a `tiktoken` file".
+    "an LFS pointer for tokenizer.model": (
+        {"tokenizer.model": LFS_POINTER},
+        "tokenizer.model is a Git LFS pointer, not the file",
+    ),
+}
+
+
+@pytest.mark.parametrize("broken", list(BROKEN_TOKENIZERS))
+def test_a_broken_tokenizer_is_one_line(plain_original, tmp_path, capsys, broken) -> None:
+    files, message = BROKEN_TOKENIZERS[broken]
+    original = _copy(plain_original, tmp_path)
+    (original / "tokenizer.json").unlink()
+    for name, text in files.items():
+        (original / name).write_text(text)
+    out = tmp_path / "out"
+    assert cli(["convert", str(original), str(out), "--vision", str(plain_original["clip"])]) == 1
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()

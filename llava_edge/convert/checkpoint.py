@@ -22,6 +22,7 @@ from typing import Any
 
 from llava_edge import logs
 from llava_edge.convert.original import (
+    TOKENIZER_FILES,
     VISION_PREFIX,
     Original,
     read_config,
@@ -37,7 +38,7 @@ from llava_edge.convert.vision import (
     load_tower,
     missing_tower,
 )
-from llava_edge.convert.weights import weight_names
+from llava_edge.convert.weights import refuse_lfs_pointer, weight_names
 from llava_edge.errors import LlavaEdgeError, first_line
 from llava_edge.files import check_output_dir, replace_dir
 from llava_edge.manifest import write_checkpoint_info
@@ -171,10 +172,13 @@ def _tokenizer(parts: Original) -> Any:
             f"the tokenizer in {parts.tokenizer_dir} is SentencePiece's (tokenizer.model): "
             "pip install 'llava-edge[convert]' (sentencepiece)"
         )
+    for name in TOKENIZER_FILES:
+        if (directory / name).is_file():
+            refuse_lfs_pointer(directory / name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(parts.tokenizer_dir)
-    except (OSError, ValueError) as e:
-        raise LlavaEdgeError(f"cannot load the tokenizer in {parts.tokenizer_dir}: {e}") from None
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except Exception as e:  # a damaged file fails anywhere in transformers (KeyError...)
+        raise LlavaEdgeError(f"cannot load the tokenizer in {directory}: {first_line(e)}") from None
 
     def add(*tokens: str) -> None:
         tokenizer.add_tokens(

@@ -30,7 +30,8 @@ ARCHITECTURES = {
     "LlavaForCausalLM": "llama",
     "LlavaMistralForCausalLM": "mistral",
 }
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+# A tokenizer_config.json alone holds no vocabulary: the dir has no tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 VISION_PREFIX = "model.vision_tower.vision_tower."
 # Config keys of the original that are LLaVA's, not the language model's.
 LLAVA_KEY_PREFIXES = ("mm_", "image_", "tune_", "freeze_", "unfreeze_", "tokenizer_", "use_mm")

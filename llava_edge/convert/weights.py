@@ -24,7 +24,7 @@ LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 
 def read_weights(path: Path) -> StateDict:
     """One weights file: safetensors, or a pickled state dict of tensors."""
-    _refuse_lfs_pointer(path)
+    refuse_lfs_pointer(path)
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
     return _read_pickled(path)
@@ -99,7 +99,7 @@ def _index_files(index: Path) -> list[str]:
     return files
 
 
-def _refuse_lfs_pointer(path: Path) -> None:
+def refuse_lfs_pointer(path: Path) -> None:
     """A repository cloned without Git LFS holds small text pointers where the weights belong."""
     try:
         with path.open("rb") as f:
@@ -108,7 +108,7 @@ def _refuse_lfs_pointer(path: Path) -> None:
         raise LlavaEdgeError(f"cannot read {path}: {e.strerror or e}") from None
     if head == LFS_POINTER:
         raise LlavaEdgeError(
-            f"{path} is a Git LFS pointer, not the weights: fetch them (`git lfs pull` in the "
+            f"{path} is a Git LFS pointer, not the file: fetch the files (`git lfs pull` in the "
             "clone, or `hf download`)"
         )
 
