@@ -845,3 +845,36 @@ def test_a_broken_tokenizer_is_one_line(plain_original, tmp_path, capsys, broken
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+BROKEN_TOWERS = {
+    # Each was a traceback from transformers or huggingface_hub.
+    "a value of another type": (
+        {"config.json": {"model_type": "clip_vision_model", "hidden_size": "x"}},
+        "cannot read the CLIP config in",
+    ),
+    "heads that do not divide the width": (
+        {"config.json": {"model_type": "clip_vision_model", "num_attention_heads": 3}},
+        "cannot read the CLIP config in",
+    ),
+    "an invalid preprocessor_config.json": (
+        {"preprocessor_config.json": "{bad"},
+        "cannot read",
+    ),
+}
+
+
+@pytest.mark.parametrize("broken", list(BROKEN_TOWERS))
+def test_a_broken_tower_dir_is_one_line(plain_original, tmp_path, capsys, broken) -> None:
+    files, message = BROKEN_TOWERS[broken]
+    clip = Path(shutil.copytree(plain_original["clip"], tmp_path / "clip"))
+    for name, content in files.items():
+        if isinstance(content, dict):
+            config = json.loads((clip / name).read_text())
+            content = json.dumps({**config, **content})
+        (clip / name).write_text(content)
+    out = tmp_path / "out"
+    assert cli(["convert", str(plain_original["original"]), str(out), "--vision", str(clip)]) == 1
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()

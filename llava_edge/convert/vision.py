@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from llava_edge.convert.weights import StateDict, read_sharded
-from llava_edge.errors import LlavaEdgeError
+from llava_edge.errors import LlavaEdgeError, first_line
 
 CLIP_HEAD_DIM = 64
 CLIP_MODEL_TYPES = ("clip", "clip_vision_model")  # CLIPModel, CLIPVisionModel
@@ -67,7 +67,12 @@ def load_tower(name: str, directory: Path | None, in_checkpoint: StateDict, log:
         return Tower(config, in_checkpoint, _openai_processor(config), "the checkpoint")
     config = clip_config(directory)
     if (directory / "preprocessor_config.json").is_file():
-        processor = CLIPImageProcessor.from_pretrained(directory)
+        try:
+            processor = CLIPImageProcessor.from_pretrained(directory)
+        except Exception as e:  # an invalid file fails anywhere in transformers
+            raise LlavaEdgeError(
+                f"cannot read {directory}/preprocessor_config.json: {first_line(e)}"
+            ) from None
     else:
         processor = _openai_processor(config)
     if in_checkpoint:
@@ -88,8 +93,10 @@ def clip_config(directory: Path) -> Any:
         raise LlavaEdgeError(f"{directory} is a '{model_type}' model; LLaVA's vision tower is CLIP")
     try:
         return CLIPVisionConfig.from_pretrained(directory)
-    except (OSError, ValueError) as e:
-        raise LlavaEdgeError(f"cannot read the CLIP config in {directory}: {e}") from None
+    except Exception as e:  # transformers' config validation raises its own error types
+        raise LlavaEdgeError(
+            f"cannot read the CLIP config in {directory}: {first_line(e)}"
+        ) from None
 
 
 def check_tower(tower: Tower, name: str, width: int | None) -> None:
