@@ -878,3 +878,19 @@ def test_a_broken_tower_dir_is_one_line(plain_original, tmp_path, capsys, broken
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_a_config_without_the_text_shape_is_refused_before_building(
+    plain_original, tmp_path, capsys
+) -> None:
+    """A config.json with LLaVA's keys only built Llama's default 7B model before finding its
+    weights did not fit, and was killed for memory."""
+    original = _copy(plain_original, tmp_path)
+    config = json.loads((original / "config.json").read_text())
+    kept = {k: v for k, v in config.items() if k.startswith(("mm_", "image_")) or k == "model_type"}
+    (original / "config.json").write_text(json.dumps(kept))
+    out = tmp_path / "out"
+    assert cli(["convert", str(original), str(out), "--vision", str(plain_original["clip"])]) == 1
+    err = capsys.readouterr().err
+    assert "hidden_size 4096 (or its default, where it is absent) does not fit" in err, err
+    assert "which have 48" in err and not out.exists()

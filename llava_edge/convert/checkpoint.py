@@ -230,12 +230,28 @@ def _language_model(parts: Original, dtype: Any) -> Any:
     except (ValueError, TypeError, StrictDataclassError) as e:
         first = first_line(e)
         raise LlavaEdgeError(f"{parts.directory}/config.json: {first}") from None
+    _check_text_shape(config, parts)
     model = _load(
         MODEL_FOR_CAUSAL_LM_MAPPING[type(config)], config, parts.text, dtype, "language model"
     )
     if parts.kind == "lora":
         model = _merge_lora(model, parts)
     return model
+
+
+def _check_text_shape(config: Any, parts: Original) -> None:
+    """Width and depth against the weights before the model is built: a config.json without
+    them builds Llama's defaults (7B parameters in float32), which can take the machine's
+    memory before the weights are found not to fit."""
+    width = int(parts.text["model.embed_tokens.weight"].shape[1])
+    depth = len({k.split(".")[2] for k in parts.text if k.startswith("model.layers.")})
+    for key, weights in (("hidden_size", width), ("num_hidden_layers", depth)):
+        if getattr(config, key) != weights:
+            raise LlavaEdgeError(
+                f"{parts.directory}/config.json: {key} {getattr(config, key)} (or its default, "
+                f"where it is absent) does not fit the language model weights, which have "
+                f"{weights}"
+            )
 
 
 def _merge_lora(model: Any, parts: Original) -> Any:
