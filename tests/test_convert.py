@@ -894,3 +894,40 @@ def test_a_config_without_the_text_shape_is_refused_before_building(
     err = capsys.readouterr().err
     assert "hidden_size 4096 (or its default, where it is absent) does not fit" in err, err
     assert "which have 48" in err and not out.exists()
+
+
+UNFIT_ADAPTERS = {
+    # Both were tracebacks from peft.
+    "another rank than adapter_config.json's": (
+        {"r": 2, "target_modules": ["q_proj"]},
+        "size mismatch for base_model.model.model.layers.0.self_attn.q_proj.lora_A",
+    ),
+    "target modules the model lacks": (
+        {"r": 4, "target_modules": ["qkv_proj"]},
+        "Target modules {'qkv_proj'} not found in the base model",
+    ),
+}
+
+
+@pytest.mark.parametrize("unfit", list(UNFIT_ADAPTERS))
+def test_adapters_that_do_not_fit_are_one_line(plain_original, tmp_path, capsys, unfit) -> None:
+    from safetensors.torch import save_file
+
+    adapter, message = UNFIT_ADAPTERS[unfit]
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    shutil.copy(plain_original["original"] / "config.json", lora)
+    (lora / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "task_type": "CAUSAL_LM", "lora_alpha": 8, **adapter})
+    )
+    key = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file(
+        {f"{key}.lora_A.weight": torch.zeros(4, 48), f"{key}.lora_B.weight": torch.zeros(48, 4)},
+        str(lora / "adapter_model.safetensors"),
+    )
+    out = tmp_path / "out"
+    args = ["convert", str(lora), str(out), "--base", str(plain_original["original"])]
+    assert cli([*args, "--vision", str(plain_original["clip"])]) == 1
+    err = capsys.readouterr().err
+    assert "the adapter weights do not fit the language model" in err and message in err, err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()

@@ -272,14 +272,21 @@ def _merge_lora(model: Any, parts: Original) -> Any:
     except (OSError, ValueError, TypeError) as e:
         raise LlavaEdgeError(f"cannot read {parts.directory}/adapter_config.json: {e}") from None
     config.inference_mode = True
-    wrapped = get_peft_model(model, config)
-    result = set_peft_model_state_dict(wrapped, parts.lora)
+    unfit = f"{parts.directory}: the adapter weights do not fit the language model"
+    try:  # peft raises its own errors (modules not found, rank against shapes)
+        wrapped = get_peft_model(model, config)
+        result = set_peft_model_state_dict(wrapped, parts.lora)
+    except Exception as e:
+        lines = [line.strip() for line in str(e).splitlines()]
+        detail = next((line for line in lines if line.startswith("size mismatch")), first_line(e))
+        raise LlavaEdgeError(f"{unfit}: {detail}") from None
     lora_keys = [k for k in wrapped.state_dict() if "lora_" in k]
-    if result.unexpected_keys or any(k in result.missing_keys for k in lora_keys):
-        raise LlavaEdgeError(
-            f"{parts.directory}: the adapter weights do not fit the language model "
-            f"({len(result.unexpected_keys)} unexpected, e.g. {sorted(result.unexpected_keys)[:2]})"
-        )
+    missing = sorted(k for k in result.missing_keys if k in lora_keys)
+    if result.unexpected_keys:
+        unexpected = sorted(result.unexpected_keys)
+        raise LlavaEdgeError(f"{unfit} ({len(unexpected)} unexpected, e.g. {unexpected[0]})")
+    if missing:
+        raise LlavaEdgeError(f"{unfit} ({len(missing)} missing, e.g. {missing[0]})")
     return wrapped.merge_and_unload()
 
 
