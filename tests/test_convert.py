@@ -422,11 +422,33 @@ def test_a_pickled_file_with_non_tensors_is_refused(plain_original, tmp_path, ca
     assert "something other than a dict of named tensors" in capsys.readouterr().err
 
 
-def test_a_missing_vision_tower_names_what_to_fetch(plain_original, tmp_path, capsys) -> None:
-    code = cli(["convert", str(plain_original["original"]), str(tmp_path / "out")])
+@pytest.mark.parametrize("weights", ["bin shards with an index", "safetensors"])
+def test_a_missing_vision_tower_names_what_to_fetch(
+    plain_original, tmp_path, capsys, monkeypatch, weights
+) -> None:
+    """Said before a weight is read: the names in the index or in the safetensors' headers
+    show there is no tower (it used to come after reading every shard, gigabytes)."""
+    from safetensors.torch import save_file
+
+    import llava_edge.convert.original as original_module
+
+    original = _copy(plain_original, tmp_path)
+    if weights == "safetensors":
+        state = {}
+        for shard in original.glob("pytorch_model*"):
+            if shard.suffix == ".bin":
+                state.update(torch.load(shard, weights_only=True))
+            shard.unlink()
+        save_file(state, str(original / "model.safetensors"))
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr(original_module, "read_sharded", never)
+    code = cli(["convert", str(original), str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 1
-    assert f"does not hold its vision tower {TOWER_NAME}" in err and "--vision" in err
+    assert f"does not hold its vision tower {TOWER_NAME}" in err and "--vision" in err, err
 
 
 def test_lora_and_stage1_outputs_need_base(plain_original, tmp_path, capsys) -> None:
@@ -446,15 +468,20 @@ def test_a_hugging_face_checkpoint_is_sent_to_export(tiny_checkpoint, tmp_path, 
     assert "already a Hugging Face LLaVA checkpoint" in capsys.readouterr().err
 
 
-def test_projector_weights_must_match_the_projector_type(plain_original, tmp_path, capsys) -> None:
+@pytest.mark.parametrize("kind", ["linear", "mlp3x_gelu"])
+def test_projector_weights_must_match_the_projector_type(
+    plain_original, tmp_path, capsys, kind
+) -> None:
+    """Weights of two layers under a type of one, or of three (which blamed 'the LLaVA weights'
+    for missing linear_3)."""
     original = _copy(plain_original, tmp_path)
     config = json.loads((original / "config.json").read_text())
-    (original / "config.json").write_text(json.dumps({**config, "mm_projector_type": "linear"}))
+    (original / "config.json").write_text(json.dumps({**config, "mm_projector_type": kind}))
     code = cli(
         ["convert", str(original), str(tmp_path / "out"), "--vision", str(plain_original["clip"])]
     )
     assert code == 1
-    assert "do not match its mm_projector_type 'linear'" in capsys.readouterr().err
+    assert f"do not match its mm_projector_type '{kind}'" in capsys.readouterr().err
 
 
 ANYRES = {"image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial_unpad"}
@@ -489,6 +516,20 @@ BAD_CONFIGS = {
         {"tokenizer_model_max_length": "2k"},
         "tokenizer_model_max_length '2k' is not an integer",
     ),
+    # These were rounded, or taken as 1, or kept as a negative length: never a number the
+    # original's config could mean.
+    "select layer not whole": (
+        {"mm_vision_select_layer": -2.5},
+        "mm_vision_select_layer -2.5 is not an integer",
+    ),
+    "select layer a boolean": (
+        {"mm_vision_select_layer": True},
+        "mm_vision_select_layer True is not an integer",
+    ),
+    "max length not positive": (
+        {"tokenizer_model_max_length": -5},
+        "tokenizer_model_max_length -5 is not a positive integer",
+    ),
     "text config against its weights": (
         {"intermediate_size": 200},
         "language model weights do not fit its config (6 of another shape, e.g. "
@@ -519,6 +560,7 @@ def test_optional_keys_may_be_absent_or_null(plain_original, tmp_path) -> None:
     for key in ("mm_vision_select_feature", "mm_use_im_start_end", "image_aspect_ratio"):
         del config[key]
     config.update(mm_vision_select_layer=None, tokenizer_model_max_length=None, vocab_size=None)
+    config.update(mm_hidden_size=32.0)  # a whole float is an integer
     (original / "config.json").write_text(json.dumps(config))
     out = tmp_path / "out"
     assert cli(["convert", str(original), str(out), "--vision", str(plain_original["clip"])]) == 0
@@ -596,3 +638,296 @@ def test_missing_extras_are_named(plain_original, tmp_path, monkeypatch, capsys)
     args = ["convert", str(lora), str(tmp_path / "out2"), "--base", str(plain_original["original"])]
     assert cli([*args, "--vision", str(plain_original["clip"])]) == 1
     assert "merging a LoRA output needs peft" in capsys.readouterr().err
+
+
+LFS_POINTER = (
+    "version https://git-lfs.github.com/spec/v1\n"
+    "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\n"
+    "size 9976576152\n"
+)
+DAMAGED_SHARDS = {
+    # A clone made without Git LFS: its .bin text used to be read as a pickle of Python objects.
+    "a Git LFS pointer": (LFS_POINTER, "is a Git LFS pointer, not the file: fetch the files"),
+    # Not a pickle at all: torch's weights-only unpickler raised a KeyError traceback.
+    "a text file": ("hello\n", "as PyTorch weights: not a file torch.save wrote, or a damaged one"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGED_SHARDS))
+def test_a_shard_that_is_not_weights_is_named(plain_original, tmp_path, capsys, damage) -> None:
+    text, message = DAMAGED_SHARDS[damage]
+    original = _copy(plain_original, tmp_path)
+    shard = sorted(original.glob("pytorch_model-*.bin"))[0]
+    shard.write_text(text)
+    out = tmp_path / "out"
+    assert cli(["convert", str(original), str(out), "--vision", str(plain_original["clip"])]) == 1
+    err = capsys.readouterr().err
+    assert f"{shard}" in err and message in err and len(err.strip().splitlines()) == 1, err
+    assert "pickled Python objects" not in err and not out.exists()
+
+
+def test_an_lfs_pointer_for_safetensors_is_named(tmp_path) -> None:
+    from llava_edge.convert.weights import read_weights
+    from llava_edge.errors import LlavaEdgeError
+
+    path = tmp_path / "model.safetensors"
+    path.write_text(LFS_POINTER)
+    with pytest.raises(LlavaEdgeError, match="is a Git LFS pointer"):
+        read_weights(path)
+
+
+@pytest.mark.parametrize("name", [3, "../elsewhere.bin", "/abs/model.bin"])
+def test_an_index_names_only_files_beside_it(tmp_path, name) -> None:
+    """A weight_map value that is not a file name in the index's dir is refused by name (a
+    number raised a TypeError traceback; '../x' was read from outside the checkpoint)."""
+    from llava_edge.convert.weights import read_sharded
+    from llava_edge.errors import LlavaEdgeError
+
+    (tmp_path / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"weight_map": {"lm_head.weight": name}})
+    )
+    with pytest.raises(LlavaEdgeError, match="an index names files beside it"):
+        read_sharded(tmp_path)
+
+
+def _clip(out: Path, **overrides: Any) -> Path:
+    from original_format import VISION
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    CLIPVisionModel(CLIPVisionConfig(**{**VISION, **overrides})).save_pretrained(out)
+    return out
+
+
+WRONG_TOWERS = {
+    # Wider than the projector's input: the error blamed "the LLaVA weights" and its own config.
+    "another hidden size": (
+        {},
+        {"hidden_size": 64},
+        "has hidden size 64; the checkpoint's projector takes 32 (mm_hidden_size)",
+    ),
+    # A 48-pixel CLIP for a model trained on a 32-pixel one converted, and then answered from
+    # 36 image features where it was trained on 16.
+    "another image size": (
+        {"mm_vision_tower": "openai/clip-vit-tiny-patch8-32"},
+        {"image_size": 48},
+        "takes 48-pixel images in 8-pixel patches; openai/clip-vit-tiny-patch8-32 takes "
+        "32-pixel images in 8-pixel patches",
+    ),
+    # OpenAI's names without a size are 224-pixel towers (LLaVA v1's clip-vit-large-patch14).
+    "an OpenAI name without a size": (
+        {"mm_vision_tower": "openai/clip-vit-large-patch8"},
+        {},
+        "takes 32-pixel images in 8-pixel patches; openai/clip-vit-large-patch8 takes "
+        "224-pixel images",
+    ),
+}
+
+
+@pytest.mark.parametrize("wrong", list(WRONG_TOWERS))
+def test_a_vision_tower_it_was_not_trained_with_is_refused(
+    plain_original, tmp_path, capsys, wrong
+) -> None:
+    edit, tower, message = WRONG_TOWERS[wrong]
+    original = _copy(plain_original, tmp_path)
+    config = json.loads((original / "config.json").read_text())
+    (original / "config.json").write_text(json.dumps({**config, **edit}))
+    clip = _clip(tmp_path / "clip", **tower)
+    capsys.readouterr()  # saving it reports progress
+    out = tmp_path / "out"
+    assert cli(["convert", str(original), str(out), "--vision", str(clip)]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "pass --vision with the CLIP checkpoint" in err, err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_a_tower_whose_name_states_its_size_converts(plain_original, tmp_path) -> None:
+    original = _copy(plain_original, tmp_path)
+    config = json.loads((original / "config.json").read_text())
+    tower = "./checkpoints/clip-vit-tiny-patch8-32"  # a local path, as the original allows
+    (original / "config.json").write_text(json.dumps({**config, "mm_vision_tower": tower}))
+    out = tmp_path / "out"
+    assert cli(["convert", str(original), str(out), "--vision", str(plain_original["clip"])]) == 0
+
+
+def test_a_llava_checkpoint_as_vision_is_refused(plain_original, tiny_checkpoint, tmp_path, capsys):
+    """CLIPVisionConfig reads a LLaVA dir's vision_config; its weights then did not fit (39
+    missing): the dir is named for what it is."""
+    out = tmp_path / "out"
+    args = ["convert", str(plain_original["original"]), str(out), "--vision", str(tiny_checkpoint)]
+    assert cli(args) == 1
+    err = capsys.readouterr().err
+    assert "is a 'llava' model; LLaVA's vision tower is CLIP" in err and not out.exists()
+
+
+def test_a_base_it_was_not_trained_on_is_refused(plain_original, tmp_path, capsys) -> None:
+    """A CLIP dir as --base was 'has no tokenizer files; pass --base with the tokenizer'; a
+    base of another width blamed the output's own config for 20 tensors of another shape."""
+    stage1 = tmp_path / "stage1"
+    stage1.mkdir()
+    config = json.loads((plain_original["original"] / "config.json").read_text())
+    (stage1 / "config.json").write_text(json.dumps(config))
+    torch.save({"model.mm_projector.0.weight": torch.zeros(2, 2)}, stage1 / "mm_projector.bin")
+    wider = Path(shutil.copytree(plain_original["original"], tmp_path / "wider"))
+    (wider / "config.json").write_text(json.dumps({**config, "hidden_size": 64}))
+    bases = {
+        plain_original["clip"]: "is a 'clip_vision_model' model, not a Llama or Mistral language "
+        "model: pass the language model it was trained on",
+        wider: f"--base {wider} has hidden_size 64; {stage1} was trained on one of 48",
+    }
+    for base, message in bases.items():
+        out = tmp_path / "out"
+        args = ["convert", str(stage1), str(out), "--base", str(base)]
+        assert cli([*args, "--vision", str(plain_original["clip"])]) == 1
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+
+
+def test_base_for_a_full_checkpoint_is_refused_or_its_tokenizer(plain_original, tmp_path, capsys):
+    """--base was ignored without a word where the checkpoint holds everything; where it lacks
+    a tokenizer, --base gives it."""
+    original = _copy(plain_original, tmp_path)
+    vision = ["--vision", str(plain_original["clip"])]
+    base = Path(shutil.copytree(original, tmp_path / "base"))
+    out = tmp_path / "out"
+    assert cli(["convert", str(original), str(out), "--base", str(base), *vision]) == 1
+    assert "is a full checkpoint with its own language model and tokenizer: drop --base" in (
+        capsys.readouterr().err
+    )
+    assert not out.exists()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (original / name).unlink()
+    assert cli(["convert", str(original), str(out), "--base", str(base), *vision]) == 0
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_a_wrong_tower_is_refused_before_the_weights_are_read(
+    plain_original, tmp_path, capsys, monkeypatch
+) -> None:
+    import llava_edge.convert.original as original_module
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("the weights were read")
+
+    clip = _clip(tmp_path / "clip", hidden_size=64)
+    capsys.readouterr()
+    monkeypatch.setattr(original_module, "read_sharded", never)
+    args = ["convert", str(plain_original["original"]), str(tmp_path / "out")]
+    assert cli([*args, "--vision", str(clip)]) == 1
+    assert "has hidden size 64; the checkpoint's projector takes 32" in capsys.readouterr().err
+
+
+BROKEN_TOKENIZERS = {
+    # Was a ten-line ValueError from transformers; now --base's tokenizer would be used.
+    "tokenizer_config.json alone": ({}, "has no tokenizer files; pass --base with the tokenizer"),
+    # Was a KeyError traceback from transformers.
+    "a tokenizer.json without its parts": (
+        {"tokenizer.json": '{"version": "1.0"}'},
+        "cannot load the tokenizer in",
+    ),
+    # Was "`tiktoken` is required to read a `tiktoken` file".
+    "an LFS pointer for tokenizer.model": (
+        {"tokenizer.model": LFS_POINTER},
+        "tokenizer.model is a Git LFS pointer, not the file",
+    ),
+}
+
+
+@pytest.mark.parametrize("broken", list(BROKEN_TOKENIZERS))
+def test_a_broken_tokenizer_is_one_line(plain_original, tmp_path, capsys, broken) -> None:
+    files, message = BROKEN_TOKENIZERS[broken]
+    original = _copy(plain_original, tmp_path)
+    (original / "tokenizer.json").unlink()
+    for name, text in files.items():
+        (original / name).write_text(text)
+    out = tmp_path / "out"
+    assert cli(["convert", str(original), str(out), "--vision", str(plain_original["clip"])]) == 1
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+BROKEN_TOWERS = {
+    # Each was a traceback from transformers or huggingface_hub.
+    "a value of another type": (
+        {"config.json": {"model_type": "clip_vision_model", "hidden_size": "x"}},
+        "cannot read the CLIP config in",
+    ),
+    "heads that do not divide the width": (
+        {"config.json": {"model_type": "clip_vision_model", "num_attention_heads": 3}},
+        "cannot read the CLIP config in",
+    ),
+    "an invalid preprocessor_config.json": (
+        {"preprocessor_config.json": "{bad"},
+        "cannot read",
+    ),
+}
+
+
+@pytest.mark.parametrize("broken", list(BROKEN_TOWERS))
+def test_a_broken_tower_dir_is_one_line(plain_original, tmp_path, capsys, broken) -> None:
+    files, message = BROKEN_TOWERS[broken]
+    clip = Path(shutil.copytree(plain_original["clip"], tmp_path / "clip"))
+    for name, content in files.items():
+        if isinstance(content, dict):
+            config = json.loads((clip / name).read_text())
+            content = json.dumps({**config, **content})
+        (clip / name).write_text(content)
+    out = tmp_path / "out"
+    assert cli(["convert", str(plain_original["original"]), str(out), "--vision", str(clip)]) == 1
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_a_config_without_the_text_shape_is_refused_before_building(
+    plain_original, tmp_path, capsys
+) -> None:
+    """A config.json with LLaVA's keys only built Llama's default 7B model before finding its
+    weights did not fit, and was killed for memory."""
+    original = _copy(plain_original, tmp_path)
+    config = json.loads((original / "config.json").read_text())
+    kept = {k: v for k, v in config.items() if k.startswith(("mm_", "image_")) or k == "model_type"}
+    (original / "config.json").write_text(json.dumps(kept))
+    out = tmp_path / "out"
+    assert cli(["convert", str(original), str(out), "--vision", str(plain_original["clip"])]) == 1
+    err = capsys.readouterr().err
+    assert "hidden_size 4096 (or its default, where it is absent) does not fit" in err, err
+    assert "which have 48" in err and not out.exists()
+
+
+UNFIT_ADAPTERS = {
+    # Both were tracebacks from peft.
+    "another rank than adapter_config.json's": (
+        {"r": 2, "target_modules": ["q_proj"]},
+        "size mismatch for base_model.model.model.layers.0.self_attn.q_proj.lora_A",
+    ),
+    "target modules the model lacks": (
+        {"r": 4, "target_modules": ["qkv_proj"]},
+        "Target modules {'qkv_proj'} not found in the base model",
+    ),
+}
+
+
+@pytest.mark.parametrize("unfit", list(UNFIT_ADAPTERS))
+def test_adapters_that_do_not_fit_are_one_line(plain_original, tmp_path, capsys, unfit) -> None:
+    from safetensors.torch import save_file
+
+    adapter, message = UNFIT_ADAPTERS[unfit]
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    shutil.copy(plain_original["original"] / "config.json", lora)
+    (lora / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "task_type": "CAUSAL_LM", "lora_alpha": 8, **adapter})
+    )
+    key = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file(
+        {f"{key}.lora_A.weight": torch.zeros(4, 48), f"{key}.lora_B.weight": torch.zeros(48, 4)},
+        str(lora / "adapter_model.safetensors"),
+    )
+    out = tmp_path / "out"
+    args = ["convert", str(lora), str(out), "--base", str(plain_original["original"])]
+    assert cli([*args, "--vision", str(plain_original["clip"])]) == 1
+    err = capsys.readouterr().err
+    assert "the adapter weights do not fit the language model" in err and message in err, err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()

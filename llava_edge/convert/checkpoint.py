@@ -21,8 +21,24 @@ from pathlib import Path
 from typing import Any
 
 from llava_edge import logs
-from llava_edge.convert.original import Original, read_original, text_config_dict
-from llava_edge.convert.vision import Tower, find_vision_dir, load_tower
+from llava_edge.convert.original import (
+    TOKENIZER_FILES,
+    VISION_PREFIX,
+    Original,
+    read_config,
+    read_original,
+    read_settings,
+    text_config_dict,
+)
+from llava_edge.convert.vision import (
+    Tower,
+    check_tower,
+    clip_config,
+    find_vision_dir,
+    load_tower,
+    missing_tower,
+)
+from llava_edge.convert.weights import refuse_lfs_pointer, weight_names
 from llava_edge.errors import LlavaEdgeError, first_line
 from llava_edge.files import check_output_dir, replace_dir
 from llava_edge.manifest import write_checkpoint_info
@@ -70,6 +86,7 @@ def convert_checkpoint(
     if template is not None and template not in TEMPLATES:
         raise LlavaEdgeError(f"unknown template {template!r}; choose from {sorted(TEMPLATES)}")
     with quiet():
+        _check_tower_at_hand(source, base, vision)
         parts = read_original(source, Path(base) if base is not None else None)
         settings = parts.settings
         vision_dir = find_vision_dir(
@@ -78,6 +95,7 @@ def convert_checkpoint(
         if vision_dir is not None and vision is None:
             check_output_dir(out, force, keep=vision_dir, keep_name="the vision tower")
         tower = load_tower(settings.vision_tower, vision_dir, parts.vision, log)
+        check_tower(tower, settings.vision_tower, settings.vision_width)
         dtype = _dtype(parts.text)
         tokenizer = _tokenizer(parts)
         language_model = _language_model(parts, dtype)
@@ -104,6 +122,24 @@ def convert_checkpoint(
         f"-> {out} ({type(model).__name__}, template {name})"
     )
     return out
+
+
+def _check_tower_at_hand(source: Path, base: Any, vision: Any) -> None:
+    """A tower dir that is not the one the original was trained with, or a full checkpoint with
+    no tower in its weights and none on disk, fails before the weights are read (gigabytes)."""
+    if not (source / "config.json").is_file():
+        return  # read_original says what is wrong
+    settings = read_settings(read_config(source), source)
+    name = settings.vision_tower
+    directory = find_vision_dir(name, source, Path(vision) if vision is not None else None)
+    if directory is not None:
+        check_tower(
+            Tower(clip_config(directory), {}, None, str(directory)), name, settings.vision_width
+        )
+        return
+    names = weight_names(source) if base is None else None  # where their names say it
+    if names is not None and not any(n.startswith(VISION_PREFIX) for n in names):
+        raise missing_tower(name)
 
 
 def infer_template(parts: Original, tokenizer: Any) -> str:
@@ -136,10 +172,13 @@ def _tokenizer(parts: Original) -> Any:
             f"the tokenizer in {parts.tokenizer_dir} is SentencePiece's (tokenizer.model): "
             "pip install 'llava-edge[convert]' (sentencepiece)"
         )
+    for name in TOKENIZER_FILES:
+        if (directory / name).is_file():
+            refuse_lfs_pointer(directory / name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(parts.tokenizer_dir)
-    except (OSError, ValueError) as e:
-        raise LlavaEdgeError(f"cannot load the tokenizer in {parts.tokenizer_dir}: {e}") from None
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except Exception as e:  # a damaged file fails anywhere in transformers (KeyError...)
+        raise LlavaEdgeError(f"cannot load the tokenizer in {directory}: {first_line(e)}") from None
 
     def add(*tokens: str) -> None:
         tokenizer.add_tokens(
@@ -191,12 +230,28 @@ def _language_model(parts: Original, dtype: Any) -> Any:
     except (ValueError, TypeError, StrictDataclassError) as e:
         first = first_line(e)
         raise LlavaEdgeError(f"{parts.directory}/config.json: {first}") from None
+    _check_text_shape(config, parts)
     model = _load(
         MODEL_FOR_CAUSAL_LM_MAPPING[type(config)], config, parts.text, dtype, "language model"
     )
     if parts.kind == "lora":
         model = _merge_lora(model, parts)
     return model
+
+
+def _check_text_shape(config: Any, parts: Original) -> None:
+    """Width and depth against the weights before the model is built: a config.json without
+    them builds Llama's defaults (7B parameters in float32), which can take the machine's
+    memory before the weights are found not to fit."""
+    width = int(parts.text["model.embed_tokens.weight"].shape[1])
+    depth = len({k.split(".")[2] for k in parts.text if k.startswith("model.layers.")})
+    for key, weights in (("hidden_size", width), ("num_hidden_layers", depth)):
+        if getattr(config, key) != weights:
+            raise LlavaEdgeError(
+                f"{parts.directory}/config.json: {key} {getattr(config, key)} (or its default, "
+                f"where it is absent) does not fit the language model weights, which have "
+                f"{weights}"
+            )
 
 
 def _merge_lora(model: Any, parts: Original) -> Any:
@@ -217,14 +272,21 @@ def _merge_lora(model: Any, parts: Original) -> Any:
     except (OSError, ValueError, TypeError) as e:
         raise LlavaEdgeError(f"cannot read {parts.directory}/adapter_config.json: {e}") from None
     config.inference_mode = True
-    wrapped = get_peft_model(model, config)
-    result = set_peft_model_state_dict(wrapped, parts.lora)
+    unfit = f"{parts.directory}: the adapter weights do not fit the language model"
+    try:  # peft raises its own errors (modules not found, rank against shapes)
+        wrapped = get_peft_model(model, config)
+        result = set_peft_model_state_dict(wrapped, parts.lora)
+    except Exception as e:
+        lines = [line.strip() for line in str(e).splitlines()]
+        detail = next((line for line in lines if line.startswith("size mismatch")), first_line(e))
+        raise LlavaEdgeError(f"{unfit}: {detail}") from None
     lora_keys = [k for k in wrapped.state_dict() if "lora_" in k]
-    if result.unexpected_keys or any(k in result.missing_keys for k in lora_keys):
-        raise LlavaEdgeError(
-            f"{parts.directory}: the adapter weights do not fit the language model "
-            f"({len(result.unexpected_keys)} unexpected, e.g. {sorted(result.unexpected_keys)[:2]})"
-        )
+    missing = sorted(k for k in result.missing_keys if k in lora_keys)
+    if result.unexpected_keys:
+        unexpected = sorted(result.unexpected_keys)
+        raise LlavaEdgeError(f"{unfit} ({len(unexpected)} unexpected, e.g. {unexpected[0]})")
+    if missing:
+        raise LlavaEdgeError(f"{unfit} ({len(missing)} missing, e.g. {missing[0]})")
     return wrapped.merge_and_unload()
 
 
@@ -313,9 +375,8 @@ def _projector_weights(parts: Original) -> dict[str, Any]:
         names = {
             f"{2 * i}.{p}": f"linear_{i + 1}.{p}" for i in range(depth) for p in ("weight", "bias")
         }
-    if not set(parts.projector) <= set(names) or not any(
-        k.endswith("weight") for k in parts.projector
-    ):
+    weights = {k for k in names if k.endswith("weight")}  # every layer's; biases all or none
+    if not set(parts.projector) <= set(names) or not weights <= set(parts.projector):
         raise LlavaEdgeError(
             f"{parts.directory}: projector weights {sorted(parts.projector)} do not match its "
             f"mm_projector_type '{kind}'"

@@ -14,6 +14,7 @@ kinds of dir, all read here into one `Original`:
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,8 @@ ARCHITECTURES = {
     "LlavaForCausalLM": "llama",
     "LlavaMistralForCausalLM": "mistral",
 }
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+# A tokenizer_config.json alone holds no vocabulary: the dir has no tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 VISION_PREFIX = "model.vision_tower.vision_tower."
 # Config keys of the original that are LLaVA's, not the language model's.
 LLAVA_KEY_PREFIXES = ("mm_", "image_", "tune_", "freeze_", "unfreeze_", "tokenizer_", "use_mm")
@@ -42,6 +44,7 @@ class Settings:
 
     text_model: str  # llama, mistral
     vision_tower: str  # a hub name or a path (mm_vision_tower)
+    vision_width: int | None  # mm_hidden_size: the tower's hidden size the projector takes
     projector: str  # linear, mlp2x_gelu, mlpNx_gelu
     select_layer: int
     select_feature: str  # patch (CLS dropped) or cls_patch
@@ -86,6 +89,11 @@ def read_original(directory: Path, base: Path | None = None) -> Original:
     kind = _kind(directory)
     original = Original(directory, kind, config, settings, {}, {})
     if kind == "full":
+        if base is not None and _has_tokenizer(directory):  # an option that does nothing
+            raise LlavaEdgeError(
+                f"{directory} is a full checkpoint with its own language model and tokenizer: "
+                "drop --base (it is for LoRA and stage-1 outputs)"
+            )
         _split(read_sharded(directory) or {}, original)
     else:
         if base is None:
@@ -93,7 +101,10 @@ def read_original(directory: Path, base: Path | None = None) -> Original:
                 f"{directory} is a {'LoRA' if kind == 'lora' else 'stage-1 projector'} output: "
                 f"pass --base, the language model it was trained on ({_base_name(directory)})"
             )
-        base_state = read_sharded(base) if (base / "config.json").is_file() else None
+        if not (base / "config.json").is_file():
+            raise LlavaEdgeError(f"--base {base} is not a checkpoint dir with weights")
+        _check_base(base, config, directory)
+        base_state = read_sharded(base)
         if base_state is None:
             raise LlavaEdgeError(f"--base {base} is not a checkpoint dir with weights")
         _split(base_state, original)
@@ -109,12 +120,16 @@ def read_original(directory: Path, base: Path | None = None) -> Original:
     if not original.projector:
         raise LlavaEdgeError(f"{directory}: no projector weights (model.mm_projector.*) found")
     for candidate in (directory, base):
-        if candidate is not None and any((candidate / f).is_file() for f in TOKENIZER_FILES):
+        if candidate is not None and _has_tokenizer(candidate):
             original.tokenizer_dir = candidate
             break
     else:
         raise LlavaEdgeError(f"{directory} has no tokenizer files; pass --base with the tokenizer")
     return original
+
+
+def _has_tokenizer(directory: Path) -> bool:
+    return any((directory / f).is_file() for f in TOKENIZER_FILES)
 
 
 def read_config(directory: Path) -> dict[str, Any]:
@@ -156,6 +171,7 @@ def read_settings(config: dict[str, Any], directory: Path) -> Settings:
     settings = Settings(
         text_model=text,
         vision_tower=str(tower),
+        vision_width=_integer(config, "mm_hidden_size", None, directory, positive=True),
         projector=config.get("mm_projector_type") or "linear",  # absent in LLaVA v1: linear
         select_layer=_integer(config, "mm_vision_select_layer", -1, directory),
         select_feature=config.get("mm_vision_select_feature") or "patch",
@@ -164,7 +180,7 @@ def read_settings(config: dict[str, Any], directory: Path) -> Settings:
         aspect_ratio=str(config.get("image_aspect_ratio") or "square"),
         grid_pinpoints=[],
         patch_merge=str(config.get("mm_patch_merge_type") or "flat"),
-        max_length=_integer(config, "tokenizer_model_max_length", None, directory),
+        max_length=_integer(config, "tokenizer_model_max_length", None, directory, positive=True),
     )
     if settings.select_feature not in ("patch", "cls_patch"):
         raise LlavaEdgeError(
@@ -192,14 +208,24 @@ def read_settings(config: dict[str, Any], directory: Path) -> Settings:
     return settings
 
 
-def _integer(config: dict[str, Any], key: str, default: int | None, directory: Path) -> int | None:
+def _integer(
+    config: dict[str, Any], key: str, default: int | None, directory: Path, positive: bool = False
+) -> int | None:
+    """An integer key: a JSON number or a numeral; -2.5 or true is refused, not rounded."""
     value = config.get(key)
     if value is None:
         return default
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise LlavaEdgeError(f"{directory}: {key} {value!r} is not an integer") from None
+    number = None
+    if isinstance(value, int | str) and not isinstance(value, bool):
+        with contextlib.suppress(ValueError):
+            number = int(value)
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    if number is None:
+        raise LlavaEdgeError(f"{directory}: {key} {value!r} is not an integer")
+    if positive and number <= 0:
+        raise LlavaEdgeError(f"{directory}: {key} {value!r} is not a positive integer")
+    return number
 
 
 def _pinpoints(value: Any, directory: Path) -> list[list[int]]:
@@ -258,6 +284,27 @@ def _base_name(directory: Path) -> str:
         if value:
             return str(value)
     return "its base model"
+
+
+def _check_base(base: Path, config: dict[str, Any], directory: Path) -> None:
+    """--base must be a language model of the shape the output's config.json was trained on: its
+    weights are read under that config."""
+    base_config = read_config(base)
+    model_type = base_config.get("model_type")
+    text_models = (*TEXT_MODELS, *TEXT_MODELS.values())
+    trained_on = f"pass the language model it was trained on ({_base_name(directory)})"
+    if model_type not in text_models or "text_config" in base_config:
+        raise LlavaEdgeError(
+            f"--base {base} is a '{model_type}' model, not a Llama or Mistral language model: "
+            f"{trained_on}"
+        )
+    for key in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads"):
+        ours, theirs = config.get(key), base_config.get(key)
+        if ours is not None and theirs is not None and ours != theirs:
+            raise LlavaEdgeError(
+                f"--base {base} has {key} {theirs}; {directory} was trained on one of {ours}: "
+                f"{trained_on}"
+            )
 
 
 def _projector_file(directory: Path) -> StateDict:

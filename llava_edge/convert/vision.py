@@ -10,6 +10,7 @@ release uses (64-wide attention heads, quick GELU, OpenAI CLIP's mean and std).
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -17,9 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from llava_edge.convert.weights import StateDict, read_sharded
-from llava_edge.errors import LlavaEdgeError
+from llava_edge.errors import LlavaEdgeError, first_line
 
 CLIP_HEAD_DIM = 64
+CLIP_MODEL_TYPES = ("clip", "clip_vision_model")  # CLIPModel, CLIPVisionModel
+# OpenAI's CLIP names say the patch size and, past 224 pixels, the image size:
+# clip-vit-large-patch14 (224), clip-vit-large-patch14-336.
+OPENAI_CLIP_NAME = re.compile(r"clip-vit-[a-z]+-patch(\d+)(?:-(\d+))?")
 
 
 @dataclass
@@ -41,15 +46,18 @@ def find_vision_dir(name: str, original: Path, given: Path | None) -> Path | Non
     return next((c for c in candidates if (c / "config.json").is_file()), None)
 
 
+def missing_tower(name: str) -> LlavaEdgeError:
+    return LlavaEdgeError(
+        f"the checkpoint does not hold its vision tower {name} (the original loads it by "
+        f"name): download it, e.g. `hf download {name} --local-dir clip`, and pass --vision clip"
+    )
+
+
 def load_tower(name: str, directory: Path | None, in_checkpoint: StateDict, log: Any) -> Tower:
-    from transformers import CLIPImageProcessor, CLIPVisionConfig
+    from transformers import CLIPImageProcessor
 
     if directory is None and not in_checkpoint:
-        raise LlavaEdgeError(
-            f"the checkpoint does not hold its vision tower {name} (the original loads it by "
-            f"name): download it, e.g. `hf download {name} --local-dir clip`, and pass "
-            "--vision clip"
-        )
+        raise missing_tower(name)
     if directory is None:
         config = config_from_weights(in_checkpoint)
         log(
@@ -57,16 +65,14 @@ def load_tower(name: str, directory: Path | None, in_checkpoint: StateDict, log:
             f"(OpenAI CLIP conventions; pass --vision with {name} to use its config)"
         )
         return Tower(config, in_checkpoint, _openai_processor(config), "the checkpoint")
-    try:
-        config = CLIPVisionConfig.from_pretrained(directory)
-    except (OSError, ValueError) as e:
-        raise LlavaEdgeError(f"cannot read the CLIP config in {directory}: {e}") from None
-    if config.model_type != "clip_vision_model":
-        raise LlavaEdgeError(
-            f"{directory} is a '{config.model_type}' model; LLaVA's vision tower is CLIP"
-        )
+    config = clip_config(directory)
     if (directory / "preprocessor_config.json").is_file():
-        processor = CLIPImageProcessor.from_pretrained(directory)
+        try:
+            processor = CLIPImageProcessor.from_pretrained(directory)
+        except Exception as e:  # an invalid file fails anywhere in transformers
+            raise LlavaEdgeError(
+                f"cannot read {directory}/preprocessor_config.json: {first_line(e)}"
+            ) from None
     else:
         processor = _openai_processor(config)
     if in_checkpoint:
@@ -76,6 +82,52 @@ def load_tower(name: str, directory: Path | None, in_checkpoint: StateDict, log:
         raise LlavaEdgeError(f"{directory} holds no CLIP weights")
     weights = {k: v for k, v in weights.items() if not k.startswith("text_model.")}
     return Tower(config, weights, processor, str(directory))
+
+
+def clip_config(directory: Path) -> Any:
+    """The CLIPVisionConfig of a CLIP dir (CLIPModel or CLIPVisionModel), nothing else."""
+    from transformers import CLIPVisionConfig
+
+    model_type = _model_type(directory)
+    if model_type not in CLIP_MODEL_TYPES:  # read from a LLaVA dir's vision_config, else
+        raise LlavaEdgeError(f"{directory} is a '{model_type}' model; LLaVA's vision tower is CLIP")
+    try:
+        return CLIPVisionConfig.from_pretrained(directory)
+    except Exception as e:  # transformers' config validation raises its own error types
+        raise LlavaEdgeError(
+            f"cannot read the CLIP config in {directory}: {first_line(e)}"
+        ) from None
+
+
+def check_tower(tower: Tower, name: str, width: int | None) -> None:
+    """The tower must be the one the original was trained with: as wide as its projector's
+    input (mm_hidden_size), and of the patch and image size its name says where it is an OpenAI
+    CLIP name. Another tower converts into a model that runs and answers wrong."""
+    config = tower.config
+    fix = f"pass --vision with the CLIP checkpoint it was trained with, {name}"
+    if width is not None and config.hidden_size != width:
+        raise LlavaEdgeError(
+            f"the vision tower from {tower.source} has hidden size {config.hidden_size}; the "
+            f"checkpoint's projector takes {width} (mm_hidden_size): {fix}"
+        )
+    match = OPENAI_CLIP_NAME.fullmatch(Path(name).name)
+    if match is None or tower.source == "the checkpoint":  # its own weights say its shape
+        return
+    patch, size = int(match.group(1)), int(match.group(2) or 224)
+    if (config.patch_size, config.image_size) != (patch, size):
+        raise LlavaEdgeError(
+            f"the vision tower from {tower.source} takes {config.image_size}-pixel images in "
+            f"{config.patch_size}-pixel patches; {name} takes {size}-pixel images in "
+            f"{patch}-pixel patches: {fix}"
+        )
+
+
+def _model_type(directory: Path) -> str | None:
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise LlavaEdgeError(f"cannot read the CLIP config in {directory}: {e}") from None
+    return config.get("model_type") if isinstance(config, dict) else None
 
 
 def config_from_weights(state: StateDict) -> Any:

@@ -19,8 +19,12 @@ from llava_edge.errors import LlavaEdgeError, first_line
 StateDict = dict[str, Any]  # name -> torch.Tensor
 
 
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
 def read_weights(path: Path) -> StateDict:
     """One weights file: safetensors, or a pickled state dict of tensors."""
+    refuse_lfs_pointer(path)
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
     return _read_pickled(path)
@@ -54,6 +58,29 @@ def read_sharded(directory: Path, stem: str = "model") -> StateDict | None:
     return None
 
 
+def weight_names(directory: Path) -> set[str] | None:
+    """The names of a checkpoint's weights, read off its index or its safetensors' headers
+    without reading a tensor; None where only loading the files would tell (.bin shards without
+    an index) or they cannot be read (read_sharded then says why)."""
+    from safetensors import safe_open
+
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (directory / index).is_file():
+            try:
+                return set(json.loads((directory / index).read_text())["weight_map"])
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+    files = [p for p in directory.glob("model*.safetensors") if _is_shard(p.name, "model")]
+    names: set[str] = set()
+    try:
+        for path in files:
+            with safe_open(str(path), "pt") as f:
+                names.update(f.keys())
+    except Exception:  # an LFS pointer, a damaged file...: read_sharded names it
+        return None
+    return names if files else None
+
+
 def _is_shard(name: str, stem: str) -> bool:
     # model-00001-of-00003.safetensors, pytorch_model-00001-of-00002.bin; not training_args.bin
     return name.split(".")[0].split("-")[0] in (stem, "pytorch_model")
@@ -61,10 +88,29 @@ def _is_shard(name: str, stem: str) -> bool:
 
 def _index_files(index: Path) -> list[str]:
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return list(weight_map.values())
+        files = list(json.loads(index.read_text())["weight_map"].values())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise LlavaEdgeError(f"{index} is not a weights index (no weight_map)") from None
+    for name in files:  # file names in the index's own dir, nothing else
+        if not isinstance(name, str) or Path(name).name != name:
+            raise LlavaEdgeError(
+                f"{index} names {name!r} as a weights file; an index names files beside it"
+            )
+    return files
+
+
+def refuse_lfs_pointer(path: Path) -> None:
+    """A repository cloned without Git LFS holds small text pointers where the weights belong."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(LFS_POINTER))
+    except OSError as e:
+        raise LlavaEdgeError(f"cannot read {path}: {e.strerror or e}") from None
+    if head == LFS_POINTER:
+        raise LlavaEdgeError(
+            f"{path} is a Git LFS pointer, not the file: fetch the files (`git lfs pull` in the "
+            "clone, or `hf download`)"
+        )
 
 
 def _read_safetensors(path: Path) -> StateDict:
@@ -85,14 +131,16 @@ def _read_pickled(path: Path) -> StateDict:
         state = torch.load(
             path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
         )
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" not in str(e):  # what torch's weights-only unpickler says of any object
+            raise LlavaEdgeError(f"cannot read {path} as PyTorch weights: {_reason(e)}") from None
         raise LlavaEdgeError(
             f"{path} holds pickled Python objects besides tensors; llava-edge reads .bin files "
             "with torch.load(weights_only=True) only and will not unpickle them. If you trust "
             "the file, re-save its tensors as safetensors"
         ) from None
-    except (OSError, RuntimeError, EOFError, ValueError) as e:
-        raise LlavaEdgeError(f"cannot read {path} as PyTorch weights: {first_line(e)}") from None
+    except Exception as e:  # torch's weights-only unpickler fails on junk with any error
+        raise LlavaEdgeError(f"cannot read {path} as PyTorch weights: {_reason(e)}") from None
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
@@ -101,3 +149,10 @@ def _read_pickled(path: Path) -> StateDict:
             "weights files with tensors only"
         )
     return dict(state)
+
+
+def _reason(error: BaseException) -> str:
+    """torch.load's message, or a plain word where it is a bare type or an unpickler's detail."""
+    if isinstance(error, OSError | RuntimeError | EOFError | ValueError) and str(error).strip():
+        return first_line(error)
+    return "not a file torch.save wrote, or a damaged one"
