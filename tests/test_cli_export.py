@@ -82,6 +82,10 @@ def _export_cases(tmp: Path, checkpoint: Path, plain_llama: Path) -> dict:
     no_patch = tmp / "no_patch"  # an older llava-hf processor_config.json
     shutil.copytree(checkpoint, no_patch)
     _edit_json(no_patch / "processor_config.json", lambda c: c.pop("patch_size"))
+    quantized = tmp / "quantized"  # as a hub's 4-bit upload: needs bitsandbytes, then no graph
+    shutil.copytree(checkpoint, quantized)
+    bnb = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    _edit_json(quantized / "config.json", lambda c: c.update(quantization_config=bnb))
     out = str(tmp / "out")
     return {
         "missing-checkpoint": (str(tmp / "nope" / "checkpoint"), out, [], "does not exist"),
@@ -112,6 +116,7 @@ def _export_cases(tmp: Path, checkpoint: Path, plain_llama: Path) -> dict:
         "opset-below-quantize": (str(checkpoint), out, ["--opset", "9"], "outside 13-20"),
         "truncated-weights": (str(truncated), out, [], "truncated or corrupt"),
         "processor-without-patch-size": (str(no_patch), out, [], 'add "patch_size": '),
+        "quantized-weights": (str(quantized), out, [], "holds bitsandbytes weights"),
     }
 
 
@@ -132,6 +137,7 @@ CASES = [
     "opset-below-quantize",
     "truncated-weights",
     "processor-without-patch-size",
+    "quantized-weights",
 ]
 
 
