@@ -105,6 +105,24 @@ def prompt_template(name: str, config: Any) -> Any:
     )
 
 
+def check_full_precision(config: Any, what: str, instead: str) -> None:
+    """Refuse a quantized upload (bitsandbytes, GPTQ, AWQ: `quantization_config`): graphs are
+    traced and models trained from float weights, and loading one needs the quantizer's own
+    package, which transformers asks for with an ImportError."""
+    quantized = getattr(config, "quantization_config", None)
+    if not quantized:
+        return
+    method = (
+        quantized.get("quant_method")
+        if isinstance(quantized, dict)
+        else getattr(quantized, "quant_method", None)
+    ) or "quantized"
+    raise LlavaEdgeError(
+        f"{what} holds {method} weights (quantization_config in its config.json); this takes "
+        f"full-precision ones (fp32, fp16 or bf16): {instead}"
+    )
+
+
 def check_processor(processor: Any, config: Any, what: str) -> None:
     """A LlavaProcessor without patch_size (an older llava-hf processor_config.json) cannot expand
     <image> into image tokens: transformers fails with a TypeError at the first prompt."""

@@ -202,6 +202,10 @@ def broken_model(kind: str, tiny_checkpoint: Path, path: Path) -> Path:
         (path / "processor_config.json").write_text(json.dumps(processor))
     elif kind == "no weights":
         (path / "model.safetensors").unlink()
+    elif kind == "quantized":  # a hub's 4-bit upload: loading it needs bitsandbytes
+        config = json.loads((path / "config.json").read_text())
+        config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+        (path / "config.json").write_text(json.dumps(config))
     else:  # no processor
         for name in ("processor_config.json", "tokenizer.json", "tokenizer_config.json"):
             (path / name).unlink()
@@ -216,6 +220,7 @@ def broken_model(kind: str, tiny_checkpoint: Path, path: Path) -> Path:
         ("no processor", "cannot load --model .*: Can't load image processor"),
         ("llama", "--model .* is a 'llama' checkpoint; train takes LLaVA"),
         ("no patch size", 'has no patch_size\\); add "patch_size": 8 to it'),
+        ("quantized", "--model .* holds bitsandbytes weights .* full-precision"),
     ],
 )
 def test_a_model_dir_train_cannot_load_is_named_in_one_line(

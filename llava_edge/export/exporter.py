@@ -180,6 +180,7 @@ def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = F
     from transformers import AutoConfig
 
     from llava_edge.export.graphs import SUPPORTED_TEXT_MODELS
+    from llava_edge.modeling import check_full_precision
 
     source = str(checkpoint)
     local = Path(source)
@@ -217,18 +218,11 @@ def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = F
             f"'{config.vision_feature_select_strategy}' is not supported (its tiles' feature "
             "grids need the CLS token dropped)"
         )
-    quantized = getattr(config, "quantization_config", None)
-    if quantized:  # the graphs are traced from float weights; quantize decides their precision
-        method = (
-            quantized.get("quant_method")
-            if isinstance(quantized, dict)
-            else getattr(quantized, "quant_method", None)
-        ) or "quantized"
-        raise LlavaEdgeError(
-            f"{source} holds {method} weights (quantization_config in its config.json); export "
-            "takes full-precision ones (fp32, fp16 or bf16): export the checkpoint they were "
-            "quantized from, then `llava-edge quantize` the model dir"
-        )
+    check_full_precision(
+        config,
+        source,
+        "export the checkpoint they were quantized from, then `llava-edge quantize` the model dir",
+    )
     if config.model_type == "llava_next":
         _check_pinpoints(source, config)
     text_type = config.text_config.model_type

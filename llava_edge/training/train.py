@@ -198,7 +198,7 @@ def _load_processor_and_config(model: str | os.PathLike, path: Path) -> tuple[An
     tiles would need labels and batches of their own)."""
     from transformers import AutoConfig, AutoProcessor
 
-    from llava_edge.modeling import check_processor
+    from llava_edge.modeling import check_full_precision, check_processor
     from llava_edge.training.checkpoint import quiet_loading
 
     try:
@@ -213,6 +213,9 @@ def _load_processor_and_config(model: str | os.PathLike, path: Path) -> tuple[An
             processor = AutoProcessor.from_pretrained(path)
     except (OSError, ValueError) as e:  # a broken config.json, missing processor files
         raise LlavaEdgeError(f"cannot load --model {model}: {first_line(e)}") from None
+    check_full_precision(
+        config, f"--model {model}", "train from the checkpoint it was quantized from"
+    )
     check_processor(processor, config, f"--model {model}")
     return processor, config
 
