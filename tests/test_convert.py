@@ -931,3 +931,37 @@ def test_adapters_that_do_not_fit_are_one_line(plain_original, tmp_path, capsys,
     err = capsys.readouterr().err
     assert "the adapter weights do not fit the language model" in err and message in err, err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_a_quantized_save_is_refused_before_its_weights_are_read(
+    plain_original, tmp_path, capsys, monkeypatch
+) -> None:
+    """The original trains with --bits 4/8 (bitsandbytes): such a save holds no float language
+    model, and converting it ended in a StopIteration traceback."""
+    import llava_edge.convert.original as original_module
+
+    original = _copy(plain_original, tmp_path)
+    config = json.loads((original / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (original / "config.json").write_text(json.dumps(config))
+
+    def read_nothing(*args, **kwargs):
+        raise AssertionError("a weight was read")
+
+    monkeypatch.setattr(original_module, "read_sharded", read_nothing)
+    out = tmp_path / "out"
+    assert cli(["convert", str(original), str(out), "--vision", str(plain_original["clip"])]) == 1
+    err = capsys.readouterr().err
+    assert "holds bitsandbytes weights (quantization_config" in err and not out.exists()
+
+
+def test_a_language_model_without_float_weights_is_one_line() -> None:
+    """int8 weights saved without their quantization_config: a StopIteration traceback before."""
+    import torch
+
+    from llava_edge.convert.checkpoint import _dtype
+    from llava_edge.errors import LlavaEdgeError
+
+    assert _dtype({"a": torch.zeros(2, dtype=torch.int8), "b": torch.zeros(2)}) == torch.float32
+    with pytest.raises(LlavaEdgeError, match="no floating-point tensor"):
+        _dtype({"a": torch.zeros(2, dtype=torch.int8)})

@@ -158,7 +158,13 @@ def infer_template(parts: Original, tokenizer: Any) -> str:
 
 def _dtype(state: dict[str, Any]) -> Any:
     """The dtype the language model's weights were saved in; everything is converted in it."""
-    return next(v.dtype for v in state.values() if v.is_floating_point())
+    found = next((v.dtype for v in state.values() if v.is_floating_point()), None)
+    if found is None:
+        raise LlavaEdgeError(
+            "the language model's weights hold no floating-point tensor (a quantized save?); "
+            "convert takes full-precision ones (fp32, fp16 or bf16)"
+        )
+    return found
 
 
 def _tokenizer(parts: Original) -> Any:

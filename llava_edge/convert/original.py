@@ -80,11 +80,25 @@ class Original:
     tokenizer_dir: Path | None = None
 
 
+def _check_full_precision(config: dict[str, Any], directory: Path) -> None:
+    """A quantized save (the original trains with --bits 4/8 through bitsandbytes) holds no
+    float language model to convert: refused before any weight is read."""
+    quantized = config.get("quantization_config")
+    if quantized:
+        method = quantized.get("quant_method") if isinstance(quantized, dict) else None
+        raise LlavaEdgeError(
+            f"{directory} holds {method or 'quantized'} weights (quantization_config in its "
+            "config.json); convert takes full-precision ones (fp32, fp16 or bf16): convert the "
+            "checkpoint they were quantized from"
+        )
+
+
 def read_original(directory: Path, base: Path | None = None) -> Original:
     """Read config and weights of an original-format dir (and of `base` where it needs one)."""
     if not directory.is_dir():
         raise LlavaEdgeError(f"{directory} is not a directory")
     config = read_config(directory)
+    _check_full_precision(config, directory)
     settings = read_settings(config, directory)
     kind = _kind(directory)
     original = Original(directory, kind, config, settings, {}, {})
