@@ -39,9 +39,9 @@ DEFAULT_OPSET = 17  # TensorRT 10.3 (JetPack 6) parses opsets 9-20; 17 has Layer
 # The decoder's dynamic Slice needs opset 10, quantize's per-channel Q/DQ (its TensorRT forms) 13.
 MIN_OPSET = 13
 EMBEDDINGS_FILE = "embed_tokens.npy"
-NEWLINE_FILE = "image_newline.npy"
+NEWLINE_FILE = "image_newline.npy"  # LLaVA-NeXT's image_newline, for the runtime's AnyRes
 # --max-context must hold one image and this many tokens of question and answer.
-MIN_TEXT_ROOM = 64  # LLaVA-NeXT's image_newline, for the runtime's AnyRes
+MIN_TEXT_ROOM = 64
 # Loader and tracer chatter that says nothing to a user: transformers' notes, the hub client's
 # "Retrying in 2s" per attempt, torch.onnx's tracer warnings.
 LOADER_LOGGERS = ("transformers", "huggingface_hub", "torch.onnx")
