@@ -252,8 +252,13 @@ class OnnxBackend:
         return self._decoder_state()[1]
 
     def _decoder_state(self) -> tuple[TextSpec, FusedDecoder | None]:
-        """What depends on the decoder's session, built once it is open."""
+        """What depends on the decoder's session, built once it is open. Read on every decode
+        step: once built it is returned without the lock."""
+        state = self._state
+        if state is not None and not self._closed:
+            return state
         with self._state_lock:
+            self._check_open()
             if self._state is None:
                 decoder = self._session("decoder")
                 past = {i.name: i.type for i in decoder.get_inputs()}
@@ -348,9 +353,12 @@ class OnnxBackend:
 
     def _session(self, name: str) -> ort.InferenceSession:
         """One graph's session, waiting while it opens (a background load)."""
+        self._check_open()
+        return self._opening[name].result()
+
+    def _check_open(self) -> None:
         if self._closed:  # perhaps while a request was running
             raise LlavaEdgeError("this model's sessions are closed; load the model dir again")
-        return self._opening[name].result()
 
     @property
     def _outputs(self) -> list[str]:
