@@ -156,6 +156,7 @@ def test_tensorrt_11_builds_strongly_typed_without_precision_flags(stub, model: 
         builds = [c for c in stub.calls if c[0] == "build"]
         assert len(builds) == 3 and all(c[2] == 1 for c in builds)  # bit 0 on 11, not bit 1
         trt = Pipeline(model, Manifest.load(model), backend(model))
+        trt.wait_loaded()  # the engines loaded with the backend: nothing to wait for
         assert len(trt.answer(None, "Hi", max_new_tokens=3, ignore_eos=True).token_ids) == 3
     finally:
         stub.use_version("10.3.0.30")

@@ -207,9 +207,7 @@ class Pipeline:
         """Block until every graph is open (after `load(..., background=True)`); raises the
         error of a graph that failed to load."""
         self._check_open()
-        wait = getattr(self.backend, "wait_loaded", None)
-        if wait is not None:  # the TensorRT backend loads its engines in load()
-            wait()
+        self.backend.wait_loaded()
 
     @property
     def max_images_per_prompt(self) -> int:

@@ -208,6 +208,9 @@ class TensorRTBackend:
                 )
             return logits
 
+    def wait_loaded(self) -> None:
+        """Nothing to wait for: the engines are loaded when the backend is made."""
+
     def close(self) -> None:
         """Free the engines, their buffers, every cache's device memory (caches still held, by a
         chat kept after the model, are emptied: a model unloaded gives back all its GPU memory)
