@@ -2,18 +2,23 @@
 no logic lives here. Heavy libraries are imported inside the handlers, so `llava-edge run` on a
 Jetson never loads torch.
 
-Errors the user can fix (LlavaEdgeError) print one line and exit 1; Ctrl-C exits 130.
+Errors the user can fix (LlavaEdgeError) print one line and exit 1; Ctrl-C exits 130, and
+SIGTERM (systemd stopping a service, a scheduler pre-empting a job) 143, each after the same
+cleanup (temporary dirs removed, a camera closed).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import json
 import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 
 from llava_edge import __version__
 from llava_edge.errors import LlavaEdgeError
@@ -984,13 +989,48 @@ def _add_backend_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, help="seconds one answer may take")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is, so it unwinds as from Ctrl-C: Python's default
+    for SIGTERM ends the process on the spot, leaving its temporary dirs behind until the next
+    run and a camera to the kernel."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds(command: str) -> Iterator[None]:
+    """For the command's run, SIGTERM raises Terminated (handlers belong to the main thread;
+    `serve` leaves SIGTERM to uvicorn, which drains the requests in flight)."""
+    if command == "serve" or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        with _sigterm_unwinds(args.command):
+            return _run(args)
+    except Terminated:  # arrived as the command ended, after _run's own handling
+        return 143
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return COMMANDS[args.command](args) or 0
     except LlavaEdgeError as e:
         print(f"llava-edge {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except Terminated:
+        print(f"llava-edge {args.command}: terminated", file=sys.stderr)
+        return 143  # 128 + SIGTERM, as a shell reports a process the signal ended
     except KeyboardInterrupt:
         print(f"llava-edge {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -289,3 +289,49 @@ def test_engine_build_killed_at_random_moments(tiny_model_dir, tmp_path):
     assert recorded_engines_are_whole(model)
     recorded = {s.file for s in Manifest.load(model).engines["engines"].engines.values()}
     assert {p.name for p in (model / "engines").glob("*.engine")} == recorded
+
+
+def _wait_for(condition, what: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f"ended before {what}: {process.communicate()}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.02)
+
+
+def test_sigterm_unwinds_like_ctrl_c_and_removes_the_partial_dir(tiny_checkpoint, tmp_path):
+    """systemd or a job scheduler stops a command with SIGTERM: the command cleans up as after
+    Ctrl-C (its temporary dir is gone now, not at the next run), says so in one line and exits
+    143, the status a shell gives a process SIGTERM ended."""
+    out = tmp_path / "model"
+    argv = [*CLI, "export", str(tiny_checkpoint), str(out), "--no-verify"]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for(lambda: any(tmp_path.glob(".model.partial-*")), "partial dir", process)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err.decode()[-2000:]
+    assert err.decode().strip().endswith("llava-edge export: terminated")
+    assert "Traceback" not in err.decode()
+    assert list(tmp_path.iterdir()) == []  # neither the output nor a leftover
+
+
+def test_sigterm_ends_a_chat_waiting_for_its_question(tiny_model_dir):
+    process = subprocess.Popen(
+        [*CLI, "chat", str(tiny_model_dir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    process.stdin.write(b"Hi\n")
+    process.stdin.flush()
+    answered = []
+
+    def read_answer() -> bool:  # the first answer is out: the chat now waits on stdin
+        answered.append(process.stdout.read1(1 << 16))
+        return b"\n" in b"".join(answered)
+
+    _wait_for(read_answer, "first answer", process)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err.decode()[-2000:]
+    assert "Traceback" not in err.decode() and "terminated" in err.decode()
