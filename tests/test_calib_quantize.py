@@ -590,3 +590,28 @@ def test_int4_warning_names_why_a_graph_stays_float(tmp_path: Path) -> None:
         "warning: g stays fp32: none of its 1 weight MatMuls has an input size (K) that a block "
         "of 32 divides"
     ]
+
+
+def test_an_int4_tensorrt_form_without_blocks_keeps_its_opset(tmp_path: Path) -> None:
+    """Opset 21 is only for block-wise INT4 (TensorRT 10.3 reads 9-20): a graph none of whose
+    MatMuls takes a block stays at the export's opset, and passes the TensorRT check."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from llava_edge.calib.quantize import int4_qdq
+
+    for k, opset in ((20, 17), (64, 21)):
+        weight = numpy_helper.from_array(np.ones((k, 8), np.float32), "w")
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["inputs_embeds", "w"], ["logits"])],
+            "g",
+            [helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, [1, k])],
+            [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 8])],
+            [weight],
+        )
+        src, dst = tmp_path / f"{k}.onnx", tmp_path / f"{k}.qdq.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+        details = int4_qdq(src, dst)
+        written = onnx.load(str(dst))
+        assert [o.version for o in written.opset_import if o.domain in ("", "ai.onnx")] == [opset]
+        assert details["opset"] == opset
+        assert check_graph(written) == []

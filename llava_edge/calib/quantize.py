@@ -657,7 +657,8 @@ def int4_qdq(src: Path, dst: Path, block: int = INT4_BLOCK) -> dict[str, Any]:
 
     Block-wise DequantizeLinear needs opset 21, so the graph is converted first with ONNX's own
     version converter (it rewrites ops whose form changed since the export's opset, e.g.
-    ReduceMean's axes).
+    ReduceMean's axes); one with no MatMul a block fits keeps its opset (TensorRT 10.3 reads
+    opset 21 only for block-wise weights).
     """
     details = _int4(src, dst, block, qdq=True)
     return {
@@ -683,9 +684,12 @@ def _int4(src: Path, dst: Path, block: int, qdq: bool) -> dict[str, Any]:
 
     model = onnx.load(str(src), load_external_data=False)
     blocks, skipped = _int4_blocks(model, block)
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     if qdq:  # on the graph without its weights: the converters serialize it (2 GiB at most)
         model, halved = fp16_graph(model, keep_io_types=list(INT4_FP32_IO))
-        model = version_converter.convert_version(model, INT4_OPSET)
+        if blocks:  # opset 21 only where a block-wise DequantizeLinear needs it
+            opset = INT4_OPSET
+            model = version_converter.convert_version(model, opset)
         load_weights(model, src.parent, halved)  # the quantizer reads every weight
     else:
         load_external_data_for_model(model, str(src.parent))
@@ -704,7 +708,7 @@ def _int4(src: Path, dst: Path, block: int, qdq: bool) -> dict[str, Any]:
         quantizer.process()
         model = quantizer.model.model
     save_graph(model, dst)
-    settings = {"opset": INT4_OPSET} if qdq else {"accuracy_level": INT4_ACCURACY_LEVEL}
+    settings = {"opset": opset} if qdq else {"accuracy_level": INT4_ACCURACY_LEVEL}
     counts = {size: list(blocks.values()).count(size) for size in sorted(set(blocks.values()))}
     return {
         "block_size": block,
