@@ -133,7 +133,8 @@ def test_nothing_is_written_into_the_source_dir(
 ) -> None:
     """onnxruntime's quantizers write a shape-inferred copy beside the graph they are handed: not
     in the source dir where it is read-only (a robot's image, a shared mount), nor where the
-    graphs hold their weights, read-only or not."""
+    graphs hold their weights inside them. (A writable dir of .data weights gets the copy while
+    a step runs: the interrupted test below.)"""
     import os
 
     import onnx
@@ -225,3 +226,35 @@ def test_a_dir_exported_below_opset_13_is_refused_for_int8_and_int4(
         assert main(["quantize", str(old), str(out), "--precision", precision, *args]) == 1
         err = capsys.readouterr().err
         assert "exported at opset 11" in err and "--opset 13" in err and not out.exists()
+
+
+def test_an_interrupted_quantize_leaves_the_source_dir_as_it_was(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the graphs keep their weights in .data files and the dir is writable, onnxruntime's
+    quantizers write their shape-inferred copy beside the graph; Ctrl-C while it is there must
+    not leave it in the source dir."""
+    import onnx
+
+    from llava_edge import files
+    from llava_edge.export.exporter import export_checkpoint
+
+    source = tmp_path / "external"
+    monkeypatch.setattr(files, "MAX_PROTOBUF", 0)
+    export_checkpoint(tiny_checkpoint, source, verify=False, log=lambda *_: None)
+    before = sorted(p.name for p in source.iterdir())
+    real = onnx.shape_inference.infer_shapes_path
+
+    def interrupted(model_path: str, output_path: str = "", *args: object, **kw: object) -> None:
+        real(model_path, output_path, *args, **kw)
+        assert Path(output_path).parent == source  # the copy this test is about
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes_path", interrupted)
+    _pictures(tmp_path / "pictures", 2)
+    with pytest.raises(KeyboardInterrupt):
+        quantize.quantize_model(
+            source, tmp_path / "out", "int8", images=tmp_path / "pictures", log=lambda *_: None
+        )
+    assert sorted(p.name for p in source.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["external", "pictures"]

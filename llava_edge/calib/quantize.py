@@ -563,13 +563,21 @@ def _linked_apart(src: Path) -> Iterator[Path]:
 
     A symlink where the weights are inside the graph. onnx refuses external data behind a
     symlink or a hard link, so a graph with a `.data` file is handed over as it is where its dir
-    is writable (the copy onnxruntime writes refers to the same `.data`, a few MB), and copied,
-    weights and all, only where it is not: the scratch space the docs count on, one fp32 graph
-    at a time.
+    is writable (the copy onnxruntime writes refers to the same `.data`, a few MB, and is removed
+    on every exit, Ctrl-C included), and copied, weights and all, only where it is not: the
+    scratch space the docs count on, one fp32 graph at a time.
     """
     data = src.with_name(src.name + ".data")
     if data.exists() and os.access(src.parent, os.W_OK):
-        yield src
+        # onnxruntime's name for it (quant_utils.load_model_with_shape_infer), which it removes
+        # only when the step finishes
+        inferred = src.with_name(f"{src.stem}-inferred{src.suffix}")
+        ours = not inferred.exists()
+        try:
+            yield src
+        finally:
+            if ours:
+                inferred.unlink(missing_ok=True)
         return
     with tempfile.TemporaryDirectory(prefix="source-") as scratch:
         linked = Path(scratch) / src.name
