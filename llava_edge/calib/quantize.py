@@ -146,23 +146,15 @@ def quantize_model(
     source = Path(model_dir)
     manifest = Manifest.load(source)
     _check_source(manifest, source)
-    if prefill and manifest.graphs["decoder"].fused is None:
-        raise LlavaEdgeError(
-            "--prefill needs the fused decoder form, which this model dir lacks (exported with "
-            "--no-fused, by an older llava-edge, or a decoder the form does not take); "
-            "re-export it without --no-fused, or drop --prefill"
-        )
+    for option, given in (("--prefill", prefill), ("--kv-cache", kv_cache)):
+        if given and manifest.graphs["decoder"].fused is None:
+            raise LlavaEdgeError(_needs_fused(option, manifest.graphs["decoder"]))
     opset = manifest.source.get("opset")
     if precision != "fp16" and isinstance(opset, int) and opset < QDQ_MIN_OPSET:
         raise LlavaEdgeError(
             f"{source} was exported at opset {opset}; the int8 and int4 TensorRT forms need "
             f"per-channel Q/DQ, opset {QDQ_MIN_OPSET} or later: re-export it with "
             f"--opset {QDQ_MIN_OPSET} or more"
-        )
-    if kv_cache and manifest.graphs["decoder"].fused is None:
-        raise LlavaEdgeError(
-            "--kv-cache needs the fused decoder form, which this model dir lacks; re-export it "
-            "with this llava-edge"
         )
     out = Path(out_dir)
     if out.resolve() == source.resolve():
@@ -242,6 +234,22 @@ def _existing(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
+
+
+def _needs_fused(option: str, decoder: GraphSpec) -> str:
+    """Why `option` cannot apply, and what to do: export records why a decoder has no fused form
+    where the form cannot take it (re-exporting would not help then)."""
+    reason = decoder.details.get("no_fused_form")
+    if reason:
+        return (
+            f"{option} needs the fused decoder form, which this model's decoder lacks: {reason}; "
+            f"drop {option}"
+        )
+    return (
+        f"{option} needs the fused decoder form, which this model dir lacks (exported with "
+        f"--no-fused, or by an older llava-edge); re-export it without --no-fused, or drop "
+        f"{option}"
+    )
 
 
 def _check_block(precision: str, block_size: int | None) -> int:
