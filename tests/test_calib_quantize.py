@@ -329,6 +329,7 @@ def test_report_of_a_dir_against_itself_is_exact(tiny_model_dir: Path, calib_jso
     [
         ("samples_0", "--samples must be at least 1"),
         ("already_quantized", "is already int8"),
+        ("fp16_export", "is already fp16 (decoder"),  # and names the fix: an fp32 export
         ("empty_folder", "holds no images"),
         ("unreadable_json", "cannot read calibration file"),
         ("no_calibration", "no calibration data"),
@@ -352,6 +353,14 @@ def test_bad_input_is_one_line_and_writes_nothing(
         args += ["--samples", "0"]
     elif case == "already_quantized":
         source = quantized["int8"][0]
+        message += " (decoder, projector, vision_encoder); quantize the fp32 model dir it was"
+    elif case == "fp16_export":  # as `export --dtype fp16` writes it: no quantized_from
+        source = tmp_path / "fp16_export"
+        shutil.copytree(tiny_model_dir, source)
+        manifest = Manifest.load(source)
+        manifest.graphs["decoder"].precision = "fp16"
+        manifest.save(source)
+        message += "); quantize an fp32 export (`llava-edge export` without --dtype)"
     elif case == "empty_folder":
         (tmp_path / "empty").mkdir()
         args[3] = str(tmp_path / "empty")

@@ -344,10 +344,12 @@ def _check_source(manifest: Manifest, source: Path) -> None:
     done = {n: g.precision for n, g in manifest.graphs.items() if g.precision != "fp32"}
     if done:
         kinds = ", ".join(sorted(set(done.values())))
-        raise LlavaEdgeError(
-            f"{source} is already {kinds} ({', '.join(sorted(done))}); quantize the fp32 model "
-            "dir that `llava-edge export` wrote"
+        fp32 = (
+            "quantize the fp32 model dir it was quantized from"
+            if "quantized_from" in manifest.source
+            else "quantize an fp32 export (`llava-edge export` without --dtype)"
         )
+        raise LlavaEdgeError(f"{source} is already {kinds} ({', '.join(sorted(done))}); {fp32}")
     manifest.check_files(source)
 
 
