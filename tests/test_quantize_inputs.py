@@ -258,3 +258,22 @@ def test_an_interrupted_quantize_leaves_the_source_dir_as_it_was(
         )
     assert sorted(p.name for p in source.iterdir()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["external", "pictures"]
+
+
+def test_force_never_deletes_the_images_a_calibration_json_finds(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The JSON's pictures found beside it (images/), not named on the command line, are
+    calibration data too: --force must not replace their folder with the quantized dir."""
+    _pictures(tmp_path / "data" / "images", 3)
+    items = [
+        {"image": f"{i}.png", "conversations": [{"from": "human", "value": "<image>\nWhat?"}]}
+        for i in range(3)
+    ]
+    (tmp_path / "data" / "train.json").write_text(json.dumps(items))
+    out = tmp_path / "data" / "images"
+    args = ["--precision", "int8", "--calib", str(tmp_path / "data" / "train.json"), "--force"]
+    assert main(["quantize", str(tiny_model_dir), str(out), *args, "--samples", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "holds the calibration images" in err and "\n" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["0.png", "1.png", "2.png"]

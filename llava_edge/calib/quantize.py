@@ -165,7 +165,10 @@ def quantize_model(
     for data in (calib, images):  # --force must not delete the calibration data either
         if data is not None:
             check_output_dir(out, force, keep=Path(data), keep_name="the calibration data")
-    calibration, held_out = _split(precision, calib, images, samples, report)
+    calibration, held_out, loaded = _split(precision, calib, images, samples, report)
+    # ... nor the pictures a JSON file names (found beside it unless --images says where)
+    for folder in sorted({s.image.parent for s in loaded if s.image}):
+        check_output_dir(out, force, keep=folder, keep_name="the calibration images in")
     check_samples(source, calibration + held_out)
     if precision != "fp16" and len(calibration) < samples:
         kept = f", {len(held_out)} more held out for --report" if report else ""
@@ -359,15 +362,16 @@ def _split(
     images: str | os.PathLike | None,
     samples: int,
     report: bool,
-) -> tuple[list[Sample], list[Sample]]:
-    """Calibration samples, and the held-out ones the report compares on (never calibrated on)."""
+) -> tuple[list[Sample], list[Sample], list[Sample]]:
+    """Calibration samples, the held-out ones the report compares on (never calibrated on), and
+    every sample the data holds."""
     if precision == "fp16" and not report:
-        return [], []
+        return [], [], []
     if precision == "fp16" and calib is None and images is None:
         raise LlavaEdgeError("--report needs held-out data: pass --calib or --images")
     everything = load_samples(calib, images)
     if precision == "fp16":
-        return [], everything[:REPORT_SAMPLES]
+        return [], everything[:REPORT_SAMPLES], everything
     held = 0
     if report:
         if len(everything) < 2:
@@ -380,7 +384,7 @@ def _split(
         raise LlavaEdgeError(
             "no calibration sample has an image: the vision encoder and projector need pictures"
         )
-    return calibration, everything[len(everything) - held :]
+    return calibration, everything[len(everything) - held :], everything
 
 
 def _plan(precision: str) -> dict[str, str]:
