@@ -293,11 +293,14 @@ def test_report_measures_each_form_against_fp32(quantized: dict) -> None:
     path, report = quantized["int8"]
     assert json.loads((path / REPORT_FILE).read_text()) == report
     rows = {(r["graph"], r["form"]): r for r in report["graphs"]}
+    # the fused vision encoder (what onnxruntime runs on the CPU) takes the standard one's feeds;
+    # the fused decoder's IO differ (the greedy figures measure it)
     assert set(rows) == {
         (g, f)
         for g in ("vision_encoder", "projector", "decoder")
         for f in ("onnxruntime", "tensorrt")
-    }
+    } | {("vision_encoder", "fused")}
+    assert rows[("vision_encoder", "fused")]["file"] == "vision_encoder_fused.onnx"
     for row in rows.values():
         assert row["calls"] > 0 and 0.95 < row["cosine_min"] < 1.0 and row["max_abs_error"] > 0
     # every held-out prompt's prefill and its decode steps were compared

@@ -1,7 +1,8 @@
 """How far a quantized model dir is from its fp32 source, on samples it was not calibrated on.
 
-Per graph and per form (the onnxruntime `file`, and the TensorRT `tensorrt_file` run here on the
-CPU, which is how its accuracy is checked without a GPU): cosine similarity and largest absolute
+Per graph and per form (the onnxruntime `file`, the TensorRT `tensorrt_file` run here on the
+CPU, which is how its accuracy is checked without a GPU, and the fused vision encoder, which is
+what onnxruntime runs on the CPU): cosine similarity and largest absolute
 error of the outputs, each graph fed exactly what the fp32 model fed it, so errors do not
 compound across graphs. End to end, through the runtime: greedy-token agreement over
 GREEDY_TOKENS tokens, both free-running (how long the two answers stay identical) and
@@ -39,6 +40,11 @@ def build_report(
         forms = {"onnxruntime": graph.file}
         if graph.tensorrt_file:
             forms["tensorrt"] = graph.tensorrt_file
+        # The fused form is what onnxruntime runs on the CPU; measured here where it takes the
+        # standard form's feeds (the vision encoder: the fused decoder's IO differ, and the
+        # greedy figures measure it)
+        if graph.fused and graph.fused.inputs.keys() == graph.inputs.keys():
+            forms["fused"] = graph.fused.file
         for form, file in forms.items():
             stats = compare_graph(activations, name, quant_dir / file)
             graphs.append(
