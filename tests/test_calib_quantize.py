@@ -327,6 +327,28 @@ def test_report_of_a_dir_against_itself_is_exact(tiny_model_dir: Path, calib_jso
     assert report["greedy"]["teacher_forced_logits_cosine_min"] == pytest.approx(1.0, abs=1e-9)
 
 
+def test_report_writes_no_session_cache_for_the_fp32_dir(
+    tiny_model_dir: Path,
+    quantized: dict,
+    calib_json: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An entry costs twice the graph's weights on disk (26 GB of fp32 decoder: 52 GB): the fp32
+    dir is the reference here, not what the robot runs, so --report leaves its graphs uncached.
+    The quantized dir's entries are kept: they are what it runs."""
+    import json as json_module
+
+    monkeypatch.setenv("LLAVA_EDGE_CACHE", str(tmp_path / "cache"))
+    sample = Sample(calib_json.parent / "images" / "1.png", "What color is the shape?")
+    build_report(tiny_model_dir, quantized["int8"][0], [sample])
+    sources = [
+        Path(json_module.loads(meta.read_text())["source"]).parent
+        for meta in (tmp_path / "cache").glob("onnxruntime/*/entry.json")
+    ]
+    assert sources and tiny_model_dir.resolve() not in sources
+
+
 @pytest.mark.parametrize(
     "case, message",
     [

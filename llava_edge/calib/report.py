@@ -116,7 +116,12 @@ def greedy_agreement(
 
     prefix, forced, cosines, compared = [], [], [], []
     options = {"max_new_tokens": tokens, "ignore_eos": True}
-    with Pipeline.load(fp32_dir) as ref, Pipeline.load(quant_dir) as pipe:
+    # No session-cache entries for the fp32 reference: they would cost twice its weights on disk
+    # for a dir the robot does not run (the quantized dir's are what it loads next)
+    with (
+        Pipeline.load(fp32_dir, session_cache=False) as ref,
+        Pipeline.load(quant_dir) as pipe,
+    ):
         for sample in tqdm(samples, desc="greedy agreement", unit="sample", leave=False):
             image = str(sample.image) if sample.image else None
             want = ref.answer(image, sample.prompt, **options).token_ids
