@@ -171,11 +171,12 @@ def test_fp16_keeps_rmsnorms_mean_of_squares_fp32_up_to_its_sqrt(
     model = onnx.load(str(tiny_model_dir / "decoder.onnx"))
     onnx.save(model, str(tmp_path / "decoder.onnx"))
     (tmp_path / "out").mkdir()
-    to_fp16(tmp_path / "decoder.onnx", tmp_path / "out" / "decoder.onnx")
+    details = to_fp16(tmp_path / "decoder.onnx", tmp_path / "out" / "decoder.onnx")
     converted = onnx.load(str(tmp_path / "out" / "decoder.onnx"))
     producer = {o: n for n in converted.graph.node for o in n.output}
     sqrts = [n for n in converted.graph.node if n.op_type == "Sqrt"]
     assert len(sqrts) == 2 * 2 + 1  # two norms a layer, the final norm
+    assert details["kept_fp32_nodes"] > len(sqrts)  # their + eps, and the rotary angles
     for sqrt in sqrts:
         node, path = producer[sqrt.input[0]], []
         while node.op_type != "ReduceMean":

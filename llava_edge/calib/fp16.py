@@ -32,13 +32,14 @@ def to_fp16(src: Path, dst: Path) -> dict[str, Any]:
     import onnx
 
     model = onnx.load(str(src), load_external_data=False)  # external weights stay on disk
+    kept_nodes = len(_rotary_nodes(model)) + len(_norm_epsilon_nodes(model))
     model, halved = fp16_graph(model, keep_io_types=True)
     stream_weights(model, src.parent, dst, halved)
     save_graph(model, dst)
     return {
         "form": "fp16 weights and activations (onnxruntime.transformers.float16), fp32 graph IO",
         "kept_fp32_ops": FP16_KEEP_FP32_OPS,
-        "kept_fp32_nodes": len(_rotary_nodes(model)),
+        "kept_fp32_nodes": kept_nodes,  # beyond those ops: rotary angles, norms' + eps
     }
 
 
