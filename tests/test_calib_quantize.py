@@ -289,7 +289,7 @@ def test_the_runtime_loads_every_dir_unchanged(quantized: dict, calib_json: Path
             assert len(answer.token_ids) >= 1
 
 
-def test_report_measures_each_form_against_fp32(quantized: dict) -> None:
+def test_report_measures_each_form_against_fp32(quantized: dict, tiny_model_dir: Path) -> None:
     path, report = quantized["int8"]
     assert json.loads((path / REPORT_FILE).read_text()) == report
     rows = {(r["graph"], r["form"]): r for r in report["graphs"]}
@@ -300,7 +300,9 @@ def test_report_measures_each_form_against_fp32(quantized: dict) -> None:
         for g in ("vision_encoder", "projector", "decoder")
         for f in ("onnxruntime", "tensorrt")
     } | {("vision_encoder", "fused")}
-    assert rows[("vision_encoder", "fused")]["file"] == "vision_encoder_fused.onnx"
+    fused = rows[("vision_encoder", "fused")]
+    assert fused["file"] == "vision_encoder_fused.onnx" and fused["precision"] == "int8"
+    assert fused["fp32_bytes"] == (tiny_model_dir / "vision_encoder_fused.onnx").stat().st_size
     for row in rows.values():
         assert row["calls"] > 0 and 0.95 < row["cosine_min"] < 1.0 and row["max_abs_error"] > 0
     # every held-out prompt's prefill and its decode steps were compared

@@ -37,25 +37,27 @@ def build_report(
     activations = Activations(fp32_dir, samples)
     graphs = []
     for name, graph in quantized.graphs.items():
-        forms = {"onnxruntime": graph.file}
+        fp32 = reference.graphs[name]
+        # form: (file, precision, the fp32 file its size is compared with)
+        forms = {"onnxruntime": (graph.file, graph.precision, fp32.file)}
         if graph.tensorrt_file:
-            forms["tensorrt"] = graph.tensorrt_file
+            forms["tensorrt"] = (graph.tensorrt_file, graph.precision, fp32.file)
         # The fused form is what onnxruntime runs on the CPU; measured here where it takes the
         # standard form's feeds (the vision encoder: the fused decoder's IO differ, and the
         # greedy figures measure it)
-        if graph.fused and graph.fused.inputs.keys() == graph.inputs.keys():
-            forms["fused"] = graph.fused.file
-        for form, file in forms.items():
+        if graph.fused and fp32.fused and graph.fused.inputs.keys() == graph.inputs.keys():
+            forms["fused"] = (graph.fused.file, graph.fused.precision, fp32.fused.file)
+        for form, (file, precision, fp32_file) in forms.items():
             stats = compare_graph(activations, name, quant_dir / file)
             graphs.append(
                 {
                     "graph": name,
                     "form": form,
                     "file": file,
-                    "precision": graph.precision,
+                    "precision": precision,
                     **stats,
                     "bytes": graph_bytes(quant_dir / file),
-                    "fp32_bytes": graph_bytes(fp32_dir / reference.graphs[name].file),
+                    "fp32_bytes": graph_bytes(fp32_dir / fp32_file),
                 }
             )
     return {
