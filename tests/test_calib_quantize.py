@@ -622,6 +622,7 @@ def test_int4_warning_names_why_a_graph_stays_float(tmp_path: Path) -> None:
         "g", "int4", spec, tmp_path / "src", tmp_path / "out", None, "minmax", 32, said.append
     )
     assert spec.details["onnxruntime"]["kept_float"]
+    assert spec.precision == "fp32"  # what the graph holds, not what was asked
     assert said == [
         "warning: g stays fp32: none of its 1 weight MatMuls has an input size (K) that a block "
         "of 32 divides"

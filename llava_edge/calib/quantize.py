@@ -445,6 +445,8 @@ def _quantize_graph(
             graph.details = {**graph.details, "onnxruntime": ort_details, "tensorrt": trt_details}
     graph.precision = kind
     if kind != "fp16" and not graph.details["onnxruntime"]["quantized_nodes"]:
+        # The manifest says what `file` holds (details.tensorrt what the TensorRT form does)
+        graph.precision = "fp32"
         kept = graph.details["onnxruntime"].get("kept_float")
         why = (
             f"none of its {len(kept)} weight MatMuls has an input size (K) that a block of 32 "
@@ -467,7 +469,7 @@ def quantize_fused(
             details = int8_dynamic(source / fused.file, out / fused.file, ("MatMul", "Attention"))
         else:
             details = int4_matmulnbits(source / fused.file, out / fused.file, block)
-    fused.precision = kind
+    fused.precision = kind if details["quantized_nodes"] else "fp32"
     fused.details = {**fused.details, "onnxruntime": details}
     return fused
 
