@@ -289,15 +289,20 @@ def test_the_runtime_loads_every_dir_unchanged(quantized: dict, calib_json: Path
             assert len(answer.token_ids) >= 1
 
 
-def test_report_measures_each_form_against_fp32(quantized: dict) -> None:
+def test_report_measures_each_form_against_fp32(quantized: dict, tiny_model_dir: Path) -> None:
     path, report = quantized["int8"]
     assert json.loads((path / REPORT_FILE).read_text()) == report
     rows = {(r["graph"], r["form"]): r for r in report["graphs"]}
+    # the fused vision encoder (what onnxruntime runs on the CPU) takes the standard one's feeds;
+    # the fused decoder's IO differ (the greedy figures measure it)
     assert set(rows) == {
         (g, f)
         for g in ("vision_encoder", "projector", "decoder")
         for f in ("onnxruntime", "tensorrt")
-    }
+    } | {("vision_encoder", "fused")}
+    fused = rows[("vision_encoder", "fused")]
+    assert fused["file"] == "vision_encoder_fused.onnx" and fused["precision"] == "int8"
+    assert fused["fp32_bytes"] == (tiny_model_dir / "vision_encoder_fused.onnx").stat().st_size
     for row in rows.values():
         assert row["calls"] > 0 and 0.95 < row["cosine_min"] < 1.0 and row["max_abs_error"] > 0
     # every held-out prompt's prefill and its decode steps were compared
@@ -324,11 +329,34 @@ def test_report_of_a_dir_against_itself_is_exact(tiny_model_dir: Path, calib_jso
     assert report["greedy"]["teacher_forced_logits_cosine_min"] == pytest.approx(1.0, abs=1e-9)
 
 
+def test_report_writes_no_session_cache_for_the_fp32_dir(
+    tiny_model_dir: Path,
+    quantized: dict,
+    calib_json: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An entry costs twice the graph's weights on disk (26 GB of fp32 decoder: 52 GB): the fp32
+    dir is the reference here, not what the robot runs, so --report leaves its graphs uncached.
+    The quantized dir's entries are kept: they are what it runs."""
+    import json as json_module
+
+    monkeypatch.setenv("LLAVA_EDGE_CACHE", str(tmp_path / "cache"))
+    sample = Sample(calib_json.parent / "images" / "1.png", "What color is the shape?")
+    build_report(tiny_model_dir, quantized["int8"][0], [sample])
+    sources = [
+        Path(json_module.loads(meta.read_text())["source"]).parent
+        for meta in (tmp_path / "cache").glob("onnxruntime/*/entry.json")
+    ]
+    assert sources and tiny_model_dir.resolve() not in sources
+
+
 @pytest.mark.parametrize(
     "case, message",
     [
         ("samples_0", "--samples must be at least 1"),
         ("already_quantized", "is already int8"),
+        ("fp16_export", "is already fp16 (decoder"),  # and names the fix: an fp32 export
         ("empty_folder", "holds no images"),
         ("unreadable_json", "cannot read calibration file"),
         ("no_calibration", "no calibration data"),
@@ -352,6 +380,14 @@ def test_bad_input_is_one_line_and_writes_nothing(
         args += ["--samples", "0"]
     elif case == "already_quantized":
         source = quantized["int8"][0]
+        message += " (decoder, projector, vision_encoder); quantize the fp32 model dir it was"
+    elif case == "fp16_export":  # as `export --dtype fp16` writes it: no quantized_from
+        source = tmp_path / "fp16_export"
+        shutil.copytree(tiny_model_dir, source)
+        manifest = Manifest.load(source)
+        manifest.graphs["decoder"].precision = "fp16"
+        manifest.save(source)
+        message += "); quantize an fp32 export (`llava-edge export` without --dtype)"
     elif case == "empty_folder":
         (tmp_path / "empty").mkdir()
         args[3] = str(tmp_path / "empty")
@@ -586,7 +622,33 @@ def test_int4_warning_names_why_a_graph_stays_float(tmp_path: Path) -> None:
         "g", "int4", spec, tmp_path / "src", tmp_path / "out", None, "minmax", 32, said.append
     )
     assert spec.details["onnxruntime"]["kept_float"]
+    assert spec.precision == "fp32"  # what the graph holds, not what was asked
     assert said == [
         "warning: g stays fp32: none of its 1 weight MatMuls has an input size (K) that a block "
         "of 32 divides"
     ]
+
+
+def test_an_int4_tensorrt_form_without_blocks_keeps_its_opset(tmp_path: Path) -> None:
+    """Opset 21 is only for block-wise INT4 (TensorRT 10.3 reads 9-20): a graph none of whose
+    MatMuls takes a block stays at the export's opset, and passes the TensorRT check."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from llava_edge.calib.quantize import int4_qdq
+
+    for k, opset in ((20, 17), (64, 21)):
+        weight = numpy_helper.from_array(np.ones((k, 8), np.float32), "w")
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["inputs_embeds", "w"], ["logits"])],
+            "g",
+            [helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, [1, k])],
+            [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 8])],
+            [weight],
+        )
+        src, dst = tmp_path / f"{k}.onnx", tmp_path / f"{k}.qdq.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+        details = int4_qdq(src, dst)
+        written = onnx.load(str(dst))
+        assert [o.version for o in written.opset_import if o.domain in ("", "ai.onnx")] == [opset]
+        assert details["opset"] == opset
+        assert check_graph(written) == []

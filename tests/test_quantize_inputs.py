@@ -133,7 +133,8 @@ def test_nothing_is_written_into_the_source_dir(
 ) -> None:
     """onnxruntime's quantizers write a shape-inferred copy beside the graph they are handed: not
     in the source dir where it is read-only (a robot's image, a shared mount), nor where the
-    graphs hold their weights, read-only or not."""
+    graphs hold their weights inside them. (A writable dir of .data weights gets the copy while
+    a step runs: the interrupted test below.)"""
     import os
 
     import onnx
@@ -225,3 +226,54 @@ def test_a_dir_exported_below_opset_13_is_refused_for_int8_and_int4(
         assert main(["quantize", str(old), str(out), "--precision", precision, *args]) == 1
         err = capsys.readouterr().err
         assert "exported at opset 11" in err and "--opset 13" in err and not out.exists()
+
+
+def test_an_interrupted_quantize_leaves_the_source_dir_as_it_was(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the graphs keep their weights in .data files and the dir is writable, onnxruntime's
+    quantizers write their shape-inferred copy beside the graph; Ctrl-C while it is there must
+    not leave it in the source dir."""
+    import onnx
+
+    from llava_edge import files
+    from llava_edge.export.exporter import export_checkpoint
+
+    source = tmp_path / "external"
+    monkeypatch.setattr(files, "MAX_PROTOBUF", 0)
+    export_checkpoint(tiny_checkpoint, source, verify=False, log=lambda *_: None)
+    before = sorted(p.name for p in source.iterdir())
+    real = onnx.shape_inference.infer_shapes_path
+
+    def interrupted(model_path: str, output_path: str = "", *args: object, **kw: object) -> None:
+        real(model_path, output_path, *args, **kw)
+        assert Path(output_path).parent == source  # the copy this test is about
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes_path", interrupted)
+    _pictures(tmp_path / "pictures", 2)
+    with pytest.raises(KeyboardInterrupt):
+        quantize.quantize_model(
+            source, tmp_path / "out", "int8", images=tmp_path / "pictures", log=lambda *_: None
+        )
+    assert sorted(p.name for p in source.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["external", "pictures"]
+
+
+def test_force_never_deletes_the_images_a_calibration_json_finds(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The JSON's pictures found beside it (images/), not named on the command line, are
+    calibration data too: --force must not replace their folder with the quantized dir."""
+    _pictures(tmp_path / "data" / "images", 3)
+    items = [
+        {"image": f"{i}.png", "conversations": [{"from": "human", "value": "<image>\nWhat?"}]}
+        for i in range(3)
+    ]
+    (tmp_path / "data" / "train.json").write_text(json.dumps(items))
+    out = tmp_path / "data" / "images"
+    args = ["--precision", "int8", "--calib", str(tmp_path / "data" / "train.json"), "--force"]
+    assert main(["quantize", str(tiny_model_dir), str(out), *args, "--samples", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "holds the calibration images" in err and "\n" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["0.png", "1.png", "2.png"]

@@ -159,3 +159,33 @@ def test_weights_round_to_fp16_as_onnxruntime_rounds_them() -> None:
     assert ours.dtype == np.float16
     np.testing.assert_array_equal(ours.view(np.uint16), theirs.view(np.uint16))
     assert np.isfinite(ours[np.isfinite(values)]).all() and (ours[values != 0] != 0).all()
+
+
+def test_fp16_keeps_rmsnorms_mean_of_squares_fp32_up_to_its_sqrt(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A decoder's RMSNorm adds eps between ReduceMean and Sqrt: the mean of squares must reach
+    the Sqrt in float32 through that Add (past an RMS of 256 it overflows fp16, and 1/sqrt(inf)
+    zeroes the layer's input). onnxruntime's CPU provider runs fp16 Adds in float32, so the
+    graph's types are what is checked: TensorRT and GPU providers compute them as typed."""
+    model = onnx.load(str(tiny_model_dir / "decoder.onnx"))
+    onnx.save(model, str(tmp_path / "decoder.onnx"))
+    (tmp_path / "out").mkdir()
+    details = to_fp16(tmp_path / "decoder.onnx", tmp_path / "out" / "decoder.onnx")
+    converted = onnx.load(str(tmp_path / "out" / "decoder.onnx"))
+    producer = {o: n for n in converted.graph.node for o in n.output}
+    sqrts = [n for n in converted.graph.node if n.op_type == "Sqrt"]
+    assert len(sqrts) == 2 * 2 + 1  # two norms a layer, the final norm
+    assert details["kept_fp32_nodes"] > len(sqrts)  # their + eps, and the rotary angles
+    for sqrt in sqrts:
+        node, path = producer[sqrt.input[0]], []
+        while node.op_type != "ReduceMean":
+            path.append(node)
+            node = producer[node.input[0]]  # Add(mean, eps), and casts of it
+        to_fp16_casts = [
+            n
+            for n in path
+            if n.op_type == "Cast"
+            and {a.name: a.i for a in n.attribute}.get("to") == TensorProto.FLOAT16
+        ]
+        assert not to_fp16_casts, [n.name for n in path]

@@ -156,3 +156,33 @@ def test_the_operator_list_is_the_103_parser() -> None:
     absent = {"STFT", "HannWindow", "Attention", "RMSNormalization", "RotaryEmbedding"}
     absent |= {"TensorScatter", "MatMulInteger", "QLinearMatMul", "DynamicQuantizeLinear"}
     assert not absent & SUPPORTED_OPS
+
+
+def _without_activation_zero_points(model: onnx.ModelProto) -> onnx.ModelProto:
+    for node in model.graph.node:
+        if node.name in ("q", "dq"):
+            del node.input[2]
+    return model
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        # QuantizeLinear without a zero point (or output_dtype) quantizes to UINT8
+        lambda: _without_activation_zero_points(_matmul()),
+        lambda: _matmul(weight_type=TensorProto.UINT8),  # unsigned weights, no zero point
+    ],
+    ids=["activations", "weights"],
+)
+def test_unsigned_quantization_without_a_zero_point_is_reported(model) -> None:
+    problems = check_graph(model())
+    assert any("UINT8" in p and "signed" in p for p in problems), problems
+
+
+def test_a_quantize_linear_typed_by_output_dtype_passes() -> None:
+    model = _without_activation_zero_points(_matmul(opset=21, block=0))
+    for node in model.graph.node:
+        if node.name == "q":
+            node.attribute.append(helper.make_attribute("output_dtype", TensorProto.INT8))
+    problems = check_graph(model)
+    assert not [p for p in problems if "signed" in p], problems

@@ -32,13 +32,14 @@ def to_fp16(src: Path, dst: Path) -> dict[str, Any]:
     import onnx
 
     model = onnx.load(str(src), load_external_data=False)  # external weights stay on disk
+    kept_nodes = len(_rotary_nodes(model)) + len(_norm_epsilon_nodes(model))
     model, halved = fp16_graph(model, keep_io_types=True)
     stream_weights(model, src.parent, dst, halved)
     save_graph(model, dst)
     return {
         "form": "fp16 weights and activations (onnxruntime.transformers.float16), fp32 graph IO",
         "kept_fp32_ops": FP16_KEEP_FP32_OPS,
-        "kept_fp32_nodes": len(_rotary_nodes(model)),
+        "kept_fp32_nodes": kept_nodes,  # beyond those ops: rotary angles, norms' + eps
     }
 
 
@@ -55,14 +56,14 @@ def fp16_graph(model: Any, keep_io_types: bool | list[str]) -> tuple[Any, set[st
 
     model = onnx.shape_inference.infer_shapes(model)
     stored = _stand_in_external_weights(model)
-    rotary = _rotary_nodes(model)
+    kept_nodes = _rotary_nodes(model) + _norm_epsilon_nodes(model)
     kept_ops = DEFAULT_OP_BLOCK_LIST + FP16_KEEP_FP32_OPS
-    _keep_fp32_between_kept_nodes(model, set(kept_ops), set(rotary))
+    _keep_fp32_between_kept_nodes(model, set(kept_ops), set(kept_nodes))
     model = convert_float_to_float16(
         model,
         keep_io_types=keep_io_types,
         op_block_list=kept_ops,
-        node_block_list=rotary,
+        node_block_list=kept_nodes,
         disable_shape_infer=True,  # inferred above, with the weights' real shapes
     )
     halved = set()
@@ -134,6 +135,28 @@ def _rotary_nodes(model: Any) -> list[str]:
         chain.add(node.name)
         todo += [produced_by[i] for i in node.input if i in produced_by]
     return sorted(chain)
+
+
+def _norm_epsilon_nodes(model: Any) -> list[str]:
+    """The nodes between a ReduceMean and the Sqrt it feeds (RMSNorm's `+ eps`): kept in fp32
+    with them, or the mean of squares would be rounded through fp16 there, and overflow past an
+    RMS of 256 (Sqrt of infinity, then 1/infinity: the norm's output all zeros)."""
+    produced_by = {out: node for node in model.graph.node for out in node.output}
+    stored = {t.name for t in model.graph.initializer}
+    chain: list[str] = []
+    for sqrt in (n for n in model.graph.node if n.op_type == "Sqrt"):
+        path, node = [], produced_by.get(sqrt.input[0])
+        while node is not None and node.op_type in ("Add", "Mul", "Cast") and len(path) < 4:
+            path.append(node)
+            sources = [
+                produced_by[i]
+                for i in node.input
+                if i in produced_by and i not in stored and produced_by[i].op_type != "Constant"
+            ]
+            node = sources[0] if len(sources) == 1 else None
+        if node is not None and node.op_type == "ReduceMean":
+            chain += [n.name for n in path]
+    return chain
 
 
 def stream_weights(model: Any, src_dir: Path, dst: Path, halved: set[str]) -> None:

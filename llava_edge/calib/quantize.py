@@ -146,23 +146,15 @@ def quantize_model(
     source = Path(model_dir)
     manifest = Manifest.load(source)
     _check_source(manifest, source)
-    if prefill and manifest.graphs["decoder"].fused is None:
-        raise LlavaEdgeError(
-            "--prefill needs the fused decoder form, which this model dir lacks (exported with "
-            "--no-fused, by an older llava-edge, or a decoder the form does not take); "
-            "re-export it without --no-fused, or drop --prefill"
-        )
+    for option, given in (("--prefill", prefill), ("--kv-cache", kv_cache)):
+        if given and manifest.graphs["decoder"].fused is None:
+            raise LlavaEdgeError(_needs_fused(option, manifest.graphs["decoder"]))
     opset = manifest.source.get("opset")
     if precision != "fp16" and isinstance(opset, int) and opset < QDQ_MIN_OPSET:
         raise LlavaEdgeError(
             f"{source} was exported at opset {opset}; the int8 and int4 TensorRT forms need "
             f"per-channel Q/DQ, opset {QDQ_MIN_OPSET} or later: re-export it with "
             f"--opset {QDQ_MIN_OPSET} or more"
-        )
-    if kv_cache and manifest.graphs["decoder"].fused is None:
-        raise LlavaEdgeError(
-            "--kv-cache needs the fused decoder form, which this model dir lacks; re-export it "
-            "with this llava-edge"
         )
     out = Path(out_dir)
     if out.resolve() == source.resolve():
@@ -173,7 +165,10 @@ def quantize_model(
     for data in (calib, images):  # --force must not delete the calibration data either
         if data is not None:
             check_output_dir(out, force, keep=Path(data), keep_name="the calibration data")
-    calibration, held_out = _split(precision, calib, images, samples, report)
+    calibration, held_out, loaded = _split(precision, calib, images, samples, report)
+    # ... nor the pictures a JSON file names (found beside it unless --images says where)
+    for folder in sorted({s.image.parent for s in loaded if s.image}):
+        check_output_dir(out, force, keep=folder, keep_name="the calibration images in")
     check_samples(source, calibration + held_out)
     if precision != "fp16" and len(calibration) < samples:
         kept = f", {len(held_out)} more held out for --report" if report else ""
@@ -242,6 +237,22 @@ def _existing(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
+
+
+def _needs_fused(option: str, decoder: GraphSpec) -> str:
+    """Why `option` cannot apply, and what to do: export records why a decoder has no fused form
+    where the form cannot take it (re-exporting would not help then)."""
+    reason = decoder.details.get("no_fused_form")
+    if reason:
+        return (
+            f"{option} needs the fused decoder form, which this model's decoder lacks: {reason}; "
+            f"drop {option}"
+        )
+    return (
+        f"{option} needs the fused decoder form, which this model dir lacks (exported with "
+        f"--no-fused, or by an older llava-edge); re-export it without --no-fused, or drop "
+        f"{option}"
+    )
 
 
 def _check_block(precision: str, block_size: int | None) -> int:
@@ -336,10 +347,12 @@ def _check_source(manifest: Manifest, source: Path) -> None:
     done = {n: g.precision for n, g in manifest.graphs.items() if g.precision != "fp32"}
     if done:
         kinds = ", ".join(sorted(set(done.values())))
-        raise LlavaEdgeError(
-            f"{source} is already {kinds} ({', '.join(sorted(done))}); quantize the fp32 model "
-            "dir that `llava-edge export` wrote"
+        fp32 = (
+            "quantize the fp32 model dir it was quantized from"
+            if "quantized_from" in manifest.source
+            else "quantize an fp32 export (`llava-edge export` without --dtype)"
         )
+        raise LlavaEdgeError(f"{source} is already {kinds} ({', '.join(sorted(done))}); {fp32}")
     manifest.check_files(source)
 
 
@@ -349,15 +362,16 @@ def _split(
     images: str | os.PathLike | None,
     samples: int,
     report: bool,
-) -> tuple[list[Sample], list[Sample]]:
-    """Calibration samples, and the held-out ones the report compares on (never calibrated on)."""
+) -> tuple[list[Sample], list[Sample], list[Sample]]:
+    """Calibration samples, the held-out ones the report compares on (never calibrated on), and
+    every sample the data holds."""
     if precision == "fp16" and not report:
-        return [], []
+        return [], [], []
     if precision == "fp16" and calib is None and images is None:
         raise LlavaEdgeError("--report needs held-out data: pass --calib or --images")
     everything = load_samples(calib, images)
     if precision == "fp16":
-        return [], everything[:REPORT_SAMPLES]
+        return [], everything[:REPORT_SAMPLES], everything
     held = 0
     if report:
         if len(everything) < 2:
@@ -370,7 +384,7 @@ def _split(
         raise LlavaEdgeError(
             "no calibration sample has an image: the vision encoder and projector need pictures"
         )
-    return calibration, everything[len(everything) - held :]
+    return calibration, everything[len(everything) - held :], everything
 
 
 def _plan(precision: str) -> dict[str, str]:
@@ -431,6 +445,8 @@ def _quantize_graph(
             graph.details = {**graph.details, "onnxruntime": ort_details, "tensorrt": trt_details}
     graph.precision = kind
     if kind != "fp16" and not graph.details["onnxruntime"]["quantized_nodes"]:
+        # The manifest says what `file` holds (details.tensorrt what the TensorRT form does)
+        graph.precision = "fp32"
         kept = graph.details["onnxruntime"].get("kept_float")
         why = (
             f"none of its {len(kept)} weight MatMuls has an input size (K) that a block of 32 "
@@ -453,7 +469,7 @@ def quantize_fused(
             details = int8_dynamic(source / fused.file, out / fused.file, ("MatMul", "Attention"))
         else:
             details = int4_matmulnbits(source / fused.file, out / fused.file, block)
-    fused.precision = kind
+    fused.precision = kind if details["quantized_nodes"] else "fp32"
     fused.details = {**fused.details, "onnxruntime": details}
     return fused
 
@@ -563,13 +579,21 @@ def _linked_apart(src: Path) -> Iterator[Path]:
 
     A symlink where the weights are inside the graph. onnx refuses external data behind a
     symlink or a hard link, so a graph with a `.data` file is handed over as it is where its dir
-    is writable (the copy onnxruntime writes refers to the same `.data`, a few MB), and copied,
-    weights and all, only where it is not: the scratch space the docs count on, one fp32 graph
-    at a time.
+    is writable (the copy onnxruntime writes refers to the same `.data`, a few MB, and is removed
+    on every exit, Ctrl-C included), and copied, weights and all, only where it is not: the
+    scratch space the docs count on, one fp32 graph at a time.
     """
     data = src.with_name(src.name + ".data")
     if data.exists() and os.access(src.parent, os.W_OK):
-        yield src
+        # onnxruntime's name for it (quant_utils.load_model_with_shape_infer), which it removes
+        # only when the step finishes
+        inferred = src.with_name(f"{src.stem}-inferred{src.suffix}")
+        ours = not inferred.exists()
+        try:
+            yield src
+        finally:
+            if ours:
+                inferred.unlink(missing_ok=True)
         return
     with tempfile.TemporaryDirectory(prefix="source-") as scratch:
         linked = Path(scratch) / src.name
@@ -657,7 +681,8 @@ def int4_qdq(src: Path, dst: Path, block: int = INT4_BLOCK) -> dict[str, Any]:
 
     Block-wise DequantizeLinear needs opset 21, so the graph is converted first with ONNX's own
     version converter (it rewrites ops whose form changed since the export's opset, e.g.
-    ReduceMean's axes).
+    ReduceMean's axes); one with no MatMul a block fits keeps its opset (TensorRT 10.3 reads
+    opset 21 only for block-wise weights).
     """
     details = _int4(src, dst, block, qdq=True)
     return {
@@ -683,9 +708,12 @@ def _int4(src: Path, dst: Path, block: int, qdq: bool) -> dict[str, Any]:
 
     model = onnx.load(str(src), load_external_data=False)
     blocks, skipped = _int4_blocks(model, block)
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     if qdq:  # on the graph without its weights: the converters serialize it (2 GiB at most)
         model, halved = fp16_graph(model, keep_io_types=list(INT4_FP32_IO))
-        model = version_converter.convert_version(model, INT4_OPSET)
+        if blocks:  # opset 21 only where a block-wise DequantizeLinear needs it
+            opset = INT4_OPSET
+            model = version_converter.convert_version(model, opset)
         load_weights(model, src.parent, halved)  # the quantizer reads every weight
     else:
         load_external_data_for_model(model, str(src.parent))
@@ -704,7 +732,7 @@ def _int4(src: Path, dst: Path, block: int, qdq: bool) -> dict[str, Any]:
         quantizer.process()
         model = quantizer.model.model
     save_graph(model, dst)
-    settings = {"opset": INT4_OPSET} if qdq else {"accuracy_level": INT4_ACCURACY_LEVEL}
+    settings = {"opset": opset} if qdq else {"accuracy_level": INT4_ACCURACY_LEVEL}
     counts = {size: list(blocks.values()).count(size) for size in sorted(set(blocks.values()))}
     return {
         "block_size": block,

@@ -277,6 +277,7 @@ def _check_quantization(graph: Any) -> list[str]:
             continue
         where = node.name or node.output[0]
         problems += _check_scale_and_zero(node, where, constants)
+        problems += _check_implied_type(node, where, constants, producer)
         if node.op_type == "QuantizeLinear":
             if node.input[0] in stored:  # float weights quantized at build time: fine, as below
                 continue
@@ -314,6 +315,40 @@ def _check_scale_and_zero(node: Any, where: str, constants: dict[str, Any]) -> l
                     "(unsigned quantization is asymmetric)"
                 )
     return problems
+
+
+def _check_implied_type(
+    node: Any, where: str, constants: dict[str, _Const], producer: dict[str, Any]
+) -> list[str]:
+    """Without a zero point the quantized type is implied: a QuantizeLinear's is UINT8 unless
+    its output_dtype says otherwise, a DequantizeLinear's that of the tensor it reads."""
+    if len(node.input) > 2 and node.input[2]:
+        return []  # the zero point's type, checked with it
+    dtype = _quantized_type(node, constants, producer)
+    if dtype is None or not dtype.startswith("UINT"):
+        return []
+    return [
+        f"{where}: quantizes to {dtype} (no zero point says otherwise); TensorRT takes signed "
+        "INT8/INT4 (unsigned quantization is asymmetric)"
+    ]
+
+
+def _quantized_type(
+    node: Any, constants: dict[str, _Const], producer: dict[str, Any]
+) -> str | None:
+    from onnx import TensorProto
+
+    if node.op_type == "QuantizeLinear":
+        if len(node.input) > 2 and node.input[2] and node.input[2] in constants:
+            return constants[node.input[2]].dtype
+        output_dtype = _attr(node, "output_dtype", 0)
+        return TensorProto.DataType.Name(output_dtype) if output_dtype else "UINT8"
+    if node.input[0] in constants:
+        return constants[node.input[0]].dtype
+    source = producer.get(node.input[0])
+    if source is not None and source.op_type == "QuantizeLinear":
+        return _quantized_type(source, constants, producer)
+    return None  # a graph input or another op's output: its type is not read here
 
 
 def _check_weight_dq(
