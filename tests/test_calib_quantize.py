@@ -19,6 +19,7 @@ from llava_edge.calib.quantize import REPORT_FILE, quantize_model
 from llava_edge.calib.report import build_report
 from llava_edge.calib.trt_check import check_graph, check_model_dir
 from llava_edge.cli import main
+from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import Manifest
 from llava_edge.runtime import Pipeline
 from llava_edge.runtime.plan import plan
@@ -652,3 +653,13 @@ def test_an_int4_tensorrt_form_without_blocks_keeps_its_opset(tmp_path: Path) ->
         assert [o.version for o in written.opset_import if o.domain in ("", "ai.onnx")] == [opset]
         assert details["opset"] == opset
         assert check_graph(written) == []
+
+
+def test_an_fp16_dir_says_why_it_has_no_fused_form(quantized: dict) -> None:
+    """Asked for the fused form, an fp16 dir names quantize's reason, not 're-export' (which gives
+    the same dir)."""
+    path = quantized["fp16"][0]
+    assert all(g.fused is None for g in Manifest.load(path).graphs.values())
+    with pytest.raises(LlavaEdgeError, match="fp16 keeps no fused forms") as error:
+        Pipeline.load(path, graph_form="fused")
+    assert "re-export" not in str(error.value) and "graph_form='standard'" in str(error.value)

@@ -61,7 +61,13 @@ from llava_edge.files import (
 from llava_edge.logs import quiet
 from llava_edge.manifest import GraphSpec, Manifest
 
-TARGETS = ("int8", "int4", "fp16")  # what `quantize --precision` makes of an fp32 model dir
+TARGETS = ("int8", "int4", "fp16")
+# Why an fp16 dir has no fused forms, recorded in each graph's details.no_fused_form: the
+# fused forms serve onnxruntime's CPU, where fp16 math is emulated.
+FP16_NO_FUSED = (
+    "quantize --precision fp16 keeps no fused forms (`export --dtype fp16` writes an fp16 fused "
+    "decoder)"
+)  # what `quantize --precision` makes of an fp32 model dir
 # onnxruntime.quantization's calibration cache (quantize_static's calibration_cache_path,
 # save_tensors_data) first shipped in 1.27; the [calib] extra asks for it.
 MIN_ONNXRUNTIME = (1, 27)
@@ -187,7 +193,10 @@ def quantize_model(
         for name, kind in plan.items():
             graph = manifest.graphs[name]
             _quantize_graph(name, kind, graph, source, tmp, activations, method, block, log)
-            if graph.fused:
+            if graph.fused and kind == "fp16":
+                graph.fused = None
+                graph.details["no_fused_form"] = FP16_NO_FUSED
+            elif graph.fused:
                 graph.fused = quantize_fused(kind, graph.fused, source, tmp, block)
                 if prefill and name == "decoder":  # from the fp32 fused decoder of that name
                     graph.fused.prefill = prefill_form(graph.fused, source / graph.fused.file, tmp)
@@ -457,13 +466,8 @@ def _quantize_graph(
         log(f"warning: {name} stays fp32: {why}")
 
 
-def quantize_fused(
-    kind: str, fused: GraphSpec, source: Path, out: Path, block: int
-) -> GraphSpec | None:
-    """A graph's fused form (onnxruntime only) in the onnxruntime form of `kind`; fp16 dirs
-    keep none (`export --dtype fp16` writes an fp16 fused decoder)."""
-    if kind == "fp16":
-        return None
+def quantize_fused(kind: str, fused: GraphSpec, source: Path, out: Path, block: int) -> GraphSpec:
+    """A graph's fused form (onnxruntime only) in the onnxruntime form of `kind` (int8, int4)."""
     with quiet(*QUANTIZER_LOGGERS):
         if kind == "int8":
             details = int8_dynamic(source / fused.file, out / fused.file, ("MatMul", "Attention"))

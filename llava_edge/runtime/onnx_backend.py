@@ -280,13 +280,18 @@ class OnnxBackend:
             )
         has_fused = any(g.fused is not None for g in self.manifest.graphs.values())
         if requested == "fused" and not has_fused:
-            raise LlavaEdgeError(
-                "this model dir has no fused graph form; re-export it with this llava-edge"
-            )
+            raise LlavaEdgeError(f"this model dir has no fused graph form: {self._why_no_fused()}")
         if requested == "auto":
             cpu_only = self.providers == ["CPUExecutionProvider"]
             return "fused" if has_fused and cpu_only else "standard"
         return requested
+
+    def _why_no_fused(self) -> str:
+        """What export or quantize recorded of why the graphs lack fused forms, and what to do."""
+        reasons = {g.details.get("no_fused_form") for g in self.manifest.graphs.values()} - {None}
+        if reasons:  # the form cannot take this model: a re-export would not help
+            return f"{'; '.join(sorted(reasons))}; run graph_form='standard' (or 'auto')"
+        return "exported with --no-fused or by an older llava-edge; re-export it without --no-fused"
 
     def _all_cached(self, files: Any) -> bool:
         """Whether every graph would open from a complete session-cache entry."""
