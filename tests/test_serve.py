@@ -322,6 +322,34 @@ def test_images_from_allowed_files_and_remote_urls(server, media_dir, tmp_path):
         httpd.shutdown()
 
 
+def test_a_remote_timeout_over_five_seconds_takes_effect():
+    """--remote-timeout is the download's only deadline: httpx's own default (5 s to connect,
+    5 s per read) does not cut a slow camera's snapshot short, nor blame --remote-timeout."""
+    from llava_edge.serve.media import MediaPolicy, fetch_image
+
+    image = io.BytesIO()
+    picture(1).save(image, "PNG")
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            time.sleep(5.5)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(image.getvalue())
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/snapshot.png"
+    try:
+        got = asyncio.run(fetch_image(url, MediaPolicy(2**20, None, True, remote_timeout_s=8)))
+    finally:
+        httpd.shutdown()
+    assert got == image.getvalue()
+
+
 # ---- refusals ---------------------------------------------------------------------------------
 
 GOOD = [ask("What?")]
