@@ -594,26 +594,7 @@ def test_a_client_leaving_before_the_first_chunk_frees_its_row(server, slow_step
                 gone.set()
                 await asyncio.sleep(0.05)  # the disconnect is seen before the body is asked for
 
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"authorization", b"Bearer " + KEY.encode()),
-        ]
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0", "spec_version": "2.3"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": "/v1/chat/completions",
-            "raw_path": b"/v1/chat/completions",
-            "query_string": b"",
-            "root_path": "",
-            "headers": headers,
-            "client": ("127.0.0.1", 1),
-            "server": ("127.0.0.1", 80),
-            "app": server.app,
-        }
-        await server.app(scope, receive, send)
+        await server.app(chat_scope(server.app), receive, send)
         return sent
 
     assert asyncio.run(leave_at_the_start()) == ["http.response.start"]
@@ -623,6 +604,51 @@ def test_a_client_leaving_before_the_first_chunk_frees_its_row(server, slow_step
     after = engine.stats()
     assert after["cancelled"] == before["cancelled"] + 1
     assert after["finished"] == before["finished"]
+    assert server.metric("llava_edge_client_disconnects_total") == disconnects + 1
+
+
+def chat_scope(app) -> dict:
+    """The ASGI scope of an authorised POST /v1/chat/completions, for raw ASGI calls."""
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"authorization", b"Bearer " + KEY.encode()),
+    ]
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+        "app": app,
+    }
+
+
+def test_a_client_leaving_while_sending_its_body_is_no_server_error(server, caplog):
+    """A robot on flaky Wi-Fi gives up halfway through uploading its image: that is a client
+    gone (499, counted as a disconnect), not a 500 with a traceback in the server's log."""
+    disconnects = server.metric("llava_edge_client_disconnects_total")
+    messages = [
+        {"type": "http.request", "body": b'{"model": "tiny", "messages": [', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    with caplog.at_level("ERROR", logger="llava_edge.serve"):
+        asyncio.run(server.app(chat_scope(server.app), receive, send))
+    assert sent[0]["status"] == 499 and not caplog.records
     assert server.metric("llava_edge_client_disconnects_total") == disconnects + 1
 
 

@@ -25,7 +25,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -279,6 +279,9 @@ async def _chat_completion(request: Request, state: ServerState) -> Response:
             _listener(asyncio.get_running_loop(), events, whole=not chat.stream),
             arrived,
         )
+    except ClientDisconnect:  # the client left while sending its body: no fault of the server's
+        state.metrics.disconnects.inc()
+        return Response(status_code=499)
     except Exception as e:
         return _error_response(_api_error(e))
     event = await _wait(request, state, handle, events)
