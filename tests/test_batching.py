@@ -16,7 +16,7 @@ from llava_edge.calib.quantize import quantize_model
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import Manifest
 from llava_edge.runtime import BatchEngine, Pipeline
-from llava_edge.runtime.batching import Cancelled, QueueFull, TimedOut
+from llava_edge.runtime.batching import Cancelled, EngineClosed, QueueFull, TimedOut
 from llava_edge.runtime.kv_cache import KVCache
 
 
@@ -375,6 +375,34 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(pipe, monkeypat
         want = pipe.answer(None, "Later?", max_new_tokens=5, ignore_eos=True).token_ids
         assert later.result(timeout=30).token_ids == want
         assert engine._thread.is_alive() and engine.stats()["failed"] == 2
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_an_engine_that_cannot_go_on_fails_its_requests_and_refuses_new_ones(pipe, monkeypatch):
+    """A failed step whose cache can be neither cleared nor replaced (the device's memory is
+    gone) stops the scheduler thread: the requests in hand fail, later ones are refused at
+    submit with the reason, and none waits for a thread that is no more."""
+    with BatchEngine(pipe, max_batch=2) as engine:
+
+        def bug() -> None:
+            raise RuntimeError("a scheduler bug")
+
+        def gone(*args) -> None:
+            raise MemoryError("out of device memory")
+
+        monkeypatch.setattr(engine, "_decode", bug)
+        monkeypatch.setattr(engine.cache, "shrink", gone)
+        monkeypatch.setattr(pipe.backend, "new_cache", gone)
+        with engine._lock:  # both in the queue before the first step: one is admitted
+            running = engine.submit(None, "First?", max_new_tokens=5)
+            waiting = engine.submit(None, "Second?", max_new_tokens=5)
+        for request in (running, waiting):
+            with pytest.raises(RuntimeError, match="scheduler bug"):
+                request.result(timeout=10)
+        engine._thread.join(10)
+        with pytest.raises(EngineClosed, match="out of device memory"):
+            engine.submit(None, "Later?", max_new_tokens=5)
+        assert isinstance(engine.failure, MemoryError)
 
 
 def read_in_thread(request) -> list[str]:

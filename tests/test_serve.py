@@ -742,6 +742,33 @@ def test_settings_that_would_refuse_every_request_fail_at_startup(
     assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_an_engine_that_stopped_fails_health_and_refuses_requests(context_model_dir, monkeypatch):
+    """Its scheduler thread gone (a failed step, and no memory for a fresh cache): /health says
+    so for the robot's supervisor to restart the server, and requests get 503 instead of
+    waiting forever."""
+    app = create_app(ServeOptions(context_model_dir, model_name=MODEL))
+    with TestClient(app) as client:
+        deadline = time.time() + 30
+        while client.get("/health").status_code != 200 and time.time() < deadline:
+            time.sleep(0.05)
+        engine = app.state.serve.engine
+
+        def gone(*args) -> None:
+            raise MemoryError("out of device memory")
+
+        monkeypatch.setattr(engine, "_decode", lambda: 1 / 0)
+        monkeypatch.setattr(engine.cache, "shrink", gone)
+        monkeypatch.setattr(engine.pipe.backend, "new_cache", gone)
+        body = {"model": MODEL, "messages": GOOD, "max_tokens": 3}
+        assert client.post("/v1/chat/completions", json=body).status_code == 500
+        engine._thread.join(10)
+        health = client.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "failed"
+        refused = client.post("/v1/chat/completions", json=body)
+        assert refused.status_code == 503 and "out of device memory" in error_of(refused)["message"]
+
+
 def test_loading_gives_503_before_the_model_is_ready(context_model_dir):
     app = create_app(ServeOptions(context_model_dir, model_name=MODEL))
     client = TestClient(app)  # no lifespan: the model never starts loading

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from llava_edge.errors import LlavaEdgeError
+from llava_edge.errors import LlavaEdgeError, first_line
 from llava_edge.runtime.answer import Answer, AnswerText, timings
 from llava_edge.runtime.anyres import ImagePixels, pixels_list
 from llava_edge.runtime.generate import Timer, embed
@@ -264,6 +264,10 @@ class BatchEngine:
     get other keys, values and tokens than fed whole. An int8 dir's decode step shares that
     scale among its rows too, so there a batched answer can differ from the answer alone where
     two tokens nearly tie; fp32 and int4 (MatMulNBits) dirs answer exactly as alone.
+
+    A failed step fails the requests in hand and the engine goes on from an empty cache; if not
+    even a new cache can be had, the engine stops: the requests in hand fail, `failure` holds
+    why, and `submit` raises EngineClosed saying so. No request is left waiting.
     """
 
     def __init__(
@@ -305,6 +309,7 @@ class BatchEngine:
         }
         self._lock = threading.Condition()
         self._closing = False
+        self.failure: BaseException | None = None  # what stopped the scheduler thread, if any
         self._thread: threading.Thread | None = None
         if start:
             self._thread = threading.Thread(target=self._run, name="llava-edge-batch", daemon=True)
@@ -345,6 +350,8 @@ class BatchEngine:
         """
         request = self._request(ids, image, options, listener, timeout_s, started)
         with self._lock:
+            if self.failure is not None:
+                raise self._stopped_error()
             if self._closing:
                 raise EngineClosed("the engine is shutting down and takes no new requests")
             free_rows = self.max_batch - len(self.running)
@@ -435,32 +442,52 @@ class BatchEngine:
             pass
 
     def _run(self) -> None:
-        while True:
-            with self._lock:
-                while not self.running and not self.waiting and not self._closing:
-                    self._lock.wait()
-                if self._closing and not self.running and not self.waiting:
-                    return
-            try:
-                self.step()
-            except Exception as e:  # a bug must not leave callers waiting forever
-                self._fail_all(e)
+        try:
+            while True:
+                with self._lock:
+                    while not self.running and not self.waiting and not self._closing:
+                        self._lock.wait()
+                    if self._closing and not self.running and not self.waiting:
+                        return
+                try:
+                    self.step()
+                except Exception as e:  # a bug must not leave callers waiting forever
+                    self._fail_all(e)
+        except BaseException as e:  # not even a fresh cache: the engine stops, and says why
+            self._stop(e)
+            raise
 
     def _fail_all(self, error: Exception) -> None:
-        """End every request with `error` and start again from an empty cache. Raises nothing:
-        the scheduler thread must outlive any one step's failure."""
+        """End every request with `error` and start again from an empty cache. Raises only if
+        no cache can be had (then the engine stops: `_stop`)."""
         with self._lock:
             waiting, self.waiting = list(self.waiting), deque()
             running, self.running = list(self.running), []
+        self.counters["failed"] += len(running) + len(waiting)
+        for request in running + waiting:  # first: nobody waits on the cache's repair
+            request.fail(error)  # emit catches what a listener raises
         try:
             for row in range(len(running)):
                 self.cache.truncate(0, row)
             self.cache.shrink()
         except Exception:  # a cache the failure left unusable is replaced
             self.cache = self.pipe.backend.new_cache(self.max_batch)
-        self.counters["failed"] += len(running) + len(waiting)
-        for request in running + waiting:
-            request.fail(error)  # emit catches what a listener raises
+
+    def _stop(self, error: BaseException) -> None:
+        """The scheduler thread is ending on `error`: fail what it holds, refuse what comes."""
+        with self._lock:
+            self.failure, self._closing = error, True
+            pending = [*self.running, *self.waiting]
+            self.running, self.waiting = [], deque()
+            self.counters["failed"] += len(pending)
+        for request in pending:
+            request.fail(self._stopped_error())
+
+    def _stopped_error(self) -> EngineClosed:
+        return EngineClosed(
+            f"the engine stopped after an internal error ({first_line(self.failure)}); "
+            "load the model again"
+        )
 
     def step(self) -> bool:
         """One round: drop cancelled requests, admit waiting ones, decode one token for all.

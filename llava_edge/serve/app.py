@@ -212,8 +212,11 @@ def create_app(options: ServeOptions, on_load_error: Any = None) -> Starlette:
 
 async def _health(request: Request) -> Response:
     state: ServerState = request.app.state.serve
-    if state.ready:
+    engine = state.engine
+    if engine is not None and engine.failure is None:
         return JSONResponse({"status": "ok", "model": state.options.name})
+    if engine is not None:  # its scheduler stopped: a supervisor should restart the server
+        return JSONResponse({"status": "failed", "error": str(engine.failure)}, status_code=503)
     status = "failed" if state.load_error is not None else "loading"
     return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": "1"})
 
