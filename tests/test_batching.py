@@ -187,6 +187,21 @@ def test_a_cancelled_request_frees_its_row_at_the_next_step(pipe):
     assert not engine.step() and engine.stats()["cancelled"] == 2
 
 
+def test_close_resolves_every_request_without_a_thread(pipe):
+    """An engine its caller schedules (start=False) closes as a threaded one does: drained
+    requests finish, the others are cancelled; none is left for a step that never comes."""
+    engine = BatchEngine(pipe, max_batch=1, start=False)
+    first = engine.submit(None, "First?", max_new_tokens=4, ignore_eos=True)
+    second = engine.submit(None, "Second?", max_new_tokens=4, ignore_eos=True)
+    engine.close()
+    assert len(first.result(timeout=0).token_ids) == len(second.result(timeout=0).token_ids) == 4
+    engine = BatchEngine(pipe, max_batch=1, start=False)
+    dropped = engine.submit(None, "Dropped?", max_new_tokens=4)
+    engine.close(drain=False)
+    with pytest.raises(Cancelled):
+        dropped.result(timeout=0)
+
+
 def test_time_limit_ends_a_request_not_the_engine(pipe):
     engine = BatchEngine(pipe, max_batch=2, start=False)
     slow = engine.submit_ids(

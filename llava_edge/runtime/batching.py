@@ -418,7 +418,8 @@ class BatchEngine:
             }
 
     def close(self, drain: bool = True, timeout: float | None = None) -> None:
-        """Stop taking requests; finish those in hand (drain) or cancel them, then stop."""
+        """Stop taking requests; finish those in hand (drain) or cancel them, then stop. An
+        engine without a thread of its own (`start=False`) does that on the caller's."""
         with self._lock:
             self._closing = True
             if not drain:
@@ -427,6 +428,8 @@ class BatchEngine:
             self._lock.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+        else:
+            self.run_until_idle()
 
     def __enter__(self) -> BatchEngine:
         return self
