@@ -202,6 +202,33 @@ def test_close_resolves_every_request_without_a_thread(pipe):
         dropped.result(timeout=0)
 
 
+def test_close_without_draining_cancels_a_request_on_its_way_to_a_row(pipe, monkeypatch):
+    """close(drain=False) while the scheduler holds a request it took from the queue and has
+    not yet given a row: that one is cancelled too, not decoded to its end while close waits
+    (a server's shutdown, held up by an answer nobody reads)."""
+    engine = BatchEngine(pipe, max_batch=1)
+    take, taken, go = engine._take_waiting, threading.Event(), threading.Event()
+
+    def take_and_pause():
+        requests = take()
+        if requests:
+            taken.set()
+            go.wait(10)
+        return requests
+
+    monkeypatch.setattr(engine, "_take_waiting", take_and_pause)
+    request = engine.submit(None, "Go on.", max_new_tokens=900, ignore_eos=True)
+    assert taken.wait(10)
+    closing = threading.Thread(target=engine.close, kwargs={"drain": False})
+    closing.start()
+    while not engine._closing:
+        time.sleep(0.001)
+    go.set()
+    closing.join(30)
+    with pytest.raises(Cancelled):
+        request.result(timeout=0)
+
+
 def test_time_limit_ends_a_request_not_the_engine(pipe):
     engine = BatchEngine(pipe, max_batch=2, start=False)
     slow = engine.submit_ids(

@@ -309,6 +309,7 @@ class BatchEngine:
         }
         self._lock = threading.Condition()
         self._closing = False
+        self._cancelling = False  # closing without draining
         self.failure: BaseException | None = None  # what stopped the scheduler thread, if any
         self._thread: threading.Thread | None = None
         if start:
@@ -423,6 +424,7 @@ class BatchEngine:
         with self._lock:
             self._closing = True
             if not drain:
+                self._cancelling = True  # a request between the queue and its row too
                 for request in [*self.waiting, *self.running]:
                     request.cancel()
             self._lock.notify_all()
@@ -540,6 +542,11 @@ class BatchEngine:
         pipe, row = self.pipe, len(self.running)
         with self._lock:
             self.running.append(request)
+            if self._cancelling:  # close(drain=False) came after it left the queue
+                request.cancel()
+        if request.cancelled:
+            self._leave(request, Cancelled("the request was cancelled"))
+            return
         start = time.perf_counter()
         try:
             self._check_deadline(request)
