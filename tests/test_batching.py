@@ -302,6 +302,26 @@ def test_a_conversations_next_turn_reuses_its_prefix_and_answers_the_same(pipe):
     assert other.result().timings["prefix_reused"] in (0, image_start)
 
 
+def test_a_row_too_large_for_the_prefix_store_is_not_read(pipe, monkeypatch):
+    """A finished request whose keys/values exceed the store's whole budget is not kept, so
+    its row is not copied out either (for a 7B model's 600-token answer, 300 MB copied while
+    every other row waits for its next token, then dropped)."""
+    engine = BatchEngine(pipe, max_batch=1, prefix_cache_mb=0.01, start=False)
+    reads: list[int] = []
+    read_row = engine.cache.read_row
+    monkeypatch.setattr(engine.cache, "read_row", lambda *a: reads.append(a[1]) or read_row(*a))
+    request = engine.submit(picture(5), "Long?", max_new_tokens=20, ignore_eos=True)
+    engine.run_until_idle()
+    t = pipe.manifest.text
+    slot = 2 * t.num_layers * t.num_kv_heads * t.head_dim * engine.cache.dtype.itemsize
+    assert len(request.result().prompt_token_ids) * slot > engine.prefixes.budget
+    assert reads == [] and engine.stats()["prefix_entries"] == 0
+    small = BatchEngine(pipe, max_batch=1, prefix_cache_mb=1, start=False)
+    small.submit(None, "Short question, short answer?", max_new_tokens=10, ignore_eos=True)
+    small.run_until_idle()
+    assert small.stats()["prefix_entries"] == 1  # what fits is still kept
+
+
 def test_a_turn_that_adds_a_picture_reuses_the_conversation_before_it(pipe):
     """Each image of a prompt keys its own tokens: a next turn with a new picture copies the
     turns before it (first picture included) and computes only from the new picture on."""

@@ -650,7 +650,9 @@ class BatchEngine:
         request.timer.mark("done")
         row = self.running.index(request)
         fed = request.fed_ids
-        if self.prefixes.budget and len(fed) >= MIN_PREFIX:
+        # an entry over the whole budget is not kept: its row is not even read (a device copy
+        # of the whole row, which would stall every other row's next token for nothing)
+        if len(fed) >= MIN_PREFIX and len(fed) * self._slot_bytes <= self.prefixes.budget:
             kv = self.cache.read_row(row, len(fed))
             self.prefixes.add(np.asarray(fed, dtype=np.int64), request.images, kv)
         answer = Answer(
@@ -696,6 +698,12 @@ class BatchEngine:
             self.running[row] = self.running[last]
             self.running.pop()
         self.cache.shrink()
+
+    @property
+    def _slot_bytes(self) -> int:
+        """Bytes of one token's keys and values, over all layers, as read_row copies them."""
+        t = self.pipe.manifest.text
+        return 2 * t.num_layers * t.num_kv_heads * t.head_dim * np.dtype(self.cache.dtype).itemsize
 
     def _check_deadline(self, request: Request) -> None:
         if self._deadline_passed(request):
