@@ -42,7 +42,7 @@ class ServerMetrics:
         )
         self.ttft = Histogram(
             f"{PREFIX}_time_to_first_token_seconds",
-            "From the request's arrival at the engine to its first token",
+            "From the request's arrival (before its images are fetched) to its first token",
             buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64),
             registry=self.registry,
         )
