@@ -769,6 +769,22 @@ def test_an_engine_that_stopped_fails_health_and_refuses_requests(context_model_
         assert refused.status_code == 503 and "out of device memory" in error_of(refused)["message"]
 
 
+def test_a_server_stopped_while_loading_closes_the_model_it_loads(context_model_dir):
+    """An app embedded in a robot's process and stopped before its model is ready leaves no
+    model (sessions, device memory) and no scheduler thread behind."""
+
+    def schedulers() -> int:
+        return [thread.name for thread in threading.enumerate()].count("llava-edge-batch")
+
+    before = schedulers()  # other apps' (this module's server)
+    app = create_app(ServeOptions(context_model_dir, model_name=MODEL))
+    with TestClient(app):
+        pass  # stopped at once: the model is still loading
+    state = app.state.serve
+    state.loader.join(30)
+    assert state.engine is None and state.pipe is None and schedulers() == before
+
+
 def test_loading_gives_503_before_the_model_is_ready(context_model_dir):
     app = create_app(ServeOptions(context_model_dir, model_name=MODEL))
     client = TestClient(app)  # no lifespan: the model never starts loading

@@ -99,6 +99,9 @@ class ServerState:
         self.options = options
         self.pipe: Pipeline | None = None
         self.engine: BatchEngine | None = None
+        self.closed = False  # the app has shut down: a model that loads after is closed again
+        self._lock = threading.Lock()
+        self.loader: threading.Thread | None = None
         self.load_error: Exception | None = None
         self.on_load_error = on_load_error
         self.started = int(time.time())
@@ -132,7 +135,14 @@ class ServerState:
             except Exception:
                 pipe.close()
                 raise
-            self.pipe, self.engine = pipe, engine  # ready from here on
+            with self._lock:
+                closed = self.closed
+                if not closed:
+                    self.pipe, self.engine = pipe, engine  # ready from here on
+            if closed:  # the server stopped while the model loaded: nobody will close these
+                engine.close(drain=False)
+                pipe.close()
+                return
             log.info("llava-edge serve: %s loaded; ready", o.name)
         except Exception as e:  # reported by the runner, which stops the server
             self.load_error = e
@@ -144,10 +154,13 @@ class ServerState:
     def close(self) -> None:
         """The app's shutdown: by now uvicorn has drained the connections (or, past the drain
         timeout, cancelled them), so what the engine still holds, no client waits for."""
-        if self.engine is not None:
-            self.engine.close(drain=False)
-        if self.pipe is not None:
-            self.pipe.close()
+        with self._lock:
+            self.closed = True
+            engine, pipe = self.engine, self.pipe
+        if engine is not None:
+            engine.close(drain=False)
+        if pipe is not None:
+            pipe.close()
 
     @property
     def ready(self) -> bool:
@@ -182,7 +195,8 @@ def create_app(options: ServeOptions, on_load_error: Any = None) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
-        threading.Thread(target=state.load, name="llava-edge-load", daemon=True).start()
+        state.loader = threading.Thread(target=state.load, name="llava-edge-load", daemon=True)
+        state.loader.start()
         yield
         await run_in_threadpool(state.close)
 
