@@ -535,6 +535,37 @@ def test_a_stream_cut_off_by_the_time_limit_is_counted(server, slow_steps, monke
     assert server.metric("llava_edge_stream_errors_total") == errors + 1
 
 
+def test_the_time_limit_holds_while_the_engine_is_busy_in_one_long_call(server, monkeypatch):
+    """The engine notices a time limit only between two of its calls; one call (a large image's
+    prefill on a Jetson, a stalled device) may outlast it. The client still gets its 504, or its
+    stream's timeout event, when the limit passes, and the request is cancelled."""
+    backend = server.state.pipe.backend
+    decode, slow = backend.decode, {"calls": 0}
+
+    def stalls_after_the_first_call(*args):
+        slow["calls"] += 1
+        if slow["calls"] > 1:
+            time.sleep(1.5)
+        return decode(*args)
+
+    monkeypatch.setattr(server.state.pipe.limits, "timeout_s", 0.4)
+    monkeypatch.setattr(backend, "decode", stalls_after_the_first_call)
+    body = {"model": MODEL, "messages": GOOD, "max_tokens": 50, "ignore_eos": True}
+    start = time.monotonic()
+    stream = server.post({**body, "stream": True})  # its first token comes from the quick call
+    events = [line for line in stream.text.splitlines() if line.startswith("data: {")]
+    assert stream.status_code == 200 and json.loads(events[-1][6:])["error"]["code"] == "timeout"
+    assert time.monotonic() - start < 1.2
+    start = time.monotonic()
+    whole = server.post(body)
+    assert whole.status_code == 504 and error_of(whole)["code"] == "timeout"
+    assert time.monotonic() - start < 1.2
+    deadline = time.time() + 10  # the calls under way end, then the rows are free
+    while server.state.engine.stats()["running"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.state.engine.stats()["running"] == 0
+
+
 def test_a_client_leaving_mid_stream_frees_its_row_and_a_full_queue_gets_429(server, slow_steps):
     body = {"model": MODEL, "messages": GOOD, "max_tokens": 800, "ignore_eos": True}
     url, headers = server.url + "/v1/chat/completions", {"Authorization": f"Bearer {KEY}"}

@@ -301,14 +301,15 @@ async def _chat_completion(request: Request, state: ServerState) -> Response:
         return Response(status_code=499)
     except Exception as e:
         return _error_response(_api_error(e))
-    event = await _wait(request, state, handle, events)
+    clock = _Clock(arrived, pipe.limits.timeout_s)
+    event = await _wait(request, state, handle, events, clock)
     if event is None:  # the client left; nobody reads this
         return Response(status_code=499)
     if event.kind == "error":
         return _error_response(_api_error(event.error))
     head = protocol.new_head(chat.model)
     if chat.stream:
-        return _AnswerStream(state, chat, handle, events, event, head)
+        return _AnswerStream(state, chat, handle, events, event, head, clock)
     answer = event.answer
     state.metrics.observe_answer(
         len(answer.prompt_token_ids), len(answer.token_ids), answer.timings
@@ -388,27 +389,58 @@ def _listener(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, whole: boo
     return deliver
 
 
+class _Clock:
+    """A request's time limit (--timeout, from its arrival), kept by the server too: the engine
+    notices it only between two of its calls, and one call (a large image's prefill, a stalled
+    device) may outlast it."""
+
+    def __init__(self, arrived: float, limit: float | None):
+        self.limit = limit
+        self.deadline = None if limit is None else arrived + limit
+
+    def left(self) -> float | None:
+        return None if self.deadline is None else max(self.deadline - time.perf_counter(), 0.0)
+
+    def timed_out(self) -> Event:
+        return Event(
+            "error", error=TimedOut(f"the request ran past its time limit of {self.limit} s")
+        )
+
+
 async def _wait(
-    request: Request, state: ServerState, handle: Any, events: asyncio.Queue
+    request: Request, state: ServerState, handle: Any, events: asyncio.Queue, clock: _Clock
 ) -> Event | None:
     """The request's first event delivered (a stream's first token, or a whole reply's end; or
-    an error) before any response is sent, so that an error still gets its status. None if the
-    client left first: its request is cancelled."""
+    an error, the time limit's included) before any response is sent, so that an error still
+    gets its status. None if the client left first. Either way but an event of the engine's,
+    the request is cancelled."""
     watcher = asyncio.ensure_future(_disconnected(request))
     getter = asyncio.ensure_future(events.get())
     event = None
     try:
-        await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if not getter.done():
+        await asyncio.wait(
+            {getter, watcher}, timeout=clock.left(), return_when=asyncio.FIRST_COMPLETED
+        )
+        if getter.done():
+            event = getter.result()
+            return event
+        if watcher.done():
             state.metrics.disconnects.inc()
             return None
-        event = getter.result()
-        return event
+        return clock.timed_out()
     finally:
         watcher.cancel()
-        if event is None:  # the client left, or the server is stopping
+        if event is None:  # the client left, the time limit passed, or the server is stopping
             getter.cancel()
             handle.cancel()
+
+
+async def _next_event(events: asyncio.Queue, clock: _Clock) -> Event:
+    """A stream's next event, or the time limit's error if it passes first."""
+    try:
+        return await asyncio.wait_for(events.get(), clock.left())
+    except asyncio.TimeoutError:
+        return clock.timed_out()
 
 
 async def _disconnected(request: Request) -> None:
@@ -431,9 +463,12 @@ class _AnswerStream(StreamingResponse):
         events: asyncio.Queue,
         first: Event,
         head: protocol.Head,
+        clock: _Clock,
     ):
         self.serve, self.handle, self.finished = state, handle, False
-        super().__init__(self._events(chat, events, first, head), media_type="text/event-stream")
+        super().__init__(
+            self._events(chat, events, first, head, clock), media_type="text/event-stream"
+        )
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         started = False
@@ -459,7 +494,12 @@ class _AnswerStream(StreamingResponse):
                 self.serve.metrics.disconnects.inc()
 
     async def _events(
-        self, chat: ChatRequest, events: asyncio.Queue, first: Event, head: protocol.Head
+        self,
+        chat: ChatRequest,
+        events: asyncio.Queue,
+        first: Event,
+        head: protocol.Head,
+        clock: _Clock,
     ):
         data = _sse_data
         usage_field = {"usage": None} if chat.include_usage else {}
@@ -470,6 +510,7 @@ class _AnswerStream(StreamingResponse):
                 yield data(protocol.chunk(head, {"content": event.text}, **usage_field))
             elif event.kind == "error":
                 self.finished = True
+                self.handle.cancel()  # an error of the server's own (the time limit) ends it too
                 self.serve.metrics.stream_errors.inc()
                 yield data(_api_error(event.error).body())
                 yield "data: [DONE]\n\n"
@@ -488,7 +529,7 @@ class _AnswerStream(StreamingResponse):
                     yield data(protocol.chunk(head, None, usage=usage))
                 yield "data: [DONE]\n\n"
                 return
-            event = await events.get()
+            event = await _next_event(events, clock)
 
 
 def _sse_data(payload: Any) -> str:

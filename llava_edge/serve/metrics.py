@@ -82,7 +82,7 @@ class _EngineCollector(Collector):
         "decode_tokens": "Tokens of batched decoder steps (a request's first comes from prefill)",
         "decode_seconds": "Time in batched decoder steps",
         "prefill_seconds": "Time admitting requests (image features and prefill)",
-        "cancelled": "Requests cancelled (client gone) before they finished",
+        "cancelled": "Requests cancelled before they finished (client gone, time limit, shutdown)",
     }
 
     def __init__(self, stats: Callable[[], dict[str, float] | None]):
