@@ -322,6 +322,23 @@ def test_a_row_too_large_for_the_prefix_store_is_not_read(pipe, monkeypatch):
     assert small.stats()["prefix_entries"] == 1  # what fits is still kept
 
 
+def test_a_failure_to_keep_a_prefix_costs_no_answer(pipe, monkeypatch):
+    """Copying a finished row into the prefix store fails (no host memory for it): that answer
+    and the one decoding beside it both stand; only the reuse is lost."""
+    engine = BatchEngine(pipe, max_batch=2, start=False)
+
+    def no_memory(*args):
+        raise MemoryError("no host memory for the copy")
+
+    monkeypatch.setattr(engine.cache, "read_row", no_memory)
+    short = engine.submit(None, "Short question, short answer?", max_new_tokens=10, ignore_eos=True)
+    long = engine.submit(None, "A longer answer, please.", max_new_tokens=30, ignore_eos=True)
+    engine.run_until_idle()
+    for request, n in ((short, 10), (long, 30)):
+        assert len(request.result().token_ids) == n
+    assert engine.stats()["prefix_entries"] == 0 and engine.stats()["failed"] == 0
+
+
 def test_a_turn_that_adds_a_picture_reuses_the_conversation_before_it(pipe):
     """Each image of a prompt keys its own tokens: a next turn with a new picture copies the
     turns before it (first picture included) and computes only from the new picture on."""

@@ -28,6 +28,7 @@ measures the engine's decode throughput at 1 to 8 clients).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import queue
 import threading
@@ -653,8 +654,11 @@ class BatchEngine:
         # an entry over the whole budget is not kept: its row is not even read (a device copy
         # of the whole row, which would stall every other row's next token for nothing)
         if len(fed) >= MIN_PREFIX and len(fed) * self._slot_bytes <= self.prefixes.budget:
-            kv = self.cache.read_row(row, len(fed))
-            self.prefixes.add(np.asarray(fed, dtype=np.int64), request.images, kv)
+            # reuse only saves time: a copy that fails (no host memory for it) costs this
+            # answer nothing, and the rows beside it nothing either
+            with contextlib.suppress(Exception):
+                kv = self.cache.read_row(row, len(fed))
+                self.prefixes.add(np.asarray(fed, dtype=np.int64), request.images, kv)
         answer = Answer(
             request.text.text,
             list(request.ids),
