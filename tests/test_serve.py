@@ -545,21 +545,21 @@ def test_the_time_limit_holds_while_the_engine_is_busy_in_one_long_call(server, 
     def stalls_after_the_first_call(*args):
         slow["calls"] += 1
         if slow["calls"] > 1:
-            time.sleep(1.5)
+            time.sleep(2.5)
         return decode(*args)
 
-    monkeypatch.setattr(server.state.pipe.limits, "timeout_s", 0.4)
+    monkeypatch.setattr(server.state.pipe.limits, "timeout_s", 0.8)
     monkeypatch.setattr(backend, "decode", stalls_after_the_first_call)
     body = {"model": MODEL, "messages": GOOD, "max_tokens": 50, "ignore_eos": True}
     start = time.monotonic()
     stream = server.post({**body, "stream": True})  # its first token comes from the quick call
     events = [line for line in stream.text.splitlines() if line.startswith("data: {")]
     assert stream.status_code == 200 and json.loads(events[-1][6:])["error"]["code"] == "timeout"
-    assert time.monotonic() - start < 1.2
+    assert time.monotonic() - start < 2
     start = time.monotonic()
     whole = server.post(body)
     assert whole.status_code == 504 and error_of(whole)["code"] == "timeout"
-    assert time.monotonic() - start < 1.2
+    assert time.monotonic() - start < 2
     deadline = time.time() + 10  # the calls under way end, then the rows are free
     while server.state.engine.stats()["running"] and time.time() < deadline:
         time.sleep(0.05)
