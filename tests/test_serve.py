@@ -29,6 +29,7 @@ import uvicorn
 from PIL import Image
 from starlette.testclient import TestClient
 
+from llava_edge.errors import LlavaEdgeError
 from llava_edge.runtime import Limits
 from llava_edge.runtime.batching import Cancelled
 from llava_edge.serve import ServeOptions, create_app
@@ -771,6 +772,16 @@ def test_settings_that_would_refuse_every_request_fail_at_startup(
         timeout=60,
     )
     assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "field, flag", [("max_batch", "--max-batch"), ("max_queue", "--max-queue")]
+)
+def test_batch_and_queue_sizes_are_refused_before_the_model_loads(context_model_dir, field, flag):
+    """At startup, naming the flag, not after the port is taken and the model loaded (a minute
+    for a 7B model's engines on a Jetson) in the engine's terms."""
+    with pytest.raises(LlavaEdgeError, match=f"{flag} must be"):
+        ServeOptions(context_model_dir, **{field: -1})
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
