@@ -447,6 +447,9 @@ def test_image_and_limit_refusals_name_what_to_change(server, monkeypatch):
     assert (
         error_of(over)["param"] == "max_tokens" and "lower max_tokens" in error_of(over)["message"]
     )
+    newer = server.post({"model": MODEL, "messages": GOOD, "max_completion_tokens": 1000})
+    assert error_of(newer)["param"] == "max_completion_tokens"  # the field the client sent
+    assert "lower max_completion_tokens" in error_of(newer)["message"]
     huge = server.post({"model": MODEL, "messages": [ask("word " * 50_000)], "max_tokens": 2})
     assert huge.status_code == 400 and error_of(huge)["code"] == "context_length_exceeded"
     monkeypatch.setattr(server.state.pipe.limits, "max_prompt_tokens", 3)

@@ -336,12 +336,13 @@ def _submit(
 ) -> Any:
     """Render the conversation as a ChatSession holds it, check it fits, hand it to the engine."""
     limit = pipe.limits.max_new_tokens
-    if chat.max_tokens_given and limit and chat.options["max_new_tokens"] > limit:
+    param = chat.max_tokens_param  # max_tokens or max_completion_tokens, as the client sent
+    if param and limit and chat.options["max_new_tokens"] > limit:
         raise ApiError(
             400,
-            f"max_tokens {chat.options['max_new_tokens']} is over this server's limit of {limit} "
-            "(--max-new-tokens); lower max_tokens",
-            "max_tokens",
+            f"{param} {chat.options['max_new_tokens']} is over this server's limit of {limit} "
+            f"(--max-new-tokens); lower {param}",
+            param,
         )
     pixels = [_image_pixels(pipe, image) for image in images]
     try:
@@ -357,16 +358,16 @@ def _submit(
             "messages",
             "context_length_exceeded",
         )
-    if chat.max_tokens_given and options["max_new_tokens"] > room:
+    if param and options["max_new_tokens"] > room:
         raise ApiError(
             400,
-            f"the conversation is {len(ids)} tokens and max_tokens asks for "
+            f"the conversation is {len(ids)} tokens and {param} asks for "
             f"{options['max_new_tokens']} more, over the model's context of {pipe.max_context}; "
-            "lower max_tokens",
-            "max_tokens",
+            f"lower {param}",
+            param,
             "context_length_exceeded",
         )
-    if not chat.max_tokens_given:
+    if not param:
         options["max_new_tokens"] = min(room, limit) if limit else room
     return engine.submit_ids(ids, pixels, options, listener, started=arrived)
 
