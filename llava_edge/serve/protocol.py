@@ -80,10 +80,6 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
 
-    @property
-    def max_tokens_given(self) -> bool:
-        return self.max_tokens_param is not None
-
 
 def parse_chat_request(body: Any) -> ChatRequest:
     if not isinstance(body, dict):
