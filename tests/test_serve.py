@@ -827,7 +827,7 @@ def test_a_server_stopped_while_loading_closes_the_model_it_loads(context_model_
         pass  # stopped at once: the model is still loading
     state = app.state.serve
     state.loader.join(30)
-    assert state.engine is None and state.pipe is None and schedulers() == before
+    assert schedulers() == before and (state.pipe is None or state.pipe.closed)
 
 
 def test_loading_gives_503_before_the_model_is_ready(context_model_dir):
