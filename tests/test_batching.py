@@ -16,7 +16,7 @@ from llava_edge.calib.quantize import quantize_model
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import Manifest
 from llava_edge.runtime import BatchEngine, Pipeline
-from llava_edge.runtime.batching import Cancelled, QueueFull, TimedOut
+from llava_edge.runtime.batching import Cancelled, EngineClosed, QueueFull, TimedOut
 from llava_edge.runtime.kv_cache import KVCache
 
 
@@ -187,6 +187,48 @@ def test_a_cancelled_request_frees_its_row_at_the_next_step(pipe):
     assert not engine.step() and engine.stats()["cancelled"] == 2
 
 
+def test_close_resolves_every_request_without_a_thread(pipe):
+    """An engine its caller schedules (start=False) closes as a threaded one does: drained
+    requests finish, the others are cancelled; none is left for a step that never comes."""
+    engine = BatchEngine(pipe, max_batch=1, start=False)
+    first = engine.submit(None, "First?", max_new_tokens=4, ignore_eos=True)
+    second = engine.submit(None, "Second?", max_new_tokens=4, ignore_eos=True)
+    engine.close()
+    assert len(first.result(timeout=0).token_ids) == len(second.result(timeout=0).token_ids) == 4
+    engine = BatchEngine(pipe, max_batch=1, start=False)
+    dropped = engine.submit(None, "Dropped?", max_new_tokens=4)
+    engine.close(drain=False)
+    with pytest.raises(Cancelled):
+        dropped.result(timeout=0)
+
+
+def test_close_without_draining_cancels_a_request_on_its_way_to_a_row(pipe, monkeypatch):
+    """close(drain=False) while the scheduler holds a request it took from the queue and has
+    not yet given a row: that one is cancelled too, not decoded to its end while close waits
+    (a server's shutdown, held up by an answer nobody reads)."""
+    engine = BatchEngine(pipe, max_batch=1)
+    take, taken, go = engine._take_waiting, threading.Event(), threading.Event()
+
+    def take_and_pause():
+        requests = take()
+        if requests:
+            taken.set()
+            go.wait(10)
+        return requests
+
+    monkeypatch.setattr(engine, "_take_waiting", take_and_pause)
+    request = engine.submit(None, "Go on.", max_new_tokens=900, ignore_eos=True)
+    assert taken.wait(10)
+    closing = threading.Thread(target=engine.close, kwargs={"drain": False})
+    closing.start()
+    while not engine._closing:
+        time.sleep(0.001)
+    go.set()
+    closing.join(30)
+    with pytest.raises(Cancelled):
+        request.result(timeout=0)
+
+
 def test_time_limit_ends_a_request_not_the_engine(pipe):
     engine = BatchEngine(pipe, max_batch=2, start=False)
     slow = engine.submit_ids(
@@ -258,6 +300,43 @@ def test_a_conversations_next_turn_reuses_its_prefix_and_answers_the_same(pipe):
     engine.run_until_idle()
     image_start = ids.index(pipe.manifest.tokens.image_token_id)
     assert other.result().timings["prefix_reused"] in (0, image_start)
+
+
+def test_a_row_too_large_for_the_prefix_store_is_not_read(pipe, monkeypatch):
+    """A finished request whose keys/values exceed the store's whole budget is not kept, so
+    its row is not copied out either (for a 7B model's 600-token answer, 300 MB copied while
+    every other row waits for its next token, then dropped)."""
+    engine = BatchEngine(pipe, max_batch=1, prefix_cache_mb=0.01, start=False)
+    reads: list[int] = []
+    read_row = engine.cache.read_row
+    monkeypatch.setattr(engine.cache, "read_row", lambda *a: reads.append(a[1]) or read_row(*a))
+    request = engine.submit(picture(5), "Long?", max_new_tokens=20, ignore_eos=True)
+    engine.run_until_idle()
+    t = pipe.manifest.text
+    slot = 2 * t.num_layers * t.num_kv_heads * t.head_dim * engine.cache.dtype.itemsize
+    assert len(request.result().prompt_token_ids) * slot > engine.prefixes.budget
+    assert reads == [] and engine.stats()["prefix_entries"] == 0
+    small = BatchEngine(pipe, max_batch=1, prefix_cache_mb=1, start=False)
+    small.submit(None, "Short question, short answer?", max_new_tokens=10, ignore_eos=True)
+    small.run_until_idle()
+    assert small.stats()["prefix_entries"] == 1  # what fits is still kept
+
+
+def test_a_failure_to_keep_a_prefix_costs_no_answer(pipe, monkeypatch):
+    """Copying a finished row into the prefix store fails (no host memory for it): that answer
+    and the one decoding beside it both stand; only the reuse is lost."""
+    engine = BatchEngine(pipe, max_batch=2, start=False)
+
+    def no_memory(*args):
+        raise MemoryError("no host memory for the copy")
+
+    monkeypatch.setattr(engine.cache, "read_row", no_memory)
+    short = engine.submit(None, "Short question, short answer?", max_new_tokens=10, ignore_eos=True)
+    long = engine.submit(None, "A longer answer, please.", max_new_tokens=30, ignore_eos=True)
+    engine.run_until_idle()
+    for request, n in ((short, 10), (long, 30)):
+        assert len(request.result().token_ids) == n
+    assert engine.stats()["prefix_entries"] == 0 and engine.stats()["failed"] == 0
 
 
 def test_a_turn_that_adds_a_picture_reuses_the_conversation_before_it(pipe):
@@ -375,6 +454,34 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(pipe, monkeypat
         want = pipe.answer(None, "Later?", max_new_tokens=5, ignore_eos=True).token_ids
         assert later.result(timeout=30).token_ids == want
         assert engine._thread.is_alive() and engine.stats()["failed"] == 2
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_an_engine_that_cannot_go_on_fails_its_requests_and_refuses_new_ones(pipe, monkeypatch):
+    """A failed step whose cache can be neither cleared nor replaced (the device's memory is
+    gone) stops the scheduler thread: the requests in hand fail, later ones are refused at
+    submit with the reason, and none waits for a thread that is no more."""
+    with BatchEngine(pipe, max_batch=2) as engine:
+
+        def bug() -> None:
+            raise RuntimeError("a scheduler bug")
+
+        def gone(*args) -> None:
+            raise MemoryError("out of device memory")
+
+        monkeypatch.setattr(engine, "_decode", bug)
+        monkeypatch.setattr(engine.cache, "shrink", gone)
+        monkeypatch.setattr(pipe.backend, "new_cache", gone)
+        with engine._lock:  # both in the queue before the first step: one is admitted
+            running = engine.submit(None, "First?", max_new_tokens=5)
+            waiting = engine.submit(None, "Second?", max_new_tokens=5)
+        for request in (running, waiting):
+            with pytest.raises(RuntimeError, match="scheduler bug"):
+                request.result(timeout=10)
+        engine._thread.join(10)
+        with pytest.raises(EngineClosed, match="out of device memory"):
+            engine.submit(None, "Later?", max_new_tokens=5)
+        assert isinstance(engine.failure, MemoryError)
 
 
 def read_in_thread(request) -> list[str]:

@@ -29,6 +29,7 @@ import uvicorn
 from PIL import Image
 from starlette.testclient import TestClient
 
+from llava_edge.errors import LlavaEdgeError
 from llava_edge.runtime import Limits
 from llava_edge.runtime.batching import Cancelled
 from llava_edge.serve import ServeOptions, create_app
@@ -322,6 +323,34 @@ def test_images_from_allowed_files_and_remote_urls(server, media_dir, tmp_path):
         httpd.shutdown()
 
 
+def test_a_remote_timeout_over_five_seconds_takes_effect():
+    """--remote-timeout is the download's only deadline: httpx's own default (5 s to connect,
+    5 s per read) does not cut a slow camera's snapshot short, nor blame --remote-timeout."""
+    from llava_edge.serve.media import MediaPolicy, fetch_image
+
+    image = io.BytesIO()
+    picture(1).save(image, "PNG")
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            time.sleep(5.5)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(image.getvalue())
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/snapshot.png"
+    try:
+        got = asyncio.run(fetch_image(url, MediaPolicy(2**20, None, True, remote_timeout_s=8)))
+    finally:
+        httpd.shutdown()
+    assert got == image.getvalue()
+
+
 # ---- refusals ---------------------------------------------------------------------------------
 
 GOOD = [ask("What?")]
@@ -418,6 +447,9 @@ def test_image_and_limit_refusals_name_what_to_change(server, monkeypatch):
     assert (
         error_of(over)["param"] == "max_tokens" and "lower max_tokens" in error_of(over)["message"]
     )
+    newer = server.post({"model": MODEL, "messages": GOOD, "max_completion_tokens": 1000})
+    assert error_of(newer)["param"] == "max_completion_tokens"  # the field the client sent
+    assert "lower max_completion_tokens" in error_of(newer)["message"]
     huge = server.post({"model": MODEL, "messages": [ask("word " * 50_000)], "max_tokens": 2})
     assert huge.status_code == 400 and error_of(huge)["code"] == "context_length_exceeded"
     monkeypatch.setattr(server.state.pipe.limits, "max_prompt_tokens", 3)
@@ -507,6 +539,37 @@ def test_a_stream_cut_off_by_the_time_limit_is_counted(server, slow_steps, monke
     assert server.metric("llava_edge_stream_errors_total") == errors + 1
 
 
+def test_the_time_limit_holds_while_the_engine_is_busy_in_one_long_call(server, monkeypatch):
+    """The engine notices a time limit only between two of its calls; one call (a large image's
+    prefill on a Jetson, a stalled device) may outlast it. The client still gets its 504, or its
+    stream's timeout event, when the limit passes, and the request is cancelled."""
+    backend = server.state.pipe.backend
+    decode, slow = backend.decode, {"calls": 0}
+
+    def stalls_after_the_first_call(*args):
+        slow["calls"] += 1
+        if slow["calls"] > 1:
+            time.sleep(2.5)
+        return decode(*args)
+
+    monkeypatch.setattr(server.state.pipe.limits, "timeout_s", 0.8)
+    monkeypatch.setattr(backend, "decode", stalls_after_the_first_call)
+    body = {"model": MODEL, "messages": GOOD, "max_tokens": 50, "ignore_eos": True}
+    start = time.monotonic()
+    stream = server.post({**body, "stream": True})  # its first token comes from the quick call
+    events = [line for line in stream.text.splitlines() if line.startswith("data: {")]
+    assert stream.status_code == 200 and json.loads(events[-1][6:])["error"]["code"] == "timeout"
+    assert time.monotonic() - start < 2
+    start = time.monotonic()
+    whole = server.post(body)
+    assert whole.status_code == 504 and error_of(whole)["code"] == "timeout"
+    assert time.monotonic() - start < 2
+    deadline = time.time() + 10  # the calls under way end, then the rows are free
+    while server.state.engine.stats()["running"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.state.engine.stats()["running"] == 0
+
+
 def test_a_client_leaving_mid_stream_frees_its_row_and_a_full_queue_gets_429(server, slow_steps):
     body = {"model": MODEL, "messages": GOOD, "max_tokens": 800, "ignore_eos": True}
     url, headers = server.url + "/v1/chat/completions", {"Authorization": f"Bearer {KEY}"}
@@ -566,26 +629,7 @@ def test_a_client_leaving_before_the_first_chunk_frees_its_row(server, slow_step
                 gone.set()
                 await asyncio.sleep(0.05)  # the disconnect is seen before the body is asked for
 
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"authorization", b"Bearer " + KEY.encode()),
-        ]
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0", "spec_version": "2.3"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": "/v1/chat/completions",
-            "raw_path": b"/v1/chat/completions",
-            "query_string": b"",
-            "root_path": "",
-            "headers": headers,
-            "client": ("127.0.0.1", 1),
-            "server": ("127.0.0.1", 80),
-            "app": server.app,
-        }
-        await server.app(scope, receive, send)
+        await server.app(chat_scope(server.app), receive, send)
         return sent
 
     assert asyncio.run(leave_at_the_start()) == ["http.response.start"]
@@ -595,6 +639,51 @@ def test_a_client_leaving_before_the_first_chunk_frees_its_row(server, slow_step
     after = engine.stats()
     assert after["cancelled"] == before["cancelled"] + 1
     assert after["finished"] == before["finished"]
+    assert server.metric("llava_edge_client_disconnects_total") == disconnects + 1
+
+
+def chat_scope(app) -> dict:
+    """The ASGI scope of an authorised POST /v1/chat/completions, for raw ASGI calls."""
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"authorization", b"Bearer " + KEY.encode()),
+    ]
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+        "app": app,
+    }
+
+
+def test_a_client_leaving_while_sending_its_body_is_no_server_error(server, caplog):
+    """A robot on flaky Wi-Fi gives up halfway through uploading its image: that is a client
+    gone (499, counted as a disconnect), not a 500 with a traceback in the server's log."""
+    disconnects = server.metric("llava_edge_client_disconnects_total")
+    messages = [
+        {"type": "http.request", "body": b'{"model": "tiny", "messages": [', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    with caplog.at_level("ERROR", logger="llava_edge.serve"):
+        asyncio.run(server.app(chat_scope(server.app), receive, send))
+    assert sent[0]["status"] == 499 and not caplog.records
     assert server.metric("llava_edge_client_disconnects_total") == disconnects + 1
 
 
@@ -686,6 +775,59 @@ def test_settings_that_would_refuse_every_request_fail_at_startup(
         timeout=60,
     )
     assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "field, flag", [("max_batch", "--max-batch"), ("max_queue", "--max-queue")]
+)
+def test_batch_and_queue_sizes_are_refused_before_the_model_loads(context_model_dir, field, flag):
+    """At startup, naming the flag, not after the port is taken and the model loaded (a minute
+    for a 7B model's engines on a Jetson) in the engine's terms."""
+    with pytest.raises(LlavaEdgeError, match=f"{flag} must be"):
+        ServeOptions(context_model_dir, **{field: -1})
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_an_engine_that_stopped_fails_health_and_refuses_requests(context_model_dir, monkeypatch):
+    """Its scheduler thread gone (a failed step, and no memory for a fresh cache): /health says
+    so for the robot's supervisor to restart the server, and requests get 503 instead of
+    waiting forever."""
+    app = create_app(ServeOptions(context_model_dir, model_name=MODEL))
+    with TestClient(app) as client:
+        deadline = time.time() + 30
+        while client.get("/health").status_code != 200 and time.time() < deadline:
+            time.sleep(0.05)
+        engine = app.state.serve.engine
+
+        def gone(*args) -> None:
+            raise MemoryError("out of device memory")
+
+        monkeypatch.setattr(engine, "_decode", lambda: 1 / 0)
+        monkeypatch.setattr(engine.cache, "shrink", gone)
+        monkeypatch.setattr(engine.pipe.backend, "new_cache", gone)
+        body = {"model": MODEL, "messages": GOOD, "max_tokens": 3}
+        assert client.post("/v1/chat/completions", json=body).status_code == 500
+        engine._thread.join(10)
+        health = client.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "failed"
+        refused = client.post("/v1/chat/completions", json=body)
+        assert refused.status_code == 503 and "out of device memory" in error_of(refused)["message"]
+
+
+def test_a_server_stopped_while_loading_closes_the_model_it_loads(context_model_dir):
+    """An app embedded in a robot's process and stopped before its model is ready leaves no
+    model (sessions, device memory) and no scheduler thread behind."""
+
+    def schedulers() -> int:
+        return [thread.name for thread in threading.enumerate()].count("llava-edge-batch")
+
+    before = schedulers()  # other apps' (this module's server)
+    app = create_app(ServeOptions(context_model_dir, model_name=MODEL))
+    with TestClient(app):
+        pass  # stopped at once: the model is still loading
+    state = app.state.serve
+    state.loader.join(30)
+    assert schedulers() == before and (state.pipe is None or state.pipe.closed)
 
 
 def test_loading_gives_503_before_the_model_is_ready(context_model_dir):
@@ -799,7 +941,7 @@ def test_cli_errors_are_one_line(context_model_dir):
     no_model = serve("/nonexistent/model")
     assert no_model.returncode == 1 and "does not exist" in no_model.stderr
     bad_batch = serve(str(context_model_dir), "--port", "0", "--max-batch", "0")
-    assert bad_batch.returncode == 1 and "max_batch must be a positive integer" in bad_batch.stderr
+    assert bad_batch.returncode == 1 and "--max-batch must be" in bad_batch.stderr
     taken = bind("127.0.0.1", 0)
     try:
         busy = serve(str(context_model_dir), "--port", str(taken.getsockname()[1]))

@@ -28,6 +28,7 @@ measures the engine's decode throughput at 1 to 8 clients).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import queue
 import threading
@@ -39,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from llava_edge.errors import LlavaEdgeError
+from llava_edge.errors import LlavaEdgeError, first_line
 from llava_edge.runtime.answer import Answer, AnswerText, timings
 from llava_edge.runtime.anyres import ImagePixels, pixels_list
 from llava_edge.runtime.generate import Timer, embed
@@ -264,6 +265,10 @@ class BatchEngine:
     get other keys, values and tokens than fed whole. An int8 dir's decode step shares that
     scale among its rows too, so there a batched answer can differ from the answer alone where
     two tokens nearly tie; fp32 and int4 (MatMulNBits) dirs answer exactly as alone.
+
+    A failed step fails the requests in hand and the engine goes on from an empty cache; if not
+    even a new cache can be had, the engine stops: the requests in hand fail, `failure` holds
+    why, and `submit` raises EngineClosed saying so. No request is left waiting.
     """
 
     def __init__(
@@ -305,6 +310,8 @@ class BatchEngine:
         }
         self._lock = threading.Condition()
         self._closing = False
+        self._cancelling = False  # closing without draining
+        self.failure: BaseException | None = None  # what stopped the scheduler thread, if any
         self._thread: threading.Thread | None = None
         if start:
             self._thread = threading.Thread(target=self._run, name="llava-edge-batch", daemon=True)
@@ -345,6 +352,8 @@ class BatchEngine:
         """
         request = self._request(ids, image, options, listener, timeout_s, started)
         with self._lock:
+            if self.failure is not None:
+                raise self._stopped_error()
             if self._closing:
                 raise EngineClosed("the engine is shutting down and takes no new requests")
             free_rows = self.max_batch - len(self.running)
@@ -411,15 +420,19 @@ class BatchEngine:
             }
 
     def close(self, drain: bool = True, timeout: float | None = None) -> None:
-        """Stop taking requests; finish those in hand (drain) or cancel them, then stop."""
+        """Stop taking requests; finish those in hand (drain) or cancel them, then stop. An
+        engine without a thread of its own (`start=False`) does that on the caller's."""
         with self._lock:
             self._closing = True
             if not drain:
+                self._cancelling = True  # a request between the queue and its row too
                 for request in [*self.waiting, *self.running]:
                     request.cancel()
             self._lock.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+        else:
+            self.run_until_idle()
 
     def __enter__(self) -> BatchEngine:
         return self
@@ -435,32 +448,52 @@ class BatchEngine:
             pass
 
     def _run(self) -> None:
-        while True:
-            with self._lock:
-                while not self.running and not self.waiting and not self._closing:
-                    self._lock.wait()
-                if self._closing and not self.running and not self.waiting:
-                    return
-            try:
-                self.step()
-            except Exception as e:  # a bug must not leave callers waiting forever
-                self._fail_all(e)
+        try:
+            while True:
+                with self._lock:
+                    while not self.running and not self.waiting and not self._closing:
+                        self._lock.wait()
+                    if self._closing and not self.running and not self.waiting:
+                        return
+                try:
+                    self.step()
+                except Exception as e:  # a bug must not leave callers waiting forever
+                    self._fail_all(e)
+        except BaseException as e:  # not even a fresh cache: the engine stops, and says why
+            self._stop(e)
+            raise
 
     def _fail_all(self, error: Exception) -> None:
-        """End every request with `error` and start again from an empty cache. Raises nothing:
-        the scheduler thread must outlive any one step's failure."""
+        """End every request with `error` and start again from an empty cache. Raises only if
+        no cache can be had (then the engine stops: `_stop`)."""
         with self._lock:
             waiting, self.waiting = list(self.waiting), deque()
             running, self.running = list(self.running), []
+        self.counters["failed"] += len(running) + len(waiting)
+        for request in running + waiting:  # first: nobody waits on the cache's repair
+            request.fail(error)  # emit catches what a listener raises
         try:
             for row in range(len(running)):
                 self.cache.truncate(0, row)
             self.cache.shrink()
         except Exception:  # a cache the failure left unusable is replaced
             self.cache = self.pipe.backend.new_cache(self.max_batch)
-        self.counters["failed"] += len(running) + len(waiting)
-        for request in running + waiting:
-            request.fail(error)  # emit catches what a listener raises
+
+    def _stop(self, error: BaseException) -> None:
+        """The scheduler thread is ending on `error`: fail what it holds, refuse what comes."""
+        with self._lock:
+            self.failure, self._closing = error, True
+            pending = [*self.running, *self.waiting]
+            self.running, self.waiting = [], deque()
+            self.counters["failed"] += len(pending)
+        for request in pending:
+            request.fail(self._stopped_error())
+
+    def _stopped_error(self) -> EngineClosed:
+        return EngineClosed(
+            f"the engine stopped after an internal error ({first_line(self.failure)}); "
+            "load the model again"
+        )
 
     def step(self) -> bool:
         """One round: drop cancelled requests, admit waiting ones, decode one token for all.
@@ -510,6 +543,11 @@ class BatchEngine:
         pipe, row = self.pipe, len(self.running)
         with self._lock:
             self.running.append(request)
+            if self._cancelling:  # close(drain=False) came after it left the queue
+                request.cancel()
+        if request.cancelled:
+            self._leave(request, Cancelled("the request was cancelled"))
+            return
         start = time.perf_counter()
         try:
             self._check_deadline(request)
@@ -613,9 +651,14 @@ class BatchEngine:
         request.timer.mark("done")
         row = self.running.index(request)
         fed = request.fed_ids
-        if self.prefixes.budget and len(fed) >= MIN_PREFIX:
-            kv = self.cache.read_row(row, len(fed))
-            self.prefixes.add(np.asarray(fed, dtype=np.int64), request.images, kv)
+        # an entry over the whole budget is not kept: its row is not even read (a device copy
+        # of the whole row, which would stall every other row's next token for nothing)
+        if len(fed) >= MIN_PREFIX and len(fed) * self._slot_bytes <= self.prefixes.budget:
+            # reuse only saves time: a copy that fails (no host memory for it) costs this
+            # answer nothing, and the rows beside it nothing either
+            with contextlib.suppress(Exception):
+                kv = self.cache.read_row(row, len(fed))
+                self.prefixes.add(np.asarray(fed, dtype=np.int64), request.images, kv)
         answer = Answer(
             request.text.text,
             list(request.ids),
@@ -659,6 +702,12 @@ class BatchEngine:
             self.running[row] = self.running[last]
             self.running.pop()
         self.cache.shrink()
+
+    @property
+    def _slot_bytes(self) -> int:
+        """Bytes of one token's keys and values, over all layers, as read_row copies them."""
+        t = self.pipe.manifest.text
+        return 2 * t.num_layers * t.num_kv_heads * t.head_dim * np.dtype(self.cache.dtype).itemsize
 
     def _check_deadline(self, request: Request) -> None:
         if self._deadline_passed(request):

@@ -25,7 +25,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -71,6 +71,12 @@ class ServeOptions:
         ]:
             if not value > 0:
                 raise LlavaEdgeError(f"{flag} must be positive, got {value:g}")
+        for flag, value, least in [
+            ("--max-batch", self.max_batch, 1),
+            ("--max-queue", self.max_queue, 0),
+        ]:
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise LlavaEdgeError(f"{flag} must be an integer of {least} or more, got {value}")
         if not self.prefix_cache_mb >= 0:
             raise LlavaEdgeError(
                 f"--prefix-cache-mb must be 0 (off) or more, got {self.prefix_cache_mb:g}"
@@ -99,6 +105,9 @@ class ServerState:
         self.options = options
         self.pipe: Pipeline | None = None
         self.engine: BatchEngine | None = None
+        self.closed = False  # the app has shut down: a model that loads after is closed again
+        self._lock = threading.Lock()
+        self.loader: threading.Thread | None = None
         self.load_error: Exception | None = None
         self.on_load_error = on_load_error
         self.started = int(time.time())
@@ -132,7 +141,14 @@ class ServerState:
             except Exception:
                 pipe.close()
                 raise
-            self.pipe, self.engine = pipe, engine  # ready from here on
+            with self._lock:
+                closed = self.closed
+                if not closed:
+                    self.pipe, self.engine = pipe, engine  # ready from here on
+            if closed:  # the server stopped while the model loaded: nobody will close these
+                engine.close(drain=False)
+                pipe.close()
+                return
             log.info("llava-edge serve: %s loaded; ready", o.name)
         except Exception as e:  # reported by the runner, which stops the server
             self.load_error = e
@@ -144,10 +160,13 @@ class ServerState:
     def close(self) -> None:
         """The app's shutdown: by now uvicorn has drained the connections (or, past the drain
         timeout, cancelled them), so what the engine still holds, no client waits for."""
-        if self.engine is not None:
-            self.engine.close(drain=False)
-        if self.pipe is not None:
-            self.pipe.close()
+        with self._lock:
+            self.closed = True
+            engine, pipe = self.engine, self.pipe
+        if engine is not None:
+            engine.close(drain=False)
+        if pipe is not None:
+            pipe.close()
 
     @property
     def ready(self) -> bool:
@@ -182,7 +201,8 @@ def create_app(options: ServeOptions, on_load_error: Any = None) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
-        threading.Thread(target=state.load, name="llava-edge-load", daemon=True).start()
+        state.loader = threading.Thread(target=state.load, name="llava-edge-load", daemon=True)
+        state.loader.start()
         yield
         await run_in_threadpool(state.close)
 
@@ -212,8 +232,11 @@ def create_app(options: ServeOptions, on_load_error: Any = None) -> Starlette:
 
 async def _health(request: Request) -> Response:
     state: ServerState = request.app.state.serve
-    if state.ready:
+    engine = state.engine
+    if engine is not None and engine.failure is None:
         return JSONResponse({"status": "ok", "model": state.options.name})
+    if engine is not None:  # its scheduler stopped: a supervisor should restart the server
+        return JSONResponse({"status": "failed", "error": str(engine.failure)}, status_code=503)
     status = "failed" if state.load_error is not None else "loading"
     return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": "1"})
 
@@ -279,16 +302,20 @@ async def _chat_completion(request: Request, state: ServerState) -> Response:
             _listener(asyncio.get_running_loop(), events, whole=not chat.stream),
             arrived,
         )
+    except ClientDisconnect:  # the client left while sending its body: no fault of the server's
+        state.metrics.disconnects.inc()
+        return Response(status_code=499)
     except Exception as e:
         return _error_response(_api_error(e))
-    event = await _wait(request, state, handle, events)
+    clock = _Clock(arrived, pipe.limits.timeout_s)
+    event = await _wait(request, state, handle, events, clock)
     if event is None:  # the client left; nobody reads this
         return Response(status_code=499)
     if event.kind == "error":
         return _error_response(_api_error(event.error))
     head = protocol.new_head(chat.model)
     if chat.stream:
-        return _AnswerStream(state, chat, handle, events, event, head)
+        return _AnswerStream(state, chat, handle, events, event, head, clock)
     answer = event.answer
     state.metrics.observe_answer(
         len(answer.prompt_token_ids), len(answer.token_ids), answer.timings
@@ -309,12 +336,13 @@ def _submit(
 ) -> Any:
     """Render the conversation as a ChatSession holds it, check it fits, hand it to the engine."""
     limit = pipe.limits.max_new_tokens
-    if chat.max_tokens_given and limit and chat.options["max_new_tokens"] > limit:
+    param = chat.max_tokens_param  # max_tokens or max_completion_tokens, as the client sent
+    if param and limit and chat.options["max_new_tokens"] > limit:
         raise ApiError(
             400,
-            f"max_tokens {chat.options['max_new_tokens']} is over this server's limit of {limit} "
-            "(--max-new-tokens); lower max_tokens",
-            "max_tokens",
+            f"{param} {chat.options['max_new_tokens']} is over this server's limit of {limit} "
+            f"(--max-new-tokens); lower {param}",
+            param,
         )
     pixels = [_image_pixels(pipe, image) for image in images]
     try:
@@ -330,16 +358,16 @@ def _submit(
             "messages",
             "context_length_exceeded",
         )
-    if chat.max_tokens_given and options["max_new_tokens"] > room:
+    if param and options["max_new_tokens"] > room:
         raise ApiError(
             400,
-            f"the conversation is {len(ids)} tokens and max_tokens asks for "
+            f"the conversation is {len(ids)} tokens and {param} asks for "
             f"{options['max_new_tokens']} more, over the model's context of {pipe.max_context}; "
-            "lower max_tokens",
-            "max_tokens",
+            f"lower {param}",
+            param,
             "context_length_exceeded",
         )
-    if not chat.max_tokens_given:
+    if not param:
         options["max_new_tokens"] = min(room, limit) if limit else room
     return engine.submit_ids(ids, pixels, options, listener, started=arrived)
 
@@ -368,27 +396,58 @@ def _listener(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, whole: boo
     return deliver
 
 
+class _Clock:
+    """A request's time limit (--timeout, from its arrival), kept by the server too: the engine
+    notices it only between two of its calls, and one call (a large image's prefill, a stalled
+    device) may outlast it."""
+
+    def __init__(self, arrived: float, limit: float | None):
+        self.limit = limit
+        self.deadline = None if limit is None else arrived + limit
+
+    def left(self) -> float | None:
+        return None if self.deadline is None else max(self.deadline - time.perf_counter(), 0.0)
+
+    def timed_out(self) -> Event:
+        return Event(
+            "error", error=TimedOut(f"the request ran past its time limit of {self.limit} s")
+        )
+
+
 async def _wait(
-    request: Request, state: ServerState, handle: Any, events: asyncio.Queue
+    request: Request, state: ServerState, handle: Any, events: asyncio.Queue, clock: _Clock
 ) -> Event | None:
     """The request's first event delivered (a stream's first token, or a whole reply's end; or
-    an error) before any response is sent, so that an error still gets its status. None if the
-    client left first: its request is cancelled."""
+    an error, the time limit's included) before any response is sent, so that an error still
+    gets its status. None if the client left first. Either way but an event of the engine's,
+    the request is cancelled."""
     watcher = asyncio.ensure_future(_disconnected(request))
     getter = asyncio.ensure_future(events.get())
     event = None
     try:
-        await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if not getter.done():
+        await asyncio.wait(
+            {getter, watcher}, timeout=clock.left(), return_when=asyncio.FIRST_COMPLETED
+        )
+        if getter.done():
+            event = getter.result()
+            return event
+        if watcher.done():
             state.metrics.disconnects.inc()
             return None
-        event = getter.result()
-        return event
+        return clock.timed_out()
     finally:
         watcher.cancel()
-        if event is None:  # the client left, or the server is stopping
+        if event is None:  # the client left, the time limit passed, or the server is stopping
             getter.cancel()
             handle.cancel()
+
+
+async def _next_event(events: asyncio.Queue, clock: _Clock) -> Event:
+    """A stream's next event, or the time limit's error if it passes first."""
+    try:
+        return await asyncio.wait_for(events.get(), clock.left())
+    except asyncio.TimeoutError:
+        return clock.timed_out()
 
 
 async def _disconnected(request: Request) -> None:
@@ -411,9 +470,12 @@ class _AnswerStream(StreamingResponse):
         events: asyncio.Queue,
         first: Event,
         head: protocol.Head,
+        clock: _Clock,
     ):
         self.serve, self.handle, self.finished = state, handle, False
-        super().__init__(self._events(chat, events, first, head), media_type="text/event-stream")
+        super().__init__(
+            self._events(chat, events, first, head, clock), media_type="text/event-stream"
+        )
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         started = False
@@ -439,7 +501,12 @@ class _AnswerStream(StreamingResponse):
                 self.serve.metrics.disconnects.inc()
 
     async def _events(
-        self, chat: ChatRequest, events: asyncio.Queue, first: Event, head: protocol.Head
+        self,
+        chat: ChatRequest,
+        events: asyncio.Queue,
+        first: Event,
+        head: protocol.Head,
+        clock: _Clock,
     ):
         data = _sse_data
         usage_field = {"usage": None} if chat.include_usage else {}
@@ -450,6 +517,7 @@ class _AnswerStream(StreamingResponse):
                 yield data(protocol.chunk(head, {"content": event.text}, **usage_field))
             elif event.kind == "error":
                 self.finished = True
+                self.handle.cancel()  # an error of the server's own (the time limit) ends it too
                 self.serve.metrics.stream_errors.inc()
                 yield data(_api_error(event.error).body())
                 yield "data: [DONE]\n\n"
@@ -468,7 +536,7 @@ class _AnswerStream(StreamingResponse):
                     yield data(protocol.chunk(head, None, usage=usage))
                 yield "data: [DONE]\n\n"
                 return
-            event = await events.get()
+            event = await _next_event(events, clock)
 
 
 def _sse_data(payload: Any) -> str:

@@ -141,8 +141,10 @@ async def _download(url: str, policy: MediaPolicy) -> bytes:
     import httpx
 
     limit = policy.max_image_bytes
+    # no timeout of httpx's own (5 s a phase by default): the whole download's deadline, set by
+    # --remote-timeout, is the caller's
     async with (
-        httpx.AsyncClient(follow_redirects=True, max_redirects=3) as client,
+        httpx.AsyncClient(follow_redirects=True, max_redirects=3, timeout=None) as client,
         client.stream("GET", url) as response,
     ):
         if response.status_code != 200:

@@ -42,7 +42,7 @@ class ServerMetrics:
         )
         self.ttft = Histogram(
             f"{PREFIX}_time_to_first_token_seconds",
-            "From the request's arrival at the engine to its first token",
+            "From the request's arrival (before its images are fetched) to its first token",
             buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64),
             registry=self.registry,
         )
@@ -82,7 +82,7 @@ class _EngineCollector(Collector):
         "decode_tokens": "Tokens of batched decoder steps (a request's first comes from prefill)",
         "decode_seconds": "Time in batched decoder steps",
         "prefill_seconds": "Time admitting requests (image features and prefill)",
-        "cancelled": "Requests cancelled (client gone) before they finished",
+        "cancelled": "Requests cancelled before they finished (client gone, time limit, shutdown)",
     }
 
     def __init__(self, stats: Callable[[], dict[str, float] | None]):

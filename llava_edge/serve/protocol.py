@@ -76,7 +76,7 @@ class ChatRequest:
     image_turns: list[int]  # the turn whose question each goes with
     system: str | None
     options: dict[str, Any] = field(default_factory=dict)  # GenerationConfig's fields
-    max_tokens_given: bool = False
+    max_tokens_param: str | None = None  # the field that set max_new_tokens, if one did
     stream: bool = False
     include_usage: bool = False
 
@@ -101,7 +101,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
     ):
         raise ApiError(400, "only response_format {'type': 'text'} is supported", "response_format")
     turns, image_urls, image_turns, system = _parse_messages(body.get("messages"))
-    options, max_tokens_given = _parse_options(body)
+    options, max_tokens_param = _parse_options(body)
     stream = _optional(body, "stream", bool, False)
     stream_options = body.get("stream_options")
     include_usage = False
@@ -118,7 +118,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
         image_turns,
         system,
         options,
-        max_tokens_given,
+        max_tokens_param,
         stream,
         include_usage,
     )
@@ -223,7 +223,7 @@ def _text(text: str, param: str) -> str:
     return text
 
 
-def _parse_options(body: dict) -> tuple[dict[str, Any], bool]:
+def _parse_options(body: dict) -> tuple[dict[str, Any], str | None]:
     options: dict[str, Any] = {}
     # the newer name wins; a null counts as not given, as for every other field
     name = (
@@ -270,7 +270,7 @@ def _parse_options(body: dict) -> tuple[dict[str, Any], bool]:
     ignore_eos = _optional(body, "ignore_eos", bool, None)
     if ignore_eos is not None:
         options["ignore_eos"] = ignore_eos
-    return options, max_tokens is not None
+    return options, name if max_tokens is not None else None
 
 
 def _number(body: dict, name: str, low: float, high: float, above: bool = False) -> float | None:
