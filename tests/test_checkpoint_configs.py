@@ -278,24 +278,47 @@ def test_sliding_window_caps_the_context(variants: Any, tmp_path: Path) -> None:
         np.testing.assert_allclose(logits[0], reference, rtol=1e-4, atol=1e-5)
 
 
-def test_longrope_is_refused_before_loading(tmp_path: Path, capsys) -> None:
-    """A rope whose frequencies switch with the sequence length: one line naming it, before the
-    weights are read (here there are none), and no output dir."""
+# name -> (init_checkpoint overrides, what the one-line refusal says). Each is refused before
+# the weights are read (the test deletes them), with no output dir.
+REFUSED: dict[str, tuple[dict[str, Any], str]] = {
+    # Frequencies that switch with the sequence length, inside the traced graph.
+    "longrope": (
+        dict(
+            text={
+                "rope_scaling": {
+                    "rope_type": "longrope",
+                    "short_factor": [1.0] * 8,
+                    "long_factor": [2.0] * 8,
+                    "original_max_position_embeddings": 64,
+                }
+            }
+        ),
+        "rope type 'longrope' is not supported",
+    ),
+    # A window (the export's context) too short for one image (64 tokens) and a question.
+    "window-below-one-image": (
+        dict(backbone="mistral", text={"sliding_window": 80}),
+        "context of 80 tokens (its sliding_window) cannot hold one image",
+    ),
+    "positions-below-one-image": (
+        dict(text={"max_position_embeddings": 100}),
+        "context of 100 tokens (its max_position_embeddings) cannot hold one image",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_unsupported_config_is_refused_before_loading(tmp_path: Path, capsys, name: str) -> None:
     from llava_edge.cli import main
     from llava_edge.training.checkpoint import init_checkpoint
 
-    rope = {
-        "rope_type": "longrope",
-        "short_factor": [1.0] * 8,
-        "long_factor": [2.0] * 8,
-        "original_max_position_embeddings": 64,
-    }
-    checkpoint = init_checkpoint(tmp_path / "checkpoint", text={"rope_scaling": rope})
+    overrides, message = REFUSED[name]
+    checkpoint = init_checkpoint(tmp_path / "checkpoint", **overrides)
     (checkpoint / "model.safetensors").unlink()
     capsys.readouterr()  # what init said
     assert main(["export", str(checkpoint), str(tmp_path / "out")]) != 0
     error = capsys.readouterr().err.strip()
-    assert "rope type 'longrope' is not supported" in error and len(error.splitlines()) == 1
+    assert message in error and len(error.splitlines()) == 1
     assert not (tmp_path / "out").exists()
 
 

@@ -459,18 +459,28 @@ def _eos_ids(generation_config: Any, tokenizer: Any) -> list[int]:
 
 
 def _max_context(config: Any, requested: int | None) -> int:
+    """--max-context, or the model's own context when none is given; either must hold one image
+    and MIN_TEXT_ROOM tokens (the verification's prompt and answer need about that too)."""
     text_config = config.text_config
     limit = int(getattr(text_config, "max_position_embeddings", 4096) or 4096)
+    source = "max_position_embeddings"
     window = getattr(text_config, "sliding_window", None)
-    if window and getattr(text_config, "use_sliding_window", True):
-        limit = min(limit, int(window))  # the graphs attend to everything: stay inside the window
+    if window and getattr(text_config, "use_sliding_window", True) and int(window) < limit:
+        # the graphs attend to everything: stay inside the window
+        limit, source = int(window), "sliding_window"
+    least = _image_tokens_at_least(config) + MIN_TEXT_ROOM
+    if limit < least:
+        raise LlavaEdgeError(
+            f"this model's context of {limit} tokens (its {source}) cannot hold one image and "
+            f"{MIN_TEXT_ROOM} tokens of question and answer ({least} tokens); export needs a "
+            "longer context"
+        )
     if requested is None:
         return limit
-    least = _image_tokens_at_least(config) + MIN_TEXT_ROOM
     if requested < least or requested > limit:
         raise LlavaEdgeError(
             f"--max-context must be between {least} (one image and {MIN_TEXT_ROOM} tokens of "
-            f"question and answer) and {limit} for this model, got {requested}"
+            f"question and answer) and {limit} (the model's {source}), got {requested}"
         )
     return requested
 
