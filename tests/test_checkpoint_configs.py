@@ -10,6 +10,7 @@ longrope, and a chat template the manifest's strings cannot hold, are refused be
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -304,6 +305,34 @@ REFUSED: dict[str, tuple[dict[str, Any], str]] = {
         dict(text={"max_position_embeddings": 100}),
         "context of 100 tokens (its max_position_embeddings) cannot hold one image",
     ),
+    # The tiny tower has 2 layers: hidden states -3..2 (the embeddings, then each layer's output).
+    "feature-layer-past-the-tower": (
+        dict(vision_feature_layer=3),
+        "vision_feature_layer 3 is outside the vision tower's hidden states (-3 to 2)",
+    ),
+    "feature-layers-before-the-tower": (
+        dict(vision_feature_layer=[-4, -1]),
+        "vision_feature_layer -4 is outside the vision tower's hidden states (-3 to 2)",
+    ),
+    # transformers' LLaVA asks the tower for no hidden states then (a TypeError in verification).
+    "feature-layer-zero": (dict(vision_feature_layer=0), "vision_feature_layer 0 "),
+    # Pixtral (mistral-community/pixtral-12b is a 'llava' checkpoint): a tower the graphs
+    # cannot call (it takes each image's size).
+    "pixtral-tower": (
+        dict(
+            vision_config={
+                "model_type": "pixtral",
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "head_dim": 16,
+                "image_size": 64,
+                "patch_size": 8,
+            }
+        ),
+        "vision tower 'pixtral' is not supported",
+    ),
 }
 
 
@@ -313,7 +342,13 @@ def test_unsupported_config_is_refused_before_loading(tmp_path: Path, capsys, na
     from llava_edge.training.checkpoint import init_checkpoint
 
     overrides, message = REFUSED[name]
+    overrides = dict(overrides)
+    vision = overrides.pop("vision_config", None)
     checkpoint = init_checkpoint(tmp_path / "checkpoint", **overrides)
+    if vision is not None:  # another tower than init's CLIP, in config.json alone
+        config = json.loads((checkpoint / "config.json").read_text())
+        config["vision_config"] = vision
+        (checkpoint / "config.json").write_text(json.dumps(config))
     (checkpoint / "model.safetensors").unlink()
     capsys.readouterr()  # what init said
     assert main(["export", str(checkpoint), str(tmp_path / "out")]) != 0

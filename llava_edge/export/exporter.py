@@ -179,7 +179,7 @@ def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = F
     """The checkpoint's LlavaConfig, once it is known to be a LLaVA export takes (no weights)."""
     from transformers import AutoConfig
 
-    from llava_edge.export.graphs import SUPPORTED_TEXT_MODELS
+    from llava_edge.export.graphs import SUPPORTED_TEXT_MODELS, SUPPORTED_VISION_TOWERS
     from llava_edge.modeling import check_full_precision
 
     source = str(checkpoint)
@@ -225,6 +225,13 @@ def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = F
     )
     if config.model_type == "llava_next":
         _check_pinpoints(source, config)
+    tower = config.vision_config.model_type
+    if tower not in SUPPORTED_VISION_TOWERS:
+        raise LlavaEdgeError(
+            f"{source}: vision tower '{tower}' is not supported "
+            f"(supported: {', '.join(SUPPORTED_VISION_TOWERS)})"
+        )
+    _check_feature_layers(source, config)
     text_type = config.text_config.model_type
     if text_type not in SUPPORTED_TEXT_MODELS:
         raise LlavaEdgeError(
@@ -252,6 +259,26 @@ def _check_pinpoints(source: str, config: Any) -> None:
                 f"{tile} px tiles (the vision tower's input) on each side; fix the config's "
                 "image_grid_pinpoints"
             )
+
+
+def _check_feature_layers(source: str, config: Any) -> None:
+    """vision_feature_layer indexes the tower's hidden states (the embeddings, then each layer's
+    output): one past them fails in tracing, and an int 0 in transformers' own LLaVA, which reads
+    the selection as output_hidden_states and so asks the tower for none."""
+    layers = config.vision_feature_layer
+    states = int(config.vision_config.num_hidden_layers) + 1
+    for layer in [layers] if isinstance(layers, int) else list(layers):
+        if not -states <= int(layer) < states:
+            raise LlavaEdgeError(
+                f"{source}: vision_feature_layer {layer} is outside the vision tower's hidden "
+                f"states ({-states} to {states - 1}); fix the config's vision_feature_layer"
+            )
+    if layers == 0:
+        raise LlavaEdgeError(
+            f"{source}: vision_feature_layer 0 (the patch embeddings) is not supported: "
+            "transformers' LLaVA then asks the vision tower for no hidden states and fails, so "
+            "there is no reference to export against; write it as [0], which selects the same"
+        )
 
 
 # Rope types the graphs cannot hold, and why.
