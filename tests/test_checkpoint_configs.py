@@ -156,6 +156,26 @@ def test_interleave_quantizes(interleave: Exported, tmp_path: Path, precision: s
     assert len(answer.token_ids) == 4
 
 
+def test_llava_next_with_a_siglip_tower_exports_token_exact(tmp_path: Path) -> None:
+    """LLaVA-NeXT over SigLIP keeps every patch ('full'): verified against
+    LlavaNextForConditionalGeneration in both forms, tiles and all."""
+    from llava_edge.export.exporter import export_checkpoint
+
+    config = interleave_qwen(
+        model_type="llava_next",
+        architectures=["LlavaNextForConditionalGeneration"],
+        image_grid_pinpoints=[[60, 120], [120, 60], [120, 120]],
+    )
+    checkpoint = write_checkpoint(tmp_path / "checkpoint", config)
+    report = export_checkpoint(checkpoint, tmp_path / "model", log=quiet)
+    assert set(report["forms"]) == {"standard", "fused"}
+    for form in report["forms"].values():
+        assert form["passed"] and form["greedy_tokens_matched"] == form["greedy_tokens_total"]
+    manifest = Manifest.load(tmp_path / "model")
+    assert manifest.image.anyres.tile_features == 60 // 14
+    assert manifest.source["vision_model_type"] == "siglip_vision_model"
+
+
 # ---- text-config keys of other published checkpoints, on the tiny CLIP checkpoint -------------
 
 WINDOW = 160  # holds the verification's prompt (about 80 tokens) and its 32 new tokens
@@ -279,8 +299,10 @@ def test_sliding_window_caps_the_context(variants: Any, tmp_path: Path) -> None:
         np.testing.assert_allclose(logits[0], reference, rtol=1e-4, atol=1e-5)
 
 
-# name -> (init_checkpoint overrides, what the one-line refusal says). Each is refused before
-# the weights are read (the test deletes them), with no output dir.
+NEXT = {"model_type": "llava_next", "image_grid_pinpoints": [[64, 128], [128, 64]]}
+# name -> (init_checkpoint overrides, and `config_json` keys written over its config.json; what
+# the one-line refusal says). Each is refused before the weights are read (the test deletes
+# them), with no output dir.
 REFUSED: dict[str, tuple[dict[str, Any], str]] = {
     # Frequencies that switch with the sequence length, inside the traced graph.
     "longrope": (
@@ -320,18 +342,30 @@ REFUSED: dict[str, tuple[dict[str, Any], str]] = {
     # cannot call (it takes each image's size).
     "pixtral-tower": (
         dict(
-            vision_config={
-                "model_type": "pixtral",
-                "hidden_size": 32,
-                "intermediate_size": 64,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 2,
-                "head_dim": 16,
-                "image_size": 64,
-                "patch_size": 8,
+            config_json={
+                "vision_config": {
+                    "model_type": "pixtral",
+                    "hidden_size": 32,
+                    "intermediate_size": 64,
+                    "num_hidden_layers": 2,
+                    "num_attention_heads": 2,
+                    "head_dim": 16,
+                    "image_size": 64,
+                    "patch_size": 8,
+                }
             }
         ),
         "vision tower 'pixtral' is not supported",
+    ),
+    # LLaVA-NeXT lays a tile's features out as the tower's patch grid: CLIP's CLS token must go.
+    "next-clip-full": (
+        dict(config_json=dict(NEXT, vision_feature_select_strategy="full")),
+        "LLaVA-NeXT with a clip_vision_model tower and vision_feature_select_strategy 'full'",
+    ),
+    # SigLIP has no CLS token: 'default' would drop a patch.
+    "next-siglip-default": (
+        dict(config_json=dict(NEXT, vision_config={"model_type": "siglip_vision_model"})),
+        "LLaVA-NeXT with a siglip_vision_model tower and vision_feature_select_strategy 'default'",
     ),
 }
 
@@ -343,11 +377,12 @@ def test_unsupported_config_is_refused_before_loading(tmp_path: Path, capsys, na
 
     overrides, message = REFUSED[name]
     overrides = dict(overrides)
-    vision = overrides.pop("vision_config", None)
+    changes = overrides.pop("config_json", {})
     checkpoint = init_checkpoint(tmp_path / "checkpoint", **overrides)
-    if vision is not None:  # another tower than init's CLIP, in config.json alone
+    if changes:  # what init cannot make (another tower, LLaVA-NeXT), in config.json alone
         config = json.loads((checkpoint / "config.json").read_text())
-        config["vision_config"] = vision
+        for key, value in changes.items():
+            config[key] = {**config[key], **value} if key == "vision_config" else value
         (checkpoint / "config.json").write_text(json.dumps(config))
     (checkpoint / "model.safetensors").unlink()
     capsys.readouterr()  # what init said

@@ -212,12 +212,14 @@ def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = F
             "(LlavaForConditionalGeneration or LlavaNextForConditionalGeneration); export takes "
             "LLaVA checkpoints only"
         )
-    if config.model_type == "llava_next" and config.vision_feature_select_strategy != "default":
+    tower = config.vision_config.model_type
+    if tower not in SUPPORTED_VISION_TOWERS:
         raise LlavaEdgeError(
-            f"{source}: LLaVA-NeXT with vision_feature_select_strategy "
-            f"'{config.vision_feature_select_strategy}' is not supported (its tiles' feature "
-            "grids need the CLS token dropped)"
+            f"{source}: vision tower '{tower}' is not supported "
+            f"(supported: {', '.join(SUPPORTED_VISION_TOWERS)})"
         )
+    if config.model_type == "llava_next":
+        _check_tile_features(source, config)
     check_full_precision(
         config,
         source,
@@ -225,12 +227,6 @@ def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = F
     )
     if config.model_type == "llava_next":
         _check_pinpoints(source, config)
-    tower = config.vision_config.model_type
-    if tower not in SUPPORTED_VISION_TOWERS:
-        raise LlavaEdgeError(
-            f"{source}: vision tower '{tower}' is not supported "
-            f"(supported: {', '.join(SUPPORTED_VISION_TOWERS)})"
-        )
     _check_feature_layers(source, config)
     text_type = config.text_config.model_type
     if text_type not in SUPPORTED_TEXT_MODELS:
@@ -245,6 +241,22 @@ def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = F
             "export takes the default, linear, dynamic, yarn and llama3 rope types"
         )
     return config
+
+
+def _check_tile_features(source: str, config: Any) -> None:
+    """LLaVA-NeXT lays each tile's features out as the tower's patch grid: CLIP's once its CLS
+    token is dropped ('default'), SigLIP's as they are ('full'). Any other selection breaks the
+    grid in transformers' LlavaNextModel too."""
+    tower = config.vision_config.model_type
+    wanted = "full" if tower == "siglip_vision_model" else "default"
+    strategy = config.vision_feature_select_strategy
+    if strategy != wanted:
+        why = "SigLIP has no CLS token to drop" if wanted == "full" else "it drops CLIP's CLS token"
+        raise LlavaEdgeError(
+            f"{source}: LLaVA-NeXT with a {tower} tower and vision_feature_select_strategy "
+            f"'{strategy}' is not supported: its tiles' feature grids are the tower's patches, "
+            f"which only '{wanted}' selects ({why})"
+        )
 
 
 def _check_pinpoints(source: str, config: Any) -> None:
