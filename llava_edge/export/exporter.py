@@ -92,7 +92,7 @@ def export_checkpoint(
     loaded = load_checkpoint(checkpoint, trust_remote_code=trust_remote_code)
     with replace_dir(out) as tmp:
         if dtype == "fp16":
-            loaded.model.half()
+            _half(loaded.model)
         manifest = build_manifest(loaded, dtype, max_context)
         manifest.source["opset"] = opset
         _write_graphs(loaded.model, manifest, tmp, opset, log)
@@ -112,6 +112,21 @@ def export_checkpoint(
     manifest.mark_verified(out)  # just hashed by record_files: no need to hash on first load
     log(f"exported {loaded.source} -> {out} in {time.perf_counter() - start:.1f} s")
     return report
+
+
+def _half(model: Any) -> None:
+    """model.half(), but rope's inverse frequencies (inv_freq and its copies) stay float32, as
+    transformers keeps them in a model it loads in fp16: rounded to fp16, the angle between
+    tokens p apart is off by up to p * 5e-4 rad."""
+    kept = {
+        name: buffer.clone()
+        for name, buffer in model.named_buffers()
+        if name.endswith("inv_freq") and buffer.is_floating_point()
+    }
+    model.half()
+    for name, buffer in kept.items():
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, buffer)
 
 
 def load_checkpoint(
