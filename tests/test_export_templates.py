@@ -57,6 +57,19 @@ CHATML = (
     "{{ '<|im_end|>\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# Llama 3's headers, on a tokenizer whose end token is not the template's <|eot_id|>: the answer
+# end and the next header ("<|eot_id|><|start_header_id|>") and the first head
+# ("<s><|start_header_id|>") share a ">" that belongs to neither header.
+LLAMA3_HEADERS = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] | trim }}{% endfor %}{{ '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}"
+)
 CHAT = [
     ("What is in the picture?", "A red circle."),
     ("Where is it?", "Top left."),
@@ -132,6 +145,25 @@ def test_the_runtime_prompts_as_the_checkpoints_own_template(
         assert template.answer_end == "<|im_end|>" and template.user.endswith("<|im_start|>user\n")
     if name == "mistral-instruct":  # BOS written by the template, as text, never twice
         assert template.system == "<s>" and template.answer_end == "</s>"
+
+
+def test_a_header_is_never_cut_out_of_a_special_token(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """The user header starts after BOS, not inside it: BOS stays the system prompt's (written by
+    the template, never added a second time) and the prompts are transformers' token for token."""
+    from llava_edge.export.verify import sample_image
+
+    checkpoint = with_template(tiny_checkpoint, tmp_path / "ckpt", LLAMA3_HEADERS)
+    assert main(["export", str(checkpoint), str(tmp_path / "model"), "--no-verify"]) == 0
+    image = sample_image(120)
+    with Pipeline.load(tmp_path / "model") as pipe:
+        template = pipe.manifest.template
+        assert template.system == "<s>" and template.answer_end == "<|eot_id|>"
+        answer = pipe.answer(image, CHAT[0][0], max_new_tokens=1)
+        assert answer.prompt_token_ids == hf_ids(checkpoint, [(CHAT[0][0], None)], image)
+        text = "".join(t for t, _ in render(template, CHAT, image=True))
+        assert pipe.codec.encode(text) == hf_ids(checkpoint, CHAT, image)
 
 
 def test_a_template_the_strings_cannot_express_is_refused(
