@@ -166,14 +166,26 @@ def test_a_header_is_never_cut_out_of_a_special_token(
         assert pipe.codec.encode(text) == hf_ids(checkpoint, CHAT, image)
 
 
+# An image written as two <image> marks: transformers' processor then wants two images.
+TWO_MARKS = LLAVA_HF.replace("{{ '<image>\n' }}", "{{ '<image>\n<image>\n' }}")
+
+
+@pytest.mark.parametrize(
+    "template, why",
+    [
+        (ONEVISION, "the image is not placed just before the question"),
+        (TWO_MARKS, "an image is written as 2 '<image>' marks"),
+    ],
+    ids=["onevision", "two-image-marks"],
+)
 def test_a_template_the_strings_cannot_express_is_refused(
-    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture, template: str, why: str
 ) -> None:
-    checkpoint = with_template(tiny_checkpoint, tmp_path / "ckpt", ONEVISION)
+    checkpoint = with_template(tiny_checkpoint, tmp_path / "ckpt", template)
     assert main(["export", str(checkpoint), str(tmp_path / "model"), "--no-verify"]) == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "chat template cannot be written as llava-edge's template strings" in line
-    assert "image" in line and CHECKPOINT_INFO_FILE in line
+    assert why in line and CHECKPOINT_INFO_FILE in line
     assert not (tmp_path / "model").exists() and not list(tmp_path.glob(".model.*"))
 
 

@@ -166,6 +166,12 @@ def derive_template(chat: CheckpointChat, eos_texts: list[str]) -> TemplateSpec:
     if not image_head.startswith(first_head) or image_tail != assistant:
         raise refuse("the image is not placed just before the question")
     image = image_head[len(first_head) :]
+    # transformers' processor wants as many images as the prompt has marks
+    if IMAGE_PLACEHOLDER in text_only:
+        raise refuse(f"a question without an image gets an {IMAGE_PLACEHOLDER!r} mark")
+    if with_image.count(IMAGE_PLACEHOLDER) != 1:
+        marks = with_image.count(IMAGE_PLACEHOLDER)
+        raise refuse(f"an image is written as {marks} {IMAGE_PLACEHOLDER!r} marks, not one")
     if not two_turns.startswith(with_image):
         raise refuse("the first turn renders differently once the conversation goes on")
     answer_prefix, rest = split(two_turns[len(with_image) :], A1)
