@@ -18,8 +18,8 @@ def test_can_fuse_says_why_not() -> None:
     assert "head size 24" in can_fuse(LlamaConfig(hidden_size=96, num_attention_heads=4))
 
 
-# name -> LlamaConfig keys: MLP activations other than SiLU, and dynamic rope (inside
-# max_position_embeddings, the export's longest context, its tables never change).
+# name -> LlamaConfig keys: MLP activations other than SiLU; dynamic rope (inside
+# max_position_embeddings, the export's longest context, its tables never change) and linear.
 FUSED_TEXT = {
     "gelu": {"hidden_act": "gelu"},
     "gelu-tanh": {"hidden_act": "gelu_pytorch_tanh"},
@@ -28,6 +28,7 @@ FUSED_TEXT = {
     "relu": {"hidden_act": "relu"},
     "swish": {"hidden_act": "swish"},
     "dynamic-rope": {"rope_scaling": {"rope_type": "dynamic", "factor": 4.0}},
+    "linear-rope": {"rope_scaling": {"rope_type": "linear", "factor": 4.0}},
 }
 
 
