@@ -300,8 +300,8 @@ def test_sliding_window_caps_the_context(variants: Any, tmp_path: Path) -> None:
 
 
 NEXT = {"model_type": "llava_next", "image_grid_pinpoints": [[64, 128], [128, 64]]}
-# name -> (init_checkpoint overrides, and `config_json` keys written over its config.json; what
-# the one-line refusal says). Each is refused before the weights are read (the test deletes
+# name -> (init_checkpoint overrides, and `config_json` / `processor_json` keys written over its
+# config.json / processor_config.json; what the one-line refusal says). Each is refused before the weights are read (the test deletes
 # them), with no output dir.
 REFUSED: dict[str, tuple[dict[str, Any], str]] = {
     # Frequencies that switch with the sequence length, inside the traced graph.
@@ -367,6 +367,12 @@ REFUSED: dict[str, tuple[dict[str, Any], str]] = {
         dict(config_json=dict(NEXT, vision_config={"model_type": "siglip_vision_model"})),
         "LLaVA-NeXT with a siglip_vision_model tower and vision_feature_select_strategy 'default'",
     ),
+    # A processor that puts another number of image tokens in the prompt than the model makes
+    # (CLIP's CLS token not counted, then dropped: 63 for 64 features): transformers fails too.
+    "processor-image-tokens": (
+        dict(processor_json={"num_additional_image_tokens": 0}),
+        "its processor puts 63 image tokens in the prompt per image, its model makes 64",
+    ),
 }
 
 
@@ -378,12 +384,16 @@ def test_unsupported_config_is_refused_before_loading(tmp_path: Path, capsys, na
     overrides, message = REFUSED[name]
     overrides = dict(overrides)
     changes = overrides.pop("config_json", {})
+    processor_changes = overrides.pop("processor_json", {})
     checkpoint = init_checkpoint(tmp_path / "checkpoint", **overrides)
     if changes:  # what init cannot make (another tower, LLaVA-NeXT), in config.json alone
         config = json.loads((checkpoint / "config.json").read_text())
         for key, value in changes.items():
             config[key] = {**config[key], **value} if key == "vision_config" else value
         (checkpoint / "config.json").write_text(json.dumps(config))
+    processor_file = checkpoint / "processor_config.json"
+    processor = json.loads(processor_file.read_text())
+    processor_file.write_text(json.dumps({**processor, **processor_changes}))
     (checkpoint / "model.safetensors").unlink()
     capsys.readouterr()  # what init said
     assert main(["export", str(checkpoint), str(tmp_path / "out")]) != 0

@@ -153,6 +153,7 @@ def load_checkpoint(
             except OSError:  # no generation_config.json: what from_pretrained derives then
                 generation = GenerationConfig.from_model_config(config)
             check_processor(processor, config, source)
+            _check_image_tokens(processor, config, source)
             eos = _eos_ids(generation, processor.tokenizer)
             _check_tokens(config, processor.tokenizer, eos)
             eos_texts = [processor.tokenizer.decode([i], skip_special_tokens=False) for i in eos]
@@ -173,6 +174,32 @@ def load_checkpoint(
     except (OSError, ValueError) as e:  # missing weights or tokenizer files, a broken config
         raise LlavaEdgeError(f"cannot load checkpoint {source}: {first_line(e)}") from None
     return LoadedCheckpoint(model, processor, source, template)
+
+
+def _check_image_tokens(processor: Any, config: Any, source: str) -> None:
+    """transformers' LLaVA wants as many image tokens in the prompt as the model makes features:
+    a processor that counts otherwise (processor_config.json's num_additional_image_tokens and
+    vision_feature_select_strategy) makes a checkpoint transformers cannot run either."""
+    from PIL import Image
+
+    if config.model_type != "llava":  # LLaVA-NeXT's count depends on the image; verify checks it
+        return
+    inputs = processor(
+        images=Image.new("RGB", (48, 40)), text=IMAGE_PLACEHOLDER, return_tensors="np"
+    )
+    marks = int((inputs["input_ids"] == int(config.image_token_id)).sum())
+    vision = config.vision_config
+    height, width = inputs["pixel_values"].shape[-2:]
+    features = (height // vision.patch_size) * (width // vision.patch_size)
+    features += int(vision.model_type == "clip_vision_model")  # CLIP's CLS token
+    features -= int(config.vision_feature_select_strategy == "default")  # the first one dropped
+    if marks != features:
+        raise LlavaEdgeError(
+            f"{source}: its processor puts {marks} image tokens in the prompt per image, its "
+            f"model makes {features} (processor_config.json's patch_size, num_additional_image_tokens "
+            "and vision_feature_select_strategy against config.json's); transformers cannot run it "
+            "either: fix processor_config.json"
+        )
 
 
 def _check_tokens(config: Any, tokenizer: Any, eos_ids: list[int]) -> None:
