@@ -198,7 +198,7 @@ def derive_template(chat: CheckpointChat, eos_texts: list[str]) -> TemplateSpec:
 
 
 def _user_header(
-    between: str, first_head: str, eos_texts: list[str], specials: list[str] = ()
+    between: str, first_head: str, eos_texts: list[str], specials: tuple[str, ...] = ()
 ) -> str:
     """Split what comes between an answer and the next question into answer_end + user.
 
@@ -225,7 +225,7 @@ def _user_header(
     return between[len(between) - shared :]
 
 
-def _cuts(text: str, at: int, tokens: list[str]) -> bool:
+def _cuts(text: str, at: int, tokens: tuple[str, ...]) -> bool:
     """Does position `at` of `text` fall inside an occurrence of one of `tokens`?"""
     for token in tokens:
         start = text.find(token, max(0, at - len(token) + 1))
@@ -234,11 +234,11 @@ def _cuts(text: str, at: int, tokens: list[str]) -> bool:
     return False
 
 
-def _special_texts(chat: CheckpointChat) -> list[str]:
+def _special_texts(chat: CheckpointChat) -> tuple[str, ...]:
     """The texts the tokenizer reads as one token whole (BOS, EOS, added tokens)."""
     tokenizer = chat.processor.tokenizer
     added = getattr(tokenizer, "get_added_vocab", dict)()
-    return [t for t in {*added, *tokenizer.all_special_tokens} if len(t) > 1]
+    return tuple(t for t in {*added, *tokenizer.all_special_tokens} if len(t) > 1)
 
 
 def _named_template(checkpoint: Path) -> str | None:

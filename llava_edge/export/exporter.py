@@ -153,9 +153,9 @@ def load_checkpoint(
             except OSError:  # no generation_config.json: what from_pretrained derives then
                 generation = GenerationConfig.from_model_config(config)
             check_processor(processor, config, source)
-            _check_image_tokens(processor, config, source)
             eos = _eos_ids(generation, processor.tokenizer)
             _check_tokens(config, processor.tokenizer, eos)
+            _check_image_tokens(processor, config, source)  # the image token is <image> now
             eos_texts = [processor.tokenizer.decode([i], skip_special_tokens=False) for i in eos]
             template = choose_template(
                 Path(source),
