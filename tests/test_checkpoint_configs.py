@@ -5,7 +5,10 @@ and q/k/v biases, a ChatML-like template without BOS) exports, verifies in both 
 through the runtime token for token as transformers' generate(), and quantizes to int8 and int4.
 Text-config keys of other published checkpoints (Llama 3.2's llama3 rope with tied embeddings,
 Qwen2.5's YaRN, an explicit head_dim, Mistral's sliding window) export token-exact in both forms;
-longrope, and a chat template the manifest's strings cannot hold, are refused before loading.
+LLaVA-NeXT over SigLIP exports token-exact too. Configs export cannot honour (longrope, a context
+too short for one image, a vision_feature_layer outside the tower, another tower, a processor
+counting image tokens otherwise than the model, a chat template the manifest's strings cannot
+hold) are refused in one line before loading.
 """
 
 from __future__ import annotations
