@@ -173,7 +173,12 @@ def write_checkpoint(
 ) -> Path:
     """A checkpoint dir of `config` (a config.json's dict) with a Qwen-style tokenizer, a SigLIP
     or CLIP image processor (by the vision tower's type) and seeded random weights."""
-    from transformers import AutoConfig, GenerationConfig, LlavaForConditionalGeneration
+    from transformers import (
+        AutoConfig,
+        GenerationConfig,
+        LlavaForConditionalGeneration,
+        LlavaNextForConditionalGeneration,
+    )
 
     tokenizer = qwen_tokenizer()
     config = copy.deepcopy(config)
@@ -188,7 +193,9 @@ def write_checkpoint(
     (out / "config.json").write_text(json.dumps(config))
     llava_config = AutoConfig.from_pretrained(out)
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(llava_config).eval()
+    next_ = llava_config.model_type == "llava_next"
+    model_class = LlavaNextForConditionalGeneration if next_ else LlavaForConditionalGeneration
+    model = model_class(llava_config).eval()
     _randomise_constants(model, seed)
     model.generation_config = GenerationConfig(
         bos_token_id=text["bos_token_id"],
@@ -203,10 +210,25 @@ def write_checkpoint(
 def _processor(
     config: Any, tokenizer: Any, settings: dict[str, Any] | None, chat_template: str
 ) -> Any:
-    from transformers import LlavaProcessor
+    from transformers import LlavaNextProcessor, LlavaProcessor
 
     vision = config.vision_config
-    if vision.model_type == "siglip_vision_model":
+    if config.model_type == "llava_next":  # LlavaNextImageProcessor: the tower's size, tiled
+        from transformers.models.llava_next.image_processing_pil_llava_next import (
+            LlavaNextImageProcessorPil,
+        )
+
+        size = vision.image_size
+        siglip = vision.model_type == "siglip_vision_model"
+        image_processor = LlavaNextImageProcessorPil(
+            size={"height": size, "width": size} if siglip else {"shortest_edge": size},
+            crop_size={"height": size, "width": size},
+            do_center_crop=not siglip,
+            image_grid_pinpoints=config.image_grid_pinpoints,
+            **({"image_mean": [0.5] * 3, "image_std": [0.5] * 3} if siglip else {}),
+        )
+        extra = 0 if siglip else 1  # SigLIP has no CLS token
+    elif vision.model_type == "siglip_vision_model":
         from transformers.models.siglip.image_processing_pil_siglip import (
             SiglipImageProcessorPil,
         )
@@ -223,7 +245,8 @@ def _processor(
             size={"shortest_edge": size}, crop_size={"height": size, "width": size}
         )
         extra = 1
-    return LlavaProcessor(
+    processor_class = LlavaNextProcessor if config.model_type == "llava_next" else LlavaProcessor
+    return processor_class(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=vision.patch_size,

@@ -5,11 +5,15 @@ and q/k/v biases, a ChatML-like template without BOS) exports, verifies in both 
 through the runtime token for token as transformers' generate(), and quantizes to int8 and int4.
 Text-config keys of other published checkpoints (Llama 3.2's llama3 rope with tied embeddings,
 Qwen2.5's YaRN, an explicit head_dim, Mistral's sliding window) export token-exact in both forms;
-longrope, and a chat template the manifest's strings cannot hold, are refused before loading.
+LLaVA-NeXT over SigLIP exports token-exact too. Configs export cannot honour (longrope, a context
+too short for one image, a vision_feature_layer outside the tower, another tower, a processor
+counting image tokens otherwise than the model, a chat template the manifest's strings cannot
+hold) are refused in one line before loading.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,6 +159,26 @@ def test_interleave_quantizes(interleave: Exported, tmp_path: Path, precision: s
     assert len(answer.token_ids) == 4
 
 
+def test_llava_next_with_a_siglip_tower_exports_token_exact(tmp_path: Path) -> None:
+    """LLaVA-NeXT over SigLIP keeps every patch ('full'): verified against
+    LlavaNextForConditionalGeneration in both forms, tiles and all."""
+    from llava_edge.export.exporter import export_checkpoint
+
+    config = interleave_qwen(
+        model_type="llava_next",
+        architectures=["LlavaNextForConditionalGeneration"],
+        image_grid_pinpoints=[[60, 120], [120, 60], [120, 120]],
+    )
+    checkpoint = write_checkpoint(tmp_path / "checkpoint", config)
+    report = export_checkpoint(checkpoint, tmp_path / "model", log=quiet)
+    assert set(report["forms"]) == {"standard", "fused"}
+    for form in report["forms"].values():
+        assert form["passed"] and form["greedy_tokens_matched"] == form["greedy_tokens_total"]
+    manifest = Manifest.load(tmp_path / "model")
+    assert manifest.image.anyres.tile_features == 60 // 14
+    assert manifest.source["vision_model_type"] == "siglip_vision_model"
+
+
 # ---- text-config keys of other published checkpoints, on the tiny CLIP checkpoint -------------
 
 WINDOW = 160  # holds the verification's prompt (about 80 tokens) and its 32 new tokens
@@ -278,24 +302,106 @@ def test_sliding_window_caps_the_context(variants: Any, tmp_path: Path) -> None:
         np.testing.assert_allclose(logits[0], reference, rtol=1e-4, atol=1e-5)
 
 
-def test_longrope_is_refused_before_loading(tmp_path: Path, capsys) -> None:
-    """A rope whose frequencies switch with the sequence length: one line naming it, before the
-    weights are read (here there are none), and no output dir."""
+NEXT = {"model_type": "llava_next", "image_grid_pinpoints": [[64, 128], [128, 64]]}
+# name -> (init_checkpoint overrides, and `config_json` / `processor_json` keys written over its
+# config.json / processor_config.json; what the one-line refusal says). Each is refused before the weights are read (the test deletes
+# them), with no output dir.
+REFUSED: dict[str, tuple[dict[str, Any], str]] = {
+    # Frequencies that switch with the sequence length, inside the traced graph.
+    "longrope": (
+        dict(
+            text={
+                "rope_scaling": {
+                    "rope_type": "longrope",
+                    "short_factor": [1.0] * 8,
+                    "long_factor": [2.0] * 8,
+                    "original_max_position_embeddings": 64,
+                }
+            }
+        ),
+        "rope type 'longrope' is not supported",
+    ),
+    # A window (the export's context) too short for one image (64 tokens) and a question.
+    "window-below-one-image": (
+        dict(backbone="mistral", text={"sliding_window": 80}),
+        "context of 80 tokens (its sliding_window) cannot hold one image",
+    ),
+    "positions-below-one-image": (
+        dict(text={"max_position_embeddings": 100}),
+        "context of 100 tokens (its max_position_embeddings) cannot hold one image",
+    ),
+    # The tiny tower has 2 layers: hidden states -3..2 (the embeddings, then each layer's output).
+    "feature-layer-past-the-tower": (
+        dict(vision_feature_layer=3),
+        "vision_feature_layer 3 is outside the vision tower's hidden states (-3 to 2)",
+    ),
+    "feature-layers-before-the-tower": (
+        dict(vision_feature_layer=[-4, -1]),
+        "vision_feature_layer -4 is outside the vision tower's hidden states (-3 to 2)",
+    ),
+    # transformers' LLaVA asks the tower for no hidden states then (a TypeError in verification).
+    "feature-layer-zero": (dict(vision_feature_layer=0), "vision_feature_layer 0 "),
+    # Pixtral (mistral-community/pixtral-12b is a 'llava' checkpoint): a tower the graphs
+    # cannot call (it takes each image's size).
+    "pixtral-tower": (
+        dict(
+            config_json={
+                "vision_config": {
+                    "model_type": "pixtral",
+                    "hidden_size": 32,
+                    "intermediate_size": 64,
+                    "num_hidden_layers": 2,
+                    "num_attention_heads": 2,
+                    "head_dim": 16,
+                    "image_size": 64,
+                    "patch_size": 8,
+                }
+            }
+        ),
+        "vision tower 'pixtral' is not supported",
+    ),
+    # LLaVA-NeXT lays a tile's features out as the tower's patch grid: CLIP's CLS token must go.
+    "next-clip-full": (
+        dict(config_json=dict(NEXT, vision_feature_select_strategy="full")),
+        "LLaVA-NeXT with a clip_vision_model tower and vision_feature_select_strategy 'full'",
+    ),
+    # SigLIP has no CLS token: 'default' would drop a patch.
+    "next-siglip-default": (
+        dict(config_json=dict(NEXT, vision_config={"model_type": "siglip_vision_model"})),
+        "LLaVA-NeXT with a siglip_vision_model tower and vision_feature_select_strategy 'default'",
+    ),
+    # A processor that puts another number of image tokens in the prompt than the model makes
+    # (CLIP's CLS token not counted, then dropped: 63 for 64 features): transformers fails too.
+    "processor-image-tokens": (
+        dict(processor_json={"num_additional_image_tokens": 0}),
+        "its processor puts 63 image tokens in the prompt per image, its model makes 64",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_unsupported_config_is_refused_before_loading(tmp_path: Path, capsys, name: str) -> None:
     from llava_edge.cli import main
     from llava_edge.training.checkpoint import init_checkpoint
 
-    rope = {
-        "rope_type": "longrope",
-        "short_factor": [1.0] * 8,
-        "long_factor": [2.0] * 8,
-        "original_max_position_embeddings": 64,
-    }
-    checkpoint = init_checkpoint(tmp_path / "checkpoint", text={"rope_scaling": rope})
+    overrides, message = REFUSED[name]
+    overrides = dict(overrides)
+    changes = overrides.pop("config_json", {})
+    processor_changes = overrides.pop("processor_json", {})
+    checkpoint = init_checkpoint(tmp_path / "checkpoint", **overrides)
+    if changes:  # what init cannot make (another tower, LLaVA-NeXT), in config.json alone
+        config = json.loads((checkpoint / "config.json").read_text())
+        for key, value in changes.items():
+            config[key] = {**config[key], **value} if key == "vision_config" else value
+        (checkpoint / "config.json").write_text(json.dumps(config))
+    processor_file = checkpoint / "processor_config.json"
+    processor = json.loads(processor_file.read_text())
+    processor_file.write_text(json.dumps({**processor, **processor_changes}))
     (checkpoint / "model.safetensors").unlink()
     capsys.readouterr()  # what init said
     assert main(["export", str(checkpoint), str(tmp_path / "out")]) != 0
     error = capsys.readouterr().err.strip()
-    assert "rope type 'longrope' is not supported" in error and len(error.splitlines()) == 1
+    assert message in error and len(error.splitlines()) == 1
     assert not (tmp_path / "out").exists()
 
 

@@ -57,6 +57,19 @@ CHATML = (
     "{{ '<|im_end|>\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# Llama 3's headers, on a tokenizer whose end token is not the template's <|eot_id|>: the answer
+# end and the next header ("<|eot_id|><|start_header_id|>") and the first head
+# ("<s><|start_header_id|>") share a ">" that belongs to neither header.
+LLAMA3_HEADERS = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] | trim }}{% endfor %}{{ '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}"
+)
 CHAT = [
     ("What is in the picture?", "A red circle."),
     ("Where is it?", "Top left."),
@@ -134,14 +147,45 @@ def test_the_runtime_prompts_as_the_checkpoints_own_template(
         assert template.system == "<s>" and template.answer_end == "</s>"
 
 
-def test_a_template_the_strings_cannot_express_is_refused(
-    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+def test_a_header_is_never_cut_out_of_a_special_token(
+    tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
-    checkpoint = with_template(tiny_checkpoint, tmp_path / "ckpt", ONEVISION)
+    """The user header starts after BOS, not inside it: BOS stays the system prompt's (written by
+    the template, never added a second time) and the prompts are transformers' token for token."""
+    from llava_edge.export.verify import sample_image
+
+    checkpoint = with_template(tiny_checkpoint, tmp_path / "ckpt", LLAMA3_HEADERS)
+    assert main(["export", str(checkpoint), str(tmp_path / "model"), "--no-verify"]) == 0
+    image = sample_image(120)
+    with Pipeline.load(tmp_path / "model") as pipe:
+        template = pipe.manifest.template
+        assert template.system == "<s>" and template.answer_end == "<|eot_id|>"
+        answer = pipe.answer(image, CHAT[0][0], max_new_tokens=1)
+        assert answer.prompt_token_ids == hf_ids(checkpoint, [(CHAT[0][0], None)], image)
+        text = "".join(t for t, _ in render(template, CHAT, image=True))
+        assert pipe.codec.encode(text) == hf_ids(checkpoint, CHAT, image)
+
+
+# An image written as two <image> marks: transformers' processor then wants two images.
+TWO_MARKS = LLAVA_HF.replace("{{ '<image>\n' }}", "{{ '<image>\n<image>\n' }}")
+
+
+@pytest.mark.parametrize(
+    "template, why",
+    [
+        (ONEVISION, "the image is not placed just before the question"),
+        (TWO_MARKS, "an image is written as 2 '<image>' marks"),
+    ],
+    ids=["onevision", "two-image-marks"],
+)
+def test_a_template_the_strings_cannot_express_is_refused(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture, template: str, why: str
+) -> None:
+    checkpoint = with_template(tiny_checkpoint, tmp_path / "ckpt", template)
     assert main(["export", str(checkpoint), str(tmp_path / "model"), "--no-verify"]) == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "chat template cannot be written as llava-edge's template strings" in line
-    assert "image" in line and CHECKPOINT_INFO_FILE in line
+    assert why in line and CHECKPOINT_INFO_FILE in line
     assert not (tmp_path / "model").exists() and not list(tmp_path.glob(".model.*"))
 
 

@@ -507,3 +507,30 @@ def test_fp16_export_verifies_by_cosine(tiny_checkpoint: Path, tmp_path: Path, c
     with Pipeline.load(out) as pipe:
         answer = pipe.answer(_picture(0), QUESTION, max_new_tokens=8, ignore_eos=True)
     assert len(answer.token_ids) == 8
+    _check_rotary_frequencies_are_float32(tiny_checkpoint, out, manifest)
+
+
+def _check_rotary_frequencies_are_float32(checkpoint: Path, out: Path, manifest: Manifest) -> None:
+    """Rope's inverse frequencies stay float32 in fp16 graphs, as in transformers' fp16 models:
+    rounded to fp16, the angle at distance p is off by up to p * 5e-4 rad."""
+    import onnx
+    from onnx import numpy_helper
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float16)
+    inv_freq = model.model.language_model.rotary_emb.inv_freq
+    assert inv_freq.dtype == torch.float32  # transformers keeps them so
+    inv_freq = inv_freq.numpy()
+    graph = onnx.load(str(out / manifest.graphs["decoder"].file)).graph
+    tensors = [numpy_helper.to_array(t) for t in graph.initializer] + [
+        numpy_helper.to_array(a.t) for n in graph.node for a in n.attribute if a.type == a.TENSOR
+    ]
+    assert any(
+        t.dtype == np.float32 and t.size == inv_freq.size and np.allclose(t.ravel(), inv_freq)
+        for t in tensors
+    )
+    fused = onnx.load(str(out / manifest.graphs["decoder"].fused.file)).graph
+    cos = next(numpy_helper.to_array(t) for t in fused.initializer if t.name == "cos_cache")
+    last = manifest.text.max_context - 1
+    expected = np.cos(last * inv_freq.astype(np.float64))
+    np.testing.assert_allclose(cos[last].astype(np.float64), expected, atol=2e-3)

@@ -14,10 +14,79 @@ from llava_edge.runtime import Pipeline
 
 def test_can_fuse_says_why_not() -> None:
     assert can_fuse(LlamaConfig()) is None
-    assert "activation" in can_fuse(LlamaConfig(hidden_act="gelu"))
+    assert "activation 'relu6'" in can_fuse(LlamaConfig(hidden_act="relu6"))
     assert "head size 24" in can_fuse(LlamaConfig(hidden_size=96, num_attention_heads=4))
-    dynamic = LlamaConfig(rope_scaling={"rope_type": "dynamic", "factor": 2.0})
-    assert "dynamic rope" in can_fuse(dynamic)
+
+
+# name -> LlamaConfig keys: MLP activations other than SiLU; dynamic rope (inside
+# max_position_embeddings, the export's longest context, its tables never change) and linear.
+FUSED_TEXT = {
+    "gelu": {"hidden_act": "gelu"},
+    "gelu-tanh": {"hidden_act": "gelu_pytorch_tanh"},
+    "gelu-new": {"hidden_act": "gelu_new"},
+    "quick-gelu": {"hidden_act": "quick_gelu"},
+    "relu": {"hidden_act": "relu"},
+    "swish": {"hidden_act": "swish"},
+    "dynamic-rope": {"rope_scaling": {"rope_type": "dynamic", "factor": 4.0}},
+    "linear-rope": {"rope_scaling": {"rope_type": "linear", "factor": 4.0}},
+}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("name", list(FUSED_TEXT))
+def test_fused_decoder_equals_transformers(name: str, dtype: str) -> None:
+    """The fused decoder's prefill logits are transformers' (fp32: to 1e-5 of their range; the
+    SiLU model's logits differ by far more, so the activation is the config's)."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers.activations import ACT2FN
+
+    from llava_edge.export.fused import build_fused_decoder
+    from llava_edge.manifest import TextSpec
+
+    text = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+        max_position_embeddings=128,
+        initializer_range=0.3,  # the MLP's inputs reach where the activations differ
+        **FUSED_TEXT[name],
+    )
+    assert can_fuse(text) is None
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(LlavaConfig(text_config=text, vision_config=vision))
+    model.eval()
+    graph = build_fused_decoder(model, TextSpec(64, 2, 4, 2, 16, 100, 128, dtype))
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    seq = 9
+    embeds = torch.randn(1, seq, 64)
+    feed = {
+        "inputs_embeds": embeds.numpy().astype(dtype),
+        "seqlens_k": np.asarray([seq - 1], np.int32),
+        "total_sequence_length": np.asarray(seq, np.int32),
+    }
+    for i in range(2):
+        for kind in ("key", "value"):
+            feed[f"past_key_values.{i}.{kind}"] = np.zeros((1, 2, 0, 16), dtype)
+    logits = session.run(["logits"], feed)[0][0]
+    with torch.no_grad():
+        reference = model(inputs_embeds=embeds).logits[0, -1].numpy()
+        for layer in model.model.language_model.layers:
+            layer.mlp.act_fn = ACT2FN["silu"]
+        silu = model(inputs_embeds=embeds).logits[0, -1].numpy()
+    scale = np.abs(reference).max()
+    gap = np.abs(logits - reference).max() / scale
+    assert gap < (1e-5 if dtype == "float32" else 3e-3)
+    if "hidden_act" in FUSED_TEXT[name] and name != "swish":
+        assert np.abs(silu - reference).max() / scale > 1e-2
 
 
 @pytest.fixture(scope="module")

@@ -166,13 +166,19 @@ def derive_template(chat: CheckpointChat, eos_texts: list[str]) -> TemplateSpec:
     if not image_head.startswith(first_head) or image_tail != assistant:
         raise refuse("the image is not placed just before the question")
     image = image_head[len(first_head) :]
+    # transformers' processor wants as many images as the prompt has marks
+    if IMAGE_PLACEHOLDER in text_only:
+        raise refuse(f"a question without an image gets an {IMAGE_PLACEHOLDER!r} mark")
+    if with_image.count(IMAGE_PLACEHOLDER) != 1:
+        marks = with_image.count(IMAGE_PLACEHOLDER)
+        raise refuse(f"an image is written as {marks} {IMAGE_PLACEHOLDER!r} marks, not one")
     if not two_turns.startswith(with_image):
         raise refuse("the first turn renders differently once the conversation goes on")
     answer_prefix, rest = split(two_turns[len(with_image) :], A1)
     between, tail = split(rest, Q2)  # answer_end + user
     if tail != assistant:
         raise refuse("the second question is followed by something other than the first's header")
-    user = _user_header(between, first_head, eos_texts)
+    user = _user_header(between, first_head, eos_texts, _special_texts(chat))
     template = TemplateSpec(
         name="checkpoint",
         system=first_head[: len(first_head) - len(user)],
@@ -191,13 +197,17 @@ def derive_template(chat: CheckpointChat, eos_texts: list[str]) -> TemplateSpec:
     return template
 
 
-def _user_header(between: str, first_head: str, eos_texts: list[str]) -> str:
+def _user_header(
+    between: str, first_head: str, eos_texts: list[str], specials: tuple[str, ...] = ()
+) -> str:
     """Split what comes between an answer and the next question into answer_end + user.
 
     The user header must end both that and the first turn's head (system + user). Where an
     end-of-sequence token closes the answer, answer_end ends with it: the model writes it and
     training supervises it, and what follows belongs to the next user turn. Otherwise the user
-    header is the longest text the two share.
+    header is the longest text the two share that cuts neither through one of the tokenizer's
+    special tokens (`specials`): "<s><|start_header_id|>" and "<|eot_id|><|start_header_id|>"
+    share a ">" that belongs to BOS in one of them.
     """
     for eos in eos_texts:
         at = between.rfind(eos) if eos else -1
@@ -208,7 +218,27 @@ def _user_header(between: str, first_head: str, eos_texts: list[str]) -> str:
         between[len(between) - shared - 1] == first_head[len(first_head) - shared - 1]
     ):
         shared += 1
+    while shared and any(
+        _cuts(text, len(text) - shared, specials) for text in (between, first_head)
+    ):
+        shared -= 1
     return between[len(between) - shared :]
+
+
+def _cuts(text: str, at: int, tokens: tuple[str, ...]) -> bool:
+    """Does position `at` of `text` fall inside an occurrence of one of `tokens`?"""
+    for token in tokens:
+        start = text.find(token, max(0, at - len(token) + 1))
+        if 0 <= start < at < start + len(token):
+            return True
+    return False
+
+
+def _special_texts(chat: CheckpointChat) -> tuple[str, ...]:
+    """The texts the tokenizer reads as one token whole (BOS, EOS, added tokens)."""
+    tokenizer = chat.processor.tokenizer
+    added = getattr(tokenizer, "get_added_vocab", dict)()
+    return tuple(t for t in {*added, *tokenizer.all_special_tokens} if len(t) > 1)
 
 
 def _named_template(checkpoint: Path) -> str | None:

@@ -92,7 +92,7 @@ def export_checkpoint(
     loaded = load_checkpoint(checkpoint, trust_remote_code=trust_remote_code)
     with replace_dir(out) as tmp:
         if dtype == "fp16":
-            loaded.model.half()
+            _half(loaded.model)
         manifest = build_manifest(loaded, dtype, max_context)
         manifest.source["opset"] = opset
         _write_graphs(loaded.model, manifest, tmp, opset, log)
@@ -112,6 +112,21 @@ def export_checkpoint(
     manifest.mark_verified(out)  # just hashed by record_files: no need to hash on first load
     log(f"exported {loaded.source} -> {out} in {time.perf_counter() - start:.1f} s")
     return report
+
+
+def _half(model: Any) -> None:
+    """model.half(), but rope's inverse frequencies (inv_freq and its copies) stay float32, as
+    transformers keeps them in a model it loads in fp16: rounded to fp16, the angle between
+    tokens p apart is off by up to p * 5e-4 rad."""
+    kept = {
+        name: buffer.clone()
+        for name, buffer in model.named_buffers()
+        if name.endswith("inv_freq") and buffer.is_floating_point()
+    }
+    model.half()
+    for name, buffer in kept.items():
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, buffer)
 
 
 def load_checkpoint(
@@ -140,6 +155,7 @@ def load_checkpoint(
             check_processor(processor, config, source)
             eos = _eos_ids(generation, processor.tokenizer)
             _check_tokens(config, processor.tokenizer, eos)
+            _check_image_tokens(processor, config, source)  # the image token is <image> now
             eos_texts = [processor.tokenizer.decode([i], skip_special_tokens=False) for i in eos]
             template = choose_template(
                 Path(source),
@@ -158,6 +174,32 @@ def load_checkpoint(
     except (OSError, ValueError) as e:  # missing weights or tokenizer files, a broken config
         raise LlavaEdgeError(f"cannot load checkpoint {source}: {first_line(e)}") from None
     return LoadedCheckpoint(model, processor, source, template)
+
+
+def _check_image_tokens(processor: Any, config: Any, source: str) -> None:
+    """transformers' LLaVA wants as many image tokens in the prompt as the model makes features:
+    a processor that counts otherwise (processor_config.json's num_additional_image_tokens and
+    vision_feature_select_strategy) makes a checkpoint transformers cannot run either."""
+    from PIL import Image
+
+    if config.model_type != "llava":  # LLaVA-NeXT's count depends on the image; verify checks it
+        return
+    inputs = processor(
+        images=Image.new("RGB", (48, 40)), text=IMAGE_PLACEHOLDER, return_tensors="np"
+    )
+    marks = int((inputs["input_ids"] == int(config.image_token_id)).sum())
+    vision = config.vision_config
+    height, width = inputs["pixel_values"].shape[-2:]
+    features = (height // vision.patch_size) * (width // vision.patch_size)
+    features += int(vision.model_type == "clip_vision_model")  # CLIP's CLS token
+    features -= int(config.vision_feature_select_strategy == "default")  # the first one dropped
+    if marks != features:
+        raise LlavaEdgeError(
+            f"{source}: its processor puts {marks} image tokens in the prompt per image, its "
+            f"model makes {features} (processor_config.json's patch_size, num_additional_image_tokens "
+            "and vision_feature_select_strategy against config.json's); transformers cannot run it "
+            "either: fix processor_config.json"
+        )
 
 
 def _check_tokens(config: Any, tokenizer: Any, eos_ids: list[int]) -> None:
@@ -179,7 +221,7 @@ def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = F
     """The checkpoint's LlavaConfig, once it is known to be a LLaVA export takes (no weights)."""
     from transformers import AutoConfig
 
-    from llava_edge.export.graphs import SUPPORTED_TEXT_MODELS
+    from llava_edge.export.graphs import SUPPORTED_TEXT_MODELS, SUPPORTED_VISION_TOWERS
     from llava_edge.modeling import check_full_precision
 
     source = str(checkpoint)
@@ -212,12 +254,14 @@ def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = F
             "(LlavaForConditionalGeneration or LlavaNextForConditionalGeneration); export takes "
             "LLaVA checkpoints only"
         )
-    if config.model_type == "llava_next" and config.vision_feature_select_strategy != "default":
+    tower = config.vision_config.model_type
+    if tower not in SUPPORTED_VISION_TOWERS:
         raise LlavaEdgeError(
-            f"{source}: LLaVA-NeXT with vision_feature_select_strategy "
-            f"'{config.vision_feature_select_strategy}' is not supported (its tiles' feature "
-            "grids need the CLS token dropped)"
+            f"{source}: vision tower '{tower}' is not supported "
+            f"(supported: {', '.join(SUPPORTED_VISION_TOWERS)})"
         )
+    if config.model_type == "llava_next":
+        _check_tile_features(source, config)
     check_full_precision(
         config,
         source,
@@ -225,6 +269,7 @@ def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = F
     )
     if config.model_type == "llava_next":
         _check_pinpoints(source, config)
+    _check_feature_layers(source, config)
     text_type = config.text_config.model_type
     if text_type not in SUPPORTED_TEXT_MODELS:
         raise LlavaEdgeError(
@@ -240,6 +285,22 @@ def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = F
     return config
 
 
+def _check_tile_features(source: str, config: Any) -> None:
+    """LLaVA-NeXT lays each tile's features out as the tower's patch grid: CLIP's once its CLS
+    token is dropped ('default'), SigLIP's as they are ('full'). Any other selection breaks the
+    grid in transformers' LlavaNextModel too."""
+    tower = config.vision_config.model_type
+    wanted = "full" if tower == "siglip_vision_model" else "default"
+    strategy = config.vision_feature_select_strategy
+    if strategy != wanted:
+        why = "SigLIP has no CLS token to drop" if wanted == "full" else "it drops CLIP's CLS token"
+        raise LlavaEdgeError(
+            f"{source}: LLaVA-NeXT with a {tower} tower and vision_feature_select_strategy "
+            f"'{strategy}' is not supported: its tiles' feature grids are the tower's patches, "
+            f"which only '{wanted}' selects ({why})"
+        )
+
+
 def _check_pinpoints(source: str, config: Any) -> None:
     """AnyRes grids are whole tiles of the vision tower's input: LlavaNextImageProcessor and
     LlavaNextModel disagree on the feature grid of any other size, so such a model dir would
@@ -252,6 +313,26 @@ def _check_pinpoints(source: str, config: Any) -> None:
                 f"{tile} px tiles (the vision tower's input) on each side; fix the config's "
                 "image_grid_pinpoints"
             )
+
+
+def _check_feature_layers(source: str, config: Any) -> None:
+    """vision_feature_layer indexes the tower's hidden states (the embeddings, then each layer's
+    output): one past them fails in tracing, and an int 0 in transformers' own LLaVA, which reads
+    the selection as output_hidden_states and so asks the tower for none."""
+    layers = config.vision_feature_layer
+    states = int(config.vision_config.num_hidden_layers) + 1
+    for layer in [layers] if isinstance(layers, int) else list(layers):
+        if not -states <= int(layer) < states:
+            raise LlavaEdgeError(
+                f"{source}: vision_feature_layer {layer} is outside the vision tower's hidden "
+                f"states ({-states} to {states - 1}); fix the config's vision_feature_layer"
+            )
+    if layers == 0:
+        raise LlavaEdgeError(
+            f"{source}: vision_feature_layer 0 (the patch embeddings) is not supported: "
+            "transformers' LLaVA then asks the vision tower for no hidden states and fails, so "
+            "there is no reference to export against; write it as [0], which selects the same"
+        )
 
 
 # Rope types the graphs cannot hold, and why.
@@ -459,18 +540,28 @@ def _eos_ids(generation_config: Any, tokenizer: Any) -> list[int]:
 
 
 def _max_context(config: Any, requested: int | None) -> int:
+    """--max-context, or the model's own context when none is given; either must hold one image
+    and MIN_TEXT_ROOM tokens (the verification's prompt and answer need about that too)."""
     text_config = config.text_config
     limit = int(getattr(text_config, "max_position_embeddings", 4096) or 4096)
+    source = "max_position_embeddings"
     window = getattr(text_config, "sliding_window", None)
-    if window and getattr(text_config, "use_sliding_window", True):
-        limit = min(limit, int(window))  # the graphs attend to everything: stay inside the window
+    if window and getattr(text_config, "use_sliding_window", True) and int(window) < limit:
+        # the graphs attend to everything: stay inside the window
+        limit, source = int(window), "sliding_window"
+    least = _image_tokens_at_least(config) + MIN_TEXT_ROOM
+    if limit < least:
+        raise LlavaEdgeError(
+            f"this model's context of {limit} tokens (its {source}) cannot hold one image and "
+            f"{MIN_TEXT_ROOM} tokens of question and answer ({least} tokens); export needs a "
+            "longer context"
+        )
     if requested is None:
         return limit
-    least = _image_tokens_at_least(config) + MIN_TEXT_ROOM
     if requested < least or requested > limit:
         raise LlavaEdgeError(
             f"--max-context must be between {least} (one image and {MIN_TEXT_ROOM} tokens of "
-            f"question and answer) and {limit} for this model, got {requested}"
+            f"question and answer) and {limit} (the model's {source}), got {requested}"
         )
     return requested
 

@@ -11,7 +11,8 @@ fastest:
     one packed QKV MatMul (+ one packed bias Add for Qwen2)
     GroupQueryAttention: rotary inside (cos/sin tables from the checkpoint's own rotary module),
         causal attention over a preallocated KV buffer that past and present share in place
-    o_proj MatMul, SkipSimplifiedLayerNormalization, gate/up MatMuls, SiLU, down MatMul
+    o_proj MatMul, SkipSimplifiedLayerNormalization, gate/up MatMuls, the activation (SiLU,
+        GELU...), down MatMul
     logits of each row's last token only
 
 It is written by hand with onnx.helper because no exporter emits it: torch.onnx produces the
@@ -41,7 +42,11 @@ from llava_edge.manifest import GraphSpec, KVSpec, TensorSpec, TextSpec
 FUSED_FILE = "decoder_fused.onnx"
 MS_DOMAIN = "com.microsoft"
 FUSED_OPSET = 17
-ACTIVATIONS = ("silu",)
+# The MLP's activations (transformers' hidden_act names) the fused form writes, by formula.
+SILU_ACTS = ("silu", "swish")
+ERF_GELU_ACTS = ("gelu", "gelu_python")  # x * Phi(x)
+TANH_GELU_ACTS = ("gelu_new", "gelu_fast", "gelu_pytorch_tanh", "gelu_python_tanh")
+ACTIVATIONS = (*SILU_ACTS, *ERF_GELU_ACTS, *TANH_GELU_ACTS, "quick_gelu", "relu")
 
 
 def fused_spec(text: TextSpec, precision: str) -> GraphSpec:
@@ -79,10 +84,8 @@ def can_fuse(text_config: Any) -> str | None:
         return f"head size {head_dim} (GroupQueryAttention takes multiples of 16)"
     if getattr(text_config, "partial_rotary_factor", 1.0) != 1.0:
         return "rotary over part of each head"
-    from llava_edge.export.exporter import rope_type
-
-    if rope_type(text_config) == "dynamic":
-        return "dynamic rope scaling (its tables change with the sequence length)"
+    # Dynamic rope needs nothing of its own: its tables change only past max_position_embeddings,
+    # which no export's context reaches, so the tables read from the rotary module hold.
     return None
 
 
@@ -157,9 +160,9 @@ def build_fused_decoder(llava: Any, text: TextSpec) -> Any:
         mlp = layer.mlp
         gate = g.linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias, f"l{i}.gate")
         up = g.linear(h, mlp.up_proj.weight, mlp.up_proj.bias, f"l{i}.up")
-        silu = g.node("Mul", [gate, g.node("Sigmoid", [gate])])
+        act = g.activation(gate, config.hidden_act)
         mlp_out = g.linear(
-            g.node("Mul", [silu, up]), mlp.down_proj.weight, mlp.down_proj.bias, f"l{i}.down"
+            g.node("Mul", [act, up]), mlp.down_proj.weight, mlp.down_proj.bias, f"l{i}.down"
         )
 
     # Each row's last token: slot min(seqlens_k, seq - 1) of this call (right padding; a decode
@@ -277,6 +280,36 @@ class _Graph:
         if bias is not None:
             y = self.node("Add", [y, self.weight(f"{name}.bias", bias)])
         return y
+
+    def activation(self, x: str, name: str) -> str:
+        """transformers' ACT2FN[name](x) in standard ops (the GELUs computed in float32, where
+        onnxruntime's CPU has Erf and Tanh kernels; it fuses them into Gelu/FastGelu at load)."""
+        from onnx import TensorProto
+
+        if name in SILU_ACTS:
+            return self.node("Mul", [x, self.node("Sigmoid", [x])])
+        if name == "relu":
+            return self.node("Relu", [x])
+        if name == "quick_gelu":  # x * sigmoid(1.702 x)
+            scaled = self.node("Mul", [x, self.scalar(1.702, self.dtype)])
+            return self.node("Mul", [x, self.node("Sigmoid", [scaled])])
+        f32 = np.dtype(np.float32)
+        y = x if self.dtype == f32 else self.node("Cast", [x], to=TensorProto.FLOAT)
+        if name in ERF_GELU_ACTS:  # 0.5 x (1 + erf(x / sqrt 2))
+            inner = self.node("Erf", [self.node("Mul", [y, self.scalar(0.5**0.5, f32)])])
+        elif name in TANH_GELU_ACTS:  # 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
+            cube = self.node("Mul", [y, self.node("Mul", [y, y])])
+            poly = self.node("Add", [y, self.node("Mul", [cube, self.scalar(0.044715, f32)])])
+            root = float(np.sqrt(2 / np.pi))
+            inner = self.node("Tanh", [self.node("Mul", [poly, self.scalar(root, f32)])])
+        else:
+            raise LlavaEdgeError(f"the fused decoder has no activation {name!r}")
+        one_plus = self.node("Add", [inner, self.scalar(1.0, f32)])
+        y = self.node("Mul", [self.node("Mul", [y, self.scalar(0.5, f32)]), one_plus])
+        return y if self.dtype == f32 else self.node("Cast", [y], to=TensorProto.FLOAT16)
+
+    def scalar(self, value: float, dtype: np.dtype) -> str:
+        return self.constant(self.fresh("scalar"), np.asarray(value, dtype=dtype))
 
     def skip_norm(self, x: str, skip: str, weight: Any, eps: float, name: str) -> tuple[str, str]:
         """(norm(x + skip), x + skip): one SkipSimplifiedLayerNormalization."""

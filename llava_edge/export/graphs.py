@@ -14,6 +14,8 @@ from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 SUPPORTED_TEXT_MODELS = ("llama", "mistral", "qwen2")
+# Towers called as pixel_values -> hidden states of every layer (CLS first where there is one).
+SUPPORTED_VISION_TOWERS = ("clip_vision_model", "siglip_vision_model")
 
 
 class VisionEncoder(nn.Module):
