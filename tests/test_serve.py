@@ -239,6 +239,24 @@ def test_images_in_several_turns_equal_the_library(server):
     assert response.status_code == 400 and "context holds" in error_of(response)["message"]
 
 
+def test_an_image_then_its_question_in_two_messages_is_one_turn(server):
+    """Clients often send the picture, then the question, as two user messages; text parts
+    become a line each."""
+    pipe, image = server.state.pipe, picture(4)
+    messages = [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri(image)}}]},
+        {"role": "user", "content": [{"type": "text", "text": "What is this?"}]},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Be"}, {"type": "text", "text": "brief."}],
+        },
+    ]
+    reply = server.client().chat.completions.create(model=MODEL, messages=messages, max_tokens=10)
+    want = pipe.answer(image, "What is this?\nBe\nbrief.", max_new_tokens=10)
+    assert reply.choices[0].message.content == want.text
+    assert reply.usage.prompt_tokens == len(want.prompt_token_ids)
+
+
 def test_text_only_and_system_prompt(server):
     pipe = server.state.pipe
     reply = server.client().chat.completions.create(
@@ -367,7 +385,6 @@ MALFORMED = {
         "model": MODEL,
         "messages": [*GOOD, {"role": "assistant", "content": "A"}],
     },
-    "two users in a row": {"model": MODEL, "messages": [*GOOD, *GOOD]},
     "content a number": {"model": MODEL, "messages": [{"role": "user", "content": 3}]},
     "bad part type": {
         "model": MODEL,

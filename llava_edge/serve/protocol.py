@@ -145,17 +145,13 @@ def _parse_messages(
                 )
             system, _ = _content(message.get("content"), param, images=False)
         elif role == "user":
-            if turns and turns[-1][1] is None:
-                raise ApiError(
-                    400,
-                    "user and assistant messages must alternate; join consecutive user "
-                    "messages into one",
-                    param,
-                )
             text, urls = _content(message.get("content"), param, images=True)
+            if turns and turns[-1][1] is None:  # one turn, as a client sends an image, then
+                turns[-1][0] = _joined([turns[-1][0], text])  # its question, in two messages
+            else:
+                turns.append([text, None])
             image_urls += urls
-            image_turns += [len(turns)] * len(urls)
-            turns.append([text, None])
+            image_turns += [len(turns) - 1] * len(urls)
         elif role == "assistant":
             if not turns or turns[-1][1] is not None:
                 raise ApiError(400, "an assistant message must answer a user message", param)
@@ -177,6 +173,12 @@ def _parse_messages(
             400, "the last message must be the user's, for the model to answer", "messages"
         )
     return [(q, a) for q, a in turns], image_urls, image_turns, system
+
+
+def _joined(texts: list[str]) -> str:
+    """Text parts, or consecutive user messages, as one question: a line each (as vLLM joins
+    them), the empty ones (an image's message) left out."""
+    return "\n".join(t for t in texts if t)
 
 
 def _content(content: Any, param: str, images: bool) -> tuple[str, list[str]]:
@@ -210,7 +212,7 @@ def _content(content: Any, param: str, images: bool) -> tuple[str, list[str]]:
             raise ApiError(
                 400, f"{where} has type {kind!r}; parts are 'text' or 'image_url'", f"{where}.type"
             )
-    return "".join(texts), urls
+    return _joined(texts), urls
 
 
 def _text(text: str, param: str) -> str:
