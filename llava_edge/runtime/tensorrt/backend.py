@@ -162,7 +162,8 @@ class TensorRTBackend:
         if not 1 <= batch <= self.limits.max_batch:
             raise LlavaEdgeError(
                 f"a batch of {batch} is over the {self.limits.max_batch} the TensorRT engines were "
-                "built for; rebuild them with a larger --max-batch"
+                f"built for; batch at most {self.limits.max_batch} (serve and BatchEngine: "
+                "--max-batch/max_batch), or rebuild them with a larger --max-batch"
             )
         cache = self._cache(batch, getattr(self, "pool", None))
         with self._lock:  # close() goes through them
