@@ -128,6 +128,16 @@ def test_layers_keeps_the_first_n_of_each_tower(layers: int) -> None:
     _check_llava_1_5_layout(cut)
 
 
+def test_overrides_win_over_the_presets_defaults() -> None:
+    """Any text or LLaVA setting may be overridden, those the preset sets by default too."""
+    tokenizer = make_hf_tokenizer(PRESETS["tiny"]["tokenizer_size"])
+    config = make_config(
+        "tiny", None, tokenizer, text={"rms_norm_eps": 1e-3}, projector_hidden_act="relu"
+    )
+    assert config.text_config.rms_norm_eps == 1e-3
+    assert config.projector_hidden_act == "relu"
+
+
 def test_layers_must_be_positive() -> None:
     with pytest.raises(LlavaEdgeError, match="--layers"):
         _config("tiny", 0)

@@ -186,20 +186,22 @@ def make_config(preset: str, layers: int | None, tokenizer: Any, **overrides: An
     text_cls = backbones[backbone]
     image_tokens = (vision["image_size"] // vision["patch_size"]) ** 2
     strategy = overrides.get("vision_feature_select_strategy", "default")
-    return LlavaConfig(
-        vision_config=CLIPVisionConfig(**vision),
-        text_config=text_cls(
-            vocab_size=spec["vocab_size"],
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            rms_norm_eps=1e-5,
-            **text,
-        ),
-        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
-        image_seq_length=image_tokens + (1 if strategy == "full" else 0),
-        projector_hidden_act="gelu",
+    text = {
+        "vocab_size": spec["vocab_size"],
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "rms_norm_eps": 1e-5,
+        **text,  # the preset's and the caller's settings win over these defaults
+    }
+    llava = {
+        "image_token_index": tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
+        "image_seq_length": image_tokens + (1 if strategy == "full" else 0),
+        "projector_hidden_act": "gelu",
         **overrides,
+    }
+    return LlavaConfig(
+        vision_config=CLIPVisionConfig(**vision), text_config=text_cls(**text), **llava
     )
 
 
