@@ -64,6 +64,11 @@ def cases(model: Path, checkpoint: Path, tmp: Path) -> dict[str, tuple[list[str]
             ["init", str(tmp / "i"), "--layers", "100"],
             "--layers must be 1 to 2",
         ),
+        "serve no rows": (["serve", str(model), "--max-batch", "0"], "--max-batch must be"),
+        "serve a negative drain": (
+            ["serve", str(model), "--drain-timeout", "-1"],
+            "--drain-timeout must be 0 or more",
+        ),
         "init a preset beside --vision": (
             ["init", str(tmp / "i"), "--vision", str(tmp), "--llm", str(tmp), "--preset", "small"],
             "drop one or the other",

@@ -71,6 +71,13 @@ class ServeOptions:
         ]:
             if not value > 0:
                 raise LlavaEdgeError(f"{flag} must be positive, got {value:g}")
+        for flag, value, least in [
+            ("--max-batch", self.max_batch, 1),
+            ("--max-queue", self.max_queue, 0),
+            ("--threads", self.threads, 1),
+        ]:
+            if value is not None and not (isinstance(value, int) and value >= least):
+                raise LlavaEdgeError(f"{flag} must be a whole number, {least} or more, got {value}")
         if not self.prefix_cache_mb >= 0:
             raise LlavaEdgeError(
                 f"--prefix-cache-mb must be 0 (off) or more, got {self.prefix_cache_mb:g}"
