@@ -64,6 +64,10 @@ def cases(model: Path, checkpoint: Path, tmp: Path) -> dict[str, tuple[list[str]
             ["init", str(tmp / "i"), "--layers", "100"],
             "--layers must be 1 to 2",
         ),
+        "an engine dir onnxruntime would not use": (
+            ["run", str(model), "--prompt", "hi", "--engine-dir", str(tmp)],
+            "add the tensorrt provider",
+        ),
         "serve no rows": (["serve", str(model), "--max-batch", "0"], "--max-batch must be"),
         "serve a negative drain": (
             ["serve", str(model), "--drain-timeout", "-1"],
