@@ -984,30 +984,38 @@ def _add_backend_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, help="seconds one answer may take")
 
 
+def _complain(line: str) -> None:
+    """One line to stderr; a path in another encoding than UTF-8 is shown escaped, on any
+    stream (an app's own stderr may be strict)."""
+    print(line.encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args) or 0
     except LlavaEdgeError as e:
-        print(f"llava-edge {args.command}: error: {e}", file=sys.stderr)
+        _complain(f"llava-edge {args.command}: error: {e}")
         return 1
     except KeyboardInterrupt:
-        print(f"llava-edge {args.command}: interrupted", file=sys.stderr)
+        _complain(f"llava-edge {args.command}: interrupted")
         return 130
     except BrokenPipeError:  # `llava-edge watch --jsonl | head -1`: the reader has what it wanted
         # Python's own advice: point stdout at devnull so the flush at exit does not fail again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a tool killed by the closed pipe would return
     except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise
         # Every dir is written whole or not at all (files.replace_dir): only the disk needs care.
-        where = f" writing {e.filename}" if e.filename else ""
-        print(
-            f"llava-edge {args.command}: error: no space left on the device{where}; free some "
-            "space or write to another disk",
-            file=sys.stderr,
-        )
+        if e.errno == errno.ENOSPC:
+            where = f" writing {e.filename}" if e.filename else ""
+            problem = (
+                f"no space left on the device{where}; free some space or write to another disk"
+            )
+        elif e.errno == errno.ENAMETOOLONG:
+            problem = f"a path is too long for the filesystem: {e.filename}; shorten it"
+        else:
+            raise
+        _complain(f"llava-edge {args.command}: error: {problem}")
         return 1
 
 

@@ -64,6 +64,23 @@ def cases(model: Path, checkpoint: Path, tmp: Path) -> dict[str, tuple[list[str]
             ["init", str(tmp / "i"), "--layers", "100"],
             "--layers must be 1 to 2",
         ),
+        "a model dir whose path is not UTF-8": (
+            ["run", str(tmp / "m\udcff"), "--prompt", "hi"],
+            "the path is not valid UTF-8 text",
+        ),
+        "an output dir whose path is not UTF-8": (
+            ["export", str(checkpoint), str(tmp / "out\udcff")],
+            "the path is not valid UTF-8 text",
+        ),
+        "an output name too long to write beside": (
+            ["init", str(tmp / ("n" * 240))],
+            "choose a shorter name",
+        ),
+        "a plot name too long": ([*bench, "--plot", str(tmp / ("p" * 300))], "shorter name"),
+        "a model dir name too long": (
+            ["plan", str(tmp / ("m" * 300))],
+            "a path is too long for the filesystem",
+        ),
         "an engine dir onnxruntime would not use": (
             ["run", str(model), "--prompt", "hi", "--engine-dir", str(tmp)],
             "add the tensorrt provider",
@@ -87,6 +104,7 @@ def test_refused_in_one_line_before_any_work(
     case, tiny_model_dir, tiny_checkpoint, tmp_path, capsys
 ):
     (tmp_path / "a_file").write_text("not a model dir")
+    (tmp_path / "m\udcff").symlink_to(tiny_model_dir)  # a name in another encoding
     argv, message = cases(tiny_model_dir, tiny_checkpoint, tmp_path)[case]
     before = {
         p for p in (*tmp_path.rglob("*"), *tiny_model_dir.rglob("*"), *tiny_checkpoint.rglob("*"))
