@@ -992,13 +992,14 @@ def _complain(line: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    name = " ".join(filter(None, [args.command, getattr(args, "data_command", None)]))
     try:
         return COMMANDS[args.command](args) or 0
     except LlavaEdgeError as e:
-        _complain(f"llava-edge {args.command}: error: {e}")
+        _complain(f"llava-edge {name}: error: {e}")
         return 1
     except KeyboardInterrupt:
-        _complain(f"llava-edge {args.command}: interrupted")
+        _complain(f"llava-edge {name}: interrupted")
         return 130
     except BrokenPipeError:  # `llava-edge watch --jsonl | head -1`: the reader has what it wanted
         # Python's own advice: point stdout at devnull so the flush at exit does not fail again
@@ -1015,7 +1016,7 @@ def main(argv: list[str] | None = None) -> int:
             problem = f"a path is too long for the filesystem: {e.filename}; shorten it"
         else:
             raise
-        _complain(f"llava-edge {args.command}: error: {problem}")
+        _complain(f"llava-edge {name}: error: {problem}")
         return 1
 
 

@@ -90,6 +90,10 @@ def cases(model: Path, checkpoint: Path, tmp: Path) -> dict[str, tuple[list[str]
             ["serve", str(model), "--drain-timeout", "-1"],
             "--drain-timeout must be 0 or more",
         ),
+        "data names its sub-command": (
+            ["data", "synth", str(tmp / "a_file")],
+            "llava-edge data synth: error: output",
+        ),
         "init a preset beside --vision": (
             ["init", str(tmp / "i"), "--vision", str(tmp), "--llm", str(tmp), "--preset", "small"],
             "drop one or the other",
