@@ -501,6 +501,9 @@ def _eval(args: argparse.Namespace) -> None:
 # ---- the parser ------------------------------------------------------------------------------
 
 
+MODEL_HELP = "model dir written by `llava-edge export` (or quantize)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from llava_edge.calib.quantize import INT4_BLOCK, INT4_BLOCKS, METHODS, TARGETS
 
@@ -511,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("init", help="write a random-weight LLaVA checkpoint of a preset's shape")
-    p.add_argument("out_dir")
+    p.add_argument("out_dir", help="checkpoint dir to write")
     p.add_argument("--preset", default="tiny", choices=["tiny", "demo", "small", "llava-1.5-7b"])
     p.add_argument("--layers", type=int, help="keep only the first N layers of each tower")
     p.add_argument("--vision", help="CLIP checkpoint: build LLaVA from it and --llm instead")
@@ -522,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="mlp2x_gelu (LLaVA-1.5, default), linear (LLaVA v1) or mlpNx_gelu",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty OUT_DIR")
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
 
     p = sub.add_parser(
         "convert", help="convert an original-format LLaVA checkpoint into one export takes"
@@ -530,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "original_dir", help="checkpoint of the original LLaVA code (or its LoRA/stage-1 output)"
     )
-    p.add_argument("out_dir")
+    p.add_argument("out_dir", help="checkpoint dir to write")
     p.add_argument("--vision", help="the CLIP checkpoint dir its mm_vision_tower names")
     p.add_argument("--base", help="the language model a LoRA or stage-1 output was trained on")
     p.add_argument(
@@ -540,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a LLaVA checkpoint to ONNX graphs + manifest")
     p.add_argument("checkpoint", help="checkpoint dir, or a hub id where the network allows")
-    p.add_argument("out_dir")
+    p.add_argument("out_dir", help="model dir to write")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
     p.add_argument(
         "--opset", type=int, default=17, help="ONNX opset (default 17: TensorRT 10.3 parses it)"
@@ -562,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="write an int8, int4 or fp16 copy of an exported model dir")
     p.add_argument("model_dir", help="fp32 model dir written by `llava-edge export`")
-    p.add_argument("out_dir")
+    p.add_argument("out_dir", help="model dir to write")
     p.add_argument("--precision", required=True, choices=TARGETS)
     p.add_argument(
         "--calib",
@@ -606,13 +609,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
 
     p = sub.add_parser("run", help="answer a question about an image")
-    p.add_argument("model_dir")
+    p.add_argument("model_dir", help=MODEL_HELP)
     p.add_argument(
         "--image",
         action="append",
         help="image file; repeat for several images in one prompt (omit for a text-only prompt)",
     )
-    p.add_argument("--prompt", required=True)
+    p.add_argument(
+        "--prompt", required=True, help="the question (in the chat template unless --raw)"
+    )
     p.add_argument(
         "--json", action="store_true", help="print one JSON object instead of streaming text"
     )
@@ -625,14 +630,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "watch", help="answer a question about a video, camera or stream, frame after frame"
     )
-    p.add_argument("model_dir")
+    p.add_argument("model_dir", help=MODEL_HELP)
     p.add_argument(
         "--source",
         required=True,
         help="video file, camera (/dev/video0), rtsp:// or http:// stream, named pipe or "
         "/dev/stdin, or image folder",
     )
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="the question asked about every answered frame")
     p.add_argument(
         "--every", type=float, default=1.0, help="seconds between answered frames (default 1)"
     )
@@ -661,7 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(raw=False)
 
     p = sub.add_parser("chat", help="talk about an image, turn by turn (reuses the KV cache)")
-    p.add_argument("model_dir")
+    p.add_argument("model_dir", help=MODEL_HELP)
     p.add_argument(
         "--image",
         action="append",
@@ -672,7 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(raw=False)
 
     p = sub.add_parser("bench", help="measure load time, TTFT, decode tokens/s, memory")
-    p.add_argument("model_dir")
+    p.add_argument("model_dir", help=MODEL_HELP)
     p.add_argument(
         "--baseline",
         metavar="CHECKPOINT",
@@ -692,7 +697,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "serve", help="an OpenAI-compatible server (/v1/chat/completions) that batches clients"
     )
-    p.add_argument("model_dir")
+    p.add_argument("model_dir", help=MODEL_HELP)
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
@@ -735,7 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backend_options(p)
 
     p = sub.add_parser("build", help="build TensorRT engines for a model dir (needs a GPU)")
-    p.add_argument("model_dir")
+    p.add_argument("model_dir", help=MODEL_HELP)
     p.add_argument("--out", help="engine dir (default: MODEL_DIR/engines)")
     p.add_argument("--max-batch", type=int, default=1, help="largest batch the engines take")
     p.add_argument(
@@ -757,7 +762,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="memory a deployment needs (weights, KV cache, activations) and whether it fits",
         description="Exit status 0 when the plan fits the device, 2 when it does not.",
     )
-    p.add_argument("model_dir")
+    p.add_argument("model_dir", help=MODEL_HELP)
     p.add_argument(
         "--device",
         help="orin-nano-4gb, orin-nano-8gb, orin-nano-8gb-super, orin-nx-8gb, orin-nx-16gb, "
@@ -778,10 +783,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="make training data")
     data = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     p = data.add_parser("synth", help="pictures of coloured shapes with captions and questions")
-    p.add_argument("out_dir")
-    p.add_argument("--train", type=int, default=1000)
-    p.add_argument("--test", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("out_dir", help="dir to write the pictures and their JSON files to")
+    p.add_argument("--train", type=int, default=1000, help="training pictures (default 1000)")
+    p.add_argument("--test", type=int, default=200, help="test pictures (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
     _add_datagen_parsers(data)
 
@@ -934,28 +939,43 @@ def _add_training_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("merge-lora", help="fold saved LoRA adapters into a plain checkpoint")
     p.add_argument("adapter_dir", help="OUT/adapter of `train --keep-adapters`, or a checkpoint")
-    p.add_argument("out_dir")
+    p.add_argument("out_dir", help="checkpoint dir to write")
     p.add_argument("--base", help="base checkpoint (default: the one the adapters name)")
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty OUT_DIR")
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
 
     p = sub.add_parser("eval", help="exact-match accuracy of short answers on LLaVA data")
-    p.add_argument("model_dir", help="model dir written by `llava-edge export`")
+    p.add_argument("model_dir", help=MODEL_HELP)
     p.add_argument("--data", required=True, help="LLaVA JSON or JSONL with reference answers")
     p.add_argument("--images", help="dir the samples' image paths are relative to")
     p.add_argument("--answers", help="per-question JSONL (default: DATA.answers.jsonl)")
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument(
+        "--max-new-tokens", type=int, default=16, help="longest prediction in tokens (default 16)"
+    )
     p.add_argument("--skip-bad", action="store_true", help="leave out bad samples, count them")
     _add_backend_options(p)
 
 
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=128, help="longest answer in tokens (default 128)"
+    )
+    p.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)"
+    )
+    p.add_argument(
+        "--top-k", type=int, default=0, help="sample from the K likeliest (default 0: off)"
+    )
+    p.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling's probability mass (default 1)"
+    )
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="above 1 penalizes repeats (default 1)",
+    )
+    p.add_argument("--seed", type=int, help="sampling seed, for repeatable answers")
+    p.add_argument("--stop", action="append", help="stop string, cut from the answer (repeatable)")
 
 
 def _add_backend_options(p: argparse.ArgumentParser) -> None:
@@ -977,7 +997,12 @@ def _add_backend_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="check every file's sha256 (default: once per machine)",
     )
-    p.add_argument("--max-image-pixels", type=int, default=50_000_000, help="refuse larger images")
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=50_000_000,
+        help="refuse larger images (default 50,000,000)",
+    )
     p.add_argument(
         "--max-prompt-tokens", type=int, help="refuse longer prompts (default: the context)"
     )
