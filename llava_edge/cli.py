@@ -875,7 +875,13 @@ def _add_training_parsers(sub: argparse._SubParsersAction) -> None:
         "schedule with 3% warmup, max length 2048 (at most the model's context), gradient "
         "checkpointing, bf16 on a GPU.",
     )
-    p.add_argument("--stage", type=int, required=True, choices=[1, 2])
+    p.add_argument(
+        "--stage",
+        type=int,
+        required=True,
+        choices=[1, 2],
+        help="1: the projector; 2: it and the LLM",
+    )
     p.add_argument("--model", required=True, help="LLaVA checkpoint dir to start from")
     p.add_argument("--data", required=True, help="LLaVA JSON or JSONL file")
     p.add_argument("--images", help="dir the samples' image paths are relative to")
@@ -887,12 +893,20 @@ def _add_training_parsers(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="also save the LoRA adapters (OUT/adapter) beside the merged checkpoint",
     )
-    p.add_argument("--lora-rank", type=int)
-    p.add_argument("--lora-alpha", type=int)
-    p.add_argument("--lora-dropout", type=float)
-    p.add_argument("--epochs", type=float)
+    p.add_argument("--lora-rank", type=int, help="LoRA rank (default 128)")
+    p.add_argument("--lora-alpha", type=int, help="LoRA alpha (default 256)")
+    p.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0.05)")
+    p.add_argument(
+        "--epochs", type=float, help="passes over the data (default 1; fractions allowed)"
+    )
     p.add_argument("--max-steps", type=int, help="stop after N optimizer steps")
-    p.add_argument("--lr", dest="learning_rate", type=float, metavar="LR")
+    p.add_argument(
+        "--lr",
+        dest="learning_rate",
+        type=float,
+        metavar="LR",
+        help="learning rate (default: the stage's, above)",
+    )
     p.add_argument("--projector-lr", type=float, help="learning rate of the projector")
     p.add_argument(
         "--batch-size",
@@ -901,29 +915,45 @@ def _add_training_parsers(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="global batch (per-device batch x accumulation x processes)",
     )
-    p.add_argument("--per-device-batch-size", type=int)
-    p.add_argument("--warmup-ratio", type=float)
-    p.add_argument("--weight-decay", type=float)
+    p.add_argument(
+        "--per-device-batch-size", type=int, help="batch per device (default: the stage's)"
+    )
+    p.add_argument(
+        "--warmup-ratio", type=float, help="share of the steps spent warming up (default 0.03)"
+    )
+    p.add_argument("--weight-decay", type=float, help="weight decay (default 0)")
     p.add_argument(
         "--max-length",
         type=int,
         help="longest sample in tokens, image included (default 2048, or the model's context)",
     )
     p.add_argument("--template", help="chat template (default: plain for stage 1, vicuna_v1 for 2)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="auto (default): bf16 (or fp16) on a GPU, fp32 on the CPU",
+    )
     p.add_argument(
         "--no-gradient-checkpointing",
         dest="gradient_checkpointing",
         action="store_false",
         default=None,
+        help="keep every activation for the backward pass (faster, more memory)",
     )
-    p.add_argument("--save-steps", type=int, help="save a resumable checkpoint every N steps")
     p.add_argument(
-        "--save-total-limit", type=int, metavar="N", help="keep the last N checkpoints (0: all)"
+        "--save-steps", type=int, help="save a resumable checkpoint every N steps (default 500)"
     )
-    p.add_argument("--logging-steps", type=int)
-    p.add_argument("--workers", type=int, help="data loader processes")
-    p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--save-total-limit",
+        type=int,
+        metavar="N",
+        help="keep the last N checkpoints (default 1; 0: all)",
+    )
+    p.add_argument("--logging-steps", type=int, help="log the loss every N steps (default 1)")
+    p.add_argument(
+        "--workers", type=int, help="data loader processes (default 4 on a GPU, 0 on the CPU)"
+    )
+    p.add_argument("--seed", type=int, help="random seed (default 42)")
     p.add_argument("--deepspeed", help="DeepSpeed JSON config (llava_edge/training/configs/)")
     p.add_argument("--fsdp", help="FSDP JSON config (llava_edge/training/configs/)")
     p.add_argument("--report-to", help="trainer loggers: none, tensorboard, wandb...")
