@@ -173,7 +173,9 @@ def _partial_dir(out: Path, clean: bool = False) -> Path:
             _clean_leftovers(out)
         return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=parent))
     except OSError as e:
-        raise LlavaEdgeError(f"cannot write beside {out}: {e.strerror}") from None
+        raise LlavaEdgeError(
+            f"cannot write beside {out}: {e.strerror}; choose an output dir on a writable disk"
+        ) from None
 
 
 def final_path(path: Path) -> Path:
@@ -197,7 +199,9 @@ def replace_file(out: Path, encoding: str = "utf-8") -> Iterator[IO[str]]:
         _clean_leftovers(out)
         fd, name = tempfile.mkstemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent)
     except OSError as e:
-        raise LlavaEdgeError(f"cannot write {out}: {e.strerror}") from None
+        raise LlavaEdgeError(
+            f"cannot write {out}: {e.strerror}; choose a path on a writable disk"
+        ) from None
     tmp = Path(name)
     try:
         with open(fd, "w", encoding=encoding) as f:

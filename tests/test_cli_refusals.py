@@ -139,3 +139,19 @@ def test_a_full_disk_is_one_line_and_installs_nothing(
     assert err.startswith("llava-edge export: error: no space left on the device writing ")
     assert "vision_encoder.onnx" in err and "Traceback" not in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # neither the dir nor its hidden partial one
+
+
+def test_a_read_only_disk_is_one_line_that_says_what_to_do(tmp_path, capsys, monkeypatch):
+    """Where permissions cannot tell (root, a disk mounted read-only), the first write fails:
+    one line, naming the disk's refusal and the way out."""
+    from llava_edge import files
+
+    def read_only(*_args, **_kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(files.tempfile, "mkdtemp", read_only)
+    monkeypatch.setattr(files.tempfile, "mkstemp", read_only)
+    assert main(["init", str(tmp_path / "ckpt")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Read-only file system; choose an output dir" in err
+    assert list(tmp_path.iterdir()) == []
