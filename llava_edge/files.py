@@ -86,6 +86,8 @@ def check_output_file(out: str | os.PathLike, flag: str) -> None:
     if out.is_dir():
         raise LlavaEdgeError(f"{flag} {out} is a directory; give a file name")
     parent = _beside(out)
+    if parent.exists() and not parent.is_dir():
+        raise LlavaEdgeError(f"{flag} {out}: {parent} is a file, not a folder; choose another path")
     if not parent.is_dir():
         raise LlavaEdgeError(f"{flag} {out}: the folder {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):

@@ -28,6 +28,10 @@ def cases(model: Path, checkpoint: Path, tmp: Path) -> dict[str, tuple[list[str]
             [*bench, "--plot", str(tmp / "nowhere" / "p.png")],
             "does not exist",
         ),
+        "bench plot under a file": (
+            [*bench, "--plot", str(tmp / "a_file" / "p.png")],
+            "a_file is a file, not a folder",
+        ),
         "plan malformed size": (["plan", str(model), "--device", "1.2.3GB"], "unknown device"),
         "plan a dot": (["plan", str(model), "--device", "."], "unknown device"),
         "plan no memory": (["plan", str(model), "--device", "0GB"], "unknown device"),
