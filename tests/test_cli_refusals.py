@@ -89,6 +89,10 @@ def cases(model: Path, checkpoint: Path, tmp: Path) -> dict[str, tuple[list[str]
             ["run", str(model), "--prompt", "hi", "--engine-dir", str(tmp)],
             "add the tensorrt provider",
         ),
+        "a provider the tensorrt backend would not use": (
+            ["run", str(model), "--prompt", "hi", "--backend", "tensorrt", "--provider", "cuda"],
+            "the tensorrt backend runs its own engines",
+        ),
         "serve no rows": (["serve", str(model), "--max-batch", "0"], "--max-batch must be"),
         "serve a negative drain": (
             ["serve", str(model), "--drain-timeout", "-1"],
