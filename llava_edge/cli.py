@@ -289,13 +289,8 @@ def _generation_options(args: argparse.Namespace) -> dict:
 
 @command("serve")
 def _serve(args: argparse.Namespace) -> None:
-    try:
-        from llava_edge.serve import ServeOptions, serve
-    except ImportError as e:
-        raise LlavaEdgeError(
-            f"`llava-edge serve` needs the serve extra ({e.name} is missing): "
-            "pip install 'llava-edge[serve]'"
-        ) from None
+    from llava_edge.serve import ServeOptions, serve
+
     load = _load_options(args)
     load["limits"] = dataclasses.replace(load["limits"], max_new_tokens=args.max_new_tokens)
     options = ServeOptions(
@@ -1039,6 +1034,35 @@ def _add_backend_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, help="seconds one answer may take")
 
 
+# The extra that brings what a command imports beyond the runtime's own dependencies
+# (pyproject.toml's optional-dependencies): a plain `pip install llava-edge` runs models only.
+EXTRAS = {
+    "init": "export",
+    "export": "export",
+    "convert": "convert",
+    "quantize": "calib",
+    "serve": "serve",
+    "bench": "export",  # --baseline runs transformers
+    "train": "train",
+    "merge-lora": "train",
+    "watch": "video",
+    "data generate": "data",
+}
+
+
+def _missing_extra(name: str, error: ModuleNotFoundError) -> str | None:
+    """The line for a command that needs an extra not installed; None where the missing module
+    is not a dependency (a broken install of llava-edge itself)."""
+    module = (error.name or "").split(".")[0]
+    if name not in EXTRAS or not module or module == "llava_edge":
+        return None
+    extra = EXTRAS[name]
+    return (
+        f"`llava-edge {name}` needs the {extra} extra ({module} is missing): "
+        f"pip install 'llava-edge[{extra}]'"
+    )
+
+
 def _complain(line: str) -> None:
     """One line to stderr; a path in another encoding than UTF-8 is shown escaped, on any
     stream (an app's own stderr may be strict)."""
@@ -1052,6 +1076,12 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args) or 0
     except LlavaEdgeError as e:
         _complain(f"llava-edge {name}: error: {e}")
+        return 1
+    except ModuleNotFoundError as e:
+        problem = _missing_extra(name, e)
+        if problem is None:
+            raise
+        _complain(f"llava-edge {name}: error: {problem}")
         return 1
     except KeyboardInterrupt:
         _complain(f"llava-edge {name}: interrupted")

@@ -163,3 +163,20 @@ def test_a_read_only_disk_is_one_line_that_says_what_to_do(tmp_path, capsys, mon
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Read-only file system; choose an output dir" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_missing_extra_is_one_line_naming_it(tmp_path, capsys, monkeypatch):
+    """A plain `pip install llava-edge` runs models; a command that needs more says which
+    extra to install, whichever module it misses first."""
+    from llava_edge.training import checkpoint
+
+    def without_torch(*_args, **_kwargs):
+        raise ModuleNotFoundError("No module named 'torch'", name="torch")
+
+    monkeypatch.setattr(checkpoint, "init_checkpoint", without_torch)
+    assert main(["init", str(tmp_path / "ckpt")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "llava-edge init: error: `llava-edge init` needs the export extra (torch is missing): "
+        "pip install 'llava-edge[export]'"
+    )
