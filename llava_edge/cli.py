@@ -2,7 +2,8 @@
 no logic lives here. Heavy libraries are imported inside the handlers, so `llava-edge run` on a
 Jetson never loads torch.
 
-Errors the user can fix (LlavaEdgeError) print one line and exit 1; Ctrl-C exits 130.
+Errors the user can fix (LlavaEdgeError, a full disk, a path too long, an extra not installed)
+print one line and exit 1; Ctrl-C exits 130.
 """
 
 from __future__ import annotations
