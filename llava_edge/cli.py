@@ -2,9 +2,9 @@
 no logic lives here. Heavy libraries are imported inside the handlers, so `llava-edge run` on a
 Jetson never loads torch.
 
-Errors the user can fix (LlavaEdgeError) print one line and exit 1; Ctrl-C exits 130, and
-SIGTERM (systemd stopping a service, a scheduler pre-empting a job) 143, each after the same
-cleanup (temporary dirs removed, a camera closed).
+Errors the user can fix (LlavaEdgeError, a full disk, a path too long, an extra not installed)
+print one line and exit 1; Ctrl-C exits 130, and SIGTERM (systemd stopping a service, a scheduler
+pre-empting a job) 143, each after the same cleanup (temporary dirs removed, a camera closed).
 """
 
 from __future__ import annotations
@@ -294,13 +294,8 @@ def _generation_options(args: argparse.Namespace) -> dict:
 
 @command("serve")
 def _serve(args: argparse.Namespace) -> None:
-    try:
-        from llava_edge.serve import ServeOptions, serve
-    except ImportError as e:
-        raise LlavaEdgeError(
-            f"`llava-edge serve` needs the serve extra ({e.name} is missing): "
-            "pip install 'llava-edge[serve]'"
-        ) from None
+    from llava_edge.serve import ServeOptions, serve
+
     load = _load_options(args)
     load["limits"] = dataclasses.replace(load["limits"], max_new_tokens=args.max_new_tokens)
     options = ServeOptions(
@@ -506,6 +501,9 @@ def _eval(args: argparse.Namespace) -> None:
 # ---- the parser ------------------------------------------------------------------------------
 
 
+MODEL_HELP = "model dir written by `llava-edge export` (or quantize)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from llava_edge.calib.quantize import INT4_BLOCK, INT4_BLOCKS, METHODS, TARGETS
 
@@ -516,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("init", help="write a random-weight LLaVA checkpoint of a preset's shape")
-    p.add_argument("out_dir")
+    p.add_argument("out_dir", help="checkpoint dir to write")
     p.add_argument("--preset", default="tiny", choices=["tiny", "demo", "small", "llava-1.5-7b"])
     p.add_argument("--layers", type=int, help="keep only the first N layers of each tower")
     p.add_argument("--vision", help="CLIP checkpoint: build LLaVA from it and --llm instead")
@@ -527,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="mlp2x_gelu (LLaVA-1.5, default), linear (LLaVA v1) or mlpNx_gelu",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty OUT_DIR")
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
 
     p = sub.add_parser(
         "convert", help="convert an original-format LLaVA checkpoint into one export takes"
@@ -535,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "original_dir", help="checkpoint of the original LLaVA code (or its LoRA/stage-1 output)"
     )
-    p.add_argument("out_dir")
+    p.add_argument("out_dir", help="checkpoint dir to write")
     p.add_argument("--vision", help="the CLIP checkpoint dir its mm_vision_tower names")
     p.add_argument("--base", help="the language model a LoRA or stage-1 output was trained on")
     p.add_argument(
@@ -545,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a LLaVA checkpoint to ONNX graphs + manifest")
     p.add_argument("checkpoint", help="checkpoint dir, or a hub id where the network allows")
-    p.add_argument("out_dir")
+    p.add_argument("out_dir", help="model dir to write")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
     p.add_argument(
         "--opset", type=int, default=17, help="ONNX opset (default 17: TensorRT 10.3 parses it)"
@@ -567,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="write an int8, int4 or fp16 copy of an exported model dir")
     p.add_argument("model_dir", help="fp32 model dir written by `llava-edge export`")
-    p.add_argument("out_dir")
+    p.add_argument("out_dir", help="model dir to write")
     p.add_argument("--precision", required=True, choices=TARGETS)
     p.add_argument(
         "--calib",
@@ -611,13 +609,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
 
     p = sub.add_parser("run", help="answer a question about an image")
-    p.add_argument("model_dir")
+    p.add_argument("model_dir", help=MODEL_HELP)
     p.add_argument(
         "--image",
         action="append",
         help="image file; repeat for several images in one prompt (omit for a text-only prompt)",
     )
-    p.add_argument("--prompt", required=True)
+    p.add_argument(
+        "--prompt", required=True, help="the question (in the chat template unless --raw)"
+    )
     p.add_argument(
         "--json", action="store_true", help="print one JSON object instead of streaming text"
     )
@@ -630,14 +630,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "watch", help="answer a question about a video, camera or stream, frame after frame"
     )
-    p.add_argument("model_dir")
+    p.add_argument("model_dir", help=MODEL_HELP)
     p.add_argument(
         "--source",
         required=True,
         help="video file, camera (/dev/video0), rtsp:// or http:// stream, named pipe or "
         "/dev/stdin, or image folder",
     )
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="the question asked about every answered frame")
     p.add_argument(
         "--every", type=float, default=1.0, help="seconds between answered frames (default 1)"
     )
@@ -666,7 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(raw=False)
 
     p = sub.add_parser("chat", help="talk about an image, turn by turn (reuses the KV cache)")
-    p.add_argument("model_dir")
+    p.add_argument("model_dir", help=MODEL_HELP)
     p.add_argument(
         "--image",
         action="append",
@@ -677,7 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(raw=False)
 
     p = sub.add_parser("bench", help="measure load time, TTFT, decode tokens/s, memory")
-    p.add_argument("model_dir")
+    p.add_argument("model_dir", help=MODEL_HELP)
     p.add_argument(
         "--baseline",
         metavar="CHECKPOINT",
@@ -697,7 +697,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "serve", help="an OpenAI-compatible server (/v1/chat/completions) that batches clients"
     )
-    p.add_argument("model_dir")
+    p.add_argument("model_dir", help=MODEL_HELP)
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
@@ -740,7 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backend_options(p)
 
     p = sub.add_parser("build", help="build TensorRT engines for a model dir (needs a GPU)")
-    p.add_argument("model_dir")
+    p.add_argument("model_dir", help=MODEL_HELP)
     p.add_argument("--out", help="engine dir (default: MODEL_DIR/engines)")
     p.add_argument("--max-batch", type=int, default=1, help="largest batch the engines take")
     p.add_argument(
@@ -762,7 +762,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="memory a deployment needs (weights, KV cache, activations) and whether it fits",
         description="Exit status 0 when the plan fits the device, 2 when it does not.",
     )
-    p.add_argument("model_dir")
+    p.add_argument("model_dir", help=MODEL_HELP)
     p.add_argument(
         "--device",
         help="orin-nano-4gb, orin-nano-8gb, orin-nano-8gb-super, orin-nx-8gb, orin-nx-16gb, "
@@ -783,10 +783,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="make training data")
     data = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     p = data.add_parser("synth", help="pictures of coloured shapes with captions and questions")
-    p.add_argument("out_dir")
-    p.add_argument("--train", type=int, default=1000)
-    p.add_argument("--test", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("out_dir", help="dir to write the pictures and their JSON files to")
+    p.add_argument("--train", type=int, default=1000, help="training pictures (default 1000)")
+    p.add_argument("--test", type=int, default=200, help="test pictures (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
     _add_datagen_parsers(data)
 
@@ -875,7 +875,13 @@ def _add_training_parsers(sub: argparse._SubParsersAction) -> None:
         "schedule with 3% warmup, max length 2048 (at most the model's context), gradient "
         "checkpointing, bf16 on a GPU.",
     )
-    p.add_argument("--stage", type=int, required=True, choices=[1, 2])
+    p.add_argument(
+        "--stage",
+        type=int,
+        required=True,
+        choices=[1, 2],
+        help="1: the projector; 2: it and the LLM",
+    )
     p.add_argument("--model", required=True, help="LLaVA checkpoint dir to start from")
     p.add_argument("--data", required=True, help="LLaVA JSON or JSONL file")
     p.add_argument("--images", help="dir the samples' image paths are relative to")
@@ -887,12 +893,20 @@ def _add_training_parsers(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="also save the LoRA adapters (OUT/adapter) beside the merged checkpoint",
     )
-    p.add_argument("--lora-rank", type=int)
-    p.add_argument("--lora-alpha", type=int)
-    p.add_argument("--lora-dropout", type=float)
-    p.add_argument("--epochs", type=float)
+    p.add_argument("--lora-rank", type=int, help="LoRA rank (default 128)")
+    p.add_argument("--lora-alpha", type=int, help="LoRA alpha (default 256)")
+    p.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0.05)")
+    p.add_argument(
+        "--epochs", type=float, help="passes over the data (default 1; fractions allowed)"
+    )
     p.add_argument("--max-steps", type=int, help="stop after N optimizer steps")
-    p.add_argument("--lr", dest="learning_rate", type=float, metavar="LR")
+    p.add_argument(
+        "--lr",
+        dest="learning_rate",
+        type=float,
+        metavar="LR",
+        help="learning rate (default: the stage's, above)",
+    )
     p.add_argument("--projector-lr", type=float, help="learning rate of the projector")
     p.add_argument(
         "--batch-size",
@@ -901,29 +915,45 @@ def _add_training_parsers(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="global batch (per-device batch x accumulation x processes)",
     )
-    p.add_argument("--per-device-batch-size", type=int)
-    p.add_argument("--warmup-ratio", type=float)
-    p.add_argument("--weight-decay", type=float)
+    p.add_argument(
+        "--per-device-batch-size", type=int, help="batch per device (default: the stage's)"
+    )
+    p.add_argument(
+        "--warmup-ratio", type=float, help="share of the steps spent warming up (default 0.03)"
+    )
+    p.add_argument("--weight-decay", type=float, help="weight decay (default 0)")
     p.add_argument(
         "--max-length",
         type=int,
         help="longest sample in tokens, image included (default 2048, or the model's context)",
     )
     p.add_argument("--template", help="chat template (default: plain for stage 1, vicuna_v1 for 2)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="auto (default): bf16 (or fp16) on a GPU, fp32 on the CPU",
+    )
     p.add_argument(
         "--no-gradient-checkpointing",
         dest="gradient_checkpointing",
         action="store_false",
         default=None,
+        help="keep every activation for the backward pass (faster, more memory)",
     )
-    p.add_argument("--save-steps", type=int, help="save a resumable checkpoint every N steps")
     p.add_argument(
-        "--save-total-limit", type=int, metavar="N", help="keep the last N checkpoints (0: all)"
+        "--save-steps", type=int, help="save a resumable checkpoint every N steps (default 500)"
     )
-    p.add_argument("--logging-steps", type=int)
-    p.add_argument("--workers", type=int, help="data loader processes")
-    p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--save-total-limit",
+        type=int,
+        metavar="N",
+        help="keep the last N checkpoints (default 1; 0: all)",
+    )
+    p.add_argument("--logging-steps", type=int, help="log the loss every N steps (default 1)")
+    p.add_argument(
+        "--workers", type=int, help="data loader processes (default 4 on a GPU, 0 on the CPU)"
+    )
+    p.add_argument("--seed", type=int, help="random seed (default 42)")
     p.add_argument("--deepspeed", help="DeepSpeed JSON config (llava_edge/training/configs/)")
     p.add_argument("--fsdp", help="FSDP JSON config (llava_edge/training/configs/)")
     p.add_argument("--report-to", help="trainer loggers: none, tensorboard, wandb...")
@@ -939,28 +969,43 @@ def _add_training_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("merge-lora", help="fold saved LoRA adapters into a plain checkpoint")
     p.add_argument("adapter_dir", help="OUT/adapter of `train --keep-adapters`, or a checkpoint")
-    p.add_argument("out_dir")
+    p.add_argument("out_dir", help="checkpoint dir to write")
     p.add_argument("--base", help="base checkpoint (default: the one the adapters name)")
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty OUT_DIR")
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
 
     p = sub.add_parser("eval", help="exact-match accuracy of short answers on LLaVA data")
-    p.add_argument("model_dir", help="model dir written by `llava-edge export`")
+    p.add_argument("model_dir", help=MODEL_HELP)
     p.add_argument("--data", required=True, help="LLaVA JSON or JSONL with reference answers")
     p.add_argument("--images", help="dir the samples' image paths are relative to")
     p.add_argument("--answers", help="per-question JSONL (default: DATA.answers.jsonl)")
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument(
+        "--max-new-tokens", type=int, default=16, help="longest prediction in tokens (default 16)"
+    )
     p.add_argument("--skip-bad", action="store_true", help="leave out bad samples, count them")
     _add_backend_options(p)
 
 
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=128, help="longest answer in tokens (default 128)"
+    )
+    p.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)"
+    )
+    p.add_argument(
+        "--top-k", type=int, default=0, help="sample from the K likeliest (default 0: off)"
+    )
+    p.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling's probability mass (default 1)"
+    )
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="above 1 penalizes repeats (default 1)",
+    )
+    p.add_argument("--seed", type=int, help="sampling seed, for repeatable answers")
+    p.add_argument("--stop", action="append", help="stop string, cut from the answer (repeatable)")
 
 
 def _add_backend_options(p: argparse.ArgumentParser) -> None:
@@ -982,11 +1027,51 @@ def _add_backend_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="check every file's sha256 (default: once per machine)",
     )
-    p.add_argument("--max-image-pixels", type=int, default=50_000_000, help="refuse larger images")
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=50_000_000,
+        help="refuse larger images (default 50,000,000)",
+    )
     p.add_argument(
         "--max-prompt-tokens", type=int, help="refuse longer prompts (default: the context)"
     )
     p.add_argument("--timeout", type=float, help="seconds one answer may take")
+
+
+# The extra that brings what a command imports beyond the runtime's own dependencies
+# (pyproject.toml's optional-dependencies): a plain `pip install llava-edge` runs models only.
+EXTRAS = {
+    "init": "export",
+    "export": "export",
+    "convert": "convert",
+    "quantize": "calib",
+    "serve": "serve",
+    "bench": "export",  # --baseline runs transformers
+    "train": "train",
+    "merge-lora": "train",
+    "watch": "video",
+    "data generate": "data",
+}
+
+
+def _missing_extra(name: str, error: ModuleNotFoundError) -> str | None:
+    """The line for a command that needs an extra not installed; None where the missing module
+    is not a dependency (a broken install of llava-edge itself)."""
+    module = (error.name or "").split(".")[0]
+    if name not in EXTRAS or not module or module == "llava_edge":
+        return None
+    extra = EXTRAS[name]
+    return (
+        f"`llava-edge {name}` needs the {extra} extra ({module} is missing): "
+        f"pip install 'llava-edge[{extra}]'"
+    )
+
+
+def _complain(line: str) -> None:
+    """One line to stderr; a path in another encoding than UTF-8 is shown escaped, on any
+    stream (an app's own stderr may be strict)."""
+    print(line.encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr)
 
 
 class Terminated(KeyboardInterrupt):
@@ -1015,39 +1100,48 @@ def _sigterm_unwinds(command: str) -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    name = " ".join(filter(None, [args.command, getattr(args, "data_command", None)]))
     try:
         with _sigterm_unwinds(args.command):
-            return _run(args)
+            return _run(args, name)
     except Terminated:  # arrived as the command ended, after _run's own handling
         return 143
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, name: str) -> int:
     try:
         return COMMANDS[args.command](args) or 0
     except LlavaEdgeError as e:
-        print(f"llava-edge {args.command}: error: {e}", file=sys.stderr)
+        _complain(f"llava-edge {name}: error: {e}")
+        return 1
+    except ModuleNotFoundError as e:
+        problem = _missing_extra(name, e)
+        if problem is None:
+            raise
+        _complain(f"llava-edge {name}: error: {problem}")
         return 1
     except Terminated:
-        print(f"llava-edge {args.command}: terminated", file=sys.stderr)
+        _complain(f"llava-edge {name}: terminated")
         return 143  # 128 + SIGTERM, as a shell reports a process the signal ended
     except KeyboardInterrupt:
-        print(f"llava-edge {args.command}: interrupted", file=sys.stderr)
+        _complain(f"llava-edge {name}: interrupted")
         return 130
     except BrokenPipeError:  # `llava-edge watch --jsonl | head -1`: the reader has what it wanted
         # Python's own advice: point stdout at devnull so the flush at exit does not fail again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a tool killed by the closed pipe would return
     except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise
         # Every dir is written whole or not at all (files.replace_dir): only the disk needs care.
-        where = f" writing {e.filename}" if e.filename else ""
-        print(
-            f"llava-edge {args.command}: error: no space left on the device{where}; free some "
-            "space or write to another disk",
-            file=sys.stderr,
-        )
+        if e.errno == errno.ENOSPC:
+            where = f" writing {e.filename}" if e.filename else ""
+            problem = (
+                f"no space left on the device{where}; free some space or write to another disk"
+            )
+        elif e.errno == errno.ENAMETOOLONG:
+            problem = f"a path is too long for the filesystem: {e.filename}; shorten it"
+        else:
+            raise
+        _complain(f"llava-edge {name}: error: {problem}")
         return 1
 
 

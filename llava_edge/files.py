@@ -30,6 +30,7 @@ def check_output_dir(
 
     keep: a path that must survive (the checkpoint being exported): --force never deletes it.
     """
+    _check_name(out, f"output dir {out}")
     try:
         if out.exists() and not out.is_dir():
             raise LlavaEdgeError(
@@ -81,13 +82,52 @@ def check_output_file(out: str | os.PathLike, flag: str) -> None:
     """Fail before any work if `out` cannot be written as a file (a result computed for
     minutes must not be lost to a typo in its path)."""
     out = Path(out)
+    _check_name(out, f"{flag} {out}")
     if out.is_dir():
         raise LlavaEdgeError(f"{flag} {out} is a directory; give a file name")
     parent = _beside(out)
+    if parent.exists() and not parent.is_dir():
+        raise LlavaEdgeError(f"{flag} {out}: {parent} is a file, not a folder; choose another path")
     if not parent.is_dir():
         raise LlavaEdgeError(f"{flag} {out}: the folder {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise LlavaEdgeError(f"{flag} {out}: the folder {parent} is not writable")
+
+
+# What _partial_dir and _install add to an output's name: `.NAME.partial-PID-XXXXXXXX`
+PARTIAL_SUFFIX_BYTES = len(".partial-4194304-xxxxxxxx") + 1
+
+
+def _check_name(out: Path, what: str) -> None:
+    """Refuse, before any work, a name the writing would fail on late: one that is not UTF-8
+    (onnx, tokenizers and safetensors take paths as UTF-8 text) or too long for its temporary
+    twin beside it."""
+    path = os.path.abspath(out)
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise LlavaEdgeError(
+            f"{what}: the path is not valid UTF-8 text; choose a UTF-8 name"
+        ) from None
+    try:
+        limit = os.pathconf(_existing_ancestor(out), "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    room = limit - PARTIAL_SUFFIX_BYTES
+    if len(os.fsencode(out.name)) > room:
+        raise LlavaEdgeError(
+            f"{what}: the name is {len(os.fsencode(out.name))} bytes long, over the {room} this "
+            "filesystem leaves it; choose a shorter name"
+        )
+    if any(len(os.fsencode(part)) > limit for part in Path(path).parts):
+        raise LlavaEdgeError(f"{what}: a folder name on the path is too long; shorten it")
+
+
+def _existing_ancestor(out: Path) -> Path:
+    ancestor = _beside(out)
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    return ancestor
 
 
 @contextlib.contextmanager
@@ -135,7 +175,9 @@ def _partial_dir(out: Path, clean: bool = False) -> Path:
             _clean_leftovers(out)
         return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=parent))
     except OSError as e:
-        raise LlavaEdgeError(f"cannot write beside {out}: {e.strerror}") from None
+        raise LlavaEdgeError(
+            f"cannot write beside {out}: {e.strerror}; choose an output dir on a writable disk"
+        ) from None
 
 
 def final_path(path: Path) -> Path:
@@ -159,7 +201,9 @@ def replace_file(out: Path, encoding: str = "utf-8") -> Iterator[IO[str]]:
         _clean_leftovers(out)
         fd, name = tempfile.mkstemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent)
     except OSError as e:
-        raise LlavaEdgeError(f"cannot write {out}: {e.strerror}") from None
+        raise LlavaEdgeError(
+            f"cannot write {out}: {e.strerror}; choose a path on a writable disk"
+        ) from None
     tmp = Path(name)
     try:
         with open(fd, "w", encoding=encoding) as f:

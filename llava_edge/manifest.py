@@ -218,6 +218,12 @@ class Manifest:
             )
         if not Path(model_dir).is_dir():
             raise LlavaEdgeError(f"model dir {model_dir} does not exist")
+        try:  # onnxruntime and tokenizers open files by UTF-8 name
+            os.path.abspath(model_dir).encode("utf-8")
+        except UnicodeEncodeError:
+            raise LlavaEdgeError(
+                f"model dir {model_dir}: the path is not valid UTF-8 text; rename it in UTF-8"
+            ) from None
         if not path.is_file():
             raise LlavaEdgeError(
                 f"{model_dir} has no {MANIFEST_NAME}: it is not a llava-edge model dir "

@@ -28,6 +28,10 @@ def cases(model: Path, checkpoint: Path, tmp: Path) -> dict[str, tuple[list[str]
             [*bench, "--plot", str(tmp / "nowhere" / "p.png")],
             "does not exist",
         ),
+        "bench plot under a file": (
+            [*bench, "--plot", str(tmp / "a_file" / "p.png")],
+            "a_file is a file, not a folder",
+        ),
         "plan malformed size": (["plan", str(model), "--device", "1.2.3GB"], "unknown device"),
         "plan a dot": (["plan", str(model), "--device", "."], "unknown device"),
         "plan no memory": (["plan", str(model), "--device", "0GB"], "unknown device"),
@@ -64,6 +68,40 @@ def cases(model: Path, checkpoint: Path, tmp: Path) -> dict[str, tuple[list[str]
             ["init", str(tmp / "i"), "--layers", "100"],
             "--layers must be 1 to 2",
         ),
+        "a model dir whose path is not UTF-8": (
+            ["run", str(tmp / "m\udcff"), "--prompt", "hi"],
+            "the path is not valid UTF-8 text",
+        ),
+        "an output dir whose path is not UTF-8": (
+            ["export", str(checkpoint), str(tmp / "out\udcff")],
+            "the path is not valid UTF-8 text",
+        ),
+        "an output name too long to write beside": (
+            ["init", str(tmp / ("n" * 240))],
+            "choose a shorter name",
+        ),
+        "a plot name too long": ([*bench, "--plot", str(tmp / ("p" * 300))], "shorter name"),
+        "a model dir name too long": (
+            ["plan", str(tmp / ("m" * 300))],
+            "a path is too long for the filesystem",
+        ),
+        "an engine dir onnxruntime would not use": (
+            ["run", str(model), "--prompt", "hi", "--engine-dir", str(tmp)],
+            "add the tensorrt provider",
+        ),
+        "a provider the tensorrt backend would not use": (
+            ["run", str(model), "--prompt", "hi", "--backend", "tensorrt", "--provider", "cuda"],
+            "the tensorrt backend runs its own engines",
+        ),
+        "serve no rows": (["serve", str(model), "--max-batch", "0"], "--max-batch must be"),
+        "serve a negative drain": (
+            ["serve", str(model), "--drain-timeout", "-1"],
+            "--drain-timeout must be 0 or more",
+        ),
+        "data names its sub-command": (
+            ["data", "synth", str(tmp / "a_file")],
+            "llava-edge data synth: error: output",
+        ),
         "init a preset beside --vision": (
             ["init", str(tmp / "i"), "--vision", str(tmp), "--llm", str(tmp), "--preset", "small"],
             "drop one or the other",
@@ -78,6 +116,7 @@ def test_refused_in_one_line_before_any_work(
     case, tiny_model_dir, tiny_checkpoint, tmp_path, capsys
 ):
     (tmp_path / "a_file").write_text("not a model dir")
+    (tmp_path / "m\udcff").symlink_to(tiny_model_dir)  # a name in another encoding
     argv, message = cases(tiny_model_dir, tiny_checkpoint, tmp_path)[case]
     before = {
         p for p in (*tmp_path.rglob("*"), *tiny_model_dir.rglob("*"), *tiny_checkpoint.rglob("*"))
@@ -108,3 +147,36 @@ def test_a_full_disk_is_one_line_and_installs_nothing(
     assert err.startswith("llava-edge export: error: no space left on the device writing ")
     assert "vision_encoder.onnx" in err and "Traceback" not in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # neither the dir nor its hidden partial one
+
+
+def test_a_read_only_disk_is_one_line_that_says_what_to_do(tmp_path, capsys, monkeypatch):
+    """Where permissions cannot tell (root, a disk mounted read-only), the first write fails:
+    one line, naming the disk's refusal and the way out."""
+    from llava_edge import files
+
+    def read_only(*_args, **_kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(files.tempfile, "mkdtemp", read_only)
+    monkeypatch.setattr(files.tempfile, "mkstemp", read_only)
+    assert main(["init", str(tmp_path / "ckpt")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Read-only file system; choose an output dir" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_missing_extra_is_one_line_naming_it(tmp_path, capsys, monkeypatch):
+    """A plain `pip install llava-edge` runs models; a command that needs more says which
+    extra to install, whichever module it misses first."""
+    from llava_edge.training import checkpoint
+
+    def without_torch(*_args, **_kwargs):
+        raise ModuleNotFoundError("No module named 'torch'", name="torch")
+
+    monkeypatch.setattr(checkpoint, "init_checkpoint", without_torch)
+    assert main(["init", str(tmp_path / "ckpt")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "llava-edge init: error: `llava-edge init` needs the export extra (torch is missing): "
+        "pip install 'llava-edge[export]'"
+    )

@@ -527,7 +527,7 @@ def test_bad_input_is_a_one_line_error(scene, capsys, monkeypatch, case, message
         code, err = run_cli(capsys, *ann, *args, *endpoint)
         assert server.bodies == []
     assert code == 1
-    assert err.count("\n") == 1 and err.startswith("llava-edge data: error: "), err
+    assert err.count("\n") == 1 and err.startswith("llava-edge data generate: error: "), err
     assert re.search(message, err), err
     assert not (root / "out.json").exists()
 
@@ -611,7 +611,7 @@ def test_ctrl_c_stops_at_once_and_keeps_the_journal(scene):
             pytest.fail(f"still running 20 s after Ctrl-C:\n{err.decode()}")
         took = time.monotonic() - interrupted
     assert process.returncode == 130, err.decode()
-    assert err.decode().strip().endswith("llava-edge data: interrupted")
+    assert err.decode().strip().endswith("llava-edge data generate: interrupted")
     assert took < 10  # not held up by the reply still 30 s away
     entries = [json.loads(line) for line in journal.read_text().splitlines()[1:]]
     assert sorted(e["kind"] for e in entries) == ["conversation", "reasoning"]

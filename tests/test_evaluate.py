@@ -74,7 +74,7 @@ def test_the_answers_path_is_checked_before_the_run(tiny_model_dir, world, capsy
     for answers, problem in [
         (images, "is a directory"),
         (world["root"] / "missing" / "answers.jsonl", "does not exist"),
-        (data / "answers.jsonl", "does not exist"),  # under a file
+        (data / "answers.jsonl", "is a file, not a folder"),
     ]:
         assert _eval(tiny_model_dir, data, images, "--answers", str(answers)) == 1
         err = capsys.readouterr().err

@@ -958,7 +958,7 @@ def test_cli_errors_are_one_line(context_model_dir):
     no_model = serve("/nonexistent/model")
     assert no_model.returncode == 1 and "does not exist" in no_model.stderr
     bad_batch = serve(str(context_model_dir), "--port", "0", "--max-batch", "0")
-    assert bad_batch.returncode == 1 and "--max-batch must be" in bad_batch.stderr
+    assert bad_batch.returncode == 1 and "--max-batch must be a whole number" in bad_batch.stderr
     taken = bind("127.0.0.1", 0)
     try:
         busy = serve(str(context_model_dir), "--port", str(taken.getsockname()[1]))

@@ -486,7 +486,7 @@ def test_an_http_stream_is_live(pipe, recorder, tmp_path) -> None:
 )
 def test_intervals_and_timeouts_must_be_finite_numbers(pipe, tmp_path, option, value) -> None:
     folder = shots(tmp_path / "shots", 2)
-    with pytest.raises(LlavaEdgeError, match=f"{option} must be"):
+    with pytest.raises(LlavaEdgeError, match=rf"{option} \(--[a-z-]+\) must be"):
         pipe.watch(folder, "?", **{option: value})
 
 
@@ -502,7 +502,10 @@ def test_an_infinite_source_timeout_is_refused_by_the_cli(tiny_model_dir, tmp_pa
     argv = ["watch", str(tiny_model_dir), "--source", str(video), "--prompt", "?", "--live"]
     assert cli.main([*argv, "--source-timeout", "inf"]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "timeout_s must be a positive number of seconds" in err
+    assert (
+        err.count("\n") == 1
+        and "timeout_s (--source-timeout) must be a positive number of seconds" in err
+    )
 
 
 def readers() -> list[threading.Thread]:

@@ -126,8 +126,10 @@ def open_frames(
     iterator stops waiting for a frame and ends.
     Closing the iterator stops the reader and closes the source (an app's iterator too).
     """
-    _check_number("every_s", every_s, "0 or more seconds", minimum=0.0)
-    _check_number("timeout_s", timeout_s, "a positive number of seconds")
+    _check_number("every_s (--every)", every_s, "0 or more seconds", minimum=0.0)
+    _check_number(
+        "the source's timeout_s (--source-timeout)", timeout_s, "a positive number of seconds"
+    )
     if not isinstance(source, str | os.PathLike):
         if live is False:
             raise LlavaEdgeError("an app's frames are live: they cannot be read with live=False")
@@ -135,7 +137,9 @@ def open_frames(
         return live_frames(frames, every_s, timeout_s, APP_SOURCE, cancel)
     kind = source_kind(source)
     if kind == "folder":
-        _check_number("folder_fps", folder_fps, "a positive number of images a second")
+        _check_number(
+            "folder_fps (--folder-fps)", folder_fps, "a positive number of images a second"
+        )
         decoded = _folder_frames(Path(source), folder_fps)
     else:
         decoded = _video_frames(os.fspath(source), kind, timeout_s)

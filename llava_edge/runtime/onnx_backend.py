@@ -156,6 +156,11 @@ class OnnxBackend:
         options = session_options(threads)
         self.providers = provider_list(providers)
         cache_dir = Path(engine_dir) if engine_dir else Path(model_dir) / ORT_TENSORRT_CACHE
+        if engine_dir and "TensorrtExecutionProvider" not in self.providers:
+            raise LlavaEdgeError(
+                f"engine_dir {engine_dir} (--engine-dir) is for TensorRT engines: add the "
+                "tensorrt provider (--provider tensorrt) or backend (--backend tensorrt), or drop it"
+            )
         if "TensorrtExecutionProvider" in self.providers:
             try:
                 cache_dir.mkdir(parents=True, exist_ok=True)

@@ -181,6 +181,11 @@ class Pipeline:
                 background=background,
             )
         elif backend == "tensorrt":
+            if providers:
+                raise LlavaEdgeError(
+                    "providers (--provider) are onnxruntime's; the tensorrt backend runs its own "
+                    "engines: drop them, or use --backend onnxruntime"
+                )
             if background:
                 raise LlavaEdgeError(
                     "background loading is for the onnxruntime backend; load the TensorRT "

@@ -74,9 +74,12 @@ class ServeOptions:
         for flag, value, least in [
             ("--max-batch", self.max_batch, 1),
             ("--max-queue", self.max_queue, 0),
+            ("--threads", self.threads, 1),
         ]:
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise LlavaEdgeError(f"{flag} must be an integer of {least} or more, got {value}")
+            if value is None and flag == "--threads":  # onnxruntime's own choice
+                continue
+            if isinstance(value, bool) or not (isinstance(value, int) and value >= least):
+                raise LlavaEdgeError(f"{flag} must be a whole number, {least} or more, got {value}")
         if not self.prefix_cache_mb >= 0:
             raise LlavaEdgeError(
                 f"--prefix-cache-mb must be 0 (off) or more, got {self.prefix_cache_mb:g}"

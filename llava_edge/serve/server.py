@@ -25,6 +25,8 @@ def serve(
     log_level: str = "info",
 ) -> None:
     """Serve until SIGTERM/SIGINT. A model that fails to load stops the server with its error."""
+    if drain_timeout_s is not None and not drain_timeout_s >= 0:  # nan too
+        raise LlavaEdgeError(f"--drain-timeout must be 0 or more seconds, got {drain_timeout_s}")
     Manifest.load(options.model_dir)  # a wrong dir fails here, before the port is taken
     sock = bind(host, port)  # a port in use fails here, before the model loads
     failure: list[BaseException] = []
