@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalG
 from transformers.activations import ACT2FN
 
 from llava_edge.errors import LlavaEdgeError, first_line
+from llava_edge.manifest import MANIFEST_NAME
 
 PROJECTOR_KEY = "mm_projector_type"
 DEFAULT_PROJECTOR = "mlp2x_gelu"  # transformers' LlavaMultiModalProjector
@@ -132,6 +134,19 @@ def check_processor(processor: Any, config: Any, what: str) -> None:
             f'processor_config.json has no patch_size); add "patch_size": '
             f"{config.vision_config.patch_size} to it"
         )
+
+
+def no_checkpoint(path: str | os.PathLike, what: str) -> LlavaEdgeError:
+    """The error for a dir without config.json given as a checkpoint; a model dir export wrote
+    is named as one (giving it where its checkpoint belongs is the likely slip)."""
+    if (Path(path) / MANIFEST_NAME).is_file():
+        return LlavaEdgeError(
+            f"{what} {path} is a model dir `llava-edge export` wrote, not a checkpoint; give the "
+            "checkpoint it was exported from"
+        )
+    return LlavaEdgeError(
+        f"{what} {path} has no config.json: it is not a Hugging Face checkpoint dir"
+    )
 
 
 def load_model(checkpoint: str | os.PathLike, config: Any = None, **kwargs: Any) -> Any:

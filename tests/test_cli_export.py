@@ -62,6 +62,8 @@ def _export_cases(tmp: Path, checkpoint: Path, plain_llama: Path) -> dict:
     (tmp / "full").mkdir()
     (tmp / "full" / "keep.txt").write_text("precious\n")
     (tmp / "empty_dir").mkdir()
+    (tmp / "model_dir").mkdir()  # what export writes, given where its checkpoint belongs
+    (tmp / "model_dir" / "manifest.json").write_text("{}\n")
     (tmp / "sub").mkdir()
     truncated = tmp / "truncated"
     shutil.copytree(checkpoint, truncated)
@@ -93,6 +95,12 @@ def _export_cases(tmp: Path, checkpoint: Path, plain_llama: Path) -> dict:
         "missing-relative-checkpoint": ("sub/missing", out, [], "does not exist"),
         "checkpoint-is-a-file": (str(tmp / "a_file"), out, [], "is a file"),
         "no-config": (str(tmp / "empty_dir"), out, [], "no config.json"),
+        "a-model-dir": (
+            str(tmp / "model_dir"),
+            out,
+            [],
+            "is a model dir `llava-edge export` wrote",
+        ),
         "not-llava": (str(plain_llama), out, [], "'llama' checkpoint, not LLaVA"),
         "output-under-a-file": (
             str(checkpoint),
@@ -125,6 +133,7 @@ CASES = [
     "missing-relative-checkpoint",
     "checkpoint-is-a-file",
     "no-config",
+    "a-model-dir",
     "not-llava",
     "output-under-a-file",
     "output-is-a-file",

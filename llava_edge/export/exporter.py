@@ -222,7 +222,7 @@ def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = F
     from transformers import AutoConfig
 
     from llava_edge.export.graphs import SUPPORTED_TEXT_MODELS, SUPPORTED_VISION_TOWERS
-    from llava_edge.modeling import check_full_precision
+    from llava_edge.modeling import check_full_precision, no_checkpoint
 
     source = str(checkpoint)
     local = Path(source)
@@ -233,9 +233,7 @@ def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = F
     elif not local.is_dir():
         raise LlavaEdgeError(f"checkpoint {source} is a file; give the checkpoint's directory")
     elif not (local / "config.json").is_file():
-        raise LlavaEdgeError(
-            f"{source} has no config.json: it is not a Hugging Face checkpoint dir"
-        )
+        raise no_checkpoint(source, "checkpoint")
     elif _original_format(local / "config.json"):
         raise LlavaEdgeError(
             f"{source} is a checkpoint of the original LLaVA code; convert it first: "

@@ -114,7 +114,9 @@ def train(
     out = Path(out)
     model_path = Path(model).resolve()
     if not (model_path / "config.json").is_file():
-        raise LlavaEdgeError(f"--model {model}: not a checkpoint dir (no config.json)")
+        from llava_edge.modeling import no_checkpoint
+
+        raise no_checkpoint(model, "--model")
     inputs = {"--data file": data, "--images dir": images, "working directory": os.getcwd()}
     inputs |= {"--deepspeed config": opts.deepspeed, "--fsdp config": opts.fsdp}
     _check_out_spares_inputs(out, inputs)
