@@ -1103,12 +1103,12 @@ def main(argv: list[str] | None = None) -> int:
     name = " ".join(filter(None, [args.command, getattr(args, "data_command", None)]))
     try:
         with _sigterm_unwinds(args.command):
-            return _run(args, name)
-    except Terminated:  # arrived as the command ended, after _run's own handling
+            return _dispatch(args, name)
+    except Terminated:  # arrived as the command ended, after _dispatch's own handling
         return 143
 
 
-def _run(args: argparse.Namespace, name: str) -> int:
+def _dispatch(args: argparse.Namespace, name: str) -> int:
     try:
         return COMMANDS[args.command](args) or 0
     except LlavaEdgeError as e:
