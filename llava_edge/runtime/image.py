@@ -135,7 +135,7 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
     """uint16 (depth and machine-vision cameras) keeps its contrast in 8 bits; floats are read as
     [0, 1], as transformers reads them; integers as 0-255. Floats outside [0, 1] are refused
     rather than guessed at: a scale read off the values would change with one bright pixel."""
-    if array.dtype == np.uint16:
+    if array.dtype.kind == "u" and array.dtype.itemsize == 2:  # either byte order
         return (array >> 8).astype(np.uint8)
     if np.issubdtype(array.dtype, np.floating):
         low, high = float(np.min(array)), float(np.max(array))
