@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -354,7 +354,11 @@ class OnnxBackend:
     def _session(self, name: str) -> ort.InferenceSession:
         """One graph's session, waiting while it opens (a background load)."""
         self._check_open()
-        return self._opening[name].result()
+        try:
+            return self._opening[name].result()
+        except (CancelledError, KeyError):  # closed by another thread while it waited
+            self._check_open()
+            raise
 
     def _check_open(self) -> None:
         if self._closed:  # perhaps while a request was running
