@@ -355,6 +355,12 @@ def test_threads_must_be_a_positive_whole_number(tiny_model_dir, threads) -> Non
         Pipeline.load(tiny_model_dir, threads=threads)
 
 
+def test_limits_that_are_not_a_limits_are_refused_at_load(tiny_model_dir) -> None:
+    """A dict of limits loaded fine and every request then failed with an AttributeError."""
+    with pytest.raises(LlavaEdgeError, match="limits must be a Limits"):
+        Pipeline.load(tiny_model_dir, limits={"max_new_tokens": 3})
+
+
 def test_the_cli_refuses_zero_threads(tiny_model_dir, capsys) -> None:
     argv = ["run", str(tiny_model_dir), "--prompt", "hi", "--threads", "0"]
     assert main(argv) == 1

@@ -164,6 +164,11 @@ class Pipeline:
             isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
         ):  # onnxruntime takes 0 and negatives silently, as its own default
             raise LlavaEdgeError(f"threads must be a whole number, 1 or more, got {threads!r}")
+        if limits is not None and not isinstance(limits, Limits):
+            raise LlavaEdgeError(
+                f"limits must be a Limits(...) (llava_edge.runtime.Limits), got "
+                f"{type(limits).__name__}"
+            )
         model_dir = Path(model_dir)
         manifest = Manifest.load(model_dir)
         manifest.check_files(model_dir, hashes=verify_files)
