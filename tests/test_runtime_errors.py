@@ -361,6 +361,19 @@ def test_limits_that_are_not_a_limits_are_refused_at_load(tiny_model_dir) -> Non
         Pipeline.load(tiny_model_dir, limits={"max_new_tokens": 3})
 
 
+def test_one_provider_may_be_named_alone(tiny_model_dir, monkeypatch) -> None:
+    """providers="cuda" was read letter by letter: "onnxruntime provider c is not available"."""
+    import onnxruntime as ort
+
+    from llava_edge.runtime.onnx_backend import provider_list
+
+    available = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: available)
+    assert provider_list("cuda") == provider_list(["cuda"]) == available
+    with Pipeline.load(tiny_model_dir, providers="cpu", threads=1) as pipe:
+        assert pipe.backend.providers == ["CPUExecutionProvider"]
+
+
 def test_the_cli_refuses_zero_threads(tiny_model_dir, capsys) -> None:
     argv = ["run", str(tiny_model_dir), "--prompt", "hi", "--threads", "0"]
     assert main(argv) == 1

@@ -62,9 +62,10 @@ def provider_options(
     }
 
 
-def provider_list(names: list[str] | None) -> list[str]:
-    """Execution providers by short name ('cpu', 'cuda', 'tensorrt'), with CPU always last."""
-    names = names or ["cpu"]
+def provider_list(names: str | list[str] | None) -> list[str]:
+    """Execution providers by short name ('cpu', 'cuda', 'tensorrt'; one, or a list), with CPU
+    always last."""
+    names = [names] if isinstance(names, str) else names or ["cpu"]
     available = ort.get_available_providers()
     chosen = []
     for name in names:
@@ -140,7 +141,7 @@ class OnnxBackend:
         self,
         model_dir: str | os.PathLike,
         manifest: Manifest,
-        providers: list[str] | None = None,
+        providers: str | list[str] | None = None,
         threads: int | None = None,
         engine_dir: str | os.PathLike | None = None,
         graph_form: str = "auto",

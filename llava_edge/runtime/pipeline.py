@@ -133,7 +133,7 @@ class Pipeline:
         cls,
         model_dir: str | os.PathLike,
         backend: str = "onnxruntime",
-        providers: list[str] | None = None,
+        providers: str | list[str] | None = None,
         threads: int | None = None,
         verify_files: bool | None = None,
         limits: Limits | None = None,
