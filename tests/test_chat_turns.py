@@ -20,6 +20,7 @@ from PIL import Image
 from llava_edge.errors import ChatFull, LlavaEdgeError
 from llava_edge.runtime import Pipeline, TextStream
 from llava_edge.runtime.interactive import chat_loop
+from llava_edge.runtime.kv_cache import KVCache
 
 FIRST, UNFINISHED, NEXT = "What is in the picture?", "Where is the red thing?", "And then?"
 OPTIONS = dict(max_new_tokens=8, ignore_eos=True)
@@ -95,6 +96,19 @@ def unfinished(pipe: Pipeline, chat, how: str, monkeypatch) -> TextStream | None
         with pytest.raises(LlavaEdgeError, match="time limit"):
             "".join(chat.stream(UNFINISHED))
         monkeypatch.undo()
+    elif how == "out of memory":  # growing the cache fails half-way: keys grown, values not
+        layers, real, calls = pipe.manifest.text.num_layers, KVCache._grown, []
+
+        def grown(cache, *args):
+            calls.append(args)
+            if len(calls) == layers + 1:
+                raise MemoryError
+            return real(cache, *args)
+
+        monkeypatch.setattr(KVCache, "_grown", grown)
+        with pytest.raises(MemoryError):
+            chat.ask(UNFINISHED, max_new_tokens=pipe.max_context)
+        monkeypatch.undo()
     elif how == "superseded":
         stream = chat.stream(UNFINISHED)
         next(stream)
@@ -104,7 +118,7 @@ def unfinished(pipe: Pipeline, chat, how: str, monkeypatch) -> TextStream | None
     return None
 
 
-HOWS = ["break", "dropped", "close", "raised", "timed out", "superseded"]
+HOWS = ["break", "dropped", "close", "raised", "timed out", "out of memory", "superseded"]
 
 
 @pytest.mark.parametrize("how", HOWS)
