@@ -39,8 +39,9 @@ def load_image(source: ImageInput, max_pixels: int | None = None) -> Image.Image
     """Open anything a robot app holds as an RGB PIL image.
 
     Paths and bytes are decoded with PIL (first frame of an animation, EXIF rotation applied);
-    arrays are (H, W, 3) or (H, W, 4) as a camera gives them, or (H, W) grey: uint8 (or other
-    integers, 0-255), uint16 (scaled to 8 bits) or floats in [0, 1]. An image of more than
+    arrays are (H, W, 3) RGB or (H, W, 4) RGBA, or (H, W) grey: uint8 (or other integers,
+    0-255), uint16 (scaled to 8 bits) or floats in [0, 1]; channels are read in RGB order
+    whatever the source (OpenCV's frames are BGR: pass `frame[..., ::-1]`). An image of more than
     `max_pixels` pixels is refused whatever its form, a file before it is decoded.
     """
     if isinstance(source, np.ndarray):
