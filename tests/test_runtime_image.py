@@ -119,6 +119,26 @@ def test_sixteen_bit_images_keep_their_contrast(tmp_path):
         assert np.abs(ours - reference(eight_bit)).max() < 1e-5
 
 
+def test_an_image_read_from_a_pipe(tmp_path):
+    """`... | llava-edge run --image /dev/stdin`, a named pipe from a camera process: a pipe's size
+    is 0, and it was refused as "an empty file"."""
+    import os
+    import threading
+
+    fifo = tmp_path / "camera"
+    os.mkfifo(fifo)
+    data = _png_bytes()
+    writer = threading.Thread(target=lambda: fifo.write_bytes(data))
+    writer.start()
+    try:
+        loaded = load_image(fifo)
+    finally:
+        if writer.is_alive():  # not read: a reader lets the writer finish
+            fifo.read_bytes()
+        writer.join(10)
+    assert np.array_equal(np.asarray(loaded), np.asarray(load_image(data)))
+
+
 def test_encoded_bytes_and_first_frame_of_animation(tmp_path):
     frames = [Image.fromarray(noise(30, 30, seed=i)) for i in range(3)]
     buffer = io.BytesIO()

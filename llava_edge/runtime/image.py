@@ -90,7 +90,7 @@ def _open(source: str | os.PathLike | bytes, max_pixels: int | None) -> Image.Im
             raise LlavaEdgeError(f"{what} does not exist")
         if os.path.isdir(source):
             raise LlavaEdgeError(f"{what} is a directory, not an image file")
-        if os.path.getsize(source) == 0:
+        if os.path.isfile(source) and os.path.getsize(source) == 0:  # a pipe's size is 0 too
             raise LlavaEdgeError(f"{what} is an empty file")
     elif not source:
         raise LlavaEdgeError("the image data is empty")
