@@ -258,6 +258,16 @@ def test_a_malformed_chat_history_is_refused(pipe, image, history):
         pipe.chat(image, history=history)
 
 
+def test_a_history_over_the_context_is_refused_when_the_chat_starts(pipe, image):
+    """As a history over max_prompt_tokens is: it was taken, and every question then failed with
+    "the prompt is N tokens ...; shorten it" about a question of a few words."""
+    from llava_edge.errors import PromptTooLong
+
+    long = " ".join(["word"] * pipe.max_context)
+    with pytest.raises(PromptTooLong, match="history is .* over the model's context"):
+        pipe.chat(image, history=[("Describe it.", long)])
+
+
 def test_later_chat_questions_may_not_be_empty(pipe, image):
     chat = pipe.chat(image, max_new_tokens=2)
     chat.ask("")  # the first turn may be the image alone

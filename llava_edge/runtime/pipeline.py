@@ -597,6 +597,11 @@ class ChatSession:
             if history
             else []
         )
+        if len(self.ids) > pipeline.max_context:
+            raise PromptTooLong(
+                f"the chat's history is {len(self.ids)} tokens, over the model's context of "
+                f"{pipeline.max_context}; keep fewer or shorter turns"
+            )
         self.fed = 0  # how many of `ids` are in the cache
         self.history_closed = bool(history)  # `ids` end with a history answer's whole end marker
         self.turns: list[tuple[str, str]] = [tuple(turn) for turn in history]  # as shown
