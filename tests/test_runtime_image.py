@@ -139,6 +139,36 @@ def test_an_image_read_from_a_pipe(tmp_path):
     assert np.array_equal(np.asarray(loaded), np.asarray(load_image(data)))
 
 
+def test_images_opened_on_several_threads_leave_the_warning_filters_as_they_were(
+    tmp_path, monkeypatch
+):
+    """Opening turns PIL's DecompressionBombWarning into an error through the process's warning
+    filters; two threads doing it at once left that filter installed for the whole app."""
+    import contextlib
+    import threading
+    import warnings
+
+    path = tmp_path / "frame.png"
+    Image.fromarray(noise(20, 20)).save(path)
+    real_open, met, first_done = Image.open, threading.Barrier(2, timeout=0.5), threading.Event()
+
+    def opening(*args, **kwargs):  # both threads inside the open at once, the first out first
+        # opens one at a time: the other never comes, and the wait breaks
+        with contextlib.suppress(threading.BrokenBarrierError):
+            met.wait()
+        if threading.current_thread().name == "second":
+            first_done.wait(1)
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", opening)
+    before = list(warnings.filters)
+    first = threading.Thread(target=lambda: (load_image(path), first_done.set()), name="first")
+    second = threading.Thread(target=lambda: load_image(path), name="second")
+    first.start(), second.start()
+    first.join(10), second.join(10)
+    assert warnings.filters == before
+
+
 def test_encoded_bytes_and_first_frame_of_animation(tmp_path):
     frames = [Image.fromarray(noise(30, 30, seed=i)) for i in range(3)]
     buffer = io.BytesIO()

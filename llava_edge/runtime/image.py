@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import threading
 import warnings
 
 import numpy as np
@@ -21,6 +22,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from llava_edge.errors import LlavaEdgeError, TooLarge
 from llava_edge.manifest import ImageSpec
 
+_FILTERS = threading.Lock()  # held while the warning filters are changed (see _open)
 # The most pixels padding or resizing may make of an image (beyond twice its own): 192 MB in uint8.
 STEP_PIXELS = 64_000_000
 ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
@@ -95,15 +97,17 @@ def _open(source: str | os.PathLike | bytes, max_pixels: int | None) -> Image.Im
     elif not source:
         raise LlavaEdgeError("the image data is empty")
     try:
-        with warnings.catch_warnings():
+        # catch_warnings swaps the process's filters: threads overlapping here would leave the
+        # "error" filter installed for the whole app. Only the header is read under the lock.
+        with _FILTERS, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(source) if given else source)
-            try:
-                _check_pixels(image.width, image.height, max_pixels)  # from the header alone
-            except LlavaEdgeError:
-                image.close()
-                raise
-            image.load()  # decode now, so truncation is found here and not later
+        try:
+            _check_pixels(image.width, image.height, max_pixels)  # from the header alone
+        except LlavaEdgeError:
+            image.close()
+            raise
+        image.load()  # decode now, so truncation is found here and not later
         return image
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise TooLarge(
