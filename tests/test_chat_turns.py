@@ -234,6 +234,21 @@ def test_chat_command_loop_resets_to_the_last_image_that_opened(pipe, tmp_path):
     assert text.endswith("(new conversation)\n" + pipe.chat(good, **OPTIONS).ask(FIRST) + "\n")
 
 
+def test_chat_command_image_paths_as_a_terminal_pastes_them(pipe, tmp_path, monkeypatch):
+    """A file dropped into a terminal is pasted quoted ('/path/my photo.png'), and ~ is the home
+    dir: both were read as part of the file name ("does not exist")."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    good = tmp_path / "my photo.png"
+    Image.fromarray(frame()).save(good)
+    for pasted in (f"'{good}' ", f'"{good}"', "~/my photo.png"):
+        lines = iter([f"/image {pasted}", FIRST, "/quit"])
+        out = io.StringIO()
+        chat_loop(pipe, None, OPTIONS, read=lambda _prompt, lines=lines: next(lines), out=out)
+        text = out.getvalue()
+        assert "error" not in text, text
+        assert text.endswith(f"about {good})\n" + pipe.chat(good, **OPTIONS).ask(FIRST) + "\n")
+
+
 def test_a_full_chat_says_to_start_a_new_one(pipe):
     chat = pipe.chat(None, ignore_eos=True)
     chat.ask(FIRST, max_new_tokens=pipe.max_context)  # cut short at the context's end
