@@ -485,7 +485,8 @@ class Pipeline:
 
     def image_features(self, image: ImageInput) -> np.ndarray:
         """Projected image features [N, hidden], one per image token; a repeated image comes
-        from the cache. With AnyRes, N depends on the image's size (see runtime/anyres.py)."""
+        from the cache (the array is the cache's, read-only: copy it to change it). With AnyRes,
+        N depends on the image's size (see runtime/anyres.py)."""
         return self.pixel_features(self.image_pixels(image))
 
     def pixel_features(self, image: ImagePixels | list[ImagePixels]) -> np.ndarray:
@@ -512,6 +513,7 @@ class Pipeline:
                 f"{expected} image tokens: the manifest does not match the graphs; re-export the "
                 "model"
             )
+        features.flags.writeable = False  # handed out as it is cached: none may change it
         with self._lock:
             self.stats["vision_runs"] += 1
             self._features[key] = features
