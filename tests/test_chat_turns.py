@@ -249,6 +249,29 @@ def test_chat_command_image_paths_as_a_terminal_pastes_them(pipe, tmp_path, monk
         assert text.endswith(f"about {good})\n" + pipe.chat(good, **OPTIONS).ask(FIRST) + "\n")
 
 
+def test_chat_command_ctrl_c_mid_answer_ends_the_answers_line(pipe, monkeypatch):
+    """Ctrl-C leaves `llava-edge chat`; the partial answer's line ends first, so "interrupted"
+    is not glued to it."""
+    lines = iter([FIRST])
+    real = pipe.chat
+
+    def chat(*args, **kwargs):
+        session = real(*args, **kwargs)
+
+        def interrupted(*_args, **_kwargs):
+            yield "half an ans"
+            raise KeyboardInterrupt
+
+        session.stream = interrupted
+        return session
+
+    monkeypatch.setattr(pipe, "chat", chat)
+    out = io.StringIO()
+    with pytest.raises(KeyboardInterrupt):
+        chat_loop(pipe, frame(), OPTIONS, read=lambda _prompt: next(lines), out=out)
+    assert out.getvalue().endswith("half an ans\n")
+
+
 def test_a_full_chat_says_to_start_a_new_one(pipe):
     chat = pipe.chat(None, ignore_eos=True)
     chat.ask(FIRST, max_new_tokens=pipe.max_context)  # cut short at the context's end

@@ -54,6 +54,10 @@ def chat_loop(
         except LlavaEdgeError as e:
             hint = " (/reset)" if isinstance(e, ChatFull) else ""
             out.write(("\n" if partial else "") + f"error: {e}{hint}\n")
+        except KeyboardInterrupt:  # Ctrl-C leaves the chat; the answer's line ends first
+            if partial:
+                out.write("\n")
+            raise
 
 
 def _image_path(text: str) -> str | None:
