@@ -417,6 +417,19 @@ class Pipeline:
         with (one index for all of them, or one per image, never decreasing). system: replaces
         the template's system prompt.
         """
+        ids = self._render(turns, image, image_turn, system)
+        self.limits.check_prompt(len(ids))
+        return ids
+
+    def _render(
+        self,
+        turns: list[tuple[str, str | None]],
+        image: ImagePixels | list[ImagePixels] | None,
+        image_turn: int | list[int] | None,
+        system: str | None = None,
+    ) -> list[int]:
+        """conversation_ids without the prompt limit: a chat re-renders its finished turns with
+        this, and the limit bounds what an answer is conditioned on, not the answer."""
         self._check_open()
         if not isinstance(turns, list | tuple) or any(
             not isinstance(turn, list | tuple) or len(turn) != 2 for turn in turns
@@ -466,9 +479,7 @@ class Pipeline:
                     f"turn {i + 1}'s answer holds an {IMAGE_PLACEHOLDER} placeholder"
                 )
             text += answer_text(template, answer)
-        ids = self.codec.encode(text, first=True, image_tokens=self.image_tokens(images))
-        self.limits.check_prompt(len(ids))
-        return ids
+        return self.codec.encode(text, first=True, image_tokens=self.image_tokens(images))
 
     def image_pixels(self, image: ImageInput) -> ImagePixels:
         """The image loaded (within the pixel limit) and preprocessed for the vision encoder."""
@@ -699,17 +710,17 @@ class _Turn:
         is re-rendered from the shown turns, as a server re-renders what its client sends back,
         and the cache is kept up to where the two agree."""
         session = self.session
-        session.turns.append((self.prompt, text))
+        turns = [*session.turns, (self.prompt, text)]
         if not stopped:
             session.ids, session.fed, session.history_closed = ids, session.cache.length, False
+            session.turns.append(turns[-1])
             return
         pipe = session.pipeline
-        shown = pipe.conversation_ids(
-            session.turns, session.pixels, image_turn=0 if session.pixels else None
-        )
+        shown = pipe._render(turns, session.pixels, 0 if session.pixels else None)
         agree = common_prefix(ids[: session.cache.length], shown)
         session.cache.truncate(agree)
         session.ids, session.fed, session.history_closed = shown, agree, True
+        session.turns.append(turns[-1])  # last: a failure above leaves the session as it was
 
     def rollback(self) -> None:
         cache = self.session.cache
