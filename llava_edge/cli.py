@@ -159,9 +159,11 @@ def _run(args: argparse.Namespace) -> None:
             )
             return
         stream = pipe.stream(args.image, args.prompt, **options)
-        for piece in stream:
-            print(piece, end="", flush=True)
-        print()
+        try:
+            for piece in stream:
+                print(piece, end="", flush=True)
+        finally:
+            print()  # the answer's line ends, cut short (a timeout, Ctrl-C) or not
         answer = stream.answer
         speed = answer.timings.get("decode_tokens_per_s")
         print(

@@ -91,6 +91,50 @@ def test_close_while_opening_leaves_no_session(
         pipe.answer(PICTURE, PROMPT, max_new_tokens=2)
 
 
+def test_a_request_waiting_for_a_graph_is_refused_in_one_line_when_closed(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request waiting for the decoder to open, when another thread closes the pipeline (an
+    app shutting down), gets the closed pipeline's error, not concurrent.futures' bare
+    CancelledError."""
+    release = threading.Event()
+    real = ort.InferenceSession
+
+    def opening(path: str, *args, **kwargs) -> ort.InferenceSession:
+        if Path(path).name.startswith("projector"):  # the decoder opens after it, on one thread
+            assert release.wait(60), "the projector was never released"
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", opening)
+    pipe = Pipeline.load(tiny_model_dir, threads=1, background=True, session_cache=False)
+    decoder, waiting = pipe.backend._opening["decoder"], threading.Event()
+
+    class Watched:  # the decoder's future, telling the test when a request waits on it
+        def result(self, timeout: float | None = None):
+            waiting.set()
+            return decoder.result(timeout)
+
+    pipe.backend._opening["decoder"] = Watched()
+    errors: list[BaseException] = []
+
+    def ask() -> None:
+        try:
+            pipe.answer(None, PROMPT, max_new_tokens=2)
+        except BaseException as e:
+            errors.append(e)
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    assert waiting.wait(30)
+    closer = threading.Thread(target=pipe.close)
+    closer.start()
+    asker.join(30)
+    release.set()
+    closer.join(30)
+    assert len(errors) == 1 and isinstance(errors[0], LlavaEdgeError), errors
+    assert "closed" in str(errors[0])
+
+
 def test_background_is_refused_for_the_tensorrt_backend(tiny_model_dir: Path) -> None:
     with pytest.raises(LlavaEdgeError, match="background loading is for the onnxruntime"):
         Pipeline.load(tiny_model_dir, backend="tensorrt", background=True)

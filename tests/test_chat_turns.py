@@ -20,6 +20,7 @@ from PIL import Image
 from llava_edge.errors import ChatFull, LlavaEdgeError
 from llava_edge.runtime import Pipeline, TextStream
 from llava_edge.runtime.interactive import chat_loop
+from llava_edge.runtime.kv_cache import KVCache
 
 FIRST, UNFINISHED, NEXT = "What is in the picture?", "Where is the red thing?", "And then?"
 OPTIONS = dict(max_new_tokens=8, ignore_eos=True)
@@ -95,6 +96,19 @@ def unfinished(pipe: Pipeline, chat, how: str, monkeypatch) -> TextStream | None
         with pytest.raises(LlavaEdgeError, match="time limit"):
             "".join(chat.stream(UNFINISHED))
         monkeypatch.undo()
+    elif how == "out of memory":  # growing the cache fails half-way: keys grown, values not
+        layers, real, calls = pipe.manifest.text.num_layers, KVCache._grown, []
+
+        def grown(cache, *args):
+            calls.append(args)
+            if len(calls) == layers + 1:
+                raise MemoryError
+            return real(cache, *args)
+
+        monkeypatch.setattr(KVCache, "_grown", grown)
+        with pytest.raises(MemoryError):
+            chat.ask(UNFINISHED, max_new_tokens=pipe.max_context)
+        monkeypatch.undo()
     elif how == "superseded":
         stream = chat.stream(UNFINISHED)
         next(stream)
@@ -104,7 +118,7 @@ def unfinished(pipe: Pipeline, chat, how: str, monkeypatch) -> TextStream | None
     return None
 
 
-HOWS = ["break", "dropped", "close", "raised", "timed out", "superseded"]
+HOWS = ["break", "dropped", "close", "raised", "timed out", "out of memory", "superseded"]
 
 
 @pytest.mark.parametrize("how", HOWS)
@@ -218,6 +232,44 @@ def test_chat_command_loop_resets_to_the_last_image_that_opened(pipe, tmp_path):
     text = out.getvalue()
     assert text.count("does not exist") == 1  # the bad image, not the /reset after it
     assert text.endswith("(new conversation)\n" + pipe.chat(good, **OPTIONS).ask(FIRST) + "\n")
+
+
+def test_chat_command_image_paths_as_a_terminal_pastes_them(pipe, tmp_path, monkeypatch):
+    """A file dropped into a terminal is pasted quoted ('/path/my photo.png'), and ~ is the home
+    dir: both were read as part of the file name ("does not exist")."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    good = tmp_path / "my photo.png"
+    Image.fromarray(frame()).save(good)
+    for pasted in (f"'{good}' ", f'"{good}"', "~/my photo.png"):
+        lines = iter([f"/image {pasted}", FIRST, "/quit"])
+        out = io.StringIO()
+        chat_loop(pipe, None, OPTIONS, read=lambda _prompt, lines=lines: next(lines), out=out)
+        text = out.getvalue()
+        assert "error" not in text, text
+        assert text.endswith(f"about {good})\n" + pipe.chat(good, **OPTIONS).ask(FIRST) + "\n")
+
+
+def test_chat_command_ctrl_c_mid_answer_ends_the_answers_line(pipe, monkeypatch):
+    """Ctrl-C leaves `llava-edge chat`; the partial answer's line ends first, so "interrupted"
+    is not glued to it."""
+    lines = iter([FIRST])
+    real = pipe.chat
+
+    def chat(*args, **kwargs):
+        session = real(*args, **kwargs)
+
+        def interrupted(*_args, **_kwargs):
+            yield "half an ans"
+            raise KeyboardInterrupt
+
+        session.stream = interrupted
+        return session
+
+    monkeypatch.setattr(pipe, "chat", chat)
+    out = io.StringIO()
+    with pytest.raises(KeyboardInterrupt):
+        chat_loop(pipe, frame(), OPTIONS, read=lambda _prompt: next(lines), out=out)
+    assert out.getvalue().endswith("half an ans\n")
 
 
 def test_a_full_chat_says_to_start_a_new_one(pipe):

@@ -41,6 +41,22 @@ def test_run_streams_then_reports_speed(tiny_model_dir, tmp_path, capsys):
     assert "tokens/s" in err
 
 
+def test_run_cut_short_ends_its_line_before_the_error(tiny_model_dir, monkeypatch, capsys):
+    """A timeout or Ctrl-C mid-answer: the partial answer's line ends, so the error is not glued
+    to it in the terminal and a script reading stdout gets whole lines."""
+    from llava_edge.errors import LlavaEdgeError
+
+    def cut(*_args, **_kwargs):
+        yield "half an ans"
+        raise LlavaEdgeError("the request ran past its time limit of 1 s")
+
+    monkeypatch.setattr(Pipeline, "stream", cut)
+    assert main(["run", str(tiny_model_dir), "--prompt", "Hi?"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "half an ans\n"
+    assert err.startswith("llava-edge run: error: the request ran past its time limit")
+
+
 def test_run_takes_several_images(tiny_model_dir, tmp_path, capsys):
     first = write_image(tmp_path / "a.png")
     second = tmp_path / "b.png"

@@ -258,6 +258,16 @@ def test_a_malformed_chat_history_is_refused(pipe, image, history):
         pipe.chat(image, history=history)
 
 
+def test_a_history_over_the_context_is_refused_when_the_chat_starts(pipe, image):
+    """As a history over max_prompt_tokens is: it was taken, and every question then failed with
+    "the prompt is N tokens ...; shorten it" about a question of a few words."""
+    from llava_edge.errors import PromptTooLong
+
+    long = " ".join(["word"] * pipe.max_context)
+    with pytest.raises(PromptTooLong, match="history is .* over the model's context"):
+        pipe.chat(image, history=[("Describe it.", long)])
+
+
 def test_later_chat_questions_may_not_be_empty(pipe, image):
     chat = pipe.chat(image, max_new_tokens=2)
     chat.ask("")  # the first turn may be the image alone
@@ -353,6 +363,25 @@ def test_threads_must_be_a_positive_whole_number(tiny_model_dir, threads) -> Non
     """onnxruntime took 0 and negatives silently, as its own default (every core)."""
     with pytest.raises(LlavaEdgeError, match="threads must be a whole number, 1 or more"):
         Pipeline.load(tiny_model_dir, threads=threads)
+
+
+def test_limits_that_are_not_a_limits_are_refused_at_load(tiny_model_dir) -> None:
+    """A dict of limits loaded fine and every request then failed with an AttributeError."""
+    with pytest.raises(LlavaEdgeError, match="limits must be a Limits"):
+        Pipeline.load(tiny_model_dir, limits={"max_new_tokens": 3})
+
+
+def test_one_provider_may_be_named_alone(tiny_model_dir, monkeypatch) -> None:
+    """providers="cuda" was read letter by letter: "onnxruntime provider c is not available"."""
+    import onnxruntime as ort
+
+    from llava_edge.runtime.onnx_backend import provider_list
+
+    available = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: available)
+    assert provider_list("cuda") == provider_list(["cuda"]) == available
+    with Pipeline.load(tiny_model_dir, providers="cpu", threads=1) as pipe:
+        assert pipe.backend.providers == ["CPUExecutionProvider"]
 
 
 def test_the_cli_refuses_zero_threads(tiny_model_dir, capsys) -> None:

@@ -195,6 +195,17 @@ def test_cached_image_second_question_equals_transformers(pipe, reference):
     assert answer.token_ids == until_eos(ref, pipe.manifest.tokens.eos_token_ids)
 
 
+def test_features_handed_out_cannot_change_the_cache(pipe):
+    """image_features returns the cached array: scaling it in place (normalising it for a
+    similarity search) changed every later answer about the same image."""
+    image = picture(7)
+    before = pipe.answer(image, "What is it?", max_new_tokens=6).token_ids
+    features = pipe.image_features(image)
+    with pytest.raises(ValueError, match="read-only"):
+        features *= 0
+    assert pipe.answer(image, "What is it?", max_new_tokens=6).token_ids == before
+
+
 def test_sampling_is_reproducible_with_a_seed(pipe):
     image = picture(6)
     options = dict(

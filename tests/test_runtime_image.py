@@ -113,9 +113,60 @@ def test_sixteen_bit_images_keep_their_contrast(tmp_path):
     Image.fromarray(wide).save(path)
     assert Image.open(path).mode.startswith("I")
     eight_bit = Image.fromarray((wide >> 8).astype(np.uint8))
-    for source in (path, wide):
+    # a 16-bit PGM or a camera's raw buffer read with numpy holds big-endian values ('>u2')
+    for source in (path, wide, wide.astype(">u2")):
         ours = preprocess(load_image(source), spec())
         assert np.abs(ours - reference(eight_bit)).max() < 1e-5
+
+
+def test_an_image_read_from_a_pipe(tmp_path):
+    """`... | llava-edge run --image /dev/stdin`, a named pipe from a camera process: a pipe's size
+    is 0, and it was refused as "an empty file"."""
+    import os
+    import threading
+
+    fifo = tmp_path / "camera"
+    os.mkfifo(fifo)
+    data = _png_bytes()
+    writer = threading.Thread(target=lambda: fifo.write_bytes(data))
+    writer.start()
+    try:
+        loaded = load_image(fifo)
+    finally:
+        if writer.is_alive():  # not read: a reader lets the writer finish
+            fifo.read_bytes()
+        writer.join(10)
+    assert np.array_equal(np.asarray(loaded), np.asarray(load_image(data)))
+
+
+def test_images_opened_on_several_threads_leave_the_warning_filters_as_they_were(
+    tmp_path, monkeypatch
+):
+    """Opening turns PIL's DecompressionBombWarning into an error through the process's warning
+    filters; two threads doing it at once left that filter installed for the whole app."""
+    import contextlib
+    import threading
+    import warnings
+
+    path = tmp_path / "frame.png"
+    Image.fromarray(noise(20, 20)).save(path)
+    real_open, met, first_done = Image.open, threading.Barrier(2, timeout=0.5), threading.Event()
+
+    def opening(*args, **kwargs):  # both threads inside the open at once, the first out first
+        # opens one at a time: the other never comes, and the wait breaks
+        with contextlib.suppress(threading.BrokenBarrierError):
+            met.wait()
+        if threading.current_thread().name == "second":
+            first_done.wait(1)
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", opening)
+    before = list(warnings.filters)
+    first = threading.Thread(target=lambda: (load_image(path), first_done.set()), name="first")
+    second = threading.Thread(target=lambda: load_image(path), name="second")
+    first.start(), second.start()
+    first.join(10), second.join(10)
+    assert warnings.filters == before
 
 
 def test_encoded_bytes_and_first_frame_of_animation(tmp_path):

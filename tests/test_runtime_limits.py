@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from llava_edge.cli import main
-from llava_edge.errors import LlavaEdgeError
+from llava_edge.errors import ChatFull, LlavaEdgeError
 from llava_edge.runtime import BatchEngine, Limits, Pipeline
 
 # Each entry point, run to the end: (pipeline, image, question, options) -> the answer's text.
@@ -96,6 +96,27 @@ def test_a_chat_may_not_outgrow_the_prompt_limit(pipe, monkeypatch):
         chat.ask(question)
     assert pipe.generate(None, question, max_new_tokens=2) is not None  # alone it fits
     assert chat.fed == len(chat.ids) - 1  # the refused turn left the session as it was
+
+
+def test_a_turn_cut_by_a_stop_string_counts_whatever_the_prompt_limit(pipe, monkeypatch):
+    """The limit bounds what an answer is conditioned on, not the answer: a turn cut by a stop
+    string, the conversation with its answer then over the limit, counts as one cut by its
+    length does. It raised PromptTooLong once the whole answer had streamed, and left the turn
+    in `turns` but not in the cache; the next question is the one refused."""
+    question = "Tell me more"
+    one_turn = len(pipe.answer(None, question, max_new_tokens=1).prompt_token_ids)
+    full = pipe.generate(None, question, max_new_tokens=12, ignore_eos=True)
+    cut = max(k for k in range(len(full) - 1) if full.find(full[k : k + 2]) == k)
+    shown = pipe.conversation_ids([(question, full[:cut])])
+    assert len(shown) > one_turn + 4  # the answer the stop string leaves is over the limit
+    monkeypatch.setattr(pipe, "limits", Limits(max_prompt_tokens=one_turn + 4))
+    chat = pipe.chat(None, max_new_tokens=12, ignore_eos=True)
+    stream = chat.stream(question, stop=full[cut : cut + 2])
+    assert "".join(stream) == full[:cut] and stream.answer.finish_reason == "stop"
+    assert chat.turns == [(question, full[:cut])] and chat.ids == shown
+    assert chat.fed == chat.cache.length > 0
+    with pytest.raises(ChatFull, match="start a new chat"):
+        chat.ask(question)
 
 
 @pytest.mark.parametrize("entry", ENTRIES)

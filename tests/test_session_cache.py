@@ -91,6 +91,17 @@ def test_cache_can_be_turned_off(
     assert set(status.values()) == {"none"} and not cache.exists()
 
 
+@pytest.mark.parametrize("value", ["0", "false", "False", "NO", "off", " 0 "])
+def test_every_usual_way_of_saying_off_turns_it_off(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """`=off` or `=False` left the cache on, writing twice the weights under the home dir."""
+    monkeypatch.setenv("LLAVA_EDGE_SESSION_CACHE", value)
+    assert not session_cache.enabled()
+    monkeypatch.setenv("LLAVA_EDGE_SESSION_CACHE", "1")
+    assert session_cache.enabled()
+
+
 @pytest.mark.parametrize("short_of", ["memory", "disk"])
 def test_no_entry_written_without_room_to_spare(
     tiny_model_dir: Path, cache: Path, monkeypatch: pytest.MonkeyPatch, short_of: str

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import threading
 import warnings
 
 import numpy as np
@@ -21,6 +22,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from llava_edge.errors import LlavaEdgeError, TooLarge
 from llava_edge.manifest import ImageSpec
 
+_FILTERS = threading.Lock()  # held while the warning filters are changed (see _open)
 # The most pixels padding or resizing may make of an image (beyond twice its own): 192 MB in uint8.
 STEP_PIXELS = 64_000_000
 ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
@@ -39,8 +41,9 @@ def load_image(source: ImageInput, max_pixels: int | None = None) -> Image.Image
     """Open anything a robot app holds as an RGB PIL image.
 
     Paths and bytes are decoded with PIL (first frame of an animation, EXIF rotation applied);
-    arrays are (H, W, 3) or (H, W, 4) as a camera gives them, or (H, W) grey: uint8 (or other
-    integers, 0-255), uint16 (scaled to 8 bits) or floats in [0, 1]. An image of more than
+    arrays are (H, W, 3) RGB or (H, W, 4) RGBA, or (H, W) grey: uint8 (or other integers,
+    0-255), uint16 (scaled to 8 bits) or floats in [0, 1]; channels are read in RGB order
+    whatever the source (OpenCV's frames are BGR: pass `frame[..., ::-1]`). An image of more than
     `max_pixels` pixels is refused whatever its form, a file before it is decoded.
     """
     if isinstance(source, np.ndarray):
@@ -89,20 +92,22 @@ def _open(source: str | os.PathLike | bytes, max_pixels: int | None) -> Image.Im
             raise LlavaEdgeError(f"{what} does not exist")
         if os.path.isdir(source):
             raise LlavaEdgeError(f"{what} is a directory, not an image file")
-        if os.path.getsize(source) == 0:
+        if os.path.isfile(source) and os.path.getsize(source) == 0:  # a pipe's size is 0 too
             raise LlavaEdgeError(f"{what} is an empty file")
     elif not source:
         raise LlavaEdgeError("the image data is empty")
     try:
-        with warnings.catch_warnings():
+        # catch_warnings swaps the process's filters: threads overlapping here would leave the
+        # "error" filter installed for the whole app. Only the header is read under the lock.
+        with _FILTERS, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(source) if given else source)
-            try:
-                _check_pixels(image.width, image.height, max_pixels)  # from the header alone
-            except LlavaEdgeError:
-                image.close()
-                raise
-            image.load()  # decode now, so truncation is found here and not later
+        try:
+            _check_pixels(image.width, image.height, max_pixels)  # from the header alone
+        except LlavaEdgeError:
+            image.close()
+            raise
+        image.load()  # decode now, so truncation is found here and not later
         return image
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise TooLarge(
@@ -135,7 +140,7 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
     """uint16 (depth and machine-vision cameras) keeps its contrast in 8 bits; floats are read as
     [0, 1], as transformers reads them; integers as 0-255. Floats outside [0, 1] are refused
     rather than guessed at: a scale read off the values would change with one bright pixel."""
-    if array.dtype == np.uint16:
+    if array.dtype.kind == "u" and array.dtype.itemsize == 2:  # either byte order
         return (array >> 8).astype(np.uint8)
     if np.issubdtype(array.dtype, np.floating):
         low, high = float(np.min(array)), float(np.max(array))

@@ -7,6 +7,7 @@ a question whose answer failed halfway (a timeout) is forgotten, as ChatSession 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any, TextIO
 
@@ -40,7 +41,7 @@ def chat_loop(
                 session = pipe.chat(image, **options)
                 out.write("(new conversation)\n")
             elif line.startswith("/image"):
-                new = line[len("/image") :].strip() or None
+                new = _image_path(line[len("/image") :])
                 session = pipe.chat(new, **options)
                 image = new  # only once it opened: /reset goes on with a good image
                 out.write(f"(new conversation about {image or 'no image'})\n")
@@ -53,3 +54,16 @@ def chat_loop(
         except LlavaEdgeError as e:
             hint = " (/reset)" if isinstance(e, ChatFull) else ""
             out.write(("\n" if partial else "") + f"error: {e}{hint}\n")
+        except KeyboardInterrupt:  # Ctrl-C leaves the chat; the answer's line ends first
+            if partial:
+                out.write("\n")
+            raise
+
+
+def _image_path(text: str) -> str | None:
+    """The path after /image as a terminal pastes it: a dropped file comes quoted, and `~` is
+    the home dir (the shell that would expand it is not in the loop); none: no image."""
+    text = text.strip()
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+        text = text[1:-1]
+    return os.path.expanduser(text) if text else None

@@ -267,13 +267,14 @@ class KVCache(RowCache):
         t = self.text
         shape = (self.batch, t.num_kv_heads, capacity, t.head_dim)
         used = int(self.lengths.max(initial=0))
-        self.keys = [self._grown(old, shape, used) for old in self.keys] or [
+        keys = [self._grown(old, shape, used) for old in self.keys] or [
             np.zeros(shape, self.dtype) for _ in range(t.num_layers)
         ]
-        self.values = [self._grown(old, shape, used) for old in self.values] or [
+        values = [self._grown(old, shape, used) for old in self.values] or [
             np.zeros(shape, self.dtype) for _ in range(t.num_layers)
         ]
-        self.capacity = capacity
+        # all at once: a failure above (out of memory, Ctrl-C) leaves the old buffers whole
+        self.keys, self.values, self.capacity = keys, values, capacity
 
     def shrink(self) -> None:
         """Give memory back once the longest row fits in half the buffers (a long conversation
@@ -284,9 +285,9 @@ class KVCache(RowCache):
             return
         t = self.text
         shape = (self.batch, t.num_kv_heads, capacity, t.head_dim)
-        self.keys = [self._grown(old, shape, used) for old in self.keys] if capacity else []
-        self.values = [self._grown(old, shape, used) for old in self.values] if capacity else []
-        self.capacity = capacity
+        keys = [self._grown(old, shape, used) for old in self.keys] if capacity else []
+        values = [self._grown(old, shape, used) for old in self.values] if capacity else []
+        self.keys, self.values, self.capacity = keys, values, capacity
 
     def _grown(self, old: np.ndarray, shape: tuple[int, ...], used: int) -> np.ndarray:
         """`old`'s first `used` slots in a buffer of another size. Unused slots must be zeros,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -62,9 +62,10 @@ def provider_options(
     }
 
 
-def provider_list(names: list[str] | None) -> list[str]:
-    """Execution providers by short name ('cpu', 'cuda', 'tensorrt'), with CPU always last."""
-    names = names or ["cpu"]
+def provider_list(names: str | list[str] | None) -> list[str]:
+    """Execution providers by short name ('cpu', 'cuda', 'tensorrt'; one, or a list), with CPU
+    always last."""
+    names = [names] if isinstance(names, str) else names or ["cpu"]
     available = ort.get_available_providers()
     chosen = []
     for name in names:
@@ -140,7 +141,7 @@ class OnnxBackend:
         self,
         model_dir: str | os.PathLike,
         manifest: Manifest,
-        providers: list[str] | None = None,
+        providers: str | list[str] | None = None,
         threads: int | None = None,
         engine_dir: str | os.PathLike | None = None,
         graph_form: str = "auto",
@@ -364,7 +365,11 @@ class OnnxBackend:
     def _session(self, name: str) -> ort.InferenceSession:
         """One graph's session, waiting while it opens (a background load)."""
         self._check_open()
-        return self._opening[name].result()
+        try:
+            return self._opening[name].result()
+        except (CancelledError, KeyError):  # closed by another thread while it waited
+            self._check_open()
+            raise
 
     def _check_open(self) -> None:
         if self._closed:  # perhaps while a request was running

@@ -133,7 +133,7 @@ class Pipeline:
         cls,
         model_dir: str | os.PathLike,
         backend: str = "onnxruntime",
-        providers: list[str] | None = None,
+        providers: str | list[str] | None = None,
         threads: int | None = None,
         verify_files: bool | None = None,
         limits: Limits | None = None,
@@ -164,6 +164,11 @@ class Pipeline:
             isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
         ):  # onnxruntime takes 0 and negatives silently, as its own default
             raise LlavaEdgeError(f"threads must be a whole number, 1 or more, got {threads!r}")
+        if limits is not None and not isinstance(limits, Limits):
+            raise LlavaEdgeError(
+                f"limits must be a Limits(...) (llava_edge.runtime.Limits), got "
+                f"{type(limits).__name__}"
+            )
         model_dir = Path(model_dir)
         manifest = Manifest.load(model_dir)
         manifest.check_files(model_dir, hashes=verify_files)
@@ -417,6 +422,19 @@ class Pipeline:
         with (one index for all of them, or one per image, never decreasing). system: replaces
         the template's system prompt.
         """
+        ids = self._render(turns, image, image_turn, system)
+        self.limits.check_prompt(len(ids))
+        return ids
+
+    def _render(
+        self,
+        turns: list[tuple[str, str | None]],
+        image: ImagePixels | list[ImagePixels] | None,
+        image_turn: int | list[int] | None,
+        system: str | None = None,
+    ) -> list[int]:
+        """conversation_ids without the prompt limit: a chat re-renders its finished turns with
+        this, and the limit bounds what an answer is conditioned on, not the answer."""
         self._check_open()
         if not isinstance(turns, list | tuple) or any(
             not isinstance(turn, list | tuple) or len(turn) != 2 for turn in turns
@@ -466,9 +484,7 @@ class Pipeline:
                     f"turn {i + 1}'s answer holds an {IMAGE_PLACEHOLDER} placeholder"
                 )
             text += answer_text(template, answer)
-        ids = self.codec.encode(text, first=True, image_tokens=self.image_tokens(images))
-        self.limits.check_prompt(len(ids))
-        return ids
+        return self.codec.encode(text, first=True, image_tokens=self.image_tokens(images))
 
     def image_pixels(self, image: ImageInput) -> ImagePixels:
         """The image loaded (within the pixel limit) and preprocessed for the vision encoder."""
@@ -485,7 +501,8 @@ class Pipeline:
 
     def image_features(self, image: ImageInput) -> np.ndarray:
         """Projected image features [N, hidden], one per image token; a repeated image comes
-        from the cache. With AnyRes, N depends on the image's size (see runtime/anyres.py)."""
+        from the cache (the array is the cache's, read-only: copy it to change it). With AnyRes,
+        N depends on the image's size (see runtime/anyres.py)."""
         return self.pixel_features(self.image_pixels(image))
 
     def pixel_features(self, image: ImagePixels | list[ImagePixels]) -> np.ndarray:
@@ -512,6 +529,7 @@ class Pipeline:
                 f"{expected} image tokens: the manifest does not match the graphs; re-export the "
                 "model"
             )
+        features.flags.writeable = False  # handed out as it is cached: none may change it
         with self._lock:
             self.stats["vision_runs"] += 1
             self._features[key] = features
@@ -597,6 +615,11 @@ class ChatSession:
             if history
             else []
         )
+        if len(self.ids) > pipeline.max_context:
+            raise PromptTooLong(
+                f"the chat's history is {len(self.ids)} tokens, over the model's context of "
+                f"{pipeline.max_context}; keep fewer or shorter turns"
+            )
         self.fed = 0  # how many of `ids` are in the cache
         self.history_closed = bool(history)  # `ids` end with a history answer's whole end marker
         self.turns: list[tuple[str, str]] = [tuple(turn) for turn in history]  # as shown
@@ -692,17 +715,17 @@ class _Turn:
         is re-rendered from the shown turns, as a server re-renders what its client sends back,
         and the cache is kept up to where the two agree."""
         session = self.session
-        session.turns.append((self.prompt, text))
+        turns = [*session.turns, (self.prompt, text)]
         if not stopped:
             session.ids, session.fed, session.history_closed = ids, session.cache.length, False
+            session.turns.append(turns[-1])
             return
         pipe = session.pipeline
-        shown = pipe.conversation_ids(
-            session.turns, session.pixels, image_turn=0 if session.pixels else None
-        )
+        shown = pipe._render(turns, session.pixels, 0 if session.pixels else None)
         agree = common_prefix(ids[: session.cache.length], shown)
         session.cache.truncate(agree)
         session.ids, session.fed, session.history_closed = shown, agree, True
+        session.turns.append(turns[-1])  # last: a failure above leaves the session as it was
 
     def rollback(self) -> None:
         cache = self.session.cache

@@ -22,7 +22,7 @@ The cache costs disk: about twice the graph's weights (the weights and their pre
 and the load that writes an entry holds a second copy of the weights in memory meanwhile, so it
 is only written when twice the graph fits in free memory and on the disk with a tenth of it left
 free (else the load is a plain one).
-`LLAVA_EDGE_SESSION_CACHE=0` turns it off, as does `session_cache=False` on the backend.
+`LLAVA_EDGE_SESSION_CACHE=0` (or false, no, off) turns it off, as does `session_cache=False` on the backend.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ META = "entry.json"
 
 
 def enabled() -> bool:
-    return os.environ.get("LLAVA_EDGE_SESSION_CACHE", "1") not in ("0", "false", "no", "")
+    value = os.environ.get("LLAVA_EDGE_SESSION_CACHE", "1").strip().lower()
+    return value not in ("0", "false", "no", "off", "")
 
 
 def session_options(threads: int | None) -> ort.SessionOptions:
