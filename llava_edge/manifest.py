@@ -135,6 +135,9 @@ class TemplateSpec:
     answer_prefix: str = " "
     answer_end: str = "</s>"
     image: str = "<image>\n"
+    # How a system prompt given at run time is written, "{system}" standing for it (ChatML:
+    # "<|im_start|>system\n{system}<|im_end|>\n"); None: it takes `system`'s place as plain text.
+    system_format: str | None = None
 
 
 @dataclass

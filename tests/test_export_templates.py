@@ -97,13 +97,17 @@ def with_template(tiny_checkpoint: Path, out: Path, template: str, chatml: bool 
     return out
 
 
-def hf_ids(checkpoint: Path, turns: list, image) -> list[int]:
-    """The ids transformers' processor makes for `turns` with the checkpoint's template."""
+def hf_ids(checkpoint: Path, turns: list, image, system: str | None = None) -> list[int]:
+    """The ids transformers' processor makes for `turns` (after a system message, if given) with
+    the checkpoint's template."""
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(checkpoint)
     strings = "message['content'] +" in processor.chat_template
     messages = []
+    if system is not None:
+        content = system if strings else [{"type": "text", "text": system}]
+        messages.append({"role": "system", "content": content})
     for i, (question, answer) in enumerate(turns):
         if strings:
             content = ("<image>\n" if i == 0 else "") + question
@@ -139,6 +143,11 @@ def test_the_runtime_prompts_as_the_checkpoints_own_template(
         text = "".join(t for t, _ in render(pipe.manifest.template, CHAT, image=True))
         assert pipe.codec.encode(text) == hf_ids(checkpoint, CHAT, image)
         template = pipe.manifest.template
+        if name != "mistral-instruct":  # whose template refuses a system message
+            # a system prompt is written as the template writes one: ChatML's in its own block
+            system = "You are a robot."
+            ids = pipe.conversation_ids(CHAT, pipe.image_pixels(image), 0, system=system)
+            assert ids == hf_ids(checkpoint, CHAT, image, system=system)
     # verification compared the same with the checkpoint's own template, and said so
     assert report["passed"] and report["chat_ids_equal"] and report["prompt_ids_equal"]
     if name == "chatml":  # the model's end token closes an answer; training supervises it

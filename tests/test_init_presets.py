@@ -13,7 +13,7 @@ import torch
 
 from llava_edge.cli import main
 from llava_edge.errors import LlavaEdgeError
-from llava_edge.runtime.template import TEMPLATES, render
+from llava_edge.runtime.template import TEMPLATES, render, with_system
 from llava_edge.training.checkpoint import (
     PRESETS,
     hf_chat_template,
@@ -211,19 +211,28 @@ def test_saved_chat_template_renders_the_runtime_prompt(tiny_checkpoint: Path) -
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
 @pytest.mark.parametrize("turns", [1, 2])
+@pytest.mark.parametrize("system", [None, "You are a robot.", "Be brief.\n"])
 def test_every_template_renders_like_the_runtime(
-    tiny_checkpoint: Path, name: str, turns: int
+    tiny_checkpoint: Path, name: str, turns: int, system: str | None
 ) -> None:
+    """A system message too: transformers users of a checkpoint llava-edge wrote get the prompt
+    the runtime builds for that system prompt (ChatML's in its own block)."""
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(tiny_checkpoint)
     dialogue = [("What is this?", "A red circle."), ("And its colour?", None)][-turns:]
     template = TEMPLATES[name]
-    expected = "".join(text for text, _ in render(template, dialogue, image=True))
+    given = template if system is None else with_system(template, system)
+    expected = "".join(text for text, _ in render(given, dialogue, image=True))
+    messages = _messages(dialogue)
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
     rendered = processor.apply_chat_template(
-        _messages(dialogue), chat_template=hf_chat_template(template), add_generation_prompt=True
+        messages, chat_template=hf_chat_template(template), add_generation_prompt=True
     )
     assert rendered == expected
+    if system is not None and template.system_format is not None:
+        assert expected.startswith(template.system_format.replace("{system}", system))
 
 
 def test_init_template_is_recorded(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ DEFAULT = "llava_1_5"  # for checkpoints that carry no chat template
 # Texts no template writes itself, so each one's place in a rendered prompt is unambiguous.
 Q1, Q2, Q3 = "QUESTION_ONE", "QUESTION_TWO", "QUESTION_THREE"
 A1, A2 = "ANSWER_ONE", "ANSWER_TWO"
+SYSTEM = "SYSTEM_PROMPT"
 PROBE = [(Q1, A1), (Q2, A2), (Q3, None)]
 
 Turns = list[tuple[str, str | None]]
@@ -72,9 +73,15 @@ class CheckpointChat:
             f"name a template in {CHECKPOINT_INFO_FILE} or fix the chat template"
         )
 
-    def messages(self, turns: Turns, image: bool) -> list[dict[str, Any]]:
-        """Chat messages for `turns`; the image goes with the first question."""
+    def messages(
+        self, turns: Turns, image: bool, system: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Chat messages for `turns`, after a system message if given; the image goes with the
+        first question."""
         messages = []
+        if system is not None:
+            text = system if self.string_content else [{"type": "text", "text": system}]
+            messages.append({"role": "system", "content": text})
         for i, (question, answer) in enumerate(turns):
             with_image = image and i == 0
             if self.string_content:
@@ -88,10 +95,10 @@ class CheckpointChat:
                 messages.append({"role": "assistant", "content": text})
         return messages
 
-    def text(self, turns: Turns, image: bool) -> str:
+    def text(self, turns: Turns, image: bool, system: str | None = None) -> str:
         """The prompt text; open for an answer when the last turn has none."""
         return self.processor.apply_chat_template(
-            self.messages(turns, image),
+            self.messages(turns, image, system),
             chat_template=self.jinja,
             add_generation_prompt=turns[-1][1] is None,
             tokenize=False,
@@ -191,10 +198,30 @@ def derive_template(chat: CheckpointChat, eos_texts: list[str]) -> TemplateSpec:
     expected, got = chat.text(PROBE, image=True), _render(template, PROBE)
     if expected != got:
         raise refuse(_difference(expected, got))
+    template = dataclasses.replace(template, system_format=_system_format(chat, template))
     for known in TEMPLATES.values():  # say so when it is a template llava-edge knows
-        if dataclasses.replace(known, name="checkpoint") == template:
-            return known
+        if dataclasses.replace(known, name="checkpoint", system_format=None) == dataclasses.replace(
+            template, system_format=None
+        ):
+            return dataclasses.replace(known, system_format=template.system_format)
     return template
+
+
+def _system_format(chat: CheckpointChat, template: TemplateSpec) -> str | None:
+    """How the checkpoint's template writes a system message (TemplateSpec.system_format),
+    read off a probe as the other strings are. None where it takes none (Mistral's raises) or
+    writes one other than in place of its default system prompt: a system prompt given at run
+    time then takes `system`'s place as plain text."""
+    try:
+        text = chat.text(PROBE, image=True, system=SYSTEM)
+    except Exception:  # Jinja and the template's own raise_exception
+        return None
+    head = text.partition(template.image + Q1)[0]  # system + user, as render joins them
+    if head.count(SYSTEM) != 1 or "{system}" in head or not head.endswith(template.user):
+        return None
+    written = head[: len(head) - len(template.user)].replace(SYSTEM, "{system}")
+    given = dataclasses.replace(template, system=written.replace("{system}", SYSTEM))
+    return written if _render(given, PROBE) == text else None
 
 
 def _user_header(

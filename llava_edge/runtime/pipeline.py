@@ -19,7 +19,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +45,7 @@ from llava_edge.runtime.generate import (
 )
 from llava_edge.runtime.image import ImageInput, Images, image_list, load_image
 from llava_edge.runtime.sampling import GenerationConfig
-from llava_edge.runtime.template import IMAGE_PLACEHOLDER, answer_text, user_turn
+from llava_edge.runtime.template import IMAGE_PLACEHOLDER, answer_text, user_turn, with_system
 from llava_edge.runtime.tokenizer import TextCodec, common_prefix
 
 if TYPE_CHECKING:
@@ -460,9 +460,7 @@ class Pipeline:
             _check_text(system)
             if IMAGE_PLACEHOLDER in system:
                 raise LlavaEdgeError(f"the system prompt holds an {IMAGE_PLACEHOLDER} placeholder")
-            if system and not system[-1].isspace():
-                system += " "
-            template = replace(template, system=system)
+            template = with_system(template, system)
         text = ""
         for i, (question, answer) in enumerate(turns):
             _check_text(question)

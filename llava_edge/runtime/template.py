@@ -13,6 +13,7 @@ then the caption). Only `answer_prefix + answer + answer_end` is ever supervised
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 from llava_edge.manifest import TemplateSpec
 
@@ -58,6 +59,7 @@ TEMPLATES: dict[str, TemplateSpec] = {
     "chatml_direct": TemplateSpec(
         name="chatml_direct",
         system="<|im_start|>system\nAnswer the questions.<|im_end|>",
+        system_format="<|im_start|>system\n{system}<|im_end|>",
         user="<|im_start|>user\n",
         assistant="<|im_end|><|im_start|>assistant\n",
         answer_prefix="",
@@ -75,6 +77,16 @@ def get_template(name: str) -> TemplateSpec:
         ) from None
 
 
+def with_system(template: TemplateSpec, system: str) -> TemplateSpec:
+    """The template with `system` as its system prompt, written as the template writes one (a
+    plain one ends in a space, as LLaVA's conversation templates and the llava-hf one join it)."""
+    if template.system_format is not None:
+        return replace(template, system=template.system_format.replace("{system}", system))
+    if system and not system[-1].isspace():
+        system += " "
+    return replace(template, system=system)
+
+
 def with_image_markers(template: TemplateSpec) -> TemplateSpec:
     """The template with LLaVA v1's `<im_start>`/`<im_end>` around the image."""
     image = template.image.replace(IMAGE_PLACEHOLDER, IMAGE_START + IMAGE_PLACEHOLDER + IMAGE_END)
@@ -87,8 +99,20 @@ def hf_chat_template(template: TemplateSpec) -> str:
     def lit(s: str) -> str:
         return json.dumps(s)
 
+    if template.system_format is not None:
+        before, _, after = template.system_format.partition("{system}")
+        given_system = "{{ " + lit(before) + " + s + " + lit(after) + " }}"
+    else:  # as with_system writes a plain one
+        given_system = "{{ s }}{% if s and s[-1] not in ' \\n\\t\\r' %}{{ ' ' }}{% endif %}"
     return (
-        "{{ " + lit(template.system) + " }}"
+        "{% set first = messages[0] if messages else none %}"
+        "{% if first and first['role'] == 'system' %}"
+        "{% set s = first['content'] if first['content'] is string else "
+        "(first['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('')) %}"
+        + given_system
+        + "{% else %}{{ "
+        + lit(template.system)
+        + " }}{% endif %}"
         "{% for m in messages %}"
         "{% set texts = m['content'] if m['content'] is string else "
         "(m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('')) %}"
