@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import http.server
 import io
 import json
@@ -19,6 +20,7 @@ import sys
 import threading
 import time
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -134,6 +136,24 @@ def error_of(response: httpx.Response) -> dict:
     body = response.json()
     assert set(body) == {"error"} and {"message", "type", "param", "code"} <= set(body["error"])
     return body["error"]
+
+
+class QuietHandler(http.server.BaseHTTPRequestHandler):
+    """A test's own web server: its requests are not logged."""
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def web_server(handler: type[QuietHandler]) -> Iterator[str]:
+    """`handler` on a free local port, on a thread; yields its base URL."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
 
 
 # ---- answers ----------------------------------------------------------------------------------
@@ -305,7 +325,7 @@ def test_images_from_allowed_files_and_remote_urls(server, media_dir, tmp_path):
     assert nul.status_code == 400 and "does not exist" in error_of(nul)["message"]
     files = {"/one.png": (media_dir / "one.png").read_bytes(), "/big.png": b"x" * 200_000}
 
-    class Handler(http.server.BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_GET(self):
             if self.path == "/drip.png":  # a byte every half second: each read is quick
                 self.send_response(200)
@@ -320,13 +340,7 @@ def test_images_from_allowed_files_and_remote_urls(server, media_dir, tmp_path):
             self.end_headers()
             self.wfile.write(body or b"")
 
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{httpd.server_address[1]}"
-    try:
+    with web_server(Handler) as base:
         remote = server.post(
             {"model": MODEL, "messages": [ask("What?", base + "/one.png")], "max_tokens": 6}
         )
@@ -337,8 +351,6 @@ def test_images_from_allowed_files_and_remote_urls(server, media_dir, tmp_path):
         assert slow.status_code == 400 and "took over 2" in error_of(slow)["message"]
         gone = server.post({"model": MODEL, "messages": [ask("What?", base + "/none.png")]})
         assert gone.status_code == 400 and "HTTP 404" in error_of(gone)["message"]
-    finally:
-        httpd.shutdown()
 
 
 def test_a_remote_timeout_over_five_seconds_takes_effect():
@@ -349,23 +361,16 @@ def test_a_remote_timeout_over_five_seconds_takes_effect():
     image = io.BytesIO()
     picture(1).save(image, "PNG")
 
-    class Slow(http.server.BaseHTTPRequestHandler):
+    class Slow(QuietHandler):
         def do_GET(self):
             time.sleep(5.5)
             self.send_response(200)
             self.end_headers()
             self.wfile.write(image.getvalue())
 
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{httpd.server_address[1]}/snapshot.png"
-    try:
-        got = asyncio.run(fetch_image(url, MediaPolicy(2**20, None, True, remote_timeout_s=8)))
-    finally:
-        httpd.shutdown()
+    policy = MediaPolicy(2**20, None, True, remote_timeout_s=8)
+    with web_server(Slow) as base:
+        got = asyncio.run(fetch_image(base + "/snapshot.png", policy))
     assert got == image.getvalue()
 
 
@@ -740,33 +745,25 @@ def test_a_request_past_the_time_limit_gets_504(context_model_dir):
 def test_the_time_limit_counts_from_the_request_not_from_its_image(context_model_dir):
     """A slow image server cannot stretch --timeout: fetching is part of the request."""
 
-    class Slow(http.server.BaseHTTPRequestHandler):
+    class Slow(QuietHandler):
         def do_GET(self):
             time.sleep(3)
             self.send_response(200)
             self.end_headers()
 
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
     options = ServeOptions(
         context_model_dir, model_name=MODEL, allow_remote_images=True, limits=Limits(timeout_s=1)
     )
-    try:
-        with TestClient(create_app(options)) as client:
-            deadline = time.time() + 30
-            while client.get("/health").status_code != 200 and time.time() < deadline:
-                time.sleep(0.05)
-            url = f"http://127.0.0.1:{httpd.server_address[1]}/x.png"
-            start = time.monotonic()
-            late = client.post(
-                "/v1/chat/completions", json={"model": MODEL, "messages": [ask("What?", url)]}
-            )
-            took = time.monotonic() - start
-    finally:
-        httpd.shutdown()
+    with web_server(Slow) as base, TestClient(create_app(options)) as client:
+        deadline = time.time() + 30
+        while client.get("/health").status_code != 200 and time.time() < deadline:
+            time.sleep(0.05)
+        start = time.monotonic()
+        late = client.post(
+            "/v1/chat/completions",
+            json={"model": MODEL, "messages": [ask("What?", base + "/x.png")]},
+        )
+        took = time.monotonic() - start
     assert late.status_code == 504 and error_of(late)["code"] == "timeout"
     assert took < 2.5
 
