@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import io
 import time
+import types
 from collections.abc import Callable
 
 import numpy as np
@@ -353,3 +354,22 @@ def test_a_turn_cut_by_a_stop_string_is_held_as_it_was_shown(pipe):
     "".join(replay)
     assert stream.answer.token_ids == replay.answer.token_ids
     assert stream.answer.prompt_token_ids == replay.answer.prompt_token_ids
+
+
+def test_a_mistyped_command_is_refused_not_asked():
+    """/bogus or /imagefoo is not a question for the model; a path that starts a question is."""
+    asked = []
+
+    class Recording:
+        def stream(self, question):
+            asked.append(question)
+            return iter(["ok"])
+
+    fake = types.SimpleNamespace(chat=lambda *a, **k: Recording())
+    lines = iter(["/bogus", "/imagefoo", "/help", "/usr/share is what?", "/quit"])
+    out = io.StringIO()
+    chat_loop(fake, None, OPTIONS, read=lambda _prompt: next(lines), out=out)
+    text = out.getvalue()
+    assert "unknown command /bogus" in text and "unknown command /imagefoo" in text
+    assert text.count("/reset: start over") == 4  # the greeting, two refusals and /help
+    assert asked == ["/usr/share is what?"]

@@ -1,19 +1,25 @@
 """The interactive loop behind `llava-edge chat`: read a question, stream the answer, repeat.
 
 Commands: /image PATH starts a new conversation about another image, /reset starts over,
-/quit (or end of input) leaves. A bad question or image prints its error and the chat goes on;
+/help repeats them, /quit (or end of input) leaves; another /word is refused rather than asked
+(a question may still start with a path, /usr/...). A bad question or image prints its error
+and the chat goes on;
 a question whose answer failed halfway (a timeout) is forgotten, as ChatSession rolls it back.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from typing import Any, TextIO
 
 from llava_edge.errors import ChatFull, LlavaEdgeError
 
-HELP = "Ask about the image. /image PATH: another image, /reset: start over, /quit: leave."
+HELP = (
+    "Ask about the image. /image PATH: another image, /reset: start over, /help: this, "
+    "/quit: leave."
+)
 
 
 def chat_loop(
@@ -33,15 +39,22 @@ def chat_loop(
             return
         if not line:
             continue
-        if line in ("/quit", "/exit"):
+        word, _, rest = line.partition(" ")
+        if word in ("/quit", "/exit"):
             return
+        if word == "/help":
+            out.write(HELP + "\n")
+            continue
+        if re.fullmatch(r"/[A-Za-z]+", word) and word not in ("/reset", "/image"):
+            out.write(f"error: unknown command {word}; {HELP}\n")
+            continue
         partial = False
         try:
-            if line == "/reset":
+            if word == "/reset":
                 session = pipe.chat(image, **options)
                 out.write("(new conversation)\n")
-            elif line.startswith("/image"):
-                new = _image_path(line[len("/image") :])
+            elif word == "/image":
+                new = _image_path(rest)
                 session = pipe.chat(new, **options)
                 image = new  # only once it opened: /reset goes on with a good image
                 out.write(f"(new conversation about {image or 'no image'})\n")
