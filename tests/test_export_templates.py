@@ -143,11 +143,13 @@ def test_the_runtime_prompts_as_the_checkpoints_own_template(
         text = "".join(t for t, _ in render(pipe.manifest.template, CHAT, image=True))
         assert pipe.codec.encode(text) == hf_ids(checkpoint, CHAT, image)
         template = pipe.manifest.template
-        if name != "mistral-instruct":  # whose template refuses a system message
-            # a system prompt is written as the template writes one: ChatML's in its own block
-            system = "You are a robot."
-            ids = pipe.conversation_ids(CHAT, pipe.image_pixels(image), 0, system=system)
+        # a system prompt is written as the template writes one: ChatML's in its own block
+        system = "You are a robot."
+        ids = pipe.conversation_ids(CHAT, pipe.image_pixels(image), 0, system=system)
+        if name != "mistral-instruct":
             assert ids == hf_ids(checkpoint, CHAT, image, system=system)
+        else:  # whose template refuses one: it comes after the BOS the template writes
+            assert ids[0] == pipe.manifest.tokens.bos_token_id and ids.count(ids[0]) == 1
     # verification compared the same with the checkpoint's own template, and said so
     assert report["passed"] and report["chat_ids_equal"] and report["prompt_ids_equal"]
     if name == "chatml":  # the model's end token closes an answer; training supervises it

@@ -212,16 +212,20 @@ def _system_format(chat: CheckpointChat, template: TemplateSpec) -> str | None:
     read off a probe as the other strings are. None where it takes none (Mistral's raises) or
     writes one other than in place of its default system prompt: a system prompt given at run
     time then takes `system`'s place as plain text."""
+    # Where the template takes none, a BOS it writes itself stays first (as the plain form would
+    # drop it with the rest of `system`).
+    bos = chat.bos if chat.bos and template.system == chat.bos else ""
+    fallback = bos + "{system} " if bos else None
     try:
         text = chat.text(PROBE, image=True, system=SYSTEM)
     except Exception:  # Jinja and the template's own raise_exception
-        return None
+        return fallback
     head = text.partition(template.image + Q1)[0]  # system + user, as render joins them
     if head.count(SYSTEM) != 1 or "{system}" in head or not head.endswith(template.user):
-        return None
+        return fallback
     written = head[: len(head) - len(template.user)].replace(SYSTEM, "{system}")
     given = dataclasses.replace(template, system=written.replace("{system}", SYSTEM))
-    return written if _render(given, PROBE) == text else None
+    return written if _render(given, PROBE) == text else fallback
 
 
 def _user_header(
