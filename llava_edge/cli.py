@@ -197,8 +197,9 @@ def _watch(args: argparse.Namespace) -> None:
                     print(json.dumps(answer.to_dict()), flush=True)
                 else:
                     skipped = f" (skipped {answer.skipped})" if answer.skipped else ""
+                    said = answer.text if answer.error is None else f"[no answer: {answer.error}]"
                     print(
-                        f"{answer.timestamp:9.2f}s  frame {answer.index}{skipped}: {answer.text}",
+                        f"{answer.timestamp:9.2f}s  frame {answer.index}{skipped}: {said}",
                         flush=True,
                     )
 

@@ -18,6 +18,11 @@ class PromptTooLong(LlavaEdgeError):
     """A prompt over the deployment's prompt-token limit (`Limits.max_prompt_tokens`)."""
 
 
+class TimedOut(LlavaEdgeError):
+    """A request that ran past its time limit (`Limits.timeout_s`; in a batch, waiting
+    included)."""
+
+
 class ChatFull(LlavaEdgeError):
     """A chat turn that no longer fits the model's context or the prompt limit: the
     conversation must start over."""

@@ -23,7 +23,7 @@ from PIL import Image
 
 from llava_edge import cli
 from llava_edge.errors import LlavaEdgeError
-from llava_edge.runtime import Answer, Pipeline
+from llava_edge.runtime import Answer, Limits, Pipeline, TimedOut
 from llava_edge.runtime.frames import Frame, LatestFrame, VideoPixels, live_frames
 from llava_edge.runtime.image import load_image
 from llava_edge.runtime.watch import WatchAnswer
@@ -727,3 +727,35 @@ def test_an_answer_interrupted_mid_way_leaves_the_next_watch_right(
     monkeypatch.undo()
     assert len(readers()) == before
     assert [a.text for a in pipe.watch(video, "What is it?", **options)] == expected
+
+
+def test_an_answer_past_its_time_limit_is_reported_and_the_watch_goes_on(
+    pipe, monkeypatch, tmp_path
+) -> None:
+    """One slow answer (a hiccup of the device) does not end a robot's watch: that frame is
+    reported without an answer, with the reason, even under changes_only, and the next is
+    answered."""
+    video = make_video(tmp_path / "door.mkv", frames=30, fps=10)
+    rec = Recorder(text=lambda levels: "Closed")
+
+    def slow_on_frame_ten(image, prompt, **options):
+        answer = rec(image, prompt, **options)
+        if len(rec.seen) == 11:
+            raise TimedOut("the request ran past its time limit of 1 s")
+        return answer
+
+    monkeypatch.setattr(pipe, "answer", slow_on_frame_ten)
+    answers = list(pipe.watch(video, "Is the door open?", every_s=0.1, changes_only=True))
+    assert [(a.index, a.text, a.error) for a in answers] == [
+        (0, "Closed", None),
+        (10, "", "the request ran past its time limit of 1 s"),
+    ]
+    assert len(rec.seen) == 30  # every frame after the slow one was asked about too
+    assert answers[1].to_dict()["error"] and answers[0].to_dict()["error"] is None
+
+
+def test_the_pipelines_time_limit_raises_timed_out(tiny_model_dir) -> None:
+    """What watch (and an app) catch to tell a slow answer from a broken one."""
+    slow = Pipeline.load(tiny_model_dir, limits=Limits(timeout_s=1e-9))
+    with slow, pytest.raises(TimedOut, match="time limit"):
+        slow.answer(None, "Hi", max_new_tokens=4, ignore_eos=True)

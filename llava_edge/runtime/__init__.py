@@ -4,7 +4,7 @@ No torch and no transformers are imported here (tests hold this), so `pip instal
 is all a robot app needs.
 """
 
-from llava_edge.errors import ChatFull, LlavaEdgeError, PromptTooLong, TooLarge
+from llava_edge.errors import ChatFull, LlavaEdgeError, PromptTooLong, TimedOut, TooLarge
 from llava_edge.runtime.answer import Answer
 from llava_edge.runtime.batching import BatchEngine, Request
 from llava_edge.runtime.pipeline import ChatSession, Limits, Pipeline, TextStream
@@ -22,5 +22,6 @@ __all__ = [
     "PromptTooLong",
     "Request",
     "TextStream",
+    "TimedOut",
     "TooLarge",
 ]

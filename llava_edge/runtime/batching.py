@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from llava_edge.errors import LlavaEdgeError, first_line
+from llava_edge.errors import LlavaEdgeError, TimedOut, first_line
 from llava_edge.runtime.answer import Answer, AnswerText, timings
 from llava_edge.runtime.anyres import ImagePixels, pixels_list
 from llava_edge.runtime.generate import Timer, embed
@@ -61,10 +61,6 @@ class EngineClosed(LlavaEdgeError):
 
 class Cancelled(LlavaEdgeError):
     """The request was cancelled before it finished."""
-
-
-class TimedOut(LlavaEdgeError):
-    """The request ran past its time limit (waiting included)."""
 
 
 @dataclass

@@ -29,7 +29,7 @@ from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from llava_edge.errors import LlavaEdgeError
+from llava_edge.errors import LlavaEdgeError, TimedOut
 from llava_edge.runtime.frames import DEFAULT_TIMEOUT_S, Frame, open_frames
 from llava_edge.runtime.template import IMAGE_PLACEHOLDER
 
@@ -44,6 +44,10 @@ class WatchAnswer:
     skipped: int  # frames due for an answer that were dropped while the last answer ran
     frames: list[int] = field(default_factory=list)  # indices of every frame in the prompt
     timings: dict[str, float] = field(default_factory=dict)
+    # Why this frame has no answer: it ran past the time limit (`timeout_s` of the pipeline's
+    # Limits). The watch goes on with the next frame: one slow answer does not end a robot's
+    # watch.
+    error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -53,6 +57,7 @@ class WatchAnswer:
             "skipped": self.skipped,
             "frames": self.frames,
             "timings": self.timings,
+            "error": self.error,
         }
 
 
@@ -180,22 +185,28 @@ def _answers(
             window.append(frame)
             started = time.monotonic()
             images = [f.image for f in window]
-            answer = pipe.answer(images[0] if frames == 1 else images, prompt, **options)
+            try:
+                answer = pipe.answer(images[0] if frames == 1 else images, prompt, **options)
+                text, timings, error = answer.text, answer.timings, None
+            except TimedOut as e:
+                text, timings, error = "", {}, str(e)
             if cancel.is_set():  # closed from another thread during the answer
                 return
             answered += 1
-            timings = {**answer.timings, "frame_age_ms": round((started - frame.received) * 1e3, 3)}
+            timings = {**timings, "frame_age_ms": round((started - frame.received) * 1e3, 3)}
             result = WatchAnswer(
                 frame.index,
                 frame.timestamp,
-                answer.text,
+                text,
                 frame.skipped,
                 [f.index for f in window],
                 timings,
+                error,
             )
-            if not changes_only or _normal(answer.text) != last_text:
-                yield result
-            last_text = _normal(answer.text)
+            if error is not None or not changes_only or _normal(text) != last_text:
+                yield result  # an error is news, whatever the last answer said
+            if error is None:
+                last_text = _normal(text)
             if max_frames is not None and answered >= max_frames:
                 return
     finally:

@@ -29,9 +29,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from llava_edge.errors import LlavaEdgeError, PromptTooLong, TooLarge
+from llava_edge.errors import LlavaEdgeError, PromptTooLong, TimedOut, TooLarge
 from llava_edge.runtime import BatchEngine, Limits, Pipeline
-from llava_edge.runtime.batching import Cancelled, EngineClosed, Event, QueueFull, TimedOut
+from llava_edge.runtime.batching import Cancelled, EngineClosed, Event, QueueFull
 from llava_edge.serve import protocol
 from llava_edge.serve.media import MediaPolicy, fetch_image
 from llava_edge.serve.metrics import ServerMetrics
