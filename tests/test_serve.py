@@ -614,6 +614,17 @@ def test_a_client_leaving_mid_stream_frees_its_row_and_a_full_queue_gets_429(ser
                 full = server.post(body)
                 assert full.status_code == 429 and error_of(full)["code"] == "queue_full"
                 assert full.headers["retry-after"]
+                fetched = []
+
+                class Counting(QuietHandler):
+                    def do_GET(self):
+                        fetched.append(self.path)
+                        self.send_response(404)
+                        self.end_headers()
+
+                with web_server(Counting) as base:  # refused before its image is fetched
+                    pictured = server.post({**body, "messages": [ask("What?", base + "/a.png")]})
+                assert pictured.status_code == 429 and fetched == []
         # both clients left mid-answer (800 tokens take longer than this)
         queued.join(30)
     assert results[0].status_code == 200  # the queued request got a freed row

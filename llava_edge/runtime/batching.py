@@ -348,20 +348,32 @@ class BatchEngine:
         """
         request = self._request(ids, image, options, listener, timeout_s, started)
         with self._lock:
-            if self.failure is not None:
-                raise self._stopped_error()
-            if self._closing:
-                raise EngineClosed("the engine is shutting down and takes no new requests")
-            free_rows = self.max_batch - len(self.running)
-            if len(self.waiting) >= self.max_queue + free_rows:
-                raise QueueFull(
-                    f"{len(self.waiting)} requests are already waiting for one of "
-                    f"{self.max_batch} rows; try again later"
-                )
+            self._refuse_without_room()
             self.waiting.append(request)
             self.counters["requests"] += 1
             self._lock.notify_all()
         return request
+
+    def check_room(self) -> None:
+        """Raise now what a submit would raise for want of room (a full queue, a closing or
+        failed engine): a server asks before it reads a request's body and fetches its images, so
+        a flood is refused before it costs memory and CPU. Room can still run out by the submit,
+        which then raises the same."""
+        with self._lock:
+            self._refuse_without_room()
+
+    def _refuse_without_room(self) -> None:
+        """Under the lock."""
+        if self.failure is not None:
+            raise self._stopped_error()
+        if self._closing:
+            raise EngineClosed("the engine is shutting down and takes no new requests")
+        free_rows = self.max_batch - len(self.running)
+        if len(self.waiting) >= self.max_queue + free_rows:
+            raise QueueFull(
+                f"{len(self.waiting)} requests are already waiting for one of "
+                f"{self.max_batch} rows; try again later"
+            )
 
     def _request(
         self,

@@ -281,6 +281,7 @@ async def _chat_completion(request: Request, state: ServerState) -> Response:
     try:
         state.check_key(request)
         pipe, engine = state.require_ready()
+        engine.check_room()  # a full queue refuses before the body is read or an image fetched
         chat = protocol.parse_chat_request(await _read_json(request, state.options.max_body_bytes))
         _check_model(state, chat.model)
         if len(chat.image_urls) > pipe.max_images_per_prompt:
