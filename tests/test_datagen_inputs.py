@@ -200,3 +200,20 @@ def test_worked_examples_follow_their_own_rules():
         for example, reply in zip(EXAMPLES, chat[2:-1:2], strict=True):
             coordinates = {n for box in example.boxes for n in box.numbers()}
             assert parse_reply(kind, reply["content"], "stop", coordinates, "x.jpg", 0)
+
+
+def test_a_coco_image_id_given_to_two_files_is_refused(tmp_path):
+    """Annotations name images by id: with one id on two files, whose caption is whose cannot
+    be told, and silently giving it to the last one misdescribes both images."""
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    path = tmp_path / "labels.json"
+    images = [{"id": 1, "file_name": "a.png"}, {"id": 1, "file_name": "b.png"}]
+    annotations = [{"image_id": 1, "caption": "A pallet."}]
+    path.write_text(json.dumps({"images": images, "annotations": annotations}))
+    with pytest.raises(LlavaEdgeError, match="image id 1 names both 'a.png' and 'b.png'"):
+        read_annotations([path], tmp_path)
+    # The same entry twice (a merged export) is harmless.
+    path.write_text(json.dumps({"images": [images[0], images[0]], "annotations": annotations}))
+    notes, _ = read_annotations([path], tmp_path)
+    assert [(n.image, n.captions) for n in notes] == [("a.png", ("A pallet.",))]

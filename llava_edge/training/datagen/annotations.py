@@ -146,6 +146,12 @@ def _read_coco(path: Path, document: dict, drafts: dict[str, _Draft]) -> None:
         if not isinstance(entry, dict) or "id" not in entry or "file_name" not in entry:
             raise bad(f"image #{i} has no 'id' or 'file_name'")
         draft = drafts.setdefault(str(entry["file_name"]), _Draft(str(entry["file_name"])))
+        other = by_id.get(entry["id"])
+        if other is not None and other is not draft:
+            raise bad(
+                f"image id {entry['id']!r} names both {other.image!r} and {draft.image!r}; "
+                "each image needs its own id"
+            )
         draft.width = _size(entry.get("width")) or draft.width
         draft.height = _size(entry.get("height")) or draft.height
         by_id[entry["id"]] = draft
