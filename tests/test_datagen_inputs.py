@@ -107,6 +107,20 @@ def test_jsonl_boxes_in_pixels_sized_from_the_image_header(tmp_path):
             "category_id that 'categories' does not name",
         ),
         ('{"image": "nope.png", "captions": ["x"]}', "none of the 1 annotated images is usable"),
+        # Boxes that cannot be on the image: not numbers, or wholly outside it (sizes of
+        # another resolution, say): clamped to the edge they became nothing, or a sliver.
+        ('{"image": "a.png", "boxes": [{"label": "x", "box": [0, 0, NaN, 4]}]}', "4 numbers"),
+        ('{"image": "a.png", "boxes": [{"label": "x", "box": [0, 0, Infinity, 4]}]}', "4 numbers"),
+        (
+            '{"image": "a.png", "boxes": [{"label": "cart", "box": [10, 2, 30, 6]}]}',
+            r"a.png: the 'cart' box .* lies wholly outside the 8 x 8 image",
+        ),
+        (
+            '{"images": [{"id": 1, "file_name": "a.png", "width": 640, "height": 480}], '
+            '"annotations": [{"image_id": 1, "bbox": [700, 10, 50, 50], "category_id": 1}], '
+            '"categories": [{"id": 1, "name": "cart"}]}',
+            r"wholly outside the 640 x 480 image",
+        ),
     ],
 )
 def test_bad_annotation_files_are_one_line_errors(tmp_path, content, message):

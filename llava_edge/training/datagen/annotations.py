@@ -17,6 +17,7 @@ the LLaVA paper renders them.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,7 +203,10 @@ def _numbers(value: Any, count: int, what: str, where: Path | str) -> list[float
     if (
         not isinstance(value, list)
         or len(value) != count
-        or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+        or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            for v in value
+        )
     ):
         raise LlavaEdgeError(f"{where}: {what} must be {count} numbers")
     return [float(v) for v in value]
@@ -228,6 +232,14 @@ def _finish(draft: _Draft, file: Path) -> ImageNotes:
             raise LlavaEdgeError(f"cannot read the size of {file}: {e}") from None
     boxes = []
     for label, (x0, y0, x1, y1) in draft.boxes:
+        if x0 != x1 and y0 != y1 and (
+            min(x0, x1) >= width or max(x0, x1) <= 0 or min(y0, y1) >= height or max(y0, y1) <= 0
+        ):  # not a box cut by the edge: wrong sizes, or boxes of another image
+            raise LlavaEdgeError(
+                f"{draft.image}: the {label!r} box {[x0, y0, x1, y1]} (x_min, y_min, x_max, "
+                f"y_max in pixels) lies wholly outside the {width:g} x {height:g} image; check "
+                "the box and the image's width and height (left out, they are read from the file)"
+            )
         box = Box(
             label.strip(),
             _clamp(min(x0, x1) / width),
