@@ -231,3 +231,11 @@ def test_a_coco_image_id_given_to_two_files_is_refused(tmp_path):
     path.write_text(json.dumps({"images": [images[0], images[0]], "annotations": annotations}))
     notes, _ = read_annotations([path], tmp_path)
     assert [(n.image, n.captions) for n in notes] == [("a.png", ("A pallet.",))]
+
+
+def test_an_annotation_file_that_is_not_utf8_is_a_one_line_error(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    path = tmp_path / "labels.jsonl"
+    path.write_bytes('{"image": "a.png", "captions": ["Caf\xe9 counter."]}\n'.encode("latin-1"))
+    with pytest.raises(LlavaEdgeError, match="is not UTF-8 text .*save it as UTF-8"):
+        read_annotations([path], tmp_path)

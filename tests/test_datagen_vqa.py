@@ -214,3 +214,16 @@ def test_bad_vqa_files_are_one_line_errors(tmp_path, capsys, format, content, me
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and re.search(message, err), err
     assert not (tmp_path / "out.json").exists()
+
+
+@pytest.mark.parametrize("format", ["jsonl", "gqa"])
+def test_a_vqa_file_that_is_not_utf8_is_a_one_line_error(tmp_path, capsys, format):
+    folder = images(tmp_path, "a.png")
+    path = tmp_path / "questions.json"
+    line = {"image": "a.png", "question": "Qu'est-ce que c'est ?", "answer": "caf\xe9"}
+    content = json.dumps(line if format == "jsonl" else {"1": {**line, "imageId": "a"}})
+    path.write_bytes(content.replace("\\u00e9", "\xe9").encode("latin-1"))
+    code = cli(["data", "vqa", str(path), "--format", format, "--images", str(folder),
+                "--out", str(tmp_path / "out.json")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "is not UTF-8 text" in err, err

@@ -114,7 +114,7 @@ def read_annotations(
 def _read_file(path: Path, drafts: dict[str, _Draft]) -> None:
     if not path.is_file():
         raise LlavaEdgeError(f"annotation file {path} does not exist")
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_text(path)
     try:
         document = json.loads(text)
     except json.JSONDecodeError:
@@ -128,6 +128,19 @@ def _read_file(path: Path, drafts: dict[str, _Draft]) -> None:
         )
     else:
         _read_jsonl(path, text, drafts)
+
+
+def read_text(path: Path) -> str:
+    """A JSON or JSONL file's text (UTF-8, with or without a byte-order mark)."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise LlavaEdgeError(
+            f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at {e.start}); JSON is "
+            "UTF-8: save it as UTF-8"
+        ) from None
+    except OSError as e:
+        raise LlavaEdgeError(f"cannot read {path}: {e.strerror}") from None
 
 
 def _read_coco(path: Path, document: dict, drafts: dict[str, _Draft]) -> None:

@@ -36,6 +36,7 @@ from typing import Any
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.runtime.template import SHORT_ANSWER
+from llava_edge.training.datagen.annotations import read_text
 from llava_edge.training.datagen.llava_json import conversation, write_samples
 from llava_edge.training.evaluate import normalize as normalize_short
 
@@ -229,7 +230,7 @@ def read_textvqa(path: Path) -> list[Question]:
 
 def read_jsonl(path: Path) -> list[Question]:
     questions = []
-    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+    for number, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path} line {number}"
@@ -275,7 +276,7 @@ def _letter(answer: Any, choices: tuple[str, ...], where: str) -> str:
 
 def _load(path: Path, format: str) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8-sig"))
+        return json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise _not(path, format, f"not valid JSON ({e.msg} at line {e.lineno})") from None
 
