@@ -245,8 +245,15 @@ def _finish(draft: _Draft, file: Path) -> ImageNotes:
             raise LlavaEdgeError(f"cannot read the size of {file}: {e}") from None
     boxes = []
     for label, (x0, y0, x1, y1) in draft.boxes:
-        if x0 != x1 and y0 != y1 and (
-            min(x0, x1) >= width or max(x0, x1) <= 0 or min(y0, y1) >= height or max(y0, y1) <= 0
+        if (
+            x0 != x1
+            and y0 != y1
+            and (
+                min(x0, x1) >= width
+                or max(x0, x1) <= 0
+                or min(y0, y1) >= height
+                or max(y0, y1) <= 0
+            )
         ):  # not a box cut by the edge: wrong sizes, or boxes of another image
             raise LlavaEdgeError(
                 f"{draft.image}: the {label!r} box {[x0, y0, x1, y1]} (x_min, y_min, x_max, "
