@@ -487,6 +487,7 @@ def run_cli(capsys, *args: str) -> tuple[int, str]:
         ("other settings", "journal .* was written with temperature 0.7, not 0.1"),
         ("not an url", "is not an http\\(s\\) URL"),
         ("journal is out", "--journal and --out are both"),
+        ("out is the labels", "--out .*instances.json is one of the annotation files"),
         ("wrong path", r"answered HTTP 404 \(no route /chat/completions\); check --endpoint"),
     ],
 )
@@ -522,6 +523,8 @@ def test_bad_input_is_a_one_line_error(scene, capsys, monkeypatch, case, message
             endpoint = ["--endpoint", "localhost:8080"]
         elif case == "journal is out":
             args += ["--journal", str(root / "out.json")]
+        elif case == "out is the labels":
+            args[3] = str(annotations[1])
         elif case == "wrong path":
             endpoint = ["--endpoint", server.url.removesuffix("/v1"), "--model", "m"]
         code, err = run_cli(capsys, *ann, *args, *endpoint)
@@ -530,6 +533,7 @@ def test_bad_input_is_a_one_line_error(scene, capsys, monkeypatch, case, message
     assert err.count("\n") == 1 and err.startswith("llava-edge data generate: error: "), err
     assert re.search(message, err), err
     assert not (root / "out.json").exists()
+    assert "categories" in json.loads(annotations[1].read_text())  # the labels are intact
 
 
 def test_failed_requests_make_the_exit_status_non_zero(scene, capsys):

@@ -227,3 +227,21 @@ def test_a_vqa_file_that_is_not_utf8_is_a_one_line_error(tmp_path, capsys, forma
                 "--out", str(tmp_path / "out.json")])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "is not UTF-8 text" in err, err
+
+
+@pytest.mark.parametrize("out", ["questions", "annotations"])
+def test_vqa_does_not_write_over_the_file_it_reads(tmp_path, capsys, out):
+    folder = images(tmp_path, "COCO_val2014_000000000001.jpg")
+    questions = tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json"
+    answers = tmp_path / "v2_mscoco_val2014_annotations.json"  # found beside the questions
+    question = {"image_id": 1, "question": "What is it?", "question_id": 10}
+    questions.write_text(json.dumps({"data_subtype": "val2014", "questions": [question]}))
+    answers.write_text(json.dumps({"annotations": [{"question_id": 10,
+                                                    "multiple_choice_answer": "cart"}]}))  # fmt: skip
+    target = questions if out == "questions" else answers
+    before = target.read_bytes()
+    code = cli(["data", "vqa", str(questions), "--format", "vqav2", "--images", str(folder),
+                "--out", str(target)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and "is the vqav2 file it reads" in err, err
+    assert target.read_bytes() == before

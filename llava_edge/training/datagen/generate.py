@@ -96,6 +96,10 @@ def generate(
     out = Path(out)
     if out.is_dir():
         raise LlavaEdgeError(f"--out {out} is a directory; name the JSON file to write")
+    if any(Path(a).resolve() == out.resolve() for a in annotations):
+        raise LlavaEdgeError(
+            f"--out {out} is one of the annotation files; write the data elsewhere"
+        )
     journal_path = Path(journal) if journal else out.with_name(out.stem + ".journal.jsonl")
     if journal_path.resolve() == out.resolve():
         raise LlavaEdgeError(f"--journal and --out are both {out}; give the journal its own file")

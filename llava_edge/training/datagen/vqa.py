@@ -100,6 +100,9 @@ def convert_vqa(
         raise LlavaEdgeError(f"image dir {image_dir} does not exist")
     if out.is_dir():
         raise LlavaEdgeError(f"--out {out} is a directory; name the JSON file to write")
+    answers = annotations or (_vqav2_annotations(path) if format == "vqav2" else None)
+    if any(Path(i).resolve() == out.resolve() for i in (path, answers) if i is not None):
+        raise LlavaEdgeError(f"--out {out} is the {format} file it reads; write elsewhere")
     if format == "vqav2":
         questions = read_vqav2(path, annotations)
     elif format == "gqa":
