@@ -245,3 +245,18 @@ def test_vqa_does_not_write_over_the_file_it_reads(tmp_path, capsys, out):
     err = capsys.readouterr().err
     assert code == 1 and "is the vqav2 file it reads" in err, err
     assert target.read_bytes() == before
+
+
+def test_images_of_one_name_in_two_folders_get_their_own_ids(tmp_path):
+    """Cameras often number their frames alike: aisle/0001.jpg and dock/0001.jpg are two
+    samples, and `eval`'s answers and training's errors name a sample by its id."""
+    folder = images(tmp_path)
+    for camera in ("aisle", "dock"):
+        (folder / camera).mkdir()
+        Image.new("RGB", (8, 8)).save(folder / camera / "0001.png")
+    lines = [{"image": f"{camera}/0001.png", "question": "Is it clear?", "answer": "yes"}
+             for camera in ("aisle", "dock")]  # fmt: skip
+    (tmp_path / "qa.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    convert_vqa(tmp_path / "qa.jsonl", "jsonl", folder, tmp_path / "qa.json")
+    records = json.loads((tmp_path / "qa.json").read_text())
+    assert [r["id"] for r in records] == ["jsonl-aisle/0001", "jsonl-dock/0001"]

@@ -137,7 +137,7 @@ def convert_vqa(
         )
     samples = [
         {
-            "id": f"{format}-{Path(image).stem}",
+            "id": f"{format}-{Path(image).with_suffix('').as_posix()}",  # unique per image
             "image": image,
             "conversations": conversation([(q.prompt(), q.answer) for q in group]),
         }
