@@ -629,3 +629,32 @@ def test_a_file_that_is_not_a_journal_is_left_alone(scene):
         generate(annotations, images, root / "out.json", endpoint="http://127.0.0.1:9/v1",
                  model="m", journal=notes)  # fmt: skip
     assert notes.read_text() == "my own notes, no newline at the end"
+
+
+def test_sigterm_stops_the_run_with_one_line_and_a_rerun_completes_it(scene):
+    """systemd or a job scheduler stops a run with SIGTERM wherever it is: in a request, in a
+    journal write. It ends with exit 143 and one line, every time, and loses nothing."""
+    root, images, annotations, names = scene
+    out = root / "out.json"
+    journal = root / "out.journal.jsonl"
+    command = [sys.executable, "-m", "llava_edge.cli", "data", "generate", "--annotations",
+               str(annotations[0]), "--annotations", str(annotations[1]), "--images",
+               str(images), "--out", str(out), "--concurrency", "3"]  # fmt: skip
+    with ChatServer(Table(names, delay=0.02)) as server:
+        command += ["--endpoint", server.url]
+        for settled in (2, 5, 9):  # three runs, each stopped a few samples further on
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and (
+                not journal.exists() or journal.read_bytes().count(b"\n") <= settled
+            ):
+                time.sleep(0.002)
+            process.send_signal(signal.SIGTERM)
+            _, err = process.communicate(timeout=30)
+            assert process.returncode == 143, err.decode()
+            assert err.decode() == "llava-edge data generate: terminated\n"
+        assert not out.exists()
+        assert subprocess.run(command, capture_output=True, timeout=120).returncode == 0
+    assert out.read_bytes() == uninterrupted(root, images, annotations, names)
+    entries = [json.loads(line) for line in journal.read_text().splitlines()[1:]]
+    assert len({(e["image"], e["kind"], e["index"]) for e in entries}) == len(entries) == 18

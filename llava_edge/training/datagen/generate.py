@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import signal
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -176,9 +177,50 @@ def _run_to_completion(session: Callable[[], Coroutine[Any, Any, GenerateResult]
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(session())
-    with ThreadPoolExecutor(1) as thread:
-        return thread.submit(asyncio.run, session()).result()
+        pass
+    else:
+        with ThreadPoolExecutor(1) as thread:
+            return thread.submit(asyncio.run, session()).result()
+    previous = signal.getsignal(signal.SIGTERM)
+    result = asyncio.run(_stopped_by_sigterm(session, previous))
+    if result is not _TERMINATED:
+        return result
+    if callable(previous):
+        previous(signal.SIGTERM, None)  # the CLI's raises Terminated
+    signal.raise_signal(signal.SIGTERM)  # the default: end the process as SIGTERM does
+    raise KeyboardInterrupt  # a handler that returned: stop all the same
+
+
+_TERMINATED = object()
+
+
+async def _stopped_by_sigterm(session, previous):
+    """Run the session; SIGTERM cancels it, as asyncio.run does on Ctrl-C, and once the run has
+    unwound, the handler the process had runs (outside the loop). Left to run where the signal
+    lands, a Python handler raises inside a request or a journal write, where asyncio prints a
+    traceback or httpx swallows it and the run goes on."""
+    main, arrived = asyncio.current_task(), []
+
+    def cancel() -> None:
+        arrived.append(True)
+        main.cancel()
+
+    loop = asyncio.get_running_loop()
+    if previous in (signal.SIG_IGN, None):  # ignored, or not Python's to handle
+        return await session()
+    try:
+        loop.add_signal_handler(signal.SIGTERM, cancel)
+    except (NotImplementedError, RuntimeError, ValueError):  # Windows, or not the main thread
+        return await session()
+    try:
+        return await session()
+    except asyncio.CancelledError:
+        if not arrived:
+            raise
+        return _TERMINATED
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, previous)  # asyncio leaves the default behind
 
 
 def _progress_bar(total: int, done: int, progress: bool):
