@@ -416,8 +416,26 @@ def test_dry_run_prints_the_prompts_and_sends_nothing(scene, capsys):
     assert "- A pallet in a room.\n- One pallet." in printed
     assert "- pallet: [0.250, 0.250, 0.750, 0.750]" in printed
     assert printed.count("[system]") == 2  # the first image's first prompt of each kind
-    assert "24 requests for 6 images" in printed
+    assert "24 requests for 6 images; nothing was sent" in printed
     assert not (root / "o.json").exists() and not (root / "o.journal.jsonl").exists()
+
+
+def test_dry_run_counts_what_a_resumed_run_would_send(scene, capsys):
+    root, images, annotations, names = scene
+    args = ["data", "generate", "--annotations", str(annotations[0]), "--annotations",
+            str(annotations[1]), "--images", str(images), "--out", str(root / "o.json")]  # fmt: skip
+    with ChatServer(Table(names)) as server:
+        generate(annotations, images, root / "o.json", endpoint=server.url, max_requests=5,
+                 concurrency=1, progress=False)  # fmt: skip
+        journal = (root / "o.journal.jsonl").read_bytes()
+        assert cli([*args, "--dry-run", "--max-requests", "4"]) == 0
+        assert len(server.bodies) == 5
+    printed = capsys.readouterr().out.splitlines()[-1]
+    assert printed == (
+        f"dry run: 18 requests for 6 images, 13 still to send (5 settled in "
+        f"{root / 'o.journal.jsonl'}); --max-requests 4 sends at most 4; nothing was sent"
+    )
+    assert (root / "o.journal.jsonl").read_bytes() == journal
 
 
 def test_options_take_effect(scene):

@@ -23,7 +23,7 @@ from typing import Any
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.training.datagen.annotations import ImageNotes, read_annotations
-from llava_edge.training.datagen.journal import Journal, Key
+from llava_edge.training.datagen.journal import Journal, Key, settled_keys
 from llava_edge.training.datagen.llava_json import conversation, write_samples
 from llava_edge.training.datagen.prompts import KINDS, messages, prompts_version, request_seed
 from llava_edge.training.datagen.replies import Dropped, parse_reply
@@ -120,7 +120,8 @@ def generate(
 
     if dry_run:
         first = [next(j for j in jobs if j.kind == kind) for kind in kinds]
-        _show_prompts([(j, body(j, model)) for j in first], jobs, log)
+        _show_prompts([(j, body(j, model)) for j in first], log)
+        _show_count(jobs, settled_keys(journal_path), journal_path, max_requests, log)
         return GenerateResult(None, journal_path, model, skipped_images=skipped)
     if endpoint is None:
         raise LlavaEdgeError("no --endpoint given: the URL of an OpenAI-compatible API")
@@ -347,15 +348,23 @@ def _check_options(kinds, per_image, concurrency, max_images, temperature, max_t
     return kinds
 
 
-def _show_prompts(
-    first: list[tuple[Job, dict]], jobs: list[Job], log: Callable[[str], object]
-) -> None:
+def _show_prompts(first: list[tuple[Job, dict]], log: Callable[[str], object]) -> None:
     for job, body in first:
         log(f"===== {job.notes.image} · {job.kind} #{job.index} (seed {body['seed']}) =====")
         for message in body["messages"]:
             log(f"[{message['role']}]\n{message['content']}\n")
+
+
+def _show_count(jobs, settled, journal: Path, max_requests: int | None, log) -> None:
+    """How many requests a run would send: what the journal lacks, within --max-requests."""
+    todo = sum(job.key not in settled for job in jobs)
     images = len({job.notes.image for job in jobs})
-    log(f"dry run: {len(jobs)} requests for {images} images; nothing was sent")
+    line = f"dry run: {len(jobs)} requests for {images} images"
+    if todo < len(jobs):
+        line += f", {todo} still to send ({len(jobs) - todo} settled in {journal})"
+    if max_requests is not None and max_requests < todo:
+        line += f"; --max-requests {max_requests} sends at most {max_requests}"
+    log(line + "; nothing was sent")
 
 
 def format_report(result: GenerateResult, limit: int = 20) -> str:

@@ -9,6 +9,7 @@ writes (model, prompts, temperature, seed, token limit): a journal is only resum
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -106,6 +107,20 @@ class Journal:
                     f"journal {self.path} was written with {name} {old.get(name)!r}, not "
                     f"{value!r}; resume with the same settings, or delete the journal to start over"
                 )
+
+
+def settled_keys(path: Path) -> set[Key]:
+    """The keys a journal already holds, read without opening it for writing (a dry run's
+    count); the header, a torn last line and anything unreadable count as nothing."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8", errors="replace").split("\n")[1:-1]
+    except OSError:
+        return set()
+    keys = set()
+    for line in lines:
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            keys.add(key_of(json.loads(line)))
+    return keys
 
 
 def _lock(file: IO[str], path: Path) -> None:
