@@ -201,6 +201,8 @@ def test_vqa_answer_normalisation(answer, evalai, expected):
          "no question of .* has its image in"),
         ("vqav2", '{"data_subtype": "val2014", "questions": []}',
          "keeps its answers in an annotations file; none was given"),
+        ("gqa --annotations", '{"1": {"imageId": "a", "question": "q", "answer": "x"}}',
+         "--annotations is vqav2's answers file; gqa keeps its answers in questions.json"),
     ],
 )  # fmt: skip
 def test_bad_vqa_files_are_one_line_errors(tmp_path, capsys, format, content, message):
@@ -209,8 +211,11 @@ def test_bad_vqa_files_are_one_line_errors(tmp_path, capsys, format, content, me
     folder = images(tmp_path, "a.png")
     path = tmp_path / "questions.json"
     path.write_text(content)
+    format, *more = format.split()
+    if more:  # an option the format does not take
+        more.append(str(path))
     code = cli(["data", "vqa", str(path), "--format", format, "--images", str(folder),
-                "--out", str(tmp_path / "out.json")])  # fmt: skip
+                "--out", str(tmp_path / "out.json"), *more])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and re.search(message, err), err
     assert not (tmp_path / "out.json").exists()

@@ -96,6 +96,10 @@ def convert_vqa(
         raise LlavaEdgeError(f"unknown VQA format {format!r}; choose from {', '.join(FORMATS)}")
     if not path.is_file():
         raise LlavaEdgeError(f"{format} file {path} does not exist")
+    if annotations is not None and format != "vqav2":
+        raise LlavaEdgeError(
+            f"--annotations is vqav2's answers file; {format} keeps its answers in {path.name}"
+        )
     if not image_dir.is_dir():
         raise LlavaEdgeError(f"image dir {image_dir} does not exist")
     if out.is_dir():
