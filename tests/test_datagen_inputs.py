@@ -239,3 +239,26 @@ def test_an_annotation_file_that_is_not_utf8_is_a_one_line_error(tmp_path):
     path.write_bytes('{"image": "a.png", "captions": ["Caf\xe9 counter."]}\n'.encode("latin-1"))
     with pytest.raises(LlavaEdgeError, match="is not UTF-8 text .*save it as UTF-8"):
         read_annotations([path], tmp_path)
+
+
+def test_a_label_in_two_files_describes_one_object(tmp_path):
+    """A file given twice, or a detector's boxes beside the labelling tool's: the same caption
+    or box twice is one, else the LLM is shown two forklifts where there is one."""
+    Image.new("RGB", (100, 50)).save(tmp_path / "a.png")
+    jsonl = tmp_path / "labels.jsonl"
+    line = {"image": "a.png", "captions": ["A forklift."],
+            "boxes": [{"label": "forklift", "box": [10, 10, 50, 40]}]}  # fmt: skip
+    jsonl.write_text(json.dumps(line) + "\n")
+    coco = tmp_path / "instances.json"
+    coco.write_text(json.dumps({
+        "images": [{"id": 3, "file_name": "a.png", "width": 100, "height": 50}],
+        "annotations": [{"image_id": 3, "bbox": [10, 10, 40, 30], "category_id": 1},
+                        {"image_id": 3, "bbox": [60, 10, 20, 30], "category_id": 1}],
+        "categories": [{"id": 1, "name": "forklift"}],
+    }))  # fmt: skip
+    notes, _ = read_annotations([jsonl, jsonl, coco], tmp_path)
+    assert notes[0].captions == ("A forklift.",)
+    assert [b.numbers() for b in notes[0].boxes] == [
+        ["0.100", "0.200", "0.500", "0.800"],
+        ["0.600", "0.200", "0.800", "0.800"],  # a second forklift of its own
+    ]

@@ -269,7 +269,10 @@ def _finish(draft: _Draft, file: Path) -> ImageNotes:
         )
         if box.x_max > box.x_min and box.y_max > box.y_min and box.label:
             boxes.append(box)  # empty boxes (zero area after clamping) say nothing
-    return ImageNotes(draft.image, tuple(draft.captions), tuple(boxes))
+    # The same label in two files (a file given twice, a detector's output beside the labelling
+    # tool's) is one object: twice, the LLM would see two forklifts where there is one.
+    captions = tuple(dict.fromkeys(draft.captions))
+    return ImageNotes(draft.image, captions, tuple(dict.fromkeys(boxes)))
 
 
 def _clamp(value: float) -> float:
