@@ -554,6 +554,20 @@ def test_bad_input_is_a_one_line_error(scene, capsys, monkeypatch, case, message
     assert "categories" in json.loads(annotations[1].read_text())  # the labels are intact
 
 
+def test_an_endpoint_that_never_answers_a_chat_completion_stops_the_run(scene, capsys):
+    """A web page at the URL (a UI, a proxy's error page) answers 200 to everything: once the
+    first request's tries are spent with no chat completion ever, the run stops, rather than
+    spend every request's retries on it."""
+    root, images, annotations, names = scene
+    with ChatServer(lambda body, attempt: Garbage()) as server:
+        code, err = run_cli(capsys, "--annotations", str(annotations[1]), "--images", str(images),
+                            "--out", str(root / "out.json"), "--endpoint", server.url,
+                            "--concurrency", "1", "--retries", "2", "--backoff", "0")  # fmt: skip
+        assert len(server.bodies) == 3  # one request's three tries, not all 18 requests'
+    assert code == 1 and err.count("\n") == 1, err
+    assert "answers HTTP 200, but never with a chat completion (<html>" in err, err
+
+
 def test_failed_requests_make_the_exit_status_non_zero(scene, capsys):
     root, images, annotations, names = scene
     table = Table(names)
