@@ -315,6 +315,30 @@ def test_the_request_budget_stops_the_run_and_a_rerun_completes_it(scene):
     assert out.read_bytes() == uninterrupted(root, images, annotations, names, table.scripts)
 
 
+def test_samples_of_relabelled_images_are_asked_again(scene):
+    """Labels fixed after a run: the samples written from the old labels are stale, and a rerun
+    asks them again instead of keeping them."""
+    root, images, annotations, names = scene
+    out = root / "out.json"
+    table = Table(names)
+    with ChatServer(table) as server:
+        generate(annotations, images, out, endpoint=server.url, progress=False)
+        boxes = json.loads(annotations[1].read_text())
+        boxes["annotations"].append(  # a second box on img_3.png
+            {"id": 99, "image_id": 103, "bbox": [0, 0, 4, 4], "category_id": 4}
+        )
+        annotations[1].write_text(json.dumps(boxes))
+        result = generate(annotations, images, out, endpoint=server.url, progress=False)
+        again = server.bodies[18:]
+    assert sorted(table.keys[b["seed"]] for b in again) == [
+        ("img_3.png", kind, 0) for kind in sorted(KINDS)
+    ]
+    assert all("- forklift: [0.000, 0.000, 0.083, 0.125]" in b["messages"][-1]["content"]
+               for b in again)  # fmt: skip
+    assert sum(result.samples.values()) == 18 and len(json.loads(out.read_text())) == 18
+    assert result.journal_prompt_tokens == 21 * 100  # the superseded samples cost tokens too
+
+
 def test_a_torn_journal_line_is_asked_again(scene):
     root, images, annotations, names = scene
     out = root / "out.json"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import os
 import signal
 from collections import Counter
@@ -23,7 +24,7 @@ from typing import Any
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.training.datagen.annotations import ImageNotes, read_annotations
-from llava_edge.training.datagen.journal import Journal, Key, settled_keys
+from llava_edge.training.datagen.journal import Journal, Key, settled_contexts
 from llava_edge.training.datagen.llava_json import conversation, write_samples
 from llava_edge.training.datagen.prompts import KINDS, messages, prompts_version, request_seed
 from llava_edge.training.datagen.replies import Dropped, parse_reply
@@ -38,6 +39,19 @@ class Job:
     @property
     def key(self) -> Key:
         return self.notes.image, self.kind, self.index
+
+    @functools.cached_property
+    def context(self) -> str:
+        """A digest of what the LLM is shown about the image: labels edited since a sample was
+        journaled make that sample stale, and it is asked again."""
+        return hashlib.sha256(self.notes.render().encode("utf-8")).hexdigest()[:16]
+
+    def settled(self, book: Journal) -> dict | None:
+        """This job's journal entry, unless it was asked about other labels."""
+        entry = book.entries.get(self.key)
+        if entry is None or entry.get("context", self.context) != self.context:
+            return None
+        return entry
 
 
 @dataclass
@@ -121,7 +135,7 @@ def generate(
     if dry_run:
         first = [next(j for j in jobs if j.kind == kind) for kind in kinds]
         _show_prompts([(j, body(j, model)) for j in first], log)
-        _show_count(jobs, settled_keys(journal_path), journal_path, max_requests, log)
+        _show_count(jobs, settled_contexts(journal_path), journal_path, max_requests, log)
         return GenerateResult(None, journal_path, model, skipped_images=skipped)
     if endpoint is None:
         raise LlavaEdgeError("no --endpoint given: the URL of an OpenAI-compatible API")
@@ -155,9 +169,9 @@ def generate(
             }
             result = GenerateResult(out, journal_path, chosen, skipped_images=skipped)
             with Journal(journal_path, settings) as book:
-                todo = [job for job in jobs if job.key not in book]
+                todo = [job for job in jobs if job.settled(book) is None]
                 result.dropped_earlier = sum(
-                    book.entries[j.key]["status"] == "dropped" for j in jobs if j.key in book
+                    (j.settled(book) or {}).get("status") == "dropped" for j in jobs
                 )
                 with _progress_bar(len(jobs), len(jobs) - len(todo), progress) as bar:
                     request = functools.partial(body, model=chosen)
@@ -283,6 +297,7 @@ async def _ask(client, job: Job, body: dict) -> dict | str | None:
         "image": image,
         "kind": kind,
         "index": index,
+        "context": job.context,
         "usage": [reply.prompt_tokens, reply.completion_tokens],
     }
     try:
@@ -303,15 +318,12 @@ async def _ask(client, job: Job, body: dict) -> dict | str | None:
 def _write_final(out: Path, jobs: list[Job], book: Journal, result: GenerateResult) -> None:
     samples = []
     for job in jobs:
-        entry = book.entries.get(job.key)
+        entry = job.settled(book)
         if entry is not None and entry["status"] == "ok":
             samples.append(entry["sample"])
             result.samples[job.kind] += 1
     result.images = len({s["image"] for s in samples})
-    for entry in book.entries.values():
-        prompt, completion = entry.get("usage", [0, 0])
-        result.journal_prompt_tokens += prompt
-        result.journal_completion_tokens += completion
+    result.journal_prompt_tokens, result.journal_completion_tokens = book.usage
     write_samples(out, samples)
 
 
@@ -357,7 +369,8 @@ def _show_prompts(first: list[tuple[Job, dict]], log: Callable[[str], object]) -
 
 def _show_count(jobs, settled, journal: Path, max_requests: int | None, log) -> None:
     """How many requests a run would send: what the journal lacks, within --max-requests."""
-    todo = sum(job.key not in settled for job in jobs)
+    missing = object()  # a context of None: journaled before contexts were, taken as settled
+    todo = sum(settled.get(job.key, missing) not in (None, job.context) for job in jobs)
     images = len({job.notes.image for job in jobs})
     line = f"dry run: {len(jobs)} requests for {images} images"
     if todo < len(jobs):
