@@ -315,6 +315,30 @@ def test_the_request_budget_stops_the_run_and_a_rerun_completes_it(scene):
     assert out.read_bytes() == uninterrupted(root, images, annotations, names, table.scripts)
 
 
+def test_samples_of_relabelled_images_are_asked_again(scene):
+    """Labels fixed after a run: the samples written from the old labels are stale, and a rerun
+    asks them again instead of keeping them."""
+    root, images, annotations, names = scene
+    out = root / "out.json"
+    table = Table(names)
+    with ChatServer(table) as server:
+        generate(annotations, images, out, endpoint=server.url, progress=False)
+        boxes = json.loads(annotations[1].read_text())
+        boxes["annotations"].append(  # a second box on img_3.png
+            {"id": 99, "image_id": 103, "bbox": [0, 0, 4, 4], "category_id": 4}
+        )
+        annotations[1].write_text(json.dumps(boxes))
+        result = generate(annotations, images, out, endpoint=server.url, progress=False)
+        again = server.bodies[18:]
+    assert sorted(table.keys[b["seed"]] for b in again) == [
+        ("img_3.png", kind, 0) for kind in sorted(KINDS)
+    ]
+    assert all("- forklift: [0.000, 0.000, 0.083, 0.125]" in b["messages"][-1]["content"]
+               for b in again)  # fmt: skip
+    assert sum(result.samples.values()) == 18 and len(json.loads(out.read_text())) == 18
+    assert result.journal_prompt_tokens == 21 * 100  # the superseded samples cost tokens too
+
+
 def test_a_torn_journal_line_is_asked_again(scene):
     root, images, annotations, names = scene
     out = root / "out.json"
@@ -416,8 +440,26 @@ def test_dry_run_prints_the_prompts_and_sends_nothing(scene, capsys):
     assert "- A pallet in a room.\n- One pallet." in printed
     assert "- pallet: [0.250, 0.250, 0.750, 0.750]" in printed
     assert printed.count("[system]") == 2  # the first image's first prompt of each kind
-    assert "24 requests for 6 images" in printed
+    assert "24 requests for 6 images; nothing was sent" in printed
     assert not (root / "o.json").exists() and not (root / "o.journal.jsonl").exists()
+
+
+def test_dry_run_counts_what_a_resumed_run_would_send(scene, capsys):
+    root, images, annotations, names = scene
+    args = ["data", "generate", "--annotations", str(annotations[0]), "--annotations",
+            str(annotations[1]), "--images", str(images), "--out", str(root / "o.json")]  # fmt: skip
+    with ChatServer(Table(names)) as server:
+        generate(annotations, images, root / "o.json", endpoint=server.url, max_requests=5,
+                 concurrency=1, progress=False)  # fmt: skip
+        journal = (root / "o.journal.jsonl").read_bytes()
+        assert cli([*args, "--dry-run", "--max-requests", "4"]) == 0
+        assert len(server.bodies) == 5
+    printed = capsys.readouterr().out.splitlines()[-1]
+    assert printed == (
+        f"dry run: 18 requests for 6 images, 13 still to send (5 settled in "
+        f"{root / 'o.journal.jsonl'}); --max-requests 4 sends at most 4; nothing was sent"
+    )
+    assert (root / "o.journal.jsonl").read_bytes() == journal
 
 
 def test_options_take_effect(scene):
@@ -487,6 +529,7 @@ def run_cli(capsys, *args: str) -> tuple[int, str]:
         ("other settings", "journal .* was written with temperature 0.7, not 0.1"),
         ("not an url", "is not an http\\(s\\) URL"),
         ("journal is out", "--journal and --out are both"),
+        ("out is the labels", "--out .*instances.json is one of the annotation files"),
         ("wrong path", r"answered HTTP 404 \(no route /chat/completions\); check --endpoint"),
     ],
 )
@@ -522,6 +565,8 @@ def test_bad_input_is_a_one_line_error(scene, capsys, monkeypatch, case, message
             endpoint = ["--endpoint", "localhost:8080"]
         elif case == "journal is out":
             args += ["--journal", str(root / "out.json")]
+        elif case == "out is the labels":
+            args[3] = str(annotations[1])
         elif case == "wrong path":
             endpoint = ["--endpoint", server.url.removesuffix("/v1"), "--model", "m"]
         code, err = run_cli(capsys, *ann, *args, *endpoint)
@@ -530,6 +575,21 @@ def test_bad_input_is_a_one_line_error(scene, capsys, monkeypatch, case, message
     assert err.count("\n") == 1 and err.startswith("llava-edge data generate: error: "), err
     assert re.search(message, err), err
     assert not (root / "out.json").exists()
+    assert "categories" in json.loads(annotations[1].read_text())  # the labels are intact
+
+
+def test_an_endpoint_that_never_answers_a_chat_completion_stops_the_run(scene, capsys):
+    """A web page at the URL (a UI, a proxy's error page) answers 200 to everything: once the
+    first request's tries are spent with no chat completion ever, the run stops, rather than
+    spend every request's retries on it."""
+    root, images, annotations, names = scene
+    with ChatServer(lambda body, attempt: Garbage()) as server:
+        code, err = run_cli(capsys, "--annotations", str(annotations[1]), "--images", str(images),
+                            "--out", str(root / "out.json"), "--endpoint", server.url,
+                            "--concurrency", "1", "--retries", "2", "--backoff", "0")  # fmt: skip
+        assert len(server.bodies) == 3  # one request's three tries, not all 18 requests'
+    assert code == 1 and err.count("\n") == 1, err
+    assert "answers HTTP 200, but never with a chat completion (<html>" in err, err
 
 
 def test_failed_requests_make_the_exit_status_non_zero(scene, capsys):
@@ -625,3 +685,32 @@ def test_a_file_that_is_not_a_journal_is_left_alone(scene):
         generate(annotations, images, root / "out.json", endpoint="http://127.0.0.1:9/v1",
                  model="m", journal=notes)  # fmt: skip
     assert notes.read_text() == "my own notes, no newline at the end"
+
+
+def test_sigterm_stops_the_run_with_one_line_and_a_rerun_completes_it(scene):
+    """systemd or a job scheduler stops a run with SIGTERM wherever it is: in a request, in a
+    journal write. It ends with exit 143 and one line, every time, and loses nothing."""
+    root, images, annotations, names = scene
+    out = root / "out.json"
+    journal = root / "out.journal.jsonl"
+    command = [sys.executable, "-m", "llava_edge.cli", "data", "generate", "--annotations",
+               str(annotations[0]), "--annotations", str(annotations[1]), "--images",
+               str(images), "--out", str(out), "--concurrency", "3"]  # fmt: skip
+    with ChatServer(Table(names, delay=0.02)) as server:
+        command += ["--endpoint", server.url]
+        for settled in (2, 5, 9):  # three runs, each stopped a few samples further on
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and (
+                not journal.exists() or journal.read_bytes().count(b"\n") <= settled
+            ):
+                time.sleep(0.002)
+            process.send_signal(signal.SIGTERM)
+            _, err = process.communicate(timeout=30)
+            assert process.returncode == 143, err.decode()
+            assert err.decode() == "llava-edge data generate: terminated\n"
+        assert not out.exists()
+        assert subprocess.run(command, capture_output=True, timeout=120).returncode == 0
+    assert out.read_bytes() == uninterrupted(root, images, annotations, names)
+    entries = [json.loads(line) for line in journal.read_text().splitlines()[1:]]
+    assert len({(e["image"], e["kind"], e["index"]) for e in entries}) == len(entries) == 18

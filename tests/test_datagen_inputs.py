@@ -107,6 +107,20 @@ def test_jsonl_boxes_in_pixels_sized_from_the_image_header(tmp_path):
             "category_id that 'categories' does not name",
         ),
         ('{"image": "nope.png", "captions": ["x"]}', "none of the 1 annotated images is usable"),
+        # Boxes that cannot be on the image: not numbers, or wholly outside it (sizes of
+        # another resolution, say): clamped to the edge they became nothing, or a sliver.
+        ('{"image": "a.png", "boxes": [{"label": "x", "box": [0, 0, NaN, 4]}]}', "4 numbers"),
+        ('{"image": "a.png", "boxes": [{"label": "x", "box": [0, 0, Infinity, 4]}]}', "4 numbers"),
+        (
+            '{"image": "a.png", "boxes": [{"label": "cart", "box": [10, 2, 30, 6]}]}',
+            r"a.png: the 'cart' box .* lies wholly outside the 8 x 8 image",
+        ),
+        (
+            '{"images": [{"id": 1, "file_name": "a.png", "width": 640, "height": 480}], '
+            '"annotations": [{"image_id": 1, "bbox": [700, 10, 50, 50], "category_id": 1}], '
+            '"categories": [{"id": 1, "name": "cart"}]}',
+            r"wholly outside the 640 x 480 image",
+        ),
     ],
 )
 def test_bad_annotation_files_are_one_line_errors(tmp_path, content, message):
@@ -200,3 +214,51 @@ def test_worked_examples_follow_their_own_rules():
         for example, reply in zip(EXAMPLES, chat[2:-1:2], strict=True):
             coordinates = {n for box in example.boxes for n in box.numbers()}
             assert parse_reply(kind, reply["content"], "stop", coordinates, "x.jpg", 0)
+
+
+def test_a_coco_image_id_given_to_two_files_is_refused(tmp_path):
+    """Annotations name images by id: with one id on two files, whose caption is whose cannot
+    be told, and silently giving it to the last one misdescribes both images."""
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    path = tmp_path / "labels.json"
+    images = [{"id": 1, "file_name": "a.png"}, {"id": 1, "file_name": "b.png"}]
+    annotations = [{"image_id": 1, "caption": "A pallet."}]
+    path.write_text(json.dumps({"images": images, "annotations": annotations}))
+    with pytest.raises(LlavaEdgeError, match="image id 1 names both 'a.png' and 'b.png'"):
+        read_annotations([path], tmp_path)
+    # The same entry twice (a merged export) is harmless.
+    path.write_text(json.dumps({"images": [images[0], images[0]], "annotations": annotations}))
+    notes, _ = read_annotations([path], tmp_path)
+    assert [(n.image, n.captions) for n in notes] == [("a.png", ("A pallet.",))]
+
+
+def test_an_annotation_file_that_is_not_utf8_is_a_one_line_error(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    path = tmp_path / "labels.jsonl"
+    path.write_bytes('{"image": "a.png", "captions": ["Caf\xe9 counter."]}\n'.encode("latin-1"))
+    with pytest.raises(LlavaEdgeError, match="is not UTF-8 text .*save it as UTF-8"):
+        read_annotations([path], tmp_path)
+
+
+def test_a_label_in_two_files_describes_one_object(tmp_path):
+    """A file given twice, or a detector's boxes beside the labelling tool's: the same caption
+    or box twice is one, else the LLM is shown two forklifts where there is one."""
+    Image.new("RGB", (100, 50)).save(tmp_path / "a.png")
+    jsonl = tmp_path / "labels.jsonl"
+    line = {"image": "a.png", "captions": ["A forklift."],
+            "boxes": [{"label": "forklift", "box": [10, 10, 50, 40]}]}  # fmt: skip
+    jsonl.write_text(json.dumps(line) + "\n")
+    coco = tmp_path / "instances.json"
+    coco.write_text(json.dumps({
+        "images": [{"id": 3, "file_name": "a.png", "width": 100, "height": 50}],
+        "annotations": [{"image_id": 3, "bbox": [10, 10, 40, 30], "category_id": 1},
+                        {"image_id": 3, "bbox": [60, 10, 20, 30], "category_id": 1}],
+        "categories": [{"id": 1, "name": "forklift"}],
+    }))  # fmt: skip
+    notes, _ = read_annotations([jsonl, jsonl, coco], tmp_path)
+    assert notes[0].captions == ("A forklift.",)
+    assert [b.numbers() for b in notes[0].boxes] == [
+        ["0.100", "0.200", "0.500", "0.800"],
+        ["0.600", "0.200", "0.800", "0.800"],  # a second forklift of its own
+    ]

@@ -201,6 +201,8 @@ def test_vqa_answer_normalisation(answer, evalai, expected):
          "no question of .* has its image in"),
         ("vqav2", '{"data_subtype": "val2014", "questions": []}',
          "keeps its answers in an annotations file; none was given"),
+        ("gqa --annotations", '{"1": {"imageId": "a", "question": "q", "answer": "x"}}',
+         "--annotations is vqav2's answers file; gqa keeps its answers in questions.json"),
     ],
 )  # fmt: skip
 def test_bad_vqa_files_are_one_line_errors(tmp_path, capsys, format, content, message):
@@ -209,8 +211,57 @@ def test_bad_vqa_files_are_one_line_errors(tmp_path, capsys, format, content, me
     folder = images(tmp_path, "a.png")
     path = tmp_path / "questions.json"
     path.write_text(content)
+    format, *more = format.split()
+    if more:  # an option the format does not take
+        more.append(str(path))
     code = cli(["data", "vqa", str(path), "--format", format, "--images", str(folder),
-                "--out", str(tmp_path / "out.json")])  # fmt: skip
+                "--out", str(tmp_path / "out.json"), *more])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and re.search(message, err), err
     assert not (tmp_path / "out.json").exists()
+
+
+@pytest.mark.parametrize("format", ["jsonl", "gqa"])
+def test_a_vqa_file_that_is_not_utf8_is_a_one_line_error(tmp_path, capsys, format):
+    folder = images(tmp_path, "a.png")
+    path = tmp_path / "questions.json"
+    line = {"image": "a.png", "question": "Qu'est-ce que c'est ?", "answer": "caf\xe9"}
+    content = json.dumps(line if format == "jsonl" else {"1": {**line, "imageId": "a"}})
+    path.write_bytes(content.replace("\\u00e9", "\xe9").encode("latin-1"))
+    code = cli(["data", "vqa", str(path), "--format", format, "--images", str(folder),
+                "--out", str(tmp_path / "out.json")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "is not UTF-8 text" in err, err
+
+
+@pytest.mark.parametrize("out", ["questions", "annotations"])
+def test_vqa_does_not_write_over_the_file_it_reads(tmp_path, capsys, out):
+    folder = images(tmp_path, "COCO_val2014_000000000001.jpg")
+    questions = tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json"
+    answers = tmp_path / "v2_mscoco_val2014_annotations.json"  # found beside the questions
+    question = {"image_id": 1, "question": "What is it?", "question_id": 10}
+    questions.write_text(json.dumps({"data_subtype": "val2014", "questions": [question]}))
+    answers.write_text(json.dumps({"annotations": [{"question_id": 10,
+                                                    "multiple_choice_answer": "cart"}]}))  # fmt: skip
+    target = questions if out == "questions" else answers
+    before = target.read_bytes()
+    code = cli(["data", "vqa", str(questions), "--format", "vqav2", "--images", str(folder),
+                "--out", str(target)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and "is the vqav2 file it reads" in err, err
+    assert target.read_bytes() == before
+
+
+def test_images_of_one_name_in_two_folders_get_their_own_ids(tmp_path):
+    """Cameras often number their frames alike: aisle/0001.jpg and dock/0001.jpg are two
+    samples, and `eval`'s answers and training's errors name a sample by its id."""
+    folder = images(tmp_path)
+    for camera in ("aisle", "dock"):
+        (folder / camera).mkdir()
+        Image.new("RGB", (8, 8)).save(folder / camera / "0001.png")
+    lines = [{"image": f"{camera}/0001.png", "question": "Is it clear?", "answer": "yes"}
+             for camera in ("aisle", "dock")]  # fmt: skip
+    (tmp_path / "qa.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    convert_vqa(tmp_path / "qa.jsonl", "jsonl", folder, tmp_path / "qa.json")
+    records = json.loads((tmp_path / "qa.json").read_text())
+    assert [r["id"] for r in records] == ["jsonl-aisle/0001", "jsonl-dock/0001"]

@@ -17,6 +17,7 @@ the LLaVA paper renders them.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,7 +114,7 @@ def read_annotations(
 def _read_file(path: Path, drafts: dict[str, _Draft]) -> None:
     if not path.is_file():
         raise LlavaEdgeError(f"annotation file {path} does not exist")
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_text(path)
     try:
         document = json.loads(text)
     except json.JSONDecodeError:
@@ -127,6 +128,19 @@ def _read_file(path: Path, drafts: dict[str, _Draft]) -> None:
         )
     else:
         _read_jsonl(path, text, drafts)
+
+
+def read_text(path: Path) -> str:
+    """A JSON or JSONL file's text (UTF-8, with or without a byte-order mark)."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise LlavaEdgeError(
+            f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at {e.start}); JSON is "
+            "UTF-8: save it as UTF-8"
+        ) from None
+    except OSError as e:
+        raise LlavaEdgeError(f"cannot read {path}: {e.strerror}") from None
 
 
 def _read_coco(path: Path, document: dict, drafts: dict[str, _Draft]) -> None:
@@ -146,6 +160,12 @@ def _read_coco(path: Path, document: dict, drafts: dict[str, _Draft]) -> None:
         if not isinstance(entry, dict) or "id" not in entry or "file_name" not in entry:
             raise bad(f"image #{i} has no 'id' or 'file_name'")
         draft = drafts.setdefault(str(entry["file_name"]), _Draft(str(entry["file_name"])))
+        other = by_id.get(entry["id"])
+        if other is not None and other is not draft:
+            raise bad(
+                f"image id {entry['id']!r} names both {other.image!r} and {draft.image!r}; "
+                "each image needs its own id"
+            )
         draft.width = _size(entry.get("width")) or draft.width
         draft.height = _size(entry.get("height")) or draft.height
         by_id[entry["id"]] = draft
@@ -196,7 +216,10 @@ def _numbers(value: Any, count: int, what: str, where: Path | str) -> list[float
     if (
         not isinstance(value, list)
         or len(value) != count
-        or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+        or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            for v in value
+        )
     ):
         raise LlavaEdgeError(f"{where}: {what} must be {count} numbers")
     return [float(v) for v in value]
@@ -222,6 +245,21 @@ def _finish(draft: _Draft, file: Path) -> ImageNotes:
             raise LlavaEdgeError(f"cannot read the size of {file}: {e}") from None
     boxes = []
     for label, (x0, y0, x1, y1) in draft.boxes:
+        if (
+            x0 != x1
+            and y0 != y1
+            and (
+                min(x0, x1) >= width
+                or max(x0, x1) <= 0
+                or min(y0, y1) >= height
+                or max(y0, y1) <= 0
+            )
+        ):  # not a box cut by the edge: wrong sizes, or boxes of another image
+            raise LlavaEdgeError(
+                f"{draft.image}: the {label!r} box {[x0, y0, x1, y1]} (x_min, y_min, x_max, "
+                f"y_max in pixels) lies wholly outside the {width:g} x {height:g} image; check "
+                "the box and the image's width and height (left out, they are read from the file)"
+            )
         box = Box(
             label.strip(),
             _clamp(min(x0, x1) / width),
@@ -231,7 +269,10 @@ def _finish(draft: _Draft, file: Path) -> ImageNotes:
         )
         if box.x_max > box.x_min and box.y_max > box.y_min and box.label:
             boxes.append(box)  # empty boxes (zero area after clamping) say nothing
-    return ImageNotes(draft.image, tuple(draft.captions), tuple(boxes))
+    # The same label in two files (a file given twice, a detector's output beside the labelling
+    # tool's) is one object: twice, the LLM would see two forklifts where there is one.
+    captions = tuple(dict.fromkeys(draft.captions))
+    return ImageNotes(draft.image, captions, tuple(dict.fromkeys(boxes)))
 
 
 def _clamp(value: float) -> float:

@@ -118,6 +118,7 @@ class ChatClient:
         self._sleep = sleep if sleep is not None else asyncio.sleep
         self._rng = rng or random.Random()
         self._reached = False  # any answer from the server at all, so far
+        self._answered = False  # any chat completion, so far
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.AsyncClient(
             headers=headers,
@@ -176,8 +177,15 @@ class ChatClient:
                 if status == 200:
                     reply = self._reply(response)
                     if reply is not None:
+                        self._answered = True
                         return reply
                     cause = "malformed response"
+                    if attempt == self.retries and not self._answered:
+                        raise EndpointError(
+                            f"{self.url} answers HTTP 200, but never with a chat completion "
+                            f"({_message(response)}); check --endpoint: the API root of an "
+                            "OpenAI-compatible server, e.g. http://localhost:8080/v1"
+                        )
                 elif status in (401, 403):
                     raise EndpointError(
                         f"{self.url} refused the request: HTTP {status} ({_message(response)}); "

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import os
+import signal
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +24,7 @@ from typing import Any
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.training.datagen.annotations import ImageNotes, read_annotations
-from llava_edge.training.datagen.journal import Journal, Key
+from llava_edge.training.datagen.journal import Journal, Key, settled_contexts
 from llava_edge.training.datagen.llava_json import conversation, write_samples
 from llava_edge.training.datagen.prompts import KINDS, messages, prompts_version, request_seed
 from llava_edge.training.datagen.replies import Dropped, parse_reply
@@ -37,6 +39,19 @@ class Job:
     @property
     def key(self) -> Key:
         return self.notes.image, self.kind, self.index
+
+    @functools.cached_property
+    def context(self) -> str:
+        """A digest of what the LLM is shown about the image: labels edited since a sample was
+        journaled make that sample stale, and it is asked again."""
+        return hashlib.sha256(self.notes.render().encode("utf-8")).hexdigest()[:16]
+
+    def settled(self, book: Journal) -> dict | None:
+        """This job's journal entry, unless it was asked about other labels."""
+        entry = book.entries.get(self.key)
+        if entry is None or entry.get("context", self.context) != self.context:
+            return None
+        return entry
 
 
 @dataclass
@@ -96,6 +111,10 @@ def generate(
     out = Path(out)
     if out.is_dir():
         raise LlavaEdgeError(f"--out {out} is a directory; name the JSON file to write")
+    if any(Path(a).resolve() == out.resolve() for a in annotations):
+        raise LlavaEdgeError(
+            f"--out {out} is one of the annotation files; write the data elsewhere"
+        )
     journal_path = Path(journal) if journal else out.with_name(out.stem + ".journal.jsonl")
     if journal_path.resolve() == out.resolve():
         raise LlavaEdgeError(f"--journal and --out are both {out}; give the journal its own file")
@@ -115,7 +134,8 @@ def generate(
 
     if dry_run:
         first = [next(j for j in jobs if j.kind == kind) for kind in kinds]
-        _show_prompts([(j, body(j, model)) for j in first], jobs, log)
+        _show_prompts([(j, body(j, model)) for j in first], log)
+        _show_count(jobs, settled_contexts(journal_path), journal_path, max_requests, log)
         return GenerateResult(None, journal_path, model, skipped_images=skipped)
     if endpoint is None:
         raise LlavaEdgeError("no --endpoint given: the URL of an OpenAI-compatible API")
@@ -149,9 +169,9 @@ def generate(
             }
             result = GenerateResult(out, journal_path, chosen, skipped_images=skipped)
             with Journal(journal_path, settings) as book:
-                todo = [job for job in jobs if job.key not in book]
+                todo = [job for job in jobs if job.settled(book) is None]
                 result.dropped_earlier = sum(
-                    book.entries[j.key]["status"] == "dropped" for j in jobs if j.key in book
+                    (j.settled(book) or {}).get("status") == "dropped" for j in jobs
                 )
                 with _progress_bar(len(jobs), len(jobs) - len(todo), progress) as bar:
                     request = functools.partial(body, model=chosen)
@@ -172,9 +192,50 @@ def _run_to_completion(session: Callable[[], Coroutine[Any, Any, GenerateResult]
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(session())
-    with ThreadPoolExecutor(1) as thread:
-        return thread.submit(asyncio.run, session()).result()
+        pass
+    else:
+        with ThreadPoolExecutor(1) as thread:
+            return thread.submit(asyncio.run, session()).result()
+    previous = signal.getsignal(signal.SIGTERM)
+    result = asyncio.run(_stopped_by_sigterm(session, previous))
+    if result is not _TERMINATED:
+        return result
+    if callable(previous):
+        previous(signal.SIGTERM, None)  # the CLI's raises Terminated
+    signal.raise_signal(signal.SIGTERM)  # the default: end the process as SIGTERM does
+    raise KeyboardInterrupt  # a handler that returned: stop all the same
+
+
+_TERMINATED = object()
+
+
+async def _stopped_by_sigterm(session, previous):
+    """Run the session; SIGTERM cancels it, as asyncio.run does on Ctrl-C, and once the run has
+    unwound, the handler the process had runs (outside the loop). Left to run where the signal
+    lands, a Python handler raises inside a request or a journal write, where asyncio prints a
+    traceback or httpx swallows it and the run goes on."""
+    main, arrived = asyncio.current_task(), []
+
+    def cancel() -> None:
+        arrived.append(True)
+        main.cancel()
+
+    loop = asyncio.get_running_loop()
+    if previous in (signal.SIG_IGN, None):  # ignored, or not Python's to handle
+        return await session()
+    try:
+        loop.add_signal_handler(signal.SIGTERM, cancel)
+    except (NotImplementedError, RuntimeError, ValueError):  # Windows, or not the main thread
+        return await session()
+    try:
+        return await session()
+    except asyncio.CancelledError:
+        if not arrived:
+            raise
+        return _TERMINATED
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, previous)  # asyncio leaves the default behind
 
 
 def _progress_bar(total: int, done: int, progress: bool):
@@ -236,6 +297,7 @@ async def _ask(client, job: Job, body: dict) -> dict | str | None:
         "image": image,
         "kind": kind,
         "index": index,
+        "context": job.context,
         "usage": [reply.prompt_tokens, reply.completion_tokens],
     }
     try:
@@ -256,15 +318,12 @@ async def _ask(client, job: Job, body: dict) -> dict | str | None:
 def _write_final(out: Path, jobs: list[Job], book: Journal, result: GenerateResult) -> None:
     samples = []
     for job in jobs:
-        entry = book.entries.get(job.key)
+        entry = job.settled(book)
         if entry is not None and entry["status"] == "ok":
             samples.append(entry["sample"])
             result.samples[job.kind] += 1
     result.images = len({s["image"] for s in samples})
-    for entry in book.entries.values():
-        prompt, completion = entry.get("usage", [0, 0])
-        result.journal_prompt_tokens += prompt
-        result.journal_completion_tokens += completion
+    result.journal_prompt_tokens, result.journal_completion_tokens = book.usage
     write_samples(out, samples)
 
 
@@ -301,15 +360,24 @@ def _check_options(kinds, per_image, concurrency, max_images, temperature, max_t
     return kinds
 
 
-def _show_prompts(
-    first: list[tuple[Job, dict]], jobs: list[Job], log: Callable[[str], object]
-) -> None:
+def _show_prompts(first: list[tuple[Job, dict]], log: Callable[[str], object]) -> None:
     for job, body in first:
         log(f"===== {job.notes.image} · {job.kind} #{job.index} (seed {body['seed']}) =====")
         for message in body["messages"]:
             log(f"[{message['role']}]\n{message['content']}\n")
+
+
+def _show_count(jobs, settled, journal: Path, max_requests: int | None, log) -> None:
+    """How many requests a run would send: what the journal lacks, within --max-requests."""
+    missing = object()  # a context of None: journaled before contexts were, taken as settled
+    todo = sum(settled.get(job.key, missing) not in (None, job.context) for job in jobs)
     images = len({job.notes.image for job in jobs})
-    log(f"dry run: {len(jobs)} requests for {images} images; nothing was sent")
+    line = f"dry run: {len(jobs)} requests for {images} images"
+    if todo < len(jobs):
+        line += f", {todo} still to send ({len(jobs) - todo} settled in {journal})"
+    if max_requests is not None and max_requests < todo:
+        line += f"; --max-requests {max_requests} sends at most {max_requests}"
+    log(line + "; nothing was sent")
 
 
 def format_report(result: GenerateResult, limit: int = 20) -> str:

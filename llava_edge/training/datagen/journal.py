@@ -1,7 +1,8 @@
 """The record of a `generate` run that makes it resumable.
 
 One JSON line per settled sample, keyed by (image, kind, index): its LLaVA sample, or why its
-reply was dropped, and the tokens it cost. A line is written whole and synced before the next
+reply was dropped, and the tokens it cost; a later line of the same key supersedes an earlier one
+(a sample asked again because its image's labels changed). A line is written whole and synced before the next
 one; a run killed in the middle of a line leaves a torn last line, which the next run cuts off
 (that sample is asked again). The first line holds the settings that change what the LLM
 writes (model, prompts, temperature, seed, token limit): a journal is only resumed with the same.
@@ -9,6 +10,7 @@ writes (model, prompts, temperature, seed, token limit): a journal is only resum
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -29,7 +31,8 @@ class Journal:
 
     def __init__(self, path: Path, settings: dict[str, Any]):
         self.path = Path(path)
-        self.entries: dict[Key, dict] = {}
+        self.entries: dict[Key, dict] = {}  # the last entry of each key
+        self.usage = [0, 0]  # prompt and completion tokens of every entry, superseded ones too
         self._file: IO[str] | None = None
         self._open(settings)
 
@@ -41,7 +44,12 @@ class Journal:
         self._file.write(json.dumps(entry, ensure_ascii=False) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
+        self._add(entry)
+
+    def _add(self, entry: dict) -> None:
         self.entries[key_of(entry)] = entry
+        prompt, completion = entry.get("usage", [0, 0])
+        self.usage = [self.usage[0] + prompt, self.usage[1] + completion]
 
     def close(self) -> None:
         if self._file is not None:
@@ -77,8 +85,7 @@ class Journal:
                 return
             for number, line in enumerate(lines[1:], 2):
                 try:
-                    entry = json.loads(line)
-                    self.entries[key_of(entry)] = entry
+                    self._add(json.loads(line))
                 except (ValueError, KeyError, TypeError):
                     raise LlavaEdgeError(
                         f"journal {self.path} line {number} is damaged; delete the journal to "
@@ -106,6 +113,22 @@ class Journal:
                     f"journal {self.path} was written with {name} {old.get(name)!r}, not "
                     f"{value!r}; resume with the same settings, or delete the journal to start over"
                 )
+
+
+def settled_contexts(path: Path) -> dict[Key, str | None]:
+    """The keys a journal already holds, each with the digest of the labels it was asked about,
+    read without opening the journal for writing (a dry run's count); the header, a torn last
+    line and anything unreadable count as nothing."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8", errors="replace").split("\n")[1:-1]
+    except OSError:
+        return {}
+    settled = {}
+    for line in lines:
+        with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+            entry = json.loads(line)
+            settled[key_of(entry)] = entry.get("context")
+    return settled
 
 
 def _lock(file: IO[str], path: Path) -> None:

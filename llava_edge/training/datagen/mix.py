@@ -87,7 +87,11 @@ def mix(sources: list[str | Source], out: str | Path, seed: int = 0) -> MixResul
         chosen += sorted(rng.sample(range(len(file)), round(fraction * len(file))))
         picks += [(number, index) for index in chosen]
     if not picks:
-        raise LlavaEdgeError("the mix is empty: every source has weight 0 or no samples")
+        raise LlavaEdgeError(
+            "the mix is empty: "
+            + ", ".join(f"{s.source.path}:{s.source.weight:g} of {s.available}" for s in stats)
+            + " samples take none (a fraction of a file takes the nearest whole number)"
+        )
     rng.shuffle(picks)
 
     def samples():

@@ -36,6 +36,7 @@ from typing import Any
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.runtime.template import SHORT_ANSWER
+from llava_edge.training.datagen.annotations import read_text
 from llava_edge.training.datagen.llava_json import conversation, write_samples
 from llava_edge.training.evaluate import normalize as normalize_short
 
@@ -95,10 +96,17 @@ def convert_vqa(
         raise LlavaEdgeError(f"unknown VQA format {format!r}; choose from {', '.join(FORMATS)}")
     if not path.is_file():
         raise LlavaEdgeError(f"{format} file {path} does not exist")
+    if annotations is not None and format != "vqav2":
+        raise LlavaEdgeError(
+            f"--annotations is vqav2's answers file; {format} keeps its answers in {path.name}"
+        )
     if not image_dir.is_dir():
         raise LlavaEdgeError(f"image dir {image_dir} does not exist")
     if out.is_dir():
         raise LlavaEdgeError(f"--out {out} is a directory; name the JSON file to write")
+    answers = annotations or (_vqav2_annotations(path) if format == "vqav2" else None)
+    if any(Path(i).resolve() == out.resolve() for i in (path, answers) if i is not None):
+        raise LlavaEdgeError(f"--out {out} is the {format} file it reads; write elsewhere")
     if format == "vqav2":
         questions = read_vqav2(path, annotations)
     elif format == "gqa":
@@ -133,7 +141,7 @@ def convert_vqa(
         )
     samples = [
         {
-            "id": f"{format}-{Path(image).stem}",
+            "id": f"{format}-{Path(image).with_suffix('').as_posix()}",  # unique per image
             "image": image,
             "conversations": conversation([(q.prompt(), q.answer) for q in group]),
         }
@@ -229,7 +237,7 @@ def read_textvqa(path: Path) -> list[Question]:
 
 def read_jsonl(path: Path) -> list[Question]:
     questions = []
-    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+    for number, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path} line {number}"
@@ -275,7 +283,7 @@ def _letter(answer: Any, choices: tuple[str, ...], where: str) -> str:
 
 def _load(path: Path, format: str) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8-sig"))
+        return json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise _not(path, format, f"not valid JSON ({e.msg} at line {e.lineno})") from None
 
