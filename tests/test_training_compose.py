@@ -246,3 +246,35 @@ def test_compose_refuses_a_tower_it_does_not_know(siglip_qwen, tmp_path, capsys)
     err = capsys.readouterr().err
     assert "is a 'qwen2' model" in err and "CLIP or SigLIP" in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()
+
+
+def test_training_a_chatml_lm_takes_a_template_ending_in_its_eos(siglip_qwen, tmp_path, capsys):
+    """vicuna_v1's `</s>` is plain text to a Qwen tokenizer (turns end with `<|im_end|>`): trained
+    on it the model would never stop, so train refuses and names a template that fits."""
+    from PIL import Image
+
+    from llava_edge.training.checkpoint import compose_checkpoint
+
+    root = siglip_qwen["root"]
+    model = compose_checkpoint(tmp_path / "llava", root / "siglip", root / "qwen")
+    Image.new("RGB", (28, 28), (200, 30, 30)).save(tmp_path / "red.png")
+    sample = {
+        "id": "s0",
+        "image": "red.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat is shown?"},
+            {"from": "gpt", "value": "A red box."},
+        ],
+    }
+    (tmp_path / "data.json").write_text(json.dumps([sample]))
+    argv = ["train", "--stage", "2", "--model", str(model), "--data", str(tmp_path / "data.json")]
+    argv += ["--images", str(tmp_path), "--max-steps", "1", "--batch-size", "1"]
+    capsys.readouterr()
+    assert cli([*argv, "--out", str(tmp_path / "vicuna")]) == 1
+    err = capsys.readouterr().err
+    assert "ends each answer with '</s>'" in err and "'<|im_end|>'" in err
+    assert "chatml_direct" in err and "Traceback" not in err
+    assert not (tmp_path / "vicuna").exists()
+
+    lora = ["--lora", "--lora-rank", "2", "--template", "chatml_direct"]
+    assert cli([*argv, *lora, "--out", str(tmp_path / "chatml")]) == 0
