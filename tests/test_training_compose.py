@@ -216,8 +216,12 @@ def test_compose_from_a_siglip_tower_keeps_every_patch(siglip_qwen, tmp_path, ca
     assert processor.vision_feature_select_strategy == "full"
     assert processor.num_additional_image_tokens == 0
     assert type(processor.image_processor).__name__.startswith("SiglipImageProcessor")
-    # The tokenizer's own <image> is used; nothing is added to it.
+    # The tokenizer's own <image> is used; nothing is added to it, and the LM's embeddings (rows
+    # past the tokenizer's, as Qwen's) are kept as they are, neither cut nor padded.
     assert len(processor.tokenizer) == len(siglip_qwen["tokenizer"])
+    rows = len(siglip_qwen["tokenizer"]) + 20
+    assert model.config.text_config.vocab_size == rows
+    assert model.get_input_embeddings().weight.shape[0] == rows
     assert model.config.image_token_id == siglip_qwen["tokenizer"].convert_tokens_to_ids("<image>")
     # Tied embeddings stay tied.
     assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()

@@ -299,7 +299,8 @@ def compose_checkpoint(
     dropped, SigLIP's patches all kept, as it has no CLS).
 
     The tokenizer gains `<image>` (and a padding token if it has none); the LM's embeddings grow
-    to cover them, padded to a multiple of 64 as the Hugging Face LLaVA-1.5 port does.
+    to cover them if they must, padded to a multiple of 64 as the Hugging Face LLaVA-1.5 port
+    does. An LM whose embeddings already cover its tokenizer keeps them as they are.
     """
     import torch
     from safetensors import SafetensorError
@@ -340,8 +341,10 @@ def compose_checkpoint(
         )
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": "<pad>"})
-    with quiet_loading():  # the note on how new rows are initialised
-        lm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+    if len(tokenizer) > lm.get_input_embeddings().weight.shape[0]:
+        # Grown only when a token has no row: Qwen's rows past its tokenizer's stay as they are.
+        with quiet_loading():  # the note on how new rows are initialised
+            lm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
     vision_config = tower.config
     image_tokens = (vision_config.image_size // vision_config.patch_size) ** 2
     config = LlavaConfig(
