@@ -149,15 +149,29 @@ def check_answer_end(template: TemplateSpec, tokenizer: Any, eos_ids: set[int]) 
     `<|im_end|>`): the model would learn to write the marker as text and, as generation stops
     only at an end-of-sequence token, never stop. The `plain` template (stage 1) ends captions
     with a newline, as LLaVA's does: it is not for chat."""
-    if template.name == PLAIN:
-        return
-    ids = tokenizer(template.answer_end, add_special_tokens=False)["input_ids"]
-    if ids and ids[-1] in eos_ids:
+    from llava_edge.runtime.template import TEMPLATES
+
+    if template.name == PLAIN or _ends_in(template, tokenizer, eos_ids):
         return
     names = ", ".join(repr(tokenizer.convert_ids_to_tokens(i)) for i in sorted(eos_ids))
+    fitting = [
+        name
+        for name, spec in TEMPLATES.items()
+        if name != PLAIN and _ends_in(spec, tokenizer, eos_ids)
+    ]
+    hint = (
+        f"pass --template {' or '.join(fitting)}, whose answers end in it"
+        if fitting
+        else "no built-in template ends answers in it, so this language model cannot be trained "
+        "to chat here yet"
+    )
     raise LlavaEdgeError(
         f"the {template.name} template ends each answer with {template.answer_end.strip()!r}, "
         f"which this tokenizer does not read as its end-of-sequence token ({names}): the "
-        "trained model would never stop; pass --template with one whose answers end in it "
-        "(chatml_direct for <|im_end|>; vicuna_v1, llava_v1 or mistral_instruct for </s>)"
+        f"trained model would never stop; {hint}"
     )
+
+
+def _ends_in(template: TemplateSpec, tokenizer: Any, eos_ids: set[int]) -> bool:
+    ids = tokenizer(template.answer_end, add_special_tokens=False)["input_ids"]
+    return bool(ids) and ids[-1] in eos_ids
