@@ -163,3 +163,5 @@ def test_a_tokenizer_no_template_ends_answers_for_is_refused_in_one_line():
     check_answer_end(
         get_template("chatml_direct"), tokenizer, {tokenizer.convert_tokens_to_ids("<|im_end|>")}
     )
+    with pytest.raises(LlavaEdgeError, match="names no end-of-sequence token"):
+        check_answer_end(get_template("chatml_direct"), tokenizer, set())

@@ -153,6 +153,11 @@ def check_answer_end(template: TemplateSpec, tokenizer: Any, eos_ids: set[int]) 
 
     if template.name == PLAIN or _ends_in(template, tokenizer, eos_ids):
         return
+    if not eos_ids:
+        raise LlavaEdgeError(
+            "the checkpoint names no end-of-sequence token (tokenizer or generation_config.json):"
+            " a model trained to chat would never stop; set the tokenizer's eos_token"
+        )
     names = ", ".join(repr(tokenizer.convert_ids_to_tokens(i)) for i in sorted(eos_ids))
     fitting = [
         name
