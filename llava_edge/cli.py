@@ -43,7 +43,9 @@ def _init(args: argparse.Namespace) -> None:
         from llava_edge.training.checkpoint import compose_checkpoint
 
         if not (args.vision and args.llm):
-            raise LlavaEdgeError("--vision and --llm go together: a CLIP model and a causal LM")
+            raise LlavaEdgeError(
+                "--vision and --llm go together: a CLIP or SigLIP model and a causal LM"
+            )
         if args.preset != "tiny" or args.layers is not None:  # a preset other than the default
             raise LlavaEdgeError(
                 "--preset and --layers shape a random checkpoint; --vision and --llm take their "
@@ -520,7 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="checkpoint dir to write")
     p.add_argument("--preset", default="tiny", choices=["tiny", "demo", "small", "llava-1.5-7b"])
     p.add_argument("--layers", type=int, help="keep only the first N layers of each tower")
-    p.add_argument("--vision", help="CLIP checkpoint: build LLaVA from it and --llm instead")
+    p.add_argument(
+        "--vision", help="CLIP or SigLIP checkpoint: build LLaVA from it and --llm instead"
+    )
     p.add_argument("--llm", help="causal LM checkpoint to put behind the --vision tower")
     p.add_argument(
         "--projector",

@@ -166,3 +166,120 @@ def test_compose_takes_the_projector_asked_for(parts, tmp_path):
     model = load_model(out)
     assert json.loads((out / "config.json").read_text())["mm_projector_type"] == "linear"
     assert [n for n, _ in model.model.multi_modal_projector.named_children()] == ["linear_1", "act"]
+
+
+@pytest.fixture(scope="module")
+def siglip_qwen(tmp_path_factory):
+    """A bare SigLIP vision model (no preprocessor_config.json) and a tiny Qwen2 with tied
+    embeddings whose tokenizer already has `<image>` and a padding token."""
+    from hf_checkpoints import qwen_tokenizer
+    from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+    root = tmp_path_factory.mktemp("siglip_qwen")
+    torch.manual_seed(1)
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2)
+    tower = SiglipVisionModel(SiglipVisionConfig(**vision, image_size=28, patch_size=14))
+    tower.save_pretrained(root / "siglip")
+    tokenizer = qwen_tokenizer()
+    tokenizer.save_pretrained(root / "qwen")
+    ids = tokenizer.convert_tokens_to_ids
+    Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=len(tokenizer) + 20,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            bos_token_id=ids("<|endoftext|>"),
+            eos_token_id=ids("<|im_end|>"),
+        )
+    ).save_pretrained(root / "qwen")
+    return {"root": root, "tokenizer": tokenizer}
+
+
+def test_compose_from_a_siglip_tower_keeps_every_patch(siglip_qwen, tmp_path, capsys):
+    """SigLIP has no CLS token: LLaVA takes all its patches ('full'), the processor counts no
+    extra token, and export reproduces transformers' tokens on the result."""
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    root = siglip_qwen["root"]
+    out = tmp_path / "llava"
+    assert (
+        cli(["init", str(out), "--vision", str(root / "siglip"), "--llm", str(root / "qwen")]) == 0
+    )
+    model = LlavaForConditionalGeneration.from_pretrained(out)
+    processor = AutoProcessor.from_pretrained(out)
+    assert model.config.vision_feature_select_strategy == "full"
+    assert processor.vision_feature_select_strategy == "full"
+    assert processor.num_additional_image_tokens == 0
+    assert type(processor.image_processor).__name__.startswith("SiglipImageProcessor")
+    # The tokenizer's own <image> is used; nothing is added to it, and the LM's embeddings (rows
+    # past the tokenizer's, as Qwen's) are kept as they are, neither cut nor padded.
+    assert len(processor.tokenizer) == len(siglip_qwen["tokenizer"])
+    rows = len(siglip_qwen["tokenizer"]) + 20
+    assert model.config.text_config.vocab_size == rows
+    assert model.get_input_embeddings().weight.shape[0] == rows
+    assert model.config.image_token_id == siglip_qwen["tokenizer"].convert_tokens_to_ids("<image>")
+    # Tied embeddings stay tied.
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+    inputs = processor(
+        text="<image>\nWhat?", images=Image.new("RGB", (30, 20), (9, 99, 199)), return_tensors="pt"
+    )
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == (28 // 14) ** 2
+    assert torch.isfinite(model(**inputs, labels=inputs["input_ids"]).loss)
+
+    capsys.readouterr()
+    assert cli(["export", str(out), str(tmp_path / "model")]) == 0
+
+
+def test_compose_refuses_a_tower_it_does_not_know(siglip_qwen, tmp_path, capsys):
+    root = siglip_qwen["root"]
+    argv = [
+        "init",
+        str(tmp_path / "x"),
+        "--vision",
+        str(root / "qwen"),
+        "--llm",
+        str(root / "qwen"),
+    ]
+    assert cli(argv) == 1
+    err = capsys.readouterr().err
+    assert "is a 'qwen2' model" in err and "CLIP or SigLIP" in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_training_a_chatml_lm_takes_a_template_ending_in_its_eos(siglip_qwen, tmp_path, capsys):
+    """vicuna_v1's `</s>` is plain text to a Qwen tokenizer (turns end with `<|im_end|>`): trained
+    on it the model would never stop, so train refuses and names a template that fits."""
+    from PIL import Image
+
+    from llava_edge.training.checkpoint import compose_checkpoint
+
+    root = siglip_qwen["root"]
+    model = compose_checkpoint(tmp_path / "llava", root / "siglip", root / "qwen")
+    Image.new("RGB", (28, 28), (200, 30, 30)).save(tmp_path / "red.png")
+    sample = {
+        "id": "s0",
+        "image": "red.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat is shown?"},
+            {"from": "gpt", "value": "A red box."},
+        ],
+    }
+    (tmp_path / "data.json").write_text(json.dumps([sample]))
+    argv = ["train", "--stage", "2", "--model", str(model), "--data", str(tmp_path / "data.json")]
+    argv += ["--images", str(tmp_path), "--max-steps", "1", "--batch-size", "1"]
+    capsys.readouterr()
+    assert cli([*argv, "--out", str(tmp_path / "vicuna")]) == 1
+    err = capsys.readouterr().err
+    assert "ends each answer with '</s>'" in err and "'<|im_end|>'" in err
+    assert "pass --template chatml_direct, whose answers end in it" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "vicuna").exists()
+
+    lora = ["--lora", "--lora-rank", "2", "--template", "chatml_direct"]
+    assert cli([*argv, *lora, "--out", str(tmp_path / "chatml")]) == 0

@@ -144,3 +144,24 @@ def test_truncation_keeps_the_image_whole(processor):
         labeler(processor, "vicuna_v1", max_length=full.image_span[1] + 2).encode(
             Sample("long", "x.png", TURNS)
         )
+
+
+def test_a_tokenizer_no_template_ends_answers_for_is_refused_in_one_line():
+    """A tokenizer whose end token no built-in template writes (Qwen's tokens, `<|endoftext|>`
+    as its EOS): every chat template is refused, plain (stage 1) is not."""
+    from hf_checkpoints import qwen_tokenizer
+
+    from llava_edge.errors import LlavaEdgeError
+    from llava_edge.runtime.template import get_template
+    from llava_edge.training.labels import check_answer_end
+
+    tokenizer = qwen_tokenizer()
+    eos = {tokenizer.convert_tokens_to_ids("<|endoftext|>")}
+    check_answer_end(get_template("plain"), tokenizer, eos)
+    with pytest.raises(LlavaEdgeError, match="no built-in template ends answers in it"):
+        check_answer_end(get_template("chatml_direct"), tokenizer, eos)
+    check_answer_end(
+        get_template("chatml_direct"), tokenizer, {tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    )
+    with pytest.raises(LlavaEdgeError, match="names no end-of-sequence token"):
+        check_answer_end(get_template("chatml_direct"), tokenizer, set())

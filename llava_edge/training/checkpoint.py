@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -293,11 +294,13 @@ def compose_checkpoint(
     force: bool = False,
     projector: str = DEFAULT_PROJECTOR,
 ) -> Path:
-    """Build LLaVA the way LLaVA-1.5 starts: a pretrained CLIP tower, a pretrained causal LM, and
-    a fresh mlp2x_gelu projector between them (features from layer -2, CLS dropped).
+    """Build LLaVA the way LLaVA-1.5 starts: a pretrained CLIP (or SigLIP) tower, a pretrained
+    causal LM, and a fresh mlp2x_gelu projector between them (features from layer -2; CLIP's CLS
+    dropped, SigLIP's patches all kept, as it has no CLS).
 
     The tokenizer gains `<image>` (and a padding token if it has none); the LM's embeddings grow
-    to cover them, padded to a multiple of 64 as the Hugging Face LLaVA-1.5 port does.
+    to cover them if they must, padded to a multiple of 64 as the Hugging Face LLaVA-1.5 port
+    does. An LM whose embeddings already cover its tokenizer keeps them as they are.
     """
     import torch
     from safetensors import SafetensorError
@@ -305,8 +308,6 @@ def compose_checkpoint(
     from transformers import (
         AutoModelForCausalLM,
         AutoTokenizer,
-        CLIPImageProcessor,
-        CLIPVisionModel,
         GenerationConfig,
         LlavaConfig,
         LlavaProcessor,
@@ -320,10 +321,11 @@ def compose_checkpoint(
     for name, path in (("--vision", vision), ("--llm", llm)):
         if not (Path(path) / "config.json").is_file():
             raise LlavaEdgeError(f"{name} {path} is not a Hugging Face checkpoint dir")
+    kind = vision_tower_kind(vision)
     loading = vision
     try:
         with quiet_loading():  # a full CLIP's text tower is "unexpected": we want the vision half
-            tower = CLIPVisionModel.from_pretrained(
+            tower = kind.model_class().from_pretrained(
                 vision, dtype=torch.float32, use_safetensors=True
             )
         loading = llm
@@ -339,8 +341,10 @@ def compose_checkpoint(
         )
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": "<pad>"})
-    with quiet_loading():  # the note on how new rows are initialised
-        lm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+    if len(tokenizer) > lm.get_input_embeddings().weight.shape[0]:
+        # Grown only when a token has no row: Qwen's rows past its tokenizer's stay as they are.
+        with quiet_loading():  # the note on how new rows are initialised
+            lm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
     vision_config = tower.config
     image_tokens = (vision_config.image_size // vision_config.patch_size) ** 2
     config = LlavaConfig(
@@ -349,7 +353,7 @@ def compose_checkpoint(
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
         image_seq_length=image_tokens,
         vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
+        vision_feature_select_strategy=kind.strategy,
         projector_hidden_act="gelu",
     )
     if projector != DEFAULT_PROJECTOR:
@@ -370,22 +374,12 @@ def compose_checkpoint(
         ),
         pad_token_id=tokenizer.pad_token_id,
     )
-    if (Path(vision) / "preprocessor_config.json").is_file():
-        image_processor = CLIPImageProcessor.from_pretrained(vision)
-    else:  # a bare vision model: OpenAI CLIP's preprocessing at the tower's size
-        size = vision_config.image_size
-        image_processor = CLIPImageProcessor(
-            size={"shortest_edge": size},
-            crop_size={"height": size, "width": size},
-            image_mean=OPENAI_CLIP_MEAN,
-            image_std=OPENAI_CLIP_STD,
-        )
     processor = LlavaProcessor(
-        image_processor=image_processor,
+        image_processor=kind.image_processor(vision, vision_config.image_size),
         tokenizer=tokenizer,
         patch_size=vision_config.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
-        num_additional_image_tokens=1,  # CLIP's CLS token
+        num_additional_image_tokens=kind.extra_tokens,
         chat_template=hf_chat_template(get_template(template)),
     )
 
@@ -394,3 +388,60 @@ def compose_checkpoint(
         processor.save_pretrained(tmp)
         write_llava_edge_file(tmp, template)
     return out
+
+
+@dataclass(frozen=True)
+class VisionTowerKind:
+    """What composing needs to know of a vision tower's family: which class loads it, which
+    features LLaVA takes (CLIP: its patches, CLS dropped; SigLIP has no CLS: all of them) and its
+    image processor."""
+
+    family: str  # "clip" or "siglip"
+    strategy: str  # vision_feature_select_strategy
+    extra_tokens: int  # num_additional_image_tokens: outputs that are no patch (CLIP's CLS)
+
+    def model_class(self) -> Any:
+        from transformers import CLIPVisionModel, SiglipVisionModel
+
+        return CLIPVisionModel if self.family == "clip" else SiglipVisionModel
+
+    def image_processor(self, vision: str | Path, size: int) -> Any:
+        """The tower's own preprocessing if its dir has it, else its family's at the tower's size
+        (OpenAI CLIP's resize and crop; SigLIP's square resize, mean and std 0.5)."""
+        from transformers import CLIPImageProcessor, SiglipImageProcessor
+
+        cls = CLIPImageProcessor if self.family == "clip" else SiglipImageProcessor
+        with quiet_loading():  # the note that torchvision is absent
+            if (Path(vision) / "preprocessor_config.json").is_file():
+                return cls.from_pretrained(vision)
+            if self.family == "siglip":
+                return SiglipImageProcessor(size={"height": size, "width": size})
+            return CLIPImageProcessor(
+                size={"shortest_edge": size},
+                crop_size={"height": size, "width": size},
+                image_mean=OPENAI_CLIP_MEAN,
+                image_std=OPENAI_CLIP_STD,
+            )
+
+
+VISION_TOWERS = {
+    "clip": VisionTowerKind("clip", "default", 1),
+    "clip_vision_model": VisionTowerKind("clip", "default", 1),
+    "siglip": VisionTowerKind("siglip", "full", 0),
+    "siglip_vision_model": VisionTowerKind("siglip", "full", 0),
+}
+
+
+def vision_tower_kind(vision: str | Path) -> VisionTowerKind:
+    """The family of the --vision checkpoint (a whole CLIP/SigLIP or its vision model alone)."""
+    path = Path(vision) / "config.json"
+    try:
+        model_type = json.loads(path.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as e:
+        raise LlavaEdgeError(f"cannot read {path}: {first_line(e)}") from None
+    if model_type not in VISION_TOWERS:
+        raise LlavaEdgeError(
+            f"--vision {vision} is a {model_type!r} model; LLaVA is composed from a CLIP or "
+            "SigLIP vision tower (model_type clip, clip_vision_model, siglip, siglip_vision_model)"
+        )
+    return VISION_TOWERS[model_type]

@@ -16,6 +16,7 @@ import bisect
 from dataclasses import dataclass
 from typing import Any
 
+from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import TemplateSpec
 from llava_edge.runtime.template import render
 from llava_edge.training.data import BadSample, Sample
@@ -140,3 +141,42 @@ class Labeler:
                 sample.id, f"no answer token is left after truncation to --max-length {limit}"
             )
         return Encoded(encoded.input_ids[:limit], labels, encoded.image_span)
+
+
+def check_answer_end(template: TemplateSpec, tokenizer: Any, eos_ids: set[int]) -> None:
+    """Refuse a chat template whose answers do not end in an end-of-sequence token of this
+    tokenizer (vicuna_v1's `</s>` is plain text to Qwen's tokenizer, whose turns end with
+    `<|im_end|>`): the model would learn to write the marker as text and, as generation stops
+    only at an end-of-sequence token, never stop. The `plain` template (stage 1) ends captions
+    with a newline, as LLaVA's does: it is not for chat."""
+    from llava_edge.runtime.template import TEMPLATES
+
+    if template.name == PLAIN or _ends_in(template, tokenizer, eos_ids):
+        return
+    if not eos_ids:
+        raise LlavaEdgeError(
+            "the checkpoint names no end-of-sequence token (tokenizer or generation_config.json):"
+            " a model trained to chat would never stop; set the tokenizer's eos_token"
+        )
+    names = ", ".join(repr(tokenizer.convert_ids_to_tokens(i)) for i in sorted(eos_ids))
+    fitting = [
+        name
+        for name, spec in TEMPLATES.items()
+        if name != PLAIN and _ends_in(spec, tokenizer, eos_ids)
+    ]
+    hint = (
+        f"pass --template {' or '.join(fitting)}, whose answers end in it"
+        if fitting
+        else "no built-in template ends answers in it, so this language model cannot be trained "
+        "to chat here yet"
+    )
+    raise LlavaEdgeError(
+        f"the {template.name} template ends each answer with {template.answer_end.strip()!r}, "
+        f"which this tokenizer does not read as its end-of-sequence token ({names}): the "
+        f"trained model would never stop; {hint}"
+    )
+
+
+def _ends_in(template: TemplateSpec, tokenizer: Any, eos_ids: set[int]) -> bool:
+    ids = tokenizer(template.answer_end, add_special_tokens=False)["input_ids"]
+    return bool(ids) and ids[-1] in eos_ids

@@ -128,13 +128,14 @@ def train(
     from llava_edge.modeling import load_model, prompt_template
     from llava_edge.training.checkpoint import hf_chat_template, saved_dtype
     from llava_edge.training.dataset import TrainingSet, count_image_tokens, stderr
-    from llava_edge.training.labels import Labeler
+    from llava_edge.training.labels import Labeler, check_answer_end
 
     defaults = STAGES[stage]
     main_process = int(os.environ.get("RANK", "0")) == 0
     processor, config = _load_processor_and_config(model, model_path)
     template = prompt_template(template_name, config)  # LLaVA v1: <im_start> image <im_end>
     processor.chat_template = hf_chat_template(template)
+    check_answer_end(template, processor.tokenizer, _eos_ids(model_path, processor.tokenizer))
     labeler = Labeler(
         processor.tokenizer,
         template,
@@ -220,6 +221,21 @@ def _load_processor_and_config(model: str | os.PathLike, path: Path) -> tuple[An
     )
     check_processor(processor, config, f"--model {model}")
     return processor, config
+
+
+def _eos_ids(path: Path, tokenizer: Any) -> set[int]:
+    """The ids generation stops at: the checkpoint's generation config's, and the tokenizer's."""
+    from transformers import GenerationConfig
+
+    from llava_edge.training.checkpoint import quiet_loading
+
+    try:
+        with quiet_loading():
+            eos = GenerationConfig.from_pretrained(path).eos_token_id
+    except OSError:  # no generation_config.json
+        eos = None
+    eos = eos if isinstance(eos, (list, tuple)) else [eos]
+    return {int(i) for i in (*eos, tokenizer.eos_token_id) if i is not None}
 
 
 LORA_ONLY = {
