@@ -2,7 +2,8 @@
 
 Every (question, answer) round of every sample is asked on its own, with the sample's image, of
 an exported model dir; the prediction matches when it equals the reference after lower-casing,
-trimming and dropping a final full stop (VQAv2-style short answers). Each question's result is
+trimming and dropping a final full stop (VQAv2-style short answers); a reference left empty
+by that is a bad sample, since an empty prediction would match it. Each question's result is
 written as one JSON line so that wrong answers can be read.
 """
 
@@ -84,6 +85,11 @@ def evaluate(
     def keep(position: int, record: object) -> bool:
         try:
             sample = parse_sample(record, position)
+            for turn, (_, reference) in enumerate(sample.turns):
+                if not normalize(reference):  # an empty prediction would match it
+                    raise BadSample(
+                        sample.id, f"round {turn}'s reference answer {reference!r} is empty"
+                    )
             if (
                 sample.image is not None
                 and image_root is None
