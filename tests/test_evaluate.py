@@ -154,3 +154,13 @@ def test_a_reference_with_nothing_to_match_is_a_bad_sample(tiny_model_dir, world
     assert _eval(tiny_model_dir, data, images, "--answers", str(answers), "--skip-bad") == 0
     assert "/1) (1 bad sample(s) skipped)" in capsys.readouterr().out
     assert [json.loads(line)["id"] for line in answers.read_text().splitlines()] == ["a"]
+
+
+def test_answers_match_however_their_unicode_is_spelled():
+    from llava_edge.training.evaluate import normalize
+
+    # composed and decomposed accents, and case beyond ASCII (German sharp s, final sigma)
+    assert normalize("Cafe\u0301.") == normalize(" café ")
+    assert normalize("STRASSE") == normalize("Straße")
+    assert normalize("ΟΔΟΣ") == normalize("οδος") == normalize("οδος")
+    assert normalize("3.5") == "3.5" and normalize("Yes.") == "yes"
