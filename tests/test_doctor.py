@@ -126,3 +126,19 @@ def test_doctor_command_prints_text_or_json(capsys: pytest.CaptureFixture) -> No
         "onnxruntime tensorrt",
         "tensorrt",
     ]
+
+
+def test_a_broken_onnxruntime_is_reported_not_raised(tmp_path, monkeypatch) -> None:
+    """A wheel for another platform or CUDA fails at import in many ways; the doctor names it."""
+    fake = tmp_path / "onnxruntime"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise RuntimeError('libcudnn.so.9: cannot open')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in list(__import__("sys").modules) if m.split(".")[0] == "onnxruntime"]:
+        monkeypatch.delitem(__import__("sys").modules, name)
+    report = doctor.diagnose()
+    assert report.onnxruntime is None and "libcudnn.so.9" in report.onnxruntime_error
+    missing = status(report)["onnxruntime cpu"]
+    assert "does not import" in missing[0] and "libcudnn.so.9" in missing[0]
+    assert "libcudnn.so.9" in doctor.format_report(report)
+    json.dumps(report.to_dict(), allow_nan=False)

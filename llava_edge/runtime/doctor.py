@@ -52,6 +52,7 @@ class Report:
     memory_available: int | None  # bytes the OS can still give (on a Jetson the GPU shares it)
     backends: list[BackendStatus]
     cuda_python: str | None = None  # the TensorRT backend's device memory, streams and graphs
+    onnxruntime_error: str | None = None  # installed but does not import: why
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,7 +60,7 @@ class Report:
 
 def diagnose() -> Report:
     """Probe this machine."""
-    ort_version, providers = _onnxruntime()
+    ort_version, providers, ort_error = _onnxruntime()
     trt_version, trt_error = _tensorrt()
     torch_version, torch_cuda, torch_ok = _torch()
     gpus, gpu_error = _gpus()
@@ -80,6 +81,7 @@ def diagnose() -> Report:
         memory_available=host_available_memory(),
         backends=[],
         cuda_python=_cuda_python(),
+        onnxruntime_error=ort_error,
     )
     report.backends = backend_status(report)
     return report
@@ -89,6 +91,11 @@ def backend_status(report: Report) -> list[BackendStatus]:
     """For each way to run a model, whether this machine can, and what is missing if not."""
     gpu = [] if report.gpus else [report.gpu_error or "a CUDA GPU"]
     ort = [] if report.onnxruntime else ["onnxruntime: `pip install onnxruntime`"]
+    if report.onnxruntime_error:
+        ort = [
+            f"onnxruntime ({report.onnxruntime_error}): reinstall the wheel made for this "
+            "machine (`pip install --force-reinstall onnxruntime`; on a Jetson, see docs/jetson.md)"
+        ]
     statuses = [BackendStatus("onnxruntime cpu", not ort, ort)]
     for provider, short in (
         ("CUDAExecutionProvider", "cuda"),
@@ -120,7 +127,8 @@ def format_report(report: Report) -> str:
         f"llava-edge {report.llava_edge}, Python {report.python}, {report.machine}"
         + (f", {report.jetson}" if report.jetson else ""),
         f"onnxruntime: {report.onnxruntime or 'not installed'}"
-        + (f" (providers: {', '.join(report.providers)})" if report.onnxruntime else ""),
+        + (f" (providers: {', '.join(report.providers)})" if report.onnxruntime else "")
+        + (f" ({report.onnxruntime_error})" if report.onnxruntime_error else ""),
         f"TensorRT: {report.tensorrt or 'not installed'}"
         + (f" ({report.tensorrt_error})" if report.tensorrt_error else ""),
         f"torch: {report.torch or 'not installed'}"
@@ -153,12 +161,15 @@ def format_report(report: Report) -> str:
     return "\n".join(lines)
 
 
-def _onnxruntime() -> tuple[str | None, list[str]]:
+def _onnxruntime() -> tuple[str | None, list[str], str | None]:
+    """Its version and providers, or why it does not import."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        return None, [], None
     try:
-        import onnxruntime as ort
-    except ImportError:
-        return None, []
-    return ort.__version__, list(ort.get_available_providers())
+        ort = importlib.import_module("onnxruntime")
+        return ort.__version__, list(ort.get_available_providers()), None
+    except Exception as e:  # a wheel for another platform or CUDA fails in many ways
+        return None, [], f"installed but does not import: {first_line(e)}"
 
 
 def _tensorrt() -> tuple[str | None, str | None]:
