@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -134,11 +135,18 @@ def test_a_broken_onnxruntime_is_reported_not_raised(tmp_path, monkeypatch) -> N
     fake.mkdir()
     (fake / "__init__.py").write_text("raise RuntimeError('libcudnn.so.9: cannot open')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    for name in [m for m in list(__import__("sys").modules) if m.split(".")[0] == "onnxruntime"]:
-        monkeypatch.delitem(__import__("sys").modules, name)
+    for name in [m for m in list(sys.modules) if m.split(".")[0] == "onnxruntime"]:
+        monkeypatch.delitem(sys.modules, name)
     report = doctor.diagnose()
     assert report.onnxruntime is None and "libcudnn.so.9" in report.onnxruntime_error
     missing = status(report)["onnxruntime cpu"]
     assert "does not import" in missing[0] and "libcudnn.so.9" in missing[0]
     assert "libcudnn.so.9" in doctor.format_report(report)
     json.dumps(report.to_dict(), allow_nan=False)
+
+
+def test_a_broken_torch_is_not_said_to_be_a_cpu_build() -> None:
+    text = doctor.format_report(
+        machine(torch="broken (libcudart.so.12)", torch_cuda=None, torch_cuda_available=False)
+    )
+    assert "torch: broken (libcudart.so.12)\n" in text

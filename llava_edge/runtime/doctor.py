@@ -135,7 +135,7 @@ def format_report(report: Report) -> str:
         + (
             f", CUDA {report.torch_cuda}"
             if report.torch_cuda
-            else (", CPU only" if report.torch else "")
+            else (", CPU only" if report.torch and not report.torch.startswith("broken") else "")
         )
         + ("" if report.torch_cuda_available or not report.torch_cuda else ", no usable GPU"),
         f"cuda-python: {report.cuda_python or 'not installed'}",
