@@ -150,3 +150,15 @@ def test_a_broken_torch_is_not_said_to_be_a_cpu_build() -> None:
         machine(torch="broken (libcudart.so.12)", torch_cuda=None, torch_cuda_available=False)
     )
     assert "torch: broken (libcudart.so.12)\n" in text
+
+
+def test_cuda_python_counts_only_where_its_runtime_module_loads(monkeypatch) -> None:
+    """`cuda` alone is a namespace other packages share (cuda-pathfinder stays behind when
+    cuda-bindings is uninstalled): the TensorRT backend needs its runtime module."""
+    import cuda  # noqa: F401  (the namespace, still importable)
+
+    for name in ("cuda.bindings", "cuda.bindings.runtime", "cuda.cudart"):
+        monkeypatch.setitem(sys.modules, name, None)  # import fails as if not installed
+    report = doctor.diagnose()
+    assert report.cuda_python is None
+    assert "cuda-python: " + doctor.CUDA_HINT in status(report)["tensorrt"]

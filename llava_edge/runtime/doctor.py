@@ -16,7 +16,7 @@ from typing import Any
 
 from llava_edge import __version__
 from llava_edge.errors import LlavaEdgeError, first_line
-from llava_edge.runtime.tensorrt.cuda import CUDA_HINT
+from llava_edge.runtime.tensorrt.cuda import CUDA_HINT, import_cudart
 from llava_edge.runtime.tensorrt.gpu import host_available_memory
 from llava_edge.runtime.tensorrt.requirements import TENSORRT_HINT
 
@@ -192,13 +192,16 @@ def _torch() -> tuple[str | None, str | None, bool]:
 
 
 def _cuda_python() -> str | None:
-    for name in ("cuda.bindings", "cuda"):
-        try:
-            module = importlib.import_module(name)
-        except Exception:
-            continue
-        return getattr(module, "__version__", "installed")
-    return None
+    """cuda-python's version where the runtime module the TensorRT backend imports loads (a
+    bare `cuda` is a namespace other packages share)."""
+    try:
+        import_cudart()
+    except Exception:  # not installed, or a library it loads is missing
+        return None
+    try:
+        return importlib.import_module("cuda.bindings").__version__
+    except Exception:  # the older cuda-python (`cuda.cudart`) has no cuda.bindings
+        return "installed"
 
 
 def _gpus() -> tuple[list[dict[str, Any]], str | None]:
