@@ -162,3 +162,13 @@ def test_cuda_python_counts_only_where_its_runtime_module_loads(monkeypatch) -> 
     report = doctor.diagnose()
     assert report.cuda_python is None
     assert "cuda-python: " + doctor.CUDA_HINT in status(report)["tensorrt"]
+
+
+@pytest.mark.parametrize("content", ["", "\n"])
+def test_an_empty_jetson_release_file_is_a_jetson_of_unknown_release(
+    tmp_path, monkeypatch, content: str
+) -> None:
+    release = tmp_path / "nv_tegra_release"
+    release.write_text(content)
+    monkeypatch.setattr(doctor, "Path", lambda _: release)
+    assert doctor.diagnose().jetson == "Jetson (release unknown)"

@@ -217,4 +217,8 @@ def _jetson() -> str | None:
     path = Path("/etc/nv_tegra_release")
     if not path.is_file():
         return None
-    return "Jetson " + path.read_text(errors="replace").splitlines()[0].strip("# ").split(",")[0]
+    try:
+        release = path.read_text(errors="replace").strip().splitlines()[0].strip("# ").split(",")[0]
+    except (OSError, IndexError):  # unreadable or empty: a Jetson all the same
+        return "Jetson (release unknown)"
+    return "Jetson " + release
