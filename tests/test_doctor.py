@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -126,3 +127,48 @@ def test_doctor_command_prints_text_or_json(capsys: pytest.CaptureFixture) -> No
         "onnxruntime tensorrt",
         "tensorrt",
     ]
+
+
+def test_a_broken_onnxruntime_is_reported_not_raised(tmp_path, monkeypatch) -> None:
+    """A wheel for another platform or CUDA fails at import in many ways; the doctor names it."""
+    fake = tmp_path / "onnxruntime"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise RuntimeError('libcudnn.so.9: cannot open')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in list(sys.modules) if m.split(".")[0] == "onnxruntime"]:
+        monkeypatch.delitem(sys.modules, name)
+    report = doctor.diagnose()
+    assert report.onnxruntime is None and "libcudnn.so.9" in report.onnxruntime_error
+    missing = status(report)["onnxruntime cpu"]
+    assert "does not import" in missing[0] and "libcudnn.so.9" in missing[0]
+    assert "libcudnn.so.9" in doctor.format_report(report)
+    json.dumps(report.to_dict(), allow_nan=False)
+
+
+def test_a_broken_torch_is_not_said_to_be_a_cpu_build() -> None:
+    text = doctor.format_report(
+        machine(torch="broken (libcudart.so.12)", torch_cuda=None, torch_cuda_available=False)
+    )
+    assert "torch: broken (libcudart.so.12)\n" in text
+
+
+def test_cuda_python_counts_only_where_its_runtime_module_loads(monkeypatch) -> None:
+    """`cuda` alone is a namespace other packages share (cuda-pathfinder stays behind when
+    cuda-bindings is uninstalled): the TensorRT backend needs its runtime module."""
+    import cuda  # noqa: F401  (the namespace, still importable)
+
+    for name in ("cuda.bindings", "cuda.bindings.runtime", "cuda.cudart"):
+        monkeypatch.setitem(sys.modules, name, None)  # import fails as if not installed
+    report = doctor.diagnose()
+    assert report.cuda_python is None
+    assert "cuda-python: " + doctor.CUDA_HINT in status(report)["tensorrt"]
+
+
+@pytest.mark.parametrize("content", ["", "\n"])
+def test_an_empty_jetson_release_file_is_a_jetson_of_unknown_release(
+    tmp_path, monkeypatch, content: str
+) -> None:
+    release = tmp_path / "nv_tegra_release"
+    release.write_text(content)
+    monkeypatch.setattr(doctor, "Path", lambda _: release)
+    assert doctor.diagnose().jetson == "Jetson (release unknown)"

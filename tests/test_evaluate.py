@@ -136,3 +136,31 @@ def test_skip_bad_leaves_out_what_the_runtime_refuses(tiny_model_dir, world, cap
     assert "/2) (2 bad sample(s) skipped)" in capsys.readouterr().out
     rows = [json.loads(line) for line in answers.read_text().splitlines()]
     assert [r["id"] for r in rows] == ["a", "b"]
+
+
+def test_a_reference_with_nothing_to_match_is_a_bad_sample(tiny_model_dir, world, capsys):
+    """A reference that is empty once normalised ('', ' . ') would score an empty prediction,
+    a model that says nothing, as right: the sample is refused before the run, or counted out
+    with --skip-bad."""
+    data, images = world["data"], world["images"]
+    samples = json.loads(data.read_text())
+    samples[1]["conversations"][1]["value"] = " . "
+    data.write_text(json.dumps(samples))
+    answers = world["root"] / "answers.jsonl"
+    assert _eval(tiny_model_dir, data, images, "--answers", str(answers)) == 1
+    err = capsys.readouterr().err
+    assert "sample b:" in err and "empty" in err and "--skip-bad" in err
+    assert "Traceback" not in err and not answers.exists()
+    assert _eval(tiny_model_dir, data, images, "--answers", str(answers), "--skip-bad") == 0
+    assert "/1) (1 bad sample(s) skipped)" in capsys.readouterr().out
+    assert [json.loads(line)["id"] for line in answers.read_text().splitlines()] == ["a"]
+
+
+def test_answers_match_however_their_unicode_is_spelled():
+    from llava_edge.training.evaluate import normalize
+
+    # composed and decomposed accents, and case beyond ASCII (German sharp s, final sigma)
+    assert normalize("Cafe\u0301.") == normalize(" café ")
+    assert normalize("STRASSE") == normalize("Straße")
+    assert normalize("ΟΔΟΣ") == normalize("οδος") == normalize("οδος")
+    assert normalize("3.5") == "3.5" and normalize("Yes.") == "yes"

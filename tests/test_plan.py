@@ -223,3 +223,37 @@ def test_plan_is_within_15_percent_of_onnxruntime_peak_memory(tmp_path_factory) 
         planned.total,
         measured,
     )
+
+
+def test_anyres_plans_every_tile_and_the_whole_grid_of_image_tokens(tiny_model_dir, tmp_path):
+    """An AnyRes image runs the vision encoder on its base image and every tile, and fills the
+    prompt with the whole grid's features: a plan of one tile's would not hold the real run."""
+    import shutil
+
+    from llava_edge.runtime.anyres import max_feature_count, max_tiles
+    from llava_edge.runtime.plan import PROMPT_TEXT_TOKENS
+
+    model = tmp_path / "anyres"
+    shutil.copytree(tiny_model_dir, model)
+    manifest = json.loads((model / "manifest.json").read_text())
+    side = int(manifest["num_image_tokens"] ** 0.5)
+    tile = manifest["image"]["height"]
+    manifest["format_version"] = 2
+    manifest["image"]["anyres"] = {
+        "grid_pinpoints": [[tile, 2 * tile], [2 * tile, 2 * tile]],
+        "tile_size": tile,
+        "base_size": [tile, tile],
+        "tile_features": side,
+        "newline": None,
+    }
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    from llava_edge.manifest import Manifest
+
+    loaded = Manifest.load(model)
+    tiles, tokens = max_tiles(loaded.image.anyres), max_feature_count(loaded)
+    assert (tiles, tokens) == (5, 5 * side * side)
+    single, grid = plan(tiny_model_dir, BIG), plan(model, BIG)
+    # the vision encoder's activations scale with its batch: five inputs an image, not one
+    assert grid.activations["vision_encoder"] == tiles * single.activations["vision_encoder"]
+    assert grid.activations["decoder"] > single.activations["decoder"]
+    assert f"at_{tokens + PROMPT_TEXT_TOKENS}_tokens" in grid.decode_tokens_per_s

@@ -16,7 +16,7 @@ from typing import Any
 
 from llava_edge import __version__
 from llava_edge.errors import LlavaEdgeError, first_line
-from llava_edge.runtime.tensorrt.cuda import CUDA_HINT
+from llava_edge.runtime.tensorrt.cuda import CUDA_HINT, import_cudart
 from llava_edge.runtime.tensorrt.gpu import host_available_memory
 from llava_edge.runtime.tensorrt.requirements import TENSORRT_HINT
 
@@ -52,6 +52,7 @@ class Report:
     memory_available: int | None  # bytes the OS can still give (on a Jetson the GPU shares it)
     backends: list[BackendStatus]
     cuda_python: str | None = None  # the TensorRT backend's device memory, streams and graphs
+    onnxruntime_error: str | None = None  # installed but does not import: why
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,7 +60,7 @@ class Report:
 
 def diagnose() -> Report:
     """Probe this machine."""
-    ort_version, providers = _onnxruntime()
+    ort_version, providers, ort_error = _onnxruntime()
     trt_version, trt_error = _tensorrt()
     torch_version, torch_cuda, torch_ok = _torch()
     gpus, gpu_error = _gpus()
@@ -80,6 +81,7 @@ def diagnose() -> Report:
         memory_available=host_available_memory(),
         backends=[],
         cuda_python=_cuda_python(),
+        onnxruntime_error=ort_error,
     )
     report.backends = backend_status(report)
     return report
@@ -89,6 +91,11 @@ def backend_status(report: Report) -> list[BackendStatus]:
     """For each way to run a model, whether this machine can, and what is missing if not."""
     gpu = [] if report.gpus else [report.gpu_error or "a CUDA GPU"]
     ort = [] if report.onnxruntime else ["onnxruntime: `pip install onnxruntime`"]
+    if report.onnxruntime_error:
+        ort = [
+            f"onnxruntime ({report.onnxruntime_error}): reinstall the wheel made for this "
+            "machine (`pip install --force-reinstall onnxruntime`; on a Jetson, see docs/jetson.md)"
+        ]
     statuses = [BackendStatus("onnxruntime cpu", not ort, ort)]
     for provider, short in (
         ("CUDAExecutionProvider", "cuda"),
@@ -120,14 +127,15 @@ def format_report(report: Report) -> str:
         f"llava-edge {report.llava_edge}, Python {report.python}, {report.machine}"
         + (f", {report.jetson}" if report.jetson else ""),
         f"onnxruntime: {report.onnxruntime or 'not installed'}"
-        + (f" (providers: {', '.join(report.providers)})" if report.onnxruntime else ""),
+        + (f" (providers: {', '.join(report.providers)})" if report.onnxruntime else "")
+        + (f" ({report.onnxruntime_error})" if report.onnxruntime_error else ""),
         f"TensorRT: {report.tensorrt or 'not installed'}"
         + (f" ({report.tensorrt_error})" if report.tensorrt_error else ""),
         f"torch: {report.torch or 'not installed'}"
         + (
             f", CUDA {report.torch_cuda}"
             if report.torch_cuda
-            else (", CPU only" if report.torch else "")
+            else (", CPU only" if report.torch and not report.torch.startswith("broken") else "")
         )
         + ("" if report.torch_cuda_available or not report.torch_cuda else ", no usable GPU"),
         f"cuda-python: {report.cuda_python or 'not installed'}",
@@ -153,12 +161,15 @@ def format_report(report: Report) -> str:
     return "\n".join(lines)
 
 
-def _onnxruntime() -> tuple[str | None, list[str]]:
+def _onnxruntime() -> tuple[str | None, list[str], str | None]:
+    """Its version and providers, or why it does not import."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        return None, [], None
     try:
-        import onnxruntime as ort
-    except ImportError:
-        return None, []
-    return ort.__version__, list(ort.get_available_providers())
+        ort = importlib.import_module("onnxruntime")
+        return ort.__version__, list(ort.get_available_providers()), None
+    except Exception as e:  # a wheel for another platform or CUDA fails in many ways
+        return None, [], f"installed but does not import: {first_line(e)}"
 
 
 def _tensorrt() -> tuple[str | None, str | None]:
@@ -181,13 +192,16 @@ def _torch() -> tuple[str | None, str | None, bool]:
 
 
 def _cuda_python() -> str | None:
-    for name in ("cuda.bindings", "cuda"):
-        try:
-            module = importlib.import_module(name)
-        except Exception:
-            continue
-        return getattr(module, "__version__", "installed")
-    return None
+    """cuda-python's version where the runtime module the TensorRT backend imports loads (a
+    bare `cuda` is a namespace other packages share)."""
+    try:
+        import_cudart()
+    except Exception:  # not installed, or a library it loads is missing
+        return None
+    try:
+        return importlib.import_module("cuda.bindings").__version__
+    except Exception:  # the older cuda-python (`cuda.cudart`) has no cuda.bindings
+        return "installed"
 
 
 def _gpus() -> tuple[list[dict[str, Any]], str | None]:
@@ -203,4 +217,8 @@ def _jetson() -> str | None:
     path = Path("/etc/nv_tegra_release")
     if not path.is_file():
         return None
-    return "Jetson " + path.read_text(errors="replace").splitlines()[0].strip("# ").split(",")[0]
+    try:
+        release = path.read_text(errors="replace").strip().splitlines()[0].strip("# ").split(",")[0]
+    except (OSError, IndexError):  # unreadable or empty: a Jetson all the same
+        return "Jetson (release unknown)"
+    return "Jetson " + release

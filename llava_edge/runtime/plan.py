@@ -10,7 +10,8 @@ running, `plan` adds up what the backend will hold:
   `quantize --prefill int8`);
 - the KV cache at the planned context, batch and the cache's dtype (fp16 where the TensorRT graph
   computes in fp16);
-- activations: the vision encoder on a batch of images, and one decoder call (a whole prompt for
+- activations: the vision encoder on a batch of images (an AnyRes image is its base image and
+  every tile of the largest grid), and one decoder call (a whole prompt for
   onnxruntime, which does not split prefills; one prefill chunk for TensorRT);
 - runtime overhead (libraries, CUDA context, onnxruntime's session copies).
 
@@ -32,6 +33,7 @@ import numpy as np
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import PREFILL, Manifest
+from llava_edge.runtime.anyres import max_feature_count, max_tiles
 from llava_edge.runtime.onnx_sizes import GraphSizes, graph_sizes
 
 GiB = 1 << 30
@@ -123,6 +125,8 @@ class ModelShapes:
     vision_mlp: int
     table: int
     prefill_chunk: int
+    image_tokens: int  # the most one image fills the prompt with (an AnyRes grid: its features)
+    vision_inputs: int  # vision encoder inputs of one image (AnyRes: base image and tiles)
 
 
 def parse_device(spec: str | None, reserve_gb: float | None = None) -> Device:
@@ -282,6 +286,8 @@ def read_shapes(
         vision_mlp=_mlp_width(sizes["vision_encoder"], 0, 4 * vision_hidden),
         table=table_bytes,
         prefill_chunk=prefill_chunk,
+        image_tokens=max_feature_count(manifest),
+        vision_inputs=1 if manifest.image.anyres is None else max_tiles(manifest.image.anyres),
     )
 
 
@@ -299,7 +305,7 @@ def _parts(shapes: ModelShapes, backend: str, context: int, batch: int) -> dict[
         # The host cache grows by copying every layer into larger buffers, so for a moment the
         # old and the new cache are both held.
         kv = 2 * kv
-        prompt = min(context, shapes.manifest.num_image_tokens + PROMPT_TEXT_TOKENS)
+        prompt = min(context, shapes.image_tokens + PROMPT_TEXT_TOKENS)
         decoder = _decoder_activations(shapes, batch, prompt, 0)
         overhead = ORT_LIBRARIES + int(ORT_WEIGHT_FACTOR * sum(weights.values()))
         overhead += max(s.largest for s in shapes.sizes.values())
@@ -329,8 +335,9 @@ def _decoder_activations(shapes: ModelShapes, batch: int, seq: int, past: int) -
 
 
 def _vision_activations(shapes: ModelShapes, batch: int) -> int:
-    tokens = shapes.manifest.num_image_tokens + 1  # and the class token
+    tokens = shapes.manifest.num_image_tokens + 1  # of one input, and the class token
     hidden, act = shapes.vision_hidden, shapes.act_itemsize
+    batch *= shapes.vision_inputs
     heads = max(1, hidden // VISION_HEAD_DIM)
     states = batch * tokens * (4 * hidden + 2 * shapes.vision_mlp) * act
     scores = 3 * batch * heads * tokens * tokens * 4
@@ -365,7 +372,7 @@ def _speed(shapes: ModelShapes, device: Device, context: int) -> dict[str, float
     text = shapes.manifest.text
     weights = shapes.sizes["decoder"].weight_bytes
     kv_token = 2 * text.num_layers * text.num_kv_heads * text.head_dim * shapes.kv_itemsize
-    prompt = min(context, shapes.manifest.num_image_tokens + PROMPT_TEXT_TOKENS)
+    prompt = min(context, shapes.image_tokens + PROMPT_TEXT_TOKENS)
     return {
         "weights_only": round(device.bandwidth / weights, 1),
         f"at_{prompt}_tokens": round(device.bandwidth / (weights + kv_token * prompt), 1),

@@ -1,15 +1,17 @@
 """Exact-match accuracy of short answers, through the runtime a robot would deploy.
 
 Every (question, answer) round of every sample is asked on its own, with the sample's image, of
-an exported model dir; the prediction matches when it equals the reference after lower-casing,
-trimming and dropping a final full stop (VQAv2-style short answers). Each question's result is
-written as one JSON line so that wrong answers can be read.
+an exported model dir; the prediction matches when it equals the reference after Unicode
+normalisation (NFKC), case-folding, trimming and dropping a final full stop (VQAv2-style short
+answers); a reference left empty by that is a bad sample, since an empty prediction would match
+it. Each question's result is written as one JSON line so that wrong answers can be read.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,9 @@ class EvalResult:
 
 
 def normalize(answer: str) -> str:
-    return answer.strip().lower().rstrip(".").strip()
+    # NFKC and casefold: one spelling of a word, however its accents were composed and its
+    # case folded (a tokenizer may give 'e' + combining accent where the reference has 'é')
+    return unicodedata.normalize("NFKC", answer).strip().casefold().rstrip(".").strip()
 
 
 def evaluate(
@@ -84,6 +88,11 @@ def evaluate(
     def keep(position: int, record: object) -> bool:
         try:
             sample = parse_sample(record, position)
+            for turn, (_, reference) in enumerate(sample.turns):
+                if not normalize(reference):  # an empty prediction would match it
+                    raise BadSample(
+                        sample.id, f"round {turn}'s reference answer {reference!r} is empty"
+                    )
             if (
                 sample.image is not None
                 and image_root is None
