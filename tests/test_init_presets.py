@@ -260,3 +260,20 @@ def _messages(turns: list[tuple[str, str | None]]) -> list[dict]:
         if answer is not None:
             messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
     return messages
+
+
+def test_llama_3_is_metas_documented_format() -> None:
+    """Meta's Llama 3 Instruct prompt (llama.meta.com, prompt formats), BOS left to the
+    tokenizer: a system block, headers, and <|eot_id|> closing every message."""
+    template = with_system(TEMPLATES["llama_3"], "Be brief.")
+    turns = [("What is this?", "A cup."), ("And its colour?", None)]
+    text = "".join(t for t, _ in render(template, turns, image=True))
+    header = "<|start_header_id|>{}<|end_header_id|>\n\n"
+    expected = (
+        header.format("system") + "Be brief.<|eot_id|>"
+        + header.format("user") + "<image>\nWhat is this?<|eot_id|>"
+        + header.format("assistant") + "A cup.<|eot_id|>"
+        + header.format("user") + "And its colour?<|eot_id|>"
+        + header.format("assistant")
+    )  # fmt: skip
+    assert text == expected

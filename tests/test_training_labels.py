@@ -165,3 +165,20 @@ def test_a_tokenizer_no_template_ends_answers_for_is_refused_in_one_line():
     )
     with pytest.raises(LlavaEdgeError, match="names no end-of-sequence token"):
         check_answer_end(get_template("chatml_direct"), tokenizer, set())
+
+
+def test_a_llama_3_tokenizer_is_pointed_to_the_llama_3_template():
+    """A Llama 3 language model (turns end with <|eot_id|>) trains to chat with llama_3."""
+    from hf_checkpoints import qwen_tokenizer
+
+    from llava_edge.errors import LlavaEdgeError
+    from llava_edge.runtime.template import get_template
+    from llava_edge.training.labels import check_answer_end
+
+    tokenizer = qwen_tokenizer()
+    headers = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    tokenizer.add_special_tokens({"additional_special_tokens": headers})
+    eos = {tokenizer.convert_tokens_to_ids("<|eot_id|>")}
+    with pytest.raises(LlavaEdgeError, match="pass --template llama_3,"):
+        check_answer_end(get_template("vicuna_v1"), tokenizer, eos)
+    check_answer_end(get_template("llama_3"), tokenizer, eos)

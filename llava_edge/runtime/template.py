@@ -65,6 +65,17 @@ TEMPLATES: dict[str, TemplateSpec] = {
         answer_prefix="",
         answer_end="<|im_end|>",
     ),
+    # Meta's Llama 3 Instruct format (llama.meta.com, prompt formats), for fine-tuning a Llama 3
+    # language model: its turns end with <|eot_id|>, which its generation config stops at.
+    # No default system prompt; the tokenizer adds <|begin_of_text|> (BOS).
+    "llama_3": TemplateSpec(
+        name="llama_3",
+        user="<|start_header_id|>user<|end_header_id|>\n\n",
+        assistant="<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+        answer_prefix="",
+        answer_end="<|eot_id|>",
+        system_format="<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>",
+    ),
 }
 
 
