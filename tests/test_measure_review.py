@@ -9,9 +9,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from llava_edge.cli import main as cli
+from llava_edge.errors import LlavaEdgeError
 from llava_edge.runtime import Pipeline
 
 
@@ -233,3 +235,29 @@ def test_the_baselines_prefill_leaves_out_its_vision_tower(tiny_checkpoint, monk
     monkeypatch.setattr(baseline, "time", types.SimpleNamespace(perf_counter=perf_counter))
     timings = runner.run_once()
     assert timings["vision_ms"] >= 1000 and timings["prefill_ms"] < 100
+
+
+def test_a_failed_warm_up_closes_the_pipeline(tiny_model_dir, monkeypatch):
+    """A runner that fails before it is made (a time limit on the warm-up run) leaves no
+    sessions behind for the app or notebook that goes on."""
+    from llava_edge.errors import TimedOut
+    from llava_edge.runtime.bench import PipelineRunner, Workload
+
+    opened = []
+    real_load = Pipeline.load
+
+    def load(*args, **kwargs):
+        opened.append(real_load(*args, **kwargs))
+        return opened[-1]
+
+    def too_slow(self, *args, **kwargs):
+        raise TimedOut("the request ran past its time limit of 1 s")
+
+    monkeypatch.setattr(Pipeline, "load", staticmethod(load))
+    monkeypatch.setattr(Pipeline, "answer", too_slow)
+    with pytest.raises(TimedOut):
+        PipelineRunner(tiny_model_dir, Workload(new_tokens=2, runs=1))
+    (pipe,) = opened
+    monkeypatch.undo()
+    with pytest.raises(LlavaEdgeError, match="closed"):
+        pipe.answer(None, "Hi")

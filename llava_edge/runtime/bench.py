@@ -193,8 +193,12 @@ class PipelineRunner:
         with PeakMemory() as memory:
             self.pipe = Pipeline.load(model_dir, threads=workload.threads, **load)
             self.load_s = time.perf_counter() - start
-            self._check_context()
-            self.run_once()  # warm: the first run allocates the cache and pays one-off costs
+            try:
+                self._check_context()
+                self.run_once()  # warm: the first run allocates the cache and pays one-off costs
+            except BaseException:  # a caller that goes on (an app, a notebook) keeps no sessions
+                self.pipe.close()
+                raise
         self.memory_mb = memory.megabytes
 
     def _check_context(self) -> None:
@@ -204,7 +208,6 @@ class PipelineRunner:
         pixels = [pipe.image_pixels(self.image)] if self.workload.image else []
         prompt = len(pipe.prompt_ids(self.text, pixels))
         if prompt + self.workload.new_tokens > pipe.max_context:
-            self.pipe.close()
             raise LlavaEdgeError(
                 f"the workload's prompt is {prompt} tokens (template and image included) and it "
                 f"asks for {self.workload.new_tokens} new ones, over the model's context of "
