@@ -975,3 +975,22 @@ def test_cli_errors_are_one_line(context_model_dir):
     assert busy.returncode == 1 and "cannot listen on 127.0.0.1" in busy.stderr
     for result in (missing, no_model, bad_batch, busy):
         assert "Traceback" not in result.stderr
+
+
+def test_localhost_listens_on_ipv4_where_the_system_lists_ipv6_first(monkeypatch):
+    """As uvicorn binds: a robot's other nodes often call this machine 127.0.0.1."""
+    import socket
+
+    real = socket.getaddrinfo
+
+    def ipv6_first(host, port, *args, **kwargs):
+        infos = real("127.0.0.1", port, *args, **kwargs)
+        v6 = (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0))
+        return [v6, *infos] if host == "localhost" else infos
+
+    monkeypatch.setattr(socket, "getaddrinfo", ipv6_first)
+    sock = bind("localhost", 0)
+    try:
+        assert sock.family == socket.AF_INET and sock.getsockname()[0] == "127.0.0.1"
+    finally:
+        sock.close()

@@ -64,7 +64,9 @@ def bind(host: str, port: int) -> socket.socket:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
         raise LlavaEdgeError(f"cannot listen on {host!r}: {e.strerror}") from None
-    family, kind, proto, _, address = infos[0]
+    # IPv4 first, as uvicorn binds: "localhost" lists ::1 first on some systems, and a client
+    # of 127.0.0.1 (the way a robot's other nodes often name this machine) would find nobody
+    family, kind, proto, _, address = min(infos, key=lambda info: info[0] != socket.AF_INET)
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
