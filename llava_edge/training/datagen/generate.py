@@ -49,9 +49,12 @@ class Job:
     def settled(self, book: Journal) -> dict | None:
         """This job's journal entry, unless it was asked about other labels."""
         entry = book.entries.get(self.key)
-        if entry is None or entry.get("context", self.context) != self.context:
-            return None
-        return entry
+        return entry if entry is not None and self.asked_as(entry.get("context")) else None
+
+    def asked_as(self, context: str | None) -> bool:
+        """Whether an entry asked about `context` holds this job's samples (one journaled
+        before contexts were has none, and counts)."""
+        return context is None or context == self.context
 
 
 @dataclass
@@ -369,8 +372,7 @@ def _show_prompts(first: list[tuple[Job, dict]], log: Callable[[str], object]) -
 
 def _show_count(jobs, settled, journal: Path, max_requests: int | None, log) -> None:
     """How many requests a run would send: what the journal lacks, within --max-requests."""
-    missing = object()  # a context of None: journaled before contexts were, taken as settled
-    todo = sum(settled.get(job.key, missing) not in (None, job.context) for job in jobs)
+    todo = sum(job.key not in settled or not job.asked_as(settled[job.key]) for job in jobs)
     images = len({job.notes.image for job in jobs})
     line = f"dry run: {len(jobs)} requests for {images} images"
     if todo < len(jobs):
