@@ -40,9 +40,7 @@ def check_output_dir(
             raise LlavaEdgeError(f"output dir {out} is not empty; pass --force to replace it")
         # The new dir is built beside `out`, so its nearest existing ancestor must be a writable
         # dir. (Under a regular file `out` does not "exist", and mkdir would fail late.)
-        ancestor = _beside(out)
-        while not ancestor.exists():
-            ancestor = ancestor.parent
+        ancestor = _existing_ancestor(out)
     except PermissionError:  # a dir on the way that we may not even look into
         raise LlavaEdgeError(
             f"cannot create output dir {out}: permission denied; choose another output dir"
@@ -124,6 +122,7 @@ def _check_name(out: Path, what: str) -> None:
 
 
 def _existing_ancestor(out: Path) -> Path:
+    """The nearest dir above `out` that exists (under a regular file, that file)."""
     ancestor = _beside(out)
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
