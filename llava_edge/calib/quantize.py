@@ -61,13 +61,13 @@ from llava_edge.files import (
 from llava_edge.logs import quiet
 from llava_edge.manifest import GraphSpec, Manifest
 
-TARGETS = ("int8", "int4", "fp16")
+TARGETS = ("int8", "int4", "fp16")  # what `quantize --precision` makes of an fp32 model dir
 # Why an fp16 dir has no fused forms, recorded in each graph's details.no_fused_form: the
 # fused forms serve onnxruntime's CPU, where fp16 math is emulated.
 FP16_NO_FUSED = (
     "quantize --precision fp16 keeps no fused forms (`export --dtype fp16` writes an fp16 fused "
     "decoder)"
-)  # what `quantize --precision` makes of an fp32 model dir
+)
 # onnxruntime.quantization's calibration cache (quantize_static's calibration_cache_path,
 # save_tensors_data) first shipped in 1.27; the [calib] extra asks for it.
 MIN_ONNXRUNTIME = (1, 27)
