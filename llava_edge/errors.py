@@ -5,6 +5,8 @@ a checkpoint of the wrong kind). The CLI prints its message on one line and exit
 other exception is a bug in llava-edge and keeps its traceback.
 """
 
+from __future__ import annotations
+
 
 class LlavaEdgeError(Exception):
     """A problem with the user's input, stated with what to do about it."""
@@ -21,6 +23,10 @@ class PromptTooLong(LlavaEdgeError):
 class TimedOut(LlavaEdgeError):
     """A request that ran past its time limit (`Limits.timeout_s`; in a batch, waiting
     included)."""
+
+    @classmethod
+    def after(cls, limit_s: float | None) -> TimedOut:
+        return cls(f"the request ran past its time limit of {limit_s} s")
 
 
 class ChatFull(LlavaEdgeError):

@@ -727,4 +727,4 @@ class BatchEngine:
 
     @staticmethod
     def _timeout_error(request: Request) -> TimedOut:
-        return TimedOut(f"the request ran past its time limit of {request.timeout_s} s")
+        return TimedOut.after(request.timeout_s)

@@ -99,7 +99,7 @@ def decode_loop(
         if finished.all() or step == config.max_new_tokens - 1:
             return
         if deadline is not None and time.perf_counter() > deadline:
-            raise TimedOut(f"the request ran past its time limit of {timeout_s} s")
+            raise TimedOut.after(timeout_s)
         if config.repetition_penalty != 1.0:  # the only reader of `seen`
             seen = [np.append(s, t) for s, t in zip(seen, tokens, strict=True)]
         logits = backend.decode(

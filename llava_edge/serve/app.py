@@ -71,13 +71,10 @@ class ServeOptions:
         ]:
             if not value > 0:
                 raise LlavaEdgeError(f"{flag} must be positive, got {value:g}")
-        for flag, value, least in [
-            ("--max-batch", self.max_batch, 1),
-            ("--max-queue", self.max_queue, 0),
-            ("--threads", self.threads, 1),
-        ]:
-            if value is None and flag == "--threads":  # onnxruntime's own choice
-                continue
+        counts = [("--max-batch", self.max_batch, 1), ("--max-queue", self.max_queue, 0)]
+        if self.threads is not None:  # None: onnxruntime's own choice
+            counts.append(("--threads", self.threads, 1))
+        for flag, value, least in counts:
             if isinstance(value, bool) or not (isinstance(value, int) and value >= least):
                 raise LlavaEdgeError(f"{flag} must be a whole number, {least} or more, got {value}")
         if not self.prefix_cache_mb >= 0:
@@ -413,9 +410,7 @@ class _Clock:
         return None if self.deadline is None else max(self.deadline - time.perf_counter(), 0.0)
 
     def timed_out(self) -> Event:
-        return Event(
-            "error", error=TimedOut(f"the request ran past its time limit of {self.limit} s")
-        )
+        return Event("error", error=TimedOut.after(self.limit))
 
 
 async def _wait(
