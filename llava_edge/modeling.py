@@ -136,6 +136,17 @@ def check_processor(processor: Any, config: Any, what: str) -> None:
         )
 
 
+# The vision towers LLaVA is built on (their config's model_type), each with how many of its
+# outputs are no image patch: CLIP's class token, which the 'default' feature selection drops;
+# SigLIP has none, so LLaVA takes all its outputs ('full').
+CLASS_TOKENS = {"clip_vision_model": 1, "siglip_vision_model": 0}
+
+
+def patch_strategy(tower: str) -> str:
+    """The vision_feature_select_strategy that keeps exactly a tower's patches."""
+    return "default" if CLASS_TOKENS[tower] else "full"
+
+
 def no_checkpoint(path: str | os.PathLike, what: str) -> LlavaEdgeError:
     """The error for a dir without config.json given as a checkpoint; a model dir export wrote
     is named as one (giving it where its checkpoint belongs is the likely slip)."""

@@ -182,6 +182,8 @@ def _check_image_tokens(processor: Any, config: Any, source: str) -> None:
     vision_feature_select_strategy) makes a checkpoint transformers cannot run either."""
     from PIL import Image
 
+    from llava_edge.modeling import CLASS_TOKENS
+
     if config.model_type != "llava":  # LLaVA-NeXT's count depends on the image; verify checks it
         return
     inputs = processor(
@@ -191,7 +193,7 @@ def _check_image_tokens(processor: Any, config: Any, source: str) -> None:
     vision = config.vision_config
     height, width = inputs["pixel_values"].shape[-2:]
     features = (height // vision.patch_size) * (width // vision.patch_size)
-    features += int(vision.model_type == "clip_vision_model")  # CLIP's CLS token
+    features += CLASS_TOKENS[vision.model_type]  # CLIP's CLS token
     features -= int(config.vision_feature_select_strategy == "default")  # the first one dropped
     if marks != features:
         raise LlavaEdgeError(
@@ -287,8 +289,10 @@ def _check_tile_features(source: str, config: Any) -> None:
     """LLaVA-NeXT lays each tile's features out as the tower's patch grid: CLIP's once its CLS
     token is dropped ('default'), SigLIP's as they are ('full'). Any other selection breaks the
     grid in transformers' LlavaNextModel too."""
+    from llava_edge.modeling import patch_strategy
+
     tower = config.vision_config.model_type
-    wanted = "full" if tower == "siglip_vision_model" else "default"
+    wanted = patch_strategy(tower)
     strategy = config.vision_feature_select_strategy
     if strategy != wanted:
         why = "SigLIP has no CLS token to drop" if wanted == "full" else "it drops CLIP's CLS token"

@@ -13,9 +13,11 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from llava_edge.modeling import CLASS_TOKENS
+
 SUPPORTED_TEXT_MODELS = ("llama", "mistral", "qwen2")
 # Towers called as pixel_values -> hidden states of every layer (CLS first where there is one).
-SUPPORTED_VISION_TOWERS = ("clip_vision_model", "siglip_vision_model")
+SUPPORTED_VISION_TOWERS = tuple(CLASS_TOKENS)
 
 
 class VisionEncoder(nn.Module):

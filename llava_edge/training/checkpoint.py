@@ -424,11 +424,16 @@ class VisionTowerKind:
             )
 
 
-VISION_TOWERS = {
-    "clip": VisionTowerKind("clip", "default", 1),
-    "clip_vision_model": VisionTowerKind("clip", "default", 1),
-    "siglip": VisionTowerKind("siglip", "full", 0),
-    "siglip_vision_model": VisionTowerKind("siglip", "full", 0),
+def _tower_kind(family: str) -> VisionTowerKind:
+    from llava_edge.modeling import CLASS_TOKENS, patch_strategy
+
+    tower = f"{family}_vision_model"
+    return VisionTowerKind(family, patch_strategy(tower), CLASS_TOKENS[tower])
+
+
+# A whole CLIP or SigLIP (text tower too) or its vision model alone, by its config's model_type
+TOWER_FAMILIES = {
+    name: family for family in ("clip", "siglip") for name in (family, f"{family}_vision_model")
 }
 
 
@@ -439,9 +444,9 @@ def vision_tower_kind(vision: str | Path) -> VisionTowerKind:
         model_type = json.loads(path.read_text()).get("model_type")
     except (OSError, ValueError, AttributeError) as e:
         raise LlavaEdgeError(f"cannot read {path}: {first_line(e)}") from None
-    if model_type not in VISION_TOWERS:
+    if model_type not in TOWER_FAMILIES:
         raise LlavaEdgeError(
             f"--vision {vision} is a {model_type!r} model; LLaVA is composed from a CLIP or "
             "SigLIP vision tower (model_type clip, clip_vision_model, siglip, siglip_vision_model)"
         )
-    return VISION_TOWERS[model_type]
+    return _tower_kind(TOWER_FAMILIES[model_type])
