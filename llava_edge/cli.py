@@ -1087,7 +1087,11 @@ class Terminated(KeyboardInterrupt):
     run and a camera to the kernel."""
 
 
+_TERMINATED = threading.Event()  # set with the raise: C code a library calls may drop the raise
+
+
 def _raise_terminated(signum: int, frame: object) -> None:
+    _TERMINATED.set()
     raise Terminated
 
 
@@ -1098,6 +1102,7 @@ def _sigterm_unwinds(command: str) -> Iterator[None]:
     if command == "serve" or threading.current_thread() is not threading.main_thread():
         yield
         return
+    _TERMINATED.clear()
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         yield
@@ -1117,7 +1122,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace, name: str) -> int:
     try:
-        return COMMANDS[args.command](args) or 0
+        status = COMMANDS[args.command](args) or 0
+        if _TERMINATED.is_set():  # the command went on past a dropped Terminated
+            raise Terminated
+        return status
     except LlavaEdgeError as e:
         _complain(f"llava-edge {name}: error: {e}")
         return 1

@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# numpy imports np.random on first use; imported here, with the runtime, so the first answer does
+# not run numpy's module setup, which drops a KeyboardInterrupt (Ctrl-C, SIGTERM) raised in it.
+from numpy.random import default_rng
+
 from llava_edge.errors import LlavaEdgeError
 
 
@@ -93,7 +97,7 @@ class Sampler:
 
     def __init__(self, config: GenerationConfig):
         self.config = config
-        self.rng = np.random.default_rng(config.seed)
+        self.rng = default_rng(config.seed)
 
     def __call__(self, logits: np.ndarray, seen: list[np.ndarray]) -> np.ndarray:
         """logits [B, V]; seen: per row, the ids so far (for the repetition penalty)."""
