@@ -720,6 +720,33 @@ def test_a_client_leaving_while_sending_its_body_is_no_server_error(server, capl
     assert server.metric("llava_edge_client_disconnects_total") == disconnects + 1
 
 
+def test_a_body_that_stalls_mid_upload_gets_408_within_the_time_limit(context_model_dir):
+    """A robot whose Wi-Fi drops without the connection closing stops sending halfway through
+    its image: --timeout answers it instead of the request holding its connection for good."""
+    options = ServeOptions(context_model_dir, model_name=MODEL, limits=Limits(timeout_s=0.5))
+    app = create_app(options)
+    parts = [{"type": "http.request", "body": b'{"model": "tiny", ', "more_body": True}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        if parts:
+            return parts.pop(0)
+        await asyncio.sleep(3600)  # the rest never comes
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    with TestClient(app) as client:
+        deadline = time.time() + 30
+        while client.get("/health").status_code != 200 and time.time() < deadline:
+            time.sleep(0.05)
+        start = time.time()
+        asyncio.run(asyncio.wait_for(app(chat_scope(app), receive, send), 30))
+    assert time.time() - start < 5
+    assert sent[0]["status"] == 408
+    assert "--timeout" in json.loads(sent[1]["body"])["error"]["message"]
+
+
 def test_shutdown_cancels_what_no_client_waits_for(context_model_dir, monkeypatch):
     """By the app's shutdown every client has had its answer or been cut off (SIGTERM's drain
     timeout), so a request still in the engine (one whose handler was cancelled while

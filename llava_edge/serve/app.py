@@ -279,7 +279,9 @@ async def _chat_completion(request: Request, state: ServerState) -> Response:
         state.check_key(request)
         pipe, engine = state.require_ready()
         engine.check_room()  # a full queue refuses before the body is read or an image fetched
-        chat = protocol.parse_chat_request(await _read_json(request, state.options.max_body_bytes))
+        limit = pipe.limits.timeout_s
+        body = await _read_body_in_time(request, state.options.max_body_bytes, limit)
+        chat = protocol.parse_chat_request(body)
         _check_model(state, chat.model)
         if len(chat.image_urls) > pipe.max_images_per_prompt:
             raise ApiError(
@@ -288,7 +290,6 @@ async def _chat_completion(request: Request, state: ServerState) -> Response:
                 f"{pipe.max_images_per_prompt}",
                 "messages",
             )
-        limit = pipe.limits.timeout_s
         images = []
         for url in chat.image_urls:
             left = None if limit is None else limit - (time.perf_counter() - arrived)
@@ -540,6 +541,20 @@ class _AnswerStream(StreamingResponse):
 
 def _sse_data(payload: Any) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def _read_body_in_time(request: Request, limit: int, timeout_s: float | None) -> Any:
+    """The request's JSON body, received within --timeout: a client that stalls mid-upload
+    (a robot losing Wi-Fi without the connection closing) is answered 408 instead of holding
+    its connection open for good."""
+    try:
+        return await asyncio.wait_for(_read_json(request, limit), timeout_s)
+    except asyncio.TimeoutError:
+        raise ApiError(
+            408,
+            f"the request body took over the time limit of {timeout_s:g} s (--timeout) to arrive",
+            code="timeout",
+        ) from None
 
 
 async def _read_json(request: Request, limit: int) -> Any:
