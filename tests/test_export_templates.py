@@ -8,6 +8,7 @@ The templates are real ones (as published with the checkpoints named), put on th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -20,7 +21,7 @@ from llava_edge.cli import main
 from llava_edge.export.exporter import export_checkpoint
 from llava_edge.manifest import CHECKPOINT_INFO_FILE, Manifest
 from llava_edge.runtime import Pipeline
-from llava_edge.runtime.template import render
+from llava_edge.runtime.template import TEMPLATES, render
 
 # llava-hf/llava-1.5-7b-hf: multimodal message parts, no system prompt, answers end in a space.
 LLAVA_HF = (
@@ -57,6 +58,15 @@ CHATML = (
     "{{ '<|im_end|>\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# microsoft/Phi-3-mini-4k-instruct: string contents, each message closed by <|end|> and a newline.
+PHI3 = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{ '<|assistant|>\n' + message['content'] + '<|end|>\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
 # Llama 3's headers, on a tokenizer whose end token is not the template's <|eot_id|>: the answer
 # end and the next header ("<|eot_id|><|start_header_id|>") and the first head
 # ("<s><|start_header_id|>") share a ">" that belongs to neither header.
@@ -77,19 +87,28 @@ CHAT = [
 ]
 
 
-def with_template(tiny_checkpoint: Path, out: Path, template: str, chatml: bool = False) -> Path:
-    """The tiny checkpoint with another chat template and no llava_edge.json; for ChatML, its
-    special tokens too, <|im_end|> ending answers (the model's end-of-sequence token)."""
+# The special tokens of a template's model, the last ending answers (its end-of-sequence token).
+SPECIALS = {
+    "chatml": ["<|im_start|>", "<|im_end|>"],
+    "phi-3": ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
+}
+
+
+def with_template(
+    tiny_checkpoint: Path, out: Path, template: str, specials: list[str] | None = None
+) -> Path:
+    """The tiny checkpoint with another chat template and no llava_edge.json, and the special
+    tokens of its model, the last ending answers (the model's end-of-sequence token)."""
     from transformers import AutoProcessor
 
     shutil.copytree(tiny_checkpoint, out)
     (out / CHECKPOINT_INFO_FILE).unlink()
     processor = AutoProcessor.from_pretrained(out)
     processor.chat_template = template
-    if chatml:
+    if specials:
         tokenizer = processor.tokenizer
-        tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-        tokenizer.eos_token = "<|im_end|>"
+        tokenizer.add_special_tokens({"additional_special_tokens": specials})
+        tokenizer.eos_token = specials[-1]
         generation = json.loads((out / "generation_config.json").read_text())
         generation["eos_token_id"] = tokenizer.eos_token_id
         (out / "generation_config.json").write_text(json.dumps(generation))
@@ -127,14 +146,15 @@ def hf_ids(checkpoint: Path, turns: list, image, system: str | None = None) -> l
     return list(inputs["input_ids"][0])
 
 
-@pytest.mark.parametrize("name", ["llava-1.5-hf", "mistral-instruct", "chatml"])
+@pytest.mark.parametrize("name", ["llava-1.5-hf", "mistral-instruct", "chatml", "phi-3"])
 def test_the_runtime_prompts_as_the_checkpoints_own_template(
     name: str, tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
     from llava_edge.export.verify import sample_image
 
-    template = {"llava-1.5-hf": LLAVA_HF, "mistral-instruct": MISTRAL, "chatml": CHATML}[name]
-    checkpoint = with_template(tiny_checkpoint, tmp_path / "ckpt", template, name == "chatml")
+    jinja = {"llava-1.5-hf": LLAVA_HF, "mistral-instruct": MISTRAL, "chatml": CHATML}
+    template = {**jinja, "phi-3": PHI3}[name]
+    checkpoint = with_template(tiny_checkpoint, tmp_path / "ckpt", template, SPECIALS.get(name))
     report = export_checkpoint(checkpoint, tmp_path / "model", log=quiet)  # verification on
     image = sample_image(120)
     with Pipeline.load(tmp_path / "model") as pipe:
@@ -154,6 +174,10 @@ def test_the_runtime_prompts_as_the_checkpoints_own_template(
     assert report["passed"] and report["chat_ids_equal"] and report["prompt_ids_equal"]
     if name == "chatml":  # the model's end token closes an answer; training supervises it
         assert template.answer_end == "<|im_end|>" and template.user.endswith("<|im_start|>user\n")
+    # the built-in templates for fine-tuning these language models are their own formats
+    builtin = {"chatml": "qwen_1_5", "phi-3": "phi_3"}.get(name)
+    if builtin is not None:
+        assert dataclasses.replace(template, name=builtin) == TEMPLATES[builtin]
     if name == "mistral-instruct":  # BOS written by the template, as text, never twice
         assert template.system == "<s>" and template.answer_end == "</s>"
 

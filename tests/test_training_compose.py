@@ -277,7 +277,7 @@ def test_training_a_chatml_lm_takes_a_template_ending_in_its_eos(siglip_qwen, tm
     assert cli([*argv, "--out", str(tmp_path / "vicuna")]) == 1
     err = capsys.readouterr().err
     assert "ends each answer with '</s>'" in err and "'<|im_end|>'" in err
-    assert "pass --template chatml_direct, whose answers end in it" in err
+    assert "pass --template chatml_direct or qwen_1_5, whose answers end in it" in err
     assert "Traceback" not in err
     assert not (tmp_path / "vicuna").exists()
 

@@ -182,3 +182,20 @@ def test_a_llama_3_tokenizer_is_pointed_to_the_llama_3_template():
     with pytest.raises(LlavaEdgeError, match="pass --template llama_3,"):
         check_answer_end(get_template("vicuna_v1"), tokenizer, eos)
     check_answer_end(get_template("llama_3"), tokenizer, eos)
+
+
+def test_phi_3s_newline_after_its_end_token_still_ends_in_it():
+    """phi_3 closes an answer with "<|end|>" and a newline: generation stops at <|end|>, so the
+    template fits a Phi-3 tokenizer; the newline alone would not."""
+    from hf_checkpoints import qwen_tokenizer
+
+    from llava_edge.errors import LlavaEdgeError
+    from llava_edge.runtime.template import get_template
+    from llava_edge.training.labels import check_answer_end
+
+    tokenizer = qwen_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|end|>"]})
+    check_answer_end(get_template("phi_3"), tokenizer, {tokenizer.convert_tokens_to_ids("<|end|>")})
+    newline = {tokenizer("\n", add_special_tokens=False)["input_ids"][-1]}
+    with pytest.raises(LlavaEdgeError, match="no built-in template ends answers in it"):
+        check_answer_end(get_template("phi_3"), tokenizer, newline)

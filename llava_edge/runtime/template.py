@@ -76,6 +76,29 @@ TEMPLATES: dict[str, TemplateSpec] = {
         answer_end="<|eot_id|>",
         system_format="<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>",
     ),
+    # LLaVA-NeXT's conv_qwen, for Qwen language models (LLaVA-OneVision and LLaVA-Interleave
+    # were trained with it): ChatML with a newline after each turn's end and Qwen's default
+    # system prompt, as Qwen's own chat template writes them. No BOS.
+    "qwen_1_5": TemplateSpec(
+        name="qwen_1_5",
+        system="<|im_start|>system\nYou are a helpful assistant.<|im_end|>",
+        system_format="<|im_start|>system\n{system}<|im_end|>",
+        user="\n<|im_start|>user\n",
+        assistant="<|im_end|>\n<|im_start|>assistant\n",
+        answer_prefix="",
+        answer_end="<|im_end|>",
+    ),
+    # Microsoft's Phi-3 Instruct format (its model card), for fine-tuning a Phi-3 language
+    # model: each message ends with <|end|> and a newline; generation stops at <|end|>. No
+    # default system prompt; the tokenizer adds <s> (BOS).
+    "phi_3": TemplateSpec(
+        name="phi_3",
+        system_format="<|system|>\n{system}<|end|>\n",
+        user="<|user|>\n",
+        assistant="<|end|>\n<|assistant|>\n",
+        answer_prefix="",
+        answer_end="<|end|>\n",
+    ),
 }
 
 

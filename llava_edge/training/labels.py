@@ -178,5 +178,7 @@ def check_answer_end(template: TemplateSpec, tokenizer: Any, eos_ids: set[int]) 
 
 
 def _ends_in(template: TemplateSpec, tokenizer: Any, eos_ids: set[int]) -> bool:
-    ids = tokenizer(template.answer_end, add_special_tokens=False)["input_ids"]
+    """Whitespace after the end token is allowed (phi_3's "<|end|>\n"): generation stops at
+    the token, and the runtime feeds what follows it before the next turn."""
+    ids = tokenizer(template.answer_end.rstrip(), add_special_tokens=False)["input_ids"]
     return bool(ids) and ids[-1] in eos_ids
