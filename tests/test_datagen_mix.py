@@ -109,6 +109,10 @@ def test_weight_defaults_to_one_and_paths_may_hold_colons(tmp_path, sources):
         (["{d}/bad.json"], r"bad.json: sample s1: the conversation does not alternate"),
         (["{d}/object.json"], "holds one JSON object"),
         (["{g}", "--out", "{g}"], "is one of the sources"),
+        (
+            ["{g}:1e7"],
+            r"the mix would hold over 10,000,000 samples \(.*generated.json:1e\+07 of 10",
+        ),
     ],
 )
 def test_bad_input_is_a_one_line_error(tmp_path, sources, capsys, args, message):

@@ -78,10 +78,12 @@ def mix(sources: list[str | Source], out: str | Path, seed: int = 0) -> MixResul
         raise LlavaEdgeError(f"--out {out} is one of the sources; write the mix elsewhere")
     rng = random.Random(seed)
     files, stats, picks = [], [], []
-    for number, source in enumerate(parsed):
+    for source in parsed:
         file = SampleFile(source.path, keep=_checker(source.path))
         files.append(file)
         stats.append(SourceStats(source, available=len(file)))
+    _check_size(stats)
+    for number, (source, file) in enumerate(zip(parsed, files, strict=True)):
         copies, fraction = divmod(source.weight, 1.0)
         chosen = list(range(len(file))) * int(copies)
         chosen += sorted(rng.sample(range(len(file)), round(fraction * len(file))))
@@ -108,6 +110,20 @@ def mix(sources: list[str | Source], out: str | Path, seed: int = 0) -> MixResul
 
     write_samples(out, samples())
     return MixResult(out, seed, stats)
+
+
+# The mix is drawn in memory, a few dozen bytes a sample: 15 times LLaVA-1.5's 665k-sample mix
+# is room enough, and a mistyped weight (a.json:10000) is refused before it fills the memory.
+MAX_MIX_SAMPLES = 10_000_000
+
+
+def _check_size(stats: list[SourceStats]) -> None:
+    total = sum(math.floor(s.source.weight) * s.available for s in stats)
+    if total > MAX_MIX_SAMPLES:
+        weights = ", ".join(f"{s.source.path}:{s.source.weight:g} of {s.available}" for s in stats)
+        raise LlavaEdgeError(
+            f"the mix would hold over {MAX_MIX_SAMPLES:,} samples ({weights}); lower the weights"
+        )
 
 
 def _checker(path: Path):
