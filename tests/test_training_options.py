@@ -269,3 +269,39 @@ def test_broken_adapter_files_are_named(adapters, file, damage, message, tmp_pat
     line = one_line_error(err)
     assert code == 1 and re.search(message, line), line
     assert not (tmp_path / "m").exists()
+
+
+# ---- the learning-rate schedule ---------------------------------------------------------------
+
+
+def step_rates(tiny_checkpoint, data, out: Path, **options) -> tuple[list[float], dict[str, bool]]:
+    """The learning rate each optimizer step took, and the projector before and after."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    rates = []
+
+    class Rates(TrainerCallback):
+        def on_step_begin(self, args, state, control, optimizer=None, **kw):
+            rates.append(optimizer.param_groups[0]["lr"])
+
+    options = dict(global_batch_size=2, gradient_checkpointing=False, progress=False) | options
+    train(1, tiny_checkpoint, data["captions"], out, data["images"], [Rates()], **options)
+    before, after = (load_file(str(p / "model.safetensors")) for p in (tiny_checkpoint, out))
+    projector = [
+        k for k in before if "multi_modal_projector" in k and before[k].is_floating_point()
+    ]
+    moved = {k: not torch.equal(before[k], after[k].to(before[k].dtype)) for k in projector}
+    return rates, moved
+
+
+def test_the_first_warmup_step_already_trains(tiny_checkpoint, data, tmp_path):
+    # 3 % warmup of a short run is one step: at lr 0 a one-step run would train nothing
+    rates, moved = step_rates(tiny_checkpoint, data, tmp_path / "one", max_steps=1)
+    assert rates[0] > 0 and all(moved.values()), (rates, moved)
+    rates, _ = step_rates(
+        tiny_checkpoint, data, tmp_path / "ramp", max_steps=4, warmup_ratio=0.5, learning_rate=3e-3
+    )
+    # 2 warmup steps climb to the peak, reached on the third step; cosine from there
+    assert rates[:3] == pytest.approx([1e-3, 2e-3, 3e-3]) and 0 < rates[3] < 3e-3, rates
