@@ -305,3 +305,25 @@ def test_the_first_warmup_step_already_trains(tiny_checkpoint, data, tmp_path):
     )
     # 2 warmup steps climb to the peak, reached on the third step; cosine from there
     assert rates[:3] == pytest.approx([1e-3, 2e-3, 3e-3]) and 0 < rates[3] < 3e-3, rates
+
+
+# ---- --seed ------------------------------------------------------------------------------------
+
+
+def test_a_lora_run_is_repeated_exactly_by_its_seed(tiny_checkpoint, data, tmp_path):
+    # The adapters' random initial weights too come from --seed, not from whatever the process
+    # drew before (a second run in one process, a sweep in a notebook)
+    import torch
+    from safetensors.torch import load_file
+
+    options = dict(global_batch_size=2, max_steps=2, learning_rate=1e-2, lora=True, lora_rank=2)
+    options |= dict(lora_alpha=4, keep_adapters=True, gradient_checkpointing=False, progress=False)
+    runs = []
+    for name in ("first", "again"):
+        torch.rand(7)  # the process's random state moves on between the runs
+        out = tmp_path / name
+        train(2, tiny_checkpoint, data["train"], out, images=data["images"], **options)
+        runs.append(load_file(str(out / "adapter" / "adapter_model.safetensors")))
+    assert runs[0].keys() == runs[1].keys()
+    for key in runs[0]:
+        torch.testing.assert_close(runs[0][key], runs[1][key], atol=0, rtol=0, msg=key)

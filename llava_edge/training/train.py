@@ -375,8 +375,13 @@ def freeze_for_stage(model: Any, stage: int) -> None:
 def add_lora_if(model: Any, opts: TrainOptions) -> Any:
     if not opts.lora:
         return model
+    from transformers import set_seed
+
     from llava_edge.training.lora import add_lora
 
+    # The adapters' random initial weights come from --seed too (Trainer seeds only once it is
+    # built), so that one seed repeats a run whatever the process drew before.
+    set_seed(opts.seed)
     return add_lora(model, opts.lora_rank, opts.lora_alpha, opts.lora_dropout)
 
 
