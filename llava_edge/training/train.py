@@ -643,6 +643,7 @@ def _make_trainer(
             return self.lr_scheduler
 
         def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+            asked = _group_settings(self.optimizer)
             try:
                 super()._load_optimizer_and_scheduler(checkpoint)
             except ValueError as e:  # torch: the saved parameter groups are not these
@@ -651,6 +652,10 @@ def _make_trainer(
                     f"parameters (another --stage or --projector-lr: {first_line(e)}); "
                     + RESUME_HINT
                 ) from None
+            # The saved state brings back its run's rates and decay, which would silently
+            # override those asked for now.
+            if checkpoint is not None:
+                _check_same_settings(checkpoint, _group_settings(self.optimizer), asked)
 
         def _save_checkpoint(self, model: Any, trial: Any) -> None:
             # Trainer writes checkpoint-N in place: killed half-way, it leaves a checkpoint that
@@ -732,6 +737,34 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
         return (step + 1) / (warmup + 1)
     progress = (step - warmup) / max(1, total - warmup)
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+OPTIMIZER_SETTINGS = {  # a parameter group's key: what it is, the options that set it
+    "initial_lr": ("learning rate", "--lr, --projector-lr"),
+    "weight_decay": ("weight decay", "--weight-decay"),
+}
+
+
+def _group_settings(optimizer: Any) -> list[dict[str, float]]:
+    """Each parameter group's peak learning rate (the scheduler's `initial_lr`) and decay."""
+    if optimizer is None:
+        return []
+    return [
+        {"initial_lr": g.get("initial_lr", g["lr"]), "weight_decay": g["weight_decay"]}
+        for g in optimizer.param_groups
+    ]
+
+
+def _check_same_settings(
+    checkpoint: str, saved: list[dict[str, float]], asked: list[dict[str, float]]
+) -> None:
+    for was, now in zip(saved, asked, strict=False):
+        for key, (what, flags) in OPTIMIZER_SETTINGS.items():
+            if was[key] != now[key]:
+                raise LlavaEdgeError(
+                    f"--resume: {checkpoint} was trained at {what} {was[key]:g}, not "
+                    f"{now[key]:g} ({flags}); {RESUME_HINT}"
+                )
 
 
 def _save(
