@@ -750,7 +750,7 @@ def _group_settings(optimizer: Any) -> list[dict[str, float]]:
     if optimizer is None:
         return []
     return [
-        {"initial_lr": g.get("initial_lr", g["lr"]), "weight_decay": g["weight_decay"]}
+        {"initial_lr": g.get("initial_lr", g.get("lr")), "weight_decay": g.get("weight_decay")}
         for g in optimizer.param_groups
     ]
 
@@ -760,7 +760,7 @@ def _check_same_settings(
 ) -> None:
     for was, now in zip(saved, asked, strict=False):
         for key, (what, flags) in OPTIMIZER_SETTINGS.items():
-            if was[key] != now[key]:
+            if None not in (was[key], now[key]) and was[key] != now[key]:
                 raise LlavaEdgeError(
                     f"--resume: {checkpoint} was trained at {what} {was[key]:g}, not "
                     f"{now[key]:g} ({flags}); {RESUME_HINT}"
