@@ -271,6 +271,20 @@ def test_broken_adapter_files_are_named(adapters, file, damage, message, tmp_pat
     assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.parametrize("damage", ["no weights", "broken config"])
+def test_a_base_merge_cannot_load_is_named(adapters, tiny_checkpoint, damage, tmp_path, capsys):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_checkpoint, base)
+    if damage == "no weights":
+        (base / "model.safetensors").unlink()
+    else:
+        (base / "config.json").write_text("{")
+    code, err = merge([str(adapters), str(tmp_path / "m"), "--base", str(base)], capsys)
+    line = one_line_error(err)
+    assert code == 1 and f"cannot load the base checkpoint {base}: " in line, line
+    assert not (tmp_path / "m").exists()
+
+
 # ---- the learning-rate schedule ---------------------------------------------------------------
 
 

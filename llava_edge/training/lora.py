@@ -89,7 +89,10 @@ def merge_lora(
     out = Path(out_dir)
     check_output_dir(out, force, keep=adapter_dir, keep_name="the adapters")
     check_output_dir(out, force, keep=base, keep_name="the base checkpoint")
-    model = load_model(base, dtype=torch.float32, use_safetensors=True)
+    try:
+        model = load_model(base, dtype=torch.float32, use_safetensors=True)
+    except (OSError, ValueError) as e:  # no weights file, a broken config.json
+        raise LlavaEdgeError(f"cannot load the base checkpoint {base}: {first_line(e)}") from None
     merged = load_adapters(model, adapter_dir, config, base).merge_and_unload()
     source = adapter_dir if (adapter_dir / "processor_config.json").is_file() else base
     processor = AutoProcessor.from_pretrained(source)
