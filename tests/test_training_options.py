@@ -271,17 +271,24 @@ def test_broken_adapter_files_are_named(adapters, file, damage, message, tmp_pat
     assert not (tmp_path / "m").exists()
 
 
-@pytest.mark.parametrize("damage", ["no weights", "broken config"])
-def test_a_base_merge_cannot_load_is_named(adapters, tiny_checkpoint, damage, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "lost, what",
+    [
+        ("model.safetensors", "the base checkpoint"),
+        ("config.json", "the processor of the base checkpoint"),
+        ("tokenizer.json", "the processor of the base checkpoint"),
+    ],
+)
+def test_a_base_merge_cannot_load_is_named(adapters, tiny_checkpoint, lost, what, tmp_path, capsys):
     base = tmp_path / "base"
     shutil.copytree(tiny_checkpoint, base)
-    if damage == "no weights":
-        (base / "model.safetensors").unlink()
+    if lost == "config.json":
+        (base / lost).write_text("{")
     else:
-        (base / "config.json").write_text("{")
+        (base / lost).unlink()
     code, err = merge([str(adapters), str(tmp_path / "m"), "--base", str(base)], capsys)
     line = one_line_error(err)
-    assert code == 1 and f"cannot load the base checkpoint {base}: " in line, line
+    assert code == 1 and f"cannot load {what} {base}: " in line, line
     assert not (tmp_path / "m").exists()
 
 
