@@ -64,6 +64,11 @@ def test_jsonl_with_blank_lines_and_keep_filter(tmp_path):
         ("[] x", "more data after the list's closing ']' at byte 3"),
         (b'[{"id": "caf\xe9"}]', r"is not UTF-8 text \(byte 0xe9: invalid continuation byte\)"),
         ('{"id": 1}\n{"id": 2\n', "line 2: not valid JSON"),
+        # a JSON list names the line and the sample, as JSONL does
+        ('[\n {"id": 1},\n {"id": 2,\n  "x" 3}\n]', r"line 4: sample #1 \(from byte 15\) is not"),
+        ('[\n {"id": 1},\n]\n', "line 3: a ',' after sample #0 with no sample following it"),
+        ('[\n {"id": 1}\n {"id": 2}]', "line 3: expected ',' or ']' after sample #0"),
+        ('[\n {"id": 1},\n {"id": 2}\n', "line 4: the file ends after sample #1, before the"),
     ],
 )
 def test_wrong_file_shapes_are_one_line_errors(tmp_path, content, message):

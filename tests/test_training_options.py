@@ -269,3 +269,82 @@ def test_broken_adapter_files_are_named(adapters, file, damage, message, tmp_pat
     line = one_line_error(err)
     assert code == 1 and re.search(message, line), line
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize(
+    "lost, what",
+    [
+        ("model.safetensors", "the base checkpoint"),
+        ("config.json", "the processor of the base checkpoint"),
+        ("tokenizer.json", "the processor of the base checkpoint"),
+    ],
+)
+def test_a_base_merge_cannot_load_is_named(adapters, tiny_checkpoint, lost, what, tmp_path, capsys):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_checkpoint, base)
+    if lost == "config.json":
+        (base / lost).write_text("{")
+    else:
+        (base / lost).unlink()
+    code, err = merge([str(adapters), str(tmp_path / "m"), "--base", str(base)], capsys)
+    line = one_line_error(err)
+    assert code == 1 and f"cannot load {what} {base}: " in line, line
+    assert not (tmp_path / "m").exists()
+
+
+# ---- the learning-rate schedule ---------------------------------------------------------------
+
+
+def step_rates(tiny_checkpoint, data, out: Path, **options) -> tuple[list[float], dict[str, bool]]:
+    """The learning rate each optimizer step took, and the projector before and after."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    rates = []
+
+    class Rates(TrainerCallback):
+        def on_step_begin(self, args, state, control, optimizer=None, **kw):
+            rates.append(optimizer.param_groups[0]["lr"])
+
+    options = dict(global_batch_size=2, gradient_checkpointing=False, progress=False) | options
+    train(1, tiny_checkpoint, data["captions"], out, data["images"], [Rates()], **options)
+    before, after = (load_file(str(p / "model.safetensors")) for p in (tiny_checkpoint, out))
+    projector = [
+        k for k in before if "multi_modal_projector" in k and before[k].is_floating_point()
+    ]
+    moved = {k: not torch.equal(before[k], after[k].to(before[k].dtype)) for k in projector}
+    return rates, moved
+
+
+def test_the_first_warmup_step_already_trains(tiny_checkpoint, data, tmp_path):
+    # 3 % warmup of a short run is one step: at lr 0 a one-step run would train nothing
+    rates, moved = step_rates(tiny_checkpoint, data, tmp_path / "one", max_steps=1)
+    assert rates[0] > 0 and all(moved.values()), (rates, moved)
+    rates, _ = step_rates(
+        tiny_checkpoint, data, tmp_path / "ramp", max_steps=4, warmup_ratio=0.5, learning_rate=3e-3
+    )
+    # 2 warmup steps climb to the peak, reached on the third step; cosine from there
+    assert rates[:3] == pytest.approx([1e-3, 2e-3, 3e-3]) and 0 < rates[3] < 3e-3, rates
+
+
+# ---- --seed ------------------------------------------------------------------------------------
+
+
+def test_a_lora_run_is_repeated_exactly_by_its_seed(tiny_checkpoint, data, tmp_path):
+    # The adapters' random initial weights too come from --seed, not from whatever the process
+    # drew before (a second run in one process, a sweep in a notebook)
+    import torch
+    from safetensors.torch import load_file
+
+    options = dict(global_batch_size=2, max_steps=2, learning_rate=1e-2, lora=True, lora_rank=2)
+    options |= dict(lora_alpha=4, keep_adapters=True, gradient_checkpointing=False, progress=False)
+    runs = []
+    for name in ("first", "again"):
+        torch.rand(7)  # the process's random state moves on between the runs
+        out = tmp_path / name
+        train(2, tiny_checkpoint, data["train"], out, images=data["images"], **options)
+        runs.append(load_file(str(out / "adapter" / "adapter_model.safetensors")))
+    assert runs[0].keys() == runs[1].keys()
+    for key in runs[0]:
+        torch.testing.assert_close(runs[0][key], runs[1][key], atol=0, rtol=0, msg=key)

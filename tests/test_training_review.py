@@ -108,6 +108,27 @@ def saved_runs(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
             ["--stage", "2", "--template", "plain"],
             "holds the optimizer of a run that trained other parameters",
         ),
+        # the saved optimizer would bring back its own rate and decay, unsaid
+        (
+            "stage1",
+            ["--stage", "1", "--lr", "0.05"],
+            "was trained at learning rate 0.001, not 0.05",
+        ),
+        (
+            "lora",
+            [
+                "--stage",
+                "2",
+                "--lora",
+                "--lora-rank",
+                "2",
+                "--lora-alpha",
+                "4",
+                "--weight-decay",
+                "0.1",
+            ],
+            "was trained at weight decay 0, not 0.1 (--weight-decay); resume with the options",
+        ),
     ],
 )
 def test_resuming_with_other_options_is_refused_in_one_line(

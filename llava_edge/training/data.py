@@ -231,8 +231,10 @@ class SampleFile:
         with open(self.path, "rb") as f:
             bom = f.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8
             f.seek(len(codecs.BOM_UTF8) if bom else 0)
-            # `text[pos]` is the next character to read; `at` is its byte offset in the file.
+            # `text[pos]` is the next character to read; `at` is its byte offset in the file and
+            # `line` its line; `index` counts the samples read.
             text, pos, at, eof = "", 0, f.tell(), False
+            line, index = 1, 0
 
             def more() -> bool:
                 nonlocal text, pos, eof
@@ -252,9 +254,10 @@ class SampleFile:
                 return True
 
             def skip_space() -> str:
-                nonlocal pos, at
+                nonlocal pos, at, line
                 while True:
                     while pos < len(text) and text[pos] in " \t\r\n":  # JSON space is ASCII
+                        line += text[pos] == "\n"
                         pos += 1
                         at += 1
                     if pos < len(text):
@@ -264,7 +267,18 @@ class SampleFile:
 
             def fail(what: str) -> LlavaEdgeError:
                 return LlavaEdgeError(
-                    f"{self.path}: {what} at byte {at}; the file is not valid JSON"
+                    f"{self.path}, line {line}: {what} at byte {at}; the file is not valid JSON"
+                )
+
+            def broken(error: json.JSONDecodeError | None) -> LlavaEdgeError:
+                if text.startswith("]", pos):
+                    return fail(f"a ',' after sample #{index - 1} with no sample following it")
+                if error is None:
+                    return fail(f"sample #{index} is not valid JSON")
+                where = line + text.count("\n", pos, error.pos)
+                return LlavaEdgeError(
+                    f"{self.path}, line {where}: sample #{index} (from byte {at}) is not valid "
+                    f"JSON ({error.msg}); the file is not valid JSON"
                 )
 
             def close() -> None:
@@ -287,24 +301,29 @@ class SampleFile:
                 return
             while True:
                 skip_space()
+                error = None
                 while True:
                     try:
                         record, end = decoder.raw_decode(text, pos)
                         if end < len(text) or eof:
                             break
-                    except json.JSONDecodeError:
+                    except json.JSONDecodeError as e:
+                        error = e
                         if len(text) - pos > _MAX_SAMPLE_BYTES:
-                            raise fail("a sample is not valid JSON") from None
+                            raise broken(error) from None
                     if not more():  # the sample may go on in the next chunk
-                        raise fail("a sample is not valid JSON")
+                        raise broken(error)
                 length = len(text[pos:end].encode("utf-8"))
                 yield at, length, record
-                pos, at = end, at + length
+                line += text.count("\n", pos, end)
+                pos, at, index = end, at + length, index + 1
                 sep = skip_space()
                 if sep == "]":
                     close()
                     return
+                if not sep:
+                    raise fail(f"the file ends after sample #{index - 1}, before the list's ']'")
                 if sep != ",":
-                    raise fail("expected ',' or ']' after a sample")
+                    raise fail(f"expected ',' or ']' after sample #{index - 1}")
                 pos += 1
                 at += 1

@@ -89,10 +89,18 @@ def merge_lora(
     out = Path(out_dir)
     check_output_dir(out, force, keep=adapter_dir, keep_name="the adapters")
     check_output_dir(out, force, keep=base, keep_name="the base checkpoint")
-    model = load_model(base, dtype=torch.float32, use_safetensors=True)
-    merged = load_adapters(model, adapter_dir, config, base).merge_and_unload()
     source = adapter_dir if (adapter_dir / "processor_config.json").is_file() else base
-    processor = AutoProcessor.from_pretrained(source)
+    what = "the base checkpoint" if source == base else "the adapters"
+    try:  # before the merge: its tokenizer and image processor are saved with the result
+        processor = AutoProcessor.from_pretrained(source)
+    except (OSError, ValueError) as e:  # a broken config, missing tokenizer files
+        detail = first_line(e).strip().rstrip(":")
+        raise LlavaEdgeError(f"cannot load the processor of {what} {source}: {detail}") from None
+    try:
+        model = load_model(base, dtype=torch.float32, use_safetensors=True)
+    except (OSError, ValueError) as e:  # no weights file
+        raise LlavaEdgeError(f"cannot load the base checkpoint {base}: {first_line(e)}") from None
+    merged = load_adapters(model, adapter_dir, config, base).merge_and_unload()
     template = read_checkpoint_template(source) or read_checkpoint_template(base)
 
     with replace_dir(out) as tmp:

@@ -14,8 +14,10 @@ trainer's own checkpoints (for --resume) live in its `checkpoints/` subdir.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
+import math
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -373,8 +375,13 @@ def freeze_for_stage(model: Any, stage: int) -> None:
 def add_lora_if(model: Any, opts: TrainOptions) -> Any:
     if not opts.lora:
         return model
+    from transformers import set_seed
+
     from llava_edge.training.lora import add_lora
 
+    # The adapters' random initial weights come from --seed too (Trainer seeds only once it is
+    # built), so that one seed repeats a run whatever the process drew before.
+    set_seed(opts.seed)
     return add_lora(model, opts.lora_rank, opts.lora_alpha, opts.lora_dropout)
 
 
@@ -548,7 +555,7 @@ def _training_args(
         learning_rate=learning_rate,
         num_train_epochs=opts.epochs,
         max_steps=opts.max_steps,
-        lr_scheduler_type="cosine",
+        lr_scheduler_type="cosine",  # LlavaTrainer's own (warmup_cosine) in its place
         warmup_steps=opts.warmup_ratio,  # a float below 1 is a ratio of the total steps
         weight_decay=opts.weight_decay,
         activation_checkpointing=opts.gradient_checkpointing,
@@ -623,7 +630,20 @@ def _make_trainer(
             )
             return self.optimizer
 
+        def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+            if self.lr_scheduler is None:
+                from torch.optim.lr_scheduler import LambdaLR
+
+                warmup = self.args.get_warmup_steps(num_training_steps)
+                self.lr_scheduler = LambdaLR(
+                    self.optimizer if optimizer is None else optimizer,
+                    functools.partial(warmup_cosine, warmup=warmup, total=num_training_steps),
+                )
+                self._created_lr_scheduler = True
+            return self.lr_scheduler
+
         def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+            asked = _group_settings(self.optimizer)
             try:
                 super()._load_optimizer_and_scheduler(checkpoint)
             except ValueError as e:  # torch: the saved parameter groups are not these
@@ -632,6 +652,10 @@ def _make_trainer(
                     f"parameters (another --stage or --projector-lr: {first_line(e)}); "
                     + RESUME_HINT
                 ) from None
+            # The saved state brings back its run's rates and decay, which would silently
+            # override those asked for now.
+            if checkpoint is not None:
+                _check_same_settings(checkpoint, _group_settings(self.optimizer), asked)
 
         def _save_checkpoint(self, model: Any, trial: Any) -> None:
             # Trainer writes checkpoint-N in place: killed half-way, it leaves a checkpoint that
@@ -701,6 +725,46 @@ def _make_trainer(
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(Progress())
     return trainer
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """The learning rate's factor at optimizer step `step` (from 0): a linear warmup to the peak,
+    reached at step `warmup`, then a cosine to 0 at `total`, as transformers' "cosine" schedule
+    does, but for the warmup's first step: transformers' starts at 0, which wastes the first
+    step (3 % warmup of a run under 34 steps is that one step) and leaves a one-step run
+    untrained. Here warmup step i takes (i + 1) / (warmup + 1) of the peak."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+OPTIMIZER_SETTINGS = {  # a parameter group's key: what it is, the options that set it
+    "initial_lr": ("learning rate", "--lr, --projector-lr"),
+    "weight_decay": ("weight decay", "--weight-decay"),
+}
+
+
+def _group_settings(optimizer: Any) -> list[dict[str, float]]:
+    """Each parameter group's peak learning rate (the scheduler's `initial_lr`) and decay."""
+    if optimizer is None:
+        return []
+    return [
+        {"initial_lr": g.get("initial_lr", g.get("lr")), "weight_decay": g.get("weight_decay")}
+        for g in optimizer.param_groups
+    ]
+
+
+def _check_same_settings(
+    checkpoint: str, saved: list[dict[str, float]], asked: list[dict[str, float]]
+) -> None:
+    for was, now in zip(saved, asked, strict=False):
+        for key, (what, flags) in OPTIMIZER_SETTINGS.items():
+            if None not in (was[key], now[key]) and was[key] != now[key]:
+                raise LlavaEdgeError(
+                    f"--resume: {checkpoint} was trained at {what} {was[key]:g}, not "
+                    f"{now[key]:g} ({flags}); {RESUME_HINT}"
+                )
 
 
 def _save(
