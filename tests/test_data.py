@@ -116,6 +116,7 @@ def _broken(change) -> dict:
         (_broken(lambda r: r["conversations"].reverse()), "does not alternate"),
         (_broken(lambda r: r["conversations"].pop()), "ends with a human turn"),
         (_broken(lambda r: r["conversations"][1].update(value=3)), "text 'value'"),
+        (_broken(lambda r: r["conversations"][1].update(value=" \n")), "turn 1, a gpt answer, is"),
         (_broken(lambda r: r.pop("image")), "has no 'image'"),
         (_broken(lambda r: r["conversations"][0].update(value="no placeholder")), "must hold"),
         (_broken(lambda r: r.update(image=["a.png", "b.png"])), "one image per sample"),

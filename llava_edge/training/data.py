@@ -72,6 +72,9 @@ def parse_sample(record: Any, position: int) -> Sample:
         values.append(turn["value"])
     if len(values) % 2:
         raise BadSample(sample_id, "the conversation ends with a human turn that has no answer")
+    for i in range(1, len(values), 2):
+        if not values[i].strip():  # trained on, the model would learn to answer nothing
+            raise BadSample(sample_id, f"turn {i}, a gpt answer, is empty; write it or drop it")
     placeholders = [v.count(IMAGE_PLACEHOLDER) for v in values]
     if image is None and any(placeholders):
         raise BadSample(sample_id, f"mentions {IMAGE_PLACEHOLDER} but has no 'image'")
