@@ -759,3 +759,11 @@ def test_the_pipelines_time_limit_raises_timed_out(tiny_model_dir) -> None:
     slow = Pipeline.load(tiny_model_dir, limits=Limits(timeout_s=1e-9))
     with slow, pytest.raises(TimedOut, match="time limit"):
         slow.answer(None, "Hi", max_new_tokens=4, ignore_eos=True)
+
+
+def test_a_camera_is_refused_for_offline_reading(pipe) -> None:
+    """Offline, frames are read in the answerer's thread, where a V4L2 read that stalls (a hung
+    camera) would block it forever; live, a reader thread reads them and the answerer's wait
+    ends after the timeout. A camera's frames come as they are made, as an app's do."""
+    with pytest.raises(LlavaEdgeError, match="camera /dev/null is live"):
+        pipe.watch("/dev/null", "?", live=False)  # a character device, as a camera is

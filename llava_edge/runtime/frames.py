@@ -120,11 +120,14 @@ def open_frames(
     dtype or channels, PIL images) that an app's camera driver yields, read in a thread as a
     camera is; a None from it means no new frame yet. live: None decides from the source
     (cameras, streams, pipes and an app's frames are live, files and folders not); True replays a
-    file at its own pace, as a camera would deliver it. timeout_s: how long to wait for a stream
+    file at its own pace, as a camera would deliver it; False is refused for a camera and an
+    app's frames, which come as they are made. timeout_s: how long to wait for a stream
     to open or for its next frame before giving up. folder_fps: an image folder is a slideshow at
     this rate, its images in name order. cancel: set from another thread, a live source's
     iterator stops waiting for a frame and ends.
-    Closing the iterator stops the reader and closes the source (an app's iterator too).
+    Closing the iterator stops the reader and closes the source (an app's iterator too); a
+    reader stuck in a read that stalled (FFmpeg's V4L2 read, an app driver's own read: neither
+    can be interrupted) closes it when that read returns, while the answers end at the timeout.
     """
     _check_number("every_s (--every)", every_s, "0 or more seconds", minimum=0.0)
     _check_number(
@@ -136,6 +139,11 @@ def open_frames(
         frames = _app_frames(_app_source(source))
         return live_frames(frames, every_s, timeout_s, APP_SOURCE, cancel)
     kind = source_kind(source)
+    if kind == "device" and live is False:
+        # read offline in the answerer's thread, a V4L2 read that stalls would block it forever
+        raise LlavaEdgeError(
+            f"camera {os.fspath(source)} is live: it cannot be read with live=False"
+        )
     if kind == "folder":
         _check_number(
             "folder_fps (--folder-fps)", folder_fps, "a positive number of images a second"

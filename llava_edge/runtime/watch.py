@@ -16,7 +16,8 @@ Leaving the answers before their end (break, an exception) should stop the camer
 `watch` returns a `Watch`: used in a `with` block, or closed, it stops the source's reader and
 closes the source there and then, even while the iterator is still bound to a name (a generator
 would keep the camera open until it was garbage-collected, and a second watch of the same
-camera would find it busy).
+camera would find it busy). A reader stuck in a read that stalled closes it only when that read
+returns (see llava_edge.runtime.frames.open_frames).
 """
 
 from __future__ import annotations
