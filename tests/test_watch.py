@@ -6,6 +6,8 @@ back from its pixels."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -767,3 +769,30 @@ def test_a_camera_is_refused_for_offline_reading(pipe) -> None:
     ends after the timeout. A camera's frames come as they are made, as an app's do."""
     with pytest.raises(LlavaEdgeError, match="camera /dev/null is live"):
         pipe.watch("/dev/null", "?", live=False)  # a character device, as a camera is
+
+
+@pytest.mark.parametrize("view", [lambda b: b, memoryview], ids=["bytearray", "memoryview"])
+def test_an_apps_encoded_frames_in_a_reused_buffer_are_kept(view) -> None:
+    """A driver handing over each JPEG or BMP in the one buffer it refills, as it does an
+    array: the frame answered is the one handed over, not what the buffer holds later."""
+    from llava_edge.runtime.frames import open_frames
+
+    def encoded(level_: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((8, 8, 3), STEP * level_, np.uint8)).save(buffer, "BMP")
+        return buffer.getvalue()
+
+    refilled = threading.Event()
+
+    def driver():
+        buffer = bytearray(encoded(1))
+        yield view(buffer)
+        buffer[:] = encoded(2)  # the next frame, in the same buffer
+        refilled.set()
+        while True:
+            yield None
+
+    with contextlib.closing(open_frames(driver(), every_s=0.0, timeout_s=2.0)) as frames:
+        frame = next(frames)
+        assert refilled.wait(2)
+        assert level(frame.image) == 1

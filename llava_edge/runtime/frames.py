@@ -182,8 +182,11 @@ def _app_frames(images: Iterator[Any]) -> Iterator[Frame | None]:
             if image is None:
                 yield None
                 continue
+            # a driver may fill the same buffer with its next frame
             if isinstance(image, np.ndarray):
-                image = image.copy()  # a driver may fill the same buffer with its next frame
+                image = image.copy()
+            elif isinstance(image, bytearray | memoryview):
+                image = bytes(image)
             yield Frame(image, index, 0.0)
             index += 1
     finally:
