@@ -796,3 +796,42 @@ def test_an_apps_encoded_frames_in_a_reused_buffer_are_kept(view) -> None:
         frame = next(frames)
         assert refilled.wait(2)
         assert level(frame.image) == 1
+
+
+def test_a_stream_that_stalls_read_offline_says_it_stalled(tmp_path) -> None:
+    """Read offline, a stream's stall ends in FFmpeg's own timeout ('Immediate exit requested'):
+    it is a stall, said as the live reader says it, not a corrupt file."""
+    import http.server
+
+    from llava_edge.runtime.frames import open_frames
+
+    video = make_video(tmp_path / "cam.mkv", frames=40, fps=10).read_bytes()
+    done = threading.Event()
+
+    class Stalling(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/half.mkv":  # half the video, then nothing
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(video[: len(video) // 2])
+                self.wfile.flush()
+            done.wait(10)  # /silent.mkv: not even a response
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stalling)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        frames = open_frames(f"{base}/half.mkv", every_s=0.0, live=False, timeout_s=0.5)
+        with pytest.raises(LlavaEdgeError, match="half.mkv for 0.5 s: the source stalled"):
+            for _ in frames:
+                pass
+        frames = open_frames(f"{base}/silent.mkv", every_s=0.0, live=False, timeout_s=0.5)
+        with pytest.raises(LlavaEdgeError, match="silent.mkv: no answer for 0.5 s"):
+            next(frames)
+    finally:
+        done.set()
+        server.shutdown()
+        server.server_close()

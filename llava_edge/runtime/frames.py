@@ -330,10 +330,7 @@ class LatestFrame:
                     return None
                 left = max(asked, self._arrived) + timeout_s - time.monotonic()
                 if left <= 0:
-                    raise LlavaEdgeError(
-                        f"no frame from {name} for {timeout_s:g} s: the source stalled (check "
-                        "the camera or stream, or raise the timeout)"
-                    )
+                    raise _stalled(name, timeout_s)
                 # a cancel is set from another thread, without the condition: look at it often
                 self._changed.wait(left if cancel is None else min(left, CANCEL_POLL_S))
             if self._box is None:
@@ -352,6 +349,13 @@ class LatestFrame:
         """Ask the reader to finish; it is a daemon, so a read blocked in FFmpeg cannot hang exit."""
         self._stop.set()
         self._thread.join(timeout=1.0)
+
+
+def _stalled(name: str, timeout_s: float) -> LlavaEdgeError:
+    return LlavaEdgeError(
+        f"no frame from {name} for {timeout_s:g} s: the source stalled (check the camera or "
+        "stream, or raise the timeout)"
+    )
 
 
 def _as_error(error: BaseException, name: str) -> LlavaEdgeError:
@@ -426,7 +430,7 @@ def _video_frames(source: str, kind: str, timeout_s: float) -> Iterator[Frame]:
             stream.thread_type = "SLICE" if kind in ("device", "stream") else "AUTO"
             first: float | None = None
             rate = float(stream.average_rate) if stream.average_rate else 0.0
-            for index, frame in enumerate(_decode(av, container, stream, source)):
+            for index, frame in enumerate(_decode(av, container, stream, source, timeout_s)):
                 media = frame.time if frame.time is not None else (index / rate if rate else 0.0)
                 first = media if first is None else first
                 yield Frame(VideoPixels(frame, source), index, media - first)
@@ -449,10 +453,13 @@ def _open_container(av: Any, source: str, kind: str, timeout_s: float) -> Any:
         )
     except av.error.FFmpegError as e:
         what = {"device": "camera", "stream": "stream", "file": "video file"}[kind]
-        raise LlavaEdgeError(f"cannot open {what} {source}: {_ffmpeg_reason(e)}") from None
+        reason = _ffmpeg_reason(e)
+        if isinstance(e, av.error.ExitError):  # FFmpeg's timeout ends the open this way
+            reason = f"no answer for {timeout_s:g} s (check the address, or raise the timeout)"
+        raise LlavaEdgeError(f"cannot open {what} {source}: {reason}") from None
 
 
-def _decode(av: Any, container: Any, stream: Any, source: str) -> Iterator[Any]:
+def _decode(av: Any, container: Any, stream: Any, source: str, timeout_s: float) -> Iterator[Any]:
     index = 0
     try:
         for frame in container.decode(stream):
@@ -460,6 +467,8 @@ def _decode(av: Any, container: Any, stream: Any, source: str) -> Iterator[Any]:
             index += 1
     except av.error.EOFError:
         return
+    except av.error.ExitError:  # FFmpeg's timeout: nothing came for timeout_s
+        raise _stalled(source, timeout_s) from None
     except av.error.FFmpegError as e:
         raise LlavaEdgeError(
             f"{source} broke after {index} frames ({_ffmpeg_reason(e)}): the file is truncated "
