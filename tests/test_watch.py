@@ -835,3 +835,14 @@ def test_a_stream_that_stalls_read_offline_says_it_stalled(tmp_path) -> None:
         done.set()
         server.shutdown()
         server.server_close()
+
+
+def test_a_camera_is_a_camera_by_any_path(tmp_path) -> None:
+    """A udev-style link to a camera kept outside /dev (a robot's cams/front) is read as the
+    camera it names: live, through V4L2, not probed as a video file."""
+    from llava_edge.runtime.frames import source_kind
+
+    link = tmp_path / "front"
+    link.symlink_to("/dev/null")  # a character device, as a camera is
+    assert source_kind(link) == source_kind("/dev/null") == "device"
+    assert source_kind(tmp_path) == "folder" and source_kind(tmp_path / "clip.mp4") == "file"

@@ -89,21 +89,23 @@ class VideoPixels:
 
 def source_kind(source: str | os.PathLike) -> str:
     """'folder', 'device', 'stream' or 'file', from the source's name. A named pipe (or
-    /dev/stdin fed by one) is a stream: its frames come as they are made, and can stop coming."""
+    /dev/stdin fed by one) is a stream: its frames come as they are made, and can stop coming.
+    A character device is a camera wherever its path (a link to one outside /dev too)."""
     text = os.fspath(source)
-    if text.startswith(NETWORK_SCHEMES) or _is_pipe(text):
+    mode = _mode(text)
+    if text.startswith(NETWORK_SCHEMES) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
         return "stream"
-    if text.startswith("/dev/") and not os.path.isfile(text):  # /dev/stdin may be a file
-        return "device"
-    return "folder" if Path(text).is_dir() else "file"
+    if stat.S_ISCHR(mode) or (text.startswith("/dev/") and not stat.S_ISREG(mode)):
+        return "device"  # a missing /dev/videoN too, for its error; /dev/stdin may be a file
+    return "folder" if stat.S_ISDIR(mode) else "file"
 
 
-def _is_pipe(path: str) -> bool:
+def _mode(path: str) -> int:
+    """The file type bits of what `path` names (links followed), 0 for nothing there."""
     try:
-        mode = os.stat(path).st_mode
+        return os.stat(path).st_mode
     except (OSError, ValueError):
-        return False
-    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+        return 0
 
 
 def open_frames(
