@@ -846,3 +846,35 @@ def test_a_camera_is_a_camera_by_any_path(tmp_path) -> None:
     link.symlink_to("/dev/null")  # a character device, as a camera is
     assert source_kind(link) == source_kind("/dev/null") == "device"
     assert source_kind(tmp_path) == "folder" and source_kind(tmp_path / "clip.mp4") == "file"
+
+
+def test_a_camera_unplugged_mid_way_says_so(pipe, recorder, monkeypatch) -> None:
+    """V4L2's read fails with ENODEV once the camera is gone: the watch ends with that said of a
+    camera (not of a truncated file), after the frames it sent, and the camera is closed."""
+    import errno
+
+    closed = threading.Event()
+
+    class Unplugged:
+        streams = type("Streams", (), {"video": [type("Stream", (), {"average_rate": 0})()]})()
+
+        def decode(self, stream):
+            for i in range(2):
+                yield av.VideoFrame.from_ndarray(np.full((8, 8, 3), STEP * i, np.uint8), "rgb24")
+            av.error.err_check(-errno.ENODEV)
+
+        def close(self) -> None:
+            closed.set()
+
+    fake = type("av", (), {"open": staticmethod(lambda *a, **k: Unplugged()), "error": av.error})
+    monkeypatch.setattr("llava_edge.runtime.frames.import_av", lambda: fake)
+    answers = []
+    with pytest.raises(LlavaEdgeError) as raised:
+        for answer in pipe.watch("/dev/null", "?", every_s=0.0):  # a character device
+            answers.append(answer.index)
+    assert answers and answers[-1] == 1
+    assert str(raised.value) == (
+        "camera /dev/null stopped after 2 frames (No such device): it was unplugged or failed; "
+        "check it and its cable"
+    )
+    assert closed.is_set()

@@ -432,7 +432,8 @@ def _video_frames(source: str, kind: str, timeout_s: float) -> Iterator[Frame]:
             stream.thread_type = "SLICE" if kind in ("device", "stream") else "AUTO"
             first: float | None = None
             rate = float(stream.average_rate) if stream.average_rate else 0.0
-            for index, frame in enumerate(_decode(av, container, stream, source, timeout_s)):
+            decoded = _decode(av, container, stream, source, kind, timeout_s)
+            for index, frame in enumerate(decoded):
                 media = frame.time if frame.time is not None else (index / rate if rate else 0.0)
                 first = media if first is None else first
                 yield Frame(VideoPixels(frame, source), index, media - first)
@@ -461,7 +462,9 @@ def _open_container(av: Any, source: str, kind: str, timeout_s: float) -> Any:
         raise LlavaEdgeError(f"cannot open {what} {source}: {reason}") from None
 
 
-def _decode(av: Any, container: Any, stream: Any, source: str, timeout_s: float) -> Iterator[Any]:
+def _decode(
+    av: Any, container: Any, stream: Any, source: str, kind: str, timeout_s: float
+) -> Iterator[Any]:
     index = 0
     try:
         for frame in container.decode(stream):
@@ -472,10 +475,18 @@ def _decode(av: Any, container: Any, stream: Any, source: str, timeout_s: float)
     except av.error.ExitError:  # FFmpeg's timeout: nothing came for timeout_s
         raise _stalled(source, timeout_s) from None
     except av.error.FFmpegError as e:
-        raise LlavaEdgeError(
-            f"{source} broke after {index} frames ({_ffmpeg_reason(e)}): the file is truncated "
-            "or corrupt, or the stream failed"
-        ) from None
+        reason = _ffmpeg_reason(e)
+        if kind == "device":  # V4L2 reads fail with ENODEV once the camera is gone
+            raise LlavaEdgeError(
+                f"camera {source} stopped after {index} frames ({reason}): it was unplugged or "
+                "failed; check it and its cable"
+            ) from None
+        why = (
+            "the stream failed or sent corrupt data"
+            if kind == "stream"
+            else "the file is truncated or corrupt"
+        )
+        raise LlavaEdgeError(f"{source} broke after {index} frames ({reason}): {why}") from None
 
 
 def _ffmpeg_reason(error: Exception) -> str:
