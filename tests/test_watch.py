@@ -878,3 +878,25 @@ def test_a_camera_unplugged_mid_way_says_so(pipe, recorder, monkeypatch) -> None
         "check it and its cable"
     )
     assert closed.is_set()
+
+
+@pytest.mark.parametrize("degrees", [90, -90, 180])
+def test_a_rotated_recording_is_answered_upright(tmp_path, degrees) -> None:
+    """A phone's portrait video is stored landscape with a display rotation, as a photo's EXIF
+    orientation is: its frames are answered as a player shows them (rotated counterclockwise
+    by it), not on their side."""
+    from llava_edge.runtime.frames import open_frames
+
+    stored = np.zeros((32, 64, 3), np.uint8)
+    stored[:, :32] = 255  # the left half white
+    path = tmp_path / "portrait.mkv"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("ffv1", rate=5)
+        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv444p"
+        stream.set_display_rotation(degrees)
+        frame = av.VideoFrame.from_ndarray(stored, "rgb24")
+        container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    (frame,) = open_frames(path, every_s=0.0)
+    shown = np.rot90(stored, degrees // 90)  # numpy turns counterclockwise, as players do
+    np.testing.assert_array_equal(frame.image, shown)

@@ -79,12 +79,17 @@ class VideoPixels:
         self.frame, self.source = frame, source
 
     def rgb(self) -> np.ndarray:
+        """(H, W, 3) RGB, upright as a player shows it: a phone's portrait video is stored on its
+        side with a display rotation (counterclockwise, in degrees), as a photo's EXIF
+        orientation is, and is turned by it."""
         try:
-            return self.frame.to_ndarray(format="rgb24")
+            array = self.frame.to_ndarray(format="rgb24")
+            turns = round(self.frame.rotation / 90) % 4
         except Exception as e:  # PyAV's errors, and ValueError for a format it cannot convert
             raise LlavaEdgeError(
                 f"cannot convert a frame of {self.source} to RGB: {first_line(e)}"
             ) from None
+        return np.ascontiguousarray(np.rot90(array, turns)) if turns else array
 
 
 def source_kind(source: str | os.PathLike) -> str:
