@@ -291,11 +291,10 @@ def test_missing_broken_and_truncated_sources_give_one_line_errors(pipe, tmp_pat
 
 
 def test_a_stream_that_never_delivers_times_out(pipe, tmp_path) -> None:
-    """A named pipe is a stream whether or not `live` is asked for: one that nobody feeds times
-    out (an offline read of it would block for ever)."""
+    """A named pipe that nobody feeds times out, read live or offline."""
     fifo = tmp_path / "stream.ts"
     os.mkfifo(fifo)  # nobody writes: opening it for reading blocks, as a dead server would
-    for live in (True, None):
+    for live in (True, None, False):
         outcome: list[BaseException | None] = []
 
         def watch(live=live, outcome=outcome) -> None:
@@ -764,9 +763,8 @@ def test_the_pipelines_time_limit_raises_timed_out(tiny_model_dir) -> None:
 
 
 def test_a_camera_is_refused_for_offline_reading(pipe) -> None:
-    """Offline, frames are read in the answerer's thread, where a V4L2 read that stalls (a hung
-    camera) would block it forever; live, a reader thread reads them and the answerer's wait
-    ends after the timeout. A camera's frames come as they are made, as an app's do."""
+    """A camera's frames come as they are made, as an app's do: offline, the answers would trail
+    it by the frames its driver queues."""
     with pytest.raises(LlavaEdgeError, match="camera /dev/null is live"):
         pipe.watch("/dev/null", "?", live=False)  # a character device, as a camera is
 
@@ -900,3 +898,42 @@ def test_a_rotated_recording_is_answered_upright(tmp_path, degrees) -> None:
     (frame,) = open_frames(path, every_s=0.0)
     shown = np.rot90(stored, degrees // 90)  # numpy turns counterclockwise, as players do
     np.testing.assert_array_equal(frame.image, shown)
+
+
+def test_a_pipe_read_offline_that_stalls_times_out(tmp_path) -> None:
+    """Offline, every frame of a pipe is answered; a writer that stops sending (its end still
+    open) ends the frames after the timeout, as live: FFmpeg's timeout does not reach a read
+    blocked on a pipe."""
+    from llava_edge.runtime.frames import open_frames
+
+    video = make_video(tmp_path / "clip.mkv", frames=40, fps=10).read_bytes()
+    fifo = tmp_path / "feed"
+    os.mkfifo(fifo)
+    done = threading.Event()
+
+    def writer() -> None:
+        with open(fifo, "wb") as pipe_:
+            pipe_.write(video[: len(video) // 2])
+            pipe_.flush()
+            done.wait(20)  # then nothing, the pipe still open
+
+    threading.Thread(target=writer, daemon=True).start()
+    outcome: list[Any] = []
+
+    def read() -> None:
+        try:
+            outcome.extend(
+                f.index for f in open_frames(fifo, every_s=0.0, live=False, timeout_s=0.5)
+            )
+        except LlavaEdgeError as e:
+            outcome.append(str(e))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(10)
+    done.set()
+    assert not reader.is_alive(), "the offline read of a silent pipe hung"
+    assert outcome[:-1] == list(range(len(outcome) - 1)) and len(outcome) > 5  # every frame
+    assert outcome[-1].endswith(
+        "for 0.5 s: the source stalled (check the camera or stream, or raise the timeout)"
+    )

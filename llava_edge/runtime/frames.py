@@ -29,9 +29,11 @@ than `timeout_s` (while opening or between frames).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import os
+import queue
 import stat
 import threading
 import time
@@ -147,7 +149,7 @@ def open_frames(
         return live_frames(frames, every_s, timeout_s, APP_SOURCE, cancel)
     kind = source_kind(source)
     if kind == "device" and live is False:
-        # read offline in the answerer's thread, a V4L2 read that stalls would block it forever
+        # offline, the answers would trail the camera by the frames its driver queues
         raise LlavaEdgeError(
             f"camera {os.fspath(source)} is live: it cannot be read with live=False"
         )
@@ -164,6 +166,8 @@ def open_frames(
         if kind in ("file", "folder"):
             decoded = _paced(decoded)
         return live_frames(decoded, every_s, timeout_s, os.fspath(source), cancel)
+    if kind == "stream":
+        decoded = _read_ahead(decoded, timeout_s, os.fspath(source), cancel)
     return _sampled(decoded, every_s)
 
 
@@ -369,6 +373,56 @@ def _as_error(error: BaseException, name: str) -> LlavaEdgeError:
     if isinstance(error, LlavaEdgeError):
         return error
     return LlavaEdgeError(f"reading {name} failed: {first_line(error)}")
+
+
+def _read_ahead(
+    frames: Iterator[Frame], timeout_s: float, name: str, cancel: threading.Event | None = None
+) -> Iterator[Frame]:
+    """A stream's frames read offline, every one kept, in a reader thread: a pipe's read blocks
+    while its writer sends nothing (FFmpeg's timeout reaches only its network reads), so the
+    answerer waits on the thread, for `timeout_s` at most, and ends at a `cancel`."""
+    handed: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def hand(item: tuple[str, Any]) -> bool:
+        while not stop.is_set():
+            with contextlib.suppress(queue.Full):
+                handed.put(item, timeout=CANCEL_POLL_S)
+                return True
+        return False
+
+    def read() -> None:
+        try:
+            for frame in frames:
+                if not hand(("frame", frame)):
+                    return
+            hand(("end", None))
+        except BaseException as e:  # handed to the answerer's thread, which raises it
+            hand(("error", e))
+        finally:
+            frames.close()
+
+    thread = threading.Thread(target=read, name="llava-edge-frames", daemon=True)
+    thread.start()
+    try:
+        while True:
+            waited = time.monotonic()
+            while True:
+                if cancel is not None and cancel.is_set():
+                    return
+                with contextlib.suppress(queue.Empty):
+                    what, item = handed.get(timeout=CANCEL_POLL_S)
+                    break
+                if time.monotonic() - waited > timeout_s:
+                    raise _stalled(name, timeout_s)
+            if what == "end":
+                return
+            if what == "error":
+                raise _as_error(item, name)
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=1.0)  # a daemon: a read blocked on the pipe cannot hang exit
 
 
 # ---- image folders -------------------------------------------------------------------------
