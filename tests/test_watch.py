@@ -937,3 +937,20 @@ def test_a_pipe_read_offline_that_stalls_times_out(tmp_path) -> None:
     assert outcome[-1].endswith(
         "for 0.5 s: the source stalled (check the camera or stream, or raise the timeout)"
     )
+
+
+def test_a_cancel_ends_an_offline_wait_on_a_silent_pipe(tmp_path) -> None:
+    from llava_edge.runtime.frames import open_frames
+
+    fifo = tmp_path / "feed"
+    os.mkfifo(fifo)  # nobody writes
+    cancel, outcome = threading.Event(), []
+    frames = open_frames(fifo, every_s=0.0, live=False, timeout_s=30.0, cancel=cancel)
+    reader = threading.Thread(target=lambda: outcome.append(list(frames)), daemon=True)
+    reader.start()
+    time.sleep(0.2)
+    cancel.set()
+    reader.join(3)
+    with open(fifo, "wb"):  # unblock the open in the reader thread
+        pass
+    assert outcome == [[]], "a cancel did not end the wait"
