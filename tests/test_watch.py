@@ -954,3 +954,27 @@ def test_a_cancel_ends_an_offline_wait_on_a_silent_pipe(tmp_path) -> None:
     with open(fifo, "wb"):  # unblock the open in the reader thread
         pass
     assert outcome == [[]], "a cancel did not end the wait"
+
+
+def test_a_watch_closed_before_its_first_frame_closes_the_apps_camera(pipe) -> None:
+    """A watch left before its loop asks for a frame (an error first, a shutdown) still closes
+    the app's camera iterator: a generator not yet started runs no cleanup when closed."""
+
+    class Camera:
+        closed = 0
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            return np.zeros((8, 8, 3), np.uint8)
+
+        def close(self) -> None:
+            Camera.closed += 1
+
+    with pipe.watch(Camera(), "?"):
+        pass
+    answers = pipe.watch(Camera(), "?")
+    answers.close()
+    answers.close()
+    assert Camera.closed == 2

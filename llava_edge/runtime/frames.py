@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import math
 import os
 import queue
 import stat
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,8 +146,9 @@ def open_frames(
     if not isinstance(source, str | os.PathLike):
         if live is False:
             raise LlavaEdgeError("an app's frames are live: they cannot be read with live=False")
-        frames = _app_frames(_app_source(source))
-        return live_frames(frames, every_s, timeout_s, APP_SOURCE, cancel)
+        images = _app_source(source)
+        frames = live_frames(_app_frames(images), every_s, timeout_s, APP_SOURCE, cancel)
+        return AppFrames(frames, images)
     kind = source_kind(source)
     if kind == "device" and live is False:
         # offline, the answers would trail the camera by the frames its driver queues
@@ -169,6 +171,25 @@ def open_frames(
     if kind == "stream":
         decoded = _read_ahead(decoded, timeout_s, os.fspath(source), cancel)
     return _sampled(decoded, every_s)
+
+
+class AppFrames(Iterator[Frame]):
+    """An app's frames, as `open_frames` gives them; closing them closes the app's iterator even
+    before a frame was asked for (a generator closed before it starts runs no cleanup, and
+    the app's camera would stay open)."""
+
+    def __init__(self, frames: Generator[Frame, None, None], images: Iterator[Any]):
+        self._frames, self._images = frames, images
+
+    def __next__(self) -> Frame:
+        return next(self._frames)
+
+    def close(self) -> None:
+        unstarted = inspect.getgeneratorstate(self._frames) == inspect.GEN_CREATED
+        self._frames.close()
+        close = getattr(self._images, "close", None)
+        if unstarted and close is not None:
+            close()
 
 
 def _app_source(source: object) -> Iterator[Any]:
