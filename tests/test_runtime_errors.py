@@ -14,7 +14,7 @@ from PIL import Image
 
 from llava_edge.cli import main
 from llava_edge.errors import LlavaEdgeError
-from llava_edge.runtime import Pipeline
+from llava_edge.runtime import Limits, Pipeline
 
 
 @pytest.fixture(scope="module")
@@ -84,11 +84,12 @@ def test_bad_requests_fail_clearly_and_the_pipeline_keeps_answering(pipe, tmp_pa
         assert pipe.answer(image, "What?", max_new_tokens=6).token_ids == expected
 
 
-def test_image_over_pil_limit(pipe, tmp_path, monkeypatch):
+def test_image_over_pil_limit_without_a_pixel_limit(pipe, tmp_path, monkeypatch):
     path = tmp_path / "huge.png"
     Image.fromarray(np.zeros((100, 100, 3), np.uint8)).save(path)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)
-    with pytest.raises(LlavaEdgeError, match="safety limit"):
+    monkeypatch.setattr(pipe, "limits", Limits(max_image_pixels=None))
+    with pytest.raises(LlavaEdgeError, match="PIL's decompression-bomb limit"):
         pipe.generate(path, "What?")
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llava_edge.errors import LlavaEdgeError
+from llava_edge.errors import LlavaEdgeError, TooLarge
 from llava_edge.manifest import ImageSpec
 from llava_edge.runtime.image import load_image, preprocess
 
@@ -201,8 +201,22 @@ def test_missing_file_and_pixel_limits(tmp_path, monkeypatch):
     with pytest.raises(LlavaEdgeError, match="over the limit"):
         load_image(path, max_pixels=1000)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
-    with pytest.raises(LlavaEdgeError, match="safety limit"):
+    with pytest.raises(LlavaEdgeError, match="PIL's decompression-bomb limit"):
         load_image(path)
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "TIFF"])
+def test_a_pixel_limit_over_pils_lets_an_image_decode(tmp_path, monkeypatch, fmt):
+    """PIL checks its own limit again as GIF frames and TIFF tiles decode: a larger limit of
+    ours still lets such an image through, and one far past both is refused with ours."""
+    path = tmp_path / f"big.{fmt.lower()}"
+    frames = [Image.fromarray(noise(64, 64, seed=i)) for i in range(2)]
+    frames[0].save(path, save_all=True, append_images=frames[1:], tile=(16, 16))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    assert load_image(path, max_pixels=5000).size == (64, 64)
+    with pytest.raises(TooLarge, match="over the limit of 1500"):
+        load_image(path, max_pixels=1500)
+    assert Image.MAX_IMAGE_PIXELS == 1000
 
 
 def test_bad_arrays_get_clear_errors():

@@ -235,3 +235,17 @@ def test_every_command_that_runs_a_model_holds_the_limits(
             assert message in (out + err), limit
         else:
             assert code == 1 and message in err and "Traceback" not in err, limit
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_the_pixel_limit_governs_over_pils_own(pipe, form, tmp_path, monkeypatch):
+    """PIL refuses an image over its MAX_IMAGE_PIXELS (89M, an error past twice that) as it opens
+    it: a deployment's larger limit still lets it through, a smaller one refuses it first, with
+    the same error for every form, and PIL's setting is left as it was."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)
+    monkeypatch.setattr(pipe, "limits", Limits(max_image_pixels=1000))
+    assert pipe.answer(image_as(form, 25, 40, tmp_path), "What is it?", **SMALL) is not None
+    monkeypatch.setattr(pipe, "limits", Limits(max_image_pixels=500))
+    with pytest.raises(LlavaEdgeError, match=r"25x40 = 1000 pixels, over the limit of 500"):
+        pipe.answer(image_as(form, 25, 40, tmp_path), "What is it?", **SMALL)
+    assert Image.MAX_IMAGE_PIXELS == 300

@@ -6,6 +6,8 @@ back from its pixels."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -289,11 +291,10 @@ def test_missing_broken_and_truncated_sources_give_one_line_errors(pipe, tmp_pat
 
 
 def test_a_stream_that_never_delivers_times_out(pipe, tmp_path) -> None:
-    """A named pipe is a stream whether or not `live` is asked for: one that nobody feeds times
-    out (an offline read of it would block for ever)."""
+    """A named pipe that nobody feeds times out, read live or offline."""
     fifo = tmp_path / "stream.ts"
     os.mkfifo(fifo)  # nobody writes: opening it for reading blocks, as a dead server would
-    for live in (True, None):
+    for live in (True, None, False):
         outcome: list[BaseException | None] = []
 
         def watch(live=live, outcome=outcome) -> None:
@@ -759,3 +760,221 @@ def test_the_pipelines_time_limit_raises_timed_out(tiny_model_dir) -> None:
     slow = Pipeline.load(tiny_model_dir, limits=Limits(timeout_s=1e-9))
     with slow, pytest.raises(TimedOut, match="time limit"):
         slow.answer(None, "Hi", max_new_tokens=4, ignore_eos=True)
+
+
+def test_a_camera_is_refused_for_offline_reading(pipe) -> None:
+    """A camera's frames come as they are made, as an app's do: offline, the answers would trail
+    it by the frames its driver queues."""
+    with pytest.raises(LlavaEdgeError, match="camera /dev/null is live"):
+        pipe.watch("/dev/null", "?", live=False)  # a character device, as a camera is
+
+
+@pytest.mark.parametrize("view", [lambda b: b, memoryview], ids=["bytearray", "memoryview"])
+def test_an_apps_encoded_frames_in_a_reused_buffer_are_kept(view) -> None:
+    """A driver handing over each JPEG or BMP in the one buffer it refills, as it does an
+    array: the frame answered is the one handed over, not what the buffer holds later."""
+    from llava_edge.runtime.frames import open_frames
+
+    def encoded(level_: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((8, 8, 3), STEP * level_, np.uint8)).save(buffer, "BMP")
+        return buffer.getvalue()
+
+    refilled = threading.Event()
+
+    def driver():
+        buffer = bytearray(encoded(1))
+        yield view(buffer)
+        buffer[:] = encoded(2)  # the next frame, in the same buffer
+        refilled.set()
+        while True:
+            yield None
+
+    with contextlib.closing(open_frames(driver(), every_s=0.0, timeout_s=2.0)) as frames:
+        frame = next(frames)
+        assert refilled.wait(2)
+        assert level(frame.image) == 1
+
+
+def test_a_stream_that_stalls_read_offline_says_it_stalled(tmp_path) -> None:
+    """Read offline, a stream's stall ends in FFmpeg's own timeout ('Immediate exit requested'):
+    it is a stall, said as the live reader says it, not a corrupt file."""
+    import http.server
+
+    from llava_edge.runtime.frames import open_frames
+
+    video = make_video(tmp_path / "cam.mkv", frames=40, fps=10).read_bytes()
+    done = threading.Event()
+
+    class Stalling(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/half.mkv":  # half the video, then nothing
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(video[: len(video) // 2])
+                self.wfile.flush()
+            done.wait(10)  # /silent.mkv: not even a response
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stalling)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        frames = open_frames(f"{base}/half.mkv", every_s=0.0, live=False, timeout_s=0.5)
+        with pytest.raises(LlavaEdgeError, match="half.mkv for 0.5 s: the source stalled"):
+            for _ in frames:
+                pass
+        frames = open_frames(f"{base}/silent.mkv", every_s=0.0, live=False, timeout_s=0.5)
+        with pytest.raises(LlavaEdgeError, match="silent.mkv: no answer for 0.5 s"):
+            next(frames)
+    finally:
+        done.set()
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_camera_is_a_camera_by_any_path(tmp_path) -> None:
+    """A udev-style link to a camera kept outside /dev (a robot's cams/front) is read as the
+    camera it names: live, through V4L2, not probed as a video file."""
+    from llava_edge.runtime.frames import source_kind
+
+    link = tmp_path / "front"
+    link.symlink_to("/dev/null")  # a character device, as a camera is
+    assert source_kind(link) == source_kind("/dev/null") == "device"
+    assert source_kind(tmp_path) == "folder" and source_kind(tmp_path / "clip.mp4") == "file"
+
+
+def test_a_camera_unplugged_mid_way_says_so(pipe, recorder, monkeypatch) -> None:
+    """V4L2's read fails with ENODEV once the camera is gone: the watch ends with that said of a
+    camera (not of a truncated file), after the frames it sent, and the camera is closed."""
+    import errno
+
+    closed = threading.Event()
+
+    class Unplugged:
+        streams = type("Streams", (), {"video": [type("Stream", (), {"average_rate": 0})()]})()
+
+        def decode(self, stream):
+            for i in range(2):
+                yield av.VideoFrame.from_ndarray(np.full((8, 8, 3), STEP * i, np.uint8), "rgb24")
+            av.error.err_check(-errno.ENODEV)
+
+        def close(self) -> None:
+            closed.set()
+
+    fake = type("av", (), {"open": staticmethod(lambda *a, **k: Unplugged()), "error": av.error})
+    monkeypatch.setattr("llava_edge.runtime.frames.import_av", lambda: fake)
+    answers = []
+    with pytest.raises(LlavaEdgeError) as raised:
+        for answer in pipe.watch("/dev/null", "?", every_s=0.0):  # a character device
+            answers.append(answer.index)
+    assert answers and answers[-1] == 1
+    assert str(raised.value) == (
+        "camera /dev/null stopped after 2 frames (No such device): it was unplugged or failed; "
+        "check it and its cable"
+    )
+    assert closed.is_set()
+
+
+@pytest.mark.parametrize("degrees", [90, -90, 180])
+def test_a_rotated_recording_is_answered_upright(tmp_path, degrees) -> None:
+    """A phone's portrait video is stored landscape with a display rotation, as a photo's EXIF
+    orientation is: its frames are answered as a player shows them (rotated counterclockwise
+    by it), not on their side."""
+    from llava_edge.runtime.frames import open_frames
+
+    stored = np.zeros((32, 64, 3), np.uint8)
+    stored[:, :32] = 255  # the left half white
+    path = tmp_path / "portrait.mkv"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("ffv1", rate=5)
+        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv444p"
+        stream.set_display_rotation(degrees)
+        frame = av.VideoFrame.from_ndarray(stored, "rgb24")
+        container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    (frame,) = open_frames(path, every_s=0.0)
+    shown = np.rot90(stored, degrees // 90)  # numpy turns counterclockwise, as players do
+    np.testing.assert_array_equal(frame.image, shown)
+
+
+def test_a_pipe_read_offline_that_stalls_times_out(tmp_path) -> None:
+    """Offline, every frame of a pipe is answered; a writer that stops sending (its end still
+    open) ends the frames after the timeout, as live: FFmpeg's timeout does not reach a read
+    blocked on a pipe."""
+    from llava_edge.runtime.frames import open_frames
+
+    video = make_video(tmp_path / "clip.mkv", frames=40, fps=10).read_bytes()
+    fifo = tmp_path / "feed"
+    os.mkfifo(fifo)
+    done = threading.Event()
+
+    def writer() -> None:
+        with open(fifo, "wb") as pipe_:
+            pipe_.write(video[: len(video) // 2])
+            pipe_.flush()
+            done.wait(20)  # then nothing, the pipe still open
+
+    threading.Thread(target=writer, daemon=True).start()
+    outcome: list[Any] = []
+
+    def read() -> None:
+        try:
+            outcome.extend(
+                f.index for f in open_frames(fifo, every_s=0.0, live=False, timeout_s=0.5)
+            )
+        except LlavaEdgeError as e:
+            outcome.append(str(e))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(10)
+    done.set()
+    assert not reader.is_alive(), "the offline read of a silent pipe hung"
+    assert outcome[:-1] == list(range(len(outcome) - 1)) and len(outcome) > 5  # every frame
+    assert outcome[-1].endswith(
+        "for 0.5 s: the source stalled (check the camera or stream, or raise the timeout)"
+    )
+
+
+def test_a_cancel_ends_an_offline_wait_on_a_silent_pipe(tmp_path) -> None:
+    from llava_edge.runtime.frames import open_frames
+
+    fifo = tmp_path / "feed"
+    os.mkfifo(fifo)  # nobody writes
+    cancel, outcome = threading.Event(), []
+    frames = open_frames(fifo, every_s=0.0, live=False, timeout_s=30.0, cancel=cancel)
+    reader = threading.Thread(target=lambda: outcome.append(list(frames)), daemon=True)
+    reader.start()
+    time.sleep(0.2)
+    cancel.set()
+    reader.join(3)
+    with open(fifo, "wb"):  # unblock the open in the reader thread
+        pass
+    assert outcome == [[]], "a cancel did not end the wait"
+
+
+def test_a_watch_closed_before_its_first_frame_closes_the_apps_camera(pipe) -> None:
+    """A watch left before its loop asks for a frame (an error first, a shutdown) still closes
+    the app's camera iterator: a generator not yet started runs no cleanup when closed."""
+
+    class Camera:
+        closed = 0
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            return np.zeros((8, 8, 3), np.uint8)
+
+        def close(self) -> None:
+            Camera.closed += 1
+
+    with pipe.watch(Camera(), "?"):
+        pass
+    answers = pipe.watch(Camera(), "?")
+    answers.close()
+    answers.close()
+    assert Camera.closed == 2

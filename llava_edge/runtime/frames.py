@@ -29,13 +29,16 @@ than `timeout_s` (while opening or between frames).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import inspect
 import math
 import os
+import queue
 import stat
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,31 +82,38 @@ class VideoPixels:
         self.frame, self.source = frame, source
 
     def rgb(self) -> np.ndarray:
+        """(H, W, 3) RGB, upright as a player shows it: a phone's portrait video is stored on its
+        side with a display rotation (counterclockwise, in degrees), as a photo's EXIF
+        orientation is, and is turned by it."""
         try:
-            return self.frame.to_ndarray(format="rgb24")
+            array = self.frame.to_ndarray(format="rgb24")
+            turns = round(self.frame.rotation / 90) % 4
         except Exception as e:  # PyAV's errors, and ValueError for a format it cannot convert
             raise LlavaEdgeError(
                 f"cannot convert a frame of {self.source} to RGB: {first_line(e)}"
             ) from None
+        return np.ascontiguousarray(np.rot90(array, turns)) if turns else array
 
 
 def source_kind(source: str | os.PathLike) -> str:
     """'folder', 'device', 'stream' or 'file', from the source's name. A named pipe (or
-    /dev/stdin fed by one) is a stream: its frames come as they are made, and can stop coming."""
+    /dev/stdin fed by one) is a stream: its frames come as they are made, and can stop coming.
+    A character device is a camera wherever its path (a link to one outside /dev too)."""
     text = os.fspath(source)
-    if text.startswith(NETWORK_SCHEMES) or _is_pipe(text):
+    mode = _mode(text)
+    if text.startswith(NETWORK_SCHEMES) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
         return "stream"
-    if text.startswith("/dev/") and not os.path.isfile(text):  # /dev/stdin may be a file
-        return "device"
-    return "folder" if Path(text).is_dir() else "file"
+    if stat.S_ISCHR(mode) or (text.startswith("/dev/") and not stat.S_ISREG(mode)):
+        return "device"  # a missing /dev/videoN too, for its error; /dev/stdin may be a file
+    return "folder" if stat.S_ISDIR(mode) else "file"
 
 
-def _is_pipe(path: str) -> bool:
+def _mode(path: str) -> int:
+    """The file type bits of what `path` names (links followed), 0 for nothing there."""
     try:
-        mode = os.stat(path).st_mode
+        return os.stat(path).st_mode
     except (OSError, ValueError):
-        return False
-    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+        return 0
 
 
 def open_frames(
@@ -120,11 +130,14 @@ def open_frames(
     dtype or channels, PIL images) that an app's camera driver yields, read in a thread as a
     camera is; a None from it means no new frame yet. live: None decides from the source
     (cameras, streams, pipes and an app's frames are live, files and folders not); True replays a
-    file at its own pace, as a camera would deliver it. timeout_s: how long to wait for a stream
+    file at its own pace, as a camera would deliver it; False is refused for a camera and an
+    app's frames, which come as they are made. timeout_s: how long to wait for a stream
     to open or for its next frame before giving up. folder_fps: an image folder is a slideshow at
     this rate, its images in name order. cancel: set from another thread, a live source's
     iterator stops waiting for a frame and ends.
-    Closing the iterator stops the reader and closes the source (an app's iterator too).
+    Closing the iterator stops the reader and closes the source (an app's iterator too); a
+    reader stuck in a read that stalled (FFmpeg's V4L2 read, an app driver's own read: neither
+    can be interrupted) closes it when that read returns, while the answers end at the timeout.
     """
     _check_number("every_s (--every)", every_s, "0 or more seconds", minimum=0.0)
     _check_number(
@@ -133,9 +146,15 @@ def open_frames(
     if not isinstance(source, str | os.PathLike):
         if live is False:
             raise LlavaEdgeError("an app's frames are live: they cannot be read with live=False")
-        frames = _app_frames(_app_source(source))
-        return live_frames(frames, every_s, timeout_s, APP_SOURCE, cancel)
+        images = _app_source(source)
+        frames = live_frames(_app_frames(images), every_s, timeout_s, APP_SOURCE, cancel)
+        return AppFrames(frames, images)
     kind = source_kind(source)
+    if kind == "device" and live is False:
+        # offline, the answers would trail the camera by the frames its driver queues
+        raise LlavaEdgeError(
+            f"camera {os.fspath(source)} is live: it cannot be read with live=False"
+        )
     if kind == "folder":
         _check_number(
             "folder_fps (--folder-fps)", folder_fps, "a positive number of images a second"
@@ -149,7 +168,28 @@ def open_frames(
         if kind in ("file", "folder"):
             decoded = _paced(decoded)
         return live_frames(decoded, every_s, timeout_s, os.fspath(source), cancel)
+    if kind == "stream":
+        decoded = _read_ahead(decoded, timeout_s, os.fspath(source), cancel)
     return _sampled(decoded, every_s)
+
+
+class AppFrames(Iterator[Frame]):
+    """An app's frames, as `open_frames` gives them; closing them closes the app's iterator even
+    before a frame was asked for (a generator closed before it starts runs no cleanup, and
+    the app's camera would stay open)."""
+
+    def __init__(self, frames: Generator[Frame, None, None], images: Iterator[Any]):
+        self._frames, self._images = frames, images
+
+    def __next__(self) -> Frame:
+        return next(self._frames)
+
+    def close(self) -> None:
+        unstarted = inspect.getgeneratorstate(self._frames) == inspect.GEN_CREATED
+        self._frames.close()
+        close = getattr(self._images, "close", None)
+        if unstarted and close is not None:
+            close()
 
 
 def _app_source(source: object) -> Iterator[Any]:
@@ -174,8 +214,11 @@ def _app_frames(images: Iterator[Any]) -> Iterator[Frame | None]:
             if image is None:
                 yield None
                 continue
+            # a driver may fill the same buffer with its next frame
             if isinstance(image, np.ndarray):
-                image = image.copy()  # a driver may fill the same buffer with its next frame
+                image = image.copy()
+            elif isinstance(image, bytearray | memoryview):
+                image = bytes(image)
             yield Frame(image, index, 0.0)
             index += 1
     finally:
@@ -319,10 +362,7 @@ class LatestFrame:
                     return None
                 left = max(asked, self._arrived) + timeout_s - time.monotonic()
                 if left <= 0:
-                    raise LlavaEdgeError(
-                        f"no frame from {name} for {timeout_s:g} s: the source stalled (check "
-                        "the camera or stream, or raise the timeout)"
-                    )
+                    raise _stalled(name, timeout_s)
                 # a cancel is set from another thread, without the condition: look at it often
                 self._changed.wait(left if cancel is None else min(left, CANCEL_POLL_S))
             if self._box is None:
@@ -343,10 +383,67 @@ class LatestFrame:
         self._thread.join(timeout=1.0)
 
 
+def _stalled(name: str, timeout_s: float) -> LlavaEdgeError:
+    return LlavaEdgeError(
+        f"no frame from {name} for {timeout_s:g} s: the source stalled (check the camera or "
+        "stream, or raise the timeout)"
+    )
+
+
 def _as_error(error: BaseException, name: str) -> LlavaEdgeError:
     if isinstance(error, LlavaEdgeError):
         return error
     return LlavaEdgeError(f"reading {name} failed: {first_line(error)}")
+
+
+def _read_ahead(
+    frames: Iterator[Frame], timeout_s: float, name: str, cancel: threading.Event | None = None
+) -> Iterator[Frame]:
+    """A stream's frames read offline, every one kept, in a reader thread: a pipe's read blocks
+    while its writer sends nothing (FFmpeg's timeout reaches only its network reads), so the
+    answerer waits on the thread, for `timeout_s` at most, and ends at a `cancel`."""
+    handed: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def hand(item: tuple[str, Any]) -> bool:
+        while not stop.is_set():
+            with contextlib.suppress(queue.Full):
+                handed.put(item, timeout=CANCEL_POLL_S)
+                return True
+        return False
+
+    def read() -> None:
+        try:
+            for frame in frames:
+                if not hand(("frame", frame)):
+                    return
+            hand(("end", None))
+        except BaseException as e:  # handed to the answerer's thread, which raises it
+            hand(("error", e))
+        finally:
+            frames.close()
+
+    thread = threading.Thread(target=read, name="llava-edge-frames", daemon=True)
+    thread.start()
+    try:
+        while True:
+            waited = time.monotonic()
+            while True:
+                if cancel is not None and cancel.is_set():
+                    return
+                with contextlib.suppress(queue.Empty):
+                    what, item = handed.get(timeout=CANCEL_POLL_S)
+                    break
+                if time.monotonic() - waited > timeout_s:
+                    raise _stalled(name, timeout_s)
+            if what == "end":
+                return
+            if what == "error":
+                raise _as_error(item, name)
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=1.0)  # a daemon: a read blocked on the pipe cannot hang exit
 
 
 # ---- image folders -------------------------------------------------------------------------
@@ -415,7 +512,8 @@ def _video_frames(source: str, kind: str, timeout_s: float) -> Iterator[Frame]:
             stream.thread_type = "SLICE" if kind in ("device", "stream") else "AUTO"
             first: float | None = None
             rate = float(stream.average_rate) if stream.average_rate else 0.0
-            for index, frame in enumerate(_decode(av, container, stream, source)):
+            decoded = _decode(av, container, stream, source, kind, timeout_s)
+            for index, frame in enumerate(decoded):
                 media = frame.time if frame.time is not None else (index / rate if rate else 0.0)
                 first = media if first is None else first
                 yield Frame(VideoPixels(frame, source), index, media - first)
@@ -438,10 +536,15 @@ def _open_container(av: Any, source: str, kind: str, timeout_s: float) -> Any:
         )
     except av.error.FFmpegError as e:
         what = {"device": "camera", "stream": "stream", "file": "video file"}[kind]
-        raise LlavaEdgeError(f"cannot open {what} {source}: {_ffmpeg_reason(e)}") from None
+        reason = _ffmpeg_reason(e)
+        if isinstance(e, av.error.ExitError):  # FFmpeg's timeout ends the open this way
+            reason = f"no answer for {timeout_s:g} s (check the address, or raise the timeout)"
+        raise LlavaEdgeError(f"cannot open {what} {source}: {reason}") from None
 
 
-def _decode(av: Any, container: Any, stream: Any, source: str) -> Iterator[Any]:
+def _decode(
+    av: Any, container: Any, stream: Any, source: str, kind: str, timeout_s: float
+) -> Iterator[Any]:
     index = 0
     try:
         for frame in container.decode(stream):
@@ -449,11 +552,21 @@ def _decode(av: Any, container: Any, stream: Any, source: str) -> Iterator[Any]:
             index += 1
     except av.error.EOFError:
         return
+    except av.error.ExitError:  # FFmpeg's timeout: nothing came for timeout_s
+        raise _stalled(source, timeout_s) from None
     except av.error.FFmpegError as e:
-        raise LlavaEdgeError(
-            f"{source} broke after {index} frames ({_ffmpeg_reason(e)}): the file is truncated "
-            "or corrupt, or the stream failed"
-        ) from None
+        reason = _ffmpeg_reason(e)
+        if kind == "device":  # V4L2 reads fail with ENODEV once the camera is gone
+            raise LlavaEdgeError(
+                f"camera {source} stopped after {index} frames ({reason}): it was unplugged or "
+                "failed; check it and its cable"
+            ) from None
+        why = (
+            "the stream failed or sent corrupt data"
+            if kind == "stream"
+            else "the file is truncated or corrupt"
+        )
+        raise LlavaEdgeError(f"{source} broke after {index} frames ({reason}): {why}") from None
 
 
 def _ffmpeg_reason(error: Exception) -> str:

@@ -44,7 +44,8 @@ def load_image(source: ImageInput, max_pixels: int | None = None) -> Image.Image
     arrays are (H, W, 3) RGB or (H, W, 4) RGBA, or (H, W) grey: uint8 (or other integers,
     0-255), uint16 (scaled to 8 bits) or floats in [0, 1]; channels are read in RGB order
     whatever the source (OpenCV's frames are BGR: pass `frame[..., ::-1]`). An image of more than
-    `max_pixels` pixels is refused whatever its form, a file before it is decoded.
+    `max_pixels` pixels is refused whatever its form, a file before it is decoded (that limit,
+    not PIL's own MAX_IMAGE_PIXELS, governs; without one, a file over PIL's is refused).
     """
     if isinstance(source, np.ndarray):
         if source.ndim >= 2 and source.size:  # the shape and emptiness are checked next
@@ -97,27 +98,60 @@ def _open(source: str | os.PathLike | bytes, max_pixels: int | None) -> Image.Im
     elif not source:
         raise LlavaEdgeError("the image data is empty")
     try:
-        # catch_warnings swaps the process's filters: threads overlapping here would leave the
-        # "error" filter installed for the whole app. Only the header is read under the lock.
-        with _FILTERS, warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(source) if given else source)
-        try:
-            _check_pixels(image.width, image.height, max_pixels)  # from the header alone
-        except LlavaEdgeError:
-            image.close()
-            raise
+        image = _open_within(io.BytesIO(source) if given else source, max_pixels, what)
         image.load()  # decode now, so truncation is found here and not later
         return image
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise TooLarge(
-            f"{what} has more pixels than PIL's safety limit ({Image.MAX_IMAGE_PIXELS}); "
-            "downscale it first"
-        ) from None
     except UnidentifiedImageError:
         raise LlavaEdgeError(f"{name} is not an image PIL can read") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise LlavaEdgeError(f"{what} is corrupt or truncated ({e})") from None
+
+
+def _open_within(
+    file: str | os.PathLike | io.BytesIO, max_pixels: int | None, what: str
+) -> Image.Image:
+    """Open an image file, refused from its header alone when over `max_pixels`.
+
+    PIL has a limit of its own, MAX_IMAGE_PIXELS (89M: a warning past it, an error past twice
+    it), that it checks as it opens a file and again as some formats decode (GIF frames, TIFF
+    tiles). Ours governs: PIL's warning is ignored, and where ours is larger, PIL's is lifted to
+    it until the image is decoded. Without a limit of ours, PIL's warning is an error.
+    """
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    lift = max_pixels is not None and pil_limit is not None and max_pixels > pil_limit
+    # catch_warnings swaps the process's filters, and PIL's limit is a global: threads
+    # overlapping here would leave either changed for the whole app. Only the header is read
+    # under the lock, unless PIL's limit is lifted (its later checks then need it).
+    with _FILTERS, warnings.catch_warnings():
+        warnings.simplefilter(
+            "error" if max_pixels is None else "ignore", Image.DecompressionBombWarning
+        )
+        if lift:
+            Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            image = Image.open(file)
+            try:
+                _check_pixels(image.width, image.height, max_pixels)
+                if lift:
+                    image.load()
+            except BaseException:
+                image.close()
+                raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            if max_pixels is None:  # PIL's limit guards against decompression bombs
+                raise TooLarge(
+                    f"{what} has more pixels than PIL's decompression-bomb limit ({pil_limit}); "
+                    "downscale it, or allow it with a pixel limit (max_image_pixels, "
+                    "--max-image-pixels)"
+                ) from None
+            raise TooLarge(  # past twice PIL's limit as it stands, so at least twice ours
+                f"{what} has more than {2 * Image.MAX_IMAGE_PIXELS} pixels, over the limit of "
+                f"{max_pixels}; downscale it first"
+            ) from None
+        finally:
+            if lift:
+                Image.MAX_IMAGE_PIXELS = pil_limit
+    return image
 
 
 def _from_array(array: np.ndarray) -> Image.Image:

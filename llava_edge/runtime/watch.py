@@ -16,11 +16,13 @@ Leaving the answers before their end (break, an exception) should stop the camer
 `watch` returns a `Watch`: used in a `with` block, or closed, it stops the source's reader and
 closes the source there and then, even while the iterator is still bound to a name (a generator
 would keep the camera open until it was garbage-collected, and a second watch of the same
-camera would find it busy).
+camera would find it busy). A reader stuck in a read that stalled closes it only when that read
+returns (see llava_edge.runtime.frames.open_frames).
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import threading
 import time
@@ -65,8 +67,13 @@ class Watch(Iterator[WatchAnswer]):
     """The answers about a source's frames; `with pipe.watch(...) as answers:` closes the source
     when the block ends, however it ends."""
 
-    def __init__(self, answers: Generator[WatchAnswer, None, None], cancel: threading.Event):
-        self._answers, self._cancel = answers, cancel
+    def __init__(
+        self,
+        answers: Generator[WatchAnswer, None, None],
+        cancel: threading.Event,
+        stream: Iterator[Frame],
+    ):
+        self._answers, self._cancel, self._stream = answers, cancel, stream
 
     def __next__(self) -> WatchAnswer:
         return next(self._answers)
@@ -76,12 +83,15 @@ class Watch(Iterator[WatchAnswer]):
         thread (a robot's shutdown handler) while the iterating one waits for a frame or an
         answer, it returns at once; that thread's wait then ends with the answers (after the
         answer in progress, which is dropped), and the source is closed there."""
+        unstarted = inspect.getgeneratorstate(self._answers) == inspect.GEN_CREATED
         self._cancel.set()
         try:
             self._answers.close()
         except ValueError:  # running in another thread, which ends it once it sees the cancel
             if not self._answers.gi_running:
                 raise
+        if unstarted:  # the answers' cleanup never ran: close the source here
+            self._stream.close()
 
     def __enter__(self) -> Watch:
         return self
@@ -140,7 +150,7 @@ def watch(
         source, every_s, live=live, timeout_s=timeout_s, folder_fps=folder_fps, cancel=cancel
     )
     answers = _answers(pipe, stream, prompt, frames, changes_only, max_frames, options, cancel)
-    return Watch(answers, cancel)
+    return Watch(answers, cancel, stream)
 
 
 def _check_placeholders(prompt: str, frames: int, raw: bool) -> None:
