@@ -42,10 +42,16 @@ class Sample:
 
 def load_samples(calib: str | os.PathLike | None, images: str | os.PathLike | None) -> list[Sample]:
     """Samples from a LLaVA JSON file (images under `images`, else beside the JSON), or from an
-    image folder (`calib` or `images` naming a dir) asked DEFAULT_PROMPT.
+    image folder (`calib` or `images` naming a dir) asked DEFAULT_PROMPT; a sample the data
+    repeats comes once (it would count twice toward --samples, or be held out for the report
+    while calibrated on).
 
     Raises LlavaEdgeError for a missing, empty or unreadable source.
     """
+    return list(dict.fromkeys(_load(calib, images)))
+
+
+def _load(calib: str | os.PathLike | None, images: str | os.PathLike | None) -> list[Sample]:
     if calib is None and images is None:
         raise LlavaEdgeError(
             "no calibration data: pass --calib LLAVA_JSON (with --images DIR) or --images DIR"

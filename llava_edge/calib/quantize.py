@@ -372,7 +372,8 @@ def _split(
     samples: int,
     report: bool,
 ) -> tuple[list[Sample], list[Sample], list[Sample]]:
-    """Calibration samples, the held-out ones the report compares on (never calibrated on), and
+    """Calibration samples, the held-out ones the report compares on (never calibrated on, nor
+    their pictures: the vision encoder's and projector's rows compare on pictures alone), and
     every sample the data holds."""
     if precision == "fp16" and not report:
         return [], [], []
@@ -388,12 +389,18 @@ def _split(
                 "--report needs samples beyond the calibration ones: give at least 2"
             )
         held = min(REPORT_SAMPLES, max(1, len(everything) - samples), len(everything) // 2)
-    calibration = everything[: len(everything) - held][:samples]
+    held_out = everything[len(everything) - held :]
+    rest = everything[: len(everything) - held]
+    pictures = {s.image for s in held_out if s.image}
+    unseen = [s for s in rest if s.image not in pictures]
+    # Where every picture is a held-out one too (one scene asked many questions), the prompts
+    # still differ.
+    calibration = (unseen if any(s.image for s in unseen) else rest)[:samples]
     if not any(s.image for s in calibration):
         raise LlavaEdgeError(
             "no calibration sample has an image: the vision encoder and projector need pictures"
         )
-    return calibration, everything[len(everything) - held :], everything
+    return calibration, held_out, everything
 
 
 def _plan(precision: str) -> dict[str, str]:
