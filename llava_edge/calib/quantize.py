@@ -48,7 +48,7 @@ import numpy as np
 
 from llava_edge.calib.data import Activations, FeedReader, Sample, check_samples, load_samples
 from llava_edge.calib.fp16 import fp16_graph, load_weights, to_fp16
-from llava_edge.calib.kv_int8 import KV_CACHE_CHOICES, KVRanges, int8_kv_cache
+from llava_edge.calib.kv_int8 import KV_CACHE_CHOICES, fused_ranges, int8_kv_cache
 from llava_edge.errors import LlavaEdgeError, first_line
 from llava_edge.files import (
     check_output_dir,
@@ -301,11 +301,9 @@ def _check_kv_cache(precision: str, kv_cache: str | None) -> None:
 
 def _int8_kv_cache(manifest: Manifest, out: Path, activations: Activations) -> None:
     """The fused decoder (and its int8 prefill companion, which shares the cache) with an int8 KV
-    cache, its scales from the fp32 decoder's keys and values on the calibration samples."""
-    ranges = KVRanges(manifest.text)
-    for capture in activations.captures("decoder", desc="calibrate the KV cache"):
-        ranges.observe(capture)
-    keys, values = ranges.scales()
+    cache, its scales from the keys and values they write on the calibration samples."""
+    captures = activations.captures("decoder", desc="calibrate the KV cache")
+    keys, values = fused_ranges(manifest, out, captures).scales()
     fused = manifest.graphs["decoder"].fused
     prefill = fused.prefill
     fused = int8_kv_cache(out / fused.file, fused, keys, values)
