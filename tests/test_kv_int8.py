@@ -252,3 +252,25 @@ def test_scales_hold_what_the_quantized_decoder_writes_on_its_calibration_sample
                     (cache.values[layer], value_scale),
                 ):
                     assert (np.abs(stored[0, :, :n]) <= 127 * scale * (1 + 1e-5)).all()
+
+
+def test_the_report_sizes_what_the_cpu_runtime_loads(dirs: dict, tiny_model_dir: Path) -> None:
+    """On the CPU the runtime loads the fused forms, and with `--prefill int8` the int8 prompt
+    decoder beside the int4 one: the report's sizes count them, against fp32's fused forms."""
+    from llava_edge.calib.report import _sizes, format_table
+    from llava_edge.files import graph_bytes
+
+    def cpu_bytes(root: Path) -> int:
+        graphs = Manifest.load(root).graphs.values()
+        forms = [g.fused.forms() if g.fused else [g] for g in graphs]
+        return sum(graph_bytes(root / s.file) for specs in forms for s in specs)
+
+    quantized = dirs["int8_cache"]
+    sizes = _sizes(
+        tiny_model_dir, Manifest.load(tiny_model_dir), quantized, Manifest.load(quantized)
+    )
+    assert sizes["cpu_graph_bytes"] == cpu_bytes(quantized)
+    assert sizes["fp32_cpu_graph_bytes"] == cpu_bytes(tiny_model_dir)
+    assert sizes["cpu_ratio"] == round(cpu_bytes(tiny_model_dir) / cpu_bytes(quantized), 3)
+    report = {"graphs": [], "greedy": {"samples": 0}, "sizes": sizes}
+    assert f"(x{sizes['cpu_ratio']})" in format_table(report)
