@@ -277,3 +277,40 @@ def test_force_never_deletes_the_images_a_calibration_json_finds(
     err = capsys.readouterr().err.strip()
     assert "holds the calibration images" in err and "\n" not in err
     assert sorted(p.name for p in out.iterdir()) == ["0.png", "1.png", "2.png"]
+
+
+def test_samples_left_out_for_a_held_out_picture_are_said(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second question about the held-out picture is calibrated on by no one: the note says
+    so, rather than that the data holds no more."""
+    _pictures(tmp_path / "pictures", 3)
+    pairs = [(2, "What?"), (0, "What?"), (1, "What?"), (2, "Where?")]
+    items = [
+        {"image": f"{i}.png", "conversations": [{"from": "human", "value": f"<image>\n{q}"}]}
+        for i, q in pairs
+    ]
+    (tmp_path / "calib.json").write_text(json.dumps(items))
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args: object) -> None:
+        raise Stop
+
+    monkeypatch.setattr(quantize, "scratch_beside", stop)  # the work starts after the note
+    said: list[str] = []
+    with pytest.raises(Stop):
+        quantize.quantize_model(
+            tiny_model_dir,
+            tmp_path / "out",
+            "int8",
+            calib=tmp_path / "calib.json",
+            images=tmp_path / "pictures",
+            report=True,
+            log=said.append,
+        )
+    assert said == [
+        "note: calibrating on 2 samples, fewer than --samples 32 asks: the data holds no more, "
+        "1 more held out for --report, 1 left out as they ask about a held-out picture"
+    ]

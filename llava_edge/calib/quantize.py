@@ -178,6 +178,8 @@ def quantize_model(
     check_samples(source, calibration + held_out)
     if precision != "fp16" and len(calibration) < samples:
         kept = f", {len(held_out)} more held out for --report" if report else ""
+        shared = len(loaded) - len(calibration) - len(held_out)  # of a held-out picture
+        kept += f", {shared} left out as they ask about a held-out picture" if shared else ""
         log(
             f"note: calibrating on {len(calibration)} samples, fewer than --samples {samples} "
             f"asks: the data holds no more{kept}"
