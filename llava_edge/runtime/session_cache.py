@@ -15,10 +15,10 @@ rebuilt. Entries of one graph under other onnxruntime versions stay (two venvs o
 share the cache, and would otherwise rebuild every graph on each switch), but every load drops the
 entries nothing can use any more: one of a graph since replaced at its path (a re-export), one
 whose graph is gone (a deleted model dir), and one no load has opened for MAX_AGE_DAYS (an
-onnxruntime no longer installed). An entry records the graph's final path beside the one it was opened from:
-one written while `quantize` or `export` checks a dir in its temporary place belongs to the dir
-once it is installed. Only CPU
-sessions are cached: GPU providers keep their own caches (the TensorRT provider's engines).
+onnxruntime no longer installed). An entry records the graph's final path beside the one it was
+opened from: one written while `quantize` or `export` checks a dir in its temporary place belongs
+to the dir once it is installed. Only CPU sessions are cached: GPU providers keep their own
+caches (the TensorRT provider's engines).
 
 The cache costs disk: about twice the graph's weights (the weights and their pre-packed copies);
 and the load that writes an entry holds a second copy of the weights in memory meanwhile, so it
