@@ -314,3 +314,40 @@ def test_samples_left_out_for_a_held_out_picture_are_said(
         "note: calibrating on 2 samples, fewer than --samples 32 asks: the data holds no more, "
         "1 more held out for --report, 1 left out as they ask about a held-out picture"
     ]
+
+
+@pytest.mark.parametrize("samples", [True, 2.0, "8"])
+def test_samples_must_be_a_whole_number(tiny_model_dir: Path, tmp_path: Path, samples) -> None:
+    """True was taken as one sample, and numpy's integers (which robot code holds) were refused
+    as 'at least 1, got 8'."""
+    from llava_edge.errors import LlavaEdgeError
+
+    with pytest.raises(
+        LlavaEdgeError, match=f"--samples must be a whole number of at least 1, got {samples!r}"
+    ):
+        quantize.quantize_model(
+            tiny_model_dir, tmp_path / "out", "int8", images=tmp_path, samples=samples
+        )
+
+
+def test_samples_may_be_a_numpy_integer(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+
+    taken: list[object] = []
+
+    def split(precision: str, calib: object, images: object, samples: object, report: bool):
+        taken.append(samples)
+        raise KeyboardInterrupt  # enough: the count got through
+
+    monkeypatch.setattr(quantize, "_split", split)
+    with pytest.raises(KeyboardInterrupt):
+        quantize.quantize_model(
+            tiny_model_dir,
+            tmp_path / "out",
+            "int8",
+            images=tmp_path / "pictures",
+            samples=np.int64(8),
+        )
+    assert taken == [8] and type(taken[0]) is int

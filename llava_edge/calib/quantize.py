@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import numbers
 import os
 import shutil
 import tempfile
@@ -139,6 +140,7 @@ def quantize_model(
     """
     _check_onnxruntime()
     method = DEFAULT_METHOD if method is None else method
+    given = samples
     samples = DEFAULT_SAMPLES if samples is None else samples
     if precision not in TARGETS:
         raise LlavaEdgeError(f"--precision must be one of {', '.join(TARGETS)}, got {precision}")
@@ -147,8 +149,11 @@ def quantize_model(
     _check_kv_cache(precision, kv_cache)
     if method not in METHODS:
         raise LlavaEdgeError(f"--method must be one of {', '.join(METHODS)}, got {method}")
-    if not isinstance(samples, int) or samples < 1:
-        raise LlavaEdgeError(f"--samples must be at least 1, got {samples}")
+    if isinstance(samples, bool | np.bool_) or not isinstance(samples, numbers.Integral):
+        samples = None  # refused below, named as given
+    if samples is None or samples < 1:
+        raise LlavaEdgeError(f"--samples must be a whole number of at least 1, got {given!r}")
+    samples = int(samples)
     source = Path(model_dir)
     manifest = Manifest.load(source)
     _check_source(manifest, source)
