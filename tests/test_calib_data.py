@@ -170,3 +170,11 @@ def test_held_out_samples_share_nothing_with_calibration(tmp_path: Path) -> None
     assert not {s.image for s in calibration} & {s.image for s in held_out}
     calibration, held_out, _ = _split("int8", calib, None, 32, report=False)
     assert len(set(calibration)) == len(calibration) == 6 and not held_out
+
+
+def test_an_image_given_as_a_list_of_one_is_that_image(tmp_path: Path) -> None:
+    """Multi-image LLaVA data writes every sample's image as a list, one picture or several."""
+    _picture(tmp_path / "a.png", (10, 20, 30))
+    calib = _llava_json(tmp_path / "c.json", [_item(["a.png"], "<image>\nWhat is it?")])
+    (sample,) = load_samples(calib, None)
+    assert sample.image == tmp_path / "a.png" and sample.prompt == "<image>\nWhat is it?"

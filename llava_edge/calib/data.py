@@ -141,6 +141,8 @@ def _llava_json(path: Path, image_root: Path | None) -> list[Sample]:
                 "is this a LLaVA JSON file?"
             )
         image = None
+        if isinstance(item.get("image"), list) and len(item["image"]) == 1:
+            item = {**item, "image": item["image"][0]}  # multi-image data's form of one picture
         if item.get("image") and not isinstance(item["image"], str):
             raise LlavaEdgeError(
                 f"{path}: sample {index}'s image is {item['image']!r}; give one file name "
