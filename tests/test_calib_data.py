@@ -178,3 +178,20 @@ def test_an_image_given_as_a_list_of_one_is_that_image(tmp_path: Path) -> None:
     calib = _llava_json(tmp_path / "c.json", [_item(["a.png"], "<image>\nWhat is it?")])
     (sample,) = load_samples(calib, None)
     assert sample.image == tmp_path / "a.png" and sample.prompt == "<image>\nWhat is it?"
+
+
+@pytest.mark.parametrize("form", ["jsonl", "bom"])
+def test_calibration_reads_the_data_files_training_reads(tmp_path: Path, form: str) -> None:
+    """`train --data` takes JSONL and a JSON saved with a byte-order mark; the same file given to
+    `quantize --calib` was refused as unreadable."""
+    _picture(tmp_path / "a.png", (10, 20, 30))
+    items = [_item("a.png", "<image>\nWhat is it?"), _item(None, "Say hi.")]
+    plain = _llava_json(tmp_path / "plain.json", items)
+    if form == "jsonl":
+        calib = tmp_path / "data.jsonl"
+        calib.write_text("\n".join(json.dumps(item) for item in items) + "\n")
+    else:
+        calib = tmp_path / "data.json"
+        calib.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    got = load_samples(calib, None)
+    assert got == load_samples(plain, None) and len(got) == 2
