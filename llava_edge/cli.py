@@ -576,7 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", required=True, choices=TARGETS)
     p.add_argument(
         "--calib",
-        help="calibration data: a LLaVA JSON file, or a folder of images (int8 and int4 need it)",
+        help="calibration data: a LLaVA JSON or JSONL file, or a folder of images (int8 and int4 "
+        "need it)",
     )
     p.add_argument(
         "--images",

@@ -153,3 +153,45 @@ def test_vision_and_projector_feeds_chain(tiny_model_dir: Path, pictures: list[S
         assert v.feeds["pixel_values"].shape == (1, 3, manifest.image.height, manifest.image.width)
         np.testing.assert_array_equal(p.feeds["image_features"], v.outputs[0])
     assert not np.allclose(vision[0].outputs[0], vision[1].outputs[0])  # two different pictures
+
+
+def test_held_out_samples_share_nothing_with_calibration(tmp_path: Path) -> None:
+    """A LLaVA JSON may repeat a sample, or ask several questions of one picture: the report's
+    held-out samples must still be data calibration never saw, pictures included (the vision
+    encoder's and projector's rows compare on the pictures alone)."""
+    from llava_edge.calib.quantize import _split
+
+    for i in range(5):
+        _picture(tmp_path / f"{i}.png", (40 * i, 90, 200))
+    pairs = [(0, "A"), (1, "A"), (0, "A"), (2, "A"), (3, "A"), (4, "A"), (1, "B")]
+    calib = _llava_json(tmp_path / "c.json", [_item(f"{i}.png", q) for i, q in pairs])
+    calibration, held_out, _ = _split("int8", calib, None, 32, report=True)
+    assert len(set(calibration)) == len(calibration) == 4 and held_out
+    assert not {s.image for s in calibration} & {s.image for s in held_out}
+    calibration, held_out, _ = _split("int8", calib, None, 32, report=False)
+    assert len(set(calibration)) == len(calibration) == 6 and not held_out
+
+
+def test_an_image_given_as_a_list_of_one_is_that_image(tmp_path: Path) -> None:
+    """Multi-image LLaVA data writes every sample's image as a list, one picture or several."""
+    _picture(tmp_path / "a.png", (10, 20, 30))
+    calib = _llava_json(tmp_path / "c.json", [_item(["a.png"], "<image>\nWhat is it?")])
+    (sample,) = load_samples(calib, None)
+    assert sample.image == tmp_path / "a.png" and sample.prompt == "<image>\nWhat is it?"
+
+
+@pytest.mark.parametrize("form", ["jsonl", "bom"])
+def test_calibration_reads_the_data_files_training_reads(tmp_path: Path, form: str) -> None:
+    """`train --data` takes JSONL and a JSON saved with a byte-order mark; the same file given to
+    `quantize --calib` was refused as unreadable."""
+    _picture(tmp_path / "a.png", (10, 20, 30))
+    items = [_item("a.png", "<image>\nWhat is it?"), _item(None, "Say hi.")]
+    plain = _llava_json(tmp_path / "plain.json", items)
+    if form == "jsonl":
+        calib = tmp_path / "data.jsonl"
+        calib.write_text("\n".join(json.dumps(item) for item in items) + "\n")
+    else:
+        calib = tmp_path / "data.json"
+        calib.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    got = load_samples(calib, None)
+    assert got == load_samples(plain, None) and len(got) == 2

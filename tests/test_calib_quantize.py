@@ -355,7 +355,7 @@ def test_report_writes_no_session_cache_for_the_fp32_dir(
 @pytest.mark.parametrize(
     "case, message",
     [
-        ("samples_0", "--samples must be at least 1"),
+        ("samples_0", "--samples must be a whole number of at least 1"),
         ("already_quantized", "is already int8"),
         ("fp16_export", "is already fp16 (decoder"),  # and names the fix: an fp32 export
         ("empty_folder", "holds no images"),

@@ -12,7 +12,7 @@ import pytest
 from conftest import quiet
 from PIL import Image
 
-from llava_edge.calib.data import Capture, Sample
+from llava_edge.calib.data import Sample
 from llava_edge.calib.kv_int8 import KVRanges
 from llava_edge.calib.quantize import quantize_model
 from llava_edge.calib.report import greedy_agreement
@@ -20,6 +20,7 @@ from llava_edge.cli import main
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import KVSpec, Manifest, TextSpec
 from llava_edge.runtime import Pipeline
+from llava_edge.runtime.kv_cache import KVCache
 from llava_edge.runtime.plan import plan
 
 KV = KVSpec()
@@ -158,9 +159,10 @@ def test_key_scales_hold_keys_at_positions_calibration_never_saw() -> None:
         0.1, 5, (1, 2, 1, 32)
     )
     values = rng.standard_normal((1, 2, 20, 32)).astype(np.float32)
-    names = ["logits", KV.present_key.format(i=0), KV.present_value.format(i=0)]
+    cache = KVCache(text, 1)
+    cache.write_row(0, [(keys[0], values[0])], 20)
     ranges = KVRanges(text)
-    ranges.observe(Capture("decoder", {}, [np.zeros((1, 10)), keys, values], names))
+    ranges.observe_cache(cache)
     key_scale, value_scale = (s[0] for s in ranges.scales())
     assert np.abs(values).max(axis=(0, 2))[:, None, :] == pytest.approx(value_scale * 127)
     half = 16
@@ -222,3 +224,53 @@ def test_an_onnxruntime_that_cannot_run_the_int8_cache_is_named(
         Pipeline.load(dirs["int8_cache"])
     Pipeline.load(dirs["fp32_cache"]).close()  # an fp32 cache runs on it
     Pipeline.load(dirs["int8_cache"], graph_form="standard").close()  # so does the standard form
+
+
+def test_scales_hold_what_the_quantized_decoder_writes_on_its_calibration_samples(
+    dirs: dict, images: Path, tiny_model_dir: Path
+) -> None:
+    """The cache holds the quantized decoder's keys and values, not the fp32 one's: int4 weights
+    move them past the fp32 maxima (by a fifth on `tiny`), so scales from fp32 clipped even on
+    the calls they were calibrated on."""
+    from llava_edge.calib.data import DEFAULT_PROMPT, Activations
+
+    samples = [Sample(p, DEFAULT_PROMPT) for p in sorted(images.iterdir())[:3]]  # as `dirs`
+    manifest = Manifest.load(dirs["int8_cache"])
+    fused = manifest.graphs["decoder"].fused
+    scales = [_scales(dirs["int8_cache"] / fused.file, i) for i in range(manifest.text.num_layers)]
+    with Pipeline.load(dirs["fp32_cache"]) as pipe:  # the same weights, the cache in fp32
+        cache = None
+        for capture in Activations(tiny_model_dir, samples).captures("decoder"):
+            embeds = capture.feeds["inputs_embeds"]
+            if capture.feeds["attention_mask"].shape[1] == embeds.shape[1]:
+                cache = pipe.backend.new_cache(1)  # a sample's prompt
+            pipe.backend.decode(embeds, np.ones(embeds.shape[:2], np.int64), None, cache)
+            n = int(cache.lengths[0])
+            for layer, (key_scale, value_scale) in enumerate(scales):
+                for stored, scale in (
+                    (cache.keys[layer], key_scale),
+                    (cache.values[layer], value_scale),
+                ):
+                    assert (np.abs(stored[0, :, :n]) <= 127 * scale * (1 + 1e-5)).all()
+
+
+def test_the_report_sizes_what_the_cpu_runtime_loads(dirs: dict, tiny_model_dir: Path) -> None:
+    """On the CPU the runtime loads the fused forms, and with `--prefill int8` the int8 prompt
+    decoder beside the int4 one: the report's sizes count them, against fp32's fused forms."""
+    from llava_edge.calib.report import _sizes, format_table
+    from llava_edge.files import graph_bytes
+
+    def cpu_bytes(root: Path) -> int:
+        graphs = Manifest.load(root).graphs.values()
+        forms = [g.fused.forms() if g.fused else [g] for g in graphs]
+        return sum(graph_bytes(root / s.file) for specs in forms for s in specs)
+
+    quantized = dirs["int8_cache"]
+    sizes = _sizes(
+        tiny_model_dir, Manifest.load(tiny_model_dir), quantized, Manifest.load(quantized)
+    )
+    assert sizes["cpu_graph_bytes"] == cpu_bytes(quantized)
+    assert sizes["fp32_cpu_graph_bytes"] == cpu_bytes(tiny_model_dir)
+    assert sizes["cpu_ratio"] == round(cpu_bytes(tiny_model_dir) / cpu_bytes(quantized), 3)
+    report = {"graphs": [], "greedy": {"samples": 0}, "sizes": sizes}
+    assert f"(x{sizes['cpu_ratio']})" in format_table(report)

@@ -277,3 +277,77 @@ def test_force_never_deletes_the_images_a_calibration_json_finds(
     err = capsys.readouterr().err.strip()
     assert "holds the calibration images" in err and "\n" not in err
     assert sorted(p.name for p in out.iterdir()) == ["0.png", "1.png", "2.png"]
+
+
+def test_samples_left_out_for_a_held_out_picture_are_said(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second question about the held-out picture is calibrated on by no one: the note says
+    so, rather than that the data holds no more."""
+    _pictures(tmp_path / "pictures", 3)
+    pairs = [(2, "What?"), (0, "What?"), (1, "What?"), (2, "Where?")]
+    items = [
+        {"image": f"{i}.png", "conversations": [{"from": "human", "value": f"<image>\n{q}"}]}
+        for i, q in pairs
+    ]
+    (tmp_path / "calib.json").write_text(json.dumps(items))
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args: object) -> None:
+        raise Stop
+
+    monkeypatch.setattr(quantize, "scratch_beside", stop)  # the work starts after the note
+    said: list[str] = []
+    with pytest.raises(Stop):
+        quantize.quantize_model(
+            tiny_model_dir,
+            tmp_path / "out",
+            "int8",
+            calib=tmp_path / "calib.json",
+            images=tmp_path / "pictures",
+            report=True,
+            log=said.append,
+        )
+    assert said == [
+        "note: calibrating on 2 samples, fewer than --samples 32 asks: the data holds no more, "
+        "1 more held out for --report, 1 left out as they ask about a held-out picture"
+    ]
+
+
+@pytest.mark.parametrize("samples", [True, 2.0, "8"])
+def test_samples_must_be_a_whole_number(tiny_model_dir: Path, tmp_path: Path, samples) -> None:
+    """True was taken as one sample, and numpy's integers (which robot code holds) were refused
+    as 'at least 1, got 8'."""
+    from llava_edge.errors import LlavaEdgeError
+
+    with pytest.raises(
+        LlavaEdgeError, match=f"--samples must be a whole number of at least 1, got {samples!r}"
+    ):
+        quantize.quantize_model(
+            tiny_model_dir, tmp_path / "out", "int8", images=tmp_path, samples=samples
+        )
+
+
+def test_samples_may_be_a_numpy_integer(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+
+    taken: list[object] = []
+
+    def split(precision: str, calib: object, images: object, samples: object, report: bool):
+        taken.append(samples)
+        raise KeyboardInterrupt  # enough: the count got through
+
+    monkeypatch.setattr(quantize, "_split", split)
+    with pytest.raises(KeyboardInterrupt):
+        quantize.quantize_model(
+            tiny_model_dir,
+            tmp_path / "out",
+            "int8",
+            images=tmp_path / "pictures",
+            samples=np.int64(8),
+        )
+    assert taken == [8] and type(taken[0]) is int

@@ -4,7 +4,9 @@ is rebuilt, never used; answers are the same with and without it."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -70,17 +72,49 @@ def test_damaged_entry_is_rebuilt(tiny_model_dir: Path, cache: Path, damage: str
     assert answer(tiny_model_dir, cache)[1]["decoder"] == "hit"
 
 
-def test_stale_entry_is_replaced(
+def test_two_onnxruntime_versions_keep_their_own_entries(
     tiny_model_dir: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Another onnxruntime version is another key; the old entry of the same graph goes."""
+    """Two venvs on one robot share the cache dir: each version's entries stay, or every switch
+    between them would rebuild every graph (and delete the other's)."""
     answer(tiny_model_dir, cache)
     before = entries(cache)
-    monkeypatch.setattr(session_cache.ort, "__version__", "0.0.0-other")
-    _, status = answer(tiny_model_dir, cache)
+    with monkeypatch.context() as patch:
+        patch.setattr(session_cache.ort, "__version__", "0.0.0-other")
+        _, status = answer(tiny_model_dir, cache)
     assert set(status.values()) == {"miss"}
-    after = entries(cache)
-    assert len(after) == 3 and not set(before) & set(after)
+    assert len(entries(cache)) == 6 and set(before) <= set(entries(cache))
+    _, status = answer(tiny_model_dir, cache)
+    assert set(status.values()) == {"hit"}
+
+
+def test_the_entry_of_a_replaced_graph_is_dropped(tiny_model_dir: Path, cache: Path) -> None:
+    """A re-exported graph at the same path (another sha256): its old entries can never be used."""
+    path = tiny_model_dir / "projector.onnx"
+    session_cache.open_cached(path, "a" * 64, None, cache)
+    (old,) = entries(cache)
+    _, how = session_cache.open_cached(path, "b" * 64, None, cache)
+    assert how == "miss" and old not in entries(cache) and len(entries(cache)) == 1
+
+
+def test_entries_unused_for_long_age_out(
+    tiny_model_dir: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An onnxruntime no longer used leaves its entries behind; they go once unused for
+    MAX_AGE_DAYS, while an entry that is loaded stays."""
+    path = tiny_model_dir / "projector.onnx"
+    with monkeypatch.context() as patch:
+        patch.setattr(session_cache.ort, "__version__", "0.0.0-gone")
+        session_cache.open_cached(path, "a" * 64, None, cache)
+    (gone,) = entries(cache)
+    session_cache.open_cached(path, "a" * 64, None, cache)
+    (used,) = set(entries(cache)) - {gone}
+    long_ago = time.time() - (session_cache.MAX_AGE_DAYS + 1) * 86400
+    for entry in (gone, used):
+        os.utime(entry / session_cache.META, (long_ago, long_ago))
+    _, how = session_cache.open_cached(path, "a" * 64, None, cache)
+    assert how == "hit" and entries(cache) == [used]
+    assert (used / session_cache.META).stat().st_mtime > time.time() - 3600  # used: fresh again
 
 
 def test_cache_can_be_turned_off(
@@ -131,9 +165,10 @@ def test_entry_written_in_a_temporary_dir_belongs_to_the_installed_dir(
     partial.rename(tmp_path / "model")
     _, status = answer(tmp_path / "model", cache)
     assert set(status.values()) == {"hit"}
-    monkeypatch.setattr(session_cache.ort, "__version__", "0.0.0-other")  # new keys
-    answer(tmp_path / "model", cache)
-    assert not set(written) & set(entries(cache))
+    projector = tmp_path / "model" / "projector.onnx"
+    source = {e: json.loads((e / session_cache.META).read_text())["source"] for e in written}
+    session_cache.open_cached(projector, "b" * 64, None, cache)  # as if re-exported
+    assert [source[e] for e in written if e not in entries(cache)] == [str(projector)]
 
 
 def test_entries_of_a_deleted_dir_are_dropped(

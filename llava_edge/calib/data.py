@@ -10,7 +10,6 @@ Every graph call is recorded as it happens, so the feeds are exactly what produc
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,11 +40,17 @@ class Sample:
 
 
 def load_samples(calib: str | os.PathLike | None, images: str | os.PathLike | None) -> list[Sample]:
-    """Samples from a LLaVA JSON file (images under `images`, else beside the JSON), or from an
-    image folder (`calib` or `images` naming a dir) asked DEFAULT_PROMPT.
+    """Samples from a LLaVA JSON or JSONL file (images under `images`, else beside it), or from an
+    image folder (`calib` or `images` naming a dir) asked DEFAULT_PROMPT; a sample the data
+    repeats comes once (it would count twice toward --samples, or be held out for the report
+    while calibrated on).
 
     Raises LlavaEdgeError for a missing, empty or unreadable source.
     """
+    return list(dict.fromkeys(_load(calib, images)))
+
+
+def _load(calib: str | os.PathLike | None, images: str | os.PathLike | None) -> list[Sample]:
     if calib is None and images is None:
         raise LlavaEdgeError(
             "no calibration data: pass --calib LLAVA_JSON (with --images DIR) or --images DIR"
@@ -116,11 +121,22 @@ def _image_folder(folder: Path) -> list[Sample]:
 
 
 def _llava_json(path: Path, image_root: Path | None) -> list[Sample]:
+    """A LLaVA JSON or JSONL file, read as `train --data` reads it (training.data.SampleFile)."""
+    from llava_edge.training.data import SampleFile
+
+    data: list[Any] = []
+
+    def collect(position: int, record: Any) -> bool:
+        data.append(record)
+        return False  # nothing to index: every record is held here
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LlavaEdgeError(f"cannot read calibration file {path}: {e}") from None
-    if not isinstance(data, list) or not data:
+        SampleFile(path, keep=collect)
+    except OSError as e:
+        raise LlavaEdgeError(f"cannot read calibration file {path}: {e.strerror}") from None
+    except LlavaEdgeError as e:
+        raise LlavaEdgeError(f"cannot read calibration file: {e}") from None
+    if not data:
         raise LlavaEdgeError(
             f"{path} holds no samples: expected a LLaVA JSON list of "
             '{"image": ..., "conversations": [{"from": "human", "value": ...}, ...]}'
@@ -135,6 +151,8 @@ def _llava_json(path: Path, image_root: Path | None) -> list[Sample]:
                 "is this a LLaVA JSON file?"
             )
         image = None
+        if isinstance(item.get("image"), list) and len(item["image"]) == 1:
+            item = {**item, "image": item["image"][0]}  # multi-image data's form of one picture
         if item.get("image") and not isinstance(item["image"], str):
             raise LlavaEdgeError(
                 f"{path}: sample {index}'s image is {item['image']!r}; give one file name "

@@ -8,8 +8,11 @@ scale per channel (`k_quant_type`/`v_quant_type` PER_CHANNEL, `kv_cache_bit_widt
 round(x / scale) clipped to int8 and attends over the dequantized values; the rest of the graph
 stays as it is.
 
-The scales come from calibration: the fp32 decoder's keys and values on the calibration samples
-(its present outputs). A value's scale is its channel's largest magnitude over 127. Keys are
+The scales come from calibration: the keys and values the quantized fused decoder itself (and its
+int8 prefill companion, which writes the prompts' slots) stores on the calibration samples, fed
+what the fp32 model feeds the decoder there. Not the fp32 decoder's own: quantized weights move
+keys and values past its maxima (by a quarter on `tiny` in int4), so its scales clipped even on
+the samples they came from. A value's scale is its channel's largest magnitude over 127. Keys are
 stored after the rotary embedding, which turns each pair of channels (i, i + head_dim / 2) by an
 angle that depends on the position: a key's two channels of a pair can take any split of the
 pair's length at a position calibration never saw. So both channels of a pair get the pair's
@@ -21,13 +24,15 @@ from, keep the model's dtype.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
 from llava_edge.calib.data import Capture
 from llava_edge.errors import LlavaEdgeError
-from llava_edge.manifest import GraphSpec, KVSpec, TensorSpec, TextSpec
+from llava_edge.manifest import GraphSpec, Manifest, TensorSpec, TextSpec
+from llava_edge.runtime.kv_cache import KVCache
 
 KV_CACHE_CHOICES = ("int8",)
 INT8_MAX = 127
@@ -37,7 +42,7 @@ K_SCALE_INPUT, V_SCALE_INPUT = 12, 13
 
 class KVRanges:
     """Each layer's largest key (per rotary pair) and value magnitudes per channel, observed over
-    the standard decoder's calls ([kv_heads, head_dim] each)."""
+    the caches the fused decoder wrote ([kv_heads, head_dim] each)."""
 
     def __init__(self, text: TextSpec):
         self.text = text
@@ -46,19 +51,27 @@ class KVRanges:
         self.values = np.zeros(shape, np.float32)
         self.calls = 0
 
-    def observe(self, capture: Capture) -> None:
-        """Take the keys/values one call of the standard decoder returned (its present outputs
-        hold that call's new tokens, [batch, kv_heads, new, head_dim])."""
-        outputs = dict(zip(capture.output_names, capture.outputs, strict=True))
-        kv = KVSpec()
-        half = self.text.head_dim // 2
-        for i in range(self.text.num_layers):
-            keys = np.abs(outputs[kv.present_key.format(i=i)].astype(np.float32))
-            values = np.abs(outputs[kv.present_value.format(i=i)].astype(np.float32))
-            pair = np.sqrt(keys[..., :half] ** 2 + keys[..., half:] ** 2).max(axis=(0, 2))
-            self.keys[i] = np.maximum(self.keys[i], np.concatenate([pair, pair], axis=-1))
-            self.values[i] = np.maximum(self.values[i], values.max(axis=(0, 2)))
+    def observe_cache(self, cache: KVCache) -> None:
+        """Take the keys/values a cache holds (each row's slots up to its length)."""
+        for row, length in enumerate(cache.lengths.tolist()):
+            for i in range(self.text.num_layers):
+                self._take(
+                    i,
+                    cache.keys[i][row : row + 1, :, :length],
+                    cache.values[i][row : row + 1, :, :length],
+                )
         self.calls += 1
+
+    def _take(self, layer: int, keys: np.ndarray, values: np.ndarray) -> None:
+        """Layer `layer`'s keys and values, [batch, kv_heads, tokens, head_dim]."""
+        if not keys.shape[2]:
+            return
+        half = self.text.head_dim // 2
+        keys = np.abs(keys.astype(np.float32))
+        values = np.abs(values.astype(np.float32))
+        pair = np.sqrt(keys[..., :half] ** 2 + keys[..., half:] ** 2).max(axis=(0, 2))
+        self.keys[layer] = np.maximum(self.keys[layer], np.concatenate([pair, pair], axis=-1))
+        self.values[layer] = np.maximum(self.values[layer], values.max(axis=(0, 2)))
 
     def scales(self) -> tuple[np.ndarray, np.ndarray]:
         """(key scales, value scales), [layers, kv_heads, 1, head_dim]: magnitude / 127. A channel
@@ -71,6 +84,41 @@ class KVRanges:
             return out[:, :, None, :]
 
         return scale(self.keys), scale(self.values)
+
+
+def fused_ranges(manifest: Manifest, out: Path, captures: Iterable[Capture]) -> KVRanges:
+    """The ranges of what the fused decoder at `out` (as quantized, its cache still in the
+    model's dtype) writes to its cache when fed the fp32 decoder's calls: each sample's prompt,
+    then its decode steps, as the runtime runs them (FusedDecoder, the prefill companion too)."""
+    import onnxruntime as ort
+
+    from llava_edge.runtime.fused_backend import FusedDecoder
+    from llava_edge.runtime.session_cache import session_options
+
+    # Each sample's calls, held as their embeddings only (small beside their past keys/values),
+    # so the fp32 model is let go before the quantized decoder loads.
+    samples: list[list[np.ndarray]] = []
+    for capture in captures:
+        embeds = capture.feeds["inputs_embeds"]
+        if capture.feeds["attention_mask"].shape[1] == embeds.shape[1] or not samples:
+            samples.append([])  # no past: a sample's prompt
+        samples[-1].append(embeds)
+    fused = manifest.graphs["decoder"].fused
+
+    def session(file: str) -> ort.InferenceSession:
+        providers = ["CPUExecutionProvider"]
+        return ort.InferenceSession(str(out / file), session_options(None), providers=providers)
+
+    names = [manifest.kv_names(i) for i in range(manifest.text.num_layers)]
+    prefill = session(fused.prefill.file) if fused.prefill else None
+    decoder = FusedDecoder(session(fused.file), manifest.text, names, prefill=prefill)
+    ranges = KVRanges(manifest.text)
+    for calls in samples:
+        cache = KVCache(manifest.text, calls[0].shape[0])
+        for embeds in calls:
+            decoder.decode(embeds, np.ones(embeds.shape[:2], np.int64), None, cache)
+        ranges.observe_cache(cache)
+    return ranges
 
 
 def int8_kv_cache(

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import numbers
 import os
 import shutil
 import tempfile
@@ -48,7 +49,7 @@ import numpy as np
 
 from llava_edge.calib.data import Activations, FeedReader, Sample, check_samples, load_samples
 from llava_edge.calib.fp16 import fp16_graph, load_weights, to_fp16
-from llava_edge.calib.kv_int8 import KV_CACHE_CHOICES, KVRanges, int8_kv_cache
+from llava_edge.calib.kv_int8 import KV_CACHE_CHOICES, fused_ranges, int8_kv_cache
 from llava_edge.errors import LlavaEdgeError, first_line
 from llava_edge.files import (
     check_output_dir,
@@ -139,6 +140,7 @@ def quantize_model(
     """
     _check_onnxruntime()
     method = DEFAULT_METHOD if method is None else method
+    given = samples
     samples = DEFAULT_SAMPLES if samples is None else samples
     if precision not in TARGETS:
         raise LlavaEdgeError(f"--precision must be one of {', '.join(TARGETS)}, got {precision}")
@@ -147,8 +149,11 @@ def quantize_model(
     _check_kv_cache(precision, kv_cache)
     if method not in METHODS:
         raise LlavaEdgeError(f"--method must be one of {', '.join(METHODS)}, got {method}")
-    if not isinstance(samples, int) or samples < 1:
-        raise LlavaEdgeError(f"--samples must be at least 1, got {samples}")
+    if isinstance(samples, bool | np.bool_) or not isinstance(samples, numbers.Integral):
+        samples = None  # refused below, named as given
+    if samples is None or samples < 1:
+        raise LlavaEdgeError(f"--samples must be a whole number of at least 1, got {given!r}")
+    samples = int(samples)
     source = Path(model_dir)
     manifest = Manifest.load(source)
     _check_source(manifest, source)
@@ -178,6 +183,8 @@ def quantize_model(
     check_samples(source, calibration + held_out)
     if precision != "fp16" and len(calibration) < samples:
         kept = f", {len(held_out)} more held out for --report" if report else ""
+        shared = len(loaded) - len(calibration) - len(held_out)  # of a held-out picture
+        kept += f", {shared} left out as they ask about a held-out picture" if shared else ""
         log(
             f"note: calibrating on {len(calibration)} samples, fewer than --samples {samples} "
             f"asks: the data holds no more{kept}"
@@ -301,11 +308,9 @@ def _check_kv_cache(precision: str, kv_cache: str | None) -> None:
 
 def _int8_kv_cache(manifest: Manifest, out: Path, activations: Activations) -> None:
     """The fused decoder (and its int8 prefill companion, which shares the cache) with an int8 KV
-    cache, its scales from the fp32 decoder's keys and values on the calibration samples."""
-    ranges = KVRanges(manifest.text)
-    for capture in activations.captures("decoder", desc="calibrate the KV cache"):
-        ranges.observe(capture)
-    keys, values = ranges.scales()
+    cache, its scales from the keys and values they write on the calibration samples."""
+    captures = activations.captures("decoder", desc="calibrate the KV cache")
+    keys, values = fused_ranges(manifest, out, captures).scales()
     fused = manifest.graphs["decoder"].fused
     prefill = fused.prefill
     fused = int8_kv_cache(out / fused.file, fused, keys, values)
@@ -372,7 +377,8 @@ def _split(
     samples: int,
     report: bool,
 ) -> tuple[list[Sample], list[Sample], list[Sample]]:
-    """Calibration samples, the held-out ones the report compares on (never calibrated on), and
+    """Calibration samples, the held-out ones the report compares on (never calibrated on, nor
+    their pictures: the vision encoder's and projector's rows compare on pictures alone), and
     every sample the data holds."""
     if precision == "fp16" and not report:
         return [], [], []
@@ -388,12 +394,18 @@ def _split(
                 "--report needs samples beyond the calibration ones: give at least 2"
             )
         held = min(REPORT_SAMPLES, max(1, len(everything) - samples), len(everything) // 2)
-    calibration = everything[: len(everything) - held][:samples]
+    held_out = everything[len(everything) - held :]
+    rest = everything[: len(everything) - held]
+    pictures = {s.image for s in held_out if s.image}
+    unseen = [s for s in rest if s.image not in pictures]
+    # Where every picture is a held-out one too (one scene asked many questions), the prompts
+    # still differ.
+    calibration = (unseen if any(s.image for s in unseen) else rest)[:samples]
     if not any(s.image for s in calibration):
         raise LlavaEdgeError(
             "no calibration sample has an image: the vision encoder and projector need pictures"
         )
-    return calibration, everything[len(everything) - held :], everything
+    return calibration, held_out, everything
 
 
 def _plan(precision: str) -> dict[str, str]:

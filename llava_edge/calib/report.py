@@ -7,7 +7,8 @@ error of the outputs, each graph fed exactly what the fp32 model fed it, so erro
 compound across graphs. End to end, through the runtime: greedy-token agreement over
 GREEDY_TOKENS tokens, both free-running (how long the two answers stay identical) and
 teacher-forced (how often the quantized model's next token is fp32's, given fp32's text so far).
-And the size of each file.
+And the size of each file, and of all of each form (the CPU runtime's: the fused forms and an
+int4 dir's int8 prompt decoder).
 """
 
 from __future__ import annotations
@@ -177,13 +178,24 @@ def _sizes(
     trt_form = sum(
         graph_bytes(quant_dir / (g.tensorrt_file or g.file)) for g in quantized.graphs.values()
     )
+    fp32_cpu, cpu = _cpu_bytes(fp32_dir, reference), _cpu_bytes(quant_dir, quantized)
     return {
         "fp32_graph_bytes": fp32,
         "onnxruntime_graph_bytes": ort_form,
         "tensorrt_graph_bytes": trt_form,
         "onnxruntime_ratio": round(fp32 / ort_form, 3),
         "tensorrt_ratio": round(fp32 / trt_form, 3),
+        "fp32_cpu_graph_bytes": fp32_cpu,
+        "cpu_graph_bytes": cpu,
+        "cpu_ratio": round(fp32_cpu / cpu, 3),
     }
+
+
+def _cpu_bytes(root: Path, manifest: Manifest) -> int:
+    """What the runtime loads on the CPU: each graph's fused form where it has one, with its
+    prompt companion (an int4 dir's int8 prefill decoder), else the graph itself."""
+    forms = [g.fused.forms() if g.fused else [g] for g in manifest.graphs.values()]
+    return sum(graph_bytes(root / spec.file) for specs in forms for spec in specs)
 
 
 def write_report(report: dict[str, Any], path: str | os.PathLike) -> None:
@@ -231,6 +243,8 @@ def format_table(report: dict[str, Any]) -> str:
         f"graphs: fp32 {sizes['fp32_graph_bytes'] / 1e6:.1f} MB, onnxruntime form "
         f"{sizes['onnxruntime_graph_bytes'] / 1e6:.1f} MB (x{sizes['onnxruntime_ratio']}), "
         f"TensorRT form {sizes['tensorrt_graph_bytes'] / 1e6:.1f} MB "
-        f"(x{sizes['tensorrt_ratio']})"
+        f"(x{sizes['tensorrt_ratio']}); what the CPU runtime loads: fp32 "
+        f"{sizes['fp32_cpu_graph_bytes'] / 1e6:.1f} MB, quantized "
+        f"{sizes['cpu_graph_bytes'] / 1e6:.1f} MB (x{sizes['cpu_ratio']})"
     )
     return "\n".join(lines)

@@ -1,9 +1,11 @@
-"""The one generation loop: prefill a prompt, then decode token by token.
+"""The generation loop of one request: prefill a prompt, then decode token by token.
 
 Backend-neutral: a backend provides `decode(embeds, token_mask, positions, cache) -> logits` and
 the cache; this module turns ids into embeddings (image features put where the image tokens
-stand), picks tokens, and knows when to stop. Everything that runs a model runs through here:
-the CLI, the Python API, export's verification, calibration and evaluation.
+stand), picks tokens, and knows when to stop. Pipeline's answers, streams and chat turns run
+through here (so `run`, `chat`, export's verification, calibration and evaluation do); batches
+and the server run the batch engine's loop (runtime/batching.py), which picks tokens with the
+same Sampler and embeds with `embed`.
 """
 
 from __future__ import annotations

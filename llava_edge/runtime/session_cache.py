@@ -11,12 +11,14 @@ onnxruntime version, the execution providers and the session options that change
 and the CPU (pre-packed layouts depend on its instruction set). It is written beside its final
 place and renamed in (llava_edge.files.replace_dir), so a reader never sees half an entry; an
 entry whose files are missing, of the wrong size or unreadable by onnxruntime is deleted and
-rebuilt; an entry for the same graph path under another key (an older onnxruntime, a re-exported
-graph) is deleted when its replacement is written, and so is an entry whose graph is gone (a
-deleted model dir). An entry records the graph's final path beside the one it was opened from:
-one written while `quantize` or `export` checks a dir in its temporary place belongs to the dir
-once it is installed. Only CPU
-sessions are cached: GPU providers keep their own caches (the TensorRT provider's engines).
+rebuilt. Entries of one graph under other onnxruntime versions stay (two venvs on one robot
+share the cache, and would otherwise rebuild every graph on each switch), but every load drops the
+entries nothing can use any more: one of a graph since replaced at its path (a re-export), one
+whose graph is gone (a deleted model dir), and one no load has opened for MAX_AGE_DAYS (an
+onnxruntime no longer installed). An entry records the graph's final path beside the one it was
+opened from: one written while `quantize` or `export` checks a dir in its temporary place belongs
+to the dir once it is installed. Only CPU sessions are cached: GPU providers keep their own
+caches (the TensorRT provider's engines).
 
 The cache costs disk: about twice the graph's weights (the weights and their pre-packed copies);
 and the load that writes an entry holds a second copy of the weights in memory meanwhile, so it
@@ -33,6 +35,7 @@ import math
 import os
 import platform
 import shutil
+import time
 from pathlib import Path
 
 import onnxruntime as ort
@@ -44,6 +47,10 @@ CACHE_FORMAT = 1
 MODEL = "model.onnx"
 DATA = "model.onnx.data"
 META = "entry.json"
+# An entry no load has opened for this long is deleted; a load marks its entry used at most
+# once a day (the mtime of its META), so a hit costs no disk write.
+MAX_AGE_DAYS = 30
+DAY_S = 86400
 
 
 def enabled() -> bool:
@@ -93,29 +100,32 @@ def open_cached(
     if root is None:  # no cache dir on this machine (no home directory)
         return _plain(path, threads), "off"
     entry = root / cache_key(graph_sha256, providers)
+    opened = path.resolve()
+    source = str(final_path(opened))
+    _drop_stale(root, entry, source, graph_sha256)
     if _complete(entry):
         options = session_options(threads)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
-            return ort.InferenceSession(str(entry / MODEL), options, providers=providers), "hit"
+            session = ort.InferenceSession(str(entry / MODEL), options, providers=providers)
         except Exception:  # onnxruntime's own untyped errors: a corrupt entry is rebuilt
             shutil.rmtree(entry, ignore_errors=True)
+        else:
+            _mark_used(entry)
+            return session, "hit"
     if not _room_to_save(path, root):
         return _plain(path, threads), "off"
-    opened = path.resolve()
-    source = str(final_path(opened))
     session = None
     try:
         with replace_dir(entry) as tmp:
             session = ort.InferenceSession(str(path), _saving(threads, tmp), providers=providers)
             files = {name: (tmp / name).stat().st_size for name in (MODEL, DATA)}
-            meta = {"source": source, "opened": str(opened), "files": files}
+            meta = {"source": source, "opened": str(opened), "graph": graph_sha256, "files": files}
             (tmp / META).write_text(json.dumps(meta))
     except Exception:  # no room, a read-only home: the session still loads, uncached
         # Where only saving failed (the disk filled, another process installed the same entry
         # first) the session is whole: a second load would hold the weights twice meanwhile.
         return session or _plain(path, threads), "off"
-    _drop_stale(root, entry, source)
     return session, "miss"
 
 
@@ -185,21 +195,35 @@ def _complete(entry: Path) -> bool:
         return False
 
 
-def _drop_stale(root: Path, keep: Path, source: str) -> None:
-    """Entries of the same graph path under other keys can never be used again; entries whose
-    graph is gone (neither path recorded exists) are dropped too, or deleted model dirs would
-    leave their entries on disk for ever."""
+def _drop_stale(root: Path, keep: Path, source: str, graph_sha256: str) -> None:
+    """Delete the entries no load can use: of the graph at `source` before it was replaced (another
+    sha256; an entry that records none, from an older llava-edge, ages out instead), of a graph
+    that is gone (neither path recorded exists: a deleted model dir), or unused for MAX_AGE_DAYS.
+    Entries of this graph under other keys (another onnxruntime, another CPU) stay."""
+    too_old = time.time() - MAX_AGE_DAYS * DAY_S
     for meta in root.glob(f"*/{META}"):
         if meta.parent == keep:
             continue
         try:
             facts = json.loads(meta.read_text())
             recorded = [facts.get("source"), facts.get("opened")]
+            graph = facts.get("graph")
+            unused = meta.stat().st_mtime < too_old
         except (OSError, ValueError, AttributeError):
             continue
         paths = [Path(p) for p in recorded if isinstance(p, str)]
-        if recorded[0] == source or not any(p.exists() for p in paths):
+        replaced = recorded[0] == source and graph is not None and graph != graph_sha256
+        if replaced or unused or not any(p.exists() for p in paths):
             shutil.rmtree(meta.parent, ignore_errors=True)
+
+
+def _mark_used(entry: Path) -> None:
+    """Keep a loaded entry from ageing out (at most one write a day; a read-only cache is fine)."""
+    try:
+        if (entry / META).stat().st_mtime < time.time() - DAY_S:
+            os.utime(entry / META)
+    except OSError:
+        pass
 
 
 def cpu_flags() -> str:
