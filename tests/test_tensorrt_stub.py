@@ -853,3 +853,38 @@ def test_a_decoder_whose_past_and_present_differ_in_type_is_refused(
     with pytest.raises(LlavaEdgeError, match="past keys/values are float32 and its present"):
         backend(model)
     assert cudart_stub.in_use() == before
+
+
+def test_a_conversation_at_the_engines_context_holds_the_kv_memory_plan_counts(
+    stub, model: Path, monkeypatch
+) -> None:
+    # `build` refuses engines whose KV cache at --max-context does not fit (llava-edge plan): a
+    # conversation grown to that context, cache growth and the pool included, must not hold more
+    from llava_edge.runtime.plan import Device, plan
+
+    build_engines(model, max_context=256, prefill_chunk=64, kv_chunk=32, log=quiet)
+    be = backend(model)
+    before, peak = cudart_stub.in_use(), [0]
+    real = cudart_stub.cudaMalloc
+
+    def malloc(nbytes: int):
+        result = real(nbytes)
+        peak[0] = max(peak[0], cudart_stub.in_use())
+        return result
+
+    monkeypatch.setattr(cudart_stub, "cudaMalloc", malloc)
+    for _ in range(2):  # a second request reuses what the pool kept
+        cache = be.new_cache(1)
+        for start in range(0, 256, 64):
+            be.decode(
+                np.zeros((1, 64, 64), np.float32),
+                np.ones((1, 64), np.int64),
+                np.arange(start, start + 64)[None],
+                cache,
+            )
+        del cache
+    counted = plan(model, Device("gpu", 8 << 30, 0, None), "tensorrt", max_context=256).kv_cache
+    text = be.manifest.text  # growing holds one layer's keys (or values) twice, for a moment
+    one_region = text.num_kv_heads * 256 * text.head_dim * np.dtype(be.kv_dtype).itemsize
+    assert peak[0] - before <= counted + one_region + 4096  # and each block's alignment slack
+    be.close()
