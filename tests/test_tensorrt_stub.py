@@ -888,3 +888,28 @@ def test_a_conversation_at_the_engines_context_holds_the_kv_memory_plan_counts(
     one_region = text.num_kv_heads * 256 * text.head_dim * np.dtype(be.kv_dtype).itemsize
     assert peak[0] - before <= counted + one_region + 4096  # and each block's alignment slack
     be.close()
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_an_engine_cut_off_while_written_leaves_no_partial_file(
+    stub, model: Path, monkeypatch, failure: BaseException
+) -> None:
+    # a full disk, or Ctrl-C during the long write of a large engine: no partial file stays
+    from llava_edge.runtime.tensorrt import build
+
+    real_fsync = build.os.fsync
+    failed: list[str] = []
+
+    def fsync(fd: int) -> None:
+        name = Path(build.os.readlink(f"/proc/self/fd/{fd}")).name
+        if name.endswith(".engine.tmp") and not failed:
+            failed.append(name)
+            raise failure
+        real_fsync(fd)
+
+    monkeypatch.setattr(build.os, "fsync", fsync)
+    with pytest.raises(type(failure)):
+        build_engines(model, log=quiet)
+    assert failed == [".vision_encoder.engine.tmp"]
+    assert not [p.name for p in (model / "engines").iterdir() if "engine" in p.name]
+    assert not Manifest.load(model).engines

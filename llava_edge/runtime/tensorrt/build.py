@@ -351,12 +351,17 @@ def _remove_replaced(out: Path, old: EngineSet, new: EngineSet) -> None:
 
 def _write(path: Path, data: Any) -> tuple[int, str]:
     """Write and flush to disk: the manifest must never name an engine that a power cut could
-    leave empty (the manifest's own save is atomic and flushed too)."""
+    leave empty (the manifest's own save is atomic and flushed too). A write that does not finish
+    (a full disk, Ctrl-C during a large engine's) removes its part-written file."""
     view = memoryview(data).cast("B")
-    with open(path, "wb") as f:
-        f.write(view)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "wb") as f:
+            f.write(view)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
     return view.nbytes, hashlib.sha256(view).hexdigest()
 
 
