@@ -302,8 +302,9 @@ def test_build_options_are_checked_before_anything_is_written(stub, model: Path)
         LlavaEdgeError, match="--max-context must be between 1 and the model's context 1024"
     ):
         build_engines(model, max_context=4096, log=quiet)
-    with pytest.raises(LlavaEdgeError, match="--workspace"):
-        build_engines(model, workspace_gb=0, log=quiet)
+    for workspace in (0, float("nan"), float("inf")):  # argparse's float takes 'nan' and 'inf'
+        with pytest.raises(LlavaEdgeError, match="--workspace must be a positive number of GB"):
+            build_engines(model, workspace_gb=workspace, log=quiet)
     assert not (model / "engines").exists()
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -78,7 +79,7 @@ def build_engines(
     manifest = Manifest.load(model_dir)
     manifest.check_files(model_dir)
     limits = _limits(manifest, max_batch, max_context, prefill_chunk, kv_chunk)
-    if workspace_gb is not None and workspace_gb <= 0:
+    if workspace_gb is not None and not 0 < workspace_gb < math.inf:  # nan too
         raise LlavaEdgeError(f"--workspace must be a positive number of GB, got {workspace_gb}")
     profiles = {name: graph_profiles(manifest, name, limits) for name in manifest.graphs}
     trt = import_tensorrt()
