@@ -914,3 +914,29 @@ def test_an_engine_cut_off_while_written_leaves_no_partial_file(
     assert failed == [".vision_encoder.engine.tmp"]
     assert not [p.name for p in (model / "engines").iterdir() if "engine" in p.name]
     assert not Manifest.load(model).engines
+
+
+def test_a_build_that_could_not_record_its_engines_refuses_before_building(
+    stub, model: Path, tmp_path: Path, monkeypatch
+) -> None:
+    # the manifest names the engines: a model dir on a read-only disk (a robot's image) would
+    # fail the build at its end, after every engine was built
+    import errno
+    import tempfile
+
+    real = tempfile.mkstemp
+
+    def read_only(*args, dir=None, **kwargs):  # noqa: A002 (tempfile's name)
+        if Path(dir).resolve() == model.resolve():
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(LlavaEdgeError, match=f"cannot write to the model dir {model}: Read-only"):
+        build_engines(model, tmp_path / "engines", log=quiet)
+    assert not [c for c in stub.calls if c[0] == "build"]
+    monkeypatch.setattr(tempfile, "mkstemp", real)
+    (tmp_path / "a-file").write_text("")  # --out naming a file
+    with pytest.raises(LlavaEdgeError, match="cannot write to the engine dir .*a-file"):
+        build_engines(model, tmp_path / "a-file", log=quiet)
+    assert not [c for c in stub.calls if c[0] == "build"]

@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,7 @@ def build_engines(
     if check_memory:
         _check_memory(model_dir, device, limits)
     out = Path(out_dir) if out_dir is not None else model_dir / ENGINE_DIR
-    out.mkdir(parents=True, exist_ok=True)
+    _check_writable(model_dir, out)
     _remove_uncommitted(model_dir, manifest)
     cache_path = (
         Path(timing_cache) if timing_cache is not None else out / timing_cache_name(trt.__version__)
@@ -232,6 +233,25 @@ def _check_memory(model_dir: Path, info: gpu.GpuInfo, limits: EngineLimits) -> N
         f"{free / 1e9:.2f} GB free; {advice}, or build anyway with --skip-memory-check "
         f"(details: `llava-edge plan {model_dir} --backend tensorrt`)"
     )
+
+
+def _check_writable(model_dir: Path, out: Path) -> None:
+    """Fail now, not after the build's minutes of work: the engines are written to `out` and
+    recorded in the model dir's manifest (a model dir on a read-only disk, an --out that is a
+    file or another user's)."""
+    for where, what, advice in (
+        (out, "the engine dir", "choose another --out"),
+        (model_dir, "the model dir", "its manifest records the engines: build in a writable copy"),
+    ):
+        try:
+            where.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".build-", dir=where)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise LlavaEdgeError(
+                f"cannot write to {what} {where}: {e.strerror or e}; {advice}"
+            ) from None
 
 
 def _limits(
