@@ -11,6 +11,7 @@ test_tensorrt_gpu.py, which needs a GPU.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -670,8 +671,6 @@ def test_a_build_removes_only_the_engines_it_replaces(stub, model: Path, tmp_pat
 def test_engines_reach_the_disk_before_the_manifest_names_them(
     stub, model: Path, monkeypatch
 ) -> None:
-    import os
-
     from llava_edge.runtime.tensorrt import build
 
     events: list[str] = []
@@ -688,8 +687,9 @@ def test_engines_reach_the_disk_before_the_manifest_names_them(
     monkeypatch.setattr(build.os, "fsync", fsync)
     monkeypatch.setattr(Manifest, "save", save)
     build_engines(model, log=quiet)
-    before = set(events[: events.index("manifest")])
-    assert {f".{name}.engine.tmp" for name in ("vision_encoder", "projector", "decoder")} <= before
+    before = events[: events.index("manifest")]
+    written = {name.split(".")[1] for name in before if name.endswith(".tmp")}
+    assert {"vision_encoder", "projector", "decoder"} <= written  # each .NAME.engine.*.tmp
     assert "engines" in before  # the dir, for the renames
 
 
@@ -903,7 +903,7 @@ def test_an_engine_cut_off_while_written_leaves_no_partial_file(
 
     def fsync(fd: int) -> None:
         name = Path(build.os.readlink(f"/proc/self/fd/{fd}")).name
-        if name.endswith(".engine.tmp") and not failed:
+        if ".engine." in name and name.endswith(".tmp") and not failed:
             failed.append(name)
             raise failure
         real_fsync(fd)
@@ -911,7 +911,7 @@ def test_an_engine_cut_off_while_written_leaves_no_partial_file(
     monkeypatch.setattr(build.os, "fsync", fsync)
     with pytest.raises(type(failure)):
         build_engines(model, log=quiet)
-    assert failed == [".vision_encoder.engine.tmp"]
+    assert failed and failed[0].startswith(".vision_encoder.engine.")
     assert not [p.name for p in (model / "engines").iterdir() if "engine" in p.name]
     assert not Manifest.load(model).engines
 
@@ -940,3 +940,58 @@ def test_a_build_that_could_not_record_its_engines_refuses_before_building(
     with pytest.raises(LlavaEdgeError, match="cannot write to the engine dir .*a-file"):
         build_engines(model, tmp_path / "a-file", log=quiet)
     assert not [c for c in stub.calls if c[0] == "build"]
+
+
+def test_two_builds_into_one_engine_dir_at_once_keep_their_own_engines(
+    stub, model: Path, tmp_path: Path, monkeypatch
+) -> None:
+    # an engine dir shared by two fine-tunes of one model, built at the same time (a CI job)
+    import threading
+
+    from llava_edge.manifest import sha256
+    from llava_edge.runtime.tensorrt import build
+
+    other = tmp_path / "other"
+    shutil.copytree(model, other)
+    shared = tmp_path / "engines"
+    both_writing = threading.Barrier(2, timeout=60)
+    real_fsync = build.os.fsync
+
+    def fsync(fd: int) -> None:
+        if Path(build.os.readlink(f"/proc/self/fd/{fd}")).name.startswith(".decoder.engine"):
+            both_writing.wait()  # each has written its decoder engine, neither renamed it yet
+        real_fsync(fd)
+
+    monkeypatch.setattr(build.os, "fsync", fsync)
+    failures: list[BaseException] = []
+
+    def run(path: Path) -> None:
+        try:
+            build_engines(path, shared, log=quiet)
+        except BaseException as e:
+            failures.append(e)
+
+    threads = [threading.Thread(target=run, args=(path,)) for path in (model, other)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures
+    for path in (model, other):
+        record = Manifest.load(path).engines[str(shared.resolve())]
+        for spec in record.engines.values():
+            assert sha256(shared / spec.file) == spec.sha256
+
+
+def test_the_next_build_removes_what_a_killed_build_was_writing(stub, model: Path) -> None:
+    import subprocess
+
+    build_engines(model, log=quiet)
+    engines = model / "engines"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], stdout=-1)
+    killed = engines / f".decoder.engine.{int(gone.stdout)}-0badcafe.tmp"  # its process is gone
+    running = engines / f".decoder.engine.{os.getpid()}-0badcafe.tmp"  # another build, running
+    killed.write_bytes(b"part of an engine")
+    running.write_bytes(b"part of an engine")
+    build_engines(model, log=quiet)
+    assert not killed.exists() and running.exists()

@@ -11,7 +11,9 @@ atomic rename, the build's only commit point), then deletes the engines that thi
 build into the same dir made and no record names any more (never other files: an engine dir may be
 shared by several models, or with other programs); a build that fails before its commit removes the
 new engines it wrote, which no manifest names, and one killed before it leaves a note of them in
-the model dir for the next build to remove. Engines are flushed to disk before the manifest names
+the model dir for the next build to remove. Each engine is written under a temporary name of the
+build's own (several models' builds may share an engine dir at the same time), and the next build
+removes what a killed one was writing. Engines are flushed to disk before the manifest names
 them, so killed, failed or cut off from power at any moment, a build leaves the manifest pointing
 at engines that are all there, old or new. The timing cache is read before and saved after (also
 after a failure), so a rebuild skips the kernel timing it already did.
@@ -23,13 +25,14 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from llava_edge.errors import LlavaEdgeError
-from llava_edge.files import fsync_path, replace_file
+from llava_edge.files import _alive, fsync_path, replace_file
 from llava_edge.manifest import EngineSet, EngineSpec, Manifest
 from llava_edge.runtime.tensorrt import gpu
 from llava_edge.runtime.tensorrt.compat import engine_dir_key, engine_dir_path
@@ -89,6 +92,7 @@ def build_engines(
         _check_memory(model_dir, device, limits)
     out = Path(out_dir) if out_dir is not None else model_dir / ENGINE_DIR
     _check_writable(model_dir, out)
+    _remove_stale_writes(out)
     _remove_uncommitted(model_dir, manifest)
     cache_path = (
         Path(timing_cache) if timing_cache is not None else out / timing_cache_name(trt.__version__)
@@ -139,7 +143,7 @@ def build_engines(
                         f"TensorRT could not build the {name} engine from {source} (its log above "
                         "says why); check that the graph passes the TensorRT compatibility check"
                     )
-                tmp = out / f".{name}.engine.tmp"
+                tmp = _tmp_path(out, name)
                 size, digest = _write(tmp, plan)
                 built[name] = (
                     tmp,
@@ -332,6 +336,21 @@ def _error_text(error: Any) -> str:
 
 def _read(path: Path) -> bytes:
     return path.read_bytes() if path.is_file() else b""
+
+
+def _tmp_path(out: Path, name: str) -> Path:
+    """Where an engine is written before its rename: a name of this build's own (several
+    models' builds may share the engine dir at the same time), with the pid by which the next
+    build tells what a killed one left (`_remove_stale_writes`)."""
+    return out / f".{name}.engine.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+
+
+def _remove_stale_writes(out: Path) -> None:
+    """Engines that killed builds were writing: their process is gone."""
+    for path in out.glob(".*.engine.*-*.tmp"):
+        pid = path.name.rsplit(".", 2)[-2].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            path.unlink(missing_ok=True)
 
 
 def _note_uncommitted(model_dir: Path, paths: list[Path]) -> None:
