@@ -411,8 +411,9 @@ def test_engine_sets_are_chosen_by_dir_or_by_platform(
     l4 = Platform("10.3.0.30", "L4", "8.9")
     assert select_engines(manifest, model_copy, None, l4)[0] == outside.resolve()
     assert select_engines(manifest, model_copy, outside, ORIN)[1].gpu == "L4"
-    with pytest.raises(LlavaEdgeError, match="holds no engines built for.*--out"):
-        select_engines(manifest, model_copy, tmp_path / "elsewhere", ORIN)
+    elsewhere = tmp_path / "elsewhere"  # the command to copy builds there, not in the default dir
+    with pytest.raises(LlavaEdgeError, match=f"`llava-edge build {model_copy} --out {elsewhere}`"):
+        select_engines(manifest, model_copy, elsewhere, ORIN)
 
 
 def test_engine_records_round_trip_and_old_manifests_still_load(
