@@ -555,6 +555,22 @@ def test_build_refuses_engines_that_cannot_fit(stub, model: Path, monkeypatch) -
     assert len([c for c in stub.calls if c[0] == "build"]) == 3
 
 
+def test_a_batch_that_cannot_fit_is_told_the_batch_that_does(stub, model: Path, monkeypatch):
+    from llava_edge.runtime.plan import Device, plan
+
+    def total(batch: int) -> int:
+        return plan(model, Device("gpu", 64 << 30, 0, None), "tensorrt", max_batch=batch).total
+
+    free = (total(2) + total(64)) // 2  # batch 2 fits at the model's full context, 64 does not
+    board = gpu.GpuInfo(0, "Stub Orin", "8.7", 64 << 30, free, False, "12.6")
+    monkeypatch.setattr(gpu, "probe_gpu", lambda index=0: board)
+    with pytest.raises(
+        LlavaEdgeError, match=r"--max-batch \(at most (\d+) fits at --max-context 1024"
+    ) as e:
+        build_engines(model, max_batch=64, log=quiet)
+    assert 2 <= int(e.value.args[0].split("--max-batch (at most ")[1].split()[0]) < 64
+
+
 def test_a_jetson_counts_the_memory_linux_can_give_back(stub, model: Path, monkeypatch) -> None:
     # On an integrated GPU, CUDA's free memory can be less than what the board can allocate:
     # where Linux's MemAvailable says more, the engines fit.

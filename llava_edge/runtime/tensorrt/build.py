@@ -225,12 +225,18 @@ def _check_memory(model_dir: Path, info: gpu.GpuInfo, limits: EngineLimits) -> N
     )
     if needed.fits:
         return
-    advice = (
-        f"lower --max-context (at most {needed.largest_context} fits at --max-batch "
-        f"{limits.max_batch})"
-        if needed.largest_context
-        else "quantize the model (int4) or use a device with more memory"
-    )
+    ways = []
+    if needed.largest_context:
+        ways.append(
+            f"lower --max-context (at most {needed.largest_context} fits at --max-batch "
+            f"{limits.max_batch})"
+        )
+    if limits.max_batch > 1 and needed.largest_batch:
+        ways.append(
+            f"--max-batch (at most {needed.largest_batch} fits at --max-context "
+            f"{limits.max_context})"
+        )
+    advice = " or ".join(ways) or "quantize the model (int4) or use a device with more memory"
     raise LlavaEdgeError(
         f"these engines would need {needed.total / 1e9:.2f} GB (weights, KV cache for "
         f"{limits.max_context} tokens x {limits.max_batch}, activations, CUDA) but the GPU has "
