@@ -280,6 +280,34 @@ def test_a_cache_that_cannot_grow_is_left_as_it_was(manifest: Manifest, device: 
         cudart_stub.limit = None
 
 
+def test_a_cache_collected_while_the_pool_is_busy_does_not_hang_it(
+    manifest: Manifest, device: Cuda, monkeypatch
+) -> None:
+    # the cycle collector runs at any allocation, on the thread that allocates: a cache caught
+    # in a cycle (a traceback holding the frame it lived in) gives its blocks back right there
+    import gc
+    import threading
+
+    stream = device.stream()
+    pool = KVPool(device, keep_bytes=10**9)
+    cache = DeviceKVCache(manifest.text, 1, 64, 16, device, stream, pool)
+    cache.reserve(1)
+    cache.cycle = cache  # garbage only the cycle collector frees
+    del cache
+    real = KVPool._trim
+
+    def collecting(self, new):
+        gc.collect()
+        return real(self, new)
+
+    monkeypatch.setattr(KVPool, "_trim", collecting)
+    worker = threading.Thread(target=pool.take, args=(4096,), daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "the pool deadlocked on its own lock"
+    assert pool.kept == 2 * manifest.text.num_layers  # the collected cache's blocks came back
+
+
 def test_cache_memory_comes_from_a_pool_reused_across_requests(
     manifest: Manifest, device: Cuda
 ) -> None:

@@ -57,7 +57,9 @@ class KVPool:
         self.cuda = cuda
         self.keep_bytes = keep_bytes
         self._free: list[Allocation] = []
-        self._lock = threading.Lock()
+        # Reentrant: the cycle collector may run a dropped cache's finalizer, which gives its
+        # blocks back, on this very thread while it holds the lock (at any allocation).
+        self._lock = threading.RLock()
         self._held = 0  # bytes of the blocks taken and not given back (held by caches)
         self.allocated = 0  # blocks made so far (reuse keeps this low)
 
