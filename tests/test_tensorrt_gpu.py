@@ -193,4 +193,5 @@ def test_a_pool_serves_repeated_requests_without_new_device_memory(model_dirs, r
     with load(model_dirs["fp16"]) as pipe:
         for _ in range(3):
             pipe.answer(picture(), PROMPT, max_new_tokens=TOKENS, ignore_eos=True)
-        assert pipe.backend.pool.allocated <= 2
+        # two capacities at most, of one block for each layer's keys and each layer's values
+        assert pipe.backend.pool.allocated <= 2 * 2 * pipe.manifest.text.num_layers

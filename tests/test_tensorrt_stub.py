@@ -11,6 +11,7 @@ test_tensorrt_gpu.py, which needs a GPU.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -302,8 +303,9 @@ def test_build_options_are_checked_before_anything_is_written(stub, model: Path)
         LlavaEdgeError, match="--max-context must be between 1 and the model's context 1024"
     ):
         build_engines(model, max_context=4096, log=quiet)
-    with pytest.raises(LlavaEdgeError, match="--workspace"):
-        build_engines(model, workspace_gb=0, log=quiet)
+    for workspace in (0, float("nan"), float("inf")):  # argparse's float takes 'nan' and 'inf'
+        with pytest.raises(LlavaEdgeError, match="--workspace must be a positive number of GB"):
+            build_engines(model, workspace_gb=workspace, log=quiet)
     assert not (model / "engines").exists()
 
 
@@ -553,6 +555,22 @@ def test_build_refuses_engines_that_cannot_fit(stub, model: Path, monkeypatch) -
     assert len([c for c in stub.calls if c[0] == "build"]) == 3
 
 
+def test_a_batch_that_cannot_fit_is_told_the_batch_that_does(stub, model: Path, monkeypatch):
+    from llava_edge.runtime.plan import Device, plan
+
+    def total(batch: int) -> int:
+        return plan(model, Device("gpu", 64 << 30, 0, None), "tensorrt", max_batch=batch).total
+
+    free = (total(2) + total(64)) // 2  # batch 2 fits at the model's full context, 64 does not
+    board = gpu.GpuInfo(0, "Stub Orin", "8.7", 64 << 30, free, False, "12.6")
+    monkeypatch.setattr(gpu, "probe_gpu", lambda index=0: board)
+    with pytest.raises(
+        LlavaEdgeError, match=r"--max-batch \(at most (\d+) fits at --max-context 1024"
+    ) as e:
+        build_engines(model, max_batch=64, log=quiet)
+    assert 2 <= int(e.value.args[0].split("--max-batch (at most ")[1].split()[0]) < 64
+
+
 def test_a_jetson_counts_the_memory_linux_can_give_back(stub, model: Path, monkeypatch) -> None:
     # On an integrated GPU, CUDA's free memory can be less than what the board can allocate:
     # where Linux's MemAvailable says more, the engines fit.
@@ -669,8 +687,6 @@ def test_a_build_removes_only_the_engines_it_replaces(stub, model: Path, tmp_pat
 def test_engines_reach_the_disk_before_the_manifest_names_them(
     stub, model: Path, monkeypatch
 ) -> None:
-    import os
-
     from llava_edge.runtime.tensorrt import build
 
     events: list[str] = []
@@ -687,8 +703,9 @@ def test_engines_reach_the_disk_before_the_manifest_names_them(
     monkeypatch.setattr(build.os, "fsync", fsync)
     monkeypatch.setattr(Manifest, "save", save)
     build_engines(model, log=quiet)
-    before = set(events[: events.index("manifest")])
-    assert {f".{name}.engine.tmp" for name in ("vision_encoder", "projector", "decoder")} <= before
+    before = events[: events.index("manifest")]
+    written = {name.split(".")[1] for name in before if name.endswith(".tmp")}
+    assert {"vision_encoder", "projector", "decoder"} <= written  # each .NAME.engine.*.tmp
     assert "engines" in before  # the dir, for the renames
 
 
@@ -853,3 +870,144 @@ def test_a_decoder_whose_past_and_present_differ_in_type_is_refused(
     with pytest.raises(LlavaEdgeError, match="past keys/values are float32 and its present"):
         backend(model)
     assert cudart_stub.in_use() == before
+
+
+def test_a_conversation_at_the_engines_context_holds_the_kv_memory_plan_counts(
+    stub, model: Path, monkeypatch
+) -> None:
+    # `build` refuses engines whose KV cache at --max-context does not fit (llava-edge plan): a
+    # conversation grown to that context, cache growth and the pool included, must not hold more
+    from llava_edge.runtime.plan import Device, plan
+
+    build_engines(model, max_context=256, prefill_chunk=64, kv_chunk=32, log=quiet)
+    be = backend(model)
+    before, peak = cudart_stub.in_use(), [0]
+    real = cudart_stub.cudaMalloc
+
+    def malloc(nbytes: int):
+        result = real(nbytes)
+        peak[0] = max(peak[0], cudart_stub.in_use())
+        return result
+
+    monkeypatch.setattr(cudart_stub, "cudaMalloc", malloc)
+    for _ in range(2):  # a second request reuses what the pool kept
+        cache = be.new_cache(1)
+        for start in range(0, 256, 64):
+            be.decode(
+                np.zeros((1, 64, 64), np.float32),
+                np.ones((1, 64), np.int64),
+                np.arange(start, start + 64)[None],
+                cache,
+            )
+        del cache
+    counted = plan(model, Device("gpu", 8 << 30, 0, None), "tensorrt", max_context=256).kv_cache
+    text = be.manifest.text  # growing holds one layer's keys (or values) twice, for a moment
+    one_region = text.num_kv_heads * 256 * text.head_dim * np.dtype(be.kv_dtype).itemsize
+    assert peak[0] - before <= counted + one_region + 4096  # and each block's alignment slack
+    be.close()
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_an_engine_cut_off_while_written_leaves_no_partial_file(
+    stub, model: Path, monkeypatch, failure: BaseException
+) -> None:
+    # a full disk, or Ctrl-C during the long write of a large engine: no partial file stays
+    from llava_edge.runtime.tensorrt import build
+
+    real_fsync = build.os.fsync
+    failed: list[str] = []
+
+    def fsync(fd: int) -> None:
+        name = Path(build.os.readlink(f"/proc/self/fd/{fd}")).name
+        if ".engine." in name and name.endswith(".tmp") and not failed:
+            failed.append(name)
+            raise failure
+        real_fsync(fd)
+
+    monkeypatch.setattr(build.os, "fsync", fsync)
+    with pytest.raises(type(failure)):
+        build_engines(model, log=quiet)
+    assert failed and failed[0].startswith(".vision_encoder.engine.")
+    assert not [p.name for p in (model / "engines").iterdir() if "engine" in p.name]
+    assert not Manifest.load(model).engines
+
+
+def test_a_build_that_could_not_record_its_engines_refuses_before_building(
+    stub, model: Path, tmp_path: Path, monkeypatch
+) -> None:
+    # the manifest names the engines: a model dir on a read-only disk (a robot's image) would
+    # fail the build at its end, after every engine was built
+    import errno
+    import tempfile
+
+    real = tempfile.mkstemp
+
+    def read_only(*args, dir=None, **kwargs):  # noqa: A002 (tempfile's name)
+        if Path(dir).resolve() == model.resolve():
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(LlavaEdgeError, match=f"cannot write to the model dir {model}: Read-only"):
+        build_engines(model, tmp_path / "engines", log=quiet)
+    assert not [c for c in stub.calls if c[0] == "build"]
+    monkeypatch.setattr(tempfile, "mkstemp", real)
+    (tmp_path / "a-file").write_text("")  # --out naming a file
+    with pytest.raises(LlavaEdgeError, match="cannot write to the engine dir .*a-file"):
+        build_engines(model, tmp_path / "a-file", log=quiet)
+    assert not [c for c in stub.calls if c[0] == "build"]
+
+
+def test_two_builds_into_one_engine_dir_at_once_keep_their_own_engines(
+    stub, model: Path, tmp_path: Path, monkeypatch
+) -> None:
+    # an engine dir shared by two fine-tunes of one model, built at the same time (a CI job)
+    import threading
+
+    from llava_edge.manifest import sha256
+    from llava_edge.runtime.tensorrt import build
+
+    other = tmp_path / "other"
+    shutil.copytree(model, other)
+    shared = tmp_path / "engines"
+    both_writing = threading.Barrier(2, timeout=60)
+    real_fsync = build.os.fsync
+
+    def fsync(fd: int) -> None:
+        if Path(build.os.readlink(f"/proc/self/fd/{fd}")).name.startswith(".decoder.engine"):
+            both_writing.wait()  # each has written its decoder engine, neither renamed it yet
+        real_fsync(fd)
+
+    monkeypatch.setattr(build.os, "fsync", fsync)
+    failures: list[BaseException] = []
+
+    def run(path: Path) -> None:
+        try:
+            build_engines(path, shared, log=quiet)
+        except BaseException as e:
+            failures.append(e)
+
+    threads = [threading.Thread(target=run, args=(path,)) for path in (model, other)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures
+    for path in (model, other):
+        record = Manifest.load(path).engines[str(shared.resolve())]
+        for spec in record.engines.values():
+            assert sha256(shared / spec.file) == spec.sha256
+
+
+def test_the_next_build_removes_what_a_killed_build_was_writing(stub, model: Path) -> None:
+    import subprocess
+
+    build_engines(model, log=quiet)
+    engines = model / "engines"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], stdout=-1)
+    killed = engines / f".decoder.engine.{int(gone.stdout)}-0badcafe.tmp"  # its process is gone
+    running = engines / f".decoder.engine.{os.getpid()}-0badcafe.tmp"  # another build, running
+    killed.write_bytes(b"part of an engine")
+    running.write_bytes(b"part of an engine")
+    build_engines(model, log=quiet)
+    assert not killed.exists() and running.exists()

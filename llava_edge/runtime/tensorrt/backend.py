@@ -124,7 +124,8 @@ class TensorRTBackend:
             self.engines.clear()
             self.cuda.destroy_stream(self.stream)
             raise
-        # Keep freed caches for reuse, up to one max-context cache of the largest batch.
+        # Keep freed blocks for reuse while, with the caches' own, they fit in one max-context
+        # cache of the largest batch (what `build` checked the GPU has room for).
         largest = self._cache(self.limits.max_batch)
         self.pool = KVPool(self.cuda, largest.block_bytes(self.limits.max_context))
         self._caches: weakref.WeakSet[DeviceKVCache] = weakref.WeakSet()  # freed by close()

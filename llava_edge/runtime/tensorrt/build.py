@@ -11,7 +11,9 @@ atomic rename, the build's only commit point), then deletes the engines that thi
 build into the same dir made and no record names any more (never other files: an engine dir may be
 shared by several models, or with other programs); a build that fails before its commit removes the
 new engines it wrote, which no manifest names, and one killed before it leaves a note of them in
-the model dir for the next build to remove. Engines are flushed to disk before the manifest names
+the model dir for the next build to remove. Each engine is written under a temporary name of the
+build's own (several models' builds may share an engine dir at the same time), and the next build
+removes what a killed one was writing. Engines are flushed to disk before the manifest names
 them, so killed, failed or cut off from power at any moment, a build leaves the manifest pointing
 at engines that are all there, old or new. The timing cache is read before and saved after (also
 after a failure), so a rebuild skips the kernel timing it already did.
@@ -21,13 +23,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import secrets
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from llava_edge.errors import LlavaEdgeError
-from llava_edge.files import fsync_path, replace_file
+from llava_edge.files import _alive, fsync_path, replace_file
 from llava_edge.manifest import EngineSet, EngineSpec, Manifest
 from llava_edge.runtime.tensorrt import gpu
 from llava_edge.runtime.tensorrt.compat import engine_dir_key, engine_dir_path
@@ -78,7 +83,7 @@ def build_engines(
     manifest = Manifest.load(model_dir)
     manifest.check_files(model_dir)
     limits = _limits(manifest, max_batch, max_context, prefill_chunk, kv_chunk)
-    if workspace_gb is not None and workspace_gb <= 0:
+    if workspace_gb is not None and not 0 < workspace_gb < math.inf:  # nan too
         raise LlavaEdgeError(f"--workspace must be a positive number of GB, got {workspace_gb}")
     profiles = {name: graph_profiles(manifest, name, limits) for name in manifest.graphs}
     trt = import_tensorrt()
@@ -86,7 +91,8 @@ def build_engines(
     if check_memory:
         _check_memory(model_dir, device, limits)
     out = Path(out_dir) if out_dir is not None else model_dir / ENGINE_DIR
-    out.mkdir(parents=True, exist_ok=True)
+    _check_writable(model_dir, out)
+    _remove_stale_writes(out)
     _remove_uncommitted(model_dir, manifest)
     cache_path = (
         Path(timing_cache) if timing_cache is not None else out / timing_cache_name(trt.__version__)
@@ -137,7 +143,7 @@ def build_engines(
                         f"TensorRT could not build the {name} engine from {source} (its log above "
                         "says why); check that the graph passes the TensorRT compatibility check"
                     )
-                tmp = out / f".{name}.engine.tmp"
+                tmp = _tmp_path(out, name)
                 size, digest = _write(tmp, plan)
                 built[name] = (
                     tmp,
@@ -219,18 +225,43 @@ def _check_memory(model_dir: Path, info: gpu.GpuInfo, limits: EngineLimits) -> N
     )
     if needed.fits:
         return
-    advice = (
-        f"lower --max-context (at most {needed.largest_context} fits at --max-batch "
-        f"{limits.max_batch})"
-        if needed.largest_context
-        else "quantize the model (int4) or use a device with more memory"
-    )
+    ways = []
+    if needed.largest_context:
+        ways.append(
+            f"lower --max-context (at most {needed.largest_context} fits at --max-batch "
+            f"{limits.max_batch})"
+        )
+    if limits.max_batch > 1 and needed.largest_batch:
+        ways.append(
+            f"--max-batch (at most {needed.largest_batch} fits at --max-context "
+            f"{limits.max_context})"
+        )
+    advice = " or ".join(ways) or "quantize the model (int4) or use a device with more memory"
     raise LlavaEdgeError(
         f"these engines would need {needed.total / 1e9:.2f} GB (weights, KV cache for "
         f"{limits.max_context} tokens x {limits.max_batch}, activations, CUDA) but the GPU has "
         f"{free / 1e9:.2f} GB free; {advice}, or build anyway with --skip-memory-check "
         f"(details: `llava-edge plan {model_dir} --backend tensorrt`)"
     )
+
+
+def _check_writable(model_dir: Path, out: Path) -> None:
+    """Fail now, not after the build's minutes of work: the engines are written to `out` and
+    recorded in the model dir's manifest (a model dir on a read-only disk, an --out that is a
+    file or another user's)."""
+    for where, what, advice in (
+        (out, "the engine dir", "choose another --out"),
+        (model_dir, "the model dir", "its manifest records the engines: build in a writable copy"),
+    ):
+        try:
+            where.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".build-", dir=where)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise LlavaEdgeError(
+                f"cannot write to {what} {where}: {e.strerror or e}; {advice}"
+            ) from None
 
 
 def _limits(
@@ -313,6 +344,21 @@ def _read(path: Path) -> bytes:
     return path.read_bytes() if path.is_file() else b""
 
 
+def _tmp_path(out: Path, name: str) -> Path:
+    """Where an engine is written before its rename: a name of this build's own (several
+    models' builds may share the engine dir at the same time), with the pid by which the next
+    build tells what a killed one left (`_remove_stale_writes`)."""
+    return out / f".{name}.engine.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+
+
+def _remove_stale_writes(out: Path) -> None:
+    """Engines that killed builds were writing: their process is gone."""
+    for path in out.glob(".*.engine.*-*.tmp"):
+        pid = path.name.rsplit(".", 2)[-2].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            path.unlink(missing_ok=True)
+
+
 def _note_uncommitted(model_dir: Path, paths: list[Path]) -> None:
     """Record the engine files about to be renamed into place, before the manifest names them."""
     with replace_file(model_dir / UNCOMMITTED) as f:
@@ -351,12 +397,17 @@ def _remove_replaced(out: Path, old: EngineSet, new: EngineSet) -> None:
 
 def _write(path: Path, data: Any) -> tuple[int, str]:
     """Write and flush to disk: the manifest must never name an engine that a power cut could
-    leave empty (the manifest's own save is atomic and flushed too)."""
+    leave empty (the manifest's own save is atomic and flushed too). A write that does not finish
+    (a full disk, Ctrl-C during a large engine's) removes its part-written file."""
     view = memoryview(data).cast("B")
-    with open(path, "wb") as f:
-        f.write(view)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "wb") as f:
+            f.write(view)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
     return view.nbytes, hashlib.sha256(view).hexdigest()
 
 

@@ -59,15 +59,16 @@ def select_engines(
     platform: Platform,
 ) -> tuple[Path, EngineSet]:
     """The engine set to load: the one in `engine_dir`, else the one built for this platform."""
-    build = f"`llava-edge build {model_dir}`"
+    build = f"llava-edge build {model_dir}"
     if not manifest.engines:
-        raise LlavaEdgeError(f"{model_dir} has no TensorRT engines yet; build them with {build}")
+        raise LlavaEdgeError(f"{model_dir} has no TensorRT engines yet; build them with `{build}`")
     if engine_dir is not None:
         key = engine_dir_key(model_dir, engine_dir)
         if key not in manifest.engines:
             raise LlavaEdgeError(
                 f"{engine_dir} holds no engines built for {model_dir} (built: "
-                f"{', '.join(sorted(manifest.engines))}); build them with {build} --out {engine_dir}"
+                f"{', '.join(sorted(manifest.engines))}); build them with "
+                f"`{build} --out {engine_dir}`"
             )
         return engine_dir_path(model_dir, key), manifest.engines[key]
     fitting = [k for k, e in manifest.engines.items() if _fits(e, platform)]

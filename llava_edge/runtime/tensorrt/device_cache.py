@@ -7,11 +7,14 @@ yet written are zero and masked out. Capacity grows in chunks of `kv_chunk` slot
 every step would make attention read all of it for every token (for a 7B model at 4096 tokens,
 2 GiB a token, more than its int4 weights); with chunks it reads at most kv_chunk - 1 unused slots.
 
-Memory is taken for the context a request needs, not the max context: each capacity is one
-device block (every layer's keys and values), and growing takes a larger block, copies the used
-slots over with one 2-D copy per layer and gives the old block back. Blocks come from a pool that
-the backend keeps across requests, so a robot asking the same kind of question again and again
-reuses the same few blocks instead of allocating on every request.
+Memory is taken for the context a request needs, not the max context: each layer's keys, and
+its values, are one device block of the current capacity, and growing replaces them one at a
+time (a larger block, the used slots copied over with one 2-D copy, the old block given back), so
+a cache that grows holds one layer's keys (or values) twice for a moment, never the whole cache
+twice: at the engines' max context it needs what `llava-edge plan` counts, plus one such block.
+Blocks come from a pool that the backend keeps across requests, so a robot asking the same kind
+of question again and again reuses the same blocks instead of allocating on every request; the
+pool keeps only what fits beside the blocks caches hold in one max-context cache.
 
 The cache's dtype is the engine's: fp16 where the graph TensorRT built computes in fp16 (the int4
 form), half the memory and bandwidth of fp32.
@@ -40,16 +43,24 @@ from llava_edge.runtime.tensorrt.profiles import capacity
 class KVPool:
     """Device blocks given back by caches, kept for the next request of the same size.
 
+    What it keeps and what caches hold stay within `keep_bytes` together (the backend's: one
+    max-context cache of its largest batch): kept blocks are freed, oldest first, before a new
+    block would go past it, so a cache growing to the max context is never short of the memory
+    `build` checked for because the pool still holds the blocks of its smaller capacities.
+
     Blocks come back from any thread (a cache dropped by the garbage collector), so giving back
-    only files them; they are freed, beyond `keep_bytes`, when the next block is taken, on the
-    thread that runs the backend.
+    only files them; they are freed when the next block is taken, on the thread that runs the
+    backend.
     """
 
     def __init__(self, cuda: Cuda, keep_bytes: int):
         self.cuda = cuda
         self.keep_bytes = keep_bytes
         self._free: list[Allocation] = []
-        self._lock = threading.Lock()
+        # Reentrant: the cycle collector may run a dropped cache's finalizer, which gives its
+        # blocks back, on this very thread while it holds the lock (at any allocation).
+        self._lock = threading.RLock()
+        self._held = 0  # bytes of the blocks taken and not given back (held by caches)
         self.allocated = 0  # blocks made so far (reuse keeps this low)
 
     def take(self, nbytes: int) -> Allocation:
@@ -57,23 +68,35 @@ class KVPool:
             match = next((b for b in self._free if b.nbytes == nbytes), None)
             if match is not None:
                 self._free.remove(match)
-            surplus = self._trim()
+            surplus = self._trim(0 if match is not None else nbytes)
+            self._held += nbytes
         for block in surplus:
             block.free()
         if match is not None:
             return match
+        try:
+            block = Allocation(self.cuda, nbytes)
+        except BaseException:
+            with self._lock:
+                self._held -= nbytes
+            raise
         self.allocated += 1
-        return Allocation(self.cuda, nbytes)
+        return block
 
     def give(self, block: Allocation) -> None:
         with self._lock:
             self._free.append(block)
+            self._held -= block.nbytes
 
-    def _trim(self) -> list[Allocation]:
-        """Blocks beyond `keep_bytes`, oldest first, taken out to be freed."""
+    def _trim(self, new: int) -> list[Allocation]:
+        """Kept blocks, oldest first, taken out to be freed until they fit in `keep_bytes` beside
+        the blocks caches hold and a `new` one."""
         out = []
-        while sum(b.nbytes for b in self._free) > self.keep_bytes:
-            out.append(self._free.pop(0))
+        kept = sum(b.nbytes for b in self._free)
+        while self._free and self._held + new + kept > self.keep_bytes:
+            block = self._free.pop(0)
+            kept -= block.nbytes
+            out.append(block)
         return out
 
     @property
@@ -176,8 +199,9 @@ class DeviceKVCache(RowCache):
         self.valid = np.zeros((batch, 0), dtype=np.int64)  # 1 where a slot holds a real token
         # CUDA graphs captured against this cache's buffers (the backend manages them).
         self.graphs: dict[Any, Any] = {}
-        self._block: list[Allocation | None] = [None]  # shared with the finalizer
-        weakref.finalize(self, _give_back, pool, self._block)
+        # each layer's keys (at 2i) and values (2i + 1): one block each; shared with the finalizer
+        self._blocks: list[Allocation | None] = [None] * (2 * text.num_layers)
+        weakref.finalize(self, _give_back, pool, self._blocks)
 
     @property
     def row_bytes(self) -> int:
@@ -238,7 +262,7 @@ class DeviceKVCache(RowCache):
         self.valid[row, :length] = 1
 
     def shrink(self) -> None:
-        """Give the device block back to the pool once every row is empty."""
+        """Give the device blocks back to the pool once every row is empty."""
         if not self.lengths.any():
             self.release()
 
@@ -246,7 +270,8 @@ class DeviceKVCache(RowCache):
 
     def grow(self, needed: int) -> None:
         """Make room for `needed` slots in every row, growing by whole chunks, or fail past the
-        context."""
+        context. One layer's keys (or values) at a time; should a block not be had (out of
+        memory), the cache is left as it was, at its old capacity, and the error raised."""
         if needed > self.max_context:
             raise LlavaEdgeError(
                 f"the conversation needs {needed} tokens, over the {self.max_context} the "
@@ -255,34 +280,66 @@ class DeviceKVCache(RowCache):
             )
         if needed <= self.capacity:
             return
-        new = capacity(needed, self.kv_chunk, self.max_context)
-        block = self.pool.take(self.block_bytes(new))
-        self.cuda.zero(block.ptr, self.block_bytes(new), self.stream)
-        old, used = self._block[0], self.length
-        if old is not None and used:
-            rows = self.batch * self.text.num_kv_heads
-            for region in range(2 * self.text.num_layers):
-                self.cuda.copy_rows(
-                    block.ptr + region * self.region_bytes(new),
-                    new * self.row_bytes,
-                    old.ptr + region * self.region_bytes(self.capacity),
-                    self.capacity * self.row_bytes,
-                    used * self.row_bytes,
-                    rows,
-                    self.stream,
-                )
-        if old is not None:
-            self.pool.give(old)
-        self._block[0] = block
+        new, old, used = (
+            capacity(needed, self.kv_chunk, self.max_context),
+            self.capacity,
+            self.length,
+        )
+        rows = self.batch * self.text.num_kv_heads
+        for index, previous in enumerate(self._blocks):
+            block = None
+            try:
+                block = self.pool.take(self.region_bytes(new))
+                self.cuda.zero(block.ptr, block.nbytes, self.stream)
+                if previous is not None and used:
+                    self.cuda.copy_rows(
+                        block.ptr,
+                        new * self.row_bytes,
+                        previous.ptr,
+                        old * self.row_bytes,
+                        used * self.row_bytes,
+                        rows,
+                        self.stream,
+                    )
+            except BaseException:
+                if block is not None:
+                    self.pool.give(block)
+                self._undo_growth(index, new)
+                raise
+            self._blocks[index] = block
+            if previous is not None:
+                self.pool.give(previous)  # the stream copies out of it before any later use
         valid = np.zeros((self.batch, new), dtype=np.int64)
         valid[:, :used] = self.valid[:, :used]
         self.valid, self.capacity = valid, new
-        self.graphs.clear()  # they bound the old block
+        self.graphs.clear()  # they bound the old blocks
+
+    def _undo_growth(self, grown: int, new: int) -> None:
+        """Put the first `grown` blocks, already at capacity `new`, back at the cache's capacity:
+        laid out again at its row pitch in their own (larger) blocks, through the host (a path
+        taken only when the device is out of memory). A cache that had no blocks gives them back."""
+        self.graphs.clear()
+        if not self.capacity:
+            _give_back(self.pool, self._blocks)
+            return
+        t, old = self.text, self.capacity
+        rows = self.batch * t.num_kv_heads
+        for index in range(grown):
+            ptr = self._blocks[index].ptr
+            grown_rows = self.cuda.to_host(
+                DeviceArray(ptr, (rows, new, t.head_dim), self.dtype), self.stream
+            )
+            self.cuda.to_device(
+                DeviceArray(ptr, (rows, old, t.head_dim), self.dtype),
+                np.ascontiguousarray(grown_rows[:, :old]),
+                self.stream,
+            )
+        self.cuda.synchronize(self.stream)  # the host array must outlive the copy
 
     def _region(self, index: int, start: int = 0, stop: int | None = None) -> DeviceArray:
         """Layer region `index` (keys of layer i at 2i, values at 2i + 1), rows [start, stop)."""
         t, stop = self.text, self.batch if stop is None else stop
-        ptr = self._block[0].ptr + index * self.region_bytes(self.capacity)
+        ptr = self._blocks[index].ptr
         shape = (stop - start, t.num_kv_heads, self.capacity, t.head_dim)
         return DeviceArray(ptr + start * self.row_block, shape, self.dtype)
 
@@ -303,15 +360,16 @@ class DeviceKVCache(RowCache):
                 )
 
     def release(self) -> None:
-        """Give the device block back to the pool now (the cache is empty afterwards)."""
-        _give_back(self.pool, self._block)
+        """Give the device blocks back to the pool now (the cache is empty afterwards)."""
+        _give_back(self.pool, self._blocks)
         self.lengths[:] = 0
         self.capacity = 0
         self.valid = np.zeros((self.batch, 0), dtype=np.int64)
         self.graphs.clear()
 
 
-def _give_back(pool: KVPool, holder: list[Allocation | None]) -> None:
-    block, holder[0] = holder[0], None
-    if block is not None:
-        pool.give(block)
+def _give_back(pool: KVPool, blocks: list[Allocation | None]) -> None:
+    for index, block in enumerate(blocks):
+        blocks[index] = None
+        if block is not None:
+            pool.give(block)
