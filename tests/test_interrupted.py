@@ -96,6 +96,27 @@ def test_export_killed_at_random_moments(tiny_checkpoint, tiny_model_dir, tmp_pa
     kill_at_random_moments(argv, out, snapshot(out), kills=3, tmp=tmp_path / "tmp")
 
 
+def test_exports_scratch_files_go_beside_its_output(tiny_checkpoint, tmp_path, monkeypatch):
+    """onnxruntime's graph optimizer (the fused vision encoder) writes through tempfile: beside
+    the output, where the next run removes what a killed one left, and not in /tmp (a tmpfs on
+    many Jetson images)."""
+    import tempfile
+
+    from conftest import quiet
+
+    from llava_edge.export.exporter import export_checkpoint
+
+    made = []
+    mkdtemp = tempfile.mkdtemp
+    monkeypatch.setattr(
+        tempfile, "mkdtemp", lambda *a, **k: made.append(mkdtemp(*a, **k)) or made[-1]
+    )
+    out = tmp_path / "out" / "model"
+    export_checkpoint(tiny_checkpoint, out, verify=False, log=quiet)
+    assert made and all(Path(d).is_relative_to(out.parent) for d in made), made
+    assert [p.name for p in out.parent.iterdir()] == ["model"]
+
+
 def test_quantize_killed_at_random_moments(tiny_model_dir, tmp_path):
     from llava_edge.training.synth import synthesize
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from llava_edge import __version__
 from llava_edge.errors import LlavaEdgeError, first_line
-from llava_edge.files import check_output_dir, replace_dir, save_graph
+from llava_edge.files import check_output_dir, replace_dir, save_graph, scratch_beside
 from llava_edge.logs import quiet
 from llava_edge.manifest import (
     ANYRES_FORMAT_VERSION,
@@ -90,7 +90,8 @@ def export_checkpoint(
     config = checkpoint_config(checkpoint, trust_remote_code=trust_remote_code)
     max_context = _max_context(config, max_context)  # fail before loading weights
     loaded = load_checkpoint(checkpoint, trust_remote_code=trust_remote_code)
-    with replace_dir(out) as tmp:
+    # onnxruntime's graph optimizer (the fused forms) writes graph-sized copies through tempfile
+    with scratch_beside(out), replace_dir(out) as tmp:
         if dtype == "fp16":
             _half(loaded.model)
         manifest = build_manifest(loaded, dtype, max_context)
