@@ -96,7 +96,7 @@ def test_vision_profiles_vary_the_batch_only(manifest: Manifest) -> None:
 
 
 def test_bad_limits_and_unknown_dims_say_what_is_wrong(manifest: Manifest) -> None:
-    with pytest.raises(LlavaEdgeError, match="max-batch"):
+    with pytest.raises(LlavaEdgeError, match="--max-batch must be at least 1, got 0"):
         graph_profiles(manifest, "decoder", EngineLimits(max_batch=0))
     assert profiles.resolve(["batch", 7, "past+seq"], {"batch": 2, "past": 5, "seq": 3}) == [
         2,

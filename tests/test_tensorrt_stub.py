@@ -291,8 +291,9 @@ def test_a_build_that_tensorrt_refuses_leaves_the_old_engines(
             None if "decoder" in network.path else real(self, network, config)
         ),
     )
-    with pytest.raises(LlavaEdgeError, match="could not build the decoder engine"):
+    with pytest.raises(LlavaEdgeError, match="could not build the decoder engine") as refused:
         build_engines(model, max_batch=2, log=quiet)
+    assert "check finds" not in str(refused.value)  # the graph passes it: TensorRT's log says why
     assert (model / MANIFEST_NAME).read_bytes() == saved
     assert {p.name: p.read_bytes() for p in (model / "engines").glob("*.engine")} == engines
     assert not list((model / "engines").glob(".*.tmp"))
@@ -1011,3 +1012,27 @@ def test_the_next_build_removes_what_a_killed_build_was_writing(stub, model: Pat
     running.write_bytes(b"part of an engine")
     build_engines(model, log=quiet)
     assert not killed.exists() and running.exists()
+
+
+def test_a_build_tensorrt_refuses_names_what_the_compatibility_check_finds(
+    stub, model: Path, monkeypatch
+) -> None:
+    """TensorRT's log is long and device-side; the one line names what llava-edge's own check
+    finds in the graph (an operator TensorRT 10.3 lacks, say)."""
+    from llava_edge.calib import trt_check
+
+    manifest = Manifest.load(model)
+    decoder = model / (manifest.graphs["decoder"].tensorrt_file or manifest.graphs["decoder"].file)
+    findings = {decoder: ["decoder: operator com.microsoft:MatMulNBits is not in TensorRT 10.3"]}
+    monkeypatch.setattr(trt_check, "check_graph", lambda path: findings.get(Path(path), []))
+    real = stub.Builder.build_serialized_network
+    monkeypatch.setattr(
+        stub.Builder,
+        "build_serialized_network",
+        lambda self, network, config: (
+            None if "decoder" in network.path else real(self, network, config)
+        ),
+    )
+    with pytest.raises(LlavaEdgeError) as refused:
+        build_engines(model, log=quiet)
+    assert "check finds: decoder: operator com.microsoft:MatMulNBits" in str(refused.value)

@@ -141,7 +141,7 @@ def build_engines(
                 if plan is None:
                     raise LlavaEdgeError(
                         f"TensorRT could not build the {name} engine from {source} (its log above "
-                        "says why); check that the graph passes the TensorRT compatibility check"
+                        f"says why){_check_findings(model_dir / source)}"
                     )
                 tmp = _tmp_path(out, name)
                 size, digest = _write(tmp, plan)
@@ -342,6 +342,21 @@ def _error_text(error: Any) -> str:
 
 def _read(path: Path) -> bytes:
     return path.read_bytes() if path.is_file() else b""
+
+
+def _check_findings(source: Path) -> str:
+    """What llava-edge's TensorRT 10.3 check finds in a graph TensorRT could not build, as the
+    end of the message; it needs onnx, which a device that only runs engines may lack."""
+    try:
+        from llava_edge.calib.trt_check import check_graph
+
+        problems = check_graph(source)
+    except ImportError:
+        return "; with onnx installed, llava_edge.calib.check_graph(path) lists known problems"
+    if not problems:
+        return ""
+    more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+    return f"; llava-edge's TensorRT 10.3 check finds: {'; '.join(problems[:3])}{more}"
 
 
 def _tmp_path(out: Path, name: str) -> Path:

@@ -44,7 +44,9 @@ class EngineLimits:
     def validate(self) -> None:
         for name in ("max_batch", "max_context", "prefill_chunk", "kv_chunk"):
             if getattr(self, name) < 1:
-                raise LlavaEdgeError(f"{name.replace('_', '-')} must be at least 1")
+                raise LlavaEdgeError(
+                    f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
+                )
 
 
 @dataclass(frozen=True)
