@@ -313,6 +313,16 @@ def test_an_rgb_png_with_a_transparent_colour_is_composited_as_transformers_does
     assert np.abs(ours[:, :5, :5] - white[:, :5, :5]).max() < 1e-5  # the keyed corner is white
 
 
+@pytest.mark.parametrize("mode", ["RGBa", "La"])
+def test_premultiplied_alpha_is_composited_as_its_straight_form(mode):
+    """PIL's premultiplied modes (RGBa, La) hold the pictures RGBA and LA do: composited over
+    white as transformers composites those."""
+    straight = Image.fromarray(noise(40, 50, channels=4)).convert(mode.upper())
+    premultiplied = straight.convert(mode)
+    ours = preprocess(load_image(premultiplied), spec())
+    assert np.abs(ours - reference(premultiplied.convert(mode.upper()))).max() < 1e-5
+
+
 @pytest.mark.parametrize(
     "array, message",
     [

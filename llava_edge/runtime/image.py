@@ -200,6 +200,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
         array = np.asarray(image, dtype=np.float32)
         scale = 255.0 if array.max(initial=0) <= 1.0 else 1.0
         image = Image.fromarray(np.clip(array * scale, 0, 255).astype(np.uint8))
+    if image.mode in ("La", "RGBa"):  # premultiplied alpha: PIL converts it to straight only
+        image = image.convert(image.mode.upper())
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
