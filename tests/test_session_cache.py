@@ -72,15 +72,21 @@ def test_damaged_entry_is_rebuilt(tiny_model_dir: Path, cache: Path, damage: str
     assert answer(tiny_model_dir, cache)[1]["decoder"] == "hit"
 
 
+@pytest.mark.parametrize(
+    "other",
+    [("__version__", "0.0.0-other"), ("get_build_info", lambda: "ORT Build Info: a Jetson wheel")],
+    ids=["version", "build"],
+)
 def test_two_onnxruntime_versions_keep_their_own_entries(
-    tiny_model_dir: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_model_dir: Path, cache: Path, monkeypatch: pytest.MonkeyPatch, other
 ) -> None:
     """Two venvs on one robot share the cache dir: each version's entries stay, or every switch
-    between them would rebuild every graph (and delete the other's)."""
+    between them would rebuild every graph (and delete the other's). One version built twice
+    (PyPI's wheel, a Jetson's) counts as two."""
     answer(tiny_model_dir, cache)
     before = entries(cache)
     with monkeypatch.context() as patch:
-        patch.setattr(session_cache.ort, "__version__", "0.0.0-other")
+        patch.setattr(session_cache.ort, *other)
         _, status = answer(tiny_model_dir, cache)
     assert set(status.values()) == {"miss"}
     assert len(entries(cache)) == 6 and set(before) <= set(entries(cache))

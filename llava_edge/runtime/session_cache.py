@@ -7,8 +7,8 @@ pre-packed copies in an external data file that later loads memory-map) under th
 later loads open that with optimizations off.
 
 An entry is keyed by everything that shapes it: the graph's sha256 (from the manifest), the
-onnxruntime version, the execution providers and the session options that change the result,
-and the CPU (pre-packed layouts depend on its instruction set). It is written beside its final
+onnxruntime version and build, the execution providers and the session options that change the
+result, and the CPU (pre-packed layouts depend on its instruction set). It is written beside its final
 place and renamed in (llava_edge.files.replace_dir), so a reader never sees half an entry; an
 entry whose files are missing, of the wrong size or unreadable by onnxruntime is deleted and
 rebuilt. Entries of one graph under other onnxruntime versions stay (two venvs on one robot
@@ -73,6 +73,8 @@ def cache_key(graph_sha256: str, providers: list[str]) -> str:
         "format": CACHE_FORMAT,
         "graph": graph_sha256,
         "onnxruntime": ort.__version__,
+        # one version built twice (PyPI's wheel, a Jetson's) may optimize differently
+        "build": getattr(ort, "get_build_info", str)(),
         "providers": providers,
         "optimization": "ORT_ENABLE_ALL",
         "machine": platform.machine(),
