@@ -685,6 +685,34 @@ def test_a_build_removes_only_the_engines_it_replaces(stub, model: Path, tmp_pat
     assert names == recorded | kept | {"detector.engine"}
 
 
+def test_models_with_byte_identical_engines_in_one_dir_keep_their_own_files(
+    stub, model: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Two fine-tunes sharing an engine dir can build byte-identical engines (a frozen vision
+    tower): each records a file of its own, so one's rebuild never removes an engine the
+    other's manifest names."""
+    real = stub.Builder.build_serialized_network
+    first: dict[str, bytes] = {}  # TensorRT's engines hold no source path; the stub's do
+
+    def same_bytes(self, network, config):
+        return first.setdefault(Path(network.path).name, real(self, network, config))
+
+    monkeypatch.setattr(stub.Builder, "build_serialized_network", same_bytes)
+    shared = tmp_path / "engines"
+    other = tmp_path / "other"
+    shutil.copytree(model, other)
+    build_engines(model, out_dir=shared, log=quiet)
+    build_engines(other, out_dir=shared, log=quiet)
+    key = str(shared.resolve())
+    mine, theirs = (Manifest.load(m).engines[key].engines for m in (model, other))
+    assert [mine[n].sha256 for n in mine] == [theirs[n].sha256 for n in mine]  # the same bytes
+    assert not {e.file for e in mine.values()} & {e.file for e in theirs.values()}
+    monkeypatch.setattr(stub.Builder, "build_serialized_network", real)
+    build_engines(model, out_dir=shared, max_context=512, log=quiet)  # replaces its own
+    assert all((shared / e.file).is_file() for e in theirs.values())
+    backend(other, engine_dir=shared).close()
+
+
 def test_engines_reach_the_disk_before_the_manifest_names_them(
     stub, model: Path, monkeypatch
 ) -> None:

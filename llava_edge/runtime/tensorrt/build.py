@@ -21,6 +21,7 @@ after a failure), so a rebuild skips the kernel timing it already did.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -166,6 +167,12 @@ def build_engines(
         key = engine_dir_key(model_dir, out)
         replaced = manifest.engines.get(key)
         kept = {spec.file for spec in replaced.engines.values()} if replaced else set()
+        for name, (tmp, spec) in built.items():
+            if spec.file not in kept and (out / spec.file).exists():
+                # the same bytes another model's build recorded (a shared engine dir): a name of
+                # this model's own, so neither model's rebuild or failed build removes the other's
+                unique = f"{name}.{spec.sha256[:12]}-{secrets.token_hex(4)}.engine"
+                built[name] = (tmp, dataclasses.replace(spec, file=unique))
         # the same content under the same name where kept
         installed = [out / spec.file for _, spec in built.values() if spec.file not in kept]
         _note_uncommitted(model_dir, installed)  # for the next build, should this one be killed
