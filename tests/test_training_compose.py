@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -283,3 +284,37 @@ def test_training_a_chatml_lm_takes_a_template_ending_in_its_eos(siglip_qwen, tm
 
     lora = ["--lora", "--lora-rank", "2", "--template", "chatml_direct"]
     assert cli([*argv, *lora, "--out", str(tmp_path / "chatml")]) == 0
+
+
+def _saved_dtypes(checkpoint) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint / "model.safetensors"), "pt") as f:
+        return {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (no dict)
+
+
+def test_compose_keeps_the_llms_dtype_unless_asked(parts, tmp_path, capsys):
+    """A bf16 LM composes into a bf16 checkpoint (its weights bit for bit), not one twice its
+    size in fp32; --dtype asks for another."""
+    llm = tmp_path / "llm"
+    copy.deepcopy(parts["llm"]).to(torch.bfloat16).save_pretrained(llm)
+    parts["tokenizer"].save_pretrained(llm)
+    argv = ["init", str(tmp_path / "bf16"), "--vision", str(parts["root"] / "clip")]
+    assert cli([*argv, "--llm", str(llm)]) == 0
+    assert _saved_dtypes(tmp_path / "bf16") == {"BF16"}
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+    from llava_edge.modeling import load_model
+
+    model = load_model(tmp_path / "bf16", dtype=torch.bfloat16)
+    lm = parts["llm"].state_dict()
+    torch.testing.assert_close(
+        model.model.language_model.layers[0].mlp.up_proj.weight,
+        lm["model.layers.0.mlp.up_proj.weight"].to(torch.bfloat16),
+        atol=0,
+        rtol=0,
+    )
+
+    argv = ["init", str(tmp_path / "fp32"), "--vision", str(parts["root"] / "clip")]
+    assert cli([*argv, "--llm", str(llm), "--dtype", "float32"]) == 0
+    assert _saved_dtypes(tmp_path / "fp32") == {"F32"}

@@ -232,6 +232,7 @@ def init_checkpoint(
     out = Path(out_dir)
     check_output_dir(out, force)
     projector_depth(projector)  # an unknown type fails before any work
+    check_dtype(dtype)
     tokenizer = make_hf_tokenizer(PRESETS.get(preset, {}).get("tokenizer_size", 512))
     config = make_config(preset, layers, tokenizer, **overrides)
     if projector != DEFAULT_PROJECTOR:
@@ -256,6 +257,15 @@ def init_checkpoint(
 # ---- helpers for checkpoints that training writes --------------------------------------------
 
 
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def check_dtype(dtype: str) -> str:
+    if dtype not in DTYPES:
+        raise LlavaEdgeError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    return dtype
+
+
 def saved_dtype(checkpoint: str | Path) -> str:
     """The dtype a checkpoint's weights were saved in (config.json), float32 if it says none."""
     try:
@@ -263,7 +273,7 @@ def saved_dtype(checkpoint: str | Path) -> str:
     except (OSError, json.JSONDecodeError):
         return "float32"
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
-    return name if name in ("float32", "float16", "bfloat16") else "float32"
+    return name if name in DTYPES else "float32"
 
 
 @contextlib.contextmanager
@@ -293,6 +303,7 @@ def compose_checkpoint(
     template: str = "llava_1_5",
     force: bool = False,
     projector: str = DEFAULT_PROJECTOR,
+    dtype: str | None = None,
 ) -> Path:
     """Build LLaVA the way LLaVA-1.5 starts: a pretrained CLIP (or SigLIP) tower, a pretrained
     causal LM, and a fresh mlp2x_gelu projector between them (features from layer -2; CLIP's CLS
@@ -301,6 +312,9 @@ def compose_checkpoint(
     The tokenizer gains `<image>` (and a padding token if it has none); the LM's embeddings grow
     to cover them if they must, padded to a multiple of 64 as the Hugging Face LLaVA-1.5 port
     does. An LM whose embeddings already cover its tokenizer keeps them as they are.
+
+    dtype: 'float32', 'float16' or 'bfloat16'; by default the LM's own (what its config.json
+    says it was saved in), so a 7B LM in fp16 does not become a checkpoint twice its size.
     """
     import torch
     from safetensors import SafetensorError
@@ -321,15 +335,16 @@ def compose_checkpoint(
     for name, path in (("--vision", vision), ("--llm", llm)):
         if not (Path(path) / "config.json").is_file():
             raise LlavaEdgeError(f"{name} {path} is not a Hugging Face checkpoint dir")
+    torch_dtype = getattr(torch, check_dtype(dtype or saved_dtype(llm)))
     kind = vision_tower_kind(vision)
     loading = vision
     try:
         with quiet_loading():  # a full CLIP's text tower is "unexpected": we want the vision half
             tower = kind.model_class().from_pretrained(
-                vision, dtype=torch.float32, use_safetensors=True
+                vision, dtype=torch_dtype, use_safetensors=True
             )
         loading = llm
-        lm = AutoModelForCausalLM.from_pretrained(llm, dtype=torch.float32, use_safetensors=True)
+        lm = AutoModelForCausalLM.from_pretrained(llm, dtype=torch_dtype, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(llm)
     except SafetensorError as e:
         raise unreadable_weights(loading, e) from None
@@ -360,7 +375,7 @@ def compose_checkpoint(
         setattr(config, PROJECTOR_KEY, projector)
     torch.manual_seed(seed)
     with torch.device("cpu"):
-        model = model_class(config)(config)
+        model = model_class(config)._from_config(config, dtype=torch_dtype)
     model.model.vision_tower.load_state_dict(tower.state_dict())
     model.model.language_model.load_state_dict(lm.base_model.state_dict())
     model.lm_head.load_state_dict(lm.get_output_embeddings().state_dict())
