@@ -277,3 +277,20 @@ def test_llama_3_is_metas_documented_format() -> None:
         + header.format("assistant")
     )  # fmt: skip
     assert text == expected
+
+
+@pytest.mark.parametrize("projector", ["mlp1000x_gelu", "mlp0x_gelu", "mlp2x_relu"])
+def test_a_projector_past_any_sane_depth_is_refused(tmp_path, capsys, projector) -> None:
+    """mlp1000x_gelu would build a thousand hidden-by-hidden layers (16 billion parameters on
+    LLaVA-1.5-7B's shape) before anything failed; it is refused before any work, on every
+    entry point that builds a projector from a name."""
+    from llava_edge.modeling import LlavaProjector
+
+    assert main(["init", str(tmp_path / "x"), "--projector", projector]) == 1
+    err = capsys.readouterr().err
+    assert projector in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+    config = make_config("tiny", None, make_hf_tokenizer(512))
+    config.mm_projector_type = projector
+    with pytest.raises(LlavaEdgeError, match=projector):
+        LlavaProjector(config)
