@@ -484,6 +484,36 @@ def test_projector_weights_must_match_the_projector_type(
     assert f"do not match its mm_projector_type '{kind}'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("kind", ["identity", "mlp1000x_gelu", "mlp2x_relu"])
+def test_a_projector_type_convert_cannot_build_is_refused_before_the_weights_are_read(
+    plain_original, tmp_path, capsys, monkeypatch, kind
+) -> None:
+    """Named in one line before a weight is read (it came after reading every shard, gigabytes;
+    an identity projector, which has no weights, was reported as a checkpoint without its
+    projector's)."""
+    import llava_edge.convert.original as original_module
+
+    original = _copy(plain_original, tmp_path)
+    config = json.loads((original / "config.json").read_text())
+    (original / "config.json").write_text(json.dumps({**config, "mm_projector_type": kind}))
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr(original_module, "read_sharded", never)
+    args = [
+        "convert",
+        str(original),
+        str(tmp_path / "out"),
+        "--vision",
+        str(plain_original["clip"]),
+    ]
+    assert cli(args) == 1
+    err = capsys.readouterr().err
+    assert f"unknown projector type '{kind}'" in err and "config.json" in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
 ANYRES = {"image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial_unpad"}
 BAD_CONFIGS = {
     "flat pinpoints": (
