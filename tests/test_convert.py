@@ -696,6 +696,35 @@ def test_a_shard_that_is_not_weights_is_named(plain_original, tmp_path, capsys, 
     assert "pickled Python objects" not in err and not out.exists()
 
 
+@pytest.mark.parametrize("weights", ["bin", "safetensors"])
+def test_a_half_downloaded_set_of_shards_names_the_missing_one(
+    plain_original, tmp_path, capsys, weights
+) -> None:
+    """Shards fetched one by one, the index and one shard not yet there: the shards' own names
+    say how many there are (it was 'no model.embed_tokens.weight', or a list of missing
+    tensors; without --vision, a tower the missing shard may hold was reported as not in the
+    checkpoint)."""
+    from safetensors.torch import save_file
+
+    original = _copy(plain_original, tmp_path)
+    (original / "pytorch_model.bin.index.json").unlink()
+    (original / "pytorch_model-00002-of-00002.bin").unlink()
+    vision = ["--vision", str(plain_original["clip"])]
+    missing = "pytorch_model-00002-of-00002.bin"
+    if weights == "safetensors":
+        shard = original / "pytorch_model-00001-of-00002.bin"
+        save_file(
+            torch.load(shard, weights_only=True), original / "model-00001-of-00002.safetensors"
+        )
+        shard.unlink()
+        vision, missing = [], "model-00002-of-00002.safetensors"
+    out = tmp_path / "out"
+    assert cli(["convert", str(original), str(out), *vision]) == 1
+    err = capsys.readouterr().err
+    assert f"{missing} is missing" in err and "download is incomplete" in err, err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
 def test_an_lfs_pointer_for_safetensors_is_named(tmp_path) -> None:
     from llava_edge.convert.weights import read_weights
     from llava_edge.errors import LlavaEdgeError
