@@ -318,3 +318,44 @@ def test_compose_keeps_the_llms_dtype_unless_asked(parts, tmp_path, capsys):
     argv = ["init", str(tmp_path / "fp32"), "--vision", str(parts["root"] / "clip")]
     assert cli([*argv, "--llm", str(llm), "--dtype", "float32"]) == 0
     assert _saved_dtypes(tmp_path / "fp32") == {"F32"}
+
+
+class _Payload:
+    """Unpickling this runs code: it would create the file named."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (type(self.path).touch, (self.path,))
+
+
+def test_compose_takes_pickled_weights_with_tensors_only(parts, tmp_path, capsys):
+    """lmsys/vicuna-7b-v1.5, LLaVA-1.5's LM, ships pytorch_model-*.bin only: composing from it
+    works (read with torch.load(weights_only=True)), and a .bin holding a Python object is
+    refused in one line without running it."""
+    from safetensors.torch import load_file
+
+    llm = tmp_path / "llm"
+    shutil.copytree(parts["root"] / "llm", llm)
+    state = load_file(str(llm / "model.safetensors"))
+    (llm / "model.safetensors").unlink()
+    torch.save(state, llm / "pytorch_model.bin")
+    argv = ["init", str(tmp_path / "out"), "--vision", str(parts["root"] / "clip"), "--llm"]
+    assert cli([*argv, str(llm)]) == 0
+    from llava_edge.modeling import load_model
+
+    model = load_model(tmp_path / "out")
+    torch.testing.assert_close(
+        model.model.language_model.norm.weight, state["model.norm.weight"], atol=0, rtol=0
+    )
+
+    marker = tmp_path / "payload-ran"
+    torch.save({**state, "evil": _Payload(marker)}, llm / "pytorch_model.bin")
+    capsys.readouterr()
+    argv[1] = str(tmp_path / "evil")
+    assert cli([*argv, str(llm)]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot read the weights in {llm}" in err and "pickled Python objects" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not marker.exists() and not (tmp_path / "evil").exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -338,16 +339,22 @@ def compose_checkpoint(
     torch_dtype = getattr(torch, check_dtype(dtype or saved_dtype(llm)))
     kind = vision_tower_kind(vision)
     loading = vision
+    # safetensors where a dir has them, else pickled .bin files (LLaVA-1.5's Vicuna ships only
+    # those), which transformers reads with torch.load(weights_only=True): tensors, never code.
     try:
         with quiet_loading():  # a full CLIP's text tower is "unexpected": we want the vision half
-            tower = kind.model_class().from_pretrained(
-                vision, dtype=torch_dtype, use_safetensors=True
-            )
+            tower = kind.model_class().from_pretrained(vision, dtype=torch_dtype)
         loading = llm
-        lm = AutoModelForCausalLM.from_pretrained(llm, dtype=torch_dtype, use_safetensors=True)
+        lm = AutoModelForCausalLM.from_pretrained(llm, dtype=torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(llm)
     except SafetensorError as e:
         raise unreadable_weights(loading, e) from None
+    except pickle.UnpicklingError:  # torch's weights-only unpickler met something else
+        raise LlavaEdgeError(
+            f"cannot read the weights in {loading}: a .bin file there holds pickled Python "
+            "objects besides tensors, which llava-edge will not unpickle; re-save its tensors "
+            "as safetensors if you trust it"
+        ) from None
     except (OSError, ValueError, KeyError) as e:
         raise LlavaEdgeError(f"cannot load --vision/--llm: {first_line(e)}") from None
     if IMAGE_PLACEHOLDER not in tokenizer.get_vocab():
