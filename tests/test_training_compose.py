@@ -359,3 +359,25 @@ def test_compose_takes_pickled_weights_with_tensors_only(parts, tmp_path, capsys
     assert f"cannot read the weights in {llm}" in err and "pickled Python objects" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not marker.exists() and not (tmp_path / "evil").exists()
+
+
+def test_a_sentencepiece_tokenizer_without_sentencepiece_names_it(
+    parts, tmp_path, capsys, monkeypatch
+):
+    """Vicuna ships tokenizer.model alone; without sentencepiece transformers said that
+    `tiktoken` is required."""
+    import sys
+
+    from original_format import SENTENCEPIECE_CONFIG, sentencepiece_model
+
+    llm = tmp_path / "llm"
+    shutil.copytree(parts["root"] / "llm", llm)
+    (llm / "tokenizer.json").unlink()
+    (llm / "tokenizer.model").write_bytes(sentencepiece_model())
+    (llm / "tokenizer_config.json").write_text(json.dumps(SENTENCEPIECE_CONFIG))
+    monkeypatch.setitem(sys.modules, "sentencepiece", None)  # not installed
+    argv = ["init", str(tmp_path / "out"), "--vision", str(parts["root"] / "clip")]
+    assert cli([*argv, "--llm", str(llm)]) == 1
+    err = capsys.readouterr().err
+    assert "SentencePiece" in err and "pip install sentencepiece" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1

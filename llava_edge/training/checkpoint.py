@@ -341,12 +341,15 @@ def compose_checkpoint(
     loading = vision
     # safetensors where a dir has them, else pickled .bin files (LLaVA-1.5's Vicuna ships only
     # those), which transformers reads with torch.load(weights_only=True): tensors, never code.
+    _check_tokenizer_readable(Path(llm))
     try:
-        with quiet_loading():  # a full CLIP's text tower is "unexpected": we want the vision half
+        # No progress bars or notes (a full CLIP's text tower is "unexpected": we want the
+        # vision half): a failure must end in one line.
+        with quiet_loading():
             tower = kind.model_class().from_pretrained(vision, dtype=torch_dtype)
-        loading = llm
-        lm = AutoModelForCausalLM.from_pretrained(llm, dtype=torch_dtype)
-        tokenizer = AutoTokenizer.from_pretrained(llm)
+            loading = llm
+            lm = AutoModelForCausalLM.from_pretrained(llm, dtype=torch_dtype)
+            tokenizer = AutoTokenizer.from_pretrained(llm)
     except SafetensorError as e:
         raise unreadable_weights(loading, e) from None
     except pickle.UnpicklingError:  # torch's weights-only unpickler met something else
@@ -410,6 +413,21 @@ def compose_checkpoint(
         processor.save_pretrained(tmp)
         write_llava_edge_file(tmp, template)
     return out
+
+
+def _check_tokenizer_readable(llm: Path) -> None:
+    """A SentencePiece tokenizer alone (tokenizer.model, as Vicuna ships) needs sentencepiece;
+    without it transformers asks for `tiktoken`, and only after the weights are loaded."""
+    import importlib.util
+
+    sentencepiece_only = (llm / "tokenizer.model").is_file() and not (
+        llm / "tokenizer.json"
+    ).is_file()
+    if sentencepiece_only and importlib.util.find_spec("sentencepiece") is None:
+        raise LlavaEdgeError(
+            f"the tokenizer in {llm} is SentencePiece's (tokenizer.model alone): "
+            "pip install sentencepiece"
+        )
 
 
 @dataclass(frozen=True)
