@@ -381,3 +381,17 @@ def test_a_sentencepiece_tokenizer_without_sentencepiece_names_it(
     err = capsys.readouterr().err
     assert "SentencePiece" in err and "pip install sentencepiece" in err, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("onto", ["--llm", "--vision", "a dir above --llm"])
+def test_force_never_replaces_an_input(parts, tmp_path, capsys, onto):
+    """`init OUT --vision CLIP --llm OUT --force` replaced the LM with the composed checkpoint."""
+    root = tmp_path / "inputs"
+    shutil.copytree(parts["root"], root)
+    out = {"--llm": root / "llm", "--vision": root / "clip", "a dir above --llm": root}[onto]
+    before = sorted(p.name for p in out.iterdir())
+    argv = ["init", str(out), "--vision", str(root / "clip"), "--llm", str(root / "llm")]
+    assert cli([*argv, "--force"]) == 1
+    err = capsys.readouterr().err
+    assert "which replacing it would delete" in err and "Traceback" not in err, err
+    assert sorted(p.name for p in out.iterdir()) == before

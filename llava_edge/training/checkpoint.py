@@ -331,7 +331,8 @@ def compose_checkpoint(
     from llava_edge.modeling import PROJECTOR_KEY, model_class, projector_depth, unreadable_weights
 
     out = Path(out_dir)
-    check_output_dir(out, force)
+    for name, path in (("the --vision tower", vision), ("the --llm model", llm)):
+        check_output_dir(out, force, keep=Path(path), keep_name=name)  # --force spares inputs
     projector_depth(projector)
     for name, path in (("--vision", vision), ("--llm", llm)):
         if not (Path(path) / "config.json").is_file():
