@@ -395,3 +395,20 @@ def test_force_never_replaces_an_input(parts, tmp_path, capsys, onto):
     err = capsys.readouterr().err
     assert "which replacing it would delete" in err and "Traceback" not in err, err
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+@pytest.mark.parametrize("part", ["llm", "clip"])
+def test_a_quantized_part_is_refused_before_loading(parts, tmp_path, capsys, part):
+    """A bitsandbytes/GPTQ/AWQ upload: transformers raised an ImportError traceback asking for
+    the quantizer's package."""
+    root = tmp_path / "inputs"
+    shutil.copytree(parts["root"], root)
+    config = json.loads((root / part / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (root / part / "config.json").write_text(json.dumps(config))
+    argv = ["init", str(tmp_path / "out"), "--vision", str(root / "clip")]
+    assert cli([*argv, "--llm", str(root / "llm")]) == 1
+    err = capsys.readouterr().err
+    assert "holds bitsandbytes weights" in err and str(root / part) in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -14,6 +14,7 @@ import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from llava_edge.errors import LlavaEdgeError, first_line
@@ -328,7 +329,13 @@ def compose_checkpoint(
         LlavaProcessor,
     )
 
-    from llava_edge.modeling import PROJECTOR_KEY, model_class, projector_depth, unreadable_weights
+    from llava_edge.modeling import (
+        PROJECTOR_KEY,
+        check_full_precision,
+        model_class,
+        projector_depth,
+        unreadable_weights,
+    )
 
     out = Path(out_dir)
     for name, path in (("the --vision tower", vision), ("the --llm model", llm)):
@@ -337,6 +344,13 @@ def compose_checkpoint(
     for name, path in (("--vision", vision), ("--llm", llm)):
         if not (Path(path) / "config.json").is_file():
             raise LlavaEdgeError(f"{name} {path} is not a Hugging Face checkpoint dir")
+        check_full_precision(
+            SimpleNamespace(
+                quantization_config=_read_config(Path(path)).get("quantization_config")
+            ),
+            f"{name} {path}",
+            "give the full-precision model it was quantized from",
+        )
     torch_dtype = getattr(torch, check_dtype(dtype or saved_dtype(llm)))
     kind = vision_tower_kind(vision)
     loading = vision
@@ -414,6 +428,17 @@ def compose_checkpoint(
         processor.save_pretrained(tmp)
         write_llava_edge_file(tmp, template)
     return out
+
+
+def _read_config(checkpoint: Path) -> dict[str, Any]:
+    path = checkpoint / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise LlavaEdgeError(f"cannot read {path}: {first_line(e)}") from None
+    if not isinstance(config, dict):
+        raise LlavaEdgeError(f"{path} is not a JSON object")
+    return config
 
 
 def _check_tokenizer_readable(llm: Path) -> None:
