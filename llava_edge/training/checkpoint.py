@@ -338,12 +338,11 @@ def compose_checkpoint(
     )
 
     out = Path(out_dir)
-    for name, path in (("the --vision tower", vision), ("the --llm model", llm)):
-        check_output_dir(out, force, keep=Path(path), keep_name=name)  # --force spares inputs
     projector_depth(projector)
     for name, path in (("--vision", vision), ("--llm", llm)):
         if not (Path(path) / "config.json").is_file():
             raise LlavaEdgeError(f"{name} {path} is not a Hugging Face checkpoint dir")
+        check_output_dir(out, force, keep=Path(path), keep_name=f"the {name} checkpoint")
         check_full_precision(
             SimpleNamespace(
                 quantization_config=_read_config(Path(path)).get("quantization_config")
