@@ -294,3 +294,24 @@ def test_a_projector_past_any_sane_depth_is_refused(tmp_path, capsys, projector)
     config.mm_projector_type = projector
     with pytest.raises(LlavaEdgeError, match=projector):
         LlavaProjector(config)
+
+
+def test_a_full_disk_under_safetensors_is_one_line(tmp_path, capsys, monkeypatch) -> None:
+    """safetensors' writer reports a full disk as a SafetensorError whose text holds the OS
+    error, not as an OSError: init, convert and composing (which all save through it) ended in
+    a traceback."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*_args, **_kwargs):
+        raise SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)"
+        )
+
+    monkeypatch.setattr(safetensors.torch, "serialize_file", full)
+    out = tmp_path / "ckpt"
+    assert main(["init", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"llava-edge init: error: no space left on the device writing {out}" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []  # neither the dir nor its hidden partial one

@@ -250,7 +250,7 @@ def init_checkpoint(
     )
     # Written beside `out` and renamed into place: a failed init leaves no half checkpoint, and
     # --force replaces the old one whole (no stale shards from it stay behind).
-    with replace_dir(out) as tmp:
+    with replace_dir(out) as tmp, quiet_loading():  # no progress bar in an error's one line
         model.save_pretrained(tmp, safe_serialization=True)
         save_processor(tmp, tokenizer, config, template)
     return out
@@ -422,7 +422,7 @@ def compose_checkpoint(
         chat_template=hf_chat_template(get_template(template)),
     )
 
-    with replace_dir(out) as tmp:
+    with replace_dir(out) as tmp, quiet_loading():  # no progress bar in an error's one line
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         write_llava_edge_file(tmp, template)
