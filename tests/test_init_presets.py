@@ -315,3 +315,11 @@ def test_a_full_disk_under_safetensors_is_one_line(tmp_path, capsys, monkeypatch
     assert f"llava-edge init: error: no space left on the device writing {out}" in err, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []  # neither the dir nor its hidden partial one
+
+
+def test_init_dtype_takes_effect(tmp_path) -> None:
+    from safetensors import safe_open
+
+    assert main(["init", str(tmp_path / "ckpt"), "--dtype", "float16"]) == 0
+    with safe_open(str(tmp_path / "ckpt" / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}  # noqa: SIM118 (no dict)
