@@ -412,3 +412,18 @@ def test_a_quantized_part_is_refused_before_loading(parts, tmp_path, capsys, par
     assert "holds bitsandbytes weights" in err and str(root / part) in err, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_compose_prints_no_notes(parts, tmp_path):
+    """A run that works prints its one line and nothing on stderr (transformers' notes that
+    torchvision is absent, which it does not need, came out on every composition)."""
+    import subprocess
+    import sys
+
+    argv = ["init", str(tmp_path / "out"), "--vision", str(parts["root"] / "clip")]
+    argv += ["--llm", str(parts["root"] / "llm")]
+    run = subprocess.run(
+        [sys.executable, "-m", "llava_edge.cli", *argv], capture_output=True, text=True
+    )
+    assert run.returncode == 0 and run.stderr == "", run.stderr
+    assert run.stdout.startswith("wrote a LLaVA checkpoint")

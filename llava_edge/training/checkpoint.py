@@ -473,10 +473,10 @@ class VisionTowerKind:
     def image_processor(self, vision: str | Path, size: int) -> Any:
         """The tower's own preprocessing if its dir has it, else its family's at the tower's size
         (OpenAI CLIP's resize and crop; SigLIP's square resize, mean and std 0.5)."""
-        from transformers import CLIPImageProcessor, SiglipImageProcessor
+        with quiet_loading():  # the note that torchvision is absent, made on import
+            from transformers import CLIPImageProcessor, SiglipImageProcessor
 
-        cls = CLIPImageProcessor if self.family == "clip" else SiglipImageProcessor
-        with quiet_loading():  # the note that torchvision is absent
+            cls = CLIPImageProcessor if self.family == "clip" else SiglipImageProcessor
             if (Path(vision) / "preprocessor_config.json").is_file():
                 return cls.from_pretrained(vision)
             if self.family == "siglip":
