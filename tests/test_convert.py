@@ -484,8 +484,23 @@ def test_projector_weights_must_match_the_projector_type(
     assert f"do not match its mm_projector_type '{kind}'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("kind", ["identity", "mlp1000x_gelu", "mlp2x_relu"])
-def test_a_projector_type_convert_cannot_build_is_refused_before_the_weights_are_read(
+PROJECTORS_REFUSED = {
+    kind: ({"mm_projector_type": kind}, f"unknown projector type '{kind}'")
+    for kind in ("identity", "mlp1000x_gelu", "mlp2x_relu")
+}
+PROJECTORS_REFUSED["anyres linear"] = (
+    {
+        "mm_projector_type": "linear",
+        "image_aspect_ratio": "anyres",
+        "mm_patch_merge_type": "spatial_unpad",
+        "image_grid_pinpoints": [[32, 64]],
+    },
+    "anyres with mm_projector_type 'linear' has no Hugging Face class",
+)
+
+
+@pytest.mark.parametrize("kind", list(PROJECTORS_REFUSED))
+def test_a_projector_convert_cannot_build_is_refused_before_the_weights_are_read(
     plain_original, tmp_path, capsys, monkeypatch, kind
 ) -> None:
     """Named in one line before a weight is read (it came after reading every shard, gigabytes;
@@ -493,9 +508,10 @@ def test_a_projector_type_convert_cannot_build_is_refused_before_the_weights_are
     projector's)."""
     import llava_edge.convert.original as original_module
 
+    edit, message = PROJECTORS_REFUSED[kind]
     original = _copy(plain_original, tmp_path)
     config = json.loads((original / "config.json").read_text())
-    (original / "config.json").write_text(json.dumps({**config, "mm_projector_type": kind}))
+    (original / "config.json").write_text(json.dumps({**config, **edit}))
 
     def never(*_args, **_kwargs):
         raise AssertionError("the weights were read")
@@ -510,7 +526,7 @@ def test_a_projector_type_convert_cannot_build_is_refused_before_the_weights_are
     ]
     assert cli(args) == 1
     err = capsys.readouterr().err
-    assert f"unknown projector type '{kind}'" in err and "config.json" in err, err
+    assert message in err and "config.json" in err, err
     assert len(err.strip().splitlines()) == 1
 
 

@@ -208,6 +208,12 @@ def read_settings(config: dict[str, Any], directory: Path) -> Settings:
                 f"{directory}: image_aspect_ratio {settings.aspect_ratio!r} is not supported; "
                 "anyres converts"
             )
+        if settings.projector != "mlp2x_gelu":  # LLaVA-NeXT's, the one its class has
+            raise LlavaEdgeError(
+                f"{directory}/config.json: anyres with mm_projector_type "
+                f"{settings.projector!r} has no Hugging Face class; only mlp2x_gelu (LLaVA-NeXT) "
+                "converts"
+            )
         if settings.patch_merge != "spatial_unpad":
             raise LlavaEdgeError(
                 f"{directory}: anyres with mm_patch_merge_type {settings.patch_merge!r} has no "
