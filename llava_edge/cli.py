@@ -71,7 +71,7 @@ def _init(args: argparse.Namespace) -> None:
         seed=args.seed,
         force=args.force,
         projector=args.projector,
-        dtype=args.dtype or "float32",
+        dtype=args.dtype,
     )
     print(
         f"wrote a random-weight '{args.preset}' LLaVA checkpoint ({args.projector} projector) to {path}"

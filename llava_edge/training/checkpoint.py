@@ -213,7 +213,7 @@ def init_checkpoint(
     preset: str = "tiny",
     layers: int | None = None,
     seed: int = 0,
-    dtype: str = "float32",
+    dtype: str | None = None,
     template: str = "llava_1_5",
     force: bool = False,
     projector: str = DEFAULT_PROJECTOR,
@@ -234,7 +234,7 @@ def init_checkpoint(
     out = Path(out_dir)
     check_output_dir(out, force)
     projector_depth(projector)  # an unknown type fails before any work
-    check_dtype(dtype)
+    dtype = check_dtype(dtype or "float32")
     tokenizer = make_hf_tokenizer(PRESETS.get(preset, {}).get("tokenizer_size", 512))
     config = make_config(preset, layers, tokenizer, **overrides)
     if projector != DEFAULT_PROJECTOR:
