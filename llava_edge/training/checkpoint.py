@@ -353,9 +353,9 @@ def compose_checkpoint(
     torch_dtype = getattr(torch, check_dtype(dtype or saved_dtype(llm)))
     kind = vision_tower_kind(vision)
     loading = vision
+    _check_tokenizer_readable(Path(llm))
     # safetensors where a dir has them, else pickled .bin files (LLaVA-1.5's Vicuna ships only
     # those), which transformers reads with torch.load(weights_only=True): tensors, never code.
-    _check_tokenizer_readable(Path(llm))
     try:
         # No progress bars or notes (a full CLIP's text tower is "unexpected": we want the
         # vision half): a failure must end in one line.
