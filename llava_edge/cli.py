@@ -58,6 +58,7 @@ def _init(args: argparse.Namespace) -> None:
             seed=args.seed,
             force=args.force,
             projector=args.projector,
+            dtype=args.dtype,
         )
         print(f"wrote a LLaVA checkpoint of {args.vision} + {args.llm} (new projector) to {path}")
         return
@@ -70,6 +71,7 @@ def _init(args: argparse.Namespace) -> None:
         seed=args.seed,
         force=args.force,
         projector=args.projector,
+        dtype=args.dtype,
     )
     print(
         f"wrote a random-weight '{args.preset}' LLaVA checkpoint ({args.projector} projector) to {path}"
@@ -530,6 +532,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--projector",
         default="mlp2x_gelu",
         help="mlp2x_gelu (LLaVA-1.5, default), linear (LLaVA v1) or mlpNx_gelu",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        help="dtype of the weights (default: --llm's own; float32 for a preset)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")

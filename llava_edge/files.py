@@ -13,6 +13,7 @@ name pointing at data that never reached the disk.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -137,12 +138,23 @@ def replace_dir(out: Path) -> Iterator[Path]:
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary dir
     try:
-        yield tmp
+        try:
+            yield tmp
+        except Exception as e:
+            if _disk_full(e):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out)) from e
+            raise
         _readable(tmp, 0o666 & ~umask)
         sync_tree(tmp)
         _install(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _disk_full(error: Exception) -> bool:
+    """A full disk that a library reports in its own error type, the OS error only in its text
+    (safetensors' writer: "No space left on device (os error 28)")."""
+    return not isinstance(error, OSError) and f"(os error {errno.ENOSPC})" in str(error)
 
 
 @contextlib.contextmanager

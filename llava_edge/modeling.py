@@ -28,14 +28,20 @@ PROJECTOR_KEY = "mm_projector_type"
 DEFAULT_PROJECTOR = "mlp2x_gelu"  # transformers' LlavaMultiModalProjector
 
 
+# LLaVA's projectors have 1 to 3 layers; each more is a hidden-by-hidden Linear (16M parameters on
+# a 7B), so a depth far past that is a typo, refused before a model of it is built.
+MAX_PROJECTOR_DEPTH = 16
+
+
 def projector_depth(kind: str) -> int:
-    """Linear layers of a projector type: 'linear' 1, 'mlp{N}x_gelu' N."""
+    """Linear layers of a projector type: 'linear' 1, 'mlp{N}x_gelu' N (1 to 16)."""
     if kind == "linear":
         return 1
     match = re.fullmatch(r"mlp(\d+)x_gelu", kind)
-    if not match or int(match.group(1)) < 1:
+    if not match or not 1 <= int(match.group(1)) <= MAX_PROJECTOR_DEPTH:
         raise LlavaEdgeError(
-            f"unknown projector type {kind!r}; llava-edge knows 'linear' and 'mlpNx_gelu'"
+            f"unknown projector type {kind!r}; llava-edge knows 'linear' and 'mlpNx_gelu' "
+            f"(N from 1 to {MAX_PROJECTOR_DEPTH})"
         )
     return int(match.group(1))
 

@@ -484,6 +484,52 @@ def test_projector_weights_must_match_the_projector_type(
     assert f"do not match its mm_projector_type '{kind}'" in capsys.readouterr().err
 
 
+PROJECTORS_REFUSED = {
+    kind: ({"mm_projector_type": kind}, f"unknown projector type '{kind}'")
+    for kind in ("identity", "mlp1000x_gelu", "mlp2x_relu")
+}
+PROJECTORS_REFUSED["anyres linear"] = (
+    {
+        "mm_projector_type": "linear",
+        "image_aspect_ratio": "anyres",
+        "mm_patch_merge_type": "spatial_unpad",
+        "image_grid_pinpoints": [[32, 64]],
+    },
+    "anyres with mm_projector_type 'linear' has no Hugging Face class",
+)
+
+
+@pytest.mark.parametrize("kind", list(PROJECTORS_REFUSED))
+def test_a_projector_convert_cannot_build_is_refused_before_the_weights_are_read(
+    plain_original, tmp_path, capsys, monkeypatch, kind
+) -> None:
+    """Named in one line before a weight is read (it came after reading every shard, gigabytes;
+    an identity projector, which has no weights, was reported as a checkpoint without its
+    projector's)."""
+    import llava_edge.convert.original as original_module
+
+    edit, message = PROJECTORS_REFUSED[kind]
+    original = _copy(plain_original, tmp_path)
+    config = json.loads((original / "config.json").read_text())
+    (original / "config.json").write_text(json.dumps({**config, **edit}))
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr(original_module, "read_sharded", never)
+    args = [
+        "convert",
+        str(original),
+        str(tmp_path / "out"),
+        "--vision",
+        str(plain_original["clip"]),
+    ]
+    assert cli(args) == 1
+    err = capsys.readouterr().err
+    assert message in err and "config.json" in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
 ANYRES = {"image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial_unpad"}
 BAD_CONFIGS = {
     "flat pinpoints": (
@@ -664,6 +710,35 @@ def test_a_shard_that_is_not_weights_is_named(plain_original, tmp_path, capsys, 
     err = capsys.readouterr().err
     assert f"{shard}" in err and message in err and len(err.strip().splitlines()) == 1, err
     assert "pickled Python objects" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("weights", ["bin", "safetensors"])
+def test_a_half_downloaded_set_of_shards_names_the_missing_one(
+    plain_original, tmp_path, capsys, weights
+) -> None:
+    """Shards fetched one by one, the index and one shard not yet there: the shards' own names
+    say how many there are (it was 'no model.embed_tokens.weight', or a list of missing
+    tensors; without --vision, a tower the missing shard may hold was reported as not in the
+    checkpoint)."""
+    from safetensors.torch import save_file
+
+    original = _copy(plain_original, tmp_path)
+    (original / "pytorch_model.bin.index.json").unlink()
+    (original / "pytorch_model-00002-of-00002.bin").unlink()
+    vision = ["--vision", str(plain_original["clip"])]
+    missing = "pytorch_model-00002-of-00002.bin"
+    if weights == "safetensors":
+        shard = original / "pytorch_model-00001-of-00002.bin"
+        save_file(
+            torch.load(shard, weights_only=True), original / "model-00001-of-00002.safetensors"
+        )
+        shard.unlink()
+        vision, missing = [], "model-00002-of-00002.safetensors"
+    out = tmp_path / "out"
+    assert cli(["convert", str(original), str(out), *vision]) == 1
+    err = capsys.readouterr().err
+    assert f"{missing} is missing" in err and "download is incomplete" in err, err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 
 def test_an_lfs_pointer_for_safetensors_is_named(tmp_path) -> None:

@@ -277,3 +277,49 @@ def test_llama_3_is_metas_documented_format() -> None:
         + header.format("assistant")
     )  # fmt: skip
     assert text == expected
+
+
+@pytest.mark.parametrize("projector", ["mlp1000x_gelu", "mlp0x_gelu", "mlp2x_relu"])
+def test_a_projector_past_any_sane_depth_is_refused(tmp_path, capsys, projector) -> None:
+    """mlp1000x_gelu would build a thousand hidden-by-hidden layers (16 billion parameters on
+    LLaVA-1.5-7B's shape) before anything failed; it is refused before any work, on every
+    entry point that builds a projector from a name."""
+    from llava_edge.modeling import LlavaProjector
+
+    assert main(["init", str(tmp_path / "x"), "--projector", projector]) == 1
+    err = capsys.readouterr().err
+    assert projector in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+    config = make_config("tiny", None, make_hf_tokenizer(512))
+    config.mm_projector_type = projector
+    with pytest.raises(LlavaEdgeError, match=projector):
+        LlavaProjector(config)
+
+
+def test_a_full_disk_under_safetensors_is_one_line(tmp_path, capsys, monkeypatch) -> None:
+    """safetensors' writer reports a full disk as a SafetensorError whose text holds the OS
+    error, not as an OSError: init, convert and composing (which all save through it) ended in
+    a traceback."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*_args, **_kwargs):
+        raise SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)"
+        )
+
+    monkeypatch.setattr(safetensors.torch, "serialize_file", full)
+    out = tmp_path / "ckpt"
+    assert main(["init", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"llava-edge init: error: no space left on the device writing {out}" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []  # neither the dir nor its hidden partial one
+
+
+def test_init_dtype_takes_effect(tmp_path) -> None:
+    from safetensors import safe_open
+
+    assert main(["init", str(tmp_path / "ckpt"), "--dtype", "float16"]) == 0
+    with safe_open(str(tmp_path / "ckpt" / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}  # noqa: SIM118 (no dict)

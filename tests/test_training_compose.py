@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -283,3 +284,146 @@ def test_training_a_chatml_lm_takes_a_template_ending_in_its_eos(siglip_qwen, tm
 
     lora = ["--lora", "--lora-rank", "2", "--template", "chatml_direct"]
     assert cli([*argv, *lora, "--out", str(tmp_path / "chatml")]) == 0
+
+
+def _saved_dtypes(checkpoint) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint / "model.safetensors"), "pt") as f:
+        return {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (no dict)
+
+
+def test_compose_keeps_the_llms_dtype_unless_asked(parts, tmp_path, capsys):
+    """A bf16 LM composes into a bf16 checkpoint (its weights bit for bit), not one twice its
+    size in fp32; --dtype asks for another."""
+    llm = tmp_path / "llm"
+    copy.deepcopy(parts["llm"]).to(torch.bfloat16).save_pretrained(llm)
+    parts["tokenizer"].save_pretrained(llm)
+    argv = ["init", str(tmp_path / "bf16"), "--vision", str(parts["root"] / "clip")]
+    assert cli([*argv, "--llm", str(llm)]) == 0
+    assert _saved_dtypes(tmp_path / "bf16") == {"BF16"}
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+    from llava_edge.modeling import load_model
+
+    model = load_model(tmp_path / "bf16", dtype=torch.bfloat16)
+    lm = parts["llm"].state_dict()
+    torch.testing.assert_close(
+        model.model.language_model.layers[0].mlp.up_proj.weight,
+        lm["model.layers.0.mlp.up_proj.weight"].to(torch.bfloat16),
+        atol=0,
+        rtol=0,
+    )
+
+    argv = ["init", str(tmp_path / "fp32"), "--vision", str(parts["root"] / "clip")]
+    assert cli([*argv, "--llm", str(llm), "--dtype", "float32"]) == 0
+    assert _saved_dtypes(tmp_path / "fp32") == {"F32"}
+
+
+class _Payload:
+    """Unpickling this runs code: it would create the file named."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (type(self.path).touch, (self.path,))
+
+
+def test_compose_takes_pickled_weights_with_tensors_only(parts, tmp_path, capsys):
+    """lmsys/vicuna-7b-v1.5, LLaVA-1.5's LM, ships pytorch_model-*.bin only: composing from it
+    works (read with torch.load(weights_only=True)), and a .bin holding a Python object is
+    refused in one line without running it."""
+    from safetensors.torch import load_file
+
+    llm = tmp_path / "llm"
+    shutil.copytree(parts["root"] / "llm", llm)
+    state = load_file(str(llm / "model.safetensors"))
+    (llm / "model.safetensors").unlink()
+    torch.save(state, llm / "pytorch_model.bin")
+    argv = ["init", str(tmp_path / "out"), "--vision", str(parts["root"] / "clip"), "--llm"]
+    assert cli([*argv, str(llm)]) == 0
+    from llava_edge.modeling import load_model
+
+    model = load_model(tmp_path / "out")
+    torch.testing.assert_close(
+        model.model.language_model.norm.weight, state["model.norm.weight"], atol=0, rtol=0
+    )
+
+    marker = tmp_path / "payload-ran"
+    torch.save({**state, "evil": _Payload(marker)}, llm / "pytorch_model.bin")
+    capsys.readouterr()
+    argv[1] = str(tmp_path / "evil")
+    assert cli([*argv, str(llm)]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot read the weights in {llm}" in err and "pickled Python objects" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not marker.exists() and not (tmp_path / "evil").exists()
+
+
+def test_a_sentencepiece_tokenizer_without_sentencepiece_names_it(
+    parts, tmp_path, capsys, monkeypatch
+):
+    """Vicuna ships tokenizer.model alone; without sentencepiece transformers said that
+    `tiktoken` is required."""
+    import sys
+
+    from original_format import SENTENCEPIECE_CONFIG, sentencepiece_model
+
+    llm = tmp_path / "llm"
+    shutil.copytree(parts["root"] / "llm", llm)
+    (llm / "tokenizer.json").unlink()
+    (llm / "tokenizer.model").write_bytes(sentencepiece_model())
+    (llm / "tokenizer_config.json").write_text(json.dumps(SENTENCEPIECE_CONFIG))
+    monkeypatch.setitem(sys.modules, "sentencepiece", None)  # not installed
+    argv = ["init", str(tmp_path / "out"), "--vision", str(parts["root"] / "clip")]
+    assert cli([*argv, "--llm", str(llm)]) == 1
+    err = capsys.readouterr().err
+    assert "SentencePiece" in err and "pip install sentencepiece" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("onto", ["--llm", "--vision", "a dir above --llm"])
+def test_force_never_replaces_an_input(parts, tmp_path, capsys, onto):
+    """`init OUT --vision CLIP --llm OUT --force` replaced the LM with the composed checkpoint."""
+    root = tmp_path / "inputs"
+    shutil.copytree(parts["root"], root)
+    out = {"--llm": root / "llm", "--vision": root / "clip", "a dir above --llm": root}[onto]
+    before = sorted(p.name for p in out.iterdir())
+    argv = ["init", str(out), "--vision", str(root / "clip"), "--llm", str(root / "llm")]
+    assert cli([*argv, "--force"]) == 1
+    err = capsys.readouterr().err
+    assert "which replacing it would delete" in err and "Traceback" not in err, err
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+@pytest.mark.parametrize("part", ["llm", "clip"])
+def test_a_quantized_part_is_refused_before_loading(parts, tmp_path, capsys, part):
+    """A bitsandbytes/GPTQ/AWQ upload: transformers raised an ImportError traceback asking for
+    the quantizer's package."""
+    root = tmp_path / "inputs"
+    shutil.copytree(parts["root"], root)
+    config = json.loads((root / part / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (root / part / "config.json").write_text(json.dumps(config))
+    argv = ["init", str(tmp_path / "out"), "--vision", str(root / "clip")]
+    assert cli([*argv, "--llm", str(root / "llm")]) == 1
+    err = capsys.readouterr().err
+    assert "holds bitsandbytes weights" in err and str(root / part) in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_compose_prints_no_notes(parts, tmp_path):
+    """A run that works prints its one line and nothing on stderr (transformers' notes that
+    torchvision is absent, which it does not need, came out on every composition)."""
+    import subprocess
+    import sys
+
+    argv = ["init", str(tmp_path / "out"), "--vision", str(parts["root"] / "clip")]
+    argv += ["--llm", str(parts["root"] / "llm")]
+    run = subprocess.run(
+        [sys.executable, "-m", "llava_edge.cli", *argv], capture_output=True, text=True
+    )
+    assert run.returncode == 0 and run.stderr == "", run.stderr
+    assert run.stdout.startswith("wrote a LLaVA checkpoint")

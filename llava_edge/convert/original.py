@@ -186,7 +186,7 @@ def read_settings(config: dict[str, Any], directory: Path) -> Settings:
         text_model=text,
         vision_tower=str(tower),
         vision_width=_integer(config, "mm_hidden_size", None, directory, positive=True),
-        projector=config.get("mm_projector_type") or "linear",  # absent in LLaVA v1: linear
+        projector=str(config.get("mm_projector_type") or "linear"),  # absent in LLaVA v1: linear
         select_layer=_integer(config, "mm_vision_select_layer", -1, directory),
         select_feature=config.get("mm_vision_select_feature") or "patch",
         im_start_end=bool(config.get("mm_use_im_start_end", False)),
@@ -196,6 +196,7 @@ def read_settings(config: dict[str, Any], directory: Path) -> Settings:
         patch_merge=str(config.get("mm_patch_merge_type") or "flat"),
         max_length=_integer(config, "tokenizer_model_max_length", None, directory, positive=True),
     )
+    _check_projector(settings.projector, directory)
     if settings.select_feature not in ("patch", "cls_patch"):
         raise LlavaEdgeError(
             f"{directory}: mm_vision_select_feature {settings.select_feature!r} is not supported "
@@ -206,6 +207,12 @@ def read_settings(config: dict[str, Any], directory: Path) -> Settings:
             raise LlavaEdgeError(
                 f"{directory}: image_aspect_ratio {settings.aspect_ratio!r} is not supported; "
                 "anyres converts"
+            )
+        if settings.projector != "mlp2x_gelu":  # LLaVA-NeXT's, the one its class has
+            raise LlavaEdgeError(
+                f"{directory}/config.json: anyres with mm_projector_type "
+                f"{settings.projector!r} has no Hugging Face class; only mlp2x_gelu (LLaVA-NeXT) "
+                "converts"
             )
         if settings.patch_merge != "spatial_unpad":
             raise LlavaEdgeError(
@@ -220,6 +227,17 @@ def read_settings(config: dict[str, Any], directory: Path) -> Settings:
                 f"{settings.select_feature!r} has no feature grid; only 'patch' converts"
             )
     return settings
+
+
+def _check_projector(kind: str, directory: Path) -> None:
+    """A type llava-edge builds no projector for (the original's 'identity', a typo) is named
+    before any weight is read."""
+    from llava_edge.modeling import projector_depth
+
+    try:
+        projector_depth(kind)
+    except LlavaEdgeError as e:
+        raise LlavaEdgeError(f"{directory}/config.json: {e}") from None
 
 
 def _integer(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ StateDict = dict[str, Any]  # name -> torch.Tensor
 
 
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+SHARD_NAME = re.compile(r"(.+)-(\d+)-of-(\d+)\.(safetensors|bin)")
 
 
 def read_weights(path: Path) -> StateDict:
@@ -48,6 +50,12 @@ def read_sharded(directory: Path, stem: str = "model") -> StateDict | None:
             files = [single]
         else:
             files = sorted(p.name for p in directory.glob(pattern) if _is_shard(p.name, stem))
+            missing = _missing_shard(files)
+            if missing is not None:
+                raise LlavaEdgeError(
+                    f"{directory / missing} is missing, and with it part of the weights (the "
+                    "dir has no index): the download is incomplete; fetch the rest"
+                )
         if files:
             state: StateDict = {}
             for name in files:
@@ -71,6 +79,8 @@ def weight_names(directory: Path) -> set[str] | None:
             except (OSError, ValueError, KeyError, TypeError):
                 return None
     files = [p for p in directory.glob("model*.safetensors") if _is_shard(p.name, "model")]
+    if _missing_shard([p.name for p in files]) is not None:
+        return None
     names: set[str] = set()
     try:
         for path in files:
@@ -84,6 +94,21 @@ def weight_names(directory: Path) -> set[str] | None:
 def _is_shard(name: str, stem: str) -> bool:
     # model-00001-of-00003.safetensors, pytorch_model-00001-of-00002.bin; not training_args.bin
     return name.split(".")[0].split("-")[0] in (stem, "pytorch_model")
+
+
+def _missing_shard(files: list[str]) -> str | None:
+    """The first shard that shards' names (model-00001-of-00003...) say should be among `files`
+    and is not: found without an index, they are all a half-finished download can tell."""
+    for name in files:
+        match = SHARD_NAME.fullmatch(name)
+        if match is None:
+            continue
+        prefix, number, total, suffix = match.groups()
+        for i in range(1, int(total) + 1):
+            shard = f"{prefix}-{i:0{len(number)}d}-of-{total}.{suffix}"
+            if shard not in files:
+                return shard
+    return None
 
 
 def _index_files(index: Path) -> list[str]:

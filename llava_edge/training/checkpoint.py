@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from llava_edge.errors import LlavaEdgeError, first_line
@@ -211,7 +213,7 @@ def init_checkpoint(
     preset: str = "tiny",
     layers: int | None = None,
     seed: int = 0,
-    dtype: str = "float32",
+    dtype: str | None = None,
     template: str = "llava_1_5",
     force: bool = False,
     projector: str = DEFAULT_PROJECTOR,
@@ -232,6 +234,7 @@ def init_checkpoint(
     out = Path(out_dir)
     check_output_dir(out, force)
     projector_depth(projector)  # an unknown type fails before any work
+    dtype = check_dtype(dtype or "float32")
     tokenizer = make_hf_tokenizer(PRESETS.get(preset, {}).get("tokenizer_size", 512))
     config = make_config(preset, layers, tokenizer, **overrides)
     if projector != DEFAULT_PROJECTOR:
@@ -247,13 +250,22 @@ def init_checkpoint(
     )
     # Written beside `out` and renamed into place: a failed init leaves no half checkpoint, and
     # --force replaces the old one whole (no stale shards from it stay behind).
-    with replace_dir(out) as tmp:
+    with replace_dir(out) as tmp, quiet_loading():  # no progress bar in an error's one line
         model.save_pretrained(tmp, safe_serialization=True)
         save_processor(tmp, tokenizer, config, template)
     return out
 
 
 # ---- helpers for checkpoints that training writes --------------------------------------------
+
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def check_dtype(dtype: str) -> str:
+    if dtype not in DTYPES:
+        raise LlavaEdgeError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    return dtype
 
 
 def saved_dtype(checkpoint: str | Path) -> str:
@@ -263,7 +275,7 @@ def saved_dtype(checkpoint: str | Path) -> str:
     except (OSError, json.JSONDecodeError):
         return "float32"
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
-    return name if name in ("float32", "float16", "bfloat16") else "float32"
+    return name if name in DTYPES else "float32"
 
 
 @contextlib.contextmanager
@@ -293,6 +305,7 @@ def compose_checkpoint(
     template: str = "llava_1_5",
     force: bool = False,
     projector: str = DEFAULT_PROJECTOR,
+    dtype: str | None = None,
 ) -> Path:
     """Build LLaVA the way LLaVA-1.5 starts: a pretrained CLIP (or SigLIP) tower, a pretrained
     causal LM, and a fresh mlp2x_gelu projector between them (features from layer -2; CLIP's CLS
@@ -301,6 +314,9 @@ def compose_checkpoint(
     The tokenizer gains `<image>` (and a padding token if it has none); the LM's embeddings grow
     to cover them if they must, padded to a multiple of 64 as the Hugging Face LLaVA-1.5 port
     does. An LM whose embeddings already cover its tokenizer keeps them as they are.
+
+    dtype: 'float32', 'float16' or 'bfloat16'; by default the LM's own (what its config.json
+    says it was saved in), so a 7B LM in fp16 does not become a checkpoint twice its size.
     """
     import torch
     from safetensors import SafetensorError
@@ -313,26 +329,49 @@ def compose_checkpoint(
         LlavaProcessor,
     )
 
-    from llava_edge.modeling import PROJECTOR_KEY, model_class, projector_depth, unreadable_weights
+    from llava_edge.modeling import (
+        PROJECTOR_KEY,
+        check_full_precision,
+        model_class,
+        projector_depth,
+        unreadable_weights,
+    )
 
     out = Path(out_dir)
-    check_output_dir(out, force)
     projector_depth(projector)
     for name, path in (("--vision", vision), ("--llm", llm)):
         if not (Path(path) / "config.json").is_file():
             raise LlavaEdgeError(f"{name} {path} is not a Hugging Face checkpoint dir")
+        check_output_dir(out, force, keep=Path(path), keep_name=f"the {name} checkpoint")
+        check_full_precision(
+            SimpleNamespace(
+                quantization_config=_read_config(Path(path)).get("quantization_config")
+            ),
+            f"{name} {path}",
+            "give the full-precision model it was quantized from",
+        )
+    torch_dtype = getattr(torch, check_dtype(dtype or saved_dtype(llm)))
     kind = vision_tower_kind(vision)
     loading = vision
+    _check_tokenizer_readable(Path(llm))
+    # safetensors where a dir has them, else pickled .bin files (LLaVA-1.5's Vicuna ships only
+    # those), which transformers reads with torch.load(weights_only=True): tensors, never code.
     try:
-        with quiet_loading():  # a full CLIP's text tower is "unexpected": we want the vision half
-            tower = kind.model_class().from_pretrained(
-                vision, dtype=torch.float32, use_safetensors=True
-            )
-        loading = llm
-        lm = AutoModelForCausalLM.from_pretrained(llm, dtype=torch.float32, use_safetensors=True)
-        tokenizer = AutoTokenizer.from_pretrained(llm)
+        # No progress bars or notes (a full CLIP's text tower is "unexpected": we want the
+        # vision half): a failure must end in one line.
+        with quiet_loading():
+            tower = kind.model_class().from_pretrained(vision, dtype=torch_dtype)
+            loading = llm
+            lm = AutoModelForCausalLM.from_pretrained(llm, dtype=torch_dtype)
+            tokenizer = AutoTokenizer.from_pretrained(llm)
     except SafetensorError as e:
         raise unreadable_weights(loading, e) from None
+    except pickle.UnpicklingError:  # torch's weights-only unpickler met something else
+        raise LlavaEdgeError(
+            f"cannot read the weights in {loading}: a .bin file there holds pickled Python "
+            "objects besides tensors, which llava-edge will not unpickle; re-save its tensors "
+            "as safetensors if you trust it"
+        ) from None
     except (OSError, ValueError, KeyError) as e:
         raise LlavaEdgeError(f"cannot load --vision/--llm: {first_line(e)}") from None
     if IMAGE_PLACEHOLDER not in tokenizer.get_vocab():
@@ -360,7 +399,7 @@ def compose_checkpoint(
         setattr(config, PROJECTOR_KEY, projector)
     torch.manual_seed(seed)
     with torch.device("cpu"):
-        model = model_class(config)(config)
+        model = model_class(config)._from_config(config, dtype=torch_dtype)
     model.model.vision_tower.load_state_dict(tower.state_dict())
     model.model.language_model.load_state_dict(lm.base_model.state_dict())
     model.lm_head.load_state_dict(lm.get_output_embeddings().state_dict())
@@ -383,11 +422,37 @@ def compose_checkpoint(
         chat_template=hf_chat_template(get_template(template)),
     )
 
-    with replace_dir(out) as tmp:
+    with replace_dir(out) as tmp, quiet_loading():  # no progress bar in an error's one line
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         write_llava_edge_file(tmp, template)
     return out
+
+
+def _read_config(checkpoint: Path) -> dict[str, Any]:
+    path = checkpoint / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise LlavaEdgeError(f"cannot read {path}: {first_line(e)}") from None
+    if not isinstance(config, dict):
+        raise LlavaEdgeError(f"{path} is not a JSON object")
+    return config
+
+
+def _check_tokenizer_readable(llm: Path) -> None:
+    """A SentencePiece tokenizer alone (tokenizer.model, as Vicuna ships) needs sentencepiece;
+    without it transformers asks for `tiktoken`, and only after the weights are loaded."""
+    import importlib.util
+
+    sentencepiece_only = (llm / "tokenizer.model").is_file() and not (
+        llm / "tokenizer.json"
+    ).is_file()
+    if sentencepiece_only and importlib.util.find_spec("sentencepiece") is None:
+        raise LlavaEdgeError(
+            f"the tokenizer in {llm} is SentencePiece's (tokenizer.model alone): "
+            "pip install sentencepiece"
+        )
 
 
 @dataclass(frozen=True)
@@ -408,10 +473,10 @@ class VisionTowerKind:
     def image_processor(self, vision: str | Path, size: int) -> Any:
         """The tower's own preprocessing if its dir has it, else its family's at the tower's size
         (OpenAI CLIP's resize and crop; SigLIP's square resize, mean and std 0.5)."""
-        from transformers import CLIPImageProcessor, SiglipImageProcessor
+        with quiet_loading():  # the note that torchvision is absent, made on import
+            from transformers import CLIPImageProcessor, SiglipImageProcessor
 
-        cls = CLIPImageProcessor if self.family == "clip" else SiglipImageProcessor
-        with quiet_loading():  # the note that torchvision is absent
+            cls = CLIPImageProcessor if self.family == "clip" else SiglipImageProcessor
             if (Path(vision) / "preprocessor_config.json").is_file():
                 return cls.from_pretrained(vision)
             if self.family == "siglip":
