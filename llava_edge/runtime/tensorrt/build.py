@@ -5,7 +5,8 @@ tensors, Q/DQ nodes), never from builder flags. TensorRT 10.1 deprecated its INT
 10.12 its FP16/INT8 flags; TensorRT 11 removed both and always builds strongly typed (the flag is
 kept there and ignored), so the same code builds on JetPack 6 (TensorRT 10.3) and on 11.x.
 
-Engine files are named by their content (`decoder.<sha256 prefix>.engine`), so a build never
+Engine files are named by their content (`decoder.<sha256 prefix>.engine`; one byte-identical to
+an engine another model recorded in a shared dir gets a suffix of its own), so a build never
 overwrites the engines the manifest records: it writes new files, then saves the manifest (one
 atomic rename, the build's only commit point), then deletes the engines that this model's previous
 build into the same dir made and no record names any more (never other files: an engine dir may be
