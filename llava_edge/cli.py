@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from types import FrameType
 
 from llava_edge import __version__
 from llava_edge.errors import LlavaEdgeError
@@ -1096,11 +1097,35 @@ class Terminated(KeyboardInterrupt):
 
 
 _TERMINATED = threading.Event()  # set with the raise: C code a library calls may drop the raise
+_DEFER_S, _MAX_DEFERRALS = 0.05, 200  # an import that takes 10 s is stuck: raise anyway
+_deferrals = 0
 
 
-def _raise_terminated(signum: int, frame: object) -> None:
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    global _deferrals
     _TERMINATED.set()
+    if _importing(frame) and _deferrals < _MAX_DEFERRALS:
+        # Raised inside a module's setup, the exception can crash a C extension's (onnx's aborts
+        # the interpreter) or be dropped by it (numpy's): it comes again once the import is done.
+        _deferrals += 1
+        again = threading.Timer(_DEFER_S, _terminate_again)
+        again.daemon = True
+        again.start()
+        return
     raise Terminated
+
+
+def _terminate_again() -> None:
+    if signal.getsignal(signal.SIGTERM) is _raise_terminated:  # the command still runs
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _importing(frame: FrameType | None) -> bool:
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 @contextlib.contextmanager
@@ -1110,7 +1135,9 @@ def _sigterm_unwinds(command: str) -> Iterator[None]:
     if command == "serve" or threading.current_thread() is not threading.main_thread():
         yield
         return
+    global _deferrals
     _TERMINATED.clear()
+    _deferrals = 0
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         yield

@@ -375,3 +375,27 @@ def test_sigterm_a_library_drops_still_ends_the_command_with_143(monkeypatch, ca
     assert cli.main(["doctor"]) == 143
     assert capsys.readouterr().err.strip() == "llava-edge doctor: terminated"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the command's handler is gone
+
+
+def test_sigterm_during_an_import_comes_once_the_import_is_done(monkeypatch, capsys, tmp_path):
+    """An exception raised inside a module's setup can crash a C extension's (onnx's aborts the
+    interpreter: exit -6 or -11 instead of 143, nothing cleaned up) or be dropped by it: the
+    Terminated waits until the import is done."""
+    from llava_edge import cli
+
+    (tmp_path / "slow_setup.py").write_text(
+        "import os, signal, time\nos.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(0.3)\nDONE = True\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "slow_setup", raising=False)
+
+    def command_that_imports(args) -> int:
+        import slow_setup  # noqa: F401
+
+        time.sleep(5)  # the handler raises in here
+        return 0
+
+    monkeypatch.setitem(cli.COMMANDS, "doctor", command_that_imports)
+    assert cli.main(["doctor"]) == 143
+    assert capsys.readouterr().err.strip() == "llava-edge doctor: terminated"
+    assert sys.modules.pop("slow_setup").DONE  # imported whole
