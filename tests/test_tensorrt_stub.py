@@ -277,20 +277,25 @@ def test_int4_builds_from_the_tensorrt_graph_and_a_failed_build_changes_nothing(
     assert not list((model / "engines").glob(".*.tmp"))
 
 
+def refuse_to_build(stub, monkeypatch, graph: str) -> None:
+    """TensorRT returns no plan for `graph`'s engine (its log says why)."""
+    real = stub.Builder.build_serialized_network
+    monkeypatch.setattr(
+        stub.Builder,
+        "build_serialized_network",
+        lambda self, network, config: (
+            None if graph in network.path else real(self, network, config)
+        ),
+    )
+
+
 def test_a_build_that_tensorrt_refuses_leaves_the_old_engines(
     stub, model: Path, monkeypatch
 ) -> None:
     build_engines(model, log=quiet)
     saved = (model / MANIFEST_NAME).read_bytes()
     engines = {p.name: p.read_bytes() for p in (model / "engines").glob("*.engine")}
-    real = stub.Builder.build_serialized_network
-    monkeypatch.setattr(
-        stub.Builder,
-        "build_serialized_network",
-        lambda self, network, config: (
-            None if "decoder" in network.path else real(self, network, config)
-        ),
-    )
+    refuse_to_build(stub, monkeypatch, "decoder")
     with pytest.raises(LlavaEdgeError, match="could not build the decoder engine") as refused:
         build_engines(model, max_batch=2, log=quiet)
     assert "check finds" not in str(refused.value)  # the graph passes it: TensorRT's log says why
@@ -1053,14 +1058,7 @@ def test_a_build_tensorrt_refuses_names_what_the_compatibility_check_finds(
     decoder = model / (manifest.graphs["decoder"].tensorrt_file or manifest.graphs["decoder"].file)
     findings = {decoder: ["decoder: operator com.microsoft:MatMulNBits is not in TensorRT 10.3"]}
     monkeypatch.setattr(trt_check, "check_graph", lambda path: findings.get(Path(path), []))
-    real = stub.Builder.build_serialized_network
-    monkeypatch.setattr(
-        stub.Builder,
-        "build_serialized_network",
-        lambda self, network, config: (
-            None if "decoder" in network.path else real(self, network, config)
-        ),
-    )
+    refuse_to_build(stub, monkeypatch, "decoder")
     with pytest.raises(LlavaEdgeError) as refused:
         build_engines(model, log=quiet)
     assert "check finds: decoder: operator com.microsoft:MatMulNBits" in str(refused.value)
