@@ -724,7 +724,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-queue", type=int, default=16, help="requests that may wait for a row (then 429)"
     )
-    p.add_argument("--max-new-tokens", type=int, help="refuse requests asking for more")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help="refuse requests asking for more; without max_tokens, answer at most this"
+        " (default: up to the context)",
+    )
     p.add_argument("--max-body-mb", type=float, default=32, help="refuse larger bodies (413)")
     p.add_argument("--max-image-mb", type=float, default=20, help="refuse larger images (413)")
     p.add_argument(
