@@ -523,7 +523,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init", help="write a random-weight LLaVA checkpoint of a preset's shape")
     p.add_argument("out_dir", help="checkpoint dir to write")
-    p.add_argument("--preset", default="tiny", choices=["tiny", "demo", "small", "llava-1.5-7b"])
+    p.add_argument(
+        "--preset",
+        default="tiny",
+        choices=["tiny", "demo", "small", "llava-1.5-7b"],
+        help="shape of the random checkpoint (default tiny)",
+    )
     p.add_argument("--layers", type=int, help="keep only the first N layers of each tower")
     p.add_argument(
         "--vision", help="CLIP or SigLIP checkpoint: build LLaVA from it and --llm instead"
@@ -699,11 +704,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CHECKPOINT",
         help="also run transformers' generate() on the checkpoint the dir was exported from",
     )
-    p.add_argument("--runs", type=int, default=5, help="runs to take the median of")
-    p.add_argument("--question-tokens", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--runs", type=int, default=5, help="runs to take the median of (default 5)")
     p.add_argument(
-        "--context-tokens", type=int, default=0, help="extra prompt tokens (long context)"
+        "--question-tokens", type=int, default=32, help="tokens of question text (default 32)"
+    )
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens to decode (default 128)")
+    p.add_argument(
+        "--context-tokens",
+        type=int,
+        default=0,
+        help="extra prompt tokens (long context; default 0)",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--plot", metavar="FILE", help="write a PNG chart of the comparison")
