@@ -763,7 +763,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="memory for finished conversations' KV, reused by their next turn (0: off)",
     )
     p.add_argument(
-        "--drain-timeout", type=float, help="on SIGTERM, wait at most this long for requests"
+        "--drain-timeout",
+        type=float,
+        help="on SIGTERM, seconds to wait at most for the answers in flight (default: no limit)",
     )
     p.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
