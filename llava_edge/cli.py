@@ -779,7 +779,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-context", type=int, help="longest conversation in tokens (default: the model's)"
     )
-    p.add_argument("--workspace", type=float, help="TensorRT scratch memory limit in GB")
+    p.add_argument("--workspace", type=float, help="TensorRT scratch memory limit in GiB")
     p.add_argument(
         "--timing-cache", help="timing cache file to reuse and update (default: in the engine dir)"
     )
