@@ -523,7 +523,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init", help="write a random-weight LLaVA checkpoint of a preset's shape")
     p.add_argument("out_dir", help="checkpoint dir to write")
-    p.add_argument("--preset", default="tiny", choices=["tiny", "demo", "small", "llava-1.5-7b"])
+    p.add_argument(
+        "--preset",
+        default="tiny",
+        choices=["tiny", "demo", "small", "llava-1.5-7b"],
+        help="shape of the random checkpoint (default tiny)",
+    )
     p.add_argument("--layers", type=int, help="keep only the first N layers of each tower")
     p.add_argument(
         "--vision", help="CLIP or SigLIP checkpoint: build LLaVA from it and --llm instead"
@@ -699,11 +704,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CHECKPOINT",
         help="also run transformers' generate() on the checkpoint the dir was exported from",
     )
-    p.add_argument("--runs", type=int, default=5, help="runs to take the median of")
-    p.add_argument("--question-tokens", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--runs", type=int, default=5, help="runs to take the median of (default 5)")
     p.add_argument(
-        "--context-tokens", type=int, default=0, help="extra prompt tokens (long context)"
+        "--question-tokens", type=int, default=32, help="tokens of question text (default 32)"
+    )
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens to decode (default 128)")
+    p.add_argument(
+        "--context-tokens",
+        type=int,
+        default=0,
+        help="extra prompt tokens (long context; default 0)",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--plot", metavar="FILE", help="write a PNG chart of the comparison")
@@ -724,7 +734,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-queue", type=int, default=16, help="requests that may wait for a row (then 429)"
     )
-    p.add_argument("--max-new-tokens", type=int, help="refuse requests asking for more")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help="refuse requests asking for more; without max_tokens, answer at most this"
+        " (default: up to the context)",
+    )
     p.add_argument("--max-body-mb", type=float, default=32, help="refuse larger bodies (413)")
     p.add_argument("--max-image-mb", type=float, default=20, help="refuse larger images (413)")
     p.add_argument(
@@ -748,7 +763,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="memory for finished conversations' KV, reused by their next turn (0: off)",
     )
     p.add_argument(
-        "--drain-timeout", type=float, help="on SIGTERM, wait at most this long for requests"
+        "--drain-timeout",
+        type=float,
+        help="on SIGTERM, seconds to wait at most for the answers in flight (default: no limit)",
     )
     p.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
@@ -762,7 +779,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-context", type=int, help="longest conversation in tokens (default: the model's)"
     )
-    p.add_argument("--workspace", type=float, help="TensorRT scratch memory limit in GB")
+    p.add_argument("--workspace", type=float, help="TensorRT scratch memory limit in GiB")
     p.add_argument(
         "--timing-cache", help="timing cache file to reuse and update (default: in the engine dir)"
     )

@@ -67,7 +67,10 @@ def test_each_missing_piece_is_named_with_how_to_get_it() -> None:
     s = status(machine(providers=["CPUExecutionProvider"], tensorrt=None))
     assert s["onnxruntime cpu"] == "ready"
     assert s["onnxruntime cuda"] == ["onnxruntime's CUDAExecutionProvider: " + doctor.ORT_GPU_HINT]
-    assert "pip install onnxruntime-gpu" in s["onnxruntime cuda"][0]
+    assert (
+        "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu"
+        in (s["onnxruntime cuda"][0])
+    )  # the two wheels share a module: an install beside the CPU one hides the GPU providers
     assert any("TensorrtExecutionProvider" in m for m in s["onnxruntime tensorrt"])
     (native,) = s["tensorrt"]
     assert (

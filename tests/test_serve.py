@@ -507,6 +507,7 @@ def test_keys_models_and_sizes_get_their_statuses(server):
     with pytest.raises(openai.AuthenticationError):
         server.client(key="wrong").chat.completions.create(model=MODEL, messages=GOOD)
     assert httpx.get(server.url + "/metrics").status_code == 401
+    assert httpx.get(server.url + "/health").status_code == 200  # a probe needs no key
     unknown = server.post({**body, "model": "gpt-4o"})
     assert unknown.status_code == 404 and error_of(unknown)["code"] == "model_not_found"
     with pytest.raises(openai.NotFoundError):

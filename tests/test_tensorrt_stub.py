@@ -310,7 +310,7 @@ def test_build_options_are_checked_before_anything_is_written(stub, model: Path)
     ):
         build_engines(model, max_context=4096, log=quiet)
     for workspace in (0, float("nan"), float("inf")):  # argparse's float takes 'nan' and 'inf'
-        with pytest.raises(LlavaEdgeError, match="--workspace must be a positive number of GB"):
+        with pytest.raises(LlavaEdgeError, match="--workspace must be a positive number of GiB"):
             build_engines(model, workspace_gb=workspace, log=quiet)
     assert not (model / "engines").exists()
 

@@ -14,6 +14,11 @@ import pytest
 from llava_edge.cli import main as cli
 from llava_edge.training.synth import synthesize
 
+GOOD_TURNS = [
+    {"from": "human", "value": "Say hello."},
+    {"from": "gpt", "value": "Hello."},
+]
+
 
 @pytest.fixture
 def data(tmp_path) -> dict[str, Path]:
@@ -353,14 +358,25 @@ def test_a_damaged_checkpoint_is_named_before_resuming(
                          "or pass --force to start over")  # fmt: skip
 
 
-def test_skip_bad_leaving_nothing_says_why(tiny_checkpoint, data, tmp_path, capsys):
-    argv = ["train", "--stage", "2", "--model", str(tiny_checkpoint), "--data", str(data["train"])]
-    assert cli([*argv, "--out", str(tmp_path / "out"), "--skip-bad"]) == 1  # no --images
+def test_relative_images_without_an_image_dir_stop_the_run_even_with_skip_bad(
+    tiny_checkpoint, data, tmp_path, capsys
+):
+    """The missing --images is the run's fault, not the samples': --skip-bad must not leave
+    every image sample out and train on the text-only rest (eval refuses it the same way)."""
+    samples = json.loads(data["train"].read_text())
+    text_only = {"id": "text", "conversations": [GOOD_TURNS[0], GOOD_TURNS[1]]}
+    mixed = tmp_path / "mixed.json"
+    mixed.write_text(json.dumps([*samples, text_only, {**text_only, "id": "text2"}]))
+    out = tmp_path / "out"
+    argv = ["train", "--stage", "2", "--model", str(tiny_checkpoint), "--data", str(mixed)]
+    argv += ["--out", str(out), "--max-steps", "1", "--no-gradient-checkpointing", "--skip-bad"]
+    assert cli(argv) == 1  # no --images
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.endswith(
-        f"every sample of {data['train']} was left out as bad; the first: sample train-0: has an "
-        "image but no image dir was given (--images DIR)"
+    assert err == (
+        "llava-edge train: error: sample train-0's image train_00000.png is relative: pass "
+        "--images DIR, the dir it is under"
     )
+    assert not out.exists()
 
 
 def test_a_tokenizer_without_a_padding_token_trains(tiny_checkpoint, data, tmp_path):

@@ -20,10 +20,13 @@ from llava_edge.runtime.tensorrt.cuda import CUDA_HINT, import_cudart
 from llava_edge.runtime.tensorrt.gpu import host_available_memory
 from llava_edge.runtime.tensorrt.requirements import TENSORRT_HINT
 
+# Both wheels install the one `onnxruntime` module: beside the CPU wheel (which llava-edge
+# depends on, so `[gpu]` brings both), the GPU one's providers are hidden, and uninstalling the
+# CPU one removes files the GPU one shares; hence both out, then the GPU one alone.
 ORT_GPU_HINT = (
-    "replace onnxruntime with onnxruntime-gpu (`pip uninstall onnxruntime && pip install "
-    "onnxruntime-gpu`; on a Jetson, the JetPack 6 wheel from the Jetson AI Lab index, see "
-    "docs/jetson.md)"
+    "replace onnxruntime with onnxruntime-gpu (`pip uninstall -y onnxruntime onnxruntime-gpu && "
+    "pip install onnxruntime-gpu`; on a Jetson, the JetPack 6 wheel from the Jetson AI Lab "
+    "index, see docs/jetson.md)"
 )
 
 

@@ -88,6 +88,12 @@ class TrainingSet(torch.utils.data.Dataset):
     def _check_image(self, sample: Sample) -> None:
         """Exists and has an image header; decoding every image up front would take hours on
         LLaVA's 665k, so a file broken past its header is found when it is loaded."""
+        if self.image_root is None and not Path(sample.image).is_absolute():
+            # the run's fault, not the sample's: --skip-bad must not leave them all out
+            raise LlavaEdgeError(
+                f"sample {sample.id}'s image {sample.image} is relative: pass --images DIR, "
+                "the dir it is under"
+            )
         path = image_path(sample, self.image_root)
         if not path.is_file():
             raise BadSample(sample.id, f"image {path} does not exist")

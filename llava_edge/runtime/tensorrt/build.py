@@ -86,7 +86,7 @@ def build_engines(
     manifest.check_files(model_dir)
     limits = _limits(manifest, max_batch, max_context, prefill_chunk, kv_chunk)
     if workspace_gb is not None and not 0 < workspace_gb < math.inf:  # nan too
-        raise LlavaEdgeError(f"--workspace must be a positive number of GB, got {workspace_gb}")
+        raise LlavaEdgeError(f"--workspace must be a positive number of GiB, got {workspace_gb}")
     profiles = {name: graph_profiles(manifest, name, limits) for name in manifest.graphs}
     trt = import_tensorrt()
     device = gpu.probe_gpu(0)  # TensorRT builds for the current CUDA device, the first
