@@ -235,6 +235,17 @@ def test_chat_command_loop_resets_to_the_last_image_that_opened(pipe, tmp_path):
     assert text.endswith("(new conversation)\n" + pipe.chat(good, **OPTIONS).ask(FIRST) + "\n")
 
 
+def test_chat_command_help_says_whether_an_image_is_in_the_conversation(pipe, tmp_path):
+    good = tmp_path / "good.png"
+    Image.fromarray(frame()).save(good)
+    lines = iter(["/help", f"/image {good}", "/help", "/quit"])
+    out = io.StringIO()
+    chat_loop(pipe, None, OPTIONS, read=lambda _prompt: next(lines), out=out)
+    greeting, first_help, _, second_help = out.getvalue().splitlines()
+    assert greeting == first_help and greeting.startswith("Ask anything (no image).")
+    assert second_help.startswith("Ask about the image.")
+
+
 def test_chat_command_image_paths_as_a_terminal_pastes_them(pipe, tmp_path, monkeypatch):
     """A file dropped into a terminal is pasted quoted ('/path/my photo.png'), and ~ is the home
     dir: both were read as part of the file name ("does not exist")."""

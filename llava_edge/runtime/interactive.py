@@ -16,10 +16,13 @@ from typing import Any, TextIO
 
 from llava_edge.errors import ChatFull, LlavaEdgeError
 
-HELP = (
-    "Ask about the image. /image PATH: another image, /reset: start over, /help: this, "
-    "/quit: leave."
-)
+COMMANDS = "/reset: start over, /help: this, /quit: leave."
+
+
+def help_text(image: Any) -> str:
+    if image is None or (isinstance(image, list) and not image):
+        return f"Ask anything (no image). /image PATH: talk about an image, {COMMANDS}"
+    return f"Ask about the image. /image PATH: another image, {COMMANDS}"
 
 
 def chat_loop(
@@ -29,7 +32,7 @@ def chat_loop(
     read: Callable[[str], str],
     out: TextIO,
 ) -> None:
-    out.write(HELP + "\n")
+    out.write(help_text(image) + "\n")
     session = pipe.chat(image, **options)
     while True:
         try:
@@ -43,10 +46,10 @@ def chat_loop(
         if word in ("/quit", "/exit"):
             return
         if word == "/help":
-            out.write(HELP + "\n")
+            out.write(help_text(image) + "\n")
             continue
         if re.fullmatch(r"/[A-Za-z]+", word) and word not in ("/reset", "/image"):
-            out.write(f"error: unknown command {word}; {HELP}\n")
+            out.write(f"error: unknown command {word}; {help_text(image)}\n")
             continue
         partial = False
         try:
