@@ -183,6 +183,7 @@ def _run(args: argparse.Namespace) -> None:
 
 @command("watch")
 def _watch(args: argparse.Namespace) -> None:
+    options = _generation_options(args)
     with _load_pipeline(args, background=True) as pipe:
         answers = pipe.watch(
             args.source,
@@ -194,7 +195,7 @@ def _watch(args: argparse.Namespace) -> None:
             live=True if args.live else None,
             timeout_s=args.source_timeout,
             folder_fps=args.folder_fps,
-            **_generation_options(args),
+            **options,
         )
         with answers:  # the source closes before the model does, however the loop ends
             for answer in answers:
@@ -216,8 +217,9 @@ def _watch(args: argparse.Namespace) -> None:
 def _chat(args: argparse.Namespace) -> None:
     from llava_edge.runtime.interactive import chat_loop
 
+    options = _generation_options(args)
     with _load_pipeline(args) as pipe:
-        chat_loop(pipe, args.image, _generation_options(args), read=input, out=sys.stdout)
+        chat_loop(pipe, args.image, options, read=input, out=sys.stdout)
 
 
 # ---- bench -----------------------------------------------------------------------------------
@@ -283,6 +285,23 @@ def _load_options(args: argparse.Namespace) -> dict:
 
 
 def _generation_options(args: argparse.Namespace) -> dict:
+    """The options as Pipeline takes them; sampling options at temperature 0 are refused, as
+    greedy decoding ignores them (the Python API ignores them, as transformers does)."""
+    if args.temperature == 0:
+        idle = [
+            flag
+            for flag, given in (
+                ("--top-k", args.top_k != 0),
+                ("--top-p", args.top_p != 1.0),
+                ("--seed", args.seed is not None),
+            )
+            if given
+        ]
+        if idle:
+            raise LlavaEdgeError(
+                f"{', '.join(idle)} shape sampling, which --temperature 0 (greedy, the default) "
+                "does not do; give a --temperature above 0 too"
+            )
     options = {
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,

@@ -54,6 +54,11 @@ CASES = [(cmd, a.dest) for cmd, sub in commands(cli.build_parser()) for a in opt
 
 # Options that only work together: setting one sets the other too.
 COMPANIONS = {("init", "vision"): ("llm", "companion-llm"), ("init", "llm"): ("vision", "vis")}
+COMPANIONS |= {  # sampling options act only when sampling (greedy is refused them)
+    (cmd, dest): ("temperature", "0.5")
+    for cmd in ("run", "chat", "watch")
+    for dest in ("top_k", "top_p", "seed")
+}
 
 
 # ---- recording the public functions the handlers call ------------------------------------------

@@ -294,6 +294,8 @@ def test_cli_refuses_bad_limits_and_seeds_in_one_line(tiny_model_dir, image, cap
     for extra, message in [
         (["--timeout", "-1"], "timeout_s must be a positive"),
         (["--temperature", "1", "--seed", "-1"], "seed must be"),
+        (["--top-k", "5", "--seed", "1"], "--top-k, --seed shape sampling, which --temperature 0"),
+        (["--top-p", "0.9"], "--top-p shape sampling"),
     ]:
         assert main([*base, *extra]) == 1
         err = capsys.readouterr().err
