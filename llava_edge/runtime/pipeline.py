@@ -125,6 +125,7 @@ class Pipeline:
         self.newline = load_newline(model_dir, manifest)  # AnyRes models only
         self._features: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
+        self._encoding: dict[str, threading.Event] = {}  # images being encoded, set when done
         self.stats = {"vision_runs": 0, "feature_cache_hits": 0}
         self.closed = False
 
@@ -511,13 +512,28 @@ class Pipeline:
         return np.concatenate([self._features_of(one) for one in images])
 
     def _features_of(self, image: ImagePixels) -> np.ndarray:
-        self._check_open()
         key = image.key
-        with self._lock:
-            if key in self._features:
-                self._features.move_to_end(key)
-                self.stats["feature_cache_hits"] += 1
-                return self._features[key]
+        while True:  # threads asking about one new image at once: one encodes, the rest wait
+            self._check_open()
+            with self._lock:
+                if key in self._features:
+                    self._features.move_to_end(key)
+                    self.stats["feature_cache_hits"] += 1
+                    return self._features[key]
+                encoding = self._encoding.get(key)
+                if encoding is None:
+                    encoding = self._encoding[key] = threading.Event()
+                    break
+            encoding.wait()  # then the cache holds it, or that encode failed and this one tries
+        try:
+            return self._encode(image)
+        finally:
+            with self._lock:
+                del self._encoding[key]
+            encoding.set()
+
+    def _encode(self, image: ImagePixels) -> np.ndarray:
+        key = image.key
         encoded = self.backend.encode_image(image.pixels)
         features = image_embeds(encoded, image.size, self.manifest.image, self.newline)
         (expected,) = self.image_tokens(image)
