@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from llava_edge.runtime import Pipeline
+from llava_edge.runtime import LlavaEdgeError, Pipeline
 
 
 @pytest.fixture(scope="module")
@@ -50,3 +50,42 @@ def test_one_frame_asked_by_two_threads_at_once_is_encoded_once(pipe, monkeypatc
     assert pipe.stats["vision_runs"] - runs == 1
     assert pipe.stats["feature_cache_hits"] - hits == 1
     assert answers["perception"] == answers["control"]
+
+
+def test_a_control_thread_closes_a_stream_another_thread_reads(pipe, monkeypatch):
+    """A control thread cancelling the answer a perception thread is reading: close() raised
+    ValueError ('generator already executing') whenever the reader was inside a decode step, and
+    the chat turn it cancelled was rolled back only when the stream was garbage-collected."""
+    chat = pipe.chat(frame(3), max_new_tokens=6)
+    chat.ask("Is the door open?")
+    fed, ids = chat.fed, list(chat.ids)
+    decode, in_step = pipe.backend.decode, threading.Event()
+
+    def slow_decode(*args):
+        in_step.set()
+        time.sleep(0.2)
+        return decode(*args)
+
+    stream = chat.stream("And the window?", max_new_tokens=200, ignore_eos=True)
+    outcome = []
+
+    def read() -> None:
+        try:
+            for _ in stream:
+                pass
+            outcome.append("finished")
+        except LlavaEdgeError as e:
+            outcome.append(str(e))
+
+    monkeypatch.setattr(pipe.backend, "decode", slow_decode)
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert in_step.wait(10)
+    stream.close()  # the reader is inside a decode step now
+    reader.join(30)
+    monkeypatch.setattr(pipe.backend, "decode", decode)
+    assert outcome and "abandoned" in outcome[0]
+    assert (chat.fed, chat.ids, chat.cache.length) == (fed, ids, fed)  # rolled back at once
+    fresh = pipe.chat(frame(3), max_new_tokens=6)
+    fresh.ask("Is the door open?")
+    assert chat.ask("And the window?") == fresh.ask("And the window?")

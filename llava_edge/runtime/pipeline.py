@@ -791,6 +791,7 @@ class TextStream:
 
     def __next__(self) -> str:
         if self._abandoned:
+            self._pieces.close()  # closed from another thread during a step: it ends here
             raise LlavaEdgeError(
                 "this answer was abandoned (closed, or a later turn of its chat was started); "
                 "ask again"
@@ -798,10 +799,16 @@ class TextStream:
         return next(self._pieces)
 
     def close(self) -> None:
-        """Stop decoding; an unfinished chat turn is rolled back."""
+        """Stop decoding; an unfinished chat turn is rolled back. From another thread (a robot's
+        control thread cancelling the answer being read) it returns at once: the reading thread
+        ends after the step in progress, rolling back there."""
         if not self._result:
             self._abandoned = True
-        self._pieces.close()
+        try:
+            self._pieces.close()
+        except ValueError:  # running in another thread, which ends it at its next piece
+            if not self._pieces.gi_running:
+                raise
 
 
 def _pieces(
