@@ -792,11 +792,13 @@ class TextStream:
     def __next__(self) -> str:
         if self._abandoned:
             self._pieces.close()  # closed from another thread during a step: it ends here
-            raise LlavaEdgeError(
-                "this answer was abandoned (closed, or a later turn of its chat was started); "
-                "ask again"
-            )
-        return next(self._pieces)
+            raise _abandoned()
+        try:
+            return next(self._pieces)
+        except StopIteration:
+            if self._abandoned:  # closed from another thread just before this step
+                raise _abandoned() from None
+            raise
 
     def close(self) -> None:
         """Stop decoding; an unfinished chat turn is rolled back. From another thread (a robot's
@@ -809,6 +811,12 @@ class TextStream:
         except ValueError:  # running in another thread, which ends it at its next piece
             if not self._pieces.gi_running:
                 raise
+
+
+def _abandoned() -> LlavaEdgeError:
+    return LlavaEdgeError(
+        "this answer was abandoned (closed, or a later turn of its chat was started); ask again"
+    )
 
 
 def _pieces(
