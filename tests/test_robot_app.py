@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from llava_edge.runtime import LlavaEdgeError, Pipeline
+from llava_edge.runtime import BatchEngine, Limits, LlavaEdgeError, Pipeline, TimedOut
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +89,24 @@ def test_a_control_thread_closes_a_stream_another_thread_reads(pipe, monkeypatch
     fresh = pipe.chat(frame(3), max_new_tokens=6)
     fresh.ask("Is the door open?")
     assert chat.ask("And the window?") == fresh.ask("And the window?")
+
+
+@pytest.mark.parametrize("entry", ["answer", "engine"])
+def test_a_one_token_answer_past_the_time_limit_times_out(tiny_model_dir, monkeypatch, entry):
+    """A yes/no question (max_new_tokens=1) whose image encode and prefill ran past the time
+    limit came back as a normal answer, where two tokens raised TimedOut: the limit was checked
+    only between decode steps, never after the prompt's."""
+    with Pipeline.load(tiny_model_dir, threads=1, limits=Limits(timeout_s=0.1)) as slow_pipe:
+        encode = slow_pipe.backend.encode_image
+
+        def slow_encode(pixels):
+            time.sleep(0.3)  # a device hiccup
+            return encode(pixels)
+
+        monkeypatch.setattr(slow_pipe.backend, "encode_image", slow_encode)
+        with pytest.raises(TimedOut):
+            if entry == "answer":
+                slow_pipe.answer(frame(4), "Is the door open?", max_new_tokens=1)
+            else:
+                with BatchEngine(slow_pipe) as engine:
+                    engine.submit(frame(4), "Is the door open?", max_new_tokens=1).result(30)

@@ -565,6 +565,7 @@ class BatchEngine:
             request.timer.mark("vision")
             logits = self._prefill(request, row)
             request.timer.mark("prefill")
+            self._check_deadline(request)  # as after a decode step: a late first token is late
         except Exception as e:  # the request's own failure; the others go on
             self._leave(request, e)
             return
