@@ -308,8 +308,10 @@ class Pipeline:
         camera driver yields them), every `every_s` seconds; live sources never queue stale
         frames. Use it in a `with` block (or close() it): the source's reader stops when it ends.
 
-        Options: frames (last K frames per prompt), changes_only, max_frames, live, timeout_s,
-        folder_fps (see llava_edge.runtime.watch), and the generation options of `answer`.
+        Options: frames (last K frames per prompt), changes_only, max_frames, live, timeout_s
+        (seconds with no frame before the source counts as stalled; an answer's own time limit is
+        the pipeline's Limits.timeout_s), folder_fps (see llava_edge.runtime.watch), and the
+        generation options of `answer`.
         Video needs PyAV (`pip install 'llava-edge[video]'`).
         """
         from llava_edge.runtime.watch import watch
