@@ -110,3 +110,42 @@ def test_a_one_token_answer_past_the_time_limit_times_out(tiny_model_dir, monkey
             else:
                 with BatchEngine(slow_pipe) as engine:
                     engine.submit(frame(4), "Is the door open?", max_new_tokens=1).result(30)
+
+
+def test_a_chat_turn_started_while_another_thread_reads_the_last_is_refused(pipe, monkeypatch):
+    """Starting a turn rolls back an unfinished earlier one; when another thread was inside the
+    earlier turn's decode step, the new turn went on while that thread still wrote the chat's
+    KV cache and then rolled it back under the new turn. It is refused instead, and the chat
+    is as before the earlier question once that thread has stopped."""
+    chat = pipe.chat(frame(5), max_new_tokens=6)
+    chat.ask("Is the door open?")
+    decode, in_step = pipe.backend.decode, threading.Event()
+
+    def slow_decode(*args):
+        in_step.set()
+        time.sleep(0.2)
+        return decode(*args)
+
+    stream = chat.stream("And the window?", max_new_tokens=200, ignore_eos=True)
+    outcome = []
+
+    def read() -> None:
+        try:
+            for _ in stream:
+                pass
+        except LlavaEdgeError as e:
+            outcome.append(str(e))
+
+    monkeypatch.setattr(pipe.backend, "decode", slow_decode)
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert in_step.wait(10)
+    with pytest.raises(LlavaEdgeError, match="one thread at a time"):
+        chat.ask("Is anyone there?")
+    reader.join(30)
+    monkeypatch.setattr(pipe.backend, "decode", decode)
+    assert outcome and "abandoned" in outcome[0]
+    fresh = pipe.chat(frame(5), max_new_tokens=6)
+    fresh.ask("Is the door open?")
+    assert chat.ask("Is anyone there?") == fresh.ask("Is anyone there?")
+    assert chat.ids == fresh.ids

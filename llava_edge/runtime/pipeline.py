@@ -600,8 +600,9 @@ class ChatSession:
     (its stream closed or dropped before the end, a timeout, an error while decoding) is rolled
     back whole: the KV cache is cut back to where it stood and the session is exactly as if the
     question had never been asked, so the next question may follow at once. Starting a turn
-    while an earlier turn's stream is still open rolls the earlier one back first; iterating that
-    stream afterwards is an error.
+    while an earlier turn's stream is still open rolls the earlier one back first (or is refused
+    while another thread is inside that stream's decode step); iterating that stream afterwards
+    is an error.
 
     Not thread-safe: use one session per thread.
     """
@@ -656,8 +657,13 @@ class ChatSession:
         pipe = self.pipeline
         pipe._check_open()
         earlier = self._open() if self._open is not None else None
-        if earlier is not None:
-            earlier.close()  # an unfinished earlier turn is rolled back before this one starts
+        # an unfinished earlier turn is rolled back before this one starts; one that another
+        # thread is reading now would roll back under this turn, so it is refused
+        if earlier is not None and not earlier._close_now():
+            raise LlavaEdgeError(
+                "another thread is reading this chat's previous answer: a chat belongs to one "
+                "thread at a time; let that turn end first, or give each thread its own chat"
+            )
         _check_text(prompt)
         config = pipe._config(options)
         first = not self.ids
@@ -806,13 +812,19 @@ class TextStream:
         """Stop decoding; an unfinished chat turn is rolled back. From another thread (a robot's
         control thread cancelling the answer being read) it returns at once: the reading thread
         ends after the step in progress, rolling back there."""
+        self._close_now()
+
+    def _close_now(self) -> bool:
+        """Close; False if another thread is inside a step, which ends it at its next piece."""
         if not self._result:
             self._abandoned = True
         try:
             self._pieces.close()
-        except ValueError:  # running in another thread, which ends it at its next piece
+        except ValueError:  # running in another thread
             if not self._pieces.gi_running:
                 raise
+            return False
+        return True
 
 
 def _abandoned() -> LlavaEdgeError:
