@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from llava_edge.runtime import BatchEngine, Limits, LlavaEdgeError, Pipeline, TimedOut
+from llava_edge.runtime.batching import Cancelled
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +150,22 @@ def test_a_chat_turn_started_while_another_thread_reads_the_last_is_refused(pipe
     fresh.ask("Is the door open?")
     assert chat.ask("Is anyone there?") == fresh.ask("Is anyone there?")
     assert chat.ids == fresh.ids
+
+
+def test_leaving_a_requests_text_early_cancels_it(pipe, monkeypatch):
+    """`for piece in request: break`, as leaving a Pipeline stream does, left the request
+    decoding to its max_new_tokens in a row of the batch that no one read."""
+    decode = pipe.backend.decode
+
+    def slow_decode(*args):
+        time.sleep(0.01)
+        return decode(*args)
+
+    monkeypatch.setattr(pipe.backend, "decode", slow_decode)
+    with BatchEngine(pipe, max_batch=1) as engine:
+        request = engine.submit(frame(6), "Describe the room.", max_new_tokens=500, ignore_eos=True)
+        for _ in request:
+            break
+        with pytest.raises(Cancelled):
+            request.result(30)
+        assert engine.submit(frame(7), "Is the door open?", max_new_tokens=2).result(30)
