@@ -125,19 +125,25 @@ class Request:
         """Text pieces as they are decoded; raises the request's error, if it ends in one.
 
         The text is read once, as a TextStream's: iterating again afterwards yields nothing
-        (`result()` still holds the answer or the error).
+        (`result()` still holds the answer or the error). Leaving it before the end (a break, an
+        exception, the iterator closed or dropped) cancels the request, as leaving a stream stops
+        its answer: nobody reads the rest, and its row goes to the next request.
         """
         if self._listener is not None:
             raise RuntimeError("a request with a listener is read through its listener")
-        while not self._read:
-            event = self._events.get()
-            if event.kind == "text":
-                yield event.text
-            elif event.kind == "error":
-                self._read = True
-                raise event.error
-            elif event.kind == "done":
-                self._read = True
+        try:
+            while not self._read:
+                event = self._events.get()
+                if event.kind == "text":
+                    yield event.text
+                elif event.kind == "error":
+                    self._read = True
+                    raise event.error
+                elif event.kind == "done":
+                    self._read = True
+        finally:
+            if not self._read:
+                self.cancel()
 
     def result(self, timeout: float | None = None) -> Answer:
         """Wait for the whole answer."""
@@ -565,6 +571,7 @@ class BatchEngine:
             request.timer.mark("vision")
             logits = self._prefill(request, row)
             request.timer.mark("prefill")
+            self._check_deadline(request)  # as after a decode step: a late first token is late
         except Exception as e:  # the request's own failure; the others go on
             self._leave(request, e)
             return

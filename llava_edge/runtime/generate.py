@@ -80,14 +80,21 @@ def decode_loop(
 
     `seen` holds each row's ids so far (for the repetition penalty); the last token yielded is
     not fed back, so a caller continuing the sequence (chat) feeds it first. Past `timeout_s`
-    (counted from the timer's start) the loop stops with an error.
+    (counted from the timer's start) the loop stops with an error, checked after every decoder
+    call (the prompt's too: a one-token answer whose prefill ran late is late) and before one.
     """
     sampler = Sampler(config)
     timer = timer or Timer()
     deadline = timer.start + timeout_s if timeout_s else None
+
+    def check_deadline() -> None:
+        if deadline is not None and time.perf_counter() > deadline:
+            raise TimedOut.after(timeout_s)
+
     batch = embeds.shape[0]
     logits = backend.decode(embeds, token_mask, positions, cache)
     timer.mark("prefill")
+    check_deadline()
     next_pos = positions[:, -1] + 1
     finished = np.zeros(batch, dtype=bool)
     seen = [np.asarray(s, dtype=np.int64) for s in seen]
@@ -100,11 +107,11 @@ def decode_loop(
         finished = done
         if finished.all() or step == config.max_new_tokens - 1:
             return
-        if deadline is not None and time.perf_counter() > deadline:
-            raise TimedOut.after(timeout_s)
+        check_deadline()
         if config.repetition_penalty != 1.0:  # the only reader of `seen`
             seen = [np.append(s, t) for s, t in zip(seen, tokens, strict=True)]
         logits = backend.decode(
             embed(table, tokens[:, None], -1, []), ones, next_pos[:, None], cache
         )
         next_pos = next_pos + 1
+        check_deadline()

@@ -125,6 +125,7 @@ class Pipeline:
         self.newline = load_newline(model_dir, manifest)  # AnyRes models only
         self._features: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
+        self._encoding: dict[str, threading.Event] = {}  # images being encoded, set when done
         self.stats = {"vision_runs": 0, "feature_cache_hits": 0}
         self.closed = False
 
@@ -307,8 +308,10 @@ class Pipeline:
         camera driver yields them), every `every_s` seconds; live sources never queue stale
         frames. Use it in a `with` block (or close() it): the source's reader stops when it ends.
 
-        Options: frames (last K frames per prompt), changes_only, max_frames, live, timeout_s,
-        folder_fps (see llava_edge.runtime.watch), and the generation options of `answer`.
+        Options: frames (last K frames per prompt), changes_only, max_frames, live, timeout_s
+        (seconds with no frame before the source counts as stalled; an answer's own time limit is
+        the pipeline's Limits.timeout_s), folder_fps (see llava_edge.runtime.watch), and the
+        generation options of `answer`.
         Video needs PyAV (`pip install 'llava-edge[video]'`).
         """
         from llava_edge.runtime.watch import watch
@@ -511,13 +514,28 @@ class Pipeline:
         return np.concatenate([self._features_of(one) for one in images])
 
     def _features_of(self, image: ImagePixels) -> np.ndarray:
-        self._check_open()
         key = image.key
-        with self._lock:
-            if key in self._features:
-                self._features.move_to_end(key)
-                self.stats["feature_cache_hits"] += 1
-                return self._features[key]
+        while True:  # threads asking about one new image at once: one encodes, the rest wait
+            self._check_open()
+            with self._lock:
+                if key in self._features:
+                    self._features.move_to_end(key)
+                    self.stats["feature_cache_hits"] += 1
+                    return self._features[key]
+                encoding = self._encoding.get(key)
+                if encoding is None:
+                    encoding = self._encoding[key] = threading.Event()
+                    break
+            encoding.wait()  # then the cache holds it, or that encode failed and this one tries
+        try:
+            return self._encode(image)
+        finally:
+            with self._lock:
+                del self._encoding[key]
+            encoding.set()
+
+    def _encode(self, image: ImagePixels) -> np.ndarray:
+        key = image.key
         encoded = self.backend.encode_image(image.pixels)
         features = image_embeds(encoded, image.size, self.manifest.image, self.newline)
         (expected,) = self.image_tokens(image)
@@ -582,8 +600,9 @@ class ChatSession:
     (its stream closed or dropped before the end, a timeout, an error while decoding) is rolled
     back whole: the KV cache is cut back to where it stood and the session is exactly as if the
     question had never been asked, so the next question may follow at once. Starting a turn
-    while an earlier turn's stream is still open rolls the earlier one back first; iterating that
-    stream afterwards is an error.
+    while an earlier turn's stream is still open rolls the earlier one back first (or is refused
+    while another thread is inside that stream's decode step); iterating that stream afterwards
+    is an error.
 
     Not thread-safe: use one session per thread.
     """
@@ -638,8 +657,13 @@ class ChatSession:
         pipe = self.pipeline
         pipe._check_open()
         earlier = self._open() if self._open is not None else None
-        if earlier is not None:
-            earlier.close()  # an unfinished earlier turn is rolled back before this one starts
+        # an unfinished earlier turn is rolled back before this one starts; one that another
+        # thread is reading now would roll back under this turn, so it is refused
+        if earlier is not None and not earlier._close_now():
+            raise LlavaEdgeError(
+                "another thread is reading this chat's previous answer: a chat belongs to one "
+                "thread at a time; let that turn end first, or give each thread its own chat"
+            )
         _check_text(prompt)
         config = pipe._config(options)
         first = not self.ids
@@ -775,17 +799,38 @@ class TextStream:
 
     def __next__(self) -> str:
         if self._abandoned:
-            raise LlavaEdgeError(
-                "this answer was abandoned (closed, or a later turn of its chat was started); "
-                "ask again"
-            )
-        return next(self._pieces)
+            self._pieces.close()  # closed from another thread during a step: it ends here
+            raise _abandoned()
+        try:
+            return next(self._pieces)
+        except StopIteration:
+            if self._abandoned:  # closed from another thread just before this step
+                raise _abandoned() from None
+            raise
 
     def close(self) -> None:
-        """Stop decoding; an unfinished chat turn is rolled back."""
+        """Stop decoding; an unfinished chat turn is rolled back. From another thread (a robot's
+        control thread cancelling the answer being read) it returns at once: the reading thread
+        ends after the step in progress, rolling back there."""
+        self._close_now()
+
+    def _close_now(self) -> bool:
+        """Close; False if another thread is inside a step, which ends it at its next piece."""
         if not self._result:
             self._abandoned = True
-        self._pieces.close()
+        try:
+            self._pieces.close()
+        except ValueError:  # running in another thread
+            if not self._pieces.gi_running:
+                raise
+            return False
+        return True
+
+
+def _abandoned() -> LlavaEdgeError:
+    return LlavaEdgeError(
+        "this answer was abandoned (closed, or a later turn of its chat was started); ask again"
+    )
 
 
 def _pieces(

@@ -121,7 +121,9 @@ def watch(
     `pipe.images_that_fit(prompt)`: as many as the context holds with the question and an
     answer); while they fill up, the first answers have fewer, so the question holds no `<image>`
     placeholder unless frames is 1 (a raw prompt then holds exactly one). max_frames: stop after
-    answering this many frames. The remaining options are the generation options of
+    answering this many frames. timeout_s: how long the source may send no frame before it
+    counts as stalled (the watch ends with an error); an answer's own time limit is the
+    pipeline's `Limits.timeout_s`. The remaining options are the generation options of
     `Pipeline.answer`.
     """
     pipe._check_open()

@@ -1,0 +1,171 @@
+"""A robot app's use of the runtime from several threads: a perception thread and a control
+thread asking about the same camera frame at once."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from llava_edge.runtime import BatchEngine, Limits, LlavaEdgeError, Pipeline, TimedOut
+from llava_edge.runtime.batching import Cancelled
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir):
+    with Pipeline.load(tiny_model_dir, threads=1) as p:
+        yield p
+
+
+def frame(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+
+
+def test_one_frame_asked_by_two_threads_at_once_is_encoded_once(pipe, monkeypatch):
+    """Two threads asking about a new frame at the same instant each missed the feature cache
+    and both ran the vision encoder, though a repeated image is promised to be encoded once."""
+    image = frame(1)
+    pipe.answer(frame(2), "Is the door open?", max_new_tokens=4)  # the graphs are open
+    encode = pipe.backend.encode_image
+
+    def slow_encode(pixels):
+        time.sleep(0.3)  # a Jetson's vision encoder: long enough for the other thread to ask
+        return encode(pixels)
+
+    monkeypatch.setattr(pipe.backend, "encode_image", slow_encode)
+    runs, hits = pipe.stats["vision_runs"], pipe.stats["feature_cache_hits"]
+    start = threading.Barrier(2)
+    answers = {}
+
+    def ask(name: str) -> None:
+        start.wait()
+        answers[name] = pipe.answer(image, "Is the door open?", max_new_tokens=4).token_ids
+
+    threads = [threading.Thread(target=ask, args=(name,)) for name in ("perception", "control")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert pipe.stats["vision_runs"] - runs == 1
+    assert pipe.stats["feature_cache_hits"] - hits == 1
+    assert answers["perception"] == answers["control"]
+
+
+def test_a_control_thread_closes_a_stream_another_thread_reads(pipe, monkeypatch):
+    """A control thread cancelling the answer a perception thread is reading: close() raised
+    ValueError ('generator already executing') whenever the reader was inside a decode step, and
+    the chat turn it cancelled was rolled back only when the stream was garbage-collected."""
+    chat = pipe.chat(frame(3), max_new_tokens=6)
+    chat.ask("Is the door open?")
+    fed, ids = chat.fed, list(chat.ids)
+    decode, in_step = pipe.backend.decode, threading.Event()
+
+    def slow_decode(*args):
+        in_step.set()
+        time.sleep(0.2)
+        return decode(*args)
+
+    stream = chat.stream("And the window?", max_new_tokens=200, ignore_eos=True)
+    outcome = []
+
+    def read() -> None:
+        try:
+            for _ in stream:
+                pass
+            outcome.append("finished")
+        except LlavaEdgeError as e:
+            outcome.append(str(e))
+
+    monkeypatch.setattr(pipe.backend, "decode", slow_decode)
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert in_step.wait(10)
+    stream.close()  # the reader is inside a decode step now
+    reader.join(30)
+    monkeypatch.setattr(pipe.backend, "decode", decode)
+    assert outcome and "abandoned" in outcome[0]
+    assert (chat.fed, chat.ids, chat.cache.length) == (fed, ids, fed)  # rolled back at once
+    fresh = pipe.chat(frame(3), max_new_tokens=6)
+    fresh.ask("Is the door open?")
+    assert chat.ask("And the window?") == fresh.ask("And the window?")
+
+
+@pytest.mark.parametrize("entry", ["answer", "engine"])
+def test_a_one_token_answer_past_the_time_limit_times_out(tiny_model_dir, monkeypatch, entry):
+    """A yes/no question (max_new_tokens=1) whose image encode and prefill ran past the time
+    limit came back as a normal answer, where two tokens raised TimedOut: the limit was checked
+    only between decode steps, never after the prompt's."""
+    with Pipeline.load(tiny_model_dir, threads=1, limits=Limits(timeout_s=0.1)) as slow_pipe:
+        encode = slow_pipe.backend.encode_image
+
+        def slow_encode(pixels):
+            time.sleep(0.3)  # a device hiccup
+            return encode(pixels)
+
+        monkeypatch.setattr(slow_pipe.backend, "encode_image", slow_encode)
+        with pytest.raises(TimedOut):
+            if entry == "answer":
+                slow_pipe.answer(frame(4), "Is the door open?", max_new_tokens=1)
+            else:
+                with BatchEngine(slow_pipe) as engine:
+                    engine.submit(frame(4), "Is the door open?", max_new_tokens=1).result(30)
+
+
+def test_a_chat_turn_started_while_another_thread_reads_the_last_is_refused(pipe, monkeypatch):
+    """Starting a turn rolls back an unfinished earlier one; when another thread was inside the
+    earlier turn's decode step, the new turn went on while that thread still wrote the chat's
+    KV cache and then rolled it back under the new turn. It is refused instead, and the chat
+    is as before the earlier question once that thread has stopped."""
+    chat = pipe.chat(frame(5), max_new_tokens=6)
+    chat.ask("Is the door open?")
+    decode, in_step = pipe.backend.decode, threading.Event()
+
+    def slow_decode(*args):
+        in_step.set()
+        time.sleep(0.2)
+        return decode(*args)
+
+    stream = chat.stream("And the window?", max_new_tokens=200, ignore_eos=True)
+    outcome = []
+
+    def read() -> None:
+        try:
+            for _ in stream:
+                pass
+        except LlavaEdgeError as e:
+            outcome.append(str(e))
+
+    monkeypatch.setattr(pipe.backend, "decode", slow_decode)
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert in_step.wait(10)
+    with pytest.raises(LlavaEdgeError, match="one thread at a time"):
+        chat.ask("Is anyone there?")
+    reader.join(30)
+    monkeypatch.setattr(pipe.backend, "decode", decode)
+    assert outcome and "abandoned" in outcome[0]
+    fresh = pipe.chat(frame(5), max_new_tokens=6)
+    fresh.ask("Is the door open?")
+    assert chat.ask("Is anyone there?") == fresh.ask("Is anyone there?")
+    assert chat.ids == fresh.ids
+
+
+def test_leaving_a_requests_text_early_cancels_it(pipe, monkeypatch):
+    """`for piece in request: break`, as leaving a Pipeline stream does, left the request
+    decoding to its max_new_tokens in a row of the batch that no one read."""
+    decode = pipe.backend.decode
+
+    def slow_decode(*args):
+        time.sleep(0.01)
+        return decode(*args)
+
+    monkeypatch.setattr(pipe.backend, "decode", slow_decode)
+    with BatchEngine(pipe, max_batch=1) as engine:
+        request = engine.submit(frame(6), "Describe the room.", max_new_tokens=500, ignore_eos=True)
+        for _ in request:
+            break
+        with pytest.raises(Cancelled):
+            request.result(30)
+        assert engine.submit(frame(7), "Is the door open?", max_new_tokens=2).result(30)
