@@ -3,8 +3,10 @@ thread asking about the same camera frame at once."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -53,13 +55,10 @@ def test_one_frame_asked_by_two_threads_at_once_is_encoded_once(pipe, monkeypatc
     assert answers["perception"] == answers["control"]
 
 
-def test_a_control_thread_closes_a_stream_another_thread_reads(pipe, monkeypatch):
-    """A control thread cancelling the answer a perception thread is reading: close() raised
-    ValueError ('generator already executing') whenever the reader was inside a decode step, and
-    the chat turn it cancelled was rolled back only when the stream was garbage-collected."""
-    chat = pipe.chat(frame(3), max_new_tokens=6)
-    chat.ask("Is the door open?")
-    fed, ids = chat.fed, list(chat.ids)
+@contextlib.contextmanager
+def read_in_another_thread(pipe, stream, monkeypatch) -> Iterator[list[str]]:
+    """A perception thread reads `stream`, its decode steps slowed; the block runs while that
+    thread is inside one. Yields how the reading ended ('finished' or the error), once joined."""
     decode, in_step = pipe.backend.decode, threading.Event()
 
     def slow_decode(*args):
@@ -67,8 +66,7 @@ def test_a_control_thread_closes_a_stream_another_thread_reads(pipe, monkeypatch
         time.sleep(0.2)
         return decode(*args)
 
-    stream = chat.stream("And the window?", max_new_tokens=200, ignore_eos=True)
-    outcome = []
+    outcome: list[str] = []
 
     def read() -> None:
         try:
@@ -82,9 +80,23 @@ def test_a_control_thread_closes_a_stream_another_thread_reads(pipe, monkeypatch
     reader = threading.Thread(target=read)
     reader.start()
     assert in_step.wait(10)
-    stream.close()  # the reader is inside a decode step now
-    reader.join(30)
-    monkeypatch.setattr(pipe.backend, "decode", decode)
+    try:
+        yield outcome
+    finally:
+        reader.join(30)
+        monkeypatch.setattr(pipe.backend, "decode", decode)
+
+
+def test_a_control_thread_closes_a_stream_another_thread_reads(pipe, monkeypatch):
+    """A control thread cancelling the answer a perception thread is reading: close() raised
+    ValueError ('generator already executing') whenever the reader was inside a decode step, and
+    the chat turn it cancelled was rolled back only when the stream was garbage-collected."""
+    chat = pipe.chat(frame(3), max_new_tokens=6)
+    chat.ask("Is the door open?")
+    fed, ids = chat.fed, list(chat.ids)
+    stream = chat.stream("And the window?", max_new_tokens=200, ignore_eos=True)
+    with read_in_another_thread(pipe, stream, monkeypatch) as outcome:
+        stream.close()  # the reader is inside a decode step now
     assert outcome and "abandoned" in outcome[0]
     assert (chat.fed, chat.ids, chat.cache.length) == (fed, ids, fed)  # rolled back at once
     fresh = pipe.chat(frame(3), max_new_tokens=6)
@@ -120,31 +132,12 @@ def test_a_chat_turn_started_while_another_thread_reads_the_last_is_refused(pipe
     is as before the earlier question once that thread has stopped."""
     chat = pipe.chat(frame(5), max_new_tokens=6)
     chat.ask("Is the door open?")
-    decode, in_step = pipe.backend.decode, threading.Event()
-
-    def slow_decode(*args):
-        in_step.set()
-        time.sleep(0.2)
-        return decode(*args)
-
     stream = chat.stream("And the window?", max_new_tokens=200, ignore_eos=True)
-    outcome = []
-
-    def read() -> None:
-        try:
-            for _ in stream:
-                pass
-        except LlavaEdgeError as e:
-            outcome.append(str(e))
-
-    monkeypatch.setattr(pipe.backend, "decode", slow_decode)
-    reader = threading.Thread(target=read)
-    reader.start()
-    assert in_step.wait(10)
-    with pytest.raises(LlavaEdgeError, match="one thread at a time"):
+    with (
+        read_in_another_thread(pipe, stream, monkeypatch) as outcome,
+        pytest.raises(LlavaEdgeError, match="one thread at a time"),
+    ):
         chat.ask("Is anyone there?")
-    reader.join(30)
-    monkeypatch.setattr(pipe.backend, "decode", decode)
     assert outcome and "abandoned" in outcome[0]
     fresh = pipe.chat(frame(5), max_new_tokens=6)
     fresh.ask("Is the door open?")
