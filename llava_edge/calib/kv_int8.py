@@ -90,10 +90,8 @@ def fused_ranges(manifest: Manifest, out: Path, captures: Iterable[Capture]) -> 
     """The ranges of what the fused decoder at `out` (as quantized, its cache still in the
     model's dtype) writes to its cache when fed the fp32 decoder's calls: each sample's prompt,
     then its decode steps, as the runtime runs them (FusedDecoder, the prefill companion too)."""
-    import onnxruntime as ort
-
     from llava_edge.runtime.fused_backend import FusedDecoder
-    from llava_edge.runtime.session_cache import session_options
+    from llava_edge.runtime.session_cache import plain_session
 
     # Each sample's calls, held as their embeddings only (small beside their past keys/values),
     # so the fp32 model is let go before the quantized decoder loads.
@@ -105,13 +103,11 @@ def fused_ranges(manifest: Manifest, out: Path, captures: Iterable[Capture]) -> 
         samples[-1].append(embeds)
     fused = manifest.graphs["decoder"].fused
 
-    def session(file: str) -> ort.InferenceSession:
-        providers = ["CPUExecutionProvider"]
-        return ort.InferenceSession(str(out / file), session_options(None), providers=providers)
-
     names = [manifest.kv_names(i) for i in range(manifest.text.num_layers)]
-    prefill = session(fused.prefill.file) if fused.prefill else None
-    decoder = FusedDecoder(session(fused.file), manifest.text, names, prefill=prefill)
+    prefill = plain_session(out / fused.prefill.file, None) if fused.prefill else None
+    decoder = FusedDecoder(
+        plain_session(out / fused.file, None), manifest.text, names, prefill=prefill
+    )
     ranges = KVRanges(manifest.text)
     for calls in samples:
         cache = KVCache(manifest.text, calls[0].shape[0])

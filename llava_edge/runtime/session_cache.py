@@ -100,7 +100,7 @@ def open_cached(
     providers = ["CPUExecutionProvider"]
     root = root or _root()
     if root is None:  # no cache dir on this machine (no home directory)
-        return _plain(path, threads), "off"
+        return plain_session(path, threads), "off"
     entry = root / cache_key(graph_sha256, providers)
     opened = path.resolve()
     source = str(final_path(opened))
@@ -116,7 +116,7 @@ def open_cached(
             _mark_used(entry)
             return session, "hit"
     if not _room_to_save(path, root):
-        return _plain(path, threads), "off"
+        return plain_session(path, threads), "off"
     session = None
     try:
         with replace_dir(entry) as tmp:
@@ -127,7 +127,7 @@ def open_cached(
     except Exception:  # no room, a read-only home: the session still loads, uncached
         # Where only saving failed (the disk filled, another process installed the same entry
         # first) the session is whole: a second load would hold the weights twice meanwhile.
-        return session or _plain(path, threads), "off"
+        return session or plain_session(path, threads), "off"
     return session, "miss"
 
 
@@ -136,7 +136,7 @@ def _root() -> Path | None:
     return found / "onnxruntime" if found else None
 
 
-def _plain(path: Path, threads: int | None) -> ort.InferenceSession:
+def plain_session(path: Path, threads: int | None) -> ort.InferenceSession:
     """A session opened as if there were no cache."""
     return ort.InferenceSession(
         str(path), session_options(threads), providers=["CPUExecutionProvider"]
