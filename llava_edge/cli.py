@@ -1132,28 +1132,34 @@ class Terminated(KeyboardInterrupt):
     run and a camera to the kernel."""
 
 
-_TERMINATED = threading.Event()  # set with the raise: C code a library calls may drop the raise
+# Each signal raises where the command is; SIGINT's is Python's own, but raised from here it
+# too waits out an import.
+_UNWINDS: dict[int, type[KeyboardInterrupt]] = {
+    signal.SIGTERM: Terminated,
+    signal.SIGINT: KeyboardInterrupt,
+}
+_arrived: set[int] = set()  # signals raised: C code a library calls may drop the raise
 _DEFER_S, _MAX_DEFERRALS = 0.05, 200  # an import that takes 10 s is stuck: raise anyway
 _deferrals = 0
 
 
-def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+def _raise_for_signal(signum: int, frame: FrameType | None) -> None:
     global _deferrals
-    _TERMINATED.set()
+    _arrived.add(signum)
     if _importing(frame) and _deferrals < _MAX_DEFERRALS:
         # Raised inside a module's setup, the exception can crash a C extension's (onnx's aborts
         # the interpreter) or be dropped by it (numpy's): it comes again once the import is done.
         _deferrals += 1
-        again = threading.Timer(_DEFER_S, _terminate_again)
+        again = threading.Timer(_DEFER_S, _signal_again, (signum,))
         again.daemon = True
         again.start()
         return
-    raise Terminated
+    raise _UNWINDS[signum]
 
 
-def _terminate_again() -> None:
-    if signal.getsignal(signal.SIGTERM) is _raise_terminated:  # the command still runs
-        os.kill(os.getpid(), signal.SIGTERM)
+def _signal_again(signum: int) -> None:
+    if signal.getsignal(signum) is _raise_for_signal:  # the command still runs
+        os.kill(os.getpid(), signum)
 
 
 def _importing(frame: FrameType | None) -> bool:
@@ -1165,37 +1171,56 @@ def _importing(frame: FrameType | None) -> bool:
 
 
 @contextlib.contextmanager
-def _sigterm_unwinds(command: str) -> Iterator[None]:
-    """For the command's run, SIGTERM raises Terminated (handlers belong to the main thread;
-    `serve` leaves SIGTERM to uvicorn, which drains the requests in flight)."""
-    if command == "serve" or threading.current_thread() is not threading.main_thread():
+def _signals_unwind() -> Iterator[None]:
+    """SIGTERM raises Terminated and SIGINT KeyboardInterrupt, neither inside an import
+    (handlers belong to the main thread; a signal the parent ignores, as a shell does SIGINT
+    for a background job, stays ignored)."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
     global _deferrals
-    _TERMINATED.clear()
+    _arrived.clear()
     _deferrals = 0
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = {signum: signal.getsignal(signum) for signum in _UNWINDS}
+    for signum, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(signum, _raise_for_signal)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    name = " ".join(filter(None, [args.command, getattr(args, "data_command", None)]))
+    name = ""  # the command's, once parsed
     try:
-        with _sigterm_unwinds(args.command):
-            return _dispatch(args, name)
-    except Terminated:  # arrived as the command ended, after _dispatch's own handling
-        return 143
+        with _signals_unwind():  # from the start: the parser imports numpy, the command more
+            args = build_parser().parse_args(argv)
+            name = " ".join(filter(None, [args.command, getattr(args, "data_command", None)]))
+            if args.command != "serve":
+                return _dispatch(args, name)
+    except KeyboardInterrupt as e:  # while parsing, or as the command ended past its handling
+        return _stopped(name, e)
+    # uvicorn handles both signals for `serve`: it drains the requests in flight
+    return _dispatch(args, name)
+
+
+def _stopped(name: str, signal_raised: KeyboardInterrupt) -> int:
+    """One line, and the exit code a shell reports for a process the signal ended."""
+    terminated = isinstance(signal_raised, Terminated)
+    _complain(
+        f"llava-edge{' ' + name if name else ''}: {'terminated' if terminated else 'interrupted'}"
+    )
+    return 143 if terminated else 130  # 128 + SIGTERM or SIGINT
 
 
 def _dispatch(args: argparse.Namespace, name: str) -> int:
     try:
         status = COMMANDS[args.command](args) or 0
-        if _TERMINATED.is_set():  # the command went on past a dropped Terminated
-            raise Terminated
+        for signum, unwind in _UNWINDS.items():  # went on past a raise a library dropped
+            if signum in _arrived:
+                raise unwind
         return status
     except LlavaEdgeError as e:
         _complain(f"llava-edge {name}: error: {e}")
@@ -1206,12 +1231,8 @@ def _dispatch(args: argparse.Namespace, name: str) -> int:
             raise
         _complain(f"llava-edge {name}: error: {problem}")
         return 1
-    except Terminated:
-        _complain(f"llava-edge {name}: terminated")
-        return 143  # 128 + SIGTERM, as a shell reports a process the signal ended
-    except KeyboardInterrupt:
-        _complain(f"llava-edge {name}: interrupted")
-        return 130
+    except KeyboardInterrupt as e:
+        return _stopped(name, e)
     except BrokenPipeError:  # `llava-edge watch --jsonl | head -1`: the reader has what it wanted
         # Python's own advice: point stdout at devnull so the flush at exit does not fail again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

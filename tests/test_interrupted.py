@@ -358,33 +358,44 @@ def test_sigterm_ends_a_chat_waiting_for_its_question(tiny_model_dir):
     assert "Traceback" not in err.decode() and "terminated" in err.decode()
 
 
-def test_sigterm_a_library_drops_still_ends_the_command_with_143(monkeypatch, capsys):
-    """C code in a library may drop the raised Terminated (numpy's module setup does): the
-    command then runs to its end, and still reports that it was terminated."""
+@pytest.mark.parametrize(
+    "signum, code, said", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")]
+)
+def test_a_signal_a_library_drops_still_ends_the_command(monkeypatch, capsys, signum, code, said):
+    """C code in a library may drop the raised Terminated or KeyboardInterrupt (numpy's module
+    setup does): the command then runs to its end, and still reports that it was stopped."""
     from llava_edge import cli
+
+    before = signal.getsignal(signum)
 
     def command_that_drops_it(args) -> int:
         try:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signum)
             time.sleep(5)  # the handler runs in here
         except KeyboardInterrupt:
             pass
         return 0
 
     monkeypatch.setitem(cli.COMMANDS, "doctor", command_that_drops_it)
-    assert cli.main(["doctor"]) == 143
-    assert capsys.readouterr().err.strip() == "llava-edge doctor: terminated"
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the command's handler is gone
+    assert cli.main(["doctor"]) == code
+    assert capsys.readouterr().err.strip() == f"llava-edge doctor: {said}"
+    assert signal.getsignal(signum) is before  # the command's handler is gone
 
 
-def test_sigterm_during_an_import_comes_once_the_import_is_done(monkeypatch, capsys, tmp_path):
+@pytest.mark.parametrize(
+    "signal_name, code, said", [("SIGTERM", 143, "terminated"), ("SIGINT", 130, "interrupted")]
+)
+def test_a_signal_during_an_import_comes_once_the_import_is_done(
+    monkeypatch, capsys, tmp_path, signal_name, code, said
+):
     """An exception raised inside a module's setup can crash a C extension's (onnx's aborts the
-    interpreter: exit -6 or -11 instead of 143, nothing cleaned up) or be dropped by it: the
-    Terminated waits until the import is done."""
+    interpreter: exit -6 or -11 instead of 143 or 130, nothing cleaned up) or be dropped by it:
+    the Terminated, or Ctrl-C's KeyboardInterrupt, waits until the import is done."""
     from llava_edge import cli
 
     (tmp_path / "slow_setup.py").write_text(
-        "import os, signal, time\nos.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(0.3)\nDONE = True\n"
+        f"import os, signal, time\nos.kill(os.getpid(), signal.{signal_name})\n"
+        "time.sleep(0.3)\nDONE = True\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "slow_setup", raising=False)
@@ -396,6 +407,39 @@ def test_sigterm_during_an_import_comes_once_the_import_is_done(monkeypatch, cap
         return 0
 
     monkeypatch.setitem(cli.COMMANDS, "doctor", command_that_imports)
-    assert cli.main(["doctor"]) == 143
-    assert capsys.readouterr().err.strip() == "llava-edge doctor: terminated"
+    assert cli.main(["doctor"]) == code
+    assert capsys.readouterr().err.strip() == f"llava-edge doctor: {said}"
     assert sys.modules.pop("slow_setup").DONE  # imported whole
+
+
+def test_a_sigint_the_parent_ignores_stays_ignored(monkeypatch):
+    """A shell starts a background job (`llava-edge export ... &`) with SIGINT ignored: the
+    terminal's Ctrl-C is not for it, during the command or after."""
+    from llava_edge import cli
+
+    seen = []
+    monkeypatch.setitem(
+        cli.COMMANDS, "doctor", lambda args: seen.append(signal.getsignal(signal.SIGINT)) or 0
+    )
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert cli.main(["doctor"]) == 0
+        assert seen == [signal.SIG_IGN] and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_while_the_parser_imports_is_one_line(monkeypatch, capsys):
+    """The parser imports numpy before any command runs: Ctrl-C there is an interrupt too."""
+    from llava_edge import cli
+
+    real = cli.build_parser
+
+    def slow_parser():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # the handler runs in here
+        return real()
+
+    monkeypatch.setattr(cli, "build_parser", slow_parser)
+    assert cli.main(["doctor"]) == 130
+    assert capsys.readouterr().err.strip() == "llava-edge: interrupted"

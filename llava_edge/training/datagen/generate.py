@@ -11,12 +11,13 @@ from the journal, in annotation order) is the same as an uninterrupted run's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import os
 import signal
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,7 +201,8 @@ def _run_to_completion(session: Callable[[], Coroutine[Any, Any, GenerateResult]
         with ThreadPoolExecutor(1) as thread:
             return thread.submit(asyncio.run, session()).result()
     previous = signal.getsignal(signal.SIGTERM)
-    result = asyncio.run(_stopped_by_sigterm(session, previous))
+    with _pythons_own_sigint():
+        result = asyncio.run(_stopped_by_sigterm(session, previous))
     if result is not _TERMINATED:
         return result
     if callable(previous):
@@ -210,6 +212,22 @@ def _run_to_completion(session: Callable[[], Coroutine[Any, Any, GenerateResult]
 
 
 _TERMINATED = object()
+
+
+@contextlib.contextmanager
+def _pythons_own_sigint() -> Iterator[None]:
+    """asyncio.run cancels the run on Ctrl-C, as it unwinds cleanly, only under Python's own
+    SIGINT handler: another (the CLI's) raises inside whatever task the signal lands in. An
+    ignored SIGINT stays ignored."""
+    previous = signal.getsignal(signal.SIGINT)
+    if not callable(previous) or previous is signal.default_int_handler:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 async def _stopped_by_sigterm(session, previous):
