@@ -1104,6 +1104,9 @@ EXTRAS = {
     "merge-lora": "train",
     "watch": "video",
     "data generate": "data",
+    # tqdm's progress bars: the lightest extra that brings it without torch
+    "eval": "data",
+    "data mix": "data",
 }
 
 

@@ -180,3 +180,28 @@ def test_a_missing_extra_is_one_line_naming_it(tmp_path, capsys, monkeypatch):
         "llava-edge init: error: `llava-edge init` needs the export extra (torch is missing): "
         "pip install 'llava-edge[export]'"
     )
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["eval", "{tmp}/model", "--data", "{tmp}/data.json"],
+        ["data", "mix", "{tmp}/data.json", "--out", "{tmp}/mix.json"],
+    ],
+    ids=["eval", "data mix"],
+)
+def test_commands_beyond_the_runtime_name_their_extra(argv, tmp_path, capsys, monkeypatch):
+    """`eval` and `data mix` show progress with tqdm, which a plain `pip install llava-edge`
+    (the runtime alone) does not bring: they say which extra does, in one line."""
+    import sys
+
+    (tmp_path / "data.json").write_text("[]")
+    for module in ("tqdm", "tqdm.auto"):
+        monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    assert main([arg.format(tmp=tmp_path) for arg in argv]) == 1
+    err = capsys.readouterr().err.strip()
+    name = " ".join(argv[:2]) if argv[0] == "data" else argv[0]
+    assert err == (
+        f"llava-edge {name}: error: `llava-edge {name}` needs the data extra (tqdm is missing): "
+        "pip install 'llava-edge[data]'"
+    )
