@@ -93,6 +93,10 @@ def cases(model: Path, checkpoint: Path, tmp: Path) -> dict[str, tuple[list[str]
             ["run", str(model), "--prompt", "hi", "--backend", "tensorrt", "--provider", "cuda"],
             "the tensorrt backend runs its own engines",
         ),
+        "threads the tensorrt backend would not use": (
+            ["run", str(model), "--prompt", "hi", "--backend", "tensorrt", "--threads", "4"],
+            "the tensorrt backend runs its engines on the GPU",
+        ),
         "serve no rows": (["serve", str(model), "--max-batch", "0"], "--max-batch must be"),
         "serve a negative drain": (
             ["serve", str(model), "--drain-timeout", "-1"],
@@ -205,3 +209,12 @@ def test_commands_beyond_the_runtime_name_their_extra(argv, tmp_path, capsys, mo
         f"llava-edge {name}: error: `llava-edge {name}` needs the data extra (tqdm is missing): "
         "pip install 'llava-edge[data]'"
     )
+
+
+def test_bench_on_tensorrt_keeps_its_threads_for_the_baseline(tiny_model_dir, capsys):
+    """bench's --threads (2 unless told) also sets the transformers baseline's threads, so the
+    tensorrt backend does not refuse them there: the load goes on to the engines."""
+    argv = ["bench", str(tiny_model_dir), "--backend", "tensorrt", "--runs", "1"]
+    assert main(argv) == 1  # no TensorRT here
+    err = capsys.readouterr().err
+    assert "TensorRT" in err and "threads" not in err, err

@@ -191,7 +191,10 @@ class PipelineRunner:
         self.image = bench_image()
         start = time.perf_counter()
         with PeakMemory() as memory:
-            self.pipe = Pipeline.load(model_dir, threads=workload.threads, **load)
+            # the threads are onnxruntime's (and the baseline's): TensorRT engines take none
+            onnxruntime = load.get("backend", "onnxruntime") == "onnxruntime"
+            threads = workload.threads if onnxruntime else None
+            self.pipe = Pipeline.load(model_dir, threads=threads, **load)
             self.load_s = time.perf_counter() - start
             try:
                 self._check_context()
