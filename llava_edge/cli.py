@@ -736,7 +736,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--plot", metavar="FILE", help="write a PNG chart of the comparison")
-    _add_backend_options(p)
+    _add_backend_options(p, threads_help="CPU threads for onnxruntime and --baseline (default 2)")
     p.set_defaults(threads=2)
 
     p = sub.add_parser(
@@ -1060,7 +1060,9 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", help="stop string, cut from the answer (repeatable)")
 
 
-def _add_backend_options(p: argparse.ArgumentParser) -> None:
+def _add_backend_options(
+    p: argparse.ArgumentParser, threads_help: str = "CPU threads for onnxruntime"
+) -> None:
     p.add_argument(
         "--backend",
         default="onnxruntime",
@@ -1073,7 +1075,7 @@ def _add_backend_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--provider", action="append", help="onnxruntime provider: cpu, cuda, tensorrt (repeatable)"
     )
-    p.add_argument("--threads", type=int, help="CPU threads for onnxruntime")
+    p.add_argument("--threads", type=int, help=threads_help)
     p.add_argument(
         "--verify-files",
         action="store_true",
