@@ -699,7 +699,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to wait for a stream to open or send its next frame (default 10)",
     )
     p.add_argument(
-        "--folder-fps", type=float, default=1.0, help="an image folder's images per second"
+        "--folder-fps",
+        type=float,
+        help="an image folder's images per second (default 1; for a folder only)",
     )
     _add_generation_options(p)
     _add_backend_options(p)
