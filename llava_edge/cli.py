@@ -774,8 +774,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--remote-timeout",
         type=float,
-        default=10.0,
-        help="seconds a remote image may take to fetch (also within --timeout)",
+        help="seconds a remote image may take to fetch (default 10; also within --timeout)",
     )
     p.add_argument(
         "--prefix-cache-mb",

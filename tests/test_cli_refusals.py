@@ -97,6 +97,10 @@ def cases(model: Path, checkpoint: Path, tmp: Path) -> dict[str, tuple[list[str]
             ["run", str(model), "--prompt", "hi", "--backend", "tensorrt", "--threads", "4"],
             "the tensorrt backend runs its engines on the GPU",
         ),
+        "serve a remote timeout with no remote images": (
+            ["serve", str(model), "--remote-timeout", "5"],
+            "--remote-timeout times remote image fetches, which only --allow-remote-images allows",
+        ),
         "serve no rows": (["serve", str(model), "--max-batch", "0"], "--max-batch must be"),
         "serve a negative drain": (
             ["serve", str(model), "--drain-timeout", "-1"],
