@@ -699,7 +699,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to wait for a stream to open or send its next frame (default 10)",
     )
     p.add_argument(
-        "--folder-fps", type=float, default=1.0, help="an image folder's images per second"
+        "--folder-fps",
+        type=float,
+        help="an image folder's images per second (default 1; for a folder only)",
     )
     _add_generation_options(p)
     _add_backend_options(p)
@@ -736,7 +738,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--plot", metavar="FILE", help="write a PNG chart of the comparison")
-    _add_backend_options(p)
+    _add_backend_options(p, threads_help="CPU threads for onnxruntime and --baseline (default 2)")
     p.set_defaults(threads=2)
 
     p = sub.add_parser(
@@ -772,8 +774,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--remote-timeout",
         type=float,
-        default=10.0,
-        help="seconds a remote image may take to fetch (also within --timeout)",
+        help="seconds a remote image may take to fetch (default 10; also within --timeout)",
     )
     p.add_argument(
         "--prefix-cache-mb",
@@ -1060,7 +1061,9 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", help="stop string, cut from the answer (repeatable)")
 
 
-def _add_backend_options(p: argparse.ArgumentParser) -> None:
+def _add_backend_options(
+    p: argparse.ArgumentParser, threads_help: str = "CPU threads for onnxruntime"
+) -> None:
     p.add_argument(
         "--backend",
         default="onnxruntime",
@@ -1073,7 +1076,7 @@ def _add_backend_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--provider", action="append", help="onnxruntime provider: cpu, cuda, tensorrt (repeatable)"
     )
-    p.add_argument("--threads", type=int, help="CPU threads for onnxruntime")
+    p.add_argument("--threads", type=int, help=threads_help)
     p.add_argument(
         "--verify-files",
         action="store_true",
@@ -1104,6 +1107,9 @@ EXTRAS = {
     "merge-lora": "train",
     "watch": "video",
     "data generate": "data",
+    # tqdm's progress bars: the lightest extra that brings it without torch
+    "eval": "data",
+    "data mix": "data",
 }
 
 

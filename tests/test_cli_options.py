@@ -54,6 +54,7 @@ CASES = [(cmd, a.dest) for cmd, sub in commands(cli.build_parser()) for a in opt
 
 # Options that only work together: setting one sets the other too.
 COMPANIONS = {("init", "vision"): ("llm", "companion-llm"), ("init", "llm"): ("vision", "vis")}
+COMPANIONS[("serve", "remote_timeout")] = ("allow_remote_images", None)  # times what it allows
 COMPANIONS |= {  # sampling options act only when sampling (greedy is refused them)
     (cmd, dest): ("temperature", "0.5")
     for cmd in ("run", "chat", "watch")

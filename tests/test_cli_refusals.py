@@ -93,6 +93,14 @@ def cases(model: Path, checkpoint: Path, tmp: Path) -> dict[str, tuple[list[str]
             ["run", str(model), "--prompt", "hi", "--backend", "tensorrt", "--provider", "cuda"],
             "the tensorrt backend runs its own engines",
         ),
+        "threads the tensorrt backend would not use": (
+            ["run", str(model), "--prompt", "hi", "--backend", "tensorrt", "--threads", "4"],
+            "the tensorrt backend runs its engines on the GPU",
+        ),
+        "serve a remote timeout with no remote images": (
+            ["serve", str(model), "--remote-timeout", "5"],
+            "--remote-timeout times remote image fetches, which only --allow-remote-images allows",
+        ),
         "serve no rows": (["serve", str(model), "--max-batch", "0"], "--max-batch must be"),
         "serve a negative drain": (
             ["serve", str(model), "--drain-timeout", "-1"],
@@ -180,3 +188,37 @@ def test_a_missing_extra_is_one_line_naming_it(tmp_path, capsys, monkeypatch):
         "llava-edge init: error: `llava-edge init` needs the export extra (torch is missing): "
         "pip install 'llava-edge[export]'"
     )
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["eval", "{tmp}/model", "--data", "{tmp}/data.json"],
+        ["data", "mix", "{tmp}/data.json", "--out", "{tmp}/mix.json"],
+    ],
+    ids=["eval", "data mix"],
+)
+def test_commands_beyond_the_runtime_name_their_extra(argv, tmp_path, capsys, monkeypatch):
+    """`eval` and `data mix` show progress with tqdm, which a plain `pip install llava-edge`
+    (the runtime alone) does not bring: they say which extra does, in one line."""
+    import sys
+
+    (tmp_path / "data.json").write_text("[]")
+    for module in ("tqdm", "tqdm.auto"):
+        monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    assert main([arg.format(tmp=tmp_path) for arg in argv]) == 1
+    err = capsys.readouterr().err.strip()
+    name = " ".join(argv[:2]) if argv[0] == "data" else argv[0]
+    assert err == (
+        f"llava-edge {name}: error: `llava-edge {name}` needs the data extra (tqdm is missing): "
+        "pip install 'llava-edge[data]'"
+    )
+
+
+def test_bench_on_tensorrt_keeps_its_threads_for_the_baseline(tiny_model_dir, capsys):
+    """bench's --threads (2 unless told) also sets the transformers baseline's threads, so the
+    tensorrt backend does not refuse them there: the load goes on to the engines."""
+    argv = ["bench", str(tiny_model_dir), "--backend", "tensorrt", "--runs", "1"]
+    assert main(argv) == 1  # no TensorRT here
+    err = capsys.readouterr().err
+    assert "TensorRT" in err and "threads" not in err, err

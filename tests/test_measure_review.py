@@ -261,3 +261,18 @@ def test_a_failed_warm_up_closes_the_pipeline(tiny_model_dir, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(LlavaEdgeError, match="closed"):
         pipe.answer(None, "Hi")
+
+
+def test_bench_plot_names_a_baseline_only_where_one_ran(tmp_path, monkeypatch):
+    from llava_edge.runtime import bench
+
+    plt = bench.pyplot()
+    titles = []
+    close = plt.close
+    monkeypatch.setattr(
+        plt, "close", lambda fig: (titles.append(fig._suptitle.get_text()), close(fig))
+    )
+    side = {"ttft_ms": 2.0, "prefill_ms": 1.0, "vision_ms": 1.0, "decode_tokens_per_s": 9.0}
+    bench.plot({"llava_edge": side}, tmp_path / "alone.png")
+    bench.plot({"llava_edge": side, "transformers": side}, tmp_path / "both.png")
+    assert "transformers" not in titles[0] and "llava-edge vs transformers" in titles[1], titles

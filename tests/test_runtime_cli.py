@@ -6,6 +6,7 @@ import io
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from llava_edge.cli import main
@@ -119,3 +120,14 @@ def test_bench_json_with_baseline_and_plot(tiny_model_dir, tiny_checkpoint, tmp_
         3,
     )
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_version_is_the_installed_distributions(capsys):
+    """`llava-edge --version` names the release pip installed (pyproject.toml's version and
+    llava_edge.__version__ are kept by hand in two places)."""
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"llava-edge {version('llava-edge')}"

@@ -814,7 +814,7 @@ def test_the_time_limit_counts_from_the_request_not_from_its_image(context_model
         (["--max-new-tokens", "0"], "max_new_tokens must be a positive"),
         (["--max-body-mb", "-1"], "--max-body-mb must be positive"),
         (["--timeout", "-1"], "timeout_s must be a positive"),
-        (["--remote-timeout", "0"], "--remote-timeout must be positive"),
+        (["--remote-timeout", "0", "--allow-remote-images"], "--remote-timeout must be positive"),
         (["--allowed-media-dir", "/nonexistent"], "is not a directory"),
     ],
 )

@@ -47,6 +47,7 @@ def data(tmp_path_factory) -> dict[str, Path]:
     [
         (["--lr", "-1"], "--lr must be 0 or more, not -1.0"),
         (["--projector-lr", "nan"], "--projector-lr must be 0 or more"),
+        (["--projector-lr", "1e-4"], "--projector-lr is for stage 2; stage 1 trains only the"),
         (["--workers", "-1"], "--workers must be at least 0, not -1"),
         (["--batch-size", "0"], "--batch-size must be at least 1, not 0"),
         (["--per-device-batch-size", "0"], "--per-device-batch-size must be at least 1, not 0"),

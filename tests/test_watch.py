@@ -509,6 +509,22 @@ def test_an_infinite_source_timeout_is_refused_by_the_cli(tiny_model_dir, tmp_pa
     )
 
 
+def test_a_folder_rate_is_refused_for_what_is_not_a_folder(tiny_model_dir, tmp_path, capsys):
+    """--folder-fps paces an image folder's slideshow; a video, a camera or an app's frames
+    have their own pace, so the option would do nothing there: one line, not ignored."""
+    video = make_video(tmp_path / "clip.mkv", frames=4, fps=10)
+    argv = ["watch", str(tiny_model_dir), "--source", str(video), "--prompt", "?"]
+    assert cli.main([*argv, "--folder-fps", "5"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--folder-fps" in err and "image folder" in err, err
+    with Pipeline.load(tiny_model_dir) as pipe:
+        with pytest.raises(LlavaEdgeError, match=r"folder_fps \(--folder-fps\)"):
+            pipe.watch(iter([np.zeros((8, 8, 3), np.uint8)]), "?", folder_fps=2.0)
+        folder = shots(tmp_path / "shots", 2)  # its default pace, given or not
+        with pipe.watch(folder, "?", folder_fps=1.0, max_new_tokens=1) as answers:
+            assert [a.timestamp for a in answers] == [0.0, 1.0]
+
+
 def readers() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "llava-edge-frames" and t.is_alive()]
 

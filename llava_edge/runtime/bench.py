@@ -191,7 +191,10 @@ class PipelineRunner:
         self.image = bench_image()
         start = time.perf_counter()
         with PeakMemory() as memory:
-            self.pipe = Pipeline.load(model_dir, threads=workload.threads, **load)
+            # the threads are onnxruntime's (and the baseline's): TensorRT engines take none
+            onnxruntime = load.get("backend", "onnxruntime") == "onnxruntime"
+            threads = workload.threads if onnxruntime else None
+            self.pipe = Pipeline.load(model_dir, threads=threads, **load)
             self.load_s = time.perf_counter() - start
             try:
                 self._check_context()
@@ -361,7 +364,8 @@ def pyplot() -> Any:
 
 
 def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
-    """A PNG bar chart of ours against the baseline. Needs matplotlib (installed with [train])."""
+    """A PNG bar chart of ours, beside the baseline where one ran. Needs matplotlib (installed
+    with [train])."""
     plt = pyplot()
     metrics = ["ttft_ms", "prefill_ms", "vision_ms", "decode_tokens_per_s", "peak_memory_mb"]
     sides = [k for k in ("llava_edge", "transformers") if k in report]
@@ -371,7 +375,8 @@ def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
         ax.bar(sides, values, color=["#4c8c4a", "#999999"][: len(sides)])
         ax.set_title(metric.replace("_", " "), fontsize=9)
         ax.tick_params(labelsize=8)
-    fig.suptitle("llava-edge vs transformers (higher tokens/s, lower ms/MB is better)", fontsize=10)
+    title = "llava-edge vs transformers" if "transformers" in report else "llava-edge"
+    fig.suptitle(f"{title} (higher tokens/s, lower ms/MB is better)", fontsize=10)
     fig.tight_layout()
     png = io.BytesIO()
     # PNG whatever the name: matplotlib would pick the format from the extension (refusing

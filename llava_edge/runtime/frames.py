@@ -51,6 +51,8 @@ VIDEO_HINT = "install the video extra: pip install 'llava-edge[video]' (PyAV)"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 NETWORK_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://")
 DEFAULT_TIMEOUT_S = 10.0
+DEFAULT_FOLDER_FPS = 1.0  # an image folder's slideshow: one image a second
+KIND_NAMES = {"file": "a video file", "device": "a camera", "stream": "a stream"}
 APP_SOURCE = "the app's frames"  # how errors name an iterable source
 CANCEL_POLL_S = 0.05  # how soon a wait for a frame sees a cancel
 
@@ -121,7 +123,7 @@ def open_frames(
     every_s: float = 1.0,
     live: bool | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
-    folder_fps: float = 1.0,
+    folder_fps: float | None = None,
     cancel: threading.Event | None = None,
 ) -> Iterator[Frame]:
     """The frames of `source` due for an answer, one per `every_s` seconds.
@@ -133,7 +135,8 @@ def open_frames(
     file at its own pace, as a camera would deliver it; False is refused for a camera and an
     app's frames, which come as they are made. timeout_s: how long to wait for a stream
     to open or for its next frame before giving up. folder_fps: an image folder is a slideshow at
-    this rate, its images in name order. cancel: set from another thread, a live source's
+    this rate (None: 1 image a second), its images in name order; other sources keep their own
+    pace and refuse it. cancel: set from another thread, a live source's
     iterator stops waiting for a frame and ends.
     Closing the iterator stops the reader and closes the source (an app's iterator too); a
     reader stuck in a read that stalled (FFmpeg's V4L2 read, an app driver's own read: neither
@@ -144,6 +147,7 @@ def open_frames(
         "the source's timeout_s (--source-timeout)", timeout_s, "a positive number of seconds"
     )
     if not isinstance(source, str | os.PathLike):
+        _no_folder_fps(folder_fps, "an app's frames")
         if live is False:
             raise LlavaEdgeError("an app's frames are live: they cannot be read with live=False")
         images = _app_source(source)
@@ -156,11 +160,13 @@ def open_frames(
             f"camera {os.fspath(source)} is live: it cannot be read with live=False"
         )
     if kind == "folder":
+        folder_fps = DEFAULT_FOLDER_FPS if folder_fps is None else folder_fps
         _check_number(
             "folder_fps (--folder-fps)", folder_fps, "a positive number of images a second"
         )
         decoded = _folder_frames(Path(source), folder_fps)
     else:
+        _no_folder_fps(folder_fps, f"{os.fspath(source)} ({KIND_NAMES[kind]})")
         decoded = _video_frames(os.fspath(source), kind, timeout_s)
     if live is None:
         live = kind in ("device", "stream")
@@ -171,6 +177,14 @@ def open_frames(
     if kind == "stream":
         decoded = _read_ahead(decoded, timeout_s, os.fspath(source), cancel)
     return _sampled(decoded, every_s)
+
+
+def _no_folder_fps(folder_fps: float | None, what: str) -> None:
+    """A folder's pace given for a source that keeps its own would do nothing."""
+    if folder_fps is not None:
+        raise LlavaEdgeError(
+            f"folder_fps (--folder-fps) paces an image folder; {what} keeps its own pace: drop it"
+        )
 
 
 class AppFrames(Iterator[Frame]):

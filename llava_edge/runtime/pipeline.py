@@ -147,7 +147,7 @@ class Pipeline:
         """Open a model dir written by `llava-edge export` (or quantize).
 
         backend: 'onnxruntime' (providers 'cpu', 'cuda', 'tensorrt') or 'tensorrt' (native
-        engines from `llava-edge build`). verify_files: True checks every file's sha256 against
+        engines from `llava-edge build`, which refuses providers and threads: onnxruntime's). verify_files: True checks every file's sha256 against
         the manifest, False only sizes, None (default) hashes only files new to this machine.
         limits: what one request may ask for (image pixels, prompt tokens, new tokens, time).
         engine_dir: the native engines to load (default: those recorded for this GPU), or the
@@ -191,6 +191,11 @@ class Pipeline:
                 raise LlavaEdgeError(
                     "providers (--provider) are onnxruntime's; the tensorrt backend runs its own "
                     "engines: drop them, or use --backend onnxruntime"
+                )
+            if threads is not None:
+                raise LlavaEdgeError(
+                    "threads (--threads) are onnxruntime's CPU threads; the tensorrt backend runs "
+                    "its engines on the GPU: drop them, or use --backend onnxruntime"
                 )
             if background:
                 raise LlavaEdgeError(

@@ -110,7 +110,7 @@ def watch(
     max_frames: int | None = None,
     live: bool | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
-    folder_fps: float = 1.0,
+    folder_fps: float | None = None,
     **options: Any,
 ) -> Watch:
     """Answers about `source`'s frames. The arguments are checked at once (an image folder is

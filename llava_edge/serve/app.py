@@ -40,6 +40,9 @@ from llava_edge.serve.protocol import ApiError, ChatRequest
 log = logging.getLogger("llava_edge.serve")
 
 
+REMOTE_TIMEOUT_S = 10.0  # seconds a remote image may take to fetch, unless told
+
+
 @dataclass
 class ServeOptions:
     """Everything `llava-edge serve` takes besides host and port."""
@@ -53,7 +56,7 @@ class ServeOptions:
     max_image_mb: float = 20
     allowed_media_dir: Path | None = None
     allow_remote_images: bool = False
-    remote_timeout_s: float = 10.0
+    remote_timeout_s: float | None = None  # None: 10 s, where remote images are allowed
     prefix_cache_mb: float = 256
     limits: Limits = field(default_factory=Limits)
     backend: str = "onnxruntime"
@@ -63,7 +66,15 @@ class ServeOptions:
     verify_files: bool | None = None
 
     def __post_init__(self) -> None:
-        """Refuse settings that would refuse every request, at startup and in one line."""
+        """Refuse settings that would refuse every request, or do nothing, at startup and in
+        one line."""
+        if self.remote_timeout_s is None:
+            self.remote_timeout_s = REMOTE_TIMEOUT_S
+        elif not self.allow_remote_images:
+            raise LlavaEdgeError(
+                "--remote-timeout times remote image fetches, which only --allow-remote-images "
+                "allows: add that, or drop --remote-timeout"
+            )
         for flag, value in [
             ("--max-body-mb", self.max_body_mb),
             ("--max-image-mb", self.max_image_mb),

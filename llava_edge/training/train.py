@@ -289,6 +289,10 @@ def check_options(stage: int, opts: TrainOptions, given: Mapping[str, Any] | Non
     for flag, value in (("--lr", opts.learning_rate), ("--projector-lr", opts.projector_lr)):
         if value is not None and not value >= 0:
             raise LlavaEdgeError(f"{flag} must be 0 or more, not {value}")
+    if stage == 1 and opts.projector_lr is not None:  # it would leave --lr nothing to set
+        raise LlavaEdgeError(
+            "--projector-lr is for stage 2; stage 1 trains only the projector, at --lr"
+        )
     if not opts.weight_decay >= 0:
         raise LlavaEdgeError(f"--weight-decay must be 0 or more, not {opts.weight_decay}")
     for flag, value in (
