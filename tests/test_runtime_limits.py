@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from llava_edge.cli import main
-from llava_edge.errors import ChatFull, LlavaEdgeError
+from llava_edge.errors import ChatFull, LlavaEdgeError, TimedOut
 from llava_edge.runtime import BatchEngine, Limits, Pipeline
 
 # Each entry point, run to the end: (pipeline, image, question, options) -> the answer's text.
@@ -139,6 +139,40 @@ def test_timeout_holds_for_every_entry(pipe, entry, monkeypatch):
         ask(pipe, None, "Count.", max_new_tokens=4, ignore_eos=True)
     monkeypatch.setattr(pipe, "limits", Limits(timeout_s=60))
     assert ask(pipe, None, "Count.", max_new_tokens=4, ignore_eos=True) is not None
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_a_calls_own_timeout_overrides_the_pipelines_for_that_call(pipe, entry, monkeypatch):
+    """A robot loop's "answer within this time or give up", on every entry point: tighter or
+    looser than the pipeline's Limits.timeout_s, for that call only."""
+    ask = ENTRIES[entry]
+    monkeypatch.setattr(pipe, "limits", Limits(timeout_s=60))
+    with pytest.raises(TimedOut, match="time limit of 1e-09 s"):
+        ask(pipe, None, "Count.", max_new_tokens=4, ignore_eos=True, timeout_s=1e-9)
+    assert ask(pipe, None, "Count.", max_new_tokens=4, ignore_eos=True) is not None
+    monkeypatch.setattr(pipe, "limits", Limits(timeout_s=1e-9))
+    assert ask(pipe, None, "Count.", max_new_tokens=4, ignore_eos=True, timeout_s=60) is not None
+    assert ask(pipe, None, "Count.", **SMALL, timeout_s=float("inf")) is not None  # no limit
+    with pytest.raises(TimedOut, match="time limit of 1e-09 s"):  # None: the pipeline's
+        ask(pipe, None, "Count.", max_new_tokens=4, ignore_eos=True, timeout_s=None)
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("bad", [0, -1, float("nan"), True, "1"], ids=repr)
+def test_a_calls_timeout_is_checked_as_the_limit_is(pipe, entry, bad):
+    with pytest.raises(LlavaEdgeError, match=f"timeout_s must be a positive number.*{bad!r}"):
+        ENTRIES[entry](pipe, None, "Count.", **SMALL, timeout_s=bad)
+
+
+def test_a_chats_timeout_holds_for_each_turn_and_a_turn_may_set_its_own(pipe):
+    chat = pipe.chat(None, max_new_tokens=4, ignore_eos=True, timeout_s=1e-9)
+    with pytest.raises(TimedOut):
+        chat.ask("Count.")
+    assert chat.turns == [] and chat.cache.length == 0  # rolled back
+    assert chat.ask("Count.", timeout_s=60)
+    assert len(chat.turns) == 1
+    with pytest.raises(LlavaEdgeError, match="timeout_s must be a positive number"):
+        pipe.chat(None, timeout_s=-1)
 
 
 @pytest.mark.parametrize("entry", [*ENTRIES, "chat made before", "stream made before"])

@@ -978,3 +978,16 @@ def test_a_watch_closed_before_its_first_frame_closes_the_apps_camera(pipe) -> N
     answers.close()
     answers.close()
     assert Camera.closed == 2
+
+
+def test_each_answer_of_a_watch_may_have_its_own_time_limit(pipe) -> None:
+    """answer_timeout_s is each answer's time limit (the pipeline has none): an answer past it
+    is reported and the watch goes on; the source's timeout_s stays the source's."""
+    frames = [np.full((8, 8, 3), STEP * i, np.uint8) for i in range(3)]
+    with pipe.watch(frames, "?", every_s=0.0, answer_timeout_s=1e-9, timeout_s=5) as answers:
+        got = list(answers)
+    assert len(got) >= 1 and all("time limit of 1e-09 s" in a.error for a in got)
+    with pipe.watch(frames, "?", every_s=0.0, answer_timeout_s=60, max_new_tokens=2) as answers:
+        assert all(a.error is None for a in answers)
+    with pytest.raises(LlavaEdgeError, match="timeout_s must be a positive number"):
+        pipe.watch(frames, "?", answer_timeout_s=0)

@@ -62,7 +62,8 @@ class Limits:
     turn, whatever form the image comes in. `max_prompt_tokens` bounds the prompt an answer is
     conditioned on: for a chat turn that is the whole conversation so far plus the new question
     (what a single request replaying the chat would send), so a chat cannot outgrow it.
-    `timeout_s` counts from the start of the request (for a chat turn, of the turn).
+    `timeout_s` counts from the start of the request (for a chat turn, of the turn); a call's
+    own `timeout_s=` takes its place for that call (see Pipeline.answer).
     """
 
     max_image_pixels: int | None = 50_000_000
@@ -72,16 +73,7 @@ class Limits:
 
     def __post_init__(self) -> None:
         for name in ("max_image_pixels", "max_prompt_tokens", "max_new_tokens", "timeout_s"):
-            value = getattr(self, name)
-            whole = name != "timeout_s"
-            kind = numbers.Integral if whole else numbers.Real
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:
-                raise LlavaEdgeError(
-                    f"the limit {name} must be a positive {'integer' if whole else 'number'} "
-                    f"(or None: no limit), got {value!r}"
-                )
+            _check_limit(name, getattr(self, name), "no limit")
 
     def check_options(self, config: GenerationConfig) -> None:
         if self.max_new_tokens is not None and config.max_new_tokens > self.max_new_tokens:
@@ -98,6 +90,19 @@ class Limits:
                 f"{what} {tokens} tokens, over this deployment's limit of "
                 f"{self.max_prompt_tokens}{fix}"
             )
+
+
+def _check_limit(name: str, value: Any, none_means: str) -> None:
+    """A limit is a positive number (whole, but for the time limit), or None."""
+    whole = name != "timeout_s"
+    kind = numbers.Integral if whole else numbers.Real
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, kind) or not value > 0
+    ):
+        raise LlavaEdgeError(
+            f"the limit {name} must be a positive {'integer' if whole else 'number'} "
+            f"(or None: {none_means}), got {value!r}"
+        )
 
 
 class Pipeline:
@@ -261,7 +266,13 @@ class Pipeline:
         return self.answer(image, prompt, **options).text
 
     def answer(self, image: Images, prompt: str, **options: Any) -> Answer:
-        """Like generate, with token ids, finish reason and timings."""
+        """Like generate, with token ids, finish reason and timings.
+
+        timeout_s (every entry point takes it: generate, answer, stream, generate_batch, a chat
+        and each of its turns, BatchEngine.submit): this call's time limit in seconds, in place
+        of the pipeline's `Limits.timeout_s` for this call only, tighter or looser (None: the
+        pipeline's; math.inf: none). Past it the call raises TimedOut, as past the pipeline's.
+        """
         pieces = self._stream(image, prompt, options)
         for _ in pieces:
             pass
@@ -309,9 +320,9 @@ class Pipeline:
         frames. Use it in a `with` block (or close() it): the source's reader stops when it ends.
 
         Options: frames (last K frames per prompt), changes_only, max_frames, live, timeout_s
-        (seconds with no frame before the source counts as stalled; an answer's own time limit is
-        the pipeline's Limits.timeout_s), folder_fps (see llava_edge.runtime.watch), and the
-        generation options of `answer`.
+        (seconds with no frame before the source counts as stalled), answer_timeout_s (each
+        answer's time limit, in place of the pipeline's Limits.timeout_s), folder_fps (see
+        llava_edge.runtime.watch), and the generation options of `answer`.
         Video needs PyAV (`pip install 'llava-edge[video]'`).
         """
         from llava_edge.runtime.watch import watch
@@ -359,13 +370,16 @@ class Pipeline:
 
     def _stream(self, image: Images, prompt: str, options: dict) -> TextStream:
         raw = options.pop("raw", False)
+        timeout_s = self._timeout(options.pop("timeout_s", None))
         config = self._config(options)
         timer = Timer()
         ids, features = self._prepare(image, prompt, raw=raw)
         timer.mark("vision")
         config = self._fit_context(config, len(ids))
         cache = self.backend.new_cache(1)
-        return TextStream(self, cache, ids, ids, features, config, timer, start_position=0)
+        return TextStream(
+            self, cache, ids, ids, features, config, timer, timeout_s, start_position=0
+        )
 
     def _check_open(self) -> None:
         if self.closed:
@@ -554,6 +568,11 @@ class Pipeline:
                 self._features.popitem(last=False)
         return features
 
+    def _timeout(self, timeout_s: Any) -> float | None:
+        """A call's time limit: its own `timeout_s` if it gave one, else the pipeline's."""
+        _check_limit("timeout_s", timeout_s, "the pipeline's Limits.timeout_s")
+        return self.limits.timeout_s if timeout_s is None else timeout_s
+
     def _config(self, options: dict) -> GenerationConfig:
         known = {f.name for f in fields(GenerationConfig)}
         unknown = sorted(set(options) - known)
@@ -615,7 +634,9 @@ class ChatSession:
         history: list[tuple[str, str]],
     ):
         pipeline._check_open()
-        pipeline._config(dict(options))  # bad options fail here, not at the first turn
+        checked = dict(options)  # bad options fail here, not at the first turn
+        pipeline._timeout(checked.pop("timeout_s", None))
+        pipeline._config(checked)
         if not isinstance(history, list | tuple) or any(
             not isinstance(turn, list | tuple) or len(turn) != 2 or turn[1] is None
             for turn in history
@@ -665,6 +686,7 @@ class ChatSession:
                 "thread at a time; let that turn end first, or give each thread its own chat"
             )
         _check_text(prompt)
+        timeout_s = pipe._timeout(options.pop("timeout_s", None))
         config = pipe._config(options)
         first = not self.ids
         if not prompt.strip() and not (first and self.pixels):
@@ -691,6 +713,7 @@ class ChatSession:
             self.features if self.fed == 0 else None,  # the image's tokens are still to feed
             config,
             Timer(),
+            timeout_s,
             start_position=self.fed,
             turn=_Turn(self, prompt),
         )
@@ -771,6 +794,7 @@ class TextStream:
         features: np.ndarray | None,
         config: GenerationConfig,
         timer: Timer,
+        timeout_s: float | None,
         start_position: int,
         turn: _Turn | None = None,
     ):
@@ -783,6 +807,7 @@ class TextStream:
             features,
             config,
             timer,
+            timeout_s,
             start_position,
             turn,
             self._result,
@@ -841,6 +866,7 @@ def _pieces(
     features: np.ndarray | None,
     config: GenerationConfig,
     timer: Timer,
+    timeout_s: float | None,
     start_position: int,
     turn: _Turn | None,
     result: list[Answer],
@@ -869,7 +895,7 @@ def _pieces(
             pipe._pad_id,
             [np.asarray(all_ids)],
             timer,
-            pipe.limits.timeout_s,
+            timeout_s,
         )
         for step in steps:
             token = int(step.tokens[0])

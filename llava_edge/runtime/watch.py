@@ -46,8 +46,8 @@ class WatchAnswer:
     skipped: int  # frames due for an answer that were dropped while the last answer ran
     frames: list[int] = field(default_factory=list)  # indices of every frame in the prompt
     timings: dict[str, float] = field(default_factory=dict)
-    # Why this frame has no answer: it ran past the time limit (`timeout_s` of the pipeline's
-    # Limits). The watch goes on with the next frame: one slow answer does not end a robot's
+    # Why this frame has no answer: it ran past its time limit (`answer_timeout_s`, else the
+    # pipeline's Limits.timeout_s). The watch goes on with the next frame: one slow answer does not end a robot's
     # watch.
     error: str | None = None
 
@@ -111,6 +111,7 @@ def watch(
     live: bool | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     folder_fps: float = 1.0,
+    answer_timeout_s: float | None = None,
     **options: Any,
 ) -> Watch:
     """Answers about `source`'s frames. The arguments are checked at once (an image folder is
@@ -122,18 +123,23 @@ def watch(
     answer); while they fill up, the first answers have fewer, so the question holds no `<image>`
     placeholder unless frames is 1 (a raw prompt then holds exactly one). max_frames: stop after
     answering this many frames. timeout_s: how long the source may send no frame before it
-    counts as stalled (the watch ends with an error); an answer's own time limit is the
-    pipeline's `Limits.timeout_s`. The remaining options are the generation options of
+    counts as stalled (the watch ends with an error). answer_timeout_s: each answer's time
+    limit, in place of the pipeline's `Limits.timeout_s` (an answer past it is reported, and the
+    watch goes on). The remaining options are the generation options of
     `Pipeline.answer`.
     """
     pipe._check_open()
+    if answer_timeout_s is not None:
+        pipe._timeout(answer_timeout_s)  # a bad one fails now
+        options = {**options, "timeout_s": answer_timeout_s}
     if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
         raise LlavaEdgeError(f"frames must be at least 1, got {frames!r}")
     if max_frames is not None and (
         isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1
     ):
         raise LlavaEdgeError(f"max_frames must be a whole number, at least 1, got {max_frames!r}")
-    pipe._config({k: v for k, v in options.items() if k != "raw"})  # bad options fail now
+    # bad options fail now
+    pipe._config({k: v for k, v in options.items() if k not in ("raw", "timeout_s")})
     _check_placeholders(prompt, frames, raw=bool(options.get("raw")))
     fit = pipe.images_that_fit(prompt, raw=bool(options.get("raw")))
     if fit == 0:
