@@ -33,7 +33,12 @@ from typing import Any
 
 from llava_edge.errors import LlavaEdgeError, TimedOut
 from llava_edge.runtime.frames import DEFAULT_TIMEOUT_S, Frame, open_frames
+from llava_edge.runtime.image import load_image
 from llava_edge.runtime.template import IMAGE_PLACEHOLDER
+
+# Unreadable frames in a row that end a watch: one is a glitch (a JPEG cut short in transit, a
+# driver's torn buffer), and the watch goes on; a source whose frames keep failing is broken.
+BAD_FRAMES_IN_A_ROW = 5
 
 
 @dataclass
@@ -47,8 +52,9 @@ class WatchAnswer:
     frames: list[int] = field(default_factory=list)  # indices of every frame in the prompt
     timings: dict[str, float] = field(default_factory=dict)
     # Why this frame has no answer: it ran past its time limit (`answer_timeout_s`, else the
-    # pipeline's Limits.timeout_s). The watch goes on with the next frame: one slow answer does not end a robot's
-    # watch.
+    # pipeline's Limits.timeout_s), or it could not be read as an image (corrupt bytes, a bad
+    # array, over the pixel limit). The watch goes on with the next frame: one slow answer or
+    # one bad frame does not end a robot's watch (BAD_FRAMES_IN_A_ROW unreadable ones do).
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -195,11 +201,24 @@ def _answers(
 ) -> Generator[WatchAnswer, None, None]:
     window: deque[Frame] = deque(maxlen=frames)
     last_text: str | None = None
-    answered = 0
+    answered = bad = 0
     try:
         for frame in stream:
             if cancel.is_set():
                 return
+            try:  # decoded here, so that a bad frame is told from a failing answer
+                frame.pixels = load_image(frame.image, pipe.limits.max_image_pixels)
+                bad = 0
+            except LlavaEdgeError as e:
+                bad += 1
+                if bad >= BAD_FRAMES_IN_A_ROW:
+                    raise LlavaEdgeError(
+                        f"{bad} frames in a row could not be read, the last ({frame.index}): "
+                        f"{e}; check the source"
+                    ) from None
+                error = f"frame {frame.index} could not be read: {e}"
+                yield WatchAnswer(frame.index, frame.timestamp, "", frame.skipped, [], {}, error)
+                continue
             window.append(frame)
             started = time.monotonic()
             images = [f.image for f in window]
