@@ -19,7 +19,7 @@ from PIL import Image
 
 from llava_edge.cli import main
 from llava_edge.errors import ChatFull, LlavaEdgeError, TimedOut
-from llava_edge.runtime import BatchEngine, Limits, Pipeline
+from llava_edge.runtime import Answer, BatchEngine, Limits, Pipeline
 
 # Each entry point, run to the end: (pipeline, image, question, options) -> the answer's text.
 ENTRIES: dict[str, Callable[..., str]] = {
@@ -173,6 +173,42 @@ def test_a_chats_timeout_holds_for_each_turn_and_a_turn_may_set_its_own(pipe):
     assert len(chat.turns) == 1
     with pytest.raises(LlavaEdgeError, match="timeout_s must be a positive number"):
         pipe.chat(None, timeout_s=-1)
+
+
+# Each entry point of the library, run to the end: (pipeline, question, options) -> Answer.
+ANSWERS: dict[str, Callable[..., Answer]] = {
+    "answer": lambda p, q, **o: p.answer(None, q, **o),
+    "stream": lambda p, q, **o: finished(p.stream(None, q, **o)),
+    "generate_batch": lambda p, q, **o: p.generate_batch([(None, q)], **o)[0],
+    "chat.stream": lambda p, q, **o: finished(p.chat(None).stream(q, **o)),
+    "BatchEngine.submit": lambda p, q, **o: batched_answer(p, q, **o),
+}
+
+
+def finished(stream) -> Answer:
+    for _ in stream:
+        pass
+    return stream.answer
+
+
+def batched_answer(pipe: Pipeline, question: str, **options) -> Answer:
+    engine = BatchEngine(pipe, max_batch=1, start=False)
+    request = engine.submit(None, question, **options)
+    engine.run_until_idle()
+    return request.result()
+
+
+@pytest.mark.parametrize("entry", ANSWERS)
+def test_the_library_stops_an_answer_at_the_end_of_the_context(pipe, entry):
+    """The library's max_new_tokens is at most: an answer that would run past the context stops
+    there (finish reason 'length'), on every entry point. (The server refuses such a max_tokens
+    instead, as OpenAI's API does: tests/test_serve.py.)"""
+    question = "word " * (pipe.max_context - 40)
+    prompt = len(pipe.answer(None, question, max_new_tokens=1).prompt_token_ids)
+    room = pipe.max_context - prompt
+    assert 0 < room < 64
+    answer = ANSWERS[entry](pipe, question, max_new_tokens=pipe.max_context, ignore_eos=True)
+    assert len(answer.token_ids) == room and answer.finish_reason == "length"
 
 
 @pytest.mark.parametrize("entry", [*ENTRIES, "chat made before", "stream made before"])

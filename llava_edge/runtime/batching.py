@@ -354,7 +354,9 @@ class BatchEngine:
         image it was rendered for (Pipeline.image_pixels).
 
         Checks it against the limits here, in the caller's thread, so bad input fails at once;
-        the image is encoded (or found in the feature cache) on admission.
+        the image is encoded (or found in the feature cache) on admission. A max_new_tokens past
+        the context is shortened to it, as Pipeline's answers are (the server refuses one before
+        it submits).
         timeout_s: this request's time limit in place of the pipeline's `Limits.timeout_s`
         (None: the pipeline's), as every Pipeline entry point takes it; it counts the wait for a
         row, and past it the request fails with TimedOut. (A server taking one from its clients

@@ -268,6 +268,11 @@ class Pipeline:
     def answer(self, image: Images, prompt: str, **options: Any) -> Answer:
         """Like generate, with token ids, finish reason and timings.
 
+        max_new_tokens is a most, on every entry point of the library: an answer that reaches
+        the end of the model's context stops there (finish reason 'length'), where `serve`
+        refuses a max_tokens past the context, as OpenAI's API does (an HTTP client is told why
+        it cannot have what it asked for; an app reads the finish reason).
+
         timeout_s (every entry point takes it: generate, answer, stream, generate_batch, a chat
         and each of its turns, BatchEngine.submit): this call's time limit in seconds, in place
         of the pipeline's `Limits.timeout_s` for this call only, tighter or looser (None: the
@@ -594,7 +599,8 @@ class Pipeline:
     def _fit_context(
         self, config: GenerationConfig, prompt_len: int, used: int = 0
     ) -> GenerationConfig:
-        """Fail on a prompt that cannot fit; shorten max_new_tokens to what is left."""
+        """Fail on a prompt that cannot fit; shorten max_new_tokens to what is left (the
+        library's answers stop at the context's end; serve checks first, and refuses)."""
         limit = self.max_context
         room = limit - used - prompt_len
         if room < 1 and used:
