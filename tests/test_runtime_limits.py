@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import io
+import time
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -162,6 +163,27 @@ def test_a_calls_own_timeout_overrides_the_pipelines_for_that_call(pipe, entry, 
 def test_a_calls_timeout_is_checked_as_the_limit_is(pipe, entry, bad):
     with pytest.raises(LlavaEdgeError, match=f"timeout_s must be a positive number.*{bad!r}"):
         ENTRIES[entry](pipe, None, "Count.", **SMALL, timeout_s=bad)
+
+
+@pytest.mark.parametrize("entry", [e for e in ENTRIES if not e.startswith("chat")])
+def test_a_request_late_from_its_image_runs_no_prompt(pipe, entry, monkeypatch):
+    """The time limit counts the image's encoding: a request already late when its image is
+    encoded fails there, without running its prompt through the decoder for nothing. (A chat
+    encodes its image when it is made, before its turns' time limits start.)"""
+    encode, decode = pipe.backend.encode_image, pipe.backend.decode
+    calls = []
+
+    def slow_encode(pixels):
+        time.sleep(0.3)
+        return encode(pixels)
+
+    monkeypatch.setattr(pipe.backend, "encode_image", slow_encode)
+    monkeypatch.setattr(pipe.backend, "decode", lambda *a: calls.append(1) or decode(*a))
+    seed = 100 + list(ENTRIES).index(entry)  # a new image: encoded, not found in the cache
+    image = np.random.default_rng(seed).integers(0, 256, (16, 16, 3), np.uint8)
+    with pytest.raises(TimedOut):
+        ENTRIES[entry](pipe, image, "What is it?", **SMALL, timeout_s=0.1)
+    assert calls == []
 
 
 def test_a_chats_timeout_holds_for_each_turn_and_a_turn_may_set_its_own(pipe):

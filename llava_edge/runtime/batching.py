@@ -581,6 +581,7 @@ class BatchEngine:
                 request.features = pipe.pixel_features(request.pixels)
                 request.pixels = []
             request.timer.mark("vision")
+            self._check_deadline(request)  # late from its image: no prompt run for nothing
             logits = self._prefill(request, row)
             request.timer.mark("prefill")
             self._check_deadline(request)  # as after a decode step: a late first token is late
