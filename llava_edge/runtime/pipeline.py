@@ -301,6 +301,21 @@ class Pipeline:
         from llava_edge.runtime.batching import BatchEngine
 
         self._check_open()
+        if isinstance(requests, str | bytes) or not isinstance(requests, Iterable):
+            requests = [requests]  # refused just below, as one malformed request
+        requests = list(requests)
+        malformed = [
+            i
+            for i, one in enumerate(requests)
+            if not isinstance(one, list | tuple) or len(one) != 2
+        ]
+        if malformed:
+            one = requests[malformed[0]]
+            what = f"of {len(one)}" if isinstance(one, list | tuple) else type(one).__name__
+            raise LlavaEdgeError(
+                "generate_batch takes a list of (image, prompt) pairs (image None for none); "
+                f"request {malformed[0]} is {what}"
+            )
         if not requests:
             return []
         raw = options.pop("raw", False)
