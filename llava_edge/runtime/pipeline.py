@@ -311,7 +311,7 @@ class Pipeline:
         ]
         if malformed:
             one = requests[malformed[0]]
-            what = f"of {len(one)}" if isinstance(one, list | tuple) else type(one).__name__
+            what = type(one).__name__ + (f" of {len(one)}" if isinstance(one, list | tuple) else "")
             raise LlavaEdgeError(
                 "generate_batch takes a list of (image, prompt) pairs (image None for none); "
                 f"request {malformed[0]} is {what}"
