@@ -1017,6 +1017,8 @@ def test_an_unreadable_frame_is_reported_and_the_watch_goes_on(pipe, recorder, t
         (3, "frame 3", False),
     ]
     assert "frame 1 could not be read" in answers[1].error and "not an image" in answers[1].error
+    # max_frames counts it, as it counts an answer past its time limit: frames the watch took
+    assert [a.index for a in pipe.watch(folder, "?", every_s=0.0, max_frames=2)] == [0, 1]
 
     def driver():
         for image in [b"garbage", np.zeros((8, 8, 5), np.uint8), np.full((8, 8, 3), 18, np.uint8)]:

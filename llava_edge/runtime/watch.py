@@ -128,7 +128,7 @@ def watch(
     `pipe.images_that_fit(prompt)`: as many as the context holds with the question and an
     answer); while they fill up, the first answers have fewer, so the question holds no `<image>`
     placeholder unless frames is 1 (a raw prompt then holds exactly one). max_frames: stop after
-    answering this many frames. timeout_s: how long the source may send no frame before it
+    this many frames (answered, or reported without an answer: late or unreadable). timeout_s: how long the source may send no frame before it
     counts as stalled (the watch ends with an error). answer_timeout_s: each answer's time
     limit, in place of the pipeline's `Limits.timeout_s` (an answer past it is reported, and the
     watch goes on). The remaining options are the generation options of
@@ -218,6 +218,9 @@ def _answers(
                     ) from None
                 error = f"frame {frame.index} could not be read: {e}"
                 yield WatchAnswer(frame.index, frame.timestamp, "", frame.skipped, [], {}, error)
+                answered += 1
+                if max_frames is not None and answered >= max_frames:
+                    return
                 continue
             window.append(frame)
             started = time.monotonic()
