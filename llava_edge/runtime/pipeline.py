@@ -358,7 +358,9 @@ class Pipeline:
         """A multi-turn conversation about an image (or a list of them, all with the first
         question); each turn reuses the cache of the last.
 
-        `options` (GenerationConfig's fields) apply to every turn; a turn may override them.
+        `options` (GenerationConfig's fields, and timeout_s) apply to every turn; a turn may
+        override them. The images are encoded here, so a bad one fails at once; a turn's time
+        limit counts from that turn.
         history: earlier (question, answer) turns to go on from, rendered as if this session had
         asked them and the model had given those answers (each closed by its end of sequence).
         """
