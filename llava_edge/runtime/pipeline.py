@@ -262,7 +262,7 @@ class Pipeline:
         """The answer's text. `image` may be a list of images (in the order of their `<image>`
         placeholders, or put before the question). Options are GenerationConfig's fields, plus
         raw=True to send the prompt as written (no chat template; it must then hold one `<image>`
-        per image given)."""
+        per image given) and timeout_s, this call's time limit (see `answer`)."""
         return self.answer(image, prompt, **options).text
 
     def answer(self, image: Images, prompt: str, **options: Any) -> Answer:
