@@ -687,7 +687,8 @@ class ChatSession:
         self._open: weakref.ref[TextStream] | None = None  # the latest turn's stream
 
     def ask(self, prompt: str, **options: Any) -> str:
-        """The answer to one more question (the turn counts: it always finishes)."""
+        """The answer to one more question; the turn counts, as it is read to its end (one
+        that times out or fails is rolled back, as any unfinished turn is)."""
         stream = self._turn(prompt, {**self.options, **options})
         for _ in stream:
             pass
