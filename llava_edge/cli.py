@@ -684,7 +684,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--jsonl", dest="json", action="store_true", help="print one JSON object per answer"
     )
-    p.add_argument("--max-frames", type=int, help="stop after answering N frames")
+    p.add_argument(
+        "--max-frames",
+        type=int,
+        help="stop after N frames (answered, or reported late or unreadable)",
+    )
     p.add_argument(
         "--changes-only", action="store_true", help="print an answer only when it changes"
     )

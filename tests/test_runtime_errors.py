@@ -391,3 +391,10 @@ def test_the_cli_refuses_zero_threads(tiny_model_dir, capsys) -> None:
     argv = ["run", str(tiny_model_dir), "--prompt", "hi", "--threads", "0"]
     assert main(argv) == 1
     assert "threads must be a whole number, 1 or more, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("requests", [[("x.jpg",)], [(None, "Hi", 3)], [None], "ab", 5], ids=repr)
+def test_a_batch_that_is_not_image_question_pairs_is_refused_in_one_line(pipe, requests):
+    with pytest.raises(LlavaEdgeError, match=r"generate_batch takes a list of \(image, prompt\)"):
+        pipe.generate_batch(requests, max_new_tokens=2)
+    assert len(pipe.generate_batch([(None, "Hi")], max_new_tokens=2)) == 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import io
+import time
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -18,8 +19,8 @@ import pytest
 from PIL import Image
 
 from llava_edge.cli import main
-from llava_edge.errors import ChatFull, LlavaEdgeError
-from llava_edge.runtime import BatchEngine, Limits, Pipeline
+from llava_edge.errors import ChatFull, LlavaEdgeError, TimedOut
+from llava_edge.runtime import Answer, BatchEngine, Limits, Pipeline
 
 # Each entry point, run to the end: (pipeline, image, question, options) -> the answer's text.
 ENTRIES: dict[str, Callable[..., str]] = {
@@ -139,6 +140,97 @@ def test_timeout_holds_for_every_entry(pipe, entry, monkeypatch):
         ask(pipe, None, "Count.", max_new_tokens=4, ignore_eos=True)
     monkeypatch.setattr(pipe, "limits", Limits(timeout_s=60))
     assert ask(pipe, None, "Count.", max_new_tokens=4, ignore_eos=True) is not None
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_a_calls_own_timeout_overrides_the_pipelines_for_that_call(pipe, entry, monkeypatch):
+    """A robot loop's "answer within this time or give up", on every entry point: tighter or
+    looser than the pipeline's Limits.timeout_s, for that call only."""
+    ask = ENTRIES[entry]
+    monkeypatch.setattr(pipe, "limits", Limits(timeout_s=60))
+    with pytest.raises(TimedOut, match="time limit of 1e-09 s"):
+        ask(pipe, None, "Count.", max_new_tokens=4, ignore_eos=True, timeout_s=1e-9)
+    assert ask(pipe, None, "Count.", max_new_tokens=4, ignore_eos=True) is not None
+    monkeypatch.setattr(pipe, "limits", Limits(timeout_s=1e-9))
+    assert ask(pipe, None, "Count.", max_new_tokens=4, ignore_eos=True, timeout_s=60) is not None
+    assert ask(pipe, None, "Count.", **SMALL, timeout_s=float("inf")) is not None  # no limit
+    with pytest.raises(TimedOut, match="time limit of 1e-09 s"):  # None: the pipeline's
+        ask(pipe, None, "Count.", max_new_tokens=4, ignore_eos=True, timeout_s=None)
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("bad", [0, -1, float("nan"), True, "1"], ids=repr)
+def test_a_calls_timeout_is_checked_as_the_limit_is(pipe, entry, bad):
+    with pytest.raises(LlavaEdgeError, match=f"timeout_s must be a positive number.*{bad!r}"):
+        ENTRIES[entry](pipe, None, "Count.", **SMALL, timeout_s=bad)
+
+
+@pytest.mark.parametrize("entry", [e for e in ENTRIES if not e.startswith("chat")])
+def test_a_request_late_from_its_image_runs_no_prompt(pipe, entry, monkeypatch):
+    """The time limit counts the image's encoding: a request already late when its image is
+    encoded fails there, without running its prompt through the decoder for nothing. (A chat
+    encodes its image when it is made, before its turns' time limits start.)"""
+    encode, decode = pipe.backend.encode_image, pipe.backend.decode
+    calls = []
+
+    def slow_encode(pixels):
+        time.sleep(0.3)
+        return encode(pixels)
+
+    monkeypatch.setattr(pipe.backend, "encode_image", slow_encode)
+    monkeypatch.setattr(pipe.backend, "decode", lambda *a: calls.append(1) or decode(*a))
+    seed = 100 + list(ENTRIES).index(entry)  # a new image: encoded, not found in the cache
+    image = np.random.default_rng(seed).integers(0, 256, (16, 16, 3), np.uint8)
+    with pytest.raises(TimedOut):
+        ENTRIES[entry](pipe, image, "What is it?", **SMALL, timeout_s=0.1)
+    assert calls == []
+
+
+def test_a_chats_timeout_holds_for_each_turn_and_a_turn_may_set_its_own(pipe):
+    chat = pipe.chat(None, max_new_tokens=4, ignore_eos=True, timeout_s=1e-9)
+    with pytest.raises(TimedOut):
+        chat.ask("Count.")
+    assert chat.turns == [] and chat.cache.length == 0  # rolled back
+    assert chat.ask("Count.", timeout_s=60)
+    assert len(chat.turns) == 1
+    with pytest.raises(LlavaEdgeError, match="timeout_s must be a positive number"):
+        pipe.chat(None, timeout_s=-1)
+
+
+# Each entry point of the library, run to the end: (pipeline, question, options) -> Answer.
+ANSWERS: dict[str, Callable[..., Answer]] = {
+    "answer": lambda p, q, **o: p.answer(None, q, **o),
+    "stream": lambda p, q, **o: finished(p.stream(None, q, **o)),
+    "generate_batch": lambda p, q, **o: p.generate_batch([(None, q)], **o)[0],
+    "chat.stream": lambda p, q, **o: finished(p.chat(None).stream(q, **o)),
+    "BatchEngine.submit": lambda p, q, **o: batched_answer(p, q, **o),
+}
+
+
+def finished(stream) -> Answer:
+    for _ in stream:
+        pass
+    return stream.answer
+
+
+def batched_answer(pipe: Pipeline, question: str, **options) -> Answer:
+    engine = BatchEngine(pipe, max_batch=1, start=False)
+    request = engine.submit(None, question, **options)
+    engine.run_until_idle()
+    return request.result()
+
+
+@pytest.mark.parametrize("entry", ANSWERS)
+def test_the_library_stops_an_answer_at_the_end_of_the_context(pipe, entry):
+    """The library's max_new_tokens is at most: an answer that would run past the context stops
+    there (finish reason 'length'), on every entry point. (The server refuses such a max_tokens
+    instead, as OpenAI's API does: tests/test_serve.py.)"""
+    question = "word " * (pipe.max_context - 40)
+    prompt = len(pipe.answer(None, question, max_new_tokens=1).prompt_token_ids)
+    room = pipe.max_context - prompt
+    assert 0 < room < 64
+    answer = ANSWERS[entry](pipe, question, max_new_tokens=pipe.max_context, ignore_eos=True)
+    assert len(answer.token_ids) == room and answer.finish_reason == "length"
 
 
 @pytest.mark.parametrize("entry", [*ENTRIES, "chat made before", "stream made before"])

@@ -480,6 +480,24 @@ def test_image_and_limit_refusals_name_what_to_change(server, monkeypatch):
     assert error_of(limited)["param"] == "messages"
 
 
+def test_a_max_tokens_past_the_context_is_refused_where_the_library_cuts_it(server):
+    """Under --max-new-tokens but past the context: the server refuses it, as OpenAI's API does
+    (the library stops such an answer at the context instead: tests/test_runtime_limits.py);
+    without max_tokens the answer may run to the end of the context."""
+    pipe = server.state.pipe
+    question = "word " * (pipe.max_context - 40)
+    prompt = len(pipe.conversation_ids([(question, None)]))
+    room = pipe.max_context - prompt
+    assert 0 < room < 64
+    messages = [ask(question)]
+    past = server.post({"model": MODEL, "messages": messages, "max_tokens": room + 1})
+    assert past.status_code == 400 and error_of(past)["code"] == "context_length_exceeded"
+    assert error_of(past)["param"] == "max_tokens"
+    for body in [{"max_tokens": room}, {}]:
+        fits = server.post({"model": MODEL, "messages": messages, **body})
+        assert fits.status_code == 200 and fits.json()["usage"]["completion_tokens"] <= room
+
+
 def test_line_wrapped_base64_is_taken(server):
     url = data_uri(picture(1))
     header, payload = url.split(",", 1)

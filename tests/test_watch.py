@@ -642,7 +642,7 @@ def test_an_apps_camera_that_gives_none_raises_or_stops(pipe, recorder) -> None:
 def test_an_apps_frames_of_any_size_dtype_and_mode_answer_as_alone(pipe, monkeypatch) -> None:
     """Frames as drivers give them (grey, RGBA, float, 16-bit, PIL, changing size): each answer
     equals the answer to that frame alone. The driver waits for each answer (nothing dropped);
-    a frame that is no image ends the watch with a one-line error and releases the driver."""
+    frames that keep being no image end the watch with a one-line error and release the driver."""
     rng = np.random.default_rng(0)
     frames = [
         rng.integers(0, 256, (20, 30, 3), dtype=np.uint8),
@@ -676,9 +676,17 @@ def test_an_apps_frames_of_any_size_dtype_and_mode_answer_as_alone(pipe, monkeyp
     assert [a.text for a in answers] == alone
     assert [a.index for a in answers] == list(range(len(frames)))
     released.clear()
-    bad = [frames[0], np.zeros((10, 10, 5), np.uint8)]
-    with pytest.raises(LlavaEdgeError) as error:
-        list(pipe.watch(driver(bad), "What is it?", every_s=0.0, **options))
+
+    def broken():  # a good frame, then only frames that are no image
+        try:
+            yield frames[0]
+            while True:
+                yield np.zeros((10, 10, 5), np.uint8)
+        finally:
+            released.set()
+
+    with pytest.raises(LlavaEdgeError, match="5 frames in a row could not be read") as error:
+        list(pipe.watch(broken(), "What is it?", every_s=0.0, **options))
     assert "\n" not in str(error.value) and released.wait(2)
 
 
@@ -994,3 +1002,62 @@ def test_a_watch_closed_before_its_first_frame_closes_the_apps_camera(pipe) -> N
     answers.close()
     answers.close()
     assert Camera.closed == 2
+
+
+def test_each_answer_of_a_watch_may_have_its_own_time_limit(pipe) -> None:
+    """answer_timeout_s is each answer's time limit (the pipeline has none): an answer past it
+    is reported and the watch goes on; the source's timeout_s stays the source's."""
+    frames = [np.full((8, 8, 3), STEP * i, np.uint8) for i in range(3)]
+    with pipe.watch(frames, "?", every_s=0.0, answer_timeout_s=1e-9, timeout_s=5) as answers:
+        got = list(answers)
+    assert len(got) >= 1 and all("time limit of 1e-09 s" in a.error for a in got)
+    with pipe.watch(frames, "?", every_s=0.0, answer_timeout_s=60, max_new_tokens=2) as answers:
+        assert all(a.error is None for a in answers)
+    with pytest.raises(LlavaEdgeError, match="timeout_s must be a positive number"):
+        pipe.watch(frames, "?", answer_timeout_s=0)
+
+
+def test_an_unreadable_frame_is_reported_and_the_watch_goes_on(pipe, recorder, tmp_path) -> None:
+    """One corrupt image among good ones (a JPEG cut short, a bad array from a driver) is
+    reported as that frame's error, as a slow answer is, and the next frame is answered."""
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((8, 8, 3), STEP * i, np.uint8)).save(folder / f"{i}.png")
+    (folder / "1.png").write_bytes(b"not a png")
+    answers = list(pipe.watch(folder, "?", every_s=0.0))
+    assert [(a.index, a.text, a.error is not None) for a in answers] == [
+        (0, "frame 0", False),
+        (1, "", True),
+        (2, "frame 2", False),
+        (3, "frame 3", False),
+    ]
+    assert "frame 1 could not be read" in answers[1].error and "not an image" in answers[1].error
+    # max_frames counts it, as it counts an answer past its time limit: frames the watch took
+    assert [a.index for a in pipe.watch(folder, "?", every_s=0.0, max_frames=2)] == [0, 1]
+
+    def driver():
+        for image in [b"garbage", np.zeros((8, 8, 5), np.uint8), np.full((8, 8, 3), 18, np.uint8)]:
+            yield image
+            time.sleep(0.1)
+
+    with pipe.watch(driver(), "?", every_s=0.0, timeout_s=5) as answers:
+        got = list(answers)
+    assert got[-1].text == "frame 3" and all(a.error for a in got[:-1])
+
+
+def test_frames_that_keep_failing_end_the_watch_with_the_reason(pipe, recorder) -> None:
+    """A source whose every frame is unreadable (a driver handing over the wrong thing) ends
+    the watch with a clear error, instead of reporting bad frames for ever."""
+
+    def driver():
+        yield np.full((8, 8, 3), 6, np.uint8)
+        while True:
+            yield np.zeros((8, 8, 5), np.uint8)
+
+    with (
+        pipe.watch(driver(), "?", every_s=0.0, timeout_s=5) as answers,
+        pytest.raises(LlavaEdgeError, match=r"5 frames in a row .*shape \(8, 8, 5\)"),
+    ):
+        for _ in answers:
+            pass

@@ -146,7 +146,13 @@ class Request:
                 self.cancel()
 
     def result(self, timeout: float | None = None) -> Answer:
-        """Wait for the whole answer."""
+        """Wait for the whole answer; raises the request's error if it ended in one.
+
+        timeout: how long this call waits, as a Future's `result` takes it, not the request's
+        time limit (`timeout_s` at submit): past it this raises TimeoutError and the request
+        goes on (`cancel()` it to free its row), where past its time limit it fails with
+        TimedOut.
+        """
         if not self.done.wait(timeout):
             raise TimeoutError(f"request {self.id} did not finish in {timeout} s")
         if self.error is not None:
@@ -328,11 +334,12 @@ class BatchEngine:
         listener: Callable[[Event], None] | None = None,
         **options: Any,
     ) -> Request:
-        """One question, as Pipeline.stream takes it (options: GenerationConfig's fields, and
-        raw=True for a prompt sent as written)."""
+        """One question, as Pipeline.stream takes it (options: GenerationConfig's fields,
+        raw=True for a prompt sent as written, and timeout_s, as submit_ids takes it)."""
+        timeout_s = self.pipe._timeout(options.pop("timeout_s", None))  # bad: refused at once
         pixels = [self.pipe.image_pixels(one) for one in image_list(image)]
         ids = self.pipe.prompt_ids(prompt, pixels, options.pop("raw", False))
-        return self.submit_ids(ids, pixels, options, listener)
+        return self.submit_ids(ids, pixels, options, listener, timeout_s)
 
     def submit_ids(
         self,
@@ -347,8 +354,13 @@ class BatchEngine:
         image it was rendered for (Pipeline.image_pixels).
 
         Checks it against the limits here, in the caller's thread, so bad input fails at once;
-        the image is encoded (or found in the feature cache) on admission.
-        timeout_s: a per-request time limit under the pipeline's own. started: when the request
+        the image is encoded (or found in the feature cache) on admission. A max_new_tokens past
+        the context is shortened to it, as Pipeline's answers are (the server refuses one before
+        it submits).
+        timeout_s: this request's time limit in place of the pipeline's `Limits.timeout_s`
+        (None: the pipeline's), as every Pipeline entry point takes it; it counts the wait for a
+        row, and past it the request fails with TimedOut. (A server taking one from its clients
+        would cap it at its own.) started: when the request
         began (time.perf_counter), if before this call: its time limit and timings count from
         there (a server's request arrives before its image is fetched and its prompt rendered).
         """
@@ -407,14 +419,14 @@ class BatchEngine:
                 f"the prompt holds {image_tokens} image tokens where the images given take "
                 f"{wanted}: render the prompt for the images it is sent with"
             )
-        limits = [t for t in (pipe.limits.timeout_s, timeout_s) if t]
+        timeout_s = pipe._timeout(timeout_s)
         return Request(
             list(ids),
             pixels,
             counts,
             config,
             AnswerText(pipe.codec, config.stop),
-            min(limits) if limits else None,
+            timeout_s,
             listener,
             started,
         )
@@ -569,6 +581,7 @@ class BatchEngine:
                 request.features = pipe.pixel_features(request.pixels)
                 request.pixels = []
             request.timer.mark("vision")
+            self._check_deadline(request)  # late from its image: no prompt run for nothing
             logits = self._prefill(request, row)
             request.timer.mark("prefill")
             self._check_deadline(request)  # as after a decode step: a late first token is late

@@ -80,8 +80,9 @@ def decode_loop(
 
     `seen` holds each row's ids so far (for the repetition penalty); the last token yielded is
     not fed back, so a caller continuing the sequence (chat) feeds it first. Past `timeout_s`
-    (counted from the timer's start) the loop stops with an error, checked after every decoder
-    call (the prompt's too: a one-token answer whose prefill ran late is late) and before one.
+    (counted from the timer's start) the loop stops with an error, checked before every decoder
+    call (the prompt's too: a request whose image took all its time runs no prompt) and after
+    one (a one-token answer whose prefill ran late is late).
     """
     sampler = Sampler(config)
     timer = timer or Timer()
@@ -92,6 +93,7 @@ def decode_loop(
             raise TimedOut.after(timeout_s)
 
     batch = embeds.shape[0]
+    check_deadline()
     logits = backend.decode(embeds, token_mask, positions, cache)
     timer.mark("prefill")
     check_deadline()

@@ -62,7 +62,8 @@ class Limits:
     turn, whatever form the image comes in. `max_prompt_tokens` bounds the prompt an answer is
     conditioned on: for a chat turn that is the whole conversation so far plus the new question
     (what a single request replaying the chat would send), so a chat cannot outgrow it.
-    `timeout_s` counts from the start of the request (for a chat turn, of the turn).
+    `timeout_s` counts from the start of the request (for a chat turn, of the turn); a call's
+    own `timeout_s=` takes its place for that call (see Pipeline.answer).
     """
 
     max_image_pixels: int | None = 50_000_000
@@ -72,16 +73,7 @@ class Limits:
 
     def __post_init__(self) -> None:
         for name in ("max_image_pixels", "max_prompt_tokens", "max_new_tokens", "timeout_s"):
-            value = getattr(self, name)
-            whole = name != "timeout_s"
-            kind = numbers.Integral if whole else numbers.Real
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:
-                raise LlavaEdgeError(
-                    f"the limit {name} must be a positive {'integer' if whole else 'number'} "
-                    f"(or None: no limit), got {value!r}"
-                )
+            _check_limit(name, getattr(self, name), "no limit")
 
     def check_options(self, config: GenerationConfig) -> None:
         if self.max_new_tokens is not None and config.max_new_tokens > self.max_new_tokens:
@@ -98,6 +90,19 @@ class Limits:
                 f"{what} {tokens} tokens, over this deployment's limit of "
                 f"{self.max_prompt_tokens}{fix}"
             )
+
+
+def _check_limit(name: str, value: Any, none_means: str) -> None:
+    """A limit is a positive number (whole, but for the time limit), or None."""
+    whole = name != "timeout_s"
+    kind = numbers.Integral if whole else numbers.Real
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, kind) or not value > 0
+    ):
+        raise LlavaEdgeError(
+            f"the limit {name} must be a positive {'integer' if whole else 'number'} "
+            f"(or None: {none_means}), got {value!r}"
+        )
 
 
 class Pipeline:
@@ -262,11 +267,22 @@ class Pipeline:
         """The answer's text. `image` may be a list of images (in the order of their `<image>`
         placeholders, or put before the question). Options are GenerationConfig's fields, plus
         raw=True to send the prompt as written (no chat template; it must then hold one `<image>`
-        per image given)."""
+        per image given) and timeout_s, this call's time limit (see `answer`)."""
         return self.answer(image, prompt, **options).text
 
     def answer(self, image: Images, prompt: str, **options: Any) -> Answer:
-        """Like generate, with token ids, finish reason and timings."""
+        """Like generate, with token ids, finish reason and timings.
+
+        max_new_tokens is a most, on every entry point of the library: an answer that reaches
+        the end of the model's context stops there (finish reason 'length'), where `serve`
+        refuses a max_tokens past the context, as OpenAI's API does (an HTTP client is told why
+        it cannot have what it asked for; an app reads the finish reason).
+
+        timeout_s (every entry point takes it: generate, answer, stream, generate_batch, a chat
+        and each of its turns, BatchEngine.submit): this call's time limit in seconds, in place
+        of the pipeline's `Limits.timeout_s` for this call only, tighter or looser (None: the
+        pipeline's; math.inf: none). Past it the call raises TimedOut, as past the pipeline's.
+        """
         pieces = self._stream(image, prompt, options)
         for _ in pieces:
             pass
@@ -290,6 +306,21 @@ class Pipeline:
         from llava_edge.runtime.batching import BatchEngine
 
         self._check_open()
+        if isinstance(requests, str | bytes) or not isinstance(requests, Iterable):
+            requests = [requests]  # refused just below, as one malformed request
+        requests = list(requests)
+        malformed = [
+            i
+            for i, one in enumerate(requests)
+            if not isinstance(one, list | tuple) or len(one) != 2
+        ]
+        if malformed:
+            one = requests[malformed[0]]
+            what = type(one).__name__ + (f" of {len(one)}" if isinstance(one, list | tuple) else "")
+            raise LlavaEdgeError(
+                "generate_batch takes a list of (image, prompt) pairs (image None for none); "
+                f"request {malformed[0]} is {what}"
+            )
         if not requests:
             return []
         raw = options.pop("raw", False)
@@ -314,9 +345,9 @@ class Pipeline:
         frames. Use it in a `with` block (or close() it): the source's reader stops when it ends.
 
         Options: frames (last K frames per prompt), changes_only, max_frames, live, timeout_s
-        (seconds with no frame before the source counts as stalled; an answer's own time limit is
-        the pipeline's Limits.timeout_s), folder_fps (see llava_edge.runtime.watch), and the
-        generation options of `answer`.
+        (seconds with no frame before the source counts as stalled), answer_timeout_s (each
+        answer's time limit, in place of the pipeline's Limits.timeout_s), folder_fps (see
+        llava_edge.runtime.watch), and the generation options of `answer`.
         Video needs PyAV (`pip install 'llava-edge[video]'`).
         """
         from llava_edge.runtime.watch import watch
@@ -332,7 +363,9 @@ class Pipeline:
         """A multi-turn conversation about an image (or a list of them, all with the first
         question); each turn reuses the cache of the last.
 
-        `options` (GenerationConfig's fields) apply to every turn; a turn may override them.
+        `options` (GenerationConfig's fields, and timeout_s) apply to every turn; a turn may
+        override them. The images are encoded here, so a bad one fails at once; a turn's time
+        limit counts from that turn.
         history: earlier (question, answer) turns to go on from, rendered as if this session had
         asked them and the model had given those answers (each closed by its end of sequence).
         """
@@ -364,13 +397,16 @@ class Pipeline:
 
     def _stream(self, image: Images, prompt: str, options: dict) -> TextStream:
         raw = options.pop("raw", False)
+        timeout_s = self._timeout(options.pop("timeout_s", None))
         config = self._config(options)
         timer = Timer()
         ids, features = self._prepare(image, prompt, raw=raw)
         timer.mark("vision")
         config = self._fit_context(config, len(ids))
         cache = self.backend.new_cache(1)
-        return TextStream(self, cache, ids, ids, features, config, timer, start_position=0)
+        return TextStream(
+            self, cache, ids, ids, features, config, timer, timeout_s, start_position=0
+        )
 
     def _check_open(self) -> None:
         if self.closed:
@@ -559,6 +595,11 @@ class Pipeline:
                 self._features.popitem(last=False)
         return features
 
+    def _timeout(self, timeout_s: Any) -> float | None:
+        """A call's time limit: its own `timeout_s` if it gave one, else the pipeline's."""
+        _check_limit("timeout_s", timeout_s, "the pipeline's Limits.timeout_s")
+        return self.limits.timeout_s if timeout_s is None else timeout_s
+
     def _config(self, options: dict) -> GenerationConfig:
         known = {f.name for f in fields(GenerationConfig)}
         unknown = sorted(set(options) - known)
@@ -580,7 +621,8 @@ class Pipeline:
     def _fit_context(
         self, config: GenerationConfig, prompt_len: int, used: int = 0
     ) -> GenerationConfig:
-        """Fail on a prompt that cannot fit; shorten max_new_tokens to what is left."""
+        """Fail on a prompt that cannot fit; shorten max_new_tokens to what is left (the
+        library's answers stop at the context's end; serve checks first, and refuses)."""
         limit = self.max_context
         room = limit - used - prompt_len
         if room < 1 and used:
@@ -620,7 +662,9 @@ class ChatSession:
         history: list[tuple[str, str]],
     ):
         pipeline._check_open()
-        pipeline._config(dict(options))  # bad options fail here, not at the first turn
+        checked = dict(options)  # bad options fail here, not at the first turn
+        pipeline._timeout(checked.pop("timeout_s", None))
+        pipeline._config(checked)
         if not isinstance(history, list | tuple) or any(
             not isinstance(turn, list | tuple) or len(turn) != 2 or turn[1] is None
             for turn in history
@@ -648,7 +692,8 @@ class ChatSession:
         self._open: weakref.ref[TextStream] | None = None  # the latest turn's stream
 
     def ask(self, prompt: str, **options: Any) -> str:
-        """The answer to one more question (the turn counts: it always finishes)."""
+        """The answer to one more question; the turn counts, as it is read to its end (one
+        that times out or fails is rolled back, as any unfinished turn is)."""
         stream = self._turn(prompt, {**self.options, **options})
         for _ in stream:
             pass
@@ -670,6 +715,7 @@ class ChatSession:
                 "thread at a time; let that turn end first, or give each thread its own chat"
             )
         _check_text(prompt)
+        timeout_s = pipe._timeout(options.pop("timeout_s", None))
         config = pipe._config(options)
         first = not self.ids
         if not prompt.strip() and not (first and self.pixels):
@@ -696,6 +742,7 @@ class ChatSession:
             self.features if self.fed == 0 else None,  # the image's tokens are still to feed
             config,
             Timer(),
+            timeout_s,
             start_position=self.fed,
             turn=_Turn(self, prompt),
         )
@@ -776,6 +823,7 @@ class TextStream:
         features: np.ndarray | None,
         config: GenerationConfig,
         timer: Timer,
+        timeout_s: float | None,
         start_position: int,
         turn: _Turn | None = None,
     ):
@@ -788,6 +836,7 @@ class TextStream:
             features,
             config,
             timer,
+            timeout_s,
             start_position,
             turn,
             self._result,
@@ -846,6 +895,7 @@ def _pieces(
     features: np.ndarray | None,
     config: GenerationConfig,
     timer: Timer,
+    timeout_s: float | None,
     start_position: int,
     turn: _Turn | None,
     result: list[Answer],
@@ -874,7 +924,7 @@ def _pieces(
             pipe._pad_id,
             [np.asarray(all_ids)],
             timer,
-            pipe.limits.timeout_s,
+            timeout_s,
         )
         for step in steps:
             token = int(step.tokens[0])

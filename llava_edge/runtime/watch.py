@@ -33,7 +33,12 @@ from typing import Any
 
 from llava_edge.errors import LlavaEdgeError, TimedOut
 from llava_edge.runtime.frames import DEFAULT_TIMEOUT_S, Frame, open_frames
+from llava_edge.runtime.image import load_image
 from llava_edge.runtime.template import IMAGE_PLACEHOLDER
+
+# Unreadable frames in a row that end a watch: one is a glitch (a JPEG cut short in transit, a
+# driver's torn buffer), and the watch goes on; a source whose frames keep failing is broken.
+BAD_FRAMES_IN_A_ROW = 5
 
 
 @dataclass
@@ -46,9 +51,10 @@ class WatchAnswer:
     skipped: int  # frames due for an answer that were dropped while the last answer ran
     frames: list[int] = field(default_factory=list)  # indices of every frame in the prompt
     timings: dict[str, float] = field(default_factory=dict)
-    # Why this frame has no answer: it ran past the time limit (`timeout_s` of the pipeline's
-    # Limits). The watch goes on with the next frame: one slow answer does not end a robot's
-    # watch.
+    # Why this frame has no answer: it ran past its time limit (`answer_timeout_s`, else the
+    # pipeline's Limits.timeout_s), or it could not be read as an image (corrupt bytes, a bad
+    # array, over the pixel limit). The watch goes on with the next frame: one slow answer or
+    # one bad frame does not end a robot's watch (BAD_FRAMES_IN_A_ROW unreadable ones do).
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,6 +117,7 @@ def watch(
     live: bool | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     folder_fps: float | None = None,
+    answer_timeout_s: float | None = None,
     **options: Any,
 ) -> Watch:
     """Answers about `source`'s frames. The arguments are checked at once (an image folder is
@@ -121,19 +128,24 @@ def watch(
     `pipe.images_that_fit(prompt)`: as many as the context holds with the question and an
     answer); while they fill up, the first answers have fewer, so the question holds no `<image>`
     placeholder unless frames is 1 (a raw prompt then holds exactly one). max_frames: stop after
-    answering this many frames. timeout_s: how long the source may send no frame before it
-    counts as stalled (the watch ends with an error); an answer's own time limit is the
-    pipeline's `Limits.timeout_s`. The remaining options are the generation options of
-    `Pipeline.answer`.
+    this many frames (answered, or reported without an answer: late or unreadable). timeout_s:
+    how long the source may send no frame before it counts as stalled (the watch ends with an
+    error). answer_timeout_s: each answer's time limit, in place of the pipeline's
+    `Limits.timeout_s` (an answer past it is reported, and the watch goes on). The remaining
+    options are the generation options of `Pipeline.answer`.
     """
     pipe._check_open()
+    if answer_timeout_s is not None:
+        pipe._timeout(answer_timeout_s)  # a bad one fails now
+        options = {**options, "timeout_s": answer_timeout_s}
     if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
         raise LlavaEdgeError(f"frames must be at least 1, got {frames!r}")
     if max_frames is not None and (
         isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1
     ):
         raise LlavaEdgeError(f"max_frames must be a whole number, at least 1, got {max_frames!r}")
-    pipe._config({k: v for k, v in options.items() if k != "raw"})  # bad options fail now
+    # bad options fail now
+    pipe._config({k: v for k, v in options.items() if k not in ("raw", "timeout_s")})
     _check_placeholders(prompt, frames, raw=bool(options.get("raw")))
     fit = pipe.images_that_fit(prompt, raw=bool(options.get("raw")))
     if fit == 0:
@@ -189,11 +201,27 @@ def _answers(
 ) -> Generator[WatchAnswer, None, None]:
     window: deque[Frame] = deque(maxlen=frames)
     last_text: str | None = None
-    answered = 0
+    answered = bad = 0
     try:
         for frame in stream:
             if cancel.is_set():
                 return
+            try:  # decoded here, so that a bad frame is told from a failing answer
+                frame.pixels = load_image(frame.image, pipe.limits.max_image_pixels)
+                bad = 0
+            except LlavaEdgeError as e:
+                bad += 1
+                if bad >= BAD_FRAMES_IN_A_ROW:
+                    raise LlavaEdgeError(
+                        f"{bad} frames in a row could not be read, the last ({frame.index}): "
+                        f"{e}; check the source"
+                    ) from None
+                error = f"frame {frame.index} could not be read: {e}"
+                yield WatchAnswer(frame.index, frame.timestamp, "", frame.skipped, [], {}, error)
+                answered += 1
+                if max_frames is not None and answered >= max_frames:
+                    return
+                continue
             window.append(frame)
             started = time.monotonic()
             images = [f.image for f in window]
