@@ -158,10 +158,14 @@ def train(
             f"skipped {len(dataset.skipped)} bad sample(s) of {data}; the first: {dataset.skipped[0]}"
         )
 
+    # A full run resumes by building the model from its checkpoint: building it from --model and
+    # then loading the checkpoint would hold two models (28 GB more at 7B in fp32).
+    weights = _plain_weights(resume_from, opts) or model_path
     try:
-        llava = load_model(model_path, dtype=torch.float32, use_safetensors=True)
+        llava = load_model(weights, dtype=torch.float32, use_safetensors=True)
     except OSError as e:  # no weights file
-        raise LlavaEdgeError(f"cannot load --model {model}: {first_line(e)}") from None
+        source = f"--model {model}" if weights == model_path else f"--resume checkpoint {weights}"
+        raise LlavaEdgeError(f"cannot load {source}: {first_line(e)}") from None
     freeze_for_stage(llava, stage)
     trained = add_lora_if(llava, opts)
     args = _training_args(out / TRAINER_DIR, stage, opts, defaults, dataset.has_text_only)
@@ -169,7 +173,15 @@ def train(
     if projector_lr is None and opts.lora:
         projector_lr = LORA_PROJECTOR_LR
     trainer = _make_trainer(
-        trained, args, dataset, processor, projector_lr, template_name, callbacks, opts.progress
+        trained,
+        args,
+        dataset,
+        processor,
+        projector_lr,
+        template_name,
+        callbacks,
+        opts.progress,
+        built_from=weights,
     )
     # Only now, with every input read and the model loaded, may an earlier run's checkpoints go.
     if trainer.is_world_process_zero():
@@ -196,6 +208,14 @@ def train(
         skipped=len(dataset.skipped),
         model=final,
     )
+
+
+def _plain_weights(checkpoint: Path | None, opts: TrainOptions) -> Path | None:
+    """The trainer checkpoint whose full weights the model can be built from, or None (no resume;
+    adapters, which load onto the base; DeepSpeed and FSDP, which load their own sharded way)."""
+    if checkpoint is None or opts.lora or opts.deepspeed or opts.fsdp:
+        return None
+    return checkpoint if (checkpoint / "config.json").is_file() else None
 
 
 def _load_processor_and_config(model: str | os.PathLike, path: Path) -> tuple[Any, Any]:
@@ -594,7 +614,10 @@ def _make_trainer(
     template_name: str,
     callbacks: Sequence[Any],
     progress: bool,
+    built_from: Path,
 ) -> Any:
+    """built_from: the dir the model's weights were loaded from (--model, or the checkpoint a
+    full run resumes from)."""
     from transformers import ProgressCallback, Trainer
     from transformers.trainer_utils import rotate_checkpoints
 
@@ -691,18 +714,11 @@ def _make_trainer(
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
             # transformers 5 saves LLaVA in the llava-hf key layout, but Trainer reloads a
             # checkpoint with a plain load_state_dict that matches none of those keys and only
-            # warns: the run would go on from the starting weights. from_pretrained knows the
-            # layout. (Adapters, FSDP and DeepSpeed checkpoints load their own way.)
-            target = self.model if model is None else model
-            plain = not hasattr(target, "peft_config") and not self.is_fsdp_enabled
-            if not plain or not (Path(resume_from_checkpoint) / "config.json").is_file():
-                return super()._load_from_checkpoint(resume_from_checkpoint, model)
-            import torch
-
-            saved = type(target).from_pretrained(
-                resume_from_checkpoint, dtype=torch.float32, use_safetensors=True
-            )
-            target.load_state_dict(saved.state_dict())
+            # warns: the run would go on from the starting weights. train() builds a full run's
+            # model from the checkpoint instead (from_pretrained knows the layout), which leaves
+            # nothing to load here. Adapters, FSDP and DeepSpeed checkpoints load their own way.
+            if Path(resume_from_checkpoint) != built_from:
+                super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     class Progress(ProgressCallback):
         """The loss and learning rate on the progress bar instead of a printed line a step."""
