@@ -3,6 +3,9 @@ options that decide which samples a saved step counter refers to must be the sav
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -54,3 +57,82 @@ def test_a_full_run_resumes_with_the_model_built_once_from_the_checkpoint(
     assert projector and not all(torch.equal(saved[k], start[k]) for k in projector)
     for key in saved:
         torch.testing.assert_close(final[key], saved[key], atol=0, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def saved_run(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
+    """A stage-1 OUT with a trainer checkpoint at step 1 of 2 (4 samples, batches of 2)."""
+    root = tmp_path_factory.mktemp("saved")
+    data = synthesize(root / "data", train=4, test=0, seed=1)
+    out = root / "out"
+    train(1, tiny_checkpoint, data["captions"], out, images=data["images"], max_steps=1,
+          save_steps=1, max_length=512, seed=7, force=True, **FAST)  # fmt: skip
+    return {"out": out, "data": data["captions"], "images": data["images"]}
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+
+
+def resume_argv(run: dict[str, Path], model: Path, data: Path, *options: str) -> list[str]:
+    argv = ["train", "--stage", "1", "--model", str(model), "--out", str(run["out"]), "--resume"]
+    argv += ["--data", str(data), "--images", str(run["images"]), "--batch-size", "2"]
+    return [*argv, "--max-length", "512", "--seed", "7", "--max-steps", "2", *options]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (["--max-length", "256"], "was trained with --max-length 512, not 256"),
+        (["--seed", "8"], "was trained with --seed 7, not 8"),
+        (["--batch-size", "4"], "was trained with --batch-size 2, not 4"),
+        ("edited", "was trained on --data {old} of sha256 "),
+        ("fewer", "was trained on 4 samples of --data {data}, not the 3 kept now"),
+    ],
+)
+def test_resuming_on_other_samples_is_refused_in_one_line(
+    change, message, saved_run, tiny_checkpoint, tmp_path, capsys
+):
+    """The saved step count says how many batches of the run's samples, in the run's order, were
+    trained: other data, truncation, seed (order) or global batch would skip other ones."""
+    from llava_edge.cli import main as cli
+
+    data, images, options = saved_run["data"], saved_run["images"], change
+    if change == "edited":
+        samples = json.loads(data.read_text())
+        samples[0]["conversations"][1]["value"] += " Edited."
+        data, options = tmp_path / "data.json", []
+        data.write_text(json.dumps(samples))
+    elif change == "fewer":  # one image gone since: --skip-bad leaves its sample out
+        images = Path(shutil.copytree(images, tmp_path / "images"))
+        (images / json.loads(data.read_text())[0]["image"]).unlink()
+        options = ["--skip-bad"]
+    before = snapshot(saved_run["out"])
+    run = {**saved_run, "images": images}
+    assert cli([*resume_argv(run, tiny_checkpoint, data, *options)]) == 1
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err
+    assert message.format(old=saved_run["data"], data=data) in last, err[-2000:]
+    assert last.endswith("or pass --force to start over")
+    assert snapshot(saved_run["out"]) == before
+
+
+def test_resuming_with_options_that_leave_the_samples_alone_goes_on(
+    saved_run, tiny_checkpoint, tmp_path
+):
+    """More --max-steps, other --save-steps, --logging-steps, --per-device-batch-size (the same
+    global batch), --workers, --warmup-ratio, gradient checkpointing (the saved run had none),
+    and the same data at another path, with another modification time."""
+    from llava_edge.cli import main as cli
+
+    run = {**saved_run, "out": Path(shutil.copytree(saved_run["out"], tmp_path / "out"))}
+    moved = Path(shutil.copy(saved_run["data"], tmp_path / "moved.json"))
+    os.utime(moved, (1, 1))
+    argv = resume_argv(run, tiny_checkpoint, moved, "--save-steps", "5", "--logging-steps", "2")
+    argv += ["--per-device-batch-size", "1", "--workers", "0", "--warmup-ratio", "0.5"]
+    assert cli(argv) == 0
+    state = json.loads(
+        (run["out"] / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text()
+    )
+    assert state["global_step"] == 2

@@ -157,6 +157,10 @@ def train(
         stderr(
             f"skipped {len(dataset.skipped)} bad sample(s) of {data}; the first: {dataset.skipped[0]}"
         )
+    global_batch = opts.global_batch_size or defaults.global_batch_size
+    run = _run_record(data, len(dataset), labeler.max_length, opts.seed, global_batch)
+    if resume_from is not None:
+        _check_same_samples(resume_from, run)
 
     # A full run resumes by building the model from its checkpoint: building it from --model and
     # then loading the checkpoint would hold two models (28 GB more at 7B in fp32).
@@ -182,6 +186,7 @@ def train(
         callbacks,
         opts.progress,
         built_from=weights,
+        run=run,
     )
     # Only now, with every input read and the model loaded, may an earlier run's checkpoints go.
     if trainer.is_world_process_zero():
@@ -483,6 +488,68 @@ def _check_resumable(checkpoint: Path, opts: TrainOptions, template: str) -> Non
             )
 
 
+RUN_FILE = "llava_edge_run.json"  # in each trainer checkpoint: the samples its steps went through
+RUN_SETTINGS = {  # a run record's key: its option, what another value changes
+    "max_length": ("--max-length", "samples truncated otherwise"),
+    "seed": ("--seed", "another order of the samples"),
+    "batch_size": ("--batch-size", "other samples in each step"),
+}
+
+
+def _run_record(
+    data: str | os.PathLike, samples: int, max_length: int, seed: int, batch_size: int
+) -> dict[str, Any]:
+    """What a checkpoint's step count refers to: that many global batches of these samples, in
+    this order. The data is known by its content, not its path or modification time, which a
+    move or a copy to another machine changes (hashing costs a second a GB, beside parsing it)."""
+    from llava_edge.manifest import sha256
+
+    return {
+        "data": str(data),
+        "data_sha256": sha256(data),
+        "samples": samples,
+        "max_length": max_length,
+        "seed": seed,
+        "batch_size": batch_size,
+    }
+
+
+def _check_same_samples(checkpoint: Path, now: Mapping[str, Any]) -> None:
+    """Refuse to resume on samples other than those the checkpoint's step count refers to:
+    Trainer would skip that many batches of the new ones, training some twice and others never.
+    Checkpoints saved without a record are not checked."""
+    try:
+        was = json.loads((checkpoint / RUN_FILE).read_text())
+    except FileNotFoundError:
+        return
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LlavaEdgeError(
+            f"--resume: cannot read {checkpoint / RUN_FILE} ({first_line(e)}); pass --force to "
+            "start over"
+        ) from None
+    if was.get("data_sha256") not in (None, now["data_sha256"]):
+        raise LlavaEdgeError(
+            f"--resume: {checkpoint} was trained on --data {was.get('data')} of sha256 "
+            f"{was['data_sha256'][:12]}, not {now['data']} of sha256 {now['data_sha256'][:12]} "
+            "(its step count refers to that file's samples); resume with that data, or pass "
+            "--force to start over"
+        )
+    if was.get("samples") not in (None, now["samples"]):
+        raise LlavaEdgeError(
+            f"--resume: {checkpoint} was trained on {was['samples']} samples of --data "
+            f"{now['data']}, not the {now['samples']} kept now (--skip-bad finds other samples "
+            "bad: images gone or unreadable since); bring those images back, or pass --force to "
+            "start over"
+        )
+    for key, (flag, why) in RUN_SETTINGS.items():
+        if was.get(key) not in (None, now[key]):
+            raise LlavaEdgeError(
+                f"--resume: {checkpoint} was trained with {flag} {was[key]}, not {now[key]} "
+                f"({why}: its step count would skip other batches than those it trained); "
+                + RESUME_HINT
+            )
+
+
 def _check_whole(checkpoint: Path) -> None:
     """A checkpoint whose state or weights cannot be read (truncated by a copy that did not
     finish, damaged on disk) is named before any work; Trainer would fail on it with a
@@ -615,9 +682,10 @@ def _make_trainer(
     callbacks: Sequence[Any],
     progress: bool,
     built_from: Path,
+    run: Mapping[str, Any],
 ) -> Any:
     """built_from: the dir the model's weights were loaded from (--model, or the checkpoint a
-    full run resumes from)."""
+    full run resumes from). run: what each checkpoint's step count refers to (_run_record)."""
     from transformers import ProgressCallback, Trainer
     from transformers.trainer_utils import rotate_checkpoints
 
@@ -699,6 +767,7 @@ def _make_trainer(
             self.accelerator.wait_for_everyone()
             if self.is_world_process_zero():
                 write_llava_edge_file(staging, template_name)
+                (staging / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
                 final = run_dir / f"{prefix}-{step}"
                 shutil.rmtree(final, ignore_errors=True)
                 sync_tree(staging)  # on disk before its name says it is whole
