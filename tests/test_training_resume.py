@@ -136,3 +136,35 @@ def test_resuming_with_options_that_leave_the_samples_alone_goes_on(
         (run["out"] / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text()
     )
     assert state["global_step"] == 2
+
+
+def test_resuming_a_run_at_its_last_step_trains_no_more(tiny_checkpoint, tmp_path, capsys):
+    """Killed while writing the final OUT, a run has its checkpoint at --max-steps: resumed, it
+    writes that checkpoint's weights (Trainer would train one step more, mid-epoch); a checkpoint
+    past --max-steps is refused."""
+    from llava_edge.cli import main as cli
+
+    data = synthesize(tmp_path / "data", train=6, test=0, seed=1)  # 3 steps an epoch
+    out = tmp_path / "out"
+    options = dict(images=data["images"], max_steps=2, save_steps=1, **FAST)
+    train(1, tiny_checkpoint, data["captions"], out, force=True, **options)
+    (out / "model.safetensors").unlink()  # as if killed before the final save
+    saved = load_file(str(out / "checkpoints" / "checkpoint-2" / "model.safetensors"))
+    result = train(1, tiny_checkpoint, data["captions"], out, resume=True, **options)
+    assert result.steps == 2 and [step for step, _ in result.losses] == [1, 2]
+    final = load_file(str(out / "model.safetensors"))
+    for key in saved:
+        torch.testing.assert_close(final[key], saved[key], atol=0, rtol=0)
+
+    before = snapshot(out)
+    argv = ["train", "--stage", "1", "--model", str(tiny_checkpoint), "--out", str(out)]
+    argv += ["--data", str(data["captions"]), "--images", str(data["images"]), "--resume"]
+    assert cli([*argv, "--batch-size", "2", "--max-steps", "1"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.endswith("checkpoint-2 is at step 2, past --max-steps 1; give --max-steps 2 or "
+                         "more, or pass --force to start over")  # fmt: skip
+    assert cli([*argv, "--batch-size", "2", "--epochs", "0.3"]) == 1  # 1 step of 3
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "checkpoint-2 is at step 2, past the 1 steps of --epochs 0.3; give" in err
+    assert snapshot(out) == before

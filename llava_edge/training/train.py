@@ -456,7 +456,9 @@ def _check_resumable(checkpoint: Path, opts: TrainOptions, template: str) -> Non
     from llava_edge.manifest import read_checkpoint_template
     from llava_edge.training.lora import CONFIG_NAME
 
-    _check_whole(checkpoint)
+    step = _check_whole(checkpoint).get("global_step", 0)
+    if opts.max_steps > 0 and step > opts.max_steps:
+        raise past_the_end(checkpoint, step, f"--max-steps {opts.max_steps}")
     config = checkpoint / CONFIG_NAME
     if config.is_file() != opts.lora:
         kind = "with" if config.is_file() else "without"
@@ -550,10 +552,17 @@ def _check_same_samples(checkpoint: Path, now: Mapping[str, Any]) -> None:
             )
 
 
-def _check_whole(checkpoint: Path) -> None:
-    """A checkpoint whose state or weights cannot be read (truncated by a copy that did not
-    finish, damaged on disk) is named before any work; Trainer would fail on it with a
-    traceback once the model had loaded."""
+def past_the_end(checkpoint: Path | str, step: int, end: str) -> LlavaEdgeError:
+    return LlavaEdgeError(
+        f"--resume: {checkpoint} is at step {step}, past {end}; give --max-steps {step} or more, "
+        "or pass --force to start over"
+    )
+
+
+def _check_whole(checkpoint: Path) -> dict[str, Any]:
+    """The checkpoint's trainer state. A checkpoint whose state or weights cannot be read
+    (truncated by a copy that did not finish, damaged on disk) is named before any work; Trainer
+    would fail on it with a traceback once the model had loaded."""
     from safetensors import SafetensorError, safe_open
 
     damaged = (
@@ -562,7 +571,7 @@ def _check_whole(checkpoint: Path) -> None:
     )
     state = checkpoint / "trainer_state.json"
     try:
-        json.loads(state.read_text())
+        saved = json.loads(state.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise LlavaEdgeError(f"--resume: cannot read {state} ({first_line(e)}){damaged}") from None
     for weights in sorted(checkpoint.glob("*.safetensors")):
@@ -573,6 +582,7 @@ def _check_whole(checkpoint: Path) -> None:
             raise LlavaEdgeError(
                 f"--resume: cannot read {weights} ({first_line(e)}){damaged}"
             ) from None
+    return saved if isinstance(saved, dict) else {}
 
 
 def _check_out_spares_inputs(out: Path, inputs: Mapping[str, Any]) -> None:
@@ -779,6 +789,23 @@ def _make_trainer(
                     str(run_dir), self.args.save_total_limit, self.state.best_model_checkpoint
                 )
             self.accelerator.wait_for_everyone()
+
+        def _init_training_state(
+            self, max_steps: int, per_epoch: int, epochs: int, checkpoint: Any, trial: Any
+        ) -> tuple[int, int]:
+            epochs_trained, batches_trained = super()._init_training_state(
+                max_steps, per_epoch, epochs, checkpoint, trial
+            )
+            # A checkpoint at the last step (a run killed while writing OUT) has nothing left to
+            # train; Trainer would take one step more where the run ends mid-epoch. One past the
+            # end (fewer --epochs now) is refused; --max-steps is checked before any work.
+            step = self.state.global_step
+            if checkpoint is not None and step > max_steps:
+                epochs_asked = f"--epochs {self.args.num_train_epochs:g}"
+                raise past_the_end(checkpoint, step, f"the {max_steps} steps of {epochs_asked}")
+            if checkpoint is not None and step == max_steps:
+                return epochs, 0
+            return epochs_trained, batches_trained
 
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
             # transformers 5 saves LLaVA in the llava-hf key layout, but Trainer reloads a
