@@ -71,6 +71,9 @@ def data(tmp_path_factory) -> dict[str, Path]:
             ["--stage", "2", "--lora-rank", "4", "--lora-alpha", "8", "--lora-dropout", "0.1"],
             "--lora-rank, --lora-alpha, --lora-dropout: LoRA options, for stage 2 with --lora",
         ),
+        # stage 1 trains the projector alone: its rate is --lr, which would then do nothing
+        (["--projector-lr", "1e-4"], "--projector-lr: stage 1 trains only the projector; give "),
+        (["--stage", "2", "--lora-dropout", "0"], "--lora-dropout: LoRA options, for stage 2"),
         (["--precision", "fp16"], "--precision fp16 needs a GPU"),
         (["--resume"], "--resume goes on from OUT's checkpoints and --force starts over; choose"),
     ],

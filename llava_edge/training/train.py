@@ -281,8 +281,10 @@ def check_options(stage: int, opts: TrainOptions, given: Mapping[str, Any] | Non
         raise LlavaEdgeError(f"--stage must be 1 or 2, not {stage}")
     if opts.lora and stage == 1:
         raise LlavaEdgeError("--lora is for stage 2; stage 1 trains only the projector")
-    lora_only = [
-        flag for name, flag in LORA_ONLY.items() if (given or {}).get(name) not in (None, False)
+    lora_only = [  # `is not`: --lora-dropout 0 is given too
+        flag
+        for name, flag in LORA_ONLY.items()
+        if (given or {}).get(name) is not None and (given or {}).get(name) is not False
     ]
     if lora_only and not opts.lora:
         raise LlavaEdgeError(f"{', '.join(lora_only)}: LoRA options, for stage 2 with --lora")
@@ -322,6 +324,10 @@ def check_options(stage: int, opts: TrainOptions, given: Mapping[str, Any] | Non
     ):
         if not 0 <= value < 1:
             raise LlavaEdgeError(f"{flag} must be at least 0 and below 1, not {value}")
+    if stage == 1 and opts.projector_lr is not None:
+        raise LlavaEdgeError(
+            "--projector-lr: stage 1 trains only the projector; give its rate with --lr"
+        )
     _precision(opts.precision)
     _check_report_to(opts.report_to)
     _check_parallel_configs(opts.deepspeed, opts.fsdp)
