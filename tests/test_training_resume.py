@@ -123,10 +123,14 @@ def test_resuming_with_options_that_leave_the_samples_alone_goes_on(
 ):
     """More --max-steps, other --save-steps, --logging-steps, --per-device-batch-size (the same
     global batch), --workers, --warmup-ratio, gradient checkpointing (the saved run had none),
-    and the same data at another path, with another modification time."""
+    another --precision (the saved run's fp16 loss scale is of no use to fp32), and the same
+    data at another path, with another modification time."""
     from llava_edge.cli import main as cli
 
     run = {**saved_run, "out": Path(shutil.copytree(saved_run["out"], tmp_path / "out"))}
+    # As a run under --precision fp16 (on a GPU) saves its loss scaler's state.
+    scaler = torch.amp.GradScaler("cpu", enabled=True).state_dict()
+    torch.save(scaler, run["out"] / "checkpoints" / "checkpoint-1" / "scaler.pt")
     moved = Path(shutil.copy(saved_run["data"], tmp_path / "moved.json"))
     os.utime(moved, (1, 1))
     argv = resume_argv(run, tiny_checkpoint, moved, "--save-steps", "5", "--logging-steps", "2")

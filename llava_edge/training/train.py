@@ -796,6 +796,12 @@ def _make_trainer(
                 )
             self.accelerator.wait_for_everyone()
 
+        def _load_scaler(self, checkpoint: str | None) -> None:
+            # A run saved under --precision fp16 keeps its loss scale; resumed in bf16 or fp32
+            # there is no scaler to take it (Trainer would fail on None), nor a use for it.
+            if self.accelerator.scaler is not None:
+                super()._load_scaler(checkpoint)
+
         def _init_training_state(
             self, max_steps: int, per_epoch: int, epochs: int, checkpoint: Any, trial: Any
         ) -> tuple[int, int]:
