@@ -159,16 +159,17 @@ def test_held_out_samples_share_nothing_with_calibration(tmp_path: Path) -> None
     """A LLaVA JSON may repeat a sample, or ask several questions of one picture: the report's
     held-out samples must still be data calibration never saw, pictures included (the vision
     encoder's and projector's rows compare on the pictures alone)."""
-    from llava_edge.calib.quantize import _split
+    from llava_edge.calib.quantize import _choose
 
     for i in range(5):
         _picture(tmp_path / f"{i}.png", (40 * i, 90, 200))
     pairs = [(0, "A"), (1, "A"), (0, "A"), (2, "A"), (3, "A"), (4, "A"), (1, "B")]
     calib = _llava_json(tmp_path / "c.json", [_item(f"{i}.png", q) for i, q in pairs])
-    calibration, held_out, _ = _split("int8", calib, None, 32, report=True)
+    samples = load_samples(calib, None)
+    calibration, held_out = _choose("int8", samples, 32, report=True)
     assert len(set(calibration)) == len(calibration) == 4 and held_out
     assert not {s.image for s in calibration} & {s.image for s in held_out}
-    calibration, held_out, _ = _split("int8", calib, None, 32, report=False)
+    calibration, held_out = _choose("int8", samples, 32, report=False)
     assert len(set(calibration)) == len(calibration) == 6 and not held_out
 
 

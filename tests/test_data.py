@@ -98,6 +98,9 @@ def test_parse_sample_normalises_the_image_placeholder():
     assert parse_sample(trailing, 1).turns[0][0] == "what is it?"
     text_only = parse_sample(sample(2, image=None), 2)
     assert text_only.image is None and text_only.turns[0][0] == "hello 2?"
+    # Multi-image LLaVA data writes every sample's image as a list, of one picture here (as
+    # quantize's calibration data takes it).
+    assert parse_sample({**sample(3), "image": ["a.png"]}, 3).image == "a.png"
 
 
 def _broken(change) -> dict:

@@ -4,6 +4,7 @@ sample, before any graph is quantized, and no output dir."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -66,13 +67,75 @@ def test_unusable_calibration_data_is_named_before_any_work(
         raise AssertionError("a graph was quantized before the data was checked")
 
     monkeypatch.setattr(quantize, "int8_dynamic", no_work)
-    args = ["--precision", "int8", *source, "--samples", "3", "--report"]
+    # Left out, the bad sample leaves too few for --samples 4 (one more is held out).
+    args = ["--precision", "int8", *source, "--samples", "4", "--report"]
     out = tmp_path / "out"
     assert main(["quantize", str(tiny_model_dir), str(out), *args]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("llava-edge quantize: error:") and "\n" not in err
     assert str(picture) in err and message in err
+    assert re.search(
+        "1 bad sample.s. of .* leave [23] to calibrate on, fewer than --samples 4", err
+    )
     assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+class Stop(Exception):
+    pass
+
+
+def _calib_json_with_bad_samples(tmp_path: Path) -> Path:
+    """6 samples: the first's picture is gone, the fourth's is not a picture."""
+    _pictures(tmp_path / "images", 6)
+    (tmp_path / "images" / "0.png").unlink()
+    (tmp_path / "images" / "3.png").write_bytes(b"not a picture")
+    items = [
+        {"image": f"{i}.png", "conversations": [{"from": "human", "value": "<image>\nWhat?"}]}
+        for i in range(6)
+    ]
+    path = tmp_path / "calib.json"
+    path.write_text(json.dumps(items))
+    return path
+
+
+def test_bad_calibration_samples_are_left_out_while_enough_remain(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calib = _calib_json_with_bad_samples(tmp_path)
+    calibrated: list[list] = []
+
+    def activations(model_dir: Path, samples: list, *args: object, **kwargs: object) -> None:
+        calibrated.append(samples)
+        raise Stop  # enough: the samples to calibrate on are known
+
+    monkeypatch.setattr(quantize, "Activations", activations)
+    said: list[str] = []
+    with pytest.raises(Stop):
+        quantize.quantize_model(
+            tiny_model_dir, tmp_path / "out", "int8", calib=calib, samples=4, log=said.append
+        )
+    assert [s.image.name for s in calibrated[0]] == ["1.png", "2.png", "4.png", "5.png"]
+    assert len(said) == 1
+    assert said[0].startswith(
+        f"skipped 2 bad sample(s) of {calib}; the first: {calib}: image 0.png of sample 0 is "
+        "not under"
+    )
+
+
+def test_too_few_good_calibration_samples_are_refused_naming_the_count(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    calib = _calib_json_with_bad_samples(tmp_path)
+    out = tmp_path / "out"
+    args = ["--precision", "int8", "--calib", str(calib), "--samples", "5"]
+    assert main(["quantize", str(tiny_model_dir), str(out), *args]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(
+        f"llava-edge quantize: error: 2 bad sample(s) of {calib} leave 4 to calibrate on, "
+        f"fewer than --samples 5 (the first: {calib}: image 0.png of sample 0 is not under"
+    )
+    assert err.endswith("fix or remove them, or pass --samples 4")
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("given", ["--calib", "--images"])
@@ -337,7 +400,7 @@ def test_samples_may_be_a_numpy_integer(
 
     taken: list[object] = []
 
-    def split(precision: str, calib: object, images: object, samples: object, report: bool):
+    def split(precision: str, calib: object, images: object, samples: object, *rest: object):
         taken.append(samples)
         raise KeyboardInterrupt  # enough: the count got through
 
@@ -351,3 +414,37 @@ def test_samples_may_be_a_numpy_integer(
             samples=np.int64(8),
         )
     assert taken == [8] and type(taken[0]) is int
+
+
+@pytest.mark.parametrize("pictures", [10, 5])
+def test_fp16_reports_on_a_folder_with_a_bad_picture_while_enough_remain(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pictures: int
+) -> None:
+    """fp16 --report holds out up to 8 samples: one bad picture of 10 leaves 8, one of 5 leaves
+    4 of the 5 it would have compared on."""
+    from llava_edge.errors import LlavaEdgeError
+
+    folder = tmp_path / "pictures"
+    _pictures(folder, pictures)
+    (folder / "0.png").write_bytes((folder / "1.png").read_bytes()[:60])
+
+    def stop(*args: object) -> None:
+        raise Stop
+
+    monkeypatch.setattr(quantize, "scratch_beside", stop)
+    said: list[str] = []
+    run = dict(images=folder, report=True, log=said.append)
+    if pictures == 5:
+        with pytest.raises(LlavaEdgeError) as refused:
+            quantize.quantize_model(tiny_model_dir, tmp_path / "out", "fp16", **run)
+        assert str(refused.value).startswith(
+            f"1 bad sample(s) of {folder} leave 4 to compare on, fewer than the 5 --report holds "
+            f"out (the first: image {folder / '0.png'} is corrupt or truncated"
+        )
+        return
+    with pytest.raises(Stop):
+        quantize.quantize_model(tiny_model_dir, tmp_path / "out", "fp16", **run)
+    assert said == [
+        f"skipped 1 bad sample(s) of {folder}; the first: image {folder / '0.png'} is corrupt or "
+        "truncated (image file is truncated)"
+    ]

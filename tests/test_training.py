@@ -301,6 +301,21 @@ def test_bad_samples_stop_training_with_their_id(
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
+def test_skip_bad_keeps_a_batch_of_one_whole(stage1, data, bad_images, tmp_path, capsys):
+    """An image broken past its header, alone in its batch (--per-device-batch-size 1, as a
+    small GPU trains): the next sample takes its place, rather than an empty batch ending the
+    run hours in."""
+    records = [_sample("good-0"), _sample("truncated", image="truncated.png"), _sample("good-1")]
+    path = _write(tmp_path / "bad.json", records)
+    argv = ["train", "--stage", "2", "--model", str(stage1.out_dir), "--data", str(path)]
+    argv += ["--images", str(bad_images), "--out", str(tmp_path / "out"), "--batch-size", "1"]
+    argv += ["--no-gradient-checkpointing", "--skip-bad", "--save-steps", "1000"]
+    assert cli(argv) == 0, capsys.readouterr().err[-2000:]
+    captured = capsys.readouterr()
+    assert "trained stage 2 for 3 steps" in captured.out
+    assert captured.err.count("skipped sample truncated: image") == 1
+
+
 def test_a_data_file_of_the_wrong_shape_is_named(stage1, data, tmp_path, capsys):
     path = tmp_path / "wrapped.json"
     path.write_text(json.dumps({"samples": [_sample("a")]}))
@@ -317,7 +332,7 @@ def test_skip_bad_leaves_bad_samples_out_and_counts_them(
     records = [_sample(f"good-{i}") for i in range(4)]
     records += [_sample("no-file", image="missing.png"), {"id": "no-talk"}, _alternation_broken()]
     records += [_sample("garbage", image="garbage.png"), _sample("text-only", image=None)]
-    # Its header reads, so only loading it in training finds it broken: dropped from its batch.
+    # Its header reads, so only loading it in training finds it broken: replaced in its batch.
     records += [_sample("truncated", image="truncated.png")]
     path = _write(tmp_path / "bad.json", records)
     argv = ["train", "--stage", "2", "--model", str(stage1.out_dir), "--data", str(path)]

@@ -72,6 +72,7 @@ def data(tmp_path_factory) -> dict[str, Path]:
             ["--stage", "2", "--lora-rank", "4", "--lora-alpha", "8", "--lora-dropout", "0.1"],
             "--lora-rank, --lora-alpha, --lora-dropout: LoRA options, for stage 2 with --lora",
         ),
+        (["--stage", "2", "--lora-dropout", "0"], "--lora-dropout: LoRA options, for stage 2"),
         (["--precision", "fp16"], "--precision fp16 needs a GPU"),
         (["--resume"], "--resume goes on from OUT's checkpoints and --force starts over; choose"),
     ],

@@ -143,6 +143,7 @@ def test_resuming_with_other_options_is_refused_in_one_line(
     before = snapshot(out)
     argv = ["train", *options, "--model", str(tiny_checkpoint), "--out", str(out), "--resume"]
     argv += ["--data", str(saved_runs[f"{run} data"]), "--images", str(saved_runs["images"])]
+    argv += ["--batch-size", "2"]  # the saved runs' (another is refused: other samples a step)
     assert cli([*argv, "--max-steps", "2", "--no-gradient-checkpointing"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err and message in err.strip().splitlines()[-1], err[-2000:]

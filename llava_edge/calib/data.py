@@ -39,18 +39,38 @@ class Sample:
     origin: str = field(default="", compare=False)
 
 
-def load_samples(calib: str | os.PathLike | None, images: str | os.PathLike | None) -> list[Sample]:
+@dataclass(frozen=True)
+class BadSample:
+    """A sample calibration cannot use, and why (the message names the sample)."""
+
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def load_samples(
+    calib: str | os.PathLike | None,
+    images: str | os.PathLike | None,
+    bad: list[BadSample] | None = None,
+) -> list[Sample]:
     """Samples from a LLaVA JSON or JSONL file (images under `images`, else beside it), or from an
     image folder (`calib` or `images` naming a dir) asked DEFAULT_PROMPT; a sample the data
     repeats comes once (it would count twice toward --samples, or be held out for the report
     while calibrated on).
 
-    Raises LlavaEdgeError for a missing, empty or unreadable source.
+    Raises LlavaEdgeError for a missing, empty or unreadable source, and for a bad sample (no
+    question, several pictures, a picture not found) unless `bad` is given: it is then left out
+    and added there, as `train --skip-bad` leaves such samples out.
     """
-    return list(dict.fromkeys(_load(calib, images)))
+    return list(dict.fromkeys(_load(calib, images, bad)))
 
 
-def _load(calib: str | os.PathLike | None, images: str | os.PathLike | None) -> list[Sample]:
+def _load(
+    calib: str | os.PathLike | None,
+    images: str | os.PathLike | None,
+    bad: list[BadSample] | None,
+) -> list[Sample]:
     if calib is None and images is None:
         raise LlavaEdgeError(
             "no calibration data: pass --calib LLAVA_JSON (with --images DIR) or --images DIR"
@@ -65,7 +85,7 @@ def _load(calib: str | os.PathLike | None, images: str | os.PathLike | None) -> 
                     f"--calib {source} is a folder of images; --images only goes with a LLaVA JSON file"
                 )
             return _image_folder(source)
-        return _llava_json(source, Path(images) if images is not None else None)
+        return _llava_json(source, Path(images) if images is not None else None, bad)
     folder = Path(images)  # type: ignore[arg-type]
     if not folder.is_dir():
         raise LlavaEdgeError(f"--images {folder} is not a folder of images")
@@ -73,11 +93,15 @@ def _load(calib: str | os.PathLike | None, images: str | os.PathLike | None) -> 
 
 
 def check_samples(
-    model_dir: str | os.PathLike, samples: list[Sample], decode_steps: int = DECODE_STEPS
-) -> None:
-    """Fail before any work, naming the sample, where the runtime would refuse one when
+    model_dir: str | os.PathLike,
+    samples: list[Sample],
+    decode_steps: int = DECODE_STEPS,
+    bad: list[BadSample] | None = None,
+) -> list[Sample]:
+    """Find before any work, naming the sample, where the runtime would refuse one when
     calibration or the report reaches it: a picture it cannot read or over its pixel limit, a
-    prompt that does not fit the context with `decode_steps` tokens after it.
+    prompt that does not fit the context with `decode_steps` tokens after it. Raises
+    LlavaEdgeError for the first, or with `bad` given adds each there; returns the good ones.
 
     A Pipeline without a backend does this: it preprocesses and tokenizes as the loaded one
     does, and loads no graph.
@@ -87,21 +111,33 @@ def check_samples(
 
     model_dir = Path(model_dir)
     pipe = Pipeline(model_dir, Manifest.load(model_dir), backend=None)
+    good = []
     for sample in samples:
-        try:
-            pixels = [pipe.image_pixels(sample.image)] if sample.image else []
-            tokens = len(pipe.prompt_ids(sample.prompt, pixels))
-        except LlavaEdgeError as e:
-            named = sample.origin and sample.origin not in str(e)
-            raise LlavaEdgeError(
-                f"calibration data{f', {sample.origin}' if named else ''}: {e}"
-            ) from None
-        if tokens + decode_steps > pipe.max_context:
-            raise LlavaEdgeError(
-                f"calibration data, {sample.origin or 'a sample'}: its prompt is {tokens} tokens, which leaves no "
-                f"room for {decode_steps} more in the model's context of {pipe.max_context}; "
-                "shorten it or leave it out"
-            )
+        problem = _problem(pipe, sample, decode_steps)
+        if problem is None:
+            good.append(sample)
+            continue
+        where, why = problem
+        if bad is None:
+            raise LlavaEdgeError(f"calibration data{f', {where}' if where else ''}: {why}")
+        bad.append(BadSample(f"{where}: {why}" if where else why))
+    return good
+
+
+def _problem(pipe: Any, sample: Sample, decode_steps: int) -> tuple[str, str] | None:
+    """Why the runtime would refuse `sample`, and the sample's name where the reason does not
+    say it already; None where it would take it."""
+    try:
+        pixels = [pipe.image_pixels(sample.image)] if sample.image else []
+        tokens = len(pipe.prompt_ids(sample.prompt, pixels))
+    except LlavaEdgeError as e:
+        return ("" if sample.origin in str(e) else sample.origin), str(e)
+    if tokens + decode_steps > pipe.max_context:
+        return sample.origin or "a sample", (
+            f"its prompt is {tokens} tokens, which leaves no room for {decode_steps} more in "
+            f"the model's context of {pipe.max_context}; shorten it or leave it out"
+        )
+    return None
 
 
 def _image_folder(folder: Path) -> list[Sample]:
@@ -120,7 +156,9 @@ def _image_folder(folder: Path) -> list[Sample]:
     return [Sample(path, DEFAULT_PROMPT, str(path)) for path in files]
 
 
-def _llava_json(path: Path, image_root: Path | None) -> list[Sample]:
+def _llava_json(
+    path: Path, image_root: Path | None, bad: list[BadSample] | None = None
+) -> list[Sample]:
     """A LLaVA JSON or JSONL file, read as `train --data` reads it (training.data.SampleFile)."""
     from llava_edge.training.data import SampleFile
 
@@ -144,32 +182,41 @@ def _llava_json(path: Path, image_root: Path | None) -> list[Sample]:
     roots = [image_root] if image_root is not None else [path.parent, path.parent / "images"]
     samples = []
     for index, item in enumerate(data):
-        prompt = _first_question(item)
-        if prompt is None:
-            raise LlavaEdgeError(
-                f"{path}: sample {index} has no human turn in 'conversations'; "
-                "is this a LLaVA JSON file?"
-            )
-        image = None
-        if isinstance(item.get("image"), list) and len(item["image"]) == 1:
-            item = {**item, "image": item["image"][0]}  # multi-image data's form of one picture
-        if item.get("image") and not isinstance(item["image"], str):
-            raise LlavaEdgeError(
-                f"{path}: sample {index}'s image is {item['image']!r}; give one file name "
-                "(a sample with several pictures is not supported for calibration)"
-            )
-        if item.get("image"):
-            image = _find_image(item["image"], roots)
-            if image is None:
-                where = " or ".join(str(r) for r in roots)
-                raise LlavaEdgeError(
-                    f"{path}: image {item['image']} of sample {index} is not under {where}; "
-                    "pass --images DIR naming the folder the JSON's image paths start from"
-                )
-        else:  # a text-only sample must not ask for an image
-            prompt = prompt.replace(IMAGE_PLACEHOLDER, "").strip()
-        samples.append(Sample(image, prompt, f"{path} sample {index}"))
+        try:
+            samples.append(_llava_sample(path, index, item, roots))
+        except LlavaEdgeError as e:
+            if bad is None:
+                raise
+            bad.append(BadSample(str(e)))
     return samples
+
+
+def _llava_sample(path: Path, index: int, item: Any, roots: list[Path]) -> Sample:
+    prompt = _first_question(item)
+    if prompt is None:
+        raise LlavaEdgeError(
+            f"{path}: sample {index} has no human turn in 'conversations'; "
+            "is this a LLaVA JSON file?"
+        )
+    image = None
+    if isinstance(item.get("image"), list) and len(item["image"]) == 1:
+        item = {**item, "image": item["image"][0]}  # multi-image data's form of one picture
+    if item.get("image") and not isinstance(item["image"], str):
+        raise LlavaEdgeError(
+            f"{path}: sample {index}'s image is {item['image']!r}; give one file name "
+            "(a sample with several pictures is not supported for calibration)"
+        )
+    if item.get("image"):
+        image = _find_image(item["image"], roots)
+        if image is None:
+            where = " or ".join(str(r) for r in roots)
+            raise LlavaEdgeError(
+                f"{path}: image {item['image']} of sample {index} is not under {where}; "
+                "pass --images DIR naming the folder the JSON's image paths start from"
+            )
+    else:  # a text-only sample must not ask for an image
+        prompt = prompt.replace(IMAGE_PLACEHOLDER, "").strip()
+    return Sample(image, prompt, f"{path} sample {index}")
 
 
 def _first_question(item: Any) -> str | None:

@@ -47,7 +47,14 @@ from typing import Any
 
 import numpy as np
 
-from llava_edge.calib.data import Activations, FeedReader, Sample, check_samples, load_samples
+from llava_edge.calib.data import (
+    Activations,
+    BadSample,
+    FeedReader,
+    Sample,
+    check_samples,
+    load_samples,
+)
 from llava_edge.calib.fp16 import fp16_graph, load_weights, to_fp16
 from llava_edge.calib.kv_int8 import KV_CACHE_CHOICES, fused_ranges, int8_kv_cache
 from llava_edge.errors import LlavaEdgeError, first_line
@@ -176,12 +183,14 @@ def quantize_model(
     for data in (calib, images):  # --force must not delete the calibration data either
         if data is not None:
             check_output_dir(out, force, keep=Path(data), keep_name="the calibration data")
-    calibration, held_out, loaded = _split(precision, calib, images, samples, report)
+    bad: list[BadSample] = []
+    calibration, held_out, loaded = _split(precision, calib, images, samples, report, source, bad)
     # ... nor the pictures a JSON file names (found beside it unless --images says where)
     for folder in sorted({s.image.parent for s in loaded if s.image}):
         check_output_dir(out, force, keep=folder, keep_name="the calibration images in")
-    check_samples(source, calibration + held_out)
-    if precision != "fp16" and len(calibration) < samples:
+    if bad:
+        log(f"skipped {len(bad)} bad sample(s) of {calib or images}; the first: {bad[0]}")
+    elif precision != "fp16" and len(calibration) < samples:
         kept = f", {len(held_out)} more held out for --report" if report else ""
         shared = len(loaded) - len(calibration) - len(held_out)  # of a held-out picture
         kept += f", {shared} left out as they ask about a held-out picture" if shared else ""
@@ -376,17 +385,73 @@ def _split(
     images: str | os.PathLike | None,
     samples: int,
     report: bool,
+    source: Path,
+    bad: list[BadSample],
 ) -> tuple[list[Sample], list[Sample], list[Sample]]:
-    """Calibration samples, the held-out ones the report compares on (never calibrated on, nor
-    their pictures: the vision encoder's and projector's rows compare on pictures alone), and
-    every sample the data holds."""
+    """Calibration samples, the held-out ones the report compares on, and every good sample the
+    data holds (_choose). Bad samples (not LLaVA's shape, a picture missing, unreadable or over
+    the pixel limit, a prompt the context cannot hold) are left out and added to `bad`, as
+    `train --skip-bad` leaves them out, as long as what they leave fills what was asked: the
+    --samples to calibrate on (fp16: the report's held-out samples); else refused, named.
+
+    Only the samples chosen are checked against the runtime (a picture's header read, a prompt
+    tokenized): a bad one found there is left out and the choice made again."""
     if precision == "fp16" and not report:
         return [], [], []
     if precision == "fp16" and calib is None and images is None:
         raise LlavaEdgeError("--report needs held-out data: pass --calib or --images")
-    everything = load_samples(calib, images)
+    everything = load_samples(calib, images, bad)
+    total = len(everything) + len(bad)
+    checked: set[Sample] = set()
+    while True:
+        try:
+            calibration, held_out = _choose(precision, everything, samples, report)
+        except LlavaEdgeError as e:
+            if bad:  # the bad samples' fault, not the data's
+                raise _too_few(bad, calib or images, 0, precision, samples, total) from None
+            raise e from None
+        chosen = [s for s in calibration + held_out if s not in checked]
+        good = check_samples(source, chosen, bad=bad)
+        checked.update(good)
+        if len(good) == len(chosen):
+            break
+        dropped = set(chosen) - set(good)
+        everything = [s for s in everything if s not in dropped]
+    got = len(held_out) if precision == "fp16" else len(calibration)
+    wanted = min(REPORT_SAMPLES, total) if precision == "fp16" else samples
+    if bad and got < wanted:
+        raise _too_few(bad, calib or images, got, precision, samples, total)
+    return calibration, held_out, everything
+
+
+def _too_few(
+    bad: list[BadSample],
+    data: Any,
+    got: int,
+    precision: str,
+    samples: int,
+    total: int,
+) -> LlavaEdgeError:
     if precision == "fp16":
-        return [], everything[:REPORT_SAMPLES], everything
+        use, wanted = "compare on", f"the {min(REPORT_SAMPLES, total)} --report holds out"
+        fewer = "fix or remove them"
+    else:
+        use, wanted = "calibrate on", f"--samples {samples}"
+        fewer = f"fix or remove them, or pass --samples {got}" if got else "fix them"
+    return LlavaEdgeError(
+        f"{len(bad)} bad sample(s) of {data} leave {got} to {use}, fewer than {wanted} (the "
+        f"first: {bad[0]}); {fewer}"
+    )
+
+
+def _choose(
+    precision: str, everything: list[Sample], samples: int, report: bool
+) -> tuple[list[Sample], list[Sample]]:
+    """The calibration samples and the held-out ones the report compares on (never calibrated
+    on, nor their pictures: the vision encoder's and projector's rows compare on pictures
+    alone)."""
+    if precision == "fp16":
+        return [], everything[:REPORT_SAMPLES]
     held = 0
     if report:
         if len(everything) < 2:
@@ -405,7 +470,7 @@ def _split(
         raise LlavaEdgeError(
             "no calibration sample has an image: the vision encoder and projector need pictures"
         )
-    return calibration, held_out, everything
+    return calibration, held_out
 
 
 def _plan(precision: str) -> dict[str, str]:

@@ -56,6 +56,8 @@ def parse_sample(record: Any, position: int) -> Sample:
     if not isinstance(conversations, list) or not conversations:
         raise BadSample(sample_id, "has no 'conversations' list")
     image = record.get("image")
+    if isinstance(image, list) and len(image) == 1:
+        image = image[0]  # multi-image data's form of one picture
     if image is not None and not (isinstance(image, str) and image):
         raise BadSample(sample_id, "'image' must be one file name (one image per sample)")
     values = []

@@ -106,7 +106,17 @@ class TrainingSet(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.file)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor] | None:
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        """The sample at `index`; with `skip_bad`, one found unreadable now (an image broken past
+        its header) is named and the next readable sample takes its place, so that a batch stays
+        whole (a batch of one would be left empty)."""
+        for offset in range(len(self)):
+            item = self._item((index + offset) % len(self))
+            if item is not None:
+                return item
+        raise LlavaEdgeError(f"no sample of {self.file.path} is readable; check the images")
+
+    def _item(self, index: int) -> dict[str, torch.Tensor] | None:
         sample = parse_sample(self.file.record(index), int(self.file.positions[index]))
         try:
             encoded = self.labeler.encode(sample)
@@ -133,7 +143,7 @@ class TrainingSet(torch.utils.data.Dataset):
 
 class Collator:
     """Right-pads a batch; images of the samples that have one are stacked in order (the model
-    puts them at the image tokens, row by row). Samples dropped by --skip-bad arrive as None.
+    puts them at the image tokens, row by row).
 
     Padding is masked out (attention 0, label IGNORE), so where the tokenizer names no padding
     token (Llama's has none) any id does: its EOS, as transformers falls back, else 0."""
@@ -141,10 +151,7 @@ class Collator:
     def __init__(self, pad_token_id: int | None, eos_token_id: int | None = None):
         self.pad_token_id = next((i for i in (pad_token_id, eos_token_id) if i is not None), 0)
 
-    def __call__(self, items: list[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor]:
-        items = [item for item in items if item is not None]
-        if not items:
-            raise LlavaEdgeError("every sample of a batch was unreadable; check the images")
+    def __call__(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         length = max(len(item["input_ids"]) for item in items)
         input_ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(items), length), IGNORE, dtype=torch.long)

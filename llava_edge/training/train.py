@@ -157,11 +157,19 @@ def train(
         stderr(
             f"skipped {len(dataset.skipped)} bad sample(s) of {data}; the first: {dataset.skipped[0]}"
         )
+    global_batch = opts.global_batch_size or defaults.global_batch_size
+    run = _run_record(data, len(dataset), labeler.max_length, opts.seed, global_batch)
+    if resume_from is not None:
+        _check_same_samples(resume_from, run)
 
+    # A full run resumes by building the model from its checkpoint: building it from --model and
+    # then loading the checkpoint would hold two models (28 GB more at 7B in fp32).
+    weights = _plain_weights(resume_from, opts) or model_path
     try:
-        llava = load_model(model_path, dtype=torch.float32, use_safetensors=True)
+        llava = load_model(weights, dtype=torch.float32, use_safetensors=True)
     except OSError as e:  # no weights file
-        raise LlavaEdgeError(f"cannot load --model {model}: {first_line(e)}") from None
+        source = f"--model {model}" if weights == model_path else f"--resume checkpoint {weights}"
+        raise LlavaEdgeError(f"cannot load {source}: {first_line(e)}") from None
     freeze_for_stage(llava, stage)
     trained = add_lora_if(llava, opts)
     args = _training_args(out / TRAINER_DIR, stage, opts, defaults, dataset.has_text_only)
@@ -169,7 +177,16 @@ def train(
     if projector_lr is None and opts.lora:
         projector_lr = LORA_PROJECTOR_LR
     trainer = _make_trainer(
-        trained, args, dataset, processor, projector_lr, template_name, callbacks, opts.progress
+        trained,
+        args,
+        dataset,
+        processor,
+        projector_lr,
+        template_name,
+        callbacks,
+        opts.progress,
+        built_from=weights,
+        run=run,
     )
     # Only now, with every input read and the model loaded, may an earlier run's checkpoints go.
     if trainer.is_world_process_zero():
@@ -196,6 +213,14 @@ def train(
         skipped=len(dataset.skipped),
         model=final,
     )
+
+
+def _plain_weights(checkpoint: Path | None, opts: TrainOptions) -> Path | None:
+    """The trainer checkpoint whose full weights the model can be built from, or None (no resume;
+    adapters, which load onto the base; DeepSpeed and FSDP, which load their own sharded way)."""
+    if checkpoint is None or opts.lora or opts.deepspeed or opts.fsdp:
+        return None
+    return checkpoint if (checkpoint / "config.json").is_file() else None
 
 
 def _load_processor_and_config(model: str | os.PathLike, path: Path) -> tuple[Any, Any]:
@@ -256,8 +281,10 @@ def check_options(stage: int, opts: TrainOptions, given: Mapping[str, Any] | Non
         raise LlavaEdgeError(f"--stage must be 1 or 2, not {stage}")
     if opts.lora and stage == 1:
         raise LlavaEdgeError("--lora is for stage 2; stage 1 trains only the projector")
-    lora_only = [
-        flag for name, flag in LORA_ONLY.items() if (given or {}).get(name) not in (None, False)
+    lora_only = [  # `is not`: --lora-dropout 0 is given too
+        flag
+        for name, flag in LORA_ONLY.items()
+        if (given or {}).get(name) is not None and (given or {}).get(name) is not False
     ]
     if lora_only and not opts.lora:
         raise LlavaEdgeError(f"{', '.join(lora_only)}: LoRA options, for stage 2 with --lora")
@@ -435,7 +462,9 @@ def _check_resumable(checkpoint: Path, opts: TrainOptions, template: str) -> Non
     from llava_edge.manifest import read_checkpoint_template
     from llava_edge.training.lora import CONFIG_NAME
 
-    _check_whole(checkpoint)
+    step = _check_whole(checkpoint).get("global_step", 0)
+    if opts.max_steps > 0 and step > opts.max_steps:
+        raise past_the_end(checkpoint, step, f"--max-steps {opts.max_steps}")
     config = checkpoint / CONFIG_NAME
     if config.is_file() != opts.lora:
         kind = "with" if config.is_file() else "without"
@@ -467,10 +496,79 @@ def _check_resumable(checkpoint: Path, opts: TrainOptions, template: str) -> Non
             )
 
 
-def _check_whole(checkpoint: Path) -> None:
-    """A checkpoint whose state or weights cannot be read (truncated by a copy that did not
-    finish, damaged on disk) is named before any work; Trainer would fail on it with a
-    traceback once the model had loaded."""
+RUN_FILE = "llava_edge_run.json"  # in each trainer checkpoint: the samples its steps went through
+RUN_SETTINGS = {  # a run record's key: its option, what another value changes
+    "max_length": ("--max-length", "samples truncated otherwise"),
+    "seed": ("--seed", "another order of the samples"),
+    "batch_size": ("--batch-size", "other samples in each step"),
+}
+
+
+def _run_record(
+    data: str | os.PathLike, samples: int, max_length: int, seed: int, batch_size: int
+) -> dict[str, Any]:
+    """What a checkpoint's step count refers to: that many global batches of these samples, in
+    this order. The data is known by its content, not its path or modification time, which a
+    move or a copy to another machine changes (hashing costs a second a GB, beside parsing it)."""
+    from llava_edge.manifest import sha256
+
+    return {
+        "data": str(data),
+        "data_sha256": sha256(data),
+        "samples": samples,
+        "max_length": max_length,
+        "seed": seed,
+        "batch_size": batch_size,
+    }
+
+
+def _check_same_samples(checkpoint: Path, now: Mapping[str, Any]) -> None:
+    """Refuse to resume on samples other than those the checkpoint's step count refers to:
+    Trainer would skip that many batches of the new ones, training some twice and others never.
+    Checkpoints saved without a record are not checked."""
+    try:
+        was = json.loads((checkpoint / RUN_FILE).read_text())
+    except FileNotFoundError:
+        return
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LlavaEdgeError(
+            f"--resume: cannot read {checkpoint / RUN_FILE} ({first_line(e)}); pass --force to "
+            "start over"
+        ) from None
+    if was.get("data_sha256") not in (None, now["data_sha256"]):
+        raise LlavaEdgeError(
+            f"--resume: {checkpoint} was trained on --data {was.get('data')} of sha256 "
+            f"{was['data_sha256'][:12]}, not {now['data']} of sha256 {now['data_sha256'][:12]} "
+            "(its step count refers to that file's samples); resume with that data, or pass "
+            "--force to start over"
+        )
+    if was.get("samples") not in (None, now["samples"]):
+        raise LlavaEdgeError(
+            f"--resume: {checkpoint} was trained on {was['samples']} samples of --data "
+            f"{now['data']}, not the {now['samples']} kept now (--skip-bad finds other samples "
+            "bad: images gone or unreadable since); bring those images back, or pass --force to "
+            "start over"
+        )
+    for key, (flag, why) in RUN_SETTINGS.items():
+        if was.get(key) not in (None, now[key]):
+            raise LlavaEdgeError(
+                f"--resume: {checkpoint} was trained with {flag} {was[key]}, not {now[key]} "
+                f"({why}: its step count would skip other batches than those it trained); "
+                + RESUME_HINT
+            )
+
+
+def past_the_end(checkpoint: Path | str, step: int, end: str) -> LlavaEdgeError:
+    return LlavaEdgeError(
+        f"--resume: {checkpoint} is at step {step}, past {end}; give --max-steps {step} or more, "
+        "or pass --force to start over"
+    )
+
+
+def _check_whole(checkpoint: Path) -> dict[str, Any]:
+    """The checkpoint's trainer state. A checkpoint whose state or weights cannot be read
+    (truncated by a copy that did not finish, damaged on disk) is named before any work; Trainer
+    would fail on it with a traceback once the model had loaded."""
     from safetensors import SafetensorError, safe_open
 
     damaged = (
@@ -479,7 +577,7 @@ def _check_whole(checkpoint: Path) -> None:
     )
     state = checkpoint / "trainer_state.json"
     try:
-        json.loads(state.read_text())
+        saved = json.loads(state.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise LlavaEdgeError(f"--resume: cannot read {state} ({first_line(e)}){damaged}") from None
     for weights in sorted(checkpoint.glob("*.safetensors")):
@@ -490,6 +588,7 @@ def _check_whole(checkpoint: Path) -> None:
             raise LlavaEdgeError(
                 f"--resume: cannot read {weights} ({first_line(e)}){damaged}"
             ) from None
+    return saved if isinstance(saved, dict) else {}
 
 
 def _check_out_spares_inputs(out: Path, inputs: Mapping[str, Any]) -> None:
@@ -598,7 +697,11 @@ def _make_trainer(
     template_name: str,
     callbacks: Sequence[Any],
     progress: bool,
+    built_from: Path,
+    run: Mapping[str, Any],
 ) -> Any:
+    """built_from: the dir the model's weights were loaded from (--model, or the checkpoint a
+    full run resumes from). run: what each checkpoint's step count refers to (_run_record)."""
     from transformers import ProgressCallback, Trainer
     from transformers.trainer_utils import rotate_checkpoints
 
@@ -680,6 +783,7 @@ def _make_trainer(
             self.accelerator.wait_for_everyone()
             if self.is_world_process_zero():
                 write_llava_edge_file(staging, template_name)
+                (staging / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
                 final = run_dir / f"{prefix}-{step}"
                 shutil.rmtree(final, ignore_errors=True)
                 sync_tree(staging)  # on disk before its name says it is whole
@@ -692,21 +796,37 @@ def _make_trainer(
                 )
             self.accelerator.wait_for_everyone()
 
+        def _load_scaler(self, checkpoint: str | None) -> None:
+            # A run saved under --precision fp16 keeps its loss scale; resumed in bf16 or fp32
+            # there is no scaler to take it (Trainer would fail on None), nor a use for it.
+            if self.accelerator.scaler is not None:
+                super()._load_scaler(checkpoint)
+
+        def _init_training_state(
+            self, max_steps: int, per_epoch: int, epochs: int, checkpoint: Any, trial: Any
+        ) -> tuple[int, int]:
+            epochs_trained, batches_trained = super()._init_training_state(
+                max_steps, per_epoch, epochs, checkpoint, trial
+            )
+            # A checkpoint at the last step (a run killed while writing OUT) has nothing left to
+            # train; Trainer would take one step more where the run ends mid-epoch. One past the
+            # end (fewer --epochs now) is refused; --max-steps is checked before any work.
+            step = self.state.global_step
+            if checkpoint is not None and step > max_steps:
+                epochs_asked = f"--epochs {self.args.num_train_epochs:g}"
+                raise past_the_end(checkpoint, step, f"the {max_steps} steps of {epochs_asked}")
+            if checkpoint is not None and step == max_steps:
+                return epochs, 0
+            return epochs_trained, batches_trained
+
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
             # transformers 5 saves LLaVA in the llava-hf key layout, but Trainer reloads a
             # checkpoint with a plain load_state_dict that matches none of those keys and only
-            # warns: the run would go on from the starting weights. from_pretrained knows the
-            # layout. (Adapters, FSDP and DeepSpeed checkpoints load their own way.)
-            target = self.model if model is None else model
-            plain = not hasattr(target, "peft_config") and not self.is_fsdp_enabled
-            if not plain or not (Path(resume_from_checkpoint) / "config.json").is_file():
-                return super()._load_from_checkpoint(resume_from_checkpoint, model)
-            import torch
-
-            saved = type(target).from_pretrained(
-                resume_from_checkpoint, dtype=torch.float32, use_safetensors=True
-            )
-            target.load_state_dict(saved.state_dict())
+            # warns: the run would go on from the starting weights. train() builds a full run's
+            # model from the checkpoint instead (from_pretrained knows the layout), which leaves
+            # nothing to load here. Adapters, FSDP and DeepSpeed checkpoints load their own way.
+            if Path(resume_from_checkpoint) != built_from:
+                super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     class Progress(ProgressCallback):
         """The loss and learning rate on the progress bar instead of a printed line a step."""
