@@ -438,6 +438,7 @@ MALFORMED = {
     "frequency_penalty": {"model": MODEL, "messages": GOOD, "frequency_penalty": 0.5},
     "logprobs": {"model": MODEL, "messages": GOOD, "logprobs": True},
     "tools": {"model": MODEL, "messages": GOOD, "tools": [{"type": "function"}]},
+    "an option the server does not know": {"model": MODEL, "messages": GOOD, "min_p": 0.1},
     "over the token limit": {"model": MODEL, "messages": GOOD, "max_tokens": 901},
     "over the context": {"model": MODEL, "messages": GOOD, "max_tokens": 1000},
 }
@@ -458,6 +459,22 @@ def test_malformed_requests_get_400_and_the_server_goes_on(server, case):
     error = error_of(response)
     assert error["type"] == "invalid_request_error" and len(error["message"]) > 10
     assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_unknown_fields_are_refused_not_ignored(server):
+    """A field the server would ignore would not take effect: transformers' max_new_tokens sent
+    for max_tokens would let the answer run to the end of the context. OpenAI refuses unknown
+    fields too; the bookkeeping fields it takes (user, metadata, ...) change no answer."""
+    body = {"model": MODEL, "messages": GOOD, "max_tokens": 2}
+    habit = server.post({**body, "max_new_tokens": 5})
+    assert habit.status_code == 400 and error_of(habit)["param"] == "max_new_tokens"
+    assert "max_tokens" in error_of(habit)["message"].split("max_new_tokens", 1)[1]
+    with pytest.raises(openai.BadRequestError, match="best_of"):
+        server.client().chat.completions.create(
+            model=MODEL, messages=GOOD, max_tokens=2, extra_body={"best_of": 2}
+        )
+    bookkeeping = {"user": "robot-7", "metadata": {"node": "arm"}, "store": False}
+    assert server.post({**body, **bookkeeping, "parallel_tool_calls": True}).status_code == 200
 
 
 def test_image_and_limit_refusals_name_what_to_change(server, monkeypatch):
