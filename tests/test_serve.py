@@ -74,11 +74,13 @@ class Server:
             self.url + "/v1/chat/completions", json=body, headers=headers, timeout=timeout
         )
 
-    def metric(self, name: str) -> float:
+    def metric(self, name: str, default: float | None = None) -> float:
         text = httpx.get(self.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
         for line in text.splitlines():
             if line.startswith(name + " "):
                 return float(line.split()[1])
+        if default is not None:  # a labelled counter appears with its first count
+            return default
         raise KeyError(name)
 
     def stop(self) -> None:
@@ -608,6 +610,22 @@ def test_the_time_limit_holds_while_the_engine_is_busy_in_one_long_call(server, 
     while server.state.engine.stats()["running"] and time.time() < deadline:
         time.sleep(0.05)
     assert server.state.engine.stats()["running"] == 0
+
+
+def test_a_request_past_the_time_limit_is_not_retried_by_openais_client(
+    server, slow_steps, monkeypatch
+):
+    """OpenAI's client retries a 5xx twice by default: a robot would hear of its answer's time
+    limit after three of them. A 504 tells it not to retry (another try takes as long)."""
+    monkeypatch.setattr(server.state.pipe.limits, "timeout_s", 0.3)
+    before = server.metric('llava_edge_http_requests_total{status="504"}', default=0)
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY)  # its default retries
+    with pytest.raises(openai.InternalServerError) as raised:
+        client.chat.completions.create(
+            model=MODEL, messages=GOOD, max_tokens=800, extra_body={"ignore_eos": True}
+        )
+    assert raised.value.status_code == 504
+    assert server.metric('llava_edge_http_requests_total{status="504"}') == before + 1
 
 
 def test_a_client_leaving_mid_stream_frees_its_row_and_a_full_queue_gets_429(server, slow_steps):

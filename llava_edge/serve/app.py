@@ -631,6 +631,10 @@ def _shutting_down() -> ApiError:
 
 def _error_response(error: ApiError) -> JSONResponse:
     headers = {"Retry-After": "1"} if error.status in (429, 503) else None
+    if error.status == 504:
+        # OpenAI's client retries a 5xx twice unless told not to: past --timeout, another try
+        # takes as long, and the caller would hear of the limit only after three
+        headers = {"x-should-retry": "false"}
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
