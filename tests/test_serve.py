@@ -628,6 +628,28 @@ def test_a_request_past_the_time_limit_is_not_retried_by_openais_client(
     assert server.metric('llava_edge_http_requests_total{status="504"}') == before + 1
 
 
+def test_the_time_limit_holds_while_a_large_image_decodes(server, monkeypatch):
+    """Decoding and resizing a photo of tens of megapixels takes seconds on a Jetson's CPU: the
+    504 still comes at --timeout, and the request, once rendered, is not left to the engine."""
+    pipe = server.state.pipe
+    image_pixels = pipe.image_pixels
+
+    def slow_decode(image):
+        time.sleep(2)
+        return image_pixels(image)
+
+    monkeypatch.setattr(pipe.limits, "timeout_s", 0.5)
+    monkeypatch.setattr(pipe, "image_pixels", slow_decode)
+    generated = server.state.engine.stats()["generated_tokens"]
+    start = time.monotonic()
+    late = server.post({"model": MODEL, "messages": [ask("What?", data_uri(picture(5)))]})
+    assert late.status_code == 504 and error_of(late)["code"] == "timeout"
+    assert time.monotonic() - start < 1.5
+    time.sleep(2)  # the decode ends; what it rendered goes no further than the queue
+    stats = server.state.engine.stats()
+    assert stats["running"] == stats["waiting"] == 0 and stats["generated_tokens"] == generated
+
+
 def test_a_client_leaving_mid_stream_frees_its_row_and_a_full_queue_gets_429(server, slow_steps):
     body = {"model": MODEL, "messages": GOOD, "max_tokens": 800, "ignore_eos": True}
     url, headers = server.url + "/v1/chat/completions", {"Authorization": f"Bearer {KEY}"}

@@ -290,26 +290,18 @@ async def _chat_completion(request: Request, state: ServerState) -> Response:
                 f"{pipe.max_images_per_prompt}",
                 "messages",
             )
+        clock = _Clock(arrived, limit)
         images = []
         for url in chat.image_urls:
-            left = None if limit is None else limit - (time.perf_counter() - arrived)
-            images.append(await fetch_image(url, state.media, left))
+            images.append(await fetch_image(url, state.media, clock.left()))
         events: asyncio.Queue[Event] = asyncio.Queue()
-        handle = await run_in_threadpool(
-            _submit,
-            pipe,
-            engine,
-            chat,
-            images,
-            _listener(asyncio.get_running_loop(), events, whole=not chat.stream),
-            arrived,
-        )
+        listener = _listener(asyncio.get_running_loop(), events, whole=not chat.stream)
+        handle = await _submit_in_time(clock, pipe, engine, chat, images, listener, arrived)
     except ClientDisconnect:  # the client left while sending its body: no fault of the server's
         state.metrics.disconnects.inc()
         return Response(status_code=499)
     except Exception as e:
         return _error_response(_api_error(e))
-    clock = _Clock(arrived, pipe.limits.timeout_s)
     event = await _wait(request, state, handle, events, clock)
     if event is None:  # the client left; nobody reads this
         return Response(status_code=499)
@@ -372,6 +364,23 @@ def _submit(
     if not param:
         options["max_new_tokens"] = min(room, limit) if limit else room
     return engine.submit_ids(ids, pixels, options, listener, started=arrived)
+
+
+async def _submit_in_time(clock: _Clock, *args: Any) -> Any:
+    """`_submit` on a worker thread, within the time limit: decoding and resizing a photo of
+    tens of megapixels takes seconds on a Jetson's CPU. Past the limit the client gets its 504
+    at once; the thread cannot be stopped, so what it submits when it ends is cancelled."""
+    submitting = asyncio.ensure_future(run_in_threadpool(_submit, *args))
+    try:
+        return await asyncio.wait_for(asyncio.shield(submitting), clock.left())
+    except asyncio.TimeoutError:
+        submitting.add_done_callback(_cancel_submitted)
+        raise clock.timed_out().error from None
+
+
+def _cancel_submitted(submitting: asyncio.Future) -> None:
+    if not submitting.cancelled() and submitting.exception() is None:
+        submitting.result().cancel()
 
 
 def _image_pixels(pipe: Pipeline, image: bytes) -> Any:
