@@ -873,6 +873,8 @@ def test_the_time_limit_counts_from_the_request_not_from_its_image(context_model
         (["--timeout", "-1"], "timeout_s must be a positive"),
         (["--remote-timeout", "0"], "--remote-timeout must be positive"),
         (["--allowed-media-dir", "/nonexistent"], "is not a directory"),
+        # a key from an unset variable ('--api-key=$KEY') must not serve without one
+        (["--port", "0", "--api-key="], "--api-key is empty"),
     ],
 )
 def test_settings_that_would_refuse_every_request_fail_at_startup(

@@ -81,6 +81,11 @@ class ServeOptions:
             raise LlavaEdgeError(
                 f"--prefix-cache-mb must be 0 (off) or more, got {self.prefix_cache_mb:g}"
             )
+        if self.api_key is not None and not self.api_key.strip():
+            raise LlavaEdgeError(
+                "--api-key is empty: give the key clients must send, or leave the option out to "
+                "serve without one"
+            )
         media = self.allowed_media_dir
         if media is not None and not Path(media).is_dir():
             raise LlavaEdgeError(f"--allowed-media-dir {media} is not a directory")
