@@ -381,6 +381,9 @@ async def _submit_in_time(clock: _Clock, *args: Any) -> Any:
     except asyncio.TimeoutError:
         submitting.add_done_callback(_cancel_submitted)
         raise clock.timed_out().error from None
+    except asyncio.CancelledError:  # the server is stopping: nobody will read this request
+        submitting.add_done_callback(_cancel_submitted)
+        raise
 
 
 def _cancel_submitted(submitting: asyncio.Future) -> None:
