@@ -199,6 +199,16 @@ def test_greedy_answers_equal_the_pipeline_streamed_or_not(server):
     assert reasons[-1] == whole.choices[0].finish_reason and set(reasons[:-1]) == {None}
 
 
+def test_a_stream_tells_proxies_not_to_buffer_or_cache_it(server):
+    """nginx, often in front for TLS, buffers a response whole unless told not to: a robot
+    behind it would get its streamed answer only at the end."""
+    body = {"model": MODEL, "messages": GOOD, "max_tokens": 3, "stream": True}
+    response = server.post(body)
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers["x-accel-buffering"] == "no"
+    assert "no-cache" in response.headers["cache-control"]
+
+
 def test_a_streams_chunks_share_one_id_and_creation_time(server, monkeypatch):
     """As OpenAI's do, though the clock moves between tokens (here on every reading of it)."""
     from llava_edge.serve import protocol

@@ -491,7 +491,10 @@ class _AnswerStream(StreamingResponse):
     ):
         self.serve, self.handle, self.finished = state, handle, False
         super().__init__(
-            self._events(chat, events, first, head, clock), media_type="text/event-stream"
+            self._events(chat, events, first, head, clock),
+            media_type="text/event-stream",
+            # a proxy in front (nginx, for TLS) would otherwise buffer the answer whole
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
