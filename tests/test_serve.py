@@ -766,6 +766,30 @@ def chat_scope(app) -> dict:
     }
 
 
+def test_reading_a_large_body_does_not_stall_the_other_clients(server, monkeypatch):
+    """Parsing a body of many small messages takes seconds at the body limit (a 10 MB one took
+    1.8 s here): on the event loop, every other client's stream and /health would wait for it."""
+    from llava_edge.serve import protocol
+
+    parse = protocol.parse_chat_request
+
+    def slow_parse(body):
+        time.sleep(2)  # as a large body takes
+        return parse(body)
+
+    monkeypatch.setattr(protocol, "parse_chat_request", slow_parse)
+    body = {"model": MODEL, "messages": GOOD, "max_tokens": 2}
+    slow = threading.Thread(target=server.post, args=(body,))
+    slow.start()
+    try:
+        time.sleep(0.3)  # the slow request is being parsed
+        start = time.monotonic()
+        assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+        assert time.monotonic() - start < 1
+    finally:
+        slow.join(30)
+
+
 def test_a_client_leaving_while_sending_its_body_is_no_server_error(server, caplog):
     """A robot on flaky Wi-Fi gives up halfway through uploading its image: that is a client
     gone (499, counted as a disconnect), not a 500 with a traceback in the server's log."""

@@ -286,7 +286,9 @@ async def _chat_completion(request: Request, state: ServerState) -> Response:
         engine.check_room()  # a full queue refuses before the body is read or an image fetched
         limit = pipe.limits.timeout_s
         body = await _read_body_in_time(request, state.options.max_body_bytes, limit)
-        chat = protocol.parse_chat_request(body)
+        # off the event loop, which every client's stream shares: a body of many small messages
+        # takes seconds to parse at the body limit
+        chat = await run_in_threadpool(_chat_request, body)
         _check_model(state, chat.model)
         if len(chat.image_urls) > pipe.max_images_per_prompt:
             raise ApiError(
@@ -563,12 +565,12 @@ def _sse_data(payload: Any) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-async def _read_body_in_time(request: Request, limit: int, timeout_s: float | None) -> Any:
-    """The request's JSON body, received within --timeout: a client that stalls mid-upload
+async def _read_body_in_time(request: Request, limit: int, timeout_s: float | None) -> bytearray:
+    """The request's body, received within --timeout: a client that stalls mid-upload
     (a robot losing Wi-Fi without the connection closing) is answered 408 instead of holding
     its connection open for good."""
     try:
-        return await asyncio.wait_for(_read_json(request, limit), timeout_s)
+        return await asyncio.wait_for(_read_body(request, limit), timeout_s)
     except asyncio.TimeoutError:
         raise ApiError(
             408,
@@ -577,7 +579,7 @@ async def _read_body_in_time(request: Request, limit: int, timeout_s: float | No
         ) from None
 
 
-async def _read_json(request: Request, limit: int) -> Any:
+async def _read_body(request: Request, limit: int) -> bytearray:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise _body_too_large(int(declared), limit)
@@ -586,12 +588,18 @@ async def _read_json(request: Request, limit: int) -> Any:
         body += piece
         if len(body) > limit:
             raise _body_too_large(len(body), limit)
+    return body
+
+
+def _chat_request(body: bytearray) -> ChatRequest:
+    """The body as JSON, checked field by field."""
     try:
-        return json.loads(body)
+        parsed = json.loads(body)
     except RecursionError:
         raise ApiError(400, "the request body nests JSON too deeply") from None
     except ValueError as e:  # bad JSON or UTF-8, or an integer too long to convert
         raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+    return protocol.parse_chat_request(parsed)
 
 
 def _body_too_large(size: int, limit: int) -> ApiError:
