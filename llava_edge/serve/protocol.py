@@ -124,7 +124,8 @@ def parse_chat_request(body: Any) -> ChatRequest:
         if name not in FIELDS and name not in IGNORED:
             raise ApiError(
                 400,
-                f"unrecognized request argument supplied: {name}{HINTS.get(name, '')}",
+                f"unrecognized request argument supplied: {name}"
+                f"{HINTS.get(name, '; this server does not take it, so leave it out')}",
                 name,
             )
     for name, defaults in UNSUPPORTED_DEFAULTS.items():
