@@ -328,7 +328,10 @@ def _serve(args: argparse.Namespace) -> None:
     options = ServeOptions(
         model_dir=args.model_dir,
         model_name=args.model_name,
-        api_key=args.api_key or os.environ.get("LLAVA_EDGE_API_KEY") or None,
+        # an empty variable counts as unset; an empty --api-key is refused (ServeOptions)
+        api_key=args.api_key
+        if args.api_key is not None
+        else os.environ.get("LLAVA_EDGE_API_KEY") or None,
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         max_body_mb=args.max_body_mb,

@@ -74,11 +74,13 @@ class Server:
             self.url + "/v1/chat/completions", json=body, headers=headers, timeout=timeout
         )
 
-    def metric(self, name: str) -> float:
+    def metric(self, name: str, default: float | None = None) -> float:
         text = httpx.get(self.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
         for line in text.splitlines():
             if line.startswith(name + " "):
                 return float(line.split()[1])
+        if default is not None:  # a labelled counter appears with its first count
+            return default
         raise KeyError(name)
 
     def stop(self) -> None:
@@ -195,6 +197,16 @@ def test_greedy_answers_equal_the_pipeline_streamed_or_not(server):
     assert "".join(pieces) == want.text
     assert usage.completion_tokens == len(want.token_ids)
     assert reasons[-1] == whole.choices[0].finish_reason and set(reasons[:-1]) == {None}
+
+
+def test_a_stream_tells_proxies_not_to_buffer_or_cache_it(server):
+    """nginx, often in front for TLS, buffers a response whole unless told not to: a robot
+    behind it would get its streamed answer only at the end."""
+    body = {"model": MODEL, "messages": GOOD, "max_tokens": 3, "stream": True}
+    response = server.post(body)
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers["x-accel-buffering"] == "no"
+    assert "no-cache" in response.headers["cache-control"]
 
 
 def test_a_streams_chunks_share_one_id_and_creation_time(server, monkeypatch):
@@ -438,6 +450,7 @@ MALFORMED = {
     "frequency_penalty": {"model": MODEL, "messages": GOOD, "frequency_penalty": 0.5},
     "logprobs": {"model": MODEL, "messages": GOOD, "logprobs": True},
     "tools": {"model": MODEL, "messages": GOOD, "tools": [{"type": "function"}]},
+    "an option the server does not know": {"model": MODEL, "messages": GOOD, "min_p": 0.1},
     "over the token limit": {"model": MODEL, "messages": GOOD, "max_tokens": 901},
     "over the context": {"model": MODEL, "messages": GOOD, "max_tokens": 1000},
 }
@@ -458,6 +471,22 @@ def test_malformed_requests_get_400_and_the_server_goes_on(server, case):
     error = error_of(response)
     assert error["type"] == "invalid_request_error" and len(error["message"]) > 10
     assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_unknown_fields_are_refused_not_ignored(server):
+    """A field the server would ignore would not take effect: transformers' max_new_tokens sent
+    for max_tokens would let the answer run to the end of the context. OpenAI refuses unknown
+    fields too; the bookkeeping fields it takes (user, metadata, ...) change no answer."""
+    body = {"model": MODEL, "messages": GOOD, "max_tokens": 2}
+    habit = server.post({**body, "max_new_tokens": 5})
+    assert habit.status_code == 400 and error_of(habit)["param"] == "max_new_tokens"
+    assert "max_tokens" in error_of(habit)["message"].split("max_new_tokens", 1)[1]
+    with pytest.raises(openai.BadRequestError, match="best_of"):
+        server.client().chat.completions.create(
+            model=MODEL, messages=GOOD, max_tokens=2, extra_body={"best_of": 2}
+        )
+    bookkeeping = {"user": "robot-7", "metadata": {"node": "arm"}, "store": False}
+    assert server.post({**body, **bookkeeping, "parallel_tool_calls": True}).status_code == 200
 
 
 def test_image_and_limit_refusals_name_what_to_change(server, monkeypatch):
@@ -611,6 +640,44 @@ def test_the_time_limit_holds_while_the_engine_is_busy_in_one_long_call(server, 
     assert server.state.engine.stats()["running"] == 0
 
 
+def test_a_request_past_the_time_limit_is_not_retried_by_openais_client(
+    server, slow_steps, monkeypatch
+):
+    """OpenAI's client retries a 5xx twice by default: a robot would hear of its answer's time
+    limit after three of them. A 504 tells it not to retry (another try takes as long)."""
+    monkeypatch.setattr(server.state.pipe.limits, "timeout_s", 0.3)
+    before = server.metric('llava_edge_http_requests_total{status="504"}', default=0)
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY)  # its default retries
+    with pytest.raises(openai.InternalServerError) as raised:
+        client.chat.completions.create(
+            model=MODEL, messages=GOOD, max_tokens=800, extra_body={"ignore_eos": True}
+        )
+    assert raised.value.status_code == 504
+    assert server.metric('llava_edge_http_requests_total{status="504"}') == before + 1
+
+
+def test_the_time_limit_holds_while_a_large_image_decodes(server, monkeypatch):
+    """Decoding and resizing a photo of tens of megapixels takes seconds on a Jetson's CPU: the
+    504 still comes at --timeout, and the request, once rendered, is not left to the engine."""
+    pipe = server.state.pipe
+    image_pixels = pipe.image_pixels
+
+    def slow_decode(image):
+        time.sleep(2)
+        return image_pixels(image)
+
+    monkeypatch.setattr(pipe.limits, "timeout_s", 0.5)
+    monkeypatch.setattr(pipe, "image_pixels", slow_decode)
+    generated = server.state.engine.stats()["generated_tokens"]
+    start = time.monotonic()
+    late = server.post({"model": MODEL, "messages": [ask("What?", data_uri(picture(5)))]})
+    assert late.status_code == 504 and error_of(late)["code"] == "timeout"
+    assert time.monotonic() - start < 1.5
+    time.sleep(2)  # the decode ends; what it rendered goes no further than the queue
+    stats = server.state.engine.stats()
+    assert stats["running"] == stats["waiting"] == 0 and stats["generated_tokens"] == generated
+
+
 def test_a_client_leaving_mid_stream_frees_its_row_and_a_full_queue_gets_429(server, slow_steps):
     body = {"model": MODEL, "messages": GOOD, "max_tokens": 800, "ignore_eos": True}
     url, headers = server.url + "/v1/chat/completions", {"Authorization": f"Bearer {KEY}"}
@@ -715,6 +782,30 @@ def chat_scope(app) -> dict:
         "server": ("127.0.0.1", 80),
         "app": app,
     }
+
+
+def test_reading_a_large_body_does_not_stall_the_other_clients(server, monkeypatch):
+    """Parsing a body of many small messages takes seconds at the body limit (a 10 MB one took
+    1.8 s here): on the event loop, every other client's stream and /health would wait for it."""
+    from llava_edge.serve import protocol
+
+    parse = protocol.parse_chat_request
+
+    def slow_parse(body):
+        time.sleep(2)  # as a large body takes
+        return parse(body)
+
+    monkeypatch.setattr(protocol, "parse_chat_request", slow_parse)
+    body = {"model": MODEL, "messages": GOOD, "max_tokens": 2}
+    slow = threading.Thread(target=server.post, args=(body,))
+    slow.start()
+    try:
+        time.sleep(0.3)  # the slow request is being parsed
+        start = time.monotonic()
+        assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+        assert time.monotonic() - start < 1
+    finally:
+        slow.join(30)
 
 
 def test_a_client_leaving_while_sending_its_body_is_no_server_error(server, caplog):
@@ -834,6 +925,8 @@ def test_the_time_limit_counts_from_the_request_not_from_its_image(context_model
         (["--timeout", "-1"], "timeout_s must be a positive"),
         (["--remote-timeout", "0", "--allow-remote-images"], "--remote-timeout must be positive"),
         (["--allowed-media-dir", "/nonexistent"], "is not a directory"),
+        # a key from an unset variable ('--api-key=$KEY') must not serve without one
+        (["--port", "0", "--api-key="], "--api-key is empty"),
     ],
 )
 def test_settings_that_would_refuse_every_request_fail_at_startup(

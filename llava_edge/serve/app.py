@@ -92,6 +92,11 @@ class ServeOptions:
             raise LlavaEdgeError(
                 f"--prefix-cache-mb must be 0 (off) or more, got {self.prefix_cache_mb:g}"
             )
+        if self.api_key is not None and not self.api_key.strip():
+            raise LlavaEdgeError(
+                "--api-key is empty: give the key clients must send, or leave the option out to "
+                "serve without one"
+            )
         media = self.allowed_media_dir
         if media is not None and not Path(media).is_dir():
             raise LlavaEdgeError(f"--allowed-media-dir {media} is not a directory")
@@ -292,7 +297,9 @@ async def _chat_completion(request: Request, state: ServerState) -> Response:
         engine.check_room()  # a full queue refuses before the body is read or an image fetched
         limit = pipe.limits.timeout_s
         body = await _read_body_in_time(request, state.options.max_body_bytes, limit)
-        chat = protocol.parse_chat_request(body)
+        # off the event loop, which every client's stream shares: a body of many small messages
+        # takes seconds to parse at the body limit
+        chat = await run_in_threadpool(_chat_request, body)
         _check_model(state, chat.model)
         if len(chat.image_urls) > pipe.max_images_per_prompt:
             raise ApiError(
@@ -301,26 +308,18 @@ async def _chat_completion(request: Request, state: ServerState) -> Response:
                 f"{pipe.max_images_per_prompt}",
                 "messages",
             )
+        clock = _Clock(arrived, limit)
         images = []
         for url in chat.image_urls:
-            left = None if limit is None else limit - (time.perf_counter() - arrived)
-            images.append(await fetch_image(url, state.media, left))
+            images.append(await fetch_image(url, state.media, clock.left()))
         events: asyncio.Queue[Event] = asyncio.Queue()
-        handle = await run_in_threadpool(
-            _submit,
-            pipe,
-            engine,
-            chat,
-            images,
-            _listener(asyncio.get_running_loop(), events, whole=not chat.stream),
-            arrived,
-        )
+        listener = _listener(asyncio.get_running_loop(), events, whole=not chat.stream)
+        handle = await _submit_in_time(clock, pipe, engine, chat, images, listener, arrived)
     except ClientDisconnect:  # the client left while sending its body: no fault of the server's
         state.metrics.disconnects.inc()
         return Response(status_code=499)
     except Exception as e:
         return _error_response(_api_error(e))
-    clock = _Clock(arrived, pipe.limits.timeout_s)
     event = await _wait(request, state, handle, events, clock)
     if event is None:  # the client left; nobody reads this
         return Response(status_code=499)
@@ -383,6 +382,26 @@ def _submit(
     if not param:
         options["max_new_tokens"] = min(room, limit) if limit else room
     return engine.submit_ids(ids, pixels, options, listener, started=arrived)
+
+
+async def _submit_in_time(clock: _Clock, *args: Any) -> Any:
+    """`_submit` on a worker thread, within the time limit: decoding and resizing a photo of
+    tens of megapixels takes seconds on a Jetson's CPU. Past the limit the client gets its 504
+    at once; the thread cannot be stopped, so what it submits when it ends is cancelled."""
+    submitting = asyncio.ensure_future(run_in_threadpool(_submit, *args))
+    try:
+        return await asyncio.wait_for(asyncio.shield(submitting), clock.left())
+    except asyncio.TimeoutError:
+        submitting.add_done_callback(_cancel_submitted)
+        raise clock.timed_out().error from None
+    except asyncio.CancelledError:  # the server is stopping: nobody will read this request
+        submitting.add_done_callback(_cancel_submitted)
+        raise
+
+
+def _cancel_submitted(submitting: asyncio.Future) -> None:
+    if not submitting.cancelled() and submitting.exception() is None:
+        submitting.result().cancel()
 
 
 def _image_pixels(pipe: Pipeline, image: bytes) -> Any:
@@ -485,7 +504,10 @@ class _AnswerStream(StreamingResponse):
     ):
         self.serve, self.handle, self.finished = state, handle, False
         super().__init__(
-            self._events(chat, events, first, head, clock), media_type="text/event-stream"
+            self._events(chat, events, first, head, clock),
+            media_type="text/event-stream",
+            # a proxy in front (nginx, for TLS) would otherwise buffer the answer whole
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -554,12 +576,12 @@ def _sse_data(payload: Any) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-async def _read_body_in_time(request: Request, limit: int, timeout_s: float | None) -> Any:
-    """The request's JSON body, received within --timeout: a client that stalls mid-upload
+async def _read_body_in_time(request: Request, limit: int, timeout_s: float | None) -> bytearray:
+    """The request's body, received within --timeout: a client that stalls mid-upload
     (a robot losing Wi-Fi without the connection closing) is answered 408 instead of holding
     its connection open for good."""
     try:
-        return await asyncio.wait_for(_read_json(request, limit), timeout_s)
+        return await asyncio.wait_for(_read_body(request, limit), timeout_s)
     except asyncio.TimeoutError:
         raise ApiError(
             408,
@@ -568,7 +590,7 @@ async def _read_body_in_time(request: Request, limit: int, timeout_s: float | No
         ) from None
 
 
-async def _read_json(request: Request, limit: int) -> Any:
+async def _read_body(request: Request, limit: int) -> bytearray:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise _body_too_large(int(declared), limit)
@@ -577,12 +599,18 @@ async def _read_json(request: Request, limit: int) -> Any:
         body += piece
         if len(body) > limit:
             raise _body_too_large(len(body), limit)
+    return body
+
+
+def _chat_request(body: bytearray) -> ChatRequest:
+    """The body as JSON, checked field by field."""
     try:
-        return json.loads(body)
+        parsed = json.loads(body)
     except RecursionError:
         raise ApiError(400, "the request body nests JSON too deeply") from None
     except ValueError as e:  # bad JSON or UTF-8, or an integer too long to convert
         raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+    return protocol.parse_chat_request(parsed)
 
 
 def _body_too_large(size: int, limit: int) -> ApiError:
@@ -642,6 +670,10 @@ def _shutting_down() -> ApiError:
 
 def _error_response(error: ApiError) -> JSONResponse:
     headers = {"Retry-After": "1"} if error.status in (429, 503) else None
+    if error.status == 504:
+        # OpenAI's client retries a 5xx twice unless told not to: past --timeout, another try
+        # takes as long, and the caller would hear of the limit only after three
+        headers = {"x-should-retry": "false"}
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 

@@ -32,6 +32,38 @@ UNSUPPORTED_DEFAULTS = {
 HINTS = {
     "frequency_penalty": "; use repetition_penalty (multiplicative, as transformers applies it)",
     "presence_penalty": "; use repetition_penalty (multiplicative, as transformers applies it)",
+    "max_new_tokens": "; use max_tokens",
+}
+# Every field the server reads; any other is refused, as OpenAI refuses it: ignored, an option
+# such as transformers' max_new_tokens or vLLM's min_p would silently not take effect.
+FIELDS = {
+    "model",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "seed",
+    "stop",
+    "ignore_eos",
+    "n",
+    "stream",
+    "stream_options",
+    "response_format",
+    *UNSUPPORTED_DEFAULTS,
+}
+# OpenAI's fields that change no answer (who asked, what to log, tool calls in parallel when
+# there are no tools): taken and ignored, so that clients sending them work unchanged.
+IGNORED = {
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "parallel_tool_calls",
+    "prompt_cache_key",
+    "safety_identifier",
 }
 
 
@@ -88,6 +120,14 @@ def parse_chat_request(body: Any) -> ChatRequest:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "'model' is required: the id GET /v1/models lists", "model")
+    for name in body:
+        if name not in FIELDS and name not in IGNORED:
+            raise ApiError(
+                400,
+                f"unrecognized request argument supplied: {name}"
+                f"{HINTS.get(name, '; this server does not take it, so leave it out')}",
+                name,
+            )
     for name, defaults in UNSUPPORTED_DEFAULTS.items():
         if name in body and not any(_equal(body[name], d) for d in defaults):
             raise ApiError(
