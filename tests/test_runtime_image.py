@@ -222,6 +222,12 @@ def test_a_pixel_limit_over_pils_lets_an_image_decode(tmp_path, monkeypatch, fmt
 def test_bad_arrays_get_clear_errors():
     with pytest.raises(LlavaEdgeError, match="shape"):
         load_image(np.zeros((4, 4, 5), np.uint8))
+    with pytest.raises(LlavaEdgeError, match=r"channels first\? transpose it to \(H, W, C\)"):
+        load_image(np.zeros((3, 32, 48), np.uint8))
+    import torch
+
+    with pytest.raises(LlavaEdgeError, match="got Tensor; convert it to a channels-last numpy"):
+        load_image(torch.zeros(3, 32, 48))
     with pytest.raises(LlavaEdgeError, match="empty"):
         load_image(np.zeros((0, 4, 3), np.uint8))
 
@@ -332,10 +338,10 @@ def test_premultiplied_alpha_is_composited_as_its_straight_form(mode):
         ),
         (np.where(np.eye(8)[..., None] > 0, np.nan, 0.5).repeat(3, -1), "[0, 1]"),
         (np.full((8, 8, 3), 200.0), "[0, 1]"),
-        (np.ones((8, 8), bool), "not pixel values"),
         (np.ones((8, 8, 3), np.complex64), "not pixel values"),
+        (np.full((8, 8, 3), "a"), "not pixel values"),
     ],
-    ids=["above_one", "nan", "zero_to_255", "bool", "complex"],
+    ids=["above_one", "nan", "zero_to_255", "complex", "strings"],
 )
 def test_arrays_whose_scale_would_be_a_guess_are_refused(array, message):
     """A float frame's scale is not guessed from its values: one pixel at 1.0001 turned a [0, 1]
@@ -361,3 +367,82 @@ def test_an_extreme_aspect_ratio_is_refused_before_it_is_blown_up(pad):
         preprocess(strip, spec(pad=pad))
     wide = Image.fromarray(noise(20, 400))  # 20:1 still works, as transformers computes it
     assert np.abs(preprocess(wide, spec(pad=pad)) - reference(wide, pad=pad)).max() < 1e-5
+
+
+# ---- one rule for pixel values, whatever form they come in -----------------------------------
+
+
+def _ramp(dtype, high: float, h: int = 30, w: int = 40) -> np.ndarray:
+    return np.linspace(0, high, h * w).reshape(h, w).astype(dtype)
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        _ramp(np.float32, 1.0),
+        _ramp(np.int32, 255),
+        _ramp(np.int16, 255),
+        _ramp(np.uint16, 65535),
+        _ramp(">u2", 65535),
+        _ramp(np.float32, 1.0) > 0.5,
+    ],
+    ids=["float_0_1", "int32_0_255", "int16_0_255", "uint16", "uint16_big_endian", "bool"],
+)
+def test_the_same_pixels_as_a_pil_image_or_an_array_give_the_same_image(array):
+    """Image.fromarray makes the PIL image (modes F, I, I;16, I;16B, 1) of the same values."""
+    pil = Image.fromarray(array)
+    assert np.array_equal(np.asarray(load_image(pil)), np.asarray(load_image(array)))
+
+
+@pytest.mark.parametrize(
+    "array, form",
+    [
+        (_ramp(np.float32, 1.0) * 1.5, "float32"),
+        (_ramp(np.float32, 255.0), "float32"),
+        (_ramp(np.int32, 4095), "int32"),
+        (_ramp(np.int32, 255) - 10, "int32"),
+    ],
+    ids=["float_above_one", "float_0_255", "int32_12_bit", "int32_negative"],
+)
+def test_values_whose_scale_would_be_a_guess_are_refused_as_a_pil_image_and_as_an_array(
+    array, form
+):
+    """A 32-bit float (mode F) or integer (mode I) image's scale was read off its values (one
+    bright pixel turned a [0, 1] image black), while the same values as an array were refused
+    or clipped to white."""
+    pil = Image.fromarray(array)
+    for source, named in ((array, f"{form} image array"), (pil, f"PIL image of mode {pil.mode}")):
+        with pytest.raises(LlavaEdgeError) as error:
+            load_image(source)
+        message = str(error.value)
+        assert named in message and "\n" not in message
+        assert "uint8" in message and "[0, 1]" in message  # what to give instead
+
+
+def test_a_sixteen_bit_pgm_is_read_as_sixteen_bits(tmp_path):
+    """PIL opens a 16-bit PGM (what depth and machine-vision cameras save) as 32-bit mode I,
+    its values scaled to 0-65535 (a maxval of 4095 too): the same image as its uint16 array."""
+    wide = _ramp(np.uint16, 65535)
+    path = tmp_path / "depth.pgm"
+    Image.fromarray(wide).save(path)
+    assert Image.open(path).mode == "I"
+    expected = np.asarray(load_image(wide))
+    assert np.array_equal(np.asarray(load_image(path)), expected)
+    assert np.array_equal(np.asarray(load_image(Image.open(path))), expected)
+    twelve_bit = b"P5 40 30 4095\n" + (wide >> 4).astype(">u2").tobytes()
+    assert np.array_equal(
+        np.asarray(load_image(twelve_bit)), np.asarray(load_image(wide >> 4 << 4))
+    )
+
+
+def test_views_read_only_and_one_channel_arrays_are_the_pixels_they_show():
+    frame = noise(30, 40)
+    bgr = np.ascontiguousarray(frame[..., ::-1])
+    assert np.array_equal(np.asarray(load_image(bgr[..., ::-1])), frame)  # a strided view
+    frozen = frame.copy()
+    frozen.setflags(write=False)
+    assert np.array_equal(np.asarray(load_image(frozen)), frame)
+    grey = frame[..., :1]
+    assert np.array_equal(np.asarray(load_image(grey)), np.asarray(load_image(grey[..., 0])))
+    wide = _ramp(np.uint16, 65535, 30, 80)[:, ::2]
+    assert np.array_equal(np.asarray(load_image(wide)), np.asarray(load_image(wide.copy())))
