@@ -446,3 +446,22 @@ def test_views_read_only_and_one_channel_arrays_are_the_pixels_they_show():
     assert np.array_equal(np.asarray(load_image(grey)), np.asarray(load_image(grey[..., 0])))
     wide = _ramp(np.uint16, 65535, 30, 80)[:, ::2]
     assert np.array_equal(np.asarray(load_image(wide)), np.asarray(load_image(wide.copy())))
+
+
+def test_postscript_is_refused_without_running_ghostscript(monkeypatch):
+    """PIL renders EPS by running Ghostscript on it, a program with a history of exploits: an
+    image sent to the server is untrusted, and no camera makes PostScript."""
+    from PIL import EpsImagePlugin
+
+    buffer = io.BytesIO()
+    Image.fromarray(noise(10, 10)).save(buffer, "EPS")
+    ran = []
+
+    def ghostscript(tile, size, fp, *args, **kwargs):
+        ran.append(size)
+        return Image.new("RGB", size).im
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
+    with pytest.raises(LlavaEdgeError, match="not an image PIL can read"):
+        load_image(buffer.getvalue())
+    assert ran == []

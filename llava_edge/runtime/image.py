@@ -40,7 +40,9 @@ def image_list(images: Images) -> list[ImageInput]:
 def load_image(source: ImageInput, max_pixels: int | None = None) -> Image.Image:
     """Open anything a robot app holds as an RGB PIL image.
 
-    Paths and bytes are decoded with PIL (first frame of an animation, EXIF rotation applied).
+    Paths and bytes are decoded with PIL (first frame of an animation, EXIF rotation applied;
+    any format PIL reads but PostScript). A PIL image is taken as it is, its EXIF orientation not
+    applied, as transformers' processors take it (`ImageOps.exif_transpose` it first).
     Arrays are (H, W, 3) RGB, (H, W, 4) RGBA (transparency over white), or (H, W) and (H, W, 1)
     grey, channels last: a channels-first (3, H, W) array is refused. Channels are read in RGB
     order whatever the source (OpenCV's frames are BGR: pass `frame[..., ::-1]`). Torch tensors
@@ -147,7 +149,7 @@ def _open_within(
         if lift:
             Image.MAX_IMAGE_PIXELS = max_pixels
         try:
-            image = Image.open(file)
+            image = Image.open(file, formats=_readable_formats())
             try:
                 _check_pixels(image.width, image.height, max_pixels)
                 if lift:
@@ -170,6 +172,14 @@ def _open_within(
             if lift:
                 Image.MAX_IMAGE_PIXELS = pil_limit
     return image
+
+
+def _readable_formats() -> list[str]:
+    """Every format PIL reads (plugins an app registers too, such as pillow-heif's) but EPS:
+    PIL renders PostScript by running Ghostscript on it, which an untrusted image must not reach
+    (Ghostscript has a history of exploits)."""
+    Image.init()
+    return [name for name in Image.ID if name != "EPS"]
 
 
 def _from_array(array: np.ndarray) -> Image.Image:
