@@ -465,3 +465,15 @@ def test_postscript_is_refused_without_running_ghostscript(monkeypatch):
     with pytest.raises(LlavaEdgeError, match="not an image PIL can read"):
         load_image(buffer.getvalue())
     assert ran == []
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_an_encoded_file_held_in_an_array_is_refused_naming_its_bytes(fmt):
+    """cv2.imencode gives an encoded frame as an (N, 1) uint8 array, np.frombuffer of a ROS
+    CompressedImage as (N,): the first was read as a picture one pixel wide and N tall."""
+    buffer = io.BytesIO()
+    Image.fromarray(noise(40, 30)).save(buffer, fmt)
+    encoded = np.frombuffer(buffer.getvalue(), np.uint8)
+    for array in (encoded.reshape(-1, 1), encoded):
+        with pytest.raises(LlavaEdgeError, match=rf"encoded {fmt} file.*array\.tobytes\(\)"):
+            load_image(array)

@@ -44,7 +44,8 @@ def load_image(source: ImageInput, max_pixels: int | None = None) -> Image.Image
     any format PIL reads but PostScript). A PIL image is taken as it is, its EXIF orientation not
     applied, as transformers' processors take it (`ImageOps.exif_transpose` it first).
     Arrays are (H, W, 3) RGB, (H, W, 4) RGBA (transparency over white), or (H, W) and (H, W, 1)
-    grey, channels last: a channels-first (3, H, W) array is refused. Channels are read in RGB
+    grey, channels last: a channels-first (3, H, W) array is refused, and so is an encoded file
+    held in an array (cv2.imencode's output: pass `array.tobytes()`). Channels are read in RGB
     order whatever the source (OpenCV's frames are BGR: pass `frame[..., ::-1]`). Torch tensors
     are not taken: pass `tensor.permute(1, 2, 0).numpy()` in one of the forms below.
 
@@ -66,6 +67,7 @@ def load_image(source: ImageInput, max_pixels: int | None = None) -> Image.Image
     is refused).
     """
     if isinstance(source, np.ndarray):
+        _refuse_encoded(source)
         if source.ndim >= 2 and source.size:  # the shape and emptiness are checked next
             _check_pixels(source.shape[1], source.shape[0], max_pixels)
         return _from_array(source)
@@ -180,6 +182,26 @@ def _readable_formats() -> list[str]:
     (Ghostscript has a history of exploits)."""
     Image.init()
     return [name for name in Image.ID if name != "EPS"]
+
+
+def _refuse_encoded(array: np.ndarray) -> None:
+    """An image file's bytes held in a uint8 array, (N, 1) as cv2.imencode gives them or (N,)
+    as np.frombuffer does, would pass for a picture one pixel wide: refused, naming the bytes."""
+    column = array.ndim == 1 or (array.ndim == 2 and array.shape[1] == 1)
+    if array.dtype != np.uint8 or not column:
+        return
+    head = array[:12].tobytes()
+    if head.startswith(b"\xff\xd8\xff"):
+        fmt = "JPEG"
+    elif head.startswith(b"\x89PNG\r\n\x1a\n"):
+        fmt = "PNG"
+    elif head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        fmt = "WEBP"
+    else:
+        return
+    raise LlavaEdgeError(
+        f"the image array holds an encoded {fmt} file, not pixels; pass its bytes: array.tobytes()"
+    )
 
 
 def _from_array(array: np.ndarray) -> Image.Image:
