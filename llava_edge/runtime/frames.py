@@ -126,8 +126,8 @@ def open_frames(
 ) -> Iterator[Frame]:
     """The frames of `source` due for an answer, one per `every_s` seconds.
 
-    source: a path or URL, or an iterable of images (what `load_image` takes: arrays of any size,
-    dtype or channels, PIL images) that an app's camera driver yields, read in a thread as a
+    source: a path or URL, or an iterable of images (in any form `load_image` takes: arrays,
+    PIL images, encoded bytes) that an app's camera driver yields, read in a thread as a
     camera is; a None from it means no new frame yet. live: None decides from the source
     (cameras, streams, pipes and an app's frames are live, files and folders not); True replays a
     file at its own pace, as a camera would deliver it; False is refused for a camera and an
