@@ -477,3 +477,25 @@ def test_an_encoded_file_held_in_an_array_is_refused_naming_its_bytes(fmt):
     for array in (encoded.reshape(-1, 1), encoded):
         with pytest.raises(LlavaEdgeError, match=rf"encoded {fmt} file.*array\.tobytes\(\)"):
             load_image(array)
+
+
+def test_an_unreadable_file_is_named_as_one_not_as_corrupt(tmp_path, monkeypatch):
+    """(The tests may run as root, for whom chmod takes nothing away: the open is refused as it
+    is for a file of another user's.)"""
+    import builtins
+    import errno
+    import os
+
+    path = tmp_path / "locked.png"
+    path.write_bytes(_png_bytes())
+    real_open = builtins.open
+
+    def refusing(file, *args, **kwargs):
+        if os.fspath(file) == str(path):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing)
+    with pytest.raises(LlavaEdgeError) as error:
+        load_image(path)
+    assert str(error.value) == f"no permission to read image {path}"

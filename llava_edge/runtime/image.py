@@ -125,6 +125,8 @@ def _open(source: str | os.PathLike | bytes, max_pixels: int | None) -> Image.Im
         return image
     except UnidentifiedImageError:
         raise LlavaEdgeError(f"{name} is not an image PIL can read") from None
+    except PermissionError:
+        raise LlavaEdgeError(f"no permission to read {what}") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise LlavaEdgeError(f"{what} is corrupt or truncated ({e})") from None
 
