@@ -306,6 +306,13 @@ def test_a_directory_is_named_as_one(tmp_path):
         load_image(tmp_path)
 
 
+def test_a_device_is_named_as_one_and_never_read():
+    """`--image /dev/video0` read the camera's device (a read that may block for ever) and
+    called what came back not an image."""
+    with pytest.raises(LlavaEdgeError, match=r"/dev/null is a device, not an image file.*watch"):
+        load_image("/dev/null")
+
+
 def test_an_rgb_png_with_a_transparent_colour_is_composited_as_transformers_does(tmp_path):
     pixels = noise(40, 50)
     pixels[:10, :10] = (10, 20, 30)

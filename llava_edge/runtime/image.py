@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import stat
 import threading
 import warnings
 
@@ -115,6 +116,12 @@ def _open(source: str | os.PathLike | bytes, max_pixels: int | None) -> Image.Im
             raise LlavaEdgeError(f"{what} does not exist")
         if os.path.isdir(source):
             raise LlavaEdgeError(f"{what} is a directory, not an image file")
+        mode = os.stat(source).st_mode
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):  # a camera's read may block for ever
+            raise LlavaEdgeError(
+                f"{what} is a device, not an image file; a camera's frames are read with "
+                f"`llava-edge watch --source {name}` (Pipeline.watch)"
+            )
         if os.path.isfile(source) and os.path.getsize(source) == 0:  # a pipe's size is 0 too
             raise LlavaEdgeError(f"{what} is an empty file")
     elif not source:
