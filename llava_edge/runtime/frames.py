@@ -48,7 +48,9 @@ import numpy as np
 from llava_edge.errors import LlavaEdgeError, first_line
 
 VIDEO_HINT = "install the video extra: pip install 'llava-edge[video]' (PyAV)"
+# PNM (.pgm, .ppm, .pnm): what depth and machine-vision cameras save their 16-bit frames as
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+IMAGE_SUFFIXES |= {".pgm", ".ppm", ".pnm"}
 NETWORK_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://")
 DEFAULT_TIMEOUT_S = 10.0
 APP_SOURCE = "the app's frames"  # how errors name an iterable source
