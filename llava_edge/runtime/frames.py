@@ -452,7 +452,12 @@ def _read_ahead(
 
 
 def _folder_frames(folder: Path, fps: float) -> Iterator[Frame]:
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = sorted(
+        p
+        for p in folder.iterdir()
+        # hidden files are no frames: macOS leaves a ._NAME beside each image it copies
+        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+    )
     if not paths:
         raise LlavaEdgeError(
             f"image folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
