@@ -301,6 +301,25 @@ def test_a_lazily_opened_image_that_fails_to_decode_is_one_error(tmp_path):
         load_image(closed)
 
 
+@pytest.mark.parametrize(
+    "url, hint",
+    [
+        ("https://example.com/cat.jpg", "download it"),
+        ("data:image/png;base64," + "A" * 1_000_000, r"base64\.b64decode"),
+    ],
+    ids=["http", "data"],
+)
+def test_a_url_is_named_as_one_not_as_a_missing_file(url, hint):
+    """transformers' load_image fetches URLs and decodes data: URIs; the runtime reads no
+    network, and said such a string 'does not exist', quoting all of a megabyte data: URI."""
+    with pytest.raises(LlavaEdgeError, match=f"not an image file.*{hint}") as error:
+        load_image(url)
+    assert len(str(error.value)) < 300
+    with pytest.raises(LlavaEdgeError, match="does not exist") as error:
+        load_image(url.partition(",")[2])  # the base64 alone, as HF's load_image also takes
+    assert len(str(error.value)) < 300
+
+
 def test_a_directory_is_named_as_one(tmp_path):
     with pytest.raises(LlavaEdgeError, match="is a directory, not an image file"):
         load_image(tmp_path)

@@ -110,8 +110,11 @@ def _check_pixels(width: int, height: int, max_pixels: int | None) -> None:
 def _open(source: str | os.PathLike | bytes, max_pixels: int | None) -> Image.Image:
     given = isinstance(source, bytes)
     name = "the image data" if given else str(source)
+    if len(name) > 200:  # a base64 string passed for a path: a megabyte of error
+        name = name[:100] + "..."
     what = name if given else f"image {name}"
     if not given:
+        _refuse_url(source)
         if not os.path.exists(source):
             raise LlavaEdgeError(f"{what} does not exist")
         if os.path.isdir(source):
@@ -136,6 +139,24 @@ def _open(source: str | os.PathLike | bytes, max_pixels: int | None) -> Image.Im
         raise LlavaEdgeError(f"no permission to read {what}") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise LlavaEdgeError(f"{what} is corrupt or truncated ({e})") from None
+
+
+def _refuse_url(source: str | os.PathLike) -> None:
+    """transformers' load_image takes URLs and data: URIs; the runtime reads no network."""
+    text = os.fspath(source)
+    if not isinstance(text, str):
+        return
+    scheme = text[:8].lower()
+    if scheme.startswith("data:"):
+        raise LlavaEdgeError(
+            "a data: URI is not an image file; pass its bytes: base64.b64decode(uri.split(',')[1])"
+        )
+    if scheme.startswith(("http://", "https://")):
+        shown = text if len(text) <= 100 else text[:100] + "..."
+        raise LlavaEdgeError(
+            f"{shown} is a URL, not an image file; download it and pass the file or its bytes "
+            "(the runtime reads no network)"
+        )
 
 
 def _open_within(
