@@ -525,3 +525,25 @@ def test_an_unreadable_file_is_named_as_one_not_as_corrupt(tmp_path, monkeypatch
     with pytest.raises(LlavaEdgeError) as error:
         load_image(path)
     assert str(error.value) == f"no permission to read image {path}"
+
+
+def test_an_icon_wrapping_a_huge_png_is_refused_before_it_is_decoded(monkeypatch):
+    """An ICO decodes the PNG inside it as PIL opens it, under PIL's own pixel limit (89M, past
+    which it only warns) and not the caller's: a 100 KB icon declaring 16x16 decoded 6000x6000
+    pixels before the limit of 1000 refused it."""
+    import struct
+
+    from PIL import IcoImagePlugin
+
+    png = io.BytesIO()
+    Image.new("RGB", (3000, 3000)).save(png, "PNG")
+    entry = struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(png.getvalue()), 22)
+    icon = struct.pack("<HHH", 0, 1, 1) + entry + png.getvalue()
+    decoded = []
+    real_frame = IcoImagePlugin.IcoFile.frame
+    monkeypatch.setattr(
+        IcoImagePlugin.IcoFile, "frame", lambda self, i: decoded.append(i) or real_frame(self, i)
+    )
+    with pytest.raises(LlavaEdgeError, match="ICO"):
+        load_image(icon, max_pixels=1000)
+    assert decoded == []

@@ -42,7 +42,7 @@ def load_image(source: ImageInput, max_pixels: int | None = None) -> Image.Image
     """Open anything a robot app holds as an RGB PIL image.
 
     Paths and bytes are decoded with PIL (first frame of an animation, EXIF rotation applied;
-    any format PIL reads but PostScript). A PIL image is taken as it is, its EXIF orientation not
+    any format PIL reads but PostScript and the icon formats: see UNREAD_FORMATS). A PIL image is taken as it is, its EXIF orientation not
     applied, as transformers' processors take it (`ImageOps.exif_transpose` it first).
     Arrays are (H, W, 3) RGB, (H, W, 4) RGBA (transparency over white), or (H, W) and (H, W, 1)
     grey, channels last: a channels-first (3, H, W) array is refused, and so is an encoded file
@@ -134,7 +134,10 @@ def _open(source: str | os.PathLike | bytes, max_pixels: int | None) -> Image.Im
         image.load()  # decode now, so truncation is found here and not later
         return image
     except UnidentifiedImageError:
-        raise LlavaEdgeError(f"{name} is not an image PIL can read") from None
+        raise LlavaEdgeError(
+            f"{name} is not an image PIL can read ({', '.join(UNREAD_FORMATS)} files are not "
+            "read: convert them to PNG or JPEG)"
+        ) from None
     except PermissionError:
         raise LlavaEdgeError(f"no permission to read {what}") from None
     except (OSError, SyntaxError, ValueError) as e:
@@ -206,12 +209,18 @@ def _open_within(
     return image
 
 
+# Formats PIL reads that are not read here. PIL renders PostScript (EPS) by running Ghostscript
+# on it, which an untrusted image must not reach (Ghostscript has a history of exploits); icons
+# (ICO, ICNS) and IPTC files wrap another image that PIL decodes under its own pixel limit, not
+# the caller's (an ICO even as it opens). No camera makes any of them.
+UNREAD_FORMATS = ("EPS", "ICO", "ICNS", "IPTC")
+
+
 def _readable_formats() -> list[str]:
-    """Every format PIL reads (plugins an app registers too, such as pillow-heif's) but EPS:
-    PIL renders PostScript by running Ghostscript on it, which an untrusted image must not reach
-    (Ghostscript has a history of exploits)."""
+    """Every format PIL reads (plugins an app registers too, such as pillow-heif's) but
+    UNREAD_FORMATS."""
     Image.init()
-    return [name for name in Image.ID if name != "EPS"]
+    return [name for name in Image.ID if name not in UNREAD_FORMATS]
 
 
 def _refuse_encoded(array: np.ndarray) -> None:
