@@ -139,6 +139,27 @@ def test_an_image_read_from_a_pipe(tmp_path):
     assert np.array_equal(np.asarray(loaded), np.asarray(load_image(data)))
 
 
+def test_a_pipe_waiting_for_its_writer_holds_up_no_other_thread(tmp_path):
+    """A named pipe's open blocks until a camera process writes to it; while it waited, it held
+    the lock every image file takes to be opened, and other threads' images waited with it."""
+    import os
+    import threading
+
+    fifo = tmp_path / "camera"
+    os.mkfifo(fifo)
+    waiting = threading.Thread(target=load_image, args=(fifo,), daemon=True)
+    waiting.start()
+    try:
+        other: list = []
+        reader = threading.Thread(target=lambda: other.append(load_image(_png_bytes())))
+        reader.start()
+        reader.join(5)
+        assert other, "an image in memory waited on the pipe"
+    finally:
+        fifo.write_bytes(_png_bytes())  # the waiting load reads it and ends
+        waiting.join(10)
+
+
 def test_images_opened_on_several_threads_leave_the_warning_filters_as_they_were(
     tmp_path, monkeypatch
 ):

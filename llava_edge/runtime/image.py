@@ -129,8 +129,15 @@ def _open(source: str | os.PathLike | bytes, max_pixels: int | None) -> Image.Im
             raise LlavaEdgeError(f"{what} is an empty file")
     elif not source:
         raise LlavaEdgeError("the image data is empty")
+    pipe = None
     try:
-        image = _open_within(io.BytesIO(source) if given else source, max_pixels, what)
+        if given:
+            file = io.BytesIO(source)
+        elif stat.S_ISFIFO(mode):  # opened here: the open waits for a writer, not under the lock
+            file = pipe = open(source, "rb")  # noqa: SIM115 (closed below, once decoded)
+        else:
+            file = source
+        image = _open_within(file, max_pixels, what)
         image.load()  # decode now, so truncation is found here and not later
         return image
     except UnidentifiedImageError:
@@ -142,6 +149,9 @@ def _open(source: str | os.PathLike | bytes, max_pixels: int | None) -> Image.Im
         raise LlavaEdgeError(f"no permission to read {what}") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise LlavaEdgeError(f"{what} is corrupt or truncated ({e})") from None
+    finally:
+        if pipe is not None:
+            pipe.close()
 
 
 def _refuse_url(source: str | os.PathLike) -> None:
