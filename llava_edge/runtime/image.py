@@ -42,8 +42,9 @@ def load_image(source: ImageInput, max_pixels: int | None = None) -> Image.Image
     """Open anything a robot app holds as an RGB PIL image.
 
     Paths and bytes are decoded with PIL (first frame of an animation, EXIF rotation applied;
-    any format PIL reads but PostScript and the icon formats: see UNREAD_FORMATS). A PIL image is taken as it is, its EXIF orientation not
-    applied, as transformers' processors take it (`ImageOps.exif_transpose` it first).
+    any format PIL reads but PostScript and the icon formats: see UNREAD_FORMATS). A PIL image
+    is taken as it is, its EXIF orientation not applied, as transformers' processors take it
+    (`ImageOps.exif_transpose` it first).
     Arrays are (H, W, 3) RGB, (H, W, 4) RGBA (transparency over white), or (H, W) and (H, W, 1)
     grey, channels last: a channels-first (3, H, W) array is refused, and so is an encoded file
     held in an array (cv2.imencode's output: pass `array.tobytes()`). Channels are read in RGB
