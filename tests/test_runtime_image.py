@@ -139,6 +139,27 @@ def test_an_image_read_from_a_pipe(tmp_path):
     assert np.array_equal(np.asarray(loaded), np.asarray(load_image(data)))
 
 
+def test_a_pipe_waiting_for_its_writer_holds_up_no_other_thread(tmp_path):
+    """A named pipe's open blocks until a camera process writes to it; while it waited, it held
+    the lock every image file takes to be opened, and other threads' images waited with it."""
+    import os
+    import threading
+
+    fifo = tmp_path / "camera"
+    os.mkfifo(fifo)
+    waiting = threading.Thread(target=load_image, args=(fifo,), daemon=True)
+    waiting.start()
+    try:
+        other: list = []
+        reader = threading.Thread(target=lambda: other.append(load_image(_png_bytes())))
+        reader.start()
+        reader.join(5)
+        assert other, "an image in memory waited on the pipe"
+    finally:
+        fifo.write_bytes(_png_bytes())  # the waiting load reads it and ends
+        waiting.join(10)
+
+
 def test_images_opened_on_several_threads_leave_the_warning_filters_as_they_were(
     tmp_path, monkeypatch
 ):
@@ -222,6 +243,12 @@ def test_a_pixel_limit_over_pils_lets_an_image_decode(tmp_path, monkeypatch, fmt
 def test_bad_arrays_get_clear_errors():
     with pytest.raises(LlavaEdgeError, match="shape"):
         load_image(np.zeros((4, 4, 5), np.uint8))
+    with pytest.raises(LlavaEdgeError, match=r"channels first\? transpose it to \(H, W, C\)"):
+        load_image(np.zeros((3, 32, 48), np.uint8))
+    import torch
+
+    with pytest.raises(LlavaEdgeError, match="got Tensor; convert it to a channels-last numpy"):
+        load_image(torch.zeros(3, 32, 48))
     with pytest.raises(LlavaEdgeError, match="empty"):
         load_image(np.zeros((0, 4, 3), np.uint8))
 
@@ -295,9 +322,35 @@ def test_a_lazily_opened_image_that_fails_to_decode_is_one_error(tmp_path):
         load_image(closed)
 
 
+@pytest.mark.parametrize(
+    "url, hint",
+    [
+        ("https://example.com/cat.jpg", "download it"),
+        ("data:image/png;base64," + "A" * 1_000_000, r"base64\.b64decode"),
+    ],
+    ids=["http", "data"],
+)
+def test_a_url_is_named_as_one_not_as_a_missing_file(url, hint):
+    """transformers' load_image fetches URLs and decodes data: URIs; the runtime reads no
+    network, and said such a string 'does not exist', quoting all of a megabyte data: URI."""
+    with pytest.raises(LlavaEdgeError, match=f"not an image file.*{hint}") as error:
+        load_image(url)
+    assert len(str(error.value)) < 300
+    with pytest.raises(LlavaEdgeError, match="does not exist") as error:
+        load_image(url.partition(",")[2])  # the base64 alone, as HF's load_image also takes
+    assert len(str(error.value)) < 300
+
+
 def test_a_directory_is_named_as_one(tmp_path):
     with pytest.raises(LlavaEdgeError, match="is a directory, not an image file"):
         load_image(tmp_path)
+
+
+def test_a_device_is_named_as_one_and_never_read():
+    """`--image /dev/video0` read the camera's device (a read that may block for ever) and
+    called what came back not an image."""
+    with pytest.raises(LlavaEdgeError, match=r"/dev/null is a device, not an image file.*watch"):
+        load_image("/dev/null")
 
 
 def test_an_rgb_png_with_a_transparent_colour_is_composited_as_transformers_does(tmp_path):
@@ -332,10 +385,10 @@ def test_premultiplied_alpha_is_composited_as_its_straight_form(mode):
         ),
         (np.where(np.eye(8)[..., None] > 0, np.nan, 0.5).repeat(3, -1), "[0, 1]"),
         (np.full((8, 8, 3), 200.0), "[0, 1]"),
-        (np.ones((8, 8), bool), "not pixel values"),
         (np.ones((8, 8, 3), np.complex64), "not pixel values"),
+        (np.full((8, 8, 3), "a"), "not pixel values"),
     ],
-    ids=["above_one", "nan", "zero_to_255", "bool", "complex"],
+    ids=["above_one", "nan", "zero_to_255", "complex", "strings"],
 )
 def test_arrays_whose_scale_would_be_a_guess_are_refused(array, message):
     """A float frame's scale is not guessed from its values: one pixel at 1.0001 turned a [0, 1]
@@ -361,3 +414,157 @@ def test_an_extreme_aspect_ratio_is_refused_before_it_is_blown_up(pad):
         preprocess(strip, spec(pad=pad))
     wide = Image.fromarray(noise(20, 400))  # 20:1 still works, as transformers computes it
     assert np.abs(preprocess(wide, spec(pad=pad)) - reference(wide, pad=pad)).max() < 1e-5
+
+
+# ---- one rule for pixel values, whatever form they come in -----------------------------------
+
+
+def _ramp(dtype, high: float, h: int = 30, w: int = 40) -> np.ndarray:
+    return np.linspace(0, high, h * w).reshape(h, w).astype(dtype)
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        _ramp(np.float32, 1.0),
+        _ramp(np.int32, 255),
+        _ramp(np.int16, 255),
+        _ramp(np.uint16, 65535),
+        _ramp(">u2", 65535),
+        _ramp(np.float32, 1.0) > 0.5,
+    ],
+    ids=["float_0_1", "int32_0_255", "int16_0_255", "uint16", "uint16_big_endian", "bool"],
+)
+def test_the_same_pixels_as_a_pil_image_or_an_array_give_the_same_image(array):
+    """Image.fromarray makes the PIL image (modes F, I, I;16, I;16B, 1) of the same values."""
+    pil = Image.fromarray(array)
+    assert np.array_equal(np.asarray(load_image(pil)), np.asarray(load_image(array)))
+
+
+@pytest.mark.parametrize(
+    "array, form",
+    [
+        (_ramp(np.float32, 1.0) * 1.5, "float32"),
+        (_ramp(np.float32, 255.0), "float32"),
+        (_ramp(np.int32, 4095), "int32"),
+        (_ramp(np.int32, 255) - 10, "int32"),
+    ],
+    ids=["float_above_one", "float_0_255", "int32_12_bit", "int32_negative"],
+)
+def test_values_whose_scale_would_be_a_guess_are_refused_as_a_pil_image_and_as_an_array(
+    array, form
+):
+    """A 32-bit float (mode F) or integer (mode I) image's scale was read off its values (one
+    bright pixel turned a [0, 1] image black), while the same values as an array were refused
+    or clipped to white."""
+    pil = Image.fromarray(array)
+    for source, named in ((array, f"{form} image array"), (pil, f"PIL image of mode {pil.mode}")):
+        with pytest.raises(LlavaEdgeError) as error:
+            load_image(source)
+        message = str(error.value)
+        assert named in message and "\n" not in message
+        assert "uint8" in message and "[0, 1]" in message  # what to give instead
+
+
+def test_a_sixteen_bit_pgm_is_read_as_sixteen_bits(tmp_path):
+    """PIL opens a 16-bit PGM (what depth and machine-vision cameras save) as 32-bit mode I,
+    its values scaled to 0-65535 (a maxval of 4095 too): the same image as its uint16 array."""
+    wide = _ramp(np.uint16, 65535)
+    path = tmp_path / "depth.pgm"
+    Image.fromarray(wide).save(path)
+    assert Image.open(path).mode == "I"
+    expected = np.asarray(load_image(wide))
+    assert np.array_equal(np.asarray(load_image(path)), expected)
+    assert np.array_equal(np.asarray(load_image(Image.open(path))), expected)
+    twelve_bit = b"P5 40 30 4095\n" + (wide >> 4).astype(">u2").tobytes()
+    assert np.array_equal(
+        np.asarray(load_image(twelve_bit)), np.asarray(load_image(wide >> 4 << 4))
+    )
+
+
+def test_views_read_only_and_one_channel_arrays_are_the_pixels_they_show():
+    frame = noise(30, 40)
+    bgr = np.ascontiguousarray(frame[..., ::-1])
+    assert np.array_equal(np.asarray(load_image(bgr[..., ::-1])), frame)  # a strided view
+    frozen = frame.copy()
+    frozen.setflags(write=False)
+    assert np.array_equal(np.asarray(load_image(frozen)), frame)
+    grey = frame[..., :1]
+    assert np.array_equal(np.asarray(load_image(grey)), np.asarray(load_image(grey[..., 0])))
+    wide = _ramp(np.uint16, 65535, 30, 80)[:, ::2]
+    assert np.array_equal(np.asarray(load_image(wide)), np.asarray(load_image(wide.copy())))
+
+
+def test_postscript_is_refused_without_running_ghostscript(monkeypatch):
+    """PIL renders EPS by running Ghostscript on it, a program with a history of exploits: an
+    image sent to the server is untrusted, and no camera makes PostScript."""
+    from PIL import EpsImagePlugin
+
+    buffer = io.BytesIO()
+    Image.fromarray(noise(10, 10)).save(buffer, "EPS")
+    ran = []
+
+    def ghostscript(tile, size, fp, *args, **kwargs):
+        ran.append(size)
+        return Image.new("RGB", size).im
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
+    with pytest.raises(LlavaEdgeError, match="not an image PIL can read"):
+        load_image(buffer.getvalue())
+    assert ran == []
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_an_encoded_file_held_in_an_array_is_refused_naming_its_bytes(fmt):
+    """cv2.imencode gives an encoded frame as an (N, 1) uint8 array, np.frombuffer of a ROS
+    CompressedImage as (N,): the first was read as a picture one pixel wide and N tall."""
+    buffer = io.BytesIO()
+    Image.fromarray(noise(40, 30)).save(buffer, fmt)
+    encoded = np.frombuffer(buffer.getvalue(), np.uint8)
+    for array in (encoded.reshape(-1, 1), encoded):
+        with pytest.raises(LlavaEdgeError, match=rf"encoded {fmt} file.*array\.tobytes\(\)"):
+            load_image(array)
+
+
+def test_an_unreadable_file_is_named_as_one_not_as_corrupt(tmp_path, monkeypatch):
+    """(The tests may run as root, for whom chmod takes nothing away: the open is refused as it
+    is for a file of another user's.)"""
+    import builtins
+    import errno
+    import os
+
+    path = tmp_path / "locked.png"
+    path.write_bytes(_png_bytes())
+    real_open = builtins.open
+
+    def refusing(file, *args, **kwargs):
+        if os.fspath(file) == str(path):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing)
+    with pytest.raises(LlavaEdgeError) as error:
+        load_image(path)
+    assert str(error.value) == f"no permission to read image {path}"
+
+
+def test_an_icon_wrapping_a_huge_png_is_refused_before_it_is_decoded(monkeypatch):
+    """An ICO decodes the PNG inside it as PIL opens it, under PIL's own pixel limit (89M, past
+    which it only warns) and not the caller's: a 100 KB icon declaring 16x16 decoded 6000x6000
+    pixels before the limit of 1000 refused it."""
+    import struct
+
+    from PIL import IcoImagePlugin
+
+    png = io.BytesIO()
+    Image.new("RGB", (3000, 3000)).save(png, "PNG")
+    entry = struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(png.getvalue()), 22)
+    icon = struct.pack("<HHH", 0, 1, 1) + entry + png.getvalue()
+    decoded = []
+    real_frame = IcoImagePlugin.IcoFile.frame
+    monkeypatch.setattr(
+        IcoImagePlugin.IcoFile, "frame", lambda self, i: decoded.append(i) or real_frame(self, i)
+    )
+    with pytest.raises(LlavaEdgeError, match="ICO"):
+        load_image(icon, max_pixels=1000)
+    assert decoded == []

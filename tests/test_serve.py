@@ -489,6 +489,51 @@ def test_unknown_fields_are_refused_not_ignored(server):
     assert server.post({**body, **bookkeeping, "parallel_tool_calls": True}).status_code == 200
 
 
+def _png_base64(seed: int = 1) -> str:
+    return data_uri(picture(seed)).partition(",")[2]
+
+
+@pytest.mark.parametrize(
+    "url, named",
+    [
+        ("data:text/plain;base64,", "text/plain"),
+        ("data:application/json;base64,", "application/json"),
+        ("data:video/mp4;base64,", "video/mp4"),
+        ("data:image/png;base64", "data:image/png;base64,"),
+        ("data:image/png,", "base64"),
+    ],
+    ids=["text", "json", "video", "no_comma", "not_base64"],
+)
+def test_a_data_url_that_is_not_a_base64_image_is_a_400_naming_it(server, url, named):
+    """The media type of a data: URL said nothing: text/plain was decoded as an image."""
+    if url.endswith(","):
+        url += _png_base64()
+    response = server.post({"model": MODEL, "messages": [ask("What?", url)], "max_tokens": 1})
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert error["param"] == "image_url" and named in error["message"]
+    assert "\n" not in error["message"]
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "data:image/jpeg;base64",
+        "DATA:IMAGE/PNG;BASE64",
+        "data:;base64",
+        "data:application/octet-stream;base64",
+        "data:image/png;x=y;base64",
+    ],
+    ids=["other_image_type", "upper_case", "no_type", "octet_stream", "parameter"],
+)
+def test_a_data_url_of_any_image_type_is_read_by_its_bytes(server, header):
+    """The bytes say what the image is (a PNG sent as image/jpeg is still a PNG); the scheme,
+    media type and base64 are case-insensitive; a URL without a media type is taken too."""
+    url = f"{header},{_png_base64()}"
+    response = server.post({"model": MODEL, "messages": [ask("What?", url)], "max_tokens": 1})
+    assert response.status_code == 200, response.text
+
+
 def test_image_and_limit_refusals_name_what_to_change(server, monkeypatch):
     corrupt = data_uri(picture(1))[:-200]
     bad = server.post({"model": MODEL, "messages": [ask("What?", corrupt)]})

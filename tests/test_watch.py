@@ -141,6 +141,26 @@ def test_an_image_folder_is_a_slideshow(pipe, recorder, tmp_path) -> None:
         pipe.watch(empty, "?")
 
 
+def test_a_folder_of_sixteen_bit_pgm_depth_frames_is_read(tmp_path) -> None:
+    """Depth and machine-vision cameras save 16-bit PGM (PNM) frames, which load_image reads;
+    hidden files (the AppleDouble files macOS leaves beside each image) and folders are not
+    frames."""
+    from llava_edge.runtime.frames import open_frames
+
+    folder = tmp_path / "depth"
+    folder.mkdir()
+    depth = np.linspace(0, 65535, 20 * 30).reshape(20, 30).astype(np.uint16)
+    for i, suffix in enumerate((".pgm", ".PPM", ".pnm")):
+        Image.fromarray(depth if suffix == ".pgm" else (depth >> 8).astype(np.uint8)).save(
+            folder / f"{i:03d}{suffix}", format="PPM"
+        )
+    (folder / "._000.pgm").write_bytes(b"\x00\x05\x16\x07")  # macOS's AppleDouble on a USB stick
+    (folder / "subdir.png").mkdir()
+    frames = list(open_frames(folder, every_s=0))
+    assert [frame.image.name for frame in frames] == ["000.pgm", "001.PPM", "002.pnm"]
+    assert np.array_equal(np.asarray(load_image(frames[0].image)), np.asarray(load_image(depth)))
+
+
 def shots(folder: Path, count: int) -> Path:
     folder.mkdir()
     for i in range(count):

@@ -48,7 +48,9 @@ import numpy as np
 from llava_edge.errors import LlavaEdgeError, first_line
 
 VIDEO_HINT = "install the video extra: pip install 'llava-edge[video]' (PyAV)"
+# PNM (.pgm, .ppm, .pnm): what depth and machine-vision cameras save their 16-bit frames as
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+IMAGE_SUFFIXES |= {".pgm", ".ppm", ".pnm"}
 NETWORK_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://")
 DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_FOLDER_FPS = 1.0  # an image folder's slideshow: one image a second
@@ -128,8 +130,8 @@ def open_frames(
 ) -> Iterator[Frame]:
     """The frames of `source` due for an answer, one per `every_s` seconds.
 
-    source: a path or URL, or an iterable of images (what `load_image` takes: arrays of any size,
-    dtype or channels, PIL images) that an app's camera driver yields, read in a thread as a
+    source: a path or URL, or an iterable of images (in any form `load_image` takes: arrays,
+    PIL images, encoded bytes) that an app's camera driver yields, read in a thread as a
     camera is; a None from it means no new frame yet. live: None decides from the source
     (cameras, streams, pipes and an app's frames are live, files and folders not); True replays a
     file at its own pace, as a camera would deliver it; False is refused for a camera and an
@@ -464,7 +466,12 @@ def _read_ahead(
 
 
 def _folder_frames(folder: Path, fps: float) -> Iterator[Frame]:
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = sorted(
+        p
+        for p in folder.iterdir()
+        # hidden files are no frames: macOS leaves a ._NAME beside each image it copies
+        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+    )
     if not paths:
         raise LlavaEdgeError(
             f"image folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import stat
 import threading
 import warnings
 
@@ -40,14 +41,35 @@ def image_list(images: Images) -> list[ImageInput]:
 def load_image(source: ImageInput, max_pixels: int | None = None) -> Image.Image:
     """Open anything a robot app holds as an RGB PIL image.
 
-    Paths and bytes are decoded with PIL (first frame of an animation, EXIF rotation applied);
-    arrays are (H, W, 3) RGB or (H, W, 4) RGBA, or (H, W) grey: uint8 (or other integers,
-    0-255), uint16 (scaled to 8 bits) or floats in [0, 1]; channels are read in RGB order
-    whatever the source (OpenCV's frames are BGR: pass `frame[..., ::-1]`). An image of more than
-    `max_pixels` pixels is refused whatever its form, a file before it is decoded (that limit,
-    not PIL's own MAX_IMAGE_PIXELS, governs; without one, a file over PIL's is refused).
+    Paths and bytes are decoded with PIL (first frame of an animation, EXIF rotation applied;
+    any format PIL reads but PostScript and the icon formats: see UNREAD_FORMATS). A PIL image
+    is taken as it is, its EXIF orientation not applied, as transformers' processors take it
+    (`ImageOps.exif_transpose` it first).
+    Arrays are (H, W, 3) RGB, (H, W, 4) RGBA (transparency over white), or (H, W) and (H, W, 1)
+    grey, channels last: a channels-first (3, H, W) array is refused, and so is an encoded file
+    held in an array (cv2.imencode's output: pass `array.tobytes()`). Channels are read in RGB
+    order whatever the source (OpenCV's frames are BGR: pass `frame[..., ::-1]`). Torch tensors
+    are not taken: pass `tensor.permute(1, 2, 0).numpy()` in one of the forms below.
+
+    Pixel values follow one rule, whether they come as an array or as a PIL image of the same
+    values (what `Image.fromarray` makes of the array), so that the form never changes the
+    picture:
+    - uint8 (PIL modes L, RGB, RGBA, ...): 0-255.
+    - uint16 (PIL modes I;16, I;16B, and a 16-bit PGM file, which PIL opens as mode I): 0-65535,
+      the top 8 bits kept. 10- or 12-bit data in a 16-bit container comes out dark: shift it up
+      first (`frame << 4` for 12 bits).
+    - other integers (int8 to int64, uint32, uint64, PIL mode I): 0-255, else refused.
+    - floats (float16 to float64, PIL mode F): [0, 1], times 255 rounded, else refused.
+    - bool (PIL mode 1): False black, True white.
+    A scale is never read off the values (one bright pixel would change the whole picture): what
+    fits none of these is refused with a LlavaEdgeError saying what to give instead.
+
+    An image of more than `max_pixels` pixels is refused whatever its form, a file before it is
+    decoded (that limit, not PIL's own MAX_IMAGE_PIXELS, governs; without one, a file over PIL's
+    is refused).
     """
     if isinstance(source, np.ndarray):
+        _refuse_encoded(source)
         if source.ndim >= 2 and source.size:  # the shape and emptiness are checked next
             _check_pixels(source.shape[1], source.shape[0], max_pixels)
         return _from_array(source)
@@ -59,15 +81,17 @@ def load_image(source: ImageInput, max_pixels: int | None = None) -> Image.Image
     elif isinstance(source, str | os.PathLike | bytes):
         image = _open(source, max_pixels)
     else:
+        # a torch tensor and other array-likes are refused: their layout is channels first
+        hint = "; convert it to a channels-last numpy array" if hasattr(source, "__array__") else ""
         raise LlavaEdgeError(
-            "an image is a path, bytes, a PIL image or an (H, W[, C]) array, got "
-            f"{type(source).__name__}"
+            "an image is a path, bytes, a PIL image or an (H, W[, C]) numpy array, got "
+            f"{type(source).__name__}{hint}"
         )
     try:
         if isinstance(source, Image.Image):
             image.load()  # a lazily opened file decodes here, not later outside this check
-        else:
-            image = ImageOps.exif_transpose(image)
+        else:  # in place: the file's format stays known (a 16-bit PGM's mode I reads by it)
+            ImageOps.exif_transpose(image, in_place=True)
         return to_rgb(image)
     except (OSError, ValueError, SyntaxError) as e:
         raise LlavaEdgeError(f"cannot decode image: {e}") from None
@@ -87,24 +111,66 @@ def _check_pixels(width: int, height: int, max_pixels: int | None) -> None:
 def _open(source: str | os.PathLike | bytes, max_pixels: int | None) -> Image.Image:
     given = isinstance(source, bytes)
     name = "the image data" if given else str(source)
+    if len(name) > 200:  # a base64 string passed for a path: a megabyte of error
+        name = name[:100] + "..."
     what = name if given else f"image {name}"
     if not given:
+        _refuse_url(source)
         if not os.path.exists(source):
             raise LlavaEdgeError(f"{what} does not exist")
         if os.path.isdir(source):
             raise LlavaEdgeError(f"{what} is a directory, not an image file")
+        mode = os.stat(source).st_mode
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):  # a camera's read may block for ever
+            raise LlavaEdgeError(
+                f"{what} is a device, not an image file; a camera's frames are read with "
+                f"`llava-edge watch --source {name}` (Pipeline.watch)"
+            )
         if os.path.isfile(source) and os.path.getsize(source) == 0:  # a pipe's size is 0 too
             raise LlavaEdgeError(f"{what} is an empty file")
     elif not source:
         raise LlavaEdgeError("the image data is empty")
+    pipe = None
     try:
-        image = _open_within(io.BytesIO(source) if given else source, max_pixels, what)
+        if given:
+            file = io.BytesIO(source)
+        elif stat.S_ISFIFO(mode):  # opened here: the open waits for a writer, not under the lock
+            file = pipe = open(source, "rb")  # noqa: SIM115 (closed below, once decoded)
+        else:
+            file = source
+        image = _open_within(file, max_pixels, what)
         image.load()  # decode now, so truncation is found here and not later
         return image
     except UnidentifiedImageError:
-        raise LlavaEdgeError(f"{name} is not an image PIL can read") from None
+        raise LlavaEdgeError(
+            f"{name} is not an image PIL can read ({', '.join(UNREAD_FORMATS)} files are not "
+            "read: convert them to PNG or JPEG)"
+        ) from None
+    except PermissionError:
+        raise LlavaEdgeError(f"no permission to read {what}") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise LlavaEdgeError(f"{what} is corrupt or truncated ({e})") from None
+    finally:
+        if pipe is not None:
+            pipe.close()
+
+
+def _refuse_url(source: str | os.PathLike) -> None:
+    """transformers' load_image takes URLs and data: URIs; the runtime reads no network."""
+    text = os.fspath(source)
+    if not isinstance(text, str):
+        return
+    scheme = text[:8].lower()
+    if scheme.startswith("data:"):
+        raise LlavaEdgeError(
+            "a data: URI is not an image file; pass its bytes: base64.b64decode(uri.split(',')[1])"
+        )
+    if scheme.startswith(("http://", "https://")):
+        shown = text if len(text) <= 100 else text[:100] + "..."
+        raise LlavaEdgeError(
+            f"{shown} is a URL, not an image file; download it and pass the file or its bytes "
+            "(the runtime reads no network)"
+        )
 
 
 def _open_within(
@@ -129,7 +195,7 @@ def _open_within(
         if lift:
             Image.MAX_IMAGE_PIXELS = max_pixels
         try:
-            image = Image.open(file)
+            image = Image.open(file, formats=_readable_formats())
             try:
                 _check_pixels(image.width, image.height, max_pixels)
                 if lift:
@@ -154,52 +220,99 @@ def _open_within(
     return image
 
 
+# Formats PIL reads that are not read here. PIL renders PostScript (EPS) by running Ghostscript
+# on it, which an untrusted image must not reach (Ghostscript has a history of exploits); icons
+# (ICO, ICNS) and IPTC files wrap another image that PIL decodes under its own pixel limit, not
+# the caller's (an ICO even as it opens). No camera makes any of them.
+UNREAD_FORMATS = ("EPS", "ICO", "ICNS", "IPTC")
+
+
+def _readable_formats() -> list[str]:
+    """Every format PIL reads (plugins an app registers too, such as pillow-heif's) but
+    UNREAD_FORMATS."""
+    Image.init()
+    return [name for name in Image.ID if name not in UNREAD_FORMATS]
+
+
+def _refuse_encoded(array: np.ndarray) -> None:
+    """An image file's bytes held in a uint8 array, (N, 1) as cv2.imencode gives them or (N,)
+    as np.frombuffer does, would pass for a picture one pixel wide: refused, naming the bytes."""
+    column = array.ndim == 1 or (array.ndim == 2 and array.shape[1] == 1)
+    if array.dtype != np.uint8 or not column:
+        return
+    head = array[:12].tobytes()
+    if head.startswith(b"\xff\xd8\xff"):
+        fmt = "JPEG"
+    elif head.startswith(b"\x89PNG\r\n\x1a\n"):
+        fmt = "PNG"
+    elif head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        fmt = "WEBP"
+    else:
+        return
+    raise LlavaEdgeError(
+        f"the image array holds an encoded {fmt} file, not pixels; pass its bytes: array.tobytes()"
+    )
+
+
 def _from_array(array: np.ndarray) -> Image.Image:
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        first = (
+            " (channels first? transpose it to (H, W, C))" if array.shape[0] in (1, 3, 4) else ""
+        )
         raise LlavaEdgeError(
-            f"image array has shape {array.shape}; expected (H, W, 3), (H, W, 4) or (H, W)"
+            f"image array has shape {array.shape}{first}; expected (H, W, 3) RGB, "
+            "(H, W, 4) RGBA or (H, W) grey"
         )
     if array.size == 0:
         raise LlavaEdgeError("image array is empty")
-    if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
-        raise LlavaEdgeError(f"image array holds {array.dtype}, not pixel values; give uint8")
+    if array.dtype.kind not in "biuf":
+        raise LlavaEdgeError(
+            f"image array holds {array.dtype}, not pixel values; give uint8 pixels 0-255 or "
+            "floats in [0, 1]"
+        )
     if array.dtype != np.uint8:
-        array = _to_uint8(array)
+        array = _to_uint8(array, f"{array.dtype} image array")
     return to_rgb(Image.fromarray(np.ascontiguousarray(array)))
 
 
-def _to_uint8(array: np.ndarray) -> np.ndarray:
-    """uint16 (depth and machine-vision cameras) keeps its contrast in 8 bits; floats are read as
-    [0, 1], as transformers reads them; integers as 0-255. Floats outside [0, 1] are refused
-    rather than guessed at: a scale read off the values would change with one bright pixel."""
-    if array.dtype.kind == "u" and array.dtype.itemsize == 2:  # either byte order
+def _to_uint8(array: np.ndarray, form: str) -> np.ndarray:
+    """Pixel values as uint8 by the rule of their type (see `load_image`), never by their values.
+    form: how the error names what was given."""
+    kind, size = array.dtype.kind, array.dtype.itemsize
+    if kind == "b":
+        return array.astype(np.uint8) * 255
+    if kind == "u" and size == 2:  # either byte order
         return (array >> 8).astype(np.uint8)
-    if np.issubdtype(array.dtype, np.floating):
-        low, high = float(np.min(array)), float(np.max(array))
+    low, high = float(np.min(array)), float(np.max(array))
+    if kind == "f":
         if not (low >= 0.0 and high <= 1.0):  # NaN fails both
-            raise LlavaEdgeError(
-                f"a float image array must hold values in [0, 1], got {low:g} to {high:g}; "
-                "scale it, or give uint8 pixels 0-255"
-            )
+            raise _unscaled(form, "[0, 1]", low, high)
         return np.round(array * 255).astype(np.uint8)
-    return np.clip(array, 0, 255).astype(np.uint8)
+    if not (low >= 0 and high <= 255):
+        raise _unscaled(form, "0-255", low, high)
+    return array.astype(np.uint8)
+
+
+def _unscaled(form: str, scale: str, low: float, high: float) -> LlavaEdgeError:
+    return LlavaEdgeError(
+        f"a {form} must hold values in {scale}, got {low:g} to {high:g}: its scale would be a "
+        "guess; give uint8 pixels 0-255, uint16 for 16-bit data, or floats in [0, 1]"
+    )
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB the way transformers converts: transparency is composited over white."""
+    """RGB the way transformers converts: transparency is composited over white. Values wider
+    than 8 bits follow `load_image`'s rule."""
     if image.mode == "RGB" and image.info.get("transparency") is None:
         return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        # 16-bit and 32-bit grey: PIL's convert would clip at 255; scale to 8 bits instead.
-        array = np.asarray(image, dtype=np.int64)
-        shift = 8 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 0
-        image = Image.fromarray(np.clip(array >> shift, 0, 255).astype(np.uint8))
-    elif image.mode == "F":
-        array = np.asarray(image, dtype=np.float32)
-        scale = 255.0 if array.max(initial=0) <= 1.0 else 1.0
-        image = Image.fromarray(np.clip(array * scale, 0, 255).astype(np.uint8))
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # wider than 8 bits: PIL's convert would clip at 255; the rule arrays follow instead
+        array = np.asarray(image)
+        if image.mode == "I" and image.format == "PPM":  # a 16-bit PGM, scaled to 0-65535
+            array = array.astype(np.uint16)
+        image = Image.fromarray(_to_uint8(array, f"PIL image of mode {image.mode}"))
     if image.mode in ("La", "RGBa"):  # premultiplied alpha: PIL converts it to straight only
         image = image.convert(image.mode.upper())
     if "A" in image.getbands() or image.info.get("transparency") is not None:

@@ -1,6 +1,8 @@
-"""Where a request's image comes from: a `data:` URI (always), a local file under the allowed
-media dir (only when one is given), or an http(s) URL (only with remote images allowed, its size
-and time capped). Each way yields the image's bytes, which the runtime then decodes and checks.
+"""Where a request's image comes from: a base64 `data:` URI of an image media type or none
+(always), a local file under the allowed media dir (only when one is given), or an http(s) URL
+(only with remote images allowed, its size and time capped). Each way yields the image's bytes,
+which the runtime then decodes and checks (the format is read from the bytes, whatever a media
+type says).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from urllib.parse import ParseResult, unquote, urlparse
 from llava_edge.errors import first_line
 from llava_edge.serve.protocol import ApiError
 
+OCTET_STREAM = "application/octet-stream"  # bytes of no declared type: taken, as no type is
+
 
 @dataclass
 class MediaPolicy:
@@ -29,7 +33,7 @@ async def fetch_image(url: str, policy: MediaPolicy, time_left: float | None = N
     """The bytes of the image at `url`, or an ApiError saying why not. Decoding base64 and
     reading files (megabytes) run off the event loop, which other clients' streams share.
     time_left: what remains of the request's time limit; a download may not take longer."""
-    if url.startswith("data:"):
+    if url[:5].lower() == "data:":  # a URL's scheme is case-insensitive
         return await asyncio.to_thread(_data_uri, url, policy.max_image_bytes)
     scheme = _parse(url).scheme.lower()
     if scheme == "file" or (not scheme and url.startswith("/")):
@@ -53,9 +57,20 @@ def _parse(url: str) -> ParseResult:
 
 def _data_uri(url: str, limit: int) -> bytes:
     header, sep, payload = url.partition(",")
-    if not sep or ";base64" not in header:
+    media_type, *params = header[len("data:") :].split(";")
+    if not sep or not params or params[-1].strip().lower() != "base64":
         raise ApiError(
             400, "a data: image URL must be base64: data:image/png;base64,...", "image_url"
+        )
+    # PIL reads the format from the bytes, so any image type will do, or none (as some clients
+    # send); a type that is no image's is the client's mistake, said before decoding
+    media_type = media_type.strip().lower()
+    if media_type and not media_type.startswith("image/") and media_type != OCTET_STREAM:
+        raise ApiError(
+            400,
+            f"the data: URL's media type is {media_type}, not an image; send an image as "
+            "data:image/png;base64,... (or image/jpeg, image/webp)",
+            "image_url",
         )
     if any(c in payload for c in "\r\n \t"):
         payload = "".join(payload.split())  # line-wrapped base64 (MIME, `base64` without -w0)
