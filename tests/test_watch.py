@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -1081,3 +1082,17 @@ def test_frames_that_keep_failing_end_the_watch_with_the_reason(pipe, recorder) 
     ):
         for _ in answers:
             pass
+
+
+def test_a_stream_read_offline_lets_its_open_say_why_it_failed() -> None:
+    """FFmpeg's open of a silent server ends at the same timeout the reader waits for a frame:
+    its error ('no answer') must come, not a stall that raced it."""
+    from llava_edge.runtime.frames import _read_ahead
+
+    def opening() -> Iterator[Any]:
+        time.sleep(0.8)  # past the 0.5 s timeout, as FFmpeg's own timeout ends a little late
+        raise LlavaEdgeError("cannot open stream http://cam: no answer for 0.5 s")
+        yield  # a generator
+
+    with pytest.raises(LlavaEdgeError, match="no answer for 0.5 s"):
+        next(_read_ahead(opening(), 0.5, "http://cam"))

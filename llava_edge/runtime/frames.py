@@ -57,6 +57,7 @@ DEFAULT_FOLDER_FPS = 1.0  # an image folder's slideshow: one image a second
 KIND_NAMES = {"file": "a video file", "device": "a camera", "stream": "a stream"}
 APP_SOURCE = "the app's frames"  # how errors name an iterable source
 CANCEL_POLL_S = 0.05  # how soon a wait for a frame sees a cancel
+OPEN_GRACE_S = 2.0  # what a stream read offline may take past its timeout to open
 
 
 @dataclass
@@ -441,6 +442,9 @@ def _read_ahead(
 
     thread = threading.Thread(target=read, name="llava-edge-frames", daemon=True)
     thread.start()
+    # The first frame waits out the open too: a network stream's open has FFmpeg's own timeout
+    # of timeout_s, whose error ('no answer') says more than a stall would.
+    grace = OPEN_GRACE_S
     try:
         while True:
             waited = time.monotonic()
@@ -450,8 +454,9 @@ def _read_ahead(
                 with contextlib.suppress(queue.Empty):
                     what, item = handed.get(timeout=CANCEL_POLL_S)
                     break
-                if time.monotonic() - waited > timeout_s:
+                if time.monotonic() - waited > timeout_s + grace:
                     raise _stalled(name, timeout_s)
+            grace = 0.0
             if what == "end":
                 return
             if what == "error":
