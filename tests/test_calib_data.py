@@ -59,9 +59,11 @@ def test_llava_json_finds_images_beside_it_or_under_images(tmp_path: Path) -> No
 def test_image_folder_asks_the_default_prompt(tmp_path: Path) -> None:
     first = _picture(tmp_path / "pics" / "1.jpg", (1, 2, 3))
     second = _picture(tmp_path / "pics" / "2.png", (4, 5, 6))
+    depth = tmp_path / "pics" / "3.pgm"  # a depth camera's 16-bit frame
+    Image.fromarray(np.full((8, 8), 4000, np.uint16)).save(depth)
     (tmp_path / "pics" / "notes.txt").write_text("not a picture")
     (tmp_path / "pics" / "._2.png").write_bytes(b"\x00\x05\x16\x07")  # a Mac's AppleDouble
-    expected = [Sample(first, DEFAULT_PROMPT), Sample(second, DEFAULT_PROMPT)]
+    expected = [Sample(p, DEFAULT_PROMPT) for p in (first, second, depth)]
     assert load_samples(tmp_path / "pics", None) == expected
     assert load_samples(None, tmp_path / "pics") == expected
 

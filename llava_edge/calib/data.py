@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 
 from llava_edge.errors import LlavaEdgeError
+from llava_edge.runtime.frames import IMAGE_SUFFIXES
 from llava_edge.runtime.template import IMAGE_PLACEHOLDER
 
 # Asked about every picture of an image folder (no questions come with one).
 DEFAULT_PROMPT = "Describe the image."
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 # Greedy decode steps recorded after each prefill: decode-shaped calls (one token, a long past)
 # exercise the decoder differently from prefill, and TensorRT runs both with the same scales.
 DECODE_STEPS = 4

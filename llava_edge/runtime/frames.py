@@ -48,9 +48,11 @@ import numpy as np
 from llava_edge.errors import LlavaEdgeError, first_line
 
 VIDEO_HINT = "install the video extra: pip install 'llava-edge[video]' (PyAV)"
-# PNM (.pgm, .ppm, .pnm): what depth and machine-vision cameras save their 16-bit frames as
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
-IMAGE_SUFFIXES |= {".pgm", ".ppm", ".pnm"}
+# The picture files a folder of images is read for (watch's frames, quantize's calibration).
+# PNM (.pgm, .ppm, .pnm): what depth and machine-vision cameras save their 16-bit frames as.
+IMAGE_SUFFIXES = (
+    ".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".pgm", ".ppm", ".pnm"
+)  # fmt: skip
 NETWORK_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://")
 DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_FOLDER_FPS = 1.0  # an image folder's slideshow: one image a second
