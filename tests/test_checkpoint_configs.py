@@ -179,6 +179,31 @@ def test_llava_next_with_a_siglip_tower_exports_token_exact(tmp_path: Path) -> N
     assert manifest.source["vision_model_type"] == "siglip_vision_model"
 
 
+def test_llava_next_max_context_holds_the_verification_image(tmp_path: Path) -> None:
+    """A LLaVA-NeXT image takes its base grid and its tiles' features: a --max-context that
+    holds the base grid and 64 tokens but not the verification's picture is refused before
+    loading, and the least it names exports verified."""
+    import re
+
+    from llava_edge.errors import LlavaEdgeError
+    from llava_edge.export.exporter import export_checkpoint
+
+    config = interleave_qwen(
+        model_type="llava_next",
+        architectures=["LlavaNextForConditionalGeneration"],
+        image_grid_pinpoints=[[60, 120], [120, 60], [120, 120]],
+    )
+    checkpoint = write_checkpoint(tmp_path / "checkpoint", config)
+    base_grid = (60 // 14) ** 2
+    with pytest.raises(LlavaEdgeError, match="--max-context must be between") as refused:
+        export_checkpoint(checkpoint, tmp_path / "low", max_context=base_grid + 64, log=quiet)
+    assert not (tmp_path / "low").exists() and len(str(refused.value).splitlines()) == 1
+    least = int(re.search(r"between (\d+)", str(refused.value)).group(1))
+    report = export_checkpoint(checkpoint, tmp_path / "model", max_context=least, log=quiet)
+    assert report["passed"] and report["greedy_tokens_matched"] == report["greedy_tokens_total"]
+    assert Manifest.load(tmp_path / "model").text.max_context == least
+
+
 # ---- text-config keys of other published checkpoints, on the tiny CLIP checkpoint -------------
 
 WINDOW = 160  # holds the verification's prompt (about 80 tokens) and its 32 new tokens

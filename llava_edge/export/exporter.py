@@ -552,10 +552,11 @@ def _max_context(config: Any, requested: int | None) -> int:
     if window and getattr(text_config, "use_sliding_window", True) and int(window) < limit:
         # the graphs attend to everything: stay inside the window
         limit, source = int(window), "sliding_window"
-    least = _image_tokens_at_least(config) + MIN_TEXT_ROOM
+    image_tokens, image = _one_image_tokens(config)
+    least = image_tokens + MIN_TEXT_ROOM
     if limit < least:
         raise LlavaEdgeError(
-            f"this model's context of {limit} tokens (its {source}) cannot hold one image and "
+            f"this model's context of {limit} tokens (its {source}) cannot hold {image} and "
             f"{MIN_TEXT_ROOM} tokens of question and answer ({least} tokens); export needs a "
             "longer context"
         )
@@ -563,16 +564,36 @@ def _max_context(config: Any, requested: int | None) -> int:
         return limit
     if requested < least or requested > limit:
         raise LlavaEdgeError(
-            f"--max-context must be between {least} (one image and {MIN_TEXT_ROOM} tokens of "
+            f"--max-context must be between {least} ({image} and {MIN_TEXT_ROOM} tokens of "
             f"question and answer) and {limit} (the model's {source}), got {requested}"
         )
     return requested
 
 
-def _image_tokens_at_least(config: Any) -> int:
-    """The fewest tokens one image takes: its patch grid (AnyRes adds tiles to that)."""
+def _one_image_tokens(config: Any) -> tuple[int, str]:
+    """The tokens one image takes, and what that image is, in words.
+
+    LLaVA's is its patch grid. A LLaVA-NeXT image's count grows with its size (its tiles'
+    features come after the base grid): it is the verification's picture's, so that the check
+    that the graphs reproduce transformers has room for it.
+    """
+    from llava_edge.export.verify import sample_image
+    from llava_edge.runtime.anyres import anyres_feature_count
+
     vision = config.vision_config
-    return (int(vision.image_size) // int(vision.patch_size)) ** 2
+    side = int(vision.image_size) // int(vision.patch_size)
+    if config.model_type != "llava_next":
+        return side * side, "one image"
+    anyres = AnyResSpec(
+        grid_pinpoints=[[int(h), int(w)] for h, w in config.image_grid_pinpoints],
+        tile_size=int(vision.image_size),
+        base_size=[int(vision.image_size)] * 2,
+        tile_features=side,
+        newline=NEWLINE_FILE,
+    )
+    size = sample_image().size
+    count = anyres_feature_count(size, anyres)
+    return count, f"one {size[0]}x{size[1]} image ({count} tokens with its AnyRes tiles)"
 
 
 # ---- writing -----------------------------------------------------------------------------------
