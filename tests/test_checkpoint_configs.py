@@ -395,6 +395,11 @@ REFUSED: dict[str, tuple[dict[str, Any], str]] = {
         dict(config_json=dict(NEXT, vision_config={"model_type": "siglip_vision_model"})),
         "LLaVA-NeXT with a siglip_vision_model tower and vision_feature_select_strategy 'default'",
     ),
+    # An image token id past the tokenizer's vocabulary (512 tokens in the tiny preset).
+    "image-token-past-the-vocabulary": (
+        dict(config_json={"image_token_index": 100000}),
+        "config.json's image_token_index 100000 is not in the tokenizer's vocabulary",
+    ),
     # A processor that puts another number of image tokens in the prompt than the model makes
     # (CLIP's CLS token not counted, then dropped: 63 for 64 features): transformers fails too.
     "processor-image-tokens": (

@@ -212,11 +212,21 @@ def _check_tokens(config: Any, tokenizer: Any, eos_ids: list[int]) -> None:
             "the checkpoint names no end-of-sequence token (generation_config.json's "
             "eos_token_id, or the tokenizer's eos_token), so no answer could end; set one"
         )
-    image_token = tokenizer.convert_ids_to_tokens(int(config.image_token_id))
+    image_id = int(config.image_token_id)
+    image_token = (
+        tokenizer.convert_ids_to_tokens(image_id) if 0 <= image_id < len(tokenizer) else None
+    )
+    if image_token is None:
+        raise LlavaEdgeError(
+            f"config.json's image_token_index {image_id} is not in the tokenizer's vocabulary "
+            f"({len(tokenizer)} tokens); set it to the id of the tokenizer's "
+            f"{IMAGE_PLACEHOLDER!r} token"
+        )
     if image_token != IMAGE_PLACEHOLDER:
         raise LlavaEdgeError(
-            f"the checkpoint's image token is {image_token!r}; llava-edge's prompts mark images "
-            f"with {IMAGE_PLACEHOLDER!r}, as every llava-hf checkpoint does"
+            f"the checkpoint's image token is {image_token!r} (config.json's image_token_index "
+            f"{image_id}); llava-edge's prompts mark images with {IMAGE_PLACEHOLDER!r}, as every "
+            "llava-hf checkpoint does"
         )
 
 
