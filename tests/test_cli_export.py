@@ -338,6 +338,27 @@ def test_pickled_weights_are_refused(tiny_checkpoint: Path, tmp_path: Path, caps
     assert not (tmp_path / "out").exists()
 
 
+def test_weights_missing_a_tensor_are_refused(
+    tiny_checkpoint: Path, tmp_path: Path, capsys
+) -> None:
+    """A tensor the model needs that the weights lack would be filled with random numbers by
+    transformers, and verification (against that same loaded model) could not tell."""
+    from safetensors.torch import load_file, save_file
+
+    checkpoint = tmp_path / "partial"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    weights = load_file(checkpoint / "model.safetensors")
+    (dropped,) = [name for name in weights if name.endswith("layers.1.mlp.down_proj.weight")]
+    del weights[dropped]
+    save_file(weights, checkpoint / "model.safetensors", metadata={"format": "pt"})
+    assert main(["export", str(checkpoint), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err  # after the loader's progress bar
+    line = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and line.startswith("llava-edge export: error: ")
+    assert "lack 1 tensor" in line and "layers.1.mlp.down_proj.weight" in line
+    assert not (tmp_path / "out").exists()
+
+
 def _edit_json(path: Path, edit: Callable[[dict], object]) -> None:
     config = json.loads(path.read_text())
     edit(config)
