@@ -204,6 +204,27 @@ def test_llava_next_max_context_holds_the_verification_image(tmp_path: Path) -> 
     assert Manifest.load(tmp_path / "model").text.max_context == least
 
 
+def test_generation_config_settings_do_not_fail_verification(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """generation_config.json's settings that change which token greedy decoding picks (a
+    repetition penalty, n-gram blocking, beams, a least length) are generate()'s options, not
+    the graphs': verification holds the graphs to plain greedy decoding, as the runtime's."""
+    import shutil
+
+    from llava_edge.export.exporter import export_checkpoint
+
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    generation = json.loads((checkpoint / "generation_config.json").read_text())
+    generation.update(
+        repetition_penalty=1.5, no_repeat_ngram_size=2, num_beams=2, min_new_tokens=40
+    )
+    (checkpoint / "generation_config.json").write_text(json.dumps(generation))
+    report = export_checkpoint(checkpoint, tmp_path / "model", log=quiet)
+    assert report["passed"] and report["greedy_tokens_matched"] == report["greedy_tokens_total"]
+
+
 # ---- text-config keys of other published checkpoints, on the tiny CLIP checkpoint -------------
 
 WINDOW = 160  # holds the verification's prompt (about 80 tokens) and its 32 new tokens
