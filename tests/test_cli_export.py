@@ -359,6 +359,28 @@ def test_weights_missing_a_tensor_are_refused(
     assert not (tmp_path / "out").exists()
 
 
+def test_bench_baseline_decodes_greedy_whatever_generation_config_says(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """bench --baseline times generate()'s greedy decoding, as the runtime's, not the beam
+    search or penalties a checkpoint's generation_config.json asks for (with beams, generate()
+    refused the timing streamer)."""
+    from llava_edge.export.baseline import TransformersRunner
+    from llava_edge.runtime.bench import Workload
+
+    checkpoint = tmp_path / "beams"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    _edit_json(
+        checkpoint / "generation_config.json",
+        lambda config: config.update(num_beams=2, no_repeat_ngram_size=2),
+    )
+    workload = Workload(question_tokens=2, new_tokens=3, runs=1, threads=1)
+    runner = TransformersRunner(checkpoint, workload, "USER: <image>\nHi ASSISTANT:")
+    timings = runner.run_once()
+    runner.close()
+    assert timings["decode_tokens_per_s"] > 0 and timings["prompt_tokens"] > 3
+
+
 def _edit_json(path: Path, edit: Callable[[dict], object]) -> None:
     config = json.loads(path.read_text())
     edit(config)
