@@ -88,6 +88,9 @@ def _export_cases(tmp: Path, checkpoint: Path, plain_llama: Path) -> dict:
     shutil.copytree(checkpoint, quantized)
     bnb = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     _edit_json(quantized / "config.json", lambda c: c.update(quantization_config=bnb))
+    no_tokenizer = tmp / "no_tokenizer"  # saved with the model's save_pretrained alone
+    shutil.copytree(checkpoint, no_tokenizer)
+    (no_tokenizer / "tokenizer.json").unlink()
     out = str(tmp / "out")
     return {
         "missing-checkpoint": (str(tmp / "nope" / "checkpoint"), out, [], "does not exist"),
@@ -125,6 +128,7 @@ def _export_cases(tmp: Path, checkpoint: Path, plain_llama: Path) -> dict:
         "truncated-weights": (str(truncated), out, [], "truncated or corrupt"),
         "processor-without-patch-size": (str(no_patch), out, [], 'add "patch_size": '),
         "quantized-weights": (str(quantized), out, [], "holds bitsandbytes weights"),
+        "no-tokenizer": (str(no_tokenizer), out, [], "has no tokenizer (tokenizer.json,"),
     }
 
 
@@ -147,6 +151,7 @@ CASES = [
     "truncated-weights",
     "processor-without-patch-size",
     "quantized-weights",
+    "no-tokenizer",
 ]
 
 

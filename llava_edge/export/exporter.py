@@ -146,6 +146,7 @@ def load_checkpoint(
 
     config = checkpoint_config(checkpoint, trust_remote_code)
     source = str(checkpoint)
+    _check_tokenizer_files(Path(source))
     try:
         with quiet(*LOADER_LOGGERS):
             processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
@@ -190,6 +191,31 @@ def _check_no_missing_weights(source: str, missing: Any) -> None:
             f"model needs ({listed}), which would run as random numbers; the checkpoint is "
             "incomplete or saved under other tensor names: save it again with save_pretrained"
         )
+
+
+# Files a tokenizer's vocabulary is read from (tokenizer_config.json alone holds none).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.txt",
+)
+
+
+def _check_tokenizer_files(local: Path) -> None:
+    """A checkpoint saved with the model's save_pretrained alone has no tokenizer; transformers
+    then says only that it could not build one from a list of sources."""
+    if not local.is_dir():
+        return  # a hub id
+    if any((local / name).is_file() for name in TOKENIZER_FILES) or any(local.glob("*.tiktoken")):
+        return
+    raise LlavaEdgeError(
+        f"{local} has no tokenizer ({', '.join(TOKENIZER_FILES[:2])} or another vocabulary "
+        "file); save the processor (or tokenizer) it was trained with into it: "
+        "processor.save_pretrained(DIR)"
+    )
 
 
 def _check_image_tokens(processor: Any, config: Any, source: str) -> None:
