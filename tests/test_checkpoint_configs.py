@@ -179,6 +179,52 @@ def test_llava_next_with_a_siglip_tower_exports_token_exact(tmp_path: Path) -> N
     assert manifest.source["vision_model_type"] == "siglip_vision_model"
 
 
+def test_llava_next_max_context_holds_the_verification_image(tmp_path: Path) -> None:
+    """A LLaVA-NeXT image takes its base grid and its tiles' features: a --max-context that
+    holds the base grid and 64 tokens but not the verification's picture is refused before
+    loading, and the least it names exports verified."""
+    import re
+
+    from llava_edge.errors import LlavaEdgeError
+    from llava_edge.export.exporter import export_checkpoint
+
+    config = interleave_qwen(
+        model_type="llava_next",
+        architectures=["LlavaNextForConditionalGeneration"],
+        image_grid_pinpoints=[[60, 120], [120, 60], [120, 120]],
+    )
+    checkpoint = write_checkpoint(tmp_path / "checkpoint", config)
+    base_grid = (60 // 14) ** 2
+    with pytest.raises(LlavaEdgeError, match="--max-context must be between") as refused:
+        export_checkpoint(checkpoint, tmp_path / "low", max_context=base_grid + 64, log=quiet)
+    assert not (tmp_path / "low").exists() and len(str(refused.value).splitlines()) == 1
+    least = int(re.search(r"between (\d+)", str(refused.value)).group(1))
+    report = export_checkpoint(checkpoint, tmp_path / "model", max_context=least, log=quiet)
+    assert report["passed"] and report["greedy_tokens_matched"] == report["greedy_tokens_total"]
+    assert Manifest.load(tmp_path / "model").text.max_context == least
+
+
+def test_generation_config_settings_do_not_fail_verification(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """generation_config.json's settings that change which token greedy decoding picks (a
+    repetition penalty, n-gram blocking, beams, a least length) are generate()'s options, not
+    the graphs': verification holds the graphs to plain greedy decoding, as the runtime's."""
+    import shutil
+
+    from llava_edge.export.exporter import export_checkpoint
+
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    generation = json.loads((checkpoint / "generation_config.json").read_text())
+    generation.update(
+        repetition_penalty=1.5, no_repeat_ngram_size=2, num_beams=2, min_new_tokens=40
+    )
+    (checkpoint / "generation_config.json").write_text(json.dumps(generation))
+    report = export_checkpoint(checkpoint, tmp_path / "model", log=quiet)
+    assert report["passed"] and report["greedy_tokens_matched"] == report["greedy_tokens_total"]
+
+
 # ---- text-config keys of other published checkpoints, on the tiny CLIP checkpoint -------------
 
 WINDOW = 160  # holds the verification's prompt (about 80 tokens) and its 32 new tokens
@@ -369,6 +415,11 @@ REFUSED: dict[str, tuple[dict[str, Any], str]] = {
     "next-siglip-default": (
         dict(config_json=dict(NEXT, vision_config={"model_type": "siglip_vision_model"})),
         "LLaVA-NeXT with a siglip_vision_model tower and vision_feature_select_strategy 'default'",
+    ),
+    # An image token id past the tokenizer's vocabulary (512 tokens in the tiny preset).
+    "image-token-past-the-vocabulary": (
+        dict(config_json={"image_token_index": 100000}),
+        "config.json's image_token_index 100000 is not in the tokenizer's vocabulary",
     ),
     # A processor that puts another number of image tokens in the prompt than the model makes
     # (CLIP's CLS token not counted, then dropped: 63 for 64 features): transformers fails too.

@@ -88,6 +88,9 @@ def _export_cases(tmp: Path, checkpoint: Path, plain_llama: Path) -> dict:
     shutil.copytree(checkpoint, quantized)
     bnb = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     _edit_json(quantized / "config.json", lambda c: c.update(quantization_config=bnb))
+    no_tokenizer = tmp / "no_tokenizer"  # saved with the model's save_pretrained alone
+    shutil.copytree(checkpoint, no_tokenizer)
+    (no_tokenizer / "tokenizer.json").unlink()
     out = str(tmp / "out")
     return {
         "missing-checkpoint": (str(tmp / "nope" / "checkpoint"), out, [], "does not exist"),
@@ -125,6 +128,7 @@ def _export_cases(tmp: Path, checkpoint: Path, plain_llama: Path) -> dict:
         "truncated-weights": (str(truncated), out, [], "truncated or corrupt"),
         "processor-without-patch-size": (str(no_patch), out, [], 'add "patch_size": '),
         "quantized-weights": (str(quantized), out, [], "holds bitsandbytes weights"),
+        "no-tokenizer": (str(no_tokenizer), out, [], "has no tokenizer (tokenizer.json,"),
     }
 
 
@@ -147,6 +151,7 @@ CASES = [
     "truncated-weights",
     "processor-without-patch-size",
     "quantized-weights",
+    "no-tokenizer",
 ]
 
 
@@ -336,6 +341,49 @@ def test_pickled_weights_are_refused(tiny_checkpoint: Path, tmp_path: Path, caps
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "cannot load checkpoint" in line and "safetensors" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_weights_missing_a_tensor_are_refused(
+    tiny_checkpoint: Path, tmp_path: Path, capsys
+) -> None:
+    """A tensor the model needs that the weights lack would be filled with random numbers by
+    transformers, and verification (against that same loaded model) could not tell."""
+    from safetensors.torch import load_file, save_file
+
+    checkpoint = tmp_path / "partial"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    weights = load_file(checkpoint / "model.safetensors")
+    (dropped,) = [name for name in weights if name.endswith("layers.1.mlp.down_proj.weight")]
+    del weights[dropped]
+    save_file(weights, checkpoint / "model.safetensors", metadata={"format": "pt"})
+    assert main(["export", str(checkpoint), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err  # after the loader's progress bar
+    line = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and line.startswith("llava-edge export: error: ")
+    assert "lack 1 tensor" in line and "layers.1.mlp.down_proj.weight" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_bench_baseline_decodes_greedy_whatever_generation_config_says(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """bench --baseline times generate()'s greedy decoding, as the runtime's, not the beam
+    search or penalties a checkpoint's generation_config.json asks for (with beams, generate()
+    refused the timing streamer)."""
+    from llava_edge.export.baseline import TransformersRunner
+    from llava_edge.runtime.bench import Workload
+
+    checkpoint = tmp_path / "beams"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    _edit_json(
+        checkpoint / "generation_config.json",
+        lambda config: config.update(num_beams=2, no_repeat_ngram_size=2),
+    )
+    workload = Workload(question_tokens=2, new_tokens=3, runs=1, threads=1)
+    runner = TransformersRunner(checkpoint, workload, "USER: <image>\nHi ASSISTANT:")
+    timings = runner.run_once()
+    runner.close()
+    assert timings["decode_tokens_per_s"] > 0 and timings["prompt_tokens"] > 3
 
 
 def _edit_json(path: Path, edit: Callable[[dict], object]) -> None:

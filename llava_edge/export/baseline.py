@@ -11,6 +11,7 @@ import os
 import time
 from typing import Any
 
+from llava_edge.export.verify import PLAIN_GREEDY
 from llava_edge.runtime.bench import PeakMemory, Workload, bench_image
 
 
@@ -68,9 +69,9 @@ class TransformersRunner:
             clock = Clock()
             generate_start = time.perf_counter()
             new = self.workload.new_tokens
-            self.model.generate(
-                **inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False, streamer=clock
-            )
+            # plain greedy, as the runtime decodes, whatever generation_config.json sets
+            greedy = {**PLAIN_GREEDY, "min_new_tokens": new}
+            self.model.generate(**inputs, max_new_tokens=new, streamer=clock, **greedy)
         first, last = clock.times[1], clock.times[-1]
         return {
             "preprocess_ms": (vision_start - start) * 1000,

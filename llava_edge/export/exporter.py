@@ -146,6 +146,7 @@ def load_checkpoint(
 
     config = checkpoint_config(checkpoint, trust_remote_code)
     source = str(checkpoint)
+    _check_tokenizer_files(Path(source))
     try:
         with quiet(*LOADER_LOGGERS):
             processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
@@ -164,17 +165,57 @@ def load_checkpoint(
                 eos_texts,
                 image_markers=bool(getattr(config, "mm_use_im_start_end", False)),
             )
-            model = load_model(
+            model, info = load_model(
                 source,
                 config=config,
                 dtype=torch.float32,
                 attn_implementation="eager",
                 trust_remote_code=trust_remote_code,
                 use_safetensors=True,
-            ).eval()
+                output_loading_info=True,
+            )
     except (OSError, ValueError) as e:  # missing weights or tokenizer files, a broken config
         raise LlavaEdgeError(f"cannot load checkpoint {source}: {first_line(e)}") from None
-    return LoadedCheckpoint(model, processor, source, template)
+    _check_no_missing_weights(source, info["missing_keys"])
+    return LoadedCheckpoint(model.eval(), processor, source, template)
+
+
+def _check_no_missing_weights(source: str, missing: Any) -> None:
+    """transformers fills a tensor the weights lack with random numbers and says so only in its
+    log; verification compares against that same model, so it cannot tell."""
+    if missing:
+        names = sorted(missing)
+        listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise LlavaEdgeError(
+            f"{source}: its weights lack {len(names)} tensor{'s' if len(names) > 1 else ''} the "
+            f"model needs ({listed}), which would run as random numbers; the checkpoint is "
+            "incomplete or saved under other tensor names: save it again with save_pretrained"
+        )
+
+
+# Files a tokenizer's vocabulary is read from (tokenizer_config.json alone holds none).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.txt",
+)
+
+
+def _check_tokenizer_files(local: Path) -> None:
+    """A checkpoint saved with the model's save_pretrained alone has no tokenizer; transformers
+    then says only that it could not build one from a list of sources."""
+    if not local.is_dir():
+        return  # a hub id
+    if any((local / name).is_file() for name in TOKENIZER_FILES) or any(local.glob("*.tiktoken")):
+        return
+    raise LlavaEdgeError(
+        f"{local} has no tokenizer ({', '.join(TOKENIZER_FILES[:2])} or another vocabulary "
+        "file); save the processor (or tokenizer) it was trained with into it: "
+        "processor.save_pretrained(DIR)"
+    )
 
 
 def _check_image_tokens(processor: Any, config: Any, source: str) -> None:
@@ -212,11 +253,21 @@ def _check_tokens(config: Any, tokenizer: Any, eos_ids: list[int]) -> None:
             "the checkpoint names no end-of-sequence token (generation_config.json's "
             "eos_token_id, or the tokenizer's eos_token), so no answer could end; set one"
         )
-    image_token = tokenizer.convert_ids_to_tokens(int(config.image_token_id))
+    image_id = int(config.image_token_id)
+    image_token = (
+        tokenizer.convert_ids_to_tokens(image_id) if 0 <= image_id < len(tokenizer) else None
+    )
+    if image_token is None:
+        raise LlavaEdgeError(
+            f"config.json's image_token_index {image_id} is not in the tokenizer's vocabulary "
+            f"({len(tokenizer)} tokens); set it to the id of the tokenizer's "
+            f"{IMAGE_PLACEHOLDER!r} token"
+        )
     if image_token != IMAGE_PLACEHOLDER:
         raise LlavaEdgeError(
-            f"the checkpoint's image token is {image_token!r}; llava-edge's prompts mark images "
-            f"with {IMAGE_PLACEHOLDER!r}, as every llava-hf checkpoint does"
+            f"the checkpoint's image token is {image_token!r} (config.json's image_token_index "
+            f"{image_id}); llava-edge's prompts mark images with {IMAGE_PLACEHOLDER!r}, as every "
+            "llava-hf checkpoint does"
         )
 
 
@@ -552,10 +603,11 @@ def _max_context(config: Any, requested: int | None) -> int:
     if window and getattr(text_config, "use_sliding_window", True) and int(window) < limit:
         # the graphs attend to everything: stay inside the window
         limit, source = int(window), "sliding_window"
-    least = _image_tokens_at_least(config) + MIN_TEXT_ROOM
+    image_tokens, image = _one_image_tokens(config)
+    least = image_tokens + MIN_TEXT_ROOM
     if limit < least:
         raise LlavaEdgeError(
-            f"this model's context of {limit} tokens (its {source}) cannot hold one image and "
+            f"this model's context of {limit} tokens (its {source}) cannot hold {image} and "
             f"{MIN_TEXT_ROOM} tokens of question and answer ({least} tokens); export needs a "
             "longer context"
         )
@@ -563,16 +615,36 @@ def _max_context(config: Any, requested: int | None) -> int:
         return limit
     if requested < least or requested > limit:
         raise LlavaEdgeError(
-            f"--max-context must be between {least} (one image and {MIN_TEXT_ROOM} tokens of "
+            f"--max-context must be between {least} ({image} and {MIN_TEXT_ROOM} tokens of "
             f"question and answer) and {limit} (the model's {source}), got {requested}"
         )
     return requested
 
 
-def _image_tokens_at_least(config: Any) -> int:
-    """The fewest tokens one image takes: its patch grid (AnyRes adds tiles to that)."""
+def _one_image_tokens(config: Any) -> tuple[int, str]:
+    """The tokens one image takes, and what that image is, in words.
+
+    LLaVA's is its patch grid. A LLaVA-NeXT image's count grows with its size (its tiles'
+    features come after the base grid): it is the verification's picture's, so that the check
+    that the graphs reproduce transformers has room for it.
+    """
+    from llava_edge.export.verify import sample_image
+    from llava_edge.runtime.anyres import anyres_feature_count
+
     vision = config.vision_config
-    return (int(vision.image_size) // int(vision.patch_size)) ** 2
+    side = int(vision.image_size) // int(vision.patch_size)
+    if config.model_type != "llava_next":
+        return side * side, "one image"
+    anyres = AnyResSpec(
+        grid_pinpoints=[[int(h), int(w)] for h, w in config.image_grid_pinpoints],
+        tile_size=int(vision.image_size),
+        base_size=[int(vision.image_size)] * 2,
+        tile_features=side,
+        newline=NEWLINE_FILE,
+    )
+    size = sample_image().size
+    count = anyres_feature_count(size, anyres)
+    return count, f"one {size[0]}x{size[1]} image ({count} tokens with its AnyRes tiles)"
 
 
 # ---- writing -----------------------------------------------------------------------------------

@@ -33,6 +33,27 @@ CHAT = [
 NEW_TOKENS = 32
 # fp32 graphs differ from PyTorch only in summation order: max |diff| / max |reference|.
 FP32_REL_TOLERANCE = 1e-4
+# generate() takes its defaults from the checkpoint's generation_config.json, some of which change
+# which token greedy decoding picks (or search beams instead). The graphs are held to plain
+# greedy decoding, the runtime's: these switch them off (its eos and pad ids still apply).
+PLAIN_GREEDY = dict(
+    do_sample=False,
+    num_beams=1,
+    repetition_penalty=1.0,
+    no_repeat_ngram_size=0,
+    bad_words_ids=None,
+    sequence_bias=None,
+    min_length=0,
+    min_new_tokens=None,
+    forced_bos_token_id=None,
+    forced_eos_token_id=None,
+    suppress_tokens=None,
+    begin_suppress_tokens=None,
+    exponential_decay_length_penalty=None,
+    guidance_scale=None,
+    stop_strings=None,
+    max_time=None,
+)
 
 
 class VerificationError(LlavaEdgeError):
@@ -123,7 +144,7 @@ def _verify_form(loaded: Any, model_dir: Path, form: str) -> dict[str, Any]:
             ref_features = model.get_image_features(pixel_values=inputs["pixel_values"], **sizes)
             ref_features = ref_features.pooler_output[0].float().numpy()
             ref_logits = model(**inputs).logits[0, -1].float().numpy()
-            ref_tokens = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)[
+            ref_tokens = model.generate(**inputs, max_new_tokens=NEW_TOKENS, **PLAIN_GREEDY)[
                 0, len(hf_ids) :
             ].tolist()
         cache = pipe.backend.new_cache(1)

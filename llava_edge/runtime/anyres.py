@@ -80,7 +80,11 @@ def feature_count(size: tuple[int, int], spec: ImageSpec, num_image_tokens: int)
     model's count for a non-AnyRes image."""
     if spec.anyres is None:
         return num_image_tokens
-    anyres = spec.anyres
+    return anyres_feature_count(size, spec.anyres)
+
+
+def anyres_feature_count(size: tuple[int, int], anyres: AnyResSpec) -> int:
+    """feature_count of an AnyRes image of `size` (width, height)."""
     width, height = size
     target_h, target_w = select_resolution(height, width, anyres.grid_pinpoints)
     side = anyres.tile_features
