@@ -1178,3 +1178,38 @@ def test_localhost_listens_on_ipv4_where_the_system_lists_ipv6_first(monkeypatch
         assert sock.family == socket.AF_INET and sock.getsockname()[0] == "127.0.0.1"
     finally:
         sock.close()
+
+
+def test_shutdown_does_not_wait_for_good_on_a_stalled_decoder_call(
+    context_model_dir, monkeypatch, caplog
+):
+    """A stalled device (a decoder call that never returns) must not hang the server's exit
+    until systemd kills it: shutdown waits a bounded time, says a call was still running, and
+    leaves the model open under that call instead of freeing it mid-call."""
+    from llava_edge.serve import app as app_module
+
+    monkeypatch.setattr(app_module, "ENGINE_STOP_S", 0.5)
+    app = create_app(ServeOptions(context_model_dir, model_name=MODEL))
+    entered, release = threading.Event(), threading.Event()
+    try:
+        with caplog.at_level("WARNING", logger="llava_edge.serve"), TestClient(app):
+            deadline = time.time() + 30
+            while not app.state.serve.ready and time.time() < deadline:
+                time.sleep(0.05)
+            backend = app.state.serve.pipe.backend
+            decode = backend.decode
+
+            def stalls(*args):
+                entered.set()
+                release.wait(60)
+                return decode(*args)
+
+            monkeypatch.setattr(backend, "decode", stalls)
+            app.state.serve.engine.submit(None, "Go on.", max_new_tokens=50, ignore_eos=True)
+            assert entered.wait(30)
+            start = time.time()
+        assert time.time() - start < 3
+        assert "still running" in caplog.text
+        assert not app.state.serve.pipe.closed
+    finally:
+        release.set()

@@ -445,9 +445,14 @@ class BatchEngine:
                 **self.counters,
             }
 
-    def close(self, drain: bool = True, timeout: float | None = None) -> None:
+    def close(self, drain: bool = True, timeout: float | None = None) -> bool:
         """Stop taking requests; finish those in hand (drain) or cancel them, then stop. An
-        engine without a thread of its own (`start=False`) does that on the caller's."""
+        engine without a thread of its own (`start=False`) does that on the caller's.
+
+        timeout: seconds to wait for the scheduler thread (None: until it ends). A cancelled
+        request leaves only between two backend calls, and a call in progress (a stalled
+        device) cannot be interrupted: returns False if the thread still runs one at the
+        timeout (it is a daemon, so it does not keep the process alive), else True."""
         with self._lock:
             self._closing = True
             if not drain:
@@ -457,8 +462,9 @@ class BatchEngine:
             self._lock.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
-        else:
-            self.run_until_idle()
+            return not self._thread.is_alive()
+        self.run_until_idle()
+        return True
 
     def __enter__(self) -> BatchEngine:
         return self

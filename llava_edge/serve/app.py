@@ -41,6 +41,8 @@ log = logging.getLogger("llava_edge.serve")
 
 
 REMOTE_TIMEOUT_S = 10.0  # seconds a remote image may take to fetch, unless told
+# seconds shutdown waits for the engine's call in progress (a stalled device's may never end)
+ENGINE_STOP_S = 10.0
 
 
 @dataclass
@@ -162,8 +164,7 @@ class ServerState:
                 if not closed:
                     self.pipe, self.engine = pipe, engine  # ready from here on
             if closed:  # the server stopped while the model loaded: nobody will close these
-                engine.close(drain=False)
-                pipe.close()
+                _close(engine, pipe)
                 return
             log.info("llava-edge serve: %s loaded; ready", o.name)
         except Exception as e:  # reported by the runner, which stops the server
@@ -179,10 +180,8 @@ class ServerState:
         with self._lock:
             self.closed = True
             engine, pipe = self.engine, self.pipe
-        if engine is not None:
-            engine.close(drain=False)
-        if pipe is not None:
-            pipe.close()
+        if engine is not None and pipe is not None:
+            _close(engine, pipe)
 
     @property
     def ready(self) -> bool:
@@ -209,6 +208,20 @@ class ServerState:
                 message = f"the model failed to load: {self.load_error}"
             raise ApiError(503, message, code="model_loading")
         return self.pipe, self.engine
+
+
+def _close(engine: BatchEngine, pipe: Pipeline) -> None:
+    """Cancel what the engine holds and free the model, waiting at most ENGINE_STOP_S for the
+    backend call in progress. A call still running past it is left to the process's exit: the
+    model stays open under it, as freeing its sessions or device memory mid-call could crash."""
+    if engine.close(drain=False, timeout=ENGINE_STOP_S):
+        pipe.close()
+        return
+    log.warning(
+        "llava-edge serve: a backend call was still running %g s after shutdown began (a "
+        "stalled device?); exiting without waiting for it",
+        ENGINE_STOP_S,
+    )
 
 
 def create_app(options: ServeOptions, on_load_error: Any = None) -> Starlette:
