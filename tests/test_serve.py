@@ -1213,3 +1213,27 @@ def test_shutdown_does_not_wait_for_good_on_a_stalled_decoder_call(
         assert not app.state.serve.pipe.closed
     finally:
         release.set()
+
+
+@pytest.mark.parametrize("form", ["file", "data"])
+def test_the_time_limit_holds_while_an_image_is_read_or_its_base64_decoded(
+    server, media_dir, monkeypatch, form
+):
+    """A file on a slow SD card, or a 20 MB data: URI's base64 on a Jetson's CPU, is part of
+    the request: the 504 still comes at --timeout."""
+    from llava_edge.serve import media
+
+    name = "_local_file" if form == "file" else "_data_uri"
+    original = getattr(media, name)
+
+    def slow(*args):
+        time.sleep(2)
+        return original(*args)
+
+    monkeypatch.setattr(server.state.pipe.limits, "timeout_s", 0.5)
+    monkeypatch.setattr(media, name, slow)
+    url = (media_dir / "one.png").as_uri() if form == "file" else data_uri(picture(5))
+    start = time.monotonic()
+    late = server.post({"model": MODEL, "messages": [ask("What?", url)]})
+    assert late.status_code == 504 and error_of(late)["code"] == "timeout"
+    assert time.monotonic() - start < 1.5

@@ -17,10 +17,11 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -38,6 +39,7 @@ from llava_edge.serve.metrics import ServerMetrics
 from llava_edge.serve.protocol import ApiError, ChatRequest
 
 log = logging.getLogger("llava_edge.serve")
+T = TypeVar("T")
 
 
 REMOTE_TIMEOUT_S = 10.0  # seconds a remote image may take to fetch, unless told
@@ -308,11 +310,11 @@ async def _chat_completion(request: Request, state: ServerState) -> Response:
         state.check_key(request)
         pipe, engine = state.require_ready()
         engine.check_room()  # a full queue refuses before the body is read or an image fetched
-        limit = pipe.limits.timeout_s
-        body = await _read_body_in_time(request, state.options.max_body_bytes, limit)
+        clock = _Clock(arrived, pipe.limits.timeout_s)
+        body = await _read_body_in_time(request, state.options.max_body_bytes, clock.limit)
         # off the event loop, which every client's stream shares: a body of many small messages
         # takes seconds to parse at the body limit
-        chat = await run_in_threadpool(_chat_request, body)
+        chat = await _in_time(clock, run_in_threadpool(_chat_request, body))
         _check_model(state, chat.model)
         if len(chat.image_urls) > pipe.max_images_per_prompt:
             raise ApiError(
@@ -321,10 +323,9 @@ async def _chat_completion(request: Request, state: ServerState) -> Response:
                 f"{pipe.max_images_per_prompt}",
                 "messages",
             )
-        clock = _Clock(arrived, limit)
         images = []
         for url in chat.image_urls:
-            images.append(await fetch_image(url, state.media, clock.left()))
+            images.append(await _in_time(clock, fetch_image(url, state.media, clock.left())))
         events: asyncio.Queue[Event] = asyncio.Queue()
         listener = _listener(asyncio.get_running_loop(), events, whole=not chat.stream)
         handle = await _submit_in_time(clock, pipe, engine, chat, images, listener, arrived)
@@ -410,6 +411,28 @@ async def _submit_in_time(clock: _Clock, *args: Any) -> Any:
     except asyncio.CancelledError:  # the server is stopping: nobody will read this request
         submitting.add_done_callback(_cancel_submitted)
         raise
+
+
+async def _in_time(clock: _Clock, step: Awaitable[T]) -> T:
+    """`step` within what is left of the request's time limit, the wait for a worker thread
+    included (all of them busy): reading a file from a slow card, decoding a 20 MB data: URI's
+    base64. A thread cannot be stopped: past the limit its result is dropped when it ends."""
+    running = asyncio.ensure_future(step)
+    try:
+        # shielded: a worker thread of Starlette's defers a cancel until the thread ends
+        return await asyncio.wait_for(asyncio.shield(running), clock.left())
+    except (asyncio.TimeoutError, asyncio.CancelledError) as e:
+        running.cancel()
+        running.add_done_callback(_drop)
+        if isinstance(e, asyncio.CancelledError):
+            raise
+        raise _api_error(clock.timed_out().error) from None
+
+
+def _drop(future: asyncio.Future) -> None:
+    """Retrieve what an abandoned step raised, so asyncio does not log it as unhandled."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _cancel_submitted(submitting: asyncio.Future) -> None:
@@ -590,9 +613,9 @@ def _sse_data(payload: Any) -> str:
 
 
 async def _read_body_in_time(request: Request, limit: int, timeout_s: float | None) -> bytearray:
-    """The request's body, received within --timeout: a client that stalls mid-upload
-    (a robot losing Wi-Fi without the connection closing) is answered 408 instead of holding
-    its connection open for good."""
+    """The request's body, received within --timeout (nothing is awaited between the request's
+    arrival and this read): a client that stalls mid-upload (a robot losing Wi-Fi without the
+    connection closing) is answered 408 instead of holding its connection open for good."""
     try:
         return await asyncio.wait_for(_read_body(request, limit), timeout_s)
     except asyncio.TimeoutError:
