@@ -873,6 +873,7 @@ def test_a_client_leaving_while_sending_its_body_is_no_server_error(server, capl
         asyncio.run(server.app(chat_scope(server.app), receive, send))
     assert sent[0]["status"] == 499 and not caplog.records
     assert server.metric("llava_edge_client_disconnects_total") == disconnects + 1
+    assert server.metric("llava_edge_engine_admitting") == 0
 
 
 def test_a_body_that_stalls_mid_upload_gets_408_within_the_time_limit(context_model_dir):
@@ -1237,3 +1238,47 @@ def test_the_time_limit_holds_while_an_image_is_read_or_its_base64_decoded(
     late = server.post({"model": MODEL, "messages": [ask("What?", url)]})
     assert late.status_code == 504 and error_of(late)["code"] == "timeout"
     assert time.monotonic() - start < 1.5
+    assert server.state.engine.stats()["admitting"] == 0  # its place, held while reading
+
+
+def test_a_burst_of_uploads_past_the_queue_is_refused_before_its_images_are_read(
+    server, monkeypatch
+):
+    """Requests still uploading or decoding their images count against --max-queue: a burst of
+    large uploads is refused (429) before it is all read and decoded at once, and every way out
+    of reading (an answer, a bad image) gives the place back."""
+    from llava_edge.serve import media
+
+    original, entered, release = media._data_uri, threading.Semaphore(0), threading.Event()
+
+    def held(*args):
+        entered.release()
+        release.wait(30)
+        return original(*args)
+
+    monkeypatch.setattr(media, "_data_uri", held)
+    room = server.state.engine.max_batch + server.state.engine.max_queue  # an idle engine's
+    good = {"model": MODEL, "messages": [ask("What?", data_uri(picture(2)))], "max_tokens": 2}
+    bad = {"model": MODEL, "messages": [ask("What?", "data:image/png;base64,!!!!")]}
+    bodies = [bad] + [good] * (room - 1)
+    results: dict[int, httpx.Response] = {}
+    threads = [
+        threading.Thread(target=lambda i=i, b=b: results.__setitem__(i, server.post(b)))
+        for i, b in enumerate(bodies)
+    ]
+    try:
+        for thread in threads:
+            thread.start()
+        for _ in bodies:
+            assert entered.acquire(timeout=30)  # every place taken, each image being decoded
+        assert server.metric("llava_edge_engine_admitting") == room
+        refused = server.post(good, timeout=5)
+        assert refused.status_code == 429 and error_of(refused)["code"] == "queue_full"
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join(30)
+    assert results[0].status_code == 400
+    assert all(results[i].status_code == 200 for i in range(1, room))
+    assert server.metric("llava_edge_engine_admitting") == 0
+    assert server.post(good).status_code == 200

@@ -63,6 +63,28 @@ class Cancelled(LlavaEdgeError):
     """The request was cancelled before it finished."""
 
 
+class Admission:
+    """A place in the queue held for a request still arriving (its body read, its images
+    decoded, its prompt rendered): `BatchEngine.reserve` counts it against max_queue, so a burst
+    of large uploads is refused before it is all read and decoded at once. Given back by
+    `submit_ids(admission=...)`, where the request takes its place in the queue, or by
+    `release()` on any other way out; giving it back twice is harmless."""
+
+    def __init__(self, engine: BatchEngine):
+        self._engine = engine
+        self.held = True
+
+    def release(self) -> None:
+        with self._engine._lock:
+            self._give_back()
+
+    def _give_back(self) -> None:
+        """Under the engine's lock."""
+        if self.held:
+            self.held = False
+            self._engine.admitting -= 1
+
+
 @dataclass
 class Event:
     """What a request reports: that its first token is out, a piece of text, its finished
@@ -303,6 +325,7 @@ class BatchEngine:
         self.prefixes = PrefixStore(int(prefix_cache_mb * 2**20) if exact else 0)
         self.running: list[Request] = []  # running[i] decodes in cache row i
         self.waiting: deque[Request] = deque()
+        self.admitting = 0  # places held by Admissions: requests still arriving
         self.counters = {
             "requests": 0,
             "finished": 0,
@@ -349,6 +372,7 @@ class BatchEngine:
         listener: Callable[[Event], None] | None = None,
         timeout_s: float | None = None,
         started: float | None = None,
+        admission: Admission | None = None,
     ) -> Request:
         """A prompt already rendered (Pipeline.prompt_ids, Pipeline.conversation_ids) with the
         image it was rendered for (Pipeline.image_pixels).
@@ -363,9 +387,12 @@ class BatchEngine:
         would cap it at its own.) started: when the request
         began (time.perf_counter), if before this call: its time limit and timings count from
         there (a server's request arrives before its image is fetched and its prompt rendered).
+        admission: the place `reserve` held for this request, which it now takes.
         """
         request = self._request(ids, image, options, listener, timeout_s, started)
         with self._lock:
+            if admission is not None:
+                admission._give_back()
             self._refuse_without_room()
             self.waiting.append(request)
             self.counters["requests"] += 1
@@ -380,6 +407,16 @@ class BatchEngine:
         with self._lock:
             self._refuse_without_room()
 
+    def reserve(self) -> Admission:
+        """Hold a place in the queue for a request still arriving, or raise what a submit would
+        raise for want of room: a server reserves before it reads a request's body and decodes
+        its images, so a burst of them counts against max_queue while it is read. Give the
+        place back by submitting with `admission=`, or by `release()` on every other way out."""
+        with self._lock:
+            self._refuse_without_room()
+            self.admitting += 1
+            return Admission(self)
+
     def _refuse_without_room(self) -> None:
         """Under the lock."""
         if self.failure is not None:
@@ -387,10 +424,11 @@ class BatchEngine:
         if self._closing:
             raise EngineClosed("the engine is shutting down and takes no new requests")
         free_rows = self.max_batch - len(self.running)
-        if len(self.waiting) >= self.max_queue + free_rows:
+        if len(self.waiting) + self.admitting >= self.max_queue + free_rows:
+            arriving = f" ({self.admitting} more arriving)" if self.admitting else ""
             raise QueueFull(
                 f"{len(self.waiting)} requests are already waiting for one of "
-                f"{self.max_batch} rows; try again later"
+                f"{self.max_batch} rows{arriving}; try again later"
             )
 
     def _request(
@@ -439,6 +477,7 @@ class BatchEngine:
             return {
                 "running": len(self.running),
                 "waiting": len(self.waiting),
+                "admitting": self.admitting,
                 "max_batch": self.max_batch,
                 "prefix_entries": len(self.prefixes.entries),
                 "prefix_bytes": self.prefixes.used,

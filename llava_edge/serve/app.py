@@ -32,7 +32,7 @@ from starlette.routing import Route
 
 from llava_edge.errors import LlavaEdgeError, PromptTooLong, TimedOut, TooLarge
 from llava_edge.runtime import BatchEngine, Limits, Pipeline
-from llava_edge.runtime.batching import Cancelled, EngineClosed, Event, QueueFull
+from llava_edge.runtime.batching import Admission, Cancelled, EngineClosed, Event, QueueFull
 from llava_edge.serve import protocol
 from llava_edge.serve.media import MediaPolicy, fetch_image
 from llava_edge.serve.metrics import ServerMetrics
@@ -306,10 +306,13 @@ async def _chat_completions(request: Request) -> Response:
 
 async def _chat_completion(request: Request, state: ServerState) -> Response:
     arrived = time.perf_counter()  # --timeout counts from here: fetching and rendering too
+    admission = None
     try:
         state.check_key(request)
         pipe, engine = state.require_ready()
-        engine.check_room()  # a full queue refuses before the body is read or an image fetched
+        # a full queue refuses before the body is read or an image fetched; a request counts
+        # against it from here, so a burst of uploads is not all read and decoded at once
+        admission = engine.reserve()
         clock = _Clock(arrived, pipe.limits.timeout_s)
         body = await _read_body_in_time(request, state.options.max_body_bytes, clock.limit)
         # off the event loop, which every client's stream shares: a body of many small messages
@@ -328,12 +331,17 @@ async def _chat_completion(request: Request, state: ServerState) -> Response:
             images.append(await _in_time(clock, fetch_image(url, state.media, clock.left())))
         events: asyncio.Queue[Event] = asyncio.Queue()
         listener = _listener(asyncio.get_running_loop(), events, whole=not chat.stream)
-        handle = await _submit_in_time(clock, pipe, engine, chat, images, listener, arrived)
+        handle = await _submit_in_time(
+            clock, pipe, engine, chat, images, listener, arrived, admission
+        )
     except ClientDisconnect:  # the client left while sending its body: no fault of the server's
         state.metrics.disconnects.inc()
         return Response(status_code=499)
     except Exception as e:
         return _error_response(_api_error(e))
+    finally:  # submitted, refused, timed out, cancelled: the place is the queue's again
+        if admission is not None:
+            admission.release()
     event = await _wait(request, state, handle, events, clock)
     if event is None:  # the client left; nobody reads this
         return Response(status_code=499)
@@ -359,6 +367,7 @@ def _submit(
     images: list[bytes],
     listener: Any,
     arrived: float,
+    admission: Admission,
 ) -> Any:
     """Render the conversation as a ChatSession holds it, check it fits, hand it to the engine."""
     limit = pipe.limits.max_new_tokens
@@ -395,7 +404,7 @@ def _submit(
         )
     if not param:
         options["max_new_tokens"] = min(room, limit) if limit else room
-    return engine.submit_ids(ids, pixels, options, listener, started=arrived)
+    return engine.submit_ids(ids, pixels, options, listener, started=arrived, admission=admission)
 
 
 async def _submit_in_time(clock: _Clock, *args: Any) -> Any:

@@ -72,6 +72,7 @@ class _EngineCollector(Collector):
     GAUGES = {
         "running": "Requests decoding now (rows in use)",
         "waiting": "Requests waiting for a row (queue depth)",
+        "admitting": "Requests still arriving (body, images, prompt), counted against the queue",
         "max_batch": "Rows of the batch",
         "prefix_entries": "Finished conversations whose keys/values are kept for reuse",
         "prefix_bytes": "Memory held by the prefix store",
