@@ -53,6 +53,7 @@ class LoadedCheckpoint:
     processor: Any  # LlavaProcessor
     source: str
     template: TemplateSpec  # the prompt format (llava_edge.export.chat_template)
+    template_why: str = ""  # the line that says which template, and why
 
 
 def export_checkpoint(
@@ -90,6 +91,7 @@ def export_checkpoint(
     config = checkpoint_config(checkpoint, trust_remote_code=trust_remote_code)
     max_context = _max_context(config, max_context)  # fail before loading weights
     loaded = load_checkpoint(checkpoint, trust_remote_code=trust_remote_code)
+    log(loaded.template_why)
     # onnxruntime's graph optimizer (the fused forms) writes graph-sized copies through tempfile
     with scratch_beside(out), replace_dir(out) as tmp:
         if dtype == "fp16":
@@ -159,7 +161,7 @@ def load_checkpoint(
             _check_tokens(config, processor.tokenizer, eos)
             _check_image_tokens(processor, config, source)  # the image token is <image> now
             eos_texts = [processor.tokenizer.decode([i], skip_special_tokens=False) for i in eos]
-            template = choose_template(
+            choice = choose_template(
                 Path(source),
                 processor,
                 eos_texts,
@@ -177,7 +179,7 @@ def load_checkpoint(
     except (OSError, ValueError) as e:  # missing weights or tokenizer files, a broken config
         raise LlavaEdgeError(f"cannot load checkpoint {source}: {first_line(e)}") from None
     _check_no_missing_weights(source, info["missing_keys"])
-    return LoadedCheckpoint(model.eval(), processor, source, template)
+    return LoadedCheckpoint(model.eval(), processor, source, choice.template, choice.why)
 
 
 def _check_no_missing_weights(source: str, missing: Any) -> None:
