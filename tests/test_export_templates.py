@@ -271,6 +271,7 @@ def without_template(tiny_checkpoint: Path, out: Path, specials: list[str]) -> P
         ([], None),
         (["<|im_start|>", "<|im_end|>"], "qwen_1_5"),
         (["<|start_header_id|>"], "llama_3"),
+        (["[INST]"], "mistral_instruct"),
     ],
 )
 def test_export_says_which_template_it_fell_back_to(

@@ -33,6 +33,7 @@ FORMAT_TOKENS = {
     "<|im_start|>": "qwen_1_5 or chatml_direct",
     "<|start_header_id|>": "llama_3",
     "<|assistant|>": "phi_3",
+    "[INST]": "mistral_instruct",  # a control token from Mistral's v3 tokenizer on
 }
 # Texts no template writes itself, so each one's place in a rendered prompt is unambiguous.
 Q1, Q2, Q3 = "QUESTION_ONE", "QUESTION_TWO", "QUESTION_THREE"
