@@ -167,7 +167,8 @@ def no_checkpoint(path: str | os.PathLike, what: str) -> LlavaEdgeError:
 
 
 def load_model(checkpoint: str | os.PathLike, config: Any = None, **kwargs: Any) -> Any:
-    """from_pretrained on the class `model_class` picks (kwargs go to from_pretrained)."""
+    """from_pretrained on the class `model_class` picks (kwargs go to from_pretrained), refusing
+    weights that lack a tensor the model needs."""
     from safetensors import SafetensorError
     from transformers import AutoConfig
 
@@ -176,9 +177,26 @@ def load_model(checkpoint: str | os.PathLike, config: Any = None, **kwargs: Any)
             checkpoint, trust_remote_code=kwargs.get("trust_remote_code", False)
         )
     try:
-        return model_class(config).from_pretrained(checkpoint, **kwargs)
+        model, info = model_class(config).from_pretrained(
+            checkpoint, output_loading_info=True, **kwargs
+        )
     except SafetensorError as e:  # a truncated or corrupt weights file
         raise unreadable_weights(checkpoint, e) from None
+    check_no_missing_weights(checkpoint, info["missing_keys"])
+    return model
+
+
+def check_no_missing_weights(checkpoint: str | os.PathLike, missing: Any) -> None:
+    """transformers fills a tensor the weights lack with random numbers and says so only in its
+    log: training would train, and export verify, a model nobody saved."""
+    if missing:
+        names = sorted(missing)
+        listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise LlavaEdgeError(
+            f"{checkpoint}: its weights lack {len(names)} tensor{'s' if len(names) > 1 else ''} "
+            f"the model needs ({listed}), which would run as random numbers; the checkpoint is "
+            "incomplete or saved under other tensor names: save it again with save_pretrained"
+        )
 
 
 def unreadable_weights(checkpoint: str | os.PathLike, error: Exception) -> LlavaEdgeError:

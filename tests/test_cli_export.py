@@ -343,25 +343,54 @@ def test_pickled_weights_are_refused(tiny_checkpoint: Path, tmp_path: Path, caps
     assert not (tmp_path / "out").exists()
 
 
+def partial_checkpoint(tiny_checkpoint: Path, out: Path) -> Path:
+    """The tiny checkpoint with one tensor of its language model missing from its weights."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tiny_checkpoint, out)
+    weights = load_file(out / "model.safetensors")
+    (dropped,) = [name for name in weights if name.endswith("layers.1.mlp.down_proj.weight")]
+    del weights[dropped]
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
 def test_weights_missing_a_tensor_are_refused(
     tiny_checkpoint: Path, tmp_path: Path, capsys
 ) -> None:
     """A tensor the model needs that the weights lack would be filled with random numbers by
     transformers, and verification (against that same loaded model) could not tell."""
-    from safetensors.torch import load_file, save_file
-
-    checkpoint = tmp_path / "partial"
-    shutil.copytree(tiny_checkpoint, checkpoint)
-    weights = load_file(checkpoint / "model.safetensors")
-    (dropped,) = [name for name in weights if name.endswith("layers.1.mlp.down_proj.weight")]
-    del weights[dropped]
-    save_file(weights, checkpoint / "model.safetensors", metadata={"format": "pt"})
+    checkpoint = partial_checkpoint(tiny_checkpoint, tmp_path / "partial")
     assert main(["export", str(checkpoint), str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err  # after the loader's progress bar
     line = err.strip().splitlines()[-1]
     assert "Traceback" not in err and line.startswith("llava-edge export: error: ")
     assert "lack 1 tensor" in line and "layers.1.mlp.down_proj.weight" in line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "bench"])
+def test_every_loader_refuses_weights_missing_a_tensor(
+    command: str, tiny_checkpoint: Path, tiny_model_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """Training and bench's transformers baseline load through the same loader as export:
+    neither runs on the random numbers transformers fills a missing tensor with."""
+    from llava_edge.training.synth import synthesize
+
+    checkpoint = str(partial_checkpoint(tiny_checkpoint, tmp_path / "partial"))
+    out = str(tmp_path / "out")
+    if command == "train":
+        data = synthesize(tmp_path / "data", train=2, test=0)
+        argv = ["train", "--stage", "2", "--model", checkpoint, "--data", str(data["train"]),
+                "--images", str(data["images"]), "--out", out, "--max-steps", "1"]  # fmt: skip
+    else:
+        argv = ["bench", str(tiny_model_dir), "--baseline", checkpoint, "--runs", "1"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and line.startswith(f"llava-edge {command}: error: ")
+    assert "lack 1 tensor" in line and "layers.1.mlp.down_proj.weight" in line
+    assert not Path(out).exists()
 
 
 def test_bench_baseline_decodes_greedy_whatever_generation_config_says(

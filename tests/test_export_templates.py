@@ -245,3 +245,57 @@ def test_templates_llava_edge_knows_keep_their_name(tiny_checkpoint: Path, tmp_p
     (checkpoint / CHECKPOINT_INFO_FILE).unlink()
     export_checkpoint(checkpoint, tmp_path / "model", verify=False, log=quiet)
     assert Manifest.load(tmp_path / "model").template.name == "llava_1_5"
+
+
+def without_template(tiny_checkpoint: Path, out: Path, specials: list[str]) -> Path:
+    """The tiny checkpoint with no chat template, no llava_edge.json, and `specials` added to
+    its tokenizer."""
+    from transformers import AutoProcessor
+
+    shutil.copytree(tiny_checkpoint, out)
+    (out / CHECKPOINT_INFO_FILE).unlink()
+    processor = AutoProcessor.from_pretrained(out)
+    processor.chat_template = None
+    processor.tokenizer.chat_template = None
+    if specials:
+        processor.tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    processor.save_pretrained(out)
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (out / name).unlink(missing_ok=True)
+    return out
+
+
+@pytest.mark.parametrize(
+    "specials, warned",
+    [
+        ([], None),
+        (["<|im_start|>", "<|im_end|>"], "qwen_1_5"),
+        (["<|start_header_id|>"], "llama_3"),
+        (["[INST]"], "mistral_instruct"),
+    ],
+)
+def test_export_says_which_template_it_fell_back_to(
+    tiny_checkpoint: Path, tmp_path: Path, specials: list[str], warned: str | None
+) -> None:
+    checkpoint = without_template(tiny_checkpoint, tmp_path / "checkpoint", specials)
+    lines: list[str] = []
+    export_checkpoint(checkpoint, tmp_path / "model", verify=False, fused=False, log=lines.append)
+    said = [line for line in lines if "llava_1_5" in line]
+    assert len(said) == 1, lines
+    assert CHECKPOINT_INFO_FILE in said[0] and '"template"' in said[0]  # how to name another
+    assert Manifest.load(tmp_path / "model").template.name == "llava_1_5"
+    if warned is None:
+        assert "warning" not in said[0]
+    else:
+        assert said[0].startswith("warning:") and warned in said[0] and specials[0] in said[0]
+
+
+def test_export_says_which_template_it_was_named(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    lines: list[str] = []
+    export_checkpoint(
+        tiny_checkpoint, tmp_path / "model", verify=False, fused=False, log=lines.append
+    )
+    name = json.loads((tiny_checkpoint / CHECKPOINT_INFO_FILE).read_text())["template"]
+    assert [line for line in lines if line.startswith("prompt template:")] == [
+        f"prompt template: {name} (named in {tiny_checkpoint / CHECKPOINT_INFO_FILE})"
+    ]

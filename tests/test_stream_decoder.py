@@ -78,3 +78,35 @@ def test_a_byte_that_reads_as_a_character_alone_is_held_until_its_run_ends(llama
     pieces = stream(codec, [word, plus, lead, word])
     assert pieces[1:3] == ["", ""]
     assert "".join(pieces) == codec.decode([word, plus, lead, word]) == "the\ufffd\ufffd the"
+
+
+def test_a_pad_id_that_names_an_ordinary_token_is_text(tiny_checkpoint: Path, tmp_path: Path):
+    """A generation config's pad_token_id (0 in many, '!' in a byte-level BPE vocabulary) where
+    the tokenizer has no pad token of its own names an ordinary token: answers keep its text,
+    as transformers' decode does."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from llava_edge.export.exporter import export_checkpoint
+
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    settings = json.loads((checkpoint / "tokenizer_config.json").read_text())
+    del settings["pad_token"]
+    (checkpoint / "tokenizer_config.json").write_text(json.dumps(settings))
+    reference = AutoTokenizer.from_pretrained(checkpoint)
+    ids = reference("a word and more words", add_special_tokens=False).input_ids
+    pad = ids[1]  # an ordinary token
+    generation = json.loads((checkpoint / "generation_config.json").read_text())
+    (checkpoint / "generation_config.json").write_text(
+        json.dumps({**generation, "pad_token_id": pad})
+    )
+    export_checkpoint(checkpoint, tmp_path / "model", verify=False, fused=False, log=print)
+    manifest = Manifest.load(tmp_path / "model")
+    assert manifest.tokens.pad_token_id == pad
+    codec = TextCodec(tmp_path / "model" / manifest.tokenizer, manifest.tokens, 1)
+    expected = reference.decode(ids, skip_special_tokens=True)
+    assert codec.decode(ids) == "".join(stream(codec, ids)) == expected
+    assert reference.decode([pad]) in expected

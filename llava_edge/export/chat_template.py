@@ -12,7 +12,8 @@ Which template a model dir gets:
 - `llava_edge.json` names one (training writes it): that one, after checking that the
   checkpoint's chat template, if any, renders the same prompts;
 - else the checkpoint's chat template, read as above;
-- else (no template at all) the Hugging Face LLaVA-1.5 prompt.
+- else (no template at all) the Hugging Face LLaVA-1.5 prompt; export says so, and warns when
+  the tokenizer has the special tokens of another known format (ChatML's `<|im_start|>`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,14 @@ from llava_edge.manifest import CHECKPOINT_INFO_FILE, TemplateSpec, read_checkpo
 from llava_edge.runtime.template import IMAGE_PLACEHOLDER, TEMPLATES, render, with_image_markers
 
 DEFAULT = "llava_1_5"  # for checkpoints that carry no chat template
+# Special tokens that only a language model trained on another known format has: a checkpoint
+# of one that gets the default prompt is probably prompted wrong.
+FORMAT_TOKENS = {
+    "<|im_start|>": "qwen_1_5 or chatml_direct",
+    "<|start_header_id|>": "llama_3",
+    "<|assistant|>": "phi_3",
+    "[INST]": "mistral_instruct",  # a control token from Mistral's v3 tokenizer on
+}
 # Texts no template writes itself, so each one's place in a rendered prompt is unambiguous.
 Q1, Q2, Q3 = "QUESTION_ONE", "QUESTION_TWO", "QUESTION_THREE"
 A1, A2 = "ANSWER_ONE", "ANSWER_TWO"
@@ -117,10 +126,16 @@ class CheckpointChat:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class TemplateChoice:
+    template: TemplateSpec
+    why: str  # one line for export's log: which template, and where it came from
+
+
 def choose_template(
     checkpoint: Path, processor: Any, eos_texts: list[str], image_markers: bool = False
-) -> TemplateSpec:
-    """The template a model dir of this checkpoint gets (see the module docstring).
+) -> TemplateChoice:
+    """The template a model dir of this checkpoint gets (see the module docstring), and why.
 
     image_markers: the checkpoint's config sets `mm_use_im_start_end` (LLaVA v1): a named
     template writes its image as `<im_start><image><im_end>`.
@@ -130,9 +145,13 @@ def choose_template(
     `add_bos`), since BOS as text and BOS as an id can tokenize what follows differently.
     """
     named = _named_template(checkpoint)
+    info = checkpoint / CHECKPOINT_INFO_FILE
     chat = CheckpointChat.of(processor)
     if chat is None:
-        return _marked(TEMPLATES[named or DEFAULT], image_markers)
+        template = _marked(TEMPLATES[named or DEFAULT], image_markers)
+        if named:
+            return TemplateChoice(template, f"prompt template: {named} (named in {info})")
+        return TemplateChoice(template, _default_note(processor.tokenizer, info))
     if named:
         template = _marked(TEMPLATES[named], image_markers)
         expected, got = chat.text(PROBE, image=True), _render(template, PROBE)
@@ -142,8 +161,28 @@ def choose_template(
                 f"checkpoint's chat template renders prompts differently ({_difference(expected, got)}); "
                 "make them agree, or delete the file to use the chat template"
             )
-        return template
-    return derive_template(chat, eos_texts)
+        return TemplateChoice(template, f"prompt template: {named} (named in {info})")
+    template = derive_template(chat, eos_texts)
+    why = "read off the checkpoint's chat template"
+    return TemplateChoice(template, f"prompt template: {template.name} ({why})")
+
+
+def _default_note(tokenizer: Any, info: Path) -> str:
+    """The line that says the default was taken, and how to name another; a warning when the
+    tokenizer's special tokens belong to another format."""
+    how = (
+        f'to name another, write {{"template": NAME}} to {info} '
+        f"(known: {', '.join(sorted(TEMPLATES))}) or give the checkpoint a chat template"
+    )
+    why = f"the checkpoint has no chat template and no {CHECKPOINT_INFO_FILE}"
+    vocab = tokenizer.get_vocab()
+    for token, names in FORMAT_TOKENS.items():
+        if token in vocab:
+            return (
+                f"warning: prompt template {DEFAULT} by default ({why}), but the tokenizer has "
+                f"{token}, so its language model was probably trained on {names}; {how}"
+            )
+    return f"prompt template: {DEFAULT} (the default: {why}; {how})"
 
 
 def _marked(template: TemplateSpec, image_markers: bool) -> TemplateSpec:

@@ -53,6 +53,7 @@ class LoadedCheckpoint:
     processor: Any  # LlavaProcessor
     source: str
     template: TemplateSpec  # the prompt format (llava_edge.export.chat_template)
+    template_why: str = ""  # the line that says which template, and why
 
 
 def export_checkpoint(
@@ -90,6 +91,7 @@ def export_checkpoint(
     config = checkpoint_config(checkpoint, trust_remote_code=trust_remote_code)
     max_context = _max_context(config, max_context)  # fail before loading weights
     loaded = load_checkpoint(checkpoint, trust_remote_code=trust_remote_code)
+    log(loaded.template_why)
     # onnxruntime's graph optimizer (the fused forms) writes graph-sized copies through tempfile
     with scratch_beside(out), replace_dir(out) as tmp:
         if dtype == "fp16":
@@ -159,38 +161,23 @@ def load_checkpoint(
             _check_tokens(config, processor.tokenizer, eos)
             _check_image_tokens(processor, config, source)  # the image token is <image> now
             eos_texts = [processor.tokenizer.decode([i], skip_special_tokens=False) for i in eos]
-            template = choose_template(
+            choice = choose_template(
                 Path(source),
                 processor,
                 eos_texts,
                 image_markers=bool(getattr(config, "mm_use_im_start_end", False)),
             )
-            model, info = load_model(
+            model = load_model(
                 source,
                 config=config,
                 dtype=torch.float32,
                 attn_implementation="eager",
                 trust_remote_code=trust_remote_code,
                 use_safetensors=True,
-                output_loading_info=True,
             )
     except (OSError, ValueError) as e:  # missing weights or tokenizer files, a broken config
         raise LlavaEdgeError(f"cannot load checkpoint {source}: {first_line(e)}") from None
-    _check_no_missing_weights(source, info["missing_keys"])
-    return LoadedCheckpoint(model.eval(), processor, source, template)
-
-
-def _check_no_missing_weights(source: str, missing: Any) -> None:
-    """transformers fills a tensor the weights lack with random numbers and says so only in its
-    log; verification compares against that same model, so it cannot tell."""
-    if missing:
-        names = sorted(missing)
-        listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        raise LlavaEdgeError(
-            f"{source}: its weights lack {len(names)} tensor{'s' if len(names) > 1 else ''} the "
-            f"model needs ({listed}), which would run as random numbers; the checkpoint is "
-            "incomplete or saved under other tensor names: save it again with save_pretrained"
-        )
+    return LoadedCheckpoint(model.eval(), processor, source, choice.template, choice.why)
 
 
 # Files a tokenizer's vocabulary is read from (tokenizer_config.json alone holds none).

@@ -40,12 +40,11 @@ class TextCodec:
             raise LlavaEdgeError(f"cannot read tokenizer {path}: {e}") from None
         self.tokens = tokens
         self.num_image_tokens = num_image_tokens
-        self.special = {tokens.image_token_id, *tokens.eos_token_ids}
-        for token_id in (tokens.bos_token_id, tokens.pad_token_id):
-            if token_id is not None:
-                self.special.add(token_id)
-        # what decode leaves out: these and the tokenizer's own special tokens
-        self.silent = self.special | {
+        # What decode leaves out: the image placeholder, the end of an answer and the tokenizer's
+        # own special tokens, as transformers' decode does. Not the manifest's pad or BOS id as
+        # such: a generation config's pad_token_id may name an ordinary token ('!'), whose text
+        # an answer keeps.
+        self.silent = {tokens.image_token_id, *tokens.eos_token_ids} | {
             i for i, token in self.tokenizer.get_added_tokens_decoder().items() if token.special
         }
         vocab = self.tokenizer.get_vocab()
@@ -99,7 +98,7 @@ class TextCodec:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(
-            [i for i in ids if i not in self.special], skip_special_tokens=True
+            [i for i in ids if i not in self.silent], skip_special_tokens=True
         )
 
     def stream(self) -> StreamDecoder:
