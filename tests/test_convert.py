@@ -451,6 +451,18 @@ def test_a_missing_vision_tower_names_what_to_fetch(
     assert f"does not hold its vision tower {TOWER_NAME}" in err and "--vision" in err, err
 
 
+def test_the_tower_beside_a_checkpoint_given_as_dot_is_found(
+    plain_original, tmp_path, monkeypatch
+) -> None:
+    """`llava-edge convert . OUT` from inside the checkpoint: the tower saved beside it (under
+    mm_vision_tower's last name) is found, as it is when the checkpoint is named by its path."""
+    original = _copy(plain_original, tmp_path)
+    shutil.copytree(plain_original["clip"], tmp_path / TOWER_NAME.split("/")[-1])
+    monkeypatch.chdir(original)
+    assert cli(["convert", ".", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "config.json").is_file()
+
+
 def test_lora_and_stage1_outputs_need_base(plain_original, tmp_path, capsys) -> None:
     stage1 = tmp_path / "stage1"
     stage1.mkdir()

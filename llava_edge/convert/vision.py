@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,8 @@ def find_vision_dir(name: str, original: Path, given: Path | None) -> Path | Non
         if not (given / "config.json").is_file():
             raise LlavaEdgeError(f"--vision {given} is not a CLIP checkpoint dir (no config.json)")
         return given
-    candidates = [Path(name), original.parent / name, original.parent / Path(name).name]
+    beside = Path(os.path.abspath(original)).parent  # `convert . OUT` run inside the checkpoint
+    candidates = [Path(name), beside / name, beside / Path(name).name]
     return next((c for c in candidates if (c / "config.json").is_file()), None)
 
 
