@@ -463,6 +463,20 @@ def test_the_tower_beside_a_checkpoint_given_as_dot_is_found(
     assert (tmp_path / "out" / "config.json").is_file()
 
 
+def test_a_missing_local_tower_is_not_sent_to_the_hub(plain_original, tmp_path, capsys) -> None:
+    """mm_vision_tower is often a dir on the training machine; `hf download /home/...` would
+    fail: the error names the dir to copy and --vision."""
+    original = _copy(plain_original, tmp_path)
+    config = json.loads((original / "config.json").read_text())
+    tower = "/home/train/checkpoints/clip-vit-large-patch14-336"
+    (original / "config.json").write_text(json.dumps({**config, "mm_vision_tower": tower}))
+    assert cli(["convert", str(original), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "hf download" not in err and tower in err and "--vision" in err, err
+    assert "clip-vit-large-patch14-336" in err.split(tower, 1)[1], err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_lora_and_stage1_outputs_need_base(plain_original, tmp_path, capsys) -> None:
     stage1 = tmp_path / "stage1"
     stage1.mkdir()

@@ -25,6 +25,7 @@ CLIP_HEAD_DIM = 64
 CLIP_MODEL_TYPES = ("clip", "clip_vision_model")  # CLIPModel, CLIPVisionModel
 # OpenAI's CLIP names say the patch size and, past 224 pixels, the image size:
 # clip-vit-large-patch14 (224), clip-vit-large-patch14-336.
+HUB_ID = re.compile(r"[\w-][\w.-]*/[\w-][\w.-]*")  # owner/name, as the hub spells repos
 OPENAI_CLIP_NAME = re.compile(r"clip-vit-[a-z]+-patch(\d+)(?:-(\d+))?")
 
 
@@ -49,6 +50,12 @@ def find_vision_dir(name: str, original: Path, given: Path | None) -> Path | Non
 
 
 def missing_tower(name: str) -> LlavaEdgeError:
+    if not HUB_ID.fullmatch(name):  # a dir on the machine it was trained on
+        return LlavaEdgeError(
+            f"the checkpoint does not hold its vision tower, which the original loaded from the "
+            f"dir {name}: copy that CLIP dir here and pass --vision DIR (or put it beside the "
+            f"checkpoint as {Path(name).name})"
+        )
     return LlavaEdgeError(
         f"the checkpoint does not hold its vision tower {name} (the original loads it by "
         f"name): download it, e.g. `hf download {name} --local-dir clip`, and pass --vision clip"
