@@ -340,9 +340,14 @@ def _check_base(base: Path, config: dict[str, Any], directory: Path) -> None:
 
 
 def _projector_file(directory: Path) -> StateDict:
+    """The projector file, its names as in the model (`model.mm_projector.0.weight`, what the
+    original saves) or bare (`0.weight`, the nn.Sequential's own: the file holds nothing else)."""
     for name in ("mm_projector.safetensors", "mm_projector.bin"):
         if (directory / name).is_file():
-            return read_weights(directory / name)
+            state = read_weights(directory / name)
+            if any("mm_projector." in k for k in state):
+                return state
+            return {f"model.mm_projector.{k}": v for k, v in state.items()}
     raise LlavaEdgeError(f"{directory} has no mm_projector.bin")
 
 
