@@ -1067,6 +1067,40 @@ def test_adapters_that_do_not_fit_are_one_line(plain_original, tmp_path, capsys,
     assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 
+def test_a_lora_output_without_its_non_lora_trainables_names_the_file(
+    plain_original, tmp_path, capsys
+) -> None:
+    """The projector of a LoRA run is in non_lora_trainables.bin; a copy of the output without
+    it was told only that there are no model.mm_projector.* weights."""
+    from safetensors.torch import save_file
+
+    from llava_edge.convert.weights import read_sharded
+
+    base = tmp_path / "base"
+    base.mkdir()
+    state = read_sharded(plain_original["original"])
+    text = {k: v for k, v in state.items() if "mm_projector" not in k}
+    save_file(text, str(base / "model.safetensors"))
+    config = json.loads((plain_original["original"] / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(plain_original["original"] / name, base / name)
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "config.json").write_text(json.dumps(config))
+    adapter = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
+    (lora / "adapter_config.json").write_text(json.dumps(adapter))
+    key = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file(
+        {f"{key}.lora_A.weight": torch.zeros(4, 48), f"{key}.lora_B.weight": torch.zeros(48, 4)},
+        str(lora / "adapter_model.safetensors"),
+    )
+    args = ["convert", str(lora), str(tmp_path / "out"), "--base", str(base)]
+    assert cli([*args, "--vision", str(plain_original["clip"])]) == 1
+    err = capsys.readouterr().err
+    assert "non_lora_trainables.bin" in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_a_quantized_save_is_refused_before_its_weights_are_read(
     plain_original, tmp_path, capsys, monkeypatch
 ) -> None:

@@ -132,7 +132,15 @@ def read_original(directory: Path, base: Path | None = None) -> Original:
     if not original.text:
         raise LlavaEdgeError(f"{directory}: no language model weights found")
     if not original.projector:
-        raise LlavaEdgeError(f"{directory}: no projector weights (model.mm_projector.*) found")
+        where = ""
+        if kind == "lora" and not (directory / "non_lora_trainables.bin").is_file():
+            where = (
+                ": a LoRA run saves its projector in non_lora_trainables.bin beside the "
+                "adapters; copy it from the training output"
+            )
+        raise LlavaEdgeError(
+            f"{directory}: no projector weights (model.mm_projector.*) found{where}"
+        )
     for candidate in (directory, base):
         if candidate is not None and _has_tokenizer(candidate):
             original.tokenizer_dir = candidate
