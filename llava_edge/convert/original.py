@@ -98,7 +98,6 @@ def read_original(directory: Path, base: Path | None = None) -> Original:
     if not directory.is_dir():
         raise LlavaEdgeError(f"{directory} is not a directory")
     config = read_config(directory)
-    _check_full_precision(config, directory)
     settings = read_settings(config, directory)
     kind = _kind(directory)
     original = Original(directory, kind, config, settings, {}, {})
@@ -168,6 +167,7 @@ def read_config(directory: Path) -> dict[str, Any]:
 
 
 def read_settings(config: dict[str, Any], directory: Path) -> Settings:
+    _check_full_precision(config, directory)  # first: nothing else is worth fetching for it
     model_type = config.get("model_type")
     text = TEXT_MODELS.get(model_type) or next(
         (ARCHITECTURES[a] for a in config.get("architectures") or [] if a in ARCHITECTURES), None
