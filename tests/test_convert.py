@@ -489,29 +489,38 @@ def test_lora_and_stage1_outputs_need_base(plain_original, tmp_path, capsys) -> 
     assert "stage-1 projector output: pass --base" in capsys.readouterr().err
 
 
+def _stage1_over_base(plain: dict[str, Path], tmp_path: Path) -> tuple[Path, Path, dict]:
+    """A stage-1 output of the plain original's projector, with bare names ("0.weight"), and
+    its language model as a safetensors --base; returns (stage1, base, projector)."""
+    from safetensors.torch import save_file
+
+    from llava_edge.convert.weights import read_sharded
+
+    state = read_sharded(plain["original"])
+    config = json.loads((plain["original"] / "config.json").read_text())
+    base = tmp_path / "base"
+    base.mkdir()
+    text_state = {k: v for k, v in state.items() if "mm_projector" not in k}
+    save_file(text_state, str(base / "model.safetensors"))
+    text = {k: v for k, v in config.items() if not k.startswith(("mm_", "image_", "tokenizer_"))}
+    (base / "config.json").write_text(json.dumps({**text, "model_type": "llama"}))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(plain["original"] / name, base / name)
+    stage1 = tmp_path / "stage1"
+    stage1.mkdir()
+    (stage1 / "config.json").write_text(json.dumps(config))
+    projector = {k.split("mm_projector.")[1]: v for k, v in state.items() if "mm_projector" in k}
+    torch.save(projector, stage1 / "mm_projector.bin")
+    return stage1, base, projector
+
+
 def test_a_stage1_projector_with_bare_names_converts(plain_original, tmp_path) -> None:
     """mm_projector.bin holds the projector alone: its tensors may be named as the original's
     nn.Sequential names them ("0.weight"), without `model.mm_projector.`; they were taken for
     language model weights and convert found no projector."""
     from safetensors.torch import load_file
 
-    from llava_edge.convert.weights import read_sharded
-
-    state = read_sharded(plain_original["original"])
-    config = json.loads((plain_original["original"] / "config.json").read_text())
-    base = tmp_path / "base"
-    base.mkdir()
-    text_state = {k: v for k, v in state.items() if "mm_projector" not in k}
-    torch.save(text_state, base / "pytorch_model.bin")
-    text = {k: v for k, v in config.items() if not k.startswith(("mm_", "image_", "tokenizer_"))}
-    (base / "config.json").write_text(json.dumps({**text, "model_type": "llama"}))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(plain_original["original"] / name, base / name)
-    stage1 = tmp_path / "stage1"
-    stage1.mkdir()
-    (stage1 / "config.json").write_text(json.dumps(config))
-    projector = {k.split("mm_projector.")[1]: v for k, v in state.items() if "mm_projector" in k}
-    torch.save(projector, stage1 / "mm_projector.bin")
+    stage1, base, projector = _stage1_over_base(plain_original, tmp_path)
     out = tmp_path / "out"
     args = ["convert", str(stage1), str(out), "--base", str(base)]
     assert cli([*args, "--vision", str(plain_original["clip"])]) == 0
@@ -520,6 +529,24 @@ def test_a_stage1_projector_with_bare_names_converts(plain_original, tmp_path) -
         for part in ("weight", "bias"):
             name = f"model.multi_modal_projector.linear_{i}.{part}"
             assert torch.equal(converted[name], projector[f"{layer}.{part}"])
+
+
+def test_a_stage1_output_without_a_tower_says_so_before_reading_base(
+    plain_original, tmp_path, capsys, monkeypatch
+) -> None:
+    """A stage-1 projector never holds the tower, and the --base headers show whether it does:
+    the missing tower was reported only after the base's weights (gigabytes) were read."""
+    import llava_edge.convert.original as original_module
+
+    stage1, base, _ = _stage1_over_base(plain_original, tmp_path)
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr(original_module, "read_sharded", never)
+    assert cli(["convert", str(stage1), str(tmp_path / "out"), "--base", str(base)]) == 1
+    err = capsys.readouterr().err
+    assert f"does not hold its vision tower {TOWER_NAME}" in err and "--vision" in err, err
 
 
 def test_a_hugging_face_checkpoint_is_sent_to_export(tiny_checkpoint, tmp_path, capsys) -> None:

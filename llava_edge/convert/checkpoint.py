@@ -25,6 +25,7 @@ from llava_edge.convert.original import (
     TOKENIZER_FILES,
     VISION_PREFIX,
     Original,
+    checkpoint_kind,
     read_config,
     read_original,
     read_settings,
@@ -125,8 +126,8 @@ def convert_checkpoint(
 
 
 def _check_tower_at_hand(source: Path, base: Any, vision: Any) -> None:
-    """A tower dir that is not the one the original was trained with, or a full checkpoint with
-    no tower in its weights and none on disk, fails before the weights are read (gigabytes)."""
+    """A tower dir that is not the one the original was trained with, or a checkpoint with no
+    tower in its weights and none on disk, fails before the weights are read (gigabytes)."""
     if not (source / "config.json").is_file():
         return  # read_original says what is wrong
     settings = read_settings(read_config(source), source)
@@ -137,7 +138,14 @@ def _check_tower_at_hand(source: Path, base: Any, vision: Any) -> None:
             Tower(clip_config(directory), {}, None, str(directory)), name, settings.vision_width
         )
         return
-    names = weight_names(source) if base is None else None  # where their names say it
+    # Where their names say it: a full checkpoint's own, or a stage-1 output's --base (its
+    # projector file never holds a tower); a LoRA output's non_lora_trainables.bin may.
+    if base is None:
+        names = weight_names(source)
+    elif checkpoint_kind(source) == "stage1":
+        names = weight_names(Path(base))
+    else:
+        names = None
     if names is not None and not any(n.startswith(VISION_PREFIX) for n in names):
         raise missing_tower(name)
 

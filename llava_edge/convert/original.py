@@ -99,7 +99,7 @@ def read_original(directory: Path, base: Path | None = None) -> Original:
         raise LlavaEdgeError(f"{directory} is not a directory")
     config = read_config(directory)
     settings = read_settings(config, directory)
-    kind = _kind(directory)
+    kind = checkpoint_kind(directory)
     original = Original(directory, kind, config, settings, {}, {})
     if kind == "full":
         if base is not None and _has_tokenizer(directory):  # an option that does nothing
@@ -300,7 +300,8 @@ def text_config_dict(config: dict[str, Any], settings: Settings) -> dict[str, An
     return kept
 
 
-def _kind(directory: Path) -> str:
+def checkpoint_kind(directory: Path) -> str:
+    """full, lora or stage1, by the files the original's training leaves."""
     if (directory / "adapter_config.json").is_file():
         return "lora"
     if any(directory.glob("model*.safetensors")) or any(directory.glob("pytorch_model*.bin")):
