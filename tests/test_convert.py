@@ -1094,38 +1094,57 @@ def test_adapters_that_do_not_fit_are_one_line(plain_original, tmp_path, capsys,
     assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 
+def _lora_over_base(plain: dict[str, Path], tmp_path: Path) -> tuple[Path, Path]:
+    """A LoRA output of the plain original (zero adapters, its projector in
+    non_lora_trainables.bin) over its language model as --base; returns (lora, base)."""
+    from safetensors.torch import save_file
+
+    _, base, projector = _stage1_over_base(plain, tmp_path)
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    shutil.copy(plain["original"] / "config.json", lora)
+    adapter = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
+    adapter["base_model_name_or_path"] = "lmsys/vicuna-7b-v1.5"
+    (lora / "adapter_config.json").write_text(json.dumps(adapter))
+    adapters = {}
+    for i in range(json.loads((lora / "config.json").read_text())["num_hidden_layers"]):
+        key = f"base_model.model.model.layers.{i}.self_attn.q_proj"
+        adapters[f"{key}.lora_A.weight"] = torch.zeros(4, 48)
+        adapters[f"{key}.lora_B.weight"] = torch.zeros(48, 4)
+    save_file(adapters, str(lora / "adapter_model.safetensors"))
+    trainables = {f"base_model.model.model.mm_projector.{k}": v for k, v in projector.items()}
+    torch.save(trainables, lora / "non_lora_trainables.bin")
+    return lora, base
+
+
 def test_a_lora_output_without_its_non_lora_trainables_names_the_file(
     plain_original, tmp_path, capsys
 ) -> None:
     """The projector of a LoRA run is in non_lora_trainables.bin; a copy of the output without
     it was told only that there are no model.mm_projector.* weights."""
-    from safetensors.torch import save_file
-
-    from llava_edge.convert.weights import read_sharded
-
-    base = tmp_path / "base"
-    base.mkdir()
-    state = read_sharded(plain_original["original"])
-    text = {k: v for k, v in state.items() if "mm_projector" not in k}
-    save_file(text, str(base / "model.safetensors"))
-    config = json.loads((plain_original["original"] / "config.json").read_text())
-    (base / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(plain_original["original"] / name, base / name)
-    lora = tmp_path / "lora"
-    lora.mkdir()
-    (lora / "config.json").write_text(json.dumps(config))
-    adapter = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
-    (lora / "adapter_config.json").write_text(json.dumps(adapter))
-    key = "base_model.model.model.layers.0.self_attn.q_proj"
-    save_file(
-        {f"{key}.lora_A.weight": torch.zeros(4, 48), f"{key}.lora_B.weight": torch.zeros(48, 4)},
-        str(lora / "adapter_model.safetensors"),
-    )
+    lora, base = _lora_over_base(plain_original, tmp_path)
+    (lora / "non_lora_trainables.bin").unlink()
     args = ["convert", str(lora), str(tmp_path / "out"), "--base", str(base)]
     assert cli([*args, "--vision", str(plain_original["clip"])]) == 1
     err = capsys.readouterr().err
     assert "non_lora_trainables.bin" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_base_of_another_name_than_the_adapters_is_noted(plain_original, tmp_path) -> None:
+    """Adapters merged into another model of the same shape run and answer wrong, and nothing
+    in the weights can tell: the log names the base adapter_config.json was trained on."""
+    lora, base = _lora_over_base(plain_original, tmp_path)
+    lines: list[str] = []
+    vision = plain_original["clip"]
+    convert_checkpoint(lora, tmp_path / "out", vision=vision, base=base, log=lines.append)
+    assert any("lmsys/vicuna-7b-v1.5" in line and str(base) in line for line in lines), lines
+    (tmp_path / "vicuna-7b-v1.5").mkdir()
+    for path in base.iterdir():  # a local copy under the adapters' base name: nothing to note
+        shutil.copy(path, tmp_path / "vicuna-7b-v1.5" / path.name)
+    lines.clear()
+    base = tmp_path / "vicuna-7b-v1.5"
+    convert_checkpoint(lora, tmp_path / "out2", vision=vision, base=base, log=lines.append)
+    assert len(lines) == 1 and "vicuna-7b-v1.5" not in lines[0].split("->")[0], lines
 
 
 @pytest.mark.parametrize("tower", ["--vision", "no tower at hand"])

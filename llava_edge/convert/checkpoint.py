@@ -25,6 +25,7 @@ from llava_edge.convert.original import (
     TOKENIZER_FILES,
     VISION_PREFIX,
     Original,
+    adapter_base_name,
     checkpoint_kind,
     read_config,
     read_original,
@@ -90,6 +91,8 @@ def convert_checkpoint(
         _check_tower_at_hand(source, base, vision)
         parts = read_original(source, Path(base) if base is not None else None)
         settings = parts.settings
+        if parts.kind == "lora":
+            _note_adapter_base(source, Path(base), log)
         vision_dir = find_vision_dir(
             settings.vision_tower, source, Path(vision) if vision is not None else None
         )
@@ -148,6 +151,23 @@ def _check_tower_at_hand(source: Path, base: Any, vision: Any) -> None:
         names = None
     if names is not None and not any(n.startswith(VISION_PREFIX) for n in names):
         raise missing_tower(name)
+
+
+def _note_adapter_base(source: Path, base: Path, log: Any) -> None:
+    """Adapters merged into another model of the same shape run and answer wrong, and nothing in
+    the weights tells; names are all there is, and a local copy may be named anything: a note,
+    not a refusal, where --base's name is not the one adapter_config.json was trained on."""
+    named = adapter_base_name(source)
+    if named is None:
+        return
+    ours = {Path(os.path.abspath(base)).name}
+    with contextlib.suppress(LlavaEdgeError, AttributeError):
+        ours.add(Path(str(read_config(base).get("_name_or_path") or "")).name)
+    if Path(named.rstrip("/")).name not in ours:
+        log(
+            f"note: {source}/adapter_config.json was trained on {named}; merged into --base "
+            f"{base}, which must be that model (another of its shape converts and answers wrong)"
+        )
 
 
 def infer_template(parts: Original, tokenizer: Any) -> str:

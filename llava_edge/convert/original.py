@@ -314,6 +314,16 @@ def checkpoint_kind(directory: Path) -> str:
     )
 
 
+def adapter_base_name(directory: Path) -> str | None:
+    """The base model adapter_config.json names (base_model_name_or_path), if it names one."""
+    try:
+        value = json.loads((directory / "adapter_config.json").read_text())
+        value = value.get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(value) if value else None
+
+
 def _base_name(directory: Path) -> str:
     for name in ("adapter_config.json", "config.json"):
         try:
