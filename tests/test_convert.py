@@ -1182,3 +1182,17 @@ def test_a_language_model_without_float_weights_is_one_line() -> None:
     assert _dtype({"a": torch.zeros(2, dtype=torch.int8), "b": torch.zeros(2)}) == torch.float32
     with pytest.raises(LlavaEdgeError, match="no floating-point tensor"):
         _dtype({"a": torch.zeros(2, dtype=torch.int8)})
+
+
+def test_converting_leaves_the_callers_progress_bar_setting_as_it_was() -> None:
+    """An application that turned transformers' progress bars off had them turned back on by
+    convert, which silences its own loads."""
+    from transformers.utils import logging as hf_logging
+
+    from llava_edge.convert.checkpoint import quiet as converting
+
+    for enabled in (False, True):
+        (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+        with converting():
+            assert not hf_logging.is_progress_bar_enabled()
+        assert hf_logging.is_progress_bar_enabled() == enabled

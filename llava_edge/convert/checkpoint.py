@@ -515,9 +515,11 @@ def quiet() -> Iterator[None]:
     """No loader reports, notes or progress bars: a conversion prints its own one line."""
     from transformers.utils import logging as hf_logging
 
+    enabled = hf_logging.is_progress_bar_enabled()  # the caller's setting, put back after
     hf_logging.disable_progress_bar()
     try:
         with logs.quiet("transformers", "huggingface_hub"):
             yield
     finally:
-        hf_logging.enable_progress_bar()
+        if enabled:
+            hf_logging.enable_progress_bar()
