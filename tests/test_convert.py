@@ -1130,6 +1130,24 @@ def test_a_lora_output_without_its_non_lora_trainables_names_the_file(
     assert "non_lora_trainables.bin" in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_a_lora_output_without_a_tower_says_so_before_reading_base(
+    plain_original, tmp_path, capsys, monkeypatch
+) -> None:
+    """Neither the --base headers nor non_lora_trainables.bin hold a tower: the missing tower
+    was reported only after the base's weights (gigabytes) were read."""
+    import llava_edge.convert.original as original_module
+
+    lora, base = _lora_over_base(plain_original, tmp_path)
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr(original_module, "read_sharded", never)
+    assert cli(["convert", str(lora), str(tmp_path / "out"), "--base", str(base)]) == 1
+    err = capsys.readouterr().err
+    assert f"does not hold its vision tower {TOWER_NAME}" in err and "--vision" in err, err
+
+
 def test_a_base_of_another_name_than_the_adapters_is_noted(plain_original, tmp_path) -> None:
     """Adapters merged into another model of the same shape run and answer wrong, and nothing
     in the weights can tell: the log names the base adapter_config.json was trained on."""

@@ -30,6 +30,7 @@ from llava_edge.convert.original import (
     read_config,
     read_original,
     read_settings,
+    strip_peft_prefix,
     text_config_dict,
 )
 from llava_edge.convert.vision import (
@@ -40,7 +41,7 @@ from llava_edge.convert.vision import (
     load_tower,
     missing_tower,
 )
-from llava_edge.convert.weights import refuse_lfs_pointer, weight_names
+from llava_edge.convert.weights import read_weights, refuse_lfs_pointer, weight_names
 from llava_edge.errors import LlavaEdgeError, first_line
 from llava_edge.files import check_output_dir, replace_dir
 from llava_edge.manifest import write_checkpoint_info
@@ -142,13 +143,13 @@ def _check_tower_at_hand(source: Path, base: Any, vision: Any) -> None:
         )
         return
     # Where their names say it: a full checkpoint's own, or a stage-1 output's --base (its
-    # projector file never holds a tower); a LoRA output's non_lora_trainables.bin may.
-    if base is None:
-        names = weight_names(source)
-    elif checkpoint_kind(source) == "stage1":
-        names = weight_names(Path(base))
-    else:
-        names = None
+    # projector file never holds a tower), or a LoRA output's --base and the names in its
+    # non_lora_trainables.bin (a small file, and mapped, not read, by torch.load).
+    kind = checkpoint_kind(source)
+    names = weight_names(source if kind == "full" or base is None else Path(base))
+    extra = source / "non_lora_trainables.bin"
+    if names is not None and kind == "lora" and extra.is_file():
+        names |= set(strip_peft_prefix(read_weights(extra)))
     if names is not None and not any(n.startswith(VISION_PREFIX) for n in names):
         raise missing_tower(name)
 

@@ -125,7 +125,7 @@ def read_original(directory: Path, base: Path | None = None) -> Original:
             original.lora = read_sharded(directory, stem="adapter_model") or {}
             extra = directory / "non_lora_trainables.bin"
             if extra.is_file():
-                _split(_strip_peft_prefix(read_weights(extra)), original)
+                _split(strip_peft_prefix(read_weights(extra)), original)
         else:
             _split(_projector_file(directory), original)
     if not original.text:
@@ -370,7 +370,7 @@ def _projector_file(directory: Path) -> StateDict:
     raise LlavaEdgeError(f"{directory} has no mm_projector.bin")
 
 
-def _strip_peft_prefix(state: StateDict) -> StateDict:
+def strip_peft_prefix(state: StateDict) -> StateDict:
     """non_lora_trainables.bin names its tensors as peft wraps the model; undo it as the
     original's loader does: 'base_model.' off every name, then, where any name starts with
     'model.model.', 'model.' off every name that starts with it ('base_model.model.lm_head'
