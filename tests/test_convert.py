@@ -720,9 +720,16 @@ def test_a_full_output_dir_is_kept_without_force(plain_original, tmp_path, capsy
     assert json.loads((out / "llava_edge.json").read_text())["template"] == "llava_v1"
 
 
-def test_force_never_replaces_an_input(plain_original, tmp_path, capsys) -> None:
+def test_force_never_replaces_an_input(plain_original, tmp_path, capsys, monkeypatch) -> None:
     """--force replaces the output dir; an output that is --base, --vision or the tower found
-    beside the original is an input, and refused before anything is written."""
+    beside the original is an input, and refused before anything is written, and before a
+    weight is read (the tower found by name was refused only after reading them all)."""
+    import llava_edge.convert.original as original_module
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr(original_module, "read_sharded", never)
     original = _copy(plain_original, tmp_path)
     clip = Path(shutil.copytree(plain_original["clip"], tmp_path / "clip"))
     local = Path(shutil.copytree(plain_original["clip"], tmp_path / TOWER_NAME.split("/")[-1]))

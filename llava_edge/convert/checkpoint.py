@@ -89,7 +89,7 @@ def convert_checkpoint(
     if template is not None and template not in TEMPLATES:
         raise LlavaEdgeError(f"unknown template {template!r}; choose from {sorted(TEMPLATES)}")
     with quiet():
-        _check_tower_at_hand(source, base, vision)
+        _check_tower_at_hand(source, base, vision, out, force)
         parts = read_original(source, Path(base) if base is not None else None)
         settings = parts.settings
         if parts.kind == "lora":
@@ -97,8 +97,6 @@ def convert_checkpoint(
         vision_dir = find_vision_dir(
             settings.vision_tower, source, Path(vision) if vision is not None else None
         )
-        if vision_dir is not None and vision is None:
-            check_output_dir(out, force, keep=vision_dir, keep_name="the vision tower")
         tower = load_tower(settings.vision_tower, vision_dir, parts.vision, log)
         check_tower(tower, settings.vision_tower, settings.vision_width)
         dtype = _dtype(parts.text)
@@ -129,15 +127,18 @@ def convert_checkpoint(
     return out
 
 
-def _check_tower_at_hand(source: Path, base: Any, vision: Any) -> None:
+def _check_tower_at_hand(source: Path, base: Any, vision: Any, out: Path, force: bool) -> None:
     """A tower dir that is not the one the original was trained with, or a checkpoint with no
-    tower in its weights and none on disk, fails before the weights are read (gigabytes)."""
+    tower in its weights and none on disk, fails before the weights are read (gigabytes); so
+    does an output that is the tower dir found by name (--force never replaces an input)."""
     if not (source / "config.json").is_file():
         return  # read_original says what is wrong
     settings = read_settings(read_config(source), source)
     name = settings.vision_tower
     directory = find_vision_dir(name, source, Path(vision) if vision is not None else None)
     if directory is not None:
+        if vision is None:
+            check_output_dir(out, force, keep=directory, keep_name="the vision tower")
         check_tower(
             Tower(clip_config(directory), {}, None, str(directory)), name, settings.vision_width
         )
