@@ -556,10 +556,17 @@ def test_a_hugging_face_checkpoint_is_sent_to_export(tiny_checkpoint, tmp_path, 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp3x_gelu"])
 def test_projector_weights_must_match_the_projector_type(
-    plain_original, tmp_path, capsys, kind
+    plain_original, tmp_path, capsys, monkeypatch, kind
 ) -> None:
     """Weights of two layers under a type of one, or of three (which blamed 'the LLaVA weights'
-    for missing linear_3)."""
+    for missing linear_3); said before the language model is built (a 7B one, in memory beside
+    its weights, could take the machine's memory before the one line came)."""
+    import llava_edge.convert.checkpoint as checkpoint_module
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("the language model was built")
+
+    monkeypatch.setattr(checkpoint_module, "_language_model", never)
     original = _copy(plain_original, tmp_path)
     config = json.loads((original / "config.json").read_text())
     (original / "config.json").write_text(json.dumps({**config, "mm_projector_type": kind}))

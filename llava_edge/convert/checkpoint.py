@@ -92,6 +92,7 @@ def convert_checkpoint(
         _check_tower_at_hand(source, base, vision, out, force)
         parts = read_original(source, Path(base) if base is not None else None)
         settings = parts.settings
+        _projector_weights(parts)  # a mismatch is one line before the models are built
         if parts.kind == "lora":
             _note_adapter_base(source, Path(base), log)
         vision_dir = find_vision_dir(
