@@ -692,6 +692,20 @@ def test_a_config_convert_cannot_honour_is_one_line(plain_original, tmp_path, ca
     assert not out.exists()
 
 
+@pytest.mark.parametrize("bad", ["pinpoints that cut partial tiles", "select layer past the tower"])
+def test_a_setting_the_tower_cannot_take_is_said_before_building(
+    plain_original, tmp_path, capsys, monkeypatch, bad
+) -> None:
+    """Known once the tower's config is: they came after the language model (7B) was built."""
+    import llava_edge.convert.checkpoint as checkpoint_module
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("the language model was built")
+
+    monkeypatch.setattr(checkpoint_module, "_language_model", never)
+    test_a_config_convert_cannot_honour_is_one_line(plain_original, tmp_path, capsys, bad)
+
+
 def test_optional_keys_may_be_absent_or_null(plain_original, tmp_path) -> None:
     """The original's defaults apply where its config leaves a key out or writes null."""
     original = _copy(plain_original, tmp_path)

@@ -100,6 +100,7 @@ def convert_checkpoint(
         )
         tower = load_tower(settings.vision_tower, vision_dir, parts.vision, log)
         check_tower(tower, settings.vision_tower, settings.vision_width)
+        _check_tower_settings(parts, tower)
         dtype = _dtype(parts.text)
         tokenizer = _tokenizer(parts)
         language_model = _language_model(parts, dtype)
@@ -362,12 +363,6 @@ def _llava_config(parts: Original, tower: Tower, text_config: Any, tokenizer: An
     from llava_edge.modeling import DEFAULT_PROJECTOR, PROJECTOR_KEY
 
     settings = parts.settings
-    layers = tower.config.num_hidden_layers
-    if not -(layers + 1) <= settings.select_layer <= layers:
-        raise LlavaEdgeError(
-            f"{parts.directory}: mm_vision_select_layer {settings.select_layer} is outside the "
-            f"vision tower's {layers} layers (from {-(layers + 1)} to {layers})"
-        )
     strategy = "default" if settings.select_feature == "patch" else "full"
     common = dict(
         vision_config=tower.config,
@@ -380,13 +375,6 @@ def _llava_config(parts: Original, tower: Tower, text_config: Any, tokenizer: An
         tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
     )
     if settings.anyres:
-        tile = tower.config.image_size  # both the original and transformers cut whole tiles
-        for width, height in settings.grid_pinpoints:
-            if width % tile or height % tile:
-                raise LlavaEdgeError(
-                    f"{parts.directory}: image_grid_pinpoints [{width}, {height}] is not a whole "
-                    f"number of the vision tower's {tile}-pixel tiles"
-                )
         # The original lists [width, height] pairs; transformers [height, width].
         pinpoints = [[height, width] for width, height in settings.grid_pinpoints]
         config = LlavaNextConfig(**common, image_grid_pinpoints=pinpoints)
@@ -398,6 +386,24 @@ def _llava_config(parts: Original, tower: Tower, text_config: Any, tokenizer: An
     if settings.im_start_end:
         config.mm_use_im_start_end = True
     return config
+
+
+def _check_tower_settings(parts: Original, tower: Tower) -> None:
+    """What the tower's config alone says the settings cannot be, before the models are built."""
+    settings = parts.settings
+    layers = tower.config.num_hidden_layers
+    if not -(layers + 1) <= settings.select_layer <= layers:
+        raise LlavaEdgeError(
+            f"{parts.directory}: mm_vision_select_layer {settings.select_layer} is outside the "
+            f"vision tower's {layers} layers (from {-(layers + 1)} to {layers})"
+        )
+    tile = tower.config.image_size  # both the original and transformers cut whole tiles
+    for width, height in settings.grid_pinpoints:  # anyres only
+        if width % tile or height % tile:
+            raise LlavaEdgeError(
+                f"{parts.directory}: image_grid_pinpoints [{width}, {height}] is not a whole "
+                f"number of the vision tower's {tile}-pixel tiles"
+            )
 
 
 def _projector_weights(parts: Original) -> dict[str, Any]:
