@@ -23,9 +23,9 @@ from llava_edge.errors import LlavaEdgeError, first_line
 
 CLIP_HEAD_DIM = 64
 CLIP_MODEL_TYPES = ("clip", "clip_vision_model")  # CLIPModel, CLIPVisionModel
+HUB_ID = re.compile(r"[\w-][\w.-]*/[\w-][\w.-]*")  # owner/name, as the hub spells repos
 # OpenAI's CLIP names say the patch size and, past 224 pixels, the image size:
 # clip-vit-large-patch14 (224), clip-vit-large-patch14-336.
-HUB_ID = re.compile(r"[\w-][\w.-]*/[\w-][\w.-]*")  # owner/name, as the hub spells repos
 OPENAI_CLIP_NAME = re.compile(r"clip-vit-[a-z]+-patch(\d+)(?:-(\d+))?")
 
 
