@@ -451,6 +451,32 @@ def test_a_missing_vision_tower_names_what_to_fetch(
     assert f"does not hold its vision tower {TOWER_NAME}" in err and "--vision" in err, err
 
 
+def test_the_tower_beside_a_checkpoint_given_as_dot_is_found(
+    plain_original, tmp_path, monkeypatch
+) -> None:
+    """`llava-edge convert . OUT` from inside the checkpoint: the tower saved beside it (under
+    mm_vision_tower's last name) is found, as it is when the checkpoint is named by its path."""
+    original = _copy(plain_original, tmp_path)
+    shutil.copytree(plain_original["clip"], tmp_path / TOWER_NAME.split("/")[-1])
+    monkeypatch.chdir(original)
+    assert cli(["convert", ".", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_a_missing_local_tower_is_not_sent_to_the_hub(plain_original, tmp_path, capsys) -> None:
+    """mm_vision_tower is often a dir on the training machine; `hf download /home/...` would
+    fail: the error names the dir to copy and --vision."""
+    original = _copy(plain_original, tmp_path)
+    config = json.loads((original / "config.json").read_text())
+    tower = "/home/train/checkpoints/clip-vit-large-patch14-336"
+    (original / "config.json").write_text(json.dumps({**config, "mm_vision_tower": tower}))
+    assert cli(["convert", str(original), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "hf download" not in err and tower in err and "--vision" in err, err
+    assert "clip-vit-large-patch14-336" in err.split(tower, 1)[1], err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_lora_and_stage1_outputs_need_base(plain_original, tmp_path, capsys) -> None:
     stage1 = tmp_path / "stage1"
     stage1.mkdir()
@@ -463,6 +489,66 @@ def test_lora_and_stage1_outputs_need_base(plain_original, tmp_path, capsys) -> 
     assert "stage-1 projector output: pass --base" in capsys.readouterr().err
 
 
+def _stage1_over_base(plain: dict[str, Path], tmp_path: Path) -> tuple[Path, Path, dict]:
+    """A stage-1 output of the plain original's projector, with bare names ("0.weight"), and
+    its language model as a safetensors --base; returns (stage1, base, projector)."""
+    from safetensors.torch import save_file
+
+    from llava_edge.convert.weights import read_sharded
+
+    state = read_sharded(plain["original"])
+    config = json.loads((plain["original"] / "config.json").read_text())
+    base = tmp_path / "base"
+    base.mkdir()
+    text_state = {k: v for k, v in state.items() if "mm_projector" not in k}
+    save_file(text_state, str(base / "model.safetensors"))
+    text = {k: v for k, v in config.items() if not k.startswith(("mm_", "image_", "tokenizer_"))}
+    (base / "config.json").write_text(json.dumps({**text, "model_type": "llama"}))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(plain["original"] / name, base / name)
+    stage1 = tmp_path / "stage1"
+    stage1.mkdir()
+    (stage1 / "config.json").write_text(json.dumps(config))
+    projector = {k.split("mm_projector.")[1]: v for k, v in state.items() if "mm_projector" in k}
+    torch.save(projector, stage1 / "mm_projector.bin")
+    return stage1, base, projector
+
+
+def test_a_stage1_projector_with_bare_names_converts(plain_original, tmp_path) -> None:
+    """mm_projector.bin holds the projector alone: its tensors may be named as the original's
+    nn.Sequential names them ("0.weight"), without `model.mm_projector.`; they were taken for
+    language model weights and convert found no projector."""
+    from safetensors.torch import load_file
+
+    stage1, base, projector = _stage1_over_base(plain_original, tmp_path)
+    out = tmp_path / "out"
+    args = ["convert", str(stage1), str(out), "--base", str(base)]
+    assert cli([*args, "--vision", str(plain_original["clip"])]) == 0
+    converted = load_file(str(out / "model.safetensors"))
+    for i, layer in ((1, "0"), (2, "2")):
+        for part in ("weight", "bias"):
+            name = f"model.multi_modal_projector.linear_{i}.{part}"
+            assert torch.equal(converted[name], projector[f"{layer}.{part}"])
+
+
+def test_a_stage1_output_without_a_tower_says_so_before_reading_base(
+    plain_original, tmp_path, capsys, monkeypatch
+) -> None:
+    """A stage-1 projector never holds the tower, and the --base headers show whether it does:
+    the missing tower was reported only after the base's weights (gigabytes) were read."""
+    import llava_edge.convert.original as original_module
+
+    stage1, base, _ = _stage1_over_base(plain_original, tmp_path)
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr(original_module, "read_sharded", never)
+    assert cli(["convert", str(stage1), str(tmp_path / "out"), "--base", str(base)]) == 1
+    err = capsys.readouterr().err
+    assert f"does not hold its vision tower {TOWER_NAME}" in err and "--vision" in err, err
+
+
 def test_a_hugging_face_checkpoint_is_sent_to_export(tiny_checkpoint, tmp_path, capsys) -> None:
     assert cli(["convert", str(tiny_checkpoint), str(tmp_path / "out")]) == 1
     assert "already a Hugging Face LLaVA checkpoint" in capsys.readouterr().err
@@ -470,10 +556,17 @@ def test_a_hugging_face_checkpoint_is_sent_to_export(tiny_checkpoint, tmp_path, 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp3x_gelu"])
 def test_projector_weights_must_match_the_projector_type(
-    plain_original, tmp_path, capsys, kind
+    plain_original, tmp_path, capsys, monkeypatch, kind
 ) -> None:
     """Weights of two layers under a type of one, or of three (which blamed 'the LLaVA weights'
-    for missing linear_3)."""
+    for missing linear_3); said before the language model is built (a 7B one, in memory beside
+    its weights, could take the machine's memory before the one line came)."""
+    import llava_edge.convert.checkpoint as checkpoint_module
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("the language model was built")
+
+    monkeypatch.setattr(checkpoint_module, "_language_model", never)
     original = _copy(plain_original, tmp_path)
     config = json.loads((original / "config.json").read_text())
     (original / "config.json").write_text(json.dumps({**config, "mm_projector_type": kind}))
@@ -599,6 +692,20 @@ def test_a_config_convert_cannot_honour_is_one_line(plain_original, tmp_path, ca
     assert not out.exists()
 
 
+@pytest.mark.parametrize("bad", ["pinpoints that cut partial tiles", "select layer past the tower"])
+def test_a_setting_the_tower_cannot_take_is_said_before_building(
+    plain_original, tmp_path, capsys, monkeypatch, bad
+) -> None:
+    """Known once the tower's config is: they came after the language model (7B) was built."""
+    import llava_edge.convert.checkpoint as checkpoint_module
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("the language model was built")
+
+    monkeypatch.setattr(checkpoint_module, "_language_model", never)
+    test_a_config_convert_cannot_honour_is_one_line(plain_original, tmp_path, capsys, bad)
+
+
 def test_optional_keys_may_be_absent_or_null(plain_original, tmp_path) -> None:
     """The original's defaults apply where its config leaves a key out or writes null."""
     original = _copy(plain_original, tmp_path)
@@ -634,9 +741,16 @@ def test_a_full_output_dir_is_kept_without_force(plain_original, tmp_path, capsy
     assert json.loads((out / "llava_edge.json").read_text())["template"] == "llava_v1"
 
 
-def test_force_never_replaces_an_input(plain_original, tmp_path, capsys) -> None:
+def test_force_never_replaces_an_input(plain_original, tmp_path, capsys, monkeypatch) -> None:
     """--force replaces the output dir; an output that is --base, --vision or the tower found
-    beside the original is an input, and refused before anything is written."""
+    beside the original is an input, and refused before anything is written, and before a
+    weight is read (the tower found by name was refused only after reading them all)."""
+    import llava_edge.convert.original as original_module
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr(original_module, "read_sharded", never)
     original = _copy(plain_original, tmp_path)
     clip = Path(shutil.copytree(plain_original["clip"], tmp_path / "clip"))
     local = Path(shutil.copytree(plain_original["clip"], tmp_path / TOWER_NAME.split("/")[-1]))
@@ -1008,11 +1122,84 @@ def test_adapters_that_do_not_fit_are_one_line(plain_original, tmp_path, capsys,
     assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 
-def test_a_quantized_save_is_refused_before_its_weights_are_read(
+def _lora_over_base(plain: dict[str, Path], tmp_path: Path) -> tuple[Path, Path]:
+    """A LoRA output of the plain original (zero adapters, its projector in
+    non_lora_trainables.bin) over its language model as --base; returns (lora, base)."""
+    from safetensors.torch import save_file
+
+    _, base, projector = _stage1_over_base(plain, tmp_path)
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    shutil.copy(plain["original"] / "config.json", lora)
+    adapter = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
+    adapter["base_model_name_or_path"] = "lmsys/vicuna-7b-v1.5"
+    (lora / "adapter_config.json").write_text(json.dumps(adapter))
+    adapters = {}
+    for i in range(json.loads((lora / "config.json").read_text())["num_hidden_layers"]):
+        key = f"base_model.model.model.layers.{i}.self_attn.q_proj"
+        adapters[f"{key}.lora_A.weight"] = torch.zeros(4, 48)
+        adapters[f"{key}.lora_B.weight"] = torch.zeros(48, 4)
+    save_file(adapters, str(lora / "adapter_model.safetensors"))
+    trainables = {f"base_model.model.model.mm_projector.{k}": v for k, v in projector.items()}
+    torch.save(trainables, lora / "non_lora_trainables.bin")
+    return lora, base
+
+
+def test_a_lora_output_without_its_non_lora_trainables_names_the_file(
+    plain_original, tmp_path, capsys
+) -> None:
+    """The projector of a LoRA run is in non_lora_trainables.bin; a copy of the output without
+    it was told only that there are no model.mm_projector.* weights."""
+    lora, base = _lora_over_base(plain_original, tmp_path)
+    (lora / "non_lora_trainables.bin").unlink()
+    args = ["convert", str(lora), str(tmp_path / "out"), "--base", str(base)]
+    assert cli([*args, "--vision", str(plain_original["clip"])]) == 1
+    err = capsys.readouterr().err
+    assert "non_lora_trainables.bin" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_lora_output_without_a_tower_says_so_before_reading_base(
     plain_original, tmp_path, capsys, monkeypatch
 ) -> None:
+    """Neither the --base headers nor non_lora_trainables.bin hold a tower: the missing tower
+    was reported only after the base's weights (gigabytes) were read."""
+    import llava_edge.convert.original as original_module
+
+    lora, base = _lora_over_base(plain_original, tmp_path)
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr(original_module, "read_sharded", never)
+    assert cli(["convert", str(lora), str(tmp_path / "out"), "--base", str(base)]) == 1
+    err = capsys.readouterr().err
+    assert f"does not hold its vision tower {TOWER_NAME}" in err and "--vision" in err, err
+
+
+def test_a_base_of_another_name_than_the_adapters_is_noted(plain_original, tmp_path) -> None:
+    """Adapters merged into another model of the same shape run and answer wrong, and nothing
+    in the weights can tell: the log names the base adapter_config.json was trained on."""
+    lora, base = _lora_over_base(plain_original, tmp_path)
+    lines: list[str] = []
+    vision = plain_original["clip"]
+    convert_checkpoint(lora, tmp_path / "out", vision=vision, base=base, log=lines.append)
+    assert any("lmsys/vicuna-7b-v1.5" in line and str(base) in line for line in lines), lines
+    (tmp_path / "vicuna-7b-v1.5").mkdir()
+    for path in base.iterdir():  # a local copy under the adapters' base name: nothing to note
+        shutil.copy(path, tmp_path / "vicuna-7b-v1.5" / path.name)
+    lines.clear()
+    base = tmp_path / "vicuna-7b-v1.5"
+    convert_checkpoint(lora, tmp_path / "out2", vision=vision, base=base, log=lines.append)
+    assert len(lines) == 1 and "vicuna-7b-v1.5" not in lines[0].split("->")[0], lines
+
+
+@pytest.mark.parametrize("tower", ["--vision", "no tower at hand"])
+def test_a_quantized_save_is_refused_before_its_weights_are_read(
+    plain_original, tmp_path, capsys, monkeypatch, tower
+) -> None:
     """The original trains with --bits 4/8 (bitsandbytes): such a save holds no float language
-    model, and converting it ended in a StopIteration traceback."""
+    model, and converting it ended in a StopIteration traceback. Without a tower at hand it was
+    first sent to download one (gigabytes), then refused."""
     import llava_edge.convert.original as original_module
 
     original = _copy(plain_original, tmp_path)
@@ -1025,9 +1212,10 @@ def test_a_quantized_save_is_refused_before_its_weights_are_read(
 
     monkeypatch.setattr(original_module, "read_sharded", read_nothing)
     out = tmp_path / "out"
-    assert cli(["convert", str(original), str(out), "--vision", str(plain_original["clip"])]) == 1
+    vision = ["--vision", str(plain_original["clip"])] if tower == "--vision" else []
+    assert cli(["convert", str(original), str(out), *vision]) == 1
     err = capsys.readouterr().err
-    assert "holds bitsandbytes weights (quantization_config" in err and not out.exists()
+    assert "holds bitsandbytes weights (quantization_config" in err and not out.exists(), err
 
 
 def test_a_language_model_without_float_weights_is_one_line() -> None:
@@ -1040,3 +1228,17 @@ def test_a_language_model_without_float_weights_is_one_line() -> None:
     assert _dtype({"a": torch.zeros(2, dtype=torch.int8), "b": torch.zeros(2)}) == torch.float32
     with pytest.raises(LlavaEdgeError, match="no floating-point tensor"):
         _dtype({"a": torch.zeros(2, dtype=torch.int8)})
+
+
+def test_converting_leaves_the_callers_progress_bar_setting_as_it_was() -> None:
+    """An application that turned transformers' progress bars off had them turned back on by
+    convert, which silences its own loads."""
+    from transformers.utils import logging as hf_logging
+
+    from llava_edge.convert.checkpoint import quiet as converting
+
+    for enabled in (False, True):
+        (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+        with converting():
+            assert not hf_logging.is_progress_bar_enabled()
+        assert hf_logging.is_progress_bar_enabled() == enabled

@@ -25,9 +25,12 @@ from llava_edge.convert.original import (
     TOKENIZER_FILES,
     VISION_PREFIX,
     Original,
+    adapter_base_name,
+    checkpoint_kind,
     read_config,
     read_original,
     read_settings,
+    strip_peft_prefix,
     text_config_dict,
 )
 from llava_edge.convert.vision import (
@@ -38,7 +41,7 @@ from llava_edge.convert.vision import (
     load_tower,
     missing_tower,
 )
-from llava_edge.convert.weights import refuse_lfs_pointer, weight_names
+from llava_edge.convert.weights import read_weights, refuse_lfs_pointer, weight_names
 from llava_edge.errors import LlavaEdgeError, first_line
 from llava_edge.files import check_output_dir, replace_dir
 from llava_edge.manifest import write_checkpoint_info
@@ -86,16 +89,18 @@ def convert_checkpoint(
     if template is not None and template not in TEMPLATES:
         raise LlavaEdgeError(f"unknown template {template!r}; choose from {sorted(TEMPLATES)}")
     with quiet():
-        _check_tower_at_hand(source, base, vision)
+        _check_tower_at_hand(source, base, vision, out, force)
         parts = read_original(source, Path(base) if base is not None else None)
         settings = parts.settings
+        _projector_weights(parts)  # a mismatch is one line before the models are built
+        if parts.kind == "lora":
+            _note_adapter_base(source, Path(base), log)
         vision_dir = find_vision_dir(
             settings.vision_tower, source, Path(vision) if vision is not None else None
         )
-        if vision_dir is not None and vision is None:
-            check_output_dir(out, force, keep=vision_dir, keep_name="the vision tower")
         tower = load_tower(settings.vision_tower, vision_dir, parts.vision, log)
         check_tower(tower, settings.vision_tower, settings.vision_width)
+        _check_tower_settings(parts, tower)
         dtype = _dtype(parts.text)
         tokenizer = _tokenizer(parts)
         language_model = _language_model(parts, dtype)
@@ -124,22 +129,49 @@ def convert_checkpoint(
     return out
 
 
-def _check_tower_at_hand(source: Path, base: Any, vision: Any) -> None:
-    """A tower dir that is not the one the original was trained with, or a full checkpoint with
-    no tower in its weights and none on disk, fails before the weights are read (gigabytes)."""
+def _check_tower_at_hand(source: Path, base: Any, vision: Any, out: Path, force: bool) -> None:
+    """A tower dir that is not the one the original was trained with, or a checkpoint with no
+    tower in its weights and none on disk, fails before the weights are read (gigabytes); so
+    does an output that is the tower dir found by name (--force never replaces an input)."""
     if not (source / "config.json").is_file():
         return  # read_original says what is wrong
     settings = read_settings(read_config(source), source)
     name = settings.vision_tower
     directory = find_vision_dir(name, source, Path(vision) if vision is not None else None)
     if directory is not None:
+        if vision is None:
+            check_output_dir(out, force, keep=directory, keep_name="the vision tower")
         check_tower(
             Tower(clip_config(directory), {}, None, str(directory)), name, settings.vision_width
         )
         return
-    names = weight_names(source) if base is None else None  # where their names say it
+    # Where their names say it: a full checkpoint's own, or a stage-1 output's --base (its
+    # projector file never holds a tower), or a LoRA output's --base and the names in its
+    # non_lora_trainables.bin (a small file, and mapped, not read, by torch.load).
+    kind = checkpoint_kind(source)
+    names = weight_names(source if kind == "full" or base is None else Path(base))
+    extra = source / "non_lora_trainables.bin"
+    if names is not None and kind == "lora" and extra.is_file():
+        names |= set(strip_peft_prefix(read_weights(extra)))
     if names is not None and not any(n.startswith(VISION_PREFIX) for n in names):
         raise missing_tower(name)
+
+
+def _note_adapter_base(source: Path, base: Path, log: Any) -> None:
+    """Adapters merged into another model of the same shape run and answer wrong, and nothing in
+    the weights tells; names are all there is, and a local copy may be named anything: a note,
+    not a refusal, where --base's name is not the one adapter_config.json was trained on."""
+    named = adapter_base_name(source)
+    if named is None:
+        return
+    ours = {Path(os.path.abspath(base)).name}
+    with contextlib.suppress(LlavaEdgeError, AttributeError):
+        ours.add(Path(str(read_config(base).get("_name_or_path") or "")).name)
+    if Path(named.rstrip("/")).name not in ours:
+        log(
+            f"note: {source}/adapter_config.json was trained on {named}; merged into --base "
+            f"{base}, which must be that model (another of its shape converts and answers wrong)"
+        )
 
 
 def infer_template(parts: Original, tokenizer: Any) -> str:
@@ -331,12 +363,6 @@ def _llava_config(parts: Original, tower: Tower, text_config: Any, tokenizer: An
     from llava_edge.modeling import DEFAULT_PROJECTOR, PROJECTOR_KEY
 
     settings = parts.settings
-    layers = tower.config.num_hidden_layers
-    if not -(layers + 1) <= settings.select_layer <= layers:
-        raise LlavaEdgeError(
-            f"{parts.directory}: mm_vision_select_layer {settings.select_layer} is outside the "
-            f"vision tower's {layers} layers (from {-(layers + 1)} to {layers})"
-        )
     strategy = "default" if settings.select_feature == "patch" else "full"
     common = dict(
         vision_config=tower.config,
@@ -349,13 +375,6 @@ def _llava_config(parts: Original, tower: Tower, text_config: Any, tokenizer: An
         tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
     )
     if settings.anyres:
-        tile = tower.config.image_size  # both the original and transformers cut whole tiles
-        for width, height in settings.grid_pinpoints:
-            if width % tile or height % tile:
-                raise LlavaEdgeError(
-                    f"{parts.directory}: image_grid_pinpoints [{width}, {height}] is not a whole "
-                    f"number of the vision tower's {tile}-pixel tiles"
-                )
         # The original lists [width, height] pairs; transformers [height, width].
         pinpoints = [[height, width] for width, height in settings.grid_pinpoints]
         config = LlavaNextConfig(**common, image_grid_pinpoints=pinpoints)
@@ -367,6 +386,24 @@ def _llava_config(parts: Original, tower: Tower, text_config: Any, tokenizer: An
     if settings.im_start_end:
         config.mm_use_im_start_end = True
     return config
+
+
+def _check_tower_settings(parts: Original, tower: Tower) -> None:
+    """What the tower's config alone says the settings cannot be, before the models are built."""
+    settings = parts.settings
+    layers = tower.config.num_hidden_layers
+    if not -(layers + 1) <= settings.select_layer <= layers:
+        raise LlavaEdgeError(
+            f"{parts.directory}: mm_vision_select_layer {settings.select_layer} is outside the "
+            f"vision tower's {layers} layers (from {-(layers + 1)} to {layers})"
+        )
+    tile = tower.config.image_size  # both the original and transformers cut whole tiles
+    for width, height in settings.grid_pinpoints:  # anyres only
+        if width % tile or height % tile:
+            raise LlavaEdgeError(
+                f"{parts.directory}: image_grid_pinpoints [{width}, {height}] is not a whole "
+                f"number of the vision tower's {tile}-pixel tiles"
+            )
 
 
 def _projector_weights(parts: Original) -> dict[str, Any]:
@@ -487,9 +524,11 @@ def quiet() -> Iterator[None]:
     """No loader reports, notes or progress bars: a conversion prints its own one line."""
     from transformers.utils import logging as hf_logging
 
+    enabled = hf_logging.is_progress_bar_enabled()  # the caller's setting, put back after
     hf_logging.disable_progress_bar()
     try:
         with logs.quiet("transformers", "huggingface_hub"):
             yield
     finally:
-        hf_logging.enable_progress_bar()
+        if enabled:
+            hf_logging.enable_progress_bar()

@@ -98,9 +98,8 @@ def read_original(directory: Path, base: Path | None = None) -> Original:
     if not directory.is_dir():
         raise LlavaEdgeError(f"{directory} is not a directory")
     config = read_config(directory)
-    _check_full_precision(config, directory)
     settings = read_settings(config, directory)
-    kind = _kind(directory)
+    kind = checkpoint_kind(directory)
     original = Original(directory, kind, config, settings, {}, {})
     if kind == "full":
         if base is not None and _has_tokenizer(directory):  # an option that does nothing
@@ -126,13 +125,21 @@ def read_original(directory: Path, base: Path | None = None) -> Original:
             original.lora = read_sharded(directory, stem="adapter_model") or {}
             extra = directory / "non_lora_trainables.bin"
             if extra.is_file():
-                _split(_strip_peft_prefix(read_weights(extra)), original)
+                _split(strip_peft_prefix(read_weights(extra)), original)
         else:
             _split(_projector_file(directory), original)
     if not original.text:
         raise LlavaEdgeError(f"{directory}: no language model weights found")
     if not original.projector:
-        raise LlavaEdgeError(f"{directory}: no projector weights (model.mm_projector.*) found")
+        where = ""
+        if kind == "lora" and not (directory / "non_lora_trainables.bin").is_file():
+            where = (
+                ": a LoRA run saves its projector in non_lora_trainables.bin beside the "
+                "adapters; copy it from the training output"
+            )
+        raise LlavaEdgeError(
+            f"{directory}: no projector weights (model.mm_projector.*) found{where}"
+        )
     for candidate in (directory, base):
         if candidate is not None and _has_tokenizer(candidate):
             original.tokenizer_dir = candidate
@@ -160,6 +167,7 @@ def read_config(directory: Path) -> dict[str, Any]:
 
 
 def read_settings(config: dict[str, Any], directory: Path) -> Settings:
+    _check_full_precision(config, directory)  # first: nothing else is worth fetching for it
     model_type = config.get("model_type")
     text = TEXT_MODELS.get(model_type) or next(
         (ARCHITECTURES[a] for a in config.get("architectures") or [] if a in ARCHITECTURES), None
@@ -292,7 +300,8 @@ def text_config_dict(config: dict[str, Any], settings: Settings) -> dict[str, An
     return kept
 
 
-def _kind(directory: Path) -> str:
+def checkpoint_kind(directory: Path) -> str:
+    """full, lora or stage1, by the files the original's training leaves."""
     if (directory / "adapter_config.json").is_file():
         return "lora"
     if any(directory.glob("model*.safetensors")) or any(directory.glob("pytorch_model*.bin")):
@@ -303,6 +312,16 @@ def _kind(directory: Path) -> str:
         f"{directory} holds no weights the original LLaVA writes (model*.safetensors, "
         "pytorch_model*.bin, adapter_model.* or mm_projector.bin)"
     )
+
+
+def adapter_base_name(directory: Path) -> str | None:
+    """The base model adapter_config.json names (base_model_name_or_path), if it names one."""
+    try:
+        value = json.loads((directory / "adapter_config.json").read_text())
+        value = value.get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(value) if value else None
 
 
 def _base_name(directory: Path) -> str:
@@ -340,13 +359,18 @@ def _check_base(base: Path, config: dict[str, Any], directory: Path) -> None:
 
 
 def _projector_file(directory: Path) -> StateDict:
+    """The projector file, its names as in the model (`model.mm_projector.0.weight`, what the
+    original saves) or bare (`0.weight`, the nn.Sequential's own: the file holds nothing else)."""
     for name in ("mm_projector.safetensors", "mm_projector.bin"):
         if (directory / name).is_file():
-            return read_weights(directory / name)
+            state = read_weights(directory / name)
+            if any("mm_projector." in k for k in state):
+                return state
+            return {f"model.mm_projector.{k}": v for k, v in state.items()}
     raise LlavaEdgeError(f"{directory} has no mm_projector.bin")
 
 
-def _strip_peft_prefix(state: StateDict) -> StateDict:
+def strip_peft_prefix(state: StateDict) -> StateDict:
     """non_lora_trainables.bin names its tensors as peft wraps the model; undo it as the
     original's loader does: 'base_model.' off every name, then, where any name starts with
     'model.model.', 'model.' off every name that starts with it ('base_model.model.lm_head'

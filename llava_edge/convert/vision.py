@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from llava_edge.errors import LlavaEdgeError, first_line
 
 CLIP_HEAD_DIM = 64
 CLIP_MODEL_TYPES = ("clip", "clip_vision_model")  # CLIPModel, CLIPVisionModel
+HUB_ID = re.compile(r"[\w-][\w.-]*/[\w-][\w.-]*")  # owner/name, as the hub spells repos
 # OpenAI's CLIP names say the patch size and, past 224 pixels, the image size:
 # clip-vit-large-patch14 (224), clip-vit-large-patch14-336.
 OPENAI_CLIP_NAME = re.compile(r"clip-vit-[a-z]+-patch(\d+)(?:-(\d+))?")
@@ -42,11 +44,18 @@ def find_vision_dir(name: str, original: Path, given: Path | None) -> Path | Non
         if not (given / "config.json").is_file():
             raise LlavaEdgeError(f"--vision {given} is not a CLIP checkpoint dir (no config.json)")
         return given
-    candidates = [Path(name), original.parent / name, original.parent / Path(name).name]
+    beside = Path(os.path.abspath(original)).parent  # `convert . OUT` run inside the checkpoint
+    candidates = [Path(name), beside / name, beside / Path(name).name]
     return next((c for c in candidates if (c / "config.json").is_file()), None)
 
 
 def missing_tower(name: str) -> LlavaEdgeError:
+    if not HUB_ID.fullmatch(name):  # a dir on the machine it was trained on
+        return LlavaEdgeError(
+            f"the checkpoint does not hold its vision tower, which the original loaded from the "
+            f"dir {name}: copy that CLIP dir here and pass --vision DIR (or put it beside the "
+            f"checkpoint as {Path(name).name})"
+        )
     return LlavaEdgeError(
         f"the checkpoint does not hold its vision tower {name} (the original loads it by "
         f"name): download it, e.g. `hf download {name} --local-dir clip`, and pass --vision clip"
