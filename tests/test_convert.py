@@ -1236,9 +1236,11 @@ def test_converting_leaves_the_callers_progress_bar_setting_as_it_was() -> None:
     from transformers.utils import logging as hf_logging
 
     from llava_edge.convert.checkpoint import quiet as converting
+    from llava_edge.training.checkpoint import quiet_loading as composing
 
-    for enabled in (False, True):
-        (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
-        with converting():
-            assert not hf_logging.is_progress_bar_enabled()
-        assert hf_logging.is_progress_bar_enabled() == enabled
+    for quiet in (converting, composing):
+        for enabled in (False, True):
+            (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+            with quiet():
+                assert not hf_logging.is_progress_bar_enabled()
+            assert hf_logging.is_progress_bar_enabled() == enabled, quiet.__name__

@@ -284,13 +284,14 @@ def quiet_loading() -> Iterator[None]:
     full CLIP checkpoint has a text tower we don't load): bad input must end in one line."""
     from transformers.utils import logging
 
-    level = logging.get_verbosity()
+    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()  # the caller's
     logging.set_verbosity_error()
     logging.disable_progress_bar()
     try:
         yield
     finally:
-        logging.enable_progress_bar()
+        if bars:
+            logging.enable_progress_bar()
         logging.set_verbosity(level)
 
 
