@@ -1232,7 +1232,7 @@ def test_a_language_model_without_float_weights_is_one_line() -> None:
 
 def test_converting_leaves_the_callers_progress_bar_setting_as_it_was() -> None:
     """An application that turned transformers' progress bars off had them turned back on by
-    convert, which silences its own loads."""
+    convert and by init (composing), which silence their own loads."""
     from transformers.utils import logging as hf_logging
 
     from llava_edge.convert.checkpoint import quiet as converting
