@@ -487,6 +487,11 @@ def test_unknown_fields_are_refused_not_ignored(server):
         )
     bookkeeping = {"user": "robot-7", "metadata": {"node": "arm"}, "store": False}
     assert server.post({**body, **bookkeeping, "parallel_tool_calls": True}).status_code == 200
+    # a client that writes every field of OpenAI's request, unset ones as null
+    unset = {name: None for name in ("reasoning_effort", "verbosity", "web_search_options")}
+    assert server.post({**body, **unset}).status_code == 200
+    asked = server.post({**body, "reasoning_effort": "high"})
+    assert asked.status_code == 400 and error_of(asked)["param"] == "reasoning_effort"
 
 
 def _png_base64(seed: int = 1) -> str:

@@ -28,6 +28,10 @@ UNSUPPORTED_DEFAULTS = {
     "audio": (None,),
     "modalities": (None, ["text"]),
     "prediction": (None,),
+    # reasoning models' options: a client that writes every field of OpenAI's request sends null
+    "reasoning_effort": (None,),
+    "verbosity": (None,),
+    "web_search_options": (None,),
 }
 HINTS = {
     "frequency_penalty": "; use repetition_penalty (multiplicative, as transformers applies it)",
