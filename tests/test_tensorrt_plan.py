@@ -290,20 +290,25 @@ def test_a_cache_collected_while_the_pool_is_busy_does_not_hang_it(
 
     stream = device.stream()
     pool = KVPool(device, keep_bytes=10**9)
-    cache = DeviceKVCache(manifest.text, 1, 64, 16, device, stream, pool)
-    cache.reserve(1)
-    cache.cycle = cache  # garbage only the cycle collector frees
-    del cache
     real = KVPool._trim
 
     def collecting(self, new):
+        gc.enable()
         gc.collect()
         return real(self, new)
 
     monkeypatch.setattr(KVPool, "_trim", collecting)
-    worker = threading.Thread(target=pool.take, args=(4096,), daemon=True)
-    worker.start()
-    worker.join(timeout=30)
+    gc.disable()  # the collector runs inside the pool's lock, not at an allocation before it
+    try:
+        cache = DeviceKVCache(manifest.text, 1, 64, 16, device, stream, pool)
+        cache.reserve(1)
+        cache.cycle = cache  # garbage only the cycle collector frees
+        del cache
+        worker = threading.Thread(target=pool.take, args=(4096,), daemon=True)
+        worker.start()
+        worker.join(timeout=30)
+    finally:
+        gc.enable()
     assert not worker.is_alive(), "the pool deadlocked on its own lock"
     assert pool.kept == 2 * manifest.text.num_layers  # the collected cache's blocks came back
 
