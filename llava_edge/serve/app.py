@@ -17,7 +17,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -331,9 +331,10 @@ async def _chat_completion(request: Request, state: ServerState) -> Response:
             images.append(await _in_time(clock, fetch_image(url, state.media, clock.left())))
         events: asyncio.Queue[Event] = asyncio.Queue()
         listener = _listener(asyncio.get_running_loop(), events, whole=not chat.stream)
-        handle = await _submit_in_time(
-            clock, pipe, engine, chat, images, listener, arrived, admission
+        submitting = run_in_threadpool(
+            _submit, pipe, engine, chat, images, listener, arrived, admission
         )
+        handle = await _in_time(clock, submitting, then=_cancel_submitted)
     except ClientDisconnect:  # the client left while sending its body: no fault of the server's
         state.metrics.disconnects.inc()
         return Response(status_code=499)
@@ -407,33 +408,24 @@ def _submit(
     return engine.submit_ids(ids, pixels, options, listener, started=arrived, admission=admission)
 
 
-async def _submit_in_time(clock: _Clock, *args: Any) -> Any:
-    """`_submit` on a worker thread, within the time limit: decoding and resizing a photo of
-    tens of megapixels takes seconds on a Jetson's CPU. Past the limit the client gets its 504
-    at once; the thread cannot be stopped, so what it submits when it ends is cancelled."""
-    submitting = asyncio.ensure_future(run_in_threadpool(_submit, *args))
-    try:
-        return await asyncio.wait_for(asyncio.shield(submitting), clock.left())
-    except asyncio.TimeoutError:
-        submitting.add_done_callback(_cancel_submitted)
-        raise clock.timed_out().error from None
-    except asyncio.CancelledError:  # the server is stopping: nobody will read this request
-        submitting.add_done_callback(_cancel_submitted)
-        raise
-
-
-async def _in_time(clock: _Clock, step: Awaitable[T]) -> T:
+async def _in_time(
+    clock: _Clock, step: Awaitable[T], then: Callable[[asyncio.Future], None] | None = None
+) -> T:
     """`step` within what is left of the request's time limit, the wait for a worker thread
     included (all of them busy): reading a file from a slow card, decoding a 20 MB data: URI's
-    base64. A thread cannot be stopped: past the limit its result is dropped when it ends."""
+    base64, decoding and resizing a photo of tens of megapixels (seconds on a Jetson's CPU).
+    Past the limit the client gets its 504 at once. A thread cannot be stopped: an abandoned
+    step is cancelled and what it raises retrieved, or, given `then`, left to end and handed to
+    it (a request it submitted is cancelled there)."""
     running = asyncio.ensure_future(step)
     try:
         # shielded: a worker thread of Starlette's defers a cancel until the thread ends
         return await asyncio.wait_for(asyncio.shield(running), clock.left())
     except (asyncio.TimeoutError, asyncio.CancelledError) as e:
-        running.cancel()
-        running.add_done_callback(_drop)
-        if isinstance(e, asyncio.CancelledError):
+        if then is None:
+            running.cancel()
+        running.add_done_callback(then or _drop)
+        if isinstance(e, asyncio.CancelledError):  # the server is stopping
             raise
         raise _api_error(clock.timed_out().error) from None
 
