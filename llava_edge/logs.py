@@ -24,3 +24,19 @@ def quiet(*loggers: str) -> Iterator[None]:
     finally:
         for logger, level in zip(named, levels, strict=True):
             logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def quiet_loading(*also: str) -> Iterator[None]:
+    """transformers' loads with no progress bars, notes or warnings (nor those of the loggers
+    `also` names): bad input must end in one line. The caller's settings come back after."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with quiet("transformers", *also):
+            yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()

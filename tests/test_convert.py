@@ -1233,14 +1233,16 @@ def test_a_language_model_without_float_weights_is_one_line() -> None:
 def test_converting_leaves_the_callers_progress_bar_setting_as_it_was() -> None:
     """An application that turned transformers' progress bars off had them turned back on by
     convert and by init (composing), which silence their own loads."""
+    from functools import partial
+
     from transformers.utils import logging as hf_logging
 
-    from llava_edge.convert.checkpoint import quiet as converting
-    from llava_edge.training.checkpoint import quiet_loading as composing
+    from llava_edge.logs import quiet_loading
 
-    for quiet in (converting, composing):
+    converting = partial(quiet_loading, "huggingface_hub")
+    for quiet in (converting, quiet_loading):
         for enabled in (False, True):
             (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
             with quiet():
                 assert not hf_logging.is_progress_bar_enabled()
-            assert hf_logging.is_progress_bar_enabled() == enabled, quiet.__name__
+            assert hf_logging.is_progress_bar_enabled() == enabled, quiet

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +87,7 @@ def convert_checkpoint(
             check_output_dir(out, force, keep=Path(path), keep_name=name)
     if template is not None and template not in TEMPLATES:
         raise LlavaEdgeError(f"unknown template {template!r}; choose from {sorted(TEMPLATES)}")
-    with quiet():
+    with logs.quiet_loading("huggingface_hub"):  # a conversion prints its own one line
         _check_tower_at_hand(source, base, vision, out, force)
         parts = read_original(source, Path(base) if base is not None else None)
         settings = parts.settings
@@ -517,18 +516,3 @@ def _processor(parts: Original, tower: Tower, config: Any, tokenizer: Any, chat:
 
 def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
-
-
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """No loader reports, notes or progress bars: a conversion prints its own one line."""
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()  # the caller's setting, put back after
-    hf_logging.disable_progress_bar()
-    try:
-        with logs.quiet("transformers", "huggingface_hub"):
-            yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()

@@ -8,10 +8,8 @@ export and runtime prompt it the same way.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import pickle
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,6 +17,7 @@ from typing import Any
 
 from llava_edge.errors import LlavaEdgeError, first_line
 from llava_edge.files import check_output_dir, replace_dir
+from llava_edge.logs import quiet_loading
 from llava_edge.manifest import write_checkpoint_info
 from llava_edge.runtime.template import IMAGE_PLACEHOLDER, get_template, hf_chat_template
 
@@ -276,23 +275,6 @@ def saved_dtype(checkpoint: str | Path) -> str:
         return "float32"
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
     return name if name in DTYPES else "float32"
-
-
-@contextlib.contextmanager
-def quiet_loading() -> Iterator[None]:
-    """No loader progress bars or notes (that torchvision is absent, which we don't need; that a
-    full CLIP checkpoint has a text tower we don't load): bad input must end in one line."""
-    from transformers.utils import logging
-
-    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()  # the caller's
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if bars:
-            logging.enable_progress_bar()
-        logging.set_verbosity(level)
 
 
 # ---- a new LLaVA from a CLIP vision model and a causal LM (`llava-edge init --vision --llm`) ----

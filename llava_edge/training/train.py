@@ -228,8 +228,8 @@ def _load_processor_and_config(model: str | os.PathLike, path: Path) -> tuple[An
     tiles would need labels and batches of their own)."""
     from transformers import AutoConfig, AutoProcessor
 
+    from llava_edge.logs import quiet_loading
     from llava_edge.modeling import check_full_precision, check_processor
-    from llava_edge.training.checkpoint import quiet_loading
 
     try:
         with quiet_loading():
@@ -254,7 +254,7 @@ def _eos_ids(path: Path, tokenizer: Any) -> set[int]:
     """The ids generation stops at: the checkpoint's generation config's, and the tokenizer's."""
     from transformers import GenerationConfig
 
-    from llava_edge.training.checkpoint import quiet_loading
+    from llava_edge.logs import quiet_loading
 
     try:
         with quiet_loading():
