@@ -186,3 +186,42 @@ def test_a_quantize_linear_typed_by_output_dtype_passes() -> None:
             node.attribute.append(helper.make_attribute("output_dtype", TensorProto.INT8))
     problems = check_graph(model)
     assert not [p for p in problems if "signed" in p], problems
+
+
+def _wide_per_channel(zero: int, path: Path | None = None) -> onnx.ModelProto | Path:
+    """A MatMul with 70,000 output channels (an LM head over Llama 3's or Qwen2's vocabulary),
+    its int8 weights per channel with a zero point per channel, as onnxruntime writes them;
+    saved with its tensors in a `.data` file where `path` is given."""
+    wide, k = 70_000, 2
+    initializers = [
+        numpy_helper.from_array(np.zeros((k, wide), np.int8), "w"),
+        numpy_helper.from_array(np.full(wide, 0.01, np.float32), "w_scale"),
+        numpy_helper.from_array(np.full(wide, zero, np.int8), "w_zero"),
+    ]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["w", "w_scale", "w_zero"], ["wd"], axis=1),
+        helper.make_node("MatMul", ["x", "wd"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, wide])],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    if path is None:
+        return model
+    onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + ".data")
+    return path
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["inline", "external"])
+def test_zero_points_of_a_wide_weight_are_read_not_guessed(tmp_path: Path, external: bool) -> None:
+    """A zero point too large to read by default, or in a `.data` file, is read: one of zeros
+    passes, one that is not zero is reported."""
+    for zero, passes in ((0, True), (1, False)):
+        model = _wide_per_channel(zero, tmp_path / f"wide{zero}.onnx" if external else None)
+        problems = check_graph(model)
+        assert (problems == []) == passes, problems
+        assert passes or all("zero point is not 0" in p for p in problems), problems

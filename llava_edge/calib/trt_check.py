@@ -200,10 +200,15 @@ _WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1}
 
 
 def check_graph(model: str | os.PathLike | Any) -> list[str]:
-    """Problems that would stop or silently degrade a TensorRT 10.3 build; empty when none."""
+    """Problems that would stop or silently degrade a TensorRT 10.3 build; empty when none.
+
+    `model`: a path, or an onnx.ModelProto; one loaded without its `.data` file has the zero
+    points stored there left unchecked (a path's are read from it)."""
     import onnx
 
+    base_dir = None
     if not isinstance(model, onnx.ModelProto):
+        base_dir = Path(model).parent
         model = onnx.load(str(model), load_external_data=False)
     problems: list[str] = []
     graphs = list(_all_graphs(model.graph))
@@ -211,7 +216,7 @@ def check_graph(model: str | os.PathLike | Any) -> list[str]:
     problems += _check_opsets(model, blockwise)
     for graph in graphs:
         problems += _check_ops(graph)
-        problems += _check_quantization(graph)
+        problems += _check_quantization(graph, base_dir)
     return problems
 
 
@@ -260,8 +265,8 @@ def _check_ops(graph: Any) -> list[str]:
     return problems
 
 
-def _check_quantization(graph: Any) -> list[str]:
-    constants = _constants(graph)
+def _check_quantization(graph: Any, base_dir: Path | None) -> list[str]:
+    constants = _constants(graph, base_dir)
     stored = {t.name for t in graph.initializer}
     producer = {out: node for node in graph.node for out in node.output}
     consumers: dict[str, list[Any]] = {}
@@ -307,7 +312,8 @@ def _check_scale_and_zero(node: Any, where: str, constants: dict[str, Any]) -> l
         if zero is None:
             problems.append(f"{where}: the zero point must be a constant")
         else:
-            if np.any(np.asarray(zero.value) != 0):
+            values = zero.read()
+            if values is not None and np.any(values != 0):
                 problems.append(f"{where}: zero point is not 0; TensorRT quantizes symmetrically")
             if zero.dtype not in _SIGNED:
                 problems.append(
@@ -416,29 +422,39 @@ def _channel_axis(user: Any, rank: int) -> int:
 
 
 class _Const:
-    """A constant tensor's type and shape; its values only when small (scales, zero points)."""
+    """A constant tensor's type and shape, and its values on request (`read`): a weight's are
+    never needed, and may be gigabytes in a `.data` file."""
 
-    def __init__(self, value: np.ndarray | None, dtype: str, shape: list[int]):
-        self.value, self.dtype, self.shape = value, dtype, shape
-        self.size = int(np.prod(shape)) if shape else 1
+    def __init__(self, tensor: Any, base_dir: Path | None):
+        from onnx import TensorProto
+
+        self.tensor, self.base_dir = tensor, base_dir
+        self.dtype = TensorProto.DataType.Name(tensor.data_type)
+        self.shape = list(tensor.dims)
+        self.size = int(np.prod(self.shape)) if self.shape else 1
+
+    def read(self) -> np.ndarray | None:
+        """The values, from the graph or its `.data` file; None where they are in a file this
+        check was not told where to find (a graph handed over in memory without its weights)."""
+        from onnx import TensorProto, numpy_helper
+
+        external = self.tensor.data_location == TensorProto.EXTERNAL
+        if external and self.base_dir is None:
+            return None
+        try:
+            return numpy_helper.to_array(self.tensor, str(self.base_dir or ""))
+        except OSError:
+            return None
 
 
-def _constants(graph: Any) -> dict[str, _Const]:
-    """Initializers and Constant outputs, read without loading external data into memory."""
-    from onnx import TensorProto, numpy_helper
-
-    def const(tensor: Any) -> _Const:
-        dtype = TensorProto.DataType.Name(tensor.data_type)
-        small = int(np.prod(tensor.dims)) <= 1 << 16 and tensor.data_location != 1
-        value = numpy_helper.to_array(tensor) if small else None
-        return _Const(value, dtype, list(tensor.dims))
-
-    out = {t.name: const(t) for t in graph.initializer}
+def _constants(graph: Any, base_dir: Path | None) -> dict[str, _Const]:
+    """Initializers and Constant outputs; `base_dir` holds the graph's `.data` file."""
+    out = {t.name: _Const(t, base_dir) for t in graph.initializer}
     for node in graph.node:
         if node.op_type == "Constant":
             for a in node.attribute:
                 if a.name == "value":
-                    out[node.output[0]] = const(a.t)
+                    out[node.output[0]] = _Const(a.t, base_dir)
     return out
 
 
