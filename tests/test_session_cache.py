@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import quiet
 
 from llava_edge.manifest import cache_dir
 from llava_edge.runtime import Pipeline, session_cache
@@ -257,3 +258,29 @@ def test_a_failed_save_keeps_the_session_it_opened(
     ids, status = answer(tiny_model_dir, cache)
     assert set(status.values()) == {"off"} and not entries(cache)
     assert len(opened) == len(set(opened)) == 3 and ids == reference  # each graph opened once
+
+
+def test_graphs_alike_but_for_their_weights_keep_their_own_entries(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A graph with its weights in a `.data` file (every graph over 1.8 GB: a 7B decoder in any
+    precision) is the same `.onnx` for every checkpoint of one shape, a fine-tune and its base:
+    the entry of one must not answer for the other."""
+    from llava_edge import files
+    from llava_edge.export.exporter import export_checkpoint
+    from llava_edge.training.checkpoint import init_checkpoint
+
+    monkeypatch.setattr(files, "MAX_PROTOBUF", 0)  # every graph with a .data file
+    dirs = []
+    for seed in (1, 2):
+        checkpoint = init_checkpoint(tmp_path / f"checkpoint{seed}", preset="tiny", seed=seed)
+        export_checkpoint(
+            checkpoint, tmp_path / f"model{seed}", verify=False, fused=False, log=quiet
+        )
+        dirs.append(tmp_path / f"model{seed}")
+    assert (dirs[1] / "decoder.onnx").read_bytes() == (dirs[0] / "decoder.onnx").read_bytes()
+    want, _ = answer(dirs[1], cache, session_cache=False)
+    answer(dirs[0], cache)  # writes its entries
+    got, status = answer(dirs[1], cache)
+    assert set(status.values()) == {"miss"}
+    assert got == want

@@ -11,6 +11,7 @@ builds strongly typed networks from the explicit-precision graphs (its fp16/int8
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import threading
@@ -303,8 +304,20 @@ class OnnxBackend:
         """Whether every graph would open from a complete session-cache entry."""
         if not self.session_cache or self.providers != ["CPUExecutionProvider"]:
             return False
-        entries = [self.manifest.files.get(f) for f in files]
-        return all(e is not None and is_cached(e.sha256) for e in entries)
+        keys = [self._cache_key(f) for f in files]
+        return all(k is not None and is_cached(k) for k in keys)
+
+    def _cache_key(self, file: str) -> str | None:
+        """What names a graph's session-cache entry: its sha256, and its `.data` file's where
+        its weights are there (the `.onnx` alone is then the same for every checkpoint of one
+        shape); None where the manifest records no hash."""
+        entry = self.manifest.files.get(file)
+        if entry is None:
+            return None
+        data = self.manifest.files.get(file + ".data")
+        if data is None:
+            return entry.sha256
+        return hashlib.sha256(f"{entry.sha256} {data.sha256}".encode()).hexdigest()
 
     def _open(
         self,
@@ -315,11 +328,11 @@ class OnnxBackend:
     ) -> ort.InferenceSession:
         """A session of one graph: CPU sessions through the optimized-graph cache."""
         path = self.model_dir / file
-        entry = self.manifest.files.get(file)
-        cached = self.session_cache and entry and self.providers == ["CPUExecutionProvider"]
+        key = self._cache_key(file)
+        cached = self.session_cache and key and self.providers == ["CPUExecutionProvider"]
         try:
             if cached:
-                session, self.cache_status[name] = open_cached(path, entry.sha256, self.threads)
+                session, self.cache_status[name] = open_cached(path, key, self.threads)
                 return session
             self.cache_status[name] = "none"
             return ort.InferenceSession(str(path), options, providers=providers)

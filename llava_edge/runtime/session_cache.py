@@ -6,7 +6,8 @@ load of a graph on a machine saves what comes out (the optimized graph, with its
 pre-packed copies in an external data file that later loads memory-map) under the user cache dir;
 later loads open that with optimizations off.
 
-An entry is keyed by everything that shapes it: the graph's sha256 (from the manifest), the
+An entry is keyed by everything that shapes it: the graph's sha256 (from the manifest; with its
+`.data` file's where its weights are there, as the `.onnx` alone is then one shape's), the
 onnxruntime version and build, the execution providers and the session options that change the
 result, and the CPU (pre-packed layouts depend on its instruction set). It is written beside its final
 place and renamed in (llava_edge.files.replace_dir), so a reader never sees half an entry; an
