@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import numbers
 import os
 import shutil
@@ -721,11 +722,15 @@ def calibrate(src: Path, nodes: list[Any], reader: FeedReader, method: str, out:
             # Histograms only of what gets quantized: the same op types also take attention's
             # cached keys, empty at prefill, which the percentile collector cannot take.
             calibrator.tensors_to_calibrate &= {n.input[0] for n in nodes}
-        for feeds in reader:
-            calibrator.collect_data(_One(feeds))
-        if reader.count == 0:
-            raise LlavaEdgeError(f"no calibration input reached {src.name}")
-        save_tensors_data(calibrator.compute_data(), out)
+        # The histogram calibrators print a line a call ("Collecting tensor data and making
+        # histogram ...") on stdout, which is the user's, not theirs.
+        with contextlib.redirect_stdout(io.StringIO()):
+            for feeds in reader:
+                calibrator.collect_data(_One(feeds))
+            if reader.count == 0:
+                raise LlavaEdgeError(f"no calibration input reached {src.name}")
+            ranges = calibrator.compute_data()
+        save_tensors_data(ranges, out)
         del calibrator  # its session holds the augmented model open
 
 
