@@ -64,6 +64,7 @@ class ChatServer:
         self.models = models
         self.api_key = api_key
         self.bodies: list[dict] = []  # every chat request, in arrival order
+        self.listed = 0  # GET /v1/models requests
         self.attempts: Counter = Counter()  # by seed
         self.in_flight = 0
         self.most_in_flight = 0
@@ -80,6 +81,8 @@ class ChatServer:
             def do_GET(self):
                 if self.path.rstrip("/") != "/v1/models":
                     return self._json(404, {"error": {"message": f"no route {self.path}"}})
+                with server.lock:
+                    server.listed += 1
                 data = [{"id": m, "object": "model", "owned_by": "test"} for m in server.models]
                 self._json(200, {"object": "list", "data": data})
 

@@ -232,7 +232,8 @@ def test_good_samples_land_once_and_bad_ones_are_reported(scene):
     assert attempts[("img_4.png", "reasoning", 0)] == 4
     for key in ("conversation", "detail", "reasoning"):
         assert attempts[("img_1.png", key, 0)] == 2  # slow, dropped, cut: retried once
-    assert result.requests == len(server.bodies) == sum(attempts.values())
+    assert len(server.bodies) == sum(attempts.values())
+    assert result.requests == server.listed + len(server.bodies) == 1 + 28  # GET /models too
     assert result.retries == {
         "HTTP 429": 1, "HTTP 500": 4, "HTTP 503": 1, "timed out": 1,
         "connection dropped": 2, "malformed response": 1,
@@ -302,8 +303,8 @@ def test_the_request_budget_stops_the_run_and_a_rerun_completes_it(scene):
     out = root / "out.json"
     with ChatServer(table) as server:
         result = generate(
-            annotations, images, out, endpoint=server.url, concurrency=1, max_requests=4,
-            progress=False, sleep=Sleeps(),
+            annotations, images, out, endpoint=server.url, model="test-model", concurrency=1,
+            max_requests=4, progress=False, sleep=Sleeps(),
         )  # fmt: skip
         assert len(server.bodies) == result.requests == 4  # the retry counted
         assert result.unsent == 18 - 3 and not result.failed
@@ -449,8 +450,8 @@ def test_dry_run_counts_what_a_resumed_run_would_send(scene, capsys):
     args = ["data", "generate", "--annotations", str(annotations[0]), "--annotations",
             str(annotations[1]), "--images", str(images), "--out", str(root / "o.json")]  # fmt: skip
     with ChatServer(Table(names)) as server:
-        generate(annotations, images, root / "o.json", endpoint=server.url, max_requests=5,
-                 concurrency=1, progress=False)  # fmt: skip
+        generate(annotations, images, root / "o.json", endpoint=server.url, model="test-model",
+                 max_requests=5, concurrency=1, progress=False)  # fmt: skip
         journal = (root / "o.journal.jsonl").read_bytes()
         assert cli([*args, "--dry-run", "--max-requests", "4"]) == 0
         assert len(server.bodies) == 5
@@ -714,3 +715,18 @@ def test_sigterm_stops_the_run_with_one_line_and_a_rerun_completes_it(scene):
     assert out.read_bytes() == uninterrupted(root, images, annotations, names)
     entries = [json.loads(line) for line in journal.read_text().splitlines()[1:]]
     assert len({(e["image"], e["kind"], e["index"]) for e in entries}) == len(entries) == 18
+
+
+def test_the_request_budget_holds_for_the_model_list(scene):
+    """GET /models is an HTTP request too: --max-requests 0 sends nothing at all, and the model
+    list is charged to the budget like any chat request."""
+    root, images, annotations, names = scene
+    with ChatServer(Table(names)) as server:
+        with pytest.raises(LlavaEdgeError, match="--max-requests 0 leaves no request .* --model"):
+            generate(annotations, images, root / "out.json", endpoint=server.url,
+                     max_requests=0, progress=False)  # fmt: skip
+        assert server.listed == 0 and server.bodies == []
+        result = generate(annotations, images, root / "out.json", endpoint=server.url,
+                          max_requests=3, concurrency=1, progress=False)  # fmt: skip
+        assert server.listed == 1 and len(server.bodies) == 2
+        assert result.requests == 3 and result.unsent == 16

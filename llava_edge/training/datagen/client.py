@@ -137,7 +137,11 @@ class ChatClient:
         await self.http.aclose()
 
     async def models(self) -> list[str]:
-        """The model names the endpoint serves (GET /models)."""
+        """The model names the endpoint serves (GET /models): a request of the budget's, as
+        every HTTP request of a run is; NotSent when none is left."""
+        if not self.budget.take():
+            raise NotSent()
+        self.requests += 1
         try:
             response = await self.http.get(self.base_url + "/models")
         except httpx.TransportError as e:

@@ -349,7 +349,15 @@ def _write_final(out: Path, jobs: list[Job], book: Journal, result: GenerateResu
 
 
 async def _only_model(client) -> str:
-    names = await client.models()
+    from llava_edge.training.datagen.client import NotSent
+
+    try:
+        names = await client.models()
+    except NotSent:
+        raise LlavaEdgeError(
+            f"--max-requests {client.budget.limit} leaves no request to ask {client.base_url} "
+            "which model it serves; name it with --model"
+        ) from None
     if len(names) != 1:
         listed = ", ".join(names[:5]) or "none"
         raise LlavaEdgeError(
