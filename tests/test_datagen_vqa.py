@@ -265,3 +265,22 @@ def test_images_of_one_name_in_two_folders_get_their_own_ids(tmp_path):
     convert_vqa(tmp_path / "qa.jsonl", "jsonl", folder, tmp_path / "qa.json")
     records = json.loads((tmp_path / "qa.json").read_text())
     assert [r["id"] for r in records] == ["jsonl-aisle/0001", "jsonl-dock/0001"]
+
+
+def test_a_question_written_with_the_image_placeholder_trains(tmp_path):
+    """Questions written in LLaVA's own style ("<image>\\nHow many...?") hold the placeholder
+    already: the sample must still hold it once, where training looks for it."""
+    folder = images(tmp_path, "bay.png")
+    lines = [
+        {"image": "bay.png", "question": "<image>\nHow many robots are charging?", "answer": "3"},
+        {"image": "bay.png", "question": "Is the door open? <image>", "answer": "yes"},
+    ]
+    (tmp_path / "qa.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    convert_vqa(tmp_path / "qa.jsonl", "jsonl", folder, tmp_path / "qa.json")
+    by_image, _ = conversations(tmp_path / "qa.json")
+    assert by_image["bay.png"] == [
+        f"<image>\nHow many robots are charging?\n{SHORT}",
+        "3",
+        f"Is the door open?\n{SHORT}",
+        "yes",
+    ]

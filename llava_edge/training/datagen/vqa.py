@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from llava_edge.errors import LlavaEdgeError
-from llava_edge.runtime.template import SHORT_ANSWER
+from llava_edge.runtime.template import IMAGE_PLACEHOLDER, SHORT_ANSWER
 from llava_edge.training.datagen.annotations import read_text
 from llava_edge.training.datagen.llava_json import conversation, write_samples
 from llava_edge.training.evaluate import normalize as normalize_short
@@ -53,10 +53,13 @@ class Question:
     choices: tuple[str, ...] = ()
 
     def prompt(self) -> str:
+        # A question written in LLaVA's style holds the placeholder already; the conversation
+        # puts it in once, where training looks for it.
+        question = self.question.replace(IMAGE_PLACEHOLDER, "").strip()
         if not self.choices:
-            return f"{self.question}\n{SHORT_ANSWER}"
+            return f"{question}\n{SHORT_ANSWER}"
         options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(self.choices))
-        return f"{self.question}\n{options}\n{MULTIPLE_CHOICE}"
+        return f"{question}\n{options}\n{MULTIPLE_CHOICE}"
 
 
 @dataclass
