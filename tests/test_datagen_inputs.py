@@ -171,6 +171,10 @@ def test_each_kind_parses_its_schema_and_ignores_other_keys():
         ("conversation", '{"turns": [{"question": "q", "answer": "fine"}, '
          '{"question": "box?", "answer": "[0.1, 0.2, 0.3, 0.4]"}]}', "stop",
          "raw coordinates in an answer"),
+        ("reasoning", '{"question": "<image>\\nWhy?", "answer": "Because."}', "stop",
+         "the image placeholder in the text"),
+        ("conversation", '{"turns": [{"question": "q", "answer": "The <image> shows a cart."}]}',
+         "stop", "the image placeholder in the text"),
     ],
 )  # fmt: skip
 def test_bad_replies_are_dropped_with_their_reason(kind, content, finish, reason):

@@ -5,8 +5,8 @@
     reasoning     {"question": "...", "answer": "..."}
 
 Other keys are ignored. A reply that does not fit its schema, was cut off at the token limit,
-or copies raw coordinates into an answer is dropped (`Dropped`, with a short reason that reports
-count by and a detail that says where).
+writes LLaVA's `<image>` placeholder or copies raw coordinates into an answer is dropped
+(`Dropped`, with a short reason that reports count by and a detail that says where).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 
+from llava_edge.runtime.template import IMAGE_PLACEHOLDER
 from llava_edge.training.datagen.prompts import detail_question
 
 # A run of 2-4 comma-separated numbers between 0 and 1, at least the first with decimals:
@@ -71,7 +72,11 @@ def parse_reply(
         rounds = [_pair(reply, "the reply")]
     else:
         raise ValueError(f"unknown kind {kind!r}")
-    for i, (_, answer) in enumerate(rounds):
+    for i, (question, answer) in enumerate(rounds):
+        if IMAGE_PLACEHOLDER in question or IMAGE_PLACEHOLDER in answer:
+            # the sample puts it in its first question once; another one and training refuses
+            # the sample (and `data mix` the file)
+            raise Dropped("the image placeholder in the text", f"round {i}")
         leak = leaked_coordinates(answer, coordinates)
         if leak:
             raise Dropped("raw coordinates in an answer", f"answer {i}: {leak!r}")
