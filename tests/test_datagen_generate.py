@@ -730,3 +730,31 @@ def test_the_request_budget_holds_for_the_model_list(scene):
                           max_requests=3, concurrency=1, progress=False)  # fmt: skip
         assert server.listed == 1 and len(server.bodies) == 2
         assert result.requests == 3 and result.unsent == 16
+
+
+def test_a_higher_token_limit_asks_again_only_the_replies_cut_off(scene, capsys):
+    """The report says of a reply cut off at --max-tokens: raise --max-tokens. A rerun with a
+    higher limit resumes the journal and asks again those replies only; the others stand."""
+    root, images, annotations, names = scene
+    table = Table(names)
+    cut = ("img_2.png", "detail", 0)
+    table.scripts[cut] = [Reply('{"description": "A long', finish_reason="length"),
+                          Reply(json.dumps(good("detail", "img_2.png")))]  # fmt: skip
+    out = root / "out.json"
+    with ChatServer(table) as server:
+        first = generate(annotations, images, out, endpoint=server.url, max_tokens=64,
+                         progress=False)  # fmt: skip
+        assert [(key, reason) for key, reason, _ in first.dropped] == [
+            (cut, "cut off at the token limit")
+        ]
+        args = ["data", "generate", "--annotations", str(annotations[0]), "--annotations",
+                str(annotations[1]), "--images", str(images), "--out", str(out),
+                "--endpoint", server.url, "--max-tokens", "128"]  # fmt: skip
+        assert cli([*args, "--dry-run"]) == 0
+        assert "1 still to send" in capsys.readouterr().out
+        assert cli(args) == 0
+        assert len(server.bodies) == 19 and server.bodies[-1]["max_tokens"] == 128
+        assert server.bodies[-1]["seed"] == request_seed(0, *cut)
+        assert cli(args) == 0 and len(server.bodies) == 19  # settled now
+        assert cli([*args[:-1], "64"]) == 0 and len(server.bodies) == 19  # and kept at 64
+    assert len(json.loads(out.read_text())) == 18

@@ -25,10 +25,10 @@ from typing import Any
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.training.datagen.annotations import ImageNotes, read_annotations
-from llava_edge.training.datagen.journal import Journal, Key, settled_contexts
+from llava_edge.training.datagen.journal import Journal, Key, settled_entries
 from llava_edge.training.datagen.llava_json import conversation, write_samples
 from llava_edge.training.datagen.prompts import KINDS, messages, prompts_version, request_seed
-from llava_edge.training.datagen.replies import Dropped, parse_reply
+from llava_edge.training.datagen.replies import CUT_OFF, Dropped, parse_reply
 
 
 @dataclass(frozen=True)
@@ -47,15 +47,19 @@ class Job:
         journaled make that sample stale, and it is asked again."""
         return hashlib.sha256(self.notes.render().encode("utf-8")).hexdigest()[:16]
 
-    def settled(self, book: Journal) -> dict | None:
-        """This job's journal entry, unless it was asked about other labels."""
-        entry = book.entries.get(self.key)
-        return entry if entry is not None and self.asked_as(entry.get("context")) else None
-
-    def asked_as(self, context: str | None) -> bool:
-        """Whether an entry asked about `context` holds this job's samples (one journaled
-        before contexts were has none, and counts)."""
-        return context is None or context == self.context
+    def settled(self, entries: dict[Key, dict], max_tokens: int) -> dict | None:
+        """This job's journal entry, unless it must be asked again: it was asked about other
+        labels, or its reply was cut off at a lower token limit than `max_tokens`."""
+        entry = entries.get(self.key)
+        if entry is None:
+            return None
+        context = entry.get("context")  # none: journaled before contexts were, and counts
+        if context is not None and context != self.context:
+            return None
+        cut = entry.get("status") == "dropped" and entry.get("reason") == CUT_OFF
+        if cut and (entry.get("max_tokens") or 0) < max_tokens:
+            return None
+        return entry
 
 
 @dataclass
@@ -139,7 +143,8 @@ def generate(
     if dry_run:
         first = [next(j for j in jobs if j.kind == kind) for kind in kinds]
         _show_prompts([(j, body(j, model)) for j in first], log)
-        _show_count(jobs, settled_contexts(journal_path), journal_path, max_requests, log)
+        settled = settled_entries(journal_path)
+        _show_count(jobs, settled, journal_path, max_requests, max_tokens, log)
         return GenerateResult(None, journal_path, model, skipped_images=skipped)
     if endpoint is None:
         raise LlavaEdgeError("no --endpoint given: the URL of an OpenAI-compatible API")
@@ -173,14 +178,15 @@ def generate(
             }
             result = GenerateResult(out, journal_path, chosen, skipped_images=skipped)
             with Journal(journal_path, settings) as book:
-                todo = [job for job in jobs if job.settled(book) is None]
+                todo = [job for job in jobs if job.settled(book.entries, max_tokens) is None]
                 result.dropped_earlier = sum(
-                    (j.settled(book) or {}).get("status") == "dropped" for j in jobs
+                    (j.settled(book.entries, max_tokens) or {}).get("status") == "dropped"
+                    for j in jobs
                 )
                 with _progress_bar(len(jobs), len(jobs) - len(todo), progress) as bar:
                     request = functools.partial(body, model=chosen)
                     await _run(client, todo, request, book, result, concurrency, bar)
-                _write_final(out, jobs, book, result)
+                _write_final(out, jobs, book, result, max_tokens)
             result.requests = client.requests
             result.retries = client.retried
             result.prompt_tokens = client.prompt_tokens
@@ -319,6 +325,7 @@ async def _ask(client, job: Job, body: dict) -> dict | str | None:
         "kind": kind,
         "index": index,
         "context": job.context,
+        "max_tokens": body["max_tokens"],
         "usage": [reply.prompt_tokens, reply.completion_tokens],
     }
     try:
@@ -336,10 +343,12 @@ async def _ask(client, job: Job, body: dict) -> dict | str | None:
     return {**entry, "status": "ok", "sample": sample}
 
 
-def _write_final(out: Path, jobs: list[Job], book: Journal, result: GenerateResult) -> None:
+def _write_final(
+    out: Path, jobs: list[Job], book: Journal, result: GenerateResult, max_tokens: int
+) -> None:
     samples = []
     for job in jobs:
-        entry = job.settled(book)
+        entry = job.settled(book.entries, max_tokens)
         if entry is not None and entry["status"] == "ok":
             samples.append(entry["sample"])
             result.samples[job.kind] += 1
@@ -396,9 +405,9 @@ def _show_prompts(first: list[tuple[Job, dict]], log: Callable[[str], object]) -
             log(f"[{message['role']}]\n{message['content']}\n")
 
 
-def _show_count(jobs, settled, journal: Path, max_requests: int | None, log) -> None:
+def _show_count(jobs, settled, journal: Path, max_requests: int | None, max_tokens, log) -> None:
     """How many requests a run would send: what the journal lacks, within --max-requests."""
-    todo = sum(job.key not in settled or not job.asked_as(settled[job.key]) for job in jobs)
+    todo = sum(job.settled(settled, max_tokens) is None for job in jobs)
     images = len({job.notes.image for job in jobs})
     line = f"dry run: {len(jobs)} requests for {images} images"
     if todo < len(jobs):

@@ -5,7 +5,9 @@ reply was dropped, and the tokens it cost; a later line of the same key supersed
 (a sample asked again because its image's labels changed). A line is written whole and synced before the next
 one; a run killed in the middle of a line leaves a torn last line, which the next run cuts off
 (that sample is asked again). The first line holds the settings that change what the LLM
-writes (model, prompts, temperature, seed, token limit): a journal is only resumed with the same.
+writes (model, prompts, temperature, seed): a journal is only resumed with the same. The token
+limit may change between runs (a reply cut off at a lower one is asked again): each entry
+records its own, and one journaled without it was asked at the header's.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from llava_edge.errors import LlavaEdgeError
 
 Key = tuple[str, str, int]  # image, kind, index
 _HEADER = "llava-edge data generate journal"
+PER_ENTRY = ("max_tokens",)  # settings a resumed run may change: each entry records its own
 
 
 def key_of(entry: dict) -> Key:
@@ -33,6 +36,7 @@ class Journal:
         self.path = Path(path)
         self.entries: dict[Key, dict] = {}  # the last entry of each key
         self.usage = [0, 0]  # prompt and completion tokens of every entry, superseded ones too
+        self.header: dict[str, Any] = dict(settings)  # the settings of the journal's first run
         self._file: IO[str] | None = None
         self._open(settings)
 
@@ -47,6 +51,8 @@ class Journal:
         self._add(entry)
 
     def _add(self, entry: dict) -> None:
+        for name in PER_ENTRY:
+            entry.setdefault(name, self.header.get(name))
         self.entries[key_of(entry)] = entry
         prompt, completion = entry.get("usage", [0, 0])
         self.usage = [self.usage[0] + prompt, self.usage[1] + completion]
@@ -83,6 +89,7 @@ class Journal:
                 self._file.write(json.dumps({"journal": _HEADER, "settings": settings}) + "\n")
                 self._file.flush()
                 return
+            self.header = json.loads(lines[0])["settings"]
             for number, line in enumerate(lines[1:], 2):
                 try:
                     self._add(json.loads(line))
@@ -106,28 +113,36 @@ class Journal:
                 f"{self.path} is not a journal of `llava-edge data generate`; choose another "
                 "--journal (or --out)"
             )
-        old = header.get("settings", {})
+        old = header.get("settings")
+        if not isinstance(old, dict):
+            raise LlavaEdgeError(
+                f"journal {self.path} line 1 is damaged; delete the journal to start over"
+            )
         for name, value in settings.items():
-            if old.get(name) != value:
+            if name not in PER_ENTRY and old.get(name) != value:
                 raise LlavaEdgeError(
                     f"journal {self.path} was written with {name} {old.get(name)!r}, not "
                     f"{value!r}; resume with the same settings, or delete the journal to start over"
                 )
 
 
-def settled_contexts(path: Path) -> dict[Key, str | None]:
-    """The keys a journal already holds, each with the digest of the labels it was asked about,
-    read without opening the journal for writing (a dry run's count); the header, a torn last
-    line and anything unreadable count as nothing."""
+def settled_entries(path: Path) -> dict[Key, dict]:
+    """The last entry of each key a journal holds, read without opening the journal for writing
+    (a dry run's count); a torn last line and anything unreadable count as nothing."""
     try:
-        lines = Path(path).read_text(encoding="utf-8", errors="replace").split("\n")[1:-1]
+        lines = Path(path).read_text(encoding="utf-8", errors="replace").split("\n")[:-1]
     except OSError:
         return {}
+    header: dict = {}
+    with contextlib.suppress(ValueError, TypeError, AttributeError, IndexError):
+        header = dict(json.loads(lines[0])["settings"])
     settled = {}
-    for line in lines:
+    for line in lines[1:]:
         with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
             entry = json.loads(line)
-            settled[key_of(entry)] = entry.get("context")
+            for name in PER_ENTRY:
+                entry.setdefault(name, header.get(name))
+            settled[key_of(entry)] = entry
     return settled
 
 

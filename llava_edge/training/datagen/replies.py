@@ -22,6 +22,7 @@ from llava_edge.training.datagen.prompts import detail_question
 _COORDINATE_RUN = re.compile(
     r"(?<![\d.])(?:0?\.\d+|1\.0+)(?:\s*,\s*(?:0?\.\d+|1\.0+|[01])(?!\.?\d)){1,3}"
 )
+CUT_OFF = "cut off at the token limit"  # the one drop a rerun with a higher limit asks again
 _FENCE = re.compile(r"^```[a-zA-Z]*\s*\n?(.*?)\n?```$", re.DOTALL)
 
 
@@ -48,7 +49,7 @@ def parse_reply(
     run of box-like numbers, means the LLM leaked the boxes instead of describing the image.
     """
     if finish_reason == "length":
-        raise Dropped("cut off at the token limit", "raise --max-tokens")
+        raise Dropped(CUT_OFF, "raise --max-tokens")
     if content is None or not content.strip():
         raise Dropped("empty reply")
     text = content.strip()
