@@ -758,3 +758,18 @@ def test_a_higher_token_limit_asks_again_only_the_replies_cut_off(scene, capsys)
         assert cli(args) == 0 and len(server.bodies) == 19  # settled now
         assert cli([*args[:-1], "64"]) == 0 and len(server.bodies) == 19  # and kept at 64
     assert len(json.loads(out.read_text())) == 18
+
+
+def test_an_exhausted_quota_stops_the_run_at_once(scene, capsys):
+    """A hosted API out of credit answers 429 insufficient_quota to every request: no retry or
+    later request can succeed, so the run stops at the first with the server's words."""
+    root, images, annotations, names = scene
+    quota = Status(429, "You exceeded your current quota, please check your plan and billing "
+                   "details.", type="insufficient_quota")  # fmt: skip
+    with ChatServer(lambda body, attempt: quota) as server:
+        code, err = run_cli(capsys, "--annotations", str(annotations[1]), "--images", str(images),
+                            "--out", str(root / "out.json"), "--endpoint", server.url,
+                            "--model", "m", "--concurrency", "1", "--backoff", "0")  # fmt: skip
+        assert len(server.bodies) == 1
+    assert code == 1 and err.count("\n") == 1, err
+    assert "HTTP 429 (You exceeded your current quota" in err and "billing" in err, err
