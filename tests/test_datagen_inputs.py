@@ -266,3 +266,17 @@ def test_a_label_in_two_files_describes_one_object(tmp_path):
         ["0.100", "0.200", "0.500", "0.800"],
         ["0.600", "0.200", "0.800", "0.800"],  # a second forklift of its own
     ]
+
+
+def test_a_size_read_from_the_file_is_the_upright_size(tmp_path):
+    """A camera that stores its pictures sideways with an EXIF orientation: the labelling tool,
+    the runtime and training all see the picture upright, so the boxes are in upright pixels and
+    the size they are normalised by must be the upright one too."""
+    (tmp_path / "imgs").mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 40 wide, 20 high; shown rotated: 20 wide, 40 high
+    Image.new("RGB", (40, 20)).save(tmp_path / "imgs" / "side.jpg", exif=exif)
+    line = {"image": "side.jpg", "boxes": [{"label": "arm", "box": [0, 10, 20, 40]}]}
+    (tmp_path / "labels.jsonl").write_text(json.dumps(line) + "\n")
+    notes, _ = read_annotations([tmp_path / "labels.jsonl"], tmp_path / "imgs")
+    assert notes[0].boxes[0].numbers() == ["0.000", "0.250", "1.000", "1.000"]

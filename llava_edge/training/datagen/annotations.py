@@ -24,6 +24,8 @@ from typing import Any
 
 from llava_edge.errors import LlavaEdgeError
 
+_EXIF_ORIENTATION = 0x0112
+
 
 @dataclass(frozen=True)
 class Box:
@@ -241,6 +243,10 @@ def _finish(draft: _Draft, file: Path) -> ImageNotes:
         try:
             with Image.open(file) as image:
                 width, height = image.size
+                # Stored turned a quarter, shown upright: the labels, training and the runtime
+                # all see it upright (EXIF orientation applied), so its size is the upright one.
+                if image.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):
+                    width, height = height, width
         except (OSError, UnidentifiedImageError) as e:
             raise LlavaEdgeError(f"cannot read the size of {file}: {e}") from None
     boxes = []
