@@ -773,3 +773,20 @@ def test_an_exhausted_quota_stops_the_run_at_once(scene, capsys):
         assert len(server.bodies) == 1
     assert code == 1 and err.count("\n") == 1, err
     assert "HTTP 429 (You exceeded your current quota" in err and "billing" in err, err
+
+
+def test_a_reply_with_unicode_line_separators_resumes(scene):
+    """JSON keeps U+2028, U+2029 and U+0085 inside a string as they are: they are not the
+    journal's line ends, and the journal reads back after them."""
+    root, images, annotations, names = scene
+    table = Table(names)
+    text = {"description": "A pallet.\u2028Next to it, a crate.\u2029And a cart\x85."}
+    table.scripts[("img_1.png", "detail", 0)] = [Reply(json.dumps(text, ensure_ascii=False))]
+    out = root / "out.json"
+    with ChatServer(table) as server:
+        generate(annotations, images, out, endpoint=server.url, progress=False)
+        first = out.read_bytes()
+        generate(annotations, images, out, endpoint=server.url, progress=False)
+        assert len(server.bodies) == 18
+    assert out.read_bytes() == first
+    assert text["description"] in {r["conversations"][1]["value"] for r in json.loads(first)}

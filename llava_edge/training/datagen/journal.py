@@ -78,13 +78,13 @@ class Journal:
             _lock(self._file, self.path)
             self._file.seek(0)
             text = self._file.read()
-            lines = text.splitlines()
+            lines = _lines(text)
             if lines and ("\n" in text or not text.startswith('{"journal"')):
                 self._check_header(lines[0], settings)  # before anything is cut off
             if text and not text.endswith("\n"):  # killed mid-line: that sample is asked again
                 text = text[: text.rfind("\n") + 1]
                 self._file.truncate(len(text.encode("utf-8")))
-                lines = text.splitlines()
+                lines = _lines(text)
             if not lines:
                 self._file.write(json.dumps({"journal": _HEADER, "settings": settings}) + "\n")
                 self._file.flush()
@@ -124,6 +124,13 @@ class Journal:
                     f"journal {self.path} was written with {name} {old.get(name)!r}, not "
                     f"{value!r}; resume with the same settings, or delete the journal to start over"
                 )
+
+
+def _lines(text: str) -> list[str]:
+    """The journal's lines: split at "\n" only. A reply may hold U+2028 or U+0085, which JSON
+    keeps as they are and str.splitlines would split at."""
+    lines = text.split("\n")
+    return lines[:-1] if lines[-1] == "" else lines
 
 
 def settled_entries(path: Path) -> dict[Key, dict]:
