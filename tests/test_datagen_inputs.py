@@ -280,3 +280,14 @@ def test_a_size_read_from_the_file_is_the_upright_size(tmp_path):
     (tmp_path / "labels.jsonl").write_text(json.dumps(line) + "\n")
     notes, _ = read_annotations([tmp_path / "labels.jsonl"], tmp_path / "imgs")
     assert notes[0].boxes[0].numbers() == ["0.000", "0.250", "1.000", "1.000"]
+
+
+def test_jsonl_lines_end_at_newlines_only(tmp_path):
+    """A JSONL writer (json.dumps(..., ensure_ascii=False)) keeps U+2028 and U+0085 inside a
+    string as they are; they do not end the line."""
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "a.png")
+    line = {"image": "a.png", "captions": ["Two carts.\u2028One is red\x85."]}
+    (tmp_path / "labels.jsonl").write_text(json.dumps(line, ensure_ascii=False) + "\n")
+    notes, _ = read_annotations([tmp_path / "labels.jsonl"], tmp_path / "imgs")
+    assert notes[0].captions == ("Two carts.\u2028One is red\x85.",)

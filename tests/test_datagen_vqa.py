@@ -284,3 +284,12 @@ def test_a_question_written_with_the_image_placeholder_trains(tmp_path):
         f"Is the door open?\n{SHORT}",
         "yes",
     ]
+
+
+def test_jsonl_questions_end_at_newlines_only(tmp_path):
+    folder = images(tmp_path, "bay.png")
+    line = {"image": "bay.png", "question": "Is the bay\u2028clear?", "answer": "yes"}
+    (tmp_path / "qa.jsonl").write_text(json.dumps(line, ensure_ascii=False) + "\n")
+    convert_vqa(tmp_path / "qa.jsonl", "jsonl", folder, tmp_path / "qa.json")
+    by_image, _ = conversations(tmp_path / "qa.json")
+    assert by_image["bay.png"] == [f"<image>\nIs the bay\u2028clear?\n{SHORT}", "yes"]

@@ -185,7 +185,7 @@ def _read_coco(path: Path, document: dict, drafts: dict[str, _Draft]) -> None:
 
 
 def _read_jsonl(path: Path, text: str, drafts: dict[str, _Draft]) -> None:
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 is text
         if not line.strip():
             continue
         where = f"{path} line {number}"

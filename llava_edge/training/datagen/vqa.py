@@ -240,7 +240,7 @@ def read_textvqa(path: Path) -> list[Question]:
 
 def read_jsonl(path: Path) -> list[Question]:
     questions = []
-    for number, line in enumerate(read_text(path).splitlines(), 1):
+    for number, line in enumerate(read_text(path).split("\n"), 1):  # U+2028 is no line end
         if not line.strip():
             continue
         where = f"{path} line {number}"
