@@ -790,3 +790,23 @@ def test_a_reply_with_unicode_line_separators_resumes(scene):
         assert len(server.bodies) == 18
     assert out.read_bytes() == first
     assert text["description"] in {r["conversations"][1]["value"] for r in json.loads(first)}
+
+
+def test_a_dry_run_refuses_what_the_run_would_refuse(scene, capsys):
+    """A dry run is the look before spending: settings the journal would refuse are said then,
+    not counted as settled."""
+    root, images, annotations, names = scene
+    out = root / "out.json"
+    with ChatServer(Table(names)) as server:
+        generate(annotations, images, out, endpoint=server.url, max_images=1, progress=False)
+    args = ["data", "generate", "--annotations", str(annotations[0]), "--annotations",
+            str(annotations[1]), "--images", str(images), "--out", str(out), "--dry-run"]  # fmt: skip
+    assert cli([*args, "--temperature", "0.2"]) == 1
+    err = capsys.readouterr().err
+    assert "was written with temperature 0.7, not 0.2" in err and err.count("\n") == 1, err
+    assert cli([*args, "--model", "other"]) == 1
+    assert "was written with model 'test-model', not 'other'" in capsys.readouterr().err
+    assert cli([*args, "--max-requests", "-1"]) == 1
+    assert "--max-requests must be 0 or more" in capsys.readouterr().err
+    assert cli(args) == 0  # the model left out: the endpoint names it, not the dry run
+    assert "15 still to send (3 settled" in capsys.readouterr().out

@@ -25,7 +25,7 @@ from typing import Any
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.training.datagen.annotations import ImageNotes, read_annotations
-from llava_edge.training.datagen.journal import Journal, Key, settled_entries
+from llava_edge.training.datagen.journal import Journal, Key, check_settings, settled_entries
 from llava_edge.training.datagen.llava_json import conversation, write_samples
 from llava_edge.training.datagen.prompts import KINDS, messages, prompts_version, request_seed
 from llava_edge.training.datagen.replies import CUT_OFF, Dropped, parse_reply
@@ -115,7 +115,9 @@ def generate(
     """
     if isinstance(annotations, str | Path):
         annotations = [annotations]
-    kinds = _check_options(kinds, per_image, concurrency, max_images, temperature, max_tokens)
+    kinds = _check_options(
+        kinds, per_image, concurrency, max_images, max_requests, temperature, max_tokens
+    )
     out = Path(out)
     if out.is_dir():
         raise LlavaEdgeError(f"--out {out} is a directory; name the JSON file to write")
@@ -140,7 +142,14 @@ def generate(
         }
         return {"model": model, **request} if model else request
 
+    def settings(model: str | None) -> dict:
+        """What the journal must have been written with (the model: where it is known)."""
+        known = {"model": model} if model else {}
+        return {**known, "prompts": prompts_version(), "temperature": temperature, "seed": seed,
+                "max_tokens": max_tokens}  # fmt: skip
+
     if dry_run:
+        check_settings(journal_path, settings(model))
         first = [next(j for j in jobs if j.kind == kind) for kind in kinds]
         _show_prompts([(j, body(j, model)) for j in first], log)
         settled = settled_entries(journal_path)
@@ -169,15 +178,8 @@ def generate(
     async def session() -> GenerateResult:
         async with ChatClient(endpoint, **client_options) as client:
             chosen = model or await _only_model(client)
-            settings = {
-                "model": chosen,
-                "prompts": prompts_version(),
-                "temperature": temperature,
-                "seed": seed,
-                "max_tokens": max_tokens,
-            }
             result = GenerateResult(out, journal_path, chosen, skipped_images=skipped)
-            with Journal(journal_path, settings) as book:
+            with Journal(journal_path, settings(chosen)) as book:
                 todo = [job for job in jobs if job.settled(book.entries, max_tokens) is None]
                 result.dropped_earlier = sum(
                     (j.settled(book.entries, max_tokens) or {}).get("status") == "dropped"
@@ -384,7 +386,9 @@ def _api_key(variable: str | None) -> str | None:
     return key
 
 
-def _check_options(kinds, per_image, concurrency, max_images, temperature, max_tokens) -> list:
+def _check_options(
+    kinds, per_image, concurrency, max_images, max_requests, temperature, max_tokens
+) -> list:
     kinds = list(kinds)
     unknown = [k for k in kinds if k not in KINDS]
     if unknown or not kinds or len(set(kinds)) != len(kinds):
@@ -393,6 +397,8 @@ def _check_options(kinds, per_image, concurrency, max_images, temperature, max_t
         )
     if per_image < 1 or concurrency < 1 or (max_images is not None and max_images < 1):
         raise LlavaEdgeError("--per-image, --concurrency and --max-images must be at least 1")
+    if max_requests is not None and max_requests < 0:
+        raise LlavaEdgeError("--max-requests must be 0 or more")
     if temperature < 0 or max_tokens < 1:
         raise LlavaEdgeError("--temperature must be 0 or more and --max-tokens at least 1")
     return kinds

@@ -80,7 +80,7 @@ class Journal:
             text = self._file.read()
             lines = _lines(text)
             if lines and ("\n" in text or not text.startswith('{"journal"')):
-                self._check_header(lines[0], settings)  # before anything is cut off
+                _check_header(self.path, lines[0], settings)  # before anything is cut off
             if text and not text.endswith("\n"):  # killed mid-line: that sample is asked again
                 text = text[: text.rfind("\n") + 1]
                 self._file.truncate(len(text.encode("utf-8")))
@@ -102,28 +102,39 @@ class Journal:
             self.close()
             raise
 
-    def _check_header(self, line: str, settings: dict[str, Any]) -> None:
-        try:
-            header = json.loads(line)
-            ok = header.get("journal") == _HEADER
-        except (ValueError, AttributeError):
-            ok = False
-        if not ok:
+
+def check_settings(path: Path, settings: dict[str, Any]) -> None:
+    """Refuse, as a run would, settings that the journal at `path` (if any) was not written
+    with; read without opening it for writing (a dry run)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            first = f.readline()
+    except OSError:
+        return
+    if first.endswith("\n"):  # a whole first line; a torn one is cut off by the run
+        _check_header(Path(path), first, settings)
+
+
+def _check_header(path: Path, line: str, settings: dict[str, Any]) -> None:
+    try:
+        header = json.loads(line)
+        ok = header.get("journal") == _HEADER
+    except (ValueError, AttributeError):
+        ok = False
+    if not ok:
+        raise LlavaEdgeError(
+            f"{path} is not a journal of `llava-edge data generate`; choose another "
+            "--journal (or --out)"
+        )
+    old = header.get("settings")
+    if not isinstance(old, dict):
+        raise LlavaEdgeError(f"journal {path} line 1 is damaged; delete the journal to start over")
+    for name, value in settings.items():
+        if name not in PER_ENTRY and old.get(name) != value:
             raise LlavaEdgeError(
-                f"{self.path} is not a journal of `llava-edge data generate`; choose another "
-                "--journal (or --out)"
+                f"journal {path} was written with {name} {old.get(name)!r}, not "
+                f"{value!r}; resume with the same settings, or delete the journal to start over"
             )
-        old = header.get("settings")
-        if not isinstance(old, dict):
-            raise LlavaEdgeError(
-                f"journal {self.path} line 1 is damaged; delete the journal to start over"
-            )
-        for name, value in settings.items():
-            if name not in PER_ENTRY and old.get(name) != value:
-                raise LlavaEdgeError(
-                    f"journal {self.path} was written with {name} {old.get(name)!r}, not "
-                    f"{value!r}; resume with the same settings, or delete the journal to start over"
-                )
 
 
 def _lines(text: str) -> list[str]:
