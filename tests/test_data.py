@@ -63,6 +63,15 @@ def test_jsonl_with_blank_lines_and_keep_filter(tmp_path):
         ('[{"id": 1}]\n[{"id": 2}]\n', "more data after the list's closing ']' at byte 12; two"),
         ("[] x", "more data after the list's closing ']' at byte 3"),
         (b'[{"id": "caf\xe9"}]', r"is not UTF-8 text \(byte 0xe9: invalid continuation byte\)"),
+        # PowerShell 5's Out-File and Notepad's "Unicode" write UTF-16 with a byte-order mark
+        (
+            '[{"id": 1}]'.encode("utf-16"),
+            r"is UTF-16 \(or UTF-32\) text; JSON is UTF-8: save it as UTF-8",
+        ),
+        (
+            '{"id": 1}\n'.encode("utf-16-be"),
+            r"is UTF-16 \(or UTF-32\) text; JSON is UTF-8: save it as UTF-8",
+        ),
         ('{"id": 1}\n{"id": 2\n', "line 2: not valid JSON"),
         # a JSON list names the line and the sample, as JSONL does
         ('[\n {"id": 1},\n {"id": 2,\n  "x" 3}\n]', r"line 4: sample #1 \(from byte 15\) is not"),

@@ -178,6 +178,11 @@ class SampleFile:
             head = f.read(4096).lstrip()
         if head.startswith(codecs.BOM_UTF8):
             head = head[len(codecs.BOM_UTF8) :].lstrip()
+        if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) or b"\0" in head[:4]:
+            # what PowerShell 5's Out-File and Notepad's "Unicode" write
+            raise LlavaEdgeError(
+                f"{self.path} is UTF-16 (or UTF-32) text; JSON is UTF-8: save it as UTF-8"
+            )
         if head.startswith(b"["):
             yield from self._scan_array()
         elif head.startswith(b"{"):
