@@ -523,6 +523,7 @@ def run_cli(capsys, *args: str) -> tuple[int, str]:
         ("missing images", "image dir .* does not exist"),
         ("llava json as annotations", "is neither COCO annotations .* nor JSONL"),
         ("unknown kind", "--kinds 'detail,story': give each of"),
+        ("greedy copies", "--per-image 3 at --temperature 0 asks for the same reply 3 times"),
         ("unreachable endpoint", r"cannot reach http://127\.0\.0\.1:\d+/v1/chat/completions"),
         ("wrong key", r"refused the request: HTTP 401 \(Incorrect API key provided\)"),
         ("unset key variable", "--api-key-env NO_SUCH_VARIABLE_X: that environment variable"),
@@ -551,6 +552,8 @@ def test_bad_input_is_a_one_line_error(scene, capsys, monkeypatch, case, message
             ann = ["--annotations", str(root / "llava.json")]
         elif case == "unknown kind":
             args += ["--kinds", "detail,story"]
+        elif case == "greedy copies":
+            args += ["--per-image", "3", "--temperature", "0"]
         elif case == "unreachable endpoint":
             endpoint = ["--endpoint", f"http://127.0.0.1:{free_port()}/v1", "--model", "m"]
         elif case == "wrong key":

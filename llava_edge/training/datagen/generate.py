@@ -401,6 +401,11 @@ def _check_options(
         raise LlavaEdgeError("--max-requests must be 0 or more")
     if temperature < 0 or max_tokens < 1:
         raise LlavaEdgeError("--temperature must be 0 or more and --max-tokens at least 1")
+    if temperature == 0 and per_image > 1:  # greedy decoding ignores the per-sample seeds
+        raise LlavaEdgeError(
+            f"--per-image {per_image} at --temperature 0 asks for the same reply {per_image} "
+            "times; sample (e.g. --temperature 0.7) or ask for one"
+        )
     return kinds
 
 
