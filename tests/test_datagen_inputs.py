@@ -291,3 +291,24 @@ def test_jsonl_lines_end_at_newlines_only(tmp_path):
     (tmp_path / "labels.jsonl").write_text(json.dumps(line, ensure_ascii=False) + "\n")
     notes, _ = read_annotations([tmp_path / "labels.jsonl"], tmp_path / "imgs")
     assert notes[0].captions == ("Two carts.\u2028One is red\x85.",)
+
+
+def test_an_unreadable_image_is_left_out_and_listed(tmp_path):
+    """A frame a logger cut short (zero bytes, or not a picture) cannot be trained on: it is
+    left out and listed like a missing one, whether or not its size is annotated, instead of
+    being paid for or stopping the run."""
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (10, 10)).save(tmp_path / "imgs" / "good.png")
+    (tmp_path / "imgs" / "empty.png").write_bytes(b"")
+    (tmp_path / "imgs" / "text.png").write_text("not a picture")
+    box = [{"label": "cart", "box": [1, 1, 5, 5]}]
+    lines = [
+        {"image": "good.png", "boxes": box},
+        {"image": "empty.png", "boxes": box},
+        {"image": "text.png", "width": 10, "height": 10, "boxes": box},
+    ]
+    (tmp_path / "labels.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    notes, skipped = read_annotations([tmp_path / "labels.jsonl"], tmp_path / "imgs")
+    assert [n.image for n in notes] == ["good.png"]
+    assert [image for image, _ in skipped] == ["empty.png", "text.png"]
+    assert all(why.startswith("cannot be read (") for _, why in skipped), skipped

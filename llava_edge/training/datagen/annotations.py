@@ -99,12 +99,17 @@ def read_annotations(
         file = image_dir / draft.image
         if not file.is_file():
             skipped.append((draft.image, f"no file {file}"))
+            continue
+        try:
+            size = _upright_size(file)
+        except Exception as e:  # PIL raises many types for unreadable files
+            skipped.append((draft.image, f"cannot be read ({e})"))  # training could not either
+            continue
+        finished = _finish(draft, size)
+        if finished.captions or finished.boxes:
+            notes.append(finished)
         else:
-            finished = _finish(draft, file)
-            if finished.captions or finished.boxes:
-                notes.append(finished)
-            else:
-                skipped.append((draft.image, "no caption and no box to describe"))
+            skipped.append((draft.image, "no caption and no box to describe"))
     if not notes:
         raise LlavaEdgeError(
             f"none of the {len(drafts)} annotated images is usable "
@@ -234,21 +239,21 @@ def _size(value: Any) -> float | None:
     return None
 
 
-def _finish(draft: _Draft, file: Path) -> ImageNotes:
-    """Normalise the boxes by the image size (read from the file when not annotated)."""
-    width, height = draft.width, draft.height
-    if draft.boxes and not (width and height):
-        from PIL import Image, UnidentifiedImageError
+def _upright_size(file: Path) -> tuple[int, int]:
+    """The picture's width and height from its header, upright: stored turned a quarter, it is
+    shown upright by labelling tools, training and the runtime (EXIF orientation applied)."""
+    from PIL import Image
 
-        try:
-            with Image.open(file) as image:
-                width, height = image.size
-                # Stored turned a quarter, shown upright: the labels, training and the runtime
-                # all see it upright (EXIF orientation applied), so its size is the upright one.
-                if image.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):
-                    width, height = height, width
-        except (OSError, UnidentifiedImageError) as e:
-            raise LlavaEdgeError(f"cannot read the size of {file}: {e}") from None
+    with Image.open(file) as image:
+        width, height = image.size
+        if image.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):
+            width, height = height, width
+    return width, height
+
+
+def _finish(draft: _Draft, size: tuple[int, int]) -> ImageNotes:
+    """Normalise the boxes by the image size (the file's when not annotated)."""
+    width, height = (draft.width, draft.height) if draft.width and draft.height else size
     boxes = []
     for label, (x0, y0, x1, y1) in draft.boxes:
         if (
