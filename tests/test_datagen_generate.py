@@ -529,6 +529,11 @@ def run_cli(capsys, *args: str) -> tuple[int, str]:
         ("unset key variable", "--api-key-env NO_SUCH_VARIABLE_X: that environment variable"),
         ("two models", r"serves 2 models \(a, b\); name one with --model"),
         ("other settings", "journal .* was written with temperature 0.7, not 0.1"),
+        (
+            "other prompts",
+            "journal .* was written with another llava-edge's prompts; finish it "
+            "with that version, or start over: delete it, or pass another --journal",
+        ),
         ("not an url", "is not an http\\(s\\) URL"),
         ("journal is out", "--journal and --out are both"),
         ("out is the labels", "--out .*instances.json is one of the annotation files"),
@@ -560,11 +565,13 @@ def test_bad_input_is_a_one_line_error(scene, capsys, monkeypatch, case, message
             args += ["--api-key-env", "TEST_LLM_KEY", "--model", "m"]
         elif case == "unset key variable":
             args += ["--api-key-env", "NO_SUCH_VARIABLE_X"]
-        elif case == "other settings":
-            settings = {"model": "m", "prompts": prompts_version(), "temperature": 0.7,
+        elif case in ("other settings", "other prompts"):
+            prompts = prompts_version() if case == "other settings" else "0123abcd"
+            settings = {"model": "m", "prompts": prompts, "temperature": 0.7,
                         "seed": 0, "max_tokens": 1024}  # fmt: skip
             Journal(root / "out.journal.jsonl", settings).close()
-            args += ["--model", "m", "--temperature", "0.1"]
+            args += ["--model", "m"]
+            args += ["--temperature", "0.1"] if case == "other settings" else []
         elif case == "not an url":
             endpoint = ["--endpoint", "localhost:8080"]
         elif case == "journal is out":

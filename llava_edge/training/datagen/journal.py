@@ -129,6 +129,12 @@ def _check_header(path: Path, line: str, settings: dict[str, Any]) -> None:
     old = header.get("settings")
     if not isinstance(old, dict):
         raise LlavaEdgeError(f"journal {path} line 1 is damaged; delete the journal to start over")
+    if "prompts" in settings and old.get("prompts") != settings["prompts"]:
+        # not an option: the prompts of another version of llava-edge
+        raise LlavaEdgeError(
+            f"journal {path} was written with another llava-edge's prompts; finish it with that "
+            "version, or start over: delete it, or pass another --journal"
+        )
     for name, value in settings.items():
         if name not in PER_ENTRY and old.get(name) != value:
             raise LlavaEdgeError(
