@@ -818,5 +818,7 @@ def test_a_dry_run_refuses_what_the_run_would_refuse(scene, capsys):
     assert "was written with model 'test-model', not 'other'" in capsys.readouterr().err
     assert cli([*args, "--max-requests", "-1"]) == 1
     assert "--max-requests must be 0 or more" in capsys.readouterr().err
+    assert cli([*args, "--timeout", "0"]) == 1
+    assert "--timeout must be positive" in capsys.readouterr().err
     assert cli(args) == 0  # the model left out: the endpoint names it, not the dry run
     assert "15 still to send (3 settled" in capsys.readouterr().out

@@ -118,6 +118,8 @@ def generate(
     kinds = _check_options(
         kinds, per_image, concurrency, max_images, max_requests, temperature, max_tokens
     )
+    if timeout <= 0 or retries < 0 or backoff < 0:  # the client's check, for a dry run too
+        raise LlavaEdgeError("--timeout must be positive, --retries and --backoff 0 or more")
     out = Path(out)
     if out.is_dir():
         raise LlavaEdgeError(f"--out {out} is a directory; name the JSON file to write")
