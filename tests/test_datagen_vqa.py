@@ -293,3 +293,23 @@ def test_jsonl_questions_end_at_newlines_only(tmp_path):
     convert_vqa(tmp_path / "qa.jsonl", "jsonl", folder, tmp_path / "qa.json")
     by_image, _ = conversations(tmp_path / "qa.json")
     assert by_image["bay.png"] == [f"<image>\nIs the bay\u2028clear?\n{SHORT}", "yes"]
+
+
+def test_questions_about_an_unreadable_image_are_left_out_and_counted(tmp_path, capsys):
+    """A zero-byte frame would stop training (or be skipped there): it is left out here, said."""
+    folder = images(tmp_path, "bay.png")
+    (folder / "cut.png").write_bytes(b"")
+    lines = [{"image": name, "question": "Is it clear?", "answer": "yes"}
+             for name in ("bay.png", "cut.png", "cut.png")]  # fmt: skip
+    (tmp_path / "qa.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    assert cli(["data", "vqa", str(tmp_path / "qa.jsonl"), "--format", "jsonl", "--images",
+                str(folder), "--out", str(tmp_path / "qa.json")]) == 0  # fmt: skip
+    by_image, _ = conversations(tmp_path / "qa.json")
+    assert list(by_image) == ["bay.png"]
+    assert "left out 2 questions about 1 images that cannot be read (e.g. cut.png" in (
+        capsys.readouterr().out
+    )
+    (tmp_path / "qa.jsonl").write_text(json.dumps(lines[1]) + "\n")
+    assert cli(["data", "vqa", str(tmp_path / "qa.jsonl"), "--format", "jsonl", "--images",
+                str(folder), "--out", str(tmp_path / "qa.json")]) == 1  # fmt: skip
+    assert "can be read (e.g. cut.png); check the image files" in capsys.readouterr().err
