@@ -7,7 +7,7 @@ Two inputs are read:
   file name.
 - JSONL, one image a line: `{"image": "a.jpg", "captions": [...], "boxes": [{"label": "cup",
   "box": [x_min, y_min, x_max, y_max]}], "width": W, "height": H}`, boxes in pixels; width and
-  height may be left out (they are then read from the image file's header).
+  height may be left out (they are then read from the image file's header, upright).
 
 The LLM sees an image only as this text: its captions, then each box as its label and
 [x_min, y_min, x_max, y_max] in fractions of the image's width and height, three decimals, as
