@@ -822,3 +822,25 @@ def test_a_dry_run_refuses_what_the_run_would_refuse(scene, capsys):
     assert "--timeout must be positive" in capsys.readouterr().err
     assert cli(args) == 0  # the model left out: the endpoint names it, not the dry run
     assert "15 still to send (3 settled" in capsys.readouterr().out
+
+
+def test_a_reply_with_a_broken_surrogate_is_kept_or_dropped_not_a_crash(scene):
+    """An LLM that splits an emoji can send half of a UTF-16 pair as a JSON escape ("\\ud83d"):
+    text no UTF-8 file can hold. The run must not die on it (a rerun would ask the same reply
+    and die again)."""
+    root, images, annotations, names = scene
+    table = Table(names)
+    key = ("img_1.png", "detail", 0)  # the escape inside the reply's JSON
+    table.scripts[key] = [Reply('{"description": "A crate \\ud83d and a cart."}')]
+    other = ("img_2.png", "reasoning", 0)  # in the HTTP body's JSON, around a reply not JSON
+    table.scripts[other] = [Reply("Sure! \ud83d")]
+    out = root / "out.json"
+    with ChatServer(table) as server:
+        result = generate(annotations, images, out, endpoint=server.url, progress=False)
+        generate(annotations, images, out, endpoint=server.url, progress=False)
+        assert len(server.bodies) == 18  # settled: not asked again
+    assert sum(result.samples.values()) + len(result.dropped) == 18
+    assert sorted((k, reason) for k, reason, _ in result.dropped) == [
+        (key, "not UTF-8 text"), (other, "not JSON")
+    ]  # fmt: skip
+    assert len(SampleFile(out)) == 16

@@ -45,7 +45,12 @@ class Journal:
 
     def append(self, entry: dict) -> None:
         assert self._file is not None
-        self._file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        line = json.dumps(entry, ensure_ascii=False) + "\n"
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:  # a dropped reply holding a lone surrogate: escape it
+            line = json.dumps(entry) + "\n"
+        self._file.write(line)
         self._file.flush()
         os.fsync(self._file.fileno())
         self._add(entry)

@@ -5,7 +5,8 @@
     reasoning     {"question": "...", "answer": "..."}
 
 Other keys are ignored. A reply that does not fit its schema, was cut off at the token limit,
-writes LLaVA's `<image>` placeholder or copies raw coordinates into an answer is dropped
+holds a lone surrogate (not UTF-8 text), writes LLaVA's `<image>` placeholder or copies raw
+coordinates into an answer is dropped
 (`Dropped`, with a short reason that reports count by and a detail that says where).
 """
 
@@ -74,6 +75,9 @@ def parse_reply(
     else:
         raise ValueError(f"unknown kind {kind!r}")
     for i, (question, answer) in enumerate(rounds):
+        if not _utf8(question) or not _utf8(answer):
+            # half of a UTF-16 pair (an emoji split in two): no UTF-8 file can hold it
+            raise Dropped("not UTF-8 text", f"round {i} holds a lone surrogate")
         if IMAGE_PLACEHOLDER in question or IMAGE_PLACEHOLDER in answer:
             # the sample puts it in its first question once; another one and training refuses
             # the sample (and `data mix` the file)
@@ -93,6 +97,14 @@ def leaked_coordinates(text: str, coordinates: set[str]) -> str | None:
         if number in coordinates or f"0{number}" in coordinates:
             return number
     return None
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _pair(value: object, where: str) -> tuple[str, str]:
