@@ -132,8 +132,11 @@ def _broken(change) -> dict:
         (_broken(lambda r: r.pop("image")), "has no 'image'"),
         (_broken(lambda r: r["conversations"][0].update(value="no placeholder")), "must hold"),
         (_broken(lambda r: r.update(image=["a.png", "b.png"])), "one image per sample"),
+        # "\ud83d" in the file: half of an emoji's UTF-16 pair, text no tokenizer or UTF-8 takes
+        (_broken(lambda r: r["conversations"][1].update(value="ok \ud83d")),
+         "turn 1 holds half of a UTF-16 pair"),
     ],
-)
+)  # fmt: skip
 def test_bad_samples_are_named(record, problem):
     with pytest.raises(BadSample, match=problem) as info:
         parse_sample(record, 3)

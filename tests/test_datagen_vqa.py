@@ -313,3 +313,16 @@ def test_questions_about_an_unreadable_image_are_left_out_and_counted(tmp_path, 
     assert cli(["data", "vqa", str(tmp_path / "qa.jsonl"), "--format", "jsonl", "--images",
                 str(folder), "--out", str(tmp_path / "qa.json")]) == 1  # fmt: skip
     assert "can be read (e.g. cut.png); check the image files" in capsys.readouterr().err
+
+
+def test_a_question_no_utf8_file_can_hold_is_a_one_line_error(tmp_path, capsys):
+    folder = images(tmp_path, "bay.png")
+    (tmp_path / "qa.jsonl").write_text(
+        '{"image": "bay.png", "question": "Clear? \\ud83d", "answer": "yes"}\n'
+    )
+    code = cli(["data", "vqa", str(tmp_path / "qa.jsonl"), "--format", "jsonl", "--images",
+                str(folder), "--out", str(tmp_path / "qa.json")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1, err
+    assert "sample jsonl-bay holds half of a UTF-16 pair" in err, err
+    assert not (tmp_path / "qa.json").exists()

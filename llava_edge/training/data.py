@@ -71,6 +71,10 @@ def parse_sample(record: Any, position: int) -> Sample:
                 f"the conversation does not alternate human/gpt: turn {i} is from "
                 f"{turn.get('from')!r}, expected {expected!r}",
             )
+        if not _utf8(turn["value"]):  # a "\ud83d" escape: half of an emoji's UTF-16 pair
+            raise BadSample(
+                sample_id, f"turn {i} holds half of a UTF-16 pair (a lone surrogate); fix the text"
+            )
         values.append(turn["value"])
     if len(values) % 2:
         raise BadSample(sample_id, "the conversation ends with a human turn that has no answer")
@@ -89,6 +93,14 @@ def parse_sample(record: Any, position: int) -> Sample:
     first = values[0].replace(IMAGE_PLACEHOLDER, "").strip() if image is not None else values[0]
     questions = [first, *values[2::2]]
     return Sample(sample_id, image, list(zip(questions, values[1::2], strict=True)))
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_image_dir(root: Path | None) -> None:
