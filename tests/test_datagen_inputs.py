@@ -107,6 +107,15 @@ def test_jsonl_boxes_in_pixels_sized_from_the_image_header(tmp_path):
             "category_id that 'categories' does not name",
         ),
         ('{"image": "nope.png", "captions": ["x"]}', "none of the 1 annotated images is usable"),
+        # a "\ud83d" escape: half of an emoji's UTF-16 pair, which no request can carry
+        (
+            '{"image": "a.png", "captions": ["A cart \\ud83d"]}',
+            "a.png: its captions or labels hold half of a UTF-16 pair",
+        ),
+        (
+            '{"image": "a.png", "boxes": [{"label": "\\udc00", "box": [1, 1, 4, 4]}]}',
+            "a.png: its captions or labels hold half of a UTF-16 pair",
+        ),
         # Boxes that cannot be on the image: not numbers, or wholly outside it (sizes of
         # another resolution, say): clamped to the edge they became nothing, or a sliver.
         ('{"image": "a.png", "boxes": [{"label": "x", "box": [0, 0, NaN, 4]}]}', "4 numbers"),

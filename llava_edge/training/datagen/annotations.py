@@ -106,6 +106,13 @@ def read_annotations(
             skipped.append((draft.image, f"cannot be read ({e})"))  # training could not either
             continue
         finished = _finish(draft, size)
+        try:
+            finished.render().encode("utf-8")
+        except UnicodeEncodeError:  # a "\ud83d" escape in the file: no request can carry it
+            raise LlavaEdgeError(
+                f"{draft.image}: its captions or labels hold half of a UTF-16 pair (a lone "
+                "surrogate, half of an emoji); fix the text"
+            ) from None
         if finished.captions or finished.boxes:
             notes.append(finished)
         else:
