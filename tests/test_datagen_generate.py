@@ -693,6 +693,8 @@ def test_a_file_that_is_not_a_journal_is_left_alone(scene):
     notes = root / "notes.txt"
     notes.write_text("my own notes, no newline at the end")
     with pytest.raises(LlavaEdgeError, match="is not a journal of `llava-edge data generate`"):
+        generate(annotations, images, root / "out.json", journal=notes, dry_run=True)
+    with pytest.raises(LlavaEdgeError, match="is not a journal of `llava-edge data generate`"):
         generate(annotations, images, root / "out.json", endpoint="http://127.0.0.1:9/v1",
                  model="m", journal=notes)  # fmt: skip
     assert notes.read_text() == "my own notes, no newline at the end"

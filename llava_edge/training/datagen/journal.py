@@ -116,8 +116,8 @@ def check_settings(path: Path, settings: dict[str, Any]) -> None:
             first = f.readline()
     except OSError:
         return
-    if first.endswith("\n"):  # a whole first line; a torn one is cut off by the run
-        _check_header(Path(path), first, settings)
+    if first.endswith("\n") or (first and not first.startswith('{"journal"')):
+        _check_header(Path(path), first, settings)  # a torn header is cut off by the run
 
 
 def _check_header(path: Path, line: str, settings: dict[str, Any]) -> None:
