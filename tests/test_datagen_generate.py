@@ -846,3 +846,16 @@ def test_a_reply_with_a_broken_surrogate_is_kept_or_dropped_not_a_crash(scene):
         (key, "not UTF-8 text"), (other, "not JSON")
     ]  # fmt: skip
     assert len(SampleFile(out)) == 16
+
+
+def test_a_dry_run_lists_the_images_it_leaves_out(scene, capsys):
+    """The look before spending shows what the run's report would: images left out (a wrong
+    --images for half the set shows here, not after the run)."""
+    root, images, annotations, names = scene
+    extra = root / "more.jsonl"
+    extra.write_text(json.dumps({"image": "img_9.png", "captions": ["A ladder."]}) + "\n")
+    assert cli(["data", "generate", "--annotations", str(annotations[1]), "--annotations",
+                str(extra), "--images", str(images), "--out", str(root / "o.json"),
+                "--dry-run"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "left out 1 annotated images:\n  img_9.png: no file " in printed, printed

@@ -156,6 +156,8 @@ def generate(
         _show_prompts([(j, body(j, model)) for j in first], log)
         settled = settled_entries(journal_path)
         _show_count(jobs, settled, journal_path, max_requests, max_tokens, log)
+        for line in _left_out(skipped):
+            log(line)
         return GenerateResult(None, journal_path, model, skipped_images=skipped)
     if endpoint is None:
         raise LlavaEdgeError("no --endpoint given: the URL of an OpenAI-compatible API")
@@ -439,9 +441,7 @@ def format_report(result: GenerateResult, limit: int = 20) -> str:
         f"wrote {sum(result.samples.values())} samples ({kinds or 'none'}) about "
         f"{result.images} images to {result.out}"
     ]
-    if result.skipped_images:
-        lines.append(f"left out {len(result.skipped_images)} annotated images:")
-        lines += [f"  {image}: {why}" for image, why in result.skipped_images[:limit]]
+    lines += _left_out(result.skipped_images, limit)
     if result.dropped:
         reasons = Counter(reason for _, reason, _ in result.dropped)
         lines.append(
@@ -474,6 +474,13 @@ def format_report(result: GenerateResult, limit: int = 20) -> str:
             "the failed requests again)"
         )
     return "\n".join(lines)
+
+
+def _left_out(skipped: list[tuple[str, str]], limit: int = 20) -> list[str]:
+    if not skipped:
+        return []
+    lines = [f"left out {len(skipped)} annotated images:"]
+    return lines + [f"  {image}: {why}" for image, why in skipped[:limit]]
 
 
 def _line(key: Key, why: str) -> str:
