@@ -531,7 +531,7 @@ def run_cli(capsys, *args: str) -> tuple[int, str]:
         ("other settings", "journal .* was written with temperature 0.7, not 0.1"),
         (
             "other prompts",
-            "journal .* was written with another llava-edge's prompts; finish it "
+            "journal .* was written with the prompts of another llava-edge version; finish it "
             "with that version, or start over: delete it, or pass another --journal",
         ),
         ("not an url", "is not an http\\(s\\) URL"),

@@ -137,8 +137,8 @@ def _check_header(path: Path, line: str, settings: dict[str, Any]) -> None:
     if "prompts" in settings and old.get("prompts") != settings["prompts"]:
         # not an option: the prompts of another version of llava-edge
         raise LlavaEdgeError(
-            f"journal {path} was written with another llava-edge's prompts; finish it with that "
-            "version, or start over: delete it, or pass another --journal"
+            f"journal {path} was written with the prompts of another llava-edge version; finish "
+            "it with that version, or start over: delete it, or pass another --journal"
         )
     for name, value in settings.items():
         if name not in PER_ENTRY and old.get(name) != value:
