@@ -59,8 +59,15 @@ def environment() -> dict[str, Any]:
 
 
 def tensorrt_missing(env: dict[str, Any]) -> str | None:
+    from llava_edge.errors import LlavaEdgeError
+    from llava_edge.runtime.tensorrt.requirements import check_version
+
     if not env["tensorrt"]:
         return "TensorRT is not installed"
+    try:
+        check_version(env["tensorrt"])  # JetPack 6.0's 8.6 imports, but cannot build here
+    except LlavaEdgeError as e:
+        return str(e)
     if not env["cuda_python"]:
         return "cuda-python is not installed"
     if not env["gpus"]:

@@ -66,3 +66,9 @@ def test_the_report_says_why_a_section_was_skipped(gpu_check, tmp_path, capsys) 
     assert report["tensorrt"] == {"skipped": "TensorRT is not installed"}
     assert report["training"] == {"skipped": "--skip-training"}
     assert json.loads(capsys.readouterr().out) == json.loads((tmp_path / "r.json").read_text())
+
+
+def test_a_tensorrt_too_old_to_build_skips_the_section_saying_so(gpu_check) -> None:
+    env = {"tensorrt": "8.6.2.3", "cuda_python": "12.6.2", "gpus": ["Orin (SM 8.7)"]}
+    assert "TensorRT 8.6.2.3 is too old" in gpu_check.tensorrt_missing(env)
+    assert gpu_check.tensorrt_missing({**env, "tensorrt": "10.3.0.30"}) is None
