@@ -384,6 +384,7 @@ def _plan(args: argparse.Namespace) -> int:
         max_context=args.max_context,
         max_batch=args.max_batch,
         bandwidth_gbs=args.bandwidth,
+        providers=args.provider,
     )
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_plan(result))
     return 0 if result.fits else 2
@@ -833,6 +834,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-batch", type=int, default=1, help="requests decoded together")
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    p.add_argument(
+        "--provider",
+        action="append",
+        help="onnxruntime provider the deployment runs with: cpu (default), cuda, tensorrt "
+        "(repeatable; sets which graphs are counted, as `run --provider` opens them)",
+    )
     p.add_argument("--bandwidth", type=float, help="memory bandwidth in GB/s (for a custom device)")
     p.add_argument("--reserve", type=float, help="GB the OS keeps from applications")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")

@@ -6,10 +6,12 @@ running, `plan` adds up what the backend will hold:
 
 - weights of each graph at their stored precision, read from the ONNX files themselves (fp32,
   fp16, int8 Q/DQ, int4 blocks and their scales), the graph the backend runs (TensorRT builds from
-  `tensorrt_file` where there is one; onnxruntime also holds an int4 dir's int8 prompt decoder,
-  `quantize --prefill int8`);
-- the KV cache at the planned context, batch and the cache's dtype (fp16 where the TensorRT graph
-  computes in fp16);
+  `tensorrt_file` where there is one; onnxruntime opens the form its providers take, as the
+  runtime picks it: on the CPU alone the fused graphs, with an int4 dir's int8 prompt decoder,
+  `quantize --prefill int8`; with the CUDA or TensorRT provider the standard ones, the TensorRT
+  provider's Q/DQ forms where there are);
+- the KV cache at the planned context, batch and the cache's dtype, the decoder's own (fp16 where
+  the TensorRT graph computes in fp16, int8 in a fused decoder quantized with `--kv-cache int8`);
 - activations: the vision encoder on a batch of images (an AnyRes image is its base image and
   every tile of the largest grid), and one decoder call (a whole prompt for
   onnxruntime, which does not split prefills; one prefill chunk for TensorRT);
@@ -32,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from llava_edge.errors import LlavaEdgeError
-from llava_edge.manifest import PREFILL, Manifest
+from llava_edge.manifest import Manifest
 from llava_edge.runtime.anyres import max_feature_count, max_tiles
 from llava_edge.runtime.onnx_sizes import GraphSizes, graph_sizes
 
@@ -91,6 +93,9 @@ class Plan:
 
     model_dir: str
     backend: str
+    graph_form: (
+        str  # the form of the graphs counted: 'fused' or 'standard' (onnxruntime), 'tensorrt'
+    )
     device: dict[str, Any]
     max_context: int
     max_batch: int
@@ -118,6 +123,7 @@ class ModelShapes:
 
     manifest: Manifest
     sizes: dict[str, GraphSizes]
+    form: str  # of the graphs `sizes` counts (Plan.graph_form)
     kv_itemsize: int
     act_itemsize: int
     mlp_width: int
@@ -179,14 +185,23 @@ def plan(
     max_batch: int = 1,
     prefill_chunk: int = TRT_PREFILL_CHUNK,
     bandwidth_gbs: float | None = None,
+    providers: str | list[str] | None = None,
+    graph_form: str = "auto",
 ) -> Plan:
     """What running `model_dir` with `backend` needs, on `device` (a Device, a name, a size).
 
     max_context: the longest conversation to plan for (default: the model's); max_batch: the
     most requests decoded together; bandwidth_gbs: GB/s, for a device the table does not know.
+    providers, graph_form: onnxruntime's, as Pipeline.load takes them (default: the CPU, and the
+    form the runtime picks for the providers); the providers need not be installed here.
     """
     if backend not in ("onnxruntime", "tensorrt"):
         raise LlavaEdgeError(f"unknown backend {backend!r}; choose 'onnxruntime' or 'tensorrt'")
+    if backend == "tensorrt" and providers:
+        raise LlavaEdgeError(
+            "providers (--provider) are onnxruntime's; the tensorrt backend runs its own "
+            "engines: drop them, or plan for --backend onnxruntime"
+        )
     device = device if isinstance(device, Device) else parse_device(device)
     if bandwidth_gbs is not None:
         if not 0 < bandwidth_gbs < math.inf:  # nan too
@@ -203,7 +218,9 @@ def plan(
         )
     if max_batch < 1:
         raise LlavaEdgeError(f"--max-batch must be at least 1, got {max_batch}")
-    shapes = read_shapes(Path(model_dir), manifest, backend, prefill_chunk)
+    shapes = read_shapes(
+        Path(model_dir), manifest, backend, prefill_chunk, provider_names(providers), graph_form
+    )
     return plan_for(shapes, device, backend, context, max_batch, str(model_dir))
 
 
@@ -218,6 +235,7 @@ def plan_for(
     return Plan(
         model_dir=name,
         backend=backend,
+        graph_form=shapes.form,
         device={**asdict(device), "available": device.available},
         max_context=context,
         max_batch=max_batch,
@@ -245,17 +263,43 @@ def plan_for(
     )
 
 
+def provider_names(names: str | list[str] | None) -> list[str]:
+    """onnxruntime's provider names for 'cpu', 'cuda', 'tensorrt' (or their full names), with
+    the CPU last, as the runtime orders them; unlike the runtime, they need not be installed: a
+    plan may be for another machine."""
+    from llava_edge.runtime.onnx_backend import PROVIDERS
+
+    names = [names] if isinstance(names, str) else list(names or ["cpu"])
+    chosen = []
+    for name in names:
+        provider = PROVIDERS.get(name.lower(), name)
+        if provider not in PROVIDERS.values():
+            raise LlavaEdgeError(
+                f"unknown onnxruntime provider {name!r}; choose from {', '.join(PROVIDERS)}"
+            )
+        chosen.append(provider)
+    return chosen if PROVIDERS["cpu"] in chosen else [*chosen, PROVIDERS["cpu"]]
+
+
 def read_shapes(
-    model_dir: Path, manifest: Manifest, backend: str, prefill_chunk: int = TRT_PREFILL_CHUNK
+    model_dir: Path,
+    manifest: Manifest,
+    backend: str,
+    prefill_chunk: int = TRT_PREFILL_CHUNK,
+    providers: list[str] | None = None,
+    graph_form: str = "auto",
 ) -> ModelShapes:
-    """Weights and input types of the graphs `backend` runs, and the model's other sizes."""
-    files = {
-        name: graph.tensorrt_file if backend == "tensorrt" and graph.tensorrt_file else graph.file
-        for name, graph in manifest.graphs.items()
-    }
-    fused = manifest.graphs["decoder"].fused
-    if backend == "onnxruntime" and fused and fused.prefill:  # held beside it for prompts
-        files[PREFILL] = fused.prefill.file
+    """Weights and input types of the graphs `backend` runs (onnxruntime: with `providers`, full
+    names, default the CPU), and the model's other sizes."""
+    from llava_edge.runtime.onnx_backend import form_graphs, graph_files, pick_form
+
+    if backend == "tensorrt":
+        form = "tensorrt"
+        files = {name: g.tensorrt_file or g.file for name, g in manifest.graphs.items()}
+    else:  # the graphs the onnxruntime backend opens
+        providers = providers or provider_names(None)
+        form = pick_form(manifest, providers, graph_form)
+        files = graph_files(form_graphs(manifest, form), providers)
     sizes = {}
     for name, file in files.items():
         try:
@@ -264,10 +308,10 @@ def read_shapes(
             raise LlavaEdgeError(f"cannot read graph {model_dir / file}: {e}") from None
     text = manifest.text
     past = manifest.kv_names(0)[0]
-    act_dtype = sizes["decoder"].input_dtype(past) or text.dtype  # it computes in its KV's dtype
-    kv_dtype = act_dtype
-    if backend == "onnxruntime" and fused and past in fused.inputs:
-        kv_dtype = fused.inputs[past].dtype  # int8 after `quantize --kv-cache int8`
+    # the cache's dtype is the decoder's past input's (int8 after `quantize --kv-cache int8`);
+    # it computes in that dtype, but an int8 cache is dequantized into the model's own
+    kv_dtype = sizes["decoder"].input_dtype(past) or text.dtype
+    act_dtype = text.dtype if kv_dtype == "int8" else kv_dtype
     kv_itemsize = np.dtype(kv_dtype).itemsize
     vision_out = next(iter(manifest.graphs["vision_encoder"].outputs.values())).shape
     vision_hidden = vision_out[-1] if isinstance(vision_out[-1], int) else text.hidden_size
@@ -279,6 +323,7 @@ def read_shapes(
     return ModelShapes(
         manifest=manifest,
         sizes=sizes,
+        form=form,
         kv_itemsize=kv_itemsize,
         act_itemsize=np.dtype(act_dtype).itemsize,
         mlp_width=_mlp_width(sizes["decoder"], text.vocab_size, 4 * text.hidden_size),
@@ -393,8 +438,9 @@ def _onnx_dtype(code: int) -> str:
 def format_plan(p: Plan) -> str:
     """The plan as a table a person reads."""
     gb = lambda n: f"{n / 1e9:8.2f} GB"  # noqa: E731
+    form = f" ({p.graph_form} graphs)" if p.backend == "onnxruntime" else ""
     lines = [
-        f"{p.model_dir} with {p.backend} on {p.device['name']}: context {p.max_context}, "
+        f"{p.model_dir} with {p.backend}{form} on {p.device['name']}: context {p.max_context}, "
         f"batch {p.max_batch}, KV cache {p.kv_dtype}",
     ]
     for name, n in p.weights.items():
