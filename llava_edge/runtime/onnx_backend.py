@@ -11,6 +11,7 @@ builds strongly typed networks from the explicit-precision graphs (its fp16/int8
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import threading
@@ -55,11 +56,24 @@ def provider_options(
 
     return {
         "trt_engine_cache_enable": True,
-        "trt_engine_cache_path": str(cache_dir),
+        "trt_engine_cache_path": str(engine_cache_dir(cache_dir, manifest, graph)),
         "trt_timing_cache_enable": True,
         "trt_timing_cache_path": str(cache_dir),
         **ort_tensorrt_profiles(manifest, graph),
     }
+
+
+def engine_cache_dir(cache_dir: Path, manifest: Manifest, graph: str) -> Path:
+    """Where the TensorRT provider keeps the engines of one graph: a dir named by the content
+    of the file it builds from (and its external data). The provider names an engine by the
+    graph's file name and node names, not its weights, so in a cache dir shared by two models of
+    one architecture (or kept while a model dir is re-quantized in place) it would otherwise run
+    the other weights' engine, with no error. The provider makes the dir."""
+    spec = manifest.graphs[graph]
+    file = spec.tensorrt_file or spec.file
+    digests = [manifest.files[f].sha256 for f in (file, file + ".data") if f in manifest.files]
+    key = hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
+    return cache_dir / f"{Path(file).stem}-{key}"
 
 
 def provider_list(names: str | list[str] | None) -> list[str]:
