@@ -47,11 +47,13 @@ def test_tensorrt_section_builds_compares_and_times_each_precision(
     assert report["onnxruntime_cpu_speed"]["first_token_ms"] > 0
 
 
-def test_training_section_through_its_cpu_baseline(gpu_check, tmp_path) -> None:
+def test_training_section_through_its_cpu_baseline(gpu_check, tmp_path, capfd) -> None:
     """One run, the CPU baseline: the subprocess that cannot see CUDA trains stage 1 and 2 (two
     steps each), exports with verification, answers the test questions and reports back. The
     GPU runs are the same function in this process (in bf16, stage 2 also with LoRA)."""
     report = gpu_check.check_training(tmp_path, quick=True, lora=())
+    # the trainer's lines of losses go to stderr: `gpu_check.py > report.json` is JSON
+    assert capfd.readouterr().out == ""
     run = report["cpu_fp32_full"]
     assert set(report) == {"cpu_fp32_full"} and "answers" not in run
     assert run["exported_and_verified"] and run["stage1"]["steps"] == run["stage2"]["steps"] == 2
