@@ -315,6 +315,30 @@ def test_build_options_are_checked_before_anything_is_written(stub, model: Path)
     assert not (model / "engines").exists()
 
 
+def test_a_timing_cache_the_build_cannot_use_is_refused_before_building(
+    stub, model: Path, tmp_path: Path, monkeypatch
+) -> None:
+    from llava_edge.runtime.tensorrt import build
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a dir")
+    for path, message in [
+        (tmp_path, "is a directory; name a file"),
+        (blocker / "timing.cache", "cannot make the timing cache's dir"),
+    ]:
+        with pytest.raises(LlavaEdgeError, match=message):
+            build_engines(model, timing_cache=path, log=quiet)
+
+    def unreadable(path: Path) -> bytes:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(build, "_read", unreadable)
+    with pytest.raises(LlavaEdgeError, match="cannot read the timing cache .*Permission denied"):
+        build_engines(model, timing_cache=blocker, log=quiet)
+    assert not [c for c in stub.calls if c[0] == "build"]
+    assert not Manifest.load(model).engines
+
+
 # ---- the backend ---------------------------------------------------------------------------
 
 

@@ -99,7 +99,7 @@ def build_engines(
     cache_path = (
         Path(timing_cache) if timing_cache is not None else out / timing_cache_name(trt.__version__)
     )
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    _check_timing_cache(cache_path)
     workspace = int(workspace_gb * 2**30) if workspace_gb is not None else None
     if workspace is None and device.integrated:
         workspace = min(INTEGRATED_WORKSPACE, free_memory(device) // 4)
@@ -272,6 +272,22 @@ def _check_writable(model_dir: Path, out: Path) -> None:
             ) from None
 
 
+def _check_timing_cache(path: Path) -> None:
+    """A timing cache the build can read and put its new timings in: refused now, not with a
+    traceback or after the build's minutes of work (a directory, a dir that cannot be made)."""
+    if path.is_dir():
+        raise LlavaEdgeError(
+            f"--timing-cache {path} is a directory; name a file in it (it is read, then rewritten)"
+        )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LlavaEdgeError(
+            f"cannot make the timing cache's dir {path.parent}: {e.strerror or e}; choose another "
+            "--timing-cache"
+        ) from None
+
+
 def _limits(
     manifest: Manifest, max_batch: int, max_context: int | None, prefill_chunk: int, kv_chunk: int
 ) -> EngineLimits:
@@ -314,7 +330,12 @@ def _timing_cache(config: Any, path: Path, log: Any) -> Any:
     use the file: another TensorRT version wrote it or it is damaged (create_timing_cache returns
     None), or another GPU did (set_timing_cache refuses a cache of other device properties,
     returning False; its timings would not hold here)."""
-    data = _read(path)
+    try:
+        data = _read(path)
+    except OSError as e:
+        raise LlavaEdgeError(
+            f"cannot read the timing cache {path}: {e.strerror or e}; choose another --timing-cache"
+        ) from None
     cache = config.create_timing_cache(data)
     if data and (cache is None or not config.set_timing_cache(cache, False)):
         log(f"timing cache {path} is stale or from another TensorRT or GPU; starting an empty one")
