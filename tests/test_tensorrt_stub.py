@@ -898,7 +898,7 @@ def test_a_timing_cache_that_cannot_be_saved_does_not_fail_a_finished_build(
     real = build._write
 
     def full(path: Path, data) -> tuple[int, str]:
-        if path.name.startswith("timing.cache"):
+        if path.name.startswith(".timing.cache."):
             raise OSError(28, "No space left on device")
         return real(path, data)
 
@@ -1031,17 +1031,25 @@ def test_two_builds_into_one_engine_dir_at_once_keep_their_own_engines(
     both_writing = threading.Barrier(2, timeout=60)
     real_fsync = build.os.fsync
 
+    saving = threading.Barrier(2, timeout=60)
+
     def fsync(fd: int) -> None:
-        if Path(build.os.readlink(f"/proc/self/fd/{fd}")).name.startswith(".decoder.engine"):
+        name = Path(build.os.readlink(f"/proc/self/fd/{fd}")).name
+        if name.startswith(".decoder.engine"):
             both_writing.wait()  # each has written its decoder engine, neither renamed it yet
+        if name.startswith(".timing-"):
+            saving.wait()  # and each its timing cache, into the one they share
         real_fsync(fd)
 
     monkeypatch.setattr(build.os, "fsync", fsync)
     failures: list[BaseException] = []
+    said: list[str] = []  # neither build may fail to save its timings
 
     def run(path: Path) -> None:
         try:
-            build_engines(path, shared, log=quiet)
+            build_engines(
+                path, shared, log=lambda line: said.append(line) if "timing" in line else None
+            )
         except BaseException as e:
             failures.append(e)
 
@@ -1050,11 +1058,13 @@ def test_two_builds_into_one_engine_dir_at_once_keep_their_own_engines(
         thread.start()
     for thread in threads:
         thread.join()
-    assert not failures
+    assert not failures and not said
     for path in (model, other):
         record = Manifest.load(path).engines[str(shared.resolve())]
         for spec in record.engines.values():
             assert sha256(shared / spec.file) == spec.sha256
+    assert len(timing_entries(shared / "timing-10.3.0.30.cache")) == 3  # one build's, whole
+    assert not list(shared.glob(".*.tmp"))
 
 
 def test_the_next_build_removes_what_a_killed_build_was_writing(stub, model: Path) -> None:

@@ -17,12 +17,14 @@ build's own (several models' builds may share an engine dir at the same time), a
 removes what a killed one was writing. Engines are flushed to disk before the manifest names
 them, so killed, failed or cut off from power at any moment, a build leaves the manifest pointing
 at engines that are all there, old or new. The timing cache is read before and saved after (also
-after a failure), so a rebuild skips the kernel timing it already did.
+after a failure; written under a name of the build's own, then renamed, as builds sharing it may
+save at once), so a rebuild skips the kernel timing it already did.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import math
@@ -100,6 +102,7 @@ def build_engines(
         Path(timing_cache) if timing_cache is not None else out / timing_cache_name(trt.__version__)
     )
     _check_timing_cache(cache_path)
+    _remove_stale_writes(cache_path.parent, f".{glob.escape(cache_path.name)}.*-*.tmp")
     workspace = int(workspace_gb * 2**30) if workspace_gb is not None else None
     if workspace is None and device.integrated:
         workspace = min(INTEGRATED_WORKSPACE, free_memory(device) // 4)
@@ -145,7 +148,7 @@ def build_engines(
                         f"TensorRT could not build the {name} engine from {source} (its log above "
                         f"says why){_check_findings(model_dir / source)}"
                     )
-                tmp = _tmp_path(out, name)
+                tmp = _tmp_path(out, f"{name}.engine")
                 size, digest = _write(tmp, plan)
                 built[name] = (
                     tmp,
@@ -349,7 +352,7 @@ def _save_timing_cache(timing: Any, path: Path, log: Any) -> None:
     """Save the kernel timings for the next build. A cache that cannot be written (a full disk, a
     read-only share) only costs the next build its timing: it neither fails a build whose engines
     are committed nor hides why a failed one failed."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _tmp_path(path.parent, path.name)  # builds sharing the cache may save at once
     try:
         _write(tmp, timing.serialize())
         os.replace(tmp, path)
@@ -388,16 +391,17 @@ def _check_findings(source: Path) -> str:
     return f"; llava-edge's TensorRT 10.3 check finds: {'; '.join(problems[:3])}{more}"
 
 
-def _tmp_path(out: Path, name: str) -> Path:
-    """Where an engine is written before its rename: a name of this build's own (several
-    models' builds may share the engine dir at the same time), with the pid by which the next
-    build tells what a killed one left (`_remove_stale_writes`)."""
-    return out / f".{name}.engine.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+def _tmp_path(directory: Path, name: str) -> Path:
+    """Where file `name` (an engine, `NAME.engine`, or the timing cache) is written before its
+    rename: a name of this build's own (several models' builds may share the engine dir, and its
+    timing cache, at the same time), with the pid by which the next build tells what a killed
+    one left (`_remove_stale_writes`)."""
+    return directory / f".{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
 
 
-def _remove_stale_writes(out: Path) -> None:
-    """Engines that killed builds were writing: their process is gone."""
-    for path in out.glob(".*.engine.*-*.tmp"):
+def _remove_stale_writes(directory: Path, pattern: str = ".*.engine.*-*.tmp") -> None:
+    """Files that killed builds were writing (engines by default): their process is gone."""
+    for path in directory.glob(pattern):
         pid = path.name.rsplit(".", 2)[-2].split("-", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
             path.unlink(missing_ok=True)
