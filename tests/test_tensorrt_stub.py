@@ -1075,10 +1075,12 @@ def test_the_next_build_removes_what_a_killed_build_was_writing(stub, model: Pat
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], stdout=-1)
     killed = engines / f".decoder.engine.{int(gone.stdout)}-0badcafe.tmp"  # its process is gone
     running = engines / f".decoder.engine.{os.getpid()}-0badcafe.tmp"  # another build, running
+    timing = engines / f".timing-10.3.0.30.cache.{int(gone.stdout)}-0badcafe.tmp"
     killed.write_bytes(b"part of an engine")
     running.write_bytes(b"part of an engine")
+    timing.write_bytes(b"part of a timing cache")
     build_engines(model, log=quiet)
-    assert not killed.exists() and running.exists()
+    assert not killed.exists() and running.exists() and not timing.exists()
 
 
 def test_a_build_tensorrt_refuses_names_what_the_compatibility_check_finds(
