@@ -195,6 +195,24 @@ def test_onnxruntime_plans_count_the_graphs_its_providers_open(tiny_model_dir, c
     assert "providers (--provider) are onnxruntime's" in capsys.readouterr().err
 
 
+def test_the_mlp_width_is_the_models_whatever_form_is_counted(tiny_checkpoint, tmp_path) -> None:
+    """The fused decoder stores RoPE's cos/sin tables, [context, head_dim / 2]: a context wider
+    than the MLP (and narrower than the vocabulary, as Qwen2's 32k against 152k) is not the MLP's
+    width, which sizes every call's activations."""
+    from llava_edge.export.exporter import export_checkpoint
+    from llava_edge.manifest import Manifest
+    from llava_edge.runtime.plan import read_shapes
+
+    model = tmp_path / "model"
+    export_checkpoint(tiny_checkpoint, model, max_context=512, verify=False, log=quiet)
+    manifest = Manifest.load(model)
+    width = PRESETS["tiny"]["text"]["intermediate_size"]
+    assert manifest.text.max_context == 512 > width and manifest.text.vocab_size > 512
+    for form in ("fused", "standard"):
+        assert read_shapes(model, manifest, "onnxruntime", graph_form=form).mlp_width == width
+    assert plan(model, BIG).activations == plan(model, BIG, graph_form="standard").activations
+
+
 @pytest.mark.parametrize(
     "option, message",
     [

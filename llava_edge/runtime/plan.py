@@ -300,12 +300,15 @@ def read_shapes(
         providers = providers or provider_names(None)
         form = pick_form(manifest, providers, graph_form)
         files = graph_files(form_graphs(manifest, form), providers)
-    sizes = {}
-    for name, file in files.items():
-        try:
-            sizes[name] = graph_sizes(model_dir / file)
-        except (OSError, ValueError, IndexError) as e:
-            raise LlavaEdgeError(f"cannot read graph {model_dir / file}: {e}") from None
+    sizes = {name: _read_sizes(model_dir / file) for name, file in files.items()}
+
+    def standard(name: str) -> GraphSizes:
+        """The standard form's sizes, whose matrices are the model's own: a fused decoder also
+        stores RoPE's cos/sin tables ([context, head_dim / 2]) and a fused vision encoder its
+        packed QKV, whose widths are not the MLP's."""
+        file = manifest.graphs[name].file
+        return sizes[name] if files[name] == file else _read_sizes(model_dir / file)
+
     text = manifest.text
     past = manifest.kv_names(0)[0]
     # the cache's dtype is the decoder's past input's (int8 after `quantize --kv-cache int8`);
@@ -326,14 +329,21 @@ def read_shapes(
         form=form,
         kv_itemsize=kv_itemsize,
         act_itemsize=np.dtype(act_dtype).itemsize,
-        mlp_width=_mlp_width(sizes["decoder"], text.vocab_size, 4 * text.hidden_size),
+        mlp_width=_mlp_width(standard("decoder"), text.vocab_size, 4 * text.hidden_size),
         vision_hidden=vision_hidden,
-        vision_mlp=_mlp_width(sizes["vision_encoder"], 0, 4 * vision_hidden),
+        vision_mlp=_mlp_width(standard("vision_encoder"), 0, 4 * vision_hidden),
         table=table_bytes,
         prefill_chunk=prefill_chunk,
         image_tokens=max_feature_count(manifest),
         vision_inputs=1 if manifest.image.anyres is None else max_tiles(manifest.image.anyres),
     )
+
+
+def _read_sizes(path: Path) -> GraphSizes:
+    try:
+        return graph_sizes(path)
+    except (OSError, ValueError, IndexError) as e:
+        raise LlavaEdgeError(f"cannot read graph {path}: {e}") from None
 
 
 def _mlp_width(sizes: GraphSizes, vocab: int, default: int) -> int:
