@@ -339,6 +339,44 @@ def test_a_timing_cache_the_build_cannot_use_is_refused_before_building(
     assert not Manifest.load(model).engines
 
 
+@pytest.fixture(scope="module")
+def fp16_model(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny shape exported in fp16: a KV position of one row is 4 heads x 16 x 2 = 128 bytes,
+    half of TensorRT's 256-byte alignment."""
+    from llava_edge.export.exporter import export_checkpoint
+
+    out = tmp_path_factory.mktemp("fp16") / "model"
+    export_checkpoint(tiny_checkpoint, out, dtype="fp16", verify=False, log=quiet)
+    return out
+
+
+def test_a_batched_cache_whose_rows_would_not_align_is_refused_at_build(
+    stub, fp16_model: Path, model: Path, monkeypatch
+) -> None:
+    from llava_edge.runtime.tensorrt import build
+
+    # what such engines do: a request joining the batch in row 1 binds its past off alignment
+    with monkeypatch.context() as unchecked:
+        unchecked.setattr(build, "_check_row_alignment", lambda *a: None, raising=False)
+        build_engines(fp16_model, max_batch=2, kv_chunk=15, log=quiet)
+    be = backend(fp16_model)
+    cache = be.new_cache(2)
+    embeds = np.zeros((1, 3, 64), np.float16)
+    with pytest.raises(LlavaEdgeError, match="refused the address of past_key_values"):
+        be.decode(embeds, np.ones((1, 3), np.int64), np.arange(3)[None], cache.rows(1, 2))
+    be.close()
+
+    with pytest.raises(LlavaEdgeError, match="kv_chunk 15 with --max-batch 2.*multiple of 2"):
+        build_engines(fp16_model, max_batch=2, kv_chunk=15, log=quiet)
+    with pytest.raises(
+        LlavaEdgeError, match=r"--max-context 65 .*4 KV heads x 16 x 2 bytes.*give 64 or 66"
+    ):
+        build_engines(fp16_model, max_batch=2, max_context=65, kv_chunk=16, log=quiet)
+    # one row, or an fp32 cache (256 bytes a position), always aligns
+    build_engines(fp16_model, max_batch=1, max_context=65, kv_chunk=15, log=quiet)
+    build_engines(model, max_batch=2, max_context=65, kv_chunk=15, log=quiet)
+
+
 # ---- the backend ---------------------------------------------------------------------------
 
 

@@ -87,6 +87,7 @@ def build_engines(
     manifest = Manifest.load(model_dir)
     manifest.check_files(model_dir)
     limits = _limits(manifest, max_batch, max_context, prefill_chunk, kv_chunk)
+    _check_row_alignment(model_dir, manifest, limits)
     if workspace_gb is not None and not 0 < workspace_gb < math.inf:  # nan too
         raise LlavaEdgeError(f"--workspace must be a positive number of GiB, got {workspace_gb}")
     profiles = {name: graph_profiles(manifest, name, limits) for name in manifest.graphs}
@@ -273,6 +274,36 @@ def _check_writable(model_dir: Path, out: Path) -> None:
             raise LlavaEdgeError(
                 f"cannot write to {what} {where}: {e.strerror or e}; {advice}"
             ) from None
+
+
+def _check_row_alignment(model_dir: Path, manifest: Manifest, limits: EngineLimits) -> None:
+    """A call on rows [start, stop) of a batched device KV cache binds its past at row `start`
+    (runtime/tensorrt/device_cache.py), and TensorRT takes only 256-byte aligned addresses: every
+    capacity the cache takes (multiples of kv_chunk, and the max context) must make a row's
+    keys a multiple of 256 bytes, or a request joining a batch in row 1 or later is refused."""
+    if limits.max_batch == 1:  # one row: its past is the block itself
+        return
+    from llava_edge.runtime.onnx_sizes import graph_sizes
+
+    text, decoder = manifest.text, manifest.graphs["decoder"]
+    source = model_dir / (decoder.tensorrt_file or decoder.file)
+    dtype = graph_sizes(source).input_dtype(manifest.kv_names(0)[0]) or text.dtype
+    itemsize = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}.get(dtype, 1)
+    slot = text.num_kv_heads * text.head_dim * itemsize  # bytes of one position of one row
+    unit = 256 // math.gcd(slot, 256)
+    options = [("--max-context", limits.max_context)]
+    if limits.kv_chunk < limits.max_context:
+        options.append(("kv_chunk", limits.kv_chunk))
+    for option, value in options:
+        if value % unit:
+            lower = value - value % unit
+            instead = f"{lower} or {lower + unit}" if lower else f"{unit}"
+            raise LlavaEdgeError(
+                f"{option} {value} with --max-batch {limits.max_batch}: this model's KV cache "
+                f"({text.num_kv_heads} KV heads x {text.head_dim} x {itemsize} bytes a position) "
+                f"needs a multiple of {unit} for the rows of a batch to start 256-byte aligned, "
+                f"as TensorRT requires; give {instead} (or --max-batch 1)"
+            )
 
 
 def _check_timing_cache(path: Path) -> None:
