@@ -379,7 +379,7 @@ def _plan(args: argparse.Namespace) -> int:
 
     result = plan(
         args.model_dir,
-        parse_device(args.device, args.reserve),
+        parse_device(args.device, args.reserve, args.backend),
         backend=args.backend,
         max_context=args.max_context,
         max_batch=args.max_batch,
@@ -827,7 +827,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--device",
         help="orin-nano-4gb, orin-nano-8gb, orin-nano-8gb-super, orin-nx-8gb, orin-nx-16gb, "
-        "agx-orin-32gb, agx-orin-64gb, or a memory size (8GB, 7.5GiB, bytes); default: this machine",
+        "agx-orin-32gb, agx-orin-64gb, or a memory size (8GB, 7.5GiB, bytes); default: this machine "
+        "(its GPU for --backend tensorrt)",
     )
     p.add_argument(
         "--max-context", type=int, help="longest conversation in tokens (default: the model's)"

@@ -213,6 +213,24 @@ def test_the_mlp_width_is_the_models_whatever_form_is_counted(tiny_checkpoint, t
     assert plan(model, BIG).activations == plan(model, BIG, graph_form="standard").activations
 
 
+def test_a_tensorrt_plan_for_this_machine_is_for_its_gpu(tiny_model_dir, monkeypatch) -> None:
+    """The engines, their KV cache and activations live in the GPU's memory: a server with 64 GB
+    of RAM and a 24 GB card has 24 GB for them, as `build` counts."""
+    from llava_edge.runtime.tensorrt import gpu
+
+    card = gpu.GpuInfo(0, "RTX 4090", "8.9", 24 * GiB, 20 * GiB, False, "12.6")
+    monkeypatch.setattr(gpu, "probe_gpu", lambda index=0: card)
+    trt = plan(tiny_model_dir, backend="tensorrt")
+    assert trt.device["name"] == "GPU 0, RTX 4090" and trt.available == 20 * GiB
+    assert plan(tiny_model_dir).device["name"] == "this machine"  # onnxruntime: host memory
+
+    def none(index=0):
+        raise LlavaEdgeError("no NVIDIA driver here")
+
+    monkeypatch.setattr(gpu, "probe_gpu", none)  # no GPU: this machine's memory, as before
+    assert plan(tiny_model_dir, backend="tensorrt").device["name"] == "this machine"
+
+
 @pytest.mark.parametrize(
     "option, message",
     [

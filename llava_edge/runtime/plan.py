@@ -135,10 +135,14 @@ class ModelShapes:
     vision_inputs: int  # vision encoder inputs of one image (AnyRes: base image and tiles)
 
 
-def parse_device(spec: str | None, reserve_gb: float | None = None) -> Device:
-    """A device by name, a memory size ('8GB', '7.5GiB', '8000000000'), or this machine."""
+def parse_device(
+    spec: str | None, reserve_gb: float | None = None, backend: str = "onnxruntime"
+) -> Device:
+    """A device by name, a memory size ('8GB', '7.5GiB', '8000000000'), or this machine: for
+    the tensorrt backend its GPU, which holds the engines, their KV cache and activations (on a
+    Jetson, the board's one memory; `build` checks the same), else its memory."""
     if spec is None:
-        device = _this_machine()
+        device = (_this_gpu() if backend == "tensorrt" else None) or _this_machine()
     elif spec in DEVICES:
         device = DEVICES[spec]
     else:
@@ -161,6 +165,19 @@ def parse_device(spec: str | None, reserve_gb: float | None = None) -> Device:
                 f"{device.memory / 1e9:.1f} GB; reserve less"
             )
     return device
+
+
+def _this_gpu() -> Device | None:
+    """GPU 0 and what it has free, as `build` counts it; None where there is no GPU."""
+    from llava_edge.runtime.tensorrt import gpu
+    from llava_edge.runtime.tensorrt.build import free_memory
+
+    try:
+        info = gpu.probe_gpu(0)
+    except LlavaEdgeError:
+        return None
+    free = free_memory(info)
+    return Device(f"GPU 0, {info.name}", info.total_memory, info.total_memory - free, None)
 
 
 def _this_machine() -> Device:
@@ -202,7 +219,7 @@ def plan(
             "providers (--provider) are onnxruntime's; the tensorrt backend runs its own "
             "engines: drop them, or plan for --backend onnxruntime"
         )
-    device = device if isinstance(device, Device) else parse_device(device)
+    device = device if isinstance(device, Device) else parse_device(device, backend=backend)
     if bandwidth_gbs is not None:
         if not 0 < bandwidth_gbs < math.inf:  # nan too
             raise LlavaEdgeError(
