@@ -93,9 +93,7 @@ class Plan:
 
     model_dir: str
     backend: str
-    graph_form: (
-        str  # the form of the graphs counted: 'fused' or 'standard' (onnxruntime), 'tensorrt'
-    )
+    graph_form: str  # of the graphs counted: 'fused', 'standard' (onnxruntime) or 'tensorrt'
     device: dict[str, Any]
     max_context: int
     max_batch: int
@@ -281,9 +279,9 @@ def plan_for(
 
 
 def provider_names(names: str | list[str] | None) -> list[str]:
-    """onnxruntime's provider names for 'cpu', 'cuda', 'tensorrt' (or their full names), with
-    the CPU last, as the runtime orders them; unlike the runtime, they need not be installed: a
-    plan may be for another machine."""
+    """onnxruntime's provider names for 'cpu', 'cuda', 'tensorrt' (or their full names), the CPU
+    added last where missing, as the runtime orders them; unlike the runtime's, they need not be
+    installed here: a plan may be for another machine."""
     from llava_edge.runtime.onnx_backend import PROVIDERS
 
     names = [names] if isinstance(names, str) else list(names or ["cpu"])
