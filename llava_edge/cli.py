@@ -379,11 +379,12 @@ def _plan(args: argparse.Namespace) -> int:
 
     result = plan(
         args.model_dir,
-        parse_device(args.device, args.reserve),
+        parse_device(args.device, args.reserve, args.backend),
         backend=args.backend,
         max_context=args.max_context,
         max_batch=args.max_batch,
         bandwidth_gbs=args.bandwidth,
+        providers=args.provider,
     )
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_plan(result))
     return 0 if result.fits else 2
@@ -826,13 +827,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--device",
         help="orin-nano-4gb, orin-nano-8gb, orin-nano-8gb-super, orin-nx-8gb, orin-nx-16gb, "
-        "agx-orin-32gb, agx-orin-64gb, or a memory size (8GB, 7.5GiB, bytes); default: this machine",
+        "agx-orin-32gb, agx-orin-64gb, or a memory size (8GB, 7.5GiB, bytes); default: this machine "
+        "(its GPU for --backend tensorrt)",
     )
     p.add_argument(
         "--max-context", type=int, help="longest conversation in tokens (default: the model's)"
     )
     p.add_argument("--max-batch", type=int, default=1, help="requests decoded together")
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    p.add_argument(
+        "--provider",
+        action="append",
+        help="onnxruntime provider the deployment runs with: cpu (default), cuda, tensorrt "
+        "(repeatable; sets which graphs are counted, as `run --provider` opens them)",
+    )
     p.add_argument("--bandwidth", type=float, help="memory bandwidth in GB/s (for a custom device)")
     p.add_argument("--reserve", type=float, help="GB the OS keeps from applications")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")

@@ -115,8 +115,17 @@ def test_onnxruntime_tensorrt_provider_gets_explicit_profiles(manifest: Manifest
     from llava_edge.runtime.onnx_backend import provider_options
 
     options = provider_options("TensorrtExecutionProvider", manifest, "decoder", Path("/c"))
-    assert options["trt_engine_cache_enable"] and options["trt_engine_cache_path"] == "/c"
-    assert options["trt_timing_cache_path"] == "/c"
+    assert options["trt_engine_cache_enable"] and options["trt_timing_cache_path"] == "/c"
+    # the provider names engines by the graph's file and node names, not its weights: each
+    # graph's engines sit in a dir named by its content, so a cache dir shared by two models of
+    # one shape (or a model re-quantized in place) never runs the other one's engines
+    engines = Path(options["trt_engine_cache_path"])
+    assert engines.parent == Path("/c") and engines.name.startswith("decoder-")
+    other = dataclasses.replace(manifest, files=dict(manifest.files))
+    other.files["decoder.onnx"] = dataclasses.replace(other.files["decoder.onnx"], sha256="0" * 64)
+    moved = provider_options("TensorrtExecutionProvider", other, "decoder", Path("/c"))
+    assert moved["trt_engine_cache_path"] != str(engines)
+    assert moved["trt_profile_max_shapes"] == options["trt_profile_max_shapes"]
     low = dict(item.split(":") for item in options["trt_profile_min_shapes"].split(","))
     high = dict(item.split(":") for item in options["trt_profile_max_shapes"].split(","))
     assert set(low) == set(manifest.graphs["decoder"].inputs)
