@@ -11,7 +11,6 @@ builds strongly typed networks from the explicit-precision graphs (its fp16/int8
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import threading
@@ -71,8 +70,7 @@ def engine_cache_dir(cache_dir: Path, manifest: Manifest, graph: str) -> Path:
     the other weights' engine, with no error. The provider makes the dir."""
     spec = manifest.graphs[graph]
     file = spec.tensorrt_file or spec.file
-    digests = [manifest.files[f].sha256 for f in (file, file + ".data") if f in manifest.files]
-    key = hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
+    key = (manifest.graph_digest(file) or "unrecorded")[:16]
     return cache_dir / f"{Path(file).stem}-{key}"
 
 
@@ -332,20 +330,8 @@ class OnnxBackend:
         """Whether every graph would open from a complete session-cache entry."""
         if not self.session_cache or self.providers != ["CPUExecutionProvider"]:
             return False
-        keys = [self._cache_key(f) for f in files]
+        keys = [self.manifest.graph_digest(f) for f in files]
         return all(k is not None and is_cached(k) for k in keys)
-
-    def _cache_key(self, file: str) -> str | None:
-        """What names a graph's session-cache entry: its sha256, and its `.data` file's where
-        its weights are there (the `.onnx` alone is then the same for every checkpoint of one
-        shape); None where the manifest records no hash."""
-        entry = self.manifest.files.get(file)
-        if entry is None:
-            return None
-        data = self.manifest.files.get(file + ".data")
-        if data is None:
-            return entry.sha256
-        return hashlib.sha256(f"{entry.sha256} {data.sha256}".encode()).hexdigest()
 
     def _open(
         self,
@@ -356,7 +342,7 @@ class OnnxBackend:
     ) -> ort.InferenceSession:
         """A session of one graph: CPU sessions through the optimized-graph cache."""
         path = self.model_dir / file
-        key = self._cache_key(file)
+        key = self.manifest.graph_digest(file)
         cached = self.session_cache and key and self.providers == ["CPUExecutionProvider"]
         try:
             if cached:

@@ -156,9 +156,7 @@ def build_engines(
                     EngineSpec(
                         file=f"{name}.{digest[:12]}.engine",
                         source=source,
-                        source_sha256=manifest.files[source].sha256
-                        if source in manifest.files
-                        else "",
+                        source_sha256=manifest.graph_digest(source) or "",
                         size=size,
                         sha256=digest,
                         profiles={p.name: p.shapes(graph.inputs) for p in profiles[name]},
