@@ -88,6 +88,7 @@ def resume_argv(run: dict[str, Path], model: Path, data: Path, *options: str) ->
         (["--batch-size", "4"], "was trained with --batch-size 2, not 4"),
         ("edited", "was trained on --data {old} of sha256 "),
         ("fewer", "was trained on 4 samples of --data {data}, not the 3 kept now"),
+        ("repainted", "the picture {picture} of --data {data} is not the one"),
     ],
 )
 def test_resuming_on_other_samples_is_refused_in_one_line(
@@ -107,13 +108,19 @@ def test_resuming_on_other_samples_is_refused_in_one_line(
         images = Path(shutil.copytree(images, tmp_path / "images"))
         (images / json.loads(data.read_text())[0]["image"]).unlink()
         options = ["--skip-bad"]
+    elif change == "repainted":  # same data, same names: one picture replaced by another
+        images = Path(shutil.copytree(images, tmp_path / "images"))
+        names = [sample["image"] for sample in json.loads(data.read_text())]
+        shutil.copy(images / names[1], images / names[0])
+        options = []
     before = snapshot(saved_run["out"])
     run = {**saved_run, "images": images}
     assert cli([*resume_argv(run, tiny_checkpoint, data, *options)]) == 1
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
     assert "Traceback" not in err
-    assert message.format(old=saved_run["data"], data=data) in last, err[-2000:]
+    picture = json.loads(data.read_text())[0]["image"]
+    assert message.format(old=saved_run["data"], data=data, picture=picture) in last, err[-2000:]
     assert last.endswith("or pass --force to start over")
     assert snapshot(saved_run["out"]) == before
 
@@ -124,10 +131,15 @@ def test_resuming_with_options_that_leave_the_samples_alone_goes_on(
     """More --max-steps, other --save-steps, --logging-steps, --per-device-batch-size (the same
     global batch), --workers, --warmup-ratio, gradient checkpointing (the saved run had none),
     another --precision (the saved run's fp16 loss scale is of no use to fp32), and the same
-    data at another path, with another modification time."""
+    data and pictures at another path, with another modification time (a copy to another
+    machine)."""
     from llava_edge.cli import main as cli
 
-    run = {**saved_run, "out": Path(shutil.copytree(saved_run["out"], tmp_path / "out"))}
+    images = Path(shutil.copytree(saved_run["images"], tmp_path / "images"))
+    for picture in images.iterdir():
+        os.utime(picture, (1, 1))
+    out = Path(shutil.copytree(saved_run["out"], tmp_path / "out"))
+    run = {**saved_run, "out": out, "images": images}
     # As a run under --precision fp16 (on a GPU) saves its loss scaler's state.
     scaler = torch.amp.GradScaler("cpu", enabled=True).state_dict()
     torch.save(scaler, run["out"] / "checkpoints" / "checkpoint-1" / "scaler.pt")
