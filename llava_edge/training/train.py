@@ -124,6 +124,9 @@ def train(
     _check_out_spares_inputs(out, inputs)
     template_name = opts.template or STAGES[stage].template
     resume_from = _check_out_dir(out, model_path, opts, template_name)
+    base = _base_record(model, model_path) if opts.lora else {}
+    if resume_from is not None:
+        _check_same_base(resume_from, base)
 
     import torch
 
@@ -159,7 +162,7 @@ def train(
         )
     global_batch = opts.global_batch_size or defaults.global_batch_size
     run = _run_record(data, len(dataset), labeler.max_length, opts.seed, global_batch)
-    run["pictures_sha256"] = _pictures_digest(dataset.pictures)
+    run |= {"pictures_sha256": _pictures_digest(dataset.pictures), **base}
     if resume_from is not None:
         _check_same_samples(resume_from, run)
         _check_same_pictures(resume_from, run, dataset.pictures)
@@ -559,6 +562,30 @@ def _check_same_samples(checkpoint: Path, now: Mapping[str, Any]) -> None:
                 f"({why}: its step count would skip other batches than those it trained); "
                 + RESUME_HINT
             )
+
+
+def _base_record(model: str | os.PathLike, path: Path) -> dict[str, str]:
+    """What a LoRA run's adapters are trained on (checkpoint.base_fingerprint), for its run
+    record: they go on only on that base."""
+    from llava_edge.training.checkpoint import base_fingerprint
+
+    return {"base": str(model), "base_sha256": base_fingerprint(path)}
+
+
+def _check_same_base(checkpoint: Path, now: Mapping[str, str]) -> None:
+    """Refuse to resume a LoRA run's adapters on another --model than the base they were
+    trained on: peft would load them onto any base of the same shape and train on, unsaid."""
+    try:
+        was = json.loads((checkpoint / RUN_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return  # a checkpoint saved without a record; one unreadable is named by the data check
+    if was.get("base_sha256") in (None, now.get("base_sha256")):
+        return
+    raise LlavaEdgeError(
+        f"--resume: {checkpoint} holds LoRA adapters trained on the base --model {was.get('base')}, "
+        f"not on --model {now.get('base')} (their projector, token embeddings or shape differ); "
+        "resume with that --model, or pass --force to start over"
+    )
 
 
 PICTURES_FILE = "llava_edge_pictures.json"  # in each trainer checkpoint: picture -> fingerprint
