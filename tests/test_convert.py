@@ -1246,3 +1246,62 @@ def test_converting_leaves_the_callers_progress_bar_setting_as_it_was() -> None:
             with quiet():
                 assert not hf_logging.is_progress_bar_enabled()
             assert hf_logging.is_progress_bar_enabled() == enabled, quiet
+
+
+# ---- memory ------------------------------------------------------------------------------------
+
+# Run in a fresh process: the peak of its anonymous memory (the weights an original's safetensors
+# or zip .bin files hold are mapped from the file, not copied) while convert runs, over the
+# process's own before it.
+PEAK_SCRIPT = """
+import sys, threading, time
+from pathlib import Path
+from llava_edge.convert import convert_checkpoint
+from transformers import CLIPVisionModel, LlamaForCausalLM, LlavaForConditionalGeneration
+
+def anonymous():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+
+before, peak, done = anonymous(), [0], threading.Event()
+
+def watch():
+    while not done.is_set():
+        peak[0] = max(peak[0], anonymous())
+        time.sleep(0.001)
+
+watcher = threading.Thread(target=watch)
+watcher.start()
+root = Path(sys.argv[1])
+convert_checkpoint(root / "original", root / "out", vision=root / "clip", log=lambda *a: None)
+done.set()
+watcher.join()
+print(max(peak[0], anonymous()) - before)
+"""
+
+
+def test_convert_holds_one_copy_of_the_weights(tmp_path) -> None:
+    """A 13B original is 26 GB in fp16: the language model, the assembled LLaVA model and the
+    saved file share one copy of the weights (from_pretrained assigns the tensors it is given;
+    the original's files are memory-mapped), so a machine converts a model near its memory's
+    size. A copy anywhere (a clone, a dtype cast, a state dict copied into a freshly initialised
+    model) would show as a peak of the weights' size."""
+    import subprocess
+    import sys
+
+    spec = Source(seed=8, text=dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8))
+    source = make_source(tmp_path / "source", spec)
+    to_original(source, tmp_path / "original", spec, Layout())
+    save_tower(load_model(source), tmp_path / "clip")
+    weights = sum(p.stat().st_size for p in (tmp_path / "original").glob("*.safetensors"))
+    assert weights > 90e6  # large enough for a copy to stand out of the interpreter's own noise
+    run = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    peak = int(run.stdout.split()[-1])
+    assert peak < 0.5 * weights, f"{peak / 2**20:.0f} MiB over {weights / 2**20:.0f} MiB of weights"
