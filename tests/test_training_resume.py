@@ -184,3 +184,20 @@ def test_resuming_a_run_at_its_last_step_trains_no_more(tiny_checkpoint, tmp_pat
     assert "Traceback" not in err
     assert "checkpoint-2 is at step 2, past the 1 steps of --epochs 0.3; give" in err
     assert snapshot(out) == before
+
+
+def test_a_pictures_fingerprint_is_its_content_not_its_path_or_time(tmp_path):
+    """A copy elsewhere, touched, keeps the fingerprint; a picture replaced by another of the same
+    size (its first or last bytes differ), or re-encoded to another size, does not."""
+    from llava_edge.training.dataset import picture_fingerprint
+
+    data = bytes(range(256)) * 64  # 16 KiB: hashed at both ends, not whole
+    one = tmp_path / "one.jpg"
+    one.write_bytes(data)
+    copy = Path(shutil.copy(one, tmp_path / "copy.jpg"))
+    os.utime(copy, (1, 1))
+    assert picture_fingerprint(copy) == picture_fingerprint(one)
+    for changed in (b"x" + data[1:], data[:-1] + b"x", data[:-1]):
+        other = tmp_path / "other.jpg"
+        other.write_bytes(changed)
+        assert picture_fingerprint(other) != picture_fingerprint(one)
