@@ -852,7 +852,7 @@ def test_a_client_leaving_while_its_image_decodes_gives_its_place_back_at_once(s
     disconnects = server.metric("llava_edge_client_disconnects_total")
     body = {"model": MODEL, "messages": [ask("What?", data_uri(picture(7)))], "max_tokens": 8}
     leave_after(server, body, 0.4)
-    assert settles(engine, lambda s: s["admitting"] == 0, within=0.8)
+    assert settles(engine, lambda s: s["admitting"] == 0, within=1)
     time.sleep(2)  # the decode ends: nothing of it is submitted
     assert engine.stats()["requests"] == before["requests"]
     assert server.metric("llava_edge_client_disconnects_total") == disconnects + 1
@@ -884,10 +884,10 @@ def test_clients_leaving_while_queued_or_mid_answer_free_their_place_at_once(ser
     has its request cancelled within a few decoder steps, and the answers of the clients that
     stay are what they would be alone."""
     pipe, engine, backend = server.state.pipe, server.state.engine, server.state.pipe.backend
-    want = pipe.answer(None, "What?", max_new_tokens=300, ignore_eos=True).text
+    want = pipe.answer(None, "What?", max_new_tokens=600, ignore_eos=True).text
     decode = backend.decode
     monkeypatch.setattr(backend, "decode", lambda *a: (time.sleep(STEP_S), decode(*a))[1])
-    body = {"model": MODEL, "messages": GOOD, "max_tokens": 300, "ignore_eos": True}
+    body = {"model": MODEL, "messages": GOOD, "max_tokens": 600, "ignore_eos": True}
     answers: dict[str, str] = {}
 
     def stay(name: str) -> None:
@@ -899,12 +899,12 @@ def test_clients_leaving_while_queued_or_mid_answer_free_their_place_at_once(ser
     cancelled = engine.stats()["cancelled"]
     for leaving in [body, {**body, "stream": True}]:  # each takes the second row, then leaves
         leave_after(server, leaving, 0.3)
-        assert settles(engine, lambda s: s["running"] == 1, within=0.5)
+        assert settles(engine, lambda s: s["running"] == 1, within=1)
     filler = threading.Thread(target=stay, args=("second",))
     filler.start()  # both rows busy: the next client waits in the queue
     assert settles(engine, lambda s: s["running"] == 2, within=5)
     leave_after(server, body, 0.3)
-    assert settles(engine, lambda s: s["waiting"] == 0 and s["running"] == 2, within=0.5)
+    assert settles(engine, lambda s: s["waiting"] == 0 and s["running"] == 2, within=1)
     stays.join(30)
     filler.join(30)
     assert answers == {"first": want, "second": want}
