@@ -89,16 +89,18 @@ def resume_argv(run: dict[str, Path], model: Path, data: Path, *options: str) ->
         ("edited", "was trained on --data {old} of sha256 "),
         ("fewer", "was trained on 4 samples of --data {data}, not the 3 kept now"),
         ("repainted", "the picture {picture} of --data {data} is not the one"),
+        ("model", "was trained from --model {model}, not --model {other} (their projector"),
     ],
 )
 def test_resuming_on_other_samples_is_refused_in_one_line(
     change, message, saved_run, tiny_checkpoint, tmp_path, capsys
 ):
     """The saved step count says how many batches of the run's samples, in the run's order, were
-    trained: other data, truncation, seed (order) or global batch would skip other ones."""
+    trained: other data or pictures, truncation, seed (order) or global batch would skip other
+    ones; another --model would go on with its tokenizer and processor."""
     from llava_edge.cli import main as cli
 
-    data, images, options = saved_run["data"], saved_run["images"], change
+    data, images, options, model = saved_run["data"], saved_run["images"], change, tiny_checkpoint
     if change == "edited":
         samples = json.loads(data.read_text())
         samples[0]["conversations"][1]["value"] += " Edited."
@@ -113,14 +115,22 @@ def test_resuming_on_other_samples_is_refused_in_one_line(
         names = [sample["image"] for sample in json.loads(data.read_text())]
         shutil.copy(images / names[1], images / names[0])
         options = []
+    elif change == "model":  # the same data, another base (its tokenizer and processor)
+        from llava_edge.training.checkpoint import init_checkpoint
+
+        model = init_checkpoint(tmp_path / "other", preset="tiny", seed=1)
+        options = []
     before = snapshot(saved_run["out"])
     run = {**saved_run, "images": images}
-    assert cli([*resume_argv(run, tiny_checkpoint, data, *options)]) == 1
+    assert cli([*resume_argv(run, model, data, *options)]) == 1
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
     assert "Traceback" not in err
     picture = json.loads(data.read_text())[0]["image"]
-    assert message.format(old=saved_run["data"], data=data, picture=picture) in last, err[-2000:]
+    expected = message.format(
+        old=saved_run["data"], data=data, picture=picture, model=tiny_checkpoint, other=model
+    )
+    assert expected in last, err[-2000:]
     assert last.endswith("or pass --force to start over")
     assert snapshot(saved_run["out"]) == before
 

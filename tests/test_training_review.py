@@ -351,7 +351,7 @@ def test_lora_adapters_resume_only_on_their_base(saved_runs, tiny_checkpoint, tm
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
     assert "Traceback" not in err
-    assert f"trained on the base --model {tiny_checkpoint}, not on --model {other}" in last, err
+    assert f"was trained from --model {tiny_checkpoint}, not --model {other}" in last, err
     assert last.endswith("resume with that --model, or pass --force to start over")
     assert snapshot(out) == before
     copy = Path(shutil.copytree(tiny_checkpoint, tmp_path / "copy"))

@@ -124,7 +124,7 @@ def train(
     _check_out_spares_inputs(out, inputs)
     template_name = opts.template or STAGES[stage].template
     resume_from = _check_out_dir(out, model_path, opts, template_name)
-    base = _base_record(model, model_path) if opts.lora else {}
+    base = _base_record(model, model_path)
     if resume_from is not None:
         _check_same_base(resume_from, base)
 
@@ -565,26 +565,28 @@ def _check_same_samples(checkpoint: Path, now: Mapping[str, Any]) -> None:
 
 
 def _base_record(model: str | os.PathLike, path: Path) -> dict[str, str]:
-    """What a LoRA run's adapters are trained on (checkpoint.base_fingerprint), for its run
-    record: they go on only on that base."""
+    """What a run is trained from (checkpoint.base_fingerprint), for its run record: it goes on
+    only from that --model."""
     from llava_edge.training.checkpoint import base_fingerprint
 
     return {"base": str(model), "base_sha256": base_fingerprint(path)}
 
 
 def _check_same_base(checkpoint: Path, now: Mapping[str, str]) -> None:
-    """Refuse to resume a LoRA run's adapters on another --model than the base they were
-    trained on: peft would load them onto any base of the same shape and train on, unsaid."""
+    """Refuse to resume from another --model than the run started from: peft would load a LoRA
+    run's adapters onto any base of their shape and train on, unsaid; a full run, whose weights
+    come from the checkpoint, would go on with the other model's tokenizer and processor (and
+    write them into OUT)."""
     try:
         was = json.loads((checkpoint / RUN_FILE).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return  # a checkpoint saved without a record; one unreadable is named by the data check
-    if was.get("base_sha256") in (None, now.get("base_sha256")):
+    if was.get("base_sha256") in (None, now["base_sha256"]):
         return
     raise LlavaEdgeError(
-        f"--resume: {checkpoint} holds LoRA adapters trained on the base --model {was.get('base')}, "
-        f"not on --model {now.get('base')} (their projector, token embeddings or shape differ); "
-        "resume with that --model, or pass --force to start over"
+        f"--resume: {checkpoint} was trained from --model {was.get('base')}, not --model "
+        f"{now['base']} (their projector, token embeddings or shape differ); resume with that "
+        "--model, or pass --force to start over"
     )
 
 
