@@ -607,16 +607,15 @@ def _check_same_pictures(
     files changed on disk since): the run would go on on other samples than its step count's.
     Named in one line by the first picture that differs. Checkpoints saved without fingerprints
     are not checked."""
-    was = (
-        json.loads((checkpoint / RUN_FILE).read_text()) if (checkpoint / RUN_FILE).is_file() else {}
-    )
+    record = checkpoint / RUN_FILE  # readable: _check_same_samples read it
+    was = json.loads(record.read_text()) if record.is_file() else {}
     if was.get("pictures_sha256") in (None, now["pictures_sha256"]):
         return
     try:
         saved = json.loads((checkpoint / PICTURES_FILE).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         saved = {}
-    changed = next((name for name, print_ in pictures.items() if saved.get(name) != print_), None)
+    changed = next((name for name, kept in pictures.items() if saved.get(name) != kept), None)
     if changed is None:
         changed = next((name for name in saved if name not in pictures), None)
     which = f"the picture {changed}" if changed is not None else "a picture"
