@@ -416,12 +416,12 @@ BASE_TENSORS = ("multi_modal_projector.", "embed_tokens.weight")  # what base_fi
 
 
 def base_fingerprint(checkpoint: str | Path) -> str:
-    """What identifies the base checkpoint LoRA adapters are trained on: a hash of its shape
-    (each tower's kind and depth, the layer the features come from) and of the projector's and
-    the token embeddings' tensors (dtype, shape, bytes; a few hundred MB at 7B, read without
-    loading the model). Two bases (another fine-tune, another stage-1 projector) differ there;
-    a copy of one, anywhere, does not, nor does its tensors' names (which transformers versions
-    spell differently)."""
+    """What identifies the --model a training run starts from: a hash of its shape (each
+    tower's kind and depth, the layer the features come from) and of the projector's and the
+    token embeddings' tensors (dtype, shape, bytes; a few hundred MB at 7B, read one tensor at a
+    time without loading the model). Two models (another fine-tune, another stage-1 projector)
+    differ there; a copy of one, anywhere, does not, nor do its tensors' names (which
+    transformers versions spell differently)."""
     import hashlib
 
     import torch
@@ -437,19 +437,21 @@ def base_fingerprint(checkpoint: str | Path) -> str:
     }
     shape["vision_feature_layer"] = config.get("vision_feature_layer")
     digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode())
-    tensors = []
-    for path in sorted(checkpoint.glob("*.safetensors")):
-        try:
+    found = []  # (the tensor's name without its prefix, file, key)
+    try:
+        for path in sorted(checkpoint.glob("*.safetensors")):
             with safe_open(str(path), "pt") as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open is no mapping)
                     role = next((r for r in BASE_TENSORS if r in key), None)
                     if role is not None:
-                        tensors.append((role + key.split(role)[-1], f.get_tensor(key)))
-        except (SafetensorError, OSError) as e:
-            raise LlavaEdgeError(f"cannot read {path}: {first_line(e)}") from None
-    for name, tensor in sorted(tensors, key=lambda item: item[0]):
-        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
-        digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+                        found.append((role + key.split(role)[-1], path, key))
+        for name, path, key in sorted(found):
+            with safe_open(str(path), "pt") as f:
+                tensor = f.get_tensor(key).contiguous()
+            digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+            digest.update(tensor.view(torch.uint8).numpy())
+    except (SafetensorError, OSError) as e:
+        raise LlavaEdgeError(f"cannot read the weights in {checkpoint}: {first_line(e)}") from None
     return digest.hexdigest()
 
 

@@ -124,9 +124,6 @@ def train(
     _check_out_spares_inputs(out, inputs)
     template_name = opts.template or STAGES[stage].template
     resume_from = _check_out_dir(out, model_path, opts, template_name)
-    base = _base_record(model, model_path)
-    if resume_from is not None:
-        _check_same_base(resume_from, base)
 
     import torch
 
@@ -138,6 +135,9 @@ def train(
     defaults = STAGES[stage]
     main_process = int(os.environ.get("RANK", "0")) == 0
     processor, config = _load_processor_and_config(model, model_path)
+    base = _base_record(model, model_path)  # a model checked loadable, before the data is read
+    if resume_from is not None:
+        _check_same_base(resume_from, base)
     template = prompt_template(template_name, config)  # LLaVA v1: <im_start> image <im_end>
     processor.chat_template = hf_chat_template(template)
     check_answer_end(template, processor.tokenizer, _eos_ids(model_path, processor.tokenizer))
