@@ -138,6 +138,10 @@ class TemplateSpec:
     # How a system prompt given at run time is written, "{system}" standing for it (ChatML:
     # "<|im_start|>system\n{system}<|im_end|>\n"); None: it takes `system`'s place as plain text.
     system_format: str | None = None
+    # The first turn's user header, where it is not `user`: Llama 2 writes its system prompt
+    # inside the first `[INST]`, so `system` opens that turn and the later turns' `<s>[INST] `
+    # is not repeated after it. None: `user`, as in every other template.
+    first_user: str | None = None
 
 
 @dataclass

@@ -626,7 +626,11 @@ class BatchEngine:
                 request.features = pipe.pixel_features(request.pixels)
                 request.pixels = []
             request.timer.mark("vision")
-            self._check_deadline(request)  # late from its image: no prompt run for nothing
+            # cancelled or late while its image was encoded (seconds, for a large one on a
+            # Jetson): its row is free before its prompt is run for nothing
+            if request.cancelled:
+                raise Cancelled("the request was cancelled")
+            self._check_deadline(request)
             logits = self._prefill(request, row)
             request.timer.mark("prefill")
             self._check_deadline(request)  # as after a decode step: a late first token is late
