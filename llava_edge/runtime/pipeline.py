@@ -364,8 +364,10 @@ class Pipeline:
         question); each turn reuses the cache of the last.
 
         `options` (GenerationConfig's fields, and timeout_s) apply to every turn; a turn may
-        override them. The images are encoded here, so a bad one fails at once; a turn's time
-        limit counts from that turn.
+        override them. The images are loaded and checked here, so a bad one fails at once, and
+        encoded by the first turn: a turn's time limit counts from that turn, and the first
+        turn's counts the images' encoding, as a single request's does (a turn that times out
+        keeps the features, so the question asked again does not encode them twice).
         history: earlier (question, answer) turns to go on from, rendered as if this session had
         asked them and the model had given those answers (each closed by its end of sequence).
         """
@@ -672,8 +674,9 @@ class ChatSession:
             raise LlavaEdgeError("a chat's history is a list of (question, answer) pairs")
         self.pipeline = pipeline
         self.options = options
+        # loaded and checked here, so a bad image fails at once; encoded by the first turn
         self.pixels = [pipeline.image_pixels(one) for one in image_list(image)]
-        self.features = pipeline.pixel_features(self.pixels) if self.pixels else None
+        self.features: np.ndarray | None = None
         self.cache = pipeline.backend.new_cache(1)
         # every id in the conversation, the last answer's last one too
         self.ids: list[int] = (
@@ -717,6 +720,7 @@ class ChatSession:
         _check_text(prompt)
         timeout_s = pipe._timeout(options.pop("timeout_s", None))
         config = pipe._config(options)
+        timer = Timer()  # the turn's time limit counts from here, its image's encoding too
         first = not self.ids
         if not prompt.strip() and not (first and self.pixels):
             raise LlavaEdgeError("the question is empty: ask something")
@@ -734,6 +738,9 @@ class ChatSession:
         pipe.limits.check_prompt(len(self.ids) + len(new_ids), chat=True)
         pending = self.ids[self.fed :] + new_ids  # the last answer's final token was never fed
         config = pipe._fit_context(config, len(pending), used=self.fed)
+        if self.fed == 0 and self.pixels and self.features is None:
+            self.features = pipe.pixel_features(self.pixels)
+            timer.mark("vision")
         stream = TextStream(
             pipe,
             self.cache,
@@ -741,7 +748,7 @@ class ChatSession:
             self.ids + new_ids,
             self.features if self.fed == 0 else None,  # the image's tokens are still to feed
             config,
-            Timer(),
+            timer,
             timeout_s,
             start_position=self.fed,
             turn=_Turn(self, prompt),
