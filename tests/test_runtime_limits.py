@@ -197,6 +197,24 @@ def test_a_chats_timeout_holds_for_each_turn_and_a_turn_may_set_its_own(pipe):
         pipe.chat(None, timeout_s=-1)
 
 
+@pytest.mark.parametrize("entry", [e for e in ENTRIES if not e.startswith("chat")])
+def test_the_time_limit_counts_reading_the_image(pipe, entry, monkeypatch):
+    """A large image's decoding and resizing is part of the request, on every entry point that
+    takes an image with its question (a chat reads its images when it is made, to refuse a bad
+    one at once)."""
+    read = pipe.image_pixels
+
+    def slow_read(image):
+        time.sleep(0.3)
+        return read(image)
+
+    monkeypatch.setattr(pipe, "image_pixels", slow_read)
+    image = np.zeros((16, 16, 3), np.uint8)
+    with pytest.raises(TimedOut):
+        ENTRIES[entry](pipe, image, "What is it?", **SMALL, timeout_s=0.1)
+    assert ENTRIES[entry](pipe, image, "What is it?", **SMALL, timeout_s=60) is not None
+
+
 def test_a_chats_first_turn_counts_its_images_encoding(pipe, monkeypatch):
     """chat() only loads and checks its image; the first turn encodes it within its own time
     limit, and a first turn that timed out leaves the features for the question asked again."""

@@ -358,11 +358,13 @@ class BatchEngine:
         **options: Any,
     ) -> Request:
         """One question, as Pipeline.stream takes it (options: GenerationConfig's fields,
-        raw=True for a prompt sent as written, and timeout_s, as submit_ids takes it)."""
+        raw=True for a prompt sent as written, and timeout_s, as submit_ids takes it). The
+        time limit counts from this call: reading the image is part of the request."""
+        started = time.perf_counter()
         timeout_s = self.pipe._timeout(options.pop("timeout_s", None))  # bad: refused at once
         pixels = [self.pipe.image_pixels(one) for one in image_list(image)]
         ids = self.pipe.prompt_ids(prompt, pixels, options.pop("raw", False))
-        return self.submit_ids(ids, pixels, options, listener, timeout_s)
+        return self.submit_ids(ids, pixels, options, listener, timeout_s, started)
 
     def submit_ids(
         self,
