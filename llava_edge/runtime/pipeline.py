@@ -52,6 +52,10 @@ if TYPE_CHECKING:
     from llava_edge.runtime.watch import Watch
 
 FEATURE_CACHE_SIZE = 8
+# Rows generate_batch decodes at once, the rest waiting for a free one: every row of a KV cache
+# is as long as its longest conversation, so memory grows with the rows (a 7B model's 768-token
+# row holds 400 MB in fp16), while a decode step past a few rows gains little more throughput.
+BATCH_ROWS = 8
 
 
 @dataclass
@@ -301,7 +305,9 @@ class Pipeline:
 
         Each prompt is prefilled alone into a row of one KV cache and the rows decode together
         (runtime/batching.py, on this thread), on either backend; past the rows the backend
-        takes (TensorRT engines' --max-batch), requests wait for a free row.
+        takes (TensorRT engines' --max-batch) or BATCH_ROWS (8: every row holds as much KV
+        cache as the longest conversation), requests wait for a free row. A BatchEngine of your
+        own sets its rows (`max_batch`).
         """
         from llava_edge.runtime.batching import BatchEngine
 
@@ -324,7 +330,7 @@ class Pipeline:
         if not requests:
             return []
         raw = options.pop("raw", False)
-        rows = min(len(requests), self.backend.max_batch or len(requests))  # the rest wait
+        rows = min(len(requests), self.backend.max_batch or BATCH_ROWS)  # the rest wait
         engine = BatchEngine(
             self, max_batch=rows, max_queue=len(requests), prefix_cache_mb=0, start=False
         )
