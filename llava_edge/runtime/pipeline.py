@@ -800,10 +800,12 @@ class _Turn:
         """The turn counts. An answer cut by a stop string is held as it is shown, not as it was
         generated (the stop string and what came with it in its last token): the conversation
         is re-rendered from the shown turns, as a server re-renders what its client sends back,
-        and the cache is kept up to where the two agree."""
+        and the cache is kept up to where the two agree. Where an answer spells out an image
+        placeholder, which its re-rendered text would read as an image, the turn is held as
+        generated."""
         session = self.session
         turns = [*session.turns, (self.prompt, text)]
-        if not stopped:
+        if not stopped or any(IMAGE_PLACEHOLDER in answer for _, answer in turns):
             session.ids, session.fed, session.history_closed = ids, session.cache.length, False
             session.turns.append(turns[-1])
             return
