@@ -867,13 +867,17 @@ class TextStream:
         return self
 
     def __next__(self) -> str:
-        if self._abandoned:
-            self._pieces.close()  # closed from another thread during a step: it ends here
-            raise _abandoned()
         try:
+            if self._abandoned:
+                self._pieces.close()  # closed from another thread during a step: it ends here
+                raise _abandoned()
             return next(self._pieces)
         except StopIteration:
             if self._abandoned:  # closed from another thread just before this step
+                raise _abandoned() from None
+            raise
+        except ValueError:  # 'generator already executing': the closing thread rolls back
+            if self._abandoned and self._pieces.gi_running:
                 raise _abandoned() from None
             raise
 
