@@ -237,6 +237,25 @@ def test_numbers_of_any_numeric_type_are_taken(pipe, image):
     assert got.token_ids == want.token_ids
 
 
+@pytest.mark.parametrize("entry", ["answer", "stream", "generate_batch", "BatchEngine.submit"])
+def test_raw_must_be_true_or_false(pipe, image, entry):
+    """raw="false" (a setting read from a config file) sent the question without the chat
+    template, the model answering a prompt it was never trained on."""
+    from llava_edge.runtime import BatchEngine
+
+    ask = {
+        "answer": lambda **o: pipe.answer(image, "What?", **o),
+        "stream": lambda **o: pipe.stream(image, "What?", **o),
+        "generate_batch": lambda **o: pipe.generate_batch([(image, "What?")], **o),
+        "BatchEngine.submit": lambda **o: BatchEngine(pipe, start=False).submit(
+            image, "What?", **o
+        ),
+    }[entry]
+    with pytest.raises(LlavaEdgeError, match="raw must be True or False, got 'false'"):
+        ask(raw="false", max_new_tokens=2)
+    assert ask(raw=np.bool_(False), max_new_tokens=2) is not None
+
+
 def test_image_bytes_in_any_buffer_are_taken(pipe, image):
     data = image.read_bytes()
     want = pipe.answer(data, "What?", max_new_tokens=3).token_ids

@@ -363,7 +363,7 @@ class BatchEngine:
         started = time.perf_counter()
         timeout_s = self.pipe._timeout(options.pop("timeout_s", None))  # bad: refused at once
         pixels = [self.pipe.image_pixels(one) for one in image_list(image)]
-        ids = self.pipe.prompt_ids(prompt, pixels, options.pop("raw", False))
+        ids = self.pipe.prompt_ids(prompt, pixels, self.pipe._raw(options))
         return self.submit_ids(ids, pixels, options, listener, timeout_s, started)
 
     def submit_ids(

@@ -329,7 +329,7 @@ class Pipeline:
             )
         if not requests:
             return []
-        raw = options.pop("raw", False)
+        raw = self._raw(options)
         rows = min(len(requests), self.backend.max_batch or BATCH_ROWS)  # the rest wait
         engine = BatchEngine(
             self, max_batch=rows, max_queue=len(requests), prefix_cache_mb=0, start=False
@@ -404,7 +404,7 @@ class Pipeline:
         return tokens.eos_token_ids[0] if tokens.eos_token_ids else 0  # fills finished rows only
 
     def _stream(self, image: Images, prompt: str, options: dict) -> TextStream:
-        raw = options.pop("raw", False)
+        raw = self._raw(options)
         timeout_s = self._timeout(options.pop("timeout_s", None))
         config = self._config(options)
         timer = Timer()
@@ -602,6 +602,15 @@ class Pipeline:
             while len(self._features) > max(FEATURE_CACHE_SIZE, self.max_images_per_prompt):
                 self._features.popitem(last=False)
         return features
+
+    @staticmethod
+    def _raw(options: dict) -> bool:
+        """Take the `raw` option out of a call's options; a string ("false" from a config file)
+        would read as true and send the prompt without the chat template."""
+        raw = options.pop("raw", False)
+        if not isinstance(raw, bool | np.bool_):
+            raise LlavaEdgeError(f"raw must be True or False, got {raw!r}")
+        return bool(raw)
 
     def _timeout(self, timeout_s: Any) -> float | None:
         """A call's time limit: its own `timeout_s` if it gave one, else the pipeline's."""
