@@ -256,6 +256,23 @@ def test_raw_must_be_true_or_false(pipe, image, entry):
     assert ask(raw=np.bool_(False), max_new_tokens=2) is not None
 
 
+def test_engine_and_load_sizes_of_any_integer_type_are_taken(pipe, tiny_model_dir):
+    """BatchEngine(max_batch=np.int64(4)) was refused as "must be a positive integer, got 4",
+    and Pipeline.load(threads=np.int64(2)) alike; True was taken as one row."""
+    from llava_edge.runtime import BatchEngine
+
+    engine = BatchEngine(
+        pipe, max_batch=np.int64(2), max_queue=np.int32(3), admit_per_step=np.uint8(1), start=False
+    )
+    assert (engine.max_batch, engine.max_queue, engine.admit_per_step) == (2, 3, 1)
+    assert type(engine.max_batch) is int
+    for name in ("max_batch", "max_queue", "admit_per_step"):
+        with pytest.raises(LlavaEdgeError, match=f"{name} must be"):
+            BatchEngine(pipe, **{name: True}, start=False)
+    with Pipeline.load(tiny_model_dir, threads=np.int64(1)) as loaded:
+        assert loaded.answer(None, "Hi", max_new_tokens=1)
+
+
 def test_image_bytes_in_any_buffer_are_taken(pipe, image):
     data = image.read_bytes()
     want = pipe.answer(data, "What?", max_new_tokens=3).token_ids

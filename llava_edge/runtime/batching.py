@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import numbers
 import queue
 import threading
 import time
@@ -263,6 +264,17 @@ class PrefixStore:
         self.used += size
 
 
+def _count(name: str, value: Any, least: int, what: str) -> int:
+    """A whole number of any integer type (robot code holds numpy's), not a bool."""
+    if (
+        isinstance(value, bool | np.bool_)
+        or not isinstance(value, numbers.Integral)
+        or value < least
+    ):
+        raise LlavaEdgeError(f"{name} must be {what}, got {value!r}")
+    return int(value)
+
+
 def _same_pictures(length: int, image_at: np.ndarray, images: Pictures, stored: Pictures) -> int:
     """How much of a `length`-token common prefix holds the same pictures: up to the first
     image whose tokens start in it but which stands for another picture (or none stored)."""
@@ -310,13 +322,9 @@ class BatchEngine:
         admit_per_step: int = 1,
         start: bool = True,
     ):
-        if not isinstance(max_batch, int) or max_batch < 1:
-            raise LlavaEdgeError(f"max_batch must be a positive integer, got {max_batch!r}")
-        if not isinstance(max_queue, int) or max_queue < 0:
-            raise LlavaEdgeError(f"max_queue must be 0 or more, got {max_queue!r}")
-        if not isinstance(admit_per_step, int) or admit_per_step < 1:
-            raise LlavaEdgeError(f"admit_per_step must be at least 1, got {admit_per_step!r}")
-        self.admit_per_step = admit_per_step
+        max_batch = _count("max_batch", max_batch, 1, "a positive integer")
+        max_queue = _count("max_queue", max_queue, 0, "0 or more")
+        self.admit_per_step = _count("admit_per_step", admit_per_step, 1, "at least 1")
         self.pipe = pipeline
         self.max_batch = max_batch
         self.max_queue = max_queue

@@ -171,9 +171,12 @@ class Pipeline:
         and a graph that fails to load raises at that call or at `wait_loaded()`.
         """
         if threads is not None and (
-            isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+            isinstance(threads, bool | np.bool_)
+            or not isinstance(threads, numbers.Integral)
+            or threads < 1
         ):  # onnxruntime takes 0 and negatives silently, as its own default
             raise LlavaEdgeError(f"threads must be a whole number, 1 or more, got {threads!r}")
+        threads = None if threads is None else int(threads)
         if limits is not None and not isinstance(limits, Limits):
             raise LlavaEdgeError(
                 f"limits must be a Limits(...) (llava_edge.runtime.Limits), got "
