@@ -329,6 +329,15 @@ class BatchEngine:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.cache = pipeline.backend.new_cache(max_batch)
+        if (
+            isinstance(prefix_cache_mb, bool | np.bool_)
+            or not isinstance(prefix_cache_mb, numbers.Real)
+            or not 0 <= prefix_cache_mb < float("inf")
+        ):
+            raise LlavaEdgeError(
+                f"prefix_cache_mb must be a number, 0 or more (0: no prefix reuse), got "
+                f"{prefix_cache_mb!r}"
+            )
         exact = not pipeline.backend.prompt_scales_per_call
         self.prefixes = PrefixStore(int(prefix_cache_mb * 2**20) if exact else 0)
         self.running: list[Request] = []  # running[i] decodes in cache row i
