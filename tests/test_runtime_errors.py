@@ -409,6 +409,26 @@ def test_threads_must_be_a_positive_whole_number(tiny_model_dir, threads) -> Non
         Pipeline.load(tiny_model_dir, threads=threads)
 
 
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (dict(background="false"), "background must be True or False, got 'false'"),
+        (dict(session_cache="no"), "session_cache must be True or False, got 'no'"),
+        (dict(verify_files="no"), "verify_files must be True, False or None, got 'no'"),
+        (dict(cuda_graph=True), "cuda_graph replays the tensorrt backend's decode step"),
+        (dict(providers=[1]), r"providers are names \('cpu', 'cuda', 'tensorrt'\), got 1"),
+        (dict(providers=5), r"providers are names \('cpu', 'cuda', 'tensorrt'\), got 5"),
+    ],
+    ids=str,
+)
+def test_load_options_take_effect_or_are_refused(tiny_model_dir, option, message) -> None:
+    """A string read from a config file ("false") turned background loading or the session
+    cache on; cuda_graph=True on onnxruntime did nothing; a provider that is not a name raised
+    AttributeError."""
+    with pytest.raises(LlavaEdgeError, match=message):
+        Pipeline.load(tiny_model_dir, **option)
+
+
 def test_limits_that_are_not_a_limits_are_refused_at_load(tiny_model_dir) -> None:
     """A dict of limits loaded fine and every request then failed with an AttributeError."""
     with pytest.raises(LlavaEdgeError, match="limits must be a Limits"):

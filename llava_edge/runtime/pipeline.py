@@ -177,6 +177,21 @@ class Pipeline:
         ):  # onnxruntime takes 0 and negatives silently, as its own default
             raise LlavaEdgeError(f"threads must be a whole number, 1 or more, got {threads!r}")
         threads = None if threads is None else int(threads)
+        # a string from a config file ("false") would read as true
+        for name, value in (
+            ("cuda_graph", cuda_graph),
+            ("session_cache", session_cache),
+            ("background", background),
+        ):
+            if not isinstance(value, bool | np.bool_):
+                raise LlavaEdgeError(f"{name} must be True or False, got {value!r}")
+        if verify_files is not None and not isinstance(verify_files, bool | np.bool_):
+            raise LlavaEdgeError(f"verify_files must be True, False or None, got {verify_files!r}")
+        if cuda_graph and backend != "tensorrt":
+            raise LlavaEdgeError(
+                "cuda_graph replays the tensorrt backend's decode step; onnxruntime has none: "
+                "drop it, or use backend='tensorrt'"
+            )
         if limits is not None and not isinstance(limits, Limits):
             raise LlavaEdgeError(
                 f"limits must be a Limits(...) (llava_edge.runtime.Limits), got "
@@ -184,7 +199,7 @@ class Pipeline:
             )
         model_dir = Path(model_dir)
         manifest = Manifest.load(model_dir)
-        manifest.check_files(model_dir, hashes=verify_files)
+        manifest.check_files(model_dir, hashes=None if verify_files is None else bool(verify_files))
         if backend == "onnxruntime":
             from llava_edge.runtime.onnx_backend import OnnxBackend
 
@@ -220,7 +235,7 @@ class Pipeline:
                 model_dir,
                 manifest,
                 engine_dir=engine_dir,
-                cuda_graph=cuda_graph,
+                cuda_graph=bool(cuda_graph),
                 verify_files=verify_files,
             )
         else:
