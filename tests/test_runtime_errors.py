@@ -418,13 +418,14 @@ def test_threads_must_be_a_positive_whole_number(tiny_model_dir, threads) -> Non
         (dict(cuda_graph=True), "cuda_graph replays the tensorrt backend's decode step"),
         (dict(providers=[1]), r"providers are names \('cpu', 'cuda', 'tensorrt'\), got 1"),
         (dict(providers=5), r"providers are names \('cpu', 'cuda', 'tensorrt'\), got 5"),
+        (dict(backend="tensorrt", graph_form="fused"), "graph_form .* onnxruntime graphs"),
     ],
     ids=str,
 )
 def test_load_options_take_effect_or_are_refused(tiny_model_dir, option, message) -> None:
     """A string read from a config file ("false") turned background loading or the session
-    cache on; cuda_graph=True on onnxruntime did nothing; a provider that is not a name raised
-    AttributeError."""
+    cache on; cuda_graph=True on onnxruntime and graph_form on tensorrt did nothing; a provider
+    that is not a name raised AttributeError."""
     with pytest.raises(LlavaEdgeError, match=message):
         Pipeline.load(tiny_model_dir, **option)
 

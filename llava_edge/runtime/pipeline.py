@@ -229,6 +229,11 @@ class Pipeline:
                     "background loading is for the onnxruntime backend; load the TensorRT "
                     "backend without it"
                 )
+            if graph_form != "auto":
+                raise LlavaEdgeError(
+                    f"graph_form ({graph_form!r}) picks the onnxruntime graphs to run; the "
+                    "tensorrt backend runs its engines: drop it, or use backend='onnxruntime'"
+                )
             from llava_edge.runtime.tensorrt.backend import TensorRTBackend
 
             engine = TensorRTBackend(
