@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import numbers
+import operator
 import queue
 import threading
 import time
@@ -264,6 +265,20 @@ class PrefixStore:
         self.used += size
 
 
+def _token_ids(ids: Any) -> list[int]:
+    """A rendered prompt's ids as Python ints (numpy's taken), refused if it is empty or holds
+    anything else."""
+    try:
+        ids = [operator.index(i) for i in ids]
+    except TypeError:
+        raise LlavaEdgeError(
+            "a prompt's ids are token ids (whole numbers), as Pipeline.prompt_ids gives them"
+        ) from None
+    if not ids:
+        raise LlavaEdgeError("the prompt is empty: render one with Pipeline.prompt_ids")
+    return ids
+
+
 def _count(name: str, value: Any, least: int, what: str) -> int:
     """A whole number of any integer type (robot code holds numpy's), not a bool."""
     if (
@@ -462,6 +477,7 @@ class BatchEngine:
         pipe = self.pipe
         if pipe.closed:
             raise EngineClosed("the pipeline is closed; load the model dir again")
+        ids = _token_ids(ids)
         if isinstance(options, GenerationConfig):
             options = dict(vars(options))
         config = pipe._config(dict(options))
