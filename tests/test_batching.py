@@ -380,6 +380,12 @@ def test_bad_requests_fail_at_submit_and_leave_the_engine_working(pipe):
     for ids, message in (([], "empty"), ([1, 2.5], "token ids"), (["1"], "token ids")):
         with pytest.raises(LlavaEdgeError, match=message):
             engine.submit_ids(ids, None, {})
+    # an image as submit takes it (an array, a path) raised AttributeError or miscounted
+    image = picture(1)
+    ids = pipe.prompt_ids("Q", pipe.image_pixels(image))
+    for raw in (np.asarray(image), "photo.jpg", [np.asarray(image)]):
+        with pytest.raises(LlavaEdgeError, match="Pipeline.image_pixels"):
+            engine.submit_ids(ids, raw, {})
     assert engine.stats()["requests"] == 0
     request = engine.submit(None, "Still fine?", max_new_tokens=3)
     ids = np.asarray(pipe.prompt_ids("Still fine?", None))  # token ids of any integer type
