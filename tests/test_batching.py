@@ -384,7 +384,7 @@ def test_bad_requests_fail_at_submit_and_leave_the_engine_working(pipe):
     image = picture(1)
     ids = pipe.prompt_ids("Q", pipe.image_pixels(image))
     for raw in (np.asarray(image), "photo.jpg", [np.asarray(image)]):
-        with pytest.raises(LlavaEdgeError, match="Pipeline.image_pixels"):
+        with pytest.raises(LlavaEdgeError, match="images as Pipeline.image_pixels gives"):
             engine.submit_ids(ids, raw, {})
     assert engine.stats()["requests"] == 0
     request = engine.submit(None, "Still fine?", max_new_tokens=3)

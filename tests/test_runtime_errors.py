@@ -278,6 +278,24 @@ def test_engine_and_load_sizes_of_any_integer_type_are_taken(pipe, tiny_model_di
         assert loaded.answer(None, "Hi", max_new_tokens=1)
 
 
+def test_methods_that_take_prepared_images_refuse_raw_ones(pipe, image):
+    """prompt_ids(question, frame) read a camera array's rows as that many images (a prompt of
+    hundreds of image tokens, silently); a path raised AttributeError."""
+    frame = np.asarray(Image.open(image))
+    calls = (
+        lambda raw: pipe.prompt_ids("What?", raw),
+        lambda raw: pipe.conversation_ids([("What?", None)], raw, image_turn=0),
+        pipe.pixel_features,
+        pipe.image_tokens,
+    )
+    for raw in (frame, str(image), [frame]):
+        for call in calls:
+            with pytest.raises(LlavaEdgeError, match="images as Pipeline.image_pixels gives"):
+                call(raw)
+    pixels = pipe.image_pixels(frame)
+    assert pipe.prompt_ids("What?", pixels) == pipe.prompt_ids("What?", [pixels])
+
+
 def test_image_bytes_in_any_buffer_are_taken(pipe, image):
     data = image.read_bytes()
     want = pipe.answer(data, "What?", max_new_tokens=3).token_ids

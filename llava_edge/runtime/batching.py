@@ -483,13 +483,7 @@ class BatchEngine:
         config = pipe._config(dict(options))
         pipe.limits.check_prompt(len(ids))
         config = pipe._fit_context(config, len(ids))
-        listed = image is None or isinstance(image, ImagePixels | list | tuple)
-        pixels = pixels_list(image) if listed else [image]
-        if not all(isinstance(one, ImagePixels) for one in pixels):
-            raise LlavaEdgeError(
-                "submit_ids takes the images as Pipeline.image_pixels gives them (submit takes "
-                "a path, bytes, a PIL image or an array)"
-            )
+        pixels = pixels_list(image)
         image_tokens = ids.count(pipe.manifest.tokens.image_token_id)
         counts = pipe.image_tokens(pixels) or []
         wanted = sum(counts)
