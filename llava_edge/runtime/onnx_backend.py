@@ -78,9 +78,13 @@ def provider_list(names: str | list[str] | None) -> list[str]:
     """Execution providers by short name ('cpu', 'cuda', 'tensorrt'; one, or a list), with CPU
     always last."""
     names = [names] if isinstance(names, str) else names or ["cpu"]
+    if not isinstance(names, list | tuple):
+        names = [names]  # refused below, as a provider that is not a name
     available = ort.get_available_providers()
     chosen = []
     for name in names:
+        if not isinstance(name, str):
+            raise LlavaEdgeError(f"providers are names ('cpu', 'cuda', 'tensorrt'), got {name!r}")
         provider = PROVIDERS.get(name.lower(), name)
         if provider not in available:
             raise LlavaEdgeError(
