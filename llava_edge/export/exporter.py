@@ -42,6 +42,8 @@ EMBEDDINGS_FILE = "embed_tokens.npy"
 NEWLINE_FILE = "image_newline.npy"  # LLaVA-NeXT's image_newline, for the runtime's AnyRes
 # --max-context must hold one image and this many tokens of question and answer.
 MIN_TEXT_ROOM = 64
+# The image processors' backend the runtime's preprocessing equals (llava_edge.runtime.image).
+PROCESSOR_BACKEND = "pil"
 # Loader and tracer chatter that says nothing to a user: transformers' notes, the hub client's
 # "Retrying in 2s" per attempt, torch.onnx's tracer warnings.
 LOADER_LOGGERS = ("transformers", "huggingface_hub", "torch.onnx")
@@ -151,7 +153,12 @@ def load_checkpoint(
     _check_tokenizer_files(Path(source))
     try:
         with quiet(*LOADER_LOGGERS):
-            processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+            # The PIL backend, whatever is installed: the runtime replays its arithmetic, and
+            # transformers picks its torchvision backend wherever torchvision is (its resize
+            # differs from PIL's by up to 0.014 in normalised pixels, so no export would verify).
+            processor = AutoProcessor.from_pretrained(
+                source, trust_remote_code=trust_remote_code, backend=PROCESSOR_BACKEND
+            )
             try:
                 generation = GenerationConfig.from_pretrained(source)
             except OSError:  # no generation_config.json: what from_pretrained derives then
