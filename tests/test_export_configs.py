@@ -32,3 +32,41 @@ def test_export_reads_the_processor_with_the_pil_backend(
     loaded = load_checkpoint(tiny_checkpoint)
     assert asked == ["pil"]
     assert type(loaded.processor.image_processor).__name__.endswith("Pil")
+
+
+# name -> (changes to processor_config.json's image_processor, what the one-line refusal says)
+REFUSED_PROCESSORS = {
+    # transformers' CLIP tower fails on 64x48 pixel values ("doesn't match model (64*64)")
+    "crop-not-square": (
+        {"crop_size": {"height": 64, "width": 48}},
+        "its image processor makes 48x64 pixel values of a 48x40 image",
+    ),
+    # a shortest-edge resize without a crop keeps the image's aspect ratio
+    "resize-without-crop": (
+        {"do_center_crop": False},
+        "makes 76x64 pixel values of a 48x40 image (processor_config.json's size "
+        "{'shortest_edge': 64}, do_center_crop False",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED_PROCESSORS))
+def test_a_processor_the_tower_cannot_take_is_refused(tmp_path: Path, capsys, name: str) -> None:
+    """Pixel values of another size than the tower's input: one line before the weights load
+    (they are deleted here), not a traceback from tracing."""
+    import json
+
+    from llava_edge.cli import main
+    from llava_edge.training.checkpoint import init_checkpoint
+
+    changes, message = REFUSED_PROCESSORS[name]
+    checkpoint = init_checkpoint(tmp_path / "checkpoint")
+    settings = json.loads((checkpoint / "processor_config.json").read_text())
+    settings["image_processor"].update(changes)
+    (checkpoint / "processor_config.json").write_text(json.dumps(settings))
+    (checkpoint / "model.safetensors").unlink()
+    capsys.readouterr()
+    assert main(["export", str(checkpoint), str(tmp_path / "out")]) != 0
+    error = capsys.readouterr().err.strip()
+    assert message in error and len(error.splitlines()) == 1, error
+    assert "vision tower takes 64x64" in error and not (tmp_path / "out").exists()

@@ -213,8 +213,10 @@ def _check_tokenizer_files(local: Path) -> None:
 
 
 def _check_image_tokens(processor: Any, config: Any, source: str) -> None:
-    """transformers' LLaVA wants as many image tokens in the prompt as the model makes features:
-    a processor that counts otherwise (processor_config.json's num_additional_image_tokens and
+    """transformers' LLaVA wants pixel values of its tower's input size (any image's: a
+    non-square crop_size, or a shortest-edge resize without a crop, fails in the tower) and as
+    many image tokens in the prompt as the model makes features: a processor that counts
+    otherwise (processor_config.json's num_additional_image_tokens and
     vision_feature_select_strategy) makes a checkpoint transformers cannot run either."""
     from PIL import Image
 
@@ -228,6 +230,17 @@ def _check_image_tokens(processor: Any, config: Any, source: str) -> None:
     marks = int((inputs["input_ids"] == int(config.image_token_id)).sum())
     vision = config.vision_config
     height, width = inputs["pixel_values"].shape[-2:]
+    if (height, width) != (vision.image_size, vision.image_size):  # the probe is not square
+        settings = processor.image_processor
+        size, crop = _set(settings.size), _set(getattr(settings, "crop_size", None))
+        raise LlavaEdgeError(
+            f"{source}: its image processor makes {width}x{height} pixel values of a 48x40 "
+            f"image (processor_config.json's size {size}, do_center_crop "
+            f"{getattr(settings, 'do_center_crop', None)}, crop_size {crop}), its vision "
+            f"tower takes {vision.image_size}x{vision.image_size} (config.json's "
+            "vision_config.image_size); transformers cannot run it either: fix "
+            "processor_config.json"
+        )
     features = (height // vision.patch_size) * (width // vision.patch_size)
     features += CLASS_TOKENS[vision.model_type]  # CLIP's CLS token
     features -= int(config.vision_feature_select_strategy == "default")  # the first one dropped
@@ -238,6 +251,11 @@ def _check_image_tokens(processor: Any, config: Any, source: str) -> None:
             "and vision_feature_select_strategy against config.json's); transformers cannot run it "
             "either: fix processor_config.json"
         )
+
+
+def _set(size: Any) -> dict[str, Any]:
+    """An image processor's size or crop_size, as the keys it sets."""
+    return {k: v for k, v in dict(size or {}).items() if v is not None}
 
 
 def _check_tokens(config: Any, tokenizer: Any, eos_ids: list[int]) -> None:
