@@ -224,9 +224,15 @@ def _check_image_tokens(processor: Any, config: Any, source: str) -> None:
 
     if config.model_type != "llava":  # LLaVA-NeXT's count depends on the image; verify checks it
         return
-    inputs = processor(
-        images=Image.new("RGB", (48, 40)), text=IMAGE_PLACEHOLDER, return_tensors="np"
-    )
+    try:
+        inputs = processor(
+            images=Image.new("RGB", (48, 40)), text=IMAGE_PLACEHOLDER, return_tensors="np"
+        )
+    except Exception as e:  # a setting transformers' processor cannot run with (any exception)
+        raise LlavaEdgeError(
+            f"{source}: its processor fails on a 48x40 image ({type(e).__name__}: "
+            f"{first_line(e)}); transformers cannot run it either: fix processor_config.json"
+        ) from None
     marks = int((inputs["input_ids"] == int(config.image_token_id)).sum())
     vision = config.vision_config
     height, width = inputs["pixel_values"].shape[-2:]
