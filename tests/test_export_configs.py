@@ -78,3 +78,53 @@ def test_a_processor_the_tower_cannot_take_is_refused(tmp_path: Path, capsys, na
     error = capsys.readouterr().err.strip()
     assert message in error and len(error.splitlines()) == 1, error
     assert not (tmp_path / "out").exists()
+
+
+def test_unusual_settings_export_token_exact(tmp_path: Path) -> None:
+    """One checkpoint of settings no preset has, verified against transformers in both forms
+    (pixels, features, logits, 32 greedy tokens): Llama with biases on every projection
+    (attention_bias, mlp_bias: the fused decoder writes them by hand), an erf GELU MLP, linear
+    rope, an odd rms_norm_eps; a bias-free SiLU projector; mean/std 0.5 and a bilinear resize."""
+    import json
+
+    from conftest import quiet
+    from safetensors.torch import load_file
+    from test_export_variants import _random_biases
+
+    from llava_edge.export.exporter import export_checkpoint
+    from llava_edge.manifest import Manifest
+    from llava_edge.training.checkpoint import init_checkpoint
+
+    checkpoint = init_checkpoint(
+        tmp_path / "checkpoint",
+        seed=12,
+        projector_hidden_act="silu",
+        multimodal_projector_bias=False,
+        text={
+            "attention_bias": True,
+            "mlp_bias": True,
+            "hidden_act": "gelu",
+            "rope_scaling": {"rope_type": "linear", "factor": 4.0},
+            "rms_norm_eps": 1e-2,
+        },
+    )
+    settings = json.loads((checkpoint / "processor_config.json").read_text())
+    settings["image_processor"].update(image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=2)
+    (checkpoint / "processor_config.json").write_text(json.dumps(settings))
+    _random_biases(checkpoint)  # transformers starts them at zero, where a misplaced one hides
+    report = export_checkpoint(checkpoint, tmp_path / "model", log=quiet)
+    assert set(report["forms"]) == {"standard", "fused"}
+    for form in report["forms"].values():
+        assert form["passed"] and form["greedy_tokens_matched"] == form["greedy_tokens_total"]
+        assert form["pixel_max_abs_diff"] == 0.0
+    manifest = Manifest.load(tmp_path / "model")
+    assert manifest.graphs["decoder"].fused is not None
+    assert (manifest.image.mean, manifest.image.resample) == ([0.5] * 3, 2)
+    # the settings really shape the model (else the check proves nothing)
+    tensors = load_file(checkpoint / "model.safetensors")
+    biases = [k for k in tensors if k.endswith(("o_proj.bias", "down_proj.bias"))]
+    assert len(biases) == 4 and all(tensors[k].abs().max() > 0 for k in biases)
+    assert not any("multi_modal_projector" in k and k.endswith("bias") for k in tensors)
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert config["text_config"]["hidden_act"] == "gelu"
+    assert config["projector_hidden_act"] == "silu"
