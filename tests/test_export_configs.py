@@ -128,3 +128,21 @@ def test_unusual_settings_export_token_exact(tmp_path: Path) -> None:
     config = json.loads((checkpoint / "config.json").read_text())
     assert config["text_config"]["hidden_act"] == "gelu"
     assert config["projector_hidden_act"] == "silu"
+
+
+def test_a_tokenizer_past_the_embedding_table_is_refused(tmp_path: Path, capsys) -> None:
+    """<image> added to the tokenizer but the embeddings not resized: transformers fails with an
+    IndexError in verification, after the weights load; one line before loading instead."""
+    from llava_edge.cli import main
+    from llava_edge.training.checkpoint import init_checkpoint
+
+    # the tiny tokenizer: 512 tokens, then <image> (512) and <pad> (513)
+    checkpoint = init_checkpoint(
+        tmp_path / "checkpoint", text={"vocab_size": 512, "pad_token_id": 0}
+    )
+    (checkpoint / "model.safetensors").unlink()
+    capsys.readouterr()
+    assert main(["export", str(checkpoint), str(tmp_path / "out")]) != 0
+    error = capsys.readouterr().err.strip()
+    assert "the tokenizer has 514 tokens, the text model's embedding table 512 rows" in error
+    assert len(error.splitlines()) == 1 and not (tmp_path / "out").exists()

@@ -287,6 +287,14 @@ def _check_tokens(config: Any, tokenizer: Any, eos_ids: list[int]) -> None:
             f"{image_id}); llava-edge's prompts mark images with {IMAGE_PLACEHOLDER!r}, as every "
             "llava-hf checkpoint does"
         )
+    rows = int(config.text_config.vocab_size)
+    if len(tokenizer) > rows:  # the runtime would embed such ids as row 0: a wrong answer
+        raise LlavaEdgeError(
+            f"the tokenizer has {len(tokenizer)} tokens, the text model's embedding table "
+            f"{rows} rows (config.json's text_config.vocab_size): ids from {rows} up have no "
+            "embedding, and transformers fails on them too; resize the embeddings to the "
+            "tokenizer (model.resize_token_embeddings(len(tokenizer))) and save the checkpoint again"
+        )
 
 
 def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = False) -> Any:
