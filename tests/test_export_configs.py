@@ -146,3 +146,40 @@ def test_a_tokenizer_past_the_embedding_table_is_refused(tmp_path: Path, capsys)
     error = capsys.readouterr().err.strip()
     assert "the tokenizer has 514 tokens, the text model's embedding table 512 rows" in error
     assert len(error.splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+# name -> (config.json changes, what the one-line refusal says)
+REFUSED_CONFIGS = {
+    # 4 query heads over 3 KV heads: a reshape traceback from tracing, after loading
+    "kv-heads-not-dividing": (
+        {"text_config": {"num_key_value_heads": 3}},
+        "num_attention_heads 4 is not a multiple of its num_key_value_heads 3",
+    ),
+    # transformers' strict config validation raised its own exception type: a traceback
+    "strategy-unknown": (
+        {"vision_feature_select_strategy": "cls_patch"},
+        "config.json: Validation error for field 'vision_feature_select_strategy': TypeError: "
+        "Field 'vision_feature_select_strategy' expected one of ('default', 'full'), got cls_patch",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED_CONFIGS))
+def test_a_config_transformers_cannot_run_is_refused(tmp_path: Path, capsys, name: str) -> None:
+    import json
+
+    from llava_edge.cli import main
+    from llava_edge.training.checkpoint import init_checkpoint
+
+    changes, message = REFUSED_CONFIGS[name]
+    checkpoint = init_checkpoint(tmp_path / "checkpoint")
+    config = json.loads((checkpoint / "config.json").read_text())
+    for key, value in changes.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) else value
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    (checkpoint / "model.safetensors").unlink()
+    capsys.readouterr()
+    assert main(["export", str(checkpoint), str(tmp_path / "out")]) != 0
+    error = capsys.readouterr().err.strip()
+    assert message in error and len(error.splitlines()) == 1, error
+    assert not (tmp_path / "out").exists()

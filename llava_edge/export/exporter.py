@@ -299,6 +299,7 @@ def _check_tokens(config: Any, tokenizer: Any, eos_ids: list[int]) -> None:
 
 def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = False) -> Any:
     """The checkpoint's LlavaConfig, once it is known to be a LLaVA export takes (no weights)."""
+    from huggingface_hub.errors import StrictDataclassError  # transformers' config validation
     from transformers import AutoConfig
 
     from llava_edge.export.graphs import SUPPORTED_TEXT_MODELS, SUPPORTED_VISION_TOWERS
@@ -326,6 +327,9 @@ def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = F
         raise LlavaEdgeError(f"cannot load checkpoint {source}: {first_line(e)}") from None
     except ValueError as e:
         raise LlavaEdgeError(f"{source}: {first_line(e)}") from None
+    except StrictDataclassError as e:  # a value config.json may not hold, on lines of its own
+        said = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise LlavaEdgeError(f"{source}: config.json: {said}") from None
     if config.model_type not in ("llava", "llava_next"):
         raise LlavaEdgeError(
             f"{source} is a '{config.model_type}' checkpoint, not LLaVA "
@@ -353,6 +357,13 @@ def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = F
         raise LlavaEdgeError(
             f"{source}: text model '{text_type}' is not supported yet "
             f"(supported: {', '.join(SUPPORTED_TEXT_MODELS)})"
+        )
+    heads = int(config.text_config.num_attention_heads)
+    kv_heads = int(config.text_config.num_key_value_heads or heads)
+    if heads % kv_heads:  # each KV head serves a whole group of query heads
+        raise LlavaEdgeError(
+            f"{source}: text_config's num_attention_heads {heads} is not a multiple of its "
+            f"num_key_value_heads {kv_heads}; transformers cannot run it either: fix config.json"
         )
     rope = rope_type(config.text_config)
     if rope in UNSUPPORTED_ROPE:
