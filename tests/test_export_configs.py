@@ -161,6 +161,31 @@ REFUSED_CONFIGS = {
         "config.json: Validation error for field 'vision_feature_select_strategy': TypeError: "
         "Field 'vision_feature_select_strategy' expected one of ('default', 'full'), got cls_patch",
     ),
+    # names transformers has no code for: a KeyError as the model is built, after loading began
+    "text-activation-unknown": (
+        {"text_config": {"hidden_act": "swiglu"}},
+        "config.json's text_config.hidden_act 'swiglu' is no activation transformers knows",
+    ),
+    "projector-activation-unknown": (
+        {"projector_hidden_act": "swiglu"},
+        "config.json's projector_hidden_act 'swiglu' is no activation transformers knows",
+    ),
+    "rope-type-unknown": (
+        {"text_config": {"rope_scaling": {"rope_type": "ntk", "factor": 2.0}}},
+        "text_config rope type 'ntk' is unknown to transformers",
+    ),
+    # transformers' rope validation raises KeyError as the config loads
+    "rope-without-its-factor": (
+        {"text_config": {"rope_scaling": {"rope_type": "linear"}}},
+        "config.json: Missing required keys in `rope_parameters` for 'rope_type'='linear'",
+    ),
+    # a projector of no inputs: a size-mismatch RuntimeError as the weights load
+    "no-feature-layers": ({"vision_feature_layer": []}, "vision_feature_layer is an empty list"),
+    # the runtime's first image failed, telling to re-export
+    "next-without-pinpoints": (
+        {"model_type": "llava_next", "image_grid_pinpoints": []},
+        "LLaVA-NeXT's image_grid_pinpoints is empty",
+    ),
 }
 
 

@@ -327,6 +327,8 @@ def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = F
         raise LlavaEdgeError(f"cannot load checkpoint {source}: {first_line(e)}") from None
     except ValueError as e:
         raise LlavaEdgeError(f"{source}: {first_line(e)}") from None
+    except KeyError as e:  # transformers' rope validation: "Missing required keys in ..."
+        raise LlavaEdgeError(f"{source}: config.json: {e.args[0] if e.args else e}") from None
     except StrictDataclassError as e:  # a value config.json may not hold, on lines of its own
         said = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
         raise LlavaEdgeError(f"{source}: config.json: {said}") from None
@@ -365,6 +367,7 @@ def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = F
             f"{source}: text_config's num_attention_heads {heads} is not a multiple of its "
             f"num_key_value_heads {kv_heads}; transformers cannot run it either: fix config.json"
         )
+    _check_known_names(source, config)
     rope = rope_type(config.text_config)
     if rope in UNSUPPORTED_ROPE:
         raise LlavaEdgeError(
@@ -392,12 +395,42 @@ def _check_tile_features(source: str, config: Any) -> None:
         )
 
 
+def _check_known_names(source: str, config: Any) -> None:
+    """Activations and a rope type transformers has no code for fail with a KeyError as the
+    model is built, after the config passed."""
+    from transformers.activations import ACT2FN
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    for field, owner in (
+        ("text_config.hidden_act", config.text_config),
+        ("projector_hidden_act", config),
+        ("vision_config.hidden_act", config.vision_config),
+    ):
+        act = getattr(owner, field.rpartition(".")[2], None)
+        if isinstance(act, str) and act not in ACT2FN:
+            raise LlavaEdgeError(
+                f"{source}: config.json's {field} {act!r} is no activation transformers knows; "
+                "transformers cannot load it either: fix config.json"
+            )
+    rope = rope_type(config.text_config)
+    if rope != "default" and rope not in ROPE_INIT_FUNCTIONS:
+        raise LlavaEdgeError(
+            f"{source}: text_config rope type {rope!r} is unknown to transformers (it knows "
+            f"default, {', '.join(ROPE_INIT_FUNCTIONS)}); transformers cannot load it either"
+        )
+
+
 def _check_pinpoints(source: str, config: Any) -> None:
     """AnyRes grids are whole tiles of the vision tower's input: LlavaNextImageProcessor and
     LlavaNextModel disagree on the feature grid of any other size, so such a model dir would
     fail at its first image."""
     tile = config.vision_config.image_size
-    for pinpoint in config.image_grid_pinpoints or []:
+    if not config.image_grid_pinpoints:
+        raise LlavaEdgeError(
+            f"{source}: LLaVA-NeXT's image_grid_pinpoints is empty: no AnyRes grid to tile an "
+            f"image into; list them in config.json (each a whole number of {tile} px tiles)"
+        )
+    for pinpoint in config.image_grid_pinpoints:
         if len(pinpoint) != 2 or any(int(side) <= 0 or int(side) % tile for side in pinpoint):
             raise LlavaEdgeError(
                 f"{source}: image_grid_pinpoints {list(pinpoint)} is not a whole number of "
@@ -412,6 +445,11 @@ def _check_feature_layers(source: str, config: Any) -> None:
     the selection as output_hidden_states and so asks the tower for none."""
     layers = config.vision_feature_layer
     states = int(config.vision_config.num_hidden_layers) + 1
+    if not isinstance(layers, int) and not list(layers):
+        raise LlavaEdgeError(
+            f"{source}: vision_feature_layer is an empty list: no features to project; name the "
+            "layer(s), as LLaVA's -2"
+        )
     for layer in [layers] if isinstance(layers, int) else list(layers):
         if not -states <= int(layer) < states:
             raise LlavaEdgeError(
