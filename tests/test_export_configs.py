@@ -155,6 +155,15 @@ REFUSED_CONFIGS = {
         {"text_config": {"num_key_value_heads": 3}},
         "num_attention_heads 4 is not a multiple of its num_key_value_heads 3",
     ),
+    "no-kv-heads": (  # a ZeroDivisionError as the model was built
+        {"text_config": {"num_key_value_heads": 0}},
+        "num_attention_heads 4 is not a multiple of its num_key_value_heads 0",
+    ),
+    # a window of no tokens: transformers' attention failed on a mask of another size
+    "window-of-nothing": (
+        {"text_config": {"model_type": "mistral", "sliding_window": 0}},
+        "this model's context of 0 tokens (its sliding_window) cannot hold one image",
+    ),
     # transformers' strict config validation raised its own exception type: a traceback
     "strategy-unknown": (
         {"vision_feature_select_strategy": "cls_patch"},

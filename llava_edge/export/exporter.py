@@ -361,8 +361,9 @@ def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = F
             f"(supported: {', '.join(SUPPORTED_TEXT_MODELS)})"
         )
     heads = int(config.text_config.num_attention_heads)
-    kv_heads = int(config.text_config.num_key_value_heads or heads)
-    if heads % kv_heads:  # each KV head serves a whole group of query heads
+    kv_heads = config.text_config.num_key_value_heads
+    kv_heads = heads if kv_heads is None else int(kv_heads)
+    if kv_heads <= 0 or heads % kv_heads:  # each KV head serves a whole group of query heads
         raise LlavaEdgeError(
             f"{source}: text_config's num_attention_heads {heads} is not a multiple of its "
             f"num_key_value_heads {kv_heads}; transformers cannot run it either: fix config.json"
@@ -675,7 +676,8 @@ def _max_context(config: Any, requested: int | None) -> int:
     limit = int(getattr(text_config, "max_position_embeddings", 4096) or 4096)
     source = "max_position_embeddings"
     window = getattr(text_config, "sliding_window", None)
-    if window and getattr(text_config, "use_sliding_window", True) and int(window) < limit:
+    use = getattr(text_config, "use_sliding_window", True)
+    if window is not None and use and int(window) < limit:  # a window of 0 is refused below
         # the graphs attend to everything: stay inside the window
         limit, source = int(window), "sliding_window"
     image_tokens, image = _one_image_tokens(config)
