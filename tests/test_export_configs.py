@@ -69,6 +69,9 @@ def test_a_processor_the_tower_cannot_take_is_refused(tmp_path: Path, capsys, na
 
     changes, message = REFUSED_PROCESSORS[name]
     checkpoint = init_checkpoint(tmp_path / "checkpoint")
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["vision_config"]["hidden_act"] = "gelu"  # an erf GELU tower (CLIP's is quick_gelu)
+    (checkpoint / "config.json").write_text(json.dumps(config))
     settings = json.loads((checkpoint / "processor_config.json").read_text())
     settings["image_processor"].update(changes)
     (checkpoint / "processor_config.json").write_text(json.dumps(settings))
@@ -84,9 +87,11 @@ def test_unusual_settings_export_token_exact(tmp_path: Path) -> None:
     """One checkpoint of settings no preset has, verified against transformers in both forms
     (pixels, features, logits, 32 greedy tokens): Llama with biases on every projection
     (attention_bias, mlp_bias: the fused decoder writes them by hand), an erf GELU MLP, linear
-    rope, an odd rms_norm_eps; a bias-free SiLU projector; mean/std 0.5 and a bilinear resize."""
+    rope, an odd rms_norm_eps; a bias-free SiLU projector; a CLIP tower with an erf GELU; mean/std
+    0.5 and a bilinear resize."""
     import json
 
+    import onnx
     from conftest import quiet
     from safetensors.torch import load_file
     from test_export_variants import _random_biases
@@ -108,6 +113,9 @@ def test_unusual_settings_export_token_exact(tmp_path: Path) -> None:
             "rms_norm_eps": 1e-2,
         },
     )
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["vision_config"]["hidden_act"] = "gelu"  # an erf GELU tower (CLIP's is quick_gelu)
+    (checkpoint / "config.json").write_text(json.dumps(config))
     settings = json.loads((checkpoint / "processor_config.json").read_text())
     settings["image_processor"].update(image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=2)
     (checkpoint / "processor_config.json").write_text(json.dumps(settings))
@@ -119,13 +127,17 @@ def test_unusual_settings_export_token_exact(tmp_path: Path) -> None:
         assert form["pixel_max_abs_diff"] == 0.0
     manifest = Manifest.load(tmp_path / "model")
     assert manifest.graphs["decoder"].fused is not None
+    # the fused vision form's details name the GELU it holds (not CLIP's usual QuickGelu)
+    vision = manifest.graphs["vision_encoder"].fused
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "model" / vision.file)).graph.node}
+    assert "BiasGelu" in ops and "QuickGelu" not in ops
+    assert "BiasGelu" in vision.details["form"] and "QuickGelu" not in vision.details["form"]
     assert (manifest.image.mean, manifest.image.resample) == ([0.5] * 3, 2)
     # the settings really shape the model (else the check proves nothing)
     tensors = load_file(checkpoint / "model.safetensors")
     biases = [k for k in tensors if k.endswith(("o_proj.bias", "down_proj.bias"))]
     assert len(biases) == 4 and all(tensors[k].abs().max() > 0 for k in biases)
     assert not any("multi_modal_projector" in k and k.endswith("bias") for k in tensors)
-    config = json.loads((checkpoint / "config.json").read_text())
     assert config["text_config"]["hidden_act"] == "gelu"
     assert config["projector_hidden_act"] == "silu"
 
