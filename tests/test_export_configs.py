@@ -16,22 +16,24 @@ def test_export_reads_the_processor_with_the_pil_backend(
     """The runtime replays the PIL backend's arithmetic. Where torchvision is installed (as on
     every Jetson with NVIDIA's torch), transformers picks its torchvision backend instead, whose
     resize differs by up to 0.014 in normalised pixels: every export then failed verification.
-    torchvision cannot be installed beside the CPU torch here, so the request itself is checked."""
-    from transformers import AutoProcessor
+    torchvision cannot be installed beside the CPU torch here, so the request itself is checked;
+    and the tokenizer is not handed the backend too (its own `backend` says "tokenizers")."""
+    from transformers import AutoImageProcessor
 
     from llava_edge.export.exporter import load_checkpoint
 
-    asked = []
-    load = AutoProcessor.from_pretrained.__func__
+    made = {}  # backend asked for -> the image processor made
+    load = AutoImageProcessor.from_pretrained.__func__
 
     def spy(cls, *args, **kwargs):
-        asked.append(kwargs.get("backend"))
-        return load(cls, *args, **kwargs)
+        made[kwargs.get("backend")] = load(cls, *args, **kwargs)
+        return made[kwargs.get("backend")]
 
-    monkeypatch.setattr(AutoProcessor, "from_pretrained", classmethod(spy))
+    monkeypatch.setattr(AutoImageProcessor, "from_pretrained", classmethod(spy))
     loaded = load_checkpoint(tiny_checkpoint)
-    assert asked == ["pil"]
+    assert loaded.processor.image_processor is made.get("pil")
     assert type(loaded.processor.image_processor).__name__.endswith("Pil")
+    assert loaded.processor.tokenizer.backend == "tokenizers"
 
 
 # name -> (changes to processor_config.json's image_processor, what the one-line refusal says)

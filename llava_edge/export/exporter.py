@@ -143,7 +143,7 @@ def load_checkpoint(
     in seconds, not after minutes of loading a 7B model.
     """
     import torch
-    from transformers import AutoProcessor, GenerationConfig
+    from transformers import AutoImageProcessor, AutoProcessor, GenerationConfig
 
     from llava_edge.export.chat_template import choose_template
     from llava_edge.modeling import check_processor, load_model
@@ -156,8 +156,12 @@ def load_checkpoint(
             # The PIL backend, whatever is installed: the runtime replays its arithmetic, and
             # transformers picks its torchvision backend wherever torchvision is (its resize
             # differs from PIL's by up to 0.014 in normalised pixels, so no export would verify).
-            processor = AutoProcessor.from_pretrained(
+            # Loaded alone: AutoProcessor would hand `backend` to the tokenizer too.
+            image_processor = AutoImageProcessor.from_pretrained(
                 source, trust_remote_code=trust_remote_code, backend=PROCESSOR_BACKEND
+            )
+            processor = AutoProcessor.from_pretrained(
+                source, trust_remote_code=trust_remote_code, image_processor=image_processor
             )
             try:
                 generation = GenerationConfig.from_pretrained(source)
