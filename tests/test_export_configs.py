@@ -231,3 +231,35 @@ def test_a_config_transformers_cannot_run_is_refused(tmp_path: Path, capsys, nam
     error = capsys.readouterr().err.strip()
     assert message in error and len(error.splitlines()) == 1, error
     assert not (tmp_path / "out").exists()
+
+
+def test_llava_next_processor_pinpoints_unlike_the_configs_are_refused(
+    tmp_path: Path, capsys
+) -> None:
+    """The processor tiling on other grids than the model packs: transformers answers wrongly
+    about images the two place differently (silently), the runtime would follow config.json's;
+    export passed verification (its picture lands on the same grid under both)."""
+    import json
+
+    from hf_checkpoints import interleave_qwen, write_checkpoint
+
+    from llava_edge.cli import main
+
+    config = interleave_qwen(
+        model_type="llava_next",
+        architectures=["LlavaNextForConditionalGeneration"],
+        image_grid_pinpoints=[[60, 120], [120, 60], [120, 120]],
+    )
+    checkpoint = write_checkpoint(tmp_path / "checkpoint", config)
+    settings = json.loads((checkpoint / "processor_config.json").read_text())
+    settings["image_processor"]["image_grid_pinpoints"] = [[60, 60], [120, 120]]
+    (checkpoint / "processor_config.json").write_text(json.dumps(settings))
+    (checkpoint / "model.safetensors").unlink()
+    capsys.readouterr()
+    assert main(["export", str(checkpoint), str(tmp_path / "out")]) != 0
+    error = capsys.readouterr().err.strip()
+    assert (
+        "processor_config.json's image_grid_pinpoints [[60, 60], [120, 120]] differ from "
+        "config.json's [[60, 120], [120, 60], [120, 120]]" in error
+    )
+    assert len(error.splitlines()) == 1 and not (tmp_path / "out").exists()

@@ -227,6 +227,7 @@ def _check_image_tokens(processor: Any, config: Any, source: str) -> None:
     from llava_edge.modeling import CLASS_TOKENS
 
     if config.model_type != "llava":  # LLaVA-NeXT's count depends on the image; verify checks it
+        _check_processor_pinpoints(processor, config, source)
         return
     try:
         inputs = processor(
@@ -260,6 +261,22 @@ def _check_image_tokens(processor: Any, config: Any, source: str) -> None:
             f"model makes {features} (processor_config.json's patch_size, num_additional_image_tokens "
             "and vision_feature_select_strategy against config.json's); transformers cannot run it "
             "either: fix processor_config.json"
+        )
+
+
+def _check_processor_pinpoints(processor: Any, config: Any, source: str) -> None:
+    """transformers' LLaVA-NeXT tiles an image by its processor's image_grid_pinpoints and
+    packs the features by config.json's: where they differ, an image they place on other grids
+    is packed from tiles of another grid than its own (the runtime follows config.json's)."""
+    tiled = getattr(processor.image_processor, "image_grid_pinpoints", None)
+    packed = config.image_grid_pinpoints
+    if tiled is not None and [list(map(int, p)) for p in tiled] != [
+        list(map(int, p)) for p in packed
+    ]:
+        raise LlavaEdgeError(
+            f"{source}: processor_config.json's image_grid_pinpoints {[list(p) for p in tiled]} "
+            f"differ from config.json's {[list(p) for p in packed]}: transformers tiles an image "
+            "by the one and packs its features by the other; make them the same"
         )
 
 
