@@ -263,3 +263,41 @@ def test_llava_next_processor_pinpoints_unlike_the_configs_are_refused(
         "config.json's [[60, 120], [120, 60], [120, 120]]" in error
     )
     assert len(error.splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_a_window_no_layer_uses_does_not_cap_the_context(tmp_path: Path) -> None:
+    """Qwen2 with use_sliding_window but max_window_layers at its depth slides in no layer: the
+    context is max_position_embeddings, not the window, and a prompt past the window still gives
+    transformers' logits in both forms."""
+    import numpy as np
+    import torch
+    from conftest import quiet
+    from transformers import AutoConfig, LlavaForConditionalGeneration
+
+    from llava_edge.export.exporter import export_checkpoint
+    from llava_edge.manifest import Manifest
+    from llava_edge.runtime import Pipeline
+    from llava_edge.training.checkpoint import init_checkpoint
+
+    window = 160
+    checkpoint = init_checkpoint(
+        tmp_path / "checkpoint",
+        backbone="qwen2",
+        text={"use_sliding_window": True, "sliding_window": window, "max_window_layers": 2},
+    )
+    config = AutoConfig.from_pretrained(checkpoint).text_config
+    assert config.sliding_window == window and "sliding_attention" not in config.layer_types
+    export_checkpoint(checkpoint, tmp_path / "model", verify=False, log=quiet)
+    manifest = Manifest.load(tmp_path / "model")
+    assert manifest.text.max_context == config.max_position_embeddings > window
+    model = LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    table = np.load(tmp_path / "model" / manifest.embeddings)
+    ids = np.random.default_rng(0).integers(0, 500, (1, 2 * window))
+    with torch.no_grad():
+        reference = model(input_ids=torch.from_numpy(ids)).logits[0, -1].numpy()
+    for form in ("standard", "fused"):
+        with Pipeline.load(tmp_path / "model", graph_form=form) as pipe:
+            cache = pipe.backend.new_cache(1)
+            positions = np.arange(ids.shape[1])[None]
+            logits = pipe.backend.decode(table[ids], np.ones_like(ids), positions, cache)
+        np.testing.assert_allclose(logits[0], reference, rtol=1e-4, atol=1e-5)

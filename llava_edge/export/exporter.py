@@ -698,6 +698,10 @@ def _max_context(config: Any, requested: int | None) -> int:
     source = "max_position_embeddings"
     window = getattr(text_config, "sliding_window", None)
     use = getattr(text_config, "use_sliding_window", True)
+    # Qwen2 slides in its layers from max_window_layers on (transformers' layer_types): where
+    # that is none of them, the window is never used
+    kinds = getattr(text_config, "layer_types", None)
+    use = use and (kinds is None or "sliding_attention" in kinds)
     if window is not None and use and int(window) < limit:  # a window of 0 is refused below
         # the graphs attend to everything: stay inside the window
         limit, source = int(window), "sliding_window"
