@@ -13,8 +13,8 @@ import pytest
 def test_export_reads_the_processor_with_the_pil_backend(
     tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The runtime replays the PIL backend's arithmetic. Where torchvision is installed (as on
-    every Jetson with NVIDIA's torch), transformers picks its torchvision backend instead, whose
+    """The runtime replays the PIL backend's arithmetic. Where torchvision is installed (as in
+    NVIDIA's Jetson PyTorch containers), transformers picks its torchvision backend instead, whose
     resize differs by up to 0.014 in normalised pixels: every export then failed verification.
     torchvision cannot be installed beside the CPU torch here, so the request itself is checked;
     and the tokenizer is not handed the backend too (its own `backend` says "tokenizers")."""
