@@ -131,3 +131,35 @@ def test_version_is_the_installed_distributions(capsys):
         main(["--version"])
     assert done.value.code == 0
     assert capsys.readouterr().out.strip() == f"llava-edge {version('llava-edge')}"
+
+
+@pytest.mark.parametrize("command", ["run", "watch"])
+def test_a_time_limit_counts_from_a_loaded_model(
+    tiny_model_dir, tmp_path, monkeypatch, capsys, command
+):
+    """`--timeout` is what one answer may take: a decoder that takes longer than that to open
+    (a large model's cold start) does not time out the first answer."""
+    import time
+
+    from llava_edge.runtime.onnx_backend import OnnxBackend
+
+    opened = OnnxBackend._open
+
+    def slow_open(self, name, *args, **kwargs):
+        if name == "decoder":
+            time.sleep(3.0)
+        return opened(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(OnnxBackend, "_open", slow_open)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    image = write_image(folder / "a.png")
+    argv = [command, str(tiny_model_dir), "--prompt", "Hi?", "--max-new-tokens", "2"]
+    argv += ["--timeout", "2.5", "--json"] if command == "run" else ["--timeout", "2.5"]
+    if command == "run":
+        argv += ["--image", str(image)]
+    else:
+        argv += ["--source", str(folder), "--jsonl"]
+    assert main(argv) == 0, capsys.readouterr().err
+    answer = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert answer.get("error") is None and answer["text"]
