@@ -1096,3 +1096,26 @@ def test_a_stream_read_offline_lets_its_open_say_why_it_failed() -> None:
 
     with pytest.raises(LlavaEdgeError, match="no answer for 0.5 s"):
         next(_read_ahead(opening(), 0.5, "http://cam"))
+
+
+def test_a_cameras_password_in_its_url_stays_out_of_the_errors(pipe) -> None:
+    """rtsp://user:password@camera/ is how IP cameras are addressed: an error (into a robot's
+    logs) names the camera without its password."""
+    import socket
+
+    with socket.socket() as closed:  # a port where nothing listens: the open is refused
+        closed.bind(("127.0.0.1", 0))
+        refused = closed.getsockname()[1]
+    with socket.socket() as silent:  # connections queue, and nothing ever answers them
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        for url, live in (
+            (f"http://admin:s3cret@127.0.0.1:{refused}/cam.mkv", None),
+            (f"http://admin:s3cret@127.0.0.1:{port}/cam.mkv", None),
+            (f"http://admin:s3cret@127.0.0.1:{port}/cam.mkv", False),
+        ):
+            with pytest.raises(LlavaEdgeError) as raised:
+                list(pipe.watch(url, "?", live=live, timeout_s=0.5))
+            assert "s3cret" not in str(raised.value)
+            assert f"http://admin:***@127.0.0.1:{url.split(':')[3]}" in str(raised.value)

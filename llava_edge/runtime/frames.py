@@ -115,6 +115,19 @@ def source_kind(source: str | os.PathLike) -> str:
     return "folder" if stat.S_ISDIR(mode) else "file"
 
 
+def shown(source: str) -> str:
+    """How errors name a source: a URL's password (rtsp://user:password@camera/, as IP cameras
+    are addressed) left out, so that it stays out of a robot's logs."""
+    scheme, _, rest = source.partition("://")
+    if not rest or not source.startswith(NETWORK_SCHEMES):
+        return source
+    authority, slash, path = rest.partition("/")
+    user, at, host = authority.rpartition("@")
+    if not at or ":" not in user:
+        return source
+    return f"{scheme}://{user.split(':', 1)[0]}:***@{host}{slash}{path}"
+
+
 def _mode(path: str) -> int:
     """The file type bits of what `path` names (links followed), 0 for nothing there."""
     try:
@@ -171,16 +184,16 @@ def open_frames(
         )
         decoded = _folder_frames(Path(source), folder_fps)
     else:
-        _no_folder_fps(folder_fps, f"{os.fspath(source)} ({KIND_NAMES[kind]})")
+        _no_folder_fps(folder_fps, f"{shown(os.fspath(source))} ({KIND_NAMES[kind]})")
         decoded = _video_frames(os.fspath(source), kind, timeout_s)
     if live is None:
         live = kind in ("device", "stream")
     if live:
         if kind in ("file", "folder"):
             decoded = _paced(decoded)
-        return live_frames(decoded, every_s, timeout_s, os.fspath(source), cancel)
+        return live_frames(decoded, every_s, timeout_s, shown(os.fspath(source)), cancel)
     if kind == "stream":
-        decoded = _read_ahead(decoded, timeout_s, os.fspath(source), cancel)
+        decoded = _read_ahead(decoded, timeout_s, shown(os.fspath(source)), cancel)
     return _sampled(decoded, every_s)
 
 
@@ -528,23 +541,24 @@ def _video_frames(source: str, kind: str, timeout_s: float) -> Iterator[Frame]:
     """
     av = import_av()
     _check_local(source, kind)
+    name = shown(source)
 
     def frames() -> Iterator[Frame]:
         container = _open_container(av, source, kind, timeout_s)
         try:
             if not container.streams.video:
-                raise LlavaEdgeError(f"{source} has no video stream")
+                raise LlavaEdgeError(f"{name} has no video stream")
             stream = container.streams.video[0]
             # Frame threads decode several frames at once, each frame out one per thread late:
             # a camera's or stream's newest frame would trail it. Slice threads add no delay.
             stream.thread_type = "SLICE" if kind in ("device", "stream") else "AUTO"
             first: float | None = None
             rate = float(stream.average_rate) if stream.average_rate else 0.0
-            decoded = _decode(av, container, stream, source, kind, timeout_s)
+            decoded = _decode(av, container, stream, name, kind, timeout_s)
             for index, frame in enumerate(decoded):
                 media = frame.time if frame.time is not None else (index / rate if rate else 0.0)
                 first = media if first is None else first
-                yield Frame(VideoPixels(frame, source), index, media - first)
+                yield Frame(VideoPixels(frame, name), index, media - first)
         finally:
             container.close()
 
@@ -567,7 +581,7 @@ def _open_container(av: Any, source: str, kind: str, timeout_s: float) -> Any:
         reason = _ffmpeg_reason(e)
         if isinstance(e, av.error.ExitError):  # FFmpeg's timeout ends the open this way
             reason = f"no answer for {timeout_s:g} s (check the address, or raise the timeout)"
-        raise LlavaEdgeError(f"cannot open {what} {source}: {reason}") from None
+        raise LlavaEdgeError(f"cannot open {what} {shown(source)}: {reason}") from None
 
 
 def _decode(
