@@ -219,7 +219,15 @@ def _chat(args: argparse.Namespace) -> None:
 
     options = _generation_options(args)
     with _load_pipeline(args) as pipe:
-        chat_loop(pipe, args.image, options, read=input, out=sys.stdout)
+        chat_loop(pipe, args.image, options, read=_read_line, out=sys.stdout)
+
+
+def _read_line(prompt: str) -> str:
+    """A line typed after `prompt`; a closed standard input (`<&-`, no sys.stdin) is its end,
+    where `input` would raise RuntimeError."""
+    if sys.stdin is None:
+        raise EOFError
+    return input(prompt)
 
 
 # ---- bench -----------------------------------------------------------------------------------

@@ -163,3 +163,11 @@ def test_a_time_limit_counts_from_a_loaded_model(
     assert main(argv) == 0, capsys.readouterr().err
     answer = json.loads(capsys.readouterr().out.splitlines()[0])
     assert answer.get("error") is None and answer["text"]
+
+
+def test_chat_with_standard_input_closed_ends_as_at_its_end(tiny_model_dir, monkeypatch, capsys):
+    """`llava-edge chat MODEL <&-` (a service started with no standard input): Python has no
+    sys.stdin, and the chat ends as at the end of its input."""
+    monkeypatch.setattr("sys.stdin", None)
+    assert main(["chat", str(tiny_model_dir), "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().out.startswith("Ask anything")
