@@ -1119,3 +1119,15 @@ def test_a_cameras_password_in_its_url_stays_out_of_the_errors(pipe) -> None:
                 list(pipe.watch(url, "?", live=live, timeout_s=0.5))
             assert "s3cret" not in str(raised.value)
             assert f"http://admin:***@127.0.0.1:{url.split(':')[3]}" in str(raised.value)
+
+
+def test_a_folders_frames_numbered_without_padding_play_in_their_order(pipe, recorder, tmp_path):
+    """A capture script's frame_9.png, frame_10.png: numbers in names count by value, as the
+    camera wrote them, not character by character (frame_10 before frame_2)."""
+    folder = tmp_path / "shots"
+    folder.mkdir()
+    for i in range(12):
+        Image.fromarray(np.full((20, 30, 3), STEP * i, np.uint8)).save(folder / f"frame_{i}.png")
+    answers = list(pipe.watch(folder, "Now?", every_s=0, folder_fps=10))
+    assert recorder.seen == [[i] for i in range(12)]
+    assert [a.timestamp for a in answers] == pytest.approx([i / 10 for i in range(12)])

@@ -35,6 +35,7 @@ import inspect
 import math
 import os
 import queue
+import re
 import stat
 import threading
 import time
@@ -153,7 +154,7 @@ def open_frames(
     file at its own pace, as a camera would deliver it; False is refused for a camera and an
     app's frames, which come as they are made. timeout_s: how long to wait for a stream
     to open or for its next frame before giving up. folder_fps: an image folder is a slideshow at
-    this rate (None: 1 image a second), its images in name order; other sources keep their own
+    this rate (None: 1 image a second), its images in name order (frame_9 before frame_10); other sources keep their own
     pace and refuse it. cancel: set from another thread, a live source's
     iterator stops waiting for a frame and ends.
     Closing the iterator stops the reader and closes the source (an app's iterator too); a
@@ -487,16 +488,26 @@ def _read_ahead(
 
 def _folder_frames(folder: Path, fps: float) -> Iterator[Frame]:
     paths = sorted(
-        p
-        for p in folder.iterdir()
-        # hidden files are no frames: macOS leaves a ._NAME beside each image it copies
-        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+        (
+            p
+            for p in folder.iterdir()
+            # hidden files are no frames: macOS leaves a ._NAME beside each image it copies
+            if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+        ),
+        key=_name_order,
     )
     if not paths:
         raise LlavaEdgeError(
             f"image folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
         )
     return (Frame(path, index, index / fps) for index, path in enumerate(paths))
+
+
+def _name_order(path: Path) -> tuple[list[str | int], str]:
+    """Name order with the numbers in a name counted by value: a capture script's frame_9.png
+    comes before its frame_10.png (zero-padded names keep their order)."""
+    parts = re.split(r"(\d+)", path.name)
+    return [int(part) if i % 2 else part for i, part in enumerate(parts)], path.name
 
 
 # ---- video through PyAV ----------------------------------------------------------------------
