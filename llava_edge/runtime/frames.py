@@ -154,9 +154,9 @@ def open_frames(
     file at its own pace, as a camera would deliver it; False is refused for a camera and an
     app's frames, which come as they are made. timeout_s: how long to wait for a stream
     to open or for its next frame before giving up. folder_fps: an image folder is a slideshow at
-    this rate (None: 1 image a second), its images in name order (frame_9 before frame_10); other sources keep their own
-    pace and refuse it. cancel: set from another thread, a live source's
-    iterator stops waiting for a frame and ends.
+    this rate (None: 1 image a second), its images in name order (frame_9 before frame_10);
+    other sources keep their own pace and refuse it. cancel: set from another thread, a live
+    source's iterator stops waiting for a frame and ends.
     Closing the iterator stops the reader and closes the source (an app's iterator too); a
     reader stuck in a read that stalled (FFmpeg's V4L2 read, an app driver's own read: neither
     can be interrupted) closes it when that read returns, while the answers end at the timeout.
