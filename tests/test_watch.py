@@ -1131,3 +1131,19 @@ def test_a_folders_frames_numbered_without_padding_play_in_their_order(pipe, rec
     answers = list(pipe.watch(folder, "Now?", every_s=0, folder_fps=10))
     assert recorder.seen == [[i] for i in range(12)]
     assert [a.timestamp for a in answers] == pytest.approx([i / 10 for i in range(12)])
+
+
+def test_a_live_stream_lets_its_open_say_why_it_failed() -> None:
+    """An address that never answers, read live (a stream's default): FFmpeg's open ends at the
+    timeout the reader waits for a frame, and its error ('no answer', check the address) must
+    come, not a stall that raced it."""
+    import socket
+
+    from llava_edge.runtime.frames import open_frames
+
+    with socket.socket() as silent:  # connections queue, and nothing ever answers them
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/cam.mkv"
+        with pytest.raises(LlavaEdgeError, match=r"cannot open stream .*no answer for 0.5 s"):
+            next(open_frames(url, timeout_s=0.5))

@@ -192,7 +192,9 @@ def open_frames(
     if live:
         if kind in ("file", "folder"):
             decoded = _paced(decoded)
-        return live_frames(decoded, every_s, timeout_s, shown(os.fspath(source)), cancel)
+        # a stream's open has FFmpeg's own timeout, whose error says more than a stall would
+        grace = OPEN_GRACE_S if kind == "stream" else 0.0
+        return live_frames(decoded, every_s, timeout_s, shown(os.fspath(source)), cancel, grace)
     if kind == "stream":
         decoded = _read_ahead(decoded, timeout_s, shown(os.fspath(source)), cancel)
     return _sampled(decoded, every_s)
@@ -315,13 +317,15 @@ def live_frames(
     timeout_s: float,
     name: str,
     cancel: threading.Event | None = None,
+    open_grace_s: float = 0.0,
 ) -> Iterator[Frame]:
-    """Live: a reader thread keeps the newest due frame of `frames`; each `next` takes it."""
+    """Live: a reader thread keeps the newest due frame of `frames`; each `next` takes it. The
+    first frame may take `open_grace_s` past the timeout: what the open may take to fail."""
     latest = LatestFrame(frames, every_s)
     latest.start()
     try:
         while True:
-            frame = latest.take(timeout_s, name, cancel)
+            frame = latest.take(timeout_s, name, cancel, open_grace_s)
             if frame is None:
                 return
             yield frame
@@ -382,18 +386,23 @@ class LatestFrame:
                 self._changed.notify_all()
 
     def take(
-        self, timeout_s: float, name: str, cancel: threading.Event | None = None
+        self,
+        timeout_s: float,
+        name: str,
+        cancel: threading.Event | None = None,
+        open_grace_s: float = 0.0,
     ) -> Frame | None:
         """The newest due frame; None once the source has ended and nothing waits, or once
         `cancel` is set. The source has stalled when no frame at all (due or not) has arrived
-        for `timeout_s`: a frame may be due far later than that (every_s longer than the
-        timeout)."""
+        for `timeout_s` (`open_grace_s` more before the first): a frame may be due far later
+        than that (every_s longer than the timeout)."""
         asked = time.monotonic()
         with self._changed:
             while self._box is None and not self._done:
                 if cancel is not None and cancel.is_set():
                     return None
-                left = max(asked, self._arrived) + timeout_s - time.monotonic()
+                grace = open_grace_s if self._first is None else 0.0
+                left = max(asked, self._arrived) + timeout_s + grace - time.monotonic()
                 if left <= 0:
                     raise _stalled(name, timeout_s)
                 # a cancel is set from another thread, without the condition: look at it often
