@@ -148,9 +148,10 @@ def _quantize(args: argparse.Namespace) -> None:
 @command("run")
 def _run(args: argparse.Namespace) -> None:
     options = _generation_options(args)
+    image = _stdin_image(args.image)
     with _load_pipeline(args, background=True) as pipe:
         if args.json:
-            answer = pipe.answer(args.image, args.prompt, **options)
+            answer = pipe.answer(image, args.prompt, **options)
             print(
                 json.dumps(
                     {
@@ -163,7 +164,7 @@ def _run(args: argparse.Namespace) -> None:
                 )
             )
             return
-        stream = pipe.stream(args.image, args.prompt, **options)
+        stream = pipe.stream(image, args.prompt, **options)
         try:
             for piece in stream:
                 print(piece, end="", flush=True)
@@ -178,6 +179,18 @@ def _run(args: argparse.Namespace) -> None:
         )
 
 
+def _stdin_image(images: list[str] | None) -> list[str | bytes] | None:
+    """The images with `--image -` read from standard input, as most tools take `-`."""
+    if not images or "-" not in images:
+        return images
+    if images.count("-") > 1:
+        raise LlavaEdgeError("standard input holds one image: give `--image -` once")
+    if sys.stdin is None:
+        raise LlavaEdgeError("--image -: standard input is closed; pipe the image into it")
+    data = sys.stdin.buffer.read()
+    return [data if image == "-" else image for image in images]
+
+
 # ---- watch -----------------------------------------------------------------------------------
 
 
@@ -186,7 +199,7 @@ def _watch(args: argparse.Namespace) -> None:
     options = _generation_options(args)
     with _load_pipeline(args, background=True) as pipe:
         answers = pipe.watch(
-            args.source,
+            "/dev/stdin" if args.source == "-" else args.source,
             args.prompt,
             every_s=args.every,
             frames=args.frames,
@@ -218,6 +231,11 @@ def _chat(args: argparse.Namespace) -> None:
     from llava_edge.runtime.interactive import chat_loop
 
     options = _generation_options(args)
+    if args.image and "-" in args.image:
+        raise LlavaEdgeError(
+            "a chat reads its questions from standard input, so an image cannot come from it "
+            "(--image -): give the image's path"
+        )
     with _load_pipeline(args) as pipe:
         chat_loop(pipe, args.image, options, read=_read_line, out=sys.stdout)
 
@@ -665,7 +683,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--image",
         action="append",
-        help="image file; repeat for several images in one prompt (omit for a text-only prompt)",
+        help="image file (-: standard input); repeat for several images in one prompt (omit for "
+        "a text-only prompt)",
     )
     p.add_argument(
         "--prompt", required=True, help="the question (in the chat template unless --raw)"
@@ -687,7 +706,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--source",
         required=True,
         help="video file, camera (/dev/video0), rtsp:// or http:// stream, named pipe or "
-        "/dev/stdin, or image folder",
+        "standard input (- or /dev/stdin), or image folder",
     )
     p.add_argument("--prompt", required=True, help="the question asked about every answered frame")
     p.add_argument(

@@ -171,3 +171,24 @@ def test_chat_with_standard_input_closed_ends_as_at_its_end(tiny_model_dir, monk
     monkeypatch.setattr("sys.stdin", None)
     assert main(["chat", str(tiny_model_dir), "--max-new-tokens", "2"]) == 0
     assert capsys.readouterr().out.startswith("Ask anything")
+
+
+def test_an_image_on_standard_input_is_given_as_a_dash(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    """`camera-snap | llava-edge run MODEL --image - --prompt ...`: `-` is standard input, as
+    for most tools; a chat reads its questions there, so it refuses one."""
+    image = write_image(tmp_path / "a.png")
+    argv = ["run", str(tiny_model_dir), "--prompt", "Hi?", "--max-new-tokens", "4", "--json"]
+    assert main([*argv, "--image", str(image)]) == 0
+    expected = json.loads(capsys.readouterr().out)["text"]
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(image.read_bytes())))
+    assert main([*argv, "--image", "-"]) == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["text"] == expected
+    for command in (
+        argv + ["--image", "-", "--image", "-"],
+        ["chat", str(tiny_model_dir), "--image", "-"],
+    ):
+        assert main(command) == 1
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and "standard input" in err

@@ -377,8 +377,8 @@ def test_a_live_stream_is_decoded_without_frame_delay(tmp_path) -> None:
 
 
 def test_video_on_standard_input_is_watched(tiny_model_dir, tmp_path) -> None:
-    """`ffmpeg ... | llava-edge watch --source /dev/stdin`: standard input fed by a pipe, or
-    redirected from a file."""
+    """`ffmpeg ... | llava-edge watch --source /dev/stdin` (or `-`): standard input fed by a
+    pipe, or redirected from a file."""
     video = make_video(tmp_path / "clip.mkv", frames=10, fps=10)
     argv = [sys.executable, "-m", "llava_edge.cli", "watch", str(tiny_model_dir)]
     argv += ["--source", "/dev/stdin", "--prompt", "?", "--every", "0", "--jsonl"]
@@ -388,6 +388,7 @@ def test_video_on_standard_input_is_watched(tiny_model_dir, tmp_path) -> None:
     answers = [json.loads(line) for line in run.stdout.splitlines()]
     assert answers and answers[-1]["index"] == 9
     assert sum(a["skipped"] for a in answers) + len(answers) == 10  # live: stale frames dropped
+    argv[argv.index("/dev/stdin")] = "-"  # as most tools name standard input
     with open(video, "rb") as file:  # `< clip.mkv`: standard input is the file itself
         run = subprocess.run(argv, stdin=file, capture_output=True, timeout=120)
     assert run.returncode == 0, run.stderr.decode()
