@@ -1148,3 +1148,14 @@ def test_a_live_stream_lets_its_open_say_why_it_failed() -> None:
         url = f"http://127.0.0.1:{silent.getsockname()[1]}/cam.mkv"
         with pytest.raises(LlavaEdgeError, match=r"cannot open stream .*no answer for 0.5 s"):
             next(open_frames(url, timeout_s=0.5))
+
+
+def test_a_file_is_sampled_on_a_grid_of_the_interval(pipe, recorder, tmp_path) -> None:
+    """`--every 0.1` on a 25 fps recording: the first frame at or after each tenth of a second
+    (0, 0.12, 0.2, 0.32, 0.4 ...), ten answers a second as asked, not one every 0.12 s as a
+    count from each answered frame drifts to."""
+    video = make_video(tmp_path / "pal.mkv", frames=26, fps=25)  # 1.04 s
+    answers = list(pipe.watch(video, "What is there?", every_s=0.1))
+    due = [i / 10 for i in range(11)]
+    expected = [math.ceil(t * 25 - 1e-6) / 25 for t in due]  # the first frame at or after each
+    assert [a.timestamp for a in answers] == pytest.approx(expected)

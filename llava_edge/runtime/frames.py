@@ -278,14 +278,23 @@ def _check_number(name: str, value: object, what: str, minimum: float | None = N
 
 
 def _sampled(frames: Iterator[Frame], every_s: float) -> Iterator[Frame]:
-    """Offline: the first frame at or after each due time, in order. A timestamp before the last
-    sampled frame's starts the count again: recordings joined end to end (`cat a.ts b.ts`) each
-    count from their own start."""
-    last: float | None = None
+    """Offline: the first frame at or after each due time, in order, on a grid of `every_s` from
+    the first (as live frames are due: a count from each sampled frame would drift later where
+    the interval is no whole number of frames). A timestamp before the last sampled frame's
+    starts the count again: recordings joined end to end (`cat a.ts b.ts`) each count from
+    their own start."""
+    last = origin = due = -math.inf
     try:
         for frame in frames:
-            if last is None or frame.timestamp < last or frame.timestamp + 1e-9 >= last + every_s:
+            if frame.timestamp < last:
+                due = -math.inf
+            if frame.timestamp + 1e-9 >= due:
+                if due == -math.inf:
+                    origin = frame.timestamp
                 last = frame.timestamp
+                if every_s > 0:
+                    ticks = math.floor((last - origin) / every_s + 1e-6) + 1
+                    due = origin + ticks * every_s
                 yield frame
     finally:
         frames.close()
