@@ -188,6 +188,8 @@ def _stdin_image(images: list[str] | None) -> list[str | bytes] | None:
     if sys.stdin is None:
         raise LlavaEdgeError("--image -: standard input is closed; pipe the image into it")
     data = sys.stdin.buffer.read()
+    if not data:
+        raise LlavaEdgeError("--image -: standard input is empty; pipe the image into it")
     return [data if image == "-" else image for image in images]
 
 

@@ -185,10 +185,9 @@ def test_an_image_on_standard_input_is_given_as_a_dash(
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(image.read_bytes())))
     assert main([*argv, "--image", "-"]) == 0, capsys.readouterr().err
     assert json.loads(capsys.readouterr().out)["text"] == expected
-    for command in (
-        argv + ["--image", "-", "--image", "-"],
-        ["chat", str(tiny_model_dir), "--image", "-"],
-    ):
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"")))  # now read to its end
+    chat = ["chat", str(tiny_model_dir), "--image", "-"]
+    for command in ([*argv, "--image", "-"], [*argv, "--image", "-", "--image", "-"], chat):
         assert main(command) == 1
         err = capsys.readouterr().err
         assert len(err.splitlines()) == 1 and "standard input" in err
