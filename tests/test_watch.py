@@ -1159,3 +1159,16 @@ def test_a_file_is_sampled_on_a_grid_of_the_interval(pipe, recorder, tmp_path) -
     due = [i / 10 for i in range(11)]
     expected = [math.ceil(t * 25 - 1e-6) / 25 for t in due]  # the first frame at or after each
     assert [a.timestamp for a in answers] == pytest.approx(expected)
+
+
+def test_any_url_is_a_stream(pipe) -> None:
+    """rtp:// (a GStreamer pipeline's udpsink), srt://, rtmps:// ...: whatever FFmpeg's
+    protocols, a URL is a stream that FFmpeg opens and names the failure of, not a video file
+    that 'does not exist'."""
+    from llava_edge.runtime.frames import source_kind
+
+    assert [source_kind(u) for u in ("rtp://0.0.0.0:5004", "srt://cam:9000", "rtmps://a/b")] == [
+        "stream"
+    ] * 3
+    with pytest.raises(LlavaEdgeError, match=r"cannot open stream srt://127\.0\.0\.1:1"):
+        list(pipe.watch("srt://127.0.0.1:1", "?", timeout_s=2))

@@ -54,7 +54,8 @@ VIDEO_HINT = "install the video extra: pip install 'llava-edge[video]' (PyAV)"
 IMAGE_SUFFIXES = (
     ".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".pgm", ".ppm", ".pnm"
 )  # fmt: skip
-NETWORK_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://")
+# A URL, whatever its protocol (rtsp, http, udp, rtp, srt ...): FFmpeg opens it or says why not.
+URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_FOLDER_FPS = 1.0  # an image folder's slideshow: one image a second
 KIND_NAMES = {"file": "a video file", "device": "a camera", "stream": "a stream"}
@@ -104,12 +105,12 @@ class VideoPixels:
 
 
 def source_kind(source: str | os.PathLike) -> str:
-    """'folder', 'device', 'stream' or 'file', from the source's name. A named pipe (or
+    """'folder', 'device', 'stream' or 'file', from the source's name. A URL or a named pipe (or
     /dev/stdin fed by one) is a stream: its frames come as they are made, and can stop coming.
     A character device is a camera wherever its path (a link to one outside /dev too)."""
     text = os.fspath(source)
     mode = _mode(text)
-    if text.startswith(NETWORK_SCHEMES) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+    if (URL.match(text) and not mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
         return "stream"
     if stat.S_ISCHR(mode) or (text.startswith("/dev/") and not stat.S_ISREG(mode)):
         return "device"  # a missing /dev/videoN too, for its error; /dev/stdin may be a file
@@ -120,7 +121,7 @@ def shown(source: str) -> str:
     """How errors name a source: a URL's password (rtsp://user:password@camera/, as IP cameras
     are addressed) left out, so that it stays out of a robot's logs."""
     scheme, _, rest = source.partition("://")
-    if not rest or not source.startswith(NETWORK_SCHEMES):
+    if not rest or not URL.match(source):
         return source
     authority, slash, path = rest.partition("/")
     user, at, host = authority.rpartition("@")
