@@ -1172,3 +1172,18 @@ def test_any_url_is_a_stream(pipe) -> None:
     ] * 3
     with pytest.raises(LlavaEdgeError, match=r"cannot open stream srt://127\.0\.0\.1:1"):
         list(pipe.watch("srt://127.0.0.1:1", "?", timeout_s=2))
+
+
+def test_standard_input_with_no_video_piped_in_says_so(tiny_model_dir) -> None:
+    """`llava-edge watch MODEL --source -` typed at a terminal, or run with no input: standard
+    input is a character device there, and no camera."""
+    argv = [sys.executable, "-m", "llava_edge.cli", "watch", str(tiny_model_dir), "--prompt", "?"]
+    run = subprocess.run(
+        [*argv, "--source", "-"], stdin=subprocess.DEVNULL, capture_output=True, timeout=120
+    )
+    assert run.returncode == 1 and run.stdout == b""
+    assert run.stderr.decode().splitlines() == [
+        "llava-edge watch: error: standard input (/dev/stdin) holds no video (a terminal or "
+        "/dev/null): pipe one into it, as `ffmpeg ... -f matroska - | llava-edge watch ... "
+        "--source -`"
+    ]

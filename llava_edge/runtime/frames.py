@@ -56,6 +56,7 @@ IMAGE_SUFFIXES = (
 )  # fmt: skip
 # A URL, whatever its protocol (rtsp, http, udp, rtp, srt ...): FFmpeg opens it or says why not.
 URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+STANDARD_INPUT = ("/dev/stdin", "/dev/fd/0", "/proc/self/fd/0")  # a character device: no camera
 DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_FOLDER_FPS = 1.0  # an image folder's slideshow: one image a second
 KIND_NAMES = {"file": "a video file", "device": "a camera", "stream": "a stream"}
@@ -543,6 +544,11 @@ def import_av() -> Any:
 def _check_local(path: str, kind: str) -> None:
     """Clear errors for local sources before FFmpeg sees them."""
     if kind == "device":
+        if path in STANDARD_INPUT and os.path.exists(path):
+            raise LlavaEdgeError(
+                f"standard input ({path}) holds no video (a terminal or /dev/null): pipe one "
+                "into it, as `ffmpeg ... -f matroska - | llava-edge watch ... --source -`"
+            )
         if not os.path.exists(path):
             raise LlavaEdgeError(
                 f"camera {path} does not exist (no such V4L2 device); list cameras with "
