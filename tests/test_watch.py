@@ -1187,3 +1187,17 @@ def test_standard_input_with_no_video_piped_in_says_so(tiny_model_dir) -> None:
         "/dev/null): pipe one into it, as `ffmpeg ... -f matroska - | llava-edge watch ... "
         "--source -`"
     ]
+
+
+def test_a_folder_that_cannot_be_listed_is_a_one_line_error(pipe, tmp_path, monkeypatch) -> None:
+    """A capture folder another user owns (mode 700): no traceback, the reason and the folder."""
+    folder = shots(tmp_path / "shots", 2)
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "iterdir", denied)
+    with pytest.raises(
+        LlavaEdgeError, match=r"cannot list image folder .*shots: Permission denied"
+    ):
+        pipe.watch(folder, "?")

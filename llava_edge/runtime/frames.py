@@ -507,15 +507,18 @@ def _read_ahead(
 
 
 def _folder_frames(folder: Path, fps: float) -> Iterator[Frame]:
-    paths = sorted(
-        (
-            p
-            for p in folder.iterdir()
-            # hidden files are no frames: macOS leaves a ._NAME beside each image it copies
-            if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
-        ),
-        key=_name_order,
-    )
+    try:
+        paths = sorted(
+            (
+                p
+                for p in folder.iterdir()
+                # hidden files are no frames: macOS leaves a ._NAME beside each image it copies
+                if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+            ),
+            key=_name_order,
+        )
+    except OSError as e:  # another user's capture folder, a stale network mount
+        raise LlavaEdgeError(f"cannot list image folder {folder}: {e.strerror or e}") from None
     if not paths:
         raise LlavaEdgeError(
             f"image folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
