@@ -1170,6 +1170,7 @@ def test_any_url_is_a_stream(pipe) -> None:
     assert [source_kind(u) for u in ("rtp://0.0.0.0:5004", "srt://cam:9000", "rtmps://a/b")] == [
         "stream"
     ] * 3
+    assert source_kind("file:///clip.mp4") == "file"
     with pytest.raises(LlavaEdgeError, match=r"cannot open stream srt://127\.0\.0\.1:1"):
         list(pipe.watch("srt://127.0.0.1:1", "?", timeout_s=2))
 

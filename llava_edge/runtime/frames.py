@@ -55,7 +55,8 @@ IMAGE_SUFFIXES = (
     ".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".pgm", ".ppm", ".pnm"
 )  # fmt: skip
 # A URL, whatever its protocol (rtsp, http, udp, rtp, srt ...): FFmpeg opens it or says why not.
-URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+# A file:// URL names a file, which is read offline, not as a stream.
+URL = re.compile(r"(?!file://)[A-Za-z][A-Za-z0-9+.-]*://", re.IGNORECASE)
 STANDARD_INPUT = ("/dev/stdin", "/dev/fd/0", "/proc/self/fd/0")  # a character device: no camera
 DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_FOLDER_FPS = 1.0  # an image folder's slideshow: one image a second
