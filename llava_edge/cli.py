@@ -286,11 +286,11 @@ def _bench(args: argparse.Namespace) -> None:
 def _load_pipeline(args: argparse.Namespace, background: bool = False):
     """background: the graphs open while the command reads its image (or opens its camera) and
     runs it through the vision encoder (onnxruntime); a broken graph then fails the first answer
-    instead of the load, with the same message. Not under `--timeout`: an answer's time limit
-    counts from its call, and a large model's graphs still opening would use it up."""
+    instead of the load, with the same message (an answer's --timeout does not count the wait
+    for graphs still opening)."""
     from llava_edge.runtime import Pipeline
 
-    background = background and args.backend == "onnxruntime" and args.timeout is None
+    background = background and args.backend == "onnxruntime"
     options = _load_options(args)
     return Pipeline.load(args.model_dir, threads=args.threads, background=background, **options)
 

@@ -152,3 +152,25 @@ def test_run_reports_a_graph_that_fails_in_one_line(
     assert main(argv) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("llava-edge run: error: cannot load graph ") and "\n" not in err
+
+
+def test_a_time_limit_does_not_count_the_wait_for_graphs_still_opening(
+    tiny_model_dir: Path, held_decoder: threading.Event
+) -> None:
+    """A large model's decoder may take longer to open than an answer may take: a request that
+    waits for it is late only by what it takes once the model is loaded (a chat or a BatchEngine
+    is made from a loaded model: its requests never wait)."""
+    pipe = Pipeline.load(tiny_model_dir, threads=1, background=True, session_cache=False)
+    try:
+        threading.Timer(1.5, held_decoder.set).start()
+        answer = pipe.answer(PICTURE, PROMPT, max_new_tokens=2, timeout_s=1.0)
+        assert answer.token_ids
+    finally:
+        pipe.close()
+    held_decoder.clear()
+    pipe = Pipeline.load(tiny_model_dir, threads=1, background=True, session_cache=False)
+    try:
+        threading.Timer(1.5, held_decoder.set).start()
+        assert "".join(pipe.stream(PICTURE, PROMPT, max_new_tokens=2, timeout_s=1.0)) == answer.text
+    finally:
+        pipe.close()

@@ -45,7 +45,7 @@ import numpy as np
 from llava_edge.errors import LlavaEdgeError, TimedOut, first_line
 from llava_edge.runtime.answer import Answer, AnswerText, timings
 from llava_edge.runtime.anyres import ImagePixels, pixels_list
-from llava_edge.runtime.generate import Timer, embed
+from llava_edge.runtime.generate import Timer, embed, past_limit
 from llava_edge.runtime.image import Images, image_list
 from llava_edge.runtime.sampling import GenerationConfig, Sampler
 
@@ -125,7 +125,6 @@ class Request:
         self.config = config
         self.text = answer_text
         self.timer = Timer() if started is None else Timer(start=started)
-        self.deadline = self.timer.start + timeout_s if timeout_s else None
         self.timeout_s = timeout_s
         self.sampler = Sampler(config)
         self.generated: list[int] = []
@@ -825,9 +824,8 @@ class BatchEngine:
         if self._deadline_passed(request):
             raise self._timeout_error(request)
 
-    @staticmethod
-    def _deadline_passed(request: Request) -> bool:
-        return request.deadline is not None and time.perf_counter() > request.deadline
+    def _deadline_passed(self, request: Request) -> bool:
+        return past_limit(request.timer.start, request.timeout_s, self.pipe.backend)
 
     @staticmethod
     def _timeout_error(request: Request) -> TimedOut:

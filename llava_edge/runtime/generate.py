@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -62,6 +63,17 @@ def positions_from_mask(mask: np.ndarray, start: np.ndarray | None = None) -> np
     return np.where(mask == 1, positions, 1).astype(np.int64)
 
 
+def past_limit(start: float, timeout_s: float | None, backend: Any) -> bool:
+    """Whether a request started at `start` (time.perf_counter()) is past its time limit. The
+    limit counts from the request's start, or from the end of the model's background load where
+    that came later: the time a request waits for graphs still opening is the load's, not the
+    request's (a large model's cold start would use up any answer's limit)."""
+    if not timeout_s:
+        return False
+    loaded = backend.loaded_at
+    return loaded is not None and time.perf_counter() > max(start, loaded) + timeout_s
+
+
 def decode_loop(
     backend,
     cache,
@@ -86,10 +98,9 @@ def decode_loop(
     """
     sampler = Sampler(config)
     timer = timer or Timer()
-    deadline = timer.start + timeout_s if timeout_s else None
 
     def check_deadline() -> None:
-        if deadline is not None and time.perf_counter() > deadline:
+        if past_limit(timer.start, timeout_s, backend):
             raise TimedOut.after(timeout_s)
 
     batch = embeds.shape[0]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import time
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -248,6 +249,7 @@ class OnnxBackend:
         self._closed = False
         self._state_lock = threading.Lock()
         self._state: tuple[TextSpec, FusedDecoder | None] | None = None
+        self._opened_at: dict[str, float] = {}
 
         def open_one(name: str) -> ort.InferenceSession:
             providers = [
@@ -255,6 +257,7 @@ class OnnxBackend:
             ]
             session = self._open(name, files[name], options, providers)
             check_graph_io(name, graphs[name], session)
+            self._opened_at[name] = time.perf_counter()
             return session
 
         # Loads from the session cache run side by side (onnxruntime releases the GIL while it
@@ -281,6 +284,15 @@ class OnnxBackend:
         for name in self._opening:
             self._session(name)
         self._decoder_state()
+
+    @property
+    def loaded_at(self) -> float | None:
+        """When the last graph opened (time.perf_counter()); None while some still open (a
+        background load). Time limits count from here at the earliest: the time a request waits
+        for the model to load is not the request's."""
+        if any(not opening.done() for opening in self._opening.values()):
+            return None
+        return max(self._opened_at.values(), default=0.0)
 
     @property
     def sessions(self) -> dict[str, ort.InferenceSession]:

@@ -213,6 +213,11 @@ class TensorRTBackend:
     def wait_loaded(self) -> None:
         """Nothing to wait for: the engines are loaded when the backend is made."""
 
+    @property
+    def loaded_at(self) -> float:
+        """Before any request: the engines are loaded when the backend is made."""
+        return 0.0
+
     def close(self) -> None:
         """Free the engines, their buffers, every cache's device memory (caches still held, by a
         chat kept after the model, are emptied: a model unloaded gives back all its GPU memory)
