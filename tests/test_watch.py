@@ -579,6 +579,7 @@ def test_leaving_a_watch_stops_its_reader_at_once(pipe, recorder, tmp_path) -> N
         ("<image>\n<image>\nWhat is it?", {}, "each answer is about one frame"),
         ("USER: What is it? ASSISTANT:", {"raw": True}, "this one holds 0"),
         ("USER: <image>\n<image>\nWhat? ASSISTANT:", {"raw": True, "frames": 2}, "frames=1"),
+        ("<image>\nWhat is it?", {"raw": "false"}, "raw must be True or False"),
     ],
 )
 def test_placeholders_that_the_frames_cannot_fill_are_refused_at_once(
