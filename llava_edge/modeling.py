@@ -131,6 +131,27 @@ def check_full_precision(config: Any, what: str, instead: str) -> None:
     )
 
 
+# The image processors' backend whose arithmetic the runtime replays (llava_edge.runtime.image).
+PROCESSOR_BACKEND = "pil"
+
+
+def load_processor(source: str | os.PathLike, trust_remote_code: bool = False) -> Any:
+    """A checkpoint's processor, its image processor on the PIL backend whatever is installed:
+    transformers picks its torchvision backend wherever torchvision is (NVIDIA's Jetson PyTorch
+    containers), whose resize differs from PIL's by up to 0.014 in normalised pixels, so export
+    would verify against, and training would learn from, other pixels than the runtime's. The
+    image processor loads alone (AutoProcessor would hand `backend` to the tokenizer too) and
+    takes the processor's place as an attribute: passed to AutoProcessor, it would be saved as one
+    of its settings, which save_pretrained cannot write."""
+    from transformers import AutoImageProcessor, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+    processor.image_processor = AutoImageProcessor.from_pretrained(
+        str(source), trust_remote_code=trust_remote_code, backend=PROCESSOR_BACKEND
+    )
+    return processor
+
+
 def check_processor(processor: Any, config: Any, what: str) -> None:
     """A LlavaProcessor without patch_size (an older llava-hf processor_config.json) cannot expand
     <image> into image tokens: transformers fails with a TypeError at the first prompt."""

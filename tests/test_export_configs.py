@@ -10,19 +10,12 @@ from pathlib import Path
 import pytest
 
 
-def test_export_reads_the_processor_with_the_pil_backend(
-    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The runtime replays the PIL backend's arithmetic. Where torchvision is installed (as in
-    NVIDIA's Jetson PyTorch containers), transformers picks its torchvision backend instead, whose
-    resize differs by up to 0.014 in normalised pixels: every export then failed verification.
-    torchvision cannot be installed beside the CPU torch here, so the request itself is checked;
-    and the tokenizer is not handed the backend too (its own `backend` says "tokenizers")."""
+@pytest.fixture
+def processors_made(monkeypatch: pytest.MonkeyPatch) -> dict:
+    """backend asked for -> the image processor AutoImageProcessor made for it."""
     from transformers import AutoImageProcessor
 
-    from llava_edge.export.exporter import load_checkpoint
-
-    made = {}  # backend asked for -> the image processor made
+    made = {}
     load = AutoImageProcessor.from_pretrained.__func__
 
     def spy(cls, *args, **kwargs):
@@ -30,10 +23,39 @@ def test_export_reads_the_processor_with_the_pil_backend(
         return made[kwargs.get("backend")]
 
     monkeypatch.setattr(AutoImageProcessor, "from_pretrained", classmethod(spy))
-    loaded = load_checkpoint(tiny_checkpoint)
-    assert loaded.processor.image_processor is made.get("pil")
-    assert type(loaded.processor.image_processor).__name__.endswith("Pil")
-    assert loaded.processor.tokenizer.backend == "tokenizers"
+    return made
+
+
+def _loaded_by(what: str, checkpoint: Path):
+    if what == "export":
+        from llava_edge.export.exporter import load_checkpoint
+
+        return load_checkpoint(checkpoint).processor
+    if what == "train":
+        from llava_edge.training.train import _load_processor_and_config
+
+        return _load_processor_and_config(checkpoint, checkpoint)[0]
+    from llava_edge.export.baseline import TransformersRunner
+    from llava_edge.runtime.bench import Workload
+
+    workload = Workload(question_tokens=2, new_tokens=2, threads=1, runs=1)
+    return TransformersRunner(checkpoint, workload, "USER: <image>\nHi? ASSISTANT:").processor
+
+
+@pytest.mark.parametrize("what", ["export", "train", "bench --baseline"])
+def test_the_processor_is_read_with_the_pil_backend(
+    tiny_checkpoint: Path, processors_made: dict, what: str
+) -> None:
+    """The runtime replays the PIL backend's arithmetic. Where torchvision is installed (as in
+    NVIDIA's Jetson PyTorch containers), transformers picks its torchvision backend instead, whose
+    resize differs by up to 0.014 in normalised pixels: every export then failed verification,
+    and training learnt from other pixels than the runtime's. torchvision cannot be installed
+    beside the CPU torch here, so the request itself is checked; and the tokenizer is not handed
+    the backend too (its own `backend` says "tokenizers")."""
+    processor = _loaded_by(what, tiny_checkpoint)
+    assert processor.image_processor is processors_made.get("pil")
+    assert type(processor.image_processor).__name__.endswith("Pil")
+    assert processor.tokenizer.backend == "tokenizers"
 
 
 # name -> (changes to processor_config.json's image_processor, what the one-line refusal says)

@@ -22,16 +22,15 @@ class TransformersRunner:
 
     def __init__(self, checkpoint: str | os.PathLike, workload: Workload, prompt: str):
         import torch
-        from transformers import AutoProcessor
 
-        from llava_edge.modeling import load_model
+        from llava_edge.modeling import load_model, load_processor
 
         torch.set_num_threads(workload.threads)
         self.workload, self.prompt, self.image = workload, prompt, bench_image()
         start = time.perf_counter()
         with PeakMemory() as memory:
             self.model = load_model(checkpoint, dtype=torch.float32, use_safetensors=True).eval()
-            self.processor = AutoProcessor.from_pretrained(checkpoint)
+            self.processor = load_processor(checkpoint)
             self.load_s = time.perf_counter() - start
             self.run_once()
         self.memory_mb = memory.megabytes

@@ -42,8 +42,6 @@ EMBEDDINGS_FILE = "embed_tokens.npy"
 NEWLINE_FILE = "image_newline.npy"  # LLaVA-NeXT's image_newline, for the runtime's AnyRes
 # --max-context must hold one image and this many tokens of question and answer.
 MIN_TEXT_ROOM = 64
-# The image processors' backend the runtime's preprocessing equals (llava_edge.runtime.image).
-PROCESSOR_BACKEND = "pil"
 # Loader and tracer chatter that says nothing to a user: transformers' notes, the hub client's
 # "Retrying in 2s" per attempt, torch.onnx's tracer warnings.
 LOADER_LOGGERS = ("transformers", "huggingface_hub", "torch.onnx")
@@ -143,26 +141,17 @@ def load_checkpoint(
     in seconds, not after minutes of loading a 7B model.
     """
     import torch
-    from transformers import AutoImageProcessor, AutoProcessor, GenerationConfig
+    from transformers import GenerationConfig
 
     from llava_edge.export.chat_template import choose_template
-    from llava_edge.modeling import check_processor, load_model
+    from llava_edge.modeling import check_processor, load_model, load_processor
 
     config = checkpoint_config(checkpoint, trust_remote_code)
     source = str(checkpoint)
     _check_tokenizer_files(Path(source))
     try:
         with quiet(*LOADER_LOGGERS):
-            # The PIL backend, whatever is installed: the runtime replays its arithmetic, and
-            # transformers picks its torchvision backend wherever torchvision is (its resize
-            # differs from PIL's by up to 0.014 in normalised pixels, so no export would verify).
-            # Loaded alone: AutoProcessor would hand `backend` to the tokenizer too.
-            image_processor = AutoImageProcessor.from_pretrained(
-                source, trust_remote_code=trust_remote_code, backend=PROCESSOR_BACKEND
-            )
-            processor = AutoProcessor.from_pretrained(
-                source, trust_remote_code=trust_remote_code, image_processor=image_processor
-            )
+            processor = load_processor(source, trust_remote_code)
             try:
                 generation = GenerationConfig.from_pretrained(source)
             except OSError:  # no generation_config.json: what from_pretrained derives then

@@ -68,11 +68,10 @@ def merge_lora(
     part.
     """
     import torch
-    from transformers import AutoProcessor
 
     from llava_edge.files import check_output_dir, replace_dir
     from llava_edge.manifest import read_checkpoint_template
-    from llava_edge.modeling import load_model
+    from llava_edge.modeling import load_model, load_processor
     from llava_edge.training.checkpoint import saved_dtype, write_llava_edge_file
 
     adapter_dir = Path(adapter_dir)
@@ -92,7 +91,7 @@ def merge_lora(
     source = adapter_dir if (adapter_dir / "processor_config.json").is_file() else base
     what = "the base checkpoint" if source == base else "the adapters"
     try:  # before the merge: its tokenizer and image processor are saved with the result
-        processor = AutoProcessor.from_pretrained(source)
+        processor = load_processor(source)
     except (OSError, ValueError) as e:  # a broken config, missing tokenizer files
         detail = first_line(e).strip().rstrip(":")
         raise LlavaEdgeError(f"cannot load the processor of {what} {source}: {detail}") from None

@@ -232,10 +232,10 @@ def _plain_weights(checkpoint: Path | None, opts: TrainOptions) -> Path | None:
 def _load_processor_and_config(model: str | os.PathLike, path: Path) -> tuple[Any, Any]:
     """The checkpoint's processor and config, once it is known to be a LLaVA checkpoint (LLaVA-NeXT's
     tiles would need labels and batches of their own)."""
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig
 
     from llava_edge.logs import quiet_loading
-    from llava_edge.modeling import check_full_precision, check_processor
+    from llava_edge.modeling import check_full_precision, check_processor, load_processor
 
     try:
         with quiet_loading():
@@ -246,7 +246,7 @@ def _load_processor_and_config(model: str | os.PathLike, path: Path) -> tuple[An
                     "(LlavaForConditionalGeneration): `llava-edge convert` an original LLaVA one, "
                     "or `llava-edge init --vision CLIP --llm LM` one from parts"
                 )
-            processor = AutoProcessor.from_pretrained(path)
+            processor = load_processor(path)
     except (OSError, ValueError) as e:  # a broken config.json, missing processor files
         raise LlavaEdgeError(f"cannot load --model {model}: {first_line(e)}") from None
     check_full_precision(
