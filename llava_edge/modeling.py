@@ -187,16 +187,36 @@ def no_checkpoint(path: str | os.PathLike, what: str) -> LlavaEdgeError:
     )
 
 
+def read_config(source: str | os.PathLike, what: str, trust_remote_code: bool = False) -> Any:
+    """A checkpoint's config through AutoConfig, each way transformers refuses one as one line
+    naming `what` was given: its strict validation raises huggingface_hub's StrictDataclassError
+    (a value a field may not take) and KeyError (rope settings missing a key), besides OSError
+    (no or unreadable file) and ValueError."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise LlavaEdgeError(f"cannot load {what} {source}: {first_line(e)}") from None
+    except ValueError as e:
+        raise LlavaEdgeError(f"{what} {source}: {first_line(e)}") from None
+    except KeyError as e:  # "Missing required keys in rope_parameters ..."
+        raise LlavaEdgeError(
+            f"{what} {source}: config.json: {e.args[0] if e.args else e}"
+        ) from None
+    except StrictDataclassError as e:  # its message spans lines
+        said = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise LlavaEdgeError(f"{what} {source}: config.json: {said}") from None
+
+
 def load_model(checkpoint: str | os.PathLike, config: Any = None, **kwargs: Any) -> Any:
     """from_pretrained on the class `model_class` picks (kwargs go to from_pretrained), refusing
     weights that lack a tensor the model needs."""
     from safetensors import SafetensorError
-    from transformers import AutoConfig
 
     if config is None:
-        config = AutoConfig.from_pretrained(
-            checkpoint, trust_remote_code=kwargs.get("trust_remote_code", False)
-        )
+        config = read_config(checkpoint, "checkpoint", kwargs.get("trust_remote_code", False))
     try:
         model, info = model_class(config).from_pretrained(
             checkpoint, output_loading_info=True, **kwargs

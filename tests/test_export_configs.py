@@ -323,3 +323,34 @@ def test_a_window_no_layer_uses_does_not_cap_the_context(tmp_path: Path) -> None
             positions = np.arange(ids.shape[1])[None]
             logits = pipe.backend.decode(table[ids], np.ones_like(ids), positions, cache)
         np.testing.assert_allclose(logits[0], reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["strategy-unknown", "rope-without-its-factor"])
+def test_train_and_the_model_loader_refuse_such_configs_in_one_line_too(
+    tmp_path: Path, capsys, name: str
+) -> None:
+    """transformers' strict validation raises its own exception types as config.json loads:
+    every command that reads a checkpoint's config (train; merge-lora's base and bench's
+    baseline through load_model) says what is wrong in one line, as export does."""
+    import json
+
+    from llava_edge.cli import main
+    from llava_edge.errors import LlavaEdgeError
+    from llava_edge.modeling import load_model
+    from llava_edge.training.checkpoint import init_checkpoint
+
+    changes, message = REFUSED_CONFIGS[name]
+    checkpoint = init_checkpoint(tmp_path / "checkpoint")
+    config = json.loads((checkpoint / "config.json").read_text())
+    for key, value in changes.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) else value
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"id": "a", "conversations": []}]))
+    capsys.readouterr()
+    argv = ["train", "--stage", "1", "--model", str(checkpoint), "--data", str(data)]
+    assert main([*argv, "--out", str(tmp_path / "out")]) != 0
+    error = capsys.readouterr().err.strip()
+    assert message in error and len(error.splitlines()) == 1, error
+    with pytest.raises(LlavaEdgeError, match="config.json: "):
+        load_model(checkpoint)

@@ -232,14 +232,17 @@ def _plain_weights(checkpoint: Path | None, opts: TrainOptions) -> Path | None:
 def _load_processor_and_config(model: str | os.PathLike, path: Path) -> tuple[Any, Any]:
     """The checkpoint's processor and config, once it is known to be a LLaVA checkpoint (LLaVA-NeXT's
     tiles would need labels and batches of their own)."""
-    from transformers import AutoConfig
-
     from llava_edge.logs import quiet_loading
-    from llava_edge.modeling import check_full_precision, check_processor, load_processor
+    from llava_edge.modeling import (
+        check_full_precision,
+        check_processor,
+        load_processor,
+        read_config,
+    )
 
     try:
         with quiet_loading():
-            config = AutoConfig.from_pretrained(path)
+            config = read_config(path, "--model")
             if config.model_type != "llava":
                 raise LlavaEdgeError(
                     f"--model {model} is a '{config.model_type}' checkpoint; train takes LLaVA "
