@@ -42,7 +42,10 @@ def stderr(message: str) -> None:
 class TrainingSet(torch.utils.data.Dataset):
     """LLaVA samples as model inputs. Construction checks every sample once (shape, image file
     and header, tokenization, truncation); a bad one raises BadSample, or with `skip_bad` is left
-    out and counted in `skipped`. Images are decoded when the trainer asks for a sample."""
+    out and counted in `skipped`. Images are decoded when the trainer asks for a sample.
+
+    `images_only`: a sample without an image is bad (stage 1 trains the projector alone, which
+    only images reach: a batch of text would have no gradient)."""
 
     def __init__(
         self,
@@ -53,7 +56,9 @@ class TrainingSet(torch.utils.data.Dataset):
         skip_bad: bool = False,
         progress: bool = True,
         log: Callable[[str], None] = stderr,
+        images_only: bool = False,
     ):
+        self.images_only = images_only
         self.image_root = Path(image_root) if image_root is not None else None
         check_image_dir(self.image_root)
         self.labeler = labeler
@@ -75,6 +80,12 @@ class TrainingSet(torch.utils.data.Dataset):
             sample = parse_sample(record, position)
             if sample.image is not None:
                 self._check_image(sample)
+            elif self.images_only:
+                raise BadSample(
+                    sample.id,
+                    "has no image; stage 1 trains only the projector, which only images reach: "
+                    "train on text-only samples in stage 2",
+                )
             else:
                 self.has_text_only = True
             self.labeler.encode(sample)

@@ -152,6 +152,7 @@ def train(
         processor.image_processor,
         skip_bad=opts.skip_bad,
         progress=opts.progress and main_process,
+        images_only=stage == 1,
     )
     if dataset.skipped and main_process:
         stderr(

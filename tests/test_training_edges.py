@@ -1,0 +1,50 @@
+"""train, merge-lora and init at their edges: samples a stage cannot learn from, adapters merged
+onto the wrong base, init's options."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llava_edge.cli import main as cli
+from llava_edge.training.synth import synthesize
+
+TEXT_ONLY = {
+    "id": "text-only",
+    "conversations": [
+        {"from": "human", "value": "Say hello."},
+        {"from": "gpt", "value": "Hello."},
+    ],
+}
+
+
+def last_line(err: str) -> str:
+    assert "Traceback" not in err, err
+    return err.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    return synthesize(tmp_path_factory.mktemp("data"), train=2, test=0, seed=1)
+
+
+def test_stage_1_refuses_text_only_samples(tiny_checkpoint, data, tmp_path, capsys):
+    """Stage 1 trains the projector alone, which a sample without an image never reaches: a
+    batch of them has no gradient (a traceback without gradient checkpointing, silently nothing
+    trained with it)."""
+    samples = [*json.loads(data["train"].read_text()), TEXT_ONLY]
+    (tmp_path / "mixed.json").write_text(json.dumps(samples))
+    argv = ["train", "--stage", "1", "--template", "vicuna_v1", "--model", str(tiny_checkpoint)]
+    argv += ["--data", str(tmp_path / "mixed.json"), "--images", str(data["images"])]
+    argv += ["--out", str(tmp_path / "out"), "--max-steps", "1", "--batch-size", "1"]
+    argv += ["--no-gradient-checkpointing"]
+    assert cli(argv) == 1
+    assert last_line(capsys.readouterr().err).startswith(
+        "llava-edge train: error: sample text-only: has no image; stage 1 trains only the "
+        "projector, which only images reach"
+    )
+    assert not (tmp_path / "out").exists()
+    assert cli([*argv, "--skip-bad"]) == 0
+    assert "1 bad sample(s) skipped" in capsys.readouterr().out
