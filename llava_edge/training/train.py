@@ -310,6 +310,14 @@ def check_options(stage: int, opts: TrainOptions, given: Mapping[str, Any] | Non
     for flag, (value, low) in at_least.items():
         if value is not None and value < low:
             raise LlavaEdgeError(f"{flag} must be at least {low}, not {value}")
+    for flag, value in (
+        ("--epochs", opts.epochs),
+        ("--lr", opts.learning_rate),
+        ("--projector-lr", opts.projector_lr),
+        ("--weight-decay", opts.weight_decay),
+    ):
+        if value is not None and math.isinf(value):  # the run would overflow or train to NaN
+            raise LlavaEdgeError(f"{flag} must be a finite number, not {value}")
     if opts.max_steps != -1 and opts.max_steps < 1:  # -1: no limit, train for --epochs
         raise LlavaEdgeError(f"--max-steps must be at least 1, not {opts.max_steps}")
     if not opts.epochs > 0:
