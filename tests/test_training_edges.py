@@ -48,3 +48,15 @@ def test_stage_1_refuses_text_only_samples(tiny_checkpoint, data, tmp_path, caps
     assert not (tmp_path / "out").exists()
     assert cli([*argv, "--skip-bad"]) == 0
     assert "1 bad sample(s) skipped" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("shape", [["--preset", "tiny"], ["--preset", "demo"], ["--layers", "1"]])
+def test_init_from_parts_refuses_any_preset_shape_given(shape, tmp_path, capsys):
+    """--preset tiny is the default preset, but given with --vision/--llm it is as ignored as
+    any other: refused, not dropped unsaid."""
+    argv = ["init", str(tmp_path / "out"), "--vision", "clip", "--llm", "lm", *shape]
+    assert cli(argv) == 1
+    assert last_line(capsys.readouterr().err).startswith(
+        "llava-edge init: error: --preset and --layers shape a random checkpoint"
+    )
+    assert not (tmp_path / "out").exists()
