@@ -60,3 +60,32 @@ def test_init_from_parts_refuses_any_preset_shape_given(shape, tmp_path, capsys)
         "llava-edge init: error: --preset and --layers shape a random checkpoint"
     )
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def clip_tower(tmp_path_factory) -> Path:
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    config = CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        image_size=16, patch_size=8,
+    )  # fmt: skip
+    path = tmp_path_factory.mktemp("clip") / "clip"
+    CLIPVisionModel(config).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("llm, kind", [("clip", "clip_vision_model"), ("llava", "llava")])
+def test_an_llm_that_is_no_causal_lm_is_named(
+    llm, kind, clip_tower, tiny_checkpoint, tmp_path, capsys
+):
+    """A vision tower or a whole LLaVA given as --llm is named as such, not as transformers'
+    "Unrecognized configuration class" of an unnamed one of the two."""
+    path = {"clip": clip_tower, "llava": tiny_checkpoint}[llm]
+    argv = ["init", str(tmp_path / "out"), "--vision", str(clip_tower), "--llm", str(path)]
+    assert cli(argv) == 1
+    assert last_line(capsys.readouterr().err) == (
+        f"llava-edge init: error: --llm {path} is a '{kind}' model, not a causal language model "
+        "(one AutoModelForCausalLM loads, such as Llama, Mistral or Qwen2)"
+    )
+    assert not (tmp_path / "out").exists()
