@@ -89,3 +89,30 @@ def test_an_llm_that_is_no_causal_lm_is_named(
         "(one AutoModelForCausalLM loads, such as Llama, Mistral or Qwen2)"
     )
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where", ["adapter", "checkpoints/checkpoint-2"])
+def test_merging_adapters_onto_the_run_that_merged_them_is_refused(
+    where, tiny_checkpoint, tmp_path, capsys
+):
+    """`train --lora` writes OUT with its adapters merged in, and keeps them in OUT/adapter and
+    OUT/checkpoints: OUT as --base would add them twice."""
+    import shutil
+
+    import torch
+
+    from llava_edge.modeling import load_model
+    from llava_edge.training.lora import add_lora
+
+    out = Path(shutil.copytree(tiny_checkpoint, tmp_path / "out"))
+    add_lora(load_model(tiny_checkpoint, dtype=torch.float32), 2, 4, 0.0).save_pretrained(
+        out / where
+    )
+    argv = ["merge-lora", str(out / where), str(tmp_path / "merged"), "--base", str(out)]
+    assert cli(argv) == 1
+    assert last_line(capsys.readouterr().err).startswith(
+        f"llava-edge merge-lora: error: --base {out} is the checkpoint these adapters were "
+        "merged into when they were trained"
+    )
+    assert not (tmp_path / "merged").exists()
+    assert cli(argv[:-2]) == 0  # onto the checkpoint they were trained from

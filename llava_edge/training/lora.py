@@ -86,6 +86,7 @@ def merge_lora(
     base = Path(base)
     if not (base / "config.json").is_file():
         raise LlavaEdgeError(f"base checkpoint {base} does not exist; pass --base")
+    _check_not_merged_into(base, adapter_dir, config)
     out = Path(out_dir)
     check_output_dir(out, force, keep=adapter_dir, keep_name="the adapters")
     check_output_dir(out, force, keep=base, keep_name="the base checkpoint")
@@ -108,6 +109,28 @@ def merge_lora(
         processor.save_pretrained(tmp)
         write_llava_edge_file(tmp, template)
     return out
+
+
+def _check_not_merged_into(base: Path, adapter_dir: Path, config: Any) -> None:
+    """Refuse as base the OUT of the `train --lora` run that holds these adapters (OUT/adapter,
+    OUT/checkpoints/...): OUT has them merged in already, and would get them twice."""
+    from llava_edge.training.train import TRAINER_DIR
+
+    try:
+        inside = adapter_dir.resolve().relative_to(base.resolve()).parts
+    except ValueError:
+        return
+    if inside and inside[0] in (ADAPTER_DIR, TRAINER_DIR):
+        trained_from = config.base_model_name_or_path
+        hint = (
+            f"leave out --base to merge them into {trained_from}, which they were trained from"
+            if trained_from
+            else "pass the checkpoint they were trained from"
+        )
+        raise LlavaEdgeError(
+            f"--base {base} is the checkpoint these adapters were merged into when they were "
+            f"trained: merging them again would add them twice; {hint}"
+        )
 
 
 def read_adapter_config(adapter_dir: Path) -> Any:
