@@ -116,3 +116,25 @@ def test_merging_adapters_onto_the_run_that_merged_them_is_refused(
     )
     assert not (tmp_path / "merged").exists()
     assert cli(argv[:-2]) == 0  # onto the checkpoint they were trained from
+
+
+def test_adapters_lost_or_without_weights_are_named(tiny_checkpoint, tmp_path, capsys):
+    import torch
+
+    from llava_edge.modeling import load_model
+    from llava_edge.training.lora import add_lora
+
+    adapters = tmp_path / "adapters"
+    add_lora(load_model(tiny_checkpoint, dtype=torch.float32), 2, 4, 0.0).save_pretrained(adapters)
+    (adapters / "adapter_model.safetensors").unlink()  # copied without its weights
+    out = str(tmp_path / "merged")
+    assert cli(["merge-lora", str(adapters), out]) == 1
+    assert last_line(capsys.readouterr().err) == (
+        f"llava-edge merge-lora: error: {adapters} has adapter_config.json but no adapter "
+        "weights (adapter_model.safetensors or adapter_model.bin); copy them there too"
+    )
+    assert cli(["merge-lora", str(tmp_path / "gone"), out]) == 1
+    assert last_line(capsys.readouterr().err) == (
+        f"llava-edge merge-lora: error: adapter dir {tmp_path / 'gone'} does not exist"
+    )
+    assert not (tmp_path / "merged").exists()

@@ -134,16 +134,27 @@ def _check_not_merged_into(base: Path, adapter_dir: Path, config: Any) -> None:
 
 
 def read_adapter_config(adapter_dir: Path) -> Any:
-    """The adapters' peft config, or a one-line error naming what is wrong with it."""
+    """The adapters' peft config, or a one-line error naming what is wrong with it or with the
+    dir (no weights beside it)."""
     from peft import PeftConfig
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
     path = adapter_dir / CONFIG_NAME
+    if not adapter_dir.exists():
+        raise LlavaEdgeError(f"adapter dir {adapter_dir} does not exist")
     if not path.is_file():
         raise LlavaEdgeError(f"{adapter_dir} has no {CONFIG_NAME}: it holds no LoRA adapters")
     try:
-        return PeftConfig.from_pretrained(adapter_dir)
+        config = PeftConfig.from_pretrained(adapter_dir)
     except (OSError, ValueError, TypeError, KeyError) as e:  # JSONDecodeError is a ValueError
         raise LlavaEdgeError(f"cannot read {path}: {first_line(e)}; re-save the adapters") from None
+    # peft would look for them on the Hub, and say only that a path is no repo id
+    if not any((adapter_dir / name).is_file() for name in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME)):
+        raise LlavaEdgeError(
+            f"{adapter_dir} has {CONFIG_NAME} but no adapter weights ({SAFETENSORS_WEIGHTS_NAME} "
+            f"or {WEIGHTS_NAME}); copy them there too"
+        )
+    return config
 
 
 def load_adapters(model: Any, adapter_dir: Path, config: Any, base: Path) -> Any:
