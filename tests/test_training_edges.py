@@ -138,3 +138,26 @@ def test_adapters_lost_or_without_weights_are_named(tiny_checkpoint, tmp_path, c
         f"llava-edge merge-lora: error: adapter dir {tmp_path / 'gone'} does not exist"
     )
     assert not (tmp_path / "merged").exists()
+
+
+def test_the_logged_learning_rate_is_lrs_not_the_projectors(tiny_checkpoint, data, tmp_path):
+    """With a projector rate of its own (LoRA's default 2e-5), the logs and the progress bar
+    show --lr's schedule, the one the user set, not the projector's."""
+    from transformers import TrainerCallback
+
+    from llava_edge.training.train import train
+
+    class Logs(TrainerCallback):
+        rates: list[float] = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "learning_rate" in logs:
+                self.rates.append(logs["learning_rate"])
+
+    train(
+        2, tiny_checkpoint, data["train"], tmp_path / "out", images=data["images"],
+        lora=True, lora_rank=2, lora_alpha=4, learning_rate=5e-2, warmup_ratio=0.0,
+        max_steps=1, global_batch_size=2, gradient_checkpointing=False, save_steps=1000,
+        progress=False, callbacks=[Logs()],
+    )  # fmt: skip
+    assert Logs.rates == [pytest.approx(5e-2)]

@@ -740,7 +740,8 @@ def _make_trainer(
                         "weight_decay": self.args.weight_decay if decayed else 0.0,
                         **({"lr": projector_lr} if projector else {}),
                     }
-                    for (projector, decayed), params in groups.items()
+                    # the projector's last: Trainer logs the first group's rate, --lr's
+                    for (projector, decayed), params in sorted(groups.items())
                 ],
                 **kwargs,
             )
