@@ -161,3 +161,20 @@ def test_the_logged_learning_rate_is_lrs_not_the_projectors(tiny_checkpoint, dat
         progress=False, callbacks=[Logs()],
     )  # fmt: skip
     assert Logs.rates == [pytest.approx(5e-2)]
+
+
+def test_a_base_given_that_is_no_checkpoint_is_named_as_given(tiny_checkpoint, tmp_path, capsys):
+    """A --base given is named as the option, not answered with "pass --base"."""
+    import torch
+
+    from llava_edge.modeling import load_model
+    from llava_edge.training.lora import add_lora
+
+    adapters = tmp_path / "adapters"
+    add_lora(load_model(tiny_checkpoint, dtype=torch.float32), 2, 4, 0.0).save_pretrained(adapters)
+    argv = ["merge-lora", str(adapters), str(tmp_path / "merged"), "--base", str(tmp_path)]
+    assert cli(argv) == 1
+    assert last_line(capsys.readouterr().err) == (
+        f"llava-edge merge-lora: error: --base {tmp_path} is not a checkpoint dir (it has no "
+        "config.json); give the checkpoint the adapters were trained from"
+    )

@@ -77,6 +77,7 @@ def merge_lora(
 
     adapter_dir = Path(adapter_dir)
     config = read_adapter_config(adapter_dir)
+    given = base is not None
     if base is None:
         base = config.base_model_name_or_path
         if not base:
@@ -84,6 +85,11 @@ def merge_lora(
                 f"{adapter_dir}/{CONFIG_NAME} does not name its base model; pass --base"
             )
     base = Path(base)
+    if given and not (base / "config.json").is_file():
+        raise LlavaEdgeError(
+            f"--base {base} is not a checkpoint dir (it has no config.json); give the checkpoint "
+            "the adapters were trained from"
+        )
     if not (base / "config.json").is_file():
         raise LlavaEdgeError(f"base checkpoint {base} does not exist; pass --base")
     _check_not_merged_into(base, adapter_dir, config)
