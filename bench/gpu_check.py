@@ -21,6 +21,7 @@ tests/test_gpu_check.py drives it through the stand-ins); its figures mean nothi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -59,8 +60,15 @@ def environment() -> dict[str, Any]:
 
 
 def tensorrt_missing(env: dict[str, Any]) -> str | None:
+    from llava_edge.errors import LlavaEdgeError
+    from llava_edge.runtime.tensorrt.requirements import check_version
+
     if not env["tensorrt"]:
         return "TensorRT is not installed"
+    try:
+        check_version(env["tensorrt"])  # JetPack 6.0's 8.6 imports, but cannot build here
+    except LlavaEdgeError as e:
+        return str(e)
     if not env["cuda_python"]:
         return "cuda-python is not installed"
     if not env["gpus"]:
@@ -158,7 +166,15 @@ def check_training(
     work: Path, quick: bool, lora: tuple[bool, ...] = (False, True), cpu_baseline: bool = True
 ) -> dict[str, Any]:
     """The demo's two stages on this process's device in bf16 (stage 2 fully and with LoRA),
-    and in fp32 on the CPU in a subprocess that cannot see CUDA."""
+    and in fp32 on the CPU in a subprocess that cannot see CUDA. What the trainer prints (a line
+    of losses a step) goes to stderr: stdout is the report's."""
+    with contextlib.redirect_stdout(sys.stderr):
+        return _check_training(work, quick, lora, cpu_baseline)
+
+
+def _check_training(
+    work: Path, quick: bool, lora: tuple[bool, ...], cpu_baseline: bool
+) -> dict[str, Any]:
     import torch
 
     from llava_edge.training.synth import synthesize
@@ -178,6 +194,7 @@ def check_training(
             args + (["--dry-run"] if quick else []),
             check=True,
             env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+            stdout=2,  # the process's stderr, as above
         )
         out["cpu_fp32_full"] = json.loads((cpu / "result.json").read_text())
         for name, _ in runs:

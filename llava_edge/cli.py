@@ -149,9 +149,10 @@ def _quantize(args: argparse.Namespace) -> None:
 @command("run")
 def _run(args: argparse.Namespace) -> None:
     options = _generation_options(args)
+    image = _stdin_image(args.image)
     with _load_pipeline(args, background=True) as pipe:
         if args.json:
-            answer = pipe.answer(args.image, args.prompt, **options)
+            answer = pipe.answer(image, args.prompt, **options)
             print(
                 json.dumps(
                     {
@@ -164,7 +165,7 @@ def _run(args: argparse.Namespace) -> None:
                 )
             )
             return
-        stream = pipe.stream(args.image, args.prompt, **options)
+        stream = pipe.stream(image, args.prompt, **options)
         try:
             for piece in stream:
                 print(piece, end="", flush=True)
@@ -179,6 +180,20 @@ def _run(args: argparse.Namespace) -> None:
         )
 
 
+def _stdin_image(images: list[str] | None) -> list[str | bytes] | None:
+    """The images with `--image -` read from standard input, as most tools take `-`."""
+    if not images or "-" not in images:
+        return images
+    if images.count("-") > 1:
+        raise LlavaEdgeError("standard input holds one image: give `--image -` once")
+    if sys.stdin is None:
+        raise LlavaEdgeError("--image -: standard input is closed; pipe the image into it")
+    data = sys.stdin.buffer.read()
+    if not data:
+        raise LlavaEdgeError("--image -: standard input is empty; pipe the image into it")
+    return [data if image == "-" else image for image in images]
+
+
 # ---- watch -----------------------------------------------------------------------------------
 
 
@@ -187,7 +202,7 @@ def _watch(args: argparse.Namespace) -> None:
     options = _generation_options(args)
     with _load_pipeline(args, background=True) as pipe:
         answers = pipe.watch(
-            args.source,
+            "/dev/stdin" if args.source == "-" else args.source,
             args.prompt,
             every_s=args.every,
             frames=args.frames,
@@ -219,8 +234,21 @@ def _chat(args: argparse.Namespace) -> None:
     from llava_edge.runtime.interactive import chat_loop
 
     options = _generation_options(args)
+    if args.image and "-" in args.image:
+        raise LlavaEdgeError(
+            "a chat reads its questions from standard input, so an image cannot come from it "
+            "(--image -): give the image's path"
+        )
     with _load_pipeline(args) as pipe:
-        chat_loop(pipe, args.image, options, read=input, out=sys.stdout)
+        chat_loop(pipe, args.image, options, read=_read_line, out=sys.stdout)
+
+
+def _read_line(prompt: str) -> str:
+    """A line typed after `prompt`; a closed standard input (`<&-`, no sys.stdin) is its end,
+    where `input` would raise RuntimeError."""
+    if sys.stdin is None:
+        raise EOFError
+    return input(prompt)
 
 
 # ---- bench -----------------------------------------------------------------------------------
@@ -259,10 +287,11 @@ def _bench(args: argparse.Namespace) -> None:
 def _load_pipeline(args: argparse.Namespace, background: bool = False):
     """background: the graphs open while the command reads its image (or opens its camera) and
     runs it through the vision encoder (onnxruntime); a broken graph then fails the first answer
-    instead of the load, with the same message."""
+    instead of the load, with the same message. Not under `--timeout`: an answer's time limit
+    counts from its call, and a large model's graphs still opening would use it up."""
     from llava_edge.runtime import Pipeline
 
-    background = background and args.backend == "onnxruntime"
+    background = background and args.backend == "onnxruntime" and args.timeout is None
     options = _load_options(args)
     return Pipeline.load(args.model_dir, threads=args.threads, background=background, **options)
 
@@ -380,11 +409,12 @@ def _plan(args: argparse.Namespace) -> int:
 
     result = plan(
         args.model_dir,
-        parse_device(args.device, args.reserve),
+        parse_device(args.device, args.reserve, args.backend),
         backend=args.backend,
         max_context=args.max_context,
         max_batch=args.max_batch,
         bandwidth_gbs=args.bandwidth,
+        providers=args.provider,
     )
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_plan(result))
     return 0 if result.fits else 2
@@ -656,7 +686,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--image",
         action="append",
-        help="image file; repeat for several images in one prompt (omit for a text-only prompt)",
+        help="image file (-: standard input); repeat for several images in one prompt (omit for "
+        "a text-only prompt)",
     )
     p.add_argument(
         "--prompt", required=True, help="the question (in the chat template unless --raw)"
@@ -678,7 +709,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--source",
         required=True,
         help="video file, camera (/dev/video0), rtsp:// or http:// stream, named pipe or "
-        "/dev/stdin, or image folder",
+        "standard input (- or /dev/stdin), or image folder",
     )
     p.add_argument("--prompt", required=True, help="the question asked about every answered frame")
     p.add_argument(
@@ -826,13 +857,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--device",
         help="orin-nano-4gb, orin-nano-8gb, orin-nano-8gb-super, orin-nx-8gb, orin-nx-16gb, "
-        "agx-orin-32gb, agx-orin-64gb, or a memory size (8GB, 7.5GiB, bytes); default: this machine",
+        "agx-orin-32gb, agx-orin-64gb, or a memory size (8GB, 7.5GiB, bytes); default: this machine "
+        "(its GPU for --backend tensorrt)",
     )
     p.add_argument(
         "--max-context", type=int, help="longest conversation in tokens (default: the model's)"
     )
     p.add_argument("--max-batch", type=int, default=1, help="requests decoded together")
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    p.add_argument(
+        "--provider",
+        action="append",
+        help="onnxruntime provider the deployment runs with: cpu (default), cuda, tensorrt "
+        "(repeatable; sets which graphs are counted, as `run --provider` opens them)",
+    )
     p.add_argument("--bandwidth", type=float, help="memory bandwidth in GB/s (for a custom device)")
     p.add_argument("--reserve", type=float, help="GB the OS keeps from applications")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")

@@ -138,6 +138,10 @@ class TemplateSpec:
     # How a system prompt given at run time is written, "{system}" standing for it (ChatML:
     # "<|im_start|>system\n{system}<|im_end|>\n"); None: it takes `system`'s place as plain text.
     system_format: str | None = None
+    # The first turn's user header, where it is not `user`: Llama 2 writes its system prompt
+    # inside the first `[INST]`, so `system` opens that turn and the later turns' `<s>[INST] `
+    # is not repeated after it. None: `user`, as in every other template.
+    first_user: str | None = None
 
 
 @dataclass
@@ -169,7 +173,7 @@ class EngineSpec:
 
     file: str  # in the engine dir
     source: str  # the ONNX file (in the model dir) it was built from
-    source_sha256: str  # of that file when it was built: a re-quantized graph needs a rebuild
+    source_sha256: str  # its graph_digest when it was built: a re-quantized graph needs a rebuild
     size: int
     sha256: str
     # profile name -> input name -> [min, opt, max] shapes, in the engine's profile order
@@ -327,6 +331,19 @@ class Manifest:
             )
             for name in self.needed_files(model_dir)
         }
+
+    def graph_digest(self, file: str) -> str | None:
+        """What identifies a graph with its weights: its sha256, combined with its `.data` file's
+        where its weights are there (the `.onnx` alone is then the same for every checkpoint of
+        one shape: a fine-tune and its base); None where the manifest records no hash. Caches of
+        what is built from a graph (optimized sessions, TensorRT engines) are keyed by it."""
+        entry = self.files.get(file)
+        if entry is None:
+            return None
+        data = self.files.get(file + ".data")
+        if data is None:
+            return entry.sha256
+        return hashlib.sha256(f"{entry.sha256} {data.sha256}".encode()).hexdigest()
 
     def data_files(self) -> list[str]:
         """The files besides the graphs: tokenizer, embedding table, AnyRes' image_newline."""

@@ -6,7 +6,7 @@ scripted per request: `script(body, attempt)` returns an action, where `attempt`
 earlier requests with the same sampling seed (a retry of the same sample). Actions:
 
     Reply(content, finish_reason, usage, delay)   a chat completion (after `delay` seconds)
-    Status(code, message, headers)                an error with OpenAI's error body
+    Status(code, message, headers, type)          an error with OpenAI's error body
     Drop()                                        close the connection without an answer
     Cut()                                         send the headers and half the body, then close
     Garbage()                                     200 with an HTML page instead of JSON
@@ -36,6 +36,7 @@ class Status:
     code: int
     message: str = "error"
     headers: dict = field(default_factory=dict)
+    type: str = "server_error"  # OpenAI's error type (and code)
 
 
 @dataclass
@@ -64,6 +65,7 @@ class ChatServer:
         self.models = models
         self.api_key = api_key
         self.bodies: list[dict] = []  # every chat request, in arrival order
+        self.listed = 0  # GET /v1/models requests
         self.attempts: Counter = Counter()  # by seed
         self.in_flight = 0
         self.most_in_flight = 0
@@ -80,6 +82,8 @@ class ChatServer:
             def do_GET(self):
                 if self.path.rstrip("/") != "/v1/models":
                     return self._json(404, {"error": {"message": f"no route {self.path}"}})
+                with server.lock:
+                    server.listed += 1
                 data = [{"id": m, "object": "model", "owned_by": "test"} for m in server.models]
                 self._json(200, {"object": "list", "data": data})
 
@@ -113,7 +117,8 @@ class ChatServer:
                         server.usage[1] += action.usage[1]
                     self._json(200, completion(body, action))
                 elif isinstance(action, Status):
-                    error = {"error": {"message": action.message, "type": "server_error"}}
+                    error = {"error": {"message": action.message, "type": action.type,
+                                       "code": action.type}}  # fmt: skip
                     self._json(action.code, error, action.headers)
                 elif isinstance(action, Drop):
                     self.close_connection = True

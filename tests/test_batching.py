@@ -376,10 +376,23 @@ def test_bad_requests_fail_at_submit_and_leave_the_engine_working(pipe):
         engine.submit(b"not an image", "Q")
     with pytest.raises(LlavaEdgeError, match="image tokens"):
         engine.submit_ids(pipe.prompt_ids("Q", pipe.image_pixels(picture(1))), None, {})
+    # an empty prompt failed at its prefill (IndexError), ids in an array or as floats raw
+    for ids, message in (([], "empty"), ([1, 2.5], "token ids"), (["1"], "token ids")):
+        with pytest.raises(LlavaEdgeError, match=message):
+            engine.submit_ids(ids, None, {})
+    # an image as submit takes it (an array, a path) raised AttributeError or miscounted
+    image = picture(1)
+    ids = pipe.prompt_ids("Q", pipe.image_pixels(image))
+    for raw in (np.asarray(image), "photo.jpg", [np.asarray(image)]):
+        with pytest.raises(LlavaEdgeError, match="images as Pipeline.image_pixels gives"):
+            engine.submit_ids(ids, raw, {})
     assert engine.stats()["requests"] == 0
     request = engine.submit(None, "Still fine?", max_new_tokens=3)
+    ids = np.asarray(pipe.prompt_ids("Still fine?", None))  # token ids of any integer type
+    from_array = engine.submit_ids(ids, None, {"max_new_tokens": 3})
     engine.run_until_idle()
     assert request.result().token_ids
+    assert from_array.result().token_ids == request.result().token_ids
     with pytest.raises(LlavaEdgeError, match="max_batch"):
         BatchEngine(pipe, max_batch=0)
 

@@ -384,3 +384,29 @@ def test_a_mistyped_command_is_refused_not_asked():
     assert "unknown command /bogus" in text and "unknown command /imagefoo" in text
     assert text.count("/reset: start over") == 4  # the greeting, two refusals and /help
     assert asked == ["/usr/share is what?"]
+
+
+def test_a_stopped_answer_that_spells_an_image_placeholder_counts(pipe, monkeypatch):
+    """An answer cut by a stop string is re-rendered from its text, where a model's "<image>"
+    spelled out in ordinary tokens would read back as an image placeholder: the turn failed
+    after its whole answer was shown (and so did every later turn with a stop string). Such a
+    turn is held as it was generated."""
+    import llava_edge.runtime.generate as generate
+
+    tokenizer = pipe.codec.tokenizer
+    script = [tokenizer.token_to_id(f"<0x{b:02X}>") for b in b"<image>!A"]
+
+    class Scripted(generate.Sampler):
+        def __call__(self, logits, seen):
+            self.at = getattr(self, "at", -1) + 1
+            return np.array([script[self.at % len(script)]])
+
+    monkeypatch.setattr(generate, "Sampler", Scripted)
+    chat = pipe.chat(None, max_new_tokens=12)
+    stream = chat.stream("Spell the placeholder.", stop=["!"])
+    assert "".join(stream) == "<image>" and stream.answer.finish_reason == "stop"
+    assert chat.turns == [("Spell the placeholder.", "<image>")]
+    assert chat.ids == stream.answer.prompt_token_ids + stream.answer.token_ids
+    assert chat.fed == chat.cache.length == len(chat.ids) - 1
+    assert chat.ask("Again?", stop=["!"]) == "<image>"
+    assert len(chat.turns) == 2

@@ -741,6 +741,67 @@ def test_a_full_output_dir_is_kept_without_force(plain_original, tmp_path, capsy
     assert json.loads((out / "llava_edge.json").read_text())["template"] == "llava_v1"
 
 
+LLAVA_LLAMA_2_SYSTEM = (  # the original's conv_llava_llama_2
+    "You are a helpful language and vision assistant. You are able to understand the visual "
+    "content that the user provides, and assist the user with a variety of tasks using natural "
+    "language."
+)
+
+
+def llava_llama_2_prompt(turns: list[tuple[str, str | None]], image: bool) -> str:
+    """The original's conv_llava_llama_2 prompt (its LLAMA_2 separator style): every user turn
+    `<s>[INST] Q [/INST]`, the system prompt in <<SYS>> inside the first, each answer
+    ` A </s>`, and the first `<s>` left to the tokenizer's BOS."""
+    text = ""
+    for i, (question, answer) in enumerate(turns):
+        if i == 0:
+            question = f"<<SYS>>\n{LLAVA_LLAMA_2_SYSTEM}\n<</SYS>>\n\n" + (
+                f"<image>\n{question}" if image else question
+            )
+        text += f"<s>[INST] {question} [/INST]"
+        if answer is not None:
+            text += f" {answer} </s>"
+    return text.removeprefix("<s>")
+
+
+def test_a_llama_2_chat_llava_is_prompted_as_the_original(plain_original, tmp_path) -> None:
+    """The original names its Llama-2-chat LLaVA checkpoints `llava-llama-2-...` and prompts
+    them in Llama 2's format (conv_llava_llama_2), not Vicuna's: convert chooses that template
+    by the name, and the processor's chat template and the runtime's ids are the original's,
+    token for token (a later turn's `<s>` is the BOS token, as the original's tokenizer reads
+    it)."""
+    from transformers import AutoProcessor
+
+    from llava_edge.export.exporter import export_checkpoint
+
+    original = Path(
+        shutil.copytree(plain_original["original"], tmp_path / "llava-llama-2-7b-chat-preview")
+    )
+    checkpoint = tmp_path / "converted"
+    convert_checkpoint(original, checkpoint, vision=plain_original["clip"], log=quiet)
+    assert json.loads((checkpoint / "llava_edge.json").read_text())["template"] == "llava_llama_2"
+    turns = [("What is it?", "A cat."), ("Which colour?", "Grey."), ("Is it asleep?", None)]
+    messages = []
+    for i, (question, answer) in enumerate(turns):
+        image = [{"type": "image"}] if i == 0 else []
+        messages.append({"role": "user", "content": [*image, {"type": "text", "text": question}]})
+        if answer is not None:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    rendered = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert rendered == llava_llama_2_prompt(turns, image=True)
+
+    model_dir = tmp_path / "model"
+    export_checkpoint(checkpoint, model_dir, verify=False, log=quiet)
+    with Pipeline.load(model_dir) as pipe:
+        ids = pipe.conversation_ids(turns)
+    want = processor.tokenizer(llava_llama_2_prompt(turns, image=False))["input_ids"]
+    assert ids == want
+    bos = processor.tokenizer.bos_token_id
+    assert ids.count(bos) == 3 and ids[0] == bos  # the first turn's, then each later turn's
+    assert ids.count(processor.tokenizer.eos_token_id) == 2  # each answer's
+
+
 def test_force_never_replaces_an_input(plain_original, tmp_path, capsys, monkeypatch) -> None:
     """--force replaces the output dir; an output that is --base, --vision or the tower found
     beside the original is an input, and refused before anything is written, and before a
@@ -1246,3 +1307,62 @@ def test_converting_leaves_the_callers_progress_bar_setting_as_it_was() -> None:
             with quiet():
                 assert not hf_logging.is_progress_bar_enabled()
             assert hf_logging.is_progress_bar_enabled() == enabled, quiet
+
+
+# ---- memory ------------------------------------------------------------------------------------
+
+# Run in a fresh process: the peak of its anonymous memory (the weights an original's safetensors
+# or zip .bin files hold are mapped from the file, not copied) while convert runs, over the
+# process's own before it.
+PEAK_SCRIPT = """
+import sys, threading, time
+from pathlib import Path
+from llava_edge.convert import convert_checkpoint
+from transformers import CLIPVisionModel, LlamaForCausalLM, LlavaForConditionalGeneration
+
+def anonymous():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+
+before, peak, done = anonymous(), [0], threading.Event()
+
+def watch():
+    while not done.is_set():
+        peak[0] = max(peak[0], anonymous())
+        time.sleep(0.001)
+
+watcher = threading.Thread(target=watch)
+watcher.start()
+root = Path(sys.argv[1])
+convert_checkpoint(root / "original", root / "out", vision=root / "clip", log=lambda *a: None)
+done.set()
+watcher.join()
+print(max(peak[0], anonymous()) - before)
+"""
+
+
+def test_convert_holds_one_copy_of_the_weights(tmp_path) -> None:
+    """A 13B original is 26 GB in fp16: the language model, the assembled LLaVA model and the
+    saved file share one copy of the weights (from_pretrained assigns the tensors it is given;
+    the original's files are memory-mapped), so a machine converts a model near its memory's
+    size. A copy anywhere (a clone, a dtype cast, a state dict copied into a freshly initialised
+    model) would show as a peak of the weights' size."""
+    import subprocess
+    import sys
+
+    spec = Source(seed=8, text=dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8))
+    source = make_source(tmp_path / "source", spec)
+    to_original(source, tmp_path / "original", spec, Layout())
+    save_tower(load_model(source), tmp_path / "clip")
+    weights = sum(p.stat().st_size for p in (tmp_path / "original").glob("*.safetensors"))
+    assert weights > 90e6  # large enough for a copy to stand out of the interpreter's own noise
+    run = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    peak = int(run.stdout.split()[-1])
+    assert peak < 0.5 * weights, f"{peak / 2**20:.0f} MiB over {weights / 2**20:.0f} MiB of weights"

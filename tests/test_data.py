@@ -63,6 +63,15 @@ def test_jsonl_with_blank_lines_and_keep_filter(tmp_path):
         ('[{"id": 1}]\n[{"id": 2}]\n', "more data after the list's closing ']' at byte 12; two"),
         ("[] x", "more data after the list's closing ']' at byte 3"),
         (b'[{"id": "caf\xe9"}]', r"is not UTF-8 text \(byte 0xe9: invalid continuation byte\)"),
+        # PowerShell 5's Out-File and Notepad's "Unicode" write UTF-16 with a byte-order mark
+        (
+            '[{"id": 1}]'.encode("utf-16"),
+            r"is UTF-16 \(or UTF-32\) text; JSON is UTF-8: save it as UTF-8",
+        ),
+        (
+            '{"id": 1}\n'.encode("utf-16-be"),
+            r"is UTF-16 \(or UTF-32\) text; JSON is UTF-8: save it as UTF-8",
+        ),
         ('{"id": 1}\n{"id": 2\n', "line 2: not valid JSON"),
         # a JSON list names the line and the sample, as JSONL does
         ('[\n {"id": 1},\n {"id": 2,\n  "x" 3}\n]', r"line 4: sample #1 \(from byte 15\) is not"),
@@ -123,8 +132,11 @@ def _broken(change) -> dict:
         (_broken(lambda r: r.pop("image")), "has no 'image'"),
         (_broken(lambda r: r["conversations"][0].update(value="no placeholder")), "must hold"),
         (_broken(lambda r: r.update(image=["a.png", "b.png"])), "one image per sample"),
+        # "\ud83d" in the file: half of an emoji's UTF-16 pair, text no tokenizer or UTF-8 takes
+        (_broken(lambda r: r["conversations"][1].update(value="ok \ud83d")),
+         "turn 1 holds half of a UTF-16 pair"),
     ],
-)
+)  # fmt: skip
 def test_bad_samples_are_named(record, problem):
     with pytest.raises(BadSample, match=problem) as info:
         parse_sample(record, 3)

@@ -232,7 +232,8 @@ def test_good_samples_land_once_and_bad_ones_are_reported(scene):
     assert attempts[("img_4.png", "reasoning", 0)] == 4
     for key in ("conversation", "detail", "reasoning"):
         assert attempts[("img_1.png", key, 0)] == 2  # slow, dropped, cut: retried once
-    assert result.requests == len(server.bodies) == sum(attempts.values())
+    assert len(server.bodies) == sum(attempts.values())
+    assert result.requests == server.listed + len(server.bodies) == 1 + 28  # GET /models too
     assert result.retries == {
         "HTTP 429": 1, "HTTP 500": 4, "HTTP 503": 1, "timed out": 1,
         "connection dropped": 2, "malformed response": 1,
@@ -302,8 +303,8 @@ def test_the_request_budget_stops_the_run_and_a_rerun_completes_it(scene):
     out = root / "out.json"
     with ChatServer(table) as server:
         result = generate(
-            annotations, images, out, endpoint=server.url, concurrency=1, max_requests=4,
-            progress=False, sleep=Sleeps(),
+            annotations, images, out, endpoint=server.url, model="test-model", concurrency=1,
+            max_requests=4, progress=False, sleep=Sleeps(),
         )  # fmt: skip
         assert len(server.bodies) == result.requests == 4  # the retry counted
         assert result.unsent == 18 - 3 and not result.failed
@@ -449,8 +450,8 @@ def test_dry_run_counts_what_a_resumed_run_would_send(scene, capsys):
     args = ["data", "generate", "--annotations", str(annotations[0]), "--annotations",
             str(annotations[1]), "--images", str(images), "--out", str(root / "o.json")]  # fmt: skip
     with ChatServer(Table(names)) as server:
-        generate(annotations, images, root / "o.json", endpoint=server.url, max_requests=5,
-                 concurrency=1, progress=False)  # fmt: skip
+        generate(annotations, images, root / "o.json", endpoint=server.url, model="test-model",
+                 max_requests=5, concurrency=1, progress=False)  # fmt: skip
         journal = (root / "o.journal.jsonl").read_bytes()
         assert cli([*args, "--dry-run", "--max-requests", "4"]) == 0
         assert len(server.bodies) == 5
@@ -522,11 +523,17 @@ def run_cli(capsys, *args: str) -> tuple[int, str]:
         ("missing images", "image dir .* does not exist"),
         ("llava json as annotations", "is neither COCO annotations .* nor JSONL"),
         ("unknown kind", "--kinds 'detail,story': give each of"),
+        ("greedy copies", "--per-image 3 at --temperature 0 asks for the same reply 3 times"),
         ("unreachable endpoint", r"cannot reach http://127\.0\.0\.1:\d+/v1/chat/completions"),
         ("wrong key", r"refused the request: HTTP 401 \(Incorrect API key provided\)"),
         ("unset key variable", "--api-key-env NO_SUCH_VARIABLE_X: that environment variable"),
         ("two models", r"serves 2 models \(a, b\); name one with --model"),
         ("other settings", "journal .* was written with temperature 0.7, not 0.1"),
+        (
+            "other prompts",
+            "journal .* was written with the prompts of another llava-edge version; finish it "
+            "with that version, or start over: delete it, or pass another --journal",
+        ),
         ("not an url", "is not an http\\(s\\) URL"),
         ("journal is out", "--journal and --out are both"),
         ("out is the labels", "--out .*instances.json is one of the annotation files"),
@@ -550,17 +557,21 @@ def test_bad_input_is_a_one_line_error(scene, capsys, monkeypatch, case, message
             ann = ["--annotations", str(root / "llava.json")]
         elif case == "unknown kind":
             args += ["--kinds", "detail,story"]
+        elif case == "greedy copies":
+            args += ["--per-image", "3", "--temperature", "0"]
         elif case == "unreachable endpoint":
             endpoint = ["--endpoint", f"http://127.0.0.1:{free_port()}/v1", "--model", "m"]
         elif case == "wrong key":
             args += ["--api-key-env", "TEST_LLM_KEY", "--model", "m"]
         elif case == "unset key variable":
             args += ["--api-key-env", "NO_SUCH_VARIABLE_X"]
-        elif case == "other settings":
-            settings = {"model": "m", "prompts": prompts_version(), "temperature": 0.7,
+        elif case in ("other settings", "other prompts"):
+            prompts = prompts_version() if case == "other settings" else "0123abcd"
+            settings = {"model": "m", "prompts": prompts, "temperature": 0.7,
                         "seed": 0, "max_tokens": 1024}  # fmt: skip
             Journal(root / "out.journal.jsonl", settings).close()
-            args += ["--model", "m", "--temperature", "0.1"]
+            args += ["--model", "m"]
+            args += ["--temperature", "0.1"] if case == "other settings" else []
         elif case == "not an url":
             endpoint = ["--endpoint", "localhost:8080"]
         elif case == "journal is out":
@@ -682,6 +693,8 @@ def test_a_file_that_is_not_a_journal_is_left_alone(scene):
     notes = root / "notes.txt"
     notes.write_text("my own notes, no newline at the end")
     with pytest.raises(LlavaEdgeError, match="is not a journal of `llava-edge data generate`"):
+        generate(annotations, images, root / "out.json", journal=notes, dry_run=True)
+    with pytest.raises(LlavaEdgeError, match="is not a journal of `llava-edge data generate`"):
         generate(annotations, images, root / "out.json", endpoint="http://127.0.0.1:9/v1",
                  model="m", journal=notes)  # fmt: skip
     assert notes.read_text() == "my own notes, no newline at the end"
@@ -714,3 +727,135 @@ def test_sigterm_stops_the_run_with_one_line_and_a_rerun_completes_it(scene):
     assert out.read_bytes() == uninterrupted(root, images, annotations, names)
     entries = [json.loads(line) for line in journal.read_text().splitlines()[1:]]
     assert len({(e["image"], e["kind"], e["index"]) for e in entries}) == len(entries) == 18
+
+
+def test_the_request_budget_holds_for_the_model_list(scene):
+    """GET /models is an HTTP request too: --max-requests 0 sends nothing at all, and the model
+    list is charged to the budget like any chat request."""
+    root, images, annotations, names = scene
+    with ChatServer(Table(names)) as server:
+        with pytest.raises(LlavaEdgeError, match="--max-requests 0 leaves no request .* --model"):
+            generate(annotations, images, root / "out.json", endpoint=server.url,
+                     max_requests=0, progress=False)  # fmt: skip
+        assert server.listed == 0 and server.bodies == []
+        result = generate(annotations, images, root / "out.json", endpoint=server.url,
+                          max_requests=3, concurrency=1, progress=False)  # fmt: skip
+        assert server.listed == 1 and len(server.bodies) == 2
+        assert result.requests == 3 and result.unsent == 16
+
+
+def test_a_higher_token_limit_asks_again_only_the_replies_cut_off(scene, capsys):
+    """The report says of a reply cut off at --max-tokens: raise --max-tokens. A rerun with a
+    higher limit resumes the journal and asks again those replies only; the others stand."""
+    root, images, annotations, names = scene
+    table = Table(names)
+    cut = ("img_2.png", "detail", 0)
+    table.scripts[cut] = [Reply('{"description": "A long', finish_reason="length"),
+                          Reply(json.dumps(good("detail", "img_2.png")))]  # fmt: skip
+    out = root / "out.json"
+    with ChatServer(table) as server:
+        first = generate(annotations, images, out, endpoint=server.url, max_tokens=64,
+                         progress=False)  # fmt: skip
+        assert [(key, reason) for key, reason, _ in first.dropped] == [
+            (cut, "cut off at the token limit")
+        ]
+        args = ["data", "generate", "--annotations", str(annotations[0]), "--annotations",
+                str(annotations[1]), "--images", str(images), "--out", str(out),
+                "--endpoint", server.url, "--max-tokens", "128"]  # fmt: skip
+        assert cli([*args, "--dry-run"]) == 0
+        assert "1 still to send" in capsys.readouterr().out
+        assert cli(args) == 0
+        assert len(server.bodies) == 19 and server.bodies[-1]["max_tokens"] == 128
+        assert server.bodies[-1]["seed"] == request_seed(0, *cut)
+        assert cli(args) == 0 and len(server.bodies) == 19  # settled now
+        assert cli([*args[:-1], "64"]) == 0 and len(server.bodies) == 19  # and kept at 64
+    assert len(json.loads(out.read_text())) == 18
+
+
+def test_an_exhausted_quota_stops_the_run_at_once(scene, capsys):
+    """A hosted API out of credit answers 429 insufficient_quota to every request: no retry or
+    later request can succeed, so the run stops at the first with the server's words."""
+    root, images, annotations, names = scene
+    quota = Status(429, "You exceeded your current quota, please check your plan and billing "
+                   "details.", type="insufficient_quota")  # fmt: skip
+    with ChatServer(lambda body, attempt: quota) as server:
+        code, err = run_cli(capsys, "--annotations", str(annotations[1]), "--images", str(images),
+                            "--out", str(root / "out.json"), "--endpoint", server.url,
+                            "--model", "m", "--concurrency", "1", "--backoff", "0")  # fmt: skip
+        assert len(server.bodies) == 1
+    assert code == 1 and err.count("\n") == 1, err
+    assert "HTTP 429 (You exceeded your current quota" in err and "billing" in err, err
+
+
+def test_a_reply_with_unicode_line_separators_resumes(scene):
+    """JSON keeps U+2028, U+2029 and U+0085 inside a string as they are: they are not the
+    journal's line ends, and the journal reads back after them."""
+    root, images, annotations, names = scene
+    table = Table(names)
+    text = {"description": "A pallet.\u2028Next to it, a crate.\u2029And a cart\x85."}
+    table.scripts[("img_1.png", "detail", 0)] = [Reply(json.dumps(text, ensure_ascii=False))]
+    out = root / "out.json"
+    with ChatServer(table) as server:
+        generate(annotations, images, out, endpoint=server.url, progress=False)
+        first = out.read_bytes()
+        generate(annotations, images, out, endpoint=server.url, progress=False)
+        assert len(server.bodies) == 18
+    assert out.read_bytes() == first
+    assert text["description"] in {r["conversations"][1]["value"] for r in json.loads(first)}
+
+
+def test_a_dry_run_refuses_what_the_run_would_refuse(scene, capsys):
+    """A dry run is the look before spending: settings the journal would refuse are said then,
+    not counted as settled."""
+    root, images, annotations, names = scene
+    out = root / "out.json"
+    with ChatServer(Table(names)) as server:
+        generate(annotations, images, out, endpoint=server.url, max_images=1, progress=False)
+    args = ["data", "generate", "--annotations", str(annotations[0]), "--annotations",
+            str(annotations[1]), "--images", str(images), "--out", str(out), "--dry-run"]  # fmt: skip
+    assert cli([*args, "--temperature", "0.2"]) == 1
+    err = capsys.readouterr().err
+    assert "was written with temperature 0.7, not 0.2" in err and err.count("\n") == 1, err
+    assert cli([*args, "--model", "other"]) == 1
+    assert "was written with model 'test-model', not 'other'" in capsys.readouterr().err
+    assert cli([*args, "--max-requests", "-1"]) == 1
+    assert "--max-requests must be 0 or more" in capsys.readouterr().err
+    assert cli([*args, "--timeout", "0"]) == 1
+    assert "--timeout must be positive" in capsys.readouterr().err
+    assert cli(args) == 0  # the model left out: the endpoint names it, not the dry run
+    assert "15 still to send (3 settled" in capsys.readouterr().out
+
+
+def test_a_reply_with_a_broken_surrogate_is_kept_or_dropped_not_a_crash(scene):
+    """An LLM that splits an emoji can send half of a UTF-16 pair as a JSON escape ("\\ud83d"):
+    text no UTF-8 file can hold. The run must not die on it (a rerun would ask the same reply
+    and die again)."""
+    root, images, annotations, names = scene
+    table = Table(names)
+    key = ("img_1.png", "detail", 0)  # the escape inside the reply's JSON
+    table.scripts[key] = [Reply('{"description": "A crate \\ud83d and a cart."}')]
+    other = ("img_2.png", "reasoning", 0)  # in the HTTP body's JSON, around a reply not JSON
+    table.scripts[other] = [Reply("Sure! \ud83d")]
+    out = root / "out.json"
+    with ChatServer(table) as server:
+        result = generate(annotations, images, out, endpoint=server.url, progress=False)
+        generate(annotations, images, out, endpoint=server.url, progress=False)
+        assert len(server.bodies) == 18  # settled: not asked again
+    assert sum(result.samples.values()) + len(result.dropped) == 18
+    assert sorted((k, reason) for k, reason, _ in result.dropped) == [
+        (key, "not UTF-8 text"), (other, "not JSON")
+    ]  # fmt: skip
+    assert len(SampleFile(out)) == 16
+
+
+def test_a_dry_run_lists_the_images_it_leaves_out(scene, capsys):
+    """The look before spending shows what the run's report would: images left out (a wrong
+    --images for half the set shows here, not after the run)."""
+    root, images, annotations, names = scene
+    extra = root / "more.jsonl"
+    extra.write_text(json.dumps({"image": "img_9.png", "captions": ["A ladder."]}) + "\n")
+    assert cli(["data", "generate", "--annotations", str(annotations[1]), "--annotations",
+                str(extra), "--images", str(images), "--out", str(root / "o.json"),
+                "--dry-run"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "left out 1 annotated images:\n  img_9.png: no file " in printed, printed

@@ -107,6 +107,15 @@ def test_jsonl_boxes_in_pixels_sized_from_the_image_header(tmp_path):
             "category_id that 'categories' does not name",
         ),
         ('{"image": "nope.png", "captions": ["x"]}', "none of the 1 annotated images is usable"),
+        # a "\ud83d" escape: half of an emoji's UTF-16 pair, which no request can carry
+        (
+            '{"image": "a.png", "captions": ["A cart \\ud83d"]}',
+            "a.png: its captions or labels hold half of a UTF-16 pair",
+        ),
+        (
+            '{"image": "a.png", "boxes": [{"label": "\\udc00", "box": [1, 1, 4, 4]}]}',
+            "a.png: its captions or labels hold half of a UTF-16 pair",
+        ),
         # Boxes that cannot be on the image: not numbers, or wholly outside it (sizes of
         # another resolution, say): clamped to the edge they became nothing, or a sliver.
         ('{"image": "a.png", "boxes": [{"label": "x", "box": [0, 0, NaN, 4]}]}', "4 numbers"),
@@ -171,6 +180,10 @@ def test_each_kind_parses_its_schema_and_ignores_other_keys():
         ("conversation", '{"turns": [{"question": "q", "answer": "fine"}, '
          '{"question": "box?", "answer": "[0.1, 0.2, 0.3, 0.4]"}]}', "stop",
          "raw coordinates in an answer"),
+        ("reasoning", '{"question": "<image>\\nWhy?", "answer": "Because."}', "stop",
+         "the image placeholder in the text"),
+        ("conversation", '{"turns": [{"question": "q", "answer": "The <image> shows a cart."}]}',
+         "stop", "the image placeholder in the text"),
     ],
 )  # fmt: skip
 def test_bad_replies_are_dropped_with_their_reason(kind, content, finish, reason):
@@ -262,3 +275,49 @@ def test_a_label_in_two_files_describes_one_object(tmp_path):
         ["0.100", "0.200", "0.500", "0.800"],
         ["0.600", "0.200", "0.800", "0.800"],  # a second forklift of its own
     ]
+
+
+def test_a_size_read_from_the_file_is_the_upright_size(tmp_path):
+    """A camera that stores its pictures sideways with an EXIF orientation: the labelling tool,
+    the runtime and training all see the picture upright, so the boxes are in upright pixels and
+    the size they are normalised by must be the upright one too."""
+    (tmp_path / "imgs").mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 40 wide, 20 high; shown rotated: 20 wide, 40 high
+    Image.new("RGB", (40, 20)).save(tmp_path / "imgs" / "side.jpg", exif=exif)
+    line = {"image": "side.jpg", "boxes": [{"label": "arm", "box": [0, 10, 20, 40]}]}
+    (tmp_path / "labels.jsonl").write_text(json.dumps(line) + "\n")
+    notes, _ = read_annotations([tmp_path / "labels.jsonl"], tmp_path / "imgs")
+    assert notes[0].boxes[0].numbers() == ["0.000", "0.250", "1.000", "1.000"]
+
+
+def test_jsonl_lines_end_at_newlines_only(tmp_path):
+    """A JSONL writer (json.dumps(..., ensure_ascii=False)) keeps U+2028 and U+0085 inside a
+    string as they are; they do not end the line."""
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "a.png")
+    line = {"image": "a.png", "captions": ["Two carts.\u2028One is red\x85."]}
+    (tmp_path / "labels.jsonl").write_text(json.dumps(line, ensure_ascii=False) + "\n")
+    notes, _ = read_annotations([tmp_path / "labels.jsonl"], tmp_path / "imgs")
+    assert notes[0].captions == ("Two carts.\u2028One is red\x85.",)
+
+
+def test_an_unreadable_image_is_left_out_and_listed(tmp_path):
+    """A frame a logger cut short (zero bytes, or not a picture) cannot be trained on: it is
+    left out and listed like a missing one, whether or not its size is annotated, instead of
+    being paid for or stopping the run."""
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (10, 10)).save(tmp_path / "imgs" / "good.png")
+    (tmp_path / "imgs" / "empty.png").write_bytes(b"")
+    (tmp_path / "imgs" / "text.png").write_text("not a picture")
+    box = [{"label": "cart", "box": [1, 1, 5, 5]}]
+    lines = [
+        {"image": "good.png", "boxes": box},
+        {"image": "empty.png", "boxes": box},
+        {"image": "text.png", "width": 10, "height": 10, "boxes": box},
+    ]
+    (tmp_path / "labels.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    notes, skipped = read_annotations([tmp_path / "labels.jsonl"], tmp_path / "imgs")
+    assert [n.image for n in notes] == ["good.png"]
+    assert [image for image, _ in skipped] == ["empty.png", "text.png"]
+    assert all(why.startswith("cannot be read (") for _, why in skipped), skipped

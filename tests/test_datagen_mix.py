@@ -129,3 +129,14 @@ def test_bad_input_is_a_one_line_error(tmp_path, sources, capsys, args, message)
     assert code == 1 and err.count("\n") == 1 and re.search(message, err), err
     assert not (tmp_path / "mix.json").exists()
     assert generated.read_bytes() == before
+
+
+def test_a_sample_no_utf8_file_can_hold_stops_the_mix_with_its_id(tmp_path, capsys):
+    path = tmp_path / "broken.json"
+    path.write_text(
+        '[{"id": "x7", "conversations": [{"from": "human", "value": "q"}, '
+        '{"from": "gpt", "value": "a \\ud83d"}]}]'
+    )
+    assert cli(["data", "mix", str(path), "--out", str(tmp_path / "mix.json")]) == 1
+    err = capsys.readouterr().err
+    assert "sample x7: turn 1 holds half of a UTF-16 pair" in err and err.count("\n") == 1, err

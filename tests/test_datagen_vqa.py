@@ -265,3 +265,64 @@ def test_images_of_one_name_in_two_folders_get_their_own_ids(tmp_path):
     convert_vqa(tmp_path / "qa.jsonl", "jsonl", folder, tmp_path / "qa.json")
     records = json.loads((tmp_path / "qa.json").read_text())
     assert [r["id"] for r in records] == ["jsonl-aisle/0001", "jsonl-dock/0001"]
+
+
+def test_a_question_written_with_the_image_placeholder_trains(tmp_path):
+    """Questions written in LLaVA's own style ("<image>\\nHow many...?") hold the placeholder
+    already: the sample must still hold it once, where training looks for it."""
+    folder = images(tmp_path, "bay.png")
+    lines = [
+        {"image": "bay.png", "question": "<image>\nHow many robots are charging?", "answer": "3"},
+        {"image": "bay.png", "question": "Is the door open? <image>", "answer": "yes"},
+    ]
+    (tmp_path / "qa.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    convert_vqa(tmp_path / "qa.jsonl", "jsonl", folder, tmp_path / "qa.json")
+    by_image, _ = conversations(tmp_path / "qa.json")
+    assert by_image["bay.png"] == [
+        f"<image>\nHow many robots are charging?\n{SHORT}",
+        "3",
+        f"Is the door open?\n{SHORT}",
+        "yes",
+    ]
+
+
+def test_jsonl_questions_end_at_newlines_only(tmp_path):
+    folder = images(tmp_path, "bay.png")
+    line = {"image": "bay.png", "question": "Is the bay\u2028clear?", "answer": "yes"}
+    (tmp_path / "qa.jsonl").write_text(json.dumps(line, ensure_ascii=False) + "\n")
+    convert_vqa(tmp_path / "qa.jsonl", "jsonl", folder, tmp_path / "qa.json")
+    by_image, _ = conversations(tmp_path / "qa.json")
+    assert by_image["bay.png"] == [f"<image>\nIs the bay\u2028clear?\n{SHORT}", "yes"]
+
+
+def test_questions_about_an_unreadable_image_are_left_out_and_counted(tmp_path, capsys):
+    """A zero-byte frame would stop training (or be skipped there): it is left out here, said."""
+    folder = images(tmp_path, "bay.png")
+    (folder / "cut.png").write_bytes(b"")
+    lines = [{"image": name, "question": "Is it clear?", "answer": "yes"}
+             for name in ("bay.png", "cut.png", "cut.png")]  # fmt: skip
+    (tmp_path / "qa.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    assert cli(["data", "vqa", str(tmp_path / "qa.jsonl"), "--format", "jsonl", "--images",
+                str(folder), "--out", str(tmp_path / "qa.json")]) == 0  # fmt: skip
+    by_image, _ = conversations(tmp_path / "qa.json")
+    assert list(by_image) == ["bay.png"]
+    assert "left out 2 questions about 1 images that cannot be read (e.g. cut.png" in (
+        capsys.readouterr().out
+    )
+    (tmp_path / "qa.jsonl").write_text(json.dumps(lines[1]) + "\n")
+    assert cli(["data", "vqa", str(tmp_path / "qa.jsonl"), "--format", "jsonl", "--images",
+                str(folder), "--out", str(tmp_path / "qa.json")]) == 1  # fmt: skip
+    assert "can be read (e.g. cut.png); check the image files" in capsys.readouterr().err
+
+
+def test_a_question_no_utf8_file_can_hold_is_a_one_line_error(tmp_path, capsys):
+    folder = images(tmp_path, "bay.png")
+    (tmp_path / "qa.jsonl").write_text(
+        '{"image": "bay.png", "question": "Clear? \\ud83d", "answer": "yes"}\n'
+    )
+    code = cli(["data", "vqa", str(tmp_path / "qa.jsonl"), "--format", "jsonl", "--images",
+                str(folder), "--out", str(tmp_path / "qa.json")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1, err
+    assert "sample jsonl-bay holds half of a UTF-16 pair" in err, err
+    assert not (tmp_path / "qa.json").exists()

@@ -98,6 +98,15 @@ def test_each_missing_piece_is_named_with_how_to_get_it() -> None:
     assert "(installed but does not import: libnvinfer.so.10)" in s["tensorrt"][0]
 
 
+def test_a_tensorrt_the_backend_refuses_is_not_ready() -> None:
+    """JetPack 6.0's TensorRT 8.6 imports, but the native backend needs 10 (strongly typed
+    engines); onnxruntime's TensorRT provider, built against it, still runs."""
+    s = status(machine(tensorrt="8.6.2.3"))
+    (native,) = s["tensorrt"]
+    assert "TensorRT 8.6.2.3 is too old" in native and "JetPack 6.1 or later" in native
+    assert s["onnxruntime tensorrt"] == "ready"
+
+
 def test_this_machine_is_probed_without_raising() -> None:
     import importlib.util
 

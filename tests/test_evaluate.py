@@ -164,3 +164,71 @@ def test_answers_match_however_their_unicode_is_spelled():
     assert normalize("STRASSE") == normalize("Straße")
     assert normalize("ΟΔΟΣ") == normalize("οδος") == normalize("οδος")
     assert normalize("3.5") == "3.5" and normalize("Yes.") == "yes"
+
+
+class _Scripted:
+    """A stand-in runtime answering from a table, recording what it was asked."""
+
+    def __init__(self, table: dict[str, tuple[str, str]]):
+        self.table = table
+        self.asked: list[tuple] = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def answer(self, image, question, max_new_tokens):
+        from llava_edge.runtime.answer import Answer
+
+        self.asked.append((image, question, max_new_tokens))
+        text, finish = self.table[question]
+        return Answer(text, [], [], finish)
+
+
+def test_accuracy_against_a_hand_counted_case(world, monkeypatch):
+    """Four rounds in three samples, each asked on its own with its sample's image (none for a
+    text-only sample): three match once normalised (one of them cut at the token limit, and
+    counted as cut), one is wrong. Accuracy 3/4."""
+    from llava_edge.runtime import Pipeline
+    from llava_edge.training.evaluate import evaluate
+
+    root, images = world["root"], world["images"]
+    two_rounds = _sample("a", "a.png", "What colour is it?")
+    two_rounds["conversations"] += [
+        {"from": "human", "value": "How many?"},
+        {"from": "gpt", "value": "2"},
+    ]
+    text_only = {
+        "id": "t",
+        "conversations": [
+            {"from": "human", "value": "Capital of France?"},
+            {"from": "gpt", "value": "Paris"},
+        ],
+    }
+    data = root / "hand.json"
+    data.write_text(json.dumps([two_rounds, _sample("b", "b.png", "Shade?"), text_only]))
+    runtime = _Scripted(
+        {
+            "What colour is it?": ("Grey.", "eos"),  # right: case and full stop
+            "How many?": ("two", "eos"),  # wrong: exact match, no number words
+            "Shade?": (" GREY ", "eos"),  # right
+            "Capital of France?": ("Paris", "length"),  # right, though cut at the limit
+        }
+    )
+    monkeypatch.setattr(Pipeline, "load", staticmethod(lambda *a, **k: runtime))
+    result = evaluate("model", data, images, answers=root / "hand.answers.jsonl",
+                      max_new_tokens=3, progress=False)  # fmt: skip
+    assert (result.correct, result.total, result.cut) == (3, 4, 1)
+    assert result.accuracy == 0.75
+    assert runtime.asked == [
+        (images / "a.png", "What colour is it?", 3),
+        (images / "a.png", "How many?", 3),
+        (images / "b.png", "Shade?", 3),
+        (None, "Capital of France?", 3),
+    ]
+    rows = [json.loads(line) for line in (root / "hand.answers.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["turn"], r["correct"]) for r in rows] == [
+        ("a", 0, True), ("a", 1, False), ("b", 0, True), ("t", 0, True)
+    ]  # fmt: skip

@@ -47,11 +47,13 @@ def test_tensorrt_section_builds_compares_and_times_each_precision(
     assert report["onnxruntime_cpu_speed"]["first_token_ms"] > 0
 
 
-def test_training_section_through_its_cpu_baseline(gpu_check, tmp_path) -> None:
+def test_training_section_through_its_cpu_baseline(gpu_check, tmp_path, capfd) -> None:
     """One run, the CPU baseline: the subprocess that cannot see CUDA trains stage 1 and 2 (two
     steps each), exports with verification, answers the test questions and reports back. The
     GPU runs are the same function in this process (in bf16, stage 2 also with LoRA)."""
     report = gpu_check.check_training(tmp_path, quick=True, lora=())
+    # the trainer's lines of losses go to stderr: `gpu_check.py > report.json` is JSON
+    assert capfd.readouterr().out == ""
     run = report["cpu_fp32_full"]
     assert set(report) == {"cpu_fp32_full"} and "answers" not in run
     assert run["exported_and_verified"] and run["stage1"]["steps"] == run["stage2"]["steps"] == 2
@@ -66,3 +68,9 @@ def test_the_report_says_why_a_section_was_skipped(gpu_check, tmp_path, capsys) 
     assert report["tensorrt"] == {"skipped": "TensorRT is not installed"}
     assert report["training"] == {"skipped": "--skip-training"}
     assert json.loads(capsys.readouterr().out) == json.loads((tmp_path / "r.json").read_text())
+
+
+def test_a_tensorrt_too_old_to_build_skips_the_section_saying_so(gpu_check) -> None:
+    env = {"tensorrt": "8.6.2.3", "cuda_python": "12.6.2", "gpus": ["Orin (SM 8.7)"]}
+    assert "TensorRT 8.6.2.3 is too old" in gpu_check.tensorrt_missing(env)
+    assert gpu_check.tensorrt_missing({**env, "tensorrt": "10.3.0.30"}) is None

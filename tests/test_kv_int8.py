@@ -18,7 +18,7 @@ from llava_edge.calib.quantize import quantize_model
 from llava_edge.calib.report import greedy_agreement
 from llava_edge.cli import main
 from llava_edge.errors import LlavaEdgeError
-from llava_edge.manifest import KVSpec, Manifest, TextSpec
+from llava_edge.manifest import PREFILL, KVSpec, Manifest, TextSpec
 from llava_edge.runtime import Pipeline
 from llava_edge.runtime.kv_cache import KVCache
 from llava_edge.runtime.plan import plan
@@ -83,6 +83,10 @@ def test_the_manifest_and_the_graphs_say_int8_only_for_the_fused_forms(dirs: dic
     assert int8_plan.kv_dtype == "int8" and fp32_plan.kv_dtype == "float32"
     assert int8_plan.kv_cache * 4 == fp32_plan.kv_cache
     assert plan(dirs["int8_cache"], backend="tensorrt").kv_dtype != "int8"
+    # a GPU provider runs the standard graphs: a cache of the model's dtype, no prompt graph
+    gpu = plan(dirs["int8_cache"], providers=["cuda"])
+    assert gpu.kv_dtype == "float32" and gpu.kv_cache == fp32_plan.kv_cache
+    assert PREFILL in int8_plan.weights and PREFILL not in gpu.weights
 
 
 def test_the_int8_cache_holds_the_fp32_keys_and_values_rounded(dirs: dict) -> None:

@@ -113,7 +113,7 @@ def test_plan_against_hand_computed_sizes(preset, tiny_model_dir, demo_model_dir
     text, vocab = PRESETS[preset]["text"], PRESETS[preset]["vocab_size"]
     layers, kv_heads = text["num_hidden_layers"], text["num_key_value_heads"]
     head_dim = text["hidden_size"] // text["num_attention_heads"]
-    p = plan(model, BIG, max_context=100, max_batch=3)
+    p = plan(model, BIG, max_context=100, max_batch=3, graph_form="standard")
     # fp32 weights: 4 bytes a parameter, plus RoPE's inverse frequencies (head_dim / 2 floats)
     # and a few scalar constants; the rest are the graph's small int64 shape constants
     fp32 = p.weight_dtypes["decoder"]["float32"]
@@ -168,6 +168,69 @@ def test_devices_and_the_cli(tiny_model_dir, capsys) -> None:
     assert "--max-context must be between 1 and the model's context" in capsys.readouterr().err
 
 
+def test_onnxruntime_plans_count_the_graphs_its_providers_open(tiny_model_dir, capsys) -> None:
+    """On the CPU alone the runtime opens the fused graphs, with a GPU provider the standard
+    ones: the plan counts what `run --provider ...` would hold."""
+    from llava_edge.manifest import Manifest
+    from llava_edge.runtime.onnx_backend import OnnxBackend
+
+    manifest = Manifest.load(tiny_model_dir)
+    decoder = manifest.graphs["decoder"]
+    cpu, cuda = plan(tiny_model_dir, BIG), plan(tiny_model_dir, BIG, providers=["cuda"])
+    assert (cpu.graph_form, cuda.graph_form) == ("fused", "standard")
+    assert cpu.weights["decoder"] == graph_sizes(tiny_model_dir / decoder.fused.file).weight_bytes
+    assert cuda.weights["decoder"] == graph_sizes(tiny_model_dir / decoder.file).weight_bytes
+    assert cpu.weights["decoder"] != cuda.weights["decoder"]
+    backend = OnnxBackend(tiny_model_dir, manifest)  # on the CPU, as the plan's default
+    try:
+        assert (backend.form, set(backend.sessions)) == (cpu.graph_form, set(cpu.weights))
+    finally:
+        backend.close()
+    args = ["plan", str(tiny_model_dir), "--device", "8GB", "--json"]
+    assert cli.main([*args, "--provider", "cuda"]) == 0
+    assert json.loads(capsys.readouterr().out)["weights"] == cuda.weights
+    assert cli.main([*args, "--provider", "gpu"]) == 1
+    assert "unknown onnxruntime provider 'gpu'" in capsys.readouterr().err
+    assert cli.main([*args, "--provider", "cuda", "--backend", "tensorrt"]) == 1
+    assert "providers (--provider) are onnxruntime's" in capsys.readouterr().err
+
+
+def test_the_mlp_width_is_the_models_whatever_form_is_counted(tiny_checkpoint, tmp_path) -> None:
+    """The fused decoder stores RoPE's cos/sin tables, [context, head_dim / 2]: a context wider
+    than the MLP (and narrower than the vocabulary, as Qwen2's 32k against 152k) is not the MLP's
+    width, which sizes every call's activations."""
+    from llava_edge.export.exporter import export_checkpoint
+    from llava_edge.manifest import Manifest
+    from llava_edge.runtime.plan import read_shapes
+
+    model = tmp_path / "model"
+    export_checkpoint(tiny_checkpoint, model, max_context=512, verify=False, log=quiet)
+    manifest = Manifest.load(model)
+    width = PRESETS["tiny"]["text"]["intermediate_size"]
+    assert manifest.text.max_context == 512 > width and manifest.text.vocab_size > 512
+    for form in ("fused", "standard"):
+        assert read_shapes(model, manifest, "onnxruntime", graph_form=form).mlp_width == width
+    assert plan(model, BIG).activations == plan(model, BIG, graph_form="standard").activations
+
+
+def test_a_tensorrt_plan_for_this_machine_is_for_its_gpu(tiny_model_dir, monkeypatch) -> None:
+    """The engines, their KV cache and activations live in the GPU's memory: a server with 64 GB
+    of RAM and a 24 GB card has 24 GB for them, as `build` counts."""
+    from llava_edge.runtime.tensorrt import gpu
+
+    card = gpu.GpuInfo(0, "RTX 4090", "8.9", 24 * GiB, 20 * GiB, False, "12.6")
+    monkeypatch.setattr(gpu, "probe_gpu", lambda index=0: card)
+    trt = plan(tiny_model_dir, backend="tensorrt")
+    assert trt.device["name"] == "GPU 0, RTX 4090" and trt.available == 20 * GiB
+    assert plan(tiny_model_dir).device["name"] == "this machine"  # onnxruntime: host memory
+
+    def none(index=0):
+        raise LlavaEdgeError("no NVIDIA driver here")
+
+    monkeypatch.setattr(gpu, "probe_gpu", none)  # no GPU: this machine's memory, as before
+    assert plan(tiny_model_dir, backend="tensorrt").device["name"] == "this machine"
+
+
 @pytest.mark.parametrize(
     "option, message",
     [
@@ -218,7 +281,7 @@ def test_plan_is_within_15_percent_of_onnxruntime_peak_memory(tmp_path_factory) 
         [sys.executable, "-c", MEASURE, str(model)], capture_output=True, text=True, check=True
     )
     measured = json.loads(out.stdout.strip().splitlines()[-1])
-    planned = plan(model, BIG, max_context=measured["tokens"])
+    planned = plan(model, BIG, max_context=measured["tokens"], graph_form="standard")
     assert abs(planned.total - measured["peak"]) <= 0.15 * measured["peak"], (
         planned.total,
         measured,

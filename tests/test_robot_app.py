@@ -104,6 +104,39 @@ def test_a_control_thread_closes_a_stream_another_thread_reads(pipe, monkeypatch
     assert chat.ask("And the window?") == fresh.ask("And the window?")
 
 
+def test_a_reader_asking_for_its_next_piece_while_the_closer_rolls_back(pipe, monkeypatch):
+    """The other order: the control thread's close() is still rolling the turn back when the
+    perception thread asks for its next piece. The reader got a bare ValueError ('generator
+    already executing'), not the answer's one-line error."""
+    from llava_edge.runtime.pipeline import _Turn
+
+    chat = pipe.chat(frame(4), max_new_tokens=6)
+    chat.ask("Is the door open?")
+    fed, ids = chat.fed, list(chat.ids)
+    stream = chat.stream("And the window?", max_new_tokens=50, ignore_eos=True)
+    next(stream)
+    rollback, rolling, go_on = _Turn.rollback, threading.Event(), threading.Event()
+
+    def slow_rollback(turn):
+        rolling.set()
+        go_on.wait(10)
+        rollback(turn)
+
+    monkeypatch.setattr(_Turn, "rollback", slow_rollback)
+    closer = threading.Thread(target=stream.close)
+    closer.start()
+    assert rolling.wait(10)
+    try:
+        with pytest.raises(LlavaEdgeError, match="abandoned"):
+            next(stream)
+    finally:
+        go_on.set()
+        closer.join(10)
+    assert (chat.fed, chat.ids, chat.cache.length) == (fed, ids, fed)
+    chat.ask("And the window?")  # the next turn goes on from the finished one
+    assert len(chat.turns) == 2
+
+
 @pytest.mark.parametrize("entry", ["answer", "engine"])
 def test_a_one_token_answer_past_the_time_limit_times_out(tiny_model_dir, monkeypatch, entry):
     """A yes/no question (max_new_tokens=1) whose image encode and prefill ran past the time

@@ -131,3 +131,63 @@ def test_version_is_the_installed_distributions(capsys):
         main(["--version"])
     assert done.value.code == 0
     assert capsys.readouterr().out.strip() == f"llava-edge {version('llava-edge')}"
+
+
+@pytest.mark.parametrize("command", ["run", "watch"])
+def test_a_time_limit_counts_from_a_loaded_model(
+    tiny_model_dir, tmp_path, monkeypatch, capsys, command
+):
+    """`--timeout` is what one answer may take: a decoder that takes longer than that to open
+    (a large model's cold start) does not time out the first answer."""
+    import time
+
+    from llava_edge.runtime.onnx_backend import OnnxBackend
+
+    opened = OnnxBackend._open
+
+    def slow_open(self, name, *args, **kwargs):
+        if name == "decoder":
+            time.sleep(3.0)
+        return opened(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(OnnxBackend, "_open", slow_open)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    image = write_image(folder / "a.png")
+    argv = [command, str(tiny_model_dir), "--prompt", "Hi?", "--max-new-tokens", "2"]
+    argv += ["--timeout", "2.5", "--json"] if command == "run" else ["--timeout", "2.5"]
+    if command == "run":
+        argv += ["--image", str(image)]
+    else:
+        argv += ["--source", str(folder), "--jsonl"]
+    assert main(argv) == 0, capsys.readouterr().err
+    answer = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert answer.get("error") is None and answer["text"]
+
+
+def test_chat_with_standard_input_closed_ends_as_at_its_end(tiny_model_dir, monkeypatch, capsys):
+    """`llava-edge chat MODEL <&-` (a service started with no standard input): Python has no
+    sys.stdin, and the chat ends as at the end of its input."""
+    monkeypatch.setattr("sys.stdin", None)
+    assert main(["chat", str(tiny_model_dir), "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().out.startswith("Ask anything")
+
+
+def test_an_image_on_standard_input_is_given_as_a_dash(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    """`camera-snap | llava-edge run MODEL --image - --prompt ...`: `-` is standard input, as
+    for most tools; a chat reads its questions there, so it refuses one."""
+    image = write_image(tmp_path / "a.png")
+    argv = ["run", str(tiny_model_dir), "--prompt", "Hi?", "--max-new-tokens", "4", "--json"]
+    assert main([*argv, "--image", str(image)]) == 0
+    expected = json.loads(capsys.readouterr().out)["text"]
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(image.read_bytes())))
+    assert main([*argv, "--image", "-"]) == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["text"] == expected
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"")))  # now read to its end
+    chat = ["chat", str(tiny_model_dir), "--image", "-"]
+    for command in ([*argv, "--image", "-"], [*argv, "--image", "-", "--image", "-"], chat):
+        assert main(command) == 1
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and "standard input" in err

@@ -237,6 +237,65 @@ def test_numbers_of_any_numeric_type_are_taken(pipe, image):
     assert got.token_ids == want.token_ids
 
 
+@pytest.mark.parametrize("entry", ["answer", "stream", "generate_batch", "BatchEngine.submit"])
+def test_raw_must_be_true_or_false(pipe, image, entry):
+    """raw="false" (a setting read from a config file) sent the question without the chat
+    template, the model answering a prompt it was never trained on."""
+    from llava_edge.runtime import BatchEngine
+
+    ask = {
+        "answer": lambda **o: pipe.answer(image, "What?", **o),
+        "stream": lambda **o: pipe.stream(image, "What?", **o),
+        "generate_batch": lambda **o: pipe.generate_batch([(image, "What?")], **o),
+        "BatchEngine.submit": lambda **o: BatchEngine(pipe, start=False).submit(
+            image, "What?", **o
+        ),
+    }[entry]
+    with pytest.raises(LlavaEdgeError, match="raw must be True or False, got 'false'"):
+        ask(raw="false", max_new_tokens=2)
+    assert ask(raw=np.bool_(False), max_new_tokens=2) is not None
+
+
+def test_engine_and_load_sizes_of_any_integer_type_are_taken(pipe, tiny_model_dir):
+    """BatchEngine(max_batch=np.int64(4)) was refused as "must be a positive integer, got 4",
+    and Pipeline.load(threads=np.int64(2)) alike; True was taken as one row."""
+    from llava_edge.runtime import BatchEngine
+
+    engine = BatchEngine(
+        pipe, max_batch=np.int64(2), max_queue=np.int32(3), admit_per_step=np.uint8(1), start=False
+    )
+    assert (engine.max_batch, engine.max_queue, engine.admit_per_step) == (2, 3, 1)
+    assert type(engine.max_batch) is int
+    for name in ("max_batch", "max_queue", "admit_per_step"):
+        with pytest.raises(LlavaEdgeError, match=f"{name} must be"):
+            BatchEngine(pipe, **{name: True}, start=False)
+    # a string was repeated 2**20 times, a negative budget taken, NaN, inf and None raised raw
+    for bad in ("64", -1, float("nan"), float("inf"), None):
+        with pytest.raises(LlavaEdgeError, match="prefix_cache_mb must be a number, 0 or more"):
+            BatchEngine(pipe, prefix_cache_mb=bad, start=False)
+    assert BatchEngine(pipe, prefix_cache_mb=np.float32(0.5), start=False).prefixes.budget == 2**19
+    with Pipeline.load(tiny_model_dir, threads=np.int64(1)) as loaded:
+        assert loaded.answer(None, "Hi", max_new_tokens=1)
+
+
+def test_methods_that_take_prepared_images_refuse_raw_ones(pipe, image):
+    """prompt_ids(question, frame) read a camera array's rows as that many images (a prompt of
+    hundreds of image tokens, silently); a path raised AttributeError."""
+    frame = np.asarray(Image.open(image))
+    calls = (
+        lambda raw: pipe.prompt_ids("What?", raw),
+        lambda raw: pipe.conversation_ids([("What?", None)], raw, image_turn=0),
+        pipe.pixel_features,
+        pipe.image_tokens,
+    )
+    for raw in (frame, str(image), [frame]):
+        for call in calls:
+            with pytest.raises(LlavaEdgeError, match="images as Pipeline.image_pixels gives"):
+                call(raw)
+    pixels = pipe.image_pixels(frame)
+    assert pipe.prompt_ids("What?", pixels) == pipe.prompt_ids("What?", [pixels])
+
+
 def test_image_bytes_in_any_buffer_are_taken(pipe, image):
     data = image.read_bytes()
     want = pipe.answer(data, "What?", max_new_tokens=3).token_ids
@@ -366,6 +425,27 @@ def test_threads_must_be_a_positive_whole_number(tiny_model_dir, threads) -> Non
     """onnxruntime took 0 and negatives silently, as its own default (every core)."""
     with pytest.raises(LlavaEdgeError, match="threads must be a whole number, 1 or more"):
         Pipeline.load(tiny_model_dir, threads=threads)
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (dict(background="false"), "background must be True or False, got 'false'"),
+        (dict(session_cache="no"), "session_cache must be True or False, got 'no'"),
+        (dict(verify_files="no"), "verify_files must be True, False or None, got 'no'"),
+        (dict(cuda_graph=True), "cuda_graph replays the tensorrt backend's decode step"),
+        (dict(providers=[1]), r"providers are names \('cpu', 'cuda', 'tensorrt'\), got 1"),
+        (dict(providers=5), r"providers are names \('cpu', 'cuda', 'tensorrt'\), got 5"),
+        (dict(backend="tensorrt", graph_form="fused"), "graph_form .* onnxruntime graphs"),
+    ],
+    ids=str,
+)
+def test_load_options_take_effect_or_are_refused(tiny_model_dir, option, message) -> None:
+    """A string read from a config file ("false") turned background loading or the session
+    cache on; cuda_graph=True on onnxruntime and graph_form on tensorrt did nothing; a provider
+    that is not a name raised AttributeError."""
+    with pytest.raises(LlavaEdgeError, match=message):
+        Pipeline.load(tiny_model_dir, **option)
 
 
 def test_limits_that_are_not_a_limits_are_refused_at_load(tiny_model_dir) -> None:

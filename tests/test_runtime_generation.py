@@ -9,6 +9,7 @@ from PIL import Image
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.runtime import Limits, Pipeline
+from llava_edge.runtime.pipeline import BATCH_ROWS
 from llava_edge.runtime.template import user_turn
 from llava_edge.training.synth import Scene, draw
 
@@ -158,6 +159,19 @@ def test_batch_equals_transformers_batch(pipe, reference):
     assert (
         answers[1].token_ids == pipe.answer(images[1], questions[1], max_new_tokens=NEW).token_ids
     )
+
+
+def test_a_large_batch_holds_a_bounded_number_of_rows(pipe, monkeypatch):
+    """Every row of a batch's KV cache is as long as its longest conversation: a batch of a
+    minute of camera frames given one row each held a minute's KV cache at once. The rows past
+    the bound wait for a free one, and every answer is still its answer alone."""
+    rows, new_cache = [], pipe.backend.new_cache
+    monkeypatch.setattr(pipe.backend, "new_cache", lambda n: rows.append(n) or new_cache(n))
+    requests = [(None, f"Question number {i}?") for i in range(BATCH_ROWS + 2)]
+    answers = pipe.generate_batch(requests, max_new_tokens=3, ignore_eos=True)
+    assert rows == [BATCH_ROWS]
+    alone = [pipe.answer(None, q, max_new_tokens=3, ignore_eos=True) for _, q in requests]
+    assert [a.token_ids for a in answers] == [a.token_ids for a in alone]
 
 
 def test_multi_turn_chat_reuses_cache_and_equals_transformers(pipe, reference):

@@ -165,11 +165,11 @@ def test_a_calls_timeout_is_checked_as_the_limit_is(pipe, entry, bad):
         ENTRIES[entry](pipe, None, "Count.", **SMALL, timeout_s=bad)
 
 
-@pytest.mark.parametrize("entry", [e for e in ENTRIES if not e.startswith("chat")])
+@pytest.mark.parametrize("entry", ENTRIES)
 def test_a_request_late_from_its_image_runs_no_prompt(pipe, entry, monkeypatch):
     """The time limit counts the image's encoding: a request already late when its image is
-    encoded fails there, without running its prompt through the decoder for nothing. (A chat
-    encodes its image when it is made, before its turns' time limits start.)"""
+    encoded fails there, without running its prompt through the decoder for nothing. A chat's
+    images are encoded by its first turn, so that turn's time limit counts them."""
     encode, decode = pipe.backend.encode_image, pipe.backend.decode
     calls = []
 
@@ -195,6 +195,45 @@ def test_a_chats_timeout_holds_for_each_turn_and_a_turn_may_set_its_own(pipe):
     assert len(chat.turns) == 1
     with pytest.raises(LlavaEdgeError, match="timeout_s must be a positive number"):
         pipe.chat(None, timeout_s=-1)
+
+
+@pytest.mark.parametrize("entry", [e for e in ENTRIES if not e.startswith("chat")])
+def test_the_time_limit_counts_reading_the_image(pipe, entry, monkeypatch):
+    """A large image's decoding and resizing is part of the request, on every entry point that
+    takes an image with its question (a chat reads its images when it is made, to refuse a bad
+    one at once)."""
+    read = pipe.image_pixels
+
+    def slow_read(image):
+        time.sleep(0.3)
+        return read(image)
+
+    monkeypatch.setattr(pipe, "image_pixels", slow_read)
+    image = np.zeros((16, 16, 3), np.uint8)
+    with pytest.raises(TimedOut):
+        ENTRIES[entry](pipe, image, "What is it?", **SMALL, timeout_s=0.1)
+    assert ENTRIES[entry](pipe, image, "What is it?", **SMALL, timeout_s=60) is not None
+
+
+def test_a_chats_first_turn_counts_its_images_encoding(pipe, monkeypatch):
+    """chat() only loads and checks its image; the first turn encodes it within its own time
+    limit, and a first turn that timed out leaves the features for the question asked again."""
+    encode, encoded = pipe.backend.encode_image, []
+
+    def slow_encode(pixels):
+        encoded.append(1)
+        time.sleep(0.3)
+        return encode(pixels)
+
+    monkeypatch.setattr(pipe.backend, "encode_image", slow_encode)
+    image = np.random.default_rng(99).integers(0, 256, (16, 16, 3), np.uint8)
+    chat = pipe.chat(image, **SMALL, timeout_s=0.1)
+    assert encoded == []
+    with pytest.raises(TimedOut):
+        chat.ask("What is it?")
+    assert chat.turns == [] and chat.cache.length == 0
+    assert chat.ask("What is it?", timeout_s=60) is not None
+    assert encoded == [1] and len(chat.turns) == 1
 
 
 # Each entry point of the library, run to the end: (pipeline, question, options) -> Answer.

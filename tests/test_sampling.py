@@ -14,6 +14,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from llava_edge.errors import LlavaEdgeError
 from llava_edge.runtime.sampling import GenerationConfig, Sampler
 
 VOCAB = 97
@@ -103,3 +104,17 @@ def test_greedy_takes_the_penalized_argmax():
     greedy = Sampler(GenerationConfig(repetition_penalty=1.1))
     assert greedy(logits, [np.array([0])]).tolist() == [1]  # 3.0 / 1.1 < 2.9
     assert greedy(logits, [np.array([2])]).tolist() == [0]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+@pytest.mark.parametrize("bad", [[1.0, np.nan, 2.0], [1.0, np.inf, 2.0], [-np.inf] * 3], ids=str)
+def test_scores_the_model_overflowed_are_refused_not_picked(temperature, bad):
+    """A decoder that overflowed (an fp16 model) gives NaN or infinite scores: greedy argmax
+    would pick the NaN's id (or id 0 of a row all -inf) as if it were a token, and sampling
+    blamed the temperature. A -inf among finite scores is a token ruled out, and passes."""
+    logits = np.array([[1.0, 3.0, -np.inf], bad], np.float32)
+    sampler = Sampler(GenerationConfig(temperature=temperature, seed=0))
+    with pytest.raises(LlavaEdgeError, match="overflowed") as error:
+        sampler(logits, [np.zeros(1, np.int64)] * 2)
+    assert "temperature" not in str(error.value)
+    assert sampler(logits[:1], [np.zeros(1, np.int64)]).shape == (1,)  # finite scores: a token

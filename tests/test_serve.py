@@ -15,6 +15,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -809,6 +810,105 @@ def test_a_client_leaving_before_the_first_chunk_frees_its_row(server, slow_step
     assert after["cancelled"] == before["cancelled"] + 1
     assert after["finished"] == before["finished"]
     assert server.metric("llava_edge_client_disconnects_total") == disconnects + 1
+
+
+def leave_after(server: Server, body: dict, seconds: float) -> None:
+    """A real HTTP client: sends `body`, reads nothing, and closes its connection after
+    `seconds` (a robot powered off mid-request)."""
+    data = json.dumps(body).encode()
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {KEY}\r\nContent-Length: {len(data)}\r\n\r\n"
+    )
+    port = int(server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as client:
+        client.sendall(head.encode() + data)
+        time.sleep(seconds)
+
+
+def settles(engine, check, within: float) -> bool:
+    """Whether `check(engine.stats())` comes true within `within` seconds."""
+    deadline = time.monotonic() + within
+    while not check(engine.stats()):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_a_client_leaving_while_its_image_decodes_gives_its_place_back_at_once(server, monkeypatch):
+    """Decoding a photo of tens of megapixels takes seconds on a Jetson's CPU: a client gone
+    meanwhile gives its place in the queue back when it leaves, not when the decode ends, and
+    what the decode renders never reaches the engine."""
+    pipe, engine = server.state.pipe, server.state.engine
+    image_pixels = pipe.image_pixels
+
+    def slow_decode(image):
+        time.sleep(2)
+        return image_pixels(image)
+
+    monkeypatch.setattr(pipe, "image_pixels", slow_decode)
+    before = engine.stats()
+    disconnects = server.metric("llava_edge_client_disconnects_total")
+    body = {"model": MODEL, "messages": [ask("What?", data_uri(picture(7)))], "max_tokens": 8}
+    leave_after(server, body, 0.4)
+    assert settles(engine, lambda s: s["admitting"] == 0, within=1)
+    time.sleep(2)  # the decode ends: nothing of it is submitted
+    assert engine.stats()["requests"] == before["requests"]
+    assert server.metric("llava_edge_client_disconnects_total") == disconnects + 1
+
+
+def test_a_client_leaving_while_its_image_is_encoded_gets_no_prefill(server, monkeypatch):
+    """The engine cannot stop its vision encoder mid-call (a large image's takes seconds on a
+    Jetson), but a request whose client left meanwhile leaves its row there, before its
+    prompt is run."""
+    pipe, engine = server.state.pipe, server.state.engine
+    pixel_features = pipe.pixel_features
+
+    def slow_encode(pixels):
+        time.sleep(1.5)
+        return pixel_features(pixels)
+
+    monkeypatch.setattr(pipe, "pixel_features", slow_encode)
+    before = engine.stats()
+    body = {"model": MODEL, "messages": [ask("What?", data_uri(picture(8)))], "max_tokens": 8}
+    leave_after(server, body, 0.5)
+    assert settles(engine, lambda s: s["running"] == 0, within=3)
+    after = engine.stats()
+    assert after["cancelled"] == before["cancelled"] + 1
+    assert after["prompt_tokens"] == before["prompt_tokens"]  # its prompt was never run
+
+
+def test_clients_leaving_while_queued_or_mid_answer_free_their_place_at_once(server, monkeypatch):
+    """Whole or streamed, waiting for a row or decoding: a client that closes its connection
+    has its request cancelled within a few decoder steps, and the answers of the clients that
+    stay are what they would be alone."""
+    pipe, engine, backend = server.state.pipe, server.state.engine, server.state.pipe.backend
+    want = pipe.answer(None, "What?", max_new_tokens=600, ignore_eos=True).text
+    decode = backend.decode
+    monkeypatch.setattr(backend, "decode", lambda *a: (time.sleep(STEP_S), decode(*a))[1])
+    body = {"model": MODEL, "messages": GOOD, "max_tokens": 600, "ignore_eos": True}
+    answers: dict[str, str] = {}
+
+    def stay(name: str) -> None:
+        answers[name] = server.post(body).json()["choices"][0]["message"]["content"]
+
+    stays = threading.Thread(target=stay, args=("first",))
+    stays.start()
+    assert settles(engine, lambda s: s["running"] == 1, within=5)
+    cancelled = engine.stats()["cancelled"]
+    for leaving in [body, {**body, "stream": True}]:  # each takes the second row, then leaves
+        leave_after(server, leaving, 0.3)
+        assert settles(engine, lambda s: s["running"] == 1, within=1)
+    filler = threading.Thread(target=stay, args=("second",))
+    filler.start()  # both rows busy: the next client waits in the queue
+    assert settles(engine, lambda s: s["running"] == 2, within=5)
+    leave_after(server, body, 0.3)
+    assert settles(engine, lambda s: s["waiting"] == 0 and s["running"] == 2, within=1)
+    stays.join(30)
+    filler.join(30)
+    assert answers == {"first": want, "second": want}
+    assert engine.stats()["cancelled"] == cancelled + 3
 
 
 def chat_scope(app) -> dict:

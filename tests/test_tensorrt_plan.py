@@ -4,6 +4,7 @@ host)."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import shutil
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from llava_edge.errors import LlavaEdgeError
-from llava_edge.manifest import MANIFEST_NAME, EngineSet, EngineSpec, Manifest, sha256
+from llava_edge.manifest import MANIFEST_NAME, EngineSet, EngineSpec, FileEntry, Manifest, sha256
 from llava_edge.runtime.tensorrt import buffers, profiles
 from llava_edge.runtime.tensorrt.compat import (
     Platform,
@@ -115,8 +116,17 @@ def test_onnxruntime_tensorrt_provider_gets_explicit_profiles(manifest: Manifest
     from llava_edge.runtime.onnx_backend import provider_options
 
     options = provider_options("TensorrtExecutionProvider", manifest, "decoder", Path("/c"))
-    assert options["trt_engine_cache_enable"] and options["trt_engine_cache_path"] == "/c"
-    assert options["trt_timing_cache_path"] == "/c"
+    assert options["trt_engine_cache_enable"] and options["trt_timing_cache_path"] == "/c"
+    # the provider names engines by the graph's file and node names, not its weights: each
+    # graph's engines sit in a dir named by its content, so a cache dir shared by two models of
+    # one shape (or a model re-quantized in place) never runs the other one's engines
+    engines = Path(options["trt_engine_cache_path"])
+    assert engines.parent == Path("/c") and engines.name.startswith("decoder-")
+    other = dataclasses.replace(manifest, files=dict(manifest.files))
+    other.files["decoder.onnx"] = dataclasses.replace(other.files["decoder.onnx"], sha256="0" * 64)
+    moved = provider_options("TensorrtExecutionProvider", other, "decoder", Path("/c"))
+    assert moved["trt_engine_cache_path"] != str(engines)
+    assert moved["trt_profile_max_shapes"] == options["trt_profile_max_shapes"]
     low = dict(item.split(":") for item in options["trt_profile_min_shapes"].split(","))
     high = dict(item.split(":") for item in options["trt_profile_max_shapes"].split(","))
     assert set(low) == set(manifest.graphs["decoder"].inputs)
@@ -359,7 +369,7 @@ def engine_set(manifest: Manifest, engine_dir: Path, **changes) -> EngineSet:
         engines[name] = EngineSpec(
             f"{name}.engine",
             graph.file,
-            manifest.files[graph.file].sha256,
+            manifest.graph_digest(graph.file),
             path.stat().st_size,
             sha256(path),
         )
@@ -420,6 +430,26 @@ def test_a_changed_graph_or_damaged_engine_asks_for_a_rebuild(
     (engine_dir / "projector.engine").unlink()
     with pytest.raises(LlavaEdgeError, match="projector.engine is missing"):
         check_engines(record, engine_dir, manifest, model_copy, ORIN)
+
+
+def test_an_engine_is_stale_once_the_weights_in_its_graphs_data_file_change(
+    manifest: Manifest, model_copy: Path
+) -> None:
+    """A graph over 1.8 GB keeps its weights in `<graph>.data`, and its `.onnx` is then the same
+    for every checkpoint of one shape: re-quantizing a fine-tune in place changes only the
+    `.data`, and its engine must be rebuilt."""
+    engine_dir = model_copy / "engines"
+    engine_dir.mkdir()
+    before = copy.deepcopy(manifest)
+    before.files["decoder.onnx.data"] = FileEntry(size=10, sha256="a" * 64)
+    record = engine_set(before, engine_dir)
+    assert check_engines(record, engine_dir, before, model_copy, ORIN) == []
+    after = copy.deepcopy(before)
+    after.files["decoder.onnx.data"] = FileEntry(size=10, sha256="b" * 64)
+    assert after.graph_digest("decoder.onnx") != before.graph_digest("decoder.onnx")
+    assert after.graph_digest("projector.onnx") == manifest.files["projector.onnx"].sha256
+    with pytest.raises(LlavaEdgeError, match="decoder.onnx changed.*rebuild"):
+        check_engines(record, engine_dir, after, model_copy, ORIN)
 
 
 def test_engine_sets_are_chosen_by_dir_or_by_platform(

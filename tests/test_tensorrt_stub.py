@@ -315,6 +315,68 @@ def test_build_options_are_checked_before_anything_is_written(stub, model: Path)
     assert not (model / "engines").exists()
 
 
+def test_a_timing_cache_the_build_cannot_use_is_refused_before_building(
+    stub, model: Path, tmp_path: Path, monkeypatch
+) -> None:
+    from llava_edge.runtime.tensorrt import build
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a dir")
+    for path, message in [
+        (tmp_path, "is a directory; name a file"),
+        (blocker / "timing.cache", "cannot make the timing cache's dir"),
+    ]:
+        with pytest.raises(LlavaEdgeError, match=message):
+            build_engines(model, timing_cache=path, log=quiet)
+
+    def unreadable(path: Path) -> bytes:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(build, "_read", unreadable)
+    with pytest.raises(LlavaEdgeError, match="cannot read the timing cache .*Permission denied"):
+        build_engines(model, timing_cache=blocker, log=quiet)
+    assert not [c for c in stub.calls if c[0] == "build"]
+    assert not Manifest.load(model).engines
+
+
+@pytest.fixture(scope="module")
+def fp16_model(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny shape exported in fp16: a KV position of one row is 4 heads x 16 x 2 = 128 bytes,
+    half of TensorRT's 256-byte alignment."""
+    from llava_edge.export.exporter import export_checkpoint
+
+    out = tmp_path_factory.mktemp("fp16") / "model"
+    export_checkpoint(tiny_checkpoint, out, dtype="fp16", verify=False, log=quiet)
+    return out
+
+
+def test_a_batched_cache_whose_rows_would_not_align_is_refused_at_build(
+    stub, fp16_model: Path, model: Path, monkeypatch
+) -> None:
+    from llava_edge.runtime.tensorrt import build
+
+    # what such engines do: a request joining the batch in row 1 binds its past off alignment
+    with monkeypatch.context() as unchecked:
+        unchecked.setattr(build, "_check_row_alignment", lambda *a: None, raising=False)
+        build_engines(fp16_model, max_batch=2, kv_chunk=15, log=quiet)
+    be = backend(fp16_model)
+    cache = be.new_cache(2)
+    embeds = np.zeros((1, 3, 64), np.float16)
+    with pytest.raises(LlavaEdgeError, match="refused the address of past_key_values"):
+        be.decode(embeds, np.ones((1, 3), np.int64), np.arange(3)[None], cache.rows(1, 2))
+    be.close()
+
+    with pytest.raises(LlavaEdgeError, match="kv_chunk 15 with --max-batch 2.*multiple of 2"):
+        build_engines(fp16_model, max_batch=2, kv_chunk=15, log=quiet)
+    with pytest.raises(
+        LlavaEdgeError, match=r"--max-context 65 .*4 KV heads x 16 x 2 bytes.*give 64 or 66"
+    ):
+        build_engines(fp16_model, max_batch=2, max_context=65, kv_chunk=16, log=quiet)
+    # one row, or an fp32 cache (256 bytes a position), always aligns
+    build_engines(fp16_model, max_batch=1, max_context=65, kv_chunk=15, log=quiet)
+    build_engines(model, max_batch=2, max_context=65, kv_chunk=15, log=quiet)
+
+
 # ---- the backend ---------------------------------------------------------------------------
 
 
@@ -874,7 +936,7 @@ def test_a_timing_cache_that_cannot_be_saved_does_not_fail_a_finished_build(
     real = build._write
 
     def full(path: Path, data) -> tuple[int, str]:
-        if path.name.startswith("timing.cache"):
+        if path.name.startswith(".timing.cache."):
             raise OSError(28, "No space left on device")
         return real(path, data)
 
@@ -1007,17 +1069,25 @@ def test_two_builds_into_one_engine_dir_at_once_keep_their_own_engines(
     both_writing = threading.Barrier(2, timeout=60)
     real_fsync = build.os.fsync
 
+    saving = threading.Barrier(2, timeout=60)
+
     def fsync(fd: int) -> None:
-        if Path(build.os.readlink(f"/proc/self/fd/{fd}")).name.startswith(".decoder.engine"):
+        name = Path(build.os.readlink(f"/proc/self/fd/{fd}")).name
+        if name.startswith(".decoder.engine"):
             both_writing.wait()  # each has written its decoder engine, neither renamed it yet
+        if name.startswith(".timing-"):
+            saving.wait()  # and each its timing cache, into the one they share
         real_fsync(fd)
 
     monkeypatch.setattr(build.os, "fsync", fsync)
     failures: list[BaseException] = []
+    said: list[str] = []  # neither build may fail to save its timings
 
     def run(path: Path) -> None:
         try:
-            build_engines(path, shared, log=quiet)
+            build_engines(
+                path, shared, log=lambda line: said.append(line) if "timing" in line else None
+            )
         except BaseException as e:
             failures.append(e)
 
@@ -1026,11 +1096,13 @@ def test_two_builds_into_one_engine_dir_at_once_keep_their_own_engines(
         thread.start()
     for thread in threads:
         thread.join()
-    assert not failures
+    assert not failures and not said
     for path in (model, other):
         record = Manifest.load(path).engines[str(shared.resolve())]
         for spec in record.engines.values():
             assert sha256(shared / spec.file) == spec.sha256
+    assert len(timing_entries(shared / "timing-10.3.0.30.cache")) == 3  # one build's, whole
+    assert not list(shared.glob(".*.tmp"))
 
 
 def test_the_next_build_removes_what_a_killed_build_was_writing(stub, model: Path) -> None:
@@ -1041,10 +1113,12 @@ def test_the_next_build_removes_what_a_killed_build_was_writing(stub, model: Pat
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], stdout=-1)
     killed = engines / f".decoder.engine.{int(gone.stdout)}-0badcafe.tmp"  # its process is gone
     running = engines / f".decoder.engine.{os.getpid()}-0badcafe.tmp"  # another build, running
+    timing = engines / f".timing-10.3.0.30.cache.{int(gone.stdout)}-0badcafe.tmp"
     killed.write_bytes(b"part of an engine")
     running.write_bytes(b"part of an engine")
+    timing.write_bytes(b"part of a timing cache")
     build_engines(model, log=quiet)
-    assert not killed.exists() and running.exists()
+    assert not killed.exists() and running.exists() and not timing.exists()
 
 
 def test_a_build_tensorrt_refuses_names_what_the_compatibility_check_finds(

@@ -88,16 +88,19 @@ def resume_argv(run: dict[str, Path], model: Path, data: Path, *options: str) ->
         (["--batch-size", "4"], "was trained with --batch-size 2, not 4"),
         ("edited", "was trained on --data {old} of sha256 "),
         ("fewer", "was trained on 4 samples of --data {data}, not the 3 kept now"),
+        ("repainted", "the picture {picture} of --data {data} is not the one"),
+        ("model", "was trained from --model {model}, not --model {other} (their projector"),
     ],
 )
 def test_resuming_on_other_samples_is_refused_in_one_line(
     change, message, saved_run, tiny_checkpoint, tmp_path, capsys
 ):
     """The saved step count says how many batches of the run's samples, in the run's order, were
-    trained: other data, truncation, seed (order) or global batch would skip other ones."""
+    trained: other data or pictures, truncation, seed (order) or global batch would skip other
+    ones; another --model would go on with its tokenizer and processor."""
     from llava_edge.cli import main as cli
 
-    data, images, options = saved_run["data"], saved_run["images"], change
+    data, images, options, model = saved_run["data"], saved_run["images"], change, tiny_checkpoint
     if change == "edited":
         samples = json.loads(data.read_text())
         samples[0]["conversations"][1]["value"] += " Edited."
@@ -107,13 +110,27 @@ def test_resuming_on_other_samples_is_refused_in_one_line(
         images = Path(shutil.copytree(images, tmp_path / "images"))
         (images / json.loads(data.read_text())[0]["image"]).unlink()
         options = ["--skip-bad"]
+    elif change == "repainted":  # same data, same names: one picture replaced by another
+        images = Path(shutil.copytree(images, tmp_path / "images"))
+        names = [sample["image"] for sample in json.loads(data.read_text())]
+        shutil.copy(images / names[1], images / names[0])
+        options = []
+    elif change == "model":  # the same data, another base (its tokenizer and processor)
+        from llava_edge.training.checkpoint import init_checkpoint
+
+        model = init_checkpoint(tmp_path / "other", preset="tiny", seed=1)
+        options = []
     before = snapshot(saved_run["out"])
     run = {**saved_run, "images": images}
-    assert cli([*resume_argv(run, tiny_checkpoint, data, *options)]) == 1
+    assert cli([*resume_argv(run, model, data, *options)]) == 1
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
     assert "Traceback" not in err
-    assert message.format(old=saved_run["data"], data=data) in last, err[-2000:]
+    picture = json.loads(data.read_text())[0]["image"]
+    expected = message.format(
+        old=saved_run["data"], data=data, picture=picture, model=tiny_checkpoint, other=model
+    )
+    assert expected in last, err[-2000:]
     assert last.endswith("or pass --force to start over")
     assert snapshot(saved_run["out"]) == before
 
@@ -124,10 +141,15 @@ def test_resuming_with_options_that_leave_the_samples_alone_goes_on(
     """More --max-steps, other --save-steps, --logging-steps, --per-device-batch-size (the same
     global batch), --workers, --warmup-ratio, gradient checkpointing (the saved run had none),
     another --precision (the saved run's fp16 loss scale is of no use to fp32), and the same
-    data at another path, with another modification time."""
+    data and pictures at another path, with another modification time (a copy to another
+    machine)."""
     from llava_edge.cli import main as cli
 
-    run = {**saved_run, "out": Path(shutil.copytree(saved_run["out"], tmp_path / "out"))}
+    images = Path(shutil.copytree(saved_run["images"], tmp_path / "images"))
+    for picture in images.iterdir():
+        os.utime(picture, (1, 1))
+    out = Path(shutil.copytree(saved_run["out"], tmp_path / "out"))
+    run = {**saved_run, "out": out, "images": images}
     # As a run under --precision fp16 (on a GPU) saves its loss scaler's state.
     scaler = torch.amp.GradScaler("cpu", enabled=True).state_dict()
     torch.save(scaler, run["out"] / "checkpoints" / "checkpoint-1" / "scaler.pt")
@@ -172,3 +194,20 @@ def test_resuming_a_run_at_its_last_step_trains_no_more(tiny_checkpoint, tmp_pat
     assert "Traceback" not in err
     assert "checkpoint-2 is at step 2, past the 1 steps of --epochs 0.3; give" in err
     assert snapshot(out) == before
+
+
+def test_a_pictures_fingerprint_is_its_content_not_its_path_or_time(tmp_path):
+    """A copy elsewhere, touched, keeps the fingerprint; a picture replaced by another of the same
+    size (its first or last bytes differ), or re-encoded to another size, does not."""
+    from llava_edge.training.dataset import picture_fingerprint
+
+    data = bytes(range(256)) * 64  # 16 KiB: hashed at both ends, not whole
+    one = tmp_path / "one.jpg"
+    one.write_bytes(data)
+    copy = Path(shutil.copy(one, tmp_path / "copy.jpg"))
+    os.utime(copy, (1, 1))
+    assert picture_fingerprint(copy) == picture_fingerprint(one)
+    for changed in (b"x" + data[1:], data[:-1] + b"x", data[:-1]):
+        other = tmp_path / "other.jpg"
+        other.write_bytes(changed)
+        assert picture_fingerprint(other) != picture_fingerprint(one)

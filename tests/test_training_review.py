@@ -335,6 +335,29 @@ def test_checkpoints_join_the_new_out_as_links_or_else_moved(links, tmp_path, mo
         )
 
 
+def test_lora_adapters_resume_only_on_their_base(saved_runs, tiny_checkpoint, tmp_path, capsys):
+    """peft loads adapters onto any base of their shape: resumed on another --model (another
+    fine-tune, another stage-1 projector) they would train on, unsaid. The same base copied
+    elsewhere resumes."""
+    from llava_edge.training.checkpoint import init_checkpoint
+
+    other = init_checkpoint(tmp_path / "other", preset="tiny", seed=1)
+    out = Path(shutil.copytree(saved_runs["lora"], tmp_path / "out"))
+    argv = ["train", "--stage", "2", "--lora", "--lora-rank", "2", "--lora-alpha", "4", "--resume"]
+    argv += ["--out", str(out), "--max-steps", "2", "--batch-size", "2"]
+    argv += ["--data", str(saved_runs["lora data"]), "--images", str(saved_runs["images"])]
+    before = snapshot(out)
+    assert cli([*argv, "--model", str(other)]) == 1
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err
+    assert f"was trained from --model {tiny_checkpoint}, not --model {other}" in last, err
+    assert last.endswith("resume with that --model, or pass --force to start over")
+    assert snapshot(out) == before
+    copy = Path(shutil.copytree(tiny_checkpoint, tmp_path / "copy"))
+    assert cli([*argv, "--model", str(copy), "--no-gradient-checkpointing"]) == 0
+
+
 @pytest.mark.parametrize(
     "damaged, message",
     [

@@ -377,8 +377,8 @@ def test_a_live_stream_is_decoded_without_frame_delay(tmp_path) -> None:
 
 
 def test_video_on_standard_input_is_watched(tiny_model_dir, tmp_path) -> None:
-    """`ffmpeg ... | llava-edge watch --source /dev/stdin`: standard input fed by a pipe, or
-    redirected from a file."""
+    """`ffmpeg ... | llava-edge watch --source /dev/stdin` (or `-`): standard input fed by a
+    pipe, or redirected from a file."""
     video = make_video(tmp_path / "clip.mkv", frames=10, fps=10)
     argv = [sys.executable, "-m", "llava_edge.cli", "watch", str(tiny_model_dir)]
     argv += ["--source", "/dev/stdin", "--prompt", "?", "--every", "0", "--jsonl"]
@@ -388,6 +388,7 @@ def test_video_on_standard_input_is_watched(tiny_model_dir, tmp_path) -> None:
     answers = [json.loads(line) for line in run.stdout.splitlines()]
     assert answers and answers[-1]["index"] == 9
     assert sum(a["skipped"] for a in answers) + len(answers) == 10  # live: stale frames dropped
+    argv[argv.index("/dev/stdin")] = "-"  # as most tools name standard input
     with open(video, "rb") as file:  # `< clip.mkv`: standard input is the file itself
         run = subprocess.run(argv, stdin=file, capture_output=True, timeout=120)
     assert run.returncode == 0, run.stderr.decode()
@@ -1096,3 +1097,108 @@ def test_a_stream_read_offline_lets_its_open_say_why_it_failed() -> None:
 
     with pytest.raises(LlavaEdgeError, match="no answer for 0.5 s"):
         next(_read_ahead(opening(), 0.5, "http://cam"))
+
+
+def test_a_cameras_password_in_its_url_stays_out_of_the_errors(pipe) -> None:
+    """rtsp://user:password@camera/ is how IP cameras are addressed: an error (into a robot's
+    logs) names the camera without its password."""
+    import socket
+
+    with socket.socket() as closed:  # a port where nothing listens: the open is refused
+        closed.bind(("127.0.0.1", 0))
+        refused = closed.getsockname()[1]
+    with socket.socket() as silent:  # connections queue, and nothing ever answers them
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        for url, live in (
+            (f"http://admin:s3cret@127.0.0.1:{refused}/cam.mkv", None),
+            (f"http://admin:s3cret@127.0.0.1:{port}/cam.mkv", None),
+            (f"http://admin:s3cret@127.0.0.1:{port}/cam.mkv", False),
+        ):
+            with pytest.raises(LlavaEdgeError) as raised:
+                list(pipe.watch(url, "?", live=live, timeout_s=0.5))
+            assert "s3cret" not in str(raised.value)
+            assert f"http://admin:***@127.0.0.1:{url.split(':')[3]}" in str(raised.value)
+
+
+def test_a_folders_frames_numbered_without_padding_play_in_their_order(pipe, recorder, tmp_path):
+    """A capture script's frame_9.png, frame_10.png: numbers in names count by value, as the
+    camera wrote them, not character by character (frame_10 before frame_2)."""
+    folder = tmp_path / "shots"
+    folder.mkdir()
+    for i in range(12):
+        Image.fromarray(np.full((20, 30, 3), STEP * i, np.uint8)).save(folder / f"frame_{i}.png")
+    answers = list(pipe.watch(folder, "Now?", every_s=0, folder_fps=10))
+    assert recorder.seen == [[i] for i in range(12)]
+    assert [a.timestamp for a in answers] == pytest.approx([i / 10 for i in range(12)])
+
+
+def test_a_live_stream_lets_its_open_say_why_it_failed() -> None:
+    """An address that never answers, read live (a stream's default): FFmpeg's open ends at the
+    timeout the reader waits for a frame, and its error ('no answer', check the address) must
+    come, not a stall that raced it."""
+    import socket
+
+    from llava_edge.runtime.frames import open_frames
+
+    with socket.socket() as silent:  # connections queue, and nothing ever answers them
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/cam.mkv"
+        with pytest.raises(LlavaEdgeError, match=r"cannot open stream .*no answer for 0.5 s"):
+            next(open_frames(url, timeout_s=0.5))
+
+
+def test_a_file_is_sampled_on_a_grid_of_the_interval(pipe, recorder, tmp_path) -> None:
+    """`--every 0.1` on a 25 fps recording: the first frame at or after each tenth of a second
+    (0, 0.12, 0.2, 0.32, 0.4 ...), ten answers a second as asked, not one every 0.12 s as a
+    count from each answered frame drifts to."""
+    video = make_video(tmp_path / "pal.mkv", frames=26, fps=25)  # 1.04 s
+    answers = list(pipe.watch(video, "What is there?", every_s=0.1))
+    due = [i / 10 for i in range(11)]
+    expected = [math.ceil(t * 25 - 1e-6) / 25 for t in due]  # the first frame at or after each
+    assert [a.timestamp for a in answers] == pytest.approx(expected)
+
+
+def test_any_url_is_a_stream(pipe) -> None:
+    """rtp:// (a GStreamer pipeline's udpsink), srt://, rtmps:// ...: whatever FFmpeg's
+    protocols, a URL is a stream that FFmpeg opens and names the failure of, not a video file
+    that 'does not exist'."""
+    from llava_edge.runtime.frames import source_kind
+
+    assert [source_kind(u) for u in ("rtp://0.0.0.0:5004", "srt://cam:9000", "rtmps://a/b")] == [
+        "stream"
+    ] * 3
+    assert source_kind("file:///clip.mp4") == "file"
+    with pytest.raises(LlavaEdgeError, match=r"cannot open stream srt://127\.0\.0\.1:1"):
+        list(pipe.watch("srt://127.0.0.1:1", "?", timeout_s=2))
+
+
+def test_standard_input_with_no_video_piped_in_says_so(tiny_model_dir) -> None:
+    """`llava-edge watch MODEL --source -` typed at a terminal, or run with no input: standard
+    input is a character device there, and no camera."""
+    argv = [sys.executable, "-m", "llava_edge.cli", "watch", str(tiny_model_dir), "--prompt", "?"]
+    run = subprocess.run(
+        [*argv, "--source", "-"], stdin=subprocess.DEVNULL, capture_output=True, timeout=120
+    )
+    assert run.returncode == 1 and run.stdout == b""
+    assert run.stderr.decode().splitlines() == [
+        "llava-edge watch: error: standard input (/dev/stdin) holds no video (a terminal or "
+        "/dev/null): pipe one into it, as `ffmpeg ... -f matroska - | llava-edge watch ... "
+        "--source -`"
+    ]
+
+
+def test_a_folder_that_cannot_be_listed_is_a_one_line_error(pipe, tmp_path, monkeypatch) -> None:
+    """A capture folder another user owns (mode 700): no traceback, the reason and the folder."""
+    folder = shots(tmp_path / "shots", 2)
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "iterdir", denied)
+    with pytest.raises(
+        LlavaEdgeError, match=r"cannot list image folder .*shots: Permission denied"
+    ):
+        pipe.watch(folder, "?")

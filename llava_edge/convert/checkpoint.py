@@ -181,7 +181,19 @@ def infer_template(parts: Original, tokenizer: Any) -> str:
         return "chatml_direct"  # LLaVA-1.6 Yi-34B
     if parts.settings.text_model == "mistral":
         return "mistral_instruct"
+    if _named_llama_2(parts.directory):
+        return "llava_llama_2"
     return "llava_v1" if parts.settings.anyres else "vicuna_v1"
+
+
+def _named_llama_2(directory: Path) -> bool:
+    """Whether the checkpoint is named as a Llama-2-chat LLaVA ("llava-llama-2-13b-chat-..."),
+    which is how the original's scripts choose its conv_llava_llama_2: nothing in its weights or
+    config tells it from LLaVA-1.5, whose Vicuna v1.5 is a Llama 2 too. A trainer checkpoint
+    ("checkpoint-5000") goes by its run's dir, as the original names it."""
+    path = Path(os.path.abspath(directory))
+    names = [path.name, path.parent.name] if path.name.startswith("checkpoint-") else [path.name]
+    return any("llama-2" in name.lower() for name in names)
 
 
 # ---- the parts ---------------------------------------------------------------------------------

@@ -42,6 +42,8 @@ EMBEDDINGS_FILE = "embed_tokens.npy"
 NEWLINE_FILE = "image_newline.npy"  # LLaVA-NeXT's image_newline, for the runtime's AnyRes
 # --max-context must hold one image and this many tokens of question and answer.
 MIN_TEXT_ROOM = 64
+# The image processors' backend the runtime's preprocessing equals (llava_edge.runtime.image).
+PROCESSOR_BACKEND = "pil"
 # Loader and tracer chatter that says nothing to a user: transformers' notes, the hub client's
 # "Retrying in 2s" per attempt, torch.onnx's tracer warnings.
 LOADER_LOGGERS = ("transformers", "huggingface_hub", "torch.onnx")
@@ -141,7 +143,7 @@ def load_checkpoint(
     in seconds, not after minutes of loading a 7B model.
     """
     import torch
-    from transformers import AutoProcessor, GenerationConfig
+    from transformers import AutoImageProcessor, AutoProcessor, GenerationConfig
 
     from llava_edge.export.chat_template import choose_template
     from llava_edge.modeling import check_processor, load_model
@@ -151,7 +153,16 @@ def load_checkpoint(
     _check_tokenizer_files(Path(source))
     try:
         with quiet(*LOADER_LOGGERS):
-            processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+            # The PIL backend, whatever is installed: the runtime replays its arithmetic, and
+            # transformers picks its torchvision backend wherever torchvision is (its resize
+            # differs from PIL's by up to 0.014 in normalised pixels, so no export would verify).
+            # Loaded alone: AutoProcessor would hand `backend` to the tokenizer too.
+            image_processor = AutoImageProcessor.from_pretrained(
+                source, trust_remote_code=trust_remote_code, backend=PROCESSOR_BACKEND
+            )
+            processor = AutoProcessor.from_pretrained(
+                source, trust_remote_code=trust_remote_code, image_processor=image_processor
+            )
             try:
                 generation = GenerationConfig.from_pretrained(source)
             except OSError:  # no generation_config.json: what from_pretrained derives then
@@ -206,21 +217,41 @@ def _check_tokenizer_files(local: Path) -> None:
 
 
 def _check_image_tokens(processor: Any, config: Any, source: str) -> None:
-    """transformers' LLaVA wants as many image tokens in the prompt as the model makes features:
-    a processor that counts otherwise (processor_config.json's num_additional_image_tokens and
+    """transformers' LLaVA wants pixel values of its tower's input size (any image's: a
+    non-square crop_size, or a shortest-edge resize without a crop, fails in the tower) and as
+    many image tokens in the prompt as the model makes features: a processor that counts
+    otherwise (processor_config.json's num_additional_image_tokens and
     vision_feature_select_strategy) makes a checkpoint transformers cannot run either."""
     from PIL import Image
 
     from llava_edge.modeling import CLASS_TOKENS
 
     if config.model_type != "llava":  # LLaVA-NeXT's count depends on the image; verify checks it
+        _check_processor_pinpoints(processor, config, source)
         return
-    inputs = processor(
-        images=Image.new("RGB", (48, 40)), text=IMAGE_PLACEHOLDER, return_tensors="np"
-    )
+    try:
+        inputs = processor(
+            images=Image.new("RGB", (48, 40)), text=IMAGE_PLACEHOLDER, return_tensors="np"
+        )
+    except Exception as e:  # a setting transformers' processor cannot run with (any exception)
+        raise LlavaEdgeError(
+            f"{source}: its processor fails on a 48x40 image ({type(e).__name__}: "
+            f"{first_line(e)}); transformers cannot run it either: fix processor_config.json"
+        ) from None
     marks = int((inputs["input_ids"] == int(config.image_token_id)).sum())
     vision = config.vision_config
     height, width = inputs["pixel_values"].shape[-2:]
+    if (height, width) != (vision.image_size, vision.image_size):  # the probe is not square
+        settings = processor.image_processor
+        size, crop = _set(settings.size), _set(getattr(settings, "crop_size", None))
+        raise LlavaEdgeError(
+            f"{source}: its image processor makes {width}x{height} pixel values of a 48x40 "
+            f"image (processor_config.json's size {size}, do_center_crop "
+            f"{getattr(settings, 'do_center_crop', None)}, crop_size {crop}), its vision "
+            f"tower takes {vision.image_size}x{vision.image_size} (config.json's "
+            "vision_config.image_size); transformers cannot run it either: fix "
+            "processor_config.json"
+        )
     features = (height // vision.patch_size) * (width // vision.patch_size)
     features += CLASS_TOKENS[vision.model_type]  # CLIP's CLS token
     features -= int(config.vision_feature_select_strategy == "default")  # the first one dropped
@@ -231,6 +262,27 @@ def _check_image_tokens(processor: Any, config: Any, source: str) -> None:
             "and vision_feature_select_strategy against config.json's); transformers cannot run it "
             "either: fix processor_config.json"
         )
+
+
+def _check_processor_pinpoints(processor: Any, config: Any, source: str) -> None:
+    """transformers' LLaVA-NeXT tiles an image by its processor's image_grid_pinpoints and
+    packs the features by config.json's: where they differ, an image they place on other grids
+    is packed from tiles of another grid than its own (the runtime follows config.json's)."""
+    tiled = getattr(processor.image_processor, "image_grid_pinpoints", None)
+    packed = config.image_grid_pinpoints
+    if tiled is not None and [list(map(int, p)) for p in tiled] != [
+        list(map(int, p)) for p in packed
+    ]:
+        raise LlavaEdgeError(
+            f"{source}: processor_config.json's image_grid_pinpoints {[list(p) for p in tiled]} "
+            f"differ from config.json's {[list(p) for p in packed]}: transformers tiles an image "
+            "by the one and packs its features by the other; make them the same"
+        )
+
+
+def _set(size: Any) -> dict[str, Any]:
+    """An image processor's size or crop_size, as the keys it sets."""
+    return {k: v for k, v in dict(size or {}).items() if v is not None}
 
 
 def _check_tokens(config: Any, tokenizer: Any, eos_ids: list[int]) -> None:
@@ -256,10 +308,19 @@ def _check_tokens(config: Any, tokenizer: Any, eos_ids: list[int]) -> None:
             f"{image_id}); llava-edge's prompts mark images with {IMAGE_PLACEHOLDER!r}, as every "
             "llava-hf checkpoint does"
         )
+    rows = int(config.text_config.vocab_size)
+    if len(tokenizer) > rows:  # the runtime would embed such ids as row 0: a wrong answer
+        raise LlavaEdgeError(
+            f"the tokenizer has {len(tokenizer)} tokens, the text model's embedding table "
+            f"{rows} rows (config.json's text_config.vocab_size): ids from {rows} up have no "
+            "embedding, and transformers fails on them too; resize the embeddings to the "
+            "tokenizer (model.resize_token_embeddings(len(tokenizer))) and save the checkpoint again"
+        )
 
 
 def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = False) -> Any:
     """The checkpoint's LlavaConfig, once it is known to be a LLaVA export takes (no weights)."""
+    from huggingface_hub.errors import StrictDataclassError  # transformers' config validation
     from transformers import AutoConfig
 
     from llava_edge.export.graphs import SUPPORTED_TEXT_MODELS, SUPPORTED_VISION_TOWERS
@@ -287,6 +348,11 @@ def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = F
         raise LlavaEdgeError(f"cannot load checkpoint {source}: {first_line(e)}") from None
     except ValueError as e:
         raise LlavaEdgeError(f"{source}: {first_line(e)}") from None
+    except KeyError as e:  # transformers' rope validation: "Missing required keys in ..."
+        raise LlavaEdgeError(f"{source}: config.json: {e.args[0] if e.args else e}") from None
+    except StrictDataclassError as e:  # a value config.json may not hold, on lines of its own
+        said = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise LlavaEdgeError(f"{source}: config.json: {said}") from None
     if config.model_type not in ("llava", "llava_next"):
         raise LlavaEdgeError(
             f"{source} is a '{config.model_type}' checkpoint, not LLaVA "
@@ -315,6 +381,15 @@ def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = F
             f"{source}: text model '{text_type}' is not supported yet "
             f"(supported: {', '.join(SUPPORTED_TEXT_MODELS)})"
         )
+    heads = int(config.text_config.num_attention_heads)
+    kv_heads = config.text_config.num_key_value_heads
+    kv_heads = heads if kv_heads is None else int(kv_heads)
+    if kv_heads <= 0 or heads % kv_heads:  # each KV head serves a whole group of query heads
+        raise LlavaEdgeError(
+            f"{source}: text_config's num_attention_heads {heads} is not a multiple of its "
+            f"num_key_value_heads {kv_heads}; transformers cannot run it either: fix config.json"
+        )
+    _check_known_names(source, config)
     rope = rope_type(config.text_config)
     if rope in UNSUPPORTED_ROPE:
         raise LlavaEdgeError(
@@ -342,12 +417,42 @@ def _check_tile_features(source: str, config: Any) -> None:
         )
 
 
+def _check_known_names(source: str, config: Any) -> None:
+    """Activations and a rope type transformers has no code for fail with a KeyError as the
+    model is built, after the config passed."""
+    from transformers.activations import ACT2FN
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    for field, owner in (
+        ("text_config.hidden_act", config.text_config),
+        ("projector_hidden_act", config),
+        ("vision_config.hidden_act", config.vision_config),
+    ):
+        act = getattr(owner, field.rpartition(".")[2], None)
+        if isinstance(act, str) and act not in ACT2FN:
+            raise LlavaEdgeError(
+                f"{source}: config.json's {field} {act!r} is no activation transformers knows; "
+                "transformers cannot load it either: fix config.json"
+            )
+    rope = rope_type(config.text_config)
+    if rope != "default" and rope not in ROPE_INIT_FUNCTIONS:
+        raise LlavaEdgeError(
+            f"{source}: text_config rope type {rope!r} is unknown to transformers (it knows "
+            f"default, {', '.join(ROPE_INIT_FUNCTIONS)}); transformers cannot load it either"
+        )
+
+
 def _check_pinpoints(source: str, config: Any) -> None:
     """AnyRes grids are whole tiles of the vision tower's input: LlavaNextImageProcessor and
     LlavaNextModel disagree on the feature grid of any other size, so such a model dir would
     fail at its first image."""
     tile = config.vision_config.image_size
-    for pinpoint in config.image_grid_pinpoints or []:
+    if not config.image_grid_pinpoints:
+        raise LlavaEdgeError(
+            f"{source}: LLaVA-NeXT's image_grid_pinpoints is empty: no AnyRes grid to tile an "
+            f"image into; list them in config.json (each a whole number of {tile} px tiles)"
+        )
+    for pinpoint in config.image_grid_pinpoints:
         if len(pinpoint) != 2 or any(int(side) <= 0 or int(side) % tile for side in pinpoint):
             raise LlavaEdgeError(
                 f"{source}: image_grid_pinpoints {list(pinpoint)} is not a whole number of "
@@ -362,6 +467,11 @@ def _check_feature_layers(source: str, config: Any) -> None:
     the selection as output_hidden_states and so asks the tower for none."""
     layers = config.vision_feature_layer
     states = int(config.vision_config.num_hidden_layers) + 1
+    if not isinstance(layers, int) and not list(layers):
+        raise LlavaEdgeError(
+            f"{source}: vision_feature_layer is an empty list: no features to project; name the "
+            "layer(s), as LLaVA's -2"
+        )
     for layer in [layers] if isinstance(layers, int) else list(layers):
         if not -states <= int(layer) < states:
             raise LlavaEdgeError(
@@ -587,7 +697,12 @@ def _max_context(config: Any, requested: int | None) -> int:
     limit = int(getattr(text_config, "max_position_embeddings", 4096) or 4096)
     source = "max_position_embeddings"
     window = getattr(text_config, "sliding_window", None)
-    if window and getattr(text_config, "use_sliding_window", True) and int(window) < limit:
+    use = getattr(text_config, "use_sliding_window", True)
+    # Qwen2 slides in its layers from max_window_layers on (transformers' layer_types): where
+    # that is none of them, the window is never used
+    kinds = getattr(text_config, "layer_types", None)
+    use = use and (kinds is None or "sliding_attention" in kinds)
+    if window is not None and use and int(window) < limit:  # a window of 0 is refused below
         # the graphs attend to everything: stay inside the window
         limit, source = int(window), "sliding_window"
     image_tokens, image = _one_image_tokens(config)

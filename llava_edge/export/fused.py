@@ -328,11 +328,8 @@ class _Graph:
 
 VISION_FUSED_FILE = "vision_encoder_fused.onnx"
 # Towers whose encoder layers are CLIP's shape (pre-norm, q/k/v/out projections with biases, a
-# two-layer MLP): onnxruntime's CLIP fusions apply to both. SigLIP's tanh GELU becomes FastGelu.
-FUSABLE_TOWERS = {
-    "clip_vision_model": "QuickGelu",
-    "siglip_vision_model": "FastGelu",
-}
+# two-layer MLP): onnxruntime's CLIP fusions apply to both.
+FUSABLE_TOWERS = ("clip_vision_model", "siglip_vision_model")
 # The fused graph must equal the standard one on a random input this closely (relative to the
 # features' range); the fusions only reorder sums, so a larger gap means a wrong graph.
 VISION_FUSED_TOLERANCE = 1e-4
@@ -367,7 +364,8 @@ def write_fused_vision(
             opt_level=0,  # the Python fusions only; onnxruntime optimizes the rest at load
         )
     model = optimized.model
-    if "Attention" not in {n.op_type for n in model.graph.node}:
+    ops = {n.op_type for n in model.graph.node}
+    if "Attention" not in ops:
         return None, f"onnxruntime's optimizer fused no attention in this {tower}"
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):  # the optimizer omits it
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
@@ -384,11 +382,21 @@ def write_fused_vision(
         fused=None,
         tensorrt_file=None,
         details={
-            "form": "fused: Attention, SkipLayerNormalization, "
-            f"{FUSABLE_TOWERS[tower]} (onnxruntime's CLIP fusions)"
+            "form": ", ".join(["fused: Attention", "SkipLayerNormalization", *_gelus(ops)])
+            + " (onnxruntime's CLIP fusions)"
         },
     )
     return fused, None
+
+
+# onnxruntime's fused GELU ops, one of which the tower's activation becomes (its config's
+# hidden_act: CLIP's quick_gelu QuickGelu, SigLIP's tanh GELU FastGelu, an erf GELU BiasGelu...)
+FUSED_GELUS = ("QuickGelu", "FastGelu", "BiasFastGelu", "Gelu", "BiasGelu")
+
+
+def _gelus(ops: set[str]) -> list[str]:
+    """The fused GELU ops a graph holds (none where the activation was left unfused)."""
+    return [op for op in FUSED_GELUS if op in ops]
 
 
 def _vision_gap(standard: Path, fused: Path, spec: GraphSpec) -> float:

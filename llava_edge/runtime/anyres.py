@@ -40,10 +40,18 @@ class ImagePixels(NamedTuple):
 
 
 def pixels_list(images: ImagePixels | list[ImagePixels] | None) -> list[ImagePixels]:
-    """No image, one, or several, as a list (an ImagePixels is itself a tuple)."""
+    """No image, one, or several, as a list (an ImagePixels is itself a tuple). Anything else
+    is refused: an array's rows read as that many images, a path's characters as as many."""
     if images is None:
         return []
-    return [images] if isinstance(images, ImagePixels) else list(images)
+    if isinstance(images, ImagePixels):
+        return [images]
+    if isinstance(images, list | tuple) and all(isinstance(one, ImagePixels) for one in images):
+        return list(images)
+    raise LlavaEdgeError(
+        "this takes images as Pipeline.image_pixels gives them; generate, answer, stream, chat "
+        "and BatchEngine.submit take a path, bytes, a PIL image or an array"
+    )
 
 
 def select_resolution(height: int, width: int, pinpoints: list[list[int]]) -> tuple[int, int]:

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import numbers
+import operator
 import queue
 import threading
 import time
@@ -263,6 +265,31 @@ class PrefixStore:
         self.used += size
 
 
+def _token_ids(ids: Any) -> list[int]:
+    """A rendered prompt's ids as Python ints (numpy's taken), refused if it is empty or holds
+    anything else."""
+    try:
+        ids = [operator.index(i) for i in ids]
+    except TypeError:
+        raise LlavaEdgeError(
+            "a prompt's ids are token ids (whole numbers), as Pipeline.prompt_ids gives them"
+        ) from None
+    if not ids:
+        raise LlavaEdgeError("the prompt is empty: render one with Pipeline.prompt_ids")
+    return ids
+
+
+def _count(name: str, value: Any, least: int, what: str) -> int:
+    """A whole number of any integer type (robot code holds numpy's), not a bool."""
+    if (
+        isinstance(value, bool | np.bool_)
+        or not isinstance(value, numbers.Integral)
+        or value < least
+    ):
+        raise LlavaEdgeError(f"{name} must be {what}, got {value!r}")
+    return int(value)
+
+
 def _same_pictures(length: int, image_at: np.ndarray, images: Pictures, stored: Pictures) -> int:
     """How much of a `length`-token common prefix holds the same pictures: up to the first
     image whose tokens start in it but which stands for another picture (or none stored)."""
@@ -310,17 +337,22 @@ class BatchEngine:
         admit_per_step: int = 1,
         start: bool = True,
     ):
-        if not isinstance(max_batch, int) or max_batch < 1:
-            raise LlavaEdgeError(f"max_batch must be a positive integer, got {max_batch!r}")
-        if not isinstance(max_queue, int) or max_queue < 0:
-            raise LlavaEdgeError(f"max_queue must be 0 or more, got {max_queue!r}")
-        if not isinstance(admit_per_step, int) or admit_per_step < 1:
-            raise LlavaEdgeError(f"admit_per_step must be at least 1, got {admit_per_step!r}")
-        self.admit_per_step = admit_per_step
+        max_batch = _count("max_batch", max_batch, 1, "a positive integer")
+        max_queue = _count("max_queue", max_queue, 0, "0 or more")
+        self.admit_per_step = _count("admit_per_step", admit_per_step, 1, "at least 1")
         self.pipe = pipeline
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.cache = pipeline.backend.new_cache(max_batch)
+        if (
+            isinstance(prefix_cache_mb, bool | np.bool_)
+            or not isinstance(prefix_cache_mb, numbers.Real)
+            or not 0 <= prefix_cache_mb < float("inf")
+        ):
+            raise LlavaEdgeError(
+                f"prefix_cache_mb must be a number, 0 or more (0: no prefix reuse), got "
+                f"{prefix_cache_mb!r}"
+            )
         exact = not pipeline.backend.prompt_scales_per_call
         self.prefixes = PrefixStore(int(prefix_cache_mb * 2**20) if exact else 0)
         self.running: list[Request] = []  # running[i] decodes in cache row i
@@ -358,11 +390,13 @@ class BatchEngine:
         **options: Any,
     ) -> Request:
         """One question, as Pipeline.stream takes it (options: GenerationConfig's fields,
-        raw=True for a prompt sent as written, and timeout_s, as submit_ids takes it)."""
+        raw=True for a prompt sent as written, and timeout_s, as submit_ids takes it). The
+        time limit counts from this call: reading the image is part of the request."""
+        started = time.perf_counter()
         timeout_s = self.pipe._timeout(options.pop("timeout_s", None))  # bad: refused at once
         pixels = [self.pipe.image_pixels(one) for one in image_list(image)]
-        ids = self.pipe.prompt_ids(prompt, pixels, options.pop("raw", False))
-        return self.submit_ids(ids, pixels, options, listener, timeout_s)
+        ids = self.pipe.prompt_ids(prompt, pixels, self.pipe._raw(options))
+        return self.submit_ids(ids, pixels, options, listener, timeout_s, started)
 
     def submit_ids(
         self,
@@ -443,6 +477,7 @@ class BatchEngine:
         pipe = self.pipe
         if pipe.closed:
             raise EngineClosed("the pipeline is closed; load the model dir again")
+        ids = _token_ids(ids)
         if isinstance(options, GenerationConfig):
             options = dict(vars(options))
         config = pipe._config(dict(options))
@@ -626,7 +661,11 @@ class BatchEngine:
                 request.features = pipe.pixel_features(request.pixels)
                 request.pixels = []
             request.timer.mark("vision")
-            self._check_deadline(request)  # late from its image: no prompt run for nothing
+            # cancelled or late while its image was encoded (seconds, for a large one on a
+            # Jetson): its row is free before its prompt is run for nothing
+            if request.cancelled:
+                raise Cancelled("the request was cancelled")
+            self._check_deadline(request)
             logits = self._prefill(request, row)
             request.timer.mark("prefill")
             self._check_deadline(request)  # as after a decode step: a late first token is late

@@ -18,7 +18,7 @@ from llava_edge import __version__
 from llava_edge.errors import LlavaEdgeError, first_line
 from llava_edge.runtime.tensorrt.cuda import CUDA_HINT, import_cudart
 from llava_edge.runtime.tensorrt.gpu import host_available_memory
-from llava_edge.runtime.tensorrt.requirements import TENSORRT_HINT
+from llava_edge.runtime.tensorrt.requirements import TENSORRT_HINT, check_version
 
 # Both wheels install the one `onnxruntime` module: beside the CPU wheel (which llava-edge
 # depends on, so `[gpu]` brings both), the GPU one's providers are hidden, and uninstalling the
@@ -118,6 +118,11 @@ def backend_status(report: Report) -> list[BackendStatus]:
     if not report.tensorrt:
         detail = f" ({report.tensorrt_error})" if report.tensorrt_error else ""
         native.append(f"TensorRT's Python package{detail}: {TENSORRT_HINT}")
+    else:
+        try:  # the backend refuses TensorRT before 10 (JetPack 6.0's 8.6)
+            check_version(report.tensorrt)
+        except LlavaEdgeError as e:
+            native.append(str(e))
     if not report.cuda_python:
         native.append(f"cuda-python: {CUDA_HINT}")
     statuses.append(BackendStatus("tensorrt", not native, native))

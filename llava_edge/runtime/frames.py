@@ -35,6 +35,7 @@ import inspect
 import math
 import os
 import queue
+import re
 import stat
 import threading
 import time
@@ -53,7 +54,10 @@ VIDEO_HINT = "install the video extra: pip install 'llava-edge[video]' (PyAV)"
 IMAGE_SUFFIXES = (
     ".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".pgm", ".ppm", ".pnm"
 )  # fmt: skip
-NETWORK_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://")
+# A URL, whatever its protocol (rtsp, http, udp, rtp, srt ...): FFmpeg opens it or says why not.
+# A file:// URL names a file, which is read offline, not as a stream.
+URL = re.compile(r"(?!file://)[A-Za-z][A-Za-z0-9+.-]*://", re.IGNORECASE)
+STANDARD_INPUT = ("/dev/stdin", "/dev/fd/0", "/proc/self/fd/0")  # a character device: no camera
 DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_FOLDER_FPS = 1.0  # an image folder's slideshow: one image a second
 KIND_NAMES = {"file": "a video file", "device": "a camera", "stream": "a stream"}
@@ -103,16 +107,29 @@ class VideoPixels:
 
 
 def source_kind(source: str | os.PathLike) -> str:
-    """'folder', 'device', 'stream' or 'file', from the source's name. A named pipe (or
+    """'folder', 'device', 'stream' or 'file', from the source's name. A URL or a named pipe (or
     /dev/stdin fed by one) is a stream: its frames come as they are made, and can stop coming.
     A character device is a camera wherever its path (a link to one outside /dev too)."""
     text = os.fspath(source)
     mode = _mode(text)
-    if text.startswith(NETWORK_SCHEMES) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+    if (URL.match(text) and not mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
         return "stream"
     if stat.S_ISCHR(mode) or (text.startswith("/dev/") and not stat.S_ISREG(mode)):
         return "device"  # a missing /dev/videoN too, for its error; /dev/stdin may be a file
     return "folder" if stat.S_ISDIR(mode) else "file"
+
+
+def shown(source: str) -> str:
+    """How errors name a source: a URL's password (rtsp://user:password@camera/, as IP cameras
+    are addressed) left out, so that it stays out of a robot's logs."""
+    scheme, _, rest = source.partition("://")
+    if not rest or not URL.match(source):
+        return source
+    authority, slash, path = rest.partition("/")
+    user, at, host = authority.rpartition("@")
+    if not at or ":" not in user:
+        return source
+    return f"{scheme}://{user.split(':', 1)[0]}:***@{host}{slash}{path}"
 
 
 def _mode(path: str) -> int:
@@ -140,9 +157,9 @@ def open_frames(
     file at its own pace, as a camera would deliver it; False is refused for a camera and an
     app's frames, which come as they are made. timeout_s: how long to wait for a stream
     to open or for its next frame before giving up. folder_fps: an image folder is a slideshow at
-    this rate (None: 1 image a second), its images in name order; other sources keep their own
-    pace and refuse it. cancel: set from another thread, a live source's
-    iterator stops waiting for a frame and ends.
+    this rate (None: 1 image a second), its images in name order (frame_9 before frame_10);
+    other sources keep their own pace and refuse it. cancel: set from another thread, a live
+    source's iterator stops waiting for a frame and ends.
     Closing the iterator stops the reader and closes the source (an app's iterator too); a
     reader stuck in a read that stalled (FFmpeg's V4L2 read, an app driver's own read: neither
     can be interrupted) closes it when that read returns, while the answers end at the timeout.
@@ -171,16 +188,18 @@ def open_frames(
         )
         decoded = _folder_frames(Path(source), folder_fps)
     else:
-        _no_folder_fps(folder_fps, f"{os.fspath(source)} ({KIND_NAMES[kind]})")
+        _no_folder_fps(folder_fps, f"{shown(os.fspath(source))} ({KIND_NAMES[kind]})")
         decoded = _video_frames(os.fspath(source), kind, timeout_s)
     if live is None:
         live = kind in ("device", "stream")
     if live:
         if kind in ("file", "folder"):
             decoded = _paced(decoded)
-        return live_frames(decoded, every_s, timeout_s, os.fspath(source), cancel)
+        # a stream's open has FFmpeg's own timeout, whose error says more than a stall would
+        grace = OPEN_GRACE_S if kind == "stream" else 0.0
+        return live_frames(decoded, every_s, timeout_s, shown(os.fspath(source)), cancel, grace)
     if kind == "stream":
-        decoded = _read_ahead(decoded, timeout_s, os.fspath(source), cancel)
+        decoded = _read_ahead(decoded, timeout_s, shown(os.fspath(source)), cancel)
     return _sampled(decoded, every_s)
 
 
@@ -262,14 +281,23 @@ def _check_number(name: str, value: object, what: str, minimum: float | None = N
 
 
 def _sampled(frames: Iterator[Frame], every_s: float) -> Iterator[Frame]:
-    """Offline: the first frame at or after each due time, in order. A timestamp before the last
-    sampled frame's starts the count again: recordings joined end to end (`cat a.ts b.ts`) each
-    count from their own start."""
-    last: float | None = None
+    """Offline: the first frame at or after each due time, in order, on a grid of `every_s` from
+    the first (as live frames are due: a count from each sampled frame would drift later where
+    the interval is no whole number of frames). A timestamp before the last sampled frame's
+    starts the count again: recordings joined end to end (`cat a.ts b.ts`) each count from
+    their own start."""
+    last = origin = due = -math.inf
     try:
         for frame in frames:
-            if last is None or frame.timestamp < last or frame.timestamp + 1e-9 >= last + every_s:
+            if frame.timestamp < last:
+                due = -math.inf
+            if frame.timestamp + 1e-9 >= due:
+                if due == -math.inf:
+                    origin = frame.timestamp
                 last = frame.timestamp
+                if every_s > 0:
+                    ticks = math.floor((last - origin) / every_s + 1e-6) + 1
+                    due = origin + ticks * every_s
                 yield frame
     finally:
         frames.close()
@@ -301,13 +329,15 @@ def live_frames(
     timeout_s: float,
     name: str,
     cancel: threading.Event | None = None,
+    open_grace_s: float = 0.0,
 ) -> Iterator[Frame]:
-    """Live: a reader thread keeps the newest due frame of `frames`; each `next` takes it."""
+    """Live: a reader thread keeps the newest due frame of `frames`; each `next` takes it. The
+    first frame may take `open_grace_s` past the timeout: what the open may take to fail."""
     latest = LatestFrame(frames, every_s)
     latest.start()
     try:
         while True:
-            frame = latest.take(timeout_s, name, cancel)
+            frame = latest.take(timeout_s, name, cancel, open_grace_s)
             if frame is None:
                 return
             yield frame
@@ -368,18 +398,23 @@ class LatestFrame:
                 self._changed.notify_all()
 
     def take(
-        self, timeout_s: float, name: str, cancel: threading.Event | None = None
+        self,
+        timeout_s: float,
+        name: str,
+        cancel: threading.Event | None = None,
+        open_grace_s: float = 0.0,
     ) -> Frame | None:
         """The newest due frame; None once the source has ended and nothing waits, or once
         `cancel` is set. The source has stalled when no frame at all (due or not) has arrived
-        for `timeout_s`: a frame may be due far later than that (every_s longer than the
-        timeout)."""
+        for `timeout_s` (`open_grace_s` more before the first): a frame may be due far later
+        than that (every_s longer than the timeout)."""
         asked = time.monotonic()
         with self._changed:
             while self._box is None and not self._done:
                 if cancel is not None and cancel.is_set():
                     return None
-                left = max(asked, self._arrived) + timeout_s - time.monotonic()
+                grace = open_grace_s if self._first is None else 0.0
+                left = max(asked, self._arrived) + timeout_s + grace - time.monotonic()
                 if left <= 0:
                     raise _stalled(name, timeout_s)
                 # a cancel is set from another thread, without the condition: look at it often
@@ -473,17 +508,30 @@ def _read_ahead(
 
 
 def _folder_frames(folder: Path, fps: float) -> Iterator[Frame]:
-    paths = sorted(
-        p
-        for p in folder.iterdir()
-        # hidden files are no frames: macOS leaves a ._NAME beside each image it copies
-        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
-    )
+    try:
+        paths = sorted(
+            (
+                p
+                for p in folder.iterdir()
+                # hidden files are no frames: macOS leaves a ._NAME beside each image it copies
+                if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+            ),
+            key=_name_order,
+        )
+    except OSError as e:  # another user's capture folder, a stale network mount
+        raise LlavaEdgeError(f"cannot list image folder {folder}: {e.strerror or e}") from None
     if not paths:
         raise LlavaEdgeError(
             f"image folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
         )
     return (Frame(path, index, index / fps) for index, path in enumerate(paths))
+
+
+def _name_order(path: Path) -> tuple[list[str | int], str]:
+    """Name order with the numbers in a name counted by value: a capture script's frame_9.png
+    comes before its frame_10.png (zero-padded names keep their order)."""
+    parts = re.split(r"(\d+)", path.name)
+    return [int(part) if i % 2 else part for i, part in enumerate(parts)], path.name
 
 
 # ---- video through PyAV ----------------------------------------------------------------------
@@ -500,6 +548,11 @@ def import_av() -> Any:
 def _check_local(path: str, kind: str) -> None:
     """Clear errors for local sources before FFmpeg sees them."""
     if kind == "device":
+        if path in STANDARD_INPUT and os.path.exists(path):
+            raise LlavaEdgeError(
+                f"standard input ({path}) holds no video (a terminal or /dev/null): pipe one "
+                "into it, as `ffmpeg ... -f matroska - | llava-edge watch ... --source -`"
+            )
         if not os.path.exists(path):
             raise LlavaEdgeError(
                 f"camera {path} does not exist (no such V4L2 device); list cameras with "
@@ -528,23 +581,24 @@ def _video_frames(source: str, kind: str, timeout_s: float) -> Iterator[Frame]:
     """
     av = import_av()
     _check_local(source, kind)
+    name = shown(source)
 
     def frames() -> Iterator[Frame]:
         container = _open_container(av, source, kind, timeout_s)
         try:
             if not container.streams.video:
-                raise LlavaEdgeError(f"{source} has no video stream")
+                raise LlavaEdgeError(f"{name} has no video stream")
             stream = container.streams.video[0]
             # Frame threads decode several frames at once, each frame out one per thread late:
             # a camera's or stream's newest frame would trail it. Slice threads add no delay.
             stream.thread_type = "SLICE" if kind in ("device", "stream") else "AUTO"
             first: float | None = None
             rate = float(stream.average_rate) if stream.average_rate else 0.0
-            decoded = _decode(av, container, stream, source, kind, timeout_s)
+            decoded = _decode(av, container, stream, name, kind, timeout_s)
             for index, frame in enumerate(decoded):
                 media = frame.time if frame.time is not None else (index / rate if rate else 0.0)
                 first = media if first is None else first
-                yield Frame(VideoPixels(frame, source), index, media - first)
+                yield Frame(VideoPixels(frame, name), index, media - first)
         finally:
             container.close()
 
@@ -567,7 +621,7 @@ def _open_container(av: Any, source: str, kind: str, timeout_s: float) -> Any:
         reason = _ffmpeg_reason(e)
         if isinstance(e, av.error.ExitError):  # FFmpeg's timeout ends the open this way
             reason = f"no answer for {timeout_s:g} s (check the address, or raise the timeout)"
-        raise LlavaEdgeError(f"cannot open {what} {source}: {reason}") from None
+        raise LlavaEdgeError(f"cannot open {what} {shown(source)}: {reason}") from None
 
 
 def _decode(

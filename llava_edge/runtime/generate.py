@@ -55,7 +55,7 @@ def embed(
 
 
 def positions_from_mask(mask: np.ndarray, start: np.ndarray | None = None) -> np.ndarray:
-    """Position of each token: count of real tokens before it (padding gets 1, as in transformers)."""
+    """Position of each token: count of real tokens before it (padding, masked out, gets 1)."""
     positions = np.cumsum(mask, axis=1) - 1
     if start is not None:
         positions = positions + start[:, None]

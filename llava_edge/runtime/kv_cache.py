@@ -23,7 +23,7 @@ import numpy as np
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import KVSpec, TextSpec
 
-CHUNK = 64  # slots added at a time; attention spans at most this many unused slots
+CHUNK = 64  # slots added at a time (a prompt reserves one more as headroom for its answer)
 PRESENT_HOLDS = "new"  # the layout both KV caches implement: `present` holds this call's tokens
 
 

@@ -11,7 +11,6 @@ builds strongly typed networks from the explicit-precision graphs (its fp16/int8
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import threading
@@ -56,20 +55,36 @@ def provider_options(
 
     return {
         "trt_engine_cache_enable": True,
-        "trt_engine_cache_path": str(cache_dir),
+        "trt_engine_cache_path": str(engine_cache_dir(cache_dir, manifest, graph)),
         "trt_timing_cache_enable": True,
         "trt_timing_cache_path": str(cache_dir),
         **ort_tensorrt_profiles(manifest, graph),
     }
 
 
+def engine_cache_dir(cache_dir: Path, manifest: Manifest, graph: str) -> Path:
+    """Where the TensorRT provider keeps the engines of one graph: a dir named by the content
+    of the file it builds from (and its external data). The provider names an engine by the
+    graph's file name and node names, not its weights, so in a cache dir shared by two models of
+    one architecture (or kept while a model dir is re-quantized in place) it would otherwise run
+    the other weights' engine, with no error. The provider makes the dir."""
+    spec = manifest.graphs[graph]
+    file = spec.tensorrt_file or spec.file
+    key = (manifest.graph_digest(file) or "unrecorded")[:16]
+    return cache_dir / f"{Path(file).stem}-{key}"
+
+
 def provider_list(names: str | list[str] | None) -> list[str]:
     """Execution providers by short name ('cpu', 'cuda', 'tensorrt'; one, or a list), with CPU
     always last."""
     names = [names] if isinstance(names, str) else names or ["cpu"]
+    if not isinstance(names, list | tuple):
+        names = [names]  # refused below, as a provider that is not a name
     available = ort.get_available_providers()
     chosen = []
     for name in names:
+        if not isinstance(name, str):
+            raise LlavaEdgeError(f"providers are names ('cpu', 'cuda', 'tensorrt'), got {name!r}")
         provider = PROVIDERS.get(name.lower(), name)
         if provider not in available:
             raise LlavaEdgeError(
@@ -80,6 +95,51 @@ def provider_list(names: str | list[str] | None) -> list[str]:
     if "CPUExecutionProvider" not in chosen:
         chosen.append("CPUExecutionProvider")
     return chosen
+
+
+def pick_form(manifest: Manifest, providers: list[str], requested: str = "auto") -> str:
+    """The graph form to run: the fused graphs on the CPU where the model dir has them (their
+    contrib ops run on onnxruntime's CPU kernels; GPU providers take the standard form)."""
+    if requested not in GRAPH_FORMS:
+        raise LlavaEdgeError(
+            f"unknown graph form {requested!r}; choose from {', '.join(GRAPH_FORMS)}"
+        )
+    has_fused = any(g.fused is not None for g in manifest.graphs.values())
+    if requested == "fused" and not has_fused:
+        raise LlavaEdgeError(f"this model dir has no fused graph form: {_why_no_fused(manifest)}")
+    if requested == "auto":
+        cpu_only = providers == ["CPUExecutionProvider"]
+        return "fused" if has_fused and cpu_only else "standard"
+    return requested
+
+
+def _why_no_fused(manifest: Manifest) -> str:
+    """What export or quantize recorded of why the graphs lack fused forms, and what to do."""
+    reasons = {g.details.get("no_fused_form") for g in manifest.graphs.values()} - {None}
+    if reasons:  # the form cannot take this model: a re-export would not help
+        return f"{'; '.join(sorted(reasons))}; run graph_form='standard' (or 'auto')"
+    return "exported with --no-fused or by an older llava-edge; re-export it without --no-fused"
+
+
+def form_graphs(manifest: Manifest, form: str) -> dict[str, GraphSpec]:
+    """The graphs the backend opens in `form`: each graph's fused form where it has one, and a
+    fused decoder's prompt graph (int4 dirs with int8 prompts); or the standard graphs."""
+    graphs = dict(manifest.graphs)
+    if form == "fused":
+        graphs = {name: g.fused or g for name, g in graphs.items()}
+        if graphs["decoder"].prefill:
+            graphs[PREFILL] = graphs["decoder"].prefill
+    return graphs
+
+
+def graph_files(graphs: dict[str, GraphSpec], providers: list[str]) -> dict[str, str]:
+    """The file of each graph the providers open: TensorRT (as a provider too) must build from
+    the Q/DQ form where a dir has two."""
+    tensorrt = "TensorrtExecutionProvider" in providers
+    return {
+        name: graph.tensorrt_file if tensorrt and graph.tensorrt_file else graph.file
+        for name, graph in graphs.items()
+    }
 
 
 def check_graph_io(name: str, graph: GraphSpec, session: ort.InferenceSession) -> None:
@@ -171,19 +231,11 @@ class OnnxBackend:
                     f"cannot make the TensorRT provider's engine cache {cache_dir} ({e.strerror}); "
                     "give a writable engine_dir (--engine-dir)"
                 ) from None
-        # TensorRT (as a provider too) must build from the Q/DQ form where a dir has two.
-        tensorrt = "TensorrtExecutionProvider" in self.providers
-        graphs = dict(manifest.graphs)
-        self.form = self._pick_form(graph_form)
+        self.form = pick_form(manifest, self.providers, graph_form)
+        graphs = form_graphs(manifest, self.form)
         if self.form == "fused":
-            graphs = {name: g.fused or g for name, g in graphs.items()}
             check_int8_kv_cache(graphs["decoder"])
-            if graphs["decoder"].prefill:  # int4 dirs with int8 prompts
-                graphs[PREFILL] = graphs["decoder"].prefill
-        files = {
-            name: graph.tensorrt_file if tensorrt and graph.tensorrt_file else graph.file
-            for name, graph in graphs.items()
-        }
+        files = graph_files(graphs, self.providers)
         # onnxruntime's dynamic int8 form quantizes activations with one scale per call, so a
         # prompt fed in two parts (a reused prefix, then the rest) computes other keys, values
         # and logits than the whole prompt fed at once; MatMulNBits and float graphs do not.
@@ -278,46 +330,12 @@ class OnnxBackend:
                 self._state = (replace(text, dtype=kv_dtype), fused)
             return self._state
 
-    def _pick_form(self, requested: str) -> str:
-        """The graph form to run: the fused graphs on the CPU where the model dir has them (their
-        contrib ops run on onnxruntime's CPU kernels; GPU providers take the standard form)."""
-        if requested not in GRAPH_FORMS:
-            raise LlavaEdgeError(
-                f"unknown graph form {requested!r}; choose from {', '.join(GRAPH_FORMS)}"
-            )
-        has_fused = any(g.fused is not None for g in self.manifest.graphs.values())
-        if requested == "fused" and not has_fused:
-            raise LlavaEdgeError(f"this model dir has no fused graph form: {self._why_no_fused()}")
-        if requested == "auto":
-            cpu_only = self.providers == ["CPUExecutionProvider"]
-            return "fused" if has_fused and cpu_only else "standard"
-        return requested
-
-    def _why_no_fused(self) -> str:
-        """What export or quantize recorded of why the graphs lack fused forms, and what to do."""
-        reasons = {g.details.get("no_fused_form") for g in self.manifest.graphs.values()} - {None}
-        if reasons:  # the form cannot take this model: a re-export would not help
-            return f"{'; '.join(sorted(reasons))}; run graph_form='standard' (or 'auto')"
-        return "exported with --no-fused or by an older llava-edge; re-export it without --no-fused"
-
     def _all_cached(self, files: Any) -> bool:
         """Whether every graph would open from a complete session-cache entry."""
         if not self.session_cache or self.providers != ["CPUExecutionProvider"]:
             return False
-        keys = [self._cache_key(f) for f in files]
+        keys = [self.manifest.graph_digest(f) for f in files]
         return all(k is not None and is_cached(k) for k in keys)
-
-    def _cache_key(self, file: str) -> str | None:
-        """What names a graph's session-cache entry: its sha256, and its `.data` file's where
-        its weights are there (the `.onnx` alone is then the same for every checkpoint of one
-        shape); None where the manifest records no hash."""
-        entry = self.manifest.files.get(file)
-        if entry is None:
-            return None
-        data = self.manifest.files.get(file + ".data")
-        if data is None:
-            return entry.sha256
-        return hashlib.sha256(f"{entry.sha256} {data.sha256}".encode()).hexdigest()
 
     def _open(
         self,
@@ -328,7 +346,7 @@ class OnnxBackend:
     ) -> ort.InferenceSession:
         """A session of one graph: CPU sessions through the optimized-graph cache."""
         path = self.model_dir / file
-        key = self._cache_key(file)
+        key = self.manifest.graph_digest(file)
         cached = self.session_cache and key and self.providers == ["CPUExecutionProvider"]
         try:
             if cached:

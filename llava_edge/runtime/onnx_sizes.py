@@ -39,7 +39,16 @@ ITEMSIZE = {
     22: 0.5,  # INT4
     23: 0.5,  # FLOAT4E2M1
 }
-NUMPY_NAMES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64", 6: "int32", 9: "bool"}
+NUMPY_NAMES = {
+    1: "float32",
+    10: "float16",
+    16: "bfloat16",
+    3: "int8",  # a KV cache after `quantize --kv-cache int8`
+    2: "uint8",
+    7: "int64",
+    6: "int32",
+    9: "bool",
+}
 
 # Field numbers in onnx.proto
 MODEL_GRAPH = 7

@@ -52,6 +52,10 @@ if TYPE_CHECKING:
     from llava_edge.runtime.watch import Watch
 
 FEATURE_CACHE_SIZE = 8
+# Rows generate_batch decodes at once, the rest waiting for a free one: every row of a KV cache
+# is as long as its longest conversation, so memory grows with the rows (a 7B model's 768-token
+# row holds 400 MB in fp16), while a decode step past a few rows gains little more throughput.
+BATCH_ROWS = 8
 
 
 @dataclass
@@ -152,12 +156,12 @@ class Pipeline:
         """Open a model dir written by `llava-edge export` (or quantize).
 
         backend: 'onnxruntime' (providers 'cpu', 'cuda', 'tensorrt') or 'tensorrt' (native
-        engines from `llava-edge build`, which refuses providers and threads: onnxruntime's). verify_files: True checks every file's sha256 against
+        engines from `llava-edge build`, which refuses providers, threads and graph_form: onnxruntime's). verify_files: True checks every file's sha256 against
         the manifest, False only sizes, None (default) hashes only files new to this machine.
         limits: what one request may ask for (image pixels, prompt tokens, new tokens, time).
         engine_dir: the native engines to load (default: those recorded for this GPU), or the
         onnxruntime TensorRT provider's engine cache. cuda_graph: replay the native backend's
-        decode step as a CUDA graph. graph_form: which form of the graphs onnxruntime runs,
+        decode step as a CUDA graph (the tensorrt backend only). graph_form: which form of the graphs onnxruntime runs,
         'auto' (the fused forms on the CPU where the model dir has them), 'fused' or 'standard'. session_cache: keep
         onnxruntime's optimized CPU graphs in the user cache dir, so later loads skip that work
         (llava_edge.runtime.session_cache). background: return once the manifest, files,
@@ -167,9 +171,27 @@ class Pipeline:
         and a graph that fails to load raises at that call or at `wait_loaded()`.
         """
         if threads is not None and (
-            isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+            isinstance(threads, bool | np.bool_)
+            or not isinstance(threads, numbers.Integral)
+            or threads < 1
         ):  # onnxruntime takes 0 and negatives silently, as its own default
             raise LlavaEdgeError(f"threads must be a whole number, 1 or more, got {threads!r}")
+        threads = None if threads is None else int(threads)
+        # a string from a config file ("false") would read as true
+        for name, value in (
+            ("cuda_graph", cuda_graph),
+            ("session_cache", session_cache),
+            ("background", background),
+        ):
+            if not isinstance(value, bool | np.bool_):
+                raise LlavaEdgeError(f"{name} must be True or False, got {value!r}")
+        if verify_files is not None and not isinstance(verify_files, bool | np.bool_):
+            raise LlavaEdgeError(f"verify_files must be True, False or None, got {verify_files!r}")
+        if cuda_graph and backend != "tensorrt":
+            raise LlavaEdgeError(
+                "cuda_graph replays the tensorrt backend's decode step; onnxruntime has none: "
+                "drop it, or use backend='tensorrt'"
+            )
         if limits is not None and not isinstance(limits, Limits):
             raise LlavaEdgeError(
                 f"limits must be a Limits(...) (llava_edge.runtime.Limits), got "
@@ -177,7 +199,7 @@ class Pipeline:
             )
         model_dir = Path(model_dir)
         manifest = Manifest.load(model_dir)
-        manifest.check_files(model_dir, hashes=verify_files)
+        manifest.check_files(model_dir, hashes=None if verify_files is None else bool(verify_files))
         if backend == "onnxruntime":
             from llava_edge.runtime.onnx_backend import OnnxBackend
 
@@ -207,13 +229,18 @@ class Pipeline:
                     "background loading is for the onnxruntime backend; load the TensorRT "
                     "backend without it"
                 )
+            if graph_form != "auto":
+                raise LlavaEdgeError(
+                    f"graph_form ({graph_form!r}) picks the onnxruntime graphs to run; the "
+                    "tensorrt backend runs its engines: drop it, or use backend='onnxruntime'"
+                )
             from llava_edge.runtime.tensorrt.backend import TensorRTBackend
 
             engine = TensorRTBackend(
                 model_dir,
                 manifest,
                 engine_dir=engine_dir,
-                cuda_graph=cuda_graph,
+                cuda_graph=bool(cuda_graph),
                 verify_files=verify_files,
             )
         else:
@@ -301,7 +328,9 @@ class Pipeline:
 
         Each prompt is prefilled alone into a row of one KV cache and the rows decode together
         (runtime/batching.py, on this thread), on either backend; past the rows the backend
-        takes (TensorRT engines' --max-batch), requests wait for a free row.
+        takes (TensorRT engines' --max-batch) or BATCH_ROWS (8: every row holds as much KV
+        cache as the longest conversation), requests wait for a free row. A BatchEngine of your
+        own sets its rows (`max_batch`).
         """
         from llava_edge.runtime.batching import BatchEngine
 
@@ -323,8 +352,8 @@ class Pipeline:
             )
         if not requests:
             return []
-        raw = options.pop("raw", False)
-        rows = min(len(requests), self.backend.max_batch or len(requests))  # the rest wait
+        raw = self._raw(options)
+        rows = min(len(requests), self.backend.max_batch or BATCH_ROWS)  # the rest wait
         engine = BatchEngine(
             self, max_batch=rows, max_queue=len(requests), prefix_cache_mb=0, start=False
         )
@@ -364,8 +393,10 @@ class Pipeline:
         question); each turn reuses the cache of the last.
 
         `options` (GenerationConfig's fields, and timeout_s) apply to every turn; a turn may
-        override them. The images are encoded here, so a bad one fails at once; a turn's time
-        limit counts from that turn.
+        override them. The images are loaded and checked here, so a bad one fails at once, and
+        encoded by the first turn: a turn's time limit counts from that turn, and the first
+        turn's counts the images' encoding, as a single request's does (a turn that times out
+        keeps the features, so the question asked again does not encode them twice).
         history: earlier (question, answer) turns to go on from, rendered as if this session had
         asked them and the model had given those answers (each closed by its end of sequence).
         """
@@ -396,7 +427,7 @@ class Pipeline:
         return tokens.eos_token_ids[0] if tokens.eos_token_ids else 0  # fills finished rows only
 
     def _stream(self, image: Images, prompt: str, options: dict) -> TextStream:
-        raw = options.pop("raw", False)
+        raw = self._raw(options)
         timeout_s = self._timeout(options.pop("timeout_s", None))
         config = self._config(options)
         timer = Timer()
@@ -595,6 +626,15 @@ class Pipeline:
                 self._features.popitem(last=False)
         return features
 
+    @staticmethod
+    def _raw(options: dict) -> bool:
+        """Take the `raw` option out of a call's options; a string ("false" from a config file)
+        would read as true and send the prompt without the chat template."""
+        raw = options.pop("raw", False)
+        if not isinstance(raw, bool | np.bool_):
+            raise LlavaEdgeError(f"raw must be True or False, got {raw!r}")
+        return bool(raw)
+
     def _timeout(self, timeout_s: Any) -> float | None:
         """A call's time limit: its own `timeout_s` if it gave one, else the pipeline's."""
         _check_limit("timeout_s", timeout_s, "the pipeline's Limits.timeout_s")
@@ -672,8 +712,9 @@ class ChatSession:
             raise LlavaEdgeError("a chat's history is a list of (question, answer) pairs")
         self.pipeline = pipeline
         self.options = options
+        # loaded and checked here, so a bad image fails at once; encoded by the first turn
         self.pixels = [pipeline.image_pixels(one) for one in image_list(image)]
-        self.features = pipeline.pixel_features(self.pixels) if self.pixels else None
+        self.features: np.ndarray | None = None
         self.cache = pipeline.backend.new_cache(1)
         # every id in the conversation, the last answer's last one too
         self.ids: list[int] = (
@@ -717,6 +758,7 @@ class ChatSession:
         _check_text(prompt)
         timeout_s = pipe._timeout(options.pop("timeout_s", None))
         config = pipe._config(options)
+        timer = Timer()  # the turn's time limit counts from here, its image's encoding too
         first = not self.ids
         if not prompt.strip() and not (first and self.pixels):
             raise LlavaEdgeError("the question is empty: ask something")
@@ -734,6 +776,9 @@ class ChatSession:
         pipe.limits.check_prompt(len(self.ids) + len(new_ids), chat=True)
         pending = self.ids[self.fed :] + new_ids  # the last answer's final token was never fed
         config = pipe._fit_context(config, len(pending), used=self.fed)
+        if self.fed == 0 and self.pixels and self.features is None:
+            self.features = pipe.pixel_features(self.pixels)
+            timer.mark("vision")
         stream = TextStream(
             pipe,
             self.cache,
@@ -741,7 +786,7 @@ class ChatSession:
             self.ids + new_ids,
             self.features if self.fed == 0 else None,  # the image's tokens are still to feed
             config,
-            Timer(),
+            timer,
             timeout_s,
             start_position=self.fed,
             turn=_Turn(self, prompt),
@@ -787,10 +832,12 @@ class _Turn:
         """The turn counts. An answer cut by a stop string is held as it is shown, not as it was
         generated (the stop string and what came with it in its last token): the conversation
         is re-rendered from the shown turns, as a server re-renders what its client sends back,
-        and the cache is kept up to where the two agree."""
+        and the cache is kept up to where the two agree. Where an answer spells out an image
+        placeholder, which its re-rendered text would read as an image, the turn is held as
+        generated."""
         session = self.session
         turns = [*session.turns, (self.prompt, text)]
-        if not stopped:
+        if not stopped or any(IMAGE_PLACEHOLDER in answer for _, answer in turns):
             session.ids, session.fed, session.history_closed = ids, session.cache.length, False
             session.turns.append(turns[-1])
             return
@@ -852,13 +899,17 @@ class TextStream:
         return self
 
     def __next__(self) -> str:
-        if self._abandoned:
-            self._pieces.close()  # closed from another thread during a step: it ends here
-            raise _abandoned()
         try:
+            if self._abandoned:
+                self._pieces.close()  # closed from another thread during a step: it ends here
+                raise _abandoned()
             return next(self._pieces)
         except StopIteration:
             if self._abandoned:  # closed from another thread just before this step
+                raise _abandoned() from None
+            raise
+        except ValueError:  # 'generator already executing': the closing thread rolls back
+            if self._abandoned and self._pieces.gi_running:
                 raise _abandoned() from None
             raise
 

@@ -6,10 +6,12 @@ running, `plan` adds up what the backend will hold:
 
 - weights of each graph at their stored precision, read from the ONNX files themselves (fp32,
   fp16, int8 Q/DQ, int4 blocks and their scales), the graph the backend runs (TensorRT builds from
-  `tensorrt_file` where there is one; onnxruntime also holds an int4 dir's int8 prompt decoder,
-  `quantize --prefill int8`);
-- the KV cache at the planned context, batch and the cache's dtype (fp16 where the TensorRT graph
-  computes in fp16);
+  `tensorrt_file` where there is one; onnxruntime opens the form its providers take, as the
+  runtime picks it: on the CPU alone the fused graphs, with an int4 dir's int8 prompt decoder,
+  `quantize --prefill int8`; with the CUDA or TensorRT provider the standard ones, the TensorRT
+  provider's Q/DQ forms where there are);
+- the KV cache at the planned context, batch and the cache's dtype, the decoder's own (fp16 where
+  the TensorRT graph computes in fp16, int8 in a fused decoder quantized with `--kv-cache int8`);
 - activations: the vision encoder on a batch of images (an AnyRes image is its base image and
   every tile of the largest grid), and one decoder call (a whole prompt for
   onnxruntime, which does not split prefills; one prefill chunk for TensorRT);
@@ -32,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from llava_edge.errors import LlavaEdgeError
-from llava_edge.manifest import PREFILL, Manifest
+from llava_edge.manifest import Manifest
 from llava_edge.runtime.anyres import max_feature_count, max_tiles
 from llava_edge.runtime.onnx_sizes import GraphSizes, graph_sizes
 
@@ -91,6 +93,7 @@ class Plan:
 
     model_dir: str
     backend: str
+    graph_form: str  # of the graphs counted: 'fused', 'standard' (onnxruntime) or 'tensorrt'
     device: dict[str, Any]
     max_context: int
     max_batch: int
@@ -118,6 +121,7 @@ class ModelShapes:
 
     manifest: Manifest
     sizes: dict[str, GraphSizes]
+    form: str  # of the graphs `sizes` counts (Plan.graph_form)
     kv_itemsize: int
     act_itemsize: int
     mlp_width: int
@@ -129,10 +133,14 @@ class ModelShapes:
     vision_inputs: int  # vision encoder inputs of one image (AnyRes: base image and tiles)
 
 
-def parse_device(spec: str | None, reserve_gb: float | None = None) -> Device:
-    """A device by name, a memory size ('8GB', '7.5GiB', '8000000000'), or this machine."""
+def parse_device(
+    spec: str | None, reserve_gb: float | None = None, backend: str = "onnxruntime"
+) -> Device:
+    """A device by name, a memory size ('8GB', '7.5GiB', '8000000000'), or this machine: for
+    the tensorrt backend its GPU, which holds the engines, their KV cache and activations (on a
+    Jetson, the board's one memory; `build` checks the same), else its memory."""
     if spec is None:
-        device = _this_machine()
+        device = (_this_gpu() if backend == "tensorrt" else None) or _this_machine()
     elif spec in DEVICES:
         device = DEVICES[spec]
     else:
@@ -157,6 +165,19 @@ def parse_device(spec: str | None, reserve_gb: float | None = None) -> Device:
     return device
 
 
+def _this_gpu() -> Device | None:
+    """GPU 0 and what it has free, as `build` counts it; None where there is no GPU."""
+    from llava_edge.runtime.tensorrt import gpu
+    from llava_edge.runtime.tensorrt.build import free_memory
+
+    try:
+        info = gpu.probe_gpu(0)
+    except LlavaEdgeError:
+        return None
+    free = free_memory(info)
+    return Device(f"GPU 0, {info.name}", info.total_memory, info.total_memory - free, None)
+
+
 def _this_machine() -> Device:
     """This machine's memory; what is in use now counts as reserved."""
     try:
@@ -179,15 +200,24 @@ def plan(
     max_batch: int = 1,
     prefill_chunk: int = TRT_PREFILL_CHUNK,
     bandwidth_gbs: float | None = None,
+    providers: str | list[str] | None = None,
+    graph_form: str = "auto",
 ) -> Plan:
     """What running `model_dir` with `backend` needs, on `device` (a Device, a name, a size).
 
     max_context: the longest conversation to plan for (default: the model's); max_batch: the
     most requests decoded together; bandwidth_gbs: GB/s, for a device the table does not know.
+    providers, graph_form: onnxruntime's, as Pipeline.load takes them (default: the CPU, and the
+    form the runtime picks for the providers); the providers need not be installed here.
     """
     if backend not in ("onnxruntime", "tensorrt"):
         raise LlavaEdgeError(f"unknown backend {backend!r}; choose 'onnxruntime' or 'tensorrt'")
-    device = device if isinstance(device, Device) else parse_device(device)
+    if backend == "tensorrt" and providers:
+        raise LlavaEdgeError(
+            "providers (--provider) are onnxruntime's; the tensorrt backend runs its own "
+            "engines: drop them, or plan for --backend onnxruntime"
+        )
+    device = device if isinstance(device, Device) else parse_device(device, backend=backend)
     if bandwidth_gbs is not None:
         if not 0 < bandwidth_gbs < math.inf:  # nan too
             raise LlavaEdgeError(
@@ -203,7 +233,9 @@ def plan(
         )
     if max_batch < 1:
         raise LlavaEdgeError(f"--max-batch must be at least 1, got {max_batch}")
-    shapes = read_shapes(Path(model_dir), manifest, backend, prefill_chunk)
+    shapes = read_shapes(
+        Path(model_dir), manifest, backend, prefill_chunk, provider_names(providers), graph_form
+    )
     return plan_for(shapes, device, backend, context, max_batch, str(model_dir))
 
 
@@ -218,6 +250,7 @@ def plan_for(
     return Plan(
         model_dir=name,
         backend=backend,
+        graph_form=shapes.form,
         device={**asdict(device), "available": device.available},
         max_context=context,
         max_batch=max_batch,
@@ -245,29 +278,58 @@ def plan_for(
     )
 
 
+def provider_names(names: str | list[str] | None) -> list[str]:
+    """onnxruntime's provider names for 'cpu', 'cuda', 'tensorrt' (or their full names), the CPU
+    added last where missing, as the runtime orders them; unlike the runtime's, they need not be
+    installed here: a plan may be for another machine."""
+    from llava_edge.runtime.onnx_backend import PROVIDERS
+
+    names = [names] if isinstance(names, str) else list(names or ["cpu"])
+    chosen = []
+    for name in names:
+        provider = PROVIDERS.get(name.lower(), name)
+        if provider not in PROVIDERS.values():
+            raise LlavaEdgeError(
+                f"unknown onnxruntime provider {name!r}; choose from {', '.join(PROVIDERS)}"
+            )
+        chosen.append(provider)
+    return chosen if PROVIDERS["cpu"] in chosen else [*chosen, PROVIDERS["cpu"]]
+
+
 def read_shapes(
-    model_dir: Path, manifest: Manifest, backend: str, prefill_chunk: int = TRT_PREFILL_CHUNK
+    model_dir: Path,
+    manifest: Manifest,
+    backend: str,
+    prefill_chunk: int = TRT_PREFILL_CHUNK,
+    providers: list[str] | None = None,
+    graph_form: str = "auto",
 ) -> ModelShapes:
-    """Weights and input types of the graphs `backend` runs, and the model's other sizes."""
-    files = {
-        name: graph.tensorrt_file if backend == "tensorrt" and graph.tensorrt_file else graph.file
-        for name, graph in manifest.graphs.items()
-    }
-    fused = manifest.graphs["decoder"].fused
-    if backend == "onnxruntime" and fused and fused.prefill:  # held beside it for prompts
-        files[PREFILL] = fused.prefill.file
-    sizes = {}
-    for name, file in files.items():
-        try:
-            sizes[name] = graph_sizes(model_dir / file)
-        except (OSError, ValueError, IndexError) as e:
-            raise LlavaEdgeError(f"cannot read graph {model_dir / file}: {e}") from None
+    """Weights and input types of the graphs `backend` runs (onnxruntime: with `providers`, full
+    names, default the CPU), and the model's other sizes."""
+    from llava_edge.runtime.onnx_backend import form_graphs, graph_files, pick_form
+
+    if backend == "tensorrt":
+        form = "tensorrt"
+        files = {name: g.tensorrt_file or g.file for name, g in manifest.graphs.items()}
+    else:  # the graphs the onnxruntime backend opens
+        providers = providers or provider_names(None)
+        form = pick_form(manifest, providers, graph_form)
+        files = graph_files(form_graphs(manifest, form), providers)
+    sizes = {name: _read_sizes(model_dir / file) for name, file in files.items()}
+
+    def standard(name: str) -> GraphSizes:
+        """The standard form's sizes, whose matrices are the model's own: a fused decoder also
+        stores RoPE's cos/sin tables ([context, head_dim / 2]) and a fused vision encoder its
+        packed QKV, whose widths are not the MLP's."""
+        file = manifest.graphs[name].file
+        return sizes[name] if files[name] == file else _read_sizes(model_dir / file)
+
     text = manifest.text
     past = manifest.kv_names(0)[0]
-    act_dtype = sizes["decoder"].input_dtype(past) or text.dtype  # it computes in its KV's dtype
-    kv_dtype = act_dtype
-    if backend == "onnxruntime" and fused and past in fused.inputs:
-        kv_dtype = fused.inputs[past].dtype  # int8 after `quantize --kv-cache int8`
+    # the cache's dtype is the decoder's past input's (int8 after `quantize --kv-cache int8`);
+    # it computes in that dtype, but an int8 cache is dequantized into the model's own
+    kv_dtype = sizes["decoder"].input_dtype(past) or text.dtype
+    act_dtype = text.dtype if kv_dtype == "int8" else kv_dtype
     kv_itemsize = np.dtype(kv_dtype).itemsize
     vision_out = next(iter(manifest.graphs["vision_encoder"].outputs.values())).shape
     vision_hidden = vision_out[-1] if isinstance(vision_out[-1], int) else text.hidden_size
@@ -279,16 +341,24 @@ def read_shapes(
     return ModelShapes(
         manifest=manifest,
         sizes=sizes,
+        form=form,
         kv_itemsize=kv_itemsize,
         act_itemsize=np.dtype(act_dtype).itemsize,
-        mlp_width=_mlp_width(sizes["decoder"], text.vocab_size, 4 * text.hidden_size),
+        mlp_width=_mlp_width(standard("decoder"), text.vocab_size, 4 * text.hidden_size),
         vision_hidden=vision_hidden,
-        vision_mlp=_mlp_width(sizes["vision_encoder"], 0, 4 * vision_hidden),
+        vision_mlp=_mlp_width(standard("vision_encoder"), 0, 4 * vision_hidden),
         table=table_bytes,
         prefill_chunk=prefill_chunk,
         image_tokens=max_feature_count(manifest),
         vision_inputs=1 if manifest.image.anyres is None else max_tiles(manifest.image.anyres),
     )
+
+
+def _read_sizes(path: Path) -> GraphSizes:
+    try:
+        return graph_sizes(path)
+    except (OSError, ValueError, IndexError) as e:
+        raise LlavaEdgeError(f"cannot read graph {path}: {e}") from None
 
 
 def _mlp_width(sizes: GraphSizes, vocab: int, default: int) -> int:
@@ -393,8 +463,9 @@ def _onnx_dtype(code: int) -> str:
 def format_plan(p: Plan) -> str:
     """The plan as a table a person reads."""
     gb = lambda n: f"{n / 1e9:8.2f} GB"  # noqa: E731
+    form = f" ({p.graph_form} graphs)" if p.backend == "onnxruntime" else ""
     lines = [
-        f"{p.model_dir} with {p.backend} on {p.device['name']}: context {p.max_context}, "
+        f"{p.model_dir} with {p.backend}{form} on {p.device['name']}: context {p.max_context}, "
         f"batch {p.max_batch}, KV cache {p.kv_dtype}",
     ]
     for name, n in p.weights.items():

@@ -101,6 +101,7 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray, seen: list[np.ndarray]) -> np.ndarray:
         """logits [B, V]; seen: per row, the ids so far (for the repetition penalty)."""
+        _check_scores(logits)
         if self.config.greedy:
             return self.penalized(logits, seen).argmax(axis=-1)
         probs = self.probabilities(logits, seen)
@@ -137,6 +138,18 @@ class Sampler:
                 "scales the logits past float32's range; raise the temperature (0 is greedy)"
             )
         return probs
+
+
+def _check_scores(logits: np.ndarray) -> None:
+    """Refuse scores a decoder that overflowed gives: argmax would take a NaN's id for a token
+    (transformers' too: torch's argmax ranks NaN first), and no distribution holds them. -inf is
+    a score (a token ruled out), so it passes, unless it rules out every token. One pass: a row's
+    max is NaN where the row holds one, and infinite only where the row is +inf or all -inf."""
+    if not np.isfinite(logits.max(axis=-1)).all():
+        raise LlavaEdgeError(
+            "the model's scores for the next token hold NaN or infinity: it overflowed in its "
+            "precision (fp16, or a TensorRT engine built with it); use an fp32 model dir"
+        )
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

@@ -28,6 +28,11 @@ LLAVA_V1_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions. "
 )
+LLAVA_LLAMA_2_SYSTEM = (
+    "You are a helpful language and vision assistant. You are able to understand the visual "
+    "content that the user provides, and assist the user with a variety of tasks using natural "
+    "language."
+)
 # LLaVA v1's image markers around the image features (`mm_use_im_start_end` in a config).
 IMAGE_START, IMAGE_END = "<im_start>", "<im_end>"
 
@@ -64,6 +69,19 @@ TEMPLATES: dict[str, TemplateSpec] = {
         assistant="<|im_end|><|im_start|>assistant\n",
         answer_prefix="",
         answer_end="<|im_end|>",
+    ),
+    # The original LLaVA's conv_llava_llama_2 (its LLaVA-Llama-2-chat checkpoints): Llama 2's
+    # chat format, the system prompt wrapped in <<SYS>> inside the first [INST]; each answer
+    # ends " </s>" and each later turn starts with "<s>" (BOS), as the original joins them.
+    "llava_llama_2": TemplateSpec(
+        name="llava_llama_2",
+        system=f"[INST] <<SYS>>\n{LLAVA_LLAMA_2_SYSTEM}\n<</SYS>>\n\n",
+        system_format="[INST] <<SYS>>\n{system}\n<</SYS>>\n\n",
+        user="<s>[INST] ",
+        first_user="",
+        assistant=" [/INST]",
+        answer_prefix=" ",
+        answer_end=" </s>",
     ),
     # Meta's Llama 3 Instruct format (llama.meta.com, prompt formats), for fine-tuning a Llama 3
     # language model: its turns end with <|eot_id|>, which its generation config stops at.
@@ -138,6 +156,13 @@ def hf_chat_template(template: TemplateSpec) -> str:
         given_system = "{{ " + lit(before) + " + s + " + lit(after) + " }}"
     else:  # as with_system writes a plain one
         given_system = "{{ s }}{% if s and s[-1] not in ' \\n\\t\\r' %}{{ ' ' }}{% endif %}"
+    user_header, user_text = "", "{{ " + lit(template.user) + " }}"
+    if template.first_user is not None:  # the first user turn's header is its own
+        user_header = "{% set turn = namespace(first=true) %}"
+        user_text = (
+            "{% if turn.first %}{{ " + lit(template.first_user) + " }}"
+            "{% set turn.first = false %}{% else %}" + user_text + "{% endif %}"
+        )
     return (
         "{% set first = messages[0] if messages else none %}"
         "{% if first and first['role'] == 'system' %}"
@@ -147,11 +172,11 @@ def hf_chat_template(template: TemplateSpec) -> str:
         + "{% else %}{{ "
         + lit(template.system)
         + " }}{% endif %}"
-        "{% for m in messages %}"
+        + user_header
+        + "{% for m in messages %}"
         "{% set texts = m['content'] if m['content'] is string else "
         "(m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('')) %}"
-        "{% if m['role'] == 'user' %}{{ " + lit(template.user) + " }}"
-        "{% if m['content'] is not string %}"
+        "{% if m['role'] == 'user' %}" + user_text + "{% if m['content'] is not string %}"
         "{% for c in m['content'] | selectattr('type', 'equalto', 'image') %}"
         "{{ " + lit(template.image) + " }}{% endfor %}{% endif %}"
         "{{ texts }}{% if not loop.last or add_generation_prompt %}{{ "
@@ -173,8 +198,12 @@ def user_turn(template: TemplateSpec, question: str, image: bool | int, first: b
     """
     if image and IMAGE_PLACEHOLDER not in question:
         question = template.image * int(image) + question
-    head = template.system if first else ""
-    return head + template.user + question + template.assistant
+    head = template.user
+    if first:
+        head = template.system + (
+            template.user if template.first_user is None else template.first_user
+        )
+    return head + question + template.assistant
 
 
 def answer_text(template: TemplateSpec, answer: str) -> str:

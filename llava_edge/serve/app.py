@@ -4,8 +4,9 @@ Every request is checked (key, size, body, fields, model, image) before it reach
 every refusal is OpenAI's error JSON with the status that says why. The model loads on a thread
 after the server starts, so /health answers 503 until it is ready. The engine's scheduler runs
 on its own thread; its events reach the event loop through `call_soon_threadsafe`. A client that
-goes away (mid-stream, or while waiting for a whole answer) cancels its request, which frees its
-row before the engine's next step.
+goes away (while its images are fetched or decoded, queued, mid-stream, or while waiting for a
+whole answer) cancels its request at once: a request not yet submitted never is, a submitted one
+frees its row before the engine's next step.
 """
 
 from __future__ import annotations
@@ -306,7 +307,7 @@ async def _chat_completions(request: Request) -> Response:
 
 async def _chat_completion(request: Request, state: ServerState) -> Response:
     arrived = time.perf_counter()  # --timeout counts from here: fetching and rendering too
-    admission = None
+    admission = gone = handle = None
     try:
         state.check_key(request)
         pipe, engine = state.require_ready()
@@ -315,9 +316,14 @@ async def _chat_completion(request: Request, state: ServerState) -> Response:
         admission = engine.reserve()
         clock = _Clock(arrived, pipe.limits.timeout_s)
         body = await _read_body_in_time(request, state.options.max_body_bytes, clock.limit)
+        # from here on every step races the client's leaving: one that leaves while its images
+        # are fetched or decoded gives its place in the queue back at once, and is not submitted
+        gone = asyncio.ensure_future(_disconnected(request))
+        left = threading.Event()  # what the submitting thread sees of `gone`
+        gone.add_done_callback(lambda _: left.set())
         # off the event loop, which every client's stream shares: a body of many small messages
         # takes seconds to parse at the body limit
-        chat = await _in_time(clock, run_in_threadpool(_chat_request, body))
+        chat = await _in_time(clock, gone, run_in_threadpool(_chat_request, body))
         _check_model(state, chat.model)
         if len(chat.image_urls) > pipe.max_images_per_prompt:
             raise ApiError(
@@ -328,14 +334,14 @@ async def _chat_completion(request: Request, state: ServerState) -> Response:
             )
         images = []
         for url in chat.image_urls:
-            images.append(await _in_time(clock, fetch_image(url, state.media, clock.left())))
+            images.append(await _in_time(clock, gone, fetch_image(url, state.media, clock.left())))
         events: asyncio.Queue[Event] = asyncio.Queue()
         listener = _listener(asyncio.get_running_loop(), events, whole=not chat.stream)
         submitting = run_in_threadpool(
-            _submit, pipe, engine, chat, images, listener, arrived, admission
+            _submit, pipe, engine, chat, images, listener, arrived, admission, left
         )
-        handle = await _in_time(clock, submitting, then=_cancel_submitted)
-    except ClientDisconnect:  # the client left while sending its body: no fault of the server's
+        handle = await _in_time(clock, gone, submitting, then=_cancel_submitted)
+    except ClientDisconnect:  # the client left before its request reached the engine
         state.metrics.disconnects.inc()
         return Response(status_code=499)
     except Exception as e:
@@ -343,7 +349,9 @@ async def _chat_completion(request: Request, state: ServerState) -> Response:
     finally:  # submitted, refused, timed out, cancelled: the place is the queue's again
         if admission is not None:
             admission.release()
-    event = await _wait(request, state, handle, events, clock)
+        if gone is not None and handle is None:  # not submitted: nobody watches any more
+            gone.cancel()
+    event = await _wait(state, handle, events, clock, gone)
     if event is None:  # the client left; nobody reads this
         return Response(status_code=499)
     if event.kind == "error":
@@ -369,8 +377,10 @@ def _submit(
     listener: Any,
     arrived: float,
     admission: Admission,
+    left: threading.Event,
 ) -> Any:
-    """Render the conversation as a ChatSession holds it, check it fits, hand it to the engine."""
+    """Render the conversation as a ChatSession holds it, check it fits, hand it to the engine;
+    a client that has `left` by then (while an image decoded) is not handed on."""
     limit = pipe.limits.max_new_tokens
     param = chat.max_tokens_param  # max_tokens or max_completion_tokens, as the client sent
     if param and limit and chat.options["max_new_tokens"] > limit:
@@ -380,7 +390,11 @@ def _submit(
             f"(--max-new-tokens); lower {param}",
             param,
         )
-    pixels = [_image_pixels(pipe, image) for image in images]
+    pixels = []
+    for image in images:
+        if left.is_set():
+            raise ClientDisconnect()
+        pixels.append(_image_pixels(pipe, image))
     try:
         ids = pipe.conversation_ids(chat.turns, pixels, chat.image_turns, chat.system)
     except PromptTooLong as e:
@@ -405,29 +419,47 @@ def _submit(
         )
     if not param:
         options["max_new_tokens"] = min(room, limit) if limit else room
+    if left.is_set():
+        raise ClientDisconnect()
     return engine.submit_ids(ids, pixels, options, listener, started=arrived, admission=admission)
 
 
 async def _in_time(
-    clock: _Clock, step: Awaitable[T], then: Callable[[asyncio.Future], None] | None = None
+    clock: _Clock,
+    gone: asyncio.Future,
+    step: Awaitable[T],
+    then: Callable[[asyncio.Future], None] | None = None,
 ) -> T:
     """`step` within what is left of the request's time limit, the wait for a worker thread
     included (all of them busy): reading a file from a slow card, decoding a 20 MB data: URI's
     base64, decoding and resizing a photo of tens of megapixels (seconds on a Jetson's CPU).
-    Past the limit the client gets its 504 at once. A thread cannot be stopped: an abandoned
-    step is cancelled and what it raises retrieved, or, given `then`, left to end and handed to
-    it (a request it submitted is cancelled there)."""
+    Past the limit the client gets its 504 at once; a client that leaves first (`gone`) is let
+    go at once (ClientDisconnect). A thread cannot be stopped: an abandoned step is cancelled and
+    what it raises retrieved, or, given `then`, left to end and handed to it (a request it
+    submitted is cancelled there)."""
     running = asyncio.ensure_future(step)
     try:
-        # shielded: a worker thread of Starlette's defers a cancel until the thread ends
-        return await asyncio.wait_for(asyncio.shield(running), clock.left())
-    except (asyncio.TimeoutError, asyncio.CancelledError) as e:
-        if then is None:
-            running.cancel()
-        running.add_done_callback(then or _drop)
-        if isinstance(e, asyncio.CancelledError):  # the server is stopping
-            raise
-        raise _api_error(clock.timed_out().error) from None
+        # asyncio.wait cancels neither: a worker thread of Starlette's defers a cancel until
+        # the thread ends
+        await asyncio.wait(
+            {running, gone}, timeout=clock.left(), return_when=asyncio.FIRST_COMPLETED
+        )
+    except asyncio.CancelledError:  # the server is stopping
+        _abandon(running, then)
+        raise
+    if gone.done():
+        _abandon(running, then)
+        raise ClientDisconnect()
+    if running.done():
+        return running.result()
+    _abandon(running, then)
+    raise _api_error(clock.timed_out().error) from None
+
+
+def _abandon(running: asyncio.Future, then: Callable[[asyncio.Future], None] | None) -> None:
+    if then is None:
+        running.cancel()
+    running.add_done_callback(then or _drop)
 
 
 def _drop(future: asyncio.Future) -> None:
@@ -482,28 +514,27 @@ class _Clock:
 
 
 async def _wait(
-    request: Request, state: ServerState, handle: Any, events: asyncio.Queue, clock: _Clock
+    state: ServerState, handle: Any, events: asyncio.Queue, clock: _Clock, gone: asyncio.Future
 ) -> Event | None:
     """The request's first event delivered (a stream's first token, or a whole reply's end; or
     an error, the time limit's included) before any response is sent, so that an error still
-    gets its status. None if the client left first. Either way but an event of the engine's,
-    the request is cancelled."""
-    watcher = asyncio.ensure_future(_disconnected(request))
+    gets its status. None if the client left first (`gone`). Either way but an event of the
+    engine's, the request is cancelled."""
     getter = asyncio.ensure_future(events.get())
     event = None
     try:
         await asyncio.wait(
-            {getter, watcher}, timeout=clock.left(), return_when=asyncio.FIRST_COMPLETED
+            {getter, gone}, timeout=clock.left(), return_when=asyncio.FIRST_COMPLETED
         )
         if getter.done():
             event = getter.result()
             return event
-        if watcher.done():
+        if gone.done():
             state.metrics.disconnects.inc()
             return None
         return clock.timed_out()
     finally:
-        watcher.cancel()
+        gone.cancel()
         if event is None:  # the client left, the time limit passed, or the server is stopping
             getter.cancel()
             handle.cancel()

@@ -414,6 +414,49 @@ def compose_checkpoint(
     return out
 
 
+BASE_TENSORS = ("multi_modal_projector.", "embed_tokens.weight")  # what base_fingerprint hashes
+
+
+def base_fingerprint(checkpoint: str | Path) -> str:
+    """What identifies the --model a training run starts from: a hash of its shape (each
+    tower's kind and depth, the layer the features come from) and of the projector's and the
+    token embeddings' tensors (dtype, shape, bytes; a few hundred MB at 7B, read one tensor at a
+    time without loading the model). Two models (another fine-tune, another stage-1 projector)
+    differ there; a copy of one, anywhere, does not, nor do its tensors' names (which
+    transformers versions spell differently)."""
+    import hashlib
+
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    checkpoint = Path(checkpoint)
+    config = _read_config(checkpoint)
+    shape = {
+        part: {
+            key: (config.get(part) or {}).get(key) for key in ("model_type", "num_hidden_layers")
+        }
+        for part in ("text_config", "vision_config")
+    }
+    shape["vision_feature_layer"] = config.get("vision_feature_layer")
+    digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode())
+    found = []  # (the tensor's name without its prefix, file, key)
+    try:
+        for path in sorted(checkpoint.glob("*.safetensors")):
+            with safe_open(str(path), "pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is no mapping)
+                    role = next((r for r in BASE_TENSORS if r in key), None)
+                    if role is not None:
+                        found.append((role + key.split(role)[-1], path, key))
+        for name, path, key in sorted(found):
+            with safe_open(str(path), "pt") as f:
+                tensor = f.get_tensor(key).contiguous()
+            digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+            digest.update(tensor.view(torch.uint8).numpy())
+    except (SafetensorError, OSError) as e:
+        raise LlavaEdgeError(f"cannot read the weights in {checkpoint}: {first_line(e)}") from None
+    return digest.hexdigest()
+
+
 def _read_config(checkpoint: Path) -> dict[str, Any]:
     path = checkpoint / "config.json"
     try:

@@ -71,6 +71,10 @@ def parse_sample(record: Any, position: int) -> Sample:
                 f"the conversation does not alternate human/gpt: turn {i} is from "
                 f"{turn.get('from')!r}, expected {expected!r}",
             )
+        if not _utf8(turn["value"]):  # a "\ud83d" escape: half of an emoji's UTF-16 pair
+            raise BadSample(
+                sample_id, f"turn {i} holds half of a UTF-16 pair (a lone surrogate); fix the text"
+            )
         values.append(turn["value"])
     if len(values) % 2:
         raise BadSample(sample_id, "the conversation ends with a human turn that has no answer")
@@ -89,6 +93,14 @@ def parse_sample(record: Any, position: int) -> Sample:
     first = values[0].replace(IMAGE_PLACEHOLDER, "").strip() if image is not None else values[0]
     questions = [first, *values[2::2]]
     return Sample(sample_id, image, list(zip(questions, values[1::2], strict=True)))
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_image_dir(root: Path | None) -> None:
@@ -178,6 +190,11 @@ class SampleFile:
             head = f.read(4096).lstrip()
         if head.startswith(codecs.BOM_UTF8):
             head = head[len(codecs.BOM_UTF8) :].lstrip()
+        if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) or b"\0" in head[:4]:
+            # what PowerShell 5's Out-File and Notepad's "Unicode" write
+            raise LlavaEdgeError(
+                f"{self.path} is UTF-16 (or UTF-32) text; JSON is UTF-8: save it as UTF-8"
+            )
         if head.startswith(b"["):
             yield from self._scan_array()
         elif head.startswith(b"{"):

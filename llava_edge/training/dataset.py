@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +26,25 @@ from llava_edge.training.data import (
 from llava_edge.training.labels import IGNORE, Labeler
 
 SKIP_HINT = "; fix it, or pass --skip-bad to leave such samples out"
+FINGERPRINT_SPAN = 4096  # bytes hashed at each end of a picture: a block each
+
+
+def picture_fingerprint(path: Path) -> str:
+    """What tells a picture from another: its size and a hash of its first and last 4 KiB. A
+    picture replaced, re-encoded, resized or cropped changes its size (compressed data almost
+    never keeps its length) or its ends (headers and tables, the first and last rows'
+    compressed data). Reading two blocks a file keeps a run's start near the cost of the header
+    check it does anyway: hashing LLaVA's 600k pictures whole would read tens of GB each start.
+    Neither path nor modification time counts, so a copy to another machine keeps it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(0)
+        digest.update(f.read(FINGERPRINT_SPAN))
+        if size > FINGERPRINT_SPAN:
+            f.seek(max(FINGERPRINT_SPAN, size - FINGERPRINT_SPAN))
+            digest.update(f.read())
+    return f"{size}:{digest.hexdigest()[:16]}"
 
 
 def count_image_tokens(processor: Any) -> int:
@@ -42,7 +63,9 @@ def stderr(message: str) -> None:
 class TrainingSet(torch.utils.data.Dataset):
     """LLaVA samples as model inputs. Construction checks every sample once (shape, image file
     and header, tokenization, truncation); a bad one raises BadSample, or with `skip_bad` is left
-    out and counted in `skipped`. Images are decoded when the trainer asks for a sample.
+    out and counted in `skipped`. Images are decoded when the trainer asks for a sample;
+    `pictures` holds each kept sample's picture (named as the data names it) and its
+    fingerprint, which tells a resumed run whether its pictures are those it was trained on.
 
     `images_only`: a sample without an image is bad (stage 1 trains the projector alone, which
     only images reach: a batch of text would have no gradient)."""
@@ -67,6 +90,7 @@ class TrainingSet(torch.utils.data.Dataset):
         self.log = log
         self.skipped: list[BadSample] = []
         self.has_text_only = False
+        self.pictures: dict[str, str] = {}
         self.file = SampleFile(data, keep=self._check, progress=progress)
         if not len(self.file) and self.skipped:
             raise LlavaEdgeError(
@@ -79,7 +103,7 @@ class TrainingSet(torch.utils.data.Dataset):
         try:
             sample = parse_sample(record, position)
             if sample.image is not None:
-                self._check_image(sample)
+                path = self._check_image(sample)
             elif self.images_only:
                 raise BadSample(
                     sample.id,
@@ -89,6 +113,8 @@ class TrainingSet(torch.utils.data.Dataset):
             else:
                 self.has_text_only = True
             self.labeler.encode(sample)
+            if sample.image is not None:
+                self.pictures[sample.image] = self._fingerprint(sample, path)
             return True
         except BadSample as e:
             if not self.skip_bad:
@@ -96,7 +122,14 @@ class TrainingSet(torch.utils.data.Dataset):
             self.skipped.append(e)
             return False
 
-    def _check_image(self, sample: Sample) -> None:
+    @staticmethod
+    def _fingerprint(sample: Sample, path: Path) -> str:
+        try:
+            return picture_fingerprint(path)
+        except OSError as e:
+            raise BadSample(sample.id, f"image {path} cannot be read ({e})") from None
+
+    def _check_image(self, sample: Sample) -> Path:
         """Exists and has an image header; decoding every image up front would take hours on
         LLaVA's 665k, so a file broken past its header is found when it is loaded."""
         if self.image_root is None and not Path(sample.image).is_absolute():
@@ -113,6 +146,7 @@ class TrainingSet(torch.utils.data.Dataset):
                 image.size  # noqa: B018 (reading the header is the check)
         except Exception as e:  # PIL raises many types for unreadable files
             raise BadSample(sample.id, f"image {path} cannot be read ({e})") from None
+        return path
 
     def __len__(self) -> int:
         return len(self.file)

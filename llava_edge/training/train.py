@@ -135,6 +135,9 @@ def train(
     defaults = STAGES[stage]
     main_process = int(os.environ.get("RANK", "0")) == 0
     processor, config = _load_processor_and_config(model, model_path)
+    base = _base_record(model, model_path)  # a model checked loadable, before the data is read
+    if resume_from is not None:
+        _check_same_base(resume_from, base)
     template = prompt_template(template_name, config)  # LLaVA v1: <im_start> image <im_end>
     processor.chat_template = hf_chat_template(template)
     check_answer_end(template, processor.tokenizer, _eos_ids(model_path, processor.tokenizer))
@@ -160,8 +163,10 @@ def train(
         )
     global_batch = opts.global_batch_size or defaults.global_batch_size
     run = _run_record(data, len(dataset), labeler.max_length, opts.seed, global_batch)
+    run |= {"pictures_sha256": _pictures_digest(dataset.pictures), **base}
     if resume_from is not None:
         _check_same_samples(resume_from, run)
+        _check_same_pictures(resume_from, run, dataset.pictures)
 
     # A full run resumes by building the model from its checkpoint: building it from --model and
     # then loading the checkpoint would hold two models (28 GB more at 7B in fp32).
@@ -188,6 +193,7 @@ def train(
         opts.progress,
         built_from=weights,
         run=run,
+        pictures=dataset.pictures,
     )
     # Only now, with every input read and the model loaded, may an earlier run's checkpoints go.
     if trainer.is_world_process_zero():
@@ -567,6 +573,68 @@ def _check_same_samples(checkpoint: Path, now: Mapping[str, Any]) -> None:
             )
 
 
+def _base_record(model: str | os.PathLike, path: Path) -> dict[str, str]:
+    """What a run is trained from (checkpoint.base_fingerprint), for its run record: it goes on
+    only from that --model."""
+    from llava_edge.training.checkpoint import base_fingerprint
+
+    return {"base": str(model), "base_sha256": base_fingerprint(path)}
+
+
+def _check_same_base(checkpoint: Path, now: Mapping[str, str]) -> None:
+    """Refuse to resume from another --model than the run started from: peft would load a LoRA
+    run's adapters onto any base of their shape and train on, unsaid; a full run, whose weights
+    come from the checkpoint, would go on with the other model's tokenizer and processor (and
+    write them into OUT)."""
+    try:
+        was = json.loads((checkpoint / RUN_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return  # a checkpoint saved without a record; one unreadable is named by the data check
+    if was.get("base_sha256") in (None, now["base_sha256"]):
+        return
+    raise LlavaEdgeError(
+        f"--resume: {checkpoint} was trained from --model {was.get('base')}, not --model "
+        f"{now['base']} (their projector, token embeddings or shape differ); resume with that "
+        "--model, or pass --force to start over"
+    )
+
+
+PICTURES_FILE = "llava_edge_pictures.json"  # in each trainer checkpoint: picture -> fingerprint
+
+
+def _pictures_digest(pictures: Mapping[str, str]) -> str:
+    """One digest of every picture's fingerprint, for the run record."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(sorted(pictures.items())).encode()).hexdigest()
+
+
+def _check_same_pictures(
+    checkpoint: Path, now: Mapping[str, Any], pictures: Mapping[str, str]
+) -> None:
+    """Refuse to resume on pictures other than those trained on (the same data file naming
+    files changed on disk since): the run would go on on other samples than its step count's.
+    Named in one line by the first picture that differs. Checkpoints saved without fingerprints
+    are not checked."""
+    record = checkpoint / RUN_FILE  # readable: _check_same_samples read it
+    was = json.loads(record.read_text()) if record.is_file() else {}
+    if was.get("pictures_sha256") in (None, now["pictures_sha256"]):
+        return
+    try:
+        saved = json.loads((checkpoint / PICTURES_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        saved = {}
+    changed = next((name for name, kept in pictures.items() if saved.get(name) != kept), None)
+    if changed is None:
+        changed = next((name for name in saved if name not in pictures), None)
+    which = f"the picture {changed}" if changed is not None else "a picture"
+    raise LlavaEdgeError(
+        f"--resume: {which} of --data {now['data']} is not the one {checkpoint} was trained on "
+        "(changed on disk since; its step count refers to those pictures); put back the pictures "
+        "it was trained on, or pass --force to start over"
+    )
+
+
 def past_the_end(checkpoint: Path | str, step: int, end: str) -> LlavaEdgeError:
     return LlavaEdgeError(
         f"--resume: {checkpoint} is at step {step}, past {end}; give --max-steps {step} or more, "
@@ -708,9 +776,11 @@ def _make_trainer(
     progress: bool,
     built_from: Path,
     run: Mapping[str, Any],
+    pictures: Mapping[str, str],
 ) -> Any:
     """built_from: the dir the model's weights were loaded from (--model, or the checkpoint a
-    full run resumes from). run: what each checkpoint's step count refers to (_run_record)."""
+    full run resumes from). run: what each checkpoint's step count refers to (_run_record);
+    pictures: the fingerprints of its samples' pictures (TrainingSet.pictures)."""
     from transformers import ProgressCallback, Trainer
     from transformers.trainer_utils import rotate_checkpoints
 
@@ -794,6 +864,7 @@ def _make_trainer(
             if self.is_world_process_zero():
                 write_llava_edge_file(staging, template_name)
                 (staging / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
+                (staging / PICTURES_FILE).write_text(json.dumps(pictures))
                 final = run_dir / f"{prefix}-{step}"
                 shutil.rmtree(final, ignore_errors=True)
                 sync_tree(staging)  # on disk before its name says it is whole

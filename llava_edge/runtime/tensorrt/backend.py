@@ -420,7 +420,9 @@ class _Engine:
                     f"TensorRT refused profile {profile} of the {self.name} engine; {self.rebuild}"
                 )
             self.active = index
-            self.shapes.clear()  # a profile switch forgets the input shapes
+            # a profile switch forgets the input shapes; tensor addresses are kept (TensorRT 10
+            # binds by name, not per profile as TensorRT 8's binding indices did)
+            self.shapes.clear()
 
     def feed(self, tensor: str, array: np.ndarray, stream: Any) -> DeviceArray:
         """Copy a host array (cast to the engine's dtype) into the tensor's buffer and bind it."""

@@ -17,12 +17,14 @@ build's own (several models' builds may share an engine dir at the same time), a
 removes what a killed one was writing. Engines are flushed to disk before the manifest names
 them, so killed, failed or cut off from power at any moment, a build leaves the manifest pointing
 at engines that are all there, old or new. The timing cache is read before and saved after (also
-after a failure), so a rebuild skips the kernel timing it already did.
+after a failure; written under a name of the build's own, then renamed, as builds sharing it may
+save at once), so a rebuild skips the kernel timing it already did.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import math
@@ -85,6 +87,7 @@ def build_engines(
     manifest = Manifest.load(model_dir)
     manifest.check_files(model_dir)
     limits = _limits(manifest, max_batch, max_context, prefill_chunk, kv_chunk)
+    _check_row_alignment(model_dir, manifest, limits)
     if workspace_gb is not None and not 0 < workspace_gb < math.inf:  # nan too
         raise LlavaEdgeError(f"--workspace must be a positive number of GiB, got {workspace_gb}")
     profiles = {name: graph_profiles(manifest, name, limits) for name in manifest.graphs}
@@ -99,7 +102,8 @@ def build_engines(
     cache_path = (
         Path(timing_cache) if timing_cache is not None else out / timing_cache_name(trt.__version__)
     )
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    _check_timing_cache(cache_path)
+    _remove_stale_writes(cache_path.parent, f".{glob.escape(cache_path.name)}.*-*.tmp")
     workspace = int(workspace_gb * 2**30) if workspace_gb is not None else None
     if workspace is None and device.integrated:
         workspace = min(INTEGRATED_WORKSPACE, free_memory(device) // 4)
@@ -145,16 +149,14 @@ def build_engines(
                         f"TensorRT could not build the {name} engine from {source} (its log above "
                         f"says why){_check_findings(model_dir / source)}"
                     )
-                tmp = _tmp_path(out, name)
+                tmp = _tmp_path(out, f"{name}.engine")
                 size, digest = _write(tmp, plan)
                 built[name] = (
                     tmp,
                     EngineSpec(
                         file=f"{name}.{digest[:12]}.engine",
                         source=source,
-                        source_sha256=manifest.files[source].sha256
-                        if source in manifest.files
-                        else "",
+                        source_sha256=manifest.graph_digest(source) or "",
                         size=size,
                         sha256=digest,
                         profiles={p.name: p.shapes(graph.inputs) for p in profiles[name]},
@@ -272,6 +274,52 @@ def _check_writable(model_dir: Path, out: Path) -> None:
             ) from None
 
 
+def _check_row_alignment(model_dir: Path, manifest: Manifest, limits: EngineLimits) -> None:
+    """A call on rows [start, stop) of a batched device KV cache binds its past at row `start`
+    (runtime/tensorrt/device_cache.py), and TensorRT takes only 256-byte aligned addresses: every
+    capacity the cache takes (multiples of kv_chunk, and the max context) must make a row's
+    keys a multiple of 256 bytes, or a request joining a batch in row 1 or later is refused."""
+    if limits.max_batch == 1:  # one row: its past is the block itself
+        return
+    from llava_edge.runtime.onnx_sizes import graph_sizes
+
+    text, decoder = manifest.text, manifest.graphs["decoder"]
+    source = model_dir / (decoder.tensorrt_file or decoder.file)
+    dtype = graph_sizes(source).input_dtype(manifest.kv_names(0)[0]) or text.dtype
+    itemsize = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}.get(dtype, 1)
+    slot = text.num_kv_heads * text.head_dim * itemsize  # bytes of one position of one row
+    unit = 256 // math.gcd(slot, 256)
+    options = [("--max-context", limits.max_context)]
+    if limits.kv_chunk < limits.max_context:
+        options.append(("kv_chunk", limits.kv_chunk))
+    for option, value in options:
+        if value % unit:
+            lower = value - value % unit
+            instead = f"{lower} or {lower + unit}" if lower else f"{unit}"
+            raise LlavaEdgeError(
+                f"{option} {value} with --max-batch {limits.max_batch}: this model's KV cache "
+                f"({text.num_kv_heads} KV heads x {text.head_dim} x {itemsize} bytes a position) "
+                f"needs a multiple of {unit} for the rows of a batch to start 256-byte aligned, "
+                f"as TensorRT requires; give {instead} (or --max-batch 1)"
+            )
+
+
+def _check_timing_cache(path: Path) -> None:
+    """A timing cache the build can read and put its new timings in: refused now, not with a
+    traceback or after the build's minutes of work (a directory, a dir that cannot be made)."""
+    if path.is_dir():
+        raise LlavaEdgeError(
+            f"--timing-cache {path} is a directory; name a file in it (it is read, then rewritten)"
+        )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LlavaEdgeError(
+            f"cannot make the timing cache's dir {path.parent}: {e.strerror or e}; choose another "
+            "--timing-cache"
+        ) from None
+
+
 def _limits(
     manifest: Manifest, max_batch: int, max_context: int | None, prefill_chunk: int, kv_chunk: int
 ) -> EngineLimits:
@@ -314,7 +362,12 @@ def _timing_cache(config: Any, path: Path, log: Any) -> Any:
     use the file: another TensorRT version wrote it or it is damaged (create_timing_cache returns
     None), or another GPU did (set_timing_cache refuses a cache of other device properties,
     returning False; its timings would not hold here)."""
-    data = _read(path)
+    try:
+        data = _read(path)
+    except OSError as e:
+        raise LlavaEdgeError(
+            f"cannot read the timing cache {path}: {e.strerror or e}; choose another --timing-cache"
+        ) from None
     cache = config.create_timing_cache(data)
     if data and (cache is None or not config.set_timing_cache(cache, False)):
         log(f"timing cache {path} is stale or from another TensorRT or GPU; starting an empty one")
@@ -328,7 +381,7 @@ def _save_timing_cache(timing: Any, path: Path, log: Any) -> None:
     """Save the kernel timings for the next build. A cache that cannot be written (a full disk, a
     read-only share) only costs the next build its timing: it neither fails a build whose engines
     are committed nor hides why a failed one failed."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _tmp_path(path.parent, path.name)  # builds sharing the cache may save at once
     try:
         _write(tmp, timing.serialize())
         os.replace(tmp, path)
@@ -367,16 +420,17 @@ def _check_findings(source: Path) -> str:
     return f"; llava-edge's TensorRT 10.3 check finds: {'; '.join(problems[:3])}{more}"
 
 
-def _tmp_path(out: Path, name: str) -> Path:
-    """Where an engine is written before its rename: a name of this build's own (several
-    models' builds may share the engine dir at the same time), with the pid by which the next
-    build tells what a killed one left (`_remove_stale_writes`)."""
-    return out / f".{name}.engine.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+def _tmp_path(directory: Path, name: str) -> Path:
+    """Where file `name` (an engine, `NAME.engine`, or the timing cache) is written before its
+    rename: a name of this build's own (several models' builds may share the engine dir, and its
+    timing cache, at the same time), with the pid by which the next build tells what a killed
+    one left (`_remove_stale_writes`)."""
+    return directory / f".{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
 
 
-def _remove_stale_writes(out: Path) -> None:
-    """Engines that killed builds were writing: their process is gone."""
-    for path in out.glob(".*.engine.*-*.tmp"):
+def _remove_stale_writes(directory: Path, pattern: str = ".*.engine.*-*.tmp") -> None:
+    """Files that killed builds were writing (engines by default): their process is gone."""
+    for path in directory.glob(pattern):
         pid = path.name.rsplit(".", 2)[-2].split("-", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
             path.unlink(missing_ok=True)

@@ -122,8 +122,8 @@ def check_engines(
         if engine is None:
             raise LlavaEdgeError(f"{engine_dir} has no engine for graph {name}; {rebuild}")
         source = graph.tensorrt_file or graph.file
-        recorded = manifest.files.get(source)
-        if engine.source != source or (recorded and recorded.sha256 != engine.source_sha256):
+        recorded = manifest.graph_digest(source)
+        if engine.source != source or (recorded and recorded != engine.source_sha256):
             raise LlavaEdgeError(
                 f"graph {source} changed after its engine was built (re-exported or "
                 f"re-quantized); {rebuild}"

@@ -7,7 +7,7 @@ Two inputs are read:
   file name.
 - JSONL, one image a line: `{"image": "a.jpg", "captions": [...], "boxes": [{"label": "cup",
   "box": [x_min, y_min, x_max, y_max]}], "width": W, "height": H}`, boxes in pixels; width and
-  height may be left out (they are then read from the image file's header).
+  height may be left out (they are then read from the image file's header, upright).
 
 The LLM sees an image only as this text: its captions, then each box as its label and
 [x_min, y_min, x_max, y_max] in fractions of the image's width and height, three decimals, as
@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from llava_edge.errors import LlavaEdgeError
+
+_EXIF_ORIENTATION = 0x0112
 
 
 @dataclass(frozen=True)
@@ -97,12 +99,24 @@ def read_annotations(
         file = image_dir / draft.image
         if not file.is_file():
             skipped.append((draft.image, f"no file {file}"))
+            continue
+        try:
+            size = _upright_size(file)
+        except Exception as e:  # PIL raises many types for unreadable files
+            skipped.append((draft.image, f"cannot be read ({e})"))  # training could not either
+            continue
+        finished = _finish(draft, size)
+        try:
+            finished.render().encode("utf-8")
+        except UnicodeEncodeError:  # a "\ud83d" escape in the file: no request can carry it
+            raise LlavaEdgeError(
+                f"{draft.image}: its captions or labels hold half of a UTF-16 pair (a lone "
+                "surrogate, half of an emoji); fix the text"
+            ) from None
+        if finished.captions or finished.boxes:
+            notes.append(finished)
         else:
-            finished = _finish(draft, file)
-            if finished.captions or finished.boxes:
-                notes.append(finished)
-            else:
-                skipped.append((draft.image, "no caption and no box to describe"))
+            skipped.append((draft.image, "no caption and no box to describe"))
     if not notes:
         raise LlavaEdgeError(
             f"none of the {len(drafts)} annotated images is usable "
@@ -183,7 +197,7 @@ def _read_coco(path: Path, document: dict, drafts: dict[str, _Draft]) -> None:
 
 
 def _read_jsonl(path: Path, text: str, drafts: dict[str, _Draft]) -> None:
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 is text
         if not line.strip():
             continue
         where = f"{path} line {number}"
@@ -232,17 +246,21 @@ def _size(value: Any) -> float | None:
     return None
 
 
-def _finish(draft: _Draft, file: Path) -> ImageNotes:
-    """Normalise the boxes by the image size (read from the file when not annotated)."""
-    width, height = draft.width, draft.height
-    if draft.boxes and not (width and height):
-        from PIL import Image, UnidentifiedImageError
+def _upright_size(file: Path) -> tuple[int, int]:
+    """The picture's width and height from its header, upright: stored turned a quarter, it is
+    shown upright by labelling tools, training and the runtime (EXIF orientation applied)."""
+    from PIL import Image
 
-        try:
-            with Image.open(file) as image:
-                width, height = image.size
-        except (OSError, UnidentifiedImageError) as e:
-            raise LlavaEdgeError(f"cannot read the size of {file}: {e}") from None
+    with Image.open(file) as image:
+        width, height = image.size
+        if image.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):
+            width, height = height, width
+    return width, height
+
+
+def _finish(draft: _Draft, size: tuple[int, int]) -> ImageNotes:
+    """Normalise the boxes by the image size (the file's when not annotated)."""
+    width, height = (draft.width, draft.height) if draft.width and draft.height else size
     boxes = []
     for label, (x0, y0, x1, y1) in draft.boxes:
         if (

@@ -137,7 +137,11 @@ class ChatClient:
         await self.http.aclose()
 
     async def models(self) -> list[str]:
-        """The model names the endpoint serves (GET /models)."""
+        """The model names the endpoint serves (GET /models): a request of the budget's, as
+        every HTTP request of a run is; NotSent when none is left."""
+        if not self.budget.take():
+            raise NotSent()
+        self.requests += 1
         try:
             response = await self.http.get(self.base_url + "/models")
         except httpx.TransportError as e:
@@ -196,6 +200,12 @@ class ChatClient:
                         f"{self.url} answered HTTP 404 ({_message(response)}); check --endpoint "
                         "(the API root, e.g. http://localhost:8080/v1) and --model"
                     )
+                elif status == 429 and _error_kind(response) == "insufficient_quota":
+                    # OpenAI's "out of credit": no retry and no later request can succeed
+                    raise EndpointError(
+                        f"{self.url} answered HTTP 429 ({_message(response)}); the key's quota "
+                        "is spent: add credit, or use another key (--api-key-env)"
+                    )
                 elif status in RETRY_STATUS or status >= 500:
                     cause = f"HTTP {status}"
                     retry_after = _seconds(response.headers.get("retry-after"))
@@ -237,6 +247,15 @@ def _seconds(value: str | None) -> float | None:
         return max(0.0, float(value)) if value is not None else None
     except ValueError:
         return None  # an HTTP date: rare for rate limits, and the backoff still applies
+
+
+def _error_kind(response: httpx.Response) -> str | None:
+    """The type or code of an OpenAI-style error body ({"error": {"type", "code", ...}})."""
+    try:
+        error = response.json().get("error")
+        return error.get("code") or error.get("type")
+    except (ValueError, AttributeError):
+        return None
 
 
 def _message(response: httpx.Response) -> str:

@@ -25,10 +25,10 @@ from typing import Any
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.training.datagen.annotations import ImageNotes, read_annotations
-from llava_edge.training.datagen.journal import Journal, Key, settled_contexts
+from llava_edge.training.datagen.journal import Journal, Key, check_settings, settled_entries
 from llava_edge.training.datagen.llava_json import conversation, write_samples
 from llava_edge.training.datagen.prompts import KINDS, messages, prompts_version, request_seed
-from llava_edge.training.datagen.replies import Dropped, parse_reply
+from llava_edge.training.datagen.replies import CUT_OFF, Dropped, parse_reply
 
 
 @dataclass(frozen=True)
@@ -47,15 +47,19 @@ class Job:
         journaled make that sample stale, and it is asked again."""
         return hashlib.sha256(self.notes.render().encode("utf-8")).hexdigest()[:16]
 
-    def settled(self, book: Journal) -> dict | None:
-        """This job's journal entry, unless it was asked about other labels."""
-        entry = book.entries.get(self.key)
-        return entry if entry is not None and self.asked_as(entry.get("context")) else None
-
-    def asked_as(self, context: str | None) -> bool:
-        """Whether an entry asked about `context` holds this job's samples (one journaled
-        before contexts were has none, and counts)."""
-        return context is None or context == self.context
+    def settled(self, entries: dict[Key, dict], max_tokens: int) -> dict | None:
+        """This job's journal entry, unless it must be asked again: it was asked about other
+        labels, or its reply was cut off at a lower token limit than `max_tokens`."""
+        entry = entries.get(self.key)
+        if entry is None:
+            return None
+        context = entry.get("context")  # none: journaled before contexts were, and counts
+        if context is not None and context != self.context:
+            return None
+        cut = entry.get("status") == "dropped" and entry.get("reason") == CUT_OFF
+        if cut and (entry.get("max_tokens") or 0) < max_tokens:
+            return None
+        return entry
 
 
 @dataclass
@@ -111,7 +115,11 @@ def generate(
     """
     if isinstance(annotations, str | Path):
         annotations = [annotations]
-    kinds = _check_options(kinds, per_image, concurrency, max_images, temperature, max_tokens)
+    kinds = _check_options(
+        kinds, per_image, concurrency, max_images, max_requests, temperature, max_tokens
+    )
+    if timeout <= 0 or retries < 0 or backoff < 0:  # the client's check, for a dry run too
+        raise LlavaEdgeError("--timeout must be positive, --retries and --backoff 0 or more")
     out = Path(out)
     if out.is_dir():
         raise LlavaEdgeError(f"--out {out} is a directory; name the JSON file to write")
@@ -136,10 +144,20 @@ def generate(
         }
         return {"model": model, **request} if model else request
 
+    def settings(model: str | None) -> dict:
+        """What the journal must have been written with (the model: where it is known)."""
+        known = {"model": model} if model else {}
+        return {**known, "prompts": prompts_version(), "temperature": temperature, "seed": seed,
+                "max_tokens": max_tokens}  # fmt: skip
+
     if dry_run:
+        check_settings(journal_path, settings(model))
         first = [next(j for j in jobs if j.kind == kind) for kind in kinds]
         _show_prompts([(j, body(j, model)) for j in first], log)
-        _show_count(jobs, settled_contexts(journal_path), journal_path, max_requests, log)
+        settled = settled_entries(journal_path)
+        _show_count(jobs, settled, journal_path, max_requests, max_tokens, log)
+        for line in _left_out(skipped):
+            log(line)
         return GenerateResult(None, journal_path, model, skipped_images=skipped)
     if endpoint is None:
         raise LlavaEdgeError("no --endpoint given: the URL of an OpenAI-compatible API")
@@ -164,23 +182,17 @@ def generate(
     async def session() -> GenerateResult:
         async with ChatClient(endpoint, **client_options) as client:
             chosen = model or await _only_model(client)
-            settings = {
-                "model": chosen,
-                "prompts": prompts_version(),
-                "temperature": temperature,
-                "seed": seed,
-                "max_tokens": max_tokens,
-            }
             result = GenerateResult(out, journal_path, chosen, skipped_images=skipped)
-            with Journal(journal_path, settings) as book:
-                todo = [job for job in jobs if job.settled(book) is None]
+            with Journal(journal_path, settings(chosen)) as book:
+                todo = [job for job in jobs if job.settled(book.entries, max_tokens) is None]
                 result.dropped_earlier = sum(
-                    (j.settled(book) or {}).get("status") == "dropped" for j in jobs
+                    (j.settled(book.entries, max_tokens) or {}).get("status") == "dropped"
+                    for j in jobs
                 )
                 with _progress_bar(len(jobs), len(jobs) - len(todo), progress) as bar:
                     request = functools.partial(body, model=chosen)
                     await _run(client, todo, request, book, result, concurrency, bar)
-                _write_final(out, jobs, book, result)
+                _write_final(out, jobs, book, result, max_tokens)
             result.requests = client.requests
             result.retries = client.retried
             result.prompt_tokens = client.prompt_tokens
@@ -319,6 +331,7 @@ async def _ask(client, job: Job, body: dict) -> dict | str | None:
         "kind": kind,
         "index": index,
         "context": job.context,
+        "max_tokens": body["max_tokens"],
         "usage": [reply.prompt_tokens, reply.completion_tokens],
     }
     try:
@@ -336,10 +349,12 @@ async def _ask(client, job: Job, body: dict) -> dict | str | None:
     return {**entry, "status": "ok", "sample": sample}
 
 
-def _write_final(out: Path, jobs: list[Job], book: Journal, result: GenerateResult) -> None:
+def _write_final(
+    out: Path, jobs: list[Job], book: Journal, result: GenerateResult, max_tokens: int
+) -> None:
     samples = []
     for job in jobs:
-        entry = job.settled(book)
+        entry = job.settled(book.entries, max_tokens)
         if entry is not None and entry["status"] == "ok":
             samples.append(entry["sample"])
             result.samples[job.kind] += 1
@@ -349,7 +364,15 @@ def _write_final(out: Path, jobs: list[Job], book: Journal, result: GenerateResu
 
 
 async def _only_model(client) -> str:
-    names = await client.models()
+    from llava_edge.training.datagen.client import NotSent
+
+    try:
+        names = await client.models()
+    except NotSent:
+        raise LlavaEdgeError(
+            f"--max-requests {client.budget.limit} leaves no request to ask {client.base_url} "
+            "which model it serves; name it with --model"
+        ) from None
     if len(names) != 1:
         listed = ", ".join(names[:5]) or "none"
         raise LlavaEdgeError(
@@ -367,7 +390,9 @@ def _api_key(variable: str | None) -> str | None:
     return key
 
 
-def _check_options(kinds, per_image, concurrency, max_images, temperature, max_tokens) -> list:
+def _check_options(
+    kinds, per_image, concurrency, max_images, max_requests, temperature, max_tokens
+) -> list:
     kinds = list(kinds)
     unknown = [k for k in kinds if k not in KINDS]
     if unknown or not kinds or len(set(kinds)) != len(kinds):
@@ -376,8 +401,15 @@ def _check_options(kinds, per_image, concurrency, max_images, temperature, max_t
         )
     if per_image < 1 or concurrency < 1 or (max_images is not None and max_images < 1):
         raise LlavaEdgeError("--per-image, --concurrency and --max-images must be at least 1")
+    if max_requests is not None and max_requests < 0:
+        raise LlavaEdgeError("--max-requests must be 0 or more")
     if temperature < 0 or max_tokens < 1:
         raise LlavaEdgeError("--temperature must be 0 or more and --max-tokens at least 1")
+    if temperature == 0 and per_image > 1:  # greedy decoding ignores the per-sample seeds
+        raise LlavaEdgeError(
+            f"--per-image {per_image} at --temperature 0 asks for the same reply {per_image} "
+            "times; sample (e.g. --temperature 0.7) or ask for one"
+        )
     return kinds
 
 
@@ -388,9 +420,9 @@ def _show_prompts(first: list[tuple[Job, dict]], log: Callable[[str], object]) -
             log(f"[{message['role']}]\n{message['content']}\n")
 
 
-def _show_count(jobs, settled, journal: Path, max_requests: int | None, log) -> None:
+def _show_count(jobs, settled, journal: Path, max_requests: int | None, max_tokens, log) -> None:
     """How many requests a run would send: what the journal lacks, within --max-requests."""
-    todo = sum(job.key not in settled or not job.asked_as(settled[job.key]) for job in jobs)
+    todo = sum(job.settled(settled, max_tokens) is None for job in jobs)
     images = len({job.notes.image for job in jobs})
     line = f"dry run: {len(jobs)} requests for {images} images"
     if todo < len(jobs):
@@ -409,9 +441,7 @@ def format_report(result: GenerateResult, limit: int = 20) -> str:
         f"wrote {sum(result.samples.values())} samples ({kinds or 'none'}) about "
         f"{result.images} images to {result.out}"
     ]
-    if result.skipped_images:
-        lines.append(f"left out {len(result.skipped_images)} annotated images:")
-        lines += [f"  {image}: {why}" for image, why in result.skipped_images[:limit]]
+    lines += _left_out(result.skipped_images, limit)
     if result.dropped:
         reasons = Counter(reason for _, reason, _ in result.dropped)
         lines.append(
@@ -444,6 +474,13 @@ def format_report(result: GenerateResult, limit: int = 20) -> str:
             "the failed requests again)"
         )
     return "\n".join(lines)
+
+
+def _left_out(skipped: list[tuple[str, str]], limit: int = 20) -> list[str]:
+    if not skipped:
+        return []
+    lines = [f"left out {len(skipped)} annotated images:"]
+    return lines + [f"  {image}: {why}" for image, why in skipped[:limit]]
 
 
 def _line(key: Key, why: str) -> str:

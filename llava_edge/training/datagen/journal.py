@@ -5,7 +5,9 @@ reply was dropped, and the tokens it cost; a later line of the same key supersed
 (a sample asked again because its image's labels changed). A line is written whole and synced before the next
 one; a run killed in the middle of a line leaves a torn last line, which the next run cuts off
 (that sample is asked again). The first line holds the settings that change what the LLM
-writes (model, prompts, temperature, seed, token limit): a journal is only resumed with the same.
+writes (model, prompts, temperature, seed): a journal is only resumed with the same. The token
+limit may change between runs (a reply cut off at a lower one is asked again): each entry
+records its own, and one journaled without it was asked at the header's.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from llava_edge.errors import LlavaEdgeError
 
 Key = tuple[str, str, int]  # image, kind, index
 _HEADER = "llava-edge data generate journal"
+PER_ENTRY = ("max_tokens",)  # settings a resumed run may change: each entry records its own
 
 
 def key_of(entry: dict) -> Key:
@@ -33,6 +36,7 @@ class Journal:
         self.path = Path(path)
         self.entries: dict[Key, dict] = {}  # the last entry of each key
         self.usage = [0, 0]  # prompt and completion tokens of every entry, superseded ones too
+        self.header: dict[str, Any] = dict(settings)  # the settings of the journal's first run
         self._file: IO[str] | None = None
         self._open(settings)
 
@@ -41,12 +45,19 @@ class Journal:
 
     def append(self, entry: dict) -> None:
         assert self._file is not None
-        self._file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        line = json.dumps(entry, ensure_ascii=False) + "\n"
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:  # a dropped reply holding a lone surrogate: escape it
+            line = json.dumps(entry) + "\n"
+        self._file.write(line)
         self._file.flush()
         os.fsync(self._file.fileno())
         self._add(entry)
 
     def _add(self, entry: dict) -> None:
+        for name in PER_ENTRY:
+            entry.setdefault(name, self.header.get(name))
         self.entries[key_of(entry)] = entry
         prompt, completion = entry.get("usage", [0, 0])
         self.usage = [self.usage[0] + prompt, self.usage[1] + completion]
@@ -72,17 +83,18 @@ class Journal:
             _lock(self._file, self.path)
             self._file.seek(0)
             text = self._file.read()
-            lines = text.splitlines()
+            lines = _lines(text)
             if lines and ("\n" in text or not text.startswith('{"journal"')):
-                self._check_header(lines[0], settings)  # before anything is cut off
+                _check_header(self.path, lines[0], settings)  # before anything is cut off
             if text and not text.endswith("\n"):  # killed mid-line: that sample is asked again
                 text = text[: text.rfind("\n") + 1]
                 self._file.truncate(len(text.encode("utf-8")))
-                lines = text.splitlines()
+                lines = _lines(text)
             if not lines:
                 self._file.write(json.dumps({"journal": _HEADER, "settings": settings}) + "\n")
                 self._file.flush()
                 return
+            self.header = json.loads(lines[0])["settings"]
             for number, line in enumerate(lines[1:], 2):
                 try:
                     self._add(json.loads(line))
@@ -95,39 +107,71 @@ class Journal:
             self.close()
             raise
 
-    def _check_header(self, line: str, settings: dict[str, Any]) -> None:
-        try:
-            header = json.loads(line)
-            ok = header.get("journal") == _HEADER
-        except (ValueError, AttributeError):
-            ok = False
-        if not ok:
-            raise LlavaEdgeError(
-                f"{self.path} is not a journal of `llava-edge data generate`; choose another "
-                "--journal (or --out)"
-            )
-        old = header.get("settings", {})
-        for name, value in settings.items():
-            if old.get(name) != value:
-                raise LlavaEdgeError(
-                    f"journal {self.path} was written with {name} {old.get(name)!r}, not "
-                    f"{value!r}; resume with the same settings, or delete the journal to start over"
-                )
 
-
-def settled_contexts(path: Path) -> dict[Key, str | None]:
-    """The keys a journal already holds, each with the digest of the labels it was asked about,
-    read without opening the journal for writing (a dry run's count); the header, a torn last
-    line and anything unreadable count as nothing."""
+def check_settings(path: Path, settings: dict[str, Any]) -> None:
+    """Refuse, as a run would, settings that the journal at `path` (if any) was not written
+    with; read without opening it for writing (a dry run)."""
     try:
-        lines = Path(path).read_text(encoding="utf-8", errors="replace").split("\n")[1:-1]
+        with open(path, encoding="utf-8", errors="replace") as f:
+            first = f.readline()
+    except OSError:
+        return
+    if first.endswith("\n") or (first and not first.startswith('{"journal"')):
+        _check_header(Path(path), first, settings)  # a torn header is cut off by the run
+
+
+def _check_header(path: Path, line: str, settings: dict[str, Any]) -> None:
+    try:
+        header = json.loads(line)
+        ok = header.get("journal") == _HEADER
+    except (ValueError, AttributeError):
+        ok = False
+    if not ok:
+        raise LlavaEdgeError(
+            f"{path} is not a journal of `llava-edge data generate`; choose another "
+            "--journal (or --out)"
+        )
+    old = header.get("settings")
+    if not isinstance(old, dict):
+        raise LlavaEdgeError(f"journal {path} line 1 is damaged; delete the journal to start over")
+    if "prompts" in settings and old.get("prompts") != settings["prompts"]:
+        # not an option: the prompts of another version of llava-edge
+        raise LlavaEdgeError(
+            f"journal {path} was written with the prompts of another llava-edge version; finish "
+            "it with that version, or start over: delete it, or pass another --journal"
+        )
+    for name, value in settings.items():
+        if name not in PER_ENTRY and old.get(name) != value:
+            raise LlavaEdgeError(
+                f"journal {path} was written with {name} {old.get(name)!r}, not "
+                f"{value!r}; resume with the same settings, or delete the journal to start over"
+            )
+
+
+def _lines(text: str) -> list[str]:
+    """The journal's lines: split at "\n" only. A reply may hold U+2028 or U+0085, which JSON
+    keeps as they are and str.splitlines would split at."""
+    lines = text.split("\n")
+    return lines[:-1] if lines[-1] == "" else lines
+
+
+def settled_entries(path: Path) -> dict[Key, dict]:
+    """The last entry of each key a journal holds, read without opening the journal for writing
+    (a dry run's count); a torn last line and anything unreadable count as nothing."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8", errors="replace").split("\n")[:-1]
     except OSError:
         return {}
+    header: dict = {}
+    with contextlib.suppress(ValueError, TypeError, AttributeError, IndexError):
+        header = dict(json.loads(lines[0])["settings"])
     settled = {}
-    for line in lines:
+    for line in lines[1:]:
         with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
             entry = json.loads(line)
-            settled[key_of(entry)] = entry.get("context")
+            for name in PER_ENTRY:
+                entry.setdefault(name, header.get(name))
+            settled[key_of(entry)] = entry
     return settled
 
 

@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from llava_edge.errors import LlavaEdgeError
 from llava_edge.files import replace_file
 from llava_edge.runtime.template import IMAGE_PLACEHOLDER
 
@@ -25,7 +26,13 @@ def write_samples(path: str | Path, samples: Iterable[dict]) -> int:
     with replace_file(Path(path)) as f:
         f.write("[")
         for sample in samples:
-            f.write(("\n" if count == 0 else ",\n") + json.dumps(sample, ensure_ascii=False))
+            try:
+                f.write(("\n" if count == 0 else ",\n") + json.dumps(sample, ensure_ascii=False))
+            except UnicodeEncodeError:  # a "\ud83d" escape in the source: half of an emoji
+                raise LlavaEdgeError(
+                    f"sample {sample.get('id')} holds half of a UTF-16 pair (a lone surrogate), "
+                    "which no UTF-8 file can; fix the text in its source"
+                ) from None
             count += 1
         f.write("\n]\n" if count else "]\n")
     return count

@@ -5,8 +5,9 @@
     reasoning     {"question": "...", "answer": "..."}
 
 Other keys are ignored. A reply that does not fit its schema, was cut off at the token limit,
-or copies raw coordinates into an answer is dropped (`Dropped`, with a short reason that reports
-count by and a detail that says where).
+holds a lone surrogate (not UTF-8 text), writes LLaVA's `<image>` placeholder or copies raw
+coordinates into an answer is dropped
+(`Dropped`, with a short reason that reports count by and a detail that says where).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 
+from llava_edge.runtime.template import IMAGE_PLACEHOLDER
 from llava_edge.training.datagen.prompts import detail_question
 
 # A run of 2-4 comma-separated numbers between 0 and 1, at least the first with decimals:
@@ -21,6 +23,7 @@ from llava_edge.training.datagen.prompts import detail_question
 _COORDINATE_RUN = re.compile(
     r"(?<![\d.])(?:0?\.\d+|1\.0+)(?:\s*,\s*(?:0?\.\d+|1\.0+|[01])(?!\.?\d)){1,3}"
 )
+CUT_OFF = "cut off at the token limit"  # the one drop a rerun with a higher limit asks again
 _FENCE = re.compile(r"^```[a-zA-Z]*\s*\n?(.*?)\n?```$", re.DOTALL)
 
 
@@ -47,7 +50,7 @@ def parse_reply(
     run of box-like numbers, means the LLM leaked the boxes instead of describing the image.
     """
     if finish_reason == "length":
-        raise Dropped("cut off at the token limit", "raise --max-tokens")
+        raise Dropped(CUT_OFF, "raise --max-tokens")
     if content is None or not content.strip():
         raise Dropped("empty reply")
     text = content.strip()
@@ -71,7 +74,14 @@ def parse_reply(
         rounds = [_pair(reply, "the reply")]
     else:
         raise ValueError(f"unknown kind {kind!r}")
-    for i, (_, answer) in enumerate(rounds):
+    for i, (question, answer) in enumerate(rounds):
+        if not _utf8(question) or not _utf8(answer):
+            # half of a UTF-16 pair (an emoji split in two): no UTF-8 file can hold it
+            raise Dropped("not UTF-8 text", f"round {i} holds a lone surrogate")
+        if IMAGE_PLACEHOLDER in question or IMAGE_PLACEHOLDER in answer:
+            # the sample puts it in its first question once; another one and training refuses
+            # the sample (and `data mix` the file)
+            raise Dropped("the image placeholder in the text", f"round {i}")
         leak = leaked_coordinates(answer, coordinates)
         if leak:
             raise Dropped("raw coordinates in an answer", f"answer {i}: {leak!r}")
@@ -87,6 +97,14 @@ def leaked_coordinates(text: str, coordinates: set[str]) -> str | None:
         if number in coordinates or f"0{number}" in coordinates:
             return number
     return None
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _pair(value: object, where: str) -> tuple[str, str]:

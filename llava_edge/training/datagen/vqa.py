@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from llava_edge.errors import LlavaEdgeError
-from llava_edge.runtime.template import SHORT_ANSWER
+from llava_edge.runtime.template import IMAGE_PLACEHOLDER, SHORT_ANSWER
 from llava_edge.training.datagen.annotations import read_text
 from llava_edge.training.datagen.llava_json import conversation, write_samples
 from llava_edge.training.evaluate import normalize as normalize_short
@@ -53,10 +53,13 @@ class Question:
     choices: tuple[str, ...] = ()
 
     def prompt(self) -> str:
+        # A question written in LLaVA's style holds the placeholder already; the conversation
+        # puts it in once, where training looks for it.
+        question = self.question.replace(IMAGE_PLACEHOLDER, "").strip()
         if not self.choices:
-            return f"{self.question}\n{SHORT_ANSWER}"
+            return f"{question}\n{SHORT_ANSWER}"
         options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(self.choices))
-        return f"{self.question}\n{options}\n{MULTIPLE_CHOICE}"
+        return f"{question}\n{options}\n{MULTIPLE_CHOICE}"
 
 
 @dataclass
@@ -66,6 +69,8 @@ class VqaResult:
     questions: int = 0
     missing_image: list[str] = field(default_factory=list)  # image names not found
     missing_questions: int = 0  # questions left out with them
+    unreadable: list[str] = field(default_factory=list)  # image files that are no picture
+    unreadable_questions: int = 0  # questions left out with them
     no_answer: int = 0  # questions whose answer normalises to nothing
 
     def summary(self) -> str:
@@ -77,6 +82,11 @@ class VqaResult:
             lines.append(
                 f"left out {self.missing_questions} questions about {len(self.missing_image)} "
                 f"images not in the image dir (e.g. {self.missing_image[0]})"
+            )
+        if self.unreadable_questions:
+            lines.append(
+                f"left out {self.unreadable_questions} questions about {len(self.unreadable)} "
+                f"images that cannot be read (e.g. {self.unreadable[0]})"
             )
         if self.no_answer:
             lines.append(f"left out {self.no_answer} questions with an empty answer")
@@ -119,6 +129,7 @@ def convert_vqa(
     result = VqaResult(out)
     groups: dict[str, list[Question]] = {}
     found: dict[tuple[str, ...], str | None] = {}
+    unreadable: set[str] = set()
     for question in questions:
         if question.images not in found:
             found[question.images] = next(
@@ -126,13 +137,23 @@ def convert_vqa(
             )
             if found[question.images] is None:
                 result.missing_image.append(question.images[0])
+            elif not _readable(image_dir / found[question.images]):
+                unreadable.add(found[question.images])
+                result.unreadable.append(found[question.images])
         image = found[question.images]
         if image is None:
             result.missing_questions += 1
+        elif image in unreadable:  # a zero-byte frame: training could not read it either
+            result.unreadable_questions += 1
         elif not question.answer:
             result.no_answer += 1
         else:
             groups.setdefault(image, []).append(question)
+    if not groups and result.unreadable and not result.missing_image:
+        raise LlavaEdgeError(
+            f"no image of {path} in {image_dir} can be read (e.g. {result.unreadable[0]}); "
+            "check the image files"
+        )
     if not groups:
         raise LlavaEdgeError(
             f"no question of {path} has its image in {image_dir}"
@@ -150,6 +171,18 @@ def convert_vqa(
     result.samples = write_samples(out, samples)
     result.questions = sum(len(g) for g in groups.values())
     return result
+
+
+def _readable(path: Path) -> bool:
+    """Whether the file has a picture's header (as training checks each image)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.size  # noqa: B018 (reading the header is the check)
+    except Exception:  # PIL raises many types for unreadable files
+        return False
+    return True
 
 
 # ---- the formats -----------------------------------------------------------------------------
@@ -237,7 +270,7 @@ def read_textvqa(path: Path) -> list[Question]:
 
 def read_jsonl(path: Path) -> list[Question]:
     questions = []
-    for number, line in enumerate(read_text(path).splitlines(), 1):
+    for number, line in enumerate(read_text(path).split("\n"), 1):  # U+2028 is no line end
         if not line.strip():
             continue
         where = f"{path} line {number}"

@@ -1,0 +1,303 @@
+"""Checkpoint configurations beyond the presets' (tests/test_export_variants.py and
+tests/test_checkpoint_configs.py cover the published ones): export holds each to transformers
+on the same weights, or refuses it in one line naming the setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+def test_export_reads_the_processor_with_the_pil_backend(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runtime replays the PIL backend's arithmetic. Where torchvision is installed (as in
+    NVIDIA's Jetson PyTorch containers), transformers picks its torchvision backend instead, whose
+    resize differs by up to 0.014 in normalised pixels: every export then failed verification.
+    torchvision cannot be installed beside the CPU torch here, so the request itself is checked;
+    and the tokenizer is not handed the backend too (its own `backend` says "tokenizers")."""
+    from transformers import AutoImageProcessor
+
+    from llava_edge.export.exporter import load_checkpoint
+
+    made = {}  # backend asked for -> the image processor made
+    load = AutoImageProcessor.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        made[kwargs.get("backend")] = load(cls, *args, **kwargs)
+        return made[kwargs.get("backend")]
+
+    monkeypatch.setattr(AutoImageProcessor, "from_pretrained", classmethod(spy))
+    loaded = load_checkpoint(tiny_checkpoint)
+    assert loaded.processor.image_processor is made.get("pil")
+    assert type(loaded.processor.image_processor).__name__.endswith("Pil")
+    assert loaded.processor.tokenizer.backend == "tokenizers"
+
+
+# name -> (changes to processor_config.json's image_processor, what the one-line refusal says)
+REFUSED_PROCESSORS = {
+    # transformers' CLIP tower fails on 64x48 pixel values ("doesn't match model (64*64)")
+    "crop-not-square": (
+        {"crop_size": {"height": 64, "width": 48}},
+        "its image processor makes 48x64 pixel values of a 48x40 image (processor_config.json's "
+        "size {'shortest_edge': 64}, do_center_crop True, crop_size {'height': 64, 'width': 48}), "
+        "its vision tower takes 64x64",
+    ),
+    # a shortest-edge resize without a crop keeps the image's aspect ratio
+    "resize-without-crop": (
+        {"do_center_crop": False},
+        "makes 76x64 pixel values of a 48x40 image (processor_config.json's size "
+        "{'shortest_edge': 64}, do_center_crop False",
+    ),
+    # transformers' LlavaImageProcessorPil pads with the mean colour, which it reads as a list
+    # only (a TypeError on a scalar image_mean)
+    "pad-with-scalar-mean": (
+        {"image_processor_type": "LlavaImageProcessor", "do_pad": True, "image_mean": 0.5},
+        "its processor fails on a 48x40 image (TypeError: ",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED_PROCESSORS))
+def test_a_processor_the_tower_cannot_take_is_refused(tmp_path: Path, capsys, name: str) -> None:
+    """Pixel values of another size than the tower's input, or a processor that fails: one line
+    before the weights load (they are deleted here), not a traceback."""
+    import json
+
+    from llava_edge.cli import main
+    from llava_edge.training.checkpoint import init_checkpoint
+
+    changes, message = REFUSED_PROCESSORS[name]
+    checkpoint = init_checkpoint(tmp_path / "checkpoint")
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["vision_config"]["hidden_act"] = "gelu"  # an erf GELU tower (CLIP's is quick_gelu)
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    settings = json.loads((checkpoint / "processor_config.json").read_text())
+    settings["image_processor"].update(changes)
+    (checkpoint / "processor_config.json").write_text(json.dumps(settings))
+    (checkpoint / "model.safetensors").unlink()
+    capsys.readouterr()
+    assert main(["export", str(checkpoint), str(tmp_path / "out")]) != 0
+    error = capsys.readouterr().err.strip()
+    assert message in error and len(error.splitlines()) == 1, error
+    assert not (tmp_path / "out").exists()
+
+
+def test_unusual_settings_export_token_exact(tmp_path: Path) -> None:
+    """One checkpoint of settings no preset has, verified against transformers in both forms
+    (pixels, features, logits, 32 greedy tokens): Llama with biases on every projection
+    (attention_bias, mlp_bias: the fused decoder writes them by hand), an erf GELU MLP, linear
+    rope, an odd rms_norm_eps; a bias-free SiLU projector; a CLIP tower with an erf GELU; mean/std
+    0.5 and a bilinear resize."""
+    import json
+
+    import onnx
+    from conftest import quiet
+    from safetensors.torch import load_file
+    from test_export_variants import _random_biases
+
+    from llava_edge.export.exporter import export_checkpoint
+    from llava_edge.manifest import Manifest
+    from llava_edge.training.checkpoint import init_checkpoint
+
+    checkpoint = init_checkpoint(
+        tmp_path / "checkpoint",
+        seed=12,
+        projector_hidden_act="silu",
+        multimodal_projector_bias=False,
+        text={
+            "attention_bias": True,
+            "mlp_bias": True,
+            "hidden_act": "gelu",
+            "rope_scaling": {"rope_type": "linear", "factor": 4.0},
+            "rms_norm_eps": 1e-2,
+        },
+    )
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["vision_config"]["hidden_act"] = "gelu"  # an erf GELU tower (CLIP's is quick_gelu)
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    settings = json.loads((checkpoint / "processor_config.json").read_text())
+    settings["image_processor"].update(image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=2)
+    (checkpoint / "processor_config.json").write_text(json.dumps(settings))
+    _random_biases(checkpoint)  # transformers starts them at zero, where a misplaced one hides
+    report = export_checkpoint(checkpoint, tmp_path / "model", log=quiet)
+    assert set(report["forms"]) == {"standard", "fused"}
+    for form in report["forms"].values():
+        assert form["passed"] and form["greedy_tokens_matched"] == form["greedy_tokens_total"]
+        assert form["pixel_max_abs_diff"] == 0.0
+    manifest = Manifest.load(tmp_path / "model")
+    assert manifest.graphs["decoder"].fused is not None
+    # the fused vision form's details name the GELU it holds (not CLIP's usual QuickGelu)
+    vision = manifest.graphs["vision_encoder"].fused
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "model" / vision.file)).graph.node}
+    assert "BiasGelu" in ops and "QuickGelu" not in ops
+    assert "BiasGelu" in vision.details["form"] and "QuickGelu" not in vision.details["form"]
+    assert (manifest.image.mean, manifest.image.resample) == ([0.5] * 3, 2)
+    # the settings really shape the model (else the check proves nothing)
+    tensors = load_file(checkpoint / "model.safetensors")
+    biases = [k for k in tensors if k.endswith(("o_proj.bias", "down_proj.bias"))]
+    assert len(biases) == 4 and all(tensors[k].abs().max() > 0 for k in biases)
+    assert not any("multi_modal_projector" in k and k.endswith("bias") for k in tensors)
+    assert config["text_config"]["hidden_act"] == "gelu"
+    assert config["projector_hidden_act"] == "silu"
+
+
+def test_a_tokenizer_past_the_embedding_table_is_refused(tmp_path: Path, capsys) -> None:
+    """<image> added to the tokenizer but the embeddings not resized: transformers fails with an
+    IndexError in verification, after the weights load; one line before loading instead."""
+    from llava_edge.cli import main
+    from llava_edge.training.checkpoint import init_checkpoint
+
+    # the tiny tokenizer: 512 tokens, then <image> (512) and <pad> (513)
+    checkpoint = init_checkpoint(
+        tmp_path / "checkpoint", text={"vocab_size": 512, "pad_token_id": 0}
+    )
+    (checkpoint / "model.safetensors").unlink()
+    capsys.readouterr()
+    assert main(["export", str(checkpoint), str(tmp_path / "out")]) != 0
+    error = capsys.readouterr().err.strip()
+    assert "the tokenizer has 514 tokens, the text model's embedding table 512 rows" in error
+    assert len(error.splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+# name -> (config.json changes, what the one-line refusal says)
+REFUSED_CONFIGS = {
+    # 4 query heads over 3 KV heads: a reshape traceback from tracing, after loading
+    "kv-heads-not-dividing": (
+        {"text_config": {"num_key_value_heads": 3}},
+        "num_attention_heads 4 is not a multiple of its num_key_value_heads 3",
+    ),
+    "no-kv-heads": (  # a ZeroDivisionError as the model was built
+        {"text_config": {"num_key_value_heads": 0}},
+        "num_attention_heads 4 is not a multiple of its num_key_value_heads 0",
+    ),
+    # a window of no tokens: transformers' attention failed on a mask of another size
+    "window-of-nothing": (
+        {"text_config": {"model_type": "mistral", "sliding_window": 0}},
+        "this model's context of 0 tokens (its sliding_window) cannot hold one image",
+    ),
+    # transformers' strict config validation raised its own exception type: a traceback
+    "strategy-unknown": (
+        {"vision_feature_select_strategy": "cls_patch"},
+        "config.json: Validation error for field 'vision_feature_select_strategy': TypeError: "
+        "Field 'vision_feature_select_strategy' expected one of ('default', 'full'), got cls_patch",
+    ),
+    # names transformers has no code for: a KeyError as the model is built, after loading began
+    "text-activation-unknown": (
+        {"text_config": {"hidden_act": "swiglu"}},
+        "config.json's text_config.hidden_act 'swiglu' is no activation transformers knows",
+    ),
+    "projector-activation-unknown": (
+        {"projector_hidden_act": "swiglu"},
+        "config.json's projector_hidden_act 'swiglu' is no activation transformers knows",
+    ),
+    "rope-type-unknown": (
+        {"text_config": {"rope_scaling": {"rope_type": "ntk", "factor": 2.0}}},
+        "text_config rope type 'ntk' is unknown to transformers",
+    ),
+    # transformers' rope validation raises KeyError as the config loads
+    "rope-without-its-factor": (
+        {"text_config": {"rope_scaling": {"rope_type": "linear"}}},
+        "config.json: Missing required keys in `rope_parameters` for 'rope_type'='linear'",
+    ),
+    # a projector of no inputs: a size-mismatch RuntimeError as the weights load
+    "no-feature-layers": ({"vision_feature_layer": []}, "vision_feature_layer is an empty list"),
+    # the runtime's first image failed, telling to re-export
+    "next-without-pinpoints": (
+        {"model_type": "llava_next", "image_grid_pinpoints": []},
+        "LLaVA-NeXT's image_grid_pinpoints is empty",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED_CONFIGS))
+def test_a_config_transformers_cannot_run_is_refused(tmp_path: Path, capsys, name: str) -> None:
+    import json
+
+    from llava_edge.cli import main
+    from llava_edge.training.checkpoint import init_checkpoint
+
+    changes, message = REFUSED_CONFIGS[name]
+    checkpoint = init_checkpoint(tmp_path / "checkpoint")
+    config = json.loads((checkpoint / "config.json").read_text())
+    for key, value in changes.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) else value
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    (checkpoint / "model.safetensors").unlink()
+    capsys.readouterr()
+    assert main(["export", str(checkpoint), str(tmp_path / "out")]) != 0
+    error = capsys.readouterr().err.strip()
+    assert message in error and len(error.splitlines()) == 1, error
+    assert not (tmp_path / "out").exists()
+
+
+def test_llava_next_processor_pinpoints_unlike_the_configs_are_refused(
+    tmp_path: Path, capsys
+) -> None:
+    """The processor tiling on other grids than the model packs: transformers answers wrongly
+    about images the two place differently (silently), the runtime would follow config.json's;
+    export passed verification (its picture lands on the same grid under both)."""
+    import json
+
+    from hf_checkpoints import interleave_qwen, write_checkpoint
+
+    from llava_edge.cli import main
+
+    config = interleave_qwen(
+        model_type="llava_next",
+        architectures=["LlavaNextForConditionalGeneration"],
+        image_grid_pinpoints=[[60, 120], [120, 60], [120, 120]],
+    )
+    checkpoint = write_checkpoint(tmp_path / "checkpoint", config)
+    settings = json.loads((checkpoint / "processor_config.json").read_text())
+    settings["image_processor"]["image_grid_pinpoints"] = [[60, 60], [120, 120]]
+    (checkpoint / "processor_config.json").write_text(json.dumps(settings))
+    (checkpoint / "model.safetensors").unlink()
+    capsys.readouterr()
+    assert main(["export", str(checkpoint), str(tmp_path / "out")]) != 0
+    error = capsys.readouterr().err.strip()
+    assert (
+        "processor_config.json's image_grid_pinpoints [[60, 60], [120, 120]] differ from "
+        "config.json's [[60, 120], [120, 60], [120, 120]]" in error
+    )
+    assert len(error.splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_a_window_no_layer_uses_does_not_cap_the_context(tmp_path: Path) -> None:
+    """Qwen2 with use_sliding_window but max_window_layers at its depth slides in no layer: the
+    context is max_position_embeddings, not the window, and a prompt past the window still gives
+    transformers' logits in both forms."""
+    import numpy as np
+    import torch
+    from conftest import quiet
+    from transformers import AutoConfig, LlavaForConditionalGeneration
+
+    from llava_edge.export.exporter import export_checkpoint
+    from llava_edge.manifest import Manifest
+    from llava_edge.runtime import Pipeline
+    from llava_edge.training.checkpoint import init_checkpoint
+
+    window = 160
+    checkpoint = init_checkpoint(
+        tmp_path / "checkpoint",
+        backbone="qwen2",
+        text={"use_sliding_window": True, "sliding_window": window, "max_window_layers": 2},
+    )
+    config = AutoConfig.from_pretrained(checkpoint).text_config
+    assert config.sliding_window == window and "sliding_attention" not in config.layer_types
+    export_checkpoint(checkpoint, tmp_path / "model", verify=False, log=quiet)
+    manifest = Manifest.load(tmp_path / "model")
+    assert manifest.text.max_context == config.max_position_embeddings > window
+    model = LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    table = np.load(tmp_path / "model" / manifest.embeddings)
+    ids = np.random.default_rng(0).integers(0, 500, (1, 2 * window))
+    with torch.no_grad():
+        reference = model(input_ids=torch.from_numpy(ids)).logits[0, -1].numpy()
+    for form in ("standard", "fused"):
+        with Pipeline.load(tmp_path / "model", graph_form=form) as pipe:
+            cache = pipe.backend.new_cache(1)
+            positions = np.arange(ids.shape[1])[None]
+            logits = pipe.backend.decode(table[ids], np.ones_like(ids), positions, cache)
+        np.testing.assert_allclose(logits[0], reference, rtol=1e-4, atol=1e-5)
