@@ -178,3 +178,25 @@ def test_a_base_given_that_is_no_checkpoint_is_named_as_given(tiny_checkpoint, t
         f"llava-edge merge-lora: error: --base {tmp_path} is not a checkpoint dir (it has no "
         "config.json); give the checkpoint the adapters were trained from"
     )
+
+
+def test_training_reads_the_image_processor_with_the_pil_backend(tiny_checkpoint, monkeypatch):
+    """The model is trained on the pixels the runtime (and export, which verifies against it)
+    makes: transformers' PIL backend's. Where torchvision is installed, transformers picks its
+    torchvision backend, whose resize differs by up to 0.014 in normalised pixels. torchvision
+    cannot be installed beside the CPU torch here, so the request itself is checked."""
+    from transformers import AutoImageProcessor
+
+    from llava_edge.training.train import _load_processor_and_config
+
+    made = {}  # backend asked for -> the image processor made
+    load = AutoImageProcessor.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        made[kwargs.get("backend")] = load(cls, *args, **kwargs)
+        return made[kwargs.get("backend")]
+
+    monkeypatch.setattr(AutoImageProcessor, "from_pretrained", classmethod(spy))
+    processor, _ = _load_processor_and_config(tiny_checkpoint, tiny_checkpoint)
+    assert processor.image_processor is made.get("pil")
+    assert processor.tokenizer.backend == "tokenizers"

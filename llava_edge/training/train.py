@@ -233,8 +233,9 @@ def _plain_weights(checkpoint: Path | None, opts: TrainOptions) -> Path | None:
 def _load_processor_and_config(model: str | os.PathLike, path: Path) -> tuple[Any, Any]:
     """The checkpoint's processor and config, once it is known to be a LLaVA checkpoint (LLaVA-NeXT's
     tiles would need labels and batches of their own)."""
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig, AutoImageProcessor, AutoProcessor
 
+    from llava_edge.export.exporter import PROCESSOR_BACKEND
     from llava_edge.logs import quiet_loading
     from llava_edge.modeling import check_full_precision, check_processor
 
@@ -247,7 +248,14 @@ def _load_processor_and_config(model: str | os.PathLike, path: Path) -> tuple[An
                     "(LlavaForConditionalGeneration): `llava-edge convert` an original LLaVA one, "
                     "or `llava-edge init --vision CLIP --llm LM` one from parts"
                 )
+            # The PIL backend, as export reads it: the runtime replays its arithmetic, and the
+            # model is to learn from the pixels it will be given (transformers picks torchvision
+            # wherever it is installed, whose resize differs by up to 0.014).
             processor = AutoProcessor.from_pretrained(path)
+            # set after loading: given to from_pretrained, it would be saved as a setting
+            processor.image_processor = AutoImageProcessor.from_pretrained(
+                path, backend=PROCESSOR_BACKEND
+            )
     except (OSError, ValueError) as e:  # a broken config.json, missing processor files
         raise LlavaEdgeError(f"cannot load --model {model}: {first_line(e)}") from None
     check_full_precision(
