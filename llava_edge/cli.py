@@ -47,7 +47,7 @@ def _init(args: argparse.Namespace) -> None:
             raise LlavaEdgeError(
                 "--vision and --llm go together: a CLIP or SigLIP model and a causal LM"
             )
-        if args.preset != "tiny" or args.layers is not None:  # a preset other than the default
+        if args.preset is not None or args.layers is not None:
             raise LlavaEdgeError(
                 "--preset and --layers shape a random checkpoint; --vision and --llm take their "
                 "shapes from those checkpoints: drop one or the other"
@@ -65,9 +65,10 @@ def _init(args: argparse.Namespace) -> None:
         return
     from llava_edge.training.checkpoint import init_checkpoint
 
+    preset = args.preset or "tiny"
     path = init_checkpoint(
         args.out_dir,
-        preset=args.preset,
+        preset=preset,
         layers=args.layers,
         seed=args.seed,
         force=args.force,
@@ -75,7 +76,7 @@ def _init(args: argparse.Namespace) -> None:
         dtype=args.dtype,
     )
     print(
-        f"wrote a random-weight '{args.preset}' LLaVA checkpoint ({args.projector} projector) to {path}"
+        f"wrote a random-weight '{preset}' LLaVA checkpoint ({args.projector} projector) to {path}"
     )
 
 
@@ -577,7 +578,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="checkpoint dir to write")
     p.add_argument(
         "--preset",
-        default="tiny",
         choices=["tiny", "demo", "small", "llava-1.5-7b"],
         help="shape of the random checkpoint (default tiny)",
     )

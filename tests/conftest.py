@@ -18,6 +18,17 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["LLAVA_EDGE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _library_logs_to_the_sessions_stderr() -> None:
+    """transformers' log handler keeps the stderr it was first set up with. Set up inside a test
+    that captures stderr (capsys), it would write to that test's stream, closed when the test
+    ends: a later warning (Trainer's on resume) then prints a logging traceback into another
+    test's captured stderr. Set it up once, before any test."""
+    from transformers.utils import logging
+
+    logging.get_logger("transformers")
+
+
 def quiet(*_args, **_kwargs) -> None:
     """A `log` for library calls whose output tests don't read."""
 

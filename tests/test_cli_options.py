@@ -14,6 +14,7 @@ import builtins
 import dataclasses
 import functools
 import json
+import re
 import types
 from pathlib import Path
 from typing import Any
@@ -260,6 +261,9 @@ def own_value(action: argparse.Action, base: dict[str, str], world) -> str | Non
     if action.nargs == 0:
         return None
     taken = {str(action.default), base.get(action.dest)}
+    # A default applied by the handler (None in argparse, to tell it from a value given) is
+    # named in the help: "(default tiny)".
+    taken |= set(re.findall(r"\(default:? ([^;,)\s]+)", action.help or ""))
     if action.choices:
         return next(str(c) for c in action.choices if str(c) not in taken)
     if action.type is int:

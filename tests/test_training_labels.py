@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from llava_edge.manifest import TemplateSpec
-from llava_edge.runtime.template import get_template, render
+from llava_edge.runtime.template import TEMPLATES, get_template, render
 from llava_edge.training.data import BadSample, Sample
 from llava_edge.training.dataset import count_image_tokens
 from llava_edge.training.labels import IGNORE, Labeler
@@ -199,3 +199,48 @@ def test_phi_3s_newline_after_its_end_token_still_ends_in_it():
     newline = {tokenizer("\n", add_special_tokens=False)["input_ids"][-1]}
     with pytest.raises(LlavaEdgeError, match="no built-in template ends answers in it"):
         check_answer_end(get_template("phi_3"), tokenizer, newline)
+
+
+MARKERS = ["<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+MARKERS += ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+
+
+@pytest.fixture(scope="module")
+def marked_processor(tiny_checkpoint):
+    """The tiny processor with every template's role markers as special tokens, as the
+    language models those templates are for have them."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    processor.tokenizer.add_special_tokens({"additional_special_tokens": MARKERS})
+    return processor
+
+
+@pytest.mark.parametrize("template", sorted(set(TEMPLATES) - {"plain"}))
+@pytest.mark.parametrize("image", [True, False])
+def test_every_template_supervises_exactly_its_answers_and_end_tokens(
+    marked_processor, template, image
+):
+    spec = get_template(template)
+    tokenizer = marked_processor.tokenizer
+    encoded = labeler(marked_processor, template).encode(
+        Sample("multi", "x.png" if image else None, TURNS[:2])
+    )
+    text = "".join(s for s, _ in render(spec, TURNS[:2], image=image))
+    expected = tokenizer(text)["input_ids"]
+    n_image = count_image_tokens(marked_processor)
+    if image:  # the processor's expansion of <image>
+        at = expected.index(tokenizer.convert_tokens_to_ids("<image>"))
+        expected[at : at + 1] = expected[at : at + 1] * n_image
+    assert encoded.input_ids == expected
+
+    end_id = tokenizer(spec.answer_end.rstrip(), add_special_tokens=False)["input_ids"][-1]
+    runs = spans(encoded.labels)
+    assert len(runs) == 2
+    for (start, end), (_, answer) in zip(runs, TURNS[:2], strict=True):
+        assert encoded.labels[start:end] == encoded.input_ids[start:end]
+        # the answer and its end marker, and nothing of the prompt
+        assert tokenizer.decode(encoded.input_ids[start:end]).strip() == (
+            (spec.answer_prefix + answer + spec.answer_end).strip()
+        )
+        assert end_id in encoded.input_ids[start:end]

@@ -335,6 +335,7 @@ def compose_checkpoint(
         )
     torch_dtype = getattr(torch, check_dtype(dtype or saved_dtype(llm)))
     kind = vision_tower_kind(vision)
+    _check_causal_lm(llm)
     loading = vision
     _check_tokenizer_readable(Path(llm))
     # safetensors where a dir has them, else pickled .bin files (LLaVA-1.5's Vicuna ships only
@@ -356,7 +357,8 @@ def compose_checkpoint(
             "as safetensors if you trust it"
         ) from None
     except (OSError, ValueError, KeyError) as e:
-        raise LlavaEdgeError(f"cannot load --vision/--llm: {first_line(e)}") from None
+        flag = "--vision" if loading == vision else "--llm"
+        raise LlavaEdgeError(f"cannot load {flag} {loading}: {first_line(e)}") from None
     if IMAGE_PLACEHOLDER not in tokenizer.get_vocab():
         tokenizer.add_tokens(
             [AddedToken(IMAGE_PLACEHOLDER, special=True, normalized=False)], special_tokens=True
@@ -464,6 +466,19 @@ def _read_config(checkpoint: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise LlavaEdgeError(f"{path} is not a JSON object")
     return config
+
+
+def _check_causal_lm(llm: str | Path) -> None:
+    """Name an --llm that is no causal LM (a vision tower, a whole LLaVA) before any loading;
+    transformers would say only "Unrecognized configuration class", of one of the two parts."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = _read_config(Path(llm)).get("model_type")
+    if model_type is not None and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise LlavaEdgeError(
+            f"--llm {llm} is a {model_type!r} model, not a causal language model (one "
+            "AutoModelForCausalLM loads, such as Llama, Mistral or Qwen2)"
+        )
 
 
 def _check_tokenizer_readable(llm: Path) -> None:

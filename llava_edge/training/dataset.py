@@ -65,7 +65,10 @@ class TrainingSet(torch.utils.data.Dataset):
     and header, tokenization, truncation); a bad one raises BadSample, or with `skip_bad` is left
     out and counted in `skipped`. Images are decoded when the trainer asks for a sample;
     `pictures` holds each kept sample's picture (named as the data names it) and its
-    fingerprint, which tells a resumed run whether its pictures are those it was trained on."""
+    fingerprint, which tells a resumed run whether its pictures are those it was trained on.
+
+    `images_only`: a sample without an image is bad (stage 1 trains the projector alone, which
+    only images reach: a batch of text would have no gradient)."""
 
     def __init__(
         self,
@@ -76,7 +79,9 @@ class TrainingSet(torch.utils.data.Dataset):
         skip_bad: bool = False,
         progress: bool = True,
         log: Callable[[str], None] = stderr,
+        images_only: bool = False,
     ):
+        self.images_only = images_only
         self.image_root = Path(image_root) if image_root is not None else None
         check_image_dir(self.image_root)
         self.labeler = labeler
@@ -99,6 +104,12 @@ class TrainingSet(torch.utils.data.Dataset):
             sample = parse_sample(record, position)
             if sample.image is not None:
                 path = self._check_image(sample)
+            elif self.images_only:
+                raise BadSample(
+                    sample.id,
+                    "has no image; stage 1 trains only the projector, which only images reach: "
+                    "train on text-only samples in stage 2",
+                )
             else:
                 self.has_text_only = True
             self.labeler.encode(sample)

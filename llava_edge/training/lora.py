@@ -76,6 +76,7 @@ def merge_lora(
 
     adapter_dir = Path(adapter_dir)
     config = read_adapter_config(adapter_dir)
+    given = base is not None
     if base is None:
         base = config.base_model_name_or_path
         if not base:
@@ -83,8 +84,14 @@ def merge_lora(
                 f"{adapter_dir}/{CONFIG_NAME} does not name its base model; pass --base"
             )
     base = Path(base)
+    if given and not (base / "config.json").is_file():
+        raise LlavaEdgeError(
+            f"--base {base} is not a checkpoint dir (it has no config.json); give the checkpoint "
+            "the adapters were trained from"
+        )
     if not (base / "config.json").is_file():
         raise LlavaEdgeError(f"base checkpoint {base} does not exist; pass --base")
+    _check_not_merged_into(base, adapter_dir, config)
     out = Path(out_dir)
     check_output_dir(out, force, keep=adapter_dir, keep_name="the adapters")
     check_output_dir(out, force, keep=base, keep_name="the base checkpoint")
@@ -109,17 +116,50 @@ def merge_lora(
     return out
 
 
+def _check_not_merged_into(base: Path, adapter_dir: Path, config: Any) -> None:
+    """Refuse as base the OUT of the `train --lora` run that holds these adapters (OUT/adapter,
+    OUT/checkpoints/...): OUT has them merged in already, and would get them twice."""
+    from llava_edge.training.train import TRAINER_DIR
+
+    try:
+        inside = adapter_dir.resolve().relative_to(base.resolve()).parts
+    except ValueError:
+        return
+    if inside and inside[0] in (ADAPTER_DIR, TRAINER_DIR):
+        trained_from = config.base_model_name_or_path
+        hint = (
+            f"leave out --base to merge them into {trained_from}, which they were trained from"
+            if trained_from
+            else "pass the checkpoint they were trained from"
+        )
+        raise LlavaEdgeError(
+            f"--base {base} is the checkpoint these adapters were merged into when they were "
+            f"trained: merging them again would add them twice; {hint}"
+        )
+
+
 def read_adapter_config(adapter_dir: Path) -> Any:
-    """The adapters' peft config, or a one-line error naming what is wrong with it."""
+    """The adapters' peft config, or a one-line error naming what is wrong with it or with the
+    dir (no weights beside it)."""
     from peft import PeftConfig
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
     path = adapter_dir / CONFIG_NAME
+    if not adapter_dir.exists():
+        raise LlavaEdgeError(f"adapter dir {adapter_dir} does not exist")
     if not path.is_file():
         raise LlavaEdgeError(f"{adapter_dir} has no {CONFIG_NAME}: it holds no LoRA adapters")
     try:
-        return PeftConfig.from_pretrained(adapter_dir)
+        config = PeftConfig.from_pretrained(adapter_dir)
     except (OSError, ValueError, TypeError, KeyError) as e:  # JSONDecodeError is a ValueError
         raise LlavaEdgeError(f"cannot read {path}: {first_line(e)}; re-save the adapters") from None
+    # peft would look for them on the Hub, and say only that a path is no repo id
+    if not any((adapter_dir / name).is_file() for name in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME)):
+        raise LlavaEdgeError(
+            f"{adapter_dir} has {CONFIG_NAME} but no adapter weights ({SAFETENSORS_WEIGHTS_NAME} "
+            f"or {WEIGHTS_NAME}); copy them there too"
+        )
+    return config
 
 
 def load_adapters(model: Any, adapter_dir: Path, config: Any, base: Path) -> Any:

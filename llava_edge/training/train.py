@@ -155,6 +155,7 @@ def train(
         processor.image_processor,
         skip_bad=opts.skip_bad,
         progress=opts.progress and main_process,
+        images_only=stage == 1,
     )
     if dataset.skipped and main_process:
         stderr(
@@ -318,6 +319,14 @@ def check_options(stage: int, opts: TrainOptions, given: Mapping[str, Any] | Non
     for flag, (value, low) in at_least.items():
         if value is not None and value < low:
             raise LlavaEdgeError(f"{flag} must be at least {low}, not {value}")
+    for flag, value in (
+        ("--epochs", opts.epochs),
+        ("--lr", opts.learning_rate),
+        ("--projector-lr", opts.projector_lr),
+        ("--weight-decay", opts.weight_decay),
+    ):
+        if value is not None and math.isinf(value):  # the run would overflow or train to NaN
+            raise LlavaEdgeError(f"{flag} must be a finite number, not {value}")
     if opts.max_steps != -1 and opts.max_steps < 1:  # -1: no limit, train for --epochs
         raise LlavaEdgeError(f"--max-steps must be at least 1, not {opts.max_steps}")
     if not opts.epochs > 0:
@@ -804,7 +813,8 @@ def _make_trainer(
                         "weight_decay": self.args.weight_decay if decayed else 0.0,
                         **({"lr": projector_lr} if projector else {}),
                     }
-                    for (projector, decayed), params in groups.items()
+                    # the projector's last: Trainer logs the first group's rate, --lr's
+                    for (projector, decayed), params in sorted(groups.items())
                 ],
                 **kwargs,
             )

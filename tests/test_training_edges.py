@@ -1,0 +1,180 @@
+"""train, merge-lora and init at their edges: samples a stage cannot learn from, adapters merged
+onto the wrong base, init's options."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llava_edge.cli import main as cli
+from llava_edge.training.synth import synthesize
+
+TEXT_ONLY = {
+    "id": "text-only",
+    "conversations": [
+        {"from": "human", "value": "Say hello."},
+        {"from": "gpt", "value": "Hello."},
+    ],
+}
+
+
+def last_line(err: str) -> str:
+    assert "Traceback" not in err, err
+    return err.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    return synthesize(tmp_path_factory.mktemp("data"), train=2, test=0, seed=1)
+
+
+def test_stage_1_refuses_text_only_samples(tiny_checkpoint, data, tmp_path, capsys):
+    """Stage 1 trains the projector alone, which a sample without an image never reaches: a
+    batch of them has no gradient (a traceback without gradient checkpointing, silently nothing
+    trained with it)."""
+    samples = [*json.loads(data["train"].read_text()), TEXT_ONLY]
+    (tmp_path / "mixed.json").write_text(json.dumps(samples))
+    argv = ["train", "--stage", "1", "--template", "vicuna_v1", "--model", str(tiny_checkpoint)]
+    argv += ["--data", str(tmp_path / "mixed.json"), "--images", str(data["images"])]
+    argv += ["--out", str(tmp_path / "out"), "--max-steps", "1", "--batch-size", "1"]
+    argv += ["--no-gradient-checkpointing"]
+    assert cli(argv) == 1
+    assert last_line(capsys.readouterr().err).startswith(
+        "llava-edge train: error: sample text-only: has no image; stage 1 trains only the "
+        "projector, which only images reach"
+    )
+    assert not (tmp_path / "out").exists()
+    assert cli([*argv, "--skip-bad"]) == 0
+    assert "1 bad sample(s) skipped" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("shape", [["--preset", "tiny"], ["--preset", "demo"], ["--layers", "1"]])
+def test_init_from_parts_refuses_any_preset_shape_given(shape, tmp_path, capsys):
+    """--preset tiny is the default preset, but given with --vision/--llm it is as ignored as
+    any other: refused, not dropped unsaid."""
+    argv = ["init", str(tmp_path / "out"), "--vision", "clip", "--llm", "lm", *shape]
+    assert cli(argv) == 1
+    assert last_line(capsys.readouterr().err).startswith(
+        "llava-edge init: error: --preset and --layers shape a random checkpoint"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def clip_tower(tmp_path_factory) -> Path:
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    config = CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        image_size=16, patch_size=8,
+    )  # fmt: skip
+    path = tmp_path_factory.mktemp("clip") / "clip"
+    CLIPVisionModel(config).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("llm, kind", [("clip", "clip_vision_model"), ("llava", "llava")])
+def test_an_llm_that_is_no_causal_lm_is_named(
+    llm, kind, clip_tower, tiny_checkpoint, tmp_path, capsys
+):
+    """A vision tower or a whole LLaVA given as --llm is named as such, not as transformers'
+    "Unrecognized configuration class" of an unnamed one of the two."""
+    path = {"clip": clip_tower, "llava": tiny_checkpoint}[llm]
+    argv = ["init", str(tmp_path / "out"), "--vision", str(clip_tower), "--llm", str(path)]
+    assert cli(argv) == 1
+    assert last_line(capsys.readouterr().err) == (
+        f"llava-edge init: error: --llm {path} is a '{kind}' model, not a causal language model "
+        "(one AutoModelForCausalLM loads, such as Llama, Mistral or Qwen2)"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where", ["adapter", "checkpoints/checkpoint-2"])
+def test_merging_adapters_onto_the_run_that_merged_them_is_refused(
+    where, tiny_checkpoint, tmp_path, capsys
+):
+    """`train --lora` writes OUT with its adapters merged in, and keeps them in OUT/adapter and
+    OUT/checkpoints: OUT as --base would add them twice."""
+    import shutil
+
+    import torch
+
+    from llava_edge.modeling import load_model
+    from llava_edge.training.lora import add_lora
+
+    out = Path(shutil.copytree(tiny_checkpoint, tmp_path / "out"))
+    add_lora(load_model(tiny_checkpoint, dtype=torch.float32), 2, 4, 0.0).save_pretrained(
+        out / where
+    )
+    argv = ["merge-lora", str(out / where), str(tmp_path / "merged"), "--base", str(out)]
+    assert cli(argv) == 1
+    assert last_line(capsys.readouterr().err).startswith(
+        f"llava-edge merge-lora: error: --base {out} is the checkpoint these adapters were "
+        "merged into when they were trained"
+    )
+    assert not (tmp_path / "merged").exists()
+    assert cli(argv[:-2]) == 0  # onto the checkpoint they were trained from
+
+
+def test_adapters_lost_or_without_weights_are_named(tiny_checkpoint, tmp_path, capsys):
+    import torch
+
+    from llava_edge.modeling import load_model
+    from llava_edge.training.lora import add_lora
+
+    adapters = tmp_path / "adapters"
+    add_lora(load_model(tiny_checkpoint, dtype=torch.float32), 2, 4, 0.0).save_pretrained(adapters)
+    (adapters / "adapter_model.safetensors").unlink()  # copied without its weights
+    out = str(tmp_path / "merged")
+    assert cli(["merge-lora", str(adapters), out]) == 1
+    assert last_line(capsys.readouterr().err) == (
+        f"llava-edge merge-lora: error: {adapters} has adapter_config.json but no adapter "
+        "weights (adapter_model.safetensors or adapter_model.bin); copy them there too"
+    )
+    assert cli(["merge-lora", str(tmp_path / "gone"), out]) == 1
+    assert last_line(capsys.readouterr().err) == (
+        f"llava-edge merge-lora: error: adapter dir {tmp_path / 'gone'} does not exist"
+    )
+    assert not (tmp_path / "merged").exists()
+
+
+def test_the_logged_learning_rate_is_lrs_not_the_projectors(tiny_checkpoint, data, tmp_path):
+    """With a projector rate of its own (LoRA's default 2e-5), the logs and the progress bar
+    show --lr's schedule, the one the user set, not the projector's."""
+    from transformers import TrainerCallback
+
+    from llava_edge.training.train import train
+
+    class Logs(TrainerCallback):
+        rates: list[float] = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "learning_rate" in logs:
+                self.rates.append(logs["learning_rate"])
+
+    train(
+        2, tiny_checkpoint, data["train"], tmp_path / "out", images=data["images"],
+        lora=True, lora_rank=2, lora_alpha=4, learning_rate=5e-2, warmup_ratio=0.0,
+        max_steps=1, global_batch_size=2, gradient_checkpointing=False, save_steps=1000,
+        progress=False, callbacks=[Logs()],
+    )  # fmt: skip
+    assert Logs.rates == [pytest.approx(5e-2)]
+
+
+def test_a_base_given_that_is_no_checkpoint_is_named_as_given(tiny_checkpoint, tmp_path, capsys):
+    """A --base given is named as the option, not answered with "pass --base"."""
+    import torch
+
+    from llava_edge.modeling import load_model
+    from llava_edge.training.lora import add_lora
+
+    adapters = tmp_path / "adapters"
+    add_lora(load_model(tiny_checkpoint, dtype=torch.float32), 2, 4, 0.0).save_pretrained(adapters)
+    argv = ["merge-lora", str(adapters), str(tmp_path / "merged"), "--base", str(tmp_path)]
+    assert cli(argv) == 1
+    assert last_line(capsys.readouterr().err) == (
+        f"llava-edge merge-lora: error: --base {tmp_path} is not a checkpoint dir (it has no "
+        "config.json); give the checkpoint the adapters were trained from"
+    )
