@@ -71,7 +71,7 @@ def parse_sample(record: Any, position: int) -> Sample:
                 f"the conversation does not alternate human/gpt: turn {i} is from "
                 f"{turn.get('from')!r}, expected {expected!r}",
             )
-        if not _utf8(turn["value"]):  # a "\ud83d" escape: half of an emoji's UTF-16 pair
+        if not is_utf8(turn["value"]):  # a "\ud83d" escape: half of an emoji's UTF-16 pair
             raise BadSample(
                 sample_id, f"turn {i} holds half of a UTF-16 pair (a lone surrogate); fix the text"
             )
@@ -95,7 +95,9 @@ def parse_sample(record: Any, position: int) -> Sample:
     return Sample(sample_id, image, list(zip(questions, values[1::2], strict=True)))
 
 
-def _utf8(text: str) -> bool:
+def is_utf8(text: str) -> bool:
+    """False for text holding a lone surrogate ("\ud83d": half of an emoji's UTF-16 pair, as JSON
+    escapes may write), which no UTF-8 file or request can carry."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

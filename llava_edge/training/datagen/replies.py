@@ -16,6 +16,7 @@ import json
 import re
 
 from llava_edge.runtime.template import IMAGE_PLACEHOLDER
+from llava_edge.training.data import is_utf8
 from llava_edge.training.datagen.prompts import detail_question
 
 # A run of 2-4 comma-separated numbers between 0 and 1, at least the first with decimals:
@@ -75,7 +76,7 @@ def parse_reply(
     else:
         raise ValueError(f"unknown kind {kind!r}")
     for i, (question, answer) in enumerate(rounds):
-        if not _utf8(question) or not _utf8(answer):
+        if not is_utf8(question) or not is_utf8(answer):
             # half of a UTF-16 pair (an emoji split in two): no UTF-8 file can hold it
             raise Dropped("not UTF-8 text", f"round {i} holds a lone surrogate")
         if IMAGE_PLACEHOLDER in question or IMAGE_PLACEHOLDER in answer:
@@ -97,14 +98,6 @@ def leaked_coordinates(text: str, coordinates: set[str]) -> str | None:
         if number in coordinates or f"0{number}" in coordinates:
             return number
     return None
-
-
-def _utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _pair(value: object, where: str) -> tuple[str, str]:
