@@ -10,6 +10,19 @@ from pathlib import Path
 import pytest
 
 
+def assert_export_refused(checkpoint: Path, out: Path, capsys, message: str) -> None:
+    """Export refuses the checkpoint (its weights removed: a refusal before they load) in one
+    line holding `message`, and writes nothing."""
+    from llava_edge.cli import main
+
+    (checkpoint / "model.safetensors").unlink()
+    capsys.readouterr()
+    assert main(["export", str(checkpoint), str(out)]) != 0
+    error = capsys.readouterr().err.strip()
+    assert message in error and len(error.splitlines()) == 1, error
+    assert not out.exists()
+
+
 @pytest.fixture
 def processors_made(monkeypatch: pytest.MonkeyPatch) -> dict:
     """backend asked for -> the image processor AutoImageProcessor made for it."""
@@ -88,7 +101,6 @@ def test_a_processor_the_tower_cannot_take_is_refused(tmp_path: Path, capsys, na
     before the weights load (they are deleted here), not a traceback."""
     import json
 
-    from llava_edge.cli import main
     from llava_edge.training.checkpoint import init_checkpoint
 
     changes, message = REFUSED_PROCESSORS[name]
@@ -99,12 +111,7 @@ def test_a_processor_the_tower_cannot_take_is_refused(tmp_path: Path, capsys, na
     settings = json.loads((checkpoint / "processor_config.json").read_text())
     settings["image_processor"].update(changes)
     (checkpoint / "processor_config.json").write_text(json.dumps(settings))
-    (checkpoint / "model.safetensors").unlink()
-    capsys.readouterr()
-    assert main(["export", str(checkpoint), str(tmp_path / "out")]) != 0
-    error = capsys.readouterr().err.strip()
-    assert message in error and len(error.splitlines()) == 1, error
-    assert not (tmp_path / "out").exists()
+    assert_export_refused(checkpoint, tmp_path / "out", capsys, message)
 
 
 def test_unusual_settings_export_token_exact(tmp_path: Path) -> None:
@@ -238,7 +245,6 @@ REFUSED_CONFIGS = {
 def test_a_config_transformers_cannot_run_is_refused(tmp_path: Path, capsys, name: str) -> None:
     import json
 
-    from llava_edge.cli import main
     from llava_edge.training.checkpoint import init_checkpoint
 
     changes, message = REFUSED_CONFIGS[name]
@@ -247,12 +253,7 @@ def test_a_config_transformers_cannot_run_is_refused(tmp_path: Path, capsys, nam
     for key, value in changes.items():
         config[key] = {**config[key], **value} if isinstance(value, dict) else value
     (checkpoint / "config.json").write_text(json.dumps(config))
-    (checkpoint / "model.safetensors").unlink()
-    capsys.readouterr()
-    assert main(["export", str(checkpoint), str(tmp_path / "out")]) != 0
-    error = capsys.readouterr().err.strip()
-    assert message in error and len(error.splitlines()) == 1, error
-    assert not (tmp_path / "out").exists()
+    assert_export_refused(checkpoint, tmp_path / "out", capsys, message)
 
 
 def test_llava_next_processor_pinpoints_unlike_the_configs_are_refused(
