@@ -1,0 +1,121 @@
+"""The command lines README.md and docs/*.md show are ones `llava-edge` accepts.
+
+A user copies them: every `llava-edge COMMAND ...` the docs write (in code blocks and in inline
+code) must name a command that exists and only options that command's parser has, and one
+written out in full (no `[...]`, `|` or `...` placeholders) must parse as shown. The parser is
+`build_parser()` itself, so a renamed or removed option fails here until the docs follow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from llava_edge import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# A command starts a line or follows a shell separator; an error line it quotes
+# (`llava-edge build: error: ...`) is output, not a command.
+COMMAND = re.compile(r"(?:^\s*|[;&|]\s*|\$\()llava-edge\s+(?!\S*:)([a-z][a-z-]*)(.*)")
+OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    """Every sub-command by its words (`data synth`), nested ones included."""
+    found: dict[str, argparse.ArgumentParser] = {}
+
+    def walk(parser: argparse.ArgumentParser, prefix: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    nested = any(isinstance(a, argparse._SubParsersAction) for a in sub._actions)
+                    walk(sub, f"{prefix}{name} ") if nested else found.setdefault(
+                        f"{prefix}{name}", sub
+                    )
+
+    walk(cli.build_parser(), "")
+    return found
+
+
+def doc_lines(text: str) -> list[tuple[bool, str]]:
+    """(in a code block, line) of each line of every fenced block (backslash continuations
+    joined) and of each inline code in the prose."""
+    lines = []
+    for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S):
+        lines += [(True, line) for line in re.sub(r"\\\n\s*", " ", block).splitlines()]
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    lines += [(False, line) for line in re.findall(r"`([^`\n]+)`", prose)]
+    return lines
+
+
+def shown_commands() -> list[tuple[str, bool, str, str]]:
+    """(doc, in a code block, command words, the rest of the line) of every `llava-edge ...`
+    the docs show."""
+    commands = subcommands()
+    shown = []
+    for doc in DOCS:
+        for block, line in doc_lines(doc.read_text()):
+            match = COMMAND.search(line)
+            if not match:
+                continue
+            name, rest = match.groups()
+            if name == "data" and (sub := re.match(r"\s+([a-z]+)(.*)", rest)):
+                name, rest = f"data {sub.group(1)}", sub.group(2)
+            if name not in commands and name != "data":
+                name = f"unknown command {name!r}"
+            shown.append((doc.name, block, name, rest.split("  #")[0].split(" # ")[0].strip()))
+    return shown
+
+
+SHOWN = shown_commands()
+
+
+def test_the_docs_show_commands():
+    """The scan finds what it checks: a change to the docs' format must not empty it."""
+    assert len(SHOWN) > 50
+    assert {name for _, _, name, _ in SHOWN} >= {"export", "quantize", "train", "run", "data vqa"}
+
+
+@pytest.mark.parametrize(
+    ("doc", "name", "rest"),
+    [(d, n, r) for d, _, n, r in SHOWN],
+    ids=[f"{d}:{n}" for d, _, n, _ in SHOWN],
+)
+def test_every_option_shown_exists(doc: str, name: str, rest: str):
+    assert not name.startswith("unknown"), f"{doc}: llava-edge has no {name}"
+    parser = subcommands().get(name)
+    if parser is None:  # `llava-edge data` alone
+        return
+    known = {option for action in parser._actions for option in action.option_strings}
+    # A pipe ends the command; what follows is another program's (`| head -1`).
+    options = OPTION.findall(rest.split(" | ")[0] if "[" not in rest else rest)
+    unknown = sorted(set(options) - known)
+    assert not unknown, f"{doc}: `llava-edge {name}` has no {unknown}"
+
+
+# Code-block lines written out in full: no `[...]`, `a|b`, `...` or CAPITALS placeholders.
+FULL = [
+    (doc, name, rest)
+    for doc, block, name, rest in SHOWN
+    if block and name in subcommands() and not re.search(r"\[|\.\.\.|\||[A-Z_]{4,}", rest)
+]
+
+
+@pytest.mark.parametrize(("doc", "name", "rest"), FULL, ids=[f"{d}:{n}" for d, n, _ in FULL])
+def test_every_full_command_line_parses(doc: str, name: str, rest: str):
+    argv = [*name.split(), *shlex.split(rest.split(" > ")[0].split(" && ")[0])]
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            cli.build_parser().parse_args(argv)
+        except SystemExit as refused:
+            pytest.fail(
+                f"{doc}: `llava-edge {' '.join(argv)}` exits {refused}: {stderr.getvalue()}"
+            )
