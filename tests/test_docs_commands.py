@@ -119,3 +119,32 @@ def test_every_full_command_line_parses(doc: str, name: str, rest: str):
             pytest.fail(
                 f"{doc}: `llava-edge {' '.join(argv)}` exits {refused}: {stderr.getvalue()}"
             )
+
+
+# Options of other programs the docs show: pip, huggingface-cli, python -m venv, torchrun,
+# accelerate, trtexec, the original LLaVA's scripts, and the bench/ scripts (their own parsers).
+OTHER_PROGRAMS = {
+    "--index-url": "pip",
+    "--local-dir": "hf download",
+    "--system-site-packages": "python -m venv",
+    "--nproc": "torchrun --nproc_per_node",
+    "--config": "accelerate launch --config_file",
+    "--onnx": "trtexec --onnx=",
+    "--strongly": "trtexec --stronglyTyped",
+    "--bits": "the original LLaVA's training scripts",
+    "--skip-tensorrt": "bench/gpu_check.py",
+    "--skip-training": "bench/gpu_check.py",
+    "--fp32": "bench/bench_quantize.py",
+    "--int8": "bench/bench_quantize.py",
+    "--int4": "bench/bench_quantize.py",
+}
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[doc.name for doc in DOCS])
+def test_every_option_named_in_prose_exists(doc: Path):
+    """An option named anywhere (`--prefix-cache-mb` in a sentence about serve) is one some
+    command has: a misspelt or removed option in prose fails here too."""
+    known = {o for p in subcommands().values() for a in p._actions for o in a.option_strings}
+    named = set(OPTION.findall(doc.read_text()))
+    unknown = sorted(named - known - set(OTHER_PROGRAMS))
+    assert not unknown, f"{doc.name} names options no llava-edge command has: {unknown}"
