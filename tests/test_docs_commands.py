@@ -148,3 +148,37 @@ def test_every_option_named_in_prose_exists(doc: Path):
     named = set(OPTION.findall(doc.read_text()))
     unknown = sorted(named - known - set(OTHER_PROGRAMS))
     assert not unknown, f"{doc.name} names options no llava-edge command has: {unknown}"
+
+
+def synopsis_defaults() -> list[tuple[str, str, str, str]]:
+    """(doc, command, option, value) of each `[--option VALUE]` a synopsis line shows with a
+    value rather than a placeholder: README's Commands list writes defaults so."""
+    shown = []
+    for doc, block, name, rest in SHOWN:
+        if not block or name not in subcommands():
+            continue
+        for option, value in re.findall(r"\[(--[a-z-]+) ([^\]\s|A-Z]+)\]", rest):
+            # An option whose parser default is None is resolved further in (`quantize
+            # --samples 32`) or shown with an example (`--provider cuda`): not checked here.
+            if value != "..." and default(name, option) is not None:
+                shown.append((doc, name, option, value))
+    return shown
+
+
+def default(name: str, option: str) -> object:
+    parser = subcommands()[name]
+    return next(a.default for a in parser._actions if option in a.option_strings)
+
+
+DEFAULTS = synopsis_defaults()
+
+
+@pytest.mark.parametrize(
+    ("doc", "name", "option", "value"), DEFAULTS, ids=[f"{n} {o}" for _, n, o, _ in DEFAULTS]
+)
+def test_synopsis_values_are_the_defaults(doc: str, name: str, option: str, value: str):
+    expected = default(name, option)
+    if isinstance(expected, (int, float)) and not isinstance(expected, bool):
+        assert float(value) == expected, f"{doc}: `{name} [{option} {value}]`, default {expected}"
+    else:
+        assert value == str(expected), f"{doc}: `{name} [{option} {value}]`, default {expected}"
