@@ -2,7 +2,8 @@
 
 A user copies them: every `llava-edge COMMAND ...` the docs write (in code blocks and in inline
 code) must name a command that exists and only options that command's parser has, and one
-written out in full (no `[...]`, `|` or `...` placeholders) must parse as shown. The parser is
+written out in full (no `[...]`, `|` or `...` placeholders) must parse as shown; the values a
+synopsis shows are the defaults; and the repository files the docs name are there. The parser is
 `build_parser()` itself, so a renamed or removed option fails here until the docs follow.
 """
 
@@ -182,3 +183,24 @@ def test_synopsis_values_are_the_defaults(doc: str, name: str, option: str, valu
         assert float(value) == expected, f"{doc}: `{name} [{option} {value}]`, default {expected}"
     else:
         assert value == str(expected), f"{doc}: `{name} [{option} {value}]`, default {expected}"
+
+
+# A file path in this repository, as the docs write one: `llava_edge/files.py`,
+# `bench/bench_load.py`, `tests/test_plan.py`, or under llava_edge/ (`runtime/anyres.py`).
+REPO_FILE = re.compile(
+    r"(?<![\w/.-])((?:llava_edge|tests|bench|runtime|export|training|calib|serve|convert)/[\w/]+\.\w+)"
+)
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[doc.name for doc in DOCS])
+def test_every_repository_file_named_exists(doc: Path):
+    """A file the docs send a reader to is there."""
+    named = set(REPO_FILE.findall(doc.read_text()))
+    missing = sorted(
+        p for p in named if not (ROOT / p).exists() and not (ROOT / "llava_edge" / p).exists()
+    )
+    assert not missing, f"{doc.name} names files that are not there: {missing}"
+
+
+def test_the_docs_name_repository_files():
+    assert sum(len(REPO_FILE.findall(doc.read_text())) for doc in DOCS) > 30
