@@ -1,0 +1,206 @@
+"""The command lines README.md and docs/*.md show are ones `llava-edge` accepts.
+
+A user copies them: every `llava-edge COMMAND ...` the docs write (in code blocks and in inline
+code) must name a command that exists and only options that command's parser has, and one
+written out in full (no `[...]`, `|` or `...` placeholders) must parse as shown; the values a
+synopsis shows are the defaults; and the repository files the docs name are there. The parser is
+`build_parser()` itself, so a renamed or removed option fails here until the docs follow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from llava_edge import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# A command starts a line or follows a shell separator; an error line it quotes
+# (`llava-edge build: error: ...`) is output, not a command.
+COMMAND = re.compile(r"(?:^\s*|[;&|]\s*|\$\()llava-edge\s+(?!\S*:)([a-z][a-z-]*)(.*)")
+OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    """Every sub-command by its words (`data synth`), nested ones included."""
+    found: dict[str, argparse.ArgumentParser] = {}
+
+    def walk(parser: argparse.ArgumentParser, prefix: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    nested = any(isinstance(a, argparse._SubParsersAction) for a in sub._actions)
+                    walk(sub, f"{prefix}{name} ") if nested else found.setdefault(
+                        f"{prefix}{name}", sub
+                    )
+
+    walk(cli.build_parser(), "")
+    return found
+
+
+def doc_lines(text: str) -> list[tuple[bool, str]]:
+    """(in a code block, line) of each line of every fenced block (backslash continuations
+    joined) and of each inline code in the prose."""
+    lines = []
+    for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S):
+        lines += [(True, line) for line in re.sub(r"\\\n\s*", " ", block).splitlines()]
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    lines += [(False, line) for line in re.findall(r"`([^`\n]+)`", prose)]
+    return lines
+
+
+def shown_commands() -> list[tuple[str, bool, str, str]]:
+    """(doc, in a code block, command words, the rest of the line) of every `llava-edge ...`
+    the docs show."""
+    commands = subcommands()
+    shown = []
+    for doc in DOCS:
+        for block, line in doc_lines(doc.read_text()):
+            match = COMMAND.search(line)
+            if not match:
+                continue
+            name, rest = match.groups()
+            if name == "data" and (sub := re.match(r"\s+([a-z]+)(.*)", rest)):
+                name, rest = f"data {sub.group(1)}", sub.group(2)
+            if name not in commands and name != "data":
+                name = f"unknown command {name!r}"
+            shown.append((doc.name, block, name, rest.split("  #")[0].split(" # ")[0].strip()))
+    return shown
+
+
+SHOWN = shown_commands()
+
+
+def test_the_docs_show_commands():
+    """The scan finds what it checks: a change to the docs' format must not empty it."""
+    assert len(SHOWN) > 50
+    assert {name for _, _, name, _ in SHOWN} >= {"export", "quantize", "train", "run", "data vqa"}
+
+
+@pytest.mark.parametrize(
+    ("doc", "name", "rest"),
+    [(d, n, r) for d, _, n, r in SHOWN],
+    ids=[f"{d}:{n}" for d, _, n, _ in SHOWN],
+)
+def test_every_option_shown_exists(doc: str, name: str, rest: str):
+    assert not name.startswith("unknown"), f"{doc}: llava-edge has no {name}"
+    parser = subcommands().get(name)
+    if parser is None:  # `llava-edge data` alone
+        return
+    known = {option for action in parser._actions for option in action.option_strings}
+    # A pipe ends the command; what follows is another program's (`| head -1`).
+    options = OPTION.findall(rest.split(" | ")[0] if "[" not in rest else rest)
+    unknown = sorted(set(options) - known)
+    assert not unknown, f"{doc}: `llava-edge {name}` has no {unknown}"
+
+
+# Code-block lines written out in full: no `[...]`, `a|b`, `...` or CAPITALS placeholders.
+FULL = [
+    (doc, name, rest)
+    for doc, block, name, rest in SHOWN
+    if block and name in subcommands() and not re.search(r"\[|\.\.\.|\||[A-Z_]{4,}", rest)
+]
+
+
+@pytest.mark.parametrize(("doc", "name", "rest"), FULL, ids=[f"{d}:{n}" for d, n, _ in FULL])
+def test_every_full_command_line_parses(doc: str, name: str, rest: str):
+    argv = [*name.split(), *shlex.split(rest.split(" > ")[0].split(" && ")[0])]
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            cli.build_parser().parse_args(argv)
+        except SystemExit as refused:
+            pytest.fail(
+                f"{doc}: `llava-edge {' '.join(argv)}` exits {refused}: {stderr.getvalue()}"
+            )
+
+
+# Options of other programs the docs show: pip, huggingface-cli, python -m venv, torchrun,
+# accelerate, trtexec, the original LLaVA's scripts, and the bench/ scripts (their own parsers).
+OTHER_PROGRAMS = {
+    "--index-url": "pip",
+    "--local-dir": "hf download",
+    "--system-site-packages": "python -m venv",
+    "--nproc": "torchrun --nproc_per_node",
+    "--config": "accelerate launch --config_file",
+    "--onnx": "trtexec --onnx=",
+    "--strongly": "trtexec --stronglyTyped",
+    "--bits": "the original LLaVA's training scripts",
+    "--skip-tensorrt": "bench/gpu_check.py",
+    "--skip-training": "bench/gpu_check.py",
+    "--fp32": "bench/bench_quantize.py",
+    "--int8": "bench/bench_quantize.py",
+    "--int4": "bench/bench_quantize.py",
+}
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[doc.name for doc in DOCS])
+def test_every_option_named_in_prose_exists(doc: Path):
+    """An option named anywhere (`--prefix-cache-mb` in a sentence about serve) is one some
+    command has: a misspelt or removed option in prose fails here too."""
+    known = {o for p in subcommands().values() for a in p._actions for o in a.option_strings}
+    named = set(OPTION.findall(doc.read_text()))
+    unknown = sorted(named - known - set(OTHER_PROGRAMS))
+    assert not unknown, f"{doc.name} names options no llava-edge command has: {unknown}"
+
+
+def synopsis_defaults() -> list[tuple[str, str, str, str]]:
+    """(doc, command, option, value) of each `[--option VALUE]` a synopsis line shows with a
+    value rather than a placeholder: README's Commands list writes defaults so."""
+    shown = []
+    for doc, block, name, rest in SHOWN:
+        if not block or name not in subcommands():
+            continue
+        for option, value in re.findall(r"\[(--[a-z-]+) ([^\]\s|A-Z]+)\]", rest):
+            # An option whose parser default is None is resolved further in (`quantize
+            # --samples 32`) or shown with an example (`--provider cuda`): not checked here.
+            if value != "..." and default(name, option) is not None:
+                shown.append((doc, name, option, value))
+    return shown
+
+
+def default(name: str, option: str) -> object:
+    parser = subcommands()[name]
+    return next(a.default for a in parser._actions if option in a.option_strings)
+
+
+DEFAULTS = synopsis_defaults()
+
+
+@pytest.mark.parametrize(
+    ("doc", "name", "option", "value"), DEFAULTS, ids=[f"{n} {o}" for _, n, o, _ in DEFAULTS]
+)
+def test_synopsis_values_are_the_defaults(doc: str, name: str, option: str, value: str):
+    expected = default(name, option)
+    if isinstance(expected, (int, float)) and not isinstance(expected, bool):
+        assert float(value) == expected, f"{doc}: `{name} [{option} {value}]`, default {expected}"
+    else:
+        assert value == str(expected), f"{doc}: `{name} [{option} {value}]`, default {expected}"
+
+
+# A file path in this repository, as the docs write one: `llava_edge/files.py`,
+# `bench/bench_load.py`, `tests/test_plan.py`, or under llava_edge/ (`runtime/anyres.py`).
+REPO_FILE = re.compile(
+    r"(?<![\w/.-])((?:llava_edge|tests|bench|runtime|export|training|calib|serve|convert)/[\w/]+\.\w+)"
+)
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[doc.name for doc in DOCS])
+def test_every_repository_file_named_exists(doc: Path):
+    """A file the docs send a reader to is there."""
+    named = set(REPO_FILE.findall(doc.read_text()))
+    missing = sorted(
+        p for p in named if not (ROOT / p).exists() and not (ROOT / "llava_edge" / p).exists()
+    )
+    assert not missing, f"{doc.name} names files that are not there: {missing}"
+
+
+def test_the_docs_name_repository_files():
+    assert sum(len(REPO_FILE.findall(doc.read_text())) for doc in DOCS) > 30
