@@ -245,6 +245,12 @@ def test_bad_arrays_get_clear_errors():
         load_image(np.zeros((4, 4, 5), np.uint8))
     with pytest.raises(LlavaEdgeError, match=r"channels first\? transpose it to \(H, W, C\)"):
         load_image(np.zeros((3, 32, 48), np.uint8))
+    with pytest.raises(LlavaEdgeError, match=r"has shape \(3, 32, 2\); expected") as grey_alpha:
+        load_image(np.zeros((3, 32, 2), np.uint8))  # grey and alpha: channels last already
+    assert "channels first" not in str(grey_alpha.value)
+    with pytest.raises(LlavaEdgeError, match="shape") as flat:
+        load_image(np.zeros(3, np.uint8))
+    assert "channels first" not in str(flat.value)
     import torch
 
     with pytest.raises(LlavaEdgeError, match="got Tensor; convert it to a channels-last numpy"):

@@ -258,9 +258,9 @@ def _from_array(array: np.ndarray) -> Image.Image:
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
-        first = (
-            " (channels first? transpose it to (H, W, C))" if array.shape[0] in (1, 3, 4) else ""
-        )
+        # (C, H, W) when its last axis is too long for channels: (3, 32, 2) is no such case
+        channels_first = array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] > 4
+        first = " (channels first? transpose it to (H, W, C))" if channels_first else ""
         raise LlavaEdgeError(
             f"image array has shape {array.shape}{first}; expected (H, W, 3) RGB, "
             "(H, W, 4) RGBA or (H, W) grey"
