@@ -733,6 +733,7 @@ def test_a_client_leaving_mid_stream_frees_its_row_and_a_full_queue_gets_429(ser
     body = {"model": MODEL, "messages": GOOD, "max_tokens": 800, "ignore_eos": True}
     url, headers = server.url + "/v1/chat/completions", {"Authorization": f"Bearer {KEY}"}
     cancelled = server.metric("llava_edge_engine_cancelled_total")
+    finished = server.metric("llava_edge_engine_finished_total")
     results: list[httpx.Response] = []
     queued = threading.Thread(target=lambda: results.append(server.post({**body, "max_tokens": 2})))
     with httpx.Client(timeout=30) as a, httpx.Client(timeout=30) as b:
@@ -772,6 +773,7 @@ def test_a_client_leaving_mid_stream_frees_its_row_and_a_full_queue_gets_429(ser
         time.sleep(0.02)
     assert server.metric("llava_edge_engine_running") == 0
     assert server.metric("llava_edge_engine_cancelled_total") == cancelled + 3
+    assert server.metric("llava_edge_engine_finished_total") == finished + 1  # the queued one
     assert server.metric("llava_edge_client_disconnects_total") >= 3
 
 

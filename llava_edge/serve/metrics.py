@@ -83,7 +83,11 @@ class _EngineCollector(Collector):
         "decode_tokens": "Tokens of batched decoder steps (a request's first comes from prefill)",
         "decode_seconds": "Time in batched decoder steps",
         "prefill_seconds": "Time admitting requests (image features and prefill)",
-        "cancelled": "Requests cancelled before they finished (client gone, time limit, shutdown)",
+        "finished": "Requests that ended with their answer",
+        "cancelled": "Requests cancelled before they finished (the client gone, a time limit the "
+        "server noticed first, shutdown without drain)",
+        "failed": "Requests that ended in an error (a time limit the engine noticed first, a "
+        "backend failure, shutdown)",
     }
 
     def __init__(self, stats: Callable[[], dict[str, float] | None]):
