@@ -313,6 +313,18 @@ def test_text_only_and_system_prompt(server):
     assert system.usage.prompt_tokens == len(ids) != len(want.prompt_token_ids)
 
 
+def test_an_assistant_message_with_null_content_is_an_empty_answer(server):
+    """OpenAI's message schema lets an assistant's content be null (openai's own types allow
+    it); a client replaying history with such a turn gets the reply an empty answer gets."""
+    turns = [{"role": "user", "content": "Hi."}, None, {"role": "user", "content": "What?"}]
+    replies = []
+    for content in ("", None):
+        turns[1] = {"role": "assistant", "content": content}
+        replies.append(server.post({"model": MODEL, "messages": turns, "max_tokens": 4}))
+    assert replies[1].status_code == 200, replies[1].text
+    assert replies[1].json()["choices"] == replies[0].json()["choices"]
+
+
 def test_images_from_allowed_files_and_remote_urls(server, media_dir, tmp_path):
     pipe = server.state.pipe
     want = pipe.answer(media_dir / "one.png", "What?", max_new_tokens=6).text

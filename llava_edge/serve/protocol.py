@@ -202,7 +202,8 @@ def _parse_messages(
                 raise ApiError(400, "an assistant message must answer a user message", param)
             if message.get("tool_calls"):
                 raise ApiError(400, "tool calls are not supported", f"{param}.tool_calls")
-            turns[-1][1], _ = _content(message.get("content"), param, images=False)
+            content = message.get("content")  # null is allowed: an empty answer
+            turns[-1][1], _ = _content("" if content is None else content, param, images=False)
         elif role in ("tool", "function"):
             raise ApiError(400, f"'{role}' messages are not supported (no tool use)", param)
         else:
