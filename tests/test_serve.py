@@ -325,6 +325,29 @@ def test_an_assistant_message_with_null_content_is_an_empty_answer(server):
     assert replies[1].json()["choices"] == replies[0].json()["choices"]
 
 
+def test_system_and_developer_messages_before_the_first_question_are_one_system_prompt(server):
+    """OpenAI takes several; LangChain sends its prompt's system message and the caller's."""
+    pipe, question = server.state.pipe, {"role": "user", "content": "Say something."}
+    reply = server.post(
+        {
+            "model": MODEL,
+            "messages": [
+                {"role": "system", "content": "You are a robot."},
+                {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+                question,
+            ],
+            "max_tokens": 4,
+        }
+    )
+    assert reply.status_code == 200, reply.text
+    ids = pipe.conversation_ids([("Say something.", None)], system="You are a robot.\nBe brief.")
+    assert reply.json()["usage"]["prompt_tokens"] == len(ids)
+    late = server.post(
+        {"model": MODEL, "messages": [question, {"role": "system", "content": "A."}, *GOOD]}
+    )
+    assert late.status_code == 400 and error_of(late)["param"] == "messages[1]"
+
+
 def test_images_from_allowed_files_and_remote_urls(server, media_dir, tmp_path):
     pipe = server.state.pipe
     want = pipe.answer(media_dir / "one.png", "What?", max_new_tokens=6).text

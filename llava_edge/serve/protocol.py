@@ -184,11 +184,15 @@ def _parse_messages(
             raise ApiError(400, f"{param} must be an object with 'role' and 'content'", param)
         role = message.get("role")
         if role in ("system", "developer"):
-            if turns or system is not None:
+            if turns:
                 raise ApiError(
-                    400, "one system message is allowed, before the first user message", param
+                    400,
+                    "system and developer messages go before the first user message: the "
+                    "model's template has one system prompt",
+                    param,
                 )
-            system, _ = _content(message.get("content"), param, images=False)
+            text, _ = _content(message.get("content"), param, images=False)
+            system = text if system is None else _joined([system, text])
         elif role == "user":
             text, urls = _content(message.get("content"), param, images=True)
             if turns and turns[-1][1] is None:  # one turn, as a client sends an image, then
