@@ -348,6 +348,22 @@ def test_system_and_developer_messages_before_the_first_question_are_one_system_
     assert late.status_code == 400 and error_of(late)["param"] == "messages[1]"
 
 
+def test_a_seed_reproduces_a_sampled_answer_negative_ones_too(server):
+    """OpenAI takes any 64-bit seed; a client drawing one at random sends negatives half the
+    time. A negative seed is its two's complement, so distinct seeds stay distinct."""
+
+    def sampled(seed: int) -> str:
+        body = {"model": MODEL, "messages": GOOD, "max_tokens": 12, "temperature": 1.5}
+        reply = server.post({**body, "seed": seed})
+        assert reply.status_code == 200, reply.text
+        return reply.json()["choices"][0]["message"]["content"]
+
+    assert sampled(7) == sampled(7) != sampled(8)
+    assert sampled(-1) == sampled(-1) == sampled(2**64 - 1) != sampled(1)
+    too_low = server.post({"model": MODEL, "messages": GOOD, "seed": -(2**63) - 1})
+    assert too_low.status_code == 400 and error_of(too_low)["param"] == "seed"
+
+
 def test_images_from_allowed_files_and_remote_urls(server, media_dir, tmp_path):
     pipe = server.state.pipe
     want = pipe.answer(media_dir / "one.png", "What?", max_new_tokens=6).text

@@ -304,9 +304,13 @@ def _parse_options(body: dict) -> tuple[dict[str, Any], str | None]:
         options["repetition_penalty"] = float(penalty)
     seed = body.get("seed")
     if seed is not None:
-        if not _is_int(seed) or seed < 0:
-            raise ApiError(400, f"'seed' must be a non-negative integer, got {seed!r}", "seed")
-        options["seed"] = seed
+        # OpenAI takes any 64-bit integer; the sampler's generator, a non-negative one: a
+        # negative seed is taken as its two's complement, so distinct seeds stay distinct
+        if not _is_int(seed) or seed < -(2**63):
+            raise ApiError(
+                400, f"'seed' must be an integer of at least -2**63, got {seed!r}", "seed"
+            )
+        options["seed"] = seed % 2**64 if seed < 0 else seed
     stop = body.get("stop")
     if stop is not None:
         stops = [stop] if isinstance(stop, str) else stop
