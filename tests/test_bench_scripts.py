@@ -1,0 +1,64 @@
+"""The bench/ scripts still start against the current code, and read what it prints.
+
+They are run by users, not by tests (they time things); these checks only keep them from rotting.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+from llava_edge.export.verify import _format
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+SCRIPTS = sorted(BENCH.glob("*.py"))
+
+
+@pytest.fixture
+def bench_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCH))  # as when a script is run from bench/
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)
+def test_every_bench_script_answers_help(
+    script: Path, bench_on_path: None, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.setattr(sys, "argv", [str(script), "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(script), run_name="__main__")
+    assert exit_.value.code in (0, None)
+    assert "usage:" in capsys.readouterr().out
+
+
+def _report(passed: bool) -> dict:
+    return {
+        "passed": passed,
+        "template": "vicuna_v1",
+        "template_source": "config",
+        "prompt_ids_equal": True,
+        "chat_ids_equal": True,
+        "pixel_max_abs_diff": 0.0,
+        "image_features_max_abs_diff": 1.5e-8,
+        "prefill_logits_max_abs_diff": 1.6e-7,
+        "prefill_logits_cosine": 1.0,
+        "greedy_tokens_matched": 32,
+        "greedy_tokens_total": 32,
+    }
+
+
+def test_bench_export_reads_the_verification_export_prints(bench_on_path: None) -> None:
+    spec = importlib.util.spec_from_file_location("bench_export", BENCH / "bench_export.py")
+    bench_export = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_export)
+    both = _format(_report(True), "standard") + "\n" + _format(_report(True), "fused")
+    found = bench_export.verification(both)
+    assert found["passed"] is True
+    assert found["prefill_logits_max_abs_diff"] == pytest.approx(1.6e-7)
+    assert found["greedy_tokens_identical"] == "32/32"
+    one_failed = _format(_report(True), "standard") + "\n" + _format(_report(False), "fused")
+    assert bench_export.verification(one_failed)["passed"] is False
+    assert bench_export.verification(_format(_report(True)))["passed"] is True
