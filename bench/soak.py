@@ -104,4 +104,6 @@ def build_tiny(work: Path) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    from _entry import run  # bench/ is on the path of a script run from it
+
+    run(main)

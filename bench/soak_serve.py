@@ -252,4 +252,6 @@ def soak(url: str, pid: int, args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from _entry import run  # bench/ is on the path of a script run from it
+
+    run(main)

@@ -15,7 +15,7 @@ import pytest
 from llava_edge.export.verify import _format
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
-SCRIPTS = sorted(BENCH.glob("*.py"))
+SCRIPTS = sorted(p for p in BENCH.glob("*.py") if not p.name.startswith("_"))
 
 
 @pytest.fixture
@@ -62,3 +62,33 @@ def test_bench_export_reads_the_verification_export_prints(bench_on_path: None) 
     one_failed = _format(_report(True), "standard") + "\n" + _format(_report(False), "fused")
     assert bench_export.verification(one_failed)["passed"] is False
     assert bench_export.verification(_format(_report(True)))["passed"] is True
+
+
+def test_a_script_told_of_a_missing_model_dir_ends_in_one_line(
+    bench_on_path: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    missing = tmp_path / "no-model"
+    argv = [
+        "plan_depth.py",
+        str(missing),
+        str(missing),
+        "--text-layers",
+        "4",
+        "--vision-layers",
+        "3",
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(BENCH / "plan_depth.py"), run_name="__main__")
+    assert exit_.value.code == f"plan_depth.py: error: model dir {missing} does not exist"
+
+
+def test_the_bench_server_gives_up_when_serve_exits_before_ready(
+    bench_on_path: None, tmp_path: Path
+) -> None:
+    from bench_serve import Server
+
+    from llava_edge.errors import LlavaEdgeError
+
+    with pytest.raises(LlavaEdgeError, match="exited .1. before it was ready"):
+        Server(tmp_path / "no-model")  # once hung for 300 s polling /health
