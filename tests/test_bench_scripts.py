@@ -92,3 +92,22 @@ def test_the_bench_server_gives_up_when_serve_exits_before_ready(
 
     with pytest.raises(LlavaEdgeError, match="exited .1. before it was ready"):
         Server(tmp_path / "no-model")  # once hung for 300 s polling /health
+
+
+@pytest.mark.parametrize(
+    ("script", "argv", "said"),
+    [
+        ("soak.py", ["--generations", "5", "--every", "10"], "--every must be 1 to --generations"),
+        ("soak_serve.py", ["--requests", "5", "--every", "0"], "--every must be 1 to --requests"),
+        ("bench_load.py", ["--model", "{missing}", "--checkpoint", "{missing}"], "does not exist"),
+    ],
+)
+def test_a_script_refuses_what_it_cannot_run_before_starting(
+    script: str, argv: list[str], said: str, bench_on_path: None, monkeypatch, tmp_path, capsys
+) -> None:
+    missing = str(tmp_path / "no-model")
+    monkeypatch.setattr(sys, "argv", [script, *(a.format(missing=missing) for a in argv)])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(BENCH / script), run_name="__main__")
+    assert exit_.value.code not in (0, None)
+    assert said in f"{exit_.value.code} {capsys.readouterr().err}"
