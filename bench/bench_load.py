@@ -27,6 +27,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from llava_edge.manifest import Manifest
+
 PICTURE = """
 import numpy as np
 from PIL import Image
@@ -92,6 +94,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.model and args.checkpoint:
         model, checkpoint = args.model, args.checkpoint
+        Manifest.load(model)  # a missing or broken dir in one line, not in a child's traceback
     else:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from bench_quantize import build
@@ -157,4 +160,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from _entry import run  # bench/ is on the path of a script run from it
+
+    run(main)

@@ -128,4 +128,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from _entry import run  # bench/ is on the path of a script run from it
+
+    run(main)

@@ -280,7 +280,8 @@ class TransformersText:
         import torch
 
         rng = np.random.default_rng(seed)
-        ids = torch.from_numpy(rng.integers(3, 2000, size=(1, PREFILL)))
+        vocab = min(self.model.config.vocab_size, 2000)  # in range on any preset's vocab
+        ids = torch.from_numpy(rng.integers(3, vocab, size=(1, PREFILL)))
         with torch.no_grad():
             start = time.perf_counter()
             out = self.model(ids, use_cache=True, logits_to_keep=1)
@@ -424,4 +425,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from _entry import run  # bench/ is on the path of a script run from it
+
+    run(main)

@@ -38,6 +38,7 @@ import numpy as np
 from bench_runtime import prepare  # bench/ is on the path of a script run from it
 from PIL import Image
 
+from llava_edge.errors import LlavaEdgeError
 from llava_edge.runtime import bench
 from llava_edge.serve.server import bind
 
@@ -72,6 +73,10 @@ class Server:
         )
         deadline = time.time() + 300
         while time.time() < deadline:
+            if self.process.poll() is not None:  # it said why on stderr; waiting longer is a hang
+                raise LlavaEdgeError(
+                    f"`llava-edge serve {model}` exited ({self.process.returncode}) before it was ready"
+                )
             try:
                 if httpx.get(self.url + "/health").status_code == 200:
                     return
@@ -79,7 +84,7 @@ class Server:
                 pass
             time.sleep(0.2)
         self.process.kill()
-        raise RuntimeError("the server did not start")
+        raise LlavaEdgeError(f"`llava-edge serve {model}` was not ready after 300 s")
 
     def engine(self) -> dict[str, float]:
         out = {}
@@ -286,4 +291,6 @@ def median(values: list) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    from _entry import run  # bench/ is on the path of a script run from it
+
+    run(main)

@@ -362,4 +362,6 @@ def _data_paths(work: Path) -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    main()
+    from _entry import run  # bench/ is on the path of a script run from it
+
+    run(main)

@@ -61,6 +61,8 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=2000)
     parser.add_argument("--every", type=int, default=100)
     args = parser.parse_args()
+    if not 1 <= args.every <= args.generations:  # no sample, no report
+        parser.error(f"--every must be 1 to --generations ({args.generations}), got {args.every}")
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or build_tiny(Path(tmp))
         samples = []
@@ -104,4 +106,6 @@ def build_tiny(work: Path) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    from _entry import run  # bench/ is on the path of a script run from it
+
+    run(main)

@@ -171,6 +171,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=6)
     parser.add_argument("--every", type=int, default=100)
     args = parser.parse_args()
+    if not 1 <= args.every <= args.requests:  # no sample, no report
+        parser.error(f"--every must be 1 to --requests ({args.requests}), got {args.every}")
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or build_tiny(Path(tmp))
         server = Server(
@@ -252,4 +254,6 @@ def soak(url: str, pid: int, args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from _entry import run  # bench/ is on the path of a script run from it
+
+    run(main)

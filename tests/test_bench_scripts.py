@@ -1,0 +1,113 @@
+"""The bench/ scripts still start against the current code, and read what it prints.
+
+They are run by users, not by tests (they time things); these checks only keep them from rotting.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+from llava_edge.export.verify import _format
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+SCRIPTS = sorted(p for p in BENCH.glob("*.py") if not p.name.startswith("_"))
+
+
+@pytest.fixture
+def bench_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCH))  # as when a script is run from bench/
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)
+def test_every_bench_script_answers_help(
+    script: Path, bench_on_path: None, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.setattr(sys, "argv", [str(script), "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(script), run_name="__main__")
+    assert exit_.value.code in (0, None)
+    assert "usage:" in capsys.readouterr().out
+
+
+def _report(passed: bool) -> dict:
+    return {
+        "passed": passed,
+        "template": "vicuna_v1",
+        "template_source": "config",
+        "prompt_ids_equal": True,
+        "chat_ids_equal": True,
+        "pixel_max_abs_diff": 0.0,
+        "image_features_max_abs_diff": 1.5e-8,
+        "prefill_logits_max_abs_diff": 1.6e-7,
+        "prefill_logits_cosine": 1.0,
+        "greedy_tokens_matched": 32,
+        "greedy_tokens_total": 32,
+    }
+
+
+def test_bench_export_reads_the_verification_export_prints(bench_on_path: None) -> None:
+    spec = importlib.util.spec_from_file_location("bench_export", BENCH / "bench_export.py")
+    bench_export = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_export)
+    both = _format(_report(True), "standard") + "\n" + _format(_report(True), "fused")
+    found = bench_export.verification(both)
+    assert found["passed"] is True
+    assert found["prefill_logits_max_abs_diff"] == pytest.approx(1.6e-7)
+    assert found["greedy_tokens_identical"] == "32/32"
+    one_failed = _format(_report(True), "standard") + "\n" + _format(_report(False), "fused")
+    assert bench_export.verification(one_failed)["passed"] is False
+    assert bench_export.verification(_format(_report(True)))["passed"] is True
+
+
+def test_a_script_told_of_a_missing_model_dir_ends_in_one_line(
+    bench_on_path: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    missing = tmp_path / "no-model"
+    argv = [
+        "plan_depth.py",
+        str(missing),
+        str(missing),
+        "--text-layers",
+        "4",
+        "--vision-layers",
+        "3",
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(BENCH / "plan_depth.py"), run_name="__main__")
+    assert exit_.value.code == f"plan_depth.py: error: model dir {missing} does not exist"
+
+
+def test_the_bench_server_gives_up_when_serve_exits_before_ready(
+    bench_on_path: None, tmp_path: Path
+) -> None:
+    from bench_serve import Server
+
+    from llava_edge.errors import LlavaEdgeError
+
+    with pytest.raises(LlavaEdgeError, match="exited .1. before it was ready"):
+        Server(tmp_path / "no-model")  # once hung for 300 s polling /health
+
+
+@pytest.mark.parametrize(
+    ("script", "argv", "said"),
+    [
+        ("soak.py", ["--generations", "5", "--every", "10"], "--every must be 1 to --generations"),
+        ("soak_serve.py", ["--requests", "5", "--every", "0"], "--every must be 1 to --requests"),
+        ("bench_load.py", ["--model", "{missing}", "--checkpoint", "{missing}"], "does not exist"),
+    ],
+)
+def test_a_script_refuses_what_it_cannot_run_before_starting(
+    script: str, argv: list[str], said: str, bench_on_path: None, monkeypatch, tmp_path, capsys
+) -> None:
+    missing = str(tmp_path / "no-model")
+    monkeypatch.setattr(sys, "argv", [script, *(a.format(missing=missing) for a in argv)])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(BENCH / script), run_name="__main__")
+    assert exit_.value.code not in (0, None)
+    assert said in f"{exit_.value.code} {capsys.readouterr().err}"
