@@ -241,18 +241,25 @@ REFUSED_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("name", list(REFUSED_CONFIGS))
-def test_a_config_transformers_cannot_run_is_refused(tmp_path: Path, capsys, name: str) -> None:
+def checkpoint_with_config(path: Path, changes: dict) -> Path:
+    """A tiny checkpoint whose config.json takes `changes` (a dict value updates that section)."""
     import json
 
     from llava_edge.training.checkpoint import init_checkpoint
 
-    changes, message = REFUSED_CONFIGS[name]
-    checkpoint = init_checkpoint(tmp_path / "checkpoint")
+    checkpoint = init_checkpoint(path)
     config = json.loads((checkpoint / "config.json").read_text())
     for key, value in changes.items():
         config[key] = {**config[key], **value} if isinstance(value, dict) else value
     (checkpoint / "config.json").write_text(json.dumps(config))
+    return checkpoint
+
+
+@pytest.mark.parametrize("name", list(REFUSED_CONFIGS))
+def test_a_config_transformers_cannot_run_is_refused(tmp_path: Path, capsys, name: str) -> None:
+
+    changes, message = REFUSED_CONFIGS[name]
+    checkpoint = checkpoint_with_config(tmp_path / "checkpoint", changes)
     assert_export_refused(checkpoint, tmp_path / "out", capsys, message)
 
 
@@ -338,14 +345,9 @@ def test_train_and_the_model_loader_refuse_such_configs_in_one_line_too(
     from llava_edge.cli import main
     from llava_edge.errors import LlavaEdgeError
     from llava_edge.modeling import load_model
-    from llava_edge.training.checkpoint import init_checkpoint
 
     changes, message = REFUSED_CONFIGS[name]
-    checkpoint = init_checkpoint(tmp_path / "checkpoint")
-    config = json.loads((checkpoint / "config.json").read_text())
-    for key, value in changes.items():
-        config[key] = {**config[key], **value} if isinstance(value, dict) else value
-    (checkpoint / "config.json").write_text(json.dumps(config))
+    checkpoint = checkpoint_with_config(tmp_path / "checkpoint", changes)
     data = tmp_path / "data.json"
     data.write_text(json.dumps([{"id": "a", "conversations": []}]))
     capsys.readouterr()
