@@ -47,7 +47,7 @@ from llava_edge.runtime.answer import Answer, AnswerText, timings
 from llava_edge.runtime.anyres import ImagePixels, pixels_list
 from llava_edge.runtime.generate import Timer, embed, past_limit
 from llava_edge.runtime.image import Images, image_list
-from llava_edge.runtime.sampling import GenerationConfig, Sampler
+from llava_edge.runtime.sampling import GenerationConfig, Sampler, whole_number
 
 MIN_PREFIX = 16  # tokens: shorter shared prefixes are recomputed, not copied or stored
 MAX_PREFIXES = 64  # finished requests kept for reuse (recent conversations), within the budget
@@ -278,17 +278,6 @@ def _token_ids(ids: Any) -> list[int]:
     return ids
 
 
-def _count(name: str, value: Any, least: int, what: str) -> int:
-    """A whole number of any integer type (robot code holds numpy's), not a bool."""
-    if (
-        isinstance(value, bool | np.bool_)
-        or not isinstance(value, numbers.Integral)
-        or value < least
-    ):
-        raise LlavaEdgeError(f"{name} must be {what}, got {value!r}")
-    return int(value)
-
-
 def _same_pictures(length: int, image_at: np.ndarray, images: Pictures, stored: Pictures) -> int:
     """How much of a `length`-token common prefix holds the same pictures: up to the first
     image whose tokens start in it but which stands for another picture (or none stored)."""
@@ -336,9 +325,9 @@ class BatchEngine:
         admit_per_step: int = 1,
         start: bool = True,
     ):
-        max_batch = _count("max_batch", max_batch, 1, "a positive integer")
-        max_queue = _count("max_queue", max_queue, 0, "0 or more")
-        self.admit_per_step = _count("admit_per_step", admit_per_step, 1, "at least 1")
+        max_batch = whole_number("max_batch", max_batch, 1, "a positive integer")
+        max_queue = whole_number("max_queue", max_queue, 0, "0 or more")
+        self.admit_per_step = whole_number("admit_per_step", admit_per_step, 1, "at least 1")
         self.pipe = pipeline
         self.max_batch = max_batch
         self.max_queue = max_queue

@@ -44,7 +44,7 @@ from llava_edge.runtime.generate import (
     positions_from_mask,
 )
 from llava_edge.runtime.image import ImageInput, Images, image_list, load_image
-from llava_edge.runtime.sampling import GenerationConfig
+from llava_edge.runtime.sampling import GenerationConfig, whole_number
 from llava_edge.runtime.template import IMAGE_PLACEHOLDER, answer_text, user_turn, with_system
 from llava_edge.runtime.tokenizer import TextCodec, common_prefix
 
@@ -170,13 +170,8 @@ class Pipeline:
         that needs a graph waits for it (a request's image runs while the decoder still opens),
         and a graph that fails to load raises at that call or at `wait_loaded()`.
         """
-        if threads is not None and (
-            isinstance(threads, bool | np.bool_)
-            or not isinstance(threads, numbers.Integral)
-            or threads < 1
-        ):  # onnxruntime takes 0 and negatives silently, as its own default
-            raise LlavaEdgeError(f"threads must be a whole number, 1 or more, got {threads!r}")
-        threads = None if threads is None else int(threads)
+        if threads is not None:  # onnxruntime takes 0 and negatives silently, as its default
+            threads = whole_number("threads", threads, 1, "a whole number, 1 or more")
         # a string from a config file ("false") would read as true
         for name, value in (
             ("cuda_graph", cuda_graph),

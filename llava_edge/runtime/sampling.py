@@ -33,10 +33,12 @@ class GenerationConfig:
     def validate(self) -> None:
         """Refuse what generation cannot take, in one line naming the option; numbers of any
         numeric type (numpy's included: robot code often holds them) become Python's own."""
-        self.max_new_tokens = _integer("max_new_tokens", self.max_new_tokens, "a positive", 1)
-        self.top_k = _integer("top_k", self.top_k, "0 (off) or a positive", 0)
+        self.max_new_tokens = whole_number(
+            "max_new_tokens", self.max_new_tokens, 1, "a positive integer"
+        )
+        self.top_k = whole_number("top_k", self.top_k, 0, "0 (off) or a positive integer")
         if self.seed is not None:
-            self.seed = _integer("seed", self.seed, "None or a non-negative", 0)
+            self.seed = whole_number("seed", self.seed, 0, "None or a non-negative integer")
         self.temperature = _number("temperature", self.temperature, 0, 100, "[0, 100]")
         self.top_p = _number("top_p", self.top_p, 0, 1, "(0, 1]", above=True)
         self.repetition_penalty = _number(
@@ -62,13 +64,15 @@ class GenerationConfig:
         return self.temperature == 0
 
 
-def _integer(name: str, value: object, kind: str, least: int) -> int:
+def whole_number(name: str, value: object, least: int, what: str) -> int:
+    """`value` as an int: a whole number of any integer type (robot code holds numpy's), not a
+    bool, at least `least`; else refused, saying it must be `what`."""
     if (
         isinstance(value, bool | np.bool_)
         or not isinstance(value, numbers.Integral)
         or value < least
     ):
-        raise LlavaEdgeError(f"{name} must be {kind} integer, got {value!r}")
+        raise LlavaEdgeError(f"{name} must be {what}, got {value!r}")
     return int(value)
 
 
