@@ -45,7 +45,7 @@ import numpy as np
 from llava_edge.errors import LlavaEdgeError, TimedOut, first_line
 from llava_edge.runtime.answer import Answer, AnswerText, timings
 from llava_edge.runtime.anyres import ImagePixels, pixels_list
-from llava_edge.runtime.generate import Timer, embed, past_limit
+from llava_edge.runtime.generate import Timer, embed
 from llava_edge.runtime.image import Images, image_list
 from llava_edge.runtime.sampling import GenerationConfig, Sampler, whole_number
 
@@ -125,6 +125,8 @@ class Request:
         self.config = config
         self.text = answer_text
         self.timer = Timer() if started is None else Timer(start=started)
+        # an engine is made from a loaded model: no request waits for a background load
+        self.deadline = self.timer.start + timeout_s if timeout_s else None
         self.timeout_s = timeout_s
         self.sampler = Sampler(config)
         self.generated: list[int] = []
@@ -813,8 +815,9 @@ class BatchEngine:
         if self._deadline_passed(request):
             raise self._timeout_error(request)
 
-    def _deadline_passed(self, request: Request) -> bool:
-        return past_limit(request.timer.start, request.timeout_s, self.pipe.backend)
+    @staticmethod
+    def _deadline_passed(request: Request) -> bool:
+        return request.deadline is not None and time.perf_counter() > request.deadline
 
     @staticmethod
     def _timeout_error(request: Request) -> TimedOut:

@@ -63,15 +63,14 @@ def positions_from_mask(mask: np.ndarray, start: np.ndarray | None = None) -> np
     return np.where(mask == 1, positions, 1).astype(np.int64)
 
 
-def past_limit(start: float, timeout_s: float | None, backend: Any) -> bool:
-    """Whether a request started at `start` (time.perf_counter()) is past its time limit. The
-    limit counts from the request's start, or from the end of the model's background load where
-    that came later: the time a request waits for graphs still opening is the load's, not the
-    request's (a large model's cold start would use up any answer's limit)."""
-    if not timeout_s:
-        return False
-    loaded = backend.loaded_at
-    return loaded is not None and time.perf_counter() > max(start, loaded) + timeout_s
+def deadline(start: float, timeout_s: float | None, backend: Any) -> float | None:
+    """When a request started at `start` (time.perf_counter()) is past its time limit: that
+    limit from its start, or from the end of the model's background load where that came later
+    (the time a request waits for graphs still opening is the load's, not the request's: a large
+    model's cold start would use up any answer's limit). None without a limit, or while the
+    model still loads (not late yet)."""
+    loaded = backend.loaded_at if timeout_s else None
+    return None if loaded is None else max(start, loaded) + timeout_s
 
 
 def decode_loop(
@@ -99,8 +98,13 @@ def decode_loop(
     sampler = Sampler(config)
     timer = timer or Timer()
 
+    late_at = None  # known once the model is loaded: then fixed
+
     def check_deadline() -> None:
-        if past_limit(timer.start, timeout_s, backend):
+        nonlocal late_at
+        if late_at is None:
+            late_at = deadline(timer.start, timeout_s, backend)
+        if late_at is not None and time.perf_counter() > late_at:
             raise TimedOut.after(timeout_s)
 
     batch = embeds.shape[0]
