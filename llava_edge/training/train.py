@@ -136,8 +136,10 @@ def train(
     main_process = int(os.environ.get("RANK", "0")) == 0
     processor, config = _load_processor_and_config(model, model_path)
     base = _base_record(model, model_path)  # a model checked loadable, before the data is read
+    was: dict[str, Any] = {}  # the run record resume_from was saved with
     if resume_from is not None:
-        _check_same_base(resume_from, base)
+        was = _saved_run_record(resume_from)
+        _check_same_base(resume_from, was, base)
     template = prompt_template(template_name, config)  # LLaVA v1: <im_start> image <im_end>
     processor.chat_template = hf_chat_template(template)
     check_answer_end(template, processor.tokenizer, _eos_ids(model_path, processor.tokenizer))
@@ -165,8 +167,8 @@ def train(
     run = _run_record(data, len(dataset), labeler.max_length, opts.seed, global_batch)
     run |= {"pictures_sha256": _pictures_digest(dataset.pictures), **base}
     if resume_from is not None:
-        _check_same_samples(resume_from, run)
-        _check_same_pictures(resume_from, run, dataset.pictures)
+        _check_same_samples(resume_from, was, run)
+        _check_same_pictures(resume_from, was, run, dataset.pictures)
 
     # A full run resumes by building the model from its checkpoint: building it from --model and
     # then loading the checkpoint would hold two models (28 GB more at 7B in fp32).
@@ -540,19 +542,23 @@ def _run_record(
     }
 
 
-def _check_same_samples(checkpoint: Path, now: Mapping[str, Any]) -> None:
-    """Refuse to resume on samples other than those the checkpoint's step count refers to:
-    Trainer would skip that many batches of the new ones, training some twice and others never.
-    Checkpoints saved without a record are not checked."""
+def _saved_run_record(checkpoint: Path) -> dict[str, Any]:
+    """The run record a checkpoint was saved with; {} for one saved without (nothing of it is
+    then checked)."""
     try:
-        was = json.loads((checkpoint / RUN_FILE).read_text())
+        return json.loads((checkpoint / RUN_FILE).read_text())
     except FileNotFoundError:
-        return
+        return {}
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise LlavaEdgeError(
             f"--resume: cannot read {checkpoint / RUN_FILE} ({first_line(e)}); pass --force to "
             "start over"
         ) from None
+
+
+def _check_same_samples(checkpoint: Path, was: Mapping[str, Any], now: Mapping[str, Any]) -> None:
+    """Refuse to resume on samples other than those the checkpoint's step count refers to:
+    Trainer would skip that many batches of the new ones, training some twice and others never."""
     if was.get("data_sha256") not in (None, now["data_sha256"]):
         raise LlavaEdgeError(
             f"--resume: {checkpoint} was trained on --data {was.get('data')} of sha256 "
@@ -584,15 +590,11 @@ def _base_record(model: str | os.PathLike, path: Path) -> dict[str, str]:
     return {"base": str(model), "base_sha256": base_fingerprint(path)}
 
 
-def _check_same_base(checkpoint: Path, now: Mapping[str, str]) -> None:
+def _check_same_base(checkpoint: Path, was: Mapping[str, Any], now: Mapping[str, str]) -> None:
     """Refuse to resume from another --model than the run started from: peft would load a LoRA
     run's adapters onto any base of their shape and train on, unsaid; a full run, whose weights
     come from the checkpoint, would go on with the other model's tokenizer and processor (and
     write them into OUT)."""
-    try:
-        was = json.loads((checkpoint / RUN_FILE).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return  # a checkpoint saved without a record; one unreadable is named by the data check
     if was.get("base_sha256") in (None, now["base_sha256"]):
         return
     raise LlavaEdgeError(
@@ -613,14 +615,12 @@ def _pictures_digest(pictures: Mapping[str, str]) -> str:
 
 
 def _check_same_pictures(
-    checkpoint: Path, now: Mapping[str, Any], pictures: Mapping[str, str]
+    checkpoint: Path, was: Mapping[str, Any], now: Mapping[str, Any], pictures: Mapping[str, str]
 ) -> None:
     """Refuse to resume on pictures other than those trained on (the same data file naming
     files changed on disk since): the run would go on on other samples than its step count's.
     Named in one line by the first picture that differs. Checkpoints saved without fingerprints
     are not checked."""
-    record = checkpoint / RUN_FILE  # readable: _check_same_samples read it
-    was = json.loads(record.read_text()) if record.is_file() else {}
     if was.get("pictures_sha256") in (None, now["pictures_sha256"]):
         return
     try:
