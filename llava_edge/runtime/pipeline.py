@@ -156,13 +156,15 @@ class Pipeline:
         """Open a model dir written by `llava-edge export` (or quantize).
 
         backend: 'onnxruntime' (providers 'cpu', 'cuda', 'tensorrt') or 'tensorrt' (native
-        engines from `llava-edge build`, which refuses providers, threads and graph_form: onnxruntime's). verify_files: True checks every file's sha256 against
-        the manifest, False only sizes, None (default) hashes only files new to this machine.
+        engines from `llava-edge build`, which refuses providers, threads and graph_form:
+        onnxruntime's). verify_files: True checks every file's sha256 against the manifest,
+        False only sizes, None (default) hashes only files new to this machine.
         limits: what one request may ask for (image pixels, prompt tokens, new tokens, time).
         engine_dir: the native engines to load (default: those recorded for this GPU), or the
         onnxruntime TensorRT provider's engine cache. cuda_graph: replay the native backend's
-        decode step as a CUDA graph (the tensorrt backend only). graph_form: which form of the graphs onnxruntime runs,
-        'auto' (the fused forms on the CPU where the model dir has them), 'fused' or 'standard'. session_cache: keep
+        decode step as a CUDA graph (the tensorrt backend only). graph_form: which form of the
+        graphs onnxruntime runs, 'auto' (the fused forms on the CPU where the model dir has
+        them), 'fused' or 'standard'. session_cache: keep
         onnxruntime's optimized CPU graphs in the user cache dir, so later loads skip that work
         (llava_edge.runtime.session_cache). background: return once the manifest, files,
         tokenizer and embedding table are checked and the graphs have started to open (the
