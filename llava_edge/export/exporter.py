@@ -309,11 +309,8 @@ def _check_tokens(config: Any, tokenizer: Any, eos_ids: list[int]) -> None:
 
 def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = False) -> Any:
     """The checkpoint's LlavaConfig, once it is known to be a LLaVA export takes (no weights)."""
-    from huggingface_hub.errors import StrictDataclassError  # transformers' config validation
-    from transformers import AutoConfig
-
     from llava_edge.export.graphs import SUPPORTED_TEXT_MODELS, SUPPORTED_VISION_TOWERS
-    from llava_edge.modeling import check_full_precision, no_checkpoint
+    from llava_edge.modeling import check_full_precision, no_checkpoint, read_config
 
     source = str(checkpoint)
     local = Path(source)
@@ -330,18 +327,8 @@ def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = F
             f"{source} is a checkpoint of the original LLaVA code; convert it first: "
             f"`llava-edge convert {source} CONVERTED_DIR`"
         )
-    try:
-        with quiet(*LOADER_LOGGERS):
-            config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise LlavaEdgeError(f"cannot load checkpoint {source}: {first_line(e)}") from None
-    except ValueError as e:
-        raise LlavaEdgeError(f"{source}: {first_line(e)}") from None
-    except KeyError as e:  # transformers' rope validation: "Missing required keys in ..."
-        raise LlavaEdgeError(f"{source}: config.json: {e.args[0] if e.args else e}") from None
-    except StrictDataclassError as e:  # a value config.json may not hold, on lines of its own
-        said = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        raise LlavaEdgeError(f"{source}: config.json: {said}") from None
+    with quiet(*LOADER_LOGGERS):
+        config = read_config(source, "checkpoint", trust_remote_code)
     if config.model_type not in ("llava", "llava_next"):
         raise LlavaEdgeError(
             f"{source} is a '{config.model_type}' checkpoint, not LLaVA "
