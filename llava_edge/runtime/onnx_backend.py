@@ -75,9 +75,10 @@ def engine_cache_dir(cache_dir: Path, manifest: Manifest, graph: str) -> Path:
     return cache_dir / f"{Path(file).stem}-{key}"
 
 
-def provider_list(names: str | list[str] | None) -> list[str]:
+def provider_list(names: str | list[str] | None, installed: bool = True) -> list[str]:
     """Execution providers by short name ('cpu', 'cuda', 'tensorrt'; one, or a list), with CPU
-    always last."""
+    always last. installed: each must be available in this onnxruntime; else (a plan for
+    another machine) only one llava-edge knows."""
     names = [names] if isinstance(names, str) else names or ["cpu"]
     if not isinstance(names, list | tuple):
         names = [names]  # refused below, as a provider that is not a name
@@ -87,7 +88,11 @@ def provider_list(names: str | list[str] | None) -> list[str]:
         if not isinstance(name, str):
             raise LlavaEdgeError(f"providers are names ('cpu', 'cuda', 'tensorrt'), got {name!r}")
         provider = PROVIDERS.get(name.lower(), name)
-        if provider not in available:
+        if provider not in PROVIDERS.values() and not installed:
+            raise LlavaEdgeError(
+                f"unknown onnxruntime provider {name!r}; choose from {', '.join(PROVIDERS)}"
+            )
+        if provider not in available and installed:
             raise LlavaEdgeError(
                 f"onnxruntime provider {provider} is not available here (available: "
                 f"{', '.join(available)}); install onnxruntime-gpu for 'cuda' and 'tensorrt'"

@@ -233,9 +233,7 @@ def plan(
         )
     if max_batch < 1:
         raise LlavaEdgeError(f"--max-batch must be at least 1, got {max_batch}")
-    shapes = read_shapes(
-        Path(model_dir), manifest, backend, prefill_chunk, provider_names(providers), graph_form
-    )
+    shapes = read_shapes(Path(model_dir), manifest, backend, prefill_chunk, providers, graph_form)
     return plan_for(shapes, device, backend, context, max_batch, str(model_dir))
 
 
@@ -278,41 +276,24 @@ def plan_for(
     )
 
 
-def provider_names(names: str | list[str] | None) -> list[str]:
-    """onnxruntime's provider names for 'cpu', 'cuda', 'tensorrt' (or their full names), the CPU
-    added last where missing, as the runtime orders them; unlike the runtime's, they need not be
-    installed here: a plan may be for another machine."""
-    from llava_edge.runtime.onnx_backend import PROVIDERS
-
-    names = [names] if isinstance(names, str) else list(names or ["cpu"])
-    chosen = []
-    for name in names:
-        provider = PROVIDERS.get(name.lower(), name)
-        if provider not in PROVIDERS.values():
-            raise LlavaEdgeError(
-                f"unknown onnxruntime provider {name!r}; choose from {', '.join(PROVIDERS)}"
-            )
-        chosen.append(provider)
-    return chosen if PROVIDERS["cpu"] in chosen else [*chosen, PROVIDERS["cpu"]]
-
-
 def read_shapes(
     model_dir: Path,
     manifest: Manifest,
     backend: str,
     prefill_chunk: int = TRT_PREFILL_CHUNK,
-    providers: list[str] | None = None,
+    providers: str | list[str] | None = None,
     graph_form: str = "auto",
 ) -> ModelShapes:
-    """Weights and input types of the graphs `backend` runs (onnxruntime: with `providers`, full
-    names, default the CPU), and the model's other sizes."""
-    from llava_edge.runtime.onnx_backend import form_graphs, graph_files, pick_form
+    """Weights and input types of the graphs `backend` runs (onnxruntime: with `providers`, as
+    Pipeline.load takes them, default the CPU; they need not be installed here), and the
+    model's other sizes."""
+    from llava_edge.runtime.onnx_backend import form_graphs, graph_files, pick_form, provider_list
 
     if backend == "tensorrt":
         form = "tensorrt"
         files = {name: g.tensorrt_file or g.file for name, g in manifest.graphs.items()}
     else:  # the graphs the onnxruntime backend opens
-        providers = providers or provider_names(None)
+        providers = provider_list(providers, installed=False)
         form = pick_form(manifest, providers, graph_form)
         files = graph_files(form_graphs(manifest, form), providers)
     sizes = {name: _read_sizes(model_dir / file) for name, file in files.items()}
