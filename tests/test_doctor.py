@@ -184,3 +184,29 @@ def test_an_empty_jetson_release_file_is_a_jetson_of_unknown_release(
     release.write_text(content)
     monkeypatch.setattr(doctor, "Path", lambda _: release)
     assert doctor.diagnose().jetson == "Jetson (release unknown)"
+
+
+def test_the_tensorrt_provider_needs_the_libraries_not_the_python_package() -> None:
+    """A Jetson venv made without system site-packages cannot import `tensorrt`, yet JetPack's
+    libnvinfer is on the loader's path, which is all onnxruntime's TensorRT provider loads."""
+    s = status(machine(tensorrt=None, tensorrt_library="libnvinfer.so.10"))
+    assert s["onnxruntime tensorrt"] == "ready"
+    assert any("Python package" in m for m in s["tensorrt"])  # the native backend imports it
+    text = doctor.format_report(machine(tensorrt=None, tensorrt_library="libnvinfer.so.10"))
+    assert "TensorRT: libnvinfer.so.10, without its Python package" in text
+
+
+def test_the_library_probe_reports_the_first_soname_the_loader_opens(monkeypatch) -> None:
+    opened = []
+
+    def cdll(name: str) -> object:
+        opened.append(name)
+        if name != "libnvinfer.so.11":
+            raise OSError(f"{name}: cannot open shared object file")
+        return object()
+
+    monkeypatch.setattr(doctor.ctypes, "CDLL", cdll)
+    assert doctor._tensorrt_library() == "libnvinfer.so.11"
+    assert opened == ["libnvinfer.so.10", "libnvinfer.so.11"]
+    monkeypatch.setattr(doctor.ctypes, "CDLL", lambda name: (_ for _ in ()).throw(OSError(name)))
+    assert doctor._tensorrt_library() is None

@@ -6,6 +6,7 @@ raised; nothing here needs a GPU.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import importlib.util
 import platform
@@ -28,6 +29,10 @@ ORT_GPU_HINT = (
     "pip install onnxruntime-gpu`; on a Jetson, the JetPack 6 wheel from the Jetson AI Lab "
     "index, see docs/jetson.md)"
 )
+
+# TensorRT 10's and 11's runtime sonames on Linux (JetPack's and pip's tensorrt-cu12-libs), then
+# its Windows DLL
+TENSORRT_LIBRARIES = ("libnvinfer.so.10", "libnvinfer.so.11", "nvinfer_10.dll")
 
 
 @dataclass
@@ -56,6 +61,9 @@ class Report:
     backends: list[BackendStatus]
     cuda_python: str | None = None  # the TensorRT backend's device memory, streams and graphs
     onnxruntime_error: str | None = None  # installed but does not import: why
+    # the soname of a TensorRT library this process can load: onnxruntime's TensorRT provider
+    # needs it, not the Python package (a Jetson venv without system site-packages has it alone)
+    tensorrt_library: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,6 +93,7 @@ def diagnose() -> Report:
         backends=[],
         cuda_python=_cuda_python(),
         onnxruntime_error=ort_error,
+        tensorrt_library=_tensorrt_library(),
     )
     report.backends = backend_status(report)
     return report
@@ -111,7 +120,7 @@ def backend_status(report: Report) -> list[BackendStatus]:
         absent = [p for p in wanted if report.onnxruntime and p not in report.providers]
         if absent:
             missing.append(f"onnxruntime's {' and '.join(absent)}: {ORT_GPU_HINT}")
-        if short == "tensorrt" and not report.tensorrt:
+        if short == "tensorrt" and not (report.tensorrt or report.tensorrt_library):
             missing.append(f"TensorRT's libraries: {TENSORRT_HINT}")
         statuses.append(BackendStatus(f"onnxruntime {short}", not missing, missing))
     native = list(gpu)
@@ -137,7 +146,7 @@ def format_report(report: Report) -> str:
         f"onnxruntime: {report.onnxruntime or 'not installed'}"
         + (f" (providers: {', '.join(report.providers)})" if report.onnxruntime else "")
         + (f" ({report.onnxruntime_error})" if report.onnxruntime_error else ""),
-        f"TensorRT: {report.tensorrt or 'not installed'}"
+        f"TensorRT: {report.tensorrt or _library_only(report)}"
         + (f" ({report.tensorrt_error})" if report.tensorrt_error else ""),
         f"torch: {report.torch or 'not installed'}"
         + (
@@ -169,6 +178,12 @@ def format_report(report: Report) -> str:
     return "\n".join(lines)
 
 
+def _library_only(report: Report) -> str:
+    if report.tensorrt_library:
+        return f"{report.tensorrt_library}, without its Python package"
+    return "not installed"
+
+
 def _onnxruntime() -> tuple[str | None, list[str], str | None]:
     """Its version and providers, or why it does not import."""
     if importlib.util.find_spec("onnxruntime") is None:
@@ -187,6 +202,18 @@ def _tensorrt() -> tuple[str | None, str | None]:
         return importlib.import_module("tensorrt").__version__, None
     except Exception as e:  # a stub package without its libraries fails in many ways
         return None, f"installed but does not import: {first_line(e)}"
+
+
+def _tensorrt_library() -> str | None:
+    """The first TensorRT runtime library the dynamic loader finds, as onnxruntime's provider
+    would look for it (LD_LIBRARY_PATH, the loader's cache)."""
+    for name in TENSORRT_LIBRARIES:
+        try:
+            ctypes.CDLL(name)
+        except OSError:
+            continue
+        return name
+    return None
 
 
 def _torch() -> tuple[str | None, str | None, bool]:
