@@ -276,3 +276,56 @@ def test_bench_plot_names_a_baseline_only_where_one_ran(tmp_path, monkeypatch):
     bench.plot({"llava_edge": side}, tmp_path / "alone.png")
     bench.plot({"llava_edge": side, "transformers": side}, tmp_path / "both.png")
     assert "transformers" not in titles[0] and "llava-edge vs transformers" in titles[1], titles
+
+
+def test_bench_counts_the_gpu_memory_a_gpu_backend_takes(tiny_model_dir, monkeypatch):
+    """TensorRT's engines and onnxruntime's CUDA arena live in device memory, outside the
+    process's resident set: a GPU backend's report says how far the GPU's free memory fell."""
+    from llava_edge.runtime import bench
+
+    free = iter([8000, 7000, 5000] + [6000] * 100_000)  # MiB; lowest while loading: 5000
+    monkeypatch.setattr(bench, "device_free_memory", lambda index: next(free) << 20)
+    monkeypatch.setattr(bench, "uses_gpu", lambda load: True)
+    workload = bench.Workload(question_tokens=2, new_tokens=2, runs=1)
+    report = bench.benchmark(tiny_model_dir, workload)
+    assert report["llava_edge"]["gpu_memory_mb"] == 3000.0
+    assert "gpu_memory_mb" in bench.table(report)
+
+
+def test_bench_on_the_cpu_reports_no_gpu_memory(tiny_model_dir, monkeypatch):
+    from llava_edge.runtime import bench
+
+    monkeypatch.setattr(bench, "device_free_memory", lambda index: pytest.fail("probed a GPU"))
+    workload = bench.Workload(question_tokens=2, new_tokens=2, runs=1)
+    report = bench.benchmark(tiny_model_dir, workload)
+    assert "gpu_memory_mb" not in report["llava_edge"]
+    assert "gpu_memory_mb" not in bench.table(report) and "peak_memory_mb" in bench.table(report)
+
+
+@pytest.mark.parametrize(
+    "load, gpu",
+    [
+        ({}, False),
+        ({"providers": "cpu"}, False),
+        ({"providers": ["CPUExecutionProvider"]}, False),
+        ({"providers": "cuda"}, True),
+        ({"providers": ["tensorrt", "cuda"]}, True),
+        ({"providers": "CUDAExecutionProvider"}, True),
+        ({"backend": "tensorrt"}, True),
+    ],
+)
+def test_bench_knows_which_load_options_use_a_gpu(load, gpu):
+    from llava_edge.runtime import bench
+
+    assert bench.uses_gpu(load) is gpu
+
+
+def test_gpu_free_memory_is_none_without_a_driver(monkeypatch):
+    """Sampled while a model loads: a machine without the driver gives None, never raises."""
+    from llava_edge.runtime.tensorrt import gpu
+
+    def no_driver():
+        raise LlavaEdgeError("no NVIDIA driver here")
+
+    monkeypatch.setattr(gpu, "_load_driver", no_driver)
+    assert gpu.device_free_memory(0) is None

@@ -26,6 +26,7 @@ import numpy as np
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.files import graph_bytes, replace_file
 from llava_edge.runtime.image import ImageInput
+from llava_edge.runtime.tensorrt.gpu import device_free_memory
 
 METRICS = (
     "load_s",
@@ -35,6 +36,7 @@ METRICS = (
     "ttft_ms",
     "decode_tokens_per_s",
     "peak_memory_mb",
+    "gpu_memory_mb",
 )
 WORDS = [
     "please",
@@ -114,36 +116,59 @@ def bench_image() -> ImageInput:
 
 
 class PeakMemory:
-    """Peak resident memory above the level at start, sampled every few milliseconds.
+    """Peak resident memory above the level at start, sampled every few milliseconds; with a
+    `device`, also the most GPU memory taken meanwhile (the drop in the GPU's free memory).
 
-    Read from /proc (Linux; Jetson too) so the runtime needs no psutil.
+    Resident memory alone misses what a GPU backend holds: TensorRT's engines and activations
+    and onnxruntime's CUDA arena live in device memory, which on a Jetson is also not in the
+    process's resident set. Read from /proc and the CUDA driver (Linux; Jetson too) so the
+    runtime needs no psutil or pynvml.
     """
 
-    def __init__(self, interval: float = 0.005):
+    def __init__(self, interval: float = 0.005, device: int | None = None):
         self.interval = interval
+        self.device = device
         self.peak = 0
+        self._free_at_start: int | None = None
+        self._least_free: int | None = None
         self._stop = threading.Event()
 
     def __enter__(self) -> PeakMemory:
         self.base = rss_bytes()
         self.peak = self.base
+        if self.device is not None:
+            self._free_at_start = self._least_free = device_free_memory(self.device)
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes())
+            self._take_sample()
             time.sleep(self.interval)
+
+    def _take_sample(self) -> None:
+        self.peak = max(self.peak, rss_bytes())
+        if self._least_free is not None:
+            free = device_free_memory(self.device)
+            if free is not None:
+                self._least_free = min(self._least_free, free)
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
+        self._take_sample()
 
     @property
     def megabytes(self) -> float:
         return round((self.peak - self.base) / 2**20, 1)
+
+    @property
+    def gpu_megabytes(self) -> float | None:
+        """None without a device, or where its free memory cannot be read."""
+        if self._free_at_start is None or self._least_free is None:
+            return None
+        return round((self._free_at_start - self._least_free) / 2**20, 1)
 
 
 def rss_bytes() -> int:
@@ -190,7 +215,7 @@ class PipelineRunner:
         self.text, _ = bench_prompt(model_dir, workload)
         self.image = bench_image()
         start = time.perf_counter()
-        with PeakMemory() as memory:
+        with PeakMemory(device=0 if uses_gpu(load) else None) as memory:
             # the threads are onnxruntime's (and the baseline's): TensorRT engines take none
             onnxruntime = load.get("backend", "onnxruntime") == "onnxruntime"
             threads = workload.threads if onnxruntime else None
@@ -203,6 +228,7 @@ class PipelineRunner:
                 self.pipe.close()
                 raise
         self.memory_mb = memory.megabytes
+        self.gpu_memory_mb = memory.gpu_megabytes
 
     def _check_context(self) -> None:
         """The whole prompt (template and image tokens too) and every new token must fit, or the
@@ -244,6 +270,15 @@ class PipelineRunner:
         self.pipe.close()
 
 
+def uses_gpu(load: dict[str, Any]) -> bool:
+    """Whether Pipeline.load's options put the model on a GPU (the first: the runtime's)."""
+    from llava_edge.runtime.onnx_backend import provider_list
+
+    if load.get("backend", "onnxruntime") != "onnxruntime":
+        return True
+    return provider_list(load.get("providers"), installed=False) != ["CPUExecutionProvider"]
+
+
 def measure(runners: list[Any], runs: int) -> dict[str, dict[str, Any]]:
     """Medians of each runner's timings, the runners taking turns so drift hits all alike."""
     results: dict[str, list[dict[str, float]]] = {r.name: [] for r in runners}
@@ -254,6 +289,8 @@ def measure(runners: list[Any], runs: int) -> dict[str, dict[str, Any]]:
     for runner in runners:
         report = medians(results[runner.name])
         report.update(load_s=round(runner.load_s, 3), peak_memory_mb=runner.memory_mb)
+        if getattr(runner, "gpu_memory_mb", None) is not None:
+            report["gpu_memory_mb"] = runner.gpu_memory_mb
         report["prompt_tokens"] = results[runner.name][-1]["prompt_tokens"]
         reports[runner.name] = report
     return reports
@@ -394,7 +431,7 @@ def table(report: dict[str, Any]) -> str:
     """The report as an aligned text table, ours beside the baseline."""
     ours, base = report["llava_edge"], report.get("transformers", {})
     rows = [("metric", "llava-edge", "transformers" if base else "")]
-    for key in METRICS:
+    for key in [k for k in METRICS if k in ours or k in base]:
         rows.append((key, str(ours.get(key, "-")), str(base.get(key, "-")) if base else ""))
     lines = [f"{a:<22}{b:>14}{c:>16}" for a, b, c in rows]
     for key, value in report.get("ratios", {}).items():

@@ -52,6 +52,19 @@ def probe_gpu(index: int = 0) -> GpuInfo:
     return gpus[index]
 
 
+def device_free_memory(index: int = 0) -> int | None:
+    """GPU `index`'s free memory now, or None where there is no driver or no such GPU: cheap
+    enough to sample while a model loads."""
+    try:
+        cuda = _load_driver()
+        _check(cuda.cuInit(0), "cuInit")
+        dev = ctypes.c_int()
+        _check(cuda.cuDeviceGet(ctypes.byref(dev), index), "cuDeviceGet")
+    except LlavaEdgeError:
+        return None
+    return _free_memory(cuda, dev)
+
+
 def _load_driver() -> ctypes.CDLL:
     names = ["libcuda.so.1", "libcuda.so", ctypes.util.find_library("cuda")]
     for name in filter(None, names):
