@@ -423,14 +423,6 @@ class BatchEngine:
             self._lock.notify_all()
         return request
 
-    def check_room(self) -> None:
-        """Raise now what a submit would raise for want of room (a full queue, a closing or
-        failed engine): a server asks before it reads a request's body and fetches its images, so
-        a flood is refused before it costs memory and CPU. Room can still run out by the submit,
-        which then raises the same."""
-        with self._lock:
-            self._refuse_without_room()
-
     def reserve(self) -> Admission:
         """Hold a place in the queue for a request still arriving, or raise what a submit would
         raise for want of room: a server reserves before it reads a request's body and decodes
