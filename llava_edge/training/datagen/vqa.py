@@ -160,9 +160,10 @@ def convert_vqa(
             + (f" (looked for {result.missing_image[0]})" if result.missing_image else "")
             + "; check --images"
         )
+    ids = sample_ids(list(groups))
     samples = [
         {
-            "id": f"{format}-{Path(image).with_suffix('').as_posix()}",  # unique per image
+            "id": f"{format}-{ids[image]}",
             "image": image,
             "conversations": conversation([(q.prompt(), q.answer) for q in group]),
         }
@@ -171,6 +172,19 @@ def convert_vqa(
     result.samples = write_samples(out, samples)
     result.questions = sum(len(g) for g in groups.values())
     return result
+
+
+def sample_ids(images: list[str]) -> dict[str, str]:
+    """Each image's id: its name without the extension (`eval`'s answers and training's errors
+    name samples by it), or its whole name where that would be another image's id too (a.jpg
+    beside a.png; a.jpg.png beside a.jpg). Image names are unique, so the ids are."""
+    stems = {image: Path(image).with_suffix("").as_posix() for image in images}
+    counts = Counter(stems.values())
+    names = set(images)
+    return {
+        image: stem if counts[stem] == 1 and (stem == image or stem not in names) else image
+        for image, stem in stems.items()
+    }
 
 
 def _readable(path: Path) -> bool:
