@@ -305,6 +305,29 @@ def test_a_question_written_with_the_image_placeholder_trains(tmp_path):
     ]
 
 
+def test_the_image_placeholder_in_an_answer_or_choice_leaves_a_trainable_sample(tmp_path):
+    """The conversation holds `<image>` once, before the first question, or training refuses
+    it: an answer or a choice that writes one loses it, and an answer of nothing else is left
+    out as empty."""
+    folder = images(tmp_path, "bay.png")
+    lines = [
+        {"image": "bay.png", "question": "Which view?", "choices": ["<image> left", "right"],
+         "answer": "left"},
+        {"image": "bay.png", "question": "What is shown?", "answer": "<image> a dock"},
+        {"image": "bay.png", "question": "Where?", "answer": "<image>"},
+    ]  # fmt: skip
+    (tmp_path / "qa.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    result = convert_vqa(tmp_path / "qa.jsonl", "jsonl", folder, tmp_path / "qa.json")
+    by_image, _ = conversations(tmp_path / "qa.json")  # trainable as written
+    assert by_image["bay.png"] == [
+        f"<image>\nWhich view?\nA. left\nB. right\n{LETTER}",
+        "A",
+        f"What is shown?\n{SHORT}",
+        "a dock",
+    ]
+    assert result.no_answer == 1
+
+
 def test_jsonl_questions_end_at_newlines_only(tmp_path):
     folder = images(tmp_path, "bay.png")
     line = {"image": "bay.png", "question": "Is the bay\u2028clear?", "answer": "yes"}

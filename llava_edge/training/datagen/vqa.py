@@ -55,11 +55,17 @@ class Question:
     def prompt(self) -> str:
         # A question written in LLaVA's style holds the placeholder already; the conversation
         # puts it in once, where training looks for it.
-        question = self.question.replace(IMAGE_PLACEHOLDER, "").strip()
+        question = without_placeholder(self.question)
         if not self.choices:
             return f"{question}\n{SHORT_ANSWER}"
         options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(self.choices))
         return f"{question}\n{options}\n{MULTIPLE_CHOICE}"
+
+
+def without_placeholder(text: str) -> str:
+    """The text without LLaVA's image placeholder: the conversation writes it once, before the
+    first question, where training looks for it (a sample holding another is not trainable)."""
+    return text.replace(IMAGE_PLACEHOLDER, "").strip()
 
 
 @dataclass
@@ -255,7 +261,7 @@ def read_gqa(path: Path) -> list[Question]:
         Question(
             (f"{_get(entry, 'imageId', str, path, 'gqa')}.jpg",),
             _get(entry, "question", str, path, "gqa").strip(),
-            normalize_short(_get(entry, "answer", str, path, "gqa")),
+            normalize_short(without_placeholder(_get(entry, "answer", str, path, "gqa"))),
         )
         for entry in document.values()
     ]
@@ -299,15 +305,16 @@ def read_jsonl(path: Path) -> list[Question]:
         if choices is None:
             if not isinstance(answer, str | int | float) or isinstance(answer, bool):
                 raise LlavaEdgeError(f"{where}: 'answer' must be text")
-            questions.append(Question((image,), question, normalize_short(str(answer))))
+            answer = normalize_short(without_placeholder(str(answer)))
+            questions.append(Question((image,), question, answer))
             continue
         if (
             not isinstance(choices, list)
             or not 2 <= len(choices) <= len(LETTERS)
-            or not all(isinstance(c, str) and c.strip() for c in choices)
+            or not all(isinstance(c, str) and without_placeholder(c) for c in choices)
         ):
             raise LlavaEdgeError(f"{where}: 'choices' must be a list of 2 to 26 texts")
-        choices = tuple(c.strip() for c in choices)
+        choices = tuple(without_placeholder(c) for c in choices)
         questions.append(Question((image,), question, _letter(answer, choices, where), choices))
     return questions
 
