@@ -519,6 +519,8 @@ def _train(args: argparse.Namespace) -> None:
     if int(os.environ.get("RANK", "0")) == 0:  # torchrun: one line, not one a process
         loss = f", final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
         skipped = f", {result.skipped} bad sample(s) skipped" if result.skipped else ""
+        if result.dropped_first_turns:  # as LLaVA's preprocess drops them
+            skipped += f", the opening gpt turn of {result.dropped_first_turns} sample(s) left out"
         print(
             f"trained stage {args.stage} for {result.steps} steps{loss}{skipped}: {result.out_dir}"
         )

@@ -261,6 +261,8 @@ class Manifest:
                 f"({FORMAT_VERSION}); upgrade llava-edge"
             )
         manifest = _build(cls, data, where)
+        if isinstance(data["template"], dict) and "system_format" not in data["template"]:
+            manifest.template = _older_template(manifest.template, where)
         manifest.validate(where)
         return manifest
 
@@ -406,6 +408,22 @@ class Manifest:
             stat = (model_dir / name).stat()
             digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
         return digest.hexdigest()
+
+
+def _older_template(template: TemplateSpec, where: str) -> TemplateSpec:
+    """A template from a manifest written before `system_format` (and `first_user`) were: a
+    built-in template's strings get its way of writing a run-time system prompt (ChatML's own
+    block); one read off a checkpoint's chat template cannot, as only the checkpoint knows it."""
+    from llava_edge.runtime.template import TEMPLATES
+
+    known = TEMPLATES.get(template.name)
+    fields = {"image": template.image, "system_format": None, "first_user": None}
+    if known is not None and dataclasses.replace(known, **fields) == template:
+        return dataclasses.replace(template, system_format=known.system_format)
+    raise LlavaEdgeError(
+        f"{where}: the template has no 'system_format' (an older llava-edge exported it), so a "
+        "system prompt could not be written as the model was trained; re-export the model"
+    )
 
 
 def write_checkpoint_info(checkpoint: str | os.PathLike, template: str) -> None:

@@ -152,7 +152,9 @@ def record(world, monkeypatch) -> Calls:
     import llava_edge.training.synth as synth
     import llava_edge.training.train as train
 
-    trained = types.SimpleNamespace(steps=1, final_loss=0.5, skipped=0, out_dir="out")
+    trained = types.SimpleNamespace(
+        steps=1, final_loss=0.5, skipped=0, dropped_first_turns=0, out_dir="out"
+    )
     for module, name, result in [
         (checkpoint, "init_checkpoint", "ckpt"),
         (checkpoint, "compose_checkpoint", "ckpt"),

@@ -118,6 +118,22 @@ def _broken(change) -> dict:
     return record
 
 
+def _opening_gpt(change=lambda conversations: None) -> dict:
+    record = sample(7)
+    record["conversations"].insert(0, {"from": "gpt", "value": "Hello! Ask me about it."})
+    change(record["conversations"])
+    return record
+
+
+def test_an_opening_gpt_turn_is_left_out_as_llava_leaves_it_out():
+    """LLaVA's preprocess drops a conversation's first turn when it is not from human ("Skip
+    the first one if it is not from human") and trains on the rest."""
+    plain = parse_sample(sample(7), 0)
+    opened = parse_sample(_opening_gpt(), 0)
+    assert opened.turns == plain.turns and opened.image == plain.image
+    assert opened.dropped_first_turn and not plain.dropped_first_turn
+
+
 @pytest.mark.parametrize(
     "record, problem",
     [
@@ -125,7 +141,12 @@ def _broken(change) -> dict:
         (_broken(lambda r: r.pop("conversations")), "no 'conversations' list"),
         (_broken(lambda r: r.update(conversations=[])), "no 'conversations' list"),
         (_broken(lambda r: r["conversations"][1].update({"from": "human"})), "does not alternate"),
-        (_broken(lambda r: r["conversations"].reverse()), "does not alternate"),
+        (_broken(lambda r: r["conversations"].reverse()), "ends with a human turn"),
+        (_broken(lambda r: r["conversations"].pop(0)), "has only a gpt turn"),
+        (_opening_gpt(lambda c: c.append({"from": "gpt", "value": "again"})),
+         "turn 3 is from 'gpt', expected 'human'"),
+        (_opening_gpt(lambda c: c[2].update(value="")), "turn 2, a gpt answer, is empty"),
+        (_opening_gpt(lambda c: c[1].update(value="no placeholder")), "must hold"),
         (_broken(lambda r: r["conversations"].pop()), "ends with a human turn"),
         (_broken(lambda r: r["conversations"][1].update(value=3)), "text 'value'"),
         (_broken(lambda r: r["conversations"][1].update(value=" \n")), "turn 1, a gpt answer, is"),

@@ -106,7 +106,7 @@ def test_weight_defaults_to_one_and_paths_may_hold_colons(tmp_path, sources):
         (["{g}:0"], "the mix is empty: .*generated.json:0 of 10 samples take none"),
         (["{g}:0.01", "{d}/vqa.jsonl:0.05"], r"generated.json:0.01 of 10, .*vqa.jsonl:0.05 of 8"),
         (["{d}/nope.json"], "data file .* does not exist"),
-        (["{d}/bad.json"], r"bad.json: sample s1: the conversation does not alternate"),
+        (["{d}/bad.json"], r"bad.json: sample s1: has only a gpt turn"),
         (["{d}/object.json"], "holds one JSON object"),
         (["{g}", "--out", "{g}"], "is one of the sources"),
         (

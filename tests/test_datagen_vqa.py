@@ -267,6 +267,25 @@ def test_images_of_one_name_in_two_folders_get_their_own_ids(tmp_path):
     assert [r["id"] for r in records] == ["jsonl-aisle/0001", "jsonl-dock/0001"]
 
 
+def test_images_of_one_name_with_two_extensions_get_their_own_ids(tmp_path):
+    """a.jpg and a.png in one folder are two pictures: each keeps its extension in its id (and
+    a.jpg.png, whose name without extension is a.jpg, does not take a.jpg's); pictures whose
+    name alone is unique keep the id without the extension."""
+    folder = images(tmp_path, "a.jpg", "a.png", "a.jpg.png", "b.jpg")
+    names = ["a.jpg", "a.png", "a.jpg.png", "b.jpg"]
+    lines = [{"image": name, "question": "Is it clear?", "answer": "yes"} for name in names]
+    (tmp_path / "qa.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    convert_vqa(tmp_path / "qa.jsonl", "jsonl", folder, tmp_path / "qa.json")
+    records = json.loads((tmp_path / "qa.json").read_text())
+    ids = {r["image"]: r["id"] for r in records}
+    assert ids == {
+        "a.jpg": "jsonl-a.jpg",
+        "a.png": "jsonl-a.png",
+        "a.jpg.png": "jsonl-a.jpg.png",
+        "b.jpg": "jsonl-b",
+    }
+
+
 def test_a_question_written_with_the_image_placeholder_trains(tmp_path):
     """Questions written in LLaVA's own style ("<image>\\nHow many...?") hold the placeholder
     already: the sample must still hold it once, where training looks for it."""
@@ -284,6 +303,29 @@ def test_a_question_written_with_the_image_placeholder_trains(tmp_path):
         f"Is the door open?\n{SHORT}",
         "yes",
     ]
+
+
+def test_the_image_placeholder_in_an_answer_or_choice_leaves_a_trainable_sample(tmp_path):
+    """The conversation holds `<image>` once, before the first question, or training refuses
+    it: an answer or a choice that writes one loses it, and an answer of nothing else is left
+    out as empty."""
+    folder = images(tmp_path, "bay.png")
+    lines = [
+        {"image": "bay.png", "question": "Which view?", "choices": ["<image> left", "right"],
+         "answer": "left"},
+        {"image": "bay.png", "question": "What is shown?", "answer": "<image> a dock"},
+        {"image": "bay.png", "question": "Where?", "answer": "<image>"},
+    ]  # fmt: skip
+    (tmp_path / "qa.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    result = convert_vqa(tmp_path / "qa.jsonl", "jsonl", folder, tmp_path / "qa.json")
+    by_image, _ = conversations(tmp_path / "qa.json")  # trainable as written
+    assert by_image["bay.png"] == [
+        f"<image>\nWhich view?\nA. left\nB. right\n{LETTER}",
+        "A",
+        f"What is shown?\n{SHORT}",
+        "a dock",
+    ]
+    assert result.no_answer == 1
 
 
 def test_jsonl_questions_end_at_newlines_only(tmp_path):

@@ -47,6 +47,21 @@ MISTRAL = (
     "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}"
     "{% endfor %}"
 )
+# meta-llama/Llama-2-7b-chat-hf: string contents, BOS written before every [INST], a system
+# prompt inside the first [INST] in <<SYS>>, no default one, no generation prompt of its own.
+LLAMA2 = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}"
+    "{% endif %}{% endfor %}"
+)
 # Qwen2-style ChatML with its default system prompt, images as `<image>\n` before the text.
 CHATML = (
     "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
@@ -122,7 +137,9 @@ def hf_ids(checkpoint: Path, turns: list, image, system: str | None = None) -> l
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(checkpoint)
-    strings = "message['content'] +" in processor.chat_template
+    strings = any(
+        f in processor.chat_template for f in ("message['content'] +", "+ message['content']")
+    )
     messages = []
     if system is not None:
         content = system if strings else [{"type": "text", "text": system}]
@@ -146,13 +163,18 @@ def hf_ids(checkpoint: Path, turns: list, image, system: str | None = None) -> l
     return list(inputs["input_ids"][0])
 
 
-@pytest.mark.parametrize("name", ["llava-1.5-hf", "mistral-instruct", "chatml", "phi-3"])
+@pytest.mark.parametrize("name", ["llava-1.5-hf", "mistral-instruct", "chatml", "phi-3", "llama-2"])
 def test_the_runtime_prompts_as_the_checkpoints_own_template(
     name: str, tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
     from llava_edge.export.verify import sample_image
 
-    jinja = {"llava-1.5-hf": LLAVA_HF, "mistral-instruct": MISTRAL, "chatml": CHATML}
+    jinja = {
+        "llava-1.5-hf": LLAVA_HF,
+        "mistral-instruct": MISTRAL,
+        "chatml": CHATML,
+        "llama-2": LLAMA2,
+    }
     template = {**jinja, "phi-3": PHI3}[name]
     checkpoint = with_template(tiny_checkpoint, tmp_path / "ckpt", template, SPECIALS.get(name))
     report = export_checkpoint(checkpoint, tmp_path / "model", log=quiet)  # verification on

@@ -211,7 +211,10 @@ def test_saved_chat_template_renders_the_runtime_prompt(tiny_checkpoint: Path) -
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
 @pytest.mark.parametrize("turns", [1, 2])
-@pytest.mark.parametrize("system", [None, "You are a robot.", "Be brief.\n"])
+# The last ends in an ideographic space (U+3000), whitespace to Python as to the runtime.
+@pytest.mark.parametrize(
+    "system", [None, "You are a robot.", "Be brief.\n", "日本語で答えて。\u3000"]
+)
 def test_every_template_renders_like_the_runtime(
     tiny_checkpoint: Path, name: str, turns: int, system: str | None
 ) -> None:

@@ -116,3 +116,56 @@ def test_format_versions_it_cannot_read_are_named(
     data["format_version"] = version
     with pytest.raises(LlavaEdgeError, match=message.replace("(", r"\(").replace(")", r"\)")):
         Manifest.from_dict(data)
+
+
+def _older_template(template: dict) -> dict:
+    """A template section as llava-edge wrote it before it recorded how a system prompt given
+    at run time is written (`system_format`, and with it `first_user`)."""
+    return {k: v for k, v in template.items() if k not in ("system_format", "first_user")}
+
+
+@pytest.mark.parametrize("name", ["chatml_direct", "vicuna_v1", "llava_1_5"])
+def test_an_older_manifest_of_a_known_template_writes_system_prompts_as_it_does(
+    tiny_model_dir: Path, name: str
+) -> None:
+    """chatml_direct's system prompt is its own <|im_start|>system block: taken as plain text, a
+    run-time one would replace the block, wrapper and all."""
+    import dataclasses
+    import json
+
+    from llava_edge.manifest import Manifest
+    from llava_edge.runtime.template import TEMPLATES
+
+    data = json.loads((tiny_model_dir / "manifest.json").read_text())
+    data["template"] = _older_template(dataclasses.asdict(TEMPLATES[name]))
+    assert Manifest.from_dict(data).template == TEMPLATES[name]
+
+
+def test_an_older_manifest_of_a_checkpoints_own_template_says_to_re_export(
+    model_copy: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A template read off a checkpoint's Jinja: how it writes a system prompt was not kept, and
+    plain text in its place would be a prompt the model was never trained on."""
+    import json
+
+    path = model_copy / "manifest.json"
+    data = json.loads(path.read_text())
+    chatml = {
+        "name": "checkpoint",
+        "system": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>",
+        "user": "\n<|im_start|>user\n",
+        "assistant": "<|im_end|>\n<|im_start|>assistant\n",
+        "answer_prefix": "",
+        "answer_end": "<|im_end|>",
+        "image": "<image>\n",
+        "system_format": None,  # a checkpoint's template that takes no system prompt
+    }
+    data["template"] = chatml
+    path.write_text(json.dumps(data))
+    assert main(["run", str(model_copy), "--prompt", "Hi", "--max-new-tokens", "1"]) == 0
+    data["template"] = _older_template(chatml)
+    path.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert main(["run", str(model_copy), "--prompt", "Hi", "--max-new-tokens", "1"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "system_format" in line and "re-export" in line, line

@@ -346,6 +346,25 @@ def test_skip_bad_leaves_bad_samples_out_and_counts_them(
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
+def test_samples_opening_with_a_gpt_turn_train_without_it_and_are_counted_once(
+    stage1, data, tmp_path, capsys
+):
+    """As LLaVA's preprocess does; the count is in the summary line, not a line a sample."""
+    records = [_sample(f"good-{i}") for i in range(4)]
+    for record in records[1:3]:
+        record["conversations"].insert(0, {"from": "gpt", "value": "Hello!"})
+    path = _write(tmp_path / "greeted.json", records)
+    argv = ["train", "--stage", "2", "--model", str(stage1.out_dir), "--data", str(path)]
+    argv += ["--images", str(data["images"]), "--out", str(tmp_path / "out"), "--max-steps", "1"]
+    argv += ["--batch-size", "4", "--no-gradient-checkpointing", "--save-steps", "1000"]
+    assert cli(argv) == 0, capsys.readouterr().err[-2000:]
+    captured = capsys.readouterr()
+    (line,) = captured.out.strip().splitlines()
+    assert line.startswith("trained stage 2 for 1 steps")
+    assert "the opening gpt turn of 2 sample(s) left out" in line
+    assert "good-1" not in captured.err and "good-2" not in captured.err
+
+
 def test_trained_checkpoint_exports_and_evaluates(stage2, data, tmp_path, capsys):
     assert cli(["export", str(stage2.out_dir), str(tmp_path / "model")]) == 0  # verified export
     manifest = json.loads((tmp_path / "model" / "manifest.json").read_text())

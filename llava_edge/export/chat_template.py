@@ -24,7 +24,13 @@ from typing import Any
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import CHECKPOINT_INFO_FILE, TemplateSpec, read_checkpoint_template
-from llava_edge.runtime.template import IMAGE_PLACEHOLDER, TEMPLATES, render, with_image_markers
+from llava_edge.runtime.template import (
+    IMAGE_PLACEHOLDER,
+    TEMPLATES,
+    render,
+    with_image_markers,
+    with_system,
+)
 
 DEFAULT = "llava_1_5"  # for checkpoints that carry no chat template
 # Special tokens that only a language model trained on another known format has: a checkpoint
@@ -237,7 +243,7 @@ def derive_template(chat: CheckpointChat, eos_texts: list[str]) -> TemplateSpec:
     expected, got = chat.text(PROBE, image=True), _render(template, PROBE)
     if expected != got:
         raise refuse(_difference(expected, got))
-    template = dataclasses.replace(template, system_format=_system_format(chat, template))
+    template = _with_system_format(chat, template)
     for known in TEMPLATES.values():  # say so when it is a template llava-edge knows
         if dataclasses.replace(known, name="checkpoint", system_format=None) == dataclasses.replace(
             template, system_format=None
@@ -246,25 +252,42 @@ def derive_template(chat: CheckpointChat, eos_texts: list[str]) -> TemplateSpec:
     return template
 
 
-def _system_format(chat: CheckpointChat, template: TemplateSpec) -> str | None:
-    """How the checkpoint's template writes a system message (TemplateSpec.system_format),
-    read off a probe as the other strings are. None where it takes none (Mistral's raises) or
-    writes one other than in place of its default system prompt: a system prompt given at run
-    time then takes `system`'s place as plain text."""
+def _with_system_format(chat: CheckpointChat, template: TemplateSpec) -> TemplateSpec:
+    """The template with the way the checkpoint's template writes a system message
+    (TemplateSpec.system_format), read off a probe as the other strings are.
+
+    Most templates write it in place of their default system prompt, before the first user
+    header. Llama 2's writes it inside the first turn's header (`<s>[INST] <<SYS>>\n{system}
+    \n<</SYS>>\n\n`): the whole first head is then `system`, and the first turn has no header
+    of its own (`first_user` ""). None where it takes none (Mistral's raises) or writes one
+    neither way: a system prompt given at run time then takes `system`'s place as plain text."""
     # Where the template takes none, a BOS it writes itself stays first (as the plain form would
     # drop it with the rest of `system`).
     bos = chat.bos if chat.bos and template.system == chat.bos else ""
-    fallback = bos + "{system} " if bos else None
+    fallback = dataclasses.replace(template, system_format=bos + "{system} " if bos else None)
     try:
         text = chat.text(PROBE, image=True, system=SYSTEM)
     except Exception:  # Jinja and the template's own raise_exception
         return fallback
-    head = text.partition(template.image + Q1)[0]  # system + user, as render joins them
-    if head.count(SYSTEM) != 1 or "{system}" in head or not head.endswith(template.user):
+    head = text.partition(template.image + Q1)[0]  # system + first user header
+    if head.count(SYSTEM) != 1 or "{system}" in head:
         return fallback
-    written = head[: len(head) - len(template.user)].replace(SYSTEM, "{system}")
-    given = dataclasses.replace(template, system=written.replace("{system}", SYSTEM))
-    return written if _render(given, PROBE) == text else fallback
+    written = head.replace(SYSTEM, "{system}")
+    candidates = [
+        dataclasses.replace(
+            template,
+            system=template.system + template.user,
+            first_user="",
+            system_format=written,
+        )
+    ]
+    if head.endswith(template.user):
+        in_place = written[: len(written) - len(template.user)]
+        candidates.insert(0, dataclasses.replace(template, system_format=in_place))
+    for candidate in candidates:
+        if _render(with_system(candidate, SYSTEM), PROBE) == text:
+            return candidate
+    return fallback
 
 
 def _user_header(

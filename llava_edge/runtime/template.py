@@ -155,7 +155,7 @@ def hf_chat_template(template: TemplateSpec) -> str:
         before, _, after = template.system_format.partition("{system}")
         given_system = "{{ " + lit(before) + " + s + " + lit(after) + " }}"
     else:  # as with_system writes a plain one
-        given_system = "{{ s }}{% if s and s[-1] not in ' \\n\\t\\r' %}{{ ' ' }}{% endif %}"
+        given_system = "{{ s }}{% if s and not s[-1].isspace() %}{{ ' ' }}{% endif %}"
     user_header, user_text = "", "{{ " + lit(template.user) + " }}"
     if template.first_user is not None:  # the first user turn's header is its own
         user_header = "{% set turn = namespace(first=true) %}"

@@ -45,6 +45,9 @@ class Sample:
     id: str
     image: str | None  # path relative to the image root (or absolute), None for text-only
     turns: list[tuple[str, str]]  # (question, answer) rounds
+    # The conversation opened with a gpt turn, left out as LLaVA's preprocess leaves it out
+    # ("Skip the first one if it is not from human"): training counts such samples.
+    dropped_first_turn: bool = False
 
 
 def parse_sample(record: Any, position: int) -> Sample:
@@ -60,11 +63,16 @@ def parse_sample(record: Any, position: int) -> Sample:
         image = image[0]  # multi-image data's form of one picture
     if image is not None and not (isinstance(image, str) and image):
         raise BadSample(sample_id, "'image' must be one file name (one image per sample)")
+    # Turns are named by their place in the file, the dropped one included.
+    dropped_first_turn = isinstance(conversations[0], dict) and conversations[0].get("from") == GPT
+    skip = int(dropped_first_turn)
+    if len(conversations) == skip:
+        raise BadSample(sample_id, "has only a gpt turn, no question to answer")
     values = []
-    for i, turn in enumerate(conversations):
+    for i, turn in enumerate(conversations[skip:], start=skip):
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
             raise BadSample(sample_id, f"turn {i} is not an object with a text 'value'")
-        expected = HUMAN if i % 2 == 0 else GPT
+        expected = HUMAN if (i - skip) % 2 == 0 else GPT
         if turn.get("from") != expected:
             raise BadSample(
                 sample_id,
@@ -80,7 +88,9 @@ def parse_sample(record: Any, position: int) -> Sample:
         raise BadSample(sample_id, "the conversation ends with a human turn that has no answer")
     for i in range(1, len(values), 2):
         if not values[i].strip():  # trained on, the model would learn to answer nothing
-            raise BadSample(sample_id, f"turn {i}, a gpt answer, is empty; write it or drop it")
+            raise BadSample(
+                sample_id, f"turn {i + skip}, a gpt answer, is empty; write it or drop it"
+            )
     placeholders = [v.count(IMAGE_PLACEHOLDER) for v in values]
     if image is None and any(placeholders):
         raise BadSample(sample_id, f"mentions {IMAGE_PLACEHOLDER} but has no 'image'")
@@ -92,7 +102,8 @@ def parse_sample(record: Any, position: int) -> Sample:
         )
     first = values[0].replace(IMAGE_PLACEHOLDER, "").strip() if image is not None else values[0]
     questions = [first, *values[2::2]]
-    return Sample(sample_id, image, list(zip(questions, values[1::2], strict=True)))
+    turns = list(zip(questions, values[1::2], strict=True))
+    return Sample(sample_id, image, turns, dropped_first_turn)
 
 
 def is_utf8(text: str) -> bool:

@@ -89,6 +89,7 @@ class TrainingSet(torch.utils.data.Dataset):
         self.skip_bad = skip_bad
         self.log = log
         self.skipped: list[BadSample] = []
+        self.dropped_first_turns = 0  # kept samples that opened with a gpt turn, left out
         self.has_text_only = False
         self.pictures: dict[str, str] = {}
         self.file = SampleFile(data, keep=self._check, progress=progress)
@@ -115,6 +116,7 @@ class TrainingSet(torch.utils.data.Dataset):
             self.labeler.encode(sample)
             if sample.image is not None:
                 self.pictures[sample.image] = self._fingerprint(sample, path)
+            self.dropped_first_turns += sample.dropped_first_turn
             return True
         except BadSample as e:
             if not self.skip_bad:

@@ -92,6 +92,7 @@ class TrainResult:
     final_loss: float | None  # the last logged training loss
     losses: list[tuple[int, float]]  # (step, loss) as logged
     skipped: int  # bad samples skip_bad left out before training (not those found while loading)
+    dropped_first_turns: int  # samples trained on without the gpt turn they opened with
     model: Any = field(repr=False)  # the trained model (merged if LoRA), on this process
 
 
@@ -220,6 +221,7 @@ def train(
         final_loss=losses[-1][1] if losses else None,
         losses=losses,
         skipped=len(dataset.skipped),
+        dropped_first_turns=dataset.dropped_first_turns,
         model=final,
     )
 

@@ -55,11 +55,17 @@ class Question:
     def prompt(self) -> str:
         # A question written in LLaVA's style holds the placeholder already; the conversation
         # puts it in once, where training looks for it.
-        question = self.question.replace(IMAGE_PLACEHOLDER, "").strip()
+        question = without_placeholder(self.question)
         if not self.choices:
             return f"{question}\n{SHORT_ANSWER}"
         options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(self.choices))
         return f"{question}\n{options}\n{MULTIPLE_CHOICE}"
+
+
+def without_placeholder(text: str) -> str:
+    """The text without LLaVA's image placeholder: the conversation writes it once, before the
+    first question, where training looks for it (a sample holding another is not trainable)."""
+    return text.replace(IMAGE_PLACEHOLDER, "").strip()
 
 
 @dataclass
@@ -160,9 +166,10 @@ def convert_vqa(
             + (f" (looked for {result.missing_image[0]})" if result.missing_image else "")
             + "; check --images"
         )
+    ids = sample_ids(list(groups))
     samples = [
         {
-            "id": f"{format}-{Path(image).with_suffix('').as_posix()}",  # unique per image
+            "id": f"{format}-{ids[image]}",
             "image": image,
             "conversations": conversation([(q.prompt(), q.answer) for q in group]),
         }
@@ -171,6 +178,19 @@ def convert_vqa(
     result.samples = write_samples(out, samples)
     result.questions = sum(len(g) for g in groups.values())
     return result
+
+
+def sample_ids(images: list[str]) -> dict[str, str]:
+    """Each image's id: its name without the extension (`eval`'s answers and training's errors
+    name samples by it), or its whole name where that would be another image's id too (a.jpg
+    beside a.png; a.jpg.png beside a.jpg). Image names are unique, so the ids are."""
+    stems = {image: Path(image).with_suffix("").as_posix() for image in images}
+    counts = Counter(stems.values())
+    names = set(images)
+    return {
+        image: stem if counts[stem] == 1 and (stem == image or stem not in names) else image
+        for image, stem in stems.items()
+    }
 
 
 def _readable(path: Path) -> bool:
@@ -241,7 +261,7 @@ def read_gqa(path: Path) -> list[Question]:
         Question(
             (f"{_get(entry, 'imageId', str, path, 'gqa')}.jpg",),
             _get(entry, "question", str, path, "gqa").strip(),
-            normalize_short(_get(entry, "answer", str, path, "gqa")),
+            normalize_short(without_placeholder(_get(entry, "answer", str, path, "gqa"))),
         )
         for entry in document.values()
     ]
@@ -285,15 +305,16 @@ def read_jsonl(path: Path) -> list[Question]:
         if choices is None:
             if not isinstance(answer, str | int | float) or isinstance(answer, bool):
                 raise LlavaEdgeError(f"{where}: 'answer' must be text")
-            questions.append(Question((image,), question, normalize_short(str(answer))))
+            answer = normalize_short(without_placeholder(str(answer)))
+            questions.append(Question((image,), question, answer))
             continue
         if (
             not isinstance(choices, list)
             or not 2 <= len(choices) <= len(LETTERS)
-            or not all(isinstance(c, str) and c.strip() for c in choices)
+            or not all(isinstance(c, str) and without_placeholder(c) for c in choices)
         ):
             raise LlavaEdgeError(f"{where}: 'choices' must be a list of 2 to 26 texts")
-        choices = tuple(c.strip() for c in choices)
+        choices = tuple(without_placeholder(c) for c in choices)
         questions.append(Question((image,), question, _letter(answer, choices, where), choices))
     return questions
 
