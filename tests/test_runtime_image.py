@@ -574,3 +574,21 @@ def test_an_icon_wrapping_a_huge_png_is_refused_before_it_is_decoded(monkeypatch
     with pytest.raises(LlavaEdgeError, match="ICO"):
         load_image(icon, max_pixels=1000)
     assert decoded == []
+
+
+@pytest.mark.parametrize(
+    "size", [(45, 70), (70, 45), (40, 100), (100, 40), (1, 60), (56, 56), (30, 200)]
+)
+def test_a_longest_edge_caps_the_resize_as_transformers_does(size):
+    """A processor's size of {shortest_edge, longest_edge} keeps the longer edge within its
+    cap (the shorter edge below shortest_edge then, the center crop padding it)."""
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    capped = {"shortest_edge": 56, "longest_edge": 84}
+    processor = LlavaImageProcessorPil(
+        size=capped, crop_size={"height": 56, "width": 56}, image_mean=MEAN, image_std=STD
+    )
+    image = Image.fromarray(noise(*size, seed=size[1]))
+    theirs = np.asarray(processor(images=image, return_tensors="np")["pixel_values"][0])
+    ours = preprocess(load_image(image), ImageSpec(**{**spec().__dict__, "resize": capped}))
+    assert np.abs(ours - theirs).max() < 1e-5

@@ -4,8 +4,8 @@ and SiglipImageProcessor.
 The runtime cannot import transformers, so the processor's steps are replayed here from the
 numbers export wrote into the manifest: convert to RGB (transparency over white), optionally pad
 to a square with the mean colour (LLaVA-1.5 'pad'), resize with PIL (CLIP: the shortest edge,
-then a center crop; SigLIP: straight to the square, no crop), rescale, normalize. Tests hold this
-to transformers' output within 1e-5.
+the longest kept within longest_edge where one is set, then a center crop; SigLIP: straight to
+the square, no crop), rescale, normalize. Tests hold this to transformers' output within 1e-5.
 """
 
 from __future__ import annotations
@@ -376,12 +376,21 @@ def _pad_to_square(array: np.ndarray, colour: tuple[int, ...]) -> np.ndarray:
 
 
 def _resize_size(height: int, width: int, resize: dict[str, int]) -> tuple[int, int]:
-    if "shortest_edge" in resize:
-        size = resize["shortest_edge"]
-        short, long = (width, height) if width <= height else (height, width)
-        new_long = int(size * long / short)
-        return (new_long, size) if width <= height else (size, new_long)
-    return resize["height"], resize["width"]
+    """The (height, width) transformers resizes to: the shortest edge to its size, the longest
+    kept within longest_edge where the processor sets one (get_size_with_aspect_ratio's
+    arithmetic, float for float), or a fixed height and width."""
+    if "shortest_edge" not in resize:
+        return resize["height"], resize["width"]
+    size, cap = resize["shortest_edge"], resize.get("longest_edge")
+    short, long = (width, height) if width <= height else (height, width)
+    scaled = float(size)
+    if cap is not None and long / short * size > cap:
+        scaled = cap * float(short) / float(long)
+        size = int(round(scaled))
+    if short == size:
+        return height, width
+    new_long = int(scaled * long / short)
+    return (new_long, size) if width <= height else (size, new_long)
 
 
 def _center_crop(array: np.ndarray, height: int, width: int) -> np.ndarray:
