@@ -438,6 +438,38 @@ def test_a_remote_timeout_over_five_seconds_takes_effect():
     assert got == image.getvalue()
 
 
+def test_a_remote_image_is_fetched_uncompressed_and_a_compressed_reply_refused():
+    """The image-size limit counts the bytes that arrive: a reply gzipped anyway (a few KB
+    that inflate to gigabytes) is refused from its headers, not inflated past the limit."""
+    import gzip
+
+    from llava_edge.serve.media import MediaPolicy, fetch_image
+    from llava_edge.serve.protocol import ApiError
+
+    image = io.BytesIO()
+    picture(1).save(image, "PNG")
+    asked: list[str | None] = []
+
+    class Server(QuietHandler):
+        def do_GET(self):
+            asked.append(self.headers.get("Accept-Encoding"))
+            body = image.getvalue()
+            self.send_response(200)
+            if self.path == "/bomb.png":
+                body = gzip.compress(b"\0" * 5_000_000)
+                self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    policy = MediaPolicy(100_000, None, True)
+    with web_server(Server) as base:
+        assert asyncio.run(fetch_image(base + "/photo.png", policy)) == image.getvalue()
+        with pytest.raises(ApiError, match="compressed"):
+            asyncio.run(fetch_image(base + "/bomb.png", policy))
+    assert asked == ["identity", "identity"]
+
+
 # ---- refusals ---------------------------------------------------------------------------------
 
 GOOD = [ask("What?")]

@@ -157,18 +157,27 @@ async def _download(url: str, policy: MediaPolicy) -> bytes:
 
     limit = policy.max_image_bytes
     # no timeout of httpx's own (5 s a phase by default): the whole download's deadline, set by
-    # --remote-timeout, is the caller's
+    # --remote-timeout, is the caller's. The body is asked for and read as it is sent, so that
+    # the limit counts what arrives: httpx inflates a gzipped piece whole (64 KB to 64 MB).
     async with (
         httpx.AsyncClient(follow_redirects=True, max_redirects=3, timeout=None) as client,
-        client.stream("GET", url) as response,
+        client.stream("GET", url, headers={"Accept-Encoding": "identity"}) as response,
     ):
         if response.status_code != 200:
             raise ApiError(400, f"fetching the image gave HTTP {response.status_code}", "image_url")
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise ApiError(
+                400,
+                f"the image's server sent it compressed ({encoding}) though asked not to; "
+                "send the image as a data: URI",
+                "image_url",
+            )
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise _too_large(int(declared), limit)
         data = bytearray()
-        async for piece in response.aiter_bytes():
+        async for piece in response.aiter_raw():
             data += piece
             if len(data) > limit:
                 raise _too_large(len(data), limit)
