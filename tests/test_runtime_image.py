@@ -328,6 +328,20 @@ def test_a_lazily_opened_image_that_fails_to_decode_is_one_error(tmp_path):
         load_image(closed)
 
 
+def test_a_pil_image_whose_file_closed_before_it_was_read_is_named_as_such(tmp_path):
+    """`with Image.open(path) as image:` closes the file at the block's end: an image given
+    after it, not yet decoded, raised a bare AssertionError from PIL."""
+    path = tmp_path / "photo.png"
+    Image.fromarray(noise(20, 30)).save(path)
+    with Image.open(path) as image:
+        pass
+    with pytest.raises(LlavaEdgeError, match="file was closed before the image was read"):
+        load_image(image)
+    with Image.open(path) as image:
+        image.load()
+    assert np.array_equal(np.asarray(load_image(image)), noise(20, 30))
+
+
 @pytest.mark.parametrize(
     "url, hint",
     [

@@ -18,7 +18,7 @@ import threading
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from llava_edge.errors import LlavaEdgeError, TooLarge
 from llava_edge.manifest import ImageSpec
@@ -103,12 +103,24 @@ def load_image(source: ImageInput, max_pixels: int | None = None) -> Image.Image
         )
     try:
         if isinstance(source, Image.Image):
+            _check_open(image)
             image.load()  # a lazily opened file decodes here, not later outside this check
         else:  # in place: the file's format stays known (a 16-bit PGM's mode I reads by it)
             ImageOps.exif_transpose(image, in_place=True)
         return to_rgb(image)
     except (OSError, ValueError, SyntaxError) as e:
         raise LlavaEdgeError(f"cannot decode image: {e}") from None
+
+
+def _check_open(image: Image.Image) -> None:
+    """A PIL image still to be decoded (tiles left) needs its file: after `with Image.open(...)`
+    it is closed, and PIL's load fails on a bare assertion."""
+    if isinstance(image, ImageFile.ImageFile) and image.tile and image.fp is None:
+        raise LlavaEdgeError(
+            "cannot decode image: its file was closed before the image was read (the end of "
+            "a `with Image.open(...)` block); pass the path, or call image.load() before the "
+            "file closes"
+        )
 
 
 def _check_pixels(width: int, height: int, max_pixels: int | None) -> None:
