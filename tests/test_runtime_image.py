@@ -534,7 +534,7 @@ def test_postscript_is_refused_without_running_ghostscript(monkeypatch):
     assert ran == []
 
 
-@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "WEBP"])
 def test_an_encoded_file_held_in_an_array_is_refused_naming_its_bytes(fmt):
     """cv2.imencode gives an encoded frame as an (N, 1) uint8 array, np.frombuffer of a ROS
     CompressedImage as (N,): the first was read as a picture one pixel wide and N tall."""

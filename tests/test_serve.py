@@ -623,6 +623,18 @@ def test_a_data_url_of_any_image_type_is_read_by_its_bytes(server, header):
     assert response.status_code == 200, response.text
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "WEBP"])
+def test_bare_base64_is_named_as_such_not_taken_for_a_path(server, fmt):
+    """An image's base64 without its data: header (as other APIs take images): a JPEG's begins
+    with /9j/, so it was read as a file path ('image file /9j/4AAQ... does not exist', the
+    whole image echoed back), the others as an unknown kind of URL."""
+    bare = data_uri(picture(1), fmt).partition(",")[2]
+    response = server.post({"model": MODEL, "messages": [ask("What?", bare)], "max_tokens": 1})
+    assert response.status_code == 400, response.text
+    message = error_of(response)["message"]
+    assert f"data:image/{fmt.lower()};base64," in message and len(message) < 200
+
+
 def test_image_and_limit_refusals_name_what_to_change(server, monkeypatch):
     corrupt = data_uri(picture(1))[:-200]
     bad = server.post({"model": MODEL, "messages": [ask("What?", corrupt)]})

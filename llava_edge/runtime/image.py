@@ -266,18 +266,26 @@ def _refuse_encoded(array: np.ndarray) -> None:
     column = array.ndim == 1 or (array.ndim == 2 and array.shape[1] == 1)
     if array.dtype != np.uint8 or not column:
         return
-    head = array[:12].tobytes()
+    fmt = encoded_format(array[:12].tobytes())
+    if fmt is not None:
+        raise LlavaEdgeError(
+            f"the image array holds an encoded {fmt} file, not pixels; pass its bytes: "
+            "array.tobytes()"
+        )
+
+
+def encoded_format(head: bytes) -> str | None:
+    """JPEG, PNG, GIF or WEBP, where `head` (a file's first 12 bytes) begins one of them: the
+    formats cameras and apps send, told where their bytes come in some other form."""
     if head.startswith(b"\xff\xd8\xff"):
-        fmt = "JPEG"
-    elif head.startswith(b"\x89PNG\r\n\x1a\n"):
-        fmt = "PNG"
-    elif head.startswith(b"RIFF") and head[8:12] == b"WEBP":
-        fmt = "WEBP"
-    else:
-        return
-    raise LlavaEdgeError(
-        f"the image array holds an encoded {fmt} file, not pixels; pass its bytes: array.tobytes()"
-    )
+        return "JPEG"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "GIF"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "WEBP"
+    return None
 
 
 def _from_array(array: np.ndarray) -> Image.Image:

@@ -16,6 +16,7 @@ from pathlib import Path
 from urllib.parse import ParseResult, unquote, urlparse
 
 from llava_edge.errors import first_line
+from llava_edge.runtime.image import encoded_format
 from llava_edge.serve.protocol import ApiError
 
 OCTET_STREAM = "application/octet-stream"  # bytes of no declared type: taken, as no type is
@@ -35,6 +36,7 @@ async def fetch_image(url: str, policy: MediaPolicy, time_left: float | None = N
     time_left: what remains of the request's time limit; a download may not take longer."""
     if url[:5].lower() == "data:":  # a URL's scheme is case-insensitive
         return await asyncio.to_thread(_data_uri, url, policy.max_image_bytes)
+    _refuse_bare_base64(url)
     scheme = _parse(url).scheme.lower()
     if scheme == "file" or (not scheme and url.startswith("/")):
         return await asyncio.to_thread(_local_file, url, policy)
@@ -46,6 +48,22 @@ async def fetch_image(url: str, policy: MediaPolicy, time_left: float | None = N
         "--allowed-media-dir, or an http(s) URL with --allow-remote-images",
         "image_url",
     )
+
+
+def _refuse_bare_base64(url: str) -> None:
+    """An image's base64 without its data: header, as other APIs take images: a JPEG's begins
+    with /9j/, which reads as a file path."""
+    try:
+        fmt = encoded_format(base64.b64decode(url[:16], validate=True))
+    except (binascii.Error, ValueError):
+        return
+    if fmt is not None:
+        raise ApiError(
+            400,
+            f"image_url holds bare base64 of a {fmt} image; send it as a data: URI: "
+            f"data:image/{fmt.lower()};base64,<the base64>",
+            "image_url",
+        )
 
 
 def _parse(url: str) -> ParseResult:
