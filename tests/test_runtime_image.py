@@ -361,6 +361,21 @@ def test_a_url_is_named_as_one_not_as_a_missing_file(url, hint):
     assert len(str(error.value)) < 300
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_an_images_base64_given_for_a_path_is_named_as_such(fmt):
+    """transformers' load_image takes a bare base64 string; the runtime said 'image /9j/4AAQ...
+    does not exist'."""
+    import base64
+
+    buffer = io.BytesIO()
+    Image.fromarray(noise(20, 30)).save(buffer, fmt)
+    text = base64.b64encode(buffer.getvalue()).decode()
+    with pytest.raises(LlavaEdgeError, match=rf"base64 of a {fmt} image.*b64decode") as error:
+        load_image(text)
+    assert len(str(error.value)) < 300
+    assert load_image(base64.b64decode(text)).size == (30, 20)
+
+
 def test_a_directory_is_named_as_one(tmp_path):
     with pytest.raises(LlavaEdgeError, match="is a directory, not an image file"):
         load_image(tmp_path)

@@ -10,6 +10,8 @@ the square, no crop), rescale, normalize. Tests hold this to transformers' outpu
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import math
 import os
@@ -143,6 +145,7 @@ def _open(source: str | os.PathLike | bytes, max_pixels: int | None) -> Image.Im
     if not given:
         _refuse_url(source)
         if not os.path.exists(source):
+            _refuse_base64(source, name)
             raise LlavaEdgeError(f"{what} does not exist")
         if os.path.isdir(source):
             raise LlavaEdgeError(f"{what} is a directory, not an image file")
@@ -196,6 +199,19 @@ def _refuse_url(source: str | os.PathLike) -> None:
         raise LlavaEdgeError(
             f"{shown} is a URL, not an image file; download it and pass the file or its bytes "
             "(the runtime reads no network)"
+        )
+
+
+def _refuse_base64(source: str | os.PathLike, name: str) -> None:
+    """transformers' load_image takes an image's bare base64 too; here it is no path."""
+    text = os.fspath(source)
+    try:
+        fmt = isinstance(text, str) and encoded_format(base64.b64decode(text[:16], validate=True))
+    except (binascii.Error, ValueError):
+        return
+    if fmt:
+        raise LlavaEdgeError(
+            f"{name} is base64 of a {fmt} image, not a path; pass its bytes: base64.b64decode(text)"
         )
 
 
