@@ -205,11 +205,8 @@ def _refuse_url(source: str | os.PathLike) -> None:
 def _refuse_base64(source: str | os.PathLike, name: str) -> None:
     """transformers' load_image takes an image's bare base64 too; here it is no path."""
     text = os.fspath(source)
-    try:
-        fmt = isinstance(text, str) and encoded_format(base64.b64decode(text[:16], validate=True))
-    except (binascii.Error, ValueError):
-        return
-    if fmt:
+    fmt = base64_format(text) if isinstance(text, str) else None
+    if fmt is not None:
         raise LlavaEdgeError(
             f"{name} is base64 of a {fmt} image, not a path; pass its bytes: base64.b64decode(text)"
         )
@@ -288,6 +285,15 @@ def _refuse_encoded(array: np.ndarray) -> None:
             f"the image array holds an encoded {fmt} file, not pixels; pass its bytes: "
             "array.tobytes()"
         )
+
+
+def base64_format(text: str) -> str | None:
+    """encoded_format of what `text` decodes to, where it is an image's bare base64 (a JPEG's
+    begins with /9j/, which reads as a path)."""
+    try:
+        return encoded_format(base64.b64decode(text[:16], validate=True))
+    except (binascii.Error, ValueError):
+        return None
 
 
 def encoded_format(head: bytes) -> str | None:

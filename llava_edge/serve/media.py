@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import ParseResult, unquote, urlparse
 
 from llava_edge.errors import first_line
-from llava_edge.runtime.image import encoded_format
+from llava_edge.runtime.image import base64_format
 from llava_edge.serve.protocol import ApiError
 
 OCTET_STREAM = "application/octet-stream"  # bytes of no declared type: taken, as no type is
@@ -53,10 +53,7 @@ async def fetch_image(url: str, policy: MediaPolicy, time_left: float | None = N
 def _refuse_bare_base64(url: str) -> None:
     """An image's base64 without its data: header, as other APIs take images: a JPEG's begins
     with /9j/, which reads as a file path."""
-    try:
-        fmt = encoded_format(base64.b64decode(url[:16], validate=True))
-    except (binascii.Error, ValueError):
-        return
+    fmt = base64_format(url)
     if fmt is not None:
         raise ApiError(
             400,
