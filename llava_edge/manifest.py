@@ -92,7 +92,7 @@ class ImageSpec:
     width: int
     resize: (
         dict[str, int] | None
-    )  # {"shortest_edge": n} or {"height": h, "width": w}; None: no resize
+    )  # {"shortest_edge": n[, "longest_edge": m]} or {"height": h, "width": w}; None: no resize
     resample: int  # PIL resampling filter code (3 = bicubic)
     center_crop: bool
     rescale_factor: float

@@ -296,6 +296,24 @@ def test_methods_that_take_prepared_images_refuse_raw_ones(pipe, image):
     assert pipe.prompt_ids("What?", pixels) == pipe.prompt_ids("What?", [pixels])
 
 
+def test_methods_that_take_raw_images_refuse_prepared_ones(pipe, image):
+    """generate(pipe.image_pixels(frame), ...) read the prepared image's three fields as three
+    images and blamed the first one's shape (1, 3, H, W)."""
+    from llava_edge.runtime import BatchEngine
+
+    pixels = pipe.image_pixels(image)
+    engine = BatchEngine(pipe, start=False)
+    calls = (
+        lambda prepared: pipe.generate(prepared, "What?", max_new_tokens=1),
+        lambda prepared: pipe.chat(prepared),
+        lambda prepared: engine.submit(prepared, "What?"),
+    )
+    for prepared in (pixels, [pixels], [str(image), pixels]):
+        for call in calls:
+            with pytest.raises(LlavaEdgeError, match="prepared by Pipeline.image_pixels"):
+                call(prepared)
+
+
 def test_image_bytes_in_any_buffer_are_taken(pipe, image):
     data = image.read_bytes()
     want = pipe.answer(data, "What?", max_new_tokens=3).token_ids

@@ -328,6 +328,20 @@ def test_a_lazily_opened_image_that_fails_to_decode_is_one_error(tmp_path):
         load_image(closed)
 
 
+def test_a_pil_image_whose_file_closed_before_it_was_read_is_named_as_such(tmp_path):
+    """`with Image.open(path) as image:` closes the file at the block's end: an image given
+    after it, not yet decoded, raised a bare AssertionError from PIL."""
+    path = tmp_path / "photo.png"
+    Image.fromarray(noise(20, 30)).save(path)
+    with Image.open(path) as image:
+        pass
+    with pytest.raises(LlavaEdgeError, match="file was closed before the image was read"):
+        load_image(image)
+    with Image.open(path) as image:
+        image.load()
+    assert np.array_equal(np.asarray(load_image(image)), noise(20, 30))
+
+
 @pytest.mark.parametrize(
     "url, hint",
     [
@@ -345,6 +359,21 @@ def test_a_url_is_named_as_one_not_as_a_missing_file(url, hint):
     with pytest.raises(LlavaEdgeError, match="does not exist") as error:
         load_image(url.partition(",")[2])  # the base64 alone, as HF's load_image also takes
     assert len(str(error.value)) < 300
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_an_images_base64_given_for_a_path_is_named_as_such(fmt):
+    """transformers' load_image takes a bare base64 string; the runtime said 'image /9j/4AAQ...
+    does not exist'."""
+    import base64
+
+    buffer = io.BytesIO()
+    Image.fromarray(noise(20, 30)).save(buffer, fmt)
+    text = base64.b64encode(buffer.getvalue()).decode()
+    with pytest.raises(LlavaEdgeError, match=rf"base64 of a {fmt} image.*b64decode") as error:
+        load_image(text)
+    assert len(str(error.value)) < 300
+    assert load_image(base64.b64decode(text)).size == (30, 20)
 
 
 def test_a_directory_is_named_as_one(tmp_path):
@@ -520,7 +549,7 @@ def test_postscript_is_refused_without_running_ghostscript(monkeypatch):
     assert ran == []
 
 
-@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "WEBP"])
 def test_an_encoded_file_held_in_an_array_is_refused_naming_its_bytes(fmt):
     """cv2.imencode gives an encoded frame as an (N, 1) uint8 array, np.frombuffer of a ROS
     CompressedImage as (N,): the first was read as a picture one pixel wide and N tall."""
@@ -574,3 +603,21 @@ def test_an_icon_wrapping_a_huge_png_is_refused_before_it_is_decoded(monkeypatch
     with pytest.raises(LlavaEdgeError, match="ICO"):
         load_image(icon, max_pixels=1000)
     assert decoded == []
+
+
+@pytest.mark.parametrize(
+    "size", [(45, 70), (70, 45), (40, 100), (100, 40), (1, 60), (56, 56), (30, 200)]
+)
+def test_a_longest_edge_caps_the_resize_as_transformers_does(size):
+    """A processor's size of {shortest_edge, longest_edge} keeps the longer edge within its
+    cap (the shorter edge below shortest_edge then, the center crop padding it)."""
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    capped = {"shortest_edge": 56, "longest_edge": 84}
+    processor = LlavaImageProcessorPil(
+        size=capped, crop_size={"height": 56, "width": 56}, image_mean=MEAN, image_std=STD
+    )
+    image = Image.fromarray(noise(*size, seed=size[1]))
+    theirs = np.asarray(processor(images=image, return_tensors="np")["pixel_values"][0])
+    ours = preprocess(load_image(image), ImageSpec(**{**spec().__dict__, "resize": capped}))
+    assert np.abs(ours - theirs).max() < 1e-5

@@ -438,6 +438,38 @@ def test_a_remote_timeout_over_five_seconds_takes_effect():
     assert got == image.getvalue()
 
 
+def test_a_remote_image_is_fetched_uncompressed_and_a_compressed_reply_refused():
+    """The image-size limit counts the bytes that arrive: a reply gzipped anyway (a few KB
+    that inflate to gigabytes) is refused from its headers, not inflated past the limit."""
+    import gzip
+
+    from llava_edge.serve.media import MediaPolicy, fetch_image
+    from llava_edge.serve.protocol import ApiError
+
+    image = io.BytesIO()
+    picture(1).save(image, "PNG")
+    asked: list[str | None] = []
+
+    class Server(QuietHandler):
+        def do_GET(self):
+            asked.append(self.headers.get("Accept-Encoding"))
+            body = image.getvalue()
+            self.send_response(200)
+            if self.path == "/bomb.png":
+                body = gzip.compress(b"\0" * 5_000_000)
+                self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    policy = MediaPolicy(100_000, None, True)
+    with web_server(Server) as base:
+        assert asyncio.run(fetch_image(base + "/photo.png", policy)) == image.getvalue()
+        with pytest.raises(ApiError, match="compressed"):
+            asyncio.run(fetch_image(base + "/bomb.png", policy))
+    assert asked == ["identity", "identity"]
+
+
 # ---- refusals ---------------------------------------------------------------------------------
 
 GOOD = [ask("What?")]
@@ -589,6 +621,18 @@ def test_a_data_url_of_any_image_type_is_read_by_its_bytes(server, header):
     url = f"{header},{_png_base64()}"
     response = server.post({"model": MODEL, "messages": [ask("What?", url)], "max_tokens": 1})
     assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "WEBP"])
+def test_bare_base64_is_named_as_such_not_taken_for_a_path(server, fmt):
+    """An image's base64 without its data: header (as other APIs take images): a JPEG's begins
+    with /9j/, so it was read as a file path ('image file /9j/4AAQ... does not exist', the
+    whole image echoed back), the others as an unknown kind of URL."""
+    bare = data_uri(picture(1), fmt).partition(",")[2]
+    response = server.post({"model": MODEL, "messages": [ask("What?", bare)], "max_tokens": 1})
+    assert response.status_code == 400, response.text
+    message = error_of(response)["message"]
+    assert f"data:image/{fmt.lower()};base64," in message and len(message) < 200
 
 
 def test_image_and_limit_refusals_name_what_to_change(server, monkeypatch):

@@ -4,12 +4,14 @@ and SiglipImageProcessor.
 The runtime cannot import transformers, so the processor's steps are replayed here from the
 numbers export wrote into the manifest: convert to RGB (transparency over white), optionally pad
 to a square with the mean colour (LLaVA-1.5 'pad'), resize with PIL (CLIP: the shortest edge,
-then a center crop; SigLIP: straight to the square, no crop), rescale, normalize. Tests hold this
-to transformers' output within 1e-5.
+the longest kept within longest_edge where one is set, then a center crop; SigLIP: straight to
+the square, no crop), rescale, normalize. Tests hold this to transformers' output within 1e-5.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import math
 import os
@@ -18,7 +20,7 @@ import threading
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from llava_edge.errors import LlavaEdgeError, TooLarge
 from llava_edge.manifest import ImageSpec
@@ -32,10 +34,24 @@ Images = ImageInput | list[ImageInput] | tuple[ImageInput, ...] | None
 
 
 def image_list(images: Images) -> list[ImageInput]:
-    """No image, one, or several, as a list."""
+    """No image, one, or several, as a list. An image Pipeline.image_pixels prepared is refused,
+    naming where it goes: as a tuple, its fields would read as three images."""
+    from llava_edge.runtime.anyres import ImagePixels  # anyres builds on this module
+
     if images is None:
         return []
-    return list(images) if isinstance(images, (list, tuple)) else [images]
+    listed = (
+        list(images)
+        if isinstance(images, list | tuple) and not isinstance(images, ImagePixels)
+        else [images]
+    )
+    if any(isinstance(one, ImagePixels) for one in listed):
+        raise LlavaEdgeError(
+            "an image prepared by Pipeline.image_pixels goes to prompt_ids, pixel_features or "
+            "BatchEngine.submit_ids; generate, answer, stream, chat and BatchEngine.submit take "
+            "the image itself (a path, bytes, a PIL image or an array)"
+        )
+    return listed
 
 
 def load_image(source: ImageInput, max_pixels: int | None = None) -> Image.Image:
@@ -89,12 +105,24 @@ def load_image(source: ImageInput, max_pixels: int | None = None) -> Image.Image
         )
     try:
         if isinstance(source, Image.Image):
+            _check_open(image)
             image.load()  # a lazily opened file decodes here, not later outside this check
         else:  # in place: the file's format stays known (a 16-bit PGM's mode I reads by it)
             ImageOps.exif_transpose(image, in_place=True)
         return to_rgb(image)
     except (OSError, ValueError, SyntaxError) as e:
         raise LlavaEdgeError(f"cannot decode image: {e}") from None
+
+
+def _check_open(image: Image.Image) -> None:
+    """A PIL image still to be decoded (tiles left) needs its file: after `with Image.open(...)`
+    it is closed, and PIL's load fails on a bare assertion."""
+    if isinstance(image, ImageFile.ImageFile) and image.tile and image.fp is None:
+        raise LlavaEdgeError(
+            "cannot decode image: its file was closed before the image was read (the end of "
+            "a `with Image.open(...)` block); pass the path, or call image.load() before the "
+            "file closes"
+        )
 
 
 def _check_pixels(width: int, height: int, max_pixels: int | None) -> None:
@@ -117,6 +145,7 @@ def _open(source: str | os.PathLike | bytes, max_pixels: int | None) -> Image.Im
     if not given:
         _refuse_url(source)
         if not os.path.exists(source):
+            _refuse_base64(source, name)
             raise LlavaEdgeError(f"{what} does not exist")
         if os.path.isdir(source):
             raise LlavaEdgeError(f"{what} is a directory, not an image file")
@@ -170,6 +199,16 @@ def _refuse_url(source: str | os.PathLike) -> None:
         raise LlavaEdgeError(
             f"{shown} is a URL, not an image file; download it and pass the file or its bytes "
             "(the runtime reads no network)"
+        )
+
+
+def _refuse_base64(source: str | os.PathLike, name: str) -> None:
+    """transformers' load_image takes an image's bare base64 too; here it is no path."""
+    text = os.fspath(source)
+    fmt = base64_format(text) if isinstance(text, str) else None
+    if fmt is not None:
+        raise LlavaEdgeError(
+            f"{name} is base64 of a {fmt} image, not a path; pass its bytes: base64.b64decode(text)"
         )
 
 
@@ -240,18 +279,35 @@ def _refuse_encoded(array: np.ndarray) -> None:
     column = array.ndim == 1 or (array.ndim == 2 and array.shape[1] == 1)
     if array.dtype != np.uint8 or not column:
         return
-    head = array[:12].tobytes()
+    fmt = encoded_format(array[:12].tobytes())
+    if fmt is not None:
+        raise LlavaEdgeError(
+            f"the image array holds an encoded {fmt} file, not pixels; pass its bytes: "
+            "array.tobytes()"
+        )
+
+
+def base64_format(text: str) -> str | None:
+    """encoded_format of what `text` decodes to, where it is an image's bare base64 (a JPEG's
+    begins with /9j/, which reads as a path)."""
+    try:
+        return encoded_format(base64.b64decode(text[:16], validate=True))
+    except (binascii.Error, ValueError):
+        return None
+
+
+def encoded_format(head: bytes) -> str | None:
+    """JPEG, PNG, GIF or WEBP, where `head` (a file's first 12 bytes) begins one of them: the
+    formats cameras and apps send, told where their bytes come in some other form."""
     if head.startswith(b"\xff\xd8\xff"):
-        fmt = "JPEG"
-    elif head.startswith(b"\x89PNG\r\n\x1a\n"):
-        fmt = "PNG"
-    elif head.startswith(b"RIFF") and head[8:12] == b"WEBP":
-        fmt = "WEBP"
-    else:
-        return
-    raise LlavaEdgeError(
-        f"the image array holds an encoded {fmt} file, not pixels; pass its bytes: array.tobytes()"
-    )
+        return "JPEG"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "GIF"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "WEBP"
+    return None
 
 
 def _from_array(array: np.ndarray) -> Image.Image:
@@ -376,12 +432,21 @@ def _pad_to_square(array: np.ndarray, colour: tuple[int, ...]) -> np.ndarray:
 
 
 def _resize_size(height: int, width: int, resize: dict[str, int]) -> tuple[int, int]:
-    if "shortest_edge" in resize:
-        size = resize["shortest_edge"]
-        short, long = (width, height) if width <= height else (height, width)
-        new_long = int(size * long / short)
-        return (new_long, size) if width <= height else (size, new_long)
-    return resize["height"], resize["width"]
+    """The (height, width) transformers resizes to: the shortest edge to its size, the longest
+    kept within longest_edge where the processor sets one (get_size_with_aspect_ratio's
+    arithmetic, float for float), or a fixed height and width."""
+    if "shortest_edge" not in resize:
+        return resize["height"], resize["width"]
+    size, cap = resize["shortest_edge"], resize.get("longest_edge")
+    short, long = (width, height) if width <= height else (height, width)
+    scaled = float(size)
+    if cap is not None and long / short * size > cap:
+        scaled = cap * float(short) / float(long)
+        size = int(round(scaled))
+    if short == size:
+        return height, width
+    new_long = int(scaled * long / short)
+    return (new_long, size) if width <= height else (size, new_long)
 
 
 def _center_crop(array: np.ndarray, height: int, width: int) -> np.ndarray:

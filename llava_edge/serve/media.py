@@ -16,6 +16,7 @@ from pathlib import Path
 from urllib.parse import ParseResult, unquote, urlparse
 
 from llava_edge.errors import first_line
+from llava_edge.runtime.image import base64_format
 from llava_edge.serve.protocol import ApiError
 
 OCTET_STREAM = "application/octet-stream"  # bytes of no declared type: taken, as no type is
@@ -35,6 +36,7 @@ async def fetch_image(url: str, policy: MediaPolicy, time_left: float | None = N
     time_left: what remains of the request's time limit; a download may not take longer."""
     if url[:5].lower() == "data:":  # a URL's scheme is case-insensitive
         return await asyncio.to_thread(_data_uri, url, policy.max_image_bytes)
+    _refuse_bare_base64(url)
     scheme = _parse(url).scheme.lower()
     if scheme == "file" or (not scheme and url.startswith("/")):
         return await asyncio.to_thread(_local_file, url, policy)
@@ -46,6 +48,19 @@ async def fetch_image(url: str, policy: MediaPolicy, time_left: float | None = N
         "--allowed-media-dir, or an http(s) URL with --allow-remote-images",
         "image_url",
     )
+
+
+def _refuse_bare_base64(url: str) -> None:
+    """An image's base64 without its data: header, as other APIs take images: a JPEG's begins
+    with /9j/, which reads as a file path."""
+    fmt = base64_format(url)
+    if fmt is not None:
+        raise ApiError(
+            400,
+            f"image_url holds bare base64 of a {fmt} image; send it as a data: URI: "
+            f"data:image/{fmt.lower()};base64,<the base64>",
+            "image_url",
+        )
 
 
 def _parse(url: str) -> ParseResult:
@@ -157,18 +172,27 @@ async def _download(url: str, policy: MediaPolicy) -> bytes:
 
     limit = policy.max_image_bytes
     # no timeout of httpx's own (5 s a phase by default): the whole download's deadline, set by
-    # --remote-timeout, is the caller's
+    # --remote-timeout, is the caller's. The body is asked for and read as it is sent, so that
+    # the limit counts what arrives: httpx inflates a gzipped piece whole (64 KB to 64 MB).
     async with (
         httpx.AsyncClient(follow_redirects=True, max_redirects=3, timeout=None) as client,
-        client.stream("GET", url) as response,
+        client.stream("GET", url, headers={"Accept-Encoding": "identity"}) as response,
     ):
         if response.status_code != 200:
             raise ApiError(400, f"fetching the image gave HTTP {response.status_code}", "image_url")
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise ApiError(
+                400,
+                f"the image's server sent it compressed ({encoding}) though asked not to; "
+                "send the image as a data: URI",
+                "image_url",
+            )
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise _too_large(int(declared), limit)
         data = bytearray()
-        async for piece in response.aiter_bytes():
+        async for piece in response.aiter_raw():
             data += piece
             if len(data) > limit:
                 raise _too_large(len(data), limit)
