@@ -468,7 +468,8 @@ def test_the_runtime_does_not_import_the_decoder() -> None:
 
 def test_an_http_stream_is_live(pipe, recorder, tmp_path) -> None:
     """A stream served on this machine's loopback: read by the reader thread, through FFmpeg's
-    network code with its timeouts; a stream that ends, ends the watch cleanly."""
+    network code with its timeouts; a live stream does not end while it works, so its end ends
+    the watch with an error, after the answers about the frames it sent."""
     import functools
     import http.server
 
@@ -480,7 +481,10 @@ def test_an_http_stream_is_live(pipe, recorder, tmp_path) -> None:
     thread.start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/cam.mkv"
-        answers = list(pipe.watch(url, "Anyone?", every_s=0.0, timeout_s=5))
+        answers = []
+        with pytest.raises(LlavaEdgeError, match=r"stream http://.*cam.mkv ended after 20 frames"):
+            for answer in pipe.watch(url, "Anyone?", every_s=0.0, timeout_s=5):
+                answers.append(answer)
         indices = [a.index for a in answers]
         assert indices and indices == sorted(indices) and indices[-1] == 19
         assert sum(a.skipped for a in answers) + len(answers) == 20
@@ -923,6 +927,45 @@ def test_a_camera_unplugged_mid_way_says_so(pipe, recorder, monkeypatch) -> None
         "check it and its cable"
     )
     assert closed.is_set()
+
+
+def fake_camera(monkeypatch, frames: int) -> threading.Event:
+    """/dev/null (a character device, as a camera is) read through a fake PyAV whose camera
+    sends `frames` frames and then ends its stream without an error; the event: closed."""
+    closed = threading.Event()
+
+    class Ending:
+        streams = type("Streams", (), {"video": [type("Stream", (), {"average_rate": 0})()]})()
+
+        def decode(self, stream):
+            for i in range(frames):
+                time.sleep(0.01)
+                yield av.VideoFrame.from_ndarray(np.full((8, 8, 3), STEP * i, np.uint8), "rgb24")
+
+        def close(self) -> None:
+            closed.set()
+
+    fake = type("av", (), {"open": staticmethod(lambda *a, **k: Ending()), "error": av.error})
+    monkeypatch.setattr("llava_edge.runtime.frames.import_av", lambda: fake)
+    return closed
+
+
+def test_a_camera_that_ends_its_stream_ends_the_watch_with_an_error(
+    tiny_model_dir, pipe, recorder, monkeypatch, capsys
+) -> None:
+    """A camera does not end while it works: a supervisor (systemd, a robot's launch file) must
+    see its end as a failure, one line and a non-zero exit, not a watch that finished."""
+    closed = fake_camera(monkeypatch, frames=3)
+    answers = []
+    with pytest.raises(LlavaEdgeError, match=r"camera /dev/null ended after 3 frames"):
+        for answer in pipe.watch("/dev/null", "?", every_s=0.0):
+            answers.append(answer.index)
+    assert answers and answers[-1] == 2 and closed.is_set()
+    argv = ["watch", str(tiny_model_dir), "--source", "/dev/null", "--prompt", "?"]
+    assert cli.main([*argv, "--every", "0", "--max-new-tokens", "1", "--jsonl"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.strip() and captured.err.count("\n") == 1
+    assert captured.err.startswith("llava-edge watch: error: camera /dev/null ended after 3")
 
 
 @pytest.mark.parametrize("degrees", [90, -90, 180])

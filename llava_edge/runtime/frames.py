@@ -24,7 +24,8 @@ Two ways to read a source:
 
 Every way a source can go wrong ends in a `LlavaEdgeError` of one line or a clean end: a missing
 file or device, a file that is not video, one that breaks mid-way, a stream that stalls longer
-than `timeout_s` (while opening or between frames).
+than `timeout_s` (while opening or between frames). A camera or a network stream read live
+never ends cleanly: its end is an error (see `_never_ending`).
 """
 
 from __future__ import annotations
@@ -195,6 +196,8 @@ def open_frames(
     if live:
         if kind in ("file", "folder"):
             decoded = _paced(decoded)
+        elif kind == "device" or URL.match(os.fspath(source)):
+            decoded = _never_ending(decoded, kind, shown(os.fspath(source)))
         # a stream's open has FFmpeg's own timeout, whose error says more than a stall would
         grace = OPEN_GRACE_S if kind == "stream" else 0.0
         return live_frames(decoded, every_s, timeout_s, shown(os.fspath(source)), cancel, grace)
@@ -448,6 +451,24 @@ def _as_error(error: BaseException, name: str) -> LlavaEdgeError:
     if isinstance(error, LlavaEdgeError):
         return error
     return LlavaEdgeError(f"reading {name} failed: {first_line(error)}")
+
+
+def _never_ending(frames: Iterator[Frame], kind: str, name: str) -> Iterator[Frame]:
+    """A camera or a network stream read live does not end while all is well: its end (the
+    sender stopped, the connection closed) is an error, which a robot's supervisor must see. A
+    pipe ends when its writer does, whose own exit says why, and a file or folder at its end."""
+    count = 0
+    try:
+        for frame in frames:
+            count += 1
+            yield frame
+    finally:
+        frames.close()
+    what = "camera" if kind == "device" else "stream"
+    raise LlavaEdgeError(
+        f"{what} {name} ended after {count} frames: a live source does not end while it works; "
+        f"check the {'camera' if kind == 'device' else 'sender and the network'}"
+    )
 
 
 def _read_ahead(
