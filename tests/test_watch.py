@@ -275,7 +275,8 @@ def test_real_answers_through_the_cli(tiny_model_dir, tmp_path, capsys) -> None:
         (0, 0.0, [0]),
         (5, 0.5, [5]),
     ]
-    assert all(isinstance(x["text"], str) and "frame_age_ms" in x["timings"] for x in lines)
+    assert all(isinstance(x["text"], str) for x in lines)
+    assert all(x["timings"]["lag_ms"] >= x["timings"]["frame_age_ms"] >= 0 for x in lines)
     assert cli.main([*argv, "--max-frames", "1"]) == 0
     text = capsys.readouterr().out.splitlines()
     assert len(text) == 1 and text[0].strip().startswith("0.00s  frame 0:")
@@ -632,6 +633,24 @@ def test_an_apps_fast_camera_is_answered_about_its_newest_frame(pipe, monkeypatc
     assert len(answers) < 40 and indices[-1] == 39
     assert sum(a.skipped for a in answers) + len(answers) == 40
     assert released.is_set()
+
+
+def test_each_answer_says_how_stale_it_is_when_ready(pipe, monkeypatch) -> None:
+    """A robot acts on an answer when it is ready: it must see how old the frame was then (the
+    frame's wait for the answerer, plus the answer's own time), not only when the answer began."""
+    taken = threading.Event()
+
+    def driver():
+        yield np.zeros((24, 32, 3), np.uint8)
+        taken.wait(5)  # no newer frame while the answer runs
+
+    monkeypatch.setattr(pipe, "answer", Recorder(delay_s=0.3))
+    with pipe.watch(driver(), "Now?", every_s=0.0, max_frames=1) as answers:
+        answer = next(answers)
+        taken.set()
+    waited, lag = answer.timings["frame_age_ms"], answer.timings["lag_ms"]
+    assert waited < 200 and lag >= waited + 300
+    assert answer.to_dict()["timings"]["lag_ms"] == lag
 
 
 def test_an_apps_camera_that_gives_none_raises_or_stops(pipe, recorder) -> None:

@@ -50,6 +50,8 @@ class WatchAnswer:
     text: str
     skipped: int  # frames due for an answer that were dropped while the last answer ran
     frames: list[int] = field(default_factory=list)  # indices of every frame in the prompt
+    # the answer's timings, and how old its frame was when the answer began (frame_age_ms) and
+    # when it was ready (lag_ms); empty for a frame that could not be read
     timings: dict[str, float] = field(default_factory=dict)
     # Why this frame has no answer: it ran past its time limit (`answer_timeout_s`, else the
     # pipeline's Limits.timeout_s), or it could not be read as an image (corrupt bytes, a bad
@@ -234,7 +236,7 @@ def _answers(
             if cancel.is_set():  # closed from another thread during the answer
                 return
             answered += 1
-            timings = {**timings, "frame_age_ms": round((started - frame.received) * 1e3, 3)}
+            timings = {**timings, **_staleness(frame, started)}
             result = WatchAnswer(
                 frame.index,
                 frame.timestamp,
@@ -252,6 +254,15 @@ def _answers(
                 return
     finally:
         stream.close()
+
+
+def _staleness(frame: Frame, started: float) -> dict[str, float]:
+    """How old the (newest) frame was when its answer began (its wait for the answerer) and
+    when the answer was ready (what a robot acting on it must allow for)."""
+    return {
+        "frame_age_ms": round((started - frame.received) * 1e3, 3),
+        "lag_ms": round((time.monotonic() - frame.received) * 1e3, 3),
+    }
 
 
 def _normal(text: str) -> str:
