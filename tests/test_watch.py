@@ -7,6 +7,7 @@ back from its pixels."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import math
@@ -985,6 +986,78 @@ def test_a_camera_that_ends_its_stream_ends_the_watch_with_an_error(
     captured = capsys.readouterr()
     assert captured.out.strip() and captured.err.count("\n") == 1
     assert captured.err.startswith("llava-edge watch: error: camera /dev/null ended after 3")
+
+
+class Reconnecting:
+    """A fake PyAV whose camera, opened again and again, does what `plan` says of each opening:
+    a number of frames sent before its stream ends, or None for an open that fails."""
+
+    def __init__(self, monkeypatch, plan: list[int | None]):
+        self.plan, self.opens, self.sent = plan, 0, 0
+        monkeypatch.setattr("llava_edge.runtime.frames.import_av", lambda: self.av)
+        self.av = type("av", (), {"open": staticmethod(self.open), "error": av.error})
+
+    def open(self, *args, **kwargs):
+        frames = self.plan[self.opens] if self.opens < len(self.plan) else None
+        self.opens += 1
+        if frames is None:
+            av.error.err_check(-errno.ECONNREFUSED)
+        fake = self
+
+        class Connection:
+            streams = type("Streams", (), {"video": [type("Stream", (), {"average_rate": 0})()]})
+
+            def decode(self, stream):
+                for _ in range(frames):
+                    time.sleep(0.01)
+                    fake.sent += 1
+                    level = STEP * fake.sent
+                    yield av.VideoFrame.from_ndarray(np.full((8, 8, 3), level, np.uint8), "rgb24")
+
+            def close(self) -> None:
+                pass
+
+        return Connection()
+
+
+def test_a_camera_that_drops_is_opened_again_within_the_reconnect_window(
+    pipe, recorder, monkeypatch
+) -> None:
+    """--reconnect: a camera that drops (its stream ends, an open fails) is opened again, its
+    frames counting on, until it stays away past the window: then the drop's error."""
+    camera = Reconnecting(monkeypatch, [3, None, 3])
+    answers = []
+    with pytest.raises(LlavaEdgeError) as raised:
+        for answer in pipe.watch("/dev/null", "?", every_s=0.0, reconnect_s=0.6):
+            answers.append(answer)
+    indices = [a.index for a in answers]
+    assert indices == sorted(indices) and indices[-1] == 5
+    assert sum(a.skipped for a in answers) + len(answers) == 6
+    assert recorder.seen == [[i + 1] for i in indices]  # each frame's own pixels
+    assert camera.opens == 5  # 3 frames, a failed open, 3 frames, two failed opens
+    message = str(raised.value)
+    assert message.startswith("camera /dev/null ended after 3 frames") and "\n" not in message
+    assert "not back after reconnecting for 0.6 s" in message and "refused" in message
+
+
+def test_a_watch_that_ends_while_its_camera_reconnects_opens_it_no_more(pipe, monkeypatch) -> None:
+    """The camera must be free for the next watch: the pauses between tries end with the watch."""
+    camera = Reconnecting(monkeypatch, [2, 2])
+    monkeypatch.setattr(pipe, "answer", Recorder(delay_s=0.15))  # the camera drops meanwhile
+    answers = list(pipe.watch("/dev/null", "?", every_s=0.0, reconnect_s=5, max_frames=2))
+    assert len(answers) == 2
+    time.sleep(0.8)  # past the first pause (0.5 s)
+    assert camera.opens == 1
+
+
+def test_reconnecting_is_refused_where_there_is_nothing_to_reconnect(pipe, tmp_path) -> None:
+    folder = shots(tmp_path / "shots", 2)
+    video = make_video(tmp_path / "clip.mkv", frames=4, fps=10)
+    for source, live in ((folder, None), (video, True), (iter([]), None)):
+        with pytest.raises(LlavaEdgeError, match=r"reconnect_s \(--reconnect\) .*: drop it"):
+            pipe.watch(source, "?", reconnect_s=1.0, live=live)
+    with pytest.raises(LlavaEdgeError, match=r"reconnect_s \(--reconnect\) must be 0 or more"):
+        pipe.watch("/dev/null", "?", reconnect_s=-1.0)
 
 
 @pytest.mark.parametrize("degrees", [90, -90, 180])

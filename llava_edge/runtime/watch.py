@@ -120,6 +120,7 @@ def watch(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     folder_fps: float | None = None,
     answer_timeout_s: float | None = None,
+    reconnect_s: float = 0.0,
     **options: Any,
 ) -> Watch:
     """Answers about `source`'s frames. The arguments are checked at once (an image folder is
@@ -133,7 +134,9 @@ def watch(
     this many frames (answered, or reported without an answer: late or unreadable). timeout_s:
     how long the source may send no frame before it counts as stalled (the watch ends with an
     error). answer_timeout_s: each answer's time limit, in place of the pipeline's
-    `Limits.timeout_s` (an answer past it is reported, and the watch goes on). The remaining
+    `Limits.timeout_s` (an answer past it is reported, and the watch goes on). reconnect_s: how
+    long a camera or network stream that drops is tried again before the watch ends with its
+    error (0: not at all; see llava_edge.runtime.frames.open_frames). The remaining
     options are the generation options of `Pipeline.answer`.
     """
     pipe._check_open()
@@ -164,7 +167,13 @@ def watch(
         )
     cancel = threading.Event()
     stream = open_frames(
-        source, every_s, live=live, timeout_s=timeout_s, folder_fps=folder_fps, cancel=cancel
+        source,
+        every_s,
+        live=live,
+        timeout_s=timeout_s,
+        folder_fps=folder_fps,
+        cancel=cancel,
+        reconnect_s=reconnect_s,
     )
     answers = _answers(pipe, stream, prompt, frames, changes_only, max_frames, options, cancel)
     return Watch(answers, cancel, stream)
