@@ -1204,6 +1204,24 @@ def test_an_unreadable_frame_is_reported_and_the_watch_goes_on(pipe, recorder, t
     assert got[-1].text == "frame 3" and all(a.error for a in got[:-1])
 
 
+def test_a_frame_too_far_from_square_is_reported_and_the_watch_goes_on(pipe, tmp_path) -> None:
+    """A strip of a frame (a driver's buffer read as one row) is under the pixel limit, but the
+    vision encoder's input cannot be made from it: that frame is reported, as an unreadable one
+    is, and left out of the later prompts, and the next frame is answered."""
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), STEP * i, np.uint8)).save(folder / f"{i}.png")
+    Image.fromarray(np.zeros((1, 307_200, 3), np.uint8)).save(folder / "1.png")
+    answers = list(pipe.watch(folder, "?", every_s=0.0, frames=2, max_new_tokens=1))
+    assert [(a.index, a.frames, a.error is None) for a in answers] == [
+        (0, [0], True),
+        (1, [], False),
+        (2, [0, 2], True),
+    ]
+    assert "frame 1 could not be read" in answers[1].error and "crop it" in answers[1].error
+
+
 def test_frames_that_keep_failing_end_the_watch_with_the_reason(pipe, recorder) -> None:
     """A source whose every frame is unreadable (a driver handing over the wrong thing) ends
     the watch with a clear error, instead of reporting bad frames for ever."""

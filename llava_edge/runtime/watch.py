@@ -31,7 +31,7 @@ from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from llava_edge.errors import LlavaEdgeError, TimedOut
+from llava_edge.errors import LlavaEdgeError, TimedOut, TooLarge
 from llava_edge.runtime.frames import DEFAULT_TIMEOUT_S, Frame, open_frames
 from llava_edge.runtime.image import load_image
 from llava_edge.runtime.template import IMAGE_PLACEHOLDER
@@ -55,7 +55,7 @@ class WatchAnswer:
     timings: dict[str, float] = field(default_factory=dict)
     # Why this frame has no answer: it ran past its time limit (`answer_timeout_s`, else the
     # pipeline's Limits.timeout_s), or it could not be read as an image (corrupt bytes, a bad
-    # array, over the pixel limit). The watch goes on with the next frame: one slow answer or
+    # array, over the pixel limit, too far from square). The watch goes on with the next frame: one slow answer or
     # one bad frame does not end a robot's watch (BAD_FRAMES_IN_A_ROW unreadable ones do).
     error: str | None = None
 
@@ -218,30 +218,37 @@ def _answers(
         for frame in stream:
             if cancel.is_set():
                 return
+            unreadable: LlavaEdgeError | None = None
             try:  # decoded here, so that a bad frame is told from a failing answer
                 frame.pixels = load_image(frame.image, pipe.limits.max_image_pixels)
-                bad = 0
             except LlavaEdgeError as e:
+                unreadable = e
+            if unreadable is None:
+                window.append(frame)
+                started = time.monotonic()
+                images = [f.image for f in window]
+                try:
+                    answer = pipe.answer(images[0] if frames == 1 else images, prompt, **options)
+                    text, timings, error = answer.text, answer.timings, None
+                except TimedOut as e:
+                    text, timings, error = "", {}, str(e)
+                except TooLarge as e:  # a shape the vision encoder's input cannot be made from
+                    window.pop()  # the frames before it were answered with
+                    unreadable = e
+            if unreadable is not None:
                 bad += 1
                 if bad >= BAD_FRAMES_IN_A_ROW:
                     raise LlavaEdgeError(
                         f"{bad} frames in a row could not be read, the last ({frame.index}): "
-                        f"{e}; check the source"
+                        f"{unreadable}; check the source"
                     ) from None
-                error = f"frame {frame.index} could not be read: {e}"
+                error = f"frame {frame.index} could not be read: {unreadable}"
                 yield WatchAnswer(frame.index, frame.timestamp, "", frame.skipped, [], {}, error)
                 answered += 1
                 if max_frames is not None and answered >= max_frames:
                     return
                 continue
-            window.append(frame)
-            started = time.monotonic()
-            images = [f.image for f in window]
-            try:
-                answer = pipe.answer(images[0] if frames == 1 else images, prompt, **options)
-                text, timings, error = answer.text, answer.timings, None
-            except TimedOut as e:
-                text, timings, error = "", {}, str(e)
+            bad = 0
             if cancel.is_set():  # closed from another thread during the answer
                 return
             answered += 1
