@@ -1329,6 +1329,18 @@ def test_any_url_is_a_stream(pipe) -> None:
         list(pipe.watch("srt://127.0.0.1:1", "?", timeout_s=2))
 
 
+def test_a_file_url_is_read_as_the_path_it_names(pipe, recorder, tmp_path) -> None:
+    """file:///data/run%201.mp4, as a file manager or a launch file writes a path: the file (or
+    folder) it names, %-escapes decoded, not a video file 'file:///...' that does not exist."""
+    folder = shots(tmp_path / "run 1", 2)
+    video = make_video(folder.parent / "clip 1.mkv", frames=10, fps=10)
+    by_path = [a.index for a in pipe.watch(video, "?", every_s=0.5)]
+    assert [a.index for a in pipe.watch(video.as_uri(), "?", every_s=0.5)] == by_path == [0, 5]
+    assert [a.timestamp for a in pipe.watch(folder.as_uri(), "?")] == [0.0, 1.0]
+    with pytest.raises(LlavaEdgeError, match="names a file on another machine"):
+        pipe.watch("file://nas/clip.mp4", "?")
+
+
 def test_standard_input_with_no_video_piped_in_says_so(tiny_model_dir) -> None:
     """`llava-edge watch MODEL --source -` typed at a terminal, or run with no input: standard
     input is a character device there, and no camera."""

@@ -40,6 +40,7 @@ import re
 import stat
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,6 +184,7 @@ def open_frames(
         images = _app_source(source)
         frames = live_frames(_app_frames(images), every_s, timeout_s, APP_SOURCE, cancel)
         return AppFrames(frames, images)
+    source = _file_url_path(source)
     kind = source_kind(source)
     if kind == "device" and live is False:
         # offline, the answers would trail the camera by the frames its driver queues
@@ -223,6 +225,20 @@ def open_frames(
     if kind == "stream":
         decoded = _read_ahead(decoded, timeout_s, shown(os.fspath(source)), cancel)
     return _sampled(decoded, every_s)
+
+
+def _file_url_path(source: str | os.PathLike) -> str | os.PathLike:
+    """The path a file:// URL names (%-escapes decoded), read as that path is: a video file, a
+    folder of images, a camera."""
+    text = os.fspath(source)
+    if not text.lower().startswith("file://"):
+        return source
+    url = urllib.parse.urlsplit(text)
+    if url.netloc not in ("", "localhost"):
+        raise LlavaEdgeError(
+            f"{text} names a file on another machine ({url.netloc}); give a path on this one"
+        )
+    return urllib.parse.unquote(url.path)
 
 
 def _no_folder_fps(folder_fps: float | None, what: str) -> None:
