@@ -170,6 +170,48 @@ def shots(folder: Path, count: int) -> Path:
     return folder
 
 
+def test_a_followed_folder_answers_its_pictures_as_they_come(pipe, recorder, tmp_path) -> None:
+    """--follow: a robot's capture script drops pictures into a folder. Those there at the start
+    come first, as a camera's frames do, then each new or rewritten one once it is whole (one
+    written slowly is never read half), and a folder that gets no picture for the source
+    timeout has stalled."""
+    folder = shots(tmp_path / "shots", 3)
+    picture = io.BytesIO()
+    Image.fromarray(np.full((48, 64, 3), STEP * 10, np.uint8)).save(picture, "BMP")
+
+    def capture() -> None:
+        time.sleep(0.4)
+        with open(folder / "010.bmp", "wb", buffering=0) as file:  # 10 pieces over 0.5 s
+            data = picture.getvalue()
+            for i in range(10):
+                file.write(data[i * len(data) // 10 : (i + 1) * len(data) // 10])
+                time.sleep(0.05)
+        time.sleep(0.4)
+        Image.fromarray(np.full((20, 30, 3), STEP * 20, np.uint8)).save(folder / "000.png")
+
+    writer = threading.Thread(target=capture)
+    writer.start()
+    answers = []
+    with pytest.raises(LlavaEdgeError, match="no frame from .*shots for 1 s"):
+        for answer in pipe.watch(folder, "?", every_s=0.0, follow=True, timeout_s=1.0):
+            answers.append(answer)
+    writer.join()
+    assert all(a.error is None for a in answers)
+    assert recorder.seen[-3:] == [[2], [10], [20]]  # the last there at the start, then the new
+    assert [a.index for a in answers][-3:] == [2, 3, 4]
+    assert sum(a.skipped for a in answers) + len(answers) == 5
+
+
+def test_follow_is_refused_where_there_is_no_folder_to_follow(pipe, tmp_path) -> None:
+    video = make_video(tmp_path / "clip.mkv", frames=4, fps=10)
+    folder = shots(tmp_path / "shots", 2)
+    with pytest.raises(LlavaEdgeError, match=r"follow \(--follow\) .*a video file: drop it"):
+        pipe.watch(video, "?", follow=True)
+    for options in ({"live": False}, {"folder_fps": 2.0}, {"reconnect_s": 1.0}):
+        with pytest.raises(LlavaEdgeError, match="followed folder|no connection"):
+            pipe.watch(folder, "?", follow=True, **options)
+
+
 def test_a_live_folder_is_replayed_at_its_rate(pipe, recorder, tmp_path) -> None:
     folder = shots(tmp_path / "shots", 8)  # 0.8 s at 10 images a second
     start = time.monotonic()

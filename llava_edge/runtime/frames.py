@@ -67,6 +67,7 @@ APP_SOURCE = "the app's frames"  # how errors name an iterable source
 CANCEL_POLL_S = 0.05  # how soon a wait for a frame sees a cancel
 OPEN_GRACE_S = 2.0  # what a stream read offline may take past its timeout to open
 RECONNECT_FIRST_S, RECONNECT_MAX_S = 0.5, 5.0  # the pauses between tries to reopen a source
+FOLLOW_POLL_S = 0.1  # how often a followed folder is listed for new pictures
 
 
 @dataclass
@@ -151,6 +152,7 @@ def open_frames(
     folder_fps: float | None = None,
     cancel: threading.Event | None = None,
     reconnect_s: float = 0.0,
+    follow: bool = False,
 ) -> Iterator[Frame]:
     """The frames of `source` due for an answer, one per `every_s` seconds.
 
@@ -166,7 +168,9 @@ def open_frames(
     source's iterator stops waiting for a frame and ends. reconnect_s: a camera or network
     stream read live that drops (ends, breaks, stalls) is opened again, with a growing pause
     between tries, until it sends again or `reconnect_s` seconds have passed (0: never); its
-    frames go on counting, and a stall is given up after `timeout_s + reconnect_s`.
+    frames go on counting, and a stall is given up after `timeout_s + reconnect_s`. follow: an
+    image folder is read live, its pictures as they come (see `_followed_folder`); one that
+    gets no new picture for `timeout_s` has stalled.
     Closing the iterator stops the reader and closes the source (an app's iterator too); a
     reader stuck in a read that stalled (FFmpeg's V4L2 read, an app driver's own read: neither
     can be interrupted) closes it when that read returns, while the answers end at the timeout.
@@ -186,6 +190,8 @@ def open_frames(
         return AppFrames(frames, images)
     source = _file_url_path(source)
     kind = source_kind(source)
+    if follow:
+        return _follow(source, kind, every_s, live, timeout_s, folder_fps, cancel, reconnect_s)
     if kind == "device" and live is False:
         # offline, the answers would trail the camera by the frames its driver queues
         raise LlavaEdgeError(
@@ -225,6 +231,32 @@ def open_frames(
     if kind == "stream":
         decoded = _read_ahead(decoded, timeout_s, shown(os.fspath(source)), cancel)
     return _sampled(decoded, every_s)
+
+
+def _follow(
+    source: str | os.PathLike,
+    kind: str,
+    every_s: float,
+    live: bool | None,
+    timeout_s: float,
+    folder_fps: float | None,
+    cancel: threading.Event | None,
+    reconnect_s: float,
+) -> Iterator[Frame]:
+    """A followed image folder's frames, read live as a camera's are."""
+    name = os.fspath(source)
+    if kind != "folder":
+        raise LlavaEdgeError(
+            f"follow (--follow) watches an image folder for new pictures; {shown(name)} is "
+            f"{KIND_NAMES[kind]}: drop it"
+        )
+    if live is False:
+        raise LlavaEdgeError(f"a followed folder is live: {name} cannot be read with live=False")
+    _no_folder_fps(folder_fps, "a followed folder")
+    _no_reconnect(reconnect_s, f"folder {name}")
+    stop = threading.Event()
+    frames = _followed_folder(Path(source), stop)
+    return live_frames(frames, every_s, timeout_s, name, cancel, stop=stop)
 
 
 def _file_url_path(source: str | os.PathLike) -> str | os.PathLike:
@@ -618,9 +650,10 @@ def _read_ahead(
 # ---- image folders -------------------------------------------------------------------------
 
 
-def _folder_frames(folder: Path, fps: float) -> Iterator[Frame]:
+def _folder_images(folder: Path) -> list[Path]:
+    """The folder's images in name order."""
     try:
-        paths = sorted(
+        return sorted(
             (
                 p
                 for p in folder.iterdir()
@@ -631,11 +664,41 @@ def _folder_frames(folder: Path, fps: float) -> Iterator[Frame]:
         )
     except OSError as e:  # another user's capture folder, a stale network mount
         raise LlavaEdgeError(f"cannot list image folder {folder}: {e.strerror or e}") from None
+
+
+def _folder_frames(folder: Path, fps: float) -> Iterator[Frame]:
+    paths = _folder_images(folder)
     if not paths:
         raise LlavaEdgeError(
             f"image folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
         )
     return (Frame(path, index, index / fps) for index, path in enumerate(paths))
+
+
+def _followed_folder(folder: Path, stop: threading.Event) -> Iterator[Frame | None]:
+    """A folder's pictures as they come (a robot's capture script dropping them in), read live:
+    it is listed every FOLLOW_POLL_S, and an image new or rewritten since it was handed over
+    (another file, size or modification time) is handed over, in name order, once two listings
+    in a row find it the same, so that a picture still being written is not read half. The
+    images there at the start come first."""
+    handed: dict[Path, tuple[int, int, int]] = {}
+    seen: dict[Path, tuple[int, int, int]] = {}
+    index = 0
+    while True:
+        listed: dict[Path, tuple[int, int, int]] = {}
+        for path in _folder_images(folder):
+            with contextlib.suppress(OSError):  # gone since the listing
+                st = path.stat()
+                listed[path] = (st.st_ino, st.st_size, st.st_mtime_ns)
+        for path, state in listed.items():
+            if state[1] and seen.get(path) == state and handed.get(path) != state:
+                handed[path] = state
+                yield Frame(path, index, 0.0)
+                index += 1
+        seen = listed
+        yield None  # nothing more for now
+        if stop.wait(FOLLOW_POLL_S):
+            return
 
 
 def _name_order(path: Path) -> tuple[list[str | int], str]:

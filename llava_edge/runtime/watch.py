@@ -121,6 +121,7 @@ def watch(
     folder_fps: float | None = None,
     answer_timeout_s: float | None = None,
     reconnect_s: float = 0.0,
+    follow: bool = False,
     **options: Any,
 ) -> Watch:
     """Answers about `source`'s frames. The arguments are checked at once (an image folder is
@@ -136,7 +137,8 @@ def watch(
     error). answer_timeout_s: each answer's time limit, in place of the pipeline's
     `Limits.timeout_s` (an answer past it is reported, and the watch goes on). reconnect_s: how
     long a camera or network stream that drops is tried again before the watch ends with its
-    error (0: not at all; see llava_edge.runtime.frames.open_frames). The remaining
+    error (0: not at all; see llava_edge.runtime.frames.open_frames). follow: an image folder
+    is watched for new pictures, read live as a camera's frames are. The remaining
     options are the generation options of `Pipeline.answer`.
     """
     pipe._check_open()
@@ -174,6 +176,7 @@ def watch(
         folder_fps=folder_fps,
         cancel=cancel,
         reconnect_s=reconnect_s,
+        follow=follow,
     )
     answers = _answers(pipe, stream, prompt, frames, changes_only, max_frames, options, cancel)
     return Watch(answers, cancel, stream)
