@@ -55,8 +55,9 @@ class WatchAnswer:
     timings: dict[str, float] = field(default_factory=dict)
     # Why this frame has no answer: it ran past its time limit (`answer_timeout_s`, else the
     # pipeline's Limits.timeout_s), or it could not be read as an image (corrupt bytes, a bad
-    # array, over the pixel limit, too far from square). The watch goes on with the next frame: one slow answer or
-    # one bad frame does not end a robot's watch (BAD_FRAMES_IN_A_ROW unreadable ones do).
+    # array, over the pixel limit, too far from square). The watch goes on with the next
+    # frame: one slow answer or one bad frame does not end a robot's watch
+    # (BAD_FRAMES_IN_A_ROW unreadable ones do).
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
