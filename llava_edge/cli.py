@@ -211,6 +211,8 @@ def _watch(args: argparse.Namespace) -> None:
             live=True if args.live else None,
             timeout_s=args.source_timeout,
             folder_fps=args.folder_fps,
+            reconnect_s=args.reconnect,
+            follow=args.follow,
             **options,
         )
         with answers:  # the source closes before the model does, however the loop ends
@@ -742,6 +744,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--folder-fps",
         type=float,
         help="an image folder's images per second (default 1; for a folder only)",
+    )
+    p.add_argument(
+        "--reconnect",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="open a camera or network stream that drops again, trying for up to SECONDS "
+        "before giving up (default 0: its drop ends the watch)",
+    )
+    p.add_argument(
+        "--follow",
+        action="store_true",
+        help="watch an image folder for new pictures (live: the newest one is answered)",
     )
     _add_generation_options(p)
     _add_backend_options(p)

@@ -7,6 +7,7 @@ back from its pixels."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import math
@@ -169,6 +170,50 @@ def shots(folder: Path, count: int) -> Path:
     return folder
 
 
+def test_a_followed_folder_answers_its_pictures_as_they_come(
+    pipe, recorder, monkeypatch, tmp_path
+) -> None:
+    """--follow: a robot's capture script drops pictures into a folder. Those there at the start
+    come first, as a camera's frames do, then each new or rewritten one once it is whole (one
+    written slowly is never read half), and a folder that gets no picture for the source
+    timeout has stalled."""
+    monkeypatch.setattr("llava_edge.runtime.frames.FOLLOW_POLL_S", 0.25)  # 5 pieces a listing
+    folder = shots(tmp_path / "shots", 3)
+    picture = io.BytesIO()
+    Image.fromarray(np.full((48, 64, 3), STEP * 10, np.uint8)).save(picture, "BMP")
+
+    def capture() -> None:
+        with open(folder / "010.bmp", "wb", buffering=0) as file:  # 10 pieces over 0.5 s
+            data = picture.getvalue()
+            for i in range(10):
+                file.write(data[i * len(data) // 10 : (i + 1) * len(data) // 10])
+                time.sleep(0.05)
+        time.sleep(0.4)
+        Image.fromarray(np.full((20, 30, 3), STEP * 20, np.uint8)).save(folder / "000.png")
+
+    writer = threading.Thread(target=capture)
+    writer.start()
+    answers = []
+    with pytest.raises(LlavaEdgeError, match="no frame from .*shots for 1 s"):
+        for answer in pipe.watch(folder, "?", every_s=0.0, follow=True, timeout_s=1.0):
+            answers.append(answer)
+    writer.join()
+    assert all(a.error is None for a in answers)
+    assert recorder.seen[-3:] == [[2], [10], [20]]  # the last there at the start, then the new
+    assert [a.index for a in answers][-3:] == [2, 3, 4]
+    assert sum(a.skipped for a in answers) + len(answers) == 5
+
+
+def test_follow_is_refused_where_there_is_no_folder_to_follow(pipe, tmp_path) -> None:
+    video = make_video(tmp_path / "clip.mkv", frames=4, fps=10)
+    folder = shots(tmp_path / "shots", 2)
+    with pytest.raises(LlavaEdgeError, match=r"follow \(--follow\) .*a video file: drop it"):
+        pipe.watch(video, "?", follow=True)
+    for options in ({"live": False}, {"folder_fps": 2.0}, {"reconnect_s": 1.0}):
+        with pytest.raises(LlavaEdgeError, match="followed folder|no connection"):
+            pipe.watch(folder, "?", follow=True, **options)
+
+
 def test_a_live_folder_is_replayed_at_its_rate(pipe, recorder, tmp_path) -> None:
     folder = shots(tmp_path / "shots", 8)  # 0.8 s at 10 images a second
     start = time.monotonic()
@@ -275,7 +320,8 @@ def test_real_answers_through_the_cli(tiny_model_dir, tmp_path, capsys) -> None:
         (0, 0.0, [0]),
         (5, 0.5, [5]),
     ]
-    assert all(isinstance(x["text"], str) and "frame_age_ms" in x["timings"] for x in lines)
+    assert all(isinstance(x["text"], str) for x in lines)
+    assert all(x["timings"]["lag_ms"] >= x["timings"]["frame_age_ms"] >= 0 for x in lines)
     assert cli.main([*argv, "--max-frames", "1"]) == 0
     text = capsys.readouterr().out.splitlines()
     assert len(text) == 1 and text[0].strip().startswith("0.00s  frame 0:")
@@ -468,7 +514,8 @@ def test_the_runtime_does_not_import_the_decoder() -> None:
 
 def test_an_http_stream_is_live(pipe, recorder, tmp_path) -> None:
     """A stream served on this machine's loopback: read by the reader thread, through FFmpeg's
-    network code with its timeouts; a stream that ends, ends the watch cleanly."""
+    network code with its timeouts; a live stream does not end while it works, so its end ends
+    the watch with an error, after the answers about the frames it sent."""
     import functools
     import http.server
 
@@ -480,7 +527,10 @@ def test_an_http_stream_is_live(pipe, recorder, tmp_path) -> None:
     thread.start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/cam.mkv"
-        answers = list(pipe.watch(url, "Anyone?", every_s=0.0, timeout_s=5))
+        answers = []
+        with pytest.raises(LlavaEdgeError, match=r"stream http://.*cam.mkv ended after 20 frames"):
+            for answer in pipe.watch(url, "Anyone?", every_s=0.0, timeout_s=5):
+                answers.append(answer)
         indices = [a.index for a in answers]
         assert indices and indices == sorted(indices) and indices[-1] == 19
         assert sum(a.skipped for a in answers) + len(answers) == 20
@@ -628,6 +678,24 @@ def test_an_apps_fast_camera_is_answered_about_its_newest_frame(pipe, monkeypatc
     assert len(answers) < 40 and indices[-1] == 39
     assert sum(a.skipped for a in answers) + len(answers) == 40
     assert released.is_set()
+
+
+def test_each_answer_says_how_stale_it_is_when_ready(pipe, monkeypatch) -> None:
+    """A robot acts on an answer when it is ready: it must see how old the frame was then (the
+    frame's wait for the answerer, plus the answer's own time), not only when the answer began."""
+    taken = threading.Event()
+
+    def driver():
+        yield np.zeros((24, 32, 3), np.uint8)
+        taken.wait(5)  # no newer frame while the answer runs
+
+    monkeypatch.setattr(pipe, "answer", Recorder(delay_s=0.3))
+    with pipe.watch(driver(), "Now?", every_s=0.0, max_frames=1) as answers:
+        answer = next(answers)
+        taken.set()
+    waited, lag = answer.timings["frame_age_ms"], answer.timings["lag_ms"]
+    assert waited >= 0 and lag >= waited + 300
+    assert answer.to_dict()["timings"]["lag_ms"] == lag
 
 
 def test_an_apps_camera_that_gives_none_raises_or_stops(pipe, recorder) -> None:
@@ -925,6 +993,117 @@ def test_a_camera_unplugged_mid_way_says_so(pipe, recorder, monkeypatch) -> None
     assert closed.is_set()
 
 
+def fake_camera(monkeypatch, frames: int) -> threading.Event:
+    """/dev/null (a character device, as a camera is) read through a fake PyAV whose camera
+    sends `frames` frames and then ends its stream without an error; the event: closed."""
+    closed = threading.Event()
+
+    class Ending:
+        streams = type("Streams", (), {"video": [type("Stream", (), {"average_rate": 0})()]})()
+
+        def decode(self, stream):
+            for i in range(frames):
+                time.sleep(0.01)
+                yield av.VideoFrame.from_ndarray(np.full((8, 8, 3), STEP * i, np.uint8), "rgb24")
+
+        def close(self) -> None:
+            closed.set()
+
+    fake = type("av", (), {"open": staticmethod(lambda *a, **k: Ending()), "error": av.error})
+    monkeypatch.setattr("llava_edge.runtime.frames.import_av", lambda: fake)
+    return closed
+
+
+def test_a_camera_that_ends_its_stream_ends_the_watch_with_an_error(
+    tiny_model_dir, pipe, recorder, monkeypatch, capsys
+) -> None:
+    """A camera does not end while it works: a supervisor (systemd, a robot's launch file) must
+    see its end as a failure, one line and a non-zero exit, not a watch that finished."""
+    closed = fake_camera(monkeypatch, frames=3)
+    answers = []
+    with pytest.raises(LlavaEdgeError, match=r"camera /dev/null ended after 3 frames"):
+        for answer in pipe.watch("/dev/null", "?", every_s=0.0):
+            answers.append(answer.index)
+    assert answers and answers[-1] == 2 and closed.is_set()
+    argv = ["watch", str(tiny_model_dir), "--source", "/dev/null", "--prompt", "?"]
+    assert cli.main([*argv, "--every", "0", "--max-new-tokens", "1", "--jsonl"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.strip() and captured.err.count("\n") == 1
+    assert captured.err.startswith("llava-edge watch: error: camera /dev/null ended after 3")
+
+
+class Reconnecting:
+    """A fake PyAV whose camera, opened again and again, does what `plan` says of each opening:
+    a number of frames sent before its stream ends, or None for an open that fails."""
+
+    def __init__(self, monkeypatch, plan: list[int | None]):
+        self.plan, self.opens, self.sent = plan, 0, 0
+        monkeypatch.setattr("llava_edge.runtime.frames.import_av", lambda: self.av)
+        self.av = type("av", (), {"open": staticmethod(self.open), "error": av.error})
+
+    def open(self, *args, **kwargs):
+        frames = self.plan[self.opens] if self.opens < len(self.plan) else None
+        self.opens += 1
+        if frames is None:
+            av.error.err_check(-errno.ECONNREFUSED)
+        fake = self
+
+        class Connection:
+            streams = type("Streams", (), {"video": [type("Stream", (), {"average_rate": 0})()]})
+
+            def decode(self, stream):
+                for _ in range(frames):
+                    time.sleep(0.01)
+                    fake.sent += 1
+                    level = STEP * fake.sent
+                    yield av.VideoFrame.from_ndarray(np.full((8, 8, 3), level, np.uint8), "rgb24")
+
+            def close(self) -> None:
+                pass
+
+        return Connection()
+
+
+def test_a_camera_that_drops_is_opened_again_within_the_reconnect_window(
+    pipe, recorder, monkeypatch
+) -> None:
+    """--reconnect: a camera that drops (its stream ends, an open fails) is opened again, its
+    frames counting on, until it stays away past the window: then the drop's error."""
+    camera = Reconnecting(monkeypatch, [3, None, 3])
+    answers = []
+    with pytest.raises(LlavaEdgeError) as raised:
+        for answer in pipe.watch("/dev/null", "?", every_s=0.0, reconnect_s=1.0):
+            answers.append(answer)
+    indices = [a.index for a in answers]
+    assert indices == sorted(indices) and indices[-1] == 5
+    assert sum(a.skipped for a in answers) + len(answers) == 6
+    assert recorder.seen == [[i + 1] for i in indices]  # each frame's own pixels
+    assert camera.opens == 5  # 3 frames, a failed open, 3 frames, two failed opens
+    message = str(raised.value)
+    assert message.startswith("camera /dev/null ended after 3 frames") and "\n" not in message
+    assert "not back after reconnecting for 1 s" in message and "refused" in message
+
+
+def test_a_watch_that_ends_while_its_camera_reconnects_opens_it_no_more(pipe, monkeypatch) -> None:
+    """The camera must be free for the next watch: the pauses between tries end with the watch."""
+    camera = Reconnecting(monkeypatch, [2, 2])
+    monkeypatch.setattr(pipe, "answer", Recorder(delay_s=0.05))  # the camera drops meanwhile
+    answers = list(pipe.watch("/dev/null", "?", every_s=0.0, reconnect_s=5, max_frames=2))
+    assert len(answers) == 2
+    time.sleep(0.8)  # past the first pause (0.5 s)
+    assert camera.opens == 1
+
+
+def test_reconnecting_is_refused_where_there_is_nothing_to_reconnect(pipe, tmp_path) -> None:
+    folder = shots(tmp_path / "shots", 2)
+    video = make_video(tmp_path / "clip.mkv", frames=4, fps=10)
+    for source, live in ((folder, None), (video, True), (iter([]), None)):
+        with pytest.raises(LlavaEdgeError, match=r"reconnect_s \(--reconnect\) .*: drop it"):
+            pipe.watch(source, "?", reconnect_s=1.0, live=live)
+    with pytest.raises(LlavaEdgeError, match=r"reconnect_s \(--reconnect\) must be 0 or more"):
+        pipe.watch("/dev/null", "?", reconnect_s=-1.0)
+
+
 @pytest.mark.parametrize("degrees", [90, -90, 180])
 def test_a_rotated_recording_is_answered_upright(tmp_path, degrees) -> None:
     """A phone's portrait video is stored landscape with a display rotation, as a photo's EXIF
@@ -1069,6 +1248,24 @@ def test_an_unreadable_frame_is_reported_and_the_watch_goes_on(pipe, recorder, t
     assert got[-1].text == "frame 3" and all(a.error for a in got[:-1])
 
 
+def test_a_frame_too_far_from_square_is_reported_and_the_watch_goes_on(pipe, tmp_path) -> None:
+    """A strip of a frame (a driver's buffer read as one row) is under the pixel limit, but the
+    vision encoder's input cannot be made from it: that frame is reported, as an unreadable one
+    is, and left out of the later prompts, and the next frame is answered."""
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), STEP * i, np.uint8)).save(folder / f"{i}.png")
+    Image.fromarray(np.zeros((1, 307_200, 3), np.uint8)).save(folder / "1.png")
+    answers = list(pipe.watch(folder, "?", every_s=0.0, frames=2, max_new_tokens=1))
+    assert [(a.index, a.frames, a.error is None) for a in answers] == [
+        (0, [0], True),
+        (1, [], False),
+        (2, [0, 2], True),
+    ]
+    assert "frame 1 could not be read" in answers[1].error and "crop it" in answers[1].error
+
+
 def test_frames_that_keep_failing_end_the_watch_with_the_reason(pipe, recorder) -> None:
     """A source whose every frame is unreadable (a driver handing over the wrong thing) ends
     the watch with a clear error, instead of reporting bad frames for ever."""
@@ -1174,6 +1371,18 @@ def test_any_url_is_a_stream(pipe) -> None:
     assert source_kind("file:///clip.mp4") == "file"
     with pytest.raises(LlavaEdgeError, match=r"cannot open stream srt://127\.0\.0\.1:1"):
         list(pipe.watch("srt://127.0.0.1:1", "?", timeout_s=2))
+
+
+def test_a_file_url_is_read_as_the_path_it_names(pipe, recorder, tmp_path) -> None:
+    """file:///data/run%201.mp4, as a file manager or a launch file writes a path: the file (or
+    folder) it names, %-escapes decoded, not a video file 'file:///...' that does not exist."""
+    folder = shots(tmp_path / "run 1", 2)
+    video = make_video(folder.parent / "clip 1.mkv", frames=10, fps=10)
+    by_path = [a.index for a in pipe.watch(video, "?", every_s=0.5)]
+    assert [a.index for a in pipe.watch(video.as_uri(), "?", every_s=0.5)] == by_path == [0, 5]
+    assert [a.timestamp for a in pipe.watch(folder.as_uri(), "?")] == [0.0, 1.0]
+    with pytest.raises(LlavaEdgeError, match="names a file on another machine"):
+        pipe.watch("file://nas/clip.mp4", "?")
 
 
 def test_standard_input_with_no_video_piped_in_says_so(tiny_model_dir) -> None:

@@ -24,7 +24,8 @@ Two ways to read a source:
 
 Every way a source can go wrong ends in a `LlavaEdgeError` of one line or a clean end: a missing
 file or device, a file that is not video, one that breaks mid-way, a stream that stalls longer
-than `timeout_s` (while opening or between frames).
+than `timeout_s` (while opening or between frames). A camera or a network stream read live
+never ends cleanly: its end is an error (see `_never_ending`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ import re
 import stat
 import threading
 import time
-from collections.abc import Generator, Iterable, Iterator
+import urllib.parse
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,8 @@ KIND_NAMES = {"file": "a video file", "device": "a camera", "stream": "a stream"
 APP_SOURCE = "the app's frames"  # how errors name an iterable source
 CANCEL_POLL_S = 0.05  # how soon a wait for a frame sees a cancel
 OPEN_GRACE_S = 2.0  # what a stream read offline may take past its timeout to open
+RECONNECT_FIRST_S, RECONNECT_MAX_S = 0.5, 5.0  # the pauses between tries to reopen a source
+FOLLOW_POLL_S = 0.1  # how often a followed folder is listed for new pictures
 
 
 @dataclass
@@ -147,6 +151,8 @@ def open_frames(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     folder_fps: float | None = None,
     cancel: threading.Event | None = None,
+    reconnect_s: float = 0.0,
+    follow: bool = False,
 ) -> Iterator[Frame]:
     """The frames of `source` due for an answer, one per `every_s` seconds.
 
@@ -159,7 +165,12 @@ def open_frames(
     to open or for its next frame before giving up. folder_fps: an image folder is a slideshow at
     this rate (None: 1 image a second), its images in name order (frame_9 before frame_10);
     other sources keep their own pace and refuse it. cancel: set from another thread, a live
-    source's iterator stops waiting for a frame and ends.
+    source's iterator stops waiting for a frame and ends. reconnect_s: a camera or network
+    stream read live that drops (ends, breaks, stalls) is opened again, with a growing pause
+    between tries, until it sends again or `reconnect_s` seconds have passed (0: never); its
+    frames go on counting, and a stall is given up after `timeout_s + reconnect_s`. follow: an
+    image folder is read live, its pictures as they come (see `_followed_folder`); one that
+    gets no new picture for `timeout_s` has stalled.
     Closing the iterator stops the reader and closes the source (an app's iterator too); a
     reader stuck in a read that stalled (FFmpeg's V4L2 read, an app driver's own read: neither
     can be interrupted) closes it when that read returns, while the answers end at the timeout.
@@ -168,14 +179,19 @@ def open_frames(
     _check_number(
         "the source's timeout_s (--source-timeout)", timeout_s, "a positive number of seconds"
     )
+    _check_number("reconnect_s (--reconnect)", reconnect_s, "0 or more seconds", minimum=0.0)
     if not isinstance(source, str | os.PathLike):
         _no_folder_fps(folder_fps, "an app's frames")
+        _no_reconnect(reconnect_s, APP_SOURCE)
         if live is False:
             raise LlavaEdgeError("an app's frames are live: they cannot be read with live=False")
         images = _app_source(source)
         frames = live_frames(_app_frames(images), every_s, timeout_s, APP_SOURCE, cancel)
         return AppFrames(frames, images)
+    source = _file_url_path(source)
     kind = source_kind(source)
+    if follow:
+        return _follow(source, kind, every_s, live, timeout_s, folder_fps, cancel, reconnect_s)
     if kind == "device" and live is False:
         # offline, the answers would trail the camera by the frames its driver queues
         raise LlavaEdgeError(
@@ -192,15 +208,69 @@ def open_frames(
         decoded = _video_frames(os.fspath(source), kind, timeout_s)
     if live is None:
         live = kind in ("device", "stream")
+    text, name = os.fspath(source), shown(os.fspath(source))
+    connected = live and (kind == "device" or bool(URL.match(text)))
+    if not connected:
+        _no_reconnect(reconnect_s, name if live else f"{name} read with live=False")
     if live:
+        stop = threading.Event()
         if kind in ("file", "folder"):
             decoded = _paced(decoded)
+        elif connected:
+            decoded = _never_ending(decoded, kind, name)
+            if reconnect_s > 0:
+
+                def reopen() -> Iterator[Frame]:
+                    yield from _never_ending(_video_frames(text, kind, timeout_s), kind, name)
+
+                decoded = _reconnecting(decoded, reopen, reconnect_s, stop)
         # a stream's open has FFmpeg's own timeout, whose error says more than a stall would
         grace = OPEN_GRACE_S if kind == "stream" else 0.0
-        return live_frames(decoded, every_s, timeout_s, shown(os.fspath(source)), cancel, grace)
+        waits = timeout_s + reconnect_s
+        return live_frames(decoded, every_s, waits, name, cancel, grace, stop)
     if kind == "stream":
         decoded = _read_ahead(decoded, timeout_s, shown(os.fspath(source)), cancel)
     return _sampled(decoded, every_s)
+
+
+def _follow(
+    source: str | os.PathLike,
+    kind: str,
+    every_s: float,
+    live: bool | None,
+    timeout_s: float,
+    folder_fps: float | None,
+    cancel: threading.Event | None,
+    reconnect_s: float,
+) -> Iterator[Frame]:
+    """A followed image folder's frames, read live as a camera's are."""
+    name = os.fspath(source)
+    if kind != "folder":
+        raise LlavaEdgeError(
+            f"follow (--follow) watches an image folder for new pictures; {shown(name)} is "
+            f"{KIND_NAMES[kind]}: drop it"
+        )
+    if live is False:
+        raise LlavaEdgeError(f"a followed folder is live: {name} cannot be read with live=False")
+    _no_folder_fps(folder_fps, "a followed folder")
+    _no_reconnect(reconnect_s, f"folder {name}")
+    stop = threading.Event()
+    frames = _followed_folder(Path(source), stop)
+    return live_frames(frames, every_s, timeout_s, name, cancel, stop=stop)
+
+
+def _file_url_path(source: str | os.PathLike) -> str | os.PathLike:
+    """The path a file:// URL names (%-escapes decoded), read as that path is: a video file, a
+    folder of images, a camera."""
+    text = os.fspath(source)
+    if not text.lower().startswith("file://"):
+        return source
+    url = urllib.parse.urlsplit(text)
+    if url.netloc not in ("", "localhost"):
+        raise LlavaEdgeError(
+            f"{text} names a file on another machine ({url.netloc}); give a path on this one"
+        )
+    return urllib.parse.unquote(url.path)
 
 
 def _no_folder_fps(folder_fps: float | None, what: str) -> None:
@@ -208,6 +278,15 @@ def _no_folder_fps(folder_fps: float | None, what: str) -> None:
     if folder_fps is not None:
         raise LlavaEdgeError(
             f"folder_fps (--folder-fps) paces an image folder; {what} keeps its own pace: drop it"
+        )
+
+
+def _no_reconnect(reconnect_s: float, what: str) -> None:
+    """Only a camera or a network stream read live has a connection to open again."""
+    if reconnect_s:
+        raise LlavaEdgeError(
+            f"reconnect_s (--reconnect) opens a camera or a network stream again; {what} has "
+            "no connection to open again: drop it"
         )
 
 
@@ -330,10 +409,12 @@ def live_frames(
     name: str,
     cancel: threading.Event | None = None,
     open_grace_s: float = 0.0,
+    stop: threading.Event | None = None,
 ) -> Iterator[Frame]:
     """Live: a reader thread keeps the newest due frame of `frames`; each `next` takes it. The
-    first frame may take `open_grace_s` past the timeout: what the open may take to fail."""
-    latest = LatestFrame(frames, every_s)
+    first frame may take `open_grace_s` past the timeout: what the open may take to fail.
+    `stop` is set when the reader is asked to finish (`frames` may wait on it)."""
+    latest = LatestFrame(frames, every_s, stop)
     latest.start()
     try:
         while True:
@@ -355,7 +436,12 @@ class LatestFrame:
     not push the next tick later).
     """
 
-    def __init__(self, frames: Iterator[Frame | None], every_s: float):
+    def __init__(
+        self,
+        frames: Iterator[Frame | None],
+        every_s: float,
+        stop: threading.Event | None = None,
+    ):
         self.frames = frames
         self.every_s = every_s
         self._box: Frame | None = None
@@ -366,7 +452,7 @@ class LatestFrame:
         self._first: float | None = None  # when the first frame arrived
         self._done = False
         self._error: BaseException | None = None
-        self._stop = threading.Event()
+        self._stop = threading.Event() if stop is None else stop
         self._changed = threading.Condition()
         self._thread = threading.Thread(target=self._read, name="llava-edge-frames", daemon=True)
 
@@ -450,6 +536,63 @@ def _as_error(error: BaseException, name: str) -> LlavaEdgeError:
     return LlavaEdgeError(f"reading {name} failed: {first_line(error)}")
 
 
+def _never_ending(frames: Iterator[Frame], kind: str, name: str) -> Iterator[Frame]:
+    """A camera or a network stream read live does not end while all is well: its end (the
+    sender stopped, the connection closed) is an error, which a robot's supervisor must see. A
+    pipe ends when its writer does, whose own exit says why, and a file or folder at its end."""
+    count = 0
+    try:
+        for frame in frames:
+            count += 1
+            yield frame
+    finally:
+        frames.close()
+    what = "camera" if kind == "device" else "stream"
+    raise LlavaEdgeError(
+        f"{what} {name} ended after {count} frames: a live source does not end while it works; "
+        f"check the {'camera' if kind == 'device' else 'sender and the network'}"
+    )
+
+
+def _reconnecting(
+    frames: Iterator[Frame],
+    reopen: Callable[[], Iterator[Frame]],
+    window_s: float,
+    stop: threading.Event,
+) -> Iterator[Frame]:
+    """`frames`, and once they drop (a camera's or stream's end or error), `reopen()`'s, tried
+    after a pause that doubles from RECONNECT_FIRST_S up to RECONNECT_MAX_S, until one sends a
+    frame or `window_s` seconds have passed since the drop (then the drop's error, and the last
+    try's). A Wi-Fi camera's second of silence does not end a robot's watch. The frames count
+    on from the last; `stop` (the reader's) ends the pauses, so no camera is opened again after
+    the watch ends."""
+    index = 0
+    dropped: LlavaEdgeError | None = None
+    deadline = pause = 0.0
+    while True:
+        try:
+            for frame in frames:
+                frame.index, index = index, index + 1
+                dropped = None
+                yield frame
+            return  # an end without an error is no drop
+        except LlavaEdgeError as e:
+            error = e
+        finally:
+            frames.close()
+        now = time.monotonic()
+        if dropped is None:
+            dropped, deadline, pause = error, now + window_s, RECONNECT_FIRST_S
+        elif now >= deadline:
+            raise LlavaEdgeError(
+                f"{dropped}; not back after reconnecting for {window_s:g} s (the last try: {error})"
+            )
+        if stop.wait(min(pause, max(deadline - now, 0.0))):
+            return
+        pause = min(2 * pause, RECONNECT_MAX_S)
+        frames = reopen()
+
+
 def _read_ahead(
     frames: Iterator[Frame], timeout_s: float, name: str, cancel: threading.Event | None = None
 ) -> Iterator[Frame]:
@@ -507,9 +650,10 @@ def _read_ahead(
 # ---- image folders -------------------------------------------------------------------------
 
 
-def _folder_frames(folder: Path, fps: float) -> Iterator[Frame]:
+def _folder_images(folder: Path) -> list[Path]:
+    """The folder's images in name order."""
     try:
-        paths = sorted(
+        return sorted(
             (
                 p
                 for p in folder.iterdir()
@@ -520,11 +664,41 @@ def _folder_frames(folder: Path, fps: float) -> Iterator[Frame]:
         )
     except OSError as e:  # another user's capture folder, a stale network mount
         raise LlavaEdgeError(f"cannot list image folder {folder}: {e.strerror or e}") from None
+
+
+def _folder_frames(folder: Path, fps: float) -> Iterator[Frame]:
+    paths = _folder_images(folder)
     if not paths:
         raise LlavaEdgeError(
             f"image folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
         )
     return (Frame(path, index, index / fps) for index, path in enumerate(paths))
+
+
+def _followed_folder(folder: Path, stop: threading.Event) -> Iterator[Frame | None]:
+    """A folder's pictures as they come (a robot's capture script dropping them in), read live:
+    it is listed every FOLLOW_POLL_S, and an image new or rewritten since it was handed over
+    (another file, size or modification time) is handed over, in name order, once two listings
+    in a row find it the same, so that a picture still being written is not read half. The
+    images there at the start come first."""
+    handed: dict[Path, tuple[int, int, int]] = {}
+    seen: dict[Path, tuple[int, int, int]] = {}
+    index = 0
+    while True:
+        listed: dict[Path, tuple[int, int, int]] = {}
+        for path in _folder_images(folder):
+            with contextlib.suppress(OSError):  # gone since the listing
+                st = path.stat()
+                listed[path] = (st.st_ino, st.st_size, st.st_mtime_ns)
+        for path, state in listed.items():
+            if state[1] and seen.get(path) == state and handed.get(path) != state:
+                handed[path] = state
+                yield Frame(path, index, 0.0)
+                index += 1
+        seen = listed
+        yield None  # nothing more for now
+        if stop.wait(FOLLOW_POLL_S):
+            return
 
 
 def _name_order(path: Path) -> tuple[list[str | int], str]:

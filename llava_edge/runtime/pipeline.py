@@ -372,8 +372,9 @@ class Pipeline:
 
         Options: frames (last K frames per prompt), changes_only, max_frames, live, timeout_s
         (seconds with no frame before the source counts as stalled), answer_timeout_s (each
-        answer's time limit, in place of the pipeline's Limits.timeout_s), folder_fps (see
-        llava_edge.runtime.watch), and the generation options of `answer`.
+        answer's time limit, in place of the pipeline's Limits.timeout_s), folder_fps,
+        reconnect_s, follow (see llava_edge.runtime.watch), and the generation options of
+        `answer`.
         Video needs PyAV (`pip install 'llava-edge[video]'`).
         """
         from llava_edge.runtime.watch import watch

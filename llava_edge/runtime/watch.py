@@ -31,7 +31,7 @@ from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from llava_edge.errors import LlavaEdgeError, TimedOut
+from llava_edge.errors import LlavaEdgeError, TimedOut, TooLarge
 from llava_edge.runtime.frames import DEFAULT_TIMEOUT_S, Frame, open_frames
 from llava_edge.runtime.image import load_image
 from llava_edge.runtime.template import IMAGE_PLACEHOLDER
@@ -50,11 +50,14 @@ class WatchAnswer:
     text: str
     skipped: int  # frames due for an answer that were dropped while the last answer ran
     frames: list[int] = field(default_factory=list)  # indices of every frame in the prompt
+    # the answer's timings, and how old its frame was when the answer began (frame_age_ms) and
+    # when it was ready (lag_ms); empty for a frame that could not be read
     timings: dict[str, float] = field(default_factory=dict)
     # Why this frame has no answer: it ran past its time limit (`answer_timeout_s`, else the
     # pipeline's Limits.timeout_s), or it could not be read as an image (corrupt bytes, a bad
-    # array, over the pixel limit). The watch goes on with the next frame: one slow answer or
-    # one bad frame does not end a robot's watch (BAD_FRAMES_IN_A_ROW unreadable ones do).
+    # array, over the pixel limit, too far from square). The watch goes on with the next
+    # frame: one slow answer or one bad frame does not end a robot's watch
+    # (BAD_FRAMES_IN_A_ROW unreadable ones do).
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -118,6 +121,8 @@ def watch(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     folder_fps: float | None = None,
     answer_timeout_s: float | None = None,
+    reconnect_s: float = 0.0,
+    follow: bool = False,
     **options: Any,
 ) -> Watch:
     """Answers about `source`'s frames. The arguments are checked at once (an image folder is
@@ -131,7 +136,10 @@ def watch(
     this many frames (answered, or reported without an answer: late or unreadable). timeout_s:
     how long the source may send no frame before it counts as stalled (the watch ends with an
     error). answer_timeout_s: each answer's time limit, in place of the pipeline's
-    `Limits.timeout_s` (an answer past it is reported, and the watch goes on). The remaining
+    `Limits.timeout_s` (an answer past it is reported, and the watch goes on). reconnect_s: how
+    long a camera or network stream that drops is tried again before the watch ends with its
+    error (0: not at all; see llava_edge.runtime.frames.open_frames). follow: an image folder
+    is watched for new pictures, read live as a camera's frames are. The remaining
     options are the generation options of `Pipeline.answer`.
     """
     pipe._check_open()
@@ -162,7 +170,14 @@ def watch(
         )
     cancel = threading.Event()
     stream = open_frames(
-        source, every_s, live=live, timeout_s=timeout_s, folder_fps=folder_fps, cancel=cancel
+        source,
+        every_s,
+        live=live,
+        timeout_s=timeout_s,
+        folder_fps=folder_fps,
+        cancel=cancel,
+        reconnect_s=reconnect_s,
+        follow=follow,
     )
     answers = _answers(pipe, stream, prompt, frames, changes_only, max_frames, options, cancel)
     return Watch(answers, cancel, stream)
@@ -207,34 +222,41 @@ def _answers(
         for frame in stream:
             if cancel.is_set():
                 return
+            unreadable: LlavaEdgeError | None = None
             try:  # decoded here, so that a bad frame is told from a failing answer
                 frame.pixels = load_image(frame.image, pipe.limits.max_image_pixels)
-                bad = 0
             except LlavaEdgeError as e:
+                unreadable = e
+            if unreadable is None:
+                window.append(frame)
+                started = time.monotonic()
+                images = [f.image for f in window]
+                try:
+                    answer = pipe.answer(images[0] if frames == 1 else images, prompt, **options)
+                    text, timings, error = answer.text, answer.timings, None
+                except TimedOut as e:
+                    text, timings, error = "", {}, str(e)
+                except TooLarge as e:  # a shape the vision encoder's input cannot be made from
+                    window.pop()  # the frames before it were answered with
+                    unreadable = e
+            if unreadable is not None:
                 bad += 1
                 if bad >= BAD_FRAMES_IN_A_ROW:
                     raise LlavaEdgeError(
                         f"{bad} frames in a row could not be read, the last ({frame.index}): "
-                        f"{e}; check the source"
+                        f"{unreadable}; check the source"
                     ) from None
-                error = f"frame {frame.index} could not be read: {e}"
+                error = f"frame {frame.index} could not be read: {unreadable}"
                 yield WatchAnswer(frame.index, frame.timestamp, "", frame.skipped, [], {}, error)
                 answered += 1
                 if max_frames is not None and answered >= max_frames:
                     return
                 continue
-            window.append(frame)
-            started = time.monotonic()
-            images = [f.image for f in window]
-            try:
-                answer = pipe.answer(images[0] if frames == 1 else images, prompt, **options)
-                text, timings, error = answer.text, answer.timings, None
-            except TimedOut as e:
-                text, timings, error = "", {}, str(e)
+            bad = 0
             if cancel.is_set():  # closed from another thread during the answer
                 return
             answered += 1
-            timings = {**timings, "frame_age_ms": round((started - frame.received) * 1e3, 3)}
+            timings = {**timings, **_staleness(frame, started)}
             result = WatchAnswer(
                 frame.index,
                 frame.timestamp,
@@ -252,6 +274,15 @@ def _answers(
                 return
     finally:
         stream.close()
+
+
+def _staleness(frame: Frame, started: float) -> dict[str, float]:
+    """How old the (newest) frame was when its answer began (its wait for the answerer) and
+    when the answer was ready (what a robot acting on it must allow for)."""
+    return {
+        "frame_age_ms": round((started - frame.received) * 1e3, 3),
+        "lag_ms": round((time.monotonic() - frame.received) * 1e3, 3),
+    }
 
 
 def _normal(text: str) -> str:
