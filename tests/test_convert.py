@@ -722,6 +722,37 @@ def test_optional_keys_may_be_absent_or_null(plain_original, tmp_path) -> None:
     assert converted["vision_feature_select_strategy"] == "default"
 
 
+def test_the_patch_embeddings_as_select_layer_are_the_originals(plain_original, tmp_path) -> None:
+    """mm_vision_select_layer 0 is the original's hidden_states[0], the patch embeddings. Written
+    as the int 0, transformers' LLaVA asks the tower for no hidden states and fails, and export
+    refuses the checkpoint; the list [0] selects the same."""
+    from transformers import CLIPVisionModel
+
+    from llava_edge.convert.weights import read_sharded
+
+    original = _copy(plain_original, tmp_path)
+    config = json.loads((original / "config.json").read_text())
+    (original / "config.json").write_text(json.dumps({**config, "mm_vision_select_layer": 0}))
+    out = tmp_path / "out"
+    assert cli(["convert", str(original), str(out), "--vision", str(plain_original["clip"])]) == 0
+    model = load_model(out, dtype=torch.float32)
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model.model.get_image_features(pixels).pooler_output[0]
+        tower = CLIPVisionModel.from_pretrained(plain_original["clip"]).eval()
+        patches = tower(pixels, output_hidden_states=True).hidden_states[0][0, 1:]
+        state = read_sharded(original)
+        hidden = torch.nn.functional.linear(
+            patches, state["model.mm_projector.0.weight"], state["model.mm_projector.0.bias"]
+        )
+        expected = torch.nn.functional.linear(
+            torch.nn.functional.gelu(hidden),
+            state["model.mm_projector.2.weight"],
+            state["model.mm_projector.2.bias"],
+        )
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+
+
 def test_a_full_output_dir_is_kept_without_force(plain_original, tmp_path, capsys) -> None:
     out = tmp_path / "out"
     out.mkdir()

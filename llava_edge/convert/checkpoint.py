@@ -379,7 +379,9 @@ def _llava_config(parts: Original, tower: Tower, text_config: Any, tokenizer: An
         vision_config=tower.config,
         text_config=text_config,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
-        vision_feature_layer=settings.select_layer,
+        # hidden_states[0], the patch embeddings, is the list [0] to transformers: it reads
+        # an int 0 as asking the tower for no hidden states.
+        vision_feature_layer=settings.select_layer or [0],
         vision_feature_select_strategy=strategy,
         projector_hidden_act="gelu",
         multimodal_projector_bias=any(k.endswith("bias") for k in parts.projector),
