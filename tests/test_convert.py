@@ -860,6 +860,58 @@ def test_force_never_replaces_an_input(plain_original, tmp_path, capsys, monkeyp
         assert sorted(p.name for p in Path(args[0]).iterdir()) == before
 
 
+def original_legacy_ids(prompt: str, image_id: int) -> list[int]:
+    """A prompt's ids as the original computes them with a SentencePiece tokenizer read as
+    legacy (what transformers 4, which it ran with, made of a tokenizer_config.json without
+    `legacy`): its tokenizer_image_token cuts the prompt at each <image> and tokenizes each
+    piece alone, and the legacy LlamaTokenizer gives every run of text between special tokens
+    SentencePiece's dummy prefix."""
+    import sentencepiece
+    from original_format import sentencepiece_model
+
+    model = sentencepiece.SentencePieceProcessor(model_proto=sentencepiece_model())
+    ids = [model.bos_id()]
+    for i, chunk in enumerate(prompt.split("<image>")):
+        ids += [image_id] if i else []
+        for j, text in enumerate(chunk.split("</s>")):
+            ids += [model.eos_id()] if j else []
+            ids += model.encode(text) if text else []
+    return ids
+
+
+@pytest.mark.parametrize("legacy", ["absent", "null"])
+def test_a_tokenizer_config_without_legacy_tokenizes_as_the_original(
+    plain_original, tmp_path, legacy
+) -> None:
+    """Older originals have a tokenizer_config.json without `legacy` (or with `legacy: null`),
+    which the original's transformers read as legacy=True and transformers 5 as False: the text
+    after the image and after each `</s>` lost its dummy prefix, and the model saw another
+    prompt than the one it was trained on."""
+    from original_format import SENTENCEPIECE_CONFIG, sentencepiece_model
+    from tokenizers import Tokenizer
+    from transformers import AutoProcessor
+
+    original = _copy(plain_original, tmp_path)
+    (original / "tokenizer.json").unlink()
+    (original / "tokenizer.model").write_bytes(sentencepiece_model())
+    config = {k: v for k, v in SENTENCEPIECE_CONFIG.items() if k != "legacy"}
+    if legacy == "null":
+        config["legacy"] = None
+    (original / "tokenizer_config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    convert_checkpoint(original, out, vision=plain_original["clip"], log=quiet)
+    prompt = (
+        "A chat between a curious user and an artificial intelligence assistant. USER: "
+        "<image>\nWhat is it? ASSISTANT: A cat.</s>USER: Which colour? ASSISTANT:"
+    )
+    processor = AutoProcessor.from_pretrained(out)
+    image = processor.tokenizer.convert_tokens_to_ids("<image>")
+    want = original_legacy_ids(prompt, image)
+    runtime = Tokenizer.from_file(str(out / "tokenizer.json"))  # what the runtime encodes with
+    assert [1, *runtime.encode(prompt, add_special_tokens=False).ids] == want
+    assert processor.tokenizer(prompt)["input_ids"] == want
+
+
 def test_missing_extras_are_named(plain_original, tmp_path, monkeypatch, capsys) -> None:
     """A SentencePiece-only tokenizer without sentencepiece, a LoRA output without peft."""
     from original_format import SENTENCEPIECE_CONFIG, sentencepiece_model

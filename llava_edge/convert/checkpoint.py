@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -225,7 +226,7 @@ def _tokenizer(parts: Original) -> Any:
         if (directory / name).is_file():
             refuse_lfs_pointer(directory / name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory)
+        tokenizer = AutoTokenizer.from_pretrained(directory, **_as_the_original_read_it(directory))
     except Exception as e:  # a damaged file fails anywhere in transformers (KeyError...)
         raise LlavaEdgeError(f"cannot load the tokenizer in {directory}: {first_line(e)}") from None
 
@@ -256,6 +257,20 @@ def _tokenizer(parts: Original) -> Any:
     if settings.max_length:
         tokenizer.model_max_length = settings.max_length
     return tokenizer
+
+
+def _as_the_original_read_it(directory: Path) -> dict[str, Any]:
+    """How the transformers the original ran with (4.x) read a Llama tokenizer_config.json
+    without `legacy`: as legacy=True, SentencePiece's dummy prefix before every run of text
+    (the one after an image or `</s>` included), where transformers 5 reads it as False."""
+    try:
+        config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # AutoTokenizer says what is wrong with it
+    if not isinstance(config, dict):
+        return {}
+    llama = str(config.get("tokenizer_class", "")).startswith("LlamaTokenizer")
+    return {"legacy": True} if llama and config.get("legacy") is None else {}
 
 
 def _rows(parts: Original) -> int:
