@@ -753,6 +753,32 @@ def test_the_patch_embeddings_as_select_layer_are_the_originals(plain_original, 
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
 
 
+def test_embedding_rows_past_the_tokenizer_are_dropped_as_the_original_drops_them(
+    plain_original, tmp_path
+) -> None:
+    """The original's loader resizes the embeddings to its tokenizer (resize_token_embeddings(
+    len(tokenizer))), so rows past it (a base padded to a multiple) are never scored. Kept, such
+    a row could outscore every token and greedy decoding pick an id that has no token: the
+    conversion equals that of the checkpoint without them."""
+    from safetensors.torch import load_file
+
+    padded = _copy(plain_original, tmp_path)
+    for shard in padded.glob("pytorch_model-*.bin"):
+        state = torch.load(shard, weights_only=True)
+        for key in set(state) & {"model.embed_tokens.weight", "lm_head.weight"}:
+            extra = torch.full((8, state[key].shape[1]), 5.0, dtype=state[key].dtype)
+            state[key] = torch.cat([state[key], extra])
+        torch.save(state, shard)
+    outs = {}
+    for name, original in (("plain", plain_original["original"]), ("padded", padded)):
+        outs[name] = tmp_path / name
+        convert_checkpoint(original, outs[name], vision=plain_original["clip"], log=quiet)
+    plain, ours = (load_file(str(outs[n] / "model.safetensors")) for n in ("plain", "padded"))
+    assert plain.keys() == ours.keys()
+    for key, value in plain.items():
+        assert torch.equal(ours[key], value), key
+
+
 def test_a_full_output_dir_is_kept_without_force(plain_original, tmp_path, capsys) -> None:
     out = tmp_path / "out"
     out.mkdir()

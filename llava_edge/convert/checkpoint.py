@@ -248,6 +248,7 @@ def _tokenizer(parts: Original) -> Any:
                     f"{parts.directory} uses {IMAGE_START}/{IMAGE_END} (mm_use_im_start_end) but "
                     f"its embeddings have no trained row for {token}: the checkpoint is incomplete"
                 )
+    _drop_rows_past(parts, len(tokenizer))
     # What the Hugging Face port adds: the image placeholder, and a padding token.
     add(IMAGE_PLACEHOLDER)
     if PAD not in tokenizer.get_vocab():
@@ -257,6 +258,16 @@ def _tokenizer(parts: Original) -> Any:
     if settings.max_length:
         tokenizer.model_max_length = settings.max_length
     return tokenizer
+
+
+def _drop_rows_past(parts: Original, vocab: int) -> None:
+    """The original's loader resizes the embeddings to its tokenizer (resize_token_embeddings(
+    len(tokenizer))): rows past it (a base padded to a multiple) are never scored there; kept,
+    one could be the greedy pick, an id with no token."""
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        weight = parts.text.get(key)
+        if weight is not None and weight.shape[0] > vocab:
+            parts.text[key] = weight[:vocab]
 
 
 def _as_the_original_read_it(directory: Path) -> dict[str, Any]:
