@@ -64,7 +64,8 @@ TEXT = dict(
 
 @functools.cache
 def sentencepiece_model() -> bytes:
-    """A small SentencePiece BPE (Llama's kind: byte fallback, <unk> <s> </s> at 0 1 2)."""
+    """A small SentencePiece BPE of Llama's kind: byte fallback, <unk> <s> </s> at 0 1 2, a
+    dummy prefix, and text taken as it is (no normalization, spaces kept)."""
     import io
 
     import sentencepiece
@@ -83,6 +84,8 @@ def sentencepiece_model() -> bytes:
         bos_id=1,
         eos_id=2,
         pad_id=-1,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
         num_threads=1,
         minloglevel=2,
     )

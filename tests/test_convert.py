@@ -722,6 +722,63 @@ def test_optional_keys_may_be_absent_or_null(plain_original, tmp_path) -> None:
     assert converted["vision_feature_select_strategy"] == "default"
 
 
+def test_the_patch_embeddings_as_select_layer_are_the_originals(plain_original, tmp_path) -> None:
+    """mm_vision_select_layer 0 is the original's hidden_states[0], the patch embeddings. Written
+    as the int 0, transformers' LLaVA asks the tower for no hidden states and fails, and export
+    refuses the checkpoint; the list [0] selects the same."""
+    from transformers import CLIPVisionModel
+
+    from llava_edge.convert.weights import read_sharded
+
+    original = _copy(plain_original, tmp_path)
+    config = json.loads((original / "config.json").read_text())
+    (original / "config.json").write_text(json.dumps({**config, "mm_vision_select_layer": 0}))
+    out = tmp_path / "out"
+    assert cli(["convert", str(original), str(out), "--vision", str(plain_original["clip"])]) == 0
+    model = load_model(out, dtype=torch.float32)
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model.model.get_image_features(pixels).pooler_output[0]
+        tower = CLIPVisionModel.from_pretrained(plain_original["clip"]).eval()
+        patches = tower(pixels, output_hidden_states=True).hidden_states[0][0, 1:]
+        state = read_sharded(original)
+        hidden = torch.nn.functional.linear(
+            patches, state["model.mm_projector.0.weight"], state["model.mm_projector.0.bias"]
+        )
+        expected = torch.nn.functional.linear(
+            torch.nn.functional.gelu(hidden),
+            state["model.mm_projector.2.weight"],
+            state["model.mm_projector.2.bias"],
+        )
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+
+
+def test_embedding_rows_past_the_tokenizer_are_dropped_as_the_original_drops_them(
+    plain_original, tmp_path
+) -> None:
+    """The original's loader resizes the embeddings to its tokenizer (resize_token_embeddings(
+    len(tokenizer))), so rows past it (a base padded to a multiple) are never scored. Kept, such
+    a row could outscore every token and greedy decoding pick an id that has no token: the
+    conversion equals that of the checkpoint without them."""
+    from safetensors.torch import load_file
+
+    padded = _copy(plain_original, tmp_path)
+    for shard in padded.glob("pytorch_model-*.bin"):
+        state = torch.load(shard, weights_only=True)
+        for key in set(state) & {"model.embed_tokens.weight", "lm_head.weight"}:
+            extra = torch.full((8, state[key].shape[1]), 5.0, dtype=state[key].dtype)
+            state[key] = torch.cat([state[key], extra])
+        torch.save(state, shard)
+    outs = {}
+    for name, original in (("plain", plain_original["original"]), ("padded", padded)):
+        outs[name] = tmp_path / name
+        convert_checkpoint(original, outs[name], vision=plain_original["clip"], log=quiet)
+    plain, ours = (load_file(str(outs[n] / "model.safetensors")) for n in ("plain", "padded"))
+    assert plain.keys() == ours.keys()
+    for key, value in plain.items():
+        assert torch.equal(ours[key], value), key
+
+
 def test_a_full_output_dir_is_kept_without_force(plain_original, tmp_path, capsys) -> None:
     out = tmp_path / "out"
     out.mkdir()
@@ -827,6 +884,58 @@ def test_force_never_replaces_an_input(plain_original, tmp_path, capsys, monkeyp
         err = capsys.readouterr().err
         assert f"holds {name} " in err and "choose another output dir" in err, err
         assert sorted(p.name for p in Path(args[0]).iterdir()) == before
+
+
+def original_legacy_ids(prompt: str, image_id: int) -> list[int]:
+    """A prompt's ids as the original computes them with a SentencePiece tokenizer read as
+    legacy (what transformers 4, which it ran with, made of a tokenizer_config.json without
+    `legacy`): its tokenizer_image_token cuts the prompt at each <image> and tokenizes each
+    piece alone, and the legacy LlamaTokenizer gives every run of text between special tokens
+    SentencePiece's dummy prefix."""
+    import sentencepiece
+    from original_format import sentencepiece_model
+
+    model = sentencepiece.SentencePieceProcessor(model_proto=sentencepiece_model())
+    ids = [model.bos_id()]
+    for i, chunk in enumerate(prompt.split("<image>")):
+        ids += [image_id] if i else []
+        for j, text in enumerate(chunk.split("</s>")):
+            ids += [model.eos_id()] if j else []
+            ids += model.encode(text) if text else []
+    return ids
+
+
+@pytest.mark.parametrize("legacy", ["absent", "null"])
+def test_a_tokenizer_config_without_legacy_tokenizes_as_the_original(
+    plain_original, tmp_path, legacy
+) -> None:
+    """Older originals have a tokenizer_config.json without `legacy` (or with `legacy: null`),
+    which the original's transformers read as legacy=True and transformers 5 as False: the text
+    after the image and after each `</s>` lost its dummy prefix, and the model saw another
+    prompt than the one it was trained on."""
+    from original_format import SENTENCEPIECE_CONFIG, sentencepiece_model
+    from tokenizers import Tokenizer
+    from transformers import AutoProcessor
+
+    original = _copy(plain_original, tmp_path)
+    (original / "tokenizer.json").unlink()
+    (original / "tokenizer.model").write_bytes(sentencepiece_model())
+    config = {k: v for k, v in SENTENCEPIECE_CONFIG.items() if k != "legacy"}
+    if legacy == "null":
+        config["legacy"] = None
+    (original / "tokenizer_config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    convert_checkpoint(original, out, vision=plain_original["clip"], log=quiet)
+    prompt = (
+        "A chat between a curious user and an artificial intelligence assistant. USER: "
+        "<image>\nWhat is it? ASSISTANT: A cat.</s>USER: Which colour? ASSISTANT:"
+    )
+    processor = AutoProcessor.from_pretrained(out)
+    image = processor.tokenizer.convert_tokens_to_ids("<image>")
+    want = original_legacy_ids(prompt, image)
+    runtime = Tokenizer.from_file(str(out / "tokenizer.json"))  # what the runtime encodes with
+    assert [1, *runtime.encode(prompt, add_special_tokens=False).ids] == want
+    assert processor.tokenizer(prompt)["input_ids"] == want
 
 
 def test_missing_extras_are_named(plain_original, tmp_path, monkeypatch, capsys) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -225,7 +226,7 @@ def _tokenizer(parts: Original) -> Any:
         if (directory / name).is_file():
             refuse_lfs_pointer(directory / name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory)
+        tokenizer = AutoTokenizer.from_pretrained(directory, **_as_the_original_read_it(directory))
     except Exception as e:  # a damaged file fails anywhere in transformers (KeyError...)
         raise LlavaEdgeError(f"cannot load the tokenizer in {directory}: {first_line(e)}") from None
 
@@ -247,6 +248,7 @@ def _tokenizer(parts: Original) -> Any:
                     f"{parts.directory} uses {IMAGE_START}/{IMAGE_END} (mm_use_im_start_end) but "
                     f"its embeddings have no trained row for {token}: the checkpoint is incomplete"
                 )
+    _drop_rows_past(parts, len(tokenizer))
     # What the Hugging Face port adds: the image placeholder, and a padding token.
     add(IMAGE_PLACEHOLDER)
     if PAD not in tokenizer.get_vocab():
@@ -256,6 +258,30 @@ def _tokenizer(parts: Original) -> Any:
     if settings.max_length:
         tokenizer.model_max_length = settings.max_length
     return tokenizer
+
+
+def _drop_rows_past(parts: Original, vocab: int) -> None:
+    """The original's loader resizes the embeddings to its tokenizer (resize_token_embeddings(
+    len(tokenizer))): rows past it (a base padded to a multiple) are never scored there; kept,
+    one could be the greedy pick, an id with no token."""
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        weight = parts.text.get(key)
+        if weight is not None and weight.shape[0] > vocab:
+            parts.text[key] = weight[:vocab]
+
+
+def _as_the_original_read_it(directory: Path) -> dict[str, Any]:
+    """How the transformers the original ran with (4.x) read a Llama tokenizer_config.json
+    without `legacy`: as legacy=True, SentencePiece's dummy prefix before every run of text
+    (the one after an image or `</s>` included), where transformers 5 reads it as False."""
+    try:
+        config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # AutoTokenizer says what is wrong with it
+    if not isinstance(config, dict):
+        return {}
+    llama = str(config.get("tokenizer_class", "")).startswith("LlamaTokenizer")
+    return {"legacy": True} if llama and config.get("legacy") is None else {}
 
 
 def _rows(parts: Original) -> int:
@@ -379,7 +405,9 @@ def _llava_config(parts: Original, tower: Tower, text_config: Any, tokenizer: An
         vision_config=tower.config,
         text_config=text_config,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
-        vision_feature_layer=settings.select_layer,
+        # hidden_states[0], the patch embeddings, is the list [0] to transformers: it reads
+        # an int 0 as asking the tower for no hidden states.
+        vision_feature_layer=settings.select_layer or [0],
         vision_feature_select_strategy=strategy,
         projector_hidden_act="gelu",
         multimodal_projector_bias=any(k.endswith("bias") for k in parts.projector),
