@@ -164,7 +164,7 @@ def scratch_beside(out: Path) -> Iterator[Path]:
 
     They then land on the disk that takes the output rather than in /tmp (a RAM-backed tmpfs on
     many Jetson images, a small partition on others), and what a killed run leaves there is
-    removed by the next write of `out` with its other leftovers (`_clean_leftovers`). The
+    removed by the next write of `out` with its other leftovers (`clean_leftovers`). The
     setting is process-wide while the block runs: the stages that use it are batch jobs.
     """
     scratch = _partial_dir(out)
@@ -177,13 +177,13 @@ def scratch_beside(out: Path) -> Iterator[Path]:
 
 
 def _partial_dir(out: Path, clean: bool = False) -> Path:
-    """A new hidden dir beside `out`, named as _clean_leftovers finds it once its writer is
+    """A new hidden dir beside `out`, named as clean_leftovers finds it once its writer is
     gone (`.NAME.partial-PID-XXXX`); `clean`: clean up after killed writers first."""
     parent = _beside(out)
     try:
         parent.mkdir(parents=True, exist_ok=True)
         if clean:
-            _clean_leftovers(out)
+            clean_leftovers(out)
         return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=parent))
     except OSError as e:
         raise LlavaEdgeError(
@@ -209,7 +209,7 @@ def replace_file(out: Path, encoding: str = "utf-8") -> Iterator[IO[str]]:
     out = Path(out)
     try:
         _beside(out).mkdir(parents=True, exist_ok=True)
-        _clean_leftovers(out)
+        clean_leftovers(out)
         fd, name = tempfile.mkstemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent)
     except OSError as e:
         raise LlavaEdgeError(
@@ -293,7 +293,7 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def _clean_leftovers(out: Path) -> None:
+def clean_leftovers(out: Path) -> None:
     """Remove temporary dirs of killed writers; put back an old dir a killed install moved away."""
     for path in _beside(out).glob(f".{out.name}.*-*"):
         kind, _, rest = path.name[len(out.name) + 2 :].partition("-")

@@ -366,6 +366,32 @@ def test_a_turn_that_adds_a_picture_reuses_the_conversation_before_it(pipe):
     assert third.result().timings["prefix_reused"] in (0, ids.index(image_id))
 
 
+def test_pictures_a_reused_prefix_holds_are_not_encoded_again(pipe):
+    """A next turn whose picture's tokens all come from the prefix store runs no vision encoder,
+    and one that adds a picture encodes that one only, once the feature cache has let the first
+    go (it keeps 8 pictures on a 7B model: a server's ninth recent picture evicts the first).
+    Each still answers as computed whole."""
+    first_picture = picture(40)
+    engine = BatchEngine(pipe, max_batch=1, start=False)
+    first = engine.submit(first_picture, "What is in the picture?", max_new_tokens=6)
+    engine.run_until_idle()
+    turns = [("What is in the picture?", first.result().text), ("And this?", None)]
+    one = [pipe.image_pixels(first_picture)]
+    two = [*one, pipe.image_pixels(picture(41))]
+    for pixels, encoded in ((one, 0), (two, 1)):
+        ids = pipe.conversation_ids(turns, pixels, [0] * len(one) + [1] * (len(pixels) - 1))
+        pipe._features.clear()  # evicted by other pictures
+        runs = pipe.stats["vision_runs"]
+        second = engine.submit_ids(ids, pixels, {"max_new_tokens": 8})
+        engine.run_until_idle()
+        assert second.result().timings["prefix_reused"] >= len(first.result().prompt_token_ids)
+        assert pipe.stats["vision_runs"] - runs == encoded
+        fresh = BatchEngine(pipe, max_batch=1, prefix_cache_mb=0, start=False)
+        again = fresh.submit_ids(ids, pixels, {"max_new_tokens": 8})
+        fresh.run_until_idle()
+        assert second.result().token_ids == again.result().token_ids
+
+
 def test_bad_requests_fail_at_submit_and_leave_the_engine_working(pipe):
     engine = BatchEngine(pipe, max_batch=2, start=False)
     with pytest.raises(LlavaEdgeError, match="max_new_tokens"):

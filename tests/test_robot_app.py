@@ -137,6 +137,32 @@ def test_a_reader_asking_for_its_next_piece_while_the_closer_rolls_back(pipe, mo
     assert len(chat.turns) == 2
 
 
+def test_a_close_as_the_answer_ends_leaves_the_chat_as_the_reader_is_told(pipe, monkeypatch):
+    """The control thread's close() lands after the last decode step, while the reader's thread
+    is still recording the answer: the reader was told the answer was abandoned while the chat
+    kept the turn, so asking again put the question in twice."""
+    from llava_edge.runtime import pipeline as pipeline_module
+
+    chat = pipe.chat(frame(5), max_new_tokens=4)
+    chat.ask("Is the door open?")
+    fed, ids = chat.fed, list(chat.ids)
+    stream = chat.stream("And the window?", max_new_tokens=3, ignore_eos=True)
+    timings = pipeline_module.timings
+
+    def closed_meanwhile(*args):  # the answer's timings are taken just before it is recorded
+        closer = threading.Thread(target=stream.close)
+        closer.start()
+        closer.join(10)
+        return timings(*args)
+
+    monkeypatch.setattr(pipeline_module, "timings", closed_meanwhile)
+    with pytest.raises(LlavaEdgeError, match="abandoned"):
+        for _ in stream:
+            pass
+    assert stream.answer is None
+    assert (chat.fed, chat.ids, chat.cache.length, len(chat.turns)) == (fed, ids, fed, 1)
+
+
 @pytest.mark.parametrize("entry", ["answer", "engine"])
 def test_a_one_token_answer_past_the_time_limit_times_out(tiny_model_dir, monkeypatch, entry):
     """A yes/no question (max_new_tokens=1) whose image encode and prefill ran past the time

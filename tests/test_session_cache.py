@@ -284,3 +284,29 @@ def test_graphs_alike_but_for_their_weights_keep_their_own_entries(
     got, status = answer(dirs[1], cache)
     assert set(status.values()) == {"miss"}
     assert got == want
+
+
+def test_a_killed_writers_leftovers_go_though_no_entry_can_be_written(
+    tiny_model_dir: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A load killed while it wrote its entries (a robot's power cut) leaves their partial
+    copies, about twice the weights, beside the cache's entries. Only a load writing the same
+    entry again removed them: where the leftovers themselves left too little disk for one (a
+    Jetson's eMMC), none ever did, and the cache neither worked nor gave the disk back."""
+    import subprocess
+    import sys
+
+    answer(tiny_model_dir, cache)
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()  # its pid names no running writer
+    leftovers = []
+    for i, entry in enumerate(entries(cache)):
+        leftover = entry.parent / f".{entry.name}.partial-{process.pid}-x"
+        entry.rename(leftover)
+        if i == 0:  # killed before it wrote what the entry holds
+            (leftover / session_cache.META).unlink()
+        leftovers.append(leftover)
+    monkeypatch.setattr(session_cache, "_free_memory", lambda: 0)  # no room for an entry
+    _, status = answer(tiny_model_dir, cache)
+    assert set(status.values()) == {"off"}
+    assert [p for p in leftovers if p.exists()] == []

@@ -6,9 +6,10 @@ one `BatchEngine`; its scheduler thread runs every decoder call. Each step it
 1. drops cancelled requests (a cancelled request's row is free before the next decode step),
 2. admits a waiting request (by default one a step) into a free row of one shared KV cache:
    it is prefilled alone (batch 1, no padding, so its first logits are its own last
-   position's), its image features come from the pipeline's cache, and the start of its prompt,
-   where it equals a finished request's prompt and answer (a conversation's next turn, another
-   question about the same image), is copied from the prefix store instead of computed,
+   position's), the start of its prompt, where it equals a finished request's prompt and answer
+   (a conversation's next turn, another question about the same image), is copied from the
+   prefix store instead of computed, and the features of the images after that come from the
+   pipeline's cache (those the copied start holds are not encoded at all),
 3. decodes one token for every running request in one batched decoder call, each row at its
    own position (runtime/kv_cache.py keeps a length per row),
 4. lets finished requests leave: the last running row moves into the freed one, so the rows
@@ -131,7 +132,6 @@ class Request:
         self.sampler = Sampler(config)
         self.generated: list[int] = []
         self.seen = np.asarray(ids, dtype=np.int64)  # kept only when repetition is penalised
-        self.features: np.ndarray | None = None
         # which picture each image's tokens stand for (and how many): prefix reuse needs the same
         self.images = [(one.key, n) for one, n in zip(pixels, image_tokens, strict=True)]
         self.reused = 0  # prompt tokens whose keys/values came from the prefix store
@@ -628,7 +628,7 @@ class BatchEngine:
 
     def _admit(self, request: Request) -> None:
         """Prefill `request` alone into the next free row and pick its first token."""
-        pipe, row = self.pipe, len(self.running)
+        row = len(self.running)
         with self._lock:
             self.running.append(request)
             if self._cancelling:  # close(drain=False) came after it left the queue
@@ -636,47 +636,62 @@ class BatchEngine:
         if request.cancelled:
             self._leave(request, Cancelled("the request was cancelled"))
             return
-        start = time.perf_counter()
+        began = time.perf_counter()
         try:
             self._check_deadline(request)
-            if request.pixels:
-                request.features = pipe.pixel_features(request.pixels)
-                request.pixels = []
+            hit = self.prefixes.match(
+                np.asarray(request.ids, dtype=np.int64),
+                request.images,
+                self.pipe.manifest.tokens.image_token_id,
+            )  # None below MIN_PREFIX tokens
+            features = self._features_from(request, hit[1] if hit else 0)
             request.timer.mark("vision")
             # cancelled or late while its image was encoded (seconds, for a large one on a
             # Jetson): its row is free before its prompt is run for nothing
             if request.cancelled:
                 raise Cancelled("the request was cancelled")
             self._check_deadline(request)
-            logits = self._prefill(request, row)
+            logits = self._prefill(request, row, hit, features)
             request.timer.mark("prefill")
             self._check_deadline(request)  # as after a decode step: a late first token is late
         except Exception as e:  # the request's own failure; the others go on
             self._leave(request, e)
             return
         finally:
-            self.counters["prefill_seconds"] += time.perf_counter() - start
+            self.counters["prefill_seconds"] += time.perf_counter() - began
         self.counters["prompt_tokens"] += len(request.ids)
         self._take(request, logits)
 
-    def _prefill(self, request: Request, row: int) -> np.ndarray:
+    def _features_from(self, request: Request, start: int) -> np.ndarray | None:
+        """The features of the prompt's image tokens from token `start` on. Pictures whose
+        tokens all lie before it came with the reused prefix and are not encoded again (the
+        feature cache may have let them go since)."""
+        held = request.ids[:start].count(self.pipe.manifest.tokens.image_token_id)
+        skipped = taken = 0  # pictures wholly held, and their tokens
+        for _, count in request.images:
+            if taken + count > held:
+                break
+            skipped, taken = skipped + 1, taken + count
+        pixels, request.pixels = request.pixels[skipped:], []
+        return self.pipe.pixel_features(pixels)[held - taken :] if pixels else None
+
+    def _prefill(
+        self, request: Request, row: int, hit: tuple[list, int] | None, features: np.ndarray | None
+    ) -> np.ndarray:
+        """Copy the stored prefix `hit` (keys/values, tokens) into the row, then feed the rest
+        of the prompt, with `features` for its image tokens."""
         pipe = self.pipe
         image_id = pipe.manifest.tokens.image_token_id
-        ids = np.asarray(request.ids, dtype=np.int64)
         start = 0
         self.cache.truncate(0, row)
-        hit = self.prefixes.match(ids, request.images, image_id)  # None below MIN_PREFIX tokens
         if hit is not None:
             kv, start = hit
             self.cache.write_row(row, kv, start)
             request.reused = start
             self.counters["prefix_tokens_reused"] += start
-        feed = ids[None, start:]
-        features = None
-        if (feed == image_id).any():  # the features of the image tokens still to feed
-            features = request.features[int((ids[:start] == image_id).sum()) :]
+        feed = np.asarray(request.ids[start:], dtype=np.int64)[None]
         embeds = embed(pipe.table, feed, image_id, [features])
-        positions = np.arange(start, len(ids), dtype=np.int64)[None]
+        positions = np.arange(start, len(request.ids), dtype=np.int64)[None]
         rows = self.cache.rows(row, row + 1)
         return pipe.backend.decode(embeds, np.ones_like(feed), positions, rows)
 

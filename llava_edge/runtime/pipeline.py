@@ -872,7 +872,7 @@ class TextStream:
         start_position: int,
         turn: _Turn | None = None,
     ):
-        self._result: list[Answer] = []  # shared with the generator, which holds no TextStream
+        self._outcome = _Outcome()  # shared with the generator, which holds no TextStream
         self._pieces = _pieces(
             pipe,
             cache,
@@ -884,14 +884,17 @@ class TextStream:
             timeout_s,
             start_position,
             turn,
-            self._result,
+            self._outcome,
         )
-        self._abandoned = False
 
     @property
     def answer(self) -> Answer | None:
         """The finished answer; None until the stream has been iterated to its end."""
-        return self._result[0] if self._result else None
+        return self._outcome.answer
+
+    @property
+    def _abandoned(self) -> bool:
+        return self._outcome.abandoned
 
     def __iter__(self) -> TextStream:
         return self
@@ -919,8 +922,7 @@ class TextStream:
 
     def _close_now(self) -> bool:
         """Close; False if another thread is inside a step, which ends it at its next piece."""
-        if not self._result:
-            self._abandoned = True
+        self._outcome.abandon()
         try:
             self._pieces.close()
         except ValueError:  # running in another thread
@@ -928,6 +930,30 @@ class TextStream:
                 raise
             return False
         return True
+
+
+class _Outcome:
+    """How a stream ended, as its generator and its TextStream share it: with its answer, or
+    abandoned first. Whichever comes first holds, so that a close() from another thread as the
+    answer ends either leaves the answer and its chat turn whole or rolls the turn back, and the
+    reader is told which."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.answer: Answer | None = None
+        self.abandoned = False
+
+    def finish(self, answer: Answer) -> bool:
+        """Record the answer, unless the stream was abandoned before it."""
+        with self._lock:
+            if not self.abandoned:
+                self.answer = answer
+            return not self.abandoned
+
+    def abandon(self) -> None:
+        """Mark the stream abandoned, unless its answer is already recorded."""
+        with self._lock:
+            self.abandoned = self.answer is None
 
 
 def _abandoned() -> LlavaEdgeError:
@@ -947,7 +973,7 @@ def _pieces(
     timeout_s: float | None,
     start_position: int,
     turn: _Turn | None,
-    result: list[Answer],
+    outcome: _Outcome,
 ) -> Iterator[str]:
     """Decode one answer, yielding its text; on every exit that is not the end, roll back."""
     pipe._check_open()
@@ -993,15 +1019,15 @@ def _pieces(
         if piece:
             yield piece
         timer.mark("done")
-        result.append(
-            Answer(
-                answer.text,
-                list(all_ids),
-                generated,
-                "stop" if answer.stopped else reason,
-                timings(timer, len(generated)),
-            )
+        whole = Answer(
+            answer.text,
+            list(all_ids),
+            generated,
+            "stop" if answer.stopped else reason,
+            timings(timer, len(generated)),
         )
+        if not outcome.finish(whole):  # closed by another thread after the last step
+            raise _abandoned()
         if turn is not None:
             turn.commit(all_ids + generated, answer.text, answer.stopped)
         finished = True

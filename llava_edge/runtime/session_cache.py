@@ -30,6 +30,7 @@ free (else the load is a plain one).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -41,7 +42,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from llava_edge.files import final_path, replace_dir
+from llava_edge.files import clean_leftovers, final_path, replace_dir
 from llava_edge.manifest import cache_dir
 
 CACHE_FORMAT = 1
@@ -202,7 +203,13 @@ def _drop_stale(root: Path, keep: Path, source: str, graph_sha256: str) -> None:
     """Delete the entries no load can use: of the graph at `source` before it was replaced (another
     sha256; an entry that records none, from an older llava-edge, ages out instead), of a graph
     that is gone (neither path recorded exists: a deleted model dir), or unused for MAX_AGE_DAYS.
-    Entries of this graph under other keys (another onnxruntime, another CPU) stay."""
+    Entries of this graph under other keys (another onnxruntime, another CPU) stay. What a
+    killed writer left (about twice a graph's weights) goes too: else only a load writing that
+    same entry would remove it, and where the leftover itself leaves no room for one, none does."""
+    for leftover in root.glob(".*.*-*"):  # `.KEY.partial-PID-X`, `.KEY.old-PID`
+        # a read-only cache holds none that could be removed, nor takes new entries
+        with contextlib.suppress(OSError):
+            clean_leftovers(root / leftover.name[1:].split(".", 1)[0])
     too_old = time.time() - MAX_AGE_DAYS * DAY_S
     for meta in root.glob(f"*/{META}"):
         if meta.parent == keep:
