@@ -364,6 +364,15 @@ def test_a_seed_reproduces_a_sampled_answer_negative_ones_too(server):
     assert too_low.status_code == 400 and error_of(too_low)["param"] == "seed"
 
 
+def test_top_p_zero_is_taken_and_answers_greedily(server):
+    """OpenAI's API takes top_p in [0, 1]; 0 keeps only the most probable token."""
+    body = {"model": MODEL, "messages": GOOD, "max_tokens": 12}
+    greedy = server.post(body)
+    sampled = server.post({**body, "temperature": 1.5, "top_p": 0, "seed": 3})
+    assert sampled.status_code == 200, sampled.text
+    assert sampled.json()["choices"] == greedy.json()["choices"]
+
+
 def test_images_from_allowed_files_and_remote_urls(server, media_dir, tmp_path):
     pipe = server.state.pipe
     want = pipe.answer(media_dir / "one.png", "What?", max_new_tokens=6).text
@@ -490,7 +499,7 @@ MALFORMED = {
     "negative max_tokens": {"model": MODEL, "messages": GOOD, "max_tokens": -1},
     "string max_tokens": {"model": MODEL, "messages": GOOD, "max_tokens": "10"},
     "temperature 3": {"model": MODEL, "messages": GOOD, "temperature": 3},
-    "top_p 0": {"model": MODEL, "messages": GOOD, "top_p": 0},
+    "top_p over 1": {"model": MODEL, "messages": GOOD, "top_p": 1.5},
     "temperature too small to sample": {"model": MODEL, "messages": GOOD, "temperature": 1e-40},
     "five stops": {"model": MODEL, "messages": GOOD, "stop": ["a", "b", "c", "d", "e"]},
     "stream a string": {"model": MODEL, "messages": GOOD, "stream": "yes"},

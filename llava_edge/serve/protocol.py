@@ -289,7 +289,7 @@ def _parse_options(body: dict) -> tuple[dict[str, Any], str | None]:
     temperature = _number(body, "temperature", 0, 2)
     if temperature is not None:
         options["temperature"] = float(temperature)
-    top_p = _number(body, "top_p", 0, 1, above=True)
+    top_p = _number(body, "top_p", 0, 1)
     if top_p is not None:
         options["top_p"] = float(top_p)
     top_k = body.get("top_k")
