@@ -325,6 +325,37 @@ def test_an_assistant_message_with_null_content_is_an_empty_answer(server):
     assert replies[1].json()["choices"] == replies[0].json()["choices"]
 
 
+GREETING = {"role": "assistant", "content": "How can I help?"}
+
+
+@pytest.mark.parametrize(
+    ("messages", "message", "fix"),
+    [
+        (
+            [GREETING, ask("What?")],
+            "messages[1] is an assistant message before any user message",
+            "drop",
+        ),
+        (
+            [ask("Hi."), GREETING, GREETING, ask("What?")],
+            "messages[3] follows another assistant",
+            "join",
+        ),
+    ],
+    ids=["greeting first", "two answers in a row"],
+)
+def test_an_assistant_message_out_of_turn_says_what_to_change(server, messages, message, fix):
+    """A chat UI's greeting ("How can I help?") sent before the user's first question: LLaVA's
+    templates start with the user's turn (its training drops a leading assistant message), so it
+    is refused in one line naming the message and what to do."""
+    system = {"role": "system", "content": "You are a robot."}
+    reply = server.post({"model": MODEL, "messages": [system, *messages]})
+    assert reply.status_code == 400
+    error = error_of(reply)
+    assert error["param"] == message.split()[0] and error["message"].startswith(message)
+    assert fix in error["message"] and "\n" not in error["message"]
+
+
 def test_system_and_developer_messages_before_the_first_question_are_one_system_prompt(server):
     """OpenAI takes several; LangChain sends its prompt's system message and the caller's."""
     pipe, question = server.state.pipe, {"role": "user", "content": "Say something."}
