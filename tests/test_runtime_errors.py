@@ -4,17 +4,19 @@
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from llava_edge.cli import main
-from llava_edge.errors import LlavaEdgeError
-from llava_edge.runtime import Limits, Pipeline
+from llava_edge.errors import LlavaEdgeError, batch_failed
+from llava_edge.runtime import BatchFailed, Limits, Pipeline, PromptTooLong, TimedOut, TooLarge
 
 
 @pytest.fixture(scope="module")
@@ -479,3 +481,103 @@ def test_a_batch_that_is_not_image_question_pairs_is_refused_in_one_line(pipe, r
     with pytest.raises(LlavaEdgeError, match=r"generate_batch takes a list of \(image, prompt\)"):
         pipe.generate_batch(requests, max_new_tokens=2)
     assert len(pipe.generate_batch([(None, "Hi")], max_new_tokens=2)) == 1
+
+
+def test_a_batch_with_failed_requests_keeps_every_other_answer(pipe, image, tmp_path):
+    """60 camera frames, one unreadable, one too large: generate_batch raised at the first
+    failure and the answers already computed were lost. Every request runs to its end; the
+    error holds each one's Answer or exception, in order, and is also each failure's own type."""
+    garbage = tmp_path / "garbage.jpg"
+    garbage.write_bytes(b"\x00" * 100)
+    large = np.zeros((300, 300, 3), np.uint8)
+    requests = [
+        (image, "What?"),
+        (garbage, "What?"),
+        (None, "Hi"),
+        (large, "What?"),
+        (image, "word " * 2000),
+        (large, "And?"),
+    ]
+    options = dict(max_new_tokens=4, ignore_eos=True)
+    before = pipe.limits
+    pipe.limits = Limits(max_image_pixels=50_000)
+    try:
+        with pytest.raises(BatchFailed) as caught:
+            pipe.generate_batch(requests, **options)
+    finally:
+        pipe.limits = before
+    error = caught.value
+    assert isinstance(error, TooLarge) and isinstance(error, PromptTooLong)
+    assert not isinstance(error, TimedOut)
+    results = error.results
+    assert set(error.failed) == {1, 3, 4, 5} and len(results) == len(requests)
+    for i in (0, 2):
+        alone = pipe.answer(*requests[i], **options)
+        assert results[i].token_ids == alone.token_ids
+    assert "not an image" in str(results[1])
+    assert isinstance(results[3], TooLarge) and isinstance(results[5], TooLarge)
+    assert isinstance(results[4], PromptTooLong)
+    message = str(error)
+    assert message.startswith("4 of 6 requests failed (request 1: ") and "\n" not in message
+    assert f"requests 3, 5: {results[3]}" in message and f"request 4: {results[4]}" in message
+    again = pickle.loads(pickle.dumps(error))
+    assert isinstance(again, TooLarge) and str(again) == message
+    assert [type(r) for r in again.results] == [type(r) for r in results]
+
+
+def test_a_request_past_its_time_limit_in_a_batch_leaves_the_others_answers(pipe, monkeypatch):
+    """The time limit counts a request's wait for a row: a late one ends as TimedOut, which
+    the batch's error also is, and those answered in time keep their answers."""
+    encode = pipe.pixel_features
+
+    def slow(pixels):
+        time.sleep(1.2)
+        return encode(pixels)
+
+    monkeypatch.setattr(pipe, "pixel_features", slow)
+    requests = [(None, "Hi"), (None, "Yo"), (np.zeros((30, 40, 3), np.uint8), "What?")]
+    options = dict(max_new_tokens=2, ignore_eos=True)
+    with pytest.raises(TimedOut, match=r"^1 of 3 requests failed \(request 2: the request") as e:
+        pipe.generate_batch(requests, timeout_s=1.0, **options)
+    monkeypatch.undo()
+    answers = e.value.results
+    assert isinstance(answers[2], TimedOut)
+    for i in (0, 1):
+        assert answers[i].token_ids == pipe.answer(*requests[i], **options).token_ids
+
+
+def test_a_batch_step_failing_outside_any_request_keeps_the_finished_answers(pipe, monkeypatch):
+    """A failure outside any one request's work (freeing a finished row) ends those still in
+    hand, as the engine's thread does; the answer already finished is kept."""
+    from llava_edge.runtime.kv_cache import KVCache
+
+    shrink, calls = KVCache.shrink, []
+
+    def failing(self):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("row copy failed")
+        return shrink(self)
+
+    monkeypatch.setattr(KVCache, "shrink", failing)
+    options = dict(max_new_tokens=2, ignore_eos=True)
+    with pytest.raises(BatchFailed, match=r"request 1: internal error \(RuntimeError: row") as e:
+        pipe.generate_batch([(None, "Hi"), (None, "Yo")], **options)
+    monkeypatch.undo()
+    first, second = e.value.results
+    assert first.token_ids == pipe.answer(None, "Hi", **options).token_ids
+    assert isinstance(second, RuntimeError)
+
+
+def test_a_batchs_error_lists_runs_of_requests_failed_alike_as_ranges():
+    """60 frames past their time limit make one short line, not 60 repeats of the reason."""
+    late, bad = TimedOut("late"), LlavaEdgeError("bad")
+    error = batch_failed([late] * 3 + ["answer", late, bad] + ["answer"] * 54)
+    assert str(error).startswith("5 of 60 requests failed (requests 0-2, 4: late; request 5: bad)")
+    assert isinstance(error, TimedOut) and error.failed == {
+        0: late,
+        1: late,
+        2: late,
+        4: late,
+        5: bad,
+    }

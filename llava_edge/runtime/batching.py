@@ -539,9 +539,15 @@ class BatchEngine:
     # ---- scheduling ----------------------------------------------------------------------
 
     def run_until_idle(self) -> None:
-        """Schedule on the caller's thread until every submitted request has finished."""
-        while self.step():
-            pass
+        """Schedule on the caller's thread until every submitted request has finished. A step
+        that fails outside any one request's work ends the requests in hand with its error, as
+        the scheduler thread does, so those already finished keep their answers."""
+        while True:
+            try:
+                if not self.step():
+                    return
+            except Exception as e:
+                self._fail_all(e)
 
     def _run(self) -> None:
         try:
