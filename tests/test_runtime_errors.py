@@ -272,11 +272,12 @@ def test_engine_and_load_sizes_of_any_integer_type_are_taken(pipe, tiny_model_di
     for name in ("max_batch", "max_queue", "admit_per_step"):
         with pytest.raises(LlavaEdgeError, match=f"{name} must be"):
             BatchEngine(pipe, **{name: True}, start=False)
-    # a string was repeated 2**20 times, a negative budget taken, NaN, inf and None raised raw
-    for bad in ("64", -1, float("nan"), float("inf"), None):
+    # a string was repeated 2**20 times, a negative budget taken, NaN and inf raised raw
+    for bad in ("64", -1, float("nan"), float("inf")):
         with pytest.raises(LlavaEdgeError, match="prefix_cache_mb must be a number, 0 or more"):
             BatchEngine(pipe, prefix_cache_mb=bad, start=False)
     assert BatchEngine(pipe, prefix_cache_mb=np.float32(0.5), start=False).prefixes.budget == 2**19
+    assert BatchEngine(pipe, prefix_cache_mb=None, start=False).prefixes.budget == 256 * 2**20
     with Pipeline.load(tiny_model_dir, threads=np.int64(1)) as loaded:
         assert loaded.answer(None, "Hi", max_new_tokens=1)
 

@@ -62,7 +62,7 @@ class ServeOptions:
     allowed_media_dir: Path | None = None
     allow_remote_images: bool = False
     remote_timeout_s: float | None = None  # None: 10 s, where remote images are allowed
-    prefix_cache_mb: float = 256
+    prefix_cache_mb: float | None = None  # None: BatchEngine's default
     limits: Limits = field(default_factory=Limits)
     backend: str = "onnxruntime"
     providers: list[str] | None = None
@@ -93,7 +93,7 @@ class ServeOptions:
         for flag, value, least in counts:
             if isinstance(value, bool) or not (isinstance(value, int) and value >= least):
                 raise LlavaEdgeError(f"{flag} must be a whole number, {least} or more, got {value}")
-        if not self.prefix_cache_mb >= 0:
+        if self.prefix_cache_mb is not None and not self.prefix_cache_mb >= 0:
             raise LlavaEdgeError(
                 f"--prefix-cache-mb must be 0 (off) or more, got {self.prefix_cache_mb:g}"
             )
