@@ -1134,6 +1134,34 @@ def test_a_request_past_the_time_limit_gets_504(context_model_dir):
     assert late.status_code == 504 and "time limit" in error_of(late)["message"]
 
 
+def test_a_stream_finished_in_time_is_delivered_whole_to_a_slow_reader(
+    context_model_dir, monkeypatch
+):
+    """The time limit bounds the work, not the reading: an answer the engine finished within it
+    reaches a client that reads it after the deadline (a slow link), not cut by a 504 event."""
+    from llava_edge.serve import app as serve_app
+
+    sse = serve_app._sse_data
+
+    def slow(payload):
+        time.sleep(0.03)  # the link: every chunk takes this long to go out
+        return sse(payload)
+
+    monkeypatch.setattr(serve_app, "_sse_data", slow)
+    server = Server(ServeOptions(context_model_dir, model_name=MODEL, limits=Limits(timeout_s=0.5)))
+    try:
+        body = {"model": MODEL, "messages": GOOD, "max_tokens": 60, "ignore_eos": True}
+        start = time.perf_counter()
+        reply = server.post({**body, "stream": True})
+        took = time.perf_counter() - start
+        assert server.state.engine.stats()["failed"] == 0  # the engine finished it in time
+    finally:
+        server.stop()
+    lines = [line for line in reply.text.splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]" and '"finish_reason": "length"' in lines[-2]
+    assert took > 0.7  # sent well past the time limit
+
+
 def test_the_time_limit_counts_from_the_request_not_from_its_image(context_model_dir):
     """A slow image server cannot stretch --timeout: fetching is part of the request."""
 
