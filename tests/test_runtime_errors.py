@@ -582,3 +582,15 @@ def test_a_batchs_error_lists_runs_of_requests_failed_alike_as_ranges():
         4: late,
         5: bad,
     }
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [({"temperature": -1.0}, "temperature must be in"), ({"timeout_s": 0}, "timeout_s must be")],
+)
+def test_a_batchs_bad_option_is_refused_before_any_request_runs(pipe, option, message):
+    """An option is every request's: refused once, as a single request's would be, not as the
+    failure of each request after all were read."""
+    with pytest.raises(LlavaEdgeError, match=f"^the limit {message}|^{message}") as caught:
+        pipe.generate_batch([(None, "Hi"), (None, "Yo")], max_new_tokens=2, **option)
+    assert not isinstance(caught.value, BatchFailed)
