@@ -269,7 +269,7 @@ def test_images_in_several_turns_equal_the_library(server):
     many = [{"type": "image_url", "image_url": {"url": "https://example.invalid/x.png"}}]
     crowded = {"role": "user", "content": many * (pipe.max_images_per_prompt + 1)}
     response = server.post({"model": MODEL, "messages": [crowded]})
-    assert response.status_code == 400 and "context holds" in error_of(response)["message"]
+    assert response.status_code == 400 and "holds at most" in error_of(response)["message"]
 
 
 def test_an_image_then_its_question_in_two_messages_is_one_turn(server):

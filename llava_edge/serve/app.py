@@ -33,6 +33,7 @@ from starlette.routing import Route
 
 from llava_edge.errors import LlavaEdgeError, PromptTooLong, TimedOut, TooLarge
 from llava_edge.runtime import BatchEngine, Limits, Pipeline
+from llava_edge.runtime.anyres import min_feature_count
 from llava_edge.runtime.batching import Admission, Cancelled, EngineClosed, Event, QueueFull
 from llava_edge.serve import protocol
 from llava_edge.serve.media import MediaPolicy, fetch_image
@@ -325,12 +326,17 @@ async def _chat_completion(request: Request, state: ServerState) -> Response:
         # takes seconds to parse at the body limit
         chat = await _in_time(clock, gone, run_in_threadpool(_chat_request, body))
         _check_model(state, chat.model)
-        if len(chat.image_urls) > pipe.max_images_per_prompt:
+        # refused before any is fetched only where they cannot fit at any size (an AnyRes
+        # image takes the tokens its size gives; the rendered prompt is checked once they are)
+        fewest = min_feature_count(pipe.manifest)
+        if len(chat.image_urls) > pipe.max_context // fewest:
             raise ApiError(
                 400,
-                f"the conversation holds {len(chat.image_urls)} images; the model's context holds "
-                f"{pipe.max_images_per_prompt}",
+                f"the conversation holds {len(chat.image_urls)} images; the model's context of "
+                f"{pipe.max_context} tokens holds at most {pipe.max_context // fewest} (an image "
+                f"takes {fewest} or more); send fewer",
                 "messages",
+                "context_length_exceeded",
             )
         images = []
         for url in chat.image_urls:
