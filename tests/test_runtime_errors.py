@@ -561,7 +561,7 @@ def test_a_batch_step_failing_outside_any_request_keeps_the_finished_answers(pip
         return shrink(self)
 
     monkeypatch.setattr(KVCache, "shrink", failing)
-    options = dict(max_new_tokens=2, ignore_eos=True)
+    options = dict(max_new_tokens=3, ignore_eos=True)
     with pytest.raises(BatchFailed, match=r"request 1: internal error \(RuntimeError: row") as e:
         pipe.generate_batch([(None, "Hi"), (None, "Yo")], **options)
     monkeypatch.undo()
@@ -594,3 +594,21 @@ def test_a_batchs_bad_option_is_refused_before_any_request_runs(pipe, option, me
     with pytest.raises(LlavaEdgeError, match=f"^the limit {message}|^{message}") as caught:
         pipe.generate_batch([(None, "Hi"), (None, "Yo")], max_new_tokens=2, **option)
     assert not isinstance(caught.value, BatchFailed)
+
+
+def test_a_batchs_requests_run_while_the_later_images_are_read(pipe, monkeypatch):
+    """A request's time limit counts from its start: a batch that read every image before any
+    request ran spent the first requests' time on the others' images (60 camera frames with a
+    0.5 s limit: the first ones timed out before the engine began)."""
+    read = pipe.image_pixels
+
+    def slow(image):
+        time.sleep(0.1)  # a large frame: decoding and resizing it takes this long
+        return read(image)
+
+    frames = [np.full((30, 40, 3), 10 * i, np.uint8) for i in range(10)]
+    options = dict(max_new_tokens=3, ignore_eos=True)
+    alone = [pipe.answer(frame, "What?", **options).token_ids for frame in frames]
+    monkeypatch.setattr(pipe, "image_pixels", slow)
+    answers = pipe.generate_batch([(frame, "What?") for frame in frames], timeout_s=0.6, **options)
+    assert [a.token_ids for a in answers] == alone

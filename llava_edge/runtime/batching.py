@@ -559,15 +559,19 @@ class BatchEngine:
     # ---- scheduling ----------------------------------------------------------------------
 
     def run_until_idle(self) -> None:
-        """Schedule on the caller's thread until every submitted request has finished. A step
-        that fails outside any one request's work ends the requests in hand with its error, as
-        the scheduler thread does, so those already finished keep their answers."""
-        while True:
-            try:
-                if not self.step():
-                    return
-            except Exception as e:
-                self._fail_all(e)
+        """Schedule on the caller's thread until every submitted request has finished."""
+        while self.run_step():
+            pass
+
+    def run_step(self) -> bool:
+        """One step on the caller's thread, as the scheduler thread takes it: a step that fails
+        outside any one request's work ends the requests in hand with its error, so those
+        already finished keep their answers. Returns whether any request still waits or runs."""
+        try:
+            return self.step()
+        except Exception as e:
+            self._fail_all(e)
+            return False
 
     def _run(self) -> None:
         try:

@@ -329,8 +329,11 @@ class Pipeline:
         cache as the longest conversation), requests wait for a free row. A BatchEngine of your
         own sets its rows (`max_batch`).
 
+        Each request is read (its image decoded) and then runs while the next is read; its time
+        limit counts from its reading, its wait for a row included.
+
         A request that fails (its image unreadable or over a limit, its prompt too long, its
-        time limit passed, which counts its wait for a row) stops no other: every request runs
+        time limit passed) stops no other: every request runs
         to its end, then BatchFailed is raised, its message naming the failed requests and why,
         its `results` every request's Answer or exception in order. It is also an instance of
         each failed request's own error type (TimedOut, TooLarge, ...), as a single request
@@ -372,6 +375,9 @@ class Pipeline:
                 results.append(None)
             except Exception as e:  # this request's image or prompt: the others still run
                 results.append(e)
+            # the requests read so far run while the next image is read: a time limit counts
+            # from its request's start, not from the last image's
+            engine.run_step()
         engine.run_until_idle()
         for i, handle in handles.items():
             results[i] = handle.error or handle.answer
