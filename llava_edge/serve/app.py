@@ -546,15 +546,15 @@ async def _wait(
             handle.cancel()
 
 
-async def _next_event(events: asyncio.Queue, clock: _Clock) -> Event:
-    """A stream's next event, or the time limit's error if it passes first. An event the engine
-    has delivered is handed on however late the client reads it: the time limit bounds the
-    work, and a slow link does not cut an answer finished within it."""
-    if not events.empty():
-        return events.get_nowait()
+async def _next_event(events: asyncio.Queue, clock: _Clock, handle: Any) -> Event:
+    """A stream's next event, or the time limit's error if it passes first. The limit bounds
+    the work, not the reading: an answer the engine ended within it (its events on their way to
+    the loop) is handed on whole however late a slow link lets the client read it."""
     try:
         return await asyncio.wait_for(events.get(), clock.left())
     except asyncio.TimeoutError:
+        if handle.done.is_set():
+            return await events.get()
         return clock.timed_out()
 
 
@@ -647,7 +647,7 @@ class _AnswerStream(StreamingResponse):
                     yield data(protocol.chunk(head, None, usage=usage))
                 yield "data: [DONE]\n\n"
                 return
-            event = await _next_event(events, clock)
+            event = await _next_event(events, clock, self.handle)
 
 
 def _sse_data(payload: Any) -> str:
