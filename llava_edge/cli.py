@@ -834,8 +834,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--prefix-cache-mb",
         type=float,
-        default=256,
-        help="memory for finished conversations' KV, reused by their next turn (0: off)",
+        help="memory for finished conversations' KV, reused by their next turn (default 256; "
+        "0: off; refused for a model whose prompts run dynamic int8, which reuses none)",
     )
     p.add_argument(
         "--drain-timeout",

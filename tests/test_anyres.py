@@ -167,6 +167,43 @@ def test_batched_requests_and_conversations_take_each_images_token_count(
         assert ids == alone[0].prompt_token_ids
 
 
+def test_the_server_takes_as_many_images_as_the_context_holds(exported: Exported) -> None:
+    """An AnyRes image takes as many tokens as its size gives: the server refused, before
+    fetching them, a conversation of more images than fit at the largest size, though smaller
+    ones (a robot's wide frames) fit; it refuses only what cannot fit at any size."""
+    import base64
+    import io
+    import time
+
+    from starlette.testclient import TestClient
+
+    from llava_edge.serve import ServeOptions, create_app
+
+    def uri(image: Image.Image) -> str:
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG")
+        return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+    with Pipeline.load(exported.model_dir) as pipe:
+        count = pipe.max_images_per_prompt + 1
+        images = [picture(*IMAGES["wide"], seed=i) for i in range(count)]
+        want = pipe.answer(images, QUESTION, max_new_tokens=4)
+    parts = [{"type": "image_url", "image_url": {"url": uri(image)}} for image in images]
+    message = {"role": "user", "content": [*parts, {"type": "text", "text": QUESTION}]}
+    body = {"model": "m", "messages": [message], "max_tokens": 4}
+    with TestClient(create_app(ServeOptions(exported.model_dir, model_name="m"))) as client:
+        while client.get("/health").status_code != 200:
+            time.sleep(0.05)
+        reply = client.post("/v1/chat/completions", json=body)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["usage"]["prompt_tokens"] == len(want.prompt_token_ids)
+        assert reply.json()["choices"][0]["message"]["content"] == want.text
+        nowhere = {"type": "image_url", "image_url": {"url": "https://example.invalid/x.png"}}
+        crowded = {"role": "user", "content": [nowhere] * (pipe.max_context + 1)}
+        refused = client.post("/v1/chat/completions", json={**body, "messages": [crowded]})
+        assert refused.status_code == 400 and "holds at most" in refused.json()["error"]["message"]
+
+
 def test_bench_runs_the_tiles(exported: Exported) -> None:
     """bench's runtime side and its transformers baseline see the same prompt, image tokens
     included."""

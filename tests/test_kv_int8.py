@@ -4,6 +4,8 @@ that hold every key at every position, and answers as the same dir with an fp32 
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,7 @@ from llava_edge.calib.report import greedy_agreement
 from llava_edge.cli import main
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import PREFILL, KVSpec, Manifest, TextSpec
-from llava_edge.runtime import Pipeline
+from llava_edge.runtime import BatchEngine, Pipeline
 from llava_edge.runtime.kv_cache import KVCache
 from llava_edge.runtime.plan import plan
 
@@ -278,3 +280,55 @@ def test_the_report_sizes_what_the_cpu_runtime_loads(dirs: dict, tiny_model_dir:
     assert sizes["cpu_ratio"] == round(cpu_bytes(tiny_model_dir) / cpu_bytes(quantized), 3)
     report = {"graphs": [], "greedy": {"samples": 0}, "sizes": sizes}
     assert f"(x{sizes['cpu_ratio']})" in format_table(report)
+
+
+def test_an_int8_cache_reuses_prefixes_as_the_prompt_fed_whole(
+    tiny_model_dir: Path, images: Path, tmp_path: Path
+) -> None:
+    """int4 with an int8 cache (prompts through MatMulNBits): a prompt fed as a prefix and then
+    the rest gives the logits fed whole gives, bit for bit, so the prefix store stays on."""
+    out = tmp_path / "int4_kv8"
+    quantize_model(
+        tiny_model_dir, out, "int4", images=images, samples=2, kv_cache="int8", log=quiet
+    )
+    with Pipeline.load(out) as pipe:
+        assert not pipe.backend.prompt_scales_per_call
+        x = np.random.default_rng(1).standard_normal((1, 40, pipe.manifest.text.hidden_size))
+        x = x.astype(np.float32)
+
+        def logits(*cuts: int) -> np.ndarray:
+            cache = pipe.backend.new_cache(1)
+            for start, stop in zip((0, *cuts), (*cuts, 40), strict=True):
+                feed = x[:, start:stop]
+                positions = np.arange(start, stop)[None]
+                last = pipe.backend.decode(
+                    feed, np.ones(feed.shape[:2], np.int64), positions, cache
+                )
+            assert cache.keys[0].dtype == np.int8
+            return last
+
+        np.testing.assert_array_equal(logits(), logits(25))
+        engine = BatchEngine(pipe, max_batch=1, start=False)
+        assert engine.prefixes.budget > 0
+
+
+def test_a_prefix_cache_where_prompts_cannot_reuse_one_is_refused(dirs: dict) -> None:
+    """The int8 prompt decoder (`--prefill int8`) scales each call's activations alike, so no
+    prefix is reused: a prefix cache asked for would do nothing, and is refused in one line, on
+    the Python API and the server's command line; left out (or 0), the engine runs without."""
+    with Pipeline.load(dirs["int8_cache"]) as pipe:
+        with pytest.raises(LlavaEdgeError, match="a prefix cache .* of 64 MB would do nothing"):
+            BatchEngine(pipe, prefix_cache_mb=64, start=False)
+        assert BatchEngine(pipe, start=False).prefixes.budget == 0
+        assert BatchEngine(pipe, prefix_cache_mb=0, start=False).prefixes.budget == 0
+    code = "import sys; from llava_edge.cli import main; sys.exit(main(sys.argv[1:]))"
+    argv = ["serve", str(dirs["int8_cache"]), "--port", "0", "--prefix-cache-mb", "64"]
+    served = subprocess.run(
+        [sys.executable, "-c", code, *argv, "--log-level", "error"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert served.returncode == 1 and "Traceback" not in served.stderr
+    assert served.stderr.strip().startswith("llava-edge serve: error: a prefix cache")
+    assert len(served.stderr.strip().splitlines()) == 1

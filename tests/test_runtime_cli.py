@@ -58,6 +58,14 @@ def test_run_cut_short_ends_its_line_before_the_error(tiny_model_dir, monkeypatc
     assert err.startswith("llava-edge run: error: the request ran past its time limit")
 
 
+def test_run_with_top_p_zero_answers_greedily(tiny_model_dir, capsys):
+    argv = ["run", str(tiny_model_dir), "--prompt", "Hi?", "--max-new-tokens", "6", "--json"]
+    assert main(argv) == 0
+    greedy = json.loads(capsys.readouterr().out)["token_ids"]
+    assert main([*argv, "--temperature", "2", "--top-p", "0", "--seed", "5"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == greedy
+
+
 def test_run_takes_several_images(tiny_model_dir, tmp_path, capsys):
     first = write_image(tmp_path / "a.png")
     second = tmp_path / "b.png"

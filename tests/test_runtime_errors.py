@@ -4,17 +4,19 @@
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from llava_edge.cli import main
-from llava_edge.errors import LlavaEdgeError
-from llava_edge.runtime import Limits, Pipeline
+from llava_edge.errors import LlavaEdgeError, batch_failed
+from llava_edge.runtime import BatchFailed, Limits, Pipeline, PromptTooLong, TimedOut, TooLarge
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,8 @@ def bad_requests(tmp_path, image):
         (dict(image=image, prompt="What?", max_new_tokens=0), "max_new_tokens"),
         (dict(image=image, prompt="What?", max_new_tokens=-3), "max_new_tokens"),
         (dict(image=image, prompt="What?", temperature=-1.0), "temperature"),
-        (dict(image=image, prompt="What?", top_p=0.0), "top_p"),
+        (dict(image=image, prompt="What?", top_p=-0.1), r"top_p must be in \[0, 1\]"),
+        (dict(image=image, prompt="What?", top_p=1.5), r"top_p must be in \[0, 1\]"),
         (dict(image=image, prompt="What?", bogus=1), "unknown generation option"),
         (dict(image=image, prompt="What?", temperature=1.0, seed=-1), "seed must be"),
         (dict(image=image, prompt="What?", seed="abc"), "seed must be"),
@@ -269,11 +272,12 @@ def test_engine_and_load_sizes_of_any_integer_type_are_taken(pipe, tiny_model_di
     for name in ("max_batch", "max_queue", "admit_per_step"):
         with pytest.raises(LlavaEdgeError, match=f"{name} must be"):
             BatchEngine(pipe, **{name: True}, start=False)
-    # a string was repeated 2**20 times, a negative budget taken, NaN, inf and None raised raw
-    for bad in ("64", -1, float("nan"), float("inf"), None):
+    # a string was repeated 2**20 times, a negative budget taken, NaN and inf raised raw
+    for bad in ("64", -1, float("nan"), float("inf")):
         with pytest.raises(LlavaEdgeError, match="prefix_cache_mb must be a number, 0 or more"):
             BatchEngine(pipe, prefix_cache_mb=bad, start=False)
     assert BatchEngine(pipe, prefix_cache_mb=np.float32(0.5), start=False).prefixes.budget == 2**19
+    assert BatchEngine(pipe, prefix_cache_mb=None, start=False).prefixes.budget == 256 * 2**20
     with Pipeline.load(tiny_model_dir, threads=np.int64(1)) as loaded:
         assert loaded.answer(None, "Hi", max_new_tokens=1)
 
@@ -496,3 +500,133 @@ def test_a_batch_that_is_not_image_question_pairs_is_refused_in_one_line(pipe, r
     with pytest.raises(LlavaEdgeError, match=r"generate_batch takes a list of \(image, prompt\)"):
         pipe.generate_batch(requests, max_new_tokens=2)
     assert len(pipe.generate_batch([(None, "Hi")], max_new_tokens=2)) == 1
+
+
+def test_a_batch_with_failed_requests_keeps_every_other_answer(pipe, image, tmp_path):
+    """60 camera frames, one unreadable, one too large: generate_batch raised at the first
+    failure and the answers already computed were lost. Every request runs to its end; the
+    error holds each one's Answer or exception, in order, and is also each failure's own type."""
+    garbage = tmp_path / "garbage.jpg"
+    garbage.write_bytes(b"\x00" * 100)
+    large = np.zeros((300, 300, 3), np.uint8)
+    requests = [
+        (image, "What?"),
+        (garbage, "What?"),
+        (None, "Hi"),
+        (large, "What?"),
+        (image, "word " * 2000),
+        (large, "And?"),
+    ]
+    options = dict(max_new_tokens=4, ignore_eos=True)
+    before = pipe.limits
+    pipe.limits = Limits(max_image_pixels=50_000)
+    try:
+        with pytest.raises(BatchFailed) as caught:
+            pipe.generate_batch(requests, **options)
+    finally:
+        pipe.limits = before
+    error = caught.value
+    assert isinstance(error, TooLarge) and isinstance(error, PromptTooLong)
+    assert not isinstance(error, TimedOut)
+    results = error.results
+    assert set(error.failed) == {1, 3, 4, 5} and len(results) == len(requests)
+    for i in (0, 2):
+        alone = pipe.answer(*requests[i], **options)
+        assert results[i].token_ids == alone.token_ids
+    assert "not an image" in str(results[1])
+    assert isinstance(results[3], TooLarge) and isinstance(results[5], TooLarge)
+    assert isinstance(results[4], PromptTooLong)
+    message = str(error)
+    assert message.startswith("4 of 6 requests failed (request 1: ") and "\n" not in message
+    assert f"requests 3, 5: {results[3]}" in message and f"request 4: {results[4]}" in message
+    again = pickle.loads(pickle.dumps(error))
+    assert isinstance(again, TooLarge) and str(again) == message
+    assert [type(r) for r in again.results] == [type(r) for r in results]
+
+
+def test_a_request_past_its_time_limit_in_a_batch_leaves_the_others_answers(pipe, monkeypatch):
+    """The time limit counts a request's wait for a row: a late one ends as TimedOut, which
+    the batch's error also is, and those answered in time keep their answers."""
+    encode = pipe.pixel_features
+
+    def slow(pixels):
+        time.sleep(1.2)
+        return encode(pixels)
+
+    monkeypatch.setattr(pipe, "pixel_features", slow)
+    requests = [(None, "Hi"), (None, "Yo"), (np.zeros((30, 40, 3), np.uint8), "What?")]
+    options = dict(max_new_tokens=2, ignore_eos=True)
+    with pytest.raises(TimedOut, match=r"^1 of 3 requests failed \(request 2: the request") as e:
+        pipe.generate_batch(requests, timeout_s=1.0, **options)
+    monkeypatch.undo()
+    answers = e.value.results
+    assert isinstance(answers[2], TimedOut)
+    for i in (0, 1):
+        assert answers[i].token_ids == pipe.answer(*requests[i], **options).token_ids
+
+
+def test_a_batch_step_failing_outside_any_request_keeps_the_finished_answers(pipe, monkeypatch):
+    """A failure outside any one request's work (freeing a finished row) ends those still in
+    hand, as the engine's thread does; the answer already finished is kept."""
+    from llava_edge.runtime.kv_cache import KVCache
+
+    shrink, calls = KVCache.shrink, []
+
+    def failing(self):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("row copy failed")
+        return shrink(self)
+
+    monkeypatch.setattr(KVCache, "shrink", failing)
+    options = dict(max_new_tokens=3, ignore_eos=True)
+    with pytest.raises(BatchFailed, match=r"request 1: internal error \(RuntimeError: row") as e:
+        pipe.generate_batch([(None, "Hi"), (None, "Yo")], **options)
+    monkeypatch.undo()
+    first, second = e.value.results
+    assert first.token_ids == pipe.answer(None, "Hi", **options).token_ids
+    assert isinstance(second, RuntimeError)
+
+
+def test_a_batchs_error_lists_runs_of_requests_failed_alike_as_ranges():
+    """60 frames past their time limit make one short line, not 60 repeats of the reason."""
+    late, bad = TimedOut("late"), LlavaEdgeError("bad")
+    error = batch_failed([late] * 3 + ["answer", late, bad] + ["answer"] * 54)
+    assert str(error).startswith("5 of 60 requests failed (requests 0-2, 4: late; request 5: bad)")
+    assert isinstance(error, TimedOut) and error.failed == {
+        0: late,
+        1: late,
+        2: late,
+        4: late,
+        5: bad,
+    }
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [({"temperature": -1.0}, "temperature must be in"), ({"timeout_s": 0}, "timeout_s must be")],
+)
+def test_a_batchs_bad_option_is_refused_before_any_request_runs(pipe, option, message):
+    """An option is every request's: refused once, as a single request's would be, not as the
+    failure of each request after all were read."""
+    with pytest.raises(LlavaEdgeError, match=f"^the limit {message}|^{message}") as caught:
+        pipe.generate_batch([(None, "Hi"), (None, "Yo")], max_new_tokens=2, **option)
+    assert not isinstance(caught.value, BatchFailed)
+
+
+def test_a_batchs_requests_run_while_the_later_images_are_read(pipe, monkeypatch):
+    """A request's time limit counts from its start: a batch that read every image before any
+    request ran spent the first requests' time on the others' images (60 camera frames with a
+    0.5 s limit: the first ones timed out before the engine began)."""
+    read = pipe.image_pixels
+
+    def slow(image):
+        time.sleep(0.1)  # a large frame: decoding and resizing it takes this long
+        return read(image)
+
+    frames = [np.full((30, 40, 3), 10 * i, np.uint8) for i in range(10)]
+    options = dict(max_new_tokens=3, ignore_eos=True)
+    alone = [pipe.answer(frame, "What?", **options).token_ids for frame in frames]
+    monkeypatch.setattr(pipe, "image_pixels", slow)
+    answers = pipe.generate_batch([(frame, "What?") for frame in frames], timeout_s=0.6, **options)
+    assert [a.token_ids for a in answers] == alone

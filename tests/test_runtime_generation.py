@@ -239,6 +239,24 @@ def test_sampling_is_reproducible_with_a_seed(pipe):
     assert first != greedy
 
 
+def test_top_p_zero_samples_the_greedy_answer(pipe):
+    """top_p 0 (OpenAI's range is [0, 1]) keeps only the most probable token at every step, so
+    a sampled answer is the greedy one, whatever the seed."""
+    image = picture(6)
+    greedy = pipe.answer(image, "Describe it.", max_new_tokens=12, ignore_eos=True).token_ids
+    for seed in (1, 2, 3):
+        sampled = pipe.answer(
+            image,
+            "Describe it.",
+            max_new_tokens=12,
+            ignore_eos=True,
+            temperature=2.0,
+            top_p=0,
+            seed=seed,
+        )
+        assert sampled.token_ids == greedy
+
+
 def test_stream_joins_to_generate(pipe):
     image = picture(7)
     streamed = list(pipe.stream(image, "Tell me about it.", max_new_tokens=20))

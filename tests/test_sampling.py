@@ -68,6 +68,7 @@ CONFIGS = {
     "top_k over the vocab": dict(temperature=1.0, top_k=10_000),
     "top_p": dict(temperature=1.0, top_p=0.9),
     "top_p tiny": dict(temperature=1.0, top_p=1e-6),
+    "top_p zero": dict(temperature=1.0, top_p=0.0),
     "top_p half": dict(temperature=0.8, top_p=0.5),
     "penalty": dict(temperature=1.0, repetition_penalty=1.3),
     "penalty below one": dict(temperature=1.0, repetition_penalty=0.7),
@@ -97,6 +98,18 @@ def test_sampled_tokens_come_from_the_kept_set():
     draws = np.stack([sampler(logits, seen) for _ in range(200)])
     assert all(kept[row, draws[:, row]].all() for row in range(len(logits)))
     assert any(len(set(draws[:, row])) > 1 for row in range(len(logits)))  # it does sample
+
+
+def test_top_p_zero_keeps_only_the_most_probable_token_of_a_large_flat_vocabulary():
+    """OpenAI's API takes top_p 0 (its range is [0, 1]): only the most likely token. Over Qwen2's
+    152k-token vocabulary a nearly flat distribution's float32 running sum passes 1 before its
+    last token, and TopPLogitsWarper's rule read literally keeps a dozen tokens more."""
+    logits = (np.random.default_rng(0).standard_normal((3, 152_000)) * 0.01).astype(np.float32)
+    seen = [np.zeros(1, np.int64)] * len(logits)
+    config = GenerationConfig(temperature=1.0, top_p=0, seed=0)
+    kept = Sampler(config).probabilities(logits, seen) > 0
+    assert kept.sum(axis=-1).tolist() == [1, 1, 1]
+    assert Sampler(config)(logits, seen).tolist() == logits.argmax(axis=-1).tolist()
 
 
 def test_greedy_takes_the_penalized_argmax():

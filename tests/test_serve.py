@@ -269,7 +269,7 @@ def test_images_in_several_turns_equal_the_library(server):
     many = [{"type": "image_url", "image_url": {"url": "https://example.invalid/x.png"}}]
     crowded = {"role": "user", "content": many * (pipe.max_images_per_prompt + 1)}
     response = server.post({"model": MODEL, "messages": [crowded]})
-    assert response.status_code == 400 and "context holds" in error_of(response)["message"]
+    assert response.status_code == 400 and "holds at most" in error_of(response)["message"]
 
 
 def test_an_image_then_its_question_in_two_messages_is_one_turn(server):
@@ -325,6 +325,37 @@ def test_an_assistant_message_with_null_content_is_an_empty_answer(server):
     assert replies[1].json()["choices"] == replies[0].json()["choices"]
 
 
+GREETING = {"role": "assistant", "content": "How can I help?"}
+
+
+@pytest.mark.parametrize(
+    ("messages", "message", "fix"),
+    [
+        (
+            [GREETING, ask("What?")],
+            "messages[1] is an assistant message before any user message",
+            "drop",
+        ),
+        (
+            [ask("Hi."), GREETING, GREETING, ask("What?")],
+            "messages[3] follows another assistant",
+            "join",
+        ),
+    ],
+    ids=["greeting first", "two answers in a row"],
+)
+def test_an_assistant_message_out_of_turn_says_what_to_change(server, messages, message, fix):
+    """A chat UI's greeting ("How can I help?") sent before the user's first question: LLaVA's
+    templates start with the user's turn (its training drops a leading assistant message), so it
+    is refused in one line naming the message and what to do."""
+    system = {"role": "system", "content": "You are a robot."}
+    reply = server.post({"model": MODEL, "messages": [system, *messages]})
+    assert reply.status_code == 400
+    error = error_of(reply)
+    assert error["param"] == message.split()[0] and error["message"].startswith(message)
+    assert fix in error["message"] and "\n" not in error["message"]
+
+
 def test_system_and_developer_messages_before_the_first_question_are_one_system_prompt(server):
     """OpenAI takes several; LangChain sends its prompt's system message and the caller's."""
     pipe, question = server.state.pipe, {"role": "user", "content": "Say something."}
@@ -362,6 +393,15 @@ def test_a_seed_reproduces_a_sampled_answer_negative_ones_too(server):
     assert sampled(-1) == sampled(-1) == sampled(2**64 - 1) != sampled(1)
     too_low = server.post({"model": MODEL, "messages": GOOD, "seed": -(2**63) - 1})
     assert too_low.status_code == 400 and error_of(too_low)["param"] == "seed"
+
+
+def test_top_p_zero_is_taken_and_answers_greedily(server):
+    """OpenAI's API takes top_p in [0, 1]; 0 keeps only the most probable token."""
+    body = {"model": MODEL, "messages": GOOD, "max_tokens": 12}
+    greedy = server.post(body)
+    sampled = server.post({**body, "temperature": 1.5, "top_p": 0, "seed": 3})
+    assert sampled.status_code == 200, sampled.text
+    assert sampled.json()["choices"] == greedy.json()["choices"]
 
 
 def test_images_from_allowed_files_and_remote_urls(server, media_dir, tmp_path):
@@ -522,7 +562,7 @@ MALFORMED = {
     "negative max_tokens": {"model": MODEL, "messages": GOOD, "max_tokens": -1},
     "string max_tokens": {"model": MODEL, "messages": GOOD, "max_tokens": "10"},
     "temperature 3": {"model": MODEL, "messages": GOOD, "temperature": 3},
-    "top_p 0": {"model": MODEL, "messages": GOOD, "top_p": 0},
+    "top_p over 1": {"model": MODEL, "messages": GOOD, "top_p": 1.5},
     "temperature too small to sample": {"model": MODEL, "messages": GOOD, "temperature": 1e-40},
     "five stops": {"model": MODEL, "messages": GOOD, "stop": ["a", "b", "c", "d", "e"]},
     "stream a string": {"model": MODEL, "messages": GOOD, "stream": "yes"},
@@ -1136,6 +1176,34 @@ def test_a_request_past_the_time_limit_gets_504(context_model_dir):
             time.sleep(0.05)
         late = client.post("/v1/chat/completions", json={"model": MODEL, "messages": GOOD})
     assert late.status_code == 504 and "time limit" in error_of(late)["message"]
+
+
+def test_a_stream_finished_in_time_is_delivered_whole_to_a_slow_reader(
+    context_model_dir, monkeypatch
+):
+    """The time limit bounds the work, not the reading: an answer the engine finished within it
+    reaches a client that reads it after the deadline (a slow link), not cut by a 504 event."""
+    from llava_edge.serve import app as serve_app
+
+    sse = serve_app._sse_data
+
+    def slow(payload):
+        time.sleep(0.03)  # the link: every chunk takes this long to go out
+        return sse(payload)
+
+    monkeypatch.setattr(serve_app, "_sse_data", slow)
+    server = Server(ServeOptions(context_model_dir, model_name=MODEL, limits=Limits(timeout_s=0.5)))
+    try:
+        body = {"model": MODEL, "messages": GOOD, "max_tokens": 60, "ignore_eos": True}
+        start = time.perf_counter()
+        reply = server.post({**body, "stream": True})
+        took = time.perf_counter() - start
+        assert server.state.engine.stats()["failed"] == 0  # the engine finished it in time
+    finally:
+        server.stop()
+    lines = [line for line in reply.text.splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]" and '"finish_reason": "length"' in lines[-2]
+    assert took > 0.7  # sent well past the time limit
 
 
 def test_the_time_limit_counts_from_the_request_not_from_its_image(context_model_dir):

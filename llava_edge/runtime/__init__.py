@@ -4,7 +4,14 @@ No torch and no transformers are imported here (tests hold this), so `pip instal
 is all a robot app needs.
 """
 
-from llava_edge.errors import ChatFull, LlavaEdgeError, PromptTooLong, TimedOut, TooLarge
+from llava_edge.errors import (
+    BatchFailed,
+    ChatFull,
+    LlavaEdgeError,
+    PromptTooLong,
+    TimedOut,
+    TooLarge,
+)
 from llava_edge.runtime.answer import Answer
 from llava_edge.runtime.batching import BatchEngine, Request
 from llava_edge.runtime.pipeline import ChatSession, Limits, Pipeline, TextStream
@@ -13,6 +20,7 @@ from llava_edge.runtime.sampling import GenerationConfig
 __all__ = [
     "Answer",
     "BatchEngine",
+    "BatchFailed",
     "ChatFull",
     "ChatSession",
     "GenerationConfig",

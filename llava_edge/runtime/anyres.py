@@ -113,6 +113,15 @@ def max_feature_count(manifest: Manifest) -> int:
     return side * side + max(grids)
 
 
+def min_feature_count(manifest: Manifest) -> int:
+    """The fewest image tokens one image can take: with AnyRes, the base image's alone (a very
+    wide or tall image's grid unpads to no rows)."""
+    anyres = manifest.image.anyres
+    if anyres is None:
+        return manifest.num_image_tokens
+    return anyres.tile_features * anyres.tile_features
+
+
 def pixel_batch(image: Image.Image, spec: ImageSpec) -> np.ndarray:
     """pixel_values for one image: [1, 3, H, W], or with AnyRes [1 + tiles, 3, H, W]."""
     if spec.anyres is None:

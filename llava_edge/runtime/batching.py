@@ -52,6 +52,7 @@ from llava_edge.runtime.sampling import GenerationConfig, Sampler, whole_number
 
 MIN_PREFIX = 16  # tokens: shorter shared prefixes are recomputed, not copied or stored
 MAX_PREFIXES = 64  # finished requests kept for reuse (recent conversations), within the budget
+PREFIX_CACHE_MB = 256  # the prefix store's default budget, where prompts can reuse prefixes
 
 
 class QueueFull(LlavaEdgeError):
@@ -266,6 +267,31 @@ class PrefixStore:
         self.used += size
 
 
+def _prefix_budget(prefix_cache_mb: Any, exact: bool) -> int:
+    """The prefix store's bytes: None is PREFIX_CACHE_MB where prompts can reuse a prefix
+    (`exact`) and none where they cannot; a budget given where none can be reused is refused,
+    as it would do nothing."""
+    if prefix_cache_mb is None:
+        return PREFIX_CACHE_MB * 2**20 if exact else 0
+    if (
+        isinstance(prefix_cache_mb, bool | np.bool_)
+        or not isinstance(prefix_cache_mb, numbers.Real)
+        or not 0 <= prefix_cache_mb < float("inf")
+    ):
+        raise LlavaEdgeError(
+            f"prefix_cache_mb must be a number, 0 or more (0: no prefix reuse), got "
+            f"{prefix_cache_mb!r}"
+        )
+    if prefix_cache_mb and not exact:
+        raise LlavaEdgeError(
+            f"a prefix cache (--prefix-cache-mb, prefix_cache_mb) of {prefix_cache_mb:g} MB would "
+            "do nothing: this model dir's prompts run onnxruntime's dynamic int8 form (an int8 "
+            "dir, or int4 quantized with --prefill int8), which scales each call's activations "
+            "alike, so a reused prefix would change the answer; leave it out or give 0"
+        )
+    return int(prefix_cache_mb * 2**20)
+
+
 def _token_ids(ids: Any) -> list[int]:
     """A rendered prompt's ids as Python ints (numpy's taken), refused if it is empty or holds
     anything else."""
@@ -298,7 +324,8 @@ class BatchEngine:
 
     max_batch: rows of the shared KV cache (requests decoded at once); max_queue: requests that
     may wait for a row before `submit` raises QueueFull; prefix_cache_mb: memory for the keys and
-    values of finished requests (0: no prefix reuse); admit_per_step: requests prefilled between
+    values of finished requests (0: no prefix reuse; None: PREFIX_CACHE_MB, or 0 where prefixes
+    cannot be reused, below); admit_per_step: requests prefilled between
     two decode steps. One (the default) keeps the running answers flowing while a burst of
     requests arrives (each waits at most one prefill a token) and spreads the burst's requests
     apart, so they finish, and their clients come back, at different steps instead of all at
@@ -309,7 +336,9 @@ class BatchEngine:
     Prefixes are never reused where the graph that runs prompts is onnxruntime's dynamic int8
     form (int8 model dirs, and int4 ones quantized with `--prefill int8`): it quantizes
     activations with one scale per call, so a prompt fed as a stored prefix plus the rest would
-    get other keys, values and tokens than fed whole. An int8 dir's decode step shares that
+    get other keys, values and tokens than fed whole. A prefix_cache_mb above 0 is refused
+    there. (An int8 KV cache, `--kv-cache int8`, reuses prefixes exactly: its keys and values
+    are stored quantized whether fed whole or in parts.) An int8 dir's decode step shares that
     scale among its rows too, so there a batched answer can differ from the answer alone where
     two tokens nearly tie; fp32 and int4 (MatMulNBits) dirs answer exactly as alone.
 
@@ -323,7 +352,7 @@ class BatchEngine:
         pipeline: Any,
         max_batch: int = 4,
         max_queue: int = 64,
-        prefix_cache_mb: float = 256,
+        prefix_cache_mb: float | None = None,
         admit_per_step: int = 1,
         start: bool = True,
     ):
@@ -334,17 +363,8 @@ class BatchEngine:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.cache = pipeline.backend.new_cache(max_batch)
-        if (
-            isinstance(prefix_cache_mb, bool | np.bool_)
-            or not isinstance(prefix_cache_mb, numbers.Real)
-            or not 0 <= prefix_cache_mb < float("inf")
-        ):
-            raise LlavaEdgeError(
-                f"prefix_cache_mb must be a number, 0 or more (0: no prefix reuse), got "
-                f"{prefix_cache_mb!r}"
-            )
         exact = not pipeline.backend.prompt_scales_per_call
-        self.prefixes = PrefixStore(int(prefix_cache_mb * 2**20) if exact else 0)
+        self.prefixes = PrefixStore(_prefix_budget(prefix_cache_mb, exact))
         self.running: list[Request] = []  # running[i] decodes in cache row i
         self.waiting: deque[Request] = deque()
         self.admitting = 0  # places held by Admissions: requests still arriving
@@ -532,8 +552,18 @@ class BatchEngine:
 
     def run_until_idle(self) -> None:
         """Schedule on the caller's thread until every submitted request has finished."""
-        while self.step():
+        while self.run_step():
             pass
+
+    def run_step(self) -> bool:
+        """One step on the caller's thread, as the scheduler thread takes it: a step that fails
+        outside any one request's work ends the requests in hand with its error, so those
+        already finished keep their answers. Returns whether any request still waits or runs."""
+        try:
+            return self.step()
+        except Exception as e:
+            self._fail_all(e)
+            return False
 
     def _run(self) -> None:
         try:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from llava_edge.errors import ChatFull, LlavaEdgeError, PromptTooLong
+from llava_edge.errors import ChatFull, LlavaEdgeError, PromptTooLong, batch_failed
 from llava_edge.manifest import Manifest
 from llava_edge.runtime.answer import Answer, AnswerText, timings
 from llava_edge.runtime.anyres import (
@@ -328,6 +328,16 @@ class Pipeline:
         takes (TensorRT engines' --max-batch) or BATCH_ROWS (8: every row holds as much KV
         cache as the longest conversation), requests wait for a free row. A BatchEngine of your
         own sets its rows (`max_batch`).
+
+        Each request is read (its image decoded) and then runs while the next is read; its time
+        limit counts from its reading, its wait for a row included.
+
+        A request that fails (its image unreadable or over a limit, its prompt too long, its
+        time limit passed) stops no other: every request runs
+        to its end, then BatchFailed is raised, its message naming the failed requests and why,
+        its `results` every request's Answer or exception in order. It is also an instance of
+        each failed request's own error type (TimedOut, TooLarge, ...), as a single request
+        would raise it. Options are every request's: a bad one is refused before any runs.
         """
         from llava_edge.runtime.batching import BatchEngine
 
@@ -350,13 +360,31 @@ class Pipeline:
         if not requests:
             return []
         raw = self._raw(options)
+        # the options are every request's: a bad one is refused before any request runs
+        self._timeout(options.get("timeout_s"))
+        self._config({k: v for k, v in options.items() if k != "timeout_s"})
         rows = min(len(requests), self.backend.max_batch or BATCH_ROWS)  # the rest wait
         engine = BatchEngine(
             self, max_batch=rows, max_queue=len(requests), prefix_cache_mb=0, start=False
         )
-        handles = [engine.submit(image, prompt, raw=raw, **options) for image, prompt in requests]
+        results: list[Answer | Exception | None] = []
+        handles = {}
+        for i, (image, prompt) in enumerate(requests):
+            try:
+                handles[i] = engine.submit(image, prompt, raw=raw, **options)
+                results.append(None)
+            except Exception as e:  # this request's image or prompt: the others still run
+                results.append(e)
+            # the requests read so far run while the next image is read: a time limit counts
+            # from its request's start, not from the last image's
+            engine.run_step()
         engine.run_until_idle()
-        return [handle.result() for handle in handles]
+        for i, handle in handles.items():
+            results[i] = handle.error or handle.answer
+        failures = [r for r in results if isinstance(r, Exception)]
+        if failures:
+            raise batch_failed(results) from failures[0]
+        return results
 
     def watch(
         self,

@@ -24,7 +24,7 @@ class GenerationConfig:
     max_new_tokens: int = 128
     temperature: float = 0.0
     top_k: int = 0  # 0: no limit
-    top_p: float = 1.0
+    top_p: float = 1.0  # 0: only the most probable token (OpenAI's range, [0, 1])
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)  # stop strings, cut from the answer
@@ -40,7 +40,7 @@ class GenerationConfig:
         if self.seed is not None:
             self.seed = whole_number("seed", self.seed, 0, "None or a non-negative integer")
         self.temperature = _number("temperature", self.temperature, 0, 100, "[0, 100]")
-        self.top_p = _number("top_p", self.top_p, 0, 1, "(0, 1]", above=True)
+        self.top_p = _number("top_p", self.top_p, 0, 1, "[0, 1]")
         self.repetition_penalty = _number(
             "repetition_penalty", self.repetition_penalty, 0, 100, "(0, 100]", above=True
         )
@@ -164,10 +164,15 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 def _top_p(logits: np.ndarray, top_p: float) -> np.ndarray:
     """Drop the least likely tokens whose probabilities sum to at most 1 - top_p, keeping at
     least the most likely one: TopPLogitsWarper's rule, on an ascending (stable) sort as it
-    sorts, so that ties at the boundary fall the same way."""
+    sorts, so that ties at the boundary fall the same way. top_p 0 keeps that one alone: a
+    float32 sum over a large, flat vocabulary can pass 1 before its last token, and the rule
+    read literally would keep a few more."""
     order = np.argsort(logits, axis=-1, kind="stable")
-    cumulative = np.cumsum(_softmax(np.take_along_axis(logits, order, axis=-1)), axis=-1)
-    drop_sorted = cumulative <= np.float32(1 - top_p)
+    if top_p == 0:
+        drop_sorted = np.ones(logits.shape, dtype=bool)
+    else:
+        cumulative = np.cumsum(_softmax(np.take_along_axis(logits, order, axis=-1)), axis=-1)
+        drop_sorted = cumulative <= np.float32(1 - top_p)
     drop_sorted[:, -1] = False
     drop = np.zeros_like(drop_sorted)
     np.put_along_axis(drop, order, drop_sorted, axis=-1)

@@ -33,6 +33,7 @@ from starlette.routing import Route
 
 from llava_edge.errors import LlavaEdgeError, PromptTooLong, TimedOut, TooLarge
 from llava_edge.runtime import BatchEngine, Limits, Pipeline
+from llava_edge.runtime.anyres import min_feature_count
 from llava_edge.runtime.batching import Admission, Cancelled, EngineClosed, Event, QueueFull
 from llava_edge.serve import protocol
 from llava_edge.serve.media import MediaPolicy, fetch_image
@@ -62,7 +63,7 @@ class ServeOptions:
     allowed_media_dir: Path | None = None
     allow_remote_images: bool = False
     remote_timeout_s: float | None = None  # None: 10 s, where remote images are allowed
-    prefix_cache_mb: float = 256
+    prefix_cache_mb: float | None = None  # None: BatchEngine's default
     limits: Limits = field(default_factory=Limits)
     backend: str = "onnxruntime"
     providers: list[str] | None = None
@@ -93,7 +94,7 @@ class ServeOptions:
         for flag, value, least in counts:
             if isinstance(value, bool) or not (isinstance(value, int) and value >= least):
                 raise LlavaEdgeError(f"{flag} must be a whole number, {least} or more, got {value}")
-        if not self.prefix_cache_mb >= 0:
+        if self.prefix_cache_mb is not None and not self.prefix_cache_mb >= 0:
             raise LlavaEdgeError(
                 f"--prefix-cache-mb must be 0 (off) or more, got {self.prefix_cache_mb:g}"
             )
@@ -325,12 +326,17 @@ async def _chat_completion(request: Request, state: ServerState) -> Response:
         # takes seconds to parse at the body limit
         chat = await _in_time(clock, gone, run_in_threadpool(_chat_request, body))
         _check_model(state, chat.model)
-        if len(chat.image_urls) > pipe.max_images_per_prompt:
+        # refused before any is fetched only where they cannot fit at any size (an AnyRes
+        # image takes the tokens its size gives; the rendered prompt is checked once they are)
+        fewest = min_feature_count(pipe.manifest)
+        if len(chat.image_urls) > pipe.max_context // fewest:
             raise ApiError(
                 400,
-                f"the conversation holds {len(chat.image_urls)} images; the model's context holds "
-                f"{pipe.max_images_per_prompt}",
+                f"the conversation holds {len(chat.image_urls)} images; the model's context of "
+                f"{pipe.max_context} tokens holds at most {pipe.max_context // fewest} (an image "
+                f"takes {fewest} or more); send fewer",
                 "messages",
+                "context_length_exceeded",
             )
         images = []
         for url in chat.image_urls:
@@ -540,11 +546,15 @@ async def _wait(
             handle.cancel()
 
 
-async def _next_event(events: asyncio.Queue, clock: _Clock) -> Event:
-    """A stream's next event, or the time limit's error if it passes first."""
+async def _next_event(events: asyncio.Queue, clock: _Clock, handle: Any) -> Event:
+    """A stream's next event, or the time limit's error if it passes first. The limit bounds
+    the work, not the reading: an answer the engine ended within it (its events on their way to
+    the loop) is handed on whole however late a slow link lets the client read it."""
     try:
         return await asyncio.wait_for(events.get(), clock.left())
     except asyncio.TimeoutError:
+        if handle.done.is_set():
+            return await events.get()
         return clock.timed_out()
 
 
@@ -637,7 +647,7 @@ class _AnswerStream(StreamingResponse):
                     yield data(protocol.chunk(head, None, usage=usage))
                 yield "data: [DONE]\n\n"
                 return
-            event = await _next_event(events, clock)
+            event = await _next_event(events, clock, self.handle)
 
 
 def _sse_data(payload: Any) -> str:

@@ -202,8 +202,21 @@ def _parse_messages(
             image_urls += urls
             image_turns += [len(turns) - 1] * len(urls)
         elif role == "assistant":
-            if not turns or turns[-1][1] is not None:
-                raise ApiError(400, "an assistant message must answer a user message", param)
+            if not turns:
+                raise ApiError(
+                    400,
+                    f"{param} is an assistant message before any user message, which the "
+                    "model's chat template cannot hold (it starts with the user's turn, as "
+                    "LLaVA was trained); drop it or put the user's message first",
+                    param,
+                )
+            if turns[-1][1] is not None:
+                raise ApiError(
+                    400,
+                    f"{param} follows another assistant message; each answers the user message "
+                    "before it: join the two answers into one message",
+                    param,
+                )
             if message.get("tool_calls"):
                 raise ApiError(400, "tool calls are not supported", f"{param}.tool_calls")
             content = message.get("content")  # null is allowed: an empty answer
@@ -289,7 +302,7 @@ def _parse_options(body: dict) -> tuple[dict[str, Any], str | None]:
     temperature = _number(body, "temperature", 0, 2)
     if temperature is not None:
         options["temperature"] = float(temperature)
-    top_p = _number(body, "top_p", 0, 1, above=True)
+    top_p = _number(body, "top_p", 0, 1)
     if top_p is not None:
         options["top_p"] = float(top_p)
     top_k = body.get("top_k")
