@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -191,3 +192,20 @@ def test_an_image_on_standard_input_is_given_as_a_dash(
         assert main(command) == 1
         err = capsys.readouterr().err
         assert len(err.splitlines()) == 1 and "standard input" in err
+
+
+def test_chat_a_line_that_is_not_utf8_is_refused_and_the_chat_goes_on(tiny_model_dir, monkeypatch):
+    """A UTF-8 locale reads and writes the terminal strictly: a line of other bytes (a Latin-1
+    terminal, a binary paste) is the question's one-line error, and a path of such bytes is
+    named as typed, not the chat's traceback."""
+    typed = b"caf\xe9?\n/image /no/caf\xe9.png\nWhat is it?\n"
+    shown = io.BytesIO()
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(typed), encoding="utf-8"))
+    monkeypatch.setattr("sys.stdout", io.TextIOWrapper(shown, encoding="utf-8"))
+    assert main(["chat", str(tiny_model_dir), "--max-new-tokens", "2"]) == 0
+    sys.stdout.flush()
+    out = shown.getvalue()
+    with Pipeline.load(tiny_model_dir) as pipe:
+        answer = pipe.chat(None, max_new_tokens=2).ask("What is it?")
+    assert b"not valid UTF-8" in out and b"/no/caf\xe9.png does not exist" in out, out
+    assert out.endswith(f"> {answer}\n> \n".encode()), out
