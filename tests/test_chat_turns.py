@@ -296,6 +296,22 @@ def test_a_full_chat_says_to_start_a_new_one(pipe):
     assert out.getvalue().rstrip().endswith("start a new chat (/reset)")
 
 
+def test_a_chat_from_a_history_that_no_longer_fits_says_to_start_a_new_one(pipe):
+    """A question that does not fit after a given history is ChatFull, as after the same turns
+    asked in the session: an app that starts a new chat on ChatFull does so on both paths."""
+    turns = [(FIRST, "word " * 40)] * 2
+    asked = pipe.chat(None, history=turns)
+    chat = pipe.chat(None, ignore_eos=True)
+    chat.ask(FIRST, max_new_tokens=8)
+    too_long = "word " * pipe.max_context
+    for session in (asked, chat):
+        before = list(session.turns)
+        with pytest.raises(ChatFull, match="start a new chat"):
+            session.ask(too_long)
+        assert session.turns == before
+    assert asked.ask(NEXT, **OPTIONS) == pipe.chat(None, history=turns).ask(NEXT, **OPTIONS)
+
+
 # ---- the caches' truncate, which the rollback is made of ----------------------------------------
 
 

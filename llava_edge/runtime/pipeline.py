@@ -657,16 +657,19 @@ class Pipeline:
         return getattr(self.backend, "max_context", self.manifest.text.max_context)
 
     def _fit_context(
-        self, config: GenerationConfig, prompt_len: int, used: int = 0
+        self, config: GenerationConfig, prompt_len: int, used: int = 0, conversation: int = 0
     ) -> GenerationConfig:
         """Fail on a prompt that cannot fit; shorten max_new_tokens to what is left (the
-        library's answers stop at the context's end; serve checks first, and refuses)."""
+        library's answers stop at the context's end; serve checks first, and refuses).
+        conversation: a chat's tokens before this question, in the cache (`used`) or not (a
+        history still to feed): a question that does not fit after them is ChatFull."""
         limit = self.max_context
         room = limit - used - prompt_len
-        if room < 1 and used:
+        if room < 1 and conversation:
             raise ChatFull(
-                f"this question ({prompt_len} tokens) does not fit after the conversation's "
-                f"{used}: the model's context is {limit}; start a new chat"
+                f"this question ({used + prompt_len - conversation} tokens) does not fit after "
+                f"the conversation's {conversation}: the model's context is {limit}; start a new "
+                "chat"
             )
         if room < 1:
             raise PromptTooLong(
@@ -773,7 +776,7 @@ class ChatSession:
             new_ids = self._later_turn_ids(text)
         pipe.limits.check_prompt(len(self.ids) + len(new_ids), chat=True)
         pending = self.ids[self.fed :] + new_ids  # the last answer's final token was never fed
-        config = pipe._fit_context(config, len(pending), used=self.fed)
+        config = pipe._fit_context(config, len(pending), self.fed, len(self.ids))
         if self.fed == 0 and self.pixels and self.features is None:
             self.features = pipe.pixel_features(self.pixels)
             timer.mark("vision")
