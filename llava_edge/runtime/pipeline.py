@@ -774,9 +774,13 @@ class ChatSession:
             new_ids = pipe.prompt_ids(text, self.pixels, raw=True)
         else:
             new_ids = self._later_turn_ids(text)
-        pipe.limits.check_prompt(len(self.ids) + len(new_ids), chat=True)
         pending = self.ids[self.fed :] + new_ids  # the last answer's final token was never fed
-        config = pipe._fit_context(config, len(pending), self.fed, len(self.ids))
+        try:
+            pipe.limits.check_prompt(len(self.ids) + len(new_ids), chat=True)
+            config = pipe._fit_context(config, len(pending), self.fed, len(self.ids))
+        except ChatFull:
+            self._fits_a_new_chat(prompt, config)
+            raise
         if self.fed == 0 and self.pixels and self.features is None:
             self.features = pipe.pixel_features(self.pixels)
             timer.mark("vision")
@@ -794,6 +798,12 @@ class ChatSession:
         )
         self._open = weakref.ref(stream)
         return stream
+
+    def _fits_a_new_chat(self, prompt: str, config: GenerationConfig) -> None:
+        """Raise PromptTooLong (shorten it) for a question a new chat could not hold either,
+        where ChatFull's advice, to start a new chat, would lose the conversation for nothing."""
+        pipe = self.pipeline
+        pipe._fit_context(config, len(pipe.prompt_ids(prompt, self.pixels)))
 
     def _later_turn_ids(self, text: str) -> list[int]:
         """The ids a later turn adds, as encoding the whole conversation as one text gives them
