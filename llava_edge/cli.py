@@ -249,7 +249,7 @@ def _chat(args: argparse.Namespace) -> None:
             stream.reconfigure(errors="surrogateescape")
     if sys.stdin is not None and sys.stdin.isatty():
         # input() edits lines with readline where it is imported: a terminal's own line mode
-        # keeps 4,095 bytes of a line (a long pasted question was asked cut short, unsaid),
+        # keeps 4,095 bytes of a line (a long pasted question would be asked cut short, unsaid),
         # and readline also takes arrow keys and a multi-line paste as one question
         with contextlib.suppress(ImportError):  # Python built without it
             import readline  # noqa: F401
