@@ -241,6 +241,18 @@ def _chat(args: argparse.Namespace) -> None:
             "a chat reads its questions from standard input, so an image cannot come from it "
             "(--image -): give the image's path"
         )
+    # A UTF-8 locale reads and writes the terminal strictly: a line of other bytes would end the
+    # chat with a traceback. Read as the POSIX locale reads it, the question's check names it in
+    # one line, and a path of such bytes is written back as typed.
+    for stream in (sys.stdin, sys.stdout):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
+    if sys.stdin is not None and sys.stdin.isatty():
+        # input() edits lines with readline where it is imported: a terminal's own line mode
+        # keeps 4,095 bytes of a line (a long pasted question would be asked cut short, unsaid),
+        # and readline also takes arrow keys and a multi-line paste as one question
+        with contextlib.suppress(ImportError):  # Python built without it
+            import readline  # noqa: F401
     with _load_pipeline(args) as pipe:
         chat_loop(pipe, args.image, options, read=_read_line, out=sys.stdout)
 

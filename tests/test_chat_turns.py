@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llava_edge.errors import ChatFull, LlavaEdgeError
+from llava_edge.errors import ChatFull, LlavaEdgeError, PromptTooLong
 from llava_edge.runtime import Pipeline, TextStream
 from llava_edge.runtime.interactive import chat_loop
 from llava_edge.runtime.kv_cache import KVCache
@@ -294,6 +294,39 @@ def test_a_full_chat_says_to_start_a_new_one(pipe):
     loop_options = dict(OPTIONS, max_new_tokens=pipe.max_context)
     chat_loop(pipe, None, loop_options, read=lambda _prompt: next(lines), out=out)
     assert out.getvalue().rstrip().endswith("start a new chat (/reset)")
+
+
+def test_a_chat_from_a_history_that_no_longer_fits_says_to_start_a_new_one(pipe):
+    """A question that does not fit after a given history is ChatFull, as after the same turns
+    asked in the session: an app that starts a new chat on ChatFull does so on both paths."""
+    turns = [(FIRST, "word " * 40)] * 2
+    given = pipe.chat(None, history=turns)
+    asked = pipe.chat(None, ignore_eos=True)
+    asked.ask(FIRST, max_new_tokens=100)
+    question = "word " * (pipe.max_context - 60)
+    for session in (given, asked):
+        before = list(session.turns)
+        with pytest.raises(ChatFull, match="start a new chat"):
+            session.ask(question)
+        assert session.turns == before
+    assert pipe.chat(None).ask(question, max_new_tokens=1) is not None  # a new chat takes it
+    assert given.ask(NEXT, **OPTIONS) == pipe.chat(None, history=turns).ask(NEXT, **OPTIONS)
+
+
+def test_a_question_no_chat_could_hold_says_to_shorten_it_and_the_chat_goes_on(pipe):
+    """A later question too long for even a new chat is PromptTooLong: told to start a new chat
+    (ChatFull), a user would lose the conversation to be told to shorten it there."""
+    chat = pipe.chat(frame(), **OPTIONS)
+    chat.ask(FIRST)
+    fresh = pipe.chat(frame(), **OPTIONS)
+    fresh.ask(FIRST)
+    for words in (pipe.max_context - 30, pipe.max_context):
+        with pytest.raises(PromptTooLong, match="shorten it") as refused:
+            chat.ask("word " * words)
+        assert not isinstance(refused.value, ChatFull)
+        with pytest.raises(PromptTooLong, match="shorten it"):
+            pipe.chat(frame(), **OPTIONS).ask("word " * words)
+    assert chat.ask(NEXT) == fresh.ask(NEXT)
 
 
 # ---- the caches' truncate, which the rollback is made of ----------------------------------------

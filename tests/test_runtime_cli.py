@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import pty
+import select
+import signal
+import sys
 
 import numpy as np
 import pytest
@@ -199,3 +204,50 @@ def test_an_image_on_standard_input_is_given_as_a_dash(
         assert main(command) == 1
         err = capsys.readouterr().err
         assert len(err.splitlines()) == 1 and "standard input" in err
+
+
+def test_chat_a_line_that_is_not_utf8_is_refused_and_the_chat_goes_on(tiny_model_dir, monkeypatch):
+    """A UTF-8 locale reads and writes the terminal strictly: a line of other bytes (a Latin-1
+    terminal, a binary paste) is the question's one-line error, and a path of such bytes is
+    named as typed, not the chat's traceback."""
+    typed = b"caf\xe9?\n/image /no/caf\xe9.png\nWhat is it?\n"
+    shown = io.BytesIO()
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(typed), encoding="utf-8"))
+    monkeypatch.setattr("sys.stdout", io.TextIOWrapper(shown, encoding="utf-8"))
+    assert main(["chat", str(tiny_model_dir), "--max-new-tokens", "2"]) == 0
+    sys.stdout.flush()
+    out = shown.getvalue()
+    with Pipeline.load(tiny_model_dir) as pipe:
+        answer = pipe.chat(None, max_new_tokens=2).ask("What is it?")
+    assert b"not valid UTF-8" in out and b"/no/caf\xe9.png does not exist" in out, out
+    assert out.endswith(f"> {answer}\n> \n".encode()), out
+
+
+def test_chat_on_a_terminal_reads_a_question_longer_than_its_line_buffer(tiny_model_dir):
+    """A terminal in its line mode keeps 4,095 bytes of a line and drops the rest: a long pasted
+    question would be asked cut short, unsaid. Read with line editing, it arrives whole (here too
+    long for the model, as the whole question is)."""
+    question = "word " * 1200  # 6,000 bytes; its first 4,095 fit the tiny model's context
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: `llava-edge chat` on the terminal
+        os.execv(
+            sys.executable, [sys.executable, "-m", "llava_edge.cli", "chat", str(tiny_model_dir)]
+        )
+    said = b""
+
+    def read_until(done) -> None:
+        nonlocal said
+        while not done():
+            ready, _, _ = select.select([terminal], [], [], 30)
+            assert ready, said[-500:]
+            said += os.read(terminal, 1 << 16)
+
+    try:
+        read_until(lambda: said.endswith(b"> "))  # asked once it reads the terminal
+        os.write(terminal, question.encode() + b"\n")
+        read_until(lambda: b"error:" in said or said.count(b"\n> ") > 1)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(terminal)
+    assert b"shorten it" in said, said[-500:]

@@ -685,16 +685,19 @@ class Pipeline:
         return getattr(self.backend, "max_context", self.manifest.text.max_context)
 
     def _fit_context(
-        self, config: GenerationConfig, prompt_len: int, used: int = 0
+        self, config: GenerationConfig, prompt_len: int, used: int = 0, conversation: int = 0
     ) -> GenerationConfig:
         """Fail on a prompt that cannot fit; shorten max_new_tokens to what is left (the
-        library's answers stop at the context's end; serve checks first, and refuses)."""
+        library's answers stop at the context's end; serve checks first, and refuses).
+        conversation: a chat's tokens before this question, in the cache (`used`) or not (a
+        history still to feed): a question that does not fit after them is ChatFull."""
         limit = self.max_context
         room = limit - used - prompt_len
-        if room < 1 and used:
+        if room < 1 and conversation:
             raise ChatFull(
-                f"this question ({prompt_len} tokens) does not fit after the conversation's "
-                f"{used}: the model's context is {limit}; start a new chat"
+                f"this question ({used + prompt_len - conversation} tokens) does not fit after "
+                f"the conversation's {conversation}: the model's context is {limit}; start a new "
+                "chat"
             )
         if room < 1:
             raise PromptTooLong(
@@ -799,9 +802,13 @@ class ChatSession:
             new_ids = pipe.prompt_ids(text, self.pixels, raw=True)
         else:
             new_ids = self._later_turn_ids(text)
-        pipe.limits.check_prompt(len(self.ids) + len(new_ids), chat=True)
         pending = self.ids[self.fed :] + new_ids  # the last answer's final token was never fed
-        config = pipe._fit_context(config, len(pending), used=self.fed)
+        try:
+            pipe.limits.check_prompt(len(self.ids) + len(new_ids), chat=True)
+            config = pipe._fit_context(config, len(pending), self.fed, len(self.ids))
+        except ChatFull:
+            self._fits_a_new_chat(prompt, config)
+            raise
         if self.fed == 0 and self.pixels and self.features is None:
             self.features = pipe.pixel_features(self.pixels)
             timer.mark("vision")
@@ -819,6 +826,12 @@ class ChatSession:
         )
         self._open = weakref.ref(stream)
         return stream
+
+    def _fits_a_new_chat(self, prompt: str, config: GenerationConfig) -> None:
+        """Raise PromptTooLong (shorten it) for a question a new chat could not hold either,
+        where ChatFull's advice, to start a new chat, would lose the conversation for nothing."""
+        pipe = self.pipeline
+        pipe._fit_context(config, len(pipe.prompt_ids(prompt, self.pixels)))
 
     def _later_turn_ids(self, text: str) -> list[int]:
         """The ids a later turn adds, as encoding the whole conversation as one text gives them
