@@ -357,6 +357,8 @@ def _generation_options(args: argparse.Namespace) -> dict:
     }
     if args.raw:
         options["raw"] = True
+    if args.system is not None:
+        options["system"] = args.system
     return options
 
 
@@ -1133,6 +1135,9 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, help="sampling seed, for repeatable answers")
     p.add_argument("--stop", action="append", help="stop string, cut from the answer (repeatable)")
+    p.add_argument(
+        "--system", help="a system prompt in place of the chat template's (e.g. the robot's role)"
+    )
 
 
 def _add_backend_options(

@@ -400,12 +400,15 @@ class BatchEngine:
         **options: Any,
     ) -> Request:
         """One question, as Pipeline.stream takes it (options: GenerationConfig's fields,
-        raw=True for a prompt sent as written, and timeout_s, as submit_ids takes it). The
+        raw=True for a prompt sent as written, system for a system prompt in place of the
+        template's, and timeout_s, as submit_ids takes it). The
         time limit counts from this call: reading the image is part of the request."""
         started = time.perf_counter()
         timeout_s = self.pipe._timeout(options.pop("timeout_s", None))  # bad: refused at once
         pixels = [self.pipe.image_pixels(one) for one in image_list(image)]
-        ids = self.pipe.prompt_ids(prompt, pixels, self.pipe._raw(options))
+        ids = self.pipe.prompt_ids(
+            prompt, pixels, self.pipe._raw(options), self.pipe._system(options)
+        )
         return self.submit_ids(ids, pixels, options, listener, timeout_s, started)
 
     def submit_ids(

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from llava_edge.errors import ChatFull, LlavaEdgeError, PromptTooLong, batch_failed
-from llava_edge.manifest import Manifest
+from llava_edge.manifest import Manifest, TemplateSpec
 from llava_edge.runtime.answer import Answer, AnswerText, timings
 from llava_edge.runtime.anyres import (
     ImagePixels,
@@ -261,11 +261,12 @@ class Pipeline:
         image's features, in order); LLaVA-1.5 itself was trained with one per conversation."""
         return max(1, self.max_context // max_feature_count(self.manifest))
 
-    def images_that_fit(self, prompt: str, raw: bool = False) -> int:
+    def images_that_fit(self, prompt: str, raw: bool = False, system: str | None = None) -> int:
         """How many images of the largest size this question can hold and leave room for an
         answer within the context and the prompt limit (0: not even one)."""
         self._check_open()
         _check_text(prompt)
+        template = self._template(system, raw)
         most = max_feature_count(self.manifest)
         room = self.max_context - 1
         if self.limits.max_prompt_tokens is not None:
@@ -279,7 +280,7 @@ class Pipeline:
             else range(1, self.max_images_per_prompt + 1)
         )
         for count in counts:
-            text = prompt if raw else user_turn(self.manifest.template, prompt, count, True)
+            text = prompt if raw else user_turn(template, prompt, count, True)
             if len(self.codec.encode(text, first=True, image_tokens=[most] * count)) > room:
                 break
             fit = count
@@ -291,7 +292,8 @@ class Pipeline:
         """The answer's text. `image` may be a list of images (in the order of their `<image>`
         placeholders, or put before the question). Options are GenerationConfig's fields, plus
         raw=True to send the prompt as written (no chat template; it must then hold one `<image>`
-        per image given) and timeout_s, this call's time limit (see `answer`)."""
+        per image given), system (a system prompt in place of the template's, written as the
+        template writes one) and timeout_s, this call's time limit (see `answer`)."""
         return self.answer(image, prompt, **options).text
 
     def answer(self, image: Images, prompt: str, **options: Any) -> Answer:
@@ -359,7 +361,7 @@ class Pipeline:
             )
         if not requests:
             return []
-        raw = self._raw(options)
+        raw, system = self._raw(options), self._system(options)
         # the options are every request's: a bad one is refused before any request runs
         self._timeout(options.get("timeout_s"))
         self._config({k: v for k, v in options.items() if k != "timeout_s"})
@@ -371,7 +373,7 @@ class Pipeline:
         handles = {}
         for i, (image, prompt) in enumerate(requests):
             try:
-                handles[i] = engine.submit(image, prompt, raw=raw, **options)
+                handles[i] = engine.submit(image, prompt, raw=raw, system=system, **options)
                 results.append(None)
             except Exception as e:  # this request's image or prompt: the others still run
                 results.append(e)
@@ -413,6 +415,7 @@ class Pipeline:
         self,
         image: Images = None,
         history: list[tuple[str, str]] | None = None,
+        system: str | None = None,
         **options: Any,
     ) -> ChatSession:
         """A multi-turn conversation about an image (or a list of them, all with the first
@@ -425,8 +428,9 @@ class Pipeline:
         keeps the features, so the question asked again does not encode them twice).
         history: earlier (question, answer) turns to go on from, rendered as if this session had
         asked them and the model had given those answers (each closed by its end of sequence).
+        system: the conversation's system prompt, in place of the template's.
         """
-        return ChatSession(self, image, options, history or [])
+        return ChatSession(self, image, options, history or [], system)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -453,11 +457,11 @@ class Pipeline:
         return tokens.eos_token_ids[0] if tokens.eos_token_ids else 0  # fills finished rows only
 
     def _stream(self, image: Images, prompt: str, options: dict) -> TextStream:
-        raw = self._raw(options)
+        raw, system = self._raw(options), self._system(options)
         timeout_s = self._timeout(options.pop("timeout_s", None))
         config = self._config(options)
         timer = Timer()
-        ids, features = self._prepare(image, prompt, raw=raw)
+        ids, features = self._prepare(image, prompt, raw, system)
         timer.mark("vision")
         config = self._fit_context(config, len(ids))
         cache = self.backend.new_cache(1)
@@ -470,21 +474,27 @@ class Pipeline:
             raise LlavaEdgeError("this pipeline is closed; load the model dir again")
 
     def _prepare(
-        self, image: Images, prompt: str, raw: bool
+        self, image: Images, prompt: str, raw: bool, system: str | None
     ) -> tuple[list[int], np.ndarray | None]:
         """Check the prompt, apply the template, encode it; run the vision encoder if needed."""
         self._check_open()
         pixels = [self.image_pixels(one) for one in image_list(image)]
-        ids = self.prompt_ids(prompt, pixels, raw)
+        ids = self.prompt_ids(prompt, pixels, raw, system)
         return ids, self.pixel_features(pixels) if pixels else None
 
     def prompt_ids(
-        self, prompt: str, image: ImagePixels | list[ImagePixels] | None, raw: bool = False
+        self,
+        prompt: str,
+        image: ImagePixels | list[ImagePixels] | None,
+        raw: bool = False,
+        system: str | None = None,
     ) -> list[int]:
-        """One question's ids: the chat template applied (unless raw), each `<image>` expanded
-        to its image's tokens, checked against the prompt limit."""
+        """One question's ids: the chat template applied (unless raw; with `system` in place of
+        its system prompt), each `<image>` expanded to its image's tokens, checked against the
+        prompt limit."""
         self._check_open()
         _check_text(prompt)
+        template = self._template(system, raw)
         images = pixels_list(image)
         placeholders = prompt.count(IMAGE_PLACEHOLDER)
         if placeholders > len(images):
@@ -501,7 +511,7 @@ class Pipeline:
             )
         if not images and not prompt.strip():
             raise LlavaEdgeError("the prompt is empty and there is no image: ask a question")
-        text = prompt if raw else user_turn(self.manifest.template, prompt, len(images), True)
+        text = prompt if raw else user_turn(template, prompt, len(images), True)
         ids = self.codec.encode(text, first=True, image_tokens=self.image_tokens(images))
         if not ids:  # a raw empty prompt on a model with no BOS token
             raise LlavaEdgeError("the prompt is empty: ask a question")
@@ -556,12 +566,7 @@ class Pipeline:
             raise LlavaEdgeError(
                 f"image turns {image_turns} must be turns of the conversation, in order"
             )
-        template = self.manifest.template
-        if system is not None:
-            _check_text(system)
-            if IMAGE_PLACEHOLDER in system:
-                raise LlavaEdgeError(f"the system prompt holds an {IMAGE_PLACEHOLDER} placeholder")
-            template = with_system(template, system)
+        template = self._template(system)
         text = ""
         for i, (question, answer) in enumerate(turns):
             _check_text(question)
@@ -661,6 +666,25 @@ class Pipeline:
             raise LlavaEdgeError(f"raw must be True or False, got {raw!r}")
         return bool(raw)
 
+    @staticmethod
+    def _system(options: dict) -> str | None:
+        """Take the `system` option out of a call's options."""
+        return options.pop("system", None)
+
+    def _template(self, system: str | None, raw: bool = False) -> TemplateSpec:
+        """The chat template, with `system` as its system prompt where one is given."""
+        if system is None:
+            return self.manifest.template
+        if raw:
+            raise LlavaEdgeError(
+                "a system prompt goes into the chat template, which raw=True leaves out: write "
+                "it into the raw prompt, or drop raw"
+            )
+        _check_text(system, "system prompt")
+        if IMAGE_PLACEHOLDER in system:
+            raise LlavaEdgeError(f"the system prompt holds an {IMAGE_PLACEHOLDER} placeholder")
+        return with_system(self.manifest.template, system)
+
     def _timeout(self, timeout_s: Any) -> float | None:
         """A call's time limit: its own `timeout_s` if it gave one, else the pipeline's."""
         _check_limit("timeout_s", timeout_s, "the pipeline's Limits.timeout_s")
@@ -729,8 +753,11 @@ class ChatSession:
         image: Images,
         options: dict,
         history: list[tuple[str, str]],
+        system: str | None = None,
     ):
         pipeline._check_open()
+        self.template = pipeline._template(system)  # a bad system prompt fails here
+        self.system = system
         checked = dict(options)  # bad options fail here, not at the first turn
         pipeline._timeout(checked.pop("timeout_s", None))
         pipeline._config(checked)
@@ -747,7 +774,9 @@ class ChatSession:
         self.cache = pipeline.backend.new_cache(1)
         # every id in the conversation, the last answer's last one too
         self.ids: list[int] = (
-            pipeline.conversation_ids(history, self.pixels, image_turn=0 if self.pixels else None)
+            pipeline.conversation_ids(
+                history, self.pixels, image_turn=0 if self.pixels else None, system=system
+            )
             if history
             else []
         )
@@ -797,7 +826,7 @@ class ChatSession:
                 f"{IMAGE_PLACEHOLDER} may appear only in the first turn of a chat about an image, "
                 "once per image"
             )
-        text = user_turn(pipe.manifest.template, prompt, len(self.pixels) if first else 0, first)
+        text = user_turn(self.template, prompt, len(self.pixels) if first else 0, first)
         if first:
             new_ids = pipe.prompt_ids(text, self.pixels, raw=True)
         else:
@@ -831,7 +860,7 @@ class ChatSession:
         """Raise PromptTooLong (shorten it) for a question a new chat could not hold either,
         where ChatFull's advice, to start a new chat, would lose the conversation for nothing."""
         pipe = self.pipeline
-        pipe._fit_context(config, len(pipe.prompt_ids(prompt, self.pixels)))
+        pipe._fit_context(config, len(pipe.prompt_ids(prompt, self.pixels, system=self.system)))
 
     def _later_turn_ids(self, text: str) -> list[int]:
         """The ids a later turn adds, as encoding the whole conversation as one text gives them
@@ -881,7 +910,7 @@ class _Turn:
             session.turns.append(turns[-1])
             return
         pipe = session.pipeline
-        shown = pipe._render(turns, session.pixels, 0 if session.pixels else None)
+        shown = pipe._render(turns, session.pixels, 0 if session.pixels else None, session.system)
         agree = common_prefix(ids[: session.cache.length], shown)
         session.cache.truncate(agree)
         session.ids, session.fed, session.history_closed = shown, agree, True
@@ -1094,13 +1123,13 @@ def _load_table(path: Path, manifest: Manifest) -> np.ndarray:
     return table
 
 
-def _check_text(prompt: Any) -> None:
+def _check_text(prompt: Any, what: str = "prompt") -> None:
     if not isinstance(prompt, str):
-        raise LlavaEdgeError(f"prompt must be text, got {type(prompt).__name__}")
+        raise LlavaEdgeError(f"{what} must be text, got {type(prompt).__name__}")
     try:
         prompt.encode("utf-8")
     except UnicodeEncodeError as e:  # lone surrogates: bytes that were not UTF-8 (argv, files)
         raise LlavaEdgeError(
-            f"the prompt is not valid UTF-8 text (bad character at position {e.start}); "
+            f"the {what} is not valid UTF-8 text (bad character at position {e.start}); "
             "re-encode it as UTF-8"
         ) from None

@@ -153,10 +153,11 @@ def watch(
     ):
         raise LlavaEdgeError(f"max_frames must be a whole number, at least 1, got {max_frames!r}")
     # bad options fail now
-    pipe._config({k: v for k, v in options.items() if k not in ("raw", "timeout_s")})
+    pipe._config({k: v for k, v in options.items() if k not in ("raw", "system", "timeout_s")})
     raw = pipe._raw(dict(options))  # "false" from a config file is refused, not read as true
+    system = options.get("system")
     _check_placeholders(prompt, frames, raw=raw)
-    fit = pipe.images_that_fit(prompt, raw=raw)
+    fit = pipe.images_that_fit(prompt, raw=raw, system=system)
     if fit == 0:
         raise LlavaEdgeError(
             "the question leaves no room for a frame and an answer in the model's context; "
