@@ -79,6 +79,41 @@ def test_an_interrupted_final_save_keeps_the_checkpoints(
     assert (out / "checkpoints" / "checkpoint-2" / "optimizer.pt").is_file()
 
 
+@pytest.mark.parametrize("save", ["checkpoint", "final"])
+def test_ctrl_c_mid_save_leaves_no_half_written_checkpoint(
+    tiny_checkpoint, data, tmp_path, monkeypatch, save
+):
+    """A trainer checkpoint or the final model (each as large as the model, its optimizer state
+    twice that) is written under a staging name: Ctrl-C half-way removes it, rather than
+    leaving it on the disk until the next run."""
+    from transformers import Trainer
+
+    from llava_edge.training.train import train
+
+    if save == "checkpoint":
+        monkeypatch.setattr(Trainer, "_save_rng_state", _interrupted)
+    else:
+        real = Trainer.save_model
+
+        def save_model(self, output_dir=None, *args, **kwargs):
+            real(self, output_dir, *args, **kwargs)  # the weights are there, the rest is not
+            if Path(output_dir).name == "final-tmp":
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(Trainer, "save_model", save_model)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        train(1, tiny_checkpoint, data["captions"], out, images=data["images"], max_steps=2,
+              save_steps=2, **FAST)  # fmt: skip
+    left = [p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith("checkpoint-")]
+    assert left == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out"]
+
+
+def _interrupted(*_args, **_kwargs) -> None:
+    raise KeyboardInterrupt
+
+
 @pytest.fixture(scope="module")
 def saved_runs(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
     """OUT dirs of a stage-1 run and a stage-2 LoRA run, each with a trainer checkpoint."""
