@@ -263,6 +263,7 @@ def _bench(args: argparse.Namespace) -> None:
 
     if args.plot:
         check_output_file(args.plot, "--plot")
+        bench.check_plot(args.plot, args.model_dir, args.baseline)
         bench.pyplot()
     baseline = None
     if args.baseline:  # transformers needs torch: imported only when asked for

@@ -32,6 +32,14 @@ def cases(model: Path, checkpoint: Path, tmp: Path) -> dict[str, tuple[list[str]
             [*bench, "--plot", str(tmp / "a_file" / "p.png")],
             "a_file is a file, not a folder",
         ),
+        "bench plot inside the model dir": (
+            [*bench, "--plot", str(model / "bench.png")],
+            "is inside the model dir",
+        ),
+        "bench plot inside the baseline checkpoint": (
+            [*bench, "--baseline", str(checkpoint), "--plot", str(checkpoint / "bench.png")],
+            "is inside the --baseline checkpoint",
+        ),
         "plan malformed size": (["plan", str(model), "--device", "1.2.3GB"], "unknown device"),
         "plan a dot": (["plan", str(model), "--device", "."], "unknown device"),
         "plan no memory": (["plan", str(model), "--device", "0GB"], "unknown device"),
