@@ -1300,6 +1300,12 @@ def _dispatch(args: argparse.Namespace, name: str) -> int:
             )
         elif e.errno == errno.ENAMETOOLONG:
             problem = f"a path is too long for the filesystem: {e.filename}; shorten it"
+        elif e.errno == errno.ENOENT and e.filename:  # inputs are checked before any work:
+            # one missing now went while the command ran
+            problem = (
+                f"file not found: {e.filename}; if it was moved or deleted while the command "
+                "ran, put it back and run the command again"
+            )
         else:
             raise
         _complain(f"llava-edge {name}: error: {problem}")

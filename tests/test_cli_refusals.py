@@ -165,6 +165,28 @@ def test_a_full_disk_is_one_line_and_installs_nothing(
     assert list(tmp_path.iterdir()) == []  # neither the dir nor its hidden partial one
 
 
+def test_an_input_deleted_mid_run_is_one_line_and_installs_nothing(tmp_path, capsys, monkeypatch):
+    """An input another process moves or deletes while the command reads it: one line naming
+    it, no traceback, no half-written output."""
+    from llava_edge.training.datagen import mix
+    from llava_edge.training.synth import synthesize
+
+    data = synthesize(tmp_path / "data", train=4, test=0)
+    real = mix.parse_sample
+
+    def parse_then_delete(*args, **kwargs):
+        data["train"].unlink(missing_ok=True)  # the source goes after its first sample
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mix, "parse_sample", parse_then_delete)
+    out = tmp_path / "mix.json"
+    assert main(["data", "mix", str(data["train"]), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"llava-edge data mix: error: file not found: {data['train']};")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
 def test_a_read_only_disk_is_one_line_that_says_what_to_do(tmp_path, capsys, monkeypatch):
     """Where permissions cannot tell (root, a disk mounted read-only), the first write fails:
     one line, naming the disk's refusal and the way out."""
