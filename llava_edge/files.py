@@ -231,16 +231,20 @@ def replace_file(out: Path, encoding: str = "utf-8") -> Iterator[IO[str]]:
 
 
 def _install(tmp: Path, out: Path) -> None:
-    """Replace `out` by `tmp` with two renames; the old dir is put back if the second fails."""
+    """Replace `out` by `tmp` with two renames; the old dir is put back if the second does not
+    happen, and removed if it does."""
     parent = _beside(out)
     old = parent / f".{out.name}.old-{os.getpid()}"
-    if os.path.lexists(out):  # a dangling symlink too
-        os.replace(out, old)
     try:
+        if os.path.lexists(out):  # a dangling symlink too
+            os.replace(out, old)
         os.replace(tmp, out)
-    except BaseException:
-        if old.exists():
-            os.replace(old, out)
+    except BaseException:  # Ctrl-C may land as either rename returns
+        if os.path.lexists(old):
+            if os.path.lexists(out):
+                _remove(old)  # the new dir is in
+            else:
+                os.replace(old, out)
         raise
     fsync_path(parent)  # the renames themselves
     _remove(old)

@@ -141,6 +141,30 @@ def test_replace_dir_keeps_the_old_dir_until_the_new_one_is_whole(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+@pytest.mark.parametrize("rename, left", [("aside", b"old"), ("in", b"new")])
+def test_ctrl_c_as_a_rename_of_the_install_returns_leaves_one_whole_dir(
+    tmp_path, monkeypatch, rename, left
+):
+    """Installing is two renames (the old dir aside, the new one in): Ctrl-C as either returns
+    leaves the path holding the old dir or the new one, and nothing hidden beside it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a").write_text("old")
+    replace = os.replace
+
+    def interrupted(src, dst) -> None:
+        replace(src, dst)
+        moved = Path(src if rename == "in" else dst).name
+        if moved.startswith(".out.partial-" if rename == "in" else ".out.old-"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt), replace_dir(out) as tmp:
+        (tmp / "a").write_text("new")
+    assert snapshot(out) == {"a": left}
+    assert os.listdir(tmp_path) == ["out"]
+
+
 def _record_syncs_and_renames(monkeypatch) -> list[tuple[str, str]]:
     """("fsync", path) and ("rename", target) in the order they happen."""
     events: list[tuple[str, str]] = []
