@@ -157,6 +157,23 @@ def _disk_full(error: Exception) -> bool:
     return not isinstance(error, OSError) and f"(os error {errno.ENOSPC})" in str(error)
 
 
+def disk_full(error: Exception, where: Path, needed: int) -> bool:
+    """Whether `error`, raised writing under `where`, comes of a full disk: an OSError ENOSPC,
+    one a library names only in its text (`_disk_full`), or torch.save's zip writer failing
+    without a cause ("unexpected pos", "file write failed") where the disk has less than
+    `needed` bytes free."""
+    if isinstance(error, OSError):
+        return error.errno == errno.ENOSPC
+    if _disk_full(error):
+        return True
+    if "PytorchStreamWriter" not in str(error) and "inline_container" not in str(error):
+        return False
+    try:
+        return shutil.disk_usage(_existing_ancestor(where / "_")).free < needed
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
 def scratch_beside(out: Path) -> Iterator[Path]:
     """For the block, Python's temporary files (the tempfile module, which onnxruntime's

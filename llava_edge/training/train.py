@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import importlib.util
 import json
@@ -203,19 +204,20 @@ def train(
     if trainer.is_world_process_zero():
         _clear_trainer_dir(out / TRAINER_DIR, keep_checkpoints=resume_from is not None)
     trainer.accelerator.wait_for_everyone()
-    try:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    except BaseException as e:
-        _close_progress_bars(trainer)  # the error then starts on a line of its own
-        if isinstance(e, LlavaEdgeError):
-            raise LlavaEdgeError(_last_line(e)) from None
-        raise
+    with _full_disk_named(out, _checkpoint_bytes(trained)):
+        try:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except BaseException as e:
+            _close_progress_bars(trainer)  # the error then starts on a line of its own
+            if isinstance(e, LlavaEdgeError):
+                raise LlavaEdgeError(_last_line(e)) from None
+            raise
 
-    losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
-    title = f"stage {stage}{' LoRA' if opts.lora else ''}"
-    final = _save(
-        trainer, out, processor, template_name, opts, saved_dtype(model_path), (losses, title)
-    )
+        losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+        title = f"stage {stage}{' LoRA' if opts.lora else ''}"
+        final = _save(
+            trainer, out, processor, template_name, opts, saved_dtype(model_path), (losses, title)
+        )
     return TrainResult(
         out_dir=out,
         steps=trainer.state.global_step,
@@ -1034,6 +1036,30 @@ def _save(
                     _link_tree(out / TRAINER_DIR, tmp / TRAINER_DIR)
     trainer.accelerator.wait_for_everyone()
     return model
+
+
+@contextlib.contextmanager
+def _full_disk_named(out: Path, needed: int) -> Iterator[None]:
+    """A checkpoint or the final model that does not fit on the disk is the CLI's one line on a
+    full disk, whatever the writer raised (safetensors and torch.save have error types of their
+    own); `needed`: the bytes of a checkpoint, which cannot fit in less free space."""
+    from llava_edge.files import disk_full
+
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as e:
+        if isinstance(e, LlavaEdgeError) or not disk_full(e, out, needed):
+            raise
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out)) from None
+
+
+def _checkpoint_bytes(model: Any) -> int:
+    """About what a trainer checkpoint takes on the disk: the weights, and the optimizer's two
+    fp32 moments (AdamW's) of every trained one."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return weights + sum(2 * 4 * p.numel() for p in model.parameters() if p.requires_grad)
 
 
 @contextlib.contextmanager
