@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -153,8 +154,12 @@ def replace_dir(out: Path) -> Iterator[Path]:
 
 def _disk_full(error: Exception) -> bool:
     """A full disk that a library reports in its own error type, the OS error only in its text
-    (safetensors' writer: "No space left on device (os error 28)")."""
-    return not isinstance(error, OSError) and f"(os error {errno.ENOSPC})" in str(error)
+    (safetensors' writer: "No space left on device (os error 28)"), or as a short write without
+    an errno (numpy's np.save: "36864 requested and 28640 written")."""
+    if isinstance(error, OSError):
+        short = re.fullmatch(r"\d+ requested and \d+ written", str(error))
+        return error.errno is None and short is not None
+    return f"(os error {errno.ENOSPC})" in str(error)
 
 
 def disk_full(error: Exception, where: Path, needed: int) -> bool:
@@ -162,9 +167,7 @@ def disk_full(error: Exception, where: Path, needed: int) -> bool:
     one a library names only in its text (`_disk_full`), or torch.save's zip writer failing
     without a cause ("unexpected pos", "file write failed") where the disk has less than
     `needed` bytes free."""
-    if isinstance(error, OSError):
-        return error.errno == errno.ENOSPC
-    if _disk_full(error):
+    if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or _disk_full(error):
         return True
     if "PytorchStreamWriter" not in str(error) and "inline_container" not in str(error):
         return False

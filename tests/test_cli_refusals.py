@@ -165,6 +165,25 @@ def test_a_full_disk_is_one_line_and_installs_nothing(
     assert list(tmp_path.iterdir()) == []  # neither the dir nor its hidden partial one
 
 
+def test_a_short_write_of_numpy_is_a_full_disk(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    """np.save (the embedding table) reports a full disk as a short write, an OSError without
+    an errno: one line naming the disk, as for any other full disk."""
+    from llava_edge.export import exporter
+
+    def short_write(*_args, **_kwargs):
+        raise OSError("36864 requested and 28640 written")  # numpy's words, from tofile
+
+    monkeypatch.setattr(exporter.np, "save", short_write)
+    out = tmp_path / "model"
+    assert main(["export", str(tiny_checkpoint), str(out), "--no-verify", "--no-fused"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(
+        f"llava-edge export: error: no space left on the device writing {out}"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_input_deleted_mid_run_is_one_line_and_installs_nothing(tmp_path, capsys, monkeypatch):
     """An input another process moves or deletes while the command reads it: one line naming
     it, no traceback, no half-written output."""
