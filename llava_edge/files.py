@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import os
 import re
 import shutil
@@ -319,7 +320,7 @@ def fsync_path(path: str | os.PathLike) -> None:
 
 def _clean_leftovers(out: Path) -> None:
     """Remove temporary dirs of killed writers; put back an old dir a killed install moved away."""
-    for path in _beside(out).glob(f".{out.name}.*-*"):
+    for path in _beside(out).glob(f".{glob.escape(out.name)}.*-*"):
         kind, _, rest = path.name[len(out.name) + 2 :].partition("-")
         pid = rest.split("-", 1)[0]
         if kind not in ("partial", "old") or not pid.isdigit() or _alive(int(pid)):

@@ -238,6 +238,20 @@ def test_leftovers_of_killed_writers_are_cleaned(tmp_path):
     assert live.exists() and not old.exists()
 
 
+@pytest.mark.parametrize("name", ["model[int8]", "model*", "model?"])
+def test_leftovers_are_found_whatever_the_name_holds(tmp_path, name):
+    """An output's name is matched as it is, never as a pattern: leftovers of `model[int8]`
+    are its own, and those of `model*` are not another output's."""
+    dead = _dead_pid()
+    mine = tmp_path / f".{name}.partial-{dead}-x"
+    mine.mkdir()
+    other = tmp_path / f".model2.partial-{dead}-x"  # another output's: its own run cleans it
+    other.mkdir()
+    with replace_dir(tmp_path / name):
+        pass
+    assert not mine.exists() and other.exists()
+
+
 def _dead_pid() -> int:
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait()
