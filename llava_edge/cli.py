@@ -277,6 +277,7 @@ def _bench(args: argparse.Namespace) -> None:
 
     if args.plot:
         check_output_file(args.plot, "--plot")
+        bench.check_plot(args.plot, args.model_dir, args.baseline)
         bench.pyplot()
     baseline = None
     if args.baseline:  # transformers needs torch: imported only when asked for
@@ -1331,6 +1332,12 @@ def _dispatch(args: argparse.Namespace, name: str) -> int:
             )
         elif e.errno == errno.ENAMETOOLONG:
             problem = f"a path is too long for the filesystem: {e.filename}; shorten it"
+        elif e.errno == errno.ENOENT and e.filename:  # inputs are checked before any work:
+            # one missing now went while the command ran
+            problem = (
+                f"file not found: {e.filename}; if it was moved or deleted while the command "
+                "ran, put it back and run the command again"
+            )
         else:
             raise
         _complain(f"llava-edge {name}: error: {problem}")

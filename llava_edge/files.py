@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -153,8 +155,27 @@ def replace_dir(out: Path) -> Iterator[Path]:
 
 def _disk_full(error: Exception) -> bool:
     """A full disk that a library reports in its own error type, the OS error only in its text
-    (safetensors' writer: "No space left on device (os error 28)")."""
-    return not isinstance(error, OSError) and f"(os error {errno.ENOSPC})" in str(error)
+    (safetensors' writer: "No space left on device (os error 28)"), or as a short write without
+    an errno (numpy's np.save: "36864 requested and 28640 written")."""
+    if isinstance(error, OSError):
+        short = re.fullmatch(r"\d+ requested and \d+ written", str(error))
+        return error.errno is None and short is not None
+    return f"(os error {errno.ENOSPC})" in str(error)
+
+
+def disk_full(error: Exception, where: Path, needed: int) -> bool:
+    """Whether `error`, raised writing under `where`, comes of a full disk: an OSError ENOSPC,
+    one a library names only in its text (`_disk_full`), or torch.save's zip writer failing
+    without a cause ("unexpected pos", "file write failed") where the disk has less than
+    `needed` bytes free."""
+    if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or _disk_full(error):
+        return True
+    if "PytorchStreamWriter" not in str(error) and "unexpected pos" not in str(error):
+        return False  # not a write of torch's (its reader fails as inline_container.cc too)
+    try:
+        return shutil.disk_usage(_existing_ancestor(where / "_")).free < needed
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
@@ -231,16 +252,20 @@ def replace_file(out: Path, encoding: str = "utf-8") -> Iterator[IO[str]]:
 
 
 def _install(tmp: Path, out: Path) -> None:
-    """Replace `out` by `tmp` with two renames; the old dir is put back if the second fails."""
+    """Replace `out` by `tmp` with two renames; the old dir is put back if the second does not
+    happen, and removed if it does."""
     parent = _beside(out)
     old = parent / f".{out.name}.old-{os.getpid()}"
-    if os.path.lexists(out):  # a dangling symlink too
-        os.replace(out, old)
     try:
+        if os.path.lexists(out):  # a dangling symlink too
+            os.replace(out, old)
         os.replace(tmp, out)
-    except BaseException:
-        if old.exists():
-            os.replace(old, out)
+    except BaseException:  # Ctrl-C may land as either rename returns
+        if os.path.lexists(old):
+            if os.path.lexists(out):
+                _remove(old)  # the new dir is in
+            else:
+                os.replace(old, out)
         raise
     fsync_path(parent)  # the renames themselves
     _remove(old)
@@ -295,7 +320,7 @@ def fsync_path(path: str | os.PathLike) -> None:
 
 def clean_leftovers(out: Path) -> None:
     """Remove temporary dirs of killed writers; put back an old dir a killed install moved away."""
-    for path in _beside(out).glob(f".{out.name}.*-*"):
+    for path in _beside(out).glob(f".{glob.escape(out.name)}.*-*"):
         kind, _, rest = path.name[len(out.name) + 2 :].partition("-")
         pid = rest.split("-", 1)[0]
         if kind not in ("partial", "old") or not pid.isdigit() or _alive(int(pid)):

@@ -482,8 +482,11 @@ def _remember_verified(fingerprint: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         known = [f for f in _verified_fingerprints() if f != fingerprint] + [fingerprint]
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text("\n".join(known[-VERIFIED_KEPT:]) + "\n")
-        os.replace(tmp, path)
+        try:
+            tmp.write_text("\n".join(known[-VERIFIED_KEPT:]) + "\n")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     except OSError:
         pass
 

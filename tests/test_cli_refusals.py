@@ -32,6 +32,14 @@ def cases(model: Path, checkpoint: Path, tmp: Path) -> dict[str, tuple[list[str]
             [*bench, "--plot", str(tmp / "a_file" / "p.png")],
             "a_file is a file, not a folder",
         ),
+        "bench plot inside the model dir": (
+            [*bench, "--plot", str(model / "bench.png")],
+            "is inside the model dir",
+        ),
+        "bench plot inside the baseline checkpoint": (
+            [*bench, "--baseline", str(checkpoint), "--plot", str(checkpoint / "bench.png")],
+            "is inside the --baseline checkpoint",
+        ),
         "plan malformed size": (["plan", str(model), "--device", "1.2.3GB"], "unknown device"),
         "plan a dot": (["plan", str(model), "--device", "."], "unknown device"),
         "plan no memory": (["plan", str(model), "--device", "0GB"], "unknown device"),
@@ -155,6 +163,46 @@ def test_a_full_disk_is_one_line_and_installs_nothing(
     assert err.startswith("llava-edge export: error: no space left on the device writing ")
     assert "vision_encoder.onnx" in err and "Traceback" not in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # neither the dir nor its hidden partial one
+
+
+def test_a_short_write_of_numpy_is_a_full_disk(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    """np.save (the embedding table) reports a full disk as a short write, an OSError without
+    an errno: one line naming the disk, as for any other full disk."""
+    from llava_edge.export import exporter
+
+    def short_write(*_args, **_kwargs):
+        raise OSError("36864 requested and 28640 written")  # numpy's words, from tofile
+
+    monkeypatch.setattr(exporter.np, "save", short_write)
+    out = tmp_path / "model"
+    assert main(["export", str(tiny_checkpoint), str(out), "--no-verify", "--no-fused"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]  # after the progress bars
+    assert last.startswith(f"llava-edge export: error: no space left on the device writing {out}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_input_deleted_mid_run_is_one_line_and_installs_nothing(tmp_path, capsys, monkeypatch):
+    """An input another process moves or deletes while the command reads it: one line naming
+    it, no traceback, no half-written output."""
+    from llava_edge.training.datagen import mix
+    from llava_edge.training.synth import synthesize
+
+    data = synthesize(tmp_path / "data", train=4, test=0)
+    real = mix.parse_sample
+
+    def parse_then_delete(*args, **kwargs):
+        data["train"].unlink(missing_ok=True)  # the source goes after its first sample
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mix, "parse_sample", parse_then_delete)
+    out = tmp_path / "mix.json"
+    assert main(["data", "mix", str(data["train"]), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"llava-edge data mix: error: file not found: {data['train']};")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
 
 
 def test_a_read_only_disk_is_one_line_that_says_what_to_do(tmp_path, capsys, monkeypatch):

@@ -537,6 +537,7 @@ def run_cli(capsys, *args: str) -> tuple[int, str]:
         ("not an url", "is not an http\\(s\\) URL"),
         ("journal is out", "--journal and --out are both"),
         ("out is the labels", "--out .*instances.json is one of the annotation files"),
+        ("out is an image", "--out .*img_1.png is the image img_1.png of the annotations"),
         ("wrong path", r"answered HTTP 404 \(no route /chat/completions\); check --endpoint"),
     ],
 )
@@ -578,6 +579,8 @@ def test_bad_input_is_a_one_line_error(scene, capsys, monkeypatch, case, message
             args += ["--journal", str(root / "out.json")]
         elif case == "out is the labels":
             args[3] = str(annotations[1])
+        elif case == "out is an image":
+            args[3] = str(images / "img_1.png")
         elif case == "wrong path":
             endpoint = ["--endpoint", server.url.removesuffix("/v1"), "--model", "m"]
         code, err = run_cli(capsys, *ann, *args, *endpoint)

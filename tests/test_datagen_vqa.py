@@ -252,6 +252,22 @@ def test_vqa_does_not_write_over_the_file_it_reads(tmp_path, capsys, out):
     assert target.read_bytes() == before
 
 
+def test_vqa_does_not_write_over_an_image_it_asks_about(tmp_path, capsys):
+    folder = images(tmp_path, "a.png", "b.png")
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(
+        "".join(
+            json.dumps({"image": f"{n}.png", "question": "Q?", "answer": "x"}) + "\n" for n in "ab"
+        )
+    )
+    before = (folder / "b.png").read_bytes()
+    code = cli(["data", "vqa", str(questions), "--format", "jsonl", "--images", str(folder),
+                "--out", str(folder / "b.png")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "is the image b.png of" in err, err
+    assert (folder / "b.png").read_bytes() == before
+
+
 def test_images_of_one_name_in_two_folders_get_their_own_ids(tmp_path):
     """Cameras often number their frames alike: aisle/0001.jpg and dock/0001.jpg are two
     samples, and `eval`'s answers and training's errors name a sample by its id."""

@@ -141,6 +141,30 @@ def test_replace_dir_keeps_the_old_dir_until_the_new_one_is_whole(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+@pytest.mark.parametrize("rename, left", [("aside", b"old"), ("in", b"new")])
+def test_ctrl_c_as_a_rename_of_the_install_returns_leaves_one_whole_dir(
+    tmp_path, monkeypatch, rename, left
+):
+    """Installing is two renames (the old dir aside, the new one in): Ctrl-C as either returns
+    leaves the path holding the old dir or the new one, and nothing hidden beside it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a").write_text("old")
+    replace = os.replace
+
+    def interrupted(src, dst) -> None:
+        replace(src, dst)
+        moved = Path(src if rename == "in" else dst).name
+        if moved.startswith(".out.partial-" if rename == "in" else ".out.old-"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt), replace_dir(out) as tmp:
+        (tmp / "a").write_text("new")
+    assert snapshot(out) == {"a": left}
+    assert os.listdir(tmp_path) == ["out"]
+
+
 def _record_syncs_and_renames(monkeypatch) -> list[tuple[str, str]]:
     """("fsync", path) and ("rename", target) in the order they happen."""
     events: list[tuple[str, str]] = []
@@ -212,6 +236,20 @@ def test_leftovers_of_killed_writers_are_cleaned(tmp_path):
         # killed between the two renames: the previous dir is put back before anything else
         assert (out / "a").read_text() == "previous" and not partial.exists()
     assert live.exists() and not old.exists()
+
+
+@pytest.mark.parametrize("name", ["model[int8]", "model*", "model?"])
+def test_leftovers_are_found_whatever_the_name_holds(tmp_path, name):
+    """An output's name is matched as it is, never as a pattern: leftovers of `model[int8]`
+    are its own, and those of `model*` are not another output's."""
+    dead = _dead_pid()
+    mine = tmp_path / f".{name}.partial-{dead}-x"
+    mine.mkdir()
+    other = tmp_path / f".model2.partial-{dead}-x"  # another output's: its own run cleans it
+    other.mkdir()
+    with replace_dir(tmp_path / name):
+        pass
+    assert not mine.exists() and other.exists()
 
 
 def _dead_pid() -> int:

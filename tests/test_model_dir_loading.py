@@ -3,6 +3,7 @@ never a traceback."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -93,6 +94,29 @@ def test_a_machine_that_verified_many_dirs_still_remembers_the_latest(
     assert not hashed
     remembered = (cache / "verified.txt").read_text().split()
     assert len(remembered) == VERIFIED_KEPT and earlier[0] not in remembered  # the oldest went
+
+
+@pytest.mark.parametrize(
+    "failure", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()]
+)
+def test_a_failed_remembering_leaves_no_temporary_file_in_the_cache(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure
+) -> None:
+    """A full disk (skipped: it only means hashing again) or Ctrl-C while the list of verified
+    dirs is rewritten leaves the cache as it was, without its temporary copy."""
+    from llava_edge.manifest import Manifest
+
+    monkeypatch.setenv("LLAVA_EDGE_CACHE", str(tmp_path))
+    (tmp_path / "verified.txt").write_text("earlier\n")
+
+    def fails(*_args: object) -> None:
+        raise failure
+
+    monkeypatch.setattr(manifest_module.os, "replace", fails)
+    with contextlib.suppress(KeyboardInterrupt):
+        Manifest.load(tiny_model_dir).check_files(tiny_model_dir)
+    assert os.listdir(tmp_path) == ["verified.txt"]
+    assert (tmp_path / "verified.txt").read_text() == "earlier\n"
 
 
 @pytest.mark.parametrize(

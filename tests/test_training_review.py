@@ -79,6 +79,89 @@ def test_an_interrupted_final_save_keeps_the_checkpoints(
     assert (out / "checkpoints" / "checkpoint-2" / "optimizer.pt").is_file()
 
 
+@pytest.mark.parametrize("save", ["checkpoint", "final"])
+def test_ctrl_c_mid_save_leaves_no_half_written_checkpoint(
+    tiny_checkpoint, data, tmp_path, monkeypatch, save
+):
+    """A trainer checkpoint or the final model (each as large as the model, its optimizer state
+    twice that) is written under a staging name: Ctrl-C half-way removes it, rather than
+    leaving it on the disk until the next run."""
+    from transformers import Trainer
+
+    from llava_edge.training.train import train
+
+    if save == "checkpoint":
+        monkeypatch.setattr(Trainer, "_save_rng_state", _interrupted)
+    else:
+        real = Trainer.save_model
+
+        def save_model(self, output_dir=None, *args, **kwargs):
+            real(self, output_dir, *args, **kwargs)  # the weights are there, the rest is not
+            if Path(output_dir).name == "final-tmp":
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(Trainer, "save_model", save_model)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        train(1, tiny_checkpoint, data["captions"], out, images=data["images"], max_steps=2,
+              save_steps=2, **FAST)  # fmt: skip
+    left = [p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith("checkpoint-")]
+    assert left == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out"]
+
+
+def _interrupted(*_args, **_kwargs) -> None:
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize(
+    "save, error",
+    [
+        # torch.save's zip writer on a full disk says nothing of the disk
+        ("checkpoint", RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")),
+        ("final", RuntimeError("I/O error: No space left on device (os error 28)")),  # safetensors
+    ],
+)
+def test_a_full_disk_while_saving_is_one_line(
+    tiny_checkpoint, data, tmp_path, monkeypatch, capsys, save, error
+):
+    import shutil as shutil_module
+
+    from transformers import Trainer
+
+    def full(self, output_dir=None, *args, **kwargs):
+        raise error
+
+    if save == "checkpoint":
+        monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", full)
+    else:
+        real = Trainer.save_model
+        monkeypatch.setattr(
+            Trainer,
+            "save_model",
+            lambda self, output_dir=None, *a, **k: (
+                full(self)
+                if Path(output_dir).name == "final-tmp"
+                else real(self, output_dir, *a, **k)
+            ),
+        )
+    usage = shutil_module.disk_usage
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(path)._replace(free=0))
+    out = tmp_path / "out"
+    argv = ["train", "--stage", "1", "--model", str(tiny_checkpoint), "--out", str(out),
+            "--data", str(data["captions"]), "--images", str(data["images"]), "--max-steps", "2",
+            "--save-steps", "2", "--batch-size", "2", "--no-gradient-checkpointing"]  # fmt: skip
+    assert cli(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"llava-edge train: error: no space left on the device writing {out}; free some space "
+        "or write to another disk"
+    )
+    left = [p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith("checkpoint-")]
+    assert left == []
+
+
 @pytest.fixture(scope="module")
 def saved_runs(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
     """OUT dirs of a stage-1 run and a stage-2 LoRA run, each with a trainer checkpoint."""

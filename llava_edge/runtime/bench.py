@@ -322,6 +322,20 @@ def benchmark(
     return report
 
 
+def check_plot(
+    path: str | os.PathLike, model_dir: str | os.PathLike, baseline: str | None = None
+) -> None:
+    """Refuse a --plot path inside the model dir or the --baseline checkpoint, before the
+    benchmark runs: the chart, written over one of their files (`--plot MODEL/decoder.onnx`),
+    would wreck the model it measured."""
+    inputs = {"the model dir": model_dir, "the --baseline checkpoint": baseline}
+    for name, folder in inputs.items():
+        if folder is not None and Path(folder).resolve() in Path(path).resolve().parents:
+            raise LlavaEdgeError(
+                f"--plot {path} is inside {name} {folder}; write the chart elsewhere"
+            )
+
+
 def check_baseline(model_dir: str | os.PathLike, config: Any) -> None:
     """Refuse a baseline checkpoint (its transformers config) whose language model is not the
     dir's (its layers, width or vocabulary differ): its timings would be of other work, and the

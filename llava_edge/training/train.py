@@ -13,14 +13,16 @@ trainer's own checkpoints (for --resume) live in its `checkpoints/` subdir.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import functools
 import importlib.util
 import json
 import math
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,19 +204,20 @@ def train(
     if trainer.is_world_process_zero():
         _clear_trainer_dir(out / TRAINER_DIR, keep_checkpoints=resume_from is not None)
     trainer.accelerator.wait_for_everyone()
-    try:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    except BaseException as e:
-        _close_progress_bars(trainer)  # the error then starts on a line of its own
-        if isinstance(e, LlavaEdgeError):
-            raise LlavaEdgeError(_last_line(e)) from None
-        raise
+    with _full_disk_named(out, _checkpoint_bytes(trained)):
+        try:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except BaseException as e:
+            _close_progress_bars(trainer)  # the error then starts on a line of its own
+            if isinstance(e, LlavaEdgeError):
+                raise LlavaEdgeError(_last_line(e)) from None
+            raise
 
-    losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
-    title = f"stage {stage}{' LoRA' if opts.lora else ''}"
-    final = _save(
-        trainer, out, processor, template_name, opts, saved_dtype(model_path), (losses, title)
-    )
+        losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+        title = f"stage {stage}{' LoRA' if opts.lora else ''}"
+        final = _save(
+            trainer, out, processor, template_name, opts, saved_dtype(model_path), (losses, title)
+        )
     return TrainResult(
         out_dir=out,
         steps=trainer.state.global_step,
@@ -860,21 +863,24 @@ def _make_trainer(
             step = self.state.global_step
             staging = run_dir / f"{STAGING_PREFIX}-{step}"
             prefix = hf_trainer.PREFIX_CHECKPOINT_DIR
-            hf_trainer.PREFIX_CHECKPOINT_DIR = STAGING_PREFIX
-            try:
-                super()._save_checkpoint(model, trial)
-            finally:
-                hf_trainer.PREFIX_CHECKPOINT_DIR = prefix
-            self.accelerator.wait_for_everyone()
-            if self.is_world_process_zero():
-                write_llava_edge_file(staging, template_name)
-                (staging / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
-                (staging / PICTURES_FILE).write_text(json.dumps(pictures))
-                final = run_dir / f"{prefix}-{step}"
-                shutil.rmtree(final, ignore_errors=True)
-                sync_tree(staging)  # on disk before its name says it is whole
-                os.replace(staging, final)
-                fsync_path(run_dir)
+            main = self.is_world_process_zero()
+            with _removed_unless_finished(staging, main):
+                hf_trainer.PREFIX_CHECKPOINT_DIR = STAGING_PREFIX
+                try:
+                    super()._save_checkpoint(model, trial)
+                finally:
+                    hf_trainer.PREFIX_CHECKPOINT_DIR = prefix
+                self.accelerator.wait_for_everyone()
+                if main:
+                    write_llava_edge_file(staging, template_name)
+                    (staging / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
+                    (staging / PICTURES_FILE).write_text(json.dumps(pictures))
+                    final = run_dir / f"{prefix}-{step}"
+                    shutil.rmtree(final, ignore_errors=True)
+                    sync_tree(staging)  # on disk before its name says it is whole
+                    os.replace(staging, final)
+                    fsync_path(run_dir)
+            if main:
                 # Trainer rotated while this one was still tmp-checkpoint-N and so uncounted:
                 # rotate again, now that it is whole, to keep exactly save_total_limit.
                 rotate_checkpoints(
@@ -1004,31 +1010,69 @@ def _save(
     if main:
         shutil.rmtree(staging, ignore_errors=True)  # left by a run that died while saving
     trainer.accelerator.wait_for_everyone()
-    if opts.lora:
+    with _removed_unless_finished(staging, main):
+        if opts.lora:
+            if main:
+                if opts.keep_adapters:
+                    model.save_pretrained(staging / ADAPTER_DIR)
+                    processor.save_pretrained(staging / ADAPTER_DIR)
+                    write_llava_edge_file(staging / ADAPTER_DIR, template_name)
+                model = model.merge_and_unload()
+                model.to(getattr(torch, dtype)).save_pretrained(staging)
+        else:
+            if dtype != "float32" and not (opts.deepspeed or opts.fsdp):
+                model.to(getattr(torch, dtype))
+            trainer.save_model(str(staging))
         if main:
-            if opts.keep_adapters:
-                model.save_pretrained(staging / ADAPTER_DIR)
-                processor.save_pretrained(staging / ADAPTER_DIR)
-                write_llava_edge_file(staging / ADAPTER_DIR, template_name)
-            model = model.merge_and_unload()
-            model.to(getattr(torch, dtype)).save_pretrained(staging)
-    else:
-        if dtype != "float32" and not (opts.deepspeed or opts.fsdp):
-            model.to(getattr(torch, dtype))
-        trainer.save_model(str(staging))
-    if main:
-        with replace_dir(out) as tmp:
-            for entry in staging.iterdir():
-                entry.replace(tmp / entry.name)
-            processor.save_pretrained(tmp)
-            write_llava_edge_file(tmp, template_name)
-            (tmp / "training_args.bin").unlink(missing_ok=True)
-            plot_losses(*curve, tmp / LOSS_PLOT)
-            staging.rmdir()
-            if (out / TRAINER_DIR).is_dir():
-                _link_tree(out / TRAINER_DIR, tmp / TRAINER_DIR)
+            with replace_dir(out) as tmp:
+                for entry in staging.iterdir():
+                    entry.replace(tmp / entry.name)
+                processor.save_pretrained(tmp)
+                write_llava_edge_file(tmp, template_name)
+                (tmp / "training_args.bin").unlink(missing_ok=True)
+                plot_losses(*curve, tmp / LOSS_PLOT)
+                staging.rmdir()
+                if (out / TRAINER_DIR).is_dir():
+                    _link_tree(out / TRAINER_DIR, tmp / TRAINER_DIR)
     trainer.accelerator.wait_for_everyone()
     return model
+
+
+@contextlib.contextmanager
+def _full_disk_named(out: Path, needed: int) -> Iterator[None]:
+    """A checkpoint or the final model that does not fit on the disk is the CLI's one line on a
+    full disk, whatever the writer raised (safetensors and torch.save have error types of their
+    own); `needed`: the bytes of a checkpoint, which cannot fit in less free space."""
+    from llava_edge.files import disk_full
+
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as e:
+        if isinstance(e, LlavaEdgeError) or not disk_full(e, out, needed):
+            raise
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out)) from None
+
+
+def _checkpoint_bytes(model: Any) -> int:
+    """About what a trainer checkpoint takes on the disk: the weights, and the optimizer's two
+    fp32 moments (AdamW's) of every trained one."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return weights + sum(2 * 4 * p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@contextlib.contextmanager
+def _removed_unless_finished(staging: Path, main: bool) -> Iterator[None]:
+    """Remove the staging dir of a save that does not finish (an error, Ctrl-C, SIGTERM): half
+    a checkpoint, as large as the model and its optimizer state, is of no use to a later run and
+    would stay on the disk until one cleared it."""
+    try:
+        yield
+    except BaseException:
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def _link_tree(source: Path, target: Path) -> None:

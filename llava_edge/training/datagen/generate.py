@@ -131,6 +131,13 @@ def generate(
     if journal_path.resolve() == out.resolve():
         raise LlavaEdgeError(f"--journal and --out are both {out}; give the journal its own file")
     notes, skipped = read_annotations(list(annotations), images)
+    if out.exists():  # only a file already there can be one of the pictures
+        for note in notes:
+            if (Path(images) / note.image).resolve() == out.resolve():
+                raise LlavaEdgeError(
+                    f"--out {out} is the image {note.image} of the annotations; write the data "
+                    "elsewhere"
+                )
     notes = notes[:max_images] if max_images else notes
     jobs = [Job(n, kind, i) for n in notes for kind in kinds for i in range(per_image)]
 

@@ -166,6 +166,12 @@ def convert_vqa(
             + (f" (looked for {result.missing_image[0]})" if result.missing_image else "")
             + "; check --images"
         )
+    if out.exists():  # only a file already there can be one of the pictures
+        for image in groups:
+            if (image_dir / image).resolve() == out.resolve():
+                raise LlavaEdgeError(
+                    f"--out {out} is the image {image} of {path}'s questions; write elsewhere"
+                )
     ids = sample_ids(list(groups))
     samples = [
         {
