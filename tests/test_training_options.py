@@ -149,7 +149,7 @@ def test_a_failing_force_run_keeps_the_earlier_checkpoints(tiny_checkpoint, data
     assert (checkpoint / "trainer_state.json").read_text() == '{"global_step": 99}'
 
 
-@pytest.mark.parametrize("limit", [None, 2])
+@pytest.mark.parametrize("limit", [None, 2, 0])
 def test_save_total_limit_keeps_exactly_that_many_checkpoints(
     limit, tiny_checkpoint, data, tmp_path
 ):
@@ -161,7 +161,8 @@ def test_save_total_limit_keeps_exactly_that_many_checkpoints(
         options["save_total_limit"] = limit
     train(1, tiny_checkpoint, data["captions"], out, images=data["images"], **options)
     kept = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert kept == (["checkpoint-4"] if limit is None else ["checkpoint-3", "checkpoint-4"])
+    expected = {None: [4], 2: [3, 4], 0: [1, 2, 3, 4]}[limit]  # the default 1; 0 keeps all
+    assert kept == [f"checkpoint-{step}" for step in expected]
     state = json.loads((out / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4
 
