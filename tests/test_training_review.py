@@ -42,6 +42,22 @@ def test_out_holding_the_data_or_images_is_refused(out, tiny_checkpoint, data, t
     assert snapshot(tmp_path / "data") == before
 
 
+@pytest.mark.parametrize("out", ["runs/model", "runs"])
+def test_out_that_is_or_holds_the_model_is_refused_even_with_force(
+    out, tiny_checkpoint, data, tmp_path, capsys
+):
+    model = tmp_path / "runs" / "model"
+    shutil.copytree(tiny_checkpoint, model)
+    before = snapshot(model)
+    argv = ["train", "--stage", "1", "--model", str(model), "--out", str(tmp_path / out)]
+    argv += ["--data", str(data["captions"]), "--images", str(data["images"]), "--force"]
+    assert cli([*argv, "--max-steps", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert "the --model checkpoint" in err and "choose another output dir" in err, err
+    assert snapshot(model) == before
+
+
 FAST = dict(
     global_batch_size=2,
     warmup_ratio=0.0,
