@@ -208,16 +208,22 @@ def test_adapters_merge_into_their_base(adapters, tiny_checkpoint, tmp_path, cap
     assert not all(before[k].equal(after[k]) for k in before if k.endswith("q_proj.weight"))
 
 
-@pytest.mark.parametrize("out", [".", "inside"])
-def test_the_merged_checkpoint_goes_outside_its_base(
-    out, adapters, tiny_checkpoint, tmp_path, capsys
+@pytest.mark.parametrize(
+    "kept, out",
+    [("base", "b/base"), ("base", "b/base/inside"), ("base", "b"), ("adapters", "a/adapters"),
+     ("adapters", "a/adapters/inside"), ("adapters", "a")],
+)  # fmt: skip
+def test_the_merged_checkpoint_goes_outside_its_base_and_adapters(
+    kept, out, adapters, tiny_checkpoint, tmp_path, capsys
 ):
-    base = Path(shutil.copytree(tiny_checkpoint, tmp_path / "base"))
-    before = (base / "model.safetensors").read_bytes()
-    code, err = merge([str(adapters), str(base / out), "--base", str(base), "--force"], capsys)
+    base = Path(shutil.copytree(tiny_checkpoint, tmp_path / "b" / "base"))
+    adapters = Path(shutil.copytree(adapters, tmp_path / "a" / "adapters"))
+    before = {p: p.read_bytes() for p in [*base.iterdir(), *adapters.iterdir()] if p.is_file()}
+    code, err = merge([str(adapters), str(tmp_path / out), "--base", str(base), "--force"], capsys)
     assert code == 1
-    assert "the base checkpoint" in one_line_error(err)
-    assert (base / "model.safetensors").read_bytes() == before
+    name = {"base": "the base checkpoint", "adapters": "the adapters"}[kept]
+    assert name in one_line_error(err)
+    assert {p: p.read_bytes() for p in before} == before
 
 
 def test_a_base_of_other_widths_is_refused(adapters, tmp_path, capsys):
