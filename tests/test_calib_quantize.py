@@ -272,6 +272,44 @@ def test_graphs_really_are_in_their_precision(quantized: dict) -> None:
         ).stat().st_size
 
 
+def test_int8_quantizes_every_stored_weight_and_nothing_else(
+    tiny_model_dir: Path, quantized: dict
+) -> None:
+    """docs/quantization.md: every MatMul/Gemm/Conv whose weight is stored in the graph is
+    quantized (the LM head included), in the TensorRT form with Q/DQ on its inputs and its bias
+    and output left in float; attention's activation-by-activation MatMuls stay in float."""
+    int8 = quantized["int8"][0]
+    for name in ("vision_encoder", "projector", "decoder"):
+        fp32 = onnx.load(str(tiny_model_dir / f"{name}.onnx")).graph
+        stored = {t.name for t in fp32.initializer}
+        gemms = [n for n in fp32.node if n.op_type in ("MatMul", "Gemm", "Conv")]
+        weighted = {n.name for n in gemms if n.input[1] in stored}
+        between_activations = {n.name for n in gemms if n.name not in weighted}
+        qdq = onnx.load(str(int8 / f"{name}.qdq.onnx")).graph
+        made_by = {out: n.op_type for n in qdq.node for out in n.output}
+        taken_by: dict[str, set[str]] = {}
+        for n in qdq.node:
+            for i in n.input:
+                taken_by.setdefault(i, set()).add(n.op_type)
+        for node in qdq.node:
+            fed = [made_by.get(i) for i in node.input]
+            if node.name in weighted:
+                assert fed[:2] == ["DequantizeLinear"] * 2, (name, node.name, fed)
+                assert "DequantizeLinear" not in fed[2:], (name, node.name)  # the bias: float
+                assert "QuantizeLinear" not in taken_by.get(node.output[0], set()), node.name
+            elif node.name in between_activations:
+                assert "DequantizeLinear" not in fed, (name, node.name)
+        assert weighted, name
+        if name == "decoder":
+            assert any("lm_head" in n for n in weighted) and between_activations
+            matmuls = {n.name for n in gemms if n.op_type == "MatMul"} & weighted
+            dynamic = onnx.load(str(int8 / "decoder.onnx")).graph.node
+            integer = [
+                n for n in dynamic if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")
+            ]
+            assert len(integer) == len(matmuls)
+
+
 def test_every_tensorrt_graph_passes_the_static_check(quantized: dict) -> None:
     for path, _ in quantized.values():
         assert check_model_dir(path) == {"vision_encoder": [], "projector": [], "decoder": []}
