@@ -310,6 +310,36 @@ def test_int8_quantizes_every_stored_weight_and_nothing_else(
             assert len(integer) == len(matmuls)
 
 
+def _dtypes(graph: onnx.GraphProto) -> dict[str, int]:
+    """Each tensor's element type: inferred, else a Cast's target, else its producer's first
+    input's (fp16's kept ops, and the arithmetic between them, give out their input's type)."""
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input]}
+    types |= {t.name: t.data_type for t in graph.initializer}
+    for node in graph.node:  # in topological order
+        for out in node.output:
+            if out not in types and node.op_type == "Cast":
+                types[out] = next(a.i for a in node.attribute if a.name == "to")
+            elif out not in types and node.input and node.input[0] in types:
+                types[out] = types[node.input[0]]
+    return types
+
+
+def test_fp16_keeps_norms_softmax_and_layernorm_in_fp32(quantized: dict) -> None:
+    """docs/quantization.md: Pow, ReduceMean, Sqrt, Softmax and LayerNormalization compute in
+    float32 inside an fp16 graph (each is fed float32)."""
+    kept = {"Pow", "ReduceMean", "Sqrt", "Softmax", "LayerNormalization"}
+    seen = set()
+    for name in ("vision_encoder", "decoder"):
+        path = quantized["fp16"][0] / f"{name}.onnx"
+        graph = onnx.shape_inference.infer_shapes(onnx.load(str(path))).graph
+        types = _dtypes(graph)
+        for node in graph.node:
+            if node.op_type in kept:
+                seen.add(node.op_type)
+                assert types[node.input[0]] == onnx.TensorProto.FLOAT, (name, node.name)
+    assert seen == kept  # the tiny model has each of them
+
+
 def test_every_tensorrt_graph_passes_the_static_check(quantized: dict) -> None:
     for path, _ in quantized.values():
         assert check_model_dir(path) == {"vision_encoder": [], "projector": [], "decoder": []}
