@@ -69,6 +69,7 @@ def data(tmp_path_factory) -> dict[str, Path]:
         (["--fsdp", "{tmp}/list.json"], "--fsdp .*list.json holds no JSON object"),
         (["--deepspeed", "{tmp}/broken.json"], "--deepspeed .*broken.json: not a readable JSON"),
         (["--deepspeed", "{tmp}/ds.json", "--fsdp", "{tmp}/ds.json"], "choose one"),
+        (["--fsdp", "{tmp}/ds.json"], "--fsdp shards a model across GPUs, and this machine has"),
         (["--stage", "2", "--lora", "--lora-rank", "0"], "--lora-rank must be at least 1, not 0"),
         (["--stage", "2", "--lora", "--lora-dropout", "1"], "--lora-dropout must be at least 0"),
         (["--stage", "2", "--keep-adapters"], "--keep-adapters: LoRA options, for stage 2 with"),
@@ -117,6 +118,27 @@ def test_deepspeed_without_its_package_is_refused(tmp_path, monkeypatch, capsys)
     assert cli(argv) == 1
     assert one_line_error(capsys.readouterr().err).endswith(
         "--deepspeed needs the deepspeed package; pip install deepspeed"
+    )
+
+
+def test_deepspeed_on_the_cpu_is_refused(tmp_path, monkeypatch, capsys):
+    """accelerate drops a DeepSpeed config on the CPU, as it drops an FSDP one."""
+    import torch
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(  # installed, as far as asked
+        importlib.util,
+        "find_spec",
+        lambda name, *a: find_spec("json" if name == "deepspeed" else name, *a),
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (tmp_path / "zero2.json").write_text("{}")
+    argv = ["train", "--stage", "1", "--model", str(tmp_path), "--data", str(tmp_path / "d.json")]
+    argv += ["--out", str(tmp_path / "out"), "--deepspeed", str(tmp_path / "zero2.json")]
+    assert cli(argv) == 1
+    assert one_line_error(capsys.readouterr().err).endswith(
+        "--deepspeed shards a model across GPUs, and this machine has none (on the CPU the "
+        "trainer would ignore it); leave --deepspeed out"
     )
 
 
