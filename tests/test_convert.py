@@ -821,6 +821,20 @@ def llava_llama_2_prompt(turns: list[tuple[str, str | None]], image: bool) -> st
     return text.removeprefix("<s>")
 
 
+def test_conversion_is_repeatable(plain_original, tmp_path) -> None:
+    """The embedding rows convert adds are drawn at random, from a fixed seed: converting the
+    same original twice, whatever the process drew before, gives the same weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    args = ["convert", str(plain_original["original"])]
+    for name in ("one", "two"):
+        torch.rand(3)  # the process's random state moves on between the runs
+        assert cli([*args, str(tmp_path / name), "--vision", str(plain_original["clip"])]) == 0
+    one, two = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("one", "two"))
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+
+
 def test_a_llama_2_chat_llava_is_prompted_as_the_original(plain_original, tmp_path) -> None:
     """The original names its Llama-2-chat LLaVA checkpoints `llava-llama-2-...` and prompts
     them in Llama 2's format (conv_llava_llama_2), not Vicuna's: convert chooses that template
