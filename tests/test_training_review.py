@@ -95,6 +95,45 @@ def test_an_interrupted_final_save_keeps_the_checkpoints(
     assert (out / "checkpoints" / "checkpoint-2" / "optimizer.pt").is_file()
 
 
+def test_a_trainer_checkpoint_is_on_disk_before_its_name_is(
+    tiny_checkpoint, data, tmp_path, monkeypatch
+):
+    """Power loss: a checkpoint is written as tmp-checkpoint-N, each of its files flushed, then
+    renamed checkpoint-N and its dir flushed, so --resume never finds a checkpoint-N whose files
+    never reached the disk."""
+    import os
+
+    from llava_edge.training.train import train
+
+    events: list[tuple[str, str]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def recording_replace(src, dst) -> None:
+        replace(src, dst)
+        events.append(("rename", str(dst)))
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    out = tmp_path / "out"
+    train(1, tiny_checkpoint, data["captions"], out, images=data["images"], max_steps=1, **FAST)
+    # the trainer's dir as it was before OUT was installed (its checkpoints went along with it)
+    final = next(
+        path for kind, path in events if kind == "rename" and path.endswith("/checkpoint-1")
+    )
+    run_dir = Path(final).parent
+    staging = run_dir / "tmp-checkpoint-1"
+    renamed = events.index(("rename", final))
+    synced = {path for kind, path in events[:renamed] if kind == "fsync"}
+    written = sorted(p.relative_to(out / "checkpoints" / "checkpoint-1") for p in
+                     (out / "checkpoints" / "checkpoint-1").rglob("*") if p.is_file())  # fmt: skip
+    assert written and {str(staging / name) for name in written} <= synced
+    assert ("fsync", str(run_dir)) in events[renamed:]
+
+
 @pytest.fixture(scope="module")
 def saved_runs(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
     """OUT dirs of a stage-1 run and a stage-2 LoRA run, each with a trainer checkpoint."""
