@@ -835,6 +835,28 @@ def test_conversion_is_repeatable(plain_original, tmp_path) -> None:
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
 
 
+def test_a_chatml_original_is_prompted_and_stopped_as_chatml(tiny_checkpoint) -> None:
+    """docs/checkpoints.md: a tokenizer with <|im_start|> (LLaVA-1.6 Yi-34B) gets chatml_direct,
+    and generation stops at its <|im_end|> as well as at EOS; a Vicuna's stops at EOS alone."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from llava_edge.convert.checkpoint import _generation_config, infer_template
+    from llava_edge.runtime.template import TEMPLATES
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    full = SimpleNamespace(kind="full", settings=SimpleNamespace(text_model="llama", anyres=False))
+    full.directory = Path("llava-v1.5-7b")
+    assert infer_template(full, tokenizer) == "vicuna_v1"
+    eos = tokenizer.eos_token_id
+    assert _generation_config(tokenizer, TEMPLATES["vicuna_v1"].answer_end).eos_token_id == eos
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    assert infer_template(full, tokenizer) == "chatml_direct"
+    config = _generation_config(tokenizer, TEMPLATES["chatml_direct"].answer_end)
+    assert config.eos_token_id == [eos, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+
+
 def test_a_llama_2_chat_llava_is_prompted_as_the_original(plain_original, tmp_path) -> None:
     """The original names its Llama-2-chat LLaVA checkpoints `llava-llama-2-...` and prompts
     them in Llama 2's format (conv_llava_llama_2), not Vicuna's: convert chooses that template
