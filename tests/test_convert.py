@@ -896,8 +896,8 @@ def test_a_llama_2_chat_llava_is_prompted_as_the_original(plain_original, tmp_pa
 
 
 def test_force_never_replaces_an_input(plain_original, tmp_path, capsys, monkeypatch) -> None:
-    """--force replaces the output dir; an output that is --base, --vision or the tower found
-    beside the original is an input, and refused before anything is written, and before a
+    """--force replaces the output dir; an output that is the original, --base, --vision or the
+    tower found beside the original is an input, and refused before anything is written, and before a
     weight is read (the tower found by name was refused only after reading them all)."""
     import llava_edge.convert.original as original_module
 
@@ -910,6 +910,7 @@ def test_force_never_replaces_an_input(plain_original, tmp_path, capsys, monkeyp
     local = Path(shutil.copytree(plain_original["clip"], tmp_path / TOWER_NAME.split("/")[-1]))
     base = Path(shutil.copytree(plain_original["original"], tmp_path / "base"))
     runs = {
+        "the original checkpoint": [str(original), "--vision", str(clip)],
         "the --base model": [str(base), "--base", str(base), "--vision", str(clip)],
         "the --vision tower": [str(clip), "--vision", str(clip)],
         "the vision tower": [str(local)],  # found by mm_vision_tower's name
