@@ -152,6 +152,23 @@ def saved_runs(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
     return runs
 
 
+def test_merge_lora_of_the_last_trainer_checkpoint_is_the_runs_result(saved_runs, tmp_path):
+    """docs/training.md: merge-lora merges adapters saved earlier, a trainer checkpoint's too
+    (their base found from adapter_config.json); merged from the last one, the projector
+    trained beside them included, they give the checkpoint the run wrote."""
+    import torch
+    from safetensors.torch import load_file
+
+    run = saved_runs["lora"]
+    checkpoint = run / "checkpoints" / "checkpoint-1"
+    assert cli(["merge-lora", str(checkpoint), str(tmp_path / "merged")]) == 0
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    result = load_file(str(run / "model.safetensors"))
+    assert merged.keys() == result.keys()
+    for key in result:
+        torch.testing.assert_close(merged[key], result[key], atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize(
     "run, options, message",
     [
