@@ -340,6 +340,29 @@ def test_fp16_keeps_norms_softmax_and_layernorm_in_fp32(quantized: dict) -> None
     assert seen == kept  # the tiny model has each of them
 
 
+def test_the_onnxruntime_forms_take_the_documented_settings(quantized: dict) -> None:
+    """docs/quantization.md: int4's MatMulNBits are symmetric (no zero points), blocks of 32,
+    accuracy_level 4, in the standard and the fused decoder; int8's dynamic MatMuls have one
+    weight scale per output channel."""
+    int4, int8 = quantized["int4"][0], quantized["int8"][0]
+    for file in ("decoder.onnx", "decoder_fused.onnx"):
+        nodes = [n for n in onnx.load(str(int4 / file)).graph.node if n.op_type == "MatMulNBits"]
+        assert nodes, file
+        for node in nodes:
+            attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            assert (attributes["bits"], attributes["block_size"]) == (4, 32), node.name
+            assert attributes["accuracy_level"] == 4, node.name
+            assert len([i for i in node.input if i]) == 3, node.name  # A, B, scales: no zero points
+    for name in ("vision_encoder", "projector", "decoder"):
+        graph = onnx.load(str(int8 / f"{name}.onnx")).graph
+        stored = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+        nodes = [n for n in graph.node if n.op_type == "MatMulInteger"]
+        assert nodes, name
+        for node in nodes:
+            weight, zero_point = stored[node.input[1]], stored[node.input[3]]
+            assert zero_point.shape == (weight.shape[1],) and not zero_point.any(), node.name
+
+
 def test_every_tensorrt_graph_passes_the_static_check(quantized: dict) -> None:
     for path, _ in quantized.values():
         assert check_model_dir(path) == {"vision_encoder": [], "projector": [], "decoder": []}
