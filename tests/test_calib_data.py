@@ -175,6 +175,23 @@ def test_held_out_samples_share_nothing_with_calibration(tmp_path: Path) -> None
     assert len(set(calibration)) == len(calibration) == 6 and not held_out
 
 
+@pytest.mark.parametrize(
+    "total, samples, held",
+    [(40, 16, 8), (20, 16, 4), (10, 32, 1), (2, 32, 1), (12, 4, 6)],
+)
+def test_report_holds_out_what_the_docs_say(total: int, samples: int, held: int) -> None:
+    """docs/quantization.md: samples past --samples are held out from the end of the data, at
+    least 1, at most 8 and half the data; fp16, which calibrates nothing, compares on the first
+    8."""
+    from llava_edge.calib.quantize import _choose
+
+    data = [Sample(Path(f"{i}.png"), DEFAULT_PROMPT) for i in range(total)]
+    calibration, held_out = _choose("int8", data, samples, report=True)
+    assert held_out == data[total - held :]
+    assert calibration == data[: min(samples, total - held)]
+    assert _choose("fp16", data, samples, report=True) == ([], data[:8])
+
+
 def test_an_image_given_as_a_list_of_one_is_that_image(tmp_path: Path) -> None:
     """Multi-image LLaVA data writes every sample's image as a list, one picture or several."""
     _picture(tmp_path / "a.png", (10, 20, 30))

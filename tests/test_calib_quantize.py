@@ -272,6 +272,97 @@ def test_graphs_really_are_in_their_precision(quantized: dict) -> None:
         ).stat().st_size
 
 
+def test_int8_quantizes_every_stored_weight_and_nothing_else(
+    tiny_model_dir: Path, quantized: dict
+) -> None:
+    """docs/quantization.md: every MatMul/Gemm/Conv whose weight is stored in the graph is
+    quantized (the LM head included), in the TensorRT form with Q/DQ on its inputs and its bias
+    and output left in float; attention's activation-by-activation MatMuls stay in float."""
+    int8 = quantized["int8"][0]
+    for name in ("vision_encoder", "projector", "decoder"):
+        fp32 = onnx.load(str(tiny_model_dir / f"{name}.onnx")).graph
+        stored = {t.name for t in fp32.initializer}
+        gemms = [n for n in fp32.node if n.op_type in ("MatMul", "Gemm", "Conv")]
+        weighted = {n.name for n in gemms if n.input[1] in stored}
+        between_activations = {n.name for n in gemms if n.name not in weighted}
+        qdq = onnx.load(str(int8 / f"{name}.qdq.onnx")).graph
+        made_by = {out: n.op_type for n in qdq.node for out in n.output}
+        taken_by: dict[str, set[str]] = {}
+        for n in qdq.node:
+            for i in n.input:
+                taken_by.setdefault(i, set()).add(n.op_type)
+        for node in qdq.node:
+            fed = [made_by.get(i) for i in node.input]
+            if node.name in weighted:
+                assert fed[:2] == ["DequantizeLinear"] * 2, (name, node.name, fed)
+                assert "DequantizeLinear" not in fed[2:], (name, node.name)  # the bias: float
+                assert "QuantizeLinear" not in taken_by.get(node.output[0], set()), node.name
+            elif node.name in between_activations:
+                assert "DequantizeLinear" not in fed, (name, node.name)
+        assert weighted, name
+        if name == "decoder":
+            assert any("lm_head" in n for n in weighted) and between_activations
+            matmuls = {n.name for n in gemms if n.op_type == "MatMul"} & weighted
+            dynamic = onnx.load(str(int8 / "decoder.onnx")).graph.node
+            integer = [
+                n for n in dynamic if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")
+            ]
+            assert len(integer) == len(matmuls)
+
+
+def _dtypes(graph: onnx.GraphProto) -> dict[str, int]:
+    """Each tensor's element type: inferred, else a Cast's target, else its producer's first
+    input's (fp16's kept ops, and the arithmetic between them, give out their input's type)."""
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input]}
+    types |= {t.name: t.data_type for t in graph.initializer}
+    for node in graph.node:  # in topological order
+        for out in node.output:
+            if out not in types and node.op_type == "Cast":
+                types[out] = next(a.i for a in node.attribute if a.name == "to")
+            elif out not in types and node.input and node.input[0] in types:
+                types[out] = types[node.input[0]]
+    return types
+
+
+def test_fp16_keeps_norms_softmax_and_layernorm_in_fp32(quantized: dict) -> None:
+    """docs/quantization.md: Pow, ReduceMean, Sqrt, Softmax and LayerNormalization compute in
+    float32 inside an fp16 graph (each is fed float32)."""
+    kept = {"Pow", "ReduceMean", "Sqrt", "Softmax", "LayerNormalization"}
+    seen = set()
+    for name in ("vision_encoder", "decoder"):
+        path = quantized["fp16"][0] / f"{name}.onnx"
+        graph = onnx.shape_inference.infer_shapes(onnx.load(str(path))).graph
+        types = _dtypes(graph)
+        for node in graph.node:
+            if node.op_type in kept:
+                seen.add(node.op_type)
+                assert types[node.input[0]] == onnx.TensorProto.FLOAT, (name, node.name)
+    assert seen == kept  # the tiny model has each of them
+
+
+def test_the_onnxruntime_forms_take_the_documented_settings(quantized: dict) -> None:
+    """docs/quantization.md: int4's MatMulNBits are symmetric (no zero points), blocks of 32,
+    accuracy_level 4, in the standard and the fused decoder; int8's dynamic MatMuls have one
+    weight scale per output channel."""
+    int4, int8 = quantized["int4"][0], quantized["int8"][0]
+    for file in ("decoder.onnx", "decoder_fused.onnx"):
+        nodes = [n for n in onnx.load(str(int4 / file)).graph.node if n.op_type == "MatMulNBits"]
+        assert nodes, file
+        for node in nodes:
+            attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            assert (attributes["bits"], attributes["block_size"]) == (4, 32), node.name
+            assert attributes["accuracy_level"] == 4, node.name
+            assert len([i for i in node.input if i]) == 3, node.name  # A, B, scales: no zero points
+    for name in ("vision_encoder", "projector", "decoder"):
+        graph = onnx.load(str(int8 / f"{name}.onnx")).graph
+        stored = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+        nodes = [n for n in graph.node if n.op_type == "MatMulInteger"]
+        assert nodes, name
+        for node in nodes:
+            weight, zero_point = stored[node.input[1]], stored[node.input[3]]
+            assert zero_point.shape == (weight.shape[1],) and not zero_point.any(), node.name
+
+
 def test_every_tensorrt_graph_passes_the_static_check(quantized: dict) -> None:
     for path, _ in quantized.values():
         assert check_model_dir(path) == {"vision_encoder": [], "projector": [], "decoder": []}

@@ -821,6 +821,42 @@ def llava_llama_2_prompt(turns: list[tuple[str, str | None]], image: bool) -> st
     return text.removeprefix("<s>")
 
 
+def test_conversion_is_repeatable(plain_original, tmp_path) -> None:
+    """The embedding rows convert adds are drawn at random, from a fixed seed: converting the
+    same original twice, whatever the process drew before, gives the same weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    args = ["convert", str(plain_original["original"])]
+    for name in ("one", "two"):
+        torch.rand(3)  # the process's random state moves on between the runs
+        assert cli([*args, str(tmp_path / name), "--vision", str(plain_original["clip"])]) == 0
+    one, two = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("one", "two"))
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+
+
+def test_a_chatml_original_is_prompted_and_stopped_as_chatml(tiny_checkpoint) -> None:
+    """docs/checkpoints.md: a tokenizer with <|im_start|> (LLaVA-1.6 Yi-34B) gets chatml_direct,
+    and generation stops at its <|im_end|> as well as at EOS; a Vicuna's stops at EOS alone."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from llava_edge.convert.checkpoint import _generation_config, infer_template
+    from llava_edge.runtime.template import TEMPLATES
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    full = SimpleNamespace(kind="full", settings=SimpleNamespace(text_model="llama", anyres=False))
+    full.directory = Path("llava-v1.5-7b")
+    assert infer_template(full, tokenizer) == "vicuna_v1"
+    eos = tokenizer.eos_token_id
+    assert _generation_config(tokenizer, TEMPLATES["vicuna_v1"].answer_end).eos_token_id == eos
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    assert infer_template(full, tokenizer) == "chatml_direct"
+    config = _generation_config(tokenizer, TEMPLATES["chatml_direct"].answer_end)
+    assert config.eos_token_id == [eos, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+
+
 def test_a_llama_2_chat_llava_is_prompted_as_the_original(plain_original, tmp_path) -> None:
     """The original names its Llama-2-chat LLaVA checkpoints `llava-llama-2-...` and prompts
     them in Llama 2's format (conv_llava_llama_2), not Vicuna's: convert chooses that template
@@ -860,8 +896,8 @@ def test_a_llama_2_chat_llava_is_prompted_as_the_original(plain_original, tmp_pa
 
 
 def test_force_never_replaces_an_input(plain_original, tmp_path, capsys, monkeypatch) -> None:
-    """--force replaces the output dir; an output that is --base, --vision or the tower found
-    beside the original is an input, and refused before anything is written, and before a
+    """--force replaces the output dir; an output that is the original, --base, --vision or the
+    tower found beside the original is an input, and refused before anything is written, and before a
     weight is read (the tower found by name was refused only after reading them all)."""
     import llava_edge.convert.original as original_module
 
@@ -874,6 +910,7 @@ def test_force_never_replaces_an_input(plain_original, tmp_path, capsys, monkeyp
     local = Path(shutil.copytree(plain_original["clip"], tmp_path / TOWER_NAME.split("/")[-1]))
     base = Path(shutil.copytree(plain_original["original"], tmp_path / "base"))
     runs = {
+        "the original checkpoint": [str(original), "--vision", str(clip)],
         "the --base model": [str(base), "--base", str(base), "--vision", str(clip)],
         "the --vision tower": [str(clip), "--vision", str(clip)],
         "the vision tower": [str(local)],  # found by mm_vision_tower's name

@@ -358,6 +358,27 @@ def test_a_torn_journal_line_is_asked_again(scene):
     assert len(journal.read_text().splitlines()) == 1 + 18
 
 
+def test_each_journal_line_is_on_disk_before_the_next_is_written(tmp_path, monkeypatch):
+    """Power loss: a settled sample's line is flushed and synced as it is appended, so a journal
+    loses at most the line being written."""
+    path = tmp_path / "out.journal.jsonl"
+    synced: list[int] = []  # the journal's size on disk at each fsync of it
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}") == str(path):
+            synced.append(path.stat().st_size)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with Journal(path, {"model": "m"}) as journal:
+        for index in range(3):
+            entry = {"image": "a.png", "kind": "detail", "index": index, "dropped": "x"}
+            journal.append(entry)
+            assert synced[-1] == path.stat().st_size, index  # synced with this line in it
+    assert len(synced) == 3 and synced == sorted(set(synced))
+
+
 KILL_AFTER = "LLAVA_EDGE_TEST_KILL_AFTER"
 
 

@@ -88,6 +88,18 @@ def test_jsonl_boxes_in_pixels_sized_from_the_image_header(tmp_path):
     assert notes[0].render().startswith("Objects (label:")
 
 
+def test_a_box_cut_by_the_edge_is_clipped_to_the_image(tmp_path):
+    """docs/data.md: a box that runs past the image's edge is shown to the LLM as the part of it
+    on the image (a detector's box of an object half out of frame)."""
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (640, 480)).save(tmp_path / "imgs" / "edge.png")
+    line = {"image": "edge.png", "boxes": [{"label": "cart", "box": [-64, 240, 704, 528]}]}
+    (tmp_path / "labels.jsonl").write_text(json.dumps(line) + "\n")
+    notes, skipped = read_annotations([tmp_path / "labels.jsonl"], tmp_path / "imgs")
+    assert skipped == []
+    assert notes[0].boxes[0].numbers() == ["0.000", "0.500", "1.000", "1.000"]
+
+
 @pytest.mark.parametrize(
     "content, message",
     [

@@ -232,3 +232,12 @@ def test_accuracy_against_a_hand_counted_case(world, monkeypatch):
     assert [(r["id"], r["turn"], r["correct"]) for r in rows] == [
         ("a", 0, True), ("a", 1, False), ("b", 0, True), ("t", 0, True)
     ]  # fmt: skip
+    # docs/training.md: the fields of each line
+    fields = {"id", "turn", "question", "answer", "prediction", "correct", "finish"}
+    assert all(set(r) == fields for r in rows), rows
+    assert (rows[1]["question"], rows[1]["answer"], rows[1]["prediction"]) == (
+        "How many?",
+        "2",
+        "two",
+    )
+    assert [r["finish"] for r in rows] == ["eos", "eos", "eos", "length"]

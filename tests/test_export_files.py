@@ -3,6 +3,7 @@ when an export fails (a previous good model dir survives a failed `--force`)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -125,6 +126,56 @@ def _corrupt_embeddings(monkeypatch: pytest.MonkeyPatch) -> None:
         np.save(out / manifest.embeddings, np.roll(table, 1, axis=0))
 
     monkeypatch.setattr(exporter, "_write_text_files", faulty)
+
+
+@pytest.fixture(scope="module")
+def loaded_tiny(tiny_checkpoint: Path) -> exporter.LoadedCheckpoint:
+    return exporter.load_checkpoint(tiny_checkpoint)
+
+
+@pytest.mark.parametrize(
+    "tamper, message",
+    [
+        ("pixels", "pixel values differ by"),
+        ("prompt", "prompt token ids differ from the checkpoint's chat template"),
+        ("chat", "a three-turn chat's token ids differ from the checkpoint's chat template"),
+        ("features", "image features differ by"),
+    ],
+)
+def test_verification_holds_each_thing_it_compares(
+    loaded_tiny: exporter.LoadedCheckpoint,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    tamper: str,
+    message: str,
+) -> None:
+    """README: export compares prompt ids of a question and of a three-turn chat, pixel values,
+    image features, prefill logits and greedy tokens with transformers; each one wrong alone
+    fails it (the logits and tokens: test_failed_verification_keeps_previous_model_dir)."""
+    from llava_edge.export.verify import VerificationError, verify_model_dir
+
+    out = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    manifest = Manifest.load(out)
+    for graph in manifest.graphs.values():  # the standard form alone: half the time
+        graph.fused = None
+    if tamper == "pixels":
+        manifest.image.mean = [m + 0.05 for m in manifest.image.mean]
+    elif tamper == "prompt":  # the question's prompt only: a chat's later turns keep theirs
+        manifest.template.first_user = manifest.template.user + "Q: "
+    elif tamper == "chat":  # a later turn's prompt only
+        template = manifest.template
+        template.first_user = template.user if template.first_user is None else template.first_user
+        template.user = "Q: " + template.user
+    elif tamper == "features":  # the projector's output scaled: a graph off by 1e-3
+        graph = onnx.load(str(out / manifest.graphs["projector"].file))
+        weights = next(w for w in graph.graph.initializer if len(w.dims) == 2)
+        array = onnx.numpy_helper.to_array(weights) * 1.001
+        weights.CopyFrom(onnx.numpy_helper.from_array(array, weights.name))
+        onnx.save(graph, str(out / manifest.graphs["projector"].file))
+        manifest.record_files(out)
+    manifest.save(out)
+    with pytest.raises(VerificationError, match=re.escape(message)):
+        verify_model_dir(loaded_tiny, out, log=quiet)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])

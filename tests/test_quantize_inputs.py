@@ -151,6 +151,29 @@ def test_force_never_deletes_the_calibration_data(
     assert len(list((out / "pictures").iterdir())) == 3
 
 
+@pytest.mark.parametrize(
+    "out, message",
+    [
+        ("work/model", "OUT_DIR must differ from MODEL_DIR"),
+        ("work", "holds the source model dir"),
+        ("work/model/int8", "is inside the source model dir"),
+    ],
+)
+def test_force_never_deletes_the_source_dir(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, out: str, message: str
+) -> None:
+    import shutil
+
+    source = Path(shutil.copytree(tiny_model_dir, tmp_path / "work" / "model"))
+    before = sorted(p.name for p in source.iterdir())
+    _pictures(tmp_path / "pictures", 2)
+    args = ["--precision", "int8", "--images", str(tmp_path / "pictures"), "--force"]
+    assert main(["quantize", str(source), str(tmp_path / out), *args]) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err, err
+    assert sorted(p.name for p in source.iterdir()) == before
+
+
 def test_fewer_samples_than_asked_are_said(tiny_model_dir: Path, tmp_path: Path) -> None:
     _pictures(tmp_path / "pictures", 3)
     said: list[str] = []

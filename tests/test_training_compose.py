@@ -293,6 +293,20 @@ def _saved_dtypes(checkpoint) -> set[str]:
         return {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (no dict)
 
 
+def test_compose_is_repeated_exactly_by_its_seed(parts, tmp_path):
+    """init --seed sets every random weight of a composed checkpoint: the projector and the
+    embedding rows grown for <image> and <pad>, whatever the process drew before."""
+    from safetensors.torch import load_file
+
+    argv = ["--vision", str(parts["root"] / "clip"), "--llm", str(parts["root"] / "llm")]
+    for name in ("one", "two"):
+        torch.rand(3)  # the process's random state moves on between the runs
+        assert cli(["init", str(tmp_path / name), *argv, "--seed", "5"]) == 0
+    one, two = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("one", "two"))
+    assert one.keys() == two.keys()
+    assert [k for k in one if not torch.equal(one[k], two[k])] == []
+
+
 def test_compose_keeps_the_llms_dtype_unless_asked(parts, tmp_path, capsys):
     """A bf16 LM composes into a bf16 checkpoint (its weights bit for bit), not one twice its
     size in fp32; --dtype asks for another."""

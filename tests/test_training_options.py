@@ -69,6 +69,7 @@ def data(tmp_path_factory) -> dict[str, Path]:
         (["--fsdp", "{tmp}/list.json"], "--fsdp .*list.json holds no JSON object"),
         (["--deepspeed", "{tmp}/broken.json"], "--deepspeed .*broken.json: not a readable JSON"),
         (["--deepspeed", "{tmp}/ds.json", "--fsdp", "{tmp}/ds.json"], "choose one"),
+        (["--fsdp", "{tmp}/ds.json"], "--fsdp shards a model across GPUs, and this machine has"),
         (["--stage", "2", "--lora", "--lora-rank", "0"], "--lora-rank must be at least 1, not 0"),
         (["--stage", "2", "--lora", "--lora-dropout", "1"], "--lora-dropout must be at least 0"),
         (["--stage", "2", "--keep-adapters"], "--keep-adapters: LoRA options, for stage 2 with"),
@@ -120,6 +121,27 @@ def test_deepspeed_without_its_package_is_refused(tmp_path, monkeypatch, capsys)
     )
 
 
+def test_deepspeed_on_the_cpu_is_refused(tmp_path, monkeypatch, capsys):
+    """accelerate drops a DeepSpeed config on the CPU, as it drops an FSDP one."""
+    import torch
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(  # installed, as far as asked
+        importlib.util,
+        "find_spec",
+        lambda name, *a: find_spec("json" if name == "deepspeed" else name, *a),
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (tmp_path / "zero2.json").write_text("{}")
+    argv = ["train", "--stage", "1", "--model", str(tmp_path), "--data", str(tmp_path / "d.json")]
+    argv += ["--out", str(tmp_path / "out"), "--deepspeed", str(tmp_path / "zero2.json")]
+    assert cli(argv) == 1
+    assert one_line_error(capsys.readouterr().err).endswith(
+        "--deepspeed shards a model across GPUs, and this machine has none (on the CPU the "
+        "trainer would ignore it); leave --deepspeed out"
+    )
+
+
 def test_a_logger_that_is_not_installed_is_refused(tmp_path, monkeypatch, capsys):
     import transformers.integrations.integration_utils as integrations
 
@@ -149,7 +171,7 @@ def test_a_failing_force_run_keeps_the_earlier_checkpoints(tiny_checkpoint, data
     assert (checkpoint / "trainer_state.json").read_text() == '{"global_step": 99}'
 
 
-@pytest.mark.parametrize("limit", [None, 2])
+@pytest.mark.parametrize("limit", [None, 2, 0])
 def test_save_total_limit_keeps_exactly_that_many_checkpoints(
     limit, tiny_checkpoint, data, tmp_path
 ):
@@ -161,7 +183,8 @@ def test_save_total_limit_keeps_exactly_that_many_checkpoints(
         options["save_total_limit"] = limit
     train(1, tiny_checkpoint, data["captions"], out, images=data["images"], **options)
     kept = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert kept == (["checkpoint-4"] if limit is None else ["checkpoint-3", "checkpoint-4"])
+    expected = {None: [4], 2: [3, 4], 0: [1, 2, 3, 4]}[limit]  # the default 1; 0 keeps all
+    assert kept == [f"checkpoint-{step}" for step in expected]
     state = json.loads((out / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4
 
@@ -207,16 +230,22 @@ def test_adapters_merge_into_their_base(adapters, tiny_checkpoint, tmp_path, cap
     assert not all(before[k].equal(after[k]) for k in before if k.endswith("q_proj.weight"))
 
 
-@pytest.mark.parametrize("out", [".", "inside"])
-def test_the_merged_checkpoint_goes_outside_its_base(
-    out, adapters, tiny_checkpoint, tmp_path, capsys
+@pytest.mark.parametrize(
+    "kept, out",
+    [("base", "b/base"), ("base", "b/base/inside"), ("base", "b"), ("adapters", "a/adapters"),
+     ("adapters", "a/adapters/inside"), ("adapters", "a")],
+)  # fmt: skip
+def test_the_merged_checkpoint_goes_outside_its_base_and_adapters(
+    kept, out, adapters, tiny_checkpoint, tmp_path, capsys
 ):
-    base = Path(shutil.copytree(tiny_checkpoint, tmp_path / "base"))
-    before = (base / "model.safetensors").read_bytes()
-    code, err = merge([str(adapters), str(base / out), "--base", str(base), "--force"], capsys)
+    base = Path(shutil.copytree(tiny_checkpoint, tmp_path / "b" / "base"))
+    adapters = Path(shutil.copytree(adapters, tmp_path / "a" / "adapters"))
+    before = {p: p.read_bytes() for p in [*base.iterdir(), *adapters.iterdir()] if p.is_file()}
+    code, err = merge([str(adapters), str(tmp_path / out), "--base", str(base), "--force"], capsys)
     assert code == 1
-    assert "the base checkpoint" in one_line_error(err)
-    assert (base / "model.safetensors").read_bytes() == before
+    name = {"base": "the base checkpoint", "adapters": "the adapters"}[kept]
+    assert name in one_line_error(err)
+    assert {p: p.read_bytes() for p in before} == before
 
 
 def test_a_base_of_other_widths_is_refused(adapters, tmp_path, capsys):

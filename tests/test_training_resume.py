@@ -141,8 +141,8 @@ def test_resuming_with_options_that_leave_the_samples_alone_goes_on(
     """More --max-steps, other --save-steps, --logging-steps, --per-device-batch-size (the same
     global batch), --workers, --warmup-ratio, gradient checkpointing (the saved run had none),
     another --precision (the saved run's fp16 loss scale is of no use to fp32), and the same
-    data and pictures at another path, with another modification time (a copy to another
-    machine)."""
+    data, pictures and --model at another path, with another modification time (a copy to
+    another machine)."""
     from llava_edge.cli import main as cli
 
     images = Path(shutil.copytree(saved_run["images"], tmp_path / "images"))
@@ -155,7 +155,10 @@ def test_resuming_with_options_that_leave_the_samples_alone_goes_on(
     torch.save(scaler, run["out"] / "checkpoints" / "checkpoint-1" / "scaler.pt")
     moved = Path(shutil.copy(saved_run["data"], tmp_path / "moved.json"))
     os.utime(moved, (1, 1))
-    argv = resume_argv(run, tiny_checkpoint, moved, "--save-steps", "5", "--logging-steps", "2")
+    model = Path(shutil.copytree(tiny_checkpoint, tmp_path / "model"))
+    for path in model.iterdir():
+        os.utime(path, (1, 1))
+    argv = resume_argv(run, model, moved, "--save-steps", "5", "--logging-steps", "2")
     argv += ["--per-device-batch-size", "1", "--workers", "0", "--warmup-ratio", "0.5"]
     assert cli(argv) == 0
     state = json.loads(

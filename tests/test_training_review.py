@@ -42,6 +42,22 @@ def test_out_holding_the_data_or_images_is_refused(out, tiny_checkpoint, data, t
     assert snapshot(tmp_path / "data") == before
 
 
+@pytest.mark.parametrize("out", ["runs/model", "runs"])
+def test_out_that_is_or_holds_the_model_is_refused_even_with_force(
+    out, tiny_checkpoint, data, tmp_path, capsys
+):
+    model = tmp_path / "runs" / "model"
+    shutil.copytree(tiny_checkpoint, model)
+    before = snapshot(model)
+    argv = ["train", "--stage", "1", "--model", str(model), "--out", str(tmp_path / out)]
+    argv += ["--data", str(data["captions"]), "--images", str(data["images"]), "--force"]
+    assert cli([*argv, "--max-steps", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert "the --model checkpoint" in err and "choose another output dir" in err, err
+    assert snapshot(model) == before
+
+
 FAST = dict(
     global_batch_size=2,
     warmup_ratio=0.0,
@@ -162,6 +178,45 @@ def test_a_full_disk_while_saving_is_one_line(
     assert left == []
 
 
+def test_a_trainer_checkpoint_is_on_disk_before_its_name_is(
+    tiny_checkpoint, data, tmp_path, monkeypatch
+):
+    """Power loss: a checkpoint is written as tmp-checkpoint-N, each of its files flushed, then
+    renamed checkpoint-N and its dir flushed, so --resume never finds a checkpoint-N whose files
+    never reached the disk."""
+    import os
+
+    from llava_edge.training.train import train
+
+    events: list[tuple[str, str]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def recording_replace(src, dst) -> None:
+        replace(src, dst)
+        events.append(("rename", str(dst)))
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    out = tmp_path / "out"
+    train(1, tiny_checkpoint, data["captions"], out, images=data["images"], max_steps=1, **FAST)
+    # the trainer's dir as it was before OUT was installed (its checkpoints went along with it)
+    final = next(
+        path for kind, path in events if kind == "rename" and path.endswith("/checkpoint-1")
+    )
+    run_dir = Path(final).parent
+    staging = run_dir / "tmp-checkpoint-1"
+    renamed = events.index(("rename", final))
+    synced = {path for kind, path in events[:renamed] if kind == "fsync"}
+    written = sorted(p.relative_to(out / "checkpoints" / "checkpoint-1") for p in
+                     (out / "checkpoints" / "checkpoint-1").rglob("*") if p.is_file())  # fmt: skip
+    assert written and {str(staging / name) for name in written} <= synced
+    assert ("fsync", str(run_dir)) in events[renamed:]
+
+
 @pytest.fixture(scope="module")
 def saved_runs(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
     """OUT dirs of a stage-1 run and a stage-2 LoRA run, each with a trainer checkpoint."""
@@ -178,6 +233,23 @@ def saved_runs(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
         train(stage, tiny_checkpoint, samples, runs[name], images=data["images"],
               max_steps=1, save_steps=1, **FAST, **extra)  # fmt: skip
     return runs
+
+
+def test_merge_lora_of_the_last_trainer_checkpoint_is_the_runs_result(saved_runs, tmp_path):
+    """docs/training.md: merge-lora merges adapters saved earlier, a trainer checkpoint's too
+    (their base found from adapter_config.json); merged from the last one, the projector
+    trained beside them included, they give the checkpoint the run wrote."""
+    import torch
+    from safetensors.torch import load_file
+
+    run = saved_runs["lora"]
+    checkpoint = run / "checkpoints" / "checkpoint-1"
+    assert cli(["merge-lora", str(checkpoint), str(tmp_path / "merged")]) == 0
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    result = load_file(str(run / "model.safetensors"))
+    assert merged.keys() == result.keys()
+    for key in result:
+        torch.testing.assert_close(merged[key], result[key], atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize(

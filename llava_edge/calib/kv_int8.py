@@ -11,8 +11,8 @@ stays as it is.
 The scales come from calibration: the keys and values the quantized fused decoder itself (and its
 int8 prefill companion, which writes the prompts' slots) stores on the calibration samples, fed
 what the fp32 model feeds the decoder there. Not the fp32 decoder's own: quantized weights move
-keys and values past its maxima (by a quarter on `tiny` in int4), so its scales clipped even on
-the samples they came from. A value's scale is its channel's largest magnitude over 127. Keys are
+keys and values past its maxima (on `tiny` in int4, some channels by several per cent), so its
+scales clipped even on the samples they came from. A value's scale is its channel's largest magnitude over 127. Keys are
 stored after the rotary embedding, which turns each pair of channels (i, i + head_dim / 2) by an
 angle that depends on the position: a key's two channels of a pair can take any split of the
 pair's length at a position calibration never saw. So both channels of a pair get the pair's

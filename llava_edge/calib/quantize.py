@@ -4,9 +4,10 @@ Precision lives in the ONNX itself (TensorRT 10 takes Q/DQ nodes and fp16 tensor
 TensorRT 11 has no calibrators or precision flags left). Two consumers read the result and want
 different forms of the same precision:
 
-- onnxruntime on a CPU (the runtime's default backend, `GraphSpec.file`). Static weight Q/DQ is
-  constant-folded back to fp32 there, so it gains nothing; what ORT's CPU kernels accelerate is
-  dynamic int8 (MatMulInteger, activations quantized per call) and MatMulNBits (4-bit blocks).
+- onnxruntime on a CPU (the runtime's default backend, `GraphSpec.file`). Static Q/DQ runs
+  slower than fp32 there (most weights keep a DequantizeLinear that runs on every call:
+  docs/quantization.md measures it); what ORT's CPU kernels accelerate is dynamic int8
+  (MatMulInteger, activations quantized per call) and MatMulNBits (4-bit blocks).
 - TensorRT (`GraphSpec.tensorrt_file` where it differs): static symmetric Q/DQ with zero point 0,
   per-channel int8 weights or block-wise INT4 weights, scales fixed at build time by calibration.
 
@@ -19,8 +20,8 @@ different forms of the same precision:
 | fp16      | all three          | fp16 weights and math, fp32 IO        | (same file)                     |
 
 Graph inputs and outputs keep their names and dtypes, so the runtime loads the result unchanged;
-the one exception is the int4 TensorRT form, whose KV cache inputs and outputs are fp16 (the
-backends size their caches by the graph's own types).
+the exceptions are the KV caches of the int4 TensorRT form (fp16) and of the fused decoders under
+`kv_cache="int8"` (int8): the backends size their caches by the graph's own types.
 Everything is written to a temporary dir, loaded by the runtime (which answers one question
 with it, and onnxruntime opens each form that load does not run: the TensorRT forms, and the
 standard ones beside fused ones), and renamed into place only then: a dir that `quantize`

@@ -365,6 +365,7 @@ def compose_checkpoint(
         )
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    torch.manual_seed(seed)  # from here on every random weight: the grown rows, the projector
     if len(tokenizer) > lm.get_input_embeddings().weight.shape[0]:
         # Grown only when a token has no row: Qwen's rows past its tokenizer's stay as they are.
         with quiet_loading():  # the note on how new rows are initialised
@@ -382,7 +383,6 @@ def compose_checkpoint(
     )
     if projector != DEFAULT_PROJECTOR:
         setattr(config, PROJECTOR_KEY, projector)
-    torch.manual_seed(seed)
     with torch.device("cpu"):
         model = model_class(config)._from_config(config, dtype=torch_dtype)
     model.model.vision_tower.load_state_dict(tower.state_dict())

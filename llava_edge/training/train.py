@@ -400,6 +400,16 @@ def _check_parallel_configs(deepspeed: str | None, fsdp: str | None) -> None:
             )
     if deepspeed and importlib.util.find_spec("deepspeed") is None:
         raise LlavaEdgeError("--deepspeed needs the deepspeed package; pip install deepspeed")
+    import torch
+
+    # accelerate shards only across GPUs: on the CPU it drops either config and runs plain data
+    # parallel, so the option would do nothing.
+    flag = "--deepspeed" if deepspeed else "--fsdp"
+    if (deepspeed or fsdp) and not torch.cuda.is_available():
+        raise LlavaEdgeError(
+            f"{flag} shards a model across GPUs, and this machine has none (on the CPU the "
+            f"trainer would ignore it); leave {flag} out"
+        )
 
 
 def longest_sample(requested: int, given: bool, config: Any) -> int:
