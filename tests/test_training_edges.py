@@ -178,3 +178,32 @@ def test_a_base_given_that_is_no_checkpoint_is_named_as_given(tiny_checkpoint, t
         f"llava-edge merge-lora: error: --base {tmp_path} is not a checkpoint dir (it has no "
         "config.json); give the checkpoint the adapters were trained from"
     )
+
+
+def test_a_picture_over_pils_pixel_limit_is_bad_before_training(tiny_checkpoint, data, monkeypatch):
+    """Between PIL's decompression-bomb limit and twice it, opening a file only warns, while
+    loading it for a batch (load_image) refuses it: the check before training must refuse it
+    too, or the run stops when it reaches that picture, hours in."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from llava_edge.runtime.template import get_template
+    from llava_edge.training.data import BadSample
+    from llava_edge.training.dataset import TrainingSet, count_image_tokens
+    from llava_edge.training.labels import Labeler
+
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    labeler = Labeler(
+        processor.tokenizer,
+        get_template("vicuna_v1"),
+        image_token_id=processor.tokenizer.convert_tokens_to_ids("<image>"),
+        num_image_tokens=count_image_tokens(processor),
+        max_length=1024,
+    )
+    with Image.open(next(data["images"].iterdir())) as picture:
+        pixels = picture.width * picture.height
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", pixels - 1)
+    with pytest.raises(BadSample, match=r"sample train-0: image \S+ has more pixels than PIL's"):
+        TrainingSet(
+            data["train"], data["images"], labeler, processor.image_processor, progress=False
+        )

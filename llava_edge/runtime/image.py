@@ -259,6 +259,14 @@ def _open_within(
     return image
 
 
+def check_image_file(path: str | os.PathLike) -> None:
+    """Refuse, from its header alone, an image file that load_image would refuse for its format
+    or its size (past PIL's decompression-bomb limit, where opening it only warns): training
+    checks every picture so before it starts, without decoding them."""
+    with _open_within(path, None, f"image {path}"):
+        pass
+
+
 # Formats PIL reads that are not read here. PIL renders PostScript (EPS) by running Ghostscript
 # on it, which an untrusted image must not reach (Ghostscript has a history of exploits); icons
 # (ICO, ICNS) and IPTC files wrap another image that PIL decodes under its own pixel limit, not

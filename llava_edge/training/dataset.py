@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from llava_edge.errors import LlavaEdgeError
-from llava_edge.runtime.image import load_image
+from llava_edge.errors import LlavaEdgeError, TooLarge
+from llava_edge.runtime.image import check_image_file, load_image
 from llava_edge.runtime.template import IMAGE_PLACEHOLDER
 from llava_edge.training.data import (
     BadSample,
@@ -144,8 +144,13 @@ class TrainingSet(torch.utils.data.Dataset):
         if not path.is_file():
             raise BadSample(sample.id, f"image {path} does not exist")
         try:
-            with Image.open(path) as image:
-                image.size  # noqa: B018 (reading the header is the check)
+            check_image_file(path)
+        except TooLarge:
+            raise BadSample(
+                sample.id,
+                f"image {path} has more pixels than PIL's decompression-bomb limit "
+                f"({Image.MAX_IMAGE_PIXELS}); downscale it",
+            ) from None
         except Exception as e:  # PIL raises many types for unreadable files
             raise BadSample(sample.id, f"image {path} cannot be read ({e})") from None
         return path
