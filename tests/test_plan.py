@@ -195,6 +195,31 @@ def test_onnxruntime_plans_count_the_graphs_its_providers_open(tiny_model_dir, c
     assert "providers (--provider) are onnxruntime's" in capsys.readouterr().err
 
 
+def test_a_cpu_plan_counts_fp16_weights_as_the_fp32_copies_onnxruntime_holds(
+    tiny_model_dir, tmp_path
+) -> None:
+    """onnxruntime's CPU provider runs an fp16 graph's MatMuls in fp32 and folds the casts of
+    their weights into fp32 copies at load: the plan counts what the session holds, read from
+    the graph onnxruntime itself optimizes; a GPU provider holds the fp16 weights as stored."""
+    import onnxruntime as ort
+
+    from llava_edge.calib.quantize import quantize_model
+    from llava_edge.manifest import Manifest
+
+    model = tmp_path / "fp16"
+    quantize_model(tiny_model_dir, model, precision="fp16", log=quiet)
+    cpu, cuda = plan(model, BIG), plan(model, BIG, providers=["cuda"])
+    for name, graph in Manifest.load(model).graphs.items():
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"{name}.held.onnx")
+        ort.InferenceSession(str(model / graph.file), options, providers=["CPUExecutionProvider"])
+        held = graph_sizes(tmp_path / f"{name}.held.onnx")
+        assert abs(cpu.weights[name] - held.weight_bytes) <= 0.05 * held.weight_bytes, name
+        assert cuda.weights[name] == graph_sizes(model / graph.file).weight_bytes
+    assert cpu.overhead > cuda.overhead  # the fp16 copy read while converting it
+    assert cpu.decode_tokens_per_s["weights_only"] < cuda.decode_tokens_per_s["weights_only"]
+
+
 def test_the_mlp_width_is_the_models_whatever_form_is_counted(tiny_checkpoint, tmp_path) -> None:
     """The fused decoder stores RoPE's cos/sin tables, [context, head_dim / 2]: a context wider
     than the MLP (and narrower than the vocabulary, as Qwen2's 32k against 152k) is not the MLP's
