@@ -14,9 +14,11 @@ running, `plan` adds up what the backend will hold:
   into fp32 copies at load), so a plan for the CPU alone counts them at 4 bytes each;
 - the KV cache at the planned context, batch and the cache's dtype, the decoder's own (fp16 where
   the TensorRT graph computes in fp16, int8 in a fused decoder quantized with `--kv-cache int8`);
-- activations: the vision encoder on a batch of images (an AnyRes image is its base image and
-  every tile of the largest grid), and one decoder call (a whole prompt for
-  onnxruntime, which does not split prefills; one prefill chunk for TensorRT);
+- activations: the vision encoder on an image (an AnyRes image is its base image and every tile
+  of the largest grid), and one decoder call: for onnxruntime, which takes what a call needs, the
+  larger of a whole prompt (it does not split prefills; the batch engine prefills one request at
+  a time) and a decode step of the whole batch; for TensorRT, whose engines hold what their
+  largest profile needs, a batch of images and one prefill chunk of the whole batch;
 - runtime overhead (libraries, CUDA context, onnxruntime's session copies).
 
 It also bounds decode speed: every new token reads all decoder weights and the KV cache so far,
@@ -383,15 +385,21 @@ def _parts(shapes: ModelShapes, backend: str, context: int, batch: int) -> dict[
         # The host cache grows by copying every layer into larger buffers, so for a moment the
         # old and the new cache are both held.
         kv = 2 * kv
+        # the batch engine encodes and prefills one request at a time, then decodes every row
+        # one token a step: a whole prompt at batch 1, or a step of the batch at full context
         prompt = min(context, shapes.image_tokens + PROMPT_TEXT_TOKENS)
-        decoder = _decoder_activations(shapes, batch, prompt, 0)
+        decoder = max(
+            _decoder_activations(shapes, 1, prompt, 0),
+            _decoder_activations(shapes, batch, 1, context - 1),
+        )
+        vision = _vision_activations(shapes, 1)
         overhead = ORT_LIBRARIES + int(ORT_WEIGHT_FACTOR * sum(weights.values()))
         overhead += max(_load_copy(shapes, s) for s in shapes.sizes.values())
     else:
         chunk = min(shapes.prefill_chunk, context)
         decoder = _decoder_activations(shapes, batch, chunk, context - chunk)
         overhead = TRT_RUNTIME
-    vision = _vision_activations(shapes, batch)
+        vision = _vision_activations(shapes, batch)
     return {
         "weights": weights,
         "kv": kv,
