@@ -135,6 +135,51 @@ def test_plan_against_hand_computed_sizes(preset, tiny_model_dir, demo_model_dir
     )
 
 
+def test_onnxruntime_activations_are_those_of_the_calls_the_batch_engine_makes(
+    tiny_model_dir, monkeypatch
+) -> None:
+    """The batch engine encodes and prefills one request at a time and decodes its rows one
+    token a step: the plan at batch 4 covers every call it makes, and does not count the prompt
+    of four requests in one call, which onnxruntime never runs."""
+    from llava_edge.runtime import Pipeline
+    from llava_edge.runtime.batching import BatchEngine
+    from llava_edge.runtime.onnx_backend import OnnxBackend
+    from llava_edge.runtime.plan import _decoder_activations, _vision_activations, read_shapes
+
+    calls: dict[str, list[tuple[int, ...]]] = {"decoder": [], "vision_encoder": []}
+    decode, encode = OnnxBackend.decode, OnnxBackend.encode_image
+
+    def spy_decode(self, embeds, mask, positions, cache, *args, **kwargs):
+        calls["decoder"].append((embeds.shape[0], embeds.shape[1], int(positions.min())))
+        return decode(self, embeds, mask, positions, cache, *args, **kwargs)
+
+    def spy_encode(self, pixel_values):
+        calls["vision_encoder"].append((pixel_values.shape[0],))
+        return encode(self, pixel_values)
+
+    monkeypatch.setattr(OnnxBackend, "decode", spy_decode)
+    monkeypatch.setattr(OnnxBackend, "encode_image", spy_encode)
+    image = (np.random.default_rng(0).random((40, 50, 3)) * 255).astype(np.uint8)
+    with (
+        Pipeline.load(tiny_model_dir, session_cache=False) as pipe,
+        BatchEngine(pipe, max_batch=4, prefix_cache_mb=0, start=False) as engine,
+    ):
+        requests = [
+            engine.submit(image, f"question {i}", max_new_tokens=8, ignore_eos=True)
+            for i in range(4)
+        ]
+        engine.run_until_idle()
+        context = max(len(r.result().prompt_token_ids) + 8 for r in requests)
+    shapes = read_shapes(tiny_model_dir, pipe.manifest, "onnxruntime")
+    p = plan(tiny_model_dir, BIG, max_context=context, max_batch=4)
+    assert max(b for b, _, _ in calls["decoder"]) == 4  # the rows were decoded together
+    ran = max(_decoder_activations(shapes, b, s, past) for b, s, past in calls["decoder"])
+    prompts = max(s for _, s, _ in calls["decoder"])
+    assert ran <= p.activations["decoder"] < _decoder_activations(shapes, 4, prompts, 0)
+    seen = max(b for (b,) in calls["vision_encoder"])
+    assert p.activations["vision_encoder"] == _vision_activations(shapes, seen)
+
+
 def test_largest_context_and_batch_are_the_edges_of_what_fits(tiny_model_dir) -> None:
     first = plan(tiny_model_dir, BIG, backend="tensorrt", max_context=512)
     # a device just big enough for context 512 and batch 1 (plus the runtime's fixed share)
@@ -193,6 +238,31 @@ def test_onnxruntime_plans_count_the_graphs_its_providers_open(tiny_model_dir, c
     assert "unknown onnxruntime provider 'gpu'" in capsys.readouterr().err
     assert cli.main([*args, "--provider", "cuda", "--backend", "tensorrt"]) == 1
     assert "providers (--provider) are onnxruntime's" in capsys.readouterr().err
+
+
+def test_a_cpu_plan_counts_fp16_weights_as_the_fp32_copies_onnxruntime_holds(
+    tiny_model_dir, tmp_path
+) -> None:
+    """onnxruntime's CPU provider runs an fp16 graph's MatMuls in fp32 and folds the casts of
+    their weights into fp32 copies at load: the plan counts what the session holds, read from
+    the graph onnxruntime itself optimizes; a GPU provider holds the fp16 weights as stored."""
+    import onnxruntime as ort
+
+    from llava_edge.calib.quantize import quantize_model
+    from llava_edge.manifest import Manifest
+
+    model = tmp_path / "fp16"
+    quantize_model(tiny_model_dir, model, precision="fp16", log=quiet)
+    cpu, cuda = plan(model, BIG), plan(model, BIG, providers=["cuda"])
+    for name, graph in Manifest.load(model).graphs.items():
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"{name}.held.onnx")
+        ort.InferenceSession(str(model / graph.file), options, providers=["CPUExecutionProvider"])
+        held = graph_sizes(tmp_path / f"{name}.held.onnx")
+        assert abs(cpu.weights[name] - held.weight_bytes) <= 0.05 * held.weight_bytes, name
+        assert cuda.weights[name] == graph_sizes(model / graph.file).weight_bytes
+    assert cpu.overhead > cuda.overhead  # the fp16 copy read while converting it
+    assert cpu.decode_tokens_per_s["weights_only"] < cuda.decode_tokens_per_s["weights_only"]
 
 
 def test_the_mlp_width_is_the_models_whatever_form_is_counted(tiny_checkpoint, tmp_path) -> None:

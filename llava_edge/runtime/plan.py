@@ -9,12 +9,16 @@ running, `plan` adds up what the backend will hold:
   `tensorrt_file` where there is one; onnxruntime opens the form its providers take, as the
   runtime picks it: on the CPU alone the fused graphs, with an int4 dir's int8 prompt decoder,
   `quantize --prefill int8`; with the CUDA or TensorRT provider the standard ones, the TensorRT
-  provider's Q/DQ forms where there are);
+  provider's Q/DQ forms where there are); onnxruntime's CPU provider holds fp16 weights in
+  fp32 (it has no fp16 kernels for most of their ops on x86, so it casts them and folds the casts
+  into fp32 copies at load), so a plan for the CPU alone counts them at 4 bytes each;
 - the KV cache at the planned context, batch and the cache's dtype, the decoder's own (fp16 where
   the TensorRT graph computes in fp16, int8 in a fused decoder quantized with `--kv-cache int8`);
-- activations: the vision encoder on a batch of images (an AnyRes image is its base image and
-  every tile of the largest grid), and one decoder call (a whole prompt for
-  onnxruntime, which does not split prefills; one prefill chunk for TensorRT);
+- activations: the vision encoder on an image (an AnyRes image is its base image and every tile
+  of the largest grid), and one decoder call: for onnxruntime, which takes what a call needs, the
+  larger of a whole prompt (it does not split prefills; the batch engine prefills one request at
+  a time) and a decode step of the whole batch; for TensorRT, whose engines hold what their
+  largest profile needs, a batch of images and one prefill chunk of the whole batch;
 - runtime overhead (libraries, CUDA context, onnxruntime's session copies).
 
 It also bounds decode speed: every new token reads all decoder weights and the KV cache so far,
@@ -82,6 +86,7 @@ ORT_LIBRARIES = 64 << 20  # numpy, onnxruntime, tokenizers, Pillow resident (mea
 ORT_WEIGHT_FACTOR = 0.2
 # CUDA context, cuBLAS/cuDNN handles and TensorRT's runtime with lazy module loading (estimate).
 TRT_RUNTIME = 600 << 20
+FLOAT, FLOAT16 = 1, 10  # TensorProto data types
 TRT_PREFILL_CHUNK = 512  # llava-edge build's default prefill chunk
 PROMPT_TEXT_TOKENS = 128  # text of a typical prompt beside the image, for onnxruntime's prefill
 VISION_HEAD_DIM = 64  # CLIP towers' head size: the manifest does not record the vision heads
@@ -122,6 +127,7 @@ class ModelShapes:
     manifest: Manifest
     sizes: dict[str, GraphSizes]
     form: str  # of the graphs `sizes` counts (Plan.graph_form)
+    fp16_as_fp32: bool  # the runtime holds fp16 weights in fp32 (onnxruntime on the CPU alone)
     kv_itemsize: int
     act_itemsize: int
     mlp_width: int
@@ -255,7 +261,7 @@ def plan_for(
         kv_dtype=_dtype_name(shapes.kv_itemsize),
         weights=parts["weights"],
         weight_dtypes={
-            name: {_onnx_dtype(t): n for t, n in sorted(s.weights.items()) if n}
+            name: {_onnx_dtype(t): n for t, n in sorted(_held(shapes, s).items()) if n}
             for name, s in shapes.sizes.items()
         },
         kv_cache=parts["kv"],
@@ -289,11 +295,13 @@ def read_shapes(
     model's other sizes."""
     from llava_edge.runtime.onnx_backend import form_graphs, graph_files, pick_form, provider_list
 
+    cpu_only = False
     if backend == "tensorrt":
         form = "tensorrt"
         files = {name: g.tensorrt_file or g.file for name, g in manifest.graphs.items()}
     else:  # the graphs the onnxruntime backend opens
         providers = provider_list(providers, installed=False)
+        cpu_only = providers == ["CPUExecutionProvider"]
         form = pick_form(manifest, providers, graph_form)
         files = graph_files(form_graphs(manifest, form), providers)
     sizes = {name: _read_sizes(model_dir / file) for name, file in files.items()}
@@ -323,6 +331,7 @@ def read_shapes(
         manifest=manifest,
         sizes=sizes,
         form=form,
+        fp16_as_fp32=cpu_only,
         kv_itemsize=kv_itemsize,
         act_itemsize=np.dtype(act_dtype).itemsize,
         mlp_width=_mlp_width(standard("decoder"), text.vocab_size, 4 * text.hidden_size),
@@ -347,24 +356,50 @@ def _mlp_width(sizes: GraphSizes, vocab: int, default: int) -> int:
     return max(widths, default=default)
 
 
+def _held(shapes: ModelShapes, sizes: GraphSizes) -> dict[int, int]:
+    """A graph's weights by data type as the runtime holds them after loading."""
+    held = dict(sizes.weights)
+    half = held.pop(FLOAT16, 0) if shapes.fp16_as_fp32 else 0
+    if half:
+        held[FLOAT] = held.get(FLOAT, 0) + 2 * half
+    return held
+
+
+def _weight_bytes(shapes: ModelShapes, name: str) -> int:
+    return sum(_held(shapes, shapes.sizes[name]).values())
+
+
+def _load_copy(shapes: ModelShapes, sizes: GraphSizes) -> int:
+    """What loading a graph briefly holds beside its weights: a copy of its largest weight,
+    and where fp16 weights are converted to fp32, all of them at their stored size."""
+    half = sizes.weights.get(FLOAT16, 0) if shapes.fp16_as_fp32 else 0
+    return max(sizes.largest, half)
+
+
 def _parts(shapes: ModelShapes, backend: str, context: int, batch: int) -> dict[str, Any]:
     text = shapes.manifest.text
-    weights = {name: s.weight_bytes for name, s in shapes.sizes.items()}
+    weights = {name: _weight_bytes(shapes, name) for name in shapes.sizes}
     kv_one = 2 * text.num_layers * text.num_kv_heads * text.head_dim * shapes.kv_itemsize
     kv = kv_one * batch * context
     if backend == "onnxruntime":
         # The host cache grows by copying every layer into larger buffers, so for a moment the
         # old and the new cache are both held.
         kv = 2 * kv
+        # the batch engine encodes and prefills one request at a time, then decodes every row
+        # one token a step: a whole prompt at batch 1, or a step of the batch at full context
         prompt = min(context, shapes.image_tokens + PROMPT_TEXT_TOKENS)
-        decoder = _decoder_activations(shapes, batch, prompt, 0)
+        decoder = max(
+            _decoder_activations(shapes, 1, prompt, 0),
+            _decoder_activations(shapes, batch, 1, context - 1),
+        )
+        vision = _vision_activations(shapes, 1)
         overhead = ORT_LIBRARIES + int(ORT_WEIGHT_FACTOR * sum(weights.values()))
-        overhead += max(s.largest for s in shapes.sizes.values())
+        overhead += max(_load_copy(shapes, s) for s in shapes.sizes.values())
     else:
         chunk = min(shapes.prefill_chunk, context)
         decoder = _decoder_activations(shapes, batch, chunk, context - chunk)
         overhead = TRT_RUNTIME
-    vision = _vision_activations(shapes, batch)
+        vision = _vision_activations(shapes, batch)
     return {
         "weights": weights,
         "kv": kv,
@@ -421,7 +456,7 @@ def _speed(shapes: ModelShapes, device: Device, context: int) -> dict[str, float
     if not device.bandwidth:
         return {}
     text = shapes.manifest.text
-    weights = shapes.sizes["decoder"].weight_bytes
+    weights = _weight_bytes(shapes, "decoder")
     kv_token = 2 * text.num_layers * text.num_kv_heads * text.head_dim * shapes.kv_itemsize
     prompt = min(context, shapes.image_tokens + PROMPT_TEXT_TOKENS)
     return {
