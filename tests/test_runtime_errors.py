@@ -621,12 +621,13 @@ def test_a_batchs_requests_run_while_the_later_images_are_read(pipe, monkeypatch
     read = pipe.image_pixels
 
     def slow(image):
-        time.sleep(0.1)  # a large frame: decoding and resizing it takes this long
+        time.sleep(0.2)  # a large frame: decoding and resizing it takes this long
         return read(image)
 
     frames = [np.full((30, 40, 3), 10 * i, np.uint8) for i in range(10)]
     options = dict(max_new_tokens=3, ignore_eos=True)
     alone = [pipe.answer(frame, "What?", **options).token_ids for frame in frames]
     monkeypatch.setattr(pipe, "image_pixels", slow)
-    answers = pipe.generate_batch([(frame, "What?") for frame in frames], timeout_s=0.6, **options)
+    # reading all ten takes 2 s: past the limit for the first requests, were they to wait
+    answers = pipe.generate_batch([(frame, "What?") for frame in frames], timeout_s=1.5, **options)
     assert [a.token_ids for a in answers] == alone
