@@ -432,6 +432,7 @@ def _plan(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         bandwidth_gbs=args.bandwidth,
         providers=args.provider,
+        prefix_cache_mb=args.prefix_cache_mb,
     )
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_plan(result))
     return 0 if result.fits else 2
@@ -905,6 +906,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--bandwidth", type=float, help="memory bandwidth in GB/s (for a custom device)")
     p.add_argument("--reserve", type=float, help="GB the OS keeps from applications")
+    p.add_argument(
+        "--prefix-cache-mb",
+        type=float,
+        default=0.0,
+        help="a server's store of conversations for their next turns: give serve's "
+        "--prefix-cache-mb (256 unless told) when planning for serve (default 0)",
+    )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     p = sub.add_parser("doctor", help="what this machine can run, and what is missing")

@@ -194,6 +194,22 @@ def test_largest_context_and_batch_are_the_edges_of_what_fits(tiny_model_dir) ->
     assert not none.fits and none.largest_context == 0 and none.largest_batch == 0
 
 
+def test_a_servers_prefix_cache_is_counted_where_one_is_planned(tiny_model_dir, capsys) -> None:
+    """serve keeps finished conversations' keys/values for their next turns (256 MB unless
+    told): a plan for it must hold them, and what fits is what is left beside them."""
+    alone = plan(tiny_model_dir, BIG, max_context=512)
+    served = plan(tiny_model_dir, BIG, max_context=512, prefix_cache_mb=256)
+    assert served.total == alone.total + 256 * 2**20 and served.prefix_cache == 256 * 2**20
+    device = Device("edge", alone.total + 1000, 0, None)  # context 512 fits, with nothing over
+    assert plan(tiny_model_dir, device, max_context=512).fits
+    tight = plan(tiny_model_dir, device, max_context=512, prefix_cache_mb=1)
+    assert not tight.fits and tight.largest_context < 512
+    assert cli.main(["plan", str(tiny_model_dir), "--prefix-cache-mb", "256"]) in (0, 2)
+    assert "prefix cache" in capsys.readouterr().out
+    assert cli.main(["plan", str(tiny_model_dir), "--prefix-cache-mb", "-1"]) == 1
+    assert "--prefix-cache-mb must be 0 or more" in capsys.readouterr().err
+
+
 def test_devices_and_the_cli(tiny_model_dir, capsys) -> None:
     assert DEVICES["agx-orin-64gb"].bandwidth == 204.8e9
     assert DEVICES["orin-nano-8gb"].memory == 8 * GiB

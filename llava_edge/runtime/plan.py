@@ -108,6 +108,7 @@ class Plan:
     kv_cache: int
     activations: dict[str, int]
     overhead: int
+    prefix_cache: int  # serve's store of finished conversations' keys/values (--prefix-cache-mb)
     embedding_table: int  # memory-mapped on the host, not counted
     total: int
     available: int
@@ -208,6 +209,7 @@ def plan(
     bandwidth_gbs: float | None = None,
     providers: str | list[str] | None = None,
     graph_form: str = "auto",
+    prefix_cache_mb: float = 0,
 ) -> Plan:
     """What running `model_dir` with `backend` needs, on `device` (a Device, a name, a size).
 
@@ -215,6 +217,8 @@ def plan(
     most requests decoded together; bandwidth_gbs: GB/s, for a device the table does not know.
     providers, graph_form: onnxruntime's, as Pipeline.load takes them (default: the CPU, and the
     form the runtime picks for the providers); the providers need not be installed here.
+    prefix_cache_mb: the most a server keeps of finished conversations for their next turns
+    (`serve --prefix-cache-mb`: 256 unless told; 0 for an app without a BatchEngine's store).
     """
     if backend not in ("onnxruntime", "tensorrt"):
         raise LlavaEdgeError(f"unknown backend {backend!r}; choose 'onnxruntime' or 'tensorrt'")
@@ -239,18 +243,27 @@ def plan(
         )
     if max_batch < 1:
         raise LlavaEdgeError(f"--max-batch must be at least 1, got {max_batch}")
+    if not 0 <= prefix_cache_mb < math.inf:  # nan too
+        raise LlavaEdgeError(f"--prefix-cache-mb must be 0 or more, got {prefix_cache_mb}")
     shapes = read_shapes(Path(model_dir), manifest, backend, prefill_chunk, providers, graph_form)
-    return plan_for(shapes, device, backend, context, max_batch, str(model_dir))
+    prefix = int(prefix_cache_mb * 2**20)
+    return plan_for(shapes, device, backend, context, max_batch, str(model_dir), prefix)
 
 
 def plan_for(
-    shapes: ModelShapes, device: Device, backend: str, context: int, max_batch: int, name: str
+    shapes: ModelShapes,
+    device: Device,
+    backend: str,
+    context: int,
+    max_batch: int,
+    name: str,
+    prefix_cache: int = 0,
 ) -> Plan:
     """The plan of a model whose shapes are known (`plan` reads them from a model dir)."""
     manifest = shapes.manifest
     parts = _parts(shapes, backend, context, max_batch)
-    total = sum(parts["weights"].values()) + parts["kv"] + sum(parts["act"].values())
-    total += parts["overhead"]
+    total = _total(shapes, backend, context, max_batch) + prefix_cache
+    room = device.available - prefix_cache
     return Plan(
         model_dir=name,
         backend=backend,
@@ -267,18 +280,17 @@ def plan_for(
         kv_cache=parts["kv"],
         activations=parts["act"],
         overhead=parts["overhead"],
+        prefix_cache=prefix_cache,
         embedding_table=shapes.table,
         total=total,
         available=device.available,
         fits=total <= device.available,
         decode_tokens_per_s=_speed(shapes, device, context),
         largest_context=_largest(
-            lambda c: _total(shapes, backend, c, max_batch) <= device.available,
+            lambda c: _total(shapes, backend, c, max_batch) <= room,
             manifest.text.max_context,
         ),
-        largest_batch=_largest(
-            lambda b: _total(shapes, backend, context, b) <= device.available, 4096
-        ),
+        largest_batch=_largest(lambda b: _total(shapes, backend, context, b) <= room, 4096),
     )
 
 
@@ -491,6 +503,8 @@ def format_plan(p: Plan) -> str:
     for name, n in p.activations.items():
         lines.append(f"  activations {name:<13}{gb(n)}")
     lines.append(f"  runtime overhead{'':<10}{gb(p.overhead)}")
+    if p.prefix_cache:
+        lines.append(f"  prefix cache{'':<14}{gb(p.prefix_cache)}")
     lines.append(f"  total{'':<21}{gb(p.total)}")
     lines.append(
         f"  available{'':<17}{gb(p.available)}   ({p.device['memory'] / 1e9:.2f} GB, "
