@@ -419,3 +419,27 @@ def _edit_json(path: Path, edit: Callable[[dict], object]) -> None:
     config = json.loads(path.read_text())
     edit(config)
     path.write_text(json.dumps(config))
+
+
+def test_a_hub_id_the_hub_cannot_be_reached_for_is_one_line_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
+) -> None:
+    """No network, and the checkpoint not in the hub's local cache: the hub client retries each
+    file for about half a minute before transformers says it "couldn't connect"; export says in
+    one line, at once, that the hub is out of reach and how to export without it."""
+    import time
+
+    import huggingface_hub.constants
+
+    monkeypatch.chdir(tmp_path)
+    # a port nothing listens on: the connection is refused, as with no network
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    start = time.perf_counter()
+    code = main(["export", "nobody-here/no-such-llava", str(tmp_path / "out")])
+    elapsed = time.perf_counter() - start
+    assert code == 1
+    line = _one_error_line(capfd.readouterr().err, "export")
+    assert "cannot reach the Hugging Face hub" in line and "nobody-here/no-such-llava" in line
+    assert "--local-dir" in line  # what to do: download it where there is a network
+    assert elapsed < 5
+    assert list(tmp_path.iterdir()) == []

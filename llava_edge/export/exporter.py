@@ -318,6 +318,7 @@ def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = F
         # "org/name" may be a hub id, unless "org" is a local dir: then it is a mistyped path.
         if not re.fullmatch(r"[\w.-]+/[\w.-]+", source) or local.parent.is_dir():
             raise LlavaEdgeError(f"checkpoint {source} does not exist")
+        _check_hub_reachable(source)
     elif not local.is_dir():
         raise LlavaEdgeError(f"checkpoint {source} is a file; give the checkpoint's directory")
     elif not (local / "config.json").is_file():
@@ -373,6 +374,28 @@ def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = F
             "export takes the default, linear, dynamic, yarn and llama3 rope types"
         )
     return config
+
+
+def _check_hub_reachable(repo_id: str) -> None:
+    """A hub id not in the hub's local cache is downloaded; with no network, the hub client
+    retries each file for about half a minute before transformers says it "couldn't connect".
+    One request, not retried, says at once whether the hub can be reached."""
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if try_to_load_from_cache(repo_id, "config.json") is not None:
+        return  # the hub client falls back to the cached copy
+    try:
+        HfApi().model_info(repo_id, timeout=10)
+    except HfHubHTTPError:
+        return  # the hub answered: transformers says what it said (no such repo, gated...)
+    except Exception as e:  # the HTTP client's own connection and timeout errors
+        raise LlavaEdgeError(
+            f"cannot reach the Hugging Face hub to download {repo_id} ({type(e).__name__}: "
+            f"{first_line(e)}), and it is not in the local cache; connect to the network, or "
+            f"download it where there is one (`hf download {repo_id} --local-dir DIR`) and "
+            "export DIR"
+        ) from None
 
 
 def _check_tile_features(source: str, config: Any) -> None:
