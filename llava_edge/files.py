@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -151,10 +152,17 @@ def replace_dir(out: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# numpy's ndarray.tofile (np.save) on a write cut short: an OSError with no errno
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
+
+
 def _disk_full(error: Exception) -> bool:
     """A full disk that a library reports in its own error type, the OS error only in its text
-    (safetensors' writer: "No space left on device (os error 28)")."""
-    return not isinstance(error, OSError) and f"(os error {errno.ENOSPC})" in str(error)
+    (safetensors' writer: "No space left on device (os error 28)"), or as a short write with no
+    errno (numpy's: "36864 requested and 28640 written")."""
+    if isinstance(error, OSError):
+        return error.errno is None and bool(_SHORT_WRITE.fullmatch(str(error)))
+    return f"(os error {errno.ENOSPC})" in str(error)
 
 
 @contextlib.contextmanager

@@ -200,3 +200,26 @@ def test_force_never_deletes_the_checkpoint(tiny_checkpoint: Path, tmp_path: Pat
         (line,) = capsys.readouterr().err.strip().splitlines()
         assert "holds the checkpoint" in line
     assert _snapshot(checkpoint) == before
+
+
+def test_a_disk_full_under_numpys_writer_is_one_line_and_keeps_the_old_dir(
+    tiny_checkpoint: Path, good_model_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """numpy reports a full disk as a short write, an OSError with no errno ("36864 requested
+    and 28640 written"), as it did writing embed_tokens.npy on a full tmpfs: one line naming
+    the full disk, no traceback, the previous model dir untouched."""
+    save = np.save
+
+    def short_write(path, array, *args, **kwargs):
+        if str(path).endswith(".npy"):
+            raise OSError("36864 requested and 28640 written")
+        save(path, array, *args, **kwargs)
+
+    monkeypatch.setattr(np, "save", short_write)
+    before = _snapshot(good_model_dir)
+    argv = ["export", str(tiny_checkpoint), str(good_model_dir), "--force", "--no-verify"]
+    assert main(argv) == 1
+    line = _last_error_line(capsys.readouterr().err)
+    assert line.startswith("llava-edge export: error: no space left on the device writing ")
+    assert _snapshot(good_model_dir) == before
+    assert _leftovers(good_model_dir.parent, good_model_dir.name) == []
