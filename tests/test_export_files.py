@@ -223,3 +223,31 @@ def test_a_disk_full_under_numpys_writer_is_one_line_and_keeps_the_old_dir(
     assert line.startswith("llava-edge export: error: no space left on the device writing ")
     assert _snapshot(good_model_dir) == before
     assert _leftovers(good_model_dir.parent, good_model_dir.name) == []
+
+
+def test_failed_verification_names_the_first_token_that_differs(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where greedy tokens diverge, the error names the step and both tokens (id and text), as
+    the printed report shows them: what to look at first when a graph is wrong."""
+    import re
+
+    from llava_edge.export.verify import VerificationError
+
+    _corrupt_embeddings(monkeypatch)
+    printed: list[str] = []
+    with pytest.raises(VerificationError) as failure:
+        exporter.export_checkpoint(
+            tiny_checkpoint, tmp_path / "model", fused=False, log=printed.append
+        )
+    message = str(failure.value)
+    found = re.search(
+        r"greedy tokens diverge after (\d+) of 32 \(token (\d+): ours (\d+) ", message
+    )
+    assert found, message
+    matched, step, ours = (int(g) for g in found.groups())
+    assert step == matched + 1
+    assert f"{matched}/32 identical" in "\n".join(printed)
+    theirs = re.search(r", transformers (\d+) ", message)
+    assert theirs and int(theirs.group(1)) != ours
+    assert not (tmp_path / "model").exists()

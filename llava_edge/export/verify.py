@@ -94,7 +94,8 @@ def verify_model_dir(loaded: Any, model_dir: Path, log: Any = print) -> dict[str
             (f"{form} form: " if len(forms) > 1 else "") + failure
             for form, r in reports.items()
             if not r["passed"]
-            for failure in _failures(r, fp32) or ["greedy tokens differ"]
+            for failure in _failures(r, fp32)
+            or [f"greedy tokens differ ({r['greedy_divergence']})"]
         ]
         raise VerificationError(
             "verification failed: the exported graphs do not reproduce transformers "
@@ -175,6 +176,7 @@ def _verify_form(loaded: Any, model_dir: Path, form: str) -> dict[str, Any]:
         "prefill_logits_cosine": _cosine(logits, ref_logits),
         "greedy_tokens_matched": matched,
         "greedy_tokens_total": len(ref_tokens),
+        "greedy_divergence": _divergence(answer.token_ids, ref_tokens, processor.tokenizer),
     }
     report["passed"] = _passed(report, fp32, answer.token_ids, ref_tokens)
     return report
@@ -203,11 +205,27 @@ def _failures(report: dict, fp32: bool) -> list[str]:
                 failures.append(f"{what} differ by {report[key]:.2g} of their range")
         if report["greedy_tokens_matched"] != report["greedy_tokens_total"]:
             failures.append(
-                f"greedy tokens diverge after {report['greedy_tokens_matched']} of {report['greedy_tokens_total']}"
+                f"greedy tokens diverge after {report['greedy_tokens_matched']} of "
+                f"{report['greedy_tokens_total']} ({report['greedy_divergence']})"
             )
     elif report["prefill_logits_cosine"] < 0.99:
         failures.append(f"fp16 prefill logits cosine {report['prefill_logits_cosine']:.4f} < 0.99")
     return failures
+
+
+def _divergence(ours: list[int], reference: list[int], tokenizer: Any) -> str | None:
+    """The first greedy step at which the graphs' tokens and transformers' differ, both tokens
+    as id and text (None where they are the same)."""
+    if ours == reference:
+        return None
+    step = common_prefix(ours, reference)
+
+    def token(ids: list[int]) -> str:
+        if step >= len(ids):
+            return "the end of the answer"
+        return f"{ids[step]} {tokenizer.decode([ids[step]], skip_special_tokens=False)!r}"
+
+    return f"token {step + 1}: ours {token(ours)}, transformers {token(reference)}"
 
 
 def _format(report: dict, form: str | None = None) -> str:
