@@ -91,6 +91,9 @@ def _export_cases(tmp: Path, checkpoint: Path, plain_llama: Path) -> dict:
     no_tokenizer = tmp / "no_tokenizer"  # saved with the model's save_pretrained alone
     shutil.copytree(checkpoint, no_tokenizer)
     (no_tokenizer / "tokenizer.json").unlink()
+    no_processor = tmp / "no_processor"  # the tokenizer saved, not the processor
+    shutil.copytree(checkpoint, no_processor)
+    (no_processor / "processor_config.json").unlink()
     out = str(tmp / "out")
     return {
         "missing-checkpoint": (str(tmp / "nope" / "checkpoint"), out, [], "does not exist"),
@@ -129,6 +132,12 @@ def _export_cases(tmp: Path, checkpoint: Path, plain_llama: Path) -> dict:
         "processor-without-patch-size": (str(no_patch), out, [], 'add "patch_size": '),
         "quantized-weights": (str(quantized), out, [], "holds bitsandbytes weights"),
         "no-tokenizer": (str(no_tokenizer), out, [], "has no tokenizer (tokenizer.json,"),
+        "no-processor": (
+            str(no_processor),
+            out,
+            [],
+            "has no image processor (processor_config.json or preprocessor_config.json)",
+        ),
     }
 
 
@@ -152,6 +161,7 @@ CASES = [
     "processor-without-patch-size",
     "quantized-weights",
     "no-tokenizer",
+    "no-processor",
 ]
 
 

@@ -149,6 +149,7 @@ def load_checkpoint(
     config = checkpoint_config(checkpoint, trust_remote_code)
     source = str(checkpoint)
     _check_tokenizer_files(Path(source))
+    _check_processor_files(Path(source))
     try:
         with quiet(*LOADER_LOGGERS):
             processor = load_processor(source, trust_remote_code)
@@ -202,6 +203,21 @@ def _check_tokenizer_files(local: Path) -> None:
         f"{local} has no tokenizer ({', '.join(TOKENIZER_FILES[:2])} or another vocabulary "
         "file); save the processor (or tokenizer) it was trained with into it: "
         "processor.save_pretrained(DIR)"
+    )
+
+
+# Files an image processor's settings are read from.
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+
+
+def _check_processor_files(local: Path) -> None:
+    """A checkpoint saved with its tokenizer but not its processor has no image settings;
+    transformers then asks whether a hub repo of the dir's name was meant."""
+    if not local.is_dir() or any((local / name).is_file() for name in PROCESSOR_FILES):
+        return  # a hub id, or settings to read
+    raise LlavaEdgeError(
+        f"{local} has no image processor ({' or '.join(PROCESSOR_FILES)}); save the processor "
+        "it was trained with into it: processor.save_pretrained(DIR)"
     )
 
 
