@@ -453,3 +453,31 @@ def test_a_hub_id_the_hub_cannot_be_reached_for_is_one_line_at_once(
     assert "--local-dir" in line  # what to do: download it where there is a network
     assert elapsed < 5
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_processor_of_the_checkpoints_own_code_takes_trust_remote_code(
+    tiny_checkpoint: Path, tmp_path: Path, capfd: pytest.CaptureFixture
+) -> None:
+    """A processor the checkpoint's own Python code defines (processor_config.json's auto_map)
+    is refused in one line that names the option which allows it, and loads with it."""
+    checkpoint = tmp_path / "own_code"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    (checkpoint / "processing_own.py").write_text(
+        "from transformers import LlavaProcessor\n\n\nclass OwnProcessor(LlavaProcessor):\n"
+        "    pass\n"
+    )
+    _edit_json(
+        checkpoint / "processor_config.json",
+        lambda c: c.update(
+            processor_class="OwnProcessor",
+            auto_map={"AutoProcessor": "processing_own.OwnProcessor"},
+        ),
+    )
+    out = tmp_path / "model"
+    assert main(["export", str(checkpoint), str(out), "--no-verify", "--no-fused"]) == 1
+    line = _one_error_line(capfd.readouterr().err, "export")
+    assert "its own Python code" in line and "pass --trust-remote-code" in line
+    assert not out.exists()
+    argv = ["export", str(checkpoint), str(out), "--no-verify", "--no-fused", "--trust-remote-code"]
+    assert main(argv) == 0
+    assert (out / "manifest.json").is_file()

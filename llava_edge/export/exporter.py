@@ -176,7 +176,15 @@ def load_checkpoint(
                 trust_remote_code=trust_remote_code,
                 use_safetensors=True,
             )
-    except (OSError, ValueError) as e:  # missing weights or tokenizer files, a broken config
+    except ValueError as e:
+        if not trust_remote_code and "trust_remote_code" in str(e):  # transformers' refusal
+            raise LlavaEdgeError(
+                f"{source} loads its processor or tokenizer with its own Python code (an "
+                "auto_map in its settings); pass --trust-remote-code to run it, if you trust the "
+                "checkpoint"
+            ) from None
+        raise LlavaEdgeError(f"cannot load checkpoint {source}: {first_line(e)}") from None
+    except OSError as e:  # missing weights or tokenizer files
         raise LlavaEdgeError(f"cannot load checkpoint {source}: {first_line(e)}") from None
     return LoadedCheckpoint(model.eval(), processor, source, choice.template, choice.why)
 
