@@ -251,3 +251,23 @@ def test_failed_verification_names_the_first_token_that_differs(
     theirs = re.search(r", transformers (\d+) ", message)
     assert theirs and int(theirs.group(1)) != ours
     assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_log_shows_each_long_step_and_says_which_forms_were_written(
+    tiny_checkpoint: Path, tmp_path: Path, fused: bool, capsys: pytest.CaptureFixture
+) -> None:
+    """Writing the fused forms and verifying each form take minutes on a 7B model: each shows a
+    progress bar; the last line says which graph forms the dir holds (and why no fused ones)."""
+    argv = ["export", str(tiny_checkpoint), str(tmp_path / "model")]
+    assert main(argv if fused else [*argv, "--no-fused"]) == 0
+    captured = capsys.readouterr()
+    bars = captured.err.replace("\r", "\n")
+    assert ("export fused forms" in bars) == fused
+    assert "verify standard form" in bars
+    assert ("verify fused form" in bars) == fused
+    last = captured.out.strip().splitlines()[-1]
+    if fused:
+        assert "standard graphs and fused vision_encoder and decoder forms" in last
+    else:
+        assert "standard graphs only (--no-fused)" in last

@@ -113,8 +113,20 @@ def export_checkpoint(
                 loaded = load_checkpoint(checkpoint, trust_remote_code=trust_remote_code)
             report = verify_model_dir(loaded, tmp, log=log)
     manifest.mark_verified(out)  # just hashed by record_files: no need to hash on first load
-    log(f"exported {loaded.source} -> {out} in {time.perf_counter() - start:.1f} s")
+    log(
+        f"exported {loaded.source} -> {out} ({_forms_written(manifest, fused)}) in "
+        f"{time.perf_counter() - start:.1f} s"
+    )
     return report
+
+
+def _forms_written(manifest: Manifest, fused: bool) -> str:
+    """The graph forms a model dir holds, in words (why a graph has none is logged as it is
+    written)."""
+    names = [name for name, graph in manifest.graphs.items() if graph.fused is not None]
+    if names:
+        return f"standard graphs and fused {' and '.join(names)} form{'s' * (len(names) > 1)}"
+    return "standard graphs only" + ("" if fused else " (--no-fused)")
 
 
 def _half(model: Any) -> None:
@@ -823,6 +835,8 @@ def _write_graphs(model: Any, manifest: Manifest, out: Path, opset: int, log: An
 def _write_fused(model: Any, manifest: Manifest, out: Path, log: Any) -> None:
     """onnxruntime's fused forms beside the standard graphs: the decoder's and the vision
     encoder's (where their shapes allow; see llava_edge.export.fused)."""
+    from tqdm import tqdm
+
     from llava_edge.export.fused import (
         can_fuse,
         fused_spec,
@@ -830,26 +844,34 @@ def _write_fused(model: Any, manifest: Manifest, out: Path, log: Any) -> None:
         write_fused_vision,
     )
 
-    vision = manifest.graphs["vision_encoder"]
-    vision.fused, reason = write_fused_vision(
-        out / vision.file, vision, model.config.vision_config, out
-    )
-    if reason:
-        _no_fused_form(vision, "vision encoder", reason, log)
-    graph = manifest.graphs["decoder"]
-    reason = can_fuse(model.config.text_config)
-    if reason:
-        _no_fused_form(graph, "decoder", reason, log)
-        return
-    spec = fused_spec(manifest.text, graph.precision)
-    write_fused_decoder(model, manifest.text, out / spec.file)
-    graph.fused = spec
+    said: list[str] = []  # logged once the bar is done, not through it
+    with tqdm(total=2, desc="export fused forms", unit="graph", leave=True) as bar:
+        bar.set_postfix_str("vision_encoder")
+        vision = manifest.graphs["vision_encoder"]
+        vision.fused, reason = write_fused_vision(
+            out / vision.file, vision, model.config.vision_config, out
+        )
+        if reason:
+            said.append(_no_fused_form(vision, "vision encoder", reason))
+        bar.update()
+        bar.set_postfix_str("decoder")
+        graph = manifest.graphs["decoder"]
+        reason = can_fuse(model.config.text_config)
+        if reason:
+            said.append(_no_fused_form(graph, "decoder", reason))
+        else:
+            spec = fused_spec(manifest.text, graph.precision)
+            write_fused_decoder(model, manifest.text, out / spec.file)
+            graph.fused = spec
+        bar.update()
+    for line in said:
+        log(line)
 
 
-def _no_fused_form(graph: GraphSpec, name: str, reason: str, log: Any) -> None:
-    """Say why a graph has no fused form, in the log and in the manifest (`details`)."""
+def _no_fused_form(graph: GraphSpec, name: str, reason: str) -> str:
+    """Record why a graph has no fused form in the manifest (`details`); the line for the log."""
     graph.details["no_fused_form"] = reason
-    log(f"no fused {name} form: {reason}; onnxruntime runs the standard form")
+    return f"no fused {name} form: {reason}; onnxruntime runs the standard form"
 
 
 def _torch_export(module: Any, args: tuple, path: Path, graph: GraphSpec, opset: int) -> None:
