@@ -481,3 +481,44 @@ def test_a_processor_of_the_checkpoints_own_code_takes_trust_remote_code(
     argv = ["export", str(checkpoint), str(out), "--no-verify", "--no-fused", "--trust-remote-code"]
     assert main(argv) == 0
     assert (out / "manifest.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def sharded_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint saved in five weight shards with their index."""
+    from transformers import LlavaForConditionalGeneration
+
+    out = tmp_path_factory.mktemp("sharded") / "checkpoint"
+    shutil.copytree(tiny_checkpoint, out)
+    (out / "model.safetensors").unlink()
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    model.save_pretrained(out, max_shard_size="200KB")
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 2
+    return out
+
+
+@pytest.mark.parametrize("damage", ["missing-shard", "truncated-shard", "broken-index"])
+def test_a_sharded_checkpoint_missing_a_part_names_the_file(
+    sharded_checkpoint: Path, tmp_path: Path, damage: str, capfd: pytest.CaptureFixture
+) -> None:
+    """A shard lost or cut short in a copy, or an index that is no JSON: the line names the
+    file, so that one file is copied again rather than every shard of a 7B checkpoint."""
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(sharded_checkpoint, checkpoint)
+    shard = sorted(checkpoint.glob("model-*-of-*.safetensors"))[1]
+    index = checkpoint / "model.safetensors.index.json"
+    if damage == "missing-shard":
+        shard.unlink()
+        named, said = shard.name, "is missing"
+    elif damage == "truncated-shard":
+        with open(shard, "r+b") as weights:
+            weights.truncate(3000)
+        named, said = shard.name, "truncated or corrupt"
+    else:
+        index.write_text('{"weight_map": ')
+        named, said = index.name, "is not valid JSON"
+    out = tmp_path / "model"
+    assert main(["export", str(checkpoint), str(out), "--no-verify"]) == 1
+    line = _one_error_line(capfd.readouterr().err, "export")
+    assert named in line and said in line and "copy" in line
+    assert not out.exists()

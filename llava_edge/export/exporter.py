@@ -162,6 +162,7 @@ def load_checkpoint(
     source = str(checkpoint)
     _check_tokenizer_files(Path(source))
     _check_processor_files(Path(source))
+    _check_weight_files(Path(source))
     try:
         with quiet(*LOADER_LOGGERS):
             processor = load_processor(source, trust_remote_code)
@@ -239,6 +240,41 @@ def _check_processor_files(local: Path) -> None:
         f"{local} has no image processor ({' or '.join(PROCESSOR_FILES)}); save the processor "
         "it was trained with into it: processor.save_pretrained(DIR)"
     )
+
+
+SHARD_INDEX = "model.safetensors.index.json"
+
+
+def _check_weight_files(local: Path) -> None:
+    """A sharded checkpoint lists its shards in its index; transformers names neither the index
+    it cannot parse nor the shard it cannot read. Each file is named here (headers only are
+    read), so that the one damaged file is copied again."""
+    from safetensors import SafetensorError, safe_open
+
+    from llava_edge.modeling import unreadable_weights
+
+    index = local / SHARD_INDEX
+    if not local.is_dir() or not index.is_file():
+        return  # a hub id, or one model.safetensors (load_model says if it is unreadable)
+    try:
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise LlavaEdgeError(
+            f"{index} is not valid JSON with a weight_map ({type(e).__name__}: {first_line(e)}); "
+            "copy it from the checkpoint again"
+        ) from None
+    for name in shards:
+        shard = local / name
+        if not shard.is_file():
+            raise LlavaEdgeError(
+                f"{local}: {shard.name}, one of the weight shards {index.name} lists, is "
+                "missing; copy it from the checkpoint again"
+            )
+        try:
+            with safe_open(str(shard), framework="pt"):
+                pass
+        except SafetensorError as e:
+            raise unreadable_weights(shard, e) from None
 
 
 def _check_image_tokens(processor: Any, config: Any, source: str) -> None:
