@@ -271,3 +271,29 @@ def test_the_log_shows_each_long_step_and_says_which_forms_were_written(
         assert "standard graphs and fused vision_encoder and decoder forms" in last
     else:
         assert "standard graphs only (--no-fused)" in last
+
+
+def test_an_fp16_export_lets_its_fp16_weights_go_before_the_fp32_reference_loads(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fp16 verification compares against the checkpoint in fp32, loaded again; the fp16 model
+    is written by then, and held on, a 7B export would need both in memory (40 GB, not 27)."""
+    import weakref
+
+    load = exporter.load_checkpoint
+    models: list[weakref.ref] = []
+    alive_at_reload: list[bool] = []
+
+    def tracked(*args, **kwargs):
+        if models:
+            alive_at_reload.append(models[0]() is not None)
+        loaded = load(*args, **kwargs)
+        models.append(weakref.ref(loaded.model))
+        return loaded
+
+    monkeypatch.setattr(exporter, "load_checkpoint", tracked)
+    report = exporter.export_checkpoint(
+        tiny_checkpoint, tmp_path / "model", dtype="fp16", fused=False, log=quiet
+    )
+    assert report["passed"]
+    assert alive_at_reload == [False]

@@ -110,6 +110,7 @@ def export_checkpoint(
             from llava_edge.export.verify import verify_model_dir
 
             if dtype == "fp16":  # the reference is always the checkpoint's weights in fp32
+                del loaded  # the fp16 weights are written: not held beside the fp32 ones
                 loaded = load_checkpoint(checkpoint, trust_remote_code=trust_remote_code)
             report = verify_model_dir(loaded, tmp, log=log)
     manifest.mark_verified(out)  # just hashed by record_files: no need to hash on first load
