@@ -91,6 +91,9 @@ def _export_cases(tmp: Path, checkpoint: Path, plain_llama: Path) -> dict:
     no_tokenizer = tmp / "no_tokenizer"  # saved with the model's save_pretrained alone
     shutil.copytree(checkpoint, no_tokenizer)
     (no_tokenizer / "tokenizer.json").unlink()
+    no_processor = tmp / "no_processor"  # the tokenizer saved, not the processor
+    shutil.copytree(checkpoint, no_processor)
+    (no_processor / "processor_config.json").unlink()
     out = str(tmp / "out")
     return {
         "missing-checkpoint": (str(tmp / "nope" / "checkpoint"), out, [], "does not exist"),
@@ -129,6 +132,12 @@ def _export_cases(tmp: Path, checkpoint: Path, plain_llama: Path) -> dict:
         "processor-without-patch-size": (str(no_patch), out, [], 'add "patch_size": '),
         "quantized-weights": (str(quantized), out, [], "holds bitsandbytes weights"),
         "no-tokenizer": (str(no_tokenizer), out, [], "has no tokenizer (tokenizer.json,"),
+        "no-processor": (
+            str(no_processor),
+            out,
+            [],
+            "has no image processor (processor_config.json or preprocessor_config.json)",
+        ),
     }
 
 
@@ -152,6 +161,7 @@ CASES = [
     "processor-without-patch-size",
     "quantized-weights",
     "no-tokenizer",
+    "no-processor",
 ]
 
 
@@ -419,3 +429,96 @@ def _edit_json(path: Path, edit: Callable[[dict], object]) -> None:
     config = json.loads(path.read_text())
     edit(config)
     path.write_text(json.dumps(config))
+
+
+def test_a_hub_id_the_hub_cannot_be_reached_for_is_one_line_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
+) -> None:
+    """No network, and the checkpoint not in the hub's local cache: the hub client retries each
+    file for about half a minute before transformers says it "couldn't connect"; export says in
+    one line, at once, that the hub is out of reach and how to export without it."""
+    import time
+
+    import huggingface_hub.constants
+
+    monkeypatch.chdir(tmp_path)
+    # a port nothing listens on: the connection is refused, as with no network
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    start = time.perf_counter()
+    code = main(["export", "nobody-here/no-such-llava", str(tmp_path / "out")])
+    elapsed = time.perf_counter() - start
+    assert code == 1
+    line = _one_error_line(capfd.readouterr().err, "export")
+    assert "cannot reach the Hugging Face hub" in line and "nobody-here/no-such-llava" in line
+    assert "--local-dir" in line  # what to do: download it where there is a network
+    assert elapsed < 5
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_processor_of_the_checkpoints_own_code_takes_trust_remote_code(
+    tiny_checkpoint: Path, tmp_path: Path, capfd: pytest.CaptureFixture
+) -> None:
+    """A processor the checkpoint's own Python code defines (processor_config.json's auto_map)
+    is refused in one line that names the option which allows it, and loads with it."""
+    checkpoint = tmp_path / "own_code"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    (checkpoint / "processing_own.py").write_text(
+        "from transformers import LlavaProcessor\n\n\nclass OwnProcessor(LlavaProcessor):\n"
+        "    pass\n"
+    )
+    _edit_json(
+        checkpoint / "processor_config.json",
+        lambda c: c.update(
+            processor_class="OwnProcessor",
+            auto_map={"AutoProcessor": "processing_own.OwnProcessor"},
+        ),
+    )
+    out = tmp_path / "model"
+    assert main(["export", str(checkpoint), str(out), "--no-verify", "--no-fused"]) == 1
+    line = _one_error_line(capfd.readouterr().err, "export")
+    assert "its own Python code" in line and "pass --trust-remote-code" in line
+    assert not out.exists()
+    argv = ["export", str(checkpoint), str(out), "--no-verify", "--no-fused", "--trust-remote-code"]
+    assert main(argv) == 0
+    assert (out / "manifest.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def sharded_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint saved in five weight shards with their index."""
+    from transformers import LlavaForConditionalGeneration
+
+    out = tmp_path_factory.mktemp("sharded") / "checkpoint"
+    shutil.copytree(tiny_checkpoint, out)
+    (out / "model.safetensors").unlink()
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    model.save_pretrained(out, max_shard_size="200KB")
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 2
+    return out
+
+
+@pytest.mark.parametrize("damage", ["missing-shard", "truncated-shard", "broken-index"])
+def test_a_sharded_checkpoint_missing_a_part_names_the_file(
+    sharded_checkpoint: Path, tmp_path: Path, damage: str, capfd: pytest.CaptureFixture
+) -> None:
+    """A shard lost or cut short in a copy, or an index that is no JSON: the line names the
+    file, so that one file is copied again rather than every shard of a 7B checkpoint."""
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(sharded_checkpoint, checkpoint)
+    shard = sorted(checkpoint.glob("model-*-of-*.safetensors"))[1]
+    index = checkpoint / "model.safetensors.index.json"
+    if damage == "missing-shard":
+        shard.unlink()
+        named, said = shard.name, "is missing"
+    elif damage == "truncated-shard":
+        with open(shard, "r+b") as weights:
+            weights.truncate(3000)
+        named, said = shard.name, "truncated or corrupt"
+    else:
+        index.write_text('{"weight_map": ')
+        named, said = index.name, "is not valid JSON"
+    out = tmp_path / "model"
+    assert main(["export", str(checkpoint), str(out), "--no-verify"]) == 1
+    line = _one_error_line(capfd.readouterr().err, "export")
+    assert named in line and said in line and "copy" in line
+    assert not out.exists()

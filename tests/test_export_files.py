@@ -251,3 +251,100 @@ def test_force_never_deletes_the_checkpoint(tiny_checkpoint: Path, tmp_path: Pat
         (line,) = capsys.readouterr().err.strip().splitlines()
         assert "holds the checkpoint" in line
     assert _snapshot(checkpoint) == before
+
+
+def test_a_disk_full_under_numpys_writer_is_one_line_and_keeps_the_old_dir(
+    tiny_checkpoint: Path, good_model_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """numpy reports a full disk as a short write, an OSError with no errno ("36864 requested
+    and 28640 written"), as it did writing embed_tokens.npy on a full tmpfs: one line naming
+    the full disk, no traceback, the previous model dir untouched."""
+    save = np.save
+
+    def short_write(path, array, *args, **kwargs):
+        if str(path).endswith(".npy"):
+            raise OSError("36864 requested and 28640 written")
+        save(path, array, *args, **kwargs)
+
+    monkeypatch.setattr(np, "save", short_write)
+    before = _snapshot(good_model_dir)
+    argv = ["export", str(tiny_checkpoint), str(good_model_dir), "--force", "--no-verify"]
+    assert main(argv) == 1
+    line = _last_error_line(capsys.readouterr().err)
+    assert line.startswith("llava-edge export: error: no space left on the device writing ")
+    assert _snapshot(good_model_dir) == before
+    assert _leftovers(good_model_dir.parent, good_model_dir.name) == []
+
+
+def test_failed_verification_names_the_first_token_that_differs(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where greedy tokens diverge, the error names the step and both tokens (id and text), as
+    the printed report shows them: what to look at first when a graph is wrong."""
+    import re
+
+    from llava_edge.export.verify import VerificationError
+
+    _corrupt_embeddings(monkeypatch)
+    printed: list[str] = []
+    with pytest.raises(VerificationError) as failure:
+        exporter.export_checkpoint(
+            tiny_checkpoint, tmp_path / "model", fused=False, log=printed.append
+        )
+    message = str(failure.value)
+    found = re.search(
+        r"greedy tokens diverge after (\d+) of 32 \(token (\d+): ours (\d+) ", message
+    )
+    assert found, message
+    matched, step, ours = (int(g) for g in found.groups())
+    assert step == matched + 1
+    assert f"{matched}/32 identical" in "\n".join(printed)
+    theirs = re.search(r", transformers (\d+) ", message)
+    assert theirs and int(theirs.group(1)) != ours
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_log_shows_each_long_step_and_says_which_forms_were_written(
+    tiny_checkpoint: Path, tmp_path: Path, fused: bool, capsys: pytest.CaptureFixture
+) -> None:
+    """Writing the fused forms and verifying each form take minutes on a 7B model: each shows a
+    progress bar; the last line says which graph forms the dir holds (and why no fused ones)."""
+    argv = ["export", str(tiny_checkpoint), str(tmp_path / "model")]
+    assert main(argv if fused else [*argv, "--no-fused"]) == 0
+    captured = capsys.readouterr()
+    bars = captured.err.replace("\r", "\n")
+    assert ("export fused forms" in bars) == fused
+    assert "verify standard form" in bars
+    assert ("verify fused form" in bars) == fused
+    last = captured.out.strip().splitlines()[-1]
+    if fused:
+        assert "standard graphs and fused vision_encoder and decoder forms" in last
+    else:
+        assert "standard graphs only (--no-fused)" in last
+
+
+def test_an_fp16_export_lets_its_fp16_weights_go_before_the_fp32_reference_loads(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fp16 verification compares against the checkpoint in fp32, loaded again; the fp16 model
+    is written by then, and held on, a 7B export would need both in memory (40 GB, not 27)."""
+    import weakref
+
+    load = exporter.load_checkpoint
+    models: list[weakref.ref] = []
+    alive_at_reload: list[bool] = []
+
+    def tracked(*args, **kwargs):
+        if models:
+            alive_at_reload.append(models[0]() is not None)
+        loaded = load(*args, **kwargs)
+        models.append(weakref.ref(loaded.model))
+        return loaded
+
+    monkeypatch.setattr(exporter, "load_checkpoint", tracked)
+    report = exporter.export_checkpoint(
+        tiny_checkpoint, tmp_path / "model", dtype="fp16", fused=False, log=quiet
+    )
+    assert report["passed"]
+    assert alive_at_reload == [False]

@@ -110,11 +110,24 @@ def export_checkpoint(
             from llava_edge.export.verify import verify_model_dir
 
             if dtype == "fp16":  # the reference is always the checkpoint's weights in fp32
+                del loaded  # the fp16 weights are written: not held beside the fp32 ones
                 loaded = load_checkpoint(checkpoint, trust_remote_code=trust_remote_code)
             report = verify_model_dir(loaded, tmp, log=log)
     manifest.mark_verified(out)  # just hashed by record_files: no need to hash on first load
-    log(f"exported {loaded.source} -> {out} in {time.perf_counter() - start:.1f} s")
+    log(
+        f"exported {loaded.source} -> {out} ({_forms_written(manifest, fused)}) in "
+        f"{time.perf_counter() - start:.1f} s"
+    )
     return report
+
+
+def _forms_written(manifest: Manifest, fused: bool) -> str:
+    """The graph forms a model dir holds, in words (why a graph has none is logged as it is
+    written)."""
+    names = [name for name, graph in manifest.graphs.items() if graph.fused is not None]
+    if names:
+        return f"standard graphs and fused {' and '.join(names)} form{'s' * (len(names) > 1)}"
+    return "standard graphs only" + ("" if fused else " (--no-fused)")
 
 
 def _half(model: Any) -> None:
@@ -149,6 +162,8 @@ def load_checkpoint(
     config = checkpoint_config(checkpoint, trust_remote_code)
     source = str(checkpoint)
     _check_tokenizer_files(Path(source))
+    _check_processor_files(Path(source))
+    _check_weight_files(Path(source))
     try:
         with quiet(*LOADER_LOGGERS):
             processor = load_processor(source, trust_remote_code)
@@ -175,7 +190,15 @@ def load_checkpoint(
                 trust_remote_code=trust_remote_code,
                 use_safetensors=True,
             )
-    except (OSError, ValueError) as e:  # missing weights or tokenizer files, a broken config
+    except ValueError as e:
+        if not trust_remote_code and "trust_remote_code" in str(e):  # transformers' refusal
+            raise LlavaEdgeError(
+                f"{source} loads its processor or tokenizer with its own Python code (an "
+                "auto_map in its settings); pass --trust-remote-code to run it, if you trust the "
+                "checkpoint"
+            ) from None
+        raise LlavaEdgeError(f"cannot load checkpoint {source}: {first_line(e)}") from None
+    except OSError as e:  # missing weights or tokenizer files
         raise LlavaEdgeError(f"cannot load checkpoint {source}: {first_line(e)}") from None
     return LoadedCheckpoint(model.eval(), processor, source, choice.template, choice.why)
 
@@ -203,6 +226,56 @@ def _check_tokenizer_files(local: Path) -> None:
         "file); save the processor (or tokenizer) it was trained with into it: "
         "processor.save_pretrained(DIR)"
     )
+
+
+# Files an image processor's settings are read from.
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+
+
+def _check_processor_files(local: Path) -> None:
+    """A checkpoint saved with its tokenizer but not its processor has no image settings;
+    transformers then asks whether a hub repo of the dir's name was meant."""
+    if not local.is_dir() or any((local / name).is_file() for name in PROCESSOR_FILES):
+        return  # a hub id, or settings to read
+    raise LlavaEdgeError(
+        f"{local} has no image processor ({' or '.join(PROCESSOR_FILES)}); save the processor "
+        "it was trained with into it: processor.save_pretrained(DIR)"
+    )
+
+
+SHARD_INDEX = "model.safetensors.index.json"
+
+
+def _check_weight_files(local: Path) -> None:
+    """A sharded checkpoint lists its shards in its index; transformers names neither the index
+    it cannot parse nor the shard it cannot read. Each file is named here (headers only are
+    read), so that the one damaged file is copied again."""
+    from safetensors import SafetensorError, safe_open
+
+    from llava_edge.modeling import unreadable_weights
+
+    index = local / SHARD_INDEX
+    if not local.is_dir() or not index.is_file():
+        return  # a hub id, or one model.safetensors (load_model says if it is unreadable)
+    try:
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise LlavaEdgeError(
+            f"{index} is not valid JSON with a weight_map ({type(e).__name__}: {first_line(e)}); "
+            "copy it from the checkpoint again"
+        ) from None
+    for name in shards:
+        shard = local / name
+        if not shard.is_file():
+            raise LlavaEdgeError(
+                f"{local}: {shard.name}, one of the weight shards {index.name} lists, is "
+                "missing; copy it from the checkpoint again"
+            )
+        try:
+            with safe_open(str(shard), framework="pt"):
+                pass
+        except SafetensorError as e:
+            raise unreadable_weights(shard, e) from None
 
 
 def _check_image_tokens(processor: Any, config: Any, source: str) -> None:
@@ -318,6 +391,7 @@ def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = F
         # "org/name" may be a hub id, unless "org" is a local dir: then it is a mistyped path.
         if not re.fullmatch(r"[\w.-]+/[\w.-]+", source) or local.parent.is_dir():
             raise LlavaEdgeError(f"checkpoint {source} does not exist")
+        _check_hub_reachable(source)
     elif not local.is_dir():
         raise LlavaEdgeError(f"checkpoint {source} is a file; give the checkpoint's directory")
     elif not (local / "config.json").is_file():
@@ -373,6 +447,28 @@ def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = F
             "export takes the default, linear, dynamic, yarn and llama3 rope types"
         )
     return config
+
+
+def _check_hub_reachable(repo_id: str) -> None:
+    """A hub id not in the hub's local cache is downloaded; with no network, the hub client
+    retries each file for about half a minute before transformers says it "couldn't connect".
+    One request, not retried, says at once whether the hub can be reached."""
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if try_to_load_from_cache(repo_id, "config.json") is not None:
+        return  # the hub client falls back to the cached copy
+    try:
+        HfApi().model_info(repo_id, timeout=10)
+    except HfHubHTTPError:
+        return  # the hub answered: transformers says what it said (no such repo, gated...)
+    except Exception as e:  # the HTTP client's own connection and timeout errors
+        raise LlavaEdgeError(
+            f"cannot reach the Hugging Face hub to download {repo_id} ({type(e).__name__}: "
+            f"{first_line(e)}), and it is not in the local cache; connect to the network, or "
+            f"download it where there is one (`hf download {repo_id} --local-dir DIR`) and "
+            "export DIR"
+        ) from None
 
 
 def _check_tile_features(source: str, config: Any) -> None:
@@ -776,6 +872,8 @@ def _write_graphs(model: Any, manifest: Manifest, out: Path, opset: int, log: An
 def _write_fused(model: Any, manifest: Manifest, out: Path, log: Any) -> None:
     """onnxruntime's fused forms beside the standard graphs: the decoder's and the vision
     encoder's (where their shapes allow; see llava_edge.export.fused)."""
+    from tqdm import tqdm
+
     from llava_edge.export.fused import (
         can_fuse,
         fused_spec,
@@ -783,26 +881,34 @@ def _write_fused(model: Any, manifest: Manifest, out: Path, log: Any) -> None:
         write_fused_vision,
     )
 
-    vision = manifest.graphs["vision_encoder"]
-    vision.fused, reason = write_fused_vision(
-        out / vision.file, vision, model.config.vision_config, out
-    )
-    if reason:
-        _no_fused_form(vision, "vision encoder", reason, log)
-    graph = manifest.graphs["decoder"]
-    reason = can_fuse(model.config.text_config)
-    if reason:
-        _no_fused_form(graph, "decoder", reason, log)
-        return
-    spec = fused_spec(manifest.text, graph.precision)
-    write_fused_decoder(model, manifest.text, out / spec.file)
-    graph.fused = spec
+    said: list[str] = []  # logged once the bar is done, not through it
+    with tqdm(total=2, desc="export fused forms", unit="graph", leave=True) as bar:
+        bar.set_postfix_str("vision_encoder")
+        vision = manifest.graphs["vision_encoder"]
+        vision.fused, reason = write_fused_vision(
+            out / vision.file, vision, model.config.vision_config, out
+        )
+        if reason:
+            said.append(_no_fused_form(vision, "vision encoder", reason))
+        bar.update()
+        bar.set_postfix_str("decoder")
+        graph = manifest.graphs["decoder"]
+        reason = can_fuse(model.config.text_config)
+        if reason:
+            said.append(_no_fused_form(graph, "decoder", reason))
+        else:
+            spec = fused_spec(manifest.text, graph.precision)
+            write_fused_decoder(model, manifest.text, out / spec.file)
+            graph.fused = spec
+        bar.update()
+    for line in said:
+        log(line)
 
 
-def _no_fused_form(graph: GraphSpec, name: str, reason: str, log: Any) -> None:
-    """Say why a graph has no fused form, in the log and in the manifest (`details`)."""
+def _no_fused_form(graph: GraphSpec, name: str, reason: str) -> str:
+    """Record why a graph has no fused form in the manifest (`details`); the line for the log."""
     graph.details["no_fused_form"] = reason
-    log(f"no fused {name} form: {reason}; onnxruntime runs the standard form")
+    return f"no fused {name} form: {reason}; onnxruntime runs the standard form"
 
 
 def _torch_export(module: Any, args: tuple, path: Path, graph: GraphSpec, opset: int) -> None:
