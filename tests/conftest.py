@@ -63,3 +63,24 @@ def context_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     export_checkpoint(checkpoint, root / "model", verify=False, log=quiet)
     return root / "model"
+
+
+def record_syncs_and_renames(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """("fsync", path) and ("rename", target) in the order they happen, from now on: what a
+    test of power-loss safety reads."""
+    import os
+
+    events: list[tuple[str, str]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def recording_replace(src, dst) -> None:
+        replace(src, dst)
+        events.append(("rename", str(dst)))
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    return events

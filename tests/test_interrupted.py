@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import record_syncs_and_renames
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.files import replace_dir
@@ -165,30 +166,12 @@ def test_ctrl_c_as_a_rename_of_the_install_returns_leaves_one_whole_dir(
     assert os.listdir(tmp_path) == ["out"]
 
 
-def _record_syncs_and_renames(monkeypatch) -> list[tuple[str, str]]:
-    """("fsync", path) and ("rename", target) in the order they happen."""
-    events: list[tuple[str, str]] = []
-    fsync, replace = os.fsync, os.replace
-
-    def recording_fsync(fd: int) -> None:
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-        fsync(fd)
-
-    def recording_replace(src, dst) -> None:
-        replace(src, dst)
-        events.append(("rename", str(dst)))
-
-    monkeypatch.setattr(os, "fsync", recording_fsync)
-    monkeypatch.setattr(os, "replace", recording_replace)
-    return events
-
-
 def test_a_new_dir_is_on_disk_before_its_name_is(tmp_path, monkeypatch):
     """Power loss: every file and dir of the new tree is flushed before the rename that makes
     it `out`, and the parent dir (holding the rename) after it."""
     out = tmp_path / "out"
     out.mkdir()
-    events = _record_syncs_and_renames(monkeypatch)
+    events = record_syncs_and_renames(monkeypatch)
     with replace_dir(out) as tmp:
         (tmp / "sub").mkdir()
         (tmp / "sub" / "a").write_text("a")
@@ -213,7 +196,7 @@ def test_files_written_private_are_installed_readable(tmp_path):
 
 def test_a_manifest_is_on_disk_before_its_name_is(tiny_model_dir, tmp_path, monkeypatch):
     manifest = Manifest.load(tiny_model_dir)
-    events = _record_syncs_and_renames(monkeypatch)
+    events = record_syncs_and_renames(monkeypatch)
     manifest.save(tmp_path)
     saved = events.index(("rename", str(tmp_path / "manifest.json")))
     temporary = [path for kind, path in events[:saved] if kind == "fsync"]

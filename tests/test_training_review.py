@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import record_syncs_and_renames
 
 from llava_edge.cli import main as cli
 from llava_edge.training.synth import synthesize
@@ -184,23 +185,9 @@ def test_a_trainer_checkpoint_is_on_disk_before_its_name_is(
     """Power loss: a checkpoint is written as tmp-checkpoint-N, each of its files flushed, then
     renamed checkpoint-N and its dir flushed, so --resume never finds a checkpoint-N whose files
     never reached the disk."""
-    import os
-
     from llava_edge.training.train import train
 
-    events: list[tuple[str, str]] = []
-    fsync, replace = os.fsync, os.replace
-
-    def recording_fsync(fd: int) -> None:
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-        fsync(fd)
-
-    def recording_replace(src, dst) -> None:
-        replace(src, dst)
-        events.append(("rename", str(dst)))
-
-    monkeypatch.setattr(os, "fsync", recording_fsync)
-    monkeypatch.setattr(os, "replace", recording_replace)
+    events = record_syncs_and_renames(monkeypatch)
     out = tmp_path / "out"
     train(1, tiny_checkpoint, data["captions"], out, images=data["images"], max_steps=1, **FAST)
     # the trainer's dir as it was before OUT was installed (its checkpoints went along with it)
