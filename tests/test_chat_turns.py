@@ -443,3 +443,81 @@ def test_a_stopped_answer_that_spells_an_image_placeholder_counts(pipe, monkeypa
     assert chat.fed == chat.cache.length == len(chat.ids) - 1
     assert chat.ask("Again?", stop=["!"]) == "<image>"
     assert len(chat.turns) == 2
+
+
+# ---- images brought by later turns ---------------------------------------------------------------
+
+
+def other_frame() -> np.ndarray:
+    return np.random.default_rng(1).integers(0, 256, (40, 70, 3), np.uint8)
+
+
+def fresh(pipe, ids: list[int], images: list[np.ndarray]) -> list[int]:
+    """Greedy tokens of `ids` computed whole, on a cache that never saw a chat."""
+    from llava_edge.runtime import BatchEngine
+
+    pixels = [pipe.image_pixels(one) for one in images]
+    with BatchEngine(pipe, max_batch=1, prefix_cache_mb=0) as engine:
+        return engine.submit_ids(ids, pixels, dict(OPTIONS)).result().token_ids
+
+
+def test_a_later_turn_brings_a_new_image_as_the_whole_conversation_would(pipe):
+    """A robot's next frame in turn 2: its features go where its tokens are, after the cached
+    first turn, and the answer equals the conversation computed whole."""
+    chat = pipe.chat(frame(), **OPTIONS)
+    first = chat.ask(FIRST)
+    second = chat.stream(NEXT, image=other_frame())
+    list(second)
+    ids = second.answer.prompt_token_ids
+    assert second.answer.token_ids == fresh(pipe, ids, [frame(), other_frame()])
+    without = pipe.chat(frame(), **OPTIONS)
+    without.ask(FIRST)
+    assert without.ask(NEXT) != second.answer.text  # the new frame changed the answer
+    # from a history, the turns rendered whole: as serve renders the same messages
+    resumed = pipe.chat(frame(), history=[(FIRST, first)], **OPTIONS).stream(
+        NEXT, image=other_frame()
+    )
+    list(resumed)
+    pixels = [pipe.image_pixels(frame()), pipe.image_pixels(other_frame())]
+    whole = pipe.conversation_ids([(FIRST, first), (NEXT, None)], pixels, [0, 1])
+    assert resumed.answer.prompt_token_ids == whole
+    assert resumed.answer.token_ids == fresh(pipe, whole, [frame(), other_frame()])
+
+
+def test_an_unfinished_turns_image_leaves_with_it(pipe):
+    chat = pipe.chat(frame(), **OPTIONS)
+    chat.ask(FIRST)
+    stream = chat.stream(UNFINISHED, image=other_frame())
+    next(stream)
+    stream.close()
+    never = pipe.chat(frame(), **OPTIONS)
+    never.ask(FIRST)
+    assert chat.ask(NEXT) == never.ask(NEXT)
+
+
+def test_a_stop_cut_turn_with_a_new_image_is_held_as_the_conversation_rendered_whole(pipe):
+    said = pipe.chat(frame(), **OPTIONS)
+    said.ask(FIRST)
+    text = said.ask(NEXT, image=other_frame())
+    stop = text.strip()[-2:]
+    assert len(stop) == 2, text
+    chat = pipe.chat(frame(), **OPTIONS)
+    first = chat.ask(FIRST)
+    shown = chat.ask(NEXT, image=other_frame(), stop=[stop])
+    third = chat.stream(UNFINISHED)
+    list(third)
+    pixels = [pipe.image_pixels(frame()), pipe.image_pixels(other_frame())]
+    turns = [(FIRST, first), (NEXT, shown), (UNFINISHED, None)]
+    assert third.answer.prompt_token_ids == pipe.conversation_ids(turns, pixels, [0, 1])
+
+
+def test_a_later_turns_placeholders_are_one_per_image_it_brings(pipe):
+    chat = pipe.chat(frame(), **OPTIONS)
+    chat.ask(FIRST)
+    with pytest.raises(LlavaEdgeError, match="1 <image> placeholder.* for the 0 image"):
+        chat.ask("<image> And this?")
+    placed = chat.stream("Compare <image> with the first.", image=other_frame())
+    list(placed)
+    assert placed.answer.token_ids == fresh(
+        pipe, placed.answer.prompt_token_ids, [frame(), other_frame()]
+    )

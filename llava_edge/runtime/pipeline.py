@@ -419,7 +419,8 @@ class Pipeline:
         **options: Any,
     ) -> ChatSession:
         """A multi-turn conversation about an image (or a list of them, all with the first
-        question); each turn reuses the cache of the last.
+        question); each turn reuses the cache of the last, and may bring new images of its own
+        (`ask(question, image=frame)`).
 
         `options` (GenerationConfig's fields, and timeout_s) apply to every turn; a turn may
         override them. The images are loaded and checked here, so a bad one fails at once, and
@@ -733,7 +734,8 @@ class Pipeline:
 
 
 class ChatSession:
-    """A conversation about an image (or several), each turn reusing the turns' KV cache.
+    """A conversation about an image (or several), each turn reusing the turns' KV cache; a
+    turn may bring new images, which count with it (rolled back with it, if it is).
 
     A turn counts once it finishes: its stream was iterated to the end (the answer ended with
     eos, a stop string or its length limit; `ask` always finishes). A turn that does not finish
@@ -770,7 +772,8 @@ class ChatSession:
         self.options = options
         # loaded and checked here, so a bad image fails at once; encoded by the first turn
         self.pixels = [pipeline.image_pixels(one) for one in image_list(image)]
-        self.features: np.ndarray | None = None
+        self.image_turns = [0] * len(self.pixels)  # the turn each image came with
+        self.features: np.ndarray | None = None  # of the first turn's images, once encoded
         self.cache = pipeline.backend.new_cache(1)
         # every id in the conversation, the last answer's last one too
         self.ids: list[int] = (
@@ -790,19 +793,22 @@ class ChatSession:
         self.turns: list[tuple[str, str]] = [tuple(turn) for turn in history]  # as shown
         self._open: weakref.ref[TextStream] | None = None  # the latest turn's stream
 
-    def ask(self, prompt: str, **options: Any) -> str:
+    def ask(self, prompt: str, image: Images = None, **options: Any) -> str:
         """The answer to one more question; the turn counts, as it is read to its end (one
-        that times out or fails is rolled back, as any unfinished turn is)."""
-        stream = self._turn(prompt, {**self.options, **options})
+        that times out or fails is rolled back, as any unfinished turn is). image: new images
+        (a robot's next frame) this question brings, put before it as the first question's are;
+        their reading and encoding count in the turn's time limit."""
+        stream = self._turn(prompt, image, {**self.options, **options})
         for _ in stream:
             pass
         return stream.answer.text
 
-    def stream(self, prompt: str, **options: Any) -> TextStream:
-        """One more question, its answer as text pieces; the turn counts once it is exhausted."""
-        return self._turn(prompt, {**self.options, **options})
+    def stream(self, prompt: str, image: Images = None, **options: Any) -> TextStream:
+        """One more question (with new images, as `ask` takes them), its answer as text pieces;
+        the turn counts once it is exhausted."""
+        return self._turn(prompt, image, {**self.options, **options})
 
-    def _turn(self, prompt: str, options: dict) -> TextStream:
+    def _turn(self, prompt: str, image: Images, options: dict) -> TextStream:
         pipe = self.pipeline
         pipe._check_open()
         earlier = self._open() if self._open is not None else None
@@ -816,53 +822,69 @@ class ChatSession:
         _check_text(prompt)
         timeout_s = pipe._timeout(options.pop("timeout_s", None))
         config = pipe._config(options)
-        timer = Timer()  # the turn's time limit counts from here, its image's encoding too
+        timer = Timer()  # the turn's time limit counts from here, its images' encoding too
         first = not self.ids
-        if not prompt.strip() and not (first and self.pixels):
+        new_pixels = [pipe.image_pixels(one) for one in image_list(image)]
+        brought = self.pixels + new_pixels if first else new_pixels  # this question's images
+        if not prompt.strip() and not brought:
             raise LlavaEdgeError("the question is empty: ask something")
         placeholders = prompt.count(IMAGE_PLACEHOLDER)
-        if placeholders and (placeholders != len(self.pixels) or not first):
+        if placeholders and placeholders != len(brought):
             raise LlavaEdgeError(
-                f"{IMAGE_PLACEHOLDER} may appear only in the first turn of a chat about an image, "
-                "once per image"
+                f"the question holds {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) for the "
+                f"{len(brought)} image(s) it brings: one placeholder per image, or none"
             )
-        text = user_turn(self.template, prompt, len(self.pixels) if first else 0, first)
+        text = user_turn(self.template, prompt, len(brought), first)
         if first:
-            new_ids = pipe.prompt_ids(text, self.pixels, raw=True)
+            new_ids = pipe.prompt_ids(text, brought, raw=True)
         else:
-            new_ids = self._later_turn_ids(text)
+            new_ids = self._later_turn_ids(text, new_pixels)
         pending = self.ids[self.fed :] + new_ids  # the last answer's final token was never fed
         try:
             pipe.limits.check_prompt(len(self.ids) + len(new_ids), chat=True)
             config = pipe._fit_context(config, len(pending), self.fed, len(self.ids))
         except ChatFull:
-            self._fits_a_new_chat(prompt, config)
+            self._fits_a_new_chat(prompt, self.pixels + new_pixels, config)
             raise
-        if self.fed == 0 and self.pixels and self.features is None:
-            self.features = pipe.pixel_features(self.pixels)
+        features = self._features_to_feed(new_pixels)
+        if features is not None:
             timer.mark("vision")
         stream = TextStream(
             pipe,
             self.cache,
             pending,
             self.ids + new_ids,
-            self.features if self.fed == 0 else None,  # the image's tokens are still to feed
+            features,
             config,
             timer,
             timeout_s,
             start_position=self.fed,
-            turn=_Turn(self, prompt),
+            turn=_Turn(self, prompt, new_pixels),
         )
         self._open = weakref.ref(stream)
         return stream
 
-    def _fits_a_new_chat(self, prompt: str, config: GenerationConfig) -> None:
-        """Raise PromptTooLong (shorten it) for a question a new chat could not hold either,
-        where ChatFull's advice, to start a new chat, would lose the conversation for nothing."""
+    def _features_to_feed(self, new_pixels: list[ImagePixels]) -> np.ndarray | None:
+        """Features of the images whose tokens are still to feed: those of a question not yet
+        in the cache (the chat's first images, until the first turn is fed) and the new ones."""
         pipe = self.pipeline
-        pipe._fit_context(config, len(pipe.prompt_ids(prompt, self.pixels, system=self.system)))
+        if self.fed == 0 and self.pixels and self.features is None:
+            self.features = pipe.pixel_features(self.pixels)  # kept: a failed turn re-uses them
+        still = [self.features] if self.fed == 0 and self.features is not None else []
+        if new_pixels:
+            still.append(pipe.pixel_features(new_pixels))
+        return np.concatenate(still) if still else None
 
-    def _later_turn_ids(self, text: str) -> list[int]:
+    def _fits_a_new_chat(
+        self, prompt: str, images: list[ImagePixels], config: GenerationConfig
+    ) -> None:
+        """Raise PromptTooLong (shorten it) for a question a new chat about the chat's images
+        could not hold either, where ChatFull's advice, to start a new chat, would lose the
+        conversation for nothing."""
+        pipe = self.pipeline
+        pipe._fit_context(config, len(pipe.prompt_ids(prompt, images, system=self.system)))
+
+    def _later_turn_ids(self, text: str, images: list[ImagePixels]) -> list[int]:
         """The ids a later turn adds, as encoding the whole conversation as one text gives them
         (what training saw): the last answer's end marker and this turn are encoded together,
         since a tokenizer reads a turn's first word differently at the start of a text (the
@@ -872,7 +894,7 @@ class ChatSession:
         none after an answer cut short."""
         pipe = self.pipeline
         end = pipe.manifest.template.answer_end
-        ids = pipe.codec.encode(end + text, first=False)
+        ids = pipe.codec.encode(end + text, first=False, image_tokens=pipe.image_tokens(images))
         head = ids[: len(pipe.codec.encode(end, first=False))]
         last = self.ids[-1]
         if self.history_closed:
@@ -891,9 +913,10 @@ class _Turn:
     it at once (and rolls it back) instead of waiting for the cycle collector.
     """
 
-    def __init__(self, session: ChatSession, prompt: str):
+    def __init__(self, session: ChatSession, prompt: str, images: list[ImagePixels]):
         self.session = session
         self.prompt = prompt
+        self.images = images  # the new images it brings, the session's once it counts
         self.fed = session.fed  # where the cache stood before the turn
 
     def commit(self, ids: list[int], text: str, stopped: bool) -> None:
@@ -905,16 +928,19 @@ class _Turn:
         generated."""
         session = self.session
         turns = [*session.turns, (self.prompt, text)]
+        pixels = session.pixels + self.images
+        image_turns = session.image_turns + [len(session.turns)] * len(self.images)
         if not stopped or any(IMAGE_PLACEHOLDER in answer for _, answer in turns):
             session.ids, session.fed, session.history_closed = ids, session.cache.length, False
-            session.turns.append(turns[-1])
-            return
-        pipe = session.pipeline
-        shown = pipe._render(turns, session.pixels, 0 if session.pixels else None, session.system)
-        agree = common_prefix(ids[: session.cache.length], shown)
-        session.cache.truncate(agree)
-        session.ids, session.fed, session.history_closed = shown, agree, True
-        session.turns.append(turns[-1])  # last: a failure above leaves the session as it was
+        else:
+            pipe = session.pipeline
+            shown = pipe._render(turns, pixels, image_turns, session.system)
+            agree = common_prefix(ids[: session.cache.length], shown)
+            session.cache.truncate(agree)
+            session.ids, session.fed, session.history_closed = shown, agree, True
+        # last: a failure above leaves the session as it was
+        session.pixels, session.image_turns = pixels, image_turns
+        session.turns.append(turns[-1])
 
     def rollback(self) -> None:
         cache = self.session.cache
