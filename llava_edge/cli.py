@@ -388,6 +388,7 @@ def _serve(args: argparse.Namespace) -> None:
         remote_timeout_s=args.remote_timeout,
         prefix_cache_mb=args.prefix_cache_mb,
         threads=args.threads,
+        cors_origins=args.cors_origin or [],
         **load,
     )
     serve(
@@ -836,6 +837,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-image-mb", type=float, default=20, help="refuse larger images (413)")
     p.add_argument(
         "--allowed-media-dir", help="allow file:// images under this dir (default: none)"
+    )
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        help="a web page's origin allowed to call the API from a browser (http://host:port, or "
+        "*; repeatable; default: none)",
     )
     p.add_argument(
         "--allow-remote-images",

@@ -272,6 +272,8 @@ def own_value(action: argparse.Action, base: dict[str, str], world) -> str | Non
         return "3" if "3" not in taken else "4"
     if action.type is float:
         return "0.5" if "0.5" not in taken else "0.25"
+    if action.dest == "cors_origin":  # must be a web origin
+        return "http://robot.local:3000"
     if action.dest.endswith("media_dir"):  # must be a dir that exists
         folder = world["root"] / f"own-{action.dest}"
         folder.mkdir(exist_ok=True)

@@ -1552,3 +1552,40 @@ def test_a_burst_of_uploads_past_the_queue_is_refused_before_its_images_are_read
     assert all(results[i].status_code == 200 for i in range(1, room))
     assert server.metric("llava_edge_engine_admitting") == 0
     assert server.post(good).status_code == 200
+
+
+DASHBOARD = "http://robot.local:3000"
+
+
+def test_a_browser_page_of_an_allowed_origin_may_call_the_api(tiny_model_dir):
+    """A robot's web dashboard calls the server from a browser: the preflight of an allowed
+    origin is answered before the API key is asked for (browsers send none with it), and each
+    response names the origin; another origin is told nothing, so its browser refuses."""
+    options = ServeOptions(tiny_model_dir, api_key=KEY, cors_origins=[DASHBOARD])
+    client = TestClient(create_app(options))  # no lifespan: the model need not load
+    preflight = {
+        "Origin": DASHBOARD,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type",
+    }
+    answer = client.options("/v1/chat/completions", headers=preflight)
+    assert answer.status_code == 200
+    assert answer.headers["access-control-allow-origin"] == DASHBOARD
+    health = client.get("/health", headers={"Origin": DASHBOARD})
+    assert health.headers["access-control-allow-origin"] == DASHBOARD
+    other = {**preflight, "Origin": "http://elsewhere.example"}
+    assert "access-control-allow-origin" not in client.options("/v1/models", headers=other).headers
+    unauthorized = client.get("/v1/models", headers={"Origin": DASHBOARD})
+    assert unauthorized.status_code == 401  # the key still guards every call but the preflight
+
+
+def test_without_cors_origins_a_browser_is_told_nothing(tiny_model_dir):
+    client = TestClient(create_app(ServeOptions(tiny_model_dir)))
+    health = client.get("/health", headers={"Origin": DASHBOARD})
+    assert "access-control-allow-origin" not in health.headers
+
+
+@pytest.mark.parametrize("origin", ["robot.local:3000", "http://robot.local:3000/", "http://"])
+def test_a_cors_origin_that_is_no_origin_is_refused(tiny_model_dir, origin):
+    with pytest.raises(LlavaEdgeError, match="is no origin"):
+        ServeOptions(tiny_model_dir, cors_origins=[origin])

@@ -16,6 +16,7 @@ import contextlib
 import hmac
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -27,6 +28,8 @@ from typing import Any, TypeVar
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -47,6 +50,7 @@ T = TypeVar("T")
 REMOTE_TIMEOUT_S = 10.0  # seconds a remote image may take to fetch, unless told
 # seconds shutdown waits for the engine's call in progress (a stalled device's may never end)
 ENGINE_STOP_S = 10.0
+ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+")  # an Origin header: scheme://host[:port]
 
 
 @dataclass
@@ -70,6 +74,9 @@ class ServeOptions:
     threads: int | None = None
     engine_dir: str | None = None
     verify_files: bool | None = None
+    # web pages (a robot's dashboard) allowed to call the API from a browser: "*" or origins
+    # such as "http://robot.local:3000"; none by default (browsers then refuse other origins)
+    cors_origins: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         """Refuse settings that would refuse every request, or do nothing, at startup and in
@@ -106,6 +113,12 @@ class ServeOptions:
         media = self.allowed_media_dir
         if media is not None and not Path(media).is_dir():
             raise LlavaEdgeError(f"--allowed-media-dir {media} is not a directory")
+        for origin in self.cors_origins:
+            if origin != "*" and not ORIGIN.fullmatch(origin):
+                raise LlavaEdgeError(
+                    f"--cors-origin {origin!r} is no origin: give scheme://host[:port] as a "
+                    "browser sends it (http://robot.local:3000, no path), or *"
+                )
 
     @property
     def max_body_bytes(self) -> int:
@@ -239,7 +252,16 @@ def create_app(options: ServeOptions, on_load_error: Any = None) -> Starlette:
         yield
         await run_in_threadpool(state.close)
 
+    cors = [
+        Middleware(
+            CORSMiddleware,
+            allow_origins=options.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type"],
+        )
+    ]
     app = Starlette(
+        middleware=cors if options.cors_origins else [],
         routes=[
             Route("/v1/chat/completions", _chat_completions, methods=["POST"]),
             Route("/v1/models", _models, methods=["GET"]),
