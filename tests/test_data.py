@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 
 import pytest
 
@@ -49,6 +50,33 @@ def test_jsonl_with_blank_lines_and_keep_filter(tmp_path):
     f = SampleFile(path, keep=lambda position, record: position % 2 == 0)
     assert [f.record(i)["id"] for i in range(len(f))] == ["s0", "s2", "s4"]
     assert list(f.positions) == [0, 2, 4]
+
+
+@pytest.mark.parametrize("edit", ["in place", "replaced", "appended"])
+def test_a_data_file_edited_during_training_is_named_not_read_at_old_offsets(tmp_path, edit):
+    """Training reads each sample from the file as it needs it, at the offsets indexed at the
+    start: an edited file would give cut records (a JSON traceback hours in) or other samples."""
+    import os
+
+    records = [sample(i) for i in range(4)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    f = SampleFile(path)
+    assert f.record(1) == records[1]  # its handle open, as a loader's is mid-epoch
+    edited = [sample(i, text="a much longer question than before") for i in range(4)]
+    text = "".join(json.dumps(r) + "\n" for r in edited)
+    if edit == "in place":
+        with open(path, "r+") as out:
+            out.write(text)
+    elif edit == "replaced":  # an editor's save: a new file renamed over the old
+        (tmp_path / "new").write_text(text)
+        os.replace(tmp_path / "new", path)
+        f = pickle.loads(pickle.dumps(f))  # a loader worker of a later epoch opens it afresh
+    else:
+        with open(path, "a") as out:
+            out.write(json.dumps(sample(9)) + "\n")
+    with pytest.raises(LlavaEdgeError, match="changed after it was checked"):
+        f.record(2)
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import os
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -134,6 +135,10 @@ def image_path(sample: Sample, root: Path | None) -> Path:
     return root / path
 
 
+def _stamp(stat: os.stat_result) -> tuple[int, int, int]:
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
 class SampleFile:
     """Random access to the records of a LLaVA JSON or JSONL file without holding them.
 
@@ -160,6 +165,7 @@ class SampleFile:
             raise LlavaEdgeError(f"data file {self.path} does not exist")
         self._handle = None
         self._pid = None
+        self._stamp = _stamp(self.path.stat())  # the file as indexed: offsets hold for it alone
         offsets, lengths, positions = array("q"), array("q"), array("q")  # 8 bytes a sample
         done = 0
         with tqdm(
@@ -180,19 +186,29 @@ class SampleFile:
         self.offsets = np.frombuffer(offsets, dtype=np.int64)
         self.lengths = np.frombuffer(lengths, dtype=np.int64)
         self.positions = np.frombuffer(positions, dtype=np.int64)  # where each kept record was
+        self._check_unchanged(self.path.stat())
 
     def __len__(self) -> int:
         return len(self.offsets)
 
     def record(self, index: int) -> Any:
         """The index-th kept record, parsed from the file again."""
-        import os
-
         if self._handle is None or self._pid != os.getpid():  # one handle per loader worker
             self._handle = open(self.path, "rb")  # noqa: SIM115 (kept open for random access)
             self._pid = os.getpid()
+        self._check_unchanged(os.fstat(self._handle.fileno()))
         self._handle.seek(int(self.offsets[index]))
         return json.loads(self._handle.read(int(self.lengths[index])))
+
+    def _check_unchanged(self, stat: os.stat_result) -> None:
+        """The byte offsets are the indexed file's: read from an edited one (a sample written
+        over, a line added) they would cut records apart, or give another sample."""
+        if _stamp(stat) != self._stamp:
+            raise LlavaEdgeError(
+                f"data file {self.path} changed after it was checked (its samples are read "
+                "from it as training runs); leave it as it is until the run ends, or train on "
+                "a copy"
+            )
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_handle": None, "_pid": None}
