@@ -348,3 +348,20 @@ def test_an_fp16_export_lets_its_fp16_weights_go_before_the_fp32_reference_loads
     )
     assert report["passed"]
     assert alive_at_reload == [False]
+
+
+def test_a_checkpoint_without_tokenizer_config_keeps_the_bos_its_tokenizer_writes(
+    tiny_checkpoint: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Without tokenizer_config.json no token is named BOS, yet tokenizer.json's post-processor
+    still writes one before every prompt, as transformers' processor encodes them: the runtime
+    must too (export's check compares the two, and refused the export)."""
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    (checkpoint / "tokenizer_config.json").unlink()
+    report = exporter.export_checkpoint(checkpoint, tmp_path / "model", log=lambda *a: None)
+    assert report["passed"] and report["prompt_ids_equal"]
+    tokens = Manifest.load(tmp_path / "model").tokens
+    assert (
+        tokens.add_bos and tokens.bos_token_id == Manifest.load(tiny_model_dir).tokens.bos_token_id
+    )

@@ -743,6 +743,10 @@ def _token_spec(loaded: LoadedCheckpoint) -> TokenSpec:
     eos_ids = _eos_ids(model.generation_config, tokenizer)
     bos = tokenizer.bos_token_id
     probe = tokenizer("a").input_ids
+    if bos is None and probe[1:] == tokenizer("a", add_special_tokens=False).input_ids:
+        # a tokenizer.json whose post-processor writes BOS, without a tokenizer_config.json
+        # naming it: transformers' processor adds it to every prompt, so must the runtime
+        bos = probe[0]
     pad = tokenizer.pad_token_id
     if pad is None:
         pad = model.generation_config.pad_token_id
