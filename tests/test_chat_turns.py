@@ -405,7 +405,7 @@ def test_a_mistyped_command_is_refused_not_asked():
     asked = []
 
     class Recording:
-        def stream(self, question):
+        def stream(self, question, image=None):
             asked.append(question)
             return iter(["ok"])
 
@@ -521,3 +521,24 @@ def test_a_later_turns_placeholders_are_one_per_image_it_brings(pipe):
     assert placed.answer.token_ids == fresh(
         pipe, placed.answer.prompt_token_ids, [frame(), other_frame()]
     )
+
+
+def test_chat_command_add_brings_an_image_with_the_next_question(pipe, tmp_path):
+    """/add PATH: a camera's next frame goes with the next question, in the same conversation
+    (a bad path is said at once and queues nothing); /image would start a new one."""
+    other = tmp_path / "other.png"
+    Image.fromarray(other_frame()).save(other)
+    missing = tmp_path / "missing.png"
+    lines = iter([FIRST, f"/add {other}", f"/add {missing}", NEXT, UNFINISHED, "/quit"])
+    out = io.StringIO()
+    chat_loop(pipe, frame(), OPTIONS, read=lambda _prompt: next(lines), out=out)
+    chat = pipe.chat(frame(), **OPTIONS)
+    chat.ask(FIRST)
+    with_frame = chat.ask(NEXT, image=str(other))
+    after = chat.ask(UNFINISHED)
+    text = out.getvalue()
+    assert text.count("does not exist") == 1
+    assert text.endswith(f"{with_frame}\n{after}\n")
+    plain = pipe.chat(frame(), **OPTIONS)
+    plain.ask(FIRST)
+    assert plain.ask(NEXT) != with_frame  # the frame reached the question

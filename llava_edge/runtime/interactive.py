@@ -1,7 +1,8 @@
 """The interactive loop behind `llava-edge chat`: read a question, stream the answer, repeat.
 
-Commands: /image PATH starts a new conversation about another image, /reset starts over,
-/help repeats them, /quit (or end of input) leaves; another /word is refused rather than asked
+Commands: /image PATH starts a new conversation about another image, /add PATH brings an
+image (a camera's next frame) with the next question in the same conversation, /reset starts
+over, /help repeats them, /quit (or end of input) leaves; another /word is refused rather than asked
 (a question may still start with a path, /usr/...). A bad question or image prints its error
 and the chat goes on;
 a question whose answer failed halfway (a timeout) is forgotten, as ChatSession rolls it back.
@@ -16,7 +17,9 @@ from typing import Any, TextIO
 
 from llava_edge.errors import ChatFull, LlavaEdgeError
 
-COMMANDS = "/reset: start over, /help: this, /quit: leave."
+COMMANDS = (
+    "/add PATH: an image for the next question, /reset: start over, /help: this, /quit: leave."
+)
 
 
 def help_text(image: Any) -> str:
@@ -34,6 +37,7 @@ def chat_loop(
 ) -> None:
     out.write(help_text(image) + "\n")
     session = pipe.chat(image, **options)
+    added: list[str] = []  # images the next question brings (/add)
     while True:
         try:
             line = read("> ").strip()
@@ -48,21 +52,29 @@ def chat_loop(
         if word == "/help":
             out.write(help_text(image) + "\n")
             continue
-        if re.fullmatch(r"/[A-Za-z]+", word) and word not in ("/reset", "/image"):
+        if re.fullmatch(r"/[A-Za-z]+", word) and word not in ("/reset", "/image", "/add"):
             out.write(f"error: unknown command {word}; {help_text(image)}\n")
             continue
         partial = False
         try:
             if word == "/reset":
-                session = pipe.chat(image, **options)
+                session, added = pipe.chat(image, **options), []
                 out.write("(new conversation)\n")
+            elif word == "/add":
+                path = _image_path(rest)
+                if path is None:
+                    raise LlavaEdgeError("/add takes the path of an image: /add PATH")
+                pipe.image_pixels(path)  # a bad image is said now, not with the question
+                added.append(path)
+                out.write(f"(the next question brings {path})\n")
             elif word == "/image":
                 new = _image_path(rest)
-                session = pipe.chat(new, **options)
+                session, added = pipe.chat(new, **options), []
                 image = new  # only once it opened: /reset goes on with a good image
                 out.write(f"(new conversation about {image or 'no image'})\n")
             else:
-                for piece in session.stream(line):
+                brought, added = added, []  # they go with this question, answered or not
+                for piece in session.stream(line, image=brought or None):
                     out.write(piece)
                     out.flush()
                     partial = True
