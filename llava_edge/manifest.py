@@ -477,17 +477,11 @@ def _remember_verified(fingerprint: str) -> None:
     root = cache_dir()
     if root is None:
         return
+    known = [f for f in _verified_fingerprints() if f != fingerprint] + [fingerprint]
     try:
-        path = root / "verified.txt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        known = [f for f in _verified_fingerprints() if f != fingerprint] + [fingerprint]
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        try:
-            tmp.write_text("\n".join(known[-VERIFIED_KEPT:]) + "\n")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-    except OSError:
+        with replace_file(root / "verified.txt") as f:
+            f.write("\n".join(known[-VERIFIED_KEPT:]) + "\n")
+    except (OSError, LlavaEdgeError):  # replace_file names a dir it cannot write to
         pass
 
 
