@@ -361,10 +361,7 @@ class Pipeline:
             )
         if not requests:
             return []
-        raw, system = self._raw(options), self._system(options)
-        # the options are every request's: a bad one is refused before any request runs
-        self._timeout(options.get("timeout_s"))
-        self._config({k: v for k, v in options.items() if k != "timeout_s"})
+        self._check_options(options)  # every request's: a bad one is refused before any runs
         rows = min(len(requests), self.backend.max_batch or BATCH_ROWS)  # the rest wait
         engine = BatchEngine(
             self, max_batch=rows, max_queue=len(requests), prefix_cache_mb=0, start=False
@@ -373,7 +370,7 @@ class Pipeline:
         handles = {}
         for i, (image, prompt) in enumerate(requests):
             try:
-                handles[i] = engine.submit(image, prompt, raw=raw, system=system, **options)
+                handles[i] = engine.submit(image, prompt, **options)
                 results.append(None)
             except Exception as e:  # this request's image or prompt: the others still run
                 results.append(e)
@@ -666,6 +663,15 @@ class Pipeline:
         if not isinstance(raw, bool | np.bool_):
             raise LlavaEdgeError(f"raw must be True or False, got {raw!r}")
         return bool(raw)
+
+    def _check_options(self, options: dict) -> None:
+        """Refuse a call's bad options now, leaving them in place: those of a batch or a watch,
+        taken by each of its requests, are refused once, before any runs."""
+        checked = dict(options)
+        raw, system = self._raw(checked), self._system(checked)
+        self._template(system, raw)
+        self._timeout(checked.pop("timeout_s", None))
+        self._config(checked)
 
     @staticmethod
     def _system(options: dict) -> str | None:

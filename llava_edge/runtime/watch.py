@@ -34,6 +34,7 @@ from typing import Any
 from llava_edge.errors import LlavaEdgeError, TimedOut, TooLarge
 from llava_edge.runtime.frames import DEFAULT_TIMEOUT_S, Frame, open_frames
 from llava_edge.runtime.image import load_image
+from llava_edge.runtime.sampling import whole_number
 from llava_edge.runtime.template import IMAGE_PLACEHOLDER
 
 # Unreadable frames in a row that end a watch: one is a glitch (a JPEG cut short in transit, a
@@ -144,18 +145,12 @@ def watch(
     """
     pipe._check_open()
     if answer_timeout_s is not None:
-        pipe._timeout(answer_timeout_s)  # a bad one fails now
         options = {**options, "timeout_s": answer_timeout_s}
-    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
-        raise LlavaEdgeError(f"frames must be at least 1, got {frames!r}")
-    if max_frames is not None and (
-        isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1
-    ):
-        raise LlavaEdgeError(f"max_frames must be a whole number, at least 1, got {max_frames!r}")
-    # bad options fail now
-    pipe._config({k: v for k, v in options.items() if k not in ("raw", "system", "timeout_s")})
-    raw = pipe._raw(dict(options))  # "false" from a config file is refused, not read as true
-    system = options.get("system")
+    frames = whole_number("frames", frames, 1, "at least 1")
+    if max_frames is not None:
+        max_frames = whole_number("max_frames", max_frames, 1, "a whole number, at least 1")
+    pipe._check_options(options)  # bad options fail now, not at the first frame
+    raw, system = bool(options.get("raw", False)), options.get("system")
     _check_placeholders(prompt, frames, raw=raw)
     fit = pipe.images_that_fit(prompt, raw=raw, system=system)
     if fit == 0:
