@@ -105,18 +105,25 @@ def test_an_option_out_of_range_is_refused_before_any_work(
     assert checkpoint.is_dir()
 
 
-def test_deepspeed_without_its_package_is_refused(tmp_path, monkeypatch, capsys):
+def deepspeed_refusal(tmp_path, monkeypatch, capsys, installed: bool) -> str:
+    """train --deepspeed's one-line error, with deepspeed installed or not as far as asked."""
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util,
-        "find_spec",
-        lambda name, *a: None if name == "deepspeed" else find_spec(name, *a),
-    )
+
+    def spec(name, *args):
+        if name == "deepspeed":  # installed, as far as asked, or not
+            return find_spec("json", *args) if installed else None
+        return find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", spec)
     (tmp_path / "zero2.json").write_text("{}")
     argv = ["train", "--stage", "1", "--model", str(tmp_path), "--data", str(tmp_path / "d.json")]
     argv += ["--out", str(tmp_path / "out"), "--deepspeed", str(tmp_path / "zero2.json")]
     assert cli(argv) == 1
-    assert one_line_error(capsys.readouterr().err).endswith(
+    return one_line_error(capsys.readouterr().err)
+
+
+def test_deepspeed_without_its_package_is_refused(tmp_path, monkeypatch, capsys):
+    assert deepspeed_refusal(tmp_path, monkeypatch, capsys, installed=False).endswith(
         "--deepspeed needs the deepspeed package; pip install deepspeed"
     )
 
@@ -125,18 +132,8 @@ def test_deepspeed_on_the_cpu_is_refused(tmp_path, monkeypatch, capsys):
     """accelerate drops a DeepSpeed config on the CPU, as it drops an FSDP one."""
     import torch
 
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(  # installed, as far as asked
-        importlib.util,
-        "find_spec",
-        lambda name, *a: find_spec("json" if name == "deepspeed" else name, *a),
-    )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    (tmp_path / "zero2.json").write_text("{}")
-    argv = ["train", "--stage", "1", "--model", str(tmp_path), "--data", str(tmp_path / "d.json")]
-    argv += ["--out", str(tmp_path / "out"), "--deepspeed", str(tmp_path / "zero2.json")]
-    assert cli(argv) == 1
-    assert one_line_error(capsys.readouterr().err).endswith(
+    assert deepspeed_refusal(tmp_path, monkeypatch, capsys, installed=True).endswith(
         "--deepspeed shards a model across GPUs, and this machine has none (on the CPU the "
         "trainer would ignore it); leave --deepspeed out"
     )
