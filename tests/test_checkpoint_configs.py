@@ -4,7 +4,8 @@ llava-interleave-qwen-0.5b-hf (a SigLIP tower with every patch kept, Qwen2 with 
 and q/k/v biases, a ChatML-like template without BOS) exports, verifies in both graph forms, runs
 through the runtime token for token as transformers' generate(), and quantizes to int8 and int4.
 Text-config keys of other published checkpoints (Llama 3.2's llama3 rope with tied embeddings,
-Qwen2.5's YaRN, an explicit head_dim, Mistral's sliding window) export token-exact in both forms;
+Qwen2.5's YaRN, an explicit head_dim, Mistral's sliding window) and the Qwen3, Gemma and Phi-3 text
+models export token-exact in both forms (Phi-4-mini's partial rotary in the standard form);
 LLaVA-NeXT over SigLIP exports token-exact too. Configs export cannot honour (longrope, a context
 too short for one image, a vision_feature_layer outside the tower, another tower, a processor
 counting image tokens otherwise than the model, a chat template the manifest's strings cannot
@@ -259,6 +260,24 @@ TEXT_VARIANTS: dict[str, dict[str, Any]] = {
     "head-dim": dict(backbone="mistral", text={"head_dim": 32, "num_key_value_heads": 2}),
     # Mistral v0.1's sliding window (bakLlava, llava-v1.6-mistral): the context stops at it.
     "sliding-window": dict(backbone="mistral", text={"sliding_window": WINDOW}),
+    # Qwen3: an RMSNorm over each head's queries and keys before rotary, with GQA.
+    "qwen3": dict(backbone="qwen3", text={"head_dim": 16, "num_key_value_heads": 2}),
+    # Gemma (llava-gemma): embeddings scaled by sqrt(hidden_size), norms scaling by 1 + weight,
+    # tanh GELU, MQA, tied embeddings.
+    "gemma": dict(backbone="gemma", text={"head_dim": 16, "num_key_value_heads": 1}),
+    # Phi-3 (llava-phi-3): q/k/v and gate/up each packed into one projection.
+    "phi3": dict(backbone="phi3", text={"num_key_value_heads": 2}),
+    # Phi-4-mini's rotary over part of each head: the standard decoder only.
+    "phi3-partial-rotary": dict(
+        backbone="phi3",
+        text={
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.5,
+            }
+        },
+    ),
 }
 
 
@@ -304,8 +323,14 @@ def test_text_variant_exports_token_exact(variants: Any, name: str) -> None:
     for form in variant.report["forms"].values():
         assert form["passed"] and form["greedy_tokens_matched"] == form["greedy_tokens_total"] > 0
     manifest = Manifest.load(variant.model_dir)
-    assert manifest.graphs["decoder"].fused is not None  # the fused decoder holds it too
+    decoder = manifest.graphs["decoder"]
     text = model.config.text_config
+    language = model.model.language_model
+    if name == "phi3-partial-rotary":
+        assert decoder.fused is None and "part of each head" in decoder.details["no_fused_form"]
+        assert language.rotary_emb(torch.zeros(1), torch.arange(2)[None])[0].shape[-1] == 8
+        return
+    assert decoder.fused is not None  # the fused decoder holds it too
     if name == "llama3-rope":
         rotary = model.model.language_model.rotary_emb
         dim = manifest.text.head_dim
@@ -320,6 +345,16 @@ def test_text_variant_exports_token_exact(variants: Any, name: str) -> None:
     elif name == "head-dim":
         assert manifest.text.head_dim == text.head_dim == 32
         assert text.hidden_size // text.num_attention_heads != 32
+    elif name == "qwen3":
+        assert hasattr(language.layers[0].self_attn, "q_norm")
+    elif name == "gemma":
+        table = np.load(variant.model_dir / manifest.embeddings)
+        raw = model.get_input_embeddings().weight.detach().numpy()
+        np.testing.assert_allclose(table, raw * text.hidden_size**0.5, rtol=1e-6)
+        assert type(language.norm).__name__ == "GemmaRMSNorm"
+    elif name == "phi3":
+        assert hasattr(language.layers[0].self_attn, "qkv_proj")
+        assert hasattr(language.layers[0].mlp, "gate_up_proj")
     else:
         assert manifest.text.max_context == WINDOW < text.max_position_embeddings
 

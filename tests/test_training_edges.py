@@ -91,6 +91,20 @@ def test_an_llm_that_is_no_causal_lm_is_named(
     assert not (tmp_path / "out").exists()
 
 
+def test_an_llm_export_does_not_take_is_refused_before_loading(clip_tower, tmp_path, capsys):
+    """A Gemma 2 LLM would make a LLaVA that trains but never exports: refused at init."""
+    llm = tmp_path / "gemma2"
+    llm.mkdir()
+    (llm / "config.json").write_text('{"model_type": "gemma2"}')  # no weights: never loaded
+    argv = ["init", str(tmp_path / "out"), "--vision", str(clip_tower), "--llm", str(llm)]
+    assert cli(argv) == 1
+    assert last_line(capsys.readouterr().err) == (
+        f"llava-edge init: error: --llm {llm} is a 'gemma2' language model, which export does "
+        "not take (it takes llama, mistral, qwen2, qwen3, gemma, phi3): choose one of those"
+    )
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("where", ["adapter", "checkpoints/checkpoint-2"])
 def test_merging_adapters_onto_the_run_that_merged_them_is_refused(
     where, tiny_checkpoint, tmp_path, capsys

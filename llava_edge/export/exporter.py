@@ -948,12 +948,26 @@ def _write_text_files(loaded: LoadedCheckpoint, manifest: Manifest, out: Path) -
             "the checkpoint's tokenizer has no fast (tokenizers) version to export"
         )
     backend.save(str(out / manifest.tokenizer))
-    weights = loaded.model.get_input_embeddings().weight.detach().float().numpy()
-    np.save(out / manifest.embeddings, weights.astype(manifest.text.dtype))
+    np.save(out / manifest.embeddings, _embedding_table(loaded.model, manifest.text.dtype))
     anyres = manifest.image.anyres
     if anyres is not None and anyres.newline:
         newline = loaded.model.model.image_newline.detach().float().numpy()
         np.save(out / anyres.newline, newline.astype(manifest.text.dtype))
+
+
+def _embedding_table(model: Any, dtype: str) -> np.ndarray:
+    """Every token's input embedding as the text model's embedding module gives it: Gemma's
+    module scales its rows by sqrt(hidden_size), which image features never get."""
+    import torch
+
+    embedding = model.get_input_embeddings()
+    rows = embedding.weight.shape[0]
+    table = np.empty((rows, embedding.weight.shape[1]), dtype=dtype)
+    with torch.no_grad():
+        for start in range(0, rows, 8192):  # in chunks: no second whole copy of the table
+            ids = torch.arange(start, min(start + 8192, rows))
+            table[start : start + len(ids)] = embedding(ids).float().numpy()
+    return table
 
 
 def _num_image_tokens(vision_graph: Path) -> int:

@@ -82,16 +82,23 @@ def can_fuse(text_config: Any) -> str | None:
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
     if head_dim % 16:
         return f"head size {head_dim} (GroupQueryAttention takes multiples of 16)"
-    if getattr(text_config, "partial_rotary_factor", 1.0) != 1.0:
-        return "rotary over part of each head"
+    if partial_rotary_factor(text_config) != 1.0:
+        return "rotary over part of each head (GroupQueryAttention rotates whole heads)"
     # Dynamic rope needs nothing of its own: its tables change only past max_position_embeddings,
     # which no export's context reaches, so the tables read from the rotary module hold.
     return None
 
 
+def partial_rotary_factor(text_config: Any) -> float:
+    """The share of each head the rotary embedding turns (Phi-3 and Phi-4 keep it under
+    rope_parameters, older configs beside it)."""
+    rope = getattr(text_config, "rope_parameters", None) or {}
+    factor = rope.get("partial_rotary_factor", getattr(text_config, "partial_rotary_factor", None))
+    return 1.0 if factor is None else float(factor)
+
+
 def build_fused_decoder(llava: Any, text: TextSpec) -> Any:
     """An onnx.ModelProto of the fused decoder from a loaded LlavaForConditionalGeneration."""
-    import torch
     from onnx import TensorProto, helper
 
     language = llava.model.language_model
@@ -117,28 +124,32 @@ def build_fused_decoder(llava: Any, text: TextSpec) -> Any:
         if i == 0:
             x = g.node(
                 "SimplifiedLayerNormalization",
-                [residual, g.weight(f"l{i}.ln1", layer.input_layernorm.weight)],
+                [residual, g.weight(f"l{i}.ln1", norm_weight(layer.input_layernorm))],
                 axis=-1,
                 epsilon=eps,
             )
         else:
-            x, residual = g.skip_norm(mlp_out, residual, layer.input_layernorm.weight, eps, f"l{i}")
-        projections = [attn.q_proj, attn.k_proj, attn.v_proj]
-        weight = torch.cat([p.weight for p in projections], dim=0)
-        bias = None
-        if any(p.bias is not None for p in projections):
-            bias = torch.cat(
-                [p.bias if p.bias is not None else torch.zeros(p.out_features) for p in projections]
+            x, residual = g.skip_norm(
+                mlp_out, residual, norm_weight(layer.input_layernorm), eps, f"l{i}"
             )
-        qkv = g.linear(x, weight, bias, f"l{i}.qkv")
+        qkv = g.linear(x, *_packed_qkv(attn), f"l{i}.qkv")
+        query, key, value = qkv, "", ""
+        if hasattr(attn, "q_norm"):  # Qwen3: each head's query and key normed before rotary
+            sizes = g.constant(
+                g.fresh("qkv_sizes"), np.asarray([heads, kv_heads, kv_heads], np.int64) * head_dim
+            )
+            query, key, value = (g.fresh(n) for n in ("q", "k", "v"))
+            g.node("Split", [qkv, sizes], outputs=[query, key, value], axis=-1)
+            query = g.head_norm(query, attn.q_norm, heads, head_dim, eps, f"l{i}.q_norm")
+            key = g.head_norm(key, attn.k_norm, kv_heads, head_dim, eps, f"l{i}.k_norm")
         past_k, past_v = kv.past_key.format(i=i), kv.past_value.format(i=i)
         present_k, present_v = kv.present_key.format(i=i), kv.present_value.format(i=i)
         attended = g.node(
             "GroupQueryAttention",
             [
-                qkv,
-                "",
-                "",
+                query,
+                key,
+                value,
                 past_k,
                 past_v,
                 "seqlens_k",
@@ -156,10 +167,13 @@ def build_fused_decoder(llava: Any, text: TextSpec) -> Any:
             local_window_size=-1,
         )
         o = g.linear(attended, attn.o_proj.weight, attn.o_proj.bias, f"l{i}.o")
-        h, residual = g.skip_norm(o, residual, layer.post_attention_layernorm.weight, eps, f"l{i}p")
+        h, residual = g.skip_norm(
+            o, residual, norm_weight(layer.post_attention_layernorm), eps, f"l{i}p"
+        )
         mlp = layer.mlp
-        gate = g.linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias, f"l{i}.gate")
-        up = g.linear(h, mlp.up_proj.weight, mlp.up_proj.bias, f"l{i}.up")
+        (gate_w, gate_b), (up_w, up_b) = _gate_up(mlp)
+        gate = g.linear(h, gate_w, gate_b, f"l{i}.gate")
+        up = g.linear(h, up_w, up_b, f"l{i}.up")
         act = g.activation(gate, config.hidden_act)
         mlp_out = g.linear(
             g.node("Mul", [act, up]), mlp.down_proj.weight, mlp.down_proj.bias, f"l{i}.down"
@@ -181,7 +195,7 @@ def build_fused_decoder(llava: Any, text: TextSpec) -> Any:
     picked = g.node("Gather", [flat, flat_index], axis=0)
     normed = g.node(
         "SimplifiedLayerNormalization",
-        [picked, g.weight("final_norm", language.norm.weight)],
+        [picked, g.weight("final_norm", norm_weight(language.norm))],
         axis=-1,
         epsilon=eps,
     )
@@ -207,6 +221,40 @@ def build_fused_decoder(llava: Any, text: TextSpec) -> Any:
         opset_imports=[helper.make_opsetid("", FUSED_OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
         producer_name="llava-edge",
     )
+
+
+def norm_weight(norm: Any) -> Any:
+    """An RMSNorm module's scale as SimplifiedLayerNormalization takes it: Gemma's norms scale
+    by 1 + weight."""
+    if type(norm).__name__ == "GemmaRMSNorm":
+        return norm.weight.detach().float() + 1.0
+    return norm.weight
+
+
+def _packed_qkv(attn: Any) -> tuple[Any, Any]:
+    """(weight, bias or None) of one MatMul computing queries, keys and values."""
+    import torch
+
+    if hasattr(attn, "qkv_proj"):  # Phi-3 stores them packed already
+        return attn.qkv_proj.weight, attn.qkv_proj.bias
+    projections = [attn.q_proj, attn.k_proj, attn.v_proj]
+    weight = torch.cat([p.weight for p in projections], dim=0)
+    if all(p.bias is None for p in projections):
+        return weight, None
+    bias = torch.cat(
+        [p.bias if p.bias is not None else torch.zeros(p.out_features) for p in projections]
+    )
+    return weight, bias
+
+
+def _gate_up(mlp: Any) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
+    """((gate weight, bias), (up weight, bias)); Phi-3 packs them gate first."""
+    if hasattr(mlp, "gate_up_proj"):
+        gate, up = mlp.gate_up_proj.weight.chunk(2, dim=0)
+        bias = mlp.gate_up_proj.bias
+        gate_b, up_b = (None, None) if bias is None else bias.chunk(2)
+        return (gate, gate_b), (up, up_b)
+    return (mlp.gate_proj.weight, mlp.gate_proj.bias), (mlp.up_proj.weight, mlp.up_proj.bias)
 
 
 def write_fused_decoder(llava: Any, text: TextSpec, path: Path) -> None:
@@ -310,6 +358,18 @@ class _Graph:
 
     def scalar(self, value: float, dtype: np.dtype) -> str:
         return self.constant(self.fresh("scalar"), np.asarray(value, dtype=dtype))
+
+    def head_norm(self, x: str, norm: Any, heads: int, head_dim: int, eps: float, name: str) -> str:
+        """norm over each head of x [B, S, heads * head_dim] (Qwen3's q_norm/k_norm)."""
+        split = self.constant(self.fresh("heads"), np.asarray([0, 0, heads, head_dim], np.int64))
+        joined = self.constant(self.fresh("joined"), np.asarray([0, 0, heads * head_dim], np.int64))
+        normed = self.node(
+            "SimplifiedLayerNormalization",
+            [self.node("Reshape", [x, split]), self.weight(name, norm_weight(norm))],
+            axis=-1,
+            epsilon=float(getattr(norm, "variance_epsilon", eps)),
+        )
+        return self.node("Reshape", [normed, joined])
 
     def skip_norm(self, x: str, skip: str, weight: Any, eps: float, name: str) -> tuple[str, str]:
         """(norm(x + skip), x + skip): one SkipSimplifiedLayerNormalization."""

@@ -3,19 +3,22 @@
 `VisionEncoder` and `Projector` call the checkpoint's own modules. `Decoder` walks the language
 model's layers itself: transformers' cache and mask code cannot express a cache that lives outside
 the graph, and that is what makes decoding fast (see `attention`). Every layer module (norms,
-projections, rotary embedding, MLP) is still the checkpoint's own, so any Llama-shaped text model
-(Llama, Mistral, Qwen2) exports, and verification holds the result to transformers' tokens.
+projections, rotary embedding and its apply function, MLP) is still the checkpoint's own, so any
+Llama-shaped text model exports, and verification holds the result to transformers' tokens: Llama,
+Mistral, Qwen2 (q/k/v biases), Qwen3 (q/k norms), Gemma (its norms and scaled embeddings are its
+own modules') and Phi-3 (packed q/k/v, partial rotary).
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from llava_edge.modeling import CLASS_TOKENS
 
-SUPPORTED_TEXT_MODELS = ("llama", "mistral", "qwen2")
+SUPPORTED_TEXT_MODELS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
 # Towers called as pixel_values -> hidden states of every layer (CLS first where there is one).
 SUPPORTED_VISION_TOWERS = tuple(CLASS_TOKENS)
 
@@ -59,6 +62,10 @@ class Decoder(nn.Module):
         self.lm_head = llava.lm_head
         self.num_heads = self.config.num_attention_heads
         self.num_kv_heads = self.config.num_key_value_heads
+        # The text model's own rotary function: Phi-3's rotates part of each head only.
+        self.apply_rotary = sys.modules[
+            type(self.layers[0].self_attn).__module__
+        ].apply_rotary_pos_emb
 
     def forward(
         self,
@@ -114,10 +121,14 @@ class Decoder(nn.Module):
         batch, seq, _ = x.shape
         head_dim = attn.head_dim
         groups = self.num_heads // self.num_kv_heads
-        q = attn.q_proj(x).view(batch, seq, self.num_heads, head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(batch, seq, self.num_kv_heads, head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(batch, seq, self.num_kv_heads, head_dim).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k, v = project_qkv(attn, x)
+        q = q.view(batch, seq, self.num_heads, head_dim)
+        k = k.view(batch, seq, self.num_kv_heads, head_dim)
+        if hasattr(attn, "q_norm"):  # Qwen3: an RMSNorm over each head's query and key
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = v.view(batch, seq, self.num_kv_heads, head_dim).transpose(1, 2)
+        q, k = self.apply_rotary(q, k, cos, sin)
         # [B, H, S, D] -> [B, KV, G*S, D]: query head h = kv * G + g, as transformers' repeat_kv.
         q = q.reshape(batch, self.num_kv_heads, groups * seq, head_dim)
         past_len = past_key.shape[2]
@@ -141,6 +152,17 @@ class Decoder(nn.Module):
             .reshape(batch, seq, -1)
         )
         return attn.o_proj(out), k, v
+
+
+def project_qkv(
+    attn: nn.Module, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries, keys and values [B, S, heads * head_dim], from q/k/v_proj or Phi-3's qkv_proj."""
+    if not hasattr(attn, "qkv_proj"):
+        return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    q_size = attn.config.num_attention_heads * attn.head_dim
+    kv_size = attn.config.num_key_value_heads * attn.head_dim
+    return attn.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
 
 
 def visibility(attention_mask: torch.Tensor, seq: int) -> torch.Tensor:

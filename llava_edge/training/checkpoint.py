@@ -165,7 +165,16 @@ def make_hf_tokenizer(tokenizer_size: int) -> Any:
 
 def make_config(preset: str, layers: int | None, tokenizer: Any, **overrides: Any) -> Any:
     """A LlavaConfig for a preset; `overrides` set LlavaConfig fields (vision_feature_layer...)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, MistralConfig, Qwen2Config
+    from transformers import (
+        CLIPVisionConfig,
+        GemmaConfig,
+        LlamaConfig,
+        LlavaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     if preset not in PRESETS:
         raise LlavaEdgeError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
@@ -181,7 +190,14 @@ def make_config(preset: str, layers: int | None, tokenizer: Any, **overrides: An
         vision["num_hidden_layers"] = min(layers, vision["num_hidden_layers"])
         text["num_hidden_layers"] = min(layers, text["num_hidden_layers"])
     text.update(overrides.pop("text", {}))
-    backbones = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
+    backbones = {
+        "llama": LlamaConfig,
+        "mistral": MistralConfig,
+        "qwen2": Qwen2Config,
+        "qwen3": Qwen3Config,
+        "gemma": GemmaConfig,
+        "phi3": Phi3Config,
+    }
     backbone = overrides.pop("backbone", "llama")
     if backbone not in backbones:
         raise LlavaEdgeError(f"unknown backbone {backbone!r}; choose from {', '.join(backbones)}")
@@ -221,8 +237,8 @@ def init_checkpoint(
     """Write a seeded random-weight LLaVA checkpoint of a preset's shape.
 
     `overrides` reach LlavaConfig (e.g. vision_feature_layer=[-2, -1]); `text={...}` changes the
-    text model (num_key_value_heads for GQA...), `backbone="mistral"` or `"qwen2"` (q/k/v biases)
-    swaps Llama for that model. projector: 'mlp2x_gelu' (LLaVA-1.5), 'linear' (LLaVA v1) or
+    text model (num_key_value_heads for GQA...), `backbone` ("mistral", "qwen2", "qwen3", "gemma",
+    "phi3") swaps Llama for that model. projector: 'mlp2x_gelu' (LLaVA-1.5), 'linear' (LLaVA v1) or
     'mlpNx_gelu'.
     """
     import torch
@@ -470,14 +486,22 @@ def _read_config(checkpoint: Path) -> dict[str, Any]:
 
 def _check_causal_lm(llm: str | Path) -> None:
     """Name an --llm that is no causal LM (a vision tower, a whole LLaVA) before any loading;
-    transformers would say only "Unrecognized configuration class", of one of the two parts."""
+    transformers would say only "Unrecognized configuration class", of one of the two parts.
+    A causal LM export does not take is refused too: its LLaVA would train but never run here."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from llava_edge.export.graphs import SUPPORTED_TEXT_MODELS
 
     model_type = _read_config(Path(llm)).get("model_type")
     if model_type is not None and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise LlavaEdgeError(
             f"--llm {llm} is a {model_type!r} model, not a causal language model (one "
             "AutoModelForCausalLM loads, such as Llama, Mistral or Qwen2)"
+        )
+    if model_type is not None and model_type not in SUPPORTED_TEXT_MODELS:
+        raise LlavaEdgeError(
+            f"--llm {llm} is a {model_type!r} language model, which export does not take "
+            f"(it takes {', '.join(SUPPORTED_TEXT_MODELS)}): choose one of those"
         )
 
 
