@@ -325,6 +325,27 @@ def test_an_assistant_message_with_null_content_is_an_empty_answer(server):
     assert replies[1].json()["choices"] == replies[0].json()["choices"]
 
 
+def test_an_assistant_refusal_sent_back_in_history_is_what_it_said(server):
+    """OpenAI's clients send a reply that refused back as it came: a `refusal` beside null
+    content, or a `refusal` part. Either is the answer's text, as if sent as its content."""
+    said = "I cannot help with that."
+    replies = []
+    for answer in [
+        {"content": said},
+        {"content": [{"type": "refusal", "refusal": said}]},
+        {"content": None, "refusal": said},
+    ]:
+        turns = [ask("Hi."), {"role": "assistant", **answer}, ask("Why?")]
+        replies.append(server.post({"model": MODEL, "messages": turns, "max_tokens": 4}))
+    assert [r.status_code for r in replies] == [200] * 3, replies[1].text
+    assert replies[1].json()["choices"] == replies[0].json()["choices"]
+    assert replies[2].json()["usage"] == replies[0].json()["usage"]
+    assert replies[2].json()["choices"] == replies[0].json()["choices"]
+    in_system = [{"role": "system", "content": [{"type": "refusal", "refusal": said}]}, *GOOD]
+    refused = server.post({"model": MODEL, "messages": in_system})
+    assert refused.status_code == 400 and "its parts are 'text'" in error_of(refused)["message"]
+
+
 GREETING = {"role": "assistant", "content": "How can I help?"}
 
 

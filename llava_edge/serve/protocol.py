@@ -191,10 +191,10 @@ def _parse_messages(
                     "model's template has one system prompt",
                     param,
                 )
-            text, _ = _content(message.get("content"), param, images=False)
+            text, _ = _content(message.get("content"), param, ("text",))
             system = text if system is None else _joined([system, text])
         elif role == "user":
-            text, urls = _content(message.get("content"), param, images=True)
+            text, urls = _content(message.get("content"), param, ("text", "image_url"))
             if turns and turns[-1][1] is None:  # one turn, as a client sends an image, then
                 turns[-1][0] = _joined([turns[-1][0], text])  # its question, in two messages
             else:
@@ -219,8 +219,7 @@ def _parse_messages(
                 )
             if message.get("tool_calls"):
                 raise ApiError(400, "tool calls are not supported", f"{param}.tool_calls")
-            content = message.get("content")  # null is allowed: an empty answer
-            turns[-1][1], _ = _content("" if content is None else content, param, images=False)
+            turns[-1][1] = _answer(message, param)
         elif role in ("tool", "function"):
             raise ApiError(400, f"'{role}' messages are not supported (no tool use)", param)
         else:
@@ -244,9 +243,24 @@ def _joined(texts: list[str]) -> str:
     return "\n".join(t for t in texts if t)
 
 
-def _content(content: Any, param: str, images: bool) -> tuple[str, list[str]]:
-    """A message's text (its text parts joined) and its image URLs. The images go before the
-    text, one image text each, as transformers' LLaVA chat templates place them."""
+def _answer(message: dict, param: str) -> str:
+    """An assistant message's text as the model said it: its content (null is an empty answer)
+    and its refusal, as OpenAI's clients send back a reply that refused (a `refusal` field
+    beside null content, or `refusal` parts)."""
+    content = message.get("content")
+    text, _ = _content("" if content is None else content, param, ("text", "refusal"))
+    refusal = message.get("refusal")
+    if refusal is None:
+        return text
+    if not isinstance(refusal, str):
+        raise ApiError(400, f"{param}.refusal must be a string or null", f"{param}.refusal")
+    return _joined([text, _text(refusal, f"{param}.refusal")])
+
+
+def _content(content: Any, param: str, kinds: tuple[str, ...]) -> tuple[str, list[str]]:
+    """A message's text (its text and refusal parts joined) and its image URLs, from the parts
+    of the `kinds` its role may hold. The images go before the text, one image text each, as
+    transformers' LLaVA chat templates place them."""
     if isinstance(content, str):
         return _text(content, f"{param}.content"), []
     if not isinstance(content, list):
@@ -257,11 +271,11 @@ def _content(content: Any, param: str, images: bool) -> tuple[str, list[str]]:
     for j, part in enumerate(content):
         where = f"{param}.content[{j}]"
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text":
-            if not isinstance(part.get("text"), str):
-                raise ApiError(400, f"{where}.text must be a string", f"{where}.text")
-            texts.append(_text(part["text"], f"{where}.text"))
-        elif kind == "image_url" and images:
+        if kind in kinds and kind in ("text", "refusal"):
+            if not isinstance(part.get(kind), str):
+                raise ApiError(400, f"{where}.{kind} must be a string", f"{where}.{kind}")
+            texts.append(_text(part[kind], f"{where}.{kind}"))
+        elif kind in kinds and kind == "image_url":
             image = part.get("image_url")
             candidate = image.get("url") if isinstance(image, dict) else image
             if not isinstance(candidate, str) or not candidate:
@@ -272,8 +286,9 @@ def _content(content: Any, param: str, images: bool) -> tuple[str, list[str]]:
         elif kind == "image_url":
             raise ApiError(400, f"{where}: only user messages may hold images", where)
         else:
+            allowed = " or ".join(repr(k) for k in kinds)
             raise ApiError(
-                400, f"{where} has type {kind!r}; parts are 'text' or 'image_url'", f"{where}.type"
+                400, f"{where} has type {kind!r}; its parts are {allowed}", f"{where}.type"
             )
     return _joined(texts), urls
 
