@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import http.server
 import io
 import json
@@ -36,6 +37,7 @@ from llava_edge.errors import LlavaEdgeError
 from llava_edge.runtime import Limits
 from llava_edge.runtime.batching import Cancelled
 from llava_edge.serve import ServeOptions, create_app
+from llava_edge.serve.app import fingerprint
 from llava_edge.serve.server import bind
 
 KEY = "test-key"
@@ -220,6 +222,26 @@ def test_a_streams_chunks_share_one_id_and_creation_time(server, monkeypatch):
         model=MODEL, messages=[ask("Count.")], max_tokens=6, stream=True
     )
     assert len({(chunk.id, chunk.created) for chunk in stream}) == 1
+
+
+def test_replies_carry_a_system_fingerprint_of_what_decides_their_tokens(server, tiny_model_dir):
+    """OpenAI's system_fingerprint, to compare seeded answers by: one value on a reply and every
+    chunk of a stream, which changes with the model dir or with how the server runs it."""
+    client = server.client()
+    whole = client.chat.completions.create(model=MODEL, messages=GOOD, max_tokens=2)
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=GOOD,
+        max_tokens=2,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    prints = {whole.system_fingerprint, *(chunk.system_fingerprint for chunk in stream)}
+    assert prints == {fingerprint(server.state.options)}
+    assert whole.system_fingerprint.startswith("fp_")
+    for change in [{"model_dir": tiny_model_dir}, {"max_batch": 3}, {"threads": 1}]:
+        changed = dataclasses.replace(server.state.options, **change)
+        assert fingerprint(changed) != whole.system_fingerprint, change
 
 
 def test_multi_turn_with_the_image_in_the_first_turn_equals_a_chat_session(server):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import json
 import logging
@@ -34,7 +35,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from llava_edge import __version__
 from llava_edge.errors import LlavaEdgeError, PromptTooLong, TimedOut, TooLarge
+from llava_edge.manifest import MANIFEST_NAME
 from llava_edge.runtime import BatchEngine, Limits, Pipeline
 from llava_edge.runtime.anyres import min_feature_count
 from llava_edge.runtime.batching import Admission, Cancelled, EngineClosed, Event, QueueFull
@@ -144,6 +147,7 @@ class ServerState:
         self._lock = threading.Lock()
         self.loader: threading.Thread | None = None
         self.load_error: Exception | None = None
+        self.fingerprint = ""  # its system_fingerprint, set once the model is loaded
         self.on_load_error = on_load_error
         self.started = int(time.time())
         self.media = MediaPolicy(
@@ -176,6 +180,7 @@ class ServerState:
             except Exception:
                 pipe.close()
                 raise
+            self.fingerprint = fingerprint(o)
             with self._lock:
                 closed = self.closed
                 if not closed:
@@ -225,6 +230,32 @@ class ServerState:
                 message = f"the model failed to load: {self.load_error}"
             raise ApiError(503, message, code="model_loading")
         return self.pipe, self.engine
+
+
+def fingerprint(options: ServeOptions) -> str:
+    """OpenAI's `system_fingerprint`: what decides a seeded answer's tokens besides the request.
+    The model dir's manifest (every file's hash, its precision and KV cache), this llava-edge and
+    onnxruntime, and how the server runs them (backend, providers, threads, batch, prefix reuse:
+    int8 rows decoded together share a scale, an fp16 reused prefix moves logits): a client that
+    sees it change knows a reply may differ for that, not for its sampling."""
+    runtime = None
+    if options.backend == "onnxruntime":  # the tensorrt backend's engines are in the manifest
+        import onnxruntime
+
+        runtime = onnxruntime.__version__
+    setup = [
+        __version__,
+        runtime,
+        options.backend,
+        options.providers,
+        options.threads,
+        None if options.engine_dir is None else str(options.engine_dir),
+        options.max_batch,
+        options.prefix_cache_mb,
+    ]
+    digest = hashlib.sha256((Path(options.model_dir) / MANIFEST_NAME).read_bytes())
+    digest.update(json.dumps(setup).encode())
+    return "fp_" + digest.hexdigest()[:12]
 
 
 def _close(engine: BatchEngine, pipe: Pipeline) -> None:
@@ -384,7 +415,7 @@ async def _chat_completion(request: Request, state: ServerState) -> Response:
         return Response(status_code=499)
     if event.kind == "error":
         return _error_response(_api_error(event.error))
-    head = protocol.new_head(chat.model)
+    head = protocol.new_head(chat.model, state.fingerprint)
     if chat.stream:
         return _AnswerStream(state, chat, handle, events, event, head, clock)
     answer = event.answer

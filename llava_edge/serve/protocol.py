@@ -397,15 +397,16 @@ FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 
 class Head(NamedTuple):
     """What every object of one completion carries alike: OpenAI gives all the chunks of a
-    stream one id and one creation time."""
+    stream one id, one creation time and one system fingerprint."""
 
     id: str
     created: int
     model: str
+    fingerprint: str
 
 
-def new_head(model: str) -> Head:
-    return Head("chatcmpl-" + uuid.uuid4().hex, int(time.time()), model)
+def new_head(model: str, fingerprint: str) -> Head:
+    return Head("chatcmpl-" + uuid.uuid4().hex, int(time.time()), model, fingerprint)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -423,6 +424,7 @@ def completion(head: Head, answer: Any) -> dict[str, Any]:
         "object": "chat.completion",
         "created": head.created,
         "model": head.model,
+        "system_fingerprint": head.fingerprint,
         "choices": [
             {
                 "index": 0,
@@ -453,6 +455,7 @@ def chunk(
         "object": "chat.completion.chunk",
         "created": head.created,
         "model": head.model,
+        "system_fingerprint": head.fingerprint,
         "choices": choices,
         **extra,
     }
