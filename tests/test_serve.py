@@ -653,12 +653,23 @@ def test_unknown_fields_are_refused_not_ignored(server):
             model=MODEL, messages=GOOD, max_tokens=2, extra_body={"best_of": 2}
         )
     bookkeeping = {"user": "robot-7", "metadata": {"node": "arm"}, "store": False}
-    assert server.post({**body, **bookkeeping, "parallel_tool_calls": True}).status_code == 200
+    caching = {"prompt_cache_retention": "24h", "prompt_cache_options": {"mode": "implicit"}}
+    assert (
+        server.post({**body, **bookkeeping, **caching, "parallel_tool_calls": True}).status_code
+        == 200
+    )
     # a client that writes every field of OpenAI's request, unset ones as null
-    unset = {name: None for name in ("reasoning_effort", "verbosity", "web_search_options")}
-    assert server.post({**body, **unset}).status_code == 200
-    asked = server.post({**body, "reasoning_effort": "high"})
-    assert asked.status_code == 400 and error_of(asked)["param"] == "reasoning_effort"
+    unset = ("reasoning_effort", "verbosity", "web_search_options", "moderation")
+    assert server.post({**body, **dict.fromkeys(unset)}).status_code == 200
+    for name, value in [("reasoning_effort", "high"), ("moderation", {"model": "omni"})]:
+        asked = server.post({**body, name: value})
+        assert asked.status_code == 400 and error_of(asked)["param"] == name
+    # a reply that called a tool or spoke, in history: the model says neither
+    call = {"name": "grip", "arguments": "{}"}
+    for name, value in [("function_call", call), ("audio", {"id": "audio_1"})]:
+        said = {"role": "assistant", "content": None, name: value}
+        history = server.post({**body, "messages": [ask("Hi."), said, ask("And?")]})
+        assert history.status_code == 400 and error_of(history)["param"] == f"messages[1].{name}"
 
 
 def _png_base64(seed: int = 1) -> str:

@@ -28,6 +28,7 @@ UNSUPPORTED_DEFAULTS = {
     "audio": (None,),
     "modalities": (None, ["text"]),
     "prediction": (None,),
+    "moderation": (None,),
     # reasoning models' options: a client that writes every field of OpenAI's request sends null
     "reasoning_effort": (None,),
     "verbosity": (None,),
@@ -67,6 +68,8 @@ IGNORED = {
     "service_tier",
     "parallel_tool_calls",
     "prompt_cache_key",
+    "prompt_cache_options",
+    "prompt_cache_retention",
     "safety_identifier",
 }
 
@@ -217,8 +220,13 @@ def _parse_messages(
                     "before it: join the two answers into one message",
                     param,
                 )
-            if message.get("tool_calls"):
-                raise ApiError(400, "tool calls are not supported", f"{param}.tool_calls")
+            for name in ("tool_calls", "function_call", "audio"):  # what the model cannot say
+                if message.get(name):
+                    raise ApiError(
+                        400,
+                        f"{param}.{name} is not supported: this model answers in text only",
+                        f"{param}.{name}",
+                    )
             turns[-1][1] = _answer(message, param)
         elif role in ("tool", "function"):
             raise ApiError(400, f"'{role}' messages are not supported (no tool use)", param)
