@@ -1639,6 +1639,25 @@ def test_without_cors_origins_a_browser_is_told_nothing(tiny_model_dir):
     assert "access-control-allow-origin" not in health.headers
 
 
+def test_a_web_page_of_another_origin_cannot_have_a_browser_run_a_question(server, tiny_model_dir):
+    """A form, or a fetch of text/plain, needs no preflight: CORS hid only the reply from a page
+    that --cors-origin does not allow, and its question still ran. Such a request is refused."""
+    body = json.dumps({"model": MODEL, "messages": GOOD, "max_tokens": 2})
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "text/plain"}
+    url = server.url + "/v1/chat/completions"
+    assert httpx.post(url, content=body, headers=headers).status_code == 200  # curl, a robot
+    finished = server.state.engine.stats()["finished"]
+    page = httpx.post(url, content=body, headers={**headers, "Origin": "http://evil.example"})
+    assert page.status_code == 403 and error_of(page)["code"] == "origin_not_allowed"
+    assert "--cors-origin http://evil.example" in error_of(page)["message"]
+    assert server.state.engine.stats()["finished"] == finished
+    allowed = TestClient(create_app(ServeOptions(tiny_model_dir, cors_origins=[DASHBOARD])))
+    dashboard = allowed.post(
+        "/v1/chat/completions", content=body, headers={**headers, "Origin": DASHBOARD}
+    )
+    assert dashboard.status_code == 503  # let through: the model is not loaded in this app
+
+
 @pytest.mark.parametrize("origin", ["robot.local:3000", "http://robot.local:3000/", "http://"])
 def test_a_cors_origin_that_is_no_origin_is_refused(tiny_model_dir, origin):
     with pytest.raises(LlavaEdgeError, match="is no origin"):

@@ -223,6 +223,22 @@ class ServerState:
                 code="invalid_api_key",
             )
 
+    def check_origin(self, request: Request) -> None:
+        """A browser's request from a web page --cors-origin does not allow is refused, not only
+        its reply hidden: a form or a text/plain fetch is sent without a preflight, so any page
+        open in a browser on the robot's network would have its questions (and, with remote
+        images allowed, their fetches) run."""
+        origin = request.headers.get("origin")
+        allowed = self.options.cors_origins
+        if origin is None or "*" in allowed or origin in allowed:
+            return
+        raise ApiError(
+            403,
+            f"a web page of {origin} may not call this server; start it with --cors-origin "
+            f"{origin} to allow that page",
+            code="origin_not_allowed",
+        )
+
     def require_ready(self) -> tuple[Pipeline, BatchEngine]:
         if self.engine is None or self.pipe is None:
             message = "the model is still loading; retry shortly"
@@ -363,6 +379,7 @@ async def _chat_completion(request: Request, state: ServerState) -> Response:
     arrived = time.perf_counter()  # --timeout counts from here: fetching and rendering too
     admission = gone = handle = None
     try:
+        state.check_origin(request)
         state.check_key(request)
         pipe, engine = state.require_ready()
         # a full queue refuses before the body is read or an image fetched; a request counts
