@@ -672,6 +672,42 @@ def test_unknown_fields_are_refused_not_ignored(server):
         assert history.status_code == 400 and error_of(history)["param"] == f"messages[1].{name}"
 
 
+HUGE = "x" * 200_000
+DEEP = json.loads("[" * 900 + "]" * 900)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"max_tokens": HUGE},
+        {"temperature": DEEP},
+        {"seed": -(10**4000)},
+        {"model": HUGE},
+        {HUGE: 1},
+        {"messages": [{"role": HUGE, "content": "Hi."}]},
+        {"messages": [{"role": "user", "content": [{"type": HUGE}]}]},
+        {"messages": [ask("What?", f"file://{HUGE}/one.png")]},
+    ],
+    ids=[
+        "long string",
+        "deep list",
+        "long integer",
+        "model",
+        "field name",
+        "role",
+        "part type",
+        "file url",
+    ],
+)
+def test_a_refused_value_is_quoted_cut_short_not_sent_back_whole(server, fields):
+    """Each refusal quotes what it refuses; a value of 200 kB (or nested 900 deep) came back
+    whole in the message."""
+    response = server.post({"model": MODEL, "messages": GOOD, "max_tokens": 2, **fields})
+    assert response.status_code in (400, 404), response.text[:200]
+    error = error_of(response)
+    assert len(error["message"]) < 300 and len(error["param"]) < 100, error["message"][:300]
+
+
 def _png_base64(seed: int = 1) -> str:
     return data_uri(picture(seed)).partition(",")[2]
 

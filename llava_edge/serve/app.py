@@ -774,7 +774,8 @@ def _check_model(state: ServerState, model: str) -> None:
     if model != state.options.name:
         raise ApiError(
             404,
-            f"the model {model!r} does not exist here; this server serves {state.options.name!r}",
+            f"the model {protocol.shown(model)} does not exist here; this server serves "
+            f"{state.options.name!r}",
             "model",
             "model_not_found",
         )

@@ -7,6 +7,7 @@ instead, as OpenAI's own errors do, and the few shapes involved fit in one page.
 
 from __future__ import annotations
 
+import reprlib
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -74,6 +75,16 @@ IGNORED = {
 }
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = _SHORT.maxlong = 60
+
+
+def shown(value: Any) -> str:
+    """A client's value as an error message quotes it: its repr cut short, so that a refused
+    value of megabytes, or one nested a thousand deep, is not sent back whole."""
+    return _SHORT.repr(value)
+
+
 class ApiError(Exception):
     """A refusal with its HTTP status, rendered as OpenAI's error JSON."""
 
@@ -130,11 +141,12 @@ def parse_chat_request(body: Any) -> ChatRequest:
         raise ApiError(400, "'model' is required: the id GET /v1/models lists", "model")
     for name in body:
         if name not in FIELDS and name not in IGNORED:
+            named = name if len(name) <= _SHORT.maxstring else shown(name)
             raise ApiError(
                 400,
-                f"unrecognized request argument supplied: {name}"
+                f"unrecognized request argument supplied: {named}"
                 f"{HINTS.get(name, '; this server does not take it, so leave it out')}",
-                name,
+                named,
             )
     for name, defaults in UNSUPPORTED_DEFAULTS.items():
         if name in body and not any(_equal(body[name], d) for d in defaults):
@@ -143,7 +155,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
             )
     n = body.get("n", 1)
     if n is not None and (not _is_int(n) or n != 1):
-        raise ApiError(400, f"'n' must be 1 (one answer per request), got {n!r}", "n")
+        raise ApiError(400, f"'n' must be 1 (one answer per request), got {shown(n)}", "n")
     response_format = body.get("response_format")
     if response_format is not None and (
         not isinstance(response_format, dict) or response_format.get("type") != "text"
@@ -234,7 +246,7 @@ def _parse_messages(
         else:
             raise ApiError(
                 400,
-                f"{param} has role {role!r}; use 'system', 'user' or 'assistant'",
+                f"{param} has role {shown(role)}; use 'system', 'user' or 'assistant'",
                 f"{param}.role",
             )
     if not turns:
@@ -297,7 +309,7 @@ def _content(content: Any, param: str, kinds: tuple[str, ...]) -> tuple[str, lis
         else:
             allowed = " or ".join(repr(k) for k in kinds)
             raise ApiError(
-                400, f"{where} has type {kind!r}; its parts are {allowed}", f"{where}.type"
+                400, f"{where} has type {shown(kind)}; its parts are {allowed}", f"{where}.type"
             )
     return _joined(texts), urls
 
@@ -321,7 +333,9 @@ def _parse_options(body: dict) -> tuple[dict[str, Any], str | None]:
     max_tokens = body.get(name)
     if max_tokens is not None:
         if not _is_int(max_tokens) or max_tokens < 1:
-            raise ApiError(400, f"'{name}' must be a positive integer, got {max_tokens!r}", name)
+            raise ApiError(
+                400, f"'{name}' must be a positive integer, got {shown(max_tokens)}", name
+            )
         options["max_new_tokens"] = max_tokens
     temperature = _number(body, "temperature", 0, 2)
     if temperature is not None:
@@ -333,7 +347,7 @@ def _parse_options(body: dict) -> tuple[dict[str, Any], str | None]:
     if top_k is not None:
         if not _is_int(top_k) or top_k < 0:
             raise ApiError(
-                400, f"'top_k' must be 0 (off) or a positive integer, got {top_k!r}", "top_k"
+                400, f"'top_k' must be 0 (off) or a positive integer, got {shown(top_k)}", "top_k"
             )
         options["top_k"] = top_k
     penalty = _number(body, "repetition_penalty", 0, 100, above=True)
@@ -345,7 +359,7 @@ def _parse_options(body: dict) -> tuple[dict[str, Any], str | None]:
         # negative seed is taken as its two's complement, so distinct seeds stay distinct
         if not _is_int(seed) or seed < -(2**63):
             raise ApiError(
-                400, f"'seed' must be an integer of at least -2**63, got {seed!r}", "seed"
+                400, f"'seed' must be an integer of at least -2**63, got {shown(seed)}", "seed"
             )
         options["seed"] = seed % 2**64 if seed < 0 else seed
     stop = body.get("stop")
@@ -374,7 +388,7 @@ def _number(body: dict, name: str, low: float, high: float, above: bool = False)
     number = not isinstance(value, bool) and isinstance(value, int | float)
     if not number or not (low < value if above else low <= value) or not value <= high:
         interval = f"{'(' if above else '['}{low}, {high}]"
-        raise ApiError(400, f"'{name}' must be a number in {interval}, got {value!r}", name)
+        raise ApiError(400, f"'{name}' must be a number in {interval}, got {shown(value)}", name)
     return value
 
 
@@ -384,7 +398,7 @@ def _optional(body: dict, name: str, kind: type, default: Any, prefix: str = "")
         return default
     if not isinstance(value, kind):
         raise ApiError(
-            400, f"'{prefix}{name}' must be a {kind.__name__}, got {value!r}", prefix + name
+            400, f"'{prefix}{name}' must be a {kind.__name__}, got {shown(value)}", prefix + name
         )
     return value
 
