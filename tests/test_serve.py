@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import http.server
 import io
 import json
@@ -36,6 +37,7 @@ from llava_edge.errors import LlavaEdgeError
 from llava_edge.runtime import Limits
 from llava_edge.runtime.batching import Cancelled
 from llava_edge.serve import ServeOptions, create_app
+from llava_edge.serve.app import fingerprint
 from llava_edge.serve.server import bind
 
 KEY = "test-key"
@@ -222,6 +224,26 @@ def test_a_streams_chunks_share_one_id_and_creation_time(server, monkeypatch):
     assert len({(chunk.id, chunk.created) for chunk in stream}) == 1
 
 
+def test_replies_carry_a_system_fingerprint_of_what_decides_their_tokens(server, tiny_model_dir):
+    """OpenAI's system_fingerprint, to compare seeded answers by: one value on a reply and every
+    chunk of a stream, which changes with the model dir or with how the server runs it."""
+    client = server.client()
+    whole = client.chat.completions.create(model=MODEL, messages=GOOD, max_tokens=2)
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=GOOD,
+        max_tokens=2,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    prints = {whole.system_fingerprint, *(chunk.system_fingerprint for chunk in stream)}
+    assert prints == {fingerprint(server.state.options)}
+    assert whole.system_fingerprint.startswith("fp_")
+    for change in [{"model_dir": tiny_model_dir}, {"max_batch": 3}, {"threads": 1}]:
+        changed = dataclasses.replace(server.state.options, **change)
+        assert fingerprint(changed) != whole.system_fingerprint, change
+
+
 def test_multi_turn_with_the_image_in_the_first_turn_equals_a_chat_session(server):
     pipe, image = server.state.pipe, picture(3)
     first = server.client().chat.completions.create(
@@ -323,6 +345,27 @@ def test_an_assistant_message_with_null_content_is_an_empty_answer(server):
         replies.append(server.post({"model": MODEL, "messages": turns, "max_tokens": 4}))
     assert replies[1].status_code == 200, replies[1].text
     assert replies[1].json()["choices"] == replies[0].json()["choices"]
+
+
+def test_an_assistant_refusal_sent_back_in_history_is_what_it_said(server):
+    """OpenAI's clients send a reply that refused back as it came: a `refusal` beside null
+    content, or a `refusal` part. Either is the answer's text, as if sent as its content."""
+    said = "I cannot help with that."
+    replies = []
+    for answer in [
+        {"content": said},
+        {"content": [{"type": "refusal", "refusal": said}]},
+        {"content": None, "refusal": said},
+    ]:
+        turns = [ask("Hi."), {"role": "assistant", **answer}, ask("Why?")]
+        replies.append(server.post({"model": MODEL, "messages": turns, "max_tokens": 4}))
+    assert [r.status_code for r in replies] == [200] * 3, replies[1].text
+    assert replies[1].json()["choices"] == replies[0].json()["choices"]
+    assert replies[2].json()["usage"] == replies[0].json()["usage"]
+    assert replies[2].json()["choices"] == replies[0].json()["choices"]
+    in_system = [{"role": "system", "content": [{"type": "refusal", "refusal": said}]}, *GOOD]
+    refused = server.post({"model": MODEL, "messages": in_system})
+    assert refused.status_code == 400 and "its parts are 'text'" in error_of(refused)["message"]
 
 
 GREETING = {"role": "assistant", "content": "How can I help?"}
@@ -610,12 +653,59 @@ def test_unknown_fields_are_refused_not_ignored(server):
             model=MODEL, messages=GOOD, max_tokens=2, extra_body={"best_of": 2}
         )
     bookkeeping = {"user": "robot-7", "metadata": {"node": "arm"}, "store": False}
-    assert server.post({**body, **bookkeeping, "parallel_tool_calls": True}).status_code == 200
+    caching = {"prompt_cache_retention": "24h", "prompt_cache_options": {"mode": "implicit"}}
+    assert (
+        server.post({**body, **bookkeeping, **caching, "parallel_tool_calls": True}).status_code
+        == 200
+    )
     # a client that writes every field of OpenAI's request, unset ones as null
-    unset = {name: None for name in ("reasoning_effort", "verbosity", "web_search_options")}
-    assert server.post({**body, **unset}).status_code == 200
-    asked = server.post({**body, "reasoning_effort": "high"})
-    assert asked.status_code == 400 and error_of(asked)["param"] == "reasoning_effort"
+    unset = ("reasoning_effort", "verbosity", "web_search_options", "moderation")
+    assert server.post({**body, **dict.fromkeys(unset)}).status_code == 200
+    for name, value in [("reasoning_effort", "high"), ("moderation", {"model": "omni"})]:
+        asked = server.post({**body, name: value})
+        assert asked.status_code == 400 and error_of(asked)["param"] == name
+    # a reply that called a tool or spoke, in history: the model says neither
+    call = {"name": "grip", "arguments": "{}"}
+    for name, value in [("function_call", call), ("audio", {"id": "audio_1"})]:
+        said = {"role": "assistant", "content": None, name: value}
+        history = server.post({**body, "messages": [ask("Hi."), said, ask("And?")]})
+        assert history.status_code == 400 and error_of(history)["param"] == f"messages[1].{name}"
+
+
+HUGE = "x" * 200_000
+DEEP = json.loads("[" * 900 + "]" * 900)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"max_tokens": HUGE},
+        {"temperature": DEEP},
+        {"seed": -(10**4000)},
+        {"model": HUGE},
+        {HUGE: 1},
+        {"messages": [{"role": HUGE, "content": "Hi."}]},
+        {"messages": [{"role": "user", "content": [{"type": HUGE}]}]},
+        {"messages": [ask("What?", f"file://{HUGE}/one.png")]},
+    ],
+    ids=[
+        "long string",
+        "deep list",
+        "long integer",
+        "model",
+        "field name",
+        "role",
+        "part type",
+        "file url",
+    ],
+)
+def test_a_refused_value_is_quoted_cut_short_not_sent_back_whole(server, fields):
+    """Each refusal quotes what it refuses; a value of 200 kB (or nested 900 deep) came back
+    whole in the message."""
+    response = server.post({"model": MODEL, "messages": GOOD, "max_tokens": 2, **fields})
+    assert response.status_code in (400, 404), response.text[:200]
+    error = error_of(response)
+    assert len(error["message"]) < 300 and len(error["param"]) < 100, error["message"][:300]
 
 
 def _png_base64(seed: int = 1) -> str:
@@ -1583,6 +1673,25 @@ def test_without_cors_origins_a_browser_is_told_nothing(tiny_model_dir):
     client = TestClient(create_app(ServeOptions(tiny_model_dir)))
     health = client.get("/health", headers={"Origin": DASHBOARD})
     assert "access-control-allow-origin" not in health.headers
+
+
+def test_a_web_page_of_another_origin_cannot_have_a_browser_run_a_question(server, tiny_model_dir):
+    """A form, or a fetch of text/plain, needs no preflight: CORS hid only the reply from a page
+    that --cors-origin does not allow, and its question still ran. Such a request is refused."""
+    body = json.dumps({"model": MODEL, "messages": GOOD, "max_tokens": 2})
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "text/plain"}
+    url = server.url + "/v1/chat/completions"
+    assert httpx.post(url, content=body, headers=headers).status_code == 200  # curl, a robot
+    finished = server.state.engine.stats()["finished"]
+    page = httpx.post(url, content=body, headers={**headers, "Origin": "http://evil.example"})
+    assert page.status_code == 403 and error_of(page)["code"] == "origin_not_allowed"
+    assert "--cors-origin http://evil.example" in error_of(page)["message"]
+    assert server.state.engine.stats()["finished"] == finished
+    allowed = TestClient(create_app(ServeOptions(tiny_model_dir, cors_origins=[DASHBOARD])))
+    dashboard = allowed.post(
+        "/v1/chat/completions", content=body, headers={**headers, "Origin": DASHBOARD}
+    )
+    assert dashboard.status_code == 503  # let through: the model is not loaded in this app
 
 
 @pytest.mark.parametrize("origin", ["robot.local:3000", "http://robot.local:3000/", "http://"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import json
 import logging
@@ -34,7 +35,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from llava_edge import __version__
 from llava_edge.errors import LlavaEdgeError, PromptTooLong, TimedOut, TooLarge
+from llava_edge.manifest import MANIFEST_NAME
 from llava_edge.runtime import BatchEngine, Limits, Pipeline
 from llava_edge.runtime.anyres import min_feature_count
 from llava_edge.runtime.batching import Admission, Cancelled, EngineClosed, Event, QueueFull
@@ -144,6 +147,7 @@ class ServerState:
         self._lock = threading.Lock()
         self.loader: threading.Thread | None = None
         self.load_error: Exception | None = None
+        self.fingerprint = ""  # its system_fingerprint, set once the model is loaded
         self.on_load_error = on_load_error
         self.started = int(time.time())
         self.media = MediaPolicy(
@@ -176,6 +180,7 @@ class ServerState:
             except Exception:
                 pipe.close()
                 raise
+            self.fingerprint = fingerprint(o)
             with self._lock:
                 closed = self.closed
                 if not closed:
@@ -218,6 +223,22 @@ class ServerState:
                 code="invalid_api_key",
             )
 
+    def check_origin(self, request: Request) -> None:
+        """A browser's request from a web page --cors-origin does not allow is refused, not only
+        its reply hidden: a form or a text/plain fetch is sent without a preflight, so any page
+        open in a browser on the robot's network would have its questions (and, with remote
+        images allowed, their fetches) run."""
+        origin = request.headers.get("origin")
+        allowed = self.options.cors_origins
+        if origin is None or "*" in allowed or origin in allowed:
+            return
+        raise ApiError(
+            403,
+            f"a web page of {origin} may not call this server; start it with --cors-origin "
+            f"{origin} to allow that page",
+            code="origin_not_allowed",
+        )
+
     def require_ready(self) -> tuple[Pipeline, BatchEngine]:
         if self.engine is None or self.pipe is None:
             message = "the model is still loading; retry shortly"
@@ -225,6 +246,32 @@ class ServerState:
                 message = f"the model failed to load: {self.load_error}"
             raise ApiError(503, message, code="model_loading")
         return self.pipe, self.engine
+
+
+def fingerprint(options: ServeOptions) -> str:
+    """OpenAI's `system_fingerprint`: what decides a seeded answer's tokens besides the request.
+    The model dir's manifest (every file's hash, its precision and KV cache), this llava-edge and
+    onnxruntime, and how the server runs them (backend, providers, threads, batch, prefix reuse:
+    int8 rows decoded together share a scale, an fp16 reused prefix moves logits): a client that
+    sees it change knows a reply may differ for that, not for its sampling."""
+    runtime = None
+    if options.backend == "onnxruntime":  # the tensorrt backend's engines are in the manifest
+        import onnxruntime
+
+        runtime = onnxruntime.__version__
+    setup = [
+        __version__,
+        runtime,
+        options.backend,
+        options.providers,
+        options.threads,
+        None if options.engine_dir is None else str(options.engine_dir),
+        options.max_batch,
+        options.prefix_cache_mb,
+    ]
+    digest = hashlib.sha256((Path(options.model_dir) / MANIFEST_NAME).read_bytes())
+    digest.update(json.dumps(setup).encode())
+    return "fp_" + digest.hexdigest()[:12]
 
 
 def _close(engine: BatchEngine, pipe: Pipeline) -> None:
@@ -332,6 +379,7 @@ async def _chat_completion(request: Request, state: ServerState) -> Response:
     arrived = time.perf_counter()  # --timeout counts from here: fetching and rendering too
     admission = gone = handle = None
     try:
+        state.check_origin(request)
         state.check_key(request)
         pipe, engine = state.require_ready()
         # a full queue refuses before the body is read or an image fetched; a request counts
@@ -384,7 +432,7 @@ async def _chat_completion(request: Request, state: ServerState) -> Response:
         return Response(status_code=499)
     if event.kind == "error":
         return _error_response(_api_error(event.error))
-    head = protocol.new_head(chat.model)
+    head = protocol.new_head(chat.model, state.fingerprint)
     if chat.stream:
         return _AnswerStream(state, chat, handle, events, event, head, clock)
     answer = event.answer
@@ -726,7 +774,8 @@ def _check_model(state: ServerState, model: str) -> None:
     if model != state.options.name:
         raise ApiError(
             404,
-            f"the model {model!r} does not exist here; this server serves {state.options.name!r}",
+            f"the model {protocol.shown(model)} does not exist here; this server serves "
+            f"{state.options.name!r}",
             "model",
             "model_not_found",
         )

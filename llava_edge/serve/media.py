@@ -17,7 +17,7 @@ from urllib.parse import ParseResult, unquote, urlparse
 
 from llava_edge.errors import first_line
 from llava_edge.runtime.image import base64_format
-from llava_edge.serve.protocol import ApiError
+from llava_edge.serve.protocol import ApiError, shown
 
 OCTET_STREAM = "application/octet-stream"  # bytes of no declared type: taken, as no type is
 
@@ -116,7 +116,7 @@ def _local_file(url: str, policy: MediaPolicy) -> bytes:
         )
     parsed = _parse(url)
     if parsed.scheme and parsed.netloc not in ("", "localhost"):
-        raise ApiError(400, f"file URL {url!r} names a host; use file:///path", "image_url")
+        raise ApiError(400, f"file URL {shown(url)} names a host; use file:///path", "image_url")
     path = Path(unquote(parsed.path if parsed.scheme else url))
     root = policy.allowed_media_dir.resolve()
     try:

@@ -7,6 +7,7 @@ instead, as OpenAI's own errors do, and the few shapes involved fit in one page.
 
 from __future__ import annotations
 
+import reprlib
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ UNSUPPORTED_DEFAULTS = {
     "audio": (None,),
     "modalities": (None, ["text"]),
     "prediction": (None,),
+    "moderation": (None,),
     # reasoning models' options: a client that writes every field of OpenAI's request sends null
     "reasoning_effort": (None,),
     "verbosity": (None,),
@@ -67,8 +69,20 @@ IGNORED = {
     "service_tier",
     "parallel_tool_calls",
     "prompt_cache_key",
+    "prompt_cache_options",
+    "prompt_cache_retention",
     "safety_identifier",
 }
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = _SHORT.maxlong = 60
+
+
+def shown(value: Any) -> str:
+    """A client's value as an error message quotes it: its repr cut short, so that a refused
+    value of megabytes, or one nested a thousand deep, is not sent back whole."""
+    return _SHORT.repr(value)
 
 
 class ApiError(Exception):
@@ -77,6 +91,7 @@ class ApiError(Exception):
     TYPES = {
         400: "invalid_request_error",
         401: "authentication_error",
+        403: "permission_error",
         404: "not_found_error",
         408: "timeout_error",
         413: "invalid_request_error",
@@ -126,11 +141,12 @@ def parse_chat_request(body: Any) -> ChatRequest:
         raise ApiError(400, "'model' is required: the id GET /v1/models lists", "model")
     for name in body:
         if name not in FIELDS and name not in IGNORED:
+            named = name if len(name) <= _SHORT.maxstring else shown(name)
             raise ApiError(
                 400,
-                f"unrecognized request argument supplied: {name}"
+                f"unrecognized request argument supplied: {named}"
                 f"{HINTS.get(name, '; this server does not take it, so leave it out')}",
-                name,
+                named,
             )
     for name, defaults in UNSUPPORTED_DEFAULTS.items():
         if name in body and not any(_equal(body[name], d) for d in defaults):
@@ -139,7 +155,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
             )
     n = body.get("n", 1)
     if n is not None and (not _is_int(n) or n != 1):
-        raise ApiError(400, f"'n' must be 1 (one answer per request), got {n!r}", "n")
+        raise ApiError(400, f"'n' must be 1 (one answer per request), got {shown(n)}", "n")
     response_format = body.get("response_format")
     if response_format is not None and (
         not isinstance(response_format, dict) or response_format.get("type") != "text"
@@ -191,10 +207,10 @@ def _parse_messages(
                     "model's template has one system prompt",
                     param,
                 )
-            text, _ = _content(message.get("content"), param, images=False)
+            text, _ = _content(message.get("content"), param, ("text",))
             system = text if system is None else _joined([system, text])
         elif role == "user":
-            text, urls = _content(message.get("content"), param, images=True)
+            text, urls = _content(message.get("content"), param, ("text", "image_url"))
             if turns and turns[-1][1] is None:  # one turn, as a client sends an image, then
                 turns[-1][0] = _joined([turns[-1][0], text])  # its question, in two messages
             else:
@@ -217,16 +233,20 @@ def _parse_messages(
                     "before it: join the two answers into one message",
                     param,
                 )
-            if message.get("tool_calls"):
-                raise ApiError(400, "tool calls are not supported", f"{param}.tool_calls")
-            content = message.get("content")  # null is allowed: an empty answer
-            turns[-1][1], _ = _content("" if content is None else content, param, images=False)
+            for name in ("tool_calls", "function_call", "audio"):  # what the model cannot say
+                if message.get(name):
+                    raise ApiError(
+                        400,
+                        f"{param}.{name} is not supported: this model answers in text only",
+                        f"{param}.{name}",
+                    )
+            turns[-1][1] = _answer(message, param)
         elif role in ("tool", "function"):
             raise ApiError(400, f"'{role}' messages are not supported (no tool use)", param)
         else:
             raise ApiError(
                 400,
-                f"{param} has role {role!r}; use 'system', 'user' or 'assistant'",
+                f"{param} has role {shown(role)}; use 'system', 'user' or 'assistant'",
                 f"{param}.role",
             )
     if not turns:
@@ -244,9 +264,24 @@ def _joined(texts: list[str]) -> str:
     return "\n".join(t for t in texts if t)
 
 
-def _content(content: Any, param: str, images: bool) -> tuple[str, list[str]]:
-    """A message's text (its text parts joined) and its image URLs. The images go before the
-    text, one image text each, as transformers' LLaVA chat templates place them."""
+def _answer(message: dict, param: str) -> str:
+    """An assistant message's text as the model said it: its content (null is an empty answer)
+    and its refusal, as OpenAI's clients send back a reply that refused (a `refusal` field
+    beside null content, or `refusal` parts)."""
+    content = message.get("content")
+    text, _ = _content("" if content is None else content, param, ("text", "refusal"))
+    refusal = message.get("refusal")
+    if refusal is None:
+        return text
+    if not isinstance(refusal, str):
+        raise ApiError(400, f"{param}.refusal must be a string or null", f"{param}.refusal")
+    return _joined([text, _text(refusal, f"{param}.refusal")])
+
+
+def _content(content: Any, param: str, kinds: tuple[str, ...]) -> tuple[str, list[str]]:
+    """A message's text (its text and refusal parts joined) and its image URLs, from the parts
+    of the `kinds` its role may hold. The images go before the text, one image text each, as
+    transformers' LLaVA chat templates place them."""
     if isinstance(content, str):
         return _text(content, f"{param}.content"), []
     if not isinstance(content, list):
@@ -257,11 +292,11 @@ def _content(content: Any, param: str, images: bool) -> tuple[str, list[str]]:
     for j, part in enumerate(content):
         where = f"{param}.content[{j}]"
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text":
-            if not isinstance(part.get("text"), str):
-                raise ApiError(400, f"{where}.text must be a string", f"{where}.text")
-            texts.append(_text(part["text"], f"{where}.text"))
-        elif kind == "image_url" and images:
+        if kind in kinds and kind in ("text", "refusal"):
+            if not isinstance(part.get(kind), str):
+                raise ApiError(400, f"{where}.{kind} must be a string", f"{where}.{kind}")
+            texts.append(_text(part[kind], f"{where}.{kind}"))
+        elif kind in kinds and kind == "image_url":
             image = part.get("image_url")
             candidate = image.get("url") if isinstance(image, dict) else image
             if not isinstance(candidate, str) or not candidate:
@@ -272,8 +307,9 @@ def _content(content: Any, param: str, images: bool) -> tuple[str, list[str]]:
         elif kind == "image_url":
             raise ApiError(400, f"{where}: only user messages may hold images", where)
         else:
+            allowed = " or ".join(repr(k) for k in kinds)
             raise ApiError(
-                400, f"{where} has type {kind!r}; parts are 'text' or 'image_url'", f"{where}.type"
+                400, f"{where} has type {shown(kind)}; its parts are {allowed}", f"{where}.type"
             )
     return _joined(texts), urls
 
@@ -297,7 +333,9 @@ def _parse_options(body: dict) -> tuple[dict[str, Any], str | None]:
     max_tokens = body.get(name)
     if max_tokens is not None:
         if not _is_int(max_tokens) or max_tokens < 1:
-            raise ApiError(400, f"'{name}' must be a positive integer, got {max_tokens!r}", name)
+            raise ApiError(
+                400, f"'{name}' must be a positive integer, got {shown(max_tokens)}", name
+            )
         options["max_new_tokens"] = max_tokens
     temperature = _number(body, "temperature", 0, 2)
     if temperature is not None:
@@ -309,7 +347,7 @@ def _parse_options(body: dict) -> tuple[dict[str, Any], str | None]:
     if top_k is not None:
         if not _is_int(top_k) or top_k < 0:
             raise ApiError(
-                400, f"'top_k' must be 0 (off) or a positive integer, got {top_k!r}", "top_k"
+                400, f"'top_k' must be 0 (off) or a positive integer, got {shown(top_k)}", "top_k"
             )
         options["top_k"] = top_k
     penalty = _number(body, "repetition_penalty", 0, 100, above=True)
@@ -321,7 +359,7 @@ def _parse_options(body: dict) -> tuple[dict[str, Any], str | None]:
         # negative seed is taken as its two's complement, so distinct seeds stay distinct
         if not _is_int(seed) or seed < -(2**63):
             raise ApiError(
-                400, f"'seed' must be an integer of at least -2**63, got {seed!r}", "seed"
+                400, f"'seed' must be an integer of at least -2**63, got {shown(seed)}", "seed"
             )
         options["seed"] = seed % 2**64 if seed < 0 else seed
     stop = body.get("stop")
@@ -350,7 +388,7 @@ def _number(body: dict, name: str, low: float, high: float, above: bool = False)
     number = not isinstance(value, bool) and isinstance(value, int | float)
     if not number or not (low < value if above else low <= value) or not value <= high:
         interval = f"{'(' if above else '['}{low}, {high}]"
-        raise ApiError(400, f"'{name}' must be a number in {interval}, got {value!r}", name)
+        raise ApiError(400, f"'{name}' must be a number in {interval}, got {shown(value)}", name)
     return value
 
 
@@ -360,7 +398,7 @@ def _optional(body: dict, name: str, kind: type, default: Any, prefix: str = "")
         return default
     if not isinstance(value, kind):
         raise ApiError(
-            400, f"'{prefix}{name}' must be a {kind.__name__}, got {value!r}", prefix + name
+            400, f"'{prefix}{name}' must be a {kind.__name__}, got {shown(value)}", prefix + name
         )
     return value
 
@@ -382,15 +420,16 @@ FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 
 class Head(NamedTuple):
     """What every object of one completion carries alike: OpenAI gives all the chunks of a
-    stream one id and one creation time."""
+    stream one id, one creation time and one system fingerprint."""
 
     id: str
     created: int
     model: str
+    fingerprint: str
 
 
-def new_head(model: str) -> Head:
-    return Head("chatcmpl-" + uuid.uuid4().hex, int(time.time()), model)
+def new_head(model: str, fingerprint: str) -> Head:
+    return Head("chatcmpl-" + uuid.uuid4().hex, int(time.time()), model, fingerprint)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -408,6 +447,7 @@ def completion(head: Head, answer: Any) -> dict[str, Any]:
         "object": "chat.completion",
         "created": head.created,
         "model": head.model,
+        "system_fingerprint": head.fingerprint,
         "choices": [
             {
                 "index": 0,
@@ -438,6 +478,7 @@ def chunk(
         "object": "chat.completion.chunk",
         "created": head.created,
         "model": head.model,
+        "system_fingerprint": head.fingerprint,
         "choices": choices,
         **extra,
     }
