@@ -49,6 +49,8 @@ FORMAT_TOKENS = {
     "<|assistant|>": "phi_3",
     "[INST]": "mistral_instruct",  # a control token from Mistral's v3 tokenizer on
 }
+# What a chat template calls to write the date it renders a prompt on (transformers gives it).
+DATED = "strftime_now"
 # Texts no template writes itself, so each one's place in a rendered prompt is unambiguous.
 Q1, Q2, Q3 = "QUESTION_ONE", "QUESTION_TWO", "QUESTION_THREE"
 A1, A2 = "ANSWER_ONE", "ANSWER_TWO"
@@ -181,8 +183,14 @@ def choose_template(
             )
         return TemplateChoice(template, f"prompt template: {named} (named in {info})")
     template = derive_template(chat, eos_texts)
-    why = "read off the checkpoint's chat template"
-    return TemplateChoice(template, f"prompt template: {template.name} ({why})")
+    line = f"prompt template: {template.name} (read off the checkpoint's chat template)"
+    if DATED in chat.jinja:
+        line = (
+            f"warning: {line}, which writes the date a prompt is made on ({DATED}, as Llama "
+            "3.2's 'Today Date' does): the model dir's prompts keep today's, where transformers "
+            "writes the day's; re-export to move it on"
+        )
+    return TemplateChoice(template, line)
 
 
 def _default_note(tokenizer: Any, info: Path) -> str:
