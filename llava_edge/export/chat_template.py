@@ -315,9 +315,9 @@ def _with_trim(chat: CheckpointChat, template: TemplateSpec) -> TemplateSpec:
     message says (TemplateSpec.trim_user, trim_assistant, trim_system), read off probe
     conversations whose texts carry outer whitespace: the first way of stripping that renders
     them as the checkpoint's template does, with images on the first or a later turn, then with
-    a system prompt. Stripping nothing where no way does, as where the template strips nothing.
-    A system prompt is probed only where the template writes one (`system_format`) the way the
-    runtime does: Mistral v0.3's, which goes into the last question, says nothing of stripping."""
+    a system prompt. Stripping nothing where no way does, as where the template strips nothing;
+    a run-time system prompt is not stripped where no way renders the probes with one as the
+    template does (Mistral v0.3 writes it into the last question, not where the runtime does)."""
     padded = [(PAD + q + PAD, None if a is None else PAD + a + PAD) for q, a in PROBE]
     question = [(padded[0][0], None)]
     conversations: list[tuple[Turns, Images]] = [
