@@ -33,6 +33,7 @@ ANYRES_FORMAT_VERSION = 2
 GRAPH_NAMES = ("vision_encoder", "projector", "decoder")
 PREFILL = "decoder_prefill"  # what the runtime and `plan` call the fused decoder's prompt form
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
+TRIM_MODES = ("", "text", "content")  # TemplateSpec.trim_user
 
 
 @dataclass
@@ -142,6 +143,16 @@ class TemplateSpec:
     # inside the first `[INST]`, so `system` opens that turn and the later turns' `<s>[INST] `
     # is not repeated after it. None: `user`, as in every other template.
     first_user: str | None = None
+    # The outer whitespace the template strips off what a message says, as Python's str.strip
+    # (Jinja's `trim`, Llama 2's `.strip()`) does. trim_user (one of TRIM_MODES): "" none; "text" the question
+    # itself (Llama 3 LLaVA-NeXT's `content['text'] | trim`); "content" the message content as a
+    # whole (Llama 3's `message['content'] | trim`), where an image marker written before the
+    # question, or Llama 2's system prompt inside the first turn, keeps its leading whitespace.
+    # trim_assistant, trim_system: whether an answer of the history, or a system prompt given at
+    # run time, is stripped. The defaults strip nothing, as the built-in templates do.
+    trim_user: str = ""
+    trim_assistant: bool = False
+    trim_system: bool = False
 
 
 @dataclass
@@ -297,6 +308,11 @@ class Manifest:
                 raise LlavaEdgeError(
                     f"{where}: file name {name!r} is not inside the model dir; re-export the model"
                 )
+        if self.template.trim_user not in TRIM_MODES:
+            raise LlavaEdgeError(
+                f"{where}: template trim_user {self.template.trim_user!r} is none of "
+                f"{list(TRIM_MODES)}; re-export the model"
+            )
         t = self.text
         if t.num_heads % t.num_kv_heads or min(t.num_layers, t.head_dim, t.max_context) <= 0:
             raise LlavaEdgeError(f"{where}: the text model's shapes are inconsistent")

@@ -76,12 +76,57 @@ def test_conversation_ids_are_the_whole_conversation_encoded(pipe):
         pipe.conversation_ids(turns, pixels)
 
 
-def test_a_turn_after_a_history_is_encoded_with_it(pipe):
+# llava-hf's LLaVA-1.5 template ends an answer with a space, which the tokenizer reads together
+# with the next turn's "USER:" ("▁USER:"), not as a token of its own.
+ANSWER_ENDS = ["</s>", " "]
+
+
+@pytest.mark.parametrize("answer_end", ANSWER_ENDS)
+def test_a_turn_after_a_history_is_encoded_with_it(pipe, answer_end, monkeypatch):
+    template = dataclasses.replace(pipe.manifest.template, answer_end=answer_end)
+    monkeypatch.setattr(pipe.manifest, "template", template)
     turns = [(FIRST, "A red square."), (SECOND, None)]
     chat = pipe.chat(frame(), history=turns[:1])
     stream = chat.stream(SECOND, max_new_tokens=2)
     "".join(stream)
     assert stream.answer.prompt_token_ids == whole(pipe, turns)
+    # and a turn after an answer cut by a stop string, which the chat holds as shown
+    said = stream.answer.text
+    assert said.strip(), "the tiny model says something"
+    stopped = pipe.chat(frame(), history=turns[:1], stop=[said.strip()[-1]])
+    cut = stopped.stream(SECOND, max_new_tokens=2)
+    "".join(cut)
+    assert cut.answer.finish_reason == "stop"
+    following = stopped.stream(FIRST, max_new_tokens=1)
+    "".join(following)
+    third = [*turns[:1], (SECOND, cut.answer.text), (FIRST, None)]
+    assert following.answer.prompt_token_ids == whole(pipe, third)
+
+
+def test_a_turn_after_an_answer_that_ended_follows_it_as_in_the_whole_conversation(
+    pipe, monkeypatch
+):
+    """Where the template's end of an answer is no end-of-sequence token (llava-hf's space),
+    the model's EOS stands for none of it: what follows the answer in the whole conversation
+    follows the EOS."""
+    template = dataclasses.replace(pipe.manifest.template, answer_end=" ")
+    monkeypatch.setattr(pipe.manifest, "template", template)
+    eos = pipe.manifest.tokens.eos_token_ids[0]
+    monkeypatch.setattr(pipe, "backend", EndsAt(pipe.backend, eos, call=3))
+    chat = pipe.chat(frame())
+    first = chat.stream(FIRST, max_new_tokens=8)
+    "".join(first)
+    assert first.answer.token_ids[-1] == eos
+    second = chat.stream(SECOND, max_new_tokens=2)
+    "".join(second)
+    reference = whole(pipe, [(FIRST, "Anything."), (SECOND, None)])
+    answered = pipe.codec.encode(
+        user_turn(template, FIRST, image=True, first=True) + template.answer_prefix + "Anything.",
+        image_tokens=pipe.manifest.num_image_tokens,
+    )
+    assert reference[: len(answered)] == answered  # the answer ends at a token boundary
+    held = first.answer.prompt_token_ids + first.answer.token_ids
+    assert second.answer.prompt_token_ids == held + reference[len(answered) :]
 
 
 @pytest.mark.parametrize("answer_end", ["</s>", "</s>\n"])

@@ -11,9 +11,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from datetime import date
 from pathlib import Path
 
 import pytest
+from chat_templates import LLAMA31, LLAMA32
 from conftest import quiet
 from hf_checkpoints import ONEVISION_TEMPLATE as ONEVISION
 
@@ -321,3 +323,26 @@ def test_export_says_which_template_it_was_named(tiny_checkpoint: Path, tmp_path
     assert [line for line in lines if line.startswith("prompt template:")] == [
         f"prompt template: {name} (named in {tiny_checkpoint / CHECKPOINT_INFO_FILE})"
     ]
+
+
+@pytest.mark.parametrize("name", ["llama-3.1", "llama-3.2"])
+def test_export_warns_of_a_chat_template_that_writes_the_day(
+    name: str, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """Llama 3.2's template writes the day a prompt is made (transformers' strftime_now), which
+    the manifest's strings cannot follow: export says the model dir keeps the day of export.
+    Llama 3.1's writes a fixed date, which they hold."""
+    template = {"llama-3.1": LLAMA31, "llama-3.2": LLAMA32}[name]
+    specials = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    checkpoint = with_template(tiny_checkpoint, tmp_path / "ckpt", template, specials)
+    lines: list[str] = []
+    before = date.today()
+    export_checkpoint(checkpoint, tmp_path / "model", verify=False, fused=False, log=lines.append)
+    days = {day.strftime("%d %b %Y") for day in (before, date.today())}
+    (said,) = [line for line in lines if "prompt template:" in line]
+    system = Manifest.load(tmp_path / "model").template.system
+    if name == "llama-3.2":
+        assert said.startswith("warning:") and "strftime_now" in said
+        assert any(f"Today Date: {day}" in system for day in days)
+    else:
+        assert "warning" not in said and "Today Date: 26 Jul 2024" in system

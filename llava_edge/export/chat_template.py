@@ -4,7 +4,8 @@ A checkpoint carries its prompt format as a Jinja chat template (its processor's
 tokenizer's). The runtime holds no Jinja: the manifest keeps strings (system, user, image,
 assistant, answer_prefix, answer_end) joined in one fixed order (llava_edge.runtime.template).
 They are read off the template by rendering probe conversations whose texts are sentinels, and
-then checked by rendering a three-turn conversation with an image both ways. A template the
+then checked by rendering a three-turn conversation with an image both ways; probes whose texts
+carry outer whitespace say whether and how the template strips it. A template the
 strings cannot express (an image after the question, a header that changes from turn to turn, a
 system prompt that moves) is refused with a clear message rather than approximated.
 
@@ -23,11 +24,18 @@ from pathlib import Path
 from typing import Any
 
 from llava_edge.errors import LlavaEdgeError
-from llava_edge.manifest import CHECKPOINT_INFO_FILE, TemplateSpec, read_checkpoint_template
+from llava_edge.manifest import (
+    CHECKPOINT_INFO_FILE,
+    TRIM_MODES,
+    TemplateSpec,
+    read_checkpoint_template,
+)
 from llava_edge.runtime.template import (
     IMAGE_PLACEHOLDER,
     TEMPLATES,
+    answer_text,
     render,
+    user_turn,
     with_image_markers,
     with_system,
 )
@@ -41,6 +49,8 @@ FORMAT_TOKENS = {
     "<|assistant|>": "phi_3",
     "[INST]": "mistral_instruct",  # a control token from Mistral's v3 tokenizer on
 }
+# What a chat template calls to write the date it renders a prompt on (transformers gives it).
+DATED = "strftime_now"
 # Texts no template writes itself, so each one's place in a rendered prompt is unambiguous.
 Q1, Q2, Q3 = "QUESTION_ONE", "QUESTION_TWO", "QUESTION_THREE"
 A1, A2 = "ANSWER_ONE", "ANSWER_TWO"
@@ -48,6 +58,10 @@ SYSTEM = "SYSTEM_PROMPT"
 PROBE = [(Q1, A1), (Q2, A2), (Q3, None)]
 
 Turns = list[tuple[str, str | None]]
+# An image with the first question (True) or none (False), or the turns that have one.
+Images = bool | tuple[int, ...]
+# Outer whitespace of the trim probes: all of it is what Python's str.strip (Jinja's `trim`) takes.
+PAD = " \t\n\u00a0\u3000"
 
 
 class CheckpointChat:
@@ -89,16 +103,16 @@ class CheckpointChat:
         )
 
     def messages(
-        self, turns: Turns, image: bool, system: str | None = None
+        self, turns: Turns, image: Images, system: str | None = None
     ) -> list[dict[str, Any]]:
-        """Chat messages for `turns`, after a system message if given; the image goes with the
-        first question."""
+        """Chat messages for `turns`, after a system message if given; an image goes with the
+        first question (image True) or with each turn `image` lists."""
         messages = []
         if system is not None:
             text = system if self.string_content else [{"type": "text", "text": system}]
             messages.append({"role": "system", "content": text})
         for i, (question, answer) in enumerate(turns):
-            with_image = image and i == 0
+            with_image = i in _image_turns(image)
             if self.string_content:
                 content: Any = (IMAGE_PLACEHOLDER + "\n" if with_image else "") + question
             else:
@@ -110,7 +124,7 @@ class CheckpointChat:
                 messages.append({"role": "assistant", "content": text})
         return messages
 
-    def text(self, turns: Turns, image: bool, system: str | None = None) -> str:
+    def text(self, turns: Turns, image: Images, system: str | None = None) -> str:
         """The prompt text; open for an answer when the last turn has none."""
         return self.processor.apply_chat_template(
             self.messages(turns, image, system),
@@ -169,8 +183,14 @@ def choose_template(
             )
         return TemplateChoice(template, f"prompt template: {named} (named in {info})")
     template = derive_template(chat, eos_texts)
-    why = "read off the checkpoint's chat template"
-    return TemplateChoice(template, f"prompt template: {template.name} ({why})")
+    line = f"prompt template: {template.name} (read off the checkpoint's chat template)"
+    if DATED in chat.jinja:
+        line = (
+            f"warning: {line}, which writes the date a prompt is made on ({DATED}, as Llama "
+            "3.2's 'Today Date' does): the model dir's prompts keep today's, where transformers "
+            "writes the day's; re-export to move it on"
+        )
+    return TemplateChoice(template, line)
 
 
 def _default_note(tokenizer: Any, info: Path) -> str:
@@ -243,7 +263,7 @@ def derive_template(chat: CheckpointChat, eos_texts: list[str]) -> TemplateSpec:
     expected, got = chat.text(PROBE, image=True), _render(template, PROBE)
     if expected != got:
         raise refuse(_difference(expected, got))
-    template = _with_system_format(chat, template)
+    template = _with_trim(chat, _with_system_format(chat, template))
     for known in TEMPLATES.values():  # say so when it is a template llava-edge knows
         if dataclasses.replace(known, name="checkpoint", system_format=None) == dataclasses.replace(
             template, system_format=None
@@ -288,6 +308,81 @@ def _with_system_format(chat: CheckpointChat, template: TemplateSpec) -> Templat
         if _render(with_system(candidate, SYSTEM), PROBE) == text:
             return candidate
     return fallback
+
+
+def _with_trim(chat: CheckpointChat, template: TemplateSpec) -> TemplateSpec:
+    """The template with the way the checkpoint's template strips outer whitespace off what a
+    message says (TemplateSpec.trim_user, trim_assistant, trim_system), read off probe
+    conversations whose texts carry outer whitespace: the first way of stripping that renders
+    them as the checkpoint's template does, with images on the first or a later turn, then with
+    a system prompt. Stripping nothing where no way does, as where the template strips nothing;
+    a run-time system prompt is not stripped where no way renders the probes with one as the
+    template does (Mistral v0.3 writes it into the last question, not where the runtime does)."""
+    padded = [(PAD + q + PAD, None if a is None else PAD + a + PAD) for q, a in PROBE]
+    question = [(padded[0][0], None)]
+    conversations: list[tuple[Turns, Images]] = [
+        (question, False),
+        (question, True),
+        (padded, True),
+        (padded, (1,)),
+        (padded, False),
+    ]
+
+    def probes(system: str | None) -> list[tuple[Turns, Images, str | None, str]]:
+        rendered = []
+        for turns, image in conversations:
+            try:
+                rendered.append((turns, image, system, chat.text(turns, image, system)))
+            except Exception:  # Jinja and the template's own raise_exception
+                continue
+        return rendered
+
+    def first_fitting(candidates: list[TemplateSpec], rendered: list) -> TemplateSpec | None:
+        return next(
+            (
+                candidate
+                for candidate in candidates
+                if all(_render_with(candidate, *probe[:3]) == probe[3] for probe in rendered)
+            ),
+            None,
+        )
+
+    chosen = first_fitting(
+        [
+            dataclasses.replace(template, trim_user=user, trim_assistant=assistant)
+            for user in TRIM_MODES
+            for assistant in (False, True)
+        ],
+        probes(None),
+    )
+    if chosen is None:
+        return template
+    if template.system_format is None:
+        return chosen
+    with_system = first_fitting(
+        [dataclasses.replace(chosen, trim_system=trim) for trim in (False, True)],
+        probes(PAD + SYSTEM + PAD),
+    )
+    return chosen if with_system is None else with_system
+
+
+def _render_with(template: TemplateSpec, turns: Turns, image: Images, system: str | None) -> str:
+    """A conversation as the runtime renders it (Pipeline.conversation_ids)."""
+    if system is not None:
+        template = with_system(template, system)
+    at = _image_turns(image)
+    text = ""
+    for i, (question, answer) in enumerate(turns):
+        text += user_turn(template, question, image=i in at, first=i == 0)
+        if answer is not None:
+            text += answer_text(template, answer)
+    return text
+
+
+def _image_turns(image: Images) -> tuple[int, ...]:
+    if isinstance(image, bool):
+        return (0,) if image else ()
+    return image
 
 
 def _user_header(

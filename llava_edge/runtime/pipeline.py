@@ -841,14 +841,17 @@ class ChatSession:
                 f"{len(brought)} image(s) it brings: one placeholder per image, or none"
             )
         text = user_turn(self.template, prompt, len(brought), first)
+        held = self.ids
         if first:
             new_ids = pipe.prompt_ids(text, brought, raw=True)
+        elif self.history_closed:
+            held, new_ids = self._after_rendered(prompt, new_pixels)
         else:
             new_ids = self._later_turn_ids(text, new_pixels)
-        pending = self.ids[self.fed :] + new_ids  # the last answer's final token was never fed
+        pending = held[self.fed :] + new_ids  # the last answer's final token was never fed
         try:
-            pipe.limits.check_prompt(len(self.ids) + len(new_ids), chat=True)
-            config = pipe._fit_context(config, len(pending), self.fed, len(self.ids))
+            pipe.limits.check_prompt(len(held) + len(new_ids), chat=True)
+            config = pipe._fit_context(config, len(pending), self.fed, len(held))
         except ChatFull:
             self._fits_a_new_chat(prompt, self.pixels + new_pixels, config)
             raise
@@ -859,7 +862,7 @@ class ChatSession:
             pipe,
             self.cache,
             pending,
-            self.ids + new_ids,
+            held + new_ids,
             features,
             config,
             timer,
@@ -890,25 +893,49 @@ class ChatSession:
         pipe = self.pipeline
         pipe._fit_context(config, len(pipe.prompt_ids(prompt, images, system=self.system)))
 
+    def _after_rendered(
+        self, prompt: str, images: list[ImagePixels]
+    ) -> tuple[list[int], list[int]]:
+        """The conversation's ids before a turn that follows turns the chat holds as rendered (a
+        history, an answer cut by a stop string), and the ids the turn adds: the whole
+        conversation rendered again, as serve renders it. The ids held before are those the two
+        share: the tokenizer may read the end of the last answer together with this turn
+        (llava-hf's answers end with a space, read with the next "USER:" as "▁USER:"), and the
+        cache gives up what it holds past them."""
+        pipe = self.pipeline
+        whole = pipe._render(
+            [*self.turns, (prompt, None)],
+            self.pixels + images,
+            self.image_turns + [len(self.turns)] * len(images),
+            self.system,
+        )
+        keep = common_prefix(self.ids, whole)
+        if self.fed > keep:
+            self.cache.truncate(keep)
+            self.fed = keep
+        return whole[:keep], whole[keep:]
+
     def _later_turn_ids(self, text: str, images: list[ImagePixels]) -> list[int]:
-        """The ids a later turn adds, as encoding the whole conversation as one text gives them
-        (what training saw): the last answer's end marker and this turn are encoded together,
-        since a tokenizer reads a turn's first word differently at the start of a text (the
-        Llama tokenizer's "▁USER" there, "USER" after "</s>"). What the conversation already
-        holds of the end marker is not fed twice: all of it after a history, which was rendered
-        with it; up to the model's end-of-sequence token after an answer that ended with one;
-        none after an answer cut short."""
+        """The ids a turn adds after an answer the model generated, as encoding the whole
+        conversation as one text gives them (what training saw): the answer's end marker and
+        this turn are encoded together, since a tokenizer reads a turn's first word differently
+        at the start of a text (the Llama tokenizer's "▁USER" there, "USER" after "</s>"). What
+        the conversation already holds of the end marker is not fed twice: up to the model's
+        end-of-sequence token after an answer that ended with one, all of it where that token
+        stands for an end marker that holds none; none after an answer cut short, nor of an end
+        marker the tokenizer reads together with what follows (llava-hf's space, read with the
+        next "USER:" as "▁USER:"), where dropping its tokens would drop the turn's first."""
         pipe = self.pipeline
         end = pipe.manifest.template.answer_end
         ids = pipe.codec.encode(end + text, first=False, image_tokens=pipe.image_tokens(images))
-        head = ids[: len(pipe.codec.encode(end, first=False))]
+        head = pipe.codec.encode(end, first=False)
         last = self.ids[-1]
-        if self.history_closed:
-            held = len(head)
-        elif last in pipe.manifest.tokens.eos_token_ids:
-            held = head.index(last) + 1 if last in head else len(head)
-        else:
+        if last not in pipe.manifest.tokens.eos_token_ids:
             held = 0
+        elif last in head:
+            held = head.index(last) + 1
+        else:
+            held = len(head) if ids[: len(head)] == head else 0
         return ids[held:]
 
 

@@ -131,8 +131,11 @@ def get_template(name: str) -> TemplateSpec:
 
 def with_system(template: TemplateSpec, system: str) -> TemplateSpec:
     """The template with `system` as its system prompt, written as the template writes one (a
-    plain one ends in a space, as LLaVA's conversation templates and the llava-hf one join it)."""
+    plain one ends in a space, as LLaVA's conversation templates and the llava-hf one join it;
+    stripped of outer whitespace where the template strips it)."""
     if template.system_format is not None:
+        if template.trim_system:
+            system = system.strip()
         return replace(template, system=template.system_format.replace("{system}", system))
     if system and not system[-1].isspace():
         system += " "
@@ -194,10 +197,15 @@ def user_turn(template: TemplateSpec, question: str, image: bool | int, first: b
 
     image: whether the turn has an image, or how many. A question that already holds image
     placeholders keeps them where the user put them; else the template's image text goes first,
-    once per image (as transformers' LLaVA chat templates render several images).
+    once per image (as transformers' LLaVA chat templates render several images). The question
+    is stripped of outer whitespace as the template strips it (TemplateSpec.trim_user).
     """
+    if template.trim_user == "text":
+        question = question.strip()
     if image and IMAGE_PLACEHOLDER not in question:
         question = template.image * int(image) + question
+    if template.trim_user == "content":
+        question = question.strip() if _opens_content(template, first) else question.rstrip()
     head = template.user
     if first:
         head = template.system + (
@@ -206,8 +214,22 @@ def user_turn(template: TemplateSpec, question: str, image: bool | int, first: b
     return head + question + template.assistant
 
 
+def _opens_content(template: TemplateSpec, first: bool) -> bool:
+    """Whether a question (with its image text) starts its message's content, so a template
+    that strips the content strips its leading whitespace. It does on every turn but the first
+    of a template that writes its system prompt inside that turn's content (Llama 2's
+    `[INST] <<SYS>>\n{system}\n<</SYS>>\n\n`), where it follows the system prompt when there
+    is one: `system` is then more than the user header."""
+    if not first or template.first_user != "":
+        return True
+    return template.system.endswith(template.user)
+
+
 def answer_text(template: TemplateSpec, answer: str) -> str:
-    """What the assistant says in one turn, with the end marker that closes it."""
+    """What the assistant says in one turn, with the end marker that closes it (the answer
+    stripped of outer whitespace where the template strips it)."""
+    if template.trim_assistant:
+        answer = answer.strip()
     return template.answer_prefix + answer + template.answer_end
 
 
