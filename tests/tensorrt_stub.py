@@ -4,7 +4,8 @@ It implements the part of TensorRT's Python API that llava-edge uses and is stri
 TensorRT is: networks must be strongly typed, precision builder flags and calibrators are refused,
 every input needs a profile whose shapes agree on each named dimension (the mask's 'past+seq' must
 equal past + seq), shapes outside the active profile are rejected, addresses must be 256-byte
-aligned, every IO tensor must be bound before a run, and a run launches on the calling thread's
+aligned, every IO tensor must be bound before a run (a profile switch unbinds them all: shapes
+and addresses are set again), and a run launches on the calling thread's
 current CUDA device, with the stream and every tensor on it. It fails the way TensorRT does: a
 failed build returns None, a refused address or input shape returns False, a bad profile index
 raises, a profile with min > opt raises at `set_shape`, `create_timing_cache` returns None for
@@ -420,7 +421,9 @@ class _Context:
         calls.append(("set_optimization_profile_async", index))
         if not 0 <= index < self.engine.num_optimization_profiles:
             raise RuntimeError(f"profile index {index} is out of range")
-        self.profile, self.shapes = index, {}
+        # a switch invalidates the context's dynamic bindings: every input shape and (strict:
+        # TensorRT 10 does not promise to keep them) every tensor address is set again
+        self.profile, self.shapes, self.addresses = index, {}, {}
         return True
 
     def set_input_shape(self, name: str, shape: tuple) -> bool:

@@ -240,6 +240,34 @@ def test_engines_load_from_a_memory_map_and_unchanged_bindings_are_not_repeated(
     assert not [c for c in stub.calls if c[0] in ("set_input_shape", "set_tensor_address")]
 
 
+def test_a_profile_switch_sets_every_shape_and_address_again_before_the_run(
+    stub, model: Path
+) -> None:
+    """Switching between prefill and decode invalidates the context's dynamic bindings: each
+    switch is followed by every input's shape and every IO tensor's address before the run."""
+    build_engines(model, log=quiet)
+    be = backend(model)
+    cache = be.new_cache(1)
+    steps = [(4, 0), (1, 4), (1, 5), (3, 6), (1, 9)]  # prefill, decode, decode, prefill, decode
+    stub.calls.clear()
+    for seq, start in steps:
+        be.decode(
+            np.zeros((1, seq, 64), np.float32),
+            np.ones((1, seq), np.int64),
+            np.arange(start, start + seq)[None],
+            cache,
+        )
+    io = be.engines["decoder"].io
+    switches = [i for i, c in enumerate(stub.calls) if c[0] == "set_optimization_profile_async"]
+    assert [stub.calls[i][1] for i in switches] == [1, 0, 1]
+    for at in switches:
+        run = next(i for i, c in enumerate(stub.calls) if i > at and c[0] == "execute_async_v3")
+        bound = stub.calls[at:run]
+        assert {c[1] for c in bound if c[0] == "set_tensor_address"} == set(io)
+        inputs = {name for name, (mode, _) in io.items() if mode == "input"}
+        assert {c[1] for c in bound if c[0] == "set_input_shape"} == inputs
+
+
 def test_int4_builds_from_the_tensorrt_graph_and_a_failed_build_changes_nothing(
     stub, model: Path
 ) -> None:

@@ -425,9 +425,11 @@ class _Engine:
                     f"TensorRT refused profile {profile} of the {self.name} engine; {self.rebuild}"
                 )
             self.active = index
-            # a profile switch forgets the input shapes; tensor addresses are kept (TensorRT 10
-            # binds by name, not per profile as TensorRT 8's binding indices did)
+            # A switch invalidates the context's dynamic bindings, which must be set again
+            # before the next run: the input shapes, as TensorRT documents, and the tensor
+            # addresses, which it does not promise to keep.
             self.shapes.clear()
+            self.addresses.clear()
 
     def feed(self, tensor: str, array: np.ndarray, stream: Any) -> DeviceArray:
         """Copy a host array (cast to the engine's dtype) into the tensor's buffer and bind it."""
