@@ -236,6 +236,7 @@ def cudaStreamBeginCapture(stream, mode):  # noqa: N802
 
 def cudaStreamEndCapture(stream):  # noqa: N802
     work = _capturing.pop(int(stream))
+    calls.append(("cudaStreamEndCapture",))
     return (OK, cudaGraph_t(work))
 
 
@@ -259,6 +260,7 @@ def cudaGraphExecDestroy(graph_exec):  # noqa: N802
 
 
 def cudaGraphDestroy(graph):  # noqa: N802
+    calls.append(("cudaGraphDestroy",))
     return (OK,)
 
 

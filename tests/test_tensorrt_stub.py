@@ -575,6 +575,25 @@ def test_cuda_graphs_are_captured_once_per_capacity_and_replayed(stub, model: Pa
     assert be.cuda_graph  # nothing refused the capture
 
 
+def test_a_refused_capture_decodes_on_and_gives_its_graph_back(
+    stub, model: Path, monkeypatch
+) -> None:
+    build_engines(model, kv_chunk=16, log=quiet)
+    reference = Pipeline.load(model)
+    be = backend(model, cuda_graph=True)
+    trt = Pipeline(model, reference.manifest, be)
+    refused = (cudart_stub.cudaError_t.cudaErrorStreamCaptureUnsupported, None)
+    monkeypatch.setattr(cudart_stub, "cudaGraphInstantiate", lambda graph, flags: refused)
+    options = dict(max_new_tokens=8, ignore_eos=True)
+    with pytest.warns(UserWarning, match="CUDA graph capture of the decode step failed"):
+        got = trt.answer(None, "Hello there", **options).token_ids
+    assert got == reference.answer(None, "Hello there", **options).token_ids
+    assert not be.cuda_graph  # decodes eagerly from then on
+    ended = [c for c in cudart_stub.calls if c[0] == "cudaStreamEndCapture"]
+    destroyed = [c for c in cudart_stub.calls if c[0] == "cudaGraphDestroy"]
+    assert len(ended) == len(destroyed) == 1
+
+
 def test_the_device_cache_truncates_and_a_chat_turn_rolls_back(stub, model: Path) -> None:
     from test_chat_turns import check_truncate
 

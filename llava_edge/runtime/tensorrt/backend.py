@@ -20,6 +20,7 @@ decoder since it was captured (TensorRT keeps shape state in its execution conte
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import threading
@@ -304,7 +305,7 @@ class TensorRTBackend:
     def _capture(self, decoder: _Engine) -> _Graph | None:
         """Capture as trtexec does: the step has just run eagerly with these very bindings; wait
         for it to finish, then capture at once, in thread-local mode."""
-        cuda = self.cuda
+        cuda, graph = self.cuda, None
         try:
             cuda.synchronize(self.stream)
             cuda.begin_capture(self.stream)
@@ -314,6 +315,9 @@ class TensorRTBackend:
                 graph = cuda.end_capture(self.stream)  # always leave capture mode
             return _Graph(cuda, graph, cuda.instantiate(graph))
         except LlavaEdgeError as e:  # TensorRT or CUDA refused the capture: decode without
+            if graph is not None:  # captured, but not to be replayed
+                with contextlib.suppress(LlavaEdgeError):
+                    cuda.destroy_graph(graph, None)
             warnings.warn(
                 f"CUDA graph capture of the decode step failed ({first_line(e)}); "
                 "continuing without CUDA graphs",
