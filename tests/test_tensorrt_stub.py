@@ -332,6 +332,30 @@ def test_a_build_that_tensorrt_refuses_leaves_the_old_engines(
     assert not list((model / "engines").glob(".*.tmp"))
 
 
+def test_tensorrt_that_cannot_start_cuda_says_so_in_one_line(
+    stub, model: Path, monkeypatch
+) -> None:
+    """TensorRT logs "CUDA initialization failure with error: 35" (a driver older than its CUDA)
+    and its Builder and Runtime constructors raise TypeError, which would be a traceback."""
+    build_engines(model, log=quiet)
+
+    def unstarted(logger):
+        raise TypeError("pybind11::init(): factory function returned nullptr")
+
+    monkeypatch.setattr(stub, "Builder", unstarted)
+    monkeypatch.setattr(stub, "Runtime", unstarted)
+    saved = (model / MANIFEST_NAME).read_bytes()
+    with pytest.raises(
+        LlavaEdgeError, match=r"TensorRT could not start on the Stub Orin .*CUDA 12\.6"
+    ):
+        build_engines(model, max_batch=2, log=quiet)
+    assert (model / MANIFEST_NAME).read_bytes() == saved
+    cudart_stub.calls.clear()
+    with pytest.raises(LlavaEdgeError, match="TensorRT could not start on the Stub Orin"):
+        backend(model)
+    assert not [c for c in cudart_stub.calls if c[0] == "cudaStreamCreateWithFlags"]
+
+
 def test_build_options_are_checked_before_anything_is_written(stub, model: Path) -> None:
     with pytest.raises(
         LlavaEdgeError, match="--max-context must be between 1 and the model's context 1024"

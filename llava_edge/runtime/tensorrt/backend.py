@@ -56,7 +56,7 @@ from llava_edge.runtime.tensorrt.profiles import (
     max_dims,
     resolve,
 )
-from llava_edge.runtime.tensorrt.requirements import import_tensorrt
+from llava_edge.runtime.tensorrt.requirements import import_tensorrt, start_tensorrt
 
 
 class TensorRTBackend:
@@ -95,12 +95,15 @@ class TensorRTBackend:
             record.max_batch, record.max_context, record.prefill_chunk, record.kv_chunk
         )
         self.cuda_graph = cuda_graph
+        # made first: it outlives the engines
+        self._runtime = start_tensorrt(
+            trt.Runtime, trt.Logger(trt.Logger.WARNING), info.name, info.driver_cuda
+        )
         self.stream = self.cuda.stream()
         self._handle = int(self.stream)  # what TensorRT takes
         self._lock = threading.Lock()
         self._epoch = 0  # eager decoder runs so far: a CUDA graph is valid while it is unchanged
         self._warm: tuple | None = None  # the decode step that ran eagerly last, to capture next
-        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))  # outlives the engines
         rebuild = f"rebuild with `llava-edge build {model_dir} --out {engine_dir}`"
         skip = {"projector": {self.names.projector_input}, "decoder": self.names.past}
         self.engines: dict[str, _Engine] = {}
