@@ -24,6 +24,7 @@ class cudaError_t(enum.IntEnum):  # noqa: N801 (CUDA's names)
     cudaSuccess = 0
     cudaErrorInvalidValue = 1
     cudaErrorMemoryAllocation = 2
+    cudaErrorInsufficientDriver = 35
     cudaErrorIllegalAddress = 700
     cudaErrorStreamCaptureUnsupported = 900
 

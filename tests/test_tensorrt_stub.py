@@ -680,6 +680,20 @@ def test_loading_elsewhere_says_to_rebuild(stub, model: Path, monkeypatch) -> No
         backend(model)
 
 
+def test_a_cuda_python_newer_than_the_driver_says_which_to_install(
+    stub, model: Path, monkeypatch
+) -> None:
+    build_engines(model, log=quiet)
+    too_new = (cudart_stub.cudaError_t.cudaErrorInsufficientDriver,)
+    monkeypatch.setattr(cudart_stub, "cudaSetDevice", lambda index: too_new)
+    with pytest.raises(
+        LlavaEdgeError,
+        match=r"cudaSetDevice failed: cudaErrorInsufficientDriver: the NVIDIA driver is older .*"
+        r"pip install 'cuda-bindings>=12\.6,<13'",
+    ):
+        backend(model)
+
+
 def test_build_refuses_engines_that_cannot_fit(stub, model: Path, monkeypatch) -> None:
     small_gpu = gpu.GpuInfo(0, "Stub Orin Nano", "8.7", 8 << 30, 300 << 20, True, "12.6")
     monkeypatch.setattr(gpu, "probe_gpu", lambda index=0: small_gpu)
