@@ -2,6 +2,7 @@
 
     python bench/gpu_check.py [--work DIR] [--out FILE] [--skip-tensorrt] [--skip-training]
     python bench/gpu_check.py --dry-run        # the training steps on the CPU, tiny, quickly
+    PYTHONPATH=. python bench/gpu_check.py     # from a checkout where llava-edge is not installed
 
 Sections run where the machine allows them; each says why it was skipped otherwise:
 
