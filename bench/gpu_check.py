@@ -76,6 +76,7 @@ def environment() -> dict[str, Any]:
     report = diagnose()
     return {
         "tensorrt": report.tensorrt,
+        "tensorrt_error": report.tensorrt_error,
         "cuda_python": report.cuda_python,
         "torch": report.torch,
         "torch_cuda_available": report.torch_cuda_available,
@@ -90,7 +91,8 @@ def tensorrt_missing(env: dict[str, Any]) -> str | None:
     from llava_edge.runtime.tensorrt.requirements import check_version
 
     if not env["tensorrt"]:
-        return "TensorRT is not installed"
+        error = env.get("tensorrt_error")
+        return f"TensorRT is {error}" if error else "TensorRT is not installed"
     try:
         check_version(env["tensorrt"])  # JetPack 6.0's 8.6 imports, but cannot build here
     except LlavaEdgeError as e:

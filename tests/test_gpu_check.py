@@ -73,10 +73,12 @@ def test_the_report_says_why_a_section_was_skipped(gpu_check, tmp_path, capsys) 
     assert json.loads(capsys.readouterr().out) == json.loads((tmp_path / "r.json").read_text())
 
 
-def test_a_tensorrt_too_old_to_build_skips_the_section_saying_so(gpu_check) -> None:
+def test_a_tensorrt_too_old_or_broken_skips_the_section_saying_why(gpu_check) -> None:
     env = {"tensorrt": "8.6.2.3", "cuda_python": "12.6.2", "gpus": ["Orin (SM 8.7)"]}
     assert "TensorRT 8.6.2.3 is too old" in gpu_check.tensorrt_missing(env)
     assert gpu_check.tensorrt_missing({**env, "tensorrt": "10.3.0.30"}) is None
+    broken = {**env, "tensorrt": None, "tensorrt_error": "installed but does not import: x"}
+    assert gpu_check.tensorrt_missing(broken) == "TensorRT is installed but does not import: x"
 
 
 def test_a_failing_training_run_leaves_the_others_in_the_report(
