@@ -2,6 +2,7 @@
 
     python bench/gpu_check.py [--work DIR] [--out FILE] [--skip-tensorrt] [--skip-training]
     python bench/gpu_check.py --dry-run        # the training steps on the CPU, tiny, quickly
+    PYTHONPATH=. python bench/gpu_check.py     # from a checkout where llava-edge is not installed
 
 Sections run where the machine allows them; each says why it was skipped otherwise:
 
@@ -13,21 +14,28 @@ Sections run where the machine allows them; each says why it was skipped otherwi
   does the loss fall, does the result export (verified against transformers) and answer the test
   questions, how often do its answers equal the CPU-trained model's, and how long a step takes.
 
-Sized for under 10 minutes on a datacenter GPU. `--dry-run` runs the training section's code on
-the CPU with the tiny preset and two steps a stage (the TensorRT section still needs TensorRT;
-tests/test_gpu_check.py drives it through the stand-ins); its figures mean nothing.
+Sized for under 10 minutes on a datacenter GPU. A part that fails (a precision, a training run,
+a section) is reported as `{"error": "..."}` with its traceback on stderr, and the rest still
+runs: the JSON always comes out, and `--out` is rewritten after each section, so a run stopped at
+a time limit leaves what it finished. The exit code is 1 when any part failed. `--dry-run` runs
+the training section's code on the CPU with the tiny preset and two steps a stage (the TensorRT
+section still needs TensorRT; tests/test_gpu_check.py drives it through the stand-ins); its
+figures mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +49,24 @@ def log(*args: Any) -> None:
     print(*args, file=sys.stderr, flush=True)
 
 
+def attempt(part: Callable[[], Any]) -> Any:
+    """`part()`, or `{"error": ...}` where it fails: one failure costs its own part of the report,
+    not the others' results (a run on a borrowed GPU is one call). The traceback goes to stderr."""
+    try:
+        return part()
+    except Exception as e:
+        traceback.print_exc(file=sys.stderr)
+        lines = str(e).strip().splitlines()
+        return {"error": f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")}
+
+
+def failed(report: Any) -> bool:
+    """Whether any part of the report is an error."""
+    if isinstance(report, dict):
+        return "error" in report or any(failed(v) for v in report.values())
+    return False
+
+
 # ---- what this machine has ---------------------------------------------------------------------
 
 
@@ -50,6 +76,7 @@ def environment() -> dict[str, Any]:
     report = diagnose()
     return {
         "tensorrt": report.tensorrt,
+        "tensorrt_error": report.tensorrt_error,
         "cuda_python": report.cuda_python,
         "torch": report.torch,
         "torch_cuda_available": report.torch_cuda_available,
@@ -64,7 +91,8 @@ def tensorrt_missing(env: dict[str, Any]) -> str | None:
     from llava_edge.runtime.tensorrt.requirements import check_version
 
     if not env["tensorrt"]:
-        return "TensorRT is not installed"
+        error = env.get("tensorrt_error")
+        return f"TensorRT is {error}" if error else "TensorRT is not installed"
     try:
         check_version(env["tensorrt"])  # JetPack 6.0's 8.6 imports, but cannot build here
     except LlavaEdgeError as e:
@@ -97,25 +125,29 @@ def check_tensorrt(work: Path, preset: str, precisions: list[str], quiet: bool) 
     images = synthesize(work / "calib", train=16, test=0, force=True)["images"]
     picture = sorted(Path(images).iterdir())[0]
     out: dict[str, Any] = {"preset": preset, "precisions": {}}
+
+    def engines_for(precision: str) -> dict[str, Any]:
+        model = work / f"{preset}-{precision}"
+        started = time.perf_counter()
+        if not (model / "manifest.json").exists():
+            quantize_model(fp32, model, precision, calib=images, samples=8, force=True, log=say)
+        quantized_s = time.perf_counter() - started
+        started = time.perf_counter()
+        build_engines(model, log=say)
+        built_s = time.perf_counter() - started
+        with Pipeline.load(model, backend="tensorrt") as engines:
+            return {
+                "quantize_s": round(quantized_s, 1),
+                "build_s": round(built_s, 1),
+                "kv_dtype": engines.backend.kv_dtype,
+                "parity": parity(engines, reference, picture),
+                "speed": speed(engines, picture),
+            }
+
     with Pipeline.load(fp32) as reference:
         for precision in precisions:
-            model = work / f"{preset}-{precision}"
-            started = time.perf_counter()
-            if not (model / "manifest.json").exists():
-                quantize_model(fp32, model, precision, calib=images, samples=8, force=True, log=say)
-            quantized_s = time.perf_counter() - started
-            started = time.perf_counter()
-            build_engines(model, log=say)
-            built_s = time.perf_counter() - started
-            with Pipeline.load(model, backend="tensorrt") as engines:
-                out["precisions"][precision] = {
-                    "quantize_s": round(quantized_s, 1),
-                    "build_s": round(built_s, 1),
-                    "kv_dtype": engines.backend.kv_dtype,
-                    "parity": parity(engines, reference, picture),
-                    "speed": speed(engines, picture),
-                }
-        out["onnxruntime_cpu_speed"] = speed(reference, picture)
+            out["precisions"][precision] = attempt(functools.partial(engines_for, precision))
+        out["onnxruntime_cpu_speed"] = attempt(lambda: speed(reference, picture))
     return out
 
 
@@ -186,24 +218,33 @@ def _check_training(
     out: dict[str, Any] = {}
     runs = [(f"{device}_bf16_{'lora' if x else 'full'}", x) for x in lora]
     for name, with_lora in runs:
-        out[name] = train_demo(work / name, data, lora=with_lora, precision="bf16", quick=quick)
-    if cpu_baseline:
-        cpu = work / "cpu_fp32_full"
-        args = [sys.executable, __file__, "--train-on-cpu", str(cpu), "--work", str(work)]
-        subprocess.run(
-            args + (["--dry-run"] if quick else []),
-            check=True,
-            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
-            stdout=2,  # the process's stderr, as above
+        run = functools.partial(
+            train_demo, work / name, data, lora=with_lora, precision="bf16", quick=quick
         )
-        out["cpu_fp32_full"] = json.loads((cpu / "result.json").read_text())
+        out[name] = attempt(run)
+    if cpu_baseline:
+        out["cpu_fp32_full"] = attempt(lambda: train_on_cpu(work, quick))
         for name, _ in runs:
-            out[name]["answers_equal_cpu"] = agreement(
-                out[name]["answers"], out["cpu_fp32_full"]["answers"]
-            )
+            if not failed(out[name]) and not failed(out["cpu_fp32_full"]):
+                out[name]["answers_equal_cpu"] = agreement(
+                    out[name]["answers"], out["cpu_fp32_full"]["answers"]
+                )
     for result in out.values():
         result.pop("answers", None)
     return out
+
+
+def train_on_cpu(work: Path, quick: bool) -> dict[str, Any]:
+    """The full run in fp32 in a subprocess that cannot see CUDA."""
+    cpu = work / "cpu_fp32_full"
+    args = [sys.executable, __file__, "--train-on-cpu", str(cpu), "--work", str(work)]
+    subprocess.run(
+        args + (["--dry-run"] if quick else []),
+        check=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        stdout=2,  # the process's stderr, as above
+    )
+    return json.loads((cpu / "result.json").read_text())
 
 
 def train_demo(
@@ -334,21 +375,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report["tensorrt"] = {"skipped": missing}
     else:
         preset = "tiny" if args.dry_run else "small"
-        report["tensorrt"] = check_tensorrt(
-            args.work, preset, ["fp16", "int8", "int4"], args.dry_run
+        report["tensorrt"] = attempt(
+            lambda: check_tensorrt(args.work, preset, ["fp16", "int8", "int4"], args.dry_run)
         )
+    save(report, args.out)
     if args.skip_training:
         report["training"] = {"skipped": "--skip-training"}
     elif not env["torch_cuda_available"] and not args.dry_run:
         report["training"] = {"skipped": "torch has no CUDA GPU here"}
     else:
-        report["training"] = check_training(args.work, quick=args.dry_run)
+        report["training"] = attempt(lambda: check_training(args.work, quick=args.dry_run))
     report["total_s"] = round(time.perf_counter() - started, 1)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    save(report, args.out)
+    print(json.dumps(report, indent=2))
     return report
+
+
+def save(report: dict[str, Any], out: Path | None) -> None:
+    """The report so far, in `--out` (replaced whole: a reader never sees half a file)."""
+    from llava_edge.files import replace_file
+
+    if out is not None:
+        with replace_file(out) as f:
+            f.write(json.dumps(report, indent=2) + "\n")
+
+
+def cli() -> None:
+    """Exit 1 when any part of the report failed (the JSON says which)."""
+    if failed(main()):
+        sys.exit(1)
 
 
 def _data_paths(work: Path) -> dict[str, str]:
@@ -364,4 +419,4 @@ def _data_paths(work: Path) -> dict[str, str]:
 if __name__ == "__main__":
     from _entry import run  # bench/ is on the path of a script run from it
 
-    run(main)
+    run(cli)

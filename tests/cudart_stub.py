@@ -24,6 +24,7 @@ class cudaError_t(enum.IntEnum):  # noqa: N801 (CUDA's names)
     cudaSuccess = 0
     cudaErrorInvalidValue = 1
     cudaErrorMemoryAllocation = 2
+    cudaErrorInsufficientDriver = 35
     cudaErrorIllegalAddress = 700
     cudaErrorStreamCaptureUnsupported = 900
 
@@ -236,6 +237,7 @@ def cudaStreamBeginCapture(stream, mode):  # noqa: N802
 
 def cudaStreamEndCapture(stream):  # noqa: N802
     work = _capturing.pop(int(stream))
+    calls.append(("cudaStreamEndCapture",))
     return (OK, cudaGraph_t(work))
 
 
@@ -259,6 +261,7 @@ def cudaGraphExecDestroy(graph_exec):  # noqa: N802
 
 
 def cudaGraphDestroy(graph):  # noqa: N802
+    calls.append(("cudaGraphDestroy",))
     return (OK,)
 
 

@@ -4,12 +4,13 @@ It implements the part of TensorRT's Python API that llava-edge uses and is stri
 TensorRT is: networks must be strongly typed, precision builder flags and calibrators are refused,
 every input needs a profile whose shapes agree on each named dimension (the mask's 'past+seq' must
 equal past + seq), shapes outside the active profile are rejected, addresses must be 256-byte
-aligned, every IO tensor must be bound before a run, and a run launches on the calling thread's
-current CUDA device, with the stream and every tensor on it. It fails the way TensorRT does: a
-failed build returns None, a refused address or input shape returns False, a bad profile index
-raises, a profile with min > opt raises at `set_shape`, `create_timing_cache` returns None for
-bytes it cannot read (and `set_timing_cache(None)` raises TypeError), `set_timing_cache` returns
-False for a cache another GPU wrote (`device_properties`), and the parser needs a
+aligned, every IO tensor must be bound before a run (a profile switch unbinds them all: shapes and
+addresses are set again) to device memory that holds it whole, and a run launches on the calling
+thread's current CUDA device, with the stream and every tensor on it. It fails the way TensorRT
+does: a failed build returns None, a refused address or input shape returns False, a bad profile
+index raises, a profile with min > opt raises at `set_shape`, `create_timing_cache` returns None
+for bytes it cannot read (and `set_timing_cache(None)` raises TypeError), `set_timing_cache`
+returns False for a cache another GPU wrote (`device_properties`), and the parser needs a
 graph's external `.data` file. `use_version("11.1.0.1")` switches to TensorRT 11's enums (no
 FP16/INT8 builder flags, no calibrator, STRONGLY_TYPED at bit 0 and another flag at bit 1). Its "engines" remember the ONNX graph
 they were built from and run it with onnxruntime, reading inputs from and writing outputs to the
@@ -236,7 +237,8 @@ class _Profile:
         if not (len(low) == len(mid) == len(high)) or not all(
             a <= b <= c for a, b, c in zip(low, mid, high, strict=True)
         ):
-            raise ValueError(f"{name}: min {low} opt {mid} max {high} are not ordered")
+            # the bindings raise RuntimeError ("Shape provided for min is inconsistent ...")
+            raise RuntimeError(f"{name}: min {low} opt {mid} max {high} are not ordered")
         self.shapes[name] = (low, mid, high)
 
 
@@ -420,7 +422,9 @@ class _Context:
         calls.append(("set_optimization_profile_async", index))
         if not 0 <= index < self.engine.num_optimization_profiles:
             raise RuntimeError(f"profile index {index} is out of range")
-        self.profile, self.shapes = index, {}
+        # a switch invalidates the context's dynamic bindings: every input shape and (strict:
+        # TensorRT 10 does not promise to keep them) every tensor address is set again
+        self.profile, self.shapes, self.addresses = index, {}, {}
         return True
 
     def set_input_shape(self, name: str, shape: tuple) -> bool:
@@ -492,11 +496,26 @@ class _Context:
             return False
         shapes, addresses = dict(self.shapes), dict(self.addresses)
         outputs = {n: self.get_tensor_shape(n) for n in io if io[n][0] == "output"}
+        self._check_memory({**shapes, **outputs}, addresses)
         cudart_stub.enqueue(stream, lambda: self._execute(shapes, addresses, outputs))
         calls.append(("execute_async_v3", self.engine.spec["path"], stream))
         return True
 
+    def _check_memory(self, shapes: dict, addresses: dict) -> None:
+        """Every tensor wholly inside a live device allocation, when the run is enqueued and
+        when it runs (a CUDA graph replays later): the engine reads and writes device memory."""
+        import cudart_stub
+
+        for name, shape in shapes.items():
+            nbytes = (
+                math.prod(shape)
+                * np.dtype(NUMPY[DataType(self.engine.spec["io"][name][1])]).itemsize
+            )
+            if not cudart_stub._inside(addresses[name], nbytes):
+                raise AssertionError(f"{name} {shape} at {addresses[name]:#x} is not device memory")
+
     def _execute(self, shapes: dict, addresses: dict, outputs: dict) -> None:
+        self._check_memory({**shapes, **outputs}, addresses)
         io = self.engine.spec["io"]
         feeds = {
             n: _memory(addresses[n], shapes[n], NUMPY[DataType(io[n][1])]).copy() for n in shapes

@@ -35,8 +35,11 @@ def test_tensorrt_section_builds_compares_and_times_each_precision(
     monkeypatch.setattr(cuda, "import_cudart", lambda: cudart_stub)
     monkeypatch.setattr(gpu_check, "SPEED_RUNS", 1)
     monkeypatch.setattr(gpu_check, "SPEED_TOKENS", 8)
-    report = gpu_check.check_tensorrt(tmp_path, "tiny", ["fp16", "int8", "int4"], quiet=True)
-    assert set(report["precisions"]) == {"fp16", "int8", "int4"}
+    precisions = ["fp16", "int3", "int8", "int4"]  # int3 fails; the others still run
+    report = gpu_check.check_tensorrt(tmp_path, "tiny", precisions, quiet=True)
+    assert set(report["precisions"]) == set(precisions)
+    failure = report["precisions"].pop("int3")
+    assert failure["error"].startswith("LlavaEdgeError: --precision must be one of")
     for precision, result in report["precisions"].items():
         assert result["parity"]["prefill_logits_cosine"] > 0.99, precision
         identical, total = map(int, result["parity"]["greedy_tokens_identical"].split("/"))
@@ -70,7 +73,44 @@ def test_the_report_says_why_a_section_was_skipped(gpu_check, tmp_path, capsys) 
     assert json.loads(capsys.readouterr().out) == json.loads((tmp_path / "r.json").read_text())
 
 
-def test_a_tensorrt_too_old_to_build_skips_the_section_saying_so(gpu_check) -> None:
+def test_a_tensorrt_too_old_or_broken_skips_the_section_saying_why(gpu_check) -> None:
     env = {"tensorrt": "8.6.2.3", "cuda_python": "12.6.2", "gpus": ["Orin (SM 8.7)"]}
     assert "TensorRT 8.6.2.3 is too old" in gpu_check.tensorrt_missing(env)
     assert gpu_check.tensorrt_missing({**env, "tensorrt": "10.3.0.30"}) is None
+    broken = {**env, "tensorrt": None, "tensorrt_error": "installed but does not import: x"}
+    assert gpu_check.tensorrt_missing(broken) == "TensorRT is installed but does not import: x"
+
+
+def test_a_failing_training_run_leaves_the_others_in_the_report(
+    gpu_check, tmp_path, monkeypatch
+) -> None:
+    def train_demo(root, data, lora, precision, quick):
+        if lora:
+            raise RuntimeError("CUDA error: no kernel image is available\nmore detail")
+        return {"stage2": {"loss_falls": True}, "answers": ["circle"]}
+
+    monkeypatch.setattr(gpu_check, "train_demo", train_demo)
+    report = gpu_check.check_training(tmp_path, quick=True, cpu_baseline=False)
+    assert report == {
+        "cpu_bf16_full": {"stage2": {"loss_falls": True}},
+        "cpu_bf16_lora": {"error": "RuntimeError: CUDA error: no kernel image is available"},
+    }
+
+
+def test_a_failing_section_is_reported_and_the_json_still_comes_out(
+    gpu_check, tmp_path, capsys, monkeypatch
+) -> None:
+    def check_training(work, quick):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(gpu_check, "check_training", check_training)
+    out = tmp_path / "r.json"
+    argv = ["gpu_check.py", "--work", str(tmp_path), "--dry-run", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as stopped:
+        gpu_check.cli()
+    assert stopped.value.code == 1  # a part failed: the JSON says which
+    report = json.loads(capsys.readouterr().out)
+    assert report == json.loads(out.read_text())
+    assert report["training"] == {"error": "RuntimeError: out of memory"}
+    assert report["tensorrt"] == {"skipped": "TensorRT is not installed"}

@@ -240,6 +240,34 @@ def test_engines_load_from_a_memory_map_and_unchanged_bindings_are_not_repeated(
     assert not [c for c in stub.calls if c[0] in ("set_input_shape", "set_tensor_address")]
 
 
+def test_a_profile_switch_sets_every_shape_and_address_again_before_the_run(
+    stub, model: Path
+) -> None:
+    """Switching between prefill and decode invalidates the context's dynamic bindings: each
+    switch is followed by every input's shape and every IO tensor's address before the run."""
+    build_engines(model, log=quiet)
+    be = backend(model)
+    cache = be.new_cache(1)
+    steps = [(4, 0), (1, 4), (1, 5), (3, 6), (1, 9)]  # prefill, decode, decode, prefill, decode
+    stub.calls.clear()
+    for seq, start in steps:
+        be.decode(
+            np.zeros((1, seq, 64), np.float32),
+            np.ones((1, seq), np.int64),
+            np.arange(start, start + seq)[None],
+            cache,
+        )
+    io = be.engines["decoder"].io
+    switches = [i for i, c in enumerate(stub.calls) if c[0] == "set_optimization_profile_async"]
+    assert [stub.calls[i][1] for i in switches] == [1, 0, 1]
+    for at in switches:
+        run = next(i for i, c in enumerate(stub.calls) if i > at and c[0] == "execute_async_v3")
+        bound = stub.calls[at:run]
+        assert {c[1] for c in bound if c[0] == "set_tensor_address"} == set(io)
+        inputs = {name for name, (mode, _) in io.items() if mode == "input"}
+        assert {c[1] for c in bound if c[0] == "set_input_shape"} == inputs
+
+
 def test_int4_builds_from_the_tensorrt_graph_and_a_failed_build_changes_nothing(
     stub, model: Path
 ) -> None:
@@ -302,6 +330,30 @@ def test_a_build_that_tensorrt_refuses_leaves_the_old_engines(
     assert (model / MANIFEST_NAME).read_bytes() == saved
     assert {p.name: p.read_bytes() for p in (model / "engines").glob("*.engine")} == engines
     assert not list((model / "engines").glob(".*.tmp"))
+
+
+def test_tensorrt_that_cannot_start_cuda_says_so_in_one_line(
+    stub, model: Path, monkeypatch
+) -> None:
+    """TensorRT logs "CUDA initialization failure with error: 35" (a driver older than its CUDA)
+    and its Builder and Runtime constructors raise TypeError, which would be a traceback."""
+    build_engines(model, log=quiet)
+
+    def unstarted(logger):
+        raise TypeError("pybind11::init(): factory function returned nullptr")
+
+    monkeypatch.setattr(stub, "Builder", unstarted)
+    monkeypatch.setattr(stub, "Runtime", unstarted)
+    saved = (model / MANIFEST_NAME).read_bytes()
+    with pytest.raises(
+        LlavaEdgeError, match=r"TensorRT could not start on the Stub Orin .*CUDA 12\.6"
+    ):
+        build_engines(model, max_batch=2, log=quiet)
+    assert (model / MANIFEST_NAME).read_bytes() == saved
+    cudart_stub.calls.clear()
+    with pytest.raises(LlavaEdgeError, match="TensorRT could not start on the Stub Orin"):
+        backend(model)
+    assert not [c for c in cudart_stub.calls if c[0] == "cudaStreamCreateWithFlags"]
 
 
 def test_build_options_are_checked_before_anything_is_written(stub, model: Path) -> None:
@@ -547,6 +599,25 @@ def test_cuda_graphs_are_captured_once_per_capacity_and_replayed(stub, model: Pa
     assert be.cuda_graph  # nothing refused the capture
 
 
+def test_a_refused_capture_decodes_on_and_gives_its_graph_back(
+    stub, model: Path, monkeypatch
+) -> None:
+    build_engines(model, kv_chunk=16, log=quiet)
+    reference = Pipeline.load(model)
+    be = backend(model, cuda_graph=True)
+    trt = Pipeline(model, reference.manifest, be)
+    refused = (cudart_stub.cudaError_t.cudaErrorStreamCaptureUnsupported, None)
+    monkeypatch.setattr(cudart_stub, "cudaGraphInstantiate", lambda graph, flags: refused)
+    options = dict(max_new_tokens=8, ignore_eos=True)
+    with pytest.warns(UserWarning, match="CUDA graph capture of the decode step failed"):
+        got = trt.answer(None, "Hello there", **options).token_ids
+    assert got == reference.answer(None, "Hello there", **options).token_ids
+    assert not be.cuda_graph  # decodes eagerly from then on
+    ended = [c for c in cudart_stub.calls if c[0] == "cudaStreamEndCapture"]
+    destroyed = [c for c in cudart_stub.calls if c[0] == "cudaGraphDestroy"]
+    assert len(ended) == len(destroyed) == 1
+
+
 def test_the_device_cache_truncates_and_a_chat_turn_rolls_back(stub, model: Path) -> None:
     from test_chat_turns import check_truncate
 
@@ -606,6 +677,20 @@ def test_loading_elsewhere_says_to_rebuild(stub, model: Path, monkeypatch) -> No
         TensorRTBackend(model, manifest)
     engine_file(model, "decoder").write_bytes(b"not an engine")
     with pytest.raises(LlavaEdgeError, match=r"decoder\.\w+\.engine is truncated or altered"):
+        backend(model)
+
+
+def test_a_cuda_python_newer_than_the_driver_says_which_to_install(
+    stub, model: Path, monkeypatch
+) -> None:
+    build_engines(model, log=quiet)
+    too_new = (cudart_stub.cudaError_t.cudaErrorInsufficientDriver,)
+    monkeypatch.setattr(cudart_stub, "cudaSetDevice", lambda index: too_new)
+    with pytest.raises(
+        LlavaEdgeError,
+        match=r"cudaSetDevice failed: cudaErrorInsufficientDriver: the NVIDIA driver is older .*"
+        r"pip install 'cuda-bindings>=12\.6,<13'",
+    ):
         backend(model)
 
 

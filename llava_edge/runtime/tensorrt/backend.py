@@ -20,6 +20,7 @@ decoder since it was captured (TensorRT keeps shape state in its execution conte
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import threading
@@ -55,7 +56,7 @@ from llava_edge.runtime.tensorrt.profiles import (
     max_dims,
     resolve,
 )
-from llava_edge.runtime.tensorrt.requirements import import_tensorrt
+from llava_edge.runtime.tensorrt.requirements import import_tensorrt, start_tensorrt
 
 
 class TensorRTBackend:
@@ -94,12 +95,15 @@ class TensorRTBackend:
             record.max_batch, record.max_context, record.prefill_chunk, record.kv_chunk
         )
         self.cuda_graph = cuda_graph
+        # made first: it outlives the engines
+        self._runtime = start_tensorrt(
+            trt.Runtime, trt.Logger(trt.Logger.WARNING), info.name, info.driver_cuda
+        )
         self.stream = self.cuda.stream()
         self._handle = int(self.stream)  # what TensorRT takes
         self._lock = threading.Lock()
         self._epoch = 0  # eager decoder runs so far: a CUDA graph is valid while it is unchanged
         self._warm: tuple | None = None  # the decode step that ran eagerly last, to capture next
-        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))  # outlives the engines
         rebuild = f"rebuild with `llava-edge build {model_dir} --out {engine_dir}`"
         skip = {"projector": {self.names.projector_input}, "decoder": self.names.past}
         self.engines: dict[str, _Engine] = {}
@@ -304,7 +308,7 @@ class TensorRTBackend:
     def _capture(self, decoder: _Engine) -> _Graph | None:
         """Capture as trtexec does: the step has just run eagerly with these very bindings; wait
         for it to finish, then capture at once, in thread-local mode."""
-        cuda = self.cuda
+        cuda, graph = self.cuda, None
         try:
             cuda.synchronize(self.stream)
             cuda.begin_capture(self.stream)
@@ -314,6 +318,9 @@ class TensorRTBackend:
                 graph = cuda.end_capture(self.stream)  # always leave capture mode
             return _Graph(cuda, graph, cuda.instantiate(graph))
         except LlavaEdgeError as e:  # TensorRT or CUDA refused the capture: decode without
+            if graph is not None:  # captured, but not to be replayed
+                with contextlib.suppress(LlavaEdgeError):
+                    cuda.destroy_graph(graph, None)
             warnings.warn(
                 f"CUDA graph capture of the decode step failed ({first_line(e)}); "
                 "continuing without CUDA graphs",
@@ -425,9 +432,11 @@ class _Engine:
                     f"TensorRT refused profile {profile} of the {self.name} engine; {self.rebuild}"
                 )
             self.active = index
-            # a profile switch forgets the input shapes; tensor addresses are kept (TensorRT 10
-            # binds by name, not per profile as TensorRT 8's binding indices did)
+            # A switch invalidates the context's dynamic bindings, which must be set again
+            # before the next run: the input shapes, as TensorRT documents, and the tensor
+            # addresses, which it does not promise to keep.
             self.shapes.clear()
+            self.addresses.clear()
 
     def feed(self, tensor: str, array: np.ndarray, stream: Any) -> DeviceArray:
         """Copy a host array (cast to the engine's dtype) into the tensor's buffer and bind it."""

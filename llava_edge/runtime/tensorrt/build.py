@@ -46,7 +46,7 @@ from llava_edge.runtime.tensorrt.profiles import (
     EngineLimits,
     graph_profiles,
 )
-from llava_edge.runtime.tensorrt.requirements import import_tensorrt
+from llava_edge.runtime.tensorrt.requirements import import_tensorrt, start_tensorrt
 
 ENGINE_DIR = "engines"  # default, inside the model dir
 # In the model dir while a build renames its engines into place and has not yet saved the manifest:
@@ -109,7 +109,7 @@ def build_engines(
         workspace = min(INTEGRATED_WORKSPACE, free_memory(device) // 4)
 
     logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
+    builder = start_tensorrt(trt.Builder, logger, device.name, device.driver_cuda)
     timing = None
     built: dict[str, tuple[Path, EngineSpec]] = {}
     installed: list[Path] = []  # new engine files renamed into `out`, not yet in the manifest

@@ -82,7 +82,13 @@ class Cuda:
     def _checked(self, name: str, result: tuple) -> Any:
         error, rest = result[0], result[1:]
         if int(error) != self._success:
-            raise LlavaEdgeError(f"CUDA {name} failed: {self.error_name(error)}")
+            reason = self.error_name(error)
+            if reason == "cudaErrorInsufficientDriver":  # e.g. cuda-python 13 on JetPack 6
+                reason += (
+                    ": the NVIDIA driver is older than the CUDA this cuda-python was built for; "
+                    f"`pip install '{CUDA_BINDINGS}'`, or update the driver"
+                )
+            raise LlavaEdgeError(f"CUDA {name} failed: {reason}")
         if not rest:
             return None
         return rest[0] if len(rest) == 1 else rest

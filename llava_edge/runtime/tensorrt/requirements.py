@@ -46,3 +46,22 @@ def check_version(version: str) -> None:
             "engines). On a Jetson, flash JetPack 6.1 or later, which ships TensorRT 10.3 "
             "(JetPack 6.0 ships 8.6); elsewhere `pip install tensorrt-cu12`"
         )
+
+
+def start_tensorrt(factory: Any, logger: Any, gpu_name: str, driver_cuda: str) -> Any:
+    """`trt.Builder(logger)` or `trt.Runtime(logger)`, or a LlavaEdgeError saying why TensorRT
+    could not start: where it cannot initialise CUDA (typically "CUDA initialization failure with
+    error 35": a driver older than the CUDA TensorRT was built for), it logs why and its bindings
+    raise TypeError("pybind11::init(): factory function returned nullptr")."""
+    try:
+        return factory(logger)
+    except TypeError as e:
+        if "nullptr" not in str(e):
+            raise
+    major = driver_cuda.split(".")[0]
+    raise LlavaEdgeError(
+        f"TensorRT could not start on the {gpu_name} (its log above says why; usually the NVIDIA "
+        f"driver, which supports CUDA {driver_cuda}, is older than the CUDA this TensorRT was "
+        f"built for): update the driver, or install TensorRT for CUDA {major} (`pip install "
+        f"tensorrt-cu{major}`; on a Jetson, JetPack's)"
+    )
