@@ -143,6 +143,23 @@ def test_an_image_folder_is_a_slideshow(pipe, recorder, tmp_path) -> None:
         pipe.watch(empty, "?")
 
 
+def test_a_watchs_seconds_and_rates_may_be_numpy_numbers(pipe, recorder, tmp_path) -> None:
+    """Robot code holds its settings in numpy (a ROS parameter read into an array, a rate
+    computed from a camera's timestamps): every_s, folder_fps, timeout_s and reconnect_s take
+    numpy's numbers as they take Python's, and give the same frames."""
+    folder = tmp_path / "shots"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((20, 30, 3), STEP * i, np.uint8)).save(folder / f"{i:03d}.png")
+    options = {"every_s": np.float32(1.0), "folder_fps": np.int64(2), "timeout_s": np.int32(5)}
+    answers = list(pipe.watch(folder, "Anything new?", reconnect_s=np.float64(0), **options))
+    assert [(a.index, a.timestamp) for a in answers] == [(0, 0.0), (2, 1.0)]
+    frames = [np.zeros((8, 8, 3), np.uint8)] * 2
+    assert len(list(pipe.watch(frames, "?", every_s=np.int64(0), timeout_s=np.float32(5)))) >= 1
+    with pytest.raises(LlavaEdgeError, match=r"every_s \(--every\) must be 0 or more seconds"):
+        pipe.watch(folder, "?", every_s=np.float32(-1))
+
+
 def test_a_folder_of_sixteen_bit_pgm_depth_frames_is_read(tmp_path) -> None:
     """Depth and machine-vision cameras save 16-bit PGM (PNM) frames, which load_image reads;
     hidden files (the AppleDouble files macOS leaves beside each image) and folders are not

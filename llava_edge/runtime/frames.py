@@ -34,6 +34,7 @@ import contextlib
 import importlib
 import inspect
 import math
+import numbers
 import os
 import queue
 import re
@@ -175,11 +176,13 @@ def open_frames(
     reader stuck in a read that stalled (FFmpeg's V4L2 read, an app driver's own read: neither
     can be interrupted) closes it when that read returns, while the answers end at the timeout.
     """
-    _check_number("every_s (--every)", every_s, "0 or more seconds", minimum=0.0)
-    _check_number(
+    every_s = _check_number("every_s (--every)", every_s, "0 or more seconds", minimum=0.0)
+    timeout_s = _check_number(
         "the source's timeout_s (--source-timeout)", timeout_s, "a positive number of seconds"
     )
-    _check_number("reconnect_s (--reconnect)", reconnect_s, "0 or more seconds", minimum=0.0)
+    reconnect_s = _check_number(
+        "reconnect_s (--reconnect)", reconnect_s, "0 or more seconds", minimum=0.0
+    )
     if not isinstance(source, str | os.PathLike):
         _no_folder_fps(folder_fps, "an app's frames")
         _no_reconnect(reconnect_s, APP_SOURCE)
@@ -199,7 +202,7 @@ def open_frames(
         )
     if kind == "folder":
         folder_fps = DEFAULT_FOLDER_FPS if folder_fps is None else folder_fps
-        _check_number(
+        folder_fps = _check_number(
             "folder_fps (--folder-fps)", folder_fps, "a positive number of images a second"
         )
         decoded = _folder_frames(Path(source), folder_fps)
@@ -344,16 +347,18 @@ def _app_frames(images: Iterator[Any]) -> Iterator[Frame | None]:
             close()  # the app's generator releases its camera
 
 
-def _check_number(name: str, value: object, what: str, minimum: float | None = None) -> None:
-    """A finite number, at least `minimum` (above 0 without one): an infinite timeout would
-    overflow the wait and a NaN one never expire, a NaN interval would answer one frame only."""
-    number = isinstance(value, int | float) and not isinstance(value, bool)
+def _check_number(name: str, value: object, what: str, minimum: float | None = None) -> float:
+    """`value` as a float: a finite number of any real type (robot code holds numpy's), at least
+    `minimum` (above 0 without one): an infinite timeout would overflow the wait and a NaN one
+    never expire, a NaN interval would answer one frame only."""
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
     if (
         not number
         or not math.isfinite(value)
         or (value < minimum if minimum is not None else value <= 0)
     ):
         raise LlavaEdgeError(f"{name} must be {what}, got {value!r}")
+    return float(value)
 
 
 # ---- sampling ------------------------------------------------------------------------------
