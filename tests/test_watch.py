@@ -661,6 +661,21 @@ def test_placeholders_that_the_frames_cannot_fill_are_refused_at_once(
     assert len(list(pipe.watch(video, "<image>\nWhat is it?", max_new_tokens=2))) == 1
 
 
+@pytest.mark.parametrize(
+    "option, value",
+    [("changes_only", "false"), ("follow", "no"), ("live", "false"), ("live", 0)],
+)
+def test_a_watchs_switches_refuse_what_is_not_true_or_false(pipe, tmp_path, option, value) -> None:
+    """A switch read from a config file as a string ("false") would read as true: a file would
+    be replayed live, answers dropped as unchanged. It is refused, as `raw` is; numpy's bools
+    pass."""
+    video = make_video(tmp_path / "clip.mkv", frames=10, fps=10)
+    with pytest.raises(LlavaEdgeError, match=f"{option} must be True or False"):
+        pipe.watch(video, "What is it?", **{option: value})
+    answers = pipe.watch(video, "?", changes_only=np.bool_(False), live=np.bool_(False))
+    assert len(list(answers)) == 1
+
+
 def test_the_cli_refuses_placeholders_for_several_frames(tiny_model_dir, tmp_path, capsys):
     video = make_video(tmp_path / "clip.mkv", frames=10, fps=10)
     argv = ["watch", str(tiny_model_dir), "--source", str(video), "--frames", "2"]
