@@ -552,11 +552,12 @@ class Pipeline:
         if not turns:
             raise LlavaEdgeError("the conversation has no turns")
         images = pixels_list(image)
-        if image_turn is None or isinstance(image_turn, int):
-            image_turns = [] if image_turn is None else [image_turn] * len(images)
+        one_turn = isinstance(image_turn, numbers.Integral)  # numpy's too: robot code holds them
+        if image_turn is None or one_turn:
+            image_turns = [] if image_turn is None else [int(image_turn)] * len(images)
         else:
             image_turns = list(image_turn)
-        if isinstance(image_turn, int) and not images or len(image_turns) != len(images):
+        if one_turn and not images or len(image_turns) != len(images):
             raise LlavaEdgeError(
                 "give the conversation's images and the turns they go with together"
             )
