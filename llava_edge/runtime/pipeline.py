@@ -266,6 +266,7 @@ class Pipeline:
         answer within the context and the prompt limit (0: not even one)."""
         self._check_open()
         _check_text(prompt)
+        raw = self._raw({"raw": raw})
         template = self._template(system, raw)
         most = max_feature_count(self.manifest)
         room = self.max_context - 1
