@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
@@ -442,6 +442,15 @@ class Pipeline:
 
     def __enter__(self) -> Pipeline:
         return self
+
+    def __reduce__(self) -> NoReturn:
+        """A Pipeline belongs to its process: its sessions cannot be sent to another (a spawned
+        worker, a process pool), which would fail on some lock inside them; say what to do."""
+        raise TypeError(
+            "a Pipeline holds its process's loaded model and cannot be pickled (sent to another "
+            "process): load the model dir in each worker process (Pipeline.load), or share one "
+            "Pipeline between threads"
+        )
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
