@@ -638,6 +638,51 @@ def test_leaving_a_watch_stops_its_reader_at_once(pipe, recorder, tmp_path) -> N
     assert len(readers()) == before
 
 
+class InterruptedStart(threading.Thread):
+    """A reader thread that starts, but whose starter gets Ctrl-C while `start` waits for it."""
+
+    def start(self) -> None:
+        super().start()
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("source", ["app", "pipe"])
+def test_a_ctrl_c_as_the_reader_starts_stops_it(pipe, recorder, monkeypatch, source) -> None:
+    """Ctrl-C lands while the watch's first frame starts the reader (Thread.start waits for the
+    thread, and on a loaded board that takes milliseconds): leaving the `with` block stopped
+    nothing, and the reader went on reading the camera, which stayed open, for good."""
+    from llava_edge.runtime import frames as frames_module
+
+    opened = []
+
+    def camera() -> Iterator[np.ndarray]:
+        opened.append(True)
+        try:
+            while True:
+                time.sleep(0.01)
+                yield np.zeros((8, 8, 3), np.uint8)
+        finally:
+            opened.pop()
+
+    def read_ahead() -> Iterator[Frame]:
+        for i, image in enumerate(camera()):
+            yield Frame(image, i, float(i))
+
+    before = len(readers())
+    monkeypatch.setattr(frames_module.threading, "Thread", InterruptedStart)
+    with pytest.raises(KeyboardInterrupt):
+        if source == "app":
+            with pipe.watch(camera(), "Is the door open?", every_s=0.0) as answers:
+                next(answers)
+        else:
+            next(frames_module._read_ahead(read_ahead(), 5.0, "a pipe"))
+    monkeypatch.undo()
+    deadline = time.monotonic() + 5
+    while (opened or len(readers()) > before) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not opened and len(readers()) == before
+
+
 @pytest.mark.parametrize(
     "prompt, options, problem",
     [

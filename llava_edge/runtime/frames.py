@@ -420,8 +420,8 @@ def live_frames(
     first frame may take `open_grace_s` past the timeout: what the open may take to fail.
     `stop` is set when the reader is asked to finish (`frames` may wait on it)."""
     latest = LatestFrame(frames, every_s, stop)
-    latest.start()
     try:
+        latest.start()  # in the try: a Ctrl-C while it starts still stops the reader
         while True:
             frame = latest.take(timeout_s, name, cancel, open_grace_s)
             if frame is None:
@@ -525,7 +525,15 @@ class LatestFrame:
     def stop(self) -> None:
         """Ask the reader to finish; it is a daemon, so a read blocked in FFmpeg cannot hang exit."""
         self._stop.set()
-        self._thread.join(timeout=1.0)
+        _join(self._thread)
+
+
+def _join(reader: threading.Thread) -> None:
+    """Wait a second at most for a reader told to stop. One whose start was interrupted (a
+    Ctrl-C while `start` waits for it) may not count as started yet, which `join` refuses: it
+    has been told to stop, and ends at its next frame."""
+    with contextlib.suppress(RuntimeError):
+        reader.join(timeout=1.0)
 
 
 def _stalled(name: str, timeout_s: float) -> LlavaEdgeError:
@@ -626,11 +634,11 @@ def _read_ahead(
             frames.close()
 
     thread = threading.Thread(target=read, name="llava-edge-frames", daemon=True)
-    thread.start()
     # The first frame waits out the open too: a network stream's open has FFmpeg's own timeout
     # of timeout_s, whose error ('no answer') says more than a stall would.
     grace = OPEN_GRACE_S
     try:
+        thread.start()  # in the try: a Ctrl-C while it starts still stops the reader
         while True:
             waited = time.monotonic()
             while True:
@@ -649,7 +657,7 @@ def _read_ahead(
             yield item
     finally:
         stop.set()
-        thread.join(timeout=1.0)  # a daemon: a read blocked on the pipe cannot hang exit
+        _join(thread)  # a daemon: a read blocked on the pipe cannot hang exit
 
 
 # ---- image folders -------------------------------------------------------------------------
