@@ -202,6 +202,33 @@ def test_close_resolves_every_request_without_a_thread(pipe):
         dropped.result(timeout=0)
 
 
+class InterruptedStart(threading.Thread):
+    """A scheduler thread that starts, but whose starter gets Ctrl-C while `start` waits."""
+
+    def start(self) -> None:
+        super().start()
+        raise KeyboardInterrupt
+
+
+def test_a_ctrl_c_as_the_scheduler_starts_leaves_no_thread(pipe, monkeypatch):
+    """Ctrl-C while BatchEngine() waits for its scheduler thread to start: no engine comes back
+    to be closed, and the thread waited for requests, holding the pipeline, for good."""
+    from llava_edge.runtime import batching
+
+    def schedulers() -> int:
+        return sum(t.name == "llava-edge-batch" for t in threading.enumerate())
+
+    before = schedulers()
+    monkeypatch.setattr(batching.threading, "Thread", InterruptedStart)
+    with pytest.raises(KeyboardInterrupt):
+        BatchEngine(pipe, max_batch=1)
+    monkeypatch.undo()
+    deadline = time.monotonic() + 5
+    while schedulers() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert schedulers() == before
+
+
 def test_close_without_draining_cancels_a_request_on_its_way_to_a_row(pipe, monkeypatch):
     """close(drain=False) while the scheduler holds a request it took from the queue and has
     not yet given a row: that one is cancelled too, not decoded to its end while close waits

@@ -76,6 +76,17 @@ def test_conversation_ids_are_the_whole_conversation_encoded(pipe):
         pipe.conversation_ids(turns, pixels)
 
 
+def test_conversation_ids_take_a_numpy_turn_index(pipe):
+    """image_turn is an int, and robot code holds numpy's (an index from np.argmax over its
+    frames): one counts as the int it holds, for every image."""
+    turns = [(FIRST, "A red square."), (SECOND, None)]
+    pixels = [pipe.image_pixels(frame())] * 2
+    expected = pipe.conversation_ids(turns, pixels, image_turn=1)
+    assert pipe.conversation_ids(turns, pixels, image_turn=np.int64(1)) == expected
+    with pytest.raises(LlavaEdgeError, match="together"):
+        pipe.conversation_ids(turns, None, image_turn=np.int32(0))
+
+
 # llava-hf's LLaVA-1.5 template ends an answer with a space, which the tokenizer reads together
 # with the next turn's "USER:" ("▁USER:"), not as a token of its own.
 ANSWER_ENDS = ["</s>", " "]

@@ -4,6 +4,7 @@ thread asking about the same camera frame at once."""
 from __future__ import annotations
 
 import contextlib
+import pickle
 import threading
 import time
 from collections.abc import Iterator
@@ -221,3 +222,11 @@ def test_leaving_a_requests_text_early_cancels_it(pipe, monkeypatch):
         with pytest.raises(Cancelled):
             request.result(30)
         assert engine.submit(frame(7), "Is the door open?", max_new_tokens=2).result(30)
+
+
+def test_a_pipeline_sent_to_another_process_says_to_load_it_there(pipe):
+    """A Pipeline handed to a spawned worker or a process pool is pickled, which failed on a lock
+    deep inside it ("cannot pickle '_thread.lock' object"); it says what to do instead."""
+    with pytest.raises(TypeError, match="load the model dir in each worker process"):
+        pickle.dumps(pipe)
+    assert pipe.generate(frame(8), "Is the door open?", max_new_tokens=2) is not None

@@ -442,6 +442,14 @@ def test_a_prompt_that_places_its_own_images_fits_that_many(pipe) -> None:
         pipe.codec.encode(placed, image_tokens=[3])
 
 
+def test_images_that_fit_refuses_a_raw_that_is_not_true_or_false(pipe) -> None:
+    """raw="false" (a config file's string) would read as true: the count of a prompt without
+    the chat template, one image where the templated question holds several."""
+    with pytest.raises(LlavaEdgeError, match="raw must be True or False"):
+        pipe.images_that_fit("<image> What is it?", raw="false")
+    assert pipe.images_that_fit("<image> What is it?", raw=np.bool_(True)) == 1
+
+
 @pytest.mark.parametrize("threads", [0, -1, 1.5, True])
 def test_threads_must_be_a_positive_whole_number(tiny_model_dir, threads) -> None:
     """onnxruntime took 0 and negatives silently, as its own default (every core)."""

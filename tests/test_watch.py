@@ -143,6 +143,23 @@ def test_an_image_folder_is_a_slideshow(pipe, recorder, tmp_path) -> None:
         pipe.watch(empty, "?")
 
 
+def test_a_watchs_seconds_and_rates_may_be_numpy_numbers(pipe, recorder, tmp_path) -> None:
+    """Robot code holds its settings in numpy (a ROS parameter read into an array, a rate
+    computed from a camera's timestamps): every_s, folder_fps, timeout_s and reconnect_s take
+    numpy's numbers as they take Python's, and give the same frames."""
+    folder = tmp_path / "shots"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((20, 30, 3), STEP * i, np.uint8)).save(folder / f"{i:03d}.png")
+    options = {"every_s": np.float32(1.0), "folder_fps": np.int64(2), "timeout_s": np.int32(5)}
+    answers = list(pipe.watch(folder, "Anything new?", reconnect_s=np.float64(0), **options))
+    assert [(a.index, a.timestamp) for a in answers] == [(0, 0.0), (2, 1.0)]
+    frames = [np.zeros((8, 8, 3), np.uint8)] * 2
+    assert len(list(pipe.watch(frames, "?", every_s=np.int64(0), timeout_s=np.float32(5)))) >= 1
+    with pytest.raises(LlavaEdgeError, match=r"every_s \(--every\) must be 0 or more seconds"):
+        pipe.watch(folder, "?", every_s=np.float32(-1))
+
+
 def test_a_folder_of_sixteen_bit_pgm_depth_frames_is_read(tmp_path) -> None:
     """Depth and machine-vision cameras save 16-bit PGM (PNM) frames, which load_image reads;
     hidden files (the AppleDouble files macOS leaves beside each image) and folders are not
@@ -621,6 +638,51 @@ def test_leaving_a_watch_stops_its_reader_at_once(pipe, recorder, tmp_path) -> N
     assert len(readers()) == before
 
 
+class InterruptedStart(threading.Thread):
+    """A reader thread that starts, but whose starter gets Ctrl-C while `start` waits for it."""
+
+    def start(self) -> None:
+        super().start()
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("source", ["app", "pipe"])
+def test_a_ctrl_c_as_the_reader_starts_stops_it(pipe, recorder, monkeypatch, source) -> None:
+    """Ctrl-C lands while the watch's first frame starts the reader (Thread.start waits for the
+    thread, and on a loaded board that takes milliseconds): leaving the `with` block stopped
+    nothing, and the reader went on reading the camera, which stayed open, for good."""
+    from llava_edge.runtime import frames as frames_module
+
+    opened = []
+
+    def camera() -> Iterator[np.ndarray]:
+        opened.append(True)
+        try:
+            while True:
+                time.sleep(0.01)
+                yield np.zeros((8, 8, 3), np.uint8)
+        finally:
+            opened.pop()
+
+    def read_ahead() -> Iterator[Frame]:
+        for i, image in enumerate(camera()):
+            yield Frame(image, i, float(i))
+
+    before = len(readers())
+    monkeypatch.setattr(frames_module.threading, "Thread", InterruptedStart)
+    with pytest.raises(KeyboardInterrupt):
+        if source == "app":
+            with pipe.watch(camera(), "Is the door open?", every_s=0.0) as answers:
+                next(answers)
+        else:
+            next(frames_module._read_ahead(read_ahead(), 5.0, "a pipe"))
+    monkeypatch.undo()
+    deadline = time.monotonic() + 5
+    while (opened or len(readers()) > before) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not opened and len(readers()) == before
+
+
 @pytest.mark.parametrize(
     "prompt, options, problem",
     [
@@ -642,6 +704,21 @@ def test_placeholders_that_the_frames_cannot_fill_are_refused_at_once(
     with pytest.raises(LlavaEdgeError, match=problem):
         pipe.watch(video, prompt, every_s=0.5, max_new_tokens=2, **options)
     assert len(list(pipe.watch(video, "<image>\nWhat is it?", max_new_tokens=2))) == 1
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [("changes_only", "false"), ("follow", "no"), ("live", "false"), ("live", 0)],
+)
+def test_a_watchs_switches_refuse_what_is_not_true_or_false(pipe, tmp_path, option, value) -> None:
+    """A switch read from a config file as a string ("false") would read as true: a file would
+    be replayed live, answers dropped as unchanged. It is refused, as `raw` is; numpy's bools
+    pass."""
+    video = make_video(tmp_path / "clip.mkv", frames=10, fps=10)
+    with pytest.raises(LlavaEdgeError, match=f"{option} must be True or False"):
+        pipe.watch(video, "What is it?", **{option: value})
+    answers = pipe.watch(video, "?", changes_only=np.bool_(False), live=np.bool_(False))
+    assert len(list(answers)) == 1
 
 
 def test_the_cli_refuses_placeholders_for_several_frames(tiny_model_dir, tmp_path, capsys):

@@ -388,7 +388,13 @@ class BatchEngine:
         self._thread: threading.Thread | None = None
         if start:
             self._thread = threading.Thread(target=self._run, name="llava-edge-batch", daemon=True)
-            self._thread.start()
+            try:
+                self._thread.start()
+            except BaseException:  # a Ctrl-C while start waits: no engine, so no close to come
+                with self._lock:
+                    self._closing = True
+                    self._lock.notify_all()
+                raise
 
     # ---- submitting ------------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ import contextlib
 import importlib
 import inspect
 import math
+import numbers
 import os
 import queue
 import re
@@ -175,11 +176,13 @@ def open_frames(
     reader stuck in a read that stalled (FFmpeg's V4L2 read, an app driver's own read: neither
     can be interrupted) closes it when that read returns, while the answers end at the timeout.
     """
-    _check_number("every_s (--every)", every_s, "0 or more seconds", minimum=0.0)
-    _check_number(
+    every_s = _check_number("every_s (--every)", every_s, "0 or more seconds", minimum=0.0)
+    timeout_s = _check_number(
         "the source's timeout_s (--source-timeout)", timeout_s, "a positive number of seconds"
     )
-    _check_number("reconnect_s (--reconnect)", reconnect_s, "0 or more seconds", minimum=0.0)
+    reconnect_s = _check_number(
+        "reconnect_s (--reconnect)", reconnect_s, "0 or more seconds", minimum=0.0
+    )
     if not isinstance(source, str | os.PathLike):
         _no_folder_fps(folder_fps, "an app's frames")
         _no_reconnect(reconnect_s, APP_SOURCE)
@@ -199,7 +202,7 @@ def open_frames(
         )
     if kind == "folder":
         folder_fps = DEFAULT_FOLDER_FPS if folder_fps is None else folder_fps
-        _check_number(
+        folder_fps = _check_number(
             "folder_fps (--folder-fps)", folder_fps, "a positive number of images a second"
         )
         decoded = _folder_frames(Path(source), folder_fps)
@@ -344,16 +347,18 @@ def _app_frames(images: Iterator[Any]) -> Iterator[Frame | None]:
             close()  # the app's generator releases its camera
 
 
-def _check_number(name: str, value: object, what: str, minimum: float | None = None) -> None:
-    """A finite number, at least `minimum` (above 0 without one): an infinite timeout would
-    overflow the wait and a NaN one never expire, a NaN interval would answer one frame only."""
-    number = isinstance(value, int | float) and not isinstance(value, bool)
+def _check_number(name: str, value: object, what: str, minimum: float | None = None) -> float:
+    """`value` as a float: a finite number of any real type (robot code holds numpy's), at least
+    `minimum` (above 0 without one): an infinite timeout would overflow the wait and a NaN one
+    never expire, a NaN interval would answer one frame only."""
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
     if (
         not number
         or not math.isfinite(value)
         or (value < minimum if minimum is not None else value <= 0)
     ):
         raise LlavaEdgeError(f"{name} must be {what}, got {value!r}")
+    return float(value)
 
 
 # ---- sampling ------------------------------------------------------------------------------
@@ -415,8 +420,8 @@ def live_frames(
     first frame may take `open_grace_s` past the timeout: what the open may take to fail.
     `stop` is set when the reader is asked to finish (`frames` may wait on it)."""
     latest = LatestFrame(frames, every_s, stop)
-    latest.start()
     try:
+        latest.start()  # in the try: a Ctrl-C while it starts still stops the reader
         while True:
             frame = latest.take(timeout_s, name, cancel, open_grace_s)
             if frame is None:
@@ -520,7 +525,15 @@ class LatestFrame:
     def stop(self) -> None:
         """Ask the reader to finish; it is a daemon, so a read blocked in FFmpeg cannot hang exit."""
         self._stop.set()
-        self._thread.join(timeout=1.0)
+        _join(self._thread)
+
+
+def _join(reader: threading.Thread) -> None:
+    """Wait a second at most for a reader told to stop. One whose start was interrupted (a
+    Ctrl-C while `start` waits for it) may not count as started yet, which `join` refuses: it
+    has been told to stop, and ends at its next frame."""
+    with contextlib.suppress(RuntimeError):
+        reader.join(timeout=1.0)
 
 
 def _stalled(name: str, timeout_s: float) -> LlavaEdgeError:
@@ -621,11 +634,11 @@ def _read_ahead(
             frames.close()
 
     thread = threading.Thread(target=read, name="llava-edge-frames", daemon=True)
-    thread.start()
     # The first frame waits out the open too: a network stream's open has FFmpeg's own timeout
     # of timeout_s, whose error ('no answer') says more than a stall would.
     grace = OPEN_GRACE_S
     try:
+        thread.start()  # in the try: a Ctrl-C while it starts still stops the reader
         while True:
             waited = time.monotonic()
             while True:
@@ -644,7 +657,7 @@ def _read_ahead(
             yield item
     finally:
         stop.set()
-        thread.join(timeout=1.0)  # a daemon: a read blocked on the pipe cannot hang exit
+        _join(thread)  # a daemon: a read blocked on the pipe cannot hang exit
 
 
 # ---- image folders -------------------------------------------------------------------------

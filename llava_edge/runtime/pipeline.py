@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
@@ -266,6 +266,7 @@ class Pipeline:
         answer within the context and the prompt limit (0: not even one)."""
         self._check_open()
         _check_text(prompt)
+        raw = self._raw({"raw": raw})
         template = self._template(system, raw)
         most = max_feature_count(self.manifest)
         room = self.max_context - 1
@@ -442,6 +443,15 @@ class Pipeline:
     def __enter__(self) -> Pipeline:
         return self
 
+    def __reduce__(self) -> NoReturn:
+        """A Pipeline belongs to its process: its sessions cannot be sent to another (a spawned
+        worker, a process pool), which would fail on some lock inside them; say what to do."""
+        raise TypeError(
+            "a Pipeline holds its process's loaded model and cannot be pickled (sent to another "
+            "process): load the model dir in each worker process (Pipeline.load), or share one "
+            "Pipeline between threads"
+        )
+
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
@@ -552,11 +562,12 @@ class Pipeline:
         if not turns:
             raise LlavaEdgeError("the conversation has no turns")
         images = pixels_list(image)
-        if image_turn is None or isinstance(image_turn, int):
-            image_turns = [] if image_turn is None else [image_turn] * len(images)
+        one_turn = isinstance(image_turn, numbers.Integral)  # numpy's too: robot code holds them
+        if image_turn is None or one_turn:
+            image_turns = [] if image_turn is None else [int(image_turn)] * len(images)
         else:
             image_turns = list(image_turn)
-        if isinstance(image_turn, int) and not images or len(image_turns) != len(images):
+        if one_turn and not images or len(image_turns) != len(images):
             raise LlavaEdgeError(
                 "give the conversation's images and the turns they go with together"
             )
