@@ -153,6 +153,9 @@ class TemplateSpec:
     trim_user: str = ""
     trim_assistant: bool = False
     trim_system: bool = False
+    # Written before every question, after its images (llava-hf's Llama 3 LLaVA-NeXT writes
+    # `<image>` then "\n" + the text, and "\n" + the text where there is no image).
+    question_prefix: str = ""
 
 
 @dataclass

@@ -227,15 +227,26 @@ def test_a_header_is_never_cut_out_of_a_special_token(
 
 # An image written as two <image> marks: transformers' processor then wants two images.
 TWO_MARKS = LLAVA_HF.replace("{{ '<image>\n' }}", "{{ '<image>\n<image>\n' }}")
+# The image after the question: the strings write images before it.
+IMAGE_AFTER = (
+    "{% for message in messages %}{{ message['role'].upper() + ': '}}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '\n<image>' }}{% endfor %}{{ ' ' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
 
 
 @pytest.mark.parametrize(
     "template, why",
     [
-        (ONEVISION, "the image is not placed just before the question"),
+        # past answers follow "assistant \n", a new one "assistant\n"
+        (ONEVISION, "the first turn renders differently once the conversation goes on"),
         (TWO_MARKS, "an image is written as 2 '<image>' marks"),
+        (IMAGE_AFTER, "the image is not placed just before the question"),
     ],
-    ids=["onevision", "two-image-marks"],
+    ids=["onevision", "two-image-marks", "image-after-question"],
 )
 def test_a_template_the_strings_cannot_express_is_refused(
     tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture, template: str, why: str

@@ -34,6 +34,19 @@ from llava_edge.manifest import CHECKPOINT_INFO_FILE, MANIFEST_NAME, Manifest
 from llava_edge.runtime import Pipeline
 
 LLAMA3_TOKENS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+# Written to render as llava-hf/llama3-llava-next-8b-hf's prompts render: a message's images as
+# `<image>`, then "\n" + its text (so "\n" before a question without an image, a system prompt
+# and an answer too).
+LLAMA3_NEXT_HF = (
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ '\n' + content['text'] }}{% endfor %}{{ '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}"
+)
 # name: (chat template, special tokens of its language model, its end-of-answer token (None: the
 # tokenizer's own), whether contents are strings (else lists of parts), whether a system prompt
 # is written where the template writes one)
@@ -42,6 +55,7 @@ TEMPLATES = {
     "llama-3": (LLAMA3, LLAMA3_TOKENS, "<|eot_id|>", True, True),
     "llama-3.1": (LLAMA31, LLAMA3_TOKENS, "<|eot_id|>", True, True),
     "llama-3-llava-next": (LLAMA3_HEADERS, LLAMA3_TOKENS, "<|eot_id|>", False, True),
+    "llama-3-llava-next-hf": (LLAMA3_NEXT_HF, LLAMA3_TOKENS, "<|eot_id|>", False, True),
     "mistral-v0.1": (MISTRAL_V01, [], None, True, False),
     "mistral-v0.2": (MISTRAL_SYSTEM, [], None, True, True),
     "mistral-v0.3": (MISTRAL_V03, ["[INST]", "[/INST]"], None, True, False),
@@ -190,6 +204,7 @@ def test_each_template_strips_as_the_checkpoints_does(exported) -> None:
         "llama-3": ("content", True, True),
         "llama-3.1": ("content", True, True),
         "llama-3-llava-next": ("text", True, True),
+        "llama-3-llava-next-hf": ("", False, False),
         "mistral-v0.1": ("", False, False),
         "mistral-v0.2": ("", False, False),
         "mistral-v0.3": ("", True, False),

@@ -235,9 +235,11 @@ def derive_template(chat: CheckpointChat, eos_texts: list[str]) -> TemplateSpec:
         raise refuse("a question or answer does not appear exactly once in the prompt")
     first_head, assistant = split(text_only, Q1)  # system + user, assistant
     image_head, image_tail = split(with_image, Q1)
-    if not image_head.startswith(first_head) or image_tail != assistant:
+    prefix = _question_prefix(first_head, image_head)
+    if prefix is None or image_tail != assistant:
         raise refuse("the image is not placed just before the question")
-    image = image_head[len(first_head) :]
+    first_head = first_head[: len(first_head) - len(prefix)]
+    image = image_head[len(first_head) : len(image_head) - len(prefix)]
     # transformers' processor wants as many images as the prompt has marks
     if IMAGE_PLACEHOLDER in text_only:
         raise refuse(f"a question without an image gets an {IMAGE_PLACEHOLDER!r} mark")
@@ -247,9 +249,12 @@ def derive_template(chat: CheckpointChat, eos_texts: list[str]) -> TemplateSpec:
     if not two_turns.startswith(with_image):
         raise refuse("the first turn renders differently once the conversation goes on")
     answer_prefix, rest = split(two_turns[len(with_image) :], A1)
-    between, tail = split(rest, Q2)  # answer_end + user
+    between, tail = split(rest, Q2)  # answer_end + user + question_prefix
     if tail != assistant:
         raise refuse("the second question is followed by something other than the first's header")
+    if not between.endswith(prefix):
+        raise refuse(f"the second question is not preceded by {prefix!r} as the first is")
+    between = between[: len(between) - len(prefix)]
     user = _user_header(between, first_head, eos_texts, _special_texts(chat))
     template = TemplateSpec(
         name="checkpoint",
@@ -259,6 +264,7 @@ def derive_template(chat: CheckpointChat, eos_texts: list[str]) -> TemplateSpec:
         answer_prefix=answer_prefix,
         answer_end=between[: len(between) - len(user)],
         image=image,
+        question_prefix=prefix,
     )
     expected, got = chat.text(PROBE, image=True), _render(template, PROBE)
     if expected != got:
@@ -270,6 +276,26 @@ def derive_template(chat: CheckpointChat, eos_texts: list[str]) -> TemplateSpec:
         ):
             return dataclasses.replace(known, system_format=template.system_format)
     return template
+
+
+def _question_prefix(text_head: str, image_head: str) -> str | None:
+    """What the template writes before a question, after its image, given what comes before a
+    question without an image and with one: "" where the image text goes just before the
+    question (LLaVA's "<image>\n"), else the shortest text both end with once an image mark
+    comes before it (llava-hf's Llama 3 LLaVA-NeXT: "<image>" then "\n" + the question); None
+    where the image is written anywhere else."""
+    if image_head.startswith(text_head):
+        return ""
+    for size in range(1, len(text_head) + 1):
+        prefix, head = text_head[len(text_head) - size :], text_head[: len(text_head) - size]
+        image = image_head[len(head) : len(image_head) - size]
+        if (
+            image_head.endswith(prefix)
+            and image_head.startswith(head)
+            and IMAGE_PLACEHOLDER in image
+        ):
+            return prefix
+    return None
 
 
 def _with_system_format(chat: CheckpointChat, template: TemplateSpec) -> TemplateSpec:
@@ -289,7 +315,7 @@ def _with_system_format(chat: CheckpointChat, template: TemplateSpec) -> Templat
         text = chat.text(PROBE, image=True, system=SYSTEM)
     except Exception:  # Jinja and the template's own raise_exception
         return fallback
-    head = text.partition(template.image + Q1)[0]  # system + first user header
+    head = text.partition(template.image + template.question_prefix + Q1)[0]  # system + user
     if head.count(SYSTEM) != 1 or "{system}" in head:
         return fallback
     written = head.replace(SYSTEM, "{system}")

@@ -182,6 +182,7 @@ def hf_chat_template(template: TemplateSpec) -> str:
         "{% if m['role'] == 'user' %}" + user_text + "{% if m['content'] is not string %}"
         "{% for c in m['content'] | selectattr('type', 'equalto', 'image') %}"
         "{{ " + lit(template.image) + " }}{% endfor %}{% endif %}"
+        "{{ " + lit(template.question_prefix) + " }}"
         "{{ texts }}{% if not loop.last or add_generation_prompt %}{{ "
         + lit(template.assistant)
         + " }}"
@@ -202,6 +203,7 @@ def user_turn(template: TemplateSpec, question: str, image: bool | int, first: b
     """
     if template.trim_user == "text":
         question = question.strip()
+    question = template.question_prefix + question
     if image and IMAGE_PLACEHOLDER not in question:
         question = template.image * int(image) + question
     if template.trim_user == "content":
