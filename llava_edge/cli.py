@@ -564,18 +564,23 @@ def _eval(args: argparse.Namespace) -> None:
         answers=args.answers,
         max_new_tokens=args.max_new_tokens,
         skip_bad=args.skip_bad,
+        match=args.match,
         threads=args.threads,
         **_load_options(args),
     )
     skipped = f" ({result.skipped} bad sample(s) skipped)" if result.skipped else ""
+    counted = f"{result.correct}/{result.total}"
+    if result.score != result.correct:  # several references: partial credit
+        counted = f"{result.score:.2f}/{result.total}, {result.correct} in full"
     cut = (
         f"; {result.cut} prediction(s) cut at --max-new-tokens {args.max_new_tokens}: "
         "a longer reference cannot match, raise it"
         if result.cut
         else ""
     )
+    label = "VQA" if args.match == "vqa" else "exact-match"
     print(
-        f"exact-match accuracy {100 * result.accuracy:.1f}% ({result.correct}/{result.total})"
+        f"{label} accuracy {100 * result.accuracy:.1f}% ({counted})"
         f"{skipped}; answers in {result.answers}{cut}"
     )
 
@@ -1118,7 +1123,7 @@ def _add_training_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", help="base checkpoint (default: the one the adapters name)")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
 
-    p = sub.add_parser("eval", help="exact-match accuracy of short answers on LLaVA data")
+    p = sub.add_parser("eval", help="accuracy of short answers on LLaVA data (VQA's matching)")
     p.add_argument("model_dir", help=MODEL_HELP)
     p.add_argument("--data", required=True, help="LLaVA JSON or JSONL with reference answers")
     p.add_argument("--images", help="dir the samples' image paths are relative to")
@@ -1127,6 +1132,13 @@ def _add_training_parsers(sub: argparse._SubParsersAction) -> None:
         "--max-new-tokens", type=int, default=16, help="longest prediction in tokens (default 16)"
     )
     p.add_argument("--skip-bad", action="store_true", help="leave out bad samples, count them")
+    p.add_argument(
+        "--match",
+        choices=["vqa", "exact"],
+        default="vqa",
+        help="vqa (default): VQA's answer normalisation, and VQA accuracy where a round lists "
+        "several 'answers'; exact: equal after case-folding and a final full stop",
+    )
     _add_backend_options(p)
 
 

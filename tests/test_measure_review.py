@@ -50,7 +50,7 @@ def _eval_world(root: Path, references: list[str]) -> tuple[Path, Path]:
     return data, images
 
 
-def test_eval_scores_exact_matches_and_counts_cut_predictions(tiny_model_dir, tmp_path, capsys):
+def test_eval_scores_matches_and_counts_cut_predictions(tiny_model_dir, tmp_path, capsys):
     data, images = _eval_world(tmp_path, ["?", "?", "?"])
     with Pipeline.load(tiny_model_dir) as pipe:
         own = pipe.answer(images / "a.png", "Question 0?", max_new_tokens=3)
@@ -63,7 +63,7 @@ def test_eval_scores_exact_matches_and_counts_cut_predictions(tiny_model_dir, tm
     argv = ["eval", str(tiny_model_dir), "--data", str(data), "--images", str(images)]
     assert cli([*argv, "--answers", str(answers), "--max-new-tokens", "3"]) == 0
     out = capsys.readouterr().out
-    assert "exact-match accuracy 33.3% (1/3)" in out
+    assert "VQA accuracy 33.3% (1/3)" in out
     assert "3 prediction(s) cut at --max-new-tokens 3" in out
     rows = [json.loads(line) for line in answers.read_text().splitlines()]
     assert [r["correct"] for r in rows] == [True, False, False]
