@@ -84,6 +84,24 @@ def test_the_answers_path_is_checked_before_the_run(tiny_model_dir, world, capsy
     assert not (world["root"] / "missing").exists()
 
 
+def test_data_with_nothing_to_ask_is_refused_before_the_model_loads(
+    tiny_model_dir, world, capsys, monkeypatch
+):
+    """An empty data file, and one whose every sample --skip-bad leaves out (a missing image),
+    are said in one line before the model loads (minutes for a 7B one)."""
+    data, images = world["data"], world["images"]
+    monkeypatch.setattr(Pipeline, "load", staticmethod(lambda *a, **k: pytest.fail("loaded")))
+    data.write_text("[]")
+    assert _eval(tiny_model_dir, data, images) == 1
+    err = capsys.readouterr().err
+    assert "has no question to evaluate" in err and len(err.strip().splitlines()) == 1
+    data.write_text(json.dumps([_sample("gone", "missing.png")]))
+    assert _eval(tiny_model_dir, data, images, "--skip-bad") == 1
+    err = capsys.readouterr().err
+    assert "every sample" in err and "missing.png does not exist" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_a_failed_run_keeps_the_previous_answers(tiny_model_dir, world, capsys):
     data, images = world["data"], world["images"]
     answers = world["root"] / "answers.jsonl"

@@ -212,6 +212,8 @@ def evaluate(
         return False
 
     samples = SampleFile(data, keep=keep)
+    if not len(samples):  # said before the model loads
+        _nothing_asked(data, skipped)
     total = correct = cut = 0
     score = 0.0
     with Pipeline.load(model_dir, **load) as pipe, replace_file(out) as f:
@@ -230,12 +232,8 @@ def evaluate(
                 correct += row["correct"]
                 cut += row["finish"] == "length"
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        if not total and skipped:
-            raise LlavaEdgeError(
-                f"every sample of {data} was left out as bad; the first: {skipped[0]}"
-            )
-        if not total:
-            raise LlavaEdgeError(f"{data} has no question to evaluate")
+        if not total:  # the runtime refused every sample
+            _nothing_asked(data, skipped)
     return EvalResult(score / total, correct, total, out, len(skipped), cut, score)
 
 
@@ -297,6 +295,12 @@ def _ask(
             }
         )
     return rows
+
+
+def _nothing_asked(data: Path, skipped: list[BadSample]) -> None:
+    if skipped:
+        raise LlavaEdgeError(f"every sample of {data} was left out as bad; the first: {skipped[0]}")
+    raise LlavaEdgeError(f"{data} has no question to evaluate")
 
 
 def _same_file(a: Path, b: Path) -> bool:
