@@ -92,11 +92,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
-    if args.model and args.checkpoint:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _entry import given_dirs
+
+    if given_dirs(parser, args, ["model", "checkpoint"]):
         model, checkpoint = args.model, args.checkpoint
         Manifest.load(model)  # a missing or broken dir in one line, not in a child's traceback
     else:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         from bench_quantize import build
 
         model, checkpoint = build(args.work, args.preset)["fp32"], args.work / "checkpoint"

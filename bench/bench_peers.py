@@ -49,6 +49,7 @@ from llava_edge.files import graph_bytes
 from llava_edge.runtime import bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _entry import given_dirs  # noqa: E402
 from bench_quantize import build as build_model_dirs  # noqa: E402
 from bench_quantize import measure as measure_runtime  # noqa: E402
 
@@ -329,9 +330,12 @@ def main() -> None:
 
     from llava_edge.runtime import Pipeline
 
-    given = {p: getattr(args, p) for p in PRECISIONS}
-    if all(given.values()) and args.checkpoint:
-        dirs, checkpoint = given, args.checkpoint
+    given = given_dirs(parser, args, ["checkpoint", *PRECISIONS])
+    given_tools = given_dirs(parser, args, ["llama_bench", "convert"])
+    if args.llama_quantize and not given_tools:
+        parser.error("--llama-quantize goes with --llama-bench and --convert")
+    if given:
+        dirs, checkpoint = given, given["checkpoint"]
     else:
         dirs = build_model_dirs(args.work, args.preset, tuple(PRECISIONS))
         checkpoint = args.work / "checkpoint"
@@ -343,7 +347,7 @@ def main() -> None:
     try:
         if args.no_llama:
             raise Skip("--no-llama")
-        if args.llama_bench and args.convert:
+        if given_tools:
             tools = {
                 "bench": args.llama_bench,
                 "quantize": args.llama_quantize or args.llama_bench.with_name("llama-quantize"),

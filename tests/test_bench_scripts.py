@@ -111,3 +111,46 @@ def test_a_script_refuses_what_it_cannot_run_before_starting(
         runpy.run_path(str(BENCH / script), run_name="__main__")
     assert exit_.value.code not in (0, None)
     assert said in f"{exit_.value.code} {capsys.readouterr().err}"
+
+
+@pytest.mark.parametrize(
+    ("script", "argv", "said"),
+    [
+        ("bench_ttft.py", ["--fp32", "{model}", "--precisions", "int8"], "not in --precisions"),
+        ("bench_ttft.py", ["--fp32", "{model}", "--precisions", "fp32,int8"], "without --int8"),
+        ("bench_ttft.py", ["--precisions", "fp16"], "--precisions: no fp16"),
+        ("bench_load.py", ["--model", "{model}"], "--model given without --checkpoint"),
+        ("bench_peers.py", ["--fp32", "{model}"], "--fp32 given without --checkpoint, --int8"),
+        ("bench_peers.py", ["--llama-bench", "{model}"], "without --convert"),
+    ],
+)
+def test_a_script_given_some_of_its_dirs_refuses_rather_than_build_others(
+    script: str, argv: list[str], said: str, bench_on_path: None, monkeypatch, tmp_path, capsys
+) -> None:
+    """A dir given on the command line is timed, or the script says why not: it never builds
+    and times the preset's dirs in place of the ones given."""
+    import bench_quantize
+
+    def build(*args, **kwargs):
+        pytest.fail("built model dirs in place of those given")
+
+    monkeypatch.setattr(bench_quantize, "build", build)
+    model = str(tmp_path / "model")
+    monkeypatch.setattr(sys, "argv", [script, *(a.format(model=model) for a in argv)])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(BENCH / script), run_name="__main__")
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err, err
+
+
+def test_bench_ttft_times_the_one_dir_given(bench_on_path: None, monkeypatch, tmp_path) -> None:
+    """`--fp32 DIR` alone times DIR (here: says it is missing), not the preset's dirs."""
+    import bench_quantize
+
+    monkeypatch.setattr(bench_quantize, "build", lambda *a, **k: pytest.fail("built dirs"))
+    missing = tmp_path / "model"
+    monkeypatch.setattr(sys, "argv", ["bench_ttft.py", "--fp32", str(missing)])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(BENCH / "bench_ttft.py"), run_name="__main__")
+    assert exit_.value.code == f"bench_ttft.py: error: model dir {missing} does not exist"
