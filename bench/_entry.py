@@ -36,3 +36,15 @@ def given_dirs(
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def positive(text: str) -> int:
+    """An argparse type: a whole number, 1 or more (runs, threads, tokens), refused when the
+    command line is read, before minutes of building model dirs."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number, 1 or more, got {text!r}")
+    return value

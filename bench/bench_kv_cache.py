@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _entry import positive  # noqa: E402
 from bench_quantize import build as build_model_dirs  # noqa: E402
 from bench_quantize import measure  # noqa: E402
 
@@ -38,12 +39,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path(".bench/quantize"))
     parser.add_argument("--preset", default="small")
-    parser.add_argument("--depths", type=int, nargs="+", default=[256, 512, 1024, 1900])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--depths", type=positive, nargs="+", default=[256, 512, 1024, 1900])
+    parser.add_argument("--threads", type=positive, default=2)
+    parser.add_argument("--runs", type=positive, default=3)
     args = parser.parse_args()
-    if args.runs < 1 or min(args.depths) < 1:
-        parser.error("--runs and --depths must be positive")
 
     from llava_edge.runtime import Pipeline
 

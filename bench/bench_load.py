@@ -27,6 +27,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _entry import given_dirs, positive  # bench/ is on the path of a script run from it
+
 from llava_edge.manifest import Manifest
 
 PICTURE = """
@@ -89,12 +91,9 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path)
     parser.add_argument("--work", type=Path, default=Path(".bench/quantize"))
     parser.add_argument("--preset", default="small")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=positive, default=2)
+    parser.add_argument("--runs", type=positive, default=5)
     args = parser.parse_args()
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _entry import given_dirs
-
     if given_dirs(parser, args, ["model", "checkpoint"]):
         model, checkpoint = args.model, args.checkpoint
         Manifest.load(model)  # a missing or broken dir in one line, not in a child's traceback

@@ -49,7 +49,7 @@ from llava_edge.files import graph_bytes
 from llava_edge.runtime import bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _entry import given_dirs  # noqa: E402
+from _entry import given_dirs, positive  # noqa: E402
 from bench_quantize import build as build_model_dirs  # noqa: E402
 from bench_quantize import measure as measure_runtime  # noqa: E402
 
@@ -324,8 +324,8 @@ def main() -> None:
     )
     parser.add_argument("--llama-cpp-python", default=LLAMA_CPP_PYTHON, help="source version")
     parser.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=positive, default=2)
+    parser.add_argument("--runs", type=positive, default=5)
     args = parser.parse_args()
 
     from llava_edge.runtime import Pipeline

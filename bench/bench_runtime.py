@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _entry import positive  # bench/ is on the path of a script run from it
+
 from llava_edge.export.baseline import TransformersRunner
 from llava_edge.runtime import bench
 
@@ -57,8 +59,8 @@ def long_context(model: Path, threads: int, pairs: int) -> tuple[float, float, f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/llava-edge-bench"))
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=positive, default=5)
+    parser.add_argument("--threads", type=positive, default=2)
     args = parser.parse_args()
     checkpoint, model = prepare(args.work)
 

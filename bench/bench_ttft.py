@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _entry import given_dirs  # noqa: E402
+from _entry import given_dirs, positive  # noqa: E402
 from bench_quantize import build as build_model_dirs  # noqa: E402
 
 # int4_b128: `quantize --block-size 128`; int4_b128_prefill_int8: that with `--prefill int8`
@@ -90,9 +90,9 @@ def main() -> None:
     parser.add_argument("--int4-b128-prefill-int8", type=Path, help="the same with --prefill int8")
     parser.add_argument("--work", type=Path, default=Path(".bench/quantize"))
     parser.add_argument("--preset", default="small")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=7)
-    parser.add_argument("--question-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=positive, default=2)
+    parser.add_argument("--runs", type=positive, default=7)
+    parser.add_argument("--question-tokens", type=positive, default=32)
     parser.add_argument(
         "--precisions", help="which dirs to time, comma-separated (default: those given, or all)"
     )

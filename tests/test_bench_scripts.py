@@ -154,3 +154,35 @@ def test_bench_ttft_times_the_one_dir_given(bench_on_path: None, monkeypatch, tm
     with pytest.raises(SystemExit) as exit_:
         runpy.run_path(str(BENCH / "bench_ttft.py"), run_name="__main__")
     assert exit_.value.code == f"bench_ttft.py: error: model dir {missing} does not exist"
+
+
+@pytest.mark.parametrize(
+    ("script", "argv"),
+    [
+        ("bench_runtime.py", ["--runs", "0"]),
+        ("bench_runtime.py", ["--threads", "0"]),
+        ("bench_ttft.py", ["--runs", "0"]),
+        ("bench_ttft.py", ["--question-tokens", "0"]),
+        ("bench_load.py", ["--runs", "0"]),
+        ("bench_load.py", ["--threads", "-1"]),
+        ("bench_kv_cache.py", ["--threads", "0"]),
+        ("bench_kv_cache.py", ["--depths", "256", "0"]),
+        ("bench_peers.py", ["--runs", "0"]),
+    ],
+)
+def test_a_count_below_one_is_refused_before_anything_is_built(
+    script: str, argv: list[str], bench_on_path: None, monkeypatch, tmp_path, capsys
+) -> None:
+    """Runs, threads, tokens and depths below 1 are refused as the command line is read, not
+    after minutes of building model dirs (nor as a statistics traceback at the end)."""
+    import subprocess
+
+    import bench_quantize
+
+    monkeypatch.setattr(bench_quantize, "build", lambda *a, **k: pytest.fail("built dirs"))
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("ran a command"))
+    monkeypatch.setattr(sys, "argv", [script, "--work", str(tmp_path), *argv])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(BENCH / script), run_name="__main__")
+    assert exit_.value.code == 2
+    assert "must be a whole number, 1 or more" in capsys.readouterr().err
