@@ -26,6 +26,7 @@ from _entry import positive  # noqa: E402
 from bench_quantize import build as build_model_dirs  # noqa: E402
 from bench_quantize import measure  # noqa: E402
 
+from llava_edge.errors import LlavaEdgeError  # noqa: E402
 from llava_edge.runtime import bench  # noqa: E402
 
 PAIRS = {  # a dir with an fp32 cache -> the same with an int8 one
@@ -50,7 +51,15 @@ def main() -> None:
     dirs = build_model_dirs(args.work, args.preset, tuple(names))
     pipes = {n: Pipeline.load(dirs[n], threads=args.threads) for n in names}
     longest = min(p.manifest.text.max_context for p in pipes.values()) - DECODE
-    depths = [d for d in args.depths if d <= longest]
+    deep = [d for d in args.depths if d > longest]
+    if deep:
+        for pipe in pipes.values():
+            pipe.close()
+        raise LlavaEdgeError(
+            f"--depths {' '.join(map(str, deep))}: past the deepest the dirs' context holds "
+            f"with {DECODE} tokens decoded after, {longest}; ask for depths up to {longest}"
+        )
+    depths = args.depths
     for pipe in pipes.values():  # warm-up: first calls allocate and pre-pack weights
         measure(pipe.backend, pipe.table, 64, 2, seed=0)
     load_before = os.getloadavg()[0]

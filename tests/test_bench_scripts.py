@@ -186,3 +186,19 @@ def test_a_count_below_one_is_refused_before_anything_is_built(
         runpy.run_path(str(BENCH / script), run_name="__main__")
     assert exit_.value.code == 2
     assert "must be a whole number, 1 or more" in capsys.readouterr().err
+
+
+def test_bench_kv_cache_refuses_a_depth_past_the_context(
+    tiny_model_dir: Path, bench_on_path: None, monkeypatch
+) -> None:
+    """A depth the context cannot hold is said, not dropped from the report without a word."""
+    import bench_quantize
+
+    monkeypatch.setattr(
+        bench_quantize, "build", lambda work, preset, names: dict.fromkeys(names, tiny_model_dir)
+    )
+    monkeypatch.setattr(sys, "argv", ["bench_kv_cache.py", "--depths", "64", "5000"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(BENCH / "bench_kv_cache.py"), run_name="__main__")
+    said = str(exit_.value.code)
+    assert said.startswith("bench_kv_cache.py: error: --depths 5000: past the deepest"), said
