@@ -29,6 +29,7 @@ from pathlib import Path
 
 from _entry import given_dirs, positive  # bench/ is on the path of a script run from it
 
+from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import Manifest
 
 PICTURE = """
@@ -77,9 +78,11 @@ def timed(
         [sys.executable, "-c", script, str(target), str(threads), mode],
         capture_output=True,
         text=True,
-        check=True,
         env=env,
     )
+    if done.returncode:  # its last line says why (the exception's)
+        why = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        raise LlavaEdgeError(f"loading {target} in a fresh process failed: {why}")
     lines = done.stdout.strip().splitlines()
     load, ready = (float(x) for x in lines[0].split())
     return (load, ready), (lines[1] if len(lines) > 1 else "")

@@ -202,3 +202,19 @@ def test_bench_kv_cache_refuses_a_depth_past_the_context(
         runpy.run_path(str(BENCH / "bench_kv_cache.py"), run_name="__main__")
     said = str(exit_.value.code)
     assert said.startswith("bench_kv_cache.py: error: --depths 5000: past the deepest"), said
+
+
+def test_bench_load_says_why_a_load_failed(bench_on_path: None, tmp_path: Path) -> None:
+    """A load that fails in its fresh process (a model dir given as --checkpoint) ends the
+    script with the child's own last line, not a traceback that holds the child's script."""
+    import os
+
+    from bench_load import timed
+
+    from llava_edge.errors import LlavaEdgeError
+
+    failing = "raise OSError('no model.safetensors in ' + __import__('sys').argv[1])"
+    with pytest.raises(LlavaEdgeError) as error:
+        timed(failing, tmp_path, 1, dict(os.environ))
+    said = str(error.value)
+    assert said.endswith(f"failed: OSError: no model.safetensors in {tmp_path}"), said
