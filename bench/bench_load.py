@@ -98,8 +98,14 @@ def main() -> None:
     parser.add_argument("--runs", type=positive, default=5)
     args = parser.parse_args()
     if given_dirs(parser, args, ["model", "checkpoint"]):
+        from llava_edge.export.exporter import checkpoint_config
+        from llava_edge.runtime.bench import check_baseline
+
         model, checkpoint = args.model, args.checkpoint
         Manifest.load(model)  # a missing or broken dir in one line, not in a child's traceback
+        check_baseline(
+            model, checkpoint_config(checkpoint), "--checkpoint"
+        )  # the loads of one model
     else:
         from bench_quantize import build
 

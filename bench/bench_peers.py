@@ -335,7 +335,11 @@ def main() -> None:
     if args.llama_quantize and not given_tools:
         parser.error("--llama-quantize goes with --llama-bench and --convert")
     if given:
+        from llava_edge.export.exporter import checkpoint_config
+
         dirs, checkpoint = given, given["checkpoint"]
+        for p in PRECISIONS:  # the same weights on every side, or the ratios compare models
+            bench.check_baseline(dirs[p], checkpoint_config(checkpoint), "--checkpoint")
     else:
         dirs = build_model_dirs(args.work, args.preset, tuple(PRECISIONS))
         checkpoint = args.work / "checkpoint"

@@ -218,3 +218,30 @@ def test_bench_load_says_why_a_load_failed(bench_on_path: None, tmp_path: Path) 
         timed(failing, tmp_path, 1, dict(os.environ))
     said = str(error.value)
     assert said.endswith(f"failed: OSError: no model.safetensors in {tmp_path}"), said
+
+
+@pytest.mark.parametrize("script", ["bench_load.py", "bench_peers.py"])
+def test_a_checkpoint_of_another_model_is_refused_before_timing(
+    script: str, tiny_model_dir: Path, bench_on_path: None, monkeypatch, tmp_path, capsys
+) -> None:
+    """--checkpoint must be the dirs' own model, or transformers' side times other work."""
+    import subprocess
+
+    from llava_edge.cli import main as cli
+    from llava_edge.runtime import Pipeline
+
+    other = tmp_path / "other"
+    assert cli(["init", str(other), "--preset", "tiny", "--layers", "1"]) == 0
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("ran a command"))
+    monkeypatch.setattr(Pipeline, "load", lambda *a, **k: pytest.fail("loaded a dir"))
+    if script == "bench_load.py":
+        dirs = ["--model", str(tiny_model_dir)]
+    else:
+        names = ["fp32", "int8", "int4", "int4-b128", "int4-b128-prefill-int8", "int8-kv-int8"]
+        names.append("int4-b128-prefill-int8-kv-int8")
+        dirs = [arg for name in names for arg in (f"--{name}", str(tiny_model_dir))]
+    argv = [script, "--work", str(tmp_path), "--checkpoint", str(other), *dirs]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(BENCH / script), run_name="__main__")
+    assert "--checkpoint is another model than the model dir" in str(exit_.value.code)

@@ -336,10 +336,10 @@ def check_plot(
             )
 
 
-def check_baseline(model_dir: str | os.PathLike, config: Any) -> None:
-    """Refuse a baseline checkpoint (its transformers config) whose language model is not the
-    dir's (its layers, width or vocabulary differ): its timings would be of other work, and the
-    ratios meaningless. Checked before anything loads."""
+def check_baseline(model_dir: str | os.PathLike, config: Any, flag: str = "--baseline") -> None:
+    """Refuse a baseline checkpoint (its transformers config; given as `flag`) whose language
+    model is not the dir's (its layers, width or vocabulary differ): its timings would be of
+    other work, and the ratios meaningless. Checked before anything loads."""
     from llava_edge.manifest import Manifest
 
     text, spec = config.text_config, Manifest.load(model_dir).text
@@ -347,7 +347,7 @@ def check_baseline(model_dir: str | os.PathLike, config: Any) -> None:
     ours = (spec.num_layers, spec.hidden_size, spec.vocab_size)
     if theirs != ours:
         raise LlavaEdgeError(
-            f"--baseline is another model than the model dir: its decoder has (layers, width, "
+            f"{flag} is another model than the model dir: its decoder has (layers, width, "
             f"vocabulary) {theirs}, the dir's {ours}; pass the checkpoint the dir was exported "
             "from"
         )
