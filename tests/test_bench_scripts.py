@@ -245,3 +245,20 @@ def test_a_checkpoint_of_another_model_is_refused_before_timing(
     with pytest.raises(SystemExit) as exit_:
         runpy.run_path(str(BENCH / script), run_name="__main__")
     assert "--checkpoint is another model than the model dir" in str(exit_.value.code)
+
+
+def test_bench_load_times_cached_loads_whatever_the_shell_says(
+    bench_on_path: None, monkeypatch, tmp_path: Path
+) -> None:
+    """LLAVA_EDGE_SESSION_CACHE=0 in the user's shell is not passed to the loads timed as
+    cached (they would time uncached loads, or end in an AssertionError); a cache status other
+    than the one timed is said in one line."""
+    from bench_load import cache_env, expect
+
+    from llava_edge.errors import LlavaEdgeError
+
+    monkeypatch.setenv("LLAVA_EDGE_SESSION_CACHE", "0")
+    env = cache_env(str(tmp_path))
+    assert "LLAVA_EDGE_SESSION_CACHE" not in env and env["LLAVA_EDGE_CACHE"] == str(tmp_path)
+    with pytest.raises(LlavaEdgeError, match="status was 'none' where 'hit' was timed"):
+        expect("none", "hit")
