@@ -329,3 +329,17 @@ def test_gpu_free_memory_is_none_without_a_driver(monkeypatch):
 
     monkeypatch.setattr(gpu, "_load_driver", no_driver)
     assert gpu.device_free_memory(0) is None
+
+
+def test_a_text_only_workload_reports_no_image_work(tiny_model_dir):
+    """Workload(image=False) asks a text-only question: its report times no preprocessing and
+    no vision encoder that its requests never run."""
+    from llava_edge.runtime.bench import PipelineRunner, Workload
+
+    runner = PipelineRunner(tiny_model_dir, Workload(new_tokens=2, runs=1, image=False))
+    try:
+        timings = runner.run_once()
+    finally:
+        runner.close()
+    assert (timings["preprocess_ms"], timings["vision_ms"]) == (0.0, 0.0)
+    assert timings["ttft_ms"] > 0

@@ -245,21 +245,24 @@ class PipelineRunner:
 
     def run_once(self) -> dict[str, float]:
         pipe = self.pipe
-        start = time.perf_counter()
-        # AnyRes: the base image and the tiles
-        pixels = pipe.image_pixels(self.image).pixels
-        encode = time.perf_counter()
-        pipe.backend.encode_image(pixels)
-        done = time.perf_counter()
-        pipe._features.clear()  # the request below encodes the image again, as a new frame would
+        preprocess_ms = vision_ms = 0.0  # a text-only workload runs neither
+        if self.workload.image:
+            start = time.perf_counter()
+            # AnyRes: the base image and the tiles
+            pixels = pipe.image_pixels(self.image).pixels
+            encode = time.perf_counter()
+            pipe.backend.encode_image(pixels)
+            done = time.perf_counter()
+            pipe._features.clear()  # the request below encodes it again, as a new frame would
+            preprocess_ms, vision_ms = (encode - start) * 1000, (done - encode) * 1000
         image = self.image if self.workload.image else None
         answer = pipe.answer(
             image, self.text, max_new_tokens=self.workload.new_tokens, ignore_eos=True
         )
         t = answer.timings
         return {
-            "preprocess_ms": (encode - start) * 1000,
-            "vision_ms": (done - encode) * 1000,
+            "preprocess_ms": preprocess_ms,
+            "vision_ms": vision_ms,
             "prefill_ms": t["prefill_ms"] - t["vision_ms"],
             "ttft_ms": t["first_token_ms"],
             "decode_tokens_per_s": t["decode_tokens_per_s"],
