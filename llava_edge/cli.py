@@ -275,6 +275,11 @@ def _bench(args: argparse.Namespace) -> None:
     from llava_edge.files import check_output_file
     from llava_edge.runtime import bench
 
+    if args.threads is not None and args.backend != "onnxruntime" and not args.baseline:
+        raise LlavaEdgeError(
+            f"--threads is for onnxruntime and --baseline; the {args.backend} backend runs its "
+            "own engines: drop it, or add --baseline"
+        )
     if args.plot:
         check_output_file(args.plot, "--plot")
         bench.check_plot(args.plot, args.model_dir, args.baseline)
@@ -290,7 +295,7 @@ def _bench(args: argparse.Namespace) -> None:
         question_tokens=args.question_tokens,
         new_tokens=args.new_tokens,
         context_tokens=args.context_tokens,
-        threads=args.threads,
+        threads=2 if args.threads is None else args.threads,
         runs=args.runs,
     )
     report = bench.benchmark(args.model_dir, workload, baseline, **_load_options(args))
@@ -816,7 +821,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--plot", metavar="FILE", help="write a PNG chart of the comparison")
     _add_backend_options(p, threads_help="CPU threads for onnxruntime and --baseline (default 2)")
-    p.set_defaults(threads=2)
 
     p = sub.add_parser(
         "serve", help="an OpenAI-compatible server (/v1/chat/completions) that batches clients"

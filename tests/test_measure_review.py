@@ -343,3 +343,13 @@ def test_a_text_only_workload_reports_no_image_work(tiny_model_dir):
         runner.close()
     assert (timings["preprocess_ms"], timings["vision_ms"]) == (0.0, 0.0)
     assert timings["ttft_ms"] > 0
+
+
+def test_bench_refuses_threads_that_would_do_nothing(tiny_model_dir, capsys):
+    """On the tensorrt backend --threads is only the --baseline's: without one it would do
+    nothing, and is refused before anything loads."""
+    argv = _bench(tiny_model_dir, "--backend", "tensorrt", "--threads", "3")
+    assert cli(argv) == 1
+    err = capsys.readouterr().err
+    assert "--threads is for onnxruntime and --baseline" in err
+    assert len(err.strip().splitlines()) == 1
