@@ -353,3 +353,22 @@ def test_bench_refuses_threads_that_would_do_nothing(tiny_model_dir, capsys):
     err = capsys.readouterr().err
     assert "--threads is for onnxruntime and --baseline" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_bench_reports_medians_of_the_runs_after_one_warm_up(tiny_model_dir, monkeypatch):
+    """README: medians over --runs, after a warm-up run that is not counted; load time once."""
+    from llava_edge.runtime import bench
+
+    speeds = iter([1.0, 50.0, 7.0, 9.0])  # the warm-up's 1.0 would move the median
+    real_answer = Pipeline.answer
+
+    def answer(self, *args, **kwargs):
+        result = real_answer(self, *args, **kwargs)
+        result.timings["decode_tokens_per_s"] = next(speeds)
+        return result
+
+    monkeypatch.setattr(Pipeline, "answer", answer)
+    workload = bench.Workload(question_tokens=2, new_tokens=2, runs=3)
+    report = bench.benchmark(tiny_model_dir, workload)["llava_edge"]
+    assert report["decode_tokens_per_s"] == 9.0 and report["runs"] == 3
+    assert next(speeds, None) is None and report["load_s"] > 0
