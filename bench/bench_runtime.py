@@ -29,10 +29,13 @@ TARGETS = {"decode_speedup": 1.5, "ttft_speedup": 1.2, "long_context_ratio": 0.7
 def prepare(work: Path) -> tuple[Path, Path]:
     checkpoint, model = work / "small-checkpoint", work / "small-model"
     cli = [sys.executable, "-m", "llava_edge.cli"]
+    # their reports go to stderr: stdout holds only the JSON result
     if not (checkpoint / "config.json").exists():
-        subprocess.run([*cli, "init", str(checkpoint), "--preset", "small", "--force"], check=True)
+        init = [*cli, "init", str(checkpoint), "--preset", "small", "--force"]
+        subprocess.run(init, check=True, stdout=sys.stderr)
     if not (model / "manifest.json").exists():
-        subprocess.run([*cli, "export", str(checkpoint), str(model), "--force"], check=True)
+        export = [*cli, "export", str(checkpoint), str(model), "--force"]
+        subprocess.run(export, check=True, stdout=sys.stderr)
     return checkpoint, model
 
 

@@ -262,3 +262,24 @@ def test_bench_load_times_cached_loads_whatever_the_shell_says(
     assert "LLAVA_EDGE_SESSION_CACHE" not in env and env["LLAVA_EDGE_CACHE"] == str(tmp_path)
     with pytest.raises(LlavaEdgeError, match="status was 'none' where 'hit' was timed"):
         expect("none", "hit")
+
+
+def test_bench_runtime_keeps_its_stdout_for_the_json(
+    bench_on_path: None, monkeypatch, tmp_path: Path, capsys
+) -> None:
+    """Building the `small` dirs runs `llava-edge init` and `export`, whose reports would come
+    before the JSON on stdout (`bench_runtime.py > result.json` then holds no JSON)."""
+    import subprocess
+
+    from bench_runtime import prepare
+
+    def run(command, stdout=None, **kwargs):  # a CLI child, reporting on the stdout it is given
+        out = Path(command[-2] if command[3] == "export" else command[4])
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+        (out / "manifest.json").write_text("{}")
+        print(f"wrote {out}", file=stdout or sys.stdout)
+
+    monkeypatch.setattr(subprocess, "run", run)
+    prepare(tmp_path)
+    assert capsys.readouterr().out == ""
