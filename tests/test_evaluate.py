@@ -339,11 +339,3 @@ def test_several_reference_answers_score_vqa_accuracy(tiny_model_dir, world, cap
     err = capsys.readouterr().err
     assert "sample a: round 0's 'answers' must be a list of texts" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
-
-
-def test_eval_shows_its_progress_checking_the_data_and_asking(tiny_model_dir, world, capsys):
-    """Both passes over a large file take a while: checking every sample's image (before the
-    model loads) and asking the questions each show a progress bar on stderr."""
-    assert _eval(tiny_model_dir, world["data"], world["images"]) == 0
-    err = capsys.readouterr().err
-    assert "checking data.json" in err and "evaluating" in err

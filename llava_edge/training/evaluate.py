@@ -211,7 +211,7 @@ def evaluate(
         skipped.append(e)
         return False
 
-    samples = SampleFile(data, keep=keep, progress=progress)  # a large file takes a while
+    samples = SampleFile(data, keep=keep)
     if not len(samples):  # said before the model loads
         _nothing_asked(data, skipped)
     total = correct = cut = 0
