@@ -283,3 +283,22 @@ def test_bench_runtime_keeps_its_stdout_for_the_json(
     monkeypatch.setattr(subprocess, "run", run)
     prepare(tmp_path)
     assert capsys.readouterr().out == ""
+
+
+def test_dirs_built_for_one_preset_are_not_timed_as_another(
+    bench_on_path: None, tmp_path: Path
+) -> None:
+    """The builder bench_ttft, bench_load, bench_kv_cache and bench_peers share reuses the dirs
+    under --work: asked for `small` where `tiny`'s were built, it says so rather than time tiny."""
+    from bench_quantize import build
+
+    from llava_edge.errors import LlavaEdgeError
+
+    (tmp_path / "fp32").mkdir()
+    (tmp_path / "fp32" / "manifest.json").write_text("{}")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.json").write_text("[]")
+    (tmp_path / "preset").write_text("tiny")
+    assert build(tmp_path, "tiny", ("fp32",)) == {"fp32": tmp_path / "fp32"}
+    with pytest.raises(LlavaEdgeError, match="holds the 'tiny' preset's dirs, not 'small''s"):
+        build(tmp_path, "small", ("fp32",))
