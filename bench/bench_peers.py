@@ -157,12 +157,19 @@ def text_checkpoint(llava_checkpoint: Path, out: Path) -> Path:
     The converter needs as many tokenizer entries as embedding rows; LLaVA checkpoints often
     have fewer (the `small` preset: a 2,050-entry tokenizer, 32,000 rows). The copy written here
     pads its tokenizer.json with unused entries; the checkpoint itself is untouched.
+
+    The copy and the GGUF files made from it (beside `out`) are reused while they are of the same
+    checkpoint, as its path and its files' sizes and times say; another checkpoint's are made
+    again, or llama.cpp and transformers would run other weights than the dirs'.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaForConditionalGeneration
 
-    if (out / "config.json").exists():
+    source = _source_stamp(llava_checkpoint)
+    if (out / "config.json").exists() and _read(out / "source.json") == source:
         return out
+    for stale in out.parent.glob("text-*.gguf"):  # made from the copy being replaced
+        stale.unlink()
     llava = LlavaForConditionalGeneration.from_pretrained(llava_checkpoint, dtype=torch.float32)
     causal = AutoModelForCausalLM.from_config(llava.config.text_config)
     causal.model = llava.model.language_model
@@ -173,8 +180,20 @@ def text_checkpoint(llava_checkpoint: Path, out: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(llava_checkpoint)
     tokenizer.save_pretrained(tmp)
     _pad_tokenizer(tmp / "tokenizer.json", llava.config.text_config.vocab_size)
+    (tmp / "source.json").write_text(source)
+    shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
+
+
+def _source_stamp(checkpoint: Path) -> str:
+    files = sorted(p for p in Path(checkpoint).resolve().iterdir() if p.is_file())
+    stats = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
+    return json.dumps({"checkpoint": str(Path(checkpoint).resolve()), "files": stats})
+
+
+def _read(path: Path) -> str | None:
+    return path.read_text() if path.is_file() else None
 
 
 def _pad_tokenizer(path: Path, rows: int) -> None:

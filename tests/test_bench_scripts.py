@@ -302,3 +302,32 @@ def test_dirs_built_for_one_preset_are_not_timed_as_another(
     assert build(tmp_path, "tiny", ("fp32",)) == {"fp32": tmp_path / "fp32"}
     with pytest.raises(LlavaEdgeError, match="holds the 'tiny' preset's dirs, not 'small''s"):
         build(tmp_path, "small", ("fp32",))
+
+
+def test_bench_peers_remakes_its_text_model_for_another_checkpoint(
+    tiny_checkpoint: Path, bench_on_path: None, tmp_path: Path
+) -> None:
+    """The text-only copy (and the GGUF files made from it) under --work is reused for the same
+    checkpoint only: another --checkpoint gets its own, not the first one's weights."""
+    import json
+
+    from bench_peers import text_checkpoint
+
+    from llava_edge.cli import main as cli
+
+    other = tmp_path / "other"
+    assert cli(["init", str(other), "--preset", "tiny", "--layers", "1"]) == 0
+    out = tmp_path / "work" / "text-checkpoint"
+    out.parent.mkdir()
+
+    def layers() -> int:
+        return json.loads((out / "config.json").read_text())["num_hidden_layers"]
+
+    text_checkpoint(tiny_checkpoint, out)
+    assert layers() == 2
+    gguf = out.parent / "text-f32.gguf"
+    gguf.write_text("made from the first")
+    text_checkpoint(tiny_checkpoint, out)
+    assert gguf.exists()  # the same checkpoint: kept
+    text_checkpoint(other, out)
+    assert layers() == 1 and not gguf.exists()
