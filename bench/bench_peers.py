@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from llava_edge.errors import LlavaEdgeError
 from llava_edge.files import graph_bytes
 from llava_edge.runtime import bench
 
@@ -249,7 +250,13 @@ def llama_bench(binary: Path, gguf: Path, threads: int, kv_q8_0: bool) -> tuple[
         common += ["-ctk", "q8_0", "-ctv", "q8_0", "-fa", "1"]
     rates = []
     for test in (["-p", str(PREFILL), "-n", "0"], ["-p", "0", "-n", str(DECODE), "-d", str(DEPTH)]):
-        done = subprocess.run([*common, *test], capture_output=True, text=True, check=True)
+        try:
+            done = subprocess.run([*common, *test], capture_output=True, text=True)
+        except OSError as e:  # not there, not executable
+            raise LlavaEdgeError(f"cannot run {binary}: {e.strerror or e}") from None
+        if done.returncode:
+            why = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+            raise LlavaEdgeError(f"{binary} {' '.join(common[3:] + test)} failed: {why}")
         (row,) = json.loads(done.stdout)
         rates.append(float(row["avg_ts"]))
     return rates[0], rates[1]

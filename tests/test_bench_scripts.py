@@ -331,3 +331,20 @@ def test_bench_peers_remakes_its_text_model_for_another_checkpoint(
     assert gguf.exists()  # the same checkpoint: kept
     text_checkpoint(other, out)
     assert layers() == 1 and not gguf.exists()
+
+
+def test_bench_peers_says_why_llama_bench_failed(bench_on_path: None, tmp_path: Path) -> None:
+    """A llama-bench that fails (an older build without -d, a missing path) ends the script in
+    one line with its own reason, not a CalledProcessError traceback that hides it."""
+    from bench_peers import llama_bench
+
+    from llava_edge.errors import LlavaEdgeError
+
+    binary = tmp_path / "llama-bench"
+    binary.write_text("#!/bin/sh\necho 'error: invalid parameter for argument: -d' >&2\nexit 1\n")
+    binary.chmod(0o755)
+    gguf = tmp_path / "text-f32.gguf"
+    with pytest.raises(LlavaEdgeError, match="failed: error: invalid parameter for argument: -d"):
+        llama_bench(binary, gguf, 2, kv_q8_0=False)
+    with pytest.raises(LlavaEdgeError, match=f"cannot run {tmp_path / 'missing'}: "):
+        llama_bench(tmp_path / "missing", gguf, 2, kv_q8_0=False)
