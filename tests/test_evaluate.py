@@ -332,6 +332,10 @@ def test_several_reference_answers_score_vqa_accuracy(tiny_model_dir, world, cap
     rows = [json.loads(line) for line in answers.read_text().splitlines()]
     assert rows[0]["answers"] == annotators and rows[0]["score"] == pytest.approx(0.6)
     assert "answers" not in rows[1] and rows[1]["score"] == 0
+    # docs/training.md: training reads the turn's value alone
+    from llava_edge.training.data import parse_sample
+
+    assert parse_sample(samples[0], 0).turns == [("What colour is it?", "grey")]
 
     samples[0]["conversations"][1]["answers"] = ["cat", 3]
     data.write_text(json.dumps(samples))
