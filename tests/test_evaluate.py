@@ -287,6 +287,7 @@ def test_vqa_answer_forms():
         ("100,978", "100978"),
         ("left-hand", "left hand"),
         ("Straße", "STRASSE"),  # Unicode case-folding, as the exact matching does
+        ("Coca Cola's", "coca cola 's"),  # EvalAI's tokenising: TextVQA's references
     ]
     for prediction, reference in same:
         assert answer_form(prediction) == answer_form(reference), (prediction, reference)

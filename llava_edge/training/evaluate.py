@@ -5,8 +5,9 @@ an exported model dir. How a prediction is held against its reference is `match`
 
 - "vqa" (the default): both as the VQA evaluation normalises answers (lower case, punctuation
   dropped or spaced, full stops that start no decimal dropped, number words as digits, articles
-  dropped, contractions given their apostrophe), after Unicode normalisation (NFKC) and
-  case-folding; an answer those rules leave empty (only an article, as a multiple-choice
+  dropped, contractions given their apostrophe), after Unicode normalisation (NFKC),
+  case-folding and EvalAI's tokenising (commas and question marks dropped, "'s" split off, as
+  TextVQA is scored and LLaVA prepares VQAv2 answers); an answer those rules leave empty (only an article, as a multiple-choice
   letter "A") is compared as "exact" compares it.
   A round whose gpt turn lists several reference answers ("answers": VQAv2's ten annotators')
   scores VQA accuracy: min(matches / 3, 1), averaged over the lists that leave out one
@@ -65,7 +66,9 @@ def answer_form(answer: str, match: str = "vqa") -> str:
         return normalize(answer)
     folded = unicodedata.normalize("NFKC", answer).casefold()
     # one the VQA rules leave empty (only an article, as a choice's letter "A") stays itself
-    return normalize_vqa(folded) or normalize(folded)
+    # EvalAI's tokenising too, as TextVQA's references (`data vqa`) and LLaVA's VQAv2
+    # predictions are written: "cola's" is "cola 's" on both sides
+    return normalize_vqa(folded, evalai=True) or normalize(folded)
 
 
 def vqa_accuracy(prediction: str, references: list[str]) -> float:
