@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from llava_edge.errors import LlavaEdgeError
@@ -15,3 +16,35 @@ def run(main: Callable[[], None]) -> None:
         main()
     except LlavaEdgeError as e:
         sys.exit(f"{Path(sys.argv[0]).name}: error: {e}")
+
+
+def given_dirs(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, names: Iterable[str]
+) -> dict[str, Path] | None:
+    """The dirs the command line gives for `names` (options named after them), or None where it
+    gives none and the script makes its own. Some without the others is refused, naming those
+    missing: the script would otherwise time the dirs it makes, not the ones given."""
+    given = {name: getattr(args, name) for name in names}
+    if not any(given.values()):
+        return None
+    missing = [_flag(name) for name, path in given.items() if path is None]
+    if missing:
+        named = ", ".join(_flag(name) for name, path in given.items() if path is not None)
+        parser.error(f"{named} given without {', '.join(missing)}: give them all, or none")
+    return given
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def positive(text: str) -> int:
+    """An argparse type: a whole number, 1 or more (runs, threads, tokens), refused when the
+    command line is read, before minutes of building model dirs."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number, 1 or more, got {text!r}")
+    return value

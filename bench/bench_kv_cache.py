@@ -22,9 +22,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _entry import positive  # noqa: E402
 from bench_quantize import build as build_model_dirs  # noqa: E402
 from bench_quantize import measure  # noqa: E402
 
+from llava_edge.errors import LlavaEdgeError  # noqa: E402
 from llava_edge.runtime import bench  # noqa: E402
 
 PAIRS = {  # a dir with an fp32 cache -> the same with an int8 one
@@ -38,12 +40,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path(".bench/quantize"))
     parser.add_argument("--preset", default="small")
-    parser.add_argument("--depths", type=int, nargs="+", default=[256, 512, 1024, 1900])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--depths", type=positive, nargs="+", default=[256, 512, 1024, 1900])
+    parser.add_argument("--threads", type=positive, default=2)
+    parser.add_argument("--runs", type=positive, default=3)
     args = parser.parse_args()
-    if args.runs < 1 or min(args.depths) < 1:
-        parser.error("--runs and --depths must be positive")
 
     from llava_edge.runtime import Pipeline
 
@@ -51,7 +51,15 @@ def main() -> None:
     dirs = build_model_dirs(args.work, args.preset, tuple(names))
     pipes = {n: Pipeline.load(dirs[n], threads=args.threads) for n in names}
     longest = min(p.manifest.text.max_context for p in pipes.values()) - DECODE
-    depths = [d for d in args.depths if d <= longest]
+    deep = [d for d in args.depths if d > longest]
+    if deep:
+        for pipe in pipes.values():
+            pipe.close()
+        raise LlavaEdgeError(
+            f"--depths {' '.join(map(str, deep))}: past the deepest the dirs' context holds "
+            f"with {DECODE} tokens decoded after, {longest}; ask for depths up to {longest}"
+        )
+    depths = args.depths
     for pipe in pipes.values():  # warm-up: first calls allocate and pre-pack weights
         measure(pipe.backend, pipe.table, 64, 2, seed=0)
     load_before = os.getloadavg()[0]

@@ -27,6 +27,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _entry import given_dirs, positive  # bench/ is on the path of a script run from it
+
+from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import Manifest
 
 PICTURE = """
@@ -75,12 +78,32 @@ def timed(
         [sys.executable, "-c", script, str(target), str(threads), mode],
         capture_output=True,
         text=True,
-        check=True,
         env=env,
     )
+    if done.returncode:  # its last line says why (the exception's)
+        why = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        raise LlavaEdgeError(f"loading {target} in a fresh process failed: {why}")
     lines = done.stdout.strip().splitlines()
     load, ready = (float(x) for x in lines[0].split())
     return (load, ready), (lines[1] if len(lines) > 1 else "")
+
+
+def cache_env(cache: str) -> dict[str, str]:
+    """The children's environment: the session cache in `cache` and on, whatever this shell
+    says (LLAVA_EDGE_SESSION_CACHE=0 there would leave every load uncached)."""
+    env = {k: v for k, v in os.environ.items() if k != "LLAVA_EDGE_SESSION_CACHE"}
+    return env | {"LLAVA_EDGE_CACHE": cache}
+
+
+def expect(status: str, wanted: str) -> None:
+    """The session cache was used as the load being timed needs (a cache not written, short of
+    disk or memory, would time uncached loads under the cached loads' names)."""
+    if status != wanted:
+        raise LlavaEdgeError(
+            f"a load's session cache status was {status!r} where {wanted!r} was timed; the "
+            "cache is written only where a tenth of the disk stays free and twice the graph "
+            "fits in free memory"
+        )
 
 
 def main() -> None:
@@ -89,14 +112,19 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path)
     parser.add_argument("--work", type=Path, default=Path(".bench/quantize"))
     parser.add_argument("--preset", default="small")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=positive, default=2)
+    parser.add_argument("--runs", type=positive, default=5)
     args = parser.parse_args()
-    if args.model and args.checkpoint:
+    if given_dirs(parser, args, ["model", "checkpoint"]):
+        from llava_edge.export.exporter import checkpoint_config
+        from llava_edge.runtime.bench import check_baseline
+
         model, checkpoint = args.model, args.checkpoint
         Manifest.load(model)  # a missing or broken dir in one line, not in a child's traceback
+        check_baseline(
+            model, checkpoint_config(checkpoint), "--checkpoint"
+        )  # the loads of one model
     else:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         from bench_quantize import build
 
         model, checkpoint = build(args.work, args.preset)["fp32"], args.work / "checkpoint"
@@ -104,20 +132,20 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     later, background, uncached, theirs = [], [], [], []
     with tempfile.TemporaryDirectory(prefix="llava-edge-load-") as scratch:
-        env = {**os.environ, "LLAVA_EDGE_CACHE": scratch}
+        env = cache_env(scratch)
         first, status = timed(OURS, model, args.threads, env)
-        assert status == "miss", status  # an empty cache: the first load on a machine
+        expect(status, "miss")  # an empty cache: the first load on a machine
         for run in range(args.runs):
             for side in ("ours", "background", "uncached", "theirs")[:: 1 if run % 2 else -1]:
                 if side in ("ours", "background"):
                     mode = "background" if side == "background" else "eager"
                     seconds, status = timed(OURS, model, args.threads, env, mode)
-                    assert status == "hit", status
+                    expect(status, "hit")
                     (background if side == "background" else later).append(seconds)
                 elif side == "uncached":
                     off = {**env, "LLAVA_EDGE_SESSION_CACHE": "0"}
                     seconds, status = timed(OURS, model, args.threads, off)
-                    assert status == "none", status
+                    expect(status, "none")
                     uncached.append(seconds)
                 else:
                     theirs.append(timed(THEIRS, checkpoint, args.threads, dict(os.environ))[0])

@@ -45,10 +45,12 @@ from typing import Any
 
 import numpy as np
 
+from llava_edge.errors import LlavaEdgeError
 from llava_edge.files import graph_bytes
 from llava_edge.runtime import bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _entry import given_dirs, positive  # noqa: E402
 from bench_quantize import build as build_model_dirs  # noqa: E402
 from bench_quantize import measure as measure_runtime  # noqa: E402
 
@@ -156,12 +158,19 @@ def text_checkpoint(llava_checkpoint: Path, out: Path) -> Path:
     The converter needs as many tokenizer entries as embedding rows; LLaVA checkpoints often
     have fewer (the `small` preset: a 2,050-entry tokenizer, 32,000 rows). The copy written here
     pads its tokenizer.json with unused entries; the checkpoint itself is untouched.
+
+    The copy and the GGUF files made from it (beside `out`) are reused while they are of the same
+    checkpoint, as its path and its files' sizes and times say; another checkpoint's are made
+    again, or llama.cpp and transformers would run other weights than the dirs'.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaForConditionalGeneration
 
-    if (out / "config.json").exists():
+    source = _source_stamp(llava_checkpoint)
+    if (out / "config.json").exists() and _read(out / "source.json") == source:
         return out
+    for stale in out.parent.glob("text-*.gguf"):  # made from the copy being replaced
+        stale.unlink()
     llava = LlavaForConditionalGeneration.from_pretrained(llava_checkpoint, dtype=torch.float32)
     causal = AutoModelForCausalLM.from_config(llava.config.text_config)
     causal.model = llava.model.language_model
@@ -172,8 +181,20 @@ def text_checkpoint(llava_checkpoint: Path, out: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(llava_checkpoint)
     tokenizer.save_pretrained(tmp)
     _pad_tokenizer(tmp / "tokenizer.json", llava.config.text_config.vocab_size)
+    (tmp / "source.json").write_text(source)
+    shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
+
+
+def _source_stamp(checkpoint: Path) -> str:
+    files = sorted(p for p in Path(checkpoint).resolve().iterdir() if p.is_file())
+    stats = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
+    return json.dumps({"checkpoint": str(Path(checkpoint).resolve()), "files": stats})
+
+
+def _read(path: Path) -> str | None:
+    return path.read_text() if path.is_file() else None
 
 
 def _pad_tokenizer(path: Path, rows: int) -> None:
@@ -229,7 +250,13 @@ def llama_bench(binary: Path, gguf: Path, threads: int, kv_q8_0: bool) -> tuple[
         common += ["-ctk", "q8_0", "-ctv", "q8_0", "-fa", "1"]
     rates = []
     for test in (["-p", str(PREFILL), "-n", "0"], ["-p", "0", "-n", str(DECODE), "-d", str(DEPTH)]):
-        done = subprocess.run([*common, *test], capture_output=True, text=True, check=True)
+        try:
+            done = subprocess.run([*common, *test], capture_output=True, text=True)
+        except OSError as e:  # not there, not executable
+            raise LlavaEdgeError(f"cannot run {binary}: {e.strerror or e}") from None
+        if done.returncode:
+            why = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+            raise LlavaEdgeError(f"{binary} {' '.join(common[3:] + test)} failed: {why}")
         (row,) = json.loads(done.stdout)
         rates.append(float(row["avg_ts"]))
     return rates[0], rates[1]
@@ -323,15 +350,22 @@ def main() -> None:
     )
     parser.add_argument("--llama-cpp-python", default=LLAMA_CPP_PYTHON, help="source version")
     parser.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=positive, default=2)
+    parser.add_argument("--runs", type=positive, default=5)
     args = parser.parse_args()
 
     from llava_edge.runtime import Pipeline
 
-    given = {p: getattr(args, p) for p in PRECISIONS}
-    if all(given.values()) and args.checkpoint:
-        dirs, checkpoint = given, args.checkpoint
+    given = given_dirs(parser, args, ["checkpoint", *PRECISIONS])
+    given_tools = given_dirs(parser, args, ["llama_bench", "convert"])
+    if args.llama_quantize and not given_tools:
+        parser.error("--llama-quantize goes with --llama-bench and --convert")
+    if given:
+        from llava_edge.export.exporter import checkpoint_config
+
+        dirs, checkpoint = given, given["checkpoint"]
+        for p in PRECISIONS:  # the same weights on every side, or the ratios compare models
+            bench.check_baseline(dirs[p], checkpoint_config(checkpoint), "--checkpoint")
     else:
         dirs = build_model_dirs(args.work, args.preset, tuple(PRECISIONS))
         checkpoint = args.work / "checkpoint"
@@ -343,7 +377,7 @@ def main() -> None:
     try:
         if args.no_llama:
             raise Skip("--no-llama")
-        if args.llama_bench and args.convert:
+        if given_tools:
             tools = {
                 "bench": args.llama_bench,
                 "quantize": args.llama_quantize or args.llama_bench.with_name("llama-quantize"),

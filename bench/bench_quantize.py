@@ -48,6 +48,7 @@ def build(work: Path, preset: str, names: tuple[str, ...] = COMPARED) -> dict[st
     """The model dirs `names` (fp32 and keys of QUANTIZED), made under `work` where missing
     (reused when present)."""
     from llava_edge.calib.quantize import quantize_model
+    from llava_edge.errors import LlavaEdgeError
     from llava_edge.export.exporter import export_checkpoint
     from llava_edge.training.checkpoint import init_checkpoint
     from llava_edge.training.synth import synthesize
@@ -56,8 +57,17 @@ def build(work: Path, preset: str, names: tuple[str, ...] = COMPARED) -> dict[st
         print(*parts, file=sys.stderr)
 
     dirs = {p: work / p for p in ("fp32", *names)}
+    stamp = work / "preset"  # the dirs are reused: they must be of the preset asked for
+    if (dirs["fp32"] / "manifest.json").exists() and stamp.is_file():
+        made = stamp.read_text().strip()
+        if made != preset:
+            raise LlavaEdgeError(
+                f"{work} holds the {made!r} preset's dirs, not {preset!r}'s: pass another "
+                f"--work, or remove {work}"
+            )
     if not (dirs["fp32"] / "manifest.json").exists():
         checkpoint = init_checkpoint(work / "checkpoint", preset=preset, force=True)
+        stamp.write_text(preset)
         export_checkpoint(checkpoint, dirs["fp32"], verify=False, force=True, log=log)
     data = work / "data"
     if not (data / "train.json").exists():

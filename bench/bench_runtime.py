@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _entry import positive  # bench/ is on the path of a script run from it
+
 from llava_edge.export.baseline import TransformersRunner
 from llava_edge.runtime import bench
 
@@ -27,10 +29,13 @@ TARGETS = {"decode_speedup": 1.5, "ttft_speedup": 1.2, "long_context_ratio": 0.7
 def prepare(work: Path) -> tuple[Path, Path]:
     checkpoint, model = work / "small-checkpoint", work / "small-model"
     cli = [sys.executable, "-m", "llava_edge.cli"]
+    # their reports go to stderr: stdout holds only the JSON result
     if not (checkpoint / "config.json").exists():
-        subprocess.run([*cli, "init", str(checkpoint), "--preset", "small", "--force"], check=True)
+        init = [*cli, "init", str(checkpoint), "--preset", "small", "--force"]
+        subprocess.run(init, check=True, stdout=sys.stderr)
     if not (model / "manifest.json").exists():
-        subprocess.run([*cli, "export", str(checkpoint), str(model), "--force"], check=True)
+        export = [*cli, "export", str(checkpoint), str(model), "--force"]
+        subprocess.run(export, check=True, stdout=sys.stderr)
     return checkpoint, model
 
 
@@ -57,8 +62,8 @@ def long_context(model: Path, threads: int, pairs: int) -> tuple[float, float, f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/llava-edge-bench"))
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=positive, default=5)
+    parser.add_argument("--threads", type=positive, default=2)
     args = parser.parse_args()
     checkpoint, model = prepare(args.work)
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _entry import given_dirs, positive  # noqa: E402
 from bench_quantize import build as build_model_dirs  # noqa: E402
 
 # int4_b128: `quantize --block-size 128`; int4_b128_prefill_int8: that with `--prefill int8`
@@ -66,6 +67,20 @@ def time_request(pipe, image: np.ndarray, ids: list[int]) -> dict[str, float]:
     return stages
 
 
+def chosen_precisions(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """--precisions, in PRECISIONS' order; without it, those given a dir (all where none is)."""
+    given = [p for p in PRECISIONS if getattr(args, p) is not None]
+    named = args.precisions.split(",") if args.precisions else given or list(PRECISIONS)
+    unknown = [p for p in named if p not in PRECISIONS]
+    if unknown:
+        parser.error(f"--precisions: no {', '.join(unknown)}; choose from {', '.join(PRECISIONS)}")
+    untimed = [p for p in given if p not in named]
+    if untimed:
+        flags = ", ".join("--" + p.replace("_", "-") for p in untimed)
+        parser.error(f"{flags} given but not in --precisions {args.precisions}")
+    return [p for p in PRECISIONS if p in named]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fp32", type=Path)
@@ -75,18 +90,21 @@ def main() -> None:
     parser.add_argument("--int4-b128-prefill-int8", type=Path, help="the same with --prefill int8")
     parser.add_argument("--work", type=Path, default=Path(".bench/quantize"))
     parser.add_argument("--preset", default="small")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=7)
-    parser.add_argument("--question-tokens", type=int, default=32)
-    parser.add_argument("--precisions", default=",".join(PRECISIONS), help="which dirs to time")
+    parser.add_argument("--threads", type=positive, default=2)
+    parser.add_argument("--runs", type=positive, default=7)
+    parser.add_argument("--question-tokens", type=positive, default=32)
+    parser.add_argument(
+        "--precisions", help="which dirs to time, comma-separated (default: those given, or all)"
+    )
     args = parser.parse_args()
-    precisions = [p for p in PRECISIONS if p in args.precisions.split(",")]
+    precisions = chosen_precisions(parser, args)
 
     from llava_edge.runtime import Pipeline
     from llava_edge.runtime.bench import bench_image, question
 
-    given = {p: getattr(args, p) for p in precisions}
-    dirs = given if all(given.values()) else build_model_dirs(args.work, args.preset, precisions)
+    dirs = given_dirs(parser, args, precisions) or build_model_dirs(
+        args.work, args.preset, precisions
+    )
     with Pipeline.load(dirs[precisions[0]], threads=args.threads) as first:
         text = question(first.codec, args.question_tokens)
         image = bench_image()

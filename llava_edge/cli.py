@@ -275,6 +275,11 @@ def _bench(args: argparse.Namespace) -> None:
     from llava_edge.files import check_output_file
     from llava_edge.runtime import bench
 
+    if args.threads is not None and args.backend != "onnxruntime" and not args.baseline:
+        raise LlavaEdgeError(
+            f"--threads is for onnxruntime and --baseline; the {args.backend} backend runs its "
+            "own engines: drop it, or add --baseline"
+        )
     if args.plot:
         check_output_file(args.plot, "--plot")
         bench.check_plot(args.plot, args.model_dir, args.baseline)
@@ -290,7 +295,7 @@ def _bench(args: argparse.Namespace) -> None:
         question_tokens=args.question_tokens,
         new_tokens=args.new_tokens,
         context_tokens=args.context_tokens,
-        threads=args.threads,
+        threads=2 if args.threads is None else args.threads,
         runs=args.runs,
     )
     report = bench.benchmark(args.model_dir, workload, baseline, **_load_options(args))
@@ -564,18 +569,23 @@ def _eval(args: argparse.Namespace) -> None:
         answers=args.answers,
         max_new_tokens=args.max_new_tokens,
         skip_bad=args.skip_bad,
+        match=args.match,
         threads=args.threads,
         **_load_options(args),
     )
     skipped = f" ({result.skipped} bad sample(s) skipped)" if result.skipped else ""
+    counted = f"{result.correct}/{result.total}"
+    if result.score != result.correct:  # several references: partial credit
+        counted = f"{result.score:.2f}/{result.total}, {result.correct} in full"
     cut = (
         f"; {result.cut} prediction(s) cut at --max-new-tokens {args.max_new_tokens}: "
         "a longer reference cannot match, raise it"
         if result.cut
         else ""
     )
+    label = "VQA" if args.match == "vqa" else "exact-match"
     print(
-        f"exact-match accuracy {100 * result.accuracy:.1f}% ({result.correct}/{result.total})"
+        f"{label} accuracy {100 * result.accuracy:.1f}% ({counted})"
         f"{skipped}; answers in {result.answers}{cut}"
     )
 
@@ -811,7 +821,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--plot", metavar="FILE", help="write a PNG chart of the comparison")
     _add_backend_options(p, threads_help="CPU threads for onnxruntime and --baseline (default 2)")
-    p.set_defaults(threads=2)
 
     p = sub.add_parser(
         "serve", help="an OpenAI-compatible server (/v1/chat/completions) that batches clients"
@@ -1118,7 +1127,7 @@ def _add_training_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", help="base checkpoint (default: the one the adapters name)")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
 
-    p = sub.add_parser("eval", help="exact-match accuracy of short answers on LLaVA data")
+    p = sub.add_parser("eval", help="accuracy of short answers on LLaVA data (VQA's matching)")
     p.add_argument("model_dir", help=MODEL_HELP)
     p.add_argument("--data", required=True, help="LLaVA JSON or JSONL with reference answers")
     p.add_argument("--images", help="dir the samples' image paths are relative to")
@@ -1127,6 +1136,13 @@ def _add_training_parsers(sub: argparse._SubParsersAction) -> None:
         "--max-new-tokens", type=int, default=16, help="longest prediction in tokens (default 16)"
     )
     p.add_argument("--skip-bad", action="store_true", help="leave out bad samples, count them")
+    p.add_argument(
+        "--match",
+        choices=["vqa", "exact"],
+        default="vqa",
+        help="vqa (default): VQA's answer normalisation, and VQA accuracy where a round lists "
+        "several 'answers'; exact: equal after case-folding and a final full stop",
+    )
     _add_backend_options(p)
 
 

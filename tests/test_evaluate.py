@@ -84,6 +84,24 @@ def test_the_answers_path_is_checked_before_the_run(tiny_model_dir, world, capsy
     assert not (world["root"] / "missing").exists()
 
 
+def test_data_with_nothing_to_ask_is_refused_before_the_model_loads(
+    tiny_model_dir, world, capsys, monkeypatch
+):
+    """An empty data file, and one whose every sample --skip-bad leaves out (a missing image),
+    are said in one line before the model loads (minutes for a 7B one)."""
+    data, images = world["data"], world["images"]
+    monkeypatch.setattr(Pipeline, "load", staticmethod(lambda *a, **k: pytest.fail("loaded")))
+    data.write_text("[]")
+    assert _eval(tiny_model_dir, data, images) == 1
+    err = capsys.readouterr().err
+    assert "has no question to evaluate" in err and len(err.strip().splitlines()) == 1
+    data.write_text(json.dumps([_sample("gone", "missing.png")]))
+    assert _eval(tiny_model_dir, data, images, "--skip-bad") == 1
+    err = capsys.readouterr().err
+    assert "every sample" in err and "missing.png does not exist" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_a_failed_run_keeps_the_previous_answers(tiny_model_dir, world, capsys):
     data, images = world["data"], world["images"]
     answers = world["root"] / "answers.jsonl"
@@ -187,10 +205,9 @@ class _Scripted:
         return Answer(text, [], [], finish)
 
 
-def test_accuracy_against_a_hand_counted_case(world, monkeypatch):
+def _hand_counted(world, monkeypatch, match: str):
     """Four rounds in three samples, each asked on its own with its sample's image (none for a
-    text-only sample): three match once normalised (one of them cut at the token limit, and
-    counted as cut), one is wrong. Accuracy 3/4."""
+    text-only sample), scored with `match`."""
     from llava_edge.runtime import Pipeline
     from llava_edge.training.evaluate import evaluate
 
@@ -212,16 +229,14 @@ def test_accuracy_against_a_hand_counted_case(world, monkeypatch):
     runtime = _Scripted(
         {
             "What colour is it?": ("Grey.", "eos"),  # right: case and full stop
-            "How many?": ("two", "eos"),  # wrong: exact match, no number words
+            "How many?": ("two", "eos"),  # a number word: right only with VQA's rules
             "Shade?": (" GREY ", "eos"),  # right
             "Capital of France?": ("Paris", "length"),  # right, though cut at the limit
         }
     )
     monkeypatch.setattr(Pipeline, "load", staticmethod(lambda *a, **k: runtime))
     result = evaluate("model", data, images, answers=root / "hand.answers.jsonl",
-                      max_new_tokens=3, progress=False)  # fmt: skip
-    assert (result.correct, result.total, result.cut) == (3, 4, 1)
-    assert result.accuracy == 0.75
+                      max_new_tokens=3, progress=False, match=match)  # fmt: skip
     assert runtime.asked == [
         (images / "a.png", "What colour is it?", 3),
         (images / "a.png", "How many?", 3),
@@ -229,11 +244,8 @@ def test_accuracy_against_a_hand_counted_case(world, monkeypatch):
         (None, "Capital of France?", 3),
     ]
     rows = [json.loads(line) for line in (root / "hand.answers.jsonl").read_text().splitlines()]
-    assert [(r["id"], r["turn"], r["correct"]) for r in rows] == [
-        ("a", 0, True), ("a", 1, False), ("b", 0, True), ("t", 0, True)
-    ]  # fmt: skip
     # docs/training.md: the fields of each line
-    fields = {"id", "turn", "question", "answer", "prediction", "correct", "finish"}
+    fields = {"id", "turn", "question", "answer", "prediction", "score", "correct", "finish"}
     assert all(set(r) == fields for r in rows), rows
     assert (rows[1]["question"], rows[1]["answer"], rows[1]["prediction"]) == (
         "How many?",
@@ -241,3 +253,94 @@ def test_accuracy_against_a_hand_counted_case(world, monkeypatch):
         "two",
     )
     assert [r["finish"] for r in rows] == ["eos", "eos", "eos", "length"]
+    return result, rows
+
+
+def test_exact_accuracy_against_a_hand_counted_case(world, monkeypatch):
+    """Three match once case, spaces and a final full stop are set aside (one of them cut at
+    the token limit, and counted as cut); 'two' against '2' is wrong. Accuracy 3/4."""
+    result, rows = _hand_counted(world, monkeypatch, "exact")
+    assert (result.correct, result.total, result.cut, result.score) == (3, 4, 1, 3)
+    assert result.accuracy == 0.75
+    assert [(r["id"], r["turn"], r["correct"], r["score"]) for r in rows] == [
+        ("a", 0, True, 1), ("a", 1, False, 0), ("b", 0, True, 1), ("t", 0, True, 1)
+    ]  # fmt: skip
+
+
+def test_vqa_accuracy_against_a_hand_counted_case(world, monkeypatch):
+    """The default matching: VQA's rules turn 'two' into '2', so all four are right."""
+    result, rows = _hand_counted(world, monkeypatch, "vqa")
+    assert (result.correct, result.total, result.cut, result.accuracy) == (4, 4, 1, 1.0)
+    assert [r["correct"] for r in rows] == [True] * 4
+
+
+def test_vqa_answer_forms():
+    """The VQA evaluation's rules (visualqa.org/evaluation.html), on both sides of a match."""
+    from llava_edge.training.evaluate import answer_form
+
+    same = [
+        ("Cat.", "cat"),
+        ("Two", "2"),
+        ("a dog", "dog"),
+        ("The red one!", "red 1"),
+        ("dont", "don't"),
+        ("100,978", "100978"),
+        ("left-hand", "left hand"),
+        ("Straße", "STRASSE"),  # Unicode case-folding, as the exact matching does
+        ("Coca Cola's", "coca cola 's"),  # EvalAI's tokenising: TextVQA's references
+    ]
+    for prediction, reference in same:
+        assert answer_form(prediction) == answer_form(reference), (prediction, reference)
+    different = [("3.5", "35"), ("2:50 pm", "250 pm"), ("girl's", "girls"), ("no", "none")]
+    for prediction, reference in different:
+        assert answer_form(prediction) != answer_form(reference), (prediction, reference)
+    # an answer VQA's rules would leave empty, a choice's letter, is kept: "A" is not "B"
+    assert answer_form("A.") == answer_form("a") != answer_form("B")
+    assert answer_form("Two", "exact") != answer_form("2", "exact")
+
+
+def test_vqa_accuracy_over_ten_annotators():
+    """min(matches / 3, 1) over each nine of the ten answers, averaged (the VQA evaluation's
+    leave-one-out), counted by hand; one reference is a plain match."""
+    from llava_edge.training.evaluate import vqa_accuracy
+
+    def ten(matching: int) -> list[str]:
+        return ["cat"] * matching + ["dog"] * (10 - matching)
+
+    assert vqa_accuracy("cat", ten(0)) == 0
+    assert vqa_accuracy("cat", ten(1)) == pytest.approx(9 * (1 / 3) / 10)
+    assert vqa_accuracy("cat", ten(2)) == pytest.approx((2 * (1 / 3) + 8 * (2 / 3)) / 10)
+    assert vqa_accuracy("cat", ten(3)) == pytest.approx((3 * (2 / 3) + 7 * 1) / 10)
+    assert vqa_accuracy("cat", ten(4)) == vqa_accuracy("cat", ten(10)) == 1
+    assert vqa_accuracy("cat", ["cat"]) == 1 and vqa_accuracy("cat", ["dog"]) == 0
+
+
+def test_several_reference_answers_score_vqa_accuracy(tiny_model_dir, world, capsys):
+    """A gpt turn's "answers" (VQAv2's ten) score the prediction by VQA accuracy: the tiny
+    model's own answer given by 2 of 10 annotators scores 0.6; a list that is not texts is a
+    bad sample, in one line."""
+    data, images = world["data"], world["images"]
+    with Pipeline.load(tiny_model_dir) as pipe:
+        own = pipe.answer(images / "a.png", "What colour is it?", max_new_tokens=2).text
+    samples = json.loads(data.read_text())
+    annotators = [own.upper(), f"{own}."] + ["zebra crossing"] * 8
+    samples[0]["conversations"][1]["answers"] = annotators
+    data.write_text(json.dumps(samples))
+    answers = world["root"] / "answers.jsonl"
+    assert _eval(tiny_model_dir, data, images, "--answers", str(answers)) == 0
+    out = capsys.readouterr().out
+    assert "VQA accuracy 30.0% (0.60/2, 0 in full)" in out, out
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert rows[0]["answers"] == annotators and rows[0]["score"] == pytest.approx(0.6)
+    assert "answers" not in rows[1] and rows[1]["score"] == 0
+    # docs/training.md: training reads the turn's value alone
+    from llava_edge.training.data import parse_sample
+
+    assert parse_sample(samples[0], 0).turns == [("What colour is it?", "grey")]
+
+    samples[0]["conversations"][1]["answers"] = ["cat", 3]
+    data.write_text(json.dumps(samples))
+    assert _eval(tiny_model_dir, data, images, "--answers", str(answers)) == 1
+    err = capsys.readouterr().err
+    assert "sample a: round 0's 'answers' must be a list of texts" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -50,7 +50,7 @@ def _eval_world(root: Path, references: list[str]) -> tuple[Path, Path]:
     return data, images
 
 
-def test_eval_scores_exact_matches_and_counts_cut_predictions(tiny_model_dir, tmp_path, capsys):
+def test_eval_scores_matches_and_counts_cut_predictions(tiny_model_dir, tmp_path, capsys):
     data, images = _eval_world(tmp_path, ["?", "?", "?"])
     with Pipeline.load(tiny_model_dir) as pipe:
         own = pipe.answer(images / "a.png", "Question 0?", max_new_tokens=3)
@@ -63,7 +63,7 @@ def test_eval_scores_exact_matches_and_counts_cut_predictions(tiny_model_dir, tm
     argv = ["eval", str(tiny_model_dir), "--data", str(data), "--images", str(images)]
     assert cli([*argv, "--answers", str(answers), "--max-new-tokens", "3"]) == 0
     out = capsys.readouterr().out
-    assert "exact-match accuracy 33.3% (1/3)" in out
+    assert "VQA accuracy 33.3% (1/3)" in out
     assert "3 prediction(s) cut at --max-new-tokens 3" in out
     rows = [json.loads(line) for line in answers.read_text().splitlines()]
     assert [r["correct"] for r in rows] == [True, False, False]
@@ -329,3 +329,46 @@ def test_gpu_free_memory_is_none_without_a_driver(monkeypatch):
 
     monkeypatch.setattr(gpu, "_load_driver", no_driver)
     assert gpu.device_free_memory(0) is None
+
+
+def test_a_text_only_workload_reports_no_image_work(tiny_model_dir):
+    """Workload(image=False) asks a text-only question: its report times no preprocessing and
+    no vision encoder that its requests never run."""
+    from llava_edge.runtime.bench import PipelineRunner, Workload
+
+    runner = PipelineRunner(tiny_model_dir, Workload(new_tokens=2, runs=1, image=False))
+    try:
+        timings = runner.run_once()
+    finally:
+        runner.close()
+    assert (timings["preprocess_ms"], timings["vision_ms"]) == (0.0, 0.0)
+    assert timings["ttft_ms"] > 0
+
+
+def test_bench_refuses_threads_that_would_do_nothing(tiny_model_dir, capsys):
+    """On the tensorrt backend --threads is only the --baseline's: without one it would do
+    nothing, and is refused before anything loads."""
+    argv = _bench(tiny_model_dir, "--backend", "tensorrt", "--threads", "3")
+    assert cli(argv) == 1
+    err = capsys.readouterr().err
+    assert "--threads is for onnxruntime and --baseline" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_bench_reports_medians_of_the_runs_after_one_warm_up(tiny_model_dir, monkeypatch):
+    """README: medians over --runs, after a warm-up run that is not counted; load time once."""
+    from llava_edge.runtime import bench
+
+    speeds = iter([1.0, 50.0, 7.0, 9.0])  # the warm-up's 1.0 would move the median
+    real_answer = Pipeline.answer
+
+    def answer(self, *args, **kwargs):
+        result = real_answer(self, *args, **kwargs)
+        result.timings["decode_tokens_per_s"] = next(speeds)
+        return result
+
+    monkeypatch.setattr(Pipeline, "answer", answer)
+    workload = bench.Workload(question_tokens=2, new_tokens=2, runs=3)
+    report = bench.benchmark(tiny_model_dir, workload)["llava_edge"]
+    assert report["decode_tokens_per_s"] == 9.0 and report["runs"] == 3
+    assert next(speeds, None) is None and report["load_s"] > 0

@@ -245,21 +245,24 @@ class PipelineRunner:
 
     def run_once(self) -> dict[str, float]:
         pipe = self.pipe
-        start = time.perf_counter()
-        # AnyRes: the base image and the tiles
-        pixels = pipe.image_pixels(self.image).pixels
-        encode = time.perf_counter()
-        pipe.backend.encode_image(pixels)
-        done = time.perf_counter()
-        pipe._features.clear()  # the request below encodes the image again, as a new frame would
+        preprocess_ms = vision_ms = 0.0  # a text-only workload runs neither
+        if self.workload.image:
+            start = time.perf_counter()
+            # AnyRes: the base image and the tiles
+            pixels = pipe.image_pixels(self.image).pixels
+            encode = time.perf_counter()
+            pipe.backend.encode_image(pixels)
+            done = time.perf_counter()
+            pipe._features.clear()  # the request below encodes it again, as a new frame would
+            preprocess_ms, vision_ms = (encode - start) * 1000, (done - encode) * 1000
         image = self.image if self.workload.image else None
         answer = pipe.answer(
             image, self.text, max_new_tokens=self.workload.new_tokens, ignore_eos=True
         )
         t = answer.timings
         return {
-            "preprocess_ms": (encode - start) * 1000,
-            "vision_ms": (done - encode) * 1000,
+            "preprocess_ms": preprocess_ms,
+            "vision_ms": vision_ms,
             "prefill_ms": t["prefill_ms"] - t["vision_ms"],
             "ttft_ms": t["first_token_ms"],
             "decode_tokens_per_s": t["decode_tokens_per_s"],
@@ -336,10 +339,10 @@ def check_plot(
             )
 
 
-def check_baseline(model_dir: str | os.PathLike, config: Any) -> None:
-    """Refuse a baseline checkpoint (its transformers config) whose language model is not the
-    dir's (its layers, width or vocabulary differ): its timings would be of other work, and the
-    ratios meaningless. Checked before anything loads."""
+def check_baseline(model_dir: str | os.PathLike, config: Any, flag: str = "--baseline") -> None:
+    """Refuse a baseline checkpoint (its transformers config; given as `flag`) whose language
+    model is not the dir's (its layers, width or vocabulary differ): its timings would be of
+    other work, and the ratios meaningless. Checked before anything loads."""
     from llava_edge.manifest import Manifest
 
     text, spec = config.text_config, Manifest.load(model_dir).text
@@ -347,7 +350,7 @@ def check_baseline(model_dir: str | os.PathLike, config: Any) -> None:
     ours = (spec.num_layers, spec.hidden_size, spec.vocab_size)
     if theirs != ours:
         raise LlavaEdgeError(
-            f"--baseline is another model than the model dir: its decoder has (layers, width, "
+            f"{flag} is another model than the model dir: its decoder has (layers, width, "
             f"vocabulary) {theirs}, the dir's {ours}; pass the checkpoint the dir was exported "
             "from"
         )

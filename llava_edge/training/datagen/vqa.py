@@ -10,8 +10,9 @@ trained on long generated answers still answers short when asked to:
 Answers are normalised as the format's own evaluation normalises predictions (VQAv2: the VQA
 evaluation's punctuation, number-word, article and contraction rules; TextVQA: the same after
 EvalAI's tokenising; GQA: lower case without a final full stop, as LLaVA scores GQA; JSONL: as
-`llava-edge eval` compares answers), so the model learns the form it is scored on. All the
-questions about one image become one conversation, in file order, `<image>` in the first turn.
+`llava-edge eval --match exact` compares answers), so the model learns the form it is scored
+on. All the questions about one image become one conversation, in file order, `<image>` in the
+first turn.
 
 Formats (as published):
 - vqav2: the questions file (`{"data_subtype": "train2014", "questions": [{"image_id",
@@ -28,7 +29,6 @@ Formats (as published):
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +39,7 @@ from llava_edge.runtime.template import IMAGE_PLACEHOLDER, SHORT_ANSWER
 from llava_edge.training.datagen.annotations import read_text
 from llava_edge.training.datagen.llava_json import conversation, write_samples
 from llava_edge.training.evaluate import normalize as normalize_short
+from llava_edge.training.evaluate import normalize_vqa
 
 MULTIPLE_CHOICE = "Answer with the option's letter from the given choices directly."
 FORMATS = ("vqav2", "gqa", "textvqa", "jsonl")
@@ -357,51 +358,3 @@ def _get(entry: Any, key: str, kind: type, where: Path | str, format: str) -> An
 
 def _not(where: Path | str, format: str, why: str) -> LlavaEdgeError:
     return LlavaEdgeError(f"{where} is not a {format} file: {why}; check --format")
-
-
-# ---- the VQA evaluation's answer normalisation -----------------------------------------------
-# Written out here because the VQA evaluation ships as a script, not a library: punctuation is
-# removed (or, inside words, turned into spaces), full stops that do not start a decimal go,
-# number words become digits, articles go, and contractions written without their apostrophe
-# get it back.
-
-_PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<",
-                "@", "`", ",", "?", "!"]  # fmt: skip
-_COMMA_IN_NUMBER = re.compile(r"(\d)(,)(\d)")
-_FULL_STOP = re.compile(r"\.(?!\d)")
-_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
-            "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}  # fmt: skip
-_ARTICLES = {"a", "an", "the"}
-# Contractions, keyed by their spelling without apostrophes; left out are those whose bare
-# spelling is a word of its own (he'll/hell, we're/were, it's/its, I'd/id, she'd/shed...).
-_CONTRACTED = (
-    "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't "
-    "hadn't've hasn't haven't he'd he'd've he's how'd how'll how's isn't it'd it'd've it'll "
-    "ma'am mightn't mightn't've might've mustn't must've needn't not've o'clock oughtn't "
-    "shan't she'd've should've shouldn't shouldn't've somebody'd've somebody'll somebody's "
-    "someone'd someone'd've someone'll someone's something'd something'd've something'll "
-    "that's there'd there'd've there're there's they'd they'd've they'll they're they've "
-    "'twas wasn't we'd've we've weren't what'll what're what's what've when's where'd "
-    "where's where've who'd who'd've who'll who's who've why'll why're why's won't would've "
-    "wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll you're you've"
-)
-_CONTRACTIONS = {form.replace("'", ""): form for form in _CONTRACTED.split()}
-
-
-def normalize_vqa(answer: str, evalai: bool = False) -> str:
-    """An answer as the VQA evaluation compares it; `evalai`: with EvalAI's tokenising first
-    (lower case, no commas or question marks, "'s" split off), as TextVQA is scored."""
-    text = answer
-    if evalai:
-        text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
-    text = text.replace("\n", " ").replace("\t", " ").strip()
-    spaced = text
-    for mark in _PUNCTUATION:
-        if f"{mark} " in spaced or f" {mark}" in spaced or _COMMA_IN_NUMBER.search(spaced):
-            text = text.replace(mark, "")
-        else:
-            text = text.replace(mark, " ")
-    text = _FULL_STOP.sub("", text)
-    words = [_NUMBERS.get(word, word) for word in text.lower().split()]
-    words = [_CONTRACTIONS.get(word, word) for word in words if word not in _ARTICLES]
-    return " ".join(words)
