@@ -138,10 +138,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
 
+    from _entry import given_dirs  # bench/ is on the path of a script run from it
+
     from llava_edge.runtime import Pipeline
 
-    given = {p: getattr(args, p) for p in COMPARED}
-    dirs = given if all(given.values()) else build(args.work, args.preset)
+    dirs = given_dirs(parser, args, COMPARED) or build(args.work, args.preset)
     pipes = {p: Pipeline.load(dirs[p], threads=args.threads) for p in COMPARED}
     load_before = os.getloadavg()[0]
     for p in COMPARED:  # warm up: first calls allocate and pre-pack weights

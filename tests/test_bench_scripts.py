@@ -122,6 +122,7 @@ def test_a_script_refuses_what_it_cannot_run_before_starting(
         ("bench_load.py", ["--model", "{model}"], "--model given without --checkpoint"),
         ("bench_peers.py", ["--fp32", "{model}"], "--fp32 given without --checkpoint, --int8"),
         ("bench_peers.py", ["--llama-bench", "{model}"], "without --convert"),
+        ("bench_quantize.py", ["--fp32", "{model}"], "--fp32 given without --int8, --int4"),
     ],
 )
 def test_a_script_given_some_of_its_dirs_refuses_rather_than_build_others(
