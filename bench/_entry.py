@@ -1,5 +1,6 @@
 """How a bench script ends on a problem it was told about: one line and exit code 1, as
-`llava-edge` does, not a traceback (a missing model dir is the user's to fix, not a bug)."""
+`llava-edge` does, not a traceback (a missing model dir is the user's to fix, not a bug); on
+Ctrl-C, one line and exit code 130."""
 
 from __future__ import annotations
 
@@ -12,10 +13,14 @@ from llava_edge.errors import LlavaEdgeError
 
 
 def run(main: Callable[[], None]) -> None:
+    name = Path(sys.argv[0]).name
     try:
         main()
     except LlavaEdgeError as e:
-        sys.exit(f"{Path(sys.argv[0]).name}: error: {e}")
+        sys.exit(f"{name}: error: {e}")
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        sys.exit(130)  # 128 + SIGINT, as a shell reports a process Ctrl-C ended
 
 
 def given_dirs(

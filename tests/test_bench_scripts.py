@@ -83,6 +83,22 @@ def test_a_script_told_of_a_missing_model_dir_ends_in_one_line(
     assert exit_.value.code == f"plan_depth.py: error: model dir {missing} does not exist"
 
 
+def test_a_script_stopped_by_ctrl_c_ends_in_one_line(
+    bench_on_path: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Ctrl-C in a long run is the user's choice, not a bug: one line and a shell's 130."""
+    from _entry import run
+
+    def main() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys, "argv", ["bench_peers.py"])
+    with pytest.raises(SystemExit) as exit_:
+        run(main)
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err == "bench_peers.py: interrupted\n"
+
+
 def test_the_bench_server_gives_up_when_serve_exits_before_ready(
     bench_on_path: None, tmp_path: Path
 ) -> None:
