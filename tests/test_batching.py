@@ -15,8 +15,14 @@ from PIL import Image
 from llava_edge.calib.quantize import quantize_model
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import Manifest
-from llava_edge.runtime import BatchEngine, Pipeline
-from llava_edge.runtime.batching import Cancelled, EngineClosed, QueueFull, TimedOut
+from llava_edge.runtime import (  # the errors as README names them, from the runtime package
+    BatchEngine,
+    Cancelled,
+    EngineClosed,
+    Pipeline,
+    QueueFull,
+    TimedOut,
+)
 from llava_edge.runtime.kv_cache import KVCache
 
 

@@ -13,7 +13,7 @@ from llava_edge.errors import (
     TooLarge,
 )
 from llava_edge.runtime.answer import Answer
-from llava_edge.runtime.batching import BatchEngine, Request
+from llava_edge.runtime.batching import BatchEngine, Cancelled, EngineClosed, QueueFull, Request
 from llava_edge.runtime.pipeline import ChatSession, Limits, Pipeline, TextStream
 from llava_edge.runtime.sampling import GenerationConfig
 
@@ -21,13 +21,16 @@ __all__ = [
     "Answer",
     "BatchEngine",
     "BatchFailed",
+    "Cancelled",
     "ChatFull",
     "ChatSession",
+    "EngineClosed",
     "GenerationConfig",
     "Limits",
     "LlavaEdgeError",
     "Pipeline",
     "PromptTooLong",
+    "QueueFull",
     "Request",
     "TextStream",
     "TimedOut",
