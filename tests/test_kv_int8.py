@@ -289,20 +289,18 @@ def test_the_vocabulary_sweep_holds_each_token_once_the_most_frequent_first(
     from llava_edge.calib import kv_int8
 
     manifest = Manifest.load(tiny_model_dir)
-    table = np.load(tiny_model_dir / manifest.embeddings)
+    rows = len(np.load(tiny_model_dir / manifest.embeddings, mmap_mode="r"))
     bos, image = manifest.tokens.bos_token_id, manifest.tokens.image_token_id
 
     def swept() -> list[int]:
         ids = []
-        for prompt in kv_int8.vocabulary_prompts(manifest, tiny_model_dir):
-            assert prompt.shape[1] <= kv_int8.SWEEP_PROMPT + 1
-            rows = [int(np.flatnonzero((table == row).all(axis=1))[0]) for row in prompt[0]]
-            assert rows[0] == bos
-            ids += rows[1:]
+        for prompt in kv_int8.vocabulary_prompts(manifest, rows):
+            assert len(prompt) <= kv_int8.SWEEP_PROMPT + 1 and prompt[0] == bos
+            ids += prompt[1:].tolist()
         return ids
 
     everything = swept()
-    assert sorted(everything) == [i for i in range(len(table)) if i != image]
+    assert sorted(everything) == [i for i in range(rows) if i != image]
     assert everything != sorted(everything)  # mixed, so each prompt holds all kinds of tokens
     monkeypatch.setattr(kv_int8, "VOCAB_SWEEP_TOKENS", 100)
     assert sorted(swept()) == [i for i in range(100) if i != image]

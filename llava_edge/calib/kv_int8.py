@@ -33,7 +33,7 @@ from, keep the model's dtype.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +104,8 @@ def fused_ranges(manifest: Manifest, out: Path, captures: Iterable[Capture]) -> 
     model's dtype) writes to its cache when fed the fp32 decoder's calls (each sample's prompt,
     then its decode steps) and the vocabulary's prompts, as the runtime runs them (FusedDecoder,
     the prefill companion too)."""
+    from tqdm import tqdm
+
     from llava_edge.runtime.fused_backend import FusedDecoder
     from llava_edge.runtime.session_cache import plain_session
 
@@ -123,8 +125,12 @@ def fused_ranges(manifest: Manifest, out: Path, captures: Iterable[Capture]) -> 
         plain_session(out / fused.file, None), manifest.text, names, prefill=prefill
     )
     ranges = KVRanges(manifest.text)
-    sweep = ([embeds] for embeds in vocabulary_prompts(manifest, out))  # one prompt at a time
-    for calls in itertools.chain(samples, sweep):
+    table = np.load(out / manifest.embeddings, mmap_mode="r")
+    prompts = vocabulary_prompts(manifest, len(table))
+    # A prefill of up to VOCAB_SWEEP_TOKENS tokens: minutes on a large model, so it shows progress
+    bar = tqdm(prompts, desc="calibrate the KV cache: vocabulary", unit="prompt", leave=False)
+    sweep = ([np.asarray(table[ids], manifest.text.dtype)[None]] for ids in bar)
+    for calls in itertools.chain(samples, sweep):  # one sweep prompt's embeddings at a time
         cache = KVCache(manifest.text, calls[0].shape[0])
         for embeds in calls:
             decoder.decode(embeds, np.ones(embeds.shape[:2], np.int64), None, cache)
@@ -132,21 +138,21 @@ def fused_ranges(manifest: Manifest, out: Path, captures: Iterable[Capture]) -> 
     return ranges
 
 
-def vocabulary_prompts(manifest: Manifest, model_dir: Path) -> Iterator[np.ndarray]:
-    """The embeddings [1, tokens, hidden] of text-only prompts that together hold each row of the
-    embedding table once (any token the model writes is fed back to it; the image token's row
-    aside, which the decoder never sees), in a seeded order, BOS first where prompts start with
-    it. Of a larger table the first VOCAB_SWEEP_TOKENS rows: BPE and SentencePiece number their
-    tokens by merge order or score, the most frequent first."""
-    table = np.load(model_dir / manifest.embeddings, mmap_mode="r")
-    ids = np.arange(min(len(table), VOCAB_SWEEP_TOKENS))
+def vocabulary_prompts(manifest: Manifest, rows: int) -> list[np.ndarray]:
+    """The token ids of text-only prompts that together hold each of the embedding table's `rows`
+    once (any token the model writes is fed back to it; the image token's row aside, which the
+    decoder never sees), in a seeded order, BOS first where prompts start with it. Of a larger
+    table the first VOCAB_SWEEP_TOKENS rows: BPE and SentencePiece number their tokens by merge
+    order or score, the most frequent first."""
+    ids = np.arange(min(rows, VOCAB_SWEEP_TOKENS))
     ids = np.random.default_rng(0).permutation(ids[ids != manifest.tokens.image_token_id])
     tokens = manifest.tokens
     bos = [tokens.bos_token_id] if tokens.add_bos and tokens.bos_token_id is not None else []
     length = min(SWEEP_PROMPT, manifest.text.max_context - len(bos))
-    for start in range(0, len(ids), length):
-        prompt = np.concatenate([np.array(bos, np.int64), ids[start : start + length]])
-        yield np.asarray(table[prompt], dtype=manifest.text.dtype)[None]
+    return [
+        np.concatenate([np.array(bos, np.int64), ids[start : start + length]])
+        for start in range(0, len(ids), length)
+    ]
 
 
 def int8_kv_cache(
