@@ -260,6 +260,52 @@ def test_scales_hold_what_the_quantized_decoder_writes_on_its_calibration_sample
                     assert (np.abs(stored[0, :, :n]) <= 127 * scale * (1 + 1e-5)).all()
 
 
+def test_scales_hold_text_the_calibration_samples_never_asked(dirs: dict) -> None:
+    """Calibrated on pictures asked "Describe the image." alone, the cache still holds a
+    text-only prompt in other words, and any run of tokens: the vocabulary sweep gives each
+    token's first-layer keys and values (which depend on the token alone) their range. Without
+    it they went up to 1.4 times past it on `tiny`. (The int8 prompt decoder quantizes a call's
+    activations by the call's own range, hence the tolerance.)"""
+    manifest = Manifest.load(dirs["int8_cache"])
+    key_scale, value_scale = _scales(dirs["int8_cache"] / manifest.graphs["decoder"].fused.file, 0)
+    with Pipeline.load(dirs["fp32_cache"]) as pipe:  # the same weights, the cache in fp32
+        words = pipe.prompt_ids("Write a poem about robots, 42 bolts and the sea!", [])
+        anything = np.random.default_rng(1).permutation(len(pipe.table))[:200]
+        anything = anything[anything != manifest.tokens.image_token_id]
+        for ids in (words, anything):
+            ids = np.asarray([ids], np.int64)
+            cache = pipe.backend.new_cache(1)
+            pipe.backend.decode(pipe.table[ids], np.ones_like(ids), None, cache)
+            n = int(cache.lengths[0])
+            assert (np.abs(cache.keys[0][0, :, :n]) <= 127 * key_scale * 1.02).all()
+            assert (np.abs(cache.values[0][0, :, :n]) <= 127 * value_scale * 1.02).all()
+
+
+def test_the_vocabulary_sweep_holds_each_token_once_the_most_frequent_first(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every row of the table but the image token's, once, after BOS; of a table past the cap,
+    the first rows (BPE numbers its most frequent tokens first)."""
+    from llava_edge.calib import kv_int8
+
+    manifest = Manifest.load(tiny_model_dir)
+    rows = len(np.load(tiny_model_dir / manifest.embeddings, mmap_mode="r"))
+    bos, image = manifest.tokens.bos_token_id, manifest.tokens.image_token_id
+
+    def swept() -> list[int]:
+        ids = []
+        for prompt in kv_int8.vocabulary_prompts(manifest, rows):
+            assert len(prompt) <= kv_int8.SWEEP_PROMPT + 1 and prompt[0] == bos
+            ids += prompt[1:].tolist()
+        return ids
+
+    everything = swept()
+    assert sorted(everything) == [i for i in range(rows) if i != image]
+    assert everything != sorted(everything)  # mixed, so each prompt holds all kinds of tokens
+    monkeypatch.setattr(kv_int8, "VOCAB_SWEEP_TOKENS", 100)
+    assert sorted(swept()) == [i for i in range(100) if i != image]
+
+
 def test_the_report_sizes_what_the_cpu_runtime_loads(dirs: dict, tiny_model_dir: Path) -> None:
     """On the CPU the runtime loads the fused forms, and with `--prefill int8` the int8 prompt
     decoder beside the int4 one: the report's sizes count them, against fp32's fused forms."""

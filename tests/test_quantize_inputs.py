@@ -138,6 +138,28 @@ def test_too_few_good_calibration_samples_are_refused_naming_the_count(
     assert not out.exists()
 
 
+def test_data_whose_first_samples_have_no_image_says_how_many_to_take(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A file that opens with text-only samples (LLaVA-1.5's mix holds ShareGPT's) has pictures
+    further on: the refusal names the first and the --samples that reaches it."""
+    _pictures(tmp_path / "images", 1)
+    items = [{"conversations": [{"from": "human", "value": f"Tell story {i}."}]} for i in range(5)]
+    items.append({"image": "0.png", "conversations": [{"from": "human", "value": "<image>\nHi"}]})
+    (tmp_path / "calib.json").write_text(json.dumps(items))
+    out = tmp_path / "out"
+    args = ["--precision", "int8", "--calib", str(tmp_path / "calib.json"), "--samples", "3"]
+    assert main(["quantize", str(tiny_model_dir), str(out), *args]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("llava-edge quantize: error:") and "\n" not in err
+    assert "none of the first 3 calibration samples has an image" in err
+    assert f"the first with one is {tmp_path / 'calib.json'} sample 5: pass --samples 6" in err
+    assert not out.exists()
+    # as it says, --samples 6 reaches the picture
+    args[-1] = "6"
+    assert main(["quantize", str(tiny_model_dir), str(out), *args]) == 0
+
+
 @pytest.mark.parametrize("given", ["--calib", "--images"])
 def test_force_never_deletes_the_calibration_data(
     tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, given: str

@@ -467,10 +467,19 @@ def _choose(
     unseen = [s for s in rest if s.image not in pictures]
     # Where every picture is a held-out one too (one scene asked many questions), the prompts
     # still differ.
-    calibration = (unseen if any(s.image for s in unseen) else rest)[:samples]
+    pool = unseen if any(s.image for s in unseen) else rest
+    calibration = pool[:samples]
     if not any(s.image for s in calibration):
+        first = next((i for i, s in enumerate(pool) if s.image), None)
+        if first is None:
+            raise LlavaEdgeError(
+                "no calibration sample has an image: the vision encoder and projector need pictures"
+            )
         raise LlavaEdgeError(
-            "no calibration sample has an image: the vision encoder and projector need pictures"
+            f"none of the first {len(calibration)} calibration samples has an image, and the "
+            f"vision encoder and projector need pictures; the first with one is "
+            f"{pool[first].origin}: pass --samples {first + 1} or more, or put samples with "
+            "images first"
         )
     return calibration, held_out
 
