@@ -193,6 +193,22 @@ def test_a_cancelled_request_frees_its_row_at_the_next_step(pipe):
     assert not engine.step() and engine.stats()["cancelled"] == 2
 
 
+@pytest.mark.parametrize("raised", [RuntimeError, KeyboardInterrupt])
+def test_leaving_the_with_block_on_an_exception_cancels_the_requests(pipe, raised):
+    """On an exception (Ctrl-C too) nothing reads the answers: they are cancelled, not waited
+    for; leaving the block as written drains them."""
+    with pytest.raises(raised), BatchEngine(pipe, max_batch=1) as engine:
+        long = engine.submit(None, "Go on and on.", max_new_tokens=400, ignore_eos=True)
+        queued = engine.submit(None, "Me next.", max_new_tokens=400, ignore_eos=True)
+        raise raised
+    for request in (long, queued):
+        with pytest.raises(Cancelled):
+            request.result()
+    with BatchEngine(pipe, max_batch=1) as engine:
+        drained = engine.submit(None, "Me next.", max_new_tokens=3, ignore_eos=True)
+    assert len(drained.result().token_ids) == 3
+
+
 def test_close_resolves_every_request_without_a_thread(pipe):
     """An engine its caller schedules (start=False) closes as a threaded one does: drained
     requests finish, the others are cancelled; none is left for a step that never comes."""

@@ -554,8 +554,11 @@ class BatchEngine:
     def __enter__(self) -> BatchEngine:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, kind: type[BaseException] | None, *exc: Any) -> None:
+        """Leaving the block as written drains the requests in hand (their results stay
+        readable); leaving it on an exception, Ctrl-C included, cancels them: nothing will read
+        them, and a Ctrl-C should not wait out every answer."""
+        self.close(drain=kind is None)
 
     # ---- scheduling ----------------------------------------------------------------------
 
