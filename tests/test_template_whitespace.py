@@ -183,6 +183,9 @@ def test_a_conversation_with_outer_whitespace_is_prompted_as_the_checkpoints_tem
             for image_turn in (0, 1):
                 ids = pipe.conversation_ids(turns, [pixels], image_turn)
                 assert ids == hf.ids(turns, (image_turn,))
+                if system is not None:
+                    ids = pipe.conversation_ids(turns, [pixels], image_turn, system=system)
+                    assert ids == hf.ids(turns, (image_turn,), system)
                 ids = pipe.conversation_ids(turns, [pixels], image_turn, system=system)
                 assert ids == hf.ids(turns, (image_turn,), system)
             # a chat session going on from the first two turns
