@@ -438,3 +438,31 @@ def test_vqav2_annotators_answers_reach_eval_as_vqa_accuracy(tmp_path, tiny_mode
     scores = [json.loads(line)["score"] for line in answers.read_text().splitlines()]
     assert scores == [pytest.approx(0.6), pytest.approx(0.9)]
     assert "VQA accuracy 75.0% (1.50/2, 0 in full)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "format, name, lines, message",
+    [
+        ("gqa", "q.json", ["{}"], "q.json holds no questions; check the file"),
+        ("textvqa", "q.json", ['{"data": []}'], "q.json holds no questions"),
+        ("jsonl", "q.jsonl", ["", ""], "q.jsonl holds no questions"),
+        ("jsonl", "q.jsonl", ['{"image": "bay.png", "question": "q", "answer": "."}'],
+         "every answer in {path} is empty once normalised; check the answers"),
+        ("jsonl", "q.jsonl", ['{"image": "bay.png", "question": "q", "answer": "."}',
+                              '{"image": "gone.png", "question": "q", "answer": "x"}'],
+         "no question of {path} can be written: left out 1 questions about 1 images not in "
+         "the image dir (e.g. gone.png); left out 1 questions with an empty answer"),
+    ],
+)  # fmt: skip
+def test_a_file_with_nothing_to_write_says_why(tmp_path, capsys, format, name, lines, message):
+    """Not "no question has its image; check --images" where the file holds no question, or
+    every answer is empty: the error names what left the questions out."""
+    folder = images(tmp_path, "bay.png")
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    code = cli(["data", "vqa", str(path), "--format", format, "--images", str(folder),
+                "--out", str(tmp_path / "out.json")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1, err
+    assert message.format(path=path) in err
+    assert not (tmp_path / "out.json").exists()

@@ -86,10 +86,15 @@ class VqaResult:
     no_answer: int = 0  # questions whose answer normalises to nothing
 
     def summary(self) -> str:
-        lines = [
+        wrote = (
             f"wrote {self.samples} conversations ({self.questions} questions, one conversation "
             f"per image) to {self.out}"
-        ]
+        )
+        return "\n".join([wrote, *self.left_out()])
+
+    def left_out(self) -> list[str]:
+        """A line for each reason questions were left out, with how many."""
+        lines = []
         if self.missing_questions:
             lines.append(
                 f"left out {self.missing_questions} questions about {len(self.missing_image)} "
@@ -102,7 +107,7 @@ class VqaResult:
             )
         if self.no_answer:
             lines.append(f"left out {self.no_answer} questions with an empty answer")
-        return "\n".join(lines)
+        return lines
 
 
 def convert_vqa(
@@ -161,17 +166,8 @@ def convert_vqa(
             result.no_answer += 1
         else:
             groups.setdefault(image, []).append(question)
-    if not groups and result.unreadable and not result.missing_image:
-        raise LlavaEdgeError(
-            f"no image of {path} in {image_dir} can be read (e.g. {result.unreadable[0]}); "
-            "check the image files"
-        )
     if not groups:
-        raise LlavaEdgeError(
-            f"no question of {path} has its image in {image_dir}"
-            + (f" (looked for {result.missing_image[0]})" if result.missing_image else "")
-            + "; check --images"
-        )
+        _nothing_to_write(path, image_dir, result)
     if out.exists():  # only a file already there can be one of the pictures
         for image in groups:
             if (image_dir / image).resolve() == out.resolve():
@@ -186,6 +182,31 @@ def convert_vqa(
     result.samples = write_samples(out, samples)
     result.questions = sum(len(g) for g in groups.values())
     return result
+
+
+def _nothing_to_write(path: Path, image_dir: Path, result: VqaResult) -> None:
+    """Say why no question of the file can be written, by what left them out."""
+    causes = {
+        "missing": result.missing_questions,
+        "unreadable": result.unreadable_questions,
+        "empty": result.no_answer,
+    }
+    given = [cause for cause, count in causes.items() if count]
+    if not given:
+        raise LlavaEdgeError(f"{path} holds no questions; check the file")
+    if given == ["missing"]:
+        raise LlavaEdgeError(
+            f"no question of {path} has its image in {image_dir} (looked for "
+            f"{result.missing_image[0]}); check --images"
+        )
+    if given == ["unreadable"]:
+        raise LlavaEdgeError(
+            f"no image of {path} in {image_dir} can be read (e.g. {result.unreadable[0]}); "
+            "check the image files"
+        )
+    if given == ["empty"]:
+        raise LlavaEdgeError(f"every answer in {path} is empty once normalised; check the answers")
+    raise LlavaEdgeError(f"no question of {path} can be written: {'; '.join(result.left_out())}")
 
 
 def _conversation(group: list[Question]) -> list[dict]:
