@@ -722,6 +722,13 @@ def test_a_file_that_is_not_a_journal_is_left_alone(scene):
         generate(annotations, images, root / "out.json", endpoint="http://127.0.0.1:9/v1",
                  model="m", journal=notes)  # fmt: skip
     assert notes.read_text() == "my own notes, no newline at the end"
+    picture = images / "img_0.png"  # not UTF-8 text: refused as not a journal, left as it was
+    before = picture.read_bytes()
+    for dry_run in (True, False):
+        with pytest.raises(LlavaEdgeError, match="is not a journal of `llava-edge data generate`"):
+            generate(annotations, images, root / "out.json", endpoint="http://127.0.0.1:9/v1",
+                     model="m", journal=picture, dry_run=dry_run)  # fmt: skip
+    assert picture.read_bytes() == before
 
 
 def test_sigterm_stops_the_run_with_one_line_and_a_rerun_completes_it(scene):
