@@ -96,6 +96,10 @@ def test_weight_defaults_to_one_and_paths_may_hold_colons(tmp_path, sources):
     result = mix([str(generated), f"{odd}:1"], tmp_path / "mix.json")
     assert [s.samples for s in result.sources] == [10, 3]
     assert "mix" in format_table(result)
+    # a Path is a file of weight 1, its name taken whole ("a:b.json" holds no weight)
+    assert parse_source(odd) == parse_source(f"{odd}:1")
+    result = mix([generated, odd], tmp_path / "mix.json")
+    assert [s.samples for s in result.sources] == [10, 3]
 
 
 @pytest.mark.parametrize(
