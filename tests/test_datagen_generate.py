@@ -613,6 +613,18 @@ def test_bad_input_is_a_one_line_error(scene, capsys, monkeypatch, case, message
     assert "categories" in json.loads(annotations[1].read_text())  # the labels are intact
 
 
+@pytest.mark.parametrize(
+    "endpoint", ["localhost:8080", "http://127.0.0.1:99999/v1", "http://[::1/v1", "http://:80/v1"]
+)
+def test_an_endpoint_that_is_no_url_is_a_one_line_error(scene, capsys, endpoint):
+    """A port out of range or an open bracket failed inside the HTTP client, with a traceback."""
+    root, images, annotations, _ = scene
+    code, err = run_cli(capsys, "--annotations", str(annotations[1]), "--images", str(images),
+                        "--out", str(root / "out.json"), "--endpoint", endpoint, "--model", "m")  # fmt: skip
+    assert code == 1 and err.count("\n") == 1, err
+    assert f"--endpoint {endpoint!r} is not an http(s) URL" in err
+
+
 def test_an_endpoint_that_never_answers_a_chat_completion_stops_the_run(scene, capsys):
     """A web page at the URL (a UI, a proxy's error page) answers 200 to everything: once the
     first request's tries are spent with no chat completion ever, the run stops, rather than

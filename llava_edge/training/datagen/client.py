@@ -68,7 +68,13 @@ class Budget:
 def endpoint_urls(endpoint: str) -> tuple[str, str]:
     """(base URL, chat-completions URL) of `http://host:port/v1` or of the full completions URL."""
     url = endpoint.strip().rstrip("/")
-    if not url.startswith(("http://", "https://")):
+    try:
+        parsed = httpx.URL(url)
+        valid = parsed.scheme in ("http", "https") and bool(parsed.host)
+        valid = valid and (parsed.port is None or 0 < parsed.port < 65536)
+    except httpx.InvalidURL:  # a bracket left open, a port that is not a number...
+        valid = False
+    if not valid:
         raise LlavaEdgeError(
             f"--endpoint {endpoint!r} is not an http(s) URL; pass e.g. http://localhost:8080/v1"
         )
