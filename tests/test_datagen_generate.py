@@ -655,6 +655,19 @@ def test_failed_requests_make_the_exit_status_non_zero(scene, capsys):
     assert "wrote 2 samples (conversation 1, reasoning 1) about 1 images" in printed
 
 
+def test_usage_counts_that_are_no_numbers_keep_the_reply(scene):
+    """A usage count of NaN or 1e400 (JSON a server may write) is counted as 0: the reply is
+    kept (1e400 crashed the run with an OverflowError; NaN took the reply for malformed)."""
+    root, images, annotations, _ = scene
+    reply = Reply(json.dumps({"description": "A single crate fills the room."}),
+                  usage=(float("inf"), float("nan")))  # fmt: skip
+    with ChatServer(lambda body, attempt: reply) as server:
+        result = generate(annotations, images, root / "out.json", endpoint=server.url,
+                          model="m", kinds=["detail"], max_images=2, retries=0)  # fmt: skip
+    assert sum(result.samples.values()) == 2 and not result.failed
+    assert [result.prompt_tokens, result.completion_tokens] == [0, 0]
+
+
 def test_missing_http_client_is_a_one_line_error(scene, monkeypatch):
     root, images, annotations, names = scene
     monkeypatch.setitem(sys.modules, "httpx", None)

@@ -230,12 +230,13 @@ class ChatClient:
             data = response.json()
             choice = data["choices"][0]
             content = choice["message"].get("content")
-            usage = data.get("usage") or {}
+            usage = data.get("usage")
+            usage = usage if isinstance(usage, dict) else {}
             reply = Reply(
                 content if isinstance(content, str) else None,
                 choice.get("finish_reason"),
-                int(usage.get("prompt_tokens") or 0),
-                int(usage.get("completion_tokens") or 0),
+                _tokens(usage.get("prompt_tokens")),
+                _tokens(usage.get("completion_tokens")),
             )
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             return None
@@ -246,6 +247,15 @@ class ChatClient:
     @staticmethod
     def _unreachable(url: str, error: Exception) -> str:
         return f"cannot reach {url} ({error or type(error).__name__}); is the server running?"
+
+
+def _tokens(value: object) -> int:
+    """A usage count as the server wrote it; one that is no count (NaN, 1e400, text) is 0: the
+    counts are bookkeeping, and a reply is not thrown away for them."""
+    try:
+        return max(0, int(value or 0))
+    except (ValueError, TypeError, OverflowError):
+        return 0
 
 
 def _seconds(value: str | None) -> float | None:
