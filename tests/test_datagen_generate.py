@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from chat_server import ChatServer, Cut, Drop, Garbage, Reply, Status
+from chat_server import BadEncoding, ChatServer, Cut, Drop, Garbage, Reply, Status
 from PIL import Image
 
 from llava_edge.cli import main as cli
@@ -193,6 +193,8 @@ def test_good_samples_land_once_and_bad_ones_are_reported(scene):
         ("img_4.png", "reasoning", 0): [Status(500, "internal error")],
         ("img_5.png", "conversation", 0): [Reply(None)],
         ("img_5.png", "detail", 0): [Reply("[1, 2]")],
+        ("img_5.png", "reasoning", 0): [BadEncoding(),
+                                        Reply(json.dumps(good("reasoning", "img_5.png")))],
     }  # fmt: skip
     sleeps = Sleeps()
     out = root / "out.json"
@@ -232,11 +234,12 @@ def test_good_samples_land_once_and_bad_ones_are_reported(scene):
     assert attempts[("img_4.png", "reasoning", 0)] == 4
     for key in ("conversation", "detail", "reasoning"):
         assert attempts[("img_1.png", key, 0)] == 2  # slow, dropped, cut: retried once
+    assert attempts[("img_5.png", "reasoning", 0)] == 2  # a body gzip cannot undo: retried
     assert len(server.bodies) == sum(attempts.values())
-    assert result.requests == server.listed + len(server.bodies) == 1 + 28  # GET /models too
+    assert result.requests == server.listed + len(server.bodies) == 1 + 29  # GET /models too
     assert result.retries == {
         "HTTP 429": 1, "HTTP 500": 4, "HTTP 503": 1, "timed out": 1,
-        "connection dropped": 2, "malformed response": 1,
+        "connection dropped": 2, "malformed response": 2,
     }  # fmt: skip
     assert len(sleeps) == sum(result.retries.values())
     assert 3.0 in sleeps  # the server's Retry-After

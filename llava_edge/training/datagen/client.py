@@ -181,6 +181,8 @@ class ChatClient:
                 cause = "timed out"
             except httpx.TransportError:
                 cause = "connection dropped"
+            except httpx.DecodingError:  # a body its Content-Encoding cannot undo
+                cause = "malformed response"
             else:
                 self._reached = True
                 status = response.status_code
