@@ -511,14 +511,23 @@ def test_options_take_effect(scene):
 
 
 def test_the_api_key_is_sent(scene, monkeypatch):
+    """The key as the variable holds it, less the newline a key read from a file keeps (with
+    it, every request failed as a dropped connection); one no HTTP header can carry is refused
+    before any request (it crashed with a UnicodeEncodeError traceback)."""
     root, images, annotations, names = scene
-    monkeypatch.setenv("TEST_LLM_KEY", "sk-right")
+    monkeypatch.setenv("TEST_LLM_KEY", "sk-right\n")
     with ChatServer(Table(names), api_key="sk-right") as server:
         result = generate(
             annotations, images, root / "out.json", endpoint=server.url, model="m",
             api_key_env="TEST_LLM_KEY", max_images=1, progress=False,
         )  # fmt: skip
-    assert sum(result.samples.values()) == 3
+        assert sum(result.samples.values()) == 3
+        for key in ("sk-ключ", "sk-a\x07b"):
+            monkeypatch.setenv("TEST_LLM_KEY", key)
+            with pytest.raises(LlavaEdgeError, match="TEST_LLM_KEY: the key holds a character"):
+                generate(annotations, images, root / "other.json", endpoint=server.url,
+                         model="m", api_key_env="TEST_LLM_KEY")  # fmt: skip
+        assert len(server.bodies) == 3
 
 
 def test_a_second_run_on_the_same_journal_is_refused(scene):

@@ -391,9 +391,14 @@ async def _only_model(client) -> str:
 def _api_key(variable: str | None) -> str | None:
     if variable is None:
         return None
-    key = os.environ.get(variable)
+    key = (os.environ.get(variable) or "").strip()  # a key read from a file keeps its newline
     if not key:
         raise LlavaEdgeError(f"--api-key-env {variable}: that environment variable is not set")
+    if not (key.isascii() and key.isprintable()):  # an HTTP header carries neither
+        raise LlavaEdgeError(
+            f"--api-key-env {variable}: the key holds a character that is not printable ASCII "
+            "(a control character, or a letter outside ASCII); check the variable"
+        )
     return key
 
 
