@@ -196,6 +196,8 @@ def test_each_kind_parses_its_schema_and_ignores_other_keys():
          "the image placeholder in the text"),
         ("conversation", '{"turns": [{"question": "q", "answer": "The <image> shows a cart."}]}',
          "stop", "the image placeholder in the text"),
+        # an LLM stuck repeating "[" (a crash, asked again by every rerun, without the drop)
+        ("detail", '{"description": ' + "[" * 5000 + "]" * 5000 + "}", "stop", "not JSON"),
     ],
 )  # fmt: skip
 def test_bad_replies_are_dropped_with_their_reason(kind, content, finish, reason):
