@@ -894,6 +894,27 @@ def test_a_dry_run_refuses_what_the_run_would_refuse(scene, capsys):
     assert "15 still to send (3 settled" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--temperature", "nan"], "--temperature must be a number 0 or more"),
+        (["--temperature", "inf"], "--temperature must be a number 0 or more"),
+        (["--timeout", "nan"], "--timeout must be positive"),
+        (["--backoff", "nan"], "--backoff 0 or more"),
+    ],
+)
+def test_an_option_that_is_no_number_is_a_one_line_error(scene, capsys, option, message):
+    """NaN passed every bound check: the request body could not be written as JSON (a
+    traceback), a NaN timeout crashed in the HTTP client, a NaN backoff waited the longest."""
+    root, images, annotations, _ = scene
+    with ChatServer(lambda body, attempt: Status(503)) as server:
+        code, err = run_cli(capsys, "--annotations", str(annotations[1]), "--images", str(images),
+                            "--out", str(root / "out.json"), "--endpoint", server.url,
+                            "--model", "m", *option)  # fmt: skip
+        assert server.bodies == []
+    assert code == 1 and err.count("\n") == 1 and message in err, err
+
+
 def test_a_reply_with_a_broken_surrogate_is_kept_or_dropped_not_a_crash(scene):
     """An LLM that splits an emoji can send half of a UTF-16 pair as a JSON escape ("\\ud83d"):
     text no UTF-8 file can hold. The run must not die on it (a rerun would ask the same reply

@@ -114,7 +114,7 @@ class ChatClient:
         sleep: Callable[[float], Awaitable[object]] | None = None,
         rng: random.Random | None = None,
     ):
-        if timeout <= 0 or retries < 0 or backoff < 0:
+        if not timeout > 0 or retries < 0 or not backoff >= 0:  # NaN fails both
             raise LlavaEdgeError("--timeout must be positive, --retries and --backoff 0 or more")
         self.base_url, self.url = endpoint_urls(endpoint)
         self.retries = retries
