@@ -10,6 +10,7 @@ earlier requests with the same sampling seed (a retry of the same sample). Actio
     Drop()                                        close the connection without an answer
     Cut()                                         send the headers and half the body, then close
     Garbage()                                     200 with an HTML page instead of JSON
+    BadEncoding()                                 200 "gzip" that is not gzip
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ class Cut:
 
 @dataclass
 class Garbage:
+    pass
+
+
+@dataclass
+class BadEncoding:
     pass
 
 
@@ -131,6 +137,14 @@ class ChatServer:
                     self.wfile.write(data[: len(data) // 2])
                     self.wfile.flush()
                     self.close_connection = True
+                elif isinstance(action, BadEncoding):
+                    data = json.dumps(completion(body, Reply("{}"))).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Encoding", "gzip")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
                 elif isinstance(action, Garbage):
                     data = b"<html><body>502 Bad Gateway</body></html>"
                     self.send_response(200)

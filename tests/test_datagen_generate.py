@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from chat_server import ChatServer, Cut, Drop, Garbage, Reply, Status
+from chat_server import BadEncoding, ChatServer, Cut, Drop, Garbage, Reply, Status
 from PIL import Image
 
 from llava_edge.cli import main as cli
@@ -193,6 +193,8 @@ def test_good_samples_land_once_and_bad_ones_are_reported(scene):
         ("img_4.png", "reasoning", 0): [Status(500, "internal error")],
         ("img_5.png", "conversation", 0): [Reply(None)],
         ("img_5.png", "detail", 0): [Reply("[1, 2]")],
+        ("img_5.png", "reasoning", 0): [BadEncoding(),
+                                        Reply(json.dumps(good("reasoning", "img_5.png")))],
     }  # fmt: skip
     sleeps = Sleeps()
     out = root / "out.json"
@@ -232,11 +234,12 @@ def test_good_samples_land_once_and_bad_ones_are_reported(scene):
     assert attempts[("img_4.png", "reasoning", 0)] == 4
     for key in ("conversation", "detail", "reasoning"):
         assert attempts[("img_1.png", key, 0)] == 2  # slow, dropped, cut: retried once
+    assert attempts[("img_5.png", "reasoning", 0)] == 2  # a body gzip cannot undo: retried
     assert len(server.bodies) == sum(attempts.values())
-    assert result.requests == server.listed + len(server.bodies) == 1 + 28  # GET /models too
+    assert result.requests == server.listed + len(server.bodies) == 1 + 29  # GET /models too
     assert result.retries == {
         "HTTP 429": 1, "HTTP 500": 4, "HTTP 503": 1, "timed out": 1,
-        "connection dropped": 2, "malformed response": 1,
+        "connection dropped": 2, "malformed response": 2,
     }  # fmt: skip
     assert len(sleeps) == sum(result.retries.values())
     assert 3.0 in sleeps  # the server's Retry-After
@@ -508,14 +511,23 @@ def test_options_take_effect(scene):
 
 
 def test_the_api_key_is_sent(scene, monkeypatch):
+    """The key as the variable holds it, less the newline a key read from a file keeps (with
+    it, every request failed as a dropped connection); one no HTTP header can carry is refused
+    before any request (it crashed with a UnicodeEncodeError traceback)."""
     root, images, annotations, names = scene
-    monkeypatch.setenv("TEST_LLM_KEY", "sk-right")
+    monkeypatch.setenv("TEST_LLM_KEY", "sk-right\n")
     with ChatServer(Table(names), api_key="sk-right") as server:
         result = generate(
             annotations, images, root / "out.json", endpoint=server.url, model="m",
             api_key_env="TEST_LLM_KEY", max_images=1, progress=False,
         )  # fmt: skip
-    assert sum(result.samples.values()) == 3
+        assert sum(result.samples.values()) == 3
+        for key in ("sk-ключ", "sk-a\x07b"):
+            monkeypatch.setenv("TEST_LLM_KEY", key)
+            with pytest.raises(LlavaEdgeError, match="TEST_LLM_KEY: the key holds a character"):
+                generate(annotations, images, root / "other.json", endpoint=server.url,
+                         model="m", api_key_env="TEST_LLM_KEY")  # fmt: skip
+        assert len(server.bodies) == 3
 
 
 def test_a_second_run_on_the_same_journal_is_refused(scene):
@@ -613,6 +625,18 @@ def test_bad_input_is_a_one_line_error(scene, capsys, monkeypatch, case, message
     assert "categories" in json.loads(annotations[1].read_text())  # the labels are intact
 
 
+@pytest.mark.parametrize(
+    "endpoint", ["localhost:8080", "http://127.0.0.1:99999/v1", "http://[::1/v1", "http://:80/v1"]
+)
+def test_an_endpoint_that_is_no_url_is_a_one_line_error(scene, capsys, endpoint):
+    """A port out of range or an open bracket failed inside the HTTP client, with a traceback."""
+    root, images, annotations, _ = scene
+    code, err = run_cli(capsys, "--annotations", str(annotations[1]), "--images", str(images),
+                        "--out", str(root / "out.json"), "--endpoint", endpoint, "--model", "m")  # fmt: skip
+    assert code == 1 and err.count("\n") == 1, err
+    assert f"--endpoint {endpoint!r} is not an http(s) URL" in err
+
+
 def test_an_endpoint_that_never_answers_a_chat_completion_stops_the_run(scene, capsys):
     """A web page at the URL (a UI, a proxy's error page) answers 200 to everything: once the
     first request's tries are spent with no chat completion ever, the run stops, rather than
@@ -641,6 +665,19 @@ def test_failed_requests_make_the_exit_status_non_zero(scene, capsys):
     assert "1 requests failed (run again to retry them):" in printed
     assert "img_0.png detail #0: HTTP 503 (2 tries)" in printed
     assert "wrote 2 samples (conversation 1, reasoning 1) about 1 images" in printed
+
+
+def test_usage_counts_that_are_no_numbers_keep_the_reply(scene):
+    """A usage count of NaN or 1e400 (JSON a server may write) is counted as 0: the reply is
+    kept (1e400 crashed the run with an OverflowError; NaN took the reply for malformed)."""
+    root, images, annotations, _ = scene
+    reply = Reply(json.dumps({"description": "A single crate fills the room."}),
+                  usage=(float("inf"), float("nan")))  # fmt: skip
+    with ChatServer(lambda body, attempt: reply) as server:
+        result = generate(annotations, images, root / "out.json", endpoint=server.url,
+                          model="m", kinds=["detail"], max_images=2, retries=0)  # fmt: skip
+    assert sum(result.samples.values()) == 2 and not result.failed
+    assert [result.prompt_tokens, result.completion_tokens] == [0, 0]
 
 
 def test_missing_http_client_is_a_one_line_error(scene, monkeypatch):
@@ -722,6 +759,13 @@ def test_a_file_that_is_not_a_journal_is_left_alone(scene):
         generate(annotations, images, root / "out.json", endpoint="http://127.0.0.1:9/v1",
                  model="m", journal=notes)  # fmt: skip
     assert notes.read_text() == "my own notes, no newline at the end"
+    picture = images / "img_0.png"  # not UTF-8 text: refused as not a journal, left as it was
+    before = picture.read_bytes()
+    for dry_run in (True, False):
+        with pytest.raises(LlavaEdgeError, match="is not a journal of `llava-edge data generate`"):
+            generate(annotations, images, root / "out.json", endpoint="http://127.0.0.1:9/v1",
+                     model="m", journal=picture, dry_run=dry_run)  # fmt: skip
+    assert picture.read_bytes() == before
 
 
 def test_sigterm_stops_the_run_with_one_line_and_a_rerun_completes_it(scene):
@@ -848,6 +892,27 @@ def test_a_dry_run_refuses_what_the_run_would_refuse(scene, capsys):
     assert "--timeout must be positive" in capsys.readouterr().err
     assert cli(args) == 0  # the model left out: the endpoint names it, not the dry run
     assert "15 still to send (3 settled" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--temperature", "nan"], "--temperature must be a number 0 or more"),
+        (["--temperature", "inf"], "--temperature must be a number 0 or more"),
+        (["--timeout", "nan"], "--timeout must be positive"),
+        (["--backoff", "nan"], "--backoff 0 or more"),
+    ],
+)
+def test_an_option_that_is_no_number_is_a_one_line_error(scene, capsys, option, message):
+    """NaN passed every bound check: the request body could not be written as JSON (a
+    traceback), a NaN timeout crashed in the HTTP client, a NaN backoff waited the longest."""
+    root, images, annotations, _ = scene
+    with ChatServer(lambda body, attempt: Status(503)) as server:
+        code, err = run_cli(capsys, "--annotations", str(annotations[1]), "--images", str(images),
+                            "--out", str(root / "out.json"), "--endpoint", server.url,
+                            "--model", "m", *option)  # fmt: skip
+        assert server.bodies == []
+    assert code == 1 and err.count("\n") == 1 and message in err, err
 
 
 def test_a_reply_with_a_broken_surrogate_is_kept_or_dropped_not_a_crash(scene):

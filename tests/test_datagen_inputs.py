@@ -118,7 +118,14 @@ def test_a_box_cut_by_the_edge_is_clipped_to_the_image(tmp_path):
             '"annotations": [{"image_id": 1, "bbox": [0, 0, 1, 1], "category_id": 5}]}',
             "category_id that 'categories' does not name",
         ),
-        ('{"image": "nope.png", "captions": ["x"]}', "none of the 1 annotated images is usable"),
+        (
+            '{"image": "nope.png", "captions": ["x"]}',
+            r"none of the 1 annotated images is usable \(no file .*nope.png\); check --images",
+        ),
+        # not --images' fault: the file annotates nothing, or gives nothing to describe
+        ("", "labels.json: no image is annotated; check the annotation files"),
+        ('{"images": [], "annotations": []}', "no image is annotated; check the annotation files"),
+        ('{"image": "a.png"}', r"\(no caption and no box to describe\); give each image a caption"),
         # a "\ud83d" escape: half of an emoji's UTF-16 pair, which no request can carry
         (
             '{"image": "a.png", "captions": ["A cart \\ud83d"]}',
@@ -196,6 +203,8 @@ def test_each_kind_parses_its_schema_and_ignores_other_keys():
          "the image placeholder in the text"),
         ("conversation", '{"turns": [{"question": "q", "answer": "The <image> shows a cart."}]}',
          "stop", "the image placeholder in the text"),
+        # an LLM stuck repeating "[" (a crash, asked again by every rerun, without the drop)
+        ("detail", '{"description": ' + "[" * 5000 + "]" * 5000 + "}", "stop", "not JSON"),
     ],
 )  # fmt: skip
 def test_bad_replies_are_dropped_with_their_reason(kind, content, finish, reason):

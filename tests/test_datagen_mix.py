@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import Counter
 
@@ -95,6 +96,10 @@ def test_weight_defaults_to_one_and_paths_may_hold_colons(tmp_path, sources):
     result = mix([str(generated), f"{odd}:1"], tmp_path / "mix.json")
     assert [s.samples for s in result.sources] == [10, 3]
     assert "mix" in format_table(result)
+    # a Path is a file of weight 1, its name taken whole ("a:b.json" holds no weight)
+    assert parse_source(odd) == parse_source(f"{odd}:1")
+    result = mix([generated, odd], tmp_path / "mix.json")
+    assert [s.samples for s in result.sources] == [10, 3]
 
 
 @pytest.mark.parametrize(
@@ -140,3 +145,36 @@ def test_a_sample_no_utf8_file_can_hold_stops_the_mix_with_its_id(tmp_path, caps
     assert cli(["data", "mix", str(path), "--out", str(tmp_path / "mix.json")]) == 1
     err = capsys.readouterr().err
     assert "sample x7: turn 1 holds half of a UTF-16 pair" in err and err.count("\n") == 1, err
+
+
+def test_out_is_replaced_whole_or_left_as_it_was(tmp_path, sources, monkeypatch):
+    """docs/data.md: a file at --out is replaced without --force; a mix interrupted while it
+    writes (Ctrl-C) leaves it as it was, with no temporary file beside it; an --out that is
+    another name of a source (a hard link) replaces that name, never the source's content."""
+    import llava_edge.training.datagen.mix as mix_module
+
+    generated, vqa = sources
+    out = tmp_path / "mix.json"
+    out.write_text("the previous mix")
+    checked, real = [], mix_module.parse_sample
+
+    def interrupted(record, position):
+        checked.append(position)
+        if len(checked) > 18 + 5:  # every sample checked, then five written
+            raise KeyboardInterrupt
+        return real(record, position)
+
+    monkeypatch.setattr(mix_module, "parse_sample", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        mix([str(generated), str(vqa)], out)
+    monkeypatch.undo()
+    assert out.read_text() == "the previous mix"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["generated.json", "mix.json", "vqa.jsonl"]
+    assert cli(["data", "mix", str(generated), str(vqa), "--out", str(out)]) == 0
+    assert len(json.loads(out.read_text())) == 18
+
+    before = generated.read_bytes()
+    os.link(generated, tmp_path / "linked.json")
+    assert cli(["data", "mix", f"{generated}:2", "--out", str(tmp_path / "linked.json")]) == 0
+    assert generated.read_bytes() == before
+    assert len(json.loads((tmp_path / "linked.json").read_text())) == 20

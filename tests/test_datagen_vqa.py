@@ -122,18 +122,24 @@ def test_textvqa_takes_the_most_common_normalised_answer(tmp_path):
                          "dakota", "dakota", "Dakota.", "dakota digital", "dakota", "dakota"]},
             {"question": "what does the sign say?", "image_id": "011e7e629fb9ae7b",
              "question_id": 34603, "set_name": "train",
-             "answers": ["Stop", "STOP", "stop!", "stop sign", "stop", "the stop", "go", "go",
+             "answers": ["Stop", "STOP", "stop!", "stop sign", "?", "the stop", "go", "go",
                          "go", "stop"]},
         ],
     }  # fmt: skip
     (tmp_path / "TextVQA_0.5.1_train.json").write_text(json.dumps(data))
     out = tmp_path / "textvqa.json"
     convert_vqa(tmp_path / "TextVQA_0.5.1_train.json", "textvqa", folder, out)
-    by_image, _ = conversations(out)
+    by_image, records = conversations(out)
     assert by_image == {
         "0054c91397f2fe05.jpg": [f"<image>\nwhat is the brand of this camera?\n{SHORT}", "dakota"],
         "011e7e629fb9ae7b.jpg": [f"<image>\nwhat does the sign say?\n{SHORT}", "stop"],
     }
+    # every annotator's answer, normalised, for eval's VQA accuracy ("?" normalises to nothing)
+    assert [r["conversations"][1]["answers"] for r in records] == [
+        ["nous les gosses", "dakota", "clos culombu", "dakota digital", "dakota", "dakota",
+         "dakota", "dakota digital", "dakota", "dakota"],
+        ["stop", "stop", "stop", "stop sign", "stop", "go", "go", "go", "stop"],
+    ]  # fmt: skip
 
 
 def test_jsonl_with_short_answers_and_multiple_choice(tmp_path):
@@ -384,3 +390,79 @@ def test_a_question_no_utf8_file_can_hold_is_a_one_line_error(tmp_path, capsys):
     assert code == 1 and err.count("\n") == 1, err
     assert "sample jsonl-bay holds half of a UTF-16 pair" in err, err
     assert not (tmp_path / "qa.json").exists()
+
+
+def test_vqav2_annotators_answers_reach_eval_as_vqa_accuracy(tmp_path, tiny_model_dir, capsys):
+    """VQAv2's ten answers per question go into the gpt turn as "answers" (training keeps its
+    "value"), and `eval` scores them by VQA accuracy, counted here by hand: the tiny model's
+    own answer given by 2 of 10 annotators scores (2 x 1/3 + 8 x 2/3) / 10 = 0.6, by 3 of 10
+    (3 x 2/3 + 7 x 1) / 10 = 0.9, where the majority answer alone ("zebra") would score 0."""
+    from llava_edge.runtime import Pipeline
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for image_id, grey in ((9, 60), (25, 200)):
+        Image.new("RGB", (40, 30), (grey, grey, grey)).save(folder / f"{image_id:012d}.jpg")
+    question = "What is it?"
+    prompt = f"{question}\n{SHORT}"
+    with Pipeline.load(tiny_model_dir) as pipe:  # what eval asks: the prompt data vqa writes
+        own = {i: pipe.answer(folder / f"{i:012d}.jpg", prompt, max_new_tokens=2).text
+               for i in (9, 25)}  # fmt: skip
+    for answer in own.values():
+        assert normalize_vqa(answer) not in ("", "zebra"), own
+
+    def annotation(qid: int, image_id: int, matching: int) -> dict:
+        given = [own[image_id]] * matching + ["zebra"] * (10 - matching)
+        return {"question_id": qid, "image_id": image_id, "multiple_choice_answer": "zebra",
+                "answers": [{"answer": a, "answer_id": i} for i, a in enumerate(given, 1)]}  # fmt: skip
+
+    questions = tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json"
+    questions.write_text(json.dumps({"questions": [
+        {"image_id": 9, "question": question, "question_id": 90},
+        {"image_id": 25, "question": question, "question_id": 250},
+    ]}))  # fmt: skip
+    (tmp_path / "v2_mscoco_val2014_annotations.json").write_text(
+        json.dumps({"annotations": [annotation(90, 9, 2), annotation(250, 25, 3)]})
+    )
+    out = tmp_path / "vqav2.json"
+    assert cli(["data", "vqa", str(questions), "--format", "vqav2", "--images", str(folder),
+                "--out", str(out)]) == 0  # fmt: skip
+    records = json.loads(out.read_text())
+    gpt = records[0]["conversations"][1]
+    assert gpt["value"] == "zebra" and len(gpt["answers"]) == 10
+    assert parse_sample(records[0], 0).turns == [(prompt, "zebra")]  # training reads "value"
+    capsys.readouterr()
+    answers = tmp_path / "answers.jsonl"
+    assert cli(["eval", str(tiny_model_dir), "--data", str(out), "--images", str(folder),
+                "--answers", str(answers), "--max-new-tokens", "2"]) == 0  # fmt: skip
+    scores = [json.loads(line)["score"] for line in answers.read_text().splitlines()]
+    assert scores == [pytest.approx(0.6), pytest.approx(0.9)]
+    assert "VQA accuracy 75.0% (1.50/2, 0 in full)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "format, name, lines, message",
+    [
+        ("gqa", "q.json", ["{}"], "q.json holds no questions; check the file"),
+        ("textvqa", "q.json", ['{"data": []}'], "q.json holds no questions"),
+        ("jsonl", "q.jsonl", ["", ""], "q.jsonl holds no questions"),
+        ("jsonl", "q.jsonl", ['{"image": "bay.png", "question": "q", "answer": "."}'],
+         "every answer in {path} is empty once normalised; check the answers"),
+        ("jsonl", "q.jsonl", ['{"image": "bay.png", "question": "q", "answer": "."}',
+                              '{"image": "gone.png", "question": "q", "answer": "x"}'],
+         "no question of {path} can be written: left out 1 questions about 1 images not in "
+         "the image dir (e.g. gone.png); left out 1 questions with an empty answer"),
+    ],
+)  # fmt: skip
+def test_a_file_with_nothing_to_write_says_why(tmp_path, capsys, format, name, lines, message):
+    """Not "no question has its image; check --images" where the file holds no question, or
+    every answer is empty: the error names what left the questions out."""
+    folder = images(tmp_path, "bay.png")
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    code = cli(["data", "vqa", str(path), "--format", format, "--images", str(folder),
+                "--out", str(tmp_path / "out.json")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1, err
+    assert message.format(path=path) in err
+    assert not (tmp_path / "out.json").exists()

@@ -118,11 +118,23 @@ def read_annotations(
         else:
             skipped.append((draft.image, "no caption and no box to describe"))
     if not notes:
-        raise LlavaEdgeError(
-            f"none of the {len(drafts)} annotated images is usable "
-            f"({skipped[0][1] if skipped else 'no image annotated'}); check --images"
-        )
+        raise LlavaEdgeError(_none_usable(paths, len(drafts), skipped))
     return notes, skipped
+
+
+def _none_usable(paths: list[str | Path], annotated: int, skipped: list[tuple[str, str]]) -> str:
+    """Why no image can be asked about, and where to look: --images only where the files are
+    missing."""
+    if not annotated:
+        return f"{', '.join(map(str, paths))}: no image is annotated; check the annotation files"
+    why = skipped[0][1]
+    if why.startswith("no file"):
+        fix = "check --images"
+    elif why.startswith("cannot be read"):
+        fix = "check the image files"
+    else:
+        fix = "give each image a caption or a box"
+    return f"none of the {annotated} annotated images is usable ({why}); {fix}"
 
 
 def _read_file(path: Path, drafts: dict[str, _Draft]) -> None:

@@ -68,7 +68,13 @@ class Budget:
 def endpoint_urls(endpoint: str) -> tuple[str, str]:
     """(base URL, chat-completions URL) of `http://host:port/v1` or of the full completions URL."""
     url = endpoint.strip().rstrip("/")
-    if not url.startswith(("http://", "https://")):
+    try:
+        parsed = httpx.URL(url)
+        valid = parsed.scheme in ("http", "https") and bool(parsed.host)
+        valid = valid and (parsed.port is None or 0 < parsed.port < 65536)
+    except httpx.InvalidURL:  # a bracket left open, a port that is not a number...
+        valid = False
+    if not valid:
         raise LlavaEdgeError(
             f"--endpoint {endpoint!r} is not an http(s) URL; pass e.g. http://localhost:8080/v1"
         )
@@ -108,7 +114,7 @@ class ChatClient:
         sleep: Callable[[float], Awaitable[object]] | None = None,
         rng: random.Random | None = None,
     ):
-        if timeout <= 0 or retries < 0 or backoff < 0:
+        if not timeout > 0 or retries < 0 or not backoff >= 0:  # NaN fails both
             raise LlavaEdgeError("--timeout must be positive, --retries and --backoff 0 or more")
         self.base_url, self.url = endpoint_urls(endpoint)
         self.retries = retries
@@ -175,6 +181,8 @@ class ChatClient:
                 cause = "timed out"
             except httpx.TransportError:
                 cause = "connection dropped"
+            except httpx.DecodingError:  # a body its Content-Encoding cannot undo
+                cause = "malformed response"
             else:
                 self._reached = True
                 status = response.status_code
@@ -224,12 +232,13 @@ class ChatClient:
             data = response.json()
             choice = data["choices"][0]
             content = choice["message"].get("content")
-            usage = data.get("usage") or {}
+            usage = data.get("usage")
+            usage = usage if isinstance(usage, dict) else {}
             reply = Reply(
                 content if isinstance(content, str) else None,
                 choice.get("finish_reason"),
-                int(usage.get("prompt_tokens") or 0),
-                int(usage.get("completion_tokens") or 0),
+                _tokens(usage.get("prompt_tokens")),
+                _tokens(usage.get("completion_tokens")),
             )
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             return None
@@ -240,6 +249,15 @@ class ChatClient:
     @staticmethod
     def _unreachable(url: str, error: Exception) -> str:
         return f"cannot reach {url} ({error or type(error).__name__}); is the server running?"
+
+
+def _tokens(value: object) -> int:
+    """A usage count as the server wrote it; one that is no count (NaN, 1e400, text) is 0: the
+    counts are bookkeeping, and a reply is not thrown away for them."""
+    try:
+        return max(0, int(value or 0))
+    except (ValueError, TypeError, OverflowError):
+        return 0
 
 
 def _seconds(value: str | None) -> float | None:

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import math
 import os
 import signal
 from collections import Counter
@@ -118,7 +119,8 @@ def generate(
     kinds = _check_options(
         kinds, per_image, concurrency, max_images, max_requests, temperature, max_tokens
     )
-    if timeout <= 0 or retries < 0 or backoff < 0:  # the client's check, for a dry run too
+    # the client's check, for a dry run too (NaN is neither positive nor 0 or more)
+    if not timeout > 0 or retries < 0 or not backoff >= 0:
         raise LlavaEdgeError("--timeout must be positive, --retries and --backoff 0 or more")
     out = Path(out)
     if out.is_dir():
@@ -391,9 +393,14 @@ async def _only_model(client) -> str:
 def _api_key(variable: str | None) -> str | None:
     if variable is None:
         return None
-    key = os.environ.get(variable)
+    key = (os.environ.get(variable) or "").strip()  # a key read from a file keeps its newline
     if not key:
         raise LlavaEdgeError(f"--api-key-env {variable}: that environment variable is not set")
+    if not (key.isascii() and key.isprintable()):  # an HTTP header carries neither
+        raise LlavaEdgeError(
+            f"--api-key-env {variable}: the key holds a character that is not printable ASCII "
+            "(a control character, or a letter outside ASCII); check the variable"
+        )
     return key
 
 
@@ -410,8 +417,8 @@ def _check_options(
         raise LlavaEdgeError("--per-image, --concurrency and --max-images must be at least 1")
     if max_requests is not None and max_requests < 0:
         raise LlavaEdgeError("--max-requests must be 0 or more")
-    if temperature < 0 or max_tokens < 1:
-        raise LlavaEdgeError("--temperature must be 0 or more and --max-tokens at least 1")
+    if not 0 <= temperature < math.inf or max_tokens < 1:  # NaN and inf: not JSON numbers
+        raise LlavaEdgeError("--temperature must be a number 0 or more and --max-tokens at least 1")
     if temperature == 0 and per_image > 1:  # greedy decoding ignores the per-sample seeds
         raise LlavaEdgeError(
             f"--per-image {per_image} at --temperature 0 asks for the same reply {per_image} "

@@ -82,7 +82,10 @@ class Journal:
         try:
             _lock(self._file, self.path)
             self._file.seek(0)
-            text = self._file.read()
+            try:
+                text = self._file.read()
+            except UnicodeDecodeError:  # a picture or other binary file: a journal is UTF-8
+                raise _not_a_journal(self.path) from None
             lines = _lines(text)
             if lines and ("\n" in text or not text.startswith('{"journal"')):
                 _check_header(self.path, lines[0], settings)  # before anything is cut off
@@ -127,10 +130,7 @@ def _check_header(path: Path, line: str, settings: dict[str, Any]) -> None:
     except (ValueError, AttributeError):
         ok = False
     if not ok:
-        raise LlavaEdgeError(
-            f"{path} is not a journal of `llava-edge data generate`; choose another "
-            "--journal (or --out)"
-        )
+        raise _not_a_journal(path)
     old = header.get("settings")
     if not isinstance(old, dict):
         raise LlavaEdgeError(f"journal {path} line 1 is damaged; delete the journal to start over")
@@ -146,6 +146,13 @@ def _check_header(path: Path, line: str, settings: dict[str, Any]) -> None:
                 f"journal {path} was written with {name} {old.get(name)!r}, not "
                 f"{value!r}; resume with the same settings, or delete the journal to start over"
             )
+
+
+def _not_a_journal(path: Path) -> LlavaEdgeError:
+    return LlavaEdgeError(
+        f"{path} is not a journal of `llava-edge data generate`; choose another --journal "
+        "(or --out)"
+    )
 
 
 def _lines(text: str) -> list[str]:

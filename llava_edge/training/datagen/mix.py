@@ -11,6 +11,7 @@ and id, not a training run hours later.
 from __future__ import annotations
 
 import math
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,10 +48,13 @@ class MixResult:
     sources: list[SourceStats]
 
 
-def parse_source(spec: str | Source) -> Source:
-    """`FILE` or `FILE:WEIGHT` (the last colon splits, so paths may hold colons)."""
+def parse_source(spec: str | os.PathLike | Source) -> Source:
+    """`FILE` or `FILE:WEIGHT` (the last colon splits, so paths may hold colons); a Path is a
+    file of weight 1."""
     if isinstance(spec, Source):
         source = spec
+    elif isinstance(spec, os.PathLike):
+        source = Source(Path(spec), 1.0)
     else:
         path, colon, weight = spec.rpartition(":")
         if not colon or "/" in weight or "\\" in weight:
@@ -66,7 +70,7 @@ def parse_source(spec: str | Source) -> Source:
     return source
 
 
-def mix(sources: list[str | Source], out: str | Path, seed: int = 0) -> MixResult:
+def mix(sources: list[str | os.PathLike | Source], out: str | Path, seed: int = 0) -> MixResult:
     """Write the weighted, shuffled mix of `sources` to `out`; see the module docstring."""
     out = Path(out)
     if not sources:

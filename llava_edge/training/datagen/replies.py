@@ -62,6 +62,8 @@ def parse_reply(
         reply = json.loads(text)
     except json.JSONDecodeError as e:
         raise Dropped("not JSON", f"{e.msg} at character {e.pos}") from None
+    except RecursionError:  # a reply stuck repeating "[": too deep for Python's parser
+        raise Dropped("not JSON", "nested too deeply") from None
     if not isinstance(reply, dict):
         raise Dropped("wrong schema", f"a JSON {type(reply).__name__}, not an object")
     if kind == "conversation":

@@ -12,7 +12,9 @@ evaluation's punctuation, number-word, article and contraction rules; TextVQA: t
 EvalAI's tokenising; GQA: lower case without a final full stop, as LLaVA scores GQA; JSONL: as
 `llava-edge eval --match exact` compares answers), so the model learns the form it is scored
 on. All the questions about one image become one conversation, in file order, `<image>` in the
-first turn.
+first turn. Where the format has several annotators' answers (VQAv2's and TextVQA's ten), the
+gpt turn lists them too, normalised the same way, as `"answers"`: `llava-edge eval` scores a
+prediction against them by VQA accuracy, and training reads only the turn's `"value"`.
 
 Formats (as published):
 - vqav2: the questions file (`{"data_subtype": "train2014", "questions": [{"image_id",
@@ -28,8 +30,10 @@ Formats (as published):
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +56,7 @@ class Question:
     question: str
     answer: str  # normalised; for multiple choice, the letter
     choices: tuple[str, ...] = ()
+    references: tuple[str, ...] = ()  # every annotator's answer, normalised as `answer` is
 
     def prompt(self) -> str:
         # A question written in LLaVA's style holds the placeholder already; the conversation
@@ -81,10 +86,15 @@ class VqaResult:
     no_answer: int = 0  # questions whose answer normalises to nothing
 
     def summary(self) -> str:
-        lines = [
+        wrote = (
             f"wrote {self.samples} conversations ({self.questions} questions, one conversation "
             f"per image) to {self.out}"
-        ]
+        )
+        return "\n".join([wrote, *self.left_out()])
+
+    def left_out(self) -> list[str]:
+        """A line for each reason questions were left out, with how many."""
+        lines = []
         if self.missing_questions:
             lines.append(
                 f"left out {self.missing_questions} questions about {len(self.missing_image)} "
@@ -97,7 +107,7 @@ class VqaResult:
             )
         if self.no_answer:
             lines.append(f"left out {self.no_answer} questions with an empty answer")
-        return "\n".join(lines)
+        return lines
 
 
 def convert_vqa(
@@ -156,17 +166,8 @@ def convert_vqa(
             result.no_answer += 1
         else:
             groups.setdefault(image, []).append(question)
-    if not groups and result.unreadable and not result.missing_image:
-        raise LlavaEdgeError(
-            f"no image of {path} in {image_dir} can be read (e.g. {result.unreadable[0]}); "
-            "check the image files"
-        )
     if not groups:
-        raise LlavaEdgeError(
-            f"no question of {path} has its image in {image_dir}"
-            + (f" (looked for {result.missing_image[0]})" if result.missing_image else "")
-            + "; check --images"
-        )
+        _nothing_to_write(path, image_dir, result)
     if out.exists():  # only a file already there can be one of the pictures
         for image in groups:
             if (image_dir / image).resolve() == out.resolve():
@@ -175,16 +176,48 @@ def convert_vqa(
                 )
     ids = sample_ids(list(groups))
     samples = [
-        {
-            "id": f"{format}-{ids[image]}",
-            "image": image,
-            "conversations": conversation([(q.prompt(), q.answer) for q in group]),
-        }
+        {"id": f"{format}-{ids[image]}", "image": image, "conversations": _conversation(group)}
         for image, group in groups.items()
     ]
     result.samples = write_samples(out, samples)
     result.questions = sum(len(g) for g in groups.values())
     return result
+
+
+def _nothing_to_write(path: Path, image_dir: Path, result: VqaResult) -> None:
+    """Say why no question of the file can be written, by what left them out."""
+    causes = {
+        "missing": result.missing_questions,
+        "unreadable": result.unreadable_questions,
+        "empty": result.no_answer,
+    }
+    given = [cause for cause, count in causes.items() if count]
+    if not given:
+        raise LlavaEdgeError(f"{path} holds no questions; check the file")
+    if given == ["missing"]:
+        raise LlavaEdgeError(
+            f"no question of {path} has its image in {image_dir} (looked for "
+            f"{result.missing_image[0]}); check --images"
+        )
+    if given == ["unreadable"]:
+        raise LlavaEdgeError(
+            f"no image of {path} in {image_dir} can be read (e.g. {result.unreadable[0]}); "
+            "check the image files"
+        )
+    if given == ["empty"]:
+        raise LlavaEdgeError(f"every answer in {path} is empty once normalised; check the answers")
+    raise LlavaEdgeError(f"no question of {path} can be written: {'; '.join(result.left_out())}")
+
+
+def _conversation(group: list[Question]) -> list[dict]:
+    """The questions about one image as LLaVA turns; a gpt turn whose question has several
+    annotators' answers lists them as "answers", which `eval` scores by VQA accuracy and
+    training ignores (it trains on "value")."""
+    turns = conversation([(q.prompt(), q.answer) for q in group])
+    for question, answer in zip(group, turns[1::2], strict=True):
+        if question.references:
+            answer["answers"] = list(question.references)
+    return turns
 
 
 def sample_ids(images: list[str]) -> dict[str, str]:
@@ -231,7 +264,14 @@ def read_vqav2(path: Path, annotations: str | Path | None) -> list[Question]:
     answers = {}
     for entry in answer_doc["annotations"]:
         answer = _get(entry, "multiple_choice_answer", str, answers_path, "vqav2")
-        answers[entry.get("question_id")] = normalize_vqa(answer)
+        given = entry.get("answers")
+        annotators = (
+            [a.get("answer") for a in given if isinstance(a, dict)]
+            if isinstance(given, list)
+            else []
+        )
+        references = tuple(_normalised(annotators, normalize_vqa))
+        answers[entry.get("question_id")] = normalize_vqa(answer), references
     subtype = document.get("data_subtype")
     questions = []
     for entry in document["questions"]:
@@ -244,13 +284,9 @@ def read_vqav2(path: Path, annotations: str | Path | None) -> list[Question]:
         names = [f"{image_id:012d}.jpg"]
         if isinstance(subtype, str):
             names.insert(0, f"COCO_{subtype}_{image_id:012d}.jpg")
-        questions.append(
-            Question(
-                tuple(names),
-                _get(entry, "question", str, path, "vqav2").strip(),
-                answers[entry["question_id"]],
-            )
-        )
+        answer, references = answers[entry["question_id"]]
+        question = _get(entry, "question", str, path, "vqav2").strip()
+        questions.append(Question(tuple(names), question, answer, references=references))
     return questions
 
 
@@ -281,8 +317,7 @@ def read_textvqa(path: Path) -> list[Question]:
     questions = []
     for entry in document["data"]:
         answers = _get(entry, "answers", list, path, "textvqa")
-        normalised = [normalize_vqa(a, evalai=True) for a in answers if isinstance(a, str)]
-        normalised = [a for a in normalised if a]
+        normalised = _normalised(answers, functools.partial(normalize_vqa, evalai=True))
         # The most common answer; among equally common ones, the first given.
         answer = Counter(normalised).most_common(1)[0][0] if normalised else ""
         questions.append(
@@ -290,9 +325,16 @@ def read_textvqa(path: Path) -> list[Question]:
                 (f"{_get(entry, 'image_id', str, path, 'textvqa')}.jpg",),
                 _get(entry, "question", str, path, "textvqa").strip(),
                 answer,
+                references=tuple(normalised),
             )
         )
     return questions
+
+
+def _normalised(answers: list[Any], normalize: Callable[[str], str]) -> list[str]:
+    """The annotators' text answers, normalised; those left empty go (they match nothing, and
+    `eval` refuses an empty reference)."""
+    return [form for form in (normalize(a) for a in answers if isinstance(a, str)) if form]
 
 
 def read_jsonl(path: Path) -> list[Question]:
