@@ -205,6 +205,34 @@ def test_llava_next_max_context_holds_the_verification_image(tmp_path: Path) -> 
     assert Manifest.load(tmp_path / "model").text.max_context == least
 
 
+@pytest.mark.parametrize(
+    "text, context",
+    [
+        # Phi-3-mini-4k: a 2047-token window in a 4096-token context
+        (dict(model_type="phi3", sliding_window=2047, max_position_embeddings=4096), 2047),
+        # Qwen3 as published: a window no layer uses
+        (dict(model_type="qwen3", sliding_window=256, use_sliding_window=False), 1024),
+        # Qwen3 sliding from layer 1 on (max_window_layers, which sets its layer_types)
+        (
+            dict(
+                model_type="qwen3", sliding_window=256, use_sliding_window=True, max_window_layers=1
+            ),
+            256,
+        ),
+    ],
+)
+def test_a_sliding_window_caps_the_context_where_a_layer_uses_it(text, context) -> None:
+    from transformers import AutoConfig, CLIPVisionConfig, LlavaConfig
+
+    from llava_edge.export.exporter import _max_context
+
+    text_config = AutoConfig.for_model(
+        **{"max_position_embeddings": 1024, "num_hidden_layers": 2, **text}
+    )
+    vision = CLIPVisionConfig(image_size=64, patch_size=8)
+    assert _max_context(LlavaConfig(vision_config=vision, text_config=text_config), None) == context
+
+
 def test_generation_config_settings_do_not_fail_verification(
     tiny_checkpoint: Path, tmp_path: Path
 ) -> None:

@@ -105,6 +105,24 @@ def test_an_llm_export_does_not_take_is_refused_before_loading(clip_tower, tmp_p
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("rope", ["rope_scaling", "rope_parameters"])
+def test_an_llm_whose_rope_export_refuses_is_refused_before_loading(
+    rope, clip_tower, tmp_path, capsys
+):
+    """Phi-3-mini-128k's longrope: its LLaVA would train but export refuses it."""
+    llm = tmp_path / "phi3"
+    llm.mkdir()
+    scaling = {"type": "longrope", "short_factor": [1.0], "long_factor": [2.0]}
+    (llm / "config.json").write_text(json.dumps({"model_type": "phi3", rope: scaling}))
+    argv = ["init", str(tmp_path / "out"), "--vision", str(clip_tower), "--llm", str(llm)]
+    assert cli(argv) == 1
+    assert last_line(capsys.readouterr().err).startswith(
+        f"llava-edge init: error: --llm {llm} has rope type 'longrope', which export does not "
+        "take (its frequencies switch"
+    )
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("where", ["adapter", "checkpoints/checkpoint-2"])
 def test_merging_adapters_onto_the_run_that_merged_them_is_refused(
     where, tiny_checkpoint, tmp_path, capsys

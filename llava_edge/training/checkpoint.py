@@ -490,9 +490,11 @@ def _check_causal_lm(llm: str | Path) -> None:
     A causal LM export does not take is refused too: its LLaVA would train but never run here."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    from llava_edge.export.exporter import UNSUPPORTED_ROPE, rope_type
     from llava_edge.export.graphs import SUPPORTED_TEXT_MODELS
 
-    model_type = _read_config(Path(llm)).get("model_type")
+    config = _read_config(Path(llm))
+    model_type = config.get("model_type")
     if model_type is not None and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise LlavaEdgeError(
             f"--llm {llm} is a {model_type!r} model, not a causal language model (one "
@@ -502,6 +504,14 @@ def _check_causal_lm(llm: str | Path) -> None:
         raise LlavaEdgeError(
             f"--llm {llm} is a {model_type!r} language model, which export does not take "
             f"(it takes {', '.join(SUPPORTED_TEXT_MODELS)}): choose one of those"
+        )
+    rope = rope_type(
+        SimpleNamespace(**{k: config.get(k) for k in ("rope_parameters", "rope_scaling")})
+    )
+    if rope in UNSUPPORTED_ROPE:  # Phi-3's 128k-context models
+        raise LlavaEdgeError(
+            f"--llm {llm} has rope type {rope!r}, which export does not take "
+            f"({UNSUPPORTED_ROPE[rope]}): choose a language model without it"
         )
 
 
