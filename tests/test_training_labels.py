@@ -201,6 +201,36 @@ def test_phi_3s_newline_after_its_end_token_still_ends_in_it():
         check_answer_end(get_template("phi_3"), tokenizer, newline)
 
 
+def test_gemma_renders_as_gemmas_own_chat_template(tiny_checkpoint):
+    """The built-in gemma template writes a conversation as Gemma's own chat template does (after
+    the BOS that template writes and the tokenizer adds here), and its answers end in
+    <end_of_turn>, which a Gemma tokenizer stops at."""
+    from chat_templates import GEMMA
+    from transformers import AutoTokenizer
+
+    from llava_edge.runtime.template import get_template, render
+    from llava_edge.training.labels import check_answer_end
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]}
+    )
+    turns = [("What is it?", "A red circle."), ("Where is it?", "Top left."), ("And?", None)]
+    messages = [{"role": "user", "content": "<image>\n" + turns[0][0]}]
+    for (_, answer), (question, _) in zip(turns, turns[1:], strict=False):
+        messages += [
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": question},
+        ]
+    expected = tokenizer.apply_chat_template(
+        messages, chat_template=GEMMA, tokenize=False, add_generation_prompt=True
+    )
+    template = get_template("gemma")
+    text = "".join(t for t, _ in render(template, turns, image=True))
+    assert tokenizer.bos_token + text == expected
+    check_answer_end(template, tokenizer, {tokenizer.convert_tokens_to_ids("<end_of_turn>")})
+
+
 MARKERS = ["<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 MARKERS += ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 

@@ -117,6 +117,17 @@ TEMPLATES: dict[str, TemplateSpec] = {
         answer_prefix="",
         answer_end="<|end|>\n",
     ),
+    # Google's Gemma instruction format (its chat template), for fine-tuning a Gemma language
+    # model: each turn ends with <end_of_turn> and a newline; generation stops at <end_of_turn>.
+    # Gemma's own template refuses a system role: a system prompt given at run time is plain
+    # text after BOS, which the tokenizer adds.
+    "gemma": TemplateSpec(
+        name="gemma",
+        user="<start_of_turn>user\n",
+        assistant="<end_of_turn>\n<start_of_turn>model\n",
+        answer_prefix="",
+        answer_end="<end_of_turn>\n",
+    ),
 }
 
 
