@@ -27,9 +27,12 @@ MANIFEST_NAME = "manifest.json"
 CHECKPOINT_INFO_FILE = "llava_edge.json"
 FORMAT_NAME = "llava-edge-model"
 # The newest format this llava-edge reads. A manifest carries the oldest version that describes
-# it (1; 2 with AnyRes), so runtimes that predate a feature refuse only the dirs that use it.
-FORMAT_VERSION = 2
+# it (1; 2 with AnyRes; 3 with a template that strips text or writes a question prefix, which an
+# older runtime would drop without a word), so runtimes that predate a feature refuse only the
+# dirs that use it.
+FORMAT_VERSION = 3
 ANYRES_FORMAT_VERSION = 2
+TEMPLATE_FORMAT_VERSION = 3
 GRAPH_NAMES = ("vision_encoder", "projector", "decoder")
 PREFILL = "decoder_prefill"  # what the runtime and `plan` call the fused decoder's prompt form
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
@@ -321,14 +324,26 @@ class Manifest:
             raise LlavaEdgeError(f"{where}: the text model's shapes are inconsistent")
         if self.num_image_tokens <= 0 or self.image.height <= 0 or self.image.width <= 0:
             raise LlavaEdgeError(f"{where}: image geometry is invalid")
+        if self.format_version < self.required_version():
+            raise LlavaEdgeError(
+                f"{where}: format_version {self.format_version} is older than what it describes "
+                f"needs ({self.required_version()}); re-export the model"
+            )
         anyres = self.image.anyres
         if anyres is not None and (
-            self.format_version < ANYRES_FORMAT_VERSION
-            or not anyres.grid_pinpoints
+            not anyres.grid_pinpoints
             or anyres.tile_size <= 0
             or anyres.tile_features**2 != self.num_image_tokens
         ):
             raise LlavaEdgeError(f"{where}: the AnyRes settings are inconsistent; re-export")
+
+    def required_version(self) -> int:
+        """The oldest format version that describes this manifest: what it records for runtimes
+        that predate a feature to refuse rather than misread."""
+        t = self.template
+        if t.question_prefix or t.trim_user or t.trim_assistant or t.trim_system:
+            return TEMPLATE_FORMAT_VERSION
+        return ANYRES_FORMAT_VERSION if self.image.anyres is not None else 1
 
     # ---- facts derived from the contract ---------------------------------------------------
 

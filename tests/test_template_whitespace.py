@@ -218,6 +218,18 @@ def test_each_template_strips_as_the_checkpoints_does(exported) -> None:
     }
 
 
+def test_a_dir_whose_template_strips_or_writes_a_prefix_is_format_3(exported) -> None:
+    """An older llava-edge reads no trim_* or question_prefix and would prompt such a dir without
+    them, silently: those dirs say format 3, which it refuses; others keep the oldest format."""
+    versions = {}
+    for name in ("llama-3", "llama-3-llava-next-hf", "llava-1.5-hf"):
+        versions[name] = Manifest.load(exported(name)[1]).format_version
+    assert versions == {"llama-3": 3, "llama-3-llava-next-hf": 3, "llava-1.5-hf": 1}
+    data = json.loads((exported("llama-3-llava-next-hf")[1] / MANIFEST_NAME).read_text())
+    with pytest.raises(Exception, match=r"format_version 2 is older than .* needs \(3\)"):
+        Manifest.from_dict({**data, "format_version": 2})
+
+
 def test_a_manifest_from_before_trimming_loads_stripping_nothing(tiny_model_dir: Path) -> None:
     data = json.loads((tiny_model_dir / MANIFEST_NAME).read_text())
     for key in ("trim_user", "trim_assistant", "trim_system"):

@@ -23,7 +23,6 @@ from llava_edge.errors import LlavaEdgeError, first_line
 from llava_edge.files import check_output_dir, replace_dir, save_graph, scratch_beside
 from llava_edge.logs import quiet
 from llava_edge.manifest import (
-    ANYRES_FORMAT_VERSION,
     AnyResSpec,
     GraphSpec,
     ImageSpec,
@@ -650,8 +649,7 @@ def build_manifest(loaded: LoadedCheckpoint, dtype: str, max_context: int) -> Ma
             "transformers": transformers.__version__,
         },
     )
-    if image.anyres is not None:
-        manifest.format_version = ANYRES_FORMAT_VERSION
+    manifest.format_version = manifest.required_version()
     return manifest
 
 
