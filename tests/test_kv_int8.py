@@ -378,3 +378,17 @@ def test_a_prefix_cache_where_prompts_cannot_reuse_one_is_refused(dirs: dict) ->
     assert served.returncode == 1 and "Traceback" not in served.stderr
     assert served.stderr.strip().startswith("llava-edge serve: error: a prefix cache")
     assert len(served.stderr.strip().splitlines()) == 1
+
+
+def test_the_server_refuses_a_prefix_cache_that_would_do_nothing_before_it_listens(
+    dirs: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before the port is taken and the model loaded, as every other refusal of its options:
+    a supervisor sees the exit at once, and no client's request is taken only to fail."""
+    from llava_edge.serve import server
+    from llava_edge.serve.app import ServeOptions
+
+    monkeypatch.setattr(server, "bind", lambda *a: pytest.fail("listened before refusing"))
+    options = ServeOptions(model_dir=str(dirs["int8_cache"]), prefix_cache_mb=64)
+    with pytest.raises(LlavaEdgeError, match="a prefix cache .* of 64 MB would do nothing"):
+        server.serve(options, port=0)

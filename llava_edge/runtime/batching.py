@@ -267,7 +267,7 @@ class PrefixStore:
         self.used += size
 
 
-def _prefix_budget(prefix_cache_mb: Any, exact: bool) -> int:
+def prefix_budget(prefix_cache_mb: Any, exact: bool) -> int:
     """The prefix store's bytes: None is PREFIX_CACHE_MB where prompts can reuse a prefix
     (`exact`) and none where they cannot; a budget given where none can be reused is refused,
     as it would do nothing."""
@@ -364,7 +364,7 @@ class BatchEngine:
         self.max_queue = max_queue
         self.cache = pipeline.backend.new_cache(max_batch)
         exact = not pipeline.backend.prompt_scales_per_call
-        self.prefixes = PrefixStore(_prefix_budget(prefix_cache_mb, exact))
+        self.prefixes = PrefixStore(prefix_budget(prefix_cache_mb, exact))
         self.running: list[Request] = []  # running[i] decodes in cache row i
         self.waiting: deque[Request] = deque()
         self.admitting = 0  # places held by Admissions: requests still arriving

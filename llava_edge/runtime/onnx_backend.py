@@ -138,6 +138,19 @@ def form_graphs(manifest: Manifest, form: str) -> dict[str, GraphSpec]:
     return graphs
 
 
+def prompt_scales_per_call(
+    manifest: Manifest, providers: list[str], graph_form: str = "auto"
+) -> bool:
+    """Whether prompts run onnxruntime's dynamic int8 form, which quantizes activations with one
+    scale per call: a prompt fed in two parts (a reused prefix, then the rest) computes other
+    keys, values and logits than the whole prompt fed at once; MatMulNBits and float graphs do
+    not. Read off the manifest, so that a server refuses a prefix cache before it listens."""
+    graphs = form_graphs(manifest, pick_form(manifest, providers, graph_form))
+    files = graph_files(graphs, providers)
+    prompts = PREFILL if PREFILL in graphs else "decoder"
+    return graphs[prompts].precision == "int8" and files[prompts] == graphs[prompts].file
+
+
 def graph_files(graphs: dict[str, GraphSpec], providers: list[str]) -> dict[str, str]:
     """The file of each graph the providers open: TensorRT (as a provider too) must build from
     the Q/DQ form where a dir has two."""
@@ -242,13 +255,7 @@ class OnnxBackend:
         if self.form == "fused":
             check_int8_kv_cache(graphs["decoder"])
         files = graph_files(graphs, self.providers)
-        # onnxruntime's dynamic int8 form quantizes activations with one scale per call, so a
-        # prompt fed in two parts (a reused prefix, then the rest) computes other keys, values
-        # and logits than the whole prompt fed at once; MatMulNBits and float graphs do not.
-        prompts = PREFILL if PREFILL in graphs else "decoder"
-        self.prompt_scales_per_call = (
-            graphs[prompts].precision == "int8" and files[prompts] == graphs[prompts].file
-        )
+        self.prompt_scales_per_call = prompt_scales_per_call(manifest, self.providers, graph_form)
 
         self.layer_names = [manifest.kv_names(i) for i in range(manifest.text.num_layers)]
         self._closed = False

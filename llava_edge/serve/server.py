@@ -14,6 +14,8 @@ import uvicorn
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import Manifest
+from llava_edge.runtime.batching import prefix_budget
+from llava_edge.runtime.onnx_backend import prompt_scales_per_call, provider_list
 from llava_edge.serve.app import ServeOptions, create_app
 
 
@@ -27,7 +29,10 @@ def serve(
     """Serve until SIGTERM/SIGINT. A model that fails to load stops the server with its error."""
     if drain_timeout_s is not None and not drain_timeout_s >= 0:  # nan too
         raise LlavaEdgeError(f"--drain-timeout must be 0 or more seconds, got {drain_timeout_s}")
-    Manifest.load(options.model_dir)  # a wrong dir fails here, before the port is taken
+    manifest = Manifest.load(options.model_dir)  # a wrong dir fails here, before the port is taken
+    if options.backend == "onnxruntime":  # TensorRT's int8 scales are static: prefixes reuse
+        providers = provider_list(options.providers)
+        prefix_budget(options.prefix_cache_mb, not prompt_scales_per_call(manifest, providers))
     sock = bind(host, port)  # a port in use fails here, before the model loads
     failure: list[BaseException] = []
     server: uvicorn.Server | None = None
