@@ -38,9 +38,7 @@ def test_build_without_tensorrt_names_it_and_how_to_install(
 ) -> None:
     err = one_line_error(capsys, ["build", str(tiny_model_dir), "--out", str(tmp_path / "engines")])
     assert err.startswith("llava-edge build: error: TensorRT's Python package is not installed")
-    assert (
-        "JetPack" in err and "--system-site-packages" in err and "pip install tensorrt-cu12" in err
-    )
+    assert "JetPack" in err and "--system-site-packages" in err and "llava-edge[trt]" in err
     assert not (tmp_path / "engines").exists()
 
 
@@ -50,9 +48,7 @@ def test_run_with_the_tensorrt_backend_without_tensorrt(
     err = one_line_error(
         capsys, ["run", str(tiny_model_dir), "--prompt", "hi", "--backend", "tensorrt"]
     )
-    assert (
-        "TensorRT's Python package is not installed" in err and "pip install tensorrt-cu12" in err
-    )
+    assert "TensorRT's Python package is not installed" in err and "llava-edge[trt]" in err
 
 
 def test_the_installed_command_exits_1_without_a_traceback(tiny_model_dir: Path) -> None:
@@ -118,7 +114,7 @@ def test_the_trt_extra_installs_tensorrt_and_cuda_python_for_one_cuda() -> None:
     assert CUDA_BINDINGS in requirements and "<13" in CUDA_BINDINGS
     (tensorrt,) = [r for r in requirements if r.startswith("tensorrt")]
     assert re.match(r"tensorrt-cu12\b", tensorrt), tensorrt
-    assert "pip install tensorrt-cu12" in TENSORRT_HINT
+    assert "pip install 'llava-edge[trt]'" in TENSORRT_HINT  # the extra checked above
 
 
 def test_pipeline_load_chooses_the_backend(monkeypatch, tiny_model_dir: Path) -> None:

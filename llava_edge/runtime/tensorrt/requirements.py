@@ -13,7 +13,8 @@ from llava_edge.errors import LlavaEdgeError, first_line
 TENSORRT_HINT = (
     "on a Jetson (JetPack 6.1 or later) it comes with JetPack: `sudo apt install nvidia-jetpack`, then make "
     "the venv with `python3 -m venv --system-site-packages`; on an x86 or SBSA machine "
-    "`pip install tensorrt-cu12` (see docs/jetson.md)"
+    "`pip install 'llava-edge[trt]'` (tensorrt-cu12 and the cuda-python it needs; see "
+    "docs/jetson.md)"
 )
 
 
@@ -44,7 +45,7 @@ def check_version(version: str) -> None:
         raise LlavaEdgeError(
             f"TensorRT {version} is too old: llava-edge needs TensorRT 10 or later (strongly typed "
             "engines). On a Jetson, flash JetPack 6.1 or later, which ships TensorRT 10.3 "
-            "(JetPack 6.0 ships 8.6); elsewhere `pip install tensorrt-cu12`"
+            "(JetPack 6.0 ships 8.6); elsewhere `pip install -U 'llava-edge[trt]'`"
         )
 
 
