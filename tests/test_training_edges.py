@@ -91,34 +91,42 @@ def test_an_llm_that_is_no_causal_lm_is_named(
     assert not (tmp_path / "out").exists()
 
 
-def test_an_llm_export_does_not_take_is_refused_before_loading(clip_tower, tmp_path, capsys):
-    """A Gemma 2 LLM would make a LLaVA that trains but never exports: refused at init."""
-    llm = tmp_path / "gemma2"
-    llm.mkdir()
-    (llm / "config.json").write_text('{"model_type": "gemma2"}')  # no weights: never loaded
-    argv = ["init", str(tmp_path / "out"), "--vision", str(clip_tower), "--llm", str(llm)]
-    assert cli(argv) == 1
-    assert last_line(capsys.readouterr().err) == (
-        f"llava-edge init: error: --llm {llm} is a 'gemma2' language model, which export does "
-        "not take (it takes llama, mistral, qwen2, qwen3, gemma, phi3): choose one of those"
-    )
-    assert not (tmp_path / "out").exists()
+LONGROPE = {"type": "longrope", "short_factor": [1.0], "long_factor": [2.0]}
 
 
-@pytest.mark.parametrize("rope", ["rope_scaling", "rope_parameters"])
-def test_an_llm_whose_rope_export_refuses_is_refused_before_loading(
-    rope, clip_tower, tmp_path, capsys
+@pytest.mark.parametrize(
+    ("config", "said"),
+    [
+        # Gemma 2: a language model export does not take
+        (
+            {"model_type": "gemma2"},
+            "is a 'gemma2' language model, which export does not take (it takes llama, "
+            "mistral, qwen2, qwen3, gemma, phi3): choose one of those",
+        ),
+        # Phi-3-mini-128k's longrope, in either key
+        (
+            {"model_type": "phi3", "rope_scaling": LONGROPE},
+            "has rope type 'longrope', which export does not take (its frequencies switch",
+        ),
+        (
+            {"model_type": "phi3", "rope_parameters": LONGROPE},
+            "has rope type 'longrope', which export does not take (its frequencies switch",
+        ),
+    ],
+    ids=["gemma2", "longrope-rope_scaling", "longrope-rope_parameters"],
+)
+def test_an_llm_export_does_not_take_is_refused_before_loading(
+    config, said, clip_tower, tmp_path, capsys
 ):
-    """Phi-3-mini-128k's longrope: its LLaVA would train but export refuses it."""
-    llm = tmp_path / "phi3"
+    """Its LLaVA would train for hours, then never export: refused at init, before any loading
+    (the dir holds no weights)."""
+    llm = tmp_path / "llm"
     llm.mkdir()
-    scaling = {"type": "longrope", "short_factor": [1.0], "long_factor": [2.0]}
-    (llm / "config.json").write_text(json.dumps({"model_type": "phi3", rope: scaling}))
+    (llm / "config.json").write_text(json.dumps(config))
     argv = ["init", str(tmp_path / "out"), "--vision", str(clip_tower), "--llm", str(llm)]
     assert cli(argv) == 1
     assert last_line(capsys.readouterr().err).startswith(
-        f"llava-edge init: error: --llm {llm} has rope type 'longrope', which export does not "
-        "take (its frequencies switch"
+        f"llava-edge init: error: --llm {llm} {said}"
     )
     assert not (tmp_path / "out").exists()
 
