@@ -33,9 +33,7 @@ from llava_edge.manifest import (
 from llava_edge.runtime.template import (
     IMAGE_PLACEHOLDER,
     TEMPLATES,
-    answer_text,
     render,
-    user_turn,
     with_image_markers,
     with_system,
 )
@@ -396,13 +394,7 @@ def _render_with(template: TemplateSpec, turns: Turns, image: Images, system: st
     """A conversation as the runtime renders it (Pipeline.conversation_ids)."""
     if system is not None:
         template = with_system(template, system)
-    at = _image_turns(image)
-    text = ""
-    for i, (question, answer) in enumerate(turns):
-        text += user_turn(template, question, image=i in at, first=i == 0)
-        if answer is not None:
-            text += answer_text(template, answer)
-    return text
+    return _render(template, turns, image)
 
 
 def _image_turns(image: Images) -> tuple[int, ...]:
@@ -465,8 +457,8 @@ def _named_template(checkpoint: Path) -> str | None:
     return name
 
 
-def _render(template: TemplateSpec, turns: Turns) -> str:
-    return "".join(text for text, _ in render(template, turns, image=True))
+def _render(template: TemplateSpec, turns: Turns, image: Images = True) -> str:
+    return "".join(text for text, _ in render(template, turns, image))
 
 
 def _difference(expected: str, got: str) -> str:

@@ -247,18 +247,17 @@ def answer_text(template: TemplateSpec, answer: str) -> str:
 
 
 def render(
-    template: TemplateSpec, turns: list[tuple[str, str | None]], image: bool
+    template: TemplateSpec, turns: list[tuple[str, str | None]], image: bool | tuple[int, ...]
 ) -> list[tuple[str, bool]]:
     """Render (question, answer) turns as (text, supervised) segments.
 
-    The image goes with the first question. A final answer of None leaves the prompt open for
-    the model to answer (what inference wants).
+    image: whether the first question has an image, or the turns that have one each. A final
+    answer of None leaves the prompt open for the model to answer (what inference wants).
     """
+    at = ((0,) if image else ()) if isinstance(image, bool) else image
     segments: list[tuple[str, bool]] = []
     for i, (question, answer) in enumerate(turns):
-        segments.append(
-            (user_turn(template, question, image=image and i == 0, first=i == 0), False)
-        )
+        segments.append((user_turn(template, question, image=i in at, first=i == 0), False))
         if answer is not None:
             segments.append((answer_text(template, answer), True))
     return segments
