@@ -146,7 +146,11 @@ def prompt_scales_per_call(
     keys, values and logits than the whole prompt fed at once; MatMulNBits and float graphs do
     not. Read off the manifest, so that a server refuses a prefix cache before it listens."""
     graphs = form_graphs(manifest, pick_form(manifest, providers, graph_form))
-    files = graph_files(graphs, providers)
+    return _scaled_per_call(graphs, graph_files(graphs, providers))
+
+
+def _scaled_per_call(graphs: dict[str, GraphSpec], files: dict[str, str]) -> bool:
+    """Whether the graph that runs prompts is an int8 graph run as written (the dynamic form)."""
     prompts = PREFILL if PREFILL in graphs else "decoder"
     return graphs[prompts].precision == "int8" and files[prompts] == graphs[prompts].file
 
@@ -255,7 +259,7 @@ class OnnxBackend:
         if self.form == "fused":
             check_int8_kv_cache(graphs["decoder"])
         files = graph_files(graphs, self.providers)
-        self.prompt_scales_per_call = prompt_scales_per_call(manifest, self.providers, graph_form)
+        self.prompt_scales_per_call = _scaled_per_call(graphs, files)
 
         self.layer_names = [manifest.kv_names(i) for i in range(manifest.text.num_layers)]
         self._closed = False
