@@ -44,7 +44,7 @@ from llava_edge.runtime.generate import (
     positions_from_mask,
 )
 from llava_edge.runtime.image import ImageInput, Images, image_list, load_image
-from llava_edge.runtime.sampling import GenerationConfig, whole_number
+from llava_edge.runtime.sampling import GenerationConfig, true_or_false, whole_number
 from llava_edge.runtime.template import IMAGE_PLACEHOLDER, answer_text, user_turn, with_system
 from llava_edge.runtime.tokenizer import TextCodec, common_prefix
 
@@ -174,16 +174,14 @@ class Pipeline:
         """
         if threads is not None:  # onnxruntime takes 0 and negatives silently, as its default
             threads = whole_number("threads", threads, 1, "a whole number, 1 or more")
-        # a string from a config file ("false") would read as true
         for name, value in (
             ("cuda_graph", cuda_graph),
             ("session_cache", session_cache),
             ("background", background),
         ):
-            if not isinstance(value, bool | np.bool_):
-                raise LlavaEdgeError(f"{name} must be True or False, got {value!r}")
-        if verify_files is not None and not isinstance(verify_files, bool | np.bool_):
-            raise LlavaEdgeError(f"verify_files must be True, False or None, got {verify_files!r}")
+            true_or_false(name, value)
+        if verify_files is not None:
+            true_or_false("verify_files", verify_files, "True, False or None")
         if cuda_graph and backend != "tensorrt":
             raise LlavaEdgeError(
                 "cuda_graph replays the tensorrt backend's decode step; onnxruntime has none: "
@@ -670,10 +668,7 @@ class Pipeline:
     def _raw(options: dict) -> bool:
         """Take the `raw` option out of a call's options; a string ("false" from a config file)
         would read as true and send the prompt without the chat template."""
-        raw = options.pop("raw", False)
-        if not isinstance(raw, bool | np.bool_):
-            raise LlavaEdgeError(f"raw must be True or False, got {raw!r}")
-        return bool(raw)
+        return true_or_false("raw", options.pop("raw", False))
 
     def _check_options(self, options: dict) -> None:
         """Refuse a call's bad options now, leaving them in place: those of a batch or a watch,

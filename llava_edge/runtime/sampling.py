@@ -55,13 +55,19 @@ class GenerationConfig:
                 f"stop must be a string or a list of non-empty strings, got {self.stop!r}"
             )
         self.stop = list(self.stop)
-        if not isinstance(self.ignore_eos, bool | np.bool_):
-            raise LlavaEdgeError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
-        self.ignore_eos = bool(self.ignore_eos)
+        self.ignore_eos = true_or_false("ignore_eos", self.ignore_eos)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def true_or_false(name: str, value: object, what: str = "True or False") -> bool:
+    """`value` as a bool: True or False (numpy's too); a string from a config file ("false")
+    would read as true, so it is refused, saying the option must be `what`."""
+    if not isinstance(value, bool | np.bool_):
+        raise LlavaEdgeError(f"{name} must be {what}, got {value!r}")
+    return bool(value)
 
 
 def whole_number(name: str, value: object, least: int, what: str) -> int:

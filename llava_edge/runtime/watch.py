@@ -31,12 +31,10 @@ from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from llava_edge.errors import LlavaEdgeError, TimedOut, TooLarge
 from llava_edge.runtime.frames import DEFAULT_TIMEOUT_S, Frame, open_frames
 from llava_edge.runtime.image import load_image
-from llava_edge.runtime.sampling import whole_number
+from llava_edge.runtime.sampling import true_or_false, whole_number
 from llava_edge.runtime.template import IMAGE_PLACEHOLDER
 
 # Unreadable frames in a row that end a watch: one is a glitch (a JPEG cut short in transit, a
@@ -146,8 +144,13 @@ def watch(
     options are the generation options of `Pipeline.answer`.
     """
     pipe._check_open()
-    changes_only, follow = _flag("changes_only", changes_only), _flag("follow", follow)
-    live = None if live is None else _flag("live", live, " or None (the source decides)")
+    changes_only = true_or_false("changes_only", changes_only)
+    follow = true_or_false("follow", follow)
+    live = (
+        None
+        if live is None
+        else true_or_false("live", live, "True or False or None (the source decides)")
+    )
     if answer_timeout_s is not None:
         options = {**options, "timeout_s": answer_timeout_s}
     frames = whole_number("frames", frames, 1, "at least 1")
@@ -181,13 +184,6 @@ def watch(
     )
     answers = _answers(pipe, stream, prompt, frames, changes_only, max_frames, options, cancel)
     return Watch(answers, cancel, stream)
-
-
-def _flag(name: str, value: object, or_none: str = "") -> bool:
-    """A True/False option; a string from a config file ("false") would read as true."""
-    if not isinstance(value, bool | np.bool_):
-        raise LlavaEdgeError(f"{name} must be True or False{or_none}, got {value!r}")
-    return bool(value)
 
 
 def _check_placeholders(prompt: str, frames: int, raw: bool) -> None:
