@@ -3,6 +3,7 @@ two processes, bad input, and that the result exports and evaluates through the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -420,3 +421,22 @@ def test_defaults_are_llava_1_5s(stage, lora, lr, tmp_path):
     assert args.lr_scheduler_type == "cosine" and args.warmup_steps == 0.03
     assert args.num_train_epochs == 1 and args.weight_decay == 0.0
     assert args.activation_checkpointing
+
+
+def test_checkpointing_takes_the_name_this_transformers_knows():
+    """transformers 5.17's TrainingArguments has only `gradient_checkpointing`; newer 5.x
+    renamed it `activation_checkpointing` and keeps the old name as a deprecated alias."""
+    from transformers import TrainingArguments
+
+    from llava_edge.training.train import checkpointing_arguments
+
+    @dataclasses.dataclass
+    class OlderArguments:
+        gradient_checkpointing: bool = False
+        gradient_checkpointing_kwargs: dict | None = None
+
+    older = checkpointing_arguments(OlderArguments, True)
+    assert OlderArguments(**older).gradient_checkpointing
+    assert older["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
+    current = checkpointing_arguments(TrainingArguments, False)
+    assert set(current) == {"activation_checkpointing", "activation_checkpointing_kwargs"}

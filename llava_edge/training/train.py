@@ -724,6 +724,19 @@ def _precision(name: str) -> dict[str, bool]:
     return {"bf16": name == "bf16", "fp16": name == "fp16"}
 
 
+def checkpointing_arguments(arguments_class: type, on: bool) -> dict[str, Any]:
+    """TrainingArguments' switch for activation checkpointing under the name this transformers
+    takes: `activation_checkpointing` in recent 5.x, `gradient_checkpointing` before (5.17 knows
+    only that one). Non-reentrant checkpointing needs no input that requires grad (the embeddings
+    are frozen in stage 1 and under LoRA)."""
+    names = {f.name for f in dataclasses.fields(arguments_class)}
+    prefix = "activation" if "activation_checkpointing" in names else "gradient"
+    return {
+        f"{prefix}_checkpointing": on,
+        f"{prefix}_checkpointing_kwargs": {"use_reentrant": False},
+    }
+
+
 def _training_args(
     trainer_dir: Path,
     stage: int,
@@ -756,10 +769,7 @@ def _training_args(
         lr_scheduler_type="cosine",  # LlavaTrainer's own (warmup_cosine) in its place
         warmup_steps=opts.warmup_ratio,  # a float below 1 is a ratio of the total steps
         weight_decay=opts.weight_decay,
-        activation_checkpointing=opts.gradient_checkpointing,
-        # Non-reentrant checkpointing needs no input that requires grad (the embeddings are
-        # frozen in stage 1 and under LoRA).
-        activation_checkpointing_kwargs={"use_reentrant": False},
+        **checkpointing_arguments(TrainingArguments, opts.gradient_checkpointing),
         logging_steps=opts.logging_steps,
         save_strategy="steps",
         save_steps=opts.save_steps,
