@@ -151,3 +151,17 @@ def test_fused_vision_form_is_written_only_when_it_equals_the_standard(
     assert "fp16" in write_fused_vision(standard, fp16, config, tmp_path)[1]
     config.model_type = "dinov2"
     assert "'dinov2'" in write_fused_vision(standard, spec, config, tmp_path)[1]
+
+
+def test_graphs_carry_the_oldest_ir_version_their_opsets_allow(tiny_model_dir: Path) -> None:
+    """The installed onnx's newest IR version (14 for onnx 1.23) is one an older onnxruntime
+    refuses to load ("Unsupported model IR version: 14, max supported IR version: 13", 1.30)."""
+    import onnx
+    from onnx import helper
+
+    graphs = sorted(tiny_model_dir.glob("*.onnx"))
+    assert "decoder_fused.onnx" in {g.name for g in graphs}
+    for path in graphs:
+        model = onnx.load(str(path), load_external_data=False)
+        oldest = helper.find_min_ir_version_for(model.opset_import, ignore_unknown=True)
+        assert model.ir_version == oldest, path.name

@@ -216,10 +216,12 @@ def build_fused_decoder(llava: Any, text: TextSpec) -> Any:
 
     inputs, outputs = value_infos(io.inputs), value_infos(io.outputs)
     graph = helper.make_graph(g.nodes, "decoder_fused", inputs, outputs, g.initializers)
+    opsets = [helper.make_opsetid("", FUSED_OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
+    # The oldest IR version these opsets allow, not the installed onnx's newest (14 for onnx
+    # 1.23), which an older onnxruntime on the robot refuses to load (1.30 reads up to 13).
+    ir_version = helper.find_min_ir_version_for(opsets, ignore_unknown=True)
     return helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", FUSED_OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
-        producer_name="llava-edge",
+        graph, opset_imports=opsets, ir_version=ir_version, producer_name="llava-edge"
     )
 
 
