@@ -420,10 +420,10 @@ def test_defaults_are_llava_1_5s(stage, lora, lr, tmp_path):
     assert global_batch == (256 if stage == 1 else 128)
     assert args.lr_scheduler_type == "cosine" and args.warmup_steps == 0.03
     assert args.num_train_epochs == 1 and args.weight_decay == 0.0
-    assert args.activation_checkpointing
+    assert args.gradient_checkpointing  # also set under its newer name, where there is one
 
 
-def test_checkpointing_takes_the_name_this_transformers_knows():
+def test_checkpointing_takes_the_name_this_transformers_knows(tmp_path):
     """transformers 5.17's TrainingArguments has only `gradient_checkpointing`; newer 5.x
     renamed it `activation_checkpointing` and keeps the old name as a deprecated alias."""
     from transformers import TrainingArguments
@@ -438,5 +438,8 @@ def test_checkpointing_takes_the_name_this_transformers_knows():
     older = checkpointing_arguments(OlderArguments, True)
     assert OlderArguments(**older).gradient_checkpointing
     assert older["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
-    current = checkpointing_arguments(TrainingArguments, False)
-    assert set(current) == {"activation_checkpointing", "activation_checkpointing_kwargs"}
+    for on in (True, False):
+        args = TrainingArguments(
+            output_dir=str(tmp_path), **checkpointing_arguments(TrainingArguments, on)
+        )
+        assert args.gradient_checkpointing is on
