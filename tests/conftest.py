@@ -84,3 +84,14 @@ def record_syncs_and_renames(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str,
     monkeypatch.setattr(os, "fsync", recording_fsync)
     monkeypatch.setattr(os, "replace", recording_replace)
     return events
+
+
+@pytest.fixture
+def cpu_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training as on the CPU machines these tests are written for, on a GPU machine too: its
+    printing from data-loader workers, its fp32 arithmetic and its one-device process group
+    differ on a GPU (two ranks on one GPU fail NCCL's barrier). Child processes see no GPU."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")

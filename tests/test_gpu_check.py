@@ -82,7 +82,7 @@ def test_a_tensorrt_too_old_or_broken_skips_the_section_saying_why(gpu_check) ->
 
 
 def test_a_failing_training_run_leaves_the_others_in_the_report(
-    gpu_check, tmp_path, monkeypatch
+    gpu_check, tmp_path, monkeypatch, cpu_only
 ) -> None:
     def train_demo(root, data, lora, precision, quick):
         if lora:

@@ -199,7 +199,7 @@ def test_resume_after_an_interruption_reaches_the_same_loss(stage1, data, tmp_pa
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
 
 
-def test_two_processes_end_with_identical_weights(stage1, data, tmp_path):
+def test_two_processes_end_with_identical_weights(stage1, data, tmp_path, cpu_only):
     reports = tmp_path / "reports"
     reports.mkdir()
     (tmp_path / "tmp").mkdir()  # torchrun leaves a dir of its own in the temporary dir
@@ -302,7 +302,7 @@ def test_bad_samples_stop_training_with_their_id(
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
-def test_skip_bad_keeps_a_batch_of_one_whole(stage1, data, bad_images, tmp_path, capsys):
+def test_skip_bad_keeps_a_batch_of_one_whole(stage1, data, bad_images, tmp_path, capsys, cpu_only):
     """An image broken past its header, alone in its batch (--per-device-batch-size 1, as a
     small GPU trains): the next sample takes its place, rather than an empty batch ending the
     run hours in."""
@@ -328,7 +328,7 @@ def test_a_data_file_of_the_wrong_shape_is_named(stage1, data, tmp_path, capsys)
 
 
 def test_skip_bad_leaves_bad_samples_out_and_counts_them(
-    stage1, data, bad_images, tmp_path, capsys
+    stage1, data, bad_images, tmp_path, capsys, cpu_only
 ):
     records = [_sample(f"good-{i}") for i in range(4)]
     records += [_sample("no-file", image="missing.png"), {"id": "no-talk"}, _alternation_broken()]

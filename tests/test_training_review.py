@@ -423,7 +423,9 @@ def test_out_holding_the_working_directory_is_refused(
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["work"] and not any(work.iterdir())
 
 
-def test_the_logged_loss_is_transformers_loss_of_the_global_batch(tiny_checkpoint, data, tmp_path):
+def test_the_logged_loss_is_transformers_loss_of_the_global_batch(
+    tiny_checkpoint, data, tmp_path, cpu_only
+):
     """Over gradient accumulation (2 x 2 samples) the logged loss of a step is the mean over
     every supervised token of the global batch, as LlavaForConditionalGeneration computes it on
     the whole batch at once (transformers' semantics; lr 0 leaves the weights as they were)."""
