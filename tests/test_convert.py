@@ -147,11 +147,12 @@ def converted(request: pytest.FixtureRequest, tmp_path_factory) -> Converted:
 
 
 def test_greedy_tokens_equal_the_source_model(converted: Converted) -> None:
-    """Runtime over the exported conversion == the source model's generate(), id for id."""
-    from transformers import AutoProcessor
+    """Runtime over the exported conversion == the source model's generate(), id for id (its
+    pixels from the PIL backend the runtime replays, also where torchvision is installed)."""
+    from llava_edge.modeling import load_processor
 
     model = load_model(converted.source, dtype=torch.float32, attn_implementation="eager").eval()
-    processor = AutoProcessor.from_pretrained(converted.source)
+    processor = load_processor(converted.source)
     image = picture(converted.case.spec.seed)
     messages = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}
