@@ -191,6 +191,54 @@ def test_chat_turns_follow_the_templates_past_answer_header(exported: Exported) 
     assert second.token_ids == resumed.answer.token_ids == reference
 
 
+def test_run_and_serve_answer_as_the_pipeline(exported: Exported, tmp_path: Path, capsys) -> None:
+    """`llava-edge run` on an image file, and a served conversation with a past answer, whose
+    prompt is the template's (the past answer after its own header)."""
+    import base64
+    import io
+    import time
+
+    from starlette.testclient import TestClient
+
+    from llava_edge.cli import main
+    from llava_edge.serve import ServeOptions, create_app
+
+    image = picture(*IMAGES["tall"])
+    path = tmp_path / "tall.png"
+    image.save(path)
+    with Pipeline.load(exported.model_dir) as pipe:
+        want = pipe.generate(image, QUESTION, max_new_tokens=6)
+        later = pipe.answer(image, QUESTION, max_new_tokens=6)
+    capsys.readouterr()
+    command = ["run", str(exported.model_dir), "--image", str(path), "--prompt", QUESTION]
+    assert main([*command, "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out.strip() == want.strip()
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    turns = [(QUESTION, "A red circle."), ("Which one is bigger?", None)]
+    messages = [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, QUESTION]},
+        {"role": "assistant", "content": turns[0][1]},
+        {"role": "user", "content": turns[1][0]},
+    ]
+    messages[0]["content"][1] = {"type": "text", "text": QUESTION}
+    body = {"model": "m", "messages": messages, "max_tokens": 4}
+    with TestClient(create_app(ServeOptions(exported.model_dir, model_name="m"))) as client:
+        while client.get("/health").status_code != 200:
+            time.sleep(0.05)
+        reply = client.post("/v1/chat/completions", json=body)
+    assert reply.status_code == 200, reply.text
+    inputs = _hf_ids(exported, turns, image)
+    with torch.no_grad():
+        reference = exported.model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    reference = reference[0, inputs["input_ids"].shape[1] :].tolist()
+    text = exported.processor.tokenizer.decode(reference, skip_special_tokens=True)
+    assert reply.json()["choices"][0]["message"]["content"] == text
+    prompt_tokens = reply.json()["usage"]["prompt_tokens"]
+    assert prompt_tokens == inputs["input_ids"].shape[1] > len(later.prompt_token_ids)
+
+
 def test_several_images_per_prompt_are_refused(exported: Exported) -> None:
     """transformers' OneVision pads each of a prompt's several images to a square, untiled:
     the runtime, which tiles each, refuses them everywhere a prompt gets its images."""
