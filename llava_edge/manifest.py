@@ -28,9 +28,9 @@ CHECKPOINT_INFO_FILE = "llava_edge.json"
 FORMAT_NAME = "llava-edge-model"
 # The newest format this llava-edge reads. A manifest carries the oldest version that describes
 # it (1; 2 with AnyRes; 3 with a template that strips text or writes a question prefix; 4 with
-# LLaVA-OneVision's downsampled tiles, its one image per prompt or a past answer's own header,
-# each of which an older runtime would drop without a word), so runtimes that predate a feature
-# refuse only the dirs that use it.
+# LLaVA-OneVision's downsampled tiles, its one image per prompt, its video placeholder or a
+# past answer's own header, each of which an older runtime would drop without a word), so
+# runtimes that predate a feature refuse only the dirs that use it.
 FORMAT_VERSION = 4
 ANYRES_FORMAT_VERSION = 2
 TEMPLATE_FORMAT_VERSION = 3
@@ -136,6 +136,9 @@ class TokenSpec:
     bos_token_id: int | None = None
     pad_token_id: int | None = None
     add_bos: bool = True  # put bos_token_id before every prompt
+    # LLaVA-OneVision's <video> placeholder, which a prompt may not hold: the runtime takes no
+    # video, and transformers refuses the placeholder without one. None: the model has none.
+    video_token_id: int | None = None
 
 
 @dataclass
@@ -356,8 +359,12 @@ class Manifest:
         """The oldest format version that describes this manifest: what it records for runtimes
         that predate a feature to refuse rather than misread."""
         t, anyres = self.template, self.image.anyres
-        if t.answered_assistant is not None or (
-            anyres is not None and (anyres.max_patches is not None or not anyres.several_images)
+        if (
+            t.answered_assistant is not None
+            or self.tokens.video_token_id is not None
+            or (
+                anyres is not None and (anyres.max_patches is not None or not anyres.several_images)
+            )
         ):
             return ONEVISION_FORMAT_VERSION
         if t.question_prefix or t.trim_user or t.trim_assistant or t.trim_system:

@@ -123,6 +123,7 @@ def test_manifest_records_the_shrinking_and_a_newer_format(exported: Exported) -
     assert manifest.template.answered_assistant == "<|im_end|>\n<|im_start|>assistant \n"
     assert manifest.template.assistant == "<|im_end|>\n<|im_start|>assistant\n"
     assert manifest.format_version == 4
+    assert manifest.tokens.video_token_id == exported.processor.video_token_id is not None
     # a runtime of format 3 would read none of these and answer otherwise, without a word
     with pytest.raises(LlavaEdgeError, match=r"format_version 3 is older than .* needs \(4\)"):
         Manifest.from_dict({**manifest.to_dict(), "format_version": 3})
@@ -241,7 +242,8 @@ def test_run_and_serve_answer_as_the_pipeline(exported: Exported, tmp_path: Path
 
 def test_several_images_per_prompt_are_refused(exported: Exported) -> None:
     """transformers' OneVision pads each of a prompt's several images to a square, untiled:
-    the runtime, which tiles each, refuses them everywhere a prompt gets its images."""
+    the runtime, which tiles each, refuses them everywhere a prompt gets its images; and videos,
+    which it has no input for."""
     one, two = picture(50, 100), picture(60, 60, seed=1)
     said = "this model takes one image per prompt or chat, got 2"
     with Pipeline.load(exported.model_dir) as pipe:
@@ -262,6 +264,9 @@ def test_several_images_per_prompt_are_refused(exported: Exported) -> None:
         pixels = [pipe.image_pixels(one), pipe.image_pixels(two)]
         with pytest.raises(LlavaEdgeError, match=said):
             pipe.conversation_ids([(QUESTION, "A."), ("And?", None)], pixels, [0, 1])
+        # nor a video placeholder, which transformers' processor refuses without a video
+        with pytest.raises(LlavaEdgeError, match="'<video>', the model's video placeholder"):
+            pipe.answer(one, "What happens in <video>?")
 
 
 def test_the_server_refuses_several_images_before_fetching_them(exported: Exported) -> None:

@@ -802,12 +802,15 @@ def _token_spec(loaded: LoadedCheckpoint) -> TokenSpec:
     pad = tokenizer.pad_token_id
     if pad is None:
         pad = model.generation_config.pad_token_id
+    # LLaVA-OneVision's processor refuses a prompt with its video placeholder and no video
+    video = getattr(loaded.processor, "video_token_id", None)
     return TokenSpec(
         image_token_id=int(model.config.image_token_id),
         eos_token_ids=eos_ids,
         bos_token_id=None if bos is None else int(bos),
         pad_token_id=None if pad is None else int(pad),
         add_bos=bool(bos is not None and probe and probe[0] == bos),
+        video_token_id=None if video is None else int(video),
     )
 
 
