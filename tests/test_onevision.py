@@ -167,6 +167,58 @@ def test_pixels_packing_and_counts_equal_transformers(exported: Exported) -> Non
     assert max(counts) <= max_feature_count(manifest)
 
 
+def test_packing_at_the_published_geometry() -> None:
+    """llava-onevision-qwen2-0.5b-ov-hf's own numbers (384 px tiles of 27 x 27 features, 1 to 6
+    tiles a side, anyres_max_9): the packing of camera-sized pictures equals transformers', as
+    many features as LlavaOnevisionProcessor counts, none past max_feature_count."""
+    from hf_checkpoints import ONEVISION_QWEN, VIDEO, qwen_tokenizer
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+    from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
+
+    from llava_edge.manifest import AnyResSpec, ImageSpec
+    from llava_edge.modeling import OnevisionImageProcessor
+    from llava_edge.runtime.anyres import max_tiles, select_resolution
+
+    pinpoints = ONEVISION_QWEN["image_grid_pinpoints"]
+    anyres = AnyResSpec(pinpoints, 384, [384, 384], 27, "image_newline.npy", 9, False)
+    spec = ImageSpec(384, 384, None, 3, False, 1 / 255, True, [0.5] * 3, [0.5] * 3, False, anyres)
+    processor = OnevisionImageProcessor(
+        image_processor=LlavaOnevisionImageProcessorPil(image_grid_pinpoints=pinpoints),
+        tokenizer=qwen_tokenizer((VIDEO,)),
+        num_image_tokens=27 * 27,
+        vision_feature_select_strategy="full",
+    )
+    config = SimpleNamespace(
+        vision_config=SimpleNamespace(image_size=384, patch_size=14), image_grid_pinpoints=pinpoints
+    )
+    manifest = SimpleNamespace(image=spec, num_image_tokens=27 * 27)
+    rng = np.random.default_rng(0)
+    newline = rng.standard_normal(4).astype(np.float32)
+    for height, width in [(480, 640), (720, 1280), (1080, 1920), (3000, 4000), (100, 3000)]:
+        target_h, target_w = select_resolution(height, width, pinpoints)
+        tiles = 1 + (target_h // 384) * (target_w // 384)
+        assert tiles <= max_tiles(anyres)
+        features = rng.standard_normal((tiles, 27 * 27, 4)).astype(np.float32)
+        ours = image_embeds(features, (width, height), spec, newline)
+        (packed,), _ = LlavaOnevisionModel.pack_image_features(
+            SimpleNamespace(config=config),
+            [torch.from_numpy(features)],
+            torch.tensor([[height, width]]),
+            torch.from_numpy(newline),
+            "anyres_max_9",
+        )
+        np.testing.assert_allclose(ours, packed.numpy(), rtol=0, atol=1e-5)
+        count = processor._get_number_of_features(height, width, 384, 384)
+        assert (
+            len(ours)
+            == count
+            == feature_count((width, height), spec, 729)
+            <= max_feature_count(manifest)
+        )
+
+
 def test_chat_turns_follow_the_templates_past_answer_header(exported: Exported) -> None:
     """llava-hf's template writes a past answer after "assistant \\n" and a new one after
     "assistant\\n": a chat's later turn is the conversation as the template renders it, as
