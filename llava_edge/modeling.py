@@ -159,7 +159,9 @@ def load_processor(source: str | os.PathLike, trust_remote_code: bool = False) -
     from transformers import AutoImageProcessor, AutoProcessor
 
     config = read_config(source, "checkpoint", trust_remote_code)
-    loader = OnevisionImageProcessor if config.model_type == "llava_onevision" else AutoProcessor
+    loader = (
+        OnevisionProcessorWithoutVideo if config.model_type == "llava_onevision" else AutoProcessor
+    )
     processor = loader.from_pretrained(str(source), trust_remote_code=trust_remote_code)
     processor.image_processor = AutoImageProcessor.from_pretrained(
         str(source), trust_remote_code=trust_remote_code, backend=PROCESSOR_BACKEND
@@ -167,7 +169,7 @@ def load_processor(source: str | os.PathLike, trust_remote_code: bool = False) -
     return processor
 
 
-class OnevisionImageProcessor(LlavaOnevisionProcessor):
+class OnevisionProcessorWithoutVideo(LlavaOnevisionProcessor):
     """LlavaOnevisionProcessor without its video processor, which transformers builds on
     torchvision (not one of export's dependencies) and loads with it, or fails to load the
     processor at all. llava-edge takes no video; images, prompts and image token counts are

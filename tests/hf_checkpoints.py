@@ -328,7 +328,7 @@ def _onevision_processor(config: Any, tokenizer: Any, chat_template: str) -> Any
         LlavaOnevisionImageProcessorPil,
     )
 
-    from llava_edge.modeling import OnevisionImageProcessor
+    from llava_edge.modeling import OnevisionProcessorWithoutVideo
 
     vision = config.vision_config
     size = vision.image_size
@@ -338,7 +338,7 @@ def _onevision_processor(config: Any, tokenizer: Any, chat_template: str) -> Any
         image_mean=[0.5] * 3,
         image_std=[0.5] * 3,
     )
-    return OnevisionImageProcessor(
+    return OnevisionProcessorWithoutVideo(
         image_processor=image_processor,
         tokenizer=tokenizer,
         num_image_tokens=(size // vision.patch_size) ** 2,

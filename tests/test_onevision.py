@@ -178,13 +178,13 @@ def test_packing_at_the_published_geometry() -> None:
     from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
 
     from llava_edge.manifest import AnyResSpec, ImageSpec
-    from llava_edge.modeling import OnevisionImageProcessor
+    from llava_edge.modeling import OnevisionProcessorWithoutVideo
     from llava_edge.runtime.anyres import max_tiles, select_resolution
 
     pinpoints = ONEVISION_QWEN["image_grid_pinpoints"]
     anyres = AnyResSpec(pinpoints, 384, [384, 384], 27, "image_newline.npy", 9, False)
     spec = ImageSpec(384, 384, None, 3, False, 1 / 255, True, [0.5] * 3, [0.5] * 3, False, anyres)
-    processor = OnevisionImageProcessor(
+    processor = OnevisionProcessorWithoutVideo(
         image_processor=LlavaOnevisionImageProcessorPil(image_grid_pinpoints=pinpoints),
         tokenizer=qwen_tokenizer((VIDEO,)),
         num_image_tokens=27 * 27,
