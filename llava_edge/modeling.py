@@ -155,7 +155,8 @@ def load_processor(source: str | os.PathLike, trust_remote_code: bool = False) -
     would verify against, and training would learn from, other pixels than the runtime's. The
     image processor loads alone (AutoProcessor would hand `backend` to the tokenizer too) and
     takes the processor's place as an attribute: passed to AutoProcessor, it would be saved as one
-    of its settings, which save_pretrained cannot write."""
+    of its settings, which save_pretrained cannot write. A LLaVA-OneVision processor loads
+    without its video processor (OnevisionProcessorWithoutVideo)."""
     from transformers import AutoImageProcessor, AutoProcessor
 
     config = read_config(source, "checkpoint", trust_remote_code)
