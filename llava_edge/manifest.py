@@ -27,12 +27,14 @@ MANIFEST_NAME = "manifest.json"
 CHECKPOINT_INFO_FILE = "llava_edge.json"
 FORMAT_NAME = "llava-edge-model"
 # The newest format this llava-edge reads. A manifest carries the oldest version that describes
-# it (1; 2 with AnyRes; 3 with a template that strips text or writes a question prefix, which an
-# older runtime would drop without a word), so runtimes that predate a feature refuse only the
-# dirs that use it.
-FORMAT_VERSION = 3
+# it (1; 2 with AnyRes; 3 with a template that strips text or writes a question prefix; 4 with
+# LLaVA-OneVision's downsampled tiles, its one image per prompt, its video placeholder or a
+# past answer's own header, each of which an older runtime would drop without a word), so
+# runtimes that predate a feature refuse only the dirs that use it.
+FORMAT_VERSION = 4
 ANYRES_FORMAT_VERSION = 2
 TEMPLATE_FORMAT_VERSION = 3
+ONEVISION_FORMAT_VERSION = 4
 GRAPH_NAMES = ("vision_encoder", "projector", "decoder")
 PREFILL = "decoder_prefill"  # what the runtime and `plan` call the fused decoder's prompt form
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
@@ -86,6 +88,14 @@ class AnyResSpec:
     base_size: list[int]  # [height, width] the whole image is squashed to for the base image
     tile_features: int  # features on a side of one tile's feature grid
     newline: str | None  # .npy file of image_newline [hidden], closing each feature row
+    # LLaVA-OneVision's `anyres_max_N`: an unpadded tile grid of more than about N tiles'
+    # features is shrunk by bilinear interpolation to about N tiles' (runtime/anyres.py).
+    # None: never shrunk (LLaVA-NeXT).
+    max_patches: int | None = None
+    # Whether a prompt may hold more than one image. LLaVA-OneVision tiles an image only where
+    # it is its prompt's only one (several are each padded to a square, untiled), which this
+    # runtime does not do: such a dir takes one image per prompt or chat.
+    several_images: bool = True
 
 
 @dataclass
@@ -126,6 +136,9 @@ class TokenSpec:
     bos_token_id: int | None = None
     pad_token_id: int | None = None
     add_bos: bool = True  # put bos_token_id before every prompt
+    # LLaVA-OneVision's <video> placeholder, which a prompt may not hold: the runtime takes no
+    # video, and transformers refuses the placeholder without one. None: the model has none.
+    video_token_id: int | None = None
 
 
 @dataclass
@@ -159,6 +172,10 @@ class TemplateSpec:
     # Written before every question, after its images (llava-hf's Llama 3 LLaVA-NeXT writes
     # `<image>` then "\n" + the text, and "\n" + the text where there is no image).
     question_prefix: str = ""
+    # What follows a question whose answer the conversation holds (a past turn), where it is not
+    # `assistant`: llava-hf's OneVision template writes "assistant \n" before a past answer and
+    # "assistant\n" before a new one. None: `assistant`, as in every other template.
+    answered_assistant: str | None = None
 
 
 @dataclass
@@ -334,16 +351,25 @@ class Manifest:
             not anyres.grid_pinpoints
             or anyres.tile_size <= 0
             or anyres.tile_features**2 != self.num_image_tokens
+            or (anyres.max_patches is not None and anyres.max_patches <= 0)
         ):
             raise LlavaEdgeError(f"{where}: the AnyRes settings are inconsistent; re-export")
 
     def required_version(self) -> int:
         """The oldest format version that describes this manifest: what it records for runtimes
         that predate a feature to refuse rather than misread."""
-        t = self.template
+        t, anyres = self.template, self.image.anyres
+        if (
+            t.answered_assistant is not None
+            or self.tokens.video_token_id is not None
+            or (
+                anyres is not None and (anyres.max_patches is not None or not anyres.several_images)
+            )
+        ):
+            return ONEVISION_FORMAT_VERSION
         if t.question_prefix or t.trim_user or t.trim_assistant or t.trim_system:
             return TEMPLATE_FORMAT_VERSION
-        return ANYRES_FORMAT_VERSION if self.image.anyres is not None else 1
+        return ANYRES_FORMAT_VERSION if anyres is not None else 1
 
     # ---- facts derived from the contract ---------------------------------------------------
 

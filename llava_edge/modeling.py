@@ -18,7 +18,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+from transformers import (
+    LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionProcessor,
+)
 from transformers.activations import ACT2FN
 
 from llava_edge.errors import LlavaEdgeError, first_line
@@ -87,15 +92,23 @@ class LlavaEdgeForConditionalGeneration(LlavaForConditionalGeneration):
         self.post_init()
 
 
+# The AnyRes families (model_type -> name, class): an image is a base image and tiles.
+ANYRES_CLASSES = {
+    "llava_next": ("LLaVA-NeXT", LlavaNextForConditionalGeneration),
+    "llava_onevision": ("LLaVA-OneVision", LlavaOnevisionForConditionalGeneration),
+}
+
+
 def model_class(config: Any) -> type:
     """The class that holds a checkpoint of this config."""
-    if config.model_type == "llava_next":
+    if config.model_type in ANYRES_CLASSES:
+        name, cls = ANYRES_CLASSES[config.model_type]
         if projector_type(config) != DEFAULT_PROJECTOR:
             raise LlavaEdgeError(
-                f"a LLaVA-NeXT checkpoint with a '{projector_type(config)}' projector is not "
-                "supported; LLaVA-NeXT uses mlp2x_gelu"
+                f"a {name} checkpoint with a '{projector_type(config)}' projector is not "
+                f"supported; {name} uses mlp2x_gelu"
             )
-        return LlavaNextForConditionalGeneration
+        return cls
     if projector_type(config) == DEFAULT_PROJECTOR:
         return LlavaForConditionalGeneration
     projector_depth(projector_type(config))  # a clear error for an unknown type
@@ -142,14 +155,32 @@ def load_processor(source: str | os.PathLike, trust_remote_code: bool = False) -
     would verify against, and training would learn from, other pixels than the runtime's. The
     image processor loads alone (AutoProcessor would hand `backend` to the tokenizer too) and
     takes the processor's place as an attribute: passed to AutoProcessor, it would be saved as one
-    of its settings, which save_pretrained cannot write."""
+    of its settings, which save_pretrained cannot write. A LLaVA-OneVision processor loads
+    without its video processor (OnevisionProcessorWithoutVideo)."""
     from transformers import AutoImageProcessor, AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+    config = read_config(source, "checkpoint", trust_remote_code)
+    loader = (
+        OnevisionProcessorWithoutVideo if config.model_type == "llava_onevision" else AutoProcessor
+    )
+    processor = loader.from_pretrained(str(source), trust_remote_code=trust_remote_code)
     processor.image_processor = AutoImageProcessor.from_pretrained(
         str(source), trust_remote_code=trust_remote_code, backend=PROCESSOR_BACKEND
     )
     return processor
+
+
+class OnevisionProcessorWithoutVideo(LlavaOnevisionProcessor):
+    """LlavaOnevisionProcessor without its video processor, which transformers builds on
+    torchvision (not one of export's dependencies) and loads with it, or fails to load the
+    processor at all. llava-edge takes no video; images, prompts and image token counts are
+    LlavaOnevisionProcessor's own."""
+
+    video_processor = None
+
+    @classmethod
+    def get_attributes(cls) -> list[str]:
+        return [name for name in super().get_attributes() if name != "video_processor"]
 
 
 def check_processor(processor: Any, config: Any, what: str) -> None:

@@ -83,13 +83,18 @@ INTERLEAVE_TEMPLATE = (
     "{{ content['text'] }}{% endfor %}{{'<|im_end|>'}}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant' }}{% endif %}"
 )
-# llava-hf's OneVision-family template (llava-hf/llava-onevision-qwen2-0.5b-ov-hf): the newline
-# before the question is written only with an image, and a past answer follows "assistant \n"
-# where a new one follows "assistant\n", which no `image` string can express.
+# llava-hf's OneVision-family template (llava-hf/llava-onevision-qwen2-0.5b-ov-hf): "\n" before
+# every question, after its images, and a past answer follows "assistant \n" where a new one
+# follows "assistant\n" (TemplateSpec.answered_assistant).
 ONEVISION_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}"
+    "{# Render all images first #}"
     "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
     "{{ '<image>' }}{% endfor %}"
+    "{# Render all video then #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}"
+    "{{ '<video>' }}{% endfor %}"
+    "{# Render all text next #}"
     "{% if message['role'] != 'assistant' %}"
     "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
     "{{ '\n' + content['text'] }}{% endfor %}"
@@ -100,6 +105,43 @@ ONEVISION_TEMPLATE = (
 )
 QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 IMAGE = "<image>"
+VIDEO = "<video>"
+
+# llava-hf/llava-onevision-qwen2-0.5b-ov-hf's config.json: a SigLIP tower at 384 px, Qwen2-0.5B,
+# AnyRes on 1 to 6 x 1 to 6 tiles whose features shrink past 9 tiles' (anyres_max_9).
+ONEVISION_QWEN = {
+    "architectures": ["LlavaOnevisionForConditionalGeneration"],
+    "model_type": "llava_onevision",
+    "image_token_index": 151646,
+    "video_token_index": 151647,
+    "projector_hidden_act": "gelu",
+    "vision_feature_layer": -1,
+    "vision_feature_select_strategy": "full",
+    "vision_aspect_ratio": "anyres_max_9",
+    "tie_word_embeddings": True,
+    "image_grid_pinpoints": [[384 * h, 384 * w] for h in range(1, 7) for w in range(1, 7)],
+    "text_config": {
+        "model_type": "qwen2",
+        "architectures": ["Qwen2ForCausalLM"],
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+        "hidden_act": "silu",
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "max_position_embeddings": 32768,
+        "max_window_layers": 24,
+        "num_attention_heads": 14,
+        "num_hidden_layers": 24,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "sliding_window": 32768,
+        "use_sliding_window": False,
+        "tie_word_embeddings": True,
+        "vocab_size": 152000,
+    },
+    "vision_config": {**INTERLEAVE_QWEN["vision_config"]},
+}
 
 # Small enough for a test, shaped like the real ones: GQA, 60 px images in 14 px patches (as 384
 # is no multiple of 14), more embedding rows than tokens (as Qwen pads its vocabulary).
@@ -134,9 +176,27 @@ def interleave_qwen(**changes: Any) -> dict[str, Any]:
     return config
 
 
-def qwen_tokenizer() -> Any:
+def onevision_qwen(max_patches: int = 2, **changes: Any) -> dict[str, Any]:
+    """llava-onevision-qwen2-0.5b-ov-hf's config at the tiny dims of `interleave_qwen` (60 px
+    tiles of 4 x 4 features), on 1 to 3 x 1 to 3 tiles whose features shrink past
+    `max_patches` tiles' (a 3 x 3 grid's 144 features shrink with the default 2; 1 x 2 tiles'
+    32 do not)."""
+    config = copy.deepcopy(ONEVISION_QWEN)
+    config["text_config"].update(TINY_TEXT)
+    config["text_config"].update(changes.pop("text", {}))
+    config["vision_config"].update(TINY_VISION)
+    config["vision_config"].update(changes.pop("vision", {}))
+    tile = config["vision_config"]["image_size"]
+    config["image_grid_pinpoints"] = [[tile * h, tile * w] for h in (1, 2, 3) for w in (1, 2, 3)]
+    config["vision_aspect_ratio"] = f"anyres_max_{max_patches}"
+    config.update(changes)
+    return config
+
+
+def qwen_tokenizer(extra: tuple[str, ...] = ()) -> Any:
     """A byte-level BPE like Qwen2's (no BOS; `<|im_end|>` ends a turn), trained on a few
-    sentences, with `<image>` added after the specials as llava-hf adds it."""
+    sentences, with `<image>` (and `extra`, OneVision's `<video>`) added after the specials as
+    llava-hf adds them."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -154,7 +214,7 @@ def qwen_tokenizer() -> Any:
     )
     tokenizer.train_from_iterator([text] * 4, trainer)
     tokenizer.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t in (*QWEN_SPECIALS, IMAGE)]
+        [AddedToken(t, special=True, normalized=False) for t in (*QWEN_SPECIALS, IMAGE, *extra)]
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
@@ -173,17 +233,15 @@ def write_checkpoint(
 ) -> Path:
     """A checkpoint dir of `config` (a config.json's dict) with a Qwen-style tokenizer, a SigLIP
     or CLIP image processor (by the vision tower's type) and seeded random weights."""
-    from transformers import (
-        AutoConfig,
-        GenerationConfig,
-        LlavaForConditionalGeneration,
-        LlavaNextForConditionalGeneration,
-    )
+    from llava_edge.modeling import model_class
 
-    tokenizer = qwen_tokenizer()
+    onevision = config["model_type"] == "llava_onevision"
+    tokenizer = qwen_tokenizer((VIDEO,) if onevision else ())
     config = copy.deepcopy(config)
     ids = tokenizer.convert_tokens_to_ids
     config["image_token_index"] = ids(IMAGE)
+    if onevision:
+        config["video_token_index"] = ids(VIDEO)
     text = config["text_config"]
     text.update(bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"))
     text["vocab_size"] = len(tokenizer) + 20  # rows past the tokenizer's, as Qwen's 152000
@@ -191,11 +249,11 @@ def write_checkpoint(
     config["image_seq_length"] = (vision["image_size"] // vision["patch_size"]) ** 2
     out.mkdir(parents=True)
     (out / "config.json").write_text(json.dumps(config))
+    from transformers import AutoConfig, GenerationConfig
+
     llava_config = AutoConfig.from_pretrained(out)
     torch.manual_seed(seed)
-    next_ = llava_config.model_type == "llava_next"
-    model_class = LlavaNextForConditionalGeneration if next_ else LlavaForConditionalGeneration
-    model = model_class(llava_config).eval()
+    model = model_class(llava_config)(llava_config).eval()
     _randomise_constants(model, seed)
     model.generation_config = GenerationConfig(
         bos_token_id=text["bos_token_id"],
@@ -204,6 +262,10 @@ def write_checkpoint(
     )
     model.save_pretrained(out, safe_serialization=True)
     _processor(llava_config, tokenizer, processor, chat_template).save_pretrained(out)
+    if onevision:  # saved without its video processor (see llava_edge.modeling), named as published
+        saved = json.loads((out / "processor_config.json").read_text())
+        saved["processor_class"] = "LlavaOnevisionProcessor"
+        (out / "processor_config.json").write_text(json.dumps(saved))
     return out
 
 
@@ -213,6 +275,8 @@ def _processor(
     from transformers import LlavaNextProcessor, LlavaProcessor
 
     vision = config.vision_config
+    if config.model_type == "llava_onevision":
+        return _onevision_processor(config, tokenizer, chat_template)
     if config.model_type == "llava_next":  # LlavaNextImageProcessor: the tower's size, tiled
         from transformers.models.llava_next.image_processing_pil_llava_next import (
             LlavaNextImageProcessorPil,
@@ -252,6 +316,34 @@ def _processor(
         patch_size=vision.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         num_additional_image_tokens=extra,
+        chat_template=chat_template,
+    )
+
+
+def _onevision_processor(config: Any, tokenizer: Any, chat_template: str) -> Any:
+    """LlavaOnevisionProcessor as llava-hf's 0.5b-ov-hf saves it: its image processor resizes
+    to the tower's size, no crop, SigLIP's mean and std of 0.5 (its video processor needs
+    torchvision, which the tests do without)."""
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    from llava_edge.modeling import OnevisionProcessorWithoutVideo
+
+    vision = config.vision_config
+    size = vision.image_size
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": size, "width": size},
+        image_grid_pinpoints=config.image_grid_pinpoints,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    )
+    return OnevisionProcessorWithoutVideo(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        num_image_tokens=(size // vision.patch_size) ** 2,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        vision_aspect_ratio=config.vision_aspect_ratio,
         chat_template=chat_template,
     )
 

@@ -24,7 +24,7 @@ import onnx
 import pytest
 import torch
 from conftest import quiet
-from hf_checkpoints import ONEVISION_TEMPLATE, interleave_qwen, write_checkpoint
+from hf_checkpoints import interleave_qwen, write_checkpoint
 from PIL import Image
 
 from llava_edge.manifest import Manifest
@@ -517,18 +517,3 @@ def test_unsupported_config_is_refused_before_loading(tmp_path: Path, capsys, na
     error = capsys.readouterr().err.strip()
     assert message in error and len(error.splitlines()) == 1
     assert not (tmp_path / "out").exists()
-
-
-def test_a_template_the_strings_cannot_hold_is_refused(tmp_path: Path, capsys) -> None:
-    """llava-hf's OneVision-family template (the question's newline moves with the image; a past
-    answer follows another header than a new one): one line saying so, no output dir."""
-    from llava_edge.cli import main
-
-    checkpoint = write_checkpoint(
-        tmp_path / "checkpoint", interleave_qwen(), chat_template=ONEVISION_TEMPLATE
-    )
-    capsys.readouterr()
-    assert main(["export", str(checkpoint), str(tmp_path / "out")]) != 0
-    error = capsys.readouterr().err.strip()
-    assert "chat template cannot be written as llava-edge's template strings" in error
-    assert len(error.splitlines()) == 1 and not (tmp_path / "out").exists()

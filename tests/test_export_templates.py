@@ -165,7 +165,9 @@ def hf_ids(checkpoint: Path, turns: list, image, system: str | None = None) -> l
     return list(inputs["input_ids"][0])
 
 
-@pytest.mark.parametrize("name", ["llava-1.5-hf", "mistral-instruct", "chatml", "phi-3", "llama-2"])
+@pytest.mark.parametrize(
+    "name", ["llava-1.5-hf", "mistral-instruct", "chatml", "phi-3", "llama-2", "onevision"]
+)
 def test_the_runtime_prompts_as_the_checkpoints_own_template(
     name: str, tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
@@ -176,9 +178,12 @@ def test_the_runtime_prompts_as_the_checkpoints_own_template(
         "mistral-instruct": MISTRAL,
         "chatml": CHATML,
         "llama-2": LLAMA2,
+        # past answers after "assistant \n", a new one after "assistant\n"
+        "onevision": ONEVISION,
     }
     template = {**jinja, "phi-3": PHI3}[name]
-    checkpoint = with_template(tiny_checkpoint, tmp_path / "ckpt", template, SPECIALS.get(name))
+    specials = SPECIALS.get("chatml" if name == "onevision" else name)
+    checkpoint = with_template(tiny_checkpoint, tmp_path / "ckpt", template, specials)
     report = export_checkpoint(checkpoint, tmp_path / "model", log=quiet)  # verification on
     image = sample_image(120)
     with Pipeline.load(tmp_path / "model") as pipe:
@@ -204,6 +209,8 @@ def test_the_runtime_prompts_as_the_checkpoints_own_template(
         assert dataclasses.replace(template, name=builtin) == TEMPLATES[builtin]
     if name == "mistral-instruct":  # BOS written by the template, as text, never twice
         assert template.system == "<s>" and template.answer_end == "</s>"
+    if name == "onevision":  # the past answer's header is its own
+        assert template.answered_assistant == "<|im_end|>\n<|im_start|>assistant \n"
 
 
 def test_a_header_is_never_cut_out_of_a_special_token(
@@ -241,12 +248,10 @@ IMAGE_AFTER = (
 @pytest.mark.parametrize(
     "template, why",
     [
-        # past answers follow "assistant \n", a new one "assistant\n"
-        (ONEVISION, "the first turn renders differently once the conversation goes on"),
         (TWO_MARKS, "an image is written as 2 '<image>' marks"),
         (IMAGE_AFTER, "the image is not placed just before the question"),
     ],
-    ids=["onevision", "two-image-marks", "image-after-question"],
+    ids=["two-image-marks", "image-after-question"],
 )
 def test_a_template_the_strings_cannot_express_is_refused(
     tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture, template: str, why: str

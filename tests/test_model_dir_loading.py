@@ -122,7 +122,7 @@ def test_a_failed_remembering_leaves_no_temporary_file_in_the_cache(
 @pytest.mark.parametrize(
     ("version", "message"),
     [
-        (9, "format_version 9 is newer than this llava-edge understands (3); upgrade"),
+        (9, "format_version 9 is newer than this llava-edge understands (4); upgrade"),
         ("2", "format_version '2' is not a version number"),
         (0, "format_version 0 is not a version number"),
         (None, "format_version None is not a version number"),

@@ -5,9 +5,11 @@ tokenizer's). The runtime holds no Jinja: the manifest keeps strings (system, us
 assistant, answer_prefix, answer_end) joined in one fixed order (llava_edge.runtime.template).
 They are read off the template by rendering probe conversations whose texts are sentinels, and
 then checked by rendering a three-turn conversation with an image both ways; probes whose texts
-carry outer whitespace say whether and how the template strips it. A template the
-strings cannot express (an image after the question, a header that changes from turn to turn, a
-system prompt that moves) is refused with a clear message rather than approximated.
+carry outer whitespace say whether and how the template strips it; a past answer may follow
+another header than a new one (llava-hf's OneVision template: TemplateSpec.answered_assistant).
+A template the strings cannot express (an image after the question, a header that changes from
+turn to turn, a system prompt that moves) is refused with a clear message rather than
+approximated.
 
 Which template a model dir gets:
 - `llava_edge.json` names one (training writes it): that one, after checking that the
@@ -244,9 +246,16 @@ def derive_template(chat: CheckpointChat, eos_texts: list[str]) -> TemplateSpec:
     if with_image.count(IMAGE_PLACEHOLDER) != 1:
         marks = with_image.count(IMAGE_PLACEHOLDER)
         raise refuse(f"an image is written as {marks} {IMAGE_PLACEHOLDER!r} marks, not one")
-    if not two_turns.startswith(with_image):
+    answered_assistant = None
+    if two_turns.startswith(with_image):
+        answer_prefix, rest = split(two_turns[len(with_image) :], A1)
+    elif two_turns.startswith(image_head + Q1):
+        # a past answer's header is not a new one's (llava-hf's OneVision template writes
+        # "assistant \n" before the one, "assistant\n" before the other)
+        answered_assistant, rest = split(two_turns[len(image_head + Q1) :], A1)
+        answer_prefix = ""
+    else:
         raise refuse("the first turn renders differently once the conversation goes on")
-    answer_prefix, rest = split(two_turns[len(with_image) :], A1)
     between, tail = split(rest, Q2)  # answer_end + user + question_prefix
     if tail != assistant:
         raise refuse("the second question is followed by something other than the first's header")
@@ -263,6 +272,7 @@ def derive_template(chat: CheckpointChat, eos_texts: list[str]) -> TemplateSpec:
         answer_end=between[: len(between) - len(user)],
         image=image,
         question_prefix=prefix,
+        answered_assistant=answered_assistant,
     )
     expected, got = chat.text(PROBE, image=True), _render(template, PROBE)
     if expected != got:

@@ -289,6 +289,8 @@ def _check_image_tokens(processor: Any, config: Any, source: str) -> None:
 
     if config.model_type != "llava":  # LLaVA-NeXT's count depends on the image; verify checks it
         _check_processor_pinpoints(processor, config, source)
+        if config.model_type == "llava_onevision":
+            _check_onevision_processor(processor, config, source)
         return
     try:
         inputs = processor(
@@ -341,6 +343,30 @@ def _check_processor_pinpoints(processor: Any, config: Any, source: str) -> None
         )
 
 
+def _check_onevision_processor(processor: Any, config: Any, source: str) -> None:
+    """LlavaOnevisionProcessor counts an image's tokens by its own num_image_tokens,
+    vision_aspect_ratio and vision_feature_select_strategy, LlavaOnevisionModel packs its
+    features by the tower's grid and config.json's: where they differ, transformers' prompt and
+    features disagree."""
+    vision = config.vision_config
+    grid = (vision.image_size // vision.patch_size) ** 2
+    counted = getattr(processor, "num_image_tokens", None)
+    if counted is not None and int(counted) != grid:
+        raise LlavaEdgeError(
+            f"{source}: processor_config.json's num_image_tokens {counted} is not the vision "
+            f"tower's {grid} patches (config.json's vision_config image_size / patch_size, "
+            "squared); transformers cannot run it either: fix processor_config.json"
+        )
+    for key in ("vision_aspect_ratio", "vision_feature_select_strategy"):
+        counted, packed = getattr(processor, key, None), getattr(config, key)
+        if counted is not None and counted != packed:
+            raise LlavaEdgeError(
+                f"{source}: processor_config.json's {key} {counted!r} differs from "
+                f"config.json's {packed!r}: transformers counts an image's tokens by the one and "
+                "packs its features by the other; make them the same"
+            )
+
+
 def _set(size: Any) -> dict[str, Any]:
     """An image processor's size or crop_size, as the keys it sets."""
     return {k: v for k, v in dict(size or {}).items() if v is not None}
@@ -382,7 +408,12 @@ def _check_tokens(config: Any, tokenizer: Any, eos_ids: list[int]) -> None:
 def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = False) -> Any:
     """The checkpoint's LlavaConfig, once it is known to be a LLaVA export takes (no weights)."""
     from llava_edge.export.graphs import SUPPORTED_TEXT_MODELS, SUPPORTED_VISION_TOWERS
-    from llava_edge.modeling import check_full_precision, no_checkpoint, read_config
+    from llava_edge.modeling import (
+        ANYRES_CLASSES,
+        check_full_precision,
+        no_checkpoint,
+        read_config,
+    )
 
     source = str(checkpoint)
     local = Path(source)
@@ -402,11 +433,11 @@ def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = F
         )
     with quiet(*LOADER_LOGGERS):
         config = read_config(source, "checkpoint", trust_remote_code)
-    if config.model_type not in ("llava", "llava_next"):
+    if config.model_type not in ("llava", *ANYRES_CLASSES):
         raise LlavaEdgeError(
             f"{source} is a '{config.model_type}' checkpoint, not LLaVA "
-            "(LlavaForConditionalGeneration or LlavaNextForConditionalGeneration); export takes "
-            "LLaVA checkpoints only"
+            "(LlavaForConditionalGeneration, LlavaNextForConditionalGeneration or "
+            "LlavaOnevisionForConditionalGeneration); export takes LLaVA checkpoints only"
         )
     tower = config.vision_config.model_type
     if tower not in SUPPORTED_VISION_TOWERS:
@@ -414,15 +445,17 @@ def checkpoint_config(checkpoint: str | os.PathLike, trust_remote_code: bool = F
             f"{source}: vision tower '{tower}' is not supported "
             f"(supported: {', '.join(SUPPORTED_VISION_TOWERS)})"
         )
-    if config.model_type == "llava_next":
+    if config.model_type in ANYRES_CLASSES:
         _check_tile_features(source, config)
     check_full_precision(
         config,
         source,
         "export the checkpoint they were quantized from, then `llava-edge quantize` the model dir",
     )
-    if config.model_type == "llava_next":
+    if config.model_type in ANYRES_CLASSES:
         _check_pinpoints(source, config)
+    if config.model_type == "llava_onevision":
+        max_patches(source, config)
     _check_feature_layers(source, config)
     text_type = config.text_config.model_type
     if text_type not in SUPPORTED_TEXT_MODELS:
@@ -511,6 +544,22 @@ def _check_known_names(source: str, config: Any) -> None:
             f"{source}: text_config rope type {rope!r} is unknown to transformers (it knows "
             f"default, {', '.join(ROPE_INIT_FUNCTIONS)}); transformers cannot load it either"
         )
+
+
+def max_patches(source: str, config: Any) -> int:
+    """LLaVA-OneVision's `vision_aspect_ratio` `anyres_max_N` as N, the most tiles' features an
+    image keeps before they are shrunk. transformers reads N off the string with
+    `int(ratio.strip("anyres_max_"))`, which fails on anything else (LLaVA-NeXT's plain `anyres`
+    included)."""
+    ratio = config.vision_aspect_ratio
+    found = re.fullmatch(r"anyres_max_([1-9][0-9]*)", str(ratio))
+    if found is None:
+        raise LlavaEdgeError(
+            f"{source}: vision_aspect_ratio {ratio!r} is not 'anyres_max_N' (N a whole number "
+            "of tiles, LLaVA-OneVision's anyres_max_9); transformers cannot run another either: "
+            "fix config.json"
+        )
+    return int(found.group(1))
 
 
 def _check_pinpoints(source: str, config: Any) -> None:
@@ -672,6 +721,8 @@ def _decoder_spec(text: TextSpec, precision: str) -> GraphSpec:
 
 
 def _image_spec(processor: Any, config: Any) -> ImageSpec:
+    from llava_edge.modeling import ANYRES_CLASSES
+
     vision_config = config.vision_config
     size = dict(processor.size) if processor.do_resize else None
     size = {k: v for k, v in (size or {}).items() if v is not None} or None
@@ -684,7 +735,7 @@ def _image_spec(processor: Any, config: Any) -> ImageSpec:
         height, width = size["height"], size["width"]
     else:
         height = width = vision_config.image_size
-    anyres = config.model_type == "llava_next"
+    anyres = config.model_type in ANYRES_CLASSES
     mean = (
         processor.image_mean
         if isinstance(processor.image_mean, (list, tuple))
@@ -726,12 +777,15 @@ def _anyres_spec(processor: Any, config: Any, height: int) -> AnyResSpec:
             f"this LLaVA-NeXT checkpoint's tiles are {tile} px, its processor's output {height} px "
             f"and its vision tower's input {vision.image_size} px; they must be one size"
         )
+    onevision = config.model_type == "llava_onevision"
     return AnyResSpec(
         grid_pinpoints=[[int(h), int(w)] for h, w in config.image_grid_pinpoints],
         tile_size=tile,
         base_size=base,
         tile_features=vision.image_size // vision.patch_size,
         newline=NEWLINE_FILE,
+        max_patches=max_patches("", config) if onevision else None,
+        several_images=not onevision,
     )
 
 
@@ -748,12 +802,15 @@ def _token_spec(loaded: LoadedCheckpoint) -> TokenSpec:
     pad = tokenizer.pad_token_id
     if pad is None:
         pad = model.generation_config.pad_token_id
+    # LLaVA-OneVision's processor refuses a prompt with its video placeholder and no video
+    video = getattr(loaded.processor, "video_token_id", None)
     return TokenSpec(
         image_token_id=int(model.config.image_token_id),
         eos_token_ids=eos_ids,
         bos_token_id=None if bos is None else int(bos),
         pad_token_id=None if pad is None else int(pad),
         add_bos=bool(bos is not None and probe and probe[0] == bos),
+        video_token_id=None if video is None else int(video),
     )
 
 
@@ -800,16 +857,17 @@ def _max_context(config: Any, requested: int | None) -> int:
 def _one_image_tokens(config: Any) -> tuple[int, str]:
     """The tokens one image takes, and what that image is, in words.
 
-    LLaVA's is its patch grid. A LLaVA-NeXT image's count grows with its size (its tiles'
-    features come after the base grid): it is the verification's picture's, so that the check
-    that the graphs reproduce transformers has room for it.
+    LLaVA's is its patch grid. A LLaVA-NeXT or OneVision image's count grows with its size (its
+    tiles' features come after the base grid): it is the verification's picture's, so that the
+    check that the graphs reproduce transformers has room for it.
     """
     from llava_edge.export.verify import sample_image
+    from llava_edge.modeling import ANYRES_CLASSES
     from llava_edge.runtime.anyres import anyres_feature_count
 
     vision = config.vision_config
     side = int(vision.image_size) // int(vision.patch_size)
-    if config.model_type != "llava_next":
+    if config.model_type not in ANYRES_CLASSES:
         return side * side, "one image"
     anyres = AnyResSpec(
         grid_pinpoints=[[int(h), int(w)] for h, w in config.image_grid_pinpoints],
@@ -817,6 +875,7 @@ def _one_image_tokens(config: Any) -> tuple[int, str]:
         base_size=[int(vision.image_size)] * 2,
         tile_features=side,
         newline=NEWLINE_FILE,
+        max_patches=max_patches("", config) if config.model_type == "llava_onevision" else None,
     )
     size = sample_image().size
     count = anyres_feature_count(size, anyres)

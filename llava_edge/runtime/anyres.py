@@ -12,11 +12,17 @@ feature maps joined into one grid, cut back to the image's own aspect ratio (the
 removed), with `image_newline` closing every row. How many image tokens that is depends on the
 image's size, so the prompt gets as many placeholders as there are features.
 
+LLaVA-OneVision (`anyres_max_N`, AnyResSpec.max_patches) packs them the same way, but first
+shrinks a cut grid of more than about N tiles' features to about N tiles' by bilinear
+interpolation, as LlavaOnevisionModel.pack_image_features does with
+`nn.functional.interpolate(mode="bilinear")`.
+
 Written in numpy and PIL because the runtime may not import transformers.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from pathlib import Path
@@ -98,19 +104,53 @@ def anyres_feature_count(size: tuple[int, int], anyres: AnyResSpec) -> int:
     side = anyres.tile_features
     rows, cols = target_h // anyres.tile_size * side, target_w // anyres.tile_size * side
     top, bottom, left, right = _unpadded(rows, cols, height, width)
-    newline = 1 if anyres.newline is not None else 0
-    return side * side + (bottom - top) * (right - left + newline)
+    return side * side + _grid_tokens(bottom - top, right - left, anyres)
+
+
+def _grid_tokens(rows: int, cols: int, anyres: AnyResSpec) -> int:
+    """Image tokens of an unpadded rows x cols feature grid: shrunk where the model shrinks it,
+    with a newline closing each row."""
+    rows, cols = _shrunk(rows, cols, anyres.tile_features, anyres.max_patches) or (rows, cols)
+    return rows * (cols + (1 if anyres.newline is not None else 0))
+
+
+def _shrunk(rows: int, cols: int, side: int, max_patches: int | None) -> tuple[int, int] | None:
+    """The size LLaVA-OneVision shrinks an unpadded rows x cols feature grid to where it holds
+    more than about `max_patches` tiles' features (more than 1.1 times as many on a side); None
+    where it is kept (always without max_patches)."""
+    if max_patches is None:
+        return None
+    ratio = math.sqrt(rows * cols / (max_patches * side**2))
+    if ratio <= 1.1:
+        return None
+    return int(rows // ratio), int(cols // ratio)
 
 
 def max_feature_count(manifest: Manifest) -> int:
-    """The most image tokens one image can take (an AnyRes grid before unpadding)."""
+    """The most image tokens one image can take: an AnyRes grid before unpadding; with
+    LLaVA-OneVision's shrinking, the most any grid the unpadding can cut gives once shrunk (a
+    grid cut narrower can shrink to more rows, each with its newline)."""
     anyres = manifest.image.anyres
     if anyres is None:
         return manifest.num_image_tokens
     side, tile = anyres.tile_features, anyres.tile_size
-    newline = 1 if anyres.newline is not None else 0
-    grids = ((h // tile * side) * (w // tile * side + newline) for h, w in anyres.grid_pinpoints)
-    return side * side + max(grids)
+    grids = [(h // tile * side, w // tile * side) for h, w in anyres.grid_pinpoints]
+    if anyres.max_patches is None:
+        return side * side + max(_grid_tokens(rows, cols, anyres) for rows, cols in grids)
+    newline = anyres.newline is not None
+    return side * side + _most_shrunk_tokens(tuple(grids), side, anyres.max_patches, newline)
+
+
+@functools.lru_cache(maxsize=16)
+def _most_shrunk_tokens(
+    grids: tuple[tuple[int, int], ...], side: int, max_patches: int, newline: bool
+) -> int:
+    """The most tokens any cut of these grids gives once shrunk: unpadding keeps every row and
+    fewer columns, or every column and fewer rows."""
+    anyres = AnyResSpec([], 0, [], side, "newline" if newline else None, max_patches)
+    cuts = {(rows, c) for rows, cols in grids for c in range(cols + 1)}
+    cuts |= {(r, cols) for rows, cols in grids for r in range(rows + 1)}
+    return max(_grid_tokens(rows, cols, anyres) for rows, cols in cuts)
 
 
 def min_feature_count(manifest: Manifest) -> int:
@@ -180,12 +220,44 @@ def image_embeds(
     grid = embeds[1:].reshape(rows, cols, side, side, hidden)
     grid = grid.transpose(4, 0, 2, 1, 3).reshape(hidden, rows * side, cols * side)
     grid = _unpad(grid, height, width)
+    shrunk = _shrunk(grid.shape[1], grid.shape[2], side, anyres.max_patches)
+    if shrunk is not None:
+        grid = bilinear(grid, *shrunk)
     if newline is not None:
         column = np.broadcast_to(
             newline.astype(grid.dtype)[:, None, None], (hidden, grid.shape[1], 1)
         )
         grid = np.concatenate([grid, column], axis=2)
     return np.concatenate([embeds[0], grid.reshape(hidden, -1).T])
+
+
+def bilinear(grid: np.ndarray, height: int, width: int) -> np.ndarray:
+    """grid [C, H, W] resized to [C, height, width] as torch.nn.functional.interpolate(grid[None],
+    [height, width], mode="bilinear")[0] computes it (align_corners False, no antialiasing), in
+    float32: each output cell blends the four input cells around its centre's source position."""
+    source = grid.astype(np.float32, copy=False)
+    rows, row_weight = _linear_taps(source.shape[1], height)
+    cols, col_weight = _linear_taps(source.shape[2], width)
+    top, bottom = source[:, rows[0]], source[:, rows[1]]
+    upper = top[:, :, cols[0]] * col_weight[0] + top[:, :, cols[1]] * col_weight[1]
+    lower = bottom[:, :, cols[0]] * col_weight[0] + bottom[:, :, cols[1]] * col_weight[1]
+    out = upper * row_weight[0][:, None] + lower * row_weight[1][:, None]
+    return out.astype(grid.dtype, copy=False)
+
+
+def _linear_taps(size: int, out: int) -> tuple[tuple[np.ndarray, np.ndarray], tuple]:
+    """The two input indices and their weights for each of `out` outputs along an axis of
+    `size`, as PyTorch's CPU kernel takes them (float32 arithmetic, half-pixel centres, the
+    source clamped at 0 and the second tap at the last index)."""
+    scale = np.float32(size) / np.float32(out)
+    source = np.maximum(
+        scale * (np.arange(out, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5),
+        np.float32(0),
+    )
+    first = np.minimum(np.floor(source).astype(np.int64), size - 1)
+    second = np.minimum(first + 1, size - 1)
+    weight = np.clip(source - first.astype(np.float32), 0, 1).astype(np.float32)
+    return (first, second), (np.float32(1) - weight, weight)
 
 
 def _unpad(grid: np.ndarray, height: int, width: int) -> np.ndarray:

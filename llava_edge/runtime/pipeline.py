@@ -256,8 +256,24 @@ class Pipeline:
     def max_images_per_prompt(self) -> int:
         """How many images' tokens fit in the context at once (at least one). A prompt may hold
         several images as transformers' LLaVA models take them (each placeholder filled with its
-        image's features, in order); LLaVA-1.5 itself was trained with one per conversation."""
+        image's features, in order); LLaVA-1.5 itself was trained with one per conversation.
+        One on a dir that takes one image per prompt (see `check_image_count`)."""
+        anyres = self.manifest.image.anyres
+        if anyres is not None and not anyres.several_images:
+            return 1
         return max(1, self.max_context // max_feature_count(self.manifest))
+
+    def check_image_count(self, count: int) -> None:
+        """Refuse a prompt or chat of more images than the model dir takes: transformers'
+        LLaVA-OneVision tiles an image only where it is its prompt's only one (it pads each of
+        several to a square, untiled, with one image_newline), which this runtime does not do."""
+        anyres = self.manifest.image.anyres
+        if count > 1 and anyres is not None and not anyres.several_images:
+            raise LlavaEdgeError(
+                f"this model takes one image per prompt or chat, got {count}: LLaVA-OneVision "
+                "reads several images of one prompt otherwise than one, which llava-edge does "
+                "not run; ask about each image in a prompt (or chat) of its own"
+            )
 
     def images_that_fit(self, prompt: str, raw: bool = False, system: str | None = None) -> int:
         """How many images of the largest size this question can hold and leave room for an
@@ -517,6 +533,7 @@ class Pipeline:
             )
         if not images and not prompt.strip():
             raise LlavaEdgeError("the prompt is empty and there is no image: ask a question")
+        self.check_image_count(len(images))
         text = prompt if raw else user_turn(template, prompt, len(images), True)
         ids = self.codec.encode(text, first=True, image_tokens=self.image_tokens(images))
         if not ids:  # a raw empty prompt on a model with no BOS token
@@ -573,6 +590,7 @@ class Pipeline:
             raise LlavaEdgeError(
                 f"image turns {image_turns} must be turns of the conversation, in order"
             )
+        self.check_image_count(len(images))
         template = self._template(system)
         text = ""
         for i, (question, answer) in enumerate(turns):
@@ -584,7 +602,7 @@ class Pipeline:
                     f"turn {i + 1}'s question holds {placeholders} {IMAGE_PLACEHOLDER} "
                     f"placeholder(s) for {given} image(s): one placeholder per image, or none"
                 )
-            text += user_turn(template, question, image=given, first=i == 0)
+            text += user_turn(template, question, given, first=i == 0, answered=answer is not None)
             if answer is None:
                 if i != len(turns) - 1:
                     raise LlavaEdgeError(f"turn {i + 1} has no answer but is not the last")
@@ -784,6 +802,7 @@ class ChatSession:
         self.options = options
         # loaded and checked here, so a bad image fails at once; encoded by the first turn
         self.pixels = [pipeline.image_pixels(one) for one in image_list(image)]
+        pipeline.check_image_count(len(self.pixels))
         self.image_turns = [0] * len(self.pixels)  # the turn each image came with
         self.features: np.ndarray | None = None  # of the first turn's images, once encoded
         self.cache = pipeline.backend.new_cache(1)
@@ -837,6 +856,7 @@ class ChatSession:
         timer = Timer()  # the turn's time limit counts from here, its images' encoding too
         first = not self.ids
         new_pixels = [pipe.image_pixels(one) for one in image_list(image)]
+        pipe.check_image_count(len(self.pixels) + len(new_pixels))
         brought = self.pixels + new_pixels if first else new_pixels  # this question's images
         if not prompt.strip() and not brought:
             raise LlavaEdgeError("the question is empty: ask something")
@@ -962,14 +982,17 @@ class _Turn:
         """The turn counts. An answer cut by a stop string is held as it is shown, not as it was
         generated (the stop string and what came with it in its last token): the conversation
         is re-rendered from the shown turns, as a server re-renders what its client sends back,
-        and the cache is kept up to where the two agree. Where an answer spells out an image
+        and the cache is kept up to where the two agree. So is every answer where the template
+        writes a past answer's header otherwise than a new one's (answered_assistant): the next
+        turn feeds the answer again after the past header. Where an answer spells out an image
         placeholder, which its re-rendered text would read as an image, the turn is held as
         generated."""
         session = self.session
+        rendered = stopped or session.template.answered_assistant is not None
         turns = [*session.turns, (self.prompt, text)]
         pixels = session.pixels + self.images
         image_turns = session.image_turns + [len(session.turns)] * len(self.images)
-        if not stopped or any(IMAGE_PLACEHOLDER in answer for _, answer in turns):
+        if not rendered or any(IMAGE_PLACEHOLDER in answer for _, answer in turns):
             session.ids, session.fed, session.history_closed = ids, session.cache.length, False
         else:
             pipe = session.pipeline

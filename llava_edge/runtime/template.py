@@ -204,13 +204,17 @@ def hf_chat_template(template: TemplateSpec) -> str:
     )
 
 
-def user_turn(template: TemplateSpec, question: str, image: bool | int, first: bool) -> str:
+def user_turn(
+    template: TemplateSpec, question: str, image: bool | int, first: bool, answered: bool = False
+) -> str:
     """The text of one user turn up to where the assistant starts answering.
 
     image: whether the turn has an image, or how many. A question that already holds image
     placeholders keeps them where the user put them; else the template's image text goes first,
     once per image (as transformers' LLaVA chat templates render several images). The question
     is stripped of outer whitespace as the template strips it (TemplateSpec.trim_user).
+    answered: the conversation holds this turn's answer (a past turn), which some templates
+    introduce otherwise than a new one (TemplateSpec.answered_assistant).
     """
     if template.trim_user == "text":
         question = question.strip()
@@ -224,7 +228,10 @@ def user_turn(template: TemplateSpec, question: str, image: bool | int, first: b
         head = template.system + (
             template.user if template.first_user is None else template.first_user
         )
-    return head + question + template.assistant
+    assistant = template.assistant
+    if answered and template.answered_assistant is not None:
+        assistant = template.answered_assistant
+    return head + question + assistant
 
 
 def _opens_content(template: TemplateSpec, first: bool) -> bool:
@@ -257,7 +264,8 @@ def render(
     at = ((0,) if image else ()) if isinstance(image, bool) else image
     segments: list[tuple[str, bool]] = []
     for i, (question, answer) in enumerate(turns):
-        segments.append((user_turn(template, question, image=i in at, first=i == 0), False))
+        turn = user_turn(template, question, i in at, first=i == 0, answered=answer is not None)
+        segments.append((turn, False))
         if answer is not None:
             segments.append((answer_text(template, answer), True))
     return segments

@@ -73,6 +73,13 @@ class TextCodec:
                 "tokens this model takes; shorten it"
             )
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        video_id = self.tokens.video_token_id
+        if video_id is not None and video_id in ids:
+            raise LlavaEdgeError(
+                f"the prompt holds {self.tokenizer.id_to_token(video_id)!r}, the model's video "
+                "placeholder: llava-edge takes no video (ask about its frames as images, one "
+                "per prompt); take it out of the text"
+            )
         if first and self.tokens.add_bos and self.tokens.bos_token_id is not None:
             ids = [self.tokens.bos_token_id, *ids]
         image_id = self.tokens.image_token_id

@@ -159,6 +159,7 @@ def watch(
     pipe._check_options(options)  # bad options fail now, not at the first frame
     raw, system = bool(options.get("raw", False)), options.get("system")
     _check_placeholders(prompt, frames, raw=raw)
+    pipe.check_image_count(frames)
     fit = pipe.images_that_fit(prompt, raw=raw, system=system)
     if fit == 0:
         raise LlavaEdgeError(

@@ -396,6 +396,7 @@ async def _chat_completion(request: Request, state: ServerState) -> Response:
         # takes seconds to parse at the body limit
         chat = await _in_time(clock, gone, run_in_threadpool(_chat_request, body))
         _check_model(state, chat.model)
+        pipe.check_image_count(len(chat.image_urls))  # before any is fetched
         # refused before any is fetched only where they cannot fit at any size (an AnyRes
         # image takes the tokens its size gives; the rendered prompt is checked once they are)
         fewest = min_feature_count(pipe.manifest)

@@ -1,0 +1,390 @@
+"""LLaVA-OneVision (LlavaOnevisionForConditionalGeneration, llava-hf's
+llava-onevision-qwen2-0.5b-ov-hf at tiny dims): export holds the graphs to transformers through
+its own verification (both graph forms, the verification's picture large enough that its tile
+features are shrunk), the runtime reproduces transformers' greedy tokens on images whose
+features are shrunk and on ones whose are not, its packing equals
+LlavaOnevisionModel.pack_image_features and its token counts LlavaOnevisionProcessor's; llava-hf's
+template, whose past answers follow another header than a new one, holds in chats; several
+images per prompt, which OneVision reads otherwise than one, are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hf_checkpoints import ONEVISION_TEMPLATE, onevision_qwen, write_checkpoint
+from PIL import Image
+
+from llava_edge.errors import LlavaEdgeError
+from llava_edge.manifest import Manifest
+from llava_edge.runtime import Pipeline
+from llava_edge.runtime.anyres import (
+    feature_count,
+    image_embeds,
+    max_feature_count,
+    pixel_batch,
+)
+
+QUESTION = "What is in the picture?"
+NEW_TOKENS = 12
+# (height, width) -> the grid of tiles it gets, and whether its features are shrunk
+# (anyres_max_2: more than about 2 tiles' features are)
+IMAGES = {
+    "large": (150, 170),  # 3 x 3 tiles, 10 x 12 features after unpadding: shrunk to 5 x 6
+    "tall": (130, 40),  # 3 x 1 tiles, 12 x 4 features: shrunk to 9 x 3
+    "small": (50, 100),  # 1 x 2 tiles, 4 x 8 features: kept
+}
+
+
+def quiet(*_args, **_kwargs) -> None:
+    pass
+
+
+def picture(height: int, width: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    array = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    array[height // 4 : height // 2, width // 4 : width // 2] = (30, 200, 60)
+    return Image.fromarray(array)
+
+
+@dataclass
+class Exported:
+    checkpoint: Path
+    model_dir: Path
+    model: Any
+    processor: Any
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
+    """Exported with its own verification against transformers (both forms, on a 400 x 320
+    picture whose 3 x 3 tiles' features are shrunk): a mismatch fails here."""
+    from llava_edge.export.exporter import export_checkpoint
+    from llava_edge.modeling import load_model, load_processor
+
+    root = tmp_path_factory.mktemp("onevision")
+    checkpoint = write_checkpoint(
+        root / "checkpoint", onevision_qwen(), chat_template=ONEVISION_TEMPLATE, seed=5
+    )
+    model_dir = root / "model"
+    report = export_checkpoint(checkpoint, model_dir, log=quiet)
+    assert set(report["forms"]) == {"standard", "fused"}
+    assert all(form["greedy_tokens_matched"] == 32 for form in report["forms"].values())
+    assert report["chat_ids_equal"] is True
+    model = load_model(checkpoint, dtype=torch.float32, attn_implementation="eager").eval()
+    return Exported(checkpoint, model_dir, model, load_processor(checkpoint))
+
+
+def _hf_ids(exported: Exported, turns: list, image: Image.Image) -> dict:
+    from llava_edge.export.chat_template import CheckpointChat
+
+    return CheckpointChat.of(exported.processor).inputs(turns, image)
+
+
+def _unshrunk_count(manifest: Manifest, image: Image.Image) -> int:
+    import dataclasses
+
+    anyres = dataclasses.replace(manifest.image.anyres, max_patches=None)
+    spec = dataclasses.replace(manifest.image, anyres=anyres)
+    return feature_count(image.size, spec, manifest.num_image_tokens)
+
+
+@pytest.mark.parametrize("form", ["standard", "fused"])
+@pytest.mark.parametrize("shape", list(IMAGES))
+def test_greedy_tokens_equal_transformers(exported: Exported, shape: str, form: str) -> None:
+    image = picture(*IMAGES[shape], seed=len(shape))
+    inputs = _hf_ids(exported, [(QUESTION, None)], image)
+    with torch.no_grad():
+        reference = exported.model.generate(
+            **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None
+        )[0, inputs["input_ids"].shape[1] :].tolist()
+    with Pipeline.load(exported.model_dir, graph_form=form) as pipe:
+        answer = pipe.answer(image, QUESTION, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        manifest = pipe.manifest
+    assert answer.prompt_token_ids == inputs["input_ids"][0].tolist()
+    assert answer.token_ids == reference
+    tokens = answer.prompt_token_ids.count(manifest.tokens.image_token_id)
+    shrunk = tokens < _unshrunk_count(manifest, image)
+    assert shrunk == (shape != "small")  # both branches of pack_image_features are taken
+
+
+def test_manifest_records_the_shrinking_and_a_newer_format(exported: Exported) -> None:
+    manifest = Manifest.load(exported.model_dir)
+    anyres = manifest.image.anyres
+    assert anyres.max_patches == 2 and anyres.several_images is False
+    assert manifest.template.answered_assistant == "<|im_end|>\n<|im_start|>assistant \n"
+    assert manifest.template.assistant == "<|im_end|>\n<|im_start|>assistant\n"
+    assert manifest.format_version == 4
+    assert manifest.tokens.video_token_id == exported.processor.video_token_id is not None
+    # a runtime of format 3 would read none of these and answer otherwise, without a word
+    with pytest.raises(LlavaEdgeError, match=r"format_version 3 is older than .* needs \(4\)"):
+        Manifest.from_dict({**manifest.to_dict(), "format_version": 3})
+
+
+SIZES = [(150, 170), (130, 40), (50, 100), (60, 60), (179, 181), (3, 2), (1, 120), (200, 33)]
+
+
+def test_pixels_packing_and_counts_equal_transformers(exported: Exported) -> None:
+    """Pixels as LlavaOnevisionImageProcessor's, the packing (unpadding, bilinear shrinking,
+    newlines) as LlavaOnevisionModel.pack_image_features, and as many features as
+    LlavaOnevisionProcessor puts image tokens in the prompt, for sizes shrunk and not."""
+    from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
+
+    manifest = Manifest.load(exported.model_dir)
+    spec, config, processor = manifest.image, exported.model.config, exported.processor
+    rng = np.random.default_rng(0)
+    hidden = manifest.text.hidden_size
+    newline = rng.standard_normal(hidden).astype(np.float32)
+    counts = []
+    for height, width in SIZES:
+        image = picture(height, width)
+        pixels = pixel_batch(image, spec)
+        theirs = processor.image_processor(images=image, return_tensors="np")["pixel_values"][0]
+        np.testing.assert_allclose(pixels, theirs, rtol=0, atol=1e-5)
+        features = rng.standard_normal((len(pixels), spec.anyres.tile_features**2, hidden))
+        features = features.astype(np.float32)
+        ours = image_embeds(features, image.size, spec, newline)
+        (packed,), _ = LlavaOnevisionModel.pack_image_features(
+            SimpleNamespace(config=config),
+            [torch.from_numpy(features)],
+            torch.tensor([[height, width]]),
+            torch.from_numpy(newline),
+            config.vision_aspect_ratio,
+        )
+        assert ours.shape == packed.shape, (height, width)
+        np.testing.assert_allclose(ours, packed.numpy(), rtol=0, atol=1e-5)
+        count = processor._get_number_of_features(height, width, 60, 60)
+        assert len(ours) == count == feature_count(image.size, spec, 16), (height, width)
+        counts.append(count)
+    assert max(counts) <= max_feature_count(manifest)
+
+
+def test_packing_at_the_published_geometry() -> None:
+    """llava-onevision-qwen2-0.5b-ov-hf's own numbers (384 px tiles of 27 x 27 features, 1 to 6
+    tiles a side, anyres_max_9): the packing of camera-sized pictures equals transformers', as
+    many features as LlavaOnevisionProcessor counts, none past max_feature_count."""
+    from hf_checkpoints import ONEVISION_QWEN, VIDEO, qwen_tokenizer
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+    from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
+
+    from llava_edge.manifest import AnyResSpec, ImageSpec
+    from llava_edge.modeling import OnevisionProcessorWithoutVideo
+    from llava_edge.runtime.anyres import max_tiles, select_resolution
+
+    pinpoints = ONEVISION_QWEN["image_grid_pinpoints"]
+    anyres = AnyResSpec(pinpoints, 384, [384, 384], 27, "image_newline.npy", 9, False)
+    spec = ImageSpec(384, 384, None, 3, False, 1 / 255, True, [0.5] * 3, [0.5] * 3, False, anyres)
+    processor = OnevisionProcessorWithoutVideo(
+        image_processor=LlavaOnevisionImageProcessorPil(image_grid_pinpoints=pinpoints),
+        tokenizer=qwen_tokenizer((VIDEO,)),
+        num_image_tokens=27 * 27,
+        vision_feature_select_strategy="full",
+    )
+    config = SimpleNamespace(
+        vision_config=SimpleNamespace(image_size=384, patch_size=14), image_grid_pinpoints=pinpoints
+    )
+    manifest = SimpleNamespace(image=spec, num_image_tokens=27 * 27)
+    rng = np.random.default_rng(0)
+    newline = rng.standard_normal(4).astype(np.float32)
+    for height, width in [(480, 640), (720, 1280), (1080, 1920), (3000, 4000), (100, 3000)]:
+        target_h, target_w = select_resolution(height, width, pinpoints)
+        tiles = 1 + (target_h // 384) * (target_w // 384)
+        assert tiles <= max_tiles(anyres)
+        features = rng.standard_normal((tiles, 27 * 27, 4)).astype(np.float32)
+        ours = image_embeds(features, (width, height), spec, newline)
+        (packed,), _ = LlavaOnevisionModel.pack_image_features(
+            SimpleNamespace(config=config),
+            [torch.from_numpy(features)],
+            torch.tensor([[height, width]]),
+            torch.from_numpy(newline),
+            "anyres_max_9",
+        )
+        np.testing.assert_allclose(ours, packed.numpy(), rtol=0, atol=1e-5)
+        count = processor._get_number_of_features(height, width, 384, 384)
+        assert (
+            len(ours)
+            == count
+            == feature_count((width, height), spec, 729)
+            <= max_feature_count(manifest)
+        )
+
+
+def test_chat_turns_follow_the_templates_past_answer_header(exported: Exported) -> None:
+    """llava-hf's template writes a past answer after "assistant \\n" and a new one after
+    "assistant\\n": a chat's later turn is the conversation as the template renders it, as
+    serve and transformers feed it, and answers as transformers does on it."""
+    image = picture(*IMAGES["small"])
+    with Pipeline.load(exported.model_dir) as pipe:
+        chat = pipe.chat(image, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        first = chat.ask(QUESTION)
+        stream = chat.stream("Which one is bigger?")
+        list(stream)
+        second = stream.answer
+        turns = [(QUESTION, first), ("Which one is bigger?", None)]
+        whole = pipe.conversation_ids(turns, pipe.image_pixels(image), image_turn=0)
+        again = pipe.chat(image, history=turns[:1], max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        resumed = again.stream("Which one is bigger?")
+        list(resumed)
+    inputs = _hf_ids(exported, turns, image)
+    assert second.prompt_token_ids == whole == inputs["input_ids"][0].tolist()
+    with torch.no_grad():
+        reference = exported.model.generate(
+            **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None
+        )[0, inputs["input_ids"].shape[1] :].tolist()
+    assert second.token_ids == resumed.answer.token_ids == reference
+
+
+def test_run_and_serve_answer_as_the_pipeline(exported: Exported, tmp_path: Path, capsys) -> None:
+    """`llava-edge run` on an image file, and a served conversation with a past answer, whose
+    prompt is the template's (the past answer after its own header)."""
+    import base64
+    import io
+    import time
+
+    from starlette.testclient import TestClient
+
+    from llava_edge.cli import main
+    from llava_edge.serve import ServeOptions, create_app
+
+    image = picture(*IMAGES["tall"])
+    path = tmp_path / "tall.png"
+    image.save(path)
+    with Pipeline.load(exported.model_dir) as pipe:
+        want = pipe.generate(image, QUESTION, max_new_tokens=6)
+        later = pipe.answer(image, QUESTION, max_new_tokens=6)
+    capsys.readouterr()
+    command = ["run", str(exported.model_dir), "--image", str(path), "--prompt", QUESTION]
+    assert main([*command, "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out.strip() == want.strip()
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    turns = [(QUESTION, "A red circle."), ("Which one is bigger?", None)]
+    messages = [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, QUESTION]},
+        {"role": "assistant", "content": turns[0][1]},
+        {"role": "user", "content": turns[1][0]},
+    ]
+    messages[0]["content"][1] = {"type": "text", "text": QUESTION}
+    body = {"model": "m", "messages": messages, "max_tokens": 4}
+    with TestClient(create_app(ServeOptions(exported.model_dir, model_name="m"))) as client:
+        while client.get("/health").status_code != 200:
+            time.sleep(0.05)
+        reply = client.post("/v1/chat/completions", json=body)
+    assert reply.status_code == 200, reply.text
+    inputs = _hf_ids(exported, turns, image)
+    with torch.no_grad():
+        reference = exported.model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    reference = reference[0, inputs["input_ids"].shape[1] :].tolist()
+    text = exported.processor.tokenizer.decode(reference, skip_special_tokens=True)
+    assert reply.json()["choices"][0]["message"]["content"] == text
+    prompt_tokens = reply.json()["usage"]["prompt_tokens"]
+    assert prompt_tokens == inputs["input_ids"].shape[1] > len(later.prompt_token_ids)
+
+
+def test_several_images_per_prompt_are_refused(exported: Exported) -> None:
+    """transformers' OneVision pads each of a prompt's several images to a square, untiled:
+    the runtime, which tiles each, refuses them everywhere a prompt gets its images; and videos,
+    which it has no input for."""
+    one, two = picture(50, 100), picture(60, 60, seed=1)
+    said = "this model takes one image per prompt or chat, got 2"
+    with Pipeline.load(exported.model_dir) as pipe:
+        assert pipe.max_images_per_prompt == 1
+        with pytest.raises(LlavaEdgeError, match=said):
+            pipe.answer([one, two], QUESTION)
+        with pytest.raises(LlavaEdgeError, match=said):
+            pipe.generate_batch([([one, two], QUESTION)])
+        with pytest.raises(LlavaEdgeError, match=said):
+            pipe.watch("no-such-folder/", QUESTION, frames=2)
+        with pytest.raises(LlavaEdgeError, match=said):
+            pipe.chat([one, two])
+        chat = pipe.chat(one, max_new_tokens=2)
+        chat.ask(QUESTION)
+        with pytest.raises(LlavaEdgeError, match=said):
+            chat.ask("And this one?", image=two)
+        assert chat.ask("And then?")  # the chat goes on
+        pixels = [pipe.image_pixels(one), pipe.image_pixels(two)]
+        with pytest.raises(LlavaEdgeError, match=said):
+            pipe.conversation_ids([(QUESTION, "A."), ("And?", None)], pixels, [0, 1])
+        # nor a video placeholder, which transformers' processor refuses without a video
+        with pytest.raises(LlavaEdgeError, match="'<video>', the model's video placeholder"):
+            pipe.answer(one, "What happens in <video>?")
+
+
+def test_the_server_refuses_several_images_before_fetching_them(exported: Exported) -> None:
+    import time
+
+    from starlette.testclient import TestClient
+
+    from llava_edge.serve import ServeOptions, create_app
+
+    nowhere = {"type": "image_url", "image_url": {"url": "https://example.invalid/x.png"}}
+    message = {"role": "user", "content": [nowhere, nowhere, {"type": "text", "text": "Same?"}]}
+    body = {"model": "m", "messages": [message], "max_tokens": 2}
+    with TestClient(create_app(ServeOptions(exported.model_dir, model_name="m"))) as client:
+        while client.get("/health").status_code != 200:
+            time.sleep(0.05)
+        refused = client.post("/v1/chat/completions", json=body)
+    assert refused.status_code == 400
+    assert "takes one image per prompt or chat, got 2" in refused.json()["error"]["message"]
+
+
+def test_quantize_and_plan_take_the_dir(exported: Exported, tmp_path: Path, capsys) -> None:
+    from llava_edge.calib.quantize import quantize_model
+    from llava_edge.cli import main
+
+    out = tmp_path / "fp16"
+    quantize_model(exported.model_dir, out, precision="fp16", log=quiet)
+    manifest = Manifest.load(out)
+    assert manifest.image.anyres.max_patches == 2 and manifest.format_version == 4
+    image = picture(*IMAGES["large"])
+    with Pipeline.load(out) as pipe, Pipeline.load(exported.model_dir) as reference:
+        answer = pipe.answer(image, QUESTION, max_new_tokens=4, ignore_eos=True)
+        want = reference.answer(image, QUESTION, max_new_tokens=4, ignore_eos=True)
+    assert answer.prompt_token_ids == want.prompt_token_ids
+    capsys.readouterr()
+    assert main(["plan", str(out)]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"vision_aspect_ratio": "anyres"}, "vision_aspect_ratio 'anyres' is not 'anyres_max_N'"),
+        ({"processor": {"vision_aspect_ratio": "anyres_max_4"}}, "differs from config.json's"),
+        (
+            {"processor": {"vision_feature_select_strategy": "default"}},
+            "vision_feature_select_strategy 'default' differs from config.json's 'full'",
+        ),
+        ({"processor": {"num_image_tokens": 9}}, "num_image_tokens 9 is not the vision tower's 16"),
+    ],
+    ids=["not-anyres-max", "processor-ratio", "processor-strategy", "processor-tokens"],
+)
+def test_settings_transformers_cannot_run_are_refused_before_loading(
+    exported: Exported, tmp_path: Path, capsys, change: dict, message: str
+) -> None:
+    from llava_edge.cli import main
+
+    checkpoint = Path(shutil.copytree(exported.checkpoint, tmp_path / "checkpoint"))
+    for name, settings in (
+        ("config.json", {k: v for k, v in change.items() if k != "processor"}),
+        ("processor_config.json", change.get("processor", {})),
+    ):
+        saved = json.loads((checkpoint / name).read_text())
+        (checkpoint / name).write_text(json.dumps({**saved, **settings}))
+    (checkpoint / "model.safetensors").unlink()  # refused before the weights are read
+    capsys.readouterr()
+    assert main(["export", str(checkpoint), str(tmp_path / "model")]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert message in line
+    assert not (tmp_path / "model").exists()
