@@ -11,6 +11,7 @@ images per prompt, which OneVision reads otherwise than one, are refused.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -319,6 +320,27 @@ def test_several_images_per_prompt_are_refused(exported: Exported) -> None:
         # nor a video placeholder, which transformers' processor refuses without a video
         with pytest.raises(LlavaEdgeError, match="'<video>', the model's video placeholder"):
             pipe.answer(one, "What happens in <video>?")
+
+
+def test_chat_command_add_refuses_a_second_image_at_once(exported: Exported, tmp_path) -> None:
+    """`llava-edge chat`'s /add of an image the model cannot take with the chat's own is refused
+    when it is given, as a bad image is, and queues nothing: the next question is answered
+    about the chat's image, not refused."""
+    import io
+
+    from llava_edge.runtime.interactive import chat_loop
+
+    image, other = picture(50, 100), tmp_path / "other.png"
+    picture(60, 60, seed=1).save(other)
+    lines = iter([QUESTION, f"/add {other}", "Which one is bigger?", "/quit"])
+    out = io.StringIO()
+    options = {"max_new_tokens": 4, "ignore_eos": True}
+    with Pipeline.load(exported.model_dir) as pipe:
+        chat_loop(pipe, image, options, read=lambda _prompt: next(lines), out=out)
+        chat = pipe.chat(image, **options)
+        first, second = chat.ask(QUESTION), chat.ask("Which one is bigger?")
+    refused = "error: this model takes one image per prompt or chat, got 2"
+    assert re.search(f"{re.escape(first)}\n{refused}[^\n]*\n{re.escape(second)}\n$", out.getvalue())
 
 
 def test_the_server_refuses_several_images_before_fetching_them(exported: Exported) -> None:
