@@ -343,6 +343,36 @@ def test_chat_command_add_refuses_a_second_image_at_once(exported: Exported, tmp
     assert re.search(f"{re.escape(first)}\n{refused}[^\n]*\n{re.escape(second)}\n$", out.getvalue())
 
 
+def test_a_chat_answer_that_spells_the_video_placeholder_counts(
+    exported: Exported, monkeypatch
+) -> None:
+    """A OneVision chat re-renders every finished turn (its past answers' own header), where an
+    answer spelling "<video>" in ordinary tokens would read back as the video placeholder,
+    which a prompt may not hold: the turn failed after its whole answer was shown. It is held
+    as generated, and the chat goes on."""
+    import llava_edge.runtime.generate as generate
+
+    image = picture(50, 100)
+    with Pipeline.load(exported.model_dir) as pipe:
+        tokenizer = pipe.codec.tokenizer
+        script = [i for part in ("See <vid", "eo>.") for i in tokenizer.encode(part).ids]
+        assert pipe.manifest.tokens.video_token_id not in script  # spelled, not the token
+
+        class Scripted(generate.Sampler):
+            def __call__(self, logits, seen):
+                self.at = getattr(self, "at", -1) + 1
+                return np.array([script[self.at % len(script)]])
+
+        monkeypatch.setattr(generate, "Sampler", Scripted)
+        chat = pipe.chat(image, max_new_tokens=len(script))
+        stream = chat.stream(QUESTION)
+        assert "".join(stream) == "See <video>."
+        assert chat.turns == [(QUESTION, "See <video>.")]
+        assert chat.ids == stream.answer.prompt_token_ids + stream.answer.token_ids
+        assert chat.ask("And then?") == "See <video>."
+        assert len(chat.turns) == 2
+
+
 def test_the_server_refuses_several_images_before_fetching_them(exported: Exported) -> None:
     import time
 

@@ -985,14 +985,15 @@ class _Turn:
         and the cache is kept up to where the two agree. So is every answer where the template
         writes a past answer's header otherwise than a new one's (answered_assistant): the next
         turn feeds the answer again after the past header. Where an answer spells out an image
-        placeholder, which its re-rendered text would read as an image, the turn is held as
-        generated."""
+        placeholder, which its re-rendered text would read as an image, or the model's video
+        placeholder, which a prompt may not hold, the turn is held as generated."""
         session = self.session
         rendered = stopped or session.template.answered_assistant is not None
         turns = [*session.turns, (self.prompt, text)]
         pixels = session.pixels + self.images
         image_turns = session.image_turns + [len(session.turns)] * len(self.images)
-        if not rendered or any(IMAGE_PLACEHOLDER in answer for _, answer in turns):
+        spelled = [IMAGE_PLACEHOLDER, session.pipeline.codec.video_placeholder]
+        if not rendered or any(p and p in answer for _, answer in turns for p in spelled):
             session.ids, session.fed, session.history_closed = ids, session.cache.length, False
         else:
             pipe = session.pipeline

@@ -55,6 +55,13 @@ class TextCodec:
         self.longest_token = max((len(token) for token in vocab), default=1)
         self.max_tokens = max_tokens
 
+    @property
+    def video_placeholder(self) -> str | None:
+        """The text of the model's video placeholder, which `encode` refuses (None: it has
+        none)."""
+        video_id = self.tokens.video_token_id
+        return None if video_id is None else self.tokenizer.id_to_token(video_id)
+
     def encode(
         self, text: str, first: bool = True, image_tokens: int | Sequence[int] | None = None
     ) -> list[int]:
@@ -76,7 +83,7 @@ class TextCodec:
         video_id = self.tokens.video_token_id
         if video_id is not None and video_id in ids:
             raise LlavaEdgeError(
-                f"the prompt holds {self.tokenizer.id_to_token(video_id)!r}, the model's video "
+                f"the prompt holds {self.video_placeholder!r}, the model's video "
                 "placeholder: llava-edge takes no video (ask about its frames as images, one "
                 "per prompt); take it out of the text"
             )
