@@ -409,6 +409,22 @@ def test_quantize_and_plan_take_the_dir(exported: Exported, tmp_path: Path, caps
     assert capsys.readouterr().out.strip()
 
 
+def test_train_refuses_the_checkpoint_and_says_export_takes_it(
+    exported: Exported, tmp_path: Path, capsys
+) -> None:
+    """train fine-tunes LlavaForConditionalGeneration only: a OneVision checkpoint is refused
+    in one line that names it and what takes it, not `convert`, which has nothing to convert."""
+    from llava_edge.cli import main
+
+    out = tmp_path / "out"
+    argv = ["train", "--stage", "2", "--model", str(exported.checkpoint), "--out", str(out)]
+    capsys.readouterr()
+    assert main([*argv, "--data", str(tmp_path / "data.json"), "--max-steps", "1"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "is a LLaVA-OneVision checkpoint" in line and "`llava-edge export` it" in line
+    assert "convert" not in line and not out.exists()
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

@@ -242,6 +242,7 @@ def _load_processor_and_config(model: str | os.PathLike, path: Path) -> tuple[An
     tiles would need labels and batches of their own)."""
     from llava_edge.logs import quiet_loading
     from llava_edge.modeling import (
+        ANYRES_CLASSES,
         check_full_precision,
         check_processor,
         load_processor,
@@ -251,6 +252,12 @@ def _load_processor_and_config(model: str | os.PathLike, path: Path) -> tuple[An
     try:
         with quiet_loading():
             config = read_config(path, "--model")
+            if config.model_type in ANYRES_CLASSES:
+                raise LlavaEdgeError(
+                    f"--model {model} is a {ANYRES_CLASSES[config.model_type][0]} checkpoint, "
+                    "whose images are AnyRes tiles, which train does not fine-tune (it takes "
+                    "LlavaForConditionalGeneration): `llava-edge export` it as it is"
+                )
             if config.model_type != "llava":
                 raise LlavaEdgeError(
                     f"--model {model} is a '{config.model_type}' checkpoint; train takes LLaVA "
