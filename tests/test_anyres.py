@@ -380,3 +380,24 @@ def test_pinpoints_that_are_not_whole_tiles_are_refused_before_loading(
     err = capsys.readouterr().err
     assert "image_grid_pinpoints [48, 64] is not a whole number of 32 px tiles" in err
     assert not (tmp_path / "model").exists()
+
+
+def test_watch_skips_a_frame_too_large_for_the_limit_and_answers_the_others(
+    exported: Exported, tmp_path: Path
+) -> None:
+    """An AnyRes frame's tokens grow with its size: a limit that holds a small frame's prompt
+    but not a large one's answers the small frames and reports the large one, as it reports an
+    unreadable frame; it does not refuse the whole watch for the largest size a frame could
+    have."""
+    small, large = picture(30, 40), picture(120, 100)
+    for i, frame in enumerate([small, large, small]):
+        frame.save(tmp_path / f"{i}.png")
+    with Pipeline.load(exported.model_dir) as pipe:
+        fits = len(pipe.answer(small, QUESTION, max_new_tokens=1).prompt_token_ids)
+        assert len(pipe.answer(large, QUESTION, max_new_tokens=1).prompt_token_ids) > fits
+    with Pipeline.load(exported.model_dir, limits=Limits(max_prompt_tokens=fits)) as pipe:
+        watched = pipe.watch(tmp_path, QUESTION, every_s=0.0)
+        answers = list(watched)
+    assert [a.index for a in answers] == [0, 1, 2]
+    assert answers[0].error is None and answers[2].error is None
+    assert answers[1].error.startswith("frame 1 did not fit: the prompt is")

@@ -35,6 +35,7 @@ from llava_edge.runtime.anyres import (
     image_pixels,
     load_newline,
     max_feature_count,
+    min_feature_count,
     pixels_list,
 )
 from llava_edge.runtime.generate import (
@@ -275,14 +276,18 @@ class Pipeline:
                 "not run; ask about each image in a prompt (or chat) of its own"
             )
 
-    def images_that_fit(self, prompt: str, raw: bool = False, system: str | None = None) -> int:
+    def images_that_fit(
+        self, prompt: str, raw: bool = False, system: str | None = None, *, smallest: bool = False
+    ) -> int:
         """How many images of the largest size this question can hold and leave room for an
-        answer within the context and the prompt limit (0: not even one)."""
+        answer within the context and the prompt limit (0: not even one). smallest=True counts
+        images of the fewest tokens instead (with AnyRes, the base image's alone): how many some
+        images can fit, where the largest count is what any images can."""
         self._check_open()
         _check_text(prompt)
         raw = self._raw({"raw": raw})
         template = self._template(system, raw)
-        most = max_feature_count(self.manifest)
+        most = (min_feature_count if smallest else max_feature_count)(self.manifest)
         room = self.max_context - 1
         if self.limits.max_prompt_tokens is not None:
             room = min(room, self.limits.max_prompt_tokens)

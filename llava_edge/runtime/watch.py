@@ -31,7 +31,7 @@ from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from llava_edge.errors import LlavaEdgeError, TimedOut, TooLarge
+from llava_edge.errors import LlavaEdgeError, PromptTooLong, TimedOut, TooLarge
 from llava_edge.runtime.frames import DEFAULT_TIMEOUT_S, Frame, open_frames
 from llava_edge.runtime.image import load_image
 from llava_edge.runtime.sampling import true_or_false, whole_number
@@ -56,9 +56,10 @@ class WatchAnswer:
     timings: dict[str, float] = field(default_factory=dict)
     # Why this frame has no answer: it ran past its time limit (`answer_timeout_s`, else the
     # pipeline's Limits.timeout_s), or it could not be read as an image (corrupt bytes, a bad
-    # array, over the pixel limit, too far from square). The watch goes on with the next
+    # array, over the pixel limit, too far from square), or (AnyRes) its size gives it more
+    # tokens than the context or the prompt limit holds. The watch goes on with the next
     # frame: one slow answer or one bad frame does not end a robot's watch
-    # (BAD_FRAMES_IN_A_ROW unreadable ones do).
+    # (BAD_FRAMES_IN_A_ROW unreadable or unfitting ones do).
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -131,8 +132,8 @@ def watch(
     so that a live stream opens under the frame timeout.
 
     frames: how many of the last sampled frames go into each prompt, as several images (at most
-    `pipe.images_that_fit(prompt)`: as many as the context holds with the question and an
-    answer); while they fill up, the first answers have fewer, so the question holds no `<image>`
+    `pipe.images_that_fit(prompt, smallest=True)`: as many as the context holds with the
+    question and an answer; a frame that does not fit is reported like an unreadable one); while they fill up, the first answers have fewer, so the question holds no `<image>`
     placeholder unless frames is 1 (a raw prompt then holds exactly one). max_frames: stop after
     this many frames (answered, or reported without an answer: late or unreadable). timeout_s:
     how long the source may send no frame before it counts as stalled (the watch ends with an
@@ -160,7 +161,9 @@ def watch(
     raw, system = bool(options.get("raw", False)), options.get("system")
     _check_placeholders(prompt, frames, raw=raw)
     pipe.check_image_count(frames)
-    fit = pipe.images_that_fit(prompt, raw=raw, system=system)
+    # Refused here only where no frame could fit: an AnyRes frame's tokens depend on its size,
+    # so a frame too large for the context is told in its own answer (as an unreadable one is).
+    fit = pipe.images_that_fit(prompt, raw=raw, system=system, smallest=True)
     if fit == 0:
         raise LlavaEdgeError(
             "the question leaves no room for a frame and an answer in the model's context; "
@@ -240,17 +243,22 @@ def _answers(
                     text, timings, error = answer.text, answer.timings, None
                 except TimedOut as e:
                     text, timings, error = "", {}, str(e)
-                except TooLarge as e:  # a shape the vision encoder's input cannot be made from
+                # A shape the vision encoder's input cannot be made from, or (AnyRes) a frame
+                # whose size gives it more tokens than the context or the prompt limit holds.
+                except (TooLarge, PromptTooLong) as e:
                     window.pop()  # the frames before it were answered with
                     unreadable = e
             if unreadable is not None:
                 bad += 1
+                fault = (
+                    "did not fit" if isinstance(unreadable, PromptTooLong) else "could not be read"
+                )
                 if bad >= BAD_FRAMES_IN_A_ROW:
                     raise LlavaEdgeError(
-                        f"{bad} frames in a row could not be read, the last ({frame.index}): "
+                        f"{bad} frames in a row {fault}, the last ({frame.index}): "
                         f"{unreadable}; check the source"
                     ) from None
-                error = f"frame {frame.index} could not be read: {unreadable}"
+                error = f"frame {frame.index} {fault}: {unreadable}"
                 yield WatchAnswer(frame.index, frame.timestamp, "", frame.skipped, [], {}, error)
                 answered += 1
                 if max_frames is not None and answered >= max_frames:
