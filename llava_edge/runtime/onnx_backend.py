@@ -31,6 +31,11 @@ from llava_edge.runtime.session_cache import enabled as cache_enabled
 from llava_edge.runtime.session_cache import is_cached, open_cached, session_options
 
 GRAPH_FORMS = ("auto", "fused", "standard")
+# The oldest onnxruntime that answers as the newest on every form export and quantize write:
+# 1.18 and 1.19's GroupQueryAttention continues a row that holds tokens wrongly (a chat's next
+# turn), 1.18's MatMulNBits overflows to NaN and 1.19's optimized-graph cache of it answers
+# otherwise. pyproject.toml's floor; also the oldest JetPack 6 onnxruntime-gpu wheel to take.
+RUNTIME_ONNXRUNTIME = (1, 20)
 INT8_KV_ONNXRUNTIME = (1, 27)  # the first whose CPU GroupQueryAttention runs an int8 cache
 # onnxruntime's names of the KV cache dtypes a decoder's past inputs may have.
 PAST_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int8)": "int8"}
@@ -191,10 +196,24 @@ def check_graph_io(name: str, graph: GraphSpec, session: ort.InferenceSession) -
             )
 
 
-def onnxruntime_version() -> tuple[int, int]:
-    """The installed onnxruntime's (major, minor)."""
-    major, minor = (int(x) for x in re.findall(r"\d+", ort.__version__)[:2])
+def onnxruntime_version(version: str | None = None) -> tuple[int, int]:
+    """The (major, minor) of `version`, by default the installed onnxruntime's."""
+    major, minor = (int(x) for x in re.findall(r"\d+", version or ort.__version__)[:2])
     return major, minor
+
+
+def check_onnxruntime(version: str | None = None) -> None:
+    """Refuse an onnxruntime older than RUNTIME_ONNXRUNTIME (`version`, by default the installed
+    one's): it loads the graphs and answers wrongly. pip's floor does not hold it off where
+    onnxruntime-gpu (another distribution, one module) is installed, as on a Jetson."""
+    found = version or ort.__version__
+    if onnxruntime_version(found) < RUNTIME_ONNXRUNTIME:
+        need = ".".join(map(str, RUNTIME_ONNXRUNTIME))
+        raise LlavaEdgeError(
+            f"onnxruntime {found} answers wrongly on llava-edge's graphs: install onnxruntime "
+            f"{need} or later (`pip install 'onnxruntime>={need}'`; on a Jetson, the JetPack 6 "
+            "onnxruntime-gpu wheel, see docs/jetson.md)"
+        )
 
 
 def check_int8_kv_cache(decoder: GraphSpec) -> None:
@@ -232,6 +251,7 @@ class OnnxBackend:
         session_cache: bool = True,
         background: bool = False,
     ):
+        check_onnxruntime()
         check_kv_layout(manifest.kv)
         self.manifest = manifest
         self.model_dir = Path(model_dir)
