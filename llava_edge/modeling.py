@@ -142,8 +142,10 @@ def load_processor(source: str | os.PathLike, trust_remote_code: bool = False) -
     would verify against, and training would learn from, other pixels than the runtime's. The
     image processor loads alone (AutoProcessor would hand `backend` to the tokenizer too) and
     takes the processor's place as an attribute: passed to AutoProcessor, it would be saved as one
-    of its settings, which save_pretrained cannot write."""
-    from transformers import AutoImageProcessor, AutoProcessor
+    of its settings, which save_pretrained cannot write. AutoImageProcessor comes from its own
+    module: transformers 5.4 to 5.17 export it at the top level only where torchvision is."""
+    from transformers import AutoProcessor
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
     processor = AutoProcessor.from_pretrained(str(source), trust_remote_code=trust_remote_code)
     processor.image_processor = AutoImageProcessor.from_pretrained(

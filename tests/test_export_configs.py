@@ -71,6 +71,25 @@ def test_the_processor_is_read_with_the_pil_backend(
     assert processor.tokenizer.backend == "tokenizers"
 
 
+@pytest.mark.parametrize("what", ["export", "train", "bench --baseline"])
+def test_the_processor_loads_where_transformers_hides_auto_image_processor(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, what: str
+) -> None:
+    """transformers 5.4 to 5.17 export AutoImageProcessor at the top level only where
+    torchvision is installed (its module names TorchvisionBackend); elsewhere the name is a
+    placeholder that raises ImportError, and export and train failed on every checkpoint."""
+    import transformers
+
+    class Placeholder:
+        @classmethod
+        def from_pretrained(cls, *args, **kwargs):
+            raise ImportError("AutoImageProcessor requires the Torchvision library")
+
+    monkeypatch.setattr(transformers, "AutoImageProcessor", Placeholder)
+    processor = _loaded_by(what, tiny_checkpoint)
+    assert type(processor.image_processor).__name__.endswith("Pil")
+
+
 # name -> (changes to processor_config.json's image_processor, what the one-line refusal says)
 REFUSED_PROCESSORS = {
     # transformers' CLIP tower fails on 64x48 pixel values ("doesn't match model (64*64)")
