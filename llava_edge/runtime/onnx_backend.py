@@ -37,6 +37,7 @@ GRAPH_FORMS = ("auto", "fused", "standard")
 # otherwise. pyproject.toml's floor; also the oldest JetPack 6 onnxruntime-gpu wheel to take.
 RUNTIME_ONNXRUNTIME = (1, 20)
 INT8_KV_ONNXRUNTIME = (1, 27)  # the first whose CPU GroupQueryAttention runs an int8 cache
+FP16_FUSED_ONNXRUNTIME = (1, 21)  # the first whose CPU SkipSimplifiedLayerNormalization runs fp16
 # onnxruntime's names of the KV cache dtypes a decoder's past inputs may have.
 PAST_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int8)": "int8"}
 
@@ -216,6 +217,20 @@ def check_onnxruntime(version: str | None = None) -> None:
         )
 
 
+def check_fp16_fused_decoder(decoder: GraphSpec) -> None:
+    """A fused decoder in fp16 (`export --dtype fp16`) needs an onnxruntime whose CPU
+    SkipSimplifiedLayerNormalization runs fp16: 1.20 loads the graph, then fails at its first
+    run ("Missing Input")."""
+    found = onnxruntime_version()
+    if decoder.precision == "fp16" and found < FP16_FUSED_ONNXRUNTIME:
+        need = ".".join(map(str, FP16_FUSED_ONNXRUNTIME))
+        raise LlavaEdgeError(
+            f"this model dir's fused decoder is fp16 (export --dtype fp16), which onnxruntime's "
+            f"CPU runs from {need}, not {ort.__version__}: upgrade onnxruntime, or export it "
+            "again with --no-fused (from Python: graph_form='standard')"
+        )
+
+
 def check_int8_kv_cache(decoder: GraphSpec) -> None:
     """A fused decoder with an int8 KV cache (`quantize --kv-cache int8`) needs an onnxruntime
     whose CPU GroupQueryAttention runs one: 1.25 and 1.26 accept the graph, then fail at its
@@ -278,6 +293,7 @@ class OnnxBackend:
         graphs = form_graphs(manifest, self.form)
         if self.form == "fused":
             check_int8_kv_cache(graphs["decoder"])
+            check_fp16_fused_decoder(graphs["decoder"])
         files = graph_files(graphs, self.providers)
         self.prompt_scales_per_call = _scaled_per_call(graphs, files)
 
