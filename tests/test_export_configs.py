@@ -26,7 +26,7 @@ def assert_export_refused(checkpoint: Path, out: Path, capsys, message: str) -> 
 @pytest.fixture
 def processors_made(monkeypatch: pytest.MonkeyPatch) -> dict:
     """backend asked for -> the image processor AutoImageProcessor made for it."""
-    from transformers import AutoImageProcessor
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
     made = {}
     load = AutoImageProcessor.from_pretrained.__func__
