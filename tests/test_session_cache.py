@@ -310,3 +310,22 @@ def test_a_killed_writers_leftovers_go_though_no_entry_can_be_written(
     _, status = answer(tiny_model_dir, cache)
     assert set(status.values()) == {"off"}
     assert [p for p in leftovers if p.exists()] == []
+
+
+@pytest.mark.parametrize(
+    ("version", "prepacked"),
+    [("1.27.0", True), ("1.28.1", False), ("1.31.0", False), ("1.32.0", True)],
+)
+def test_an_onnxruntime_that_misreads_prepacked_weights_saves_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, version: str, prepacked: bool
+) -> None:
+    """onnxruntime 1.28 to 1.31 read an entry's pre-packed MatMulNBits weights back wrongly: an
+    int4 dir answered its first load, then every cached load failed on NaN scores."""
+    monkeypatch.setattr(session_cache.ort, "__version__", version)
+    options = session_cache._saving(None, tmp_path)
+    key = "session.save_external_prepacked_constant_initializers"
+    try:
+        saved = options.get_session_config_entry(key) == "1"
+    except RuntimeError:  # "does not have configuration with key"
+        saved = False
+    assert saved is prepacked
