@@ -36,7 +36,8 @@ GRAPH_FORMS = ("auto", "fused", "standard")
 # turn), 1.18's MatMulNBits overflows to NaN and 1.19's optimized-graph cache of it answers
 # otherwise. pyproject.toml's floor; also the oldest JetPack 6 onnxruntime-gpu wheel to take.
 RUNTIME_ONNXRUNTIME = (1, 20)
-INT8_KV_ONNXRUNTIME = (1, 27)  # the first whose CPU GroupQueryAttention runs an int8 cache
+# The first whose CPU GroupQueryAttention runs an int8 cache right (1.27 decodes a batch wrongly).
+INT8_KV_ONNXRUNTIME = (1, 28)
 FP16_FUSED_ONNXRUNTIME = (1, 21)  # the first whose CPU SkipSimplifiedLayerNormalization runs fp16
 # onnxruntime's names of the KV cache dtypes a decoder's past inputs may have.
 PAST_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int8)": "int8"}
@@ -234,7 +235,7 @@ def check_fp16_fused_decoder(decoder: GraphSpec) -> None:
 def check_int8_kv_cache(decoder: GraphSpec) -> None:
     """A fused decoder with an int8 KV cache (`quantize --kv-cache int8`) needs an onnxruntime
     whose CPU GroupQueryAttention runs one: 1.25 and 1.26 accept the graph, then fail at its
-    first run."""
+    first run; 1.27 answers a batch otherwise than each of its requests alone."""
     past = decoder.inputs.get(KVSpec().past_key.format(i=0))
     if past is not None and past.dtype == "int8" and onnxruntime_version() < INT8_KV_ONNXRUNTIME:
         need = ".".join(map(str, INT8_KV_ONNXRUNTIME))
