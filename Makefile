@@ -6,6 +6,10 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
+# pyproject.toml's onnxruntime floor for the runtime, in .venv-floor beside .venv:
+# tests/test_onnxruntime_floor.py runs a model dir on it (JetPack 6's onnxruntime-gpu is that old).
+FLOOR_ONNXRUNTIME := onnxruntime==1.20.1
+FLOOR := .venv-floor
 DEMO := demo
 
 .PHONY: setup demo test lint format clean
@@ -16,7 +20,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-setup: $(VENV)/.installed
+$(FLOOR)/.installed: $(VENV)/.installed Makefile
+	rm -rf $(FLOOR)
+	$(BIN)/pip install -q --no-deps --target $(FLOOR) $(FLOOR_ONNXRUNTIME)
+	touch $@
+
+setup: $(VENV)/.installed $(FLOOR)/.installed
 
 # The demo trains LLaVA the LLaVA-1.5 way (stage 1: projector on captions, 'plain' template;
 # stage 2: projector + language model on questions, 'vicuna_v1'; vision tower frozen) on the

@@ -155,9 +155,11 @@ def load_processor(source: str | os.PathLike, trust_remote_code: bool = False) -
     would verify against, and training would learn from, other pixels than the runtime's. The
     image processor loads alone (AutoProcessor would hand `backend` to the tokenizer too) and
     takes the processor's place as an attribute: passed to AutoProcessor, it would be saved as one
-    of its settings, which save_pretrained cannot write. A LLaVA-OneVision processor loads
-    without its video processor (OnevisionProcessorWithoutVideo)."""
-    from transformers import AutoImageProcessor, AutoProcessor
+    of its settings, which save_pretrained cannot write. AutoImageProcessor comes from its own
+    module: transformers 5.4 to 5.17 export it at the top level only where torchvision is. A
+    LLaVA-OneVision processor loads without its video processor (OnevisionProcessorWithoutVideo)."""
+    from transformers import AutoProcessor
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
     config = read_config(source, "checkpoint", trust_remote_code)
     loader = (

@@ -107,6 +107,15 @@ def test_a_tensorrt_the_backend_refuses_is_not_ready() -> None:
     assert s["onnxruntime tensorrt"] == "ready"
 
 
+def test_an_onnxruntime_the_backend_refuses_is_not_ready() -> None:
+    """JetPack 6's onnxruntime-gpu 1.18 and 1.19 import and list their providers; the backend
+    refuses them, so doctor does not call them ready."""
+    s = status(machine(onnxruntime="1.19.0"))
+    for backend in ("onnxruntime cpu", "onnxruntime cuda", "onnxruntime tensorrt"):
+        assert any("install onnxruntime 1.20 or later" in m for m in s[backend]), s[backend]
+    assert s["tensorrt"] == "ready"
+
+
 def test_this_machine_is_probed_without_raising() -> None:
     import importlib.util
 

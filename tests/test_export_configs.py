@@ -26,7 +26,7 @@ def assert_export_refused(checkpoint: Path, out: Path, capsys, message: str) -> 
 @pytest.fixture
 def processors_made(monkeypatch: pytest.MonkeyPatch) -> dict:
     """backend asked for -> the image processor AutoImageProcessor made for it."""
-    from transformers import AutoImageProcessor
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
     made = {}
     load = AutoImageProcessor.from_pretrained.__func__
@@ -69,6 +69,25 @@ def test_the_processor_is_read_with_the_pil_backend(
     assert processor.image_processor is processors_made.get("pil")
     assert type(processor.image_processor).__name__.endswith("Pil")
     assert processor.tokenizer.backend == "tokenizers"
+
+
+@pytest.mark.parametrize("what", ["export", "train", "bench --baseline"])
+def test_the_processor_loads_where_transformers_hides_auto_image_processor(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, what: str
+) -> None:
+    """transformers 5.4 to 5.17 export AutoImageProcessor at the top level only where
+    torchvision is installed (its module names TorchvisionBackend); elsewhere the name is a
+    placeholder that raises ImportError, and export and train failed on every checkpoint."""
+    import transformers
+
+    class Placeholder:
+        @classmethod
+        def from_pretrained(cls, *args, **kwargs):
+            raise ImportError("AutoImageProcessor requires the Torchvision library")
+
+    monkeypatch.setattr(transformers, "AutoImageProcessor", Placeholder)
+    processor = _loaded_by(what, tiny_checkpoint)
+    assert type(processor.image_processor).__name__.endswith("Pil")
 
 
 # name -> (changes to processor_config.json's image_processor, what the one-line refusal says)

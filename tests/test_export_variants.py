@@ -24,6 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
+from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import Manifest
 from llava_edge.runtime import Pipeline
 
@@ -508,6 +509,24 @@ def test_fp16_export_verifies_by_cosine(tiny_checkpoint: Path, tmp_path: Path, c
         answer = pipe.answer(_picture(0), QUESTION, max_new_tokens=8, ignore_eos=True)
     assert len(answer.token_ids) == 8
     _check_rotary_frequencies_are_float32(tiny_checkpoint, out, manifest)
+
+
+def test_an_onnxruntime_that_cannot_run_the_fp16_fused_decoder_is_named(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """onnxruntime 1.20 loads an fp16 fused decoder, then fails at its first run: refuse at load."""
+    import onnxruntime
+
+    from llava_edge.export.exporter import export_checkpoint
+
+    out = tmp_path / "fp16"
+    export_checkpoint(tiny_checkpoint, out, dtype="fp16", verify=False, log=quiet)
+    monkeypatch.setattr(onnxruntime, "__version__", "1.20.1")
+    with pytest.raises(LlavaEdgeError, match="runs from 1.21, not 1.20.1: upgrade onnxruntime"):
+        Pipeline.load(out)
+    Pipeline.load(out, graph_form="standard").close()  # the standard form runs on it
+    monkeypatch.setattr(onnxruntime, "__version__", "1.21.0")
+    Pipeline.load(out).close()
 
 
 def _check_rotary_frequencies_are_float32(checkpoint: Path, out: Path, manifest: Manifest) -> None:

@@ -193,3 +193,22 @@ def test_an_older_manifest_of_a_checkpoints_own_template_says_to_re_export(
     assert main(["run", str(model_copy), "--prompt", "Hi", "--max-new-tokens", "1"]) == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "system_format" in line and "re-export" in line, line
+
+
+@pytest.mark.parametrize("version", ["1.19.2", "1.18.1"])
+def test_an_onnxruntime_too_old_to_answer_right_is_named_at_load(
+    tiny_model_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    version: str,
+) -> None:
+    """JetPack 6's onnxruntime-gpu 1.18 and 1.19 load every graph and answer a chat's next turn
+    wrongly (int4 with NaN on 1.18); pip's floor does not see that other distribution."""
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "__version__", version)
+    assert main(["run", str(tiny_model_dir), "--prompt", "Hi", "--max-new-tokens", "1"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"onnxruntime {version} answers wrongly" in line and "onnxruntime 1.20 or later" in line
+    monkeypatch.setattr(onnxruntime, "__version__", "1.20.0")
+    assert main(["run", str(tiny_model_dir), "--prompt", "Hi", "--max-new-tokens", "1"]) == 0

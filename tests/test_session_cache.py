@@ -75,7 +75,7 @@ def test_damaged_entry_is_rebuilt(tiny_model_dir: Path, cache: Path, damage: str
 
 @pytest.mark.parametrize(
     "other",
-    [("__version__", "0.0.0-other"), ("get_build_info", lambda: "ORT Build Info: a Jetson wheel")],
+    [("__version__", "99.0.0-other"), ("get_build_info", lambda: "ORT Build Info: a Jetson wheel")],
     ids=["version", "build"],
 )
 def test_two_onnxruntime_versions_keep_their_own_entries(
@@ -111,7 +111,7 @@ def test_entries_unused_for_long_age_out(
     MAX_AGE_DAYS, while an entry that is loaded stays."""
     path = tiny_model_dir / "projector.onnx"
     with monkeypatch.context() as patch:
-        patch.setattr(session_cache.ort, "__version__", "0.0.0-gone")
+        patch.setattr(session_cache.ort, "__version__", "99.0.0-gone")
         session_cache.open_cached(path, "a" * 64, None, cache)
     (gone,) = entries(cache)
     session_cache.open_cached(path, "a" * 64, None, cache)
@@ -186,7 +186,7 @@ def test_entries_of_a_deleted_dir_are_dropped(
     answer(copy, cache)
     written = entries(cache)
     shutil.rmtree(copy)
-    monkeypatch.setattr(session_cache.ort, "__version__", "0.0.0-other")  # a write happens
+    monkeypatch.setattr(session_cache.ort, "__version__", "99.0.0-other")  # a write happens
     _, status = answer(tiny_model_dir, cache)
     assert set(status.values()) == {"miss"}
     assert not set(written) & set(entries(cache)) and len(entries(cache)) == 3
@@ -310,3 +310,22 @@ def test_a_killed_writers_leftovers_go_though_no_entry_can_be_written(
     _, status = answer(tiny_model_dir, cache)
     assert set(status.values()) == {"off"}
     assert [p for p in leftovers if p.exists()] == []
+
+
+@pytest.mark.parametrize(
+    ("version", "prepacked"),
+    [("1.27.0", True), ("1.28.1", False), ("1.31.0", False), ("1.32.0", True)],
+)
+def test_an_onnxruntime_that_misreads_prepacked_weights_saves_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, version: str, prepacked: bool
+) -> None:
+    """onnxruntime 1.28 to 1.31 read an entry's pre-packed MatMulNBits weights back wrongly: an
+    int4 dir answered its first load, then every cached load failed on NaN scores."""
+    monkeypatch.setattr(session_cache.ort, "__version__", version)
+    options = session_cache._saving(None, tmp_path)
+    key = "session.save_external_prepacked_constant_initializers"
+    try:
+        saved = options.get_session_config_entry(key) == "1"
+    except RuntimeError:  # "does not have configuration with key"
+        saved = False
+    assert saved is prepacked

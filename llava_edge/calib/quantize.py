@@ -79,8 +79,9 @@ FP16_NO_FUSED = (
     "decoder)"
 )
 # onnxruntime.quantization's calibration cache (quantize_static's calibration_cache_path,
-# save_tensors_data) first shipped in 1.27; the [calib] extra asks for it.
-MIN_ONNXRUNTIME = (1, 27)
+# save_tensors_data) first shipped in 1.27; the int4 TensorRT form (fp16 KV cache, int4 Q/DQ),
+# which check_loads opens, loads on the CPU from 1.31. The [calib] extra asks for it.
+MIN_ONNXRUNTIME = (1, 31)
 METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_SAMPLES = 32
 DEFAULT_METHOD = "minmax"
@@ -363,7 +364,7 @@ def _check_onnxruntime() -> None:
     if onnxruntime_version() < MIN_ONNXRUNTIME:
         need = ".".join(map(str, MIN_ONNXRUNTIME))
         raise LlavaEdgeError(
-            f"quantize needs onnxruntime {need} or later (its quantizers' calibration cache), "
+            f"quantize needs onnxruntime {need} or later (its quantizers, and the int4 form it checks), "
             f"found {found}; pip install 'onnxruntime>={need}' (or 'llava-edge[calib]')"
         )
 

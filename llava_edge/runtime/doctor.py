@@ -108,6 +108,13 @@ def backend_status(report: Report) -> list[BackendStatus]:
             f"onnxruntime ({report.onnxruntime_error}): reinstall the wheel made for this "
             "machine (`pip install --force-reinstall onnxruntime`; on a Jetson, see docs/jetson.md)"
         ]
+    elif report.onnxruntime:
+        from llava_edge.runtime.onnx_backend import check_onnxruntime
+
+        try:  # the backend refuses one too old to answer right (JetPack 6's 1.18 and 1.19)
+            check_onnxruntime(report.onnxruntime)
+        except LlavaEdgeError as e:
+            ort = [str(e)]
     statuses = [BackendStatus("onnxruntime cpu", not ort, ort)]
     for provider, short in (
         ("CUDAExecutionProvider", "cuda"),

@@ -31,7 +31,14 @@ from llava_edge.runtime.session_cache import enabled as cache_enabled
 from llava_edge.runtime.session_cache import is_cached, open_cached, session_options
 
 GRAPH_FORMS = ("auto", "fused", "standard")
-INT8_KV_ONNXRUNTIME = (1, 27)  # the first whose CPU GroupQueryAttention runs an int8 cache
+# The oldest onnxruntime that answers as the newest on every form export and quantize write:
+# 1.18 and 1.19's GroupQueryAttention continues a row that holds tokens wrongly (a chat's next
+# turn), 1.18's MatMulNBits overflows to NaN and 1.19's optimized-graph cache of it answers
+# otherwise. pyproject.toml's floor; also the oldest JetPack 6 onnxruntime-gpu wheel to take.
+RUNTIME_ONNXRUNTIME = (1, 20)
+# The first whose CPU GroupQueryAttention runs an int8 cache right (1.27 decodes a batch wrongly).
+INT8_KV_ONNXRUNTIME = (1, 28)
+FP16_FUSED_ONNXRUNTIME = (1, 21)  # the first whose CPU SkipSimplifiedLayerNormalization runs fp16
 # onnxruntime's names of the KV cache dtypes a decoder's past inputs may have.
 PAST_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int8)": "int8"}
 
@@ -191,16 +198,44 @@ def check_graph_io(name: str, graph: GraphSpec, session: ort.InferenceSession) -
             )
 
 
-def onnxruntime_version() -> tuple[int, int]:
-    """The installed onnxruntime's (major, minor)."""
-    major, minor = (int(x) for x in re.findall(r"\d+", ort.__version__)[:2])
+def onnxruntime_version(version: str | None = None) -> tuple[int, int]:
+    """The (major, minor) of `version`, by default the installed onnxruntime's."""
+    major, minor = (int(x) for x in re.findall(r"\d+", version or ort.__version__)[:2])
     return major, minor
+
+
+def check_onnxruntime(version: str | None = None) -> None:
+    """Refuse an onnxruntime older than RUNTIME_ONNXRUNTIME (`version`, by default the installed
+    one's): it loads the graphs and answers wrongly. pip's floor does not hold it off where
+    onnxruntime-gpu (another distribution, one module) is installed, as on a Jetson."""
+    found = version or ort.__version__
+    if onnxruntime_version(found) < RUNTIME_ONNXRUNTIME:
+        need = ".".join(map(str, RUNTIME_ONNXRUNTIME))
+        raise LlavaEdgeError(
+            f"onnxruntime {found} answers wrongly on llava-edge's graphs: install onnxruntime "
+            f"{need} or later (`pip install 'onnxruntime>={need}'`; on a Jetson, the JetPack 6 "
+            "onnxruntime-gpu wheel, see docs/jetson.md)"
+        )
+
+
+def check_fp16_fused_decoder(decoder: GraphSpec) -> None:
+    """A fused decoder in fp16 (`export --dtype fp16`) needs an onnxruntime whose CPU
+    SkipSimplifiedLayerNormalization runs fp16: 1.20 loads the graph, then fails at its first
+    run ("Missing Input")."""
+    found = onnxruntime_version()
+    if decoder.precision == "fp16" and found < FP16_FUSED_ONNXRUNTIME:
+        need = ".".join(map(str, FP16_FUSED_ONNXRUNTIME))
+        raise LlavaEdgeError(
+            f"this model dir's fused decoder is fp16 (export --dtype fp16), which onnxruntime's "
+            f"CPU runs from {need}, not {ort.__version__}: upgrade onnxruntime, or export it "
+            "again with --no-fused (from Python: graph_form='standard')"
+        )
 
 
 def check_int8_kv_cache(decoder: GraphSpec) -> None:
     """A fused decoder with an int8 KV cache (`quantize --kv-cache int8`) needs an onnxruntime
     whose CPU GroupQueryAttention runs one: 1.25 and 1.26 accept the graph, then fail at its
-    first run."""
+    first run; 1.27 answers a batch otherwise than each of its requests alone."""
     past = decoder.inputs.get(KVSpec().past_key.format(i=0))
     if past is not None and past.dtype == "int8" and onnxruntime_version() < INT8_KV_ONNXRUNTIME:
         need = ".".join(map(str, INT8_KV_ONNXRUNTIME))
@@ -232,6 +267,7 @@ class OnnxBackend:
         session_cache: bool = True,
         background: bool = False,
     ):
+        check_onnxruntime()
         check_kv_layout(manifest.kv)
         self.manifest = manifest
         self.model_dir = Path(model_dir)
@@ -258,6 +294,7 @@ class OnnxBackend:
         graphs = form_graphs(manifest, self.form)
         if self.form == "fused":
             check_int8_kv_cache(graphs["decoder"])
+            check_fp16_fused_decoder(graphs["decoder"])
         files = graph_files(graphs, self.providers)
         self.prompt_scales_per_call = _scaled_per_call(graphs, files)
 

@@ -49,6 +49,9 @@ CACHE_FORMAT = 1
 MODEL = "model.onnx"
 DATA = "model.onnx.data"
 META = "entry.json"
+# onnxruntime 1.28 to 1.31 read pre-packed MatMulNBits weights (int4) back wrongly from an entry:
+# every answer of a cached load is NaN. Their entries hold the optimized graph without them.
+PREPACKED_UNREADABLE = ((1, 28), (1, 31))
 # An entry no load has opened for this long is deleted; a load marks its entry used at most
 # once a day (the mtime of its META), so a hit costs no disk write.
 MAX_AGE_DAYS = 30
@@ -79,6 +82,7 @@ def cache_key(graph_sha256: str, providers: list[str]) -> str:
         "build": getattr(ort, "get_build_info", str)(),
         "providers": providers,
         "optimization": "ORT_ENABLE_ALL",
+        "prepacked": saves_prepacked(),
         "machine": platform.machine(),
         "cpu_flags": cpu_flags(),
     }
@@ -184,8 +188,19 @@ def _saving(threads: int | None, out: Path) -> ort.SessionOptions:
         "session.optimized_model_external_initializers_min_size_in_bytes", "1024"
     )
     # The pre-packed weights go into the data file too: loading them is what the cache saves.
-    options.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
+    if saves_prepacked():
+        options.add_session_config_entry(
+            "session.save_external_prepacked_constant_initializers", "1"
+        )
     return options
+
+
+def saves_prepacked() -> bool:
+    """Whether this onnxruntime's entries hold the pre-packed weights (PREPACKED_UNREADABLE)."""
+    from llava_edge.runtime.onnx_backend import onnxruntime_version
+
+    low, high = PREPACKED_UNREADABLE
+    return not low <= onnxruntime_version() <= high
 
 
 def _complete(entry: Path) -> bool:

@@ -1,0 +1,90 @@
+"""pyproject.toml's onnxruntime floor holds: model dirs exported and quantized with the newest
+packages answer the same on the oldest onnxruntime the runtime takes, as on a robot whose
+onnxruntime (JetPack 6's onnxruntime-gpu) is older than the workstation's. `make setup` puts that
+wheel in .venv-floor; the answers run in a subprocess with it first on the path."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from conftest import quiet
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+FLOOR = ROOT / ".venv-floor"
+
+# Prints the version and, per model dir and graph form, the tokens of an answer about an image
+# and of a chat's two turns (the second continues a cache that holds tokens), each load twice:
+# the second reads the session cache the first wrote.
+ANSWERS = """
+import json, sys
+import onnxruntime
+from llava_edge.runtime import Pipeline
+
+image, *dirs = sys.argv[1:]
+out = {"onnxruntime": onnxruntime.__version__}
+for model_dir in dirs:
+    for form in ("fused", "standard"):
+        for load in ("miss", "hit"):
+            with Pipeline.load(model_dir, graph_form=form, threads=1) as pipe:
+                ids = [pipe.answer(image, "What is it?", max_new_tokens=5).token_ids]
+                chat = pipe.chat()
+                for question, picture in (("Describe it.", image), ("And then?", None)):
+                    turn = chat.stream(question, image=picture, max_new_tokens=4)
+                    list(turn)
+                    ids.append(turn.answer.token_ids)
+                out[f"{model_dir} {form} {load}"] = ids
+print(json.dumps(out))
+"""
+
+
+def floor_version() -> str:
+    """The runtime's onnxruntime floor, from pyproject.toml's dependencies."""
+    text = (ROOT / "pyproject.toml").read_text()
+    dependencies = text.split("dependencies = [", 1)[1].split("]", 1)[0]
+    return re.search(r'"onnxruntime>=([\d.]+)"', dependencies).group(1)
+
+
+def answers(python_path: str | None, image: Path, dirs: list[Path], cache: Path) -> dict:
+    env = {**os.environ, "LLAVA_EDGE_CACHE": str(cache), "LLAVA_EDGE_SESSION_CACHE": "1"}
+    env.pop("PYTHONPATH", None)
+    if python_path:
+        env["PYTHONPATH"] = python_path
+    done = subprocess.run(
+        [sys.executable, "-c", ANSWERS, str(image), *map(str, dirs)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_the_floor_onnxruntime_answers_as_the_newest(
+    context_model_dir: Path, tmp_path: Path
+) -> None:
+    """onnxruntime 1.18 and 1.19 continued a chat's cache wrongly on the fused decoder, 1.18
+    gave int4 NaN, 1.28 to 1.31 misread the session cache's int4 weights: each would differ."""
+    from llava_edge.calib.quantize import quantize_model
+
+    assert (FLOOR / "onnxruntime").is_dir(), f"{FLOOR} has no onnxruntime: run `make setup`"
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        pixels = np.random.default_rng(i).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(images / f"{i}.png")
+    int4 = tmp_path / "int4"
+    quantize_model(context_model_dir, int4, "int4", images=images, samples=3, log=quiet)
+    dirs = [context_model_dir, int4]
+    newest = answers(None, images / "0.png", dirs, tmp_path / "newest")
+    floor = answers(str(FLOOR), images / "0.png", dirs, tmp_path / "floor")
+    assert floor.pop("onnxruntime").startswith(floor_version() + "."), "update FLOOR_ONNXRUNTIME"
+    newest.pop("onnxruntime")
+    assert floor == newest
