@@ -11,6 +11,7 @@ offline stages import this module (it needs torch).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -161,15 +162,22 @@ def load_processor(source: str | os.PathLike, trust_remote_code: bool = False) -
     from transformers import AutoProcessor
     from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
-    config = read_config(source, "checkpoint", trust_remote_code)
-    loader = (
-        OnevisionProcessorWithoutVideo if config.model_type == "llava_onevision" else AutoProcessor
-    )
+    loader = OnevisionProcessorWithoutVideo if _is_onevision(source) else AutoProcessor
     processor = loader.from_pretrained(str(source), trust_remote_code=trust_remote_code)
     processor.image_processor = AutoImageProcessor.from_pretrained(
         str(source), trust_remote_code=trust_remote_code, backend=PROCESSOR_BACKEND
     )
     return processor
+
+
+def _is_onevision(source: str | os.PathLike) -> bool:
+    """Whether `source` holds a LLaVA-OneVision model. A dir without a readable config.json (a
+    LoRA adapter dir holds the processor alone) is not: AutoProcessor loads it, or says why not."""
+    try:
+        config = json.loads((Path(source) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("model_type") == "llava_onevision"
 
 
 class OnevisionProcessorWithoutVideo(LlavaOnevisionProcessor):
