@@ -21,8 +21,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import quiet
 from hf_checkpoints import ONEVISION_TEMPLATE, onevision_qwen, write_checkpoint
 from PIL import Image
+from test_anyres import picture
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import Manifest
@@ -43,17 +45,6 @@ IMAGES = {
     "tall": (130, 40),  # 3 x 1 tiles, 12 x 4 features: shrunk to 9 x 3
     "small": (50, 100),  # 1 x 2 tiles, 4 x 8 features: kept
 }
-
-
-def quiet(*_args, **_kwargs) -> None:
-    pass
-
-
-def picture(height: int, width: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    array = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-    array[height // 4 : height // 2, width // 4 : width // 2] = (30, 200, 60)
-    return Image.fromarray(array)
 
 
 @dataclass
