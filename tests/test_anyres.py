@@ -401,3 +401,34 @@ def test_watch_skips_a_frame_too_large_for_the_limit_and_answers_the_others(
     assert [a.index for a in answers] == [0, 1, 2]
     assert answers[0].error is None and answers[2].error is None
     assert answers[1].error.startswith("frame 1 did not fit: the prompt is")
+
+
+def test_a_prompt_too_long_for_its_image_says_a_smaller_image_takes_fewer(
+    exported: Exported, tiny_model_dir: Path
+) -> None:
+    """An AnyRes image's tokens grow with its size: a refusal says how many its images take,
+    where "shorten it" alone would send the user to shorten a question of a few words. A model
+    whose images take a fixed count says nothing of them."""
+    from llava_edge.errors import PromptTooLong
+
+    large = picture(120, 100)
+    hint = r"\((\d+) of them its images': a smaller image takes fewer\)"
+    with Pipeline.load(exported.model_dir) as pipe:
+        ids = pipe.answer(large, QUESTION, max_new_tokens=1).prompt_token_ids
+        taken = ids.count(pipe.manifest.tokens.image_token_id)
+        pipe.backend.max_context = len(ids)  # the context holds the prompt, not an answer
+        with pytest.raises(PromptTooLong, match=f"the prompt is {len(ids)} tokens {hint}") as e:
+            pipe.answer(large, QUESTION)
+        assert f"({taken} of them" in str(e.value)
+    with Pipeline.load(exported.model_dir, limits=Limits(max_prompt_tokens=len(ids) - 1)) as pipe:
+        for ask in (
+            lambda: pipe.answer(large, QUESTION),
+            lambda: pipe.generate_batch([(large, QUESTION)]),
+            lambda: pipe.chat(large).ask(QUESTION),
+        ):
+            with pytest.raises(LlavaEdgeError, match=f"{len(ids)} tokens {hint}, over"):
+                ask()
+    with Pipeline.load(tiny_model_dir, limits=Limits(max_prompt_tokens=5)) as pipe:
+        with pytest.raises(PromptTooLong) as e:
+            pipe.answer(large, QUESTION)
+        assert "of them" not in str(e.value)

@@ -492,8 +492,9 @@ class BatchEngine:
         if isinstance(options, GenerationConfig):
             options = dict(vars(options))
         config = pipe._config(dict(options))
-        pipe.limits.check_prompt(len(ids))
-        config = pipe._fit_context(config, len(ids))
+        share = pipe.image_share(ids)
+        pipe.limits.check_prompt(len(ids), images=share)
+        config = pipe._fit_context(config, len(ids), images=share)
         pixels = pixels_list(image)
         image_tokens = ids.count(pipe.manifest.tokens.image_token_id)
         counts = pipe.image_tokens(pixels) or []

@@ -87,12 +87,14 @@ class Limits:
                 f"{self.max_new_tokens}"
             )
 
-    def check_prompt(self, tokens: int, chat: bool = False) -> None:
+    def check_prompt(self, tokens: int, chat: bool = False, images: str = "") -> None:
+        """images: what the prompt's images take of it, where that is worth saying
+        (Pipeline.image_share)."""
         if self.max_prompt_tokens is not None and tokens > self.max_prompt_tokens:
             what = "the conversation with this question is" if chat else "the prompt is"
             fix = "; start a new chat" if chat else ""
             raise (ChatFull if chat else PromptTooLong)(
-                f"{what} {tokens} tokens, over this deployment's limit of "
+                f"{what} {tokens} tokens{images}, over this deployment's limit of "
                 f"{self.max_prompt_tokens}{fix}"
             )
 
@@ -275,6 +277,15 @@ class Pipeline:
                 "reads several images of one prompt otherwise than one, which llava-edge does "
                 "not run; ask about each image in a prompt (or chat) of its own"
             )
+
+    def image_share(self, ids: list[int]) -> str:
+        """What a prompt's AnyRes images take of its tokens, for a message refusing it: their
+        tokens grow with their size, so a smaller image is the way to a shorter prompt. Empty
+        where the images are of one size whatever they show."""
+        taken = ids.count(self.manifest.tokens.image_token_id)
+        if not taken or self.manifest.image.anyres is None:
+            return ""
+        return f" ({taken} of them its images': a smaller image takes fewer)"
 
     def images_that_fit(
         self, prompt: str, raw: bool = False, system: str | None = None, *, smallest: bool = False
@@ -490,7 +501,7 @@ class Pipeline:
         timer = Timer()
         ids, features = self._prepare(image, prompt, raw, system)
         timer.mark("vision")
-        config = self._fit_context(config, len(ids))
+        config = self._fit_context(config, len(ids), images=self.image_share(ids))
         cache = self.backend.new_cache(1)
         return TextStream(
             self, cache, ids, ids, features, config, timer, timeout_s, start_position=0
@@ -543,7 +554,7 @@ class Pipeline:
         ids = self.codec.encode(text, first=True, image_tokens=self.image_tokens(images))
         if not ids:  # a raw empty prompt on a model with no BOS token
             raise LlavaEdgeError("the prompt is empty: ask a question")
-        self.limits.check_prompt(len(ids))
+        self.limits.check_prompt(len(ids), images=self.image_share(ids))
         return ids
 
     def conversation_ids(
@@ -562,7 +573,7 @@ class Pipeline:
         the template's system prompt.
         """
         ids = self._render(turns, image, image_turn, system)
-        self.limits.check_prompt(len(ids))
+        self.limits.check_prompt(len(ids), images=self.image_share(ids))
         return ids
 
     def _render(
@@ -745,12 +756,18 @@ class Pipeline:
         return getattr(self.backend, "max_context", self.manifest.text.max_context)
 
     def _fit_context(
-        self, config: GenerationConfig, prompt_len: int, used: int = 0, conversation: int = 0
+        self,
+        config: GenerationConfig,
+        prompt_len: int,
+        used: int = 0,
+        conversation: int = 0,
+        images: str = "",
     ) -> GenerationConfig:
         """Fail on a prompt that cannot fit; shorten max_new_tokens to what is left (the
         library's answers stop at the context's end; serve checks first, and refuses).
         conversation: a chat's tokens before this question, in the cache (`used`) or not (a
-        history still to feed): a question that does not fit after them is ChatFull."""
+        history still to feed): a question that does not fit after them is ChatFull. images:
+        what the prompt's images take of it (image_share)."""
         limit = self.max_context
         room = limit - used - prompt_len
         if room < 1 and conversation:
@@ -761,7 +778,8 @@ class Pipeline:
             )
         if room < 1:
             raise PromptTooLong(
-                f"the prompt is {prompt_len} tokens, but the model's context is {limit}; shorten it"
+                f"the prompt is {prompt_len} tokens{images}, but the model's context is {limit}; "
+                "shorten it"
             )
         if config.max_new_tokens > room:
             config = GenerationConfig(**{**config.__dict__, "max_new_tokens": room})
@@ -922,7 +940,8 @@ class ChatSession:
         could not hold either, where ChatFull's advice, to start a new chat, would lose the
         conversation for nothing."""
         pipe = self.pipeline
-        pipe._fit_context(config, len(pipe.prompt_ids(prompt, images, system=self.system)))
+        ids = pipe.prompt_ids(prompt, images, system=self.system)
+        pipe._fit_context(config, len(ids), images=pipe.image_share(ids))
 
     def _after_rendered(
         self, prompt: str, images: list[ImagePixels]

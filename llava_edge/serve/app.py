@@ -481,7 +481,8 @@ def _submit(
     if room < 1:
         raise ApiError(
             400,
-            f"the conversation is {len(ids)} tokens; the model's context is {pipe.max_context}",
+            f"the conversation is {len(ids)} tokens{pipe.image_share(ids)}; the model's context "
+            f"is {pipe.max_context}",
             "messages",
             "context_length_exceeded",
         )
