@@ -23,6 +23,7 @@ from typing import Any
 import av  # the video extra, in dev
 import numpy as np
 import pytest
+from conftest import write_pgm16
 from PIL import Image
 
 from llava_edge import cli
@@ -169,8 +170,9 @@ def test_a_folder_of_sixteen_bit_pgm_depth_frames_is_read(tmp_path) -> None:
     folder = tmp_path / "depth"
     folder.mkdir()
     depth = np.linspace(0, 65535, 20 * 30).reshape(20, 30).astype(np.uint16)
-    for i, suffix in enumerate((".pgm", ".PPM", ".pnm")):
-        Image.fromarray(depth if suffix == ".pgm" else (depth >> 8).astype(np.uint8)).save(
+    write_pgm16(folder / "000.pgm", depth)
+    for i, suffix in enumerate((".PPM", ".pnm"), start=1):
+        Image.fromarray((depth >> 8).astype(np.uint8)).save(
             folder / f"{i:03d}{suffix}", format="PPM"
         )
     (folder / "._000.pgm").write_bytes(b"\x00\x05\x16\x07")  # macOS's AppleDouble on a USB stick
