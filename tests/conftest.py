@@ -33,6 +33,14 @@ def quiet(*_args, **_kwargs) -> None:
     """A `log` for library calls whose output tests don't read."""
 
 
+def write_pgm16(path: Path, pixels) -> None:
+    """Save a 2-D uint16 array as a binary 16-bit PGM (maxval 65535), as depth and
+    machine-vision cameras write one. Written by hand: pyproject's pillow floor (10.3) cannot save
+    mode I;16 as PGM."""
+    height, width = pixels.shape
+    path.write_bytes(b"P5 %d %d 65535\n" % (width, height) + pixels.astype(">u2").tobytes())
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from llava_edge.training.checkpoint import init_checkpoint

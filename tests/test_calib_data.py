@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from conftest import write_pgm16
 from PIL import Image
 
 from llava_edge.calib.data import DEFAULT_PROMPT, Activations, Sample, load_samples
@@ -60,7 +61,7 @@ def test_image_folder_asks_the_default_prompt(tmp_path: Path) -> None:
     first = _picture(tmp_path / "pics" / "1.jpg", (1, 2, 3))
     second = _picture(tmp_path / "pics" / "2.png", (4, 5, 6))
     depth = tmp_path / "pics" / "3.pgm"  # a depth camera's 16-bit frame
-    Image.fromarray(np.full((8, 8), 4000, np.uint16)).save(depth)
+    write_pgm16(depth, np.full((8, 8), 4000, np.uint16))
     (tmp_path / "pics" / "notes.txt").write_text("not a picture")
     (tmp_path / "pics" / "._2.png").write_bytes(b"\x00\x05\x16\x07")  # a Mac's AppleDouble
     expected = [Sample(p, DEFAULT_PROMPT) for p in (first, second, depth)]

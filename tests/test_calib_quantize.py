@@ -748,6 +748,56 @@ def test_an_int4_tensorrt_form_without_blocks_keeps_its_opset(tmp_path: Path) ->
         assert check_graph(written) == []
 
 
+def _convert_version_dropping_external_data(original):
+    """onnx's version converter as onnx before 1.19 (the [calib] floor is 1.16) behaves: the
+    initializers it returns no longer say where their weights are stored, and hold none."""
+
+    def convert(model, *args, **kwargs):
+        converted = original(model, *args, **kwargs)
+        for tensor in converted.graph.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                del tensor.external_data[:]
+                tensor.data_location = onnx.TensorProto.DEFAULT
+        return converted
+
+    return convert
+
+
+def test_an_int4_tensorrt_form_of_external_weights_holds_them_on_every_onnx(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A graph over 2 GB keeps its weights in a .data file, and its int4 TensorRT form is made at
+    opset 21 from the graph without them: with onnx 1.16-1.18's converter, as with the newest,
+    the form holds every weight (it held none, and quantize refused every 7B int4 dir)."""
+    from onnx import TensorProto, helper, numpy_helper, version_converter
+
+    from llava_edge.calib.quantize import int4_qdq
+
+    values = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["inputs_embeds", "w"], ["logits"])],
+        "g",
+        [helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 8])],
+        [numpy_helper.from_array(values, "w")],
+    )
+    src = tmp_path / "g.onnx"
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(src), save_as_external_data=True, location="g.data", size_threshold=0)
+    int4_qdq(src, tmp_path / "newest.onnx")
+    converter = _convert_version_dropping_external_data(version_converter.convert_version)
+    monkeypatch.setattr(version_converter, "convert_version", converter)
+    int4_qdq(src, tmp_path / "old.onnx")
+    x = np.ones((1, 64), np.float32)
+    logits = [
+        ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"]).run(
+            None, {"inputs_embeds": x}
+        )
+        for f in ("newest.onnx", "old.onnx")
+    ]
+    np.testing.assert_array_equal(logits[0], logits[1])
+
+
 def test_an_fp16_dir_says_why_it_has_no_fused_form(quantized: dict) -> None:
     """Asked for the fused form, an fp16 dir names quantize's reason, not 're-export' (which gives
     the same dir)."""

@@ -155,13 +155,18 @@ def hf_ids(checkpoint: Path, turns: list, image, system: str | None = None) -> l
         if answer is not None:
             text = answer if strings else [{"type": "text", "text": answer}]
             messages.append({"role": "assistant", "content": text})
-    inputs = processor.apply_chat_template(
-        messages,
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=True,
-        processor_kwargs={"images": [image]},
-    )
+    return processor_ids(processor, messages, [image])
+
+
+def processor_ids(processor, messages: list[dict], images: list) -> list[int]:
+    """The ids of `processor.apply_chat_template(messages, add_generation_prompt=True,
+    tokenize=True)` with `images`, made as that path makes them on every transformers the
+    [export] extra takes (its `processor_kwargs=` is newer than the floor): the rendered prompt
+    through the processor, without a second BOS where the template writes one."""
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    bos = processor.tokenizer.bos_token
+    specials = {"add_special_tokens": False} if bos is not None and text.startswith(bos) else {}
+    inputs = processor(images=images or None, text=text, **specials)
     return list(inputs["input_ids"][0])
 
 

@@ -36,7 +36,9 @@ FUSED_TEXT = {
 @pytest.mark.parametrize("name", list(FUSED_TEXT))
 def test_fused_decoder_equals_transformers(name: str, dtype: str) -> None:
     """The fused decoder's prefill logits are transformers' (fp32: to 1e-5 of their range; the
-    SiLU model's logits differ by far more, so the activation is the config's)."""
+    SiLU model's logits differ by far more, so the activation is the config's). fp16 is held to
+    twice the error transformers' own model makes in fp16: that error follows the random weights,
+    which each transformers release draws in its own order (from 1e-3 to 6e-3 of the range)."""
     import numpy as np
     import onnxruntime as ort
     import torch
@@ -79,12 +81,14 @@ def test_fused_decoder_equals_transformers(name: str, dtype: str) -> None:
     logits = session.run(["logits"], feed)[0][0]
     with torch.no_grad():
         reference = model(inputs_embeds=embeds).logits[0, -1].numpy()
+        half = model.half()(inputs_embeds=embeds.half()).logits[0, -1].float().numpy()
+        model.float()
         for layer in model.model.language_model.layers:
             layer.mlp.act_fn = ACT2FN["silu"]
         silu = model(inputs_embeds=embeds).logits[0, -1].numpy()
     scale = np.abs(reference).max()
     gap = np.abs(logits - reference).max() / scale
-    assert gap < (1e-5 if dtype == "float32" else 3e-3)
+    assert gap < (1e-5 if dtype == "float32" else 2 * np.abs(half - reference).max() / scale)
     if "hidden_act" in FUSED_TEXT[name] and name != "swish":
         assert np.abs(silu - reference).max() / scale > 1e-2
 

@@ -7,6 +7,7 @@ import io
 
 import numpy as np
 import pytest
+from conftest import write_pgm16
 from PIL import Image
 
 from llava_edge.errors import LlavaEdgeError, TooLarge
@@ -506,7 +507,7 @@ def test_a_sixteen_bit_pgm_is_read_as_sixteen_bits(tmp_path):
     its values scaled to 0-65535 (a maxval of 4095 too): the same image as its uint16 array."""
     wide = _ramp(np.uint16, 65535)
     path = tmp_path / "depth.pgm"
-    Image.fromarray(wide).save(path)
+    write_pgm16(path, wide)
     assert Image.open(path).mode == "I"
     expected = np.asarray(load_image(wide))
     assert np.array_equal(np.asarray(load_image(path)), expected)

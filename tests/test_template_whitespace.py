@@ -27,7 +27,7 @@ from chat_templates import (
     VICUNA,
 )
 from conftest import quiet
-from test_export_templates import LLAMA2, LLAMA3_HEADERS, LLAVA_HF
+from test_export_templates import LLAMA2, LLAMA3_HEADERS, LLAVA_HF, processor_ids
 
 from llava_edge.export.exporter import export_checkpoint
 from llava_edge.manifest import CHECKPOINT_INFO_FILE, MANIFEST_NAME, Manifest
@@ -141,14 +141,7 @@ class Reference:
             if answer is not None:
                 messages.append({"role": "assistant", "content": self.content(answer)})
         images = [IMAGE] * len(image_turns)
-        inputs = self.processor.apply_chat_template(
-            messages,
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-            **({"processor_kwargs": {"images": images}} if images else {}),
-        )
-        return list(inputs["input_ids"][0])
+        return processor_ids(self.processor, messages, images)
 
 
 @pytest.mark.parametrize("name", TEMPLATES)

@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import struct
 import subprocess
 import sys
 import threading
@@ -23,6 +24,7 @@ from typing import Any
 import av  # the video extra, in dev
 import numpy as np
 import pytest
+from conftest import write_pgm16
 from PIL import Image
 
 from llava_edge import cli
@@ -169,8 +171,9 @@ def test_a_folder_of_sixteen_bit_pgm_depth_frames_is_read(tmp_path) -> None:
     folder = tmp_path / "depth"
     folder.mkdir()
     depth = np.linspace(0, 65535, 20 * 30).reshape(20, 30).astype(np.uint16)
-    for i, suffix in enumerate((".pgm", ".PPM", ".pnm")):
-        Image.fromarray(depth if suffix == ".pgm" else (depth >> 8).astype(np.uint8)).save(
+    write_pgm16(folder / "000.pgm", depth)
+    for i, suffix in enumerate((".PPM", ".pnm"), start=1):
+        Image.fromarray((depth >> 8).astype(np.uint8)).save(
             folder / f"{i:03d}{suffix}", format="PPM"
         )
     (folder / "._000.pgm").write_bytes(b"\x00\x05\x16\x07")  # macOS's AppleDouble on a USB stick
@@ -1181,6 +1184,18 @@ def test_reconnecting_is_refused_where_there_is_nothing_to_reconnect(pipe, tmp_p
         pipe.watch("/dev/null", "?", reconnect_s=-1.0)
 
 
+def set_display_rotation(path: Path, degrees: int) -> None:
+    """Give a QuickTime file's one track a display rotation (counterclockwise), as a phone's
+    camera does: in its track header's matrix, which FFmpeg reads as the rotation. Written into
+    the file: PyAV's VideoStream.set_display_rotation is newer than pyproject's av floor (16.0)."""
+    data = bytearray(path.read_bytes())
+    at = data.rindex(b"tkhd") + 4  # the movie header (moov) follows the frames (mdat)
+    assert data[at] == 0, "a version 0 track header"
+    cos, sin = (round(f(math.radians(degrees))) << 16 for f in (math.cos, math.sin))
+    data[at + 40 : at + 60] = struct.pack(">5i", cos, -sin, 0, sin, cos)  # a, b, u, c, d
+    path.write_bytes(data)
+
+
 @pytest.mark.parametrize("degrees", [90, -90, 180])
 def test_a_rotated_recording_is_answered_upright(tmp_path, degrees) -> None:
     """A phone's portrait video is stored landscape with a display rotation, as a photo's EXIF
@@ -1190,14 +1205,13 @@ def test_a_rotated_recording_is_answered_upright(tmp_path, degrees) -> None:
 
     stored = np.zeros((32, 64, 3), np.uint8)
     stored[:, :32] = 255  # the left half white
-    path = tmp_path / "portrait.mkv"
+    path = tmp_path / "portrait.mov"
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("ffv1", rate=5)
-        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv444p"
-        stream.set_display_rotation(degrees)
-        frame = av.VideoFrame.from_ndarray(stored, "rgb24")
-        container.mux(stream.encode(frame))
+        stream = container.add_stream("png", rate=5)
+        stream.width, stream.height, stream.pix_fmt = 64, 32, "rgb24"
+        container.mux(stream.encode(av.VideoFrame.from_ndarray(stored, "rgb24")))
         container.mux(stream.encode())
+    set_display_rotation(path, degrees)
     (frame,) = open_frames(path, every_s=0.0)
     shown = np.rot90(stored, degrees // 90)  # numpy turns counterclockwise, as players do
     np.testing.assert_array_equal(frame.image, shown)

@@ -810,7 +810,7 @@ def _int4(src: Path, dst: Path, block: int, qdq: bool) -> dict[str, Any]:
         model, halved = fp16_graph(model, keep_io_types=list(INT4_FP32_IO))
         if blocks:  # opset 21 only where a block-wise DequantizeLinear needs it
             opset = INT4_OPSET
-            model = version_converter.convert_version(model, opset)
+            model = _keeping_external_data(version_converter.convert_version, model, opset)
         load_weights(model, src.parent, halved)  # the quantizer reads every weight
     else:
         load_external_data_for_model(model, str(src.parent))
@@ -838,6 +838,24 @@ def _int4(src: Path, dst: Path, block: int, qdq: bool) -> dict[str, Any]:
         "quantized_nodes": len(blocks),
         "kept_float": skipped,
     }
+
+
+def _keeping_external_data(convert: Any, model: Any, *args: Any) -> Any:
+    """`convert(model, *args)` with each initializer still naming where its weights are stored:
+    onnx before 1.19 converts versions without them (initializers with no data at all)."""
+    import onnx
+
+    stored = {
+        t.name: list(t.external_data)
+        for t in model.graph.initializer
+        if t.data_location == onnx.TensorProto.EXTERNAL
+    }
+    converted = convert(model, *args)
+    for tensor in converted.graph.initializer:
+        if tensor.name in stored and not tensor.external_data:
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            tensor.external_data.extend(stored[tensor.name])
+    return converted
 
 
 def _int4_blocks(model: Any, block: int) -> tuple[dict[str, int], list[str]]:
