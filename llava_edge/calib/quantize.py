@@ -795,7 +795,6 @@ def _int4(src: Path, dst: Path, block: int, qdq: bool) -> dict[str, Any]:
     for Q/DQ, the opset) differs. The quantizer takes one block size a pass, so nodes whose K
     needs a smaller block than `block` get a pass of their own."""
     import onnx
-    from onnx import version_converter
     from onnx.external_data_helper import load_external_data_for_model
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import (
@@ -810,7 +809,7 @@ def _int4(src: Path, dst: Path, block: int, qdq: bool) -> dict[str, Any]:
         model, halved = fp16_graph(model, keep_io_types=list(INT4_FP32_IO))
         if blocks:  # opset 21 only where a block-wise DequantizeLinear needs it
             opset = INT4_OPSET
-            model = _keeping_external_data(version_converter.convert_version, model, opset)
+            model = _convert_version(model, opset)
         load_weights(model, src.parent, halved)  # the quantizer reads every weight
     else:
         load_external_data_for_model(model, str(src.parent))
@@ -840,17 +839,18 @@ def _int4(src: Path, dst: Path, block: int, qdq: bool) -> dict[str, Any]:
     }
 
 
-def _keeping_external_data(convert: Any, model: Any, *args: Any) -> Any:
-    """`convert(model, *args)` with each initializer still naming where its weights are stored:
+def _convert_version(model: Any, opset: int) -> Any:
+    """`model` converted to `opset`, each initializer still naming where its weights are stored:
     onnx before 1.19 converts versions without them (initializers with no data at all)."""
     import onnx
+    from onnx import version_converter
 
     stored = {
         t.name: list(t.external_data)
         for t in model.graph.initializer
         if t.data_location == onnx.TensorProto.EXTERNAL
     }
-    converted = convert(model, *args)
+    converted = version_converter.convert_version(model, opset)
     for tensor in converted.graph.initializer:
         if tensor.name in stored and not tensor.external_data:
             tensor.data_location = onnx.TensorProto.EXTERNAL
