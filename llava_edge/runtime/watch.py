@@ -133,7 +133,8 @@ def watch(
 
     frames: how many of the last sampled frames go into each prompt, as several images (at most
     `pipe.images_that_fit(prompt, smallest=True)`: as many as the context holds with the
-    question and an answer; a frame that does not fit is reported like an unreadable one); while they fill up, the first answers have fewer, so the question holds no `<image>`
+    question and an answer; a frame that does not fit is reported like an unreadable one);
+    while they fill up, the first answers have fewer, so the question holds no `<image>`
     placeholder unless frames is 1 (a raw prompt then holds exactly one). max_frames: stop after
     this many frames (answered, or reported without an answer: late or unreadable). timeout_s:
     how long the source may send no frame before it counts as stalled (the watch ends with an
@@ -229,12 +230,12 @@ def _answers(
         for frame in stream:
             if cancel.is_set():
                 return
-            unreadable: LlavaEdgeError | None = None
+            bad_frame: LlavaEdgeError | None = None
             try:  # decoded here, so that a bad frame is told from a failing answer
                 frame.pixels = load_image(frame.image, pipe.limits.max_image_pixels)
             except LlavaEdgeError as e:
-                unreadable = e
-            if unreadable is None:
+                bad_frame = e
+            if bad_frame is None:
                 window.append(frame)
                 started = time.monotonic()
                 images = [f.image for f in window]
@@ -247,18 +248,18 @@ def _answers(
                 # whose size gives it more tokens than the context or the prompt limit holds.
                 except (TooLarge, PromptTooLong) as e:
                     window.pop()  # the frames before it were answered with
-                    unreadable = e
-            if unreadable is not None:
+                    bad_frame = e
+            if bad_frame is not None:
                 bad += 1
                 fault = (
-                    "did not fit" if isinstance(unreadable, PromptTooLong) else "could not be read"
+                    "did not fit" if isinstance(bad_frame, PromptTooLong) else "could not be read"
                 )
                 if bad >= BAD_FRAMES_IN_A_ROW:
                     raise LlavaEdgeError(
                         f"{bad} frames in a row {fault}, the last ({frame.index}): "
-                        f"{unreadable}; check the source"
+                        f"{bad_frame}; check the source"
                     ) from None
-                error = f"frame {frame.index} {fault}: {unreadable}"
+                error = f"frame {frame.index} {fault}: {bad_frame}"
                 yield WatchAnswer(frame.index, frame.timestamp, "", frame.skipped, [], {}, error)
                 answered += 1
                 if max_frames is not None and answered >= max_frames:
