@@ -492,9 +492,8 @@ class BatchEngine:
         if isinstance(options, GenerationConfig):
             options = dict(vars(options))
         config = pipe._config(dict(options))
-        share = pipe.image_share(ids)
-        pipe.limits.check_prompt(len(ids), images=share)
-        config = pipe._fit_context(config, len(ids), images=share)
+        pipe.limits.check_prompt(len(ids), images=pipe.image_share(ids))
+        config = pipe._fit_context(config, len(ids), ids=ids)
         pixels = pixels_list(image)
         image_tokens = ids.count(pipe.manifest.tokens.image_token_id)
         counts = pipe.image_tokens(pixels) or []

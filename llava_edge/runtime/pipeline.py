@@ -501,7 +501,7 @@ class Pipeline:
         timer = Timer()
         ids, features = self._prepare(image, prompt, raw, system)
         timer.mark("vision")
-        config = self._fit_context(config, len(ids), images=self.image_share(ids))
+        config = self._fit_context(config, len(ids), ids=ids)
         cache = self.backend.new_cache(1)
         return TextStream(
             self, cache, ids, ids, features, config, timer, timeout_s, start_position=0
@@ -761,13 +761,13 @@ class Pipeline:
         prompt_len: int,
         used: int = 0,
         conversation: int = 0,
-        images: str = "",
+        ids: list[int] | None = None,
     ) -> GenerationConfig:
         """Fail on a prompt that cannot fit; shorten max_new_tokens to what is left (the
         library's answers stop at the context's end; serve checks first, and refuses).
         conversation: a chat's tokens before this question, in the cache (`used`) or not (a
-        history still to feed): a question that does not fit after them is ChatFull. images:
-        what the prompt's images take of it (image_share)."""
+        history still to feed): a question that does not fit after them is ChatFull. ids: the
+        prompt's, to say what its images take of it where it does not fit (image_share)."""
         limit = self.max_context
         room = limit - used - prompt_len
         if room < 1 and conversation:
@@ -778,8 +778,8 @@ class Pipeline:
             )
         if room < 1:
             raise PromptTooLong(
-                f"the prompt is {prompt_len} tokens{images}, but the model's context is {limit}; "
-                "shorten it"
+                f"the prompt is {prompt_len} tokens{self.image_share(ids or [])}, but the model's "
+                f"context is {limit}; shorten it"
             )
         if config.max_new_tokens > room:
             config = GenerationConfig(**{**config.__dict__, "max_new_tokens": room})
@@ -941,7 +941,7 @@ class ChatSession:
         conversation for nothing."""
         pipe = self.pipeline
         ids = pipe.prompt_ids(prompt, images, system=self.system)
-        pipe._fit_context(config, len(ids), images=pipe.image_share(ids))
+        pipe._fit_context(config, len(ids), ids=ids)
 
     def _after_rendered(
         self, prompt: str, images: list[ImagePixels]
