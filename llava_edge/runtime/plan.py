@@ -43,14 +43,13 @@ from llava_edge.runtime.anyres import max_feature_count, max_tiles
 from llava_edge.runtime.onnx_sizes import GraphSizes, graph_sizes
 
 GiB = 1 << 30
-SOURCES = {
-    "bandwidth": "NVIDIA module data sheets: Jetson AGX Orin Series Technical Brief; Jetson Orin "
-    "NX Series Modules Data Sheet DS-10712-001; Jetson Orin Nano Series Data Sheet DS-11105-001; "
-    "https://developer.nvidia.com/embedded/jetson-modules; Orin Nano Super mode (JetPack 6.1+, "
-    "102 GB/s): https://developer.nvidia.com/blog/nvidia-jetson-orin-nano-developer-kit-gets-a-super-boost/",
-    "reserve": "estimate: memory L4T keeps from apps (carve-outs: a 16 GB Orin NX shows CUDA "
-    "15.2 GB) plus a headless L4T's own use; measure yours with `free -b` and pass --reserve",
-}
+# Sources of the device table's figures. Bandwidth: NVIDIA module data sheets (Jetson AGX Orin
+# Series Technical Brief; Jetson Orin NX Series Modules Data Sheet DS-10712-001; Jetson Orin Nano
+# Series Data Sheet DS-11105-001; https://developer.nvidia.com/embedded/jetson-modules; Orin Nano
+# Super mode, JetPack 6.1+, 102 GB/s:
+# https://developer.nvidia.com/blog/nvidia-jetson-orin-nano-developer-kit-gets-a-super-boost/).
+# Reserve: an estimate of the memory L4T keeps from apps (carve-outs: a 16 GB Orin NX shows CUDA
+# 15.2 GB) plus a headless L4T's own use; users measure theirs with `free -b` and pass --reserve.
 
 
 @dataclass(frozen=True)
