@@ -250,9 +250,9 @@ def check_onnxruntime(version: str | None = None) -> None:
         )
 
 
-def fused_decoder_lacks(decoder: GraphSpec, version: str | None = None) -> str | None:
-    """What the onnxruntime of `version` (default: the installed one) lacks to run the decoder's
-    fused form, in words, or None where it runs it (or there is none). An fp16 fused decoder
+def fused_decoder_lacks(decoder: GraphSpec) -> str | None:
+    """What the installed onnxruntime lacks to run the decoder's fused form, in words, or None
+    where it runs it (or there is none). An fp16 fused decoder
     needs a CPU SkipSimplifiedLayerNormalization that runs fp16: 1.20 loads the graph, then fails
     at its first run ("Missing Input"). An int8 KV cache needs a CPU GroupQueryAttention that
     runs one: 1.25 and 1.26 accept the graph, then fail at its first run; 1.27 answers a batch
@@ -260,7 +260,7 @@ def fused_decoder_lacks(decoder: GraphSpec, version: str | None = None) -> str |
     fused = decoder.fused
     if fused is None:
         return None
-    found = version or ort.__version__
+    found = ort.__version__
     past = fused.inputs.get(KVSpec().past_key.format(i=0))
     holds = {
         "fp16": fused.precision == "fp16",
@@ -272,9 +272,9 @@ def fused_decoder_lacks(decoder: GraphSpec, version: str | None = None) -> str |
     return None
 
 
-def fused_out_of_reach(version: str | None = None) -> list[str]:
-    """The fused decoders the onnxruntime of `version` (default: the installed one) cannot run,
-    each with the onnxruntime it needs: 'auto' runs their dirs' standard graphs."""
+def fused_out_of_reach(version: str) -> list[str]:
+    """The fused decoders the onnxruntime of `version` cannot run, each with the onnxruntime it
+    needs: 'auto' runs their dirs' standard graphs."""
     found = onnxruntime_version(version)
     return [
         f"{what}, which needs onnxruntime {_dotted(needs)} or later"
