@@ -116,6 +116,29 @@ def test_an_onnxruntime_the_backend_refuses_is_not_ready() -> None:
     assert s["tensorrt"] == "ready"
 
 
+@pytest.mark.parametrize(
+    ("version", "standard_for"),
+    [
+        ("1.20.0", ["an fp16 fused decoder", "an int8 KV cache"]),  # JetPack 6's onnxruntime-gpu
+        ("1.27.1", ["an int8 KV cache"]),
+        ("1.28.0", []),
+    ],
+)
+def test_the_graphs_auto_runs_on_the_cpu_are_said(version: str, standard_for: list[str]) -> None:
+    """graph_form 'auto' (what every command runs) falls back to a dir's standard graphs where
+    this onnxruntime cannot run its fused decoder: the doctor says which dirs, and needs what."""
+    report = machine(onnxruntime=version)
+    cpu = next(s for s in report.backends if s.name == "onnxruntime cpu")
+    (note,) = cpu.notes
+    assert note.startswith("graph_form 'auto' runs a model dir's fused graphs")
+    assert ("standard graphs instead" in note) == bool(standard_for)
+    assert all(kind in note for kind in standard_for)
+    assert ("1.21 or later" in note) == ("an fp16 fused decoder" in standard_for)
+    assert f"    {note}" in doctor.format_report(report).splitlines()
+    refused = machine(onnxruntime="1.19.0").backends[0]  # runs no form at all
+    assert refused.name == "onnxruntime cpu" and not refused.ready and not refused.notes
+
+
 def test_this_machine_is_probed_without_raising() -> None:
     import importlib.util
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -511,22 +512,36 @@ def test_fp16_export_verifies_by_cosine(tiny_checkpoint: Path, tmp_path: Path, c
     _check_rotary_frequencies_are_float32(tiny_checkpoint, out, manifest)
 
 
-def test_an_onnxruntime_that_cannot_run_the_fp16_fused_decoder_is_named(
-    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_an_onnxruntime_that_cannot_run_the_fp16_fused_decoder_runs_the_standard_graphs(
+    tiny_checkpoint: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """onnxruntime 1.20 loads an fp16 fused decoder, then fails at its first run: refuse at load."""
+    """onnxruntime 1.20 loads an fp16 fused decoder, then fails at its first run: the default
+    form runs the standard graphs there and says so in one line; the fused form asked for is
+    refused in one."""
     import onnxruntime
 
     from llava_edge.export.exporter import export_checkpoint
 
     out = tmp_path / "fp16"
     export_checkpoint(tiny_checkpoint, out, dtype="fp16", verify=False, log=quiet)
+    with Pipeline.load(out, graph_form="standard") as pipe:
+        standard = pipe.answer(_picture(0), QUESTION, max_new_tokens=6, ignore_eos=True)
     monkeypatch.setattr(onnxruntime, "__version__", "1.20.1")
-    with pytest.raises(LlavaEdgeError, match="runs from 1.21, not 1.20.1: upgrade onnxruntime"):
-        Pipeline.load(out)
-    Pipeline.load(out, graph_form="standard").close()  # the standard form runs on it
+    with pytest.raises(LlavaEdgeError, match="needs onnxruntime 1.21 or later, not 1.20.1: upg"):
+        Pipeline.load(out, graph_form="fused")
+    caplog.clear()
+    with Pipeline.load(out) as pipe:
+        assert pipe.backend.form == "standard"
+        answer = pipe.answer(_picture(0), QUESTION, max_new_tokens=6, ignore_eos=True)
+    (line,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "standard graphs, not its fused ones" in line and "fp16 fused decoder" in line
+    assert answer.token_ids == standard.token_ids
     monkeypatch.setattr(onnxruntime, "__version__", "1.21.0")
-    Pipeline.load(out).close()
+    with Pipeline.load(out) as pipe:
+        assert pipe.backend.form == "fused"
 
 
 def _check_rotary_frequencies_are_float32(checkpoint: Path, out: Path, manifest: Manifest) -> None:

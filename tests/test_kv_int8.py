@@ -3,6 +3,7 @@ that hold every key at every position, and answers as the same dir with an fp32 
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
 import sys
@@ -219,18 +220,40 @@ def test_refusals_are_one_line_and_write_nothing(
     assert not out.exists()
 
 
-def test_an_onnxruntime_that_cannot_run_the_int8_cache_is_named(
-    dirs: dict, monkeypatch: pytest.MonkeyPatch
+def test_an_onnxruntime_that_cannot_run_the_int8_cache_runs_the_standard_graphs(
+    dirs: dict,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """onnxruntime 1.25 and 1.26 load the graph, then fail at its first run; 1.27 decodes a batch
-    of rows of different lengths wrongly: refuse at load."""
+    of rows of different lengths wrongly. The default form (a Jetson's older onnxruntime-gpu)
+    runs the standard graphs, whose cache is the model's dtype, and says so in one line; the
+    fused form asked for is refused in one."""
     import onnxruntime
 
+    with Pipeline.load(dirs["int8_cache"], graph_form="standard") as pipe:
+        standard = pipe.answer(None, "Describe it.", max_new_tokens=6, ignore_eos=True).token_ids
     monkeypatch.setattr(onnxruntime, "__version__", "1.27.0")
-    with pytest.raises(LlavaEdgeError, match="needs onnxruntime 1.28 or later, not 1.27.0"):
-        Pipeline.load(dirs["int8_cache"])
-    Pipeline.load(dirs["fp32_cache"]).close()  # an fp32 cache runs on it
-    Pipeline.load(dirs["int8_cache"], graph_form="standard").close()  # so does the standard form
+    with pytest.raises(LlavaEdgeError, match="needs onnxruntime 1.28 or later, not 1.27.0") as e:
+        Pipeline.load(dirs["int8_cache"], graph_form="fused")
+    assert "\n" not in str(e.value) and "graph_form='standard'" in str(e.value)
+    caplog.clear()
+    with Pipeline.load(dirs["int8_cache"]) as pipe:
+        assert pipe.backend.form == "standard" and pipe.backend.kv_text.dtype == "float32"
+        answer = pipe.answer(None, "Describe it.", max_new_tokens=6, ignore_eos=True)
+    (line,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "standard graphs, not its fused ones" in line and "int8 KV cache" in line
+    assert "needs onnxruntime 1.28 or later, not 1.27.0; upgrade onnxruntime" in line
+    assert answer.token_ids == standard
+    with Pipeline.load(dirs["fp32_cache"]) as pipe:  # an fp32 cache runs fused on it
+        assert pipe.backend.form == "fused"
+    caplog.clear()  # the command line answers, saying so once
+    args = ["run", str(dirs["int8_cache"]), "--prompt", "Hi", "--max-new-tokens", "2"]
+    assert main(args) == 0
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [line]
+    monkeypatch.setattr(onnxruntime, "__version__", "1.28.0")
+    with Pipeline.load(dirs["int8_cache"]) as pipe:
+        assert pipe.backend.form == "fused"
 
 
 def test_scales_hold_what_the_quantized_decoder_writes_on_its_calibration_samples(

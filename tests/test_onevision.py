@@ -382,6 +382,44 @@ def test_the_server_refuses_several_images_before_fetching_them(exported: Export
     assert "takes one image per prompt or chat, got 2" in refused.json()["error"]["message"]
 
 
+def test_the_server_names_the_message_that_holds_the_video_placeholder(
+    exported: Exported,
+) -> None:
+    """As a message holding the image placeholder's text is refused naming where it is (param),
+    so is one holding the video placeholder's, in a question, a text part or a past answer."""
+    import time
+
+    from starlette.testclient import TestClient
+
+    from llava_edge.serve import ServeOptions, create_app
+
+    text = {"type": "text", "text": "What happens in <video>?"}
+    cases = {
+        "messages[0].content": [{"role": "user", "content": "What happens in <video>?"}],
+        "messages[1].content[0].text": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [text]},
+        ],
+        "messages[1].content": [
+            {"role": "user", "content": QUESTION},
+            {"role": "assistant", "content": "See <video>."},
+            {"role": "user", "content": "And then?"},
+        ],
+    }
+    with TestClient(create_app(ServeOptions(exported.model_dir, model_name="m"))) as client:
+        while client.get("/health").status_code != 200:
+            time.sleep(0.05)
+        for param, messages in cases.items():
+            body = {"model": "m", "messages": messages, "max_tokens": 2}
+            refused = client.post("/v1/chat/completions", json=body)
+            assert refused.status_code == 400
+            error = refused.json()["error"]
+            assert error["param"] == param
+            assert "'<video>', the model's video placeholder" in error["message"]
+        body = {"model": "m", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 2}
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
+
+
 def test_quantize_and_plan_take_the_dir(exported: Exported, tmp_path: Path, capsys) -> None:
     from llava_edge.calib.quantize import quantize_model
     from llava_edge.cli import main

@@ -88,3 +88,61 @@ def test_the_floor_onnxruntime_answers_as_the_newest(
     assert floor.pop("onnxruntime").startswith(floor_version() + "."), "update FLOOR_ONNXRUNTIME"
     newest.pop("onnxruntime")
     assert floor == newest
+
+
+# Per graph form asked for: the form that ran and an answer's tokens, or the refusal.
+FORMS = """
+import json, sys
+from llava_edge.errors import LlavaEdgeError
+from llava_edge.runtime import Pipeline
+
+out = {}
+for form in ("auto", "standard", "fused"):
+    try:
+        with Pipeline.load(sys.argv[1], graph_form=form, threads=1) as pipe:
+            answer = pipe.answer(None, "What is it?", max_new_tokens=6, ignore_eos=True)
+            out[form] = [pipe.backend.form, answer.token_ids]
+    except LlavaEdgeError as e:
+        out[form] = str(e)
+print(json.dumps(out))
+"""
+
+
+def test_the_floor_runs_the_standard_graphs_of_a_fused_decoder_it_cannot(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A dir quantized with an int8 KV cache, whose fused decoder needs onnxruntime 1.28: on the
+    floor the default form answers with its standard graphs, as the newest does with them, and
+    says so on stderr once; the fused form asked for is refused in one line."""
+    from llava_edge.calib.quantize import quantize_model
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        pixels = np.random.default_rng(i).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(images / f"{i}.png")
+    model = tmp_path / "int8_cache"
+    quantize_model(
+        tiny_model_dir, model, "int4", images=images, samples=2, kv_cache="int8", log=quiet
+    )
+    runs = {}
+    for name, python_path in (("newest", None), ("floor", str(FLOOR))):
+        env = {**os.environ, "LLAVA_EDGE_SESSION_CACHE": "0"}
+        env.pop("PYTHONPATH", None)
+        env.update({"PYTHONPATH": python_path} if python_path else {})
+        runs[name] = subprocess.run(
+            [sys.executable, "-c", FORMS, str(model)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert runs[name].returncode == 0, runs[name].stderr[-2000:]
+    newest, floor = (json.loads(runs[n].stdout.splitlines()[-1]) for n in ("newest", "floor"))
+    assert newest["auto"][0] == newest["fused"][0] == "fused"
+    assert floor["auto"] == floor["standard"] == newest["standard"]
+    assert floor["auto"][0] == "standard"
+    assert "needs onnxruntime 1.28 or later, not 1.20" in floor["fused"]
+    (said,) = runs["floor"].stderr.strip().splitlines()
+    assert said.startswith("llava-edge runs this model dir's standard graphs, not its fused ones")
+    assert not runs["newest"].stderr.strip()

@@ -1168,9 +1168,9 @@ def test_reading_a_large_body_does_not_stall_the_other_clients(server, monkeypat
 
     parse = protocol.parse_chat_request
 
-    def slow_parse(body):
+    def slow_parse(body, video):
         time.sleep(2)  # as a large body takes
-        return parse(body)
+        return parse(body, video)
 
     monkeypatch.setattr(protocol, "parse_chat_request", slow_parse)
     body = {"model": MODEL, "messages": GOOD, "max_tokens": 2}

@@ -99,7 +99,7 @@ def export_checkpoint(
         manifest.source["opset"] = opset
         _write_graphs(loaded.model, manifest, tmp, opset, log)
         if fused:
-            _write_fused(loaded.model, manifest, tmp, log)
+            _write_fused(loaded.model, manifest, tmp, opset, log)
         _write_text_files(loaded, manifest, tmp)
         manifest.num_image_tokens = _num_image_tokens(tmp / manifest.graphs["vision_encoder"].file)
         manifest.record_files(tmp)
@@ -930,9 +930,9 @@ def _write_graphs(model: Any, manifest: Manifest, out: Path, opset: int, log: An
             bar.update()
 
 
-def _write_fused(model: Any, manifest: Manifest, out: Path, log: Any) -> None:
-    """onnxruntime's fused forms beside the standard graphs: the decoder's and the vision
-    encoder's (where their shapes allow; see llava_edge.export.fused)."""
+def _write_fused(model: Any, manifest: Manifest, out: Path, opset: int, log: Any) -> None:
+    """onnxruntime's fused forms beside the standard graphs, at the standard graphs' opset: the
+    decoder's and the vision encoder's (where their shapes allow; see llava_edge.export.fused)."""
     from tqdm import tqdm
 
     from llava_edge.export.fused import (
@@ -959,7 +959,8 @@ def _write_fused(model: Any, manifest: Manifest, out: Path, log: Any) -> None:
             said.append(_no_fused_form(graph, "decoder", reason))
         else:
             spec = fused_spec(manifest.text, graph.precision)
-            write_fused_decoder(model, manifest.text, out / spec.file)
+            write_fused_decoder(model, manifest.text, out / spec.file, opset)
+            spec.details["opset"] = opset
             graph.fused = spec
         bar.update()
     for line in said:

@@ -41,7 +41,6 @@ from llava_edge.manifest import GraphSpec, KVSpec, TensorSpec, TextSpec
 
 FUSED_FILE = "decoder_fused.onnx"
 MS_DOMAIN = "com.microsoft"
-FUSED_OPSET = 17
 # The MLP's activations (transformers' hidden_act names) the fused form writes, by formula.
 SILU_ACTS = ("silu", "swish")
 ERF_GELU_ACTS = ("gelu", "gelu_python")  # x * Phi(x)
@@ -97,8 +96,9 @@ def partial_rotary_factor(text_config: Any) -> float:
     return 1.0 if factor is None else float(factor)
 
 
-def build_fused_decoder(llava: Any, text: TextSpec) -> Any:
-    """An onnx.ModelProto of the fused decoder from a loaded LlavaForConditionalGeneration."""
+def build_fused_decoder(llava: Any, text: TextSpec, opset: int) -> Any:
+    """An onnx.ModelProto of the fused decoder from a loaded LlavaForConditionalGeneration, at
+    the export's opset (its standard ops mean the same from 13 to 20)."""
     from onnx import TensorProto, helper
 
     language = llava.model.language_model
@@ -216,7 +216,7 @@ def build_fused_decoder(llava: Any, text: TextSpec) -> Any:
 
     inputs, outputs = value_infos(io.inputs), value_infos(io.outputs)
     graph = helper.make_graph(g.nodes, "decoder_fused", inputs, outputs, g.initializers)
-    opsets = [helper.make_opsetid("", FUSED_OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
+    opsets = [helper.make_opsetid("", opset), helper.make_opsetid(MS_DOMAIN, 1)]
     # The oldest IR version these opsets allow, not the installed onnx's newest (14 for onnx
     # 1.23), which an older onnxruntime on the robot refuses to load (1.30 reads up to 13).
     ir_version = helper.find_min_ir_version_for(opsets, ignore_unknown=True)
@@ -259,10 +259,10 @@ def _gate_up(mlp: Any) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
     return (mlp.gate_proj.weight, mlp.gate_proj.bias), (mlp.up_proj.weight, mlp.up_proj.bias)
 
 
-def write_fused_decoder(llava: Any, text: TextSpec, path: Path) -> None:
+def write_fused_decoder(llava: Any, text: TextSpec, path: Path, opset: int) -> None:
     from llava_edge.files import save_graph
 
-    save_graph(build_fused_decoder(llava, text), path)
+    save_graph(build_fused_decoder(llava, text, opset), path)
 
 
 def _rotary_tables(language: Any, max_context: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -445,7 +445,8 @@ def write_fused_vision(
         tensorrt_file=None,
         details={
             "form": ", ".join(["fused: Attention", "SkipLayerNormalization", *_gelus(ops)])
-            + " (onnxruntime's CLIP fusions)"
+            + " (onnxruntime's CLIP fusions)",
+            "opset": next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
         },
     )
     return fused, None

@@ -40,6 +40,7 @@ class BackendStatus:
     name: str
     ready: bool
     missing: list[str] = field(default_factory=list)  # each: what, and how to get it
+    notes: list[str] = field(default_factory=list)  # what it runs, where that is worth saying
 
 
 @dataclass
@@ -115,7 +116,9 @@ def backend_status(report: Report) -> list[BackendStatus]:
             check_onnxruntime(report.onnxruntime)
         except LlavaEdgeError as e:
             ort = [str(e)]
-    statuses = [BackendStatus("onnxruntime cpu", not ort, ort)]
+    statuses = [
+        BackendStatus("onnxruntime cpu", not ort, ort, _cpu_forms(report) if not ort else [])
+    ]
     for provider, short in (
         ("CUDAExecutionProvider", "cuda"),
         ("TensorrtExecutionProvider", "tensorrt"),
@@ -143,6 +146,21 @@ def backend_status(report: Report) -> list[BackendStatus]:
         native.append(f"cuda-python: {CUDA_HINT}")
     statuses.append(BackendStatus("tensorrt", not native, native))
     return statuses
+
+
+def _cpu_forms(report: Report) -> list[str]:
+    """Which graphs graph_form 'auto' (what the CLI runs) opens on the CPU with this
+    onnxruntime: the fused forms, but the standard ones of a dir whose fused decoder it cannot
+    run."""
+    from llava_edge.runtime.onnx_backend import fused_out_of_reach
+
+    lacking = fused_out_of_reach(report.onnxruntime)
+    if not lacking:
+        return ["graph_form 'auto' runs a model dir's fused graphs"]
+    return [
+        "graph_form 'auto' runs a model dir's fused graphs; its standard graphs instead where "
+        f"it holds {', or '.join(lacking)}"
+    ]
 
 
 def format_report(report: Report) -> str:
@@ -182,6 +200,7 @@ def format_report(report: Report) -> str:
     for status in report.backends:
         lines.append(f"  {status.name:22s} {'ready' if status.ready else 'missing:'}")
         lines += [f"    - {item}" for item in status.missing]
+        lines += [f"    {note}" for note in status.notes]
     return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ builds strongly typed networks from the explicit-precision graphs (its fp16/int8
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
@@ -30,6 +31,8 @@ from llava_edge.runtime.kv_cache import KVCache, as_rows, check_kv_layout
 from llava_edge.runtime.session_cache import enabled as cache_enabled
 from llava_edge.runtime.session_cache import is_cached, open_cached, session_options
 
+log = logging.getLogger(__name__)
+
 GRAPH_FORMS = ("auto", "fused", "standard")
 # The oldest onnxruntime that answers as the newest on every form export and quantize write:
 # 1.18 and 1.19's GroupQueryAttention continues a row that holds tokens wrongly (a chat's next
@@ -39,6 +42,14 @@ RUNTIME_ONNXRUNTIME = (1, 20)
 # The first whose CPU GroupQueryAttention runs an int8 cache right (1.27 decodes a batch wrongly).
 INT8_KV_ONNXRUNTIME = (1, 28)
 FP16_FUSED_ONNXRUNTIME = (1, 21)  # the first whose CPU SkipSimplifiedLayerNormalization runs fp16
+# What older onnxruntimes cannot run of a fused decoder: the first that runs it, and what it is
+FUSED_DECODER_NEEDS = {
+    "fp16": (FP16_FUSED_ONNXRUNTIME, "an fp16 fused decoder (export --dtype fp16)"),
+    "int8_kv": (
+        INT8_KV_ONNXRUNTIME,
+        "a fused decoder with an int8 KV cache (quantize --kv-cache int8)",
+    ),
+}
 # onnxruntime's names of the KV cache dtypes a decoder's past inputs may have.
 PAST_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int8)": "int8"}
 
@@ -112,7 +123,17 @@ def provider_list(names: str | list[str] | None, installed: bool = True) -> list
 
 def pick_form(manifest: Manifest, providers: list[str], requested: str = "auto") -> str:
     """The graph form to run: the fused graphs on the CPU where the model dir has them (their
-    contrib ops run on onnxruntime's CPU kernels; GPU providers take the standard form)."""
+    contrib ops run on onnxruntime's CPU kernels; GPU providers take the standard form), and
+    the standard ones where this onnxruntime cannot run its fused decoder (choose_form)."""
+    return choose_form(manifest, providers, requested)[0]
+
+
+def choose_form(
+    manifest: Manifest, providers: list[str], requested: str = "auto"
+) -> tuple[str, str | None]:
+    """pick_form's form, and the line to log where 'auto' runs the standard graphs because this
+    onnxruntime cannot run the dir's fused decoder (None otherwise). 'fused' asked for such a
+    dir is refused in one line."""
     if requested not in GRAPH_FORMS:
         raise LlavaEdgeError(
             f"unknown graph form {requested!r}; choose from {', '.join(GRAPH_FORMS)}"
@@ -120,10 +141,21 @@ def pick_form(manifest: Manifest, providers: list[str], requested: str = "auto")
     has_fused = any(g.fused is not None for g in manifest.graphs.values())
     if requested == "fused" and not has_fused:
         raise LlavaEdgeError(f"this model dir has no fused graph form: {_why_no_fused(manifest)}")
-    if requested == "auto":
-        cpu_only = providers == ["CPUExecutionProvider"]
-        return "fused" if has_fused and cpu_only else "standard"
-    return requested
+    cpu_only = providers == ["CPUExecutionProvider"]
+    if requested == "standard" or (requested == "auto" and not (has_fused and cpu_only)):
+        return "standard", None
+    lacking = fused_decoder_lacks(manifest.graphs["decoder"])
+    if lacking is None:
+        return "fused", None
+    if requested == "fused":
+        raise LlavaEdgeError(
+            f"this model dir holds {lacking}: upgrade onnxruntime, or run its standard graphs "
+            "(graph_form='standard', or 'auto', which falls back to them)"
+        )
+    return "standard", (
+        f"llava-edge runs this model dir's standard graphs, not its fused ones: it holds "
+        f"{lacking}; upgrade onnxruntime to run the fused graphs"
+    )
 
 
 def _why_no_fused(manifest: Manifest) -> str:
@@ -218,32 +250,41 @@ def check_onnxruntime(version: str | None = None) -> None:
         )
 
 
-def check_fp16_fused_decoder(decoder: GraphSpec) -> None:
-    """A fused decoder in fp16 (`export --dtype fp16`) needs an onnxruntime whose CPU
-    SkipSimplifiedLayerNormalization runs fp16: 1.20 loads the graph, then fails at its first
-    run ("Missing Input")."""
-    found = onnxruntime_version()
-    if decoder.precision == "fp16" and found < FP16_FUSED_ONNXRUNTIME:
-        need = ".".join(map(str, FP16_FUSED_ONNXRUNTIME))
-        raise LlavaEdgeError(
-            f"this model dir's fused decoder is fp16 (export --dtype fp16), which onnxruntime's "
-            f"CPU runs from {need}, not {ort.__version__}: upgrade onnxruntime, or export it "
-            "again with --no-fused (from Python: graph_form='standard')"
-        )
+def fused_decoder_lacks(decoder: GraphSpec) -> str | None:
+    """What the installed onnxruntime lacks to run the decoder's fused form, in words, or None
+    where it runs it (or there is none). An fp16 fused decoder
+    needs a CPU SkipSimplifiedLayerNormalization that runs fp16: 1.20 loads the graph, then fails
+    at its first run ("Missing Input"). An int8 KV cache needs a CPU GroupQueryAttention that
+    runs one: 1.25 and 1.26 accept the graph, then fail at its first run; 1.27 answers a batch
+    otherwise than each of its requests alone."""
+    fused = decoder.fused
+    if fused is None:
+        return None
+    found = ort.__version__
+    past = fused.inputs.get(KVSpec().past_key.format(i=0))
+    holds = {
+        "fp16": fused.precision == "fp16",
+        "int8_kv": past is not None and past.dtype == "int8",
+    }
+    for kind, (needs, what) in FUSED_DECODER_NEEDS.items():
+        if holds[kind] and onnxruntime_version(found) < needs:
+            return f"{what}, which needs onnxruntime {_dotted(needs)} or later, not {found}"
+    return None
 
 
-def check_int8_kv_cache(decoder: GraphSpec) -> None:
-    """A fused decoder with an int8 KV cache (`quantize --kv-cache int8`) needs an onnxruntime
-    whose CPU GroupQueryAttention runs one: 1.25 and 1.26 accept the graph, then fail at its
-    first run; 1.27 answers a batch otherwise than each of its requests alone."""
-    past = decoder.inputs.get(KVSpec().past_key.format(i=0))
-    if past is not None and past.dtype == "int8" and onnxruntime_version() < INT8_KV_ONNXRUNTIME:
-        need = ".".join(map(str, INT8_KV_ONNXRUNTIME))
-        raise LlavaEdgeError(
-            f"this model dir keeps its KV cache in int8 (quantize --kv-cache int8), which needs "
-            f"onnxruntime {need} or later, not {ort.__version__}: upgrade onnxruntime, or "
-            "quantize the model without --kv-cache"
-        )
+def fused_out_of_reach(version: str) -> list[str]:
+    """The fused decoders the onnxruntime of `version` cannot run, each with the onnxruntime it
+    needs: 'auto' runs their dirs' standard graphs."""
+    found = onnxruntime_version(version)
+    return [
+        f"{what}, which needs onnxruntime {_dotted(needs)} or later"
+        for needs, what in FUSED_DECODER_NEEDS.values()
+        if found < needs
+    ]
+
+
+def _dotted(version: tuple[int, int]) -> str:
+    return ".".join(map(str, version))
 
 
 class OnnxBackend:
@@ -290,11 +331,10 @@ class OnnxBackend:
                     f"cannot make the TensorRT provider's engine cache {cache_dir} ({e.strerror}); "
                     "give a writable engine_dir (--engine-dir)"
                 ) from None
-        self.form = pick_form(manifest, self.providers, graph_form)
+        self.form, fallback = choose_form(manifest, self.providers, graph_form)
+        if fallback:
+            log.warning(fallback)
         graphs = form_graphs(manifest, self.form)
-        if self.form == "fused":
-            check_int8_kv_cache(graphs["decoder"])
-            check_fp16_fused_decoder(graphs["decoder"])
         files = graph_files(graphs, self.providers)
         self.prompt_scales_per_call = _scaled_per_call(graphs, files)
 

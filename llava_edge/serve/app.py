@@ -394,7 +394,8 @@ async def _chat_completion(request: Request, state: ServerState) -> Response:
         gone.add_done_callback(lambda _: left.set())
         # off the event loop, which every client's stream shares: a body of many small messages
         # takes seconds to parse at the body limit
-        chat = await _in_time(clock, gone, run_in_threadpool(_chat_request, body))
+        video = pipe.codec.video_placeholder
+        chat = await _in_time(clock, gone, run_in_threadpool(_chat_request, body, video))
         _check_model(state, chat.model)
         pipe.check_image_count(len(chat.image_urls))  # before any is fetched
         # refused before any is fetched only where they cannot fit at any size (an AnyRes
@@ -752,15 +753,15 @@ async def _read_body(request: Request, limit: int) -> bytearray:
     return body
 
 
-def _chat_request(body: bytearray) -> ChatRequest:
-    """The body as JSON, checked field by field."""
+def _chat_request(body: bytearray, video: str | None) -> ChatRequest:
+    """The body as JSON, checked field by field (`video`: the model's video placeholder)."""
     try:
         parsed = json.loads(body)
     except RecursionError:
         raise ApiError(400, "the request body nests JSON too deeply") from None
     except ValueError as e:  # bad JSON or UTF-8, or an integer too long to convert
         raise ApiError(400, f"the request body is not valid JSON ({e})") from None
-    return protocol.parse_chat_request(parsed)
+    return protocol.parse_chat_request(parsed, video)
 
 
 def _body_too_large(size: int, limit: int) -> ApiError:

@@ -133,7 +133,9 @@ class ChatRequest:
     include_usage: bool = False
 
 
-def parse_chat_request(body: Any) -> ChatRequest:
+def parse_chat_request(body: Any, video: str | None = None) -> ChatRequest:
+    """The request checked field by field; `video`: the model's video placeholder
+    (TextCodec.video_placeholder), which no message may hold (None: the model has none)."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     model = body.get("model")
@@ -161,7 +163,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
         not isinstance(response_format, dict) or response_format.get("type") != "text"
     ):
         raise ApiError(400, "only response_format {'type': 'text'} is supported", "response_format")
-    turns, image_urls, image_turns, system = _parse_messages(body.get("messages"))
+    turns, image_urls, image_turns, system = _parse_messages(body.get("messages"), video)
     options, max_tokens_param = _parse_options(body)
     stream = _optional(body, "stream", bool, False)
     stream_options = body.get("stream_options")
@@ -186,7 +188,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
 
 
 def _parse_messages(
-    messages: Any,
+    messages: Any, video: str | None
 ) -> tuple[list[tuple[str, str | None]], list[str], list[int], str | None]:
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list of messages", "messages")
@@ -207,10 +209,10 @@ def _parse_messages(
                     "model's template has one system prompt",
                     param,
                 )
-            text, _ = _content(message.get("content"), param, ("text",))
+            text, _ = _content(message.get("content"), param, ("text",), video)
             system = text if system is None else _joined([system, text])
         elif role == "user":
-            text, urls = _content(message.get("content"), param, ("text", "image_url"))
+            text, urls = _content(message.get("content"), param, ("text", "image_url"), video)
             if turns and turns[-1][1] is None:  # one turn, as a client sends an image, then
                 turns[-1][0] = _joined([turns[-1][0], text])  # its question, in two messages
             else:
@@ -240,7 +242,7 @@ def _parse_messages(
                         f"{param}.{name} is not supported: this model answers in text only",
                         f"{param}.{name}",
                     )
-            turns[-1][1] = _answer(message, param)
+            turns[-1][1] = _answer(message, param, video)
         elif role in ("tool", "function"):
             raise ApiError(400, f"'{role}' messages are not supported (no tool use)", param)
         else:
@@ -264,26 +266,28 @@ def _joined(texts: list[str]) -> str:
     return "\n".join(t for t in texts if t)
 
 
-def _answer(message: dict, param: str) -> str:
+def _answer(message: dict, param: str, video: str | None) -> str:
     """An assistant message's text as the model said it: its content (null is an empty answer)
     and its refusal, as OpenAI's clients send back a reply that refused (a `refusal` field
     beside null content, or `refusal` parts)."""
     content = message.get("content")
-    text, _ = _content("" if content is None else content, param, ("text", "refusal"))
+    text, _ = _content("" if content is None else content, param, ("text", "refusal"), video)
     refusal = message.get("refusal")
     if refusal is None:
         return text
     if not isinstance(refusal, str):
         raise ApiError(400, f"{param}.refusal must be a string or null", f"{param}.refusal")
-    return _joined([text, _text(refusal, f"{param}.refusal")])
+    return _joined([text, _text(refusal, f"{param}.refusal", video)])
 
 
-def _content(content: Any, param: str, kinds: tuple[str, ...]) -> tuple[str, list[str]]:
+def _content(
+    content: Any, param: str, kinds: tuple[str, ...], video: str | None
+) -> tuple[str, list[str]]:
     """A message's text (its text and refusal parts joined) and its image URLs, from the parts
     of the `kinds` its role may hold. The images go before the text, one image text each, as
     transformers' LLaVA chat templates place them."""
     if isinstance(content, str):
-        return _text(content, f"{param}.content"), []
+        return _text(content, f"{param}.content", video), []
     if not isinstance(content, list):
         raise ApiError(
             400, f"{param}.content must be a string or a list of parts", f"{param}.content"
@@ -295,7 +299,7 @@ def _content(content: Any, param: str, kinds: tuple[str, ...]) -> tuple[str, lis
         if kind in kinds and kind in ("text", "refusal"):
             if not isinstance(part.get(kind), str):
                 raise ApiError(400, f"{where}.{kind} must be a string", f"{where}.{kind}")
-            texts.append(_text(part[kind], f"{where}.{kind}"))
+            texts.append(_text(part[kind], f"{where}.{kind}", video))
         elif kind in kinds and kind == "image_url":
             image = part.get("image_url")
             candidate = image.get("url") if isinstance(image, dict) else image
@@ -314,11 +318,18 @@ def _content(content: Any, param: str, kinds: tuple[str, ...]) -> tuple[str, lis
     return _joined(texts), urls
 
 
-def _text(text: str, param: str) -> str:
+def _text(text: str, param: str, video: str | None) -> str:
     if IMAGE_PLACEHOLDER in text:
         raise ApiError(
             400,
             f"{param} holds the text {IMAGE_PLACEHOLDER!r}; send images as image_url parts",
+            param,
+        )
+    if video and video in text:
+        raise ApiError(
+            400,
+            f"{param} holds the text {video!r}, the model's video placeholder: this server "
+            "takes no video (send its frames as images, one per request); take it out",
             param,
         )
     return text
