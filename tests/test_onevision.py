@@ -445,6 +445,48 @@ def test_a_chat_that_brings_a_second_image_equals_transformers(
     _close(first_logits[2], _hf_logits(exported, inputs))
 
 
+def test_chats_of_two_images_from_the_start_and_after_a_history(
+    exported: Exported, first_logits: list
+) -> None:
+    """A chat about two images from its first question, and one resumed from a history about
+    one image whose next question brings a second, answer as transformers on the whole
+    conversation."""
+    first, second = picture(*IMAGES["tall"]), picture(*IMAGES["large"], seed=3)
+    history = [(QUESTION, "A red circle.")]
+    options = {"max_new_tokens": 2, "ignore_eos": True}
+    with Pipeline.load(exported.model_dir) as pipe:
+        both = pipe.chat([first, second], **options).stream(QUESTION)
+        list(both)
+        resumed = pipe.chat(first, history=history, **options).stream("And?", image=second)
+        list(resumed)
+    inputs = _hf_several(exported, [(QUESTION, None)], [first, second], [0, 0])
+    assert both.answer.prompt_token_ids == inputs["input_ids"][0].tolist()
+    _close(first_logits[0], _hf_logits(exported, inputs))
+    inputs = _hf_several(exported, [*history, ("And?", None)], [first, second], [0, 1])
+    assert resumed.answer.prompt_token_ids == inputs["input_ids"][0].tolist()
+    _close(first_logits[1], _hf_logits(exported, inputs))
+
+
+def test_a_chat_turn_bringing_a_second_image_rolls_back_whole(
+    exported: Exported, first_logits: list
+) -> None:
+    """A turn that would have read the chat's image untiled, abandoned, leaves the chat about
+    its one image, tiled: the next question answers as transformers on that conversation."""
+    image, other = picture(*IMAGES["large"]), picture(*IMAGES["small"], seed=1)
+    options = {"max_new_tokens": 3, "ignore_eos": True}
+    with Pipeline.load(exported.model_dir) as pipe:
+        chat = pipe.chat(image, **options)
+        turns = [(QUESTION, chat.ask(QUESTION))]
+        abandoned = chat.stream("And this one?", image=other)
+        next(abandoned)
+        abandoned.close()
+        stream = chat.stream("Which one is bigger?")
+        list(stream)
+    inputs = _hf_ids(exported, [*turns, ("Which one is bigger?", None)], image)
+    assert stream.answer.prompt_token_ids == inputs["input_ids"][0].tolist()
+    _close(first_logits[-1], _hf_logits(exported, inputs))
+
+
 def test_limits_count_each_of_several_images_untiled(exported: Exported) -> None:
     """The context and the prompt limit count each of several images' untiled tokens, fewer
     than one large image's tiled ones: max_images_per_prompt and images_that_fit hold as many
