@@ -418,12 +418,15 @@ def test_a_chat_that_brings_a_second_image_equals_transformers(
 ) -> None:
     """A chat's first image is tiled while it is the only one; once a later turn brings a
     second, the conversation reads both untiled, as transformers' generate reads the whole
-    conversation (and serve, fed it whole): the turn after it too."""
+    conversation (and serve, fed it whole): the turn after it too. The first image is read
+    untiled as it was given, though the app has drawn into its own image since."""
     first, second = picture(*IMAGES["large"]), picture(*IMAGES["small"], seed=1)
+    drawn = first.copy()  # the app's image, a camera's buffer
     turns = [(QUESTION, None)]
     with Pipeline.load(exported.model_dir) as pipe:
-        chat = pipe.chat(first, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        chat = pipe.chat(drawn, max_new_tokens=NEW_TOKENS, ignore_eos=True)
         turns[0] = (QUESTION, chat.ask(QUESTION))
+        drawn.paste((0, 0, 0), (0, 0, *drawn.size))  # the next frame, drawn into it
         stream = chat.stream("And this one?", image=second)
         list(stream)
         added = stream.answer
