@@ -28,8 +28,9 @@ CHECKPOINT_INFO_FILE = "llava_edge.json"
 FORMAT_NAME = "llava-edge-model"
 # The newest format this llava-edge reads. A manifest carries the oldest version that describes
 # it (1; 2 with AnyRes; 3 with a template that strips text or writes a question prefix; 4 with
-# LLaVA-OneVision's downsampled tiles, its one image per prompt, its video placeholder or a
-# past answer's own header, each of which an older runtime would drop without a word), so
+# LLaVA-OneVision's downsampled tiles, its untiled images in a prompt of several, its video
+# placeholder or a past answer's own header, each of which an older runtime would drop without a
+# word), so
 # runtimes that predate a feature refuse only the dirs that use it.
 FORMAT_VERSION = 4
 ANYRES_FORMAT_VERSION = 2
@@ -92,9 +93,10 @@ class AnyResSpec:
     # features is shrunk by bilinear interpolation to about N tiles' (runtime/anyres.py).
     # None: never shrunk (LLaVA-NeXT).
     max_patches: int | None = None
-    # Whether a prompt may hold more than one image. LLaVA-OneVision tiles an image only where
-    # it is its prompt's only one (several are each padded to a square, untiled), which this
-    # runtime does not do: such a dir takes one image per prompt or chat.
+    # How a prompt of several images reads each: True, as it reads one alone (LLaVA-NeXT tiles
+    # every image); False, untiled (LLaVA-OneVision tiles an image only where it is its prompt's
+    # only one and pads each of several to a square; runtime/anyres.py). An older runtime of the
+    # same format refuses several images on a False dir rather than tile them.
     several_images: bool = True
 
 

@@ -5,13 +5,13 @@ features are shrunk), the runtime reproduces transformers' greedy tokens on imag
 features are shrunk and on ones whose are not, its packing equals
 LlavaOnevisionModel.pack_image_features and its token counts LlavaOnevisionProcessor's; llava-hf's
 template, whose past answers follow another header than a new one, holds in chats; several
-images per prompt, which OneVision reads otherwise than one, are refused.
+images per prompt, each of which OneVision reads untiled, answer as transformers' generate() on
+the whole conversation, on every entry point.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +34,7 @@ from llava_edge.runtime.anyres import (
     image_embeds,
     max_feature_count,
     pixel_batch,
+    prompt_forms,
 )
 
 QUESTION = "What is in the picture?"
@@ -284,39 +285,272 @@ def test_run_and_serve_answer_as_the_pipeline(exported: Exported, tmp_path: Path
     assert prompt_tokens == inputs["input_ids"].shape[1] > len(later.prompt_token_ids)
 
 
-def test_several_images_per_prompt_are_refused(exported: Exported) -> None:
-    """transformers' OneVision pads each of a prompt's several images to a square, untiled:
-    the runtime, which tiles each, refuses them everywhere a prompt gets its images; and videos,
-    which it has no input for."""
-    one, two = picture(50, 100), picture(60, 60, seed=1)
-    said = "this model takes one image per prompt or chat, got 2"
+def _hf_several(
+    exported: Exported, turns: list, images: list[Image.Image], image_turns: list[int]
+) -> dict:
+    """transformers' inputs for a conversation of several images, each with the turn
+    `image_turns` names: the images of one conversation as one sample's, as
+    apply_chat_template(tokenize=True) passes them (a flat list reads as one image a sample)."""
+    messages = []
+    for i, (question, answer) in enumerate(turns):
+        content = [{"type": "image"} for turn in image_turns if turn == i]
+        messages.append({"role": "user", "content": [*content, {"type": "text", "text": question}]})
+        if answer is not None:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    text = exported.processor.apply_chat_template(
+        messages, add_generation_prompt=turns[-1][1] is None, tokenize=False
+    )
+    return exported.processor(text=text, images=[images], return_tensors="pt")
+
+
+def _hf_generate(exported: Exported, inputs: dict, new: int = NEW_TOKENS) -> list[int]:
+    with torch.no_grad():
+        out = exported.model.generate(
+            **inputs, max_new_tokens=new, do_sample=False, eos_token_id=None
+        )
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def _hf_logits(exported: Exported, inputs: dict) -> np.ndarray:
+    """transformers' logits of the prompt's next token: this tiny model answers much the same
+    tokens whatever the images, its logits differ."""
+    with torch.no_grad():
+        return exported.model(**inputs).logits[0, -1].numpy()
+
+
+@pytest.fixture
+def first_logits(monkeypatch) -> list[np.ndarray]:
+    """The logits each answer's first token is picked from, as the runtime's samplers (of a
+    request alone and of a batch) see them, one per answer in order."""
+    import llava_edge.runtime.batching as batching
+    import llava_edge.runtime.generate as generate
+
+    seen: list[np.ndarray] = []
+
+    class Recording(generate.Sampler):
+        def __call__(self, logits, ids):
+            if not getattr(self, "recorded", False):
+                seen.append(np.array(logits[0], dtype=np.float32))
+                self.recorded = True
+            return super().__call__(logits, ids)
+
+    monkeypatch.setattr(generate, "Sampler", Recording)
+    monkeypatch.setattr(batching, "Sampler", Recording)
+    return seen
+
+
+def _close(ours: np.ndarray, theirs: np.ndarray) -> None:
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
+
+
+SEVERAL = {"two": ["large", "tall"], "three": ["small", "large", "tall"]}
+
+
+@pytest.mark.parametrize("form", ["standard", "fused"])
+@pytest.mark.parametrize("several", list(SEVERAL))
+def test_several_images_equal_transformers(
+    exported: Exported, several: str, form: str, first_logits: list
+) -> None:
+    """Each of a prompt's several images is padded to a square, untiled, its base features and
+    one newline, as transformers' OneVision reads them: the same prompt ids and greedy tokens;
+    an image asked about alone first keeps its tiled features apart from its untiled ones."""
+    images = [picture(*IMAGES[name], seed=i) for i, name in enumerate(SEVERAL[several])]
+    inputs = _hf_several(exported, [(QUESTION, None)], images, [0] * len(images))
+    reference = _hf_generate(exported, inputs)
+    with Pipeline.load(exported.model_dir, graph_form=form) as pipe:
+        alone = pipe.answer(images[0], QUESTION, max_new_tokens=2)
+        runs = pipe.stats["vision_runs"]
+        answer = pipe.answer(images, QUESTION, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        assert pipe.stats["vision_runs"] - runs == len(images)  # the tiled one is not taken
+        again = pipe.answer(images[0], QUESTION, max_new_tokens=2)
+        spec = pipe.manifest.image
+        pixels = prompt_forms([pipe.image_pixels(one) for one in images])
+    assert answer.prompt_token_ids == inputs["input_ids"][0].tolist()
+    assert answer.token_ids == reference
+    _close(first_logits[1], _hf_logits(exported, inputs))
+    assert again.prompt_token_ids == alone.prompt_token_ids
+    np.testing.assert_array_equal(first_logits[2], first_logits[0])
+    image_id = exported.processor.image_token_id
+    each = spec.anyres.tile_features**2 + 1
+    assert answer.prompt_token_ids.count(image_id) == each * len(images)
+    theirs = inputs["pixel_values"].numpy()[:, 0]  # each image's one input, the rest padding
+    np.testing.assert_allclose(np.concatenate([p.pixels for p in pixels]), theirs, atol=1e-5)
+
+
+def test_batch_rows_read_their_own_images(exported: Exported, first_logits: list) -> None:
+    """generate_batch: a row of several images reads them untiled, a row of one tiles it, the
+    same picture in both, as each row alone does."""
+    large, tall = picture(*IMAGES["large"]), picture(*IMAGES["tall"], seed=1)
+    requests = [([large, tall], QUESTION), (large, QUESTION), ([tall, large, tall], "Same?")]
+    options = {"max_new_tokens": 3, "ignore_eos": True}
     with Pipeline.load(exported.model_dir) as pipe:
-        assert pipe.max_images_per_prompt == 1
-        with pytest.raises(LlavaEdgeError, match=said):
-            pipe.answer([one, two], QUESTION)
-        with pytest.raises(LlavaEdgeError, match=said):
-            pipe.generate_batch([([one, two], QUESTION)])
-        with pytest.raises(LlavaEdgeError, match=said):
-            pipe.watch("no-such-folder/", QUESTION, frames=2)
-        with pytest.raises(LlavaEdgeError, match=said):
-            pipe.chat([one, two])
-        chat = pipe.chat(one, max_new_tokens=2)
-        chat.ask(QUESTION)
-        with pytest.raises(LlavaEdgeError, match=said):
-            chat.ask("And this one?", image=two)
-        assert chat.ask("And then?")  # the chat goes on
-        pixels = [pipe.image_pixels(one), pipe.image_pixels(two)]
-        with pytest.raises(LlavaEdgeError, match=said):
-            pipe.conversation_ids([(QUESTION, "A."), ("And?", None)], pixels, [0, 1])
-        # nor a video placeholder, which transformers' processor refuses without a video
-        with pytest.raises(LlavaEdgeError, match="'<video>', the model's video placeholder"):
-            pipe.answer(one, "What happens in <video>?")
+        rows = pipe.generate_batch(requests, **options)
+        batched = list(first_logits)
+        alone = [pipe.answer(image, question, **options) for image, question in requests]
+    for row, one, seen, was in zip(rows, alone, batched, first_logits[3:], strict=True):
+        assert row.prompt_token_ids == one.prompt_token_ids
+        _close(seen, was)
+    inputs = _hf_several(exported, [(QUESTION, None)], [large, tall], [0, 0])
+    assert rows[0].prompt_token_ids == inputs["input_ids"][0].tolist()
+    _close(batched[0], _hf_logits(exported, inputs))
 
 
-def test_chat_command_add_refuses_a_second_image_at_once(exported: Exported, tmp_path) -> None:
-    """`llava-edge chat`'s /add of an image the model cannot take with the chat's own is refused
-    when it is given, as a bad image is, and queues nothing: the next question is answered
-    about the chat's image, not refused."""
+def test_a_conversations_images_read_as_one_samples(exported: Exported) -> None:
+    """What _hf_several rests on: apply_chat_template passes a conversation's images as one
+    sample's (untiled), where a flat list would read as one image a sample (each tiled)."""
+    images = [picture(*IMAGES["large"]), picture(*IMAGES["tall"], seed=1)]
+    content = [{"type": "image", "image": one} for one in images]
+    messages = [{"role": "user", "content": [*content, {"type": "text", "text": QUESTION}]}]
+    processor = exported.processor
+    whole = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    ours = _hf_several(exported, [(QUESTION, None)], images, [0, 0])
+    assert whole["input_ids"].tolist() == ours["input_ids"].tolist()
+    assert torch.equal(whole["pixel_values"], ours["pixel_values"])
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    flat = processor(text=text, images=images)
+    assert len(flat["input_ids"][0]) > len(ours["input_ids"][0])
+
+
+def test_a_chat_that_brings_a_second_image_equals_transformers(
+    exported: Exported, first_logits: list
+) -> None:
+    """A chat's first image is tiled while it is the only one; once a later turn brings a
+    second, the conversation reads both untiled, as transformers' generate reads the whole
+    conversation (and serve, fed it whole): the turn after it too. The first image is read
+    untiled as it was given, though the app has drawn into its own image since."""
+    first, second = picture(*IMAGES["large"]), picture(*IMAGES["small"], seed=1)
+    drawn = first.copy()  # the app's image, a camera's buffer
+    turns = [(QUESTION, None)]
+    with Pipeline.load(exported.model_dir) as pipe:
+        chat = pipe.chat(drawn, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        turns[0] = (QUESTION, chat.ask(QUESTION))
+        drawn.paste((0, 0, 0), (0, 0, *drawn.size))  # the next frame, drawn into it
+        stream = chat.stream("And this one?", image=second)
+        list(stream)
+        added = stream.answer
+        turns.append(("And this one?", added.text))
+        stream = chat.stream("Which one is bigger?")
+        list(stream)
+        after = stream.answer
+        pixels = [pipe.image_pixels(first), pipe.image_pixels(second)]
+        whole = pipe.conversation_ids(turns[:1] + [("And this one?", None)], pixels, [0, 1])
+    inputs = _hf_several(exported, turns[:1] + [("And this one?", None)], [first, second], [0, 1])
+    assert added.prompt_token_ids == whole == inputs["input_ids"][0].tolist()
+    assert added.token_ids == _hf_generate(exported, inputs)
+    _close(first_logits[1], _hf_logits(exported, inputs))
+    inputs = _hf_several(
+        exported, [*turns, ("Which one is bigger?", None)], [first, second], [0, 1]
+    )
+    assert after.prompt_token_ids == inputs["input_ids"][0].tolist()
+    assert after.token_ids == _hf_generate(exported, inputs)
+    _close(first_logits[2], _hf_logits(exported, inputs))
+
+
+def test_chats_of_two_images_from_the_start_and_after_a_history(
+    exported: Exported, first_logits: list
+) -> None:
+    """A chat about two images from its first question, and one resumed from a history about
+    one image whose next question brings a second, answer as transformers on the whole
+    conversation."""
+    first, second = picture(*IMAGES["tall"]), picture(*IMAGES["large"], seed=3)
+    history = [(QUESTION, "A red circle.")]
+    options = {"max_new_tokens": 2, "ignore_eos": True}
+    with Pipeline.load(exported.model_dir) as pipe:
+        both = pipe.chat([first, second], **options).stream(QUESTION)
+        list(both)
+        resumed = pipe.chat(first, history=history, **options).stream("And?", image=second)
+        list(resumed)
+    inputs = _hf_several(exported, [(QUESTION, None)], [first, second], [0, 0])
+    assert both.answer.prompt_token_ids == inputs["input_ids"][0].tolist()
+    _close(first_logits[0], _hf_logits(exported, inputs))
+    inputs = _hf_several(exported, [*history, ("And?", None)], [first, second], [0, 1])
+    assert resumed.answer.prompt_token_ids == inputs["input_ids"][0].tolist()
+    _close(first_logits[1], _hf_logits(exported, inputs))
+
+
+def test_a_chat_turn_bringing_a_second_image_rolls_back_whole(
+    exported: Exported, first_logits: list
+) -> None:
+    """A turn that would have read the chat's image untiled, abandoned, leaves the chat about
+    its one image, tiled: the next question answers as transformers on that conversation."""
+    image, other = picture(*IMAGES["large"]), picture(*IMAGES["small"], seed=1)
+    options = {"max_new_tokens": 3, "ignore_eos": True}
+    with Pipeline.load(exported.model_dir) as pipe:
+        chat = pipe.chat(image, **options)
+        turns = [(QUESTION, chat.ask(QUESTION))]
+        abandoned = chat.stream("And this one?", image=other)
+        next(abandoned)
+        abandoned.close()
+        stream = chat.stream("Which one is bigger?")
+        list(stream)
+    inputs = _hf_ids(exported, [*turns, ("Which one is bigger?", None)], image)
+    assert stream.answer.prompt_token_ids == inputs["input_ids"][0].tolist()
+    _close(first_logits[-1], _hf_logits(exported, inputs))
+
+
+def test_limits_count_each_of_several_images_untiled(exported: Exported) -> None:
+    """The context and the prompt limit count each of several images' untiled tokens, fewer
+    than one large image's tiled ones: max_images_per_prompt and images_that_fit hold as many
+    as fit, one more is refused naming the prompt's length as rendered."""
+    from llava_edge.errors import PromptTooLong
+    from llava_edge.runtime import Limits
+
+    image = picture(*IMAGES["large"])
+    with Pipeline.load(exported.model_dir) as pipe:
+        each = pipe.manifest.image.anyres.tile_features**2 + 1
+        assert pipe.max_images_per_prompt == pipe.max_context // each > 1
+        pixels = pipe.image_pixels(image)
+        fit = pipe.images_that_fit(QUESTION)
+        assert fit == pipe.images_that_fit(QUESTION, smallest=True) > 2
+        longest = len(pipe.prompt_ids(QUESTION, [pixels] * fit))
+        longer = len(pipe.prompt_ids(QUESTION, [pixels] * (fit + 1)))
+        assert longest < pipe.max_context <= longer
+        said = f"the prompt is {longer} tokens .* fewer images, or a smaller one alone"
+        with pytest.raises(PromptTooLong, match=said):
+            pipe.answer([image] * (fit + 1), QUESTION)
+        two = len(pipe.prompt_ids(QUESTION, [pixels] * 2))
+        alone = len(pipe.prompt_ids(QUESTION, pixels))
+    assert alone > two  # one large image takes more tokens tiled than two untiled
+    limits = Limits(max_prompt_tokens=two)
+    with Pipeline.load(exported.model_dir, limits=limits) as pipe:
+        assert pipe.images_that_fit(QUESTION) == 2
+        assert pipe.answer([image, image], QUESTION, max_new_tokens=1).prompt_token_ids
+        with pytest.raises(PromptTooLong, match=f"the prompt is {alone} tokens"):
+            pipe.answer(image, QUESTION, max_new_tokens=1)
+
+
+def test_watch_asks_about_the_last_frames_untiled(
+    exported: Exported, tmp_path: Path, first_logits: list
+) -> None:
+    """`watch --frames 2`: the first answer is about its one frame, tiled; each later one about
+    two, untiled, as transformers reads a prompt of two images."""
+    images = [picture(*IMAGES[name], seed=i) for i, name in enumerate(["large", "tall", "small"])]
+    for i, image in enumerate(images):
+        image.save(tmp_path / f"frame_{i}.png")
+    with (
+        Pipeline.load(exported.model_dir) as pipe,
+        pipe.watch(tmp_path, QUESTION, frames=2, max_new_tokens=1) as answers,
+    ):
+        frames = [answer.frames for answer in answers]
+    assert frames == [[0], [0, 1], [1, 2]]
+    _close(first_logits[0], _hf_logits(exported, _hf_ids(exported, [(QUESTION, None)], images[0])))
+    for seen, pair in zip(first_logits[1:], [images[:2], images[1:]], strict=True):
+        _close(seen, _hf_logits(exported, _hf_several(exported, [(QUESTION, None)], pair, [0, 0])))
+
+
+def test_a_video_placeholder_is_refused(exported: Exported) -> None:
+    """A prompt may not hold the video placeholder, which transformers' processor refuses
+    without a video and the runtime has no input for."""
+    said = "'<video>', the model's video placeholder"
+    with Pipeline.load(exported.model_dir) as pipe, pytest.raises(LlavaEdgeError, match=said):
+        pipe.answer(picture(50, 100), "What happens in <video>?")
+
+
+def test_chat_command_add_brings_a_second_image(exported: Exported, tmp_path) -> None:
+    """`llava-edge chat`'s /add of a second image: the next question is asked about both, as
+    the chat's own turn bringing it answers."""
     import io
 
     from llava_edge.runtime.interactive import chat_loop
@@ -329,9 +563,14 @@ def test_chat_command_add_refuses_a_second_image_at_once(exported: Exported, tmp
     with Pipeline.load(exported.model_dir) as pipe:
         chat_loop(pipe, image, options, read=lambda _prompt: next(lines), out=out)
         chat = pipe.chat(image, **options)
-        first, second = chat.ask(QUESTION), chat.ask("Which one is bigger?")
-    refused = "error: this model takes one image per prompt or chat, got 2"
-    assert re.search(f"{re.escape(first)}\n{refused}[^\n]*\n{re.escape(second)}\n$", out.getvalue())
+        first = chat.ask(QUESTION)
+        stream = chat.stream("Which one is bigger?", image=Image.open(other))
+        second = "".join(stream)
+        each = pipe.manifest.image.anyres.tile_features**2 + 1  # untiled, with its newline
+    image_id = exported.processor.image_token_id
+    assert stream.answer.prompt_token_ids.count(image_id) == 2 * each
+    brought = f"(the next question brings {other})"
+    assert out.getvalue().endswith(f"{first}\n{brought}\n{second}\n")
 
 
 def test_a_chat_answer_that_spells_the_video_placeholder_counts(
@@ -364,22 +603,39 @@ def test_a_chat_answer_that_spells_the_video_placeholder_counts(
         assert len(chat.turns) == 2
 
 
-def test_the_server_refuses_several_images_before_fetching_them(exported: Exported) -> None:
+def test_serve_answers_about_two_images_as_transformers(
+    exported: Exported, first_logits: list
+) -> None:
+    import base64
+    import io
     import time
 
     from starlette.testclient import TestClient
 
     from llava_edge.serve import ServeOptions, create_app
 
-    nowhere = {"type": "image_url", "image_url": {"url": "https://example.invalid/x.png"}}
-    message = {"role": "user", "content": [nowhere, nowhere, {"type": "text", "text": "Same?"}]}
-    body = {"model": "m", "messages": [message], "max_tokens": 2}
+    images = [picture(*IMAGES["tall"]), picture(*IMAGES["small"], seed=2)]
+    parts = []
+    for image in images:
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG")
+        url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        parts.append({"type": "image_url", "image_url": {"url": url}})
+    message = {"role": "user", "content": [*parts, {"type": "text", "text": "Same?"}]}
+    body = {"model": "m", "messages": [message], "max_tokens": 6}
     with TestClient(create_app(ServeOptions(exported.model_dir, model_name="m"))) as client:
         while client.get("/health").status_code != 200:
             time.sleep(0.05)
-        refused = client.post("/v1/chat/completions", json=body)
-    assert refused.status_code == 400
-    assert "takes one image per prompt or chat, got 2" in refused.json()["error"]["message"]
+        reply = client.post("/v1/chat/completions", json=body)
+    assert reply.status_code == 200, reply.text
+    inputs = _hf_several(exported, [("Same?", None)], images, [0, 0])
+    with torch.no_grad():
+        reference = exported.model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    reference = reference[0, inputs["input_ids"].shape[1] :].tolist()
+    text = exported.processor.tokenizer.decode(reference, skip_special_tokens=True)
+    assert reply.json()["choices"][0]["message"]["content"] == text
+    assert reply.json()["usage"]["prompt_tokens"] == inputs["input_ids"].shape[1]
+    _close(first_logits[-1], _hf_logits(exported, inputs))
 
 
 def test_the_server_names_the_message_that_holds_the_video_placeholder(

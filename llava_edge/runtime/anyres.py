@@ -15,7 +15,11 @@ image's size, so the prompt gets as many placeholders as there are features.
 LLaVA-OneVision (`anyres_max_N`, AnyResSpec.max_patches) packs them the same way, but first
 shrinks a cut grid of more than about N tiles' features to about N tiles' by bilinear
 interpolation, as LlavaOnevisionModel.pack_image_features does with
-`nn.functional.interpolate(mode="bilinear")`.
+`nn.functional.interpolate(mode="bilinear")`. It tiles an image only where it is its prompt's
+only one (AnyResSpec.several_images False): each of several is padded to a square with the mean
+colour and resized to the vision encoder's input, untiled, as LlavaOnevisionImageProcessor does
+where `batch_num_images` is more than one; its features are that one input's, and one
+image_newline after them (pack_image_features' single-input branch).
 
 Written in numpy and PIL because the runtime may not import transformers.
 """
@@ -25,6 +29,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -40,9 +45,14 @@ class ImagePixels(NamedTuple):
     """One image ready for the vision encoder. The size travels with the pixels because the
     number of image tokens, and how AnyRes features are unpadded, depend on it."""
 
-    pixels: np.ndarray  # [1 + tiles, 3, H, W] float32
+    pixels: np.ndarray  # [1 + tiles, 3, H, W] float32; [1, 3, H, W] untiled
     size: tuple[int, int]  # (width, height) of the image as given
-    key: str  # names the image's features (the feature cache's and prefix reuse's key)
+    key: str  # names the image's features in this form (the feature cache's, prefix reuse's)
+    # The untiled form a prompt of several images reads the image in (LLaVA-OneVision), made on
+    # the first call and kept; None where a prompt of several reads it as one alone, and on the
+    # untiled form itself.
+    square: Callable[[], ImagePixels] | None = None
+    untiled: bool = False  # this is the untiled form: one input, its features and one newline
 
 
 def pixels_list(images: ImagePixels | list[ImagePixels] | None) -> list[ImagePixels]:
@@ -58,6 +68,34 @@ def pixels_list(images: ImagePixels | list[ImagePixels] | None) -> list[ImagePix
         "this takes images as Pipeline.image_pixels gives them; generate, answer, stream, chat "
         "and BatchEngine.submit take a path, bytes, a PIL image or an array"
     )
+
+
+def prompt_forms(images: list[ImagePixels]) -> list[ImagePixels]:
+    """The images as one prompt of them reads them: each of several in its untiled form where
+    the model reads several so (LLaVA-OneVision), else as they are."""
+    if len(images) < 2:
+        return images
+    return [one.square() if one.square is not None else one for one in images]
+
+
+def image_token_count(
+    image: ImagePixels, spec: ImageSpec, num_image_tokens: int, several: bool
+) -> int:
+    """How many image tokens the image takes in a prompt, from its size and form alone, before
+    the vision encoder runs. several: the prompt holds other images too."""
+    if image.untiled or (several and image.square is not None):
+        return untiled_feature_count(spec.anyres)
+    return feature_count(image.size, spec, num_image_tokens)
+
+
+def untiled_feature_count(anyres: AnyResSpec) -> int:
+    """The image tokens of an untiled image: the base input's features and one newline."""
+    return anyres.tile_features**2 + (1 if anyres.newline is not None else 0)
+
+
+def untiles_several(spec: ImageSpec) -> bool:
+    """Whether a prompt of several images reads each untiled (LLaVA-OneVision)."""
+    return spec.anyres is not None and not spec.anyres.several_images
 
 
 def select_resolution(height: int, width: int, pinpoints: list[list[int]]) -> tuple[int, int]:
@@ -85,7 +123,21 @@ def image_pixels(image: Image.Image, spec: ImageSpec) -> ImagePixels:
     # the same pixels from an image of the same size (AnyRes unpads by size): hashed once here
     digest = hashlib.sha1(pixels.tobytes())
     digest.update(f"{image.size[0]}x{image.size[1]}".encode())
-    return ImagePixels(pixels, image.size, digest.hexdigest())
+    # the untiled form only where a prompt of several images asks for it: most prompts hold one
+    square = (
+        functools.cache(functools.partial(_untiled, image, spec)) if untiles_several(spec) else None
+    )
+    return ImagePixels(pixels, image.size, digest.hexdigest(), square)
+
+
+def _untiled(image: Image.Image, spec: ImageSpec) -> ImagePixels:
+    """The image padded to a square with the mean colour and resized to the vision encoder's
+    input, as LlavaOnevisionImageProcessor prepares each of a prompt's several images."""
+    flat = ImageSpec(**{**spec.__dict__, "anyres": None, "pad_to_square": True})
+    pixels = preprocess(image, flat)[None]
+    digest = hashlib.sha1(b"untiled")  # never the key of the tiled form of any image
+    digest.update(pixels.tobytes())
+    return ImagePixels(pixels, image.size, digest.hexdigest(), untiled=True)
 
 
 def feature_count(size: tuple[int, int], spec: ImageSpec, num_image_tokens: int) -> int:
@@ -162,6 +214,14 @@ def min_feature_count(manifest: Manifest) -> int:
     return anyres.tile_features * anyres.tile_features
 
 
+def each_image_tokens(manifest: Manifest, count: int, smallest: bool = False) -> int:
+    """The most image tokens (smallest: the fewest) each of `count` images of one prompt can
+    take: with LLaVA-OneVision, each of several takes its untiled form's, whatever its size."""
+    if count > 1 and untiles_several(manifest.image):
+        return untiled_feature_count(manifest.image.anyres)
+    return (min_feature_count if smallest else max_feature_count)(manifest)
+
+
 def pixel_batch(image: Image.Image, spec: ImageSpec) -> np.ndarray:
     """pixel_values for one image: [1, 3, H, W], or with AnyRes [1 + tiles, 3, H, W]."""
     if spec.anyres is None:
@@ -229,6 +289,19 @@ def image_embeds(
         )
         grid = np.concatenate([grid, column], axis=2)
     return np.concatenate([embeds[0], grid.reshape(hidden, -1).T])
+
+
+def untiled_embeds(embeds: np.ndarray, newline: np.ndarray | None) -> np.ndarray:
+    """Projected features of an untiled image [1, N, hidden] -> its image tokens: its N
+    features, then image_newline where the model has one."""
+    if embeds.shape[0] != 1:
+        raise LlavaEdgeError(
+            f"the vision encoder gave {embeds.shape[0]} feature sets for one untiled image: the "
+            "graphs do not match the runtime; re-export the model"
+        )
+    if newline is None:
+        return embeds[0]
+    return np.concatenate([embeds[0], newline.astype(embeds.dtype)[None]])
 
 
 def bilinear(grid: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -45,7 +45,7 @@ import numpy as np
 
 from llava_edge.errors import LlavaEdgeError, TimedOut, first_line
 from llava_edge.runtime.answer import Answer, AnswerText, timings
-from llava_edge.runtime.anyres import ImagePixels, pixels_list
+from llava_edge.runtime.anyres import ImagePixels, pixels_list, prompt_forms
 from llava_edge.runtime.generate import Timer, embed
 from llava_edge.runtime.image import Images, image_list
 from llava_edge.runtime.sampling import GenerationConfig, Sampler, whole_number
@@ -494,7 +494,8 @@ class BatchEngine:
         config = pipe._config(dict(options))
         pipe.limits.check_prompt(len(ids), images=pipe.image_share(ids))
         config = pipe._fit_context(config, len(ids), ids=ids)
-        pixels = pixels_list(image)
+        # in the form the prompt reads them: a picture's untiled features have a key of their own
+        pixels = prompt_forms(pixels_list(image))
         image_tokens = ids.count(pipe.manifest.tokens.image_token_id)
         counts = pipe.image_tokens(pixels) or []
         wanted = sum(counts)

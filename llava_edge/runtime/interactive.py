@@ -64,10 +64,8 @@ def chat_loop(
                 path = _image_path(rest)
                 if path is None:
                     raise LlavaEdgeError("/add takes the path of an image: /add PATH")
-                # a bad image, or one more than the model takes a chat, is said now, not with the
-                # question
+                # a bad image is said now, not with the question
                 pipe.image_pixels(path)
-                pipe.check_image_count(len(session.pixels) + len(added) + 1)
                 added.append(path)
                 out.write(f"(the next question brings {path})\n")
             elif word == "/image":

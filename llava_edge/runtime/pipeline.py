@@ -30,13 +30,15 @@ from llava_edge.manifest import Manifest, TemplateSpec
 from llava_edge.runtime.answer import Answer, AnswerText, timings
 from llava_edge.runtime.anyres import (
     ImagePixels,
-    feature_count,
+    each_image_tokens,
     image_embeds,
     image_pixels,
+    image_token_count,
     load_newline,
-    max_feature_count,
-    min_feature_count,
     pixels_list,
+    prompt_forms,
+    untiled_embeds,
+    untiles_several,
 )
 from llava_edge.runtime.generate import (
     Timer,
@@ -260,31 +262,22 @@ class Pipeline:
         """How many images' tokens fit in the context at once (at least one). A prompt may hold
         several images as transformers' LLaVA models take them (each placeholder filled with its
         image's features, in order); LLaVA-1.5 itself was trained with one per conversation.
-        One on a dir that takes one image per prompt (see `check_image_count`)."""
-        anyres = self.manifest.image.anyres
-        if anyres is not None and not anyres.several_images:
-            return 1
-        return max(1, self.max_context // max_feature_count(self.manifest))
-
-    def check_image_count(self, count: int) -> None:
-        """Refuse a prompt or chat of more images than the model dir takes: transformers'
-        LLaVA-OneVision tiles an image only where it is its prompt's only one (it pads each of
-        several to a square, untiled, with one image_newline), which this runtime does not do."""
-        anyres = self.manifest.image.anyres
-        if count > 1 and anyres is not None and not anyres.several_images:
-            raise LlavaEdgeError(
-                f"this model takes one image per prompt or chat, got {count}: LLaVA-OneVision "
-                "reads several images of one prompt otherwise than one, which llava-edge does "
-                "not run; ask about each image in a prompt (or chat) of its own"
-            )
+        LLaVA-OneVision reads each of several untiled (runtime/anyres.py), in fewer tokens than
+        its largest tiled image."""
+        return max(1, self.max_context // each_image_tokens(self.manifest, 2))
 
     def image_share(self, ids: list[int]) -> str:
         """What a prompt's AnyRes images take of its tokens, for a message refusing it: their
-        tokens grow with their size, so a smaller image is the way to a shorter prompt. Empty
-        where the images are of one size whatever they show."""
+        tokens grow with their size, so a smaller image is the way to a shorter prompt (on
+        LLaVA-OneVision, where each of several is untiled whatever its size, fewer images are).
+        Empty where the images are of one size whatever they show."""
         taken = ids.count(self.manifest.tokens.image_token_id)
         if not taken or self.manifest.image.anyres is None:
             return ""
+        if untiles_several(self.manifest.image):
+            return (
+                f" ({taken} of them its images': fewer images, or a smaller one alone, take fewer)"
+            )
         return f" ({taken} of them its images': a smaller image takes fewer)"
 
     def images_that_fit(
@@ -293,12 +286,12 @@ class Pipeline:
         """How many images of the largest size this question can hold and leave room for an
         answer within the context and the prompt limit (0: not even one). smallest=True counts
         images of the fewest tokens instead (with AnyRes, the base image's alone): how many some
-        images can fit, where the largest count is what any images can."""
+        images can fit, where the largest count is what any images can. LLaVA-OneVision reads
+        each of several images untiled: two may fit where one large image, tiled, does not."""
         self._check_open()
         _check_text(prompt)
         raw = self._raw({"raw": raw})
         template = self._template(system, raw)
-        most = (min_feature_count if smallest else max_feature_count)(self.manifest)
         room = self.max_context - 1
         if self.limits.max_prompt_tokens is not None:
             room = min(room, self.limits.max_prompt_tokens)
@@ -312,9 +305,11 @@ class Pipeline:
         )
         for count in counts:
             text = prompt if raw else user_turn(template, prompt, count, True)
-            if len(self.codec.encode(text, first=True, image_tokens=[most] * count)) > room:
+            each = each_image_tokens(self.manifest, count, smallest)
+            if len(self.codec.encode(text, first=True, image_tokens=[each] * count)) <= room:
+                fit = count
+            elif count > 1:
                 break
-            fit = count
         return fit
 
     # ---- one-shot questions --------------------------------------------------------------
@@ -549,7 +544,6 @@ class Pipeline:
             )
         if not images and not prompt.strip():
             raise LlavaEdgeError("the prompt is empty and there is no image: ask a question")
-        self.check_image_count(len(images))
         text = prompt if raw else user_turn(template, prompt, len(images), True)
         ids = self.codec.encode(text, first=True, image_tokens=self.image_tokens(images))
         if not ids:  # a raw empty prompt on a model with no BOS token
@@ -606,7 +600,6 @@ class Pipeline:
             raise LlavaEdgeError(
                 f"image turns {image_turns} must be turns of the conversation, in order"
             )
-        self.check_image_count(len(images))
         template = self._template(system)
         text = ""
         for i, (question, answer) in enumerate(turns):
@@ -634,15 +627,22 @@ class Pipeline:
     def image_pixels(self, image: ImageInput) -> ImagePixels:
         """The image loaded (within the pixel limit) and preprocessed for the vision encoder."""
         self._check_open()
-        return image_pixels(load_image(image, self.limits.max_image_pixels), self.manifest.image)
+        loaded = load_image(image, self.limits.max_image_pixels)
+        if loaded is image and untiles_several(self.manifest.image):
+            # its untiled form is made from it when a prompt of several asks: from this picture,
+            # not from what the caller draws into its own image later (a camera's buffer)
+            loaded = loaded.copy()
+        return image_pixels(loaded, self.manifest.image)
 
     def image_tokens(self, image: ImagePixels | list[ImagePixels] | None) -> list[int] | None:
-        """How many image tokens each image takes in a prompt (None without an image)."""
+        """How many image tokens each image takes in a prompt of these images (None without
+        one): LLaVA-OneVision reads each of several untiled (runtime/anyres.py)."""
         images = pixels_list(image)
         if not images:
             return None
         spec, count = self.manifest.image, self.manifest.num_image_tokens
-        return [feature_count(one.size, spec, count) for one in images]
+        several = len(images) > 1
+        return [image_token_count(one, spec, count, several) for one in images]
 
     def image_features(self, image: ImageInput) -> np.ndarray:
         """Projected image features [N, hidden], one per image token; a repeated image comes
@@ -651,8 +651,9 @@ class Pipeline:
         return self.pixel_features(self.image_pixels(image))
 
     def pixel_features(self, image: ImagePixels | list[ImagePixels]) -> np.ndarray:
-        """Features of preprocessed images, in order, each from the cache when it came before."""
-        images = pixels_list(image)
+        """Features of preprocessed images, in order, as one prompt of them reads them (each of
+        several untiled on LLaVA-OneVision), each from the cache when it came before."""
+        images = prompt_forms(pixels_list(image))
         if len(images) == 1:
             return self._features_of(images[0])
         return np.concatenate([self._features_of(one) for one in images])
@@ -681,7 +682,10 @@ class Pipeline:
     def _encode(self, image: ImagePixels) -> np.ndarray:
         key = image.key
         encoded = self.backend.encode_image(image.pixels)
-        features = image_embeds(encoded, image.size, self.manifest.image, self.newline)
+        if image.untiled:
+            features = untiled_embeds(encoded, self.newline)
+        else:
+            features = image_embeds(encoded, image.size, self.manifest.image, self.newline)
         (expected,) = self.image_tokens(image)
         if len(features) != expected:
             raise LlavaEdgeError(
@@ -825,9 +829,10 @@ class ChatSession:
         self.options = options
         # loaded and checked here, so a bad image fails at once; encoded by the first turn
         self.pixels = [pipeline.image_pixels(one) for one in image_list(image)]
-        pipeline.check_image_count(len(self.pixels))
         self.image_turns = [0] * len(self.pixels)  # the turn each image came with
-        self.features: np.ndarray | None = None  # of the first turn's images, once encoded
+        # the last features fed and the keys of the images they are of: a turn that failed,
+        # asked again, does not encode them twice
+        self.features: tuple[list[str], np.ndarray] | None = None
         self.cache = pipeline.backend.new_cache(1)
         # every id in the conversation, the last answer's last one too
         self.ids: list[int] = (
@@ -879,7 +884,10 @@ class ChatSession:
         timer = Timer()  # the turn's time limit counts from here, its images' encoding too
         first = not self.ids
         new_pixels = [pipe.image_pixels(one) for one in image_list(image)]
-        pipe.check_image_count(len(self.pixels) + len(new_pixels))
+        # the images as the conversation with this question reads them, made before the session
+        # changes: LLaVA-OneVision reads an image untiled once a second joins it
+        forms = prompt_forms(self.pixels + new_pixels)
+        reread = self._reread(forms)
         brought = self.pixels + new_pixels if first else new_pixels  # this question's images
         if not prompt.strip() and not brought:
             raise LlavaEdgeError("the question is empty: ask something")
@@ -890,13 +898,15 @@ class ChatSession:
                 f"{len(brought)} image(s) it brings: one placeholder per image, or none"
             )
         text = user_turn(self.template, prompt, len(brought), first)
-        held = self.ids
+        held, image_id = self.ids, pipe.manifest.tokens.image_token_id
         if first:
-            new_ids = pipe.prompt_ids(text, brought, raw=True)
-        elif self.history_closed:
-            held, new_ids = self._after_rendered(prompt, new_pixels)
-        else:
-            new_ids = self._later_turn_ids(text, new_pixels)
+            new_ids, cached = pipe.prompt_ids(text, brought, raw=True), 0
+        elif self.history_closed or reread is not None:
+            held, new_ids = self._after_rendered(prompt, new_pixels, reread)
+            cached = held[: self.fed].count(image_id)
+        else:  # the images held read as before: all of them in the cache
+            new_ids = self._later_turn_ids(text, forms[len(self.pixels) :])
+            cached = sum(pipe.image_tokens(forms[: len(self.pixels)]) or []) if self.fed else 0
         pending = held[self.fed :] + new_ids  # the last answer's final token was never fed
         try:
             pipe.limits.check_prompt(len(held) + len(new_ids), chat=True)
@@ -904,7 +914,7 @@ class ChatSession:
         except ChatFull:
             self._fits_a_new_chat(prompt, self.pixels + new_pixels, config)
             raise
-        features = self._features_to_feed(new_pixels)
+        features = self._features_to_feed(forms, cached)
         if features is not None:
             timer.mark("vision")
         stream = TextStream(
@@ -922,16 +932,31 @@ class ChatSession:
         self._open = weakref.ref(stream)
         return stream
 
-    def _features_to_feed(self, new_pixels: list[ImagePixels]) -> np.ndarray | None:
-        """Features of the images whose tokens are still to feed: those of a question not yet
-        in the cache (the chat's first images, until the first turn is fed) and the new ones."""
+    def _reread(self, forms: list[ImagePixels]) -> int | None:
+        """Where the held conversation stops being what the cache may keep, where the images
+        it holds read otherwise with this turn's (`forms`): at its first image token, before
+        any image's features; None where they read as before."""
+        held = prompt_forms(self.pixels)
+        if not self.ids or all(one.key == was.key for one, was in zip(forms, held, strict=False)):
+            return None
+        image_id = self.pipeline.manifest.tokens.image_token_id
+        return self.ids.index(image_id) if image_id in self.ids else 0
+
+    def _features_to_feed(self, forms: list[ImagePixels], cached: int) -> np.ndarray | None:
+        """Features of the image tokens still to feed: those of the conversation's images
+        (`forms`, as it reads them) past the first `cached` image tokens, which the cache
+        holds."""
         pipe = self.pipeline
-        if self.fed == 0 and self.pixels and self.features is None:
-            self.features = pipe.pixel_features(self.pixels)  # kept: a failed turn re-uses them
-        still = [self.features] if self.fed == 0 and self.features is not None else []
-        if new_pixels:
-            still.append(pipe.pixel_features(new_pixels))
-        return np.concatenate(still) if still else None
+        counts = pipe.image_tokens(forms) or []
+        first = skipped = 0
+        while first < len(forms) and skipped + counts[first] <= cached:
+            first, skipped = first + 1, skipped + counts[first]
+        if first == len(forms):
+            return None
+        keys = [one.key for one in forms[first:]]
+        if self.features is None or self.features[0] != keys:
+            self.features = (keys, pipe.pixel_features(forms[first:]))
+        return self.features[1][cached - skipped :]
 
     def _fits_a_new_chat(
         self, prompt: str, images: list[ImagePixels], config: GenerationConfig
@@ -944,14 +969,15 @@ class ChatSession:
         pipe._fit_context(config, len(ids), ids=ids)
 
     def _after_rendered(
-        self, prompt: str, images: list[ImagePixels]
+        self, prompt: str, images: list[ImagePixels], reread: int | None = None
     ) -> tuple[list[int], list[int]]:
         """The conversation's ids before a turn that follows turns the chat holds as rendered (a
         history, an answer cut by a stop string), and the ids the turn adds: the whole
         conversation rendered again, as serve renders it. The ids held before are those the two
         share: the tokenizer may read the end of the last answer together with this turn
         (llava-hf's answers end with a space, read with the next "USER:" as "▁USER:"), and the
-        cache gives up what it holds past them."""
+        cache gives up what it holds past them, and past `reread` (_reread), where the image
+        tokens are the same but their features are not."""
         pipe = self.pipeline
         whole = pipe._render(
             [*self.turns, (prompt, None)],
@@ -960,6 +986,8 @@ class ChatSession:
             self.system,
         )
         keep = common_prefix(self.ids, whole)
+        if reread is not None:
+            keep = min(keep, reread)
         if self.fed > keep:
             self.cache.truncate(keep)
             self.fed = keep

@@ -84,8 +84,8 @@ class TextCodec:
         if video_id is not None and video_id in ids:
             raise LlavaEdgeError(
                 f"the prompt holds {self.video_placeholder!r}, the model's video "
-                "placeholder: llava-edge takes no video (ask about its frames as images, one "
-                "per prompt); take it out of the text"
+                "placeholder: llava-edge takes no video (ask about its frames as images); "
+                "take it out of the text"
             )
         if first and self.tokens.add_bos and self.tokens.bos_token_id is not None:
             ids = [self.tokens.bos_token_id, *ids]

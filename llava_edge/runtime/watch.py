@@ -161,7 +161,6 @@ def watch(
     pipe._check_options(options)  # bad options fail now, not at the first frame
     raw, system = bool(options.get("raw", False)), options.get("system")
     _check_placeholders(prompt, frames, raw=raw)
-    pipe.check_image_count(frames)
     # Refused here only where no frame could fit: an AnyRes frame's tokens depend on its size,
     # so a frame too large for the context is told in its own answer (as an unreadable one is).
     fit = pipe.images_that_fit(prompt, raw=raw, system=system, smallest=True)

@@ -39,7 +39,7 @@ from llava_edge import __version__
 from llava_edge.errors import LlavaEdgeError, PromptTooLong, TimedOut, TooLarge
 from llava_edge.manifest import MANIFEST_NAME
 from llava_edge.runtime import BatchEngine, Limits, Pipeline
-from llava_edge.runtime.anyres import min_feature_count
+from llava_edge.runtime.anyres import each_image_tokens
 from llava_edge.runtime.batching import Admission, Cancelled, EngineClosed, Event, QueueFull
 from llava_edge.serve import protocol
 from llava_edge.serve.media import MediaPolicy, fetch_image
@@ -397,10 +397,9 @@ async def _chat_completion(request: Request, state: ServerState) -> Response:
         video = pipe.codec.video_placeholder
         chat = await _in_time(clock, gone, run_in_threadpool(_chat_request, body, video))
         _check_model(state, chat.model)
-        pipe.check_image_count(len(chat.image_urls))  # before any is fetched
         # refused before any is fetched only where they cannot fit at any size (an AnyRes
         # image takes the tokens its size gives; the rendered prompt is checked once they are)
-        fewest = min_feature_count(pipe.manifest)
+        fewest = each_image_tokens(pipe.manifest, len(chat.image_urls), smallest=True)
         if len(chat.image_urls) > pipe.max_context // fewest:
             raise ApiError(
                 400,
