@@ -46,7 +46,25 @@ def hf_processor(size: int = 56, pad: bool = False):
 
 
 def reference(image, size: int = 56, pad: bool = False) -> np.ndarray:
+    image = as_transformers_reads(image)
     return np.asarray(hf_processor(size, pad)(images=image, return_tensors="np")["pixel_values"][0])
+
+
+def as_transformers_reads(image):
+    """The picture transformers preprocesses. From 5.21 its convert_to_rgb composites
+    transparency over white, which the runtime does; 5.20 and older drop the alpha channel (the
+    colours under transparent pixels show), so for them it is composited here first, as 5.21 does,
+    and the rest of their preprocessing is still held to."""
+    import transformers
+
+    version = tuple(int(x) for x in transformers.__version__.split(".")[:2])
+    if not isinstance(image, Image.Image) or version >= (5, 21):
+        return image
+    if "A" not in image.getbands() and image.info.get("transparency") is None:
+        return image
+    rgba = image.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
 
 
 def noise(h: int, w: int, channels: int = 3, seed: int = 0) -> np.ndarray:
@@ -309,7 +327,8 @@ def test_siglip_geometry_matches_transformers(size):
 @pytest.mark.parametrize("mode", ["RGBA", "L", "P", "CMYK"])
 def test_siglip_modes_match_transformers(mode):
     image = photo(mode)
-    theirs = siglip_processor(56)(images=image, return_tensors="np")["pixel_values"][0]
+    theirs = siglip_processor(56)(images=as_transformers_reads(image), return_tensors="np")
+    theirs = theirs["pixel_values"][0]
     assert np.abs(preprocess(load_image(image), siglip_spec(56)) - theirs).max() < 1e-5
 
 

@@ -367,8 +367,9 @@ def _unscaled(form: str, scale: str, low: float, high: float) -> LlavaEdgeError:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB the way transformers converts: transparency is composited over white. Values wider
-    than 8 bits follow `load_image`'s rule."""
+    """RGB the way transformers converts from 5.21: transparency is composited over white (5.20
+    and older drop the alpha channel, showing the colours under transparent pixels). Values
+    wider than 8 bits follow `load_image`'s rule."""
     if image.mode == "RGB" and image.info.get("transparency") is None:
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
