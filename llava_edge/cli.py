@@ -927,7 +927,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="a server's store of conversations for their next turns: give serve's "
-        "--prefix-cache-mb (256 unless told) when planning for serve (default 0)",
+        "--prefix-cache-mb (256 unless told; none for a dir whose prompts run dynamic int8) "
+        "when planning for serve (default 0)",
     )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
