@@ -290,3 +290,18 @@ def test_every_option_is_in_its_synopsis(doc: str, name: str, rests: list[str]):
             shown |= set(OPTION.findall(elsewhere(name)))
     missing = sorted(options_of(name) - shown)
     assert not missing, f"{doc}: the synopsis of `llava-edge {name}` lacks {missing}"
+
+
+def test_the_figures_quantization_md_quotes_are_in_readmes_benchmarks():
+    """docs/quantization.md's advice on choosing a precision quotes README's benchmark table:
+    every figure it gives (ms, tok/s, MB) is one that table holds, so a benchmark rerun that
+    changes the table fails here until the advice follows."""
+    advice = (ROOT / "docs" / "quantization.md").read_text()
+    advice = advice.split("### Choosing a precision for a CPU host")[1].split("\n\n")[1]
+    assert "From README's benchmark table" in advice
+    table = (ROOT / "README.md").read_text().split("\n## Benchmarks\n")[1].split("\n## ")[0]
+    table = "\n".join(line for line in table.splitlines() if line.startswith("| "))
+    quoted = re.findall(r"(\d+(?:\.\d+)?) (?:ms|tok/s|MB)\b", advice)
+    assert len(quoted) >= 6
+    missing = [f for f in quoted if not re.search(rf"(?<![\d.]){re.escape(f)}(?![\d.])", table)]
+    assert not missing, f"quantization.md quotes {missing}, which README's table does not hold"
