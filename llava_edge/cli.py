@@ -1231,7 +1231,7 @@ EXTRAS = {
 def _missing_extra(name: str, error: ModuleNotFoundError) -> str | None:
     """The line for a command that needs an extra not installed; None where the missing module
     is not a dependency (a broken install of llava-edge itself)."""
-    module = (error.name or "").split(".")[0]
+    module = _missing_module(error)
     if name not in EXTRAS or not module or module == "llava_edge":
         return None
     extra = EXTRAS[name]
@@ -1239,6 +1239,17 @@ def _missing_extra(name: str, error: ModuleNotFoundError) -> str | None:
         f"`llava-edge {name}` needs the {extra} extra ({module} is missing): "
         f"pip install 'llava-edge[{extra}]'"
     )
+
+
+def _missing_module(error: BaseException | None) -> str:
+    """The top-level module a failed import lacked. transformers raises a lazy attribute's
+    missing dependency (accelerate, for TrainingArguments) as a ModuleNotFoundError without a
+    name, the import that failed as its cause."""
+    while error is not None:
+        if isinstance(error, ModuleNotFoundError) and error.name:
+            return error.name.split(".")[0]
+        error = error.__cause__ or error.__context__
+    return ""
 
 
 def _complain(line: str) -> None:
