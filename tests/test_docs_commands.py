@@ -305,3 +305,40 @@ def test_the_figures_quantization_md_quotes_are_in_readmes_benchmarks():
     assert len(quoted) >= 6
     missing = [f for f in quoted if not re.search(rf"(?<![\d.]){re.escape(f)}(?![\d.])", table)]
     assert not missing, f"quantization.md quotes {missing}, which README's table does not hold"
+
+
+def test_readmes_python_runs_as_written(tiny_model_dir: Path, tmp_path: Path, monkeypatch, capsys):
+    """README's Python blocks, run in order as a user would paste them, with what they leave to
+    the reader bound: the model dir, photo.jpg, a camera's frames (a folder of pictures for
+    /dev/video0), the questions. A renamed method or option fails here until README follows."""
+    import numpy as np
+    from PIL import Image
+
+    from llava_edge.runtime import Pipeline
+
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert len(blocks) == 3
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    picture = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    Image.fromarray(picture).save("photo.jpg")
+    (tmp_path / "frames").mkdir()
+    for i in range(3):
+        Image.fromarray(np.roll(picture, i, axis=1)).save(tmp_path / "frames" / f"{i}.png")
+    bound = {
+        "camera_frame": picture,
+        "next_frame": picture[::-1],
+        "img1": "photo.jpg",
+        "img2": picture,
+        "before": picture,
+        "after": picture[:, ::-1],
+        "frame": picture,
+        "questions": ["Is the door open?", "How many cups?"],
+    }
+    places = {'"model/"': repr(str(tiny_model_dir)), '"/dev/video0"': '"frames"'}
+    with Pipeline.load(tiny_model_dir) as pipe:
+        for block in blocks:
+            for written, here in places.items():
+                block = block.replace(written, here)
+            exec(compile(block, "README.md", "exec"), {**bound, "pipe": pipe, "Pipeline": Pipeline})
+    assert "frame 2:" in capsys.readouterr().out
