@@ -983,7 +983,11 @@ def _add_datagen_parsers(data: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-requests", type=int, help="send at most N HTTP requests (retries count), then stop"
     )
-    p.add_argument("--journal", help="resumable record of the run (default: OUT.journal.jsonl)")
+    p.add_argument(
+        "--journal",
+        help="resumable record of the run (default: beside --out, out.json giving "
+        "out.journal.jsonl)",
+    )
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
     p.add_argument("--max-tokens", type=int, default=1024, help="longest reply in tokens")
     p.add_argument("--seed", type=int, default=0, help="base of each request's sampling seed")
