@@ -927,7 +927,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="a server's store of conversations for their next turns: give serve's "
-        "--prefix-cache-mb (256 unless told) when planning for serve (default 0)",
+        "--prefix-cache-mb (256 unless told; none for a dir whose prompts run dynamic int8) "
+        "when planning for serve (default 0)",
     )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
@@ -982,7 +983,11 @@ def _add_datagen_parsers(data: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-requests", type=int, help="send at most N HTTP requests (retries count), then stop"
     )
-    p.add_argument("--journal", help="resumable record of the run (default: OUT.journal.jsonl)")
+    p.add_argument(
+        "--journal",
+        help="resumable record of the run (default: beside --out, out.json giving "
+        "out.journal.jsonl)",
+    )
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
     p.add_argument("--max-tokens", type=int, default=1024, help="longest reply in tokens")
     p.add_argument("--seed", type=int, default=0, help="base of each request's sampling seed")
@@ -1131,7 +1136,10 @@ def _add_training_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model_dir", help=MODEL_HELP)
     p.add_argument("--data", required=True, help="LLaVA JSON or JSONL with reference answers")
     p.add_argument("--images", help="dir the samples' image paths are relative to")
-    p.add_argument("--answers", help="per-question JSONL (default: DATA.answers.jsonl)")
+    p.add_argument(
+        "--answers",
+        help="per-question JSONL (default: beside --data, test.json giving test.answers.jsonl)",
+    )
     p.add_argument(
         "--max-new-tokens", type=int, default=16, help="longest prediction in tokens (default 16)"
     )
@@ -1227,7 +1235,7 @@ EXTRAS = {
 def _missing_extra(name: str, error: ModuleNotFoundError) -> str | None:
     """The line for a command that needs an extra not installed; None where the missing module
     is not a dependency (a broken install of llava-edge itself)."""
-    module = (error.name or "").split(".")[0]
+    module = _missing_module(error)
     if name not in EXTRAS or not module or module == "llava_edge":
         return None
     extra = EXTRAS[name]
@@ -1235,6 +1243,17 @@ def _missing_extra(name: str, error: ModuleNotFoundError) -> str | None:
         f"`llava-edge {name}` needs the {extra} extra ({module} is missing): "
         f"pip install 'llava-edge[{extra}]'"
     )
+
+
+def _missing_module(error: BaseException | None) -> str:
+    """The top-level module a failed import lacked. transformers raises a lazy attribute's
+    missing dependency (accelerate, for TrainingArguments) as a ModuleNotFoundError without a
+    name, the import that failed as its cause."""
+    while error is not None:
+        if isinstance(error, ModuleNotFoundError) and error.name:
+            return error.name.split(".")[0]
+        error = error.__cause__ or error.__context__
+    return ""
 
 
 def _complain(line: str) -> None:

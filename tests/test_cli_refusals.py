@@ -238,6 +238,27 @@ def test_a_missing_extra_is_one_line_naming_it(tmp_path, capsys, monkeypatch):
     )
 
 
+def test_a_dependency_transformers_misses_names_its_extra(tmp_path, capsys, monkeypatch):
+    """transformers raises a lazy attribute's missing dependency (TrainingArguments without
+    accelerate, which only the train extra brings) as an error naming no module, the failed
+    import as its cause: the line still names the extra, with no traceback."""
+    from llava_edge.training import train
+
+    def without_accelerate(*_args, **_kwargs):
+        try:
+            raise ModuleNotFoundError("No module named 'accelerate'", name="accelerate")
+        except ModuleNotFoundError as e:
+            raise ModuleNotFoundError("Could not import module 'TrainingArguments'.") from e
+
+    monkeypatch.setattr(train, "train", without_accelerate)
+    argv = ["train", "--stage", "1", "--model", str(tmp_path), "--data", str(tmp_path / "d.json")]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "llava-edge train: error: `llava-edge train` needs the train extra (accelerate is "
+        "missing): pip install 'llava-edge[train]'"
+    )
+
+
 @pytest.mark.parametrize(
     "argv",
     [

@@ -46,11 +46,13 @@ def subcommands() -> dict[str, argparse.ArgumentParser]:
 
 
 def doc_lines(text: str) -> list[tuple[bool, str]]:
-    """(in a code block, line) of each line of every fenced block (backslash continuations
-    joined) and of each inline code in the prose."""
+    """(in a code block, line) of each line of every fenced block (continuations joined: a
+    backslash's, and a synopsis wrapped onto indented lines of options, `    [--images DIR]`)
+    and of each inline code in the prose."""
     lines = []
     for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S):
-        lines += [(True, line) for line in re.sub(r"\\\n\s*", " ", block).splitlines()]
+        block = re.sub(r"\\\n\s*|\n\s+(?=\[?--)", " ", block)
+        lines += [(True, line) for line in block.splitlines()]
     prose = re.sub(r"```.*?```", "", text, flags=re.S)
     lines += [(False, line) for line in re.findall(r"`([^`\n]+)`", prose)]
     return lines
@@ -204,3 +206,139 @@ def test_every_repository_file_named_exists(doc: Path):
 
 def test_the_docs_name_repository_files():
     assert sum(len(REPO_FILE.findall(doc.read_text())) for doc in DOCS) > 30
+
+
+def options_of(name: str) -> set[str]:
+    parser = subcommands()[name]
+    return {o for a in parser._actions for o in a.option_strings if o not in ("-h", "--help")}
+
+
+def readme_commands() -> tuple[list[str], str]:
+    """README's Commands list (a synopsis a line) and the prose after it."""
+    section = (ROOT / "README.md").read_text().split("\n## Commands\n")[1].split("\n## ")[0]
+    _, block, prose = section.split("```", 2)
+    return [line for line in block.splitlines() if line.startswith("llava-edge ")], prose
+
+
+def shared_options(prose: str) -> dict[str, set[str]]:
+    """The options the prose after README's Commands list gives to several commands at once:
+    "`run`, `chat` and `watch` take the sampling options (`--temperature`, ...)"."""
+    header = re.compile(r"((?:`[a-z-]+`(?:, | and ))*`[a-z-]+`) (?:also )?take ")
+    shared: dict[str, set[str]] = {}
+    heads = list(header.finditer(prose))
+    for head, after in zip(heads, [*heads[1:], None], strict=True):
+        clause = prose[head.end() : after.start() if after else None]
+        for name in re.findall(r"`([a-z-]+)`", head.group(1)):
+            shared.setdefault(name, set()).update(OPTION.findall(clause))
+    return shared
+
+
+# A synopsis that ends in `...` leaves the rest of its options to the page its prose names.
+ELSEWHERE = {
+    "train": "docs/training.md",
+    "serve": "README.md#serve",
+    "data generate": "docs/data.md",
+}
+
+
+def elsewhere(name: str) -> str:
+    path, _, section = ELSEWHERE[name].partition("#")
+    text = (ROOT / path).read_text()
+    return text.split(f"\n## {section.capitalize()}\n")[1].split("\n## ")[0] if section else text
+
+
+def synopses() -> list[tuple[str, str, list[str]]]:
+    """(doc, command, its synopsis lines): README's Commands list, and each line of a docs/
+    page that shows a command's form with placeholders (`llava-edge quantize MODEL_DIR ...`)."""
+    lines, _ = readme_commands()
+    found: dict[tuple[str, str], list[str]] = {}
+    for line in lines:
+        match = COMMAND.search(line)
+        name, rest = match.groups()
+        if name == "data":
+            name, rest = re.match(r"\s+([a-z]+)(.*)", rest).groups()
+            name = f"data {name}"
+        found.setdefault(("README.md", name), []).append(rest)
+    for doc, block, name, rest in SHOWN:
+        if doc != "README.md" and block and re.match(r"[A-Z_]{3,}\b", rest):
+            found.setdefault((doc, name), []).append(rest)
+    return [(doc, name, rests) for (doc, name), rests in found.items()]
+
+
+SYNOPSES = synopses()
+
+
+def test_the_synopses_are_found():
+    assert {name for doc, name, _ in SYNOPSES if doc == "README.md"} == set(subcommands())
+    assert {(doc, name) for doc, name, _ in SYNOPSES} >= {
+        ("quantization.md", "quantize"),
+        ("checkpoints.md", "convert"),
+    }
+    assert shared_options(readme_commands()[1])["watch"] >= {"--timeout", "--system"}
+
+
+@pytest.mark.parametrize(
+    ("doc", "name", "rests"), SYNOPSES, ids=[f"{d}:{n}" for d, n, _ in SYNOPSES]
+)
+def test_every_option_is_in_its_synopsis(doc: str, name: str, rests: list[str]):
+    """A synopsis shows every option its command has, or says where the others are: an option
+    added to the parser fails here until the docs show it."""
+    shown = {option for rest in rests for option in OPTION.findall(rest)}
+    if doc == "README.md":
+        shown |= shared_options(readme_commands()[1]).get(name, set())
+        if rests[-1].rstrip().endswith("...") and name in ELSEWHERE:
+            shown |= set(OPTION.findall(elsewhere(name)))
+    missing = sorted(options_of(name) - shown)
+    assert not missing, f"{doc}: the synopsis of `llava-edge {name}` lacks {missing}"
+
+
+def test_the_figures_quantization_md_quotes_are_in_readmes_benchmarks():
+    """docs/quantization.md's advice on choosing a precision quotes README's benchmark table:
+    every figure it gives (ms, tok/s, MB) is one that table holds, so a benchmark rerun that
+    changes the table fails here until the advice follows."""
+    advice = (ROOT / "docs" / "quantization.md").read_text()
+    advice = advice.split("### Choosing a precision for a CPU host")[1].split("\n\n")[1]
+    assert "From README's benchmark table" in advice
+    table = (ROOT / "README.md").read_text().split("\n## Benchmarks\n")[1].split("\n## ")[0]
+    table = "\n".join(line for line in table.splitlines() if line.startswith("| "))
+    quoted = re.findall(r"(\d+(?:\.\d+)?) (?:ms|tok/s|MB)\b", advice)
+    assert len(quoted) >= 6
+    missing = [f for f in quoted if not re.search(rf"(?<![\d.]){re.escape(f)}(?![\d.])", table)]
+    assert not missing, f"quantization.md quotes {missing}, which README's table does not hold"
+
+
+def test_readmes_python_runs_as_written(tiny_model_dir: Path, tmp_path: Path, monkeypatch, capsys):
+    """README's Python blocks, run in order as a user would paste them, with what they leave to
+    the reader bound: the model dir, photo.jpg, a camera's frames (a folder of pictures for
+    /dev/video0), the questions. A renamed method or option fails here until README follows."""
+    import numpy as np
+    from PIL import Image
+
+    from llava_edge.runtime import Pipeline
+
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert len(blocks) == 3
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    picture = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    Image.fromarray(picture).save("photo.jpg")
+    (tmp_path / "frames").mkdir()
+    for i in range(3):
+        Image.fromarray(np.roll(picture, i, axis=1)).save(tmp_path / "frames" / f"{i}.png")
+    bound = {
+        "camera_frame": picture,
+        "next_frame": picture[::-1],
+        "img1": "photo.jpg",
+        "img2": picture,
+        "before": picture,
+        "after": picture[:, ::-1],
+        "frame": picture,
+        "questions": ["Is the door open?", "How many cups?"],
+    }
+    places = {'"model/"': repr(str(tiny_model_dir)), '"/dev/video0"': '"frames"'}
+    with Pipeline.load(tiny_model_dir) as pipe:
+        for block in blocks:
+            for written, here in places.items():
+                block = block.replace(written, here)
+            exec(compile(block, "README.md", "exec"), {**bound, "pipe": pipe, "Pipeline": Pipeline})
+    assert "frame 2:" in capsys.readouterr().out

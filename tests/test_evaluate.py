@@ -344,3 +344,15 @@ def test_several_reference_answers_score_vqa_accuracy(tiny_model_dir, world, cap
     err = capsys.readouterr().err
     assert "sample a: round 0's 'answers' must be a list of texts" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_answers_go_beside_the_data_file_by_default(tiny_model_dir, world, capsys):
+    """Without --answers, `data.json`'s answers are `data.answers.jsonl` beside it, as
+    docs/training.md and `eval --help` say."""
+    assert _eval(tiny_model_dir, world["data"], world["images"]) == 0
+    assert "data.answers.jsonl" in capsys.readouterr().out
+    assert sorted(p.name for p in world["root"].iterdir()) == [
+        "data.answers.jsonl",
+        "data.json",
+        "images",
+    ]

@@ -416,3 +416,20 @@ def test_the_server_refuses_a_prefix_cache_that_would_do_nothing_before_it_liste
     options = ServeOptions(model_dir=str(dirs["int8_cache"]), prefix_cache_mb=64)
     with pytest.raises(LlavaEdgeError, match="a prefix cache .* of 64 MB would do nothing"):
         server.serve(options, port=0)
+
+
+def test_a_plan_refuses_the_prefix_cache_serve_refuses(dirs: dict, capsys) -> None:
+    """`plan --prefix-cache-mb` counts serve's prefix store; where serve keeps none (prompts
+    in dynamic int8, the CPU's fused forms here) a budget given is refused as serve refuses it,
+    not counted as memory the server would never take. The standard graphs a GPU provider runs
+    (MatMulNBits prompts) and TensorRT's static scales reuse prefixes, and count it."""
+    model = dirs["int8_cache"]
+    with pytest.raises(LlavaEdgeError, match="a prefix cache .* of 256 MB would do nothing"):
+        plan(model, "agx-orin-64gb", prefix_cache_mb=256)
+    assert plan(model, "agx-orin-64gb").prefix_cache == 0
+    for options in ({"providers": ["cuda"]}, {"backend": "tensorrt"}):
+        counted = plan(model, "agx-orin-64gb", prefix_cache_mb=256, **options)
+        assert counted.prefix_cache == 256 * 2**20, options
+    assert main(["plan", str(model), "--prefix-cache-mb", "256"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("llava-edge plan: error: a prefix cache") and err.count("\n") == 1

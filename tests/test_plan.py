@@ -5,6 +5,7 @@ of engines that cannot fit."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from llava_edge.runtime.plan import DEVICES, Device, GiB, parse_device, plan
 from llava_edge.training.checkpoint import PRESETS
 
 BIG = Device("big", 64 * GiB, 0, 100e9)
+JETSON_DOC = Path(__file__).resolve().parents[1] / "docs" / "jetson.md"
 
 
 def quiet(*_: object) -> None:
@@ -406,3 +408,35 @@ def test_anyres_plans_every_tile_and_the_whole_grid_of_image_tokens(tiny_model_d
     assert grid.activations["vision_encoder"] == tiles * single.activations["vision_encoder"]
     assert grid.activations["decoder"] > single.activations["decoder"]
     assert f"at_{tokens + PROMPT_TEXT_TOKENS}_tokens" in grid.decode_tokens_per_s
+
+
+def _table_rows(section: str) -> list[list[str]]:
+    """The cells of each row of a Markdown table (header included, the |---| line left out)."""
+    return [
+        [c.strip() for c in row.split("|")] for row in re.findall(r"^\| (.*) \|$", section, re.M)
+    ]
+
+
+def test_the_jetson_docs_decode_bounds_are_bandwidth_over_their_weights() -> None:
+    """docs/jetson.md's tokens/s table says it is each board's bandwidth over the decoder
+    weights of its memory table: a cell that does not follow from them (weights changed in one
+    table only) fails here."""
+    text = JETSON_DOC.read_text()
+    memory = text.split("## 4. Memory needed")[1].split("\n### ")[0]
+    weights: dict[tuple[str, str], float] = {}
+    model = ""
+    for cells in _table_rows(memory)[1:]:
+        model = re.search(r"\d+B", cells[0]).group() if cells[0] else model
+        weights.setdefault((model, cells[1].split()[0]), float(cells[2].split()[0]))
+    bounds = text.split("## 5. Tokens per second, at most")[1].split("\n## ")[0]
+    header, *rows = _table_rows(bounds)
+    columns = [tuple(name.split()) for name in header[1:]]
+    assert len(rows) == 5 and len(weights) == 6
+    for board, *cells in rows:
+        bandwidth = float(re.search(r"\(([\d.]+) GB/s\)", board).group(1))
+        for column, cell in zip(columns, cells, strict=True):
+            shown = float(re.search(r"[\d.]+", cell).group())
+            bound = bandwidth / weights[column]
+            assert abs(shown - bound) <= 0.1, (
+                f"{board}, {' '.join(column)}: {cell}, not {bound:.1f}"
+            )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -148,6 +149,23 @@ def test_a_logger_that_is_not_installed_is_refused(tmp_path, monkeypatch, capsys
     assert one_line_error(capsys.readouterr().err).endswith(
         "--report-to tensorboard: the tensorboard package is not installed"
     )
+
+
+def test_a_run_without_matplotlib_is_refused_before_it_trains(
+    tiny_checkpoint, data, tmp_path, monkeypatch, capsys
+):
+    """loss.png needs matplotlib, which only the train extra brings: found missing when the
+    trained model is saved, it would end a run of hours with nothing installed."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    out = tmp_path / "out"
+    argv = ["train", "--stage", "1", "--model", str(tiny_checkpoint), "--out", str(out)]
+    argv += ["--data", str(data["captions"]), "--images", str(data["images"]), "--max-steps", "1"]
+    assert cli(argv) == 1
+    assert one_line_error(capsys.readouterr().err) == (
+        "llava-edge train: error: `llava-edge train` needs the train extra (matplotlib is "
+        "missing): pip install 'llava-edge[train]'"
+    )
+    assert not out.exists()
 
 
 # ---- train: the earlier run's checkpoints -----------------------------------------------------

@@ -218,6 +218,8 @@ def plan(
     form the runtime picks for the providers); the providers need not be installed here.
     prefix_cache_mb: the most a server keeps of finished conversations for their next turns
     (`serve --prefix-cache-mb`: 256 unless told; 0 for an app without a BatchEngine's store).
+    Where the prompts run onnxruntime's dynamic int8 form, which reuses no prefix, a store
+    given is refused, as `serve` refuses it, rather than counted.
     """
     if backend not in ("onnxruntime", "tensorrt"):
         raise LlavaEdgeError(f"unknown backend {backend!r}; choose 'onnxruntime' or 'tensorrt'")
@@ -245,8 +247,25 @@ def plan(
     if not 0 <= prefix_cache_mb < math.inf:  # nan too
         raise LlavaEdgeError(f"--prefix-cache-mb must be 0 or more, got {prefix_cache_mb}")
     shapes = read_shapes(Path(model_dir), manifest, backend, prefill_chunk, providers, graph_form)
-    prefix = int(prefix_cache_mb * 2**20)
+    prefix = _prefix_cache(manifest, backend, providers, graph_form, prefix_cache_mb)
     return plan_for(shapes, device, backend, context, max_batch, str(model_dir), prefix)
+
+
+def _prefix_cache(
+    manifest: Manifest,
+    backend: str,
+    providers: str | list[str] | None,
+    graph_form: str,
+    prefix_cache_mb: float,
+) -> int:
+    """The bytes of serve's prefix store, as the server sizes it for this deployment."""
+    from llava_edge.runtime.batching import prefix_budget
+    from llava_edge.runtime.onnx_backend import prompt_scales_per_call, provider_list
+
+    exact = backend == "tensorrt" or not prompt_scales_per_call(
+        manifest, provider_list(providers, installed=False), graph_form
+    )
+    return prefix_budget(prefix_cache_mb, exact)
 
 
 def plan_for(

@@ -116,6 +116,7 @@ def train(
     except TypeError as e:
         raise LlavaEdgeError(f"train: {e}") from None
     check_options(stage, opts, given=options)
+    _check_plotting()
     out = Path(out)
     model_path = Path(model).resolve()
     if not (model_path / "config.json").is_file():
@@ -1127,6 +1128,13 @@ def _last_line(error: Exception) -> str:
     line = str(error).strip().splitlines()[-1]
     prefix = f"{type(error).__module__}.{type(error).__name__}: "
     return line[len(prefix) :] if line.startswith(prefix) else line
+
+
+def _check_plotting() -> None:
+    """loss.png is drawn once training has ended: without matplotlib (the train extra's) the run
+    stops before any work, not after it (the CLI names the extra to install)."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib")
 
 
 def plot_losses(losses: list[tuple[int, float]], title: str, path: Path) -> None:
