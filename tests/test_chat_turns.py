@@ -235,6 +235,15 @@ def test_chat_command_loop_resets_to_the_last_image_that_opened(pipe, tmp_path):
     assert text.endswith("(new conversation)\n" + pipe.chat(good, **OPTIONS).ask(FIRST) + "\n")
 
 
+def test_chat_command_with_a_bad_image_fails_before_its_greeting(pipe, tmp_path):
+    """`chat --image missing.png` greeted ("Ask about the image.") and then failed: the one line
+    a bad input gets must be the error alone."""
+    out = io.StringIO()
+    with pytest.raises(LlavaEdgeError, match="does not exist"):
+        chat_loop(pipe, str(tmp_path / "missing.png"), OPTIONS, read=lambda _prompt: "", out=out)
+    assert out.getvalue() == ""
+
+
 def test_chat_command_help_says_whether_an_image_is_in_the_conversation(pipe, tmp_path):
     good = tmp_path / "good.png"
     Image.fromarray(frame()).save(good)

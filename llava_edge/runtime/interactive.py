@@ -35,8 +35,8 @@ def chat_loop(
     read: Callable[[str], str],
     out: TextIO,
 ) -> None:
+    session = pipe.chat(image, **options)  # a bad image ends the chat before its greeting
     out.write(help_text(image) + "\n")
-    session = pipe.chat(image, **options)
     added: list[str] = []  # images the next question brings (/add)
     while True:
         try:
