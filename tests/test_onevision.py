@@ -22,7 +22,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import quiet
-from hf_checkpoints import ONEVISION_TEMPLATE, onevision_qwen, write_checkpoint
+from hf_checkpoints import (
+    INTERLEAVE_TEMPLATE,
+    ONEVISION_TEMPLATE,
+    onevision_qwen,
+    write_checkpoint,
+)
 from PIL import Image
 from test_anyres import picture
 
@@ -488,6 +493,52 @@ def test_a_chat_turn_bringing_a_second_image_rolls_back_whole(
     inputs = _hf_ids(exported, [*turns, ("Which one is bigger?", None)], image)
     assert stream.answer.prompt_token_ids == inputs["input_ids"][0].tolist()
     _close(first_logits[-1], _hf_logits(exported, inputs))
+
+
+@pytest.fixture(scope="module")
+def chatml_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A OneVision dir whose template writes a past answer's header as a new one's (ChatML, as
+    a fine-tuned checkpoint may bring): its chats keep each answer as generated."""
+    from llava_edge.export.exporter import export_checkpoint
+
+    root = tmp_path_factory.mktemp("onevision_chatml")
+    checkpoint = write_checkpoint(
+        root / "checkpoint", onevision_qwen(), chat_template=INTERLEAVE_TEMPLATE, seed=5
+    )
+    export_checkpoint(checkpoint, root / "model", verify=False, log=quiet)
+    return root / "model"
+
+
+@pytest.mark.parametrize("ending", ["abandoned", "timed out", "too long"])
+def test_a_failed_turn_bringing_a_second_image_leaves_the_images_features(
+    chatml_dir: Path, ending: str, first_logits: list
+) -> None:
+    """A turn bringing a second image cuts the cache back before the first image to read it
+    untiled; rolled back (abandoned, timed out, refused for length), the next question feeds the
+    first image's tiled features again: it answers as the chat that never asked that turn."""
+    from llava_edge.errors import PromptTooLong, TimedOut
+
+    image, other = picture(*IMAGES["large"]), picture(*IMAGES["small"], seed=1)
+    options = {"max_new_tokens": 3, "ignore_eos": True}
+    with Pipeline.load(chatml_dir) as pipe:
+        assert pipe.manifest.template.answered_assistant is None
+        chats = [pipe.chat(image, **options) for _ in range(2)]
+        for chat in chats:
+            chat.ask(QUESTION)
+        failed = chats[1]
+        if ending == "abandoned":
+            stream = failed.stream("And this one?", image=other)
+            next(stream)
+            stream.close()
+        elif ending == "timed out":
+            with pytest.raises(TimedOut):
+                failed.ask("And this one?", image=other, timeout_s=1e-9)
+        else:
+            with pytest.raises(PromptTooLong):
+                failed.ask("And this one? " * pipe.max_context, image=other)
+        for chat in chats:
+            chat.ask("Which one is bigger?")
+    _close(first_logits[-1], first_logits[-2])
 
 
 def test_limits_count_each_of_several_images_untiled(exported: Exported) -> None:

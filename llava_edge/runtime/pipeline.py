@@ -900,13 +900,14 @@ class ChatSession:
         text = user_turn(self.template, prompt, len(brought), first)
         held, image_id = self.ids, pipe.manifest.tokens.image_token_id
         if first:
-            new_ids, cached = pipe.prompt_ids(text, brought, raw=True), 0
+            new_ids = pipe.prompt_ids(text, brought, raw=True)
         elif self.history_closed or reread is not None:
             held, new_ids = self._after_rendered(prompt, new_pixels, reread)
-            cached = held[: self.fed].count(image_id)
-        else:  # the images held read as before: all of them in the cache
+        else:  # the images held read as before
             new_ids = self._later_turn_ids(text, forms[len(self.pixels) :])
-            cached = sum(pipe.image_tokens(forms[: len(self.pixels)]) or []) if self.fed else 0
+        # the image tokens the cache holds: none of them where a turn that re-read the images
+        # cut it back before them and was rolled back
+        cached = held[: self.fed].count(image_id)
         pending = held[self.fed :] + new_ids  # the last answer's final token was never fed
         try:
             pipe.limits.check_prompt(len(held) + len(new_ids), chat=True)
