@@ -591,6 +591,30 @@ def test_watch_asks_about_the_last_frames_untiled(
         _close(seen, _hf_logits(exported, _hf_several(exported, [(QUESTION, None)], pair, [0, 0])))
 
 
+def test_watch_keeps_a_frame_too_long_alone_for_the_next_frames(
+    exported: Exported, tmp_path: Path
+) -> None:
+    """Under a prompt limit that two untiled frames fit and one large frame, tiled, does not,
+    `watch --frames 2` tells the first frame did not fit and asks about it with the next."""
+    from llava_edge.runtime import Limits
+
+    images = [picture(*IMAGES["large"], seed=i) for i in range(3)]
+    for i, image in enumerate(images):
+        image.save(tmp_path / f"frame_{i}.png")
+    with Pipeline.load(exported.model_dir) as pipe:
+        pixels = [pipe.image_pixels(one) for one in images[:2]]
+        two = len(pipe.prompt_ids(QUESTION, pixels))
+        assert len(pipe.prompt_ids(QUESTION, pixels[0])) > two
+    with (
+        Pipeline.load(exported.model_dir, limits=Limits(max_prompt_tokens=two)) as pipe,
+        pipe.watch(tmp_path, QUESTION, frames=2, max_new_tokens=1) as answers,
+    ):
+        answers = list(answers)
+    assert [answer.frames for answer in answers] == [[], [0, 1], [1, 2]]
+    assert "frame 0 did not fit" in answers[0].error
+    assert [answer.error for answer in answers[1:]] == [None, None]
+
+
 def test_a_video_placeholder_is_refused(exported: Exported) -> None:
     """A prompt may not hold the video placeholder, which transformers' processor refuses
     without a video and the runtime has no input for."""
