@@ -453,6 +453,24 @@ def test_a_chat_that_brings_a_second_image_equals_transformers(
     _close(first_logits[2], _hf_logits(exported, inputs))
 
 
+def test_a_chat_of_several_images_keeps_only_their_untiled_pixels(exported: Exported) -> None:
+    """Once a chat holds several images it reads each untiled, whatever comes next: it keeps
+    their untiled pixels alone, not their tiles (tens of MB a camera frame at the published
+    geometry), so a long chat's images take what their untiled forms do."""
+    first, second = picture(*IMAGES["large"]), picture(*IMAGES["tall"], seed=1)
+    options = {"max_new_tokens": 2, "ignore_eos": True}
+    with Pipeline.load(exported.model_dir) as pipe:
+        spec = pipe.manifest.image
+        untiled = 3 * spec.height * spec.width * 4  # one float32 input
+        chat = pipe.chat(first, **options)
+        chat.ask(QUESTION)
+        assert sum(one.pixels.nbytes for one in chat.pixels) > untiled  # alone: tiled
+        chat.ask("And this one?", image=second)
+        assert sum(one.pixels.nbytes for one in chat.pixels) == 2 * untiled
+        chat.ask("Which one is bigger?", image=first)
+        assert sum(one.pixels.nbytes for one in chat.pixels) == 3 * untiled
+
+
 def test_chats_of_two_images_from_the_start_and_after_a_history(
     exported: Exported, first_logits: list
 ) -> None:

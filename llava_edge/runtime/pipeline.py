@@ -1054,8 +1054,10 @@ class _Turn:
             agree = common_prefix(ids[: session.cache.length], shown)
             session.cache.truncate(agree)
             session.ids, session.fed, session.history_closed = shown, agree, True
-        # last: a failure above leaves the session as it was
-        session.pixels, session.image_turns = pixels, image_turns
+        # last: a failure above leaves the session as it was. The images as the conversation
+        # reads them: once it holds several (LLaVA-OneVision), their untiled forms alone, not
+        # the tiled pixels and the pictures they were made from (tens of MB a camera frame)
+        session.pixels, session.image_turns = prompt_forms(pixels), image_turns
         session.turns.append(turns[-1])
 
     def rollback(self) -> None:
