@@ -590,6 +590,23 @@ def test_limits_count_each_of_several_images_untiled(exported: Exported) -> None
             pipe.answer(image, QUESTION, max_new_tokens=1)
 
 
+def test_the_feature_cache_holds_a_contexts_worth_of_tiled_pictures(exported: Exported) -> None:
+    """Pictures asked about alone, each tiled, are cached up to the context's worth of features,
+    not as many as the context holds untiled; a prompt of as many pictures as fit, each
+    untiled, is still encoded once."""
+    pictures = [picture(*IMAGES["large"], seed=i) for i in range(30)]
+    with Pipeline.load(exported.model_dir) as pipe:
+        for one in pictures:
+            pipe.image_features(one)
+        assert sum(map(len, pipe._features.values())) <= pipe.max_context
+        many = [pipe.image_pixels(one) for one in pictures[: pipe.images_that_fit(QUESTION)]]
+        assert len(many) > 2
+        pipe.pixel_features(many)
+        runs = pipe.stats["vision_runs"]
+        pipe.pixel_features(many)
+        assert pipe.stats["vision_runs"] == runs
+
+
 def test_watch_asks_about_the_last_frames_untiled(
     exported: Exported, tmp_path: Path, first_logits: list
 ) -> None:

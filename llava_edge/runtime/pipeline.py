@@ -697,8 +697,13 @@ class Pipeline:
         with self._lock:
             self.stats["vision_runs"] += 1
             self._features[key] = features
-            # at least one prompt's worth: a watch over its last K frames re-encodes none
-            while len(self._features) > max(FEATURE_CACHE_SIZE, self.max_images_per_prompt):
+            # FEATURE_CACHE_SIZE pictures, and beyond them as many as one prompt holds (a watch
+            # over its last K frames re-encodes none): the context's worth of features, not
+            # max_images_per_prompt pictures, which counts LLaVA-OneVision's untiled forms while
+            # its tiled ones take up to ten times their tokens
+            while len(self._features) > FEATURE_CACHE_SIZE and (
+                sum(map(len, self._features.values())) > self.max_context
+            ):
                 self._features.popitem(last=False)
         return features
 
