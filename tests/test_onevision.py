@@ -22,7 +22,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import quiet
-from hf_checkpoints import ONEVISION_TEMPLATE, onevision_qwen, write_checkpoint
+from hf_checkpoints import (
+    INTERLEAVE_TEMPLATE,
+    ONEVISION_TEMPLATE,
+    onevision_qwen,
+    write_checkpoint,
+)
 from PIL import Image
 from test_anyres import picture
 
@@ -448,6 +453,24 @@ def test_a_chat_that_brings_a_second_image_equals_transformers(
     _close(first_logits[2], _hf_logits(exported, inputs))
 
 
+def test_a_chat_of_several_images_keeps_only_their_untiled_pixels(exported: Exported) -> None:
+    """Once a chat holds several images it reads each untiled, whatever comes next: it keeps
+    their untiled pixels alone, not their tiles (tens of MB a camera frame at the published
+    geometry), so a long chat's images take what their untiled forms do."""
+    first, second = picture(*IMAGES["large"]), picture(*IMAGES["tall"], seed=1)
+    options = {"max_new_tokens": 2, "ignore_eos": True}
+    with Pipeline.load(exported.model_dir) as pipe:
+        spec = pipe.manifest.image
+        untiled = 3 * spec.height * spec.width * 4  # one float32 input
+        chat = pipe.chat(first, **options)
+        chat.ask(QUESTION)
+        assert sum(one.pixels.nbytes for one in chat.pixels) > untiled  # alone: tiled
+        chat.ask("And this one?", image=second)
+        assert sum(one.pixels.nbytes for one in chat.pixels) == 2 * untiled
+        chat.ask("Which one is bigger?", image=first)
+        assert sum(one.pixels.nbytes for one in chat.pixels) == 3 * untiled
+
+
 def test_chats_of_two_images_from_the_start_and_after_a_history(
     exported: Exported, first_logits: list
 ) -> None:
@@ -490,6 +513,52 @@ def test_a_chat_turn_bringing_a_second_image_rolls_back_whole(
     _close(first_logits[-1], _hf_logits(exported, inputs))
 
 
+@pytest.fixture(scope="module")
+def chatml_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A OneVision dir whose template writes a past answer's header as a new one's (ChatML, as
+    a fine-tuned checkpoint may bring): its chats keep each answer as generated."""
+    from llava_edge.export.exporter import export_checkpoint
+
+    root = tmp_path_factory.mktemp("onevision_chatml")
+    checkpoint = write_checkpoint(
+        root / "checkpoint", onevision_qwen(), chat_template=INTERLEAVE_TEMPLATE, seed=5
+    )
+    export_checkpoint(checkpoint, root / "model", verify=False, log=quiet)
+    return root / "model"
+
+
+@pytest.mark.parametrize("ending", ["abandoned", "timed out", "too long"])
+def test_a_failed_turn_bringing_a_second_image_leaves_the_images_features(
+    chatml_dir: Path, ending: str, first_logits: list
+) -> None:
+    """A turn bringing a second image cuts the cache back before the first image to read it
+    untiled; rolled back (abandoned, timed out, refused for length), the next question feeds the
+    first image's tiled features again: it answers as the chat that never asked that turn."""
+    from llava_edge.errors import PromptTooLong, TimedOut
+
+    image, other = picture(*IMAGES["large"]), picture(*IMAGES["small"], seed=1)
+    options = {"max_new_tokens": 3, "ignore_eos": True}
+    with Pipeline.load(chatml_dir) as pipe:
+        assert pipe.manifest.template.answered_assistant is None
+        chats = [pipe.chat(image, **options) for _ in range(2)]
+        for chat in chats:
+            chat.ask(QUESTION)
+        failed = chats[1]
+        if ending == "abandoned":
+            stream = failed.stream("And this one?", image=other)
+            next(stream)
+            stream.close()
+        elif ending == "timed out":
+            with pytest.raises(TimedOut):
+                failed.ask("And this one?", image=other, timeout_s=1e-9)
+        else:
+            with pytest.raises(PromptTooLong):
+                failed.ask("And this one? " * pipe.max_context, image=other)
+        for chat in chats:
+            chat.ask("Which one is bigger?")
+    _close(first_logits[-1], first_logits[-2])
+
+
 def test_limits_count_each_of_several_images_untiled(exported: Exported) -> None:
     """The context and the prompt limit count each of several images' untiled tokens, fewer
     than one large image's tiled ones: max_images_per_prompt and images_that_fit hold as many
@@ -521,6 +590,23 @@ def test_limits_count_each_of_several_images_untiled(exported: Exported) -> None
             pipe.answer(image, QUESTION, max_new_tokens=1)
 
 
+def test_the_feature_cache_holds_a_contexts_worth_of_tiled_pictures(exported: Exported) -> None:
+    """Pictures asked about alone, each tiled, are cached up to the context's worth of features,
+    not as many as the context holds untiled; a prompt of as many pictures as fit, each
+    untiled, is still encoded once."""
+    pictures = [picture(*IMAGES["large"], seed=i) for i in range(30)]
+    with Pipeline.load(exported.model_dir) as pipe:
+        for one in pictures:
+            pipe.image_features(one)
+        assert sum(map(len, pipe._features.values())) <= pipe.max_context
+        many = [pipe.image_pixels(one) for one in pictures[: pipe.images_that_fit(QUESTION)]]
+        assert len(many) > 2
+        pipe.pixel_features(many)
+        runs = pipe.stats["vision_runs"]
+        pipe.pixel_features(many)
+        assert pipe.stats["vision_runs"] == runs
+
+
 def test_watch_asks_about_the_last_frames_untiled(
     exported: Exported, tmp_path: Path, first_logits: list
 ) -> None:
@@ -538,6 +624,30 @@ def test_watch_asks_about_the_last_frames_untiled(
     _close(first_logits[0], _hf_logits(exported, _hf_ids(exported, [(QUESTION, None)], images[0])))
     for seen, pair in zip(first_logits[1:], [images[:2], images[1:]], strict=True):
         _close(seen, _hf_logits(exported, _hf_several(exported, [(QUESTION, None)], pair, [0, 0])))
+
+
+def test_watch_keeps_a_frame_too_long_alone_for_the_next_frames(
+    exported: Exported, tmp_path: Path
+) -> None:
+    """Under a prompt limit that two untiled frames fit and one large frame, tiled, does not,
+    `watch --frames 2` tells the first frame did not fit and asks about it with the next."""
+    from llava_edge.runtime import Limits
+
+    images = [picture(*IMAGES["large"], seed=i) for i in range(3)]
+    for i, image in enumerate(images):
+        image.save(tmp_path / f"frame_{i}.png")
+    with Pipeline.load(exported.model_dir) as pipe:
+        pixels = [pipe.image_pixels(one) for one in images[:2]]
+        two = len(pipe.prompt_ids(QUESTION, pixels))
+        assert len(pipe.prompt_ids(QUESTION, pixels[0])) > two
+    with (
+        Pipeline.load(exported.model_dir, limits=Limits(max_prompt_tokens=two)) as pipe,
+        pipe.watch(tmp_path, QUESTION, frames=2, max_new_tokens=1) as answers,
+    ):
+        answers = list(answers)
+    assert [answer.frames for answer in answers] == [[], [0, 1], [1, 2]]
+    assert "frame 0 did not fit" in answers[0].error
+    assert [answer.error for answer in answers[1:]] == [None, None]
 
 
 def test_a_video_placeholder_is_refused(exported: Exported) -> None:

@@ -697,8 +697,13 @@ class Pipeline:
         with self._lock:
             self.stats["vision_runs"] += 1
             self._features[key] = features
-            # at least one prompt's worth: a watch over its last K frames re-encodes none
-            while len(self._features) > max(FEATURE_CACHE_SIZE, self.max_images_per_prompt):
+            # FEATURE_CACHE_SIZE pictures, and beyond them as many as one prompt holds (a watch
+            # over its last K frames re-encodes none): the context's worth of features, not
+            # max_images_per_prompt pictures, which counts LLaVA-OneVision's untiled forms while
+            # its tiled ones take up to ten times their tokens
+            while len(self._features) > FEATURE_CACHE_SIZE and (
+                sum(map(len, self._features.values())) > self.max_context
+            ):
                 self._features.popitem(last=False)
         return features
 
@@ -900,13 +905,14 @@ class ChatSession:
         text = user_turn(self.template, prompt, len(brought), first)
         held, image_id = self.ids, pipe.manifest.tokens.image_token_id
         if first:
-            new_ids, cached = pipe.prompt_ids(text, brought, raw=True), 0
+            new_ids = pipe.prompt_ids(text, brought, raw=True)
         elif self.history_closed or reread is not None:
             held, new_ids = self._after_rendered(prompt, new_pixels, reread)
-            cached = held[: self.fed].count(image_id)
-        else:  # the images held read as before: all of them in the cache
+        else:  # the images held read as before
             new_ids = self._later_turn_ids(text, forms[len(self.pixels) :])
-            cached = sum(pipe.image_tokens(forms[: len(self.pixels)]) or []) if self.fed else 0
+        # the image tokens the cache holds: none of them where a turn that re-read the images
+        # cut it back before them and was rolled back
+        cached = held[: self.fed].count(image_id)
         pending = held[self.fed :] + new_ids  # the last answer's final token was never fed
         try:
             pipe.limits.check_prompt(len(held) + len(new_ids), chat=True)
@@ -1053,8 +1059,10 @@ class _Turn:
             agree = common_prefix(ids[: session.cache.length], shown)
             session.cache.truncate(agree)
             session.ids, session.fed, session.history_closed = shown, agree, True
-        # last: a failure above leaves the session as it was
-        session.pixels, session.image_turns = pixels, image_turns
+        # last: a failure above leaves the session as it was. The images as the conversation
+        # reads them: once it holds several (LLaVA-OneVision), their untiled forms alone, not
+        # the tiled pixels and the pictures they were made from (tens of MB a camera frame)
+        session.pixels, session.image_turns = prompt_forms(pixels), image_turns
         session.turns.append(turns[-1])
 
     def rollback(self) -> None:

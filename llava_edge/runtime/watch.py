@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llava_edge.errors import LlavaEdgeError, PromptTooLong, TimedOut, TooLarge
+from llava_edge.runtime.anyres import untiles_several
 from llava_edge.runtime.frames import DEFAULT_TIMEOUT_S, Frame, open_frames
 from llava_edge.runtime.image import load_image
 from llava_edge.runtime.sampling import true_or_false, whole_number
@@ -246,7 +247,8 @@ def _answers(
                 # A shape the vision encoder's input cannot be made from, or (AnyRes) a frame
                 # whose size gives it more tokens than the context or the prompt limit holds.
                 except (TooLarge, PromptTooLong) as e:
-                    window.pop()  # the frames before it were answered with
+                    if not _fits_with_the_next(pipe, e, len(window), frames):
+                        window.pop()  # the frames before it were answered with
                     bad_frame = e
             if bad_frame is not None:
                 bad += 1
@@ -286,6 +288,16 @@ def _answers(
                 return
     finally:
         stream.close()
+
+
+def _fits_with_the_next(pipe: Any, error: Exception, held: int, frames: int) -> bool:
+    """Whether a frame too long for a prompt of the `held` frames (itself among them) stays for
+    the next answers: on LLaVA-OneVision, which tiles a frame only while it is its prompt's one
+    image and reads each of several untiled, in a fixed number of tokens, a frame too long alone
+    fits with the frames that follow it, as many as `frames` (images_that_fit counted them)."""
+    return (
+        isinstance(error, PromptTooLong) and held < frames and untiles_several(pipe.manifest.image)
+    )
 
 
 def _staleness(frame: Frame, started: float) -> dict[str, float]:
