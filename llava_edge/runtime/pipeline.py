@@ -802,8 +802,10 @@ class ChatSession:
     A turn counts once it finishes: its stream was iterated to the end (the answer ended with
     eos, a stop string or its length limit; `ask` always finishes). A turn that does not finish
     (its stream closed or dropped before the end, a timeout, an error while decoding) is rolled
-    back whole: the KV cache is cut back to where it stood and the session is exactly as if the
-    question had never been asked, so the next question may follow at once. Starting a turn
+    back whole: the session answers exactly as if the question had never been asked, so the next
+    question may follow at once. Its KV cache keeps at most what it held before: a turn that
+    re-reads the conversation (after a history or a cut answer, or a LLaVA-OneVision image read
+    untiled once a second arrives) gives up the part it re-reads, which the next turn feeds again. Starting a turn
     while an earlier turn's stream is still open rolls the earlier one back first (or is refused
     while another thread is inside that stream's decode step); iterating that stream afterwards
     is an error.
