@@ -590,6 +590,23 @@ def test_limits_count_each_of_several_images_untiled(exported: Exported) -> None
             pipe.answer(image, QUESTION, max_new_tokens=1)
 
 
+def test_a_prompt_of_several_images_never_tiles_them(exported: Exported, monkeypatch) -> None:
+    """Each of several images is read untiled: its tiles (about 200 ms for a 1080p frame at the
+    published geometry) are made only for a prompt that reads it alone."""
+    from llava_edge.runtime import anyres
+
+    tiled = []
+    tile = anyres.pixel_batch
+    monkeypatch.setattr(anyres, "pixel_batch", lambda *args: tiled.append(1) or tile(*args))
+    first, second = picture(*IMAGES["large"]), picture(*IMAGES["tall"], seed=1)
+    with Pipeline.load(exported.model_dir) as pipe:
+        pipe.answer([first, second], QUESTION, max_new_tokens=1)
+        pipe.chat([first, second]).ask(QUESTION, max_new_tokens=1)
+        assert tiled == []
+        pipe.answer(first, QUESTION, max_new_tokens=1)
+        assert len(tiled) == 1
+
+
 def test_the_feature_cache_holds_a_contexts_worth_of_tiled_pictures(exported: Exported) -> None:
     """Pictures asked about alone, each tiled, are cached up to the context's worth of features,
     not as many as the context holds untiled; a prompt of as many pictures as fit, each

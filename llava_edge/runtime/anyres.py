@@ -31,7 +31,6 @@ import hashlib
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -41,18 +40,52 @@ from llava_edge.manifest import AnyResSpec, ImageSpec, Manifest
 from llava_edge.runtime.image import preprocess
 
 
-class ImagePixels(NamedTuple):
+class ImagePixels:
     """One image ready for the vision encoder. The size travels with the pixels because the
-    number of image tokens, and how AnyRes features are unpadded, depend on it."""
+    number of image tokens, and how AnyRes features are unpadded, depend on it.
 
-    pixels: np.ndarray  # [1 + tiles, 3, H, W] float32; [1, 3, H, W] untiled
-    size: tuple[int, int]  # (width, height) of the image as given
-    key: str  # names the image's features in this form (the feature cache's, prefix reuse's)
-    # The untiled form a prompt of several images reads the image in (LLaVA-OneVision), made on
-    # the first call and kept; None where a prompt of several reads it as one alone, and on the
-    # untiled form itself.
-    square: Callable[[], ImagePixels] | None = None
-    untiled: bool = False  # this is the untiled form: one input, its features and one newline
+    On LLaVA-OneVision, which tiles an image only where it is its prompt's one image and reads
+    each of several untiled, neither form's pixels are made before a prompt reads them: a camera
+    frame asked about with others is never tiled (a 1080p frame's tiles take about 200 ms on a
+    CPU core, its untiled input a third of that)."""
+
+    def __init__(
+        self,
+        pixels: np.ndarray | Callable[[], np.ndarray],
+        size: tuple[int, int],
+        key: str,
+        square: Callable[[], ImagePixels] | None = None,
+        untiled: bool = False,
+    ):
+        self._pixels = pixels  # or what makes them, on first use
+        self.size = size  # (width, height) of the image as given
+        self.key = (
+            key  # names the image's features in this form (the feature cache's, prefix reuse's)
+        )
+        # what makes the untiled form a prompt of several images reads the image in
+        # (LLaVA-OneVision); None where a prompt of several reads it as one alone, and on the
+        # untiled form itself
+        self._square = square
+        self.untiled = untiled  # this is the untiled form: one input, its features and one newline
+
+    @property
+    def pixels(self) -> np.ndarray:
+        """[1 + tiles, 3, H, W] float32; [1, 3, H, W] untiled. Made on first use where they were
+        not given (two threads asking at once may both make them, the same)."""
+        if callable(self._pixels):
+            self._pixels = self._pixels()
+        return self._pixels
+
+    @property
+    def has_square(self) -> bool:
+        """Whether a prompt of several images reads this image in another, untiled form."""
+        return self._square is not None
+
+    def square(self) -> ImagePixels:
+        """The untiled form (has_square), made on the first call and kept."""
+        if not isinstance(self._square, ImagePixels):
+            self._square = self._square()
+        return self._square
 
 
 def pixels_list(images: ImagePixels | list[ImagePixels] | None) -> list[ImagePixels]:
@@ -75,7 +108,7 @@ def prompt_forms(images: list[ImagePixels]) -> list[ImagePixels]:
     the model reads several so (LLaVA-OneVision), else as they are."""
     if len(images) < 2:
         return images
-    return [one.square() if one.square is not None else one for one in images]
+    return [one.square() if one.has_square else one for one in images]
 
 
 def image_token_count(
@@ -83,7 +116,7 @@ def image_token_count(
 ) -> int:
     """How many image tokens the image takes in a prompt, from its size and form alone, before
     the vision encoder runs. several: the prompt holds other images too."""
-    if image.untiled or (several and image.square is not None):
+    if image.untiled or (several and image.has_square):
         return untiled_feature_count(spec.anyres)
     return feature_count(image.size, spec, num_image_tokens)
 
@@ -119,25 +152,31 @@ def max_tiles(anyres: AnyResSpec) -> int:
 
 
 def image_pixels(image: Image.Image, spec: ImageSpec) -> ImagePixels:
-    pixels = pixel_batch(image, spec)
-    # the same pixels from an image of the same size (AnyRes unpads by size): hashed once here
-    digest = hashlib.sha1(pixels.tobytes())
-    digest.update(f"{image.size[0]}x{image.size[1]}".encode())
-    # the untiled form only where a prompt of several images asks for it: most prompts hold one
-    square = (
-        functools.cache(functools.partial(_untiled, image, spec)) if untiles_several(spec) else None
+    size = f"{image.size[0]}x{image.size[1]}".encode()
+    if not untiles_several(spec):
+        pixels = pixel_batch(image, spec)
+        # the same pixels from an image of the same size (AnyRes unpads by size): hashed once
+        digest = hashlib.sha1(pixels.tobytes())
+        digest.update(size)
+        return ImagePixels(pixels, image.size, digest.hexdigest())
+    # LLaVA-OneVision: the picture is hashed, and each form's pixels made when a prompt reads
+    # it in that form, from this picture (the caller's own image, copied by Pipeline.image_pixels)
+    digest = hashlib.sha1(image.tobytes())
+    digest.update(size)
+    picture = digest.hexdigest()
+    return ImagePixels(
+        functools.partial(pixel_batch, image, spec),
+        image.size,
+        "tiled " + picture,
+        functools.partial(_untiled, image, spec, "untiled " + picture),
     )
-    return ImagePixels(pixels, image.size, digest.hexdigest(), square)
 
 
-def _untiled(image: Image.Image, spec: ImageSpec) -> ImagePixels:
+def _untiled(image: Image.Image, spec: ImageSpec, key: str) -> ImagePixels:
     """The image padded to a square with the mean colour and resized to the vision encoder's
     input, as LlavaOnevisionImageProcessor prepares each of a prompt's several images."""
     flat = ImageSpec(**{**spec.__dict__, "anyres": None, "pad_to_square": True})
-    pixels = preprocess(image, flat)[None]
-    digest = hashlib.sha1(b"untiled")  # never the key of the tiled form of any image
-    digest.update(pixels.tobytes())
-    return ImagePixels(pixels, image.size, digest.hexdigest(), untiled=True)
+    return ImagePixels(preprocess(image, flat)[None], image.size, key, untiled=True)
 
 
 def feature_count(size: tuple[int, int], spec: ImageSpec, num_image_tokens: int) -> int:
