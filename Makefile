@@ -1,4 +1,6 @@
-# `make demo` and `make test` set everything up on a fresh machine (Python 3.10+ with venv).
+# `make demo` and `make test` set everything up on a fresh machine (Python 3.11+ with venv: the
+# development extras hold [calib], whose onnxruntime has no Python 3.10 wheels from 1.24 on; the
+# runtime alone, `pip install llava-edge`, runs on 3.10).
 # TORCH picks the torch wheel. This project's CI machines resolve the default to a local CPU
 # wheel; from PyPI's default index torch==2.13.0 is the CUDA build (Linux x86), so there
 # `make TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"` keeps it CPU-only.
@@ -15,6 +17,7 @@ DEMO := demo
 .PHONY: setup demo test lint format clean
 
 $(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "make: $(PYTHON) is older than Python 3.11, whose onnxruntime the development extras need: run make PYTHON=python3.11" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[dev]'

@@ -685,6 +685,28 @@ def test_an_onnxruntime_too_old_for_the_quantizers_is_named(
     )
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "onnxruntime 1.31 or later" in line and "found 1.30.0" in line
+    assert "pip install 'onnxruntime>=1.31'" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_on_python_310_the_refusal_names_a_python_that_can_quantize(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """onnxruntime has no Python 3.10 wheels from 1.24 on: there pip cannot bring 1.31, and the
+    way on is another Python, not a pip command that fails to resolve."""
+    import collections
+    import sys
+
+    version = collections.namedtuple("version_info", "major minor micro releaselevel serial")
+    monkeypatch.setattr(sys, "version_info", version(3, 10, 13, "final", 0))
+    monkeypatch.setattr(ort, "__version__", "1.23.2")  # the newest onnxruntime for 3.10
+    assert (
+        main(["quantize", str(tiny_model_dir), str(tmp_path / "out"), "--precision", "fp16"]) == 1
+    )
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "onnxruntime 1.31 or later" in line and "found 1.23.2" in line
+    assert "no wheels for Python 3.10" in line and "Python 3.11 or later" in line
+    assert "pip install" not in line
     assert not (tmp_path / "out").exists()
 
 

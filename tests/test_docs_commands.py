@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import io
 import re
 import shlex
@@ -206,6 +207,54 @@ def test_every_repository_file_named_exists(doc: Path):
 
 def test_the_docs_name_repository_files():
     assert sum(len(REPO_FILE.findall(doc.read_text())) for doc in DOCS) > 30
+
+
+INSTALL = re.compile(r"pip install\b.*?\bllava-edge(?:\[([a-z,]+)\])?")
+
+
+def with_their_extras(extras: set[str]) -> set[str]:
+    """The extras pip installs for `llava-edge[...]`: those named and those they name in turn
+    (`train` brings `export`), read from the installed package's metadata."""
+    named = re.compile(r'llava-edge\[(\w+)\]\s*;\s*extra\s*==\s*"(\w+)"')
+    brings = [
+        m.groups() for r in importlib.metadata.requires("llava-edge") if (m := named.match(r))
+    ]
+    found: set[str] = set()
+    todo = list(extras)
+    while todo:
+        extra = todo.pop()
+        if extra not in found:
+            found.add(extra)
+            todo += [inner for inner, outer in brings if outer == extra]
+    return found
+
+
+def install_blocks() -> list[tuple[str, set[str], list[str]]]:
+    """(doc, extras installed, commands run) of each code block that installs llava-edge and
+    runs it."""
+    blocks = []
+    for doc in DOCS:
+        for block in re.findall(r"```[a-z]*\n(.*?)```", doc.read_text(), re.S):
+            installs = INSTALL.findall(block)
+            names = []
+            for name, rest in (m.groups() for m in map(COMMAND.search, block.splitlines()) if m):
+                sub = re.match(r"\s+([a-z]+)", rest) if name == "data" else None
+                names.append(f"data {sub.group(1)}" if sub else name)
+            if installs and names:
+                extras = {e for found in installs for e in found.split(",") if e}
+                blocks.append((doc.name, with_their_extras(extras), names))
+    return blocks
+
+
+def test_a_block_that_installs_llava_edge_installs_what_its_commands_need():
+    """A reader pastes the block whole: each command in it finds the extra it needs installed
+    (`quantize --precision int4` without [calib] stops midway, asking for it)."""
+    blocks = install_blocks()
+    assert len(blocks) >= 3
+    for doc, extras, names in blocks:
+        needed = {name: cli.EXTRAS[name] for name in names if name in cli.EXTRAS}
+        missing = {name: extra for name, extra in needed.items() if extra not in extras}
+        assert not missing, f"{doc}: a block installs {sorted(extras)} and runs {missing}"
 
 
 def options_of(name: str) -> set[str]:

@@ -41,6 +41,7 @@ import io
 import numbers
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -82,6 +83,9 @@ FP16_NO_FUSED = (
 # save_tensors_data) first shipped in 1.27; the int4 TensorRT form (fp16 KV cache, int4 Q/DQ),
 # which check_loads opens, loads on the CPU from 1.31. The [calib] extra asks for it.
 MIN_ONNXRUNTIME = (1, 31)
+# onnxruntime publishes no wheels for Python 3.10 from 1.24 on: there `pip install` cannot bring
+# MIN_ONNXRUNTIME, whatever the extra asks.
+ONNXRUNTIME_PYTHON = (3, 11)
 METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_SAMPLES = 32
 DEFAULT_METHOD = "minmax"
@@ -365,8 +369,20 @@ def _check_onnxruntime() -> None:
         need = ".".join(map(str, MIN_ONNXRUNTIME))
         raise LlavaEdgeError(
             f"quantize needs onnxruntime {need} or later (its quantizers, and the int4 form it checks), "
-            f"found {found}; pip install 'onnxruntime>={need}' (or 'llava-edge[calib]')"
+            f"found {found}; {_onnxruntime_install(need)}"
         )
+
+
+def _onnxruntime_install(need: str) -> str:
+    """How to get onnxruntime `need`: pip where this Python has its wheels, else another Python."""
+    if sys.version_info < ONNXRUNTIME_PYTHON:
+        python = ".".join(map(str, sys.version_info[:2]))
+        return (
+            f"onnxruntime {need} has no wheels for Python {python}: quantize under Python "
+            f"{'.'.join(map(str, ONNXRUNTIME_PYTHON))} or later, in a venv with "
+            "'llava-edge[calib]' (the model dir it writes runs here)"
+        )
+    return f"pip install 'onnxruntime>={need}' (or 'llava-edge[calib]')"
 
 
 def _check_source(manifest: Manifest, source: Path) -> None:
