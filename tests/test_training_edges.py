@@ -158,6 +158,41 @@ def test_merging_adapters_onto_the_run_that_merged_them_is_refused(
     assert cli(argv[:-2]) == 0  # onto the checkpoint they were trained from
 
 
+def test_adapters_onto_another_base_of_their_shape_are_refused(
+    tiny_checkpoint, data, tmp_path, capsys
+):
+    """Another model of the adapters' shape (another init, a stage-1 run redone at the path
+    the adapters name) takes them without a size mismatch; `train` names the base its adapters
+    (OUT/adapter, OUT/checkpoints) were trained from, and merge-lora refuses any other. A copy
+    of the base elsewhere is that base."""
+    import shutil
+
+    from llava_edge.training.checkpoint import init_checkpoint
+    from llava_edge.training.train import train
+
+    base = Path(shutil.copytree(tiny_checkpoint, tmp_path / "base"))
+    out = tmp_path / "out"
+    train(2, base, data["train"], out, images=data["images"], lora=True, lora_rank=2,
+          lora_alpha=4, keep_adapters=True, max_steps=1, global_batch_size=2, save_steps=1,
+          gradient_checkpointing=False, progress=False)  # fmt: skip
+    other = init_checkpoint(tmp_path / "other", preset="tiny", seed=1)
+    copy = shutil.copytree(base, tmp_path / "copy")
+    merged = tmp_path / "merged"
+    for adapters in (out / "adapter", out / "checkpoints" / "checkpoint-1"):
+        assert cli(["merge-lora", str(adapters), str(merged), "--base", str(other)]) == 1
+        assert last_line(capsys.readouterr().err) == (
+            f"llava-edge merge-lora: error: the adapters in {adapters} were trained from "
+            f"--model {base}, not {other} (their projector, token embeddings or shape differ): "
+            "merged there they would make a model nobody trained; give --base the checkpoint "
+            "they were trained from"
+        )
+        assert not merged.exists()
+    assert cli(["merge-lora", str(out / "adapter"), str(merged), "--base", str(copy)]) == 0
+    init_checkpoint(base, preset="tiny", seed=1, force=True)  # redone where the adapters point
+    assert cli(["merge-lora", str(out / "adapter"), str(tmp_path / "again")]) == 1
+    assert "were trained from --model" in last_line(capsys.readouterr().err)
+
+
 def test_adapters_lost_or_without_weights_are_named(tiny_checkpoint, tmp_path, capsys):
     import torch
 

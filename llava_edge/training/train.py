@@ -216,7 +216,14 @@ def train(
         losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
         title = f"stage {stage}{' LoRA' if opts.lora else ''}"
         final = _save(
-            trainer, out, processor, template_name, opts, saved_dtype(model_path), (losses, title)
+            trainer,
+            out,
+            processor,
+            template_name,
+            opts,
+            saved_dtype(model_path),
+            (losses, title),
+            run,
         )
     return TrainResult(
         out_dir=out,
@@ -1018,9 +1025,12 @@ def _save(
     opts: TrainOptions,
     dtype: str,
     curve: tuple[list[tuple[int, float]], str],
+    run: Mapping[str, Any],
 ) -> Any:
     """Write the final checkpoint as `out`, whole (llava_edge.files.replace_dir); the trainer's
-    checkpoints go along (_link_tree). Returns the trained model (merged if LoRA).
+    checkpoints go along (_link_tree). Returns the trained model (merged if LoRA). Kept
+    adapters carry the run record, as trainer checkpoints do: merge-lora reads there the base
+    they were trained from.
 
     Plain training saves through the Trainer, which gathers sharded weights (DeepSpeed ZeRO-3,
     FSDP) and must run on every process; LoRA adapters are merged on the main process.
@@ -1044,6 +1054,7 @@ def _save(
                     model.save_pretrained(staging / ADAPTER_DIR)
                     processor.save_pretrained(staging / ADAPTER_DIR)
                     write_llava_edge_file(staging / ADAPTER_DIR, template_name)
+                    (staging / ADAPTER_DIR / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
                 model = model.merge_and_unload()
                 model.to(getattr(torch, dtype)).save_pretrained(staging)
         else:
