@@ -193,6 +193,33 @@ def test_adapters_onto_another_base_of_their_shape_are_refused(
     assert "were trained from --model" in last_line(capsys.readouterr().err)
 
 
+def test_adapters_given_as_a_checkpoint_are_sent_to_merge_lora(
+    tiny_checkpoint, data, tmp_path, capsys
+):
+    """OUT/adapter or a LoRA run's trainer checkpoint given to export or train (to export an
+    intermediate checkpoint, or train on from it) is named as adapters, with the command that
+    makes a checkpoint of them."""
+    import torch
+
+    from llava_edge.modeling import load_model
+    from llava_edge.training.lora import add_lora
+
+    adapters = tmp_path / "adapter"
+    add_lora(load_model(tiny_checkpoint, dtype=torch.float32), 2, 4, 0.0).save_pretrained(adapters)
+    out = tmp_path / "out"
+    train = ["train", "--stage", "2", "--data", str(data["train"]), "--out", str(out)]
+    for argv, what in (
+        (["export", str(adapters), str(out)], "checkpoint"),
+        ([*train, "--model", str(adapters), "--images", str(data["images"])], "--model"),
+    ):
+        assert cli(argv) == 1
+        assert last_line(capsys.readouterr().err).endswith(
+            f"error: {what} {adapters} holds LoRA adapters, not a checkpoint; merge them into "
+            f"one with `llava-edge merge-lora {adapters} OUT_DIR` and give OUT_DIR"
+        )
+    assert not out.exists()
+
+
 def test_adapters_lost_or_without_weights_are_named(tiny_checkpoint, tmp_path, capsys):
     import torch
 
