@@ -220,6 +220,40 @@ def test_adapters_given_as_a_checkpoint_are_sent_to_merge_lora(
     assert not out.exists()
 
 
+@pytest.mark.parametrize("save_steps", ["1", "1000"])
+def test_a_run_whose_weights_go_nan_stops_and_says_so(
+    save_steps, tiny_checkpoint, data, tmp_path, capsys
+):
+    """A learning rate far too high takes the weights to NaN, from which no step recovers: the
+    run stops there in one line (at the logged step that shows it, not the next checkpoint),
+    with no checkpoint of NaN weights and no OUT (the trainer's NaN filter logged such a loss as
+    0.0, and the run saved a NaN model, "final loss 0.0000")."""
+    import re
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    argv = ["train", "--stage", "2", "--model", str(tiny_checkpoint), "--out", str(out)]
+    argv += ["--data", str(data["train"]), "--images", str(data["images"]), "--lr", "1e8"]
+    argv += ["--warmup-ratio", "0", "--batch-size", "1", "--max-steps", "8"]
+    assert cli([*argv, "--save-steps", save_steps, "--no-gradient-checkpointing"]) == 1
+    line = last_line(capsys.readouterr().err)
+    found = re.fullmatch(
+        r"llava-edge train: error: training diverged by step (\d+): the trained weights hold "
+        r"NaN or infinity, which no later step undoes; start over \(--force\) with a lower "
+        r"learning rate than 1e\+08 \(--lr\)",
+        line,
+    )
+    assert found, line
+    assert int(found[1]) < 8
+    assert not (out / "model.safetensors").exists()
+    checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"))
+    assert len(checkpoints) == (int(found[1]) - 1 if save_steps == "1" else 0)
+    for checkpoint in checkpoints:
+        weights = load_file(str(checkpoint / "model.safetensors"))
+        assert all(w.isfinite().all() for w in weights.values()), checkpoint.name
+
+
 def test_adapters_lost_or_without_weights_are_named(tiny_checkpoint, tmp_path, capsys):
     import torch
 

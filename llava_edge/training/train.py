@@ -785,6 +785,10 @@ def _training_args(
         weight_decay=opts.weight_decay,
         **checkpointing_arguments(TrainingArguments, opts.gradient_checkpointing),
         logging_steps=opts.logging_steps,
+        # A loss gone NaN is logged as NaN, not replaced by the mean of those before it (0 where
+        # it is the first since the last log): the curve shows the run as it went, and the
+        # Diverged callback sees it.
+        logging_nan_inf_filter=False,
         save_strategy="steps",
         save_steps=opts.save_steps,
         save_total_limit=opts.save_total_limit,
@@ -823,7 +827,7 @@ def _make_trainer(
     """built_from: the dir the model's weights were loaded from (--model, or the checkpoint a
     full run resumes from). run: what each checkpoint's step count refers to (_run_record);
     pictures: the fingerprints of its samples' pictures (TrainingSet.pictures)."""
-    from transformers import ProgressCallback, Trainer
+    from transformers import ProgressCallback, Trainer, TrainerCallback
     from transformers.trainer_utils import rotate_checkpoints
 
     from llava_edge.files import fsync_path, sync_tree
@@ -893,8 +897,9 @@ def _make_trainer(
             # template there too, then rename: checkpoint-N exists only when it is whole.
             import transformers.trainer as hf_trainer
 
-            run_dir = Path(self._get_output_dir(trial=trial))
             step = self.state.global_step
+            _check_not_diverged(self.model, step, self.args.learning_rate)
+            run_dir = Path(self._get_output_dir(trial=trial))
             staging = run_dir / f"{STAGING_PREFIX}-{step}"
             prefix = hf_trainer.PREFIX_CHECKPOINT_DIR
             main = self.is_world_process_zero()
@@ -963,18 +968,44 @@ def _make_trainer(
                 if shown:
                     self.training_bar.set_postfix(shown, refresh=False)
 
+    class Diverged(TrainerCallback):
+        """Looks at the weights (_check_not_diverged) when a logged loss or gradient norm is not
+        finite, so that the run stops at the step it diverged, not at its next checkpoint."""
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            values = [(logs or {}).get(key) for key in ("loss", "grad_norm")]
+            if kw.get("model") is not None and any(
+                v is not None and not math.isfinite(v) for v in values
+            ):
+                _check_not_diverged(kw["model"], state.global_step, args.learning_rate)
+
     trainer = LlavaTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
         data_collator=Collator(processor.tokenizer.pad_token_id, processor.tokenizer.eos_token_id),
         processing_class=processor,
-        callbacks=list(callbacks),
+        callbacks=[Diverged(), *callbacks],
     )
     if progress:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(Progress())
     return trainer
+
+
+def _check_not_diverged(model: Any, step: int, learning_rate: float) -> None:
+    """Stop a run whose trained weights have gone NaN or infinite (a learning rate too high for
+    the model): no later step brings them back, and the run would go on for hours to save a
+    model that answers nothing. Checked before each checkpoint is saved (the run's end too), and
+    when a logged loss or gradient norm is not finite; a step fp16's loss scaling skips leaves
+    the weights finite, and the run goes on."""
+    if all(p.isfinite().all() for p in model.parameters() if p.requires_grad):
+        return
+    raise LlavaEdgeError(
+        f"training diverged by step {step}: the trained weights hold NaN or infinity, which no "
+        f"later step undoes; start over (--force) with a lower learning rate than "
+        f"{learning_rate:g} (--lr)"
+    )
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
