@@ -1131,7 +1131,10 @@ def _add_training_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model_dir", help=MODEL_HELP)
     p.add_argument("--data", required=True, help="LLaVA JSON or JSONL with reference answers")
     p.add_argument("--images", help="dir the samples' image paths are relative to")
-    p.add_argument("--answers", help="per-question JSONL (default: DATA.answers.jsonl)")
+    p.add_argument(
+        "--answers",
+        help="per-question JSONL (default: beside DATA, .answers.jsonl for its extension)",
+    )
     p.add_argument(
         "--max-new-tokens", type=int, default=16, help="longest prediction in tokens (default 16)"
     )

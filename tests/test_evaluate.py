@@ -344,3 +344,9 @@ def test_several_reference_answers_score_vqa_accuracy(tiny_model_dir, world, cap
     err = capsys.readouterr().err
     assert "sample a: round 0's 'answers' must be a list of texts" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_default_answers_file_takes_the_place_of_the_datas_extension(tiny_model_dir, world):
+    """docs/training.md and --help: beside --data, `.answers.jsonl` for its extension."""
+    assert _eval(tiny_model_dir, world["data"], world["images"]) == 0
+    assert sorted(p.name for p in world["root"].glob("*.jsonl")) == ["data.answers.jsonl"]
