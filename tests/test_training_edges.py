@@ -254,6 +254,26 @@ def test_a_run_whose_weights_go_nan_stops_and_says_so(
         assert all(w.isfinite().all() for w in weights.values()), checkpoint.name
 
 
+def test_out_a_symlink_gets_the_checkpoint_where_it_points(tiny_checkpoint, data, tmp_path):
+    """The trainer writes its checkpoints through a symlink at OUT (a link to a larger disk):
+    the final checkpoint goes there too, the link left pointing at it. Built beside the link,
+    it replaced the link, left the checkpoints behind in the target, and from another
+    filesystem failed to take them along (EXDEV, a traceback after the whole run)."""
+    from llava_edge.training.train import train
+
+    target = tmp_path / "disk" / "run"
+    target.mkdir(parents=True)
+    link = tmp_path / "out"
+    link.symlink_to(target, target_is_directory=True)
+    result = train(2, tiny_checkpoint, data["train"], link, images=data["images"], max_steps=1,
+                   global_batch_size=2, gradient_checkpointing=False, progress=False)  # fmt: skip
+    assert result.out_dir == link
+    assert link.is_symlink() and link.resolve() == target
+    assert (target / "model.safetensors").is_file()
+    assert sorted(p.name for p in (target / "checkpoints").iterdir()) == ["checkpoint-1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "out"]  # nothing left beside
+
+
 def test_adapters_lost_or_without_weights_are_named(tiny_checkpoint, tmp_path, capsys):
     import torch
 

@@ -116,7 +116,8 @@ def train(
     except TypeError as e:
         raise LlavaEdgeError(f"train: {e}") from None
     check_options(stage, opts, given=options)
-    out = Path(out)
+    given_out = Path(out)
+    out = _written_through(given_out)
     model_path = Path(model).resolve()
     if not (model_path / "config.json").is_file():
         from llava_edge.modeling import no_checkpoint
@@ -226,7 +227,7 @@ def train(
             run,
         )
     return TrainResult(
-        out_dir=out,
+        out_dir=given_out,
         steps=trainer.state.global_step,
         final_loss=losses[-1][1] if losses else None,
         losses=losses,
@@ -234,6 +235,15 @@ def train(
         dropped_first_turns=dataset.dropped_first_turns,
         model=final,
     )
+
+
+def _written_through(out: Path) -> Path:
+    """OUT, or the dir a symlink at OUT points to: the trainer writes its checkpoints through
+    the link, so the final checkpoint is built beside the link's target and renamed into its
+    place too. Built beside the link instead, it would replace the link, leave the checkpoints
+    behind in the target, and on another filesystem (the link to a larger disk) fail to take
+    them along at all, after the whole run."""
+    return Path(os.path.realpath(out)) if out.is_symlink() else out
 
 
 def _plain_weights(checkpoint: Path | None, opts: TrainOptions) -> Path | None:
