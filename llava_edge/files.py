@@ -39,6 +39,11 @@ def check_output_dir(
             raise LlavaEdgeError(
                 f"output {out} exists and is not a directory; choose another output dir"
             )
+        if os.path.ismount(out):  # a Docker bind mount, a disk: no rename replaces it
+            raise LlavaEdgeError(
+                f"output dir {out} is a mount point, which the new dir, built beside it and "
+                "renamed into its place, cannot replace; give a new dir inside it"
+            )
         if out.is_dir() and any(out.iterdir()) and not force:
             raise LlavaEdgeError(f"output dir {out} is not empty; pass --force to replace it")
         # The new dir is built beside `out`, so its nearest existing ancestor must be a writable

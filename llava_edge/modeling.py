@@ -217,11 +217,18 @@ def patch_strategy(tower: str) -> str:
 
 def no_checkpoint(path: str | os.PathLike, what: str) -> LlavaEdgeError:
     """The error for a dir without config.json given as a checkpoint; a model dir export wrote
-    is named as one (giving it where its checkpoint belongs is the likely slip)."""
+    and LoRA adapters (`train --keep-adapters`' OUT/adapter, a LoRA run's trainer checkpoint)
+    are named as such, with what to give instead (giving one where a checkpoint belongs is the
+    likely slip)."""
     if (Path(path) / MANIFEST_NAME).is_file():
         return LlavaEdgeError(
             f"{what} {path} is a model dir `llava-edge export` wrote, not a checkpoint; give the "
             "checkpoint it was exported from"
+        )
+    if (Path(path) / "adapter_config.json").is_file():  # peft's
+        return LlavaEdgeError(
+            f"{what} {path} holds LoRA adapters, not a checkpoint; merge them into one with "
+            f"`llava-edge merge-lora {path} OUT_DIR` and give OUT_DIR"
         )
     return LlavaEdgeError(
         f"{what} {path} has no config.json: it is not a Hugging Face checkpoint dir"

@@ -91,6 +91,12 @@ def test_a_data_file_edited_during_training_is_named_not_read_at_old_offsets(tmp
         ('[{"id": 1}]\n[{"id": 2}]\n', "more data after the list's closing ']' at byte 12; two"),
         ("[] x", "more data after the list's closing ']' at byte 3"),
         (b'[{"id": "caf\xe9"}]', r"is not UTF-8 text \(byte 0xe9: invalid continuation byte\)"),
+        # JSONL too, not "not valid JSON (...); JSONL holds one sample object a line"
+        (
+            b'{"id": 1}\n{"id": "caf\xe9"}\n',
+            r"d.json, line 2 is not UTF-8 text \(byte 0xe9: invalid continuation byte\); JSON is "
+            "UTF-8: save it as UTF-8",
+        ),
         # PowerShell 5's Out-File and Notepad's "Unicode" write UTF-16 with a byte-order mark
         (
             '[{"id": 1}]'.encode("utf-16"),

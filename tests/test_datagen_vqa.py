@@ -350,6 +350,30 @@ def test_the_image_placeholder_in_an_answer_or_choice_leaves_a_trainable_sample(
     assert result.no_answer == 1
 
 
+def test_an_empty_open_question_is_left_out_and_counted(tmp_path):
+    """An open question of no text (or only `<image>`) asks nothing, and would train the model
+    to answer it, as an empty answer would teach it to answer nothing: both are left out and
+    counted. A multiple-choice question asks to pick among its choices, stem or none."""
+    folder = images(tmp_path, "bay.png")
+    lines = [
+        {"image": "bay.png", "question": "Is the bay clear?", "answer": "yes"},
+        {"image": "bay.png", "question": " ", "answer": "no"},
+        {"image": "bay.png", "question": "<image>", "answer": "no"},
+        {"image": "bay.png", "question": "", "answer": "B", "choices": ["left", "right"]},
+    ]
+    (tmp_path / "qa.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    result = convert_vqa(tmp_path / "qa.jsonl", "jsonl", folder, tmp_path / "qa.json")
+    by_image, _ = conversations(tmp_path / "qa.json")
+    assert by_image["bay.png"] == [
+        f"<image>\nIs the bay clear?\n{SHORT}",
+        "yes",
+        f"\nA. left\nB. right\n{LETTER}",
+        "B",
+    ]
+    assert result.no_question == 2
+    assert result.summary().splitlines()[-1] == "left out 2 empty open questions"
+
+
 def test_jsonl_questions_end_at_newlines_only(tmp_path):
     folder = images(tmp_path, "bay.png")
     line = {"image": "bay.png", "question": "Is the bay\u2028clear?", "answer": "yes"}

@@ -71,3 +71,29 @@ def test_an_output_holding_the_working_directory_is_refused(
     err = capsys.readouterr().err
     assert "holds the working directory" in err and err.count("\n") == 1
     assert (work / "notes.txt").read_text() == "the robot's logs"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["init", "{out}", "--preset", "tiny"], ["data", "synth", "{out}", "--train", "1"]],
+    ids=["init", "data-synth"],
+)
+def test_an_output_that_is_a_mount_point_is_refused_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, argv
+) -> None:
+    """OUT a mount point (a Docker bind mount, a disk): the whole job ran, then no rename could
+    put the new dir in its place (an EBUSY traceback; train's save an EXDEV one)."""
+    from llava_edge.cli import main
+
+    out = tmp_path / "mounted"
+    out.mkdir()
+    ismount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == out or ismount(p))
+    assert main([a.format(out=out) for a in argv]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"llava-edge {' '.join(argv[: argv.index('{out}')])}: error: output dir {out} is a mount "
+        "point, which the new dir, built beside it and renamed into its place, cannot replace; "
+        "give a new dir inside it\n"
+    )
+    assert sorted(tmp_path.iterdir()) == [out] and not any(out.iterdir())

@@ -158,6 +158,122 @@ def test_merging_adapters_onto_the_run_that_merged_them_is_refused(
     assert cli(argv[:-2]) == 0  # onto the checkpoint they were trained from
 
 
+def test_adapters_onto_another_base_of_their_shape_are_refused(
+    tiny_checkpoint, data, tmp_path, capsys
+):
+    """Another model of the adapters' shape (another init, a stage-1 run redone at the path
+    the adapters name) takes them without a size mismatch; `train` names the base its adapters
+    (OUT/adapter, OUT/checkpoints) were trained from, and merge-lora refuses any other. A copy
+    of the base elsewhere is that base."""
+    import shutil
+
+    from llava_edge.training.checkpoint import init_checkpoint
+    from llava_edge.training.train import train
+
+    base = Path(shutil.copytree(tiny_checkpoint, tmp_path / "base"))
+    out = tmp_path / "out"
+    train(2, base, data["train"], out, images=data["images"], lora=True, lora_rank=2,
+          lora_alpha=4, keep_adapters=True, max_steps=1, global_batch_size=2, save_steps=1,
+          gradient_checkpointing=False, progress=False)  # fmt: skip
+    other = init_checkpoint(tmp_path / "other", preset="tiny", seed=1)
+    copy = shutil.copytree(base, tmp_path / "copy")
+    merged = tmp_path / "merged"
+    for adapters in (out / "adapter", out / "checkpoints" / "checkpoint-1"):
+        assert cli(["merge-lora", str(adapters), str(merged), "--base", str(other)]) == 1
+        assert last_line(capsys.readouterr().err) == (
+            f"llava-edge merge-lora: error: the adapters in {adapters} were trained from "
+            f"--model {base}, not {other} (their projector, token embeddings or shape differ): "
+            "merged there they would make a model nobody trained; give --base the checkpoint "
+            "they were trained from"
+        )
+        assert not merged.exists()
+    assert cli(["merge-lora", str(out / "adapter"), str(merged), "--base", str(copy)]) == 0
+    init_checkpoint(base, preset="tiny", seed=1, force=True)  # redone where the adapters point
+    assert cli(["merge-lora", str(out / "adapter"), str(tmp_path / "again")]) == 1
+    assert "were trained from --model" in last_line(capsys.readouterr().err)
+
+
+def test_adapters_given_as_a_checkpoint_are_sent_to_merge_lora(
+    tiny_checkpoint, data, tmp_path, capsys
+):
+    """OUT/adapter or a LoRA run's trainer checkpoint given to export or train (to export an
+    intermediate checkpoint, or train on from it) is named as adapters, with the command that
+    makes a checkpoint of them."""
+    import torch
+
+    from llava_edge.modeling import load_model
+    from llava_edge.training.lora import add_lora
+
+    adapters = tmp_path / "adapter"
+    add_lora(load_model(tiny_checkpoint, dtype=torch.float32), 2, 4, 0.0).save_pretrained(adapters)
+    out = tmp_path / "out"
+    train = ["train", "--stage", "2", "--data", str(data["train"]), "--out", str(out)]
+    for argv, what in (
+        (["export", str(adapters), str(out)], "checkpoint"),
+        ([*train, "--model", str(adapters), "--images", str(data["images"])], "--model"),
+    ):
+        assert cli(argv) == 1
+        assert last_line(capsys.readouterr().err).endswith(
+            f"error: {what} {adapters} holds LoRA adapters, not a checkpoint; merge them into "
+            f"one with `llava-edge merge-lora {adapters} OUT_DIR` and give OUT_DIR"
+        )
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("save_steps", ["1", "1000"])
+def test_a_run_whose_weights_go_nan_stops_and_says_so(
+    save_steps, tiny_checkpoint, data, tmp_path, capsys
+):
+    """A learning rate far too high takes the weights to NaN, from which no step recovers: the
+    run stops there in one line (at the logged step that shows it, not the next checkpoint),
+    with no checkpoint of NaN weights and no OUT (the trainer's NaN filter logged such a loss as
+    0.0, and the run saved a NaN model, "final loss 0.0000")."""
+    import re
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    argv = ["train", "--stage", "2", "--model", str(tiny_checkpoint), "--out", str(out)]
+    argv += ["--data", str(data["train"]), "--images", str(data["images"]), "--lr", "1e8"]
+    argv += ["--warmup-ratio", "0", "--batch-size", "1", "--max-steps", "8"]
+    assert cli([*argv, "--save-steps", save_steps, "--no-gradient-checkpointing"]) == 1
+    line = last_line(capsys.readouterr().err)
+    found = re.fullmatch(
+        r"llava-edge train: error: training diverged by step (\d+): the trained weights hold "
+        r"NaN or infinity, which no later step undoes; start over \(--force\) with a lower "
+        r"learning rate than 1e\+08 \(--lr\)",
+        line,
+    )
+    assert found, line
+    assert int(found[1]) < 8
+    assert not (out / "model.safetensors").exists()
+    checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"))
+    assert len(checkpoints) == (int(found[1]) - 1 if save_steps == "1" else 0)
+    for checkpoint in checkpoints:
+        weights = load_file(str(checkpoint / "model.safetensors"))
+        assert all(w.isfinite().all() for w in weights.values()), checkpoint.name
+
+
+def test_out_a_symlink_gets_the_checkpoint_where_it_points(tiny_checkpoint, data, tmp_path):
+    """The trainer writes its checkpoints through a symlink at OUT (a link to a larger disk):
+    the final checkpoint goes there too, the link left pointing at it. Built beside the link,
+    it replaced the link, left the checkpoints behind in the target, and from another
+    filesystem failed to take them along (EXDEV, a traceback after the whole run)."""
+    from llava_edge.training.train import train
+
+    target = tmp_path / "disk" / "run"
+    target.mkdir(parents=True)
+    link = tmp_path / "out"
+    link.symlink_to(target, target_is_directory=True)
+    result = train(2, tiny_checkpoint, data["train"], link, images=data["images"], max_steps=1,
+                   global_batch_size=2, gradient_checkpointing=False, progress=False)  # fmt: skip
+    assert result.out_dir == link
+    assert link.is_symlink() and link.resolve() == target
+    assert (target / "model.safetensors").is_file()
+    assert sorted(p.name for p in (target / "checkpoints").iterdir()) == ["checkpoint-1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "out"]  # nothing left beside
+
+
 def test_adapters_lost_or_without_weights_are_named(tiny_checkpoint, tmp_path, capsys):
     import torch
 

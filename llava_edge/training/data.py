@@ -245,7 +245,13 @@ class SampleFile:
                 if stripped:
                     try:
                         record = json.loads(stripped)
-                    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    except UnicodeDecodeError as e:  # what a tool writing Latin-1 leaves
+                        raise LlavaEdgeError(
+                            f"{self.path}, line {number} is not UTF-8 text (byte "
+                            f"0x{e.object[e.start]:02x}: {e.reason}); JSON is UTF-8: save it as "
+                            "UTF-8"
+                        ) from None
+                    except json.JSONDecodeError as e:
                         if number == 1 and stripped.startswith(b"{"):
                             self._reject_single_object()
                         raise LlavaEdgeError(

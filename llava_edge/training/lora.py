@@ -9,6 +9,7 @@ tower and lm_head stay frozen.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import warnings
 from collections.abc import Iterator
@@ -65,7 +66,7 @@ def merge_lora(
     `base` defaults to the checkpoint the adapters were trained from (adapter_config.json).
     The processor and template come from the adapter dir when it has them, else from the base.
     Adapters that do not fit the base (other widths, other layers) are refused, never merged in
-    part.
+    part; so are adapters `train` saved, onto another base than they were trained from.
     """
     import torch
 
@@ -92,6 +93,7 @@ def merge_lora(
     if not (base / "config.json").is_file():
         raise LlavaEdgeError(f"base checkpoint {base} does not exist; pass --base")
     _check_not_merged_into(base, adapter_dir, config)
+    _check_trained_from(base, adapter_dir)
     out = Path(out_dir)
     check_output_dir(out, force, keep=adapter_dir, keep_name="the adapters")
     check_output_dir(out, force, keep=base, keep_name="the base checkpoint")
@@ -136,6 +138,34 @@ def _check_not_merged_into(base: Path, adapter_dir: Path, config: Any) -> None:
             f"--base {base} is the checkpoint these adapters were merged into when they were "
             f"trained: merging them again would add them twice; {hint}"
         )
+
+
+def _check_trained_from(base: Path, adapter_dir: Path) -> None:
+    """Refuse a base other than the one `train` trained the adapters from (the run record it
+    saves beside them names it by checkpoint.base_fingerprint): another model of the same shape
+    (another fine-tune, another stage-1 projector, a checkpoint rewritten at the path the
+    adapters name) takes them without a size mismatch and gives a model nobody trained.
+    Adapters saved without a record are not checked."""
+    from llava_edge.training.checkpoint import base_fingerprint
+    from llava_edge.training.train import RUN_FILE
+
+    record = adapter_dir / RUN_FILE
+    try:
+        was = json.loads(record.read_text())
+    except FileNotFoundError:
+        return
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LlavaEdgeError(
+            f"cannot read {record} ({first_line(e)}), the record of the run that trained the "
+            "adapters; copy it again with them"
+        ) from None
+    if not isinstance(was, dict) or was.get("base_sha256") in (None, base_fingerprint(base)):
+        return
+    raise LlavaEdgeError(
+        f"the adapters in {adapter_dir} were trained from --model {was.get('base')}, not {base} "
+        "(their projector, token embeddings or shape differ): merged there they would make a "
+        "model nobody trained; give --base the checkpoint they were trained from"
+    )
 
 
 def read_adapter_config(adapter_dir: Path) -> Any:

@@ -117,7 +117,8 @@ def train(
         raise LlavaEdgeError(f"train: {e}") from None
     check_options(stage, opts, given=options)
     _check_plotting()
-    out = Path(out)
+    given_out = Path(out)
+    out = _written_through(given_out)
     model_path = Path(model).resolve()
     if not (model_path / "config.json").is_file():
         from llava_edge.modeling import no_checkpoint
@@ -217,10 +218,17 @@ def train(
         losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
         title = f"stage {stage}{' LoRA' if opts.lora else ''}"
         final = _save(
-            trainer, out, processor, template_name, opts, saved_dtype(model_path), (losses, title)
+            trainer,
+            out,
+            processor,
+            template_name,
+            opts,
+            saved_dtype(model_path),
+            (losses, title),
+            run,
         )
     return TrainResult(
-        out_dir=out,
+        out_dir=given_out,
         steps=trainer.state.global_step,
         final_loss=losses[-1][1] if losses else None,
         losses=losses,
@@ -228,6 +236,15 @@ def train(
         dropped_first_turns=dataset.dropped_first_turns,
         model=final,
     )
+
+
+def _written_through(out: Path) -> Path:
+    """OUT, or the dir a symlink at OUT points to: the trainer writes its checkpoints through
+    the link, so the final checkpoint is built beside the link's target and renamed into its
+    place too. Built beside the link instead, it would replace the link, leave the checkpoints
+    behind in the target, and on another filesystem (the link to a larger disk) fail to take
+    them along at all, after the whole run."""
+    return Path(os.path.realpath(out)) if out.is_symlink() else out
 
 
 def _plain_weights(checkpoint: Path | None, opts: TrainOptions) -> Path | None:
@@ -779,6 +796,10 @@ def _training_args(
         weight_decay=opts.weight_decay,
         **checkpointing_arguments(TrainingArguments, opts.gradient_checkpointing),
         logging_steps=opts.logging_steps,
+        # A loss gone NaN is logged as NaN, not replaced by the mean of those before it (0 where
+        # it is the first since the last log): the curve shows the run as it went, and the
+        # Diverged callback sees it.
+        logging_nan_inf_filter=False,
         save_strategy="steps",
         save_steps=opts.save_steps,
         save_total_limit=opts.save_total_limit,
@@ -817,7 +838,7 @@ def _make_trainer(
     """built_from: the dir the model's weights were loaded from (--model, or the checkpoint a
     full run resumes from). run: what each checkpoint's step count refers to (_run_record);
     pictures: the fingerprints of its samples' pictures (TrainingSet.pictures)."""
-    from transformers import ProgressCallback, Trainer
+    from transformers import ProgressCallback, Trainer, TrainerCallback
     from transformers.trainer_utils import rotate_checkpoints
 
     from llava_edge.files import fsync_path, sync_tree
@@ -887,8 +908,9 @@ def _make_trainer(
             # template there too, then rename: checkpoint-N exists only when it is whole.
             import transformers.trainer as hf_trainer
 
-            run_dir = Path(self._get_output_dir(trial=trial))
             step = self.state.global_step
+            _check_not_diverged(self.model, step, self.args.learning_rate)
+            run_dir = Path(self._get_output_dir(trial=trial))
             staging = run_dir / f"{STAGING_PREFIX}-{step}"
             prefix = hf_trainer.PREFIX_CHECKPOINT_DIR
             main = self.is_world_process_zero()
@@ -957,18 +979,44 @@ def _make_trainer(
                 if shown:
                     self.training_bar.set_postfix(shown, refresh=False)
 
+    class Diverged(TrainerCallback):
+        """Looks at the weights (_check_not_diverged) when a logged loss or gradient norm is not
+        finite, so that the run stops at the step it diverged, not at its next checkpoint."""
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            values = [(logs or {}).get(key) for key in ("loss", "grad_norm")]
+            if kw.get("model") is not None and any(
+                v is not None and not math.isfinite(v) for v in values
+            ):
+                _check_not_diverged(kw["model"], state.global_step, args.learning_rate)
+
     trainer = LlavaTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
         data_collator=Collator(processor.tokenizer.pad_token_id, processor.tokenizer.eos_token_id),
         processing_class=processor,
-        callbacks=list(callbacks),
+        callbacks=[Diverged(), *callbacks],
     )
     if progress:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(Progress())
     return trainer
+
+
+def _check_not_diverged(model: Any, step: int, learning_rate: float) -> None:
+    """Stop a run whose trained weights have gone NaN or infinite (a learning rate too high for
+    the model): no later step brings them back, and the run would go on for hours to save a
+    model that answers nothing. Checked before each checkpoint is saved (the run's end too), and
+    when a logged loss or gradient norm is not finite; a step fp16's loss scaling skips leaves
+    the weights finite, and the run goes on."""
+    if all(p.isfinite().all() for p in model.parameters() if p.requires_grad):
+        return
+    raise LlavaEdgeError(
+        f"training diverged by step {step}: the trained weights hold NaN or infinity, which no "
+        f"later step undoes; start over (--force) with a lower learning rate than "
+        f"{learning_rate:g} (--lr)"
+    )
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
@@ -1019,9 +1067,12 @@ def _save(
     opts: TrainOptions,
     dtype: str,
     curve: tuple[list[tuple[int, float]], str],
+    run: Mapping[str, Any],
 ) -> Any:
     """Write the final checkpoint as `out`, whole (llava_edge.files.replace_dir); the trainer's
-    checkpoints go along (_link_tree). Returns the trained model (merged if LoRA).
+    checkpoints go along (_link_tree). Returns the trained model (merged if LoRA). Kept
+    adapters carry the run record, as trainer checkpoints do: merge-lora reads there the base
+    they were trained from.
 
     Plain training saves through the Trainer, which gathers sharded weights (DeepSpeed ZeRO-3,
     FSDP) and must run on every process; LoRA adapters are merged on the main process.
@@ -1045,6 +1096,7 @@ def _save(
                     model.save_pretrained(staging / ADAPTER_DIR)
                     processor.save_pretrained(staging / ADAPTER_DIR)
                     write_llava_edge_file(staging / ADAPTER_DIR, template_name)
+                    (staging / ADAPTER_DIR / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
                 model = model.merge_and_unload()
                 model.to(getattr(torch, dtype)).save_pretrained(staging)
         else:

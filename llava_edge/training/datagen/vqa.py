@@ -84,6 +84,7 @@ class VqaResult:
     unreadable: list[str] = field(default_factory=list)  # image files that are no picture
     unreadable_questions: int = 0  # questions left out with them
     no_answer: int = 0  # questions whose answer normalises to nothing
+    no_question: int = 0  # open questions of no text (or only the image placeholder)
 
     def summary(self) -> str:
         wrote = (
@@ -107,6 +108,8 @@ class VqaResult:
             )
         if self.no_answer:
             lines.append(f"left out {self.no_answer} questions with an empty answer")
+        if self.no_question:
+            lines.append(f"left out {self.no_question} empty open questions")
         return lines
 
 
@@ -162,6 +165,8 @@ def convert_vqa(
             result.missing_questions += 1
         elif image in unreadable:  # a zero-byte frame: training could not read it either
             result.unreadable_questions += 1
+        elif not question.choices and not without_placeholder(question.question):
+            result.no_question += 1  # an open question of no text: nothing is asked
         elif not question.answer:
             result.no_answer += 1
         else:
@@ -190,6 +195,7 @@ def _nothing_to_write(path: Path, image_dir: Path, result: VqaResult) -> None:
         "missing": result.missing_questions,
         "unreadable": result.unreadable_questions,
         "empty": result.no_answer,
+        "no question": result.no_question,
     }
     given = [cause for cause, count in causes.items() if count]
     if not given:
