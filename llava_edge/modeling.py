@@ -263,6 +263,8 @@ def load_model(checkpoint: str | os.PathLike, config: Any = None, **kwargs: Any)
     weights that lack a tensor the model needs."""
     from safetensors import SafetensorError
 
+    if kwargs.get("use_safetensors"):
+        refuse_pickled_weights(checkpoint)
     if config is None:
         config = read_config(checkpoint, "checkpoint", kwargs.get("trust_remote_code", False))
     try:
@@ -273,6 +275,22 @@ def load_model(checkpoint: str | os.PathLike, config: Any = None, **kwargs: Any)
         raise unreadable_weights(checkpoint, e) from None
     check_no_missing_weights(checkpoint, info["missing_keys"])
     return model
+
+
+def refuse_pickled_weights(checkpoint: str | os.PathLike) -> None:
+    """A checkpoint whose weights are pickled PyTorch files alone (`save_pretrained(...,
+    safe_serialization=False)`, older uploads) is refused in words: reading a pickle can run
+    code in it, and transformers' own refusal names only the safetensors file it did not find."""
+    path = Path(checkpoint)
+    if not path.is_dir() or any(path.glob("*.safetensors")):
+        return
+    if any(path.glob("pytorch_model*.bin")):
+        raise LlavaEdgeError(
+            f"{checkpoint} holds its weights as pickled PyTorch files (pytorch_model*.bin), "
+            "which llava-edge does not read (unpickling can run code in them): if you trust it, "
+            "load it in transformers with use_safetensors=False, save_pretrained the model and "
+            "its processor to a new dir (safetensors by default) and give that"
+        )
 
 
 def check_no_missing_weights(checkpoint: str | os.PathLike, missing: Any) -> None:

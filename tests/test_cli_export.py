@@ -337,8 +337,13 @@ def test_run_json_equals_transformers(
     assert result["text"] == processor.decode(expected_ids, skip_special_tokens=True)
 
 
-def test_pickled_weights_are_refused(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
-    """Weights load from safetensors only: a pickle (pytorch_model.bin) could run code."""
+@pytest.mark.parametrize("command", ["export", "train"])
+def test_pickled_weights_are_refused(
+    command: str, tiny_checkpoint: Path, tmp_path: Path, capsys
+) -> None:
+    """Weights load from safetensors only: a pickle (pytorch_model.bin) could run code. The
+    refusal says so and how to get safetensors, where transformers' named only the
+    model.safetensors it did not find."""
     import torch
     from safetensors.torch import load_file
 
@@ -347,10 +352,19 @@ def test_pickled_weights_are_refused(tiny_checkpoint: Path, tmp_path: Path, caps
     weights = load_file(checkpoint / "model.safetensors")
     (checkpoint / "model.safetensors").unlink()
     torch.save(weights, checkpoint / "pytorch_model.bin")
-    assert main(["export", str(checkpoint), str(tmp_path / "out"), "--no-verify"]) == 1
-    (line,) = capsys.readouterr().err.strip().splitlines()
-    assert "cannot load checkpoint" in line and "safetensors" in line
-    assert not (tmp_path / "out").exists()
+    out = tmp_path / "out"
+    if command == "export":
+        assert main(["export", str(checkpoint), str(out), "--no-verify"]) == 1
+    else:
+        data = tmp_path / "data.json"  # a text-only sample: no images to make
+        talk = [{"from": "human", "value": "Hello?"}, {"from": "gpt", "value": "Hello."}]
+        data.write_text(json.dumps([{"id": "0", "conversations": talk}]))
+        argv = ["train", "--stage", "2", "--model", str(checkpoint), "--data", str(data)]
+        assert main([*argv, "--out", str(out)]) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "pickled PyTorch files (pytorch_model*.bin)" in line
+    assert "use_safetensors=False, save_pretrained" in line
+    assert not out.exists()
 
 
 def partial_checkpoint(tiny_checkpoint: Path, out: Path) -> Path:
