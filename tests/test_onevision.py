@@ -31,9 +31,9 @@ from hf_checkpoints import (
 from PIL import Image
 from test_anyres import picture
 
-from llava_edge.errors import LlavaEdgeError
+from llava_edge.errors import ChatFull, LlavaEdgeError
 from llava_edge.manifest import Manifest
-from llava_edge.runtime import Pipeline
+from llava_edge.runtime import Limits, Pipeline
 from llava_edge.runtime.anyres import (
     feature_count,
     image_embeds,
@@ -559,12 +559,32 @@ def test_a_failed_turn_bringing_a_second_image_leaves_the_images_features(
     _close(first_logits[-1], first_logits[-2])
 
 
+def test_a_second_image_turn_refused_for_its_length_leaves_the_cache(exported: Exported) -> None:
+    """A turn bringing a second image re-reads the first untiled and feeds the conversation again
+    from before it; refused before it runs (over the prompt limit), it gave up that part of the
+    cache all the same, which the next turn then fed again."""
+    first, second = picture(*IMAGES["small"]), picture(*IMAGES["tall"], seed=1)
+    options = {"max_new_tokens": 2, "ignore_eos": True}
+    with Pipeline.load(exported.model_dir) as pipe:
+        chat = pipe.chat(first, **options)
+        chat.ask(QUESTION)
+        turn = chat.stream(QUESTION * 4, image=second)
+        "".join(turn)
+        whole = len(turn.answer.prompt_token_ids)
+    with Pipeline.load(exported.model_dir, limits=Limits(max_prompt_tokens=whole - 1)) as pipe:
+        chat = pipe.chat(first, **options)
+        chat.ask(QUESTION)
+        held = chat.cache.length
+        with pytest.raises(ChatFull):
+            chat.ask(QUESTION * 4, image=second)
+        assert chat.cache.length == chat.fed == held
+
+
 def test_limits_count_each_of_several_images_untiled(exported: Exported) -> None:
     """The context and the prompt limit count each of several images' untiled tokens, fewer
     than one large image's tiled ones: max_images_per_prompt and images_that_fit hold as many
     as fit, one more is refused naming the prompt's length as rendered."""
     from llava_edge.errors import PromptTooLong
-    from llava_edge.runtime import Limits
 
     image = picture(*IMAGES["large"])
     with Pipeline.load(exported.model_dir) as pipe:
@@ -648,8 +668,6 @@ def test_watch_keeps_a_frame_too_long_alone_for_the_next_frames(
 ) -> None:
     """Under a prompt limit that two untiled frames fit and one large frame, tiled, does not,
     `watch --frames 2` tells the first frame did not fit and asks about it with the next."""
-    from llava_edge.runtime import Limits
-
     images = [picture(*IMAGES["large"], seed=i) for i in range(3)]
     for i, image in enumerate(images):
         image.save(tmp_path / f"frame_{i}.png")

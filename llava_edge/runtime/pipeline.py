@@ -805,7 +805,8 @@ class ChatSession:
     back whole: the session answers exactly as if the question had never been asked, so the next
     question may follow at once. Its KV cache keeps at most what it held before: a turn that
     re-reads the conversation (after a history or a cut answer, or a LLaVA-OneVision image read
-    untiled once a second arrives) gives up the part it re-reads, which the next turn feeds again. Starting a turn
+    untiled once a second arrives) gives up the part it re-reads once it runs (not where it is
+    refused), and the next turn feeds that part again. Starting a turn
     while an earlier turn's stream is still open rolls the earlier one back first (or is refused
     while another thread is inside that stream's decode step); iterating that stream afterwards
     is an error.
@@ -905,23 +906,27 @@ class ChatSession:
                 f"{len(brought)} image(s) it brings: one placeholder per image, or none"
             )
         text = user_turn(self.template, prompt, len(brought), first)
-        held, image_id = self.ids, pipe.manifest.tokens.image_token_id
+        held, image_id, fed = self.ids, pipe.manifest.tokens.image_token_id, self.fed
         if first:
             new_ids = pipe.prompt_ids(text, brought, raw=True)
         elif self.history_closed or reread is not None:
             held, new_ids = self._after_rendered(prompt, new_pixels, reread)
+            fed = min(fed, len(held))  # the cache gives up the rest once the turn runs
         else:  # the images held read as before
             new_ids = self._later_turn_ids(text, forms[len(self.pixels) :])
         # the image tokens the cache holds: none of them where a turn that re-read the images
         # cut it back before them and was rolled back
-        cached = held[: self.fed].count(image_id)
-        pending = held[self.fed :] + new_ids  # the last answer's final token was never fed
+        cached = held[:fed].count(image_id)
+        pending = held[fed:] + new_ids  # the last answer's final token was never fed
         try:
             pipe.limits.check_prompt(len(held) + len(new_ids), chat=True)
-            config = pipe._fit_context(config, len(pending), self.fed, len(held))
+            config = pipe._fit_context(config, len(pending), fed, len(held))
         except ChatFull:
             self._fits_a_new_chat(prompt, self.pixels + new_pixels, config)
             raise
+        if fed < self.fed:  # refused above, the turn would have left the cache as it stood
+            self.cache.truncate(fed)
+            self.fed = fed
         features = self._features_to_feed(forms, cached)
         if features is not None:
             timer.mark("vision")
@@ -983,9 +988,9 @@ class ChatSession:
         history, an answer cut by a stop string), and the ids the turn adds: the whole
         conversation rendered again, as serve renders it. The ids held before are those the two
         share: the tokenizer may read the end of the last answer together with this turn
-        (llava-hf's answers end with a space, read with the next "USER:" as "▁USER:"), and the
-        cache gives up what it holds past them, and past `reread` (_reread), where the image
-        tokens are the same but their features are not."""
+        (llava-hf's answers end with a space, read with the next "USER:" as "▁USER:"), and
+        none past `reread` (_reread), where the image tokens are the same but their features
+        are not. The cache gives up what it holds past them when the turn runs."""
         pipe = self.pipeline
         whole = pipe._render(
             [*self.turns, (prompt, None)],
@@ -996,9 +1001,6 @@ class ChatSession:
         keep = common_prefix(self.ids, whole)
         if reread is not None:
             keep = min(keep, reread)
-        if self.fed > keep:
-            self.cache.truncate(keep)
-            self.fed = keep
         return whole[:keep], whole[keep:]
 
     def _later_turn_ids(self, text: str, images: list[ImagePixels]) -> list[int]:
