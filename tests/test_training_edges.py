@@ -363,3 +363,27 @@ def test_a_picture_over_pils_pixel_limit_is_bad_before_training(tiny_checkpoint,
         TrainingSet(
             data["train"], data["images"], labeler, processor.image_processor, progress=False
         )
+
+
+def test_resume_into_a_mount_point_is_refused_before_training(
+    tiny_checkpoint, data, tmp_path, monkeypatch, capsys
+):
+    """--resume onto an OUT that is a mount point (the run's dir bind-mounted into a container)
+    is refused before any step, as a new run there is: the trained checkpoint, built beside OUT,
+    could not be renamed into its place, and the run failed only once it had trained."""
+    import os
+
+    out = tmp_path / "out"
+    argv = ["train", "--stage", "2", "--model", str(tiny_checkpoint), "--out", str(out)]
+    argv += ["--data", str(data["train"]), "--images", str(data["images"]), "--batch-size", "1"]
+    argv += ["--save-steps", "1", "--no-gradient-checkpointing"]
+    assert cli([*argv, "--max-steps", "1"]) == 0
+    capsys.readouterr()
+    ismount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == out or ismount(p))
+    assert cli([*argv, "--max-steps", "2", "--resume"]) == 1
+    assert last_line(capsys.readouterr().err) == (
+        f"llava-edge train: error: output dir {out} is a mount point, which the new dir, built "
+        "beside it and renamed into its place, cannot replace; give a new dir inside it"
+    )
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1"]

@@ -498,6 +498,8 @@ def _check_out_dir(out: Path, model: Path, opts: TrainOptions, template: str) ->
 
     trainer_dir = out / TRAINER_DIR
     if opts.resume:
+        # A resumed run installs its checkpoint as OUT as a new one does: the same checks.
+        check_output_dir(out, force=True, keep=model, keep_name="the --model checkpoint")
         last = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
         if last is None:
             raise LlavaEdgeError(f"--resume: {trainer_dir} holds no checkpoint to resume from")
