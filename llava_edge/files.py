@@ -39,7 +39,7 @@ def check_output_dir(
             raise LlavaEdgeError(
                 f"output {out} exists and is not a directory; choose another output dir"
             )
-        if os.path.ismount(out):  # a Docker bind mount, a disk: no rename replaces it
+        if is_mount_point(out):  # a Docker bind mount, a disk: no rename replaces it
             raise LlavaEdgeError(
                 f"output dir {out} is a mount point, which the new dir, built beside it and "
                 "renamed into its place, cannot replace; give a new dir inside it"
@@ -82,6 +82,33 @@ def check_output_dir(
                 f"output dir {out} is inside {keep_name} {keep}, which would then hold it; "
                 "choose a dir outside it"
             )
+
+
+MOUNTINFO = Path("/proc/self/mountinfo")  # Linux's table of this process's mounts
+
+
+def is_mount_point(path: Path) -> bool:
+    """Whether `path` (not a symlink to one) is where a filesystem is mounted. os.path.ismount
+    compares devices, which a bind mount of a dir of the same disk shares with its parent (and
+    a rename crosses it no more than another disk's): Linux's mount table names those."""
+    if os.path.ismount(path):
+        return True
+    if os.path.islink(path):
+        return False
+    try:
+        table = MOUNTINFO.read_bytes()
+    except OSError:  # no /proc: not Linux
+        return False
+    real = os.fsencode(os.path.realpath(path))
+    return any(
+        len(fields) > 4 and _unescaped(fields[4]) == real  # the 5th field: the mount point
+        for fields in (line.split(b" ") for line in table.splitlines())
+    )
+
+
+def _unescaped(field: bytes) -> bytes:
+    """A path of the mount table, where space, tab, newline and backslash are written \\ooo."""
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), field)
 
 
 def check_output_file(out: str | os.PathLike, flag: str) -> None:

@@ -97,3 +97,34 @@ def test_an_output_that_is_a_mount_point_is_refused_before_any_work(
         "give a new dir inside it\n"
     )
     assert sorted(tmp_path.iterdir()) == [out] and not any(out.iterdir())
+
+
+def test_a_bind_mount_of_the_same_disk_is_refused_as_a_mount_point(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A dir bind-mounted from the same disk has its parent's device, which os.path.ismount
+    compares: Linux's mount table (its paths escaped, `\\040` a space) names it, and a rename no
+    more replaces it (train's save failed with EXDEV after the whole run). A symlink to it is
+    replaced as any other link is."""
+    from llava_edge import files
+    from llava_edge.cli import main
+
+    out = tmp_path / "bind mount"
+    out.mkdir()
+    escaped = str(out).replace(" ", "\\040")
+    table = tmp_path.parent / f"{tmp_path.name}.mountinfo"
+    table.write_text(
+        "22 27 0:21 / /proc rw,relatime - proc proc rw\n"
+        f"611 27 254:0 /srv/runs {escaped} rw,relatime - ext4 /dev/vda rw\n"
+    )
+    monkeypatch.setattr(files, "MOUNTINFO", table, raising=False)
+    assert main(["init", str(out), "--preset", "tiny"]) == 1
+    assert capsys.readouterr().err.startswith(
+        f"llava-edge init: error: output dir {out} is a mount point"
+    )
+    assert not any(out.iterdir())
+    link = tmp_path / "current"
+    link.symlink_to(out)
+    assert main(["init", str(link), "--preset", "tiny"]) == 0
+    assert (link / "config.json").is_file() and not link.is_symlink()
+    table.unlink()
