@@ -190,7 +190,12 @@ def test_adapters_onto_another_base_of_their_shape_are_refused(
     assert cli(["merge-lora", str(out / "adapter"), str(merged), "--base", str(copy)]) == 0
     init_checkpoint(base, preset="tiny", seed=1, force=True)  # redone where the adapters point
     assert cli(["merge-lora", str(out / "adapter"), str(tmp_path / "again")]) == 1
-    assert "were trained from --model" in last_line(capsys.readouterr().err)
+    assert last_line(capsys.readouterr().err) == (  # not "trained from --model X, not X"
+        f"llava-edge merge-lora: error: the base checkpoint {base} was written over since the "
+        f"adapters in {out / 'adapter'} were trained from it (its projector, token embeddings or "
+        "shape differ): merged there they would make a model nobody trained; give --base a copy "
+        "of the checkpoint they were trained from"
+    )
 
 
 def test_adapters_given_as_a_checkpoint_are_sent_to_merge_lora(

@@ -93,7 +93,7 @@ def merge_lora(
     if not (base / "config.json").is_file():
         raise LlavaEdgeError(f"base checkpoint {base} does not exist; pass --base")
     _check_not_merged_into(base, adapter_dir, config)
-    _check_trained_from(base, adapter_dir)
+    _check_trained_from(base, adapter_dir, config)
     out = Path(out_dir)
     check_output_dir(out, force, keep=adapter_dir, keep_name="the adapters")
     check_output_dir(out, force, keep=base, keep_name="the base checkpoint")
@@ -140,12 +140,13 @@ def _check_not_merged_into(base: Path, adapter_dir: Path, config: Any) -> None:
         )
 
 
-def _check_trained_from(base: Path, adapter_dir: Path) -> None:
+def _check_trained_from(base: Path, adapter_dir: Path, config: Any) -> None:
     """Refuse a base other than the one `train` trained the adapters from (the run record it
     saves beside them names it by checkpoint.base_fingerprint): another model of the same shape
     (another fine-tune, another stage-1 projector, a checkpoint rewritten at the path the
-    adapters name) takes them without a size mismatch and gives a model nobody trained.
-    Adapters saved without a record are not checked."""
+    adapters name) takes them without a size mismatch and gives a model nobody trained; that
+    last is said so where `base` is the path the adapters' config names. Adapters saved without
+    a record are not checked."""
     from llava_edge.training.checkpoint import base_fingerprint
     from llava_edge.training.train import RUN_FILE
 
@@ -161,6 +162,14 @@ def _check_trained_from(base: Path, adapter_dir: Path) -> None:
         ) from None
     if not isinstance(was, dict) or was.get("base_sha256") in (None, base_fingerprint(base)):
         return
+    named = config.base_model_name_or_path  # the path they were trained from, absolute
+    if named and Path(named).resolve() == base.resolve():
+        raise LlavaEdgeError(
+            f"the base checkpoint {base} was written over since the adapters in {adapter_dir} "
+            "were trained from it (its projector, token embeddings or shape differ): merged "
+            "there they would make a model nobody trained; give --base a copy of the "
+            "checkpoint they were trained from"
+        )
     raise LlavaEdgeError(
         f"the adapters in {adapter_dir} were trained from --model {was.get('base')}, not {base} "
         "(their projector, token embeddings or shape differ): merged there they would make a "
