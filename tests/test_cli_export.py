@@ -344,14 +344,7 @@ def test_pickled_weights_are_refused(
     """Weights load from safetensors only: a pickle (pytorch_model.bin) could run code. The
     refusal says so and how to get safetensors, where transformers' named only the
     model.safetensors it did not find."""
-    import torch
-    from safetensors.torch import load_file
-
-    checkpoint = tmp_path / "pickled"
-    shutil.copytree(tiny_checkpoint, checkpoint)
-    weights = load_file(checkpoint / "model.safetensors")
-    (checkpoint / "model.safetensors").unlink()
-    torch.save(weights, checkpoint / "pytorch_model.bin")
+    checkpoint = pickled_checkpoint(tiny_checkpoint, tmp_path / "pickled")
     out = tmp_path / "out"
     if command == "export":
         assert main(["export", str(checkpoint), str(out), "--no-verify"]) == 1
@@ -365,6 +358,50 @@ def test_pickled_weights_are_refused(
     assert "pickled PyTorch files (pytorch_model*.bin)" in line
     assert "use_safetensors=False, save_pretrained" in line
     assert not out.exists()
+
+
+def pickled_checkpoint(tiny_checkpoint: Path, out: Path) -> Path:
+    """The tiny checkpoint with its weights in pytorch_model.bin, not model.safetensors."""
+    import torch
+    from safetensors.torch import load_file
+
+    shutil.copytree(tiny_checkpoint, out)
+    torch.save(load_file(out / "model.safetensors"), out / "pytorch_model.bin")
+    (out / "model.safetensors").unlink()
+    return out
+
+
+def test_pickled_weights_are_refused_before_the_data_or_the_adapters_are_judged(
+    tiny_checkpoint: Path, tmp_path: Path, capsys
+) -> None:
+    """The refusal comes first: train's, before its data is read (a sample whose picture is
+    missing, which took minutes at LLaVA-665k's size); merge-lora's, before the base is compared
+    with the one the adapters were trained from, which read no weights in it and called it
+    another model."""
+    import torch
+
+    from llava_edge.modeling import load_model
+    from llava_edge.training.checkpoint import base_fingerprint
+    from llava_edge.training.lora import add_lora
+    from llava_edge.training.train import RUN_FILE
+
+    checkpoint = pickled_checkpoint(tiny_checkpoint, tmp_path / "pickled")
+    data = tmp_path / "data.json"
+    talk = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A cat."}]
+    data.write_text(json.dumps([{"id": "0", "image": "gone.png", "conversations": talk}]))
+    adapters = tmp_path / "adapters"
+    add_lora(load_model(tiny_checkpoint, dtype=torch.float32), 2, 4, 0.0).save_pretrained(adapters)
+    (adapters / RUN_FILE).write_text(json.dumps({"base_sha256": base_fingerprint(tiny_checkpoint)}))
+    out = tmp_path / "out"
+    train = ["train", "--stage", "2", "--model", str(checkpoint), "--data", str(data)]
+    for argv in (
+        [*train, "--images", str(tmp_path), "--out", str(out)],
+        ["merge-lora", str(adapters), str(out), "--base", str(checkpoint)],
+    ):
+        assert main(argv) == 1
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "pickled PyTorch files (pytorch_model*.bin)" in line, line
+        assert not out.exists()
 
 
 def partial_checkpoint(tiny_checkpoint: Path, out: Path) -> Path:

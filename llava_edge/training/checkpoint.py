@@ -439,13 +439,18 @@ def base_fingerprint(checkpoint: str | Path) -> str:
     token embeddings' tensors (dtype, shape, bytes; a few hundred MB at 7B, read one tensor at a
     time without loading the model). Two models (another fine-tune, another stage-1 projector)
     differ there; a copy of one, anywhere, does not, nor do its tensors' names (which
-    transformers versions spell differently)."""
+    transformers versions spell differently). Weights in pickled files alone are refused
+    (modeling.refuse_pickled_weights) here, before any work: read from safetensors only, they
+    would leave the shape alone to tell models apart."""
     import hashlib
 
     import torch
     from safetensors import SafetensorError, safe_open
 
+    from llava_edge.modeling import refuse_pickled_weights
+
     checkpoint = Path(checkpoint)
+    refuse_pickled_weights(checkpoint)
     config = _read_config(checkpoint)
     shape = {
         part: {
