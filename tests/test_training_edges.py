@@ -392,3 +392,35 @@ def test_resume_into_a_mount_point_is_refused_before_training(
         "beside it and renamed into its place, cannot replace; give a new dir inside it"
     )
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1"]
+
+
+def test_a_step_whose_loss_alone_is_not_finite_spoils_only_its_own_log(
+    tiny_checkpoint, data, tmp_path, monkeypatch
+):
+    """A step whose loss is not finite but whose weights stay finite (fp16's loss scaling
+    skips it) is logged as NaN, and the run goes on: the losses logged after it are the steps'
+    own, not NaN to the end (the trainer zeroes its running loss by subtracting it from
+    itself, which NaN survives)."""
+    import math
+
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from llava_edge.training.train import train
+
+    forward = LlavaForConditionalGeneration.forward
+    calls = []
+
+    def nan_loss_on_the_second_step(self, *args, **kwargs):
+        output = forward(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2 and output.loss is not None:  # NaN in value, its gradient finite
+            output.loss = output.loss + torch.tensor(float("nan"))
+        return output
+
+    monkeypatch.setattr(LlavaForConditionalGeneration, "forward", nan_loss_on_the_second_step)
+    result = train(2, tiny_checkpoint, data["train"], tmp_path / "out", images=data["images"],
+                   max_steps=4, global_batch_size=1, logging_steps=1, save_steps=1000,
+                   gradient_checkpointing=False, progress=False)  # fmt: skip
+    assert [step for step, _ in result.losses] == [1, 2, 3, 4]
+    assert [math.isfinite(loss) for _, loss in result.losses] == [True, False, True, True]

@@ -850,7 +850,7 @@ def _make_trainer(
 
     class LlavaTrainer(Trainer):
         """Trainer with an optional learning rate of its own for the projector (LLaVA's
-        mm_projector_lr, used with LoRA)."""
+        mm_projector_lr, used with LoRA), whose logs each show their own steps' loss."""
 
         def create_optimizer(self, model: Any = None) -> Any:
             if projector_lr is None or self.optimizer is not None:
@@ -875,6 +875,15 @@ def _make_trainer(
                 **kwargs,
             )
             return self.optimizer
+
+        def _maybe_log_save_evaluate(self, tr_loss: Any, *args: Any, **kwargs: Any) -> None:
+            # A log zeroes the running loss as `tr_loss -= tr_loss`, which leaves a NaN or
+            # infinite one NaN: every later log would show NaN for one step's loss (a step
+            # fp16's loss scaling skipped, which the Diverged callback lets the run go on from).
+            logged = self._globalstep_last_logged
+            super()._maybe_log_save_evaluate(tr_loss, *args, **kwargs)
+            if self._globalstep_last_logged != logged:
+                tr_loss.zero_()
 
         def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
             if self.lr_scheduler is None:
