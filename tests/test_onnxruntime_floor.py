@@ -67,6 +67,15 @@ def answers(python_path: str | None, image: Path, dirs: list[Path], cache: Path)
     return json.loads(done.stdout.splitlines()[-1])
 
 
+def pictures(folder: Path, count: int) -> Path:
+    """`count` noise pictures, 0.png on, in a new `folder`: calibration images for quantize."""
+    folder.mkdir()
+    for i in range(count):
+        pixels = np.random.default_rng(i).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    return folder
+
+
 def test_the_floor_onnxruntime_answers_as_the_newest(
     context_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -75,11 +84,7 @@ def test_the_floor_onnxruntime_answers_as_the_newest(
     from llava_edge.calib.quantize import quantize_model
 
     assert (FLOOR / "onnxruntime").is_dir(), f"{FLOOR} has no onnxruntime: run `make setup`"
-    images = tmp_path / "images"
-    images.mkdir()
-    for i in range(3):
-        pixels = np.random.default_rng(i).integers(0, 256, (40, 48, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(images / f"{i}.png")
+    images = pictures(tmp_path / "images", 3)
     int4 = tmp_path / "int4"
     quantize_model(context_model_dir, int4, "int4", images=images, samples=3, log=quiet)
     dirs = [context_model_dir, int4]
@@ -116,11 +121,7 @@ def test_the_floor_runs_the_standard_graphs_of_a_fused_decoder_it_cannot(
     says so on stderr once; the fused form asked for is refused in one line."""
     from llava_edge.calib.quantize import quantize_model
 
-    images = tmp_path / "images"
-    images.mkdir()
-    for i in range(2):
-        pixels = np.random.default_rng(i).integers(0, 256, (40, 48, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(images / f"{i}.png")
+    images = pictures(tmp_path / "images", 2)
     model = tmp_path / "int8_cache"
     quantize_model(
         tiny_model_dir, model, "int4", images=images, samples=2, kv_cache="int8", log=quiet
