@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -625,6 +626,41 @@ def test_a_prompt_of_several_images_never_tiles_them(exported: Exported, monkeyp
         assert tiled == []
         pipe.answer(first, QUESTION, max_new_tokens=1)
         assert len(tiled) == 1
+
+
+def _made_meanwhile(method: Any, finish: Any) -> Any:
+    """A trace that runs `finish` (another thread making the same pixels) between the first
+    and the second line of `method`, which a thread switch may interleave there."""
+    lines = []
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        if event == "line":
+            lines.append(frame.f_lineno)
+            if len(lines) == 2:
+                finish()
+        return local
+
+    return lambda frame, event, arg: local if frame.f_code is method.__code__ else None
+
+
+@pytest.mark.parametrize("form", ["pixels", "square"])
+def test_an_images_forms_made_by_two_threads_at_once(form: str) -> None:
+    """Two threads reading an image's lazily made pixels (or untiled form) at once, as threads
+    submitting one prepared frame (BatchEngine.submit_ids) may, each get them, whichever makes
+    them first."""
+    from llava_edge.runtime.anyres import ImagePixels
+
+    array = np.ones((1, 3, 2, 2), np.float32)
+    untiled = ImagePixels(array, (2, 2), "untiled k", untiled=True)
+    image = ImagePixels(lambda: array, (2, 2), "tiled k", lambda: untiled)
+    method = ImagePixels.pixels.fget if form == "pixels" else ImagePixels.square
+    other = {"pixels": lambda: image.pixels, "square": image.square}[form]
+    sys.settrace(_made_meanwhile(method, other))
+    try:
+        got = method(image)
+    finally:
+        sys.settrace(None)
+    assert got is (array if form == "pixels" else untiled)
 
 
 def test_the_feature_cache_holds_a_contexts_worth_of_tiled_pictures(exported: Exported) -> None:

@@ -72,9 +72,10 @@ class ImagePixels:
     def pixels(self) -> np.ndarray:
         """[1 + tiles, 3, H, W] float32; [1, 3, H, W] untiled. Made on first use where they were
         not given (two threads asking at once may both make them, the same)."""
-        if callable(self._pixels):
-            self._pixels = self._pixels()
-        return self._pixels
+        pixels = self._pixels  # read once: another thread may replace it meanwhile
+        if callable(pixels):
+            pixels = self._pixels = pixels()
+        return pixels
 
     @property
     def has_square(self) -> bool:
@@ -83,9 +84,10 @@ class ImagePixels:
 
     def square(self) -> ImagePixels:
         """The untiled form (has_square), made on the first call and kept."""
-        if not isinstance(self._square, ImagePixels):
-            self._square = self._square()
-        return self._square
+        square = self._square  # read once: another thread may replace it meanwhile
+        if not isinstance(square, ImagePixels):
+            square = self._square = square()
+        return square
 
 
 def pixels_list(images: ImagePixels | list[ImagePixels] | None) -> list[ImagePixels]:
