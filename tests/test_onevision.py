@@ -721,6 +721,24 @@ def test_watch_keeps_a_frame_too_long_alone_for_the_next_frames(
     assert [answer.error for answer in answers[1:]] == [None, None]
 
 
+def test_watch_skips_a_frame_too_far_from_square_to_read_with_others(
+    exported: Exported, tmp_path: Path
+) -> None:
+    """`watch --frames 2`: a strip OneVision tiles alone but cannot pad to a square, untiled, is
+    reported and skipped as a frame that cannot be read, not kept to fail every frame after it."""
+    Image.new("RGB", (9000, 1), (10, 20, 30)).save(tmp_path / "frame_0.png")
+    for i in range(1, 4):
+        picture(*IMAGES["small"], seed=i).save(tmp_path / f"frame_{i}.png")
+    with (
+        Pipeline.load(exported.model_dir) as pipe,
+        pipe.watch(tmp_path, QUESTION, frames=2, max_new_tokens=1) as answers,
+    ):
+        answers = list(answers)
+    assert [answer.frames for answer in answers] == [[], [1], [1, 2], [2, 3]]
+    assert "frame 0 could not be read: image is 9000x1" in answers[0].error
+    assert [answer.error for answer in answers[1:]] == [None, None, None]
+
+
 def test_a_video_placeholder_is_refused(exported: Exported) -> None:
     """A prompt may not hold the video placeholder, which transformers' processor refuses
     without a video and the runtime has no input for."""
