@@ -11,6 +11,7 @@ the whole conversation, on every entry point.
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import sys
@@ -737,6 +738,32 @@ def test_watch_skips_a_frame_too_far_from_square_to_read_with_others(
     assert [answer.frames for answer in answers] == [[], [1], [1, 2], [2, 3]]
     assert "frame 0 could not be read: image is 9000x1" in answers[0].error
     assert [answer.error for answer in answers[1:]] == [None, None, None]
+
+
+def test_a_chat_of_a_picture_too_far_from_square_and_another_fails_at_once(
+    exported: Exported, tmp_path: Path
+) -> None:
+    """A strip OneVision tiles alone cannot pad to a square, untiled, as a chat of it and
+    another image reads it: `chat --image strip --image photo` fails before its greeting, as a
+    bad image does, not at every question after it."""
+    from llava_edge.errors import TooLarge
+    from llava_edge.runtime.interactive import chat_loop
+
+    strip, photo = tmp_path / "strip.png", tmp_path / "photo.png"
+    Image.new("RGB", (9000, 1), (10, 20, 30)).save(strip)
+    picture(*IMAGES["small"]).save(photo)
+    out, lines = io.StringIO(), iter(["Hi"])
+
+    def read(_prompt: str) -> str:
+        for line in lines:
+            return line
+        raise EOFError  # the chat ends
+
+    with Pipeline.load(exported.model_dir) as pipe:
+        with pytest.raises(TooLarge, match="image is 9000x1"):
+            chat_loop(pipe, [str(strip), str(photo)], {}, read=read, out=out)
+        assert out.getvalue() == ""
+        assert pipe.chat(str(strip)).ask(QUESTION, max_new_tokens=1) is not None  # alone: tiled
 
 
 def test_a_video_placeholder_is_refused(exported: Exported) -> None:
