@@ -898,6 +898,8 @@ def test_the_server_names_the_message_that_holds_the_video_placeholder(
             error = refused.json()["error"]
             assert error["param"] == param
             assert "'<video>', the model's video placeholder" in error["message"]
+            # several frames go in one request, as image_url parts
+            assert "(send its frames as image_url parts)" in error["message"]
         body = {"model": "m", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 2}
         assert client.post("/v1/chat/completions", json=body).status_code == 200
 
