@@ -745,7 +745,8 @@ def test_a_chat_of_a_picture_too_far_from_square_and_another_fails_at_once(
 ) -> None:
     """A strip OneVision tiles alone cannot pad to a square, untiled, as a chat of it and
     another image reads it: `chat --image strip --image photo` fails before its greeting, as a
-    bad image does, not at every question after it."""
+    bad image does, not at every question after it; `/add photo` in a chat of the strip says so
+    at once."""
     from llava_edge.errors import TooLarge
     from llava_edge.runtime.interactive import chat_loop
 
@@ -764,6 +765,10 @@ def test_a_chat_of_a_picture_too_far_from_square_and_another_fails_at_once(
             chat_loop(pipe, [str(strip), str(photo)], {}, read=read, out=out)
         assert out.getvalue() == ""
         assert pipe.chat(str(strip)).ask(QUESTION, max_new_tokens=1) is not None  # alone: tiled
+        lines = iter([f"/add {photo}"])  # the chat's strip, with a second image: said at once
+        chat_loop(pipe, str(strip), {}, read=read, out=out)
+    assert "error: image is 9000x1" in out.getvalue()
+    assert "the next question brings" not in out.getvalue()
 
 
 def test_a_video_placeholder_is_refused(exported: Exported) -> None:
