@@ -11,8 +11,10 @@ the whole conversation, on every entry point.
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -627,6 +629,41 @@ def test_a_prompt_of_several_images_never_tiles_them(exported: Exported, monkeyp
         assert len(tiled) == 1
 
 
+def _made_meanwhile(method: Any, finish: Any) -> Any:
+    """A trace that runs `finish` (another thread making the same pixels) between the first
+    and the second line of `method`, which a thread switch may interleave there."""
+    lines = []
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        if event == "line":
+            lines.append(frame.f_lineno)
+            if len(lines) == 2:
+                finish()
+        return local
+
+    return lambda frame, event, arg: local if frame.f_code is method.__code__ else None
+
+
+@pytest.mark.parametrize("form", ["pixels", "square"])
+def test_an_images_forms_made_by_two_threads_at_once(form: str) -> None:
+    """Two threads reading an image's lazily made pixels (or untiled form) at once, as threads
+    submitting one prepared frame (BatchEngine.submit_ids) may, each get them, whichever makes
+    them first."""
+    from llava_edge.runtime.anyres import ImagePixels
+
+    array = np.ones((1, 3, 2, 2), np.float32)
+    untiled = ImagePixels(array, (2, 2), "untiled k", untiled=True)
+    image = ImagePixels(lambda: array, (2, 2), "tiled k", lambda: untiled)
+    method = ImagePixels.pixels.fget if form == "pixels" else ImagePixels.square
+    other = {"pixels": lambda: image.pixels, "square": image.square}[form]
+    sys.settrace(_made_meanwhile(method, other))
+    try:
+        got = method(image)
+    finally:
+        sys.settrace(None)
+    assert got is (array if form == "pixels" else untiled)
+
+
 def test_the_feature_cache_holds_a_contexts_worth_of_tiled_pictures(exported: Exported) -> None:
     """Pictures asked about alone, each tiled, are cached up to the context's worth of features,
     not as many as the context holds untiled; a prompt of as many pictures as fit, each
@@ -683,6 +720,55 @@ def test_watch_keeps_a_frame_too_long_alone_for_the_next_frames(
     assert [answer.frames for answer in answers] == [[], [0, 1], [1, 2]]
     assert "frame 0 did not fit" in answers[0].error
     assert [answer.error for answer in answers[1:]] == [None, None]
+
+
+def test_watch_skips_a_frame_too_far_from_square_to_read_with_others(
+    exported: Exported, tmp_path: Path
+) -> None:
+    """`watch --frames 2`: a strip OneVision tiles alone but cannot pad to a square, untiled, is
+    reported and skipped as a frame that cannot be read, not kept to fail every frame after it."""
+    Image.new("RGB", (9000, 1), (10, 20, 30)).save(tmp_path / "frame_0.png")
+    for i in range(1, 4):
+        picture(*IMAGES["small"], seed=i).save(tmp_path / f"frame_{i}.png")
+    with (
+        Pipeline.load(exported.model_dir) as pipe,
+        pipe.watch(tmp_path, QUESTION, frames=2, max_new_tokens=1) as answers,
+    ):
+        answers = list(answers)
+    assert [answer.frames for answer in answers] == [[], [1], [1, 2], [2, 3]]
+    assert "frame 0 could not be read: image is 9000x1" in answers[0].error
+    assert [answer.error for answer in answers[1:]] == [None, None, None]
+
+
+def test_a_chat_of_a_picture_too_far_from_square_and_another_fails_at_once(
+    exported: Exported, tmp_path: Path
+) -> None:
+    """A strip OneVision tiles alone cannot pad to a square, untiled, as a chat of it and
+    another image reads it: `chat --image strip --image photo` fails before its greeting, as a
+    bad image does, not at every question after it; `/add photo` in a chat of the strip says so
+    at once."""
+    from llava_edge.errors import TooLarge
+    from llava_edge.runtime.interactive import chat_loop
+
+    strip, photo = tmp_path / "strip.png", tmp_path / "photo.png"
+    Image.new("RGB", (9000, 1), (10, 20, 30)).save(strip)
+    picture(*IMAGES["small"]).save(photo)
+    out, lines = io.StringIO(), iter(["Hi"])
+
+    def read(_prompt: str) -> str:
+        for line in lines:
+            return line
+        raise EOFError  # the chat ends
+
+    with Pipeline.load(exported.model_dir) as pipe:
+        with pytest.raises(TooLarge, match="image is 9000x1"):
+            chat_loop(pipe, [str(strip), str(photo)], {}, read=read, out=out)
+        assert out.getvalue() == ""
+        assert pipe.chat(str(strip)).ask(QUESTION, max_new_tokens=1) is not None  # alone: tiled
+        lines = iter([f"/add {photo}"])  # the chat's strip, with a second image: said at once
+        chat_loop(pipe, str(strip), {}, read=read, out=out)
+    assert "error: image is 9000x1" in out.getvalue()
+    assert "the next question brings" not in out.getvalue()
 
 
 def test_a_video_placeholder_is_refused(exported: Exported) -> None:
@@ -817,6 +903,8 @@ def test_the_server_names_the_message_that_holds_the_video_placeholder(
             error = refused.json()["error"]
             assert error["param"] == param
             assert "'<video>', the model's video placeholder" in error["message"]
+            # several frames go in one request, as image_url parts
+            assert "(send its frames as image_url parts)" in error["message"]
         body = {"model": "m", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 2}
         assert client.post("/v1/chat/completions", json=body).status_code == 200
 

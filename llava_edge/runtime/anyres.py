@@ -37,6 +37,7 @@ from PIL import Image
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import AnyResSpec, ImageSpec, Manifest
+from llava_edge.runtime.image import _check_steps as check_steps
 from llava_edge.runtime.image import preprocess
 
 
@@ -72,9 +73,10 @@ class ImagePixels:
     def pixels(self) -> np.ndarray:
         """[1 + tiles, 3, H, W] float32; [1, 3, H, W] untiled. Made on first use where they were
         not given (two threads asking at once may both make them, the same)."""
-        if callable(self._pixels):
-            self._pixels = self._pixels()
-        return self._pixels
+        pixels = self._pixels  # read once: another thread may replace it meanwhile
+        if callable(pixels):
+            pixels = self._pixels = pixels()
+        return pixels
 
     @property
     def has_square(self) -> bool:
@@ -83,9 +85,10 @@ class ImagePixels:
 
     def square(self) -> ImagePixels:
         """The untiled form (has_square), made on the first call and kept."""
-        if not isinstance(self._square, ImagePixels):
-            self._square = self._square()
-        return self._square
+        square = self._square  # read once: another thread may replace it meanwhile
+        if not isinstance(square, ImagePixels):
+            square = self._square = square()
+        return square
 
 
 def pixels_list(images: ImagePixels | list[ImagePixels] | None) -> list[ImagePixels]:
@@ -175,8 +178,19 @@ def image_pixels(image: Image.Image, spec: ImageSpec) -> ImagePixels:
 def _untiled(image: Image.Image, spec: ImageSpec, key: str) -> ImagePixels:
     """The image padded to a square with the mean colour and resized to the vision encoder's
     input, as LlavaOnevisionImageProcessor prepares each of a prompt's several images."""
-    flat = ImageSpec(**{**spec.__dict__, "anyres": None, "pad_to_square": True})
-    return ImagePixels(preprocess(image, flat)[None], image.size, key, untiled=True)
+    return ImagePixels(preprocess(image, _flat(spec))[None], image.size, key, untiled=True)
+
+
+def _flat(spec: ImageSpec) -> ImageSpec:
+    """The preprocessing of an untiled image: padded to a square, no tiles."""
+    return ImageSpec(**{**spec.__dict__, "anyres": None, "pad_to_square": True})
+
+
+def check_several(image: Image.Image, spec: ImageSpec) -> None:
+    """Refuse (TooLarge) an image a prompt of several cannot read, from its size alone: on
+    LLaVA-OneVision, one too far from square to pad to a square untiled (which it tiles alone)."""
+    if untiles_several(spec):
+        check_steps(image.height, image.width, _flat(spec))
 
 
 def feature_count(size: tuple[int, int], spec: ImageSpec, num_image_tokens: int) -> int:

@@ -835,8 +835,11 @@ class ChatSession:
             raise LlavaEdgeError("a chat's history is a list of (question, answer) pairs")
         self.pipeline = pipeline
         self.options = options
-        # loaded and checked here, so a bad image fails at once; encoded by the first turn
+        # loaded and checked here, so a bad image fails at once (each of several in the form
+        # the conversation reads it: LLaVA-OneVision pads it to a square); encoded by the first
+        # turn
         self.pixels = [pipeline.image_pixels(one) for one in image_list(image)]
+        prompt_forms(self.pixels)
         self.image_turns = [0] * len(self.pixels)  # the turn each image came with
         # the last features fed and the keys of the images they are of: a turn that failed,
         # asked again, does not encode them twice

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llava_edge.errors import LlavaEdgeError, PromptTooLong, TimedOut, TooLarge
-from llava_edge.runtime.anyres import untiles_several
+from llava_edge.runtime.anyres import check_several, untiles_several
 from llava_edge.runtime.frames import DEFAULT_TIMEOUT_S, Frame, open_frames
 from llava_edge.runtime.image import load_image
 from llava_edge.runtime.sampling import true_or_false, whole_number
@@ -233,6 +233,8 @@ def _answers(
             bad_frame: LlavaEdgeError | None = None
             try:  # decoded here, so that a bad frame is told from a failing answer
                 frame.pixels = load_image(frame.image, pipe.limits.max_image_pixels)
+                if frames > 1:  # asked about with the next frames, as one of several images
+                    check_several(frame.pixels, pipe.manifest.image)
             except LlavaEdgeError as e:
                 bad_frame = e
             if bad_frame is None:

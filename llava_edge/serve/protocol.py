@@ -329,7 +329,7 @@ def _text(text: str, param: str, video: str | None) -> str:
         raise ApiError(
             400,
             f"{param} holds the text {video!r}, the model's video placeholder: this server "
-            "takes no video (send its frames as images, one per request); take it out",
+            "takes no video (send its frames as image_url parts); take it out",
             param,
         )
     return text
