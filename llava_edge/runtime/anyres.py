@@ -92,8 +92,8 @@ class ImagePixels:
 
 
 def pixels_list(images: ImagePixels | list[ImagePixels] | None) -> list[ImagePixels]:
-    """No image, one, or several, as a list (an ImagePixels is itself a tuple). Anything else
-    is refused: an array's rows read as that many images, a path's characters as as many."""
+    """No image, one, or several, as a list. Anything else is refused: an array's rows read as
+    that many images, a path's characters as as many."""
     if images is None:
         return []
     if isinstance(images, ImagePixels):

@@ -35,16 +35,12 @@ Images = ImageInput | list[ImageInput] | tuple[ImageInput, ...] | None
 
 def image_list(images: Images) -> list[ImageInput]:
     """No image, one, or several, as a list. An image Pipeline.image_pixels prepared is refused,
-    naming where it goes: as a tuple, its fields would read as three images."""
+    naming where it goes."""
     from llava_edge.runtime.anyres import ImagePixels  # anyres builds on this module
 
     if images is None:
         return []
-    listed = (
-        list(images)
-        if isinstance(images, list | tuple) and not isinstance(images, ImagePixels)
-        else [images]
-    )
+    listed = list(images) if isinstance(images, list | tuple) else [images]
     if any(isinstance(one, ImagePixels) for one in listed):
         raise LlavaEdgeError(
             "an image prepared by Pipeline.image_pixels goes to prompt_ids, pixel_features or "

@@ -625,7 +625,8 @@ class Pipeline:
         return self.codec.encode(text, first=True, image_tokens=self.image_tokens(images))
 
     def image_pixels(self, image: ImageInput) -> ImagePixels:
-        """The image loaded (within the pixel limit) and preprocessed for the vision encoder."""
+        """The image loaded (within the pixel limit) and preprocessed for the vision encoder (on
+        LLaVA-OneVision, each form's pixels when a prompt first reads the image in it)."""
         self._check_open()
         loaded = load_image(image, self.limits.max_image_pixels)
         if loaded is image and untiles_several(self.manifest.image):
