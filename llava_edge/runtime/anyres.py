@@ -37,8 +37,7 @@ from PIL import Image
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.manifest import AnyResSpec, ImageSpec, Manifest
-from llava_edge.runtime.image import _check_steps as check_steps
-from llava_edge.runtime.image import preprocess
+from llava_edge.runtime.image import check_steps, preprocess
 
 
 class ImagePixels:
@@ -60,9 +59,8 @@ class ImagePixels:
     ):
         self._pixels = pixels  # or what makes them, on first use
         self.size = size  # (width, height) of the image as given
-        self.key = (
-            key  # names the image's features in this form (the feature cache's, prefix reuse's)
-        )
+        # names the image's features in this form (the feature cache's, prefix reuse's)
+        self.key = key
         # what makes the untiled form a prompt of several images reads the image in
         # (LLaVA-OneVision); None where a prompt of several reads it as one alone, and on the
         # untiled form itself
@@ -186,11 +184,14 @@ def _flat(spec: ImageSpec) -> ImageSpec:
     return ImageSpec(**{**spec.__dict__, "anyres": None, "pad_to_square": True})
 
 
-def check_several(image: Image.Image, spec: ImageSpec) -> None:
-    """Refuse (TooLarge) an image a prompt of several cannot read, from its size alone: on
-    LLaVA-OneVision, one too far from square to pad to a square untiled (which it tiles alone)."""
-    if untiles_several(spec):
-        check_steps(image.height, image.width, _flat(spec))
+def check_several(sizes: list[tuple[int, int]], spec: ImageSpec) -> None:
+    """Refuse (TooLarge) images one prompt cannot hold together, from their sizes (width,
+    height) alone: on LLaVA-OneVision each of several is padded to a square untiled, which one
+    too far from square cannot be (alone, it is tiled and read)."""
+    if len(sizes) > 1 and untiles_several(spec):
+        flat = _flat(spec)
+        for width, height in sizes:
+            check_steps(height, width, flat)
 
 
 def feature_count(size: tuple[int, int], spec: ImageSpec, num_image_tokens: int) -> int:

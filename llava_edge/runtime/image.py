@@ -386,7 +386,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def preprocess(image: Image.Image, spec: ImageSpec) -> np.ndarray:
     """An RGB PIL image -> float32 pixel_values [3, H, W], as the checkpoint's processor computes
     them."""
-    _check_steps(image.height, image.width, spec)
+    check_steps(image.height, image.width, spec)
     array = np.asarray(image, dtype=np.uint8)
     if spec.pad_to_square:
         array = _pad_to_square(array, tuple(int(m * 255) for m in spec.mean))
@@ -407,7 +407,7 @@ def preprocess(image: Image.Image, spec: ImageSpec) -> np.ndarray:
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
-def _check_steps(height: int, width: int, spec: ImageSpec) -> None:
+def check_steps(height: int, width: int, spec: ImageSpec) -> None:
     """Refuse an image whose aspect ratio would blow up padding or resizing: the processor pads a
     1x60000 strip to 60000x60000 and resizes a 1x200000 one to 336x67 million pixels, gigabytes
     from a file of a few hundred bytes that the pixel limit lets through."""

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from llava_edge.errors import ChatFull, LlavaEdgeError
-from llava_edge.runtime.anyres import prompt_forms
+from llava_edge.runtime.anyres import check_several
 
 COMMANDS = (
     "/add PATH: an image for the next question, /reset: start over, /help: this, /quit: leave."
@@ -65,11 +65,11 @@ def chat_loop(
                 path = _image_path(rest)
                 if path is None:
                     raise LlavaEdgeError("/add takes the path of an image: /add PATH")
-                # a bad image is said now, not with the question: each of the conversation's
-                # images in the form it reads them with this one (LLaVA-OneVision pads each of
-                # several to a square)
-                held = [*session.pixels, *map(pipe.image_pixels, added)]
-                prompt_forms([*held, pipe.image_pixels(path)])
+                # a bad image is said now, not with the question, and so is one the
+                # conversation cannot hold with its others (LLaVA-OneVision pads each of several
+                # to a square)
+                held = [*session.pixels, *map(pipe.image_pixels, added), pipe.image_pixels(path)]
+                check_several([one.size for one in held], pipe.manifest.image)
                 added.append(path)
                 out.write(f"(the next question brings {path})\n")
             elif word == "/image":

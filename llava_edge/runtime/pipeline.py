@@ -30,6 +30,7 @@ from llava_edge.manifest import Manifest, TemplateSpec
 from llava_edge.runtime.answer import Answer, AnswerText, timings
 from llava_edge.runtime.anyres import (
     ImagePixels,
+    check_several,
     each_image_tokens,
     image_embeds,
     image_pixels,
@@ -836,11 +837,10 @@ class ChatSession:
             raise LlavaEdgeError("a chat's history is a list of (question, answer) pairs")
         self.pipeline = pipeline
         self.options = options
-        # loaded and checked here, so a bad image fails at once (each of several in the form
-        # the conversation reads it: LLaVA-OneVision pads it to a square); encoded by the first
-        # turn
+        # loaded and checked here, so a bad image fails at once (several, as one prompt holds
+        # them: LLaVA-OneVision pads each to a square); encoded by the first turn
         self.pixels = [pipeline.image_pixels(one) for one in image_list(image)]
-        prompt_forms(self.pixels)
+        check_several([one.size for one in self.pixels], pipeline.manifest.image)
         self.image_turns = [0] * len(self.pixels)  # the turn each image came with
         # the last features fed and the keys of the images they are of: a turn that failed,
         # asked again, does not encode them twice

@@ -233,8 +233,8 @@ def _answers(
             bad_frame: LlavaEdgeError | None = None
             try:  # decoded here, so that a bad frame is told from a failing answer
                 frame.pixels = load_image(frame.image, pipe.limits.max_image_pixels)
-                if frames > 1:  # asked about with the next frames, as one of several images
-                    check_several(frame.pixels, pipe.manifest.image)
+                # asked about with the next frames, as one of `frames` images
+                check_several([frame.pixels.size] * frames, pipe.manifest.image)
             except LlavaEdgeError as e:
                 bad_frame = e
             if bad_frame is None:
