@@ -35,7 +35,7 @@ from test_anyres import picture
 
 from llava_edge.errors import ChatFull, LlavaEdgeError
 from llava_edge.manifest import Manifest
-from llava_edge.runtime import Limits, Pipeline
+from llava_edge.runtime import Limits, Pipeline, anyres
 from llava_edge.runtime.anyres import (
     feature_count,
     image_embeds,
@@ -682,19 +682,25 @@ def test_the_feature_cache_holds_a_contexts_worth_of_tiled_pictures(exported: Ex
 
 
 def test_watch_asks_about_the_last_frames_untiled(
-    exported: Exported, tmp_path: Path, first_logits: list
+    exported: Exported, tmp_path: Path, first_logits: list, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`watch --frames 2`: the first answer is about its one frame, tiled; each later one about
-    two, untiled, as transformers reads a prompt of two images."""
+    two, untiled, as transformers reads a prompt of two images. Each frame's untiled input is
+    made once, though two answers read it."""
     images = [picture(*IMAGES[name], seed=i) for i, name in enumerate(["large", "tall", "small"])]
     for i, image in enumerate(images):
         image.save(tmp_path / f"frame_{i}.png")
+    made: list[str] = []
+    tiled, untiled = anyres.pixel_batch, anyres._untiled
+    monkeypatch.setattr(anyres, "pixel_batch", lambda *a: made.append("tiled") or tiled(*a))
+    monkeypatch.setattr(anyres, "_untiled", lambda *a: made.append("untiled") or untiled(*a))
     with (
         Pipeline.load(exported.model_dir) as pipe,
         pipe.watch(tmp_path, QUESTION, frames=2, max_new_tokens=1) as answers,
     ):
         frames = [answer.frames for answer in answers]
     assert frames == [[0], [0, 1], [1, 2]]
+    assert sorted(made) == ["tiled"] + ["untiled"] * 3  # frame 0's tiles for the first answer
     _close(first_logits[0], _hf_logits(exported, _hf_ids(exported, [(QUESTION, None)], images[0])))
     for seen, pair in zip(first_logits[1:], [images[:2], images[1:]], strict=True):
         _close(seen, _hf_logits(exported, _hf_several(exported, [(QUESTION, None)], pair, [0, 0])))

@@ -29,10 +29,12 @@ from PIL import Image
 
 from llava_edge import cli
 from llava_edge.errors import LlavaEdgeError
-from llava_edge.runtime import Answer, Limits, Pipeline, TimedOut
+from llava_edge.runtime import Answer, Limits, Pipeline, TimedOut, anyres
+from llava_edge.runtime.anyres import ImagePixels
 from llava_edge.runtime.frames import Frame, LatestFrame, VideoPixels, live_frames
 from llava_edge.runtime.image import load_image
 from llava_edge.runtime.watch import WatchAnswer
+from llava_edge.training.checkpoint import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 STEP = 6
 
@@ -52,7 +54,12 @@ def make_video(path: Path, frames: int, fps: int, codec: str = "ffv1") -> Path:
 
 
 def level(image) -> int:
-    """Which generated frame this is (an array, or a folder's image file)."""
+    """Which generated frame this is (an array, a folder's image file, or a frame as the tiny
+    model's vision encoder takes it: the red value at its centre, its normalization undone)."""
+    if isinstance(image, ImagePixels):
+        pixels = image.pixels
+        centre = float(pixels[0, 0, pixels.shape[2] // 2, pixels.shape[3] // 2])
+        return round((centre * OPENAI_CLIP_STD[0] + OPENAI_CLIP_MEAN[0]) * 255 / STEP)
     return round(float(np.asarray(load_image(image)).mean()) / STEP)
 
 
@@ -63,14 +70,14 @@ def pipe(tiny_model_dir: Path):
 
 
 class Recorder:
-    """Stands in for `pipe.answer`: records which frames each prompt got; answers from them."""
+    """Stands in for `pipe._answer_prepared`, which a watch asks with: records which frames each
+    prompt got; answers from them."""
 
     def __init__(self, delay_s: float = 0.0, text=lambda levels: f"frame {levels[-1]}"):
         self.delay_s, self.text = delay_s, text
         self.seen: list[list[int]] = []
 
-    def __call__(self, image, prompt: str, **options) -> Answer:
-        images = image if isinstance(image, list) else [image]
+    def __call__(self, images: list[ImagePixels], prompt: str, timer, **options) -> Answer:
         levels = [level(i) for i in images]
         self.seen.append(levels)
         time.sleep(self.delay_s)
@@ -80,7 +87,7 @@ class Recorder:
 @pytest.fixture
 def recorder(pipe, monkeypatch) -> Recorder:
     rec = Recorder()
-    monkeypatch.setattr(pipe, "answer", rec)
+    monkeypatch.setattr(pipe, "_answer_prepared", rec)
     return rec
 
 
@@ -261,7 +268,7 @@ def test_every_frame_of_the_largest_window_that_fits_is_answered(pipe, tmp_path)
 def test_a_slow_answerer_skips_stale_frames_instead_of_queueing(pipe, monkeypatch, tmp_path):
     video = make_video(tmp_path / "live.mkv", frames=40, fps=20)  # 2 s, replayed in real time
     slow = Recorder(delay_s=0.2)  # four frames arrive during each answer
-    monkeypatch.setattr(pipe, "answer", slow)
+    monkeypatch.setattr(pipe, "_answer_prepared", slow)
     answers = list(pipe.watch(video, "Now?", every_s=0.0, live=True))
     indices = [a.index for a in answers]
     assert slow.seen == [[i] for i in indices]  # each answer got the frame it reports
@@ -280,7 +287,7 @@ def test_only_the_frames_answered_are_converted_to_rgb(pipe, monkeypatch, tmp_pa
     converted = []
     convert = VideoPixels.rgb
     monkeypatch.setattr(VideoPixels, "rgb", lambda self: converted.append(self) or convert(self))
-    monkeypatch.setattr(pipe, "answer", Recorder(delay_s=0.2))
+    monkeypatch.setattr(pipe, "_answer_prepared", Recorder(delay_s=0.2))
     video = make_video(tmp_path / "clip.mkv", frames=30, fps=20)
     answers = list(pipe.watch(video, "Now?", every_s=0.5))  # offline: 3 of 30
     assert len(converted) == len(answers) == 3
@@ -307,7 +314,7 @@ def test_live_sampling_keeps_the_interval(pipe, recorder, tmp_path) -> None:
 def test_changes_only_reports_when_the_answer_changes(pipe, monkeypatch, tmp_path) -> None:
     video = make_video(tmp_path / "door.mkv", frames=30, fps=10)
     rec = Recorder(text=lambda levels: "The door is closed." if levels[0] < 15 else "Door open")
-    monkeypatch.setattr(pipe, "answer", rec)
+    monkeypatch.setattr(pipe, "_answer_prepared", rec)
     answers = list(pipe.watch(video, "Is the door open?", every_s=0.1, changes_only=True))
     assert [(a.index, a.text) for a in answers] == [(0, "The door is closed."), (15, "Door open")]
     assert len(rec.seen) == 30  # every frame was asked about, two answers reported
@@ -324,10 +331,40 @@ def test_several_frames_per_prompt(pipe, monkeypatch, tmp_path) -> None:
     real = list(pipe.watch(video, "What changed?", every_s=0.5, frames=2, max_new_tokens=2))
     assert [a.frames for a in real] == [[0], [0, 5], [5, 10], [10, 15]]
     rec = Recorder()
-    monkeypatch.setattr(pipe, "answer", rec)
+    monkeypatch.setattr(pipe, "_answer_prepared", rec)
     answers = list(pipe.watch(video, "What changed?", every_s=0.5, frames=3))
     assert rec.seen == [[0], [0, 5], [0, 5, 10], [5, 10, 15]]
     assert answers[-1].frames == [5, 10, 15]
+
+
+def test_each_frame_is_prepared_once_however_many_answers_it_is_in(
+    pipe, monkeypatch, tmp_path
+) -> None:
+    """`frames=3` asks about each frame in up to three answers: it is read and prepared for the
+    vision encoder once (resizing, normalizing and hashing a 1080p frame take about 30 ms), and
+    each answer is the one `answer` gives about the same frames, token for token."""
+    folder = tmp_path / "shots"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    pictures = [rng.integers(0, 256, (24, 40, 3), dtype=np.uint8) for _ in range(5)]
+    for i, one in enumerate(pictures):
+        Image.fromarray(one).save(folder / f"{i}.png")
+    options = dict(max_new_tokens=4, ignore_eos=True)
+    windows = [pictures[max(0, i - 2) : i + 1] for i in range(len(pictures))]
+    expected = [pipe.answer(window, "What changed?", **options) for window in windows]
+    prepared, answers = [], []
+    batch = anyres.pixel_batch
+    monkeypatch.setattr(anyres, "pixel_batch", lambda *a: prepared.append(a) or batch(*a))
+    real = pipe._answer_prepared
+    monkeypatch.setattr(
+        pipe, "_answer_prepared", lambda *a, **o: answers.append(real(*a, **o)) or answers[-1]
+    )
+    watched = list(pipe.watch(folder, "What changed?", every_s=0, frames=3, **options))
+    assert len(prepared) == len(pictures)  # one each, not 1 + 2 + 3 + 3 + 3
+    assert [a.frames for a in watched][-1] == [2, 3, 4]
+    assert [(a.prompt_token_ids, a.token_ids) for a in answers] == [
+        (a.prompt_token_ids, a.token_ids) for a in expected
+    ]
 
 
 def test_real_answers_through_the_cli(tiny_model_dir, tmp_path, capsys) -> None:
@@ -751,7 +788,7 @@ def test_an_apps_fast_camera_is_answered_about_its_newest_frame(pipe, monkeypatc
             released.set()
 
     slow = Recorder(delay_s=0.1)
-    monkeypatch.setattr(pipe, "answer", slow)
+    monkeypatch.setattr(pipe, "_answer_prepared", slow)
     answers = list(pipe.watch(driver(), "Now?", every_s=0.0))
     indices = [a.index for a in answers]
     assert slow.seen == [[i] for i in indices]  # not the buffer's later contents
@@ -769,7 +806,7 @@ def test_each_answer_says_how_stale_it_is_when_ready(pipe, monkeypatch) -> None:
         yield np.zeros((24, 32, 3), np.uint8)
         taken.wait(5)  # no newer frame while the answer runs
 
-    monkeypatch.setattr(pipe, "answer", Recorder(delay_s=0.3))
+    monkeypatch.setattr(pipe, "_answer_prepared", Recorder(delay_s=0.3))
     with pipe.watch(driver(), "Now?", every_s=0.0, max_frames=1) as answers:
         answer = next(answers)
         taken.set()
@@ -825,7 +862,7 @@ def test_an_apps_frames_of_any_size_dtype_and_mode_answer_as_alone(pipe, monkeyp
     ]
     options = dict(max_new_tokens=3, ignore_eos=True)
     alone = [pipe.answer(frame, "What is it?", **options).text for frame in frames]
-    real, answered, released = pipe.answer, threading.Event(), threading.Event()
+    real, answered, released = pipe._answer_prepared, threading.Event(), threading.Event()
 
     def answer(*args, **kwargs):
         try:
@@ -842,7 +879,7 @@ def test_an_apps_frames_of_any_size_dtype_and_mode_answer_as_alone(pipe, monkeyp
         finally:
             released.set()
 
-    monkeypatch.setattr(pipe, "answer", answer)
+    monkeypatch.setattr(pipe, "_answer_prepared", answer)
     answers = list(pipe.watch(driver(frames), "What is it?", every_s=0.0, **options))
     assert [a.text for a in answers] == alone
     assert [a.index for a in answers] == list(range(len(frames)))
@@ -875,7 +912,7 @@ def test_a_watch_closed_from_another_thread_ends_there(pipe, monkeypatch, tmp_pa
     """A robot's shutdown handler closes the watch while its worker thread is in an answer, or
     waits for a camera that sends nothing: close returns at once, the worker's loop ends without
     an error and the reader stops."""
-    monkeypatch.setattr(pipe, "answer", Recorder(delay_s=0.3))
+    monkeypatch.setattr(pipe, "_answer_prepared", Recorder(delay_s=0.3))
     before = len(readers())
     quiet = threading.Event()
 
@@ -911,13 +948,13 @@ def test_an_answer_interrupted_mid_way_leaves_the_next_watch_right(
     options = dict(every_s=0.5, max_new_tokens=8, ignore_eos=True)
     expected = [a.text for a in pipe.watch(video, "What is it?", **options)]
 
-    def interrupted(image, prompt, **kwargs):
-        pieces = pipe.stream(image, prompt, **kwargs)
+    def interrupted(images, prompt, timer, **kwargs):
+        pieces = pipe._stream(None, prompt, kwargs, prepared=images, timer=timer)
         next(pieces), next(pieces)
         raise KeyboardInterrupt
 
     before = len(readers())
-    monkeypatch.setattr(pipe, "answer", interrupted)
+    monkeypatch.setattr(pipe, "_answer_prepared", interrupted)
     with pytest.raises(KeyboardInterrupt):
         list(pipe.watch(video, "What is it?", live=True, **options))
     monkeypatch.undo()
@@ -934,13 +971,13 @@ def test_an_answer_past_its_time_limit_is_reported_and_the_watch_goes_on(
     video = make_video(tmp_path / "door.mkv", frames=30, fps=10)
     rec = Recorder(text=lambda levels: "Closed")
 
-    def slow_on_frame_ten(image, prompt, **options):
-        answer = rec(image, prompt, **options)
+    def slow_on_frame_ten(images, prompt, timer, **options):
+        answer = rec(images, prompt, timer, **options)
         if len(rec.seen) == 11:
             raise TimedOut("the request ran past its time limit of 1 s")
         return answer
 
-    monkeypatch.setattr(pipe, "answer", slow_on_frame_ten)
+    monkeypatch.setattr(pipe, "_answer_prepared", slow_on_frame_ten)
     answers = list(pipe.watch(video, "Is the door open?", every_s=0.1, changes_only=True))
     assert [(a.index, a.text, a.error) for a in answers] == [
         (0, "Closed", None),
@@ -1167,7 +1204,9 @@ def test_a_camera_that_drops_is_opened_again_within_the_reconnect_window(
 def test_a_watch_that_ends_while_its_camera_reconnects_opens_it_no_more(pipe, monkeypatch) -> None:
     """The camera must be free for the next watch: the pauses between tries end with the watch."""
     camera = Reconnecting(monkeypatch, [2, 2])
-    monkeypatch.setattr(pipe, "answer", Recorder(delay_s=0.05))  # the camera drops meanwhile
+    monkeypatch.setattr(
+        pipe, "_answer_prepared", Recorder(delay_s=0.05)
+    )  # the camera drops meanwhile
     answers = list(pipe.watch("/dev/null", "?", every_s=0.0, reconnect_s=5, max_frames=2))
     assert len(answers) == 2
     time.sleep(0.8)  # past the first pause (0.5 s)

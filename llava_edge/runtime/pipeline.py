@@ -341,6 +341,18 @@ class Pipeline:
             pass
         return pieces.answer
 
+    def _answer_prepared(
+        self, pixels: list[ImagePixels], prompt: str, timer: Timer, **options: Any
+    ) -> Answer:
+        """`answer` about images image_pixels prepared: a watch of the last K frames prepares
+        each frame once, not once for each of the K answers it is part of. timer: the request's,
+        started before the newest image was prepared, so that its preparing counts in the
+        answer's timings and time limit as it does in `answer`'s."""
+        pieces = self._stream(None, prompt, options, prepared=pixels, timer=timer)
+        for _ in pieces:
+            pass
+        return pieces.answer
+
     def stream(self, image: Images, prompt: str, **options: Any) -> TextStream:
         """The answer as text pieces, each whole UTF-8 characters, as soon as they are decoded.
 
@@ -490,12 +502,21 @@ class Pipeline:
             return tokens.pad_token_id
         return tokens.eos_token_ids[0] if tokens.eos_token_ids else 0  # fills finished rows only
 
-    def _stream(self, image: Images, prompt: str, options: dict) -> TextStream:
+    def _stream(
+        self,
+        image: Images,
+        prompt: str,
+        options: dict,
+        prepared: list[ImagePixels] | None = None,
+        timer: Timer | None = None,
+    ) -> TextStream:
+        """prepared: the images as image_pixels made them, in place of `image`; timer: the
+        request's, where it started before they were made (see _answer_prepared)."""
         raw, system = self._raw(options), self._system(options)
         timeout_s = self._timeout(options.pop("timeout_s", None))
         config = self._config(options)
-        timer = Timer()
-        ids, features = self._prepare(image, prompt, raw, system)
+        timer = timer or Timer()
+        ids, features = self._prepare(image, prompt, raw, system, prepared)
         timer.mark("vision")
         config = self._fit_context(config, len(ids), ids=ids)
         cache = self.backend.new_cache(1)
@@ -508,11 +529,19 @@ class Pipeline:
             raise LlavaEdgeError("this pipeline is closed; load the model dir again")
 
     def _prepare(
-        self, image: Images, prompt: str, raw: bool, system: str | None
+        self,
+        image: Images,
+        prompt: str,
+        raw: bool,
+        system: str | None,
+        prepared: list[ImagePixels] | None = None,
     ) -> tuple[list[int], np.ndarray | None]:
-        """Check the prompt, apply the template, encode it; run the vision encoder if needed."""
+        """Check the prompt, apply the template, encode it; run the vision encoder if needed.
+        prepared: the images as image_pixels made them, in place of `image`."""
         self._check_open()
-        pixels = [self.image_pixels(one) for one in image_list(image)]
+        pixels = (
+            [self.image_pixels(one) for one in image_list(image)] if prepared is None else prepared
+        )
         ids = self.prompt_ids(prompt, pixels, raw, system)
         return ids, self.pixel_features(pixels) if pixels else None
 

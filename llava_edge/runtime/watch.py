@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llava_edge.errors import LlavaEdgeError, PromptTooLong, TimedOut, TooLarge
-from llava_edge.runtime.anyres import check_several, untiles_several
+from llava_edge.runtime.anyres import ImagePixels, check_several, untiles_several
 from llava_edge.runtime.frames import DEFAULT_TIMEOUT_S, Frame, open_frames
+from llava_edge.runtime.generate import Timer
 from llava_edge.runtime.image import load_image
 from llava_edge.runtime.sampling import true_or_false, whole_number
 from llava_edge.runtime.template import IMAGE_PLACEHOLDER
@@ -223,7 +224,9 @@ def _answers(
     options: dict[str, Any],
     cancel: threading.Event,
 ) -> Generator[WatchAnswer, None, None]:
-    window: deque[Frame] = deque(maxlen=frames)
+    # the last frames' indices and their images as Pipeline.image_pixels prepared them: each
+    # frame is prepared once, however many answers it is part of
+    window: deque[tuple[int, ImagePixels]] = deque(maxlen=frames)
     last_text: str | None = None
     answered = bad = 0
     try:
@@ -232,24 +235,26 @@ def _answers(
                 return
             bad_frame: LlavaEdgeError | None = None
             try:  # decoded here, so that a bad frame is told from a failing answer
-                frame.pixels = load_image(frame.image, pipe.limits.max_image_pixels)
+                picture = load_image(frame.image, pipe.limits.max_image_pixels)
                 # asked about with the next frames, as one of `frames` images
-                check_several([frame.pixels.size] * frames, pipe.manifest.image)
+                check_several([picture.size] * frames, pipe.manifest.image)
             except LlavaEdgeError as e:
                 bad_frame = e
             if bad_frame is None:
-                window.append(frame)
-                started = time.monotonic()
-                images = [f.image for f in window]
+                started, timer = time.monotonic(), Timer()
+                in_window = False  # a frame whose input cannot be made stays out of it
                 try:
-                    answer = pipe.answer(images[0] if frames == 1 else images, prompt, **options)
+                    window.append((frame.index, pipe.image_pixels(picture)))
+                    in_window = True
+                    images = [pixels for _, pixels in window]
+                    answer = pipe._answer_prepared(images, prompt, timer, **options)
                     text, timings, error = answer.text, answer.timings, None
                 except TimedOut as e:
                     text, timings, error = "", {}, str(e)
                 # A shape the vision encoder's input cannot be made from, or (AnyRes) a frame
                 # whose size gives it more tokens than the context or the prompt limit holds.
                 except (TooLarge, PromptTooLong) as e:
-                    if not _fits_with_the_next(pipe, e, len(window), frames):
+                    if in_window and not _fits_with_the_next(pipe, e, len(window), frames):
                         window.pop()  # the frames before it were answered with
                     bad_frame = e
             if bad_frame is not None:
@@ -278,7 +283,7 @@ def _answers(
                 frame.timestamp,
                 text,
                 frame.skipped,
-                [f.index for f in window],
+                [index for index, _ in window],
                 timings,
                 error,
             )
