@@ -38,7 +38,8 @@ def chat_loop(
 ) -> None:
     session = pipe.chat(image, **options)  # a bad image ends the chat before its greeting
     out.write(help_text(image) + "\n")
-    added: list[str] = []  # images the next question brings (/add)
+    # images the next question brings (/add), with their sizes: what a later /add checks them by
+    added: list[tuple[str, tuple[int, int]]] = []
     while True:
         try:
             line = read("> ").strip()
@@ -67,10 +68,11 @@ def chat_loop(
                     raise LlavaEdgeError("/add takes the path of an image: /add PATH")
                 # a bad image is said now, not with the question, and so is one the
                 # conversation cannot hold with its others (LLaVA-OneVision pads each of several
-                # to a square)
-                held = [*session.pixels, *map(pipe.image_pixels, added), pipe.image_pixels(path)]
-                check_several([one.size for one in held], pipe.manifest.image)
-                added.append(path)
+                # to a square), told from their sizes
+                size = pipe.image_pixels(path).size
+                held = [*(one.size for one in session.pixels), *(s for _, s in added), size]
+                check_several(held, pipe.manifest.image)
+                added.append((path, size))
                 out.write(f"(the next question brings {path})\n")
             elif word == "/image":
                 new = _image_path(rest)
@@ -78,7 +80,8 @@ def chat_loop(
                 image = new  # only once it opened: /reset goes on with a good image
                 out.write(f"(new conversation about {image or 'no image'})\n")
             else:
-                brought, added = added, []  # they go with this question, answered or not
+                # they go with this question, answered or not
+                brought, added = [path for path, _ in added], []
                 for piece in session.stream(line, image=brought or None):
                     out.write(piece)
                     out.flush()
