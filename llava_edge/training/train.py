@@ -168,6 +168,8 @@ def train(
         stderr(
             f"skipped {len(dataset.skipped)} bad sample(s) of {data}; the first: {dataset.skipped[0]}"
         )
+    if dataset.truncated and main_process:
+        stderr(_truncation_note(dataset, labeler.max_length, config))
     global_batch = opts.global_batch_size or defaults.global_batch_size
     run = _run_record(data, len(dataset), labeler.max_length, opts.seed, global_batch)
     run |= {"pictures_sha256": _pictures_digest(dataset.pictures), **base}
@@ -451,6 +453,22 @@ def longest_sample(requested: int, given: bool, config: Any) -> int:
             f"(max_position_embeddings); give at most {context}"
         )
     return context
+
+
+def _truncation_note(dataset: Any, limit: int, config: Any) -> str:
+    """One line for the samples of a TrainingSet that --max-length cuts at their end: the model
+    never learns the part of their answers that is cut off."""
+    context = int(getattr(config.text_config, "max_position_embeddings", 0) or 0)
+    if context and limit >= context:
+        fix = f"the language model's context of {context} tokens holds no more: shorten them"
+    elif context:
+        fix = f"raise --max-length (up to the language model's context of {context}) to keep more"
+    else:
+        fix = "raise --max-length to keep more"
+    return (
+        f"{dataset.truncated} of {len(dataset)} sample(s) are longer than --max-length {limit} "
+        f"tokens (the longest: {dataset.longest}) and are cut at their end; {fix}"
+    )
 
 
 def freeze_for_stage(model: Any, stage: int) -> None:
