@@ -938,7 +938,7 @@ def _make_trainer(
             import transformers.trainer as hf_trainer
 
             step = self.state.global_step
-            _check_not_diverged(self.model, step, self.args.learning_rate)
+            _check_not_diverged(self.model, step, self.args, projector_lr)
             run_dir = Path(self._get_output_dir(trial=trial))
             staging = run_dir / f"{STAGING_PREFIX}-{step}"
             prefix = hf_trainer.PREFIX_CHECKPOINT_DIR
@@ -1017,7 +1017,7 @@ def _make_trainer(
             if kw.get("model") is not None and any(
                 v is not None and not math.isfinite(v) for v in values
             ):
-                _check_not_diverged(kw["model"], state.global_step, args.learning_rate)
+                _check_not_diverged(kw["model"], state.global_step, args, projector_lr)
 
     trainer = LlavaTrainer(
         model=model,
@@ -1033,18 +1033,28 @@ def _make_trainer(
     return trainer
 
 
-def _check_not_diverged(model: Any, step: int, learning_rate: float) -> None:
+def _check_not_diverged(model: Any, step: int, args: Any, projector_lr: float | None) -> None:
     """Stop a run whose trained weights have gone NaN or infinite (a learning rate too high for
-    the model): no later step brings them back, and the run would go on for hours to save a
-    model that answers nothing. Checked before each checkpoint is saved (the run's end too), and
-    when a logged loss or gradient norm is not finite; a step fp16's loss scaling skips leaves
-    the weights finite, and the run goes on."""
+    the model, too short a warmup, fp16's narrow range): no later step brings them back, and the
+    run would go on for hours to save a model that answers nothing. Checked before each
+    checkpoint is saved (the run's end too), and when a logged loss or gradient norm is not
+    finite; a step fp16's loss scaling skips leaves the weights finite, and the run goes on.
+    `args`: the run's TrainingArguments, whose settings the message names as options to change."""
     if all(p.isfinite().all() for p in model.parameters() if p.requires_grad):
         return
+    rates = f"{args.learning_rate:g} (--lr)"
+    if projector_lr is not None:
+        rates += f" or the projector's {projector_lr:g} (--projector-lr)"
+    levers = [
+        f"a lower learning rate than {rates}",
+        f"a longer warmup than --warmup-ratio {args.warmup_steps:g}",
+    ]
+    if args.fp16:
+        levers.append("--precision bf16 or fp32 in place of fp16, whose range overflows")
     raise LlavaEdgeError(
-        f"training diverged by step {step}: the trained weights hold NaN or infinity, which no "
-        f"later step undoes; start over (--force) with a lower learning rate than "
-        f"{learning_rate:g} (--lr)"
+        "training diverged by step "
+        f"{step}: the trained weights hold NaN or infinity, which no later step undoes; start "
+        f"over (--force) with {', '.join(levers[:-1])} or {levers[-1]}"
     )
 
 
