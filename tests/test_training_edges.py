@@ -402,7 +402,9 @@ def test_resume_into_a_mount_point_is_refused_before_training(
 ):
     """--resume onto an OUT that is a mount point (the run's dir bind-mounted into a container)
     is refused before any step, as a new run there is: the trained checkpoint, built beside OUT,
-    could not be renamed into its place, and the run failed only once it had trained."""
+    could not be renamed into its place, and the run failed only once it had trained. A new
+    run's advice, a new dir inside it, would hold no checkpoint: the message says where to move
+    the run's checkpoints, and the run resumes from there."""
     import os
 
     out = tmp_path / "out"
@@ -415,10 +417,16 @@ def test_resume_into_a_mount_point_is_refused_before_training(
     monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == out or ismount(p))
     assert cli([*argv, "--max-steps", "2", "--resume"]) == 1
     assert last_line(capsys.readouterr().err) == (
-        f"llava-edge train: error: output dir {out} is a mount point, which the new dir, built "
-        "beside it and renamed into its place, cannot replace; give a new dir inside it"
+        f"llava-edge train: error: output dir {out} is a mount point, which the trained "
+        "checkpoint, built beside it and renamed into its place, cannot replace; move "
+        f"{out / 'checkpoints'} to {out / 'run' / 'checkpoints'} and resume with --out {out / 'run'}"
     )
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1"]
+    (out / "run").mkdir()  # as the message says: the run goes on from its checkpoint
+    (out / "checkpoints").rename(out / "run" / "checkpoints")
+    argv[argv.index(str(out))] = str(out / "run")
+    assert cli([*argv, "--max-steps", "2", "--resume"]) == 0
+    assert sorted(p.name for p in (out / "run" / "checkpoints").iterdir()) == ["checkpoint-2"]
 
 
 def test_a_step_whose_loss_alone_is_not_finite_spoils_only_its_own_log(

@@ -512,10 +512,17 @@ def _check_out_dir(out: Path, model: Path, opts: TrainOptions, template: str) ->
     (_clear_trainer_dir), so a run that fails on its inputs leaves them resumable."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    from llava_edge.files import check_output_dir
+    from llava_edge.files import check_output_dir, is_mount_point
 
     trainer_dir = out / TRAINER_DIR
     if opts.resume:
+        if is_mount_point(out):  # check_output_dir's advice, a new dir, would hold no checkpoint
+            moved = out / "run"
+            raise LlavaEdgeError(
+                f"output dir {out} is a mount point, which the trained checkpoint, built beside "
+                f"it and renamed into its place, cannot replace; move {trainer_dir} to "
+                f"{moved / TRAINER_DIR} and resume with --out {moved}"
+            )
         # A resumed run installs its checkpoint as OUT as a new one does: the same checks.
         check_output_dir(out, force=True, keep=model, keep_name="the --model checkpoint")
         last = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
