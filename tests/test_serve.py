@@ -1681,17 +1681,52 @@ def test_a_web_page_of_another_origin_cannot_have_a_browser_run_a_question(serve
     body = json.dumps({"model": MODEL, "messages": GOOD, "max_tokens": 2})
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "text/plain"}
     url = server.url + "/v1/chat/completions"
-    assert httpx.post(url, content=body, headers=headers).status_code == 200  # curl, a robot
     finished = server.state.engine.stats()["finished"]
     page = httpx.post(url, content=body, headers={**headers, "Origin": "http://evil.example"})
     assert page.status_code == 403 and error_of(page)["code"] == "origin_not_allowed"
     assert "--cors-origin http://evil.example" in error_of(page)["message"]
     assert server.state.engine.stats()["finished"] == finished
     allowed = TestClient(create_app(ServeOptions(tiny_model_dir, cors_origins=[DASHBOARD])))
-    dashboard = allowed.post(
-        "/v1/chat/completions", content=body, headers={**headers, "Origin": DASHBOARD}
-    )
+    json_headers = {**headers, "Content-Type": "application/json", "Origin": DASHBOARD}
+    dashboard = allowed.post("/v1/chat/completions", content=body, headers=json_headers)
     assert dashboard.status_code == 503  # let through: the model is not loaded in this app
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["application/x-www-form-urlencoded", "text/plain", "text/plain; charset=utf-8", "image/png"],
+)
+def test_a_body_of_another_media_type_than_json_gets_415_naming_the_header(server, content_type):
+    """curl's `-d` alone sends application/x-www-form-urlencoded: told so and how to send JSON,
+    before the body is read, rather than its bytes parsed as JSON by chance."""
+    body = json.dumps({"model": MODEL, "messages": GOOD, "max_tokens": 2})
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": content_type}
+    finished = server.state.engine.stats()["finished"]
+    refused = httpx.post(server.url + "/v1/chat/completions", content=body, headers=headers)
+    assert refused.status_code == 415, refused.text
+    error = error_of(refused)
+    assert error["type"] == "invalid_request_error" and error["code"] == "unsupported_media_type"
+    assert content_type in error["message"] and "Content-Type: application/json" in error["message"]
+    assert server.state.engine.stats()["finished"] == finished
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [None, "application/json", "Application/JSON; charset=utf-8", "application/vnd.api+json"],
+)
+def test_a_json_body_or_one_of_no_declared_type_is_answered(server, content_type):
+    """A raw body sent without a Content-Type (`requests.post(url, data=...)`) is read as JSON."""
+    body = json.dumps({"model": MODEL, "messages": GOOD, "max_tokens": 2})
+    headers = {"Authorization": f"Bearer {KEY}"}
+    if content_type is not None:
+        headers["Content-Type"] = content_type
+    request = httpx.Request(
+        "POST", server.url + "/v1/chat/completions", content=body, headers=headers
+    )
+    assert ("content-type" in request.headers) == (content_type is not None)
+    with httpx.Client() as client:
+        answered = client.send(request)
+    assert answered.status_code == 200, answered.text
 
 
 @pytest.mark.parametrize("origin", ["robot.local:3000", "http://robot.local:3000/", "http://"])

@@ -246,7 +246,7 @@ def test_a_run_whose_weights_go_nan_stops_and_says_so(
     found = re.fullmatch(
         r"llava-edge train: error: training diverged by step (\d+): the trained weights hold "
         r"NaN or infinity, which no later step undoes; start over \(--force\) with a lower "
-        r"learning rate than 1e\+08 \(--lr\)",
+        r"learning rate than 1e\+08 \(--lr\) or a longer warmup than --warmup-ratio 0",
         line,
     )
     assert found, line
@@ -257,6 +257,33 @@ def test_a_run_whose_weights_go_nan_stops_and_says_so(
     for checkpoint in checkpoints:
         weights = load_file(str(checkpoint / "model.safetensors"))
         assert all(w.isfinite().all() for w in weights.values()), checkpoint.name
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+@pytest.mark.parametrize("projector_lr", [None, 2e-5])
+def test_a_diverged_run_names_the_options_that_steady_it(fp16, projector_lr):
+    """Besides --lr, the run's warmup, the projector's own rate where it has one and fp16's
+    precision are what a diverged run can change; each is named where it applies, by its
+    option and the value the run had."""
+    import types
+
+    import torch
+
+    from llava_edge.errors import LlavaEdgeError
+    from llava_edge.training.train import _check_not_diverged
+
+    layer = torch.nn.Linear(2, 2)
+    args = types.SimpleNamespace(learning_rate=2e-4, warmup_steps=0.03, fp16=fp16)
+    _check_not_diverged(layer, 3, args, projector_lr)  # finite: the run goes on
+    with torch.no_grad():
+        layer.weight[0, 0] = float("nan")
+    with pytest.raises(LlavaEdgeError) as raised:
+        _check_not_diverged(layer, 3, args, projector_lr)
+    message = str(raised.value)
+    assert "lower learning rate than 0.0002 (--lr)" in message
+    assert "longer warmup than --warmup-ratio 0.03" in message
+    assert ("the projector's 2e-05 (--projector-lr)" in message) == (projector_lr is not None)
+    assert ("--precision bf16 or fp32 in place of fp16" in message) == fp16
 
 
 def test_out_a_symlink_gets_the_checkpoint_where_it_points(tiny_checkpoint, data, tmp_path):
@@ -375,7 +402,9 @@ def test_resume_into_a_mount_point_is_refused_before_training(
 ):
     """--resume onto an OUT that is a mount point (the run's dir bind-mounted into a container)
     is refused before any step, as a new run there is: the trained checkpoint, built beside OUT,
-    could not be renamed into its place, and the run failed only once it had trained."""
+    could not be renamed into its place, and the run failed only once it had trained. A new
+    run's advice, a new dir inside it, would hold no checkpoint: the message says where to move
+    the run's checkpoints, and the run resumes from there."""
     import os
 
     out = tmp_path / "out"
@@ -388,10 +417,16 @@ def test_resume_into_a_mount_point_is_refused_before_training(
     monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == out or ismount(p))
     assert cli([*argv, "--max-steps", "2", "--resume"]) == 1
     assert last_line(capsys.readouterr().err) == (
-        f"llava-edge train: error: output dir {out} is a mount point, which the new dir, built "
-        "beside it and renamed into its place, cannot replace; give a new dir inside it"
+        f"llava-edge train: error: output dir {out} is a mount point, which the trained "
+        "checkpoint, built beside it and renamed into its place, cannot replace; move "
+        f"{out / 'checkpoints'} to {out / 'run' / 'checkpoints'} and resume with --out {out / 'run'}"
     )
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1"]
+    (out / "run").mkdir()  # as the message says: the run goes on from its checkpoint
+    (out / "checkpoints").rename(out / "run" / "checkpoints")
+    argv[argv.index(str(out))] = str(out / "run")
+    assert cli([*argv, "--max-steps", "2", "--resume"]) == 0
+    assert sorted(p.name for p in (out / "run" / "checkpoints").iterdir()) == ["checkpoint-2"]
 
 
 def test_a_step_whose_loss_alone_is_not_finite_spoils_only_its_own_log(

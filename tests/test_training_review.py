@@ -320,6 +320,61 @@ def test_samples_stay_within_the_models_context(tiny_checkpoint, tmp_path, capsy
     assert not (tmp_path / "out").exists()
 
 
+def test_samples_cut_by_max_length_are_counted_once_before_training(
+    tiny_checkpoint, tmp_path, capsys
+):
+    """A sample past --max-length loses the end of its answer: the run says how many, the
+    longest and the flag to raise, in one line at its start, not one per sample."""
+    from transformers import AutoProcessor
+
+    from llava_edge.runtime.template import get_template
+    from llava_edge.training.dataset import TrainingSet, count_image_tokens
+    from llava_edge.training.labels import Labeler
+
+    def said(text: str) -> dict:
+        return {"id": text[:8], "conversations": [
+            {"from": "human", "value": "Say it."}, {"from": "gpt", "value": text},
+        ]}  # fmt: skip
+
+    records = [said("words " * 300), said("more words " * 200), said("short."), said("brief.")]
+    (tmp_path / "long.json").write_text(json.dumps(records))
+    argv = [
+        "train",
+        "--stage",
+        "2",
+        "--model",
+        str(tiny_checkpoint),
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    argv += ["--data", str(tmp_path / "long.json"), "--max-steps", "1", "--batch-size", "1"]
+    assert cli([*argv, "--max-length", "128", "--no-gradient-checkpointing"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "--max-length" in line]
+    assert len(notes) == 1, notes
+    found = re.fullmatch(
+        r"2 of 4 sample\(s\) are longer than --max-length 128 tokens \(the longest: (\d+)\) and "
+        r"are cut at their end; raise --max-length \(up to the language model's context of "
+        r"1024\) to keep more",
+        notes[0],
+    )
+    assert found, notes[0]
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+
+    def cut(max_length: int) -> int:
+        labeler = Labeler(
+            processor.tokenizer,
+            get_template("vicuna_v1"),
+            image_token_id=processor.tokenizer.convert_tokens_to_ids("<image>"),
+            num_image_tokens=count_image_tokens(processor),
+            max_length=max_length,
+        )
+        read = TrainingSet(tmp_path / "long.json", None, labeler, None, progress=False)
+        return read.truncated
+
+    longest = int(found.group(1))
+    assert (cut(longest - 1), cut(longest)) == (1, 0)
+
+
 def test_absolute_image_paths_need_no_image_dir(
     tiny_checkpoint, tiny_model_dir, data, tmp_path, capsys
 ):

@@ -284,11 +284,13 @@ class Pipeline:
     def images_that_fit(
         self, prompt: str, raw: bool = False, system: str | None = None, *, smallest: bool = False
     ) -> int:
-        """How many images of the largest size this question can hold and leave room for an
-        answer within the context and the prompt limit (0: not even one). smallest=True counts
-        images of the fewest tokens instead (with AnyRes, the base image's alone): how many some
-        images can fit, where the largest count is what any images can. LLaVA-OneVision reads
-        each of several images untiled: two may fit where one large image, tiled, does not."""
+        """How many images this question can hold and leave room for an answer within the
+        context and the prompt limit: any number of them up to it fits, each of the largest
+        size (0: not even one does). smallest=True counts images of the fewest tokens instead
+        (with AnyRes, the base image's alone): how many some images can fit, where the largest
+        count is what any images can. LLaVA-OneVision reads one image alone tiled and each of
+        several untiled, in fewer tokens: where one large image alone does not fit, this is 0,
+        though two or more, each untiled, may."""
         self._check_open()
         _check_text(prompt)
         raw = self._raw({"raw": raw})
@@ -307,10 +309,9 @@ class Pipeline:
         for count in counts:
             text = prompt if raw else user_turn(template, prompt, count, True)
             each = each_image_tokens(self.manifest, count, smallest)
-            if len(self.codec.encode(text, first=True, image_tokens=[each] * count)) <= room:
-                fit = count
-            elif count > 1:
+            if len(self.codec.encode(text, first=True, image_tokens=[each] * count)) > room:
                 break
+            fit = count
         return fit
 
     # ---- one-shot questions --------------------------------------------------------------

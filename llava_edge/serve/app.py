@@ -381,6 +381,7 @@ async def _chat_completion(request: Request, state: ServerState) -> Response:
     try:
         state.check_origin(request)
         state.check_key(request)
+        _check_json(request)
         pipe, engine = state.require_ready()
         # a full queue refuses before the body is read or an image fetched; a request counts
         # against it from here, so a burst of uploads is not all read and decoded at once
@@ -750,6 +751,27 @@ async def _read_body(request: Request, limit: int) -> bytearray:
         if len(body) > limit:
             raise _body_too_large(len(body), limit)
     return body
+
+
+def _check_json(request: Request) -> None:
+    """A body declared as another media type is refused before it is read: curl's `-d` sends
+    `application/x-www-form-urlencoded`, and a form or `text/plain` body parsed as JSON would
+    work by chance. A body with no Content-Type at all is read as JSON (a raw body from
+    `requests.post(url, data=...)`): nothing contradicts that."""
+    declared = request.headers.get("content-type")
+    if not declared:
+        return
+    media_type = declared.partition(";")[0].strip().lower()
+    if media_type == "application/json" or (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    ):
+        return
+    raise ApiError(
+        415,
+        f"the request body is sent as {protocol.shown(declared)}; this endpoint takes JSON: "
+        "send 'Content-Type: application/json' (curl: -H 'Content-Type: application/json')",
+        code="unsupported_media_type",
+    )
 
 
 def _chat_request(body: bytearray, video: str | None) -> ChatRequest:

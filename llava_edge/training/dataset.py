@@ -66,6 +66,8 @@ class TrainingSet(torch.utils.data.Dataset):
     out and counted in `skipped`. Images are decoded when the trainer asks for a sample;
     `pictures` holds each kept sample's picture (named as the data names it) and its
     fingerprint, which tells a resumed run whether its pictures are those it was trained on.
+    `truncated` counts the kept samples longer than the labeler's max_length (cut at their end),
+    `longest` is the longest kept sample's length before that cut.
 
     `images_only`: a sample without an image is bad (stage 1 trains the projector alone, which
     only images reach: a batch of text would have no gradient)."""
@@ -91,6 +93,8 @@ class TrainingSet(torch.utils.data.Dataset):
         self.skipped: list[BadSample] = []
         self.dropped_first_turns = 0  # kept samples that opened with a gpt turn, left out
         self.has_text_only = False
+        self.truncated = 0
+        self.longest = 0
         self.pictures: dict[str, str] = {}
         self.file = SampleFile(data, keep=self._check, progress=progress)
         if not len(self.file) and self.skipped:
@@ -113,10 +117,12 @@ class TrainingSet(torch.utils.data.Dataset):
                 )
             else:
                 self.has_text_only = True
-            self.labeler.encode(sample)
+            encoded = self.labeler.encode(sample)
             if sample.image is not None:
                 self.pictures[sample.image] = self._fingerprint(sample, path)
             self.dropped_first_turns += sample.dropped_first_turn
+            self.truncated += encoded.full_length > len(encoded.input_ids)
+            self.longest = max(self.longest, encoded.full_length)
             return True
         except BadSample as e:
             if not self.skip_bad:

@@ -30,6 +30,7 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     image_span: tuple[int, int] | None  # [start, end) of the image token ids
+    full_length: int  # the sample's length before truncation to max_length
 
 
 def caption_only(sample: Sample) -> list[tuple[str, str]]:
@@ -93,7 +94,7 @@ class Labeler:
             )
         if sample.image is not None and image_span is None:
             raise BadSample(sample.id, "the tokenizer does not keep the image placeholder whole")
-        return self._truncate(sample, Encoded(ids, labels, image_span))
+        return self._truncate(sample, Encoded(ids, labels, image_span, len(ids)))
 
     def _supervised(
         self,
@@ -140,7 +141,7 @@ class Labeler:
             raise BadSample(
                 sample.id, f"no answer token is left after truncation to --max-length {limit}"
             )
-        return Encoded(encoded.input_ids[:limit], labels, encoded.image_span)
+        return Encoded(encoded.input_ids[:limit], labels, encoded.image_span, encoded.full_length)
 
 
 def check_answer_end(template: TemplateSpec, tokenizer: Any, eos_ids: set[int]) -> None:

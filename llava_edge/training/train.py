@@ -168,6 +168,8 @@ def train(
         stderr(
             f"skipped {len(dataset.skipped)} bad sample(s) of {data}; the first: {dataset.skipped[0]}"
         )
+    if dataset.truncated and main_process:
+        stderr(_truncation_note(dataset, labeler.max_length, config))
     global_batch = opts.global_batch_size or defaults.global_batch_size
     run = _run_record(data, len(dataset), labeler.max_length, opts.seed, global_batch)
     run |= {"pictures_sha256": _pictures_digest(dataset.pictures), **base}
@@ -453,6 +455,22 @@ def longest_sample(requested: int, given: bool, config: Any) -> int:
     return context
 
 
+def _truncation_note(dataset: Any, limit: int, config: Any) -> str:
+    """One line for the samples of a TrainingSet that --max-length cuts at their end: the model
+    never learns the part of their answers that is cut off."""
+    context = int(getattr(config.text_config, "max_position_embeddings", 0) or 0)
+    if context and limit >= context:
+        fix = f"the language model's context of {context} tokens holds no more: shorten them"
+    elif context:
+        fix = f"raise --max-length (up to the language model's context of {context}) to keep more"
+    else:
+        fix = "raise --max-length to keep more"
+    return (
+        f"{dataset.truncated} of {len(dataset)} sample(s) are longer than --max-length {limit} "
+        f"tokens (the longest: {dataset.longest}) and are cut at their end; {fix}"
+    )
+
+
 def freeze_for_stage(model: Any, stage: int) -> None:
     """Stage 1: projector only. Stage 2: projector and the whole language model. Never the
     vision tower."""
@@ -494,10 +512,17 @@ def _check_out_dir(out: Path, model: Path, opts: TrainOptions, template: str) ->
     (_clear_trainer_dir), so a run that fails on its inputs leaves them resumable."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    from llava_edge.files import check_output_dir
+    from llava_edge.files import check_output_dir, is_mount_point
 
     trainer_dir = out / TRAINER_DIR
     if opts.resume:
+        if is_mount_point(out):  # check_output_dir's advice, a new dir, would hold no checkpoint
+            moved = out / "run"
+            raise LlavaEdgeError(
+                f"output dir {out} is a mount point, which the trained checkpoint, built beside "
+                f"it and renamed into its place, cannot replace; move {trainer_dir} to "
+                f"{moved / TRAINER_DIR} and resume with --out {moved}"
+            )
         # A resumed run installs its checkpoint as OUT as a new one does: the same checks.
         check_output_dir(out, force=True, keep=model, keep_name="the --model checkpoint")
         last = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
@@ -920,7 +945,7 @@ def _make_trainer(
             import transformers.trainer as hf_trainer
 
             step = self.state.global_step
-            _check_not_diverged(self.model, step, self.args.learning_rate)
+            _check_not_diverged(self.model, step, self.args, projector_lr)
             run_dir = Path(self._get_output_dir(trial=trial))
             staging = run_dir / f"{STAGING_PREFIX}-{step}"
             prefix = hf_trainer.PREFIX_CHECKPOINT_DIR
@@ -999,7 +1024,7 @@ def _make_trainer(
             if kw.get("model") is not None and any(
                 v is not None and not math.isfinite(v) for v in values
             ):
-                _check_not_diverged(kw["model"], state.global_step, args.learning_rate)
+                _check_not_diverged(kw["model"], state.global_step, args, projector_lr)
 
     trainer = LlavaTrainer(
         model=model,
@@ -1015,18 +1040,28 @@ def _make_trainer(
     return trainer
 
 
-def _check_not_diverged(model: Any, step: int, learning_rate: float) -> None:
+def _check_not_diverged(model: Any, step: int, args: Any, projector_lr: float | None) -> None:
     """Stop a run whose trained weights have gone NaN or infinite (a learning rate too high for
-    the model): no later step brings them back, and the run would go on for hours to save a
-    model that answers nothing. Checked before each checkpoint is saved (the run's end too), and
-    when a logged loss or gradient norm is not finite; a step fp16's loss scaling skips leaves
-    the weights finite, and the run goes on."""
+    the model, too short a warmup, fp16's narrow range): no later step brings them back, and the
+    run would go on for hours to save a model that answers nothing. Checked before each
+    checkpoint is saved (the run's end too), and when a logged loss or gradient norm is not
+    finite; a step fp16's loss scaling skips leaves the weights finite, and the run goes on.
+    `args`: the run's TrainingArguments, whose settings the message names as options to change."""
     if all(p.isfinite().all() for p in model.parameters() if p.requires_grad):
         return
+    rates = f"{args.learning_rate:g} (--lr)"
+    if projector_lr is not None:
+        rates += f" or the projector's {projector_lr:g} (--projector-lr)"
+    levers = [
+        f"a lower learning rate than {rates}",
+        f"a longer warmup than --warmup-ratio {args.warmup_steps:g}",
+    ]
+    if args.fp16:
+        levers.append("--precision bf16 or fp32 in place of fp16, whose range overflows")
     raise LlavaEdgeError(
-        f"training diverged by step {step}: the trained weights hold NaN or infinity, which no "
-        f"later step undoes; start over (--force) with a lower learning rate than "
-        f"{learning_rate:g} (--lr)"
+        "training diverged by step "
+        f"{step}: the trained weights hold NaN or infinity, which no later step undoes; start "
+        f"over (--force) with {', '.join(levers[:-1])} or {levers[-1]}"
     )
 
 
