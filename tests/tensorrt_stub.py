@@ -6,14 +6,17 @@ every input needs a profile whose shapes agree on each named dimension (the mask
 equal past + seq), shapes outside the active profile are rejected, addresses must be 256-byte
 aligned, every IO tensor must be bound before a run (a profile switch unbinds them all: shapes and
 addresses are set again) to device memory that holds it whole, and a run launches on the calling
-thread's current CUDA device, with the stream and every tensor on it. It fails the way TensorRT
-does: a failed build returns None, a refused address or input shape returns False, a bad profile
-index raises, a profile with min > opt raises at `set_shape`, `create_timing_cache` returns None
-for bytes it cannot read (and `set_timing_cache(None)` raises TypeError), `set_timing_cache`
-returns False for a cache another GPU wrote (`device_properties`), and the parser needs a
-graph's external `.data` file. `use_version("11.1.0.1")` switches to TensorRT 11's enums (no
-FP16/INT8 builder flags, no calibrator, STRONGLY_TYPED at bit 0 and another flag at bit 1). Its "engines" remember the ONNX graph
-they were built from and run it with onnxruntime, reading inputs from and writing outputs to the
+thread's current CUDA device, with the stream and every tensor on it. TensorRT keeps one logger
+for all its builders and runtimes (the first one's): a builder or runtime given another is
+warned, and logging through one freed while a builder or runtime it serves lives fails. It
+fails the way TensorRT does: a failed build returns None, a refused address or input shape
+returns False, a bad profile index raises, a profile with min > opt raises at `set_shape`,
+`create_timing_cache` returns None for bytes it cannot read (and `set_timing_cache(None)` raises
+TypeError), `set_timing_cache` returns False for a cache another GPU wrote
+(`device_properties`), and the parser needs a graph's external `.data` file.
+`use_version("11.1.0.1")` switches to TensorRT 11's enums (no FP16/INT8 builder flags, no
+calibrator, STRONGLY_TYPED at bit 0 and another flag at bit 1). Its "engines" remember the ONNX
+graph they were built from and run it with onnxruntime, reading inputs from and writing outputs to the
 addresses they were given, so the backend's buffers, KV cache and IO binding are exercised for
 real. It is not TensorRT: nothing here says anything about real engines' numerics or speed.
 """
@@ -24,6 +27,7 @@ import ctypes
 import enum
 import json
 import math
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +123,35 @@ class Logger:
 
     def __init__(self, severity: int = WARNING):
         self.severity = severity
+
+
+# TensorRT keeps a single logger for all its builders and runtimes: the first one's, for as long as
+# any of them exists. A later one's logger is ignored, with a warning ("The logger passed into
+# createInferRuntime differs from one already provided for an existing builder, runtime, or
+# refitter", NVIDIA/TensorRT issue 1475), and the one in use must stay valid until every object
+# made through it is released (ILogger's docstring in TensorRT's Python bindings).
+_logger: weakref.ref | None = None
+_logger_users: weakref.WeakSet = weakref.WeakSet()  # the builders and runtimes alive
+
+
+def _take_logger(user: object, logger: Logger, factory: str) -> None:
+    global _logger
+    if not _logger_users:
+        _logger = weakref.ref(logger)
+    elif _logger is None or _logger() is not logger:
+        errors.append(f"the logger passed into {factory} differs from the one TensorRT uses")
+    _logger_users.add(user)
+    _log()
+
+
+def _log() -> None:
+    """TensorRT passes every message to its logger (which filters by severity): a freed one is
+    a use after free, where real TensorRT would crash or worse."""
+    if _logger_users and (_logger is None or _logger() is None):
+        raise AssertionError(
+            "TensorRT logged through a logger that was freed while a builder or runtime it "
+            "serves was alive"
+        )
 
 
 class _Tensor:
@@ -282,7 +315,8 @@ class _Config:
 
 class Builder:
     def __init__(self, logger: Logger):
-        self.logger = logger
+        self.logger = logger  # the bindings keep it alive as long as the builder
+        _take_logger(self, logger, "createInferBuilder")
 
     def create_network(self, flags: int = 0) -> _Network:
         return _Network(flags)
@@ -294,6 +328,7 @@ class Builder:
         return _Profile()
 
     def build_serialized_network(self, network: _Network, config: _Config) -> bytes | None:
+        _log()
         calls.append(
             ("build", network.path, network.flags, sorted(config.flags), dict(config.pools))
         )
@@ -363,9 +398,11 @@ def _bind_dims(dims: dict[str, list], shapes: dict[str, tuple]) -> dict[str, int
 
 class Runtime:
     def __init__(self, logger: Logger):
-        self.logger = logger
+        self.logger = logger  # the bindings keep it alive as long as the runtime
+        _take_logger(self, logger, "createInferRuntime")
 
     def deserialize_cuda_engine(self, data) -> _Engine | None:
+        _log()
         data = bytes(memoryview(data))  # any buffer: bytes, or a memory map of the file
         calls.append(("deserialize_cuda_engine", len(data)))
         if not data.startswith(b"STUB-ENGINE"):
@@ -396,6 +433,7 @@ class _Engine:
         return DataType(self.spec["io"][name][1])
 
     def create_execution_context(self) -> _Context:
+        _log()
         return _Context(self)
 
 

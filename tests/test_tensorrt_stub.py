@@ -356,6 +356,26 @@ def test_tensorrt_that_cannot_start_cuda_says_so_in_one_line(
     assert not [c for c in cudart_stub.calls if c[0] == "cudaStreamCreateWithFlags"]
 
 
+def test_builds_and_models_loaded_together_share_the_logger_tensorrt_keeps(
+    stub, model: Path
+) -> None:
+    """TensorRT passes every builder's and runtime's messages to one logger, the first one's, for
+    as long as any of them lives: a model loaded beside another, or built while one is loaded,
+    given a logger of its own would log through the first model's after that one is unloaded."""
+    import gc
+
+    build_engines(model, log=quiet)
+    first = backend(model)
+    seen = len(stub.errors)
+    second = backend(model)  # loaded while the first still is
+    del first
+    gc.collect()  # the first model unloaded, and its runtime with it
+    build_engines(model, log=quiet)  # while the second is loaded
+    backend(model).close()
+    second.close()
+    assert not stub.errors[seen:]
+
+
 def test_build_options_are_checked_before_anything_is_written(stub, model: Path) -> None:
     with pytest.raises(
         LlavaEdgeError, match="--max-context must be between 1 and the model's context 1024"

@@ -56,7 +56,11 @@ from llava_edge.runtime.tensorrt.profiles import (
     max_dims,
     resolve,
 )
-from llava_edge.runtime.tensorrt.requirements import import_tensorrt, start_tensorrt
+from llava_edge.runtime.tensorrt.requirements import (
+    import_tensorrt,
+    start_tensorrt,
+    tensorrt_logger,
+)
 
 
 class TensorRTBackend:
@@ -97,7 +101,7 @@ class TensorRTBackend:
         self.cuda_graph = cuda_graph
         # made first: it outlives the engines
         self._runtime = start_tensorrt(
-            trt.Runtime, trt.Logger(trt.Logger.WARNING), info.name, info.driver_cuda
+            trt.Runtime, tensorrt_logger(trt), info.name, info.driver_cuda
         )
         self.stream = self.cuda.stream()
         self._handle = int(self.stream)  # what TensorRT takes

@@ -46,7 +46,11 @@ from llava_edge.runtime.tensorrt.profiles import (
     EngineLimits,
     graph_profiles,
 )
-from llava_edge.runtime.tensorrt.requirements import import_tensorrt, start_tensorrt
+from llava_edge.runtime.tensorrt.requirements import (
+    import_tensorrt,
+    start_tensorrt,
+    tensorrt_logger,
+)
 
 ENGINE_DIR = "engines"  # default, inside the model dir
 # In the model dir while a build renames its engines into place and has not yet saved the manifest:
@@ -108,7 +112,7 @@ def build_engines(
     if workspace is None and device.integrated:
         workspace = min(INTEGRATED_WORKSPACE, free_memory(device) // 4)
 
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = tensorrt_logger(trt)
     builder = start_tensorrt(trt.Builder, logger, device.name, device.driver_cuda)
     timing = None
     built: dict[str, tuple[Path, EngineSpec]] = {}

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Any
 
@@ -47,6 +48,16 @@ def check_version(version: str) -> None:
             "engines). On a Jetson, flash JetPack 6.1 or later, which ships TensorRT 10.3 "
             "(JetPack 6.0 ships 8.6); elsewhere `pip install -U 'llava-edge[trt]'`"
         )
+
+
+@functools.cache
+def tensorrt_logger(trt: Any) -> Any:
+    """The one logger llava-edge gives TensorRT, kept for the life of the process. TensorRT logs
+    through a single logger, the first builder's or runtime's, for as long as any builder or
+    runtime exists (one made with another logger meanwhile is warned and uses the first), and
+    that logger must outlive them all: a logger per build or loaded model would be freed with
+    its model while another model, loaded beside it, still logs through it."""
+    return trt.Logger(trt.Logger.WARNING)
 
 
 def start_tensorrt(factory: Any, logger: Any, gpu_name: str, driver_cuda: str) -> Any:
