@@ -561,6 +561,9 @@ MALFORMED = {
     "nested too deeply": b'{"model": "tiny", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
     "an integer too long to read": b'{"model": "tiny", "max_tokens": ' + b"9" * 5000 + b"}",
     "not an object": [1, 2],
+    # JSON may escape half of an emoji's UTF-16 pair, which no UTF-8 reply can quote back
+    "a field name holding a lone surrogate": b'{"model": "tiny", "messages": '
+    b'[{"role": "user", "content": "Hi."}], "max_tokens": 2, "grip\\ud83d": 1}',
     "no model": {"messages": GOOD},
     "no messages": {"model": MODEL},
     "empty messages": {"model": MODEL, "messages": []},
