@@ -224,6 +224,40 @@ def test_close_resolves_every_request_without_a_thread(pipe):
         dropped.result(timeout=0)
 
 
+EXIT_WITH_AN_ENGINE_RUNNING = """
+import atexit, sys, time
+
+def seen_at_exit():  # registered before the runtime's own exit handler: runs after it
+    print(type(request.error).__name__, engine._thread.is_alive(), flush=True)
+
+atexit.register(seen_at_exit)
+from llava_edge.runtime import BatchEngine, Pipeline
+
+pipe = Pipeline.load(sys.argv[1], threads=1)
+engine = BatchEngine(pipe, max_batch=1)
+request = engine.submit(None, "Go on.", max_new_tokens=10**6, ignore_eos=True)
+while not request.generated:
+    time.sleep(0.01)
+"""
+
+
+def test_an_app_that_exits_with_its_engine_running_exits_cleanly(context_model_dir):
+    """An app may end without closing its engine (its thread is a daemon); the interpreter
+    then ended under the thread's onnxruntime call, which aborts the process (exit 134, as
+    often as not). Exit cancels the engine's requests and waits for its thread."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_WITH_AN_ENGINE_RUNNING, str(context_model_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["Cancelled", "False"]
+
+
 class InterruptedStart(threading.Thread):
     """A scheduler thread that starts, but whose starter gets Ctrl-C while `start` waits."""
 
