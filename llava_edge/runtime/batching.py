@@ -270,7 +270,7 @@ class PrefixStore:
         self.used += size
 
 
-# Engines whose scheduler thread may still run: the process's exit stops them first.
+# Engines not closed yet, whose scheduler thread may still run: the process's exit stops them.
 _running: weakref.WeakSet[BatchEngine] = weakref.WeakSet()
 
 
@@ -555,8 +555,10 @@ class BatchEngine:
         timeout: seconds to wait for the scheduler thread (None: until it ends). A cancelled
         request leaves only between two backend calls, and a call in progress (a stalled
         device) cannot be interrupted: returns False if the thread still runs one at the
-        timeout (it is a daemon, so it does not keep the process alive: the process's exit
-        closes the engine without draining, waiting CLOSE_AT_EXIT_S at most), else True."""
+        timeout (it is a daemon, so it does not keep the process alive), else True. An engine
+        never closed is closed by the process's exit, without draining, which waits
+        CLOSE_AT_EXIT_S at most."""
+        _running.discard(self)  # its closer has said how long to wait
         with self._lock:
             self._closing = True
             if not drain:
