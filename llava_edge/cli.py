@@ -1338,6 +1338,9 @@ def main(argv: list[str] | None = None) -> int:
                 return _dispatch(args, name)
     except KeyboardInterrupt as e:  # while parsing, or as the command ended past its handling
         return _stopped(name, e)
+    for signum, unwind in _UNWINDS.items():  # came while the parser imported: deferred, not raised
+        if signum in _arrived:
+            return _stopped(name, unwind())
     # uvicorn handles both signals for `serve`: it drains the requests in flight
     return _dispatch(args, name)
 

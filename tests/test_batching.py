@@ -224,6 +224,72 @@ def test_close_resolves_every_request_without_a_thread(pipe):
         dropped.result(timeout=0)
 
 
+EXIT_WITH_AN_ENGINE_RUNNING = """
+import atexit, sys, time
+
+def seen_at_exit():  # registered before the runtime's own exit handler: runs after it
+    print(type(request.error).__name__, engine._thread.is_alive(), flush=True)
+
+atexit.register(seen_at_exit)
+from llava_edge.runtime import BatchEngine, Pipeline
+
+pipe = Pipeline.load(sys.argv[1], threads=1)
+engine = BatchEngine(pipe, max_batch=1)
+request = engine.submit(None, "Go on.", max_new_tokens=10**6, ignore_eos=True)
+while not request.generated:
+    time.sleep(0.01)
+"""
+
+
+def test_an_app_that_exits_with_its_engine_running_exits_cleanly(context_model_dir):
+    """An app may end without closing its engine (its thread is a daemon); the interpreter
+    then ended under the thread's onnxruntime call, which aborts the process (exit 134, as
+    often as not). Exit cancels the engine's requests and waits for its thread."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_WITH_AN_ENGINE_RUNNING, str(context_model_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["Cancelled", "False"]
+
+
+STALLED_ENGINE_GIVEN_UP = """
+import sys, time
+from llava_edge.runtime import BatchEngine, Pipeline
+
+pipe = Pipeline.load(sys.argv[1], threads=1)
+engine = BatchEngine(pipe, max_batch=1)
+request = engine.submit(None, "Go on.", max_new_tokens=10**6, ignore_eos=True)
+while not request.generated:
+    time.sleep(0.01)
+pipe.backend.decode = lambda *args: time.sleep(60)  # a device that stalls
+time.sleep(0.1)
+print(engine.close(drain=False, timeout=0.1), flush=True)
+"""
+
+
+def test_exit_does_not_wait_again_for_an_engine_its_closer_gave_up_on(context_model_dir):
+    """A server gives a stalled backend call 10 s at shutdown, then exits without it: exit
+    waits only for engines nobody closed."""
+    import subprocess
+    import sys
+
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", STALLED_ENGINE_GIVEN_UP, str(context_model_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0 and done.stdout.split() == ["False"], done.stderr[-2000:]
+    assert time.monotonic() - started < 8  # not CLOSE_AT_EXIT_S more
+
+
 class InterruptedStart(threading.Thread):
     """A scheduler thread that starts, but whose starter gets Ctrl-C while `start` waits."""
 

@@ -433,6 +433,35 @@ def test_a_signal_during_an_import_comes_once_the_import_is_done(
     assert sys.modules.pop("slow_setup").DONE  # imported whole
 
 
+def test_a_sigterm_while_the_parser_imports_stops_serve_before_it_starts(
+    monkeypatch, capsys, tmp_path
+):
+    """`serve` leaves the signals to uvicorn once parsed: a SIGTERM deferred until the parser's
+    import was done came after the parser's handler had gone, and was lost; the server started
+    and served on (a service stopped as it started kept running until killed)."""
+    from llava_edge import cli
+
+    (tmp_path / "setup_signalled.py").write_text(
+        "import os, signal, time\nos.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(0.01)\n"
+        "DONE = True\n"  # the handler runs in the sleep, inside the import: deferred
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "setup_signalled", raising=False)
+    real = cli.build_parser
+
+    def parser_that_imports():
+        import setup_signalled  # noqa: F401
+
+        return real()
+
+    served = []
+    monkeypatch.setattr(cli, "build_parser", parser_that_imports)
+    monkeypatch.setitem(cli.COMMANDS, "serve", lambda args: served.append(args) or 0)
+    assert cli.main(["serve", "model"]) == 143
+    assert capsys.readouterr().err.strip().endswith(": terminated")
+    assert served == [] and sys.modules.pop("setup_signalled").DONE
+
+
 def test_a_sigint_the_parent_ignores_stays_ignored(monkeypatch):
     """A shell starts a background job (`llava-edge export ... &`) with SIGINT ignored: the
     terminal's Ctrl-C is not for it, during the command or after."""

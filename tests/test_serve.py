@@ -561,6 +561,9 @@ MALFORMED = {
     "nested too deeply": b'{"model": "tiny", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
     "an integer too long to read": b'{"model": "tiny", "max_tokens": ' + b"9" * 5000 + b"}",
     "not an object": [1, 2],
+    # JSON may escape half of an emoji's UTF-16 pair, which no UTF-8 reply can quote back
+    "a field name holding a lone surrogate": b'{"model": "tiny", "messages": '
+    b'[{"role": "user", "content": "Hi."}], "max_tokens": 2, "grip\\ud83d": 1}',
     "no model": {"messages": GOOD},
     "no messages": {"model": MODEL},
     "empty messages": {"model": MODEL, "messages": []},
@@ -1461,6 +1464,35 @@ def test_sigterm_drains_the_answer_in_flight_then_exits(context_model_dir):
             process.kill()
         log = process.stdout.read().decode()
     assert "Traceback" not in log and "Finished server process" in log
+
+
+def test_a_second_ctrl_c_quits_at_once_and_closes_the_model(context_model_dir):
+    """uvicorn's force quit ("CTRL+C to force quit") skips the app's shutdown: the model was
+    left open under the engine's backend call as the interpreter exited (onnxruntime then
+    aborts the process: exit 134), and uvicorn logged the app's cancelled shutdown as a
+    traceback."""
+    process, url = start_cli_server(context_model_dir)
+    try:
+        body = {"model": MODEL, "messages": GOOD, "max_tokens": 300, "ignore_eos": True}
+        headers = {"Authorization": f"Bearer {KEY}"}
+        with httpx.stream(
+            "POST", url + "/v1/chat/completions", json={**body, "stream": True}, headers=headers
+        ) as response:
+            lines = response.iter_lines()
+            next(lines)
+            process.send_signal(signal.SIGINT)
+            time.sleep(0.3)  # draining: the answer takes over a second more (slowed decoder)
+            process.send_signal(signal.SIGINT)
+            with contextlib.suppress(httpx.TransportError):
+                list(lines)
+        assert process.wait(30) == 130
+    finally:
+        if process.poll() is None:
+            process.kill()
+        log = process.stdout.read().decode()
+        process.stdout.close()
+    assert "Traceback" not in log and "terminate called" not in log, log
+    assert log.strip().endswith("llava-edge serve: interrupted")
 
 
 def test_drain_timeout_caps_the_wait(context_model_dir):

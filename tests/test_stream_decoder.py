@@ -11,6 +11,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from llava_edge.manifest import Manifest, TokenSpec
+from llava_edge.runtime.answer import AnswerText
 from llava_edge.runtime.tokenizer import TextCodec
 
 TEXT = "héllo wörld 🤖 naïve ✓ 漢字 and more words"
@@ -78,6 +79,22 @@ def test_a_byte_that_reads_as_a_character_alone_is_held_until_its_run_ends(llama
     pieces = stream(codec, [word, plus, lead, word])
     assert pieces[1:3] == ["", ""]
     assert "".join(pieces) == codec.decode([word, plus, lead, word]) == "the\ufffd\ufffd the"
+
+
+@pytest.mark.parametrize("name", ["llama_style", "byte_level"])
+def test_text_is_held_only_while_it_could_begin_a_stop_string(name, request):
+    """A robot reading the stream acts on "the door is open" as it comes, not once as many more
+    characters as the longest stop string has arrived (the whole of a short answer)."""
+    codec: TextCodec = request.getfixturevalue(name)
+    text = AnswerText(codec, ["the lazy dog", "fox!"])
+    shown = ""
+    for i in codec.encode("the quick brown fox jumps over the lazy dog", first=False):
+        shown += text.push(i)
+        assert text.text.startswith(shown)
+        held = text.text[len(shown) :]
+        assert held == "" or any(stop.startswith(held) for stop in text.stop), held
+    assert text.stopped and shown == text.text == "the quick brown fox jumps over "
+    assert text.finish() == ""
 
 
 def test_a_pad_id_that_names_an_ordinary_token_is_text(tiny_checkpoint: Path, tmp_path: Path):

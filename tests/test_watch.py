@@ -31,7 +31,13 @@ from llava_edge import cli
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.runtime import Answer, Limits, Pipeline, TimedOut, anyres
 from llava_edge.runtime.anyres import ImagePixels
-from llava_edge.runtime.frames import Frame, LatestFrame, VideoPixels, live_frames
+from llava_edge.runtime.frames import (
+    Frame,
+    LatestFrame,
+    VideoPixels,
+    _followed_folder,
+    live_frames,
+)
 from llava_edge.runtime.image import load_image
 from llava_edge.runtime.watch import WatchAnswer
 from llava_edge.training.checkpoint import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -229,6 +235,27 @@ def test_a_followed_folder_answers_its_pictures_as_they_come(
     assert recorder.seen[-3:] == [[2], [10], [20]]  # the last there at the start, then the new
     assert [a.index for a in answers][-3:] == [2, 3, 4]
     assert sum(a.skipped for a in answers) + len(answers) == 5
+
+
+def test_a_followed_folder_remembers_only_the_pictures_still_there(monkeypatch, tmp_path) -> None:
+    """A capture script that deletes old pictures as it adds new ones runs for days: the
+    follower forgets a picture once it has left the folder (it held every name it had ever
+    handed over), so one moved out and back (the same file) is a picture that came again."""
+    monkeypatch.setattr("llava_edge.runtime.frames.FOLLOW_POLL_S", 0.0)
+    folder = shots(tmp_path / "shots", 2)
+    aside = tmp_path / "aside.png"
+    frames = _followed_folder(folder, threading.Event())
+
+    def listing() -> list[str]:  # what one listing hands over
+        return [frame.image.name for frame in iter(lambda: next(frames), None)]
+
+    assert listing() == [] and listing() == ["000.png", "001.png"]
+    (folder / "000.png").rename(aside)
+    assert listing() == []
+    aside.rename(folder / "000.png")  # the same file: inode, size and modification time
+    assert listing() == [] and listing() == ["000.png"]
+    assert listing() == []
+    frames.close()
 
 
 def test_follow_is_refused_where_there_is_no_folder_to_follow(pipe, tmp_path) -> None:

@@ -32,7 +32,7 @@ class AnswerText:
     def __init__(self, codec: TextCodec, stop: list[str]):
         self.decoder = codec.stream()
         self.stop = stop
-        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.hold = max((len(s) for s in stop), default=1) - 1  # the longest a start can be
         self.text = ""
         self.emitted = 0
         self.stopped = False
@@ -44,7 +44,18 @@ class AnswerText:
         if stopped:
             self.text, self.stopped = cut, True
             return self._release(len(cut))
-        return self._release(len(self.text) - self.hold)
+        return self._release(len(self.text) - self._held())
+
+    def _held(self) -> int:
+        """How many of the text's last characters could begin a stop string: the longest such
+        end, not the longest stop string's length, so that an answer's text reaches the reader
+        as soon as it cannot be one (text already released never could)."""
+        text = self.text
+        for start in range(max(len(text) - self.hold, self.emitted), len(text)):
+            end = text[start:]
+            if any(stop.startswith(end) for stop in self.stop):
+                return len(text) - start
+        return 0
 
     def finish(self) -> str:
         """The rest of the text at the end of the answer (held-back and unfinished characters)."""

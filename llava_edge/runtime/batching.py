@@ -29,6 +29,7 @@ measures the engine's decode throughput at 1 to 8 clients).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import numbers
@@ -36,6 +37,7 @@ import operator
 import queue
 import threading
 import time
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -53,6 +55,7 @@ from llava_edge.runtime.sampling import GenerationConfig, Sampler, whole_number
 MIN_PREFIX = 16  # tokens: shorter shared prefixes are recomputed, not copied or stored
 MAX_PREFIXES = 64  # finished requests kept for reuse (recent conversations), within the budget
 PREFIX_CACHE_MB = 256  # the prefix store's default budget, where prompts can reuse prefixes
+CLOSE_AT_EXIT_S = 10.0  # how long a process's exit waits for an engine's backend call
 
 
 class QueueFull(LlavaEdgeError):
@@ -267,6 +270,19 @@ class PrefixStore:
         self.used += size
 
 
+# Engines not closed yet, whose scheduler thread may still run: the process's exit stops them.
+_running: weakref.WeakSet[BatchEngine] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """Cancel what every engine still holds and wait (CLOSE_AT_EXIT_S at most) for its thread.
+    An app may exit without closing its engine (its thread is a daemon), but onnxruntime aborts
+    a process whose interpreter ends while a thread is inside one of its calls."""
+    for engine in list(_running):
+        engine.close(drain=False, timeout=CLOSE_AT_EXIT_S)
+
+
 def prefix_budget(prefix_cache_mb: Any, exact: bool) -> int:
     """The prefix store's bytes: None is PREFIX_CACHE_MB where prompts can reuse a prefix
     (`exact`) and none where they cannot; a budget given where none can be reused is refused,
@@ -395,6 +411,7 @@ class BatchEngine:
                     self._closing = True
                     self._lock.notify_all()
                 raise
+            _running.add(self)
 
     # ---- submitting ------------------------------------------------------------------------
 
@@ -538,7 +555,10 @@ class BatchEngine:
         timeout: seconds to wait for the scheduler thread (None: until it ends). A cancelled
         request leaves only between two backend calls, and a call in progress (a stalled
         device) cannot be interrupted: returns False if the thread still runs one at the
-        timeout (it is a daemon, so it does not keep the process alive), else True."""
+        timeout (it is a daemon, so it does not keep the process alive), else True. An engine
+        never closed is closed by the process's exit, without draining, which waits
+        CLOSE_AT_EXIT_S at most."""
+        _running.discard(self)  # its closer has said how long to wait
         with self._lock:
             self._closing = True
             if not drain:

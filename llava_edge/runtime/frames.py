@@ -693,7 +693,8 @@ def _followed_folder(folder: Path, stop: threading.Event) -> Iterator[Frame | No
     it is listed every FOLLOW_POLL_S, and an image new or rewritten since it was handed over
     (another file, size or modification time) is handed over, in name order, once two listings
     in a row find it the same, so that a picture still being written is not read half. The
-    images there at the start come first."""
+    images there at the start come first. Only the pictures still there are remembered: a capture
+    script that deletes old pictures as it adds new ones (a ring buffer) may run for days."""
     handed: dict[Path, tuple[int, int, int]] = {}
     seen: dict[Path, tuple[int, int, int]] = {}
     index = 0
@@ -703,6 +704,7 @@ def _followed_folder(folder: Path, stop: threading.Event) -> Iterator[Frame | No
             with contextlib.suppress(OSError):  # gone since the listing
                 st = path.stat()
                 listed[path] = (st.st_ino, st.st_size, st.st_mtime_ns)
+        handed = {path: handed[path] for path in listed if path in handed}
         for path, state in listed.items():
             if state[1] and seen.get(path) == state and handed.get(path) != state:
                 handed[path] = state

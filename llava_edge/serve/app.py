@@ -296,7 +296,15 @@ def create_app(options: ServeOptions, on_load_error: Any = None) -> Starlette:
     async def lifespan(app: Starlette):
         state.loader = threading.Thread(target=state.load, name="llava-edge-load", daemon=True)
         state.loader.start()
-        yield
+        try:
+            yield
+        except asyncio.CancelledError:
+            # uvicorn's force quit (a second Ctrl-C) sends no shutdown event: the event loop
+            # cancels this task on its way out. The model must still be closed here: one left
+            # open under the engine's backend call as the interpreter exits aborts the process
+            _carry_on()
+            state.close()  # on the loop's thread: nothing else runs on it any more
+            return
         await run_in_threadpool(state.close)
 
     cors = [

@@ -85,6 +85,13 @@ def shown(value: Any) -> str:
     return _SHORT.repr(value)
 
 
+def _escaped(text: str) -> str:
+    """`text` as UTF-8 can carry it. A client's text quoted in a refusal (a field name) may
+    hold a lone surrogate, which a JSON escape ("\\ud800") carries and UTF-8 cannot: the reply
+    could not be encoded at all. It is written as its escape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class ApiError(Exception):
     """A refusal with its HTTP status, rendered as OpenAI's error JSON."""
 
@@ -104,6 +111,8 @@ class ApiError(Exception):
     def __init__(
         self, status: int, message: str, param: str | None = None, code: str | None = None
     ):
+        message = _escaped(message)
+        param = None if param is None else _escaped(param)
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
 
