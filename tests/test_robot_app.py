@@ -230,3 +230,49 @@ def test_a_pipeline_sent_to_another_process_says_to_load_it_there(pipe):
     with pytest.raises(TypeError, match="load the model dir in each worker process"):
         pickle.dumps(pipe)
     assert pipe.generate(frame(8), "Is the door open?", max_new_tokens=2) is not None
+
+
+EXIT_MID_ANSWER = """
+import sys, threading, time
+import onnxruntime as ort
+from llava_edge.runtime import Pipeline
+
+run = ort.InferenceSession.run
+entered = threading.Event()
+
+def slow_run(self, *args, **kwargs):  # a Jetson's long prefill: the exit comes in the middle
+    entered.set()
+    time.sleep(0.5)
+    outputs = run(self, *args, **kwargs)
+    print("call finished", flush=True)
+    return outputs
+
+ort.InferenceSession.run = slow_run
+pipe = Pipeline.load(sys.argv[1], threads=1, graph_form="standard")
+
+def worker():  # a robot node's daemon thread, answering when the app shuts down
+    for _ in pipe.stream(None, "Go on.", max_new_tokens=10**4, ignore_eos=True):
+        pass
+
+threading.Thread(target=worker, daemon=True).start()
+entered.wait(30)
+print("exiting", flush=True)
+"""
+
+
+def test_an_app_that_exits_while_its_thread_is_inside_an_answer_exits_cleanly(tiny_model_dir):
+    """An app's daemon thread inside a backend call as the interpreter exits: onnxruntime was
+    torn down under the call, which aborts the process (exit 134, as often as not). Exit waits
+    for the call in flight, and lets that thread start no other."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_MID_ANSWER, str(tiny_model_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[:2] == ["exiting", "call finished"], done.stdout
+    assert done.stdout.count("call finished") == 1

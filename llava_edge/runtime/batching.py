@@ -29,7 +29,6 @@ measures the engine's decode throughput at 1 to 8 clients).
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import itertools
 import numbers
@@ -48,6 +47,7 @@ import numpy as np
 from llava_edge.errors import LlavaEdgeError, TimedOut, first_line
 from llava_edge.runtime.answer import Answer, AnswerText, timings
 from llava_edge.runtime.anyres import ImagePixels, pixels_list, prompt_forms
+from llava_edge.runtime.exit_guard import EXIT_WAIT_S, before_exit
 from llava_edge.runtime.generate import Timer, embed
 from llava_edge.runtime.image import Images, image_list
 from llava_edge.runtime.sampling import GenerationConfig, Sampler, whole_number
@@ -55,7 +55,6 @@ from llava_edge.runtime.sampling import GenerationConfig, Sampler, whole_number
 MIN_PREFIX = 16  # tokens: shorter shared prefixes are recomputed, not copied or stored
 MAX_PREFIXES = 64  # finished requests kept for reuse (recent conversations), within the budget
 PREFIX_CACHE_MB = 256  # the prefix store's default budget, where prompts can reuse prefixes
-CLOSE_AT_EXIT_S = 10.0  # how long a process's exit waits for an engine's backend call
 
 
 class QueueFull(LlavaEdgeError):
@@ -274,13 +273,14 @@ class PrefixStore:
 _running: weakref.WeakSet[BatchEngine] = weakref.WeakSet()
 
 
-@atexit.register
 def _close_at_exit() -> None:
-    """Cancel what every engine still holds and wait (CLOSE_AT_EXIT_S at most) for its thread.
-    An app may exit without closing its engine (its thread is a daemon), but onnxruntime aborts
-    a process whose interpreter ends while a thread is inside one of its calls."""
+    """Cancel what every engine still holds and wait for its thread: an app may exit without
+    closing its engine (its thread is a daemon), and its waiters then hear Cancelled."""
     for engine in list(_running):
-        engine.close(drain=False, timeout=CLOSE_AT_EXIT_S)
+        engine.close(drain=False, timeout=EXIT_WAIT_S)
+
+
+before_exit(_close_at_exit)
 
 
 def prefix_budget(prefix_cache_mb: Any, exact: bool) -> int:
@@ -557,7 +557,7 @@ class BatchEngine:
         device) cannot be interrupted: returns False if the thread still runs one at the
         timeout (it is a daemon, so it does not keep the process alive), else True. An engine
         never closed is closed by the process's exit, without draining, which waits
-        CLOSE_AT_EXIT_S at most."""
+        EXIT_WAIT_S at most."""
         _running.discard(self)  # its closer has said how long to wait
         with self._lock:
             self._closing = True

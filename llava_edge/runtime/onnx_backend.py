@@ -26,6 +26,7 @@ import onnxruntime as ort
 
 from llava_edge.errors import LlavaEdgeError, first_line
 from llava_edge.manifest import PREFILL, GraphSpec, KVSpec, Manifest, TextSpec
+from llava_edge.runtime.exit_guard import guarded
 from llava_edge.runtime.fused_backend import FusedDecoder
 from llava_edge.runtime.kv_cache import KVCache, as_rows, check_kv_layout
 from llava_edge.runtime.session_cache import enabled as cache_enabled
@@ -462,6 +463,7 @@ class OnnxBackend:
         except Exception as e:  # onnxruntime raises its own untyped errors on bad files
             raise LlavaEdgeError(f"cannot load graph {path}: {first_line(e)}") from None
 
+    @guarded
     def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
         """pixel_values [B, 3, H, W] -> image features in the LLM's space [B, N, hidden]."""
         dtype = self.manifest.graphs["vision_encoder"].inputs["pixel_values"].dtype
@@ -473,6 +475,7 @@ class OnnxBackend:
     def new_cache(self, batch: int) -> KVCache:
         return KVCache(self.kv_text, batch)
 
+    @guarded
     def decode(
         self, embeds: np.ndarray, token_mask: np.ndarray, positions: np.ndarray, cache: KVCache
     ) -> np.ndarray:

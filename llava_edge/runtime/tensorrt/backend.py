@@ -33,6 +33,7 @@ import numpy as np
 
 from llava_edge.errors import LlavaEdgeError, first_line
 from llava_edge.manifest import GraphSpec, Manifest
+from llava_edge.runtime.exit_guard import guarded
 from llava_edge.runtime.kv_cache import as_rows, check_kv_layout
 from llava_edge.runtime.tensorrt import gpu
 from llava_edge.runtime.tensorrt.buffers import Arena, plan
@@ -150,6 +151,7 @@ class TensorRTBackend:
         """The most rows one KV cache may have (`--max-batch` at build time)."""
         return self.limits.max_batch
 
+    @guarded
     def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
         """pixel_values [B, 3, H, W] -> image features in the LLM's space [B, N, hidden].
 
@@ -191,6 +193,7 @@ class TensorRTBackend:
             dtype=self.kv_dtype,
         )
 
+    @guarded
     def decode(
         self,
         embeds: np.ndarray,
