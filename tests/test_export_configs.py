@@ -376,3 +376,37 @@ def test_train_and_the_model_loader_refuse_such_configs_in_one_line_too(
     assert message in error and len(error.splitlines()) == 1, error
     with pytest.raises(LlavaEdgeError, match="config.json: "):
         load_model(checkpoint)
+
+
+def test_llava_onevision_with_a_clip_tower_exports_token_exact(tmp_path: Path, capsys) -> None:
+    """LlavaOnevisionProcessor counts num_image_tokens less one under 'default' (CLIP's CLS
+    token, which the model drops), so a CLIP tower's processor holds its patches and that token:
+    export refused such a checkpoint, saying transformers could not run it, and took one whose
+    count transformers' own forward refuses (a traceback in verification). The first exports
+    token-exact in both forms; the second is refused in one line."""
+    import json
+
+    from conftest import quiet
+    from hf_checkpoints import onevision_qwen, write_checkpoint
+
+    from llava_edge.export.exporter import export_checkpoint
+
+    config = onevision_qwen(
+        vision={"model_type": "clip_vision_model", "image_size": 28},
+        vision_feature_select_strategy="default",
+    )
+    checkpoint = write_checkpoint(tmp_path / "checkpoint", config, chat_template=None)
+    settings = json.loads((checkpoint / "processor_config.json").read_text())
+    assert settings["num_image_tokens"] == (28 // 14) ** 2 + 1
+    report = export_checkpoint(checkpoint, tmp_path / "model", log=quiet)
+    assert set(report["forms"]) == {"standard", "fused"}
+    for form in report["forms"].values():
+        assert form["passed"] and form["greedy_tokens_matched"] == form["greedy_tokens_total"]
+    settings["num_image_tokens"] = (28 // 14) ** 2  # the patches alone: one token short
+    (checkpoint / "processor_config.json").write_text(json.dumps(settings))
+    assert_export_refused(
+        checkpoint,
+        tmp_path / "out",
+        capsys,
+        "num_image_tokens 4 is not the vision tower's 4 patches and its CLS token",
+    )

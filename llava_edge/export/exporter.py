@@ -347,16 +347,8 @@ def _check_onevision_processor(processor: Any, config: Any, source: str) -> None
     """LlavaOnevisionProcessor counts an image's tokens by its own num_image_tokens,
     vision_aspect_ratio and vision_feature_select_strategy, LlavaOnevisionModel packs its
     features by the tower's grid and config.json's: where they differ, transformers' prompt and
-    features disagree."""
-    vision = config.vision_config
-    grid = (vision.image_size // vision.patch_size) ** 2
-    counted = getattr(processor, "num_image_tokens", None)
-    if counted is not None and int(counted) != grid:
-        raise LlavaEdgeError(
-            f"{source}: processor_config.json's num_image_tokens {counted} is not the vision "
-            f"tower's {grid} patches (config.json's vision_config image_size / patch_size, "
-            "squared); transformers cannot run it either: fix processor_config.json"
-        )
+    features disagree. With 'default' the processor counts one token less than num_image_tokens
+    (CLIP's CLS token, which the model drops), so num_image_tokens holds the patches and it."""
     for key in ("vision_aspect_ratio", "vision_feature_select_strategy"):
         counted, packed = getattr(processor, key, None), getattr(config, key)
         if counted is not None and counted != packed:
@@ -365,6 +357,18 @@ def _check_onevision_processor(processor: Any, config: Any, source: str) -> None
                 f"config.json's {packed!r}: transformers counts an image's tokens by the one and "
                 "packs its features by the other; make them the same"
             )
+    vision = config.vision_config
+    grid = (vision.image_size // vision.patch_size) ** 2
+    dropped = int(getattr(processor, "vision_feature_select_strategy", None) == "default")
+    counted = getattr(processor, "num_image_tokens", None)
+    if counted is not None and int(counted) != grid + dropped:
+        cls = " and its CLS token, which 'default' counts there and drops" if dropped else ""
+        raise LlavaEdgeError(
+            f"{source}: processor_config.json's num_image_tokens {counted} is not the vision "
+            f"tower's {grid} patches{cls} ({grid + dropped}: config.json's vision_config "
+            "image_size / patch_size, squared); transformers cannot run it either: fix "
+            "processor_config.json"
+        )
 
 
 def _set(size: Any) -> dict[str, Any]:
