@@ -410,3 +410,39 @@ def test_llava_onevision_with_a_clip_tower_exports_token_exact(tmp_path: Path, c
         capsys,
         "num_image_tokens 4 is not the vision tower's 4 patches and its CLS token",
     )
+
+
+def test_verification_stops_at_the_tokenizers_eos_where_generation_config_names_none(
+    tiny_checkpoint: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """generation_config.json without eos_token_id (one saved with sampling settings alone): the
+    runtime stops at the tokenizer's EOS, transformers' generate() at none, so export failed
+    verification ("ours the end of the answer") on any answer that ends within 32 tokens. The
+    EOS row here scores as one of the greedy answer's tokens, so the answer ends early."""
+    import json
+    import shutil
+
+    from conftest import quiet
+    from safetensors.torch import load_file, save_file
+
+    from llava_edge.export.exporter import export_checkpoint
+    from llava_edge.export.verify import QUESTION, sample_image
+    from llava_edge.runtime import Pipeline
+
+    with Pipeline.load(tiny_model_dir) as pipe:
+        answer = pipe.answer(sample_image(), QUESTION, max_new_tokens=32, ignore_eos=True)
+        eos = pipe.manifest.tokens.eos_token_ids[0]
+    tokens = answer.token_ids
+    step = next(i for i in range(3, len(tokens)) if tokens[i] not in tokens[:i])
+    checkpoint = Path(shutil.copytree(tiny_checkpoint, tmp_path / "checkpoint"))
+    weights = load_file(checkpoint / "model.safetensors")
+    head = weights["language_model.lm_head.weight"]
+    head[eos] = head[tokens[step]] * 1.01  # EOS wins where that token would
+    save_file(weights, checkpoint / "model.safetensors", metadata={"format": "pt"})
+    generation = json.loads((checkpoint / "generation_config.json").read_text())
+    del generation["eos_token_id"]
+    (checkpoint / "generation_config.json").write_text(json.dumps(generation))
+    report = export_checkpoint(checkpoint, tmp_path / "model", log=quiet)
+    for form in report["forms"].values():
+        assert form["passed"] and form["greedy_tokens_matched"] == form["greedy_tokens_total"]
+        assert form["greedy_tokens_total"] <= step + 1  # the answer ended at EOS

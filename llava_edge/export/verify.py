@@ -35,7 +35,8 @@ NEW_TOKENS = 32
 FP32_REL_TOLERANCE = 1e-4
 # generate() takes its defaults from the checkpoint's generation_config.json, some of which change
 # which token greedy decoding picks (or search beams instead). The graphs are held to plain
-# greedy decoding, the runtime's: these switch them off (its eos and pad ids still apply).
+# greedy decoding, the runtime's: these switch them off (its pad id still applies; generate()
+# stops at the manifest's end-of-sequence ids, as the runtime does).
 PLAIN_GREEDY = dict(
     do_sample=False,
     num_beams=1,
@@ -156,9 +157,14 @@ def _compare_form(loaded: Any, model_dir: Path, form: str, bar: Any) -> dict[str
             ref_features = model.get_image_features(pixel_values=inputs["pixel_values"], **sizes)
             ref_features = ref_features.pooler_output[0].float().numpy()
             ref_logits = model(**inputs).logits[0, -1].float().numpy()
-            ref_tokens = model.generate(**inputs, max_new_tokens=NEW_TOKENS, **PLAIN_GREEDY)[
-                0, len(hf_ids) :
-            ].tolist()
+            # the runtime stops at generation_config.json's eos ids, else at the tokenizer's
+            # eos token, where generate() would run on: both stop at the same ids
+            ref_tokens = model.generate(
+                **inputs,
+                max_new_tokens=NEW_TOKENS,
+                eos_token_id=manifest.tokens.eos_token_ids,
+                **PLAIN_GREEDY,
+            )[0, len(hf_ids) :].tolist()
         bar.update()
         bar.set_postfix_str("the graphs")
         cache = pipe.backend.new_cache(1)
