@@ -257,6 +257,15 @@ REFUSED_CONFIGS = {
         {"model_type": "llava_next", "image_grid_pinpoints": []},
         "LLaVA-NeXT's image_grid_pinpoints is empty",
     ),
+    # a LLaVA-OneVision checkpoint's refusals named it LLaVA-NeXT
+    "onevision-without-pinpoints": (
+        {"model_type": "llava_onevision", "image_grid_pinpoints": []},
+        "LLaVA-OneVision's image_grid_pinpoints is empty",
+    ),
+    "onevision-clip-full": (
+        {"model_type": "llava_onevision", "vision_feature_select_strategy": "full"},
+        "LLaVA-OneVision with a clip_vision_model tower and vision_feature_select_strategy 'full'",
+    ),
 }
 
 

@@ -519,10 +519,17 @@ def _check_tile_features(source: str, config: Any) -> None:
     if strategy != wanted:
         why = "SigLIP has no CLS token to drop" if wanted == "full" else "it drops CLIP's CLS token"
         raise LlavaEdgeError(
-            f"{source}: LLaVA-NeXT with a {tower} tower and vision_feature_select_strategy "
+            f"{source}: {_family(config)} with a {tower} tower and vision_feature_select_strategy "
             f"'{strategy}' is not supported: its tiles' feature grids are the tower's patches, "
             f"which only '{wanted}' selects ({why})"
         )
+
+
+def _family(config: Any) -> str:
+    """An AnyRes checkpoint's family, as its refusals name it: LLaVA-NeXT or LLaVA-OneVision."""
+    from llava_edge.modeling import ANYRES_CLASSES
+
+    return ANYRES_CLASSES[config.model_type][0]
 
 
 def _check_known_names(source: str, config: Any) -> None:
@@ -573,8 +580,9 @@ def _check_pinpoints(source: str, config: Any) -> None:
     tile = config.vision_config.image_size
     if not config.image_grid_pinpoints:
         raise LlavaEdgeError(
-            f"{source}: LLaVA-NeXT's image_grid_pinpoints is empty: no AnyRes grid to tile an "
-            f"image into; list them in config.json (each a whole number of {tile} px tiles)"
+            f"{source}: {_family(config)}'s image_grid_pinpoints is empty: no AnyRes grid to "
+            f"tile an image into; list them in config.json (each a whole number of {tile} px "
+            "tiles)"
         )
     for pinpoint in config.image_grid_pinpoints:
         if len(pinpoint) != 2 or any(int(side) <= 0 or int(side) % tile for side in pinpoint):
@@ -778,8 +786,9 @@ def _anyres_spec(processor: Any, config: Any, height: int) -> AnyResSpec:
     vision = config.vision_config
     if not tile == height == vision.image_size:
         raise LlavaEdgeError(
-            f"this LLaVA-NeXT checkpoint's tiles are {tile} px, its processor's output {height} px "
-            f"and its vision tower's input {vision.image_size} px; they must be one size"
+            f"this {_family(config)} checkpoint's tiles are {tile} px, its processor's output "
+            f"{height} px and its vision tower's input {vision.image_size} px; they must be one "
+            "size"
         )
     onevision = config.model_type == "llava_onevision"
     return AnyResSpec(
