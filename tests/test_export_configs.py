@@ -481,3 +481,23 @@ def test_a_siglip_tower_at_opset_20_keeps_its_tanh_gelu_in_the_fused_form(tmp_pa
     ops = {n.op_type for n in onnx.load(str(fused)).graph.node}
     assert "FastGelu" in ops and not ops & {"Gelu", "BiasGelu"}
     assert _vision_gap(tmp_path / "model" / vision.file, fused, vision) < 1e-5
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma"])
+def test_a_window_in_a_text_model_that_never_slides_caps_nothing(model_type: str) -> None:
+    """Llama and Gemma attend to every token whatever `sliding_window` their config.json holds
+    (one carried over from a Mistral or Qwen config): export capped their context at it, and
+    refused a --max-context past it."""
+    from transformers import AutoConfig, CLIPVisionConfig, LlavaConfig
+
+    from llava_edge.export.exporter import _max_context
+
+    text = AutoConfig.for_model(
+        model_type, max_position_embeddings=1024, num_hidden_layers=2, sliding_window=256
+    )
+    assert text.sliding_window == 256
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(image_size=64, patch_size=8), text_config=text
+    )
+    assert _max_context(config, None) == 1024
+    assert _max_context(config, 512) == 512

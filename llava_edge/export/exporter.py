@@ -834,6 +834,11 @@ def _eos_ids(generation_config: Any, tokenizer: Any) -> list[int]:
     return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
 
 
+# The text models whose attention reads a sliding_window (Qwen2 and Qwen3 in the layers their
+# layer_types name); Llama and Gemma attend to every token, whatever window their config holds.
+SLIDING_TEXT_MODELS = ("mistral", "phi3", "qwen2", "qwen3")
+
+
 def _max_context(config: Any, requested: int | None) -> int:
     """--max-context, or the model's own context when none is given; either must hold one image
     and MIN_TEXT_ROOM tokens (the verification's prompt and answer need about that too)."""
@@ -842,6 +847,7 @@ def _max_context(config: Any, requested: int | None) -> int:
     source = "max_position_embeddings"
     window = getattr(text_config, "sliding_window", None)
     use = getattr(text_config, "use_sliding_window", True)
+    use = use and text_config.model_type in SLIDING_TEXT_MODELS
     # Qwen2 slides in its layers from max_window_layers on (transformers' layer_types): where
     # that is none of them, the window is never used
     kinds = getattr(text_config, "layer_types", None)
