@@ -501,3 +501,41 @@ def test_a_window_in_a_text_model_that_never_slides_caps_nothing(model_type: str
     )
     assert _max_context(config, None) == 1024
     assert _max_context(config, 512) == 512
+
+
+def test_verification_answers_within_a_context_its_prompt_nearly_fills(
+    tmp_path: Path, capsys
+) -> None:
+    """A --max-context that holds one image and 64 tokens but not the chat template's prompt and
+    32 answer tokens (llava_llama_2's system prompt takes over 100): export failed verification,
+    the runtime's answer cut at the context called a divergence from transformers, or, where
+    the prompt alone filled it, the runtime's "shorten the prompt ... or start a new chat". The
+    answer compared is as long as the context holds; a context the prompt alone fills is
+    refused in a line saying so, before any graph is written."""
+    from conftest import quiet
+
+    from llava_edge.cli import main
+    from llava_edge.export.exporter import export_checkpoint
+    from llava_edge.training.checkpoint import init_checkpoint
+
+    checkpoint = init_checkpoint(tmp_path / "checkpoint", layers=1, template="llava_llama_2")
+    report = export_checkpoint(checkpoint, tmp_path / "model", max_context=230, log=quiet)
+    for form in report["forms"].values():
+        assert form["passed"] and form["greedy_tokens_matched"] == form["greedy_tokens_total"]
+        assert 0 < form["greedy_tokens_total"] < 32
+    capsys.readouterr()
+    argv = [
+        "export",
+        str(checkpoint),
+        str(tmp_path / "short"),
+        "--max-context",
+        "200",
+        "--no-fused",
+    ]
+    assert main(argv) != 0
+    error = capsys.readouterr().err
+    line = error.strip().splitlines()[-1]  # after the progress bars
+    assert line.startswith("llava-edge export: error: ") and "Traceback" not in error
+    assert "export decoder" not in error  # refused before the graphs
+    assert "leaves no room for an answer in the exported context of 200" in line
+    assert "--max-context" in line and not (tmp_path / "short").exists()

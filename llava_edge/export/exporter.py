@@ -91,6 +91,10 @@ def export_checkpoint(
     max_context = _max_context(config, max_context)  # fail before loading weights
     loaded = load_checkpoint(checkpoint, trust_remote_code=trust_remote_code)
     log(loaded.template_why)
+    if verify:
+        from llava_edge.export.verify import check_answer_room
+
+        check_answer_room(loaded, max_context)
     # onnxruntime's graph optimizer (the fused forms) writes graph-sized copies through tempfile
     with scratch_beside(out), replace_dir(out) as tmp:
         if dtype == "fp16":
