@@ -323,7 +323,8 @@ def _processor(
 def _onevision_processor(config: Any, tokenizer: Any, chat_template: str) -> Any:
     """LlavaOnevisionProcessor as llava-hf's 0.5b-ov-hf saves it: its image processor resizes
     to the tower's size, no crop, SigLIP's mean and std of 0.5 (its video processor needs
-    torchvision, which the tests do without)."""
+    torchvision, which the tests do without); num_image_tokens counts a CLIP tower's CLS token,
+    which 'default' drops."""
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
         LlavaOnevisionImageProcessorPil,
     )
@@ -338,10 +339,11 @@ def _onevision_processor(config: Any, tokenizer: Any, chat_template: str) -> Any
         image_mean=[0.5] * 3,
         image_std=[0.5] * 3,
     )
+    cls_token = int(config.vision_feature_select_strategy == "default")  # counted, then dropped
     return OnevisionProcessorWithoutVideo(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        num_image_tokens=(size // vision.patch_size) ** 2,
+        num_image_tokens=(size // vision.patch_size) ** 2 + cls_token,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         vision_aspect_ratio=config.vision_aspect_ratio,
         chat_template=chat_template,

@@ -257,6 +257,15 @@ REFUSED_CONFIGS = {
         {"model_type": "llava_next", "image_grid_pinpoints": []},
         "LLaVA-NeXT's image_grid_pinpoints is empty",
     ),
+    # a LLaVA-OneVision checkpoint's refusals named it LLaVA-NeXT
+    "onevision-without-pinpoints": (
+        {"model_type": "llava_onevision", "image_grid_pinpoints": []},
+        "LLaVA-OneVision's image_grid_pinpoints is empty",
+    ),
+    "onevision-clip-full": (
+        {"model_type": "llava_onevision", "vision_feature_select_strategy": "full"},
+        "LLaVA-OneVision with a clip_vision_model tower and vision_feature_select_strategy 'full'",
+    ),
 }
 
 
@@ -376,3 +385,157 @@ def test_train_and_the_model_loader_refuse_such_configs_in_one_line_too(
     assert message in error and len(error.splitlines()) == 1, error
     with pytest.raises(LlavaEdgeError, match="config.json: "):
         load_model(checkpoint)
+
+
+def test_llava_onevision_with_a_clip_tower_exports_token_exact(tmp_path: Path, capsys) -> None:
+    """LlavaOnevisionProcessor counts num_image_tokens less one under 'default' (CLIP's CLS
+    token, which the model drops), so a CLIP tower's processor holds its patches and that token:
+    export refused such a checkpoint, saying transformers could not run it, and took one whose
+    count transformers' own forward refuses (a traceback in verification). The first exports
+    token-exact in both forms; the second is refused in one line."""
+    import json
+
+    from conftest import quiet
+    from hf_checkpoints import onevision_qwen, write_checkpoint
+
+    from llava_edge.export.exporter import export_checkpoint
+
+    config = onevision_qwen(
+        vision={"model_type": "clip_vision_model", "image_size": 28},
+        vision_feature_select_strategy="default",
+    )
+    checkpoint = write_checkpoint(tmp_path / "checkpoint", config, chat_template=None)
+    settings = json.loads((checkpoint / "processor_config.json").read_text())
+    assert settings["num_image_tokens"] == (28 // 14) ** 2 + 1
+    report = export_checkpoint(checkpoint, tmp_path / "model", log=quiet)
+    assert set(report["forms"]) == {"standard", "fused"}
+    for form in report["forms"].values():
+        assert form["passed"] and form["greedy_tokens_matched"] == form["greedy_tokens_total"]
+    settings["num_image_tokens"] = (28 // 14) ** 2  # the patches alone: one token short
+    (checkpoint / "processor_config.json").write_text(json.dumps(settings))
+    assert_export_refused(
+        checkpoint,
+        tmp_path / "out",
+        capsys,
+        "num_image_tokens 4 is not the vision tower's 4 patches and its CLS token",
+    )
+
+
+def test_verification_stops_at_the_tokenizers_eos_where_generation_config_names_none(
+    tiny_checkpoint: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """generation_config.json without eos_token_id (one saved with sampling settings alone): the
+    runtime stops at the tokenizer's EOS, transformers' generate() at none, so export failed
+    verification ("ours the end of the answer") on any answer that ends within 32 tokens. The
+    EOS row here scores as one of the greedy answer's tokens, so the answer ends early."""
+    import json
+    import shutil
+
+    from conftest import quiet
+    from safetensors.torch import load_file, save_file
+
+    from llava_edge.export.exporter import export_checkpoint
+    from llava_edge.export.verify import QUESTION, sample_image
+    from llava_edge.runtime import Pipeline
+
+    with Pipeline.load(tiny_model_dir) as pipe:
+        answer = pipe.answer(sample_image(), QUESTION, max_new_tokens=32, ignore_eos=True)
+        eos = pipe.manifest.tokens.eos_token_ids[0]
+    tokens = answer.token_ids
+    step = next(i for i in range(3, len(tokens)) if tokens[i] not in tokens[:i])
+    checkpoint = Path(shutil.copytree(tiny_checkpoint, tmp_path / "checkpoint"))
+    weights = load_file(checkpoint / "model.safetensors")
+    head = weights["language_model.lm_head.weight"]
+    head[eos] = head[tokens[step]] * 1.01  # EOS wins where that token would
+    save_file(weights, checkpoint / "model.safetensors", metadata={"format": "pt"})
+    generation = json.loads((checkpoint / "generation_config.json").read_text())
+    del generation["eos_token_id"]
+    (checkpoint / "generation_config.json").write_text(json.dumps(generation))
+    report = export_checkpoint(checkpoint, tmp_path / "model", log=quiet)
+    for form in report["forms"].values():
+        assert form["passed"] and form["greedy_tokens_matched"] == form["greedy_tokens_total"]
+        assert form["greedy_tokens_total"] <= step + 1  # the answer ended at EOS
+
+
+def test_a_siglip_tower_at_opset_20_keeps_its_tanh_gelu_in_the_fused_form(tmp_path: Path) -> None:
+    """From opset 20 torch.onnx writes SigLIP's tanh GELU as one ONNX Gelu (approximate='tanh'),
+    which onnxruntime's optimizer fused into BiasGelu, the erf GELU: the fused vision form held
+    another function than the tower's (its features 1e-4 of their range off at tiny dims, where
+    it was dropped or, under that, kept). It is FastGelu, equal to the standard graph but for
+    float rounding."""
+    import onnx
+    from conftest import quiet
+    from hf_checkpoints import interleave_qwen, write_checkpoint
+
+    from llava_edge.export.exporter import export_checkpoint
+    from llava_edge.export.fused import _vision_gap
+    from llava_edge.manifest import Manifest
+
+    checkpoint = write_checkpoint(tmp_path / "checkpoint", interleave_qwen())
+    export_checkpoint(checkpoint, tmp_path / "model", opset=20, verify=False, log=quiet)
+    vision = Manifest.load(tmp_path / "model").graphs["vision_encoder"]
+    standard = onnx.load(str(tmp_path / "model" / vision.file)).graph.node
+    assert "Gelu" in {n.op_type for n in standard}  # the one-op GELU of opset 20
+    assert vision.fused is not None, vision.details.get("no_fused_form")
+    fused = tmp_path / "model" / vision.fused.file
+    ops = {n.op_type for n in onnx.load(str(fused)).graph.node}
+    assert "FastGelu" in ops and not ops & {"Gelu", "BiasGelu"}
+    assert _vision_gap(tmp_path / "model" / vision.file, fused, vision) < 1e-5
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma"])
+def test_a_window_in_a_text_model_that_never_slides_caps_nothing(model_type: str) -> None:
+    """Llama and Gemma attend to every token whatever `sliding_window` their config.json holds
+    (one carried over from a Mistral or Qwen config): export capped their context at it, and
+    refused a --max-context past it."""
+    from transformers import AutoConfig, CLIPVisionConfig, LlavaConfig
+
+    from llava_edge.export.exporter import _max_context
+
+    text = AutoConfig.for_model(
+        model_type, max_position_embeddings=1024, num_hidden_layers=2, sliding_window=256
+    )
+    assert text.sliding_window == 256
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(image_size=64, patch_size=8), text_config=text
+    )
+    assert _max_context(config, None) == 1024
+    assert _max_context(config, 512) == 512
+
+
+def test_verification_answers_within_a_context_its_prompt_nearly_fills(
+    tmp_path: Path, capsys
+) -> None:
+    """A --max-context that holds one image and 64 tokens but not the chat template's prompt and
+    32 answer tokens (llava_llama_2's system prompt takes over 100): export failed verification,
+    the runtime's answer cut at the context called a divergence from transformers, or, where
+    the prompt alone filled it, the runtime's "shorten the prompt ... or start a new chat". The
+    answer compared is as long as the context holds; a context the prompt alone fills is
+    refused in a line saying so, before any graph is written."""
+    from conftest import quiet
+
+    from llava_edge.cli import main
+    from llava_edge.export.exporter import export_checkpoint
+    from llava_edge.training.checkpoint import init_checkpoint
+
+    checkpoint = init_checkpoint(tmp_path / "checkpoint", layers=1, template="llava_llama_2")
+    report = export_checkpoint(checkpoint, tmp_path / "model", max_context=230, log=quiet)
+    for form in report["forms"].values():
+        assert form["passed"] and form["greedy_tokens_matched"] == form["greedy_tokens_total"]
+        assert 0 < form["greedy_tokens_total"] < 32
+    capsys.readouterr()
+    argv = [
+        "export",
+        str(checkpoint),
+        str(tmp_path / "short"),
+        "--max-context",
+        "200",
+        "--no-fused",
+    ]
+    assert main(argv) != 0
+    error = capsys.readouterr().err
+    line = error.strip().splitlines()[-1]  # after the progress bars
+    assert line.startswith("llava-edge export: error: ") and "Traceback" not in error
+    assert "export decoder" not in error  # refused before the graphs
+    assert "leaves no room for an answer in the exported context of 200" in line
+    assert "--max-context" in line and not (tmp_path / "short").exists()

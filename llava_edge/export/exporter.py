@@ -91,6 +91,10 @@ def export_checkpoint(
     max_context = _max_context(config, max_context)  # fail before loading weights
     loaded = load_checkpoint(checkpoint, trust_remote_code=trust_remote_code)
     log(loaded.template_why)
+    if verify:
+        from llava_edge.export.verify import check_answer_room
+
+        check_answer_room(loaded, max_context)
     # onnxruntime's graph optimizer (the fused forms) writes graph-sized copies through tempfile
     with scratch_beside(out), replace_dir(out) as tmp:
         if dtype == "fp16":
@@ -347,16 +351,8 @@ def _check_onevision_processor(processor: Any, config: Any, source: str) -> None
     """LlavaOnevisionProcessor counts an image's tokens by its own num_image_tokens,
     vision_aspect_ratio and vision_feature_select_strategy, LlavaOnevisionModel packs its
     features by the tower's grid and config.json's: where they differ, transformers' prompt and
-    features disagree."""
-    vision = config.vision_config
-    grid = (vision.image_size // vision.patch_size) ** 2
-    counted = getattr(processor, "num_image_tokens", None)
-    if counted is not None and int(counted) != grid:
-        raise LlavaEdgeError(
-            f"{source}: processor_config.json's num_image_tokens {counted} is not the vision "
-            f"tower's {grid} patches (config.json's vision_config image_size / patch_size, "
-            "squared); transformers cannot run it either: fix processor_config.json"
-        )
+    features disagree. With 'default' the processor counts one token less than num_image_tokens
+    (CLIP's CLS token, which the model drops), so num_image_tokens holds the patches and it."""
     for key in ("vision_aspect_ratio", "vision_feature_select_strategy"):
         counted, packed = getattr(processor, key, None), getattr(config, key)
         if counted is not None and counted != packed:
@@ -365,6 +361,18 @@ def _check_onevision_processor(processor: Any, config: Any, source: str) -> None
                 f"config.json's {packed!r}: transformers counts an image's tokens by the one and "
                 "packs its features by the other; make them the same"
             )
+    vision = config.vision_config
+    grid = (vision.image_size // vision.patch_size) ** 2
+    dropped = int(getattr(processor, "vision_feature_select_strategy", None) == "default")
+    counted = getattr(processor, "num_image_tokens", None)
+    if counted is not None and int(counted) != grid + dropped:
+        cls = " and its CLS token, which 'default' counts there and drops" if dropped else ""
+        raise LlavaEdgeError(
+            f"{source}: processor_config.json's num_image_tokens {counted} is not the vision "
+            f"tower's {grid} patches{cls} ({grid + dropped}: config.json's vision_config "
+            "image_size / patch_size, squared); transformers cannot run it either: fix "
+            "processor_config.json"
+        )
 
 
 def _set(size: Any) -> dict[str, Any]:
@@ -515,10 +523,17 @@ def _check_tile_features(source: str, config: Any) -> None:
     if strategy != wanted:
         why = "SigLIP has no CLS token to drop" if wanted == "full" else "it drops CLIP's CLS token"
         raise LlavaEdgeError(
-            f"{source}: LLaVA-NeXT with a {tower} tower and vision_feature_select_strategy "
+            f"{source}: {_family(config)} with a {tower} tower and vision_feature_select_strategy "
             f"'{strategy}' is not supported: its tiles' feature grids are the tower's patches, "
             f"which only '{wanted}' selects ({why})"
         )
+
+
+def _family(config: Any) -> str:
+    """An AnyRes checkpoint's family, as its refusals name it: LLaVA-NeXT or LLaVA-OneVision."""
+    from llava_edge.modeling import ANYRES_CLASSES
+
+    return ANYRES_CLASSES[config.model_type][0]
 
 
 def _check_known_names(source: str, config: Any) -> None:
@@ -569,8 +584,9 @@ def _check_pinpoints(source: str, config: Any) -> None:
     tile = config.vision_config.image_size
     if not config.image_grid_pinpoints:
         raise LlavaEdgeError(
-            f"{source}: LLaVA-NeXT's image_grid_pinpoints is empty: no AnyRes grid to tile an "
-            f"image into; list them in config.json (each a whole number of {tile} px tiles)"
+            f"{source}: {_family(config)}'s image_grid_pinpoints is empty: no AnyRes grid to "
+            f"tile an image into; list them in config.json (each a whole number of {tile} px "
+            "tiles)"
         )
     for pinpoint in config.image_grid_pinpoints:
         if len(pinpoint) != 2 or any(int(side) <= 0 or int(side) % tile for side in pinpoint):
@@ -774,8 +790,9 @@ def _anyres_spec(processor: Any, config: Any, height: int) -> AnyResSpec:
     vision = config.vision_config
     if not tile == height == vision.image_size:
         raise LlavaEdgeError(
-            f"this LLaVA-NeXT checkpoint's tiles are {tile} px, its processor's output {height} px "
-            f"and its vision tower's input {vision.image_size} px; they must be one size"
+            f"this {_family(config)} checkpoint's tiles are {tile} px, its processor's output "
+            f"{height} px and its vision tower's input {vision.image_size} px; they must be one "
+            "size"
         )
     onevision = config.model_type == "llava_onevision"
     return AnyResSpec(
@@ -821,6 +838,11 @@ def _eos_ids(generation_config: Any, tokenizer: Any) -> list[int]:
     return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
 
 
+# The text models whose attention reads a sliding_window (Qwen2 and Qwen3 in the layers their
+# layer_types name); Llama and Gemma attend to every token, whatever window their config holds.
+SLIDING_TEXT_MODELS = ("mistral", "phi3", "qwen2", "qwen3")
+
+
 def _max_context(config: Any, requested: int | None) -> int:
     """--max-context, or the model's own context when none is given; either must hold one image
     and MIN_TEXT_ROOM tokens (the verification's prompt and answer need about that too)."""
@@ -829,6 +851,7 @@ def _max_context(config: Any, requested: int | None) -> int:
     source = "max_position_embeddings"
     window = getattr(text_config, "sliding_window", None)
     use = getattr(text_config, "use_sliding_window", True)
+    use = use and text_config.model_type in SLIDING_TEXT_MODELS
     # Qwen2 slides in its layers from max_window_layers on (transformers' layer_types): where
     # that is none of them, the window is never used
     kinds = getattr(text_config, "layer_types", None)

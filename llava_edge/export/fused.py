@@ -406,7 +406,7 @@ def write_fused_vision(
     know, no attention fused, or a fused graph whose features differ from the standard graph's."""
     import dataclasses
 
-    from onnx import helper
+    import onnx
     from onnxruntime.transformers.optimizer import optimize_model
 
     from llava_edge.files import save_graph
@@ -419,7 +419,7 @@ def write_fused_vision(
         return None, f"vision tower {tower!r} (the fusions know {', '.join(FUSABLE_TOWERS)})"
     with quiet("onnxruntime.transformers"):
         optimized = optimize_model(
-            str(standard),
+            _tanh_gelus_as_fast_gelu(onnx.load(str(standard))),
             model_type="clip",
             num_heads=vision_config.num_attention_heads,
             hidden_size=vision_config.hidden_size,
@@ -429,8 +429,6 @@ def write_fused_vision(
     ops = {n.op_type for n in model.graph.node}
     if "Attention" not in ops:
         return None, f"onnxruntime's optimizer fused no attention in this {tower}"
-    if not any(o.domain == MS_DOMAIN for o in model.opset_import):  # the optimizer omits it
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     path = out / VISION_FUSED_FILE
     save_graph(model, path)  # saved first: a tower past 2 GiB runs from its file only
     gap = _vision_gap(standard, path, spec)
@@ -450,6 +448,23 @@ def write_fused_vision(
         },
     )
     return fused, None
+
+
+def _tanh_gelus_as_fast_gelu(model: Any) -> Any:
+    """`model`, with onnxruntime's domain among its opsets (for the fused ops) and each ONNX Gelu
+    of approximate='tanh' (torch.onnx writes SigLIP's GELU so from opset 20) as onnxruntime's
+    FastGelu, the same function: the optimizer's bias fusion reads every Gelu as the erf GELU and
+    makes it BiasGelu, another function than the tower's."""
+    from onnx import helper
+
+    for node in model.graph.node:
+        tanh = any(a.name == "approximate" and a.s == b"tanh" for a in node.attribute)
+        if node.op_type == "Gelu" and node.domain in ("", "ai.onnx") and tanh:
+            node.op_type, node.domain = "FastGelu", MS_DOMAIN
+            del node.attribute[:]
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):  # the optimizer omits it
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return model
 
 
 # onnxruntime's fused GELU ops, one of which the tower's activation becomes (its config's

@@ -4,8 +4,8 @@ The runtime (onnxruntime on the CPU) and LlavaForConditionalGeneration answer th
 about the same image. The reference side is transformers' own code throughout: its processor
 (prompt ids from the checkpoint's own chat template, pixel values), `get_image_features` and
 `generate`. Compared are the prompt ids of one question and of a three-turn chat, the pixel
-values, the image features, the prefill logits and 32 greedy tokens, which must be identical in
-fp32.
+values, the image features, the prefill logits and 32 greedy tokens (fewer where the context holds
+fewer after the prompt), which must be identical in fp32.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ NEW_TOKENS = 32
 FP32_REL_TOLERANCE = 1e-4
 # generate() takes its defaults from the checkpoint's generation_config.json, some of which change
 # which token greedy decoding picks (or search beams instead). The graphs are held to plain
-# greedy decoding, the runtime's: these switch them off (its eos and pad ids still apply).
+# greedy decoding, the runtime's: these switch them off (its pad id still applies; generate()
+# stops at the manifest's end-of-sequence ids, as the runtime does).
 PLAIN_GREEDY = dict(
     do_sample=False,
     num_beams=1,
@@ -124,14 +125,10 @@ def _compare_form(loaded: Any, model_dir: Path, form: str, bar: Any) -> dict[str
     bar.set_postfix_str("loading the graphs")
     with Pipeline.load(model_dir, graph_form=form) as pipe:
         manifest = pipe.manifest
-        if chat is not None:  # the prompt as the checkpoint's users build it
-            inputs = chat.inputs([(QUESTION, None)], image)
-            chat_ids = chat.inputs(CHAT, image)["input_ids"][0].tolist()
-        else:  # no template of its own: llava-edge's default is all there is to follow
-            prompt = user_turn(manifest.template, QUESTION, image=True, first=True)
-            inputs = processor(images=image, text=prompt, return_tensors="pt")
-            chat_ids = None
+        inputs = reference_inputs(processor, manifest.template, image)
+        chat_ids = None if chat is None else chat.inputs(CHAT, image)["input_ids"][0].tolist()
         hf_ids = inputs["input_ids"][0].tolist()
+        new_tokens = _answer_room(len(hf_ids), manifest.text.max_context, image)
         pixels = pixel_batch(image, manifest.image)
         # One image: [1, 3, H, W], or LLaVA-NeXT's [1, tiles, 3, H, W] -> [tiles, 3, H, W]
         ref_pixels = inputs["pixel_values"].reshape(-1, *pixels.shape[1:])
@@ -156,9 +153,14 @@ def _compare_form(loaded: Any, model_dir: Path, form: str, bar: Any) -> dict[str
             ref_features = model.get_image_features(pixel_values=inputs["pixel_values"], **sizes)
             ref_features = ref_features.pooler_output[0].float().numpy()
             ref_logits = model(**inputs).logits[0, -1].float().numpy()
-            ref_tokens = model.generate(**inputs, max_new_tokens=NEW_TOKENS, **PLAIN_GREEDY)[
-                0, len(hf_ids) :
-            ].tolist()
+            # the runtime stops at generation_config.json's eos ids, else at the tokenizer's
+            # eos token, where generate() would run on: both stop at the same ids
+            ref_tokens = model.generate(
+                **inputs,
+                max_new_tokens=new_tokens,
+                eos_token_id=manifest.tokens.eos_token_ids,
+                **PLAIN_GREEDY,
+            )[0, len(hf_ids) :].tolist()
         bar.update()
         bar.set_postfix_str("the graphs")
         cache = pipe.backend.new_cache(1)
@@ -167,7 +169,7 @@ def _compare_form(loaded: Any, model_dir: Path, form: str, bar: Any) -> dict[str
         logits = pipe.backend.decode(
             embeds, np.ones_like(ids), np.arange(ids.shape[1])[None], cache
         )[0]
-        answer = pipe.answer(image, QUESTION, max_new_tokens=NEW_TOKENS)
+        answer = pipe.answer(image, QUESTION, max_new_tokens=new_tokens)
         ref_pixels = ref_pixels.numpy()
         bar.update()
     fp32 = manifest.text.dtype == "float32"
@@ -194,6 +196,40 @@ def _compare_form(loaded: Any, model_dir: Path, form: str, bar: Any) -> dict[str
     }
     report["passed"] = _passed(report, fp32, answer.token_ids, ref_tokens)
     return report
+
+
+def reference_inputs(processor: Any, template: Any, image: Image.Image) -> Any:
+    """transformers' inputs of the verification's question about `image`: the prompt as the
+    checkpoint's users build it, by its own chat template; without one, by `template`
+    (llava-edge's default, all there is to follow)."""
+    from llava_edge.export.chat_template import CheckpointChat
+
+    chat = CheckpointChat.of(processor)
+    if chat is not None:
+        return chat.inputs([(QUESTION, None)], image)
+    prompt = user_turn(template, QUESTION, image=True, first=True)
+    return processor(images=image, text=prompt, return_tensors="pt")
+
+
+def check_answer_room(loaded: Any, max_context: int) -> None:
+    """Refuse, before any graph is written, a context the verification's prompt fills."""
+    image = sample_image()
+    prompt = reference_inputs(loaded.processor, loaded.template, image)["input_ids"].shape[1]
+    _answer_room(int(prompt), max_context, image)
+
+
+def _answer_room(prompt: int, context: int, image: Image.Image) -> int:
+    """The greedy tokens to compare: NEW_TOKENS, or as many as the context holds after the
+    prompt (a short --max-context, or a chat template with a long system prompt)."""
+    room = min(NEW_TOKENS, context - prompt)
+    if room < 1:
+        raise LlavaEdgeError(
+            f"the verification's prompt (a {image.width}x{image.height} image, the chat "
+            f"template and a question) takes {prompt} tokens, which leaves no room for an answer "
+            f"in the exported context of {context}; export with a longer --max-context where "
+            "the model's own context allows one, or without verification (--no-verify)"
+        )
+    return room
 
 
 def _passed(report: dict, fp32: bool, ours: list[int], ref: list[int]) -> bool:
