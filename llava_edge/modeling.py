@@ -198,9 +198,10 @@ def check_processor(processor: Any, config: Any, what: str) -> None:
     <image> into image tokens: transformers fails with a TypeError at the first prompt."""
     if getattr(processor, "patch_size", 0) is None:
         raise LlavaEdgeError(
-            f"the processor of {what} cannot expand <image> into image tokens (its "
-            f'processor_config.json has no patch_size); add "patch_size": '
-            f"{config.vision_config.patch_size} to it"
+            f"the processor of {what} cannot expand <image> into image tokens (no patch_size "
+            f'in its processor_config.json, or no such file); add "patch_size": '
+            f"{config.vision_config.patch_size} to processor_config.json (a new file where "
+            "there is none)"
         )
 
 

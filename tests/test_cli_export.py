@@ -84,6 +84,13 @@ def _export_cases(tmp: Path, checkpoint: Path, plain_llama: Path) -> dict:
     no_patch = tmp / "no_patch"  # an older llava-hf processor_config.json
     shutil.copytree(checkpoint, no_patch)
     _edit_json(no_patch / "processor_config.json", lambda c: c.pop("patch_size"))
+    # an older llava-hf upload: the image processor's preprocessor_config.json alone
+    no_processor_config = tmp / "no_processor_config"
+    shutil.copytree(checkpoint, no_processor_config)
+    settings = json.loads((no_processor_config / "processor_config.json").read_text())
+    (no_processor_config / "processor_config.json").unlink()
+    image_processor = settings.get("image_processor", settings)
+    (no_processor_config / "preprocessor_config.json").write_text(json.dumps(image_processor))
     quantized = tmp / "quantized"  # as a hub's 4-bit upload: needs bitsandbytes, then no graph
     shutil.copytree(checkpoint, quantized)
     bnb = {"quant_method": "bitsandbytes", "load_in_4bit": True}
@@ -130,6 +137,12 @@ def _export_cases(tmp: Path, checkpoint: Path, plain_llama: Path) -> dict:
         "opset-below-quantize": (str(checkpoint), out, ["--opset", "9"], "outside 13-20"),
         "truncated-weights": (str(truncated), out, [], "truncated or corrupt"),
         "processor-without-patch-size": (str(no_patch), out, [], 'add "patch_size": '),
+        "no-processor-config": (
+            str(no_processor_config),
+            out,
+            [],
+            "to processor_config.json (a new file where there is none)",
+        ),
         "quantized-weights": (str(quantized), out, [], "holds bitsandbytes weights"),
         "no-tokenizer": (str(no_tokenizer), out, [], "has no tokenizer (tokenizer.json,"),
         "no-processor": (
@@ -159,6 +172,7 @@ CASES = [
     "opset-below-quantize",
     "truncated-weights",
     "processor-without-patch-size",
+    "no-processor-config",
     "quantized-weights",
     "no-tokenizer",
     "no-processor",
