@@ -443,7 +443,7 @@ def broken_model(kind: str, tiny_checkpoint: Path, path: Path) -> Path:
         ("no weights", "cannot load --model .*: .*no file named model.safetensors"),
         ("no processor", "cannot load --model .*: Can't load image processor"),
         ("llama", "--model .* is a 'llama' checkpoint; train takes LLaVA"),
-        ("no patch size", 'has no patch_size\\); add "patch_size": 8 to it'),
+        ("no patch size", 'add "patch_size": 8 to processor_config.json \\(a new file'),
         ("quantized", "--model .* holds bitsandbytes weights .* full-precision"),
     ],
 )
