@@ -410,6 +410,13 @@ def test_report_measures_each_form_against_fp32(quantized: dict, tiny_model_dir:
     assert report["sizes"]["onnxruntime_ratio"] > 1.5 and report["sizes"]["tensorrt_ratio"] > 1.5
 
 
+def test_the_report_names_the_dir_quantize_installed(quantized: dict) -> None:
+    """Not the temporary dir it was built in, which is gone once renamed into place."""
+    path, report = quantized["int8"]
+    saved = json.loads((path / REPORT_FILE).read_text())
+    assert saved["quantized_dir"] == report["quantized_dir"] == str(path)
+
+
 def test_report_of_a_dir_against_itself_is_exact(tiny_model_dir: Path, calib_json: Path) -> None:
     sample = Sample(calib_json.parent / "images" / "1.png", "What color is the shape?")
     report = build_report(tiny_model_dir, tiny_model_dir, [sample])

@@ -237,7 +237,8 @@ def quantize_model(
         if report:
             from llava_edge.calib.report import build_report, format_table, write_report
 
-            result = build_report(source, tmp, held_out)
+            # named as installed: the dir it is built in is gone once renamed into place
+            result = {**build_report(source, tmp, held_out), "quantized_dir": str(out)}
             write_report(result, tmp / REPORT_FILE)
             log(format_table(result))
     manifest.mark_verified(out)  # every file was hashed above: the first load need not again
