@@ -69,6 +69,16 @@ def test_image_folder_asks_the_default_prompt(tmp_path: Path) -> None:
     assert load_samples(None, tmp_path / "pics") == expected
 
 
+def test_a_folder_whose_pictures_are_in_subfolders_names_them(tmp_path: Path) -> None:
+    """An image dataset laid out one subfolder per class is not "a folder with no images"."""
+    for name in ("cats", "dogs"):
+        _picture(tmp_path / "pics" / name / "1.png", (1, 2, 3))
+    _picture(tmp_path / "pics" / ".thumbnails" / "1.png", (1, 2, 3))
+    (tmp_path / "pics" / "notes").mkdir()
+    with pytest.raises(LlavaEdgeError, match=r"only in its subfolders \(cats, dogs\)"):
+        load_samples(None, tmp_path / "pics")
+
+
 @pytest.mark.parametrize(
     "case, message",
     [

@@ -141,19 +141,39 @@ def _problem(pipe: Any, sample: Sample, decode_steps: int) -> tuple[str, str] | 
 
 
 def _image_folder(folder: Path) -> list[Sample]:
-    # Hidden files are not pictures: "._x.png" is the AppleDouble metadata a copy from a Mac
-    # leaves beside x.png.
-    files = sorted(
-        p
-        for p in folder.iterdir()
-        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
-    )
+    files = sorted(p for p in folder.iterdir() if _is_picture(p))
     if not files:
         raise LlavaEdgeError(
-            f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); give a folder of pictures "
-            "like the ones the model will see"
+            f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}){_nested(folder)}"
         )
     return [Sample(path, DEFAULT_PROMPT, str(path)) for path in files]
+
+
+def _is_picture(path: Path) -> bool:
+    # Hidden files are not pictures: "._x.png" is the AppleDouble metadata a copy from a Mac
+    # leaves beside x.png.
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def _nested(folder: Path) -> str:
+    """What to do about a folder without pictures of its own: where its subfolders hold some
+    (one per class, as image datasets are laid out), say so, as only its own files are read.
+    One level down only: a folder such as a home dir may hold any number of levels."""
+    below = sorted(
+        {
+            p.parent
+            for p in folder.glob("*/*")
+            if _is_picture(p) and not p.parent.name.startswith(".")
+        }
+    )
+    if not below:
+        return "; give a folder of pictures like the ones the model will see"
+    named = ", ".join(p.name for p in below[:3])
+    more = f" and {len(below) - 3} more" if len(below) > 3 else ""
+    return (
+        f" of its own, only in its subfolders ({named}{more}), which calibration does not "
+        "read: give one of them, or a folder holding the pictures themselves"
+    )
 
 
 def _llava_json(
