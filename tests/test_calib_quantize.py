@@ -752,6 +752,45 @@ def test_int4_warning_names_why_a_graph_stays_float(tmp_path: Path) -> None:
     ]
 
 
+def test_the_report_names_an_int4_decoder_that_stays_float_by_what_each_form_holds(
+    tmp_path: Path,
+) -> None:
+    """No block fits: `file` stays fp32, and its TensorRT form is the fp16 graph, which the
+    report's precision column says (it said fp32 beside a size half fp32's)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from llava_edge.calib.quantize import _quantize_graph
+    from llava_edge.calib.report import graph_forms
+    from llava_edge.manifest import GraphSpec
+
+    weight = numpy_helper.from_array(np.ones((20, 8), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["inputs_embeds", "w"], ["logits"])],
+        "g",
+        [helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, [1, 20])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 8])],
+        [weight],
+    )
+    (tmp_path / "src").mkdir()
+    (tmp_path / "out").mkdir()
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+        str(tmp_path / "src" / "g.onnx"),
+    )
+    spec = GraphSpec("g.onnx", {}, {})
+    _quantize_graph(
+        "g", "int4", spec, tmp_path / "src", tmp_path / "out", None, "minmax", 32, quiet
+    )
+    held = {}
+    for form, (file, precision, _) in graph_forms(spec, GraphSpec("g.onnx", {}, {})).items():
+        weights = onnx.load(str(tmp_path / "out" / file)).graph.initializer
+        held[form] = (precision, {w.data_type for w in weights})
+    assert held == {
+        "onnxruntime": ("fp32", {TensorProto.FLOAT}),
+        "tensorrt": ("fp16", {TensorProto.FLOAT16}),
+    }
+
+
 def test_an_int4_tensorrt_form_without_blocks_keeps_its_opset(tmp_path: Path) -> None:
     """Opset 21 is only for block-wise INT4 (TensorRT 10.3 reads 9-20): a graph none of whose
     MatMuls takes a block stays at the export's opset, and passes the TensorRT check."""

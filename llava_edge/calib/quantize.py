@@ -569,6 +569,8 @@ def _quantize_graph(
             if kept
             else "it has no MatMul with constant weights"
         )
+        if kind == "int4":  # what --report names the TensorRT form: the fp16 graph all the same
+            graph.details["tensorrt"]["precision"] = "fp16"
         log(f"warning: {name} stays fp32: {why}")
 
 
