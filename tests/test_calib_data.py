@@ -69,6 +69,17 @@ def test_image_folder_asks_the_default_prompt(tmp_path: Path) -> None:
     assert load_samples(None, tmp_path / "pics") == expected
 
 
+def test_a_folder_lists_its_picture_files_only(tmp_path: Path) -> None:
+    """A named pipe called like a picture is no picture of the folder: reading it would wait for
+    a writer forever (as would the run). Nor is a dir so named."""
+    import os
+
+    picture = _picture(tmp_path / "pics" / "1.png", (1, 2, 3))
+    os.mkfifo(tmp_path / "pics" / "camera.png")
+    (tmp_path / "pics" / "dir.png").mkdir()
+    assert load_samples(None, tmp_path / "pics") == [Sample(picture, DEFAULT_PROMPT)]
+
+
 def test_a_folder_whose_pictures_are_in_subfolders_names_them(tmp_path: Path) -> None:
     """An image dataset laid out one subfolder per class is not "a folder with no images"."""
     for name in ("cats", "dogs"):

@@ -141,7 +141,8 @@ def _problem(pipe: Any, sample: Sample, decode_steps: int) -> tuple[str, str] | 
 
 
 def _image_folder(folder: Path) -> list[Sample]:
-    files = sorted(p for p in folder.iterdir() if _is_picture(p))
+    # Files only: a named pipe (a camera's feed) would block the run on its first read.
+    files = sorted(p for p in folder.iterdir() if _is_picture(p) and p.is_file())
     if not files:
         raise LlavaEdgeError(
             f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}){_nested(folder)}"
