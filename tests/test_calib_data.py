@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -72,8 +73,6 @@ def test_image_folder_asks_the_default_prompt(tmp_path: Path) -> None:
 def test_a_folder_lists_its_picture_files_only(tmp_path: Path) -> None:
     """A named pipe called like a picture is no picture of the folder: reading it would wait for
     a writer forever (as would the run). Nor is a dir so named."""
-    import os
-
     picture = _picture(tmp_path / "pics" / "1.png", (1, 2, 3))
     os.mkfifo(tmp_path / "pics" / "camera.png")
     (tmp_path / "pics" / "dir.png").mkdir()
@@ -94,6 +93,7 @@ def test_a_folder_whose_pictures_are_in_subfolders_names_them(tmp_path: Path) ->
     "case, message",
     [
         ("missing", "does not exist"),
+        ("pipe", r"is not a file \(a pipe"),
         ("empty_folder", "holds no images"),
         ("bad_json", "cannot read calibration file"),
         ("empty_list", "holds no samples"),
@@ -107,6 +107,8 @@ def test_bad_sources_say_what_is_wrong(tmp_path: Path, case: str, message: str) 
     calib: Path | None = tmp_path / "data.json"
     if case == "missing":
         calib = tmp_path / "nope.json"
+    elif case == "pipe":  # what `--calib <(jq ... data.json)` names
+        os.mkfifo(calib)
     elif case == "empty_folder":
         calib = tmp_path / "empty"
         calib.mkdir()
