@@ -791,6 +791,58 @@ def test_the_report_names_an_int4_decoder_that_stays_float_by_what_each_form_hol
     }
 
 
+class _Feeds:
+    """Activations' stand-in: one call of a graph whose input is `x`."""
+
+    def captures(self, graph: str, desc: str | None = None):
+        from llava_edge.calib.data import Capture
+
+        yield Capture(
+            graph, {"x": np.linspace(-1, 1, 48, dtype=np.float32).reshape(1, 3, 4, 4)}, [], []
+        )
+
+
+def test_a_graph_whose_only_weights_are_a_conv_is_int8_for_tensorrt_and_says_so(
+    tmp_path: Path,
+) -> None:
+    """The `demo` preset's vision encoder is its patch embedding alone: onnxruntime's form
+    quantizes MatMuls only and keeps it fp32, TensorRT's quantizes the Conv. The warning and the
+    report's rows say which is which (both said fp32)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from llava_edge.calib.quantize import _quantize_graph
+    from llava_edge.calib.report import graph_forms
+    from llava_edge.manifest import GraphSpec
+
+    weight = numpy_helper.from_array(np.ones((8, 3, 2, 2), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], strides=[2, 2])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 2, 2])],
+        [weight],
+    )
+    (tmp_path / "src").mkdir()
+    (tmp_path / "out").mkdir()
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+        str(tmp_path / "src" / "g.onnx"),
+    )
+    spec = GraphSpec("g.onnx", {}, {})
+    said: list[str] = []
+    out = tmp_path / "out"
+    _quantize_graph("g", "int8", spec, tmp_path / "src", out, _Feeds(), "minmax", 32, said.append)
+    forms = graph_forms(spec, GraphSpec("g.onnx", {}, {}))
+    held = {form: precision for form, (_, precision, _) in forms.items()}
+    assert held == {"onnxruntime": "fp32", "tensorrt": "int8"}
+    ops = {n.op_type for n in onnx.load(str(out / spec.tensorrt_file)).graph.node}
+    assert "DequantizeLinear" in ops
+    assert said == [
+        "warning: g stays fp32 in its onnxruntime form (its TensorRT form is int8): it has no "
+        "MatMul with constant weights"
+    ]
+
+
 def test_an_int4_tensorrt_form_without_blocks_keeps_its_opset(tmp_path: Path) -> None:
     """Opset 21 is only for block-wise INT4 (TensorRT 10.3 reads 9-20): a graph none of whose
     MatMuls takes a block stays at the export's opset, and passes the TensorRT check."""

@@ -68,7 +68,7 @@ def graph_forms(graph: GraphSpec, fp32: GraphSpec) -> dict[str, tuple[str, str, 
     file its size is compared with)."""
     forms = {"onnxruntime": (graph.file, graph.precision, fp32.file)}
     if graph.tensorrt_file:
-        # int4's TensorRT form of a decoder no block fits is fp16 where `file` stays fp32
+        # its own, where quantize recorded it: a Conv-only graph is int8 there, fp32 in `file`
         held = graph.details.get("tensorrt", {}).get("precision", graph.precision)
         forms["tensorrt"] = (graph.tensorrt_file, held, fp32.file)
     # The fused form is what onnxruntime runs on the CPU; measured here where it takes the
