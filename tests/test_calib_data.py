@@ -99,6 +99,7 @@ def test_a_folder_whose_pictures_are_in_subfolders_names_them(tmp_path: Path) ->
         ("empty_list", "holds no samples"),
         ("no_question", "has no human turn"),
         ("missing_image", "is not under"),
+        ("question_not_text", r"holds no text \('value' is a list\)"),
         ("several_images", "give one file name"),
         ("nothing", "no calibration data"),
     ],
@@ -118,6 +119,10 @@ def test_bad_sources_say_what_is_wrong(tmp_path: Path, case: str, message: str) 
         calib.write_text("[]")
     elif case == "no_question":
         _llava_json(calib, [{"image": "a.png", "conversations": [{"from": "gpt", "value": "x"}]}])
+    elif case == "question_not_text":  # the content list of OpenAI's chat format
+        item = _item("a.png", "")
+        item["conversations"][0]["value"] = [{"type": "image"}, {"type": "text", "text": "Hi"}]
+        _llava_json(calib, [item])
     elif case == "missing_image":
         _llava_json(calib, [_item("gone.png", "<image>\nHi")])
     elif case == "several_images":

@@ -224,6 +224,11 @@ def _llava_sample(path: Path, index: int, item: Any, roots: list[Path]) -> Sampl
             f"{path}: sample {index} has no human turn in 'conversations'; "
             "is this a LLaVA JSON file?"
         )
+    if not isinstance(prompt, str):  # what would be asked is its Python repr
+        raise LlavaEdgeError(
+            f"{path}: sample {index}'s first human turn holds no text ('value' is a "
+            f"{type(prompt).__name__}); LLaVA's 'value' is the question's text"
+        )
     image = None
     if isinstance(item.get("image"), list) and len(item["image"]) == 1:
         item = {**item, "image": item["image"][0]}  # multi-image data's form of one picture
@@ -245,12 +250,13 @@ def _llava_sample(path: Path, index: int, item: Any, roots: list[Path]) -> Sampl
     return Sample(image, prompt, f"{path} sample {index}")
 
 
-def _first_question(item: Any) -> str | None:
+def _first_question(item: Any) -> Any:
+    """The first human turn's value, as the data holds it (None where there is none)."""
     if not isinstance(item, dict) or not isinstance(item.get("conversations"), list):
         return None
     for turn in item["conversations"]:
         if isinstance(turn, dict) and turn.get("from") == "human" and turn.get("value"):
-            return str(turn["value"])
+            return turn["value"]
     return None
 
 
