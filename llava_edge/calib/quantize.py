@@ -429,8 +429,13 @@ def _split(
         try:
             calibration, held_out = _choose(precision, everything, samples, report)
         except LlavaEdgeError as e:
-            if bad:  # the bad samples' fault, not the data's
+            if bad and not everything:  # the bad samples' fault, not the data's
                 raise _too_few(bad, calib or images, 0, precision, samples, total) from None
+            if bad:  # the good ones cannot serve either (none with a picture, one alone)
+                raise LlavaEdgeError(
+                    f"{e}; {len(bad)} bad sample(s) of {calib or images} were left out (the "
+                    f"first: {bad[0]})"
+                ) from None
             raise e from None
         chosen = [s for s in calibration + held_out if s not in checked]
         good = check_samples(source, chosen, bad=bad)
