@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -69,15 +70,36 @@ def test_image_folder_asks_the_default_prompt(tmp_path: Path) -> None:
     assert load_samples(None, tmp_path / "pics") == expected
 
 
+def test_a_folder_lists_its_picture_files_only(tmp_path: Path) -> None:
+    """A named pipe called like a picture is no picture of the folder: reading it would wait for
+    a writer forever (as would the run). Nor is a dir so named."""
+    picture = _picture(tmp_path / "pics" / "1.png", (1, 2, 3))
+    os.mkfifo(tmp_path / "pics" / "camera.png")
+    (tmp_path / "pics" / "dir.png").mkdir()
+    assert load_samples(None, tmp_path / "pics") == [Sample(picture, DEFAULT_PROMPT)]
+
+
+def test_a_folder_whose_pictures_are_in_subfolders_names_them(tmp_path: Path) -> None:
+    """An image dataset laid out one subfolder per class is not "a folder with no images"."""
+    for name in ("cats", "dogs"):
+        _picture(tmp_path / "pics" / name / "1.png", (1, 2, 3))
+    _picture(tmp_path / "pics" / ".thumbnails" / "1.png", (1, 2, 3))
+    (tmp_path / "pics" / "notes").mkdir()
+    with pytest.raises(LlavaEdgeError, match=r"only in its subfolders \(cats, dogs\)"):
+        load_samples(None, tmp_path / "pics")
+
+
 @pytest.mark.parametrize(
     "case, message",
     [
         ("missing", "does not exist"),
+        ("pipe", r"is not a file \(a pipe"),
         ("empty_folder", "holds no images"),
         ("bad_json", "cannot read calibration file"),
         ("empty_list", "holds no samples"),
         ("no_question", "has no human turn"),
         ("missing_image", "is not under"),
+        ("question_not_text", r"holds no text \('value' is a list\)"),
         ("several_images", "give one file name"),
         ("nothing", "no calibration data"),
     ],
@@ -86,6 +108,8 @@ def test_bad_sources_say_what_is_wrong(tmp_path: Path, case: str, message: str) 
     calib: Path | None = tmp_path / "data.json"
     if case == "missing":
         calib = tmp_path / "nope.json"
+    elif case == "pipe":  # what `--calib <(jq ... data.json)` names
+        os.mkfifo(calib)
     elif case == "empty_folder":
         calib = tmp_path / "empty"
         calib.mkdir()
@@ -95,6 +119,10 @@ def test_bad_sources_say_what_is_wrong(tmp_path: Path, case: str, message: str) 
         calib.write_text("[]")
     elif case == "no_question":
         _llava_json(calib, [{"image": "a.png", "conversations": [{"from": "gpt", "value": "x"}]}])
+    elif case == "question_not_text":  # the content list of OpenAI's chat format
+        item = _item("a.png", "")
+        item["conversations"][0]["value"] = [{"type": "image"}, {"type": "text", "text": "Hi"}]
+        _llava_json(calib, [item])
     elif case == "missing_image":
         _llava_json(calib, [_item("gone.png", "<image>\nHi")])
     elif case == "several_images":

@@ -410,6 +410,13 @@ def test_report_measures_each_form_against_fp32(quantized: dict, tiny_model_dir:
     assert report["sizes"]["onnxruntime_ratio"] > 1.5 and report["sizes"]["tensorrt_ratio"] > 1.5
 
 
+def test_the_report_names_the_dir_quantize_installed(quantized: dict) -> None:
+    """Not the temporary dir it was built in, which is gone once renamed into place."""
+    path, report = quantized["int8"]
+    saved = json.loads((path / REPORT_FILE).read_text())
+    assert saved["quantized_dir"] == report["quantized_dir"] == str(path)
+
+
 def test_report_of_a_dir_against_itself_is_exact(tiny_model_dir: Path, calib_json: Path) -> None:
     sample = Sample(calib_json.parent / "images" / "1.png", "What color is the shape?")
     report = build_report(tiny_model_dir, tiny_model_dir, [sample])
@@ -742,6 +749,97 @@ def test_int4_warning_names_why_a_graph_stays_float(tmp_path: Path) -> None:
     assert said == [
         "warning: g stays fp32: none of its 1 weight MatMuls has an input size (K) that a block "
         "of 32 divides"
+    ]
+
+
+def test_the_report_names_an_int4_decoder_that_stays_float_by_what_each_form_holds(
+    tmp_path: Path,
+) -> None:
+    """No block fits: `file` stays fp32, and its TensorRT form is the fp16 graph, which the
+    report's precision column says (it said fp32 beside a size half fp32's)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from llava_edge.calib.quantize import _quantize_graph
+    from llava_edge.calib.report import graph_forms
+    from llava_edge.manifest import GraphSpec
+
+    weight = numpy_helper.from_array(np.ones((20, 8), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["inputs_embeds", "w"], ["logits"])],
+        "g",
+        [helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, [1, 20])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 8])],
+        [weight],
+    )
+    (tmp_path / "src").mkdir()
+    (tmp_path / "out").mkdir()
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+        str(tmp_path / "src" / "g.onnx"),
+    )
+    spec = GraphSpec("g.onnx", {}, {})
+    _quantize_graph(
+        "g", "int4", spec, tmp_path / "src", tmp_path / "out", None, "minmax", 32, quiet
+    )
+    held = {}
+    for form, (file, precision, _) in graph_forms(spec, GraphSpec("g.onnx", {}, {})).items():
+        weights = onnx.load(str(tmp_path / "out" / file)).graph.initializer
+        held[form] = (precision, {w.data_type for w in weights})
+    assert held == {
+        "onnxruntime": ("fp32", {TensorProto.FLOAT}),
+        "tensorrt": ("fp16", {TensorProto.FLOAT16}),
+    }
+
+
+class _Feeds:
+    """Activations' stand-in: one call of a graph whose input is `x`."""
+
+    def captures(self, graph: str, desc: str | None = None):
+        from llava_edge.calib.data import Capture
+
+        yield Capture(
+            graph, {"x": np.linspace(-1, 1, 48, dtype=np.float32).reshape(1, 3, 4, 4)}, [], []
+        )
+
+
+def test_a_graph_whose_only_weights_are_a_conv_is_int8_for_tensorrt_and_says_so(
+    tmp_path: Path,
+) -> None:
+    """The `demo` preset's vision encoder is its patch embedding alone: onnxruntime's form
+    quantizes MatMuls only and keeps it fp32, TensorRT's quantizes the Conv. The warning and the
+    report's rows say which is which (both said fp32)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from llava_edge.calib.quantize import _quantize_graph
+    from llava_edge.calib.report import graph_forms
+    from llava_edge.manifest import GraphSpec
+
+    weight = numpy_helper.from_array(np.ones((8, 3, 2, 2), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], strides=[2, 2])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 2, 2])],
+        [weight],
+    )
+    (tmp_path / "src").mkdir()
+    (tmp_path / "out").mkdir()
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+        str(tmp_path / "src" / "g.onnx"),
+    )
+    spec = GraphSpec("g.onnx", {}, {})
+    said: list[str] = []
+    out = tmp_path / "out"
+    _quantize_graph("g", "int8", spec, tmp_path / "src", out, _Feeds(), "minmax", 32, said.append)
+    forms = graph_forms(spec, GraphSpec("g.onnx", {}, {}))
+    held = {form: precision for form, (_, precision, _) in forms.items()}
+    assert held == {"onnxruntime": "fp32", "tensorrt": "int8"}
+    ops = {n.op_type for n in onnx.load(str(out / spec.tensorrt_file)).graph.node}
+    assert "DequantizeLinear" in ops
+    assert said == [
+        "warning: g stays fp32 in its onnxruntime form (its TensorRT form is int8): it has no "
+        "MatMul with constant weights"
     ]
 
 

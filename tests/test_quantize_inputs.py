@@ -160,6 +160,30 @@ def test_data_whose_first_samples_have_no_image_says_how_many_to_take(
     assert main(["quantize", str(tiny_model_dir), str(out), *args]) == 0
 
 
+@pytest.mark.parametrize("report", [False, True])
+def test_bad_samples_that_leave_good_ones_unusable_are_named_with_what_those_lack(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, report: bool
+) -> None:
+    """Good samples remain, but cannot serve: all text-only (the one picture is missing), or one
+    alone for --report. The refusal says so and names the bad ones; it said they left none."""
+    _pictures(tmp_path / "images", 1)
+    picture = {"conversations": [{"from": "human", "value": "<image>\nHi"}]}
+    texts = [{"conversations": [{"from": "human", "value": f"Tell story {i}."}]} for i in range(3)]
+    items = [{**picture, "image": "0.png"}] if report else texts
+    items.append({**picture, "image": "gone.png"})
+    (tmp_path / "calib.json").write_text(json.dumps(items))
+    out = tmp_path / "out"
+    args = ["--precision", "int8", "--calib", str(tmp_path / "calib.json")]
+    assert main(["quantize", str(tiny_model_dir), str(out), *args, *["--report"] * report]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("llava-edge quantize: error:") and "\n" not in err
+    lacking = "--report needs samples beyond" if report else "no calibration sample has an image"
+    assert lacking in err and "leave 0" not in err
+    assert f"1 bad sample(s) of {tmp_path / 'calib.json'} were left out" in err
+    assert "image gone.png of sample" in err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("given", ["--calib", "--images"])
 def test_force_never_deletes_the_calibration_data(
     tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, given: str

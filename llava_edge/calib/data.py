@@ -85,6 +85,11 @@ def _load(
                     f"--calib {source} is a folder of images; --images only goes with a LLaVA JSON file"
                 )
             return _image_folder(source)
+        if not source.is_file():  # read as train reads its data, twice: a pipe gives it once
+            raise LlavaEdgeError(
+                f"calibration source {source} is not a file (a pipe, as <(...) gives?); save the "
+                "data to a file and pass that"
+            )
         return _llava_json(source, Path(images) if images is not None else None, bad)
     folder = Path(images)  # type: ignore[arg-type]
     if not folder.is_dir():
@@ -141,19 +146,40 @@ def _problem(pipe: Any, sample: Sample, decode_steps: int) -> tuple[str, str] | 
 
 
 def _image_folder(folder: Path) -> list[Sample]:
-    # Hidden files are not pictures: "._x.png" is the AppleDouble metadata a copy from a Mac
-    # leaves beside x.png.
-    files = sorted(
-        p
-        for p in folder.iterdir()
-        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
-    )
+    # Files only: a named pipe (a camera's feed) would block the run on its first read.
+    files = sorted(p for p in folder.iterdir() if _is_picture(p) and p.is_file())
     if not files:
         raise LlavaEdgeError(
-            f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); give a folder of pictures "
-            "like the ones the model will see"
+            f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}){_nested(folder)}"
         )
     return [Sample(path, DEFAULT_PROMPT, str(path)) for path in files]
+
+
+def _is_picture(path: Path) -> bool:
+    # Hidden files are not pictures: "._x.png" is the AppleDouble metadata a copy from a Mac
+    # leaves beside x.png.
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def _nested(folder: Path) -> str:
+    """What to do about a folder without pictures of its own: where its subfolders hold some
+    (one per class, as image datasets are laid out), say so, as only its own files are read.
+    One level down only: a folder such as a home dir may hold any number of levels."""
+    below = sorted(
+        {
+            p.parent
+            for p in folder.glob("*/*")
+            if _is_picture(p) and not p.parent.name.startswith(".")
+        }
+    )
+    if not below:
+        return "; give a folder of pictures like the ones the model will see"
+    named = ", ".join(p.name for p in below[:3])
+    more = f" and {len(below) - 3} more" if len(below) > 3 else ""
+    return (
+        f" of its own, only in its subfolders ({named}{more}), which calibration does not "
+        "read: give one of them, or a folder holding the pictures themselves"
+    )
 
 
 def _llava_json(
@@ -198,6 +224,11 @@ def _llava_sample(path: Path, index: int, item: Any, roots: list[Path]) -> Sampl
             f"{path}: sample {index} has no human turn in 'conversations'; "
             "is this a LLaVA JSON file?"
         )
+    if not isinstance(prompt, str):  # what would be asked is its Python repr
+        raise LlavaEdgeError(
+            f"{path}: sample {index}'s first human turn holds no text ('value' is a "
+            f"{type(prompt).__name__}); LLaVA's 'value' is the question's text"
+        )
     image = None
     if isinstance(item.get("image"), list) and len(item["image"]) == 1:
         item = {**item, "image": item["image"][0]}  # multi-image data's form of one picture
@@ -219,12 +250,13 @@ def _llava_sample(path: Path, index: int, item: Any, roots: list[Path]) -> Sampl
     return Sample(image, prompt, f"{path} sample {index}")
 
 
-def _first_question(item: Any) -> str | None:
+def _first_question(item: Any) -> Any:
+    """The first human turn's value, as the data holds it (None where there is none)."""
     if not isinstance(item, dict) or not isinstance(item.get("conversations"), list):
         return None
     for turn in item["conversations"]:
         if isinstance(turn, dict) and turn.get("from") == "human" and turn.get("value"):
-            return str(turn["value"])
+            return turn["value"]
     return None
 
 

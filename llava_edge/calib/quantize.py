@@ -102,6 +102,8 @@ INT4_ACCURACY_LEVEL = 4
 QDQ_MIN_OPSET = 13  # per-channel (axis) QuantizeLinear/DequantizeLinear start at opset 13
 INT4_OPSET = 21  # DequantizeLinear's INT4 type and block_size attribute start at opset 21
 QDQ_SUFFIX = ".qdq.onnx"
+# A TensorRT form none of whose weights quantized: int4's is converted to fp16 all the same
+TENSORRT_FLOAT = {"int8": "fp32", "int4": "fp16"}
 REPORT_FILE = "quantize_report.json"
 
 # onnxruntime.quantization options that give what TensorRT's explicit quantization accepts (the
@@ -237,7 +239,8 @@ def quantize_model(
         if report:
             from llava_edge.calib.report import build_report, format_table, write_report
 
-            result = build_report(source, tmp, held_out)
+            # named as installed: the dir it is built in is gone once renamed into place
+            result = {**build_report(source, tmp, held_out), "quantized_dir": str(out)}
             write_report(result, tmp / REPORT_FILE)
             log(format_table(result))
     manifest.mark_verified(out)  # every file was hashed above: the first load need not again
@@ -426,8 +429,13 @@ def _split(
         try:
             calibration, held_out = _choose(precision, everything, samples, report)
         except LlavaEdgeError as e:
-            if bad:  # the bad samples' fault, not the data's
+            if bad and not everything:  # the bad samples' fault, not the data's
                 raise _too_few(bad, calib or images, 0, precision, samples, total) from None
+            if bad:  # the good ones cannot serve either (none with a picture, one alone)
+                raise LlavaEdgeError(
+                    f"{e}; {len(bad)} bad sample(s) of {calib or images} were left out (the "
+                    f"first: {bad[0]})"
+                ) from None
             raise e from None
         chosen = [s for s in calibration + held_out if s not in checked]
         good = check_samples(source, chosen, bad=bad)
@@ -558,8 +566,14 @@ def _quantize_graph(
             graph.tensorrt_file = trt_file
             graph.details = {**graph.details, "onnxruntime": ort_details, "tensorrt": trt_details}
     graph.precision = kind
-    if kind != "fp16" and not graph.details["onnxruntime"]["quantized_nodes"]:
-        # The manifest says what `file` holds (details.tensorrt what the TensorRT form does)
+    if kind == "fp16":
+        return
+    # What the TensorRT form holds, for --report: not always what `file` does, as it also
+    # quantizes Conv and Gemm, and int4's is the fp16 graph where no block fits
+    quantized = graph.details["tensorrt"]["quantized_nodes"]
+    graph.details["tensorrt"]["precision"] = kind if quantized else TENSORRT_FLOAT[kind]
+    if not graph.details["onnxruntime"]["quantized_nodes"]:
+        # The manifest says what `file` holds
         graph.precision = "fp32"
         kept = graph.details["onnxruntime"].get("kept_float")
         why = (
@@ -568,7 +582,8 @@ def _quantize_graph(
             if kept
             else "it has no MatMul with constant weights"
         )
-        log(f"warning: {name} stays fp32: {why}")
+        where = f" in its onnxruntime form (its TensorRT form is {kind})" if quantized else ""
+        log(f"warning: {name} stays fp32{where}: {why}")
 
 
 def quantize_fused(kind: str, fused: GraphSpec, source: Path, out: Path, block: int) -> GraphSpec:

@@ -22,7 +22,7 @@ import numpy as np
 
 from llava_edge.calib.data import Activations, Sample
 from llava_edge.files import graph_bytes
-from llava_edge.manifest import Manifest
+from llava_edge.manifest import GraphSpec, Manifest
 
 GREEDY_TOKENS = 64
 _OUTPUT = {"vision_encoder": "image_features", "projector": "image_embeds", "decoder": "logits"}
@@ -39,15 +39,7 @@ def build_report(
     graphs = []
     for name, graph in quantized.graphs.items():
         fp32 = reference.graphs[name]
-        # form: (file, precision, the fp32 file its size is compared with)
-        forms = {"onnxruntime": (graph.file, graph.precision, fp32.file)}
-        if graph.tensorrt_file:
-            forms["tensorrt"] = (graph.tensorrt_file, graph.precision, fp32.file)
-        # The fused form is what onnxruntime runs on the CPU; measured here where it takes the
-        # standard form's feeds (the vision encoder: the fused decoder's IO differ, and the
-        # greedy figures measure it)
-        if graph.fused and fp32.fused and graph.fused.inputs.keys() == graph.inputs.keys():
-            forms["fused"] = (graph.fused.file, graph.fused.precision, fp32.fused.file)
+        forms = graph_forms(graph, fp32)
         for form, (file, precision, fp32_file) in forms.items():
             stats = compare_graph(activations, name, quant_dir / file)
             graphs.append(
@@ -69,6 +61,22 @@ def build_report(
         "greedy": greedy_agreement(fp32_dir, quant_dir, samples),
         "sizes": _sizes(fp32_dir, reference, quant_dir, quantized),
     }
+
+
+def graph_forms(graph: GraphSpec, fp32: GraphSpec) -> dict[str, tuple[str, str, str]]:
+    """The forms of a quantized graph the report measures, each as (file, precision, the fp32
+    file its size is compared with)."""
+    forms = {"onnxruntime": (graph.file, graph.precision, fp32.file)}
+    if graph.tensorrt_file:
+        # its own, where quantize recorded it: a Conv-only graph is int8 there, fp32 in `file`
+        held = graph.details.get("tensorrt", {}).get("precision", graph.precision)
+        forms["tensorrt"] = (graph.tensorrt_file, held, fp32.file)
+    # The fused form is what onnxruntime runs on the CPU; measured here where it takes the
+    # standard form's feeds (the vision encoder: the fused decoder's IO differ, and the greedy
+    # figures measure it)
+    if graph.fused and fp32.fused and graph.fused.inputs.keys() == graph.inputs.keys():
+        forms["fused"] = (graph.fused.file, graph.fused.precision, fp32.fused.file)
+    return forms
 
 
 def compare_graph(activations: Activations, graph: str, path: Path) -> dict[str, Any]:
