@@ -276,3 +276,38 @@ def test_an_app_that_exits_while_its_thread_is_inside_an_answer_exits_cleanly(ti
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split("\n")[:2] == ["exiting", "call finished"], done.stdout
     assert done.stdout.count("call finished") == 1
+
+
+LAST_WORDS_AT_EXIT = """
+import atexit, sys
+
+def last_words():  # registered before the runtime is imported: runs after its exit handler
+    pipe.generate(None, "Hi", max_new_tokens=2)
+    print("answered", flush=True)
+
+atexit.register(last_words)
+from llava_edge.runtime import Pipeline
+
+pipe = Pipeline.load(sys.argv[1], threads=1)
+"""
+
+
+def test_an_apps_own_exit_handler_may_still_ask_the_model(tiny_model_dir):
+    """The exit parks a thread that would start a backend call once it began, so that no call
+    runs on as the interpreter ends; an app's exit handler that runs after the runtime's (one
+    registered before the runtime was imported) was parked too, on the thread running the
+    exit itself, and the process never ended."""
+    import subprocess
+    import sys
+
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", LAST_WORDS_AT_EXIT, str(tiny_model_dir)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the app's exit handler was parked: the process never ended")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["answered"]

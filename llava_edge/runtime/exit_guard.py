@@ -5,7 +5,9 @@ shut down mid-answer) when the interpreter exits. Native code running on through
 the process: onnxruntime's thread pools are torn down under the call ("terminate called without
 an active exception", exit 134). So each backend call (`guarded`) is counted, and at exit the
 calls in flight are waited for, EXIT_WAIT_S at most, while a thread that would start a new one
-is parked for good: it never re-enters native code, and the exit goes on without it. Nothing
+is parked for good: it never re-enters native code, and the exit goes on without it. The thread
+running the exit is never parked: an app's own exit handler that runs after this one (registered
+before the runtime was imported) may still ask the model, before the interpreter ends. Nothing
 else in the standard library or onnxruntime does this: `threading`'s own exit joins only
 non-daemon threads, and onnxruntime has no shutdown call.
 """
@@ -22,7 +24,7 @@ EXIT_WAIT_S = 10.0  # how long the exit waits for the backend calls in flight
 
 _calls = threading.Condition()
 _in_flight = 0
-_exiting = False
+_exit_thread: threading.Thread | None = None  # the thread running the exit, once it began
 _before_exit: list[Callable[[], None]] = []
 
 Call = TypeVar("Call", bound=Callable[..., Any])
@@ -35,10 +37,10 @@ def guarded(method: Call) -> Call:
     def call(*args: Any, **kwargs: Any) -> Any:
         global _in_flight
         with _calls:
-            exiting = _exiting
-            if not exiting:
+            parked = _exit_thread not in (None, threading.current_thread())
+            if not parked:
                 _in_flight += 1
-        if exiting:
+        if parked:
             threading.Event().wait()  # never set: parked until the process is gone
         try:
             return method(*args, **kwargs)
@@ -58,9 +60,9 @@ def before_exit(step: Callable[[], None]) -> None:
 
 @atexit.register
 def _wait_for_calls() -> None:
-    global _exiting
+    global _exit_thread
     for step in _before_exit:
         step()
     with _calls:
-        _exiting = True
+        _exit_thread = threading.current_thread()
         _calls.wait_for(lambda: _in_flight == 0, timeout=EXIT_WAIT_S)
