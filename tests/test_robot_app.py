@@ -311,3 +311,49 @@ def test_an_apps_own_exit_handler_may_still_ask_the_model(tiny_model_dir):
         pytest.fail("the app's exit handler was parked: the process never ended")
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["answered"]
+
+
+ASKED_AT_EXIT_AS_A_WORKER_BEGINS = """
+import atexit, sys, threading, time
+import numpy as np
+
+def last_words():  # registered before the runtime is imported: runs after its exit handler
+    time.sleep(0.3)  # the worker has begun its answer about this frame, and is parked
+    pipe.generate(frame, "What now?", max_new_tokens=2)
+    print("answered", flush=True)
+
+atexit.register(last_words)
+from llava_edge.runtime import Pipeline, exit_guard
+
+pipe = Pipeline.load(sys.argv[1], threads=1)
+frame = np.full((40, 40, 3), 7, np.uint8)
+
+def worker():  # a robot node's daemon thread, asking about the newest frame as the exit begins
+    while exit_guard._exit_thread is None:
+        time.sleep(0.001)
+    pipe.generate(frame, "What is there?", max_new_tokens=2)
+
+threading.Thread(target=worker, daemon=True).start()
+"""
+
+
+def test_an_exit_handler_asking_about_the_frame_a_parked_thread_encodes_is_answered(
+    tiny_model_dir,
+):
+    """Threads asking about one new image wait for the one that encodes it; where that one was
+    parked at exit before its encoder call, the app's exit handler asking about the same frame
+    waited for it for good, and the process never ended."""
+    import subprocess
+    import sys
+
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", ASKED_AT_EXIT_AS_A_WORKER_BEGINS, str(tiny_model_dir)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the exit handler waited for a parked thread's encode: the process hung")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["answered"]

@@ -52,6 +52,12 @@ def guarded(method: Call) -> Call:
     return call  # type: ignore[return-value]
 
 
+def running_exit() -> bool:
+    """Whether this thread runs the exit, begun: the one thread whose backend calls go on. It
+    must not wait for another thread's work, which may be parked for good."""
+    return _exit_thread is threading.current_thread()
+
+
 def before_exit(step: Callable[[], None]) -> None:
     """Run `step` at exit before the backend calls are stopped (a BatchEngine cancels its
     requests and ends its thread, which needs the backend to finish its call)."""

@@ -41,6 +41,7 @@ from llava_edge.runtime.anyres import (
     untiled_embeds,
     untiles_several,
 )
+from llava_edge.runtime.exit_guard import running_exit
 from llava_edge.runtime.generate import (
     Timer,
     decode_loop,
@@ -703,6 +704,8 @@ class Pipeline:
                 if encoding is None:
                     encoding = self._encoding[key] = threading.Event()
                     break
+            if running_exit():  # the thread encoding it may be parked at exit, never to finish
+                return self._encode(image)
             encoding.wait()  # then the cache holds it, or that encode failed and this one tries
         try:
             return self._encode(image)
