@@ -499,21 +499,23 @@ def test_the_same_pixels_as_a_pil_image_or_an_array_give_the_same_image(array):
 @pytest.mark.parametrize(
     "array, form",
     [
-        (_ramp(np.float32, 1.0) * 1.5, "float32"),
-        (_ramp(np.float32, 255.0), "float32"),
-        (_ramp(np.int32, 4095), "int32"),
-        (_ramp(np.int32, 255) - 10, "int32"),
+        (_ramp(np.float32, 1.0) * 1.5, "a float32"),
+        (_ramp(np.float32, 255.0), "a float32"),
+        (_ramp(np.int32, 4095), "an int32"),
+        (_ramp(np.int32, 255) - 10, "an int32"),
+        (_ramp(np.int64, 255) - 10, "an int64"),
     ],
-    ids=["float_above_one", "float_0_255", "int32_12_bit", "int32_negative"],
+    ids=["float_above_one", "float_0_255", "int32_12_bit", "int32_negative", "int64_negative"],
 )
 def test_values_whose_scale_would_be_a_guess_are_refused_as_a_pil_image_and_as_an_array(
     array, form
 ):
     """A 32-bit float (mode F) or integer (mode I) image's scale was read off its values (one
     bright pixel turned a [0, 1] image black), while the same values as an array were refused
-    or clipped to white."""
-    pil = Image.fromarray(array)
-    for source, named in ((array, f"{form} image array"), (pil, f"PIL image of mode {pil.mode}")):
+    or clipped to white. The message names each with its article ('a int32' read wrong)."""
+    pil = Image.fromarray(array.astype(np.int32) if array.dtype == np.int64 else array)
+    pil_named = f"a PIL image of mode {pil.mode}"
+    for source, named in ((array, f"{form} image array"), (pil, pil_named)):
         with pytest.raises(LlavaEdgeError) as error:
             load_image(source)
         message = str(error.value)

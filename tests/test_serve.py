@@ -553,6 +553,25 @@ def test_a_remote_image_is_fetched_uncompressed_and_a_compressed_reply_refused()
     assert asked == ["identity", "identity"]
 
 
+@pytest.mark.parametrize("size", [1001, 1004, 1005, 1006])
+def test_a_data_url_over_the_limit_is_refused_with_its_exact_size(size: int) -> None:
+    """An image sent as a data: URL over the limit is refused saying its own size: one refused
+    from its base64's length alone (past the limit by 4 bytes or more) was said to be a byte or
+    two larger, the '=' padding counted as data. One at the limit is taken."""
+    from llava_edge.serve.media import MediaPolicy, fetch_image
+    from llava_edge.serve.protocol import ApiError
+
+    def url(n: int) -> str:
+        return "data:image/png;base64," + base64.b64encode(b"x" * n).decode()
+
+    policy = MediaPolicy(1000, None, True)
+    assert asyncio.run(fetch_image(url(1000), policy)) == b"x" * 1000
+    with pytest.raises(ApiError) as refused:
+        asyncio.run(fetch_image(url(size), policy))
+    assert refused.value.status == 413
+    assert f"the image is {size} bytes, over this server's limit of 1000;" in str(refused.value)
+
+
 # ---- refusals ---------------------------------------------------------------------------------
 
 GOOD = [ask("What?")]

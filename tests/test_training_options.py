@@ -186,6 +186,24 @@ def test_a_failing_force_run_keeps_the_earlier_checkpoints(tiny_checkpoint, data
     assert (checkpoint / "trainer_state.json").read_text() == '{"global_step": 99}'
 
 
+def test_a_piped_data_file_is_named_as_a_pipe(tiny_checkpoint, data, tmp_path, capsys) -> None:
+    """`--data <(jq ... data.json)` names a pipe, which the data's two readings (indexed, then
+    record by record) cannot take: it was said not to exist."""
+    import os
+
+    piped = tmp_path / "63"  # what <(...) names: /dev/fd/63
+    os.mkfifo(piped)
+    out = tmp_path / "out"
+    argv = ["train", "--stage", "1", "--model", str(tiny_checkpoint), "--out", str(out)]
+    argv += ["--data", str(piped), "--images", str(data["images"]), "--max-steps", "1"]
+    assert cli(argv) == 1
+    assert one_line_error(capsys.readouterr().err) == (
+        f"llava-edge train: error: data file {piped} is not a file (a pipe, as <(...) gives?); "
+        "save the data to a file and pass that"
+    )
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("limit", [None, 2, 0])
 def test_save_total_limit_keeps_exactly_that_many_checkpoints(
     limit, tiny_checkpoint, data, tmp_path

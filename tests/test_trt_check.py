@@ -225,3 +225,30 @@ def test_zero_points_of_a_wide_weight_are_read_not_guessed(tmp_path: Path, exter
         problems = check_graph(model)
         assert (problems == []) == passes, problems
         assert passes or all("zero point is not 0" in p for p in problems), problems
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_an_export_at_opset_20_passes(tiny_checkpoint: Path, tmp_path: Path, dtype: str) -> None:
+    """export offers --opset 20, where torch.onnx writes the projector's GELU as ONNX's Gelu, an
+    operator TensorRT 10.3 is not documented to parse: the check refused the graph TensorRT would
+    build. The GELU is written as the Erf ops of the opsets before 20, in the graph's own float
+    type, and the graphs still match transformers token for token."""
+    from conftest import quiet
+
+    from llava_edge.export.exporter import export_checkpoint
+
+    report = export_checkpoint(
+        tiny_checkpoint, tmp_path / "model", dtype=dtype, opset=20, fused=False, log=quiet
+    )
+    assert report["forms"]
+    for form in report["forms"].values():
+        assert form["passed"] and form["greedy_tokens_matched"] == form["greedy_tokens_total"]
+    assert check_model_dir(tmp_path / "model") == {
+        "vision_encoder": [],
+        "projector": [],
+        "decoder": [],
+    }
+    projector = Manifest.load(tmp_path / "model").graphs["projector"]
+    assert "Erf" in {
+        n.op_type for n in onnx.load(str(tmp_path / "model" / projector.file)).graph.node
+    }

@@ -966,6 +966,40 @@ def test_a_watch_closed_from_another_thread_ends_there(pipe, monkeypatch, tmp_pa
     assert len(readers()) == before
 
 
+def test_a_watch_closed_while_an_apps_read_is_blocked_closes_it_when_the_read_returns(
+    pipe, monkeypatch
+) -> None:
+    """An app's camera read cannot be interrupted: closed from another thread, the watch returns
+    at once; the iterating thread's wait ends a second at most later (how long it waits for the
+    reader), and the app's iterator is closed when its read returns, not before."""
+    monkeypatch.setattr(pipe, "_answer_prepared", Recorder())
+    release, closed = threading.Event(), threading.Event()
+
+    def camera():
+        try:
+            yield np.zeros((8, 8, 3), np.uint8)
+            release.wait(10)  # a driver's read that blocks
+            while True:
+                yield np.zeros((8, 8, 3), np.uint8)
+        finally:
+            closed.set()
+
+    answers = pipe.watch(camera(), "Now?", every_s=0.0, timeout_s=5)
+    got: list[Any] = []
+    worker = threading.Thread(target=lambda: got.extend(answers))
+    worker.start()
+    time.sleep(0.5)  # the first frame answered, the reader blocked in the driver's read
+    start = time.monotonic()
+    answers.close()
+    assert time.monotonic() - start < 0.1
+    worker.join(timeout=3)
+    assert not worker.is_alive() and len(got) == 1
+    assert time.monotonic() - start < 1.5
+    assert not closed.is_set()  # its read is still blocked
+    release.set()
+    assert closed.wait(2)  # closed, not read on
+
+
 def test_an_answer_interrupted_mid_way_leaves_the_next_watch_right(
     pipe, monkeypatch, tmp_path
 ) -> None:

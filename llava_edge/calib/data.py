@@ -85,11 +85,6 @@ def _load(
                     f"--calib {source} is a folder of images; --images only goes with a LLaVA JSON file"
                 )
             return _image_folder(source)
-        if not source.is_file():  # read as train reads its data, twice: a pipe gives it once
-            raise LlavaEdgeError(
-                f"calibration source {source} is not a file (a pipe, as <(...) gives?); save the "
-                "data to a file and pass that"
-            )
         return _llava_json(source, Path(images) if images is not None else None, bad)
     folder = Path(images)  # type: ignore[arg-type]
     if not folder.is_dir():

@@ -916,6 +916,7 @@ def _write_graphs(model: Any, manifest: Manifest, out: Path, opset: int, log: An
     from llava_edge.export.graphs import Decoder, Projector, VisionEncoder
 
     dtype = next(model.parameters()).dtype
+    graph_dtype = str(dtype).removeprefix("torch.")  # float32 or float16, as numpy names them
     image = manifest.image
     pixel_values = torch.randn(2, 3, image.height, image.width, dtype=dtype)
     with torch.no_grad():
@@ -946,11 +947,59 @@ def _write_graphs(model: Any, manifest: Manifest, out: Path, opset: int, log: An
             _torch_export(module, args, scratch / "graph.onnx", graph, opset)
             bar.update()
             bar.set_postfix_str("saving")
-            save_graph(onnx.load(str(scratch / "graph.onnx")), out / graph.file)
+            traced = onnx.load(str(scratch / "graph.onnx"))
+            save_graph(decompose_gelus(traced, np.dtype(graph_dtype)), out / graph.file)
             shutil.rmtree(scratch)
             bar.update()
             graph.details["opset"] = opset
             bar.update()
+
+
+def decompose_gelus(model: Any, dtype: np.dtype) -> Any:
+    """`model` with each ONNX Gelu (the one-op GELU torch.onnx writes from opset 20) as the Erf or
+    Tanh ops torch.onnx writes at opsets before 20: the standard graphs are the form TensorRT
+    builds, and TensorRT 10.3's ONNX parser is not documented to import Gelu
+    (llava_edge.calib.trt_check), so every opset export offers gives a graph it takes.
+    onnxruntime fuses either pattern into one kernel at load. dtype: the graph's floats."""
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type == "Gelu" and node.domain in ("", "ai.onnx"):
+            nodes += _gelu_nodes(model, node, dtype)
+        else:
+            nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
+def _gelu_nodes(model: Any, gelu: Any, dtype: np.dtype) -> list[Any]:
+    """One Gelu node's function in the ops, order and constants of torch.onnx's GELU before
+    opset 20 (torch.onnx.symbolic_opset9.gelu); its constants go to the initializers."""
+    from onnx import helper, numpy_helper
+
+    x, y = gelu.input[0], gelu.output[0]
+    made: list[Any] = []
+
+    def op(kind: str, *inputs: str | float, out: str | None = None) -> str:
+        name = out or f"{y}/gelu_{len(made)}"
+        names = []
+        for i, value in enumerate(inputs):
+            if isinstance(value, float):
+                constant = numpy_helper.from_array(np.asarray(value, dtype), f"{name}_c{i}")
+                model.graph.initializer.append(constant)
+                value = constant.name
+            names.append(value)
+        made.append(helper.make_node(kind, names, [name], name=name))
+        return name
+
+    if any(a.name == "approximate" and a.s == b"tanh" for a in gelu.attribute):
+        cube = op("Mul", x, op("Mul", x, x))
+        inner = op("Mul", float(np.sqrt(2 / np.pi)), op("Add", x, op("Mul", 0.044715, cube)))
+        op("Mul", 0.5, op("Mul", x, op("Add", 1.0, op("Tanh", inner))), out=y)
+    else:
+        erf = op("Erf", op("Div", x, 1.4142135623730951))
+        op("Mul", op("Mul", x, op("Add", erf, 1.0)), 0.5, out=y)
+    return made
 
 
 def _write_fused(model: Any, manifest: Manifest, out: Path, opset: int, log: Any) -> None:

@@ -419,7 +419,7 @@ def write_fused_vision(
         return None, f"vision tower {tower!r} (the fusions know {', '.join(FUSABLE_TOWERS)})"
     with quiet("onnxruntime.transformers"):
         optimized = optimize_model(
-            _tanh_gelus_as_fast_gelu(onnx.load(str(standard))),
+            _with_fused_domain(onnx.load(str(standard))),
             model_type="clip",
             num_heads=vision_config.num_attention_heads,
             hidden_size=vision_config.hidden_size,
@@ -450,19 +450,12 @@ def write_fused_vision(
     return fused, None
 
 
-def _tanh_gelus_as_fast_gelu(model: Any) -> Any:
-    """`model`, with onnxruntime's domain among its opsets (for the fused ops) and each ONNX Gelu
-    of approximate='tanh' (torch.onnx writes SigLIP's GELU so from opset 20) as onnxruntime's
-    FastGelu, the same function: the optimizer's bias fusion reads every Gelu as the erf GELU and
-    makes it BiasGelu, another function than the tower's."""
+def _with_fused_domain(model: Any) -> Any:
+    """`model` with onnxruntime's domain among its opsets, for the fused ops (the optimizer
+    omits it)."""
     from onnx import helper
 
-    for node in model.graph.node:
-        tanh = any(a.name == "approximate" and a.s == b"tanh" for a in node.attribute)
-        if node.op_type == "Gelu" and node.domain in ("", "ai.onnx") and tanh:
-            node.op_type, node.domain = "FastGelu", MS_DOMAIN
-            del node.attribute[:]
-    if not any(o.domain == MS_DOMAIN for o in model.opset_import):  # the optimizer omits it
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return model
 

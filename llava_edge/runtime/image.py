@@ -357,9 +357,15 @@ def _to_uint8(array: np.ndarray, form: str) -> np.ndarray:
 
 def _unscaled(form: str, scale: str, low: float, high: float) -> LlavaEdgeError:
     return LlavaEdgeError(
-        f"a {form} must hold values in {scale}, got {low:g} to {high:g}: its scale would be a "
+        f"{_with_article(form)} must hold values in {scale}, got {low:g} to {high:g}: its scale would be a "
         "guess; give uint8 pixels 0-255, uint16 for 16-bit data, or floats in [0, 1]"
     )
+
+
+def _with_article(noun: str) -> str:
+    """'an int32 image array', 'a uint16 ...', 'a float32 ...': by the sound of the first
+    letter of a dtype's name (a 'u' sounds 'you')."""
+    return ("an " if noun[:1].lower() in "aeio" else "a ") + noun
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

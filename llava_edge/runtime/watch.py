@@ -95,7 +95,10 @@ class Watch(Iterator[WatchAnswer]):
         """Stop the source's reader and close the source; the answers end here. From another
         thread (a robot's shutdown handler) while the iterating one waits for a frame or an
         answer, it returns at once; that thread's wait then ends with the answers (after the
-        answer in progress, which is dropped), and the source is closed there."""
+        answer in progress, which is dropped), and the source is closed there. A reader blocked
+        in a read nothing can interrupt (an app's camera driver waiting for a frame) is waited
+        for a second at most: that thread's wait ends then, and the source is closed when the
+        read returns."""
         unstarted = inspect.getgeneratorstate(self._answers) == inspect.GEN_CREATED
         self._cancel.set()
         try:

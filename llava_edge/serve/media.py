@@ -89,11 +89,11 @@ def _data_uri(url: str, limit: int) -> bytes:
         )
     if any(c in payload for c in "\r\n \t"):
         payload = "".join(payload.split())  # line-wrapped base64 (MIME, `base64` without -w0)
-    # base64 takes 4 characters for 3 bytes: refuse an oversized image before decoding it
-    if len(payload) * 3 // 4 > limit + 3:
-        raise _too_large(len(payload) * 3 // 4, limit)
+    size = _decoded_size(payload)  # refuse an oversized image before decoding it
+    if size > limit:
+        raise _too_large(size, limit)
     try:
-        data = base64.b64decode(payload, validate=True)
+        return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise ApiError(
             400,
@@ -101,9 +101,6 @@ def _data_uri(url: str, limit: int) -> bytes:
             "padded with =)",
             "image_url",
         ) from None
-    if len(data) > limit:
-        raise _too_large(len(data), limit)
-    return data
 
 
 def _local_file(url: str, policy: MediaPolicy) -> bytes:
@@ -197,6 +194,13 @@ async def _download(url: str, policy: MediaPolicy) -> bytes:
             if len(data) > limit:
                 raise _too_large(len(data), limit)
         return bytes(data)
+
+
+def _decoded_size(payload: str) -> int:
+    """The bytes of base64 `payload` (its exact count where it is valid base64): 3 for each 4
+    characters, less one for each '=' that pads the last 4."""
+    tail = payload[-2:]
+    return len(payload) * 3 // 4 - (len(tail) - len(tail.rstrip("=")))
 
 
 def _too_large(size: int, limit: int) -> ApiError:

@@ -161,8 +161,13 @@ class SampleFile:
             raise LlavaEdgeError(
                 f"data file {self.path} is a directory; give a LLaVA JSON or JSONL file"
             )
-        if not self.path.is_file():
+        if not self.path.exists():
             raise LlavaEdgeError(f"data file {self.path} does not exist")
+        if not self.path.is_file():  # read twice (indexed, then by record): a pipe gives it once
+            raise LlavaEdgeError(
+                f"data file {self.path} is not a file (a pipe, as <(...) gives?); save the data "
+                "to a file and pass that"
+            )
         self._handle = None
         self._pid = None
         self._stamp = _stamp(self.path.stat())  # the file as indexed: offsets hold for it alone
