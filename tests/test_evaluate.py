@@ -11,7 +11,9 @@ import pytest
 from PIL import Image
 
 from llava_edge.cli import main as cli
+from llava_edge.errors import LlavaEdgeError
 from llava_edge.runtime import Pipeline
+from llava_edge.training.evaluate import evaluate
 
 
 def _sample(sample_id: str, image: str, question: str = "What colour is it?") -> dict:
@@ -42,6 +44,15 @@ def _eval(model: Path, data: Path, images: Path, *extra: str) -> int:
     return cli([*argv, "--max-new-tokens", "2", *extra])
 
 
+def one_line_error(err: str) -> str:
+    """The error, alone on the last line of stderr (the data check's progress bar may come
+    before it)."""
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert "Traceback" not in err and len(errors) == 1, err
+    assert err.strip().endswith(errors[0]) and errors[0].startswith("llava-edge eval: "), err
+    return errors[0]
+
+
 def test_answers_never_replace_the_data_or_an_image(tiny_model_dir, world, capsys):
     data, images = world["data"], world["images"]
     manifest = tiny_model_dir / "manifest.json"
@@ -54,9 +65,8 @@ def test_answers_never_replace_the_data_or_an_image(tiny_model_dir, world, capsy
     ]
     for answers in spellings:
         assert _eval(tiny_model_dir, data, images, "--answers", str(answers)) == 1
-        err = capsys.readouterr().err
-        assert "write the answers elsewhere" in err and "Traceback" not in err, answers
-        assert len(err.strip().splitlines()) == 1
+        err = one_line_error(capsys.readouterr().err)
+        assert "write the answers elsewhere" in err, answers
     assert "sample b's image" in err
     assert {p: p.read_bytes() for p in before} == before
 
@@ -93,13 +103,11 @@ def test_data_with_nothing_to_ask_is_refused_before_the_model_loads(
     monkeypatch.setattr(Pipeline, "load", staticmethod(lambda *a, **k: pytest.fail("loaded")))
     data.write_text("[]")
     assert _eval(tiny_model_dir, data, images) == 1
-    err = capsys.readouterr().err
-    assert "has no question to evaluate" in err and len(err.strip().splitlines()) == 1
+    assert "has no question to evaluate" in one_line_error(capsys.readouterr().err)
     data.write_text(json.dumps([_sample("gone", "missing.png")]))
     assert _eval(tiny_model_dir, data, images, "--skip-bad") == 1
-    err = capsys.readouterr().err
+    err = one_line_error(capsys.readouterr().err)
     assert "every sample" in err and "missing.png does not exist" in err
-    assert len(err.strip().splitlines()) == 1
 
 
 def test_a_failed_run_keeps_the_previous_answers(tiny_model_dir, world, capsys):
@@ -341,9 +349,8 @@ def test_several_reference_answers_score_vqa_accuracy(tiny_model_dir, world, cap
     samples[0]["conversations"][1]["answers"] = ["cat", 3]
     data.write_text(json.dumps(samples))
     assert _eval(tiny_model_dir, data, images, "--answers", str(answers)) == 1
-    err = capsys.readouterr().err
+    err = one_line_error(capsys.readouterr().err)
     assert "sample a: round 0's 'answers' must be a list of texts" in err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_the_answers_go_beside_the_data_file_by_default(tiny_model_dir, world, capsys):
@@ -356,3 +363,19 @@ def test_the_answers_go_beside_the_data_file_by_default(tiny_model_dir, world, c
         "data.json",
         "images",
     ]
+
+
+def test_the_check_of_the_data_shows_its_progress(tiny_model_dir, world, capsys, monkeypatch):
+    """Every sample is checked before the model loads (its shape, references, image file): a
+    VQAv2-sized file takes a while, shown on a progress bar as `train` shows it, and left off
+    with progress=False."""
+    monkeypatch.setattr(Pipeline, "load", staticmethod(lambda *a, **k: pytest.fail("loaded")))
+    data, images = world["data"], world["images"]
+    data.write_text(json.dumps([_sample("a", "a.png"), _sample("gone", "missing.png")]))
+    assert _eval(tiny_model_dir, data, images) == 1
+    err = capsys.readouterr().err
+    assert "checking data.json: " in err
+    assert "missing.png does not exist" in one_line_error(err)
+    with pytest.raises(LlavaEdgeError, match="missing.png does not exist"):
+        evaluate(tiny_model_dir, data, images, progress=False)
+    assert capsys.readouterr().err == ""

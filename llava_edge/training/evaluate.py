@@ -214,7 +214,7 @@ def evaluate(
         skipped.append(e)
         return False
 
-    samples = SampleFile(data, keep=keep)
+    samples = SampleFile(data, keep=keep, progress=progress)
     if not len(samples):  # said before the model loads
         _nothing_asked(data, skipped)
     total = correct = cut = 0
