@@ -197,3 +197,15 @@ def test_bad_samples_are_named(record, problem):
         parse_sample(record, 3)
     expected_id = "#3" if not isinstance(record, dict) else "s7"
     assert str(info.value).startswith(f"sample {expected_id}: ")
+
+
+@pytest.mark.parametrize("given", [None, ""])
+def test_a_sample_with_a_null_or_empty_id_is_named_by_its_place(given):
+    """`"id": null` (a dataframe's missing value) or `""` names no sample: the error gives its
+    place in the file, as for a sample without an id, not 'sample None'."""
+    record = _broken(lambda r: r["conversations"].pop())
+    record["id"] = given
+    with pytest.raises(BadSample, match=r"^sample #3: the conversation ends with a human turn"):
+        parse_sample(record, 3)
+    record["conversations"].append({"from": "gpt", "value": "a"})
+    assert parse_sample(record, 3).id == "#3"

@@ -55,7 +55,9 @@ def parse_sample(record: Any, position: int) -> Sample:
     """Check one record's shape and turn it into a Sample; BadSample names what is wrong."""
     if not isinstance(record, dict):
         raise BadSample(f"#{position}", f"is a JSON {type(record).__name__}, not an object")
-    sample_id = str(record.get("id", f"#{position}"))
+    given = record.get("id")
+    # a null or empty id (as a dataframe's missing values are written) names no sample
+    sample_id = f"#{position}" if given is None or given == "" else str(given)
     conversations = record.get("conversations")
     if not isinstance(conversations, list) or not conversations:
         raise BadSample(sample_id, "has no 'conversations' list")
