@@ -459,3 +459,26 @@ def test_a_step_whose_loss_alone_is_not_finite_spoils_only_its_own_log(
                    gradient_checkpointing=False, progress=False)  # fmt: skip
     assert [step for step, _ in result.losses] == [1, 2, 3, 4]
     assert [math.isfinite(loss) for _, loss in result.losses] == [True, False, True, True]
+
+
+def test_a_dir_without_adapters_is_refused_naming_where_they_are(tmp_path, capsys):
+    """merge-lora given a `train --lora` OUT (adapters merged in, kept in OUT/adapter) says so
+    and names OUT/adapter; given another dir, it says what to give."""
+    out = tmp_path / "ft"
+    (out / "adapter").mkdir(parents=True)
+    (out / "config.json").write_text("{}")
+    (out / "adapter" / "adapter_config.json").write_text("{}")
+    merged = str(tmp_path / "merged")
+    assert cli(["merge-lora", str(out), merged]) == 1
+    assert last_line(capsys.readouterr().err) == (
+        f"llava-edge merge-lora: error: {out} has no adapter_config.json: it holds no LoRA "
+        f"adapters; {out} is a checkpoint with them merged in already (use it as it is), and "
+        f"{out / 'adapter'} holds them"
+    )
+    assert cli(["merge-lora", str(tmp_path), merged]) == 1
+    assert last_line(capsys.readouterr().err) == (
+        f"llava-edge merge-lora: error: {tmp_path} has no adapter_config.json: it holds no LoRA "
+        "adapters; give the dir that holds adapter_config.json (`train --lora --keep-adapters` "
+        "keeps OUT/adapter)"
+    )
+    assert not (tmp_path / "merged").exists()

@@ -187,7 +187,10 @@ def read_adapter_config(adapter_dir: Path) -> Any:
     if not adapter_dir.exists():
         raise LlavaEdgeError(f"adapter dir {adapter_dir} does not exist")
     if not path.is_file():
-        raise LlavaEdgeError(f"{adapter_dir} has no {CONFIG_NAME}: it holds no LoRA adapters")
+        raise LlavaEdgeError(
+            f"{adapter_dir} has no {CONFIG_NAME}: it holds no LoRA adapters; "
+            + _where_adapters_are(adapter_dir)
+        )
     try:
         config = PeftConfig.from_pretrained(adapter_dir)
     except (OSError, ValueError, TypeError, KeyError) as e:  # JSONDecodeError is a ValueError
@@ -199,6 +202,20 @@ def read_adapter_config(adapter_dir: Path) -> Any:
             f"or {WEIGHTS_NAME}); copy them there too"
         )
     return config
+
+
+def _where_adapters_are(given: Path) -> str:
+    """What to give merge-lora instead of a dir without adapters: a `train --lora` OUT has them
+    merged in already, and keeps them (with --keep-adapters) in OUT/adapter."""
+    kept = given / ADAPTER_DIR
+    if (kept / CONFIG_NAME).is_file():
+        return (
+            f"{given} is a checkpoint with them merged in already (use it as it is), and {kept} "
+            "holds them"
+        )
+    return (
+        f"give the dir that holds {CONFIG_NAME} (`train --lora --keep-adapters` keeps OUT/adapter)"
+    )
 
 
 def load_adapters(model: Any, adapter_dir: Path, config: Any, base: Path) -> Any:
