@@ -490,3 +490,20 @@ def test_a_file_with_nothing_to_write_says_why(tmp_path, capsys, format, name, l
     assert code == 1 and err.count("\n") == 1, err
     assert message.format(path=path) in err
     assert not (tmp_path / "out.json").exists()
+
+
+def test_the_image_check_shows_its_progress_on_a_terminal(tmp_path, capsys, monkeypatch):
+    """Each question's image is looked for and its header read before anything is written
+    (minutes for COCO on a cold disk): a bar shows it on a terminal, and none with
+    progress=False."""
+    import sys
+
+    folder = images(tmp_path, "a.png")
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"image": "a.png", "question": "Q?", "answer": "x"}) + "\n")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    argv = ["data", "vqa", str(questions), "--format", "jsonl", "--images", str(folder)]
+    assert cli([*argv, "--out", str(tmp_path / "out.json")]) == 0
+    assert "checking images: 100%" in capsys.readouterr().err
+    convert_vqa(questions, "jsonl", folder, tmp_path / "quiet.json", progress=False)
+    assert capsys.readouterr().err == ""

@@ -119,8 +119,15 @@ def convert_vqa(
     images: str | Path,
     out: str | Path,
     annotations: str | Path | None = None,
+    progress: bool = True,
 ) -> VqaResult:
-    """Write the VQA file's questions as LLaVA JSON conversations, one per image."""
+    """Write the VQA file's questions as LLaVA JSON conversations, one per image.
+
+    progress: a bar over the questions while their images are looked for and their headers
+    read (COCO's 82k pictures, on a cold disk, take minutes), on a terminal only.
+    """
+    from tqdm.auto import tqdm
+
     path, image_dir, out = Path(path), Path(images), Path(out)
     if format not in FORMATS:
         raise LlavaEdgeError(f"unknown VQA format {format!r}; choose from {', '.join(FORMATS)}")
@@ -150,7 +157,13 @@ def convert_vqa(
     groups: dict[str, list[Question]] = {}
     found: dict[tuple[str, ...], str | None] = {}
     unreadable: set[str] = set()
-    for question in questions:
+    checking = tqdm(
+        questions,
+        desc="checking images",
+        unit=" questions",
+        disable=None if progress else True,  # None: only on a terminal
+    )
+    for question in checking:
         if question.images not in found:
             found[question.images] = next(
                 (name for name in question.images if (image_dir / name).is_file()), None
