@@ -346,11 +346,12 @@ def test_several_reference_answers_score_vqa_accuracy(tiny_model_dir, world, cap
 
     assert parse_sample(samples[0], 0).turns == [("What colour is it?", "grey")]
 
-    samples[0]["conversations"][1]["answers"] = ["cat", 3]
-    data.write_text(json.dumps(samples))
-    assert _eval(tiny_model_dir, data, images, "--answers", str(answers)) == 1
-    err = one_line_error(capsys.readouterr().err)
-    assert "sample a: round 0's 'answers' must be a list of texts" in err
+    for listed in (["cat", 3], []):  # an empty list is said to be one, not a wrong type
+        samples[0]["conversations"][1]["answers"] = listed
+        data.write_text(json.dumps(samples))
+        assert _eval(tiny_model_dir, data, images, "--answers", str(answers)) == 1
+        err = one_line_error(capsys.readouterr().err)
+        assert "sample a: round 0's 'answers' must be a list of one or more texts" in err
 
 
 def test_the_answers_go_beside_the_data_file_by_default(tiny_model_dir, world, capsys):

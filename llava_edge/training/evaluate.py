@@ -262,7 +262,9 @@ def references(record: dict, sample: Sample, match: str) -> list[References]:
             or not listed
             or not all(isinstance(answer, str) and is_utf8(answer) for answer in listed)
         ):
-            raise BadSample(sample.id, f"round {turn}'s 'answers' must be a list of texts")
+            raise BadSample(
+                sample.id, f"round {turn}'s 'answers' must be a list of one or more texts"
+            )
         given = [value] if listed is None else listed
         forms = [answer_form(answer, match) for answer in given]
         for answer, form in zip(given, forms, strict=True):
