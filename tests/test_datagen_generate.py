@@ -948,3 +948,17 @@ def test_a_dry_run_lists_the_images_it_leaves_out(scene, capsys):
                 "--dry-run"]) == 0  # fmt: skip
     printed = capsys.readouterr().out
     assert "left out 1 annotated images:\n  img_9.png: no file " in printed, printed
+
+
+def test_the_image_check_shows_its_progress_on_a_terminal(scene, capsys, monkeypatch):
+    """Each annotated image's header is read for its size before any request (minutes for
+    COCO on a cold disk): a bar shows it on a terminal, a dry run's too, and none with
+    progress=False."""
+    root, images, annotations, _ = scene
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    argv = ["data", "generate", "--images", str(images), "--out", str(root / "o.json")]
+    argv += ["--annotations", str(annotations[0]), "--model", "m", "--dry-run"]
+    assert cli(argv) == 0
+    assert "checking images: 100%|" in capsys.readouterr().err
+    generate(annotations, images, root / "o.json", model="m", dry_run=True, progress=False)
+    assert capsys.readouterr().err == ""

@@ -82,10 +82,15 @@ def render(captions: list[str], boxes: tuple[Box, ...] | list[Box]) -> str:
 
 
 def read_annotations(
-    paths: list[str | Path], images: str | Path
+    paths: list[str | Path], images: str | Path, progress: bool = False
 ) -> tuple[list[ImageNotes], list[tuple[str, str]]]:
     """Read and merge annotation files; returns the usable images in file order, and the images
-    left out with the reason (no file in `images`, nothing to describe)."""
+    left out with the reason (no file in `images`, nothing to describe).
+
+    progress: a bar, on a terminal only, while each image's header is read for its size (COCO's
+    118k pictures, on a cold disk, take minutes)."""
+    from tqdm.auto import tqdm
+
     image_dir = Path(images)
     if not image_dir.is_dir():
         raise LlavaEdgeError(f"image dir {image_dir} does not exist")
@@ -95,7 +100,13 @@ def read_annotations(
     for path in paths:
         _read_file(Path(path), drafts)
     notes, skipped = [], []
-    for draft in drafts.values():
+    checking = tqdm(
+        drafts.values(),
+        desc="checking images",
+        unit=" images",
+        disable=None if progress else True,  # None: only on a terminal
+    )
+    for draft in checking:
         file = image_dir / draft.image
         if not file.is_file():
             skipped.append((draft.image, f"no file {file}"))

@@ -132,7 +132,7 @@ def generate(
     journal_path = Path(journal) if journal else out.with_name(out.stem + ".journal.jsonl")
     if journal_path.resolve() == out.resolve():
         raise LlavaEdgeError(f"--journal and --out are both {out}; give the journal its own file")
-    notes, skipped = read_annotations(list(annotations), images)
+    notes, skipped = read_annotations(list(annotations), images, progress)
     if out.exists():  # only a file already there can be one of the pictures
         for note in notes:
             if (Path(images) / note.image).resolve() == out.resolve():
