@@ -1127,7 +1127,11 @@ def _add_training_parsers(sub: argparse._SubParsersAction) -> None:
     )
 
     p = sub.add_parser("merge-lora", help="fold saved LoRA adapters into a plain checkpoint")
-    p.add_argument("adapter_dir", help="OUT/adapter of `train --keep-adapters`, or a checkpoint")
+    p.add_argument(
+        "adapter_dir",
+        help="OUT/adapter of `train --lora --keep-adapters`, or a trainer checkpoint of a LoRA "
+        "run (OUT/checkpoints/checkpoint-N)",
+    )
     p.add_argument("out_dir", help="checkpoint dir to write")
     p.add_argument("--base", help="base checkpoint (default: the one the adapters name)")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")

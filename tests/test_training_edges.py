@@ -482,3 +482,15 @@ def test_a_dir_without_adapters_is_refused_naming_where_they_are(tmp_path, capsy
         "keeps OUT/adapter)"
     )
     assert not (tmp_path / "merged").exists()
+
+
+def test_merge_lora_help_names_the_dirs_that_hold_adapters(capsys):
+    """ADAPTER_DIR is OUT/adapter or a trainer checkpoint, not the plain checkpoint a LoRA run
+    writes as OUT (refused above)."""
+    with pytest.raises(SystemExit):
+        cli(["merge-lora", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert (
+        "OUT/adapter of `train --lora --keep-adapters`, or a trainer checkpoint of a LoRA run "
+        "(OUT/checkpoints/checkpoint-N)" in help_text
+    )
