@@ -98,6 +98,18 @@ def test_each_missing_piece_is_named_with_how_to_get_it() -> None:
     assert "(installed but does not import: libnvinfer.so.10)" in s["tensorrt"][0]
 
 
+def test_without_onnxruntime_the_gpu_providers_are_said_to_come_with_onnxruntime_gpu() -> None:
+    """`pip install onnxruntime` brings the CPU provider alone: for the cuda and tensorrt
+    providers doctor names the GPU wheel, as it does where the CPU one is installed."""
+    s = status(machine(onnxruntime=None, providers=[]))
+    assert s["onnxruntime cpu"] == ["onnxruntime: `pip install onnxruntime`"]
+    assert s["onnxruntime cuda"] == ["onnxruntime's CUDAExecutionProvider: " + doctor.ORT_GPU_HINT]
+    assert s["onnxruntime tensorrt"] == [
+        "onnxruntime's CUDAExecutionProvider and TensorrtExecutionProvider: " + doctor.ORT_GPU_HINT
+    ]
+    assert s["tensorrt"] == "ready"  # the native backend needs no onnxruntime provider
+
+
 def test_a_tensorrt_the_backend_refuses_is_not_ready() -> None:
     """JetPack 6.0's TensorRT 8.6 imports, but the native backend needs 10 (strongly typed
     engines); onnxruntime's TensorRT provider, built against it, still runs."""

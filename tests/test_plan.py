@@ -231,6 +231,27 @@ def test_devices_and_the_cli(tiny_model_dir, capsys) -> None:
     assert "--max-context must be between 1 and the model's context" in capsys.readouterr().err
 
 
+def test_a_dir_with_a_missing_or_truncated_file_is_refused_as_the_runtime_refuses_it(
+    tiny_model_dir, tmp_path, capsys
+) -> None:
+    """A plan of a broken copy would count sizes of no model (or say a dir that cannot run
+    fits): it names the file and what to do, in one line, as `run` does."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    decoder = model / "decoder_fused.onnx"  # the graph a CPU plan reads
+    decoder.write_bytes(decoder.read_bytes()[:3000])
+    assert cli.main(["plan", str(model)]) == 1
+    err = capsys.readouterr().err
+    assert f"{decoder} is 3000 bytes but the manifest says" in err and "re-export" in err
+    assert len(err.strip().splitlines()) == 1
+    shutil.copy(tiny_model_dir / decoder.name, decoder)
+    (model / "embed_tokens.npy").unlink()  # read by no plan figure, needed by every run
+    assert cli.main(["plan", str(model)]) == 1
+    assert "embed_tokens.npy is missing; copy the whole model dir" in capsys.readouterr().err
+
+
 def test_onnxruntime_plans_count_the_graphs_its_providers_open(tiny_model_dir, capsys) -> None:
     """On the CPU alone the runtime opens the fused graphs, with a GPU provider the standard
     ones: the plan counts what `run --provider ...` would hold."""

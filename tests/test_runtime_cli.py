@@ -135,6 +135,32 @@ def test_bench_json_with_baseline_and_plot(tiny_model_dir, tiny_checkpoint, tmp_
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_questions_are_exactly_the_tokens_asked_for_with_a_byte_level_bpe():
+    """A Qwen-like tokenizer, whose merges make a cut character cost two tokens (36 asked for,
+    35 given by the first cut under): every length from 1 to 200 is hit exactly, and where no
+    cut hits one, the longest under it is taken."""
+    from hf_checkpoints import qwen_tokenizer
+
+    from llava_edge.runtime.bench import question
+
+    class Codec:  # TextCodec's encode, on the tokenizer alone
+        def __init__(self) -> None:
+            self.tokenizer = qwen_tokenizer()
+
+        def encode(self, text: str, first: bool) -> list[int]:
+            return self.tokenizer(text, add_special_tokens=first)["input_ids"]
+
+    codec = Codec()
+    counts = {n: len(codec.encode(question(codec, n), first=False)) for n in range(1, 201)}
+    assert {n: c for n, c in counts.items() if c != n} == {}
+
+    class Pairs:  # two tokens a character: no odd count can be hit, the longest under is taken
+        def encode(self, text: str, first: bool) -> list[int]:
+            return [0] * 2 * len(text)
+
+    assert question(Pairs(), 7) == "ple"
+
+
 def test_version_is_the_installed_distributions(capsys):
     """`llava-edge --version` names the release pip installed (pyproject.toml's version and
     llava_edge.__version__ are kept by hand in two places)."""

@@ -38,6 +38,8 @@ METRICS = (
     "peak_memory_mb",
     "gpu_memory_mb",
 )
+# tokens below the target `question` goes on cutting characters for an exact count
+CUT_SLACK = 4
 WORDS = [
     "please",
     "look",
@@ -103,10 +105,23 @@ def question(codec: Any, tokens: int, prefix_tokens: int = 0) -> str:
     while high - low > 1:
         middle = (low + high) // 2
         low, high = (middle, high) if length(middle) < target else (low, middle)
-    question = text(high)
-    while len(codec.encode(question, first=False)) > target and len(question) > 1:
-        question = question[:-1]
-    return question
+    return _cut_to(codec, text(high), target)
+
+
+def _cut_to(codec: Any, text: str, target: int) -> str:
+    """The longest start of `text` that encodes to exactly `target` tokens. Cutting a
+    character off can take two tokens (a byte-level BPE's merges) and the next cut give one
+    back, so the cuts go on a little below the target; where none hits it, the longest under."""
+    under = None
+    for end in range(len(text), 0, -1):
+        tokens = len(codec.encode(text[:end], first=False))
+        if tokens == target:
+            return text[:end]
+        if tokens < target and under is None:
+            under = text[:end]
+        if tokens < target - CUT_SLACK:
+            break
+    return under or text[:1]
 
 
 def bench_image() -> ImageInput:

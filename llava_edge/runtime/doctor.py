@@ -119,15 +119,18 @@ def backend_status(report: Report) -> list[BackendStatus]:
     statuses = [
         BackendStatus("onnxruntime cpu", not ort, ort, _cpu_forms(report) if not ort else [])
     ]
+    # without onnxruntime, the GPU providers come with onnxruntime-gpu, not the CPU wheel
+    uninstalled = report.onnxruntime is None and report.onnxruntime_error is None
     for provider, short in (
         ("CUDAExecutionProvider", "cuda"),
         ("TensorrtExecutionProvider", "tensorrt"),
     ):
-        missing = ort + gpu
+        missing = ([] if uninstalled else ort) + gpu
         wanted = ["CUDAExecutionProvider"] + (
             [provider] if provider != "CUDAExecutionProvider" else []
         )
-        absent = [p for p in wanted if report.onnxruntime and p not in report.providers]
+        installed = report.onnxruntime or uninstalled
+        absent = [p for p in wanted if installed and p not in report.providers]
         if absent:
             missing.append(f"onnxruntime's {' and '.join(absent)}: {ORT_GPU_HINT}")
         if short == "tensorrt" and not (report.tensorrt or report.tensorrt_library):

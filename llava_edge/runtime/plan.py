@@ -236,6 +236,9 @@ def plan(
             )
         device = replace(device, bandwidth=bandwidth_gbs * 1e9)
     manifest = Manifest.load(model_dir)
+    # a file missing or of another size than the manifest's: the runtime refuses the dir, and
+    # the sizes read from it would be of no model (sizes only: hashing a 7B model takes minutes)
+    manifest.check_files(model_dir, hashes=False)
     context = manifest.text.max_context if max_context is None else max_context
     if not 1 <= context <= manifest.text.max_context:
         raise LlavaEdgeError(
