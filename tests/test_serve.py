@@ -572,6 +572,21 @@ def test_a_data_url_over_the_limit_is_refused_with_its_exact_size(size: int) -> 
     assert f"the image is {size} bytes, over this server's limit of 1000;" in str(refused.value)
 
 
+@pytest.mark.parametrize("padding", ["=", "==", "===="])
+def test_a_data_url_padded_past_its_last_group_is_held_to_the_limit(padding: str) -> None:
+    """base64.b64decode takes '=' past a full last group ('QUFB=' decodes to 3 bytes): such a
+    data: URL one byte over the limit was sized from its padding as under it, and taken."""
+    from llava_edge.serve.media import MediaPolicy, fetch_image
+    from llava_edge.serve.protocol import ApiError
+
+    payload = base64.b64encode(b"x" * 1002).decode() + padding
+    assert len(base64.b64decode(payload, validate=True)) == 1002
+    with pytest.raises(ApiError) as refused:
+        asyncio.run(fetch_image("data:image/png;base64," + payload, MediaPolicy(1001, None, True)))
+    assert refused.value.status == 413
+    assert "the image is 1002 bytes, over this server's limit of 1001;" in str(refused.value)
+
+
 # ---- refusals ---------------------------------------------------------------------------------
 
 GOOD = [ask("What?")]

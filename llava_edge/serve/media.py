@@ -197,10 +197,10 @@ async def _download(url: str, policy: MediaPolicy) -> bytes:
 
 
 def _decoded_size(payload: str) -> int:
-    """The bytes of base64 `payload` (its exact count where it is valid base64): 3 for each 4
-    characters, less one for each '=' that pads the last 4."""
-    tail = payload[-2:]
-    return len(payload) * 3 // 4 - (len(tail) - len(tail.rstrip("=")))
+    """The bytes of base64 `payload` (its exact count where base64.b64decode takes it): 6 bits
+    for each character before the '=' padding, which b64decode takes only at the end and takes
+    past the 1 or 2 a 4-character group needs ('QUFB=' decodes to 3 bytes)."""
+    return len(payload.rstrip("=")) * 3 // 4
 
 
 def _too_large(size: int, limit: int) -> ApiError:
