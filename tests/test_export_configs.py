@@ -457,6 +457,56 @@ def test_verification_stops_at_the_tokenizers_eos_where_generation_config_names_
         assert form["greedy_tokens_total"] <= step + 1  # the answer ended at EOS
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_a_decomposed_gelu_is_the_gelu_op_and_onnxruntime_fuses_the_erf_one(
+    approximate: str, dtype: str, tmp_path: Path
+) -> None:
+    """decompose_gelus writes two Gelus of opset 20 (named by their outputs, so names stay
+    unique) as their Erf or Tanh ops, the same function as onnxruntime's Gelu kernel but for
+    float rounding; onnxruntime's CPU provider fuses the fp32 erf pattern back into one Gelu at
+    load, and leaves the tanh one as its ops (the fused vision form makes it FastGelu)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    from llava_edge.export.exporter import decompose_gelus
+
+    kind = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gelu", ["x"], ["a"], approximate=approximate),
+            helper.make_node("Gelu", ["a"], ["y"], approximate=approximate),
+        ],
+        "gelus",
+        [helper.make_tensor_value_info("x", kind, [4, 256])],
+        [helper.make_tensor_value_info("y", kind, [4, 256])],
+    )
+    gelu = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=9)
+    decomposed = decompose_gelus(
+        onnx.ModelProto.FromString(gelu.SerializeToString()), np.dtype(dtype)
+    )
+    onnx.checker.check_model(decomposed, full_check=True)
+    nodes, initializers = decomposed.graph.node, decomposed.graph.initializer
+    names = [n.name for n in nodes] + [i.name for i in initializers]
+    assert len(names) == len(set(names)) and "Gelu" not in {n.op_type for n in nodes}
+
+    x = (np.random.default_rng(0).standard_normal((4, 256)) * 4).astype(dtype)
+    expected = ort.InferenceSession(gelu.SerializeToString()).run(None, {"x": x})[0]
+    plain, loaded = ort.SessionOptions(), ort.SessionOptions()
+    plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    loaded.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    loaded.optimized_model_filepath = str(tmp_path / "loaded.onnx")
+    for options in (plain, loaded):
+        got = ort.InferenceSession(decomposed.SerializeToString(), options).run(None, {"x": x})[0]
+        # a rounding of the result: 2 ** -9 at fp16 on values up to about 13
+        np.testing.assert_allclose(got, expected, rtol=0, atol=4e-3 if dtype == "float16" else 2e-6)
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "loaded.onnx")).graph.node}
+    if dtype == "float32":
+        assert ops == ({"Gelu"} if approximate == "none" else {"Mul", "Add", "Tanh"}), ops
+
+
 def test_a_siglip_tower_at_opset_20_is_a_graph_tensorrt_103_takes(tmp_path: Path) -> None:
     """From opset 20 torch.onnx writes a GELU as one ONNX Gelu (SigLIP's with approximate='tanh',
     the projector's erf one), which TensorRT 10.3 is not documented to parse: export at --opset 20

@@ -960,7 +960,9 @@ def decompose_gelus(model: Any, dtype: np.dtype) -> Any:
     Tanh ops torch.onnx writes at opsets before 20: the standard graphs are the form TensorRT
     builds, and TensorRT 10.3's ONNX parser is not documented to import Gelu
     (llava_edge.calib.trt_check), so every opset export offers gives a graph it takes.
-    onnxruntime fuses either pattern into one kernel at load. dtype: the graph's floats."""
+    onnxruntime's CPU provider fuses the fp32 erf pattern back into one Gelu kernel at load; the
+    tanh one stays as its ops in the standard graph and is FastGelu in the fused vision form
+    (llava_edge.export.fused). dtype: the graph's floats."""
     nodes = []
     for node in model.graph.node:
         if node.op_type == "Gelu" and node.domain in ("", "ai.onnx"):
