@@ -89,7 +89,9 @@ class Workload:
 
 
 def question(codec: Any, tokens: int, prefix_tokens: int = 0) -> str:
-    """A question that encodes to exactly `tokens` (+ `prefix_tokens`) tokens with this tokenizer."""
+    """A question that encodes to exactly `tokens` (+ `prefix_tokens`) tokens with this tokenizer,
+    or, where no cut of its words does, the longest under that (the report's prompt_tokens says
+    which)."""
     target = tokens + prefix_tokens
 
     def text(words: int) -> str:
