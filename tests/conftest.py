@@ -33,6 +33,15 @@ def quiet(*_args, **_kwargs) -> None:
     """A `log` for library calls whose output tests don't read."""
 
 
+def one_line_error(err: str) -> str:
+    """The CLI's error, alone on the last line of stderr (progress bars may come before it),
+    with no traceback."""
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert "Traceback" not in err and len(errors) == 1, err
+    assert err.strip().endswith(errors[0]) and errors[0].startswith("llava-edge "), err
+    return errors[0]
+
+
 def write_pgm16(path: Path, pixels) -> None:
     """Save a 2-D uint16 array as a binary 16-bit PGM (maxval 65535), as depth and
     machine-vision cameras write one. Written by hand: pyproject's pillow floor (10.3) cannot save

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import one_line_error
 from PIL import Image
 
 from llava_edge.cli import main as cli
@@ -42,15 +43,6 @@ def world(tmp_path) -> dict[str, Path]:
 def _eval(model: Path, data: Path, images: Path, *extra: str) -> int:
     argv = ["eval", str(model), "--data", str(data), "--images", str(images)]
     return cli([*argv, "--max-new-tokens", "2", *extra])
-
-
-def one_line_error(err: str) -> str:
-    """The error, alone on the last line of stderr (the data check's progress bar may come
-    before it)."""
-    errors = [line for line in err.splitlines() if "error" in line.lower()]
-    assert "Traceback" not in err and len(errors) == 1, err
-    assert err.strip().endswith(errors[0]) and errors[0].startswith("llava-edge eval: "), err
-    return errors[0]
 
 
 def test_answers_never_replace_the_data_or_an_image(tiny_model_dir, world, capsys):

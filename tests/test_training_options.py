@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from conftest import one_line_error
 
 from llava_edge.cli import main as cli
 from llava_edge.training.synth import synthesize
@@ -25,14 +26,6 @@ def earlier_run(out: Path) -> Path:
     checkpoint.mkdir(parents=True)
     (checkpoint / "trainer_state.json").write_text('{"global_step": 99}')
     return checkpoint
-
-
-def one_line_error(err: str) -> str:
-    """The error, alone on the last line of stderr (progress bars may come before it)."""
-    errors = [line for line in err.splitlines() if "error" in line.lower()]
-    assert "Traceback" not in err and len(errors) == 1, err
-    assert err.strip().endswith(errors[0]) and errors[0].startswith("llava-edge "), err
-    return errors[0]
 
 
 @pytest.fixture(scope="module")
