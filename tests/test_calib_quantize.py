@@ -717,20 +717,16 @@ def test_on_python_310_the_refusal_names_a_python_that_can_quantize(
     assert not (tmp_path / "out").exists()
 
 
-def test_int4_warning_names_why_a_graph_stays_float(tmp_path: Path) -> None:
-    """A graph whose MatMuls all have a K no block divides stays float, and says so (not that it
-    has no MatMul)."""
+def _one_matmul_of_k_20(tmp_path: Path, given: str, made: str) -> None:
+    """src/g.onnx: one MatMul of K 20, which no int4 block divides; out/ for what it becomes."""
     from onnx import TensorProto, helper, numpy_helper
-
-    from llava_edge.calib.quantize import _quantize_graph
-    from llava_edge.manifest import GraphSpec
 
     weight = numpy_helper.from_array(np.ones((20, 8), np.float32), "w")
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        [helper.make_node("MatMul", [given, "w"], [made])],
         "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 20])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info(given, TensorProto.FLOAT, [1, 20])],
+        [helper.make_tensor_value_info(made, TensorProto.FLOAT, [1, 8])],
         [weight],
     )
     (tmp_path / "src").mkdir()
@@ -739,6 +735,16 @@ def test_int4_warning_names_why_a_graph_stays_float(tmp_path: Path) -> None:
         helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
         str(tmp_path / "src" / "g.onnx"),
     )
+
+
+def test_int4_warning_names_why_a_graph_stays_float(tmp_path: Path) -> None:
+    """A graph whose MatMuls all have a K no block divides stays float, and says so (not that it
+    has no MatMul)."""
+
+    from llava_edge.calib.quantize import _quantize_graph
+    from llava_edge.manifest import GraphSpec
+
+    _one_matmul_of_k_20(tmp_path, "x", "y")
     spec = GraphSpec("g.onnx", {}, {})
     said: list[str] = []
     _quantize_graph(
@@ -757,26 +763,13 @@ def test_the_report_names_an_int4_decoder_that_stays_float_by_what_each_form_hol
 ) -> None:
     """No block fits: `file` stays fp32, and its TensorRT form is the fp16 graph, which the
     report's precision column says (it said fp32 beside a size half fp32's)."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto
 
     from llava_edge.calib.quantize import _quantize_graph
     from llava_edge.calib.report import graph_forms
     from llava_edge.manifest import GraphSpec
 
-    weight = numpy_helper.from_array(np.ones((20, 8), np.float32), "w")
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["inputs_embeds", "w"], ["logits"])],
-        "g",
-        [helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, [1, 20])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 8])],
-        [weight],
-    )
-    (tmp_path / "src").mkdir()
-    (tmp_path / "out").mkdir()
-    onnx.save(
-        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
-        str(tmp_path / "src" / "g.onnx"),
-    )
+    _one_matmul_of_k_20(tmp_path, "inputs_embeds", "logits")
     spec = GraphSpec("g.onnx", {}, {})
     _quantize_graph(
         "g", "int4", spec, tmp_path / "src", tmp_path / "out", None, "minmax", 32, quiet

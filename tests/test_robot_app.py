@@ -8,6 +8,7 @@ import pickle
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -260,19 +261,28 @@ print("exiting", flush=True)
 """
 
 
+def run_app(script: str, model_dir, hung: str) -> Any:
+    """An app's script run to its end in a process of its own, on `model_dir`; `hung` is the
+    failure said where it never ends."""
+    import subprocess
+    import sys
+
+    try:
+        return subprocess.run(
+            [sys.executable, "-c", script, str(model_dir)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(hung)
+
+
 def test_an_app_that_exits_while_its_thread_is_inside_an_answer_exits_cleanly(tiny_model_dir):
     """An app's daemon thread inside a backend call as the interpreter exits: onnxruntime was
     torn down under the call, which aborts the process (exit 134, as often as not). Exit waits
     for the call in flight, and lets that thread start no other."""
-    import subprocess
-    import sys
-
-    done = subprocess.run(
-        [sys.executable, "-c", EXIT_MID_ANSWER, str(tiny_model_dir)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_app(EXIT_MID_ANSWER, tiny_model_dir, "the exit never ended")
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split("\n")[:2] == ["exiting", "call finished"], done.stdout
     assert done.stdout.count("call finished") == 1
@@ -297,18 +307,8 @@ def test_an_apps_own_exit_handler_may_still_ask_the_model(tiny_model_dir):
     runs on as the interpreter ends; an app's exit handler that runs after the runtime's (one
     registered before the runtime was imported) was parked too, on the thread running the
     exit itself, and the process never ended."""
-    import subprocess
-    import sys
-
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", LAST_WORDS_AT_EXIT, str(tiny_model_dir)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail("the app's exit handler was parked: the process never ended")
+    hung = "the app's exit handler was parked: the process never ended"
+    done = run_app(LAST_WORDS_AT_EXIT, tiny_model_dir, hung)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["answered"]
 
@@ -343,17 +343,7 @@ def test_an_exit_handler_asking_about_the_frame_a_parked_thread_encodes_is_answe
     """Threads asking about one new image wait for the one that encodes it; where that one was
     parked at exit before its encoder call, the app's exit handler asking about the same frame
     waited for it for good, and the process never ended."""
-    import subprocess
-    import sys
-
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", ASKED_AT_EXIT_AS_A_WORKER_BEGINS, str(tiny_model_dir)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail("the exit handler waited for a parked thread's encode: the process hung")
+    hung = "the exit handler waited for a parked thread's encode: the process hung"
+    done = run_app(ASKED_AT_EXIT_AS_A_WORKER_BEGINS, tiny_model_dir, hung)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["answered"]
