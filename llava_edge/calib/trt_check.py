@@ -186,6 +186,15 @@ SUPPORTED_OPS = frozenset(
         "Xor",
     ]
 )
+
+# What to do about an unsupported operator that graphs an older llava-edge wrote may hold
+REMEDIES = {
+    "Gelu": (
+        " (an export at --opset 20 by an older llava-edge wrote it; export the checkpoint again, "
+        "which writes GELU in Erf or Tanh ops at every opset)"
+    ),
+}
+
 # operators.md for TensorRT 10.0: "supports operators in the inclusive range of opset 9 to opset
 # 20"; the changelog records no change of range through 10.3.
 OPSETS = range(9, 21)
@@ -260,7 +269,7 @@ def _check_ops(graph: Any) -> list[str]:
         elif node.op_type not in SUPPORTED_OPS:
             problems.append(
                 f"{node.name or node.op_type}: TensorRT {TENSORRT_VERSION} does not import "
-                f"{node.op_type}"
+                f"{node.op_type}{REMEDIES.get(node.op_type, '')}"
             )
     return problems
 
