@@ -7,6 +7,7 @@ import contextlib
 import logging
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -40,3 +41,11 @@ def quiet_loading(*also: str) -> Iterator[None]:
     finally:
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def terminal_bar(iterable: Any = None, progress: bool = True, **options: Any) -> Any:
+    """A tqdm bar shown only where stderr is a terminal (and `progress` asks for one): the data
+    commands' long checks, silent in a script's log."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, disable=None if progress else True, **options)  # None: a terminal only

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from llava_edge.errors import LlavaEdgeError
+from llava_edge.logs import terminal_bar
 
 _EXIF_ORIENTATION = 0x0112
 
@@ -89,8 +90,6 @@ def read_annotations(
 
     progress: a bar, on a terminal only, while each image's header is read for its size (COCO's
     118k pictures, on a cold disk, take minutes)."""
-    from tqdm.auto import tqdm
-
     image_dir = Path(images)
     if not image_dir.is_dir():
         raise LlavaEdgeError(f"image dir {image_dir} does not exist")
@@ -100,13 +99,7 @@ def read_annotations(
     for path in paths:
         _read_file(Path(path), drafts)
     notes, skipped = [], []
-    checking = tqdm(
-        drafts.values(),
-        desc="checking images",
-        unit=" images",
-        disable=None if progress else True,  # None: only on a terminal
-    )
-    for draft in checking:
+    for draft in terminal_bar(drafts.values(), progress, desc="checking images", unit=" images"):
         file = image_dir / draft.image
         if not file.is_file():
             skipped.append((draft.image, f"no file {file}"))

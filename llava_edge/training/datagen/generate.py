@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from llava_edge.errors import LlavaEdgeError
+from llava_edge.logs import terminal_bar
 from llava_edge.training.datagen.annotations import ImageNotes, read_annotations
 from llava_edge.training.datagen.journal import Journal, Key, check_settings, settled_entries
 from llava_edge.training.datagen.llava_json import conversation, write_samples
@@ -281,14 +282,8 @@ async def _stopped_by_sigterm(session, previous):
 
 
 def _progress_bar(total: int, done: int, progress: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total,
-        initial=done,
-        desc="generating",
-        unit="sample",
-        disable=None if progress else True,  # None: only on a terminal
+    return terminal_bar(
+        progress=progress, total=total, initial=done, desc="generating", unit="sample"
     )
 
 

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from llava_edge.errors import LlavaEdgeError
+from llava_edge.logs import terminal_bar
 from llava_edge.runtime.template import IMAGE_PLACEHOLDER, SHORT_ANSWER
 from llava_edge.training.datagen.annotations import read_text
 from llava_edge.training.datagen.llava_json import conversation, write_samples
@@ -126,8 +127,6 @@ def convert_vqa(
     progress: a bar over the questions while their images are looked for and their headers
     read (COCO's 82k pictures, on a cold disk, take minutes), on a terminal only.
     """
-    from tqdm.auto import tqdm
-
     path, image_dir, out = Path(path), Path(images), Path(out)
     if format not in FORMATS:
         raise LlavaEdgeError(f"unknown VQA format {format!r}; choose from {', '.join(FORMATS)}")
@@ -157,12 +156,7 @@ def convert_vqa(
     groups: dict[str, list[Question]] = {}
     found: dict[tuple[str, ...], str | None] = {}
     unreadable: set[str] = set()
-    checking = tqdm(
-        questions,
-        desc="checking images",
-        unit=" questions",
-        disable=None if progress else True,  # None: only on a terminal
-    )
+    checking = terminal_bar(questions, progress, desc="checking images", unit=" questions")
     for question in checking:
         if question.images not in found:
             found[question.images] = next(
