@@ -338,10 +338,7 @@ class Pipeline:
         of the pipeline's `Limits.timeout_s` for this call only, tighter or looser (None: the
         pipeline's; math.inf: none). Past it the call raises TimedOut, as past the pipeline's.
         """
-        pieces = self._stream(image, prompt, options)
-        for _ in pieces:
-            pass
-        return pieces.answer
+        return self._stream(image, prompt, options).read()
 
     def _answer_prepared(
         self, pixels: list[ImagePixels], prompt: str, timer: Timer, **options: Any
@@ -350,10 +347,7 @@ class Pipeline:
         each frame once, not once for each of the K answers it is part of. timer: the request's,
         started before the newest image was prepared, so that its preparing counts in the
         answer's timings and time limit as it does in `answer`'s."""
-        pieces = self._stream(None, prompt, options, prepared=pixels, timer=timer)
-        for _ in pieces:
-            pass
-        return pieces.answer
+        return self._stream(None, prompt, options, prepared=pixels, timer=timer).read()
 
     def stream(self, image: Images, prompt: str, **options: Any) -> TextStream:
         """The answer as text pieces, each whole UTF-8 characters, as soon as they are decoded.
@@ -902,10 +896,7 @@ class ChatSession:
         that times out or fails is rolled back, as any unfinished turn is). image: new images
         (a robot's next frame) this question brings, put before it as the first question's are;
         their reading and encoding count in the turn's time limit."""
-        stream = self._turn(prompt, image, {**self.options, **options})
-        for _ in stream:
-            pass
-        return stream.answer.text
+        return self._turn(prompt, image, {**self.options, **options}).read().text
 
     def stream(self, prompt: str, image: Images = None, **options: Any) -> TextStream:
         """One more question (with new images, as `ask` takes them), its answer as text pieces;
@@ -1150,6 +1141,12 @@ class TextStream:
     @property
     def answer(self) -> Answer | None:
         """The finished answer; None until the stream has been iterated to its end."""
+        return self._outcome.answer
+
+    def read(self) -> Answer:
+        """The stream iterated to its end: the finished answer (what answer and ask return)."""
+        for _ in self:
+            pass
         return self._outcome.answer
 
     @property
