@@ -717,17 +717,20 @@ def test_on_python_310_the_refusal_names_a_python_that_can_quantize(
     assert not (tmp_path / "out").exists()
 
 
-def _one_matmul_of_k_20(tmp_path: Path, given: str, made: str) -> None:
-    """src/g.onnx: one MatMul of K 20, which no int4 block divides; out/ for what it becomes."""
+def _one_weight_graph(
+    tmp_path: Path, node: onnx.NodeProto, weight: np.ndarray, shapes: tuple
+) -> None:
+    """src/g.onnx: `node` alone, of weight "w", its input and output of `shapes`; out/ for what
+    it becomes."""
     from onnx import TensorProto, helper, numpy_helper
 
-    weight = numpy_helper.from_array(np.ones((20, 8), np.float32), "w")
+    (given, _), (made,) = node.input, node.output
     graph = helper.make_graph(
-        [helper.make_node("MatMul", [given, "w"], [made])],
+        [node],
         "g",
-        [helper.make_tensor_value_info(given, TensorProto.FLOAT, [1, 20])],
-        [helper.make_tensor_value_info(made, TensorProto.FLOAT, [1, 8])],
-        [weight],
+        [helper.make_tensor_value_info(given, TensorProto.FLOAT, shapes[0])],
+        [helper.make_tensor_value_info(made, TensorProto.FLOAT, shapes[1])],
+        [numpy_helper.from_array(weight, "w")],
     )
     (tmp_path / "src").mkdir()
     (tmp_path / "out").mkdir()
@@ -735,6 +738,12 @@ def _one_matmul_of_k_20(tmp_path: Path, given: str, made: str) -> None:
         helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
         str(tmp_path / "src" / "g.onnx"),
     )
+
+
+def _one_matmul_of_k_20(tmp_path: Path, given: str, made: str) -> None:
+    """src/g.onnx: one MatMul of K 20, which no int4 block divides."""
+    node = onnx.helper.make_node("MatMul", [given, "w"], [made])
+    _one_weight_graph(tmp_path, node, np.ones((20, 8), np.float32), ([1, 20], [1, 8]))
 
 
 def test_int4_warning_names_why_a_graph_stays_float(tmp_path: Path) -> None:
@@ -801,26 +810,13 @@ def test_a_graph_whose_only_weights_are_a_conv_is_int8_for_tensorrt_and_says_so(
     """The `demo` preset's vision encoder is its patch embedding alone: onnxruntime's form
     quantizes MatMuls only and keeps it fp32, TensorRT's quantizes the Conv. The warning and the
     report's rows say which is which (both said fp32)."""
-    from onnx import TensorProto, helper, numpy_helper
-
     from llava_edge.calib.quantize import _quantize_graph
     from llava_edge.calib.report import graph_forms
     from llava_edge.manifest import GraphSpec
 
-    weight = numpy_helper.from_array(np.ones((8, 3, 2, 2), np.float32), "w")
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w"], ["y"], strides=[2, 2])],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 2, 2])],
-        [weight],
-    )
-    (tmp_path / "src").mkdir()
-    (tmp_path / "out").mkdir()
-    onnx.save(
-        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
-        str(tmp_path / "src" / "g.onnx"),
-    )
+    conv = onnx.helper.make_node("Conv", ["x", "w"], ["y"], strides=[2, 2])
+    weight = np.ones((8, 3, 2, 2), np.float32)
+    _one_weight_graph(tmp_path, conv, weight, ([1, 3, 4, 4], [1, 8, 2, 2]))
     spec = GraphSpec("g.onnx", {}, {})
     said: list[str] = []
     out = tmp_path / "out"

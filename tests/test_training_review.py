@@ -293,6 +293,21 @@ def test_resuming_with_other_options_is_refused_in_one_line(
     assert snapshot(out) == before
 
 
+def _stage_2(checkpoint: Path, out: Path, data: Path) -> list[str]:
+    """train's arguments for a stage-2 run of `checkpoint` on `data` into `out`."""
+    return [
+        "train",
+        "--stage",
+        "2",
+        "--model",
+        str(checkpoint),
+        "--out",
+        str(out),
+        "--data",
+        str(data),
+    ]
+
+
 def test_samples_stay_within_the_models_context(tiny_checkpoint, tmp_path, capsys):
     # The tiny preset's context is 1024 tokens; LLaVA-1.5's default --max-length is 2048.
     long = {"id": "long", "conversations": [
@@ -301,15 +316,10 @@ def test_samples_stay_within_the_models_context(tiny_checkpoint, tmp_path, capsy
     ]}  # fmt: skip
     (tmp_path / "long.json").write_text(json.dumps([long]))
     argv = [
-        "train",
-        "--stage",
-        "2",
-        "--model",
-        str(tiny_checkpoint),
-        "--out",
-        str(tmp_path / "out"),
+        *_stage_2(tiny_checkpoint, tmp_path / "out", tmp_path / "long.json"),
+        "--max-steps",
+        "1",
     ]
-    argv += ["--data", str(tmp_path / "long.json"), "--max-steps", "1"]
     assert cli(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "sample long: no answer token is left after truncation to --max-length 1024" in err
@@ -339,15 +349,12 @@ def test_samples_cut_by_max_length_are_counted_once_before_training(
     records = [said("words " * 300), said("more words " * 200), said("short."), said("brief.")]
     (tmp_path / "long.json").write_text(json.dumps(records))
     argv = [
-        "train",
-        "--stage",
-        "2",
-        "--model",
-        str(tiny_checkpoint),
-        "--out",
-        str(tmp_path / "out"),
+        *_stage_2(tiny_checkpoint, tmp_path / "out", tmp_path / "long.json"),
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "1",
     ]
-    argv += ["--data", str(tmp_path / "long.json"), "--max-steps", "1", "--batch-size", "1"]
     assert cli([*argv, "--max-length", "128", "--no-gradient-checkpointing"]) == 0
     notes = [line for line in capsys.readouterr().err.splitlines() if "--max-length" in line]
     assert len(notes) == 1, notes
