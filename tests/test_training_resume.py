@@ -214,3 +214,30 @@ def test_a_pictures_fingerprint_is_its_content_not_its_path_or_time(tmp_path):
         other = tmp_path / "other.jpg"
         other.write_bytes(changed)
         assert picture_fingerprint(other) != picture_fingerprint(one)
+
+
+def test_a_rotation_killed_in_its_delete_leaves_no_half_checkpoint(tmp_path, monkeypatch):
+    """An old checkpoint rotated out was deleted in place: killed half-way (SIGKILL in the
+    rmtree), a half-deleted checkpoint-N stayed among those the next rotation and --resume
+    read. It is renamed out of the checkpoint-N names first, and the next run clears it."""
+    import shutil
+
+    from llava_edge.training import train
+
+    for step in (3, 6, 9):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "model.safetensors").write_text("weights")
+
+    def killed(path, *args, **kwargs):
+        next(Path(path).iterdir()).unlink()  # one file gone, then the process is
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train._rotate(tmp_path, 2, None)
+    monkeypatch.undo()
+    whole = sorted(p.name for p in tmp_path.glob("checkpoint-*"))
+    assert whole == ["checkpoint-6", "checkpoint-9"]
+    assert all((tmp_path / name / "model.safetensors").is_file() for name in whole)
+    train._clear_trainer_dir(tmp_path, keep_checkpoints=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == whole

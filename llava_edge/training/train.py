@@ -763,6 +763,24 @@ def _clear_trainer_dir(trainer_dir: Path, keep_checkpoints: bool) -> None:
         shutil.rmtree(partial, ignore_errors=True)
 
 
+def _rotate(run_dir: Path, limit: int | None, best: str | None) -> None:
+    """transformers' rotation (the oldest checkpoints go; the newest and the best stay, at most
+    `limit` in all), each checkpoint renamed out of the checkpoint-N names before it is deleted:
+    killed in the delete, it would stay half-deleted among those the count and --resume read.
+    Renamed, it is a tmp-checkpoint-*, which _clear_trainer_dir removes."""
+    from transformers.trainer_utils import sort_checkpoints
+
+    if not limit or limit <= 0:
+        return
+    checkpoints = sort_checkpoints(str(run_dir))
+    protected = {checkpoints[-1], *([str(Path(best))] if best else [])}
+    extra = len(checkpoints) - max(limit, len(protected))
+    for old in [c for c in checkpoints if c not in protected][: max(extra, 0)]:
+        dropped = run_dir / f"{STAGING_PREFIX}-dropped-{Path(old).name}"
+        os.replace(old, dropped)
+        shutil.rmtree(dropped, ignore_errors=True)
+
+
 def _precision(name: str) -> dict[str, bool]:
     import torch
 
@@ -866,7 +884,6 @@ def _make_trainer(
     full run resumes from). run: what each checkpoint's step count refers to (_run_record);
     pictures: the fingerprints of its samples' pictures (TrainingSet.pictures)."""
     from transformers import ProgressCallback, Trainer, TrainerCallback
-    from transformers.trainer_utils import rotate_checkpoints
 
     from llava_edge.files import fsync_path, sync_tree
     from llava_edge.training.checkpoint import write_llava_edge_file
@@ -948,14 +965,17 @@ def _make_trainer(
             _check_not_diverged(self.model, step, self.args, projector_lr)
             run_dir = Path(self._get_output_dir(trial=trial))
             staging = run_dir / f"{STAGING_PREFIX}-{step}"
-            prefix = hf_trainer.PREFIX_CHECKPOINT_DIR
+            prefix, rotate = hf_trainer.PREFIX_CHECKPOINT_DIR, hf_trainer.rotate_checkpoints
             main = self.is_world_process_zero()
             with _removed_unless_finished(staging, main):
+                # and rotate here, once it is whole, not in Trainer's rmtree (_rotate)
                 hf_trainer.PREFIX_CHECKPOINT_DIR = STAGING_PREFIX
+                hf_trainer.rotate_checkpoints = lambda *args, **kwargs: None
                 try:
                     super()._save_checkpoint(model, trial)
                 finally:
                     hf_trainer.PREFIX_CHECKPOINT_DIR = prefix
+                    hf_trainer.rotate_checkpoints = rotate
                 self.accelerator.wait_for_everyone()
                 if main:
                     write_llava_edge_file(staging, template_name)
@@ -967,11 +987,7 @@ def _make_trainer(
                     os.replace(staging, final)
                     fsync_path(run_dir)
             if main:
-                # Trainer rotated while this one was still tmp-checkpoint-N and so uncounted:
-                # rotate again, now that it is whole, to keep exactly save_total_limit.
-                rotate_checkpoints(
-                    str(run_dir), self.args.save_total_limit, self.state.best_model_checkpoint
-                )
+                _rotate(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
             self.accelerator.wait_for_everyone()
 
         def _load_scaler(self, checkpoint: str | None) -> None:
