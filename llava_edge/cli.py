@@ -361,11 +361,26 @@ def _generation_options(args: argparse.Namespace) -> dict:
         "seed": args.seed,
         "stop": args.stop or [],
     }
+    _check_generation_flags(options)
     if args.raw:
         options["raw"] = True
     if args.system is not None:
         options["system"] = args.system
     return options
+
+
+def _check_generation_flags(options: dict) -> None:
+    """Refuse a generation option before the model loads, naming the flag as typed: the
+    Pipeline's own check names the Python parameter (`max_new_tokens must be ...`)."""
+    from llava_edge.runtime.sampling import GenerationConfig
+
+    try:
+        GenerationConfig(**options).validate()
+    except LlavaEdgeError as e:
+        name, _, rest = str(e).partition(" ")
+        if name not in options:
+            raise
+        raise LlavaEdgeError(f"--{name.replace('_', '-')} {rest}") from None
 
 
 # ---- serve -----------------------------------------------------------------------------------

@@ -118,6 +118,29 @@ def cases(model: Path, checkpoint: Path, tmp: Path) -> dict[str, tuple[list[str]
             ["data", "synth", str(tmp / "a_file")],
             "llava-edge data synth: error: output",
         ),
+        "run no new tokens": (
+            ["run", str(model), "--prompt", "hi", "--max-new-tokens", "0"],
+            "--max-new-tokens must be a positive integer, got 0",
+        ),
+        "chat a negative temperature": (
+            ["chat", str(model), "--temperature", "-1"],
+            "--temperature must be in [0, 100], got -1.0",
+        ),
+        "watch a top-p past 1": (
+            [
+                "watch",
+                str(model),
+                "--source",
+                str(tmp),
+                "--prompt",
+                "hi",
+                "--temperature",
+                "1",
+                "--top-p",
+                "2",
+            ],
+            "--top-p must be in [0, 1], got 2.0",
+        ),
         "init a preset beside --vision": (
             ["init", str(tmp / "i"), "--vision", str(tmp), "--llm", str(tmp), "--preset", "small"],
             "drop one or the other",
