@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import threading
+import unicodedata
 from collections.abc import Callable, Iterator
 from types import FrameType
 
@@ -222,10 +223,17 @@ def _watch(args: argparse.Namespace) -> None:
                 else:
                     skipped = f" (skipped {answer.skipped})" if answer.skipped else ""
                     said = answer.text if answer.error is None else f"[no answer: {answer.error}]"
+                    said = _one_line(said)
                     print(
                         f"{answer.timestamp:9.2f}s  frame {answer.index}{skipped}: {said}",
                         flush=True,
                     )
+
+
+def _one_line(text: str) -> str:
+    """`text` with its control characters escaped, so each frame's answer stays one line of the
+    watch's log and an escape sequence a model writes is shown, not obeyed by the terminal."""
+    return "".join(repr(c)[1:-1] if unicodedata.category(c) == "Cc" else c for c in text)
 
 
 # ---- chat ------------------------------------------------------------------------------------

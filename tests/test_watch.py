@@ -411,6 +411,19 @@ def test_real_answers_through_the_cli(tiny_model_dir, tmp_path, capsys) -> None:
     assert len(text) == 1 and text[0].strip().startswith("0.00s  frame 0:")
 
 
+def test_the_cli_prints_each_answer_on_one_line(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """An answer's newlines and escape sequences are shown escaped, one frame a line."""
+    answers = Recorder(text=lambda levels: f"frame {levels[-1]}\nnext\x1b[2J\r\u00e9")
+    monkeypatch.setattr(Pipeline, "_answer_prepared", answers)
+    video = make_video(tmp_path / "clip.mkv", frames=10, fps=10)
+    argv = ["watch", str(tiny_model_dir), "--source", str(video), "--prompt", "What is it?"]
+    assert cli.main([*argv, "--every", "0.5"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(": ", 1)[1] for line in lines] == [
+        f"frame {n}\\nnext\\x1b[2J\\r\u00e9" for n in (0, 5)
+    ]
+
+
 # ---- sources that go wrong -------------------------------------------------------------------
 
 
