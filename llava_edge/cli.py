@@ -593,6 +593,7 @@ def _eval(args: argparse.Namespace) -> None:
         max_new_tokens=args.max_new_tokens,
         skip_bad=args.skip_bad,
         match=args.match,
+        limit=args.limit,
         threads=args.threads,
         **_load_options(args),
     )
@@ -1171,6 +1172,9 @@ def _add_training_parsers(sub: argparse._SubParsersAction) -> None:
         "--max-new-tokens", type=int, default=16, help="longest prediction in tokens (default 16)"
     )
     p.add_argument("--skip-bad", action="store_true", help="leave out bad samples, count them")
+    p.add_argument(
+        "--limit", type=int, help="score only the first N samples (a quick check of a large set)"
+    )
     p.add_argument(
         "--match",
         choices=["vqa", "exact"],

@@ -372,3 +372,17 @@ def test_the_check_of_the_data_shows_its_progress(tiny_model_dir, world, capsys,
     with pytest.raises(LlavaEdgeError, match="missing.png does not exist"):
         evaluate(tiny_model_dir, data, images, progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_limit_scores_the_first_samples_and_reads_no_further(tiny_model_dir, world, capsys):
+    data, images = world["data"], world["images"]
+    records = json.loads(data.read_text())
+    data.write_text(json.dumps([*records, _sample("gone", "missing.png")]))
+    assert _eval(tiny_model_dir, data, images, "--limit", "2") == 0
+    capsys.readouterr()
+    answers = data.with_name("data.answers.jsonl").read_text().splitlines()
+    assert [json.loads(row)["id"] for row in answers] == ["a", "b"]
+    assert _eval(tiny_model_dir, data, images, "--limit", "0") == 1
+    assert "--limit must be a positive number of samples, got 0" in one_line_error(
+        capsys.readouterr().err
+    )

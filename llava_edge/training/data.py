@@ -154,8 +154,11 @@ class SampleFile:
         path: str | Path,
         keep: Callable[[int, Any], bool] | None = None,
         progress: bool = False,
+        limit: int | None = None,
     ):
-        """Index the file; `keep(position, record)` may drop records (it sees each one once)."""
+        """Index the file; `keep(position, record)` may drop records (it sees each one once).
+        limit: stop once that many records are kept, reading no further (a quick look at a
+        large file)."""
         from tqdm.auto import tqdm
 
         self.path = Path(path)
@@ -185,6 +188,8 @@ class SampleFile:
             for position, (offset, length, record) in enumerate(self.scan()):
                 bar.update(offset + length - done)
                 done = offset + length
+                if limit is not None and len(offsets) == limit:
+                    break
                 if keep is None or keep(position, record):
                     offsets.append(offset)
                     lengths.append(length)

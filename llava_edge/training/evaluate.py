@@ -141,6 +141,7 @@ def evaluate(
     skip_bad: bool = False,
     progress: bool = True,
     match: str = "vqa",
+    limit: int | None = None,
     **load: Any,
 ) -> EvalResult:
     """Score `model_dir` on the LLaVA-format `data`; answers go to `answers` (default: beside
@@ -152,18 +153,23 @@ def evaluate(
     match: "vqa" or "exact", how a prediction is held against its references (the module's
     docstring says each).
 
+    limit: score only the first `limit` samples, reading the file no further (a quick check
+    of a model on a large set); bad samples left out by skip_bad do not count toward it.
+
     load: Pipeline.load's options (backend, providers, threads, engine_dir, verify_files,
     limits), so a model is scored on the backend and under the limits it is deployed with.
     """
     from tqdm.auto import tqdm
 
     from llava_edge.runtime import Pipeline
-    from llava_edge.runtime.sampling import GenerationConfig
+    from llava_edge.runtime.sampling import GenerationConfig, whole_number
 
     # Checked here, or --skip-bad would take a bad value for every sample's fault.
     GenerationConfig(max_new_tokens=max_new_tokens).validate()
     if match not in MATCHES:
         raise LlavaEdgeError(f"--match must be one of {', '.join(MATCHES)}, got {match!r}")
+    if limit is not None:
+        limit = whole_number("--limit", limit, 1, "a positive number of samples")
     data = Path(data)
     image_root = Path(images) if images is not None else None
     check_image_dir(image_root)
@@ -214,7 +220,7 @@ def evaluate(
         skipped.append(e)
         return False
 
-    samples = SampleFile(data, keep=keep, progress=progress)
+    samples = SampleFile(data, keep=keep, progress=progress, limit=limit)
     if not len(samples):  # said before the model loads
         _nothing_asked(data, skipped)
     total = correct = cut = 0
