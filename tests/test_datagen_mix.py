@@ -178,3 +178,20 @@ def test_out_is_replaced_whole_or_left_as_it_was(tmp_path, sources, monkeypatch)
     assert cli(["data", "mix", f"{generated}:2", "--out", str(tmp_path / "linked.json")]) == 0
     assert generated.read_bytes() == before
     assert len(json.loads((tmp_path / "linked.json").read_text())) == 20
+
+
+def test_the_mix_shows_its_progress_on_a_terminal(tmp_path, sources, capsys, monkeypatch):
+    """Checking and writing LLaVA-1.5's 665k-sample mix takes a minute: bars show both on a
+    terminal, none in a script's log or with progress=False."""
+    import sys
+
+    generated, vqa = sources
+    argv = ["data", "mix", str(generated), str(vqa), "--out", str(tmp_path / "mix.json")]
+    assert cli(argv) == 0
+    assert "%|" not in capsys.readouterr().err
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert cli(argv) == 0
+    err = capsys.readouterr().err
+    assert f"checking {generated.name}: 100%" in err and "writing: 100%" in err
+    mix([generated, vqa], tmp_path / "quiet.json", progress=False)
+    assert capsys.readouterr().err == ""
