@@ -125,6 +125,25 @@ def test_exif_rotation_is_applied(tmp_path):
     assert np.abs(preprocess(loaded, spec()) - expected).max() < 1e-5
 
 
+def test_a_photo_whose_exif_pil_cannot_write_back_is_turned_upright():
+    """A camera's tag of another type than the standard's (here XResolution as text) reads, but
+    PIL's exif_transpose fails writing it back: the picture is turned all the same."""
+    image = Image.fromarray(noise(20, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees clockwise
+    exif[0x0110] = "Model X"  # Model, text
+    file = io.BytesIO()
+    image.save(file, format="JPEG", exif=exif, quality=95)
+    clean = file.getvalue()
+    model_tag = b"\x01\x10\x00\x02"  # Model (0x0110), ASCII, as a big-endian IFD entry
+    assert clean.count(model_tag) == 1
+    broken = clean.replace(model_tag, b"\x01\x1a\x00\x02")  # XResolution (rational), ASCII
+    assert Image.open(io.BytesIO(broken)).getexif()[0x011A] == "Model X"
+    upright = load_image(broken)
+    assert upright.size == (20, 30)
+    np.testing.assert_array_equal(np.asarray(upright), np.asarray(load_image(clean)))
+
+
 def test_sixteen_bit_images_keep_their_contrast(tmp_path):
     """16-bit grey (depth cameras, machine vision) is scaled to 8 bits, not clipped to white."""
     wide = (np.linspace(0, 65535, 64 * 48).reshape(48, 64)).astype(np.uint16)

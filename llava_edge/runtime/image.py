@@ -20,7 +20,7 @@ import threading
 import warnings
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
 from llava_edge.errors import LlavaEdgeError, TooLarge
 from llava_edge.manifest import ImageSpec
@@ -103,11 +103,33 @@ def load_image(source: ImageInput, max_pixels: int | None = None) -> Image.Image
         if isinstance(source, Image.Image):
             _check_open(image)
             image.load()  # a lazily opened file decodes here, not later outside this check
-        else:  # in place: the file's format stays known (a 16-bit PGM's mode I reads by it)
-            ImageOps.exif_transpose(image, in_place=True)
-        return to_rgb(image)
+            return to_rgb(image)
+        return _upright(image)
     except (OSError, ValueError, SyntaxError) as e:
         raise LlavaEdgeError(f"cannot decode image: {e}") from None
+
+
+# The turn ImageOps.exif_transpose (transformers' load_image) gives each EXIF orientation.
+_EXIF_TURNS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """A decoded file as RGB, turned by its EXIF orientation as ImageOps.exif_transpose turns
+    it. Only the pixels are kept: exif_transpose also writes the metadata back, which raises
+    (TypeError, struct.error) on a tag PIL reads but cannot write, a camera's tag of another type
+    than the standard's, in a picture that decodes. Made RGB first, while the file's format is
+    known (a 16-bit PGM's mode I reads by it)."""
+    turn = _EXIF_TURNS.get(image.getexif().get(ExifTags.Base.Orientation, 1))
+    rgb = to_rgb(image)
+    return rgb if turn is None else rgb.transpose(turn)
 
 
 def _check_open(image: Image.Image) -> None:
