@@ -144,6 +144,21 @@ def test_a_photo_whose_exif_pil_cannot_write_back_is_turned_upright():
     np.testing.assert_array_equal(np.asarray(upright), np.asarray(load_image(clean)))
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
+def test_a_photo_whose_exif_header_is_unreadable_is_read_as_stored(fmt):
+    """EXIF whose header is no TIFF header gives no orientation: PIL reads a JPEG's so (and
+    transformers with it), a WebP's it raises on, though the picture decodes."""
+    image = Image.fromarray(noise(20, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    file = io.BytesIO()
+    image.save(file, format=fmt, exif=exif, lossless=True, quality=95)
+    assert file.getvalue().count(b"MM\x00*") == 1
+    broken = file.getvalue().replace(b"MM\x00*", b"MX\x00*")
+    stored = Image.open(io.BytesIO(broken)).convert("RGB")
+    np.testing.assert_array_equal(np.asarray(load_image(broken)), np.asarray(stored))
+
+
 def test_sixteen_bit_images_keep_their_contrast(tmp_path):
     """16-bit grey (depth cameras, machine vision) is scaled to 8 bits, not clipped to white."""
     wide = (np.linspace(0, 65535, 64 * 48).reshape(48, 64)).astype(np.uint16)

@@ -125,9 +125,14 @@ def _upright(image: Image.Image) -> Image.Image:
     """A decoded file as RGB, turned by its EXIF orientation as ImageOps.exif_transpose turns
     it. Only the pixels are kept: exif_transpose also writes the metadata back, which raises
     (TypeError, struct.error) on a tag PIL reads but cannot write, a camera's tag of another type
-    than the standard's, in a picture that decodes. Made RGB first, while the file's format is
+    than the standard's, in a picture that decodes. EXIF whose header PIL cannot read turns
+    nothing, as PIL reads a JPEG's (a WebP's raises). Made RGB first, while the file's format is
     known (a 16-bit PGM's mode I reads by it)."""
-    turn = _EXIF_TURNS.get(image.getexif().get(ExifTags.Base.Orientation, 1))
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except SyntaxError:  # "not a TIFF file": the EXIF block's header is not one
+        orientation = 1
+    turn = _EXIF_TURNS.get(orientation)
     rgb = to_rgb(image)
     return rgb if turn is None else rgb.transpose(turn)
 
