@@ -415,6 +415,18 @@ def test_a_url_is_named_as_one_not_as_a_missing_file(url, hint):
     assert len(str(error.value)) < 300
 
 
+def test_a_file_url_is_named_as_one_with_the_path_it_names(tmp_path):
+    """serve and watch take file:// URLs; an image elsewhere is a path, and such a URL to a file
+    that exists was said not to exist."""
+    path = tmp_path / "a photo.png"
+    Image.fromarray(noise(8, 8)).save(path)
+    url = path.as_uri()  # file:///.../a%20photo.png
+    with pytest.raises(LlavaEdgeError, match="is a file:// URL, not a path") as error:
+        load_image(url)
+    assert str(error.value).endswith(f"pass the path it names: {path}")
+    assert load_image(str(path)).size == (8, 8)
+
+
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
 def test_an_images_base64_given_for_a_path_is_named_as_such(fmt):
     """transformers' load_image takes a bare base64 string; the runtime said 'image /9j/4AAQ...

@@ -17,6 +17,7 @@ import math
 import os
 import stat
 import threading
+import urllib.parse
 import warnings
 
 import numpy as np
@@ -168,6 +169,7 @@ def _open(source: str | os.PathLike | bytes, max_pixels: int | None) -> Image.Im
     if not given:
         _refuse_url(source)
         if not os.path.exists(source):
+            _refuse_file_url(source)
             _refuse_base64(source, name)
             raise LlavaEdgeError(f"{what} does not exist")
         if os.path.isdir(source):
@@ -223,6 +225,15 @@ def _refuse_url(source: str | os.PathLike) -> None:
             f"{shown} is a URL, not an image file; download it and pass the file or its bytes "
             "(the runtime reads no network)"
         )
+
+
+def _refuse_file_url(source: str | os.PathLike) -> None:
+    """A file:// URL, as serve's image_url and watch's source take one, is no path: said so, not
+    that it does not exist."""
+    text = os.fspath(source)
+    if isinstance(text, str) and text[:7].lower() == "file://":
+        path = urllib.parse.unquote(urllib.parse.urlsplit(text).path)
+        raise LlavaEdgeError(f"{text} is a file:// URL, not a path; pass the path it names: {path}")
 
 
 def _refuse_base64(source: str | os.PathLike, name: str) -> None:
