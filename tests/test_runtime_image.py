@@ -125,6 +125,40 @@ def test_exif_rotation_is_applied(tmp_path):
     assert np.abs(preprocess(loaded, spec()) - expected).max() < 1e-5
 
 
+def test_a_photo_whose_exif_pil_cannot_write_back_is_turned_upright():
+    """A camera's tag of another type than the standard's (here XResolution as text) reads, but
+    PIL's exif_transpose fails writing it back: the picture is turned all the same."""
+    image = Image.fromarray(noise(20, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees clockwise
+    exif[0x0110] = "Model X"  # Model, text
+    file = io.BytesIO()
+    image.save(file, format="JPEG", exif=exif, quality=95)
+    clean = file.getvalue()
+    model_tag = b"\x01\x10\x00\x02"  # Model (0x0110), ASCII, as a big-endian IFD entry
+    assert clean.count(model_tag) == 1
+    broken = clean.replace(model_tag, b"\x01\x1a\x00\x02")  # XResolution (rational), ASCII
+    assert Image.open(io.BytesIO(broken)).getexif()[0x011A] == "Model X"
+    upright = load_image(broken)
+    assert upright.size == (20, 30)
+    np.testing.assert_array_equal(np.asarray(upright), np.asarray(load_image(clean)))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
+def test_a_photo_whose_exif_header_is_unreadable_is_read_as_stored(fmt):
+    """EXIF whose header is no TIFF header gives no orientation: PIL reads a JPEG's so (and
+    transformers with it), a WebP's it raises on, though the picture decodes."""
+    image = Image.fromarray(noise(20, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    file = io.BytesIO()
+    image.save(file, format=fmt, exif=exif, lossless=True, quality=95)
+    assert file.getvalue().count(b"MM\x00*") == 1
+    broken = file.getvalue().replace(b"MM\x00*", b"MX\x00*")
+    stored = Image.open(io.BytesIO(broken)).convert("RGB")
+    np.testing.assert_array_equal(np.asarray(load_image(broken)), np.asarray(stored))
+
+
 def test_sixteen_bit_images_keep_their_contrast(tmp_path):
     """16-bit grey (depth cameras, machine vision) is scaled to 8 bits, not clipped to white."""
     wide = (np.linspace(0, 65535, 64 * 48).reshape(48, 64)).astype(np.uint16)
@@ -379,6 +413,18 @@ def test_a_url_is_named_as_one_not_as_a_missing_file(url, hint):
     with pytest.raises(LlavaEdgeError, match="does not exist") as error:
         load_image(url.partition(",")[2])  # the base64 alone, as HF's load_image also takes
     assert len(str(error.value)) < 300
+
+
+def test_a_file_url_is_named_as_one_with_the_path_it_names(tmp_path):
+    """serve and watch take file:// URLs; an image elsewhere is a path, and such a URL to a file
+    that exists was said not to exist."""
+    path = tmp_path / "a photo.png"
+    Image.fromarray(noise(8, 8)).save(path)
+    url = path.as_uri()  # file:///.../a%20photo.png
+    with pytest.raises(LlavaEdgeError, match="is a file:// URL, not a path") as error:
+        load_image(url)
+    assert str(error.value).endswith(f"pass the path it names: {path}")
+    assert load_image(str(path)).size == (8, 8)
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])

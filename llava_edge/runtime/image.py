@@ -17,10 +17,11 @@ import math
 import os
 import stat
 import threading
+import urllib.parse
 import warnings
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
 from llava_edge.errors import LlavaEdgeError, TooLarge
 from llava_edge.manifest import ImageSpec
@@ -103,11 +104,38 @@ def load_image(source: ImageInput, max_pixels: int | None = None) -> Image.Image
         if isinstance(source, Image.Image):
             _check_open(image)
             image.load()  # a lazily opened file decodes here, not later outside this check
-        else:  # in place: the file's format stays known (a 16-bit PGM's mode I reads by it)
-            ImageOps.exif_transpose(image, in_place=True)
-        return to_rgb(image)
+            return to_rgb(image)
+        return _upright(image)
     except (OSError, ValueError, SyntaxError) as e:
         raise LlavaEdgeError(f"cannot decode image: {e}") from None
+
+
+# The turn ImageOps.exif_transpose (transformers' load_image) gives each EXIF orientation.
+_EXIF_TURNS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """A decoded file as RGB, turned by its EXIF orientation as ImageOps.exif_transpose turns
+    it. Only the pixels are kept: exif_transpose also writes the metadata back, which raises
+    (TypeError, struct.error) on a tag PIL reads but cannot write, a camera's tag of another type
+    than the standard's, in a picture that decodes. EXIF whose header PIL cannot read turns
+    nothing, as PIL reads a JPEG's (a WebP's raises). Made RGB first, while the file's format is
+    known (a 16-bit PGM's mode I reads by it)."""
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except SyntaxError:  # "not a TIFF file": the EXIF block's header is not one
+        orientation = 1
+    turn = _EXIF_TURNS.get(orientation)
+    rgb = to_rgb(image)
+    return rgb if turn is None else rgb.transpose(turn)
 
 
 def _check_open(image: Image.Image) -> None:
@@ -141,6 +169,7 @@ def _open(source: str | os.PathLike | bytes, max_pixels: int | None) -> Image.Im
     if not given:
         _refuse_url(source)
         if not os.path.exists(source):
+            _refuse_file_url(source)
             _refuse_base64(source, name)
             raise LlavaEdgeError(f"{what} does not exist")
         if os.path.isdir(source):
@@ -196,6 +225,15 @@ def _refuse_url(source: str | os.PathLike) -> None:
             f"{shown} is a URL, not an image file; download it and pass the file or its bytes "
             "(the runtime reads no network)"
         )
+
+
+def _refuse_file_url(source: str | os.PathLike) -> None:
+    """A file:// URL, as serve's image_url and watch's source take one, is no path: said so, not
+    that it does not exist."""
+    text = os.fspath(source)
+    if isinstance(text, str) and text[:7].lower() == "file://":
+        path = urllib.parse.unquote(urllib.parse.urlsplit(text).path)
+        raise LlavaEdgeError(f"{text} is a file:// URL, not a path; pass the path it names: {path}")
 
 
 def _refuse_base64(source: str | os.PathLike, name: str) -> None:
