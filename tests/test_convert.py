@@ -452,6 +452,37 @@ def test_a_missing_vision_tower_names_what_to_fetch(
     assert f"does not hold its vision tower {TOWER_NAME}" in err and "--vision" in err, err
 
 
+@pytest.mark.parametrize(
+    "tower", ["laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "/data/CLIP-ViT-L-14-laion2B-s32B-b82K"]
+)
+def test_a_laion_tower_held_without_its_config_is_refused(
+    tmp_path, capsys, monkeypatch, tower
+) -> None:
+    """A LAION OpenCLIP tower (GELU, and wider heads in ViT-H) held in the checkpoint with no dir
+    at hand: OpenAI's conventions read off its weights made another tower (quick GELU, 64-wide
+    heads), a model that ran and answered wrong. Refused before a weight is read."""
+    import llava_edge.convert.original as original_module
+
+    vision = dict(hidden_size=64, num_attention_heads=2, intermediate_size=96, hidden_act="gelu")
+    spec = Source(vision=vision, seed=8)
+    source = make_source(tmp_path / "source", spec)
+    original = tmp_path / "original"
+    to_original(source, original, spec, Layout(vision_weights=True))
+    config = json.loads((original / "config.json").read_text())
+    (original / "config.json").write_text(json.dumps({**config, "mm_vision_tower": tower}))
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr(original_module, "read_sharded", never)
+    capsys.readouterr()  # what building the checkpoint printed
+    out = tmp_path / "out"
+    assert cli(["convert", str(original), str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"the vision tower {tower} is LAION's OpenCLIP" in err and "--vision" in err, err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
 def test_the_tower_beside_a_checkpoint_given_as_dot_is_found(
     plain_original, tmp_path, monkeypatch
 ) -> None:

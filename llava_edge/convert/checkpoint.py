@@ -37,9 +37,11 @@ from llava_edge.convert.vision import (
     Tower,
     check_tower,
     clip_config,
+    config_in_weights,
     find_vision_dir,
     load_tower,
     missing_tower,
+    unreadable_config,
 )
 from llava_edge.convert.weights import read_weights, refuse_lfs_pointer, weight_names
 from llava_edge.errors import LlavaEdgeError, first_line
@@ -145,6 +147,8 @@ def _check_tower_at_hand(source: Path, base: Any, vision: Any, out: Path, force:
             Tower(clip_config(directory), {}, None, str(directory)), name, settings.vision_width
         )
         return
+    if not config_in_weights(name):
+        raise unreadable_config(name)
     # Where their names say it: a full checkpoint's own, or a stage-1 output's --base (its
     # projector file never holds a tower), or a LoRA output's --base and the names in its
     # non_lora_trainables.bin (a small file, and mapped, not read, by torch.load).
