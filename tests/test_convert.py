@@ -1415,6 +1415,36 @@ def test_a_lora_output_without_a_tower_says_so_before_reading_base(
     assert f"does not hold its vision tower {TOWER_NAME}" in err and "--vision" in err, err
 
 
+@pytest.mark.parametrize("kind", ["lora", "stage1"])
+def test_a_qlora_output_is_applied_to_its_float_base(plain_original, tmp_path, capsys, kind):
+    """A LoRA or stage-1 run of the original with --bits 4/8 (QLoRA) leaves float adapters or a
+    float projector, and a config.json with the quantization_config its language model was
+    loaded with: it was refused as quantized weights and told to convert "the checkpoint they
+    were quantized from", which there is none of. What it trained goes over the float --base."""
+    from safetensors.torch import load_file
+
+    if kind == "lora":
+        output, base = _lora_over_base(plain_original, tmp_path)
+    else:
+        output, base, _ = _stage1_over_base(plain_original, tmp_path)
+    config = json.loads((output / "config.json").read_text())
+    quantization = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    config.update(quantization_config=quantization, _pre_quantization_dtype="float32")
+    (output / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    args = ["convert", str(output), str(out), "--base", str(base)]
+    assert cli([*args, "--vision", str(plain_original["clip"])]) == 0
+    assert "trained over its language model quantized by bitsandbytes" in capsys.readouterr().out
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())["text_config"]
+    converted = load_file(str(out / "model.safetensors"))
+    layers = {
+        k: v for k, v in load_file(str(base / "model.safetensors")).items() if ".layers." in k
+    }
+    assert layers
+    for name, value in layers.items():  # the adapters are zero: the base's own weights
+        assert torch.equal(converted[f"model.language_model.{name[len('model.') :]}"], value)
+
+
 def test_a_base_of_another_name_than_the_adapters_is_noted(plain_original, tmp_path) -> None:
     """Adapters merged into another model of the same shape run and answer wrong, and nothing
     in the weights can tell: the log names the base adapter_config.json was trained on."""

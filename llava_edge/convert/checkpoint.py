@@ -97,6 +97,13 @@ def convert_checkpoint(
         _projector_weights(parts)  # a mismatch is one line before the models are built
         if parts.kind == "lora":
             _note_adapter_base(source, Path(base), log)
+        if parts.kind != "full" and parts.config.get("quantization_config"):
+            log(
+                f"note: {source} was trained over its language model quantized by bitsandbytes "
+                f"(QLoRA: quantization_config in its config.json); what it trained is merged into "
+                f"--base {base} in full precision, as QLoRA merges are, so its answers can differ "
+                "slightly from the quantized model's"
+            )
         vision_dir = find_vision_dir(
             settings.vision_tower, source, Path(vision) if vision is not None else None
         )

@@ -36,6 +36,8 @@ VISION_PREFIX = "model.vision_tower.vision_tower."
 # Config keys of the original that are LLaVA's, not the language model's.
 LLAVA_KEY_PREFIXES = ("mm_", "image_", "tune_", "freeze_", "unfreeze_", "tokenizer_", "use_mm")
 LLAVA_KEYS = {"_name_or_path", "architectures", "model_type", "auto_map", "vision_tower", "s2"}
+# How a QLoRA run (--bits 4/8) loaded its language model, not what its output holds.
+QUANTIZED_TRAINING_KEYS = {"quantization_config", "_pre_quantization_dtype"}
 
 
 @dataclass
@@ -81,10 +83,12 @@ class Original:
 
 
 def _check_full_precision(config: dict[str, Any], directory: Path) -> None:
-    """A quantized save (the original trains with --bits 4/8 through bitsandbytes) holds no
-    float language model to convert: refused before any weight is read."""
+    """A checkpoint saved quantized (the original trains with --bits 4/8 through bitsandbytes)
+    holds no float language model to convert: refused before any weight is read. A LoRA or
+    stage-1 output of such a run (QLoRA) holds float adapters or a float projector, trained
+    over --base, which is float: it converts."""
     quantized = config.get("quantization_config")
-    if quantized:
+    if quantized and checkpoint_kind(directory) == "full":
         method = quantized.get("quant_method") if isinstance(quantized, dict) else None
         raise LlavaEdgeError(
             f"{directory} holds {method or 'quantized'} weights (quantization_config in its "
@@ -293,7 +297,7 @@ def text_config_dict(config: dict[str, Any], settings: Settings) -> dict[str, An
     kept = {
         k: v
         for k, v in config.items()
-        if k not in LLAVA_KEYS and not k.startswith(LLAVA_KEY_PREFIXES)
+        if k not in LLAVA_KEYS | QUANTIZED_TRAINING_KEYS and not k.startswith(LLAVA_KEY_PREFIXES)
     }
     kept["model_type"] = settings.text_model
     kept.pop("vocab_size", None)  # the embeddings' rows say it
