@@ -679,6 +679,12 @@ BAD_CONFIGS = {
         "Mistral models",
     ),
     "an S2 multi-scale tower": ({"s2": True, "s2_scales": "336,672"}, "S2 multi-scale"),
+    # With a CLIP dir as --vision it converted with a tower it was not trained with; without,
+    # it was sent to download the SigLIP (`hf download`), which --vision then refused.
+    "a SigLIP tower": (
+        {"mm_vision_tower": "google/siglip-so400m-patch14-384"},
+        "the vision tower google/siglip-so400m-patch14-384 is a SigLIP one",
+    ),
     "select layer past the tower": (
         {"mm_vision_select_layer": -7},
         "mm_vision_select_layer -7 is outside the vision tower's 2 layers (from -3 to 2)",

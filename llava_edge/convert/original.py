@@ -194,6 +194,11 @@ def read_settings(config: dict[str, Any], directory: Path) -> Settings:
     tower = config.get("mm_vision_tower") or config.get("vision_tower")
     if not tower:
         raise LlavaEdgeError(f"{directory}/config.json names no vision tower (mm_vision_tower)")
+    if "siglip" in str(tower).lower():  # else sent to download a tower it then refuses
+        raise LlavaEdgeError(
+            f"{directory}: the vision tower {tower} is a SigLIP one, which the original LLaVA "
+            "has no code for (LLaVA-NeXT's fork trains them); convert takes CLIP towers"
+        )
     settings = Settings(
         text_model=text,
         vision_tower=str(tower),
