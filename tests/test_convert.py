@@ -1451,6 +1451,34 @@ def test_a_qlora_output_is_applied_to_its_float_base(plain_original, tmp_path, c
         assert torch.equal(converted[f"model.language_model.{name[len('model.') :]}"], value)
 
 
+@pytest.mark.parametrize("kind", ["lora", "stage1"])
+def test_a_quantized_base_is_refused_before_its_weights_are_read(
+    plain_original, tmp_path, capsys, monkeypatch, kind
+) -> None:
+    """A bitsandbytes save as --base (packed uint8 weights) was read whole, then refused as
+    weights of another shape than its config's, after the note on the adapters' base name."""
+    import llava_edge.convert.original as original_module
+
+    if kind == "lora":
+        output, base = _lora_over_base(plain_original, tmp_path)
+    else:
+        output, base, _ = _stage1_over_base(plain_original, tmp_path)
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (base / "config.json").write_text(json.dumps(config))
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr(original_module, "read_sharded", never)
+    out = tmp_path / "out"
+    args = ["convert", str(output), str(out), "--base", str(base)]
+    assert cli([*args, "--vision", str(plain_original["clip"])]) == 1
+    err = capsys.readouterr().err
+    assert f"--base {base} holds bitsandbytes weights" in err and "full-precision" in err, err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
 def test_a_base_of_another_name_than_the_adapters_is_noted(plain_original, tmp_path) -> None:
     """Adapters merged into another model of the same shape run and answer wrong, and nothing
     in the weights can tell: the log names the base adapter_config.json was trained on."""

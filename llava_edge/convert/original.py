@@ -87,14 +87,22 @@ def _check_full_precision(config: dict[str, Any], directory: Path) -> None:
     holds no float language model to convert: refused before any weight is read. A LoRA or
     stage-1 output of such a run (QLoRA) holds float adapters or a float projector, trained
     over --base, which is float: it converts."""
-    quantized = config.get("quantization_config")
-    if quantized and checkpoint_kind(directory) == "full":
-        method = quantized.get("quant_method") if isinstance(quantized, dict) else None
+    method = _quantization(config)
+    if method and checkpoint_kind(directory) == "full":
         raise LlavaEdgeError(
-            f"{directory} holds {method or 'quantized'} weights (quantization_config in its "
-            "config.json); convert takes full-precision ones (fp32, fp16 or bf16): convert the "
-            "checkpoint they were quantized from"
+            f"{directory} holds {method} weights (quantization_config in its config.json); "
+            "convert takes full-precision ones (fp32, fp16 or bf16): convert the checkpoint they "
+            "were quantized from"
         )
+
+
+def _quantization(config: dict[str, Any]) -> str | None:
+    """The method of the quantization_config a config.json names (bitsandbytes...), else None."""
+    quantized = config.get("quantization_config")
+    if not quantized:
+        return None
+    method = quantized.get("quant_method") if isinstance(quantized, dict) else None
+    return str(method or "quantized")
 
 
 def read_original(directory: Path, base: Path | None = None) -> Original:
@@ -357,6 +365,12 @@ def _check_base(base: Path, config: dict[str, Any], directory: Path) -> None:
         raise LlavaEdgeError(
             f"--base {base} is a '{model_type}' model, not a Llama or Mistral language model: "
             f"{trained_on}"
+        )
+    method = _quantization(base_config)
+    if method:
+        raise LlavaEdgeError(
+            f"--base {base} holds {method} weights (quantization_config in its config.json); "
+            f"pass the full-precision model they were quantized from ({_base_name(directory)})"
         )
     for key in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads"):
         ours, theirs = config.get(key), base_config.get(key)
