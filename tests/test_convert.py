@@ -452,6 +452,37 @@ def test_a_missing_vision_tower_names_what_to_fetch(
     assert f"does not hold its vision tower {TOWER_NAME}" in err and "--vision" in err, err
 
 
+@pytest.mark.parametrize(
+    "tower", ["laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "/data/CLIP-ViT-L-14-laion2B-s32B-b82K"]
+)
+def test_a_laion_tower_held_without_its_config_is_refused(
+    tmp_path, capsys, monkeypatch, tower
+) -> None:
+    """A LAION OpenCLIP tower (GELU, and wider heads in ViT-H) held in the checkpoint with no dir
+    at hand: OpenAI's conventions read off its weights made another tower (quick GELU, 64-wide
+    heads), a model that ran and answered wrong. Refused before a weight is read."""
+    import llava_edge.convert.original as original_module
+
+    vision = dict(hidden_size=64, num_attention_heads=2, intermediate_size=96, hidden_act="gelu")
+    spec = Source(vision=vision, seed=8)
+    source = make_source(tmp_path / "source", spec)
+    original = tmp_path / "original"
+    to_original(source, original, spec, Layout(vision_weights=True))
+    config = json.loads((original / "config.json").read_text())
+    (original / "config.json").write_text(json.dumps({**config, "mm_vision_tower": tower}))
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr(original_module, "read_sharded", never)
+    capsys.readouterr()  # what building the checkpoint printed
+    out = tmp_path / "out"
+    assert cli(["convert", str(original), str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"the vision tower {tower} is LAION's OpenCLIP" in err and "--vision" in err, err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
 def test_the_tower_beside_a_checkpoint_given_as_dot_is_found(
     plain_original, tmp_path, monkeypatch
 ) -> None:
@@ -648,6 +679,12 @@ BAD_CONFIGS = {
         "Mistral models",
     ),
     "an S2 multi-scale tower": ({"s2": True, "s2_scales": "336,672"}, "S2 multi-scale"),
+    # With a CLIP dir as --vision it converted with a tower it was not trained with; without,
+    # it was sent to download the SigLIP (`hf download`), which --vision then refused.
+    "a SigLIP tower": (
+        {"mm_vision_tower": "google/siglip-so400m-patch14-384"},
+        "the vision tower google/siglip-so400m-patch14-384 is a SigLIP one",
+    ),
     "select layer past the tower": (
         {"mm_vision_select_layer": -7},
         "mm_vision_select_layer -7 is outside the vision tower's 2 layers (from -3 to 2)",
@@ -1382,6 +1419,64 @@ def test_a_lora_output_without_a_tower_says_so_before_reading_base(
     assert cli(["convert", str(lora), str(tmp_path / "out"), "--base", str(base)]) == 1
     err = capsys.readouterr().err
     assert f"does not hold its vision tower {TOWER_NAME}" in err and "--vision" in err, err
+
+
+@pytest.mark.parametrize("kind", ["lora", "stage1"])
+def test_a_qlora_output_is_applied_to_its_float_base(plain_original, tmp_path, capsys, kind):
+    """A LoRA or stage-1 run of the original with --bits 4/8 (QLoRA) leaves float adapters or a
+    float projector, and a config.json with the quantization_config its language model was
+    loaded with: it was refused as quantized weights and told to convert "the checkpoint they
+    were quantized from", which there is none of. What it trained goes over the float --base."""
+    from safetensors.torch import load_file
+
+    if kind == "lora":
+        output, base = _lora_over_base(plain_original, tmp_path)
+    else:
+        output, base, _ = _stage1_over_base(plain_original, tmp_path)
+    config = json.loads((output / "config.json").read_text())
+    quantization = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    config.update(quantization_config=quantization, _pre_quantization_dtype="float32")
+    (output / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    args = ["convert", str(output), str(out), "--base", str(base)]
+    assert cli([*args, "--vision", str(plain_original["clip"])]) == 0
+    assert "trained over its language model quantized by bitsandbytes" in capsys.readouterr().out
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())["text_config"]
+    converted = load_file(str(out / "model.safetensors"))
+    layers = {
+        k: v for k, v in load_file(str(base / "model.safetensors")).items() if ".layers." in k
+    }
+    assert layers
+    for name, value in layers.items():  # the adapters are zero: the base's own weights
+        assert torch.equal(converted[f"model.language_model.{name[len('model.') :]}"], value)
+
+
+@pytest.mark.parametrize("kind", ["lora", "stage1"])
+def test_a_quantized_base_is_refused_before_its_weights_are_read(
+    plain_original, tmp_path, capsys, monkeypatch, kind
+) -> None:
+    """A bitsandbytes save as --base (packed uint8 weights) was read whole, then refused as
+    weights of another shape than its config's, after the note on the adapters' base name."""
+    import llava_edge.convert.original as original_module
+
+    if kind == "lora":
+        output, base = _lora_over_base(plain_original, tmp_path)
+    else:
+        output, base, _ = _stage1_over_base(plain_original, tmp_path)
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (base / "config.json").write_text(json.dumps(config))
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr(original_module, "read_sharded", never)
+    out = tmp_path / "out"
+    args = ["convert", str(output), str(out), "--base", str(base)]
+    assert cli([*args, "--vision", str(plain_original["clip"])]) == 1
+    err = capsys.readouterr().err
+    assert f"--base {base} holds bitsandbytes weights" in err and "full-precision" in err, err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 
 def test_a_base_of_another_name_than_the_adapters_is_noted(plain_original, tmp_path) -> None:

@@ -37,9 +37,11 @@ from llava_edge.convert.vision import (
     Tower,
     check_tower,
     clip_config,
+    config_in_weights,
     find_vision_dir,
     load_tower,
     missing_tower,
+    unreadable_config,
 )
 from llava_edge.convert.weights import read_weights, refuse_lfs_pointer, weight_names
 from llava_edge.errors import LlavaEdgeError, first_line
@@ -95,6 +97,13 @@ def convert_checkpoint(
         _projector_weights(parts)  # a mismatch is one line before the models are built
         if parts.kind == "lora":
             _note_adapter_base(source, Path(base), log)
+        if parts.kind != "full" and parts.config.get("quantization_config"):
+            log(
+                f"note: {source} was trained over its language model quantized by bitsandbytes "
+                f"(QLoRA: quantization_config in its config.json); what it trained is merged into "
+                f"--base {base} in full precision, as QLoRA merges are, so its answers can differ "
+                "slightly from the quantized model's"
+            )
         vision_dir = find_vision_dir(
             settings.vision_tower, source, Path(vision) if vision is not None else None
         )
@@ -145,6 +154,8 @@ def _check_tower_at_hand(source: Path, base: Any, vision: Any, out: Path, force:
             Tower(clip_config(directory), {}, None, str(directory)), name, settings.vision_width
         )
         return
+    if not config_in_weights(name):
+        raise unreadable_config(name)
     # Where their names say it: a full checkpoint's own, or a stage-1 output's --base (its
     # projector file never holds a tower), or a LoRA output's --base and the names in its
     # non_lora_trainables.bin (a small file, and mapped, not read, by torch.load).

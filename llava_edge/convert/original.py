@@ -36,6 +36,8 @@ VISION_PREFIX = "model.vision_tower.vision_tower."
 # Config keys of the original that are LLaVA's, not the language model's.
 LLAVA_KEY_PREFIXES = ("mm_", "image_", "tune_", "freeze_", "unfreeze_", "tokenizer_", "use_mm")
 LLAVA_KEYS = {"_name_or_path", "architectures", "model_type", "auto_map", "vision_tower", "s2"}
+# How a QLoRA run (--bits 4/8) loaded its language model, not what its output holds.
+QUANTIZED_TRAINING_KEYS = {"quantization_config", "_pre_quantization_dtype"}
 
 
 @dataclass
@@ -81,16 +83,26 @@ class Original:
 
 
 def _check_full_precision(config: dict[str, Any], directory: Path) -> None:
-    """A quantized save (the original trains with --bits 4/8 through bitsandbytes) holds no
-    float language model to convert: refused before any weight is read."""
-    quantized = config.get("quantization_config")
-    if quantized:
-        method = quantized.get("quant_method") if isinstance(quantized, dict) else None
+    """A checkpoint saved quantized (the original trains with --bits 4/8 through bitsandbytes)
+    holds no float language model to convert: refused before any weight is read. A LoRA or
+    stage-1 output of such a run (QLoRA) holds float adapters or a float projector, trained
+    over --base, which is float: it converts."""
+    method = _quantization(config)
+    if method and checkpoint_kind(directory) == "full":
         raise LlavaEdgeError(
-            f"{directory} holds {method or 'quantized'} weights (quantization_config in its "
-            "config.json); convert takes full-precision ones (fp32, fp16 or bf16): convert the "
-            "checkpoint they were quantized from"
+            f"{directory} holds {method} weights (quantization_config in its config.json); "
+            "convert takes full-precision ones (fp32, fp16 or bf16): convert the checkpoint they "
+            "were quantized from"
         )
+
+
+def _quantization(config: dict[str, Any]) -> str | None:
+    """The method of the quantization_config a config.json names (bitsandbytes...), else None."""
+    quantized = config.get("quantization_config")
+    if not quantized:
+        return None
+    method = quantized.get("quant_method") if isinstance(quantized, dict) else None
+    return str(method or "quantized")
 
 
 def read_original(directory: Path, base: Path | None = None) -> Original:
@@ -190,6 +202,11 @@ def read_settings(config: dict[str, Any], directory: Path) -> Settings:
     tower = config.get("mm_vision_tower") or config.get("vision_tower")
     if not tower:
         raise LlavaEdgeError(f"{directory}/config.json names no vision tower (mm_vision_tower)")
+    if "siglip" in str(tower).lower():  # else sent to download a tower it then refuses
+        raise LlavaEdgeError(
+            f"{directory}: the vision tower {tower} is a SigLIP one, which the original LLaVA "
+            "has no code for (LLaVA-NeXT's fork trains them); convert takes CLIP towers"
+        )
     settings = Settings(
         text_model=text,
         vision_tower=str(tower),
@@ -293,7 +310,7 @@ def text_config_dict(config: dict[str, Any], settings: Settings) -> dict[str, An
     kept = {
         k: v
         for k, v in config.items()
-        if k not in LLAVA_KEYS and not k.startswith(LLAVA_KEY_PREFIXES)
+        if k not in LLAVA_KEYS | QUANTIZED_TRAINING_KEYS and not k.startswith(LLAVA_KEY_PREFIXES)
     }
     kept["model_type"] = settings.text_model
     kept.pop("vocab_size", None)  # the embeddings' rows say it
@@ -348,6 +365,12 @@ def _check_base(base: Path, config: dict[str, Any], directory: Path) -> None:
         raise LlavaEdgeError(
             f"--base {base} is a '{model_type}' model, not a Llama or Mistral language model: "
             f"{trained_on}"
+        )
+    method = _quantization(base_config)
+    if method:
+        raise LlavaEdgeError(
+            f"--base {base} holds {method} weights (quantization_config in its config.json); "
+            f"pass the full-precision model they were quantized from ({_base_name(directory)})"
         )
     for key in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads"):
         ours, theirs = config.get(key), base_config.get(key)

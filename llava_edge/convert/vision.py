@@ -5,7 +5,8 @@ and usually saves none of it. Its config and preprocessing come from `--vision` 
 that name; its weights from the checkpoint where the checkpoint holds them (LLaVA-NeXT trains the
 tower), else from that dir. A checkpoint that holds the tower but comes with no dir gets a config
 read off the weights' shapes, with the conventions of the OpenAI CLIP ViTs that every LLaVA
-release uses (64-wide attention heads, quick GELU, OpenAI CLIP's mean and std).
+release uses (64-wide attention heads, quick GELU, OpenAI CLIP's mean and std); a LAION OpenCLIP
+tower, which does not follow them, needs its dir.
 """
 
 from __future__ import annotations
@@ -53,13 +54,36 @@ def missing_tower(name: str) -> LlavaEdgeError:
     if not HUB_ID.fullmatch(name):  # a dir on the machine it was trained on
         return LlavaEdgeError(
             f"the checkpoint does not hold its vision tower, which the original loaded from the "
-            f"dir {name}: copy that CLIP dir here and pass --vision DIR (or put it beside the "
-            f"checkpoint as {Path(name).name})"
+            f"dir {name}: {_fetch(name)}"
         )
     return LlavaEdgeError(
         f"the checkpoint does not hold its vision tower {name} (the original loads it by "
-        f"name): download it, e.g. `hf download {name} --local-dir clip`, and pass --vision clip"
+        f"name): {_fetch(name)}"
     )
+
+
+def config_in_weights(name: str) -> bool:
+    """Whether the tower's config can be read off its weights (`config_from_weights`). LAION's
+    OpenCLIP towers, which the original takes by their `laion/...` names, have GELU where
+    OpenAI's have quick GELU, and 80- to 104-wide heads in the larger ones (ViT-H, g, bigG):
+    their weights do not show it, and OpenAI's conventions would make another tower."""
+    return "laion" not in name.lower()
+
+
+def unreadable_config(name: str) -> LlavaEdgeError:
+    return LlavaEdgeError(
+        f"the vision tower {name} is LAION's OpenCLIP, whose activation and attention heads its "
+        f"weights do not show: {_fetch(name)}"
+    )
+
+
+def _fetch(name: str) -> str:
+    if not HUB_ID.fullmatch(name):
+        return (
+            f"copy that CLIP dir here and pass --vision DIR (or put it beside the checkpoint as "
+            f"{Path(name).name})"
+        )
+    return f"download it, e.g. `hf download {name} --local-dir clip`, and pass --vision clip"
 
 
 def load_tower(name: str, directory: Path | None, in_checkpoint: StateDict, log: Any) -> Tower:
