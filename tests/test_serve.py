@@ -1272,6 +1272,48 @@ def test_a_body_that_stalls_mid_upload_gets_408_within_the_time_limit(context_mo
     assert "--timeout" in json.loads(sent[1]["body"])["error"]["message"]
 
 
+def test_a_body_that_stalls_without_a_time_limit_gives_its_queue_place_back(
+    context_model_dir, monkeypatch
+):
+    """Without --timeout, an upload whose link dropped without the connection closing held its
+    place in the queue for good: a few such robots and every other client got 429 until the
+    server restarted. A body from which nothing arrives for BODY_IDLE_S gets 408."""
+    from llava_edge.serve import app as app_module
+
+    monkeypatch.setattr(app_module, "BODY_IDLE_S", 0.5)
+    options = ServeOptions(context_model_dir, model_name=MODEL, max_batch=1, max_queue=0)
+    app = create_app(options)
+    parts = [{"type": "http.request", "body": b'{"model": "tiny", ', "more_body": True}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        if parts:
+            return parts.pop(0)
+        await asyncio.sleep(3600)  # the rest never comes
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def stalled_then_another() -> list[int]:
+        stalled = asyncio.ensure_future(app(chat_scope(app), receive, send))
+        await asyncio.sleep(0.1)
+        statuses = [app.state.serve.engine.stats()["admitting"]]
+        await asyncio.wait_for(stalled, 10)
+        return [*statuses, app.state.serve.engine.stats()["admitting"]]
+
+    with TestClient(app) as client:
+        deadline = time.time() + 30
+        while client.get("/health").status_code != 200 and time.time() < deadline:
+            time.sleep(0.05)
+        assert asyncio.run(stalled_then_another()) == [1, 0]
+        answer = client.post(
+            "/v1/chat/completions", json={"model": MODEL, "messages": GOOD, "max_tokens": 2}
+        )
+    assert sent[0]["status"] == 408
+    assert "no byte" in json.loads(sent[1]["body"])["error"]["message"]
+    assert answer.status_code == 200
+
+
 def test_shutdown_cancels_what_no_client_waits_for(context_model_dir, monkeypatch):
     """By the app's shutdown every client has had its answer or been cut off (SIGTERM's drain
     timeout), so a request still in the engine (one whose handler was cancelled while

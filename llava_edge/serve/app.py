@@ -51,6 +51,9 @@ T = TypeVar("T")
 
 
 REMOTE_TIMEOUT_S = 10.0  # seconds a remote image may take to fetch, unless told
+# seconds a request body may go without a byte arriving (nginx's client_body_timeout is 60 s):
+# a link that dropped without the connection closing would otherwise hold its queue place for good
+BODY_IDLE_S = 60.0
 # seconds shutdown waits for the engine's call in progress (a stalled device's may never end)
 ENGINE_STOP_S = 10.0
 ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+")  # an Origin header: scheme://host[:port]
@@ -737,8 +740,9 @@ def _sse_data(payload: Any) -> str:
 
 async def _read_body_in_time(request: Request, limit: int, timeout_s: float | None) -> bytearray:
     """The request's body, received within --timeout (nothing is awaited between the request's
-    arrival and this read): a client that stalls mid-upload (a robot losing Wi-Fi without the
-    connection closing) is answered 408 instead of holding its connection open for good."""
+    arrival and this read), and with no pause of BODY_IDLE_S between two of its pieces: a client
+    that stalls mid-upload (a robot losing Wi-Fi without the connection closing) is answered 408
+    instead of holding its connection, and its place in the queue, for good."""
     try:
         return await asyncio.wait_for(_read_body(request, limit), timeout_s)
     except asyncio.TimeoutError:
@@ -754,11 +758,21 @@ async def _read_body(request: Request, limit: int) -> bytearray:
     if declared.isdigit() and int(declared) > limit:
         raise _body_too_large(int(declared), limit)
     body = bytearray()
-    async for piece in request.stream():
+    pieces = aiter(request.stream())
+    while True:
+        try:
+            piece = await asyncio.wait_for(anext(pieces), BODY_IDLE_S)
+        except StopAsyncIteration:
+            return body
+        except asyncio.TimeoutError:
+            raise ApiError(
+                408,
+                f"no byte of the request body arrived for {BODY_IDLE_S:g} s; send it again",
+                code="timeout",
+            ) from None
         body += piece
         if len(body) > limit:
             raise _body_too_large(len(body), limit)
-    return body
 
 
 def _check_json(request: Request) -> None:
