@@ -548,6 +548,8 @@ def test_bad_requests_fail_at_submit_and_leave_the_engine_working(pipe):
         engine.submit(None, "<image> Q")
     with pytest.raises(LlavaEdgeError, match="not an image"):
         engine.submit(b"not an image", "Q")
+    with pytest.raises(LlavaEdgeError, match="at most 256 characters"):
+        engine.submit_ids(pipe.prompt_ids("Q", None), None, {"stop": ["x" * 257]})
     with pytest.raises(LlavaEdgeError, match="image tokens"):
         engine.submit_ids(pipe.prompt_ids("Q", pipe.image_pixels(picture(1))), None, {})
     # an empty prompt failed at its prefill (IndexError), ids in an array or as floats raw

@@ -645,6 +645,7 @@ MALFORMED = {
     "top_p over 1": {"model": MODEL, "messages": GOOD, "top_p": 1.5},
     "temperature too small to sample": {"model": MODEL, "messages": GOOD, "temperature": 1e-40},
     "five stops": {"model": MODEL, "messages": GOOD, "stop": ["a", "b", "c", "d", "e"]},
+    "a stop string over the limit": {"model": MODEL, "messages": GOOD, "stop": ["a", "b" * 257]},
     "stream a string": {"model": MODEL, "messages": GOOD, "stream": "yes"},
     "stream_options without stream": {
         "model": MODEL,
@@ -674,6 +675,8 @@ def test_malformed_requests_get_400_and_the_server_goes_on(server, case):
     assert response.status_code == 400, response.text
     error = error_of(response)
     assert error["type"] == "invalid_request_error" and len(error["message"]) > 10
+    if "stop" in case:
+        assert error["param"] == "stop"
     assert httpx.get(server.url + "/health").status_code == 200
 
 
