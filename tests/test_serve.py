@@ -1404,6 +1404,14 @@ def test_the_time_limit_counts_from_the_request_not_from_its_image(context_model
     assert took < 2.5
 
 
+@pytest.mark.parametrize("field", ["max_body_mb", "max_image_mb"])
+def test_a_size_limit_of_infinite_mb_is_refused_at_startup(context_model_dir, field):
+    """--max-body-mb inf started a server that answered every request 500 (its bytes cannot
+    be counted in an int); --max-image-mb inf ended in a traceback."""
+    with pytest.raises(LlavaEdgeError, match=f"--{field.replace('_', '-')} must be positive"):
+        ServeOptions(context_model_dir, **{field: float("inf")})
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [

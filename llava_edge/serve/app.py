@@ -99,8 +99,8 @@ class ServeOptions:
             ("--max-image-mb", self.max_image_mb),
             ("--remote-timeout", self.remote_timeout_s),
         ]:
-            if not value > 0:
-                raise LlavaEdgeError(f"{flag} must be positive, got {value:g}")
+            if not 0 < value < float("inf"):  # a limit of inf MB would count no bytes at all
+                raise LlavaEdgeError(f"{flag} must be positive and finite, got {value:g}")
         counts = [("--max-batch", self.max_batch, 1), ("--max-queue", self.max_queue, 0)]
         if self.threads is not None:  # None: onnxruntime's own choice
             counts.append(("--threads", self.threads, 1))
