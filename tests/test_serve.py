@@ -888,6 +888,21 @@ def test_keys_models_and_sizes_get_their_statuses(server):
     assert server.metric('llava_edge_http_requests_total{status="413"}') >= 3
 
 
+def test_a_key_beyond_ascii_is_taken_as_its_utf8_bytes(context_model_dir):
+    """A header's bytes reach the app decoded as Latin-1: compared as UTF-8, a key holding a
+    character beyond Latin-1 matched no header at all, and every request got 401."""
+    key = "clé-ключ"
+    app = create_app(ServeOptions(context_model_dir, model_name=MODEL, api_key=key))
+    client = TestClient(app)  # no lifespan: /v1/models needs no model
+    sent = client.get("/v1/models", headers={"Authorization": b"Bearer " + key.encode()})
+    assert sent.status_code == 200 and sent.json()["data"][0]["id"] == MODEL
+    wrong = client.get("/v1/models", headers={"Authorization": b"Bearer " + "clé".encode()})
+    assert wrong.status_code == 401
+    app = create_app(ServeOptions(context_model_dir, model_name=MODEL, api_key="clé"))
+    as_latin1 = {"Authorization": b"Bearer " + "clé".encode("latin-1")}  # as http.client sends
+    assert TestClient(app).get("/v1/models", headers=as_latin1).status_code == 200
+
+
 @pytest.fixture
 def slow_steps(server, monkeypatch):
     """Decoder calls slowed to ~200 a second: the tiny model answers 800 tokens in well under a

@@ -218,7 +218,11 @@ class ServerState:
             return
         given = request.headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
-        matches = hmac.compare_digest(token.strip().encode(), key.encode())  # bytes: any text
+        # ASGI servers decode a header's bytes as Latin-1: the key matches them sent as UTF-8
+        # (curl), or as Latin-1 where it fits (Python's http.client, browsers)
+        sent, wanted = token.strip(), key.encode()
+        as_utf8 = hmac.compare_digest(sent.encode("latin-1"), wanted)
+        matches = as_utf8 | hmac.compare_digest(sent.encode(), wanted)
         if scheme.lower() != "bearer" or not matches:
             raise ApiError(
                 401,
