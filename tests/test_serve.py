@@ -212,6 +212,26 @@ def test_a_stream_tells_proxies_not_to_buffer_or_cache_it(server):
     assert "no-cache" in response.headers["cache-control"]
 
 
+def test_a_stream_of_unicode_line_separators_reads_line_by_line(server, monkeypatch):
+    """SSE ends a line at CR or LF only, but httpx's iter_lines (and so many a Python client)
+    splits at every line boundary str.splitlines knows: a chunk whose text held U+2028, U+2029
+    or U+0085 reached such a client in pieces that were no JSON. They are sent as escapes."""
+    from llava_edge.runtime.answer import AnswerText
+
+    push = AnswerText.push
+    monkeypatch.setattr(AnswerText, "push", lambda self, token: push(self, token) + SEPARATORS)
+    body = {"model": MODEL, "messages": GOOD, "max_tokens": 3, "stream": True}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers=headers) as r:
+        lines = [line for line in r.iter_lines() if line]
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text.count(SEPARATORS) == 3 and lines[-1] == "data: [DONE]"
+
+
+SEPARATORS = "\u2028\u2029\x85"
+
+
 def test_a_streams_chunks_share_one_id_and_creation_time(server, monkeypatch):
     """As OpenAI's do, though the clock moves between tokens (here on every reading of it)."""
     from llava_edge.serve import protocol

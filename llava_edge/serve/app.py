@@ -738,8 +738,13 @@ class _AnswerStream(StreamingResponse):
             event = await _next_event(events, clock, self.handle)
 
 
+# Line boundaries of str.splitlines that JSON leaves unescaped: SSE ends a line at CR or LF only,
+# but httpx's iter_lines, and so many a Python client, splits at these too
+LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+
+
 def _sse_data(payload: Any) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+    return f"data: {json.dumps(payload, ensure_ascii=False).translate(LINE_BREAKS)}\n\n"
 
 
 async def _read_body_in_time(request: Request, limit: int, timeout_s: float | None) -> bytearray:
