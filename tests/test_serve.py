@@ -1823,6 +1823,27 @@ def test_a_browser_page_of_an_allowed_origin_may_call_the_api(tiny_model_dir):
     assert unauthorized.status_code == 401  # the key still guards every call but the preflight
 
 
+def test_a_dashboard_on_openais_js_client_passes_its_preflight(tiny_model_dir):
+    """OpenAI's JavaScript client sends its own headers (X-Stainless-*) with every request, so
+    its browser asks for them in the preflight: allowing only authorization and content-type
+    failed that preflight (400), and a dashboard on the official client could not call at all.
+    The origin is what is checked; any header an allowed page sends is taken."""
+    options = ServeOptions(tiny_model_dir, api_key=KEY, cors_origins=[DASHBOARD])
+    client = TestClient(create_app(options))  # no lifespan: the model need not load
+    preflight = {
+        "Origin": DASHBOARD,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os, "
+        "x-stainless-retry-count",
+    }
+    answer = client.options("/v1/chat/completions", headers=preflight)
+    assert answer.status_code == 200
+    allowed = answer.headers["access-control-allow-headers"].lower()
+    assert "x-stainless-os" in allowed and "x-stainless-retry-count" in allowed
+    other = {**preflight, "Origin": "http://elsewhere.example"}
+    assert "access-control-allow-origin" not in client.options("/v1/models", headers=other).headers
+
+
 def test_without_cors_origins_a_browser_is_told_nothing(tiny_model_dir):
     client = TestClient(create_app(ServeOptions(tiny_model_dir)))
     health = client.get("/health", headers={"Origin": DASHBOARD})

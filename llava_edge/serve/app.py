@@ -319,7 +319,9 @@ def create_app(options: ServeOptions, on_load_error: Any = None) -> Starlette:
             CORSMiddleware,
             allow_origins=options.cors_origins,
             allow_methods=["GET", "POST"],
-            allow_headers=["authorization", "content-type"],
+            # any header an allowed page sends: OpenAI's JavaScript client adds its own
+            # (X-Stainless-*), which a list of ours would fail the preflight for
+            allow_headers=["*"],
         )
     ]
     app = Starlette(
