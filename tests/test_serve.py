@@ -1844,6 +1844,20 @@ def test_a_dashboard_on_openais_js_client_passes_its_preflight(tiny_model_dir):
     assert "access-control-allow-origin" not in client.options("/v1/models", headers=other).headers
 
 
+def test_a_dashboard_page_sees_the_retry_headers(tiny_model_dir):
+    """A page's script reads only the response headers CORS exposes: OpenAI's client in a
+    browser saw no x-should-retry on a 504 (and retried it twice more) nor Retry-After."""
+    options = ServeOptions(tiny_model_dir, api_key=KEY, cors_origins=[DASHBOARD])
+    client = TestClient(create_app(options))  # no lifespan: the model is still loading
+    headers = {"Origin": DASHBOARD, "Authorization": f"Bearer {KEY}"}
+    loading = client.post(
+        "/v1/chat/completions", json={"model": "x", "messages": GOOD}, headers=headers
+    )
+    assert loading.status_code == 503 and loading.headers["retry-after"] == "1"
+    exposed = loading.headers["access-control-expose-headers"].lower()
+    assert "retry-after" in exposed and "x-should-retry" in exposed
+
+
 def test_without_cors_origins_a_browser_is_told_nothing(tiny_model_dir):
     client = TestClient(create_app(ServeOptions(tiny_model_dir)))
     health = client.get("/health", headers={"Origin": DASHBOARD})

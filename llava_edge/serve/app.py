@@ -322,6 +322,9 @@ def create_app(options: ServeOptions, on_load_error: Any = None) -> Starlette:
             # any header an allowed page sends: OpenAI's JavaScript client adds its own
             # (X-Stainless-*), which a list of ours would fail the preflight for
             allow_headers=["*"],
+            # a page's script sees only the headers named here: OpenAI's client reads these to
+            # wait before retrying, or not to retry a 504
+            expose_headers=["retry-after", "x-should-retry"],
         )
     ]
     app = Starlette(
