@@ -290,6 +290,39 @@ def test_exit_does_not_wait_again_for_an_engine_its_closer_gave_up_on(context_mo
     assert time.monotonic() - started < 8  # not CLOSE_AT_EXIT_S more
 
 
+ENGINE_MADE_AT_EXIT = """
+import atexit, sys
+
+def late():  # registered before the runtime's own exit handler: runs after it
+    with BatchEngine(pipe, max_batch=2) as engine:
+        requests = [engine.submit(None, q, max_new_tokens=3, ignore_eos=True) for q in "AB"]
+        print(*[len(r.result(timeout=10).token_ids) for r in requests])
+        print(requests[0].result().text == pipe.generate(None, "A", max_new_tokens=3, ignore_eos=True))
+
+atexit.register(late)
+from llava_edge.runtime import BatchEngine, Pipeline
+
+pipe = Pipeline.load(sys.argv[1], threads=1)
+"""
+
+
+def test_an_engine_made_by_a_late_exit_handler_answers(context_model_dir):
+    """An app's exit handler that runs after the runtime's may still ask the model; an engine
+    it made started a thread whose first model call the exit parked for good, so the handler
+    waited on its answers for ever. Its requests are answered within submit, as alone."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", ENGINE_MADE_AT_EXIT, str(context_model_dir)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["3", "3", "True"]
+
+
 class InterruptedStart(threading.Thread):
     """A scheduler thread that starts, but whose starter gets Ctrl-C while `start` waits."""
 
@@ -515,6 +548,8 @@ def test_bad_requests_fail_at_submit_and_leave_the_engine_working(pipe):
         engine.submit(None, "<image> Q")
     with pytest.raises(LlavaEdgeError, match="not an image"):
         engine.submit(b"not an image", "Q")
+    with pytest.raises(LlavaEdgeError, match="at most 256 characters"):
+        engine.submit_ids(pipe.prompt_ids("Q", None), None, {"stop": ["x" * 257]})
     with pytest.raises(LlavaEdgeError, match="image tokens"):
         engine.submit_ids(pipe.prompt_ids("Q", pipe.image_pixels(picture(1))), None, {})
     # an empty prompt failed at its prefill (IndexError), ids in an array or as floats raw

@@ -64,6 +64,8 @@ def bad_requests(tmp_path, image):
         (dict(image=image, prompt="What?", max_new_tokens=True), "max_new_tokens"),
         (dict(image=image, prompt="What?", stop=5), "stop must be"),
         (dict(image=image, prompt="What?", stop=[""]), "stop must be"),
+        (dict(image=image, prompt="What?", stop=list("abcdefghijklmnopq")), "at most 16 strings"),
+        (dict(image=image, prompt="What?", stop="x" * 257), "at most 256 characters"),
         (dict(image=image, prompt="What?", ignore_eos="no"), "ignore_eos must be"),
         (dict(image=None, prompt="  "), "prompt is empty"),
         (dict(image=5, prompt="What?"), "an image is a path, bytes.*got int"),

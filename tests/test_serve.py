@@ -212,6 +212,26 @@ def test_a_stream_tells_proxies_not_to_buffer_or_cache_it(server):
     assert "no-cache" in response.headers["cache-control"]
 
 
+def test_a_stream_of_unicode_line_separators_reads_line_by_line(server, monkeypatch):
+    """SSE ends a line at CR or LF only, but httpx's iter_lines (and so many a Python client)
+    splits at every line boundary str.splitlines knows: a chunk whose text held U+2028, U+2029
+    or U+0085 reached such a client in pieces that were no JSON. They are sent as escapes."""
+    from llava_edge.runtime.answer import AnswerText
+
+    push = AnswerText.push
+    monkeypatch.setattr(AnswerText, "push", lambda self, token: push(self, token) + SEPARATORS)
+    body = {"model": MODEL, "messages": GOOD, "max_tokens": 3, "stream": True}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers=headers) as r:
+        lines = [line for line in r.iter_lines() if line]
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text.count(SEPARATORS) == 3 and lines[-1] == "data: [DONE]"
+
+
+SEPARATORS = "\u2028\u2029\x85"
+
+
 def test_a_streams_chunks_share_one_id_and_creation_time(server, monkeypatch):
     """As OpenAI's do, though the clock moves between tokens (here on every reading of it)."""
     from llava_edge.serve import protocol
@@ -645,6 +665,7 @@ MALFORMED = {
     "top_p over 1": {"model": MODEL, "messages": GOOD, "top_p": 1.5},
     "temperature too small to sample": {"model": MODEL, "messages": GOOD, "temperature": 1e-40},
     "five stops": {"model": MODEL, "messages": GOOD, "stop": ["a", "b", "c", "d", "e"]},
+    "a stop string over the limit": {"model": MODEL, "messages": GOOD, "stop": ["a", "b" * 257]},
     "stream a string": {"model": MODEL, "messages": GOOD, "stream": "yes"},
     "stream_options without stream": {
         "model": MODEL,
@@ -674,6 +695,8 @@ def test_malformed_requests_get_400_and_the_server_goes_on(server, case):
     assert response.status_code == 400, response.text
     error = error_of(response)
     assert error["type"] == "invalid_request_error" and len(error["message"]) > 10
+    if "stop" in case:
+        assert error["param"] == "stop"
     assert httpx.get(server.url + "/health").status_code == 200
 
 
@@ -883,6 +906,21 @@ def test_keys_models_and_sizes_get_their_statuses(server):
     )
     assert many_pixels.status_code == 413 and "pixels" in error_of(many_pixels)["message"]
     assert server.metric('llava_edge_http_requests_total{status="413"}') >= 3
+
+
+def test_a_key_beyond_ascii_is_taken_as_its_utf8_bytes(context_model_dir):
+    """A header's bytes reach the app decoded as Latin-1: compared as UTF-8, a key holding a
+    character beyond Latin-1 matched no header at all, and every request got 401."""
+    key = "clé-ключ"
+    app = create_app(ServeOptions(context_model_dir, model_name=MODEL, api_key=key))
+    client = TestClient(app)  # no lifespan: /v1/models needs no model
+    sent = client.get("/v1/models", headers={"Authorization": b"Bearer " + key.encode()})
+    assert sent.status_code == 200 and sent.json()["data"][0]["id"] == MODEL
+    wrong = client.get("/v1/models", headers={"Authorization": b"Bearer " + "clé".encode()})
+    assert wrong.status_code == 401
+    app = create_app(ServeOptions(context_model_dir, model_name=MODEL, api_key="clé"))
+    as_latin1 = {"Authorization": b"Bearer " + "clé".encode("latin-1")}  # as http.client sends
+    assert TestClient(app).get("/v1/models", headers=as_latin1).status_code == 200
 
 
 @pytest.fixture
@@ -1272,6 +1310,48 @@ def test_a_body_that_stalls_mid_upload_gets_408_within_the_time_limit(context_mo
     assert "--timeout" in json.loads(sent[1]["body"])["error"]["message"]
 
 
+def test_a_body_that_stalls_without_a_time_limit_gives_its_queue_place_back(
+    context_model_dir, monkeypatch
+):
+    """Without --timeout, an upload whose link dropped without the connection closing held its
+    place in the queue for good: a few such robots and every other client got 429 until the
+    server restarted. A body from which nothing arrives for BODY_IDLE_S gets 408."""
+    from llava_edge.serve import app as app_module
+
+    monkeypatch.setattr(app_module, "BODY_IDLE_S", 0.5)
+    options = ServeOptions(context_model_dir, model_name=MODEL, max_batch=1, max_queue=0)
+    app = create_app(options)
+    parts = [{"type": "http.request", "body": b'{"model": "tiny", ', "more_body": True}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        if parts:
+            return parts.pop(0)
+        await asyncio.sleep(3600)  # the rest never comes
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def stalled_then_another() -> list[int]:
+        stalled = asyncio.ensure_future(app(chat_scope(app), receive, send))
+        await asyncio.sleep(0.1)
+        statuses = [app.state.serve.engine.stats()["admitting"]]
+        await asyncio.wait_for(stalled, 10)
+        return [*statuses, app.state.serve.engine.stats()["admitting"]]
+
+    with TestClient(app) as client:
+        deadline = time.time() + 30
+        while client.get("/health").status_code != 200 and time.time() < deadline:
+            time.sleep(0.05)
+        assert asyncio.run(stalled_then_another()) == [1, 0]
+        answer = client.post(
+            "/v1/chat/completions", json={"model": MODEL, "messages": GOOD, "max_tokens": 2}
+        )
+    assert sent[0]["status"] == 408
+    assert "no byte" in json.loads(sent[1]["body"])["error"]["message"]
+    assert answer.status_code == 200
+
+
 def test_shutdown_cancels_what_no_client_waits_for(context_model_dir, monkeypatch):
     """By the app's shutdown every client has had its answer or been cut off (SIGTERM's drain
     timeout), so a request still in the engine (one whose handler was cancelled while
@@ -1357,6 +1437,14 @@ def test_the_time_limit_counts_from_the_request_not_from_its_image(context_model
         took = time.monotonic() - start
     assert late.status_code == 504 and error_of(late)["code"] == "timeout"
     assert took < 2.5
+
+
+@pytest.mark.parametrize("field", ["max_body_mb", "max_image_mb"])
+def test_a_size_limit_of_infinite_mb_is_refused_at_startup(context_model_dir, field):
+    """--max-body-mb inf started a server that answered every request 500 (its bytes cannot
+    be counted in an int); --max-image-mb inf ended in a traceback."""
+    with pytest.raises(LlavaEdgeError, match=f"--{field.replace('_', '-')} must be positive"):
+        ServeOptions(context_model_dir, **{field: float("inf")})
 
 
 @pytest.mark.parametrize(
@@ -1733,6 +1821,41 @@ def test_a_browser_page_of_an_allowed_origin_may_call_the_api(tiny_model_dir):
     assert "access-control-allow-origin" not in client.options("/v1/models", headers=other).headers
     unauthorized = client.get("/v1/models", headers={"Origin": DASHBOARD})
     assert unauthorized.status_code == 401  # the key still guards every call but the preflight
+
+
+def test_a_dashboard_on_openais_js_client_passes_its_preflight(tiny_model_dir):
+    """OpenAI's JavaScript client sends its own headers (X-Stainless-*) with every request, so
+    its browser asks for them in the preflight: allowing only authorization and content-type
+    failed that preflight (400), and a dashboard on the official client could not call at all.
+    The origin is what is checked; any header an allowed page sends is taken."""
+    options = ServeOptions(tiny_model_dir, api_key=KEY, cors_origins=[DASHBOARD])
+    client = TestClient(create_app(options))  # no lifespan: the model need not load
+    preflight = {
+        "Origin": DASHBOARD,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os, "
+        "x-stainless-retry-count",
+    }
+    answer = client.options("/v1/chat/completions", headers=preflight)
+    assert answer.status_code == 200
+    allowed = answer.headers["access-control-allow-headers"].lower()
+    assert "x-stainless-os" in allowed and "x-stainless-retry-count" in allowed
+    other = {**preflight, "Origin": "http://elsewhere.example"}
+    assert "access-control-allow-origin" not in client.options("/v1/models", headers=other).headers
+
+
+def test_a_dashboard_page_sees_the_retry_headers(tiny_model_dir):
+    """A page's script reads only the response headers CORS exposes: OpenAI's client in a
+    browser saw no x-should-retry on a 504 (and retried it twice more) nor Retry-After."""
+    options = ServeOptions(tiny_model_dir, api_key=KEY, cors_origins=[DASHBOARD])
+    client = TestClient(create_app(options))  # no lifespan: the model is still loading
+    headers = {"Origin": DASHBOARD, "Authorization": f"Bearer {KEY}"}
+    loading = client.post(
+        "/v1/chat/completions", json={"model": "x", "messages": GOOD}, headers=headers
+    )
+    assert loading.status_code == 503 and loading.headers["retry-after"] == "1"
+    exposed = loading.headers["access-control-expose-headers"].lower()
+    assert "retry-after" in exposed and "x-should-retry" in exposed
 
 
 def test_without_cors_origins_a_browser_is_told_nothing(tiny_model_dir):

@@ -47,7 +47,7 @@ import numpy as np
 from llava_edge.errors import LlavaEdgeError, TimedOut, first_line
 from llava_edge.runtime.answer import Answer, AnswerText, timings
 from llava_edge.runtime.anyres import ImagePixels, pixels_list, prompt_forms
-from llava_edge.runtime.exit_guard import EXIT_WAIT_S, before_exit
+from llava_edge.runtime.exit_guard import EXIT_WAIT_S, before_exit, running_exit
 from llava_edge.runtime.generate import Timer, embed
 from llava_edge.runtime.image import Images, image_list
 from llava_edge.runtime.sampling import GenerationConfig, Sampler, whole_number
@@ -347,7 +347,8 @@ class BatchEngine:
     apart, so they finish, and their clients come back, at different steps instead of all at
     once. The pipeline's Limits apply to every request. `start=False` leaves the scheduling to
     the caller (`run_until_idle`), which is how Pipeline.generate_batch runs a batch without a
-    thread.
+    thread. An engine made by an exit handler that runs after the runtime's (which parks every
+    other thread's model calls) has no thread either: `submit` answers the request there.
 
     Prefixes are never reused where the graph that runs prompts is onnxruntime's dynamic int8
     form (int8 model dirs, and int4 ones quantized with `--prefill int8`): it quantizes
@@ -402,7 +403,10 @@ class BatchEngine:
         self._cancelling = False  # closing without draining
         self.failure: BaseException | None = None  # what stopped the scheduler thread, if any
         self._thread: threading.Thread | None = None
-        if start:
+        # made by an exit handler that runs after the runtime's: a thread of its own would be
+        # parked at its first model call, so each request is answered within submit instead
+        self._answers_in_submit = start and running_exit()
+        if start and not self._answers_in_submit:
             self._thread = threading.Thread(target=self._run, name="llava-edge-batch", daemon=True)
             try:
                 self._thread.start()
@@ -467,6 +471,8 @@ class BatchEngine:
             self.waiting.append(request)
             self.counters["requests"] += 1
             self._lock.notify_all()
+        if self._answers_in_submit:
+            self.run_until_idle()
         return request
 
     def reserve(self) -> Admission:

@@ -16,6 +16,12 @@ from numpy.random import default_rng
 
 from llava_edge.errors import LlavaEdgeError
 
+# Stop strings a request may give, and their length: after every token the answer's text is
+# searched for each (on the scheduler thread every row of a batch shares), and a stream holds
+# back what could still begin one, so a long one can keep a whole answer from streaming.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+
 
 @dataclass
 class GenerationConfig:
@@ -55,6 +61,16 @@ class GenerationConfig:
                 f"stop must be a string or a list of non-empty strings, got {self.stop!r}"
             )
         self.stop = list(self.stop)
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise LlavaEdgeError(
+                f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}"
+            )
+        longest = max(self.stop, key=len, default="")
+        if len(longest) > MAX_STOP_CHARS:
+            raise LlavaEdgeError(
+                f"a stop string may be at most {MAX_STOP_CHARS} characters, got one of "
+                f"{len(longest)}"
+            )
         self.ignore_eos = true_or_false("ignore_eos", self.ignore_eos)
 
     @property

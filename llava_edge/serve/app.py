@@ -51,6 +51,9 @@ T = TypeVar("T")
 
 
 REMOTE_TIMEOUT_S = 10.0  # seconds a remote image may take to fetch, unless told
+# seconds a request body may go without a byte arriving (nginx's client_body_timeout is 60 s):
+# a link that dropped without the connection closing would otherwise hold its queue place for good
+BODY_IDLE_S = 60.0
 # seconds shutdown waits for the engine's call in progress (a stalled device's may never end)
 ENGINE_STOP_S = 10.0
 ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+")  # an Origin header: scheme://host[:port]
@@ -96,8 +99,8 @@ class ServeOptions:
             ("--max-image-mb", self.max_image_mb),
             ("--remote-timeout", self.remote_timeout_s),
         ]:
-            if not value > 0:
-                raise LlavaEdgeError(f"{flag} must be positive, got {value:g}")
+            if not 0 < value < float("inf"):  # a limit of inf MB would count no bytes at all
+                raise LlavaEdgeError(f"{flag} must be positive and finite, got {value:g}")
         counts = [("--max-batch", self.max_batch, 1), ("--max-queue", self.max_queue, 0)]
         if self.threads is not None:  # None: onnxruntime's own choice
             counts.append(("--threads", self.threads, 1))
@@ -215,7 +218,11 @@ class ServerState:
             return
         given = request.headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
-        matches = hmac.compare_digest(token.strip().encode(), key.encode())  # bytes: any text
+        # ASGI servers decode a header's bytes as Latin-1: the key matches them sent as UTF-8
+        # (curl), or as Latin-1 where it fits (Python's http.client, browsers)
+        sent, wanted = token.strip(), key.encode()
+        as_utf8 = hmac.compare_digest(sent.encode("latin-1"), wanted)
+        matches = as_utf8 | hmac.compare_digest(sent.encode(), wanted)
         if scheme.lower() != "bearer" or not matches:
             raise ApiError(
                 401,
@@ -312,7 +319,12 @@ def create_app(options: ServeOptions, on_load_error: Any = None) -> Starlette:
             CORSMiddleware,
             allow_origins=options.cors_origins,
             allow_methods=["GET", "POST"],
-            allow_headers=["authorization", "content-type"],
+            # any header an allowed page sends: OpenAI's JavaScript client adds its own
+            # (X-Stainless-*), which a list of ours would fail the preflight for
+            allow_headers=["*"],
+            # a page's script sees only the headers named here: OpenAI's client reads these to
+            # wait before retrying, or not to retry a 504
+            expose_headers=["retry-after", "x-should-retry"],
         )
     ]
     app = Starlette(
@@ -731,14 +743,20 @@ class _AnswerStream(StreamingResponse):
             event = await _next_event(events, clock, self.handle)
 
 
+# Line boundaries of str.splitlines that JSON leaves unescaped: SSE ends a line at CR or LF only,
+# but httpx's iter_lines, and so many a Python client, splits at these too
+LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+
+
 def _sse_data(payload: Any) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+    return f"data: {json.dumps(payload, ensure_ascii=False).translate(LINE_BREAKS)}\n\n"
 
 
 async def _read_body_in_time(request: Request, limit: int, timeout_s: float | None) -> bytearray:
     """The request's body, received within --timeout (nothing is awaited between the request's
-    arrival and this read): a client that stalls mid-upload (a robot losing Wi-Fi without the
-    connection closing) is answered 408 instead of holding its connection open for good."""
+    arrival and this read), and with no pause of BODY_IDLE_S between two of its pieces: a client
+    that stalls mid-upload (a robot losing Wi-Fi without the connection closing) is answered 408
+    instead of holding its connection, and its place in the queue, for good."""
     try:
         return await asyncio.wait_for(_read_body(request, limit), timeout_s)
     except asyncio.TimeoutError:
@@ -754,11 +772,21 @@ async def _read_body(request: Request, limit: int) -> bytearray:
     if declared.isdigit() and int(declared) > limit:
         raise _body_too_large(int(declared), limit)
     body = bytearray()
-    async for piece in request.stream():
+    pieces = aiter(request.stream())
+    while True:
+        try:
+            piece = await asyncio.wait_for(anext(pieces), BODY_IDLE_S)
+        except StopAsyncIteration:
+            return body
+        except asyncio.TimeoutError:
+            raise ApiError(
+                408,
+                f"no byte of the request body arrived for {BODY_IDLE_S:g} s; send it again",
+                code="timeout",
+            ) from None
         body += piece
         if len(body) > limit:
             raise _body_too_large(len(body), limit)
-    return body
 
 
 def _check_json(request: Request) -> None:

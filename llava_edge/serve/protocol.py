@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from llava_edge.runtime.sampling import MAX_STOP_CHARS
 from llava_edge.runtime.template import IMAGE_PLACEHOLDER
 
 # Fields with a meaning the server cannot honour: refused unless they ask for the default.
@@ -388,10 +389,13 @@ def _parse_options(body: dict) -> tuple[dict[str, Any], str | None]:
         if (
             not isinstance(stops, list)
             or not 1 <= len(stops) <= 4
-            or not all(isinstance(s, str) and s for s in stops)
+            or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops)
         ):
             raise ApiError(
-                400, "'stop' must be a non-empty string or a list of 1 to 4 of them", "stop"
+                400,
+                f"'stop' must be a string of 1 to {MAX_STOP_CHARS} characters or a list of 1 to 4 "
+                "of them",
+                "stop",
             )
         options["stop"] = stops
     ignore_eos = _optional(body, "ignore_eos", bool, None)
