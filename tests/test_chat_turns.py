@@ -454,6 +454,32 @@ def test_a_stopped_answer_that_spells_an_image_placeholder_counts(pipe, monkeypa
     assert len(chat.turns) == 2
 
 
+@pytest.mark.parametrize("at", [2, 7])  # amid the answer (fed), and its last token (not fed)
+def test_an_answer_holding_the_image_token_is_held_as_shown(pipe, monkeypatch, at):
+    """A model may generate its image token (llava-hf's 32000 has a row in the output layer);
+    its text shows nothing. Held as generated, the next turn read it as one of the images' slots:
+    a turn bringing an image then failed with a shape error (every such turn, so the chat could
+    take no image again). The turn is held as shown, as the conversation rendered again is."""
+    import llava_edge.runtime.generate as generate
+
+    script = [pipe.codec.tokenizer.token_to_id(f"<0x{b:02X}>") for b in b"Answer!!"]
+    script[at] = pipe.manifest.tokens.image_token_id
+
+    class Scripted(generate.Sampler):
+        def __call__(self, logits, seen):
+            self.at = getattr(self, "at", -1) + 1
+            return np.array([script[self.at]])
+
+    with monkeypatch.context() as scripted:
+        scripted.setattr(generate, "Sampler", Scripted)
+        chat = pipe.chat(frame(), **OPTIONS)
+        assert chat.stream(FIRST).read().token_ids == script
+    again = pipe.chat(frame(), history=chat.turns, **OPTIONS)
+    got = chat.stream(NEXT, image=other_frame()).read()
+    assert got.token_ids == again.stream(NEXT, image=other_frame()).read().token_ids
+    assert chat.ids == again.ids and chat.fed == chat.cache.length == len(chat.ids) - 1
+
+
 # ---- images brought by later turns ---------------------------------------------------------------
 
 

@@ -662,6 +662,72 @@ def test_the_device_cache_truncates_and_a_chat_turn_rolls_back(stub, model: Path
     assert chats[1].ask("Where is it?") == chats[0].ask("Where is it?")
 
 
+def test_the_device_cache_gives_back_the_capacity_its_rows_no_longer_need(
+    stub, model: Path
+) -> None:
+    """Every decode step's attention reads every slot of the capacity, masked or not: once the
+    rows fit in half of it (a long request left a batch that goes on, a chat's long answer was
+    rolled back), they move into blocks of a smaller capacity and answer as before."""
+    from llava_edge.runtime import BatchEngine
+
+    build_engines(model, max_batch=2, kv_chunk=16, log=quiet)
+    reference = Pipeline.load(model)
+    trt = Pipeline(model, reference.manifest, backend(model))
+    options = dict(ignore_eos=True)
+    engine = BatchEngine(trt, max_batch=2, start=False)
+    long = engine.submit(None, "word " * 150, max_new_tokens=6, **options)
+    short = engine.submit(None, "Hi", max_new_tokens=30, **options)
+    while not long.done.is_set():
+        engine.step()
+    cache = engine.cache
+    assert 0 < cache.length < cache.capacity < 2 * (cache.length + cache.kv_chunk)
+    engine.run_until_idle()
+    alone = reference.answer(None, "Hi", max_new_tokens=30, **options)
+    assert short.result().token_ids == alone.token_ids
+
+    chats = [p.chat(None, max_new_tokens=4, **options) for p in (reference, trt)]
+    chats[0].ask("Hi")
+    chats[1].ask("Hi")
+    cache, held = chats[1].cache, chats[1].cache.length
+    stream = chats[1].stream("Go on.", max_new_tokens=200)
+    for _ in stream:
+        if cache.capacity >= 4 * (held + cache.kv_chunk):
+            break
+    assert cache.capacity >= 4 * (held + cache.kv_chunk)  # the turn grew it
+    stream.close()  # rolled back
+    assert cache.length == held < cache.capacity < 2 * (held + cache.kv_chunk)
+    assert chats[1].ask("And then?") == chats[0].ask("And then?")
+
+
+def test_a_shrink_without_memory_for_its_blocks_leaves_the_cache_as_it_was(
+    stub, model: Path, monkeypatch
+) -> None:
+    build_engines(model, kv_chunk=16, log=quiet)
+    be = backend(model)
+    cache = be.new_cache(1)
+    embeds = np.random.default_rng(0).standard_normal((1, 80, 64)).astype(np.float32)
+    be.decode(embeds, np.ones((1, 80), np.int64), np.arange(80)[None], cache)
+    cache.truncate(3)
+    kept = [be.cuda.to_host(region, be.stream)[:, :, :3] for region in cache.past(0)]
+    take, calls = cache.pool.take, []
+
+    def second_fails(nbytes: int):
+        calls.append(nbytes)
+        if len(calls) == 2:
+            raise MemoryError
+        return take(nbytes)
+
+    monkeypatch.setattr(cache.pool, "take", second_fails)
+    cache.shrink()
+    assert cache.capacity == 80 and cache.length == 3
+    monkeypatch.undo()
+    cache.shrink()
+    assert cache.capacity == 16 and cache.length == 3
+    for region, before in zip(cache.past(0), kept, strict=True):
+        after = be.cuda.to_host(region, be.stream)
+        assert np.array_equal(after[:, :, :3], before) and not after[:, :, 3:].any()
+
+
 def test_engines_built_for_a_shorter_context_shorten_the_answer(stub, model: Path) -> None:
     build_engines(model, max_context=40, kv_chunk=16, log=quiet)
     reference = Pipeline.load(model)

@@ -833,12 +833,12 @@ class ChatSession:
     (its stream closed or dropped before the end, a timeout, an error while decoding) is rolled
     back whole: the session answers exactly as if the question had never been asked, so the next
     question may follow at once. Its KV cache keeps at most what it held before: a turn that
-    re-reads the conversation (after a history or a cut answer, or a LLaVA-OneVision image read
-    untiled once a second arrives) gives up the part it re-reads once it runs (not where it is
-    refused), and the next turn feeds that part again. Starting a turn
-    while an earlier turn's stream is still open rolls the earlier one back first (or is refused
-    while another thread is inside that stream's decode step); iterating that stream afterwards
-    is an error.
+    re-reads the conversation (after a history, a cut answer or one holding the image token, or
+    a LLaVA-OneVision image read untiled once a second arrives) gives up the part it re-reads
+    once it runs (not where it is refused), and the next turn feeds that part again. Starting a
+    turn while an earlier turn's stream is still open rolls the earlier one back first (or is
+    refused while another thread is inside that stream's decode step); iterating that stream
+    afterwards is an error.
 
     Not thread-safe: use one session per thread.
     """
@@ -1068,17 +1068,21 @@ class _Turn:
         self.images = images  # the new images it brings, the session's once it counts
         self.fed = session.fed  # where the cache stood before the turn
 
-    def commit(self, ids: list[int], text: str, stopped: bool) -> None:
-        """The turn counts. An answer cut by a stop string is held as it is shown, not as it was
-        generated (the stop string and what came with it in its last token): the conversation
-        is re-rendered from the shown turns, as a server re-renders what its client sends back,
-        and the cache is kept up to where the two agree. So is every answer where the template
-        writes a past answer's header otherwise than a new one's (answered_assistant): the next
-        turn feeds the answer again after the past header. Where an answer spells out an image
-        placeholder, which its re-rendered text would read as an image, or the model's video
-        placeholder, which a prompt may not hold, the turn is held as generated."""
+    def commit(self, ids: list[int], answer: list[int], text: str, stopped: bool) -> None:
+        """The turn counts: `ids` were fed for it, `answer` generated. An answer cut by a stop
+        string is held as it is shown, not as it was generated (the stop string and what came
+        with it in its last token): the conversation is re-rendered from the shown turns, as a
+        server re-renders what its client sends back, and the cache is kept up to where the two
+        agree. So is every answer where the template writes a past answer's header otherwise
+        than a new one's (answered_assistant): the next turn feeds the answer again after the
+        past header; and an answer holding the image token, which its text does not show and
+        which a next turn would read as one of the images' slots. Where an answer spells out an
+        image placeholder, which its re-rendered text would read as an image, or the model's
+        video placeholder, which a prompt may not hold, the turn is held as generated."""
         session = self.session
-        rendered = stopped or session.template.answered_assistant is not None
+        image_id = session.pipeline.manifest.tokens.image_token_id
+        rendered = stopped or session.template.answered_assistant is not None or image_id in answer
+        ids = ids + answer
         turns = [*session.turns, (self.prompt, text)]
         pixels = session.pixels + self.images
         image_turns = session.image_turns + [len(session.turns)] * len(self.images)
@@ -1286,7 +1290,7 @@ def _pieces(
         if not outcome.finish(whole):  # closed by another thread after the last step
             raise _abandoned()
         if turn is not None:
-            turn.commit(all_ids + generated, answer.text, answer.stopped)
+            turn.commit(all_ids, generated, answer.text, answer.stopped)
         finished = True
     finally:
         if steps is not None:

@@ -262,9 +262,45 @@ class DeviceKVCache(RowCache):
         self.valid[row, :length] = 1
 
     def shrink(self) -> None:
-        """Give the device blocks back to the pool once every row is empty."""
+        """Give the device blocks back to the pool once every row is empty, and move the rows
+        into blocks of a smaller capacity once the longest fits in half of it (as the onnxruntime
+        KVCache does): every step's attention reads every slot of the capacity, masked or not,
+        so a batch that goes on after its long request left, or a chat whose long answer was
+        rolled back, would otherwise decode at the long one's cost. A shrink that cannot have
+        its smaller blocks (out of memory) leaves the cache as it was."""
         if not self.lengths.any():
             self.release()
+            return
+        used, old = self.length, self.capacity
+        new = capacity(used + 1, self.kv_chunk, self.max_context)  # as growing to it gives
+        if 2 * new > old:
+            return
+        blocks: list[Allocation] = []
+        try:
+            for _ in self._blocks:
+                blocks.append(self.pool.take(self.region_bytes(new)))
+            rows = self.batch * self.text.num_kv_heads
+            for block, previous in zip(blocks, self._blocks, strict=True):
+                self.cuda.zero(block.ptr, block.nbytes, self.stream)
+                self.cuda.copy_rows(
+                    block.ptr,
+                    new * self.row_bytes,
+                    previous.ptr,
+                    old * self.row_bytes,
+                    used * self.row_bytes,
+                    rows,
+                    self.stream,
+                )
+        except BaseException as e:
+            _give_back(self.pool, blocks)
+            if isinstance(e, Exception):  # shrinking only saves: the cache stays as it was
+                return
+            raise
+        _give_back(self.pool, self._blocks)  # the stream copies out of them before any later use
+        self._blocks[:] = blocks  # in place: the finalizer holds this list
+        self.valid = self.valid[:, :new].copy()
+        self.capacity = new
+        self.graphs.clear()  # they bound the old blocks
 
     # ---- storage ---------------------------------------------------------------------------
 
