@@ -367,3 +367,32 @@ def test_export_warns_of_a_chat_template_that_writes_the_day(
         assert any(f"Today Date: {day}" in system for day in days)
     else:
         assert "warning" not in said and "Today Date: 26 Jul 2024" in system
+
+
+@pytest.mark.parametrize("name", ["mistral-instruct", "llava-1.5-hf"])
+def test_a_raw_prompt_gets_the_bos_transformers_processor_gives_it(
+    name: str, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """A raw prompt is sent without the template, as `processor(text=prompt, images=...)` takes
+    one (the model cards' way): the tokenizer's BOS goes first, on a dir whose template writes
+    BOS itself (Mistral's) too, where templated prompts and a chat get it from the template
+    alone."""
+    from transformers import AutoProcessor
+
+    from llava_edge.export.verify import sample_image
+
+    template = {"mistral-instruct": MISTRAL, "llava-1.5-hf": LLAVA_HF}[name]
+    checkpoint = with_template(tiny_checkpoint, tmp_path / "ckpt", template)
+    export_checkpoint(checkpoint, tmp_path / "model", verify=False, fused=False, log=quiet)
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    image = sample_image(120)
+    with Pipeline.load(tmp_path / "model") as pipe:
+        for prompt, images in [("[INST] <image>\nWhat is it? [/INST]", [image]), ("Hi.", [])]:
+            ids = pipe.answer(images or None, prompt, raw=True, max_new_tokens=1).prompt_token_ids
+            reference = processor(text=prompt, images=images or None)["input_ids"][0]
+            assert ids == list(reference)
+        question = hf_ids(checkpoint, [(CHAT[0][0], None)], image)
+        assert pipe.answer(image, CHAT[0][0], max_new_tokens=1).prompt_token_ids == question
+        stream = pipe.chat(image).stream(CHAT[0][0], max_new_tokens=1)
+        "".join(stream)
+        assert stream.answer.prompt_token_ids == question

@@ -816,6 +816,7 @@ def _token_spec(loaded: LoadedCheckpoint) -> TokenSpec:
         # a tokenizer.json whose post-processor writes BOS, without a tokenizer_config.json
         # naming it: transformers' processor adds it to every prompt, so must the runtime
         bos = probe[0]
+    adds_bos = bool(bos is not None and probe and probe[0] == bos)
     pad = tokenizer.pad_token_id
     if pad is None:
         pad = model.generation_config.pad_token_id
@@ -826,7 +827,8 @@ def _token_spec(loaded: LoadedCheckpoint) -> TokenSpec:
         eos_token_ids=eos_ids,
         bos_token_id=None if bos is None else int(bos),
         pad_token_id=None if pad is None else int(pad),
-        add_bos=bool(bos is not None and probe and probe[0] == bos),
+        add_bos=adds_bos,
+        raw_bos=adds_bos,
         video_token_id=None if video is None else int(video),
     )
 
