@@ -15,7 +15,7 @@ from datetime import date
 from pathlib import Path
 
 import pytest
-from chat_templates import LLAMA31, LLAMA32
+from chat_templates import GEMMA3, LLAMA31, LLAMA32
 from conftest import quiet
 from hf_checkpoints import ONEVISION_TEMPLATE as ONEVISION
 
@@ -396,3 +396,34 @@ def test_a_raw_prompt_gets_the_bos_transformers_processor_gives_it(
         stream = pipe.chat(image).stream(CHAT[0][0], max_new_tokens=1)
         "".join(stream)
         assert stream.answer.prompt_token_ids == question
+
+
+def test_a_template_that_marks_images_its_own_way_takes_llavas_image_in_a_string(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """Gemma 3's template writes an image part as its own model's <start_of_image>, which
+    transformers' LLaVA processor does not read as an image: a LLaVA checkpoint on its language
+    model is prompted as the processor takes it, LLaVA's `<image>\\n` before the question in a
+    string, and a system prompt goes inside the first turn, where the template writes it."""
+    from transformers import AutoProcessor
+
+    from llava_edge.export.verify import sample_image
+
+    specials = ["<start_of_turn>", "<start_of_image>", "<end_of_turn>"]
+    checkpoint = with_template(tiny_checkpoint, tmp_path / "ckpt", GEMMA3, specials)
+    export_checkpoint(checkpoint, tmp_path / "model", verify=False, fused=False, log=quiet)
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    image = sample_image(120)
+    system = "You are a robot."
+    messages = [{"role": "system", "content": system}]
+    for i, (question, answer) in enumerate(CHAT):
+        messages.append({"role": "user", "content": ("<image>\n" if i == 0 else "") + question})
+        if answer is not None:
+            messages.append({"role": "assistant", "content": answer})
+    with Pipeline.load(tmp_path / "model") as pipe:
+        pixels = pipe.image_pixels(image)
+        ids = pipe.conversation_ids(CHAT, pixels, 0, system=system)
+        assert ids == processor_ids(processor, messages, [image])
+        first = [messages[1]]
+        answer = pipe.answer(image, CHAT[0][0], max_new_tokens=1)
+        assert answer.prompt_token_ids == processor_ids(processor, first, [image])

@@ -77,7 +77,9 @@ class CheckpointChat:
 
         Multimodal templates take message contents as lists of {"type": "image"} and
         {"type": "text"} parts; a language model's template (ChatML, Mistral's [INST]) takes a
-        string, where LLaVA's convention puts the image as `<image>\\n` before the question.
+        string, where LLaVA's convention puts the image as `<image>\\n` before the question. So
+        does one that writes an image part as its own model's mark (Gemma 3's
+        <start_of_image>), which transformers' LLaVA processor reads as no image.
         """
         jinja = getattr(processor, "chat_template", None) or getattr(
             processor.tokenizer, "chat_template", None
@@ -86,7 +88,7 @@ class CheckpointChat:
             jinja = jinja.get("default")
         if not jinja:
             return None
-        errors = []
+        errors, rendering = [], []
         for string_content in (False, True):
             chat = cls(processor, jinja, string_content)
             try:
@@ -95,7 +97,11 @@ class CheckpointChat:
                 errors.append(f"{type(e).__name__}: {e}")
                 continue
             if text.count(Q1) == 1 and "{'type'" not in text:
-                return chat
+                if IMAGE_PLACEHOLDER in text:
+                    return chat
+                rendering.append(chat)
+        if rendering:  # neither form wrote the image: derive_template says so
+            return rendering[0]
         raise LlavaEdgeError(
             "the checkpoint's chat template cannot render a question about an image "
             f"({errors[-1] if errors else 'the question does not appear in the prompt'}); "
