@@ -15,7 +15,7 @@ from datetime import date
 from pathlib import Path
 
 import pytest
-from chat_templates import GEMMA3, LLAMA31, LLAMA32
+from chat_templates import GEMMA3, LLAMA31, LLAMA32, MISTRAL_SMALL
 from conftest import quiet
 from hf_checkpoints import ONEVISION_TEMPLATE as ONEVISION
 
@@ -427,3 +427,21 @@ def test_a_template_that_marks_images_its_own_way_takes_llavas_image_in_a_string
         first = [messages[1]]
         answer = pipe.answer(image, CHAT[0][0], max_new_tokens=1)
         assert answer.prompt_token_ids == processor_ids(processor, first, [image])
+
+
+def test_a_system_prompt_between_control_tokens_named_system_prompt_is_written_in_them(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """Mistral Small 3's template writes a system message between its [SYSTEM_PROMPT] and
+    [/SYSTEM_PROMPT] control tokens, after BOS: a system prompt given at run time goes there,
+    as transformers writes it, not in place of all of it (BOS too)."""
+    from llava_edge.export.verify import sample_image
+
+    specials = ["[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "</s>"]
+    checkpoint = with_template(tiny_checkpoint, tmp_path / "ckpt", MISTRAL_SMALL, specials)
+    export_checkpoint(checkpoint, tmp_path / "model", verify=False, fused=False, log=quiet)
+    image = sample_image(120)
+    with Pipeline.load(tmp_path / "model") as pipe:
+        system = "You are a robot."
+        ids = pipe.conversation_ids(CHAT, pipe.image_pixels(image), 0, system=system)
+        assert ids == hf_ids(checkpoint, CHAT, image, system=system)

@@ -51,10 +51,11 @@ FORMAT_TOKENS = {
 }
 # What a chat template calls to write the date it renders a prompt on (transformers gives it).
 DATED = "strftime_now"
-# Texts no template writes itself, so each one's place in a rendered prompt is unambiguous.
+# Texts no template writes itself, so each one's place in a rendered prompt is unambiguous (not
+# "SYSTEM_PROMPT": Mistral's templates write their [SYSTEM_PROMPT] control token).
 Q1, Q2, Q3 = "QUESTION_ONE", "QUESTION_TWO", "QUESTION_THREE"
 A1, A2 = "ANSWER_ONE", "ANSWER_TWO"
-SYSTEM = "SYSTEM_PROMPT"
+SYSTEM = "SYSTEM_ONE"
 PROBE = [(Q1, A1), (Q2, A2), (Q3, None)]
 
 Turns = list[tuple[str, str | None]]
