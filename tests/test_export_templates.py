@@ -317,6 +317,7 @@ def without_template(tiny_checkpoint: Path, out: Path, specials: list[str]) -> P
         (["<|im_start|>", "<|im_end|>"], "qwen_1_5"),
         (["<|start_header_id|>"], "llama_3"),
         (["[INST]"], "mistral_instruct"),
+        (["<start_of_turn>", "<end_of_turn>"], "gemma"),
     ],
 )
 def test_export_says_which_template_it_fell_back_to(

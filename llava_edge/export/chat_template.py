@@ -48,6 +48,7 @@ FORMAT_TOKENS = {
     "<|start_header_id|>": "llama_3",
     "<|assistant|>": "phi_3",
     "[INST]": "mistral_instruct",  # a control token from Mistral's v3 tokenizer on
+    "<start_of_turn>": "gemma",
 }
 # What a chat template calls to write the date it renders a prompt on (transformers gives it).
 DATED = "strftime_now"
