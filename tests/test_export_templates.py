@@ -15,7 +15,7 @@ from datetime import date
 from pathlib import Path
 
 import pytest
-from chat_templates import GEMMA3, LLAMA31, LLAMA32, MISTRAL_SMALL
+from chat_templates import GEMMA3, LLAMA31, LLAMA32, MISTRAL_SMALL, MISTRAL_SMALL_31
 from conftest import quiet
 from hf_checkpoints import ONEVISION_TEMPLATE as ONEVISION
 
@@ -446,3 +446,24 @@ def test_a_system_prompt_between_control_tokens_named_system_prompt_is_written_i
         system = "You are a robot."
         ids = pipe.conversation_ids(CHAT, pipe.image_pixels(image), 0, system=system)
         assert ids == hf_ids(checkpoint, CHAT, image, system=system)
+
+
+def test_a_system_prompt_the_template_cannot_take_keeps_the_bos_it_writes(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """Mistral Small 3.1's template writes BOS, then its default system message, and fails on a
+    system message in a string: a system prompt given at run time takes the default's place
+    as plain text, after that BOS, which the runtime adds to no templated prompt."""
+    from llava_edge.export.verify import sample_image
+
+    specials = ["[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]", "</s>"]
+    checkpoint = with_template(tiny_checkpoint, tmp_path / "ckpt", MISTRAL_SMALL_31, specials)
+    export_checkpoint(checkpoint, tmp_path / "model", verify=False, fused=False, log=quiet)
+    image = sample_image(120)
+    with Pipeline.load(tmp_path / "model") as pipe:
+        bos = pipe.manifest.tokens.bos_token_id
+        ids = pipe.answer(image, CHAT[0][0], max_new_tokens=1, system="Be brief.").prompt_token_ids
+        assert ids[0] == bos and ids.count(bos) == 1
+        assert pipe.codec.decode(ids).startswith("Be brief. ")
+        plain = pipe.answer(image, CHAT[0][0], max_new_tokens=1).prompt_token_ids
+        assert plain == hf_ids(checkpoint, [(CHAT[0][0], None)], image)

@@ -325,7 +325,7 @@ def _with_system_format(chat: CheckpointChat, template: TemplateSpec) -> Templat
     neither way: a system prompt given at run time then takes `system`'s place as plain text."""
     # Where the template takes none, a BOS it writes itself stays first (as the plain form would
     # drop it with the rest of `system`).
-    bos = chat.bos if chat.bos and template.system == chat.bos else ""
+    bos = chat.bos if chat.bos and template.system.startswith(chat.bos) else ""
     fallback = dataclasses.replace(template, system_format=bos + "{system} " if bos else None)
     try:
         text = chat.text(PROBE, image=True, system=SYSTEM)
