@@ -387,6 +387,14 @@ def _check_tokens(config: Any, tokenizer: Any, eos_ids: list[int]) -> None:
             "the checkpoint names no end-of-sequence token (generation_config.json's "
             "eos_token_id, or the tokenizer's eos_token), so no answer could end; set one"
         )
+    appended = _appended_tokens(tokenizer)
+    if appended:
+        raise LlavaEdgeError(
+            f"the tokenizer ends every text it encodes with {''.join(appended)!r} (its "
+            "add_eos_token, or its tokenizer.json's post-processor), so transformers' prompts "
+            "end the turn before the model answers, which the runtime's do not; set "
+            '"add_eos_token": false in tokenizer_config.json and save the tokenizer again'
+        )
     image_id = int(config.image_token_id)
     image_token = (
         tokenizer.convert_ids_to_tokens(image_id) if 0 <= image_id < len(tokenizer) else None
@@ -831,6 +839,16 @@ def _token_spec(loaded: LoadedCheckpoint) -> TokenSpec:
         raw_bos=adds_bos,
         video_token_id=None if video is None else int(video),
     )
+
+
+def _appended_tokens(tokenizer: Any) -> list[str]:
+    """The tokens the tokenizer puts after every text it encodes (none for a LLaVA one)."""
+    probe = tokenizer("a").input_ids
+    bare = tokenizer("a", add_special_tokens=False).input_ids
+    for at in range(len(probe) - len(bare) + 1 if bare else 0):
+        if probe[at : at + len(bare)] == bare:
+            return tokenizer.convert_ids_to_tokens(probe[at + len(bare) :])
+    return []
 
 
 def _eos_ids(generation_config: Any, tokenizer: Any) -> list[int]:
