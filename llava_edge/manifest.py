@@ -137,7 +137,11 @@ class TokenSpec:
     eos_token_ids: list[int]
     bos_token_id: int | None = None
     pad_token_id: int | None = None
-    add_bos: bool = True  # put bos_token_id before every prompt
+    add_bos: bool = True  # put bos_token_id before every prompt the chat template renders
+    # Put it before a raw prompt (sent without the template), as the tokenizer puts it before any
+    # text (transformers' `processor(text=...)`): unlike add_bos where the template writes BOS
+    # itself. None (a manifest from before it was recorded): as add_bos.
+    raw_bos: bool | None = None
     # LLaVA-OneVision's <video> placeholder, which a prompt may not hold: the runtime takes no
     # video, and transformers refuses the placeholder without one. None: the model has none.
     video_token_id: int | None = None

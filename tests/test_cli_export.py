@@ -74,6 +74,28 @@ def _export_cases(tmp: Path, checkpoint: Path, plain_llama: Path) -> dict:
     (no_eos / "generation_config.json").unlink(missing_ok=True)
     _edit_json(no_eos / "config.json", lambda c: c["text_config"].update(eos_token_id=None))
     _edit_json(no_eos / "tokenizer_config.json", lambda c: c.update(eos_token=None))
+    # a tokenizer saved from training with add_eos_token: it ends every text, a prompt too
+    eos_appended = tmp / "eos_appended"
+    shutil.copytree(checkpoint, eos_appended)
+    _edit_json(eos_appended / "tokenizer_config.json", lambda c: c.update(add_eos_token=True))
+    _edit_json(
+        eos_appended / "tokenizer.json",
+        lambda t: t.update(
+            post_processor={
+                "type": "TemplateProcessing",
+                "single": [
+                    {"SpecialToken": {"id": "<s>", "type_id": 0}},
+                    {"Sequence": {"id": "A", "type_id": 0}},
+                    {"SpecialToken": {"id": "</s>", "type_id": 0}},
+                ],
+                "pair": [{"Sequence": {"id": "A", "type_id": 0}}],
+                "special_tokens": {
+                    token: {"id": token, "ids": [i], "tokens": [token]}
+                    for i, token in ((1, "<s>"), (2, "</s>"))
+                },
+            }
+        ),
+    )
     image_token = tmp / "image_token"  # the image token spelled '<img>'
     shutil.copytree(checkpoint, image_token)
     (image_token / "llava_edge.json").unlink(missing_ok=True)
@@ -131,6 +153,7 @@ def _export_cases(tmp: Path, checkpoint: Path, plain_llama: Path) -> dict:
             "tokens of question and answer",
         ),
         "no-eos": (str(no_eos), out, [], "no end-of-sequence token"),
+        "eos-appended": (str(eos_appended), out, [], "ends every text it encodes with '</s>'"),
         "image-token-spelled-otherwise": (str(image_token), out, [], "image token is '<img>'"),
         "bad-opset": (str(checkpoint), out, ["--opset", "30"], "--opset"),
         # the decoder needs opset 10 (dynamic Slice), quantize's per-channel Q/DQ 13
@@ -167,6 +190,7 @@ CASES = [
     "bad-max-context",
     "max-context-below-one-image",
     "no-eos",
+    "eos-appended",
     "image-token-spelled-otherwise",
     "bad-opset",
     "opset-below-quantize",

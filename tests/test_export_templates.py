@@ -15,7 +15,7 @@ from datetime import date
 from pathlib import Path
 
 import pytest
-from chat_templates import LLAMA31, LLAMA32
+from chat_templates import GEMMA3, LLAMA31, LLAMA32, MISTRAL_SMALL, MISTRAL_SMALL_31
 from conftest import quiet
 from hf_checkpoints import ONEVISION_TEMPLATE as ONEVISION
 
@@ -317,6 +317,7 @@ def without_template(tiny_checkpoint: Path, out: Path, specials: list[str]) -> P
         (["<|im_start|>", "<|im_end|>"], "qwen_1_5"),
         (["<|start_header_id|>"], "llama_3"),
         (["[INST]"], "mistral_instruct"),
+        (["<start_of_turn>", "<end_of_turn>"], "gemma"),
     ],
 )
 def test_export_says_which_template_it_fell_back_to(
@@ -367,3 +368,102 @@ def test_export_warns_of_a_chat_template_that_writes_the_day(
         assert any(f"Today Date: {day}" in system for day in days)
     else:
         assert "warning" not in said and "Today Date: 26 Jul 2024" in system
+
+
+@pytest.mark.parametrize("name", ["mistral-instruct", "llava-1.5-hf"])
+def test_a_raw_prompt_gets_the_bos_transformers_processor_gives_it(
+    name: str, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """A raw prompt is sent without the template, as `processor(text=prompt, images=...)` takes
+    one (the model cards' way): the tokenizer's BOS goes first, on a dir whose template writes
+    BOS itself (Mistral's) too, where templated prompts and a chat get it from the template
+    alone."""
+    from transformers import AutoProcessor
+
+    from llava_edge.export.verify import sample_image
+
+    template = {"mistral-instruct": MISTRAL, "llava-1.5-hf": LLAVA_HF}[name]
+    checkpoint = with_template(tiny_checkpoint, tmp_path / "ckpt", template)
+    export_checkpoint(checkpoint, tmp_path / "model", verify=False, fused=False, log=quiet)
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    image = sample_image(120)
+    with Pipeline.load(tmp_path / "model") as pipe:
+        for prompt, images in [("[INST] <image>\nWhat is it? [/INST]", [image]), ("Hi.", [])]:
+            ids = pipe.answer(images or None, prompt, raw=True, max_new_tokens=1).prompt_token_ids
+            reference = processor(text=prompt, images=images or None)["input_ids"][0]
+            assert ids == list(reference)
+        question = hf_ids(checkpoint, [(CHAT[0][0], None)], image)
+        assert pipe.answer(image, CHAT[0][0], max_new_tokens=1).prompt_token_ids == question
+        stream = pipe.chat(image).stream(CHAT[0][0], max_new_tokens=1)
+        "".join(stream)
+        assert stream.answer.prompt_token_ids == question
+
+
+def test_a_template_that_marks_images_its_own_way_takes_llavas_image_in_a_string(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """Gemma 3's template writes an image part as its own model's <start_of_image>, which
+    transformers' LLaVA processor does not read as an image: a LLaVA checkpoint on its language
+    model is prompted as the processor takes it, LLaVA's `<image>\\n` before the question in a
+    string, and a system prompt goes inside the first turn, where the template writes it."""
+    from transformers import AutoProcessor
+
+    from llava_edge.export.verify import sample_image
+
+    specials = ["<start_of_turn>", "<start_of_image>", "<end_of_turn>"]
+    checkpoint = with_template(tiny_checkpoint, tmp_path / "ckpt", GEMMA3, specials)
+    export_checkpoint(checkpoint, tmp_path / "model", verify=False, fused=False, log=quiet)
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    image = sample_image(120)
+    system = "You are a robot."
+    messages = [{"role": "system", "content": system}]
+    for i, (question, answer) in enumerate(CHAT):
+        messages.append({"role": "user", "content": ("<image>\n" if i == 0 else "") + question})
+        if answer is not None:
+            messages.append({"role": "assistant", "content": answer})
+    with Pipeline.load(tmp_path / "model") as pipe:
+        pixels = pipe.image_pixels(image)
+        ids = pipe.conversation_ids(CHAT, pixels, 0, system=system)
+        assert ids == processor_ids(processor, messages, [image])
+        first = [messages[1]]
+        answer = pipe.answer(image, CHAT[0][0], max_new_tokens=1)
+        assert answer.prompt_token_ids == processor_ids(processor, first, [image])
+
+
+def test_a_system_prompt_between_control_tokens_named_system_prompt_is_written_in_them(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """Mistral Small 3's template writes a system message between its [SYSTEM_PROMPT] and
+    [/SYSTEM_PROMPT] control tokens, after BOS: a system prompt given at run time goes there,
+    as transformers writes it, not in place of all of it (BOS too)."""
+    from llava_edge.export.verify import sample_image
+
+    specials = ["[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "</s>"]
+    checkpoint = with_template(tiny_checkpoint, tmp_path / "ckpt", MISTRAL_SMALL, specials)
+    export_checkpoint(checkpoint, tmp_path / "model", verify=False, fused=False, log=quiet)
+    image = sample_image(120)
+    with Pipeline.load(tmp_path / "model") as pipe:
+        system = "You are a robot."
+        ids = pipe.conversation_ids(CHAT, pipe.image_pixels(image), 0, system=system)
+        assert ids == hf_ids(checkpoint, CHAT, image, system=system)
+
+
+def test_a_system_prompt_the_template_cannot_take_keeps_the_bos_it_writes(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """Mistral Small 3.1's template writes BOS, then its default system message, and fails on a
+    system message in a string: a system prompt given at run time takes the default's place
+    as plain text, after that BOS, which the runtime adds to no templated prompt."""
+    from llava_edge.export.verify import sample_image
+
+    specials = ["[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]", "</s>"]
+    checkpoint = with_template(tiny_checkpoint, tmp_path / "ckpt", MISTRAL_SMALL_31, specials)
+    export_checkpoint(checkpoint, tmp_path / "model", verify=False, fused=False, log=quiet)
+    image = sample_image(120)
+    with Pipeline.load(tmp_path / "model") as pipe:
+        bos = pipe.manifest.tokens.bos_token_id
+        ids = pipe.answer(image, CHAT[0][0], max_new_tokens=1, system="Be brief.").prompt_token_ids
+        assert ids[0] == bos and ids.count(bos) == 1
+        assert pipe.codec.decode(ids).startswith("Be brief. ")
+        plain = pipe.answer(image, CHAT[0][0], max_new_tokens=1).prompt_token_ids
+        assert plain == hf_ids(checkpoint, [(CHAT[0][0], None)], image)

@@ -48,13 +48,15 @@ FORMAT_TOKENS = {
     "<|start_header_id|>": "llama_3",
     "<|assistant|>": "phi_3",
     "[INST]": "mistral_instruct",  # a control token from Mistral's v3 tokenizer on
+    "<start_of_turn>": "gemma",
 }
 # What a chat template calls to write the date it renders a prompt on (transformers gives it).
 DATED = "strftime_now"
-# Texts no template writes itself, so each one's place in a rendered prompt is unambiguous.
+# Texts no template writes itself, so each one's place in a rendered prompt is unambiguous (not
+# "SYSTEM_PROMPT": Mistral's templates write their [SYSTEM_PROMPT] control token).
 Q1, Q2, Q3 = "QUESTION_ONE", "QUESTION_TWO", "QUESTION_THREE"
 A1, A2 = "ANSWER_ONE", "ANSWER_TWO"
-SYSTEM = "SYSTEM_PROMPT"
+SYSTEM = "SYSTEM_ONE"
 PROBE = [(Q1, A1), (Q2, A2), (Q3, None)]
 
 Turns = list[tuple[str, str | None]]
@@ -77,7 +79,9 @@ class CheckpointChat:
 
         Multimodal templates take message contents as lists of {"type": "image"} and
         {"type": "text"} parts; a language model's template (ChatML, Mistral's [INST]) takes a
-        string, where LLaVA's convention puts the image as `<image>\\n` before the question.
+        string, where LLaVA's convention puts the image as `<image>\\n` before the question. So
+        does one that writes an image part as its own model's mark (Gemma 3's
+        <start_of_image>), which transformers' LLaVA processor reads as no image.
         """
         jinja = getattr(processor, "chat_template", None) or getattr(
             processor.tokenizer, "chat_template", None
@@ -86,7 +90,7 @@ class CheckpointChat:
             jinja = jinja.get("default")
         if not jinja:
             return None
-        errors = []
+        errors, rendering = [], []
         for string_content in (False, True):
             chat = cls(processor, jinja, string_content)
             try:
@@ -95,7 +99,11 @@ class CheckpointChat:
                 errors.append(f"{type(e).__name__}: {e}")
                 continue
             if text.count(Q1) == 1 and "{'type'" not in text:
-                return chat
+                if IMAGE_PLACEHOLDER in text:
+                    return chat
+                rendering.append(chat)
+        if rendering:  # neither form wrote the image: derive_template says so
+            return rendering[0]
         raise LlavaEdgeError(
             "the checkpoint's chat template cannot render a question about an image "
             f"({errors[-1] if errors else 'the question does not appear in the prompt'}); "
@@ -317,7 +325,7 @@ def _with_system_format(chat: CheckpointChat, template: TemplateSpec) -> Templat
     neither way: a system prompt given at run time then takes `system`'s place as plain text."""
     # Where the template takes none, a BOS it writes itself stays first (as the plain form would
     # drop it with the rest of `system`).
-    bos = chat.bos if chat.bos and template.system == chat.bos else ""
+    bos = chat.bos if chat.bos and template.system.startswith(chat.bos) else ""
     fallback = dataclasses.replace(template, system_format=bos + "{system} " if bos else None)
     try:
         text = chat.text(PROBE, image=True, system=SYSTEM)

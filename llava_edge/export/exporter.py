@@ -387,6 +387,14 @@ def _check_tokens(config: Any, tokenizer: Any, eos_ids: list[int]) -> None:
             "the checkpoint names no end-of-sequence token (generation_config.json's "
             "eos_token_id, or the tokenizer's eos_token), so no answer could end; set one"
         )
+    appended = _appended_tokens(tokenizer)
+    if appended:
+        raise LlavaEdgeError(
+            f"the tokenizer ends every text it encodes with {''.join(appended)!r} (its "
+            "add_eos_token, or its tokenizer.json's post-processor), so transformers' prompts "
+            "end the turn before the model answers, which the runtime's do not; set "
+            '"add_eos_token": false in tokenizer_config.json and save the tokenizer again'
+        )
     image_id = int(config.image_token_id)
     image_token = (
         tokenizer.convert_ids_to_tokens(image_id) if 0 <= image_id < len(tokenizer) else None
@@ -816,6 +824,7 @@ def _token_spec(loaded: LoadedCheckpoint) -> TokenSpec:
         # a tokenizer.json whose post-processor writes BOS, without a tokenizer_config.json
         # naming it: transformers' processor adds it to every prompt, so must the runtime
         bos = probe[0]
+    adds_bos = bool(bos is not None and probe and probe[0] == bos)
     pad = tokenizer.pad_token_id
     if pad is None:
         pad = model.generation_config.pad_token_id
@@ -826,9 +835,20 @@ def _token_spec(loaded: LoadedCheckpoint) -> TokenSpec:
         eos_token_ids=eos_ids,
         bos_token_id=None if bos is None else int(bos),
         pad_token_id=None if pad is None else int(pad),
-        add_bos=bool(bos is not None and probe and probe[0] == bos),
+        add_bos=adds_bos,
+        raw_bos=adds_bos,
         video_token_id=None if video is None else int(video),
     )
+
+
+def _appended_tokens(tokenizer: Any) -> list[str]:
+    """The tokens the tokenizer puts after every text it encodes (none for a LLaVA one)."""
+    probe = tokenizer("a").input_ids
+    bare = tokenizer("a", add_special_tokens=False).input_ids
+    for at in range(len(probe) - len(bare) + 1 if bare else 0):
+        if probe[at : at + len(bare)] == bare:
+            return tokenizer.convert_ids_to_tokens(probe[at + len(bare) :])
+    return []
 
 
 def _eos_ids(generation_config: Any, tokenizer: Any) -> list[int]:

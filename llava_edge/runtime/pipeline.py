@@ -310,7 +310,8 @@ class Pipeline:
         for count in counts:
             text = prompt if raw else user_turn(template, prompt, count, True)
             each = each_image_tokens(self.manifest, count, smallest)
-            if len(self.codec.encode(text, first=True, image_tokens=[each] * count)) > room:
+            ids = self.codec.encode(text, first=True, image_tokens=[each] * count, raw=raw)
+            if len(ids) > room:
                 break
             fit = count
         return fit
@@ -571,7 +572,7 @@ class Pipeline:
         if not images and not prompt.strip():
             raise LlavaEdgeError("the prompt is empty and there is no image: ask a question")
         text = prompt if raw else user_turn(template, prompt, len(images), True)
-        ids = self.codec.encode(text, first=True, image_tokens=self.image_tokens(images))
+        ids = self.codec.encode(text, first=True, image_tokens=self.image_tokens(images), raw=raw)
         if not ids:  # a raw empty prompt on a model with no BOS token
             raise LlavaEdgeError("the prompt is empty: ask a question")
         self.limits.check_prompt(len(ids), images=self.image_share(ids))
@@ -936,7 +937,7 @@ class ChatSession:
         text = user_turn(self.template, prompt, len(brought), first)
         held, image_id, fed = self.ids, pipe.manifest.tokens.image_token_id, self.fed
         if first:
-            new_ids = pipe.prompt_ids(text, brought, raw=True)
+            new_ids = pipe.prompt_ids(prompt, brought, system=self.system)
         elif self.history_closed or reread is not None:
             held, new_ids = self._after_rendered(prompt, new_pixels, reread)
             fed = min(fed, len(held))  # the cache gives up the rest once the turn runs

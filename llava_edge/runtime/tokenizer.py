@@ -63,9 +63,14 @@ class TextCodec:
         return None if video_id is None else self.tokenizer.id_to_token(video_id)
 
     def encode(
-        self, text: str, first: bool = True, image_tokens: int | Sequence[int] | None = None
+        self,
+        text: str,
+        first: bool = True,
+        image_tokens: int | Sequence[int] | None = None,
+        raw: bool = False,
     ) -> list[int]:
-        """Token ids of `text`; `first` starts a new sequence (adds BOS where the model wants it).
+        """Token ids of `text`; `first` starts a new sequence (adds BOS where the model wants it:
+        before a text the chat template rendered, or, `raw`, before one written without it).
 
         Each `<image>` placeholder becomes as many image ids as its image has features (default:
         the model's `num_image_tokens`; an AnyRes image's count depends on its size; a sequence
@@ -87,7 +92,10 @@ class TextCodec:
                 "placeholder: llava-edge takes no video (ask about its frames as images); "
                 "take it out of the text"
             )
-        if first and self.tokens.add_bos and self.tokens.bos_token_id is not None:
+        add_bos = self.tokens.add_bos
+        if raw and self.tokens.raw_bos is not None:
+            add_bos = self.tokens.raw_bos
+        if first and add_bos and self.tokens.bos_token_id is not None:
             ids = [self.tokens.bos_token_id, *ids]
         image_id = self.tokens.image_token_id
         if image_id not in ids:
