@@ -40,6 +40,7 @@ class Source:
     text: dict[str, Any] = field(default_factory=dict)  # text config overrides
     template: str = "vicuna_v1"
     sentencepiece: bool = False  # the original ships tokenizer.model only, as LLaVA's releases do
+    llama3: bool = False  # Llama 3's byte-level tokenizer and special tokens (LLaVA-NeXT's fork)
     seed: int = 0
 
 
@@ -115,12 +116,58 @@ def _sentencepiece_backend() -> Any:
         return AutoTokenizer.from_pretrained(tmp).backend_tokenizer
 
 
+# Llama 3's special tokens in its order (ids 128000-128009 of its vocabulary), after the text's.
+LLAMA3_SPECIALS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    *(f"<|reserved_special_token_{i}|>" for i in range(4)),
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|reserved_special_token_4|>",
+    "<|eot_id|>",
+]
+# What Meta-Llama-3-8B-Instruct's tokenizer_config.json names (as first released: EOS the base
+# model's <|end_of_text|>, so nothing but the chat template's own end stops at <|eot_id|>).
+LLAMA3_NAMES = dict(bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
+SENTENCEPIECE_NAMES = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@functools.cache
+def llama3_tokenizer_json() -> str:
+    """A small byte-level BPE of Llama 3's kind, built with `tokenizers`: no dummy prefix, its
+    special tokens after the text's vocabulary, <|begin_of_text|> put before every text."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers.trainers import BpeTrainer
+
+    from llava_edge.training.synth import corpus
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = BpeTrainer(
+        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tokenizer.train_from_iterator(corpus(), trainer)
+    tokenizer.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in LLAMA3_SPECIALS]
+    )
+    bos = LLAMA3_SPECIALS[0]
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A",
+        pair=f"{bos} $A {bos} $B",
+        special_tokens=[(bos, tokenizer.token_to_id(bos))],
+    )
+    return tokenizer.to_str()
+
+
 def original_tokenizer(spec: Source) -> Any:
     """The tokenizer an original checkpoint ships: no `<image>`, no `<pad>`."""
     from tokenizers import AddedToken, Tokenizer
 
     from llava_edge.training.tokenizer import build_tokenizer
 
+    if spec.llama3:
+        return Tokenizer.from_str(llama3_tokenizer_json())
     if spec.sentencepiece:
         tokenizer = _sentencepiece_backend()
     else:
@@ -136,16 +183,12 @@ def original_tokenizer(spec: Source) -> Any:
     return tokenizer
 
 
-def hf_tokenizer(backend: Any, pad: str) -> Any:
+def hf_tokenizer(backend: Any, pad: str | None, llama3: bool = False) -> Any:
     from transformers import PreTrainedTokenizerFast
 
+    names = LLAMA3_NAMES if llama3 else SENTENCEPIECE_NAMES
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token=pad,
-        padding_side="left",
+        tokenizer_object=backend, **names, pad_token=pad, padding_side="left"
     )
 
 
@@ -173,13 +216,13 @@ def make_source(out: Path, spec: Source) -> Path:
     backend.add_special_tokens(
         [AddedToken(t, special=True, normalized=False) for t in ("<image>", "<pad>")]
     )
-    tokenizer = hf_tokenizer(backend, "<pad>")
+    tokenizer = hf_tokenizer(backend, "<pad>", spec.llama3)
     vision = CLIPVisionConfig(**{**VISION, **spec.vision})
     text_cls = MistralConfig if spec.backbone == "mistral" else LlamaConfig
     text = text_cls(
         vocab_size=-(-len(tokenizer) // 64) * 64,
-        bos_token_id=1,
-        eos_token_id=2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         **{**TEXT, **spec.text},
     )
@@ -208,7 +251,9 @@ def make_source(out: Path, spec: Source) -> Path:
         head = model.lm_head.weight
         head[original_vocab:] = head[:original_vocab].mean(0)
     model.generation_config = GenerationConfig(
-        bos_token_id=1, eos_token_id=2, pad_token_id=text.pad_token_id
+        bos_token_id=text.bos_token_id,
+        eos_token_id=text.eos_token_id,
+        pad_token_id=text.pad_token_id,
     )
     size = vision.image_size
     settings = dict(
@@ -270,7 +315,8 @@ def save_original_tokenizer(spec: Source, out: Path) -> None:
         (out / "tokenizer.model").write_bytes(sentencepiece_model())
         (out / "tokenizer_config.json").write_text(json.dumps(SENTENCEPIECE_CONFIG))
     else:
-        hf_tokenizer(original_tokenizer(spec), "<unk>").save_pretrained(out)
+        pad = None if spec.llama3 else "<unk>"  # Llama 3 has neither
+        hf_tokenizer(original_tokenizer(spec), pad, spec.llama3).save_pretrained(out)
 
 
 def original_state(model: Any, spec: Source, vocab: int, vision: bool) -> dict[str, Any]:
@@ -297,6 +343,11 @@ def original_config(config: Any, spec: Source, vocab: int, layout: Layout) -> di
     for key in ("model_type", "architectures", "transformers_version", "dtype", "torch_dtype"):
         text.pop(key, None)
     text.update(vocab_size=vocab, torch_dtype="float32", pad_token_id=0)
+    rope = text.pop("rope_parameters", None) or {}
+    if rope.get("rope_type", "default") == "default":  # as transformers 4 wrote it
+        text["rope_theta"] = rope.get("rope_theta", 10000.0)
+    else:
+        text["rope_parameters"] = rope
     llava = {
         "architectures": [
             "LlavaMistralForCausalLM" if spec.backbone == "mistral" else "LlavaLlamaForCausalLM"

@@ -2,12 +2,13 @@
 models by the inverse of the conversion, convert, export and reproduce the source model's greedy
 tokens exactly in fp32.
 
-Six cases cover: safetensors and pickled .bin weights, one file and shards; MLP (2 and 3 layers)
+Seven cases cover: safetensors and pickled .bin weights, one file and shards; MLP (2 and 3 layers)
 and LLaVA v1's linear projector (named, and implied by an absent mm_projector_type); v1's
 <im_start>/<im_end>; the tower from --vision, from a local dir named like mm_vision_tower, and
 from the checkpoint's own weights (with and without a config dir); Llama and Mistral (GQA);
-CLS dropped and kept; 'pad', centre-crop and AnyRes (LLaVA-1.6) preprocessing; a LoRA output over --base; a stage-1
-projector over --base and --vision.
+CLS dropped and kept; 'pad', centre-crop and AnyRes (LLaVA-1.6) preprocessing; LLaVA-NeXT's
+Llama 3 (its tokenizer, rope_theta and template); a LoRA output over --base; a stage-1 projector
+over --base and --vision.
 """
 
 from __future__ import annotations
@@ -96,6 +97,19 @@ CASES: dict[str, Case] = {
     "v1.6-anyres": Case(
         Source(aspect_ratio="anyres", pinpoints=[[32, 64], [96, 32]], template="llava_v1", seed=6),
         Layout(vision_weights=True, pinpoints_as_text=True),
+    ),
+    # LLaVA-NeXT's fork on Llama 3 (lmms-lab/llama3-llava-next-8b): Llama 3's byte-level
+    # tokenizer and special tokens, rope_theta 500000 at the top of config.json, GQA, AnyRes.
+    "llama3-next": Case(
+        Source(
+            llama3=True,
+            aspect_ratio="anyres",
+            pinpoints=[[64, 32], [32, 96]],
+            text={"rope_theta": 500000.0, "num_key_value_heads": 2},
+            template="llava_llama_3",
+            seed=7,
+        ),
+        Layout(vision_weights=True),
     ),
     # A LoRA output whose non_lora_trainables.bin also holds a trained lm_head and the tower
     # (the local dir named like mm_vision_tower has other weights: the checkpoint's must win).
@@ -931,6 +945,73 @@ def test_a_llama_2_chat_llava_is_prompted_as_the_original(plain_original, tmp_pa
     bos = processor.tokenizer.bos_token_id
     assert ids.count(bos) == 3 and ids[0] == bos  # the first turn's, then each later turn's
     assert ids.count(processor.tokenizer.eos_token_id) == 2  # each answer's
+
+
+def fork_llama3_ids(
+    tokenizer: Any, turns: list[tuple[str, str | None]], image: bool, system: str
+) -> list[int]:
+    """The ids LLaVA-NeXT's fork trains its Llama 3 checkpoints on (train.py preprocess_llama3):
+    Meta's chat template applied to the system message alone (BOS first), then to each message
+    alone with its BOS dropped, the image as `<image>\\n` before the first question; the prompt
+    left open for an answer with the assistant's header, as Meta's template opens it."""
+    from chat_templates import LLAMA3
+
+    def encode(message: dict[str, str], generation: bool = False) -> list[int]:
+        return tokenizer.apply_chat_template(
+            [message],
+            chat_template=LLAMA3,
+            tokenize=True,
+            add_generation_prompt=generation,
+            return_dict=True,
+        )["input_ids"]
+
+    ids = list(encode({"role": "system", "content": system}))
+    for i, (question, answer) in enumerate(turns):
+        content = f"<image>\n{question}" if image and i == 0 else question
+        ids += encode({"role": "user", "content": content})[1:]
+        if answer is not None:
+            ids += encode({"role": "assistant", "content": answer})[1:]
+    header = encode({"role": "user", "content": ""}, generation=True)
+    return ids + header[len(encode({"role": "user", "content": ""})) :]
+
+
+@pytest.mark.parametrize("converted", ["llama3-next"], indirect=True)
+def test_a_llama_3_next_is_prompted_and_stopped_as_the_fork_trained_it(converted) -> None:
+    """LLaVA-NeXT's Llama 3 checkpoints (lmms-lab/llama3-llava-next-8b) were trained with the
+    fork's conv_llava_llama_3: Llama 3's headers, its default system prompt, turns closed by
+    <|eot_id|>. Convert picks it by the tokenizer's Llama 3 tokens; the processor's chat template
+    and the runtime make the fork's ids, token for token, with and without an image and with a
+    system prompt given; generation stops at <|eot_id|> as well as at EOS."""
+    from transformers import AutoProcessor
+
+    from llava_edge.manifest import Manifest
+    from llava_edge.runtime.template import LLAVA_LLAMA_2_SYSTEM as DEFAULT_SYSTEM
+
+    turns = [("What is it?", "A cat."), ("Which colour?", "Grey."), ("Is it asleep?", None)]
+    processor = AutoProcessor.from_pretrained(converted.checkpoint)
+    tokenizer = processor.tokenizer
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    messages = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}]
+    for i, (question, answer) in enumerate(turns):
+        image = [{"type": "image"}] if i == 0 else []
+        messages.append({"role": "user", "content": [*image, {"type": "text", "text": question}]})
+        if answer is not None:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    for system, given in ((DEFAULT_SYSTEM, messages[1:]), ("Be brief.", messages)):
+        rendered = processor.apply_chat_template(given, add_generation_prompt=True)
+        assert tokenizer(rendered)["input_ids"] == fork_llama3_ids(tokenizer, turns, True, system)
+
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert eot in Manifest.load(converted.model_dir).tokens.eos_token_ids
+    with Pipeline.load(converted.model_dir) as pipe:
+        pixels = pipe.image_pixels(picture(0))
+        for system in (None, "Be brief."):
+            fork_system = system or DEFAULT_SYSTEM
+            ids = pipe.conversation_ids(turns, system=system)
+            assert ids == fork_llama3_ids(tokenizer, turns, False, fork_system)
+            ids = pipe.conversation_ids(turns, pixels, image_turn=0, system=system)
+            one_image = [t for i, t in enumerate(ids) if t != image_id or ids[i - 1] != image_id]
+            assert one_image == fork_llama3_ids(tokenizer, turns, True, fork_system)
 
 
 def test_force_never_replaces_an_input(plain_original, tmp_path, capsys, monkeypatch) -> None:

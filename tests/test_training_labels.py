@@ -179,7 +179,7 @@ def test_a_llama_3_tokenizer_is_pointed_to_the_llama_3_template():
     headers = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
     tokenizer.add_special_tokens({"additional_special_tokens": headers})
     eos = {tokenizer.convert_tokens_to_ids("<|eot_id|>")}
-    with pytest.raises(LlavaEdgeError, match="pass --template llama_3,"):
+    with pytest.raises(LlavaEdgeError, match="pass --template llama_3 or llava_llama_3,"):
         check_answer_end(get_template("vicuna_v1"), tokenizer, eos)
     check_answer_end(get_template("llama_3"), tokenizer, eos)
 

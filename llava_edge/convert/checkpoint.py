@@ -56,6 +56,10 @@ from llava_edge.runtime.template import (
     with_image_markers,
 )
 
+# The special tokens Llama 3's chat format is written in. Every Llama 3 tokenizer has them (base
+# and Instruct, 3 to 3.2): they tell its language model by what its prompts are made of, where
+# rope_theta or the vocabulary size are numbers another model may share or a fine-tune change.
+LLAMA_3_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 IMAGE_PATCH = "<im_patch>"  # the original adds it to the tokenizer; no prompt uses it
 PAD = "<pad>"
 VOCAB_MULTIPLE = 64  # the Hugging Face LLaVA port pads its vocabulary to a multiple of 64
@@ -189,8 +193,11 @@ def infer_template(parts: Original, tokenizer: Any) -> str:
     """The template the original's own scripts use for such a model (llava/eval, scripts/)."""
     if parts.kind == "stage1":
         return "plain"
-    if "<|im_start|>" in tokenizer.get_vocab():
+    vocab = tokenizer.get_vocab()
+    if "<|im_start|>" in vocab:
         return "chatml_direct"  # LLaVA-1.6 Yi-34B
+    if all(token in vocab for token in LLAMA_3_TOKENS):
+        return "llava_llama_3"  # LLaVA-NeXT's Llama 3 checkpoints
     if parts.settings.text_model == "mistral":
         return "mistral_instruct"
     if _named_llama_2(parts.directory):

@@ -94,6 +94,20 @@ TEMPLATES: dict[str, TemplateSpec] = {
         answer_end="<|eot_id|>",
         system_format="<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>",
     ),
+    # LLaVA-NeXT's conv_llava_llama_3 (its Llama 3 checkpoints, lmms-lab/llama3-llava-next-8b):
+    # Llama 3's format with the fork's default system prompt, as its training
+    # (train.py preprocess_llama3: Meta's chat template, one message at a time) writes it. Its
+    # inference code and llava-hf's example prompt write the user header's
+    # <|start_header_id|> twice; the weights were trained with it once.
+    "llava_llama_3": TemplateSpec(
+        name="llava_llama_3",
+        system=f"<|start_header_id|>system<|end_header_id|>\n\n{LLAVA_LLAMA_2_SYSTEM}<|eot_id|>",
+        system_format="<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>",
+        user="<|start_header_id|>user<|end_header_id|>\n\n",
+        assistant="<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+        answer_prefix="",
+        answer_end="<|eot_id|>",
+    ),
     # LLaVA-NeXT's conv_qwen, for Qwen language models (LLaVA-OneVision and LLaVA-Interleave
     # were trained with it): ChatML with a newline after each turn's end and Qwen's default
     # system prompt, as Qwen's own chat template writes them. No BOS.
