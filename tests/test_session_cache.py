@@ -329,3 +329,26 @@ def test_an_onnxruntime_that_misreads_prepacked_weights_saves_none(
     except RuntimeError:  # "does not have configuration with key"
         saved = False
     assert saved is prepacked
+
+
+def test_an_entry_of_a_graph_this_user_may_not_see_stays_and_fails_no_load(
+    tiny_model_dir: Path, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Services of several users share one cache (LLAVA_EDGE_CACHE=/var/cache/llava-edge): an
+    entry of a graph in another user's private dir cannot be told gone, and asking raised
+    PermissionError, which failed every load of this user's own model."""
+    theirs = tmp_path / "private" / "model"
+    shutil.copytree(tiny_model_dir, theirs)
+    answer(theirs, cache)
+    written = entries(cache)
+    real = os.stat
+
+    def private(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        if str(path).startswith(str(theirs.parent)):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", private)
+    ids, status = answer(tiny_model_dir, cache)
+    assert set(status.values()) == {"hit"} and ids
+    assert entries(cache) == written

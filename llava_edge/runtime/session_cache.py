@@ -238,8 +238,20 @@ def _drop_stale(root: Path, keep: Path, source: str, graph_sha256: str) -> None:
             continue
         paths = [Path(p) for p in recorded if isinstance(p, str)]
         replaced = recorded[0] == source and graph is not None and graph != graph_sha256
-        if replaced or unused or not any(p.exists() for p in paths):
+        if replaced or unused or not any(_may_exist(p) for p in paths):
             shutil.rmtree(meta.parent, ignore_errors=True)
+
+
+def _may_exist(path: Path) -> bool:
+    """Whether `path` may exist. One this user may not look into (in a cache that services of
+    several users share, another user's private model dir) counts as there: its entry is theirs."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError, ValueError):
+        return False
+    except OSError:  # PermissionError, which pathlib's exists() raises up to Python 3.12
+        return True
+    return True
 
 
 def _mark_used(entry: Path) -> None:
