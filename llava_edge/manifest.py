@@ -255,23 +255,13 @@ class Manifest:
     @classmethod
     def load(cls, model_dir: str | os.PathLike) -> Manifest:
         path = Path(model_dir) / MANIFEST_NAME
-        if Path(model_dir).exists() and not Path(model_dir).is_dir():
+        try:
+            _check_model_dir(Path(model_dir))
+        except PermissionError:  # a dir copied with another user's permissions (no x bit)
             raise LlavaEdgeError(
-                f"{model_dir} is a file; give the model dir `llava-edge export` wrote"
-            )
-        if not Path(model_dir).is_dir():
-            raise LlavaEdgeError(f"model dir {model_dir} does not exist")
-        try:  # onnxruntime and tokenizers open files by UTF-8 name
-            os.path.abspath(model_dir).encode("utf-8")
-        except UnicodeEncodeError:
-            raise LlavaEdgeError(
-                f"model dir {model_dir}: the path is not valid UTF-8 text; rename it in UTF-8"
+                f"cannot look into model dir {model_dir}: Permission denied; let this user "
+                "read it (chmod -R a+rX)"
             ) from None
-        if not path.is_file():
-            raise LlavaEdgeError(
-                f"{model_dir} has no {MANIFEST_NAME}: it is not a llava-edge model dir "
-                "(make one with `llava-edge export CHECKPOINT OUT_DIR`)"
-            )
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except OSError as e:  # a model dir copied with another user's permissions
@@ -470,6 +460,25 @@ class Manifest:
             stat = (model_dir / name).stat()
             digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
         return digest.hexdigest()
+
+
+def _check_model_dir(model_dir: Path) -> None:
+    """Refuse what is not a model dir, naming what it is instead."""
+    if model_dir.exists() and not model_dir.is_dir():
+        raise LlavaEdgeError(f"{model_dir} is a file; give the model dir `llava-edge export` wrote")
+    if not model_dir.is_dir():
+        raise LlavaEdgeError(f"model dir {model_dir} does not exist")
+    try:  # onnxruntime and tokenizers open files by UTF-8 name
+        os.path.abspath(model_dir).encode("utf-8")
+    except UnicodeEncodeError:
+        raise LlavaEdgeError(
+            f"model dir {model_dir}: the path is not valid UTF-8 text; rename it in UTF-8"
+        ) from None
+    if not (model_dir / MANIFEST_NAME).is_file():
+        raise LlavaEdgeError(
+            f"{model_dir} has no {MANIFEST_NAME}: it is not a llava-edge model dir "
+            "(make one with `llava-edge export CHECKPOINT OUT_DIR`)"
+        )
 
 
 def _older_template(template: TemplateSpec, where: str) -> TemplateSpec:

@@ -212,3 +212,26 @@ def test_an_onnxruntime_too_old_to_answer_right_is_named_at_load(
     assert f"onnxruntime {version} answers wrongly" in line and "onnxruntime 1.20 or later" in line
     monkeypatch.setattr(onnxruntime, "__version__", "1.20.0")
     assert main(["run", str(tiny_model_dir), "--prompt", "Hi", "--max-new-tokens", "1"]) == 0
+
+
+@pytest.mark.parametrize("where", ["model dir", "dir above it"])
+def test_a_dir_this_user_may_not_look_into_is_one_line(
+    model_copy: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, where: str
+) -> None:
+    """A model dir copied with another user's permissions (no x bit for this one), or under a
+    dir this user may not enter: stat() of what is in it is refused, and was a traceback."""
+    private = model_copy if where == "model dir" else model_copy.parent
+    real = os.stat
+
+    def refuse(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        if Path(path) != private and str(path).startswith(str(private)):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", refuse)
+    assert main(["run", str(model_copy), "--prompt", "hi", "--max-new-tokens", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"llava-edge run: error: cannot look into model dir {model_copy}: Permission denied; "
+        "let this user read it (chmod -R a+rX)"
+    )
