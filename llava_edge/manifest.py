@@ -538,8 +538,8 @@ def _verified_fingerprints() -> list[str]:
     """Fingerprints of verified dirs, oldest first."""
     root = cache_dir()
     try:
-        return (root / "verified.txt").read_text().split() if root else []
-    except OSError:
+        return (root / "verified.txt").read_text(encoding="ascii").split() if root else []
+    except (OSError, ValueError):  # damaged (not text): rewritten by the next remembering
         return []
 
 

@@ -96,6 +96,24 @@ def test_a_machine_that_verified_many_dirs_still_remembers_the_latest(
     assert len(remembered) == VERIFIED_KEPT and earlier[0] not in remembered  # the oldest went
 
 
+def test_a_damaged_record_of_verified_dirs_is_rewritten_not_a_failed_load(
+    model_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The record of verified dirs is a cache: one damaged into bytes that are not text (a bad
+    sector, a stray write) failed every load on the machine with a UnicodeDecodeError."""
+    from llava_edge.manifest import Manifest
+
+    monkeypatch.setenv("LLAVA_EDGE_CACHE", str(tmp_path))
+    (tmp_path / "verified.txt").write_bytes(b"\xff\xfe\x00garbage\n")
+    manifest = Manifest.load(model_copy)
+    manifest.check_files(model_copy)
+    hashed: list[str] = []
+    real = manifest_module.sha256
+    monkeypatch.setattr(manifest_module, "sha256", lambda p: hashed.append(p) or real(p))
+    manifest.check_files(model_copy)
+    assert not hashed  # remembered in the rewritten record
+
+
 @pytest.mark.parametrize(
     "failure", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()]
 )
