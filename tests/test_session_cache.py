@@ -3,10 +3,12 @@ is rebuilt, never used; answers are the same with and without it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -236,9 +238,9 @@ def test_empty_or_relative_cache_variable_is_ignored(
 def test_a_failed_save_keeps_the_session_it_opened(
     tiny_model_dir: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Two processes loading a dir for the first time both write its entries; the one whose
-    install loses the race (or finds the disk full) answers with the session it opened, not a
-    second load of the graph."""
+    """A load whose entry fails to install (the disk full; on a filesystem without locks,
+    another process's entry there first) answers with the session it opened, not a second load
+    of the graph."""
     import llava_edge.files as files
 
     reference, _ = answer(tiny_model_dir, cache, session_cache=False)
@@ -352,3 +354,45 @@ def test_an_entry_of_a_graph_this_user_may_not_see_stays_and_fails_no_load(
     ids, status = answer(tiny_model_dir, cache)
     assert set(status.values()) == {"hit"} and ids
     assert entries(cache) == written
+
+
+def test_one_process_writes_entries_at_a_time(
+    tiny_model_dir: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A robot's processes start at once and load the same dir with a cold cache: each checked
+    free memory and disk for itself, then all wrote the same entries at once, each holding a
+    second copy of the weights and writing twice them to disk. While one writes, the others load
+    uncached."""
+    import fcntl
+
+    reference, _ = answer(tiny_model_dir, cache, session_cache=False)
+    cache.mkdir(parents=True)
+    with open(cache / session_cache.WRITER_LOCK, "w") as other:  # another process writing
+        fcntl.flock(other, fcntl.LOCK_EX)
+        ids, status = answer(tiny_model_dir, cache)
+    assert set(status.values()) == {"off"} and not entries(cache) and ids == reference
+    ids, status = answer(tiny_model_dir, cache)
+    assert set(status.values()) == {"miss"} and len(entries(cache)) == 3 and ids == reference
+
+
+def test_an_entry_written_by_another_process_meanwhile_is_opened_not_rewritten(
+    tiny_model_dir: Path, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process may finish an entry between this one finding none and taking the writer
+    lock: this one opens it, rather than writing it again over the one others may be opening."""
+    answer(tiny_model_dir, cache)
+    written = tmp_path / "written"
+    shutil.move(cache, written)
+    real = session_cache._sole_writer
+
+    @contextlib.contextmanager
+    def others_finish_first(root: Path) -> Iterator[bool]:
+        for entry in written.iterdir():
+            if entry.is_dir() and not (root / entry.name).exists():
+                shutil.copytree(entry, root / entry.name)
+        with real(root) as writing:
+            yield writing
+
+    monkeypatch.setattr(session_cache, "_sole_writer", others_finish_first)
+    _, status = answer(tiny_model_dir, cache)
+    assert set(status.values()) == {"hit"}

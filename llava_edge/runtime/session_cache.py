@@ -24,7 +24,8 @@ caches (the TensorRT provider's engines).
 The cache costs disk: about twice the graph's weights (the weights and their pre-packed copies);
 and the load that writes an entry holds a second copy of the weights in memory meanwhile, so it
 is only written when twice the graph fits in free memory and on the disk with a tenth of it left
-free (else the load is a plain one).
+free (else the load is a plain one), and by one process at a time: while one writes, the others
+(a robot's processes starting at once) load plain rather than each hold and write another copy.
 `LLAVA_EDGE_SESSION_CACHE=0` (or false, no, off) turns it off, as does `session_cache=False` on the backend.
 """
 
@@ -38,6 +39,7 @@ import os
 import platform
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnxruntime as ort
@@ -49,6 +51,9 @@ CACHE_FORMAT = 1
 MODEL = "model.onnx"
 DATA = "model.onnx.data"
 META = "entry.json"
+# Held (flock) by the one process writing an entry: the checks of free memory and disk hold for
+# one writer, not for several processes of a robot that start at once and each write.
+WRITER_LOCK = ".writing"
 # onnxruntime 1.28 to 1.31 read pre-packed MatMulNBits weights (int4) back wrongly from an entry:
 # every answer of a cached load is NaN. Their entries hold the optimized graph without them.
 PREPACKED_UNREADABLE = ((1, 28), (1, 31))
@@ -102,39 +107,94 @@ def open_cached(
     root: Path | None = None,
 ) -> tuple[ort.InferenceSession, str]:
     """A CPU session of `path`, through the cache; and how: 'hit', 'miss' (written) or 'off'
-    (the cache dir cannot be written: a plain load)."""
-    providers = ["CPUExecutionProvider"]
+    (the cache dir cannot be written, or another process is writing an entry: a plain load)."""
     root = root or _root()
     if root is None:  # no cache dir on this machine (no home directory)
         return plain_session(path, threads), "off"
-    entry = root / cache_key(graph_sha256, providers)
-    opened = path.resolve()
-    source = str(final_path(opened))
+    entry = root / cache_key(graph_sha256, ["CPUExecutionProvider"])
+    source = str(final_path(path.resolve()))
     _drop_stale(root, entry, source, graph_sha256)
-    if _complete(entry):
-        options = session_options(threads)
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        try:
-            session = ort.InferenceSession(str(entry / MODEL), options, providers=providers)
-        except Exception:  # onnxruntime's own untyped errors: a corrupt entry is rebuilt
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            _mark_used(entry)
-            return session, "hit"
-    if not _room_to_save(path, root):
-        return plain_session(path, threads), "off"
+    session = _open_entry(entry, threads)
+    if session is not None:
+        return session, "hit"
+    with _sole_writer(root) as writing:
+        if writing:
+            # Another process may have written the entry before this one took the lock.
+            session = _open_entry(entry, threads)
+            if session is not None:
+                return session, "hit"
+            if _room_to_save(path, root):
+                return _write_entry(path, entry, threads, graph_sha256, source)
+    return plain_session(path, threads), "off"
+
+
+def _write_entry(
+    path: Path, entry: Path, threads: int | None, graph_sha256: str, source: str
+) -> tuple[ort.InferenceSession, str]:
+    """A session of `path` that saves `entry` as it opens ('miss'); 'off' where saving failed."""
     session = None
     try:
         with replace_dir(entry) as tmp:
-            session = ort.InferenceSession(str(path), _saving(threads, tmp), providers=providers)
+            session = ort.InferenceSession(
+                str(path), _saving(threads, tmp), providers=["CPUExecutionProvider"]
+            )
             files = {name: (tmp / name).stat().st_size for name in (MODEL, DATA)}
-            meta = {"source": source, "opened": str(opened), "graph": graph_sha256, "files": files}
-            (tmp / META).write_text(json.dumps(meta))
+            meta = {"source": source, "opened": str(path.resolve()), "graph": graph_sha256}
+            (tmp / META).write_text(json.dumps({**meta, "files": files}))
     except Exception:  # no room, a read-only home: the session still loads, uncached
-        # Where only saving failed (the disk filled, another process installed the same entry
-        # first) the session is whole: a second load would hold the weights twice meanwhile.
+        # Where only saving failed (the disk filled) the session is whole: a second load would
+        # hold the weights twice meanwhile.
         return session or plain_session(path, threads), "off"
     return session, "miss"
+
+
+def _open_entry(entry: Path, threads: int | None) -> ort.InferenceSession | None:
+    """A session of a complete entry; None where there is none (a corrupt one is deleted)."""
+    if not _complete(entry):
+        return None
+    options = session_options(threads)
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        session = ort.InferenceSession(
+            str(entry / MODEL), options, providers=["CPUExecutionProvider"]
+        )
+    except Exception:  # onnxruntime's own untyped errors: a corrupt entry is rebuilt
+        shutil.rmtree(entry, ignore_errors=True)
+        return None
+    _mark_used(entry)
+    return session
+
+
+@contextlib.contextmanager
+def _sole_writer(root: Path) -> Iterator[bool]:
+    """Whether this process may write an entry: True while it holds the cache's writer lock;
+    False where another process holds it (that one writes; this one loads uncached rather than
+    wait for it) or the cache dir cannot be written."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(root / WRITER_LOCK, os.O_RDONLY | os.O_CREAT, 0o666)
+    except OSError:  # a read-only cache: nothing could be written there
+        yield False
+        return
+    try:
+        yield _lock(fd)
+    finally:
+        os.close(fd)  # and with it the lock
+
+
+def _lock(fd: int) -> bool:
+    """Take an exclusive lock on `fd` without waiting; False where another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; the writer writes as if alone
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:  # a filesystem without locks (some network shares): as if alone
+        pass
+    return True
 
 
 def _root() -> Path | None:
