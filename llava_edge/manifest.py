@@ -328,11 +328,18 @@ class Manifest:
                 f"{where}: template trim_user {self.template.trim_user!r} is none of "
                 f"{list(TRIM_MODES)}; re-export the model"
             )
-        t = self.text
-        if t.num_heads % t.num_kv_heads or min(t.num_layers, t.head_dim, t.max_context) <= 0:
+        sizes = {f"text.{f.name}": getattr(self.text, f.name) for f in dataclasses.fields(TextSpec)}
+        sizes.update(
+            num_image_tokens=self.num_image_tokens,
+            **{f"image.{name}": getattr(self.image, name) for name in ("height", "width")},
+            **{f"image.resize.{k}": v for k, v in (self.image.resize or {}).items()},
+        )
+        for name, value in sizes.items():
+            if isinstance(value, int) and value <= 0:
+                raise LlavaEdgeError(f"{where}: {name} is {value}, not a size; re-export the model")
+        if self.text.num_heads % self.text.num_kv_heads:
             raise LlavaEdgeError(f"{where}: the text model's shapes are inconsistent")
-        if self.num_image_tokens <= 0 or self.image.height <= 0 or self.image.width <= 0:
-            raise LlavaEdgeError(f"{where}: image geometry is invalid")
+        self._validate_image(where)
         if self.format_version < self.required_version():
             raise LlavaEdgeError(
                 f"{where}: format_version {self.format_version} is older than what it describes "
@@ -346,6 +353,29 @@ class Manifest:
             or (anyres.max_patches is not None and anyres.max_patches <= 0)
         ):
             raise LlavaEdgeError(f"{where}: the AnyRes settings are inconsistent; re-export")
+
+    def _validate_image(self, where: str) -> None:
+        """What the runtime's preprocessing takes (as export does from an image processor): a
+        resize it knows, a PIL filter, a mean and a non-zero std for all or each colour channel."""
+        image = self.image
+        resize = image.resize or {"shortest_edge": 1}
+        if "shortest_edge" not in resize and not {"height", "width"} <= resize.keys():
+            raise LlavaEdgeError(
+                f"{where}: image.resize {image.resize} names neither shortest_edge nor height and "
+                "width; re-export the model"
+            )
+        if image.resample not in range(6):  # PIL's Image.Resampling codes
+            raise LlavaEdgeError(
+                f"{where}: image.resample {image.resample} is not a PIL filter (0-5); re-export"
+            )
+        channels = (1, 3)
+        if image.normalize and (
+            len(image.mean) not in channels or len(image.std) not in channels or 0 in image.std
+        ):
+            raise LlavaEdgeError(
+                f"{where}: image.mean {image.mean} and image.std {image.std} need 3 values each "
+                "(std none 0); re-export the model"
+            )
 
     def required_version(self) -> int:
         """The oldest format version that describes this manifest: what it records for runtimes

@@ -160,6 +160,36 @@ def test_format_versions_it_cannot_read_are_named(
         Manifest.from_dict(data)
 
 
+@pytest.mark.parametrize(
+    ("section", "field", "value", "message"),
+    [
+        ("text", "num_kv_heads", 0, "text.num_kv_heads is 0, not a size"),
+        ("text", "vocab_size", -1, "text.vocab_size is -1, not a size"),
+        ("text", "hidden_size", 0, "text.hidden_size is 0, not a size"),
+        ("image", "resize", {"shortest_edge": 0}, "image.resize.shortest_edge is 0, not a size"),
+        ("image", "resize", {"width": 64}, "image.resize {'width': 64} names neither"),
+        ("image", "resample", 9, "image.resample 9 is not a PIL filter"),
+        ("image", "std", [0.5, 0.0, 0.5], "image.std [0.5, 0.0, 0.5] need 3 values each"),
+        ("image", "mean", [], "image.mean [] and"),
+    ],
+)
+def test_a_hand_edited_size_or_image_setting_is_named(
+    model_copy: Path, capsys: pytest.CaptureFixture, section: str, field: str, value, message: str
+) -> None:
+    """A manifest edited by hand past what the runtime can take: its check divided by a zero
+    num_kv_heads, and the rest passed it to fail in numpy, PIL or onnxruntime with a traceback
+    that named no field."""
+    import json
+
+    path = model_copy / "manifest.json"
+    data = json.loads(path.read_text())
+    data[section][field] = value
+    path.write_text(json.dumps(data))
+    assert main(["run", str(model_copy), "--prompt", "hi", "--max-new-tokens", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and "re-export" in err and "\n" not in err
+
+
 def _older_template(template: dict) -> dict:
     """A template section as llava-edge wrote it before it recorded how a system prompt given
     at run time is written (`system_format`, and with it `first_user`)."""
