@@ -340,6 +340,7 @@ class Manifest:
         if self.text.num_heads % self.text.num_kv_heads:
             raise LlavaEdgeError(f"{where}: the text model's shapes are inconsistent")
         self._validate_image(where)
+        self._validate_kv_names(where)
         if self.format_version < self.required_version():
             raise LlavaEdgeError(
                 f"{where}: format_version {self.format_version} is older than what it describes "
@@ -353,6 +354,26 @@ class Manifest:
             or (anyres.max_patches is not None and anyres.max_patches <= 0)
         ):
             raise LlavaEdgeError(f"{where}: the AnyRes settings are inconsistent; re-export")
+
+    def _validate_kv_names(self, where: str) -> None:
+        """Every layer's KV names (kv's templates, `{i}` the layer) among the decoder's IO."""
+        decoder = self.graphs["decoder"]
+        for layer in range(self.text.num_layers):
+            try:
+                names = self.kv_names(layer)
+            except (KeyError, IndexError, ValueError):  # a template naming another field
+                raise LlavaEdgeError(
+                    f"{where}: kv names {dataclasses.astuple(self.kv)[:4]} may only use {{i}}, "
+                    "the layer; re-export the model"
+                ) from None
+            fields = ("past_key", "past_value", "present_key", "present_value")
+            sides = ("inputs", "inputs", "outputs", "outputs")
+            for field_name, name, io in zip(fields, names, sides, strict=True):
+                if name not in getattr(decoder, io):
+                    raise LlavaEdgeError(
+                        f"{where}: kv.{field_name} names {name!r} for layer {layer}, which is "
+                        f"none of the decoder's {io}; re-export the model"
+                    )
 
     def _validate_image(self, where: str) -> None:
         """What the runtime's preprocessing takes (as export does from an image processor): a

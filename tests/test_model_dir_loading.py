@@ -190,6 +190,30 @@ def test_a_hand_edited_size_or_image_setting_is_named(
     assert message in err and "re-export" in err and "\n" not in err
 
 
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("past.{j}", "kv names ('past.{j}', "),
+        ("past.{0}", "kv names ('past.{0}', "),
+        ("past_key_values.key", "kv.past_key names 'past_key_values.key' for layer 0, which is"),
+    ],
+)
+def test_a_hand_edited_kv_name_is_named(
+    model_copy: Path, capsys: pytest.CaptureFixture, template: str, message: str
+) -> None:
+    """A KV name template that formats with another field, or names no input of the decoder,
+    failed at the first answer with a KeyError or onnxruntime's binding error."""
+    import json
+
+    path = model_copy / "manifest.json"
+    data = json.loads(path.read_text())
+    data["kv"]["past_key"] = template
+    path.write_text(json.dumps(data))
+    assert main(["run", str(model_copy), "--prompt", "hi", "--max-new-tokens", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.endswith("re-export the model") and "\n" not in err
+
+
 def _older_template(template: dict) -> dict:
     """A template section as llava-edge wrote it before it recorded how a system prompt given
     at run time is written (`system_format`, and with it `first_user`)."""
