@@ -308,7 +308,8 @@ class Manifest:
             for spec in graph.forms():
                 if spec.precision not in PRECISIONS:
                     raise LlavaEdgeError(
-                        f"{where}: graph {name} has unknown precision {spec.precision}"
+                        f"{where}: graph {name} has unknown precision {spec.precision}; re-export "
+                        "the model"
                     )
         # Files are named relative to the model dir and stay in it: quantize copies them into a
         # new dir, where a name like ../x would write outside it.
@@ -622,7 +623,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
     onnxruntime (no pydantic); the manifest is small and flat enough for this.
     """
     if not isinstance(data, dict):
-        raise LlavaEdgeError(f"{where}: expected an object, got {type(data).__name__}")
+        raise _mistyped(where, f"an object, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
@@ -650,16 +651,16 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
                 return _convert(option, value, where)
             except LlavaEdgeError as e:
                 errors.append(str(e))
-        raise LlavaEdgeError(errors[0] if errors else f"{where}: unexpected value {value!r}")
+        raise LlavaEdgeError(errors[0])  # the first option's complaint
     if origin is dict:
         _, value_type = typing.get_args(hint)
         if not isinstance(value, dict):
-            raise LlavaEdgeError(f"{where}: expected an object")
+            raise _mistyped(where, "an object")
         return {k: _convert(value_type, v, f"{where}.{k}") for k, v in value.items()}
     if origin is list:
         (item_type,) = typing.get_args(hint)
         if not isinstance(value, list):
-            raise LlavaEdgeError(f"{where}: expected a list")
+            raise _mistyped(where, "a list")
         return [_convert(item_type, v, f"{where}[{i}]") for i, v in enumerate(value)]
     if hint is Any:
         return value
@@ -668,5 +669,10 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
     if hint in (int, str, bool, float) and (
         not isinstance(value, hint) or (hint is int and isinstance(value, bool))
     ):
-        raise LlavaEdgeError(f"{where}: expected {hint.__name__}, got {value!r}")
+        raise _mistyped(where, f"{hint.__name__}, got {value!r}")
     return value
+
+
+def _mistyped(where: str, expected: str) -> LlavaEdgeError:
+    """A field of the wrong JSON type: hand-edited, or written by something else."""
+    return LlavaEdgeError(f"{where}: expected {expected}; re-export the model")

@@ -214,6 +214,31 @@ def test_a_hand_edited_kv_name_is_named(
     assert message in err and err.endswith("re-export the model") and "\n" not in err
 
 
+@pytest.mark.parametrize(
+    ("section", "field", "value", "message"),
+    [
+        ("text", "max_context", "2048", "text: max_context: expected int, got '2048'"),
+        ("tokens", "eos_token_ids", 2, "tokens: eos_token_ids: expected a list"),
+        ("image", "anyres", 3, "image: anyres: expected an object, got int"),
+        (None, "template", None, "template: expected an object, got NoneType"),
+        (None, "graphs", [], "graphs: expected an object"),
+    ],
+)
+def test_a_field_of_the_wrong_type_is_named_with_what_to_do(
+    tiny_model_dir: Path, section: str | None, field: str, value, message: str
+) -> None:
+    import json
+
+    from llava_edge.errors import LlavaEdgeError
+    from llava_edge.manifest import Manifest
+
+    data = json.loads((tiny_model_dir / "manifest.json").read_text())
+    (data[section] if section else data)[field] = value
+    with pytest.raises(LlavaEdgeError) as raised:
+        Manifest.from_dict(data, where="manifest.json")
+    assert str(raised.value) == f"manifest.json: {message}; re-export the model"
+
+
 def _older_template(template: dict) -> dict:
     """A template section as llava-edge wrote it before it recorded how a system prompt given
     at run time is written (`system_format`, and with it `first_user`)."""
