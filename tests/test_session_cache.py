@@ -396,3 +396,26 @@ def test_an_entry_written_by_another_process_meanwhile_is_opened_not_rewritten(
     monkeypatch.setattr(session_cache, "_sole_writer", others_finish_first)
     _, status = answer(tiny_model_dir, cache)
     assert set(status.values()) == {"hit"}
+
+
+def test_a_writers_partial_entry_stays_whatever_its_pid_looks_like_here(
+    tiny_model_dir: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Containers sharing one cache each have their own PIDs: a writer in one is named by a PID
+    that may be no process in another, whose loads removed the entry it was writing (on every
+    boot where both start together, so the entry was never written)."""
+    import fcntl
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()  # its pid: how a writer elsewhere looks from here
+    cache.mkdir(parents=True)
+    writing = cache / f".{'0' * 32}.partial-{process.pid}-x"
+    writing.mkdir()
+    with open(cache / session_cache.WRITER_LOCK, "w") as writer:
+        fcntl.flock(writer, fcntl.LOCK_EX)
+        _, status = answer(tiny_model_dir, cache)
+        assert set(status.values()) == {"off"} and writing.exists()
+    _, status = answer(tiny_model_dir, cache)  # the writer gone: a leftover, removed
+    assert set(status.values()) == {"miss"} and not writing.exists()

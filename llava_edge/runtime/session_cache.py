@@ -280,11 +280,16 @@ def _drop_stale(root: Path, keep: Path, source: str, graph_sha256: str) -> None:
     that is gone (neither path recorded exists: a deleted model dir), or unused for MAX_AGE_DAYS.
     Entries of this graph under other keys (another onnxruntime, another CPU) stay. What a
     killed writer left (about twice a graph's weights) goes too: else only a load writing that
-    same entry would remove it, and where the leftover itself leaves no room for one, none does."""
-    for leftover in root.glob(".*.*-*"):  # `.KEY.partial-PID-X`, `.KEY.old-PID`
-        # a read-only cache holds none that could be removed, nor takes new entries
-        with contextlib.suppress(OSError):
-            clean_leftovers(root / leftover.name[1:].split(".", 1)[0])
+    same entry would remove it, and where the leftover itself leaves no room for one, none does.
+    Only while no process writes: the PID a leftover is named by means nothing to a process in
+    another PID namespace (a container sharing the cache), to which a live writer may look dead."""
+    leftovers = list(root.glob(".*.*-*"))  # `.KEY.partial-PID-X`, `.KEY.old-PID`
+    if leftovers:
+        with _sole_writer(root) as writing:
+            for leftover in leftovers if writing else []:
+                # a read-only cache holds none that could be removed, nor takes new entries
+                with contextlib.suppress(OSError):
+                    clean_leftovers(root / leftover.name[1:].split(".", 1)[0])
     too_old = time.time() - MAX_AGE_DAYS * DAY_S
     for meta in root.glob(f"*/{META}"):
         if meta.parent == keep:
