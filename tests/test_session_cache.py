@@ -419,3 +419,39 @@ def test_a_writers_partial_entry_stays_whatever_its_pid_looks_like_here(
         assert set(status.values()) == {"off"} and writing.exists()
     _, status = answer(tiny_model_dir, cache)  # the writer gone: a leftover, removed
     assert set(status.values()) == {"miss"} and not writing.exists()
+
+
+@pytest.mark.parametrize(
+    ("proc", "limit_at", "limit", "written"),
+    [
+        ("0::/robot.service\n", "robot.service/memory.max", "20000", False),  # cgroup v2
+        ("0::/robot.service\n", "robot.service/memory.max", "max", True),
+        ("0::/\n", "memory.max", "20000", False),  # v2 in a container: its cgroup is the root
+        ("4:memory:/docker/abc\n", "memory/memory.limit_in_bytes", "20000", False),  # v1 docker
+        ("4:memory:/robot\n0::/\n", "memory/memory.limit_in_bytes", "20000", False),  # a parent
+    ],
+)
+def test_no_entry_written_past_the_memory_a_cgroup_allows(
+    tiny_model_dir: Path,
+    cache: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    proc: str,
+    limit_at: str,
+    limit: str,
+    written: bool,
+) -> None:
+    """A container's --memory (or a systemd unit's MemoryMax=) is the process's memory whatever
+    the machine has free: a first load that saved entries there held a second copy of the weights
+    past it, and the kernel killed the app on every start (a plain load fitted)."""
+    (tmp_path / "proc").write_text(proc)
+    limit_file = tmp_path / "cgroup" / limit_at
+    limit_file.parent.mkdir(parents=True)
+    limit_file.write_text(limit + "\n")
+    usage = "memory.current" if limit_file.name == "memory.max" else "memory.usage_in_bytes"
+    (limit_file.parent / usage).write_text("1000\n")
+    monkeypatch.setattr(session_cache, "PROC_CGROUP", tmp_path / "proc")
+    monkeypatch.setattr(session_cache, "CGROUP_MOUNT", tmp_path / "cgroup")
+    reference, _ = answer(tiny_model_dir, cache, session_cache=False)
+    ids, status = answer(tiny_model_dir, cache)
+    assert set(status.values()) == ({"miss"} if written else {"off"}) and ids == reference

@@ -23,9 +23,10 @@ caches (the TensorRT provider's engines).
 
 The cache costs disk: about twice the graph's weights (the weights and their pre-packed copies);
 and the load that writes an entry holds a second copy of the weights in memory meanwhile, so it
-is only written when twice the graph fits in free memory and on the disk with a tenth of it left
-free (else the load is a plain one), and by one process at a time: while one writes, the others
-(a robot's processes starting at once) load plain rather than each hold and write another copy.
+is only written when twice the graph fits in free memory (within the process's cgroup limit: a
+container's --memory) and on the disk with a tenth of it left free (else the load is a plain
+one), and by one process at a time: while one writes, the others (a robot's processes starting
+at once) load plain rather than each hold and write another copy.
 `LLAVA_EDGE_SESSION_CACHE=0` (or false, no, off) turns it off, as does `session_cache=False` on the backend.
 """
 
@@ -220,10 +221,56 @@ def _room_to_save(path: Path, root: Path) -> bool:
 
 
 def _free_memory() -> float:
+    """Free memory, within what this process's cgroups let it take."""
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
+        free = math.inf
+    return min(free, _cgroup_free())
+
+
+PROC_CGROUP = Path("/proc/self/cgroup")
+CGROUP_MOUNT = Path("/sys/fs/cgroup")
+# Per cgroup version: the memory controller's dir under the mount, its limit, what the cgroup holds
+CGROUP_FILES = {
+    2: ("", "memory.max", "memory.current"),
+    1: ("memory", "memory.limit_in_bytes", "memory.usage_in_bytes"),
+}
+
+
+def _cgroup_free() -> float:
+    """What the cgroups this process is in (a container's --memory, a systemd unit's MemoryMax=)
+    let it take beside what they hold: past it the kernel kills the process, however much the
+    machine has free. The tightest of its cgroup and those above that this process can see (in a
+    container, its own cgroup is the mount's root); inf where none sets a limit. What a cgroup
+    holds includes page cache the kernel could drop: counted as held, the cache waits for room
+    rather than count on the kernel dropping it in time."""
+    try:
+        lines = PROC_CGROUP.read_text().splitlines()
+    except OSError:  # not Linux
         return math.inf
+    free = math.inf
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        version = 2 if not controllers else 1 if "memory" in controllers.split(",") else None
+        if version is None:
+            continue
+        sub, limit_name, usage_name = CGROUP_FILES[version]
+        mount = CGROUP_MOUNT / sub
+        here = mount / path.lstrip("/")
+        for cgroup in [here, *(p for p in here.parents if p.is_relative_to(mount))]:
+            free = min(free, _cgroup_room(cgroup / limit_name, cgroup / usage_name))
+    return free
+
+
+def _cgroup_room(limit_file: Path, usage_file: Path) -> float:
+    """One cgroup's limit less what it holds; inf where it sets none ("max") or is not there."""
+    try:
+        limit = limit_file.read_text().strip()
+        usage = int(usage_file.read_text())
+    except (OSError, ValueError):  # another cgroup version's layout, or not visible here
+        return math.inf
+    return int(limit) - usage if limit.isdigit() else math.inf
 
 
 def _free_disk(root: Path) -> float:
