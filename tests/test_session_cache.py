@@ -455,3 +455,31 @@ def test_no_entry_written_past_the_memory_a_cgroup_allows(
     reference, _ = answer(tiny_model_dir, cache, session_cache=False)
     ids, status = answer(tiny_model_dir, cache)
     assert set(status.values()) == ({"miss"} if written else {"off"}) and ids == reference
+
+
+def test_the_cache_deleted_while_an_entry_is_written_costs_only_that_entry(
+    tiny_model_dir: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's way to take the cache's space back: delete it, at any time."""
+    reference, _ = answer(tiny_model_dir, cache, session_cache=False)
+    real = session_cache._saving
+
+    def cleared_meanwhile(threads: int | None, out: Path) -> object:
+        options = real(threads, out)
+        shutil.rmtree(cache)
+        return options
+
+    monkeypatch.setattr(session_cache, "_saving", cleared_meanwhile)
+    ids, status = answer(tiny_model_dir, cache)
+    assert set(status.values()) == {"off"} and ids == reference
+    monkeypatch.setattr(session_cache, "_saving", real)
+    ids, status = answer(tiny_model_dir, cache)
+    assert set(status.values()) == {"miss"} and ids == reference
+
+
+def test_the_cache_follows_an_absolute_xdg_cache_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LLAVA_EDGE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "llava-edge"
