@@ -263,7 +263,8 @@ class Manifest:
                 "read it (chmod -R a+rX)"
             ) from None
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            # utf-8-sig: a manifest edited in a Windows editor may begin with a byte-order mark
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
         except OSError as e:  # a model dir copied with another user's permissions
             raise LlavaEdgeError(f"cannot read {path}: {e.strerror}") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as e:

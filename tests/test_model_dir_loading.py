@@ -239,6 +239,16 @@ def test_a_field_of_the_wrong_type_is_named_with_what_to_do(
     assert str(raised.value) == f"manifest.json: {message}; re-export the model"
 
 
+def test_a_manifest_saved_with_a_byte_order_mark_loads(model_copy: Path) -> None:
+    """A manifest edited in a Windows editor that writes UTF-8 with a byte-order mark was "not
+    valid JSON", with re-export as the remedy."""
+    from llava_edge.manifest import Manifest
+
+    path = model_copy / "manifest.json"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert Manifest.load(model_copy).text.num_layers > 0
+
+
 def _older_template(template: dict) -> dict:
     """A template section as llava-edge wrote it before it recorded how a system prompt given
     at run time is written (`system_format`, and with it `first_user`)."""
