@@ -325,6 +325,16 @@ class Manifest:
                 raise LlavaEdgeError(
                     f"{where}: file name {name!r} is not inside the model dir; re-export the model"
                 )
+        # An engine is a file of its engine dir, which a rebuild deletes once replaced: a name
+        # like ../x or /x would delete a file elsewhere.
+        for engine_dir, record in self.engines.items():
+            for spec in record.engines.values():
+                if spec.file in ("", ".", "..") or Path(spec.file).name != spec.file:
+                    raise LlavaEdgeError(
+                        f"{where}: engine file {spec.file!r} of {engine_dir} is not a file name "
+                        "in its engine dir; remove the record (or the manifest's engines) and "
+                        "build again"
+                    )
         if self.template.trim_user not in TRIM_MODES:
             raise LlavaEdgeError(
                 f"{where}: template trim_user {self.template.trim_user!r} is none of "
