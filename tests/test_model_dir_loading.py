@@ -249,6 +249,24 @@ def test_a_manifest_saved_with_a_byte_order_mark_loads(model_copy: Path) -> None
     assert Manifest.load(model_copy).text.num_layers > 0
 
 
+def test_without_a_writable_cache_every_load_hashes_the_files(
+    model_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the README says of a service whose cache dir cannot be written."""
+    from llava_edge.manifest import Manifest
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("LLAVA_EDGE_CACHE", str(tmp_path / "file" / "cache"))  # under a file
+    hashed: list[str] = []
+    real = manifest_module.sha256
+    monkeypatch.setattr(manifest_module, "sha256", lambda p: hashed.append(p) or real(p))
+    manifest = Manifest.load(model_copy)
+    manifest.check_files(model_copy)
+    first = len(hashed)
+    manifest.check_files(model_copy)
+    assert first == len(manifest.files) and len(hashed) == 2 * first
+
+
 def _older_template(template: dict) -> dict:
     """A template section as llava-edge wrote it before it recorded how a system prompt given
     at run time is written (`system_format`, and with it `first_user`)."""
