@@ -429,6 +429,7 @@ def test_a_writers_partial_entry_stays_whatever_its_pid_looks_like_here(
         ("0::/\n", "memory.max", "20000", False),  # v2 in a container: its cgroup is the root
         ("4:memory:/docker/abc\n", "memory/memory.limit_in_bytes", "20000", False),  # v1 docker
         ("4:memory:/robot\n0::/\n", "memory/memory.limit_in_bytes", "20000", False),  # a parent
+        ("a sandbox's own table\n0::/\n", "memory.max", "max", True),
     ],
 )
 def test_no_entry_written_past_the_memory_a_cgroup_allows(

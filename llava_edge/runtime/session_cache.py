@@ -250,8 +250,10 @@ def _cgroup_free() -> float:
     except OSError:  # not Linux
         return math.inf
     free = math.inf
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
+    for fields in (line.split(":", 2) for line in lines):
+        if len(fields) != 3:  # not the kernel's id:controllers:path (a sandbox's own table)
+            continue
+        _, controllers, path = fields
         version = 2 if not controllers else 1 if "memory" in controllers.split(",") else None
         if version is None:
             continue
