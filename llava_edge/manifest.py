@@ -406,7 +406,7 @@ class Manifest:
             len(image.mean) not in channels or len(image.std) not in channels or 0 in image.std
         ):
             raise LlavaEdgeError(
-                f"{where}: image.mean {image.mean} and image.std {image.std} need 3 values each "
+                f"{where}: image.mean {image.mean} and image.std {image.std} need 1 or 3 values each "
                 "(std none 0); re-export the model"
             )
 

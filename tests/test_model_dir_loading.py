@@ -169,7 +169,7 @@ def test_format_versions_it_cannot_read_are_named(
         ("image", "resize", {"shortest_edge": 0}, "image.resize.shortest_edge is 0, not a size"),
         ("image", "resize", {"width": 64}, "image.resize {'width': 64} names neither"),
         ("image", "resample", 9, "image.resample 9 is not a PIL filter"),
-        ("image", "std", [0.5, 0.0, 0.5], "image.std [0.5, 0.0, 0.5] need 3 values each"),
+        ("image", "std", [0.5, 0.0, 0.5], "image.std [0.5, 0.0, 0.5] need 1 or 3 values each"),
         ("image", "mean", [], "image.mean [] and"),
     ],
 )
