@@ -259,25 +259,16 @@ class Manifest:
     @classmethod
     def load(cls, model_dir: str | os.PathLike) -> Manifest:
         path = Path(model_dir) / MANIFEST_NAME
-        if Path(model_dir).exists() and not Path(model_dir).is_dir():
-            raise LlavaEdgeError(
-                f"{model_dir} is a file; give the model dir `llava-edge export` wrote"
-            )
-        if not Path(model_dir).is_dir():
-            raise LlavaEdgeError(f"model dir {model_dir} does not exist")
-        try:  # onnxruntime and tokenizers open files by UTF-8 name
-            os.path.abspath(model_dir).encode("utf-8")
-        except UnicodeEncodeError:
-            raise LlavaEdgeError(
-                f"model dir {model_dir}: the path is not valid UTF-8 text; rename it in UTF-8"
-            ) from None
-        if not path.is_file():
-            raise LlavaEdgeError(
-                f"{model_dir} has no {MANIFEST_NAME}: it is not a llava-edge model dir "
-                "(make one with `llava-edge export CHECKPOINT OUT_DIR`)"
-            )
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            _check_model_dir(Path(model_dir))
+        except PermissionError:  # a dir copied with another user's permissions (no x bit)
+            raise LlavaEdgeError(
+                f"cannot look into model dir {model_dir}: Permission denied; let this user "
+                "read it (chmod -R a+rX)"
+            ) from None
+        try:
+            # utf-8-sig: a manifest edited in a Windows editor may begin with a byte-order mark
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
         except OSError as e:  # a model dir copied with another user's permissions
             raise LlavaEdgeError(f"cannot read {path}: {e.strerror}") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -322,7 +313,8 @@ class Manifest:
             for spec in graph.forms():
                 if spec.precision not in PRECISIONS:
                     raise LlavaEdgeError(
-                        f"{where}: graph {name} has unknown precision {spec.precision}"
+                        f"{where}: graph {name} has unknown precision {spec.precision}; re-export "
+                        "the model"
                     )
         # Files are named relative to the model dir and stay in it: quantize copies them into a
         # new dir, where a name like ../x would write outside it.
@@ -337,16 +329,34 @@ class Manifest:
                 raise LlavaEdgeError(
                     f"{where}: file name {name!r} is not inside the model dir; re-export the model"
                 )
+        # An engine is a file of its engine dir, which a rebuild deletes once replaced: a name
+        # like ../x or /x would delete a file elsewhere.
+        for engine_dir, record in self.engines.items():
+            for spec in record.engines.values():
+                if spec.file in ("", ".", "..") or Path(spec.file).name != spec.file:
+                    raise LlavaEdgeError(
+                        f"{where}: engine file {spec.file!r} of {engine_dir} is not a file name "
+                        "in its engine dir; remove the record (or the manifest's engines) and "
+                        "build again"
+                    )
         if self.template.trim_user not in TRIM_MODES:
             raise LlavaEdgeError(
                 f"{where}: template trim_user {self.template.trim_user!r} is none of "
                 f"{list(TRIM_MODES)}; re-export the model"
             )
-        t = self.text
-        if t.num_heads % t.num_kv_heads or min(t.num_layers, t.head_dim, t.max_context) <= 0:
+        sizes = {f"text.{f.name}": getattr(self.text, f.name) for f in dataclasses.fields(TextSpec)}
+        sizes.update(
+            num_image_tokens=self.num_image_tokens,
+            **{f"image.{name}": getattr(self.image, name) for name in ("height", "width")},
+            **{f"image.resize.{k}": v for k, v in (self.image.resize or {}).items()},
+        )
+        for name, value in sizes.items():
+            if isinstance(value, int) and value <= 0:
+                raise LlavaEdgeError(f"{where}: {name} is {value}, not a size; re-export the model")
+        if self.text.num_heads % self.text.num_kv_heads:
             raise LlavaEdgeError(f"{where}: the text model's shapes are inconsistent")
-        if self.num_image_tokens <= 0 or self.image.height <= 0 or self.image.width <= 0:
-            raise LlavaEdgeError(f"{where}: image geometry is invalid")
+        self._validate_image(where)
+        self._validate_kv_names(where)
         if self.format_version < self.required_version():
             raise LlavaEdgeError(
                 f"{where}: format_version {self.format_version} is older than what it describes "
@@ -360,6 +370,49 @@ class Manifest:
             or (anyres.max_patches is not None and anyres.max_patches <= 0)
         ):
             raise LlavaEdgeError(f"{where}: the AnyRes settings are inconsistent; re-export")
+
+    def _validate_kv_names(self, where: str) -> None:
+        """Every layer's KV names (kv's templates, `{i}` the layer) among the decoder's IO."""
+        decoder = self.graphs["decoder"]
+        for layer in range(self.text.num_layers):
+            try:
+                names = self.kv_names(layer)
+            except (KeyError, IndexError, ValueError):  # a template naming another field
+                raise LlavaEdgeError(
+                    f"{where}: kv names {dataclasses.astuple(self.kv)[:4]} may only use {{i}}, "
+                    "the layer; re-export the model"
+                ) from None
+            fields = ("past_key", "past_value", "present_key", "present_value")
+            sides = ("inputs", "inputs", "outputs", "outputs")
+            for field_name, name, io in zip(fields, names, sides, strict=True):
+                if name not in getattr(decoder, io):
+                    raise LlavaEdgeError(
+                        f"{where}: kv.{field_name} names {name!r} for layer {layer}, which is "
+                        f"none of the decoder's {io}; re-export the model"
+                    )
+
+    def _validate_image(self, where: str) -> None:
+        """What the runtime's preprocessing takes (as export does from an image processor): a
+        resize it knows, a PIL filter, a mean and a non-zero std for all or each colour channel."""
+        image = self.image
+        resize = image.resize or {"shortest_edge": 1}
+        if "shortest_edge" not in resize and not {"height", "width"} <= resize.keys():
+            raise LlavaEdgeError(
+                f"{where}: image.resize {image.resize} names neither shortest_edge nor height and "
+                "width; re-export the model"
+            )
+        if image.resample not in range(6):  # PIL's Image.Resampling codes
+            raise LlavaEdgeError(
+                f"{where}: image.resample {image.resample} is not a PIL filter (0-5); re-export"
+            )
+        channels = (1, 3)
+        if image.normalize and (
+            len(image.mean) not in channels or len(image.std) not in channels or 0 in image.std
+        ):
+            raise LlavaEdgeError(
+                f"{where}: image.mean {image.mean} and image.std {image.std} need 1 or 3 values each "
+                "(std none 0); re-export the model"
+            )
 
     def required_version(self) -> int:
         """The oldest format version that describes this manifest: what it records for runtimes
@@ -476,6 +529,25 @@ class Manifest:
         return digest.hexdigest()
 
 
+def _check_model_dir(model_dir: Path) -> None:
+    """Refuse what is not a model dir, naming what it is instead."""
+    if model_dir.exists() and not model_dir.is_dir():
+        raise LlavaEdgeError(f"{model_dir} is a file; give the model dir `llava-edge export` wrote")
+    if not model_dir.is_dir():
+        raise LlavaEdgeError(f"model dir {model_dir} does not exist")
+    try:  # onnxruntime and tokenizers open files by UTF-8 name
+        os.path.abspath(model_dir).encode("utf-8")
+    except UnicodeEncodeError:
+        raise LlavaEdgeError(
+            f"model dir {model_dir}: the path is not valid UTF-8 text; rename it in UTF-8"
+        ) from None
+    if not (model_dir / MANIFEST_NAME).is_file():
+        raise LlavaEdgeError(
+            f"{model_dir} has no {MANIFEST_NAME}: it is not a llava-edge model dir "
+            "(make one with `llava-edge export CHECKPOINT OUT_DIR`)"
+        )
+
+
 def _older_template(template: TemplateSpec, where: str) -> TemplateSpec:
     """A template from a manifest written before `system_format` (and `first_user`) were: a
     built-in template's strings get its way of writing a run-time system prompt (ChatML's own
@@ -533,8 +605,8 @@ def _verified_fingerprints() -> list[str]:
     """Fingerprints of verified dirs, oldest first."""
     root = cache_dir()
     try:
-        return (root / "verified.txt").read_text().split() if root else []
-    except OSError:
+        return (root / "verified.txt").read_text(encoding="ascii").split() if root else []
+    except (OSError, ValueError):  # damaged (not text): rewritten by the next remembering
         return []
 
 
@@ -566,7 +638,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
     onnxruntime (no pydantic); the manifest is small and flat enough for this.
     """
     if not isinstance(data, dict):
-        raise LlavaEdgeError(f"{where}: expected an object, got {type(data).__name__}")
+        raise _mistyped(where, f"an object, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
@@ -594,16 +666,16 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
                 return _convert(option, value, where)
             except LlavaEdgeError as e:
                 errors.append(str(e))
-        raise LlavaEdgeError(errors[0] if errors else f"{where}: unexpected value {value!r}")
+        raise LlavaEdgeError(errors[0])  # the first option's complaint
     if origin is dict:
         _, value_type = typing.get_args(hint)
         if not isinstance(value, dict):
-            raise LlavaEdgeError(f"{where}: expected an object")
+            raise _mistyped(where, "an object")
         return {k: _convert(value_type, v, f"{where}.{k}") for k, v in value.items()}
     if origin is list:
         (item_type,) = typing.get_args(hint)
         if not isinstance(value, list):
-            raise LlavaEdgeError(f"{where}: expected a list")
+            raise _mistyped(where, "a list")
         return [_convert(item_type, v, f"{where}[{i}]") for i, v in enumerate(value)]
     if hint is Any:
         return value
@@ -612,5 +684,10 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
     if hint in (int, str, bool, float) and (
         not isinstance(value, hint) or (hint is int and isinstance(value, bool))
     ):
-        raise LlavaEdgeError(f"{where}: expected {hint.__name__}, got {value!r}")
+        raise _mistyped(where, f"{hint.__name__}, got {value!r}")
     return value
+
+
+def _mistyped(where: str, expected: str) -> LlavaEdgeError:
+    """A field of the wrong JSON type: hand-edited, or written by something else."""
+    return LlavaEdgeError(f"{where}: expected {expected}; re-export the model")

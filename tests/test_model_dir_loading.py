@@ -96,6 +96,24 @@ def test_a_machine_that_verified_many_dirs_still_remembers_the_latest(
     assert len(remembered) == VERIFIED_KEPT and earlier[0] not in remembered  # the oldest went
 
 
+def test_a_damaged_record_of_verified_dirs_is_rewritten_not_a_failed_load(
+    model_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The record of verified dirs is a cache: one damaged into bytes that are not text (a bad
+    sector, a stray write) failed every load on the machine with a UnicodeDecodeError."""
+    from llava_edge.manifest import Manifest
+
+    monkeypatch.setenv("LLAVA_EDGE_CACHE", str(tmp_path))
+    (tmp_path / "verified.txt").write_bytes(b"\xff\xfe\x00garbage\n")
+    manifest = Manifest.load(model_copy)
+    manifest.check_files(model_copy)
+    hashed: list[str] = []
+    real = manifest_module.sha256
+    monkeypatch.setattr(manifest_module, "sha256", lambda p: hashed.append(p) or real(p))
+    manifest.check_files(model_copy)
+    assert not hashed  # remembered in the rewritten record
+
+
 @pytest.mark.parametrize(
     "failure", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()]
 )
@@ -140,6 +158,113 @@ def test_format_versions_it_cannot_read_are_named(
     data["format_version"] = version
     with pytest.raises(LlavaEdgeError, match=message.replace("(", r"\(").replace(")", r"\)")):
         Manifest.from_dict(data)
+
+
+@pytest.mark.parametrize(
+    ("section", "field", "value", "message"),
+    [
+        ("text", "num_kv_heads", 0, "text.num_kv_heads is 0, not a size"),
+        ("text", "vocab_size", -1, "text.vocab_size is -1, not a size"),
+        ("text", "hidden_size", 0, "text.hidden_size is 0, not a size"),
+        ("image", "resize", {"shortest_edge": 0}, "image.resize.shortest_edge is 0, not a size"),
+        ("image", "resize", {"width": 64}, "image.resize {'width': 64} names neither"),
+        ("image", "resample", 9, "image.resample 9 is not a PIL filter"),
+        ("image", "std", [0.5, 0.0, 0.5], "image.std [0.5, 0.0, 0.5] need 1 or 3 values each"),
+        ("image", "mean", [], "image.mean [] and"),
+    ],
+)
+def test_a_hand_edited_size_or_image_setting_is_named(
+    model_copy: Path, capsys: pytest.CaptureFixture, section: str, field: str, value, message: str
+) -> None:
+    """A manifest edited by hand past what the runtime can take: its check divided by a zero
+    num_kv_heads, and the rest passed it to fail in numpy, PIL or onnxruntime with a traceback
+    that named no field."""
+    import json
+
+    path = model_copy / "manifest.json"
+    data = json.loads(path.read_text())
+    data[section][field] = value
+    path.write_text(json.dumps(data))
+    assert main(["run", str(model_copy), "--prompt", "hi", "--max-new-tokens", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and "re-export" in err and "\n" not in err
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("past.{j}", "kv names ('past.{j}', "),
+        ("past.{0}", "kv names ('past.{0}', "),
+        ("past_key_values.key", "kv.past_key names 'past_key_values.key' for layer 0, which is"),
+    ],
+)
+def test_a_hand_edited_kv_name_is_named(
+    model_copy: Path, capsys: pytest.CaptureFixture, template: str, message: str
+) -> None:
+    """A KV name template that formats with another field, or names no input of the decoder,
+    failed at the first answer with a KeyError or onnxruntime's binding error."""
+    import json
+
+    path = model_copy / "manifest.json"
+    data = json.loads(path.read_text())
+    data["kv"]["past_key"] = template
+    path.write_text(json.dumps(data))
+    assert main(["run", str(model_copy), "--prompt", "hi", "--max-new-tokens", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.endswith("re-export the model") and "\n" not in err
+
+
+@pytest.mark.parametrize(
+    ("section", "field", "value", "message"),
+    [
+        ("text", "max_context", "2048", "text: max_context: expected int, got '2048'"),
+        ("tokens", "eos_token_ids", 2, "tokens: eos_token_ids: expected a list"),
+        ("image", "anyres", 3, "image: anyres: expected an object, got int"),
+        (None, "template", None, "template: expected an object, got NoneType"),
+        (None, "graphs", [], "graphs: expected an object"),
+    ],
+)
+def test_a_field_of_the_wrong_type_is_named_with_what_to_do(
+    tiny_model_dir: Path, section: str | None, field: str, value, message: str
+) -> None:
+    import json
+
+    from llava_edge.errors import LlavaEdgeError
+    from llava_edge.manifest import Manifest
+
+    data = json.loads((tiny_model_dir / "manifest.json").read_text())
+    (data[section] if section else data)[field] = value
+    with pytest.raises(LlavaEdgeError) as raised:
+        Manifest.from_dict(data, where="manifest.json")
+    assert str(raised.value) == f"manifest.json: {message}; re-export the model"
+
+
+def test_a_manifest_saved_with_a_byte_order_mark_loads(model_copy: Path) -> None:
+    """A manifest edited in a Windows editor that writes UTF-8 with a byte-order mark was "not
+    valid JSON", with re-export as the remedy."""
+    from llava_edge.manifest import Manifest
+
+    path = model_copy / "manifest.json"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert Manifest.load(model_copy).text.num_layers > 0
+
+
+def test_without_a_writable_cache_every_load_hashes_the_files(
+    model_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the README says of a service whose cache dir cannot be written."""
+    from llava_edge.manifest import Manifest
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("LLAVA_EDGE_CACHE", str(tmp_path / "file" / "cache"))  # under a file
+    hashed: list[str] = []
+    real = manifest_module.sha256
+    monkeypatch.setattr(manifest_module, "sha256", lambda p: hashed.append(p) or real(p))
+    manifest = Manifest.load(model_copy)
+    manifest.check_files(model_copy)
+    first = len(hashed)
+    manifest.check_files(model_copy)
+    assert first == len(manifest.files) and len(hashed) == 2 * first
 
 
 def _older_template(template: dict) -> dict:
@@ -212,3 +337,26 @@ def test_an_onnxruntime_too_old_to_answer_right_is_named_at_load(
     assert f"onnxruntime {version} answers wrongly" in line and "onnxruntime 1.20 or later" in line
     monkeypatch.setattr(onnxruntime, "__version__", "1.20.0")
     assert main(["run", str(tiny_model_dir), "--prompt", "Hi", "--max-new-tokens", "1"]) == 0
+
+
+@pytest.mark.parametrize("where", ["model dir", "dir above it"])
+def test_a_dir_this_user_may_not_look_into_is_one_line(
+    model_copy: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, where: str
+) -> None:
+    """A model dir copied with another user's permissions (no x bit for this one), or under a
+    dir this user may not enter: stat() of what is in it is refused, and was a traceback."""
+    private = model_copy if where == "model dir" else model_copy.parent
+    real = os.stat
+
+    def refuse(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        if Path(path) != private and str(path).startswith(str(private)):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", refuse)
+    assert main(["run", str(model_copy), "--prompt", "hi", "--max-new-tokens", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"llava-edge run: error: cannot look into model dir {model_copy}: Permission denied; "
+        "let this user read it (chmod -R a+rX)"
+    )

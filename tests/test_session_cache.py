@@ -3,10 +3,12 @@ is rebuilt, never used; answers are the same with and without it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -236,9 +238,9 @@ def test_empty_or_relative_cache_variable_is_ignored(
 def test_a_failed_save_keeps_the_session_it_opened(
     tiny_model_dir: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Two processes loading a dir for the first time both write its entries; the one whose
-    install loses the race (or finds the disk full) answers with the session it opened, not a
-    second load of the graph."""
+    """A load whose entry fails to install (the disk full; on a filesystem without locks,
+    another process's entry there first) answers with the session it opened, not a second load
+    of the graph."""
     import llava_edge.files as files
 
     reference, _ = answer(tiny_model_dir, cache, session_cache=False)
@@ -329,3 +331,156 @@ def test_an_onnxruntime_that_misreads_prepacked_weights_saves_none(
     except RuntimeError:  # "does not have configuration with key"
         saved = False
     assert saved is prepacked
+
+
+def test_an_entry_of_a_graph_this_user_may_not_see_stays_and_fails_no_load(
+    tiny_model_dir: Path, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Services of several users share one cache (LLAVA_EDGE_CACHE=/var/cache/llava-edge): an
+    entry of a graph in another user's private dir cannot be told gone, and asking raised
+    PermissionError, which failed every load of this user's own model."""
+    theirs = tmp_path / "private" / "model"
+    shutil.copytree(tiny_model_dir, theirs)
+    answer(theirs, cache)
+    written = entries(cache)
+    real = os.stat
+
+    def private(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        if str(path).startswith(str(theirs.parent)):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", private)
+    ids, status = answer(tiny_model_dir, cache)
+    assert set(status.values()) == {"hit"} and ids
+    assert entries(cache) == written
+
+
+def test_one_process_writes_entries_at_a_time(
+    tiny_model_dir: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A robot's processes start at once and load the same dir with a cold cache: each checked
+    free memory and disk for itself, then all wrote the same entries at once, each holding a
+    second copy of the weights and writing twice them to disk. While one writes, the others load
+    uncached."""
+    import fcntl
+
+    reference, _ = answer(tiny_model_dir, cache, session_cache=False)
+    cache.mkdir(parents=True)
+    with open(cache / session_cache.WRITER_LOCK, "w") as other:  # another process writing
+        fcntl.flock(other, fcntl.LOCK_EX)
+        ids, status = answer(tiny_model_dir, cache)
+    assert set(status.values()) == {"off"} and not entries(cache) and ids == reference
+    ids, status = answer(tiny_model_dir, cache)
+    assert set(status.values()) == {"miss"} and len(entries(cache)) == 3 and ids == reference
+
+
+def test_an_entry_written_by_another_process_meanwhile_is_opened_not_rewritten(
+    tiny_model_dir: Path, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process may finish an entry between this one finding none and taking the writer
+    lock: this one opens it, rather than writing it again over the one others may be opening."""
+    answer(tiny_model_dir, cache)
+    written = tmp_path / "written"
+    shutil.move(cache, written)
+    real = session_cache._sole_writer
+
+    @contextlib.contextmanager
+    def others_finish_first(root: Path) -> Iterator[bool]:
+        for entry in written.iterdir():
+            if entry.is_dir() and not (root / entry.name).exists():
+                shutil.copytree(entry, root / entry.name)
+        with real(root) as writing:
+            yield writing
+
+    monkeypatch.setattr(session_cache, "_sole_writer", others_finish_first)
+    _, status = answer(tiny_model_dir, cache)
+    assert set(status.values()) == {"hit"}
+
+
+def test_a_writers_partial_entry_stays_whatever_its_pid_looks_like_here(
+    tiny_model_dir: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Containers sharing one cache each have their own PIDs: a writer in one is named by a PID
+    that may be no process in another, whose loads removed the entry it was writing (on every
+    boot where both start together, so the entry was never written)."""
+    import fcntl
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()  # its pid: how a writer elsewhere looks from here
+    cache.mkdir(parents=True)
+    writing = cache / f".{'0' * 32}.partial-{process.pid}-x"
+    writing.mkdir()
+    with open(cache / session_cache.WRITER_LOCK, "w") as writer:
+        fcntl.flock(writer, fcntl.LOCK_EX)
+        _, status = answer(tiny_model_dir, cache)
+        assert set(status.values()) == {"off"} and writing.exists()
+    _, status = answer(tiny_model_dir, cache)  # the writer gone: a leftover, removed
+    assert set(status.values()) == {"miss"} and not writing.exists()
+
+
+@pytest.mark.parametrize(
+    ("proc", "limit_at", "limit", "written"),
+    [
+        ("0::/robot.service\n", "robot.service/memory.max", "20000", False),  # cgroup v2
+        ("0::/robot.service\n", "robot.service/memory.max", "max", True),
+        ("0::/\n", "memory.max", "20000", False),  # v2 in a container: its cgroup is the root
+        ("4:memory:/docker/abc\n", "memory/memory.limit_in_bytes", "20000", False),  # v1 docker
+        ("4:memory:/robot\n0::/\n", "memory/memory.limit_in_bytes", "20000", False),  # a parent
+        ("a sandbox's own table\n0::/\n", "memory.max", "max", True),
+    ],
+)
+def test_no_entry_written_past_the_memory_a_cgroup_allows(
+    tiny_model_dir: Path,
+    cache: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    proc: str,
+    limit_at: str,
+    limit: str,
+    written: bool,
+) -> None:
+    """A container's --memory (or a systemd unit's MemoryMax=) is the process's memory whatever
+    the machine has free: a first load that saved entries there held a second copy of the weights
+    past it, and the kernel killed the app on every start (a plain load fitted)."""
+    (tmp_path / "proc").write_text(proc)
+    limit_file = tmp_path / "cgroup" / limit_at
+    limit_file.parent.mkdir(parents=True)
+    limit_file.write_text(limit + "\n")
+    usage = "memory.current" if limit_file.name == "memory.max" else "memory.usage_in_bytes"
+    (limit_file.parent / usage).write_text("1000\n")
+    monkeypatch.setattr(session_cache, "PROC_CGROUP", tmp_path / "proc")
+    monkeypatch.setattr(session_cache, "CGROUP_MOUNT", tmp_path / "cgroup")
+    reference, _ = answer(tiny_model_dir, cache, session_cache=False)
+    ids, status = answer(tiny_model_dir, cache)
+    assert set(status.values()) == ({"miss"} if written else {"off"}) and ids == reference
+
+
+def test_the_cache_deleted_while_an_entry_is_written_costs_only_that_entry(
+    tiny_model_dir: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's way to take the cache's space back: delete it, at any time."""
+    reference, _ = answer(tiny_model_dir, cache, session_cache=False)
+    real = session_cache._saving
+
+    def cleared_meanwhile(threads: int | None, out: Path) -> object:
+        options = real(threads, out)
+        shutil.rmtree(cache)
+        return options
+
+    monkeypatch.setattr(session_cache, "_saving", cleared_meanwhile)
+    ids, status = answer(tiny_model_dir, cache)
+    assert set(status.values()) == {"off"} and ids == reference
+    monkeypatch.setattr(session_cache, "_saving", real)
+    ids, status = answer(tiny_model_dir, cache)
+    assert set(status.values()) == {"miss"} and ids == reference
+
+
+def test_the_cache_follows_an_absolute_xdg_cache_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LLAVA_EDGE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "llava-edge"

@@ -1307,3 +1307,25 @@ def test_a_build_tensorrt_refuses_names_what_the_compatibility_check_finds(
     with pytest.raises(LlavaEdgeError) as refused:
         build_engines(model, log=quiet)
     assert "check finds: decoder: operator com.microsoft:MatMulNBits" in str(refused.value)
+
+
+@pytest.mark.parametrize("name", ["../../victim.txt", "ABSOLUTE"])
+def test_a_manifest_naming_an_engine_outside_its_dir_is_refused_before_a_rebuild_deletes_it(
+    stub, model: Path, tmp_path: Path, name: str
+) -> None:
+    """A rebuild deletes the engines its previous build recorded: a model dir shared with a
+    record naming ../../victim.txt or an absolute path deleted that file instead."""
+    import json
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("a file of the user's")
+    build_engines(model, log=quiet)
+    path = model / MANIFEST_NAME
+    data = json.loads(path.read_text())
+    data["engines"]["engines"]["engines"]["decoder"]["file"] = (
+        str(victim) if name == "ABSOLUTE" else name
+    )
+    path.write_text(json.dumps(data))
+    with pytest.raises(LlavaEdgeError, match="is not a file name in its engine dir"):
+        build_engines(model, log=quiet)
+    assert victim.read_text() == "a file of the user's"

@@ -23,8 +23,10 @@ caches (the TensorRT provider's engines).
 
 The cache costs disk: about twice the graph's weights (the weights and their pre-packed copies);
 and the load that writes an entry holds a second copy of the weights in memory meanwhile, so it
-is only written when twice the graph fits in free memory and on the disk with a tenth of it left
-free (else the load is a plain one).
+is only written when twice the graph fits in free memory (within the process's cgroup limit: a
+container's --memory) and on the disk with a tenth of it left free (else the load is a plain
+one), and by one process at a time: while one writes, the others (a robot's processes starting
+at once) load plain rather than each hold and write another copy.
 `LLAVA_EDGE_SESSION_CACHE=0` (or false, no, off) turns it off, as does `session_cache=False` on the backend.
 """
 
@@ -38,6 +40,7 @@ import os
 import platform
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnxruntime as ort
@@ -49,6 +52,9 @@ CACHE_FORMAT = 1
 MODEL = "model.onnx"
 DATA = "model.onnx.data"
 META = "entry.json"
+# Held (flock) by the one process writing an entry: the checks of free memory and disk hold for
+# one writer, not for several processes of a robot that start at once and each write.
+WRITER_LOCK = ".writing"
 # onnxruntime 1.28 to 1.31 read pre-packed MatMulNBits weights (int4) back wrongly from an entry:
 # every answer of a cached load is NaN. Their entries hold the optimized graph without them.
 PREPACKED_UNREADABLE = ((1, 28), (1, 31))
@@ -102,39 +108,94 @@ def open_cached(
     root: Path | None = None,
 ) -> tuple[ort.InferenceSession, str]:
     """A CPU session of `path`, through the cache; and how: 'hit', 'miss' (written) or 'off'
-    (the cache dir cannot be written: a plain load)."""
-    providers = ["CPUExecutionProvider"]
+    (the cache dir cannot be written, or another process is writing an entry: a plain load)."""
     root = root or _root()
     if root is None:  # no cache dir on this machine (no home directory)
         return plain_session(path, threads), "off"
-    entry = root / cache_key(graph_sha256, providers)
-    opened = path.resolve()
-    source = str(final_path(opened))
+    entry = root / cache_key(graph_sha256, ["CPUExecutionProvider"])
+    source = str(final_path(path.resolve()))
     _drop_stale(root, entry, source, graph_sha256)
-    if _complete(entry):
-        options = session_options(threads)
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        try:
-            session = ort.InferenceSession(str(entry / MODEL), options, providers=providers)
-        except Exception:  # onnxruntime's own untyped errors: a corrupt entry is rebuilt
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            _mark_used(entry)
-            return session, "hit"
-    if not _room_to_save(path, root):
-        return plain_session(path, threads), "off"
+    session = _open_entry(entry, threads)
+    if session is not None:
+        return session, "hit"
+    with _sole_writer(root) as writing:
+        if writing:
+            # Another process may have written the entry before this one took the lock.
+            session = _open_entry(entry, threads)
+            if session is not None:
+                return session, "hit"
+            if _room_to_save(path, root):
+                return _write_entry(path, entry, threads, graph_sha256, source)
+    return plain_session(path, threads), "off"
+
+
+def _write_entry(
+    path: Path, entry: Path, threads: int | None, graph_sha256: str, source: str
+) -> tuple[ort.InferenceSession, str]:
+    """A session of `path` that saves `entry` as it opens ('miss'); 'off' where saving failed."""
     session = None
     try:
         with replace_dir(entry) as tmp:
-            session = ort.InferenceSession(str(path), _saving(threads, tmp), providers=providers)
+            session = ort.InferenceSession(
+                str(path), _saving(threads, tmp), providers=["CPUExecutionProvider"]
+            )
             files = {name: (tmp / name).stat().st_size for name in (MODEL, DATA)}
-            meta = {"source": source, "opened": str(opened), "graph": graph_sha256, "files": files}
-            (tmp / META).write_text(json.dumps(meta))
+            meta = {"source": source, "opened": str(path.resolve()), "graph": graph_sha256}
+            (tmp / META).write_text(json.dumps({**meta, "files": files}))
     except Exception:  # no room, a read-only home: the session still loads, uncached
-        # Where only saving failed (the disk filled, another process installed the same entry
-        # first) the session is whole: a second load would hold the weights twice meanwhile.
+        # Where only saving failed (the disk filled) the session is whole: a second load would
+        # hold the weights twice meanwhile.
         return session or plain_session(path, threads), "off"
     return session, "miss"
+
+
+def _open_entry(entry: Path, threads: int | None) -> ort.InferenceSession | None:
+    """A session of a complete entry; None where there is none (a corrupt one is deleted)."""
+    if not _complete(entry):
+        return None
+    options = session_options(threads)
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        session = ort.InferenceSession(
+            str(entry / MODEL), options, providers=["CPUExecutionProvider"]
+        )
+    except Exception:  # onnxruntime's own untyped errors: a corrupt entry is rebuilt
+        shutil.rmtree(entry, ignore_errors=True)
+        return None
+    _mark_used(entry)
+    return session
+
+
+@contextlib.contextmanager
+def _sole_writer(root: Path) -> Iterator[bool]:
+    """Whether this process may write an entry: True while it holds the cache's writer lock;
+    False where another process holds it (that one writes; this one loads uncached rather than
+    wait for it) or the cache dir cannot be written."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(root / WRITER_LOCK, os.O_RDONLY | os.O_CREAT, 0o666)
+    except OSError:  # a read-only cache: nothing could be written there
+        yield False
+        return
+    try:
+        yield _lock(fd)
+    finally:
+        os.close(fd)  # and with it the lock
+
+
+def _lock(fd: int) -> bool:
+    """Take an exclusive lock on `fd` without waiting; False where another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; the writer writes as if alone
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:  # a filesystem without locks (some network shares): as if alone
+        pass
+    return True
 
 
 def _root() -> Path | None:
@@ -160,10 +221,58 @@ def _room_to_save(path: Path, root: Path) -> bool:
 
 
 def _free_memory() -> float:
+    """Free memory, within what this process's cgroups let it take."""
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
+        free = math.inf
+    return min(free, _cgroup_free())
+
+
+PROC_CGROUP = Path("/proc/self/cgroup")
+CGROUP_MOUNT = Path("/sys/fs/cgroup")
+# Per cgroup version: the memory controller's dir under the mount, its limit, what the cgroup holds
+CGROUP_FILES = {
+    2: ("", "memory.max", "memory.current"),
+    1: ("memory", "memory.limit_in_bytes", "memory.usage_in_bytes"),
+}
+
+
+def _cgroup_free() -> float:
+    """What the cgroups this process is in (a container's --memory, a systemd unit's MemoryMax=)
+    let it take beside what they hold: past it the kernel kills the process, however much the
+    machine has free. The tightest of its cgroup and those above that this process can see (in a
+    container, its own cgroup is the mount's root); inf where none sets a limit. What a cgroup
+    holds includes page cache the kernel could drop: counted as held, the cache waits for room
+    rather than count on the kernel dropping it in time."""
+    try:
+        lines = PROC_CGROUP.read_text().splitlines()
+    except OSError:  # not Linux
         return math.inf
+    free = math.inf
+    for fields in (line.split(":", 2) for line in lines):
+        if len(fields) != 3:  # not the kernel's id:controllers:path (a sandbox's own table)
+            continue
+        _, controllers, path = fields
+        version = 2 if not controllers else 1 if "memory" in controllers.split(",") else None
+        if version is None:
+            continue
+        sub, limit_name, usage_name = CGROUP_FILES[version]
+        mount = CGROUP_MOUNT / sub
+        here = mount / path.lstrip("/")
+        for cgroup in [here, *(p for p in here.parents if p.is_relative_to(mount))]:
+            free = min(free, _cgroup_room(cgroup / limit_name, cgroup / usage_name))
+    return free
+
+
+def _cgroup_room(limit_file: Path, usage_file: Path) -> float:
+    """One cgroup's limit less what it holds; inf where it sets none ("max") or is not there."""
+    try:
+        limit = limit_file.read_text().strip()
+        usage = int(usage_file.read_text())
+    except (OSError, ValueError):  # another cgroup version's layout, or not visible here
+        return math.inf
+    return int(limit) - usage if limit.isdigit() else math.inf
 
 
 def _free_disk(root: Path) -> float:
@@ -220,11 +329,16 @@ def _drop_stale(root: Path, keep: Path, source: str, graph_sha256: str) -> None:
     that is gone (neither path recorded exists: a deleted model dir), or unused for MAX_AGE_DAYS.
     Entries of this graph under other keys (another onnxruntime, another CPU) stay. What a
     killed writer left (about twice a graph's weights) goes too: else only a load writing that
-    same entry would remove it, and where the leftover itself leaves no room for one, none does."""
-    for leftover in root.glob(".*.*-*"):  # `.KEY.partial-PID-X`, `.KEY.old-PID`
-        # a read-only cache holds none that could be removed, nor takes new entries
-        with contextlib.suppress(OSError):
-            clean_leftovers(root / leftover.name[1:].split(".", 1)[0])
+    same entry would remove it, and where the leftover itself leaves no room for one, none does.
+    Only while no process writes: the PID a leftover is named by means nothing to a process in
+    another PID namespace (a container sharing the cache), to which a live writer may look dead."""
+    leftovers = list(root.glob(".*.*-*"))  # `.KEY.partial-PID-X`, `.KEY.old-PID`
+    if leftovers:
+        with _sole_writer(root) as writing:
+            for leftover in leftovers if writing else []:
+                # a read-only cache holds none that could be removed, nor takes new entries
+                with contextlib.suppress(OSError):
+                    clean_leftovers(root / leftover.name[1:].split(".", 1)[0])
     too_old = time.time() - MAX_AGE_DAYS * DAY_S
     for meta in root.glob(f"*/{META}"):
         if meta.parent == keep:
@@ -238,8 +352,20 @@ def _drop_stale(root: Path, keep: Path, source: str, graph_sha256: str) -> None:
             continue
         paths = [Path(p) for p in recorded if isinstance(p, str)]
         replaced = recorded[0] == source and graph is not None and graph != graph_sha256
-        if replaced or unused or not any(p.exists() for p in paths):
+        if replaced or unused or not any(_may_exist(p) for p in paths):
             shutil.rmtree(meta.parent, ignore_errors=True)
+
+
+def _may_exist(path: Path) -> bool:
+    """Whether `path` may exist. One this user may not look into (in a cache that services of
+    several users share, another user's private model dir) counts as there: its entry is theirs."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError, ValueError):
+        return False
+    except OSError:  # PermissionError, which pathlib's exists() raises up to Python 3.12
+        return True
+    return True
 
 
 def _mark_used(entry: Path) -> None:
