@@ -1922,3 +1922,18 @@ def test_a_json_body_or_one_of_no_declared_type_is_answered(server, content_type
 def test_a_cors_origin_that_is_no_origin_is_refused(tiny_model_dir, origin):
     with pytest.raises(LlavaEdgeError, match="is no origin"):
         ServeOptions(tiny_model_dir, cors_origins=[origin])
+
+
+def test_a_file_that_grows_past_the_limit_after_its_size_is_read_is_refused(tmp_path, monkeypatch):
+    """The size is checked, then the file read: a frame a camera is still writing may have grown
+    in between, and is read no further than the limit."""
+    from llava_edge.serve import media
+
+    image = tmp_path / "frame.jpg"
+    image.write_bytes(b"x" * 5000)
+    policy = media.MediaPolicy(max_image_bytes=1000, allowed_media_dir=tmp_path)
+    sizes = iter([800])  # what the size check saw, before the camera wrote the rest
+    monkeypatch.setattr(media.os.path, "getsize", lambda path: next(sizes, 5000))
+    with pytest.raises(media.ApiError) as refused:
+        media._local_file(image.as_uri(), policy)
+    assert refused.value.status == 413 and "5000 bytes" in str(refused.value)

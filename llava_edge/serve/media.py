@@ -127,7 +127,12 @@ def _local_file(url: str, policy: MediaPolicy) -> bytes:
     size = os.path.getsize(resolved)
     if size > policy.max_image_bytes:
         raise _too_large(size, policy.max_image_bytes)
-    return resolved.read_bytes()
+    # at most one byte past the limit: a file a camera is still writing may have grown since
+    with open(resolved, "rb") as f:
+        data = f.read(policy.max_image_bytes + 1)
+    if len(data) > policy.max_image_bytes:
+        raise _too_large(os.path.getsize(resolved), policy.max_image_bytes)
+    return data
 
 
 async def _remote(url: str, policy: MediaPolicy, time_left: float | None) -> bytes:
