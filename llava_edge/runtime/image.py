@@ -126,16 +126,30 @@ def _upright(image: Image.Image) -> Image.Image:
     """A decoded file as RGB, turned by its EXIF orientation as ImageOps.exif_transpose turns
     it. Only the pixels are kept: exif_transpose also writes the metadata back, which raises
     (TypeError, struct.error) on a tag PIL reads but cannot write, a camera's tag of another type
-    than the standard's, in a picture that decodes. EXIF whose header PIL cannot read turns
-    nothing, as PIL reads a JPEG's (a WebP's raises). Made RGB first, while the file's format is
+    than the standard's, in a picture that decodes. Made RGB first, while the file's format is
     known (a 16-bit PGM's mode I reads by it)."""
-    try:
-        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
-    except SyntaxError:  # "not a TIFF file": the EXIF block's header is not one
-        orientation = 1
-    turn = _EXIF_TURNS.get(orientation)
+    turn = _EXIF_TURNS.get(exif_orientation(image))
     rgb = to_rgb(image)
     return rgb if turn is None else rgb.transpose(turn)
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation of an opened file (1, upright, where it has none), as `load_image`
+    turns it. EXIF whose header PIL cannot read gives none, as PIL reads a JPEG's (a WebP's
+    raises)."""
+    try:
+        return image.getexif().get(ExifTags.Base.Orientation, 1)
+    except SyntaxError:  # "not a TIFF file": the EXIF block's header is not one
+        return 1
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """The width and height `load_image` gives an opened file, from its header: those of a
+    picture stored turned a quarter (EXIF orientation 5 to 8) swapped."""
+    width, height = image.size
+    if exif_orientation(image) in (5, 6, 7, 8):
+        return height, width
+    return width, height
 
 
 def _check_open(image: Image.Image) -> None:
