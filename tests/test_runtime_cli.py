@@ -232,6 +232,30 @@ def test_an_image_on_standard_input_is_given_as_a_dash(
         assert len(err.splitlines()) == 1 and "standard input" in err
 
 
+def test_a_video_given_as_an_image_is_named_as_one(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """`run --image clip.mp4` (or a video piped to `--image -`) was 'not an image PIL can read
+    (EPS, ICO ...)': it says it is a video, and which command reads videos."""
+    import av
+
+    video = tmp_path / "clip.mp4"
+    with av.open(str(video), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        frame = av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), "rgb24")
+        container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    argv = ["run", str(tiny_model_dir), "--prompt", "Hi?", "--max-new-tokens", "2"]
+    cases = [
+        (str(video), b"", f"is a video (MP4), not an image; `llava-edge watch --source {video}`"),
+        ("-", video.read_bytes(), "is a video (MP4), not an image; `llava-edge watch --source -`"),
+    ]
+    for image, piped, message in cases:
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(piped)))
+        assert main([*argv, "--image", image]) == 1
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and message in err, err
+
+
 def test_chat_a_line_that_is_not_utf8_is_refused_and_the_chat_goes_on(tiny_model_dir, monkeypatch):
     """A UTF-8 locale reads and writes the terminal strictly: a line of other bytes (a Latin-1
     terminal, a binary paste) is the question's one-line error, and a path of such bytes is

@@ -180,6 +180,7 @@ def _open(source: str | os.PathLike | bytes, max_pixels: int | None) -> Image.Im
     if len(name) > 200:  # a base64 string passed for a path: a megabyte of error
         name = name[:100] + "..."
     what = name if given else f"image {name}"
+    mode = 0
     if not given:
         _refuse_url(source)
         if not os.path.exists(source):
@@ -210,10 +211,7 @@ def _open(source: str | os.PathLike | bytes, max_pixels: int | None) -> Image.Im
         image.load()  # decode now, so truncation is found here and not later
         return image
     except UnidentifiedImageError:
-        raise LlavaEdgeError(
-            f"{name} is not an image PIL can read ({', '.join(UNREAD_FORMATS)} files are not "
-            "read: convert them to PNG or JPEG)"
-        ) from None
+        raise _unidentified(source, name, mode) from None
     except PermissionError:
         raise LlavaEdgeError(f"no permission to read {what}") from None
     except (OSError, SyntaxError, ValueError) as e:
@@ -221,6 +219,33 @@ def _open(source: str | os.PathLike | bytes, max_pixels: int | None) -> Image.Im
     finally:
         if pipe is not None:
             pipe.close()
+
+
+def _unidentified(source: str | os.PathLike | bytes, name: str, mode: int) -> LlavaEdgeError:
+    """What a file PIL cannot identify is, where it is something else than an image: a video
+    (given to `run --image`). A pipe was read by PIL, so its bytes are not looked at."""
+    if isinstance(source, bytes):
+        head = source[:VIDEO_HEAD]
+    elif stat.S_ISREG(mode):
+        with open(source, "rb") as file:
+            head = file.read(VIDEO_HEAD)
+    else:
+        head = b""
+    video = video_format(head)
+    if video is not None and isinstance(source, bytes):
+        return LlavaEdgeError(
+            f"{name} is a video ({video}), not an image; `llava-edge watch --source -` answers "
+            "about a video piped in (Pipeline.watch about a video file)"
+        )
+    if video is not None:
+        return LlavaEdgeError(
+            f"{name} is a video ({video}), not an image; `llava-edge watch --source {name}` "
+            "(Pipeline.watch) answers about its frames"
+        )
+    return LlavaEdgeError(
+        f"{name} is not an image PIL can read ({', '.join(UNREAD_FORMATS)} files are not "
+        "read: convert them to PNG or JPEG)"
+    )
 
 
 def _refuse_url(source: str | os.PathLike) -> None:
@@ -320,13 +345,16 @@ def check_image_file(path: str | os.PathLike) -> None:
 # (ICO, ICNS) and IPTC files wrap another image that PIL decodes under its own pixel limit, not
 # the caller's (an ICO even as it opens). No camera makes any of them.
 UNREAD_FORMATS = ("EPS", "ICO", "ICNS", "IPTC")
+# PIL's MPEG plugin identifies an MPEG-1 video by its header and decodes none of it: a video,
+# named as one (see video_format).
+VIDEO_PLUGINS = ("MPEG",)
 
 
 def _readable_formats() -> list[str]:
     """Every format PIL reads (plugins an app registers too, such as pillow-heif's) but
-    UNREAD_FORMATS."""
+    UNREAD_FORMATS and VIDEO_PLUGINS."""
     Image.init()
-    return [name for name in Image.ID if name not in UNREAD_FORMATS]
+    return [name for name in Image.ID if name not in (*UNREAD_FORMATS, *VIDEO_PLUGINS)]
 
 
 def _refuse_encoded(array: np.ndarray) -> None:
@@ -363,6 +391,33 @@ def encoded_format(head: bytes) -> str | None:
         return "GIF"
     if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
         return "WEBP"
+    return None
+
+
+# How many of a file's first bytes video_format reads: an MPEG-TS packet and the next one's sync.
+VIDEO_HEAD = 189
+# ISO base media files that hold pictures, not video: HEIF and AVIF (pillow-heif reads them).
+_PICTURE_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
+_PICTURE_BRANDS += (b"mif2", b"avif", b"avis")
+
+
+def video_format(head: bytes) -> str | None:
+    """MP4, MOV, MKV/WebM, AVI, MPEG-TS, MPEG or FLV, where `head` (a file's first VIDEO_HEAD
+    bytes) begins one of them: a video given where an image goes is named as one."""
+    if head[4:8] == b"ftyp" and head[8:12] not in _PICTURE_BRANDS:
+        return "MOV" if head[8:12] == b"qt  " else "MP4"
+    if head[4:8] in (b"moov", b"mdat", b"wide"):  # QuickTime without a file type box
+        return "MOV"
+    if head.startswith(b"\x1a\x45\xdf\xa3"):  # EBML
+        return "MKV/WebM"
+    if head.startswith(b"RIFF") and head[8:12] == b"AVI ":
+        return "AVI"
+    if len(head) > 188 and head[0] == head[188] == 0x47:  # two packets' sync bytes
+        return "MPEG-TS"
+    if head.startswith((b"\x00\x00\x01\xba", b"\x00\x00\x01\xb3")):  # program stream, video
+        return "MPEG"
+    if head.startswith(b"FLV\x01"):
+        return "FLV"
     return None
 
 
