@@ -256,6 +256,29 @@ def test_a_video_given_as_an_image_is_named_as_one(tiny_model_dir, tmp_path, mon
         assert len(err.splitlines()) == 1 and message in err, err
 
 
+def test_base64_given_as_an_image_is_named_with_a_command_line_remedy(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    """`base64 img | run --image -` was 'not an image PIL can read (EPS, ICO ...)';
+    `--image data:...` and a bare base64 string were answered with a Python remedy
+    (base64.b64decode). Each says what it is, and what to do on the command line."""
+    import base64
+
+    text = base64.encodebytes(write_image(tmp_path / "a.png").read_bytes()).decode()
+    argv = ["run", str(tiny_model_dir), "--prompt", "Hi?", "--max-new-tokens", "2"]
+    cases = [
+        ("-", text.encode(), "is base64 text of a PNG image, not the image: `base64 -d`"),
+        ("data:image/png;base64," + text, b"", "a data: URI is not an image file: `base64 -d`"),
+        (text.replace("\n", ""), b"", "is base64 of a PNG image, not a path: `base64 -d`"),
+    ]
+    for image, piped, message in cases:
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(piped)))
+        assert main([*argv, "--image", image]) == 1
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and message in err, err
+        assert len(err) < 400
+
+
 def test_chat_a_line_that_is_not_utf8_is_refused_and_the_chat_goes_on(tiny_model_dir, monkeypatch):
     """A UTF-8 locale reads and writes the terminal strictly: a line of other bytes (a Latin-1
     terminal, a binary paste) is the question's one-line error, and a path of such bytes is

@@ -223,7 +223,8 @@ def _open(source: str | os.PathLike | bytes, max_pixels: int | None) -> Image.Im
 
 def _unidentified(source: str | os.PathLike | bytes, name: str, mode: int) -> LlavaEdgeError:
     """What a file PIL cannot identify is, where it is something else than an image: a video
-    (given to `run --image`). A pipe was read by PIL, so its bytes are not looked at."""
+    (given to `run --image`), or an image's base64 text (`base64 img | llava-edge run --image -`,
+    a client's base64 encoded twice). A pipe was read by PIL, so its bytes are not looked at."""
     if isinstance(source, bytes):
         head = source[:VIDEO_HEAD]
     elif stat.S_ISREG(mode):
@@ -242,6 +243,12 @@ def _unidentified(source: str | os.PathLike | bytes, name: str, mode: int) -> Ll
             f"{name} is a video ({video}), not an image; `llava-edge watch --source {name}` "
             "(Pipeline.watch) answers about its frames"
         )
+    fmt = base64_format(head[:16].decode("latin-1"))
+    if fmt is not None:
+        return LlavaEdgeError(
+            f"{name} is base64 text of a {fmt} image, not the image: `base64 -d` decodes it "
+            "(in Python, base64.b64decode)"
+        )
     return LlavaEdgeError(
         f"{name} is not an image PIL can read ({', '.join(UNREAD_FORMATS)} files are not "
         "read: convert them to PNG or JPEG)"
@@ -256,7 +263,8 @@ def _refuse_url(source: str | os.PathLike) -> None:
     scheme = text[:8].lower()
     if scheme.startswith("data:"):
         raise LlavaEdgeError(
-            "a data: URI is not an image file; pass its bytes: base64.b64decode(uri.split(',')[1])"
+            "a data: URI is not an image file: `base64 -d` its text after the comma into a file "
+            "and give that (in Python, pass base64.b64decode(uri.split(',')[1]))"
         )
     if scheme.startswith(("http://", "https://")):
         shown = text if len(text) <= 100 else text[:100] + "..."
@@ -281,7 +289,8 @@ def _refuse_base64(source: str | os.PathLike, name: str) -> None:
     fmt = base64_format(text) if isinstance(text, str) else None
     if fmt is not None:
         raise LlavaEdgeError(
-            f"{name} is base64 of a {fmt} image, not a path; pass its bytes: base64.b64decode(text)"
+            f"{name} is base64 of a {fmt} image, not a path: `base64 -d` it into a file and give "
+            "that (in Python, pass base64.b64decode(text))"
         )
 
 
