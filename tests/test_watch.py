@@ -158,6 +158,43 @@ def test_an_image_folder_is_a_slideshow(pipe, recorder, tmp_path) -> None:
         pipe.watch(empty, "?")
 
 
+def test_a_picture_file_is_one_frame_read_as_run_reads_it(pipe, monkeypatch, tmp_path) -> None:
+    """`watch --source photo.png` was decoded by FFmpeg as a one-frame video: transparency
+    dropped (not over white, as load_image composites it), a JPEG's colours some levels off and
+    its EXIF orientation not applied, and PyAV needed. A picture file is one frame, whose pixels
+    are `run --image`'s; an animated GIF or PNG stays the video FFmpeg plays."""
+    rng = np.random.default_rng(3)
+    rgba = rng.integers(0, 256, (40, 48, 4), np.uint8)
+    rgba[:20, :, 3] = 0  # transparent over random colours: white in load_image
+    Image.fromarray(rgba).save(tmp_path / "photo.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rgba[..., :3]).save(tmp_path / "side.jpg", exif=exif, quality=90)
+    given: list[np.ndarray] = []
+
+    def answer(images, prompt, timer, **options) -> Answer:
+        given.append(images[-1].pixels)
+        return Answer("ok", [], [], "eos", {"total_ms": 1.0})
+
+    monkeypatch.setattr(pipe, "_answer_prepared", answer)
+
+    def no_pyav():
+        raise AssertionError("a picture is no video")
+
+    monkeypatch.setattr("llava_edge.runtime.frames.import_av", no_pyav)
+    for name in ("photo.png", "side.jpg"):
+        answers = list(pipe.watch(tmp_path / name, "?", every_s=0))
+        assert [(a.index, a.timestamp, a.error) for a in answers] == [(0, 0.0, None)]
+        np.testing.assert_array_equal(given.pop(), pipe.image_pixels(tmp_path / name).pixels)
+    monkeypatch.undo()
+    frames = [Image.fromarray(np.full((20, 30, 3), STEP * i, np.uint8)) for i in range(4)]
+    for suffix in (".gif", ".png"):
+        animation = tmp_path / f"anim{suffix}"
+        frames[0].save(animation, save_all=True, append_images=frames[1:], duration=100)
+        answers = list(pipe.watch(animation, "?", every_s=0))
+        assert [a.timestamp for a in answers] == pytest.approx([0.0, 0.1, 0.2, 0.3])
+
+
 def test_a_watchs_seconds_and_rates_may_be_numpy_numbers(pipe, recorder, tmp_path) -> None:
     """Robot code holds its settings in numpy (a ROS parameter read into an array, a rate
     computed from a camera's timestamps): every_s, folder_fps, timeout_s and reconnect_s take

@@ -1,12 +1,12 @@
-"""Frame sources: video files, V4L2 cameras, RTSP/HTTP streams, pipes and image folders, as RGB
-frames, and the frames an app's own camera driver hands over.
+"""Frame sources: video files, V4L2 cameras, RTSP/HTTP streams, pipes, image folders and picture
+files, as RGB frames, and the frames an app's own camera driver hands over.
 
 Video is decoded with PyAV (FFmpeg's libraries in a wheel, `pip install 'llava-edge[video]'`),
 imported only when a video source is opened, so `import llava_edge.runtime` never loads it. We
 chose PyAV over OpenCV's headless build because it gives each frame's presentation timestamp
 exactly (OpenCV only estimates positions), takes open and read timeouts for network streams (an
 OpenCV capture can block forever on a dead RTSP server), and reads V4L2 devices and files with the
-same calls. An image folder needs only Pillow.
+same calls. An image folder or a picture file needs only Pillow.
 
 Two ways to read a source:
 
@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from llava_edge.errors import LlavaEdgeError, first_line
+from llava_edge.runtime.image import is_animation
 
 VIDEO_HINT = "install the video extra: pip install 'llava-edge[video]' (PyAV)"
 # The picture files a folder of images is read for (watch's frames, quantize's calibration).
@@ -63,7 +64,15 @@ URL = re.compile(r"(?!file://)[A-Za-z][A-Za-z0-9+.-]*://", re.IGNORECASE)
 STANDARD_INPUT = ("/dev/stdin", "/dev/fd/0", "/proc/self/fd/0")  # a character device: no camera
 DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_FOLDER_FPS = 1.0  # an image folder's slideshow: one image a second
-KIND_NAMES = {"file": "a video file", "device": "a camera", "stream": "a stream"}
+KIND_NAMES = {
+    "file": "a video file",
+    "picture": "a picture file",
+    "device": "a camera",
+    "stream": "a stream",
+}
+# Picture files that may be animations, which FFmpeg plays as the videos they are (it decodes
+# no animated WebP: such a file is a picture, its first frame as load_image reads it).
+PLAYED_SUFFIXES = (".gif", ".png")
 APP_SOURCE = "the app's frames"  # how errors name an iterable source
 CANCEL_POLL_S = 0.05  # how soon a wait for a frame sees a cancel
 OPEN_GRACE_S = 2.0  # what a stream read offline may take past its timeout to open
@@ -193,6 +202,8 @@ def open_frames(
         return AppFrames(frames, images)
     source = _file_url_path(source)
     kind = source_kind(source)
+    if kind == "file" and _picture_file(os.fspath(source)):
+        kind = "picture"
     if follow:
         return _follow(source, kind, every_s, live, timeout_s, folder_fps, cancel, reconnect_s)
     if kind == "device" and live is False:
@@ -208,7 +219,10 @@ def open_frames(
         decoded = _folder_frames(Path(source), folder_fps)
     else:
         _no_folder_fps(folder_fps, f"{shown(os.fspath(source))} ({KIND_NAMES[kind]})")
-        decoded = _video_frames(os.fspath(source), kind, timeout_s)
+        if kind == "picture":
+            decoded = _picture_frames(Path(source))
+        else:
+            decoded = _video_frames(os.fspath(source), kind, timeout_s)
     if live is None:
         live = kind in ("device", "stream")
     text, name = os.fspath(source), shown(os.fspath(source))
@@ -217,7 +231,7 @@ def open_frames(
         _no_reconnect(reconnect_s, name if live else f"{name} read with live=False")
     if live:
         stop = threading.Event()
-        if kind in ("file", "folder"):
+        if kind in ("file", "picture", "folder"):
             decoded = _paced(decoded)
         elif connected:
             decoded = _never_ending(decoded, kind, name)
@@ -660,7 +674,23 @@ def _read_ahead(
         _join(thread)  # a daemon: a read blocked on the pipe cannot hang exit
 
 
-# ---- image folders -------------------------------------------------------------------------
+# ---- pictures and image folders --------------------------------------------------------------
+
+
+def _picture_file(path: str) -> bool:
+    """Whether a file is one picture (named as a folder's pictures are, IMAGE_SUFFIXES), read
+    as `run --image` reads it, by load_image (transparency over white, EXIF orientation, PIL's
+    colours), not decoded by FFmpeg as a video of one frame; an animated GIF or PNG is the video
+    FFmpeg plays."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in IMAGE_SUFFIXES or not os.path.isfile(path):
+        return False
+    return suffix not in PLAYED_SUFFIXES or not is_animation(path)
+
+
+def _picture_frames(path: Path) -> Iterator[Frame]:
+    """A picture file's one frame, read when it is answered (as a folder's pictures are)."""
+    yield Frame(path, 0, 0.0)
 
 
 def _folder_images(folder: Path) -> list[Path]:

@@ -349,6 +349,16 @@ def check_image_file(path: str | os.PathLike) -> None:
         pass
 
 
+def is_animation(path: str | os.PathLike) -> bool:
+    """Whether an image file holds several frames to play (an animated GIF, PNG or WebP), from
+    its headers; False for a file load_image would refuse, which it then names."""
+    try:
+        with _open_within(path, None, f"image {path}") as image:
+            return bool(getattr(image, "is_animated", False))
+    except (LlavaEdgeError, OSError, SyntaxError, ValueError):
+        return False
+
+
 # Formats PIL reads that are not read here. PIL renders PostScript (EPS) by running Ghostscript
 # on it, which an untrusted image must not reach (Ghostscript has a history of exploits); icons
 # (ICO, ICNS) and IPTC files wrap another image that PIL decodes under its own pixel limit, not
