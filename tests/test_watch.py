@@ -274,6 +274,38 @@ def test_a_followed_folder_answers_its_pictures_as_they_come(
     assert sum(a.skipped for a in answers) + len(answers) == 5
 
 
+def test_a_picture_renamed_into_place_faster_than_the_listings_is_answered(
+    pipe, recorder, tmp_path
+) -> None:
+    """A camera daemon writes each frame under a hidden name and renames it over latest.png,
+    several times a listing: a name that never lists the same twice was never read (the watch
+    stalled). Another file under the name since the last listing was moved there whole: it is
+    read at once."""
+    folder = shots(tmp_path / "shots", 0)
+    stop = threading.Event()
+
+    def daemon() -> None:
+        for i in range(1, 40):
+            if stop.is_set():
+                return
+            Image.fromarray(np.full((20, 30, 3), STEP * i, np.uint8)).save(folder / ".next.png")
+            os.replace(folder / ".next.png", folder / "latest.png")
+            time.sleep(0.03)
+
+    Image.fromarray(np.full((20, 30, 3), 0, np.uint8)).save(folder / "latest.png")
+    writer = threading.Thread(target=daemon)
+    writer.start()
+    try:
+        with pytest.raises(LlavaEdgeError, match="no frame from"):
+            for _ in pipe.watch(folder, "?", every_s=0.0, follow=True, timeout_s=0.5):
+                pass
+    finally:
+        stop.set()
+        writer.join()
+    levels = [seen[0] for seen in recorder.seen]
+    assert len(levels) >= 3 and levels == sorted(levels) and levels[-1] > 0
+
+
 def test_a_followed_folder_remembers_only_the_pictures_still_there(monkeypatch, tmp_path) -> None:
     """A capture script that deletes old pictures as it adds new ones runs for days: the
     follower forgets a picture once it has left the folder (it held every name it had ever

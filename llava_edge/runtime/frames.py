@@ -722,9 +722,12 @@ def _followed_folder(folder: Path, stop: threading.Event) -> Iterator[Frame | No
     """A folder's pictures as they come (a robot's capture script dropping them in), read live:
     it is listed every FOLLOW_POLL_S, and an image new or rewritten since it was handed over
     (another file, size or modification time) is handed over, in name order, once two listings
-    in a row find it the same, so that a picture still being written is not read half. The
-    images there at the start come first. Only the pictures still there are remembered: a capture
-    script that deletes old pictures as it adds new ones (a ring buffer) may run for days."""
+    in a row find it the same, so that a picture still being written is not read half; or at
+    once where another file has taken its name since the last listing, renamed into place whole
+    (a camera daemon renaming each frame over latest.jpg, faster than the listings, is never
+    listed the same twice). The images there at the start come first. Only the pictures still
+    there are remembered: a capture script that deletes old pictures as it adds new ones (a ring
+    buffer) may run for days."""
     handed: dict[Path, tuple[int, int, int]] = {}
     seen: dict[Path, tuple[int, int, int]] = {}
     index = 0
@@ -736,7 +739,9 @@ def _followed_folder(folder: Path, stop: threading.Event) -> Iterator[Frame | No
                 listed[path] = (st.st_ino, st.st_size, st.st_mtime_ns)
         handed = {path: handed[path] for path in listed if path in handed}
         for path, state in listed.items():
-            if state[1] and seen.get(path) == state and handed.get(path) != state:
+            last = seen.get(path)
+            whole = last == state or (last is not None and last[0] != state[0])
+            if state[1] and whole and handed.get(path) != state:
                 handed[path] = state
                 yield Frame(path, index, 0.0)
                 index += 1
