@@ -807,7 +807,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--follow",
         action="store_true",
-        help="watch an image folder for new pictures (live: the newest one is answered)",
+        help="watch an image folder for new pictures, or a picture file for its rewrites "
+        "(live: the newest one is answered)",
     )
     _add_generation_options(p)
     _add_backend_options(p)

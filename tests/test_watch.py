@@ -327,6 +327,40 @@ def test_a_followed_folder_remembers_only_the_pictures_still_there(monkeypatch, 
     frames.close()
 
 
+def test_a_followed_picture_file_answers_each_rewrite(pipe, recorder, monkeypatch, tmp_path):
+    """`watch --source /tmp/latest.jpg --follow`: a camera daemon rewrites one picture, in place
+    or by renaming a new one over it. Each version is answered once it is whole, and a picture
+    not rewritten for the source timeout has stalled, as a followed folder's."""
+    monkeypatch.setattr("llava_edge.runtime.frames.FOLLOW_POLL_S", 0.05)
+    latest = tmp_path / "latest.png"
+
+    def picture(i: int, path: Path = latest) -> None:
+        Image.fromarray(np.full((20, 30, 3), STEP * i, np.uint8)).save(path)
+
+    def daemon() -> None:
+        time.sleep(0.4)
+        picture(10)  # in place
+        time.sleep(0.4)
+        picture(20, tmp_path / ".next.png")
+        os.replace(tmp_path / ".next.png", latest)
+
+    picture(0)
+    writer = threading.Thread(target=daemon)
+    writer.start()
+    answers = []
+    with pytest.raises(LlavaEdgeError, match="no frame from .*latest.png for 1 s"):
+        for answer in pipe.watch(latest, "?", every_s=0.0, follow=True, timeout_s=1.0):
+            answers.append(answer)
+    writer.join()
+    assert recorder.seen == [[0], [10], [20]]
+    assert [a.index for a in answers] == [0, 1, 2] and all(a.error is None for a in answers)
+    with pytest.raises(LlavaEdgeError, match="does not exist"):
+        pipe.watch(tmp_path / "none.png", "?", follow=True)
+    for options in ({"live": False}, {"folder_fps": 2.0}, {"reconnect_s": 1.0}):
+        with pytest.raises(LlavaEdgeError, match="followed picture|no connection"):
+            pipe.watch(latest, "?", follow=True, **options)
+
+
 def test_follow_is_refused_where_there_is_no_folder_to_follow(pipe, tmp_path) -> None:
     video = make_video(tmp_path / "clip.mkv", frames=4, fps=10)
     folder = shots(tmp_path / "shots", 2)

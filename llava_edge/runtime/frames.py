@@ -179,8 +179,9 @@ def open_frames(
     stream read live that drops (ends, breaks, stalls) is opened again, with a growing pause
     between tries, until it sends again or `reconnect_s` seconds have passed (0: never); its
     frames go on counting, and a stall is given up after `timeout_s + reconnect_s`. follow: an
-    image folder is read live, its pictures as they come (see `_followed_folder`); one that
-    gets no new picture for `timeout_s` has stalled.
+    image folder is read live, its pictures as they come (see `_followed`), or a picture file,
+    each version a camera daemon writes; one that gets no new picture for `timeout_s` has
+    stalled.
     Closing the iterator stops the reader and closes the source (an app's iterator too); a
     reader stuck in a read that stalled (FFmpeg's V4L2 read, an app driver's own read: neither
     can be interrupted) closes it when that read returns, while the answers end at the timeout.
@@ -260,19 +261,29 @@ def _follow(
     cancel: threading.Event | None,
     reconnect_s: float,
 ) -> Iterator[Frame]:
-    """A followed image folder's frames, read live as a camera's are."""
+    """A followed image folder's or picture file's frames, read live as a camera's are."""
     name = os.fspath(source)
-    if kind != "folder":
+    if kind == "file" and not os.path.exists(name):
         raise LlavaEdgeError(
-            f"follow (--follow) watches an image folder for new pictures; {shown(name)} is "
-            f"{KIND_NAMES[kind]}: drop it"
+            f"{name} does not exist; follow (--follow) watches an image folder or a picture file"
         )
+    if kind not in ("folder", "picture"):
+        raise LlavaEdgeError(
+            f"follow (--follow) watches an image folder for new pictures, or a picture file for "
+            f"its rewrites; {shown(name)} is {KIND_NAMES[kind]}: drop it"
+        )
+    followed = "folder" if kind == "folder" else "picture"
     if live is False:
-        raise LlavaEdgeError(f"a followed folder is live: {name} cannot be read with live=False")
-    _no_folder_fps(folder_fps, "a followed folder")
-    _no_reconnect(reconnect_s, f"folder {name}")
+        raise LlavaEdgeError(
+            f"a followed {followed} is live: {name} cannot be read with live=False"
+        )
+    _no_folder_fps(folder_fps, f"a followed {followed}")
+    _no_reconnect(reconnect_s, f"{followed} {name}")
     stop = threading.Event()
-    frames = _followed_folder(Path(source), stop)
+    if kind == "folder":
+        frames = _followed_folder(Path(source), stop)
+    else:
+        frames = _followed_picture(Path(source), stop)
     return live_frames(frames, every_s, timeout_s, name, cancel, stop=stop)
 
 
@@ -719,8 +730,20 @@ def _folder_frames(folder: Path, fps: float) -> Iterator[Frame]:
 
 
 def _followed_folder(folder: Path, stop: threading.Event) -> Iterator[Frame | None]:
-    """A folder's pictures as they come (a robot's capture script dropping them in), read live:
-    it is listed every FOLLOW_POLL_S, and an image new or rewritten since it was handed over
+    """A folder's pictures as they come, as `_followed` hands them over."""
+    return _followed(lambda: _folder_images(folder), stop)
+
+
+def _followed_picture(path: Path, stop: threading.Event) -> Iterator[Frame | None]:
+    """A picture file's versions as a camera daemon writes them (latest.jpg, rewritten in place
+    or renamed over), as `_followed` hands a folder's pictures over; while it is gone (deleted
+    before it is written again) nothing is handed over."""
+    return _followed(lambda: [path], stop)
+
+
+def _followed(listing: Callable[[], list[Path]], stop: threading.Event) -> Iterator[Frame | None]:
+    """The pictures `listing` gives as they come (a folder's, which a robot's capture script
+    drops in), read live: it is listed every FOLLOW_POLL_S, and an image new or rewritten since it was handed over
     (another file, size or modification time) is handed over, in name order, once two listings
     in a row find it the same, so that a picture still being written is not read half; or at
     once where another file has taken its name since the last listing, renamed into place whole
@@ -733,7 +756,7 @@ def _followed_folder(folder: Path, stop: threading.Event) -> Iterator[Frame | No
     index = 0
     while True:
         listed: dict[Path, tuple[int, int, int]] = {}
-        for path in _folder_images(folder):
+        for path in listing():
             with contextlib.suppress(OSError):  # gone since the listing
                 st = path.stat()
                 listed[path] = (st.st_ino, st.st_size, st.st_mtime_ns)
