@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 
 def assert_export_refused(checkpoint: Path, out: Path, capsys, message: str) -> None:
@@ -132,7 +134,34 @@ REFUSED_PROCESSORS = {
         "nearest, 1 lanczos, 2 bilinear, 3 bicubic, 4 box, 5 hamming): write 3 for 'bicubic'",
     ),
     "resample-past-the-filters": ({"resample": 7}, "processor_config.json's resample 7 must be"),
+    # LLaVA-NeXT resizes its tiles by resample whether or not do_resize is set
+    "next-tiles-resample-by-name": (
+        {"resample": "bicubic", "do_resize": False, "config": NEXT},
+        "processor_config.json's resample 'bicubic' must be one of PIL's filter numbers",
+    ),
 }
+
+
+def test_a_resample_that_nothing_reads_is_not_read(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """Without a resize, LLaVA's processor never reads resample (transformers runs such a
+    checkpoint): export took it all the same, with int(), and failed on a name with a
+    ValueError traceback."""
+    import json
+    import shutil
+
+    from llava_edge.export.exporter import _image_spec, load_checkpoint
+    from llava_edge.runtime.image import preprocess
+
+    checkpoint = Path(shutil.copytree(tiny_checkpoint, tmp_path / "checkpoint"))
+    settings = json.loads((checkpoint / "processor_config.json").read_text())
+    settings["image_processor"].update(do_resize=False, resample="bicubic")
+    (checkpoint / "processor_config.json").write_text(json.dumps(settings))
+    loaded = load_checkpoint(checkpoint)
+    spec = _image_spec(loaded.processor.image_processor, loaded.model.config)
+    assert spec.resize is None
+    image = Image.new("RGB", (70, 66), (200, 10, 10))
+    expected = loaded.processor.image_processor(image, return_tensors="np")["pixel_values"][0]
+    np.testing.assert_allclose(preprocess(image, spec), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", list(REFUSED_PROCESSORS))

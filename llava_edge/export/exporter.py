@@ -177,7 +177,7 @@ def load_checkpoint(
             check_processor(processor, config, source)
             eos = _eos_ids(generation, processor.tokenizer)
             _check_tokens(config, processor.tokenizer, eos)
-            _check_image_settings(processor.image_processor, source)
+            _check_image_settings(processor.image_processor, config, source)
             _check_image_tokens(processor, config, source)  # the image token is <image> now
             eos_texts = [processor.tokenizer.decode([i], skip_special_tokens=False) for i in eos]
             choice = choose_template(
@@ -286,13 +286,16 @@ def _check_weight_files(local: Path) -> None:
 RESAMPLE_NUMBERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
-def _check_image_settings(settings: Any, source: str) -> None:
+def _check_image_settings(settings: Any, config: Any, source: str) -> None:
     """Image settings transformers cannot run as written, refused before the weights load (the
     runtime would fail on them at its first image). transformers' normalize takes a mean and
-    std of one number or one per channel; its PIL backend resizes with one of PIL's filter
-    numbers, and with bilinear in place of anything else (its torchvision backend refuses that)."""
+    std of one number or one per channel; its PIL backend resizes (with do_resize, and AnyRes
+    tiles always) with one of PIL's filter numbers, and with bilinear in place of anything else
+    (its torchvision backend refuses that)."""
+    from llava_edge.modeling import ANYRES_CLASSES
+
     where = f"{_processor_file(source)}'s"
-    if getattr(settings, "do_resize", False):
+    if getattr(settings, "do_resize", False) or config.model_type in ANYRES_CLASSES:
         resample = getattr(settings, "resample", None)
         if resample is not None and (
             not isinstance(resample, int)
@@ -810,6 +813,7 @@ def _image_spec(processor: Any, config: Any) -> ImageSpec:
     else:
         height = width = vision_config.image_size
     anyres = config.model_type in ANYRES_CLASSES
+    resample = processor.resample if processor.resample is not None else 3
     mean = (
         processor.image_mean
         if isinstance(processor.image_mean, (list, tuple))
@@ -824,7 +828,8 @@ def _image_spec(processor: Any, config: Any) -> ImageSpec:
         height=int(height),
         width=int(width),
         resize=size,
-        resample=int(processor.resample if processor.resample is not None else 3),
+        # read where an image is resized (_check_image_settings refuses another value there)
+        resample=int(resample) if size or anyres else 3,
         center_crop=bool(processor.do_center_crop),
         rescale_factor=float(processor.rescale_factor) if processor.do_rescale else 1.0,
         normalize=bool(processor.do_normalize),
