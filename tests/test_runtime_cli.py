@@ -268,6 +268,7 @@ def test_base64_given_as_an_image_is_named_with_a_command_line_remedy(
     argv = ["run", str(tiny_model_dir), "--prompt", "Hi?", "--max-new-tokens", "2"]
     cases = [
         ("-", text.encode(), "is base64 text of a PNG image, not the image: `base64 -d`"),
+        ("-", b"data:image/png;base64," + text.encode(), "is a data: URI, not the image: `base64"),
         ("data:image/png;base64," + text, b"", "a data: URI is not an image file: `base64 -d`"),
         (text.replace("\n", ""), b"", "is base64 of a PNG image, not a path: `base64 -d`"),
     ]

@@ -223,8 +223,8 @@ def _open(source: str | os.PathLike | bytes, max_pixels: int | None) -> Image.Im
 
 def _unidentified(source: str | os.PathLike | bytes, name: str, mode: int) -> LlavaEdgeError:
     """What a file PIL cannot identify is, where it is something else than an image: a video
-    (given to `run --image`), or an image's base64 text (`base64 img | llava-edge run --image -`,
-    a client's base64 encoded twice). A pipe was read by PIL, so its bytes are not looked at."""
+    (given to `run --image`), or an image's base64 text, bare or as a data: URI (`base64 img |
+    llava-edge run --image -`, a client's base64 encoded twice). A pipe was read by PIL, so its bytes are not looked at."""
     if isinstance(source, bytes):
         head = source[:VIDEO_HEAD]
     elif stat.S_ISREG(mode):
@@ -242,6 +242,11 @@ def _unidentified(source: str | os.PathLike | bytes, name: str, mode: int) -> Ll
         return LlavaEdgeError(
             f"{name} is a video ({video}), not an image; `llava-edge watch --source {name}` "
             "(Pipeline.watch) answers about its frames"
+        )
+    if head[:5].lower() == b"data:":
+        return LlavaEdgeError(
+            f"{name} is a data: URI, not the image: `base64 -d` its text after the comma (in "
+            "Python, base64.b64decode(uri.split(',')[1]))"
         )
     fmt = base64_format(head[:16].decode("latin-1"))
     if fmt is not None:
