@@ -530,11 +530,17 @@ def test_the_cli_prints_each_answer_on_one_line(tiny_model_dir, tmp_path, capsys
 # ---- sources that go wrong -------------------------------------------------------------------
 
 
-def test_missing_broken_and_truncated_sources_give_one_line_errors(pipe, tmp_path, capsys):
+def test_missing_broken_and_truncated_sources_give_one_line_errors(
+    pipe, tmp_path, capsys, monkeypatch
+):
     with pytest.raises(LlavaEdgeError, match=r"camera /dev/video97 does not exist.*ls /dev/video"):
         pipe.watch("/dev/video97", "?")
     with pytest.raises(LlavaEdgeError, match="video file .*nowhere.mp4 does not exist"):
         pipe.watch(tmp_path / "nowhere.mp4", "?")
+    with pytest.raises(LlavaEdgeError, match="^picture file .*nowhere.JPG does not exist$"):
+        with monkeypatch.context() as without_pyav:  # a picture needs no PyAV
+            without_pyav.setattr("llava_edge.runtime.frames.import_av", lambda: 1 / 0)
+            pipe.watch(tmp_path / "nowhere.JPG", "?")
     with pytest.raises(LlavaEdgeError, match="a camera is a device path: /dev/video0"):
         pipe.watch("0", "?")  # a camera index, as OpenCV takes one
     junk = tmp_path / "junk.mp4"

@@ -815,7 +815,8 @@ def _check_local(path: str, kind: str) -> None:
         if not os.path.exists(path):
             # OpenCV names cameras by index: say what this one takes
             hint = f"; a camera is a device path: /dev/video{path}" if path.isdigit() else ""
-            raise LlavaEdgeError(f"video file {path} does not exist{hint}")
+            what = "picture file" if Path(path).suffix.lower() in IMAGE_SUFFIXES else "video file"
+            raise LlavaEdgeError(f"{what} {path} does not exist{hint}")
         if os.path.isfile(path) and os.path.getsize(path) == 0:
             raise LlavaEdgeError(f"video file {path} is empty")
 
@@ -826,8 +827,8 @@ def _video_frames(source: str, kind: str, timeout_s: float) -> Iterator[Frame]:
     The container is opened on first `next`, so that for live sources the open (which can block
     on a network) happens in the reader thread, under the answerer's timeout.
     """
-    av = import_av()
     _check_local(source, kind)
+    av = import_av()
     name = shown(source)
 
     def frames() -> Iterator[Frame]:
