@@ -224,7 +224,8 @@ def _open(source: str | os.PathLike | bytes, max_pixels: int | None) -> Image.Im
 def _unidentified(source: str | os.PathLike | bytes, name: str, mode: int) -> LlavaEdgeError:
     """What a file PIL cannot identify is, where it is something else than an image: a video
     (given to `run --image`), or an image's base64 text, bare or as a data: URI (`base64 img |
-    llava-edge run --image -`, a client's base64 encoded twice). A pipe was read by PIL, so its bytes are not looked at."""
+    llava-edge run --image -`, a client's base64 encoded twice). A pipe was read by PIL, so its
+    bytes are not looked at."""
     if isinstance(source, bytes):
         head = source[:VIDEO_HEAD]
     elif stat.S_ISREG(mode):
@@ -355,8 +356,8 @@ def check_image_file(path: str | os.PathLike) -> None:
 
 
 def is_animation(path: str | os.PathLike) -> bool:
-    """Whether an image file holds several frames to play (an animated GIF, PNG or WebP), from
-    its headers; False for a file load_image would refuse, which it then names."""
+    """Whether an image file holds several frames to play (PIL's is_animated: an animated GIF
+    or PNG), from its headers; False for a file load_image would refuse, which it then names."""
     try:
         with _open_within(path, None, f"image {path}") as image:
             return bool(getattr(image, "is_animated", False))
