@@ -743,14 +743,14 @@ def _followed_picture(path: Path, stop: threading.Event) -> Iterator[Frame | Non
 
 def _followed(listing: Callable[[], list[Path]], stop: threading.Event) -> Iterator[Frame | None]:
     """The pictures `listing` gives as they come (a folder's, which a robot's capture script
-    drops in), read live: it is listed every FOLLOW_POLL_S, and an image new or rewritten since it was handed over
-    (another file, size or modification time) is handed over, in name order, once two listings
-    in a row find it the same, so that a picture still being written is not read half; or at
-    once where another file has taken its name since the last listing, renamed into place whole
-    (a camera daemon renaming each frame over latest.jpg, faster than the listings, is never
-    listed the same twice). The images there at the start come first. Only the pictures still
-    there are remembered: a capture script that deletes old pictures as it adds new ones (a ring
-    buffer) may run for days."""
+    drops in), read live: they are listed every FOLLOW_POLL_S, and an image new or rewritten
+    since it was handed over (another file, size or modification time) is handed over, in name
+    order, once two listings in a row find it the same, so that a picture still being written is
+    not read half; or at once where another file has taken its name since the last listing,
+    renamed into place whole (a camera daemon renaming each frame over latest.jpg, faster than
+    the listings, is never listed the same twice). The images there at the start come first.
+    Only the pictures still there are remembered: a capture script that deletes old pictures as
+    it adds new ones (a ring buffer) may run for days."""
     handed: dict[Path, tuple[int, int, int]] = {}
     seen: dict[Path, tuple[int, int, int]] = {}
     index = 0
