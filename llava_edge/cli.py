@@ -764,7 +764,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--source",
         required=True,
         help="video file, camera (/dev/video0), rtsp:// or http:// stream, named pipe or "
-        "standard input (- or /dev/stdin), or image folder",
+        "standard input (- or /dev/stdin), image folder, or picture file (one frame)",
     )
     p.add_argument("--prompt", required=True, help="the question asked about every answered frame")
     p.add_argument(
@@ -807,7 +807,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--follow",
         action="store_true",
-        help="watch an image folder for new pictures (live: the newest one is answered)",
+        help="watch an image folder for new pictures, or a picture file for its rewrites "
+        "(live: the newest one is answered)",
     )
     _add_generation_options(p)
     _add_backend_options(p)

@@ -312,6 +312,24 @@ def test_a_size_read_from_the_file_is_the_upright_size(tmp_path):
     assert notes[0].boxes[0].numbers() == ["0.000", "0.250", "1.000", "1.000"]
 
 
+def test_a_webp_whose_exif_header_is_unreadable_is_kept_at_its_stored_size(tmp_path):
+    """EXIF whose header is no TIFF header gives no orientation, so load_image reads such a WebP
+    as stored and training takes it: it is no unreadable picture, and its boxes are normalised
+    by the stored size, the one training sees."""
+    (tmp_path / "imgs").mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # unread below: the picture stays 40 wide, 20 high
+    file = tmp_path / "imgs" / "side.webp"
+    Image.new("RGB", (40, 20)).save(file, exif=exif, lossless=True)
+    assert file.read_bytes().count(b"MM\x00*") == 1
+    file.write_bytes(file.read_bytes().replace(b"MM\x00*", b"MX\x00*"))
+    line = {"image": "side.webp", "boxes": [{"label": "arm", "box": [0, 10, 20, 20]}]}
+    (tmp_path / "labels.jsonl").write_text(json.dumps(line) + "\n")
+    notes, skipped = read_annotations([tmp_path / "labels.jsonl"], tmp_path / "imgs")
+    assert skipped == []
+    assert notes[0].boxes[0].numbers() == ["0.000", "0.500", "0.500", "1.000"]
+
+
 def test_jsonl_lines_end_at_newlines_only(tmp_path):
     """A JSONL writer (json.dumps(..., ensure_ascii=False)) keeps U+2028 and U+0085 inside a
     string as they are; they do not end the line."""

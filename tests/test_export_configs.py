@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 
 def assert_export_refused(checkpoint: Path, out: Path, capsys, message: str) -> None:
@@ -90,7 +92,9 @@ def test_the_processor_loads_where_transformers_hides_auto_image_processor(
     assert type(processor.image_processor).__name__.endswith("Pil")
 
 
-# name -> (changes to processor_config.json's image_processor, what the one-line refusal says)
+NEXT = {"model_type": "llava_next", "image_grid_pinpoints": [[64, 128], [128, 64]]}
+# name -> (changes to processor_config.json's image_processor, and to config.json under
+# "config"; what the one-line refusal says)
 REFUSED_PROCESSORS = {
     # transformers' CLIP tower fails on 64x48 pixel values ("doesn't match model (64*64)")
     "crop-not-square": (
@@ -111,7 +115,53 @@ REFUSED_PROCESSORS = {
         {"image_processor_type": "LlavaImageProcessor", "do_pad": True, "image_mean": 0.5},
         "its processor fails on a 48x40 image (TypeError: ",
     ),
+    # transformers' normalize takes one number or one per channel; LLaVA-NeXT's processor is
+    # not run before the weights load, and the runtime failed on such a mean at its first image
+    "next-two-channel-mean": (
+        {"image_mean": [0.5, 0.5], "config": NEXT},
+        "processor_config.json's image_mean [0.5, 0.5] must be one number or 3 (one per RGB "
+        "channel)",
+    ),
+    "std-of-text": (
+        {"image_std": ["0.5", "0.5", "0.5"]},
+        "processor_config.json's image_std ['0.5', '0.5', '0.5'] must be one number or 3",
+    ),
+    # transformers' PIL backend resizes with bilinear in place of a name; its torchvision backend
+    # refuses one (export read it with int(): a ValueError traceback)
+    "resample-by-name": (
+        {"resample": "bicubic", "config": NEXT},
+        "processor_config.json's resample 'bicubic' must be one of PIL's filter numbers (0 "
+        "nearest, 1 lanczos, 2 bilinear, 3 bicubic, 4 box, 5 hamming): write 3 for 'bicubic'",
+    ),
+    "resample-past-the-filters": ({"resample": 7}, "processor_config.json's resample 7 must be"),
+    # LLaVA-NeXT resizes its tiles by resample whether or not do_resize is set
+    "next-tiles-resample-by-name": (
+        {"resample": "bicubic", "do_resize": False, "config": NEXT},
+        "processor_config.json's resample 'bicubic' must be one of PIL's filter numbers",
+    ),
 }
+
+
+def test_a_resample_that_nothing_reads_is_not_read(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """Without a resize, LLaVA's processor never reads resample (transformers runs such a
+    checkpoint): export took it all the same, with int(), and failed on a name with a
+    ValueError traceback."""
+    import json
+    import shutil
+
+    from llava_edge.export.exporter import _image_spec, load_checkpoint
+    from llava_edge.runtime.image import preprocess
+
+    checkpoint = Path(shutil.copytree(tiny_checkpoint, tmp_path / "checkpoint"))
+    settings = json.loads((checkpoint / "processor_config.json").read_text())
+    settings["image_processor"].update(do_resize=False, resample="bicubic")
+    (checkpoint / "processor_config.json").write_text(json.dumps(settings))
+    loaded = load_checkpoint(checkpoint)
+    spec = _image_spec(loaded.processor.image_processor, loaded.model.config)
+    assert spec.resize is None
+    image = Image.new("RGB", (70, 66), (200, 10, 10))
+    expected = loaded.processor.image_processor(image, return_tensors="np")["pixel_values"][0]
+    np.testing.assert_allclose(preprocess(image, spec), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", list(REFUSED_PROCESSORS))
@@ -123,8 +173,10 @@ def test_a_processor_the_tower_cannot_take_is_refused(tmp_path: Path, capsys, na
     from llava_edge.training.checkpoint import init_checkpoint
 
     changes, message = REFUSED_PROCESSORS[name]
+    changes = dict(changes)
     checkpoint = init_checkpoint(tmp_path / "checkpoint")
     config = json.loads((checkpoint / "config.json").read_text())
+    config.update(changes.pop("config", {}))  # config.json's own changes
     config["vision_config"]["hidden_act"] = "gelu"  # an erf GELU tower (CLIP's is quick_gelu)
     (checkpoint / "config.json").write_text(json.dumps(config))
     settings = json.loads((checkpoint / "processor_config.json").read_text())

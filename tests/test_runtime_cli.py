@@ -232,6 +232,54 @@ def test_an_image_on_standard_input_is_given_as_a_dash(
         assert len(err.splitlines()) == 1 and "standard input" in err
 
 
+def test_a_video_given_as_an_image_is_named_as_one(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """`run --image clip.mp4` (or a video piped to `--image -`) was 'not an image PIL can read
+    (EPS, ICO ...)': it says it is a video, and which command reads videos."""
+    import av
+
+    video = tmp_path / "clip.mp4"
+    with av.open(str(video), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        frame = av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), "rgb24")
+        container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    argv = ["run", str(tiny_model_dir), "--prompt", "Hi?", "--max-new-tokens", "2"]
+    cases = [
+        (str(video), b"", f"is a video (MP4), not an image; `llava-edge watch --source {video}`"),
+        ("-", video.read_bytes(), "is a video (MP4), not an image; `llava-edge watch --source -`"),
+    ]
+    for image, piped, message in cases:
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(piped)))
+        assert main([*argv, "--image", image]) == 1
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_base64_given_as_an_image_is_named_with_a_command_line_remedy(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    """`base64 img | run --image -` was 'not an image PIL can read (EPS, ICO ...)';
+    `--image data:...` and a bare base64 string were answered with a Python remedy
+    (base64.b64decode). Each says what it is, and what to do on the command line."""
+    import base64
+
+    text = base64.encodebytes(write_image(tmp_path / "a.png").read_bytes()).decode()
+    argv = ["run", str(tiny_model_dir), "--prompt", "Hi?", "--max-new-tokens", "2"]
+    cases = [
+        ("-", text.encode(), "is base64 text of a PNG image, not the image: `base64 -d`"),
+        ("-", b"data:image/png;base64," + text.encode(), "is a data: URI, not the image: `base64"),
+        ("data:image/png;base64," + text, b"", "a data: URI is not an image file: `base64 -d`"),
+        (text.replace("\n", ""), b"", "is base64 of a PNG image, not a path: `base64 -d`"),
+    ]
+    for image, piped, message in cases:
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(piped)))
+        assert main([*argv, "--image", image]) == 1
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and message in err, err
+        assert len(err) < 400
+
+
 def test_chat_a_line_that_is_not_utf8_is_refused_and_the_chat_goes_on(tiny_model_dir, monkeypatch):
     """A UTF-8 locale reads and writes the terminal strictly: a line of other bytes (a Latin-1
     terminal, a binary paste) is the question's one-line error, and a path of such bytes is

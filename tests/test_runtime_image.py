@@ -4,6 +4,7 @@ for every kind of image a robot app may hold."""
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pytest
@@ -440,6 +441,24 @@ def test_an_images_base64_given_for_a_path_is_named_as_such(fmt):
         load_image(text)
     assert len(str(error.value)) < 300
     assert load_image(base64.b64decode(text)).size == (30, 20)
+
+
+@pytest.mark.parametrize(
+    "head, said",
+    [
+        (b"\x00\x00\x00\x18ftypmp42", "is a video (MP4)"),
+        (b"\x1a\x45\xdf\xa3\x9fB\x86\x81", "is a video (MKV/WebM)"),
+        (b"\x00\x00\x01\xb3\x04\x000\x13", "is a video (MPEG)"),  # PIL identifies it, decodes none
+        (b"\x00\x00\x00\x18ftypheic", "not an image PIL can read"),  # a HEIF picture
+    ],
+    ids=["mp4", "mkv", "mpeg-1", "heic"],
+)
+def test_a_videos_bytes_are_named_as_a_video(head, said):
+    """A video's bytes (`cat clip.mp4 | llava-edge run --image -`) are a video, not an image PIL
+    cannot read; an MPEG-1 stream, which PIL's MPEG plugin takes for a picture it cannot load,
+    was 'corrupt or truncated'."""
+    with pytest.raises(LlavaEdgeError, match=re.escape(said)):
+        load_image(head + bytes(200))
 
 
 def test_a_directory_is_named_as_one(tmp_path):

@@ -158,6 +158,47 @@ def test_an_image_folder_is_a_slideshow(pipe, recorder, tmp_path) -> None:
         pipe.watch(empty, "?")
 
 
+def test_a_picture_file_is_one_frame_read_as_run_reads_it(pipe, monkeypatch, tmp_path) -> None:
+    """`watch --source photo.png` was decoded by FFmpeg as a one-frame video: transparency
+    dropped (not over white, as load_image composites it), a JPEG's colours some levels off and
+    its EXIF orientation not applied, and PyAV needed. A picture file is one frame, whose pixels
+    are `run --image`'s; an animated GIF or PNG stays the video FFmpeg plays."""
+    rng = np.random.default_rng(3)
+    rgba = rng.integers(0, 256, (40, 48, 4), np.uint8)
+    rgba[:20, :, 3] = 0  # transparent over random colours: white in load_image
+    Image.fromarray(rgba).save(tmp_path / "photo.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rgba[..., :3]).save(tmp_path / "side.jpg", exif=exif, quality=90)
+    given: list[np.ndarray] = []
+
+    def answer(images, prompt, timer, **options) -> Answer:
+        given.append(images[-1].pixels)
+        return Answer("ok", [], [], "eos", {"total_ms": 1.0})
+
+    monkeypatch.setattr(pipe, "_answer_prepared", answer)
+
+    def no_pyav():
+        raise AssertionError("a picture is no video")
+
+    monkeypatch.setattr("llava_edge.runtime.frames.import_av", no_pyav)
+    for name in ("photo.png", "side.jpg"):
+        answers = list(pipe.watch(tmp_path / name, "?", every_s=0))
+        assert [(a.index, a.timestamp, a.error) for a in answers] == [(0, 0.0, None)]
+        np.testing.assert_array_equal(given.pop(), pipe.image_pixels(tmp_path / name).pixels)
+    monkeypatch.undo()
+    frames = [Image.fromarray(np.full((20, 30, 3), STEP * i, np.uint8)) for i in range(4)]
+    for suffix in (".gif", ".png", ".webp"):
+        animation = tmp_path / f"anim{suffix}"
+        frames[0].save(
+            animation, save_all=True, append_images=frames[1:], duration=100, lossless=True
+        )
+        answers = list(pipe.watch(animation, "?", every_s=0))
+        # FFmpeg decodes no animated WebP: its first frame, as run reads it
+        played = [0.0] if suffix == ".webp" else [0.0, 0.1, 0.2, 0.3]
+        assert [a.timestamp for a in answers] == pytest.approx(played)
+
+
 def test_a_watchs_seconds_and_rates_may_be_numpy_numbers(pipe, recorder, tmp_path) -> None:
     """Robot code holds its settings in numpy (a ROS parameter read into an array, a rate
     computed from a camera's timestamps): every_s, folder_fps, timeout_s and reconnect_s take
@@ -237,6 +278,38 @@ def test_a_followed_folder_answers_its_pictures_as_they_come(
     assert sum(a.skipped for a in answers) + len(answers) == 5
 
 
+def test_a_picture_renamed_into_place_faster_than_the_listings_is_answered(
+    pipe, recorder, tmp_path
+) -> None:
+    """A camera daemon writes each frame under a hidden name and renames it over latest.png,
+    several times a listing: a name that never lists the same twice was never read (the watch
+    stalled). Another file under the name since the last listing was moved there whole: it is
+    read at once."""
+    folder = shots(tmp_path / "shots", 0)
+    stop = threading.Event()
+
+    def daemon() -> None:
+        for i in range(1, 40):
+            if stop.is_set():
+                return
+            Image.fromarray(np.full((20, 30, 3), STEP * i, np.uint8)).save(folder / ".next.png")
+            os.replace(folder / ".next.png", folder / "latest.png")
+            time.sleep(0.03)
+
+    Image.fromarray(np.full((20, 30, 3), 0, np.uint8)).save(folder / "latest.png")
+    writer = threading.Thread(target=daemon)
+    writer.start()
+    try:
+        with pytest.raises(LlavaEdgeError, match="no frame from"):
+            for _ in pipe.watch(folder, "?", every_s=0.0, follow=True, timeout_s=0.5):
+                pass
+    finally:
+        stop.set()
+        writer.join()
+    levels = [seen[0] for seen in recorder.seen]
+    assert len(levels) >= 3 and levels == sorted(levels) and levels[-1] > 0
+
+
 def test_a_followed_folder_remembers_only_the_pictures_still_there(monkeypatch, tmp_path) -> None:
     """A capture script that deletes old pictures as it adds new ones runs for days: the
     follower forgets a picture once it has left the folder (it held every name it had ever
@@ -256,6 +329,40 @@ def test_a_followed_folder_remembers_only_the_pictures_still_there(monkeypatch, 
     assert listing() == [] and listing() == ["000.png"]
     assert listing() == []
     frames.close()
+
+
+def test_a_followed_picture_file_answers_each_rewrite(pipe, recorder, monkeypatch, tmp_path):
+    """`watch --source /tmp/latest.jpg --follow`: a camera daemon rewrites one picture, in place
+    or by renaming a new one over it. Each version is answered once it is whole, and a picture
+    not rewritten for the source timeout has stalled, as a followed folder's."""
+    monkeypatch.setattr("llava_edge.runtime.frames.FOLLOW_POLL_S", 0.05)
+    latest = tmp_path / "latest.png"
+
+    def picture(i: int, path: Path = latest) -> None:
+        Image.fromarray(np.full((20, 30, 3), STEP * i, np.uint8)).save(path)
+
+    def daemon() -> None:
+        time.sleep(0.4)
+        picture(10)  # in place
+        time.sleep(0.4)
+        picture(20, tmp_path / ".next.png")
+        os.replace(tmp_path / ".next.png", latest)
+
+    picture(0)
+    writer = threading.Thread(target=daemon)
+    writer.start()
+    answers = []
+    with pytest.raises(LlavaEdgeError, match="no frame from .*latest.png for 1 s"):
+        for answer in pipe.watch(latest, "?", every_s=0.0, follow=True, timeout_s=1.0):
+            answers.append(answer)
+    writer.join()
+    assert recorder.seen == [[0], [10], [20]]
+    assert [a.index for a in answers] == [0, 1, 2] and all(a.error is None for a in answers)
+    with pytest.raises(LlavaEdgeError, match="does not exist"):
+        pipe.watch(tmp_path / "none.png", "?", follow=True)
+    for options in ({"live": False}, {"folder_fps": 2.0}, {"reconnect_s": 1.0}):
+        with pytest.raises(LlavaEdgeError, match="followed picture|no connection"):
+            pipe.watch(latest, "?", follow=True, **options)
 
 
 def test_follow_is_refused_where_there_is_no_folder_to_follow(pipe, tmp_path) -> None:
@@ -427,11 +534,17 @@ def test_the_cli_prints_each_answer_on_one_line(tiny_model_dir, tmp_path, capsys
 # ---- sources that go wrong -------------------------------------------------------------------
 
 
-def test_missing_broken_and_truncated_sources_give_one_line_errors(pipe, tmp_path, capsys):
+def test_missing_broken_and_truncated_sources_give_one_line_errors(
+    pipe, tmp_path, capsys, monkeypatch
+):
     with pytest.raises(LlavaEdgeError, match=r"camera /dev/video97 does not exist.*ls /dev/video"):
         pipe.watch("/dev/video97", "?")
     with pytest.raises(LlavaEdgeError, match="video file .*nowhere.mp4 does not exist"):
         pipe.watch(tmp_path / "nowhere.mp4", "?")
+    with monkeypatch.context() as without_pyav:  # a picture needs no PyAV
+        without_pyav.setattr("llava_edge.runtime.frames.import_av", lambda: 1 / 0)
+        with pytest.raises(LlavaEdgeError, match="^picture file .*nowhere.JPG does not exist$"):
+            pipe.watch(tmp_path / "nowhere.JPG", "?")
     with pytest.raises(LlavaEdgeError, match="a camera is a device path: /dev/video0"):
         pipe.watch("0", "?")  # a camera index, as OpenCV takes one
     junk = tmp_path / "junk.mp4"

@@ -177,6 +177,7 @@ def load_checkpoint(
             check_processor(processor, config, source)
             eos = _eos_ids(generation, processor.tokenizer)
             _check_tokens(config, processor.tokenizer, eos)
+            _check_image_settings(processor.image_processor, config, source)
             _check_image_tokens(processor, config, source)  # the image token is <image> now
             eos_texts = [processor.tokenizer.decode([i], skip_special_tokens=False) for i in eos]
             choice = choose_template(
@@ -279,6 +280,66 @@ def _check_weight_files(local: Path) -> None:
                 pass
         except SafetensorError as e:
             raise unreadable_weights(shard, e) from None
+
+
+# PIL's resampling filters, by the numbers an image processor's resample holds.
+RESAMPLE_NUMBERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+def _check_image_settings(settings: Any, config: Any, source: str) -> None:
+    """Image settings transformers cannot run as written, refused before the weights load (the
+    runtime would fail on them at its first image). transformers' normalize takes a mean and
+    std of one number or one per channel; its PIL backend resizes (with do_resize, and AnyRes
+    tiles always) with one of PIL's filter numbers, and with bilinear in place of anything else
+    (its torchvision backend refuses that)."""
+    from llava_edge.modeling import ANYRES_CLASSES
+
+    where = f"{_processor_file(source)}'s"
+    if getattr(settings, "do_resize", False) or config.model_type in ANYRES_CLASSES:
+        resample = getattr(settings, "resample", None)
+        if resample is not None and (
+            not isinstance(resample, int)
+            or isinstance(resample, bool)
+            or resample not in RESAMPLE_NUMBERS
+        ):
+            numbers = ", ".join(f"{n} {name}" for n, name in RESAMPLE_NUMBERS.items())
+            named = {name: n for n, name in RESAMPLE_NUMBERS.items()}
+            key = resample.strip().lower() if isinstance(resample, str) else None
+            hint = f": write {named[key]} for {resample!r}" if key in named else ""
+            raise LlavaEdgeError(
+                f"{source}: {where} resample {resample!r} must be one of PIL's filter numbers "
+                f"({numbers}){hint}; transformers resizes with bilinear in its place"
+            )
+    used = {
+        "image_mean": getattr(settings, "do_normalize", False)
+        or getattr(settings, "do_pad", False),
+        "image_std": getattr(settings, "do_normalize", False),
+    }
+    for key, use in used.items():
+        value = getattr(settings, key, None)
+        if use and not _one_or_three_numbers(value):
+            shown = list(value) if isinstance(value, tuple) else value  # as the file writes it
+            raise LlavaEdgeError(
+                f"{source}: {where} {key} {shown!r} must be one number or 3 (one per RGB "
+                "channel), as transformers' normalize takes it"
+            )
+
+
+def _one_or_three_numbers(value: Any) -> bool:
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    if isinstance(value, (list, tuple)):
+        return len(value) == 3 and all(number(x) for x in value)
+    return number(value)
+
+
+def _processor_file(source: str) -> str:
+    """The file a local checkpoint's image settings are read from, as errors name it."""
+    for name in PROCESSOR_FILES:
+        if (Path(source) / name).is_file():
+            return name
+    return PROCESSOR_FILES[0]
 
 
 def _check_image_tokens(processor: Any, config: Any, source: str) -> None:
@@ -760,6 +821,7 @@ def _image_spec(processor: Any, config: Any) -> ImageSpec:
     else:
         height = width = vision_config.image_size
     anyres = config.model_type in ANYRES_CLASSES
+    resample = processor.resample if processor.resample is not None else 3
     mean = (
         processor.image_mean
         if isinstance(processor.image_mean, (list, tuple))
@@ -774,7 +836,8 @@ def _image_spec(processor: Any, config: Any) -> ImageSpec:
         height=int(height),
         width=int(width),
         resize=size,
-        resample=int(processor.resample if processor.resample is not None else 3),
+        # read where an image is resized (_check_image_settings refuses another value there)
+        resample=int(resample) if size or anyres else 3,
         center_crop=bool(processor.do_center_crop),
         rescale_factor=float(processor.rescale_factor) if processor.do_rescale else 1.0,
         normalize=bool(processor.do_normalize),

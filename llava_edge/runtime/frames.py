@@ -1,12 +1,12 @@
-"""Frame sources: video files, V4L2 cameras, RTSP/HTTP streams, pipes and image folders, as RGB
-frames, and the frames an app's own camera driver hands over.
+"""Frame sources: video files, V4L2 cameras, RTSP/HTTP streams, pipes, image folders and picture
+files, as RGB frames, and the frames an app's own camera driver hands over.
 
 Video is decoded with PyAV (FFmpeg's libraries in a wheel, `pip install 'llava-edge[video]'`),
 imported only when a video source is opened, so `import llava_edge.runtime` never loads it. We
 chose PyAV over OpenCV's headless build because it gives each frame's presentation timestamp
 exactly (OpenCV only estimates positions), takes open and read timeouts for network streams (an
 OpenCV capture can block forever on a dead RTSP server), and reads V4L2 devices and files with the
-same calls. An image folder needs only Pillow.
+same calls. An image folder or a picture file needs only Pillow.
 
 Two ways to read a source:
 
@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from llava_edge.errors import LlavaEdgeError, first_line
+from llava_edge.runtime.image import is_animation
 
 VIDEO_HINT = "install the video extra: pip install 'llava-edge[video]' (PyAV)"
 # The picture files a folder of images is read for (watch's frames, quantize's calibration).
@@ -63,7 +64,15 @@ URL = re.compile(r"(?!file://)[A-Za-z][A-Za-z0-9+.-]*://", re.IGNORECASE)
 STANDARD_INPUT = ("/dev/stdin", "/dev/fd/0", "/proc/self/fd/0")  # a character device: no camera
 DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_FOLDER_FPS = 1.0  # an image folder's slideshow: one image a second
-KIND_NAMES = {"file": "a video file", "device": "a camera", "stream": "a stream"}
+KIND_NAMES = {
+    "file": "a video file",
+    "picture": "a picture file",
+    "device": "a camera",
+    "stream": "a stream",
+}
+# Picture files that may be animations, which FFmpeg plays as the videos they are (it decodes
+# no animated WebP: such a file is a picture, its first frame as load_image reads it).
+PLAYED_SUFFIXES = (".gif", ".png")
 APP_SOURCE = "the app's frames"  # how errors name an iterable source
 CANCEL_POLL_S = 0.05  # how soon a wait for a frame sees a cancel
 OPEN_GRACE_S = 2.0  # what a stream read offline may take past its timeout to open
@@ -170,8 +179,9 @@ def open_frames(
     stream read live that drops (ends, breaks, stalls) is opened again, with a growing pause
     between tries, until it sends again or `reconnect_s` seconds have passed (0: never); its
     frames go on counting, and a stall is given up after `timeout_s + reconnect_s`. follow: an
-    image folder is read live, its pictures as they come (see `_followed_folder`); one that
-    gets no new picture for `timeout_s` has stalled.
+    image folder is read live, its pictures as they come (see `_followed`), or a picture file,
+    each version a camera daemon writes; one that gets no new picture for `timeout_s` has
+    stalled.
     Closing the iterator stops the reader and closes the source (an app's iterator too); a
     reader stuck in a read that stalled (FFmpeg's V4L2 read, an app driver's own read: neither
     can be interrupted) closes it when that read returns, while the answers end at the timeout.
@@ -193,6 +203,8 @@ def open_frames(
         return AppFrames(frames, images)
     source = _file_url_path(source)
     kind = source_kind(source)
+    if kind == "file" and _picture_file(os.fspath(source)):
+        kind = "picture"
     if follow:
         return _follow(source, kind, every_s, live, timeout_s, folder_fps, cancel, reconnect_s)
     if kind == "device" and live is False:
@@ -208,7 +220,10 @@ def open_frames(
         decoded = _folder_frames(Path(source), folder_fps)
     else:
         _no_folder_fps(folder_fps, f"{shown(os.fspath(source))} ({KIND_NAMES[kind]})")
-        decoded = _video_frames(os.fspath(source), kind, timeout_s)
+        if kind == "picture":
+            decoded = _picture_frames(Path(source))
+        else:
+            decoded = _video_frames(os.fspath(source), kind, timeout_s)
     if live is None:
         live = kind in ("device", "stream")
     text, name = os.fspath(source), shown(os.fspath(source))
@@ -217,7 +232,7 @@ def open_frames(
         _no_reconnect(reconnect_s, name if live else f"{name} read with live=False")
     if live:
         stop = threading.Event()
-        if kind in ("file", "folder"):
+        if kind in ("file", "picture", "folder"):
             decoded = _paced(decoded)
         elif connected:
             decoded = _never_ending(decoded, kind, name)
@@ -246,19 +261,29 @@ def _follow(
     cancel: threading.Event | None,
     reconnect_s: float,
 ) -> Iterator[Frame]:
-    """A followed image folder's frames, read live as a camera's are."""
+    """A followed image folder's or picture file's frames, read live as a camera's are."""
     name = os.fspath(source)
-    if kind != "folder":
+    if kind == "file" and not os.path.exists(name):
         raise LlavaEdgeError(
-            f"follow (--follow) watches an image folder for new pictures; {shown(name)} is "
-            f"{KIND_NAMES[kind]}: drop it"
+            f"{name} does not exist; follow (--follow) watches an image folder or a picture file"
         )
+    if kind not in ("folder", "picture"):
+        raise LlavaEdgeError(
+            f"follow (--follow) watches an image folder for new pictures, or a picture file for "
+            f"its rewrites; {shown(name)} is {KIND_NAMES[kind]}: drop it"
+        )
+    followed = "folder" if kind == "folder" else "picture"
     if live is False:
-        raise LlavaEdgeError(f"a followed folder is live: {name} cannot be read with live=False")
-    _no_folder_fps(folder_fps, "a followed folder")
-    _no_reconnect(reconnect_s, f"folder {name}")
+        raise LlavaEdgeError(
+            f"a followed {followed} is live: {name} cannot be read with live=False"
+        )
+    _no_folder_fps(folder_fps, f"a followed {followed}")
+    _no_reconnect(reconnect_s, f"{followed} {name}")
     stop = threading.Event()
-    frames = _followed_folder(Path(source), stop)
+    if kind == "folder":
+        frames = _followed_folder(Path(source), stop)
+    else:
+        frames = _followed_picture(Path(source), stop)
     return live_frames(frames, every_s, timeout_s, name, cancel, stop=stop)
 
 
@@ -660,7 +685,23 @@ def _read_ahead(
         _join(thread)  # a daemon: a read blocked on the pipe cannot hang exit
 
 
-# ---- image folders -------------------------------------------------------------------------
+# ---- pictures and image folders --------------------------------------------------------------
+
+
+def _picture_file(path: str) -> bool:
+    """Whether a file is one picture (named as a folder's pictures are, IMAGE_SUFFIXES), read
+    as `run --image` reads it, by load_image (transparency over white, EXIF orientation, PIL's
+    colours), not decoded by FFmpeg as a video of one frame; an animated GIF or PNG is the video
+    FFmpeg plays."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in IMAGE_SUFFIXES or not os.path.isfile(path):
+        return False
+    return suffix not in PLAYED_SUFFIXES or not is_animation(path)
+
+
+def _picture_frames(path: Path) -> Iterator[Frame]:
+    """A picture file's one frame, read when it is answered (as a folder's pictures are)."""
+    yield Frame(path, 0, 0.0)
 
 
 def _folder_images(folder: Path) -> list[Path]:
@@ -689,24 +730,41 @@ def _folder_frames(folder: Path, fps: float) -> Iterator[Frame]:
 
 
 def _followed_folder(folder: Path, stop: threading.Event) -> Iterator[Frame | None]:
-    """A folder's pictures as they come (a robot's capture script dropping them in), read live:
-    it is listed every FOLLOW_POLL_S, and an image new or rewritten since it was handed over
-    (another file, size or modification time) is handed over, in name order, once two listings
-    in a row find it the same, so that a picture still being written is not read half. The
-    images there at the start come first. Only the pictures still there are remembered: a capture
-    script that deletes old pictures as it adds new ones (a ring buffer) may run for days."""
+    """A folder's pictures as they come, as `_followed` hands them over."""
+    return _followed(lambda: _folder_images(folder), stop)
+
+
+def _followed_picture(path: Path, stop: threading.Event) -> Iterator[Frame | None]:
+    """A picture file's versions as a camera daemon writes them (latest.jpg, rewritten in place
+    or renamed over), as `_followed` hands a folder's pictures over; while it is gone (deleted
+    before it is written again) nothing is handed over."""
+    return _followed(lambda: [path], stop)
+
+
+def _followed(listing: Callable[[], list[Path]], stop: threading.Event) -> Iterator[Frame | None]:
+    """The pictures `listing` gives as they come (a folder's, which a robot's capture script
+    drops in), read live: they are listed every FOLLOW_POLL_S, and an image new or rewritten
+    since it was handed over (another file, size or modification time) is handed over, in name
+    order, once two listings in a row find it the same, so that a picture still being written is
+    not read half; or at once where another file has taken its name since the last listing,
+    renamed into place whole (a camera daemon renaming each frame over latest.jpg, faster than
+    the listings, is never listed the same twice). The images there at the start come first.
+    Only the pictures still there are remembered: a capture script that deletes old pictures as
+    it adds new ones (a ring buffer) may run for days."""
     handed: dict[Path, tuple[int, int, int]] = {}
     seen: dict[Path, tuple[int, int, int]] = {}
     index = 0
     while True:
         listed: dict[Path, tuple[int, int, int]] = {}
-        for path in _folder_images(folder):
+        for path in listing():
             with contextlib.suppress(OSError):  # gone since the listing
                 st = path.stat()
                 listed[path] = (st.st_ino, st.st_size, st.st_mtime_ns)
         handed = {path: handed[path] for path in listed if path in handed}
         for path, state in listed.items():
-            if state[1] and seen.get(path) == state and handed.get(path) != state:
+            last = seen.get(path)
+            whole = last == state or (last is not None and last[0] != state[0])
+            if state[1] and whole and handed.get(path) != state:
                 handed[path] = state
                 yield Frame(path, index, 0.0)
                 index += 1
@@ -757,7 +815,8 @@ def _check_local(path: str, kind: str) -> None:
         if not os.path.exists(path):
             # OpenCV names cameras by index: say what this one takes
             hint = f"; a camera is a device path: /dev/video{path}" if path.isdigit() else ""
-            raise LlavaEdgeError(f"video file {path} does not exist{hint}")
+            what = "picture file" if Path(path).suffix.lower() in IMAGE_SUFFIXES else "video file"
+            raise LlavaEdgeError(f"{what} {path} does not exist{hint}")
         if os.path.isfile(path) and os.path.getsize(path) == 0:
             raise LlavaEdgeError(f"video file {path} is empty")
 
@@ -768,8 +827,8 @@ def _video_frames(source: str, kind: str, timeout_s: float) -> Iterator[Frame]:
     The container is opened on first `next`, so that for live sources the open (which can block
     on a network) happens in the reader thread, under the answerer's timeout.
     """
-    av = import_av()
     _check_local(source, kind)
+    av = import_av()
     name = shown(source)
 
     def frames() -> Iterator[Frame]:

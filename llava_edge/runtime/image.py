@@ -126,16 +126,30 @@ def _upright(image: Image.Image) -> Image.Image:
     """A decoded file as RGB, turned by its EXIF orientation as ImageOps.exif_transpose turns
     it. Only the pixels are kept: exif_transpose also writes the metadata back, which raises
     (TypeError, struct.error) on a tag PIL reads but cannot write, a camera's tag of another type
-    than the standard's, in a picture that decodes. EXIF whose header PIL cannot read turns
-    nothing, as PIL reads a JPEG's (a WebP's raises). Made RGB first, while the file's format is
+    than the standard's, in a picture that decodes. Made RGB first, while the file's format is
     known (a 16-bit PGM's mode I reads by it)."""
-    try:
-        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
-    except SyntaxError:  # "not a TIFF file": the EXIF block's header is not one
-        orientation = 1
-    turn = _EXIF_TURNS.get(orientation)
+    turn = _EXIF_TURNS.get(exif_orientation(image))
     rgb = to_rgb(image)
     return rgb if turn is None else rgb.transpose(turn)
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation of an opened file (1, upright, where it has none), as `load_image`
+    turns it. EXIF whose header PIL cannot read gives none, as PIL reads a JPEG's (a WebP's
+    raises)."""
+    try:
+        return image.getexif().get(ExifTags.Base.Orientation, 1)
+    except SyntaxError:  # "not a TIFF file": the EXIF block's header is not one
+        return 1
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """The width and height `load_image` gives an opened file, from its header: those of a
+    picture stored turned a quarter (EXIF orientation 5 to 8) swapped."""
+    width, height = image.size
+    if exif_orientation(image) in (5, 6, 7, 8):
+        return height, width
+    return width, height
 
 
 def _check_open(image: Image.Image) -> None:
@@ -166,6 +180,7 @@ def _open(source: str | os.PathLike | bytes, max_pixels: int | None) -> Image.Im
     if len(name) > 200:  # a base64 string passed for a path: a megabyte of error
         name = name[:100] + "..."
     what = name if given else f"image {name}"
+    mode = 0
     if not given:
         _refuse_url(source)
         if not os.path.exists(source):
@@ -196,10 +211,7 @@ def _open(source: str | os.PathLike | bytes, max_pixels: int | None) -> Image.Im
         image.load()  # decode now, so truncation is found here and not later
         return image
     except UnidentifiedImageError:
-        raise LlavaEdgeError(
-            f"{name} is not an image PIL can read ({', '.join(UNREAD_FORMATS)} files are not "
-            "read: convert them to PNG or JPEG)"
-        ) from None
+        raise _unidentified(source, name, mode) from None
     except PermissionError:
         raise LlavaEdgeError(f"no permission to read {what}") from None
     except (OSError, SyntaxError, ValueError) as e:
@@ -207,6 +219,46 @@ def _open(source: str | os.PathLike | bytes, max_pixels: int | None) -> Image.Im
     finally:
         if pipe is not None:
             pipe.close()
+
+
+def _unidentified(source: str | os.PathLike | bytes, name: str, mode: int) -> LlavaEdgeError:
+    """What a file PIL cannot identify is, where it is something else than an image: a video
+    (given to `run --image`), or an image's base64 text, bare or as a data: URI (`base64 img |
+    llava-edge run --image -`, a client's base64 encoded twice). A pipe was read by PIL, so its
+    bytes are not looked at."""
+    if isinstance(source, bytes):
+        head = source[:VIDEO_HEAD]
+    elif stat.S_ISREG(mode):
+        with open(source, "rb") as file:
+            head = file.read(VIDEO_HEAD)
+    else:
+        head = b""
+    video = video_format(head)
+    if video is not None and isinstance(source, bytes):
+        return LlavaEdgeError(
+            f"{name} is a video ({video}), not an image; `llava-edge watch --source -` answers "
+            "about a video piped in (Pipeline.watch about a video file)"
+        )
+    if video is not None:
+        return LlavaEdgeError(
+            f"{name} is a video ({video}), not an image; `llava-edge watch --source {name}` "
+            "(Pipeline.watch) answers about its frames"
+        )
+    if head[:5].lower() == b"data:":
+        return LlavaEdgeError(
+            f"{name} is a data: URI, not the image: `base64 -d` its text after the comma (in "
+            "Python, base64.b64decode(uri.split(',')[1]))"
+        )
+    fmt = base64_format(head[:16].decode("latin-1"))
+    if fmt is not None:
+        return LlavaEdgeError(
+            f"{name} is base64 text of a {fmt} image, not the image: `base64 -d` decodes it "
+            "(in Python, base64.b64decode)"
+        )
+    return LlavaEdgeError(
+        f"{name} is not an image PIL can read ({', '.join(UNREAD_FORMATS)} files are not "
+        "read: convert them to PNG or JPEG)"
+    )
 
 
 def _refuse_url(source: str | os.PathLike) -> None:
@@ -217,7 +269,8 @@ def _refuse_url(source: str | os.PathLike) -> None:
     scheme = text[:8].lower()
     if scheme.startswith("data:"):
         raise LlavaEdgeError(
-            "a data: URI is not an image file; pass its bytes: base64.b64decode(uri.split(',')[1])"
+            "a data: URI is not an image file: `base64 -d` its text after the comma into a file "
+            "and give that (in Python, pass base64.b64decode(uri.split(',')[1]))"
         )
     if scheme.startswith(("http://", "https://")):
         shown = text if len(text) <= 100 else text[:100] + "..."
@@ -242,7 +295,8 @@ def _refuse_base64(source: str | os.PathLike, name: str) -> None:
     fmt = base64_format(text) if isinstance(text, str) else None
     if fmt is not None:
         raise LlavaEdgeError(
-            f"{name} is base64 of a {fmt} image, not a path; pass its bytes: base64.b64decode(text)"
+            f"{name} is base64 of a {fmt} image, not a path: `base64 -d` it into a file and give "
+            "that (in Python, pass base64.b64decode(text))"
         )
 
 
@@ -301,18 +355,31 @@ def check_image_file(path: str | os.PathLike) -> None:
         pass
 
 
+def is_animation(path: str | os.PathLike) -> bool:
+    """Whether an image file holds several frames to play (PIL's is_animated: an animated GIF
+    or PNG), from its headers; False for a file load_image would refuse, which it then names."""
+    try:
+        with _open_within(path, None, f"image {path}") as image:
+            return bool(getattr(image, "is_animated", False))
+    except (LlavaEdgeError, OSError, SyntaxError, ValueError):
+        return False
+
+
 # Formats PIL reads that are not read here. PIL renders PostScript (EPS) by running Ghostscript
 # on it, which an untrusted image must not reach (Ghostscript has a history of exploits); icons
 # (ICO, ICNS) and IPTC files wrap another image that PIL decodes under its own pixel limit, not
 # the caller's (an ICO even as it opens). No camera makes any of them.
 UNREAD_FORMATS = ("EPS", "ICO", "ICNS", "IPTC")
+# PIL's MPEG plugin identifies an MPEG-1 video by its header and decodes none of it: a video,
+# named as one (see video_format).
+VIDEO_PLUGINS = ("MPEG",)
 
 
 def _readable_formats() -> list[str]:
     """Every format PIL reads (plugins an app registers too, such as pillow-heif's) but
-    UNREAD_FORMATS."""
+    UNREAD_FORMATS and VIDEO_PLUGINS."""
     Image.init()
-    return [name for name in Image.ID if name not in UNREAD_FORMATS]
+    return [name for name in Image.ID if name not in (*UNREAD_FORMATS, *VIDEO_PLUGINS)]
 
 
 def _refuse_encoded(array: np.ndarray) -> None:
@@ -349,6 +416,33 @@ def encoded_format(head: bytes) -> str | None:
         return "GIF"
     if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
         return "WEBP"
+    return None
+
+
+# How many of a file's first bytes video_format reads: an MPEG-TS packet and the next one's sync.
+VIDEO_HEAD = 189
+# ISO base media files that hold pictures, not video: HEIF and AVIF (pillow-heif reads them).
+_PICTURE_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
+_PICTURE_BRANDS += (b"mif2", b"avif", b"avis")
+
+
+def video_format(head: bytes) -> str | None:
+    """MP4, MOV, MKV/WebM, AVI, MPEG-TS, MPEG or FLV, where `head` (a file's first VIDEO_HEAD
+    bytes) begins one of them: a video given where an image goes is named as one."""
+    if head[4:8] == b"ftyp" and head[8:12] not in _PICTURE_BRANDS:
+        return "MOV" if head[8:12] == b"qt  " else "MP4"
+    if head[4:8] in (b"moov", b"mdat", b"wide"):  # QuickTime without a file type box
+        return "MOV"
+    if head.startswith(b"\x1a\x45\xdf\xa3"):  # EBML
+        return "MKV/WebM"
+    if head.startswith(b"RIFF") and head[8:12] == b"AVI ":
+        return "AVI"
+    if len(head) > 188 and head[0] == head[188] == 0x47:  # two packets' sync bytes
+        return "MPEG-TS"
+    if head.startswith((b"\x00\x00\x01\xba", b"\x00\x00\x01\xb3")):  # program stream, video
+        return "MPEG"
+    if head.startswith(b"FLV\x01"):
+        return "FLV"
     return None
 
 

@@ -429,9 +429,10 @@ class Pipeline:
         **options: Any,
     ) -> Watch:
         """One answer per sampled frame of a video file, camera (/dev/videoN), RTSP/HTTP stream,
-        pipe (/dev/stdin), image folder, or an app's own frames (any iterable of images, as a
-        camera driver yields them), every `every_s` seconds; live sources never queue stale
-        frames. Use it in a `with` block (or close() it): the source's reader stops when it ends.
+        pipe (/dev/stdin), image folder, picture file (one frame), or an app's own frames (any
+        iterable of images, as a camera driver yields them), every `every_s` seconds; live
+        sources never queue stale frames. Use it in a `with` block (or close() it): the source's
+        reader stops when it ends.
 
         Options: frames (last K frames per prompt), changes_only, max_frames, live, timeout_s
         (seconds with no frame before the source counts as stalled), answer_timeout_s (each

@@ -147,7 +147,8 @@ def watch(
     `Limits.timeout_s` (an answer past it is reported, and the watch goes on). reconnect_s: how
     long a camera or network stream that drops is tried again before the watch ends with its
     error (0: not at all; see llava_edge.runtime.frames.open_frames). follow: an image folder
-    is watched for new pictures, read live as a camera's frames are. The remaining
+    is watched for new pictures, or a picture file for its rewrites, read live as a camera's
+    frames are. The remaining
     options are the generation options of `Pipeline.answer`.
     """
     pipe._check_open()

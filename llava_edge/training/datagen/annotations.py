@@ -25,8 +25,6 @@ from typing import Any
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.logs import terminal_bar
 
-_EXIF_ORIENTATION = 0x0112
-
 
 @dataclass(frozen=True)
 class Box:
@@ -267,11 +265,10 @@ def _upright_size(file: Path) -> tuple[int, int]:
     shown upright by labelling tools, training and the runtime (EXIF orientation applied)."""
     from PIL import Image
 
+    from llava_edge.runtime.image import upright_size
+
     with Image.open(file) as image:
-        width, height = image.size
-        if image.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):
-            width, height = height, width
-    return width, height
+        return upright_size(image)
 
 
 def _finish(draft: _Draft, size: tuple[int, int]) -> ImageNotes:
