@@ -319,11 +319,12 @@ class Pipeline:
     # ---- one-shot questions --------------------------------------------------------------
 
     def generate(self, image: Images, prompt: str, **options: Any) -> str:
-        """The answer's text. `image` may be a list of images (in the order of their `<image>`
-        placeholders, or put before the question). Options are GenerationConfig's fields, plus
-        raw=True to send the prompt as written (no chat template; it must then hold one `<image>`
-        per image given), system (a system prompt in place of the template's, written as the
-        template writes one) and timeout_s, this call's time limit (see `answer`)."""
+        """The answer's text. `image` may be a list (or deque) of images (in the order of their
+        `<image>` placeholders, or put before the question). Options are GenerationConfig's
+        fields, plus raw=True to send the prompt as written (no chat template; it must then hold
+        one `<image>` per image given), system (a system prompt in place of the template's,
+        written as the template writes one) and timeout_s, this call's time limit (see
+        `answer`)."""
         return self.answer(image, prompt, **options).text
 
     def answer(self, image: Images, prompt: str, **options: Any) -> Answer:
@@ -358,7 +359,9 @@ class Pipeline:
         """
         return self._stream(image, prompt, options)
 
-    def generate_batch(self, requests: list[tuple[Images, str]], **options: Any) -> list[Answer]:
+    def generate_batch(
+        self, requests: Iterable[tuple[Images, str]], **options: Any
+    ) -> list[Answer]:
         """Several (image, prompt) pairs decoded together; each answers as it would alone.
 
         Each prompt is prefilled alone into a row of one KV cache and the rows decode together
