@@ -657,3 +657,12 @@ def test_a_batchs_requests_run_while_the_later_images_are_read(pipe, monkeypatch
     # reading all ten takes 2 s: past the limit for the first requests, were they to wait
     answers = pipe.generate_batch([(frame, "What?") for frame in frames], timeout_s=1.5, **options)
     assert [a.token_ids for a in answers] == alone
+
+
+def test_a_history_turn_that_is_not_text_is_named(pipe) -> None:
+    """A history answer (or question) that was not text was refused as 'prompt must be text',
+    though the prompt was not what was wrong."""
+    with pytest.raises(LlavaEdgeError, match=r"^answer of turn 2 must be text, got int"):
+        pipe.chat(history=[("Hello?", "Hi."), ("What is this?", 3)])
+    with pytest.raises(LlavaEdgeError, match=r"^the question of turn 1 is not valid UTF-8"):
+        pipe.conversation_ids([("\udcff", None)])

@@ -633,7 +633,7 @@ class Pipeline:
         template = self._template(system)
         text = ""
         for i, (question, answer) in enumerate(turns):
-            _check_text(question)
+            _check_text(question, f"question of turn {i + 1}")
             given = image_turns.count(i)
             placeholders = question.count(IMAGE_PLACEHOLDER)
             if placeholders not in (0, given):
@@ -646,7 +646,7 @@ class Pipeline:
                 if i != len(turns) - 1:
                     raise LlavaEdgeError(f"turn {i + 1} has no answer but is not the last")
                 continue
-            _check_text(answer)
+            _check_text(answer, f"answer of turn {i + 1}")
             if IMAGE_PLACEHOLDER in answer:
                 raise LlavaEdgeError(
                     f"turn {i + 1}'s answer holds an {IMAGE_PLACEHOLDER} placeholder"
