@@ -363,3 +363,19 @@ def test_a_robots_last_frames_in_a_deque_are_asked_about_as_a_list_of_them(pipe)
     assert chat.ask(question) == expected
     with BatchEngine(pipe, max_batch=1) as engine:
         assert engine.submit(last, question, max_new_tokens=6).result().text == expected
+
+
+def test_a_robot_apps_type_checker_reads_the_runtimes_own_hints():
+    """Without the PEP 561 marker in the installed package, mypy refused `from
+    llava_edge.runtime import Pipeline` ('module is installed, but missing library stubs or
+    py.typed marker') and typed every call of the API as Any."""
+    from pathlib import Path
+
+    import tomllib
+
+    import llava_edge
+
+    package = Path(llava_edge.__file__).parent
+    config = tomllib.loads((package.parent / "pyproject.toml").read_text())
+    assert "py.typed" in config["tool"]["setuptools"]["package-data"]["llava_edge"]
+    assert (package / "py.typed").is_file()
