@@ -347,3 +347,35 @@ def test_an_exit_handler_asking_about_the_frame_a_parked_thread_encodes_is_answe
     done = run_app(ASKED_AT_EXIT_AS_A_WORKER_BEGINS, tiny_model_dir, hung)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["answered"]
+
+
+def test_a_robots_last_frames_in_a_deque_are_asked_about_as_a_list_of_them(pipe):
+    """An app keeps its camera's last frames in a deque(maxlen=K) and asks about them together:
+    the public hint takes any sequence of images (a list[np.ndarray] too, which a hint of
+    list[ImageInput] refused to type checkers), and the runtime read a deque as one image."""
+    from collections import deque
+
+    last = deque([frame(20), frame(21)], maxlen=2)
+    question = "What changed?"
+    expected = pipe.generate(list(last), question, max_new_tokens=6)
+    assert pipe.generate(last, question, max_new_tokens=6) == expected
+    chat = pipe.chat(last, max_new_tokens=6)
+    assert chat.ask(question) == expected
+    with BatchEngine(pipe, max_batch=1) as engine:
+        assert engine.submit(last, question, max_new_tokens=6).result().text == expected
+
+
+def test_a_robot_apps_type_checker_reads_the_runtimes_own_hints():
+    """Without the PEP 561 marker in the installed package, mypy refused `from
+    llava_edge.runtime import Pipeline` ('module is installed, but missing library stubs or
+    py.typed marker') and typed every call of the API as Any."""
+    from pathlib import Path
+
+    import tomllib
+
+    import llava_edge
+
+    package = Path(llava_edge.__file__).parent
+    config = tomllib.loads((package.parent / "pyproject.toml").read_text())
+    assert "py.typed" in config["tool"]["setuptools"]["package-data"]["llava_edge"]
+    assert (package / "py.typed").is_file()

@@ -499,6 +499,22 @@ def test_one_provider_may_be_named_alone(tiny_model_dir, monkeypatch) -> None:
         assert pipe.backend.providers == ["CPUExecutionProvider"]
 
 
+def test_the_cpu_provider_named_first_or_twice_still_comes_last_once(monkeypatch) -> None:
+    """providers=["cpu", "cuda"] (`--provider cpu --provider cuda`) put the CPU provider first,
+    so onnxruntime, which takes them in order of precedence, ran every graph on the CPU and left
+    the GPU idle; ["cpu", "cpu"] warned of a duplicate and turned the session cache off."""
+    import onnxruntime as ort
+
+    from llava_edge.runtime.onnx_backend import provider_list
+
+    available = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: available)
+    gpu = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert provider_list(["cpu", "cuda"]) == provider_list(["cuda", "cpu", "cuda"]) == gpu
+    assert provider_list(["cpu", "tensorrt", "cuda"]) == available
+    assert provider_list(["cpu", "cpu"]) == ["CPUExecutionProvider"]
+
+
 def test_the_cli_refuses_zero_threads(tiny_model_dir, capsys) -> None:
     argv = ["run", str(tiny_model_dir), "--prompt", "hi", "--threads", "0"]
     assert main(argv) == 1
@@ -641,3 +657,12 @@ def test_a_batchs_requests_run_while_the_later_images_are_read(pipe, monkeypatch
     # reading all ten takes 2 s: past the limit for the first requests, were they to wait
     answers = pipe.generate_batch([(frame, "What?") for frame in frames], timeout_s=1.5, **options)
     assert [a.token_ids for a in answers] == alone
+
+
+def test_a_history_turn_that_is_not_text_is_named(pipe) -> None:
+    """A history answer (or question) that was not text was refused as 'prompt must be text',
+    though the prompt was not what was wrong."""
+    with pytest.raises(LlavaEdgeError, match=r"^answer of turn 2 must be text, got int"):
+        pipe.chat(history=[("Hello?", "Hi."), ("What is this?", 3)])
+    with pytest.raises(LlavaEdgeError, match=r"^the question of turn 1 is not valid UTF-8"):
+        pipe.conversation_ids([("\udcff", None)])

@@ -19,6 +19,7 @@ import stat
 import threading
 import urllib.parse
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
@@ -30,8 +31,10 @@ _FILTERS = threading.Lock()  # held while the warning filters are changed (see _
 # The most pixels padding or resizing may make of an image (beyond twice its own): 192 MB in uint8.
 STEP_PIXELS = 64_000_000
 ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
-# No image, one, or several for one prompt (in the order of their placeholders).
-Images = ImageInput | list[ImageInput] | tuple[ImageInput, ...] | None
+# No image, one, or several for one prompt (in the order of their placeholders): a list, a
+# tuple or any other sequence of them (a deque of a camera's last frames). Sequence, not list:
+# a type checker takes an app's list[np.ndarray] for it, where list[ImageInput] is invariant.
+Images = ImageInput | Sequence[ImageInput] | None
 
 
 def image_list(images: Images) -> list[ImageInput]:
@@ -41,7 +44,9 @@ def image_list(images: Images) -> list[ImageInput]:
 
     if images is None:
         return []
-    listed = list(images) if isinstance(images, list | tuple) else [images]
+    text_or_bytes = str | bytes | bytearray | memoryview  # one image, though sequences too
+    several = isinstance(images, Sequence) and not isinstance(images, text_or_bytes)
+    listed = list(images) if several else [images]
     if any(isinstance(one, ImagePixels) for one in listed):
         raise LlavaEdgeError(
             "an image prepared by Pipeline.image_pixels goes to prompt_ids, pixel_features or "

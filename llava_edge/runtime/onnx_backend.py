@@ -117,9 +117,9 @@ def provider_list(names: str | list[str] | None, installed: bool = True) -> list
                 f"{', '.join(available)}); install onnxruntime-gpu for 'cuda' and 'tensorrt'"
             )
         chosen.append(provider)
-    if "CPUExecutionProvider" not in chosen:
-        chosen.append("CPUExecutionProvider")
-    return chosen
+    # onnxruntime takes them in order of precedence: a CPU named first would run every graph
+    gpus = [p for p in dict.fromkeys(chosen) if p != "CPUExecutionProvider"]
+    return [*gpus, "CPUExecutionProvider"]
 
 
 def pick_form(manifest: Manifest, providers: list[str], requested: str = "auto") -> str:

@@ -319,11 +319,12 @@ class Pipeline:
     # ---- one-shot questions --------------------------------------------------------------
 
     def generate(self, image: Images, prompt: str, **options: Any) -> str:
-        """The answer's text. `image` may be a list of images (in the order of their `<image>`
-        placeholders, or put before the question). Options are GenerationConfig's fields, plus
-        raw=True to send the prompt as written (no chat template; it must then hold one `<image>`
-        per image given), system (a system prompt in place of the template's, written as the
-        template writes one) and timeout_s, this call's time limit (see `answer`)."""
+        """The answer's text. `image` may be a list (or deque) of images (in the order of their
+        `<image>` placeholders, or put before the question). Options are GenerationConfig's
+        fields, plus raw=True to send the prompt as written (no chat template; it must then hold
+        one `<image>` per image given), system (a system prompt in place of the template's,
+        written as the template writes one) and timeout_s, this call's time limit (see
+        `answer`)."""
         return self.answer(image, prompt, **options).text
 
     def answer(self, image: Images, prompt: str, **options: Any) -> Answer:
@@ -358,7 +359,9 @@ class Pipeline:
         """
         return self._stream(image, prompt, options)
 
-    def generate_batch(self, requests: list[tuple[Images, str]], **options: Any) -> list[Answer]:
+    def generate_batch(
+        self, requests: Iterable[tuple[Images, str]], **options: Any
+    ) -> list[Answer]:
         """Several (image, prompt) pairs decoded together; each answers as it would alone.
 
         Each prompt is prefilled alone into a row of one KV cache and the rows decode together
@@ -631,7 +634,7 @@ class Pipeline:
         template = self._template(system)
         text = ""
         for i, (question, answer) in enumerate(turns):
-            _check_text(question)
+            _check_text(question, f"question of turn {i + 1}")
             given = image_turns.count(i)
             placeholders = question.count(IMAGE_PLACEHOLDER)
             if placeholders not in (0, given):
@@ -644,7 +647,7 @@ class Pipeline:
                 if i != len(turns) - 1:
                     raise LlavaEdgeError(f"turn {i + 1} has no answer but is not the last")
                 continue
-            _check_text(answer)
+            _check_text(answer, f"answer of turn {i + 1}")
             if IMAGE_PLACEHOLDER in answer:
                 raise LlavaEdgeError(
                     f"turn {i + 1}'s answer holds an {IMAGE_PLACEHOLDER} placeholder"
