@@ -651,7 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["float32", "float16", "bfloat16"],
         help="dtype of the weights (default: --llm's own; float32 for a preset)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
 
     p = sub.add_parser(
@@ -671,7 +671,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a LLaVA checkpoint to ONNX graphs + manifest")
     p.add_argument("checkpoint", help="checkpoint dir, or a hub id where the network allows")
     p.add_argument("out_dir", help="model dir to write")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
+    p.add_argument(
+        "--dtype", default="fp32", choices=["fp32", "fp16"], help="graphs' weights (default fp32)"
+    )
     p.add_argument(
         "--opset", type=int, default=17, help="ONNX opset (default 17: TensorRT 10.3 parses it)"
     )
@@ -781,7 +783,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--changes-only", action="store_true", help="print an answer only when it changes"
     )
-    p.add_argument("--frames", type=int, default=1, help="last K frames in each prompt")
+    p.add_argument("--frames", type=int, default=1, help="last K frames in each prompt (default 1)")
     p.add_argument(
         "--live", action="store_true", help="replay a file at its own pace, as a camera would"
     )
@@ -851,15 +853,24 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="an OpenAI-compatible server (/v1/chat/completions) that batches clients"
     )
     p.add_argument("model_dir", help=MODEL_HELP)
-    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="default 127.0.0.1: this machine only; 0.0.0.0 listens on every interface",
+    )
+    p.add_argument(
+        "--port", type=int, default=8000, help="port to listen on (default 8000; 0: a free one)"
+    )
     p.add_argument(
         "--api-key", help="require 'Authorization: Bearer KEY' (or set LLAVA_EDGE_API_KEY)"
     )
     p.add_argument("--model-name", help="the model id clients send (default: the dir's name)")
-    p.add_argument("--max-batch", type=int, default=4, help="requests decoded together")
+    p.add_argument("--max-batch", type=int, default=4, help="requests decoded together (default 4)")
     p.add_argument(
-        "--max-queue", type=int, default=16, help="requests that may wait for a row (then 429)"
+        "--max-queue",
+        type=int,
+        default=16,
+        help="requests that may wait for a row (then 429; default 16)",
     )
     p.add_argument(
         "--max-new-tokens",
@@ -867,8 +878,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse requests asking for more; without max_tokens, answer at most this"
         " (default: up to the context)",
     )
-    p.add_argument("--max-body-mb", type=float, default=32, help="refuse larger bodies (413)")
-    p.add_argument("--max-image-mb", type=float, default=20, help="refuse larger images (413)")
+    p.add_argument(
+        "--max-body-mb", type=float, default=32, help="refuse larger bodies (413; default 32)"
+    )
+    p.add_argument(
+        "--max-image-mb", type=float, default=20, help="refuse larger images (413; default 20)"
+    )
     p.add_argument(
         "--allowed-media-dir", help="allow file:// images under this dir (default: none)"
     )
@@ -900,14 +915,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM, seconds to wait at most for the answers in flight (default: no limit)",
     )
     p.add_argument(
-        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="what the server logs (default info)",
     )
     _add_backend_options(p)
 
     p = sub.add_parser("build", help="build TensorRT engines for a model dir (needs a GPU)")
     p.add_argument("model_dir", help=MODEL_HELP)
     p.add_argument("--out", help="engine dir (default: MODEL_DIR/engines)")
-    p.add_argument("--max-batch", type=int, default=1, help="largest batch the engines take")
+    p.add_argument(
+        "--max-batch", type=int, default=1, help="largest batch the engines take (default 1)"
+    )
     p.add_argument(
         "--max-context", type=int, help="longest conversation in tokens (default: the model's)"
     )
@@ -937,8 +957,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-context", type=int, help="longest conversation in tokens (default: the model's)"
     )
-    p.add_argument("--max-batch", type=int, default=1, help="requests decoded together")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    p.add_argument("--max-batch", type=int, default=1, help="requests decoded together (default 1)")
+    p.add_argument(
+        "--backend",
+        default="onnxruntime",
+        choices=["onnxruntime", "tensorrt"],
+        help="the backend the deployment runs (default onnxruntime)",
+    )
     p.add_argument(
         "--provider",
         action="append",
@@ -1002,8 +1027,12 @@ def _add_datagen_parsers(data: argparse._SubParsersAction) -> None:
         default="conversation,detail,reasoning",
         help="comma-separated kinds to generate (default: all three)",
     )
-    p.add_argument("--per-image", type=int, default=1, help="samples of each kind per image")
-    p.add_argument("--concurrency", type=int, default=4, help="requests in flight at once")
+    p.add_argument(
+        "--per-image", type=int, default=1, help="samples of each kind per image (default 1)"
+    )
+    p.add_argument(
+        "--concurrency", type=int, default=4, help="requests in flight at once (default 4)"
+    )
     p.add_argument("--max-images", type=int, help="use only the first N usable images")
     p.add_argument(
         "--max-requests", type=int, help="send at most N HTTP requests (retries count), then stop"
@@ -1013,13 +1042,26 @@ def _add_datagen_parsers(data: argparse._SubParsersAction) -> None:
         help="resumable record of the run (default: beside --out, out.json giving "
         "out.journal.jsonl)",
     )
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
-    p.add_argument("--max-tokens", type=int, default=1024, help="longest reply in tokens")
-    p.add_argument("--seed", type=int, default=0, help="base of each request's sampling seed")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds one request may take")
-    p.add_argument("--retries", type=int, default=5, help="retries of a request on 429/5xx/timeout")
     p.add_argument(
-        "--backoff", type=float, default=1.0, help="seconds before the first retry (then x2)"
+        "--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)"
+    )
+    p.add_argument(
+        "--max-tokens", type=int, default=1024, help="longest reply in tokens (default 1024)"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="base of each request's sampling seed (default 0)"
+    )
+    p.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds one request may take (default 120)"
+    )
+    p.add_argument(
+        "--retries", type=int, default=5, help="retries of a request on 429/5xx/timeout (default 5)"
+    )
+    p.add_argument(
+        "--backoff",
+        type=float,
+        default=1.0,
+        help="seconds before the first retry (then x2; default 1)",
     )
     p.add_argument(
         "--dry-run", action="store_true", help="print the first image's prompts; send nothing"
@@ -1047,7 +1089,7 @@ def _add_datagen_parsers(data: argparse._SubParsersAction) -> None:
         "half; 2: twice)",
     )
     p.add_argument("--out", required=True, help="LLaVA JSON file to write")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the draw and shuffle (default 0)")
 
 
 def _add_training_parsers(sub: argparse._SubParsersAction) -> None:

@@ -514,6 +514,35 @@ def test_bench_baseline_decodes_greedy_whatever_generation_config_says(
     assert timings["decode_tokens_per_s"] > 0 and timings["prompt_tokens"] > 3
 
 
+def test_bench_baseline_prints_no_warning_of_its_own_settings(tiny_checkpoint: Path) -> None:
+    """bench --baseline prints its table: generate() is given no pair of settings transformers
+    warns of (min_length beside min_new_tokens printed a warning on every run)."""
+    import logging
+
+    from llava_edge.export.baseline import TransformersRunner
+    from llava_edge.runtime.bench import Workload
+
+    class Lines(logging.Handler):  # transformers' own handler keeps the session's stderr
+        def __init__(self) -> None:
+            super().__init__(logging.WARNING)
+            self.lines: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.lines.append(record.getMessage())
+
+    lines = Lines()
+    library = logging.getLogger("transformers")
+    library.addHandler(lines)
+    try:
+        workload = Workload(question_tokens=2, new_tokens=3, runs=1, threads=1)
+        runner = TransformersRunner(tiny_checkpoint, workload, "USER: <image>\nHi ASSISTANT:")
+        runner.run_once()
+        runner.close()
+    finally:
+        library.removeHandler(lines)
+    assert not [line for line in lines.lines if "seem to have been set" in line]
+
+
 def _edit_json(path: Path, edit: Callable[[dict], object]) -> None:
     config = json.loads(path.read_text())
     edit(config)

@@ -391,3 +391,35 @@ def test_readmes_python_runs_as_written(tiny_model_dir: Path, tmp_path: Path, mo
                 block = block.replace(written, here)
             exec(compile(block, "README.md", "exec"), {**bound, "pipe": pipe, "Pipeline": Pipeline})
     assert "frame 2:" in capsys.readouterr().out
+
+
+def help_defaults() -> list[tuple[str, argparse.Action]]:
+    """(command, option) of each option with a default value a user relies on: a number or a
+    name, not None (resolved further in) nor a switch's False."""
+    return [
+        (name, action)
+        for name, parser in subcommands().items()
+        for action in parser._actions
+        if action.option_strings
+        and isinstance(action.default, int | float | str)
+        and not isinstance(action.default, bool)
+        and action.default != argparse.SUPPRESS
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "action"),
+    help_defaults(),
+    ids=[f"{n} {a.option_strings[-1]}" for n, a in help_defaults()],
+)
+def test_help_states_each_default_as_the_parser_has_it(name: str, action: argparse.Action):
+    """`llava-edge COMMAND --help` is where a user looks a default up (`serve --max-queue`): an
+    option with one says so, and a number it states is the parser's."""
+    text = action.help or ""
+    assert "default" in text, f"`{name} --help`: {action.option_strings[-1]} states no default"
+    stated = re.search(r"default:? (-?[\d,.]+\d)", text)
+    if stated and isinstance(action.default, int | float):
+        assert float(stated.group(1).replace(",", "")) == action.default, (
+            f"`{name} --help`: {action.option_strings[-1]} says {stated.group(0)!r}, "
+            f"the parser's default is {action.default}"
+        )

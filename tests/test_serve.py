@@ -1586,6 +1586,9 @@ def test_sigterm_drains_the_answer_in_flight_then_exits(context_model_dir):
             process.kill()
         log = process.stdout.read().decode()
     assert "Traceback" not in log and "Finished server process" in log
+    # where clients find it, and when it can answer: uvicorn says neither for a bound socket
+    assert f"llava-edge serve: listening on {url}/v1, model id '{MODEL}'" in log
+    assert f"llava-edge serve: {MODEL} loaded; ready" in log
 
 
 def test_a_second_ctrl_c_quits_at_once_and_closes_the_model(context_model_dir):

@@ -68,8 +68,11 @@ class TransformersRunner:
             clock = Clock()
             generate_start = time.perf_counter()
             new = self.workload.new_tokens
-            # plain greedy, as the runtime decodes, whatever generation_config.json sets
+            # plain greedy, as the runtime decodes, whatever generation_config.json sets; every
+            # token asked for (min_new_tokens, which governs over min_length: given both,
+            # generate() warns on every run)
             greedy = {**PLAIN_GREEDY, "min_new_tokens": new}
+            del greedy["min_length"]
             self.model.generate(**inputs, max_new_tokens=new, streamer=clock, **greedy)
         first, last = clock.times[1], clock.times[-1]
         return {

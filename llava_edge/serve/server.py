@@ -7,6 +7,7 @@ shutdown, which closes the engine.
 
 from __future__ import annotations
 
+import copy
 import logging
 import socket
 
@@ -50,8 +51,16 @@ def serve(
         log_level=log_level,
         timeout_graceful_shutdown=drain_timeout_s,
         lifespan="on",
+        log_config=log_config(),
     )
-    logging.getLogger("llava_edge.serve").setLevel(log_level.upper())
+    log = logging.getLogger("llava_edge.serve")
+    log.setLevel(log_level.upper())
+    # uvicorn names no address for a socket bound beforehand: the clients' URL is said here
+    log.info(
+        "llava-edge serve: listening on %s, model id %r; loading the model",
+        api_url(sock),
+        options.name,
+    )
     server = uvicorn.Server(config)
     server.run(sockets=[sock])
     if failure:
@@ -59,6 +68,21 @@ def serve(
         if isinstance(error, LlavaEdgeError):
             raise error
         raise LlavaEdgeError(f"the model failed to load: {error}") from error
+
+
+def log_config() -> dict:
+    """uvicorn's logging, with llava_edge.serve's lines (the address, the model ready, a
+    stalled call at exit) on its stderr handler: without a handler, Python shows no INFO line."""
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["loggers"]["llava_edge.serve"] = {"handlers": ["default"]}
+    return config
+
+
+def api_url(sock: socket.socket) -> str:
+    """The base URL clients give OpenAI's client (http://127.0.0.1:8000/v1), with the port
+    bound (--port 0 takes a free one)."""
+    host, port = sock.getsockname()[:2]
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
 
 
 def bind(host: str, port: int) -> socket.socket:
