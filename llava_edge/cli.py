@@ -759,7 +759,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backend_options(p)
 
     p = sub.add_parser(
-        "watch", help="answer a question about a video, camera or stream, frame after frame"
+        "watch",
+        help="answer a question about a video, camera, stream, image folder or picture file, frame "
+        "after frame",
     )
     p.add_argument("model_dir", help=MODEL_HELP)
     p.add_argument(

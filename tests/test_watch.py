@@ -1478,7 +1478,8 @@ def test_a_pipe_read_offline_that_stalls_times_out(tmp_path) -> None:
     assert not reader.is_alive(), "the offline read of a silent pipe hung"
     assert outcome[:-1] == list(range(len(outcome) - 1)) and len(outcome) > 5  # every frame
     assert outcome[-1].endswith(
-        "for 0.5 s: the source stalled (check the camera or stream, or raise the timeout)"
+        "for 0.5 s: the source stalled (check that it still sends, or raise the source's "
+        "timeout: --source-timeout, or watch's timeout_s)"
     )
 
 

@@ -563,8 +563,8 @@ def _join(reader: threading.Thread) -> None:
 
 def _stalled(name: str, timeout_s: float) -> LlavaEdgeError:
     return LlavaEdgeError(
-        f"no frame from {name} for {timeout_s:g} s: the source stalled (check the camera or "
-        "stream, or raise the timeout)"
+        f"no frame from {name} for {timeout_s:g} s: the source stalled (check that it still "
+        "sends, or raise the source's timeout: --source-timeout, or watch's timeout_s)"
     )
 
 
