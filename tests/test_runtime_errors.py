@@ -480,6 +480,15 @@ def test_load_options_take_effect_or_are_refused(tiny_model_dir, option, message
         Pipeline.load(tiny_model_dir, **option)
 
 
+def test_a_path_option_that_is_no_path_is_named(tiny_model_dir) -> None:
+    """Pipeline.load(None), as an app whose config lacks the model's path calls it, raised
+    Python's own TypeError, naming no option."""
+    with pytest.raises(LlavaEdgeError, match="model_dir must be a path .* got NoneType"):
+        Pipeline.load(None)
+    with pytest.raises(LlavaEdgeError, match="engine_dir must be a path .* got int"):
+        Pipeline.load(tiny_model_dir, engine_dir=3)
+
+
 def test_limits_that_are_not_a_limits_are_refused_at_load(tiny_model_dir) -> None:
     """A dict of limits loaded fine and every request then failed with an AttributeError."""
     with pytest.raises(LlavaEdgeError, match="limits must be a Limits"):

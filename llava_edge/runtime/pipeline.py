@@ -199,7 +199,9 @@ class Pipeline:
                 f"limits must be a Limits(...) (llava_edge.runtime.Limits), got "
                 f"{type(limits).__name__}"
             )
-        model_dir = Path(model_dir)
+        model_dir = _path("model_dir", model_dir)
+        if engine_dir is not None:
+            engine_dir = _path("engine_dir", engine_dir)
         manifest = Manifest.load(model_dir)
         manifest.check_files(model_dir, hashes=None if verify_files is None else bool(verify_files))
         if backend == "onnxruntime":
@@ -1220,6 +1222,16 @@ class _Outcome:
         """Mark the stream abandoned, unless its answer is already recorded."""
         with self._lock:
             self.abandoned = self.answer is None
+
+
+def _path(name: str, value: object) -> Path:
+    """A path option as Path; anything else refused naming the option (Path(None) raises
+    Python's own TypeError, which names none)."""
+    if not isinstance(value, str | os.PathLike):
+        raise LlavaEdgeError(
+            f"{name} must be a path (a str or os.PathLike), got {type(value).__name__}"
+        )
+    return Path(value)
 
 
 def _abandoned() -> LlavaEdgeError:
