@@ -480,6 +480,14 @@ def test_load_options_take_effect_or_are_refused(tiny_model_dir, option, message
         Pipeline.load(tiny_model_dir, **option)
 
 
+def test_a_chat_asked_for_a_raw_prompt_says_it_has_none(pipe) -> None:
+    """chat(raw=True) said "unknown generation option(s) ['raw']", as if raw were misspelled."""
+    with pytest.raises(LlavaEdgeError, match="takes no raw option; send a raw prompt through"):
+        pipe.chat(raw=True)
+    with pytest.raises(LlavaEdgeError, match="takes no raw option"):
+        pipe.chat().ask("Hi", raw=True)
+
+
 def test_a_path_option_that_is_no_path_is_named(tiny_model_dir) -> None:
     """Pipeline.load(None), as an app whose config lacks the model's path calls it, raised
     Python's own TypeError, naming no option."""

@@ -863,6 +863,7 @@ class ChatSession:
         self.system = system
         checked = dict(options)  # bad options fail here, not at the first turn
         pipeline._timeout(checked.pop("timeout_s", None))
+        _templated_only(checked)
         pipeline._config(checked)
         if not isinstance(history, list | tuple) or any(
             not isinstance(turn, list | tuple) or len(turn) != 2 or turn[1] is None
@@ -923,6 +924,7 @@ class ChatSession:
             )
         _check_text(prompt)
         timeout_s = pipe._timeout(options.pop("timeout_s", None))
+        _templated_only(options)
         config = pipe._config(options)
         timer = Timer()  # the turn's time limit counts from here, its images' encoding too
         first = not self.ids
@@ -1222,6 +1224,15 @@ class _Outcome:
         """Mark the stream abandoned, unless its answer is already recorded."""
         with self._lock:
             self.abandoned = self.answer is None
+
+
+def _templated_only(options: dict) -> None:
+    """A chat's turns are the template's: a raw prompt has no turns to hold."""
+    if "raw" in options:
+        raise LlavaEdgeError(
+            "a chat renders every turn with the model's chat template, so it takes no raw "
+            "option; send a raw prompt through answer, stream or generate"
+        )
 
 
 def _path(name: str, value: object) -> Path:
