@@ -199,6 +199,15 @@ def test_a_picture_file_is_one_frame_read_as_run_reads_it(pipe, monkeypatch, tmp
         assert [a.timestamp for a in answers] == pytest.approx(played)
 
 
+def test_a_video_named_as_a_picture_plays_as_its_video(pipe, recorder, tmp_path) -> None:
+    """A video whose name ends as a picture's (clip.png holding an MP4) is the video FFmpeg
+    plays, not one picture that load_image refuses as a video, telling to watch it."""
+    video = make_video(tmp_path / "clip.mp4", frames=5, fps=10, codec="mpeg4")
+    named = video.rename(tmp_path / "clip.png")
+    answers = list(pipe.watch(named, "?", every_s=0))
+    assert [(a.index, a.error) for a in answers] == [(i, None) for i in range(5)]
+
+
 def test_a_watchs_seconds_and_rates_may_be_numpy_numbers(pipe, recorder, tmp_path) -> None:
     """Robot code holds its settings in numpy (a ROS parameter read into an array, a rate
     computed from a camera's timestamps): every_s, folder_fps, timeout_s and reconnect_s take

@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from llava_edge.errors import LlavaEdgeError, first_line
-from llava_edge.runtime.image import is_animation
+from llava_edge.runtime.image import VIDEO_HEAD, is_animation, video_format
 
 VIDEO_HINT = "install the video extra: pip install 'llava-edge[video]' (PyAV)"
 # The picture files a folder of images is read for (watch's frames, quantize's calibration).
@@ -692,10 +692,13 @@ def _picture_file(path: str) -> bool:
     """Whether a file is one picture (named as a folder's pictures are, IMAGE_SUFFIXES), read
     as `run --image` reads it, by load_image (transparency over white, EXIF orientation, PIL's
     colours), not decoded by FFmpeg as a video of one frame; an animated GIF or PNG is the video
-    FFmpeg plays."""
+    FFmpeg plays, as is a video named as a picture (clip.png holding an MP4)."""
     suffix = Path(path).suffix.lower()
     if suffix not in IMAGE_SUFFIXES or not os.path.isfile(path):
         return False
+    with contextlib.suppress(OSError), open(path, "rb") as file:  # unreadable: load_image says
+        if video_format(file.read(VIDEO_HEAD)) is not None:
+            return False
     return suffix not in PLAYED_SUFFIXES or not is_animation(path)
 
 
