@@ -52,6 +52,17 @@ def test_jsonl_with_blank_lines_and_keep_filter(tmp_path):
     assert list(f.positions) == [0, 2, 4]
 
 
+def test_a_limit_reads_no_record_past_the_last_it_keeps(tmp_path):
+    """eval --limit N on a large file: the records after the Nth kept one are not read, so a
+    damaged line further on does not fail the quick check."""
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(sample(i)) for i in range(3)) + "\n{not json\n")
+    f = SampleFile(path, keep=lambda position, record: position != 1, limit=2)
+    assert [f.record(i)["id"] for i in range(len(f))] == ["s0", "s2"]
+    with pytest.raises(LlavaEdgeError, match="line 4: not valid JSON"):
+        SampleFile(path, limit=4)
+
+
 @pytest.mark.parametrize("edit", ["in place", "replaced", "appended"])
 def test_a_data_file_edited_during_training_is_named_not_read_at_old_offsets(tmp_path, edit):
     """Training reads each sample from the file as it needs it, at the offsets indexed at the

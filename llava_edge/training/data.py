@@ -188,12 +188,12 @@ class SampleFile:
             for position, (offset, length, record) in enumerate(self.scan()):
                 bar.update(offset + length - done)
                 done = offset + length
-                if limit is not None and len(offsets) == limit:
-                    break
                 if keep is None or keep(position, record):
                     offsets.append(offset)
                     lengths.append(length)
                     positions.append(position)
+                    if len(offsets) == limit:
+                        break
             bar.update(bar.total - done)  # the closing bracket and blank lines
         self.offsets = np.frombuffer(offsets, dtype=np.int64)
         self.lengths = np.frombuffer(lengths, dtype=np.int64)
