@@ -279,18 +279,8 @@ class DeviceKVCache(RowCache):
         try:
             for _ in self._blocks:
                 blocks.append(self.pool.take(self.region_bytes(new)))
-            rows = self.batch * self.text.num_kv_heads
             for block, previous in zip(blocks, self._blocks, strict=True):
-                self.cuda.zero(block.ptr, block.nbytes, self.stream)
-                self.cuda.copy_rows(
-                    block.ptr,
-                    new * self.row_bytes,
-                    previous.ptr,
-                    old * self.row_bytes,
-                    used * self.row_bytes,
-                    rows,
-                    self.stream,
-                )
+                self._lay_out(block, new, previous, old, used)
         except BaseException as e:
             _give_back(self.pool, blocks)
             if isinstance(e, Exception):  # shrinking only saves: the cache stays as it was
@@ -321,22 +311,11 @@ class DeviceKVCache(RowCache):
             self.capacity,
             self.length,
         )
-        rows = self.batch * self.text.num_kv_heads
         for index, previous in enumerate(self._blocks):
             block = None
             try:
                 block = self.pool.take(self.region_bytes(new))
-                self.cuda.zero(block.ptr, block.nbytes, self.stream)
-                if previous is not None and used:
-                    self.cuda.copy_rows(
-                        block.ptr,
-                        new * self.row_bytes,
-                        previous.ptr,
-                        old * self.row_bytes,
-                        used * self.row_bytes,
-                        rows,
-                        self.stream,
-                    )
+                self._lay_out(block, new, previous, old, used)
             except BaseException:
                 if block is not None:
                     self.pool.give(block)
@@ -349,6 +328,23 @@ class DeviceKVCache(RowCache):
         valid[:, :used] = self.valid[:, :used]
         self.valid, self.capacity = valid, new
         self.graphs.clear()  # they bound the old blocks
+
+    def _lay_out(
+        self, block: Allocation, new: int, previous: Allocation | None, old: int, used: int
+    ) -> None:
+        """Zero `block` (rows of `new` slots) and copy into it the first `used` slots of each
+        row of `previous` (rows of `old` slots), on the stream."""
+        self.cuda.zero(block.ptr, block.nbytes, self.stream)
+        if previous is not None and used:
+            self.cuda.copy_rows(
+                block.ptr,
+                new * self.row_bytes,
+                previous.ptr,
+                old * self.row_bytes,
+                used * self.row_bytes,
+                self.batch * self.text.num_kv_heads,
+                self.stream,
+            )
 
     def _undo_growth(self, grown: int, new: int) -> None:
         """Put the first `grown` blocks, already at capacity `new`, back at the cache's capacity:
