@@ -377,7 +377,8 @@ class Manifest:
         for layer in range(self.text.num_layers):
             try:
                 names = self.kv_names(layer)
-            except (KeyError, IndexError, ValueError):  # a template naming another field
+            # a template naming another field, or a field or item of the layer number
+            except (KeyError, IndexError, ValueError, AttributeError, TypeError):
                 raise LlavaEdgeError(
                     f"{where}: kv names {dataclasses.astuple(self.kv)[:4]} may only use {{i}}, "
                     "the layer; re-export the model"

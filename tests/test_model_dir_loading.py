@@ -195,6 +195,8 @@ def test_a_hand_edited_size_or_image_setting_is_named(
     [
         ("past.{j}", "kv names ('past.{j}', "),
         ("past.{0}", "kv names ('past.{0}', "),
+        ("past.{i.key}", "kv names ('past.{i.key}', "),  # a field of the layer number
+        ("past.{i[0]}", "kv names ('past.{i[0]}', "),
         ("past_key_values.key", "kv.past_key names 'past_key_values.key' for layer 0, which is"),
     ],
 )
