@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import stat
 import types
 import typing
 from dataclasses import dataclass, field
@@ -531,22 +532,34 @@ class Manifest:
 
 
 def _check_model_dir(model_dir: Path) -> None:
-    """Refuse what is not a model dir, naming what it is instead."""
-    if model_dir.exists() and not model_dir.is_dir():
-        raise LlavaEdgeError(f"{model_dir} is a file; give the model dir `llava-edge export` wrote")
-    if not model_dir.is_dir():
+    """Refuse what is not a model dir, naming what it is instead. By os.stat, which raises
+    PermissionError for a dir this user may not look into, where pathlib's exists() and
+    is_file() say False from Python 3.14 on."""
+    mode = _mode(model_dir)
+    if mode is None:
         raise LlavaEdgeError(f"model dir {model_dir} does not exist")
+    if not stat.S_ISDIR(mode):
+        raise LlavaEdgeError(f"{model_dir} is a file; give the model dir `llava-edge export` wrote")
     try:  # onnxruntime and tokenizers open files by UTF-8 name
         os.path.abspath(model_dir).encode("utf-8")
     except UnicodeEncodeError:
         raise LlavaEdgeError(
             f"model dir {model_dir}: the path is not valid UTF-8 text; rename it in UTF-8"
         ) from None
-    if not (model_dir / MANIFEST_NAME).is_file():
+    mode = _mode(model_dir / MANIFEST_NAME)
+    if mode is None or not stat.S_ISREG(mode):
         raise LlavaEdgeError(
             f"{model_dir} has no {MANIFEST_NAME}: it is not a llava-edge model dir "
             "(make one with `llava-edge export CHECKPOINT OUT_DIR`)"
         )
+
+
+def _mode(path: Path) -> int | None:
+    """`path`'s st_mode; None where there is nothing there (PermissionError is raised)."""
+    try:
+        return os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError, ValueError):  # ValueError: a NUL in it
+        return None
 
 
 def _older_template(template: TemplateSpec, where: str) -> TemplateSpec:

@@ -341,14 +341,26 @@ def test_an_onnxruntime_too_old_to_answer_right_is_named_at_load(
     assert main(["run", str(tiny_model_dir), "--prompt", "Hi", "--max-new-tokens", "1"]) == 0
 
 
+@pytest.mark.parametrize("pathlib", ["raises", "hides"])
 @pytest.mark.parametrize("where", ["model dir", "dir above it"])
 def test_a_dir_this_user_may_not_look_into_is_one_line(
-    model_copy: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, where: str
+    model_copy: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    where: str,
+    pathlib: str,
 ) -> None:
     """A model dir copied with another user's permissions (no x bit for this one), or under a
-    dir this user may not enter: stat() of what is in it is refused, and was a traceback."""
+    dir this user may not enter: stat() of what is in it is refused, and was a traceback. From
+    Python 3.14 on, pathlib's exists(), is_dir() and is_file() hide that refusal (as os.path's
+    do, "hides"), which made it a missing dir or manifest."""
     private = model_copy if where == "model dir" else model_copy.parent
     real = os.stat
+    if pathlib == "hides":
+        for name, test in (("exists", "exists"), ("is_dir", "isdir"), ("is_file", "isfile")):
+            monkeypatch.setattr(
+                Path, name, lambda self, test=getattr(os.path, test), **_: test(self)
+            )
 
     def refuse(path: object, *args: object, **kwargs: object) -> os.stat_result:
         if Path(path) != private and str(path).startswith(str(private)):
