@@ -363,7 +363,8 @@ def _may_exist(path: Path) -> bool:
         os.stat(path)
     except (FileNotFoundError, NotADirectoryError, ValueError):
         return False
-    except OSError:  # PermissionError, which pathlib's exists() raises up to Python 3.12
+    # PermissionError: pathlib's exists() raises it up to Python 3.13 and says False from 3.14
+    except OSError:
         return True
     return True
 
