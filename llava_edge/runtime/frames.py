@@ -751,9 +751,11 @@ def _followed(listing: Callable[[], list[Path]], stop: threading.Event) -> Itera
     order, once two listings in a row find it the same, so that a picture still being written is
     not read half; or at once where another file has taken its name since the last listing,
     renamed into place whole (a camera daemon renaming each frame over latest.jpg, faster than
-    the listings, is never listed the same twice). The images there at the start come first.
-    Only the pictures still there are remembered: a capture script that deletes old pictures as
-    it adds new ones (a ring buffer) may run for days."""
+    the listings, is never listed the same twice), told by its inode number: ext4 gives a new
+    file the number the last one freed, so two renames between listings read as a rewrite. The
+    images there at the start come first. Only the pictures still there are remembered: a
+    capture script that deletes old pictures as it adds new ones (a ring buffer) may run for
+    days."""
     handed: dict[Path, tuple[int, int, int]] = {}
     seen: dict[Path, tuple[int, int, int]] = {}
     index = 0
