@@ -141,6 +141,10 @@ def cases(model: Path, checkpoint: Path, tmp: Path) -> dict[str, tuple[list[str]
             ],
             "--top-p must be in [0, 1], got 2.0",
         ),
+        "run a stop string too long": (
+            ["run", str(model), "--prompt", "hi", "--stop", "x" * 257],
+            "--stop strings may be at most 256 characters each, got one of 257",
+        ),
         "init a preset beside --vision": (
             ["init", str(tmp / "i"), "--vision", str(tmp), "--llm", str(tmp), "--preset", "small"],
             "drop one or the other",

@@ -68,7 +68,7 @@ class GenerationConfig:
         longest = max(self.stop, key=len, default="")
         if len(longest) > MAX_STOP_CHARS:
             raise LlavaEdgeError(
-                f"a stop string may be at most {MAX_STOP_CHARS} characters, got one of "
+                f"stop strings may be at most {MAX_STOP_CHARS} characters each, got one of "
                 f"{len(longest)}"
             )
         self.ignore_eos = true_or_false("ignore_eos", self.ignore_eos)
