@@ -201,7 +201,7 @@ class Pipeline:
             )
         model_dir = _path("model_dir", model_dir)
         if engine_dir is not None:
-            engine_dir = _path("engine_dir", engine_dir)
+            _path("engine_dir", engine_dir)
         manifest = Manifest.load(model_dir)
         manifest.check_files(model_dir, hashes=None if verify_files is None else bool(verify_files))
         if backend == "onnxruntime":
