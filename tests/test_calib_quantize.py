@@ -857,6 +857,45 @@ def test_an_int4_tensorrt_form_without_blocks_keeps_its_opset(tmp_path: Path) ->
         assert check_graph(written) == []
 
 
+def test_int4_tensorrt_scales_are_all_positive(tmp_path: Path) -> None:
+    """TensorRT's ONNX parser refuses a DequantizeLinear whose scales are not all positive
+    ("Scale coefficients must all be positive"). onnxruntime's quantizer signs each block's scale
+    so that its largest weight lands on -8, and gives an all-zero block (an LM head's unused
+    row) a zero scale: every int4 TensorRT form failed to build. Each scale is positive, and
+    the weights are still each block's nearest INT4 step."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from llava_edge.calib.quantize import int4_qdq
+
+    weight = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
+    weight[:, 3] = 0  # an all-zero output channel
+    weight[:32, 5] = 1e-9  # a block far below fp16's smallest normal scale
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["inputs_embeds", "w"], ["logits"])],
+        "g",
+        [helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 8])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    src, dst = tmp_path / "g.onnx", tmp_path / "g.qdq.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    int4_qdq(src, dst)
+    written = onnx.load(str(dst))
+    stored = {t.name: numpy_helper.to_array(t) for t in written.graph.initializer}
+    (dq,) = [n for n in written.graph.node if n.op_type == "DequantizeLinear"]
+    values, scales = stored[dq.input[0]].astype(np.float32), stored[dq.input[1]]
+    assert scales.dtype == np.float16 and scales.shape == (2, 8)
+    assert np.all(scales > 0)
+    dequantized = values * np.repeat(scales.astype(np.float32), 32, axis=0)
+    steps = np.repeat(scales.astype(np.float32), 32, axis=0)
+    assert np.all(np.abs(dequantized - weight) <= steps / 2 + 1e-6)
+    assert not dequantized[:, 3].any()
+    x = np.random.default_rng(1).standard_normal((1, 64)).astype(np.float32)
+    session = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"inputs_embeds": x})
+    np.testing.assert_allclose(logits, x @ dequantized, rtol=1e-2, atol=1e-2)
+
+
 def _convert_version_dropping_external_data(original):
     """onnx's version converter as onnx before 1.19 (the [calib] floor is 1.16) behaves: the
     initializers it returns no longer say where their weights are stored, and hold none."""

@@ -890,9 +890,11 @@ def test_int4_engines_keep_an_fp16_kv_cache(stub, model: Path, tmp_path: Path) -
     cache.reserve(1)
     fp32 = 2 * 2 * 4 * 32 * 16 * 4  # keys and values, 2 layers, 4 heads, 32 slots, head_dim 16
     assert cache.block_bytes(32) == fp32 // 2
-    # onnxruntime running the same TensorRT form (its cache follows the graph: fp16 too)
+    # onnxruntime running the same TensorRT forms (its cache follows the graph: fp16 too); the
+    # int8 vision encoder's and projector's too, whose `file` (dynamic int8) gives other features
     manifest = Manifest.load(int4)
-    manifest.graphs["decoder"].file = manifest.graphs["decoder"].tensorrt_file
+    for graph in manifest.graphs.values():
+        graph.file = graph.tensorrt_file or graph.file
     reference = Pipeline(int4, manifest, OnnxBackend(int4, manifest, graph_form="standard"))
     assert reference.backend.new_cache(1).dtype == np.float16
     trt = Pipeline(int4, manifest, be)

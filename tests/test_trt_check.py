@@ -107,6 +107,18 @@ def test_block_wise_int4_weights_pass_at_opset_21() -> None:
         (lambda: _matmul(weight_scale=np.full(K, 0.01, np.float32), weight_axis=0), "axis 1"),
         (lambda: _matmul(act_scale=np.full(K, 0.02, np.float32)), "one scale per tensor"),
         (lambda: _matmul(scale_is_input=True), "scale must be a constant"),
+        # TensorRT's parser refuses them: "Scale coefficients must all be positive"
+        (lambda: _matmul(act_scale=np.array(0.0, np.float32)), "a scale is not positive"),
+        (
+            lambda: _matmul(
+                weight_scale=np.full((K // 32, N), -0.01, np.float16),
+                block=32,
+                weight_axis=0,
+                weight_type=TensorProto.INT4,
+                opset=21,
+            ),
+            "a scale is not positive (smallest -0.01",
+        ),
         (lambda: _matmul(opset=21), "opset 21"),
         (lambda: _matmul(opset=8), "opset 8"),
         (

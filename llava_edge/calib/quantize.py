@@ -101,6 +101,7 @@ INT4_BLOCKS = (32, 64, 128, 256)
 INT4_ACCURACY_LEVEL = 4
 QDQ_MIN_OPSET = 13  # per-channel (axis) QuantizeLinear/DequantizeLinear start at opset 13
 INT4_OPSET = 21  # DequantizeLinear's INT4 type and block_size attribute start at opset 21
+INT4_IR_VERSION = 10  # the IR version that has the INT4 type
 QDQ_SUFFIX = ".qdq.onnx"
 # A TensorRT form none of whose weights quantized: int4's is converted to fp16 all the same
 TENSORRT_FLOAT = {"int8": "fp32", "int4": "fp16"}
@@ -805,7 +806,8 @@ def int4_qdq(src: Path, dst: Path, block: int = INT4_BLOCK) -> dict[str, Any]:
     """TensorRT's form: INT4 weights with block-wise DequantizeLinear (axis 0, blocks along K)
     into each MatMul, from fp16 activations with fp16 scales: weight-only INT4 as NVIDIA's tools
     make it for TensorRT (its INT4 weight-only GEMM kernels take fp16 activations; with fp32
-    ones there may be no fast kernel at all). The KV cache IO is fp16 too.
+    ones there may be no fast kernel at all). The KV cache IO is fp16 too. Each block's scale is
+    positive (int4_blocks), as TensorRT's parser demands.
 
     Block-wise DequantizeLinear needs opset 21, so the graph is converted first with ONNX's own
     version converter (it rewrites ops whose form changed since the export's opset, e.g.
@@ -822,9 +824,12 @@ def int4_qdq(src: Path, dst: Path, block: int = INT4_BLOCK) -> dict[str, Any]:
 
 
 def _int4(src: Path, dst: Path, block: int, qdq: bool) -> dict[str, Any]:
-    """Both int4 forms come from onnxruntime's MatMulNBitsQuantizer; only the output format (and,
-    for Q/DQ, the opset) differs. The quantizer takes one block size a pass, so nodes whose K
-    needs a smaller block than `block` get a pass of their own."""
+    """Both int4 forms take the same blocks of the same MatMuls. onnxruntime's CPU form comes
+    from its MatMulNBitsQuantizer, which takes one block size a pass (nodes whose K needs a
+    smaller block than `block` get a pass of their own). The Q/DQ form is written here
+    (dequantize_blocks): that quantizer signs each block's scale so that its largest weight
+    lands on -8, and TensorRT's ONNX parser refuses a DequantizeLinear whose scales are not all
+    positive ("Scale coefficients must all be positive")."""
     import onnx
     from onnx.external_data_helper import load_external_data_for_model
     from onnxruntime.quantization import QuantFormat
@@ -841,23 +846,25 @@ def _int4(src: Path, dst: Path, block: int, qdq: bool) -> dict[str, Any]:
         if blocks:  # opset 21 only where a block-wise DequantizeLinear needs it
             opset = INT4_OPSET
             model = _convert_version(model, opset)
-        load_weights(model, src.parent, halved)  # the quantizer reads every weight
+            model.ir_version = max(model.ir_version, INT4_IR_VERSION)
+        load_weights(model, src.parent, halved)
+        dequantize_blocks(model, blocks)
     else:
         load_external_data_for_model(model, str(src.parent))
-    for size in sorted(set(blocks.values()), reverse=True):
-        config = DefaultWeightOnlyQuantConfig(
-            block_size=size,
-            is_symmetric=True,
-            quant_format=QuantFormat.QDQ if qdq else QuantFormat.QOperator,
-            op_types_to_quantize=("MatMul",),
-            **({} if qdq else {"accuracy_level": INT4_ACCURACY_LEVEL}),
-        )
-        others = [name for name, b in blocks.items() if b != size]
-        quantizer = MatMulNBitsQuantizer(
-            model, nodes_to_exclude=skipped + others, algo_config=config
-        )
-        quantizer.process()
-        model = quantizer.model.model
+        for size in sorted(set(blocks.values()), reverse=True):
+            config = DefaultWeightOnlyQuantConfig(
+                block_size=size,
+                is_symmetric=True,
+                quant_format=QuantFormat.QOperator,
+                op_types_to_quantize=("MatMul",),
+                accuracy_level=INT4_ACCURACY_LEVEL,
+            )
+            others = [name for name, b in blocks.items() if b != size]
+            quantizer = MatMulNBitsQuantizer(
+                model, nodes_to_exclude=skipped + others, algo_config=config
+            )
+            quantizer.process()
+            model = quantizer.model.model
     save_graph(model, dst)
     settings = {"opset": opset} if qdq else {"accuracy_level": INT4_ACCURACY_LEVEL}
     counts = {size: list(blocks.values()).count(size) for size in sorted(set(blocks.values()))}
@@ -868,6 +875,75 @@ def _int4(src: Path, dst: Path, block: int, qdq: bool) -> dict[str, Any]:
         "quantized_nodes": len(blocks),
         "kept_float": skipped,
     }
+
+
+def int4_blocks(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """A [K, N] weight as INT4 in blocks of `block` along K, zero point 0: (values in -8..7 as
+    int8, fp16 scales [K / block, N]). A block's scale is the smallest positive one that holds
+    it in -8..7 (its most negative weight over 8 or its largest over 7, whichever is more: all
+    16 steps in use where the block's extreme is negative, as onnxruntime's signed scales use
+    them), and never below fp16's smallest normal number, so that an all-zero block (an LM
+    head's unused row) or a tiny one still has a positive scale."""
+    k, n = weight.shape
+    blocks = weight.astype(np.float32).reshape(k // block, block, n)
+    needed = np.maximum(blocks.max(axis=1) / 7, -blocks.min(axis=1) / 8)
+    tiny = np.finfo(np.float16).tiny
+    scales = np.clip(needed, tiny, np.finfo(np.float16).max).astype(np.float16)
+    values = np.rint(blocks / scales.astype(np.float32)[:, None, :])
+    return np.clip(values, -8, 7).astype(np.int8).reshape(k, n), scales
+
+
+def dequantize_blocks(model: Any, blocks: dict[str, int]) -> None:
+    """Replace the weight of each MatMul named in `blocks` (weights loaded, in memory) by INT4
+    blocks of its size along K and a block-wise DequantizeLinear (axis 0) of fp16 scales."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    stored = {t.name: t for t in graph.initializer}
+    dequantized: dict[str, str] = {}  # a weight's name -> its DequantizeLinear's output
+    nodes = []
+    for node in [_copied(n) for n in graph.node]:  # the graph's own are released below
+        if node.name in blocks:
+            name = node.input[1]
+            if name not in dequantized:
+                weight = numpy_helper.to_array(stored[name])
+                values, scales = int4_blocks(weight, blocks[node.name])
+                flat = values.ravel().astype(np.uint8) & 0x0F
+                flat = np.append(flat, np.uint8(0)) if flat.size % 2 else flat
+                packed = flat[0::2] | (flat[1::2] << 4)  # two per byte, the first one low
+                quant = helper.make_tensor(
+                    f"{name}_DQ_Q4", onnx.TensorProto.INT4, values.shape, packed.tobytes(), True
+                )
+                scale = numpy_helper.from_array(scales, f"{name}_DQ_scales")
+                graph.initializer.extend([quant, scale])
+                dequantized[name] = f"{name}_DQ"
+                nodes.append(
+                    helper.make_node(
+                        "DequantizeLinear",
+                        [quant.name, scale.name],
+                        [dequantized[name]],
+                        name=f"{name}_DequantizeLinear",
+                        axis=0,
+                        block_size=blocks[node.name],
+                    )
+                )
+            node.input[1] = dequantized[name]
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    # by position: removing a tensor by value compares it, weights and all, with each before it
+    replaced = [i for i, t in enumerate(graph.initializer) if t.name in dequantized]
+    for index in reversed(replaced):
+        del graph.initializer[index]
+
+
+def _copied(node: Any) -> Any:
+    import onnx
+
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    return copy
 
 
 def _convert_version(model: Any, opset: int) -> Any:

@@ -7,7 +7,8 @@ documentation and checked on the graph itself:
   com.microsoft contrib ops such as MatMulNBits, no DynamicQuantizeLinear, MatMulInteger or
   QLinearMatMul), at an opset the parser reads;
 - quantization is explicit and symmetric: every QuantizeLinear/DequantizeLinear has a constant
-  scale and zero point 0 (or none) of a signed type; activations have one scale per tensor;
+  scale, all of it positive (the parser refuses others: "Scale coefficients must all be
+  positive"), and zero point 0 (or none) of a signed type; activations have one scale per tensor;
   weights one per output channel (the axis TensorRT scales a GEMM's or convolution's filters on),
   or INT4 blocks along the reduction axis, the only block quantization TensorRT has.
 
@@ -316,6 +317,13 @@ def _check_scale_and_zero(node: Any, where: str, constants: dict[str, Any]) -> l
     problems = []
     if len(node.input) < 2 or constants.get(node.input[1]) is None:
         problems.append(f"{where}: the scale must be a constant (TensorRT fixes it at build time)")
+    else:
+        scales = constants[node.input[1]].read()
+        if scales is not None and not np.all(scales.astype(np.float32) > 0):
+            problems.append(
+                f"{where}: a scale is not positive (smallest {scales.min()}); TensorRT's parser "
+                "takes positive scales only"
+            )
     if len(node.input) > 2 and node.input[2]:
         zero = constants.get(node.input[2])
         if zero is None:
