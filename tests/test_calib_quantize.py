@@ -767,6 +767,42 @@ def test_int4_warning_names_why_a_graph_stays_float(tmp_path: Path) -> None:
     ]
 
 
+def test_int4_warns_of_the_matmuls_a_partly_quantized_graph_keeps_float(tmp_path: Path) -> None:
+    """A hidden size no block divides keeps most of a decoder's MatMuls float: int4 was asked,
+    so that is said, not only written in the report's details."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from llava_edge.calib.quantize import _quantize_graph
+    from llava_edge.manifest import GraphSpec
+
+    nodes = [
+        helper.make_node("MatMul", ["x", "w32"], ["h"], name="fits"),
+        helper.make_node("MatMul", ["h", "w20"], ["y"], name="kept"),
+    ]
+    weights = [np.ones((32, 20), np.float32), np.ones((20, 8), np.float32)]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+        [numpy_helper.from_array(w, n) for w, n in zip(weights, ("w32", "w20"), strict=True)],
+    )
+    (tmp_path / "src").mkdir()
+    (tmp_path / "out").mkdir()
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(tmp_path / "src" / "g.onnx"))
+    spec = GraphSpec("g.onnx", {}, {})
+    said: list[str] = []
+    _quantize_graph(
+        "g", "int4", spec, tmp_path / "src", tmp_path / "out", None, "minmax", 32, said.append
+    )
+    assert spec.precision == "int4" and spec.details["onnxruntime"]["kept_float"] == ["kept"]
+    assert said == [
+        "warning: 1 of g's 2 weight MatMuls stay fp32: no block of 32 divides their input size "
+        "(K); manifest.json names them (details.onnxruntime.kept_float)"
+    ]
+
+
 def test_the_report_names_an_int4_decoder_that_stays_float_by_what_each_form_holds(
     tmp_path: Path,
 ) -> None:

@@ -585,6 +585,12 @@ def _quantize_graph(
         )
         where = f" in its onnxruntime form (its TensorRT form is {kind})" if quantized else ""
         log(f"warning: {name} stays fp32{where}: {why}")
+    elif kept := graph.details["onnxruntime"].get("kept_float"):
+        total = len(kept) + graph.details["onnxruntime"]["quantized_nodes"]
+        log(
+            f"warning: {len(kept)} of {name}'s {total} weight MatMuls stay fp32: no block of 32 "
+            "divides their input size (K); manifest.json names them (details.onnxruntime.kept_float)"
+        )
 
 
 def quantize_fused(kind: str, fused: GraphSpec, source: Path, out: Path, block: int) -> GraphSpec:
