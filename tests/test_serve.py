@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -1283,11 +1283,9 @@ def test_a_client_leaving_while_sending_its_body_is_no_server_error(server, capl
     assert server.metric("llava_edge_engine_admitting") == 0
 
 
-def test_a_body_that_stalls_mid_upload_gets_408_within_the_time_limit(context_model_dir):
-    """A robot whose Wi-Fi drops without the connection closing stops sending halfway through
-    its image: --timeout answers it instead of the request holding its connection for good."""
-    options = ServeOptions(context_model_dir, model_name=MODEL, limits=Limits(timeout_s=0.5))
-    app = create_app(options)
+def _stalled_upload() -> tuple[Callable, Callable, list[dict]]:
+    """An ASGI receive that gives the start of a body and then nothing, a send that keeps what
+    the app sends, and the list it keeps it in."""
     parts = [{"type": "http.request", "body": b'{"model": "tiny", ', "more_body": True}]
     sent: list[dict] = []
 
@@ -1298,6 +1296,16 @@ def test_a_body_that_stalls_mid_upload_gets_408_within_the_time_limit(context_mo
 
     async def send(message: dict) -> None:
         sent.append(message)
+
+    return receive, send, sent
+
+
+def test_a_body_that_stalls_mid_upload_gets_408_within_the_time_limit(context_model_dir):
+    """A robot whose Wi-Fi drops without the connection closing stops sending halfway through
+    its image: --timeout answers it instead of the request holding its connection for good."""
+    options = ServeOptions(context_model_dir, model_name=MODEL, limits=Limits(timeout_s=0.5))
+    app = create_app(options)
+    receive, send, sent = _stalled_upload()
 
     with TestClient(app) as client:
         deadline = time.time() + 30
@@ -1321,16 +1329,7 @@ def test_a_body_that_stalls_without_a_time_limit_gives_its_queue_place_back(
     monkeypatch.setattr(app_module, "BODY_IDLE_S", 0.5)
     options = ServeOptions(context_model_dir, model_name=MODEL, max_batch=1, max_queue=0)
     app = create_app(options)
-    parts = [{"type": "http.request", "body": b'{"model": "tiny", ', "more_body": True}]
-    sent: list[dict] = []
-
-    async def receive() -> dict:
-        if parts:
-            return parts.pop(0)
-        await asyncio.sleep(3600)  # the rest never comes
-
-    async def send(message: dict) -> None:
-        sent.append(message)
+    receive, send, sent = _stalled_upload()
 
     async def stalled_then_another() -> list[int]:
         stalled = asyncio.ensure_future(app(chat_scope(app), receive, send))
