@@ -6,6 +6,7 @@ Built once per test process (pytest-xdist runs one per core), in a temporary dir
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,6 +41,23 @@ def one_line_error(err: str) -> str:
     assert "Traceback" not in err and len(errors) == 1, err
     assert err.strip().endswith(errors[0]) and errors[0].startswith("llava-edge "), err
     return errors[0]
+
+
+def run_app(script: str, model_dir, hung: str, timeout_s: float = 30) -> Any:
+    """An app's script run to its end in a process of its own, on `model_dir`; `hung` is the
+    failure said where it has not ended in `timeout_s`."""
+    import subprocess
+    import sys
+
+    try:
+        return subprocess.run(
+            [sys.executable, "-c", script, str(model_dir)],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(hung)
 
 
 def write_pgm16(path: Path, pixels) -> None:

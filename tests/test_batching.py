@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import quiet
+from conftest import quiet, run_app
 from PIL import Image
 
 from llava_edge.calib.quantize import quantize_model
@@ -245,14 +245,8 @@ def test_an_app_that_exits_with_its_engine_running_exits_cleanly(context_model_d
     """An app may end without closing its engine (its thread is a daemon); the interpreter
     then ended under the thread's onnxruntime call, which aborts the process (exit 134, as
     often as not). Exit cancels the engine's requests and waits for its thread."""
-    import subprocess
-    import sys
-
-    done = subprocess.run(
-        [sys.executable, "-c", EXIT_WITH_AN_ENGINE_RUNNING, str(context_model_dir)],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    done = run_app(
+        EXIT_WITH_AN_ENGINE_RUNNING, context_model_dir, "the exit never ended", timeout_s=60
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["Cancelled", "False"]
@@ -310,15 +304,7 @@ def test_an_engine_made_by_a_late_exit_handler_answers(context_model_dir):
     """An app's exit handler that runs after the runtime's may still ask the model; an engine
     it made started a thread whose first model call the exit parked for good, so the handler
     waited on its answers for ever. Its requests are answered within submit, as alone."""
-    import subprocess
-    import sys
-
-    done = subprocess.run(
-        [sys.executable, "-c", ENGINE_MADE_AT_EXIT, str(context_model_dir)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    done = run_app(ENGINE_MADE_AT_EXIT, context_model_dir, "the exit handler's engine hung")
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["3", "3", "True"]
 

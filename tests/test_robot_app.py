@@ -8,10 +8,10 @@ import pickle
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 import pytest
+from conftest import run_app
 
 from llava_edge.runtime import BatchEngine, Limits, LlavaEdgeError, Pipeline, TimedOut
 from llava_edge.runtime.batching import Cancelled
@@ -259,23 +259,6 @@ threading.Thread(target=worker, daemon=True).start()
 entered.wait(30)
 print("exiting", flush=True)
 """
-
-
-def run_app(script: str, model_dir, hung: str) -> Any:
-    """An app's script run to its end in a process of its own, on `model_dir`; `hung` is the
-    failure said where it never ends."""
-    import subprocess
-    import sys
-
-    try:
-        return subprocess.run(
-            [sys.executable, "-c", script, str(model_dir)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(hung)
 
 
 def test_an_app_that_exits_while_its_thread_is_inside_an_answer_exits_cleanly(tiny_model_dir):
