@@ -861,10 +861,7 @@ class ChatSession:
         pipeline._check_open()
         self.template = pipeline._template(system)  # a bad system prompt fails here
         self.system = system
-        checked = dict(options)  # bad options fail here, not at the first turn
-        pipeline._timeout(checked.pop("timeout_s", None))
-        _templated_only(checked)
-        pipeline._config(checked)
+        _turn_options(pipeline, options)  # bad options fail here, not at the first turn
         if not isinstance(history, list | tuple) or any(
             not isinstance(turn, list | tuple) or len(turn) != 2 or turn[1] is None
             for turn in history
@@ -923,9 +920,7 @@ class ChatSession:
                 "thread at a time; let that turn end first, or give each thread its own chat"
             )
         _check_text(prompt)
-        timeout_s = pipe._timeout(options.pop("timeout_s", None))
-        _templated_only(options)
-        config = pipe._config(options)
+        timeout_s, config = _turn_options(pipe, options)
         timer = Timer()  # the turn's time limit counts from here, its images' encoding too
         first = not self.ids
         new_pixels = [pipe.image_pixels(one) for one in image_list(image)]
@@ -1226,13 +1221,16 @@ class _Outcome:
             self.abandoned = self.answer is None
 
 
-def _templated_only(options: dict) -> None:
-    """A chat's turns are the template's: a raw prompt has no turns to hold."""
+def _turn_options(pipe: Pipeline, options: dict) -> tuple[float | None, GenerationConfig]:
+    """A chat turn's time limit and generation config from its options. A chat's turns are the
+    template's: a raw prompt has no turns to hold, so `raw` is refused saying so."""
     if "raw" in options:
         raise LlavaEdgeError(
             "a chat renders every turn with the model's chat template, so it takes no raw "
             "option; send a raw prompt through answer, stream or generate"
         )
+    options = dict(options)
+    return pipe._timeout(options.pop("timeout_s", None)), pipe._config(options)
 
 
 def _path(name: str, value: object) -> Path:
