@@ -382,13 +382,7 @@ def _check_generation_flags(options: dict) -> None:
     Pipeline's own check names the Python parameter (`max_new_tokens must be ...`)."""
     from llava_edge.runtime.sampling import GenerationConfig
 
-    try:
-        GenerationConfig(**options).validate()
-    except LlavaEdgeError as e:
-        name, _, rest = str(e).partition(" ")
-        if name not in options:
-            raise
-        raise LlavaEdgeError(f"--{name.replace('_', '-')} {rest}") from None
+    GenerationConfig(**options).validate(named=lambda name: "--" + name.replace("_", "-"))
 
 
 # ---- serve -----------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ Order as in transformers' generate(): repetition penalty, then temperature, top-
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,20 +37,25 @@ class GenerationConfig:
     stop: list[str] = field(default_factory=list)  # stop strings, cut from the answer
     ignore_eos: bool = False
 
-    def validate(self) -> None:
-        """Refuse what generation cannot take, in one line naming the option; numbers of any
-        numeric type (numpy's included: robot code often holds them) become Python's own."""
+    def validate(self, named: Callable[[str], str] = str) -> None:
+        """Refuse what generation cannot take, in one line naming the option as `named` gives
+        it (the CLI's `--max-new-tokens` for `max_new_tokens`); numbers of any numeric type
+        (numpy's included: robot code often holds them) become Python's own."""
         self.max_new_tokens = whole_number(
-            "max_new_tokens", self.max_new_tokens, 1, "a positive integer"
+            named("max_new_tokens"), self.max_new_tokens, 1, "a positive integer"
         )
-        self.top_k = whole_number("top_k", self.top_k, 0, "0 (off) or a positive integer")
+        self.top_k = whole_number(named("top_k"), self.top_k, 0, "0 (off) or a positive integer")
         if self.seed is not None:
-            self.seed = whole_number("seed", self.seed, 0, "None or a non-negative integer")
-        self.temperature = _number("temperature", self.temperature, 0, 100, "[0, 100]")
-        self.top_p = _number("top_p", self.top_p, 0, 1, "[0, 1]")
+            self.seed = whole_number(named("seed"), self.seed, 0, "None or a non-negative integer")
+        self.temperature = _number(named("temperature"), self.temperature, 0, 100, "[0, 100]")
+        self.top_p = _number(named("top_p"), self.top_p, 0, 1, "[0, 1]")
         self.repetition_penalty = _number(
-            "repetition_penalty", self.repetition_penalty, 0, 100, "(0, 100]", above=True
+            named("repetition_penalty"), self.repetition_penalty, 0, 100, "(0, 100]", above=True
         )
+        self._validate_stop(named("stop"))
+        self.ignore_eos = true_or_false(named("ignore_eos"), self.ignore_eos)
+
+    def _validate_stop(self, name: str) -> None:
         if self.stop is None:
             self.stop = []
         elif isinstance(self.stop, str):
@@ -58,20 +64,19 @@ class GenerationConfig:
             not isinstance(s, str) or not s for s in self.stop
         ):
             raise LlavaEdgeError(
-                f"stop must be a string or a list of non-empty strings, got {self.stop!r}"
+                f"{name} must be a string or a list of non-empty strings, got {self.stop!r}"
             )
         self.stop = list(self.stop)
         if len(self.stop) > MAX_STOP_STRINGS:
             raise LlavaEdgeError(
-                f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}"
+                f"{name} takes at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}"
             )
         longest = max(self.stop, key=len, default="")
         if len(longest) > MAX_STOP_CHARS:
             raise LlavaEdgeError(
-                f"stop strings may be at most {MAX_STOP_CHARS} characters each, got one of "
+                f"{name} strings may be at most {MAX_STOP_CHARS} characters each, got one of "
                 f"{len(longest)}"
             )
-        self.ignore_eos = true_or_false("ignore_eos", self.ignore_eos)
 
     @property
     def greedy(self) -> bool:
