@@ -433,7 +433,9 @@ _PICTURE_BRANDS += (b"mif2", b"avif", b"avis")
 
 def video_format(head: bytes) -> str | None:
     """MP4, MOV, MKV/WebM, AVI, MPEG-TS, MPEG or FLV, where `head` (a file's first VIDEO_HEAD
-    bytes) begins one of them: a video given where an image goes is named as one."""
+    bytes) begins one of them: a video given where an image goes is named as one. The magic
+    numbers are read here: PIL identifies no video container, PyAV is an optional extra, and a
+    file-type library (filetype, python-magic) would be a runtime dependency for one message."""
     if head[4:8] == b"ftyp" and head[8:12] not in _PICTURE_BRANDS:
         return "MOV" if head[8:12] == b"qt  " else "MP4"
     if head[4:8] in (b"moov", b"mdat", b"wide"):  # QuickTime without a file type box
